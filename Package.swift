@@ -1,0 +1,34 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+let package = Package(
+    name: "ExpertParallel",
+    products: [
+        .library(name: "ExpertParallel", targets: ["ExpertParallel"]),
+        .executable(name: "ep-bench", targets: ["ep-bench"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/x-sheep/swift-property-based.git", from: "2.0.1"),
+    ],
+    targets: [
+        // Layer 1: core API, validation, routing plans and the host (CPU) backend. No GPU.
+        .target(name: "ExpertParallel"),
+        // Layer 6: the benchmark command.
+        .executableTarget(
+            name: "ep-bench",
+            dependencies: [
+                "ExpertParallel",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(
+            name: "ExpertParallelTests",
+            dependencies: [
+                "ExpertParallel",
+                .product(name: "PropertyBased", package: "swift-property-based"),
+            ]
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

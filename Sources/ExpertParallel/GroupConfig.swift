@@ -1,0 +1,135 @@
+/// Low latency (decode) or high throughput (training, prefill).
+public enum Algorithm: String, Sendable, Hashable { case lowLatency = "ll", highThroughput = "ht" }
+
+/// How received rows are laid out on the destination rank (DESIGN.md, "Two algorithms, four layouts").
+public enum Layout: Sendable, Hashable, CustomStringConvertible {
+    /// LL: `[L, R*Bmax, H]`, one packed zone per local expert, rows in (source rank, token) order.
+    case expertMajor
+    /// LL: `[R, Bmax, H]`, one zone per source rank, one row per (source token, this rank).
+    case rankMajor
+    /// HT: `[N, H]`, one row per (source token, this rank), in (source rank, token) order.
+    case flat
+    /// HT: `[N, H]`, one zone per local expert, each zone's length padded to `alignment` rows.
+    case expertMajorPadded(alignment: Int)
+
+    public var description: String {
+        switch self {
+        case .expertMajor: "expert-major"
+        case .rankMajor: "rank-major"
+        case .flat: "flat"
+        case .expertMajorPadded(let a): "expert-major(alignment \(a))"
+        }
+    }
+}
+
+/// What happens when more rows would reach a rank than `maxReceivedTokensPerRank`.
+public enum OverflowPolicy: String, Sendable, Hashable {
+    /// The handle update fails with `EPError.overflow`; no output is touched.
+    case fail
+    /// Rows are kept in (source rank, token) order while they fit; the rest are dropped and counted.
+    case drop
+}
+
+/// Forward pass: combine applies the routing weights where the layout says so.
+/// Backward pass: combine sums gradients unweighted and (HT) carries weight gradients back.
+public enum PassDirection: String, Sendable, Hashable { case forward, backward }
+
+/// The shape of one expert-parallel group. Every rank of a group uses the same configuration.
+public struct GroupConfig: Sendable, Hashable {
+    public var algorithm: Algorithm
+    public var ranks: Int
+    public var experts: Int
+    public var topK: Int
+    /// Elements per token row.
+    public var hidden: Int
+    public var elementType: DataType
+    public var maxTokensPerRank: Int
+    /// HT receive capacity N in rows; `nil` picks a size that can never overflow.
+    public var maxReceivedTokensPerRank: Int?
+    public var layout: Layout
+    public var overflow: OverflowPolicy
+    /// Bound on every wait for another rank.
+    public var timeout: Duration
+
+    public init(
+        algorithm: Algorithm, ranks: Int, experts: Int, topK: Int, hidden: Int,
+        elementType: DataType = .bf16, maxTokensPerRank: Int, maxReceivedTokensPerRank: Int? = nil,
+        layout: Layout? = nil, overflow: OverflowPolicy = .fail, timeout: Duration = .seconds(10)
+    ) {
+        self.algorithm = algorithm
+        self.ranks = ranks
+        self.experts = experts
+        self.topK = topK
+        self.hidden = hidden
+        self.elementType = elementType
+        self.maxTokensPerRank = maxTokensPerRank
+        self.maxReceivedTokensPerRank = maxReceivedTokensPerRank
+        self.layout = layout ?? (algorithm == .lowLatency ? .expertMajor : .flat)
+        self.overflow = overflow
+        self.timeout = timeout
+    }
+
+    /// Experts per rank, L = E / R.
+    public var localExperts: Int { experts / ranks }
+    public var rowBytes: Int { hidden * elementType.byteSize }
+    public var isExpertMajorHT: Bool { if case .expertMajorPadded = layout { true } else { false } }
+    public var alignment: Int { if case .expertMajorPadded(let a) = layout { a } else { 1 } }
+
+    /// Rows of the receive buffer on each rank, as dispatch output shapes use it:
+    /// LL expert-major `L*R*Bmax`, LL rank-major `R*Bmax`, HT `N`.
+    public var receiveCapacity: Int {
+        switch layout {
+        case .expertMajor: localExperts * ranks * maxTokensPerRank
+        case .rankMajor: ranks * maxTokensPerRank
+        case .flat: maxReceivedTokensPerRank ?? ranks * maxTokensPerRank
+        case .expertMajorPadded(let a):
+            maxReceivedTokensPerRank
+                ?? ranks * maxTokensPerRank * min(topK, localExperts) + localExperts * (a - 1)
+        }
+    }
+
+    /// Largest group this build supports (the mask is 64 bits; kernels use it too).
+    public static let maxRanks = 64
+    /// Largest top-k supported.
+    public static let maxTopK = 32
+
+    /// Checks every bound; the error names the field, its value and the bound.
+    public func validated() throws(EPError) -> Self {
+        func fail(_ field: String, _ value: Any, _ requirement: String) -> EPError {
+            .invalidConfig(field: field, value: "\(value)", requirement: requirement)
+        }
+        guard ranks >= 1, ranks <= Self.maxRanks else { throw fail("ranks", ranks, "must be in 1...\(Self.maxRanks)") }
+        guard experts >= 1 else { throw fail("experts", experts, "must be ≥ 1") }
+        guard experts % ranks == 0 else {
+            throw fail("experts", experts, "must be a multiple of ranks (\(ranks))")
+        }
+        guard topK >= 1 else { throw fail("topK", topK, "must be ≥ 1") }
+        guard topK <= experts else { throw fail("topK", topK, "must be ≤ experts (\(experts))") }
+        guard topK <= Self.maxTopK else { throw fail("topK", topK, "must be ≤ \(Self.maxTopK)") }
+        guard hidden >= 1 else { throw fail("hidden", hidden, "must be ≥ 1") }
+        guard elementType.isTokenType else {
+            throw fail("elementType", elementType, "must be bf16, f16, f32 or u8")
+        }
+        guard rowBytes % 8 == 0 else {
+            throw fail("hidden", hidden, "hidden × \(elementType.byteSize) bytes (= \(rowBytes)) must be a multiple of 8 bytes")
+        }
+        guard maxTokensPerRank >= 1 else { throw fail("maxTokensPerRank", maxTokensPerRank, "must be ≥ 1") }
+        guard timeout > .zero else { throw fail("timeout", timeout, "must be > 0") }
+        switch (algorithm, layout) {
+        case (.lowLatency, .expertMajor), (.lowLatency, .rankMajor):
+            if let n = maxReceivedTokensPerRank {
+                throw fail("maxReceivedTokensPerRank", n, "must be nil for LL: its receive zones are sized by maxTokensPerRank")
+            }
+        case (.highThroughput, .flat), (.highThroughput, .expertMajorPadded):
+            if case .expertMajorPadded(let a) = layout, a < 1 || a > 1024 {
+                throw fail("layout.alignment", a, "must be in 1...1024")
+            }
+            if let n = maxReceivedTokensPerRank, n < 1 {
+                throw fail("maxReceivedTokensPerRank", n, "must be ≥ 1 (or nil for automatic)")
+            }
+        default:
+            throw fail("layout", layout, "is not a layout of algorithm \(algorithm.rawValue): LL takes expertMajor or rankMajor, HT takes flat or expertMajorPadded")
+        }
+        return self
+    }
+}

@@ -1,0 +1,90 @@
+extension HostRank {
+    /// Reads the expert outputs for this rank's tokens from the destination ranks (pull) and
+    /// reduces them in the fixed order of DESIGN.md: float32 accumulation, one fused
+    /// multiply-add per step, one rounding to the element type at the end.
+    public func combine(
+        _ handle: HostHandle, _ input: CombineInput, into output: CombineOutput, direction: PassDirection = .forward
+    ) throws(EPError) {
+        try checkOwner(handle)
+        let step = Result { () throws(EPError) in
+            let step = try handle.current()
+            try config.validateCombine(input, output, tokens: step.routing.tokens, direction: direction)
+            return step
+        }
+        let participants = (try? step.get())?.participants ?? group.transport.activeRanks
+        let inputs = try exchange(step.map { _ in input }, participants)
+        let (routing, plan, _) = try step.get()
+
+        let r = config.ranks, l = config.localExperts, k = config.topK, h = config.hidden
+        let type = config.elementType, rowBytes = config.rowBytes
+        let forward = direction == .forward
+        var acc = [Float](repeating: 0, count: h)
+        var partial = [Float](repeating: 0, count: h)
+        func row(_ d: Int, _ slot: Int) -> UnsafeRawPointer { UnsafeRawPointer(inputs[d]!.expertOutputs.address! + slot * rowBytes) }
+
+        for t in 0..<routing.tokens {
+            for i in 0..<h { acc[i] = 0 }
+            switch config.layout {
+            case .expertMajor:
+                for c in 0..<k where plan.selectionRow[t * k + c] >= 0 {
+                    let y = row(routing[t, c] / l, plan.selectionRow[t * k + c])
+                    let w: Float = forward ? loadWeight(input.topkWeights!, t * k + c) : 1
+                    for i in 0..<h { acc[i] = acc[i].addingProduct(w, ElementConversion.load(y, i, type)) }
+                }
+            case .rankMajor, .flat:
+                for d in 0..<r where plan.pairRow[t * r + d] >= 0 {
+                    let y = row(d, plan.pairRow[t * r + d])
+                    for i in 0..<h { acc[i] = acc[i].addingProduct(1, ElementConversion.load(y, i, type)) }
+                }
+            case .expertMajorPadded:
+                for d in 0..<r where plan.pairRow[t * r + d] >= 0 {
+                    // The destination's partial sum over the token's slots, ascending local expert,
+                    // rounded to the element type as if it had been sent as one row.
+                    for i in 0..<h { partial[i] = 0 }
+                    let columns = (0..<k).filter { plan.selectionRow[t * k + $0] >= 0 && routing[t, $0] / l == d }
+                    for c in columns.sorted(by: { routing[t, $0] < routing[t, $1] }) {
+                        let slot = plan.selectionRow[t * k + c]
+                        let w: Float = forward ? loadWeight(inputs[d]!.topkWeights!, slot) : 1
+                        let y = row(d, slot)
+                        for i in 0..<h { partial[i] = partial[i].addingProduct(w, ElementConversion.load(y, i, type)) }
+                    }
+                    for i in 0..<h { acc[i] = acc[i].addingProduct(1, roundTrip(partial[i], type)) }
+                }
+            }
+            let out = output.tokens.address! + t * rowBytes
+            for i in 0..<h { ElementConversion.store(acc[i], out, i, type) }
+            if !forward, config.algorithm == .highThroughput { writeWeightGradients(t, routing, plan, inputs, output) }
+        }
+        _ = try exchange(.success(true), participants)
+    }
+
+    /// Backward HT: the gradient of each (token, k) weight, read from the row or slot that
+    /// received the selection; 0 where nothing was received.
+    private func writeWeightGradients(
+        _ t: Int, _ routing: RoutingTable, _ plan: RoutingPlan, _ inputs: [CombineInput?], _ output: CombineOutput
+    ) {
+        let r = config.ranks, l = config.localExperts, k = config.topK
+        for c in 0..<k {
+            var gradient: Float = 0
+            let e = routing[t, c]
+            if e >= 0 {
+                let d = e / l
+                if config.isExpertMajorHT, plan.selectionRow[t * k + c] >= 0 {
+                    gradient = loadWeight(inputs[d]!.weightGradients!, plan.selectionRow[t * k + c])
+                } else if !config.isExpertMajorHT, plan.pairRow[t * r + d] >= 0 {
+                    gradient = loadWeight(inputs[d]!.weightGradients!, plan.pairRow[t * r + d] * k + c)
+                }
+            }
+            output.topkWeightGradients!.address!.storeBytes(of: gradient, toByteOffset: (t * k + c) * 4, as: Float.self)
+        }
+    }
+}
+
+/// `value` rounded to `type` and read back as float32.
+@inline(__always) func roundTrip(_ value: Float, _ type: DataType) -> Float {
+    switch type {
+    case .bf16: ElementConversion.bf16ToFloat(ElementConversion.floatToBF16(value))
+    case .f16: ElementConversion.f16ToFloat(ElementConversion.floatToF16(value))
+    default: value
+    }
+}

@@ -1,0 +1,73 @@
+extension HostRank {
+    /// Sends each of this rank's rows straight into its final slot(s) on the destination ranks.
+    public func dispatch(
+        _ handle: HostHandle, _ input: DispatchInput, into output: DispatchOutput, direction: PassDirection = .forward
+    ) throws(EPError) -> LayoutInfo {
+        try checkOwner(handle)
+        let step = Result { () throws(EPError) in
+            let step = try handle.current()
+            try config.validateDispatch(input, output, tokens: step.routing.tokens)
+            return step
+        }
+        let participants = (try? step.get())?.participants ?? group.transport.activeRanks
+        let outputs = try exchange(step.map { _ in output }, participants)
+        let (routing, plan, _) = try step.get()
+
+        let r = config.ranks, l = config.localExperts, k = config.topK, rowBytes = config.rowBytes
+        let source = input.tokens.address
+        for t in 0..<routing.tokens {
+            let row = source! + t * rowBytes
+            switch config.layout {
+            case .expertMajor, .expertMajorPadded:
+                for c in 0..<k where plan.selectionRow[t * k + c] >= 0 {
+                    let e = routing[t, c], slot = plan.selectionRow[t * k + c]
+                    let out = outputs[e / l]!
+                    (out.tokens.address! + slot * rowBytes).copyMemory(from: row, byteCount: rowBytes)
+                    if let idx = out.topkIdx, let weights = out.topkWeights {
+                        storeIndex(e % l, idx, slot)
+                        weights.address!.storeBytes(of: loadWeight(input.topkWeights!, t * k + c), toByteOffset: slot * 4, as: Float.self)
+                    }
+                }
+            case .rankMajor, .flat:
+                for d in 0..<r where plan.pairRow[t * r + d] >= 0 {
+                    let slot = plan.pairRow[t * r + d], out = outputs[d]!
+                    (out.tokens.address! + slot * rowBytes).copyMemory(from: row, byteCount: rowBytes)
+                    for c in 0..<k {
+                        let e = routing[t, c], here = e >= 0 && e / l == d
+                        storeIndex(here ? e % l : -1, out.topkIdx!, slot * k + c)
+                        out.topkWeights!.address!.storeBytes(
+                            of: here ? loadWeight(input.topkWeights!, t * k + c) : 0, toByteOffset: (slot * k + c) * 4, as: Float.self)
+                    }
+                }
+            }
+        }
+        if config.isExpertMajorHT { writePadding(plan.received, output) }
+        _ = try exchange(.success(true), participants)
+        return plan.received
+    }
+
+    /// Zero rows, weight 0 and index -1 for the padding at the end of each expert zone.
+    private func writePadding(_ info: LayoutInfo, _ output: DispatchOutput) {
+        for local in 0..<config.localExperts {
+            let start = info.expertOffsets[local] + info.expertCounters[local]
+            let end = info.expertOffsets[local] + roundUp(info.expertCounters[local], config.alignment)
+            for slot in start..<end {
+                (output.tokens.address! + slot * config.rowBytes).initializeMemory(as: UInt8.self, repeating: 0, count: config.rowBytes)
+                storeIndex(-1, output.topkIdx!, slot)
+                output.topkWeights!.address!.storeBytes(of: Float(0), toByteOffset: slot * 4, as: Float.self)
+            }
+        }
+    }
+}
+
+func storeIndex(_ value: Int, _ tensor: TensorRef, _ index: Int) {
+    if tensor.dtype == .i32 {
+        tensor.address!.storeBytes(of: Int32(value), toByteOffset: index * 4, as: Int32.self)
+    } else {
+        tensor.address!.storeBytes(of: Int64(value), toByteOffset: index * 8, as: Int64.self)
+    }
+}
+
+func loadWeight(_ tensor: TensorRef, _ index: Int) -> Float {
+    tensor.address!.load(fromByteOffset: index * 4, as: Float.self)
+}

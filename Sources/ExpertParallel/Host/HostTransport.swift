@@ -1,0 +1,78 @@
+import Foundation
+
+/// The in-memory transport of a host group: ranks meet only here, by all-gathering one payload
+/// each per round. Every wait is bounded by the group's timeout; a rank that does not arrive in
+/// time is masked inactive, so nothing waits forever.
+final class HostTransport: @unchecked Sendable {
+    private let condition = NSCondition()
+    private let ranks: Int
+    private var mask: RankMask
+    /// Bumped by `clean`, so ranks that fell out of step start counting rounds afresh.
+    private var epoch = 0
+    private var posted: [RoundKey: [Int: any Sendable]] = [:]
+    private var readers: [RoundKey: Int] = [:]
+
+    struct RoundKey: Hashable { var epoch: Int, round: Int }
+
+    init(ranks: Int) {
+        self.ranks = ranks
+        mask = .all(ranks)
+    }
+
+    var activeRanks: RankMask { condition.withLock { mask } }
+    var currentEpoch: Int { condition.withLock { epoch } }
+
+    func deactivate(_ rank: Int) {
+        condition.withLock {
+            mask.remove(rank)
+            condition.broadcast()
+        }
+    }
+
+    /// Marks `ranks` active again and restarts round numbering. Call it between steps only.
+    func clean(_ cleaned: RankMask) {
+        condition.withLock {
+            mask.bits |= cleaned.bits & RankMask.all(ranks).bits
+            epoch += 1
+            posted.removeAll()
+            readers.removeAll()
+            condition.broadcast()
+        }
+    }
+
+    /// Posts `payload` for `rank` and returns every participant's payload, indexed by rank.
+    func allGather<Payload: Sendable>(
+        _ key: RoundKey, rank: Int, participants: RankMask, payload: Payload, timeout: Duration
+    ) throws(EPError) -> [Payload?] {
+        let deadline = Date().addingTimeInterval(timeout.seconds)
+        condition.lock()
+        defer { condition.unlock() }
+        guard mask.contains(rank) else { throw .inactiveRank(rank) }
+        posted[key, default: [:]][rank] = payload
+        condition.broadcast()
+        while true {
+            let arrived = posted[key] ?? [:]
+            let missing = participants.ranks.filter { arrived[$0] == nil }
+            if missing.isEmpty { break }
+            if !condition.wait(until: deadline) && Date() >= deadline {
+                for peer in missing { mask.remove(peer) }
+                condition.broadcast()
+                throw .timeout(rank: rank, missing: missing)
+            }
+        }
+        let arrived = posted[key]!
+        readers[key, default: 0] += 1
+        if readers[key] == participants.count {
+            posted[key] = nil
+            readers[key] = nil
+        }
+        return (0..<ranks).map { participants.contains($0) ? arrived[$0] as? Payload : nil }
+    }
+}
+
+extension Duration {
+    var seconds: Double {
+        let (s, atto) = components
+        return Double(s) + Double(atto) * 1e-18
+    }
+}

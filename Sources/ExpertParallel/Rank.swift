@@ -1,0 +1,84 @@
+/// Inputs of a dispatch on one rank.
+public struct DispatchInput: Sendable {
+    /// `[B, H]` token rows of the payload type.
+    public var tokens: TensorRef
+    /// `[B, K]` float32 routing weights; required by every layout except LL expert-major (whose
+    /// source keeps its weights for combine).
+    public var topkWeights: TensorRef?
+
+    public init(tokens: TensorRef, topkWeights: TensorRef? = nil) {
+        self.tokens = tokens
+        self.topkWeights = topkWeights
+    }
+}
+
+/// Caller-owned outputs of a dispatch on one rank. Shapes, with N = `receiveCapacity`:
+/// - LL expert-major: `tokens [L, R*Bmax, H]`;
+/// - LL rank-major: `tokens [R, Bmax, H]`, `topkIdx [R, Bmax, K]`, `topkWeights [R, Bmax, K]`;
+/// - HT flat: `tokens [N, H]`, `topkIdx [N, K]`, `topkWeights [N, K]`;
+/// - HT expert-major: `tokens [N, H]`, `topkIdx [N]` (local expert of each slot, -1 for padding),
+///   `topkWeights [N]` (one weight per slot, 0 for padding).
+/// `topkIdx` holds local expert ids (int32 or int64), -1 where the expert lives elsewhere.
+/// Rows outside the received zones are left as they were.
+public struct DispatchOutput: Sendable {
+    public var tokens: TensorRef
+    public var topkIdx: TensorRef?
+    public var topkWeights: TensorRef?
+
+    public init(tokens: TensorRef, topkIdx: TensorRef? = nil, topkWeights: TensorRef? = nil) {
+        self.tokens = tokens
+        self.topkIdx = topkIdx
+        self.topkWeights = topkWeights
+    }
+}
+
+/// Inputs of a combine on one rank.
+public struct CombineInput: Sendable {
+    /// This rank's expert outputs, shaped like its dispatch `tokens` output.
+    public var expertOutputs: TensorRef
+    /// `[B, K]` float32: the source's routing weights (LL expert-major forward only).
+    public var topkWeights: TensorRef?
+    /// Backward HT only: weight gradients per received row, shaped like the dispatch `topkWeights`
+    /// output (`[N, K]` flat, `[N]` expert-major).
+    public var weightGradients: TensorRef?
+
+    public init(expertOutputs: TensorRef, topkWeights: TensorRef? = nil, weightGradients: TensorRef? = nil) {
+        self.expertOutputs = expertOutputs
+        self.topkWeights = topkWeights
+        self.weightGradients = weightGradients
+    }
+}
+
+/// Caller-owned outputs of a combine on one rank.
+public struct CombineOutput: Sendable {
+    /// `[B, H]` combined rows in the original token order.
+    public var tokens: TensorRef
+    /// Backward HT only: `[B, K]` float32 weight gradients, 0 for -1 or dropped selections.
+    public var topkWeightGradients: TensorRef?
+
+    public init(tokens: TensorRef, topkWeightGradients: TensorRef? = nil) {
+        self.tokens = tokens
+        self.topkWeightGradients = topkWeightGradients
+    }
+}
+
+/// What one rank (one process in a multi-GPU job, or one member of a group) calls.
+public protocol Rank: Sendable {
+    associatedtype Handle: AnyObject & Sendable
+    var config: GroupConfig { get }
+    var rank: Int { get }
+    /// Control path: may allocate.
+    func makeHandle() throws(EPError) -> Handle
+    /// Data path: this step's routing, `[B, K]` int32 or int64, B ≤ maxTokensPerRank.
+    func update(_ handle: Handle, topkIdx: TensorRef) throws(EPError)
+    func dispatch(_ handle: Handle, _ input: DispatchInput, into output: DispatchOutput,
+                  direction: PassDirection) throws(EPError) -> LayoutInfo
+    func combine(_ handle: Handle, _ input: CombineInput, into output: CombineOutput,
+                 direction: PassDirection) throws(EPError)
+    /// The group's active-rank mask.
+    var activeRanks: RankMask { get }
+    /// Masks `rank` inactive: it sends and receives nothing until cleaned.
+    func deactivate(rank: Int)
+    /// Marks the given ranks active again. Call between steps only.
+    func clean(ranks: RankMask)
+}

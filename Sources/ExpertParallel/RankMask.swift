@@ -1,0 +1,16 @@
+/// A set of ranks (the active-rank mask). Ranks are at most 64 per group.
+public struct RankMask: Sendable, Hashable, CustomStringConvertible {
+    public var bits: UInt64
+
+    public init(bits: UInt64) { self.bits = bits }
+    public static func all(_ ranks: Int) -> RankMask {
+        RankMask(bits: ranks >= 64 ? ~0 : (UInt64(1) << UInt64(ranks)) - 1)
+    }
+
+    public func contains(_ rank: Int) -> Bool { rank >= 0 && rank < 64 && bits & (1 << UInt64(rank)) != 0 }
+    public mutating func insert(_ rank: Int) { bits |= 1 << UInt64(rank) }
+    public mutating func remove(_ rank: Int) { bits &= ~(1 << UInt64(rank)) }
+    public var count: Int { bits.nonzeroBitCount }
+    public var ranks: [Int] { (0..<64).filter { contains($0) } }
+    public var description: String { "\(ranks)" }
+}

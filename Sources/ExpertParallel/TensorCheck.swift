@@ -1,0 +1,29 @@
+/// Validation of tensor arguments: every error names the argument, the value and the bound.
+enum TensorCheck {
+    static func require(
+        _ tensor: TensorRef?, _ name: String, dtypes: [DataType], shape: [Int],
+        location: MemoryLocation = .host
+    ) throws(EPError) {
+        guard let tensor else {
+            throw .invalidArgument(field: name, value: "nil", requirement: "is required by this layout and call")
+        }
+        guard dtypes.contains(tensor.dtype) else {
+            throw .invalidArgument(
+                field: "\(name).dtype", value: "\(tensor.dtype)",
+                requirement: "must be \(dtypes.map(\.rawValue).joined(separator: " or "))")
+        }
+        guard tensor.shape == shape else {
+            throw .invalidArgument(field: "\(name).shape", value: "\(tensor.shape)", requirement: "must be \(shape)")
+        }
+        guard tensor.isContiguous else {
+            throw .invalidArgument(
+                field: "\(name).strides", value: "\(tensor.strides ?? [])", requirement: "must be contiguous (row-major)")
+        }
+        guard tensor.location == location else {
+            throw .invalidArgument(field: "\(name).location", value: "\(tensor.location)", requirement: "must be \(location)")
+        }
+        guard tensor.address != nil || tensor.elementCount == 0 else {
+            throw .invalidArgument(field: "\(name).address", value: "nil", requirement: "must be non-nil for \(tensor.elementCount) elements")
+        }
+    }
+}
