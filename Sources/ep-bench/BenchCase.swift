@@ -1,0 +1,69 @@
+import ExpertParallel
+
+/// One standard case of BENCHMARK.md, as one group configuration.
+struct BenchCase: Sendable {
+    var name: String
+    var algorithm: Algorithm
+    var tokens: Int
+    var hidden: Int
+    var topK: Int
+    var experts: Int
+    var ranks: Int
+    var layout: Layout
+
+    static let standard: [BenchCase] = [
+        .init(name: "ll-std", algorithm: .lowLatency, tokens: 128, hidden: 7168, topK: 8, experts: 256, ranks: 8, layout: .expertMajor),
+        .init(name: "ll-32", algorithm: .lowLatency, tokens: 32, hidden: 7168, topK: 8, experts: 256, ranks: 8, layout: .expertMajor),
+        .init(name: "ll-1", algorithm: .lowLatency, tokens: 1, hidden: 7168, topK: 8, experts: 256, ranks: 8, layout: .expertMajor),
+        .init(name: "ht-std", algorithm: .highThroughput, tokens: 4096, hidden: 7168, topK: 8, experts: 256, ranks: 8, layout: .flat),
+        .init(name: "ht-4k", algorithm: .highThroughput, tokens: 4096, hidden: 4096, topK: 8, experts: 256, ranks: 8, layout: .flat),
+        .init(name: "odd", algorithm: .lowLatency, tokens: 77, hidden: 2880, topK: 10, experts: 96, ranks: 6, layout: .expertMajor),
+        .init(name: "odd", algorithm: .highThroughput, tokens: 77, hidden: 2880, topK: 10, experts: 96, ranks: 6, layout: .flat),
+        // A reduced HT case that a 2-core CPU runs in seconds.
+        .init(name: "ht-cpu", algorithm: .highThroughput, tokens: 512, hidden: 7168, topK: 8, experts: 256, ranks: 8, layout: .flat),
+    ]
+
+    static var names: [String] {
+        var seen: [String] = []
+        for c in standard where !seen.contains(c.name) { seen.append(c.name) }
+        return seen
+    }
+
+    func config(maxTokens: Int? = nil) -> GroupConfig {
+        GroupConfig(
+            algorithm: algorithm, ranks: ranks, experts: experts, topK: topK, hidden: hidden,
+            elementType: .bf16, maxTokensPerRank: maxTokens ?? tokens, layout: layout)
+    }
+
+    var label: String { "\(name) \(algorithm.rawValue) \(layout)" }
+}
+
+/// Rows a step must read and write across all ranks (BENCHMARK.md, "The floor on one GPU").
+struct StepBytes: Sendable {
+    /// Dispatch reads the source rows once and writes every received row; combine is the mirror.
+    var sourceRows: Int
+    var receivedRows: Int
+    /// Per-rank payload as BENCHMARK.md counts it (LL: selections; HT: (token, rank) pairs).
+    var countedRowsPerRank: [Int]
+    var rowBytes: Int
+
+    var floorBytes: Int { (sourceRows + receivedRows) * rowBytes }
+
+    init(config: GroupConfig, routings: [RoutingTable]) {
+        rowBytes = config.rowBytes
+        sourceRows = routings.reduce(0) { $0 + $1.tokens }
+        let l = config.localExperts
+        var received = 0
+        countedRowsPerRank = routings.map { routing in
+            let selections = routing.experts.filter { $0 >= 0 }.count
+            var pairs = 0
+            for t in 0..<routing.tokens {
+                pairs += Set((0..<routing.topK).compactMap { routing[t, $0] >= 0 ? routing[t, $0] / l : nil }).count
+            }
+            let perLayout = (config.layout == .expertMajor || config.isExpertMajorHT) ? selections : pairs
+            received += perLayout
+            return config.algorithm == .lowLatency ? selections : pairs
+        }
+        receivedRows = received
+    }
+}

@@ -1,0 +1,85 @@
+import ExpertParallel
+
+/// Inputs of every rank for one case, generated from a fixed seed, and the check of the result.
+/// The experts are the identity (expert outputs = dispatched rows), so a correct combine gives
+/// x·Σ_k w_k (layouts that apply weights) or x·(destination ranks) (layouts that only sum).
+final class BenchData: @unchecked Sendable {
+    let tokens: [HostTensor]
+    let weights: [HostTensor]
+    let topkIdx: [HostTensor]
+    let routings: [RoutingTable]
+    let tokenCount: Int
+
+    init(config: GroupConfig, tokens count: Int, seed: UInt64, skew: Double) {
+        var tokens: [HostTensor] = [], weights: [HostTensor] = [], idx: [HostTensor] = [], routings: [RoutingTable] = []
+        for r in 0..<config.ranks {
+            var random = RandomRouting(seed: seed &+ UInt64(r) &* 7919)
+            let experts = random.experts(tokens: count, topK: config.topK, experts: config.experts, skew: skew)
+            let x = HostTensor(config.elementType, [count, config.hidden])
+            x.copy(from: random.payload(count * config.hidden, config.elementType))
+            let w = HostTensor(.f32, [count, config.topK])
+            w.copy(from: random.weights(count * config.topK))
+            let i = HostTensor(.i32, [count, config.topK])
+            i.copy(from: experts)
+            tokens.append(x); weights.append(w); idx.append(i)
+            routings.append(try! RoutingTable(experts: experts, tokens: count, config: config))
+        }
+        self.tokens = tokens
+        self.weights = weights
+        topkIdx = idx
+        self.routings = routings
+        tokenCount = count
+    }
+
+    struct Outputs: @unchecked Sendable {
+        var dispatchTokens: HostTensor
+        var dispatchIdx: HostTensor?
+        var dispatchWeights: HostTensor?
+        var combineTokens: HostTensor
+
+        var dispatch: DispatchOutput {
+            DispatchOutput(tokens: dispatchTokens.ref, topkIdx: dispatchIdx?.ref, topkWeights: dispatchWeights?.ref)
+        }
+        var combine: CombineOutput { CombineOutput(tokens: combineTokens.ref) }
+    }
+
+    func outputs(for config: GroupConfig) -> Outputs {
+        Outputs(
+            dispatchTokens: HostTensor(config.elementType, config.receiveShape),
+            dispatchIdx: config.receiveRoutingShape.map { HostTensor(.i32, $0) },
+            dispatchWeights: config.receiveRoutingShape.map { HostTensor(.f32, $0) },
+            combineTokens: HostTensor(config.elementType, [tokenCount, config.hidden]))
+    }
+
+    func dispatchInput(_ rank: Int) -> DispatchInput {
+        DispatchInput(tokens: tokens[rank].ref, topkWeights: weights[rank].ref)
+    }
+
+    func combineInput(_ rank: Int, _ outputs: Outputs, _ config: GroupConfig) -> CombineInput {
+        // LL expert-major weights at the source; HT expert-major with the per-slot weights received.
+        let weightsIn: TensorRef? =
+            config.layout == .expertMajor ? weights[rank].ref : config.isExpertMajorHT ? outputs.dispatchWeights!.ref : nil
+        return CombineInput(expertOutputs: outputs.dispatchTokens.ref, topkWeights: weightsIn)
+    }
+
+    /// Compares every combined element with its expectation within bf16 rounding.
+    func validate(rank: Int, config: GroupConfig, combined: HostTensor) -> Bool {
+        let routing = routings[rank], k = config.topK, l = config.localExperts
+        let weighted = config.layout == .expertMajor || config.isExpertMajorHT
+        let x = tokens[rank]
+        for t in 0..<routing.tokens {
+            var factor: Float = 0
+            if weighted {
+                for c in 0..<k where routing[t, c] >= 0 { factor += weights[rank][as: Float.self, t * k + c] }
+            } else {
+                factor = Float(Set((0..<k).compactMap { routing[t, $0] >= 0 ? routing[t, $0] / l : nil }).count)
+            }
+            for i in 0..<config.hidden {
+                let expected = factor * ElementConversion.bf16ToFloat(x[as: UInt16.self, t * config.hidden + i])
+                let actual = ElementConversion.bf16ToFloat(combined[as: UInt16.self, t * config.hidden + i])
+                if abs(actual - expected) > 0.02 * (factor + 1) { return false }
+            }
+        }
+        return true
+    }
+}
