@@ -14,6 +14,8 @@ let package = Package(
     targets: [
         // Layer 1: core API, validation, routing plans and the host (CPU) backend. No GPU.
         .target(name: "ExpertParallel"),
+        // Layer 2: CUDA driver, NVRTC and NCCL opened with dlopen at run time (builds without CUDA).
+        .target(name: "ExpertParallelCUDA"),
         // Layer 6: the benchmark command.
         .executableTarget(
             name: "ep-bench",
