@@ -16,6 +16,15 @@ let package = Package(
         .target(name: "ExpertParallel"),
         // Layer 2: CUDA driver, NVRTC and NCCL opened with dlopen at run time (builds without CUDA).
         .target(name: "ExpertParallelCUDA"),
+        // Layer 3: CUDA kernel sources (Kernels/*.cu, embedded at build time) and their NVRTC JIT.
+        .target(
+            name: "ExpertParallelKernels",
+            dependencies: ["ExpertParallelCUDA"],
+            exclude: ["Kernels"],
+            plugins: ["EmbedKernels"]
+        ),
+        .executableTarget(name: "embed-kernels"),
+        .plugin(name: "EmbedKernels", capability: .buildTool(), dependencies: ["embed-kernels"]),
         // Layer 6: the benchmark command.
         .executableTarget(
             name: "ep-bench",
