@@ -40,6 +40,11 @@ let package = Package(
                 .product(name: "PropertyBased", package: "swift-property-based"),
             ]
         ),
+        .testTarget(
+            name: "ExpertParallelCUDATests",
+            // ExpertParallel only as the oracle that GPU helper results are compared with.
+            dependencies: ["ExpertParallel", "ExpertParallelCUDA", "ExpertParallelKernels"]
+        ),
     ],
     swiftLanguageModes: [.v6]
 )
