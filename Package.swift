@@ -30,6 +30,8 @@ let package = Package(
             name: "ep-bench",
             dependencies: [
                 "ExpertParallel",
+                "ExpertParallelCUDA",
+                "ExpertParallelKernels",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
