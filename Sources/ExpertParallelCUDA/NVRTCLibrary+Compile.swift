@@ -26,33 +26,35 @@ extension NVRTCLibrary {
         let log = try programLog(program)
         try check(result, "nvrtcCompileProgram", log: "\(name):\n\(log)")
 
-        var image: [UInt8]
-        switch format {
+        let image = switch format {
         case .cubin:
-            var size = 0
-            try check(functions.nvrtcGetCUBINSize(program, &size), "nvrtcGetCUBINSize")
-            image = [UInt8](repeating: 0, count: size)
-            try image.withUnsafeMutableBytes { bytes in
-                try check(functions.nvrtcGetCUBIN(program, bytes.baseAddress?.assumingMemoryBound(to: CChar.self)), "nvrtcGetCUBIN")
-            }
+            try output(of: program, functions.nvrtcGetCUBINSize, "nvrtcGetCUBINSize", functions.nvrtcGetCUBIN, "nvrtcGetCUBIN")
         case .ptx:
-            var size = 0
-            try check(functions.nvrtcGetPTXSize(program, &size), "nvrtcGetPTXSize")
-            image = [UInt8](repeating: 0, count: size)
-            try image.withUnsafeMutableBytes { bytes in
-                try check(functions.nvrtcGetPTX(program, bytes.baseAddress?.assumingMemoryBound(to: CChar.self)), "nvrtcGetPTX")
-            }
+            try output(of: program, functions.nvrtcGetPTXSize, "nvrtcGetPTXSize", functions.nvrtcGetPTX, "nvrtcGetPTX")
         }
         return NVRTCOutput(image: image, format: format, log: log.trimmingTrailingWhitespace)
     }
 
     private func programLog(_ program: OpaquePointer?) throws -> String {
+        let log = try output(
+            of: program, functions.nvrtcGetProgramLogSize, "nvrtcGetProgramLogSize",
+            functions.nvrtcGetProgramLog, "nvrtcGetProgramLog")
+        return String(decoding: log.prefix(while: { $0 != 0 }), as: UTF8.self)
+    }
+
+    /// One of NVRTC's size-then-contents pairs (CUBIN, PTX, log), as bytes.
+    private func output(
+        of program: OpaquePointer?,
+        _ getSize: (OpaquePointer?, UnsafeMutablePointer<Int>?) -> Int32, _ sizeCall: StaticString,
+        _ getContents: (OpaquePointer?, UnsafeMutablePointer<CChar>?) -> Int32, _ contentsCall: StaticString
+    ) throws -> [UInt8] {
         var size = 0
-        try check(functions.nvrtcGetProgramLogSize(program, &size), "nvrtcGetProgramLogSize")
-        guard size > 1 else { return "" }
-        var log = [CChar](repeating: 0, count: size)
-        try check(functions.nvrtcGetProgramLog(program, &log), "nvrtcGetProgramLog")
-        return String(decoding: log.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        try check(getSize(program, &size), sizeCall)
+        var bytes = [UInt8](repeating: 0, count: size)
+        try bytes.withUnsafeMutableBytes { buffer in
+            try check(getContents(program, buffer.baseAddress?.assumingMemoryBound(to: CChar.self)), contentsCall)
+        }
+        return bytes
     }
 }
 

@@ -24,6 +24,12 @@ struct GPU {
         return try driver.loadModule(image: kernel.image)
     }
 
+    /// Loads `source` and finds kernel `name` in it; unload the module when done.
+    func kernel(_ name: String, in source: KernelSource) throws -> (module: CUDAModule, function: CUDAFunction) {
+        let module = try load(source)
+        return (module, try driver.function(named: name, in: module))
+    }
+
     /// A grid-stride launch size for `count` items.
     func grid(for count: Int, block: Int = 256) -> LaunchDimensions {
         LaunchDimensions(x: UInt32(max(1, min((count + block - 1) / block, multiprocessors * 8))))

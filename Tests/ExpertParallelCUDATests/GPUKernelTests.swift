@@ -18,9 +18,8 @@ struct GPUKernelTests {
     func copyKernelCopiesExactly(byteCount: Int, sourceOffset: Int) throws {
         let gpu = try GPU()
         let driver = gpu.driver
-        let module = try gpu.load(.copy)
+        let (module, kernel) = try gpu.kernel("ep_copy_bytes", in: .copy)
         defer { try? driver.unload(module) }
-        let kernel = try driver.function(named: "ep_copy_bytes", in: module)
 
         let padding = 64
         let pattern = (0..<(byteCount + padding)).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) }
@@ -41,9 +40,8 @@ struct GPUKernelTests {
     @Test func capturedGraphReplaysTheCopyWithCurrentData() throws {
         let gpu = try GPU()
         let driver = gpu.driver
-        let module = try gpu.load(.copy)
+        let (module, kernel) = try gpu.kernel("ep_copy_bytes", in: .copy)
         defer { try? driver.unload(module) }
-        let kernel = try driver.function(named: "ep_copy_bytes", in: module)
         let count = 1 << 16
         let source = try gpu.upload([UInt8](repeating: 1, count: count))
         let destination = try driver.allocate(byteCount: count)
@@ -69,9 +67,8 @@ struct GPUKernelTests {
     @Test func eventsTimeACopy() throws {
         let gpu = try GPU()
         let driver = gpu.driver
-        let module = try gpu.load(.copy)
+        let (module, kernel) = try gpu.kernel("ep_copy_bytes", in: .copy)
         defer { try? driver.unload(module) }
-        let kernel = try driver.function(named: "ep_copy_bytes", in: module)
         let count = 64 << 20
         let source = try driver.allocate(byteCount: count)
         let destination = try driver.allocate(byteCount: count)
@@ -100,9 +97,8 @@ struct GPUHelperTests {
     static func run<In: BitwiseCopyable, Out: BitwiseCopyable>(_ name: String, _ input: [In], as: Out.Type) throws -> [Out] {
         let gpu = try GPU()
         let driver = gpu.driver
-        let module = try gpu.load(KernelSource.embedded("ep_selftest"))
+        let (module, kernel) = try gpu.kernel(name, in: KernelSource.embedded("ep_selftest"))
         defer { try? driver.unload(module) }
-        let kernel = try driver.function(named: name, in: module)
         let inputs = try gpu.upload(input)
         let outputs = try driver.allocate(byteCount: input.count * MemoryLayout<Out>.stride)
         defer { try? driver.free(inputs); try? driver.free(outputs) }
@@ -162,9 +158,8 @@ struct GPUHelperTests {
     @Test func fusedMultiplyAddRoundsOnce() throws {
         let gpu = try GPU()
         let driver = gpu.driver
-        let module = try gpu.load(KernelSource.embedded("ep_selftest"))
+        let (module, kernel) = try gpu.kernel("ep_selftest_fma", in: KernelSource.embedded("ep_selftest"))
         defer { try? driver.unload(module) }
-        let kernel = try driver.function(named: "ep_selftest_fma", in: module)
         let count = 1 << 16
         let weights = (0..<count).map { _ in Float.random(in: -2...2) }
         let xs = (0..<count).map { _ in Float.random(in: -1000...1000) }
@@ -183,9 +178,8 @@ struct GPUHelperTests {
     @Test func flagsPublishDataAndWaitsTimeOut() throws {
         let gpu = try GPU()
         let driver = gpu.driver
-        let module = try gpu.load(KernelSource.embedded("ep_selftest"))
+        let (module, kernel) = try gpu.kernel("ep_selftest_flags", in: KernelSource.embedded("ep_selftest"))
         defer { try? driver.unload(module) }
-        let kernel = try driver.function(named: "ep_selftest_flags", in: module)
         let flags = try gpu.upload([UInt32](repeating: 0, count: 4))
         let payload = try gpu.upload([UInt32](repeating: 0, count: 2))
         let results = try gpu.upload([UInt32](repeating: 0xFFFF_FFFF, count: 8))

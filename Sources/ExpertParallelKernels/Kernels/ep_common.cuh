@@ -50,6 +50,16 @@ EP_DEVICE void ep_store16_na(void* address, ep_vec16 v) {
                  : "memory");
 }
 
+// This thread's index in the whole grid (x only), and the grid's thread count: the start
+// and step of a grid-stride loop.
+EP_DEVICE ep_u64 ep_grid_thread() {
+    return static_cast<ep_u64>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+
+EP_DEVICE ep_u64 ep_grid_threads() {
+    return static_cast<ep_u64>(gridDim.x) * blockDim.x;
+}
+
 EP_DEVICE bool ep_is_aligned16(const void* address) {
     return (reinterpret_cast<ep_u64>(address) & 15ull) == 0;
 }
@@ -97,29 +107,29 @@ EP_DEVICE bool ep_seq_reached(ep_u32 value, ep_u32 target) {
     return static_cast<int>(value - target) >= 0;
 }
 
-// Waits until `*flag` reaches `target` (acquire, sys scope), at most `timeout_ns`.
-// Returns false on timeout; the caller marks the peer inactive and carries on. Never traps.
-EP_DEVICE bool ep_wait_flag_sys(const ep_u32* flag, ep_u32 target, ep_u64 timeout_ns) {
-    if (ep_seq_reached(ep_load_acquire_sys(flag), target)) return true;
+// Waits until the flag, read with `load` (an acquire load of the right scope), reaches
+// `target`, at most `timeout_ns`. Returns false on timeout; the caller marks the peer
+// inactive and carries on. Never traps.
+template <typename AcquireLoad>
+EP_DEVICE bool ep_wait_flag(const ep_u32* flag, ep_u32 target, ep_u64 timeout_ns, AcquireLoad load) {
+    if (ep_seq_reached(load(flag), target)) return true;
     const ep_u64 start = ep_globaltimer_ns();
     while (true) {
         for (int spin = 0; spin < 32; ++spin) {
-            if (ep_seq_reached(ep_load_acquire_sys(flag), target)) return true;
+            if (ep_seq_reached(load(flag), target)) return true;
         }
         if (ep_globaltimer_ns() - start > timeout_ns) return false;
     }
 }
 
-// Same as ep_wait_flag_sys with gpu scope: for ranks that share one GPU.
+// Waits for a flag written by another GPU (or this one) with a sys-scope release.
+EP_DEVICE bool ep_wait_flag_sys(const ep_u32* flag, ep_u32 target, ep_u64 timeout_ns) {
+    return ep_wait_flag(flag, target, timeout_ns, ep_load_acquire_sys);
+}
+
+// Waits for a flag written on this GPU (ranks that share one GPU).
 EP_DEVICE bool ep_wait_flag_gpu(const ep_u32* flag, ep_u32 target, ep_u64 timeout_ns) {
-    if (ep_seq_reached(ep_load_acquire_gpu(flag), target)) return true;
-    const ep_u64 start = ep_globaltimer_ns();
-    while (true) {
-        for (int spin = 0; spin < 32; ++spin) {
-            if (ep_seq_reached(ep_load_acquire_gpu(flag), target)) return true;
-        }
-        if (ep_globaltimer_ns() - start > timeout_ns) return false;
-    }
+    return ep_wait_flag(flag, target, timeout_ns, ep_load_acquire_gpu);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@
 // 16-byte vectors (consecutive threads take consecutive vectors, so warps stay coalesced),
 // and the last `bytes % 16` bytes are copied one by one; otherwise every byte is.
 extern "C" __global__ void ep_copy_bytes(ep_u8* __restrict__ dst, const ep_u8* __restrict__ src, ep_u64 bytes) {
-    const ep_u64 thread = static_cast<ep_u64>(blockIdx.x) * blockDim.x + threadIdx.x;
-    const ep_u64 threads = static_cast<ep_u64>(gridDim.x) * blockDim.x;
+    const ep_u64 thread = ep_grid_thread();
+    const ep_u64 threads = ep_grid_threads();
     ep_u64 tail_start = 0;
     if (ep_is_aligned16(dst) && ep_is_aligned16(src)) {
         const ep_u64 vectors = bytes / 16;

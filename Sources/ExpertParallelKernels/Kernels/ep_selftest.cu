@@ -2,39 +2,39 @@
 // them with the CPU oracle) and so that compiling this file checks all their inline PTX.
 
 extern "C" __global__ void ep_selftest_bf16_to_float(const ep_u16* in, float* out, ep_u64 count) {
-    for (ep_u64 i = blockIdx.x * static_cast<ep_u64>(blockDim.x) + threadIdx.x; i < count; i += gridDim.x * static_cast<ep_u64>(blockDim.x)) {
+    for (ep_u64 i = ep_grid_thread(); i < count; i += ep_grid_threads()) {
         out[i] = ep_bf16_to_float(in[i]);
     }
 }
 
 extern "C" __global__ void ep_selftest_float_to_bf16(const float* in, ep_u16* out, ep_u64 count) {
-    for (ep_u64 i = blockIdx.x * static_cast<ep_u64>(blockDim.x) + threadIdx.x; i < count; i += gridDim.x * static_cast<ep_u64>(blockDim.x)) {
+    for (ep_u64 i = ep_grid_thread(); i < count; i += ep_grid_threads()) {
         out[i] = ep_float_to_bf16(in[i]);
     }
 }
 
 extern "C" __global__ void ep_selftest_f16_to_float(const ep_u16* in, float* out, ep_u64 count) {
-    for (ep_u64 i = blockIdx.x * static_cast<ep_u64>(blockDim.x) + threadIdx.x; i < count; i += gridDim.x * static_cast<ep_u64>(blockDim.x)) {
+    for (ep_u64 i = ep_grid_thread(); i < count; i += ep_grid_threads()) {
         out[i] = ep_f16_to_float(in[i]);
     }
 }
 
 extern "C" __global__ void ep_selftest_float_to_f16(const float* in, ep_u16* out, ep_u64 count) {
-    for (ep_u64 i = blockIdx.x * static_cast<ep_u64>(blockDim.x) + threadIdx.x; i < count; i += gridDim.x * static_cast<ep_u64>(blockDim.x)) {
+    for (ep_u64 i = ep_grid_thread(); i < count; i += ep_grid_threads()) {
         out[i] = ep_float_to_f16(in[i]);
     }
 }
 
 // out[i] = fma(weight[i], x[i], acc[i]) with one rounding.
 extern "C" __global__ void ep_selftest_fma(const float* weight, const float* x, const float* acc, float* out, ep_u64 count) {
-    for (ep_u64 i = blockIdx.x * static_cast<ep_u64>(blockDim.x) + threadIdx.x; i < count; i += gridDim.x * static_cast<ep_u64>(blockDim.x)) {
+    for (ep_u64 i = ep_grid_thread(); i < count; i += ep_grid_threads()) {
         out[i] = ep_fma(weight[i], x[i], acc[i]);
     }
 }
 
 // Copies `vectors` 16-byte vectors with the coherent load and plain store.
 extern "C" __global__ void ep_selftest_copy16(ep_vec16* dst, const ep_vec16* src, ep_u64 vectors) {
-    for (ep_u64 i = blockIdx.x * static_cast<ep_u64>(blockDim.x) + threadIdx.x; i < vectors; i += gridDim.x * static_cast<ep_u64>(blockDim.x)) {
+    for (ep_u64 i = ep_grid_thread(); i < vectors; i += ep_grid_threads()) {
         ep_store16(dst + i, ep_load16(src + i));
     }
 }
