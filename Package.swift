@@ -25,6 +25,11 @@ let package = Package(
         ),
         .executableTarget(name: "embed-kernels"),
         .plugin(name: "EmbedKernels", capability: .buildTool(), dependencies: ["embed-kernels"]),
+        // Layer 5: the GPU backend (virtual ranks on one GPU).
+        .target(
+            name: "ExpertParallelGPU",
+            dependencies: ["ExpertParallel", "ExpertParallelCUDA", "ExpertParallelKernels"]
+        ),
         // Layer 6: the benchmark command.
         .executableTarget(
             name: "ep-bench",
@@ -32,6 +37,7 @@ let package = Package(
                 "ExpertParallel",
                 "ExpertParallelCUDA",
                 "ExpertParallelKernels",
+                "ExpertParallelGPU",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -46,6 +52,10 @@ let package = Package(
             name: "ExpertParallelCUDATests",
             // ExpertParallel only as the oracle that GPU helper results are compared with.
             dependencies: ["ExpertParallel", "ExpertParallelCUDA", "ExpertParallelKernels"]
+        ),
+        .testTarget(
+            name: "ExpertParallelGPUTests",
+            dependencies: ["ExpertParallel", "ExpertParallelGPU"]
         ),
     ],
     swiftLanguageModes: [.v6]

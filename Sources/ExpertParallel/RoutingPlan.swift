@@ -12,6 +12,18 @@ public struct LayoutInfo: Sendable, Equatable {
     public var receivedTotal: Int
     /// (token, this rank) pairs dropped by the `.drop` overflow policy.
     public var droppedTokens: Int
+
+    public init(
+        expertCounters: [Int], expertOffsets: [Int], sourceRankCounters: [Int], expertSourceCounters: [Int],
+        receivedTotal: Int, droppedTokens: Int
+    ) {
+        self.expertCounters = expertCounters
+        self.expertOffsets = expertOffsets
+        self.sourceRankCounters = sourceRankCounters
+        self.expertSourceCounters = expertSourceCounters
+        self.receivedTotal = receivedTotal
+        self.droppedTokens = droppedTokens
+    }
 }
 
 /// Pure functions from routing to slots: where each of a rank's selections and (token, rank) pairs

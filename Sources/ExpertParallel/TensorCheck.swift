@@ -1,6 +1,6 @@
 /// Validation of tensor arguments: every error names the argument, the value and the bound.
-enum TensorCheck {
-    static func require(
+public enum TensorCheck {
+    public static func require(
         _ tensor: TensorRef?, _ name: String, dtypes: [DataType], shape: [Int],
         location: MemoryLocation = .host
     ) throws(EPError) {

@@ -35,6 +35,13 @@ struct BenchCase: Sendable {
             elementType: .bf16, maxTokensPerRank: maxTokens ?? tokens, layout: layout)
     }
 
+    /// The same case with `ranks` ranks and the same experts (L = E / R).
+    func with(ranks: Int) -> BenchCase {
+        var copy = self
+        copy.ranks = ranks
+        return copy
+    }
+
     var label: String { "\(name) \(algorithm.rawValue) \(layout)" }
 }
 

@@ -1,5 +1,6 @@
 import ArgumentParser
 import ExpertParallel
+import ExpertParallelGPU
 import Foundation
 
 enum BackendChoice: String, ExpressibleByArgument, CaseIterable {
@@ -32,38 +33,56 @@ struct RunCommand: ParsableCommand {
     @Option(help: "Seed of the routing and payload.")
     var seed: UInt64 = 1
 
+    @Option(help: "GPU: streaming multiprocessors the group may use (default: all).")
+    var sms: Int?
+
     @Option(help: "Write the results as JSON to this path.")
     var json: String?
+
+    var names: [String] { cases.isEmpty ? ["ll-std", "ht-cpu"] : cases }
 
     func validate() throws {
         for name in cases where !BenchCase.names.contains(name) {
             throw ValidationError("unknown case '\(name)'; known cases: \(BenchCase.names.joined(separator: ", "))")
         }
         if let ranks, ranks < 1 { throw ValidationError("--ranks must be ≥ 1, got \(ranks)") }
+        if let ranks, let bad = BenchCase.standard.first(where: { names.contains($0.name) && $0.experts % ranks != 0 }) {
+            throw ValidationError("--ranks \(ranks) does not divide the \(bad.experts) experts of case \(bad.name)")
+        }
         if let iterations, iterations < 1 { throw ValidationError("--iterations must be ≥ 1, got \(iterations)") }
         if skew < 0 { throw ValidationError("--skew must be ≥ 0, got \(skew)") }
     }
 
     func run() throws {
-        let useGPU = backend == .gpu
-        if useGPU { throw ValidationError("the GPU backend is not part of this build yet; use --backend cpu") }
-        let names = cases.isEmpty ? ["ll-std", "ht-cpu"] : cases
-        var selected = BenchCase.standard.filter { names.contains($0.name) }
-        if let ranks {
-            selected = selected.map { c in
-                var c = c
-                c.experts = c.experts / c.ranks * ranks
-                c.ranks = ranks
-                return c
+        var device: GPUDevice?
+        if backend != .cpu {
+            do { device = try GPUDevice() } catch {
+                if backend == .gpu { throw error }
+                FileHandle.standardError.write(Data("no GPU (\(error)); using the CPU backend\n".utf8))
             }
         }
-        let copyBandwidth = HostBenchmark.measureCopyBandwidth()
-        print("backend cpu: memcpy bandwidth \(format(copyBandwidth, 1)) GB/s (read + write)")
-        let runner = HostBenchmark(iterations: iterations ?? 5, warmup: warmup, seed: seed, skew: skew)
+        let onGPU = device != nil
+        let names = cases.isEmpty ? (onGPU ? ["ll-std", "ll-32", "ll-1", "odd"] : ["ll-std", "ht-cpu"]) : cases
+        var selected = BenchCase.standard.filter { names.contains($0.name) }
+        if onGPU { selected = selected.filter { $0.algorithm == .lowLatency } }
+        if let ranks { selected = selected.map { $0.with(ranks: ranks) } }
         var results: [Measurement] = []
-        for benchCase in selected {
-            FileHandle.standardError.write(Data("running \(benchCase.label) on the CPU...\n".utf8))
-            results.append(try runner.run(benchCase, copyBandwidth: copyBandwidth))
+        if let device {
+            let runner = GPUBenchmark(device: device, iterations: iterations ?? 100, warmup: max(warmup, 5), seed: seed, skew: skew, multiprocessors: sms)
+            let copyBandwidth = try runner.measureCopyBandwidth()
+            print("backend gpu: \(device.name), \(device.multiprocessors) SMs; device copy bandwidth \(format(copyBandwidth, 1)) GB/s (read + write)")
+            for benchCase in selected {
+                FileHandle.standardError.write(Data("running \(benchCase.label) on the GPU...\n".utf8))
+                results.append(try runner.run(benchCase, copyBandwidth: copyBandwidth))
+            }
+        } else {
+            let copyBandwidth = HostBenchmark.measureCopyBandwidth()
+            print("backend cpu: memcpy bandwidth \(format(copyBandwidth, 1)) GB/s (read + write)")
+            let runner = HostBenchmark(iterations: iterations ?? 5, warmup: warmup, seed: seed, skew: skew)
+            for benchCase in selected {
+                FileHandle.standardError.write(Data("running \(benchCase.label) on the CPU...\n".utf8))
+                results.append(try runner.run(benchCase, copyBandwidth: copyBandwidth))
+            }
         }
         print(Table.render(results))
         if let json {

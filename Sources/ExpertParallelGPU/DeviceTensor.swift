@@ -1,0 +1,53 @@
+import ExpertParallel
+import ExpertParallelCUDA
+
+/// An owning device buffer with a shape, for tests, the benchmark and callers who want one.
+public final class DeviceTensor: @unchecked Sendable {
+    public let device: GPUDevice
+    public let dtype: DataType
+    public let shape: [Int]
+    public let pointer: DevicePointer
+    public let byteCount: Int
+
+    public init(_ dtype: DataType, _ shape: [Int], on device: GPUDevice) throws(EPError) {
+        self.device = device
+        self.dtype = dtype
+        self.shape = shape
+        let bytes = shape.reduce(1, *) * dtype.byteSize
+        byteCount = bytes
+        try device.makeCurrent()
+        let driver = device.driver
+        let pointer = try gpu { try driver.allocate(byteCount: max(bytes, 16)) }
+        try gpu { try driver.fill(pointer, byte: 0, byteCount: max(bytes, 16)) }
+        self.pointer = pointer
+    }
+
+    deinit { try? device.driver.free(pointer) }
+
+    public var ref: TensorRef {
+        TensorRef(address: UnsafeMutableRawPointer(bitPattern: UInt(pointer.rawValue)), dtype: dtype, shape: shape,
+                  location: .device(device.ordinal))
+    }
+
+    /// Copies `bytes` (exactly `byteCount` of them) to the device, synchronously.
+    public func upload(_ bytes: UnsafeRawPointer) throws(EPError) {
+        guard byteCount > 0 else { return }
+        try gpu { try device.driver.copy(from: bytes, to: pointer, byteCount: byteCount) }
+    }
+
+    public func upload(_ host: HostTensor) throws(EPError) {
+        precondition(host.byteCount == byteCount, "DeviceTensor.upload: \(host.byteCount) bytes for a \(byteCount)-byte tensor")
+        try upload(UnsafeRawPointer(host.storage))
+    }
+
+    /// Copies the tensor back into `host`, synchronously.
+    public func download(into host: HostTensor) throws(EPError) {
+        precondition(host.byteCount == byteCount, "DeviceTensor.download: \(host.byteCount) bytes for a \(byteCount)-byte tensor")
+        guard byteCount > 0 else { return }
+        try gpu { try device.driver.copy(from: pointer, to: host.storage, byteCount: byteCount) }
+    }
+
+    public func fill(byte: UInt8) throws(EPError) {
+        try gpu { try device.driver.fill(pointer, byte: byte, byteCount: max(byteCount, 16)) }
+    }
+}

@@ -1,0 +1,55 @@
+import ExpertParallel
+import ExpertParallelCUDA
+import ExpertParallelKernels
+
+/// One CUDA device with its primary context, the kernel compiler for its architecture, and
+/// the facts the backend sizes its launches by.
+public final class GPUDevice: @unchecked Sendable {
+    public let driver: DriverLibrary
+    public let ordinal: Int
+    public let device: CUDADevice
+    public let context: CUDAContext
+    public let name: String
+    public let multiprocessors: Int
+    public let arch: GPUArch
+    let compiler: KernelCompiler
+
+    /// Opens device `ordinal`. Throws `EPError.backend` naming the failing call when there is
+    /// no driver, no device or no NVRTC.
+    public init(ordinal: Int = 0) throws(EPError) {
+        do {
+            driver = try DriverLibrary.shared()
+            try driver.initialize()
+            let count = try driver.deviceCount()
+            guard ordinal >= 0, ordinal < count else {
+                throw EPError.invalidArgument(field: "device", value: "\(ordinal)", requirement: "must be in 0..<\(count) (devices found)")
+            }
+            self.ordinal = ordinal
+            device = try driver.device(ordinal: ordinal)
+            context = try driver.retainPrimaryContext(of: device)
+            try driver.setCurrent(context)
+            name = try driver.name(of: device)
+            multiprocessors = try driver.attribute(.multiprocessorCount, of: device)
+            arch = try driver.computeCapability(of: device).nativeArch
+            compiler = try KernelCompiler.shared()
+        } catch {
+            throw gpuError(error)
+        }
+    }
+
+    /// Makes this device's context current on the calling thread.
+    public func makeCurrent() throws(EPError) {
+        try gpu { try driver.setCurrent(context) }
+    }
+}
+
+/// Runs a CUDA-layer call, turning its error into `EPError.backend` with the call's message.
+@inline(__always)
+func gpu<T>(_ body: () throws -> T) throws(EPError) -> T {
+    do { return try body() } catch { throw gpuError(error) }
+}
+
+func gpuError(_ error: any Error) -> EPError {
+    if let error = error as? EPError { return error }
+    return .backend("\(error)")
+}

@@ -1,0 +1,45 @@
+import ExpertParallel
+import ExpertParallelCUDA
+import ExpertParallelKernels
+
+/// The three LL kernels of one specialisation (`ep_ll.cu` compiled with its -D constants).
+struct LLKernels: Sendable {
+    let module: CUDAModule
+    let update: CUDAFunction
+    let dispatch: CUDAFunction
+    let combine: CUDAFunction
+
+    /// What a specialisation depends on besides the group configuration.
+    struct Variant: Hashable, Sendable {
+        var indexBytes: Int
+        var receivedIndexBytes: Int
+        var vectorBytes: Int
+    }
+
+    static func defines(_ config: GroupConfig, _ variant: Variant) -> [String: String] {
+        let element = switch config.elementType {
+        case .bf16: 0
+        case .f16: 1
+        case .f32: 2
+        default: 3
+        }
+        return [
+            "EP_R": "\(config.ranks)", "EP_L": "\(config.localExperts)", "EP_K": "\(config.topK)",
+            "EP_BMAX": "\(config.maxTokensPerRank)", "EP_ROW_BYTES": "\(config.rowBytes)", "EP_ELEM": "\(element)",
+            "EP_IDX_BYTES": "\(variant.indexBytes)", "EP_RIDX_BYTES": "\(variant.receivedIndexBytes)",
+            "EP_RANK_MAJOR": config.layout == .rankMajor ? "1" : "0", "EP_VEC_BYTES": "\(variant.vectorBytes)",
+        ]
+    }
+
+    init(device: GPUDevice, config: GroupConfig, variant: Variant) throws(EPError) {
+        let compiled = try gpu {
+            try device.compiler.compile(KernelSource.embedded("ep_ll"), arch: device.arch, defines: Self.defines(config, variant))
+        }
+        let driver = device.driver
+        let module = try gpu { try driver.loadModule(image: compiled.image) }
+        self.module = module
+        update = try gpu { try driver.function(named: "ep_ll_update", in: module) }
+        dispatch = try gpu { try driver.function(named: "ep_ll_dispatch", in: module) }
+        combine = try gpu { try driver.function(named: "ep_ll_combine", in: module) }
+    }
+}

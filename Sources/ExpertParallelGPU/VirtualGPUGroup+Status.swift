@@ -1,0 +1,75 @@
+import ExpertParallel
+import ExpertParallelCUDA
+
+extension VirtualGPUGroup {
+    /// Waits for the group's stream.
+    public func synchronize() throws(EPError) {
+        try device.makeCurrent()
+        try gpu { try device.driver.synchronize(stream) }
+    }
+
+    /// Synchronises, then throws the first error any rank recorded on the device in the last
+    /// step (invalid routing, a timeout, a peer's invalid routing).
+    public func checkStatus() throws(EPError) {
+        try synchronize()
+        for r in 0..<config.ranks {
+            let words = try gpu {
+                try device.driver.read(UInt32.self, from: workspaces[r].advanced(by: LLWorkspace.status * 4), count: 4)
+            }
+            switch DeviceStatus(rawValue: words[0]) {
+            case .ok?: continue
+            case .indexRange?:
+                throw .invalidArgument(
+                    field: "topkIdx[rank \(r)][\(words[1])][\(words[2])]", value: "\(Int32(bitPattern: words[3]))",
+                    requirement: "must be -1 or in [0, \(config.experts))")
+            case .repeatedExpert?:
+                throw .repeatedExpert(token: Int(words[1]), firstColumn: Int(words[2]), secondColumn: Int(words[3]), expert: -1)
+            case .timeout?:
+                throw .timeout(rank: r, missing: [Int(words[1])])
+            case .peerFailed?:
+                throw .peerFailed(rank: r, peer: Int(words[1]), reason: "its topkIdx was invalid")
+            case nil:
+                throw .backend("rank \(r): unknown device status \(words[0])")
+            }
+        }
+    }
+
+    /// What `rank` received in the last step (synchronises).
+    public func layoutInfo(rank: Int) throws(EPError) -> LayoutInfo {
+        try synchronize()
+        let l = config.localExperts, r = config.ranks
+        let words = try gpu {
+            try device.driver.read(UInt32.self, from: workspaces[rank].advanced(by: workspace.layout * 4), count: l + r + l * r + 1)
+        }.map { Int($0) }
+        let offsets = config.layout == .expertMajor ? (0..<l).map { $0 * r * config.maxTokensPerRank } : Array(repeating: 0, count: l)
+        return LayoutInfo(
+            expertCounters: Array(words[0..<l]), expertOffsets: offsets, sourceRankCounters: Array(words[l..<(l + r)]),
+            expertSourceCounters: Array(words[(l + r)..<(l + r + l * r)]), receivedTotal: words[l + r + l * r], droppedTokens: 0)
+    }
+
+    /// The group's active-rank mask (synchronises).
+    public var activeRanks: RankMask {
+        get throws(EPError) {
+            try synchronize()
+            return RankMask(bits: try gpu { try device.driver.read(UInt64.self, from: mask, count: 1)[0] })
+        }
+    }
+
+    /// Masks `rank` inactive: it sends and receives nothing until cleaned. Control path.
+    public func deactivate(rank: Int) throws(EPError) {
+        var bits = try activeRanks
+        bits.remove(rank)
+        try gpu { try device.driver.copy([bits.bits], to: mask) }
+    }
+
+    /// Marks `ranks` active again and resets every rank's flags and sequence numbers, so ranks
+    /// that fell out of step start afresh. Control path: call between steps.
+    public func clean(ranks: RankMask) throws(EPError) {
+        var bits = try activeRanks
+        bits.bits |= ranks.bits & RankMask.all(config.ranks).bits
+        try gpu {
+            for p in workspaces { try device.driver.fill(p, byte: 0, byteCount: workspace.bytes) }
+            try device.driver.copy([bits.bits], to: mask)
+        }
+    }
+}

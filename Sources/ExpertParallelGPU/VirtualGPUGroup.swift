@@ -1,0 +1,163 @@
+import ExpertParallel
+import ExpertParallelCUDA
+import Foundation
+
+/// How a virtual group runs one call for its R ranks.
+public enum LaunchMode: Sendable {
+    /// One launch covering every rank (the rank is a block coordinate): the fast path.
+    case single
+    /// One launch per rank on its own stream, each rank limited to 1/R of the SMs, joined by
+    /// events: shows that ranks meet only through flags.
+    case perRank
+}
+
+/// R ranks on one GPU in one process, each with its own buffers; kernels see only the peer
+/// table (every rank's buffer addresses) and their rank, as NCCL ranks will.
+///
+/// A step is `update`, `dispatch`, `combine`, each taking every rank's tensors (device memory,
+/// owned by the caller). Calls enqueue work on `stream` and return without synchronising;
+/// errors found on the device (bad routing, timeouts) are read by `checkStatus()`.
+/// The routing tensors given to `update` must stay unchanged until that step's combine.
+public final class VirtualGPUGroup: @unchecked Sendable {
+    public let config: GroupConfig
+    public let device: GPUDevice
+    /// Thread blocks per rank for dispatch and combine.
+    public let blocksPerRank: Int
+    public let stream: CUDAStream
+    let workspace: LLWorkspace
+    let workspaces: [DevicePointer]
+    let mask: DevicePointer
+    private let lock = NSLock()
+    private var kernels: [LLKernels.Variant: LLKernels] = [:]
+    private var step: (routing: [TensorRef], kernels: LLKernels, variantIndexBytes: Int)?
+    private let rankStreams: [CUDAStream]
+    private let joinEvents: [CUDAEvent]
+    private let args: UnsafeMutableBufferPointer<UInt64>
+
+    static let threadsPerBlock = 512
+    static let updateThreads = 256
+
+    /// `multiprocessors`: how many SMs the group may use (default: all).
+    public init(_ config: GroupConfig, device: GPUDevice, multiprocessors: Int? = nil) throws(EPError) {
+        let config = try config.validated()
+        guard config.algorithm == .lowLatency else {
+            throw .invalidConfig(field: "algorithm", value: "ht", requirement: "the GPU backend runs LL so far; use the host backend for HT")
+        }
+        guard config.ranks <= 32 else {
+            throw .invalidConfig(field: "ranks", value: "\(config.ranks)", requirement: "must be ≤ 32 on the GPU backend")
+        }
+        guard config.experts <= 1024 else {
+            throw .invalidConfig(field: "experts", value: "\(config.experts)", requirement: "must be ≤ 1024 on the GPU backend")
+        }
+        let sms = multiprocessors ?? device.multiprocessors
+        guard sms >= 1, sms <= device.multiprocessors else {
+            throw .invalidArgument(field: "multiprocessors", value: "\(sms)", requirement: "must be in 1...\(device.multiprocessors)")
+        }
+        self.config = config
+        self.device = device
+        blocksPerRank = max(1, sms / config.ranks)
+        let workspace = LLWorkspace(ranks: config.ranks, localExperts: config.localExperts, topK: config.topK, maxTokens: config.maxTokensPerRank)
+        self.workspace = workspace
+        try device.makeCurrent()
+        let driver = device.driver
+        stream = try gpu { try driver.createStream() }
+        rankStreams = try gpu { try (0..<config.ranks).map { _ in try driver.createStream() } }
+        joinEvents = try gpu { try (0..<config.ranks + 1).map { _ in try driver.createEvent(flags: .disableTiming) } }
+        var pointers: [DevicePointer] = []
+        for _ in 0..<config.ranks {
+            let p = try gpu { try driver.allocate(byteCount: workspace.bytes) }
+            try gpu { try driver.fill(p, byte: 0, byteCount: workspace.bytes) }
+            pointers.append(p)
+        }
+        workspaces = pointers
+        let mask = try gpu { try driver.allocate(byteCount: 8) }
+        try gpu { try driver.copy([RankMask.all(config.ranks).bits], to: mask) }
+        self.mask = mask
+        args = .allocate(capacity: 10 * config.ranks + 6)
+    }
+
+    deinit {
+        args.deallocate()
+        let driver = device.driver
+        for p in workspaces { try? driver.free(p) }
+        try? driver.free(mask)
+        for s in rankStreams { try? driver.destroy(s) }
+        for e in joinEvents { try? driver.destroy(e) }
+        try? driver.destroy(stream)
+    }
+
+    // MARK: kernels
+
+    func kernels(_ variant: LLKernels.Variant) throws(EPError) -> LLKernels {
+        if let k = lock.withLock({ kernels[variant] }) { return k }
+        let k = try LLKernels(device: device, config: config, variant: variant)
+        lock.withLock { kernels[variant] = k }
+        return k
+    }
+
+    // MARK: launches
+
+    /// Fills the kernel argument block (`EpArgs` of ep_ll.cu) and launches `function`.
+    func launch(
+        _ function: CUDAFunction, threads: Int, blocks: Int, mode: LaunchMode, weighted: Bool, slices: Int,
+        stream callerStream: CUDAStream?, rank fill: (Int, inout [UInt64]) -> Void
+    ) throws(EPError) {
+        let r = config.ranks
+        for rank in 0..<r {
+            var words = [UInt64](repeating: 0, count: 10)
+            words[7] = workspaces[rank].rawValue
+            fill(rank, &words)
+            for i in 0..<10 { args[rank * 10 + i] = words[i] }
+        }
+        let timeout = config.timeout.components
+        args[10 * r] = mask.rawValue
+        args[10 * r + 1] = UInt64(timeout.seconds) * 1_000_000_000 + UInt64(timeout.attoseconds / 1_000_000_000)
+        args[10 * r + 3] = mode == .perRank ? 1 : 0
+        args[10 * r + 4] = weighted ? 1 : 0
+        args[10 * r + 5] = UInt64(slices)
+        let driver = device.driver
+        let target = callerStream ?? stream
+        try gpu {
+            switch mode {
+            case .single:
+                args[10 * r + 2] = 0
+                try launchOne(function, grid: .init(x: UInt32(blocks), y: UInt32(r)), threads: threads, stream: target)
+            case .perRank:
+                try driver.record(joinEvents[r], on: target)
+                for rank in 0..<r {
+                    try driver.wait(rankStreams[rank], for: joinEvents[r])
+                    args[10 * r + 2] = UInt64(rank)
+                    try launchOne(function, grid: .init(x: UInt32(blocks), y: 1), threads: threads, stream: rankStreams[rank])
+                    try driver.record(joinEvents[rank], on: rankStreams[rank])
+                }
+                for rank in 0..<r { try driver.wait(target, for: joinEvents[rank]) }
+            }
+        }
+    }
+
+    private func launchOne(_ function: CUDAFunction, grid: LaunchDimensions, threads: Int, stream: CUDAStream) throws {
+        var parameter: UnsafeMutableRawPointer? = UnsafeMutableRawPointer(args.baseAddress!)
+        try withUnsafeMutablePointer(to: &parameter) { parameters in
+            try device.driver.launch(
+                function, grid: grid, block: .init(x: UInt32(threads)), stream: stream, parameters: parameters)
+        }
+    }
+
+    /// Rows are cut into pieces so that every warp of the rank's blocks has work.
+    func slices(tokens: Int) -> Int {
+        let warps = blocksPerRank * (Self.threadsPerBlock / 32)
+        let vectors = max(1, config.rowBytes / 16 / 32)
+        return min(max(1, warps / max(tokens, 1)), vectors)
+    }
+
+    func rememberStep(_ routing: [TensorRef], _ kernels: LLKernels, _ indexBytes: Int) {
+        lock.withLock { step = (routing, kernels, indexBytes) }
+    }
+
+    func currentStep() throws(EPError) -> (routing: [TensorRef], kernels: LLKernels, variantIndexBytes: Int) {
+        guard let step = lock.withLock({ step }) else {
+            throw .wrongOrder("dispatch and combine need update with this step's topkIdx first")
+        }
+        return step
+    }
+}

@@ -1,0 +1,97 @@
+import ExpertParallel
+import ExpertParallelCUDA
+import ExpertParallelGPU
+
+/// Runs a case on one GPU with R virtual ranks, one launch per call covering all ranks,
+/// timed with CUDA events around each call on the group's stream.
+struct GPUBenchmark {
+    var device: GPUDevice
+    var iterations: Int
+    var warmup: Int
+    var seed: UInt64
+    var skew: Double
+    var multiprocessors: Int?
+
+    func run(_ benchCase: BenchCase, copyBandwidth: Double) throws -> Measurement {
+        let config = try benchCase.config().validated()
+        let group = try VirtualGPUGroup(config, device: device, multiprocessors: multiprocessors)
+        let data = BenchData(config: config, tokens: benchCase.tokens, seed: seed, skew: skew)
+        let r = config.ranks
+        func upload(_ host: HostTensor) throws -> DeviceTensor {
+            let d = try DeviceTensor(host.dtype, host.shape, on: device)
+            try d.upload(host)
+            return d
+        }
+        let x = try data.tokens.map(upload), w = try data.weights.map(upload), idx = try data.topkIdx.map(upload)
+        let host = (0..<r).map { _ in data.outputs(for: config) }
+        let received = try host.map { try upload($0.dispatchTokens) }
+        let receivedIdx = try host.map { try $0.dispatchIdx.map(upload) }
+        let receivedWeights = try host.map { try $0.dispatchWeights.map(upload) }
+        let combined = try host.map { try upload($0.combineTokens) }
+
+        let dispatchIn = (0..<r).map { DispatchInput(tokens: x[$0].ref, topkWeights: w[$0].ref) }
+        let dispatchOut = (0..<r).map {
+            DispatchOutput(tokens: received[$0].ref, topkIdx: receivedIdx[$0]?.ref, topkWeights: receivedWeights[$0]?.ref)
+        }
+        let combineIn = (0..<r).map {
+            CombineInput(expertOutputs: received[$0].ref, topkWeights: config.layout == .expertMajor ? w[$0].ref : nil)
+        }
+        let combineOut = (0..<r).map { CombineOutput(tokens: combined[$0].ref) }
+
+        let driver = device.driver
+        let total = warmup + iterations
+        let events = try (0..<(4 * total)).map { _ in try driver.createEvent() }
+        defer { for e in events { try? driver.destroy(e) } }
+        for i in 0..<total {
+            try driver.record(events[4 * i], on: group.stream)
+            try group.update(topkIdx: idx.map(\.ref))
+            try driver.record(events[4 * i + 1], on: group.stream)
+            try group.dispatch(dispatchIn, into: dispatchOut)
+            try driver.record(events[4 * i + 2], on: group.stream)
+            try group.combine(combineIn, into: combineOut)
+            try driver.record(events[4 * i + 3], on: group.stream)
+        }
+        try group.checkStatus()
+        var samples: [[Double]] = [[], [], []]
+        for i in warmup..<total {
+            for p in 0..<3 {
+                samples[p].append(Double(try driver.elapsedMilliseconds(from: events[4 * i + p], to: events[4 * i + p + 1])) * 1000)
+            }
+        }
+        var valid = true
+        for rank in 0..<r {
+            try combined[rank].download(into: host[rank].combineTokens)
+            valid = valid && data.validate(rank: rank, config: config, combined: host[rank].combineTokens)
+        }
+        // The device buffers must outlive every kernel that was enqueued on them.
+        withExtendedLifetime((x, w, idx, received, receivedIdx, receivedWeights, combined)) {}
+        let bytes = StepBytes(config: config, routings: data.routings)
+        return Measurement(
+            name: benchCase.name, backend: "gpu", device: device.name,
+            algorithm: config.algorithm.rawValue, layout: "\(config.layout)", ranks: r,
+            tokens: benchCase.tokens, hidden: config.hidden, topK: config.topK, experts: config.experts,
+            iterations: iterations, update: PhaseStats(samples[0]), dispatch: PhaseStats(samples[1]), combine: PhaseStats(samples[2]),
+            bytesPerRank: Double(bytes.countedRowsPerRank.reduce(0, +) * bytes.rowBytes) / Double(r),
+            floorBytes: Double(bytes.floorBytes), copyBandwidthGBs: copyBandwidth, validated: valid)
+    }
+
+    /// Device-to-device copy bandwidth, bytes read plus bytes written (GB/s), best of 10.
+    func measureCopyBandwidth(bytes: Int = 1 << 30) throws -> Double {
+        let driver = device.driver
+        let a = try driver.allocate(byteCount: bytes), b = try driver.allocate(byteCount: bytes)
+        defer { try? driver.free(a); try? driver.free(b) }
+        let stream = try driver.createStream()
+        defer { try? driver.destroy(stream) }
+        let start = try driver.createEvent(), end = try driver.createEvent()
+        defer { try? driver.destroy(start); try? driver.destroy(end) }
+        var best = Double.infinity
+        for _ in 0..<10 {
+            try driver.record(start, on: stream)
+            try driver.copy(from: a, to: b, byteCount: bytes, stream: stream)
+            try driver.record(end, on: stream)
+            try driver.synchronize(end)
+            best = min(best, Double(try driver.elapsedMilliseconds(from: start, to: end)))
+        }
+        return Double(2 * bytes) / (best * 1e6)
+    }
+}

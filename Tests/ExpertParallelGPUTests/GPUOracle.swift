@@ -1,0 +1,163 @@
+import ExpertParallel
+import ExpertParallelGPU
+import Foundation
+import Testing
+
+/// GPU tests run only where `EP_GPU_TESTS=1` (the GPU machine); CI has no GPU.
+let gpuTestsEnabled = ProcessInfo.processInfo.environment["EP_GPU_TESTS"] == "1"
+
+/// The device, opened once for all GPU tests.
+nonisolated(unsafe) let sharedDevice: GPUDevice? = try? GPUDevice()
+
+/// One step's inputs for every rank, random but reproducible, on the host.
+struct StepInputs {
+    var routing: [[Int32]]
+    var tokens: [HostTensor]
+    var weights: [HostTensor]
+    var expertOutputs: [HostTensor]
+
+    init(config: GroupConfig, tokens counts: [Int], seed: UInt64, minusOneRate: Float = 0.1, oneExpert: Int? = nil) {
+        var random = RandomRouting(seed: seed)
+        routing = counts.map { b in
+            var ids = random.experts(tokens: b, topK: config.topK, experts: config.experts)
+            for i in ids.indices where random.unit() < minusOneRate { ids[i] = -1 }
+            if let oneExpert { for t in 0..<b { ids[t * config.topK] = Int32(oneExpert); for c in 1..<config.topK { ids[t * config.topK + c] = -1 } } }
+            return ids
+        }
+        tokens = counts.map { b in
+            let x = HostTensor(config.elementType, [b, config.hidden])
+            x.copy(from: random.payload(b * config.hidden, config.elementType))
+            return x
+        }
+        weights = counts.map { b in
+            let w = HostTensor(.f32, [b, config.topK])
+            w.copy(from: random.weights(b * config.topK))
+            return w
+        }
+        expertOutputs = counts.map { _ in
+            let y = HostTensor(config.elementType, config.receiveShape)
+            y.copy(from: random.payload(y.elementCount, config.elementType))
+            return y
+        }
+    }
+}
+
+/// What a step produced on one rank, as host bytes.
+struct StepResult: Equatable {
+    var received: [UInt8]
+    var receivedIdx: [UInt8]?
+    var receivedWeights: [UInt8]?
+    var combined: [UInt8]
+    var layout: LayoutInfo
+}
+
+/// Runs the step on the CPU oracle. Outputs start as the byte `poison`.
+func oracleStep(_ config: GroupConfig, _ inputs: StepInputs, direction: PassDirection = .forward, masked: [Int] = []) throws -> [StepResult?] {
+    let group = try HostGroup(config)
+    for rank in masked { group[0].deactivate(rank: rank) }
+    let active = (0..<config.ranks).filter { !masked.contains($0) }
+    let results = group.run(ranks: active) { rank throws(EPError) -> StepResult in
+        let r = rank.rank
+        let idx = HostTensor(.i32, [inputs.tokens[r].shape[0], config.topK])
+        idx.copy(from: inputs.routing[r])
+        let received = HostTensor(config.elementType, config.receiveShape)
+        let receivedIdx = config.receiveRoutingShape.map { HostTensor(.i32, $0) }
+        let receivedWeights = config.receiveRoutingShape.map { HostTensor(.f32, $0) }
+        let combined = HostTensor(config.elementType, inputs.tokens[r].shape)
+        for t in [received, combined] + [receivedIdx, receivedWeights].compactMap({ $0 }) { t.fill(byte: 0xA5) }
+        let handle = try rank.makeHandle()
+        try rank.update(handle, topkIdx: idx.ref)
+        let info = try rank.dispatch(handle, DispatchInput(tokens: inputs.tokens[r].ref, topkWeights: inputs.weights[r].ref),
+                                     into: DispatchOutput(tokens: received.ref, topkIdx: receivedIdx?.ref, topkWeights: receivedWeights?.ref),
+                                     direction: direction)
+        try rank.combine(handle, CombineInput(expertOutputs: inputs.expertOutputs[r].ref,
+                                              topkWeights: config.layout == .expertMajor ? inputs.weights[r].ref : nil),
+                         into: CombineOutput(tokens: combined.ref), direction: direction)
+        return StepResult(received: received.bytes(), receivedIdx: receivedIdx?.bytes(), receivedWeights: receivedWeights?.bytes(),
+                          combined: combined.bytes(), layout: info)
+    }
+    var out = [StepResult?](repeating: nil, count: config.ranks)
+    for (i, r) in active.enumerated() { out[r] = try results[i].get() }
+    return out
+}
+
+/// Device buffers for one step of a virtual GPU group.
+final class GPUStep {
+    let config: GroupConfig
+    let device: GPUDevice
+    var idx: [DeviceTensor] = [], x: [DeviceTensor] = [], w: [DeviceTensor] = [], y: [DeviceTensor] = []
+    var received: [DeviceTensor] = [], receivedIdx: [DeviceTensor?] = [], receivedWeights: [DeviceTensor?] = [], combined: [DeviceTensor] = []
+
+    init(_ config: GroupConfig, _ device: GPUDevice, tokens: [Int]) throws {
+        self.config = config
+        self.device = device
+        for b in tokens {
+            idx.append(try DeviceTensor(.i32, [b, config.topK], on: device))
+            x.append(try DeviceTensor(config.elementType, [b, config.hidden], on: device))
+            w.append(try DeviceTensor(.f32, [b, config.topK], on: device))
+            y.append(try DeviceTensor(config.elementType, config.receiveShape, on: device))
+            received.append(try DeviceTensor(config.elementType, config.receiveShape, on: device))
+            receivedIdx.append(try config.receiveRoutingShape.map { try DeviceTensor(.i32, $0, on: device) })
+            receivedWeights.append(try config.receiveRoutingShape.map { try DeviceTensor(.f32, $0, on: device) })
+            combined.append(try DeviceTensor(config.elementType, [b, config.hidden], on: device))
+        }
+    }
+
+    func upload(_ inputs: StepInputs) throws {
+        for r in 0..<config.ranks {
+            let ids = HostTensor(.i32, idx[r].shape)
+            ids.copy(from: inputs.routing[r])
+            try idx[r].upload(ids)
+            try x[r].upload(inputs.tokens[r])
+            try w[r].upload(inputs.weights[r])
+            try y[r].upload(inputs.expertOutputs[r])
+        }
+    }
+
+    func poison() throws {
+        for t in received + combined + receivedIdx.compactMap({ $0 }) + receivedWeights.compactMap({ $0 }) { try t.fill(byte: 0xA5) }
+    }
+
+    func enqueue(_ group: VirtualGPUGroup, direction: PassDirection = .forward, mode: LaunchMode = .single) throws {
+        try group.update(topkIdx: idx.map(\.ref), mode: mode)
+        try group.dispatch((0..<config.ranks).map { DispatchInput(tokens: x[$0].ref, topkWeights: w[$0].ref) },
+                           into: (0..<config.ranks).map { DispatchOutput(tokens: received[$0].ref, topkIdx: receivedIdx[$0]?.ref, topkWeights: receivedWeights[$0]?.ref) },
+                           mode: mode)
+        try group.combine((0..<config.ranks).map { CombineInput(expertOutputs: y[$0].ref, topkWeights: config.layout == .expertMajor ? w[$0].ref : nil) },
+                          into: (0..<config.ranks).map { CombineOutput(tokens: combined[$0].ref) }, direction: direction, mode: mode)
+    }
+
+    func results(_ group: VirtualGPUGroup) throws -> [StepResult] {
+        try group.checkStatus()
+        return try (0..<config.ranks).map { r in
+            func bytes(_ t: DeviceTensor) throws -> [UInt8] {
+                let h = HostTensor(t.dtype, t.shape)
+                try t.download(into: h)
+                return h.bytes()
+            }
+            return StepResult(received: try bytes(received[r]), receivedIdx: try receivedIdx[r].map(bytes),
+                              receivedWeights: try receivedWeights[r].map(bytes), combined: try bytes(combined[r]),
+                              layout: try group.layoutInfo(rank: r))
+        }
+    }
+}
+
+/// Compares the GPU's step with the oracle's, rank by rank, naming the first difference.
+func expectMatch(_ gpu: [StepResult], _ cpu: [StepResult?], _ label: String, sourceLocation: SourceLocation = #_sourceLocation) {
+    for (r, expected) in cpu.enumerated() {
+        guard let expected else { continue }
+        let got = gpu[r]
+        #expect(got.layout.expertCounters == expected.layout.expertCounters, "\(label) rank \(r): expert counters", sourceLocation: sourceLocation)
+        #expect(got.layout.sourceRankCounters == expected.layout.sourceRankCounters, "\(label) rank \(r): source counters", sourceLocation: sourceLocation)
+        #expect(got.layout.expertSourceCounters == expected.layout.expertSourceCounters, "\(label) rank \(r): expert-source counters", sourceLocation: sourceLocation)
+        #expect(got.layout.receivedTotal == expected.layout.receivedTotal, "\(label) rank \(r): received total", sourceLocation: sourceLocation)
+        #expect(got.received == expected.received, "\(label) rank \(r): dispatched rows differ at byte \(firstDifference(got.received, expected.received))", sourceLocation: sourceLocation)
+        #expect(got.receivedIdx == expected.receivedIdx, "\(label) rank \(r): received idx", sourceLocation: sourceLocation)
+        #expect(got.receivedWeights == expected.receivedWeights, "\(label) rank \(r): received weights", sourceLocation: sourceLocation)
+        #expect(got.combined == expected.combined, "\(label) rank \(r): combined rows differ at byte \(firstDifference(got.combined, expected.combined))", sourceLocation: sourceLocation)
+    }
+}
+
+func firstDifference(_ a: [UInt8], _ b: [UInt8]) -> Int {
+    zip(a, b).enumerated().first { $0.element.0 != $0.element.1 }?.offset ?? (a.count == b.count ? -1 : min(a.count, b.count))
+}

@@ -1,0 +1,165 @@
+import ExpertParallel
+import ExpertParallelCUDA
+import ExpertParallelGPU
+import Testing
+
+/// LL on the GPU equals the CPU oracle bit for bit: dispatched rows, counters, idx, weights and
+/// combined rows. Gated on EP_GPU_TESTS=1; run on the GPU machine.
+@Suite(.enabled(if: gpuTestsEnabled, "needs a GPU: set EP_GPU_TESTS=1"), .serialized)
+struct LLOracleTests {
+    static let shapes: [(ranks: Int, local: Int, topK: Int, hidden: Int, maxTokens: Int, type: DataType)] = [
+        (1, 4, 2, 64, 8, .bf16), (2, 3, 3, 40, 16, .f16), (4, 2, 5, 24, 12, .f32), (8, 4, 8, 128, 24, .bf16),
+        (8, 2, 16, 36, 10, .bf16), (2, 16, 32, 8, 6, .f32), (4, 8, 8, 1000, 33, .bf16), (8, 1, 1, 4, 9, .bf16),
+    ]
+
+    @Test(arguments: [Layout.expertMajor, .rankMajor])
+    func randomRoutingsMatchTheOracle(layout: Layout) throws {
+        let device = try #require(sharedDevice)
+        var cases = 0
+        for (i, s) in Self.shapes.enumerated() {
+            let config = GroupConfig(algorithm: .lowLatency, ranks: s.ranks, experts: s.ranks * s.local, topK: s.topK,
+                                     hidden: s.hidden, elementType: s.type, maxTokensPerRank: s.maxTokens, layout: layout)
+            let group = try VirtualGPUGroup(config, device: device)
+            for step in 0..<13 {
+                var random = RandomRouting(seed: UInt64(1000 * i + step))
+                let tokens = (0..<s.ranks).map { _ in Int(random.next() % UInt64(s.maxTokens + 1)) }
+                let inputs = StepInputs(config: config, tokens: tokens, seed: UInt64(7 * i + step), minusOneRate: step % 3 == 0 ? 0.3 : 0.05)
+                let buffers = try GPUStep(config, device, tokens: tokens)
+                try buffers.upload(inputs)
+                try buffers.poison()
+                let direction: PassDirection = step % 4 == 3 ? .backward : .forward
+                try buffers.enqueue(group, direction: direction, mode: step % 5 == 4 ? .perRank : .single)
+                expectMatch(try buffers.results(group), try oracleStep(config, inputs, direction: direction), "\(layout) shape \(i) step \(step)")
+                cases += 1
+            }
+        }
+        #expect(cases >= 100)
+    }
+
+    @Test(arguments: [Layout.expertMajor, .rankMajor])
+    func edgeCasesMatchTheOracle(layout: Layout) throws {
+        let device = try #require(sharedDevice)
+        let config = GroupConfig(algorithm: .lowLatency, ranks: 4, experts: 16, topK: 4, hidden: 64, elementType: .bf16,
+                                 maxTokensPerRank: 16, layout: layout)
+        let group = try VirtualGPUGroup(config, device: device)
+        let cases: [(String, [Int], Float, Int?)] = [
+            ("B = 0 everywhere", [0, 0, 0, 0], 0, nil), ("B = 0 on some ranks", [0, 5, 0, 16], 0, nil),
+            ("all -1", [16, 16, 16, 16], 1, nil), ("all tokens to one expert", [16, 16, 16, 16], 0, 5),
+            ("B = max", [16, 16, 16, 16], 0, nil),
+        ]
+        for (seed, (label, tokens, minusOne, one)) in cases.enumerated() {
+            let inputs = StepInputs(config: config, tokens: tokens, seed: UInt64(seed), minusOneRate: minusOne, oneExpert: one)
+            let buffers = try GPUStep(config, device, tokens: tokens)
+            try buffers.upload(inputs)
+            try buffers.poison()
+            try buffers.enqueue(group)
+            expectMatch(try buffers.results(group), try oracleStep(config, inputs), label)
+        }
+    }
+
+    @Test func oddCaseMatchesTheOracle() throws {
+        let device = try #require(sharedDevice)
+        for layout in [Layout.expertMajor, .rankMajor] {
+            let config = GroupConfig(algorithm: .lowLatency, ranks: 6, experts: 96, topK: 10, hidden: 2880, elementType: .bf16,
+                                     maxTokensPerRank: 77, layout: layout)
+            let group = try VirtualGPUGroup(config, device: device)
+            let tokens = Array(repeating: 77, count: 6)
+            let inputs = StepInputs(config: config, tokens: tokens, seed: 77, minusOneRate: 0)
+            let buffers = try GPUStep(config, device, tokens: tokens)
+            try buffers.upload(inputs)
+            try buffers.poison()
+            try buffers.enqueue(group)
+            expectMatch(try buffers.results(group), try oracleStep(config, inputs), "odd \(layout)")
+        }
+    }
+
+    @Test func maskedRankNeitherSendsNorReceives() throws {
+        let device = try #require(sharedDevice)
+        let config = GroupConfig(algorithm: .lowLatency, ranks: 4, experts: 16, topK: 4, hidden: 32, elementType: .bf16, maxTokensPerRank: 8)
+        let group = try VirtualGPUGroup(config, device: device)
+        try group.deactivate(rank: 2)
+        let tokens = [8, 8, 8, 8]
+        let inputs = StepInputs(config: config, tokens: tokens, seed: 5)
+        let buffers = try GPUStep(config, device, tokens: tokens)
+        try buffers.upload(inputs)
+        try buffers.poison()
+        try buffers.enqueue(group)
+        let gpu = try buffers.results(group)
+        let cpu = try oracleStep(config, inputs, masked: [2])
+        expectMatch(gpu, cpu, "rank 2 masked")
+        #expect(gpu[2].received.allSatisfy { $0 == 0xA5 }, "the masked rank received nothing")
+        #expect(try group.activeRanks == RankMask(bits: 0b1011))
+        try group.clean(ranks: .all(4))
+        try buffers.poison()
+        try buffers.enqueue(group)
+        expectMatch(try buffers.results(group), try oracleStep(config, inputs), "after clean")
+    }
+
+    @Test func invalidRoutingOnTheDeviceIsReportedAndWritesNothing() throws {
+        let device = try #require(sharedDevice)
+        let config = GroupConfig(algorithm: .lowLatency, ranks: 2, experts: 8, topK: 2, hidden: 16, elementType: .bf16, maxTokensPerRank: 4)
+        let group = try VirtualGPUGroup(config, device: device)
+        let tokens = [4, 4]
+        var inputs = StepInputs(config: config, tokens: tokens, seed: 9, minusOneRate: 0)
+        let buffers = try GPUStep(config, device, tokens: tokens)
+        for (bad, expected) in [(Int32(8), "topkIdx[rank 1][2][1]"), (Int32(-2), "topkIdx[rank 1][2][1]")] {
+            var broken = inputs
+            broken.routing[1][2 * 2 + 1] = bad
+            try buffers.upload(broken)
+            try buffers.poison()
+            try buffers.enqueue(group)
+            #expect { try group.checkStatus() } throws: { error in
+                "\(error)".contains(expected) || "\(error)".contains("rejected")
+            }
+            let results = try (0..<2).map { r in try buffers.results(group, skipStatus: true)[r] }
+            for result in results {
+                #expect(result.received.allSatisfy { $0 == 0xA5 } && result.combined.allSatisfy { $0 == 0xA5 }, "a bad step writes nothing")
+            }
+        }
+        inputs.routing[0][1] = inputs.routing[0][0]   // token 0 names one expert twice
+        try buffers.upload(inputs)
+        try buffers.poison()
+        try buffers.enqueue(group)
+        #expect(throws: EPError.repeatedExpert(token: 0, firstColumn: 0, secondColumn: 1, expert: -1)) { try group.checkStatus() }
+        let good = StepInputs(config: config, tokens: tokens, seed: 10)
+        try buffers.upload(good)
+        try buffers.poison()
+        try buffers.enqueue(group)
+        expectMatch(try buffers.results(group), try oracleStep(config, good), "a good step after bad ones")
+    }
+
+    @Test func capturedGraphReplaysWithNewRouting() throws {
+        let device = try #require(sharedDevice)
+        let config = GroupConfig(algorithm: .lowLatency, ranks: 4, experts: 32, topK: 4, hidden: 256, elementType: .bf16, maxTokensPerRank: 16)
+        let group = try VirtualGPUGroup(config, device: device)
+        let tokens = [16, 11, 16, 3]
+        let buffers = try GPUStep(config, device, tokens: tokens)
+        try buffers.upload(StepInputs(config: config, tokens: tokens, seed: 0))
+        let driver = device.driver
+        try driver.beginCapture(on: group.stream)
+        try buffers.enqueue(group)
+        let graph = try driver.endCapture(on: group.stream)
+        let exec = try driver.instantiate(graph)
+        defer { try? driver.destroy(exec); try? driver.destroy(graph) }
+        for replay in 0..<100 {
+            let inputs = StepInputs(config: config, tokens: tokens, seed: UInt64(500 + replay))
+            try buffers.upload(inputs)
+            try buffers.poison()
+            try driver.launch(exec, on: group.stream)
+            expectMatch(try buffers.results(group), try oracleStep(config, inputs), "replay \(replay)")
+        }
+    }
+}
+
+extension GPUStep {
+    func results(_ group: VirtualGPUGroup, skipStatus: Bool) throws -> [StepResult] {
+        if !skipStatus { return try results(group) }
+        try group.synchronize()
+        return try (0..<config.ranks).map { r in
+            let rec = HostTensor(received[r].dtype, received[r].shape), comb = HostTensor(combined[r].dtype, combined[r].shape)
+            try received[r].download(into: rec)
+            try combined[r].download(into: comb)
+            return StepResult(received: rec.bytes(), receivedIdx: nil, receivedWeights: nil, combined: comb.bytes(), layout: try group.layoutInfo(rank: r))
+        }
+    }
+}
