@@ -6,8 +6,8 @@ struct LLWorkspace: Sendable {
     static let sequence = 0
     static let status = 1
     static let stepValid = 5
-    var countFlags: Int { 8 }
-    var counts: Int { 8 + 3 * ranks }
+    var countFlags: Int { 10 }
+    var counts: Int { 10 + 3 * ranks }
     var selectionRows: Int { counts + 2 * ranks * (experts + ranks) }
     var pairRows: Int { selectionRows + maxTokens * topK }
     var layout: Int { pairRows + maxTokens * ranks }

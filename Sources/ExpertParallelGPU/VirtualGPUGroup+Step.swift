@@ -46,8 +46,8 @@ extension VirtualGPUGroup {
         try device.makeCurrent()
         let k = try kernels(variant)
         let tokens = step.routing.map { $0.shape[0] }.max() ?? 0
-        try launch(k.dispatch, threads: Self.threadsPerBlock, blocks: blocksPerRank, mode: mode, weighted: false,
-                   slices: slices(tokens: tokens), stream: stream) { r, w in
+        try launch(k.dispatch, threads: Self.threadsPerBlock, blocks: blocks(mode), mode: mode, weighted: false,
+                   slices: slices(tokens: tokens, mode: mode), stream: stream) { r, w in
             w[0] = address(inputs[r].tokens)
             w[1] = address(step.routing[r])
             w[2] = inputs[r].topkWeights.map(address) ?? 0
@@ -74,9 +74,9 @@ extension VirtualGPUGroup {
         try device.makeCurrent()
         let k = try kernels(variant)
         let tokens = step.routing.map { $0.shape[0] }.max() ?? 0
-        try launch(k.combine, threads: Self.threadsPerBlock, blocks: blocksPerRank, mode: mode,
+        try launch(k.combine, threads: Self.threadsPerBlock, blocks: blocks(mode), mode: mode,
                    weighted: direction == .forward && config.layout == .expertMajor,
-                   slices: slices(tokens: tokens), stream: stream) { r, w in
+                   slices: slices(tokens: tokens, mode: mode), stream: stream) { r, w in
             w[1] = address(step.routing[r])
             w[2] = inputs[r].topkWeights.map(address) ?? 0
             w[3] = address(inputs[r].expertOutputs)

@@ -21,8 +21,11 @@ public enum LaunchMode: Sendable {
 public final class VirtualGPUGroup: @unchecked Sendable {
     public let config: GroupConfig
     public let device: GPUDevice
-    /// Thread blocks per rank for dispatch and combine.
+    /// Thread blocks per rank for dispatch and combine in one launch (`.single`).
     public let blocksPerRank: Int
+    /// Thread blocks per rank with one launch per rank (`.perRank`): all R launches must be
+    /// resident at once, since their ranks wait for each other.
+    public let blocksPerRankPerLaunch: Int
     public let stream: CUDAStream
     let workspace: LLWorkspace
     let workspaces: [DevicePointer]
@@ -53,9 +56,16 @@ public final class VirtualGPUGroup: @unchecked Sendable {
         guard sms >= 1, sms <= device.multiprocessors else {
             throw .invalidArgument(field: "multiprocessors", value: "\(sms)", requirement: "must be in 1...\(device.multiprocessors)")
         }
+        let sharedWords = config.maxTokensPerRank * (config.topK + 1) + 8 * (config.experts + config.ranks) + 8
+        guard sharedWords * 4 <= 48 * 1024 else {
+            throw .invalidConfig(
+                field: "maxTokensPerRank", value: "\(config.maxTokensPerRank)",
+                requirement: "with topK \(config.topK) and \(config.experts) experts the LL update needs \(sharedWords * 4) bytes of shared memory; at most 49152")
+        }
         self.config = config
         self.device = device
-        blocksPerRank = max(1, sms / config.ranks)
+        blocksPerRank = max(1, sms * min(config.ranks, 2) / config.ranks)   // measured: 2 blocks per SM for R ≥ 2, 1 for R = 1
+        blocksPerRankPerLaunch = max(1, sms / config.ranks)
         let workspace = LLWorkspace(ranks: config.ranks, localExperts: config.localExperts, topK: config.topK, maxTokens: config.maxTokensPerRank)
         self.workspace = workspace
         try device.makeCurrent()
@@ -143,10 +153,12 @@ public final class VirtualGPUGroup: @unchecked Sendable {
         }
     }
 
+    func blocks(_ mode: LaunchMode) -> Int { mode == .single ? blocksPerRank : blocksPerRankPerLaunch }
+
     /// Rows are cut into pieces so that every warp of the rank's blocks has work.
-    func slices(tokens: Int) -> Int {
-        let warps = blocksPerRank * (Self.threadsPerBlock / 32)
-        let vectors = max(1, config.rowBytes / 16 / 32)
+    func slices(tokens: Int, mode: LaunchMode) -> Int {
+        let warps = blocks(mode) * (Self.threadsPerBlock / 32)
+        let vectors = max(1, config.rowBytes / 16 / 64)   // at least two vectors per lane per piece
         return min(max(1, warps / max(tokens, 1)), vectors)
     }
 

@@ -49,9 +49,11 @@
 #define WS_STATUS 1                       // [4] code, a, b, c: first error of the last step
 #define WS_STEP_OK 5                      // 1 when every rank's routing of the step was valid
 #define WS_COMB_READY 6                   // seq once this rank's expert outputs may be read
-#define WS_COUNT_FLAG 8                   // [R] seq*2 + bad, written by source s after its counts
-#define WS_DISP_DONE (WS_COUNT_FLAG + EP_R)   // [R] dispatch blocks of source s done writing here
-#define WS_COMB_DONE (WS_DISP_DONE + EP_R)    // [R] combine blocks of source s done reading here
+#define WS_DISP_BLOCKS 7                  // this rank's dispatch blocks finished (reset by the last)
+#define WS_COMB_BLOCKS 8                  // this rank's combine blocks finished (reset by the last)
+#define WS_COUNT_FLAG 10                  // [R] seq*2 + bad, written by source s after its counts
+#define WS_DISP_DONE (WS_COUNT_FLAG + EP_R)   // [R] seq once source s finished writing here
+#define WS_COMB_DONE (WS_DISP_DONE + EP_R)    // [R] seq once source s finished reading here
 #define WS_COUNTS (WS_COMB_DONE + EP_R)       // [2][R][E + R] counts all-gathered, by step parity
 #define WS_SEL_ROW (WS_COUNTS + 2 * EP_R * (EP_E + EP_R))  // [BMAX][K] row of each selection
 #define WS_PAIR_ROW (WS_SEL_ROW + EP_BMAX * EP_K)          // [BMAX][R] row of each (token, rank)
@@ -146,37 +148,47 @@ ep_ll_update(const EpArgs args) {
         return;
     }
 
-    // Validate: every entry -1 or in [0, E); no expert twice in a row.
+    // Load the routing once (coalesced) into shared memory, validating it: every entry -1 or
+    // in [0, E); no expert twice in a row. Experts on inactive ranks become -1.
+    __shared__ int routing[EP_BMAX * EP_K];
+    __shared__ ep_u32 destinations[EP_BMAX];   // bit d set: the token goes to rank d
     for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
-        const int t = i / EP_K, c = i % EP_K;
         const long long e = ep_read_index(args, rank, i);
         if (e < -1 || e >= EP_E) {
-            ep_set_status(ws, EP_STATUS_INDEX_RANGE, t, c, static_cast<ep_u32>(e));
+            ep_set_status(ws, EP_STATUS_INDEX_RANGE, i / EP_K, i % EP_K, static_cast<ep_u32>(e));
             bad = 1;
-        } else if (e >= 0) {
-            for (int p = 0; p < c; ++p) {
-                if (ep_read_index(args, rank, t * EP_K + p) == e) {
-                    ep_set_status(ws, EP_STATUS_REPEATED, t, p, c);
-                    bad = 1;
-                }
+        }
+        routing[i] = e >= 0 && e < EP_E ? static_cast<int>(e) : -1;   // unmasked, for the repeat check
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
+        const int t = i / EP_K, c = i % EP_K, e = routing[i];
+        for (int p = 0; e >= 0 && p < c; ++p) {
+            if (routing[t * EP_K + p] == e) {
+                ep_set_status(ws, EP_STATUS_REPEATED, t, p, c);
+                bad = 1;
             }
         }
     }
     __syncthreads();
+    for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
+        const int e = routing[i];
+        if (bad || (e >= 0 && !ep_active(mask, e / EP_L))) routing[i] = -1;
+    }
+    __syncthreads();
+    for (int t = threadIdx.x; t < tokens; t += blockDim.x) {
+        ep_u32 bits = 0;
+        for (int c = 0; c < EP_K; ++c) {
+            const int e = routing[t * EP_K + c];
+            if (e >= 0) bits |= 1u << (e / EP_L);
+        }
+        destinations[t] = bits;
+    }
+    __syncthreads();
 
     // The expert of (t, c) after masking, or -1.
-    auto expert = [&](int t, int c) -> int {
-        const long long e = ep_read_index(args, rank, t * EP_K + c);
-        if (bad || e < 0 || !ep_active(mask, static_cast<int>(e) / EP_L)) return -1;
-        return static_cast<int>(e);
-    };
-    auto goes_to = [&](int t, int d) -> bool {
-        for (int c = 0; c < EP_K; ++c) {
-            const int e = expert(t, c);
-            if (e >= 0 && e / EP_L == d) return true;
-        }
-        return false;
-    };
+    auto expert = [&](int t, int c) -> int { return routing[t * EP_K + c]; };
+    auto goes_to = [&](int t, int d) -> bool { return (destinations[t] >> d) & 1u; };
 
     // Pass 1: per-warp counts over a contiguous chunk of tokens, in token order.
     const int chunk = (tokens + EP_UPDATE_WARPS - 1) / EP_UPDATE_WARPS;
@@ -256,7 +268,7 @@ ep_ll_update(const EpArgs args) {
     for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
         const int position = static_cast<int>(ws[WS_SEL_ROW + i]);
         if (position < 0) continue;
-        const int e = static_cast<int>(ep_read_index(args, rank, i));
+        const int e = routing[i];
         int before = 0;
         for (int s = 0; s < rank; ++s) {
             if (ep_active(gathered, s)) before += static_cast<int>(table[s * (EP_E + EP_R) + e]);
@@ -302,7 +314,9 @@ ep_ll_update(const EpArgs args) {
 #if EP_VEC_BYTES == 16
 typedef ep_vec16 ep_vec;
 EP_DEVICE ep_vec ep_load_vec(const void* p) { return ep_load16_nc(p); }
-EP_DEVICE ep_vec ep_load_vec_peer(const void* p) { return ep_load16(p); }
+// Expert outputs are final before combine starts (kernel boundary, or the peer's ready flag
+// in separate launches), so the read-only path is safe; it bypasses L1, so nothing goes stale.
+EP_DEVICE ep_vec ep_load_vec_peer(const void* p) { return ep_load16_nc(p); }
 EP_DEVICE void ep_store_vec(void* p, ep_vec v) { ep_store16_na(p, v); }
 #else
 struct __align__(8) ep_vec8 { ep_u32 x, y; };
@@ -314,20 +328,25 @@ EP_DEVICE void ep_store_vec(void* p, ep_vec v) { *static_cast<ep_vec8*>(p) = v; 
 #define EP_ROW_VECS (EP_ROW_BYTES / EP_VEC_BYTES)
 #define EP_UNROLL 4
 
-// Signals each destination that this block is done with it, and (separate launches only)
-// waits until every active peer's blocks are done with this rank.
-EP_DEVICE void ep_arrive_and_wait(const EpArgs& args, int rank, ep_u64 mask, int counter_offset, ep_u32 seq) {
+// Separate launches only (in one launch, the launch's end is the barrier): the last block of
+// this rank to finish tells every destination that this rank is done with it, then waits until
+// every active peer is done with this rank, so the call ends only when its data is complete.
+EP_DEVICE void ep_arrive_and_wait(const EpArgs& args, int rank, ep_u64 mask, int block_counter, int flag_offset, ep_u32 seq) {
+    if (!args.cross_launch) return;
+    ep_u32* ws = ep_ws(args, rank);
+    __shared__ int last;
     __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        last = atomicAdd(ws + block_counter, 1u) == gridDim.x - 1;
+        if (last) atomicExch(ws + block_counter, 0u);
+    }
+    __syncthreads();
+    if (!last) return;
     if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
         __threadfence();
-        ep_atomic_add_release_sys(ep_ws(args, threadIdx.x) + counter_offset + rank, 1u);
-    }
-    if (!args.cross_launch || blockIdx.x != 0) return;
-    ep_u32* ws = ep_ws(args, rank);
-    if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
-        if (!ep_wait_flag_sys(ws + counter_offset + threadIdx.x, seq * gridDim.x, args.timeout_ns)) {
-            ep_timeout(args, ws, threadIdx.x);
-        }
+        ep_store_release_sys(ep_ws(args, threadIdx.x) + flag_offset + rank, seq);
+        if (!ep_wait_flag_sys(ws + flag_offset + threadIdx.x, seq, args.timeout_ns)) ep_timeout(args, ws, threadIdx.x);
     }
 }
 
@@ -414,7 +433,7 @@ ep_ll_dispatch(const EpArgs args) {
             }
         }
     }
-    ep_arrive_and_wait(args, rank, mask, WS_DISP_DONE, seq);
+    ep_arrive_and_wait(args, rank, mask, WS_DISP_BLOCKS, WS_DISP_DONE, seq);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -515,24 +534,33 @@ ep_ll_combine(const EpArgs args) {
             src[c] = reinterpret_cast<const ep_u8*>(__shfl_sync(0xffffffffu, reinterpret_cast<ep_u64>(source), c));
             w[c] = __shfl_sync(0xffffffffu, weight, c);
         }
-        for (int v = first + lane; v < last; v += 32) {
-            float acc[EP_ELEMS_PER_VEC];
+        // Two vectors per lane per step: 2 × fanout loads in flight before the first use.
+        for (int v = first + lane; v < last; v += 64) {
+            const bool second = v + 32 < last;
+            float acc[2][EP_ELEMS_PER_VEC];
 #pragma unroll
-            for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) acc[i] = 0.0f;
-            ep_vec rows[fanout];
+            for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) acc[0][i] = acc[1][i] = 0.0f;
+            ep_vec rows[2][fanout];
 #pragma unroll
             for (int c = 0; c < fanout; ++c) {
-                if (src[c] != nullptr) rows[c] = ep_load_vec_peer(src[c] + static_cast<ep_u64>(v) * EP_VEC_BYTES);
+                if (src[c] == nullptr) continue;
+                rows[0][c] = ep_load_vec_peer(src[c] + static_cast<ep_u64>(v) * EP_VEC_BYTES);
+                if (second) rows[1][c] = ep_load_vec_peer(src[c] + static_cast<ep_u64>(v + 32) * EP_VEC_BYTES);
             }
 #pragma unroll
             for (int c = 0; c < fanout; ++c) {
                 if (src[c] == nullptr) continue;
 #pragma unroll
-                for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) acc[i] = ep_fma(w[c], ep_element(rows[c], i), acc[i]);
+                for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) {
+                    acc[0][i] = ep_fma(w[c], ep_element(rows[0][c], i), acc[0][i]);
+                    acc[1][i] = ep_fma(w[c], ep_element(rows[1][c], i), acc[1][i]);
+                }
             }
-            ep_store_vec(out + static_cast<ep_u64>(t) * EP_ROW_BYTES + static_cast<ep_u64>(v) * EP_VEC_BYTES, ep_pack(acc));
+            ep_u8* row_out = out + static_cast<ep_u64>(t) * EP_ROW_BYTES;
+            ep_store_vec(row_out + static_cast<ep_u64>(v) * EP_VEC_BYTES, ep_pack(acc[0]));
+            if (second) ep_store_vec(row_out + static_cast<ep_u64>(v + 32) * EP_VEC_BYTES, ep_pack(acc[1]));
         }
     }
-    ep_arrive_and_wait(args, rank, mask, WS_COMB_DONE, seq);
+    ep_arrive_and_wait(args, rank, mask, WS_COMB_BLOCKS, WS_COMB_DONE, seq);
 #endif
 }
