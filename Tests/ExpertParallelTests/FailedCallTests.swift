@@ -102,7 +102,7 @@ struct FailedCallTests {
     @Test("a call with another rank's handle is reported to the other ranks as peerFailed, not left to time out")
     func foreignHandleIsReportedToPeers() throws {
         var scenario = Self.scenario(.htFlat)
-        scenario.config.timeout = .milliseconds(500)      // today the peers wait this long
+        scenario.config.timeout = .milliseconds(500)      // a regression would make the peers wait this long
         let harness = try StepHarness(scenario)
         for (_, result) in harness.update() { try result.get() }
         let results = harness.onRanks { rank, handle throws(EPError) in
@@ -112,7 +112,7 @@ struct FailedCallTests {
         let error = EPError.invalidArgument(field: "handle", value: "handle of rank 1", requirement: "must be rank 0's own handle")
         #expect(throws: error) { _ = try results[0]!.get() }
         for r in 0..<3 { expectMatch(Verify.untouched(harness, rank: r), scenario) }
-        withKnownIssue("HostRank.checkOwner throws before the call's exchange: the peers time out, and rank 0 is masked inactive") {
+        do {
             for r in [1, 2] {
                 #expect(throws: EPError.peerFailed(rank: r, peer: 0, reason: error.description)) { _ = try results[r]!.get() }
             }

@@ -5,8 +5,9 @@ extension HostRank {
     public func combine(
         _ handle: HostHandle, _ input: CombineInput, into output: CombineOutput, direction: PassDirection = .forward
     ) throws(EPError) {
-        try checkOwner(handle)
+        // Every check fails inside the exchange below, so the other ranks learn of it at once.
         let step = Result { () throws(EPError) in
+            try checkOwner(handle)
             let step = try handle.current()
             try config.validateCombine(input, output, tokens: step.routing.tokens, direction: direction)
             return step

@@ -3,8 +3,9 @@ extension HostRank {
     public func dispatch(
         _ handle: HostHandle, _ input: DispatchInput, into output: DispatchOutput, direction: PassDirection = .forward
     ) throws(EPError) -> LayoutInfo {
-        try checkOwner(handle)
+        // Every check fails inside the exchange below, so the other ranks learn of it at once.
         let step = Result { () throws(EPError) in
+            try checkOwner(handle)
             let step = try handle.current()
             try config.validateDispatch(input, output, tokens: step.routing.tokens)
             return step
@@ -23,7 +24,7 @@ extension HostRank {
                     let e = routing[t, c], slot = plan.selectionRow[t * k + c]
                     let out = outputs[e / l]!
                     (out.tokens.address! + slot * rowBytes).copyMemory(from: row, byteCount: rowBytes)
-                    if let idx = out.topkIdx, let weights = out.topkWeights {
+                    if config.isExpertMajorHT, let idx = out.topkIdx, let weights = out.topkWeights {
                         storeIndex(e % l, idx, slot)
                         weights.address!.storeBytes(of: loadWeight(input.topkWeights!, t * k + c), toByteOffset: slot * 4, as: Float.self)
                     }

@@ -11,11 +11,11 @@ public struct HostRank: Rank {
     public func makeHandle() throws(EPError) -> HostHandle { HostHandle(rank: rank) }
 
     public func update(_ handle: HostHandle, topkIdx: TensorRef) throws(EPError) {
-        try checkOwner(handle)
         let participants = group.transport.activeRanks
         guard participants.contains(rank) else { throw .inactiveRank(rank) }
         let local = Result { () throws(EPError) -> RoutingTable in
-            try RoutingTable(topkIdx: topkIdx, config: config).masked(participants, localExperts: config.localExperts)
+            try checkOwner(handle)
+            return try RoutingTable(topkIdx: topkIdx, config: config).masked(participants, localExperts: config.localExperts)
         }
         let full = try exchange(local.map { RoutingSummary(routing: $0, config: config) }, participants)
         let routing = try local.get()
@@ -37,6 +37,7 @@ public struct HostRank: Rank {
 
     /// All-gathers this rank's payload, or its error: if any participant failed, every
     /// participant throws, so no rank goes on to write while another has rejected the step.
+    /// A rank that failed posts its error and leaves without waiting for the others.
     func exchange<Payload: Sendable>(
         _ result: Result<Payload, EPError>, _ participants: RankMask
     ) throws(EPError) -> [Payload?] {
@@ -45,8 +46,11 @@ public struct HostRank: Rank {
         case .success(let payload): .ok(payload)
         case .failure(let error): .failed(error.description)
         }
+        if case .failure(let error) = result {
+            _ = try? group.transport.allGather(key, rank: rank, participants: participants, payload: posted, timeout: config.timeout, wait: false)
+            throw error
+        }
         let all = try group.transport.allGather(key, rank: rank, participants: participants, payload: posted, timeout: config.timeout)
-        if case .failure(let error) = result { throw error }
         for (peer, item) in all.enumerated() {
             if case .failed(let reason)? = item { throw .peerFailed(rank: rank, peer: peer, reason: reason) }
         }

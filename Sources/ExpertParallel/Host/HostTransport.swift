@@ -41,8 +41,10 @@ final class HostTransport: @unchecked Sendable {
     }
 
     /// Posts `payload` for `rank` and returns every participant's payload, indexed by rank.
+    /// With `wait: false` it only posts (a rank that rejected its call tells the others and
+    /// leaves at once) and returns nothing.
     func allGather<Payload: Sendable>(
-        _ key: RoundKey, rank: Int, participants: RankMask, payload: Payload, timeout: Duration
+        _ key: RoundKey, rank: Int, participants: RankMask, payload: Payload, timeout: Duration, wait: Bool = true
     ) throws(EPError) -> [Payload?] {
         let deadline = Date().addingTimeInterval(timeout.seconds)
         condition.lock()
@@ -50,6 +52,10 @@ final class HostTransport: @unchecked Sendable {
         guard mask.contains(rank) else { throw .inactiveRank(rank) }
         posted[key, default: [:]][rank] = payload
         condition.broadcast()
+        if !wait {
+            finishReading(key, participants)
+            return []
+        }
         while true {
             let arrived = posted[key] ?? [:]
             let missing = participants.ranks.filter { arrived[$0] == nil }
@@ -61,12 +67,17 @@ final class HostTransport: @unchecked Sendable {
             }
         }
         let arrived = posted[key]!
+        finishReading(key, participants)
+        return (0..<ranks).map { participants.contains($0) ? arrived[$0] as? Payload : nil }
+    }
+
+    /// The last participant done with a round frees it. Call with the lock held.
+    private func finishReading(_ key: RoundKey, _ participants: RankMask) {
         readers[key, default: 0] += 1
         if readers[key] == participants.count {
             posted[key] = nil
             readers[key] = nil
         }
-        return (0..<ranks).map { participants.contains($0) ? arrived[$0] as? Payload : nil }
     }
 }
 
