@@ -24,12 +24,8 @@ struct LLOracleTests {
                 var random = RandomRouting(seed: UInt64(1000 * i + step))
                 let tokens = (0..<s.ranks).map { _ in Int(random.next() % UInt64(s.maxTokens + 1)) }
                 let inputs = StepInputs(config: config, tokens: tokens, seed: UInt64(7 * i + step), minusOneRate: step % 3 == 0 ? 0.3 : 0.05)
-                let buffers = try GPUStep(config, device, tokens: tokens)
-                try buffers.upload(inputs)
-                try buffers.poison()
-                let direction: PassDirection = step % 4 == 3 ? .backward : .forward
-                try buffers.enqueue(group, direction: direction, mode: step % 5 == 4 ? .perRank : .single)
-                expectMatch(try buffers.results(group), try oracleStep(config, inputs, direction: direction), "\(layout) shape \(i) step \(step)")
+                try stepMatchesTheOracle(group, inputs, tokens, "\(layout) shape \(i) step \(step)",
+                                         direction: step % 4 == 3 ? .backward : .forward, mode: step % 5 == 4 ? .perRank : .single)
                 cases += 1
             }
         }
@@ -49,11 +45,7 @@ struct LLOracleTests {
         ]
         for (seed, (label, tokens, minusOne, one)) in cases.enumerated() {
             let inputs = StepInputs(config: config, tokens: tokens, seed: UInt64(seed), minusOneRate: minusOne, oneExpert: one)
-            let buffers = try GPUStep(config, device, tokens: tokens)
-            try buffers.upload(inputs)
-            try buffers.poison()
-            try buffers.enqueue(group)
-            expectMatch(try buffers.results(group), try oracleStep(config, inputs), label)
+            try stepMatchesTheOracle(group, inputs, tokens, label)
         }
     }
 
@@ -65,11 +57,7 @@ struct LLOracleTests {
             let group = try VirtualGPUGroup(config, device: device)
             let tokens = Array(repeating: 77, count: 6)
             let inputs = StepInputs(config: config, tokens: tokens, seed: 77, minusOneRate: 0)
-            let buffers = try GPUStep(config, device, tokens: tokens)
-            try buffers.upload(inputs)
-            try buffers.poison()
-            try buffers.enqueue(group)
-            expectMatch(try buffers.results(group), try oracleStep(config, inputs), "odd \(layout)")
+            try stepMatchesTheOracle(group, inputs, tokens, "odd \(layout)")
         }
     }
 
@@ -149,6 +137,18 @@ struct LLOracleTests {
             expectMatch(try buffers.results(group), try oracleStep(config, inputs), "replay \(replay)")
         }
     }
+}
+
+/// Runs one step of `inputs` on the GPU (outputs poisoned first) and compares it with the oracle.
+func stepMatchesTheOracle(
+    _ group: VirtualGPUGroup, _ inputs: StepInputs, _ tokens: [Int], _ label: String,
+    direction: PassDirection = .forward, mode: LaunchMode = .single
+) throws {
+    let buffers = try GPUStep(group.config, group.device, tokens: tokens)
+    try buffers.upload(inputs)
+    try buffers.poison()
+    try buffers.enqueue(group, direction: direction, mode: mode)
+    expectMatch(try buffers.results(group), try oracleStep(group.config, inputs, direction: direction), label)
 }
 
 extension GPUStep {
