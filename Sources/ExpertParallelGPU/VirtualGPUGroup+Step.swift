@@ -1,12 +1,16 @@
 import ExpertParallel
 import ExpertParallelCUDA
 
+// EP_SYNC_* bits of ep_ll.cu.
+private let syncSignal: UInt64 = 1, syncWait: UInt64 = 2, syncNoData: UInt64 = 4, syncDone: UInt64 = 8
+
 extension VirtualGPUGroup {
     var location: MemoryLocation { .device(device.ordinal) }
 
     /// This step's routing for every rank: `topkIdx[r]` is `[B_r, K]` int32 or int64 on the device.
     /// Counts, exchanges counts between ranks and fixes every slot, all on the device.
     public func update(topkIdx: [TensorRef], stream: CUDAStream? = nil, mode: LaunchMode = .single) throws(EPError) {
+        try checkNothingPending()
         try checkRankCount(topkIdx.count, "topkIdx")
         for (r, idx) in topkIdx.enumerated() {
             guard idx.shape.count == 2, idx.shape[1] == config.topK, idx.shape[0] <= config.maxTokensPerRank else {
@@ -14,7 +18,7 @@ extension VirtualGPUGroup {
                     field: "topkIdx[rank \(r)].shape", value: "\(idx.shape)",
                     requirement: "must be [tokens ≤ maxTokensPerRank (\(config.maxTokensPerRank)), topK = \(config.topK)]")
             }
-            try require(idx, "topkIdx[rank \(r)]", [.i32, .i64], idx.shape)
+            try TensorCheck.require(idx, "topkIdx[rank \(r)]", dtypes: [.i32, .i64], shape: idx.shape, location: location)
         }
         let indexBytes = topkIdx[0].dtype.byteSize
         if let r = topkIdx.firstIndex(where: { $0.dtype != topkIdx[0].dtype }) {
@@ -22,16 +26,18 @@ extension VirtualGPUGroup {
         }
         try device.makeCurrent()
         let k = try kernels(.init(indexBytes: indexBytes, receivedIndexBytes: 4, vectorBytes: 16))
-        try launch(k.update, threads: Self.updateThreads, blocks: 1, mode: mode, weighted: false, slices: 1, stream: stream) { r, w in
+        try launch(k.update, threads: Self.updateThreads, blocks: 1, mode: mode, sync: 0, weighted: false, slices: 1, stream: stream) { r, w in
             w[1] = address(topkIdx[r])
             w[8] = UInt64(topkIdx[r].shape[0])
         }
-        rememberStep(topkIdx, k, indexBytes)
+        rememberStep(topkIdx, indexBytes)
     }
 
-    /// Sends every rank's rows straight into their slots on the destination ranks.
+    /// Sends every rank's rows straight into their slots on the destination ranks. With
+    /// `phase: .sendOnly` the rows are sent but nobody waits for them: `complete()` does.
     public func dispatch(
-        _ inputs: [DispatchInput], into outputs: [DispatchOutput], stream: CUDAStream? = nil, mode: LaunchMode = .single
+        _ inputs: [DispatchInput], into outputs: [DispatchOutput], phase: CallPhase = .whole,
+        stream: CUDAStream? = nil, mode: LaunchMode = .single
     ) throws(EPError) {
         let step = try currentStep()
         try checkRankCount(inputs.count, "inputs")
@@ -39,29 +45,40 @@ extension VirtualGPUGroup {
         for r in 0..<config.ranks {
             try config.validateDispatch(inputs[r], outputs[r], tokens: step.routing[r].shape[0], location: location)
         }
-        let rows = inputs.map(\.tokens) + outputs.map(\.tokens)
         let variant = LLKernels.Variant(
             indexBytes: step.variantIndexBytes, receivedIndexBytes: outputs[0].topkIdx?.dtype.byteSize ?? 4,
-            vectorBytes: vectorBytes(rows))
+            vectorBytes: vectorBytes(inputs.map(\.tokens), outputs.map(\.tokens)))
         try device.makeCurrent()
         let k = try kernels(variant)
-        let tokens = step.routing.map { $0.shape[0] }.max() ?? 0
-        try launch(k.dispatch, threads: Self.threadsPerBlock, blocks: blocks(mode), mode: mode, weighted: false,
-                   slices: slices(tokens: tokens, mode: mode), stream: stream) { r, w in
-            w[0] = address(inputs[r].tokens)
-            w[1] = address(step.routing[r])
-            w[2] = inputs[r].topkWeights.map(address) ?? 0
-            w[3] = address(outputs[r].tokens)
-            w[4] = outputs[r].topkIdx.map(address) ?? 0
-            w[5] = outputs[r].topkWeights.map(address) ?? 0
-            w[8] = UInt64(step.routing[r].shape[0])
+        func enqueue(sync: UInt64, blocks: Int, stream: CUDAStream?) throws(EPError) {
+            try launch(k.dispatch, threads: Self.threadsPerBlock, blocks: blocks, mode: mode, sync: sync, weighted: false,
+                       slices: slices(tokens: maxTokens(step.routing), mode: mode), stream: stream) { r, w in
+                w[0] = address(inputs[r].tokens)
+                w[1] = address(step.routing[r])
+                w[2] = inputs[r].topkWeights.map(address) ?? 0
+                w[3] = address(outputs[r].tokens)
+                w[4] = outputs[r].topkIdx.map(address) ?? 0
+                w[5] = outputs[r].topkWeights.map(address) ?? 0
+                w[8] = UInt64(step.routing[r].shape[0])
+            }
+        }
+        switch phase {
+        case .whole:
+            try enqueue(sync: mode == .perRank ? syncSignal | syncWait : 0, blocks: blocks(mode), stream: stream)
+        case .sendOnly:
+            try enqueue(sync: syncSignal, blocks: blocks(mode), stream: stream)
+            setPending(PendingCall(name: "dispatch") { stream throws(EPError) in
+                try enqueue(sync: syncWait | syncNoData, blocks: 1, stream: stream)
+            })
         }
     }
 
-    /// Every rank pulls its rows back and reduces them in the fixed order of DESIGN.md.
+    /// Every rank pulls its rows back and reduces them in the fixed order of DESIGN.md. With
+    /// `phase: .sendOnly` each rank only announces that its expert outputs may be read;
+    /// `complete()` pulls and reduces.
     public func combine(
         _ inputs: [CombineInput], into outputs: [CombineOutput], direction: PassDirection = .forward,
-        stream: CUDAStream? = nil, mode: LaunchMode = .single
+        phase: CallPhase = .whole, stream: CUDAStream? = nil, mode: LaunchMode = .single
     ) throws(EPError) {
         let step = try currentStep()
         try checkRankCount(inputs.count, "inputs")
@@ -69,20 +86,41 @@ extension VirtualGPUGroup {
         for r in 0..<config.ranks {
             try config.validateCombine(inputs[r], outputs[r], tokens: step.routing[r].shape[0], direction: direction, location: location)
         }
-        let rows = inputs.map(\.expertOutputs) + outputs.map(\.tokens)
-        let variant = LLKernels.Variant(indexBytes: step.variantIndexBytes, receivedIndexBytes: 4, vectorBytes: vectorBytes(rows))
+        let variant = LLKernels.Variant(
+            indexBytes: step.variantIndexBytes, receivedIndexBytes: 4,
+            vectorBytes: vectorBytes(inputs.map(\.expertOutputs), outputs.map(\.tokens)))
         try device.makeCurrent()
         let k = try kernels(variant)
-        let tokens = step.routing.map { $0.shape[0] }.max() ?? 0
-        try launch(k.combine, threads: Self.threadsPerBlock, blocks: blocks(mode), mode: mode,
-                   weighted: direction == .forward && config.layout == .expertMajor,
-                   slices: slices(tokens: tokens, mode: mode), stream: stream) { r, w in
-            w[1] = address(step.routing[r])
-            w[2] = inputs[r].topkWeights.map(address) ?? 0
-            w[3] = address(inputs[r].expertOutputs)
-            w[6] = address(outputs[r].tokens)
-            w[8] = UInt64(step.routing[r].shape[0])
+        func enqueue(sync: UInt64, blocks: Int, stream: CUDAStream?) throws(EPError) {
+            try launch(k.combine, threads: Self.threadsPerBlock, blocks: blocks, mode: mode, sync: sync,
+                       weighted: direction == .forward && config.layout == .expertMajor,
+                       slices: slices(tokens: maxTokens(step.routing), mode: mode), stream: stream) { r, w in
+                w[1] = address(step.routing[r])
+                w[2] = inputs[r].topkWeights.map(address) ?? 0
+                w[3] = address(inputs[r].expertOutputs)
+                w[6] = address(outputs[r].tokens)
+                w[8] = UInt64(step.routing[r].shape[0])
+            }
         }
+        // Separate launches wait for their peers' readiness and tell them when their rows were read.
+        let pull = mode == .perRank ? syncWait | syncDone : syncWait
+        switch phase {
+        case .whole:
+            try enqueue(sync: mode == .perRank ? syncSignal | pull : 0, blocks: blocks(mode), stream: stream)
+        case .sendOnly:
+            try enqueue(sync: syncSignal | syncNoData, blocks: 1, stream: stream)
+            let blocks = blocks(mode)
+            setPending(PendingCall(name: "combine") { stream throws(EPError) in
+                try enqueue(sync: pull, blocks: blocks, stream: stream)
+            })
+        }
+    }
+
+    /// Enqueues the second half of the last send-only dispatch or combine.
+    public func complete(stream: CUDAStream? = nil) throws(EPError) {
+        let call = try takePending()
+        try device.makeCurrent()
+        try call.enqueue(stream)
     }
 
     // MARK: helpers
@@ -93,14 +131,18 @@ extension VirtualGPUGroup {
         }
     }
 
-    func require(_ tensor: TensorRef, _ name: String, _ dtypes: [DataType], _ shape: [Int]) throws(EPError) {
-        try TensorCheck.require(tensor, name, dtypes: dtypes, shape: shape, location: location)
+    func maxTokens(_ routing: [TensorRef]) -> Int {
+        var most = 0
+        for idx in routing { most = max(most, idx.shape[0]) }
+        return most
     }
 
     /// 16-byte vectors when every row starts 16-byte aligned, else 8-byte vectors.
-    func vectorBytes(_ tensors: [TensorRef]) -> Int {
-        let aligned = config.rowBytes % 16 == 0 && tensors.allSatisfy { address($0) % 16 == 0 }
-        return aligned ? 16 : 8
+    func vectorBytes(_ first: [TensorRef], _ second: [TensorRef]) -> Int {
+        guard config.rowBytes % 16 == 0 else { return 8 }
+        for tensor in first where address(tensor) % 16 != 0 { return 8 }
+        for tensor in second where address(tensor) % 16 != 0 { return 8 }
+        return 16
     }
 }
 

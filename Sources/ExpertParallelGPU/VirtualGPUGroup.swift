@@ -2,6 +2,16 @@ import ExpertParallel
 import ExpertParallelCUDA
 import Foundation
 
+/// A call split in two: `.sendOnly` enqueues the sending half and returns, so the caller can
+/// overlap other work; `complete()` enqueues the half that waits for the data.
+public enum CallPhase: Sendable { case whole, sendOnly }
+
+/// The second half of a send-only call, enqueued by `complete()`.
+struct PendingCall {
+    var name: String
+    var enqueue: (CUDAStream?) throws(EPError) -> Void
+}
+
 /// How a virtual group runs one call for its R ranks.
 public enum LaunchMode: Sendable {
     /// One launch covering every rank (the rank is a block coordinate): the fast path.
@@ -32,7 +42,8 @@ public final class VirtualGPUGroup: @unchecked Sendable {
     let mask: DevicePointer
     private let lock = NSLock()
     private var kernels: [LLKernels.Variant: LLKernels] = [:]
-    private var step: (routing: [TensorRef], kernels: LLKernels, variantIndexBytes: Int)?
+    private var step: (routing: [TensorRef], variantIndexBytes: Int)?
+    private var pending: PendingCall?
     private let rankStreams: [CUDAStream]
     private let joinEvents: [CUDAEvent]
     private let args: UnsafeMutableBufferPointer<UInt64>
@@ -108,21 +119,23 @@ public final class VirtualGPUGroup: @unchecked Sendable {
     // MARK: launches
 
     /// Fills the kernel argument block (`EpArgs` of ep_ll.cu) and launches `function`.
+    /// `sync` holds the kernel's EP_SYNC_* bits; `fill` sets each rank's tensor words
+    /// (x, topk_idx, topk_weights, recv, recv_idx, recv_weights, out, -, tokens).
     func launch(
-        _ function: CUDAFunction, threads: Int, blocks: Int, mode: LaunchMode, weighted: Bool, slices: Int,
-        stream callerStream: CUDAStream?, rank fill: (Int, inout [UInt64]) -> Void
+        _ function: CUDAFunction, threads: Int, blocks: Int, mode: LaunchMode, sync: UInt64, weighted: Bool, slices: Int,
+        stream callerStream: CUDAStream?, rank fill: (Int, UnsafeMutableBufferPointer<UInt64>) -> Void
     ) throws(EPError) {
         let r = config.ranks
         for rank in 0..<r {
-            var words = [UInt64](repeating: 0, count: 10)
+            let words = UnsafeMutableBufferPointer(rebasing: args[(rank * 10)..<(rank * 10 + 10)])
+            words.update(repeating: 0)
+            fill(rank, words)
             words[7] = workspaces[rank].rawValue
-            fill(rank, &words)
-            for i in 0..<10 { args[rank * 10 + i] = words[i] }
         }
         let timeout = config.timeout.components
         args[10 * r] = mask.rawValue
         args[10 * r + 1] = UInt64(timeout.seconds) * 1_000_000_000 + UInt64(timeout.attoseconds / 1_000_000_000)
-        args[10 * r + 3] = mode == .perRank ? 1 : 0
+        args[10 * r + 3] = sync
         args[10 * r + 4] = weighted ? 1 : 0
         args[10 * r + 5] = UInt64(slices)
         let driver = device.driver
@@ -162,14 +175,32 @@ public final class VirtualGPUGroup: @unchecked Sendable {
         return min(max(1, warps / max(tokens, 1)), vectors)
     }
 
-    func rememberStep(_ routing: [TensorRef], _ kernels: LLKernels, _ indexBytes: Int) {
-        lock.withLock { step = (routing, kernels, indexBytes) }
+    /// Fails while a send-only call waits for `complete()`: no other call may come between.
+    func checkNothingPending() throws(EPError) {
+        lock.lock()
+        defer { lock.unlock() }
+        if let pending { throw .wrongOrder("complete() the pending send-only \(pending.name) first") }
     }
 
-    func currentStep() throws(EPError) -> (routing: [TensorRef], kernels: LLKernels, variantIndexBytes: Int) {
-        guard let step = lock.withLock({ step }) else {
-            throw .wrongOrder("dispatch and combine need update with this step's topkIdx first")
-        }
+    func rememberStep(_ routing: [TensorRef], _ indexBytes: Int) {
+        lock.withLock { step = (routing, indexBytes) }
+    }
+
+    func currentStep() throws(EPError) -> (routing: [TensorRef], variantIndexBytes: Int) {
+        try checkNothingPending()
+        lock.lock()
+        defer { lock.unlock() }
+        guard let step else { throw .wrongOrder("dispatch and combine need update with this step's topkIdx first") }
         return step
+    }
+
+    func setPending(_ call: PendingCall) { lock.withLock { pending = call } }
+
+    func takePending() throws(EPError) -> PendingCall {
+        lock.lock()
+        defer { lock.unlock() }
+        guard let call = pending else { throw .wrongOrder("complete() needs a dispatch or combine issued with phase .sendOnly") }
+        pending = nil
+        return call
     }
 }

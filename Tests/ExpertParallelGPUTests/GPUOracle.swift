@@ -118,13 +118,15 @@ final class GPUStep {
         for t in received + combined + receivedIdx.compactMap({ $0 }) + receivedWeights.compactMap({ $0 }) { try t.fill(byte: 0xA5) }
     }
 
-    func enqueue(_ group: VirtualGPUGroup, direction: PassDirection = .forward, mode: LaunchMode = .single) throws {
+    func enqueue(_ group: VirtualGPUGroup, direction: PassDirection = .forward, mode: LaunchMode = .single, phase: CallPhase = .whole) throws {
         try group.update(topkIdx: idx.map(\.ref), mode: mode)
         try group.dispatch((0..<config.ranks).map { DispatchInput(tokens: x[$0].ref, topkWeights: w[$0].ref) },
                            into: (0..<config.ranks).map { DispatchOutput(tokens: received[$0].ref, topkIdx: receivedIdx[$0]?.ref, topkWeights: receivedWeights[$0]?.ref) },
-                           mode: mode)
+                           phase: phase, mode: mode)
+        if phase == .sendOnly { try group.complete() }
         try group.combine((0..<config.ranks).map { CombineInput(expertOutputs: y[$0].ref, topkWeights: config.layout == .expertMajor ? w[$0].ref : nil) },
-                          into: (0..<config.ranks).map { CombineOutput(tokens: combined[$0].ref) }, direction: direction, mode: mode)
+                          into: (0..<config.ranks).map { CombineOutput(tokens: combined[$0].ref) }, direction: direction, phase: phase, mode: mode)
+        if phase == .sendOnly { try group.complete() }
     }
 
     func results(_ group: VirtualGPUGroup) throws -> [StepResult] {

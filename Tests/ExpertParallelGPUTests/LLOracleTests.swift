@@ -116,6 +116,55 @@ struct LLOracleTests {
         expectMatch(try buffers.results(group), try oracleStep(config, good), "a good step after bad ones")
     }
 
+    @Test(arguments: [LaunchMode.single, .perRank])
+    func sendOnlyThenCompleteMatchesTheOracle(mode: LaunchMode) throws {
+        let device = try #require(sharedDevice)
+        for layout in [Layout.expertMajor, .rankMajor] {
+            let config = GroupConfig(algorithm: .lowLatency, ranks: 4, experts: 16, topK: 4, hidden: 96, elementType: .bf16,
+                                     maxTokensPerRank: 12, layout: layout)
+            let group = try VirtualGPUGroup(config, device: device)
+            for step in 0..<10 {
+                let tokens = [12, 7, 0, 12].map { ($0 + step) % 13 }
+                let inputs = StepInputs(config: config, tokens: tokens, seed: UInt64(300 + step))
+                try stepMatchesTheOracle(group, inputs, tokens, "\(layout) \(mode) send-only step \(step)", mode: mode, phase: .sendOnly)
+            }
+        }
+    }
+
+    @Test func splitCallsAreChecked() throws {
+        let device = try #require(sharedDevice)
+        let config = GroupConfig(algorithm: .lowLatency, ranks: 2, experts: 4, topK: 2, hidden: 16, elementType: .bf16, maxTokensPerRank: 4)
+        let group = try VirtualGPUGroup(config, device: device)
+        let buffers = try GPUStep(config, device, tokens: [4, 4])
+        try buffers.upload(StepInputs(config: config, tokens: [4, 4], seed: 1))
+        #expect(throws: EPError.wrongOrder("complete() needs a dispatch or combine issued with phase .sendOnly")) { try group.complete() }
+        try group.update(topkIdx: buffers.idx.map(\.ref))
+        try group.dispatch((0..<2).map { DispatchInput(tokens: buffers.x[$0].ref, topkWeights: buffers.w[$0].ref) },
+                           into: (0..<2).map { DispatchOutput(tokens: buffers.received[$0].ref) }, phase: .sendOnly)
+        #expect(throws: EPError.wrongOrder("complete() the pending send-only dispatch first")) {
+            try group.update(topkIdx: buffers.idx.map(\.ref))
+        }
+        try group.complete()
+        try group.checkStatus()
+    }
+
+    /// Every wait is bounded, but no call may need the bound to finish: separate launches per
+    /// rank finish far inside the timeout, with no timeout recorded and the mask intact.
+    @Test func separateLaunchesNeverWaitForTheTimeout() throws {
+        let device = try #require(sharedDevice)
+        let config = GroupConfig(algorithm: .lowLatency, ranks: 8, experts: 64, topK: 8, hidden: 512, elementType: .bf16,
+                                 maxTokensPerRank: 32, timeout: .seconds(4))
+        let group = try VirtualGPUGroup(config, device: device)
+        let tokens = Array(repeating: 32, count: 8)
+        let buffers = try GPUStep(config, device, tokens: tokens)
+        try buffers.upload(StepInputs(config: config, tokens: tokens, seed: 2))
+        let start = ContinuousClock.now
+        for _ in 0..<20 { try buffers.enqueue(group, mode: .perRank) }
+        try group.checkStatus()
+        #expect(ContinuousClock.now - start < .seconds(4), "20 steps took longer than one timeout")
+        #expect(try group.activeRanks == .all(8))
+    }
+
     @Test func capturedGraphReplaysWithNewRouting() throws {
         let device = try #require(sharedDevice)
         let config = GroupConfig(algorithm: .lowLatency, ranks: 4, experts: 32, topK: 4, hidden: 256, elementType: .bf16, maxTokensPerRank: 16)
@@ -142,12 +191,12 @@ struct LLOracleTests {
 /// Runs one step of `inputs` on the GPU (outputs poisoned first) and compares it with the oracle.
 func stepMatchesTheOracle(
     _ group: VirtualGPUGroup, _ inputs: StepInputs, _ tokens: [Int], _ label: String,
-    direction: PassDirection = .forward, mode: LaunchMode = .single
+    direction: PassDirection = .forward, mode: LaunchMode = .single, phase: CallPhase = .whole
 ) throws {
     let buffers = try GPUStep(group.config, group.device, tokens: tokens)
     try buffers.upload(inputs)
     try buffers.poison()
-    try buffers.enqueue(group, direction: direction, mode: mode)
+    try buffers.enqueue(group, direction: direction, mode: mode, phase: phase)
     expectMatch(try buffers.results(group), try oracleStep(group.config, inputs, direction: direction), label)
 }
 
