@@ -6,6 +6,8 @@ let package = Package(
     products: [
         .library(name: "ExpertParallel", targets: ["ExpertParallel"]),
         .executable(name: "ep-bench", targets: ["ep-bench"]),
+        // The C ABI (include/expert_parallel.h) as libexpert_parallel.so, for C and Python callers.
+        .library(name: "expert_parallel", type: .dynamic, targets: ["ExpertParallelC"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
@@ -29,6 +31,12 @@ let package = Package(
         .target(
             name: "ExpertParallelGPU",
             dependencies: ["ExpertParallel", "ExpertParallelCUDA", "ExpertParallelKernels"]
+        ),
+        // Layer 6: the C ABI. The header's module lets the Swift side import its declarations.
+        .systemLibrary(name: "CExpertParallel", path: "include"),
+        .target(
+            name: "ExpertParallelC",
+            dependencies: ["CExpertParallel", "ExpertParallel", "ExpertParallelCUDA", "ExpertParallelGPU"]
         ),
         // Layer 6: the benchmark command.
         .executableTarget(

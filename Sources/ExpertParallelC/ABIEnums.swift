@@ -1,0 +1,92 @@
+import CExpertParallel
+import ExpertParallel
+import ExpertParallelGPU
+
+/// The ABI's enumerations, checked: a value outside an enum's range is an `invalidArgument`
+/// that names the field and lists the valid values.
+enum ABIEnum {
+    static func invalid(_ field: String, _ raw: UInt32, _ valid: String) -> EPError {
+        .invalidArgument(field: field, value: "\(Int32(bitPattern: raw))", requirement: "must be one of \(valid)")
+    }
+
+    static func dataType(_ value: epDataType_t, _ field: String) throws(EPError) -> DataType {
+        switch value {
+        case epBFloat16: .bf16
+        case epFloat16: .f16
+        case epFloat32: .f32
+        case epInt32: .i32
+        case epInt64: .i64
+        case epUInt8: .u8
+        default: throw invalid(field, value.rawValue, "epBFloat16 (0), epFloat16 (1), epFloat32 (2), epInt32 (3), epInt64 (4), epUInt8 (5)")
+        }
+    }
+
+    static func dataType(_ type: DataType) -> epDataType_t {
+        switch type {
+        case .bf16: epBFloat16
+        case .f16: epFloat16
+        case .f32: epFloat32
+        case .i32: epInt32
+        case .i64: epInt64
+        case .u8: epUInt8
+        }
+    }
+
+    static func algorithm(_ value: epAlgorithm_t, _ field: String) throws(EPError) -> Algorithm {
+        switch value {
+        case epAlgorithmLowLatency: .lowLatency
+        case epAlgorithmHighThroughput: .highThroughput
+        default: throw invalid(field, value.rawValue, "epAlgorithmLowLatency (0), epAlgorithmHighThroughput (1)")
+        }
+    }
+
+    static func algorithm(_ algorithm: Algorithm) -> epAlgorithm_t {
+        algorithm == .lowLatency ? epAlgorithmLowLatency : epAlgorithmHighThroughput
+    }
+
+    /// nil for `epLayoutDefault` (the algorithm's default layout).
+    static func layout(_ value: epLayout_t, alignment: Int, _ field: String) throws(EPError) -> Layout? {
+        switch value {
+        case epLayoutDefault: nil
+        case epLayoutExpertMajor: .expertMajor
+        case epLayoutRankMajor: .rankMajor
+        case epLayoutFlat: .flat
+        case epLayoutExpertMajorPadded: .expertMajorPadded(alignment: alignment)
+        default:
+            throw invalid(field, value.rawValue, "epLayoutDefault (0), epLayoutExpertMajor (1), epLayoutRankMajor (2), epLayoutFlat (3), epLayoutExpertMajorPadded (4)")
+        }
+    }
+
+    static func layout(_ layout: Layout) -> epLayout_t {
+        switch layout {
+        case .expertMajor: epLayoutExpertMajor
+        case .rankMajor: epLayoutRankMajor
+        case .flat: epLayoutFlat
+        case .expertMajorPadded: epLayoutExpertMajorPadded
+        }
+    }
+
+    static func overflow(_ value: epOverflowPolicy_t, _ field: String) throws(EPError) -> OverflowPolicy {
+        switch value {
+        case epOverflowFail: .fail
+        case epOverflowDrop: .drop
+        default: throw invalid(field, value.rawValue, "epOverflowFail (0), epOverflowDrop (1)")
+        }
+    }
+
+    static func direction(_ value: epPassDirection_t, _ field: String) throws(EPError) -> PassDirection {
+        switch value {
+        case epForward: .forward
+        case epBackward: .backward
+        default: throw invalid(field, value.rawValue, "epForward (0), epBackward (1)")
+        }
+    }
+
+    static func launchMode(_ value: epLaunchMode_t, _ field: String) throws(EPError) -> LaunchMode {
+        switch value {
+        case epLaunchSingle: .single
+        case epLaunchPerRank: .perRank
+        default: throw invalid(field, value.rawValue, "epLaunchSingle (0), epLaunchPerRank (1)")
+        }
+    }
+}

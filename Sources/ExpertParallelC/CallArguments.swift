@@ -1,0 +1,91 @@
+import CExpertParallel
+import ExpertParallel
+import ExpertParallelGPU
+
+/// The call structs of one rank, converted to the core's types. `name` is the argument's name in
+/// error messages, such as "inputs[2]".
+extension DispatchInput {
+    init(_ c: epDispatchInputs_t, _ name: String) throws(EPError) {
+        self.init(tokens: try TensorDescriptor.tensor(c.tokens, "\(name).tokens"),
+                  topkWeights: try TensorDescriptor.optionalTensor(c.topkWeights, "\(name).topkWeights"))
+    }
+}
+
+extension DispatchOutput {
+    init(_ c: epDispatchOutputs_t, _ name: String) throws(EPError) {
+        self.init(tokens: try TensorDescriptor.tensor(c.tokens, "\(name).tokens"),
+                  topkIdx: try TensorDescriptor.optionalTensor(c.topkIdx, "\(name).topkIdx"),
+                  topkWeights: try TensorDescriptor.optionalTensor(c.topkWeights, "\(name).topkWeights"))
+    }
+}
+
+extension CombineInput {
+    init(_ c: epCombineInputs_t, _ name: String) throws(EPError) {
+        self.init(expertOutputs: try TensorDescriptor.tensor(c.expertOutputs, "\(name).expertOutputs"),
+                  topkWeights: try TensorDescriptor.optionalTensor(c.topkWeights, "\(name).topkWeights"),
+                  weightGradients: try TensorDescriptor.optionalTensor(c.weightGradients, "\(name).weightGradients"))
+    }
+}
+
+extension CombineOutput {
+    init(_ c: epCombineOutputs_t, _ name: String) throws(EPError) {
+        self.init(tokens: try TensorDescriptor.tensor(c.tokens, "\(name).tokens"),
+                  topkWeightGradients: try TensorDescriptor.optionalTensor(c.topkWeightGradients, "\(name).topkWeightGradients"))
+    }
+}
+
+/// A call's config struct (NULL: defaults).
+struct CallSettings {
+    var direction: PassDirection = .forward
+    var mode: LaunchMode = .single
+
+    init(_ c: UnsafePointer<epUpdateConfig_t>?) throws(EPError) {
+        if let c = try epUpdateConfig_t.readOptional(c, "config") {
+            mode = try ABIEnum.launchMode(c.launchMode, "config.launchMode")
+        }
+    }
+
+    init(_ c: UnsafePointer<epDispatchConfig_t>?) throws(EPError) {
+        if let c = try epDispatchConfig_t.readOptional(c, "config") {
+            direction = try ABIEnum.direction(c.direction, "config.direction")
+            mode = try ABIEnum.launchMode(c.launchMode, "config.launchMode")
+        }
+    }
+
+    init(_ c: UnsafePointer<epCombineConfig_t>?) throws(EPError) {
+        if let c = try epCombineConfig_t.readOptional(c, "config") {
+            direction = try ABIEnum.direction(c.direction, "config.direction")
+            mode = try ABIEnum.launchMode(c.launchMode, "config.launchMode")
+        }
+    }
+}
+
+/// A caller's `epLayoutInfo_t`, checked before the call so that a bad one fails before any rank
+/// moves a row; filled after it.
+struct LayoutInfoDestination {
+    let pointer: UnsafeMutablePointer<epLayoutInfo_t>
+
+    /// nil when the caller passed NULL (no layout info wanted).
+    init?(_ pointer: UnsafeMutablePointer<epLayoutInfo_t>?, _ name: String) throws(EPError) {
+        guard let pointer else { return nil }
+        _ = try epLayoutInfo_t.read(pointer, name)
+        self.pointer = pointer
+    }
+
+    func fill(_ info: LayoutInfo) {
+        var c = UnsafeRawPointer(pointer).loadUnaligned(as: epLayoutInfo_t.self)
+        store(info.expertCounters, c.expertCounters)
+        store(info.expertOffsets, c.expertOffsets)
+        store(info.sourceRankCounters, c.sourceRankCounters)
+        store(info.expertSourceCounters, c.expertSourceCounters)
+        c.receivedTotal = Int64(info.receivedTotal)
+        c.droppedTokens = Int64(info.droppedTokens)
+        write(c, to: UnsafeMutableRawPointer(pointer))
+    }
+
+    private func store(_ values: [Int], _ array: UnsafeMutablePointer<Int64>?) {
+        guard let array else { return }
+        let raw = UnsafeMutableRawPointer(array)
+        for (i, v) in values.enumerated() { raw.storeBytes(of: Int64(v), toByteOffset: i * 8, as: Int64.self) }
+    }
+}

@@ -1,0 +1,86 @@
+import CExpertParallel
+import ExpertParallel
+
+// The collective calls: one C call runs a step for all R ranks of a group.
+
+@_cdecl("epGroupUpdateAll")
+public func cGroupUpdateAll(
+    _ group: epGroup_t?, _ inputs: UnsafePointer<epUpdateInputs_t>?, _ config: UnsafePointer<epUpdateConfig_t>?,
+    _ stream: UnsafeMutableRawPointer?
+) -> epResult_t {
+    entryPoint("epGroupUpdateAll") {
+        let object = try groupRegistry.object(group, "group")
+        let settings = try CallSettings(config)
+        let inputs = try epUpdateInputs_t.readArray(inputs, count: object.config.ranks, "inputs")
+        try object.lock.withLock {
+            switch object.backend {
+            case .host(let host): try host.updateAll(inputs)
+            case .gpu(let gpu): try gpu.updateAll(inputs, settings, stream)
+            }
+        }
+    }
+}
+
+@_cdecl("epGroupDispatchAll")
+public func cGroupDispatchAll(
+    _ group: epGroup_t?, _ inputs: UnsafePointer<epDispatchInputs_t>?, _ outputs: UnsafePointer<epDispatchOutputs_t>?,
+    _ config: UnsafePointer<epDispatchConfig_t>?, _ stream: UnsafeMutableRawPointer?
+) -> epResult_t {
+    entryPoint("epGroupDispatchAll") {
+        let object = try groupRegistry.object(group, "group")
+        let settings = try CallSettings(config)
+        let inputs = try epDispatchInputs_t.readArray(inputs, count: object.config.ranks, "inputs")
+        let outputs = try epDispatchOutputs_t.readArray(outputs, count: object.config.ranks, "outputs")
+        try object.lock.withLock {
+            switch object.backend {
+            case .host(let host): try host.dispatchAll(inputs, outputs, settings)
+            case .gpu(let gpu): try gpu.dispatchAll(inputs, outputs, settings, stream)
+            }
+        }
+    }
+}
+
+@_cdecl("epGroupCombineAll")
+public func cGroupCombineAll(
+    _ group: epGroup_t?, _ inputs: UnsafePointer<epCombineInputs_t>?, _ outputs: UnsafePointer<epCombineOutputs_t>?,
+    _ config: UnsafePointer<epCombineConfig_t>?, _ stream: UnsafeMutableRawPointer?
+) -> epResult_t {
+    entryPoint("epGroupCombineAll") {
+        let object = try groupRegistry.object(group, "group")
+        let settings = try CallSettings(config)
+        let inputs = try epCombineInputs_t.readArray(inputs, count: object.config.ranks, "inputs")
+        let outputs = try epCombineOutputs_t.readArray(outputs, count: object.config.ranks, "outputs")
+        try object.lock.withLock {
+            switch object.backend {
+            case .host(let host): try host.combineAll(inputs, outputs, settings)
+            case .gpu(let gpu): try gpu.combineAll(inputs, outputs, settings, stream)
+            }
+        }
+    }
+}
+
+@_cdecl("epGroupCheckStatus")
+public func cGroupCheckStatus(_ group: epGroup_t?) -> epResult_t {
+    entryPoint("epGroupCheckStatus") {
+        let object = try groupRegistry.object(group, "group")
+        try object.lock.withLock {
+            if case .gpu(let gpu) = object.backend { try gpu.checkStatus() }
+        }
+    }
+}
+
+@_cdecl("epGroupGetLayoutInfo")
+public func cGroupGetLayoutInfo(_ group: epGroup_t?, _ rank: Int32, _ info: UnsafeMutablePointer<epLayoutInfo_t>?) -> epResult_t {
+    entryPoint("epGroupGetLayoutInfo") {
+        let object = try groupRegistry.object(group, "group")
+        let rank = try object.checkRank(rank)
+        let destination = try required(try LayoutInfoDestination(info, "info"), "info")
+        let layout = try object.lock.withLock {
+            switch object.backend {
+            case .host(let host): try host.layoutInfo(rank: rank)
+            case .gpu(let gpu): try gpu.layoutInfo(rank: rank)
+            }
+        }
+        destination.fill(layout)
+    }
+}

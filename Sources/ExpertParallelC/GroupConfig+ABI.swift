@@ -1,0 +1,66 @@
+import CExpertParallel
+import ExpertParallel
+
+extension GroupConfig {
+    /// Bounds the C layer adds to `validated()`'s, so that no size computation of any backend can
+    /// leave `Int` (every shape of a group's buffers then stays below 2^62 elements).
+    static let maxCount = Int(Int32.max)
+
+    /// The configuration `c` describes, validated.
+    init(_ c: epGroupConfig_t) throws(EPError) {
+        func bound(_ field: String, _ value: Int64, _ limit: Int) throws(EPError) -> Int {
+            guard value <= Int64(limit) else {
+                throw .invalidConfig(field: field, value: "\(value)", requirement: "must be ≤ \(limit)")
+            }
+            return Int(value)
+        }
+        let hidden = try bound("hidden", c.hidden, Self.maxCount)
+        let maxTokens = try bound("maxTokensPerRank", c.maxTokensPerRank, Self.maxCount)
+        let maxReceived = try bound("maxReceivedTokensPerRank", c.maxReceivedTokensPerRank, 1 << 40)
+        let layoutValue = c.layout
+        let alignment = c.alignment == 0 ? 1 : Int(c.alignment)
+        if c.alignment > 1, layoutValue != epLayoutExpertMajorPadded {
+            throw .invalidConfig(field: "alignment", value: "\(c.alignment)", requirement: "must be 0 or 1 unless the layout is epLayoutExpertMajorPadded")
+        }
+        let timeout: Duration
+        if c.timeoutSeconds == 0 {
+            timeout = .seconds(10)
+        } else {
+            guard c.timeoutSeconds.isFinite, c.timeoutSeconds > 0, c.timeoutSeconds <= 1e6 else {
+                throw .invalidConfig(field: "timeoutSeconds", value: "\(c.timeoutSeconds)", requirement: "must be in (0, 1e6], or 0 for 10 s")
+            }
+            timeout = .nanoseconds(Int64(c.timeoutSeconds * 1e9))
+        }
+        self.init(
+            algorithm: try ABIEnum.algorithm(c.algorithm, "algorithm"), ranks: Int(c.ranks), experts: Int(c.experts),
+            topK: Int(c.topK), hidden: hidden, elementType: try ABIEnum.dataType(c.elementType, "elementType"),
+            maxTokensPerRank: maxTokens, maxReceivedTokensPerRank: maxReceived == 0 ? nil : maxReceived,
+            layout: try ABIEnum.layout(layoutValue, alignment: alignment, "layout"),
+            overflow: try ABIEnum.overflow(c.overflow, "overflow"), timeout: timeout)
+        self = try validated()
+    }
+
+    /// What `epGroupGetInfo` reports.
+    func info(backend: epBackend_t) -> epGroupInfo_t {
+        var info = epGroupInfo_t()
+        info.structSize = epGroupInfo_t.abiSize
+        info.backend = backend
+        info.ranks = Int32(ranks)
+        info.experts = Int32(experts)
+        info.localExperts = Int32(localExperts)
+        info.topK = Int32(topK)
+        info.hidden = Int64(hidden)
+        info.elementType = ABIEnum.dataType(elementType)
+        info.algorithm = ABIEnum.algorithm(algorithm)
+        info.layout = ABIEnum.layout(layout)
+        info.alignment = Int32(alignment)
+        info.maxTokensPerRank = Int64(maxTokensPerRank)
+        info.receiveCapacity = Int64(receiveCapacity)
+        info.receiveNdim = Int32(receiveShape.count)
+        setInt64Values(&info.receiveShape, receiveShape)
+        let routingShape = receiveRoutingShape ?? []
+        info.receiveRoutingNdim = Int32(routingShape.count)
+        setInt64Values(&info.receiveRoutingShape, routingShape)
+        return info
+    }
+}

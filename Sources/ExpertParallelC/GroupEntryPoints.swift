@@ -1,0 +1,103 @@
+import CExpertParallel
+import ExpertParallel
+import ExpertParallelGPU
+
+// Creating, describing and destroying groups; the active-rank mask.
+
+@_cdecl("epGroupCreate")
+public func cGroupCreate(
+    _ config: UnsafePointer<epGroupConfig_t>?, _ backend: UnsafePointer<epBackendConfig_t>?,
+    _ group: UnsafeMutablePointer<epGroup_t?>?
+) -> epResult_t {
+    entryPoint("epGroupCreate") {
+        let result = try required(group, "group")
+        let config = try GroupConfig(try epGroupConfig_t.read(config, "config"))
+        let choice = try epBackendConfig_t.readOptional(backend, "backend")
+        let object: GroupObject
+        switch choice?.backend ?? epBackendHost {
+        case epBackendHost:
+            object = GroupObject(config: config, backend: .host(try HostBackend(try HostGroup(config))))
+        case epBackendVirtualGPU:
+            let ordinal = choice?.device ?? 0, multiprocessors = choice?.multiprocessors ?? 0
+            guard ordinal >= 0 else {
+                throw EPError.invalidArgument(field: "backend.device", value: "\(ordinal)", requirement: "must be a CUDA device ordinal ≥ 0")
+            }
+            guard multiprocessors >= 0 else {
+                throw EPError.invalidArgument(field: "backend.multiprocessors", value: "\(multiprocessors)", requirement: "must be ≥ 0 (0 = all)")
+            }
+            let device = try DeviceCache.shared.device(Int(ordinal))
+            let gpu = try VirtualGPUGroup(config, device: device, multiprocessors: multiprocessors == 0 ? nil : Int(multiprocessors))
+            object = GroupObject(config: config, backend: .gpu(GPUBackend(gpu)))
+        case let other:
+            throw ABIEnum.invalid("backend.backend", other.rawValue, "epBackendHost (0), epBackendVirtualGPU (1)")
+        }
+        result.pointee = groupRegistry.add(object)
+    }
+}
+
+@_cdecl("epGroupDestroy")
+public func cGroupDestroy(_ group: epGroup_t?) -> epResult_t {
+    entryPoint("epGroupDestroy") {
+        guard let group else { return }
+        guard groupRegistry.remove(group) else {
+            throw EPError.invalidArgument(field: "group", value: "\(group)", requirement: "must be a live epGroup_t (not destroyed before)")
+        }
+    }
+}
+
+@_cdecl("epGroupGetInfo")
+public func cGroupGetInfo(_ group: epGroup_t?, _ info: UnsafeMutablePointer<epGroupInfo_t>?) -> epResult_t {
+    entryPoint("epGroupGetInfo") {
+        let object = try groupRegistry.object(group, "group")
+        _ = try epGroupInfo_t.read(info, "info")
+        write(object.config.info(backend: object.backendKind), to: UnsafeMutableRawPointer(try required(info, "info")))
+    }
+}
+
+@_cdecl("epGroupGetActiveRanks")
+public func cGroupGetActiveRanks(_ group: epGroup_t?, _ mask: UnsafeMutablePointer<UInt64>?) -> epResult_t {
+    entryPoint("epGroupGetActiveRanks") {
+        let object = try groupRegistry.object(group, "group")
+        let mask = try required(mask, "mask")
+        try object.lock.withLock {
+            switch object.backend {
+            case .host(let host): mask.pointee = host.group[0].activeRanks.bits
+            case .gpu(let gpu):
+                try gpu.synchronizeCallerStreams()
+                mask.pointee = try gpu.group.activeRanks.bits
+            }
+        }
+    }
+}
+
+@_cdecl("epGroupDeactivateRank")
+public func cGroupDeactivateRank(_ group: epGroup_t?, _ rank: Int32) -> epResult_t {
+    entryPoint("epGroupDeactivateRank") {
+        let object = try groupRegistry.object(group, "group")
+        let rank = try object.checkRank(rank)
+        try object.lock.withLock {
+            switch object.backend {
+            case .host(let host): host.group[0].deactivate(rank: rank)
+            case .gpu(let gpu):
+                try gpu.synchronizeCallerStreams()
+                try gpu.group.deactivate(rank: rank)
+            }
+        }
+    }
+}
+
+@_cdecl("epGroupCleanRanks")
+public func cGroupCleanRanks(_ group: epGroup_t?, _ mask: UInt64) -> epResult_t {
+    entryPoint("epGroupCleanRanks") {
+        let object = try groupRegistry.object(group, "group")
+        let ranks = RankMask(bits: mask & RankMask.all(object.config.ranks).bits)
+        try object.lock.withLock {
+            switch object.backend {
+            case .host(let host): host.group[0].clean(ranks: ranks)
+            case .gpu(let gpu):
+                try gpu.synchronizeCallerStreams()
+                try gpu.group.clean(ranks: ranks)
+            }
+        }
+    }
+}

@@ -1,0 +1,135 @@
+import CExpertParallel
+import ExpertParallel
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// The status a C caller sees for each `EPError` case.
+extension EPError {
+    var status: epResult_t {
+        switch self {
+        case .invalidConfig, .invalidArgument, .repeatedExpert: epInvalidArgument
+        case .overflow: epOverflow
+        case .wrongOrder: epInvalidUsage
+        case .timeout: epTimeout
+        case .peerFailed: epPeerFailed
+        case .inactiveRank: epInactiveRank
+        case .backend: epCudaError
+        }
+    }
+}
+
+/// An error a C caller can be told about: a status and a message.
+protocol StatusError: Error {
+    var status: epResult_t { get }
+    var message: String { get }
+}
+
+extension EPError: StatusError {
+    var message: String { description }
+}
+
+/// The error of one rank of a collective call, reported as "rank r: ...".
+struct RankFailure: StatusError {
+    var rank: Int
+    var error: EPError
+    var status: epResult_t { error.status }
+    var message: String { "rank \(rank): \(error.description)" }
+}
+
+/// A call the group does not offer (the per-rank calls on a virtual GPU group).
+struct UnsupportedCall: StatusError {
+    var message: String
+    var status: epResult_t { epInvalidUsage }
+}
+
+/// A broken invariant of the C layer: reported as `epInternalError`, never a trap.
+struct InternalError: StatusError {
+    var message: String
+    var status: epResult_t { epInternalError }
+}
+
+/// Runs the body of entry point `name` and returns its status. This thread's last-error message
+/// is cleared on success and reads "name: what was wrong" on failure. Nothing is thrown across
+/// the ABI: any error that is not a `StatusError` becomes `epInternalError`.
+func entryPoint(_ name: StaticString, _ body: () throws -> Void) -> epResult_t {
+    do {
+        try body()
+        LastError.clear()
+        return epSuccess
+    } catch let error as StatusError {
+        LastError.set("\(name): \(error.message)")
+        return error.status
+    } catch {
+        LastError.set("\(name): internal error: \(error)")
+        return epInternalError
+    }
+}
+
+/// The thread-local message of the last call, as a C string owned by the thread's slot.
+enum LastError {
+    private static let key: pthread_key_t = {
+        var key = pthread_key_t()
+        _ = pthread_key_create(&key) { free($0) }
+        return key
+    }()
+
+    static func set(_ message: String) {
+        free(pthread_getspecific(key))
+        _ = pthread_setspecific(key, strdup(message))
+    }
+
+    static func clear() {
+        guard let old = pthread_getspecific(key) else { return }
+        free(old)
+        _ = pthread_setspecific(key, nil)
+    }
+
+    static var current: UnsafePointer<CChar> {
+        guard let message = pthread_getspecific(key) else { return emptyString.pointers[0] }
+        return UnsafePointer(message.assumingMemoryBound(to: CChar.self))
+    }
+}
+
+/// C strings made once and never freed, for the ABI's `const char*` results.
+struct StaticCStrings: @unchecked Sendable {
+    let pointers: [UnsafePointer<CChar>]
+    init(_ strings: [String]) { pointers = strings.map { UnsafePointer(strdup($0)!) } }
+}
+
+private let emptyString = StaticCStrings([""])
+
+/// One string per status, in the order of `epResult_t`; the last one for unknown values.
+private let statusStrings = StaticCStrings([
+    "epSuccess: no error",
+    "epInvalidArgument: a pointer, struct size, enum value, configuration field, tensor or routing entry is invalid",
+    "epInvalidUsage: a call out of order, or one this group does not offer",
+    "epOverflow: more rows would reach a rank than its receive buffer holds",
+    "epTimeout: a rank waited past the timeout for another; the late ranks are masked inactive",
+    "epPeerFailed: another rank rejected its call, so this rank did nothing",
+    "epInactiveRank: the rank is masked inactive; clean it first",
+    "epCudaError: a CUDA driver or NVRTC call failed",
+    "epNcclError: an NCCL call failed",
+    "epInternalError: a failure inside the library",
+    "unknown epResult_t value",
+])
+
+@_cdecl("epGetErrorString")
+public func cGetErrorString(_ result: epResult_t) -> UnsafePointer<CChar> {
+    let strings = statusStrings.pointers
+    return strings[min(Int(result.rawValue), strings.count - 1)]
+}
+
+@_cdecl("epGetLastErrorMessage")
+public func cGetLastErrorMessage() -> UnsafePointer<CChar> { LastError.current }
+
+@_cdecl("epGetAbiVersion")
+public func cGetAbiVersion(_ version: UnsafeMutablePointer<Int32>?) -> epResult_t {
+    entryPoint("epGetAbiVersion") {
+        let version = try required(version, "version")
+        version.pointee = Int32(EP_ABI_VERSION)
+    }
+}

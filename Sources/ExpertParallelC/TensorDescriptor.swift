@@ -1,0 +1,69 @@
+import CExpertParallel
+import ExpertParallel
+
+/// `epTensor_t` → `TensorRef`, with every field checked so that the library never reads a
+/// shape it cannot multiply out or strides it does not support.
+enum TensorDescriptor {
+    /// Largest element count or byte count a tensor may have (far beyond any real buffer; keeps
+    /// every size computation inside `Int`).
+    static let maxBytes = 1 << 62
+
+    /// The tensor `pointer` describes; `name` is the argument's name in error messages.
+    static func tensor(_ pointer: UnsafePointer<epTensor_t>?, _ name: String) throws(EPError) -> TensorRef {
+        let t = try epTensor_t.read(pointer, name)
+        let dtype = try ABIEnum.dataType(t.dtype, "\(name).dtype")
+        guard t.ndim >= 0, t.ndim <= EP_MAX_DIMS else {
+            throw .invalidArgument(field: "\(name).ndim", value: "\(t.ndim)", requirement: "must be in 0...\(EP_MAX_DIMS)")
+        }
+        let ndim = Int(t.ndim)
+        let shape = int64Values(t.sizes, count: ndim)
+        let strides = int64Values(t.strides, count: ndim)
+        // Every partial product of the sizes (either direction) stays below 2^62: the product of
+        // the non-zero sizes does.
+        var nonzeroProduct = 1
+        for (i, size) in shape.enumerated() {
+            guard size >= 0 else {
+                throw .invalidArgument(field: "\(name).sizes[\(i)]", value: "\(size)", requirement: "must be ≥ 0")
+            }
+            let (product, overflow) = nonzeroProduct.multipliedReportingOverflow(by: max(size, 1))
+            guard !overflow, product <= maxBytes / dtype.byteSize else {
+                throw .invalidArgument(field: "\(name).sizes", value: "\(shape)", requirement: "must describe fewer than 2^62 bytes")
+            }
+            nonzeroProduct = product
+        }
+        let elements = shape.contains(0) ? 0 : nonzeroProduct
+        var expected = 1
+        for i in stride(from: ndim - 1, through: 0, by: -1) {
+            guard shape[i] <= 1 || strides[i] == expected else {
+                let contiguous = contiguousStrides(shape)
+                throw .invalidArgument(
+                    field: "\(name).strides", value: "\(strides)",
+                    requirement: "must be row-major contiguous for shape \(shape) (\(contiguous))")
+            }
+            expected *= shape[i]
+        }
+        let location: MemoryLocation
+        switch t.device {
+        case -1: location = .host
+        case 0...: location = .device(Int(t.device))
+        default:
+            throw .invalidArgument(field: "\(name).device", value: "\(t.device)", requirement: "must be -1 (host) or a CUDA device ordinal ≥ 0")
+        }
+        guard t.data != nil || elements == 0 else {
+            throw .invalidArgument(field: "\(name).data", value: "NULL", requirement: "must not be NULL for \(elements) elements")
+        }
+        return TensorRef(address: t.data, dtype: dtype, shape: shape, strides: contiguousStrides(shape), location: location)
+    }
+
+    /// The tensor `pointer` describes, or nil when the pointer is NULL (an optional tensor).
+    static func optionalTensor(_ pointer: UnsafePointer<epTensor_t>?, _ name: String) throws(EPError) -> TensorRef? {
+        guard let pointer else { return nil }
+        return try tensor(pointer, name)
+    }
+
+    static func contiguousStrides(_ shape: [Int]) -> [Int] {
+        var strides = Array(repeating: 1, count: shape.count)
+        for i in stride(from: shape.count - 2, through: 0, by: -1) { strides[i] = strides[i + 1] * shape[i + 1] }
+        return strides
+    }
+}

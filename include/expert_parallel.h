@@ -1,0 +1,337 @@
+/*
+ * expert_parallel.h: the C ABI of ExpertParallel (libexpert_parallel.so).
+ *
+ * Moves Mixture-of-Experts tokens between ranks: dispatch sends every token to the ranks that
+ * hold its top-k experts, combine brings the expert outputs back and reduces them into the
+ * original token order. Two backends sit behind one set of calls:
+ *   - the host (CPU) group: R ranks in one process, one thread per rank; the bit-exact oracle;
+ *   - the virtual GPU group: R ranks on one CUDA device, every call one launch for all R ranks
+ *     (LL algorithm only so far).
+ *
+ * Conventions
+ *   - Every call returns an epResult_t. On failure, epGetLastErrorMessage() says what was wrong,
+ *     naming the field, the value and the bound; it is thread-local and holds the message of this
+ *     thread's last call (empty after a call that succeeded).
+ *   - Every struct starts with `size_t structSize`: set it to sizeof(the struct). ABI version 1
+ *     requires exactly sizeof; later versions add fields at the end and keep accepting the sizes of
+ *     earlier versions. A pointer to a config struct may be NULL (defaults).
+ *   - Arrays of structs (one per rank, in the *All calls) are read with a stride of their first
+ *     element's structSize; every element must carry the same structSize.
+ *   - Tensors are borrowed: the caller owns every buffer; the library writes only into outputs.
+ *     Shapes are in elements, strides in elements; tensors must be contiguous (row-major) for now.
+ *   - Each call takes an inputs struct, an outputs struct, a config struct and a stream. The
+ *     stream is a CUstream (or cudaStream_t) for the GPU group, NULL meaning CUDA's default
+ *     stream; the host group ignores it and runs each call to completion before returning.
+ *   - The GPU group's data-path calls (update, dispatch, combine) enqueue work and return
+ *     without synchronising; errors found on the device (invalid routing, a timeout) are reported
+ *     by epGroupCheckStatus (or by a dispatch that asks for its layout info).
+ *   - Calls on one group are serialised by the library; a group is not freed while a handle
+ *     made from it is alive.
+ */
+#ifndef EXPERT_PARALLEL_H
+#define EXPERT_PARALLEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The ABI this header describes; epGetAbiVersion reports the library's. */
+#define EP_ABI_VERSION 1
+/* Most dimensions an epTensor_t carries. */
+#define EP_MAX_DIMS 4
+
+/* ---------------------------------------------------------------------------------------- */
+/* Status                                                                                   */
+
+typedef enum {
+    epSuccess = 0,
+    /* A pointer, struct size, enum value, configuration field, tensor (dtype, shape, strides,
+     * device) or routing entry (out of range, an expert repeated in a token's row) is invalid. */
+    epInvalidArgument = 1,
+    /* A call out of order (dispatch before update), or one this group does not offer. */
+    epInvalidUsage = 2,
+    /* More rows would reach a rank than its receive buffer holds (HT, overflow policy fail);
+     * no output was touched. */
+    epOverflow = 3,
+    /* A rank waited longer than the group's timeout for another; the late ranks are now masked
+     * inactive (see epGroupGetActiveRanks / epGroupCleanRanks). */
+    epTimeout = 4,
+    /* Another rank of the same step rejected its call, so this one did nothing either. */
+    epPeerFailed = 5,
+    /* The calling rank is masked inactive; clean it first. */
+    epInactiveRank = 6,
+    /* A CUDA driver or NVRTC call failed (or no driver or device was found). */
+    epCudaError = 7,
+    /* Reserved for the NCCL transport. */
+    epNcclError = 8,
+    /* A failure inside the library that no argument explains. */
+    epInternalError = 9
+} epResult_t;
+
+/* A static, human-readable name and summary of `result` ("epTimeout: ..."). Never NULL. */
+const char* epGetErrorString(epResult_t result);
+/* This thread's last call's error message; "" after a call that succeeded. Valid until this
+ * thread's next call into the library. Never NULL. */
+const char* epGetLastErrorMessage(void);
+/* The library's ABI version (EP_ABI_VERSION of the header it was built with). */
+epResult_t epGetAbiVersion(int32_t* version);
+
+/* ---------------------------------------------------------------------------------------- */
+/* Enumerations                                                                             */
+
+typedef enum {
+    epBFloat16 = 0, /* token payloads */
+    epFloat16 = 1,  /* token payloads */
+    epFloat32 = 2,  /* token payloads, routing weights */
+    epInt32 = 3,    /* routing indices */
+    epInt64 = 4,    /* routing indices */
+    epUInt8 = 5     /* raw-byte token payloads (dispatch only) */
+} epDataType_t;
+
+typedef enum {
+    epAlgorithmLowLatency = 0,    /* LL: decode, B up to a few hundred tokens per rank */
+    epAlgorithmHighThroughput = 1 /* HT: training and prefill */
+} epAlgorithm_t;
+
+typedef enum {
+    epLayoutDefault = 0,          /* LL: expert-major; HT: flat */
+    epLayoutExpertMajor = 1,      /* LL: tokens [L, R*Bmax, H], packed per local expert */
+    epLayoutRankMajor = 2,        /* LL: tokens [R, Bmax, H] + topkIdx/topkWeights [R, Bmax, K] */
+    epLayoutFlat = 3,             /* HT: tokens [N, H] + topkIdx/topkWeights [N, K] */
+    epLayoutExpertMajorPadded = 4 /* HT: tokens [N, H] + topkIdx/topkWeights [N], zones padded */
+} epLayout_t;
+
+typedef enum {
+    epOverflowFail = 0, /* the update fails with epOverflow and touches nothing */
+    epOverflowDrop = 1  /* rows that do not fit are dropped (kept in (rank, token) order) and counted */
+} epOverflowPolicy_t;
+
+typedef enum { epForward = 0, epBackward = 1 } epPassDirection_t;
+
+typedef enum {
+    epBackendHost = 0,      /* R ranks on the CPU, one thread per rank */
+    epBackendVirtualGPU = 1 /* R ranks on one CUDA device */
+} epBackend_t;
+
+typedef enum {
+    epLaunchSingle = 0, /* GPU: one launch covering every rank (the fast path) */
+    epLaunchPerRank = 1 /* GPU: one launch per rank on its own stream, joined by events */
+} epLaunchMode_t;
+
+/* ---------------------------------------------------------------------------------------- */
+/* Tensors                                                                                  */
+
+/* A borrowed view of a caller-owned tensor. */
+typedef struct {
+    size_t structSize;
+    void* data;                    /* may be NULL only when the tensor has no elements */
+    epDataType_t dtype;
+    int32_t ndim;                  /* 0 ... EP_MAX_DIMS */
+    int64_t sizes[EP_MAX_DIMS];    /* sizes[0 ..< ndim], each >= 0 */
+    int64_t strides[EP_MAX_DIMS];  /* in elements; must describe a row-major contiguous tensor */
+    int32_t device;                /* -1: host memory; >= 0: memory of that CUDA device */
+} epTensor_t;
+
+/* A contiguous tensor descriptor (a convenience; any correctly filled struct works). */
+static inline epTensor_t epMakeTensor(void* data, epDataType_t dtype, int32_t ndim, const int64_t* sizes,
+                                      int32_t device) {
+    epTensor_t t;
+    int64_t stride = 1;
+    int32_t i;
+    t.structSize = sizeof(epTensor_t);
+    t.data = data;
+    t.dtype = dtype;
+    t.ndim = ndim;
+    t.device = device;
+    for (i = 0; i < EP_MAX_DIMS; i++) { t.sizes[i] = 0; t.strides[i] = 0; }
+    for (i = ndim - 1; i >= 0 && i < EP_MAX_DIMS; i--) {
+        t.sizes[i] = sizes[i];
+        t.strides[i] = stride;
+        stride *= sizes[i];
+    }
+    return t;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Groups                                                                                   */
+
+typedef struct epGroup* epGroup_t;
+typedef struct epHandle* epHandle_t;
+
+/* The shape of an expert-parallel group; every rank of a group uses the same one. */
+typedef struct {
+    size_t structSize;
+    epAlgorithm_t algorithm;
+    epLayout_t layout;
+    int32_t alignment;                /* epLayoutExpertMajorPadded: zone granule in rows, 1...1024; 0 = 1 */
+    int32_t ranks;                    /* R, 1...64 (GPU: ...32) */
+    int32_t experts;                  /* E, a multiple of R; L = E / R experts per rank */
+    int32_t topK;                     /* K, 1...32 */
+    int64_t hidden;                   /* H, elements per token row; H * element size a multiple of 8 bytes */
+    epDataType_t elementType;         /* bf16, f16, f32 or u8 */
+    int64_t maxTokensPerRank;         /* Bmax */
+    int64_t maxReceivedTokensPerRank; /* HT receive capacity N in rows; 0 = automatic (never overflows); LL: 0 */
+    epOverflowPolicy_t overflow;
+    double timeoutSeconds;            /* bound on every wait for another rank; 0 = 10 s */
+} epGroupConfig_t;
+
+/* Which backend runs the group. NULL means the host backend. */
+typedef struct {
+    size_t structSize;
+    epBackend_t backend;
+    int32_t device;          /* epBackendVirtualGPU: CUDA device ordinal */
+    int32_t multiprocessors; /* epBackendVirtualGPU: SMs the group may use; 0 = all */
+} epBackendConfig_t;
+
+/* Facts about a group, for sizing its buffers. */
+typedef struct {
+    size_t structSize;
+    epBackend_t backend;
+    int32_t ranks;
+    int32_t experts;
+    int32_t localExperts;            /* L = E / R */
+    int32_t topK;
+    int64_t hidden;
+    epDataType_t elementType;
+    epAlgorithm_t algorithm;
+    epLayout_t layout;               /* never epLayoutDefault */
+    int32_t alignment;
+    int64_t maxTokensPerRank;
+    int64_t receiveCapacity;         /* rows of a rank's receive buffer */
+    int32_t receiveNdim;             /* dispatch `tokens` output and combine `expertOutputs` input */
+    int64_t receiveShape[EP_MAX_DIMS];
+    int32_t receiveRoutingNdim;      /* dispatch `topkIdx`/`topkWeights` outputs; 0 = the layout has none */
+    int64_t receiveRoutingShape[EP_MAX_DIMS];
+} epGroupInfo_t;
+
+/* Creates a group of `config->ranks` ranks on the chosen backend (NULL: host). Control path:
+ * allocates; the GPU group opens the device and allocates its workspaces. */
+epResult_t epGroupCreate(const epGroupConfig_t* config, const epBackendConfig_t* backend, epGroup_t* group);
+/* Releases the caller's reference; the group goes when its last handle goes too. NULL is a no-op. */
+epResult_t epGroupDestroy(epGroup_t group);
+epResult_t epGroupGetInfo(epGroup_t group, epGroupInfo_t* info);
+
+/* What one rank received in a dispatch. The caller provides the arrays (or NULL to skip one);
+ * the library fills them and the two scalars. */
+typedef struct {
+    size_t structSize;
+    int64_t* expertCounters;       /* [L]: rows per local expert (padding excluded) */
+    int64_t* expertOffsets;        /* [L]: first row of each expert's zone (expert-major layouts; else 0) */
+    int64_t* sourceRankCounters;   /* [R]: (token, this rank) pairs received from each source rank */
+    int64_t* expertSourceCounters; /* [L * R]: rows per (local expert, source rank), row-major */
+    int64_t receivedTotal;         /* rows of the receive buffer in use (HT expert-major: padding included) */
+    int64_t droppedTokens;         /* (token, this rank) pairs dropped by epOverflowDrop */
+} epLayoutInfo_t;
+
+/* ---------------------------------------------------------------------------------------- */
+/* Call structs (one rank's view)                                                           */
+
+typedef struct {
+    size_t structSize;
+    const epTensor_t* topkIdx;      /* [B, K] int32 or int64: global expert ids, -1 = none; B <= Bmax */
+} epUpdateInputs_t;
+
+typedef struct {
+    size_t structSize;
+    epLaunchMode_t launchMode;      /* GPU group only */
+} epUpdateConfig_t;
+
+typedef struct {
+    size_t structSize;
+    const epTensor_t* tokens;       /* [B, H] of the element type */
+    const epTensor_t* topkWeights;  /* [B, K] float32; required except for LL expert-major */
+} epDispatchInputs_t;
+
+typedef struct {
+    size_t structSize;
+    const epTensor_t* tokens;       /* receiveShape: LL expert-major [L, R*Bmax, H]; rank-major [R, Bmax, H]; HT [N, H] */
+    const epTensor_t* topkIdx;      /* receiveRoutingShape, int32 or int64, local expert ids; NULL for LL expert-major */
+    const epTensor_t* topkWeights;  /* receiveRoutingShape, float32; NULL for LL expert-major */
+    /* Optional (NULL: skip). Host group: filled at no cost. GPU group: filling it waits for the
+     * stream and checks the device status, as epGroupCheckStatus does. */
+    epLayoutInfo_t* layoutInfo;
+} epDispatchOutputs_t;
+
+typedef struct {
+    size_t structSize;
+    epPassDirection_t direction;
+    epLaunchMode_t launchMode;      /* GPU group only */
+} epDispatchConfig_t;
+
+typedef struct {
+    size_t structSize;
+    const epTensor_t* expertOutputs;   /* shaped like the dispatch `tokens` output */
+    /* Forward LL expert-major: the source's [B, K] float32 routing weights (the ones given to
+     * dispatch). Forward HT expert-major: the [N] per-slot weights dispatch delivered. Else NULL. */
+    const epTensor_t* topkWeights;
+    const epTensor_t* weightGradients; /* backward HT: shaped like the dispatch `topkWeights` output */
+} epCombineInputs_t;
+
+typedef struct {
+    size_t structSize;
+    const epTensor_t* tokens;              /* [B, H] combined rows in the original token order */
+    const epTensor_t* topkWeightGradients; /* backward HT: [B, K] float32 */
+} epCombineOutputs_t;
+
+typedef struct {
+    size_t structSize;
+    epPassDirection_t direction;
+    epLaunchMode_t launchMode;      /* GPU group only */
+} epCombineConfig_t;
+
+/* ---------------------------------------------------------------------------------------- */
+/* Collective calls: one call runs a step for all R ranks of the group. `inputs` and `outputs`
+ * are arrays of R structs, element r for rank r. Host group: the R ranks run concurrently, one
+ * thread each, and the call returns when all are done; if several ranks fail, the error of the
+ * lowest rank that did not merely see a peer fail is reported, prefixed "rank r: ". Masked
+ * (inactive) ranks are skipped; their array elements are not read. GPU group: one launch.    */
+
+/* This step's routing for every rank. The topkIdx tensors must stay unchanged until this
+ * step's combine (the GPU group reads them again). */
+epResult_t epGroupUpdateAll(epGroup_t group, const epUpdateInputs_t* inputs, const epUpdateConfig_t* config,
+                            void* stream);
+/* Sends every rank's rows straight into their slots on the destination ranks. Rows outside the
+ * received zones are left as they were. */
+epResult_t epGroupDispatchAll(epGroup_t group, const epDispatchInputs_t* inputs, const epDispatchOutputs_t* outputs,
+                              const epDispatchConfig_t* config, void* stream);
+/* Every rank reduces its tokens' expert outputs in a fixed order (float32 fused multiply-adds,
+ * one rounding to the element type), so results are bit-identical across backends and runs. */
+epResult_t epGroupCombineAll(epGroup_t group, const epCombineInputs_t* inputs, const epCombineOutputs_t* outputs,
+                             const epCombineConfig_t* config, void* stream);
+/* GPU group: waits for the streams of the group's calls, then returns the first error a rank
+ * recorded on the device in the last step. Host group: epSuccess (its calls report errors). */
+epResult_t epGroupCheckStatus(epGroup_t group);
+/* What `rank` received in the last dispatch (GPU group: checks the status first, so it waits). */
+epResult_t epGroupGetLayoutInfo(epGroup_t group, int32_t rank, epLayoutInfo_t* info);
+
+/* The active-rank mask (bit r = rank r). A rank that timed out is masked; it sends and receives
+ * nothing until cleaned. Control path (GPU: synchronises). */
+epResult_t epGroupGetActiveRanks(epGroup_t group, uint64_t* mask);
+epResult_t epGroupDeactivateRank(epGroup_t group, int32_t rank);
+/* Marks the ranks of `mask` active again and restarts every rank's step numbering. Call between
+ * steps only. */
+epResult_t epGroupCleanRanks(epGroup_t group, uint64_t mask);
+
+/* ---------------------------------------------------------------------------------------- */
+/* Per-rank calls: what one rank (one process of a multi-GPU job) calls. Host group only: a rank
+ * blocks until every active rank makes its matching call, so drive the R ranks from R threads.
+ * (The virtual GPU group runs all its ranks in one launch: use the collective calls.)        */
+
+/* A handle holds one rank's routing of the current step. It keeps its group alive. */
+epResult_t epHandleCreate(epGroup_t group, int32_t rank, epHandle_t* handle);
+epResult_t epHandleDestroy(epHandle_t handle);
+epResult_t epHandleUpdate(epHandle_t handle, const epUpdateInputs_t* inputs, const epUpdateConfig_t* config,
+                          void* stream);
+epResult_t epDispatch(epHandle_t handle, const epDispatchInputs_t* inputs, const epDispatchOutputs_t* outputs,
+                      const epDispatchConfig_t* config, void* stream);
+epResult_t epCombine(epHandle_t handle, const epCombineInputs_t* inputs, const epCombineOutputs_t* outputs,
+                     const epCombineConfig_t* config, void* stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* EXPERT_PARALLEL_H */
