@@ -1,0 +1,15 @@
+import ExpertParallel
+import ExpertParallelCUDA
+import ExpertParallelKernels
+
+extension GPUDevice {
+    /// Enqueues a one-thread kernel that keeps `stream` busy for `nanoseconds`, so that work
+    /// enqueued behind it runs back to back and events time the GPU alone (benchmarks only).
+    public func delay(_ stream: CUDAStream, nanoseconds: UInt64) throws(EPError) {
+        try makeCurrent()
+        let compiled = try gpu { try compiler.compile(KernelSource.embedded("ep_delay"), arch: arch) }
+        let module = try gpu { try driver.loadModule(image: compiled.image) }
+        let function = try gpu { try driver.function(named: "ep_delay", in: module) }
+        try gpu { try driver.launch(function, grid: 1, block: 1, stream: stream, arguments: KernelArguments(nanoseconds)) }
+    }
+}
