@@ -34,7 +34,7 @@ enum TensorDescriptor {
         let elements = shape.contains(0) ? 0 : nonzeroProduct
         var expected = 1
         for i in stride(from: ndim - 1, through: 0, by: -1) {
-            guard shape[i] <= 1 || strides[i] == expected else {
+            guard shape[i] <= 1 || strides[i] == expected || elements == 0 else {
                 let contiguous = contiguousStrides(shape)
                 throw .invalidArgument(
                     field: "\(name).strides", value: "\(strides)",
@@ -51,6 +51,9 @@ enum TensorDescriptor {
         }
         guard t.data != nil || elements == 0 else {
             throw .invalidArgument(field: "\(name).data", value: "NULL", requirement: "must not be NULL for \(elements) elements")
+        }
+        if let data = t.data, UInt(bitPattern: data) % UInt(dtype.byteSize) != 0 {
+            throw .invalidArgument(field: "\(name).data", value: "\(data)", requirement: "must be aligned to the element size (\(dtype.byteSize) bytes)")
         }
         return TensorRef(address: t.data, dtype: dtype, shape: shape, strides: contiguousStrides(shape), location: location)
     }
