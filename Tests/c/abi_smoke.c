@@ -1,0 +1,292 @@
+/*
+ * A C program against include/expert_parallel.h: one CPU step through the collective calls, the
+ * same step through per-rank handles on two threads, and error paths. Built and run by
+ * python/tests/test_c_abi.py (cc ... -lexpert_parallel). `abi_smoke sizes` prints sizeof of
+ * every struct, which the Python package's ctypes mirrors are checked against.
+ */
+#include "expert_parallel.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+
+static int failures = 0;
+static int checks = 0;
+
+#define CHECK(cond, ...)                                              \
+    do {                                                              \
+        checks++;                                                     \
+        if (!(cond)) {                                                \
+            failures++;                                               \
+            fprintf(stderr, "FAILED %s:%d: %s: ", __FILE__, __LINE__, #cond); \
+            fprintf(stderr, __VA_ARGS__);                             \
+            fprintf(stderr, "\n");                                    \
+        }                                                             \
+    } while (0)
+
+#define CHECK_OK(call)                                                                        \
+    do {                                                                                      \
+        epResult_t r_ = (call);                                                               \
+        CHECK(r_ == epSuccess, "%s -> %s (%s)", #call, epGetErrorString(r_), epGetLastErrorMessage()); \
+    } while (0)
+
+/* Fails with `status` and a last-error message containing `fragment`. */
+#define CHECK_FAILS(call, status, fragment)                                                   \
+    do {                                                                                      \
+        epResult_t r_ = (call);                                                               \
+        const char* m_ = epGetLastErrorMessage();                                             \
+        CHECK(r_ == (status) && strstr(m_, (fragment)) != NULL, "%s -> %s, message \"%s\"; expected %s and \"%s\"", \
+              #call, epGetErrorString(r_), m_, #status, (fragment));                          \
+    } while (0)
+
+enum { R = 2, E = 4, K = 2, H = 8, BMAX = 2, L = E / R };
+
+static epGroupConfig_t smallConfig(void) {
+    epGroupConfig_t c;
+    memset(&c, 0, sizeof c);
+    c.structSize = sizeof c;
+    c.algorithm = epAlgorithmLowLatency;
+    c.layout = epLayoutExpertMajor;
+    c.ranks = R;
+    c.experts = E;
+    c.topK = K;
+    c.hidden = H;
+    c.elementType = epFloat32;
+    c.maxTokensPerRank = BMAX;
+    return c;
+}
+
+/* One rank's buffers: one token of value r + 1, routed to experts 0 (rank 0) and 3 (rank 1). */
+typedef struct {
+    float x[1][H];
+    int32_t idx[1][K];
+    float w[1][K];
+    float received[L][R * BMAX][H];
+    float y[1][H];
+    int64_t expertCounters[L], expertOffsets[L], sourceRankCounters[R], expertSourceCounters[L * R];
+    epTensor_t tx, tidx, tw, trecv, ty;
+    epLayoutInfo_t info;
+} RankBuffers;
+
+static void setUp(RankBuffers* b, int rank) {
+    const int64_t xs[2] = {1, H}, is[2] = {1, K}, rs[3] = {L, R * BMAX, H};
+    memset(b, 0, sizeof *b);
+    for (int i = 0; i < H; i++) b->x[0][i] = (float)(rank + 1);
+    b->idx[0][0] = 0;
+    b->idx[0][1] = 3;
+    b->w[0][0] = 0.25f;
+    b->w[0][1] = 0.5f;
+    b->tx = epMakeTensor(b->x, epFloat32, 2, xs, -1);
+    b->tidx = epMakeTensor(b->idx, epInt32, 2, is, -1);
+    b->tw = epMakeTensor(b->w, epFloat32, 2, is, -1);
+    b->trecv = epMakeTensor(b->received, epFloat32, 3, rs, -1);
+    b->ty = epMakeTensor(b->y, epFloat32, 2, xs, -1);
+    b->info.structSize = sizeof b->info;
+    b->info.expertCounters = b->expertCounters;
+    b->info.expertOffsets = b->expertOffsets;
+    b->info.sourceRankCounters = b->sourceRankCounters;
+    b->info.expertSourceCounters = b->expertSourceCounters;
+}
+
+/* What rank `rank` must hold after the step: every expert zone got both ranks' tokens. */
+static void checkStep(const RankBuffers* b, int rank, const char* how) {
+    /* Rank 0 holds expert 0 (local 0), rank 1 expert 3 (local 1): two rows, sources 0 then 1. */
+    int local = rank == 0 ? 0 : 1;
+    CHECK(b->info.receivedTotal == 2, "%s rank %d: receivedTotal %lld", how, rank, (long long)b->info.receivedTotal);
+    CHECK(b->expertCounters[local] == 2 && b->expertCounters[1 - local] == 0, "%s rank %d: expertCounters %lld %lld",
+          how, rank, (long long)b->expertCounters[0], (long long)b->expertCounters[1]);
+    CHECK(b->sourceRankCounters[0] == 1 && b->sourceRankCounters[1] == 1, "%s rank %d: sourceRankCounters", how, rank);
+    CHECK(b->expertOffsets[1] == R * BMAX, "%s rank %d: expertOffsets[1] %lld", how, rank, (long long)b->expertOffsets[1]);
+    CHECK(b->received[local][0][0] == 1.0f && b->received[local][1][H - 1] == 2.0f, "%s rank %d: received rows", how, rank);
+    /* Combine of the identity experts: 0.25 x + 0.5 x. */
+    for (int i = 0; i < H; i++) {
+        CHECK(b->y[0][i] == 0.75f * (float)(rank + 1), "%s rank %d: y[%d] = %g", how, rank, i, (double)b->y[0][i]);
+    }
+}
+
+static void collectiveStep(void) {
+    epGroupConfig_t config = smallConfig();
+    epGroup_t group = NULL;
+    CHECK_OK(epGroupCreate(&config, NULL, &group));
+    if (!group) return;
+
+    epGroupInfo_t info;
+    memset(&info, 0, sizeof info);
+    info.structSize = sizeof info;
+    CHECK_OK(epGroupGetInfo(group, &info));
+    CHECK(info.localExperts == L && info.receiveNdim == 3 && info.receiveShape[1] == R * BMAX && info.receiveRoutingNdim == 0,
+          "group info: L %d, receive ndim %d", info.localExperts, info.receiveNdim);
+
+    static RankBuffers b[R];
+    epUpdateInputs_t update[R];
+    epDispatchInputs_t din[R];
+    epDispatchOutputs_t dout[R];
+    epCombineInputs_t cin[R];
+    epCombineOutputs_t cout[R];
+    for (int r = 0; r < R; r++) {
+        setUp(&b[r], r);
+        update[r] = (epUpdateInputs_t){sizeof(epUpdateInputs_t), &b[r].tidx};
+        din[r] = (epDispatchInputs_t){sizeof(epDispatchInputs_t), &b[r].tx, NULL};
+        dout[r] = (epDispatchOutputs_t){sizeof(epDispatchOutputs_t), &b[r].trecv, NULL, NULL, &b[r].info};
+        /* The experts are the identity: the received rows are the expert outputs. */
+        cin[r] = (epCombineInputs_t){sizeof(epCombineInputs_t), &b[r].trecv, &b[r].tw, NULL};
+        cout[r] = (epCombineOutputs_t){sizeof(epCombineOutputs_t), &b[r].ty, NULL};
+    }
+    epCombineConfig_t combineConfig = {sizeof(epCombineConfig_t), epForward, epLaunchSingle};
+    CHECK_OK(epGroupUpdateAll(group, update, NULL, NULL));
+    CHECK_OK(epGroupDispatchAll(group, din, dout, NULL, NULL));
+    CHECK_OK(epGroupCombineAll(group, cin, cout, &combineConfig, NULL));
+    CHECK_OK(epGroupCheckStatus(group));
+    for (int r = 0; r < R; r++) checkStep(&b[r], r, "collective");
+
+    epLayoutInfo_t again = {sizeof(epLayoutInfo_t), NULL, NULL, NULL, NULL, 0, 0};
+    CHECK_OK(epGroupGetLayoutInfo(group, 1, &again));
+    CHECK(again.receivedTotal == 2, "epGroupGetLayoutInfo: receivedTotal %lld", (long long)again.receivedTotal);
+
+    /* Errors: an expert id out of range names the rank and the entry; nothing is written. */
+    b[1].idx[0][1] = 300;
+    CHECK_FAILS(epGroupUpdateAll(group, update, NULL, NULL), epInvalidArgument, "rank 1: invalid argument: topkIdx[0][1] = 300");
+    b[1].idx[0][1] = 3;
+    /* A tensor of the wrong dtype, and one with strides that are not contiguous. */
+    din[0].tokens = &b[0].tidx;
+    CHECK_FAILS(epGroupDispatchAll(group, din, dout, NULL, NULL), epInvalidArgument, "dtype");
+    din[0].tokens = &b[0].tx;
+    epTensor_t strided = b[0].trecv;
+    strided.strides[1] = 2 * H;
+    dout[0].tokens = &strided;
+    CHECK_FAILS(epGroupDispatchAll(group, din, dout, NULL, NULL), epInvalidArgument, "outputs[0].tokens.strides");
+    dout[0].tokens = &b[0].trecv;
+    /* A struct from another ABI version. */
+    dout[1].structSize = 8;
+    CHECK_FAILS(epGroupDispatchAll(group, din, dout, NULL, NULL), epInvalidArgument, "outputs[1].structSize = 8");
+    dout[1].structSize = sizeof(epDispatchOutputs_t);
+    /* An enum value out of range. */
+    combineConfig.direction = (epPassDirection_t)7;
+    CHECK_FAILS(epGroupCombineAll(group, cin, cout, &combineConfig, NULL), epInvalidArgument, "config.direction = 7");
+    CHECK_FAILS(epGroupGetLayoutInfo(group, 2, &again), epInvalidArgument, "rank = 2");
+
+    CHECK_OK(epGroupDestroy(group));
+    CHECK_FAILS(epGroupUpdateAll(group, update, NULL, NULL), epInvalidArgument, "live epGroup_t");
+    CHECK_FAILS(epGroupDestroy(group), epInvalidArgument, "group");
+}
+
+typedef struct {
+    epHandle_t handle;
+    RankBuffers* buffers;
+    epResult_t results[3];
+} RankThread;
+
+static void* runRank(void* argument) {
+    RankThread* t = argument;
+    RankBuffers* b = t->buffers;
+    epUpdateInputs_t update = {sizeof update, &b->tidx};
+    epDispatchInputs_t din = {sizeof din, &b->tx, NULL};
+    epDispatchOutputs_t dout = {sizeof dout, &b->trecv, NULL, NULL, &b->info};
+    epCombineInputs_t cin = {sizeof cin, &b->trecv, &b->tw, NULL};
+    epCombineOutputs_t cout = {sizeof cout, &b->ty, NULL};
+    t->results[0] = epHandleUpdate(t->handle, &update, NULL, NULL);
+    t->results[1] = epDispatch(t->handle, &din, &dout, NULL, NULL);
+    t->results[2] = epCombine(t->handle, &cin, &cout, NULL, NULL);
+    return NULL;
+}
+
+static void perRankStep(void) {
+    epGroupConfig_t config = smallConfig();
+    epGroup_t group = NULL;
+    CHECK_OK(epGroupCreate(&config, NULL, &group));
+    if (!group) return;
+    static RankBuffers b[R];
+    RankThread threads[R];
+    pthread_t ids[R];
+    for (int r = 0; r < R; r++) {
+        setUp(&b[r], r);
+        threads[r] = (RankThread){NULL, &b[r], {epSuccess, epSuccess, epSuccess}};
+        CHECK_OK(epHandleCreate(group, r, &threads[r].handle));
+    }
+    /* The group may go before its handles: they keep it alive. */
+    CHECK_OK(epGroupDestroy(group));
+    for (int r = 0; r < R; r++) CHECK(pthread_create(&ids[r], NULL, runRank, &threads[r]) == 0, "pthread_create");
+    for (int r = 0; r < R; r++) {
+        pthread_join(ids[r], NULL);
+        for (int i = 0; i < 3; i++) CHECK(threads[r].results[i] == epSuccess, "rank %d call %d: %s", r, i, epGetErrorString(threads[r].results[i]));
+        checkStep(&b[r], r, "per-rank");
+        CHECK_OK(epHandleDestroy(threads[r].handle));
+    }
+}
+
+static void configErrors(void) {
+    epGroup_t group = NULL;
+    epGroupConfig_t config = smallConfig();
+    config.experts = 5;
+    CHECK_FAILS(epGroupCreate(&config, NULL, &group), epInvalidArgument, "experts = 5; must be a multiple of ranks (2)");
+    config = smallConfig();
+    config.structSize = sizeof config - 8;
+    CHECK_FAILS(epGroupCreate(&config, NULL, &group), epInvalidArgument, "config.structSize");
+    config = smallConfig();
+    config.layout = epLayoutFlat;
+    CHECK_FAILS(epGroupCreate(&config, NULL, &group), epInvalidArgument, "layout");
+    CHECK_FAILS(epGroupCreate(NULL, NULL, &group), epInvalidArgument, "config = NULL");
+    CHECK(group == NULL, "no group after failures");
+    CHECK_FAILS(epGroupUpdateAll(NULL, NULL, NULL, NULL), epInvalidArgument, "group = NULL");
+
+    /* Dispatch before any update is a call out of order. */
+    config = smallConfig();
+    CHECK_OK(epGroupCreate(&config, NULL, &group));
+    static RankBuffers b[R];
+    epDispatchInputs_t din[R];
+    epDispatchOutputs_t dout[R];
+    for (int r = 0; r < R; r++) {
+        setUp(&b[r], r);
+        din[r] = (epDispatchInputs_t){sizeof(epDispatchInputs_t), &b[r].tx, NULL};
+        dout[r] = (epDispatchOutputs_t){sizeof(epDispatchOutputs_t), &b[r].trecv, NULL, NULL, NULL};
+    }
+    CHECK_FAILS(epGroupDispatchAll(group, din, dout, NULL, NULL), epInvalidUsage, "update");
+    CHECK_OK(epGroupDestroy(group));
+
+    /* A GPU group on a machine without CUDA fails cleanly (and works where there is one). */
+    epBackendConfig_t gpu = {sizeof gpu, epBackendVirtualGPU, 0, 0};
+    epResult_t r = epGroupCreate(&config, &gpu, &group);
+    CHECK(r == epSuccess || r == epCudaError, "GPU group: %s (%s)", epGetErrorString(r), epGetLastErrorMessage());
+    if (r == epSuccess) {
+        epHandle_t handle = NULL;
+        CHECK_FAILS(epHandleCreate(group, 0, &handle), epInvalidUsage, "epGroupUpdateAll");
+        epGroupDestroy(group);
+    }
+
+    int32_t version = 0;
+    CHECK_OK(epGetAbiVersion(&version));
+    CHECK(version == EP_ABI_VERSION, "ABI version %d", version);
+    CHECK(strncmp(epGetErrorString(epTimeout), "epTimeout", 9) == 0, "epGetErrorString(epTimeout)");
+    CHECK(strncmp(epGetErrorString((epResult_t)99), "unknown", 7) == 0, "epGetErrorString(99)");
+    CHECK(strcmp(epGetLastErrorMessage(), "") == 0, "a successful call clears the message");
+}
+
+static void printSizes(void) {
+#define SIZE(type) printf("%s %zu\n", #type, sizeof(type))
+    SIZE(epTensor_t);
+    SIZE(epGroupConfig_t);
+    SIZE(epBackendConfig_t);
+    SIZE(epGroupInfo_t);
+    SIZE(epLayoutInfo_t);
+    SIZE(epUpdateInputs_t);
+    SIZE(epUpdateConfig_t);
+    SIZE(epDispatchInputs_t);
+    SIZE(epDispatchOutputs_t);
+    SIZE(epDispatchConfig_t);
+    SIZE(epCombineInputs_t);
+    SIZE(epCombineOutputs_t);
+    SIZE(epCombineConfig_t);
+#undef SIZE
+}
+
+int main(int argc, char** argv) {
+    if (argc > 1 && strcmp(argv[1], "sizes") == 0) {
+        printSizes();
+        return 0;
+    }
+    collectiveStep();
+    perRankStep();
+    configErrors();
+    printf("abi_smoke: %d checks, %d failed\n", checks, failures);
+    return failures == 0 ? 0 : 1;
+}

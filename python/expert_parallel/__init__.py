@@ -1,0 +1,44 @@
+"""expert_parallel: Mixture-of-Experts dispatch and combine between ranks.
+
+ctypes bindings of libexpert_parallel.so (the C ABI of the ExpertParallel Swift library, see
+include/expert_parallel.h). The library is found through $EP_LIBRARY (the file or its folder),
+next to this package, or in the source checkout's .build/release/::
+
+    import expert_parallel as ep
+    group = ep.VirtualGroup(ranks=2, experts=4, hidden=8, top_k=2, max_tokens=2, dtype="f32")
+    out = group.dispatch(xs, topk_idx, topk_weights)   # lists of per-rank arrays
+    y = group.combine(expert_outputs, out.handle)
+"""
+
+from ._library import library_path
+from .errors import (
+    CudaError,
+    ExpertParallelError,
+    InactiveRankError,
+    InvalidArgumentError,
+    InvalidUsageError,
+    LibraryNotFoundError,
+    PeerFailedError,
+    RankTimeoutError,
+    ReceiveOverflowError,
+)
+from .group import DispatchResult, Handle, LayoutInfo, VirtualGroup
+
+__all__ = [
+    "VirtualGroup",
+    "DispatchResult",
+    "Handle",
+    "LayoutInfo",
+    "library_path",
+    "ExpertParallelError",
+    "InvalidArgumentError",
+    "InvalidUsageError",
+    "ReceiveOverflowError",
+    "RankTimeoutError",
+    "PeerFailedError",
+    "InactiveRankError",
+    "CudaError",
+    "LibraryNotFoundError",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,141 @@
+"""NumPy arrays and PyTorch tensors as epTensor_t descriptors, checked first, so that a wrong
+argument raises an error naming it rather than reaching the library."""
+
+import ctypes
+
+from . import _abi
+from .errors import InvalidArgumentError
+
+_NUMPY_DTYPES = {"float16": _abi.F16, "float32": _abi.F32, "int32": _abi.I32, "int64": _abi.I64,
+                 "uint8": _abi.U8, "bfloat16": _abi.BF16}
+_TORCH_DTYPES = {"torch.bfloat16": _abi.BF16, "torch.float16": _abi.F16, "torch.float32": _abi.F32,
+                 "torch.int32": _abi.I32, "torch.int64": _abi.I64, "torch.uint8": _abi.U8}
+_DTYPE_ALIASES = {"bf16": _abi.BF16, "bfloat16": _abi.BF16, "f16": _abi.F16, "float16": _abi.F16, "half": _abi.F16,
+                  "f32": _abi.F32, "float32": _abi.F32, "float": _abi.F32, "u8": _abi.U8, "uint8": _abi.U8,
+                  "torch.bfloat16": _abi.BF16, "torch.float16": _abi.F16, "torch.float32": _abi.F32, "torch.uint8": _abi.U8}
+
+
+def element_type(dtype):
+    """The payload type a group is created with: "bf16", "f16", "f32", "u8" or a NumPy/torch dtype."""
+    key = dtype if isinstance(dtype, str) else str(dtype)
+    if key not in _DTYPE_ALIASES:
+        name = getattr(dtype, "name", None)  # a NumPy dtype
+        key = name if name in _DTYPE_ALIASES else key
+    if key not in _DTYPE_ALIASES:
+        raise InvalidArgumentError(f"dtype={dtype!r}; must be 'bf16', 'f16', 'f32' or 'u8' (or the NumPy/torch dtype)")
+    return _DTYPE_ALIASES[key]
+
+
+def is_torch(value):
+    return type(value).__module__.startswith("torch") and hasattr(value, "data_ptr")
+
+
+def is_numpy(value):
+    return type(value).__module__ == "numpy" and hasattr(value, "__array_interface__")
+
+
+def kind(value):
+    if is_torch(value):
+        return "torch"
+    if is_numpy(value):
+        return "numpy"
+    return None
+
+
+def ep_dtype(value, expected):
+    """The epDataType_t of an array; uint16 NumPy arrays hold raw bf16 bits where bf16 is expected."""
+    if is_torch(value):
+        return _TORCH_DTYPES.get(str(value.dtype))
+    name = value.dtype.name
+    if name == "uint16" and _abi.BF16 in expected:
+        return _abi.BF16
+    return _NUMPY_DTYPES.get(name)
+
+
+def device_of(value):
+    """-1 for host memory, the CUDA ordinal for device memory, None for other devices."""
+    if is_torch(value):
+        device = value.device
+        if device.type == "cpu":
+            return -1
+        if device.type == "cuda":
+            return device.index if device.index is not None else 0
+        return None
+    return -1
+
+
+def describe_device(ordinal):
+    return "cpu" if ordinal == -1 else f"cuda:{ordinal}"
+
+
+def describe_dtype(value):
+    return str(value.dtype)
+
+
+def tensor(value, name, *, dtypes, device, shape):
+    """The epTensor_t of `value` after checking its type, dtype, device, contiguity and shape.
+
+    `dtypes`: the accepted epDataType_t values; `device`: -1 (host) or a CUDA ordinal; `shape`: a
+    tuple whose None entries accept any size.
+    """
+    if kind(value) is None:
+        raise InvalidArgumentError(f"{name}: a {type(value).__name__}; must be a NumPy array or a PyTorch tensor")
+    dtype = ep_dtype(value, dtypes)
+    if dtype not in dtypes:
+        wanted = " or ".join(_abi.DTYPE_NAMES[d] for d in sorted(dtypes))
+        raise InvalidArgumentError(f"{name}: dtype {describe_dtype(value)}; must be {wanted}")
+    where = device_of(value)
+    if where != device:
+        raise InvalidArgumentError(
+            f"{name}: on {value.device if is_torch(value) else 'cpu (NumPy)'}; must be on {describe_device(device)}")
+    sizes = tuple(int(s) for s in value.shape)
+    if len(sizes) != len(shape) or any(want is not None and want != got for want, got in zip(shape, sizes)):
+        wanted = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise InvalidArgumentError(f"{name}: shape {list(sizes)}; must be {wanted}")
+    if is_torch(value):
+        if not value.is_contiguous():
+            raise InvalidArgumentError(f"{name}: not contiguous (strides {tuple(value.stride())}); pass .contiguous()")
+        strides = tuple(int(s) for s in value.stride())
+        data = value.data_ptr()
+    else:
+        if not value.flags["C_CONTIGUOUS"]:
+            raise InvalidArgumentError(f"{name}: not C-contiguous (strides {value.strides} bytes); pass numpy.ascontiguousarray(...)")
+        if not value.flags["ALIGNED"]:
+            raise InvalidArgumentError(f"{name}: not aligned to its element size")
+        strides = tuple(int(s) // value.itemsize for s in value.strides)
+        data = value.__array_interface__["data"][0]
+    if len(sizes) > _abi.MAX_DIMS:
+        raise InvalidArgumentError(f"{name}: {len(sizes)} dimensions; at most {_abi.MAX_DIMS}")
+    descriptor = _abi.new(_abi.Tensor, data=data or None, dtype=dtype, ndim=len(sizes), device=device)
+    for i, (size, stride) in enumerate(zip(sizes, strides)):
+        descriptor.sizes[i] = size
+        descriptor.strides[i] = stride
+    return descriptor
+
+
+def pointer(descriptor):
+    """A pointer to a descriptor, or NULL for None."""
+    return ctypes.pointer(descriptor) if descriptor is not None else None
+
+
+class Allocator:
+    """Makes output arrays like a reference input: NumPy arrays, or torch tensors on its device."""
+
+    def __init__(self, like):
+        self.like = like
+        self.torch = is_torch(like)
+
+    def zeros(self, shape, ep_type, like_dtype=None):
+        if self.torch:
+            import torch
+
+            dtypes = {_abi.BF16: torch.bfloat16, _abi.F16: torch.float16, _abi.F32: torch.float32,
+                      _abi.I32: torch.int32, _abi.I64: torch.int64, _abi.U8: torch.uint8}
+            return torch.zeros(shape, dtype=dtypes[ep_type], device=self.like.device)
+        import numpy
+
+        if like_dtype is not None:
+            return numpy.zeros(shape, dtype=like_dtype)
+        dtypes = {_abi.F16: numpy.float16, _abi.F32: numpy.float32, _abi.I32: numpy.int32,
+                  _abi.I64: numpy.int64, _abi.U8: numpy.uint8, _abi.BF16: numpy.uint16}
+        return numpy.zeros(shape, dtype=dtypes[ep_type])

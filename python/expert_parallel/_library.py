@@ -1,0 +1,77 @@
+"""Finds and loads libexpert_parallel.so."""
+
+import ctypes
+import os
+import threading
+from pathlib import Path
+
+from . import _abi
+from .errors import LibraryNotFoundError, from_status
+
+LIBRARY_NAME = "libexpert_parallel.so"
+
+_lock = threading.Lock()
+_library = None
+_path = None
+
+
+def candidates():
+    """Where the library is looked for, in order: $EP_LIBRARY (the file, or a folder holding it);
+    next to this package; the repository's .build/release/ when the package runs from a source
+    checkout; .build/release/ in the current directory and its parents."""
+    found = []
+    env = os.environ.get("EP_LIBRARY")
+    if env:
+        path = Path(env)
+        found.append(path / LIBRARY_NAME if path.is_dir() else path)
+        return found  # an explicit choice is never second-guessed
+    here = Path(__file__).resolve().parent
+    found.append(here / LIBRARY_NAME)
+    found.append(here.parent.parent / ".build" / "release" / LIBRARY_NAME)
+    cwd = Path.cwd().resolve()
+    for folder in [cwd, *cwd.parents]:
+        found.append(folder / ".build" / "release" / LIBRARY_NAME)
+    unique = []
+    for path in found:
+        if path not in unique:
+            unique.append(path)
+    return unique
+
+
+def load():
+    """The loaded library (loaded once per process)."""
+    global _library, _path
+    with _lock:
+        if _library is not None:
+            return _library
+        tried = candidates()
+        for path in tried:
+            if path.is_file():
+                library = ctypes.CDLL(str(path))
+                _abi.declare(library)
+                version = ctypes.c_int32(0)
+                library.epGetAbiVersion(ctypes.byref(version))
+                if version.value != _abi.ABI_VERSION:
+                    raise LibraryNotFoundError(
+                        f"{path} has ABI version {version.value}; this package needs {_abi.ABI_VERSION}")
+                _library, _path = library, path
+                return library
+        listing = "\n  ".join(str(p) for p in tried)
+        raise LibraryNotFoundError(
+            f"{LIBRARY_NAME} not found; build it with `swift build -c release -Xswiftc -static-stdlib "
+            f"--product expert_parallel` and set EP_LIBRARY to the file if it is not in one of:\n  {listing}")
+
+
+def library_path():
+    """The path of the loaded library."""
+    load()
+    return _path
+
+
+def call(name, *arguments):
+    """Calls entry point `name`; a failure raises the matching ExpertParallelError."""
+    library = load()
+    status = getattr(library, name)(*arguments)
+    if status != _abi.SUCCESS:
+        message = library.epGetLastErrorMessage().decode("utf-8", "replace")
+        raise from_status(status, message or library.epGetErrorString(status).decode())

@@ -1,0 +1,103 @@
+"""The exceptions of expert_parallel. Every one is an :class:`ExpertParallelError`."""
+
+from . import _abi
+
+
+class ExpertParallelError(Exception):
+    """An error of the library or of its Python layer.
+
+    ``status`` is the C ABI's ``epResult_t`` value (see include/expert_parallel.h); ``status_name``
+    its name. The message names the argument, the value and the bound.
+    """
+
+    status = _abi.INTERNAL_ERROR
+    status_name = "epInternalError"
+
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+            self.status_name = _STATUS_NAMES.get(status, f"epResult_t {status}")
+
+
+class InvalidArgumentError(ExpertParallelError, ValueError, TypeError):
+    """A wrong argument: dtype, shape, device, contiguity, a configuration field or a routing entry."""
+
+    status = _abi.INVALID_ARGUMENT
+    status_name = "epInvalidArgument"
+
+
+class InvalidUsageError(ExpertParallelError, RuntimeError):
+    """A call out of order (combine with a handle of an earlier step) or one the group does not offer."""
+
+    status = _abi.INVALID_USAGE
+    status_name = "epInvalidUsage"
+
+
+class ReceiveOverflowError(ExpertParallelError, RuntimeError):
+    """More rows would reach a rank than its receive buffer holds (HT, overflow="fail")."""
+
+    status = _abi.OVERFLOW
+    status_name = "epOverflow"
+
+
+class RankTimeoutError(ExpertParallelError, TimeoutError):
+    """A rank waited past the group's timeout; the late ranks are now masked inactive."""
+
+    status = _abi.TIMEOUT
+    status_name = "epTimeout"
+
+
+class PeerFailedError(ExpertParallelError, RuntimeError):
+    """Another rank rejected its call, so this rank did nothing either."""
+
+    status = _abi.PEER_FAILED
+    status_name = "epPeerFailed"
+
+
+class InactiveRankError(ExpertParallelError, RuntimeError):
+    """The rank is masked inactive; clean it first."""
+
+    status = _abi.INACTIVE_RANK
+    status_name = "epInactiveRank"
+
+
+class CudaError(ExpertParallelError, RuntimeError):
+    """A CUDA driver or NVRTC call failed, or no driver or device was found."""
+
+    status = _abi.CUDA_ERROR
+    status_name = "epCudaError"
+
+
+class LibraryNotFoundError(ExpertParallelError, ImportError):
+    """libexpert_parallel.so was not found (see expert_parallel.library_path)."""
+
+
+_CLASSES = {
+    _abi.INVALID_ARGUMENT: InvalidArgumentError,
+    _abi.INVALID_USAGE: InvalidUsageError,
+    _abi.OVERFLOW: ReceiveOverflowError,
+    _abi.TIMEOUT: RankTimeoutError,
+    _abi.PEER_FAILED: PeerFailedError,
+    _abi.INACTIVE_RANK: InactiveRankError,
+    _abi.CUDA_ERROR: CudaError,
+}
+
+_STATUS_NAMES = {
+    _abi.SUCCESS: "epSuccess",
+    _abi.INVALID_ARGUMENT: "epInvalidArgument",
+    _abi.INVALID_USAGE: "epInvalidUsage",
+    _abi.OVERFLOW: "epOverflow",
+    _abi.TIMEOUT: "epTimeout",
+    _abi.PEER_FAILED: "epPeerFailed",
+    _abi.INACTIVE_RANK: "epInactiveRank",
+    _abi.CUDA_ERROR: "epCudaError",
+    _abi.NCCL_ERROR: "epNcclError",
+    _abi.INTERNAL_ERROR: "epInternalError",
+}
+
+
+def from_status(status, message):
+    """The exception for a failed C call."""
+    cls = _CLASSES.get(status, ExpertParallelError)
+    return cls(message, status)
