@@ -14,7 +14,7 @@ extension VirtualGPUGroup {
         try synchronize()
         for r in 0..<config.ranks {
             let words = try gpu {
-                try device.driver.read(UInt32.self, from: workspaces[r].advanced(by: LLWorkspace.status * 4), count: 4)
+                try device.driver.read(UInt32.self, from: workspaces[r].advanced(by: StepWorkspace.status * 4), count: 4)
             }
             switch DeviceStatus(rawValue: words[0]) {
             case .ok?: continue
@@ -26,6 +26,8 @@ extension VirtualGPUGroup {
                 throw .repeatedExpert(token: Int(words[1]), firstColumn: Int(words[2]), secondColumn: Int(words[3]), expert: -1)
             case .timeout?:
                 throw .timeout(rank: r, missing: [Int(words[1])])
+            case .overflow?:
+                throw .overflow(rank: Int(words[1]), required: Int(words[2]), capacity: Int(words[3]))
             case .peerFailed?:
                 throw .peerFailed(rank: r, peer: Int(words[1]), reason: "its topkIdx was invalid")
             case nil:
@@ -34,17 +36,24 @@ extension VirtualGPUGroup {
         }
     }
 
-    /// What `rank` received in the last step (synchronises).
+    /// What `rank` received in the last step (synchronises). This is the one call that brings
+    /// the received counts, and the received total, to the host.
     public func layoutInfo(rank: Int) throws(EPError) -> LayoutInfo {
         try synchronize()
         let l = config.localExperts, r = config.ranks
         let words = try gpu {
-            try device.driver.read(UInt32.self, from: workspaces[rank].advanced(by: workspace.layout * 4), count: l + r + l * r + 1)
+            try device.driver.read(UInt32.self, from: workspaces[rank].advanced(by: workspace.layout * 4), count: workspace.layoutWords)
         }.map { Int($0) }
-        let offsets = config.layout == .expertMajor ? (0..<l).map { $0 * r * config.maxTokensPerRank } : Array(repeating: 0, count: l)
+        let total = l + r + l * r
+        let offsets = switch config.layout {
+        case .expertMajor: (0..<l).map { $0 * r * config.maxTokensPerRank }
+        case .expertMajorPadded: Array(words[(total + 2)..<(total + 2 + l)])
+        case .rankMajor, .flat: Array(repeating: 0, count: l)
+        }
         return LayoutInfo(
             expertCounters: Array(words[0..<l]), expertOffsets: offsets, sourceRankCounters: Array(words[l..<(l + r)]),
-            expertSourceCounters: Array(words[(l + r)..<(l + r + l * r)]), receivedTotal: words[l + r + l * r], droppedTokens: 0)
+            expertSourceCounters: Array(words[(l + r)..<total]), receivedTotal: words[total],
+            droppedTokens: config.algorithm == .highThroughput ? words[total + 1] : 0)
     }
 
     /// The group's active-rank mask (synchronises).

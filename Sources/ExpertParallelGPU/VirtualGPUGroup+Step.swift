@@ -26,7 +26,7 @@ extension VirtualGPUGroup {
         }
         try device.makeCurrent()
         let k = try kernels(.init(indexBytes: indexBytes, receivedIndexBytes: 4, vectorBytes: 16))
-        try launch(k.update, threads: Self.updateThreads, blocks: 1, mode: mode, sync: 0, weighted: false, slices: 1, stream: stream) { r, w in
+        try launch(k.update, threads: updateThreads, blocks: 1, mode: mode, sync: 0, weighted: false, slices: 1, stream: stream) { r, w in
             w[1] = address(topkIdx[r])
             w[8] = UInt64(topkIdx[r].shape[0])
         }
@@ -45,7 +45,7 @@ extension VirtualGPUGroup {
         for r in 0..<config.ranks {
             try config.validateDispatch(inputs[r], outputs[r], tokens: step.routing[r].shape[0], location: location)
         }
-        let variant = LLKernels.Variant(
+        let variant = StepKernels.Variant(
             indexBytes: step.variantIndexBytes, receivedIndexBytes: outputs[0].topkIdx?.dtype.byteSize ?? 4,
             vectorBytes: vectorBytes(inputs.map(\.tokens), outputs.map(\.tokens)))
         try device.makeCurrent()
@@ -86,20 +86,24 @@ extension VirtualGPUGroup {
         for r in 0..<config.ranks {
             try config.validateCombine(inputs[r], outputs[r], tokens: step.routing[r].shape[0], direction: direction, location: location)
         }
-        let variant = LLKernels.Variant(
+        let variant = StepKernels.Variant(
             indexBytes: step.variantIndexBytes, receivedIndexBytes: 4,
             vectorBytes: vectorBytes(inputs.map(\.expertOutputs), outputs.map(\.tokens)))
         try device.makeCurrent()
         let k = try kernels(variant)
         func enqueue(sync: UInt64, blocks: Int, stream: CUDAStream?) throws(EPError) {
-            try launch(k.combine, threads: Self.threadsPerBlock, blocks: blocks, mode: mode, sync: sync,
-                       weighted: direction == .forward && config.layout == .expertMajor,
+            // Weights apply in the forward pass of the expert-major layouts (LL: the source's
+            // [B, K]; HT: the per-slot weights the destination received).
+            let weighted = direction == .forward && (config.layout == .expertMajor || config.isExpertMajorHT)
+            try launch(k.combine, threads: Self.threadsPerBlock, blocks: blocks, mode: mode, sync: sync, weighted: weighted,
                        slices: slices(tokens: maxTokens(step.routing), mode: mode), stream: stream) { r, w in
                 w[1] = address(step.routing[r])
                 w[2] = inputs[r].topkWeights.map(address) ?? 0
                 w[3] = address(inputs[r].expertOutputs)
                 w[6] = address(outputs[r].tokens)
                 w[8] = UInt64(step.routing[r].shape[0])
+                w[9] = inputs[r].weightGradients.map(address) ?? 0
+                w[10] = outputs[r].topkWeightGradients.map(address) ?? 0
             }
         }
         // Separate launches wait for their peers' readiness and tell them when their rows were read.

@@ -37,11 +37,11 @@ public final class VirtualGPUGroup: @unchecked Sendable {
     /// resident at once, since their ranks wait for each other.
     public let blocksPerRankPerLaunch: Int
     public let stream: CUDAStream
-    let workspace: LLWorkspace
+    let workspace: StepWorkspace
     let workspaces: [DevicePointer]
     let mask: DevicePointer
     private let lock = NSLock()
-    private var kernels: [LLKernels.Variant: LLKernels] = [:]
+    private var kernels: [StepKernels.Variant: StepKernels] = [:]
     private var step: (routing: [TensorRef], variantIndexBytes: Int)?
     private var pending: PendingCall?
     private let rankStreams: [CUDAStream]
@@ -49,13 +49,16 @@ public final class VirtualGPUGroup: @unchecked Sendable {
     private let args: UnsafeMutableBufferPointer<UInt64>
 
     static let threadsPerBlock = 512
-    static let updateThreads = 256
+    /// Words of one rank's `EpRankArgs` in ep_step.cuh.
+    static let rankWords = 12
+    /// Threads of the update kernel's one block per rank (EP_UPDATE_WARPS, EP_HT_UPDATE_WARPS).
+    var updateThreads: Int { config.algorithm == .lowLatency ? 256 : 512 }
 
     /// `multiprocessors`: how many SMs the group may use (default: all).
     public init(_ config: GroupConfig, device: GPUDevice, multiprocessors: Int? = nil) throws(EPError) {
         let config = try config.validated()
-        guard config.algorithm == .lowLatency else {
-            throw .invalidConfig(field: "algorithm", value: "ht", requirement: "the GPU backend runs LL so far; use the host backend for HT")
+        guard config.algorithm == .lowLatency || config.overflow == .fail else {
+            throw .invalidConfig(field: "overflow", value: "drop", requirement: "the GPU backend runs the .fail policy so far; use the host backend for .drop")
         }
         guard config.ranks <= 32 else {
             throw .invalidConfig(field: "ranks", value: "\(config.ranks)", requirement: "must be ≤ 32 on the GPU backend")
@@ -67,17 +70,20 @@ public final class VirtualGPUGroup: @unchecked Sendable {
         guard sms >= 1, sms <= device.multiprocessors else {
             throw .invalidArgument(field: "multiprocessors", value: "\(sms)", requirement: "must be in 1...\(device.multiprocessors)")
         }
-        let sharedWords = config.maxTokensPerRank * (config.topK + 1) + 8 * (config.experts + config.ranks) + 8
+        // Static shared memory of the update kernel (ep_ll.cu / ep_ht.cu).
+        let sharedWords = config.algorithm == .lowLatency
+            ? config.maxTokensPerRank * (config.topK + 1) + 8 * (config.experts + config.ranks) + 8
+            : 16 * (config.experts + config.ranks) + config.experts + config.ranks + 8
         guard sharedWords * 4 <= 48 * 1024 else {
             throw .invalidConfig(
                 field: "maxTokensPerRank", value: "\(config.maxTokensPerRank)",
-                requirement: "with topK \(config.topK) and \(config.experts) experts the LL update needs \(sharedWords * 4) bytes of shared memory; at most 49152")
+                requirement: "with topK \(config.topK) and \(config.experts) experts the update kernel needs \(sharedWords * 4) bytes of shared memory; at most 49152")
         }
         self.config = config
         self.device = device
         blocksPerRank = max(1, sms * min(config.ranks, 2) / config.ranks)   // measured: 2 blocks per SM for R ≥ 2, 1 for R = 1
         blocksPerRankPerLaunch = max(1, sms / config.ranks)
-        let workspace = LLWorkspace(ranks: config.ranks, localExperts: config.localExperts, topK: config.topK, maxTokens: config.maxTokensPerRank)
+        let workspace = StepWorkspace(config)
         self.workspace = workspace
         try device.makeCurrent()
         let driver = device.driver
@@ -94,7 +100,7 @@ public final class VirtualGPUGroup: @unchecked Sendable {
         let mask = try gpu { try driver.allocate(byteCount: 8) }
         try gpu { try driver.copy([RankMask.all(config.ranks).bits], to: mask) }
         self.mask = mask
-        args = .allocate(capacity: 10 * config.ranks + 6)
+        args = .allocate(capacity: Self.rankWords * config.ranks + 6)
     }
 
     deinit {
@@ -109,9 +115,9 @@ public final class VirtualGPUGroup: @unchecked Sendable {
 
     // MARK: kernels
 
-    func kernels(_ variant: LLKernels.Variant) throws(EPError) -> LLKernels {
+    func kernels(_ variant: StepKernels.Variant) throws(EPError) -> StepKernels {
         if let k = lock.withLock({ kernels[variant] }) { return k }
-        let k = try LLKernels(device: device, config: config, variant: variant)
+        let k = try StepKernels(device: device, config: config, variant: variant)
         lock.withLock { kernels[variant] = k }
         return k
     }
@@ -120,36 +126,37 @@ public final class VirtualGPUGroup: @unchecked Sendable {
 
     /// Fills the kernel argument block (`EpArgs` of ep_ll.cu) and launches `function`.
     /// `sync` holds the kernel's EP_SYNC_* bits; `fill` sets each rank's tensor words
-    /// (x, topk_idx, topk_weights, recv, recv_idx, recv_weights, out, -, tokens).
+    /// (x, topk_idx, topk_weights, recv, recv_idx, recv_weights, out, -, tokens, weight_grads_in,
+    /// weight_grads_out).
     func launch(
         _ function: CUDAFunction, threads: Int, blocks: Int, mode: LaunchMode, sync: UInt64, weighted: Bool, slices: Int,
         stream callerStream: CUDAStream?, rank fill: (Int, UnsafeMutableBufferPointer<UInt64>) -> Void
     ) throws(EPError) {
-        let r = config.ranks
+        let r = config.ranks, n = Self.rankWords, tail = n * r
         for rank in 0..<r {
-            let words = UnsafeMutableBufferPointer(rebasing: args[(rank * 10)..<(rank * 10 + 10)])
+            let words = UnsafeMutableBufferPointer(rebasing: args[(rank * n)..<(rank * n + n)])
             words.update(repeating: 0)
             fill(rank, words)
             words[7] = workspaces[rank].rawValue
         }
         let timeout = config.timeout.components
-        args[10 * r] = mask.rawValue
-        args[10 * r + 1] = UInt64(timeout.seconds) * 1_000_000_000 + UInt64(timeout.attoseconds / 1_000_000_000)
-        args[10 * r + 3] = sync
-        args[10 * r + 4] = weighted ? 1 : 0
-        args[10 * r + 5] = UInt64(slices)
+        args[tail] = mask.rawValue
+        args[tail + 1] = UInt64(timeout.seconds) * 1_000_000_000 + UInt64(timeout.attoseconds / 1_000_000_000)
+        args[tail + 3] = sync
+        args[tail + 4] = weighted ? 1 : 0
+        args[tail + 5] = UInt64(slices)
         let driver = device.driver
         let target = callerStream ?? stream
         try gpu {
             switch mode {
             case .single:
-                args[10 * r + 2] = 0
+                args[tail + 2] = 0
                 try launchOne(function, grid: .init(x: UInt32(blocks), y: UInt32(r)), threads: threads, stream: target)
             case .perRank:
                 try driver.record(joinEvents[r], on: target)
                 for rank in 0..<r {
                     try driver.wait(rankStreams[rank], for: joinEvents[r])
-                    args[10 * r + 2] = UInt64(rank)
+                    args[tail + 2] = UInt64(rank)
                     try launchOne(function, grid: .init(x: UInt32(blocks), y: 1), threads: threads, stream: rankStreams[rank])
                     try driver.record(joinEvents[rank], on: rankStreams[rank])
                 }

@@ -33,8 +33,10 @@ struct GPUBenchmark {
         let dispatchOut = (0..<r).map {
             DispatchOutput(tokens: received[$0].ref, topkIdx: receivedIdx[$0]?.ref, topkWeights: receivedWeights[$0]?.ref)
         }
+        // LL expert-major: the source's weights; HT expert-major: the per-slot weights received.
         let combineIn = (0..<r).map {
-            CombineInput(expertOutputs: received[$0].ref, topkWeights: config.layout == .expertMajor ? w[$0].ref : nil)
+            CombineInput(expertOutputs: received[$0].ref,
+                         topkWeights: config.layout == .expertMajor ? w[$0].ref : config.isExpertMajorHT ? receivedWeights[$0]!.ref : nil)
         }
         let combineOut = (0..<r).map { CombineOutput(tokens: combined[$0].ref) }
 

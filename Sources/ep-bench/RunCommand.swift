@@ -64,7 +64,6 @@ struct RunCommand: ParsableCommand {
         let onGPU = device != nil
         let names = cases.isEmpty ? (onGPU ? ["ll-std", "ll-32", "ll-1", "odd"] : ["ll-std", "ht-cpu"]) : cases
         var selected = BenchCase.standard.filter { names.contains($0.name) }
-        if onGPU { selected = selected.filter { $0.algorithm == .lowLatency } }
         if let ranks { selected = selected.map { $0.with(ranks: ranks) } }
         var results: [Measurement] = []
         if let device {

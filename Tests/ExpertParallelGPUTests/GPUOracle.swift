@@ -15,11 +15,13 @@ struct StepInputs {
     var tokens: [HostTensor]
     var weights: [HostTensor]
     var expertOutputs: [HostTensor]
+    /// HT backward: the weight gradient of every received row or slot, per rank.
+    var weightGradients: [HostTensor?]
 
-    init(config: GroupConfig, tokens counts: [Int], seed: UInt64, minusOneRate: Float = 0.1, oneExpert: Int? = nil) {
+    init(config: GroupConfig, tokens counts: [Int], seed: UInt64, minusOneRate: Float = 0.1, oneExpert: Int? = nil, skew: Double = 0) {
         var random = RandomRouting(seed: seed)
         routing = counts.map { b in
-            var ids = random.experts(tokens: b, topK: config.topK, experts: config.experts)
+            var ids = random.experts(tokens: b, topK: config.topK, experts: config.experts, skew: skew)
             for i in ids.indices where random.unit() < minusOneRate { ids[i] = -1 }
             if let oneExpert { for t in 0..<b { ids[t * config.topK] = Int32(oneExpert); for c in 1..<config.topK { ids[t * config.topK + c] = -1 } } }
             return ids
@@ -39,7 +41,27 @@ struct StepInputs {
             y.copy(from: random.payload(y.elementCount, config.elementType))
             return y
         }
+        weightGradients = counts.map { _ in
+            guard config.algorithm == .highThroughput, let shape = config.receiveRoutingShape else { return nil }
+            let g = HostTensor(.f32, shape)
+            g.copy(from: random.weights(g.elementCount).map { $0 - 0.5 })
+            return g
+        }
     }
+}
+
+extension GroupConfig {
+    /// A config for `layout`, with the algorithm that layout belongs to.
+    static func forLayout(_ layout: Layout, ranks: Int, experts: Int, topK: Int, hidden: Int, elementType: DataType,
+                          maxTokensPerRank: Int, maxReceivedTokensPerRank: Int? = nil, timeout: Duration = .seconds(10)) -> GroupConfig {
+        let algorithm: Algorithm = layout == .expertMajor || layout == .rankMajor ? .lowLatency : .highThroughput
+        return GroupConfig(algorithm: algorithm, ranks: ranks, experts: experts, topK: topK, hidden: hidden, elementType: elementType,
+                           maxTokensPerRank: maxTokensPerRank, maxReceivedTokensPerRank: maxReceivedTokensPerRank, layout: layout,
+                           timeout: timeout)
+    }
+
+    /// Backward HT combines carry weight gradients.
+    func carriesWeightGradients(_ direction: PassDirection) -> Bool { direction == .backward && algorithm == .highThroughput }
 }
 
 /// What a step produced on one rank, as host bytes.
@@ -49,6 +71,7 @@ struct StepResult: Equatable {
     var receivedWeights: [UInt8]?
     var combined: [UInt8]
     var layout: LayoutInfo
+    var weightGradients: [UInt8]? = nil
 }
 
 /// Runs the step on the CPU oracle. Outputs start as the byte `poison`.
@@ -65,16 +88,20 @@ func oracleStep(_ config: GroupConfig, _ inputs: StepInputs, direction: PassDire
         let receivedWeights = config.receiveRoutingShape.map { HostTensor(.f32, $0) }
         let combined = HostTensor(config.elementType, inputs.tokens[r].shape)
         for t in [received, combined] + [receivedIdx, receivedWeights].compactMap({ $0 }) { t.fill(byte: 0xA5) }
+        let grads = config.carriesWeightGradients(direction) ? HostTensor(.f32, [inputs.tokens[r].shape[0], config.topK]) : nil
+        grads?.fill(byte: 0xA5)
         let handle = try rank.makeHandle()
         try rank.update(handle, topkIdx: idx.ref)
         let info = try rank.dispatch(handle, DispatchInput(tokens: inputs.tokens[r].ref, topkWeights: inputs.weights[r].ref),
                                      into: DispatchOutput(tokens: received.ref, topkIdx: receivedIdx?.ref, topkWeights: receivedWeights?.ref),
                                      direction: direction)
-        try rank.combine(handle, CombineInput(expertOutputs: inputs.expertOutputs[r].ref,
-                                              topkWeights: config.layout == .expertMajor ? inputs.weights[r].ref : nil),
-                         into: CombineOutput(tokens: combined.ref), direction: direction)
+        let weights: TensorRef? = config.layout == .expertMajor ? inputs.weights[r].ref
+            : config.isExpertMajorHT && direction == .forward ? receivedWeights!.ref : nil
+        try rank.combine(handle, CombineInput(expertOutputs: inputs.expertOutputs[r].ref, topkWeights: weights,
+                                              weightGradients: config.carriesWeightGradients(direction) ? inputs.weightGradients[r]!.ref : nil),
+                         into: CombineOutput(tokens: combined.ref, topkWeightGradients: grads?.ref), direction: direction)
         return StepResult(received: received.bytes(), receivedIdx: receivedIdx?.bytes(), receivedWeights: receivedWeights?.bytes(),
-                          combined: combined.bytes(), layout: info)
+                          combined: combined.bytes(), layout: info, weightGradients: grads?.bytes())
     }
     var out = [StepResult?](repeating: nil, count: config.ranks)
     for (i, r) in active.enumerated() { out[r] = try results[i].get() }
@@ -87,6 +114,7 @@ final class GPUStep {
     let device: GPUDevice
     var idx: [DeviceTensor] = [], x: [DeviceTensor] = [], w: [DeviceTensor] = [], y: [DeviceTensor] = []
     var received: [DeviceTensor] = [], receivedIdx: [DeviceTensor?] = [], receivedWeights: [DeviceTensor?] = [], combined: [DeviceTensor] = []
+    var gradsIn: [DeviceTensor?] = [], gradsOut: [DeviceTensor?] = []
 
     init(_ config: GroupConfig, _ device: GPUDevice, tokens: [Int]) throws {
         self.config = config
@@ -100,6 +128,9 @@ final class GPUStep {
             receivedIdx.append(try config.receiveRoutingShape.map { try DeviceTensor(.i32, $0, on: device) })
             receivedWeights.append(try config.receiveRoutingShape.map { try DeviceTensor(.f32, $0, on: device) })
             combined.append(try DeviceTensor(config.elementType, [b, config.hidden], on: device))
+            let ht = config.algorithm == .highThroughput
+            gradsIn.append(ht ? try DeviceTensor(.f32, config.receiveRoutingShape!, on: device) : nil)
+            gradsOut.append(ht ? try DeviceTensor(.f32, [b, config.topK], on: device) : nil)
         }
     }
 
@@ -111,11 +142,12 @@ final class GPUStep {
             try x[r].upload(inputs.tokens[r])
             try w[r].upload(inputs.weights[r])
             try y[r].upload(inputs.expertOutputs[r])
+            if let g = inputs.weightGradients[r] { try gradsIn[r]!.upload(g) }
         }
     }
 
     func poison() throws {
-        for t in received + combined + receivedIdx.compactMap({ $0 }) + receivedWeights.compactMap({ $0 }) { try t.fill(byte: 0xA5) }
+        for t in received + combined + (receivedIdx + receivedWeights + gradsOut).compactMap({ $0 }) { try t.fill(byte: 0xA5) }
     }
 
     func enqueue(_ group: VirtualGPUGroup, direction: PassDirection = .forward, mode: LaunchMode = .single, phase: CallPhase = .whole) throws {
@@ -124,12 +156,21 @@ final class GPUStep {
                            into: (0..<config.ranks).map { DispatchOutput(tokens: received[$0].ref, topkIdx: receivedIdx[$0]?.ref, topkWeights: receivedWeights[$0]?.ref) },
                            phase: phase, mode: mode)
         if phase == .sendOnly { try group.complete() }
-        try group.combine((0..<config.ranks).map { CombineInput(expertOutputs: y[$0].ref, topkWeights: config.layout == .expertMajor ? w[$0].ref : nil) },
-                          into: (0..<config.ranks).map { CombineOutput(tokens: combined[$0].ref) }, direction: direction, phase: phase, mode: mode)
+        let grads = config.carriesWeightGradients(direction)
+        let inputs = (0..<config.ranks).map { r in
+            CombineInput(
+                expertOutputs: y[r].ref,
+                topkWeights: config.layout == .expertMajor ? w[r].ref
+                    : config.isExpertMajorHT && direction == .forward ? receivedWeights[r]!.ref : nil,
+                weightGradients: grads ? gradsIn[r]!.ref : nil)
+        }
+        try group.combine(inputs, into: (0..<config.ranks).map { CombineOutput(tokens: combined[$0].ref, topkWeightGradients: grads ? gradsOut[$0]!.ref : nil) },
+                          direction: direction, phase: phase, mode: mode)
         if phase == .sendOnly { try group.complete() }
     }
 
-    func results(_ group: VirtualGPUGroup) throws -> [StepResult] {
+    /// Weight gradients come back only where the oracle has them (HT backward); `direction` says.
+    func results(_ group: VirtualGPUGroup, direction: PassDirection = .forward) throws -> [StepResult] {
         try group.checkStatus()
         return try (0..<config.ranks).map { r in
             func bytes(_ t: DeviceTensor) throws -> [UInt8] {
@@ -139,7 +180,8 @@ final class GPUStep {
             }
             return StepResult(received: try bytes(received[r]), receivedIdx: try receivedIdx[r].map(bytes),
                               receivedWeights: try receivedWeights[r].map(bytes), combined: try bytes(combined[r]),
-                              layout: try group.layoutInfo(rank: r))
+                              layout: try group.layoutInfo(rank: r),
+                              weightGradients: config.carriesWeightGradients(direction) ? try gradsOut[r].map(bytes) : nil)
         }
     }
 }
@@ -156,6 +198,8 @@ func expectMatch(_ gpu: [StepResult], _ cpu: [StepResult?], _ label: String, sou
         #expect(got.received == expected.received, "\(label) rank \(r): dispatched rows differ at byte \(firstDifference(got.received, expected.received))", sourceLocation: sourceLocation)
         #expect(got.receivedIdx == expected.receivedIdx, "\(label) rank \(r): received idx", sourceLocation: sourceLocation)
         #expect(got.receivedWeights == expected.receivedWeights, "\(label) rank \(r): received weights", sourceLocation: sourceLocation)
+        #expect(got.layout.expertOffsets == expected.layout.expertOffsets, "\(label) rank \(r): expert offsets", sourceLocation: sourceLocation)
+        #expect(got.weightGradients == expected.weightGradients, "\(label) rank \(r): weight gradients", sourceLocation: sourceLocation)
         #expect(got.combined == expected.combined, "\(label) rank \(r): combined rows differ at byte \(firstDifference(got.combined, expected.combined))", sourceLocation: sourceLocation)
     }
 }

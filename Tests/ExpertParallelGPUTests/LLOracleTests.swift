@@ -197,7 +197,7 @@ func stepMatchesTheOracle(
     try buffers.upload(inputs)
     try buffers.poison()
     try buffers.enqueue(group, direction: direction, mode: mode, phase: phase)
-    expectMatch(try buffers.results(group), try oracleStep(group.config, inputs, direction: direction), label)
+    expectMatch(try buffers.results(group, direction: direction), try oracleStep(group.config, inputs, direction: direction), label)
 }
 
 extension GPUStep {

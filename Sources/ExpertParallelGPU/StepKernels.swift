@@ -2,8 +2,9 @@ import ExpertParallel
 import ExpertParallelCUDA
 import ExpertParallelKernels
 
-/// The three LL kernels of one specialisation (`ep_ll.cu` compiled with its -D constants).
-struct LLKernels: Sendable {
+/// The update, dispatch and combine kernels of one specialisation: ep_ll.cu or ep_ht.cu
+/// compiled with the group's shape as -D constants.
+struct StepKernels: Sendable {
     let module: CUDAModule
     let update: CUDAFunction
     let dispatch: CUDAFunction
@@ -23,23 +24,33 @@ struct LLKernels: Sendable {
         case .f32: 2
         default: 3
         }
-        return [
+        var defines = [
             "EP_R": "\(config.ranks)", "EP_L": "\(config.localExperts)", "EP_K": "\(config.topK)",
             "EP_BMAX": "\(config.maxTokensPerRank)", "EP_ROW_BYTES": "\(config.rowBytes)", "EP_ELEM": "\(element)",
             "EP_IDX_BYTES": "\(variant.indexBytes)", "EP_RIDX_BYTES": "\(variant.receivedIndexBytes)",
-            "EP_RANK_MAJOR": config.layout == .rankMajor ? "1" : "0", "EP_VEC_BYTES": "\(variant.vectorBytes)",
+            "EP_VEC_BYTES": "\(variant.vectorBytes)",
         ]
+        switch config.algorithm {
+        case .lowLatency:
+            defines["EP_RANK_MAJOR"] = config.layout == .rankMajor ? "1" : "0"
+        case .highThroughput:
+            defines["EP_EXPERT_MAJOR"] = config.isExpertMajorHT ? "1" : "0"
+            defines["EP_ALIGN"] = "\(config.alignment)"
+            defines["EP_CAPACITY"] = "\(config.receiveCapacity)"
+        }
+        return defines
     }
 
     init(device: GPUDevice, config: GroupConfig, variant: Variant) throws(EPError) {
+        let prefix = config.algorithm == .lowLatency ? "ep_ll" : "ep_ht"
         let compiled = try gpu {
-            try device.compiler.compile(KernelSource.embedded("ep_ll"), arch: device.arch, defines: Self.defines(config, variant))
+            try device.compiler.compile(KernelSource.embedded(prefix), arch: device.arch, defines: Self.defines(config, variant))
         }
         let driver = device.driver
         let module = try gpu { try driver.loadModule(image: compiled.image) }
         self.module = module
-        update = try gpu { try driver.function(named: "ep_ll_update", in: module) }
-        dispatch = try gpu { try driver.function(named: "ep_ll_dispatch", in: module) }
-        combine = try gpu { try driver.function(named: "ep_ll_combine", in: module) }
+        update = try gpu { try driver.function(named: "\(prefix)_update", in: module) }
+        dispatch = try gpu { try driver.function(named: "\(prefix)_dispatch", in: module) }
+        combine = try gpu { try driver.function(named: "\(prefix)_combine", in: module) }
     }
 }

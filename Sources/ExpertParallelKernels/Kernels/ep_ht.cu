@@ -1,0 +1,538 @@
+// High-throughput (HT) update, dispatch and combine, for the flat and the padded expert-major
+// layouts (DESIGN.md, "Two algorithms, four layouts"). Same shape as the LL kernels: one launch
+// covers every rank of a virtual group, each rank's blocks reach the others only through the
+// peer table and flags, and every slot follows the CPU oracle (RoutingPlan) exactly.
+
+#ifndef EP_EXPERT_MAJOR
+#define EP_EXPERT_MAJOR 0   // 0 flat [N, H]; 1 expert-major zones padded to EP_ALIGN rows
+#endif
+#ifndef EP_ALIGN
+#define EP_ALIGN 1
+#endif
+#ifndef EP_CAPACITY
+#define EP_CAPACITY (EP_R * EP_BMAX)   // N: rows of each rank's receive buffer
+#endif
+#define EP_HT_UPDATE_WARPS 16
+#define EP_FANOUT (EP_K > EP_R ? EP_K : EP_R)   // rows one token reduces at most
+
+// HT workspace words after the shared ones (HTWorkspace in StepWorkspace.swift).
+#define WS_ROUTING (WS_COUNTS + 2 * EP_R * (EP_E + EP_R))   // [BMAX][K] expert after masking, or -1
+#define WS_DEST (WS_ROUTING + EP_BMAX * EP_K)               // [BMAX] bit d: the token goes to rank d
+#define WS_SEL_ROW (WS_DEST + EP_BMAX)                      // [BMAX][K] slot of each selection (expert-major)
+#define WS_PAIR_ROW (WS_SEL_ROW + EP_BMAX * EP_K)           // [BMAX][R] row of each (token, rank), or -1
+#define WS_LAYOUT (WS_PAIR_ROW + EP_BMAX * EP_R)            // [L], [R], [L][R], total, dropped, [L] offsets
+#define WS_WORDS (WS_LAYOUT + EP_L + EP_R + EP_L * EP_R + 2 + EP_L)
+
+EP_DEVICE int ep_round_up(int value) { return (value + EP_ALIGN - 1) / EP_ALIGN * EP_ALIGN; }
+
+// ------------------------------------------------------------------------------------------
+// Update: one block per rank. Validates and masks the routing, counts per expert and per
+// destination rank in token order, all-gathers the counts, checks every destination's capacity
+// and fixes every row: pairs (flat) and selections (expert-major) in (source rank, token) order.
+
+extern "C" __global__ void __launch_bounds__(EP_HT_UPDATE_WARPS * 32, 1)
+ep_ht_update(const EpArgs args) {
+    const int rank = static_cast<int>(blockIdx.y + args.first_rank);
+    ep_u32* ws = ep_ws(args, rank);
+    const int tokens = static_cast<int>(args.rank[rank].tokens);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const ep_u32 seq = ws[WS_SEQ] + 1;
+    const int parity = seq & 1;
+    const ep_u64 mask = ep_load_mask(args);
+    int* routing = reinterpret_cast<int*>(ws + WS_ROUTING);
+    ep_u32* destinations = ws + WS_DEST;
+    int* selection_rows = reinterpret_cast<int*>(ws + WS_SEL_ROW);
+    int* pair_rows = reinterpret_cast<int*>(ws + WS_PAIR_ROW);
+
+    __shared__ int counts[EP_HT_UPDATE_WARPS][EP_E + EP_R];
+    __shared__ int zone_start[EP_E];   // expert-major: first slot of each expert's zone on its rank
+    __shared__ int required[EP_R];
+    __shared__ int bad;
+    if (threadIdx.x == 0) {
+        bad = 0;
+        ws[WS_STATUS] = 0;
+    }
+    for (int i = threadIdx.x; i < EP_HT_UPDATE_WARPS * (EP_E + EP_R); i += blockDim.x) (&counts[0][0])[i] = 0;
+    __syncthreads();
+    if (!ep_active(mask, rank)) {
+        if (threadIdx.x == 0) ws[WS_SEQ] = seq;
+        return;
+    }
+
+    // Validate (-1 or [0, E), no expert twice in a row), then mask inactive ranks' experts.
+    for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
+        const long long e = ep_read_index(args, rank, i);
+        if (e < -1 || e >= EP_E) {
+            ep_set_status(ws, EP_STATUS_INDEX_RANGE, i / EP_K, i % EP_K, static_cast<ep_u32>(e));
+            bad = 1;
+        }
+        routing[i] = e >= 0 && e < EP_E ? static_cast<int>(e) : -1;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
+        const int t = i / EP_K, c = i % EP_K, e = routing[i];
+        for (int p = 0; e >= 0 && p < c; ++p) {
+            if (routing[t * EP_K + p] == e) {
+                ep_set_status(ws, EP_STATUS_REPEATED, t, p, c);
+                bad = 1;
+            }
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
+        const int e = routing[i];
+        if (bad || (e >= 0 && !ep_active(mask, e / EP_L))) routing[i] = -1;
+    }
+    __syncthreads();
+    for (int t = threadIdx.x; t < tokens; t += blockDim.x) {
+        ep_u32 bits = 0;
+        for (int c = 0; c < EP_K; ++c) {
+            const int e = routing[t * EP_K + c];
+            if (e >= 0) bits |= 1u << (e / EP_L);
+        }
+        destinations[t] = bits;
+    }
+    __syncthreads();
+
+    // Pass 1: per-warp counts over a contiguous chunk of tokens.
+    const int chunk = (tokens + EP_HT_UPDATE_WARPS - 1) / EP_HT_UPDATE_WARPS;
+    const int begin = min(tokens, warp * chunk), end = min(tokens, begin + chunk);
+#pragma unroll 4
+    for (int t = begin; t < end; ++t) {
+        const int e = lane < EP_K ? routing[t * EP_K + lane] : -1;
+        const ep_u32 bits = destinations[t];
+        if (e >= 0) counts[warp][e] += 1;   // distinct experts per token: no two lanes collide
+        if (lane < EP_R && ((bits >> lane) & 1u)) counts[warp][EP_E + lane] += 1;
+        __syncwarp();
+    }
+    __syncthreads();
+    // Exclusive prefix over warps; the totals go to every active rank's table.
+    for (int i = threadIdx.x; i < EP_E + EP_R; i += blockDim.x) {
+        int running = 0;
+        for (int w = 0; w < EP_HT_UPDATE_WARPS; ++w) {
+            const int here = counts[w][i];
+            counts[w][i] = running;
+            running += here;
+        }
+        for (int d = 0; d < EP_R; ++d) {
+            if (ep_active(mask, d)) {
+                ep_ws(args, d)[WS_COUNTS + parity * EP_R * (EP_E + EP_R) + rank * (EP_E + EP_R) + i] = static_cast<ep_u32>(running);
+            }
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
+        __threadfence();
+        ep_store_release_sys(ep_ws(args, threadIdx.x) + WS_COUNT_FLAG + rank, seq * 2 + (bad ? 1 : 0));
+    }
+
+    // Pass 2: this rank's own position of each selection and pair, in token order.
+#pragma unroll 4
+    for (int t = begin; t < end; ++t) {
+        const int e = lane < EP_K ? routing[t * EP_K + lane] : -1;
+        const ep_u32 bits = destinations[t];
+        if (lane < EP_K) selection_rows[t * EP_K + lane] = e >= 0 ? counts[warp][e]++ : -1;
+        if (lane < EP_R) pair_rows[t * EP_R + lane] = ((bits >> lane) & 1u) ? counts[warp][EP_E + lane]++ : -1;
+        __syncwarp();
+    }
+
+    // Wait for every active rank's counts (bounded).
+    __shared__ int any_bad;
+    if (threadIdx.x == 0) any_bad = bad ? -2 : -1;
+    __syncthreads();
+    if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
+        const ep_u32* flag = ws + WS_COUNT_FLAG + threadIdx.x;
+        if (!ep_wait_flag_sys(flag, seq * 2, args.timeout_ns)) {
+            ep_timeout(args, ws, threadIdx.x);
+            atomicMax(&any_bad, static_cast<int>(threadIdx.x));
+        } else if (ep_load_acquire_sys(flag) & 1u) {
+            atomicMax(&any_bad, static_cast<int>(threadIdx.x));
+        }
+    }
+    __syncthreads();
+    if (any_bad != -1) {
+        if (threadIdx.x == 0) {
+            ws[WS_STEP_OK] = 0;
+            if (any_bad >= 0) ep_set_status(ws, EP_STATUS_PEER_FAILED, any_bad, 0, 0);
+            ws[WS_SEQ] = seq;
+        }
+        return;
+    }
+
+    // Every rank computes every destination's zones and checks its capacity, so all agree.
+    const ep_u32* table = ws + WS_COUNTS + parity * EP_R * (EP_E + EP_R);
+    const ep_u64 gathered = ep_load_mask(args) & mask;
+    if (threadIdx.x < EP_R) {
+        const int d = threadIdx.x;
+        int running = 0;
+#if EP_EXPERT_MAJOR
+        for (int l = 0; l < EP_L; ++l) {
+            int count = 0;
+            for (int s = 0; s < EP_R; ++s) {
+                if (ep_active(gathered, s)) count += static_cast<int>(table[s * (EP_E + EP_R) + d * EP_L + l]);
+            }
+            zone_start[d * EP_L + l] = running;
+            running += ep_round_up(count);
+        }
+#else
+        for (int s = 0; s < EP_R; ++s) {
+            if (ep_active(gathered, s)) running += static_cast<int>(table[s * (EP_E + EP_R) + EP_E + d]);
+        }
+#endif
+        required[d] = ep_active(gathered, d) ? running : 0;
+    }
+    __syncthreads();
+    __shared__ int overflow_rank;
+    if (threadIdx.x == 0) {
+        overflow_rank = -1;
+        for (int d = 0; d < EP_R; ++d) {
+            if (required[d] > EP_CAPACITY) {
+                overflow_rank = d;
+                ep_set_status(ws, EP_STATUS_OVERFLOW, d, required[d], EP_CAPACITY);
+                break;
+            }
+        }
+    }
+    __syncthreads();
+    if (overflow_rank >= 0) {
+        if (threadIdx.x == 0) {
+            ws[WS_STEP_OK] = 0;
+            ws[WS_SEQ] = seq;
+        }
+        return;
+    }
+
+    // Final rows: rows of lower source ranks first (and the zone start, expert-major).
+    for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
+        const int position = selection_rows[i];
+        if (position < 0) continue;
+        const int e = routing[i];
+        int before = 0;
+        for (int s = 0; s < rank; ++s) {
+            if (ep_active(gathered, s)) before += static_cast<int>(table[s * (EP_E + EP_R) + e]);
+        }
+        selection_rows[i] = EP_EXPERT_MAJOR ? zone_start[e] + before + position : -1;
+    }
+    for (int i = threadIdx.x; i < tokens * EP_R; i += blockDim.x) {
+        const int position = pair_rows[i];
+        if (position < 0) continue;
+        const int d = i % EP_R;
+        int before = 0;
+        for (int s = 0; s < rank; ++s) {
+            if (ep_active(gathered, s)) before += static_cast<int>(table[s * (EP_E + EP_R) + EP_E + d]);
+        }
+        pair_rows[i] = before + position;
+    }
+    // What this rank receives.
+    ep_u32* layout = ws + WS_LAYOUT;
+    for (int i = threadIdx.x; i < EP_L * EP_R; i += blockDim.x) {
+        const int l = i / EP_R, s = i % EP_R;
+        layout[EP_L + EP_R + i] = ep_active(gathered, s) ? table[s * (EP_E + EP_R) + rank * EP_L + l] : 0u;
+    }
+    __syncthreads();
+    if (threadIdx.x < EP_L) {
+        ep_u32 sum = 0;
+        for (int s = 0; s < EP_R; ++s) sum += layout[EP_L + EP_R + threadIdx.x * EP_R + s];
+        layout[threadIdx.x] = sum;
+        layout[EP_L + EP_R + EP_L * EP_R + 2 + threadIdx.x] = EP_EXPERT_MAJOR ? zone_start[rank * EP_L + threadIdx.x] : 0;
+    }
+    if (threadIdx.x < EP_R) {
+        layout[EP_L + threadIdx.x] = ep_active(gathered, threadIdx.x) ? table[threadIdx.x * (EP_E + EP_R) + EP_E + rank] : 0u;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        layout[EP_L + EP_R + EP_L * EP_R] = required[rank];   // rows in use, padding included
+        layout[EP_L + EP_R + EP_L * EP_R + 1] = 0;            // dropped: the GPU runs the .fail policy
+        ws[WS_STEP_OK] = 1;
+        ws[WS_SEQ] = seq;
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Dispatch: a warp per (token, piece of its row): the row is read once and written to each of
+// its rows (flat: one per destination rank) or slots (expert-major: one per selection).
+
+EP_DEVICE void ep_ht_write_routing(const EpArgs& args, int rank, int t, int d, int row, const int* routing) {
+    // Flat: the received row's local ids (-1 for experts elsewhere) and weights (0 there).
+    const int lane = threadIdx.x % 32;
+    if (lane >= EP_K) return;
+    const int e = routing[t * EP_K + lane];
+    const bool here = e >= 0 && e / EP_L == d;
+    const float w = here ? reinterpret_cast<const float*>(args.rank[rank].topk_weights)[t * EP_K + lane] : 0.0f;
+    const ep_u64 slot = static_cast<ep_u64>(row) * EP_K + lane;
+#if EP_RIDX_BYTES == 8
+    reinterpret_cast<long long*>(args.rank[d].recv_idx)[slot] = here ? e % EP_L : -1;
+#else
+    reinterpret_cast<int*>(args.rank[d].recv_idx)[slot] = here ? e % EP_L : -1;
+#endif
+    reinterpret_cast<float*>(args.rank[d].recv_weights)[slot] = w;
+}
+
+EP_DEVICE void ep_ht_store_slot(const EpArgs& args, int d, int slot, int local, float weight) {
+#if EP_RIDX_BYTES == 8
+    reinterpret_cast<long long*>(args.rank[d].recv_idx)[slot] = local;
+#else
+    reinterpret_cast<int*>(args.rank[d].recv_idx)[slot] = local;
+#endif
+    reinterpret_cast<float*>(args.rank[d].recv_weights)[slot] = weight;
+}
+
+extern "C" __global__ void __launch_bounds__(512, 2)
+ep_ht_dispatch(const EpArgs args) {
+    const int rank = static_cast<int>(blockIdx.y + args.first_rank);
+    ep_u32* ws = ep_ws(args, rank);
+    // Three independent loads issued together, before the first branch uses any of them.
+    const ep_u64 mask = ep_load_mask(args);
+    const ep_u32 step_ok = ws[WS_STEP_OK];
+    const ep_u32 seq = ws[WS_SEQ];
+    if (!ep_active(mask, rank) || step_ok == 0) return;
+    const int tokens = static_cast<int>(args.rank[rank].tokens);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int warps = blockDim.x / 32;
+    const int global_warp = blockIdx.x * warps + warp, all_warps = gridDim.x * warps;
+    const ep_u8* x = reinterpret_cast<const ep_u8*>(args.rank[rank].x);
+    const int* routing = reinterpret_cast<const int*>(ws + WS_ROUTING);
+    const int* selection_rows = reinterpret_cast<const int*>(ws + WS_SEL_ROW);
+    const int* pair_rows = reinterpret_cast<const int*>(ws + WS_PAIR_ROW);
+    __shared__ EpWarpRows table;
+    const bool move_data = !(args.sync & EP_SYNC_NO_DATA);
+
+#if EP_EXPERT_MAJOR
+    // This rank's padding rows: zero, local expert -1, weight 0.
+    if (move_data) {
+        const ep_u32* layout = ws + WS_LAYOUT;
+        for (int l = 0; l < EP_L; ++l) {
+            const int start = static_cast<int>(layout[EP_L + EP_R + EP_L * EP_R + 2 + l]);
+            const int count = static_cast<int>(layout[l]);
+            for (int row = start + count + global_warp; row < start + ep_round_up(count); row += all_warps) {
+                ep_u8* target = reinterpret_cast<ep_u8*>(args.rank[rank].recv) + static_cast<ep_u64>(row) * EP_ROW_BYTES;
+                ep_vec zero;
+                ep_u32* words = reinterpret_cast<ep_u32*>(&zero);
+                for (int i = 0; i < EP_VEC_BYTES / 4; ++i) words[i] = 0;
+                for (int v = lane; v < EP_ROW_VECS; v += 32) ep_store_vec(target + static_cast<ep_u64>(v) * EP_VEC_BYTES, zero);
+                if (lane == 0) ep_ht_store_slot(args, rank, row, -1, 0.0f);
+            }
+        }
+    }
+#endif
+
+    const int slices = static_cast<int>(args.slices);
+    const int per_slice = (EP_ROW_VECS + slices - 1) / slices;
+    const int items = move_data ? tokens * slices : 0;
+    for (int item = global_warp; item < items; item += all_warps) {
+        const int t = item / slices, piece = item % slices;
+        const int first = piece * per_slice, last = min(EP_ROW_VECS, first + per_slice);
+        ep_u8* target = nullptr;
+#if EP_EXPERT_MAJOR
+        if (lane < EP_K) {
+            const int slot = selection_rows[t * EP_K + lane];
+            if (slot >= 0) {
+                const int e = routing[t * EP_K + lane];
+                target = reinterpret_cast<ep_u8*>(args.rank[e / EP_L].recv) + static_cast<ep_u64>(slot) * EP_ROW_BYTES;
+                if (piece == 0) {
+                    ep_ht_store_slot(args, e / EP_L, slot, e % EP_L,
+                                     reinterpret_cast<const float*>(args.rank[rank].topk_weights)[t * EP_K + lane]);
+                }
+            }
+        }
+        const int fanout = EP_K;
+#else
+        int row = -1;
+        if (lane < EP_R) {
+            row = pair_rows[t * EP_R + lane];
+            if (row >= 0) target = reinterpret_cast<ep_u8*>(args.rank[lane].recv) + static_cast<ep_u64>(row) * EP_ROW_BYTES;
+        }
+        if (piece == 0) {
+            for (int d = 0; d < EP_R; ++d) {
+                const int drow = __shfl_sync(0xffffffffu, row, d);
+                if (drow >= 0) ep_ht_write_routing(args, rank, t, d, drow, routing);
+            }
+        }
+        const int fanout = EP_R;
+#endif
+        table.address[warp][lane] = reinterpret_cast<ep_u64>(target);
+        __syncwarp();
+        const ep_u8* src = x + static_cast<ep_u64>(t) * EP_ROW_BYTES;
+        int v = first + lane;
+        for (; v + 32 * (EP_UNROLL - 1) < last; v += 32 * EP_UNROLL) {
+            ep_vec values[EP_UNROLL];
+#pragma unroll
+            for (int u = 0; u < EP_UNROLL; ++u) values[u] = ep_load_vec(src + static_cast<ep_u64>(v + 32 * u) * EP_VEC_BYTES);
+#pragma unroll
+            for (int c = 0; c < fanout; ++c) {
+                ep_u8* dst = reinterpret_cast<ep_u8*>(table.address[warp][c]);
+                if (dst == nullptr) continue;
+#pragma unroll
+                for (int u = 0; u < EP_UNROLL; ++u) ep_store_vec(dst + static_cast<ep_u64>(v + 32 * u) * EP_VEC_BYTES, values[u]);
+            }
+        }
+        for (; v < last; v += 32) {
+            const ep_vec value = ep_load_vec(src + static_cast<ep_u64>(v) * EP_VEC_BYTES);
+#pragma unroll
+            for (int c = 0; c < fanout; ++c) {
+                ep_u8* dst = reinterpret_cast<ep_u8*>(table.address[warp][c]);
+                if (dst != nullptr) ep_store_vec(dst + static_cast<ep_u64>(v) * EP_VEC_BYTES, value);
+            }
+        }
+        __syncwarp();   // every lane is done with this item's table before the next overwrites it
+    }
+    ep_arrive_and_wait(args, rank, mask, WS_DISP_BLOCKS, WS_DISP_DONE, seq, args.sync & EP_SYNC_SIGNAL, args.sync & EP_SYNC_WAIT);
+}
+
+// ------------------------------------------------------------------------------------------
+// Combine: a warp per (token, piece) pulls the token's rows and reduces them in the order of
+// DESIGN.md: per destination rank ascending, the token's rows there in ascending local expert
+// (expert-major: each weighted by its slot's weight in the forward pass), that partial sum
+// rounded to the element type as if the destination had sent it, then summed into float32;
+// one rounding at the end. The backward pass also returns the weight gradients.
+
+EP_DEVICE float ep_round_trip(float value) {
+#if EP_ELEM == 0
+    return ep_bf16_to_float(ep_float_to_bf16(value));
+#elif EP_ELEM == 1
+    return ep_f16_to_float(ep_float_to_f16(value));
+#else
+    return value;
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(512, 2)
+ep_ht_combine(const EpArgs args) {
+#if EP_ELEM != 3
+    const int rank = static_cast<int>(blockIdx.y + args.first_rank);
+    ep_u32* ws = ep_ws(args, rank);
+    const ep_u64 mask = ep_load_mask(args);
+    const ep_u32 step_ok = ws[WS_STEP_OK];
+    const ep_u32 seq = ws[WS_SEQ];
+    if (!ep_active(mask, rank) || step_ok == 0) return;
+    if ((args.sync & EP_SYNC_SIGNAL) && blockIdx.x == 0 && threadIdx.x == 0) ep_store_release_sys(ws + WS_COMB_READY, seq);
+    if (args.sync & EP_SYNC_NO_DATA) return;
+    if (args.sync & EP_SYNC_WAIT) {
+        if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
+            if (!ep_wait_flag_sys(ep_ws(args, threadIdx.x) + WS_COMB_READY, seq, args.timeout_ns)) ep_timeout(args, ws, threadIdx.x);
+        }
+        __syncthreads();
+    }
+    const ep_u64 live = ep_load_mask(args);
+    const int tokens = static_cast<int>(args.rank[rank].tokens);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int warps = blockDim.x / 32;
+    ep_u8* out = reinterpret_cast<ep_u8*>(args.rank[rank].out);
+    const int* routing = reinterpret_cast<const int*>(ws + WS_ROUTING);
+    const int* selection_rows = reinterpret_cast<const int*>(ws + WS_SEL_ROW);
+    const int* pair_rows = reinterpret_cast<const int*>(ws + WS_PAIR_ROW);
+    __shared__ EpWarpRows table;
+    __shared__ int table_rank[EP_WARPS][32];
+    const int slices = static_cast<int>(args.slices);
+    const int per_slice = (EP_ROW_VECS + slices - 1) / slices;
+
+    for (int item = blockIdx.x * warps + warp; item < tokens * slices; item += gridDim.x * warps) {
+        const int t = item / slices, piece = item % slices;
+        const int first = piece * per_slice, last = min(EP_ROW_VECS, first + per_slice);
+        // This lane's row (if any), its sort key and its destination rank.
+        bool valid = false;
+        int key = 0, d = 0;
+        ep_u64 address = 0;
+        float weight = 1.0f;
+#if EP_EXPERT_MAJOR
+        if (lane < EP_K) {
+            const int slot = selection_rows[t * EP_K + lane];
+            const int e = routing[t * EP_K + lane];
+            if (slot >= 0 && ep_active(live, e / EP_L)) {
+                valid = true;
+                key = e;
+                d = e / EP_L;
+                address = args.rank[d].recv + static_cast<ep_u64>(slot) * EP_ROW_BYTES;
+                if (args.weighted) weight = reinterpret_cast<const float*>(args.rank[d].topk_weights)[slot];
+            }
+        }
+#else
+        if (lane < EP_R && ep_active(live, lane)) {
+            const int row = pair_rows[t * EP_R + lane];
+            if (row >= 0) {
+                valid = true;
+                key = lane;
+                d = lane;
+                address = args.rank[d].recv + static_cast<ep_u64>(row) * EP_ROW_BYTES;
+            }
+        }
+#endif
+        // Position in the reduction order: valid lanes with a smaller key come first.
+        const ep_u32 ballot = __ballot_sync(0xffffffffu, valid);
+        const int count = __popc(ballot);
+        int position = 0;
+        for (int j = 0; j < 32; ++j) {
+            const int other = __shfl_sync(0xffffffffu, key, j);
+            if (((ballot >> j) & 1u) && other < key) ++position;
+        }
+        if (valid) {
+            table.address[warp][position] = address;
+            table.weight[warp][position] = weight;
+            table_rank[warp][position] = d;
+        }
+        __syncwarp();
+
+        // Backward: the gradient of each of the token's weights, from the row or slot that
+        // received the selection; 0 where nothing was received.
+        if (piece == 0 && args.rank[rank].weight_grads_out != 0 && lane < EP_K) {
+            const int e = routing[t * EP_K + lane];
+            float gradient = 0.0f;
+            if (e >= 0) {
+                const int owner = e / EP_L;
+                const float* grads = reinterpret_cast<const float*>(args.rank[owner].weight_grads_in);
+#if EP_EXPERT_MAJOR
+                const int slot = selection_rows[t * EP_K + lane];
+                if (slot >= 0) gradient = grads[slot];
+#else
+                const int row = pair_rows[t * EP_R + owner];
+                if (row >= 0) gradient = grads[static_cast<ep_u64>(row) * EP_K + lane];
+#endif
+            }
+            reinterpret_cast<float*>(args.rank[rank].weight_grads_out)[t * EP_K + lane] = gradient;
+        }
+
+        ep_u8* row_out = out + static_cast<ep_u64>(t) * EP_ROW_BYTES;
+        for (int v = first + lane; v < last; v += 32) {
+            float acc[EP_ELEMS_PER_VEC], partial[EP_ELEMS_PER_VEC];
+#pragma unroll
+            for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) acc[i] = partial[i] = 0.0f;
+            int current = count > 0 ? table_rank[warp][0] : 0;
+#pragma unroll
+            for (int c0 = 0; c0 < EP_FANOUT; c0 += EP_CHUNK) {
+                if (c0 >= count) break;
+                ep_vec rows[EP_CHUNK];
+#pragma unroll
+                for (int j = 0; j < EP_CHUNK; ++j) {
+                    if (c0 + j < count) {
+                        rows[j] = ep_load_vec_peer(reinterpret_cast<const ep_u8*>(table.address[warp][c0 + j]) + static_cast<ep_u64>(v) * EP_VEC_BYTES);
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < EP_CHUNK; ++j) {
+                    if (c0 + j >= count) break;
+                    const int owner = table_rank[warp][c0 + j];
+                    if (owner != current) {
+#pragma unroll
+                        for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) {
+                            acc[i] = ep_fma(1.0f, ep_round_trip(partial[i]), acc[i]);
+                            partial[i] = 0.0f;
+                        }
+                        current = owner;
+                    }
+                    const float w = table.weight[warp][c0 + j];
+#pragma unroll
+                    for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) partial[i] = ep_fma(w, ep_element(rows[j], i), partial[i]);
+                }
+            }
+            if (count > 0) {
+#pragma unroll
+                for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) acc[i] = ep_fma(1.0f, ep_round_trip(partial[i]), acc[i]);
+            }
+            ep_store_vec(row_out + static_cast<ep_u64>(v) * EP_VEC_BYTES, ep_pack(acc));
+        }
+        __syncwarp();   // every lane is done with this item's table before the next overwrites it
+    }
+    const bool done = args.sync & EP_SYNC_DONE;
+    ep_arrive_and_wait(args, rank, mask, WS_COMB_BLOCKS, WS_COMB_DONE, seq, done, done);
+#endif
+}

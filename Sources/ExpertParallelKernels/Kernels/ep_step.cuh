@@ -1,0 +1,212 @@
+// The step machinery shared by the LL and HT kernels: the compile-time shape, the argument
+// block (every rank's buffer addresses: the peer table), the workspace words all algorithms
+// use, status codes, flags between ranks, row vectors and element conversion.
+
+#ifndef EP_R
+#define EP_R 8            // ranks
+#endif
+#ifndef EP_L
+#define EP_L 32           // local experts per rank
+#endif
+#ifndef EP_K
+#define EP_K 8            // top-k
+#endif
+#ifndef EP_BMAX
+#define EP_BMAX 128       // max tokens per rank
+#endif
+#ifndef EP_ROW_BYTES
+#define EP_ROW_BYTES 14336  // hidden × element size
+#endif
+#ifndef EP_ELEM
+#define EP_ELEM 0         // 0 bf16, 1 f16, 2 f32, 3 raw bytes (dispatch only)
+#endif
+#ifndef EP_IDX_BYTES
+#define EP_IDX_BYTES 4    // topk_idx input: int32 or int64
+#endif
+#ifndef EP_RIDX_BYTES
+#define EP_RIDX_BYTES 4   // received idx output: int32 or int64
+#endif
+#ifndef EP_VEC_BYTES
+#define EP_VEC_BYTES 16   // 16 when every row address is 16-byte aligned, else 8
+#endif
+
+
+#define EP_E (EP_R * EP_L)
+
+// Workspace of one rank, in 32-bit words: the words every algorithm shares. Each algorithm's
+// kernel file adds its own after WS_COUNTS; the host mirrors both (StepWorkspace.swift).
+#define WS_SEQ 0                          // steps begun by the update kernel on this rank
+#define WS_STATUS 1                       // [4] code, a, b, c: first error of the last step
+#define WS_STEP_OK 5                      // 1 when every rank's routing of the step was valid
+#define WS_COMB_READY 6                   // seq once this rank's expert outputs may be read
+#define WS_DISP_BLOCKS 7                  // this rank's dispatch blocks finished (reset by the last)
+#define WS_COMB_BLOCKS 8                  // this rank's combine blocks finished (reset by the last)
+#define WS_COUNT_FLAG 10                  // [R] seq*2 + bad, written by source s after its counts
+#define WS_DISP_DONE (WS_COUNT_FLAG + EP_R)   // [R] seq once source s finished writing here
+#define WS_COMB_DONE (WS_DISP_DONE + EP_R)    // [R] seq once source s finished reading here
+#define WS_COUNTS (WS_COMB_DONE + EP_R)       // [2][R][E + R] counts all-gathered, by step parity
+
+// What a launch does besides moving data. One launch covering every rank needs none of it
+// (the launch's end is the barrier); separate launches per rank and split calls (send-only,
+// then complete) meet through these flags.
+#define EP_SYNC_SIGNAL 1   // dispatch: announce arrival to each destination; combine: announce ready
+#define EP_SYNC_WAIT 2     // dispatch: wait for every source's arrival; combine: wait until peers are ready
+#define EP_SYNC_NO_DATA 4  // only the flags: the send-only half of combine, the complete half of dispatch
+#define EP_SYNC_DONE 8     // combine: tell each peer its rows were read, and wait until ours were
+
+#define EP_STATUS_INDEX_RANGE 1   // a = token, b = column, c = value (low 32 bits)
+#define EP_STATUS_REPEATED 2      // a = token, b = first column, c = second column
+#define EP_STATUS_TIMEOUT 3       // a = missing peer
+#define EP_STATUS_PEER_FAILED 4   // a = peer whose routing was invalid
+#define EP_STATUS_OVERFLOW 5      // a = destination rank, b = rows required, c = capacity
+
+struct EpRankArgs {
+    ep_u64 x;                // dispatch: [B, H] rows
+    ep_u64 topk_idx;         // [B, K]
+    ep_u64 topk_weights;     // [B, K] f32 (dispatch rank-major, combine expert-major forward)
+    ep_u64 recv;             // dispatch output / combine input (expert outputs)
+    ep_u64 recv_idx;         // rank-major [R, BMAX, K]
+    ep_u64 recv_weights;     // rank-major [R, BMAX, K] f32
+    ep_u64 out;              // combine output [B, H]
+    ep_u64 workspace;        // WS_WORDS words
+    ep_i64 tokens;           // B of this rank in this step
+    ep_u64 weight_grads_in;  // HT backward combine: weight gradients per received row / slot
+    ep_u64 weight_grads_out; // HT backward combine: [B, K] f32 gradients of this rank's weights
+    ep_i64 reserved;
+};
+
+struct EpArgs {
+    EpRankArgs rank[EP_R];
+    ep_u64 mask;             // the group's active-rank mask (u64 in device memory)
+    ep_u64 timeout_ns;
+    ep_i64 first_rank;       // rank of blockIdx.y == 0
+    ep_i64 sync;             // EP_SYNC_* bits: which flags this launch publishes and waits for
+    ep_i64 weighted;         // combine: apply topk_weights (forward, expert-major)
+    ep_i64 slices;           // pieces each row is cut into; a warp moves one piece
+};
+
+EP_DEVICE ep_u32* ep_ws(const EpArgs& args, int rank) {
+    return reinterpret_cast<ep_u32*>(args.rank[rank].workspace);
+}
+
+EP_DEVICE bool ep_active(ep_u64 mask, int rank) { return (mask >> rank) & 1ull; }
+
+EP_DEVICE ep_u64 ep_load_mask(const EpArgs& args) {
+    return *reinterpret_cast<volatile ep_u64*>(args.mask);
+}
+
+// Records the first error of a step on `rank` (later ones keep the first).
+EP_DEVICE void ep_set_status(ep_u32* ws, ep_u32 code, ep_u32 a, ep_u32 b, ep_u32 c) {
+    if (atomicCAS(ws + WS_STATUS, 0u, code) == 0u) {
+        ws[WS_STATUS + 1] = a;
+        ws[WS_STATUS + 2] = b;
+        ws[WS_STATUS + 3] = c;
+    }
+}
+
+// A peer that missed the timeout leaves the mask; this rank notes it and carries on.
+EP_DEVICE void ep_timeout(const EpArgs& args, ep_u32* ws, int peer) {
+    atomicAnd(reinterpret_cast<unsigned long long*>(args.mask), ~(1ull << peer));
+    ep_set_status(ws, EP_STATUS_TIMEOUT, static_cast<ep_u32>(peer), 0, 0);
+}
+
+EP_DEVICE long long ep_read_index(const EpArgs& args, int rank, int flat) {
+#if EP_IDX_BYTES == 8
+    return reinterpret_cast<const long long*>(args.rank[rank].topk_idx)[flat];
+#else
+    return reinterpret_cast<const int*>(args.rank[rank].topk_idx)[flat];
+#endif
+}
+
+// ------------------------------------------------------------------------------------------
+// Vectors of a row.
+
+#if EP_VEC_BYTES == 16
+typedef ep_vec16 ep_vec;
+EP_DEVICE ep_vec ep_load_vec(const void* p) { return ep_load16_nc(p); }
+// Expert outputs are final before combine starts (kernel boundary, or the peer's ready flag
+// in separate launches), so the read-only path is safe; it bypasses L1, so nothing goes stale.
+EP_DEVICE ep_vec ep_load_vec_peer(const void* p) { return ep_load16_nc(p); }
+EP_DEVICE void ep_store_vec(void* p, ep_vec v) { ep_store16_na(p, v); }
+#else
+struct __align__(8) ep_vec8 { ep_u32 x, y; };
+typedef ep_vec8 ep_vec;
+EP_DEVICE ep_vec ep_load_vec(const void* p) { return *static_cast<const ep_vec8*>(p); }
+EP_DEVICE ep_vec ep_load_vec_peer(const void* p) { return *static_cast<const ep_vec8*>(p); }
+EP_DEVICE void ep_store_vec(void* p, ep_vec v) { *static_cast<ep_vec8*>(p) = v; }
+#endif
+#define EP_ROW_VECS (EP_ROW_BYTES / EP_VEC_BYTES)
+#define EP_UNROLL 4
+#define EP_WARPS 16       // warps per dispatch/combine block (512 threads)
+#define EP_CHUNK 8        // combine: rows loaded before the first use
+
+// Each lane of a warp publishes one row address (and weight) for its warp to read back by
+// index: the table lives in shared memory, not in K registers per lane, so large top-k does
+// not spill and two 512-thread blocks fit on an SM.
+struct EpWarpRows {
+    ep_u64 address[EP_WARPS][32];
+    float weight[EP_WARPS][32];
+};
+
+// With `signal`, the last block of this rank to finish tells every destination that this rank
+// is done with it (flag = the step's sequence number). With `wait`, block 0 waits until every
+// active peer has said so for this rank: the call then ends only when its data is complete.
+// Waiting is only asked where all the waiting blocks' peers are resident or already finished.
+EP_DEVICE void ep_arrive_and_wait(const EpArgs& args, int rank, ep_u64 mask, int block_counter, int flag_offset,
+                                  ep_u32 seq, bool signal, bool wait) {
+    ep_u32* ws = ep_ws(args, rank);
+    if (signal) {
+        __shared__ int last;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            __threadfence();
+            last = atomicAdd(ws + block_counter, 1u) == gridDim.x - 1;
+            if (last) atomicExch(ws + block_counter, 0u);
+        }
+        __syncthreads();
+        if (last && threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
+            __threadfence();
+            ep_store_release_sys(ep_ws(args, threadIdx.x) + flag_offset + rank, seq);
+        }
+    }
+    if (wait && blockIdx.x == 0 && threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
+        if (!ep_wait_flag_sys(ws + flag_offset + threadIdx.x, seq, args.timeout_ns)) ep_timeout(args, ws, threadIdx.x);
+    }
+}
+
+#if EP_ELEM == 2
+#define EP_ELEMS_PER_VEC (EP_VEC_BYTES / 4)
+#else
+#define EP_ELEMS_PER_VEC (EP_VEC_BYTES / 2)
+#endif
+
+EP_DEVICE float ep_element(const ep_vec& v, int i) {
+    const ep_u32* words = reinterpret_cast<const ep_u32*>(&v);
+#if EP_ELEM == 2
+    return __uint_as_float(words[i]);
+#elif EP_ELEM == 1
+    return ep_f16_to_float(static_cast<ep_u16>(words[i / 2] >> (16 * (i % 2))));
+#else
+    return ep_bf16_to_float(static_cast<ep_u16>(words[i / 2] >> (16 * (i % 2))));
+#endif
+}
+
+EP_DEVICE ep_vec ep_pack(const float* acc) {
+    ep_vec v;
+    ep_u32* words = reinterpret_cast<ep_u32*>(&v);
+#if EP_ELEM == 2
+#pragma unroll
+    for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) words[i] = __float_as_uint(acc[i]);
+#else
+#pragma unroll
+    for (int i = 0; i < EP_ELEMS_PER_VEC / 2; ++i) {
+#if EP_ELEM == 1
+        words[i] = static_cast<ep_u32>(ep_float_to_f16(acc[2 * i])) | (static_cast<ep_u32>(ep_float_to_f16(acc[2 * i + 1])) << 16);
+#else
+        words[i] = static_cast<ep_u32>(ep_float_to_bf16(acc[2 * i])) | (static_cast<ep_u32>(ep_float_to_bf16(acc[2 * i + 1])) << 16);
+#endif
+    }
+#endif
+    return v;
+}
+

@@ -1,0 +1,115 @@
+import ExpertParallel
+import ExpertParallelCUDA
+import ExpertParallelGPU
+import Testing
+
+/// HT on the GPU equals the CPU oracle bit for bit: rows, counters, zone offsets, local idx and
+/// weights, padding, combined rows and weight gradients. Gated on EP_GPU_TESTS=1.
+@Suite(.enabled(if: gpuTestsEnabled, "needs a GPU: set EP_GPU_TESTS=1"), .serialized)
+struct HTOracleTests {
+    static let layouts: [Layout] = [.flat, .expertMajorPadded(alignment: 1), .expertMajorPadded(alignment: 16)]
+
+    @Test(arguments: layouts)
+    func randomRoutingsMatchTheOracle(layout: Layout) throws {
+        let device = try #require(sharedDevice)
+        var cases = 0
+        for (i, s) in LLOracleTests.shapes.enumerated() {
+            let config = GroupConfig.forLayout(layout, ranks: s.ranks, experts: s.ranks * s.local, topK: s.topK, hidden: s.hidden,
+                                               elementType: s.type, maxTokensPerRank: s.maxTokens)
+            let group = try VirtualGPUGroup(config, device: device)
+            for step in 0..<9 {
+                var random = RandomRouting(seed: UInt64(2000 * i + step))
+                let tokens = (0..<s.ranks).map { _ in Int(random.next() % UInt64(s.maxTokens + 1)) }
+                let inputs = StepInputs(config: config, tokens: tokens, seed: UInt64(11 * i + step),
+                                        minusOneRate: step % 3 == 0 ? 0.3 : 0.05, skew: step % 3 == 1 ? 2 : 0)
+                try stepMatchesTheOracle(group, inputs, tokens, "\(layout) shape \(i) step \(step)",
+                                         direction: step % 2 == 1 ? .backward : .forward, mode: step % 4 == 3 ? .perRank : .single)
+                cases += 1
+            }
+        }
+        #expect(cases >= 70)
+    }
+
+    @Test(arguments: layouts)
+    func edgeCasesAndTheOddCaseMatchTheOracle(layout: Layout) throws {
+        let device = try #require(sharedDevice)
+        let config = GroupConfig.forLayout(layout, ranks: 4, experts: 16, topK: 4, hidden: 64, elementType: .bf16, maxTokensPerRank: 16)
+        let group = try VirtualGPUGroup(config, device: device)
+        let cases: [(String, [Int], Float, Int?)] = [
+            ("B = 0 everywhere", [0, 0, 0, 0], 0, nil), ("B = 0 on some ranks", [0, 5, 0, 16], 0, nil),
+            ("all -1", [16, 16, 16, 16], 1, nil), ("all tokens to one expert", [16, 16, 16, 16], 0, 5),
+            ("B = max", [16, 16, 16, 16], 0, nil),
+        ]
+        for (seed, (label, tokens, minusOne, one)) in cases.enumerated() {
+            let inputs = StepInputs(config: config, tokens: tokens, seed: UInt64(seed), minusOneRate: minusOne, oneExpert: one)
+            try stepMatchesTheOracle(group, inputs, tokens, "\(layout) \(label)")
+            try stepMatchesTheOracle(group, inputs, tokens, "\(layout) \(label) backward", direction: .backward)
+        }
+        let odd = GroupConfig.forLayout(layout, ranks: 6, experts: 96, topK: 10, hidden: 2880, elementType: .bf16, maxTokensPerRank: 77)
+        let oddGroup = try VirtualGPUGroup(odd, device: device)
+        let tokens = Array(repeating: 77, count: 6)
+        try stepMatchesTheOracle(oddGroup, StepInputs(config: odd, tokens: tokens, seed: 77, minusOneRate: 0), tokens, "odd \(layout)")
+    }
+
+    @Test(arguments: layouts)
+    func maskedRankNeitherSendsNorReceives(layout: Layout) throws {
+        let device = try #require(sharedDevice)
+        let config = GroupConfig.forLayout(layout, ranks: 4, experts: 16, topK: 4, hidden: 32, elementType: .bf16, maxTokensPerRank: 8)
+        let group = try VirtualGPUGroup(config, device: device)
+        try group.deactivate(rank: 1)
+        let tokens = [8, 8, 8, 8]
+        let inputs = StepInputs(config: config, tokens: tokens, seed: 5)
+        let buffers = try GPUStep(config, device, tokens: tokens)
+        try buffers.upload(inputs)
+        try buffers.poison()
+        try buffers.enqueue(group, direction: .backward)
+        let gpu = try buffers.results(group, direction: .backward)
+        expectMatch(gpu, try oracleStep(config, inputs, direction: .backward, masked: [1]), "\(layout) rank 1 masked")
+        #expect(gpu[1].received.allSatisfy { $0 == 0xA5 }, "the masked rank received nothing")
+    }
+
+    @Test(arguments: layouts)
+    func overflowWithTheFailPolicyIsReportedAndWritesNothing(layout: Layout) throws {
+        let device = try #require(sharedDevice)
+        let config = GroupConfig.forLayout(layout, ranks: 2, experts: 8, topK: 2, hidden: 16, elementType: .bf16,
+                                           maxTokensPerRank: 8, maxReceivedTokensPerRank: 5)
+        let group = try VirtualGPUGroup(config, device: device)
+        let tokens = [8, 8]
+        let inputs = StepInputs(config: config, tokens: tokens, seed: 3, minusOneRate: 0, oneExpert: 0)   // 16 rows to rank 0
+        let buffers = try GPUStep(config, device, tokens: tokens)
+        try buffers.upload(inputs)
+        try buffers.poison()
+        try buffers.enqueue(group)
+        let required = config.isExpertMajorHT ? (16 + config.alignment - 1) / config.alignment * config.alignment : 16
+        #expect(throws: EPError.overflow(rank: 0, required: required, capacity: 5)) { try group.checkStatus() }
+        let results = try buffers.results(group, skipStatus: true)
+        for result in results {
+            #expect(result.received.allSatisfy { $0 == 0xA5 } && result.combined.allSatisfy { $0 == 0xA5 }, "an overflowing step writes nothing")
+        }
+        // The host oracle says the same.
+        #expect(throws: EPError.overflow(rank: 0, required: required, capacity: 5)) { _ = try oracleStep(config, inputs) }
+    }
+
+    @Test func capturedGraphReplaysWithNewRouting() throws {
+        let device = try #require(sharedDevice)
+        let config = GroupConfig.forLayout(.expertMajorPadded(alignment: 8), ranks: 4, experts: 32, topK: 4, hidden: 256,
+                                           elementType: .bf16, maxTokensPerRank: 64)
+        let group = try VirtualGPUGroup(config, device: device)
+        let tokens = [64, 40, 64, 9]
+        let buffers = try GPUStep(config, device, tokens: tokens)
+        try buffers.upload(StepInputs(config: config, tokens: tokens, seed: 0))
+        let driver = device.driver
+        try driver.beginCapture(on: group.stream)
+        try buffers.enqueue(group)
+        let graph = try driver.endCapture(on: group.stream)
+        let exec = try driver.instantiate(graph)
+        defer { try? driver.destroy(exec); try? driver.destroy(graph) }
+        for replay in 0..<100 {
+            let inputs = StepInputs(config: config, tokens: tokens, seed: UInt64(900 + replay), skew: replay % 2 == 0 ? 0 : 3)
+            try buffers.upload(inputs)
+            try buffers.poison()
+            try driver.launch(exec, on: group.stream)
+            expectMatch(try buffers.results(group), try oracleStep(config, inputs), "HT replay \(replay)")
+        }
+    }
+}
