@@ -6,7 +6,7 @@
  * original token order. Two backends sit behind one set of calls:
  *   - the host (CPU) group: R ranks in one process, one thread per rank; the bit-exact oracle;
  *   - the virtual GPU group: R ranks on one CUDA device, every call one launch for all R ranks
- *     (LL algorithm only so far).
+ *     (both algorithms; HT with epOverflowFail only so far).
  *
  * Conventions
  *   - Every call returns an epResult_t. On failure, epGetLastErrorMessage() says what was wrong,
@@ -54,7 +54,7 @@ typedef enum {
     /* A call out of order (dispatch before update), or one this group does not offer. */
     epInvalidUsage = 2,
     /* More rows would reach a rank than its receive buffer holds (HT, overflow policy fail);
-     * no output was touched. */
+     * no output was touched. The GPU group reports it from epGroupCheckStatus. */
     epOverflow = 3,
     /* A rank waited longer than the group's timeout for another; the late ranks are now masked
      * inactive (see epGroupGetActiveRanks / epGroupCleanRanks). */
@@ -106,7 +106,8 @@ typedef enum {
 
 typedef enum {
     epOverflowFail = 0, /* the update fails with epOverflow and touches nothing */
-    epOverflowDrop = 1  /* rows that do not fit are dropped (kept in (rank, token) order) and counted */
+    epOverflowDrop = 1  /* rows that do not fit are dropped (kept in (rank, token) order) and counted;
+                         * host group only so far */
 } epOverflowPolicy_t;
 
 typedef enum { epForward = 0, epBackward = 1 } epPassDirection_t;

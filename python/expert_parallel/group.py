@@ -139,7 +139,7 @@ _INT64 = 2**63 - 1
 
 class VirtualGroup:
     """R ranks in one process: on the CPU (``device="cpu"``, NumPy arrays or CPU torch tensors) or
-    on one GPU (``device="cuda:N"``, CUDA torch tensors; LL only so far).
+    on one GPU (``device="cuda:N"``, CUDA torch tensors; HT there with ``overflow="fail"`` only so far).
 
     ``algorithm``: "ll" (low latency) or "ht" (high throughput). ``layout``: "expert_major" or
     "rank_major" (LL), "flat" or "expert_major_padded" (HT, with ``alignment``); default

@@ -25,8 +25,10 @@ def torch_dtype(name):
     return {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[name]
 
 
-def make_step(seed, shape, dtype, recv_shape, *, index_dtype="int32", minus_one_rate=0.1, tokens=None):
-    """One step's inputs as CPU torch tensors."""
+def make_step(seed, shape, dtype, recv_shape, *, index_dtype="int32", minus_one_rate=0.1, tokens=None,
+              recv_routing_shape=None):
+    """One step's inputs as CPU torch tensors: tokens, routing, weights, expert outputs and (with
+    `recv_routing_shape`) the weight gradients of HT's backward pass."""
     ranks, experts, top_k, hidden, max_tokens = shape
     rng = np.random.default_rng(seed)
     tokens = tokens or [int(rng.integers(0, max_tokens + 1)) for _ in range(ranks)]
@@ -36,18 +38,25 @@ def make_step(seed, shape, dtype, recv_shape, *, index_dtype="int32", minus_one_
     weights = [torch.from_numpy(rng.random((b, top_k)).astype(np.float32)) for b in tokens]
     ys = [(torch.from_numpy(rng.standard_normal(recv_shape).astype(np.float32)) * 3).to(torch_dtype(dtype))
           for _ in range(ranks)]
-    return xs, idx, weights, ys
+    if recv_routing_shape is None:
+        return xs, idx, weights, ys
+    grads = [torch.from_numpy(rng.standard_normal(recv_routing_shape).astype(np.float32)) for _ in range(ranks)]
+    return xs, idx, weights, ys, grads
 
 
 def cuda(tensors):
     return [t.to(DEVICE) for t in tensors]
 
 
-def run(group, xs, idx, weights, ys, direction="forward", **kwargs):
+def run(group, xs, idx, weights, ys, direction="forward", grads=None, **kwargs):
+    """dispatch + combine; returns (dispatch result, combined, weight gradients or None)."""
     out = group.dispatch(xs, idx, weights, **kwargs)
-    combined = group.combine(ys, out.handle, direction=direction, **kwargs)
+    if direction == "backward" and group.algorithm == "ht":
+        combined, weight_grads = group.combine(ys, out.handle, direction=direction, weight_gradients=grads, **kwargs)
+    else:
+        combined, weight_grads = group.combine(ys, out.handle, direction=direction, **kwargs), None
     group.check()
-    return out, combined
+    return out, combined, weight_grads
 
 
 def same_bits(a, b):
@@ -56,7 +65,7 @@ def same_bits(a, b):
 
 
 def expect_same(gpu, cpu, label, ranks=None):
-    (gout, gcombined), (cout, ccombined) = gpu, cpu
+    (gout, gcombined, ggrads), (cout, ccombined, cgrads) = gpu, cpu
     for r in ranks if ranks is not None else range(len(ccombined)):
         assert same_bits(gout.tokens[r], cout.tokens[r]), f"{label} rank {r}: received rows"
         if cout.topk_idx is not None:
@@ -64,6 +73,8 @@ def expect_same(gpu, cpu, label, ranks=None):
             assert same_bits(gout.topk_weights[r], cout.topk_weights[r]), f"{label} rank {r}: received weights"
         assert gout.layout[r] == cout.layout[r], f"{label} rank {r}: {gout.layout[r]} != {cout.layout[r]}"
         assert same_bits(gcombined[r], ccombined[r]), f"{label} rank {r}: combined rows"
+        if cgrads is not None:
+            assert same_bits(ggrads[r], cgrads[r]), f"{label} rank {r}: weight gradients"
 
 
 def groups(shape, **settings):
@@ -72,21 +83,27 @@ def groups(shape, **settings):
     return ep.VirtualGroup(device=DEVICE, **common), ep.VirtualGroup(device="cpu", **common)
 
 
+# (algorithm, layout, alignment)
+LAYOUTS = [("ll", "expert_major", 1), ("ll", "rank_major", 1), ("ht", "flat", 1), ("ht", "expert_major_padded", 1),
+           ("ht", "expert_major_padded", 16)]
+
+
 @pytest.mark.parametrize("index_dtype", ["int32", "int64"])
 @pytest.mark.parametrize("dtype", ["bf16", "f16", "f32"])
-@pytest.mark.parametrize("layout", ["expert_major", "rank_major"])
-def test_gpu_matches_cpu_bit_for_bit(layout, dtype, index_dtype):
+@pytest.mark.parametrize("algorithm,layout,alignment", LAYOUTS)
+def test_gpu_matches_cpu_bit_for_bit(algorithm, layout, alignment, dtype, index_dtype):
     for i, shape in enumerate(SHAPES):
-        gpu, cpu = groups(shape, layout=layout, dtype=dtype)
-        assert gpu.recv_shape == cpu.recv_shape
+        gpu, cpu = groups(shape, algorithm=algorithm, layout=layout, alignment=alignment, dtype=dtype)
+        assert (gpu.recv_shape, gpu.recv_routing_shape) == (cpu.recv_shape, cpu.recv_routing_shape)
         for step in range(4):
-            xs, idx, w, ys = make_step(100 * i + step, shape, dtype, cpu.recv_shape, index_dtype=index_dtype,
-                                       minus_one_rate=0.3 if step == 0 else 0.05)
-            direction = "backward" if step == 3 else "forward"
+            xs, idx, w, ys, grads = make_step(100 * i + step, shape, dtype, cpu.recv_shape, index_dtype=index_dtype,
+                                              minus_one_rate=0.3 if step == 0 else 0.05,
+                                              recv_routing_shape=cpu.recv_routing_shape or (1,))
+            direction = "backward" if step % 2 == 1 else "forward"
             launch = "per_rank" if step == 2 else "single"
-            label = f"{layout} {dtype} {index_dtype} shape {shape} step {step} {direction} {launch}"
-            expect_same(run(gpu, cuda(xs), cuda(idx), cuda(w), cuda(ys), direction, launch=launch),
-                        run(cpu, xs, idx, w, ys, direction), label)
+            label = f"{layout}({alignment}) {dtype} {index_dtype} shape {shape} step {step} {direction} {launch}"
+            expect_same(run(gpu, cuda(xs), cuda(idx), cuda(w), cuda(ys), direction, cuda(grads), launch=launch),
+                        run(cpu, xs, idx, w, ys, direction, grads), label)
 
 
 @pytest.mark.parametrize("layout", ["expert_major", "rank_major"])
@@ -124,9 +141,21 @@ def test_a_masked_rank_matches_the_cpu():
     assert gpu.active_ranks == [0, 1, 2, 3]
 
 
-def test_ht_on_the_gpu_is_refused_clearly():
-    with pytest.raises(ep.InvalidArgumentError, match="the GPU backend runs LL so far; use the host backend for HT"):
-        ep.VirtualGroup(ranks=2, experts=4, hidden=8, top_k=2, max_tokens=4, algorithm="ht", dtype="bf16", device=DEVICE)
+def test_ht_drop_policy_on_the_gpu_is_refused_clearly():
+    with pytest.raises(ep.InvalidArgumentError, match=r"overflow = drop; the GPU backend runs the .fail policy so far"):
+        ep.VirtualGroup(ranks=2, experts=4, hidden=8, top_k=2, max_tokens=4, algorithm="ht", dtype="bf16",
+                        max_recv_tokens=2, overflow="drop", device=DEVICE)
+
+
+def test_ht_overflow_on_the_gpu_is_reported_by_check():
+    shape = (2, 4, 2, 16, 6)
+    gpu, cpu = groups(shape, algorithm="ht", dtype="bf16", max_recv_tokens=2)
+    xs, idx, w, _ = make_step(6, shape, "bf16", cpu.recv_shape, tokens=[6, 6], minus_one_rate=0.0)
+    with pytest.raises(ep.ReceiveOverflowError, match="overflow: rank"):
+        cpu.dispatch(xs, idx, w)
+    gpu.dispatch(cuda(xs), cuda(idx), cuda(w))
+    with pytest.raises(ep.ReceiveOverflowError, match="overflow: rank"):
+        gpu.check()
 
 
 def test_gpu_group_rejects_host_and_non_contiguous_tensors():
