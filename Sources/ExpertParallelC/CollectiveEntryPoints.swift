@@ -12,12 +12,7 @@ public func cGroupUpdateAll(
         let object = try groupRegistry.object(group, "group")
         let settings = try CallSettings(config)
         let inputs = try epUpdateInputs_t.readArray(inputs, count: object.config.ranks, "inputs")
-        try object.lock.withLock {
-            switch object.backend {
-            case .host(let host): try host.updateAll(inputs)
-            case .gpu(let gpu): try gpu.updateAll(inputs, settings, stream)
-            }
-        }
+        try object.withBackend { try $0.updateAll(inputs, settings, stream) }
     }
 }
 
@@ -31,12 +26,7 @@ public func cGroupDispatchAll(
         let settings = try CallSettings(config)
         let inputs = try epDispatchInputs_t.readArray(inputs, count: object.config.ranks, "inputs")
         let outputs = try epDispatchOutputs_t.readArray(outputs, count: object.config.ranks, "outputs")
-        try object.lock.withLock {
-            switch object.backend {
-            case .host(let host): try host.dispatchAll(inputs, outputs, settings)
-            case .gpu(let gpu): try gpu.dispatchAll(inputs, outputs, settings, stream)
-            }
-        }
+        try object.withBackend { try $0.dispatchAll(inputs, outputs, settings, stream) }
     }
 }
 
@@ -50,12 +40,7 @@ public func cGroupCombineAll(
         let settings = try CallSettings(config)
         let inputs = try epCombineInputs_t.readArray(inputs, count: object.config.ranks, "inputs")
         let outputs = try epCombineOutputs_t.readArray(outputs, count: object.config.ranks, "outputs")
-        try object.lock.withLock {
-            switch object.backend {
-            case .host(let host): try host.combineAll(inputs, outputs, settings)
-            case .gpu(let gpu): try gpu.combineAll(inputs, outputs, settings, stream)
-            }
-        }
+        try object.withBackend { try $0.combineAll(inputs, outputs, settings, stream) }
     }
 }
 
@@ -63,9 +48,7 @@ public func cGroupCombineAll(
 public func cGroupCheckStatus(_ group: epGroup_t?) -> epResult_t {
     entryPoint("epGroupCheckStatus") {
         let object = try groupRegistry.object(group, "group")
-        try object.lock.withLock {
-            if case .gpu(let gpu) = object.backend { try gpu.checkStatus() }
-        }
+        try object.withBackend { try $0.checkStatus() }
     }
 }
 
@@ -75,12 +58,6 @@ public func cGroupGetLayoutInfo(_ group: epGroup_t?, _ rank: Int32, _ info: Unsa
         let object = try groupRegistry.object(group, "group")
         let rank = try object.checkRank(rank)
         let destination = try required(try LayoutInfoDestination(info, "info"), "info")
-        let layout = try object.lock.withLock {
-            switch object.backend {
-            case .host(let host): try host.layoutInfo(rank: rank)
-            case .gpu(let gpu): try gpu.layoutInfo(rank: rank)
-            }
-        }
-        destination.fill(layout)
+        destination.fill(try object.withBackend { try $0.layoutInfo(rank: rank) })
     }
 }

@@ -5,8 +5,9 @@ import ExpertParallelGPU
 
 /// The collective calls on the virtual GPU group: one launch for all R ranks on the caller's
 /// stream, no host synchronisation (except where the caller asks for layout info).
-extension GPUBackend {
+extension GPUBackend: GroupBackend {
     var config: GroupConfig { group.config }
+    var kind: epBackend_t { epBackendVirtualGPU }
 
     /// The caller's stream; NULL is CUDA's default (legacy) stream, as in CUDA's own calls.
     func stream(_ raw: UnsafeMutableRawPointer?) -> CUDAStream {
@@ -55,9 +56,24 @@ extension GPUBackend {
         try group.checkStatus()
     }
 
-    func layoutInfo(rank: Int) throws(EPError) -> LayoutInfo {
+    func layoutInfo(rank: Int) throws -> LayoutInfo {
         try checkStatus()
         return try group.layoutInfo(rank: rank)
+    }
+
+    func activeRanks() throws -> RankMask {
+        try synchronizeCallerStreams()
+        return try group.activeRanks
+    }
+
+    func deactivate(rank: Int) throws {
+        try synchronizeCallerStreams()
+        try group.deactivate(rank: rank)
+    }
+
+    func clean(ranks: RankMask) throws {
+        try synchronizeCallerStreams()
+        try group.clean(ranks: ranks)
     }
 
     func synchronizeCallerStreams() throws(EPError) {

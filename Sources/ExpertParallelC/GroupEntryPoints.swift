@@ -16,7 +16,7 @@ public func cGroupCreate(
         let object: GroupObject
         switch choice?.backend ?? epBackendHost {
         case epBackendHost:
-            object = GroupObject(config: config, backend: .host(try HostBackend(try HostGroup(config))))
+            object = GroupObject(config: config, backend: try HostBackend(try HostGroup(config)))
         case epBackendVirtualGPU:
             let ordinal = choice?.device ?? 0, multiprocessors = choice?.multiprocessors ?? 0
             guard ordinal >= 0 else {
@@ -27,7 +27,7 @@ public func cGroupCreate(
             }
             let device = try DeviceCache.shared.device(Int(ordinal))
             let gpu = try VirtualGPUGroup(config, device: device, multiprocessors: multiprocessors == 0 ? nil : Int(multiprocessors))
-            object = GroupObject(config: config, backend: .gpu(GPUBackend(gpu)))
+            object = GroupObject(config: config, backend: GPUBackend(gpu))
         case let other:
             throw ABIEnum.invalid("backend.backend", other.rawValue, "epBackendHost (0), epBackendVirtualGPU (1)")
         }
@@ -38,10 +38,7 @@ public func cGroupCreate(
 @_cdecl("epGroupDestroy")
 public func cGroupDestroy(_ group: epGroup_t?) -> epResult_t {
     entryPoint("epGroupDestroy") {
-        guard let group else { return }
-        guard groupRegistry.remove(group) else {
-            throw EPError.invalidArgument(field: "group", value: "\(group)", requirement: "must be a live epGroup_t (not destroyed before)")
-        }
+        try groupRegistry.remove(group, "group")
     }
 }
 
@@ -59,14 +56,7 @@ public func cGroupGetActiveRanks(_ group: epGroup_t?, _ mask: UnsafeMutablePoint
     entryPoint("epGroupGetActiveRanks") {
         let object = try groupRegistry.object(group, "group")
         let mask = try required(mask, "mask")
-        try object.lock.withLock {
-            switch object.backend {
-            case .host(let host): mask.pointee = host.group[0].activeRanks.bits
-            case .gpu(let gpu):
-                try gpu.synchronizeCallerStreams()
-                mask.pointee = try gpu.group.activeRanks.bits
-            }
-        }
+        mask.pointee = try object.withBackend { try $0.activeRanks() }.bits
     }
 }
 
@@ -75,14 +65,7 @@ public func cGroupDeactivateRank(_ group: epGroup_t?, _ rank: Int32) -> epResult
     entryPoint("epGroupDeactivateRank") {
         let object = try groupRegistry.object(group, "group")
         let rank = try object.checkRank(rank)
-        try object.lock.withLock {
-            switch object.backend {
-            case .host(let host): host.group[0].deactivate(rank: rank)
-            case .gpu(let gpu):
-                try gpu.synchronizeCallerStreams()
-                try gpu.group.deactivate(rank: rank)
-            }
-        }
+        try object.withBackend { try $0.deactivate(rank: rank) }
     }
 }
 
@@ -91,13 +74,6 @@ public func cGroupCleanRanks(_ group: epGroup_t?, _ mask: UInt64) -> epResult_t 
     entryPoint("epGroupCleanRanks") {
         let object = try groupRegistry.object(group, "group")
         let ranks = RankMask(bits: mask & RankMask.all(object.config.ranks).bits)
-        try object.lock.withLock {
-            switch object.backend {
-            case .host(let host): host.group[0].clean(ranks: ranks)
-            case .gpu(let gpu):
-                try gpu.synchronizeCallerStreams()
-                try gpu.group.clean(ranks: ranks)
-            }
-        }
+        try object.withBackend { try $0.clean(ranks: ranks) }
     }
 }

@@ -4,29 +4,46 @@ import ExpertParallelCUDA
 import ExpertParallelGPU
 import Foundation
 
-/// What an `epGroup_t` points at: a group of R ranks on one backend, plus the per-step state
-/// the collective calls keep for the caller.
+/// What a group's backend does for the ABI's group calls. Both backends take the same
+/// arguments; the host ignores the stream and launch mode, and reports errors from the calls.
+protocol GroupBackend: AnyObject {
+    var kind: epBackend_t { get }
+    func updateAll(_ inputs: [epUpdateInputs_t], _ settings: CallSettings, _ stream: UnsafeMutableRawPointer?) throws
+    func dispatchAll(
+        _ inputs: [epDispatchInputs_t], _ outputs: [epDispatchOutputs_t], _ settings: CallSettings,
+        _ stream: UnsafeMutableRawPointer?) throws
+    func combineAll(
+        _ inputs: [epCombineInputs_t], _ outputs: [epCombineOutputs_t], _ settings: CallSettings,
+        _ stream: UnsafeMutableRawPointer?) throws
+    /// Waits for the group's work and throws the first error recorded where the work ran.
+    func checkStatus() throws
+    /// What `rank` received in the last collective dispatch.
+    func layoutInfo(rank: Int) throws -> LayoutInfo
+    func activeRanks() throws -> RankMask
+    func deactivate(rank: Int) throws
+    func clean(ranks: RankMask) throws
+}
+
+/// What an `epGroup_t` points at: a group of R ranks on one backend.
 final class GroupObject: @unchecked Sendable {
     let config: GroupConfig
-    let backend: Backend
-    /// Serialises the collective calls (not the per-rank calls, which wait for each other).
-    let lock = NSLock()
+    private let backend: any GroupBackend
+    /// Serialises the group calls (not the per-rank calls, which wait for each other).
+    private let lock = NSLock()
 
-    enum Backend {
-        case host(HostBackend)
-        case gpu(GPUBackend)
-    }
-
-    init(config: GroupConfig, backend: Backend) {
+    init(config: GroupConfig, backend: any GroupBackend) {
         self.config = config
         self.backend = backend
     }
 
-    var backendKind: epBackend_t {
-        switch backend {
-        case .host: epBackendHost
-        case .gpu: epBackendVirtualGPU
-        }
+    var backendKind: epBackend_t { backend.kind }
+
+    /// The host backend, for the per-rank calls; nil on a GPU group.
+    var host: HostBackend? { backend as? HostBackend }
+
+    /// Runs `body` on the backend, serialised with the group's other calls.
+    func withBackend<T>(_ body: (any GroupBackend) throws -> T) throws -> T {
+        try lock.withLock { try body(backend) }
     }
 
     func checkRank(_ rank: Int32, _ name: String = "rank") throws(EPError) -> Int {

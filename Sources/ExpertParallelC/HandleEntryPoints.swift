@@ -9,7 +9,7 @@ public func cHandleCreate(_ group: epGroup_t?, _ rank: Int32, _ handle: UnsafeMu
         let result = try required(handle, "handle")
         let object = try groupRegistry.object(group, "group")
         let rank = try object.checkRank(rank)
-        guard case .host(let host) = object.backend else {
+        guard let host = object.host else {
             throw UnsupportedCall(message: "a virtual GPU group runs all its ranks in one launch and has no per-rank calls; use epGroupUpdateAll, epGroupDispatchAll and epGroupCombineAll")
         }
         let hostRank = host.group[rank]
@@ -20,10 +20,7 @@ public func cHandleCreate(_ group: epGroup_t?, _ rank: Int32, _ handle: UnsafeMu
 @_cdecl("epHandleDestroy")
 public func cHandleDestroy(_ handle: epHandle_t?) -> epResult_t {
     entryPoint("epHandleDestroy") {
-        guard let handle else { return }
-        guard handleRegistry.remove(handle) else {
-            throw EPError.invalidArgument(field: "handle", value: "\(handle)", requirement: "must be a live epHandle_t (not destroyed before)")
-        }
+        try handleRegistry.remove(handle, "handle")
     }
 }
 

@@ -2,15 +2,17 @@ import CExpertParallel
 import ExpertParallel
 
 /// The collective calls on the host group: each runs the R ranks' calls concurrently (one
-/// thread per rank, `HostGroup.run`), as R processes would, and reports one status.
-extension HostBackend {
+/// thread per rank, `HostGroup.run`), as R processes would, and reports one status. Every call
+/// completes before it returns, so there is no stream to wait for and nothing to check later.
+extension HostBackend: GroupBackend {
     var config: GroupConfig { group.config }
+    var kind: epBackend_t { epBackendHost }
 
     /// Ranks that take part in a call: the active ones. Masked ranks do nothing.
-    var activeRanks: [Int] { group[0].activeRanks.ranks.filter { $0 < config.ranks } }
+    var participants: [Int] { group[0].activeRanks.ranks.filter { $0 < config.ranks } }
 
-    func updateAll(_ inputs: [epUpdateInputs_t]) throws {
-        let ranks = activeRanks
+    func updateAll(_ inputs: [epUpdateInputs_t], _ settings: CallSettings, _ stream: UnsafeMutableRawPointer?) throws {
+        let ranks = participants
         var routing: [Int: TensorRef] = [:]
         for r in ranks { routing[r] = try TensorDescriptor.tensor(inputs[r].topkIdx, "inputs[\(r)].topkIdx") }
         let handles = self.handles, arguments = routing
@@ -19,8 +21,11 @@ extension HostBackend {
         })
     }
 
-    func dispatchAll(_ inputs: [epDispatchInputs_t], _ outputs: [epDispatchOutputs_t], _ settings: CallSettings) throws {
-        let ranks = activeRanks
+    func dispatchAll(
+        _ inputs: [epDispatchInputs_t], _ outputs: [epDispatchOutputs_t], _ settings: CallSettings,
+        _ stream: UnsafeMutableRawPointer?
+    ) throws {
+        let ranks = participants
         var arguments: [Int: (DispatchInput, DispatchOutput)] = [:]
         var destinations: [Int: LayoutInfoDestination] = [:]
         for r in ranks {
@@ -38,8 +43,11 @@ extension HostBackend {
         }
     }
 
-    func combineAll(_ inputs: [epCombineInputs_t], _ outputs: [epCombineOutputs_t], _ settings: CallSettings) throws {
-        let ranks = activeRanks
+    func combineAll(
+        _ inputs: [epCombineInputs_t], _ outputs: [epCombineOutputs_t], _ settings: CallSettings,
+        _ stream: UnsafeMutableRawPointer?
+    ) throws {
+        let ranks = participants
         var arguments: [Int: (CombineInput, CombineOutput)] = [:]
         for r in ranks {
             arguments[r] = (try CombineInput(inputs[r], "inputs[\(r)]"), try CombineOutput(outputs[r], "outputs[\(r)]"))
@@ -51,12 +59,18 @@ extension HostBackend {
         })
     }
 
-    func layoutInfo(rank: Int) throws(EPError) -> LayoutInfo {
+    func checkStatus() {}
+
+    func layoutInfo(rank: Int) throws -> LayoutInfo {
         guard let info = lastLayout[rank] else {
-            throw .wrongOrder("rank \(rank) has no layout info: no collective dispatch has run on it yet")
+            throw EPError.wrongOrder("rank \(rank) has no layout info: no collective dispatch has run on it yet")
         }
         return info
     }
+
+    func activeRanks() -> RankMask { group[0].activeRanks }
+    func deactivate(rank: Int) { group[0].deactivate(rank: rank) }
+    func clean(ranks: RankMask) { group[0].clean(ranks: ranks) }
 
     /// A rank's arguments; every running rank has them (checked before the ranks start).
     private static func argument<T>(_ arguments: [Int: T], _ rank: Int) throws(EPError) -> T {

@@ -28,9 +28,12 @@ final class Registry<Object: AnyObject>: @unchecked Sendable {
         return object
     }
 
-    /// Drops the caller's reference; false when `pointer` is not a live object of this registry.
-    func remove(_ pointer: OpaquePointer) -> Bool {
-        lock.withLock { objects.removeValue(forKey: UnsafeMutableRawPointer(pointer)) != nil }
+    /// Drops the caller's reference (NULL: nothing to do).
+    func remove(_ pointer: OpaquePointer?, _ name: String) throws(EPError) {
+        guard let pointer else { return }
+        guard lock.withLock({ objects.removeValue(forKey: UnsafeMutableRawPointer(pointer)) }) != nil else {
+            throw .invalidArgument(field: name, value: "\(pointer)", requirement: "must be a live \(kind) (not destroyed before)")
+        }
     }
 }
 

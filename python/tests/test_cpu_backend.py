@@ -41,6 +41,16 @@ def check_receive(out, expected, ranks):
             assert getattr(layout, field) == value, f"rank {d}: {field}"
 
 
+def check_combine(group, ref, out, expected, dtype, ys=None, rng=None):
+    """Combines `ys` (default: random expert outputs) and compares every rank with the reference."""
+    if ys is None:
+        ys = [random_payload(rng, ref.recv_shape, dtype) for _ in range(group.ranks)]
+    combined = group.combine(ys, out.handle)
+    for s in range(group.ranks):
+        want = ref.combine(s, ys, expected, dtype)[0]
+        np.testing.assert_array_equal(combined[s].view(np.uint8), want.view(np.uint8), err_msg=f"rank {s}: combined")
+
+
 def make_reference(rng, algorithm, layout, alignment, shape, **extra):
     ranks, experts, top_k, hidden, max_tokens = shape
     tokens = [int(rng.integers(0, max_tokens + 1)) for _ in range(ranks)]
@@ -116,10 +126,7 @@ def test_empty_and_all_minus_one_routings():
                                     layout=layout, alignment=alignment, dtype="bf16")
             out, expected, _, _ = run_step(group, ref, rng, "bf16")
             check_receive(out, expected, 3)
-            ys = [random_payload(rng, ref.recv_shape, "bf16") for _ in range(3)]
-            combined = group.combine(ys, out.handle)
-            for s in range(3):
-                np.testing.assert_array_equal(combined[s], ref.combine(s, ys, expected, "bf16")[0])
+            check_combine(group, ref, out, expected, "bf16", rng=rng)
 
 
 @pytest.mark.parametrize("layout,alignment", [("flat", 1), ("expert_major_padded", 2)])
@@ -133,10 +140,7 @@ def test_ht_drop_policy_keeps_a_prefix_in_rank_then_token_order(layout, alignmen
         out, expected, _, _ = run_step(group, ref, rng, "f32")
         check_receive(out, expected, 4)
         assert sum(info.dropped_tokens for info in out.layout) > 0 or capacity == 12
-        ys = [random_payload(rng, ref.recv_shape, "f32") for _ in range(4)]
-        combined = group.combine(ys, out.handle)
-        for s in range(4):
-            np.testing.assert_array_equal(combined[s], ref.combine(s, ys, expected, "f32")[0])
+        check_combine(group, ref, out, expected, "f32", rng=rng)
 
 
 def test_ht_fail_policy_raises_overflow_and_names_the_rank():
@@ -164,10 +168,7 @@ def test_a_masked_rank_neither_sends_nor_receives():
         assert group.active_ranks == [0, 1, 3]
         out, expected, _, _ = run_step(group, ref, rng, "f32")
         check_receive(out, expected, 4)
-        ys = [random_payload(rng, ref.recv_shape, "f32") for _ in range(4)]
-        combined = group.combine(ys, out.handle)
-        for s in range(4):
-            np.testing.assert_array_equal(combined[s], ref.combine(s, ys, expected, "f32")[0])
+        check_combine(group, ref, out, expected, "f32", rng=rng)
         group.clean()
         assert group.active_ranks == [0, 1, 2, 3]
 
@@ -179,6 +180,4 @@ def test_steps_repeat_on_one_group():
         ref = make_reference(rng, "ll", "rank_major", 1, (4, 16, 4, 16, 8))
         out, expected, _, _ = run_step(group, ref, rng, "bf16")
         check_receive(out, expected, 4)
-        combined = group.combine(out.tokens, out.handle)
-        for s in range(4):
-            np.testing.assert_array_equal(combined[s], ref.combine(s, out.tokens, expected, "bf16")[0])
+        check_combine(group, ref, out, expected, "bf16", ys=out.tokens)
