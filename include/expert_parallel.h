@@ -288,7 +288,8 @@ typedef struct {
  * are arrays of R structs, element r for rank r. Host group: the R ranks run concurrently, one
  * thread each, and the call returns when all are done; if several ranks fail, the error of the
  * lowest rank that did not merely see a peer fail is reported, prefixed "rank r: ". Masked
- * (inactive) ranks are skipped; their array elements are not read. GPU group: one launch.    */
+ * (inactive) ranks are skipped: their elements' tensors are not read. GPU group: one launch
+ * that covers every rank (masked ranks do nothing in it).                                    */
 
 /* This step's routing for every rank. The topkIdx tensors must stay unchanged until this
  * step's combine (the GPU group reads them again). */

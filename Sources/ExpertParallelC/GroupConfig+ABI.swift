@@ -19,7 +19,7 @@ extension GroupConfig {
         let maxReceived = try bound("maxReceivedTokensPerRank", c.maxReceivedTokensPerRank, 1 << 40)
         let layoutValue = c.layout
         let alignment = c.alignment == 0 ? 1 : Int(c.alignment)
-        if c.alignment > 1, layoutValue != epLayoutExpertMajorPadded {
+        if c.alignment != 0, c.alignment != 1, layoutValue != epLayoutExpertMajorPadded {
             throw .invalidConfig(field: "alignment", value: "\(c.alignment)", requirement: "must be 0 or 1 unless the layout is epLayoutExpertMajorPadded")
         }
         let timeout: Duration

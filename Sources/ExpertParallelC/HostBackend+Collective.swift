@@ -37,6 +37,7 @@ extension HostBackend: GroupBackend {
             let (input, output) = try Self.argument(calls, rank.rank)
             return try rank.dispatch(handles[rank.rank], input, into: output, direction: direction)
         })
+        lastLayout = Array(repeating: nil, count: config.ranks)
         for (r, info) in zip(ranks, infos) {
             lastLayout[r] = info
             destinations[r]?.fill(info)
@@ -63,7 +64,7 @@ extension HostBackend: GroupBackend {
 
     func layoutInfo(rank: Int) throws -> LayoutInfo {
         guard let info = lastLayout[rank] else {
-            throw EPError.wrongOrder("rank \(rank) has no layout info: no collective dispatch has run on it yet")
+            throw EPError.wrongOrder("rank \(rank) has no layout info: it took part in no collective dispatch yet, or was masked in the last one")
         }
         return info
     }

@@ -65,14 +65,13 @@ class Handle:
     is valid until the group's next dispatch.
     """
 
-    def __init__(self, group, step, tokens, topk_idx, topk_weights, received_weights, like):
+    def __init__(self, group, step, tokens, topk_idx, topk_weights, received_weights):
         self.group = group
         self.step = step
         self.tokens = tokens  # per rank: B_r
         self.topk_idx = topk_idx
         self.topk_weights = topk_weights
         self.received_weights = received_weights
-        self.like = like
 
     def __repr__(self):
         return f"Handle(step={self.step}, tokens={self.tokens})"
@@ -287,7 +286,7 @@ class VirtualGroup:
         self._step += 1  # the group now holds this step's routing: earlier handles are void
         call("epGroupDispatchAll", self._group, inputs, outputs, ctypes.byref(dispatch_config), stream)
         handle = Handle(self, self._step, token_counts, list(topk_idx),
-                        None if topk_weights is None else list(topk_weights), received_w, like)
+                        None if topk_weights is None else list(topk_weights), received_w)
         layout = [buffers.value() for buffers in layouts] if on_host else None
         return DispatchResult(received, received_idx, received_w, handle, layout)
 
