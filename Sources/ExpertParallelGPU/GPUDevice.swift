@@ -1,6 +1,7 @@
 import ExpertParallel
 import ExpertParallelCUDA
 import ExpertParallelKernels
+import Foundation
 
 /// One CUDA device with its primary context, the kernel compiler for its architecture, and
 /// the facts the backend sizes its launches by.
@@ -18,6 +19,10 @@ public final class GPUDevice: @unchecked Sendable {
     /// no driver, no device or no NVRTC.
     public init(ordinal: Int = 0) throws(EPError) {
         do {
+            // Ranks launched on separate streams wait for each other, so their streams must not
+            // share a hardware queue (a shared queue serialises them: a wait that never ends).
+            // Ask for the most queues before the driver starts; a caller's own setting wins.
+            setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0)
             driver = try DriverLibrary.shared()
             try driver.initialize()
             let count = try driver.deviceCount()
@@ -35,6 +40,20 @@ public final class GPUDevice: @unchecked Sendable {
         } catch {
             throw gpuError(error)
         }
+    }
+
+    /// Streams for ranks launched separately, one per rank and shared by every group on the
+    /// device: created once, in order, so that up to 32 of them land on distinct hardware queues.
+    private let rankStreamLock = NSLock()
+    nonisolated(unsafe) private var rankStreamPool: [CUDAStream] = []
+
+    func rankStreams(_ count: Int) throws(EPError) -> [CUDAStream] {
+        rankStreamLock.lock()
+        defer { rankStreamLock.unlock() }
+        while rankStreamPool.count < count {
+            rankStreamPool.append(try gpu { try driver.createStream() })
+        }
+        return Array(rankStreamPool.prefix(count))
     }
 
     /// Makes this device's context current on the calling thread.

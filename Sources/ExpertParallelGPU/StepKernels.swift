@@ -37,6 +37,7 @@ struct StepKernels: Sendable {
             defines["EP_EXPERT_MAJOR"] = config.isExpertMajorHT ? "1" : "0"
             defines["EP_ALIGN"] = "\(config.alignment)"
             defines["EP_CAPACITY"] = "\(config.receiveCapacity)"
+            defines["EP_DROP"] = config.overflow == .drop ? "1" : "0"
         }
         return defines
     }

@@ -31,7 +31,8 @@ struct StepWorkspace: Sendable {
         let common = localExperts + ranks + localExperts * ranks + 1
         return algorithm == .lowLatency ? common : common + 1 + localExperts
     }
-    var words: Int { layout + layoutWords }
+    /// HT keeps a second all-gathered table after the layout: the kept counts of the drop policy.
+    var words: Int { layout + layoutWords + (algorithm == .highThroughput ? 2 * ranks * (experts + ranks) : 0) }
     var bytes: Int { words * 4 }
 }
 

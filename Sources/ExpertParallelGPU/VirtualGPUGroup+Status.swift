@@ -2,38 +2,44 @@ import ExpertParallel
 import ExpertParallelCUDA
 
 extension VirtualGPUGroup {
-    /// Waits for the group's stream.
+    /// Waits for all work on the device, on every stream the calls were given. Control path.
     public func synchronize() throws(EPError) {
         try device.makeCurrent()
-        try gpu { try device.driver.synchronize(stream) }
+        try gpu { try device.driver.synchronizeContext() }
     }
 
     /// Synchronises, then throws the first error any rank recorded on the device in the last
     /// step (invalid routing, a timeout, a peer's invalid routing).
     public func checkStatus() throws(EPError) {
         try synchronize()
+        var first: EPError?
         for r in 0..<config.ranks {
             let words = try gpu {
                 try device.driver.read(UInt32.self, from: workspaces[r].advanced(by: StepWorkspace.status * 4), count: 4)
             }
+            let error: EPError
             switch DeviceStatus(rawValue: words[0]) {
             case .ok?: continue
             case .indexRange?:
-                throw .invalidArgument(
+                error = .invalidArgument(
                     field: "topkIdx[rank \(r)][\(words[1])][\(words[2])]", value: "\(Int32(bitPattern: words[3]))",
                     requirement: "must be -1 or in [0, \(config.experts))")
             case .repeatedExpert?:
-                throw .repeatedExpert(token: Int(words[1]), firstColumn: Int(words[2]), secondColumn: Int(words[3]), expert: -1)
+                error = .repeatedExpert(token: Int(words[1]), firstColumn: Int(words[2]), secondColumn: Int(words[3]), expert: -1)
             case .timeout?:
-                throw .timeout(rank: r, missing: [Int(words[1])])
+                error = .timeout(rank: r, missing: [Int(words[1])])
             case .overflow?:
-                throw .overflow(rank: Int(words[1]), required: Int(words[2]), capacity: Int(words[3]))
+                error = .overflow(rank: Int(words[1]), required: Int(words[2]), capacity: Int(words[3]))
             case .peerFailed?:
-                throw .peerFailed(rank: r, peer: Int(words[1]), reason: "its topkIdx was invalid")
+                // The rank whose routing was invalid reports the cause; report that one first.
+                if first == nil { first = .peerFailed(rank: r, peer: Int(words[1]), reason: "its topkIdx was invalid") }
+                continue
             case nil:
-                throw .backend("rank \(r): unknown device status \(words[0])")
+                error = .backend("rank \(r): unknown device status \(words[0])")
             }
+            throw error
         }
+        if let first { throw first }
     }
 
     /// What `rank` received in the last step (synchronises). This is the one call that brings

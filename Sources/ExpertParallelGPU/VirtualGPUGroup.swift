@@ -57,9 +57,6 @@ public final class VirtualGPUGroup: @unchecked Sendable {
     /// `multiprocessors`: how many SMs the group may use (default: all).
     public init(_ config: GroupConfig, device: GPUDevice, multiprocessors: Int? = nil) throws(EPError) {
         let config = try config.validated()
-        guard config.algorithm == .lowLatency || config.overflow == .fail else {
-            throw .invalidConfig(field: "overflow", value: "drop", requirement: "the GPU backend runs the .fail policy so far; use the host backend for .drop")
-        }
         guard config.ranks <= 32 else {
             throw .invalidConfig(field: "ranks", value: "\(config.ranks)", requirement: "must be ≤ 32 on the GPU backend")
         }
@@ -73,7 +70,7 @@ public final class VirtualGPUGroup: @unchecked Sendable {
         // Static shared memory of the update kernel (ep_ll.cu / ep_ht.cu).
         let sharedWords = config.algorithm == .lowLatency
             ? config.maxTokensPerRank * (config.topK + 1) + 8 * (config.experts + config.ranks) + 8
-            : 16 * (config.experts + config.ranks) + config.experts + config.ranks + 8
+            : 16 * (config.experts + config.ranks) + 2 * config.experts + 3 * config.ranks + config.localExperts + 8
         guard sharedWords * 4 <= 48 * 1024 else {
             throw .invalidConfig(
                 field: "maxTokensPerRank", value: "\(config.maxTokensPerRank)",
@@ -88,7 +85,7 @@ public final class VirtualGPUGroup: @unchecked Sendable {
         try device.makeCurrent()
         let driver = device.driver
         stream = try gpu { try driver.createStream() }
-        rankStreams = try gpu { try (0..<config.ranks).map { _ in try driver.createStream() } }
+        rankStreams = try device.rankStreams(config.ranks)
         joinEvents = try gpu { try (0..<config.ranks + 1).map { _ in try driver.createEvent(flags: .disableTiming) } }
         var pointers: [DevicePointer] = []
         for _ in 0..<config.ranks {
@@ -108,7 +105,6 @@ public final class VirtualGPUGroup: @unchecked Sendable {
         let driver = device.driver
         for p in workspaces { try? driver.free(p) }
         try? driver.free(mask)
-        for s in rankStreams { try? driver.destroy(s) }
         for e in joinEvents { try? driver.destroy(e) }
         try? driver.destroy(stream)
     }

@@ -113,3 +113,38 @@ struct HTOracleTests {
         }
     }
 }
+
+/// The drop policy on the GPU keeps exactly the oracle's rows: per destination, (source rank,
+/// token) pairs in order while the receive buffer fits them.
+@Suite(.enabled(if: gpuTestsEnabled, "needs a GPU: set EP_GPU_TESTS=1"), .serialized)
+struct HTDropPolicyTests {
+    @Test(arguments: HTOracleTests.layouts)
+    func dropKeepsTheOraclesPrefix(layout: Layout) throws {
+        let device = try #require(sharedDevice)
+        for (i, (ranks, local, topK, capacity)) in [(2, 4, 2, 7), (4, 2, 3, 19), (8, 4, 8, 40), (3, 3, 4, 13)].enumerated() {
+            var config = GroupConfig.forLayout(layout, ranks: ranks, experts: ranks * local, topK: topK, hidden: 24,
+                                               elementType: .bf16, maxTokensPerRank: 12, maxReceivedTokensPerRank: capacity)
+            config.overflow = .drop
+            let group = try VirtualGPUGroup(config, device: device)
+            var dropped = 0
+            for step in 0..<8 {
+                var random = RandomRouting(seed: UInt64(70 * i + step))
+                let tokens = (0..<ranks).map { _ in Int(random.next() % 13) }
+                let inputs = StepInputs(config: config, tokens: tokens, seed: UInt64(40 * i + step), skew: step % 2 == 0 ? 3 : 0)
+                let buffers = try GPUStep(config, device, tokens: tokens)
+                try buffers.upload(inputs)
+                try buffers.poison()
+                let direction: PassDirection = step % 3 == 2 ? .backward : .forward
+                try buffers.enqueue(group, direction: direction)
+                let gpu = try buffers.results(group, direction: direction)
+                let cpu = try oracleStep(config, inputs, direction: direction)
+                expectMatch(gpu, cpu, "\(layout) drop case \(i) step \(step)")
+                for r in 0..<ranks {
+                    #expect(gpu[r].layout.droppedTokens == cpu[r]!.layout.droppedTokens, "\(layout) drop case \(i) step \(step) rank \(r): dropped")
+                    dropped += gpu[r].layout.droppedTokens
+                }
+            }
+            #expect(dropped > 0, "case \(i) never overflowed: the test would not test dropping")
+        }
+    }
+}

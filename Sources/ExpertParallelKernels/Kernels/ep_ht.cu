@@ -9,6 +9,9 @@
 #ifndef EP_ALIGN
 #define EP_ALIGN 1
 #endif
+#ifndef EP_DROP
+#define EP_DROP 0           // overflow policy: 0 fail (report, write nothing), 1 drop (keep a prefix)
+#endif
 #ifndef EP_CAPACITY
 #define EP_CAPACITY (EP_R * EP_BMAX)   // N: rows of each rank's receive buffer
 #endif
@@ -21,9 +24,109 @@
 #define WS_SEL_ROW (WS_DEST + EP_BMAX)                      // [BMAX][K] slot of each selection (expert-major)
 #define WS_PAIR_ROW (WS_SEL_ROW + EP_BMAX * EP_K)           // [BMAX][R] row of each (token, rank), or -1
 #define WS_LAYOUT (WS_PAIR_ROW + EP_BMAX * EP_R)            // [L], [R], [L][R], total, dropped, [L] offsets
-#define WS_WORDS (WS_LAYOUT + EP_L + EP_R + EP_L * EP_R + 2 + EP_L)
+#define WS_KEPT (WS_LAYOUT + EP_L + EP_R + EP_L * EP_R + 2 + EP_L)   // [2][R][E + R] kept counts (drop)
+#define WS_WORDS (WS_KEPT + 2 * EP_R * (EP_E + EP_R))
 
 EP_DEVICE int ep_round_up(int value) { return (value + EP_ALIGN - 1) / EP_ALIGN * EP_ALIGN; }
+
+// Zone starts of every rank's experts (expert-major) and the rows each rank would receive,
+// from an all-gathered count table. Threads < R work, one destination each.
+EP_DEVICE void ep_ht_zones(const ep_u32* table, ep_u64 gathered, int* zone_start, int* required) {
+    if (threadIdx.x >= EP_R) return;
+    const int d = threadIdx.x;
+    int running = 0;
+#if EP_EXPERT_MAJOR
+    for (int l = 0; l < EP_L; ++l) {
+        int count = 0;
+        for (int s = 0; s < EP_R; ++s) {
+            if (ep_active(gathered, s)) count += static_cast<int>(table[s * (EP_E + EP_R) + d * EP_L + l]);
+        }
+        zone_start[d * EP_L + l] = running;
+        running += ep_round_up(count);
+    }
+#else
+    for (int s = 0; s < EP_R; ++s) {
+        if (ep_active(gathered, s)) running += static_cast<int>(table[s * (EP_E + EP_R) + EP_E + d]);
+    }
+#endif
+    required[d] = ep_active(gathered, d) ? running : 0;
+}
+
+// Rows destination d would hold with the full counts of sources [0, upto), plus `extra`
+// selections per local expert when given.
+EP_DEVICE int ep_ht_rows_before(const ep_u32* full, ep_u64 gathered, int upto, int d) {
+    int rows = 0;
+#if EP_EXPERT_MAJOR
+    for (int l = 0; l < EP_L; ++l) {
+        int count = 0;
+        for (int s = 0; s < upto; ++s) {
+            if (ep_active(gathered, s)) count += static_cast<int>(full[s * (EP_E + EP_R) + d * EP_L + l]);
+        }
+        rows += ep_round_up(count);
+    }
+#else
+    for (int s = 0; s < upto; ++s) {
+        if (ep_active(gathered, s)) rows += static_cast<int>(full[s * (EP_E + EP_R) + EP_E + d]);
+    }
+#endif
+    return rows;
+}
+
+// How many of this rank's tokens bound for d fit (a prefix in token order), or -1 when this
+// rank holds the boundary of an expert-major destination and must walk its tokens.
+EP_DEVICE int ep_ht_kept_tokens(const ep_u32* full, ep_u64 gathered, int rank, int d) {
+    const int mine = static_cast<int>(full[rank * (EP_E + EP_R) + EP_E + d]);
+    if (!ep_active(gathered, d)) return mine;
+    if (ep_ht_rows_before(full, gathered, rank + 1, d) <= EP_CAPACITY) return mine;
+    const int before = ep_ht_rows_before(full, gathered, rank, d);
+    if (before > EP_CAPACITY) return 0;
+#if EP_EXPERT_MAJOR
+    return -1;
+#else
+    return min(mine, EP_CAPACITY - before);
+#endif
+}
+
+// Expert-major boundary (one warp): walks this rank's tokens bound for d in order, adding their
+// selections to the zones of the sources before it, while the padded zones fit.
+EP_DEVICE void ep_ht_walk_boundary(const ep_u32* full, ep_u64 gathered, int rank, int d, int tokens, const int* routing,
+                                   const ep_u32* destinations, int* zone_count, int* kept_tokens) {
+    const int lane = threadIdx.x % 32;
+    for (int l = lane; l < EP_L; l += 32) {
+        int count = 0;
+        for (int s = 0; s < rank; ++s) {
+            if (ep_active(gathered, s)) count += static_cast<int>(full[s * (EP_E + EP_R) + d * EP_L + l]);
+        }
+        zone_count[l] = count;
+    }
+    __syncwarp();
+    int taken = 0;
+    for (int t = 0; t < tokens; ++t) {
+        if (!((destinations[t] >> d) & 1u)) continue;
+        const int e = lane < EP_K ? routing[t * EP_K + lane] : -1;
+        const bool here = e >= 0 && e / EP_L == d;
+        if (here) zone_count[e % EP_L] += 1;   // distinct experts per token: no two lanes collide
+        __syncwarp();
+        int rows = 0;
+        for (int l = lane; l < EP_L; l += 32) rows += ep_round_up(zone_count[l]);
+        for (int offset = 16; offset > 0; offset /= 2) rows += __shfl_xor_sync(0xffffffffu, rows, offset);
+        if (rows > EP_CAPACITY) break;
+        ++taken;
+        __syncwarp();
+    }
+    if (lane == 0) kept_tokens[d] = taken;
+    __syncwarp();
+}
+
+// The routing of tokens [t0, t0 + 32) ∩ [t0, end): lane c gets column c of each token in
+// `experts` (-1 past the end or for lanes ≥ K), and the destination bits of token t0 + lane.
+EP_DEVICE void ep_ht_load_batch(const int* routing, const ep_u32* destinations, int t0, int end,
+                                int (&experts)[32], ep_u32& bits_of_lane_token) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) experts[j] = lane < EP_K && t0 + j < end ? routing[(t0 + j) * EP_K + lane] : -1;
+    bits_of_lane_token = t0 + lane < end ? destinations[t0 + lane] : 0u;
+}
 
 // ------------------------------------------------------------------------------------------
 // Update: one block per rank. Validates and masks the routing, counts per expert and per
@@ -59,51 +162,57 @@ ep_ht_update(const EpArgs args) {
         return;
     }
 
-    // Validate (-1 or [0, E), no expert twice in a row), then mask inactive ranks' experts.
-    for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
-        const long long e = ep_read_index(args, rank, i);
-        if (e < -1 || e >= EP_E) {
-            ep_set_status(ws, EP_STATUS_INDEX_RANGE, i / EP_K, i % EP_K, static_cast<ep_u32>(e));
-            bad = 1;
-        }
-        routing[i] = e >= 0 && e < EP_E ? static_cast<int>(e) : -1;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
-        const int t = i / EP_K, c = i % EP_K, e = routing[i];
-        for (int p = 0; e >= 0 && p < c; ++p) {
-            if (routing[t * EP_K + p] == e) {
-                ep_set_status(ws, EP_STATUS_REPEATED, t, p, c);
+    // One pass, a thread per token: validate its row (-1 or [0, E), no expert twice), mask the
+    // experts of inactive ranks, and note its destination ranks. (When any row is invalid the
+    // step is void and nothing is written, so the routing kept here no longer matters.)
+    for (int t = threadIdx.x; t < tokens; t += blockDim.x) {
+        int row[EP_K];
+#pragma unroll
+        for (int c = 0; c < EP_K; ++c) {
+            const long long e = ep_read_index(args, rank, t * EP_K + c);
+            if (e < -1 || e >= EP_E) {
+                ep_set_status(ws, EP_STATUS_INDEX_RANGE, t, c, static_cast<ep_u32>(e));
                 bad = 1;
             }
+            row[c] = e >= 0 && e < EP_E ? static_cast<int>(e) : -1;
         }
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
-        const int e = routing[i];
-        if (bad || (e >= 0 && !ep_active(mask, e / EP_L))) routing[i] = -1;
-    }
-    __syncthreads();
-    for (int t = threadIdx.x; t < tokens; t += blockDim.x) {
         ep_u32 bits = 0;
+#pragma unroll
         for (int c = 0; c < EP_K; ++c) {
-            const int e = routing[t * EP_K + c];
+#pragma unroll
+            for (int p = 0; p < c; ++p) {
+                if (row[c] >= 0 && row[p] == row[c]) {
+                    ep_set_status(ws, EP_STATUS_REPEATED, t, p, c);
+                    bad = 1;
+                }
+            }
+        }
+#pragma unroll
+        for (int c = 0; c < EP_K; ++c) {
+            const int e = row[c] >= 0 && ep_active(mask, row[c] / EP_L) ? row[c] : -1;
+            routing[t * EP_K + c] = e;
             if (e >= 0) bits |= 1u << (e / EP_L);
         }
         destinations[t] = bits;
     }
     __syncthreads();
 
-    // Pass 1: per-warp counts over a contiguous chunk of tokens.
+    // Pass 1: per-warp counts over a contiguous chunk of tokens, in token order. The routing of
+    // 32 tokens is loaded at once (32 loads in flight per lane) before the in-order walk over them.
     const int chunk = (tokens + EP_HT_UPDATE_WARPS - 1) / EP_HT_UPDATE_WARPS;
     const int begin = min(tokens, warp * chunk), end = min(tokens, begin + chunk);
-#pragma unroll 4
-    for (int t = begin; t < end; ++t) {
-        const int e = lane < EP_K ? routing[t * EP_K + lane] : -1;
-        const ep_u32 bits = destinations[t];
-        if (e >= 0) counts[warp][e] += 1;   // distinct experts per token: no two lanes collide
-        if (lane < EP_R && ((bits >> lane) & 1u)) counts[warp][EP_E + lane] += 1;
-        __syncwarp();
+    for (int t0 = begin; t0 < end; t0 += 32) {
+        int experts[32];
+        ep_u32 bits_of_lane_token = 0;
+        ep_ht_load_batch(routing, destinations, t0, end, experts, bits_of_lane_token);
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+            if (t0 + j >= end) break;
+            const ep_u32 bits = __shfl_sync(0xffffffffu, bits_of_lane_token, j);
+            if (experts[j] >= 0) counts[warp][experts[j]] += 1;   // distinct experts per token: no two lanes collide
+            if (lane < EP_R && ((bits >> lane) & 1u)) counts[warp][EP_E + lane] += 1;
+            __syncwarp();
+        }
     }
     __syncthreads();
     // Exclusive prefix over warps; the totals go to every active rank's table.
@@ -123,17 +232,23 @@ ep_ht_update(const EpArgs args) {
     __syncthreads();
     if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
         __threadfence();
-        ep_store_release_sys(ep_ws(args, threadIdx.x) + WS_COUNT_FLAG + rank, seq * 2 + (bad ? 1 : 0));
+        ep_store_release_sys(ep_ws(args, threadIdx.x) + WS_COUNT_FLAG + rank, seq * 4 + (bad ? 1 : 0));
     }
 
     // Pass 2: this rank's own position of each selection and pair, in token order.
-#pragma unroll 4
-    for (int t = begin; t < end; ++t) {
-        const int e = lane < EP_K ? routing[t * EP_K + lane] : -1;
-        const ep_u32 bits = destinations[t];
-        if (lane < EP_K) selection_rows[t * EP_K + lane] = e >= 0 ? counts[warp][e]++ : -1;
-        if (lane < EP_R) pair_rows[t * EP_R + lane] = ((bits >> lane) & 1u) ? counts[warp][EP_E + lane]++ : -1;
-        __syncwarp();
+    for (int t0 = begin; t0 < end; t0 += 32) {
+        int experts[32];
+        ep_u32 bits_of_lane_token = 0;
+        ep_ht_load_batch(routing, destinations, t0, end, experts, bits_of_lane_token);
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+            if (t0 + j >= end) break;
+            const int t = t0 + j;
+            const ep_u32 bits = __shfl_sync(0xffffffffu, bits_of_lane_token, j);
+            if (lane < EP_K) selection_rows[t * EP_K + lane] = experts[j] >= 0 ? counts[warp][experts[j]]++ : -1;
+            if (lane < EP_R) pair_rows[t * EP_R + lane] = ((bits >> lane) & 1u) ? counts[warp][EP_E + lane]++ : -1;
+            __syncwarp();
+        }
     }
 
     // Wait for every active rank's counts (bounded).
@@ -142,7 +257,7 @@ ep_ht_update(const EpArgs args) {
     __syncthreads();
     if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
         const ep_u32* flag = ws + WS_COUNT_FLAG + threadIdx.x;
-        if (!ep_wait_flag_sys(flag, seq * 2, args.timeout_ns)) {
+        if (!ep_wait_flag_sys(flag, seq * 4, args.timeout_ns)) {
             ep_timeout(args, ws, threadIdx.x);
             atomicMax(&any_bad, static_cast<int>(threadIdx.x));
         } else if (ep_load_acquire_sys(flag) & 1u) {
@@ -160,28 +275,60 @@ ep_ht_update(const EpArgs args) {
     }
 
     // Every rank computes every destination's zones and checks its capacity, so all agree.
-    const ep_u32* table = ws + WS_COUNTS + parity * EP_R * (EP_E + EP_R);
+    const ep_u32* full = ws + WS_COUNTS + parity * EP_R * (EP_E + EP_R);
     const ep_u64 gathered = ep_load_mask(args) & mask;
-    if (threadIdx.x < EP_R) {
-        const int d = threadIdx.x;
-        int running = 0;
-#if EP_EXPERT_MAJOR
-        for (int l = 0; l < EP_L; ++l) {
-            int count = 0;
-            for (int s = 0; s < EP_R; ++s) {
-                if (ep_active(gathered, s)) count += static_cast<int>(table[s * (EP_E + EP_R) + d * EP_L + l]);
-            }
-            zone_start[d * EP_L + l] = running;
-            running += ep_round_up(count);
+    ep_ht_zones(full, gathered, zone_start, required);
+    __syncthreads();
+#if EP_DROP
+    // Drop policy: per destination, (source rank, token) pairs are kept in order while the
+    // receive buffer still fits them; this rank works out its kept prefix, then the ranks
+    // all-gather what they kept and lay out the zones from that.
+    __shared__ int kept_tokens[EP_R];
+    __shared__ int kept_counts[EP_E + EP_R];
+    __shared__ int zone_count[EP_L];
+    if (threadIdx.x < EP_R) kept_tokens[threadIdx.x] = ep_ht_kept_tokens(full, gathered, rank, threadIdx.x);
+    for (int i = threadIdx.x; i < EP_E + EP_R; i += blockDim.x) kept_counts[i] = 0;
+    __syncthreads();
+    if (warp == 0) {
+        for (int d = 0; d < EP_R; ++d) {
+            if (kept_tokens[d] == -1) ep_ht_walk_boundary(full, gathered, rank, d, tokens, routing, destinations, zone_count, kept_tokens);
         }
-#else
-        for (int s = 0; s < EP_R; ++s) {
-            if (ep_active(gathered, s)) running += static_cast<int>(table[s * (EP_E + EP_R) + EP_E + d]);
-        }
-#endif
-        required[d] = ep_active(gathered, d) ? running : 0;
     }
     __syncthreads();
+    // Selections of dropped pairs go first (their pair's position decides), then the pairs.
+    for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
+        const int e = routing[i];
+        if (e < 0) continue;
+        const int d = e / EP_L;
+        if (pair_rows[(i / EP_K) * EP_R + d] < kept_tokens[d]) atomicAdd(&kept_counts[e], 1);
+        else selection_rows[i] = -1;
+    }
+    if (threadIdx.x < EP_R) kept_counts[EP_E + threadIdx.x] = min(kept_tokens[threadIdx.x], static_cast<int>(full[rank * (EP_E + EP_R) + EP_E + threadIdx.x]));
+    __syncthreads();
+    for (int i = threadIdx.x; i < tokens * EP_R; i += blockDim.x) {
+        if (pair_rows[i] >= kept_tokens[i % EP_R]) pair_rows[i] = -1;
+    }
+    for (int i = threadIdx.x; i < EP_E + EP_R; i += blockDim.x) {
+        for (int d = 0; d < EP_R; ++d) {
+            if (ep_active(mask, d)) {
+                ep_ws(args, d)[WS_KEPT + parity * EP_R * (EP_E + EP_R) + rank * (EP_E + EP_R) + i] = static_cast<ep_u32>(kept_counts[i]);
+            }
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
+        __threadfence();
+        ep_store_release_sys(ep_ws(args, threadIdx.x) + WS_COUNT_FLAG + rank, seq * 4 + 2);
+    }
+    if (threadIdx.x < EP_R && ep_active(gathered, threadIdx.x)) {
+        if (!ep_wait_flag_sys(ws + WS_COUNT_FLAG + threadIdx.x, seq * 4 + 2, args.timeout_ns)) ep_timeout(args, ws, threadIdx.x);
+    }
+    __syncthreads();
+    const ep_u32* table = ws + WS_KEPT + parity * EP_R * (EP_E + EP_R);
+    ep_ht_zones(table, gathered, zone_start, required);
+    __syncthreads();
+#else
+    const ep_u32* table = full;
     __shared__ int overflow_rank;
     if (threadIdx.x == 0) {
         overflow_rank = -1;
@@ -201,27 +348,27 @@ ep_ht_update(const EpArgs args) {
         }
         return;
     }
+#endif
 
     // Final rows: rows of lower source ranks first (and the zone start, expert-major).
+    __shared__ int before[EP_E + EP_R];   // rows of lower source ranks per expert, then per rank
+    for (int i = threadIdx.x; i < EP_E + EP_R; i += blockDim.x) {
+        int sum = 0;
+        for (int source = 0; source < rank; ++source) {
+            if (ep_active(gathered, source)) sum += static_cast<int>(table[source * (EP_E + EP_R) + i]);
+        }
+        before[i] = sum;
+    }
+    __syncthreads();
     for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
         const int position = selection_rows[i];
         if (position < 0) continue;
         const int e = routing[i];
-        int before = 0;
-        for (int s = 0; s < rank; ++s) {
-            if (ep_active(gathered, s)) before += static_cast<int>(table[s * (EP_E + EP_R) + e]);
-        }
-        selection_rows[i] = EP_EXPERT_MAJOR ? zone_start[e] + before + position : -1;
+        selection_rows[i] = EP_EXPERT_MAJOR ? zone_start[e] + before[e] + position : -1;
     }
     for (int i = threadIdx.x; i < tokens * EP_R; i += blockDim.x) {
         const int position = pair_rows[i];
-        if (position < 0) continue;
-        const int d = i % EP_R;
-        int before = 0;
-        for (int s = 0; s < rank; ++s) {
-            if (ep_active(gathered, s)) before += static_cast<int>(table[s * (EP_E + EP_R) + EP_E + d]);
-        }
-        pair_rows[i] = before + position;
+        if (position >= 0) pair_rows[i] = before[EP_E + i % EP_R] + position;
     }
     // What this rank receives.
     ep_u32* layout = ws + WS_LAYOUT;
@@ -242,7 +389,13 @@ ep_ht_update(const EpArgs args) {
     __syncthreads();
     if (threadIdx.x == 0) {
         layout[EP_L + EP_R + EP_L * EP_R] = required[rank];   // rows in use, padding included
-        layout[EP_L + EP_R + EP_L * EP_R + 1] = 0;            // dropped: the GPU runs the .fail policy
+        int offered = 0, kept = 0;
+        for (int source = 0; source < EP_R; ++source) {
+            if (!ep_active(gathered, source)) continue;
+            offered += static_cast<int>(full[source * (EP_E + EP_R) + EP_E + rank]);
+            kept += static_cast<int>(table[source * (EP_E + EP_R) + EP_E + rank]);
+        }
+        layout[EP_L + EP_R + EP_L * EP_R + 1] = offered - kept;   // pairs dropped here (drop policy)
         ws[WS_STEP_OK] = 1;
         ws[WS_SEQ] = seq;
     }
