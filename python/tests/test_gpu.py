@@ -141,10 +141,18 @@ def test_a_masked_rank_matches_the_cpu():
     assert gpu.active_ranks == [0, 1, 2, 3]
 
 
-def test_ht_drop_policy_on_the_gpu_is_refused_clearly():
-    with pytest.raises(ep.InvalidArgumentError, match=r"overflow = drop; the GPU backend runs the .fail policy so far"):
-        ep.VirtualGroup(ranks=2, experts=4, hidden=8, top_k=2, max_tokens=4, algorithm="ht", dtype="bf16",
-                        max_recv_tokens=2, overflow="drop", device=DEVICE)
+@pytest.mark.parametrize("layout", ["flat", "expert_major_padded"])
+def test_ht_drop_policy_matches_the_cpu(layout):
+    shape = (4, 16, 4, 32, 12)
+    settings = dict(algorithm="ht", layout=layout, dtype="bf16", max_recv_tokens=17, overflow="drop")
+    if layout == "expert_major_padded":
+        settings["alignment"] = 4
+    gpu, cpu = groups(shape, **settings)
+    xs, idx, w, ys = make_step(8, shape, "bf16", cpu.recv_shape, tokens=[12] * 4, minus_one_rate=0.0)
+    result = run(gpu, cuda(xs), cuda(idx), cuda(w), cuda(ys))
+    expected = run(cpu, xs, idx, w, ys)
+    expect_same(result, expected, f"drop {layout}")
+    assert sum(expected[0].layout[r].dropped_tokens for r in range(4)) > 0, "the step must overflow to test dropping"
 
 
 def test_ht_overflow_on_the_gpu_is_reported_by_check():
