@@ -63,7 +63,7 @@ let package = Package(
         ),
         .testTarget(
             name: "ExpertParallelGPUTests",
-            dependencies: ["ExpertParallel", "ExpertParallelGPU"]
+            dependencies: ["ExpertParallel", "ExpertParallelGPU", "ExpertParallelCUDA", "ExpertParallelKernels"]
         ),
     ],
     swiftLanguageModes: [.v6]

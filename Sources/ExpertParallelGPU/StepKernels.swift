@@ -17,19 +17,19 @@ struct StepKernels: Sendable {
         var vectorBytes: Int
     }
 
-    static func defines(_ config: GroupConfig, _ variant: Variant) -> [String: String] {
+    static func defines(_ config: GroupConfig, _ variant: Variant, _ tuning: GPUTuning) -> [String: String] {
         let element = switch config.elementType {
         case .bf16: 0
         case .f16: 1
         case .f32: 2
         default: 3
         }
-        var defines = [
+        var defines = tuning.defines.merging([
             "EP_R": "\(config.ranks)", "EP_L": "\(config.localExperts)", "EP_K": "\(config.topK)",
             "EP_BMAX": "\(config.maxTokensPerRank)", "EP_ROW_BYTES": "\(config.rowBytes)", "EP_ELEM": "\(element)",
             "EP_IDX_BYTES": "\(variant.indexBytes)", "EP_RIDX_BYTES": "\(variant.receivedIndexBytes)",
             "EP_VEC_BYTES": "\(variant.vectorBytes)",
-        ]
+        ]) { _, new in new }
         switch config.algorithm {
         case .lowLatency:
             defines["EP_RANK_MAJOR"] = config.layout == .rankMajor ? "1" : "0"
@@ -42,10 +42,10 @@ struct StepKernels: Sendable {
         return defines
     }
 
-    init(device: GPUDevice, config: GroupConfig, variant: Variant) throws(EPError) {
+    init(device: GPUDevice, config: GroupConfig, variant: Variant, tuning: GPUTuning) throws(EPError) {
         let prefix = config.algorithm == .lowLatency ? "ep_ll" : "ep_ht"
         let compiled = try gpu {
-            try device.compiler.compile(KernelSource.embedded(prefix), arch: device.arch, defines: Self.defines(config, variant))
+            try device.compiler.compile(KernelSource.embedded(prefix), arch: device.arch, defines: Self.defines(config, variant, tuning))
         }
         let driver = device.driver
         let module = try gpu { try driver.loadModule(image: compiled.image) }

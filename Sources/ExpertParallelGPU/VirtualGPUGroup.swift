@@ -54,9 +54,15 @@ public final class VirtualGPUGroup: @unchecked Sendable {
     /// Threads of the update kernel's one block per rank (EP_UPDATE_WARPS, EP_HT_UPDATE_WARPS).
     var updateThreads: Int { config.algorithm == .lowLatency ? 256 : 512 }
 
+    /// Run-time kernel settings (pipeline depth, rows in flight, row pieces, blocks per SM).
+    public let tuning: GPUTuning
+
     /// `multiprocessors`: how many SMs the group may use (default: all).
-    public init(_ config: GroupConfig, device: GPUDevice, multiprocessors: Int? = nil) throws(EPError) {
+    public init(
+        _ config: GroupConfig, device: GPUDevice, multiprocessors: Int? = nil, tuning: GPUTuning = GPUTuning()
+    ) throws(EPError) {
         let config = try config.validated()
+        self.tuning = try tuning.validated(config)
         guard config.ranks <= 32 else {
             throw .invalidConfig(field: "ranks", value: "\(config.ranks)", requirement: "must be ≤ 32 on the GPU backend")
         }
@@ -78,7 +84,8 @@ public final class VirtualGPUGroup: @unchecked Sendable {
         }
         self.config = config
         self.device = device
-        blocksPerRank = max(1, sms * min(config.ranks, 2) / config.ranks)   // measured: 2 blocks per SM for R ≥ 2, 1 for R = 1
+        // Measured on an H100: 2 blocks per SM for R ≥ 2, 1 for R = 1.
+        blocksPerRank = max(1, sms * (tuning.blocksPerMultiprocessor ?? min(config.ranks, 2)) / config.ranks)
         blocksPerRankPerLaunch = max(1, sms / config.ranks)
         let workspace = StepWorkspace(config)
         self.workspace = workspace
@@ -113,7 +120,7 @@ public final class VirtualGPUGroup: @unchecked Sendable {
 
     func kernels(_ variant: StepKernels.Variant) throws(EPError) -> StepKernels {
         if let k = lock.withLock({ kernels[variant] }) { return k }
-        let k = try StepKernels(device: device, config: config, variant: variant)
+        let k = try StepKernels(device: device, config: config, variant: variant, tuning: tuning)
         lock.withLock { kernels[variant] = k }
         return k
     }
@@ -173,6 +180,7 @@ public final class VirtualGPUGroup: @unchecked Sendable {
 
     /// Rows are cut into pieces so that every warp of the rank's blocks has work.
     func slices(tokens: Int, mode: LaunchMode) -> Int {
+        if let pieces = tuning.rowPieces { return pieces }
         let warps = blocks(mode) * (Self.threadsPerBlock / 32)
         let vectors = max(1, config.rowBytes / 16 / 64)   // at least two vectors per lane per piece
         return min(max(1, warps / max(tokens, 1)), vectors)

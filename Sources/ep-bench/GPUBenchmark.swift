@@ -11,10 +11,11 @@ struct GPUBenchmark {
     var seed: UInt64
     var skew: Double
     var multiprocessors: Int?
+    var tuning: GPUTuning
 
     func run(_ benchCase: BenchCase, copyBandwidth: Double) throws -> Measurement {
         let config = try benchCase.config().validated()
-        let group = try VirtualGPUGroup(config, device: device, multiprocessors: multiprocessors)
+        let group = try VirtualGPUGroup(config, device: device, multiprocessors: multiprocessors, tuning: tuning)
         let data = BenchData(config: config, tokens: benchCase.tokens, seed: seed, skew: skew)
         let r = config.ranks
         func upload(_ host: HostTensor) throws -> DeviceTensor {

@@ -36,6 +36,18 @@ struct RunCommand: ParsableCommand {
     @Option(help: "GPU: streaming multiprocessors the group may use (default: all).")
     var sms: Int?
 
+    @Option(help: "GPU: dispatch pipeline depth, vectors each lane loads before storing (1...8).")
+    var pipelineDepth: Int = 4
+
+    @Option(help: "GPU: combine rows loaded before the first is used (1...16).")
+    var rowsInFlight: Int = 8
+
+    @Option(help: "GPU: pieces each token row is cut into, one warp each (default: automatic).")
+    var rowPieces: Int?
+
+    @Option(name: .customLong("blocks-per-sm"), help: "GPU: 512-thread blocks per SM in one launch (1 or 2; default 2, 1 for R = 1).")
+    var blocksPerSM: Int?
+
     @Option(help: "Write the results as JSON to this path.")
     var json: String?
 
@@ -67,7 +79,9 @@ struct RunCommand: ParsableCommand {
         if let ranks { selected = selected.map { $0.with(ranks: ranks) } }
         var results: [Measurement] = []
         if let device {
-            let runner = GPUBenchmark(device: device, iterations: iterations ?? 100, warmup: max(warmup, 5), seed: seed, skew: skew, multiprocessors: sms)
+            let tuning = GPUTuning(pipelineDepth: pipelineDepth, rowsInFlight: rowsInFlight, rowPieces: rowPieces, blocksPerMultiprocessor: blocksPerSM)
+            let runner = GPUBenchmark(device: device, iterations: iterations ?? 100, warmup: max(warmup, 5), seed: seed, skew: skew,
+                                      multiprocessors: sms, tuning: tuning)
             let copyBandwidth = try runner.measureCopyBandwidth()
             print("backend gpu: \(device.name), \(device.multiprocessors) SMs; device copy bandwidth \(format(copyBandwidth, 1)) GB/s (read + write)")
             for benchCase in selected {

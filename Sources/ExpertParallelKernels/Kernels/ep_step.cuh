@@ -136,9 +136,13 @@ EP_DEVICE ep_vec ep_load_vec_peer(const void* p) { return *static_cast<const ep_
 EP_DEVICE void ep_store_vec(void* p, ep_vec v) { *static_cast<ep_vec8*>(p) = v; }
 #endif
 #define EP_ROW_VECS (EP_ROW_BYTES / EP_VEC_BYTES)
-#define EP_UNROLL 4
+#ifndef EP_UNROLL
+#define EP_UNROLL 4       // dispatch pipeline depth: vectors per lane loaded before they are stored
+#endif
 #define EP_WARPS 16       // warps per dispatch/combine block (512 threads)
+#ifndef EP_CHUNK
 #define EP_CHUNK 8        // combine: rows loaded before the first use
+#endif
 
 // Each lane of a warp publishes one row address (and weight) for its warp to read back by
 // index: the table lives in shared memory, not in K registers per lane, so large top-k does

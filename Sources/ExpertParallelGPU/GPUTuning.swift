@@ -1,0 +1,41 @@
+import ExpertParallel
+
+/// Run-time settings of a GPU group's kernels. The kernels are compiled on first use, so what
+/// other libraries fix at build time is a setting here. The defaults are the measured best on an
+/// H100 (docs/performance.md); other values are for tuning on other devices and shapes.
+public struct GPUTuning: Sendable, Hashable {
+    /// Dispatch pipeline depth: 16-byte vectors each lane loads before it stores them (1...8).
+    public var pipelineDepth: Int
+    /// Combine: rows whose vectors are loaded before the first is used (1...16).
+    public var rowsInFlight: Int
+    /// Pieces each token row is cut into, one warp per piece; nil picks enough pieces to give every
+    /// warp of the rank's blocks work.
+    public var rowPieces: Int?
+    /// Thread blocks per SM in one launch covering all ranks (1 or 2); nil: 2 for R ≥ 2, 1 for R = 1.
+    public var blocksPerMultiprocessor: Int?
+
+    public init(pipelineDepth: Int = 4, rowsInFlight: Int = 8, rowPieces: Int? = nil, blocksPerMultiprocessor: Int? = nil) {
+        self.pipelineDepth = pipelineDepth
+        self.rowsInFlight = rowsInFlight
+        self.rowPieces = rowPieces
+        self.blocksPerMultiprocessor = blocksPerMultiprocessor
+    }
+
+    func validated(_ config: GroupConfig) throws(EPError) -> Self {
+        func fail(_ field: String, _ value: Int, _ requirement: String) -> EPError {
+            .invalidArgument(field: "tuning.\(field)", value: "\(value)", requirement: requirement)
+        }
+        guard (1...8).contains(pipelineDepth) else { throw fail("pipelineDepth", pipelineDepth, "must be in 1...8") }
+        guard (1...16).contains(rowsInFlight) else { throw fail("rowsInFlight", rowsInFlight, "must be in 1...16") }
+        let vectors = max(1, config.rowBytes / 16)
+        if let rowPieces, !(1...vectors).contains(rowPieces) {
+            throw fail("rowPieces", rowPieces, "must be in 1...\(vectors) (16-byte vectors in a row)")
+        }
+        if let blocks = blocksPerMultiprocessor, !(1...2).contains(blocks) {
+            throw fail("blocksPerMultiprocessor", blocks, "must be 1 or 2 (two 512-thread blocks fill an SM's registers)")
+        }
+        return self
+    }
+
+    var defines: [String: String] { ["EP_UNROLL": "\(pipelineDepth)", "EP_CHUNK": "\(rowsInFlight)"] }
+}

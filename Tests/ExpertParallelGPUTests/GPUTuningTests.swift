@@ -1,0 +1,71 @@
+import ExpertParallel
+import ExpertParallelCUDA
+@testable import ExpertParallelGPU
+import ExpertParallelKernels
+import Foundation
+import Testing
+
+/// The kernels' run-time settings: bounds named in errors, every setting compiles, and (on the
+/// GPU) non-default settings still equal the oracle bit for bit.
+struct GPUTuningTests {
+    static let config = GroupConfig(algorithm: .lowLatency, ranks: 4, experts: 16, topK: 4, hidden: 64, maxTokensPerRank: 8)
+
+    @Test(arguments: [
+        (GPUTuning(pipelineDepth: 0), "tuning.pipelineDepth", "must be in 1...8"),
+        (GPUTuning(pipelineDepth: 9), "tuning.pipelineDepth", "must be in 1...8"),
+        (GPUTuning(rowsInFlight: 0), "tuning.rowsInFlight", "must be in 1...16"),
+        (GPUTuning(rowsInFlight: 17), "tuning.rowsInFlight", "must be in 1...16"),
+        (GPUTuning(rowPieces: 0), "tuning.rowPieces", "must be in 1...8 (16-byte vectors in a row)"),
+        (GPUTuning(rowPieces: 9), "tuning.rowPieces", "must be in 1...8 (16-byte vectors in a row)"),
+        (GPUTuning(blocksPerMultiprocessor: 3), "tuning.blocksPerMultiprocessor", "must be 1 or 2 (two 512-thread blocks fill an SM's registers)"),
+    ])
+    func outOfBoundsSettingsNameTheFieldTheValueAndTheBound(tuning: GPUTuning, field: String, requirement: String) {
+        #expect(throws: EPError.self) { _ = try tuning.validated(Self.config) }
+        do {
+            _ = try tuning.validated(Self.config)
+        } catch {
+            guard case let .invalidArgument(f, _, r) = error else { Issue.record("unexpected \(error)"); return }
+            #expect(f == field && r == requirement)
+        }
+    }
+
+    @Test func defaultsAreTheMeasuredOnes() throws {
+        let tuning = try GPUTuning().validated(Self.config)
+        #expect(tuning.defines == ["EP_UNROLL": "4", "EP_CHUNK": "8"])
+    }
+
+    static let runsNVRTC = ProcessInfo.processInfo.environment["EP_REQUIRE_NVRTC"] == "1" || NVRTCLibrary.isAvailable
+
+    /// Every setting at its bounds compiles, for both algorithms and every layout.
+    @Test(.enabled(if: runsNVRTC, "needs NVRTC (EP_REQUIRE_NVRTC=1 to require it)"),
+          arguments: [Layout.expertMajor, .rankMajor, .flat, .expertMajorPadded(alignment: 8)])
+    func extremeSettingsCompile(layout: Layout) throws {
+        let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)
+        let algorithm: Algorithm = layout == .expertMajor || layout == .rankMajor ? .lowLatency : .highThroughput
+        let config = GroupConfig(algorithm: algorithm, ranks: 8, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 128, layout: layout)
+        for (depth, rows) in [(1, 1), (8, 16)] {
+            let tuning = try GPUTuning(pipelineDepth: depth, rowsInFlight: rows).validated(config)
+            let defines = StepKernels.defines(config, .init(indexBytes: 4, receivedIndexBytes: 4, vectorBytes: 16), tuning)
+            let source = KernelSource.embedded(algorithm == .lowLatency ? "ep_ll" : "ep_ht")
+            let kernel = try compiler.compile(source, arch: .hopper, defines: defines)
+            #expect(kernel.image.starts(with: [0x7F, 0x45, 0x4C, 0x46]), "\(layout) depth \(depth) rows \(rows): a CUBIN")
+        }
+    }
+
+    /// Non-default settings move data differently but must give the same bits.
+    @Test(.enabled(if: gpuTestsEnabled, "needs a GPU: set EP_GPU_TESTS=1"),
+          arguments: [GPUTuning(pipelineDepth: 1, rowsInFlight: 1, rowPieces: 1, blocksPerMultiprocessor: 1),
+                      GPUTuning(pipelineDepth: 8, rowsInFlight: 16, rowPieces: 3, blocksPerMultiprocessor: 2)])
+    func nonDefaultSettingsMatchTheOracle(tuning: GPUTuning) throws {
+        let device = try #require(sharedDevice)
+        for layout in [Layout.expertMajor, .rankMajor, .flat, .expertMajorPadded(alignment: 4)] {
+            let config = GroupConfig.forLayout(layout, ranks: 4, experts: 16, topK: 4, hidden: 200, elementType: .bf16, maxTokensPerRank: 12)
+            let group = try VirtualGPUGroup(config, device: device, tuning: tuning)
+            let tokens = [12, 5, 0, 12]
+            for step in 0..<3 {
+                let inputs = StepInputs(config: config, tokens: tokens, seed: UInt64(60 + step))
+                try stepMatchesTheOracle(group, inputs, tokens, "\(layout) tuned step \(step)", direction: step == 2 ? .backward : .forward)
+            }
+        }
+    }
+}
