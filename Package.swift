@@ -17,7 +17,9 @@ let package = Package(
         // Layer 1: core API, validation, routing plans and the host (CPU) backend. No GPU.
         .target(name: "ExpertParallel"),
         // Layer 2: CUDA driver, NVRTC and NCCL opened with dlopen at run time (builds without CUDA).
-        .target(name: "ExpertParallelCUDA"),
+        // C trampolines for the few NCCL and driver calls that take a struct by value.
+        .target(name: "CExpertParallelShim"),
+        .target(name: "ExpertParallelCUDA", dependencies: ["CExpertParallelShim"]),
         // Layer 3: CUDA kernel sources (Kernels/*.cu, embedded at build time) and their NVRTC JIT.
         .target(
             name: "ExpertParallelKernels",
@@ -30,7 +32,7 @@ let package = Package(
         // Layer 5: the GPU backend (virtual ranks on one GPU).
         .target(
             name: "ExpertParallelGPU",
-            dependencies: ["ExpertParallel", "ExpertParallelCUDA", "ExpertParallelKernels"]
+            dependencies: ["ExpertParallel", "ExpertParallelCUDA", "ExpertParallelKernels", "CExpertParallelShim"]
         ),
         // Layer 6: the C ABI. The header's module lets the Swift side import its declarations.
         .systemLibrary(name: "CExpertParallel", path: "include"),
@@ -59,7 +61,7 @@ let package = Package(
         .testTarget(
             name: "ExpertParallelCUDATests",
             // ExpertParallel only as the oracle that GPU helper results are compared with.
-            dependencies: ["ExpertParallel", "ExpertParallelCUDA", "ExpertParallelKernels"]
+            dependencies: ["ExpertParallel", "ExpertParallelCUDA", "ExpertParallelKernels", "CExpertParallelShim"]
         ),
         .testTarget(
             name: "ExpertParallelGPUTests",

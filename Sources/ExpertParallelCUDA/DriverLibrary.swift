@@ -10,11 +10,18 @@ public final class DriverLibrary: @unchecked Sendable {
     /// Where the library was opened from.
     public let location: String
     let functions: DriverFunctions
+    /// IPC entry points (NCCL ranks); a driver without them fails only the IPC calls.
+    private let ipcFunctions: Result<DriverIPCFunctions, CUDAError>
 
     init(library: DynamicLibrary) throws {
         location = library.location
         functions = try DriverFunctions(library)
+        ipcFunctions = Result { () throws(CUDAError) in
+            do { return try DriverIPCFunctions(library) } catch { throw error as? CUDAError ?? .symbolMissing(library: Self.libraryName, symbol: "\(error)") }
+        }
     }
+
+    func ipc() throws -> DriverIPCFunctions { try ipcFunctions.get() }
 
     /// Opens the driver from the first of `candidates` (sonames or paths) and resolves every
     /// entry point. Most code wants `shared()`.

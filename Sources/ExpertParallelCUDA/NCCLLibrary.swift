@@ -1,5 +1,5 @@
-/// NCCL (`libnccl.so.2`), opened at run time. Only the version query for now; the transport
-/// layer adds its calls to `NCCLFunctions`.
+/// NCCL (`libnccl.so.2`), opened at run time: the version query, and the communicator calls a
+/// rank needs to join a group and exchange its buffers (NCCLCommunicator.swift).
 public final class NCCLLibrary: @unchecked Sendable {
     public static let libraryName = "libnccl.so.2"
 
@@ -15,11 +15,18 @@ public final class NCCLLibrary: @unchecked Sendable {
 
     public let location: String
     let functions: NCCLFunctions
+    /// Missing symbols here fail the calls that need them, not the version query.
+    private let commFunctions: Result<NCCLCommFunctions, CUDAError>
 
     init(library: DynamicLibrary) throws {
         location = library.location
         functions = try NCCLFunctions(library)
+        commFunctions = Result { () throws(CUDAError) in
+            do { return try NCCLCommFunctions(library) } catch { throw error as? CUDAError ?? .symbolMissing(library: Self.libraryName, symbol: "\(error)") }
+        }
     }
+
+    func comm() throws -> NCCLCommFunctions { try commFunctions.get() }
 
     /// `EP_NCCL_PATH` (file or folder), the loader's search, then the `nvidia-nccl-cu13`/`-cu12` wheels.
     public static func load(candidates: [String]? = nil) throws -> NCCLLibrary {
