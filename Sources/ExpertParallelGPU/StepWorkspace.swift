@@ -39,4 +39,41 @@ struct StepWorkspace: Sendable {
 /// Device status codes of ep_step.cuh (`EP_STATUS_*`).
 enum DeviceStatus: UInt32 {
     case ok = 0, indexRange = 1, repeatedExpert = 2, timeout = 3, peerFailed = 4, overflow = 5
+
+    /// The error that rank `rank`'s status words `[code, a, b, c]` record, or nil for none.
+    static func error(_ words: [UInt32], rank: Int, config: GroupConfig) -> EPError? {
+        switch DeviceStatus(rawValue: words[0]) {
+        case .ok?: nil
+        case .indexRange?:
+            .invalidArgument(
+                field: "topkIdx[rank \(rank)][\(words[1])][\(words[2])]", value: "\(Int32(bitPattern: words[3]))",
+                requirement: "must be -1 or in [0, \(config.experts))")
+        case .repeatedExpert?:
+            .repeatedExpert(token: Int(words[1]), firstColumn: Int(words[2]), secondColumn: Int(words[3]), expert: -1)
+        case .timeout?:
+            .timeout(rank: rank, missing: [Int(words[1])])
+        case .overflow?:
+            .overflow(rank: Int(words[1]), required: Int(words[2]), capacity: Int(words[3]))
+        case .peerFailed?:
+            .peerFailed(rank: rank, peer: Int(words[1]), reason: "its topkIdx was invalid")
+        case nil:
+            .backend("rank \(rank): unknown device status \(words[0])")
+        }
+    }
+}
+
+extension StepWorkspace {
+    /// The layout words of a rank's workspace as `LayoutInfo`.
+    func layoutInfo(_ words: [Int], config: GroupConfig) -> LayoutInfo {
+        let l = localExperts, r = ranks, total = l + r + l * r
+        let offsets = switch config.layout {
+        case .expertMajor: (0..<l).map { $0 * r * config.maxTokensPerRank }
+        case .expertMajorPadded: Array(words[(total + 2)..<(total + 2 + l)])
+        case .rankMajor, .flat: Array(repeating: 0, count: l)
+        }
+        return LayoutInfo(
+            expertCounters: Array(words[0..<l]), expertOffsets: offsets, sourceRankCounters: Array(words[l..<(l + r)]),
+            expertSourceCounters: Array(words[(l + r)..<total]), receivedTotal: words[total],
+            droppedTokens: algorithm == .highThroughput ? words[total + 1] : 0)
+    }
 }

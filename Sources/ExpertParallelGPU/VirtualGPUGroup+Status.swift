@@ -17,25 +17,11 @@ extension VirtualGPUGroup {
             let words = try gpu {
                 try device.driver.read(UInt32.self, from: workspaces[r].advanced(by: StepWorkspace.status * 4), count: 4)
             }
-            let error: EPError
-            switch DeviceStatus(rawValue: words[0]) {
-            case .ok?: continue
-            case .indexRange?:
-                error = .invalidArgument(
-                    field: "topkIdx[rank \(r)][\(words[1])][\(words[2])]", value: "\(Int32(bitPattern: words[3]))",
-                    requirement: "must be -1 or in [0, \(config.experts))")
-            case .repeatedExpert?:
-                error = .repeatedExpert(token: Int(words[1]), firstColumn: Int(words[2]), secondColumn: Int(words[3]), expert: -1)
-            case .timeout?:
-                error = .timeout(rank: r, missing: [Int(words[1])])
-            case .overflow?:
-                error = .overflow(rank: Int(words[1]), required: Int(words[2]), capacity: Int(words[3]))
-            case .peerFailed?:
-                // The rank whose routing was invalid reports the cause; report that one first.
-                if first == nil { first = .peerFailed(rank: r, peer: Int(words[1]), reason: "its topkIdx was invalid") }
+            guard let error = DeviceStatus.error(words, rank: r, config: config) else { continue }
+            // The rank whose routing was invalid reports the cause; report that one first.
+            if case .peerFailed = error {
+                if first == nil { first = error }
                 continue
-            case nil:
-                error = .backend("rank \(r): unknown device status \(words[0])")
             }
             throw error
         }
@@ -46,20 +32,10 @@ extension VirtualGPUGroup {
     /// the received counts, and the received total, to the host.
     public func layoutInfo(rank: Int) throws(EPError) -> LayoutInfo {
         try synchronize()
-        let l = config.localExperts, r = config.ranks
         let words = try gpu {
             try device.driver.read(UInt32.self, from: workspaces[rank].advanced(by: workspace.layout * 4), count: workspace.layoutWords)
         }.map { Int($0) }
-        let total = l + r + l * r
-        let offsets = switch config.layout {
-        case .expertMajor: (0..<l).map { $0 * r * config.maxTokensPerRank }
-        case .expertMajorPadded: Array(words[(total + 2)..<(total + 2 + l)])
-        case .rankMajor, .flat: Array(repeating: 0, count: l)
-        }
-        return LayoutInfo(
-            expertCounters: Array(words[0..<l]), expertOffsets: offsets, sourceRankCounters: Array(words[l..<(l + r)]),
-            expertSourceCounters: Array(words[(l + r)..<total]), receivedTotal: words[total],
-            droppedTokens: config.algorithm == .highThroughput ? words[total + 1] : 0)
+        return workspace.layoutInfo(words, config: config)
     }
 
     /// The group's active-rank mask (synchronises).

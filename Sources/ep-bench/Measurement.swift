@@ -35,6 +35,8 @@ struct Measurement: Codable, Sendable {
     var floorBytes: Double
     var copyBandwidthGBs: Double
     var validated: Bool
+    /// The rank that measured this (NCCL ranks: one process each); nil for a whole group.
+    var rank: Int? = nil
 
     var floorMicroseconds: Double { floorBytes / (copyBandwidthGBs * 1e3) }
     func gbPerSecond(_ phase: PhaseStats) -> Double { phase.median > 0 ? bytesPerRank / (phase.median * 1e3) : 0 }

@@ -7,6 +7,13 @@ enum BackendChoice: String, ExpressibleByArgument, CaseIterable {
     case auto, cpu, gpu
 }
 
+enum TransportChoice: String, ExpressibleByArgument, CaseIterable {
+    /// R virtual ranks on one GPU (or the CPU).
+    case virtual
+    /// One process per GPU joined by NCCL: spawned here, or started by mpirun / torchrun.
+    case nccl
+}
+
 struct RunCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "run",
@@ -17,6 +24,9 @@ struct RunCommand: ParsableCommand {
 
     @Option(help: "Backend: auto (GPU if one is found, else CPU), cpu, gpu.")
     var backend: BackendChoice = .auto
+
+    @Option(help: "virtual: R ranks in this process; nccl: one process per GPU over NCCL (spawned, or under mpirun/torchrun).")
+    var transport: TransportChoice = .virtual
 
     @Option(help: "Ranks of the group (overrides the case's R).")
     var ranks: Int?
@@ -66,6 +76,7 @@ struct RunCommand: ParsableCommand {
     }
 
     func run() throws {
+        if transport == .nccl { return try runNCCL() }
         var device: GPUDevice?
         if backend != .cpu {
             do { device = try GPUDevice() } catch {
@@ -97,6 +108,11 @@ struct RunCommand: ParsableCommand {
                 results.append(try runner.run(benchCase, copyBandwidth: copyBandwidth))
             }
         }
+        try report(results)
+    }
+
+    /// The table, and the JSON file when asked for.
+    func report(_ results: [Measurement]) throws {
         print(Table.render(results))
         if let json {
             let encoder = JSONEncoder()

@@ -5,10 +5,11 @@ enum Table {
     static func render(_ results: [Measurement]) -> String {
         var rows: [[String]] = [["case", "algo/layout", "R", "B", "phase", "median µs", "min µs", "max µs", "GB/s/rank", "floor µs", "% floor", "valid"]]
         for m in results {
-            rows.append([m.name, "\(m.algorithm) \(m.layout)", "\(m.ranks)", "\(m.tokens)", "update",
+            let name = m.rank.map { "\(m.name) r\($0)" } ?? m.name
+            rows.append([name, "\(m.algorithm) \(m.layout)", "\(m.ranks)", "\(m.tokens)", "update",
                          format(m.update.median, 1), format(m.update.minimum, 1), format(m.update.maximum, 1), "", "", "", ""])
-            for (name, phase) in [("dispatch", m.dispatch), ("combine", m.combine)] {
-                rows.append([m.name, "\(m.algorithm) \(m.layout)", "\(m.ranks)", "\(m.tokens)", name,
+            for (phaseName, phase) in [("dispatch", m.dispatch), ("combine", m.combine)] {
+                rows.append([name, "\(m.algorithm) \(m.layout)", "\(m.ranks)", "\(m.tokens)", phaseName,
                              format(phase.median, 1), format(phase.minimum, 1), format(phase.maximum, 1),
                              format(m.gbPerSecond(phase), 1), format(m.floorMicroseconds, 1),
                              format(m.percentOfFloor(phase), 1), m.validated ? "yes" : "NO"])

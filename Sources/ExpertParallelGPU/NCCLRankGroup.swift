@@ -1,0 +1,154 @@
+import ExpertParallel
+import ExpertParallelCUDA
+
+/// One rank of a group whose ranks are processes, one GPU each, joined by an NCCL communicator
+/// (DESIGN.md, layer 4, "NCCL ranks"). It runs the same kernels as `VirtualGPUGroup`'s
+/// per-rank launches: the peer table holds the other ranks' buffers, mapped into this process.
+///
+/// Everything another rank reads or writes lives in buffers this group owns and shares at
+/// creation, so that their addresses are fixed: the receive rows (dispatch writes them), the
+/// received local idx and weights, the expert outputs (combine reads them; write the experts'
+/// results there) and, for HT's backward pass, the weight gradients per received row or slot.
+/// On NCCL 2.28 the buffers are plain device allocations whose CUDA IPC handles are
+/// all-gathered through the communicator (NCCL's own peer-pointer query needs 2.30).
+public final class NCCLRankGroup: @unchecked Sendable {
+    public let config: GroupConfig
+    public let device: GPUDevice
+    public let rank: Int
+    public let comm: NCCLComm
+    public let tuning: GPUTuning
+    public let stream: CUDAStream
+    /// `receiveShape` rows of this rank: dispatch output.
+    public let receivedTokens: TensorRef
+    /// `receiveRoutingShape` local expert ids (int32) and weights (float32), where the layout has them.
+    public let receivedIndices: TensorRef?
+    public let receivedWeights: TensorRef?
+    /// `receiveShape`: where this rank's experts put their outputs for combine.
+    public let expertOutputs: TensorRef
+    /// HT backward: `receiveRoutingShape` float32 gradients of the received weights.
+    public let weightGradients: TensorRef?
+
+    let nccl: NCCLLibrary
+    let workspace: StepWorkspace
+    let blocks: Int
+    /// Every rank's shared buffers, this rank's own included (local addresses).
+    let peers: [SharedBuffers]
+    private let owned: [DevicePointer]
+    private let opened: [DevicePointer]
+    let mask: DevicePointer
+    let args: UnsafeMutableBufferPointer<UInt64>
+    var kernelCache: [StepKernels.Variant: StepKernels] = [:]
+    var step: (routing: TensorRef, indexBytes: Int)?
+    var pending: PendingCall?
+
+    /// The buffers of one rank that the others reach.
+    struct SharedBuffers {
+        var workspace: DevicePointer
+        var received: DevicePointer
+        var receivedIndices: DevicePointer
+        var receivedWeights: DevicePointer
+        var expertOutputs: DevicePointer
+        var weightGradients: DevicePointer
+
+        var all: [DevicePointer] { [workspace, received, receivedIndices, receivedWeights, expertOutputs, weightGradients] }
+        init(_ p: [DevicePointer]) {
+            (workspace, received, receivedIndices, receivedWeights, expertOutputs, weightGradients) = (p[0], p[1], p[2], p[3], p[4], p[5])
+        }
+    }
+
+    /// Joins: allocates this rank's shared buffers, all-gathers their IPC handles through `comm`
+    /// and maps the other ranks' buffers. Collective: every rank of `comm` calls it.
+    public init(
+        _ config: GroupConfig, device: GPUDevice, comm: NCCLComm, nccl: NCCLLibrary, multiprocessors: Int? = nil,
+        tuning: GPUTuning = GPUTuning()
+    ) throws(EPError) {
+        let config = try config.validated()
+        self.tuning = try tuning.validated(config)
+        let (rank, size) = try gpu { (try nccl.userRank(comm), try nccl.count(comm)) }
+        guard size == config.ranks else {
+            throw .invalidConfig(field: "ranks", value: "\(config.ranks)", requirement: "must equal the communicator's size (\(size))")
+        }
+        guard config.ranks <= 32 else {
+            throw .invalidConfig(field: "ranks", value: "\(config.ranks)", requirement: "must be ≤ 32 on the GPU backend")
+        }
+        let sms = multiprocessors ?? device.multiprocessors
+        guard sms >= 1, sms <= device.multiprocessors else {
+            throw .invalidArgument(field: "multiprocessors", value: "\(sms)", requirement: "must be in 1...\(device.multiprocessors)")
+        }
+        self.config = config
+        self.device = device
+        self.rank = rank
+        self.comm = comm
+        self.nccl = nccl
+        // One GPU per rank: the rank's blocks may fill it.
+        blocks = max(1, sms * (tuning.blocksPerMultiprocessor ?? 2))
+        let workspace = StepWorkspace(config)
+        self.workspace = workspace
+        try device.makeCurrent()
+        let driver = device.driver
+        let stream = try gpu { try driver.createStream() }
+        self.stream = stream
+
+        let rowBytes = config.receiveShape.reduce(1, *) * config.elementType.byteSize
+        let routingCount = config.receiveRoutingShape?.reduce(1, *) ?? 0
+        let sizes = [workspace.bytes, rowBytes, max(routingCount, 1) * 4, max(routingCount, 1) * 4, rowBytes, max(routingCount, 1) * 4]
+        var owned: [DevicePointer] = []
+        for bytes in sizes {
+            let p = try gpu { try driver.allocate(byteCount: bytes) }
+            try gpu { try driver.fill(p, byte: 0, byteCount: bytes) }
+            owned.append(p)
+        }
+        self.owned = owned
+        let mine = SharedBuffers(owned)
+        func view(_ p: DevicePointer, _ type: DataType, _ shape: [Int]) -> TensorRef {
+            TensorRef(address: UnsafeMutableRawPointer(bitPattern: UInt(p.rawValue)), dtype: type, shape: shape, location: .device(device.ordinal))
+        }
+        receivedTokens = view(mine.received, config.elementType, config.receiveShape)
+        expertOutputs = view(mine.expertOutputs, config.elementType, config.receiveShape)
+        receivedIndices = config.receiveRoutingShape.map { view(mine.receivedIndices, .i32, $0) }
+        receivedWeights = config.receiveRoutingShape.map { view(mine.receivedWeights, .f32, $0) }
+        weightGradients = config.algorithm == .highThroughput ? config.receiveRoutingShape.map { view(mine.weightGradients, .f32, $0) } : nil
+
+        // All-gather the IPC handles of every shared buffer and map the other ranks' ones.
+        let handleBytes = IPCMemHandle.byteCount * sizes.count
+        var local: [UInt8] = []
+        for p in owned { local += try gpu { try driver.ipcHandle(for: p) }.bytes }
+        let send = try gpu { try driver.allocate(byteCount: handleBytes) }
+        let receive = try gpu { try driver.allocate(byteCount: handleBytes * config.ranks) }
+        defer { try? driver.free(send); try? driver.free(receive) }
+        try gpu {
+            try driver.copy(local, to: send)
+            try nccl.allGather(from: send, to: receive, count: handleBytes, type: .uint8, comm: comm, stream: stream)
+            try driver.synchronize(stream)
+        }
+        let gathered = try gpu { try driver.read(UInt8.self, from: receive, count: handleBytes * config.ranks) }
+        var peers: [SharedBuffers] = [], opened: [DevicePointer] = []
+        for r in 0..<config.ranks {
+            if r == rank { peers.append(mine); continue }
+            var pointers: [DevicePointer] = []
+            for b in 0..<sizes.count {
+                let start = r * handleBytes + b * IPCMemHandle.byteCount
+                let handle = try gpu { try IPCMemHandle(bytes: Array(gathered[start..<(start + IPCMemHandle.byteCount)])) }
+                let p = try gpu { try driver.openIPCHandle(handle) }
+                pointers.append(p)
+                opened.append(p)
+            }
+            peers.append(SharedBuffers(pointers))
+        }
+        self.peers = peers
+        self.opened = opened
+        let mask = try gpu { try driver.allocate(byteCount: 8) }
+        try gpu { try driver.copy([RankMask.all(config.ranks).bits], to: mask) }
+        self.mask = mask
+        args = .allocate(capacity: VirtualGPUGroup.rankWords * config.ranks + 6)
+    }
+
+    deinit {
+        args.deallocate()
+        let driver = device.driver
+        for p in opened { try? driver.closeIPCHandle(p) }
+        for p in owned { try? driver.free(p) }
+        try? driver.free(mask)
+        try? driver.destroy(stream)
+    }
+}

@@ -1,0 +1,97 @@
+import ExpertParallel
+import ExpertParallelCUDA
+import ExpertParallelGPU
+import Foundation
+
+/// Runs a case as one NCCL rank (this process, one GPU): the same inputs as every other rank
+/// generates from the seed, timed with CUDA events per call, validated bit for bit against the
+/// CPU oracle run here for all ranks.
+struct NCCLBenchmark {
+    var device: GPUDevice
+    var nccl: NCCLLibrary
+    var comm: NCCLComm
+    var rank: Int
+    var iterations: Int
+    var warmup: Int
+    var seed: UInt64
+    var skew: Double
+    var tuning: GPUTuning
+
+    func run(_ benchCase: BenchCase, copyBandwidth: Double) throws -> Measurement {
+        let config = try benchCase.config().validated()
+        let group = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl, tuning: tuning)
+        let data = BenchData(config: config, tokens: benchCase.tokens, seed: seed, skew: skew)
+        func upload(_ host: HostTensor) throws -> DeviceTensor {
+            let d = try DeviceTensor(host.dtype, host.shape, on: device)
+            try d.upload(host)
+            return d
+        }
+        let x = try upload(data.tokens[rank]), w = try upload(data.weights[rank]), idx = try upload(data.topkIdx[rank])
+        let combinedHost = HostTensor(config.elementType, [benchCase.tokens, config.hidden])
+        let combined = try upload(combinedHost)
+        let input = DispatchInput(tokens: x.ref, topkWeights: w.ref)
+        // Identity experts: the received rows are copied to the expert-output buffer between calls.
+        let combineIn = CombineInput(
+            expertOutputs: group.expertOutputs,
+            topkWeights: config.layout == .expertMajor ? w.ref : config.isExpertMajorHT ? group.receivedWeights : nil)
+        let combineOut = CombineOutput(tokens: combined.ref)
+        let rowBytes = group.receivedTokens.byteCount
+        let receivedPointer = DevicePointer(rawValue: UInt64(UInt(bitPattern: group.receivedTokens.address)))
+        let expertPointer = DevicePointer(rawValue: UInt64(UInt(bitPattern: group.expertOutputs.address)))
+
+        let driver = device.driver
+        let total = warmup + iterations
+        let events = try (0..<(6 * total)).map { _ in try driver.createEvent() }
+        defer { for e in events { try? driver.destroy(e) } }
+        for i in 0..<total {
+            let e = Array(events[(6 * i)..<(6 * i + 6)])
+            try driver.record(e[0], on: group.stream)
+            try group.update(topkIdx: idx.ref)
+            try driver.record(e[1], on: group.stream)
+            try group.dispatch(input)
+            try driver.record(e[2], on: group.stream)
+            try driver.copy(from: receivedPointer, to: expertPointer, byteCount: rowBytes, stream: group.stream)
+            try driver.record(e[3], on: group.stream)
+            try group.combine(combineIn, into: combineOut)
+            try driver.record(e[4], on: group.stream)
+        }
+        try group.checkStatus()
+        var samples: [[Double]] = [[], [], []]
+        for i in warmup..<total {
+            let e = Array(events[(6 * i)..<(6 * i + 6)])
+            samples[0].append(Double(try driver.elapsedMilliseconds(from: e[0], to: e[1])) * 1000)
+            samples[1].append(Double(try driver.elapsedMilliseconds(from: e[1], to: e[2])) * 1000)
+            samples[2].append(Double(try driver.elapsedMilliseconds(from: e[3], to: e[4])) * 1000)
+        }
+        try combined.download(into: combinedHost)
+        let oracle = try data.oracleCombined(config: config)
+        let valid = combinedHost.bytes() == oracle[rank] && data.validate(rank: rank, config: config, combined: combinedHost)
+        withExtendedLifetime((x, w, idx, combined)) {}
+        let bytes = StepBytes(config: config, routings: data.routings)
+        var measurement = Measurement(
+            name: benchCase.name, backend: "gpu-nccl", device: device.name,
+            algorithm: config.algorithm.rawValue, layout: "\(config.layout)", ranks: config.ranks,
+            tokens: benchCase.tokens, hidden: config.hidden, topK: config.topK, experts: config.experts,
+            iterations: iterations, update: PhaseStats(samples[0]), dispatch: PhaseStats(samples[1]), combine: PhaseStats(samples[2]),
+            bytesPerRank: Double(bytes.countedRowsPerRank[rank] * bytes.rowBytes),
+            floorBytes: Double(bytes.floorBytes) / Double(config.ranks), copyBandwidthGBs: copyBandwidth, validated: valid)
+        measurement.rank = rank
+        return measurement
+    }
+}
+
+extension BenchData {
+    /// Every rank's combined rows from the host backend with identity experts (the oracle).
+    func oracleCombined(config: GroupConfig) throws -> [[UInt8]] {
+        let group = try HostGroup(config)
+        let results = group.run { rank throws(EPError) -> [UInt8] in
+            let outputs = self.outputs(for: config)
+            let handle = try rank.makeHandle()
+            try rank.update(handle, topkIdx: self.topkIdx[rank.rank].ref)
+            _ = try rank.dispatch(handle, self.dispatchInput(rank.rank), into: outputs.dispatch, direction: .forward)
+            try rank.combine(handle, self.combineInput(rank.rank, outputs, config), into: outputs.combine, direction: .forward)
+            return outputs.combineTokens.bytes()
+        }
+        return try results.map { try $0.get() }
+    }
+}

@@ -1,0 +1,52 @@
+import ArgumentParser
+import ExpertParallel
+import ExpertParallelCUDA
+import ExpertParallelGPU
+import Foundation
+
+extension RunCommand {
+    /// `--transport nccl`: as a rank (spawned, or under mpirun / torchrun) run the cases and print
+    /// one result line each; otherwise spawn `--ranks` ranks, one per GPU, and report their results.
+    func runNCCL() throws {
+        let nccl = try NCCLLibrary.shared()
+        guard let me = NCCLRankEnvironment.current() else {
+            let ranks = self.ranks ?? 2
+            let id = try nccl.uniqueID()
+            FileHandle.standardError.write(Data("spawning \(ranks) NCCL ranks (NCCL \(try nccl.version()))...\n".utf8))
+            let children = try NCCLLauncher.spawn(ranks: ranks, id: id, arguments: Array(CommandLine.arguments.dropFirst()))
+            var results: [Measurement] = []
+            for child in children {
+                for line in child.output.split(separator: "\n") where line.hasPrefix(Self.resultPrefix) {
+                    results.append(try JSONDecoder().decode(Measurement.self, from: Data(line.dropFirst(Self.resultPrefix.count).utf8)))
+                }
+            }
+            try report(results)
+            if let failed = children.firstIndex(where: { $0.status != 0 }) {
+                throw ValidationError("rank \(failed) exited with status \(children[failed].status)")
+            }
+            if let invalid = results.first(where: { !$0.validated }) {
+                throw ValidationError("rank \(invalid.rank ?? -1) of \(invalid.name): results differ from the CPU oracle")
+            }
+            return
+        }
+        let device = try GPUDevice(ordinal: me.deviceOrdinal)
+        let id = try me.uniqueID(nccl, timeout: .seconds(60))
+        let comm = try nccl.initRank(ranks: me.world, id: id, rank: me.rank)
+        defer { try? nccl.destroy(comm) }
+        let tuning = GPUTuning(pipelineDepth: pipelineDepth, rowsInFlight: rowsInFlight, rowPieces: rowPieces, blocksPerMultiprocessor: blocksPerSM)
+        let runner = NCCLBenchmark(device: device, nccl: nccl, comm: comm, rank: me.rank, iterations: iterations ?? 100,
+                                   warmup: max(warmup, 5), seed: seed, skew: skew, tuning: tuning)
+        let copyBandwidth = try GPUBenchmark(device: device, iterations: 1, warmup: 0, seed: seed, skew: skew, tuning: tuning)
+            .measureCopyBandwidth()
+        let names = cases.isEmpty ? ["ll-std", "ll-32", "ll-1", "ht-std"] : cases
+        // The group is the communicator: every case runs with R = its size, experts unchanged.
+        let selected = BenchCase.standard.filter { names.contains($0.name) && $0.experts % me.world == 0 }.map { $0.with(ranks: me.world) }
+        for benchCase in selected {
+            let measurement = try runner.run(benchCase, copyBandwidth: copyBandwidth)
+            let line = String(decoding: try JSONEncoder().encode(measurement), as: UTF8.self)
+            print(Self.resultPrefix + line)
+        }
+    }
+
+    static let resultPrefix = "EPRESULT "
+}
