@@ -115,6 +115,8 @@ public struct GroupConfig: Sendable, Hashable {
         }
         guard maxTokensPerRank >= 1 else { throw fail("maxTokensPerRank", maxTokensPerRank, "must be ≥ 1") }
         guard timeout > .zero else { throw fail("timeout", timeout, "must be > 0") }
+        // Kernels take the timeout in nanoseconds as 64 bits; a day is far past any useful wait.
+        guard timeout <= .seconds(86_400) else { throw fail("timeout", timeout, "must be ≤ 86400 seconds") }
         switch (algorithm, layout) {
         case (.lowLatency, .expertMajor), (.lowLatency, .rankMajor):
             if let n = maxReceivedTokensPerRank {

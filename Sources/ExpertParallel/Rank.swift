@@ -36,7 +36,8 @@ public struct DispatchOutput: Sendable {
 public struct CombineInput: Sendable {
     /// This rank's expert outputs, shaped like its dispatch `tokens` output.
     public var expertOutputs: TensorRef
-    /// `[B, K]` float32: the source's routing weights (LL expert-major forward only).
+    /// Weights combine applies in the forward pass: LL expert-major, the source's `[B, K]` routing
+    /// weights; HT expert-major, the per-slot `[N]` weights this rank received from dispatch.
     public var topkWeights: TensorRef?
     /// Backward HT only: weight gradients per received row, shaped like the dispatch `topkWeights`
     /// output (`[N, K]` flat, `[N]` expert-major).

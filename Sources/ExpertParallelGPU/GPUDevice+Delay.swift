@@ -7,9 +7,19 @@ extension GPUDevice {
     /// enqueued behind it runs back to back and events time the GPU alone (benchmarks only).
     public func delay(_ stream: CUDAStream, nanoseconds: UInt64) throws(EPError) {
         try makeCurrent()
+        let function = try delayFunction()
+        try gpu { try driver.launch(function, grid: 1, block: 1, stream: stream, arguments: KernelArguments(nanoseconds)) }
+    }
+
+    /// The delay kernel, loaded once.
+    private func delayFunction() throws(EPError) -> CUDAFunction {
+        rankStreamLock.lock()
+        defer { rankStreamLock.unlock() }
+        if let loaded = delayKernel { return loaded }
         let compiled = try gpu { try compiler.compile(KernelSource.embedded("ep_delay"), arch: arch) }
         let module = try gpu { try driver.loadModule(image: compiled.image) }
         let function = try gpu { try driver.function(named: "ep_delay", in: module) }
-        try gpu { try driver.launch(function, grid: 1, block: 1, stream: stream, arguments: KernelArguments(nanoseconds)) }
+        delayKernel = function
+        return function
     }
 }

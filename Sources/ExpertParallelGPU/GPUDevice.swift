@@ -44,8 +44,10 @@ public final class GPUDevice: @unchecked Sendable {
 
     /// Streams for ranks launched separately, one per rank and shared by every group on the
     /// device: created once, in order, so that up to 32 of them land on distinct hardware queues.
-    private let rankStreamLock = NSLock()
+    let rankStreamLock = NSLock()
     nonisolated(unsafe) private var rankStreamPool: [CUDAStream] = []
+    /// The benchmark's delay kernel, once loaded (GPUDevice+Delay.swift).
+    nonisolated(unsafe) var delayKernel: CUDAFunction?
 
     func rankStreams(_ count: Int) throws(EPError) -> [CUDAStream] {
         rankStreamLock.lock()

@@ -21,6 +21,7 @@ extension NCCLRankGroup {
                 requirement: "must be [tokens ≤ maxTokensPerRank (\(config.maxTokensPerRank)), topK = \(config.topK)]")
         }
         try TensorCheck.require(topkIdx, "topkIdx", dtypes: [.i32, .i64], shape: topkIdx.shape, location: location)
+        try requireAligned(topkIdx, "topkIdx", topkIdx.dtype.byteSize)
         let k = try kernels(.init(indexBytes: topkIdx.dtype.byteSize, receivedIndexBytes: 4, vectorBytes: 16))
         try launch(k.update, threads: config.algorithm == .lowLatency ? 256 : 512, blocks: 1, sync: 0, weighted: false,
                    stream: stream) { r, w in
@@ -37,6 +38,8 @@ extension NCCLRankGroup {
     public func dispatch(_ input: DispatchInput, phase: CallPhase = .whole, stream: CUDAStream? = nil) throws(EPError) {
         let step = try currentStep()
         try config.validateDispatch(input, dispatchOutput, tokens: step.routing.shape[0], location: location)
+        try requireAligned(input.tokens, "input.tokens", 8)
+        if let weights = input.topkWeights { try requireAligned(weights, "input.topkWeights", 4) }
         let aligned = config.rowBytes % 16 == 0 && address(input.tokens) % 16 == 0
         let k = try kernels(.init(indexBytes: step.indexBytes, receivedIndexBytes: 4, vectorBytes: aligned ? 16 : 8))
         let enqueue = { [self] (sync: UInt64, blocks: Int, stream: CUDAStream?) throws(EPError) in
@@ -71,6 +74,9 @@ extension NCCLRankGroup {
         let step = try currentStep()
         try config.validateCombine(input, output, tokens: step.routing.shape[0], direction: direction, location: location)
         try requireShared(input.expertOutputs, expertOutputs, "input.expertOutputs", "expertOutputs")
+        try requireAligned(output.tokens, "output.tokens", 8)
+        if let weights = input.topkWeights { try requireAligned(weights, "input.topkWeights", 4) }
+        if let gradients = output.topkWeightGradients { try requireAligned(gradients, "output.topkWeightGradients", 4) }
         if config.isExpertMajorHT, direction == .forward, let weights = receivedWeights {
             try requireShared(input.topkWeights, weights, "input.topkWeights", "receivedWeights")
         }

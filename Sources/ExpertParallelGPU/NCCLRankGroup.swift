@@ -62,14 +62,11 @@ public final class NCCLRankGroup: @unchecked Sendable {
         _ config: GroupConfig, device: GPUDevice, comm: NCCLComm, nccl: NCCLLibrary, multiprocessors: Int? = nil,
         tuning: GPUTuning = GPUTuning()
     ) throws(EPError) {
-        let config = try config.validated()
+        let config = try config.validatedForGPU()
         self.tuning = try tuning.validated(config)
         let (rank, size) = try gpu { (try nccl.userRank(comm), try nccl.count(comm)) }
         guard size == config.ranks else {
             throw .invalidConfig(field: "ranks", value: "\(config.ranks)", requirement: "must equal the communicator's size (\(size))")
-        }
-        guard config.ranks <= 32 else {
-            throw .invalidConfig(field: "ranks", value: "\(config.ranks)", requirement: "must be ≤ 32 on the GPU backend")
         }
         let sms = multiprocessors ?? device.multiprocessors
         guard sms >= 1, sms <= device.multiprocessors else {
@@ -144,8 +141,9 @@ public final class NCCLRankGroup: @unchecked Sendable {
     }
 
     deinit {
-        args.deallocate()
         let driver = device.driver
+        try? driver.synchronizeContext()   // work may still use the buffers freed below
+        args.deallocate()
         for p in opened { try? driver.closeIPCHandle(p) }
         for p in owned { try? driver.free(p) }
         try? driver.free(mask)

@@ -1,7 +1,7 @@
 import ExpertParallel
 import ExpertParallelCUDA
 
-// EP_SYNC_* bits of ep_ll.cu.
+// EP_SYNC_* bits of ep_step.cuh.
 private let syncSignal: UInt64 = 1, syncWait: UInt64 = 2, syncNoData: UInt64 = 4, syncDone: UInt64 = 8
 
 extension VirtualGPUGroup {
@@ -19,6 +19,7 @@ extension VirtualGPUGroup {
                     requirement: "must be [tokens ≤ maxTokensPerRank (\(config.maxTokensPerRank)), topK = \(config.topK)]")
             }
             try TensorCheck.require(idx, "topkIdx[rank \(r)]", dtypes: [.i32, .i64], shape: idx.shape, location: location)
+            try requireAligned(idx, "topkIdx[rank \(r)]", idx.dtype.byteSize)
         }
         let indexBytes = topkIdx[0].dtype.byteSize
         if let r = topkIdx.firstIndex(where: { $0.dtype != topkIdx[0].dtype }) {
@@ -44,6 +45,15 @@ extension VirtualGPUGroup {
         try checkRankCount(outputs.count, "outputs")
         for r in 0..<config.ranks {
             try config.validateDispatch(inputs[r], outputs[r], tokens: step.routing[r].shape[0], location: location)
+            try requireAligned(inputs[r].tokens, "inputs[\(r)].tokens", 8)
+            try requireAligned(outputs[r].tokens, "outputs[\(r)].tokens", 8)
+            for (tensor, name) in [(inputs[r].topkWeights, "topkWeights"), (outputs[r].topkIdx, "topkIdx"), (outputs[r].topkWeights, "topkWeights")] {
+                if let tensor { try requireAligned(tensor, "\(name) of rank \(r)", tensor.dtype.byteSize) }
+            }
+            // One kernel writes every rank's received ids: they must share a width.
+            if let idx = outputs[r].topkIdx, let first = outputs[0].topkIdx, idx.dtype != first.dtype {
+                throw .invalidArgument(field: "outputs[\(r)].topkIdx.dtype", value: "\(idx.dtype)", requirement: "must match rank 0's (\(first.dtype))")
+            }
         }
         let variant = StepKernels.Variant(
             indexBytes: step.variantIndexBytes, receivedIndexBytes: outputs[0].topkIdx?.dtype.byteSize ?? 4,
@@ -85,6 +95,12 @@ extension VirtualGPUGroup {
         try checkRankCount(outputs.count, "outputs")
         for r in 0..<config.ranks {
             try config.validateCombine(inputs[r], outputs[r], tokens: step.routing[r].shape[0], direction: direction, location: location)
+            try requireAligned(inputs[r].expertOutputs, "inputs[\(r)].expertOutputs", 8)
+            try requireAligned(outputs[r].tokens, "outputs[\(r)].tokens", 8)
+            for (tensor, name) in [(inputs[r].topkWeights, "topkWeights"), (inputs[r].weightGradients, "weightGradients"),
+                                   (outputs[r].topkWeightGradients, "topkWeightGradients")] {
+                if let tensor { try requireAligned(tensor, "\(name) of rank \(r)", 4) }
+            }
         }
         let variant = StepKernels.Variant(
             indexBytes: step.variantIndexBytes, receivedIndexBytes: 4,
@@ -151,3 +167,11 @@ extension VirtualGPUGroup {
 }
 
 func address(_ tensor: TensorRef) -> UInt64 { UInt64(UInt(bitPattern: tensor.address)) }
+
+/// Kernels read rows in 8- or 16-byte vectors and ids and weights whole: a misaligned address
+/// would fault on the device, so it is an error here.
+func requireAligned(_ tensor: TensorRef, _ name: String, _ bytes: Int) throws(EPError) {
+    guard address(tensor) % UInt64(bytes) == 0 else {
+        throw .invalidArgument(field: "\(name).address", value: "\(address(tensor))", requirement: "must be a multiple of \(bytes) bytes")
+    }
+}

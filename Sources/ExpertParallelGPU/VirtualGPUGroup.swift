@@ -41,6 +41,7 @@ public final class VirtualGPUGroup: @unchecked Sendable {
     let workspaces: [DevicePointer]
     let mask: DevicePointer
     private let lock = NSLock()
+    private let launchLock = NSLock()
     private var kernels: [StepKernels.Variant: StepKernels] = [:]
     private var step: (routing: [TensorRef], variantIndexBytes: Int)?
     private var pending: PendingCall?
@@ -61,26 +62,11 @@ public final class VirtualGPUGroup: @unchecked Sendable {
     public init(
         _ config: GroupConfig, device: GPUDevice, multiprocessors: Int? = nil, tuning: GPUTuning = GPUTuning()
     ) throws(EPError) {
-        let config = try config.validated()
+        let config = try config.validatedForGPU()
         self.tuning = try tuning.validated(config)
-        guard config.ranks <= 32 else {
-            throw .invalidConfig(field: "ranks", value: "\(config.ranks)", requirement: "must be ≤ 32 on the GPU backend")
-        }
-        guard config.experts <= 1024 else {
-            throw .invalidConfig(field: "experts", value: "\(config.experts)", requirement: "must be ≤ 1024 on the GPU backend")
-        }
         let sms = multiprocessors ?? device.multiprocessors
         guard sms >= 1, sms <= device.multiprocessors else {
             throw .invalidArgument(field: "multiprocessors", value: "\(sms)", requirement: "must be in 1...\(device.multiprocessors)")
-        }
-        // Static shared memory of the update kernel (ep_ll.cu / ep_ht.cu).
-        let sharedWords = config.algorithm == .lowLatency
-            ? config.maxTokensPerRank * (config.topK + 1) + 8 * (config.experts + config.ranks) + 8
-            : 16 * (config.experts + config.ranks) + 2 * config.experts + 3 * config.ranks + config.localExperts + 8
-        guard sharedWords * 4 <= 48 * 1024 else {
-            throw .invalidConfig(
-                field: "maxTokensPerRank", value: "\(config.maxTokensPerRank)",
-                requirement: "with topK \(config.topK) and \(config.experts) experts the update kernel needs \(sharedWords * 4) bytes of shared memory; at most 49152")
         }
         self.config = config
         self.device = device
@@ -108,8 +94,9 @@ public final class VirtualGPUGroup: @unchecked Sendable {
     }
 
     deinit {
-        args.deallocate()
         let driver = device.driver
+        try? driver.synchronizeContext()   // work may still use the buffers freed below
+        args.deallocate()
         for p in workspaces { try? driver.free(p) }
         try? driver.free(mask)
         for e in joinEvents { try? driver.destroy(e) }
@@ -127,7 +114,7 @@ public final class VirtualGPUGroup: @unchecked Sendable {
 
     // MARK: launches
 
-    /// Fills the kernel argument block (`EpArgs` of ep_ll.cu) and launches `function`.
+    /// Fills the kernel argument block (`EpArgs` of ep_step.cuh) and launches `function`.
     /// `sync` holds the kernel's EP_SYNC_* bits; `fill` sets each rank's tensor words
     /// (x, topk_idx, topk_weights, recv, recv_idx, recv_weights, out, -, tokens, weight_grads_in,
     /// weight_grads_out).
@@ -135,6 +122,9 @@ public final class VirtualGPUGroup: @unchecked Sendable {
         _ function: CUDAFunction, threads: Int, blocks: Int, mode: LaunchMode, sync: UInt64, weighted: Bool, slices: Int,
         stream callerStream: CUDAStream?, rank fill: (Int, UnsafeMutableBufferPointer<UInt64>) -> Void
     ) throws(EPError) {
+        // One argument block per group: calls from several threads take turns filling and launching.
+        launchLock.lock()
+        defer { launchLock.unlock() }
         let r = config.ranks, n = Self.rankWords, tail = n * r
         for rank in 0..<r {
             let words = UnsafeMutableBufferPointer(rebasing: args[(rank * n)..<(rank * n + n)])

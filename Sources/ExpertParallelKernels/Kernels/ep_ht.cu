@@ -52,8 +52,7 @@ EP_DEVICE void ep_ht_zones(const ep_u32* table, ep_u64 gathered, int* zone_start
     required[d] = ep_active(gathered, d) ? running : 0;
 }
 
-// Rows destination d would hold with the full counts of sources [0, upto), plus `extra`
-// selections per local expert when given.
+// Rows destination d would hold with the full counts of sources [0, upto).
 EP_DEVICE int ep_ht_rows_before(const ep_u32* full, ep_u64 gathered, int upto, int d) {
     int rows = 0;
 #if EP_EXPERT_MAJOR
@@ -277,8 +276,6 @@ ep_ht_update(const EpArgs args) {
     // Every rank computes every destination's zones and checks its capacity, so all agree.
     const ep_u32* full = ws + WS_COUNTS + parity * EP_R * (EP_E + EP_R);
     const ep_u64 gathered = ep_load_mask(args) & mask;
-    ep_ht_zones(full, gathered, zone_start, required);
-    __syncthreads();
 #if EP_DROP
     // Drop policy: per destination, (source rank, token) pairs are kept in order while the
     // receive buffer still fits them; this rank works out its kept prefix, then the ranks
@@ -320,15 +317,31 @@ ep_ht_update(const EpArgs args) {
         __threadfence();
         ep_store_release_sys(ep_ws(args, threadIdx.x) + WS_COUNT_FLAG + rank, seq * 4 + 2);
     }
+    __shared__ int kept_timeout;
+    if (threadIdx.x == 0) kept_timeout = 0;
+    __syncthreads();
     if (threadIdx.x < EP_R && ep_active(gathered, threadIdx.x)) {
-        if (!ep_wait_flag_sys(ws + WS_COUNT_FLAG + threadIdx.x, seq * 4 + 2, args.timeout_ns)) ep_timeout(args, ws, threadIdx.x);
+        if (!ep_wait_flag_sys(ws + WS_COUNT_FLAG + threadIdx.x, seq * 4 + 2, args.timeout_ns)) {
+            ep_timeout(args, ws, threadIdx.x);
+            kept_timeout = 1;
+        }
     }
     __syncthreads();
+    if (kept_timeout) {
+        // A peer's kept counts never came: its table row is stale, so no row is trustworthy.
+        if (threadIdx.x == 0) {
+            ws[WS_STEP_OK] = 0;
+            ws[WS_SEQ] = seq;
+        }
+        return;
+    }
     const ep_u32* table = ws + WS_KEPT + parity * EP_R * (EP_E + EP_R);
     ep_ht_zones(table, gathered, zone_start, required);
     __syncthreads();
 #else
     const ep_u32* table = full;
+    ep_ht_zones(full, gathered, zone_start, required);
+    __syncthreads();
     __shared__ int overflow_rank;
     if (threadIdx.x == 0) {
         overflow_rank = -1;
@@ -377,11 +390,11 @@ ep_ht_update(const EpArgs args) {
         layout[EP_L + EP_R + i] = ep_active(gathered, s) ? table[s * (EP_E + EP_R) + rank * EP_L + l] : 0u;
     }
     __syncthreads();
-    if (threadIdx.x < EP_L) {
+    for (int l = threadIdx.x; l < EP_L; l += blockDim.x) {   // L may exceed the block
         ep_u32 sum = 0;
-        for (int s = 0; s < EP_R; ++s) sum += layout[EP_L + EP_R + threadIdx.x * EP_R + s];
-        layout[threadIdx.x] = sum;
-        layout[EP_L + EP_R + EP_L * EP_R + 2 + threadIdx.x] = EP_EXPERT_MAJOR ? zone_start[rank * EP_L + threadIdx.x] : 0;
+        for (int s = 0; s < EP_R; ++s) sum += layout[EP_L + EP_R + l * EP_R + s];
+        layout[l] = sum;
+        layout[EP_L + EP_R + EP_L * EP_R + 2 + l] = EP_EXPERT_MAJOR ? zone_start[rank * EP_L + l] : 0;
     }
     if (threadIdx.x < EP_R) {
         layout[EP_L + threadIdx.x] = ep_active(gathered, threadIdx.x) ? table[threadIdx.x * (EP_E + EP_R) + EP_E + rank] : 0u;

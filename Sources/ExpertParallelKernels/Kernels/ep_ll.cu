@@ -186,10 +186,10 @@ ep_ll_update(const EpArgs args) {
         layout[EP_L + EP_R + i] = ep_active(gathered, s) ? table[s * (EP_E + EP_R) + rank * EP_L + l] : 0u;
     }
     __syncthreads();
-    if (threadIdx.x < EP_L) {
+    for (int l = threadIdx.x; l < EP_L; l += blockDim.x) {   // L may exceed the block
         ep_u32 sum = 0;
-        for (int s = 0; s < EP_R; ++s) sum += layout[EP_L + EP_R + threadIdx.x * EP_R + s];
-        layout[threadIdx.x] = sum;
+        for (int s = 0; s < EP_R; ++s) sum += layout[EP_L + EP_R + l * EP_R + s];
+        layout[l] = sum;
     }
     if (threadIdx.x < EP_R) {
         layout[EP_L + threadIdx.x] = ep_active(gathered, threadIdx.x) ? table[threadIdx.x * (EP_E + EP_R) + EP_E + rank] : 0u;

@@ -63,7 +63,8 @@
 struct EpRankArgs {
     ep_u64 x;                // dispatch: [B, H] rows
     ep_u64 topk_idx;         // [B, K]
-    ep_u64 topk_weights;     // [B, K] f32 (dispatch rank-major, combine expert-major forward)
+    ep_u64 topk_weights;     // [B, K] f32 of this rank (dispatch; LL expert-major combine), or, in HT
+                             // expert-major combine, each destination's per-slot weights [N]
     ep_u64 recv;             // dispatch output / combine input (expert outputs)
     ep_u64 recv_idx;         // rank-major [R, BMAX, K]
     ep_u64 recv_weights;     // rank-major [R, BMAX, K] f32
