@@ -39,4 +39,42 @@ public enum ElementConversion {
         default: preconditionFailure("store: \(type) is not a floating payload type")
         }
     }
+
+    /// `acc[i] = acc[i].addingProduct(weight, row[i])` for every element of a payload row: the
+    /// combine's one step, with the element type decided once per row rather than per element.
+    static func accumulate(_ acc: UnsafeMutableBufferPointer<Float>, weight: Float, row: UnsafeRawPointer, _ type: DataType) {
+        // With weight 1 the product is exact, so the fused step is a plain sum (and needs no
+        // call to fmaf on CPUs built without FMA instructions).
+        @inline(__always) func step(_ i: Int, _ value: Float) {
+            acc[i] = weight == 1 ? acc[i] + value : acc[i].addingProduct(weight, value)
+        }
+        switch type {
+        case .bf16:
+            let values = row.assumingMemoryBound(to: UInt16.self)
+            for i in acc.indices { step(i, bf16ToFloat(values[i])) }
+        case .f16:
+            let values = row.assumingMemoryBound(to: UInt16.self)
+            for i in acc.indices { step(i, f16ToFloat(values[i])) }
+        case .f32:
+            let values = row.assumingMemoryBound(to: Float.self)
+            for i in acc.indices { step(i, values[i]) }
+        default: preconditionFailure("accumulate: \(type) is not a floating payload type")
+        }
+    }
+
+    /// Writes a row of float32 sums, each rounded once to `type`.
+    static func storeRow(_ values: UnsafeMutableBufferPointer<Float>, to row: UnsafeMutableRawPointer, _ type: DataType) {
+        switch type {
+        case .bf16:
+            let out = row.assumingMemoryBound(to: UInt16.self)
+            for i in values.indices { out[i] = floatToBF16(values[i]) }
+        case .f16:
+            let out = row.assumingMemoryBound(to: UInt16.self)
+            for i in values.indices { out[i] = floatToF16(values[i]) }
+        case .f32:
+            let out = row.assumingMemoryBound(to: Float.self)
+            for i in values.indices { out[i] = values[i] }
+        default: preconditionFailure("storeRow: \(type) is not a floating payload type")
+        }
+    }
 }

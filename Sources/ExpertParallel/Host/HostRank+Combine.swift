@@ -19,41 +19,38 @@ extension HostRank {
         let r = config.ranks, l = config.localExperts, k = config.topK, h = config.hidden
         let type = config.elementType, rowBytes = config.rowBytes
         let forward = direction == .forward
-        var acc = [Float](repeating: 0, count: h)
-        var partial = [Float](repeating: 0, count: h)
+        let acc = UnsafeMutableBufferPointer<Float>.allocate(capacity: h)
+        let partial = UnsafeMutableBufferPointer<Float>.allocate(capacity: h)
+        defer { acc.deallocate(); partial.deallocate() }
         func row(_ d: Int, _ slot: Int) -> UnsafeRawPointer { UnsafeRawPointer(inputs[d]!.expertOutputs.address! + slot * rowBytes) }
 
         for t in 0..<routing.tokens {
-            for i in 0..<h { acc[i] = 0 }
+            acc.update(repeating: 0)
             switch config.layout {
             case .expertMajor:
                 for c in 0..<k where plan.selectionRow[t * k + c] >= 0 {
-                    let y = row(routing[t, c] / l, plan.selectionRow[t * k + c])
                     let w: Float = forward ? loadWeight(input.topkWeights!, t * k + c) : 1
-                    for i in 0..<h { acc[i] = acc[i].addingProduct(w, ElementConversion.load(y, i, type)) }
+                    ElementConversion.accumulate(acc, weight: w, row: row(routing[t, c] / l, plan.selectionRow[t * k + c]), type)
                 }
             case .rankMajor, .flat:
                 for d in 0..<r where plan.pairRow[t * r + d] >= 0 {
-                    let y = row(d, plan.pairRow[t * r + d])
-                    for i in 0..<h { acc[i] = acc[i].addingProduct(1, ElementConversion.load(y, i, type)) }
+                    ElementConversion.accumulate(acc, weight: 1, row: row(d, plan.pairRow[t * r + d]), type)
                 }
             case .expertMajorPadded:
                 for d in 0..<r where plan.pairRow[t * r + d] >= 0 {
                     // The destination's partial sum over the token's slots, ascending local expert,
                     // rounded to the element type as if it had been sent as one row.
-                    for i in 0..<h { partial[i] = 0 }
+                    partial.update(repeating: 0)
                     let columns = (0..<k).filter { plan.selectionRow[t * k + $0] >= 0 && routing[t, $0] / l == d }
                     for c in columns.sorted(by: { routing[t, $0] < routing[t, $1] }) {
                         let slot = plan.selectionRow[t * k + c]
                         let w: Float = forward ? loadWeight(inputs[d]!.topkWeights!, slot) : 1
-                        let y = row(d, slot)
-                        for i in 0..<h { partial[i] = partial[i].addingProduct(w, ElementConversion.load(y, i, type)) }
+                        ElementConversion.accumulate(partial, weight: w, row: row(d, slot), type)
                     }
                     for i in 0..<h { acc[i] = acc[i].addingProduct(1, roundTrip(partial[i], type)) }
                 }
             }
-            let out = output.tokens.address! + t * rowBytes
-            for i in 0..<h { ElementConversion.store(acc[i], out, i, type) }
+            ElementConversion.storeRow(acc, to: output.tokens.address! + t * rowBytes, type)
             if !forward, config.algorithm == .highThroughput { writeWeightGradients(t, routing, plan, inputs, output) }
         }
         _ = try exchange(.success(true), participants)
