@@ -91,26 +91,9 @@ struct HTOracleTests {
     }
 
     @Test func capturedGraphReplaysWithNewRouting() throws {
-        let device = try #require(sharedDevice)
         let config = GroupConfig.forLayout(.expertMajorPadded(alignment: 8), ranks: 4, experts: 32, topK: 4, hidden: 256,
                                            elementType: .bf16, maxTokensPerRank: 64)
-        let group = try VirtualGPUGroup(config, device: device)
-        let tokens = [64, 40, 64, 9]
-        let buffers = try GPUStep(config, device, tokens: tokens)
-        try buffers.upload(StepInputs(config: config, tokens: tokens, seed: 0))
-        let driver = device.driver
-        try driver.beginCapture(on: group.stream)
-        try buffers.enqueue(group)
-        let graph = try driver.endCapture(on: group.stream)
-        let exec = try driver.instantiate(graph)
-        defer { try? driver.destroy(exec); try? driver.destroy(graph) }
-        for replay in 0..<100 {
-            let inputs = StepInputs(config: config, tokens: tokens, seed: UInt64(900 + replay), skew: replay % 2 == 0 ? 0 : 3)
-            try buffers.upload(inputs)
-            try buffers.poison()
-            try driver.launch(exec, on: group.stream)
-            expectMatch(try buffers.results(group), try oracleStep(config, inputs), "HT replay \(replay)")
-        }
+        try graphReplaysMatchTheOracle(config, tokens: [64, 40, 64, 9], firstSeed: 900) { $0 % 2 == 0 ? 0 : 3 }
     }
 }
 

@@ -166,25 +166,30 @@ struct LLOracleTests {
     }
 
     @Test func capturedGraphReplaysWithNewRouting() throws {
-        let device = try #require(sharedDevice)
         let config = GroupConfig(algorithm: .lowLatency, ranks: 4, experts: 32, topK: 4, hidden: 256, elementType: .bf16, maxTokensPerRank: 16)
-        let group = try VirtualGPUGroup(config, device: device)
-        let tokens = [16, 11, 16, 3]
-        let buffers = try GPUStep(config, device, tokens: tokens)
-        try buffers.upload(StepInputs(config: config, tokens: tokens, seed: 0))
-        let driver = device.driver
-        try driver.beginCapture(on: group.stream)
-        try buffers.enqueue(group)
-        let graph = try driver.endCapture(on: group.stream)
-        let exec = try driver.instantiate(graph)
-        defer { try? driver.destroy(exec); try? driver.destroy(graph) }
-        for replay in 0..<100 {
-            let inputs = StepInputs(config: config, tokens: tokens, seed: UInt64(500 + replay))
-            try buffers.upload(inputs)
-            try buffers.poison()
-            try driver.launch(exec, on: group.stream)
-            expectMatch(try buffers.results(group), try oracleStep(config, inputs), "replay \(replay)")
-        }
+        try graphReplaysMatchTheOracle(config, tokens: [16, 11, 16, 3], firstSeed: 500) { _ in 0 }
+    }
+}
+
+/// Captures update + dispatch + combine for all ranks in one CUDA graph, then replays it 100
+/// times with new routing (and tokens) written into the same buffers, against the oracle each time.
+func graphReplaysMatchTheOracle(_ config: GroupConfig, tokens: [Int], firstSeed: UInt64, skew: (Int) -> Double) throws {
+    let device = try #require(sharedDevice)
+    let group = try VirtualGPUGroup(config, device: device)
+    let buffers = try GPUStep(config, device, tokens: tokens)
+    try buffers.upload(StepInputs(config: config, tokens: tokens, seed: 0))
+    let driver = device.driver
+    try driver.beginCapture(on: group.stream)
+    try buffers.enqueue(group)
+    let graph = try driver.endCapture(on: group.stream)
+    let exec = try driver.instantiate(graph)
+    defer { try? driver.destroy(exec); try? driver.destroy(graph) }
+    for replay in 0..<100 {
+        let inputs = StepInputs(config: config, tokens: tokens, seed: firstSeed + UInt64(replay), skew: skew(replay))
+        try buffers.upload(inputs)
+        try buffers.poison()
+        try driver.launch(exec, on: group.stream)
+        expectMatch(try buffers.results(group), try oracleStep(config, inputs), "\(config.layout) replay \(replay)")
     }
 }
 
