@@ -39,7 +39,7 @@ extension NCCLRankGroup {
         let step = try currentStep()
         try config.validateDispatch(input, dispatchOutput, tokens: step.routing.shape[0], location: location)
         try requireAligned(input.tokens, "input.tokens", 8)
-        if let weights = input.topkWeights { try requireAligned(weights, "input.topkWeights", 4) }
+        try requireAligned(input.topkWeights, "input.topkWeights", 4)
         let aligned = config.rowBytes % 16 == 0 && address(input.tokens) % 16 == 0
         let k = try kernels(.init(indexBytes: step.indexBytes, receivedIndexBytes: 4, vectorBytes: aligned ? 16 : 8))
         let enqueue = { [self] (sync: UInt64, blocks: Int, stream: CUDAStream?) throws(EPError) in
@@ -75,8 +75,8 @@ extension NCCLRankGroup {
         try config.validateCombine(input, output, tokens: step.routing.shape[0], direction: direction, location: location)
         try requireShared(input.expertOutputs, expertOutputs, "input.expertOutputs", "expertOutputs")
         try requireAligned(output.tokens, "output.tokens", 8)
-        if let weights = input.topkWeights { try requireAligned(weights, "input.topkWeights", 4) }
-        if let gradients = output.topkWeightGradients { try requireAligned(gradients, "output.topkWeightGradients", 4) }
+        try requireAligned(input.topkWeights, "input.topkWeights", 4)
+        try requireAligned(output.topkWeightGradients, "output.topkWeightGradients", 4)
         if config.isExpertMajorHT, direction == .forward, let weights = receivedWeights {
             try requireShared(input.topkWeights, weights, "input.topkWeights", "receivedWeights")
         }

@@ -47,9 +47,9 @@ extension VirtualGPUGroup {
             try config.validateDispatch(inputs[r], outputs[r], tokens: step.routing[r].shape[0], location: location)
             try requireAligned(inputs[r].tokens, "inputs[\(r)].tokens", 8)
             try requireAligned(outputs[r].tokens, "outputs[\(r)].tokens", 8)
-            for (tensor, name) in [(inputs[r].topkWeights, "topkWeights"), (outputs[r].topkIdx, "topkIdx"), (outputs[r].topkWeights, "topkWeights")] {
-                if let tensor { try requireAligned(tensor, "\(name) of rank \(r)", tensor.dtype.byteSize) }
-            }
+            try requireAligned(inputs[r].topkWeights, "inputs[\(r)].topkWeights", 4)
+            try requireAligned(outputs[r].topkIdx, "outputs[\(r)].topkIdx", outputs[r].topkIdx?.dtype.byteSize ?? 4)
+            try requireAligned(outputs[r].topkWeights, "outputs[\(r)].topkWeights", 4)
             // One kernel writes every rank's received ids: they must share a width.
             if let idx = outputs[r].topkIdx, let first = outputs[0].topkIdx, idx.dtype != first.dtype {
                 throw .invalidArgument(field: "outputs[\(r)].topkIdx.dtype", value: "\(idx.dtype)", requirement: "must match rank 0's (\(first.dtype))")
@@ -97,10 +97,9 @@ extension VirtualGPUGroup {
             try config.validateCombine(inputs[r], outputs[r], tokens: step.routing[r].shape[0], direction: direction, location: location)
             try requireAligned(inputs[r].expertOutputs, "inputs[\(r)].expertOutputs", 8)
             try requireAligned(outputs[r].tokens, "outputs[\(r)].tokens", 8)
-            for (tensor, name) in [(inputs[r].topkWeights, "topkWeights"), (inputs[r].weightGradients, "weightGradients"),
-                                   (outputs[r].topkWeightGradients, "topkWeightGradients")] {
-                if let tensor { try requireAligned(tensor, "\(name) of rank \(r)", 4) }
-            }
+            try requireAligned(inputs[r].topkWeights, "inputs[\(r)].topkWeights", 4)
+            try requireAligned(inputs[r].weightGradients, "inputs[\(r)].weightGradients", 4)
+            try requireAligned(outputs[r].topkWeightGradients, "outputs[\(r)].topkWeightGradients", 4)
         }
         let variant = StepKernels.Variant(
             indexBytes: step.variantIndexBytes, receivedIndexBytes: 4,
@@ -170,8 +169,10 @@ func address(_ tensor: TensorRef) -> UInt64 { UInt64(UInt(bitPattern: tensor.add
 
 /// Kernels read rows in 8- or 16-byte vectors and ids and weights whole: a misaligned address
 /// would fault on the device, so it is an error here.
-func requireAligned(_ tensor: TensorRef, _ name: String, _ bytes: Int) throws(EPError) {
+/// The name is built only for the error, so the data path allocates nothing for it.
+func requireAligned(_ tensor: TensorRef?, _ name: @autoclosure () -> String, _ bytes: Int) throws(EPError) {
+    guard let tensor else { return }
     guard address(tensor) % UInt64(bytes) == 0 else {
-        throw .invalidArgument(field: "\(name).address", value: "\(address(tensor))", requirement: "must be a multiple of \(bytes) bytes")
+        throw .invalidArgument(field: "\(name()).address", value: "\(address(tensor))", requirement: "must be a multiple of \(bytes) bytes")
     }
 }
