@@ -16,9 +16,7 @@ public final class DriverLibrary: @unchecked Sendable {
     init(library: DynamicLibrary) throws {
         location = library.location
         functions = try DriverFunctions(library)
-        ipcFunctions = Result { () throws(CUDAError) in
-            do { return try DriverIPCFunctions(library) } catch { throw error as? CUDAError ?? .symbolMissing(library: Self.libraryName, symbol: "\(error)") }
-        }
+        ipcFunctions = loadOnce { try DriverIPCFunctions(library) }
     }
 
     func ipc() throws -> DriverIPCFunctions { try ipcFunctions.get() }

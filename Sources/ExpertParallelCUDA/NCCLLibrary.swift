@@ -21,9 +21,7 @@ public final class NCCLLibrary: @unchecked Sendable {
     init(library: DynamicLibrary) throws {
         location = library.location
         functions = try NCCLFunctions(library)
-        commFunctions = Result { () throws(CUDAError) in
-            do { return try NCCLCommFunctions(library) } catch { throw error as? CUDAError ?? .symbolMissing(library: Self.libraryName, symbol: "\(error)") }
-        }
+        commFunctions = loadOnce { try NCCLCommFunctions(library) }
     }
 
     func comm() throws -> NCCLCommFunctions { try commFunctions.get() }

@@ -170,29 +170,10 @@ extension NCCLRankGroup {
         _ function: CUDAFunction, threads: Int, blocks: Int, sync: UInt64, weighted: Bool, stream callerStream: CUDAStream?,
         rank fill: (Int, UnsafeMutableBufferPointer<UInt64>) -> Void
     ) throws(EPError) {
-        let r = config.ranks, n = VirtualGPUGroup.rankWords, tail = n * r
-        for peer in 0..<r {
-            let words = UnsafeMutableBufferPointer(rebasing: args[(peer * n)..<(peer * n + n)])
-            words.update(repeating: 0)
-            fill(peer, words)
-            words[7] = peers[peer].workspace.rawValue
-        }
-        let timeout = config.timeout.components
-        args[tail] = mask.rawValue
-        args[tail + 1] = UInt64(timeout.seconds) * 1_000_000_000 + UInt64(timeout.attoseconds / 1_000_000_000)
-        args[tail + 2] = UInt64(rank)
-        args[tail + 3] = sync
-        args[tail + 4] = weighted ? 1 : 0
-        let tokens = step?.routing.shape[0] ?? 1
-        let pieces = tuning.rowPieces ?? min(max(1, blocks * (VirtualGPUGroup.threadsPerBlock / 32) / max(tokens, 1)), max(1, config.rowBytes / 16 / 64))
-        args[tail + 5] = UInt64(pieces)
+        let pieces = StepArguments.rowPieces(tuning, blocks: blocks, tokens: step?.routing.shape[0] ?? 1, rowBytes: config.rowBytes)
+        args.fill(workspace: { self.peers[$0].workspace }, mask: mask, timeout: config.timeout, firstRank: rank, sync: sync,
+                  weighted: weighted, pieces: pieces, rank: fill)
         try device.makeCurrent()
-        var parameter: UnsafeMutableRawPointer? = UnsafeMutableRawPointer(args.baseAddress!)
-        try gpu {
-            try withUnsafeMutablePointer(to: &parameter) { parameters in
-                try device.driver.launch(function, grid: .init(x: UInt32(blocks), y: 1), block: .init(x: UInt32(threads)),
-                                         stream: callerStream ?? stream, parameters: parameters)
-            }
-        }
+        try gpu { try args.launch(function, on: device, grid: .init(x: UInt32(blocks), y: 1), threads: threads, stream: callerStream ?? stream) }
     }
 }

@@ -36,7 +36,7 @@ public final class NCCLRankGroup: @unchecked Sendable {
     private let owned: [DevicePointer]
     private let opened: [DevicePointer]
     let mask: DevicePointer
-    let args: UnsafeMutableBufferPointer<UInt64>
+    let args: StepArguments
     var kernelCache: [StepKernels.Variant: StepKernels] = [:]
     var step: (routing: TensorRef, indexBytes: Int)?
     var pending: PendingCall?
@@ -134,16 +134,13 @@ public final class NCCLRankGroup: @unchecked Sendable {
         }
         self.peers = peers
         self.opened = opened
-        let mask = try gpu { try driver.allocate(byteCount: 8) }
-        try gpu { try driver.copy([RankMask.all(config.ranks).bits], to: mask) }
-        self.mask = mask
-        args = .allocate(capacity: VirtualGPUGroup.rankWords * config.ranks + 6)
+        mask = try device.allocateMask(ranks: config.ranks)
+        args = StepArguments(ranks: config.ranks)
     }
 
     deinit {
         let driver = device.driver
         try? driver.synchronizeContext()   // work may still use the buffers freed below
-        args.deallocate()
         for p in opened { try? driver.closeIPCHandle(p) }
         for p in owned { try? driver.free(p) }
         try? driver.free(mask)

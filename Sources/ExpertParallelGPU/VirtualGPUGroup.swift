@@ -47,11 +47,9 @@ public final class VirtualGPUGroup: @unchecked Sendable {
     private var pending: PendingCall?
     private let rankStreams: [CUDAStream]
     private let joinEvents: [CUDAEvent]
-    private let args: UnsafeMutableBufferPointer<UInt64>
+    private let args: StepArguments
 
     static let threadsPerBlock = 512
-    /// Words of one rank's `EpRankArgs` in ep_step.cuh.
-    static let rankWords = 12
     /// Threads of the update kernel's one block per rank (EP_UPDATE_WARPS, EP_HT_UPDATE_WARPS).
     var updateThreads: Int { config.algorithm == .lowLatency ? 256 : 512 }
 
@@ -87,16 +85,13 @@ public final class VirtualGPUGroup: @unchecked Sendable {
             pointers.append(p)
         }
         workspaces = pointers
-        let mask = try gpu { try driver.allocate(byteCount: 8) }
-        try gpu { try driver.copy([RankMask.all(config.ranks).bits], to: mask) }
-        self.mask = mask
-        args = .allocate(capacity: Self.rankWords * config.ranks + 6)
+        mask = try device.allocateMask(ranks: config.ranks)
+        args = StepArguments(ranks: config.ranks)
     }
 
     deinit {
         let driver = device.driver
         try? driver.synchronizeContext()   // work may still use the buffers freed below
-        args.deallocate()
         for p in workspaces { try? driver.free(p) }
         try? driver.free(mask)
         for e in joinEvents { try? driver.destroy(e) }
@@ -125,32 +120,21 @@ public final class VirtualGPUGroup: @unchecked Sendable {
         // One argument block per group: calls from several threads take turns filling and launching.
         launchLock.lock()
         defer { launchLock.unlock() }
-        let r = config.ranks, n = Self.rankWords, tail = n * r
-        for rank in 0..<r {
-            let words = UnsafeMutableBufferPointer(rebasing: args[(rank * n)..<(rank * n + n)])
-            words.update(repeating: 0)
-            fill(rank, words)
-            words[7] = workspaces[rank].rawValue
-        }
-        let timeout = config.timeout.components
-        args[tail] = mask.rawValue
-        args[tail + 1] = UInt64(timeout.seconds) * 1_000_000_000 + UInt64(timeout.attoseconds / 1_000_000_000)
-        args[tail + 3] = sync
-        args[tail + 4] = weighted ? 1 : 0
-        args[tail + 5] = UInt64(slices)
+        let r = config.ranks
+        args.fill(workspace: { self.workspaces[$0] }, mask: mask, timeout: config.timeout, firstRank: 0, sync: sync,
+                  weighted: weighted, pieces: slices, rank: fill)
         let driver = device.driver
         let target = callerStream ?? stream
         try gpu {
             switch mode {
             case .single:
-                args[tail + 2] = 0
-                try launchOne(function, grid: .init(x: UInt32(blocks), y: UInt32(r)), threads: threads, stream: target)
+                try args.launch(function, on: device, grid: .init(x: UInt32(blocks), y: UInt32(r)), threads: threads, stream: target)
             case .perRank:
                 try driver.record(joinEvents[r], on: target)
                 for rank in 0..<r {
                     try driver.wait(rankStreams[rank], for: joinEvents[r])
-                    args[tail + 2] = UInt64(rank)
-                    try launchOne(function, grid: .init(x: UInt32(blocks), y: 1), threads: threads, stream: rankStreams[rank])
+                    args.setFirstRank(rank)
+                    try args.launch(function, on: device, grid: .init(x: UInt32(blocks), y: 1), threads: threads, stream: rankStreams[rank])
                     try driver.record(joinEvents[rank], on: rankStreams[rank])
                 }
                 for rank in 0..<r { try driver.wait(target, for: joinEvents[rank]) }
@@ -158,22 +142,11 @@ public final class VirtualGPUGroup: @unchecked Sendable {
         }
     }
 
-    private func launchOne(_ function: CUDAFunction, grid: LaunchDimensions, threads: Int, stream: CUDAStream) throws {
-        var parameter: UnsafeMutableRawPointer? = UnsafeMutableRawPointer(args.baseAddress!)
-        try withUnsafeMutablePointer(to: &parameter) { parameters in
-            try device.driver.launch(
-                function, grid: grid, block: .init(x: UInt32(threads)), stream: stream, parameters: parameters)
-        }
-    }
-
     func blocks(_ mode: LaunchMode) -> Int { mode == .single ? blocksPerRank : blocksPerRankPerLaunch }
 
     /// Rows are cut into pieces so that every warp of the rank's blocks has work.
     func slices(tokens: Int, mode: LaunchMode) -> Int {
-        if let pieces = tuning.rowPieces { return pieces }
-        let warps = blocks(mode) * (Self.threadsPerBlock / 32)
-        let vectors = max(1, config.rowBytes / 16 / 64)   // at least two vectors per lane per piece
-        return min(max(1, warps / max(tokens, 1)), vectors)
+        StepArguments.rowPieces(tuning, blocks: blocks(mode), tokens: tokens, rowBytes: config.rowBytes)
     }
 
     /// Fails while a send-only call waits for `complete()`: no other call may come between.
