@@ -12,14 +12,18 @@ public final class DriverLibrary: @unchecked Sendable {
     let functions: DriverFunctions
     /// IPC entry points (NCCL ranks); a driver without them fails only the IPC calls.
     private let ipcFunctions: Result<DriverIPCFunctions, CUDAError>
+    /// Virtual-memory sharing (NCCL ranks with `ncclMemAlloc` buffers); likewise optional.
+    private let vmmFunctions: Result<DriverVMMFunctions, CUDAError>
 
     init(library: DynamicLibrary) throws {
         location = library.location
         functions = try DriverFunctions(library)
         ipcFunctions = loadOnce { try DriverIPCFunctions(library) }
+        vmmFunctions = loadOnce { try DriverVMMFunctions(library) }
     }
 
     func ipc() throws -> DriverIPCFunctions { try ipcFunctions.get() }
+    func vmm() throws -> DriverVMMFunctions { try vmmFunctions.get() }
 
     /// Opens the driver from the first of `candidates` (sonames or paths) and resolves every
     /// entry point. Most code wants `shared()`.

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import CExpertParallelShim
 
 /// `ncclUniqueId`: 128 opaque bytes that rank 0 creates and every rank passes to `initRank`.
@@ -44,6 +47,11 @@ public struct NCCLComm: RawRepresentable, Hashable, @unchecked Sendable {
     public init(rawValue: OpaquePointer) { self.rawValue = rawValue }
 }
 
+/// `ncclResult_t` values used here (nccl.h).
+enum NCCLResult {
+    static let inProgress: Int32 = 7
+}
+
 /// `ncclDataType_t` values used here (nccl.h).
 public enum NCCLDataType: Int32, Sendable {
     case uint8 = 1, int32 = 2, int64 = 4, float32 = 7
@@ -53,6 +61,9 @@ public enum NCCLDataType: Int32, Sendable {
 struct NCCLCommFunctions {
     let ncclGetUniqueId: @convention(c) (UnsafeMutableRawPointer?) -> Int32
     let ncclCommInitRank: UnsafeRawPointer   // takes ncclUniqueId by value: called through the C shim
+    let ncclCommInitRankConfig: UnsafeRawPointer
+    let ncclCommGetAsyncError: @convention(c) (OpaquePointer?, UnsafeMutablePointer<Int32>?) -> Int32
+    let ncclCommFinalize: @convention(c) (OpaquePointer?) -> Int32
     let ncclCommDestroy: @convention(c) (OpaquePointer?) -> Int32
     let ncclCommAbort: @convention(c) (OpaquePointer?) -> Int32
     let ncclCommCount: @convention(c) (OpaquePointer?, UnsafeMutablePointer<Int32>?) -> Int32
@@ -62,6 +73,9 @@ struct NCCLCommFunctions {
     init(_ library: DynamicLibrary) throws {
         ncclGetUniqueId = try library.function("ncclGetUniqueId")
         ncclCommInitRank = try library.function("ncclCommInitRank")
+        ncclCommInitRankConfig = try library.function("ncclCommInitRankConfig")
+        ncclCommGetAsyncError = try library.function("ncclCommGetAsyncError")
+        ncclCommFinalize = try library.function("ncclCommFinalize")
         ncclCommDestroy = try library.function("ncclCommDestroy")
         ncclCommAbort = try library.function("ncclCommAbort")
         ncclCommCount = try library.function("ncclCommCount")
@@ -78,17 +92,63 @@ extension NCCLLibrary {
         return try NCCLUniqueID(bytes: bytes)
     }
 
-    /// `ncclCommInitRank`: joins the communicator of `ranks` ranks as `rank` (blocks until all join).
-    public func initRank(ranks: Int, id: NCCLUniqueID, rank: Int) throws -> NCCLComm {
+    /// `ncclCommInitRankConfig`, non-blocking: joins the communicator of `ranks` ranks as `rank`,
+    /// waiting at most `timeout` for the others. A rank that never joins ends the wait with an
+    /// error (the half-built communicator aborted) instead of a hang. Calls on the communicator
+    /// then return before their work is done: `waitReady` bounds the wait for it.
+    public func initRank(ranks: Int, id: NCCLUniqueID, rank: Int, timeout: Duration = .seconds(60)) throws -> NCCLComm {
         var handle: UnsafeMutableRawPointer?
         var value = id.shimValue
-        let result = ep_shim_nccl_comm_init_rank(try comm().ncclCommInitRank, &handle, Int32(ranks), &value, Int32(rank))
-        try check(result, "ncclCommInitRank")
-        guard let handle else { throw CUDAError.nccl(call: "ncclCommInitRank", code: 3, name: "ncclInternalError \"no communicator\"") }
-        return NCCLComm(rawValue: OpaquePointer(handle))
+        var config = ep_shim_nccl_config(0)
+        let result = ep_shim_nccl_comm_init_rank_config(try comm().ncclCommInitRankConfig, &handle, Int32(ranks), &value, Int32(rank), &config)
+        if result != NCCLResult.inProgress { try check(result, "ncclCommInitRankConfig") }
+        guard let handle else { throw CUDAError.nccl(call: "ncclCommInitRankConfig", code: 3, name: "ncclInternalError \"no communicator\"") }
+        let joined = NCCLComm(rawValue: OpaquePointer(handle))
+        do {
+            try waitReady(joined, timeout: timeout, call: "ncclCommInitRankConfig", waitingFor: "all \(ranks) ranks to join")
+        } catch {
+            try? abort(joined)
+            throw error
+        }
+        return joined
+    }
+
+    /// Polls `ncclCommGetAsyncError` until the communicator's pending operation (init, window
+    /// registration, an enqueued collective) is done; throws its error, or a timeout that names
+    /// `what` was awaited. The caller aborts the communicator after a timeout.
+    public func waitReady(_ comm: NCCLComm, timeout: Duration, call: String, waitingFor what: String) throws {
+        let clock = ContinuousClock()
+        let deadline = clock.now + timeout
+        while true {
+            var state: Int32 = 0
+            try check(try self.comm().ncclCommGetAsyncError(comm.rawValue, &state), "ncclCommGetAsyncError")
+            if state != NCCLResult.inProgress {
+                if state != 0 { throw CUDAError.nccl(call: call, code: state, name: errorName(state)) }
+                return
+            }
+            if clock.now >= deadline {
+                throw CUDAError.nccl(call: call, code: NCCLResult.inProgress, name: "ncclInProgress \"timed out after \(timeout) waiting for \(what)\"")
+            }
+            usleep(200)
+        }
     }
 
     public func destroy(_ comm: NCCLComm) throws { try check(try self.comm().ncclCommDestroy(comm.rawValue), "ncclCommDestroy") }
+
+    /// Ends a communicator without hanging on a rank that died: `ncclCommFinalize` (which waits
+    /// for the others) bounded by `timeout`, then `ncclCommDestroy`; `ncclCommAbort` when the
+    /// others do not answer in time. Throws the finalize error after aborting.
+    public func close(_ comm: NCCLComm, timeout: Duration = .seconds(10)) throws {
+        do {
+            let result = try self.comm().ncclCommFinalize(comm.rawValue)
+            if result != NCCLResult.inProgress { try check(result, "ncclCommFinalize") }
+            try waitReady(comm, timeout: timeout, call: "ncclCommFinalize", waitingFor: "the other ranks to finalize")
+        } catch {
+            try? abort(comm)
+            throw error
+        }
+        try destroy(comm)
+    }
     public func abort(_ comm: NCCLComm) throws { try check(try self.comm().ncclCommAbort(comm.rawValue), "ncclCommAbort") }
 
     public func count(_ comm: NCCLComm) throws -> Int {
@@ -108,10 +168,10 @@ extension NCCLLibrary {
         from source: DevicePointer, to destination: DevicePointer, count: Int, type: NCCLDataType, comm: NCCLComm,
         stream: CUDAStream
     ) throws {
-        try check(
-            try self.comm().ncclAllGather(
-                UnsafeRawPointer(bitPattern: UInt(source.rawValue)), UnsafeMutableRawPointer(bitPattern: UInt(destination.rawValue)),
-                count, type.rawValue, comm.rawValue, stream.rawValue),
-            "ncclAllGather")
+        let result = try self.comm().ncclAllGather(
+            UnsafeRawPointer(bitPattern: UInt(source.rawValue)), UnsafeMutableRawPointer(bitPattern: UInt(destination.rawValue)),
+            count, type.rawValue, comm.rawValue, stream.rawValue)
+        // A non-blocking communicator may still be enqueueing: `waitReady` finishes that.
+        if result != NCCLResult.inProgress { try check(result, "ncclAllGather") }
     }
 }

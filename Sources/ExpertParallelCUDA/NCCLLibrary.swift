@@ -17,14 +17,17 @@ public final class NCCLLibrary: @unchecked Sendable {
     let functions: NCCLFunctions
     /// Missing symbols here fail the calls that need them, not the version query.
     private let commFunctions: Result<NCCLCommFunctions, CUDAError>
+    private let memoryFunctions: Result<NCCLMemoryFunctions, CUDAError>
 
     init(library: DynamicLibrary) throws {
         location = library.location
         functions = try NCCLFunctions(library)
         commFunctions = loadOnce { try NCCLCommFunctions(library) }
+        memoryFunctions = loadOnce { try NCCLMemoryFunctions(library) }
     }
 
     func comm() throws -> NCCLCommFunctions { try commFunctions.get() }
+    func memory() throws -> NCCLMemoryFunctions { try memoryFunctions.get() }
 
     /// `EP_NCCL_PATH` (file or folder), the loader's search, then the `nvidia-nccl-cu13`/`-cu12` wheels.
     public static func load(candidates: [String]? = nil) throws -> NCCLLibrary {

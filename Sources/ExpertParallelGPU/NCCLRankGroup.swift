@@ -9,8 +9,9 @@ import ExpertParallelCUDA
 /// creation, so that their addresses are fixed: the receive rows (dispatch writes them), the
 /// received local idx and weights, the expert outputs (combine reads them; write the experts'
 /// results there) and, for HT's backward pass, the weight gradients per received row or slot.
-/// On NCCL 2.28 the buffers are plain device allocations whose CUDA IPC handles are
-/// all-gathered through the communicator (NCCL's own peer-pointer query needs 2.30).
+/// The buffers come from `ncclMemAlloc` and are registered as NCCL windows; on NCCL 2.28, which
+/// has no host query for a peer's window address (2.30 has), their handles are all-gathered
+/// through the communicator and mapped here (`PeerBuffers`).
 public final class NCCLRankGroup: @unchecked Sendable {
     public let config: GroupConfig
     public let device: GPUDevice
@@ -33,8 +34,9 @@ public final class NCCLRankGroup: @unchecked Sendable {
     let blocks: Int
     /// Every rank's shared buffers, this rank's own included (local addresses).
     let peers: [SharedBuffers]
-    private let owned: [DevicePointer]
-    private let opened: [DevicePointer]
+    /// How the shared buffers were allocated and mapped (`PeerBuffers`).
+    public var sharing: PeerSharing { shared.sharing }
+    private let shared: PeerBuffers
     let mask: DevicePointer
     let args: StepArguments
     var kernelCache: [StepKernels.Variant: StepKernels] = [:]
@@ -56,11 +58,13 @@ public final class NCCLRankGroup: @unchecked Sendable {
         }
     }
 
-    /// Joins: allocates this rank's shared buffers, all-gathers their IPC handles through `comm`
-    /// and maps the other ranks' buffers. Collective: every rank of `comm` calls it.
+    /// Joins: allocates this rank's shared buffers, shares them through `comm` and maps the other
+    /// ranks' buffers (`PeerBuffers`). Collective: every rank of `comm` calls it; each wait for
+    /// the others is bounded by the config's timeout. `comm` should be non-blocking
+    /// (`NCCLLibrary.initRank` makes it so).
     public init(
         _ config: GroupConfig, device: GPUDevice, comm: NCCLComm, nccl: NCCLLibrary, multiprocessors: Int? = nil,
-        tuning: GPUTuning = GPUTuning()
+        tuning: GPUTuning = GPUTuning(), sharing: PeerSharing = .ncclWindows
     ) throws(EPError) {
         let config = try config.validatedForGPU()
         self.tuning = try tuning.validated(config)
@@ -89,14 +93,11 @@ public final class NCCLRankGroup: @unchecked Sendable {
         let rowBytes = config.receiveShape.reduce(1, *) * config.elementType.byteSize
         let routingCount = config.receiveRoutingShape?.reduce(1, *) ?? 0
         let sizes = [workspace.bytes, rowBytes, max(routingCount, 1) * 4, max(routingCount, 1) * 4, rowBytes, max(routingCount, 1) * 4]
-        var owned: [DevicePointer] = []
-        for bytes in sizes {
-            let p = try gpu { try driver.allocate(byteCount: bytes) }
-            try gpu { try driver.fill(p, byte: 0, byteCount: bytes) }
-            owned.append(p)
-        }
-        self.owned = owned
-        let mine = SharedBuffers(owned)
+        let shared = try PeerBuffers(
+            sizes: sizes, sharing: sharing, device: device, comm: comm, nccl: nccl, rank: rank, ranks: config.ranks,
+            stream: stream, timeout: config.timeout)
+        self.shared = shared
+        let mine = SharedBuffers(shared.local)
         func view(_ p: DevicePointer, _ type: DataType, _ shape: [Int]) -> TensorRef {
             TensorRef(address: UnsafeMutableRawPointer(bitPattern: UInt(p.rawValue)), dtype: type, shape: shape, location: .device(device.ordinal))
         }
@@ -105,35 +106,7 @@ public final class NCCLRankGroup: @unchecked Sendable {
         receivedIndices = config.receiveRoutingShape.map { view(mine.receivedIndices, .i32, $0) }
         receivedWeights = config.receiveRoutingShape.map { view(mine.receivedWeights, .f32, $0) }
         weightGradients = config.algorithm == .highThroughput ? config.receiveRoutingShape.map { view(mine.weightGradients, .f32, $0) } : nil
-
-        // All-gather the IPC handles of every shared buffer and map the other ranks' ones.
-        let handleBytes = IPCMemHandle.byteCount * sizes.count
-        var local: [UInt8] = []
-        for p in owned { local += try gpu { try driver.ipcHandle(for: p) }.bytes }
-        let send = try gpu { try driver.allocate(byteCount: handleBytes) }
-        let receive = try gpu { try driver.allocate(byteCount: handleBytes * config.ranks) }
-        defer { try? driver.free(send); try? driver.free(receive) }
-        try gpu {
-            try driver.copy(local, to: send)
-            try nccl.allGather(from: send, to: receive, count: handleBytes, type: .uint8, comm: comm, stream: stream)
-            try driver.synchronize(stream)
-        }
-        let gathered = try gpu { try driver.read(UInt8.self, from: receive, count: handleBytes * config.ranks) }
-        var peers: [SharedBuffers] = [], opened: [DevicePointer] = []
-        for r in 0..<config.ranks {
-            if r == rank { peers.append(mine); continue }
-            var pointers: [DevicePointer] = []
-            for b in 0..<sizes.count {
-                let start = r * handleBytes + b * IPCMemHandle.byteCount
-                let handle = try gpu { try IPCMemHandle(bytes: Array(gathered[start..<(start + IPCMemHandle.byteCount)])) }
-                let p = try gpu { try driver.openIPCHandle(handle) }
-                pointers.append(p)
-                opened.append(p)
-            }
-            peers.append(SharedBuffers(pointers))
-        }
-        self.peers = peers
-        self.opened = opened
+        peers = shared.byRank.map(SharedBuffers.init)
         mask = try device.allocateMask(ranks: config.ranks)
         args = StepArguments(ranks: config.ranks)
     }
@@ -141,8 +114,8 @@ public final class NCCLRankGroup: @unchecked Sendable {
     deinit {
         let driver = device.driver
         try? driver.synchronizeContext()   // work may still use the buffers freed below
-        for p in opened { try? driver.closeIPCHandle(p) }
-        for p in owned { try? driver.free(p) }
+        let everyone = (try? driver.read(UInt64.self, from: mask, count: 1)[0]).map { RankMask(bits: $0) == RankMask.all(config.ranks) } ?? false
+        shared.release(collectively: everyone)
         try? driver.free(mask)
         try? driver.destroy(stream)
     }

@@ -16,10 +16,14 @@ struct NCCLBenchmark {
     var seed: UInt64
     var skew: Double
     var tuning: GPUTuning
+    var sharing: PeerSharing
+    var timeout: Duration
 
     func run(_ benchCase: BenchCase, copyBandwidth: Double) throws -> Measurement {
-        let config = try benchCase.config().validated()
-        let group = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl, tuning: tuning)
+        var config = benchCase.config()
+        config.timeout = timeout
+        config = try config.validated()
+        let group = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl, tuning: tuning, sharing: sharing)
         let data = BenchData(config: config, tokens: benchCase.tokens, seed: seed, skew: skew)
         func upload(_ host: HostTensor) throws -> DeviceTensor {
             let d = try DeviceTensor(host.dtype, host.shape, on: device)
@@ -69,7 +73,7 @@ struct NCCLBenchmark {
         withExtendedLifetime((x, w, idx, combined)) {}
         let bytes = StepBytes(config: config, routings: data.routings)
         var measurement = Measurement(
-            name: benchCase.name, backend: "gpu-nccl", device: device.name,
+            name: benchCase.name, backend: "gpu-nccl-\(sharing.rawValue)", device: device.name,
             algorithm: config.algorithm.rawValue, layout: "\(config.layout)", ranks: config.ranks,
             tokens: benchCase.tokens, hidden: config.hidden, topK: config.topK, experts: config.experts,
             iterations: iterations, update: PhaseStats(samples[0]), dispatch: PhaseStats(samples[1]), combine: PhaseStats(samples[2]),

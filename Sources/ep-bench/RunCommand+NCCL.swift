@@ -12,8 +12,10 @@ extension RunCommand {
         guard let me = NCCLRankEnvironment.current() else {
             let ranks = self.ranks ?? 2
             let id = try nccl.uniqueID()
-            FileHandle.standardError.write(Data("spawning \(ranks) NCCL ranks (NCCL \(try nccl.version()))...\n".utf8))
+            let v = try nccl.version()
+            FileHandle.standardError.write(Data("spawning \(ranks) NCCL ranks (NCCL \(v.major).\(v.minor).\(v.patch) at \(nccl.location))...\n".utf8))
             let children = try NCCLLauncher.spawn(ranks: ranks, id: id, arguments: Array(CommandLine.arguments.dropFirst()))
+            if let drill { return try drill.judge(children, failing: drillRank, timeout: timeout) }
             var results: [Measurement] = []
             for child in children {
                 for line in child.output.split(separator: "\n") where line.hasPrefix(Self.resultPrefix) {
@@ -31,11 +33,13 @@ extension RunCommand {
         }
         let device = try GPUDevice(ordinal: me.deviceOrdinal)
         let id = try me.uniqueID(nccl, timeout: .seconds(60))
-        let comm = try nccl.initRank(ranks: me.world, id: id, rank: me.rank)
-        defer { try? nccl.destroy(comm) }
+        if let drill { return try drill.act(rank: me, failing: drillRank, nccl: nccl, id: id, device: device, sharing: sharing, timeout: timeout) }
+        let comm = try nccl.initRank(ranks: me.world, id: id, rank: me.rank, timeout: timeout)
+        var closed = false
+        defer { if !closed { try? nccl.abort(comm) } }
         let tuning = GPUTuning(pipelineDepth: pipelineDepth, rowsInFlight: rowsInFlight, rowPieces: rowPieces, blocksPerMultiprocessor: blocksPerSM)
         let runner = NCCLBenchmark(device: device, nccl: nccl, comm: comm, rank: me.rank, iterations: iterations ?? 100,
-                                   warmup: max(warmup, 5), seed: seed, skew: skew, tuning: tuning)
+                                   warmup: max(warmup, 5), seed: seed, skew: skew, tuning: tuning, sharing: sharing, timeout: timeout)
         let copyBandwidth = try GPUBenchmark(device: device, iterations: 1, warmup: 0, seed: seed, skew: skew, tuning: tuning)
             .measureCopyBandwidth()
         let names = cases.isEmpty ? ["ll-std", "ll-32", "ll-1", "ht-std"] : cases
@@ -46,7 +50,11 @@ extension RunCommand {
             let line = String(decoding: try JSONEncoder().encode(measurement), as: UTF8.self)
             print(Self.resultPrefix + line)
         }
+        try nccl.close(comm, timeout: timeout)
+        closed = true
     }
+
+    var timeout: Duration { .milliseconds(timeoutMs) }
 
     static let resultPrefix = "EPRESULT "
 }

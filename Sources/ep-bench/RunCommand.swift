@@ -58,6 +58,18 @@ struct RunCommand: ParsableCommand {
     @Option(name: .customLong("blocks-per-sm"), help: "GPU: 512-thread blocks per SM in one launch (1 or 2; default 2, 1 for R = 1).")
     var blocksPerSM: Int?
 
+    @Option(help: "NCCL: how ranks share buffers: windows (ncclMemAlloc + windows, descriptors taken with pidfd_getfd) or ipc (cuMemAlloc + CUDA IPC).")
+    var sharing: PeerSharing = .ncclWindows
+
+    @Option(help: "NCCL failure drill instead of the cases: never-joins (--drill-rank exits before joining) or dies (it exits after the group is built, before the first step). The others must report the failure within the timeout.")
+    var drill: FailureDrill?
+
+    @Option(help: "NCCL failure drill: the rank that fails.")
+    var drillRank: Int = 1
+
+    @Option(help: "Group timeout in milliseconds: every cross-rank wait, and NCCL's join and handle exchange.")
+    var timeoutMs: Int = 10_000
+
     @Option(help: "Write the results as JSON to this path.")
     var json: String?
 
@@ -72,6 +84,8 @@ struct RunCommand: ParsableCommand {
             throw ValidationError("--ranks \(ranks) does not divide the \(bad.experts) experts of case \(bad.name)")
         }
         if let iterations, iterations < 1 { throw ValidationError("--iterations must be ≥ 1, got \(iterations)") }
+        if timeoutMs < 1 { throw ValidationError("--timeout-ms must be ≥ 1, got \(timeoutMs)") }
+        if drill != nil, transport != .nccl { throw ValidationError("--drill needs --transport nccl") }
         if skew < 0 { throw ValidationError("--skew must be ≥ 0, got \(skew)") }
     }
 

@@ -7,7 +7,7 @@ import Testing
 let gpuTestsEnabled = ProcessInfo.processInfo.environment["EP_GPU_TESTS"] == "1"
 
 /// The device, opened once for all GPU tests.
-nonisolated(unsafe) let sharedDevice: GPUDevice? = try? GPUDevice()
+let sharedDevice: GPUDevice? = try? GPUDevice()
 
 /// One step's inputs for every rank, random but reproducible, on the host.
 struct StepInputs {

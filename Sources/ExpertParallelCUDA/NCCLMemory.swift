@@ -1,0 +1,54 @@
+/// NCCL's memory calls: `ncclMemAlloc` (a `cuMemCreate` allocation NCCL can share with its
+/// peers) and window registration (NCCL 2.27+), which makes a buffer part of the communicator's
+/// symmetric memory. Optional symbols: an older NCCL fails only these calls.
+struct NCCLMemoryFunctions {
+    let ncclMemAlloc: @convention(c) (UnsafeMutablePointer<UnsafeMutableRawPointer?>?, Int) -> Int32
+    let ncclMemFree: @convention(c) (UnsafeMutableRawPointer?) -> Int32
+    let ncclCommWindowRegister: @convention(c) (OpaquePointer?, UnsafeMutableRawPointer?, Int, UnsafeMutablePointer<OpaquePointer?>?, Int32) -> Int32
+    let ncclCommWindowDeregister: @convention(c) (OpaquePointer?, OpaquePointer?) -> Int32
+
+    init(_ library: DynamicLibrary) throws {
+        ncclMemAlloc = try library.function("ncclMemAlloc")
+        ncclMemFree = try library.function("ncclMemFree")
+        ncclCommWindowRegister = try library.function("ncclCommWindowRegister")
+        ncclCommWindowDeregister = try library.function("ncclCommWindowDeregister")
+    }
+}
+
+/// An `ncclWindow_t`.
+public struct NCCLWindow: RawRepresentable, Hashable, @unchecked Sendable {
+    public var rawValue: OpaquePointer
+    public init(rawValue: OpaquePointer) { self.rawValue = rawValue }
+}
+
+extension NCCLLibrary {
+    /// `ncclMemAlloc`: device memory of the current device that NCCL (and `exportAllocation`)
+    /// can share with other processes.
+    public func memAlloc(byteCount: Int) throws -> DevicePointer {
+        var pointer: UnsafeMutableRawPointer?
+        try check(try memory().ncclMemAlloc(&pointer, byteCount), "ncclMemAlloc")
+        guard let pointer else { throw CUDAError.nccl(call: "ncclMemAlloc", code: 3, name: "ncclInternalError \"no memory returned\"") }
+        return DevicePointer(rawValue: UInt64(UInt(bitPattern: pointer)))
+    }
+
+    public func memFree(_ pointer: DevicePointer) throws {
+        try check(try memory().ncclMemFree(UnsafeMutableRawPointer(bitPattern: UInt(pointer.rawValue))), "ncclMemFree")
+    }
+
+    /// `ncclCommWindowRegister` (collective: every rank registers a buffer of the same size).
+    /// On a non-blocking communicator it may return before it is done: `waitReady` bounds that.
+    public func registerWindow(_ comm: NCCLComm, _ pointer: DevicePointer, byteCount: Int) throws -> NCCLWindow {
+        var window: OpaquePointer?
+        let result = try memory().ncclCommWindowRegister(
+            comm.rawValue, UnsafeMutableRawPointer(bitPattern: UInt(pointer.rawValue)), byteCount, &window, 0)
+        if result != NCCLResult.inProgress { try check(result, "ncclCommWindowRegister") }
+        guard let window else { throw CUDAError.nccl(call: "ncclCommWindowRegister", code: 3, name: "ncclInternalError \"no window returned\"") }
+        return NCCLWindow(rawValue: window)
+    }
+
+    /// `ncclCommWindowDeregister` (collective).
+    public func deregisterWindow(_ comm: NCCLComm, _ window: NCCLWindow) throws {
+        let result = try memory().ncclCommWindowDeregister(comm.rawValue, window.rawValue)
+        if result != NCCLResult.inProgress { try check(result, "ncclCommWindowDeregister") }
+    }
+}

@@ -1,0 +1,154 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ExpertParallel
+import ExpertParallelCUDA
+
+/// How an NCCL rank's shared buffers are allocated and reached by the other ranks.
+public enum PeerSharing: String, Sendable, CaseIterable {
+    /// `ncclMemAlloc`, registered as NCCL windows; each allocation exported as a POSIX file
+    /// descriptor, taken by the peers with `pidfd_getfd` and mapped. A mapping keeps the memory
+    /// of a rank that died alive, so the survivors' late writes land harmlessly.
+    case ncclWindows = "windows"
+    /// `cuMemAlloc` and legacy CUDA IPC handles (no windows): for machines that forbid taking
+    /// another process's descriptors.
+    case cudaIPC = "ipc"
+}
+
+/// One rank's shared buffers and its mappings of every other rank's: the handles travel
+/// through `ncclAllGather`, each wait bounded by `timeout` (a rank that never arrives makes
+/// the constructor throw instead of hang).
+final class PeerBuffers {
+    let sharing: PeerSharing
+    /// This rank's buffers, in the order of `sizes`.
+    private(set) var local: [DevicePointer] = []
+    /// Every rank's buffers as mapped here (this rank's own are `local`).
+    private(set) var byRank: [[DevicePointer]] = []
+    private let driver: DriverLibrary
+    private let nccl: NCCLLibrary
+    private let comm: NCCLComm
+    private let timeout: Duration
+    private var windows: [NCCLWindow] = []
+    private var mapped: [(pointer: DevicePointer, bytes: Int)] = []
+    private var opened: [DevicePointer] = []
+
+    init(
+        sizes: [Int], sharing: PeerSharing, device: GPUDevice, comm: NCCLComm, nccl: NCCLLibrary, rank: Int, ranks: Int,
+        stream: CUDAStream, timeout: Duration
+    ) throws(EPError) {
+        self.sharing = sharing
+        driver = device.driver
+        self.nccl = nccl
+        self.comm = comm
+        self.timeout = timeout
+        var exported: [ExportedAllocation] = []
+        var done = false
+        defer {
+            for e in exported { FileDescriptorTaking.close(e.fileDescriptor) }
+            if !done { release(collectively: false) }
+        }
+        let driver = device.driver
+        for bytes in sizes {
+            let p = try gpu { sharing == .ncclWindows ? try nccl.memAlloc(byteCount: bytes) : try driver.allocate(byteCount: bytes) }
+            local.append(p)
+            try gpu { try driver.fill(p, byte: 0, byteCount: bytes) }
+        }
+        switch sharing {
+        case .ncclWindows:
+            for (p, bytes) in zip(local, sizes) {
+                windows.append(try gpu { try nccl.registerWindow(comm, p, byteCount: bytes) })
+                try gpu { try nccl.waitReady(comm, timeout: timeout, call: "ncclCommWindowRegister", waitingFor: "every rank to register its window") }
+            }
+            try gpu { try FileDescriptorTaking.allowTaking() }
+            for p in local { exported.append(try gpu { try driver.exportAllocation(p) }) }
+            // Per rank: its process id, then a (descriptor, bytes) pair per buffer.
+            let record = [Int64(FileDescriptorTaking.processID)] + exported.flatMap { [Int64($0.fileDescriptor), Int64($0.byteCount)] }
+            let all = try exchange(record, stream: stream)
+            for r in 0..<ranks {
+                if r == rank { byRank.append(local); continue }
+                let peer = Array(all[(r * record.count)..<((r + 1) * record.count)])
+                var pointers: [DevicePointer] = []
+                for b in sizes.indices {
+                    let (descriptor, bytes) = (Int32(peer[1 + 2 * b]), Int(peer[2 + 2 * b]))
+                    let p = try gpu {
+                        let taken = try FileDescriptorTaking.take(descriptor, from: Int32(peer[0]))
+                        defer { FileDescriptorTaking.close(taken) }
+                        return try driver.importAllocation(fileDescriptor: taken, byteCount: bytes, deviceOrdinal: device.ordinal)
+                    }
+                    mapped.append((p, bytes))
+                    pointers.append(p)
+                }
+                byRank.append(pointers)
+            }
+            // Keep the descriptors open until every rank has taken them.
+            _ = try exchange([0], stream: stream)
+        case .cudaIPC:
+            let words = IPCMemHandle.byteCount / 8
+            var record: [Int64] = []
+            for p in local {
+                let handle = try gpu { try driver.ipcHandle(for: p) }.bytes
+                record += (0..<words).map { w in handle[(w * 8)..<(w * 8 + 8)].reversed().reduce(Int64(0)) { $0 << 8 | Int64($1) } }
+            }
+            let all = try exchange(record, stream: stream)
+            for r in 0..<ranks {
+                if r == rank { byRank.append(local); continue }
+                var pointers: [DevicePointer] = []
+                for b in sizes.indices {
+                    let start = r * record.count + b * words
+                    let bytes = all[start..<(start + words)].flatMap { w in (0..<8).map { UInt8(truncatingIfNeeded: w >> (8 * $0)) } }
+                    let p = try gpu { try driver.openIPCHandle(try IPCMemHandle(bytes: bytes)) }
+                    opened.append(p)
+                    pointers.append(p)
+                }
+                byRank.append(pointers)
+            }
+        }
+        done = true
+    }
+
+    /// `ncclAllGather` of `values` (the same count on every rank), waited for at most `timeout`.
+    private func exchange(_ values: [Int64], stream: CUDAStream) throws(EPError) -> [Int64] {
+        let (driver, nccl, comm, timeout) = (self.driver, self.nccl, self.comm, self.timeout)
+        return try gpu {
+            let ranks = try nccl.count(comm)
+            let send = try driver.allocate(byteCount: values.count * 8)
+            let receive = try driver.allocate(byteCount: values.count * 8 * ranks)
+            let done = try driver.createEvent()
+            defer { try? driver.destroy(done); try? driver.free(send); try? driver.free(receive) }
+            try driver.copy(values, to: send)
+            try nccl.allGather(from: send, to: receive, count: values.count, type: .int64, comm: comm, stream: stream)
+            try nccl.waitReady(comm, timeout: timeout, call: "ncclAllGather", waitingFor: "the other ranks' buffer handles")
+            try driver.record(done, on: stream)
+            let clock = ContinuousClock()
+            let deadline = clock.now + timeout
+            while try !driver.isComplete(done) {
+                if clock.now >= deadline {
+                    throw EPError.backend("ncclAllGather of the buffer handles: the other ranks did not answer within \(timeout) (abort the communicator)")
+                }
+                usleep(100)
+            }
+            return try driver.read(Int64.self, from: receive, count: values.count * ranks)
+        }
+    }
+
+    /// Unmaps the peers' buffers and frees this rank's. `collectively`: every rank is alive and
+    /// releasing too, so the (collective) window deregistration may run; otherwise it is left to
+    /// `ncclCommAbort`, which the owner of a communicator with a dead rank must call.
+    func release(collectively: Bool) {
+        for (p, bytes) in mapped { try? driver.unmapImported(p, byteCount: bytes) }
+        for p in opened { try? driver.closeIPCHandle(p) }
+        if collectively {
+            for w in windows {
+                try? nccl.deregisterWindow(comm, w)
+                try? nccl.waitReady(comm, timeout: timeout, call: "ncclCommWindowDeregister", waitingFor: "every rank to deregister")
+            }
+        }
+        Self.free(local, sharing: sharing, driver: driver, nccl: nccl)
+    }
+
+    private static func free(_ pointers: [DevicePointer], sharing: PeerSharing, driver: DriverLibrary, nccl: NCCLLibrary) {
+        for p in pointers {
+            if sharing == .ncclWindows { try? nccl.memFree(p) } else { try? driver.free(p) }
+        }
+    }
+}

@@ -1,0 +1,102 @@
+import ArgumentParser
+import ExpertParallel
+import ExpertParallelCUDA
+import ExpertParallelGPU
+import Foundation
+
+extension PeerSharing: ExpressibleByArgument {}
+
+/// A rank that fails on purpose, to show that the others neither hang nor go on blind: they
+/// finish within the timeout, name the missing rank in the mask (or fail to join, naming the
+/// timeout) and report the error.
+enum FailureDrill: String, ExpressibleByArgument, CaseIterable {
+    /// The failing rank exits before it joins the communicator.
+    case neverJoins = "never-joins"
+    /// The failing rank joins and builds the group, then exits before the first step.
+    case dies
+
+    static let prefix = "EPDRILL "
+    static let failingStatus: Int32 = 3
+
+    struct Report: Codable {
+        var rank: Int
+        var seconds: Double
+        var error: String?
+        var mask: UInt64?
+    }
+
+    /// One rank's part: fail as asked, or try a step of `ll-std` and report what happened.
+    func act(
+        rank me: NCCLRankEnvironment, failing: Int, nccl: NCCLLibrary, id: NCCLUniqueID, device: GPUDevice,
+        sharing: PeerSharing, timeout: Duration
+    ) throws {
+        if me.rank == failing && self == .neverJoins { leave(me.rank, "before joining") }
+        let clock = ContinuousClock()
+        let start = clock.now
+        var report = Report(rank: me.rank, seconds: 0)
+        do {
+            let comm = try nccl.initRank(ranks: me.world, id: id, rank: me.rank, timeout: timeout)
+            defer { try? nccl.abort(comm) }
+            guard let benchCase = BenchCase.standard.first(where: { $0.name == "ll-std" })?.with(ranks: me.world) else { return }
+            var config = benchCase.config()
+            config.timeout = timeout
+            config = try config.validated()
+            let group = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl, sharing: sharing)
+            if me.rank == failing { leave(me.rank, "after the group was built") }
+            let data = BenchData(config: config, tokens: benchCase.tokens, seed: 1, skew: 0)
+            func upload(_ host: HostTensor) throws -> DeviceTensor {
+                let d = try DeviceTensor(host.dtype, host.shape, on: device)
+                try d.upload(host)
+                return d
+            }
+            let x = try upload(data.tokens[me.rank]), w = try upload(data.weights[me.rank]), idx = try upload(data.topkIdx[me.rank])
+            let combined = try DeviceTensor(config.elementType, [benchCase.tokens, config.hidden], on: device)
+            try group.update(topkIdx: idx.ref)
+            try group.dispatch(DispatchInput(tokens: x.ref, topkWeights: w.ref))
+            try group.combine(CombineInput(expertOutputs: group.expertOutputs, topkWeights: w.ref), into: CombineOutput(tokens: combined.ref))
+            report.mask = try group.activeRanks.bits
+            try group.checkStatus()
+            withExtendedLifetime((x, w, idx, combined)) {}
+        } catch {
+            report.error = "\(error)"
+        }
+        report.seconds = Double((clock.now - start).components.attoseconds) / 1e18 + Double((clock.now - start).components.seconds)
+        print(Self.prefix + String(decoding: try JSONEncoder().encode(report), as: UTF8.self))
+    }
+
+    private func leave(_ rank: Int, _ when: String) -> Never {
+        print("rank \(rank) leaves \(when) (drill \(rawValue))")
+        fflush(nil)
+        exit(Self.failingStatus)
+    }
+
+    /// The launcher's verdict: the failing rank left, every other rank reported an error in
+    /// time, and (for `dies`) its mask no longer holds the failing rank.
+    func judge(_ children: [(status: Int32, output: String)], failing: Int, timeout: Duration) throws {
+        var problems: [String] = []
+        let limit = 2 * (Double(timeout.components.seconds) + Double(timeout.components.attoseconds) / 1e18) + 5
+        for (rank, child) in children.enumerated() {
+            if rank == failing {
+                if child.status != Self.failingStatus { problems.append("rank \(rank) should have left with status \(Self.failingStatus), got \(child.status)") }
+                continue
+            }
+            guard let line = child.output.split(separator: "\n").first(where: { $0.hasPrefix(Self.prefix) }),
+                let report = try? JSONDecoder().decode(Report.self, from: Data(line.dropFirst(Self.prefix.count).utf8))
+            else {
+                problems.append("rank \(rank) (status \(child.status)) printed no report")
+                continue
+            }
+            let mask = report.mask.map { RankMask(bits: $0).description } ?? "none"
+            print("rank \(rank): \(format(report.seconds, 2)) s, mask \(mask), error: \(report.error ?? "none")")
+            if report.error == nil { problems.append("rank \(rank) reported no error") }
+            if report.seconds > limit { problems.append("rank \(rank) took \(format(report.seconds, 2)) s, more than \(format(limit, 1)) s") }
+            if self == .dies {
+                guard let bits = report.mask else { problems.append("rank \(rank) reported no mask"); continue }
+                if bits & (UInt64(1) << UInt64(failing)) != 0 { problems.append("rank \(rank)'s mask still holds rank \(failing)") }
+                if bits & (UInt64(1) << UInt64(rank)) == 0 { problems.append("rank \(rank)'s mask dropped itself") }
+            }
+        }
+        if !problems.isEmpty { throw ValidationError("drill \(rawValue) failed: " + problems.joined(separator: "; ")) }
+        print("drill \(rawValue): rank \(failing) failed; the others reported it within \(format(limit, 1)) s")
+    }
+}
