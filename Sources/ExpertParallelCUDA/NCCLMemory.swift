@@ -35,14 +35,20 @@ extension NCCLLibrary {
         try check(try memory().ncclMemFree(UnsafeMutableRawPointer(bitPattern: UInt(pointer.rawValue))), "ncclMemFree")
     }
 
-    /// `ncclCommWindowRegister` (collective: every rank registers a buffer of the same size).
-    /// On a non-blocking communicator it may return before it is done: `waitReady` bounds that.
-    public func registerWindow(_ comm: NCCLComm, _ pointer: DevicePointer, byteCount: Int) throws -> NCCLWindow {
-        var window: OpaquePointer?
-        let result = try memory().ncclCommWindowRegister(
-            comm.rawValue, UnsafeMutableRawPointer(bitPattern: UInt(pointer.rawValue)), byteCount, &window, 0)
-        if result != NCCLResult.inProgress { try check(result, "ncclCommWindowRegister") }
-        guard let window else { throw CUDAError.nccl(call: "ncclCommWindowRegister", code: 3, name: "ncclInternalError \"no window returned\"") }
+    /// `ncclCommWindowRegister` (collective: every rank registers a buffer of the same size),
+    /// waited for at most `timeout`. A non-blocking communicator writes the window when the
+    /// registration completes, so the out-parameter lives on the heap; after a timeout it is
+    /// left to NCCL (a few bytes) and the caller aborts the communicator.
+    public func registerWindow(_ comm: NCCLComm, _ pointer: DevicePointer, byteCount: Int, timeout: Duration) throws -> NCCLWindow {
+        let out = UnsafeMutablePointer<OpaquePointer?>.allocate(capacity: 1)
+        out.initialize(to: nil)
+        let result = try memory().ncclCommWindowRegister(comm.rawValue, UnsafeMutableRawPointer(bitPattern: UInt(pointer.rawValue)), byteCount, out, 0)
+        if result != NCCLResult.inProgress {
+            do { try check(result, "ncclCommWindowRegister") } catch { out.deallocate(); throw error }
+        }
+        try waitReady(comm, timeout: timeout, call: "ncclCommWindowRegister", waitingFor: "every rank to register its window")
+        defer { out.deallocate() }
+        guard let window = out.pointee else { throw CUDAError.nccl(call: "ncclCommWindowRegister", code: 3, name: "ncclInternalError \"no window returned\"") }
         return NCCLWindow(rawValue: window)
     }
 

@@ -56,8 +56,7 @@ final class PeerBuffers {
         switch sharing {
         case .ncclWindows:
             for (p, bytes) in zip(local, sizes) {
-                windows.append(try gpu { try nccl.registerWindow(comm, p, byteCount: bytes) })
-                try gpu { try nccl.waitReady(comm, timeout: timeout, call: "ncclCommWindowRegister", waitingFor: "every rank to register its window") }
+                windows.append(try gpu { try nccl.registerWindow(comm, p, byteCount: bytes, timeout: timeout) })
             }
             try gpu { try FileDescriptorTaking.allowTaking() }
             for p in local { exported.append(try gpu { try driver.exportAllocation(p) }) }
