@@ -6,7 +6,9 @@
  * original token order. Two backends sit behind one set of calls:
  *   - the host (CPU) group: R ranks in one process, one thread per rank; the bit-exact oracle;
  *   - the virtual GPU group: R ranks on one CUDA device, every call one launch for all R ranks
- *     (both algorithms; HT with epOverflowFail only so far).
+ *     (both algorithms; HT with epOverflowFail only so far);
+ *   - the NCCL-rank group (ABI version 2): one rank of a multi-process job, one GPU per process,
+ *     joined by an NCCL communicator (epGroupCreateNCCL); each process drives its own rank.
  *
  * Conventions
  *   - Every call returns an epResult_t. On failure, epGetLastErrorMessage() says what was wrong,
@@ -14,7 +16,8 @@
  *     thread's last call (empty after a call that succeeded).
  *   - Every struct starts with `size_t structSize`: set it to sizeof(the struct). ABI version 1
  *     requires exactly sizeof; later versions add fields at the end and keep accepting the sizes of
- *     earlier versions. A pointer to a config struct may be NULL (defaults).
+ *     earlier versions (version 2 added structs and calls and changed none of version 1's). A
+ *     pointer to a config struct may be NULL (defaults).
  *   - Arrays of structs (one per rank, in the *All calls) are read with a stride of their first
  *     element's structSize; every element must carry the same structSize.
  *   - Tensors are borrowed: the caller owns every buffer; the library writes only into outputs.
@@ -39,7 +42,7 @@ extern "C" {
 #endif
 
 /* The ABI this header describes; epGetAbiVersion reports the library's. */
-#define EP_ABI_VERSION 1
+#define EP_ABI_VERSION 2
 /* Most dimensions an epTensor_t carries. */
 #define EP_MAX_DIMS 4
 
@@ -65,7 +68,7 @@ typedef enum {
     epInactiveRank = 6,
     /* A CUDA driver or NVRTC call failed (or no driver or device was found). */
     epCudaError = 7,
-    /* Reserved for the NCCL transport. */
+    /* An NCCL call failed, or NCCL (libnccl.so.2) could not be loaded. */
     epNcclError = 8,
     /* A failure inside the library that no argument explains. */
     epInternalError = 9
@@ -113,8 +116,9 @@ typedef enum {
 typedef enum { epForward = 0, epBackward = 1 } epPassDirection_t;
 
 typedef enum {
-    epBackendHost = 0,      /* R ranks on the CPU, one thread per rank */
-    epBackendVirtualGPU = 1 /* R ranks on one CUDA device */
+    epBackendHost = 0,       /* R ranks on the CPU, one thread per rank */
+    epBackendVirtualGPU = 1, /* R ranks on one CUDA device */
+    epBackendNCCLRank = 2    /* one rank per process over NCCL: made by epGroupCreateNCCL only (v2) */
 } epBackend_t;
 
 typedef enum {
@@ -318,8 +322,11 @@ epResult_t epGroupDeactivateRank(epGroup_t group, int32_t rank);
 epResult_t epGroupCleanRanks(epGroup_t group, uint64_t mask);
 
 /* ---------------------------------------------------------------------------------------- */
-/* Per-rank calls: what one rank (one process of a multi-GPU job) calls. Host group only: a rank
- * blocks until every active rank makes its matching call, so drive the R ranks from R threads.
+/* Per-rank calls: what one rank (one process of a multi-GPU job) calls.
+ *   - Host group: a rank blocks until every active rank makes its matching call, so drive the R
+ *     ranks from R threads.
+ *   - NCCL-rank group: a handle for this process's rank only; the calls enqueue on `stream` and
+ *     return (see epGroupCreateNCCL).
  * (The virtual GPU group runs all its ranks in one launch: use the collective calls.)        */
 
 /* A handle holds one rank's routing of the current step. It keeps its group alive. */
@@ -331,6 +338,56 @@ epResult_t epDispatch(epHandle_t handle, const epDispatchInputs_t* inputs, const
                       const epDispatchConfig_t* config, void* stream);
 epResult_t epCombine(epHandle_t handle, const epCombineInputs_t* inputs, const epCombineOutputs_t* outputs,
                      const epCombineConfig_t* config, void* stream);
+
+/* ---------------------------------------------------------------------------------------- */
+/* NCCL-rank groups (ABI version 2): one rank per process, one GPU each, joined by an NCCL
+ * communicator that the group creates from a unique id. NCCL (libnccl.so.2) is opened at run
+ * time: without it these calls fail with epNcclError, without a CUDA driver or device with
+ * epCudaError; the rest of the library works either way.
+ *
+ * Rank 0 calls epGetNCCLUniqueId and hands the id to every rank (a broadcast of the launcher:
+ * torch.distributed, MPI, a file); then every rank calls epGroupCreateNCCL with the same config
+ * and its own rank, at the same time (it returns once all ranks have joined). Each process then
+ * makes a handle for its rank (epHandleCreate(group, rank, ...)) and runs the step with
+ * epHandleUpdate, epDispatch and epCombine, every rank the same calls in the same order.
+ *   - The calls enqueue work on the caller's stream (a CUstream / cudaStream_t; NULL: CUDA's
+ *     default stream) and return; device-side errors come from epGroupCheckStatus, or from a
+ *     dispatch that asks for its layout info (which waits for the device).
+ *   - Tensors live on the group's device. Dispatch receives into the group's own buffers (the
+ *     other ranks write them) and copies them into the caller's outputs on the stream: the whole
+ *     receive buffer, so rows outside the received zones read as zero (and topkIdx outputs are
+ *     int32). Combine copies the caller's expertOutputs (and, for HT expert-major forward, the
+ *     per-slot topkWeights; for HT backward, the weightGradients) into the group's buffers that
+ *     the other ranks read, on the stream, then reduces.
+ *   - epGroupGetInfo reports backend epBackendNCCLRank; epGroupGetLayoutInfo and
+ *     epGroupGetActiveRanks answer for this process's rank. The collective *All calls,
+ *     epGroupDeactivateRank and epGroupCleanRanks are not offered (epInvalidUsage).
+ *   - epGroupDestroy (with the group's last handle) ends the communicator: every rank does it,
+ *     and it waits (bounded) for the others.                                                   */
+
+#define EP_NCCL_UNIQUE_ID_BYTES 128
+
+/* ncclUniqueId: opaque bytes, the same on every rank of one group. */
+typedef struct {
+    uint8_t bytes[EP_NCCL_UNIQUE_ID_BYTES];
+} epNCCLUniqueId_t;
+
+/* This process's place in an NCCL-rank group. */
+typedef struct {
+    size_t structSize;
+    int32_t rank;               /* 0 ... config->ranks - 1; the communicator has config->ranks ranks */
+    int32_t device;             /* CUDA device ordinal of this rank's GPU */
+    int32_t multiprocessors;    /* SMs the group's kernels may use; 0 = all */
+    epNCCLUniqueId_t uniqueId;  /* from epGetNCCLUniqueId on rank 0 */
+    double initTimeoutSeconds;  /* bound on waiting for every rank to join (and, at destroy, to leave); 0 = 60 s */
+} epNCCLRankConfig_t;
+
+/* A fresh NCCL unique id (ncclGetUniqueId): rank 0 calls it once per group. */
+epResult_t epGetNCCLUniqueId(epNCCLUniqueId_t* id);
+/* Creates this process's rank of an NCCL-rank group: joins the communicator (blocks until every
+ * rank has joined, at most initTimeoutSeconds), allocates the shared buffers and maps the other
+ * ranks' ones. Collective: every rank calls it with the same config and uniqueId. */
+epResult_t epGroupCreateNCCL(const epGroupConfig_t* config, const epNCCLRankConfig_t* ncclRank, epGroup_t* group);
 
 #ifdef __cplusplus
 }

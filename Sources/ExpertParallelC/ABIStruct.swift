@@ -19,9 +19,11 @@ extension epDispatchConfig_t: ABIStruct {}
 extension epCombineInputs_t: ABIStruct {}
 extension epCombineOutputs_t: ABIStruct {}
 extension epCombineConfig_t: ABIStruct {}
+extension epNCCLRankConfig_t: ABIStruct {}
 
 extension ABIStruct where Self: BitwiseCopyable {
-    /// `sizeof` of the struct in this ABI version, the only `structSize` version 1 accepts.
+    /// `sizeof` of the struct in this ABI version, the only `structSize` accepted (no struct has
+    /// grown since version 1).
     static var abiSize: Int { MemoryLayout<Self>.stride }
 
     static func checkSize(_ size: Int, _ name: String) throws(EPError) {

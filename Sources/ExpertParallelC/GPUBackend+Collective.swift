@@ -76,6 +76,10 @@ extension GPUBackend: GroupBackend {
         try group.clean(ranks: ranks)
     }
 
+    func rankCalls(rank: Int) throws -> any RankCalls {
+        throw UnsupportedCall(message: "a virtual GPU group runs all its ranks in one launch and has no per-rank calls; use epGroupUpdateAll, epGroupDispatchAll and epGroupCombineAll")
+    }
+
     func synchronizeCallerStreams() throws(EPError) {
         try group.device.makeCurrent()
         for stream in callerStreams {

@@ -22,6 +22,8 @@ protocol GroupBackend: AnyObject {
     func activeRanks() throws -> RankMask
     func deactivate(rank: Int) throws
     func clean(ranks: RankMask) throws
+    /// The per-rank calls of `rank` (a handle's), or an error when the group offers none for it.
+    func rankCalls(rank: Int) throws -> any RankCalls
 }
 
 /// What an `epGroup_t` points at: a group of R ranks on one backend.
@@ -38,12 +40,16 @@ final class GroupObject: @unchecked Sendable {
 
     var backendKind: epBackend_t { backend.kind }
 
-    /// The host backend, for the per-rank calls; nil on a GPU group.
-    var host: HostBackend? { backend as? HostBackend }
-
     /// Runs `body` on the backend, serialised with the group's other calls.
     func withBackend<T>(_ body: (any GroupBackend) throws -> T) throws -> T {
         try lock.withLock { try body(backend) }
+    }
+
+    /// Runs a handle's call: serialised with the group's calls, unless the call waits for the
+    /// other ranks' calls in this process (host ranks on their threads), which the lock would block.
+    func withRank<T>(_ calls: any RankCalls, _ body: (any RankCalls) throws -> T) throws -> T {
+        if calls.waitsForPeers { return try body(calls) }
+        return try lock.withLock { try body(calls) }
     }
 
     func checkRank(_ rank: Int32, _ name: String = "rank") throws(EPError) -> Int {
@@ -77,19 +83,6 @@ final class GPUBackend: @unchecked Sendable {
     var callerStreams: [CUDAStream] = []
 
     init(_ group: VirtualGPUGroup) { self.group = group }
-}
-
-/// What an `epHandle_t` points at: one rank of a host group and its handle.
-final class HandleObject: @unchecked Sendable {
-    let group: GroupObject
-    let rank: HostRank
-    let handle: HostHandle
-
-    init(group: GroupObject, rank: HostRank, handle: HostHandle) {
-        self.group = group
-        self.rank = rank
-        self.handle = handle
-    }
 }
 
 /// Devices opened by GPU groups, one per ordinal, shared by the groups on it.

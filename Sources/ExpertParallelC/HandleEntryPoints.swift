@@ -1,7 +1,8 @@
 import CExpertParallel
 import ExpertParallel
 
-// The per-rank calls (host group): what one rank calls, from a thread of its own.
+// The per-rank calls: what one rank calls (host group: from a thread of its own; NCCL-rank
+// group: this process's rank).
 
 @_cdecl("epHandleCreate")
 public func cHandleCreate(_ group: epGroup_t?, _ rank: Int32, _ handle: UnsafeMutablePointer<epHandle_t?>?) -> epResult_t {
@@ -9,11 +10,8 @@ public func cHandleCreate(_ group: epGroup_t?, _ rank: Int32, _ handle: UnsafeMu
         let result = try required(handle, "handle")
         let object = try groupRegistry.object(group, "group")
         let rank = try object.checkRank(rank)
-        guard let host = object.host else {
-            throw UnsupportedCall(message: "a virtual GPU group runs all its ranks in one launch and has no per-rank calls; use epGroupUpdateAll, epGroupDispatchAll and epGroupCombineAll")
-        }
-        let hostRank = host.group[rank]
-        result.pointee = handleRegistry.add(HandleObject(group: object, rank: hostRank, handle: try hostRank.makeHandle()))
+        let calls = try object.withBackend { try $0.rankCalls(rank: rank) }
+        result.pointee = handleRegistry.add(HandleObject(group: object, calls: calls))
     }
 }
 
@@ -31,9 +29,9 @@ public func cHandleUpdate(
 ) -> epResult_t {
     entryPoint("epHandleUpdate") {
         let object = try handleRegistry.object(handle, "handle")
-        _ = try CallSettings(config)
+        let settings = try CallSettings(config)
         let inputs = try epUpdateInputs_t.read(inputs, "inputs")
-        try object.rank.update(object.handle, topkIdx: try TensorDescriptor.tensor(inputs.topkIdx, "inputs.topkIdx"))
+        try object.group.withRank(object.calls) { try $0.update(inputs, settings, stream) }
     }
 }
 
@@ -47,11 +45,7 @@ public func cDispatch(
         let settings = try CallSettings(config)
         let inputs = try epDispatchInputs_t.read(inputs, "inputs")
         let outputs = try epDispatchOutputs_t.read(outputs, "outputs")
-        let destination = try LayoutInfoDestination(outputs.layoutInfo, "outputs.layoutInfo")
-        let info = try object.rank.dispatch(
-            object.handle, try DispatchInput(inputs, "inputs"), into: try DispatchOutput(outputs, "outputs"),
-            direction: settings.direction)
-        destination?.fill(info)
+        try object.group.withRank(object.calls) { try $0.dispatch(inputs, outputs, settings, stream) }
     }
 }
 
@@ -65,8 +59,6 @@ public func cCombine(
         let settings = try CallSettings(config)
         let inputs = try epCombineInputs_t.read(inputs, "inputs")
         let outputs = try epCombineOutputs_t.read(outputs, "outputs")
-        try object.rank.combine(
-            object.handle, try CombineInput(inputs, "inputs"), into: try CombineOutput(outputs, "outputs"),
-            direction: settings.direction)
+        try object.group.withRank(object.calls) { try $0.combine(inputs, outputs, settings, stream) }
     }
 }

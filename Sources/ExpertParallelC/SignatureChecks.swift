@@ -24,4 +24,6 @@ private func checkSignatures() {
     sameType(epHandleUpdate, cHandleUpdate)
     sameType(epDispatch, cDispatch)
     sameType(epCombine, cCombine)
+    sameType(epGetNCCLUniqueId, cGetNCCLUniqueId)
+    sameType(epGroupCreateNCCL, cGroupCreateNCCL)
 }

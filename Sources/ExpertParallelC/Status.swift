@@ -46,6 +46,12 @@ struct UnsupportedCall: StatusError {
     var status: epResult_t { epInvalidUsage }
 }
 
+/// A failed NCCL call, or NCCL that could not be loaded.
+struct NCCLFailure: StatusError {
+    var message: String
+    var status: epResult_t { epNcclError }
+}
+
 /// A broken invariant of the C layer: reported as `epInternalError`, never a trap.
 struct InternalError: StatusError {
     var message: String
@@ -112,7 +118,7 @@ private let statusStrings = StaticCStrings([
     "epPeerFailed: another rank rejected its call, so this rank did nothing",
     "epInactiveRank: the rank is masked inactive; clean it first",
     "epCudaError: a CUDA driver or NVRTC call failed",
-    "epNcclError: an NCCL call failed",
+    "epNcclError: an NCCL call failed, or NCCL could not be loaded",
     "epInternalError: a failure inside the library",
     "unknown epResult_t value",
 ])

@@ -3,7 +3,7 @@ import ExpertParallel
 extension GroupConfig {
     /// The bounds of the GPU backend on top of `validated()`: ranks fit the kernels' 32-bit
     /// destination masks and lanes, and the update kernel's static shared memory fits 48 KB.
-    func validatedForGPU() throws(EPError) -> Self {
+    package func validatedForGPU() throws(EPError) -> Self {
         let config = try validated()
         guard ranks <= 32 else {
             throw .invalidConfig(field: "ranks", value: "\(ranks)", requirement: "must be ≤ 32 on the GPU backend")

@@ -1,13 +1,16 @@
 /*
  * A C program against include/expert_parallel.h: one CPU step through the collective calls, the
- * same step through per-rank handles on two threads, and error paths. Built and run by
+ * same step through per-rank handles on two threads, error paths, and NCCL-rank groups (argument
+ * errors; without NCCL or CUDA a clean error; with both, a group of one rank). Built and run by
  * python/tests/test_c_abi.py (cc ... -lexpert_parallel). `abi_smoke sizes` prints sizeof of
  * every struct, which the Python package's ctypes mirrors are checked against.
  */
+#define _POSIX_C_SOURCE 200112L /* setenv */
 #include "expert_parallel.h"
 
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 static int failures = 0;
@@ -261,6 +264,70 @@ static void configErrors(void) {
     CHECK(strcmp(epGetLastErrorMessage(), "") == 0, "a successful call clears the message");
 }
 
+/* NCCL-rank groups (ABI version 2). A group of one rank needs no other process, so where NCCL and
+ * a GPU are present it is made for real; elsewhere creating it fails naming what is missing. */
+static void ncclGroup(void) {
+    setenv("NCCL_NVLS_ENABLE", "0", 0); /* never NVLink multicast (a caller's setting wins) */
+    epGroupConfig_t config = smallConfig();
+    config.ranks = 1;
+    epNCCLRankConfig_t rank;
+    memset(&rank, 0, sizeof rank);
+    rank.structSize = sizeof rank;
+    epGroup_t group = NULL;
+
+    CHECK_FAILS(epGroupCreateNCCL(&config, NULL, &group), epInvalidArgument, "ncclRank = NULL");
+    CHECK_FAILS(epGroupCreateNCCL(&config, &rank, NULL), epInvalidArgument, "group = NULL");
+    rank.rank = 1;
+    CHECK_FAILS(epGroupCreateNCCL(&config, &rank, &group), epInvalidArgument, "ncclRank.rank = 1; must be in 0..<1 (config.ranks)");
+    rank.rank = 0;
+    rank.device = -1;
+    CHECK_FAILS(epGroupCreateNCCL(&config, &rank, &group), epInvalidArgument, "ncclRank.device = -1");
+    rank.device = 0;
+    rank.initTimeoutSeconds = -2.0;
+    CHECK_FAILS(epGroupCreateNCCL(&config, &rank, &group), epInvalidArgument, "ncclRank.initTimeoutSeconds = -2.0");
+    rank.initTimeoutSeconds = 0;
+    rank.structSize = 8;
+    CHECK_FAILS(epGroupCreateNCCL(&config, &rank, &group), epInvalidArgument, "ncclRank.structSize = 8");
+    rank.structSize = sizeof rank;
+    config.experts = 3;
+    config.ranks = 2;
+    CHECK_FAILS(epGroupCreateNCCL(&config, &rank, &group), epInvalidArgument, "experts = 3");
+    config = smallConfig();
+    config.ranks = 1;
+    epBackendConfig_t backend = {sizeof backend, epBackendNCCLRank, 0, 0};
+    CHECK_FAILS(epGroupCreate(&config, &backend, &group), epInvalidUsage, "epGroupCreateNCCL");
+    CHECK_FAILS(epGetNCCLUniqueId(NULL), epInvalidArgument, "id = NULL");
+    CHECK(group == NULL, "no group after failures");
+
+    epResult_t r = epGetNCCLUniqueId(&rank.uniqueId);
+    CHECK(r == epSuccess || (r == epNcclError && strstr(epGetLastErrorMessage(), "libnccl.so.2 is not available") != NULL),
+          "epGetNCCLUniqueId: %s (%s)", epGetErrorString(r), epGetLastErrorMessage());
+    r = epGroupCreateNCCL(&config, &rank, &group);
+    if (r != epSuccess) {
+        const char* m = epGetLastErrorMessage();
+        CHECK((r == epNcclError && strstr(m, "libnccl.so.2 is not available") != NULL) ||
+                  (r == epCudaError && strstr(m, "libcuda") != NULL),
+              "NCCL group without NCCL or CUDA: %s (%s)", epGetErrorString(r), m);
+        return;
+    }
+    epGroupInfo_t info;
+    memset(&info, 0, sizeof info);
+    info.structSize = sizeof info;
+    CHECK_OK(epGroupGetInfo(group, &info));
+    CHECK(info.backend == epBackendNCCLRank && info.ranks == 1, "NCCL group info: backend %d, ranks %d", (int)info.backend, info.ranks);
+    static RankBuffers b;
+    setUp(&b, 0);
+    epUpdateInputs_t update = {sizeof update, &b.tidx};
+    CHECK_FAILS(epGroupUpdateAll(group, &update, NULL, NULL), epInvalidUsage, "epHandleCreate(group, 0, ...)");
+    CHECK_FAILS(epGroupCleanRanks(group, 1), epInvalidUsage, "epGroupCleanRanks");
+    epHandle_t handle = NULL;
+    CHECK_OK(epHandleCreate(group, 0, &handle));
+    /* Host tensors on a GPU group are refused, naming the argument. */
+    CHECK_FAILS(epHandleUpdate(handle, &update, NULL, NULL), epInvalidArgument, "topkIdx.location");
+    CHECK_OK(epHandleDestroy(handle));
+    CHECK_OK(epGroupDestroy(group));
+}
+
 static void printSizes(void) {
 #define SIZE(type) printf("%s %zu\n", #type, sizeof(type))
     SIZE(epTensor_t);
@@ -276,6 +343,8 @@ static void printSizes(void) {
     SIZE(epCombineInputs_t);
     SIZE(epCombineOutputs_t);
     SIZE(epCombineConfig_t);
+    SIZE(epNCCLUniqueId_t);
+    SIZE(epNCCLRankConfig_t);
 #undef SIZE
 }
 
@@ -287,6 +356,7 @@ int main(int argc, char** argv) {
     collectiveStep();
     perRankStep();
     configErrors();
+    ncclGroup();
     printf("abi_smoke: %d checks, %d failed\n", checks, failures);
     return failures == 0 ? 0 : 1;
 }

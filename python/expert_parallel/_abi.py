@@ -1,4 +1,4 @@
-"""ctypes mirrors of include/expert_parallel.h (ABI version 1).
+"""ctypes mirrors of include/expert_parallel.h (ABI version 2).
 
 Every struct starts with ``structSize``; :func:`new` fills it. The sizes are checked against
 the C compiler's in tests/test_c_abi.py.
@@ -7,8 +7,9 @@ the C compiler's in tests/test_c_abi.py.
 import ctypes
 from ctypes import POINTER, c_char_p, c_double, c_int32, c_int64, c_size_t, c_uint64, c_void_p
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 MAX_DIMS = 4
+NCCL_UNIQUE_ID_BYTES = 128
 
 # epResult_t
 SUCCESS = 0
@@ -37,7 +38,7 @@ OVERFLOW_POLICIES = {"fail": 0, "drop": 1}
 # epPassDirection_t
 DIRECTIONS = {"forward": 0, "backward": 1}
 # epBackend_t
-BACKEND_HOST, BACKEND_VIRTUAL_GPU = 0, 1
+BACKEND_HOST, BACKEND_VIRTUAL_GPU, BACKEND_NCCL_RANK = 0, 1, 2
 # epLaunchMode_t
 LAUNCH_MODES = {"single": 0, "per_rank": 1}
 
@@ -170,6 +171,23 @@ class CombineConfig(Struct):
     _fields_ = [("structSize", c_size_t), ("direction", c_enum), ("launchMode", c_enum)]
 
 
+class NCCLUniqueId(ctypes.Structure):
+    """ncclUniqueId's bytes (no structSize: its size never changes)."""
+
+    _fields_ = [("bytes", ctypes.c_uint8 * NCCL_UNIQUE_ID_BYTES)]
+
+
+class NCCLRankConfig(Struct):
+    _fields_ = [
+        ("structSize", c_size_t),
+        ("rank", c_int32),
+        ("device", c_int32),
+        ("multiprocessors", c_int32),
+        ("uniqueId", NCCLUniqueId),
+        ("initTimeoutSeconds", c_double),
+    ]
+
+
 # The header's structs, by C name (for the size check against the C compiler).
 STRUCTS = {
     "epTensor_t": Tensor,
@@ -185,6 +203,8 @@ STRUCTS = {
     "epCombineInputs_t": CombineInputs,
     "epCombineOutputs_t": CombineOutputs,
     "epCombineConfig_t": CombineConfig,
+    "epNCCLUniqueId_t": NCCLUniqueId,
+    "epNCCLRankConfig_t": NCCLRankConfig,
 }
 
 _group = c_void_p
@@ -209,6 +229,8 @@ PROTOTYPES = {
     "epHandleUpdate": [c_void_p, POINTER(UpdateInputs), POINTER(UpdateConfig), _stream],
     "epDispatch": [c_void_p, POINTER(DispatchInputs), POINTER(DispatchOutputs), POINTER(DispatchConfig), _stream],
     "epCombine": [c_void_p, POINTER(CombineInputs), POINTER(CombineOutputs), POINTER(CombineConfig), _stream],
+    "epGetNCCLUniqueId": [POINTER(NCCLUniqueId)],
+    "epGroupCreateNCCL": [POINTER(GroupConfig), POINTER(NCCLRankConfig), POINTER(c_void_p)],
 }
 
 

@@ -69,6 +69,13 @@ class CudaError(ExpertParallelError, RuntimeError):
     status_name = "epCudaError"
 
 
+class NcclError(ExpertParallelError, RuntimeError):
+    """An NCCL call failed, or NCCL (libnccl.so.2) could not be loaded."""
+
+    status = _abi.NCCL_ERROR
+    status_name = "epNcclError"
+
+
 class LibraryNotFoundError(ExpertParallelError, ImportError):
     """libexpert_parallel.so was not found (see expert_parallel.library_path)."""
 
@@ -81,6 +88,7 @@ _CLASSES = {
     _abi.PEER_FAILED: PeerFailedError,
     _abi.INACTIVE_RANK: InactiveRankError,
     _abi.CUDA_ERROR: CudaError,
+    _abi.NCCL_ERROR: NcclError,
 }
 
 _STATUS_NAMES = {

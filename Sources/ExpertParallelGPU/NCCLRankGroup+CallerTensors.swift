@@ -1,0 +1,77 @@
+import ExpertParallel
+import ExpertParallelCUDA
+
+// Dispatch and combine with the caller's own tensors, as the C ABI and Python offer them: the
+// group's shared buffers (which the other ranks write and read) are copied out of and into on
+// the call's stream, so a caller never holds a buffer that a peer may change under it.
+
+extension NCCLRankGroup {
+    /// `dispatch`, then copies this rank's whole receive buffers into `output` (shaped and typed
+    /// like `dispatchOutput`: `receiveShape` rows, int32 local ids, float32 weights) and zeroes
+    /// them for the next step, all on `stream`; so rows outside the received zones read as zero.
+    ///
+    /// Zeroing is safe here: a peer writes into this rank's receive buffers again only in its
+    /// next dispatch, which follows its combine, which waits until this rank has read its rows in
+    /// its own combine, which this stream runs after the copy.
+    public func dispatch(_ input: DispatchInput, copyingInto output: DispatchOutput, stream: CUDAStream? = nil) throws(EPError) {
+        try TensorCheck.require(output.tokens, "output.tokens", dtypes: [config.elementType], shape: config.receiveShape, location: here)
+        if let routingShape = config.receiveRoutingShape {
+            try TensorCheck.require(output.topkIdx, "output.topkIdx", dtypes: [.i32], shape: routingShape, location: here)
+            try TensorCheck.require(output.topkWeights, "output.topkWeights", dtypes: [.f32], shape: routingShape, location: here)
+        }
+        try dispatch(input, stream: stream)
+        let stream = stream ?? self.stream
+        try copy(receivedTokens, to: output.tokens, stream: stream)
+        try clear(receivedTokens, stream: stream)
+        if let indices = receivedIndices, let weights = receivedWeights, let outIndices = output.topkIdx, let outWeights = output.topkWeights {
+            try copy(indices, to: outIndices, stream: stream)
+            try copy(weights, to: outWeights, stream: stream)
+            try clear(indices, stream: stream)
+            try clear(weights, stream: stream)
+        }
+    }
+
+    /// Copies the caller's `input.expertOutputs` (and, for HT expert-major forward, the per-slot
+    /// `topkWeights`; for HT backward, the `weightGradients`) into the group's shared buffers on
+    /// `stream`, then combines from them.
+    ///
+    /// The other ranks read those buffers only after this rank's combine announces them ready,
+    /// and the previous step's readers are done before this rank's previous combine returned.
+    public func combine(
+        copyingFrom input: CombineInput, into output: CombineOutput, direction: PassDirection = .forward, stream: CUDAStream? = nil
+    ) throws(EPError) {
+        try TensorCheck.require(input.expertOutputs, "input.expertOutputs", dtypes: [config.elementType], shape: config.receiveShape, location: here)
+        var shared = CombineInput(expertOutputs: expertOutputs, topkWeights: input.topkWeights, weightGradients: input.weightGradients)
+        var copies: [(from: TensorRef, to: TensorRef)] = [(input.expertOutputs, expertOutputs)]
+        if config.isExpertMajorHT, direction == .forward, let weights = receivedWeights {
+            try TensorCheck.require(input.topkWeights, "input.topkWeights (the per-slot weights dispatch delivered)", dtypes: [.f32], shape: weights.shape, location: here)
+            shared.topkWeights = weights
+            if let given = input.topkWeights { copies.append((given, weights)) }
+        }
+        if config.algorithm == .highThroughput, direction == .backward, let gradients = weightGradients {
+            try TensorCheck.require(input.weightGradients, "input.weightGradients", dtypes: [.f32], shape: gradients.shape, location: here)
+            shared.weightGradients = gradients
+            if let given = input.weightGradients { copies.append((given, gradients)) }
+        }
+        let stream = stream ?? self.stream
+        for (from, to) in copies where from.address != to.address { try copy(from, to: to, stream: stream) }
+        try combine(shared, into: output, direction: direction, stream: stream)
+    }
+
+    /// Where this rank's tensors live.
+    private var here: MemoryLocation { .device(device.ordinal) }
+
+    private func copy(_ source: TensorRef, to destination: TensorRef?, stream: CUDAStream) throws(EPError) {
+        guard let destination, source.byteCount > 0 else { return }
+        try device.makeCurrent()
+        try gpu { try device.driver.copy(from: pointer(source), to: pointer(destination), byteCount: source.byteCount, stream: stream) }
+    }
+
+    private func clear(_ buffer: TensorRef, stream: CUDAStream) throws(EPError) {
+        guard buffer.byteCount > 0 else { return }
+        try device.makeCurrent()
+        try gpu { try device.driver.fill(pointer(buffer), byte: 0, byteCount: buffer.byteCount, stream: stream) }
+    }
+
+    private func pointer(_ tensor: TensorRef) -> DevicePointer { DevicePointer(rawValue: address(tensor)) }
+}
