@@ -8,6 +8,12 @@ next to this package, or in the source checkout's .build/release/::
     group = ep.VirtualGroup(ranks=2, experts=4, hidden=8, top_k=2, max_tokens=2, dtype="f32")
     out = group.dispatch(xs, topk_idx, topk_weights)   # lists of per-rank arrays
     y = group.combine(expert_outputs, out.handle)
+
+One rank per process over NCCL (each process one GPU, torch.distributed initialised)::
+
+    group = ep.NCCLGroup.from_process_group(experts=256, hidden=7168, top_k=8, max_tokens=128)
+    out = group.dispatch(x, topk_idx, topk_weights)    # this rank's received tensors
+    y = group.combine(expert_outputs, out.handle)
 """
 
 from ._library import library_path
@@ -18,14 +24,18 @@ from .errors import (
     InvalidArgumentError,
     InvalidUsageError,
     LibraryNotFoundError,
+    NcclError,
     PeerFailedError,
     RankTimeoutError,
     ReceiveOverflowError,
 )
 from .group import DispatchResult, Handle, LayoutInfo, VirtualGroup
+from .nccl_group import NCCLGroup, nccl_unique_id
 
 __all__ = [
     "VirtualGroup",
+    "NCCLGroup",
+    "nccl_unique_id",
     "DispatchResult",
     "Handle",
     "LayoutInfo",
@@ -38,6 +48,7 @@ __all__ = [
     "PeerFailedError",
     "InactiveRankError",
     "CudaError",
+    "NcclError",
     "LibraryNotFoundError",
 ]
 

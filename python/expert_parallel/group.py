@@ -2,7 +2,11 @@
 
 import ctypes
 
-from . import _abi, _arrays
+from . import _abi, _arrays, _config
+from ._config import INT32 as _INT32
+from ._config import choice as _choice
+from ._config import integer as _int
+from ._group_base import GroupBase
 from ._library import call, load
 from .errors import InvalidArgumentError, InvalidUsageError
 
@@ -106,21 +110,6 @@ class DispatchResult:
         return iter((self.tokens, self.topk_idx, self.topk_weights, self.layout, self.handle))
 
 
-def _int(value, name, low, high):
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise InvalidArgumentError(f"{name}={value!r}; must be an integer")
-    value = value.__index__()
-    if not low <= value <= high:
-        raise InvalidArgumentError(f"{name}={value}; must be in [{low}, {high}]")
-    return value
-
-
-def _choice(value, name, choices):
-    if value not in choices:
-        raise InvalidArgumentError(f"{name}={value!r}; must be one of {', '.join(repr(c) for c in choices)}")
-    return choices[value]
-
-
 def _device_ordinal(device):
     text = str(device)
     if text == "cpu":
@@ -132,11 +121,7 @@ def _device_ordinal(device):
     raise InvalidArgumentError(f"device={device!r}; must be 'cpu', 'cuda' or 'cuda:N'")
 
 
-_INT32 = 2**31 - 1
-_INT64 = 2**63 - 1
-
-
-class VirtualGroup:
+class VirtualGroup(GroupBase):
     """R ranks in one process: on the CPU (``device="cpu"``, NumPy arrays or CPU torch tensors) or
     on one GPU (``device="cuda:N"``, CUDA torch tensors; HT there with ``overflow="fail"`` only so far).
 
@@ -153,23 +138,11 @@ class VirtualGroup:
                  multiprocessors=None):
         load()
         self._group = None
-        algorithm_value = _choice(algorithm, "algorithm", _abi.ALGORITHMS)
-        if layout is None:
-            layout = "expert_major" if algorithm == "ll" else "flat"
-        layout_value = _choice(layout, "layout", _abi.LAYOUTS)
         self._device = _device_ordinal(device)
-        self._element = _arrays.element_type(dtype)
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
-            raise InvalidArgumentError(f"timeout={timeout!r}; must be a number of seconds")
-        config = _abi.new(
-            _abi.GroupConfig,
-            algorithm=algorithm_value, layout=layout_value,
-            alignment=_int(alignment, "alignment", 0, _INT32),
-            ranks=_int(ranks, "ranks", 0, _INT32), experts=_int(experts, "experts", 0, _INT32),
-            topK=_int(top_k, "top_k", 0, _INT32), hidden=_int(hidden, "hidden", 0, _INT64),
-            elementType=self._element, maxTokensPerRank=_int(max_tokens, "max_tokens", 0, _INT64),
-            maxReceivedTokensPerRank=0 if max_recv_tokens is None else _int(max_recv_tokens, "max_recv_tokens", 1, _INT64),
-            overflow=_choice(overflow, "overflow", _abi.OVERFLOW_POLICIES), timeoutSeconds=float(timeout))
+        config, self._element = _config.group_config(
+            ranks=ranks, experts=experts, hidden=hidden, top_k=top_k, max_tokens=max_tokens, algorithm=algorithm,
+            layout=layout, alignment=alignment, dtype=dtype, max_recv_tokens=max_recv_tokens, overflow=overflow,
+            timeout=timeout)
         backend = _abi.new(
             _abi.BackendConfig,
             backend=_abi.BACKEND_HOST if self._device == -1 else _abi.BACKEND_VIRTUAL_GPU,
@@ -178,44 +151,9 @@ class VirtualGroup:
         group = ctypes.c_void_p()
         call("epGroupCreate", ctypes.byref(config), ctypes.byref(backend), ctypes.byref(group))
         self._group = group
-        info = _abi.new(_abi.GroupInfo)
-        call("epGroupGetInfo", self._group, ctypes.byref(info))
-        self.ranks = info.ranks
-        self.experts = info.experts
-        self.local_experts = info.localExperts
-        self.top_k = info.topK
-        self.hidden = info.hidden
-        self.max_tokens = info.maxTokensPerRank
-        self.algorithm = algorithm
-        self.layout = _abi.LAYOUT_NAMES[info.layout]
-        self.alignment = info.alignment
-        self.dtype = _abi.DTYPE_NAMES[self._element]
+        _config.describe(self, group, algorithm, self._element)
         self.device = _arrays.describe_device(self._device)
-        #: shape of each rank's dispatch ``tokens`` output and combine ``expert_outputs`` input
-        self.recv_shape = tuple(info.receiveShape[:info.receiveNdim])
-        #: shape of each rank's dispatch ``topk_idx``/``topk_weights`` outputs (None for LL expert-major)
-        self.recv_routing_shape = tuple(info.receiveRoutingShape[:info.receiveRoutingNdim]) or None
         self._step = 0
-
-    # -- lifetime ----------------------------------------------------------------------------
-
-    def close(self):
-        """Releases the group (also done when it is garbage-collected)."""
-        group, self._group = getattr(self, "_group", None), None
-        if group:
-            call("epGroupDestroy", group)
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self):
         return (f"VirtualGroup(ranks={self.ranks}, experts={self.experts}, hidden={self.hidden}, top_k={self.top_k}, "
@@ -356,23 +294,7 @@ class VirtualGroup:
         call("epGroupCombineAll", self._group, inputs, outputs, ctypes.byref(config), self._stream(like))
         return (combined, weight_grads) if backward_ht else combined
 
-    def check(self):
-        """Waits for the group's GPU work and raises the first error a rank recorded on the device
-        (invalid routing, a timeout). The CPU backend reports errors from the calls themselves."""
-        self._check_open()
-        call("epGroupCheckStatus", self._group)
-
-    synchronize = check
-
     # -- the active-rank mask ----------------------------------------------------------------
-
-    @property
-    def active_ranks(self):
-        """The ranks that take part in calls (a rank that timed out is masked)."""
-        self._check_open()
-        mask = ctypes.c_uint64()
-        call("epGroupGetActiveRanks", self._group, ctypes.byref(mask))
-        return [r for r in range(self.ranks) if mask.value >> r & 1]
 
     def deactivate(self, rank):
         """Masks `rank` inactive: it sends and receives nothing until cleaned."""
@@ -389,10 +311,6 @@ class VirtualGroup:
         call("epGroupCleanRanks", self._group, mask)
 
     # -- helpers -----------------------------------------------------------------------------
-
-    def _check_open(self):
-        if not self._group:
-            raise InvalidUsageError("the group is closed")
 
     def _per_rank(self, values, name):
         try:
@@ -413,10 +331,6 @@ class VirtualGroup:
         if self._device != -1 and first != "torch":
             raise InvalidArgumentError(f"{name}[0]: a NumPy array; a GPU group takes CUDA torch tensors")
         return values[0]
-
-    def _describe_output(self, value, ep_type, name):
-        shape = tuple(int(s) for s in value.shape)
-        return _arrays.tensor(value, name, dtypes={ep_type}, device=self._device, shape=shape)
 
     def _stream(self, like):
         if self._device == -1:

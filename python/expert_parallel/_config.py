@@ -1,0 +1,72 @@
+"""A group's configuration from keyword arguments (each checked and named), and the facts the
+library reports about a group once made (shapes of its buffers)."""
+
+import ctypes
+
+from . import _abi, _arrays
+from ._library import call
+from .errors import InvalidArgumentError
+
+INT32 = 2**31 - 1
+INT64 = 2**63 - 1
+
+
+def integer(value, name, low, high):
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise InvalidArgumentError(f"{name}={value!r}; must be an integer")
+    value = value.__index__()
+    if not low <= value <= high:
+        raise InvalidArgumentError(f"{name}={value}; must be in [{low}, {high}]")
+    return value
+
+
+def choice(value, name, choices):
+    if value not in choices:
+        raise InvalidArgumentError(f"{name}={value!r}; must be one of {', '.join(repr(c) for c in choices)}")
+    return choices[value]
+
+
+def seconds(value, name):
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise InvalidArgumentError(f"{name}={value!r}; must be a number of seconds")
+    return float(value)
+
+
+def group_config(*, ranks, experts, hidden, top_k, max_tokens, algorithm, layout, alignment, dtype, max_recv_tokens,
+                 overflow, timeout):
+    """The epGroupConfig_t of the settings and its element type; the library checks the bounds."""
+    algorithm_value = choice(algorithm, "algorithm", _abi.ALGORITHMS)
+    if layout is None:
+        layout = "expert_major" if algorithm == "ll" else "flat"
+    layout_value = choice(layout, "layout", _abi.LAYOUTS)
+    element = _arrays.element_type(dtype)
+    config = _abi.new(
+        _abi.GroupConfig,
+        algorithm=algorithm_value, layout=layout_value,
+        alignment=integer(alignment, "alignment", 0, INT32),
+        ranks=integer(ranks, "ranks", 0, INT32), experts=integer(experts, "experts", 0, INT32),
+        topK=integer(top_k, "top_k", 0, INT32), hidden=integer(hidden, "hidden", 0, INT64),
+        elementType=element, maxTokensPerRank=integer(max_tokens, "max_tokens", 0, INT64),
+        maxReceivedTokensPerRank=0 if max_recv_tokens is None else integer(max_recv_tokens, "max_recv_tokens", 1, INT64),
+        overflow=choice(overflow, "overflow", _abi.OVERFLOW_POLICIES), timeoutSeconds=seconds(timeout, "timeout"))
+    return config, element
+
+
+def describe(target, group, algorithm, element):
+    """Sets the group's facts as attributes of `target` (a group object) from epGroupGetInfo."""
+    info = _abi.new(_abi.GroupInfo)
+    call("epGroupGetInfo", group, ctypes.byref(info))
+    target.ranks = info.ranks
+    target.experts = info.experts
+    target.local_experts = info.localExperts
+    target.top_k = info.topK
+    target.hidden = info.hidden
+    target.max_tokens = info.maxTokensPerRank
+    target.algorithm = algorithm
+    target.layout = _abi.LAYOUT_NAMES[info.layout]
+    target.alignment = info.alignment
+    target.dtype = _abi.DTYPE_NAMES[element]
+    #: shape of the dispatch ``tokens`` output and the combine ``expert_outputs`` input (per rank)
+    target.recv_shape = tuple(info.receiveShape[:info.receiveNdim])
+    #: shape of the dispatch ``topk_idx``/``topk_weights`` outputs (None for LL expert-major)
+    target.recv_routing_shape = tuple(info.receiveRoutingShape[:info.receiveRoutingNdim]) or None

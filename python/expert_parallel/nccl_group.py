@@ -1,0 +1,284 @@
+"""NCCLGroup: this process's rank of a group whose ranks are processes, one GPU each, joined by
+NCCL (a multi-GPU job started by torchrun, mpirun or a launcher of your own)."""
+
+import ctypes
+
+from . import _abi, _arrays, _config, errors
+from ._group_base import GroupBase
+from ._library import call, load
+from .errors import ExpertParallelError, InvalidArgumentError, InvalidUsageError
+from .group import DispatchResult, Handle, _LayoutBuffers
+
+
+def nccl_unique_id():
+    """A fresh NCCL unique id (128 bytes): rank 0 makes one per group and gives it to every rank."""
+    load()
+    value = _abi.NCCLUniqueId()
+    call("epGetNCCLUniqueId", ctypes.byref(value))
+    return bytes(value.bytes)
+
+
+def _share_unique_id(dist, process_group, rank):
+    """Rank 0 of `process_group` makes the id and broadcasts it; when it cannot, it broadcasts its
+    error instead, so that every rank raises it rather than waiting for the others."""
+    message = [None]
+    if rank == 0:
+        try:
+            message[0] = ("id", nccl_unique_id())
+        except ExpertParallelError as error:
+            message[0] = ("error", type(error).__name__, str(error), error.status)
+    dist.broadcast_object_list(message, src=dist.get_global_rank(process_group, 0), group=process_group)
+    if message[0][0] == "error":
+        _, name, text, status = message[0]
+        cls = getattr(errors, name, ExpertParallelError)
+        raise cls(f"rank 0 could not make the NCCL unique id: {text}", status)
+    return message[0][1]
+
+
+def _cuda_ordinal(device):
+    """The CUDA ordinal of `device`: an int, "cuda", "cuda:N", a torch.device, or None (PyTorch's
+    current device)."""
+    if device is None:
+        try:
+            import torch
+        except ImportError:
+            raise InvalidArgumentError("device=None; finding the current CUDA device needs PyTorch: pass device=N")
+        return torch.cuda.current_device()
+    if isinstance(device, int) and not isinstance(device, bool):
+        return _config.integer(device, "device", 0, _config.INT32)
+    text = str(device)
+    if text == "cuda":
+        try:
+            import torch
+
+            return torch.cuda.current_device()
+        except ImportError:
+            return 0
+    if text.startswith("cuda:") and text[5:].isdigit():
+        return int(text[5:])
+    raise InvalidArgumentError(f"device={device!r}; must be a CUDA device: N, 'cuda' or 'cuda:N'")
+
+
+class NCCLGroup(GroupBase):
+    """This process's rank of a group of ``ranks`` processes, one GPU each, joined by an NCCL
+    communicator the library makes from ``unique_id`` (:func:`nccl_unique_id` on rank 0, handed to
+    every rank). Every rank creates its group at the same time, with the same settings; the call
+    returns once all have joined. :meth:`from_process_group` does it all from a torch.distributed
+    process group.
+
+    Tensors are CUDA torch tensors on ``device``; calls run on its current CUDA stream and return
+    without waiting. Settings as for :class:`VirtualGroup`, one rank's view: :meth:`dispatch` takes
+    this rank's ``x``, ``topk_idx`` and ``topk_weights`` and returns this rank's received tensors
+    (fresh tensors: the whole receive buffer, zero outside the received zones; int32 ``topk_idx``);
+    :meth:`combine` returns this rank's combined tokens. Every rank makes the same calls in the
+    same order. ``init_timeout``: seconds to wait for every rank to join.
+    """
+
+    def __init__(self, experts, hidden, top_k, max_tokens, *, rank, ranks, unique_id, device=None, algorithm="ll",
+                 layout=None, alignment=1, dtype="bf16", max_recv_tokens=None, overflow="fail", timeout=10.0,
+                 init_timeout=60.0, multiprocessors=None):
+        load()
+        self._group = self._handle = None
+        config, self._element = _config.group_config(
+            ranks=ranks, experts=experts, hidden=hidden, top_k=top_k, max_tokens=max_tokens, algorithm=algorithm,
+            layout=layout, alignment=alignment, dtype=dtype, max_recv_tokens=max_recv_tokens, overflow=overflow,
+            timeout=timeout)
+        rank = _config.integer(rank, "rank", 0, _config.INT32)
+        if not isinstance(unique_id, (bytes, bytearray)) or len(unique_id) != _abi.NCCL_UNIQUE_ID_BYTES:
+            described = f"{len(unique_id)} bytes" if isinstance(unique_id, (bytes, bytearray)) else f"a {type(unique_id).__name__}"
+            raise InvalidArgumentError(
+                f"unique_id: {described}; must be the {_abi.NCCL_UNIQUE_ID_BYTES} bytes of nccl_unique_id() from rank 0")
+        self._device = _cuda_ordinal(device)
+        settings = _abi.new(
+            _abi.NCCLRankConfig, rank=rank, device=self._device,
+            multiprocessors=0 if multiprocessors is None else _config.integer(multiprocessors, "multiprocessors", 1, _config.INT32),
+            initTimeoutSeconds=_config.seconds(init_timeout, "init_timeout"))
+        ctypes.memmove(settings.uniqueId.bytes, bytes(unique_id), _abi.NCCL_UNIQUE_ID_BYTES)
+        group = ctypes.c_void_p()
+        call("epGroupCreateNCCL", ctypes.byref(config), ctypes.byref(settings), ctypes.byref(group))
+        self._group = group
+        handle = ctypes.c_void_p()
+        call("epHandleCreate", group, rank, ctypes.byref(handle))
+        self._handle = handle
+        _config.describe(self, group, algorithm, self._element)
+        self.rank = rank
+        self.device = _arrays.describe_device(self._device)
+        self._step = 0
+        self._routing = None  # this step's (topk_idx, tokens)
+
+    @classmethod
+    def from_process_group(cls, process_group=None, *, experts, hidden, top_k, max_tokens, device=None, **settings):
+        """This process's rank of a group over the ranks of a torch.distributed process group
+        (None: the default group, WORLD): rank = its rank in the group, ranks = the group's size,
+        device = PyTorch's current CUDA device unless given. Rank 0 makes the NCCL unique id and
+        broadcasts it with ``torch.distributed.broadcast_object_list`` over the process group.
+        Collective: every rank of the process group calls it with the same settings."""
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise InvalidUsageError("torch.distributed is not initialised: call torch.distributed.init_process_group first")
+        process_group = process_group if process_group is not None else dist.group.WORLD
+        rank, ranks = dist.get_rank(process_group), dist.get_world_size(process_group)
+        unique_id = _share_unique_id(dist, process_group, rank)
+        return cls(experts, hidden, top_k, max_tokens, rank=rank, ranks=ranks, unique_id=unique_id, device=device,
+                   **settings)
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    def close(self):
+        """Releases the group and ends its NCCL communicator; every rank closes its group (the
+        communicator's end waits, bounded, for the others). Also done when garbage-collected."""
+        handle, self._handle = getattr(self, "_handle", None), None
+        if handle:
+            call("epHandleDestroy", handle)
+        super().close()
+
+    def __repr__(self):
+        return (f"NCCLGroup(rank={getattr(self, 'rank', None)}, ranks={getattr(self, 'ranks', None)}, "
+                f"experts={getattr(self, 'experts', None)}, hidden={getattr(self, 'hidden', None)}, "
+                f"algorithm={getattr(self, 'algorithm', None)!r}, layout={getattr(self, 'layout', None)!r}, "
+                f"dtype={getattr(self, 'dtype', None)!r}, device={getattr(self, 'device', None)!r})")
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def update(self, topk_idx):
+        """Starts a step with this rank's routing: ``[B, top_k]`` int32 or int64 global expert ids
+        (-1: none), ``B ≤ max_tokens``. Keep it unchanged until the step's combine. :meth:`dispatch`
+        calls it when given ``topk_idx``; call it yourself to start the step earlier."""
+        self._check_open()
+        self._update(topk_idx, *self._routing_descriptor(topk_idx))
+
+    def _routing_descriptor(self, topk_idx):
+        self._require_torch(topk_idx, "topk_idx")
+        tokens = int(topk_idx.shape[0]) if len(topk_idx.shape) == 2 else None
+        if tokens is not None and tokens > self.max_tokens:
+            raise InvalidArgumentError(f"topk_idx: {tokens} tokens; must be ≤ max_tokens ({self.max_tokens})")
+        descriptor = _arrays.tensor(topk_idx, "topk_idx", dtypes={_abi.I32, _abi.I64}, device=self._device,
+                                    shape=(None, self.top_k))
+        return descriptor, tokens
+
+    def _update(self, topk_idx, descriptor, tokens):
+        inputs = _abi.new(_abi.UpdateInputs, topkIdx=ctypes.pointer(descriptor))
+        call("epHandleUpdate", self._handle, ctypes.byref(inputs), None, self._stream())
+        self._step += 1  # earlier handles are void now
+        self._routing = (topk_idx, tokens)
+
+    def dispatch(self, x, topk_idx=None, topk_weights=None, *, direction="forward"):
+        """Sends this rank's ``x`` ``[B, hidden]`` to the ranks of its tokens' top-k experts and
+        returns what this rank received: a :class:`DispatchResult` whose ``tokens`` (``recv_shape``),
+        ``topk_idx`` / ``topk_weights`` (``recv_routing_shape``; None for LL expert-major) are this
+        rank's tensors, ``layout`` its :class:`LayoutInfo` (read on first use, which waits for the
+        stream), ``handle`` what :meth:`combine` needs. ``topk_idx``: as for :meth:`update` (None:
+        the routing of the last update); ``topk_weights``: ``[B, top_k]`` float32, required except
+        for LL expert-major, whose combine needs them instead."""
+        self._check_open()
+        direction_value = _config.choice(direction, "direction", _abi.DIRECTIONS)
+        if topk_idx is not None:
+            routing, (idx_desc, b) = topk_idx, self._routing_descriptor(topk_idx)
+        elif self._routing is None:
+            raise InvalidUsageError("dispatch: no routing for this step; pass topk_idx or call update first")
+        else:
+            routing, b = self._routing
+        if topk_weights is None and self.recv_routing_shape is not None:
+            raise InvalidArgumentError(f"topk_weights: None; layout {self.layout!r} sends the weights with the tokens")
+        self._require_torch(x, "x")
+        h, k = self.hidden, self.top_k
+        x_desc = _arrays.tensor(x, "x", dtypes={self._element}, device=self._device, shape=(b, h))
+        w_desc = None if topk_weights is None else _arrays.tensor(
+            topk_weights, "topk_weights", dtypes={_abi.F32}, device=self._device, shape=(b, k))
+
+        # The library overwrites the whole receive buffers: no zero-fill needed.
+        received = self._empty(x, self.recv_shape, x.dtype)
+        received_idx = received_w = None
+        if self.recv_routing_shape is not None:
+            import torch
+
+            received_idx = self._empty(x, self.recv_routing_shape, torch.int32)
+            received_w = self._empty(x, self.recv_routing_shape, torch.float32)
+        recv_desc = self._describe_output(received, self._element, "received")
+        ridx_desc = None if received_idx is None else self._describe_output(received_idx, _abi.I32, "received_idx")
+        rw_desc = None if received_w is None else self._describe_output(received_w, _abi.F32, "received_weights")
+        inputs = _abi.new(_abi.DispatchInputs, tokens=ctypes.pointer(x_desc), topkWeights=_arrays.pointer(w_desc))
+        outputs = _abi.new(_abi.DispatchOutputs, tokens=ctypes.pointer(recv_desc), topkIdx=_arrays.pointer(ridx_desc),
+                           topkWeights=_arrays.pointer(rw_desc), layoutInfo=None)
+        config = _abi.new(_abi.DispatchConfig, direction=direction_value, launchMode=0)
+        if topk_idx is not None:  # every argument is checked: the step starts
+            self._update(topk_idx, idx_desc, b)
+        call("epDispatch", self._handle, ctypes.byref(inputs), ctypes.byref(outputs), ctypes.byref(config), self._stream())
+        handle = Handle(self, self._step, b, routing, topk_weights, received_w)
+        return DispatchResult(received, received_idx, received_w, handle)
+
+    def combine(self, expert_outputs, handle, *, direction="forward", weight_gradients=None):
+        """Brings this rank's tokens' expert outputs back from every rank and reduces them in the
+        fixed order (the same bits as every backend). ``expert_outputs``: this rank's experts'
+        results, shaped like ``dispatch(...).tokens``; ``handle``: the last dispatch's. Returns the
+        ``[B, hidden]`` combined tokens; HT's backward pass takes ``weight_gradients`` (shaped like
+        ``dispatch(...).topk_weights``) and returns ``(tokens, topk_weight_gradients)``."""
+        self._check_open()
+        if not isinstance(handle, Handle) or handle.group is not self:
+            raise InvalidArgumentError("handle: must be the handle of a dispatch of this group")
+        if handle.step != self._step:
+            raise InvalidUsageError(
+                f"handle: from step {handle.step}, but the group has started step {self._step} since; "
+                "combine each step before the next update")
+        direction_value = _config.choice(direction, "direction", _abi.DIRECTIONS)
+        backward_ht = direction == "backward" and self.algorithm == "ht"
+        if weight_gradients is not None and not backward_ht:
+            raise InvalidArgumentError("weight_gradients: only the backward pass of HT takes weight gradients")
+        if backward_ht and weight_gradients is None:
+            raise InvalidArgumentError("weight_gradients: None; the backward pass of HT needs them")
+        self._require_torch(expert_outputs, "expert_outputs")
+        y = _arrays.tensor(expert_outputs, "expert_outputs", dtypes={self._element}, device=self._device,
+                           shape=self.recv_shape)
+        weights, shape = None, None
+        if direction == "forward" and self.layout == "expert_major":
+            if handle.topk_weights is None:
+                raise InvalidArgumentError(
+                    "topk_weights: not given to dispatch; the forward combine of LL expert-major applies them")
+            weights, shape = handle.topk_weights, (handle.tokens, self.top_k)
+        elif direction == "forward" and self.layout == "expert_major_padded":
+            weights, shape = handle.received_weights, self.recv_routing_shape
+        w = None if weights is None else _arrays.tensor(weights, "topk_weights", dtypes={_abi.F32}, device=self._device,
+                                                        shape=shape)
+        g = None
+        if backward_ht:
+            self._require_torch(weight_gradients, "weight_gradients")
+            g = _arrays.tensor(weight_gradients, "weight_gradients", dtypes={_abi.F32}, device=self._device,
+                               shape=self.recv_routing_shape)
+        import torch
+
+        combined = torch.zeros((handle.tokens, self.hidden), dtype=expert_outputs.dtype, device=expert_outputs.device)
+        weight_grads = None
+        if backward_ht:
+            weight_grads = torch.zeros((handle.tokens, self.top_k), dtype=torch.float32, device=expert_outputs.device)
+        out = self._describe_output(combined, self._element, "combined")
+        out_g = None if weight_grads is None else self._describe_output(weight_grads, _abi.F32, "weight_grads")
+        inputs = _abi.new(_abi.CombineInputs, expertOutputs=ctypes.pointer(y), topkWeights=_arrays.pointer(w),
+                          weightGradients=_arrays.pointer(g))
+        outputs = _abi.new(_abi.CombineOutputs, tokens=ctypes.pointer(out), topkWeightGradients=_arrays.pointer(out_g))
+        config = _abi.new(_abi.CombineConfig, direction=direction_value, launchMode=0)
+        call("epCombine", self._handle, ctypes.byref(inputs), ctypes.byref(outputs), ctypes.byref(config), self._stream())
+        return (combined, weight_grads) if backward_ht else combined
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _require_torch(self, value, name):
+        if not _arrays.is_torch(value):
+            raise InvalidArgumentError(f"{name}: a {type(value).__name__}; an NCCL group takes CUDA torch tensors")
+
+    def _empty(self, like, shape, dtype):
+        import torch
+
+        return torch.empty(shape, dtype=dtype, device=like.device)
+
+    def _stream(self):
+        import torch
+
+        return ctypes.c_void_p(torch.cuda.current_stream(self._device).cuda_stream or None)
+
+    def _layout_of_step(self, step):
+        if step != self._step:
+            raise InvalidUsageError(f"layout info of step {step} is gone: the group has started step {self._step} since")
+        buffers = _LayoutBuffers(self.local_experts, self.ranks)
+        call("epGroupGetLayoutInfo", self._group, self.rank, ctypes.byref(buffers.struct))
+        return buffers.value()
