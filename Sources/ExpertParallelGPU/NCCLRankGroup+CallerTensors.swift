@@ -56,6 +56,10 @@ extension NCCLRankGroup {
         let stream = stream ?? self.stream
         for (from, to) in copies where from.address != to.address { try copy(from, to: to, stream: stream) }
         try combine(shared, into: output, direction: direction, stream: stream)
+        // The per-slot weights share the buffer that the next dispatch delivers weights into, and
+        // whose slots it does not write read back as zero: clear what was copied in. The combine
+        // returns only once every peer has read this rank's buffers (its done handshake).
+        if let weights = shared.topkWeights, weights.address == receivedWeights?.address { try clear(weights, stream: stream) }
     }
 
     /// Where this rank's tensors live.

@@ -552,6 +552,10 @@ ep_ht_dispatch(const EpArgs args) {
 // rounded to the element type as if the destination had sent it, then summed into float32;
 // one rounding at the end. The backward pass also returns the weight gradients.
 
+#ifndef EP_SOLO_VECS
+#define EP_SOLO_VECS 4   // combine of a token with a single row: vectors per lane loaded before use
+#endif
+
 EP_DEVICE float ep_round_trip(float value) {
 #if EP_ELEM == 0
     return ep_bf16_to_float(ep_float_to_bf16(value));
@@ -658,6 +662,29 @@ ep_ht_combine(const EpArgs args) {
         }
 
         ep_u8* row_out = out + static_cast<ep_u64>(t) * EP_ROW_BYTES;
+        if (count == 1) {
+            // One row (every token at R = 1, flat): EP_SOLO_VECS vectors per lane in flight instead
+            // of one; the same arithmetic as the general loop below with a single term.
+            const ep_u8* src = reinterpret_cast<const ep_u8*>(table.address[warp][0]);
+            const float w = table.weight[warp][0];
+            for (int v0 = first + lane; v0 < last; v0 += 32 * EP_SOLO_VECS) {
+                ep_vec rows[EP_SOLO_VECS];
+#pragma unroll
+                for (int u = 0; u < EP_SOLO_VECS; ++u) {
+                    if (v0 + 32 * u < last) rows[u] = ep_load_vec_peer(src + static_cast<ep_u64>(v0 + 32 * u) * EP_VEC_BYTES);
+                }
+#pragma unroll
+                for (int u = 0; u < EP_SOLO_VECS; ++u) {
+                    if (v0 + 32 * u >= last) break;
+                    float acc[EP_ELEMS_PER_VEC];
+#pragma unroll
+                    for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) acc[i] = ep_fma(1.0f, ep_round_trip(ep_fma(w, ep_element(rows[u], i), 0.0f)), 0.0f);
+                    ep_store_vec(row_out + static_cast<ep_u64>(v0 + 32 * u) * EP_VEC_BYTES, ep_pack(acc));
+                }
+            }
+            __syncwarp();
+            continue;
+        }
         for (int v = first + lane; v < last; v += 32) {
             float acc[EP_ELEMS_PER_VEC], partial[EP_ELEMS_PER_VEC];
 #pragma unroll

@@ -310,7 +310,35 @@ ep_ll_combine(const EpArgs args) {
 #if EP_ELEM != 3
     const int rank = static_cast<int>(blockIdx.y + args.first_rank);
     ep_u32* ws = ep_ws(args, rank);
-    // Three independent loads issued together, before the first branch uses any of them.
+    const int tokens = static_cast<int>(args.rank[rank].tokens);
+    const int lane = threadIdx.x % 32;
+    const int warps = blockDim.x / 32;
+    const int warp = threadIdx.x / 32;
+    const int slices = static_cast<int>(args.slices);
+    const int items = tokens * slices;
+    const int stride = gridDim.x * warps;
+    // This lane's routing of one item: its row and (expert-major) expert and weight. Loaded
+    // together (no load waits for another), and for the first item together with the mask and
+    // step words below, so a warp's first data load waits for one round trip, not five. Before
+    // the step check the values may be stale; they are used only after it.
+    struct Routing { int row; int expert; float weight; };
+    auto fetch = [&](int item) -> Routing {
+        Routing r = {-1, -1, 1.0f};
+        if (item >= items) return r;
+        const int t = item / slices;
+#if EP_RANK_MAJOR
+        if (lane < EP_R) r.row = static_cast<int>(ws[WS_PAIR_ROW + t * EP_R + lane]);
+#else
+        if (lane < EP_K) {
+            r.row = static_cast<int>(ws[WS_SEL_ROW + t * EP_K + lane]);
+            r.expert = static_cast<int>(ep_read_index(args, rank, t * EP_K + lane));
+            if (args.weighted) r.weight = reinterpret_cast<const float*>(args.rank[rank].topk_weights)[t * EP_K + lane];
+        }
+#endif
+        return r;
+    };
+    int item = blockIdx.x * warps + warp;
+    Routing next = fetch(item);
     const ep_u64 mask = ep_load_mask(args);
     const ep_u32 step_ok = ws[WS_STEP_OK];
     const ep_u32 seq = ws[WS_SEQ];
@@ -324,42 +352,33 @@ ep_ll_combine(const EpArgs args) {
         }
         __syncthreads();
     }
-    const ep_u64 live = ep_load_mask(args);
-    const int tokens = static_cast<int>(args.rank[rank].tokens);
-    const int lane = threadIdx.x % 32;
-    const int warps = blockDim.x / 32;
+    // Only a wait can have masked a peer since the mask was read.
+    const ep_u64 live = (args.sync & EP_SYNC_WAIT) ? ep_load_mask(args) : mask;
     ep_u8* out = reinterpret_cast<ep_u8*>(args.rank[rank].out);
-    const int warp = threadIdx.x / 32;
     __shared__ EpWarpRows table;
-    const int slices = static_cast<int>(args.slices);
     const int per_slice = (EP_ROW_VECS + slices - 1) / slices;
 
-    for (int item = blockIdx.x * warps + threadIdx.x / 32; item < tokens * slices; item += gridDim.x * warps) {
+    for (; item < items; item += stride) {
+        const Routing mine = next;
         const int t = item / slices, piece = item % slices;
         const int first = piece * per_slice, last = min(EP_ROW_VECS, first + per_slice);
 #if EP_RANK_MAJOR
         const ep_u8* source = nullptr;
-        if (lane < EP_R && ep_active(live, lane)) {
-            const int row = static_cast<int>(ws[WS_PAIR_ROW + t * EP_R + lane]);
-            if (row >= 0) source = reinterpret_cast<const ep_u8*>(args.rank[lane].recv) + static_cast<ep_u64>(row) * EP_ROW_BYTES;
+        if (lane < EP_R && ep_active(live, lane) && mine.row >= 0) {
+            source = reinterpret_cast<const ep_u8*>(args.rank[lane].recv) + static_cast<ep_u64>(mine.row) * EP_ROW_BYTES;
         }
         const float weight = 1.0f;
         const int fanout = EP_R;
 #else
         const ep_u8* source = nullptr;
         float weight = 0.0f;
-        if (lane < EP_K) {
-            const int row = static_cast<int>(ws[WS_SEL_ROW + t * EP_K + lane]);
-            if (row >= 0) {
-                const int e = static_cast<int>(ep_read_index(args, rank, t * EP_K + lane));
-                if (ep_active(live, e / EP_L)) {
-                    source = reinterpret_cast<const ep_u8*>(args.rank[e / EP_L].recv) + static_cast<ep_u64>(row) * EP_ROW_BYTES;
-                    weight = args.weighted ? reinterpret_cast<const float*>(args.rank[rank].topk_weights)[t * EP_K + lane] : 1.0f;
-                }
-            }
+        if (lane < EP_K && mine.row >= 0 && ep_active(live, mine.expert / EP_L)) {
+            source = reinterpret_cast<const ep_u8*>(args.rank[mine.expert / EP_L].recv) + static_cast<ep_u64>(mine.row) * EP_ROW_BYTES;
+            weight = mine.weight;
         }
         const int fanout = EP_K;
 #endif
+        next = fetch(item + stride);   // in flight while this item's rows stream
         table.address[warp][lane] = reinterpret_cast<ep_u64>(source);
         table.weight[warp][lane] = weight;
         __syncwarp();
