@@ -386,7 +386,10 @@ ep_ll_combine(const EpArgs args) {
         // then the fused multiply-adds in ascending order. (Measured on an H100: two vectors per
         // lane, as 1 KB runs per warp, or as two 512 B runs, were both slower.)
         ep_u8* row_out = out + static_cast<ep_u64>(t) * EP_ROW_BYTES;
-        for (int v = first + lane; v < last; v += 32) {
+        // Last vectors first: dispatch wrote each piece front to back, so its ends are the lines
+        // most likely still in L2 when combine starts.
+        for (int k = lane; k < last - first; k += 32) {
+            const int v = last - 1 - k;
             float acc[EP_ELEMS_PER_VEC];
 #pragma unroll
             for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) acc[i] = 0.0f;
