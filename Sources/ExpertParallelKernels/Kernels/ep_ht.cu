@@ -250,28 +250,8 @@ ep_ht_update(const EpArgs args) {
         }
     }
 
-    // Wait for every active rank's counts (bounded).
-    __shared__ int any_bad;
-    if (threadIdx.x == 0) any_bad = bad ? -2 : -1;
-    __syncthreads();
-    if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
-        const ep_u32* flag = ws + WS_COUNT_FLAG + threadIdx.x;
-        if (!ep_wait_flag_sys(flag, seq * 4, args.timeout_ns)) {
-            ep_timeout(args, ws, threadIdx.x);
-            atomicMax(&any_bad, static_cast<int>(threadIdx.x));
-        } else if (ep_load_acquire_sys(flag) & 1u) {
-            atomicMax(&any_bad, static_cast<int>(threadIdx.x));
-        }
-    }
-    __syncthreads();
-    if (any_bad != -1) {
-        if (threadIdx.x == 0) {
-            ws[WS_STEP_OK] = 0;
-            if (any_bad >= 0) ep_set_status(ws, EP_STATUS_PEER_FAILED, any_bad, 0, 0);
-            ws[WS_SEQ] = seq;
-        }
-        return;
-    }
+    // Wait for every active rank's counts (bounded); a late or bad rank voids the step.
+    if (!ep_counts_arrived(args, ws, mask, seq * 4, bad, seq)) return;
 
     // Every rank computes every destination's zones and checks its capacity, so all agree.
     const ep_u32* full = ws + WS_COUNTS + parity * EP_R * (EP_E + EP_R);

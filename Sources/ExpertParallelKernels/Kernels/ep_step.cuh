@@ -157,6 +157,33 @@ struct EpWarpRows {
 // is done with it (flag = the step's sequence number). With `wait`, block 0 waits until every
 // active peer has said so for this rank: the call then ends only when its data is complete.
 // Waiting is only asked where all the waiting blocks' peers are resident or already finished.
+// The update's all-gather of counts: waits (bounded) until every active rank's WS_COUNT_FLAG
+// here reaches `expected`, its low bit telling that rank found bad routing. Any late or bad rank
+// (or `bad` here) voids the step for this rank: WS_STEP_OK = 0, the status names the peer, the
+// step's sequence number is taken, and every thread gets false. Call from every thread.
+EP_DEVICE bool ep_counts_arrived(const EpArgs& args, ep_u32* ws, ep_u64 mask, ep_u32 expected, bool bad, ep_u32 seq) {
+    __shared__ int any_bad;   // -1 all good, -2 this rank's own routing, else the highest failing peer
+    if (threadIdx.x == 0) any_bad = bad ? -2 : -1;
+    __syncthreads();
+    if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
+        const ep_u32* flag = ws + WS_COUNT_FLAG + threadIdx.x;
+        if (!ep_wait_flag_sys(flag, expected, args.timeout_ns)) {
+            ep_timeout(args, ws, threadIdx.x);
+            atomicMax(&any_bad, static_cast<int>(threadIdx.x));
+        } else if (ep_load_acquire_sys(flag) & 1u) {
+            atomicMax(&any_bad, static_cast<int>(threadIdx.x));
+        }
+    }
+    __syncthreads();
+    if (any_bad == -1) return true;
+    if (threadIdx.x == 0) {
+        ws[WS_STEP_OK] = 0;
+        if (any_bad >= 0) ep_set_status(ws, EP_STATUS_PEER_FAILED, any_bad, 0, 0);
+        ws[WS_SEQ] = seq;
+    }
+    return false;
+}
+
 EP_DEVICE void ep_arrive_and_wait(const EpArgs& args, int rank, ep_u64 mask, int block_counter, int flag_offset,
                                   ep_u32 seq, bool signal, bool wait) {
     ep_u32* ws = ep_ws(args, rank);
