@@ -642,11 +642,11 @@ ep_ht_combine(const EpArgs args) {
         }
 
         ep_u8* row_out = out + static_cast<ep_u64>(t) * EP_ROW_BYTES;
-#if EP_R == 1
+#if EP_R == 1 && !EP_EXPERT_MAJOR
         if (count == 1) {
             // One row (every token at R = 1, flat): EP_SOLO_VECS vectors per lane in flight instead
             // of one; the same arithmetic as the general loop below with a single term. Compiled
-            // for R = 1 only: its registers make the general loop spill (428 bytes at R = 8, where
+            // for R = 1 flat only: its registers make the general loop spill (428 bytes at R = 8, where
             // ht-std combine then took 2.7 ms instead of 1.1).
             const ep_u8* src = reinterpret_cast<const ep_u8*>(table.address[warp][0]);
             const float w = table.weight[warp][0];
