@@ -1,0 +1,51 @@
+import ExpertParallel
+import ExpertParallelCUDA
+@testable import ExpertParallelGPU
+import ExpertParallelKernels
+import Foundation
+import Testing
+
+/// The data-path kernels of the benchmark's standard shapes keep their registers: ptxas's
+/// resource report (NVRTC, no GPU needed) bounds the bytes each spills. A spill in a combine
+/// loop cost 2.4× at ht-std R = 8 once (428 bytes); these bounds are what the measured kernels use.
+struct KernelResourceTests {
+    struct Case: CustomTestStringConvertible, Sendable {
+        var config: GroupConfig
+        var kernel: String
+        var maximumSpill: Int
+        var testDescription: String { "\(kernel) R=\(config.ranks) \(config.layout)" }
+    }
+
+    static let llStandard = GroupConfig(algorithm: .lowLatency, ranks: 8, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 128)
+    static let htStandard = GroupConfig(algorithm: .highThroughput, ranks: 8, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 4096, layout: .flat)
+
+    static let cases: [Case] = [
+        Case(config: llStandard, kernel: "ep_ll_dispatch", maximumSpill: 0),
+        Case(config: llStandard, kernel: "ep_ll_combine", maximumSpill: 64),
+        Case(config: htStandard, kernel: "ep_ht_dispatch", maximumSpill: 0),
+        Case(config: htStandard, kernel: "ep_ht_combine", maximumSpill: 32),
+    ]
+
+    @Test(.enabled(if: GPUTuningTests.runsNVRTC, "needs NVRTC (EP_REQUIRE_NVRTC=1 to require it)"), arguments: cases)
+    func dataPathKernelsStayInRegisters(_ c: Case) throws {
+        let config = try c.config.validated()
+        let defines = StepKernels.defines(config, .init(indexBytes: 8, receivedIndexBytes: 4, vectorBytes: 16), try GPUTuning().validated(config))
+        let source = KernelSource.embedded(config.algorithm == .lowLatency ? "ep_ll" : "ep_ht")
+        let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)
+        let log = try compiler.compile(source, arch: .hopper, defines: defines, extraOptions: ["--ptxas-options=-v"]).log
+        let spill = try #require(Self.spillStores(of: c.kernel, in: log), "no resource report for \(c.kernel) in:\n\(log)")
+        #expect(spill <= c.maximumSpill, "\(c.kernel) spills \(spill) bytes (bound \(c.maximumSpill))")
+    }
+
+    /// "N bytes spill stores" from the report that follows "Compiling entry function '<kernel>'".
+    static func spillStores(of kernel: String, in log: String) -> Int? {
+        let lines = log.split(separator: "\n")
+        guard let start = lines.firstIndex(where: { $0.contains("Compiling entry function '\(kernel)'") }) else { return nil }
+        for line in lines[start...].dropFirst().prefix(4) where line.contains("bytes spill stores") {
+            let words = line.split(separator: " ")
+            guard let at = words.firstIndex(of: "spill"), at >= 2 else { return nil }
+            return Int(words[at - 2])
+        }
+        return nil
+    }
+}
