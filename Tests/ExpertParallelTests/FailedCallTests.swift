@@ -2,8 +2,9 @@ import ExpertParallel
 import Testing
 
 /// A call rejected on one rank is rejected on every rank of the step: that rank reports its own
-/// error, the others `peerFailed` naming it; no rank writes any output; every handle stays
-/// usable, so the next good call gives the reference's results.
+/// error, the others `peerFailed` naming it; no rank writes any output; the handles stay usable
+/// (after a rejected update, once a good update has run), so the next good call gives the
+/// reference's results.
 @Suite("Rejected calls")
 struct FailedCallTests {
     static func scenario(_ kind: LayoutKind) -> Scenario {
@@ -74,8 +75,8 @@ struct FailedCallTests {
         }
     }
 
-    @Test("an update rejected on one rank keeps every rank's previous step", arguments: LayoutKind.allCases)
-    func rejectedUpdateKeepsPreviousStep(kind: LayoutKind) throws {
+    @Test("an update rejected on one rank voids the step on every rank until a good update", arguments: LayoutKind.allCases)
+    func rejectedUpdateVoidsTheStep(kind: LayoutKind) throws {
         let harness = try StepHarness(Self.scenario(kind))
         for (_, result) in harness.update() { try result.get() }
         // A new step: ranks 0 and 2 route one token each, rank 1's routing is invalid.
@@ -89,8 +90,23 @@ struct FailedCallTests {
         let error = EPError.invalidArgument(field: "topkIdx[0][0]", value: "6", requirement: "must be -1 or in [0, 6)")
         Self.expectPeerFailed(results, bad: 1, error)
 
-        // Dispatch and combine still follow the previous routing on every rank.
+        // No rank moves this step's tokens with the previous step's routing (the GPU backends
+        // void a failed step the same way): dispatch and combine fail and write nothing.
+        for (rank, result) in harness.dispatch() {
+            guard case .failure(.wrongOrder(let message)) = result else {
+                Issue.record("rank \(rank): expected wrongOrder, got \(result)")
+                continue
+            }
+            #expect(message.contains("last update of this handle failed"), "rank \(rank): \(message)")
+        }
+        for (rank, result) in harness.combine() {
+            #expect(throws: EPError.self, "rank \(rank)") { try result.get() }
+        }
+        for r in 0..<3 { expectMatch(Verify.untouched(harness, rank: r), harness.scenario) }
+
+        // A good update makes the handles usable again.
         let ref = Reference(harness.scenario)
+        for (_, result) in harness.update() { try result.get() }
         let infos = try harness.dispatch().mapValues { try $0.get() }
         harness.runExperts(infos)
         for (_, result) in harness.combine() { try result.get() }

@@ -69,8 +69,9 @@ struct OverflowPolicyTests {
         for (_, result) in harness.update() {
             #expect(throws: EPError.overflow(rank: 0, required: 3, capacity: 2)) { try result.get() }
         }
+        let reason = EPError.overflow(rank: 0, required: 3, capacity: 2).description
         for (_, result) in harness.dispatch() {
-            #expect(throws: EPError.wrongOrder("dispatch and combine need a handle updated with this step's topkIdx first")) { try result.get() }
+            #expect(throws: EPError.wrongOrder("the last update of this handle failed (\(reason)); update again before dispatch or combine")) { try result.get() }
         }
         for r in 0..<2 { expectMatch(Verify.untouched(harness, rank: r), scenario) }
     }

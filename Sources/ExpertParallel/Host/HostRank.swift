@@ -11,6 +11,15 @@ public struct HostRank: Rank {
     public func makeHandle() throws(EPError) -> HostHandle { HostHandle(rank: rank) }
 
     public func update(_ handle: HostHandle, topkIdx: TensorRef) throws(EPError) {
+        do {
+            try plan(handle, topkIdx: topkIdx)
+        } catch {
+            if handle.rank == rank { handle.fail(error) }   // another rank's handle is not this call's to void
+            throw error
+        }
+    }
+
+    private func plan(_ handle: HostHandle, topkIdx: TensorRef) throws(EPError) {
         let participants = group.transport.activeRanks
         guard participants.contains(rank) else { throw .inactiveRank(rank) }
         let local = Result { () throws(EPError) -> RoutingTable in
