@@ -86,9 +86,12 @@ struct NCCLBenchmark {
 
 extension BenchData {
     /// Every rank's combined rows from the host backend with identity experts (the oracle).
-    func oracleCombined(config: GroupConfig) throws -> [[UInt8]] {
+    /// `without`: ranks masked out first (a rank that died); their entries are empty.
+    func oracleCombined(config: GroupConfig, without: [Int] = []) throws -> [[UInt8]] {
         let group = try HostGroup(config)
+        for r in without { group[0].deactivate(rank: r) }
         let results = group.run { rank throws(EPError) -> [UInt8] in
+            if without.contains(rank.rank) { return [] }
             let outputs = self.outputs(for: config)
             let handle = try rank.makeHandle()
             try rank.update(handle, topkIdx: self.topkIdx[rank.rank].ref)

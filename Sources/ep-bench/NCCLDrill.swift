@@ -12,7 +12,9 @@ extension PeerSharing: ExpressibleByArgument {}
 enum FailureDrill: String, ExpressibleByArgument, CaseIterable {
     /// The failing rank exits before it joins the communicator.
     case neverJoins = "never-joins"
-    /// The failing rank joins and builds the group, then exits before the first step.
+    /// The failing rank joins and builds the group, then exits before the first step; the others
+    /// report it, then run one more step without it, checked against the CPU oracle with that
+    /// rank masked.
     case dies
 
     static let prefix = "EPDRILL "
@@ -23,6 +25,9 @@ enum FailureDrill: String, ExpressibleByArgument, CaseIterable {
         var seconds: Double
         var error: String?
         var mask: UInt64?
+        /// `dies`: the next step ran without the failed rank and matched the oracle.
+        var continued: Bool?
+        var continueError: String?
     }
 
     /// One rank's part: fail as asked, or try a step of `ll-std` and report what happened.
@@ -55,7 +60,26 @@ enum FailureDrill: String, ExpressibleByArgument, CaseIterable {
             try group.dispatch(DispatchInput(tokens: x.ref, topkWeights: w.ref))
             try group.combine(CombineInput(expertOutputs: group.expertOutputs, topkWeights: w.ref), into: CombineOutput(tokens: combined.ref))
             report.mask = try group.activeRanks.bits
-            try group.checkStatus()
+            do {
+                try group.checkStatus()
+            } catch {
+                report.error = "\(error)"
+            }
+            if self == .dies {
+                // The failed rank is out of the mask: the next step goes on without it.
+                do {
+                    try group.update(topkIdx: idx.ref)
+                    try group.dispatch(DispatchInput(tokens: x.ref, topkWeights: w.ref))
+                    try group.combine(CombineInput(expertOutputs: group.expertOutputs, topkWeights: w.ref), into: CombineOutput(tokens: combined.ref))
+                    try group.checkStatus()
+                    let host = HostTensor(config.elementType, [benchCase.tokens, config.hidden])
+                    try combined.download(into: host)
+                    report.continued = host.bytes() == (try data.oracleCombined(config: config, without: [failing]))[me.rank]
+                } catch {
+                    report.continued = false
+                    report.continueError = "\(error)"
+                }
+            }
             withExtendedLifetime((x, w, idx, combined)) {}
         } catch {
             report.error = "\(error)"
@@ -87,13 +111,17 @@ enum FailureDrill: String, ExpressibleByArgument, CaseIterable {
                 continue
             }
             let mask = report.mask.map { RankMask(bits: $0).description } ?? "none"
-            print("rank \(rank): \(format(report.seconds, 2)) s, mask \(mask), error: \(report.error ?? "none")")
+            let next = report.continued.map { $0 ? ", next step without rank \(failing): matches the oracle" : ", next step: FAILED" } ?? ""
+            print("rank \(rank): \(format(report.seconds, 2)) s, mask \(mask), error: \(report.error ?? "none")\(next)")
             if report.error == nil { problems.append("rank \(rank) reported no error") }
             if report.seconds > limit { problems.append("rank \(rank) took \(format(report.seconds, 2)) s, more than \(format(limit, 1)) s") }
             if self == .dies {
                 guard let bits = report.mask else { problems.append("rank \(rank) reported no mask"); continue }
                 if bits & (UInt64(1) << UInt64(failing)) != 0 { problems.append("rank \(rank)'s mask still holds rank \(failing)") }
                 if bits & (UInt64(1) << UInt64(rank)) == 0 { problems.append("rank \(rank)'s mask dropped itself") }
+                if report.continued != true {
+                    problems.append("rank \(rank)'s next step without rank \(failing) \(report.continueError.map { "failed: \($0)" } ?? "differs from the oracle")")
+                }
             }
         }
         if !problems.isEmpty { throw ValidationError("drill \(rawValue) failed: " + problems.joined(separator: "; ")) }
