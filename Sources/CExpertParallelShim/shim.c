@@ -57,6 +57,10 @@ int ep_shim_allow_fd_taking(void) {
     return prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY, 0, 0, 0) == 0 || errno == EINVAL ? 0 : -errno;
 }
 
+int ep_shim_forbid_fd_taking(void) {
+    return prctl(PR_SET_PTRACER, 0, 0, 0, 0) == 0 || errno == EINVAL ? 0 : -errno;
+}
+
 int ep_shim_take_fd(int pid, int fd) {
     int process = (int)syscall(SYS_pidfd_open, pid, 0);
     if (process < 0) return -errno;

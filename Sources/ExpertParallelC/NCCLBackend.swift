@@ -56,6 +56,9 @@ final class NCCLBackend: @unchecked Sendable {
             joined = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl, multiprocessors: settings.multiprocessors)
         } catch {
             try? nccl.abort(comm)
+            // The group reports NCCL's failures (window registration, the handle exchange, a
+            // peer that never answered) as backend errors naming the NCCL call: status epNcclError.
+            if case let .backend(message) = error, message.contains("nccl") { throw NCCLFailure(message: message) }
             throw error
         }
         self.nccl = nccl

@@ -5,13 +5,19 @@ import Glibc
 
 /// Taking another process's file descriptor (Linux `pidfd_getfd`): how a rank receives the
 /// POSIX descriptor of a peer's exported allocation without a socket of its own. Every rank
-/// calls `allowTaking()` before it shares its descriptors' numbers.
+/// calls `allowTaking()` before it shares its descriptors' numbers, and `forbidTaking()` once
+/// every peer has taken them. The ranks must share a PID namespace (one host, one container).
 public enum FileDescriptorTaking {
     /// Lets other processes of this user take descriptors from this one where Yama restricts
     /// ptrace to descendants (`prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY)`).
     public static func allowTaking() throws {
         let result = ep_shim_allow_fd_taking()
         if result != 0 { throw CUDAError.driver(call: "prctl(PR_SET_PTRACER)", code: -result, name: "errno \(-result)") }
+    }
+
+    /// Ends `allowTaking()` once the peers have taken what they needed.
+    public static func forbidTaking() {
+        _ = ep_shim_forbid_fd_taking()
     }
 
     /// A duplicate in this process of descriptor `descriptor` of process `process`; close it with `close`.

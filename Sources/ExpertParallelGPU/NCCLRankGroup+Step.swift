@@ -15,6 +15,7 @@ extension NCCLRankGroup {
     /// This step's routing, `[B, K]` int32 or int64 on this rank's device.
     public func update(topkIdx: TensorRef, stream: CUDAStream? = nil) throws(EPError) {
         guard pending == nil else { throw .wrongOrder("complete() the pending send-only call first") }
+        step = nil   // a rejected update voids the step (see VirtualGPUGroup.update)
         guard topkIdx.shape.count == 2, topkIdx.shape[1] == config.topK, topkIdx.shape[0] <= config.maxTokensPerRank else {
             throw .invalidArgument(
                 field: "topkIdx.shape", value: "\(topkIdx.shape)",

@@ -89,6 +89,8 @@ public final class NCCLRankGroup: @unchecked Sendable {
         let driver = device.driver
         let stream = try gpu { try driver.createStream() }
         self.stream = stream
+        var built = false
+        defer { if !built { try? driver.destroy(stream) } }   // a failed join leaks nothing here
 
         let rowBytes = config.receiveShape.reduce(1, *) * config.elementType.byteSize
         let routingCount = config.receiveRoutingShape?.reduce(1, *) ?? 0
@@ -109,10 +111,12 @@ public final class NCCLRankGroup: @unchecked Sendable {
         peers = shared.byRank.map(SharedBuffers.init)
         mask = try device.allocateMask(ranks: config.ranks)
         args = StepArguments(ranks: config.ranks)
+        built = true
     }
 
     deinit {
         let driver = device.driver
+        try? device.makeCurrent()   // the last reference may go on any thread
         try? driver.synchronizeContext()   // work may still use the buffers freed below
         let everyone = (try? driver.read(UInt64.self, from: mask, count: 1)[0]).map { RankMask(bits: $0) == RankMask.all(config.ranks) } ?? false
         shared.release(collectively: everyone)

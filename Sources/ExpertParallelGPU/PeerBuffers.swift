@@ -59,6 +59,7 @@ final class PeerBuffers {
                 windows.append(try gpu { try nccl.registerWindow(comm, p, byteCount: bytes, timeout: timeout) })
             }
             try gpu { try FileDescriptorTaking.allowTaking() }
+            defer { FileDescriptorTaking.forbidTaking() }   // after the last exchange of this case
             for p in local { exported.append(try gpu { try driver.exportAllocation(p) }) }
             // Per rank: its process id, then a (descriptor, bytes) pair per buffer.
             let record = [Int64(FileDescriptorTaking.processID)] + exported.flatMap { [Int64($0.fileDescriptor), Int64($0.byteCount)] }
@@ -113,15 +114,32 @@ final class PeerBuffers {
             let send = try driver.allocate(byteCount: values.count * 8)
             let receive = try driver.allocate(byteCount: values.count * 8 * ranks)
             let done = try driver.createEvent()
-            defer { try? driver.destroy(done); try? driver.free(send); try? driver.free(receive) }
-            try driver.copy(values, to: send)
+            // After a timeout NCCL's kernel may still run on these buffers (until the owner aborts
+            // the communicator), and freeing them would wait for it: they are left allocated then.
+            var abandoned = false
+            defer {
+                if !abandoned {
+                    try? driver.destroy(done)
+                    try? driver.free(send)
+                    try? driver.free(receive)
+                }
+            }
+            try values.withUnsafeBytes { bytes in
+                try driver.copy(from: bytes.baseAddress!, to: send, byteCount: bytes.count, stream: stream)   // ordered before the all-gather
+            }
             try nccl.allGather(from: send, to: receive, count: values.count, type: .int64, comm: comm, stream: stream)
-            try nccl.waitReady(comm, timeout: timeout, call: "ncclAllGather", waitingFor: "the other ranks' buffer handles")
+            do {
+                try nccl.waitReady(comm, timeout: timeout, call: "ncclAllGather", waitingFor: "the other ranks' buffer handles")
+            } catch {
+                abandoned = true
+                throw error
+            }
             try driver.record(done, on: stream)
             let clock = ContinuousClock()
             let deadline = clock.now + timeout
             while try !driver.isComplete(done) {
                 if clock.now >= deadline {
+                    abandoned = true
                     throw EPError.backend("ncclAllGather of the buffer handles: the other ranks did not answer within \(timeout) (abort the communicator)")
                 }
                 usleep(100)
@@ -133,17 +151,31 @@ final class PeerBuffers {
     /// Unmaps the peers' buffers and frees this rank's. `collectively`: every rank is alive and
     /// releasing too, so the (collective) window deregistration may run; otherwise it is left to
     /// `ncclCommAbort`, which the owner of a communicator with a dead rank must call.
+    /// Runs once; later calls (and `deinit`) do nothing.
     func release(collectively: Bool) {
+        guard !released else { return }
+        released = true
         for (p, bytes) in mapped { try? driver.unmapImported(p, byteCount: bytes) }
         for p in opened { try? driver.closeIPCHandle(p) }
         if collectively {
+            // The first failure leaves the rest to ncclCommAbort (NCCL may still use the memory).
             for w in windows {
-                try? nccl.deregisterWindow(comm, w)
-                try? nccl.waitReady(comm, timeout: timeout, call: "ncclCommWindowDeregister", waitingFor: "every rank to deregister")
+                do {
+                    try nccl.deregisterWindow(comm, w)
+                    try nccl.waitReady(comm, timeout: timeout, call: "ncclCommWindowDeregister", waitingFor: "every rank to deregister")
+                } catch {
+                    return
+                }
             }
+        } else if !windows.isEmpty {
+            return   // registered memory stays until the owner aborts the communicator
         }
         Self.free(local, sharing: sharing, driver: driver, nccl: nccl)
     }
+
+    private var released = false
+
+    deinit { release(collectively: false) }
 
     private static func free(_ pointers: [DevicePointer], sharing: PeerSharing, driver: DriverLibrary, nccl: NCCLLibrary) {
         for p in pointers {

@@ -11,6 +11,9 @@ extension VirtualGPUGroup {
     /// Counts, exchanges counts between ranks and fixes every slot, all on the device.
     public func update(topkIdx: [TensorRef], stream: CUDAStream? = nil, mode: LaunchMode = .single) throws(EPError) {
         try checkNothingPending()
+        // A rejected update voids the step, as a failed one on the device does: no dispatch may
+        // move this step's tokens with the previous step's routing.
+        forgetStep()
         try checkRankCount(topkIdx.count, "topkIdx")
         for (r, idx) in topkIdx.enumerated() {
             guard idx.shape.count == 2, idx.shape[1] == config.topK, idx.shape[0] <= config.maxTokensPerRank else {

@@ -160,6 +160,10 @@ public final class VirtualGPUGroup: @unchecked Sendable {
         lock.withLock { step = (routing, indexBytes) }
     }
 
+    func forgetStep() {
+        lock.withLock { step = nil }
+    }
+
     func currentStep() throws(EPError) -> (routing: [TensorRef], variantIndexBytes: Int) {
         try checkNothingPending()
         lock.lock()

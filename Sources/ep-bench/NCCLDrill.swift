@@ -115,6 +115,10 @@ enum FailureDrill: String, ExpressibleByArgument, CaseIterable {
             print("rank \(rank): \(format(report.seconds, 2)) s, mask \(mask), error: \(report.error ?? "none")\(next)")
             if report.error == nil { problems.append("rank \(rank) reported no error") }
             if report.seconds > limit { problems.append("rank \(rank) took \(format(report.seconds, 2)) s, more than \(format(limit, 1)) s") }
+            if child.status != 0 { problems.append("rank \(rank) reported, then exited with status \(child.status)") }
+            if self == .neverJoins, !(report.error ?? "").contains("to join") {
+                problems.append("rank \(rank)'s error is not the join timeout: \(report.error ?? "none")")
+            }
             if self == .dies {
                 guard let bits = report.mask else { problems.append("rank \(rank) reported no mask"); continue }
                 if bits & (UInt64(1) << UInt64(failing)) != 0 { problems.append("rank \(rank)'s mask still holds rank \(failing)") }

@@ -50,8 +50,8 @@ extension RunCommand {
             let line = String(decoding: try JSONEncoder().encode(measurement), as: UTF8.self)
             print(Self.resultPrefix + line)
         }
+        closed = true   // close aborts the communicator itself when the others do not answer
         try nccl.close(comm, timeout: timeout)
-        closed = true
     }
 
     var timeout: Duration { .milliseconds(timeoutMs) }

@@ -86,6 +86,9 @@ struct RunCommand: ParsableCommand {
         if let iterations, iterations < 1 { throw ValidationError("--iterations must be ≥ 1, got \(iterations)") }
         if timeoutMs < 1 { throw ValidationError("--timeout-ms must be ≥ 1, got \(timeoutMs)") }
         if drill != nil, transport != .nccl { throw ValidationError("--drill needs --transport nccl") }
+        if drill != nil, !(0..<(ranks ?? 2)).contains(drillRank) {
+            throw ValidationError("--drill-rank \(drillRank) is not a rank of the \(ranks ?? 2) ranks")
+        }
         if skew < 0 { throw ValidationError("--skew must be ≥ 0, got \(skew)") }
     }
 

@@ -46,6 +46,9 @@ int ep_shim_nccl_comm_init_rank_config(const void* function, void** comm, int nr
 /// which `ep_shim_take_fd` needs where Yama restricts ptrace to descendants. 0, or -errno.
 int ep_shim_allow_fd_taking(void);
 
+/// Undoes `ep_shim_allow_fd_taking` (`prctl(PR_SET_PTRACER, 0)`). 0, or -errno.
+int ep_shim_forbid_fd_taking(void);
+
 /// A duplicate, in this process, of file descriptor `fd` of process `pid` (`pidfd_open` +
 /// `pidfd_getfd`, Linux 5.6+). The descriptor, or -errno.
 int ep_shim_take_fd(int pid, int fd);
