@@ -18,11 +18,7 @@ struct GPUBenchmark {
         let group = try VirtualGPUGroup(config, device: device, multiprocessors: multiprocessors, tuning: tuning)
         let data = BenchData(config: config, tokens: benchCase.tokens, seed: seed, skew: skew)
         let r = config.ranks
-        func upload(_ host: HostTensor) throws -> DeviceTensor {
-            let d = try DeviceTensor(host.dtype, host.shape, on: device)
-            try d.upload(host)
-            return d
-        }
+        func upload(_ host: HostTensor) throws -> DeviceTensor { try DeviceTensor(uploading: host, on: device) }
         let x = try data.tokens.map(upload), w = try data.weights.map(upload), idx = try data.topkIdx.map(upload)
         let host = (0..<r).map { _ in data.outputs(for: config) }
         let received = try host.map { try upload($0.dispatchTokens) }
@@ -98,5 +94,13 @@ struct GPUBenchmark {
             best = min(best, Double(try driver.elapsedMilliseconds(from: start, to: end)))
         }
         return Double(2 * bytes) / (best * 1e6)
+    }
+}
+
+extension DeviceTensor {
+    /// A device copy of `host` (same dtype and shape).
+    convenience init(uploading host: HostTensor, on device: GPUDevice) throws {
+        try self.init(host.dtype, host.shape, on: device)
+        try upload(host)
     }
 }

@@ -25,11 +25,7 @@ struct NCCLBenchmark {
         config = try config.validated()
         let group = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl, tuning: tuning, sharing: sharing)
         let data = BenchData(config: config, tokens: benchCase.tokens, seed: seed, skew: skew)
-        func upload(_ host: HostTensor) throws -> DeviceTensor {
-            let d = try DeviceTensor(host.dtype, host.shape, on: device)
-            try d.upload(host)
-            return d
-        }
+        func upload(_ host: HostTensor) throws -> DeviceTensor { try DeviceTensor(uploading: host, on: device) }
         let x = try upload(data.tokens[rank]), w = try upload(data.weights[rank]), idx = try upload(data.topkIdx[rank])
         let combinedHost = HostTensor(config.elementType, [benchCase.tokens, config.hidden])
         let combined = try upload(combinedHost)

@@ -49,11 +49,7 @@ enum FailureDrill: String, ExpressibleByArgument, CaseIterable {
             let group = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl, sharing: sharing)
             if me.rank == failing { leave(me.rank, "after the group was built") }
             let data = BenchData(config: config, tokens: benchCase.tokens, seed: 1, skew: 0)
-            func upload(_ host: HostTensor) throws -> DeviceTensor {
-                let d = try DeviceTensor(host.dtype, host.shape, on: device)
-                try d.upload(host)
-                return d
-            }
+            func upload(_ host: HostTensor) throws -> DeviceTensor { try DeviceTensor(uploading: host, on: device) }
             let x = try upload(data.tokens[me.rank]), w = try upload(data.weights[me.rank]), idx = try upload(data.topkIdx[me.rank])
             let combined = try DeviceTensor(config.elementType, [benchCase.tokens, config.hidden], on: device)
             try group.update(topkIdx: idx.ref)
