@@ -1,6 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import CExpertParallelShim
 
 /// `ncclUniqueId`: 128 opaque bytes that rank 0 creates and every rank passes to `initRank`.
@@ -117,20 +114,15 @@ extension NCCLLibrary {
     /// registration, an enqueued collective) is done; throws its error, or a timeout that names
     /// `what` was awaited. The caller aborts the communicator after a timeout.
     public func waitReady(_ comm: NCCLComm, timeout: Duration, call: String, waitingFor what: String) throws {
-        let clock = ContinuousClock()
-        let deadline = clock.now + timeout
-        while true {
-            var state: Int32 = 0
+        var state: Int32 = 0
+        let settled = try poll(every: .microseconds(200), for: timeout) {
             try check(try self.comm().ncclCommGetAsyncError(comm.rawValue, &state), "ncclCommGetAsyncError")
-            if state != NCCLResult.inProgress {
-                if state != 0 { throw CUDAError.nccl(call: call, code: state, name: errorName(state)) }
-                return
-            }
-            if clock.now >= deadline {
-                throw CUDAError.nccl(call: call, code: NCCLResult.inProgress, name: "ncclInProgress \"timed out after \(timeout) waiting for \(what)\"")
-            }
-            usleep(200)
+            return state != NCCLResult.inProgress
         }
+        guard settled else {
+            throw CUDAError.nccl(call: call, code: NCCLResult.inProgress, name: "ncclInProgress \"timed out after \(timeout) waiting for \(what)\"")
+        }
+        if state != 0 { throw CUDAError.nccl(call: call, code: state, name: errorName(state)) }
     }
 
     public func destroy(_ comm: NCCLComm) throws { try check(try self.comm().ncclCommDestroy(comm.rawValue), "ncclCommDestroy") }

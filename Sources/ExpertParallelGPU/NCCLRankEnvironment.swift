@@ -49,12 +49,12 @@ public struct NCCLRankEnvironment: Sendable, Equatable {
             guard rename(temporary, idFile) == 0 else { throw CUDAError.nccl(call: "rename", code: 2, name: "ncclSystemError \"\(idFile)\"") }
             return id
         }
-        let deadline = ContinuousClock.now + timeout
-        while ContinuousClock.now < deadline {
-            if let text = try? String(contentsOfFile: idFile, encoding: .utf8),
-               let id = try? NCCLUniqueID(hex: text.trimmingCharacters(in: .whitespacesAndNewlines)) { return id }
-            usleep(20_000)
+        var id: NCCLUniqueID?
+        let written = poll(every: .milliseconds(20), for: timeout) {
+            id = (try? String(contentsOfFile: idFile, encoding: .utf8)).flatMap { try? NCCLUniqueID(hex: $0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+            return id != nil
         }
+        if written, let id { return id }
         throw CUDAError.nccl(call: "uniqueID", code: 2, name: "ncclSystemError \"rank 0 wrote no id to \(idFile) within \(timeout)\"")
     }
 }

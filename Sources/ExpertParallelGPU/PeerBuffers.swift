@@ -1,6 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import ExpertParallel
 import ExpertParallelCUDA
 
@@ -135,14 +132,9 @@ final class PeerBuffers {
                 throw error
             }
             try driver.record(done, on: stream)
-            let clock = ContinuousClock()
-            let deadline = clock.now + timeout
-            while try !driver.isComplete(done) {
-                if clock.now >= deadline {
-                    abandoned = true
-                    throw EPError.backend("ncclAllGather of the buffer handles: the other ranks did not answer within \(timeout) (abort the communicator)")
-                }
-                usleep(100)
+            guard try poll(every: .microseconds(100), for: timeout, until: { try driver.isComplete(done) }) else {
+                abandoned = true
+                throw EPError.backend("ncclAllGather of the buffer handles: the other ranks did not answer within \(timeout) (abort the communicator)")
             }
             return try driver.read(Int64.self, from: receive, count: values.count * ranks)
         }

@@ -52,9 +52,12 @@ enum FailureDrill: String, ExpressibleByArgument, CaseIterable {
             func upload(_ host: HostTensor) throws -> DeviceTensor { try DeviceTensor(uploading: host, on: device) }
             let x = try upload(data.tokens[me.rank]), w = try upload(data.weights[me.rank]), idx = try upload(data.topkIdx[me.rank])
             let combined = try DeviceTensor(config.elementType, [benchCase.tokens, config.hidden], on: device)
-            try group.update(topkIdx: idx.ref)
-            try group.dispatch(DispatchInput(tokens: x.ref, topkWeights: w.ref))
-            try group.combine(CombineInput(expertOutputs: group.expertOutputs, topkWeights: w.ref), into: CombineOutput(tokens: combined.ref))
+            func step() throws {
+                try group.update(topkIdx: idx.ref)
+                try group.dispatch(DispatchInput(tokens: x.ref, topkWeights: w.ref))
+                try group.combine(CombineInput(expertOutputs: group.expertOutputs, topkWeights: w.ref), into: CombineOutput(tokens: combined.ref))
+            }
+            try step()
             report.mask = try group.activeRanks.bits
             do {
                 try group.checkStatus()
@@ -64,9 +67,7 @@ enum FailureDrill: String, ExpressibleByArgument, CaseIterable {
             if self == .dies {
                 // The failed rank is out of the mask: the next step goes on without it.
                 do {
-                    try group.update(topkIdx: idx.ref)
-                    try group.dispatch(DispatchInput(tokens: x.ref, topkWeights: w.ref))
-                    try group.combine(CombineInput(expertOutputs: group.expertOutputs, topkWeights: w.ref), into: CombineOutput(tokens: combined.ref))
+                    try step()
                     try group.checkStatus()
                     let host = HostTensor(config.elementType, [benchCase.tokens, config.hidden])
                     try combined.download(into: host)
@@ -80,7 +81,7 @@ enum FailureDrill: String, ExpressibleByArgument, CaseIterable {
         } catch {
             report.error = "\(error)"
         }
-        report.seconds = Double((clock.now - start).components.attoseconds) / 1e18 + Double((clock.now - start).components.seconds)
+        report.seconds = (clock.now - start).seconds
         print(Self.prefix + String(decoding: try JSONEncoder().encode(report), as: UTF8.self))
     }
 
@@ -94,7 +95,7 @@ enum FailureDrill: String, ExpressibleByArgument, CaseIterable {
     /// time, and (for `dies`) its mask no longer holds the failing rank.
     func judge(_ children: [(status: Int32, output: String)], failing: Int, timeout: Duration) throws {
         var problems: [String] = []
-        let limit = 2 * (Double(timeout.components.seconds) + Double(timeout.components.attoseconds) / 1e18) + 5
+        let limit = 2 * timeout.seconds + 5
         for (rank, child) in children.enumerated() {
             if rank == failing {
                 if child.status != Self.failingStatus { problems.append("rank \(rank) should have left with status \(Self.failingStatus), got \(child.status)") }

@@ -82,7 +82,8 @@ final class HostTransport: @unchecked Sendable {
 }
 
 extension Duration {
-    var seconds: Double {
+    /// The duration in seconds, as a Double.
+    package var seconds: Double {
         let (s, atto) = components
         return Double(s) + Double(atto) * 1e-18
     }
