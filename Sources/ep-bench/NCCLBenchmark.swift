@@ -25,48 +25,25 @@ struct NCCLBenchmark {
         config = try config.validated()
         let group = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl, tuning: tuning, sharing: sharing)
         let data = BenchData(config: config, tokens: benchCase.tokens, seed: seed, skew: skew)
-        func upload(_ host: HostTensor) throws -> DeviceTensor { try DeviceTensor(uploading: host, on: device) }
-        let x = try upload(data.tokens[rank]), w = try upload(data.weights[rank]), idx = try upload(data.topkIdx[rank])
-        let combinedHost = HostTensor(config.elementType, [benchCase.tokens, config.hidden])
-        let combined = try upload(combinedHost)
-        let input = DispatchInput(tokens: x.ref, topkWeights: w.ref)
-        // Identity experts: the received rows are copied to the expert-output buffer between calls.
-        let combineIn = CombineInput(
-            expertOutputs: group.expertOutputs,
-            topkWeights: config.layout == .expertMajor ? w.ref : config.isExpertMajorHT ? group.receivedWeights : nil)
-        let combineOut = CombineOutput(tokens: combined.ref)
-        let rowBytes = group.receivedTokens.byteCount
-        let receivedPointer = DevicePointer(rawValue: UInt64(UInt(bitPattern: group.receivedTokens.address)))
-        let expertPointer = DevicePointer(rawValue: UInt64(UInt(bitPattern: group.expertOutputs.address)))
-
+        let step = try NCCLStep(group: group, data: data, rank: rank, device: device)
         let driver = device.driver
         let total = warmup + iterations
-        let events = try (0..<(6 * total)).map { _ in try driver.createEvent() }
+        let events = try (0..<(5 * total)).map { _ in try driver.createEvent() }
         defer { for e in events { try? driver.destroy(e) } }
         for i in 0..<total {
-            let e = Array(events[(6 * i)..<(6 * i + 6)])
-            try driver.record(e[0], on: group.stream)
-            try group.update(topkIdx: idx.ref)
-            try driver.record(e[1], on: group.stream)
-            try group.dispatch(input)
-            try driver.record(e[2], on: group.stream)
-            try driver.copy(from: receivedPointer, to: expertPointer, byteCount: rowBytes, stream: group.stream)
-            try driver.record(e[3], on: group.stream)
-            try group.combine(combineIn, into: combineOut)
-            try driver.record(e[4], on: group.stream)
+            try step.enqueue { try driver.record(events[5 * i + $0], on: group.stream) }
         }
         try group.checkStatus()
         var samples: [[Double]] = [[], [], []]
         for i in warmup..<total {
-            let e = Array(events[(6 * i)..<(6 * i + 6)])
+            let e = Array(events[(5 * i)..<(5 * i + 5)])
             samples[0].append(Double(try driver.elapsedMilliseconds(from: e[0], to: e[1])) * 1000)
             samples[1].append(Double(try driver.elapsedMilliseconds(from: e[1], to: e[2])) * 1000)
             samples[2].append(Double(try driver.elapsedMilliseconds(from: e[3], to: e[4])) * 1000)
         }
-        try combined.download(into: combinedHost)
+        let combinedHost = try step.combinedRows()
         let oracle = try data.oracleCombined(config: config)
         let valid = combinedHost.bytes() == oracle[rank] && data.validate(rank: rank, config: config, combined: combinedHost)
-        withExtendedLifetime((x, w, idx, combined)) {}
         let bytes = StepBytes(config: config, routings: data.routings)
         var measurement = Measurement(
             name: benchCase.name, backend: "gpu-nccl-\(sharing.rawValue)", device: device.name,

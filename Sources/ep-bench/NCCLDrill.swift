@@ -49,15 +49,8 @@ enum FailureDrill: String, ExpressibleByArgument, CaseIterable {
             let group = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl, sharing: sharing)
             if me.rank == failing { leave(me.rank, "after the group was built") }
             let data = BenchData(config: config, tokens: benchCase.tokens, seed: 1, skew: 0)
-            func upload(_ host: HostTensor) throws -> DeviceTensor { try DeviceTensor(uploading: host, on: device) }
-            let x = try upload(data.tokens[me.rank]), w = try upload(data.weights[me.rank]), idx = try upload(data.topkIdx[me.rank])
-            let combined = try DeviceTensor(config.elementType, [benchCase.tokens, config.hidden], on: device)
-            func step() throws {
-                try group.update(topkIdx: idx.ref)
-                try group.dispatch(DispatchInput(tokens: x.ref, topkWeights: w.ref))
-                try group.combine(CombineInput(expertOutputs: group.expertOutputs, topkWeights: w.ref), into: CombineOutput(tokens: combined.ref))
-            }
-            try step()
+            let step = try NCCLStep(group: group, data: data, rank: me.rank, device: device)
+            try step.enqueue()
             report.mask = try group.activeRanks.bits
             do {
                 try group.checkStatus()
@@ -67,17 +60,14 @@ enum FailureDrill: String, ExpressibleByArgument, CaseIterable {
             if self == .dies {
                 // The failed rank is out of the mask: the next step goes on without it.
                 do {
-                    try step()
+                    try step.enqueue()
                     try group.checkStatus()
-                    let host = HostTensor(config.elementType, [benchCase.tokens, config.hidden])
-                    try combined.download(into: host)
-                    report.continued = host.bytes() == (try data.oracleCombined(config: config, without: [failing]))[me.rank]
+                    report.continued = try step.combinedRows().bytes() == (try data.oracleCombined(config: config, without: [failing]))[me.rank]
                 } catch {
                     report.continued = false
                     report.continueError = "\(error)"
                 }
             }
-            withExtendedLifetime((x, w, idx, combined)) {}
         } catch {
             report.error = "\(error)"
         }
