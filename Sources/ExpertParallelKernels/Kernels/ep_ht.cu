@@ -499,27 +499,7 @@ ep_ht_dispatch(const EpArgs args) {
         table.address[warp][lane] = reinterpret_cast<ep_u64>(target);
         __syncwarp();
         const ep_u8* src = x + static_cast<ep_u64>(t) * EP_ROW_BYTES;
-        int v = first + lane;
-        for (; v + 32 * (EP_UNROLL - 1) < last; v += 32 * EP_UNROLL) {
-            ep_vec values[EP_UNROLL];
-#pragma unroll
-            for (int u = 0; u < EP_UNROLL; ++u) values[u] = ep_load_vec(src + static_cast<ep_u64>(v + 32 * u) * EP_VEC_BYTES);
-#pragma unroll
-            for (int c = 0; c < fanout; ++c) {
-                ep_u8* dst = reinterpret_cast<ep_u8*>(table.address[warp][c]);
-                if (dst == nullptr) continue;
-#pragma unroll
-                for (int u = 0; u < EP_UNROLL; ++u) ep_store_vec(dst + static_cast<ep_u64>(v + 32 * u) * EP_VEC_BYTES, values[u]);
-            }
-        }
-        for (; v < last; v += 32) {
-            const ep_vec value = ep_load_vec(src + static_cast<ep_u64>(v) * EP_VEC_BYTES);
-#pragma unroll
-            for (int c = 0; c < fanout; ++c) {
-                ep_u8* dst = reinterpret_cast<ep_u8*>(table.address[warp][c]);
-                if (dst != nullptr) ep_store_vec(dst + static_cast<ep_u64>(v) * EP_VEC_BYTES, value);
-            }
-        }
+        ep_copy_piece<fanout>(src, table.address[warp], first, last, lane);
         __syncwarp();   // every lane is done with this item's table before the next overwrites it
     }
     ep_arrive_and_wait(args, rank, mask, WS_DISP_BLOCKS, WS_DISP_DONE, seq, args.sync & EP_SYNC_SIGNAL, args.sync & EP_SYNC_WAIT);

@@ -153,6 +153,34 @@ struct EpWarpRows {
     float weight[EP_WARPS][32];
 };
 
+// Dispatch's copy of one row piece, vectors [first, last) of `src`, to each destination the
+// warp published in `targets` (its first FANOUT entries; null: none): each vector is loaded
+// once, EP_UNROLL per lane in flight, and stored to every destination. Call from every lane.
+template <int FANOUT>
+EP_DEVICE void ep_copy_piece(const ep_u8* src, const ep_u64 (&targets)[32], int first, int last, int lane) {
+    int v = first + lane;
+    for (; v + 32 * (EP_UNROLL - 1) < last; v += 32 * EP_UNROLL) {
+        ep_vec values[EP_UNROLL];
+#pragma unroll
+        for (int u = 0; u < EP_UNROLL; ++u) values[u] = ep_load_vec(src + static_cast<ep_u64>(v + 32 * u) * EP_VEC_BYTES);
+#pragma unroll
+        for (int c = 0; c < FANOUT; ++c) {
+            ep_u8* dst = reinterpret_cast<ep_u8*>(targets[c]);
+            if (dst == nullptr) continue;
+#pragma unroll
+            for (int u = 0; u < EP_UNROLL; ++u) ep_store_vec(dst + static_cast<ep_u64>(v + 32 * u) * EP_VEC_BYTES, values[u]);
+        }
+    }
+    for (; v < last; v += 32) {
+        const ep_vec value = ep_load_vec(src + static_cast<ep_u64>(v) * EP_VEC_BYTES);
+#pragma unroll
+        for (int c = 0; c < FANOUT; ++c) {
+            ep_u8* dst = reinterpret_cast<ep_u8*>(targets[c]);
+            if (dst != nullptr) ep_store_vec(dst + static_cast<ep_u64>(v) * EP_VEC_BYTES, value);
+        }
+    }
+}
+
 // With `signal`, the last block of this rank to finish tells every destination that this rank
 // is done with it (flag = the step's sequence number). With `wait`, block 0 waits until every
 // active peer has said so for this rank: the call then ends only when its data is complete.
