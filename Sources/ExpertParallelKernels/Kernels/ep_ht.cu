@@ -215,24 +215,8 @@ ep_ht_update(const EpArgs args) {
     }
     __syncthreads();
     // Exclusive prefix over warps; the totals go to every active rank's table.
-    for (int i = threadIdx.x; i < EP_E + EP_R; i += blockDim.x) {
-        int running = 0;
-        for (int w = 0; w < EP_HT_UPDATE_WARPS; ++w) {
-            const int here = counts[w][i];
-            counts[w][i] = running;
-            running += here;
-        }
-        for (int d = 0; d < EP_R; ++d) {
-            if (ep_active(mask, d)) {
-                ep_ws(args, d)[WS_COUNTS + parity * EP_R * (EP_E + EP_R) + rank * (EP_E + EP_R) + i] = static_cast<ep_u32>(running);
-            }
-        }
-    }
-    __syncthreads();
-    if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
-        __threadfence();
-        ep_store_release_sys(ep_ws(args, threadIdx.x) + WS_COUNT_FLAG + rank, seq * 4 + (bad ? 1 : 0));
-    }
+    ep_publish_row(args, rank, mask, WS_COUNTS + parity * EP_R * (EP_E + EP_R), seq * 4 + (bad ? 1 : 0),
+                   [&](int i) { return ep_warp_prefix(counts, i); });
 
     // Pass 2: this rank's own position of each selection and pair, in token order.
     for (int t0 = begin; t0 < end; t0 += 32) {
@@ -285,18 +269,8 @@ ep_ht_update(const EpArgs args) {
     for (int i = threadIdx.x; i < tokens * EP_R; i += blockDim.x) {
         if (pair_rows[i] >= kept_tokens[i % EP_R]) pair_rows[i] = -1;
     }
-    for (int i = threadIdx.x; i < EP_E + EP_R; i += blockDim.x) {
-        for (int d = 0; d < EP_R; ++d) {
-            if (ep_active(mask, d)) {
-                ep_ws(args, d)[WS_KEPT + parity * EP_R * (EP_E + EP_R) + rank * (EP_E + EP_R) + i] = static_cast<ep_u32>(kept_counts[i]);
-            }
-        }
-    }
-    __syncthreads();
-    if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
-        __threadfence();
-        ep_store_release_sys(ep_ws(args, threadIdx.x) + WS_COUNT_FLAG + rank, seq * 4 + 2);
-    }
+    ep_publish_row(args, rank, mask, WS_KEPT + parity * EP_R * (EP_E + EP_R), seq * 4 + 2,
+                   [&](int i) { return kept_counts[i]; });
     __shared__ int kept_timeout;
     if (threadIdx.x == 0) kept_timeout = 0;
     __syncthreads();
@@ -535,14 +509,7 @@ ep_ht_combine(const EpArgs args) {
     const ep_u32 step_ok = ws[WS_STEP_OK];
     const ep_u32 seq = ws[WS_SEQ];
     if (!ep_active(mask, rank) || step_ok == 0) return;
-    if ((args.sync & EP_SYNC_SIGNAL) && blockIdx.x == 0 && threadIdx.x == 0) ep_store_release_sys(ws + WS_COMB_READY, seq);
-    if (args.sync & EP_SYNC_NO_DATA) return;
-    if (args.sync & EP_SYNC_WAIT) {
-        if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
-            if (!ep_wait_flag_sys(ep_ws(args, threadIdx.x) + WS_COMB_READY, seq, args.timeout_ns)) ep_timeout(args, ws, threadIdx.x);
-        }
-        __syncthreads();
-    }
+    if (!ep_combine_ready(args, ws, mask, seq)) return;
     const ep_u64 live = ep_load_mask(args);
     const int tokens = static_cast<int>(args.rank[rank].tokens);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -690,6 +657,8 @@ ep_ht_combine(const EpArgs args) {
         __syncwarp();   // every lane is done with this item's table before the next overwrites it
     }
     const bool done = args.sync & EP_SYNC_DONE;
+    // The start mask, not `live`: a peer masked for missing the ready wait may only be slow and
+    // still be reading our rows; waiting (bounded) for it keeps the next step from overwriting them.
     ep_arrive_and_wait(args, rank, mask, WS_COMB_BLOCKS, WS_COMB_DONE, seq, done, done);
 #endif
 }

@@ -102,26 +102,9 @@ ep_ll_update(const EpArgs args) {
         __syncwarp();
     }
     __syncthreads();
-    // Exclusive prefix over warps; totals go to the all-gather.
-    for (int i = threadIdx.x; i < EP_E + EP_R; i += blockDim.x) {
-        int running = 0;
-        for (int w = 0; w < EP_UPDATE_WARPS; ++w) {
-            const int here = counts[w][i];
-            counts[w][i] = running;
-            running += here;
-        }
-        for (int d = 0; d < EP_R; ++d) {
-            if (ep_active(mask, d)) {
-                ep_u32* peer = ep_ws(args, d) + WS_COUNTS + parity * EP_R * (EP_E + EP_R) + rank * (EP_E + EP_R);
-                peer[i] = static_cast<ep_u32>(running);
-            }
-        }
-    }
-    __syncthreads();
-    if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
-        __threadfence();
-        ep_store_release_sys(ep_ws(args, threadIdx.x) + WS_COUNT_FLAG + rank, seq * 2 + (bad ? 1 : 0));
-    }
+    // Exclusive prefix over warps; the totals go to every active rank's table.
+    ep_publish_row(args, rank, mask, WS_COUNTS + parity * EP_R * (EP_E + EP_R), seq * 2 + (bad ? 1 : 0),
+                   [&](int i) { return ep_warp_prefix(counts, i); });
 
     // Pass 2: this rank's position of each selection / pair among its own, in token order.
     for (int t = begin; t < end; ++t) {
@@ -303,15 +286,7 @@ ep_ll_combine(const EpArgs args) {
     const ep_u32 step_ok = ws[WS_STEP_OK];
     const ep_u32 seq = ws[WS_SEQ];
     if (!ep_active(mask, rank) || step_ok == 0) return;
-    // Expert outputs are final when a rank's combine (or its send-only half) runs on its stream.
-    if ((args.sync & EP_SYNC_SIGNAL) && blockIdx.x == 0 && threadIdx.x == 0) ep_store_release_sys(ws + WS_COMB_READY, seq);
-    if (args.sync & EP_SYNC_NO_DATA) return;
-    if (args.sync & EP_SYNC_WAIT) {
-        if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
-            if (!ep_wait_flag_sys(ep_ws(args, threadIdx.x) + WS_COMB_READY, seq, args.timeout_ns)) ep_timeout(args, ws, threadIdx.x);
-        }
-        __syncthreads();
-    }
+    if (!ep_combine_ready(args, ws, mask, seq)) return;
     // Only a wait can have masked a peer since the mask was read.
     const ep_u64 live = (args.sync & EP_SYNC_WAIT) ? ep_load_mask(args) : mask;
     ep_u8* out = reinterpret_cast<ep_u8*>(args.rank[rank].out);
@@ -374,6 +349,8 @@ ep_ll_combine(const EpArgs args) {
         __syncwarp();   // every lane is done with this item's table before the next overwrites it
     }
     const bool done = args.sync & EP_SYNC_DONE;
+    // The start mask, not `live`: a peer masked for missing the ready wait may only be slow and
+    // still be reading our rows; waiting (bounded) for it keeps the next step from overwriting them.
     ep_arrive_and_wait(args, rank, mask, WS_COMB_BLOCKS, WS_COMB_DONE, seq, done, done);
 #endif
 }

@@ -181,6 +181,53 @@ EP_DEVICE void ep_copy_piece(const ep_u8* src, const ep_u64 (&targets)[32], int 
     }
 }
 
+// The update's half of the all-gather: writes this rank's row of E + R words, value(i), into
+// the table at word `table` of every active rank, then, after a fence, raises this rank's
+// WS_COUNT_FLAG there to `flag`. Call from every thread of the block.
+template <typename Value>
+EP_DEVICE void ep_publish_row(const EpArgs& args, int rank, ep_u64 mask, int table, ep_u32 flag, Value value) {
+    for (int i = threadIdx.x; i < EP_E + EP_R; i += blockDim.x) {
+        const ep_u32 word = static_cast<ep_u32>(value(i));
+        for (int d = 0; d < EP_R; ++d) {
+            if (ep_active(mask, d)) ep_ws(args, d)[table + rank * (EP_E + EP_R) + i] = word;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
+        __threadfence();
+        ep_store_release_sys(ep_ws(args, threadIdx.x) + WS_COUNT_FLAG + rank, flag);
+    }
+}
+
+// Turns per-warp counts into exclusive prefixes over the warps, in place, and returns the
+// total of column i.
+template <int WARPS>
+EP_DEVICE int ep_warp_prefix(int (&counts)[WARPS][EP_E + EP_R], int i) {
+    int running = 0;
+    for (int w = 0; w < WARPS; ++w) {
+        const int here = counts[w][i];
+        counts[w][i] = running;
+        running += here;
+    }
+    return running;
+}
+
+// Combine's meeting point. With `signal`: this rank's expert outputs are final (a rank's
+// combine, or its send-only half, runs after them on its stream). With `wait`: block-wide,
+// bounded wait until every active peer's are. Returns false for the send-only half, which moves
+// no data. Call from every thread, after the step check.
+EP_DEVICE bool ep_combine_ready(const EpArgs& args, ep_u32* ws, ep_u64 mask, ep_u32 seq) {
+    if ((args.sync & EP_SYNC_SIGNAL) && blockIdx.x == 0 && threadIdx.x == 0) ep_store_release_sys(ws + WS_COMB_READY, seq);
+    if (args.sync & EP_SYNC_NO_DATA) return false;
+    if (args.sync & EP_SYNC_WAIT) {
+        if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
+            if (!ep_wait_flag_sys(ep_ws(args, threadIdx.x) + WS_COMB_READY, seq, args.timeout_ns)) ep_timeout(args, ws, threadIdx.x);
+        }
+        __syncthreads();
+    }
+    return true;
+}
+
 // With `signal`, the last block of this rank to finish tells every destination that this rank
 // is done with it (flag = the step's sequence number). With `wait`, block 0 waits until every
 // active peer has said so for this rank: the call then ends only when its data is complete.
