@@ -109,7 +109,7 @@ func oracleStep(_ config: GroupConfig, _ inputs: StepInputs, direction: PassDire
 }
 
 /// Device buffers for one step of a virtual GPU group.
-final class GPUStep {
+final class GPUStep: @unchecked Sendable {
     let config: GroupConfig
     let device: GPUDevice
     var idx: [DeviceTensor] = [], x: [DeviceTensor] = [], w: [DeviceTensor] = [], y: [DeviceTensor] = []
