@@ -9,8 +9,12 @@ import Testing
 /// 6 runs: about 3 s (one timeout) for 80 steps and a group that lost ranks 1–3 from its mask; the
 /// same happens, now and then, when suites with per-rank tests run in parallel. Two attempted
 /// fixes (a device-wide lock over a call's per-rank launches; every call fenced behind all work on
-/// the shared rank streams) did not cure it, the second made it hang. See the closing note of
-/// session 3. Enable with EP_GPU_TESTS=1 EP_REPRODUCE_CONCURRENT_PER_RANK=1; once it passes, drop
+/// the shared rank streams) did not cure it, the second made it hang. The likeliest cause, not yet
+/// tested: CUDA's lazy loading (the default since 12.2). A group's first launch of a kernel, or
+/// its module load, may synchronise the context; if that falls between another group's per-rank
+/// launches, the ranks already launched spin until the timeout (CUDA Programming Guide, "Lazy
+/// Loading", potential hazards). Candidate fix: load every function eagerly (cuFuncLoad) and keep
+/// module loads and a call's per-rank launch loop under one device-wide lock. Enable with EP_GPU_TESTS=1 EP_REPRODUCE_CONCURRENT_PER_RANK=1; once it passes, drop
 /// the second condition so it joins the GPU suite.
 @Suite(.enabled(if: gpuTestsEnabled && ProcessInfo.processInfo.environment["EP_REPRODUCE_CONCURRENT_PER_RANK"] == "1",
                 "reproduces an open defect: set EP_GPU_TESTS=1 EP_REPRODUCE_CONCURRENT_PER_RANK=1"))
