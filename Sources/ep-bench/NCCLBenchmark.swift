@@ -25,7 +25,7 @@ struct NCCLBenchmark {
         config = try config.validated()
         let group = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl, tuning: tuning, sharing: sharing)
         let data = BenchData(config: config, tokens: benchCase.tokens, seed: seed, skew: skew)
-        let step = try NCCLStep(group: group, data: data, rank: rank, device: device)
+        let step = try NCCLStep(group: group, data: data, rank: rank)
         let driver = device.driver
         let total = warmup + iterations
         let events = try (0..<(5 * total)).map { _ in try driver.createEvent() }

@@ -9,8 +9,9 @@ struct NCCLStep {
     let group: NCCLRankGroup
     let x: DeviceTensor, weights: DeviceTensor, routing: DeviceTensor, combined: DeviceTensor
 
-    init(group: NCCLRankGroup, data: BenchData, rank: Int, device: GPUDevice) throws {
+    init(group: NCCLRankGroup, data: BenchData, rank: Int) throws {
         self.group = group
+        let device = group.device
         func upload(_ host: HostTensor) throws -> DeviceTensor { try DeviceTensor(uploading: host, on: device) }
         x = try upload(data.tokens[rank])
         weights = try upload(data.weights[rank])
