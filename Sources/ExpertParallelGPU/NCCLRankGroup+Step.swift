@@ -1,153 +1,146 @@
 import ExpertParallel
 import ExpertParallelCUDA
 
-// EP_SYNC_* bits of ep_step.cuh. A rank of its own process always meets its peers through flags.
-private let syncSignal: UInt64 = 1, syncWait: UInt64 = 2, syncNoData: UInt64 = 4, syncDone: UInt64 = 8
-
 extension NCCLRankGroup {
     var location: MemoryLocation { .device(device.ordinal) }
 
-    /// The shared buffers dispatch writes, as the outputs of this rank.
-    public var dispatchOutput: DispatchOutput {
-        DispatchOutput(tokens: receivedTokens, topkIdx: receivedIndices, topkWeights: receivedWeights)
+    /// The shared buffers of slot 0 that dispatch writes, as the outputs of this rank.
+    public var dispatchOutput: DispatchOutput { slots[0].dispatchOutput }
+
+    /// `handle`'s step: this rank's routing, `[B, K]` int32 or int64 on this rank's device (an
+    /// array of one, as every `StepGroup` call takes one tensor per local rank).
+    public func update(_ handle: GPUStepHandle, topkIdx: [TensorRef], options: CallOptions = CallOptions()) throws(EPError) {
+        try engine.update(handle, topkIdx: topkIdx, options: options)
     }
 
-    /// This step's routing, `[B, K]` int32 or int64 on this rank's device.
-    public func update(topkIdx: TensorRef, stream: CUDAStream? = nil) throws(EPError) {
-        guard pending == nil else { throw .wrongOrder("complete() the pending send-only call first") }
-        step = nil   // a rejected update voids the step (see VirtualGPUGroup.update)
-        guard topkIdx.shape.count == 2, topkIdx.shape[1] == config.topK, topkIdx.shape[0] <= config.maxTokensPerRank else {
+    /// Sends this rank's rows of `handle`'s step into their slots on every rank. `outputs` names
+    /// the buffer slot: it must be `[slots[s].dispatchOutput]`; this rank's received rows land
+    /// there once every peer's rows have arrived (the call waits for them on the GPU), and the
+    /// step's combine reads slot s's expert outputs.
+    public func dispatch(
+        _ handle: GPUStepHandle, _ inputs: [DispatchInput], into outputs: [DispatchOutput], direction: PassDirection = .forward,
+        options: CallOptions = CallOptions()
+    ) throws(EPError) {
+        try engine.checkLocalCount(outputs.count, "outputs")
+        guard let slot = slots.firstIndex(where: { $0.receivedTokens.address == outputs[0].tokens.address }) else {
             throw .invalidArgument(
-                field: "topkIdx.shape", value: "\(topkIdx.shape)",
-                requirement: "must be [tokens ≤ maxTokensPerRank (\(config.maxTokensPerRank)), topK = \(config.topK)]")
+                field: "outputs[0].tokens", value: "\(address(outputs[0].tokens))",
+                requirement: "must be the receive buffer of one of this rank's \(bufferSlots) buffer slots (slots[s].dispatchOutput): the other ranks write it")
         }
-        try TensorCheck.require(topkIdx, "topkIdx", dtypes: [.i32, .i64], shape: topkIdx.shape, location: location)
-        try requireAligned(topkIdx, "topkIdx", topkIdx.dtype.byteSize)
-        let k = try kernels(.init(indexBytes: topkIdx.dtype.byteSize, receivedIndexBytes: 4, vectorBytes: 16))
-        try launch(k.update, threads: config.algorithm == .lowLatency ? 256 : 512, blocks: 1, sync: 0, weighted: false,
-                   stream: stream) { r, w in
-            if r == rank {
-                w[1] = address(topkIdx)
-                w[8] = UInt64(topkIdx.shape[0])
-            }
-        }
-        step = (topkIdx, topkIdx.dtype.byteSize)
+        try dispatch(handle, inputs, slot: slot, options: options)
     }
 
-    /// Sends this rank's rows into their slots on every rank; this rank's received rows land in
-    /// `dispatchOutput` once every peer's rows have arrived (the call waits for them on the GPU).
-    public func dispatch(_ input: DispatchInput, phase: CallPhase = .whole, stream: CUDAStream? = nil) throws(EPError) {
-        let step = try currentStep()
-        try config.validateDispatch(input, dispatchOutput, tokens: step.routing.shape[0], location: location)
+    /// Sends this rank's rows of `handle`'s step into buffer slot `slot` on every rank.
+    public func dispatch(_ handle: GPUStepHandle, _ inputs: [DispatchInput], slot: Int, options: CallOptions = CallOptions()) throws(EPError) {
+        try engine.checkNothingPending()
+        let step = try handle.currentStep()
+        try engine.checkLocalCount(inputs.count, "inputs")
+        guard slot >= 0, slot < bufferSlots else {
+            throw .invalidArgument(field: "slot", value: "\(slot)", requirement: "must be in 0..<\(bufferSlots)")
+        }
+        let input = inputs[0]
+        try config.validateDispatch(input, slots[slot].dispatchOutput, tokens: step.routing[0].shape[0], location: location)
         try requireAligned(input.tokens, "input.tokens", 8)
         try requireAligned(input.topkWeights, "input.topkWeights", 4)
-        let aligned = config.rowBytes % 16 == 0 && address(input.tokens) % 16 == 0
-        let k = try kernels(.init(indexBytes: step.indexBytes, receivedIndexBytes: 4, vectorBytes: aligned ? 16 : 8))
-        let enqueue = { [self] (sync: UInt64, blocks: Int, stream: CUDAStream?) throws(EPError) in
-            try launch(k.dispatch, threads: VirtualGPUGroup.threadsPerBlock, blocks: blocks, sync: sync, weighted: false, stream: stream) { r, w in
-                if r == rank {
-                    w[0] = address(input.tokens)
-                    w[1] = address(step.routing)
-                    w[2] = input.topkWeights.map(address) ?? 0
-                    w[8] = UInt64(step.routing.shape[0])
-                }
-                w[3] = peers[r].received.rawValue
-                w[4] = peers[r].receivedIndices.rawValue
-                w[5] = peers[r].receivedWeights.rawValue
-            }
-        }
-        switch phase {
-        case .whole: try enqueue(syncSignal | syncWait, blocks, stream)
-        case .sendOnly:
-            try enqueue(syncSignal, blocks, stream)
-            pending = PendingCall(name: "dispatch") { stream throws(EPError) in try enqueue(syncWait | syncNoData, 1, stream) }
-        }
+        try engine.dispatch(
+            handle, inputs,
+            received: { [peers] r in
+                ReceiveBuffers(rows: peers[r].received(slot).rawValue, indices: peers[r].receivedIndices(slot).rawValue,
+                               weights: peers[r].receivedWeights(slot).rawValue)
+            },
+            receivedIndexBytes: 4, vectorBytes: engine.vectorBytes([address(input.tokens)]), options: options)
+        handle.setSlot(slot)
     }
 
-    /// Pulls this rank's rows back from every rank's `expertOutputs` and reduces them (the
-    /// fixed order of DESIGN.md). `input.expertOutputs` must be this rank's `expertOutputs`
-    /// buffer; HT expert-major forward takes `receivedWeights` as `topkWeights`, HT backward
-    /// takes `weightGradients`: the buffers the other ranks read.
+    /// Pulls this rank's rows of `handle`'s step back from every rank's expert outputs (of the
+    /// slot its dispatch used) and reduces them (the fixed order of DESIGN.md).
+    /// `inputs[0].expertOutputs` must be this rank's `slots[s].expertOutputs`; HT expert-major
+    /// forward takes `slots[s].receivedWeights` as `topkWeights`, HT backward takes
+    /// `slots[s].weightGradients`: the buffers the other ranks read.
+    public func combine(
+        _ handle: GPUStepHandle, _ inputs: [CombineInput], into outputs: [CombineOutput], direction: PassDirection = .forward,
+        options: CallOptions = CallOptions()
+    ) throws(EPError) {
+        try engine.checkNothingPending()
+        let step = try handle.currentStep()
+        try engine.checkLocalCount(inputs.count, "inputs")
+        try engine.checkLocalCount(outputs.count, "outputs")
+        guard let slot = handle.bufferSlot else { throw .wrongOrder("combine needs this handle's dispatch first: it names the buffer slot") }
+        let input = inputs[0], output = outputs[0], buffers = slots[slot]
+        try config.validateCombine(input, output, tokens: step.routing[0].shape[0], direction: direction, location: location)
+        try requireShared(input.expertOutputs, buffers.expertOutputs, "input.expertOutputs", "slots[\(slot)].expertOutputs")
+        try requireAligned(output.tokens, "output.tokens", 8)
+        try requireAligned(input.topkWeights, "input.topkWeights", 4)
+        try requireAligned(output.topkWeightGradients, "output.topkWeightGradients", 4)
+        if config.isExpertMajorHT, direction == .forward, let weights = buffers.receivedWeights {
+            try requireShared(input.topkWeights, weights, "input.topkWeights", "slots[\(slot)].receivedWeights")
+        }
+        if config.algorithm == .highThroughput, direction == .backward, let gradients = buffers.weightGradients {
+            try requireShared(input.weightGradients, gradients, "input.weightGradients", "slots[\(slot)].weightGradients")
+        }
+        let layout = config.layout, rank = self.rank
+        try engine.combine(
+            handle, into: outputs,
+            experts: { [peers] r in
+                // LL expert-major weighs with the source's own [B, K]; HT expert-major with each
+                // destination's per-slot weights.
+                let weights = layout == .expertMajor ? (r == rank ? input.topkWeights.map(address) ?? 0 : 0) : peers[r].receivedWeights(slot).rawValue
+                return ExpertSide(rows: peers[r].expertOutputs(slot).rawValue, weights: weights, weightGradients: peers[r].weightGradients(slot).rawValue)
+            },
+            direction: direction, vectorBytes: engine.vectorBytes([address(output.tokens)]), options: options)
+    }
+
+    /// Enqueues the second half of the last send-only dispatch or combine.
+    public func complete(options: CallOptions) throws(EPError) { try engine.complete(options: options) }
+
+    // MARK: the calls on the group's default handle (buffer slot 0)
+
+    /// `update` on the group's default handle.
+    public func update(topkIdx: TensorRef, stream: CUDAStream? = nil) throws(EPError) {
+        try update(try defaultHandle(), topkIdx: [topkIdx], options: .init(stream))
+    }
+
+    /// `dispatch` of the default handle's step into slot 0 (`dispatchOutput`).
+    public func dispatch(_ input: DispatchInput, phase: CallPhase = .whole, stream: CUDAStream? = nil) throws(EPError) {
+        try dispatch(try defaultHandle(), [input], slot: 0, options: .init(stream, phase: phase))
+    }
+
+    /// `combine` of the default handle's step.
     public func combine(
         _ input: CombineInput, into output: CombineOutput, direction: PassDirection = .forward, phase: CallPhase = .whole,
         stream: CUDAStream? = nil
     ) throws(EPError) {
-        let step = try currentStep()
-        try config.validateCombine(input, output, tokens: step.routing.shape[0], direction: direction, location: location)
-        try requireShared(input.expertOutputs, expertOutputs, "input.expertOutputs", "expertOutputs")
-        try requireAligned(output.tokens, "output.tokens", 8)
-        try requireAligned(input.topkWeights, "input.topkWeights", 4)
-        try requireAligned(output.topkWeightGradients, "output.topkWeightGradients", 4)
-        if config.isExpertMajorHT, direction == .forward, let weights = receivedWeights {
-            try requireShared(input.topkWeights, weights, "input.topkWeights", "receivedWeights")
-        }
-        if config.algorithm == .highThroughput, direction == .backward, let gradients = weightGradients {
-            try requireShared(input.weightGradients, gradients, "input.weightGradients", "weightGradients")
-        }
-        let aligned = config.rowBytes % 16 == 0 && address(output.tokens) % 16 == 0
-        let k = try kernels(.init(indexBytes: step.indexBytes, receivedIndexBytes: 4, vectorBytes: aligned ? 16 : 8))
-        let weighted = direction == .forward && (config.layout == .expertMajor || config.isExpertMajorHT)
-        let enqueue = { [self] (sync: UInt64, blocks: Int, stream: CUDAStream?) throws(EPError) in
-            try launch(k.combine, threads: VirtualGPUGroup.threadsPerBlock, blocks: blocks, sync: sync, weighted: weighted, stream: stream) { r, w in
-                if r == rank {
-                    w[1] = address(step.routing)
-                    w[6] = address(output.tokens)
-                    w[8] = UInt64(step.routing.shape[0])
-                    w[10] = output.topkWeightGradients.map(address) ?? 0
-                }
-                // LL expert-major weighs with the source's own [B, K]; HT expert-major with
-                // each destination's per-slot weights.
-                w[2] = config.layout == .expertMajor ? (r == rank ? input.topkWeights.map(address) ?? 0 : 0) : peers[r].receivedWeights.rawValue
-                w[3] = peers[r].expertOutputs.rawValue
-                w[9] = peers[r].weightGradients.rawValue
-            }
-        }
-        switch phase {
-        case .whole: try enqueue(syncSignal | syncWait | syncDone, blocks, stream)
-        case .sendOnly:
-            try enqueue(syncSignal | syncNoData, 1, stream)
-            pending = PendingCall(name: "combine") { [blocks] stream throws(EPError) in try enqueue(syncWait | syncDone, blocks, stream) }
-        }
+        try combine(try defaultHandle(), [input], into: [output], direction: direction, options: .init(stream, phase: phase))
     }
 
     /// Enqueues the second half of the last send-only dispatch or combine.
-    public func complete(stream: CUDAStream? = nil) throws(EPError) {
-        guard let call = pending else { throw .wrongOrder("complete() needs a dispatch or combine issued with phase .sendOnly") }
-        pending = nil
-        try call.enqueue(stream)
-    }
+    public func complete(stream: CUDAStream? = nil) throws(EPError) { try engine.complete(options: .init(stream)) }
 
-    /// Synchronises the device, then throws the error this rank recorded in the last step.
-    public func checkStatus() throws(EPError) {
-        try gpu { try device.driver.synchronizeContext() }
-        let words = try gpu { try device.driver.read(UInt32.self, from: peers[rank].workspace.advanced(by: StepWorkspace.status * 4), count: 4) }
-        if let error = DeviceStatus.error(words, rank: rank, config: config) { throw error }
-    }
+    // MARK: status
 
-    /// What this rank received in the last step (synchronises).
-    public func layoutInfo() throws(EPError) -> LayoutInfo {
-        try gpu { try device.driver.synchronizeContext() }
-        let words = try gpu {
-            try device.driver.read(UInt32.self, from: peers[rank].workspace.advanced(by: workspace.layout * 4), count: workspace.layoutWords)
-        }.map { Int($0) }
-        return workspace.layoutInfo(words, config: config)
-    }
+    /// Synchronises the device, then throws the error this rank recorded since the last check.
+    public func checkStatus() throws(EPError) { try engine.checkStatus() }
+
+    /// What this rank received in the default handle's last step (synchronises).
+    public func layoutInfo() throws(EPError) -> LayoutInfo { try engine.layoutInfo(try defaultHandle(), rank: rank) }
+
+    /// What this rank received in `handle`'s step (synchronises); `rank` must be this rank.
+    public func layoutInfo(_ handle: GPUStepHandle, rank: Int) throws(EPError) -> LayoutInfo { try engine.layoutInfo(handle, rank: rank) }
 
     /// This rank's view of the active ranks: a peer that missed the timeout is removed (synchronises).
-    public var activeRanks: RankMask {
-        get throws(EPError) {
-            try gpu { try device.driver.synchronizeContext() }
-            return RankMask(bits: try gpu { try device.driver.read(UInt64.self, from: mask, count: 1)[0] })
-        }
+    public var activeRanks: RankMask { get throws(EPError) { try engine.activeRanks } }
+
+    /// Not offered yet: masking a rank of another process needs every rank to agree.
+    public func deactivate(rank: Int) throws(EPError) {
+        throw .wrongOrder("an NCCL rank group does not offer deactivate yet; a rank that times out is masked by its peers")
+    }
+
+    /// Not offered yet: the ranks would have to clear their workspaces together (a bounded barrier).
+    public func clean(ranks: RankMask) throws(EPError) {
+        throw .wrongOrder("an NCCL rank group does not offer clean yet")
     }
 
     // MARK: helpers
-
-    func currentStep() throws(EPError) -> (routing: TensorRef, indexBytes: Int) {
-        if let pending { throw .wrongOrder("complete() the pending send-only \(pending.name) first") }
-        guard let step else { throw .wrongOrder("dispatch and combine need update with this step's topkIdx first") }
-        return step
-    }
 
     func requireShared(_ given: TensorRef?, _ shared: TensorRef, _ field: String, _ name: String) throws(EPError) {
         guard let given, given.address == shared.address else {
@@ -155,26 +148,5 @@ extension NCCLRankGroup {
                 field: field, value: given.map { "\(address($0))" } ?? "nil",
                 requirement: "must be this rank's shared `\(name)` buffer (\(address(shared))): the other ranks read it")
         }
-    }
-
-    func kernels(_ variant: StepKernels.Variant) throws(EPError) -> StepKernels {
-        if let k = kernelCache[variant] { return k }
-        try device.makeCurrent()
-        let k = try StepKernels(device: device, config: config, variant: variant, tuning: tuning)
-        kernelCache[variant] = k
-        return k
-    }
-
-    /// Fills `EpArgs` (every rank's words: `fill` sets the buffers; the workspace is the rank's
-    /// shared one) and launches one grid of this rank's blocks.
-    func launch(
-        _ function: CUDAFunction, threads: Int, blocks: Int, sync: UInt64, weighted: Bool, stream callerStream: CUDAStream?,
-        rank fill: (Int, UnsafeMutableBufferPointer<UInt64>) -> Void
-    ) throws(EPError) {
-        let pieces = StepArguments.rowPieces(tuning, blocks: blocks, tokens: step?.routing.shape[0] ?? 1, rowBytes: config.rowBytes)
-        args.fill(workspace: { self.peers[$0].workspace }, mask: mask, timeout: config.timeout, firstRank: rank, sync: sync,
-                  weighted: weighted, pieces: pieces, rank: fill)
-        try device.makeCurrent()
-        try gpu { try args.launch(function, on: device, grid: .init(x: UInt32(blocks), y: 1), threads: threads, stream: callerStream ?? stream) }
     }
 }

@@ -1,61 +1,84 @@
 import ExpertParallel
 import ExpertParallelCUDA
+import Foundation
 
 /// One rank of a group whose ranks are processes, one GPU each, joined by an NCCL communicator
-/// (DESIGN.md, layer 4, "NCCL ranks"). It runs the same kernels as `VirtualGPUGroup`'s
-/// per-rank launches: the peer table holds the other ranks' buffers, mapped into this process.
+/// (DESIGN.md, layer 4, "NCCL ranks"). A thin façade over the `StepEngine`, as `VirtualGPUGroup`
+/// is: its peer table holds the other ranks' buffers, mapped into this process.
 ///
 /// Everything another rank reads or writes lives in buffers this group owns and shares at
 /// creation, so that their addresses are fixed: the receive rows (dispatch writes them), the
 /// received local idx and weights, the expert outputs (combine reads them; write the experts'
 /// results there) and, for HT's backward pass, the weight gradients per received row or slot.
+/// They come in `bufferSlots` sets (default 2), so that two steps' rows can be in flight: a
+/// dispatch names its slot (its output buffers), and that step's combine reads the same slot.
 /// The buffers come from `ncclMemAlloc` and are registered as NCCL windows; on NCCL 2.28, which
 /// has no host query for a peer's window address (2.30 has), their handles are all-gathered
 /// through the communicator and mapped here (`PeerBuffers`).
-public final class NCCLRankGroup: @unchecked Sendable {
+public final class NCCLRankGroup: StepGroup, @unchecked Sendable {
     public let config: GroupConfig
     public let device: GPUDevice
     public let rank: Int
     public let comm: NCCLComm
-    public let tuning: GPUTuning
-    public let stream: CUDAStream
-    /// `receiveShape` rows of this rank: dispatch output.
-    public let receivedTokens: TensorRef
-    /// `receiveRoutingShape` local expert ids (int32) and weights (float32), where the layout has them.
-    public let receivedIndices: TensorRef?
-    public let receivedWeights: TensorRef?
-    /// `receiveShape`: where this rank's experts put their outputs for combine.
-    public let expertOutputs: TensorRef
-    /// HT backward: `receiveRoutingShape` float32 gradients of the received weights.
-    public let weightGradients: TensorRef?
+    public var tuning: GPUTuning { engine.tuning }
+    public var stream: CUDAStream { engine.stream }
+    public var localRanks: [Int] { [rank] }
+    /// Sets of receive and expert-output buffers; each step's rows use one.
+    public let bufferSlots: Int
+    /// This rank's buffers of each slot.
+    public let slots: [SlotBuffers]
+
+    /// `receiveShape` rows of this rank in slot 0: dispatch output.
+    public var receivedTokens: TensorRef { slots[0].receivedTokens }
+    /// `receiveRoutingShape` local expert ids (int32) and weights (float32) in slot 0, where the layout has them.
+    public var receivedIndices: TensorRef? { slots[0].receivedIndices }
+    public var receivedWeights: TensorRef? { slots[0].receivedWeights }
+    /// `receiveShape` in slot 0: where this rank's experts put their outputs for combine.
+    public var expertOutputs: TensorRef { slots[0].expertOutputs }
+    /// HT backward: `receiveRoutingShape` float32 gradients of the received weights, in slot 0.
+    public var weightGradients: TensorRef? { slots[0].weightGradients }
 
     let nccl: NCCLLibrary
-    let workspace: StepWorkspace
-    let blocks: Int
+    let engine: StepEngine
     /// Every rank's shared buffers, this rank's own included (local addresses).
     let peers: [SharedBuffers]
     /// How the shared buffers were allocated and mapped (`PeerBuffers`).
     public var sharing: PeerSharing { shared.sharing }
     private let shared: PeerBuffers
-    let mask: DevicePointer
-    let args: StepArguments
-    var kernelCache: [StepKernels.Variant: StepKernels] = [:]
-    var step: (routing: TensorRef, indexBytes: Int)?
-    var pending: PendingCall?
+    private let lock = NSLock()
+    private var implicitHandle: GPUStepHandle?
 
-    /// The buffers of one rank that the others reach.
-    struct SharedBuffers {
-        var workspace: DevicePointer
-        var received: DevicePointer
-        var receivedIndices: DevicePointer
-        var receivedWeights: DevicePointer
-        var expertOutputs: DevicePointer
-        var weightGradients: DevicePointer
+    /// One slot's buffers of this rank, as tensors.
+    public struct SlotBuffers: Sendable {
+        public let receivedTokens: TensorRef
+        public let receivedIndices: TensorRef?
+        public let receivedWeights: TensorRef?
+        public let expertOutputs: TensorRef
+        public let weightGradients: TensorRef?
 
-        var all: [DevicePointer] { [workspace, received, receivedIndices, receivedWeights, expertOutputs, weightGradients] }
-        init(_ p: [DevicePointer]) {
-            (workspace, received, receivedIndices, receivedWeights, expertOutputs, weightGradients) = (p[0], p[1], p[2], p[3], p[4], p[5])
+        /// The slot's receive buffers as dispatch outputs.
+        public var dispatchOutput: DispatchOutput {
+            DispatchOutput(tokens: receivedTokens, topkIdx: receivedIndices, topkWeights: receivedWeights)
         }
+    }
+
+    /// The buffers of one rank that the others reach: its workspace, then per slot its
+    /// received rows, ids and weights, expert outputs and weight gradients.
+    struct SharedBuffers {
+        static let perSlot = 5
+        var workspace: DevicePointer
+        var slots: [[DevicePointer]]
+
+        init(_ p: [DevicePointer]) {
+            workspace = p[0]
+            slots = stride(from: 1, to: p.count, by: Self.perSlot).map { Array(p[$0..<($0 + Self.perSlot)]) }
+        }
+
+        func received(_ slot: Int) -> DevicePointer { slots[slot][0] }
+        func receivedIndices(_ slot: Int) -> DevicePointer { slots[slot][1] }
+        func receivedWeights(_ slot: Int) -> DevicePointer { slots[slot][2] }
+        func expertOutputs(_ slot: Int) -> DevicePointer { slots[slot][3] }
+        func weightGradients(_ slot: Int) -> DevicePointer { slots[slot][4] }
     }
 
     /// Joins: allocates this rank's shared buffers, shares them through `comm` and maps the other
@@ -64,10 +87,10 @@ public final class NCCLRankGroup: @unchecked Sendable {
     /// (`NCCLLibrary.initRank` makes it so).
     public init(
         _ config: GroupConfig, device: GPUDevice, comm: NCCLComm, nccl: NCCLLibrary, multiprocessors: Int? = nil,
-        tuning: GPUTuning = GPUTuning(), sharing: PeerSharing = .ncclWindows
+        tuning: GPUTuning = GPUTuning(), sharing: PeerSharing = .ncclWindows, bufferSlots: Int = 2
     ) throws(EPError) {
         let config = try config.validatedForGPU()
-        self.tuning = try tuning.validated(config)
+        let tuning = try tuning.validated(config)
         let (rank, size) = try gpu { (try nccl.userRank(comm), try nccl.count(comm)) }
         guard size == config.ranks else {
             throw .invalidConfig(field: "ranks", value: "\(config.ranks)", requirement: "must equal the communicator's size (\(size))")
@@ -76,25 +99,25 @@ public final class NCCLRankGroup: @unchecked Sendable {
         guard sms >= 1, sms <= device.multiprocessors else {
             throw .invalidArgument(field: "multiprocessors", value: "\(sms)", requirement: "must be in 1...\(device.multiprocessors)")
         }
+        guard bufferSlots >= 1, bufferSlots <= 8 else {
+            throw .invalidArgument(field: "bufferSlots", value: "\(bufferSlots)", requirement: "must be in 1...8")
+        }
         self.config = config
         self.device = device
         self.rank = rank
         self.comm = comm
         self.nccl = nccl
-        // One GPU per rank: the rank's blocks may fill it.
-        blocks = max(1, sms * (tuning.blocksPerMultiprocessor ?? 2))
+        self.bufferSlots = bufferSlots
         let workspace = StepWorkspace(config)
-        self.workspace = workspace
         try device.makeCurrent()
         let driver = device.driver
         let stream = try gpu { try driver.createStream() }
-        self.stream = stream
         var built = false
         defer { if !built { try? driver.destroy(stream) } }   // a failed join leaks nothing here
 
         let rowBytes = config.receiveShape.reduce(1, *) * config.elementType.byteSize
-        let routingCount = config.receiveRoutingShape?.reduce(1, *) ?? 0
-        let sizes = [workspace.bytes, rowBytes, max(routingCount, 1) * 4, max(routingCount, 1) * 4, rowBytes, max(routingCount, 1) * 4]
+        let routingBytes = max(config.receiveRoutingShape?.reduce(1, *) ?? 0, 1) * 4
+        let sizes = [workspace.bytes] + Array(repeating: [rowBytes, routingBytes, routingBytes, rowBytes, routingBytes], count: bufferSlots).flatMap { $0 }
         let shared = try PeerBuffers(
             sizes: sizes, sharing: sharing, device: device, comm: comm, nccl: nccl, rank: rank, ranks: config.ranks,
             stream: stream, timeout: config.timeout)
@@ -103,14 +126,19 @@ public final class NCCLRankGroup: @unchecked Sendable {
         func view(_ p: DevicePointer, _ type: DataType, _ shape: [Int]) -> TensorRef {
             TensorRef(address: UnsafeMutableRawPointer(bitPattern: UInt(p.rawValue)), dtype: type, shape: shape, location: .device(device.ordinal))
         }
-        receivedTokens = view(mine.received, config.elementType, config.receiveShape)
-        expertOutputs = view(mine.expertOutputs, config.elementType, config.receiveShape)
-        receivedIndices = config.receiveRoutingShape.map { view(mine.receivedIndices, .i32, $0) }
-        receivedWeights = config.receiveRoutingShape.map { view(mine.receivedWeights, .f32, $0) }
-        weightGradients = config.algorithm == .highThroughput ? config.receiveRoutingShape.map { view(mine.weightGradients, .f32, $0) } : nil
+        slots = (0..<bufferSlots).map { s in
+            SlotBuffers(
+                receivedTokens: view(mine.received(s), config.elementType, config.receiveShape),
+                receivedIndices: config.receiveRoutingShape.map { view(mine.receivedIndices(s), .i32, $0) },
+                receivedWeights: config.receiveRoutingShape.map { view(mine.receivedWeights(s), .f32, $0) },
+                expertOutputs: view(mine.expertOutputs(s), config.elementType, config.receiveShape),
+                weightGradients: config.algorithm == .highThroughput ? config.receiveRoutingShape.map { view(mine.weightGradients(s), .f32, $0) } : nil)
+        }
         peers = shared.byRank.map(SharedBuffers.init)
-        mask = try device.allocateMask(ranks: config.ranks)
-        args = StepArguments(ranks: config.ranks)
+        let mask = try device.allocateMask(ranks: config.ranks)
+        engine = StepEngine(
+            config: config, device: device, tuning: tuning, placement: .process(rank: rank), workspaces: peers.map(\.workspace),
+            mask: mask, stream: stream, multiprocessors: sms)
         built = true
     }
 
@@ -118,9 +146,23 @@ public final class NCCLRankGroup: @unchecked Sendable {
         let driver = device.driver
         try? device.makeCurrent()   // the last reference may go on any thread
         try? driver.synchronizeContext()   // work may still use the buffers freed below
-        let everyone = (try? driver.read(UInt64.self, from: mask, count: 1)[0]).map { RankMask(bits: $0) == RankMask.all(config.ranks) } ?? false
+        implicitHandle?.release()
+        let everyone = (try? driver.read(UInt64.self, from: engine.mask, count: 1)[0]).map { RankMask(bits: $0) == RankMask.all(config.ranks) } ?? false
         shared.release(collectively: everyone)
-        try? driver.free(mask)
-        try? driver.destroy(stream)
+        try? driver.free(engine.mask)
+        try? driver.destroy(engine.stream)
+    }
+
+    /// A new step handle: a few KB of device memory for this rank's routing metadata.
+    public func makeHandle() throws(EPError) -> GPUStepHandle { try engine.makeHandle() }
+
+    /// The handle the calls without one use, made on first use.
+    func defaultHandle() throws(EPError) -> GPUStepHandle {
+        lock.lock()
+        defer { lock.unlock() }
+        if let implicitHandle { return implicitHandle }
+        let handle = try engine.makeHandle()
+        implicitHandle = handle
+        return handle
     }
 }

@@ -1,46 +1,118 @@
 import ExpertParallel
 import ExpertParallelCUDA
 
-/// The kernels' one parameter, `EpArgs` of ep_step.cuh: every rank's `EpRankArgs` words (the peer
-/// table), then the launch's own words. One block per group, refilled for each launch.
+/// A field of one rank's `EpRankArgs` (ep_step.cuh), in the kernel's order: field i is the
+/// 8-byte word at byte 8 i. `macro` is its name in the kernel's `EP_RANK_FIELDS` list; the host
+/// passes each offset as `EP_OFF_RANK_<macro>` and the kernel checks it at compile time.
+enum RankField: Int, CaseIterable {
+    case tokens = 0, topkIdx, topkWeights, received, receivedIndices, receivedWeights, output, workspace, tokenCount,
+         weightGradientsIn, weightGradientsOut, handle
+
+    var macro: String {
+        switch self {
+        case .tokens: "X"
+        case .topkIdx: "TOPK_IDX"
+        case .topkWeights: "TOPK_WEIGHTS"
+        case .received: "RECV"
+        case .receivedIndices: "RECV_IDX"
+        case .receivedWeights: "RECV_WEIGHTS"
+        case .output: "OUT"
+        case .workspace: "WORKSPACE"
+        case .tokenCount: "TOKENS"
+        case .weightGradientsIn: "WEIGHT_GRADS_IN"
+        case .weightGradientsOut: "WEIGHT_GRADS_OUT"
+        case .handle: "HANDLE"
+        }
+    }
+}
+
+/// A field of `EpArgs` after the ranks' words: what the launch itself says.
+enum LaunchField: Int, CaseIterable {
+    case mask = 0, timeoutNanoseconds, firstRank, sync, weighted, slices
+
+    var macro: String {
+        switch self {
+        case .mask: "MASK"
+        case .timeoutNanoseconds: "TIMEOUT_NS"
+        case .firstRank: "FIRST_RANK"
+        case .sync: "SYNC"
+        case .weighted: "WEIGHTED"
+        case .slices: "SLICES"
+        }
+    }
+}
+
+/// One rank's words of the argument block, written by field name.
+struct RankArguments {
+    let words: UnsafeMutableBufferPointer<UInt64>
+
+    subscript(field: RankField) -> UInt64 {
+        get { words[field.rawValue] }
+        nonmutating set { words[field.rawValue] = newValue }
+    }
+
+    /// A tensor's address, or 0 for none.
+    func set(_ field: RankField, _ tensor: TensorRef?) { self[field] = tensor.map(address) ?? 0 }
+    func set(_ field: RankField, _ pointer: DevicePointer) { self[field] = pointer.rawValue }
+}
+
+/// `EP_SYNC_*` of ep_step.cuh: which flags a launch publishes and waits for.
+struct SyncBits: OptionSet {
+    let rawValue: UInt64
+    static let signal = SyncBits(rawValue: 1)
+    static let wait = SyncBits(rawValue: 2)
+    static let noData = SyncBits(rawValue: 4)
+    static let done = SyncBits(rawValue: 8)
+}
+
+/// The kernels' one parameter, `EpArgs` of ep_step.cuh: every rank's `EpRankArgs` (the peer
+/// table), then the launch's own fields. One block per group, refilled for each launch.
 final class StepArguments {
-    /// Words of one rank's `EpRankArgs`.
-    static let rankWords = 12
+    static let rankBytes = RankField.allCases.count * 8
     private let ranks: Int
     private let words: UnsafeMutableBufferPointer<UInt64>
-    private var tail: Int { Self.rankWords * ranks }
+    private var tail: Int { RankField.allCases.count * ranks }
 
     init(ranks: Int) {
         self.ranks = ranks
-        words = .allocate(capacity: Self.rankWords * ranks + 6)
+        words = .allocate(capacity: RankField.allCases.count * ranks + LaunchField.allCases.count)
+        words.initialize(repeating: 0)
     }
 
     deinit { words.deallocate() }
 
-    /// Fills every rank's words (`fill` sets the tensors; the workspace comes from `workspace`)
-    /// and the launch's: mask, timeout, first rank, `EP_SYNC_*` bits, weighting, row pieces.
-    func fill(
-        workspace: (Int) -> DevicePointer, mask: DevicePointer, timeout: Duration, firstRank: Int, sync: UInt64,
-        weighted: Bool, pieces: Int, rank fill: (Int, UnsafeMutableBufferPointer<UInt64>) -> Void
-    ) {
-        let n = Self.rankWords
-        for rank in 0..<ranks {
-            let rankWords = UnsafeMutableBufferPointer(rebasing: words[(rank * n)..<(rank * n + n)])
-            rankWords.update(repeating: 0)
-            fill(rank, rankWords)
-            rankWords[7] = workspace(rank).rawValue
-        }
-        let (seconds, attoseconds) = timeout.components
-        words[tail] = mask.rawValue
-        words[tail + 1] = UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
-        words[tail + 2] = UInt64(firstRank)
-        words[tail + 3] = sync
-        words[tail + 4] = weighted ? 1 : 0
-        words[tail + 5] = UInt64(pieces)
+    /// The -D defines that tell the kernel where the host writes each field; the kernel
+    /// `static_assert`s its own layout against them (EP_HOST_CONTRACT in ep_step.cuh).
+    static func contractDefines(ranks: Int) -> [String: String] {
+        var defines = ["EP_HOST_CONTRACT": "1", "EP_RANK_ARGS_BYTES": "\(rankBytes)",
+                       "EP_ARGS_BYTES": "\(rankBytes * ranks + LaunchField.allCases.count * 8)"]
+        for field in RankField.allCases { defines["EP_OFF_RANK_\(field.macro)"] = "\(field.rawValue * 8)" }
+        for field in LaunchField.allCases { defines["EP_OFF_\(field.macro)"] = "\(rankBytes * ranks + field.rawValue * 8)" }
+        return defines
     }
 
-    /// The rank of `blockIdx.y == 0` (separate launches per rank change only this word).
-    func setFirstRank(_ rank: Int) { words[tail + 2] = UInt64(rank) }
+    /// Rank `rank`'s words.
+    func rank(_ rank: Int) -> RankArguments {
+        let n = RankField.allCases.count
+        return RankArguments(words: UnsafeMutableBufferPointer(rebasing: words[(rank * n)..<(rank * n + n)]))
+    }
+
+    subscript(field: LaunchField) -> UInt64 {
+        get { words[tail + field.rawValue] }
+        set { words[tail + field.rawValue] = newValue }
+    }
+
+    /// Clears every rank's words, then sets the launch's.
+    func reset(mask: DevicePointer, timeout: Duration, firstRank: Int, sync: SyncBits, weighted: Bool, slices: Int) {
+        UnsafeMutableBufferPointer(rebasing: words[0..<tail]).update(repeating: 0)
+        let (seconds, attoseconds) = timeout.components
+        self[.mask] = mask.rawValue
+        self[.timeoutNanoseconds] = UInt64(seconds) * 1_000_000_000 + UInt64(attoseconds / 1_000_000_000)
+        self[.firstRank] = UInt64(firstRank)
+        self[.sync] = sync.rawValue
+        self[.weighted] = weighted ? 1 : 0
+        self[.slices] = UInt64(slices)
+    }
 
     /// Launches `function` with the block as its parameter (the driver copies it at launch).
     func launch(_ function: CUDAFunction, on device: GPUDevice, grid: LaunchDimensions, threads: Int, stream: CUDAStream) throws {
@@ -54,7 +126,7 @@ final class StepArguments {
     /// tuning's choice, else as many as warps per token, at least two vectors per lane each.
     static func rowPieces(_ tuning: GPUTuning, blocks: Int, tokens: Int, rowBytes: Int) -> Int {
         if let pieces = tuning.rowPieces { return pieces }
-        let warps = blocks * (VirtualGPUGroup.threadsPerBlock / 32)
+        let warps = blocks * (StepWorkspace.threadsPerBlock / 32)
         return min(max(1, warps / max(tokens, 1)), max(1, rowBytes / 16 / 64))
     }
 }

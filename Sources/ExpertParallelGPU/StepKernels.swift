@@ -30,6 +30,8 @@ struct StepKernels: Sendable {
             "EP_IDX_BYTES": "\(variant.indexBytes)", "EP_RIDX_BYTES": "\(variant.receivedIndexBytes)",
             "EP_VEC_BYTES": "\(variant.vectorBytes)",
         ]) { _, new in new }
+        defines.merge(StepArguments.contractDefines(ranks: config.ranks)) { _, new in new }
+        defines.merge(StepWorkspace(config).defines) { _, new in new }
         switch config.algorithm {
         case .lowLatency:
             defines["EP_RANK_MAJOR"] = config.layout == .rankMajor ? "1" : "0"

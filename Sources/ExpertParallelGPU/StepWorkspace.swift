@@ -1,7 +1,8 @@
 import ExpertParallel
 
-/// Word offsets of one rank's workspace, mirroring the `WS_*` macros of ep_step.cuh (shared
-/// words) and of ep_ll.cu / ep_ht.cu (each algorithm's words after `WS_COUNTS`).
+/// Word offsets of one rank's group workspace (`WS_*` of ep_step.cuh and of ep_ll.cu / ep_ht.cu)
+/// and of one rank's words of a step handle (`H_*`). The kernels check every offset the host
+/// uses against their own at compile time (`defines`, EP_HOST_CONTRACT).
 struct StepWorkspace: Sendable {
     let algorithm: Algorithm
     let ranks: Int, localExperts: Int, topK: Int, maxTokens: Int
@@ -15,25 +16,50 @@ struct StepWorkspace: Sendable {
         maxTokens = config.maxTokensPerRank
     }
 
+    /// Threads of a dispatch or combine block (EP_WARPS × 32).
+    static let threadsPerBlock = 512
+    /// Threads of the update kernel's one block per rank (EP_UPDATE_WARPS, EP_HT_UPDATE_WARPS).
+    var updateThreads: Int { algorithm == .lowLatency ? 256 : 512 }
+
+    // MARK: the group's words
+
     static let sequence = 0
     static let status = 1
+    static let dispatchCalls = 5
+    static let combineCalls = 9
     var counts: Int { 10 + 3 * ranks }
-    private var afterCounts: Int { counts + 2 * ranks * (experts + ranks) }
+    private var countTable: Int { 2 * ranks * (experts + ranks) }
+    /// HT keeps a second all-gathered table after the counts: the kept counts of the drop policy.
+    var words: Int { counts + countTable * (algorithm == .highThroughput ? 2 : 1) }
+    var bytes: Int { words * 4 }
 
+    // MARK: a step handle's words, per rank
+
+    static let stepOK = 0
     /// `[L]` expert counters, `[R]` source counters, `[L][R]`, total; HT adds dropped and `[L]` zone starts.
     var layout: Int {
         switch algorithm {
-        case .lowLatency: afterCounts + maxTokens * topK + maxTokens * ranks
-        case .highThroughput: afterCounts + maxTokens * topK + maxTokens + maxTokens * topK + maxTokens * ranks
+        case .lowLatency: 2 + maxTokens * topK + maxTokens * ranks
+        case .highThroughput: 2 + maxTokens * topK + maxTokens + maxTokens * topK + maxTokens * ranks
         }
     }
     var layoutWords: Int {
         let common = localExperts + ranks + localExperts * ranks + 1
         return algorithm == .lowLatency ? common : common + 1 + localExperts
     }
-    /// HT keeps a second all-gathered table after the layout: the kept counts of the drop policy.
-    var words: Int { layout + layoutWords + (algorithm == .highThroughput ? 2 * ranks * (experts + ranks) : 0) }
-    var bytes: Int { words * 4 }
+    var handleWords: Int { layout + layoutWords }
+    /// Bytes of one rank's handle words, rounded up to 256 so every rank's words start aligned.
+    var handleStride: Int { (handleWords * 4 + 255) / 256 * 256 }
+
+    /// The offsets and constants the kernels check against their own (EP_HOST_*).
+    var defines: [String: String] {
+        [
+            "EP_HOST_WS_STATUS": "\(Self.status)", "EP_HOST_WS_DISP_CALLS": "\(Self.dispatchCalls)",
+            "EP_HOST_WS_COMB_CALLS": "\(Self.combineCalls)", "EP_HOST_WS_COUNTS": "\(counts)", "EP_HOST_WS_WORDS": "\(words)",
+            "EP_HOST_H_STEP_OK": "\(Self.stepOK)", "EP_HOST_H_LAYOUT": "\(layout)", "EP_HOST_H_WORDS": "\(handleWords)",
+            "EP_HOST_THREADS": "\(Self.threadsPerBlock)", "EP_HOST_UPDATE_THREADS": "\(updateThreads)",
+        ]
+    }
 }
 
 /// Device status codes of ep_step.cuh (`EP_STATUS_*`).
@@ -63,7 +89,7 @@ enum DeviceStatus: UInt32 {
 }
 
 extension StepWorkspace {
-    /// The layout words of a rank's workspace as `LayoutInfo`.
+    /// The layout words of a rank's handle as `LayoutInfo`.
     func layoutInfo(_ words: [Int], config: GroupConfig) -> LayoutInfo {
         let l = localExperts, r = ranks, total = l + r + l * r
         let offsets = switch config.layout {

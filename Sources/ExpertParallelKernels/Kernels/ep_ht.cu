@@ -18,14 +18,22 @@
 #define EP_HT_UPDATE_WARPS 16
 #define EP_FANOUT (EP_K > EP_R ? EP_K : EP_R)   // rows one token reduces at most
 
-// HT workspace words after the shared ones (HTWorkspace in StepWorkspace.swift).
-#define WS_ROUTING (WS_COUNTS + 2 * EP_R * (EP_E + EP_R))   // [BMAX][K] expert after masking, or -1
-#define WS_DEST (WS_ROUTING + EP_BMAX * EP_K)               // [BMAX] bit d: the token goes to rank d
-#define WS_SEL_ROW (WS_DEST + EP_BMAX)                      // [BMAX][K] slot of each selection (expert-major)
-#define WS_PAIR_ROW (WS_SEL_ROW + EP_BMAX * EP_K)           // [BMAX][R] row of each (token, rank), or -1
-#define WS_LAYOUT (WS_PAIR_ROW + EP_BMAX * EP_R)            // [L], [R], [L][R], total, dropped, [L] offsets
-#define WS_KEPT (WS_LAYOUT + EP_L + EP_R + EP_L * EP_R + 2 + EP_L)   // [2][R][E + R] kept counts (drop)
+// HT workspace words after the shared ones, and a step's handle (StepWorkspace.swift mirrors both).
+#define WS_KEPT (WS_COUNTS + 2 * EP_R * (EP_E + EP_R))      // [2][R][E + R] kept counts (drop)
 #define WS_WORDS (WS_KEPT + 2 * EP_R * (EP_E + EP_R))
+#define H_ROUTING 2                                         // [BMAX][K] expert after masking, or -1
+#define H_DEST (H_ROUTING + EP_BMAX * EP_K)                 // [BMAX] bit d: the token goes to rank d
+#define H_SEL_ROW (H_DEST + EP_BMAX)                        // [BMAX][K] slot of each selection (expert-major)
+#define H_PAIR_ROW (H_SEL_ROW + EP_BMAX * EP_K)             // [BMAX][R] row of each (token, rank), or -1
+#define H_LAYOUT (H_PAIR_ROW + EP_BMAX * EP_R)              // [L], [R], [L][R], total, dropped, [L] offsets
+#define H_WORDS (H_LAYOUT + EP_L + EP_R + EP_L * EP_R + 2 + EP_L)
+
+#ifdef EP_HOST_CONTRACT
+static_assert(WS_WORDS == EP_HOST_WS_WORDS, "HT WS_WORDS differs from the host's");
+static_assert(H_LAYOUT == EP_HOST_H_LAYOUT, "HT H_LAYOUT differs from the host's");
+static_assert(H_WORDS == EP_HOST_H_WORDS, "HT H_WORDS differs from the host's");
+static_assert(EP_HT_UPDATE_WARPS * 32 == EP_HOST_UPDATE_THREADS, "HT update threads differ from the host's");
+#endif
 
 EP_DEVICE int ep_round_up(int value) { return (value + EP_ALIGN - 1) / EP_ALIGN * EP_ALIGN; }
 
@@ -136,15 +144,16 @@ extern "C" __global__ void __launch_bounds__(EP_HT_UPDATE_WARPS * 32, 1)
 ep_ht_update(const EpArgs args) {
     const int rank = static_cast<int>(blockIdx.y + args.first_rank);
     ep_u32* ws = ep_ws(args, rank);
+    ep_u32* hs = ep_hs(args, rank);
     const int tokens = static_cast<int>(args.rank[rank].tokens);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const ep_u32 seq = ws[WS_SEQ] + 1;
     const int parity = seq & 1;
     const ep_u64 mask = ep_load_mask(args);
-    int* routing = reinterpret_cast<int*>(ws + WS_ROUTING);
-    ep_u32* destinations = ws + WS_DEST;
-    int* selection_rows = reinterpret_cast<int*>(ws + WS_SEL_ROW);
-    int* pair_rows = reinterpret_cast<int*>(ws + WS_PAIR_ROW);
+    int* routing = reinterpret_cast<int*>(hs + H_ROUTING);
+    ep_u32* destinations = hs + H_DEST;
+    int* selection_rows = reinterpret_cast<int*>(hs + H_SEL_ROW);
+    int* pair_rows = reinterpret_cast<int*>(hs + H_PAIR_ROW);
 
     __shared__ int counts[EP_HT_UPDATE_WARPS][EP_E + EP_R];
     __shared__ int zone_start[EP_E];   // expert-major: first slot of each expert's zone on its rank
@@ -152,7 +161,8 @@ ep_ht_update(const EpArgs args) {
     __shared__ int bad;
     if (threadIdx.x == 0) {
         bad = 0;
-        ws[WS_STATUS] = 0;
+        hs[H_STEP_OK] = 0;
+        hs[H_SEQ] = seq;
     }
     for (int i = threadIdx.x; i < EP_HT_UPDATE_WARPS * (EP_E + EP_R); i += blockDim.x) (&counts[0][0])[i] = 0;
     __syncthreads();
@@ -235,7 +245,7 @@ ep_ht_update(const EpArgs args) {
     }
 
     // Wait for every active rank's counts (bounded); a late or bad rank voids the step.
-    if (!ep_counts_arrived(args, ws, mask, seq * 4, bad, seq)) return;
+    if (!ep_counts_arrived(args, ws, hs, mask, seq * 4, bad, seq)) return;
 
     // Every rank computes every destination's zones and checks its capacity, so all agree.
     const ep_u32* full = ws + WS_COUNTS + parity * EP_R * (EP_E + EP_R);
@@ -284,7 +294,7 @@ ep_ht_update(const EpArgs args) {
     if (kept_timeout) {
         // A peer's kept counts never came: its table row is stale, so no row is trustworthy.
         if (threadIdx.x == 0) {
-            ws[WS_STEP_OK] = 0;
+            hs[H_STEP_OK] = 0;
             ws[WS_SEQ] = seq;
         }
         return;
@@ -310,7 +320,7 @@ ep_ht_update(const EpArgs args) {
     __syncthreads();
     if (overflow_rank >= 0) {
         if (threadIdx.x == 0) {
-            ws[WS_STEP_OK] = 0;
+            hs[H_STEP_OK] = 0;
             ws[WS_SEQ] = seq;
         }
         return;
@@ -338,7 +348,7 @@ ep_ht_update(const EpArgs args) {
         if (position >= 0) pair_rows[i] = before[EP_E + i % EP_R] + position;
     }
     // What this rank receives.
-    ep_u32* layout = ws + WS_LAYOUT;
+    ep_u32* layout = hs + H_LAYOUT;
     for (int i = threadIdx.x; i < EP_L * EP_R; i += blockDim.x) {
         const int l = i / EP_R, s = i % EP_R;
         layout[EP_L + EP_R + i] = ep_active(gathered, s) ? table[s * (EP_E + EP_R) + rank * EP_L + l] : 0u;
@@ -363,7 +373,7 @@ ep_ht_update(const EpArgs args) {
             kept += static_cast<int>(table[source * (EP_E + EP_R) + EP_E + rank]);
         }
         layout[EP_L + EP_R + EP_L * EP_R + 1] = offered - kept;   // pairs dropped here (drop policy)
-        ws[WS_STEP_OK] = 1;
+        hs[H_STEP_OK] = 1;
         ws[WS_SEQ] = seq;
     }
 }
@@ -401,26 +411,30 @@ extern "C" __global__ void __launch_bounds__(512, 2)
 ep_ht_dispatch(const EpArgs args) {
     const int rank = static_cast<int>(blockIdx.y + args.first_rank);
     ep_u32* ws = ep_ws(args, rank);
+    const ep_u32* hs = ep_hs(args, rank);
     // Three independent loads issued together, before the first branch uses any of them.
     const ep_u64 mask = ep_load_mask(args);
-    const ep_u32 step_ok = ws[WS_STEP_OK];
-    const ep_u32 seq = ws[WS_SEQ];
-    if (!ep_active(mask, rank) || step_ok == 0) return;
+    const ep_u32 step_ok = hs[H_STEP_OK];
+    const ep_u32 seq = ep_call_number(ws, WS_DISP_CALLS, args.sync);
+    const bool signal = args.sync & EP_SYNC_SIGNAL;
+    // A rank that takes no part still counts a call that publishes flags, so call numbers agree.
+    const bool moving = ep_active(mask, rank) && step_ok != 0;
+    if (!moving && !signal) return;
     const int tokens = static_cast<int>(args.rank[rank].tokens);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int warps = blockDim.x / 32;
     const int global_warp = blockIdx.x * warps + warp, all_warps = gridDim.x * warps;
     const ep_u8* x = reinterpret_cast<const ep_u8*>(args.rank[rank].x);
-    const int* routing = reinterpret_cast<const int*>(ws + WS_ROUTING);
-    const int* selection_rows = reinterpret_cast<const int*>(ws + WS_SEL_ROW);
-    const int* pair_rows = reinterpret_cast<const int*>(ws + WS_PAIR_ROW);
+    const int* routing = reinterpret_cast<const int*>(hs + H_ROUTING);
+    const int* selection_rows = reinterpret_cast<const int*>(hs + H_SEL_ROW);
+    const int* pair_rows = reinterpret_cast<const int*>(hs + H_PAIR_ROW);
     __shared__ EpWarpRows table;
-    const bool move_data = !(args.sync & EP_SYNC_NO_DATA);
+    const bool move_data = moving && !(args.sync & EP_SYNC_NO_DATA);
 
 #if EP_EXPERT_MAJOR
     // This rank's padding rows: zero, local expert -1, weight 0.
     if (move_data) {
-        const ep_u32* layout = ws + WS_LAYOUT;
+        const ep_u32* layout = hs + H_LAYOUT;
         for (int l = 0; l < EP_L; ++l) {
             const int start = static_cast<int>(layout[EP_L + EP_R + EP_L * EP_R + 2 + l]);
             const int count = static_cast<int>(layout[l]);
@@ -476,7 +490,8 @@ ep_ht_dispatch(const EpArgs args) {
         ep_copy_piece<fanout>(src, table.address[warp], first, last, lane);
         __syncwarp();   // every lane is done with this item's table before the next overwrites it
     }
-    ep_arrive_and_wait(args, rank, mask, WS_DISP_BLOCKS, WS_DISP_DONE, seq, args.sync & EP_SYNC_SIGNAL, args.sync & EP_SYNC_WAIT);
+    ep_arrive_and_wait(args, rank, mask, WS_DISP_BLOCKS, WS_DISP_CALLS, WS_DISP_DONE, seq, signal, signal, moving,
+                       moving && (args.sync & EP_SYNC_WAIT));
 }
 
 // ------------------------------------------------------------------------------------------
@@ -505,19 +520,24 @@ ep_ht_combine(const EpArgs args) {
 #if EP_ELEM != 3
     const int rank = static_cast<int>(blockIdx.y + args.first_rank);
     ep_u32* ws = ep_ws(args, rank);
+    const ep_u32* hs = ep_hs(args, rank);
     const ep_u64 mask = ep_load_mask(args);
-    const ep_u32 step_ok = ws[WS_STEP_OK];
-    const ep_u32 seq = ws[WS_SEQ];
-    if (!ep_active(mask, rank) || step_ok == 0) return;
+    const ep_u32 step_ok = hs[H_STEP_OK];
+    const ep_u32 seq = ep_call_number(ws, WS_COMB_CALLS, args.sync);
+    if (!ep_active(mask, rank) || step_ok == 0) {
+        // Taking no part, this rank still counts a call that publishes flags.
+        ep_combine_skip(args, rank, mask, seq);
+        return;
+    }
     if (!ep_combine_ready(args, ws, mask, seq)) return;
     const ep_u64 live = ep_load_mask(args);
     const int tokens = static_cast<int>(args.rank[rank].tokens);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int warps = blockDim.x / 32;
     ep_u8* out = reinterpret_cast<ep_u8*>(args.rank[rank].out);
-    const int* routing = reinterpret_cast<const int*>(ws + WS_ROUTING);
-    const int* selection_rows = reinterpret_cast<const int*>(ws + WS_SEL_ROW);
-    const int* pair_rows = reinterpret_cast<const int*>(ws + WS_PAIR_ROW);
+    const int* routing = reinterpret_cast<const int*>(hs + H_ROUTING);
+    const int* selection_rows = reinterpret_cast<const int*>(hs + H_SEL_ROW);
+    const int* pair_rows = reinterpret_cast<const int*>(hs + H_PAIR_ROW);
     __shared__ EpWarpRows table;
     __shared__ int table_rank[EP_WARPS][32];
     const int slices = static_cast<int>(args.slices);
@@ -659,6 +679,9 @@ ep_ht_combine(const EpArgs args) {
     const bool done = args.sync & EP_SYNC_DONE;
     // The start mask, not `live`: a peer masked for missing the ready wait may only be slow and
     // still be reading our rows; waiting (bounded) for it keeps the next step from overwriting them.
-    ep_arrive_and_wait(args, rank, mask, WS_COMB_BLOCKS, WS_COMB_DONE, seq, done, done);
+    // The call number is read again rather than kept through the loop (registers): only this
+    // launch's last block advances it, after every block has passed this point.
+    ep_arrive_and_wait(args, rank, mask, WS_COMB_BLOCKS, WS_COMB_CALLS, WS_COMB_DONE, ep_call_number(ep_ws(args, rank), WS_COMB_CALLS, args.sync),
+                       done, args.sync & EP_SYNC_SIGNAL, true, done);
 #endif
 }

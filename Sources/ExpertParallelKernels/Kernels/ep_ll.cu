@@ -15,11 +15,19 @@
 #define EP_UPDATE_WARPS 8
 #endif
 
-// LL workspace words after the shared ones (LLWorkspace in StepWorkspace.swift).
-#define WS_SEL_ROW (WS_COUNTS + 2 * EP_R * (EP_E + EP_R))  // [BMAX][K] row of each selection
-#define WS_PAIR_ROW (WS_SEL_ROW + EP_BMAX * EP_K)          // [BMAX][R] row of each (token, rank)
-#define WS_LAYOUT (WS_PAIR_ROW + EP_BMAX * EP_R)           // [L] experts, [R] sources, [L][R], total
-#define WS_WORDS (WS_LAYOUT + EP_L + EP_R + EP_L * EP_R + 1)
+// LL workspace: the shared words only. A step's handle (StepWorkspace.swift mirrors both):
+#define WS_WORDS (WS_COUNTS + 2 * EP_R * (EP_E + EP_R))
+#define H_SEL_ROW 2                                        // [BMAX][K] row of each selection
+#define H_PAIR_ROW (H_SEL_ROW + EP_BMAX * EP_K)            // [BMAX][R] row of each (token, rank)
+#define H_LAYOUT (H_PAIR_ROW + EP_BMAX * EP_R)             // [L] experts, [R] sources, [L][R], total
+#define H_WORDS (H_LAYOUT + EP_L + EP_R + EP_L * EP_R + 1)
+
+#ifdef EP_HOST_CONTRACT
+static_assert(WS_WORDS == EP_HOST_WS_WORDS, "LL WS_WORDS differs from the host's");
+static_assert(H_LAYOUT == EP_HOST_H_LAYOUT, "LL H_LAYOUT differs from the host's");
+static_assert(H_WORDS == EP_HOST_H_WORDS, "LL H_WORDS differs from the host's");
+static_assert(EP_UPDATE_WARPS * 32 == EP_HOST_UPDATE_THREADS, "LL update threads differ from the host's");
+#endif
 
 // ------------------------------------------------------------------------------------------
 // Update: one block per rank. Counts this rank's selections per expert and tokens per rank,
@@ -29,6 +37,7 @@ extern "C" __global__ void __launch_bounds__(EP_UPDATE_WARPS * 32, 1)
 ep_ll_update(const EpArgs args) {
     const int rank = static_cast<int>(blockIdx.y + args.first_rank);
     ep_u32* ws = ep_ws(args, rank);
+    ep_u32* hs = ep_hs(args, rank);
     const int tokens = static_cast<int>(args.rank[rank].tokens);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const ep_u32 seq = ws[WS_SEQ] + 1;
@@ -39,7 +48,8 @@ ep_ll_update(const EpArgs args) {
     __shared__ int bad;
     if (threadIdx.x == 0) {
         bad = 0;
-        ws[WS_STATUS] = 0;
+        hs[H_STEP_OK] = 0;
+        hs[H_SEQ] = seq;
     }
     for (int i = threadIdx.x; i < EP_UPDATE_WARPS * (EP_E + EP_R); i += blockDim.x) (&counts[0][0])[i] = 0;
     __syncthreads();
@@ -112,38 +122,38 @@ ep_ll_update(const EpArgs args) {
             const int e = expert(t, lane);
             int position = -1;
             if (e >= 0) position = counts[warp][e]++;
-            ws[WS_SEL_ROW + t * EP_K + lane] = static_cast<ep_u32>(position);
+            hs[H_SEL_ROW + t * EP_K + lane] = static_cast<ep_u32>(position);
         }
         if (lane < EP_R) {
             int position = -1;
             if (goes_to(t, lane)) position = counts[warp][EP_E + lane]++;
-            ws[WS_PAIR_ROW + t * EP_R + lane] = static_cast<ep_u32>(position);
+            hs[H_PAIR_ROW + t * EP_R + lane] = static_cast<ep_u32>(position);
         }
         __syncwarp();
     }
 
     // Wait for every active rank's counts (bounded); a late or bad rank voids the step.
-    if (!ep_counts_arrived(args, ws, mask, seq * 2, bad, seq)) return;
+    if (!ep_counts_arrived(args, ws, hs, mask, seq * 2, bad, seq)) return;
 
     // Final rows: add the counts of lower source ranks (expert-major: also the zone base).
     const ep_u32* table = ws + WS_COUNTS + parity * EP_R * (EP_E + EP_R);
     const ep_u64 gathered = ep_load_mask(args) & mask;   // active at the start and not timed out
     for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
-        const int position = static_cast<int>(ws[WS_SEL_ROW + i]);
+        const int position = static_cast<int>(hs[H_SEL_ROW + i]);
         if (position < 0) continue;
         const int e = routing[i];
         int before = 0;
         for (int s = 0; s < rank; ++s) {
             if (ep_active(gathered, s)) before += static_cast<int>(table[s * (EP_E + EP_R) + e]);
         }
-        ws[WS_SEL_ROW + i] = static_cast<ep_u32>((e % EP_L) * EP_R * EP_BMAX + before + position);
+        hs[H_SEL_ROW + i] = static_cast<ep_u32>((e % EP_L) * EP_R * EP_BMAX + before + position);
     }
     for (int i = threadIdx.x; i < tokens * EP_R; i += blockDim.x) {
-        const int position = static_cast<int>(ws[WS_PAIR_ROW + i]);
-        if (position >= 0) ws[WS_PAIR_ROW + i] = static_cast<ep_u32>(rank * EP_BMAX + position);
+        const int position = static_cast<int>(hs[H_PAIR_ROW + i]);
+        if (position >= 0) hs[H_PAIR_ROW + i] = static_cast<ep_u32>(rank * EP_BMAX + position);
     }
     // What this rank receives.
-    ep_u32* layout = ws + WS_LAYOUT;
+    ep_u32* layout = hs + H_LAYOUT;
     for (int i = threadIdx.x; i < EP_L * EP_R; i += blockDim.x) {
         const int l = i / EP_R, s = i % EP_R;
         layout[EP_L + EP_R + i] = ep_active(gathered, s) ? table[s * (EP_E + EP_R) + rank * EP_L + l] : 0u;
@@ -166,7 +176,7 @@ ep_ll_update(const EpArgs args) {
         for (int l = 0; l < EP_L; ++l) total += layout[l];
 #endif
         layout[EP_L + EP_R + EP_L * EP_R] = total;
-        ws[WS_STEP_OK] = 1;
+        hs[H_STEP_OK] = 1;
         ws[WS_SEQ] = seq;
     }
 }
@@ -178,11 +188,15 @@ extern "C" __global__ void __launch_bounds__(512, 2)
 ep_ll_dispatch(const EpArgs args) {
     const int rank = static_cast<int>(blockIdx.y + args.first_rank);
     ep_u32* ws = ep_ws(args, rank);
+    const ep_u32* hs = ep_hs(args, rank);
     // Three independent loads issued together, before the first branch uses any of them.
     const ep_u64 mask = ep_load_mask(args);
-    const ep_u32 step_ok = ws[WS_STEP_OK];
-    const ep_u32 seq = ws[WS_SEQ];
-    if (!ep_active(mask, rank) || step_ok == 0) return;
+    const ep_u32 step_ok = hs[H_STEP_OK];
+    const ep_u32 seq = ep_call_number(ws, WS_DISP_CALLS, args.sync);
+    const bool signal = args.sync & EP_SYNC_SIGNAL;
+    // A rank that takes no part still counts a call that publishes flags, so call numbers agree.
+    const bool moving = ep_active(mask, rank) && step_ok != 0;
+    if (!moving && !signal) return;
     const int tokens = static_cast<int>(args.rank[rank].tokens);
     const int lane = threadIdx.x % 32;
     const int warps = blockDim.x / 32;
@@ -192,7 +206,7 @@ ep_ll_dispatch(const EpArgs args) {
 
     const int slices = static_cast<int>(args.slices);
     const int per_slice = (EP_ROW_VECS + slices - 1) / slices;
-    const int items = (args.sync & EP_SYNC_NO_DATA) ? 0 : tokens * slices;
+    const int items = (args.sync & EP_SYNC_NO_DATA) || !moving ? 0 : tokens * slices;
     for (int item = blockIdx.x * warps + threadIdx.x / 32; item < items; item += gridDim.x * warps) {
         const int t = item / slices, piece = item % slices;
         const int first = piece * per_slice, last = min(EP_ROW_VECS, first + per_slice);
@@ -201,7 +215,7 @@ ep_ll_dispatch(const EpArgs args) {
         ep_u8* target = nullptr;
         int row = -1;
         if (lane < EP_R) {
-            row = static_cast<int>(ws[WS_PAIR_ROW + t * EP_R + lane]);
+            row = static_cast<int>(hs[H_PAIR_ROW + t * EP_R + lane]);
             if (row >= 0) target = reinterpret_cast<ep_u8*>(args.rank[lane].recv) + static_cast<ep_u64>(row) * EP_ROW_BYTES;
         }
         table.address[warp][lane] = reinterpret_cast<ep_u64>(target);
@@ -226,7 +240,7 @@ ep_ll_dispatch(const EpArgs args) {
 #else
         ep_u8* target = nullptr;
         if (lane < EP_K) {
-            const int row = static_cast<int>(ws[WS_SEL_ROW + t * EP_K + lane]);
+            const int row = static_cast<int>(hs[H_SEL_ROW + t * EP_K + lane]);
             if (row >= 0) {
                 const int e = static_cast<int>(ep_read_index(args, rank, t * EP_K + lane));
                 target = reinterpret_cast<ep_u8*>(args.rank[e / EP_L].recv) + static_cast<ep_u64>(row) * EP_ROW_BYTES;
@@ -240,7 +254,8 @@ ep_ll_dispatch(const EpArgs args) {
         ep_copy_piece<fanout>(src, table.address[warp], first, last, lane);
         __syncwarp();   // every lane is done with this item's table before the next overwrites it
     }
-    ep_arrive_and_wait(args, rank, mask, WS_DISP_BLOCKS, WS_DISP_DONE, seq, args.sync & EP_SYNC_SIGNAL, args.sync & EP_SYNC_WAIT);
+    ep_arrive_and_wait(args, rank, mask, WS_DISP_BLOCKS, WS_DISP_CALLS, WS_DISP_DONE, seq, signal, signal, moving,
+                       moving && (args.sync & EP_SYNC_WAIT));
 }
 
 // ------------------------------------------------------------------------------------------
@@ -253,6 +268,7 @@ ep_ll_combine(const EpArgs args) {
 #if EP_ELEM != 3
     const int rank = static_cast<int>(blockIdx.y + args.first_rank);
     ep_u32* ws = ep_ws(args, rank);
+    const ep_u32* hs = ep_hs(args, rank);
     const int tokens = static_cast<int>(args.rank[rank].tokens);
     const int lane = threadIdx.x % 32;
     const int warps = blockDim.x / 32;
@@ -270,10 +286,10 @@ ep_ll_combine(const EpArgs args) {
         if (item >= items) return r;
         const int t = item / slices;
 #if EP_RANK_MAJOR
-        if (lane < EP_R) r.row = static_cast<int>(ws[WS_PAIR_ROW + t * EP_R + lane]);
+        if (lane < EP_R) r.row = static_cast<int>(hs[H_PAIR_ROW + t * EP_R + lane]);
 #else
         if (lane < EP_K) {
-            r.row = static_cast<int>(ws[WS_SEL_ROW + t * EP_K + lane]);
+            r.row = static_cast<int>(hs[H_SEL_ROW + t * EP_K + lane]);
             r.expert = static_cast<int>(ep_read_index(args, rank, t * EP_K + lane));
             if (args.weighted) r.weight = reinterpret_cast<const float*>(args.rank[rank].topk_weights)[t * EP_K + lane];
         }
@@ -283,10 +299,17 @@ ep_ll_combine(const EpArgs args) {
     int item = blockIdx.x * warps + warp;
     Routing next = fetch(item);
     const ep_u64 mask = ep_load_mask(args);
-    const ep_u32 step_ok = ws[WS_STEP_OK];
-    const ep_u32 seq = ws[WS_SEQ];
-    if (!ep_active(mask, rank) || step_ok == 0) return;
+    const ep_u32 step_ok = hs[H_STEP_OK];
+    const ep_u32 seq = ep_call_number(ws, WS_COMB_CALLS, args.sync);
+    if (!ep_active(mask, rank) || step_ok == 0) {
+        // Taking no part, this rank still counts a call that publishes flags.
+        ep_combine_skip(args, rank, mask, seq);
+        return;
+    }
     if (!ep_combine_ready(args, ws, mask, seq)) return;
+    // The start mask waits in shared memory for the end of the call, not in a register.
+    __shared__ ep_u64 start_mask;
+    if (threadIdx.x == 0) start_mask = mask;
     // Only a wait can have masked a peer since the mask was read.
     const ep_u64 live = (args.sync & EP_SYNC_WAIT) ? ep_load_mask(args) : mask;
     ep_u8* out = reinterpret_cast<ep_u8*>(args.rank[rank].out);
@@ -349,8 +372,13 @@ ep_ll_combine(const EpArgs args) {
         __syncwarp();   // every lane is done with this item's table before the next overwrites it
     }
     const bool done = args.sync & EP_SYNC_DONE;
+    if (!done) return;
+    __syncthreads();
     // The start mask, not `live`: a peer masked for missing the ready wait may only be slow and
     // still be reading our rows; waiting (bounded) for it keeps the next step from overwriting them.
-    ep_arrive_and_wait(args, rank, mask, WS_COMB_BLOCKS, WS_COMB_DONE, seq, done, done);
+    // The call number is read again rather than kept through the loop (registers): only this
+    // launch's last block advances it, after every block has passed this point.
+    ep_arrive_and_wait(args, rank, start_mask, WS_COMB_BLOCKS, WS_COMB_CALLS, WS_COMB_DONE, ep_call_number(ep_ws(args, rank), WS_COMB_CALLS, args.sync),
+                       done, args.sync & EP_SYNC_SIGNAL, true, done);
 #endif
 }

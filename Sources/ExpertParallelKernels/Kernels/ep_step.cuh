@@ -33,18 +33,28 @@
 
 #define EP_E (EP_R * EP_L)
 
-// Workspace of one rank, in 32-bit words: the words every algorithm shares. Each algorithm's
-// kernel file adds its own after WS_COUNTS; the host mirrors both (StepWorkspace.swift).
-#define WS_SEQ 0                          // steps begun by the update kernel on this rank
-#define WS_STATUS 1                       // [4] code, a, b, c: first error of the last step
-#define WS_STEP_OK 5                      // 1 when every rank's routing of the step was valid
-#define WS_COMB_READY 6                   // seq once this rank's expert outputs may be read
+// Workspace of one rank, in 32-bit words: the group's words, shared by every step (sequence
+// numbers, status, flags between ranks, the update's all-gathered counts). Each algorithm's
+// kernel file adds its own after WS_COUNTS. What one step derives from its routing (slots,
+// layout) lives in that step's handle (H_* words below), so several steps can be in flight.
+// The host computes the same offsets (StepWorkspace.swift) and passes them as EP_HOST_* defines,
+// checked below: a mismatch fails to compile.
+#define WS_SEQ 0                          // updates begun on this rank (picks the count table's parity)
+#define WS_STATUS 1                       // [4] code, a, b, c: first error since the host last read it
+#define WS_DISP_CALLS 5                   // dispatch calls that published flags (their sequence number)
+#define WS_COMB_READY 6                   // combine call number once this rank's expert outputs may be read
 #define WS_DISP_BLOCKS 7                  // this rank's dispatch blocks finished (reset by the last)
 #define WS_COMB_BLOCKS 8                  // this rank's combine blocks finished (reset by the last)
+#define WS_COMB_CALLS 9                   // combine calls that published flags (their sequence number)
 #define WS_COUNT_FLAG 10                  // [R] seq*2 + bad, written by source s after its counts
-#define WS_DISP_DONE (WS_COUNT_FLAG + EP_R)   // [R] seq once source s finished writing here
-#define WS_COMB_DONE (WS_DISP_DONE + EP_R)    // [R] seq once source s finished reading here
-#define WS_COUNTS (WS_COMB_DONE + EP_R)       // [2][R][E + R] counts all-gathered, by step parity
+#define WS_DISP_DONE (WS_COUNT_FLAG + EP_R)   // [R] dispatch call number once source s finished writing here
+#define WS_COMB_DONE (WS_DISP_DONE + EP_R)    // [R] combine call number once source s finished reading here
+#define WS_COUNTS (WS_COMB_DONE + EP_R)       // [2][R][E + R] counts all-gathered, by update parity
+
+// A step's handle, per rank, in 32-bit words: written by the update, read by that rank's own
+// dispatch and combine only (never by a peer), so it needs no sharing between processes.
+#define H_STEP_OK 0                       // 1 when every rank's routing of the step was valid
+#define H_SEQ 1                           // the update's sequence number (for debugging)
 
 // What a launch does besides moving data. One launch covering every rank needs none of it
 // (the launch's end is the barrier); separate launches per rank and split calls (send-only,
@@ -60,34 +70,76 @@
 #define EP_STATUS_PEER_FAILED 4   // a = peer whose routing was invalid
 #define EP_STATUS_OVERFLOW 5      // a = destination rank, b = rows required, c = capacity
 
-struct EpRankArgs {
-    ep_u64 x;                // dispatch: [B, H] rows
-    ep_u64 topk_idx;         // [B, K]
-    ep_u64 topk_weights;     // [B, K] f32 of this rank (dispatch; LL expert-major combine), or, in HT
-                             // expert-major combine, each destination's per-slot weights [N]
-    ep_u64 recv;             // dispatch output / combine input (expert outputs)
-    ep_u64 recv_idx;         // rank-major [R, BMAX, K]
-    ep_u64 recv_weights;     // rank-major [R, BMAX, K] f32
-    ep_u64 out;              // combine output [B, H]
-    ep_u64 workspace;        // WS_WORDS words
-    ep_i64 tokens;           // B of this rank in this step
-    ep_u64 weight_grads_in;  // HT backward combine: weight gradients per received row / slot
-    ep_u64 weight_grads_out; // HT backward combine: [B, K] f32 gradients of this rank's weights
-    ep_i64 reserved;
-};
+// The kernels' one parameter. Every field is 8 bytes, so field i sits at byte 8 i: the X-macro
+// lists fix the order, and the host (StepArguments.swift) fills the fields by the same names at
+// offsets it passes as EP_OFF_* defines, checked below.
+#define EP_RANK_FIELDS(F)                                                                           \
+    F(ep_u64, x, X)                       /* dispatch: [B, H] rows */                               \
+    F(ep_u64, topk_idx, TOPK_IDX)         /* [B, K] */                                              \
+    F(ep_u64, topk_weights, TOPK_WEIGHTS) /* [B, K] f32 of this rank (dispatch; LL expert-major     \
+                                             combine), or, in HT expert-major combine, each        \
+                                             destination's per-slot weights [N] */                 \
+    F(ep_u64, recv, RECV)                 /* dispatch output / combine input (expert outputs) */    \
+    F(ep_u64, recv_idx, RECV_IDX)         /* received local ids */                                  \
+    F(ep_u64, recv_weights, RECV_WEIGHTS) /* received weights, f32 */                               \
+    F(ep_u64, out, OUT)                   /* combine output [B, H] */                               \
+    F(ep_u64, workspace, WORKSPACE)       /* the group's WS_* words of this rank */                 \
+    F(ep_i64, tokens, TOKENS)             /* B of this rank in this step */                         \
+    F(ep_u64, weight_grads_in, WEIGHT_GRADS_IN)   /* HT backward combine: per received row/slot */  \
+    F(ep_u64, weight_grads_out, WEIGHT_GRADS_OUT) /* HT backward combine: [B, K] f32 */             \
+    F(ep_u64, handle, HANDLE)             /* the step's H_* words of this rank */
+
+#define EP_LAUNCH_FIELDS(F)                                                                         \
+    F(ep_u64, mask, MASK)                 /* the group's active-rank mask (u64 in device memory) */ \
+    F(ep_u64, timeout_ns, TIMEOUT_NS)                                                               \
+    F(ep_i64, first_rank, FIRST_RANK)     /* rank of blockIdx.y == 0 */                             \
+    F(ep_i64, sync, SYNC)                 /* EP_SYNC_* bits: which flags this launch publishes */   \
+    F(ep_i64, weighted, WEIGHTED)         /* combine: apply topk_weights (forward, expert-major) */ \
+    F(ep_i64, slices, SLICES)             /* pieces each row is cut into; a warp moves one piece */
+
+#define EP_DECLARE_FIELD(type, name, NAME) type name;
+#define EP_FIELD_INDEX(type, name, NAME) EP_INDEX_##NAME,
+#define EP_FIELD_IS_A_WORD(type, name, NAME) static_assert(sizeof(type) == 8, #name " must be 8 bytes");
+
+struct EpRankArgs { EP_RANK_FIELDS(EP_DECLARE_FIELD) };
+enum EpRankFieldIndex { EP_RANK_FIELDS(EP_FIELD_INDEX) EP_RANK_FIELD_COUNT };
 
 struct EpArgs {
     EpRankArgs rank[EP_R];
-    ep_u64 mask;             // the group's active-rank mask (u64 in device memory)
-    ep_u64 timeout_ns;
-    ep_i64 first_rank;       // rank of blockIdx.y == 0
-    ep_i64 sync;             // EP_SYNC_* bits: which flags this launch publishes and waits for
-    ep_i64 weighted;         // combine: apply topk_weights (forward, expert-major)
-    ep_i64 slices;           // pieces each row is cut into; a warp moves one piece
+    EP_LAUNCH_FIELDS(EP_DECLARE_FIELD)
 };
+enum EpLaunchFieldIndex { EP_LAUNCH_FIELDS(EP_FIELD_INDEX) EP_LAUNCH_FIELD_COUNT };
+
+EP_RANK_FIELDS(EP_FIELD_IS_A_WORD)
+EP_LAUNCH_FIELDS(EP_FIELD_IS_A_WORD)
+static_assert(sizeof(EpRankArgs) == 8 * EP_RANK_FIELD_COUNT, "EpRankArgs has padding");
+static_assert(sizeof(EpArgs) == sizeof(EpRankArgs) * EP_R + 8 * EP_LAUNCH_FIELD_COUNT, "EpArgs has padding");
+
+// The host's view, when it passes one (EP_HOST_CONTRACT): every field where the host writes it,
+// and the constants both sides use.
+#ifdef EP_HOST_CONTRACT
+#define EP_CHECK_RANK_FIELD(type, name, NAME) \
+    static_assert(8 * EP_INDEX_##NAME == EP_OFF_RANK_##NAME, "EpRankArgs." #name " is not at the offset the host writes (EP_OFF_RANK_" #NAME ")");
+#define EP_CHECK_LAUNCH_FIELD(type, name, NAME) \
+    static_assert(sizeof(EpRankArgs) * EP_R + 8 * EP_INDEX_##NAME == EP_OFF_##NAME, "EpArgs." #name " is not at the offset the host writes (EP_OFF_" #NAME ")");
+EP_RANK_FIELDS(EP_CHECK_RANK_FIELD)
+EP_LAUNCH_FIELDS(EP_CHECK_LAUNCH_FIELD)
+static_assert(sizeof(EpRankArgs) == EP_RANK_ARGS_BYTES, "EpRankArgs size differs from the host's (EP_RANK_ARGS_BYTES)");
+static_assert(sizeof(EpArgs) == EP_ARGS_BYTES, "EpArgs size differs from the host's (EP_ARGS_BYTES)");
+static_assert(WS_STATUS == EP_HOST_WS_STATUS, "WS_STATUS differs from the host's");
+static_assert(WS_DISP_CALLS == EP_HOST_WS_DISP_CALLS, "WS_DISP_CALLS differs from the host's");
+static_assert(WS_COMB_CALLS == EP_HOST_WS_COMB_CALLS, "WS_COMB_CALLS differs from the host's");
+static_assert(WS_COUNTS == EP_HOST_WS_COUNTS, "WS_COUNTS differs from the host's");
+static_assert(H_STEP_OK == EP_HOST_H_STEP_OK, "H_STEP_OK differs from the host's");
+#endif
 
 EP_DEVICE ep_u32* ep_ws(const EpArgs& args, int rank) {
     return reinterpret_cast<ep_u32*>(args.rank[rank].workspace);
+}
+
+// This rank's words of the call's handle (H_*).
+EP_DEVICE ep_u32* ep_hs(const EpArgs& args, int rank) {
+    return reinterpret_cast<ep_u32*>(args.rank[rank].handle);
 }
 
 EP_DEVICE bool ep_active(ep_u64 mask, int rank) { return (mask >> rank) & 1ull; }
@@ -141,6 +193,9 @@ EP_DEVICE void ep_store_vec(void* p, ep_vec v) { *static_cast<ep_vec8*>(p) = v; 
 #define EP_UNROLL 4       // dispatch pipeline depth: vectors per lane loaded before they are stored
 #endif
 #define EP_WARPS 16       // warps per dispatch/combine block (512 threads)
+#ifdef EP_HOST_CONTRACT
+static_assert(EP_WARPS * 32 == EP_HOST_THREADS, "dispatch/combine threads per block differ from the host's");
+#endif
 #ifndef EP_CHUNK
 #define EP_CHUNK 8        // combine: rows loaded before the first use
 #endif
@@ -212,13 +267,27 @@ EP_DEVICE int ep_warp_prefix(int (&counts)[WARPS][EP_E + EP_R], int i) {
     return running;
 }
 
+// Flags between ranks carry a call number per kind of call (dispatch, combine) instead of being
+// reset: a launch that publishes flags (EP_SYNC_SIGNAL) is call WS_*_CALLS + 1, and its last
+// block advances WS_*_CALLS; the launch that completes a send-only call (no SIGNAL) is the call
+// already counted. Every rank makes the same calls in the same order, so the numbers agree
+// across ranks whatever handle each call uses (steps may interleave). One launch covering every
+// rank (sync = 0) publishes and counts nothing: its end is the barrier.
+EP_DEVICE ep_u32 ep_call_number(const ep_u32* ws, int calls_word, ep_i64 sync) {
+    return ws[calls_word] + ((sync & EP_SYNC_SIGNAL) ? 1u : 0u);
+}
+
 // Combine's meeting point. With `signal`: this rank's expert outputs are final (a rank's
 // combine, or its send-only half, runs after them on its stream). With `wait`: block-wide,
 // bounded wait until every active peer's are. Returns false for the send-only half, which moves
-// no data. Call from every thread, after the step check.
+// no data (launched with one block per rank, which also counts the call). Call from every
+// thread, after the step check.
 EP_DEVICE bool ep_combine_ready(const EpArgs& args, ep_u32* ws, ep_u64 mask, ep_u32 seq) {
     if ((args.sync & EP_SYNC_SIGNAL) && blockIdx.x == 0 && threadIdx.x == 0) ep_store_release_sys(ws + WS_COMB_READY, seq);
-    if (args.sync & EP_SYNC_NO_DATA) return false;
+    if (args.sync & EP_SYNC_NO_DATA) {
+        if ((args.sync & EP_SYNC_SIGNAL) && blockIdx.x == 0 && threadIdx.x == 0) ws[WS_COMB_CALLS] = seq;
+        return false;
+    }
     if (args.sync & EP_SYNC_WAIT) {
         if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
             if (!ep_wait_flag_sys(ep_ws(args, threadIdx.x) + WS_COMB_READY, seq, args.timeout_ns)) ep_timeout(args, ws, threadIdx.x);
@@ -228,15 +297,11 @@ EP_DEVICE bool ep_combine_ready(const EpArgs& args, ep_u32* ws, ep_u64 mask, ep_
     return true;
 }
 
-// With `signal`, the last block of this rank to finish tells every destination that this rank
-// is done with it (flag = the step's sequence number). With `wait`, block 0 waits until every
-// active peer has said so for this rank: the call then ends only when its data is complete.
-// Waiting is only asked where all the waiting blocks' peers are resident or already finished.
 // The update's all-gather of counts: waits (bounded) until every active rank's WS_COUNT_FLAG
 // here reaches `expected`, its low bit telling that rank found bad routing. Any late or bad rank
-// (or `bad` here) voids the step for this rank: WS_STEP_OK = 0, the status names the peer, the
-// step's sequence number is taken, and every thread gets false. Call from every thread.
-EP_DEVICE bool ep_counts_arrived(const EpArgs& args, ep_u32* ws, ep_u64 mask, ep_u32 expected, bool bad, ep_u32 seq) {
+// (or `bad` here) voids the step for this rank: H_STEP_OK = 0, the status names the peer, the
+// update's sequence number is taken, and every thread gets false. Call from every thread.
+EP_DEVICE bool ep_counts_arrived(const EpArgs& args, ep_u32* ws, ep_u32* hs, ep_u64 mask, ep_u32 expected, bool bad, ep_u32 seq) {
     __shared__ int any_bad;   // -1 all good, -2 this rank's own routing, else the highest failing peer
     if (threadIdx.x == 0) any_bad = bad ? -2 : -1;
     __syncthreads();
@@ -252,26 +317,35 @@ EP_DEVICE bool ep_counts_arrived(const EpArgs& args, ep_u32* ws, ep_u64 mask, ep
     __syncthreads();
     if (any_bad == -1) return true;
     if (threadIdx.x == 0) {
-        ws[WS_STEP_OK] = 0;
+        hs[H_STEP_OK] = 0;
         if (any_bad >= 0) ep_set_status(ws, EP_STATUS_PEER_FAILED, any_bad, 0, 0);
         ws[WS_SEQ] = seq;
     }
     return false;
 }
 
-EP_DEVICE void ep_arrive_and_wait(const EpArgs& args, int rank, ep_u64 mask, int block_counter, int flag_offset,
-                                  ep_u32 seq, bool signal, bool wait) {
+// The end of a launch. With `count`, the last block of this rank to finish resets the block
+// counter, advances the call number to `seq` when `advance` (the launch is the call's SIGNAL
+// half) and, with `publish` (this rank took part: active, with a valid step), tells every active
+// peer this rank is done with it (flag = `seq`). With `wait`, block 0 waits until every active
+// peer has said so for this rank: the call then ends only when its data is complete. Waiting is
+// only asked where all the waiting blocks' peers are resident or already finished.
+EP_DEVICE void ep_arrive_and_wait(const EpArgs& args, int rank, ep_u64 mask, int block_counter, int calls_word, int flag_offset,
+                                  ep_u32 seq, bool count, bool advance, bool publish, bool wait) {
     ep_u32* ws = ep_ws(args, rank);
-    if (signal) {
+    if (count) {
         __shared__ int last;
         __syncthreads();
         if (threadIdx.x == 0) {
             __threadfence();
             last = atomicAdd(ws + block_counter, 1u) == gridDim.x - 1;
-            if (last) atomicExch(ws + block_counter, 0u);
+            if (last) {
+                atomicExch(ws + block_counter, 0u);
+                if (advance) ws[calls_word] = seq;
+            }
         }
         __syncthreads();
-        if (last && threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
+        if (publish && last && threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
             __threadfence();
             ep_store_release_sys(ep_ws(args, threadIdx.x) + flag_offset + rank, seq);
         }
@@ -279,6 +353,17 @@ EP_DEVICE void ep_arrive_and_wait(const EpArgs& args, int rank, ep_u64 mask, int
     if (wait && blockIdx.x == 0 && threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
         if (!ep_wait_flag_sys(ws + flag_offset + threadIdx.x, seq, args.timeout_ns)) ep_timeout(args, ws, threadIdx.x);
     }
+}
+
+// A combine launch on a rank that takes no part (masked, or its step void) still counts a call
+// that publishes flags, so that its call numbers keep agreeing with its peers'.
+EP_DEVICE void ep_combine_skip(const EpArgs& args, int rank, ep_u64 mask, ep_u32 seq) {
+    if (!(args.sync & EP_SYNC_SIGNAL)) return;
+    if (args.sync & EP_SYNC_NO_DATA) {   // the send-only half: one block per rank
+        if (blockIdx.x == 0 && threadIdx.x == 0) ep_ws(args, rank)[WS_COMB_CALLS] = seq;
+        return;
+    }
+    ep_arrive_and_wait(args, rank, mask, WS_COMB_BLOCKS, WS_COMB_CALLS, WS_COMB_DONE, seq, true, true, false, false);
 }
 
 #if EP_ELEM == 2

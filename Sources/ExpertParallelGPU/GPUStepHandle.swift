@@ -1,0 +1,85 @@
+import ExpertParallel
+import ExpertParallelCUDA
+import Foundation
+
+/// One step on a GPU group: the routing of one update and, in device memory of its own, what
+/// the update derived from it for each of the group's local ranks (slots, counts, layout: the
+/// `H_*` words of ep_step.cuh, a few KB per rank). The row buffers stay the group's, so many
+/// handles can be live at once: one per MoE layer, micro-batch or pass. Freed by `release()` or
+/// on deinit.
+public final class GPUStepHandle: StepHandle, @unchecked Sendable {
+    /// Bytes of device memory this handle holds (all its local ranks).
+    public let deviceBytes: Int
+    let device: GPUDevice
+    let localRanks: [Int]
+    let stride: Int
+    private let lock = NSLock()
+    private var memory: DevicePointer?
+    private var step: Step?
+    /// The NCCL group's buffer slot this step's rows went to (its combine reads that slot).
+    private var slot: Int?
+
+    /// What the last accepted update of this handle was given (host side).
+    struct Step {
+        /// Each local rank's routing, which must stay unchanged until the step's last combine.
+        var routing: [TensorRef]
+        var indexBytes: Int
+        var maxTokens: Int { routing.map { $0.shape[0] }.max() ?? 0 }
+    }
+
+    init(device: GPUDevice, localRanks: [Int], workspace: StepWorkspace) throws(EPError) {
+        self.device = device
+        self.localRanks = localRanks
+        stride = workspace.handleStride
+        deviceBytes = stride * localRanks.count
+        try device.makeCurrent()
+        let p = try gpu { try device.driver.allocate(byteCount: deviceBytes) }
+        do { try gpu { try device.driver.fill(p, byte: 0, byteCount: deviceBytes) } } catch {
+            try? device.driver.free(p)
+            throw error
+        }
+        memory = p
+    }
+
+    deinit { release() }
+
+    /// Frees the handle's device memory (after the device's work is done); later calls with it
+    /// fail with `wrongOrder`.
+    public func release() {
+        let freed: DevicePointer? = lock.withLock {
+            defer { memory = nil; step = nil }
+            return memory
+        }
+        guard let freed else { return }
+        try? device.makeCurrent()
+        try? device.driver.synchronizeContext()   // kernels still queued may read these words
+        try? device.driver.free(freed)
+    }
+
+    public var isReleased: Bool { lock.withLock { memory == nil } }
+
+    /// Local rank `rank`'s words (device address), for the argument block.
+    func words(rank: Int) throws(EPError) -> DevicePointer {
+        guard let base = lock.withLock({ memory }) else { throw Self.released }
+        guard let index = localRanks.firstIndex(of: rank) else {
+            throw .invalidArgument(field: "rank", value: "\(rank)", requirement: "must be one of this group's local ranks \(localRanks)")
+        }
+        return base.advanced(by: index * stride)
+    }
+
+    /// The step of the last accepted update; dispatch and combine need one.
+    func currentStep() throws(EPError) -> Step {
+        lock.lock()
+        defer { lock.unlock() }
+        guard memory != nil else { throw Self.released }
+        guard let step else { throw .wrongOrder("dispatch and combine need this handle updated with the step's topkIdx first") }
+        return step
+    }
+
+    func setStep(_ new: Step?) { lock.withLock { step = new } }
+
+    func setSlot(_ new: Int) { lock.withLock { slot = new } }
+    var bufferSlot: Int? { lock.withLock { slot } }
+
+    static let released = EPError.wrongOrder("this handle was released; make a new one")
+}

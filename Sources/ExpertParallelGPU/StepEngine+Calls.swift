@@ -1,0 +1,161 @@
+import ExpertParallel
+import ExpertParallelCUDA
+
+/// Where one rank's received rows and routing are (dispatch writes them).
+struct ReceiveBuffers {
+    var rows: UInt64 = 0
+    var indices: UInt64 = 0
+    var weights: UInt64 = 0
+}
+
+/// Where one rank's expert outputs are (combine reads them), with the weights combine applies
+/// there (LL expert-major: the source's `[B, K]`; HT expert-major: the per-slot weights) and,
+/// in HT's backward pass, the weight gradients per received row or slot.
+struct ExpertSide {
+    var rows: UInt64 = 0
+    var weights: UInt64 = 0
+    var weightGradients: UInt64 = 0
+}
+
+extension StepEngine {
+    /// The step's routing, one `[B, K]` int32 or int64 tensor per local rank: counts, exchanges
+    /// counts between ranks and fixes every slot into `handle`, all on the device.
+    func update(_ handle: GPUStepHandle, topkIdx: [TensorRef], options: CallOptions) throws(EPError) {
+        try checkNothingPending()
+        // A rejected update voids the step, as a failed one on the device does: no dispatch may
+        // move this step's tokens with an earlier step's routing.
+        handle.setStep(nil)
+        try checkLocalCount(topkIdx.count, "topkIdx")
+        for (i, idx) in topkIdx.enumerated() {
+            let name = localRanks.count == 1 ? "topkIdx" : "topkIdx[rank \(localRanks[i])]"
+            guard idx.shape.count == 2, idx.shape[1] == config.topK, idx.shape[0] <= config.maxTokensPerRank else {
+                throw .invalidArgument(
+                    field: "\(name).shape", value: "\(idx.shape)",
+                    requirement: "must be [tokens ≤ maxTokensPerRank (\(config.maxTokensPerRank)), topK = \(config.topK)]")
+            }
+            try TensorCheck.require(idx, name, dtypes: [.i32, .i64], shape: idx.shape, location: location)
+            try requireAligned(idx, name, idx.dtype.byteSize)
+            if idx.dtype != topkIdx[0].dtype {
+                throw .invalidArgument(field: "\(name).dtype", value: "\(idx.dtype)", requirement: "must match rank \(localRanks[0])'s (\(topkIdx[0].dtype))")
+            }
+        }
+        let indexBytes = topkIdx[0].dtype.byteSize
+        let k = try kernels(.init(indexBytes: indexBytes, receivedIndexBytes: 4, vectorBytes: 16))
+        try launch(k.update, threads: workspace.updateThreads, blocks: 1, mode: options.launch, sync: [], weighted: false, slices: 1,
+                   handle: handle, stream: stream(options)) { r, w in
+            guard let i = localIndex(r) else { return }
+            w.set(.topkIdx, topkIdx[i])
+            w[.tokenCount] = UInt64(topkIdx[i].shape[0])
+        }
+        handle.setStep(.init(routing: topkIdx, indexBytes: indexBytes))
+    }
+
+    /// Sends every local rank's rows straight into their slots on the destination ranks
+    /// (`received(r)`: rank r's receive buffers, for every rank). With `.sendOnly` the rows are
+    /// sent but nobody waits for them: `complete()` does.
+    func dispatch(
+        _ handle: GPUStepHandle, _ inputs: [DispatchInput], received: (Int) -> ReceiveBuffers, receivedIndexBytes: Int,
+        vectorBytes: Int, options: CallOptions
+    ) throws(EPError) {
+        let step = try handle.currentStep()
+        let k = try kernels(.init(indexBytes: step.indexBytes, receivedIndexBytes: receivedIndexBytes, vectorBytes: vectorBytes))
+        let table = (0..<config.ranks).map(received)
+        let mode = options.launch, flags = meetsThroughFlags(mode)
+        let pieces = StepArguments.rowPieces(tuning, blocks: blocks(mode), tokens: step.maxTokens, rowBytes: config.rowBytes)
+        let enqueue = { [self] (sync: SyncBits, blocks: Int, stream: CUDAStream?) throws(EPError) in
+            try launch(k.dispatch, threads: StepWorkspace.threadsPerBlock, blocks: blocks, mode: mode, sync: sync, weighted: false,
+                       slices: pieces, handle: handle, stream: stream) { r, w in
+                if let i = localIndex(r) {
+                    w.set(.tokens, inputs[i].tokens)
+                    w.set(.topkIdx, step.routing[i])
+                    w.set(.topkWeights, inputs[i].topkWeights)
+                    w[.tokenCount] = UInt64(step.routing[i].shape[0])
+                }
+                w[.received] = table[r].rows
+                w[.receivedIndices] = table[r].indices
+                w[.receivedWeights] = table[r].weights
+            }
+        }
+        switch options.phase {
+        case .whole:
+            try enqueue(flags ? [.signal, .wait] : [], blocks(mode), stream(options))
+        case .sendOnly:
+            try enqueue(.signal, blocks(mode), stream(options))
+            setPending(PendingCall(name: "dispatch") { stream throws(EPError) in try enqueue([.wait, .noData], 1, stream) })
+        }
+    }
+
+    /// Every local rank pulls its rows back (`experts(r)`: rank r's expert outputs, for every
+    /// rank) and reduces them in the fixed order of DESIGN.md into `outputs`. With `.sendOnly`
+    /// each rank only announces that its expert outputs may be read; `complete()` pulls and reduces.
+    func combine(
+        _ handle: GPUStepHandle, into outputs: [CombineOutput], experts: (Int) -> ExpertSide, direction: PassDirection,
+        vectorBytes: Int, options: CallOptions
+    ) throws(EPError) {
+        let step = try handle.currentStep()
+        let k = try kernels(.init(indexBytes: step.indexBytes, receivedIndexBytes: 4, vectorBytes: vectorBytes))
+        let table = (0..<config.ranks).map(experts)
+        let mode = options.launch, flags = meetsThroughFlags(mode)
+        let pieces = StepArguments.rowPieces(tuning, blocks: blocks(mode), tokens: step.maxTokens, rowBytes: config.rowBytes)
+        // Weights apply in the forward pass of the expert-major layouts (LL: the source's
+        // [B, K]; HT: the per-slot weights the destination received).
+        let weighted = direction == .forward && (config.layout == .expertMajor || config.isExpertMajorHT)
+        let enqueue = { [self] (sync: SyncBits, blocks: Int, stream: CUDAStream?) throws(EPError) in
+            try launch(k.combine, threads: StepWorkspace.threadsPerBlock, blocks: blocks, mode: mode, sync: sync, weighted: weighted,
+                       slices: pieces, handle: handle, stream: stream) { r, w in
+                if let i = localIndex(r) {
+                    w.set(.topkIdx, step.routing[i])
+                    w.set(.output, outputs[i].tokens)
+                    w.set(.weightGradientsOut, outputs[i].topkWeightGradients)
+                    w[.tokenCount] = UInt64(step.routing[i].shape[0])
+                }
+                w[.received] = table[r].rows
+                w[.topkWeights] = table[r].weights
+                w[.weightGradientsIn] = table[r].weightGradients
+            }
+        }
+        // Separate launches wait for their peers' readiness and tell them when their rows were read.
+        let pull: SyncBits = flags ? [.wait, .done] : .wait
+        switch options.phase {
+        case .whole:
+            try enqueue(flags ? pull.union(.signal) : [], blocks(mode), stream(options))
+        case .sendOnly:
+            try enqueue([.signal, .noData], 1, stream(options))
+            let blocks = blocks(mode)
+            setPending(PendingCall(name: "combine") { stream throws(EPError) in try enqueue(pull, blocks, stream) })
+        }
+    }
+
+    /// Enqueues the second half of the last send-only dispatch or combine.
+    func complete(options: CallOptions) throws(EPError) {
+        let call = try takePending()
+        try device.makeCurrent()
+        try call.enqueue(stream(options))
+    }
+
+    // MARK: helpers
+
+    func stream(_ options: CallOptions) -> CUDAStream? { options.stream.map { CUDAStream(rawValue: $0) } }
+
+    func localIndex(_ rank: Int) -> Int? {
+        switch placement {
+        case .virtualRanks: rank
+        case .process(let mine): rank == mine ? 0 : nil
+        }
+    }
+
+    func checkLocalCount(_ count: Int, _ name: String) throws(EPError) {
+        guard count == localRanks.count else {
+            throw .invalidArgument(
+                field: "\(name).count", value: "\(count)",
+                requirement: "must be \(localRanks.count): one per rank this group drives (\(localRanks))")
+        }
+    }
+
+    /// 16-byte vectors when every row starts 16-byte aligned, else 8-byte vectors.
+    func vectorBytes(_ addresses: [UInt64]) -> Int {
+        guard config.rowBytes % 16 == 0 else { return 8 }
+        for a in addresses where a % 16 != 0 { return 8 }
+        return 16
+    }
+}

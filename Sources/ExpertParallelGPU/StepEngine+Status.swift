@@ -1,0 +1,72 @@
+import ExpertParallel
+import ExpertParallelCUDA
+
+extension StepEngine {
+    /// Waits for all work on the device, on every stream the calls were given. Control path.
+    func synchronize() throws(EPError) {
+        try device.makeCurrent()
+        try gpu { try device.driver.synchronizeContext() }
+    }
+
+    /// Synchronises, then throws the first error a local rank recorded on the device since the
+    /// last check (invalid routing, a timeout, a peer's invalid routing), and clears them all.
+    /// A rank whose own routing was invalid is reported before the peers that refused for it.
+    func checkStatus() throws(EPError) {
+        try synchronize()
+        var first: EPError?, cause: EPError?
+        for r in localRanks {
+            let status = workspaces[r].advanced(by: StepWorkspace.status * 4)
+            let words = try gpu { try device.driver.read(UInt32.self, from: status, count: 4) }
+            guard let error = DeviceStatus.error(words, rank: r, config: config) else { continue }
+            try gpu { try device.driver.copy([UInt32](repeating: 0, count: 4), to: status) }
+            if case .peerFailed = error {
+                if first == nil { first = error }
+            } else if cause == nil {
+                cause = error
+            }
+        }
+        if let error = cause ?? first { throw error }
+    }
+
+    /// What local rank `rank` received in `handle`'s step (synchronises): the one call that
+    /// brings the received counts, and the received total, to the host.
+    func layoutInfo(_ handle: GPUStepHandle, rank: Int) throws(EPError) -> LayoutInfo {
+        _ = try handle.currentStep()
+        let base = try handle.words(rank: rank)
+        try synchronize()
+        let words = try gpu {
+            try device.driver.read(UInt32.self, from: base.advanced(by: workspace.layout * 4), count: workspace.layoutWords)
+        }.map { Int($0) }
+        return workspace.layoutInfo(words, config: config)
+    }
+
+    /// The group's active-rank mask as this process sees it (synchronises).
+    var activeRanks: RankMask {
+        get throws(EPError) {
+            try synchronize()
+            return RankMask(bits: try gpu { try device.driver.read(UInt64.self, from: mask, count: 1)[0] })
+        }
+    }
+
+    /// Masks `rank` inactive: it sends and receives nothing until cleaned. Control path.
+    func deactivate(rank: Int) throws(EPError) {
+        guard rank >= 0, rank < config.ranks else {
+            throw .invalidArgument(field: "rank", value: "\(rank)", requirement: "must be in 0..<\(config.ranks)")
+        }
+        var bits = try activeRanks
+        bits.remove(rank)
+        try gpu { try device.driver.copy([bits.bits], to: mask) }
+    }
+
+    /// Marks `ranks` active again and resets the local ranks' flags and sequence numbers, so
+    /// ranks that fell out of step start afresh. Control path: call between steps; handles
+    /// updated before must be updated again.
+    func clean(ranks: RankMask) throws(EPError) {
+        var bits = try activeRanks
+        bits.bits |= ranks.bits & RankMask.all(config.ranks).bits
+        try gpu {
+            for r in localRanks { try device.driver.fill(workspaces[r], byte: 0, byteCount: workspace.bytes) }
+            try device.driver.copy([bits.bits], to: mask)
+        }
+    }
+}

@@ -1,0 +1,171 @@
+import ExpertParallel
+import ExpertParallelCUDA
+import Foundation
+
+/// The one step machinery under every GPU group: kernel variants, the argument block, launches,
+/// the pending half of a send-only call, status and layout reads. A group is a façade that
+/// gives it a peer table (every rank's workspace and buffers) and says where its ranks run:
+/// - `.virtualRanks`: all R ranks in this process on one GPU, one launch covering them all (or
+///   one launch per rank on its own stream);
+/// - `.process(rank)`: one rank of a multi-process group; the others' buffers are mapped here.
+/// Kernels see nothing else, so a new transport or row format plugs in here once.
+final class StepEngine: @unchecked Sendable {
+    enum Placement {
+        case virtualRanks(rankStreams: [CUDAStream], joinEvents: [CUDAEvent])
+        case process(rank: Int)
+    }
+
+    let config: GroupConfig
+    let device: GPUDevice
+    let tuning: GPUTuning
+    let workspace: StepWorkspace
+    let placement: Placement
+    /// Every rank's group words (`WS_*`), at addresses valid in this process.
+    let workspaces: [DevicePointer]
+    let mask: DevicePointer
+    /// The group's own stream: calls given no stream run here.
+    let stream: CUDAStream
+    /// The ranks this process drives, in the order of the per-rank arrays of every call.
+    let localRanks: [Int]
+    /// Dispatch/combine blocks per rank: one launch covering every local rank, and one launch
+    /// per rank (all R resident at once, since their ranks wait for each other).
+    let blocksPerRank: Int
+    let blocksPerRankPerLaunch: Int
+
+    private let lock = NSLock()
+    private let launchLock = NSLock()
+    private var kernelCache: [StepKernels.Variant: StepKernels] = [:]
+    private var pending: PendingCall?
+    private let args: StepArguments
+
+    init(
+        config: GroupConfig, device: GPUDevice, tuning: GPUTuning, placement: Placement, workspaces: [DevicePointer],
+        mask: DevicePointer, stream: CUDAStream, multiprocessors sms: Int
+    ) {
+        self.config = config
+        self.device = device
+        self.tuning = tuning
+        self.placement = placement
+        self.workspaces = workspaces
+        self.mask = mask
+        self.stream = stream
+        workspace = StepWorkspace(config)
+        args = StepArguments(ranks: config.ranks)
+        switch placement {
+        case .virtualRanks:
+            localRanks = Array(0..<config.ranks)
+            // Measured on an H100: 2 blocks per SM for R ≥ 2, 1 for R = 1.
+            blocksPerRank = max(1, sms * (tuning.blocksPerMultiprocessor ?? min(config.ranks, 2)) / config.ranks)
+            blocksPerRankPerLaunch = max(1, sms / config.ranks)
+        case .process(let rank):
+            localRanks = [rank]
+            // One GPU per rank: the rank's blocks may fill it.
+            blocksPerRank = max(1, sms * (tuning.blocksPerMultiprocessor ?? 2))
+            blocksPerRankPerLaunch = blocksPerRank
+        }
+    }
+
+    var location: MemoryLocation { .device(device.ordinal) }
+
+    /// Ranks of another process meet through flags in every call; virtual ranks only when
+    /// launched separately.
+    func meetsThroughFlags(_ mode: LaunchMode) -> Bool {
+        if case .process = placement { return true }
+        return mode == .perRank
+    }
+
+    func blocks(_ mode: LaunchMode) -> Int { mode == .single ? blocksPerRank : blocksPerRankPerLaunch }
+
+    func makeHandle() throws(EPError) -> GPUStepHandle {
+        try GPUStepHandle(device: device, localRanks: localRanks, workspace: workspace)
+    }
+
+    // MARK: kernels
+
+    func kernels(_ variant: StepKernels.Variant) throws(EPError) -> StepKernels {
+        if let k = lock.withLock({ kernelCache[variant] }) { return k }
+        try device.makeCurrent()
+        let k = try StepKernels(device: device, config: config, variant: variant, tuning: tuning)
+        lock.withLock { kernelCache[variant] = k }
+        return k
+    }
+
+    // MARK: launches
+
+    /// Fills the argument block and launches `function` for every local rank: the launch's
+    /// fields, each rank's group words and (local ranks) `handle`'s words; `fill` sets the
+    /// tensors of rank r (every rank of the group: the peer table).
+    func launch(
+        _ function: CUDAFunction, threads: Int, blocks: Int, mode: LaunchMode, sync: SyncBits, weighted: Bool, slices: Int,
+        handle: GPUStepHandle, stream callerStream: CUDAStream?, fill: (Int, RankArguments) -> Void
+    ) throws(EPError) {
+        let handleWords = try localRanks.map { rank throws(EPError) in try handle.words(rank: rank) }
+        // One argument block per group: calls from several threads take turns filling and launching.
+        launchLock.lock()
+        defer { launchLock.unlock() }
+        args.reset(mask: mask, timeout: config.timeout, firstRank: localRanks[0], sync: sync, weighted: weighted, slices: slices)
+        for r in 0..<config.ranks {
+            let words = args.rank(r)
+            fill(r, words)
+            words.set(.workspace, workspaces[r])
+        }
+        for (i, rank) in localRanks.enumerated() { args.rank(rank).set(.handle, handleWords[i]) }
+        try device.makeCurrent()
+        let target = callerStream ?? stream
+        let driver = device.driver
+        try gpu {
+            switch (placement, mode) {
+            case (.process, _), (.virtualRanks, .single):
+                let grid = LaunchDimensions(x: UInt32(blocks), y: UInt32(localRanks.count))
+                try args.launch(function, on: device, grid: grid, threads: threads, stream: target)
+            case (.virtualRanks(let rankStreams, let joinEvents), .perRank):
+                let r = config.ranks
+                try driver.record(joinEvents[r], on: target)
+                for rank in 0..<r {
+                    try driver.wait(rankStreams[rank], for: joinEvents[r])
+                    args[.firstRank] = UInt64(rank)
+                    try args.launch(function, on: device, grid: .init(x: UInt32(blocks), y: 1), threads: threads, stream: rankStreams[rank])
+                    try driver.record(joinEvents[rank], on: rankStreams[rank])
+                }
+                for rank in 0..<r { try driver.wait(target, for: joinEvents[rank]) }
+            }
+        }
+    }
+
+    // MARK: the pending half of a send-only call
+
+    /// Fails while a send-only call waits for `complete()`: no other call may come between.
+    func checkNothingPending() throws(EPError) {
+        lock.lock()
+        defer { lock.unlock() }
+        if let pending { throw .wrongOrder("complete() the pending send-only \(pending.name) first") }
+    }
+
+    func setPending(_ call: PendingCall) { lock.withLock { pending = call } }
+
+    func takePending() throws(EPError) -> PendingCall {
+        lock.lock()
+        defer { lock.unlock() }
+        guard let call = pending else { throw .wrongOrder("complete() needs a dispatch or combine issued with phase .sendOnly") }
+        pending = nil
+        return call
+    }
+}
+
+/// The second half of a send-only call, enqueued by `complete()`.
+struct PendingCall {
+    var name: String
+    var enqueue: (CUDAStream?) throws(EPError) -> Void
+}
+
+func address(_ tensor: TensorRef) -> UInt64 { UInt64(UInt(bitPattern: tensor.address)) }
+
+/// Kernels read rows in 8- or 16-byte vectors and ids and weights whole: a misaligned address
+/// would fault on the device, so it is an error here.
+/// The name is built only for the error, so the data path allocates nothing for it.
+func requireAligned(_ tensor: TensorRef?, _ name: @autoclosure () -> String, _ bytes: Int) throws(EPError) {
+    guard let tensor else { return }
+    guard address(tensor) % UInt64(bytes) == 0 else {
+        throw .invalidArgument(field: "\(name()).address", value: "\(address(tensor))", requirement: "must be a multiple of \(bytes) bytes")
+    }
+}
