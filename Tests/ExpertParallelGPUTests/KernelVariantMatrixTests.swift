@@ -1,0 +1,154 @@
+import ExpertParallel
+import ExpertParallelCUDA
+@testable import ExpertParallelGPU
+import ExpertParallelKernels
+import Foundation
+import Testing
+
+/// Every kernel variant the library can ask for compiles, not only the defaults the GPU tests
+/// happen to use: ep_ll and ep_ht (NVRTC, sm_90a, no GPU needed) over a pairwise covering set
+/// of their `#if` dimensions. Each algorithm sees every value of EP_ELEM (bf16, f16, f32, u8),
+/// EP_IDX_BYTES, EP_RIDX_BYTES and EP_VEC_BYTES (4/8, 4/8, 8/16), every layout (LL
+/// EP_RANK_MAJOR 0/1, HT EP_EXPERT_MAJOR 0/1) with every element type, every pair of those
+/// dimensions, HT's EP_DROP on and off under both layouts, the R = 1 flat combine path, and an
+/// odd shape. `coversEveryDimension` checks that claim against the defines actually passed.
+struct KernelVariantMatrixTests {
+    struct Case: CustomTestStringConvertible, Sendable {
+        var config: GroupConfig
+        var variant: StepKernels.Variant
+        var testDescription: String {
+            let c = config
+            return "\(c.algorithm.rawValue) \(c.layout) \(c.elementType) R=\(c.ranks) E=\(c.experts) K=\(c.topK) H=\(c.hidden) "
+                + "B=\(c.maxTokensPerRank)\(c.overflow == .drop ? " drop" : "") idx\(variant.indexBytes) ridx\(variant.receivedIndexBytes) "
+                + "vec\(variant.vectorBytes)"
+        }
+    }
+
+    /// The one place that turns a case into the library's -D set: if `StepKernels.defines`
+    /// changes its signature, only this needs updating.
+    static func defines(_ c: Case) throws -> [String: String] {
+        let config = try c.config.validated()
+        return StepKernels.defines(config, c.variant, try GPUTuning().validated(config))
+    }
+
+    static let elements: [DataType] = [.bf16, .f16, .f32, .u8]
+
+    /// A hidden size whose row is a multiple of 16 bytes for 16-byte vectors, and 8 more than a
+    /// multiple of 16 for 8-byte vectors (the row the library gives 8-byte vectors).
+    static func hidden(_ element: DataType, vectorBytes: Int) -> Int {
+        guard vectorBytes == 8 else { return 7168 }
+        return switch element.byteSize {
+        case 1: 7176
+        case 2: 7172
+        default: 7170
+        }
+    }
+
+    /// Two-level factors (index bytes, received index bytes, vector bytes, drop) of the element
+    /// type at the same position in `elements`, under the first layout; the second layout gets the
+    /// complements. The columns 0011, 0101, 0110, 0001 are neither constant, equal nor complementary,
+    /// so with the complements every pair of factors (the layout among them) takes all four value
+    /// pairs, and every element type meets both values of every factor and both layouts.
+    static let bits: [(idx: Bool, ridx: Bool, vec: Bool, drop: Bool)] = [
+        (false, false, false, false),
+        (false, true, true, false),
+        (true, false, true, false),
+        (true, true, false, true),
+    ]
+
+    static func pairwise(_ algorithm: Algorithm) -> [Case] {
+        let layouts: [Layout] = algorithm == .lowLatency ? [.expertMajor, .rankMajor] : [.flat, .expertMajorPadded(alignment: 128)]
+        var cases: [Case] = []
+        for (second, layout) in layouts.enumerated() {
+            for (element, b) in zip(elements, bits) {
+                let flip = second == 1
+                let variant = StepKernels.Variant(
+                    indexBytes: b.idx != flip ? 8 : 4, receivedIndexBytes: b.ridx != flip ? 8 : 4, vectorBytes: b.vec != flip ? 8 : 16)
+                let drop = algorithm == .highThroughput && b.drop != flip
+                let config = GroupConfig(
+                    algorithm: algorithm, ranks: 8, experts: 256, topK: 8, hidden: hidden(element, vectorBytes: variant.vectorBytes),
+                    elementType: element, maxTokensPerRank: algorithm == .lowLatency ? 128 : 4096,
+                    maxReceivedTokensPerRank: drop ? 8192 : nil, layout: layout, overflow: drop ? .drop : .fail)
+                cases.append(Case(config: config, variant: variant))
+            }
+        }
+        return cases
+    }
+
+    /// R = 1 (HT flat's single-row combine path, compiled only there; expert-major and LL at
+    /// R = 1 for contrast) and an odd shape under every layout.
+    static let special: [Case] = [
+        Case(config: GroupConfig(algorithm: .highThroughput, ranks: 1, experts: 32, topK: 8, hidden: 7168, maxTokensPerRank: 4096),
+             variant: .init(indexBytes: 8, receivedIndexBytes: 4, vectorBytes: 16)),
+        Case(config: GroupConfig(algorithm: .highThroughput, ranks: 1, experts: 32, topK: 4, hidden: 7170, elementType: .f32,
+                                 maxTokensPerRank: 512, maxReceivedTokensPerRank: 256, overflow: .drop),
+             variant: .init(indexBytes: 4, receivedIndexBytes: 8, vectorBytes: 8)),
+        Case(config: GroupConfig(algorithm: .highThroughput, ranks: 1, experts: 32, topK: 8, hidden: 4096, elementType: .f16,
+                                 maxTokensPerRank: 1024, layout: .expertMajorPadded(alignment: 16)),
+             variant: .init(indexBytes: 8, receivedIndexBytes: 4, vectorBytes: 16)),
+        Case(config: GroupConfig(algorithm: .lowLatency, ranks: 1, experts: 16, topK: 4, hidden: 4096, maxTokensPerRank: 64),
+             variant: .init(indexBytes: 4, receivedIndexBytes: 4, vectorBytes: 16)),
+        Case(config: GroupConfig(algorithm: .lowLatency, ranks: 6, experts: 96, topK: 10, hidden: 2880, elementType: .f16,
+                                 maxTokensPerRank: 77, layout: .rankMajor),
+             variant: .init(indexBytes: 8, receivedIndexBytes: 8, vectorBytes: 8)),
+        Case(config: GroupConfig(algorithm: .lowLatency, ranks: 6, experts: 96, topK: 10, hidden: 2880, elementType: .u8,
+                                 maxTokensPerRank: 77, layout: .expertMajor),
+             variant: .init(indexBytes: 4, receivedIndexBytes: 4, vectorBytes: 16)),
+        Case(config: GroupConfig(algorithm: .highThroughput, ranks: 6, experts: 96, topK: 10, hidden: 2880, elementType: .f32,
+                                 maxTokensPerRank: 77, maxReceivedTokensPerRank: 300, layout: .flat, overflow: .drop),
+             variant: .init(indexBytes: 8, receivedIndexBytes: 4, vectorBytes: 16)),
+        Case(config: GroupConfig(algorithm: .highThroughput, ranks: 6, experts: 96, topK: 10, hidden: 2880,
+                                 maxTokensPerRank: 77, layout: .expertMajorPadded(alignment: 3)),
+             variant: .init(indexBytes: 4, receivedIndexBytes: 8, vectorBytes: 8)),
+    ]
+
+    static let cases = pairwise(.lowLatency) + pairwise(.highThroughput) + special
+
+    @Test(.enabled(if: GPUTuningTests.runsNVRTC, "needs NVRTC (EP_REQUIRE_NVRTC=1 to require it)"), arguments: cases)
+    func compiles(_ c: Case) throws {
+        let prefix = c.config.algorithm == .lowLatency ? "ep_ll" : "ep_ht"
+        let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)
+        let compiled = try compiler.compile(
+            KernelSource.embedded(prefix), arch: .hopper, defines: try Self.defines(c), extraOptions: ["--ptxas-options=-v"])
+        #expect(compiled.format == .cubin)
+        // u8 combine's body is compiled out, but the entry point is still there to be looked up.
+        for entry in ["update", "dispatch", "combine"].map({ "\(prefix)_\($0)" }) {
+            #expect(compiled.log.contains("Compiling entry function '\(entry)'"), "ptxas did not report \(entry):\n\(compiled.log)")
+            #expect(Self.contains(compiled.image, Array(entry.utf8) + [0]), "\(entry) is not in the CUBIN")
+        }
+    }
+
+    /// The matrix covers what it claims, checked on the defines `StepKernels.defines` returns.
+    @Test func coversEveryDimension() throws {
+        for algorithm in [Algorithm.lowLatency, .highThroughput] {
+            let all = try Self.cases.filter { $0.config.algorithm == algorithm }.map(Self.defines)
+            let layout = algorithm == .lowLatency ? "EP_RANK_MAJOR" : "EP_EXPERT_MAJOR"
+            let factors = [layout, "EP_ELEM", "EP_IDX_BYTES", "EP_RIDX_BYTES", "EP_VEC_BYTES"]
+                + (algorithm == .highThroughput ? ["EP_DROP"] : [])
+            let levels = ["EP_RANK_MAJOR": ["0", "1"], "EP_EXPERT_MAJOR": ["0", "1"], "EP_ELEM": ["0", "1", "2", "3"],
+                          "EP_IDX_BYTES": ["4", "8"], "EP_RIDX_BYTES": ["4", "8"], "EP_VEC_BYTES": ["8", "16"], "EP_DROP": ["0", "1"]]
+            for (i, a) in factors.enumerated() {
+                #expect(Set(all.compactMap { $0[a] }) == Set(levels[a]!), "\(algorithm) \(a)")
+                for b in factors[(i + 1)...] {
+                    let seen = Set(all.compactMap { d in d[a].flatMap { x in d[b].map { "\(x),\($0)" } } })
+                    let missing = levels[a]!.flatMap { x in levels[b]!.map { "\(x),\($0)" } }.filter { !seen.contains($0) }
+                    #expect(missing.isEmpty, "\(algorithm): \(a),\(b) never takes \(missing)")
+                }
+            }
+            if algorithm == .highThroughput {
+                #expect(all.contains { $0["EP_R"] == "1" && $0["EP_EXPERT_MAJOR"] == "0" && $0["EP_ELEM"] != "3" }, "the R = 1 flat path")
+            }
+            #expect(all.contains { $0["EP_R"] == "6" && $0["EP_K"] == "10" }, "\(algorithm): an odd shape")
+        }
+    }
+
+    static func contains(_ haystack: [UInt8], _ needle: [UInt8]) -> Bool {
+        guard let first = needle.first, haystack.count >= needle.count else { return false }
+        var i = 0
+        while i <= haystack.count - needle.count {
+            if haystack[i] == first, haystack[i..<(i + needle.count)].elementsEqual(needle) { return true }
+            i += 1
+        }
+        return false
+    }
+}
