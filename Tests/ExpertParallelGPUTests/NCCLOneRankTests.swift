@@ -1,0 +1,102 @@
+import ExpertParallel
+import ExpertParallelCUDA
+import ExpertParallelGPU
+import Testing
+
+/// The NCCL rank group where one GPU can check it: a communicator of one rank, every layout,
+/// forward and backward, two buffer slots in flight, compared with the CPU oracle bit for bit.
+@Suite(.enabled(if: gpuTestsEnabled && sharedDevice != nil && (try? NCCLLibrary.shared()) != nil, "needs a GPU and NCCL (EP_GPU_TESTS=1)"))
+struct NCCLOneRankTests {
+    static let cases: [(Layout, PassDirection)] = [
+        (.expertMajor, .forward), (.rankMajor, .forward), (.flat, .forward), (.flat, .backward),
+        (.expertMajorPadded(alignment: 4), .forward), (.expertMajorPadded(alignment: 4), .backward),
+    ]
+
+    @Test(arguments: cases)
+    func oneRankGroupMatchesTheOracle(_ layout: Layout, _ direction: PassDirection) throws {
+        let device = try #require(sharedDevice)
+        let nccl = try NCCLLibrary.shared()
+        try device.makeCurrent()
+        let comm = try nccl.initRank(ranks: 1, id: try nccl.uniqueID(), rank: 0)
+        defer { try? nccl.close(comm) }
+        let config = GroupConfig.forLayout(layout, ranks: 1, experts: 8, topK: 3, hidden: 96, elementType: .bf16, maxTokensPerRank: 20)
+        let group = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl)
+        #expect(group.bufferSlots == 2)
+        // Two steps in flight on the two slots: update A, update B, dispatch A, dispatch B, combine B, combine A.
+        let steps = [(StepInputs(config: config, tokens: [20], seed: 11), 0), (StepInputs(config: config, tokens: [13], seed: 12), 1)]
+        let buffers = try steps.map { inputs, _ in try OneRankStep(group, inputs) }
+        let handles = try steps.map { _ in try group.makeHandle() }
+        for (handle, step) in zip(handles, buffers) { try group.update(handle, topkIdx: [step.idx.ref]) }
+        for i in [0, 1] { try buffers[i].dispatch(group, handles[i], slot: steps[i].1, direction: direction) }
+        for i in [1, 0] { try buffers[i].combine(group, handles[i], slot: steps[i].1, direction: direction) }
+        try group.checkStatus()
+        for i in [0, 1] {
+            let expected = try #require(try oracleStep(config, steps[i].0, direction: direction)[0])
+            let got = try buffers[i].result(group, handles[i], slot: steps[i].1, direction: direction)
+            #expect(got.layout.expertCounters == expected.layout.expertCounters, "\(layout) step \(i): counters")
+            #expect(got.layout.receivedTotal == expected.layout.receivedTotal, "\(layout) step \(i): received total")
+            // Rows outside the received zones are unspecified here (the group's buffers are not poisoned).
+            let used = expected.layout.receivedTotal * config.rowBytes
+            #expect(Array(got.received.prefix(used)) == Array(expected.received.prefix(used)), "\(layout) step \(i): received rows")
+            #expect(got.combined == expected.combined, "\(layout) step \(i): combined rows")
+            #expect(got.weightGradients == expected.weightGradients, "\(layout) step \(i): weight gradients")
+        }
+    }
+}
+
+/// One rank's tensors of one step, and the copies into the group's slot buffers the experts make.
+struct OneRankStep {
+    let config: GroupConfig
+    let inputs: StepInputs
+    let idx: DeviceTensor, x: DeviceTensor, w: DeviceTensor, combined: DeviceTensor, gradsOut: DeviceTensor
+
+    init(_ group: NCCLRankGroup, _ inputs: StepInputs) throws {
+        config = group.config
+        self.inputs = inputs
+        let b = inputs.tokens[0].shape[0], device = group.device
+        idx = try DeviceTensor(.i32, [b, config.topK], on: device)
+        x = try DeviceTensor(config.elementType, [b, config.hidden], on: device)
+        w = try DeviceTensor(.f32, [b, config.topK], on: device)
+        combined = try DeviceTensor(config.elementType, [b, config.hidden], on: device)
+        gradsOut = try DeviceTensor(.f32, [b, config.topK], on: device)
+        let ids = HostTensor(.i32, idx.shape)
+        ids.copy(from: inputs.routing[0])
+        try idx.upload(ids)
+        try x.upload(inputs.tokens[0])
+        try w.upload(inputs.weights[0])
+    }
+
+    func dispatch(_ group: NCCLRankGroup, _ handle: GPUStepHandle, slot: Int, direction: PassDirection) throws {
+        try group.dispatch(handle, [DispatchInput(tokens: x.ref, topkWeights: w.ref)], into: [group.slots[slot].dispatchOutput], direction: direction)
+    }
+
+    func combine(_ group: NCCLRankGroup, _ handle: GPUStepHandle, slot: Int, direction: PassDirection) throws {
+        let buffers = group.slots[slot], driver = group.device.driver
+        // The experts write their outputs (and, backward, the weight gradients) into the slot.
+        try driver.copy(from: inputs.expertOutputs[0].storage, to: DevicePointer(rawValue: UInt64(UInt(bitPattern: buffers.expertOutputs.address))),
+                        byteCount: inputs.expertOutputs[0].byteCount)
+        let backward = direction == .backward && config.algorithm == .highThroughput
+        if backward, let g = inputs.weightGradients[0], let target = buffers.weightGradients {
+            try driver.copy(from: g.storage, to: DevicePointer(rawValue: UInt64(UInt(bitPattern: target.address))), byteCount: g.byteCount)
+        }
+        let weights: TensorRef? = config.layout == .expertMajor ? w.ref : config.isExpertMajorHT && direction == .forward ? buffers.receivedWeights : nil
+        try group.combine(handle, [CombineInput(expertOutputs: buffers.expertOutputs, topkWeights: weights, weightGradients: backward ? buffers.weightGradients : nil)],
+                          into: [CombineOutput(tokens: combined.ref, topkWeightGradients: backward ? gradsOut.ref : nil)], direction: direction)
+    }
+
+    func result(_ group: NCCLRankGroup, _ handle: GPUStepHandle, slot: Int, direction: PassDirection) throws -> StepResult {
+        let driver = group.device.driver
+        let received = HostTensor(config.elementType, config.receiveShape)
+        try driver.copy(from: DevicePointer(rawValue: UInt64(UInt(bitPattern: group.slots[slot].receivedTokens.address))), to: received.storage,
+                        byteCount: received.byteCount)
+        let out = HostTensor(config.elementType, combined.shape)
+        try combined.download(into: out)
+        var grads: [UInt8]?
+        if direction == .backward && config.algorithm == .highThroughput {
+            let g = HostTensor(.f32, gradsOut.shape)
+            try gradsOut.download(into: g)
+            grads = g.bytes()
+        }
+        return StepResult(received: received.bytes(), combined: out.bytes(), layout: try group.layoutInfo(handle, rank: 0), weightGradients: grads)
+    }
+}
