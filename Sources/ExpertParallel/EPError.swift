@@ -16,8 +16,12 @@ public enum EPError: Error, Sendable, Equatable, CustomStringConvertible {
     case peerFailed(rank: Int, peer: Int, reason: String)
     /// The calling rank is masked inactive; clean it first.
     case inactiveRank(Int)
-    /// A failure below the library: a driver, compiler or transport call.
+    /// A failure below the library that no library call reported (an unknown device status, a
+    /// check of the backend's own); failures of the CUDA driver, NVRTC or NCCL are `lowerLayer`.
     case backend(String)
+    /// A call into a library below this one (the CUDA driver, NVRTC, NCCL) failed, or the
+    /// library could not be loaded. Reads like `cuModuleLoadData failed: CUDA_ERROR_INVALID_PTX (218)`.
+    case lowerLayer(BackendFailure)
 
     public var description: String {
         switch self {
@@ -39,6 +43,104 @@ public enum EPError: Error, Sendable, Equatable, CustomStringConvertible {
             "rank \(rank) is masked inactive; clean it before calling"
         case let .backend(message):
             message
+        case let .lowerLayer(failure):
+            failure.description
         }
+    }
+}
+
+/// A failure in a library below this one, described without depending on the layer that
+/// talks to it (the core module cannot import the CUDA layer): which library, which call, the
+/// code it returned and that code's name.
+///
+/// Its `description` is the CUDA layer's own text: `cuModuleLoadData failed:
+/// CUDA_ERROR_INVALID_PTX (218)`, a compiler log on the lines after an NVRTC failure, and for a
+/// library that could not be loaded every place that was tried.
+public struct BackendFailure: Sendable, Equatable, CustomStringConvertible {
+    /// The library that failed.
+    public enum Library: String, Sendable, Equatable, CaseIterable {
+        /// The CUDA driver (`libcuda`), and the operating-system calls made on its behalf.
+        case driver
+        /// NVRTC, CUDA's runtime compiler (`libnvrtc`).
+        case nvrtc
+        /// NCCL (`libnccl`).
+        case nccl
+        /// A shared library this package does not know by name.
+        case system
+    }
+
+    /// How it failed.
+    public enum Kind: String, Sendable, Equatable, CaseIterable {
+        /// `call` returned `code`, whose name is `name`; `detail` holds a compiler log, if any.
+        case callFailed
+        /// The shared library `name` could not be opened; `detail` lists the places tried, one a
+        /// line; `call` is `dlopen`.
+        case libraryUnavailable
+        /// The shared library `name` has no symbol `call` (the library is too old).
+        case symbolMissing
+    }
+
+    public var library: Library
+    public var kind: Kind
+    /// The call that failed (`cuModuleLoadData`); for a missing symbol the symbol looked for.
+    public var call: String
+    /// The code the call returned; nil when the library or symbol is missing.
+    public var code: Int32?
+    /// The code's name (`CUDA_ERROR_INVALID_PTX`); for a missing library or symbol the library's
+    /// file name (`libnccl.so.2`).
+    public var name: String
+    /// An NVRTC program log, or the places a missing library was looked for (one a line).
+    public var detail: String
+
+    public init(library: Library, kind: Kind = .callFailed, call: String, code: Int32?, name: String, detail: String = "") {
+        self.library = library
+        self.kind = kind
+        self.call = call
+        self.code = code
+        self.name = name
+        self.detail = detail
+    }
+
+    /// `call` returned `code` (named `name`); `detail` is a log printed on the lines after.
+    public static func callFailed(_ library: Library, call: String, code: Int32?, name: String, detail: String = "") -> BackendFailure {
+        BackendFailure(library: library, kind: .callFailed, call: call, code: code, name: name, detail: detail)
+    }
+
+    /// The shared library `file` could not be opened from any of `attempts`.
+    public static func libraryUnavailable(_ library: Library, file: String, attempts: [String]) -> BackendFailure {
+        BackendFailure(library: library, kind: .libraryUnavailable, call: "dlopen", code: nil, name: file,
+                       detail: attempts.joined(separator: "\n"))
+    }
+
+    /// The shared library `file` opened but has no symbol `symbol`.
+    public static func symbolMissing(_ library: Library, file: String, symbol: String) -> BackendFailure {
+        BackendFailure(library: library, kind: .symbolMissing, call: symbol, code: nil, name: file)
+    }
+
+    /// The places a missing library was looked for (empty for other kinds).
+    public var attempts: [String] {
+        guard kind == .libraryUnavailable, !detail.isEmpty else { return [] }
+        return detail.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+    }
+
+    public var description: String {
+        switch kind {
+        case .callFailed:
+            let code = code.map { " (\($0))" } ?? ""
+            let log = Self.trimmingTrailingWhitespace(detail)
+            return "\(call) failed: \(name)\(code)" + (log.isEmpty ? "" : "\n\(log)")
+        case .libraryUnavailable:
+            let tried = attempts.isEmpty ? "" : "\n  tried:\n" + attempts.map { "    \($0)" }.joined(separator: "\n")
+            return "\(name) is not available\(tried)"
+        case .symbolMissing:
+            return "\(name) has no symbol \(call) (is the library too old?)"
+        }
+    }
+
+    /// `text` without trailing whitespace and NULs (an NVRTC log ends in both).
+    private static func trimmingTrailingWhitespace(_ text: String) -> String {
+        var text = Substring(text)
+        while let last = text.last, last.isWhitespace || last == "\0" { text.removeLast() }
+        return String(text)
     }
 }

@@ -56,9 +56,8 @@ final class NCCLBackend: @unchecked Sendable {
             joined = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl, multiprocessors: settings.multiprocessors)
         } catch {
             try? nccl.abort(comm)
-            // The group reports NCCL's failures (window registration, the handle exchange, a
-            // peer that never answered) as backend errors naming the NCCL call: status epNcclError.
-            if case let .backend(message) = error, message.contains("nccl") { throw NCCLFailure(message: message) }
+            // The group reports NCCL's failures (window registration, the handle exchange) as
+            // EPError.lowerLayer with library .nccl, whose status is epNcclError.
             throw error
         }
         self.nccl = nccl
@@ -80,19 +79,13 @@ final class NCCLBackend: @unchecked Sendable {
     }
 }
 
-/// Runs an NCCL-layer call: its NCCL errors (a failed call, no libnccl) become `epNcclError`,
-/// other CUDA-layer errors `epCudaError`.
+/// Runs an NCCL-layer call: its CUDA-layer errors become `EPError.lowerLayer`, whose status
+/// follows the library that failed (a failed NCCL call, no libnccl or too old a one:
+/// `epNcclError`; the driver: `epCudaError`). Other errors pass through unchanged.
 func ncclCall<T>(_ body: () throws -> T) throws -> T {
     do {
         return try body()
     } catch let error as CUDAError {
-        switch error {
-        case .nccl: throw NCCLFailure(message: error.description)
-        case .libraryUnavailable(let library, _) where library == NCCLLibrary.libraryName:
-            throw NCCLFailure(message: error.description)
-        case .symbolMissing(let library, _) where library == NCCLLibrary.libraryName:
-            throw NCCLFailure(message: error.description)
-        default: throw EPError.backend(error.description)
-        }
+        throw EPError(error)
     }
 }

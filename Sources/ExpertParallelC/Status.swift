@@ -18,6 +18,18 @@ extension EPError {
         case .peerFailed: epPeerFailed
         case .inactiveRank: epInactiveRank
         case .backend: epCudaError
+        case let .lowerLayer(failure): failure.status
+        }
+    }
+}
+
+/// The status a C caller sees for a failure below the library: by the library that failed,
+/// never by its message.
+extension BackendFailure {
+    var status: epResult_t {
+        switch library {
+        case .nccl: epNcclError
+        case .driver, .nvrtc, .system: epCudaError
         }
     }
 }
@@ -44,12 +56,6 @@ struct RankFailure: StatusError {
 struct UnsupportedCall: StatusError {
     var message: String
     var status: epResult_t { epInvalidUsage }
-}
-
-/// A failed NCCL call, or NCCL that could not be loaded.
-struct NCCLFailure: StatusError {
-    var message: String
-    var status: epResult_t { epNcclError }
 }
 
 /// A broken invariant of the C layer: reported as `epInternalError`, never a trap.

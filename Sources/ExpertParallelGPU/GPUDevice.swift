@@ -64,13 +64,15 @@ public final class GPUDevice: @unchecked Sendable {
     }
 }
 
-/// Runs a CUDA-layer call, turning its error into `EPError.backend` with the call's message.
+/// Runs a CUDA-layer call, turning its `CUDAError` into `EPError.lowerLayer` (same library,
+/// call, code and text); an `EPError` passes through unchanged.
 @inline(__always)
 func gpu<T>(_ body: () throws -> T) throws(EPError) -> T {
     do { return try body() } catch { throw gpuError(error) }
 }
 
+/// `error` as an `EPError`: unchanged when it is one, typed (`.lowerLayer`) when the CUDA layer
+/// threw it (CUDAError+EPError.swift).
 func gpuError(_ error: any Error) -> EPError {
-    if let error = error as? EPError { return error }
-    return .backend("\(error)")
+    EPError(lowerLayer: error)
 }
