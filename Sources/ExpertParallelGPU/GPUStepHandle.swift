@@ -27,8 +27,12 @@ public final class GPUStepHandle: StepHandle, @unchecked Sendable {
         var maxTokens: Int { routing.map { $0.shape[0] }.max() ?? 0 }
     }
 
-    init(device: GPUDevice, localRanks: [Int], workspace: StepWorkspace) throws(EPError) {
+    /// Waits for the group's work that may still read the handle's words.
+    private let synchronize: () throws(EPError) -> Void
+
+    init(device: GPUDevice, localRanks: [Int], workspace: StepWorkspace, synchronize: @escaping () throws(EPError) -> Void) throws(EPError) {
         self.device = device
+        self.synchronize = synchronize
         self.localRanks = localRanks
         stride = workspace.handleStride
         deviceBytes = stride * localRanks.count
@@ -43,7 +47,8 @@ public final class GPUStepHandle: StepHandle, @unchecked Sendable {
 
     deinit { release() }
 
-    /// Frees the handle's device memory (after the device's work is done); later calls with it
+    /// Frees the handle's device memory once the group's work is done (if that wait fails, the
+    /// memory is left allocated rather than freed under running kernels); later calls with it
     /// fail with `wrongOrder`.
     public func release() {
         let freed: DevicePointer? = lock.withLock {
@@ -51,8 +56,10 @@ public final class GPUStepHandle: StepHandle, @unchecked Sendable {
             return memory
         }
         guard let freed else { return }
-        try? device.makeCurrent()
-        try? device.driver.synchronizeContext()   // kernels still queued may read these words
+        do {
+            try synchronize()
+            try device.makeCurrent()
+        } catch { return }
         try? device.driver.free(freed)
     }
 

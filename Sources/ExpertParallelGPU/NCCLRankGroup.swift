@@ -145,7 +145,8 @@ public final class NCCLRankGroup: StepGroup, @unchecked Sendable {
     deinit {
         let driver = device.driver
         try? device.makeCurrent()   // the last reference may go on any thread
-        try? driver.synchronizeContext()   // work may still use the buffers freed below
+        // Work may still use the buffers freed below: if it cannot be waited for, they are left allocated.
+        guard (try? engine.synchronize()) != nil else { return }
         implicitHandle?.release()
         let everyone = (try? driver.read(UInt64.self, from: engine.mask, count: 1)[0]).map { RankMask(bits: $0) == RankMask.all(config.ranks) } ?? false
         shared.release(collectively: everyone)

@@ -2,12 +2,6 @@ import ExpertParallel
 import ExpertParallelCUDA
 
 extension StepEngine {
-    /// Waits for all work on the device, on every stream the calls were given. Control path.
-    func synchronize() throws(EPError) {
-        try device.makeCurrent()
-        try gpu { try device.driver.synchronizeContext() }
-    }
-
     /// Synchronises, then throws the first error a local rank recorded on the device since the
     /// last check (invalid routing, a timeout, a peer's invalid routing), and clears them all.
     /// A rank whose own routing was invalid is reported before the peers that refused for it.

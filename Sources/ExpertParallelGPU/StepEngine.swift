@@ -37,6 +37,8 @@ final class StepEngine: @unchecked Sendable {
     private var kernelCache: [StepKernels.Variant: StepKernels] = [:]
     private var pending: PendingCall?
     private let args: StepArguments
+    /// Caller streams given to calls since the last `synchronize()`: it waits for them too.
+    private var callerStreams: [CUDAStream] = []
 
     init(
         config: GroupConfig, device: GPUDevice, tuning: GPUTuning, placement: Placement, workspaces: [DevicePointer],
@@ -77,7 +79,27 @@ final class StepEngine: @unchecked Sendable {
     func blocks(_ mode: LaunchMode) -> Int { mode == .single ? blocksPerRank : blocksPerRankPerLaunch }
 
     func makeHandle() throws(EPError) -> GPUStepHandle {
-        try GPUStepHandle(device: device, localRanks: localRanks, workspace: workspace)
+        // Freeing a handle waits for the work that may read it: this group's streams.
+        try GPUStepHandle(device: device, localRanks: localRanks, workspace: workspace) { [weak self] () throws(EPError) in
+            try self?.synchronize()
+        }
+    }
+
+    /// Every stream this group's work may be on: its own, its rank streams, and the caller
+    /// streams given since the last call.
+    func streamsInUse() -> [CUDAStream] {
+        var streams = [stream] + lock.withLock { callerStreams }
+        if case .virtualRanks(let rankStreams, _) = placement { streams += rankStreams }
+        return streams
+    }
+
+    /// Waits for the work of this group's calls: its streams, not the whole context, so a CUDA
+    /// graph being captured on another thread is not disturbed. Control path.
+    func synchronize() throws(EPError) {
+        try device.makeCurrent()
+        let driver = device.driver
+        for s in streamsInUse() { try gpu { try driver.synchronize(s) } }
+        lock.withLock { callerStreams.removeAll() }
     }
 
     // MARK: kernels
@@ -112,6 +134,7 @@ final class StepEngine: @unchecked Sendable {
         for (i, rank) in localRanks.enumerated() { args.rank(rank).set(.handle, handleWords[i]) }
         try device.makeCurrent()
         let target = callerStream ?? stream
+        if let callerStream { lock.withLock { if !callerStreams.contains(callerStream) { callerStreams.append(callerStream) } } }
         let driver = device.driver
         try gpu {
             switch (placement, mode) {

@@ -2,7 +2,8 @@ import ExpertParallel
 import ExpertParallelCUDA
 
 extension VirtualGPUGroup {
-    /// Waits for all work on the device, on every stream the calls were given. Control path.
+    /// Waits for the group's work: its own stream, its rank streams and the caller streams given to
+    /// calls since the last wait (not the whole device, so another thread's graph capture goes on).
     public func synchronize() throws(EPError) { try engine.synchronize() }
 
     /// Synchronises, then throws the first error any rank recorded on the device since the last

@@ -60,7 +60,8 @@ public final class VirtualGPUGroup: StepGroup, @unchecked Sendable {
 
     deinit {
         let driver = device.driver
-        try? driver.synchronizeContext()   // work may still use the buffers freed below
+        // Work may still use the buffers freed below: if it cannot be waited for, they are left allocated.
+        guard (try? engine.synchronize()) != nil else { return }
         implicitHandle?.release()
         for p in engine.workspaces { try? driver.free(p) }
         try? driver.free(engine.mask)

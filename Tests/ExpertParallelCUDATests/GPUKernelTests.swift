@@ -30,7 +30,7 @@ struct GPUKernelTests {
 
         let arguments = KernelArguments(destination, source.advanced(by: sourceOffset), UInt64(byteCount))
         try driver.launch(kernel, grid: gpu.grid(for: max(1, byteCount / 16)), block: 256, arguments: arguments)
-        try driver.synchronizeContext()
+        try driver.synchronize(CUDAStream(rawValue: nil))   // the legacy stream the launch used, not the context (graph captures run beside)
 
         let copied = try driver.read(UInt8.self, from: destination, count: byteCount + padding)
         #expect(Array(copied.prefix(byteCount)) == Array(pattern[sourceOffset..<(sourceOffset + byteCount)]))
@@ -104,7 +104,7 @@ struct GPUHelperTests {
         defer { try? driver.free(inputs); try? driver.free(outputs) }
         try driver.launch(kernel, grid: gpu.grid(for: input.count), block: 256,
                           arguments: KernelArguments(inputs, outputs, UInt64(input.count)))
-        try driver.synchronizeContext()
+        try driver.synchronize(CUDAStream(rawValue: nil))   // the legacy stream the launch used, not the context (graph captures run beside)
         return try driver.read(Out.self, from: outputs, count: input.count)
     }
 
@@ -169,7 +169,7 @@ struct GPUHelperTests {
         defer { pointers.forEach { try? driver.free($0) }; try? driver.free(output) }
         try driver.launch(kernel, grid: gpu.grid(for: count), block: 256,
                           arguments: KernelArguments(pointers[0], pointers[1], pointers[2], output, UInt64(count)))
-        try driver.synchronizeContext()
+        try driver.synchronize(CUDAStream(rawValue: nil))   // the legacy stream the launch used, not the context (graph captures run beside)
         let results = try driver.read(Float.self, from: output, count: count)
         let expected = (0..<count).map { accs[$0].addingProduct(weights[$0], xs[$0]) }
         #expect(results.map(\.bitPattern) == expected.map(\.bitPattern))
@@ -187,7 +187,7 @@ struct GPUHelperTests {
         let timeoutNanoseconds: UInt64 = 2_000_000
         try driver.launch(kernel, grid: 2, block: 32,
                           arguments: KernelArguments(flags, payload, results, timeoutNanoseconds))
-        try driver.synchronizeContext()
+        try driver.synchronize(CUDAStream(rawValue: nil))   // the legacy stream the launch used, not the context (graph captures run beside)
         #expect(try driver.read(UInt32.self, from: results, count: 8) == [1, 1, 1, 1, 0, 1, 0, 5])
     }
 }

@@ -67,6 +67,7 @@ struct StepHandleGPUTests {
             try slot.combine(group, handles[layer])
             expectMatch(try slot.results(group, handles[layer]), try oracleStep(config, inputs), "\(layout) layer \(layer)")
         }
+        withExtendedLifetime(routings) {}   // the routing tensors must outlive every layer's combine
         for handle in handles { handle.release() }
         #expect(throws: EPError.self) { try slot.dispatch(group, handles[0]) }
     }
