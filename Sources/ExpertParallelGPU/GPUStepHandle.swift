@@ -24,7 +24,11 @@ public final class GPUStepHandle: StepHandle, @unchecked Sendable {
         /// Each local rank's routing, which must stay unchanged until the step's last combine.
         var routing: [TensorRef]
         var indexBytes: Int
-        var maxTokens: Int { routing.map { $0.shape[0] }.max() ?? 0 }
+        var maxTokens: Int {
+            var most = 0
+            for idx in routing { most = max(most, idx.shape[0]) }
+            return most
+        }
     }
 
     /// Waits for the group's work that may still read the handle's words.
@@ -64,6 +68,14 @@ public final class GPUStepHandle: StepHandle, @unchecked Sendable {
     }
 
     public var isReleased: Bool { lock.withLock { memory == nil } }
+
+    /// The device address of the first local rank's words; local rank i's are `stride` × i after.
+    func base() throws(EPError) -> DevicePointer {
+        lock.lock()
+        defer { lock.unlock() }
+        guard let memory else { throw Self.released }
+        return memory
+    }
 
     /// Local rank `rank`'s words (device address), for the argument block.
     func words(rank: Int) throws(EPError) -> DevicePointer {

@@ -48,7 +48,7 @@ extension NCCLRankGroup {
                 ReceiveBuffers(rows: peers[r].received(slot).rawValue, indices: peers[r].receivedIndices(slot).rawValue,
                                weights: peers[r].receivedWeights(slot).rawValue)
             },
-            receivedIndexBytes: 4, vectorBytes: engine.vectorBytes([address(input.tokens)]), options: options)
+            receivedIndexBytes: 4, vectorBytes: engine.vectorBytes(CollectionOfOne(address(input.tokens)), EmptyCollection()), options: options)
         handle.setSlot(slot)
     }
 
@@ -87,7 +87,7 @@ extension NCCLRankGroup {
                 let weights = layout == .expertMajor ? (r == rank ? input.topkWeights.map(address) ?? 0 : 0) : peers[r].receivedWeights(slot).rawValue
                 return ExpertSide(rows: peers[r].expertOutputs(slot).rawValue, weights: weights, weightGradients: peers[r].weightGradients(slot).rawValue)
             },
-            direction: direction, vectorBytes: engine.vectorBytes([address(output.tokens)]), options: options)
+            direction: direction, vectorBytes: engine.vectorBytes(CollectionOfOne(address(output.tokens)), EmptyCollection()), options: options)
     }
 
     /// Enqueues the second half of the last send-only dispatch or combine.
@@ -97,12 +97,12 @@ extension NCCLRankGroup {
 
     /// `update` on the group's default handle.
     public func update(topkIdx: TensorRef, stream: CUDAStream? = nil) throws(EPError) {
-        try update(try defaultHandle(), topkIdx: [topkIdx], options: .init(stream))
+        try update(defaultHandle(), topkIdx: [topkIdx], options: .init(stream))
     }
 
     /// `dispatch` of the default handle's step into slot 0 (`dispatchOutput`).
     public func dispatch(_ input: DispatchInput, phase: CallPhase = .whole, stream: CUDAStream? = nil) throws(EPError) {
-        try dispatch(try defaultHandle(), [input], slot: 0, options: .init(stream, phase: phase))
+        try dispatch(defaultHandle(), [input], slot: 0, options: .init(stream, phase: phase))
     }
 
     /// `combine` of the default handle's step.
@@ -110,7 +110,7 @@ extension NCCLRankGroup {
         _ input: CombineInput, into output: CombineOutput, direction: PassDirection = .forward, phase: CallPhase = .whole,
         stream: CUDAStream? = nil
     ) throws(EPError) {
-        try combine(try defaultHandle(), [input], into: [output], direction: direction, options: .init(stream, phase: phase))
+        try combine(defaultHandle(), [input], into: [output], direction: direction, options: .init(stream, phase: phase))
     }
 
     /// Enqueues the second half of the last send-only dispatch or combine.
@@ -122,7 +122,7 @@ extension NCCLRankGroup {
     public func checkStatus() throws(EPError) { try engine.checkStatus() }
 
     /// What this rank received in the default handle's last step (synchronises).
-    public func layoutInfo() throws(EPError) -> LayoutInfo { try engine.layoutInfo(try defaultHandle(), rank: rank) }
+    public func layoutInfo() throws(EPError) -> LayoutInfo { try engine.layoutInfo(defaultHandle(), rank: rank) }
 
     /// What this rank received in `handle`'s step (synchronises); `rank` must be this rank.
     public func layoutInfo(_ handle: GPUStepHandle, rank: Int) throws(EPError) -> LayoutInfo { try engine.layoutInfo(handle, rank: rank) }

@@ -45,8 +45,9 @@ public final class NCCLRankGroup: StepGroup, @unchecked Sendable {
     /// How the shared buffers were allocated and mapped (`PeerBuffers`).
     public var sharing: PeerSharing { shared.sharing }
     private let shared: PeerBuffers
-    private let lock = NSLock()
-    private var implicitHandle: GPUStepHandle?
+    /// The handle the calls without one use: made with the group, since a call may be captured
+    /// into a CUDA graph, where nothing may be allocated.
+    let implicitHandle: GPUStepHandle
 
     /// One slot's buffers of this rank, as tensors.
     public struct SlotBuffers: Sendable {
@@ -139,6 +140,7 @@ public final class NCCLRankGroup: StepGroup, @unchecked Sendable {
         engine = StepEngine(
             config: config, device: device, tuning: tuning, placement: .process(rank: rank), workspaces: peers.map(\.workspace),
             mask: mask, stream: stream, multiprocessors: sms)
+        implicitHandle = try engine.makeHandle()
         built = true
     }
 
@@ -147,7 +149,7 @@ public final class NCCLRankGroup: StepGroup, @unchecked Sendable {
         try? device.makeCurrent()   // the last reference may go on any thread
         // Work may still use the buffers freed below: if it cannot be waited for, they are left allocated.
         guard (try? engine.synchronize()) != nil else { return }
-        implicitHandle?.release()
+        implicitHandle.release()
         let everyone = (try? driver.read(UInt64.self, from: engine.mask, count: 1)[0]).map { RankMask(bits: $0) == RankMask.all(config.ranks) } ?? false
         shared.release(collectively: everyone)
         try? driver.free(engine.mask)
@@ -157,13 +159,5 @@ public final class NCCLRankGroup: StepGroup, @unchecked Sendable {
     /// A new step handle: a few KB of device memory for this rank's routing metadata.
     public func makeHandle() throws(EPError) -> GPUStepHandle { try engine.makeHandle() }
 
-    /// The handle the calls without one use, made on first use.
-    func defaultHandle() throws(EPError) -> GPUStepHandle {
-        lock.lock()
-        defer { lock.unlock() }
-        if let implicitHandle { return implicitHandle }
-        let handle = try engine.makeHandle()
-        implicitHandle = handle
-        return handle
-    }
+    func defaultHandle() -> GPUStepHandle { implicitHandle }
 }

@@ -27,16 +27,22 @@ extension StepEngine {
         handle.setStep(nil)
         try checkLocalCount(topkIdx.count, "topkIdx")
         for (i, idx) in topkIdx.enumerated() {
-            let name = localRanks.count == 1 ? "topkIdx" : "topkIdx[rank \(localRanks[i])]"
+            // The name is built only for an error: the data path allocates nothing for it.
+            func name() -> String { localRanks.count == 1 ? "topkIdx" : "topkIdx[rank \(localRanks[i])]" }
             guard idx.shape.count == 2, idx.shape[1] == config.topK, idx.shape[0] <= config.maxTokensPerRank else {
                 throw .invalidArgument(
-                    field: "\(name).shape", value: "\(idx.shape)",
+                    field: "\(name()).shape", value: "\(idx.shape)",
                     requirement: "must be [tokens ≤ maxTokensPerRank (\(config.maxTokensPerRank)), topK = \(config.topK)]")
             }
-            try TensorCheck.require(idx, name, dtypes: [.i32, .i64], shape: idx.shape, location: location)
-            try requireAligned(idx, name, idx.dtype.byteSize)
+            do {
+                try TensorCheck.require(idx, "topkIdx", dtypes: [.i32, .i64], shape: idx.shape, location: location)
+            } catch {
+                try TensorCheck.require(idx, name(), dtypes: [.i32, .i64], shape: idx.shape, location: location)
+                throw error
+            }
+            try requireAligned(idx, name(), idx.dtype.byteSize)
             if idx.dtype != topkIdx[0].dtype {
-                throw .invalidArgument(field: "\(name).dtype", value: "\(idx.dtype)", requirement: "must match rank \(localRanks[0])'s (\(topkIdx[0].dtype))")
+                throw .invalidArgument(field: "\(name()).dtype", value: "\(idx.dtype)", requirement: "must match rank \(localRanks[0])'s (\(topkIdx[0].dtype))")
             }
         }
         let indexBytes = topkIdx[0].dtype.byteSize
@@ -52,17 +58,16 @@ extension StepEngine {
 
     /// Sends every local rank's rows straight into their slots on the destination ranks
     /// (`received(r)`: rank r's receive buffers, for every rank). With `.sendOnly` the rows are
-    /// sent but nobody waits for them: `complete()` does.
+    /// sent but nobody waits for them: `complete()` does. A whole call allocates nothing here.
     func dispatch(
         _ handle: GPUStepHandle, _ inputs: [DispatchInput], received: (Int) -> ReceiveBuffers, receivedIndexBytes: Int,
         vectorBytes: Int, options: CallOptions
     ) throws(EPError) {
         let step = try handle.currentStep()
         let k = try kernels(.init(indexBytes: step.indexBytes, receivedIndexBytes: receivedIndexBytes, vectorBytes: vectorBytes))
-        let table = (0..<config.ranks).map(received)
-        let mode = options.launch, flags = meetsThroughFlags(mode)
+        let mode = options.launch
         let pieces = StepArguments.rowPieces(tuning, blocks: blocks(mode), tokens: step.maxTokens, rowBytes: config.rowBytes)
-        let enqueue = { [self] (sync: SyncBits, blocks: Int, stream: CUDAStream?) throws(EPError) in
+        func enqueue(_ sync: SyncBits, _ blocks: Int, _ stream: CUDAStream?, _ received: (Int) -> ReceiveBuffers) throws(EPError) {
             try launch(k.dispatch, threads: StepWorkspace.threadsPerBlock, blocks: blocks, mode: mode, sync: sync, weighted: false,
                        slices: pieces, handle: handle, stream: stream) { r, w in
                 if let i = localIndex(r) {
@@ -71,17 +76,19 @@ extension StepEngine {
                     w.set(.topkWeights, inputs[i].topkWeights)
                     w[.tokenCount] = UInt64(step.routing[i].shape[0])
                 }
-                w[.received] = table[r].rows
-                w[.receivedIndices] = table[r].indices
-                w[.receivedWeights] = table[r].weights
+                let buffers = received(r)
+                w[.received] = buffers.rows
+                w[.receivedIndices] = buffers.indices
+                w[.receivedWeights] = buffers.weights
             }
         }
         switch options.phase {
         case .whole:
-            try enqueue(flags ? [.signal, .wait] : [], blocks(mode), stream(options))
+            try enqueue(meetsThroughFlags(mode) ? [.signal, .wait] : [], blocks(mode), stream(options), received)
         case .sendOnly:
-            try enqueue(.signal, blocks(mode), stream(options))
-            setPending(PendingCall(name: "dispatch") { stream throws(EPError) in try enqueue([.wait, .noData], 1, stream) })
+            try enqueue(.signal, blocks(mode), stream(options), received)
+            let table = (0..<config.ranks).map(received)
+            setPending(PendingCall(name: "dispatch") { stream throws(EPError) in try enqueue([.wait, .noData], 1, stream) { table[$0] } })
         }
     }
 
@@ -94,13 +101,12 @@ extension StepEngine {
     ) throws(EPError) {
         let step = try handle.currentStep()
         let k = try kernels(.init(indexBytes: step.indexBytes, receivedIndexBytes: 4, vectorBytes: vectorBytes))
-        let table = (0..<config.ranks).map(experts)
         let mode = options.launch, flags = meetsThroughFlags(mode)
         let pieces = StepArguments.rowPieces(tuning, blocks: blocks(mode), tokens: step.maxTokens, rowBytes: config.rowBytes)
         // Weights apply in the forward pass of the expert-major layouts (LL: the source's
         // [B, K]; HT: the per-slot weights the destination received).
         let weighted = direction == .forward && (config.layout == .expertMajor || config.isExpertMajorHT)
-        let enqueue = { [self] (sync: SyncBits, blocks: Int, stream: CUDAStream?) throws(EPError) in
+        func enqueue(_ sync: SyncBits, _ blocks: Int, _ stream: CUDAStream?, _ experts: (Int) -> ExpertSide) throws(EPError) {
             try launch(k.combine, threads: StepWorkspace.threadsPerBlock, blocks: blocks, mode: mode, sync: sync, weighted: weighted,
                        slices: pieces, handle: handle, stream: stream) { r, w in
                 if let i = localIndex(r) {
@@ -109,20 +115,21 @@ extension StepEngine {
                     w.set(.weightGradientsOut, outputs[i].topkWeightGradients)
                     w[.tokenCount] = UInt64(step.routing[i].shape[0])
                 }
-                w[.received] = table[r].rows
-                w[.topkWeights] = table[r].weights
-                w[.weightGradientsIn] = table[r].weightGradients
+                let side = experts(r)
+                w[.received] = side.rows
+                w[.topkWeights] = side.weights
+                w[.weightGradientsIn] = side.weightGradients
             }
         }
         // Separate launches wait for their peers' readiness and tell them when their rows were read.
         let pull: SyncBits = flags ? [.wait, .done] : .wait
         switch options.phase {
         case .whole:
-            try enqueue(flags ? pull.union(.signal) : [], blocks(mode), stream(options))
+            try enqueue(flags ? pull.union(.signal) : [], blocks(mode), stream(options), experts)
         case .sendOnly:
-            try enqueue([.signal, .noData], 1, stream(options))
-            let blocks = blocks(mode)
-            setPending(PendingCall(name: "combine") { stream throws(EPError) in try enqueue(pull, blocks, stream) })
+            try enqueue([.signal, .noData], 1, stream(options), experts)
+            let blocks = blocks(mode), table = (0..<config.ranks).map(experts)
+            setPending(PendingCall(name: "combine") { stream throws(EPError) in try enqueue(pull, blocks, stream) { table[$0] } })
         }
     }
 
@@ -153,9 +160,10 @@ extension StepEngine {
     }
 
     /// 16-byte vectors when every row starts 16-byte aligned, else 8-byte vectors.
-    func vectorBytes(_ addresses: [UInt64]) -> Int {
+    func vectorBytes<First: Sequence<UInt64>, Second: Sequence<UInt64>>(_ first: First, _ second: Second) -> Int {
         guard config.rowBytes % 16 == 0 else { return 8 }
-        for a in addresses where a % 16 != 0 { return 8 }
+        for a in first where a % 16 != 0 { return 8 }
+        for a in second where a % 16 != 0 { return 8 }
         return 16
     }
 }

@@ -121,7 +121,7 @@ final class StepEngine: @unchecked Sendable {
         _ function: CUDAFunction, threads: Int, blocks: Int, mode: LaunchMode, sync: SyncBits, weighted: Bool, slices: Int,
         handle: GPUStepHandle, stream callerStream: CUDAStream?, fill: (Int, RankArguments) -> Void
     ) throws(EPError) {
-        let handleWords = try localRanks.map { rank throws(EPError) in try handle.words(rank: rank) }
+        let handleBase = try handle.base()
         // One argument block per group: calls from several threads take turns filling and launching.
         launchLock.lock()
         defer { launchLock.unlock() }
@@ -131,7 +131,7 @@ final class StepEngine: @unchecked Sendable {
             fill(r, words)
             words.set(.workspace, workspaces[r])
         }
-        for (i, rank) in localRanks.enumerated() { args.rank(rank).set(.handle, handleWords[i]) }
+        for (i, rank) in localRanks.enumerated() { args.rank(rank).set(.handle, handleBase.advanced(by: i * handle.stride)) }
         try device.makeCurrent()
         let target = callerStream ?? stream
         if let callerStream { lock.withLock { if !callerStreams.contains(callerStream) { callerStreams.append(callerStream) } } }

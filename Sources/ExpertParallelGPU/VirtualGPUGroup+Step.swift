@@ -33,12 +33,12 @@ extension VirtualGPUGroup {
                 throw .invalidArgument(field: "outputs[\(r)].topkIdx.dtype", value: "\(idx.dtype)", requirement: "must match rank 0's (\(first.dtype))")
             }
         }
-        let rows = inputs.map { address($0.tokens) } + outputs.map { address($0.tokens) }
         try engine.dispatch(
             handle, inputs,
             received: { r in ReceiveBuffers(rows: address(outputs[r].tokens), indices: outputs[r].topkIdx.map(address) ?? 0,
                                             weights: outputs[r].topkWeights.map(address) ?? 0) },
-            receivedIndexBytes: outputs[0].topkIdx?.dtype.byteSize ?? 4, vectorBytes: engine.vectorBytes(rows), options: options)
+            receivedIndexBytes: outputs[0].topkIdx?.dtype.byteSize ?? 4,
+            vectorBytes: engine.vectorBytes(inputs.lazy.map { address($0.tokens) }, outputs.lazy.map { address($0.tokens) }), options: options)
     }
 
     /// Every rank pulls its rows of `handle`'s step back and reduces them in the fixed order of
@@ -60,12 +60,12 @@ extension VirtualGPUGroup {
             try requireAligned(inputs[r].weightGradients, "inputs[\(r)].weightGradients", 4)
             try requireAligned(outputs[r].topkWeightGradients, "outputs[\(r)].topkWeightGradients", 4)
         }
-        let rows = inputs.map { address($0.expertOutputs) } + outputs.map { address($0.tokens) }
         try engine.combine(
             handle, into: outputs,
             experts: { r in ExpertSide(rows: address(inputs[r].expertOutputs), weights: inputs[r].topkWeights.map(address) ?? 0,
                                        weightGradients: inputs[r].weightGradients.map(address) ?? 0) },
-            direction: direction, vectorBytes: engine.vectorBytes(rows), options: options)
+            direction: direction,
+            vectorBytes: engine.vectorBytes(inputs.lazy.map { address($0.expertOutputs) }, outputs.lazy.map { address($0.tokens) }), options: options)
     }
 
     /// Enqueues the second half of the last send-only dispatch or combine.
@@ -75,7 +75,7 @@ extension VirtualGPUGroup {
 
     /// `update` on the group's default handle.
     public func update(topkIdx: [TensorRef], stream: CUDAStream? = nil, mode: LaunchMode = .single) throws(EPError) {
-        try update(try defaultHandle(), topkIdx: topkIdx, options: .init(stream, mode: mode))
+        try update(defaultHandle(), topkIdx: topkIdx, options: .init(stream, mode: mode))
     }
 
     /// `dispatch` of the default handle's step.
@@ -83,7 +83,7 @@ extension VirtualGPUGroup {
         _ inputs: [DispatchInput], into outputs: [DispatchOutput], phase: CallPhase = .whole,
         stream: CUDAStream? = nil, mode: LaunchMode = .single
     ) throws(EPError) {
-        try dispatch(try defaultHandle(), inputs, into: outputs, options: .init(stream, phase: phase, mode: mode))
+        try dispatch(defaultHandle(), inputs, into: outputs, options: .init(stream, phase: phase, mode: mode))
     }
 
     /// `combine` of the default handle's step.
@@ -91,7 +91,7 @@ extension VirtualGPUGroup {
         _ inputs: [CombineInput], into outputs: [CombineOutput], direction: PassDirection = .forward,
         phase: CallPhase = .whole, stream: CUDAStream? = nil, mode: LaunchMode = .single
     ) throws(EPError) {
-        try combine(try defaultHandle(), inputs, into: outputs, direction: direction, options: .init(stream, phase: phase, mode: mode))
+        try combine(defaultHandle(), inputs, into: outputs, direction: direction, options: .init(stream, phase: phase, mode: mode))
     }
 
     /// Enqueues the second half of the last send-only dispatch or combine.

@@ -25,8 +25,9 @@ public final class VirtualGPUGroup: StepGroup, @unchecked Sendable {
     public var localRanks: [Int] { engine.localRanks }
     let engine: StepEngine
     private let joinEvents: [CUDAEvent]
-    private let lock = NSLock()
-    private var implicitHandle: GPUStepHandle?
+    /// The handle the calls without one use: made with the group, since a call may be captured
+    /// into a CUDA graph, where nothing may be allocated.
+    let implicitHandle: GPUStepHandle
 
     /// `multiprocessors`: how many SMs the group may use (default: all).
     public init(
@@ -56,13 +57,14 @@ public final class VirtualGPUGroup: StepGroup, @unchecked Sendable {
         engine = StepEngine(
             config: config, device: device, tuning: tuning, placement: .virtualRanks(rankStreams: rankStreams, joinEvents: joinEvents),
             workspaces: pointers, mask: mask, stream: stream, multiprocessors: sms)
+        implicitHandle = try engine.makeHandle()
     }
 
     deinit {
         let driver = device.driver
         // Work may still use the buffers freed below: if it cannot be waited for, they are left allocated.
         guard (try? engine.synchronize()) != nil else { return }
-        implicitHandle?.release()
+        implicitHandle.release()
         for p in engine.workspaces { try? driver.free(p) }
         try? driver.free(engine.mask)
         for e in joinEvents { try? driver.destroy(e) }
@@ -72,15 +74,7 @@ public final class VirtualGPUGroup: StepGroup, @unchecked Sendable {
     /// A new step handle: a few KB of device memory per rank for the step's routing metadata.
     public func makeHandle() throws(EPError) -> GPUStepHandle { try engine.makeHandle() }
 
-    /// The handle the calls without one use, made on first use.
-    func defaultHandle() throws(EPError) -> GPUStepHandle {
-        lock.lock()
-        defer { lock.unlock() }
-        if let implicitHandle { return implicitHandle }
-        let handle = try engine.makeHandle()
-        implicitHandle = handle
-        return handle
-    }
+    func defaultHandle() -> GPUStepHandle { implicitHandle }
 
     /// Bytes of device memory one handle holds (all R ranks).
     public var handleBytes: Int { engine.workspace.handleStride * config.ranks }
