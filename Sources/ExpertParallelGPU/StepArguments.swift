@@ -6,7 +6,7 @@ import ExpertParallelCUDA
 /// passes each offset as `EP_OFF_RANK_<macro>` and the kernel checks it at compile time.
 enum RankField: Int, CaseIterable {
     case tokens = 0, topkIdx, topkWeights, received, receivedIndices, receivedWeights, output, workspace, tokenCount,
-         weightGradientsIn, weightGradientsOut, handle
+         weightGradientsIn, weightGradientsOut, handle, stage
 
     var macro: String {
         switch self {
@@ -22,6 +22,7 @@ enum RankField: Int, CaseIterable {
         case .weightGradientsIn: "WEIGHT_GRADS_IN"
         case .weightGradientsOut: "WEIGHT_GRADS_OUT"
         case .handle: "HANDLE"
+        case .stage: "STAGE"
         }
     }
 }

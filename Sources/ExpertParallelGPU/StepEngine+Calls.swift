@@ -64,11 +64,14 @@ extension StepEngine {
         vectorBytes: Int, options: CallOptions
     ) throws(EPError) {
         let step = try handle.currentStep()
-        let k = try kernels(.init(indexBytes: step.indexBytes, receivedIndexBytes: receivedIndexBytes, vectorBytes: vectorBytes))
+        try checkTransportSupports(options)
+        let k = try kernels(.init(indexBytes: step.indexBytes, receivedIndexBytes: receivedIndexBytes, vectorBytes: vectorBytes, transport: transport))
         let mode = options.launch
         let pieces = StepArguments.rowPieces(tuning, blocks: blocks(mode), tokens: step.maxTokens, rowBytes: config.rowBytes)
-        func enqueue(_ sync: SyncBits, _ blocks: Int, _ stream: CUDAStream?, _ received: (Int) -> ReceiveBuffers) throws(EPError) {
-            try launch(k.dispatch, threads: StepWorkspace.threadsPerBlock, blocks: blocks, mode: mode, sync: sync, weighted: false,
+        func enqueue(
+            _ sync: SyncBits, _ blocks: Int, _ stream: CUDAStream?, _ received: (Int) -> ReceiveBuffers, kernel: CUDAFunction? = nil
+        ) throws(EPError) {
+            try launch(kernel ?? k.dispatch, threads: StepWorkspace.threadsPerBlock, blocks: blocks, mode: mode, sync: sync, weighted: false,
                        slices: pieces, handle: handle, stream: stream) { r, w in
                 if let i = localIndex(r) {
                     w.set(.tokens, inputs[i].tokens)
@@ -85,6 +88,8 @@ extension StepEngine {
         switch options.phase {
         case .whole:
             try enqueue(meetsThroughFlags(mode) ? [.signal, .wait] : [], blocks(mode), stream(options), received)
+            // Staged: each destination drains what was put into its staging area.
+            if let drain = k.drain { try enqueue([], blocks(mode), stream(options), received, kernel: drain) }
         case .sendOnly:
             try enqueue(.signal, blocks(mode), stream(options), received)
             let table = (0..<config.ranks).map(received)
@@ -100,14 +105,17 @@ extension StepEngine {
         vectorBytes: Int, options: CallOptions
     ) throws(EPError) {
         let step = try handle.currentStep()
-        let k = try kernels(.init(indexBytes: step.indexBytes, receivedIndexBytes: 4, vectorBytes: vectorBytes))
+        try checkTransportSupports(options)
+        let k = try kernels(.init(indexBytes: step.indexBytes, receivedIndexBytes: 4, vectorBytes: vectorBytes, transport: transport))
         let mode = options.launch, flags = meetsThroughFlags(mode)
         let pieces = StepArguments.rowPieces(tuning, blocks: blocks(mode), tokens: step.maxTokens, rowBytes: config.rowBytes)
         // Weights apply in the forward pass of the expert-major layouts (LL: the source's
         // [B, K]; HT: the per-slot weights the destination received).
         let weighted = direction == .forward && (config.layout == .expertMajor || config.isExpertMajorHT)
-        func enqueue(_ sync: SyncBits, _ blocks: Int, _ stream: CUDAStream?, _ experts: (Int) -> ExpertSide) throws(EPError) {
-            try launch(k.combine, threads: StepWorkspace.threadsPerBlock, blocks: blocks, mode: mode, sync: sync, weighted: weighted,
+        func enqueue(
+            _ sync: SyncBits, _ blocks: Int, _ stream: CUDAStream?, _ experts: (Int) -> ExpertSide, kernel: CUDAFunction? = nil
+        ) throws(EPError) {
+            try launch(kernel ?? k.combine, threads: StepWorkspace.threadsPerBlock, blocks: blocks, mode: mode, sync: sync, weighted: weighted,
                        slices: pieces, handle: handle, stream: stream) { r, w in
                 if let i = localIndex(r) {
                     w.set(.topkIdx, step.routing[i])
@@ -125,6 +133,8 @@ extension StepEngine {
         let pull: SyncBits = flags ? [.wait, .done] : .wait
         switch options.phase {
         case .whole:
+            // Staged: the expert side first puts every row back into its source's staging area.
+            if let send = k.combineSend { try enqueue([], blocks(mode), stream(options), experts, kernel: send) }
             try enqueue(flags ? pull.union(.signal) : [], blocks(mode), stream(options), experts)
         case .sendOnly:
             try enqueue([.signal, .noData], 1, stream(options), experts)
@@ -141,6 +151,15 @@ extension StepEngine {
     }
 
     // MARK: helpers
+
+    /// The staged transport runs whole calls as separate launches covering every rank (the
+    /// launch boundaries order its puts and drains); it has no flag protocol of its own yet.
+    func checkTransportSupports(_ options: CallOptions) throws(EPError) {
+        guard transport == .staged, options.launch != .single || options.phase != .whole else { return }
+        throw .invalidArgument(
+            field: "options", value: "launch \(options.launch), phase \(options.phase)",
+            requirement: "must be launch .single and phase .whole with the staged transport")
+    }
 
     func stream(_ options: CallOptions) -> CUDAStream? { options.stream.map { CUDAStream(rawValue: $0) } }
 

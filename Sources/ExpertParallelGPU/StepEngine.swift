@@ -31,6 +31,9 @@ final class StepEngine: @unchecked Sendable {
     /// per rank (all R resident at once, since their ranks wait for each other).
     let blocksPerRank: Int
     let blocksPerRankPerLaunch: Int
+    /// How the kernels reach the other ranks; `staging` holds the staged transport's areas.
+    let transport: GPUTransport
+    let staging: StepStaging?
 
     private let lock = NSLock()
     private let launchLock = NSLock()
@@ -42,8 +45,11 @@ final class StepEngine: @unchecked Sendable {
 
     init(
         config: GroupConfig, device: GPUDevice, tuning: GPUTuning, placement: Placement, workspaces: [DevicePointer],
-        mask: DevicePointer, stream: CUDAStream, multiprocessors sms: Int
+        mask: DevicePointer, stream: CUDAStream, multiprocessors sms: Int, transport: GPUTransport = .direct,
+        staging: StepStaging? = nil
     ) {
+        self.transport = transport
+        self.staging = staging
         self.config = config
         self.device = device
         self.tuning = tuning
@@ -130,6 +136,7 @@ final class StepEngine: @unchecked Sendable {
             let words = args.rank(r)
             fill(r, words)
             words.set(.workspace, workspaces[r])
+            if let staging { words.set(.stage, staging.descriptors[r]) }
         }
         for (i, rank) in localRanks.enumerated() { args.rank(rank).set(.handle, handleBase.advanced(by: i * handle.stride)) }
         try device.makeCurrent()

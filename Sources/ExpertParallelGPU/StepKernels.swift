@@ -9,12 +9,16 @@ struct StepKernels: Sendable {
     let update: CUDAFunction
     let dispatch: CUDAFunction
     let combine: CUDAFunction
+    /// The staged transport's drain (after dispatch) and combine-send (before combine).
+    let drain: CUDAFunction?
+    let combineSend: CUDAFunction?
 
     /// What a specialisation depends on besides the group configuration.
     struct Variant: Hashable, Sendable {
         var indexBytes: Int
         var receivedIndexBytes: Int
         var vectorBytes: Int
+        var transport: GPUTransport = .direct
     }
 
     static func defines(_ config: GroupConfig, _ variant: Variant, _ tuning: GPUTuning) -> [String: String] {
@@ -28,7 +32,7 @@ struct StepKernels: Sendable {
             "EP_R": "\(config.ranks)", "EP_L": "\(config.localExperts)", "EP_K": "\(config.topK)",
             "EP_BMAX": "\(config.maxTokensPerRank)", "EP_ROW_BYTES": "\(config.rowBytes)", "EP_ELEM": "\(element)",
             "EP_IDX_BYTES": "\(variant.indexBytes)", "EP_RIDX_BYTES": "\(variant.receivedIndexBytes)",
-            "EP_VEC_BYTES": "\(variant.vectorBytes)",
+            "EP_VEC_BYTES": "\(variant.vectorBytes)", "EP_TRANSPORT": variant.transport == .staged ? "1" : "0",
         ]) { _, new in new }
         defines.merge(StepArguments.contractDefines(ranks: config.ranks)) { _, new in new }
         defines.merge(StepWorkspace(config).defines) { _, new in new }
@@ -55,5 +59,8 @@ struct StepKernels: Sendable {
         update = try gpu { try driver.function(named: "\(prefix)_update", in: module) }
         dispatch = try gpu { try driver.function(named: "\(prefix)_dispatch", in: module) }
         combine = try gpu { try driver.function(named: "\(prefix)_combine", in: module) }
+        let staged = variant.transport == .staged
+        drain = staged ? try gpu { try driver.function(named: "\(prefix)_drain", in: module) } : nil
+        combineSend = staged ? try gpu { try driver.function(named: "\(prefix)_combine_send", in: module) } : nil
     }
 }

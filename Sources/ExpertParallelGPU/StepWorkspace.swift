@@ -27,7 +27,7 @@ struct StepWorkspace: Sendable {
     static let status = 1
     static let dispatchCalls = 5
     static let combineCalls = 9
-    var counts: Int { 10 + 3 * ranks }
+    var counts: Int { 10 + 4 * ranks }
     private var countTable: Int { 2 * ranks * (experts + ranks) }
     /// HT keeps a second all-gathered table after the counts: the kept counts of the drop policy.
     var words: Int { counts + countTable * (algorithm == .highThroughput ? 2 : 1) }

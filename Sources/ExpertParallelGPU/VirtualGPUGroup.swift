@@ -23,15 +23,18 @@ public final class VirtualGPUGroup: StepGroup, @unchecked Sendable {
     /// Thread blocks per rank with one launch per rank (`.perRank`).
     public var blocksPerRankPerLaunch: Int { engine.blocksPerRankPerLaunch }
     public var localRanks: [Int] { engine.localRanks }
+    public var transport: GPUTransport { engine.transport }
     let engine: StepEngine
     private let joinEvents: [CUDAEvent]
     /// The handle the calls without one use: made with the group, since a call may be captured
     /// into a CUDA graph, where nothing may be allocated.
     let implicitHandle: GPUStepHandle
 
-    /// `multiprocessors`: how many SMs the group may use (default: all).
+    /// `multiprocessors`: how many SMs the group may use (default: all). `transport`: how the
+    /// kernels reach the other ranks (`.staged` tests the put + signal shape on one GPU).
     public init(
-        _ config: GroupConfig, device: GPUDevice, multiprocessors: Int? = nil, tuning: GPUTuning = GPUTuning()
+        _ config: GroupConfig, device: GPUDevice, multiprocessors: Int? = nil, tuning: GPUTuning = GPUTuning(),
+        transport: GPUTransport = .direct
     ) throws(EPError) {
         let config = try config.validatedForGPU()
         let tuning = try tuning.validated(config)
@@ -56,7 +59,8 @@ public final class VirtualGPUGroup: StepGroup, @unchecked Sendable {
         let mask = try device.allocateMask(ranks: config.ranks)
         engine = StepEngine(
             config: config, device: device, tuning: tuning, placement: .virtualRanks(rankStreams: rankStreams, joinEvents: joinEvents),
-            workspaces: pointers, mask: mask, stream: stream, multiprocessors: sms)
+            workspaces: pointers, mask: mask, stream: stream, multiprocessors: sms, transport: transport,
+            staging: transport == .staged ? try StepStaging(config, device: device) : nil)
         implicitHandle = try engine.makeHandle()
     }
 

@@ -20,7 +20,7 @@ struct KernelVariantMatrixTests {
             let c = config
             return "\(c.algorithm.rawValue) \(c.layout) \(c.elementType) R=\(c.ranks) E=\(c.experts) K=\(c.topK) H=\(c.hidden) "
                 + "B=\(c.maxTokensPerRank)\(c.overflow == .drop ? " drop" : "") idx\(variant.indexBytes) ridx\(variant.receivedIndexBytes) "
-                + "vec\(variant.vectorBytes)"
+                + "vec\(variant.vectorBytes) \(variant.transport)"
         }
     }
 
@@ -102,7 +102,28 @@ struct KernelVariantMatrixTests {
              variant: .init(indexBytes: 4, receivedIndexBytes: 8, vectorBytes: 8)),
     ]
 
-    static let cases = pairwise(.lowLatency) + pairwise(.highThroughput) + special
+    /// The staged transport (EP_TRANSPORT 1, with its drain and combine-send kernels) under every
+    /// layout, both index widths, both vector widths, drop, u8 and R = 1.
+    static let staged: [Case] = [
+        Case(config: GroupConfig(algorithm: .lowLatency, ranks: 8, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 128),
+             variant: .init(indexBytes: 4, receivedIndexBytes: 4, vectorBytes: 16, transport: .staged)),
+        Case(config: GroupConfig(algorithm: .lowLatency, ranks: 8, experts: 256, topK: 8, hidden: 7170, elementType: .f32,
+                                 maxTokensPerRank: 128, layout: .rankMajor),
+             variant: .init(indexBytes: 8, receivedIndexBytes: 8, vectorBytes: 8, transport: .staged)),
+        Case(config: GroupConfig(algorithm: .lowLatency, ranks: 6, experts: 96, topK: 10, hidden: 2880, elementType: .u8,
+                                 maxTokensPerRank: 77, layout: .expertMajor),
+             variant: .init(indexBytes: 8, receivedIndexBytes: 4, vectorBytes: 16, transport: .staged)),
+        Case(config: GroupConfig(algorithm: .highThroughput, ranks: 8, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 4096,
+                                 maxReceivedTokensPerRank: 8192, overflow: .drop),
+             variant: .init(indexBytes: 4, receivedIndexBytes: 8, vectorBytes: 16, transport: .staged)),
+        Case(config: GroupConfig(algorithm: .highThroughput, ranks: 8, experts: 256, topK: 8, hidden: 7172, elementType: .f16,
+                                 maxTokensPerRank: 4096, layout: .expertMajorPadded(alignment: 128)),
+             variant: .init(indexBytes: 8, receivedIndexBytes: 4, vectorBytes: 8, transport: .staged)),
+        Case(config: GroupConfig(algorithm: .highThroughput, ranks: 1, experts: 32, topK: 8, hidden: 7168, maxTokensPerRank: 4096),
+             variant: .init(indexBytes: 8, receivedIndexBytes: 4, vectorBytes: 16, transport: .staged)),
+    ]
+
+    static let cases = pairwise(.lowLatency) + pairwise(.highThroughput) + special + staged
 
     @Test(.enabled(if: GPUTuningTests.runsNVRTC, "needs NVRTC (EP_REQUIRE_NVRTC=1 to require it)"), arguments: cases)
     func compiles(_ c: Case) throws {
@@ -112,7 +133,8 @@ struct KernelVariantMatrixTests {
             KernelSource.embedded(prefix), arch: .hopper, defines: try Self.defines(c), extraOptions: ["--ptxas-options=-v"])
         #expect(compiled.format == .cubin)
         // u8 combine's body is compiled out, but the entry point is still there to be looked up.
-        for entry in ["update", "dispatch", "combine"].map({ "\(prefix)_\($0)" }) {
+        let entries = ["update", "dispatch", "combine"] + (c.variant.transport == .staged ? ["drain", "combine_send"] : [])
+        for entry in entries.map({ "\(prefix)_\($0)" }) {
             #expect(compiled.log.contains("Compiling entry function '\(entry)'"), "ptxas did not report \(entry):\n\(compiled.log)")
             #expect(Self.contains(compiled.image, Array(entry.utf8) + [0]), "\(entry) is not in the CUBIN")
         }
@@ -139,6 +161,8 @@ struct KernelVariantMatrixTests {
                 #expect(all.contains { $0["EP_R"] == "1" && $0["EP_EXPERT_MAJOR"] == "0" && $0["EP_ELEM"] != "3" }, "the R = 1 flat path")
             }
             #expect(all.contains { $0["EP_R"] == "6" && $0["EP_K"] == "10" }, "\(algorithm): an odd shape")
+            let transports = Set(all.compactMap { d in d[layout].flatMap { l in d["EP_TRANSPORT"].map { "\(l),\($0)" } } })
+            #expect(transports == ["0,0", "0,1", "1,0", "1,1"], "\(algorithm): every layout under both transports")
         }
     }
 

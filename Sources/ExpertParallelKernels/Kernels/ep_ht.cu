@@ -389,22 +389,12 @@ EP_DEVICE void ep_ht_write_routing(const EpArgs& args, int rank, int t, int d, i
     const int e = routing[t * EP_K + lane];
     const bool here = e >= 0 && e / EP_L == d;
     const float w = here ? reinterpret_cast<const float*>(args.rank[rank].topk_weights)[t * EP_K + lane] : 0.0f;
-    const ep_u64 slot = static_cast<ep_u64>(row) * EP_K + lane;
-#if EP_RIDX_BYTES == 8
-    reinterpret_cast<long long*>(args.rank[d].recv_idx)[slot] = here ? e % EP_L : -1;
-#else
-    reinterpret_cast<int*>(args.rank[d].recv_idx)[slot] = here ? e % EP_L : -1;
-#endif
-    reinterpret_cast<float*>(args.rank[d].recv_weights)[slot] = w;
+    ep_put_received(args, d, static_cast<ep_u64>(row) * EP_K + lane, here ? e % EP_L : -1, w);
+    if (lane == 0) ep_put_origin(args, d, static_cast<ep_u64>(row), rank, t);
 }
 
 EP_DEVICE void ep_ht_store_slot(const EpArgs& args, int d, int slot, int local, float weight) {
-#if EP_RIDX_BYTES == 8
-    reinterpret_cast<long long*>(args.rank[d].recv_idx)[slot] = local;
-#else
-    reinterpret_cast<int*>(args.rank[d].recv_idx)[slot] = local;
-#endif
-    reinterpret_cast<float*>(args.rank[d].recv_weights)[slot] = weight;
+    ep_put_received(args, d, static_cast<ep_u64>(slot), local, weight);
 }
 
 extern "C" __global__ void __launch_bounds__(512, 2)
@@ -439,12 +429,15 @@ ep_ht_dispatch(const EpArgs args) {
             const int start = static_cast<int>(layout[EP_L + EP_R + EP_L * EP_R + 2 + l]);
             const int count = static_cast<int>(layout[l]);
             for (int row = start + count + global_warp; row < start + ep_round_up(count); row += all_warps) {
-                ep_u8* target = reinterpret_cast<ep_u8*>(args.rank[rank].recv) + static_cast<ep_u64>(row) * EP_ROW_BYTES;
+                ep_u8* target = ep_put_row_target(args, rank, static_cast<ep_u64>(row));
                 ep_vec zero;
                 ep_u32* words = reinterpret_cast<ep_u32*>(&zero);
                 for (int i = 0; i < EP_VEC_BYTES / 4; ++i) words[i] = 0;
                 for (int v = lane; v < EP_ROW_VECS; v += 32) ep_store_vec(target + static_cast<ep_u64>(v) * EP_VEC_BYTES, zero);
-                if (lane == 0) ep_ht_store_slot(args, rank, row, -1, 0.0f);
+                if (lane == 0) {
+                    ep_ht_store_slot(args, rank, row, -1, 0.0f);
+                    ep_put_origin(args, rank, static_cast<ep_u64>(row), -1, 0);
+                }
             }
         }
     }
@@ -462,10 +455,11 @@ ep_ht_dispatch(const EpArgs args) {
             const int slot = selection_rows[t * EP_K + lane];
             if (slot >= 0) {
                 const int e = routing[t * EP_K + lane];
-                target = reinterpret_cast<ep_u8*>(args.rank[e / EP_L].recv) + static_cast<ep_u64>(slot) * EP_ROW_BYTES;
+                target = ep_put_row_target(args, e / EP_L, static_cast<ep_u64>(slot));
                 if (piece == 0) {
                     ep_ht_store_slot(args, e / EP_L, slot, e % EP_L,
                                      reinterpret_cast<const float*>(args.rank[rank].topk_weights)[t * EP_K + lane]);
+                    ep_put_origin(args, e / EP_L, static_cast<ep_u64>(slot), rank, t * EP_K + lane);
                 }
             }
         }
@@ -474,7 +468,7 @@ ep_ht_dispatch(const EpArgs args) {
         int row = -1;
         if (lane < EP_R) {
             row = pair_rows[t * EP_R + lane];
-            if (row >= 0) target = reinterpret_cast<ep_u8*>(args.rank[lane].recv) + static_cast<ep_u64>(row) * EP_ROW_BYTES;
+            if (row >= 0) target = ep_put_row_target(args, lane, static_cast<ep_u64>(row));
         }
         if (piece == 0) {
             for (int d = 0; d < EP_R; ++d) {
@@ -529,7 +523,7 @@ ep_ht_combine(const EpArgs args) {
         ep_combine_skip(args, rank, mask, seq);
         return;
     }
-    if (!ep_combine_ready(args, ws, mask, seq)) return;
+    if (!ep_combine_ready(args, rank, ws, mask, seq)) return;
     const ep_u64 live = ep_load_mask(args);
     const int tokens = static_cast<int>(args.rank[rank].tokens);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -559,8 +553,8 @@ ep_ht_combine(const EpArgs args) {
                 valid = true;
                 key = e;
                 d = e / EP_L;
-                address = args.rank[d].recv + static_cast<ep_u64>(slot) * EP_ROW_BYTES;
-                if (args.weighted) weight = reinterpret_cast<const float*>(args.rank[d].topk_weights)[slot];
+                address = ep_expert_row(args, rank, d, static_cast<ep_u64>(slot), static_cast<ep_u64>(t) * EP_K + lane);
+                if (args.weighted) weight = ep_expert_slot_weight(args, rank, d, static_cast<ep_u64>(slot), static_cast<ep_u64>(t) * EP_K + lane);
             }
         }
 #else
@@ -570,7 +564,7 @@ ep_ht_combine(const EpArgs args) {
                 valid = true;
                 key = lane;
                 d = lane;
-                address = args.rank[d].recv + static_cast<ep_u64>(row) * EP_ROW_BYTES;
+                address = ep_expert_row(args, rank, d, static_cast<ep_u64>(row), static_cast<ep_u64>(t) * EP_R + lane);
             }
         }
 #endif
@@ -596,13 +590,15 @@ ep_ht_combine(const EpArgs args) {
             float gradient = 0.0f;
             if (e >= 0) {
                 const int owner = e / EP_L;
-                const float* grads = reinterpret_cast<const float*>(args.rank[owner].weight_grads_in);
 #if EP_EXPERT_MAJOR
                 const int slot = selection_rows[t * EP_K + lane];
-                if (slot >= 0) gradient = grads[slot];
+                if (slot >= 0) gradient = ep_expert_gradient(args, rank, owner, static_cast<ep_u64>(slot), static_cast<ep_u64>(t) * EP_K + lane);
 #else
                 const int row = pair_rows[t * EP_R + owner];
-                if (row >= 0) gradient = grads[static_cast<ep_u64>(row) * EP_K + lane];
+                if (row >= 0) {
+                    gradient = ep_expert_gradient(args, rank, owner, static_cast<ep_u64>(row) * EP_K + lane,
+                                                  (static_cast<ep_u64>(t) * EP_R + owner) * EP_K + lane);
+                }
 #endif
             }
             reinterpret_cast<float*>(args.rank[rank].weight_grads_out)[t * EP_K + lane] = gradient;
@@ -685,3 +681,76 @@ ep_ht_combine(const EpArgs args) {
                        done, args.sync & EP_SYNC_SIGNAL, true, done);
 #endif
 }
+
+// ------------------------------------------------------------------------------------------
+// The staged transport's halves (ep_transport.cuh), as in ep_ll.cu: the destination drains its
+// staging area into its receive buffers (every row in use, padding included); combine's expert
+// side puts each row back into its source's staging at (token × K + k) expert-major, (token × R
+// + this rank) flat, with the slot weight (expert-major forward) and the weight gradients
+// (backward) beside it.
+
+#if EP_TRANSPORT == 1
+extern "C" __global__ void __launch_bounds__(512, 2)
+ep_ht_drain(const EpArgs args) {
+    const int rank = static_cast<int>(blockIdx.y + args.first_rank);
+    const ep_u32* hs = ep_hs(args, rank);
+    if (!ep_active(ep_load_mask(args), rank) || hs[H_STEP_OK] == 0) return;
+    const int rows = static_cast<int>(hs[H_LAYOUT + EP_L + EP_R + EP_L * EP_R]);   // in use, padding included
+    const EpStage& stage = ep_stage(args, rank);
+    const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
+#if EP_EXPERT_MAJOR
+    const int ids = 1;
+#else
+    const int ids = EP_K;
+#endif
+    for (int row = blockIdx.x * warps + threadIdx.x / 32; row < rows; row += gridDim.x * warps) {
+        ep_copy_row(reinterpret_cast<const ep_u8*>(stage.rows), reinterpret_cast<ep_u8*>(args.rank[rank].recv), row, lane);
+        if (lane < ids) {
+            const ep_u64 slot = static_cast<ep_u64>(row) * ids + lane;
+#if EP_RIDX_BYTES == 8
+            reinterpret_cast<long long*>(args.rank[rank].recv_idx)[slot] = reinterpret_cast<const long long*>(stage.idx)[slot];
+#else
+            reinterpret_cast<int*>(args.rank[rank].recv_idx)[slot] = reinterpret_cast<const int*>(stage.idx)[slot];
+#endif
+            reinterpret_cast<float*>(args.rank[rank].recv_weights)[slot] = reinterpret_cast<const float*>(stage.weights)[slot];
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(512, 2)
+ep_ht_combine_send(const EpArgs args) {
+    const int rank = static_cast<int>(blockIdx.y + args.first_rank);
+    const ep_u32* hs = ep_hs(args, rank);
+    const ep_u64 mask = ep_load_mask(args);
+    if (!ep_active(mask, rank) || hs[H_STEP_OK] == 0) return;
+    const int rows = static_cast<int>(hs[H_LAYOUT + EP_L + EP_R + EP_L * EP_R]);
+    const ep_u32* origin = reinterpret_cast<const ep_u32*>(ep_stage(args, rank).origin);
+    const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    for (int row = blockIdx.x * warps + threadIdx.x / 32; row < rows; row += gridDim.x * warps) {
+        const ep_u32 from = origin[row];
+        const int source = static_cast<int>(from >> EP_ORIGIN_INDEX_BITS);
+        if (from == EP_ORIGIN_NONE || !ep_active(mask, source)) continue;   // padding, or a masked source
+        const ep_u64 token_index = from & ((1u << EP_ORIGIN_INDEX_BITS) - 1);
+#if EP_EXPERT_MAJOR
+        const ep_u64 index = token_index;
+#else
+        const ep_u64 index = token_index * EP_R + rank;
+#endif
+        ep_put_back_row(args, source, reinterpret_cast<const ep_u8*>(args.rank[rank].recv), row, index, lane);
+        const EpStage& back = ep_stage(args, source);
+#if EP_EXPERT_MAJOR
+        if (lane == 0 && args.weighted) {
+            reinterpret_cast<float*>(back.comb_weights)[index] = reinterpret_cast<const float*>(args.rank[rank].topk_weights)[row];
+        }
+        if (lane == 0 && args.rank[rank].weight_grads_in != 0) {
+            reinterpret_cast<float*>(back.comb_grads)[index] = reinterpret_cast<const float*>(args.rank[rank].weight_grads_in)[row];
+        }
+#else
+        if (lane < EP_K && args.rank[rank].weight_grads_in != 0) {
+            reinterpret_cast<float*>(back.comb_grads)[index * EP_K + lane] =
+                reinterpret_cast<const float*>(args.rank[rank].weight_grads_in)[static_cast<ep_u64>(row) * EP_K + lane];
+        }
+#endif
+    }
+}
+#endif

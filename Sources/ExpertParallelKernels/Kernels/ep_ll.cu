@@ -216,24 +216,19 @@ ep_ll_dispatch(const EpArgs args) {
         int row = -1;
         if (lane < EP_R) {
             row = static_cast<int>(hs[H_PAIR_ROW + t * EP_R + lane]);
-            if (row >= 0) target = reinterpret_cast<ep_u8*>(args.rank[lane].recv) + static_cast<ep_u64>(row) * EP_ROW_BYTES;
+            if (row >= 0) target = ep_put_row_target(args, lane, static_cast<ep_u64>(row));
         }
         table.address[warp][lane] = reinterpret_cast<ep_u64>(target);
         __syncwarp();
         for (int d = 0; d < EP_R; ++d) {
             const int drow = __shfl_sync(0xffffffffu, row, d);
             if (drow < 0 || piece != 0) continue;
+            if (lane == 0) ep_put_origin(args, d, static_cast<ep_u64>(drow), rank, t);
             if (lane < EP_K) {
                 const long long e = ep_read_index(args, rank, t * EP_K + lane);
                 const bool here = e >= 0 && e / EP_L == d && ep_active(mask, d);
                 const float w = here ? reinterpret_cast<const float*>(args.rank[rank].topk_weights)[t * EP_K + lane] : 0.0f;
-                const ep_u64 slot = static_cast<ep_u64>(drow) * EP_K + lane;
-#if EP_RIDX_BYTES == 8
-                reinterpret_cast<long long*>(args.rank[d].recv_idx)[slot] = here ? e % EP_L : -1;
-#else
-                reinterpret_cast<int*>(args.rank[d].recv_idx)[slot] = here ? static_cast<int>(e % EP_L) : -1;
-#endif
-                reinterpret_cast<float*>(args.rank[d].recv_weights)[slot] = w;
+                ep_put_received(args, d, static_cast<ep_u64>(drow) * EP_K + lane, here ? static_cast<int>(e % EP_L) : -1, w);
             }
         }
         const int fanout = EP_R;
@@ -243,7 +238,8 @@ ep_ll_dispatch(const EpArgs args) {
             const int row = static_cast<int>(hs[H_SEL_ROW + t * EP_K + lane]);
             if (row >= 0) {
                 const int e = static_cast<int>(ep_read_index(args, rank, t * EP_K + lane));
-                target = reinterpret_cast<ep_u8*>(args.rank[e / EP_L].recv) + static_cast<ep_u64>(row) * EP_ROW_BYTES;
+                target = ep_put_row_target(args, e / EP_L, static_cast<ep_u64>(row));
+                if (piece == 0) ep_put_origin(args, e / EP_L, static_cast<ep_u64>(row), rank, t * EP_K + lane);
             }
         }
         table.address[warp][lane] = reinterpret_cast<ep_u64>(target);
@@ -306,7 +302,7 @@ ep_ll_combine(const EpArgs args) {
         ep_combine_skip(args, rank, mask, seq);
         return;
     }
-    if (!ep_combine_ready(args, ws, mask, seq)) return;
+    if (!ep_combine_ready(args, rank, ws, mask, seq)) return;
     // The start mask waits in shared memory for the end of the call, not in a register.
     __shared__ ep_u64 start_mask;
     if (threadIdx.x == 0) start_mask = mask;
@@ -323,7 +319,7 @@ ep_ll_combine(const EpArgs args) {
 #if EP_RANK_MAJOR
         const ep_u8* source = nullptr;
         if (lane < EP_R && ep_active(live, lane) && mine.row >= 0) {
-            source = reinterpret_cast<const ep_u8*>(args.rank[lane].recv) + static_cast<ep_u64>(mine.row) * EP_ROW_BYTES;
+            source = reinterpret_cast<const ep_u8*>(ep_expert_row(args, rank, lane, static_cast<ep_u64>(mine.row), static_cast<ep_u64>(t) * EP_R + lane));
         }
         const float weight = 1.0f;
         const int fanout = EP_R;
@@ -331,7 +327,8 @@ ep_ll_combine(const EpArgs args) {
         const ep_u8* source = nullptr;
         float weight = 0.0f;
         if (lane < EP_K && mine.row >= 0 && ep_active(live, mine.expert / EP_L)) {
-            source = reinterpret_cast<const ep_u8*>(args.rank[mine.expert / EP_L].recv) + static_cast<ep_u64>(mine.row) * EP_ROW_BYTES;
+            source = reinterpret_cast<const ep_u8*>(ep_expert_row(args, rank, mine.expert / EP_L, static_cast<ep_u64>(mine.row),
+                                                                  static_cast<ep_u64>(t) * EP_K + lane));
             weight = mine.weight;
         }
         const int fanout = EP_K;
@@ -382,3 +379,75 @@ ep_ll_combine(const EpArgs args) {
                        done, args.sync & EP_SYNC_SIGNAL, true, done);
 #endif
 }
+
+// ------------------------------------------------------------------------------------------
+// The staged transport's halves (ep_transport.cuh): dispatch's rows wait in the destination's
+// staging area until it drains them, and combine's expert side puts its rows back into their
+// sources' staging areas before they reduce. One warp per row; every rank's blocks as above.
+
+#if EP_TRANSPORT == 1
+// Whether row `row` of this rank's receive buffer holds a row of this step (the layout's zones).
+EP_DEVICE bool ep_ll_row_used(const ep_u32* layout, int row) {
+#if EP_RANK_MAJOR
+    return row % EP_BMAX < static_cast<int>(layout[EP_L + row / EP_BMAX]);
+#else
+    return row % (EP_R * EP_BMAX) < static_cast<int>(layout[row / (EP_R * EP_BMAX)]);
+#endif
+}
+
+#if EP_RANK_MAJOR
+#define EP_LL_ROWS (EP_R * EP_BMAX)
+#else
+#define EP_LL_ROWS (EP_L * EP_R * EP_BMAX)
+#endif
+
+extern "C" __global__ void __launch_bounds__(512, 2)
+ep_ll_drain(const EpArgs args) {
+    const int rank = static_cast<int>(blockIdx.y + args.first_rank);
+    const ep_u32* hs = ep_hs(args, rank);
+    if (!ep_active(ep_load_mask(args), rank) || hs[H_STEP_OK] == 0) return;
+    const ep_u32* layout = hs + H_LAYOUT;
+    const EpStage& stage = ep_stage(args, rank);
+    const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    for (int row = blockIdx.x * warps + threadIdx.x / 32; row < EP_LL_ROWS; row += gridDim.x * warps) {
+        if (!ep_ll_row_used(layout, row)) continue;
+        ep_copy_row(reinterpret_cast<const ep_u8*>(stage.rows), reinterpret_cast<ep_u8*>(args.rank[rank].recv), row, lane);
+#if EP_RANK_MAJOR
+        if (lane < EP_K) {
+            const ep_u64 slot = static_cast<ep_u64>(row) * EP_K + lane;
+#if EP_RIDX_BYTES == 8
+            reinterpret_cast<long long*>(args.rank[rank].recv_idx)[slot] = reinterpret_cast<const long long*>(stage.idx)[slot];
+#else
+            reinterpret_cast<int*>(args.rank[rank].recv_idx)[slot] = reinterpret_cast<const int*>(stage.idx)[slot];
+#endif
+            reinterpret_cast<float*>(args.rank[rank].recv_weights)[slot] = reinterpret_cast<const float*>(stage.weights)[slot];
+        }
+#endif
+    }
+}
+
+// Combine's expert side: each row of this rank's expert outputs goes back to its source's
+// staging, at (token × K + k) expert-major, (token × R + this rank) rank-major.
+extern "C" __global__ void __launch_bounds__(512, 2)
+ep_ll_combine_send(const EpArgs args) {
+    const int rank = static_cast<int>(blockIdx.y + args.first_rank);
+    const ep_u32* hs = ep_hs(args, rank);
+    const ep_u64 mask = ep_load_mask(args);
+    if (!ep_active(mask, rank) || hs[H_STEP_OK] == 0) return;
+    const ep_u32* layout = hs + H_LAYOUT;
+    const ep_u32* origin = reinterpret_cast<const ep_u32*>(ep_stage(args, rank).origin);
+    const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    for (int row = blockIdx.x * warps + threadIdx.x / 32; row < EP_LL_ROWS; row += gridDim.x * warps) {
+        if (!ep_ll_row_used(layout, row)) continue;
+        const ep_u32 from = origin[row];
+        const int source = static_cast<int>(from >> EP_ORIGIN_INDEX_BITS);
+        if (from == EP_ORIGIN_NONE || !ep_active(mask, source)) continue;
+        const ep_u64 index = from & ((1u << EP_ORIGIN_INDEX_BITS) - 1);
+#if EP_RANK_MAJOR
+        ep_put_back_row(args, source, reinterpret_cast<const ep_u8*>(args.rank[rank].recv), row, index * EP_R + rank, lane);
+#else
+        ep_put_back_row(args, source, reinterpret_cast<const ep_u8*>(args.rank[rank].recv), row, index, lane);
+#endif
+    }
+}
+#endif

@@ -42,14 +42,15 @@
 #define WS_SEQ 0                          // updates begun on this rank (picks the count table's parity)
 #define WS_STATUS 1                       // [4] code, a, b, c: first error since the host last read it
 #define WS_DISP_CALLS 5                   // dispatch calls that published flags (their sequence number)
-#define WS_COMB_READY 6                   // combine call number once this rank's expert outputs may be read
+                                          // word 6 is unused
 #define WS_DISP_BLOCKS 7                  // this rank's dispatch blocks finished (reset by the last)
 #define WS_COMB_BLOCKS 8                  // this rank's combine blocks finished (reset by the last)
 #define WS_COMB_CALLS 9                   // combine calls that published flags (their sequence number)
 #define WS_COUNT_FLAG 10                  // [R] seq*2 + bad, written by source s after its counts
 #define WS_DISP_DONE (WS_COUNT_FLAG + EP_R)   // [R] dispatch call number once source s finished writing here
 #define WS_COMB_DONE (WS_DISP_DONE + EP_R)    // [R] combine call number once source s finished reading here
-#define WS_COUNTS (WS_COMB_DONE + EP_R)       // [2][R][E + R] counts all-gathered, by update parity
+#define WS_COMB_READY (WS_COMB_DONE + EP_R)   // [R] combine call number once peer p's expert outputs may be read
+#define WS_COUNTS (WS_COMB_READY + EP_R)      // [2][R][E + R] counts all-gathered, by update parity
 
 // A step's handle, per rank, in 32-bit words: written by the update, read by that rank's own
 // dispatch and combine only (never by a peer), so it needs no sharing between processes.
@@ -87,7 +88,8 @@
     F(ep_i64, tokens, TOKENS)             /* B of this rank in this step */                         \
     F(ep_u64, weight_grads_in, WEIGHT_GRADS_IN)   /* HT backward combine: per received row/slot */  \
     F(ep_u64, weight_grads_out, WEIGHT_GRADS_OUT) /* HT backward combine: [B, K] f32 */             \
-    F(ep_u64, handle, HANDLE)             /* the step's H_* words of this rank */
+    F(ep_u64, handle, HANDLE)             /* the step's H_* words of this rank */                   \
+    F(ep_u64, stage, STAGE)               /* staged transport: this rank's EpStage (ep_transport.cuh) */
 
 #define EP_LAUNCH_FIELDS(F)                                                                         \
     F(ep_u64, mask, MASK)                 /* the group's active-rank mask (u64 in device memory) */ \
@@ -236,24 +238,6 @@ EP_DEVICE void ep_copy_piece(const ep_u8* src, const ep_u64 (&targets)[32], int 
     }
 }
 
-// The update's half of the all-gather: writes this rank's row of E + R words, value(i), into
-// the table at word `table` of every active rank, then, after a fence, raises this rank's
-// WS_COUNT_FLAG there to `flag`. Call from every thread of the block.
-template <typename Value>
-EP_DEVICE void ep_publish_row(const EpArgs& args, int rank, ep_u64 mask, int table, ep_u32 flag, Value value) {
-    for (int i = threadIdx.x; i < EP_E + EP_R; i += blockDim.x) {
-        const ep_u32 word = static_cast<ep_u32>(value(i));
-        for (int d = 0; d < EP_R; ++d) {
-            if (ep_active(mask, d)) ep_ws(args, d)[table + rank * (EP_E + EP_R) + i] = word;
-        }
-    }
-    __syncthreads();
-    if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
-        __threadfence();
-        ep_store_release_sys(ep_ws(args, threadIdx.x) + WS_COUNT_FLAG + rank, flag);
-    }
-}
-
 // Turns per-warp counts into exclusive prefixes over the warps, in place, and returns the
 // total of column i.
 template <int WARPS>
@@ -265,105 +249,6 @@ EP_DEVICE int ep_warp_prefix(int (&counts)[WARPS][EP_E + EP_R], int i) {
         running += here;
     }
     return running;
-}
-
-// Flags between ranks carry a call number per kind of call (dispatch, combine) instead of being
-// reset: a launch that publishes flags (EP_SYNC_SIGNAL) is call WS_*_CALLS + 1, and its last
-// block advances WS_*_CALLS; the launch that completes a send-only call (no SIGNAL) is the call
-// already counted. Every rank makes the same calls in the same order, so the numbers agree
-// across ranks whatever handle each call uses (steps may interleave). One launch covering every
-// rank (sync = 0) publishes and counts nothing: its end is the barrier.
-EP_DEVICE ep_u32 ep_call_number(const ep_u32* ws, int calls_word, ep_i64 sync) {
-    return ws[calls_word] + ((sync & EP_SYNC_SIGNAL) ? 1u : 0u);
-}
-
-// Combine's meeting point. With `signal`: this rank's expert outputs are final (a rank's
-// combine, or its send-only half, runs after them on its stream). With `wait`: block-wide,
-// bounded wait until every active peer's are. Returns false for the send-only half, which moves
-// no data (launched with one block per rank, which also counts the call). Call from every
-// thread, after the step check.
-EP_DEVICE bool ep_combine_ready(const EpArgs& args, ep_u32* ws, ep_u64 mask, ep_u32 seq) {
-    if ((args.sync & EP_SYNC_SIGNAL) && blockIdx.x == 0 && threadIdx.x == 0) ep_store_release_sys(ws + WS_COMB_READY, seq);
-    if (args.sync & EP_SYNC_NO_DATA) {
-        if ((args.sync & EP_SYNC_SIGNAL) && blockIdx.x == 0 && threadIdx.x == 0) ws[WS_COMB_CALLS] = seq;
-        return false;
-    }
-    if (args.sync & EP_SYNC_WAIT) {
-        if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
-            if (!ep_wait_flag_sys(ep_ws(args, threadIdx.x) + WS_COMB_READY, seq, args.timeout_ns)) ep_timeout(args, ws, threadIdx.x);
-        }
-        __syncthreads();
-    }
-    return true;
-}
-
-// The update's all-gather of counts: waits (bounded) until every active rank's WS_COUNT_FLAG
-// here reaches `expected`, its low bit telling that rank found bad routing. Any late or bad rank
-// (or `bad` here) voids the step for this rank: H_STEP_OK = 0, the status names the peer, the
-// update's sequence number is taken, and every thread gets false. Call from every thread.
-EP_DEVICE bool ep_counts_arrived(const EpArgs& args, ep_u32* ws, ep_u32* hs, ep_u64 mask, ep_u32 expected, bool bad, ep_u32 seq) {
-    __shared__ int any_bad;   // -1 all good, -2 this rank's own routing, else the highest failing peer
-    if (threadIdx.x == 0) any_bad = bad ? -2 : -1;
-    __syncthreads();
-    if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
-        const ep_u32* flag = ws + WS_COUNT_FLAG + threadIdx.x;
-        if (!ep_wait_flag_sys(flag, expected, args.timeout_ns)) {
-            ep_timeout(args, ws, threadIdx.x);
-            atomicMax(&any_bad, static_cast<int>(threadIdx.x));
-        } else if (ep_load_acquire_sys(flag) & 1u) {
-            atomicMax(&any_bad, static_cast<int>(threadIdx.x));
-        }
-    }
-    __syncthreads();
-    if (any_bad == -1) return true;
-    if (threadIdx.x == 0) {
-        hs[H_STEP_OK] = 0;
-        if (any_bad >= 0) ep_set_status(ws, EP_STATUS_PEER_FAILED, any_bad, 0, 0);
-        ws[WS_SEQ] = seq;
-    }
-    return false;
-}
-
-// The end of a launch. With `count`, the last block of this rank to finish resets the block
-// counter, advances the call number to `seq` when `advance` (the launch is the call's SIGNAL
-// half) and, with `publish` (this rank took part: active, with a valid step), tells every active
-// peer this rank is done with it (flag = `seq`). With `wait`, block 0 waits until every active
-// peer has said so for this rank: the call then ends only when its data is complete. Waiting is
-// only asked where all the waiting blocks' peers are resident or already finished.
-EP_DEVICE void ep_arrive_and_wait(const EpArgs& args, int rank, ep_u64 mask, int block_counter, int calls_word, int flag_offset,
-                                  ep_u32 seq, bool count, bool advance, bool publish, bool wait) {
-    ep_u32* ws = ep_ws(args, rank);
-    if (count) {
-        __shared__ int last;
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            __threadfence();
-            last = atomicAdd(ws + block_counter, 1u) == gridDim.x - 1;
-            if (last) {
-                atomicExch(ws + block_counter, 0u);
-                if (advance) ws[calls_word] = seq;
-            }
-        }
-        __syncthreads();
-        if (publish && last && threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
-            __threadfence();
-            ep_store_release_sys(ep_ws(args, threadIdx.x) + flag_offset + rank, seq);
-        }
-    }
-    if (wait && blockIdx.x == 0 && threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
-        if (!ep_wait_flag_sys(ws + flag_offset + threadIdx.x, seq, args.timeout_ns)) ep_timeout(args, ws, threadIdx.x);
-    }
-}
-
-// A combine launch on a rank that takes no part (masked, or its step void) still counts a call
-// that publishes flags, so that its call numbers keep agreeing with its peers'.
-EP_DEVICE void ep_combine_skip(const EpArgs& args, int rank, ep_u64 mask, ep_u32 seq) {
-    if (!(args.sync & EP_SYNC_SIGNAL)) return;
-    if (args.sync & EP_SYNC_NO_DATA) {   // the send-only half: one block per rank
-        if (blockIdx.x == 0 && threadIdx.x == 0) ep_ws(args, rank)[WS_COMB_CALLS] = seq;
-        return;
-    }
-    ep_arrive_and_wait(args, rank, mask, WS_COMB_BLOCKS, WS_COMB_CALLS, WS_COMB_DONE, seq, true, true, false, false);
 }
 
 #if EP_ELEM == 2

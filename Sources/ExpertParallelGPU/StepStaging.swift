@@ -1,0 +1,55 @@
+import ExpertParallel
+import ExpertParallelCUDA
+
+/// The staged transport's staging areas, one per rank (`EpStage` of ep_transport.cuh): a mirror
+/// of the receive buffers that dispatch puts into and the destination drains, each received
+/// row's origin, and the rows (with slot weights and weight gradients) that combine's expert side
+/// puts back for the source to reduce. Owned by the group; freed after its work is done.
+final class StepStaging {
+    /// Each rank's `EpStage` descriptor (seven device addresses) in device memory.
+    let descriptors: [DevicePointer]
+    private var allocations: [DevicePointer] = []
+    private let driver: DriverLibrary
+
+    init(_ config: GroupConfig, device: GPUDevice) throws(EPError) {
+        let driver = device.driver
+        self.driver = driver
+        let capacity = config.receiveCapacity
+        let routing = config.receiveRoutingShape?.reduce(1, *) ?? 0
+        // Rows a source gets back per token: one per selection (expert-major), one per rank (else).
+        let fan = config.layout == .expertMajor || config.isExpertMajorHT ? config.topK : config.ranks
+        let backRows = config.maxTokensPerRank * fan
+        let sizes = [
+            capacity * config.rowBytes,                               // rows
+            max(routing, 1) * 8,                                      // ids (up to 8 bytes each)
+            max(routing, 1) * 4,                                      // weights
+            capacity * 4,                                             // origin
+            backRows * config.rowBytes,                               // combine rows
+            backRows * 4,                                             // combine slot weights
+            config.maxTokensPerRank * config.ranks * config.topK * 4, // combine weight gradients
+        ]
+        var descriptors: [DevicePointer] = [], allocations: [DevicePointer] = []
+        do {
+            for _ in 0..<config.ranks {
+                var addresses: [UInt64] = []
+                for bytes in sizes {
+                    let p = try gpu { try driver.allocate(byteCount: bytes) }
+                    allocations.append(p)
+                    try gpu { try driver.fill(p, byte: 0, byteCount: bytes) }
+                    addresses.append(p.rawValue)
+                }
+                let descriptor = try gpu { try driver.allocate(byteCount: addresses.count * 8) }
+                allocations.append(descriptor)
+                try gpu { try driver.copy(addresses, to: descriptor) }
+                descriptors.append(descriptor)
+            }
+        } catch {
+            for p in allocations { try? driver.free(p) }
+            throw error
+        }
+        self.descriptors = descriptors
+        self.allocations = allocations
+    }
+
+    deinit { for p in allocations { try? driver.free(p) } }
+}

@@ -1,0 +1,255 @@
+// The transport seam: every access a rank makes to another rank's memory goes through the
+// functions of this file (put a row piece, put a word, signal, wait, and combine's reads of the
+// expert side), so one kernel serves every transport. Two are compiled (EP_TRANSPORT):
+//
+// 0, direct: loads and stores through peer pointers (virtual ranks on one GPU; NCCL ranks over
+//    NVLink): dispatch stores rows straight into their final slots, combine reads the peers'
+//    expert outputs where they are.
+// 1, staged: the shape of NCCL's GPU-initiated networking (put + signal, no loads from a peer):
+//    dispatch puts rows, ids, weights and each row's origin into the destination's staging area
+//    (EpStage), and the destination drains it into its receive buffers (the *_drain kernels);
+//    combine's expert side puts each row it holds back into its source's staging area (the
+//    *_combine_send kernels, using the origins), and the source reduces from there. This is
+//    where a GIN transport plugs in (docs/architecture.md).
+
+#ifndef EP_TRANSPORT
+#define EP_TRANSPORT 0
+#endif
+
+// A rank's staging area (staged transport), in device memory; args.rank[r].stage points to it.
+struct EpStage {
+    ep_u64 rows;          // mirror of the receive rows: dispatch puts land here, the drain copies them out
+    ep_u64 idx;           // mirror of the received ids (layouts that have them)
+    ep_u64 weights;       // mirror of the received weights
+    ep_u64 origin;        // [capacity] u32: (source rank << 26) | index of each received row; ~0 for padding
+    ep_u64 comb_rows;     // combine: [BMAX * fan] rows the expert ranks put back, by (token, k) or (token, rank)
+    ep_u64 comb_weights;  // HT expert-major forward: the slot weight of each row put back
+    ep_u64 comb_grads;    // HT backward: the weight gradients of each row put back (flat: K per row)
+};
+
+#define EP_ORIGIN_NONE 0xffffffffu
+#define EP_ORIGIN_INDEX_BITS 26
+
+EP_DEVICE const EpStage& ep_stage(const EpArgs& args, int rank) {
+    return *reinterpret_cast<const EpStage*>(args.rank[rank].stage);
+}
+
+// ------------------------------------------------------------------------------------------
+// Puts: dispatch's writes into rank d's receive buffers.
+
+// Where a piece of a row bound for row `row` of rank d's receive buffer is stored.
+EP_DEVICE ep_u8* ep_put_row_target(const EpArgs& args, int d, ep_u64 row) {
+#if EP_TRANSPORT == 1
+    return reinterpret_cast<ep_u8*>(ep_stage(args, d).rows) + row * EP_ROW_BYTES;
+#else
+    return reinterpret_cast<ep_u8*>(args.rank[d].recv) + row * EP_ROW_BYTES;
+#endif
+}
+
+// A received local expert id and weight, at element `slot` of rank d's received ids / weights.
+EP_DEVICE void ep_put_received(const EpArgs& args, int d, ep_u64 slot, int id, float weight) {
+#if EP_TRANSPORT == 1
+    const ep_u64 ids = ep_stage(args, d).idx, weights = ep_stage(args, d).weights;
+#else
+    const ep_u64 ids = args.rank[d].recv_idx, weights = args.rank[d].recv_weights;
+#endif
+#if EP_RIDX_BYTES == 8
+    reinterpret_cast<long long*>(ids)[slot] = id;
+#else
+    reinterpret_cast<int*>(ids)[slot] = id;
+#endif
+    reinterpret_cast<float*>(weights)[slot] = weight;
+}
+
+// Where row `row` of rank d came from (staged: the expert side puts it back there in combine):
+// `index` is (token × K + k) or the token, as the layout's combine staging counts it. A padding
+// row has source -1. The direct transport needs no origin: combine reads the row in place.
+EP_DEVICE void ep_put_origin(const EpArgs& args, int d, ep_u64 row, int source, int index) {
+#if EP_TRANSPORT == 1
+    reinterpret_cast<ep_u32*>(ep_stage(args, d).origin)[row] =
+        source < 0 ? EP_ORIGIN_NONE : (static_cast<ep_u32>(source) << EP_ORIGIN_INDEX_BITS) | static_cast<ep_u32>(index);
+#endif
+}
+
+// ------------------------------------------------------------------------------------------
+// Words and signals between ranks' workspaces (the same for both transports: a put of a word,
+// and a put with release order that the receiver waits for).
+
+EP_DEVICE void ep_put_word(const EpArgs& args, int d, int word, ep_u32 value) { ep_ws(args, d)[word] = value; }
+
+EP_DEVICE void ep_signal(const EpArgs& args, int d, int word, ep_u32 value) {
+    ep_store_release_sys(ep_ws(args, d) + word, value);
+}
+
+// Bounded wait until this rank's word `word` reaches `target`; false past the timeout.
+EP_DEVICE bool ep_wait(const EpArgs& args, const ep_u32* ws, int word, ep_u32 target) {
+    return ep_wait_flag_sys(ws + word, target, args.timeout_ns);
+}
+
+// ------------------------------------------------------------------------------------------
+// Combine's reads of the expert side, for rank `rank`'s selection or pair held by rank d:
+// direct, row `row` of d's expert outputs (and d's slot weight / gradient there); staged, entry
+// `index` of this rank's own combine staging, where d put them.
+
+EP_DEVICE ep_u64 ep_expert_row(const EpArgs& args, int rank, int d, ep_u64 row, ep_u64 index) {
+#if EP_TRANSPORT == 1
+    return ep_stage(args, rank).comb_rows + index * EP_ROW_BYTES;
+#else
+    return args.rank[d].recv + row * EP_ROW_BYTES;
+#endif
+}
+
+EP_DEVICE float ep_expert_slot_weight(const EpArgs& args, int rank, int d, ep_u64 slot, ep_u64 index) {
+#if EP_TRANSPORT == 1
+    return reinterpret_cast<const float*>(ep_stage(args, rank).comb_weights)[index];
+#else
+    return reinterpret_cast<const float*>(args.rank[d].topk_weights)[slot];
+#endif
+}
+
+EP_DEVICE float ep_expert_gradient(const EpArgs& args, int rank, int d, ep_u64 at, ep_u64 staged_at) {
+#if EP_TRANSPORT == 1
+    return reinterpret_cast<const float*>(ep_stage(args, rank).comb_grads)[staged_at];
+#else
+    return reinterpret_cast<const float*>(args.rank[d].weight_grads_in)[at];
+#endif
+}
+
+// ------------------------------------------------------------------------------------------
+// The staged transport's own moves, shared by the LL and HT drain and combine-send kernels.
+
+// One warp copies row `row` (every lane) from `from` to `to`, both row bases.
+EP_DEVICE void ep_copy_row(const ep_u8* from, ep_u8* to, ep_u64 row, int lane) {
+    const ep_u8* src = from + row * EP_ROW_BYTES;
+    ep_u8* dst = to + row * EP_ROW_BYTES;
+    for (int v = lane; v < EP_ROW_VECS; v += 32) ep_store_vec(dst + static_cast<ep_u64>(v) * EP_VEC_BYTES, ep_load_vec(src + static_cast<ep_u64>(v) * EP_VEC_BYTES));
+}
+
+// One warp puts row `row` of `from` to row `index` of rank s's combine staging.
+EP_DEVICE void ep_put_back_row(const EpArgs& args, int s, const ep_u8* from, ep_u64 row, ep_u64 index, int lane) {
+    const ep_u8* src = from + row * EP_ROW_BYTES;
+    ep_u8* dst = reinterpret_cast<ep_u8*>(ep_stage(args, s).comb_rows) + index * EP_ROW_BYTES;
+    for (int v = lane; v < EP_ROW_VECS; v += 32) ep_store_vec(dst + static_cast<ep_u64>(v) * EP_VEC_BYTES, ep_load_vec(src + static_cast<ep_u64>(v) * EP_VEC_BYTES));
+}
+
+// ------------------------------------------------------------------------------------------
+// The step's protocol over those primitives: the update's all-gather of counts, combine's
+// ready handshake, and the end of a launch that publishes flags.
+
+// The update's half of the all-gather: puts this rank's row of E + R words, value(i), into the
+// table at word `table` of every active rank, then signals this rank's WS_COUNT_FLAG there with
+// `flag`. Call from every thread of the block.
+template <typename Value>
+EP_DEVICE void ep_publish_row(const EpArgs& args, int rank, ep_u64 mask, int table, ep_u32 flag, Value value) {
+    for (int i = threadIdx.x; i < EP_E + EP_R; i += blockDim.x) {
+        const ep_u32 word = static_cast<ep_u32>(value(i));
+        for (int d = 0; d < EP_R; ++d) {
+            if (ep_active(mask, d)) ep_put_word(args, d, table + rank * (EP_E + EP_R) + i, word);
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
+        __threadfence();
+        ep_signal(args, threadIdx.x, WS_COUNT_FLAG + rank, flag);
+    }
+}
+
+// Flags between ranks carry a call number per kind of call (dispatch, combine) instead of being
+// reset: a launch that publishes flags (EP_SYNC_SIGNAL) is call WS_*_CALLS + 1, and its last
+// block advances WS_*_CALLS; the launch that completes a send-only call (no SIGNAL) is the call
+// already counted. Every rank makes the same calls in the same order, so the numbers agree
+// across ranks whatever handle each call uses (steps may interleave). One launch covering every
+// rank (sync = 0) publishes and counts nothing: its end is the barrier.
+EP_DEVICE ep_u32 ep_call_number(const ep_u32* ws, int calls_word, ep_i64 sync) {
+    return ws[calls_word] + ((sync & EP_SYNC_SIGNAL) ? 1u : 0u);
+}
+
+// Combine's meeting point. With `signal`: this rank's expert outputs are final (a rank's
+// combine, or its send-only half, runs after them on its stream): it signals every active peer.
+// With `wait`: block-wide, bounded wait until every active peer has signalled this rank. Returns
+// false for the send-only half, which moves no data (launched with one block per rank, which
+// also counts the call). Call from every thread, after the step check.
+EP_DEVICE bool ep_combine_ready(const EpArgs& args, int rank, ep_u32* ws, ep_u64 mask, ep_u32 seq) {
+    if ((args.sync & EP_SYNC_SIGNAL) && blockIdx.x == 0 && threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
+        ep_signal(args, threadIdx.x, WS_COMB_READY + rank, seq);
+    }
+    if (args.sync & EP_SYNC_NO_DATA) {
+        if ((args.sync & EP_SYNC_SIGNAL) && blockIdx.x == 0 && threadIdx.x == 0) ws[WS_COMB_CALLS] = seq;
+        return false;
+    }
+    if (args.sync & EP_SYNC_WAIT) {
+        if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
+            if (!ep_wait(args, ws, WS_COMB_READY + threadIdx.x, seq)) ep_timeout(args, ws, threadIdx.x);
+        }
+        __syncthreads();
+    }
+    return true;
+}
+
+// The update's all-gather of counts: waits (bounded) until every active rank's WS_COUNT_FLAG
+// here reaches `expected`, its low bit telling that rank found bad routing. Any late or bad rank
+// (or `bad` here) voids the step for this rank: H_STEP_OK = 0, the status names the peer, the
+// update's sequence number is taken, and every thread gets false. Call from every thread.
+EP_DEVICE bool ep_counts_arrived(const EpArgs& args, ep_u32* ws, ep_u32* hs, ep_u64 mask, ep_u32 expected, bool bad, ep_u32 seq) {
+    __shared__ int any_bad;   // -1 all good, -2 this rank's own routing, else the highest failing peer
+    if (threadIdx.x == 0) any_bad = bad ? -2 : -1;
+    __syncthreads();
+    if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
+        if (!ep_wait(args, ws, WS_COUNT_FLAG + threadIdx.x, expected)) {
+            ep_timeout(args, ws, threadIdx.x);
+            atomicMax(&any_bad, static_cast<int>(threadIdx.x));
+        } else if (ep_load_acquire_sys(ws + WS_COUNT_FLAG + threadIdx.x) & 1u) {
+            atomicMax(&any_bad, static_cast<int>(threadIdx.x));
+        }
+    }
+    __syncthreads();
+    if (any_bad == -1) return true;
+    if (threadIdx.x == 0) {
+        hs[H_STEP_OK] = 0;
+        if (any_bad >= 0) ep_set_status(ws, EP_STATUS_PEER_FAILED, any_bad, 0, 0);
+        ws[WS_SEQ] = seq;
+    }
+    return false;
+}
+
+// The end of a launch. With `count`, the last block of this rank to finish resets the block
+// counter, advances the call number to `seq` when `advance` (the launch is the call's SIGNAL
+// half) and, with `publish` (this rank took part: active, with a valid step), signals every
+// active peer that this rank is done with it (flag = `seq`). With `wait`, block 0 waits until
+// every active peer has signalled this rank: the call then ends only when its data is complete.
+// Waiting is only asked where all the waiting blocks' peers are resident or already finished.
+EP_DEVICE void ep_arrive_and_wait(const EpArgs& args, int rank, ep_u64 mask, int block_counter, int calls_word, int flag_offset,
+                                  ep_u32 seq, bool count, bool advance, bool publish, bool wait) {
+    ep_u32* ws = ep_ws(args, rank);
+    if (count) {
+        __shared__ int last;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            __threadfence();
+            last = atomicAdd(ws + block_counter, 1u) == gridDim.x - 1;
+            if (last) {
+                atomicExch(ws + block_counter, 0u);
+                if (advance) ws[calls_word] = seq;
+            }
+        }
+        __syncthreads();
+        if (publish && last && threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
+            __threadfence();
+            ep_signal(args, threadIdx.x, flag_offset + rank, seq);
+        }
+    }
+    if (wait && blockIdx.x == 0 && threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
+        if (!ep_wait(args, ws, flag_offset + threadIdx.x, seq)) ep_timeout(args, ws, threadIdx.x);
+    }
+}
+
+// A combine launch on a rank that takes no part (masked, or its step void) still counts a call
+// that publishes flags, so that its call numbers keep agreeing with its peers'.
+EP_DEVICE void ep_combine_skip(const EpArgs& args, int rank, ep_u64 mask, ep_u32 seq) {
+    if (!(args.sync & EP_SYNC_SIGNAL)) return;
+    if (args.sync & EP_SYNC_NO_DATA) {   // the send-only half: one block per rank
+        if (blockIdx.x == 0 && threadIdx.x == 0) ep_ws(args, rank)[WS_COMB_CALLS] = seq;
+        return;
+    }
+    ep_arrive_and_wait(args, rank, mask, WS_COMB_BLOCKS, WS_COMB_CALLS, WS_COMB_DONE, seq, true, true, false, false);
+}
