@@ -57,7 +57,7 @@ final class StepEngine: @unchecked Sendable {
         self.workspaces = workspaces
         self.mask = mask
         self.stream = stream
-        workspace = StepWorkspace(config)
+        workspace = StepWorkspace(config, transport: transport)
         args = StepArguments(ranks: config.ranks)
         switch placement {
         case .virtualRanks:

@@ -35,7 +35,7 @@ struct StepKernels: Sendable {
             "EP_VEC_BYTES": "\(variant.vectorBytes)", "EP_TRANSPORT": variant.transport == .staged ? "1" : "0",
         ]) { _, new in new }
         defines.merge(StepArguments.contractDefines(ranks: config.ranks)) { _, new in new }
-        defines.merge(StepWorkspace(config).defines) { _, new in new }
+        defines.merge(StepWorkspace(config, transport: variant.transport).defines) { _, new in new }
         switch config.algorithm {
         case .lowLatency:
             defines["EP_RANK_MAJOR"] = config.layout == .rankMajor ? "1" : "0"

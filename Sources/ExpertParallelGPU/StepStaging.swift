@@ -2,11 +2,12 @@ import ExpertParallel
 import ExpertParallelCUDA
 
 /// The staged transport's staging areas, one per rank (`EpStage` of ep_transport.cuh): a mirror
-/// of the receive buffers that dispatch puts into and the destination drains, each received
-/// row's origin, and the rows (with slot weights and weight gradients) that combine's expert side
-/// puts back for the source to reduce. Owned by the group; freed after its work is done.
+/// of the receive buffers that dispatch puts into and the destination drains, and the rows (with
+/// slot weights and weight gradients) that combine's expert side puts back for the source to
+/// reduce. (Each received row's origin is per step: it lives in the step's handle.) Owned by the
+/// group; freed after its work is done.
 final class StepStaging {
-    /// Each rank's `EpStage` descriptor (seven device addresses) in device memory.
+    /// Each rank's `EpStage` descriptor (six device addresses) in device memory.
     let descriptors: [DevicePointer]
     private var allocations: [DevicePointer] = []
     private let driver: DriverLibrary
@@ -23,7 +24,6 @@ final class StepStaging {
             capacity * config.rowBytes,                               // rows
             max(routing, 1) * 8,                                      // ids (up to 8 bytes each)
             max(routing, 1) * 4,                                      // weights
-            capacity * 4,                                             // origin
             backRows * config.rowBytes,                               // combine rows
             backRows * 4,                                             // combine slot weights
             config.maxTokensPerRank * config.ranks * config.topK * 4, // combine weight gradients

@@ -6,9 +6,14 @@ import ExpertParallel
 struct StepWorkspace: Sendable {
     let algorithm: Algorithm
     let ranks: Int, localExperts: Int, topK: Int, maxTokens: Int
+    /// Rows of each rank's receive buffer; the staged transport keeps each row's origin per step.
+    let receiveRows: Int
+    let transport: GPUTransport
     var experts: Int { ranks * localExperts }
 
-    init(_ config: GroupConfig) {
+    init(_ config: GroupConfig, transport: GPUTransport = .direct) {
+        self.transport = transport
+        receiveRows = config.receiveCapacity
         algorithm = config.algorithm
         ranks = config.ranks
         localExperts = config.localExperts
@@ -47,7 +52,9 @@ struct StepWorkspace: Sendable {
         let common = localExperts + ranks + localExperts * ranks + 1
         return algorithm == .lowLatency ? common : common + 1 + localExperts
     }
-    var handleWords: Int { layout + layoutWords }
+    /// Staged transport: `[receive rows]` origin of each received row (H_ORIGIN), after the layout.
+    var origins: Int { layout + layoutWords }
+    var handleWords: Int { origins + (transport == .staged ? receiveRows : 0) }
     /// Bytes of one rank's handle words, rounded up to 256 so every rank's words start aligned.
     var handleStride: Int { (handleWords * 4 + 255) / 256 * 256 }
 

@@ -26,7 +26,12 @@
 #define H_SEL_ROW (H_DEST + EP_BMAX)                        // [BMAX][K] slot of each selection (expert-major)
 #define H_PAIR_ROW (H_SEL_ROW + EP_BMAX * EP_K)             // [BMAX][R] row of each (token, rank), or -1
 #define H_LAYOUT (H_PAIR_ROW + EP_BMAX * EP_R)              // [L], [R], [L][R], total, dropped, [L] offsets
-#define H_WORDS (H_LAYOUT + EP_L + EP_R + EP_L * EP_R + 2 + EP_L)
+#define H_ORIGIN (H_LAYOUT + EP_L + EP_R + EP_L * EP_R + 2 + EP_L)   // staged: [N] origin of each received row
+#if EP_TRANSPORT == 1
+#define H_WORDS (H_ORIGIN + EP_CAPACITY)
+#else
+#define H_WORDS H_ORIGIN
+#endif
 
 #ifdef EP_HOST_CONTRACT
 static_assert(WS_WORDS == EP_HOST_WS_WORDS, "HT WS_WORDS differs from the host's");
@@ -390,7 +395,7 @@ EP_DEVICE void ep_ht_write_routing(const EpArgs& args, int rank, int t, int d, i
     const bool here = e >= 0 && e / EP_L == d;
     const float w = here ? reinterpret_cast<const float*>(args.rank[rank].topk_weights)[t * EP_K + lane] : 0.0f;
     ep_put_received(args, d, static_cast<ep_u64>(row) * EP_K + lane, here ? e % EP_L : -1, w);
-    if (lane == 0) ep_put_origin(args, d, static_cast<ep_u64>(row), rank, t);
+    if (lane == 0) ep_put_origin(args, d, H_ORIGIN, static_cast<ep_u64>(row), rank, t);
 }
 
 EP_DEVICE void ep_ht_store_slot(const EpArgs& args, int d, int slot, int local, float weight) {
@@ -436,7 +441,7 @@ ep_ht_dispatch(const EpArgs args) {
                 for (int v = lane; v < EP_ROW_VECS; v += 32) ep_store_vec(target + static_cast<ep_u64>(v) * EP_VEC_BYTES, zero);
                 if (lane == 0) {
                     ep_ht_store_slot(args, rank, row, -1, 0.0f);
-                    ep_put_origin(args, rank, static_cast<ep_u64>(row), -1, 0);
+                    ep_put_origin(args, rank, H_ORIGIN, static_cast<ep_u64>(row), -1, 0);
                 }
             }
         }
@@ -459,7 +464,7 @@ ep_ht_dispatch(const EpArgs args) {
                 if (piece == 0) {
                     ep_ht_store_slot(args, e / EP_L, slot, e % EP_L,
                                      reinterpret_cast<const float*>(args.rank[rank].topk_weights)[t * EP_K + lane]);
-                    ep_put_origin(args, e / EP_L, static_cast<ep_u64>(slot), rank, t * EP_K + lane);
+                    ep_put_origin(args, e / EP_L, H_ORIGIN, static_cast<ep_u64>(slot), rank, t * EP_K + lane);
                 }
             }
         }
@@ -724,7 +729,7 @@ ep_ht_combine_send(const EpArgs args) {
     const ep_u64 mask = ep_load_mask(args);
     if (!ep_active(mask, rank) || hs[H_STEP_OK] == 0) return;
     const int rows = static_cast<int>(hs[H_LAYOUT + EP_L + EP_R + EP_L * EP_R]);
-    const ep_u32* origin = reinterpret_cast<const ep_u32*>(ep_stage(args, rank).origin);
+    const ep_u32* origin = hs + H_ORIGIN;
     const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
     for (int row = blockIdx.x * warps + threadIdx.x / 32; row < rows; row += gridDim.x * warps) {
         const ep_u32 from = origin[row];

@@ -20,7 +20,17 @@
 #define H_SEL_ROW 2                                        // [BMAX][K] row of each selection
 #define H_PAIR_ROW (H_SEL_ROW + EP_BMAX * EP_K)            // [BMAX][R] row of each (token, rank)
 #define H_LAYOUT (H_PAIR_ROW + EP_BMAX * EP_R)             // [L] experts, [R] sources, [L][R], total
-#define H_WORDS (H_LAYOUT + EP_L + EP_R + EP_L * EP_R + 1)
+#define H_ORIGIN (H_LAYOUT + EP_L + EP_R + EP_L * EP_R + 1)  // staged: [rows] origin of each received row
+#if EP_RANK_MAJOR
+#define EP_LL_ROWS (EP_R * EP_BMAX)
+#else
+#define EP_LL_ROWS (EP_L * EP_R * EP_BMAX)
+#endif
+#if EP_TRANSPORT == 1
+#define H_WORDS (H_ORIGIN + EP_LL_ROWS)
+#else
+#define H_WORDS H_ORIGIN
+#endif
 
 #ifdef EP_HOST_CONTRACT
 static_assert(WS_WORDS == EP_HOST_WS_WORDS, "LL WS_WORDS differs from the host's");
@@ -223,7 +233,7 @@ ep_ll_dispatch(const EpArgs args) {
         for (int d = 0; d < EP_R; ++d) {
             const int drow = __shfl_sync(0xffffffffu, row, d);
             if (drow < 0 || piece != 0) continue;
-            if (lane == 0) ep_put_origin(args, d, static_cast<ep_u64>(drow), rank, t);
+            if (lane == 0) ep_put_origin(args, d, H_ORIGIN, static_cast<ep_u64>(drow), rank, t);
             if (lane < EP_K) {
                 const long long e = ep_read_index(args, rank, t * EP_K + lane);
                 const bool here = e >= 0 && e / EP_L == d && ep_active(mask, d);
@@ -239,7 +249,7 @@ ep_ll_dispatch(const EpArgs args) {
             if (row >= 0) {
                 const int e = static_cast<int>(ep_read_index(args, rank, t * EP_K + lane));
                 target = ep_put_row_target(args, e / EP_L, static_cast<ep_u64>(row));
-                if (piece == 0) ep_put_origin(args, e / EP_L, static_cast<ep_u64>(row), rank, t * EP_K + lane);
+                if (piece == 0) ep_put_origin(args, e / EP_L, H_ORIGIN, static_cast<ep_u64>(row), rank, t * EP_K + lane);
             }
         }
         table.address[warp][lane] = reinterpret_cast<ep_u64>(target);
@@ -395,12 +405,6 @@ EP_DEVICE bool ep_ll_row_used(const ep_u32* layout, int row) {
 #endif
 }
 
-#if EP_RANK_MAJOR
-#define EP_LL_ROWS (EP_R * EP_BMAX)
-#else
-#define EP_LL_ROWS (EP_L * EP_R * EP_BMAX)
-#endif
-
 extern "C" __global__ void __launch_bounds__(512, 2)
 ep_ll_drain(const EpArgs args) {
     const int rank = static_cast<int>(blockIdx.y + args.first_rank);
@@ -435,7 +439,7 @@ ep_ll_combine_send(const EpArgs args) {
     const ep_u64 mask = ep_load_mask(args);
     if (!ep_active(mask, rank) || hs[H_STEP_OK] == 0) return;
     const ep_u32* layout = hs + H_LAYOUT;
-    const ep_u32* origin = reinterpret_cast<const ep_u32*>(ep_stage(args, rank).origin);
+    const ep_u32* origin = hs + H_ORIGIN;
     const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
     for (int row = blockIdx.x * warps + threadIdx.x / 32; row < EP_LL_ROWS; row += gridDim.x * warps) {
         if (!ep_ll_row_used(layout, row)) continue;

@@ -6,8 +6,9 @@
 //    NVLink): dispatch stores rows straight into their final slots, combine reads the peers'
 //    expert outputs where they are.
 // 1, staged: the shape of NCCL's GPU-initiated networking (put + signal, no loads from a peer):
-//    dispatch puts rows, ids, weights and each row's origin into the destination's staging area
-//    (EpStage), and the destination drains it into its receive buffers (the *_drain kernels);
+//    dispatch puts rows, ids and weights into the destination's staging area (EpStage) and each
+//    row's origin into the destination's handle (a step's own words, as steps may interleave),
+//    and the destination drains the staging area into its receive buffers (the *_drain kernels);
 //    combine's expert side puts each row it holds back into its source's staging area (the
 //    *_combine_send kernels, using the origins), and the source reduces from there. This is
 //    where a GIN transport plugs in (docs/architecture.md).
@@ -21,7 +22,6 @@ struct EpStage {
     ep_u64 rows;          // mirror of the receive rows: dispatch puts land here, the drain copies them out
     ep_u64 idx;           // mirror of the received ids (layouts that have them)
     ep_u64 weights;       // mirror of the received weights
-    ep_u64 origin;        // [capacity] u32: (source rank << 26) | index of each received row; ~0 for padding
     ep_u64 comb_rows;     // combine: [BMAX * fan] rows the expert ranks put back, by (token, k) or (token, rank)
     ep_u64 comb_weights;  // HT expert-major forward: the slot weight of each row put back
     ep_u64 comb_grads;    // HT backward: the weight gradients of each row put back (flat: K per row)
@@ -62,11 +62,12 @@ EP_DEVICE void ep_put_received(const EpArgs& args, int d, ep_u64 slot, int id, f
 }
 
 // Where row `row` of rank d came from (staged: the expert side puts it back there in combine):
-// `index` is (token × K + k) or the token, as the layout's combine staging counts it. A padding
-// row has source -1. The direct transport needs no origin: combine reads the row in place.
-EP_DEVICE void ep_put_origin(const EpArgs& args, int d, ep_u64 row, int source, int index) {
+// `index` is (token × K + k) or the token, as the layout's combine staging counts it; a padding
+// row has source -1. It goes to word `origins` + row of d's handle of the step (H_ORIGIN: a
+// [capacity] array, staged only). The direct transport needs no origin: combine reads in place.
+EP_DEVICE void ep_put_origin(const EpArgs& args, int d, int origins, ep_u64 row, int source, int index) {
 #if EP_TRANSPORT == 1
-    reinterpret_cast<ep_u32*>(ep_stage(args, d).origin)[row] =
+    ep_hs(args, d)[origins + row] =
         source < 0 ? EP_ORIGIN_NONE : (static_cast<ep_u32>(source) << EP_ORIGIN_INDEX_BITS) | static_cast<ep_u32>(index);
 #endif
 }
