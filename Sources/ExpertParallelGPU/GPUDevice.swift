@@ -15,7 +15,7 @@ public final class GPUDevice: @unchecked Sendable {
     public let arch: GPUArch
     let compiler: KernelCompiler
 
-    /// Opens device `ordinal`. Throws `EPError.backend` naming the failing call when there is
+    /// Opens device `ordinal`. Throws `EPError.lowerLayer` naming the failing call when there is
     /// no driver, no device or no NVRTC.
     public init(ordinal: Int = 0) throws(EPError) {
         do {

@@ -134,7 +134,9 @@ final class PeerBuffers {
             try driver.record(done, on: stream)
             guard try poll(every: .microseconds(100), for: timeout, until: { try driver.isComplete(done) }) else {
                 abandoned = true
-                throw EPError.backend("ncclAllGather of the buffer handles: the other ranks did not answer within \(timeout) (abort the communicator)")
+                throw EPError.lowerLayer(.callFailed(
+                    .nccl, call: "ncclAllGather", code: nil,
+                    name: "the other ranks did not answer the exchange of buffer handles within \(timeout) (abort the communicator)"))
             }
             return try driver.read(Int64.self, from: receive, count: values.count * ranks)
         }
