@@ -27,18 +27,7 @@
 #define H_PAIR_ROW (H_SEL_ROW + EP_BMAX * EP_K)             // [BMAX][R] row of each (token, rank), or -1
 #define H_LAYOUT (H_PAIR_ROW + EP_BMAX * EP_R)              // [L], [R], [L][R], total, dropped, [L] offsets
 #define H_ORIGIN (H_LAYOUT + EP_L + EP_R + EP_L * EP_R + 2 + EP_L)   // staged: [N] origin of each received row
-#if EP_TRANSPORT == 1
-#define H_WORDS (H_ORIGIN + EP_CAPACITY)
-#else
-#define H_WORDS H_ORIGIN
-#endif
-
-#ifdef EP_HOST_CONTRACT
-static_assert(WS_WORDS == EP_HOST_WS_WORDS, "HT WS_WORDS differs from the host's");
-static_assert(H_LAYOUT == EP_HOST_H_LAYOUT, "HT H_LAYOUT differs from the host's");
-static_assert(H_WORDS == EP_HOST_H_WORDS, "HT H_WORDS differs from the host's");
-static_assert(EP_HT_UPDATE_WARPS * 32 == EP_HOST_UPDATE_THREADS, "HT update threads differ from the host's");
-#endif
+EP_CHECK_ALGORITHM_CONTRACT("HT", EP_HT_UPDATE_WARPS, EP_CAPACITY)
 
 EP_DEVICE int ep_round_up(int value) { return (value + EP_ALIGN - 1) / EP_ALIGN * EP_ALIGN; }
 

@@ -26,18 +26,7 @@
 #else
 #define EP_LL_ROWS (EP_L * EP_R * EP_BMAX)
 #endif
-#if EP_TRANSPORT == 1
-#define H_WORDS (H_ORIGIN + EP_LL_ROWS)
-#else
-#define H_WORDS H_ORIGIN
-#endif
-
-#ifdef EP_HOST_CONTRACT
-static_assert(WS_WORDS == EP_HOST_WS_WORDS, "LL WS_WORDS differs from the host's");
-static_assert(H_LAYOUT == EP_HOST_H_LAYOUT, "LL H_LAYOUT differs from the host's");
-static_assert(H_WORDS == EP_HOST_H_WORDS, "LL H_WORDS differs from the host's");
-static_assert(EP_UPDATE_WARPS * 32 == EP_HOST_UPDATE_THREADS, "LL update threads differ from the host's");
-#endif
+EP_CHECK_ALGORITHM_CONTRACT("LL", EP_UPDATE_WARPS, EP_LL_ROWS)
 
 // ------------------------------------------------------------------------------------------
 // Update: one block per rank. Counts this rank's selections per expert and tokens per rank,

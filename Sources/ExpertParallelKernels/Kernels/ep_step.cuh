@@ -135,6 +135,18 @@ static_assert(WS_COUNTS == EP_HOST_WS_COUNTS, "WS_COUNTS differs from the host's
 static_assert(H_STEP_OK == EP_HOST_H_STEP_OK, "H_STEP_OK differs from the host's");
 #endif
 
+// Each algorithm's file checks its own words once it has defined them (WS_WORDS, H_LAYOUT,
+// H_ORIGIN; the staged transport keeps one origin word per receive row after H_ORIGIN).
+#ifdef EP_HOST_CONTRACT
+#define EP_CHECK_ALGORITHM_CONTRACT(NAME, UPDATE_WARPS, RECEIVE_ROWS)                                               \
+    static_assert(WS_WORDS == EP_HOST_WS_WORDS, NAME " WS_WORDS differs from the host's");                          \
+    static_assert(H_LAYOUT == EP_HOST_H_LAYOUT, NAME " H_LAYOUT differs from the host's");                          \
+    static_assert(H_ORIGIN + (EP_TRANSPORT == 1 ? (RECEIVE_ROWS) : 0) == EP_HOST_H_WORDS, NAME " H_WORDS differs from the host's"); \
+    static_assert((UPDATE_WARPS) * 32 == EP_HOST_UPDATE_THREADS, NAME " update threads differ from the host's");
+#else
+#define EP_CHECK_ALGORITHM_CONTRACT(NAME, UPDATE_WARPS, RECEIVE_ROWS)
+#endif
+
 EP_DEVICE ep_u32* ep_ws(const EpArgs& args, int rank) {
     return reinterpret_cast<ep_u32*>(args.rank[rank].workspace);
 }
