@@ -14,9 +14,12 @@ One rank per process over NCCL (each process one GPU, torch.distributed initiali
     group = ep.NCCLGroup.from_process_group(experts=256, hidden=7168, top_k=8, max_tokens=128)
     out = group.dispatch(x, topk_idx, topk_weights)    # this rank's received tensors
     y = group.combine(expert_outputs, out.handle)
+
+A group may be shared between threads: each call holds the group's lock (``group.lock``).
 """
 
 from ._library import library_path
+from ._version import __version__
 from .errors import (
     CudaError,
     ExpertParallelError,
@@ -25,6 +28,7 @@ from .errors import (
     InvalidUsageError,
     LibraryNotFoundError,
     NcclError,
+    OutOfMemoryError,
     PeerFailedError,
     RankTimeoutError,
     ReceiveOverflowError,
@@ -49,7 +53,7 @@ __all__ = [
     "InactiveRankError",
     "CudaError",
     "NcclError",
+    "OutOfMemoryError",
     "LibraryNotFoundError",
+    "__version__",
 ]
-
-__version__ = "0.1.0"

@@ -2,9 +2,11 @@
 argument raises an error naming it rather than reaching the library."""
 
 import ctypes
+import math
+import sys
 
 from . import _abi
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, OutOfMemoryError
 
 _NUMPY_DTYPES = {"float16": _abi.F16, "float32": _abi.F32, "int32": _abi.I32, "int64": _abi.I64,
                  "uint8": _abi.U8, "bfloat16": _abi.BF16}
@@ -84,6 +86,11 @@ def tensor(value, name, *, dtypes, device, shape):
     if dtype not in dtypes:
         wanted = " or ".join(_abi.DTYPE_NAMES[d] for d in sorted(dtypes))
         raise InvalidArgumentError(f"{name}: dtype {describe_dtype(value)}; must be {wanted}")
+    if not is_torch(value) and not value.dtype.isnative:
+        order = "big-endian" if value.dtype.byteorder == ">" else "little-endian"
+        raise InvalidArgumentError(
+            f"{name}: byte order {order} (dtype {value.dtype.str!r}); must be the machine's native byte order "
+            f"({sys.byteorder}-endian): pass value.astype(value.dtype.newbyteorder('='))")
     where = device_of(value)
     if where != device:
         raise InvalidArgumentError(
@@ -118,14 +125,56 @@ def pointer(descriptor):
     return ctypes.pointer(descriptor) if descriptor is not None else None
 
 
+def describe_bytes(count):
+    """``count`` bytes for a message: the exact number and a binary-prefixed size."""
+    size, unit = float(count), "B"
+    for prefix in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB", "YiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, prefix
+    return f"{count} bytes" if unit == "B" else f"{count} bytes ({size:.1f} {unit})"
+
+
+def buffer_error(name, shape, ep_type, cause, hint=None):
+    """The :class:`OutOfMemoryError` for buffer `name` of `shape` elements of `ep_type`."""
+    count = math.prod(int(s) for s in shape) * _abi.DTYPE_SIZES[ep_type]
+    reason = f": {cause}" if cause else ""
+    advice = f"; {hint}" if hint else ""
+    return OutOfMemoryError(
+        f"{name}: {list(shape)} {_abi.DTYPE_NAMES[ep_type]} needs {describe_bytes(count)}, which could not be "
+        f"allocated{reason}{advice}")
+
+
+def _is_out_of_memory(error):
+    """Whether a torch allocation's RuntimeError is a failure to find the memory."""
+    text = str(error).lower()
+    return type(error).__name__ == "OutOfMemoryError" or "out of memory" in text or "alloc" in text
+
+
 class Allocator:
-    """Makes output arrays like a reference input: NumPy arrays, or torch tensors on its device."""
+    """Makes output arrays like a reference input: NumPy arrays, or torch tensors on its device.
+
+    A buffer that cannot be allocated raises :class:`OutOfMemoryError` naming it and its bytes."""
 
     def __init__(self, like):
         self.like = like
         self.torch = is_torch(like)
 
-    def zeros(self, shape, ep_type, like_dtype=None):
+    def zeros(self, shape, ep_type, like_dtype=None, *, name="output", hint=None):
+        try:
+            return self._zeros(shape, ep_type, like_dtype)
+        except MemoryError as error:
+            raise buffer_error(name, shape, ep_type, str(error), hint) from error
+        except ValueError as error:  # NumPy: "array is too big", "maximum supported dimension"
+            if self.torch:
+                raise
+            raise buffer_error(name, shape, ep_type, str(error), hint) from error
+        except RuntimeError as error:  # torch: DefaultCPUAllocator / CUDA out of memory
+            if not self.torch or not _is_out_of_memory(error):
+                raise
+            raise buffer_error(name, shape, ep_type, str(error).splitlines()[0], hint) from error
+
+    def _zeros(self, shape, ep_type, like_dtype):
         if self.torch:
             import torch
 

@@ -2,10 +2,11 @@
 library reports about a group once made (shapes of its buffers)."""
 
 import ctypes
+import math
 
 from . import _abi, _arrays
 from ._library import call
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, OutOfMemoryError
 
 INT32 = 2**31 - 1
 INT64 = 2**63 - 1
@@ -21,8 +22,11 @@ def integer(value, name, low, high):
 
 
 def choice(value, name, choices):
-    if value not in choices:
-        raise InvalidArgumentError(f"{name}={value!r}; must be one of {', '.join(repr(c) for c in choices)}")
+    """The C value of option `name` (a string key of `choices`)."""
+    if not isinstance(value, str) or value not in choices:
+        kind = "" if isinstance(value, str) else f" (type {type(value).__name__})"
+        raise InvalidArgumentError(
+            f"{name}={value!r}{kind}; must be one of {', '.join(repr(c) for c in choices)} (a str)")
     return choices[value]
 
 
@@ -70,3 +74,26 @@ def describe(target, group, algorithm, element):
     target.recv_shape = tuple(info.receiveShape[:info.receiveNdim])
     #: shape of the dispatch ``topk_idx``/``topk_weights`` outputs (None for LL expert-major)
     target.recv_routing_shape = tuple(info.receiveRoutingShape[:info.receiveRoutingNdim]) or None
+
+
+def check_buffers(target, copies):
+    """Raises :class:`OutOfMemoryError` when the buffers a dispatch of `target` (a described group)
+    allocates, `copies` of each (one per rank it drives), cannot exist: more bytes than any address
+    space holds. Sizes that exist but do not fit in memory fail when allocated, also named."""
+    buffers = [("the receive buffer (dispatch tokens, combine expert_outputs)", target.recv_shape, target._element)]
+    if target.recv_routing_shape is not None:
+        buffers.append(("the received topk_idx", target.recv_routing_shape, _abi.I32))
+        buffers.append(("the received topk_weights", target.recv_routing_shape, _abi.F32))
+    total = 0
+    for name, shape, element in buffers:
+        count = math.prod(shape) * _abi.DTYPE_SIZES[element]
+        total += count * copies
+        if count > INT64:
+            raise OutOfMemoryError(
+                f"{name}: {list(shape)} {_abi.DTYPE_NAMES[element]} needs "
+                f"{_arrays.describe_bytes(count)} per rank; no buffer can exceed {INT64} bytes: lower max_tokens or "
+                "hidden (HT: set max_recv_tokens)")
+    if total > INT64:
+        raise OutOfMemoryError(
+            f"the dispatch outputs of {copies} ranks need {_arrays.describe_bytes(total)}; no process can hold more than "
+            f"{INT64} bytes: lower max_tokens or hidden (HT: set max_recv_tokens)")

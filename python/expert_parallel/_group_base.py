@@ -1,19 +1,55 @@
 """What every group object shares: its lifetime (close, ``with``, garbage collection), the
-device status check, the active-rank mask and output descriptors."""
+device status check, the active-rank mask, output descriptors and the lock that keeps one
+group's calls from interleaving."""
+
+from __future__ import annotations
 
 import ctypes
+import functools
+import threading
+from typing import Any, Callable, List, Optional, TypeVar
 
 from . import _arrays
 from ._library import call
 from .errors import InvalidUsageError
 
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def locked(method: _Method) -> _Method:
+    """Runs `method` holding the group's lock: the C calls of one group never interleave, so a
+    group shared between threads gives each call the result it would give alone."""
+
+    @functools.wraps(method)
+    def run(self, *arguments, **keywords):
+        with self._lock:
+            return method(self, *arguments, **keywords)
+
+    return run  # type: ignore[return-value]
+
 
 class GroupBase:
     """A group object holding an epGroup_t in ``_group`` (None once closed) on device ``_device``."""
 
-    _group = None
+    _group: Optional[ctypes.c_void_p] = None
+    _lock: threading.RLock
+    _device: int
+    ranks: int
 
-    def close(self):
+    def __new__(cls, *arguments: Any, **keywords: Any):
+        self = super().__new__(cls)
+        self._lock = threading.RLock()  # before __init__, so that close() always finds it
+        return self
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The group's re-entrant lock. Every call holds it while it runs, so threads may share a
+        group; a thread that needs a whole step (dispatch, then its combine) without another
+        thread's dispatch between holds it itself: ``with group.lock: ...``."""
+        return self._lock
+
+    @locked
+    def close(self) -> None:
         """Releases the group (also done when it is garbage-collected)."""
         group, self._group = getattr(self, "_group", None), None
         if group:
@@ -28,22 +64,24 @@ class GroupBase:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def check(self):
+    @locked
+    def check(self) -> None:
         """Waits for the group's GPU work and raises the first error recorded on the device
         (invalid routing, an overflow with overflow="fail", a timeout). The CPU backend reports
         errors from the calls themselves."""
         self._check_open()
         call("epGroupCheckStatus", self._group)
 
-    def synchronize(self):
+    def synchronize(self) -> None:
         """The same as :meth:`check`."""
         self.check()
 
     @property
-    def active_ranks(self):
+    @locked
+    def active_ranks(self) -> List[int]:
         """The ranks that take part in calls (a rank that timed out is masked); on the GPU this
         waits for the device."""
         self._check_open()

@@ -15,7 +15,7 @@ _library = None
 _path = None
 
 
-def candidates():
+def candidates() -> "list[Path]":
     """Where the library is looked for, in order: $EP_LIBRARY (the file, or a folder holding it);
     next to this package; the repository's .build/release/ when the package runs from a source
     checkout; .build/release/ in the current directory and its parents."""
@@ -38,7 +38,7 @@ def candidates():
     return unique
 
 
-def load():
+def load() -> ctypes.CDLL:
     """The loaded library (loaded once per process)."""
     global _library, _path
     with _lock:
@@ -62,9 +62,10 @@ def load():
             f"--product expert_parallel` and set EP_LIBRARY to the file if it is not in one of:\n  {listing}")
 
 
-def library_path():
-    """The path of the loaded library."""
+def library_path() -> Path:
+    """The path of the loaded library (loading it first)."""
     load()
+    assert _path is not None
     return _path
 
 

@@ -1,5 +1,7 @@
 """The exceptions of expert_parallel. Every one is an :class:`ExpertParallelError`."""
 
+from typing import Optional
+
 from . import _abi
 
 
@@ -10,10 +12,10 @@ class ExpertParallelError(Exception):
     its name. The message names the argument, the value and the bound.
     """
 
-    status = _abi.INTERNAL_ERROR
-    status_name = "epInternalError"
+    status: int = _abi.INTERNAL_ERROR
+    status_name: str = "epInternalError"
 
-    def __init__(self, message, status=None):
+    def __init__(self, message: str, status: "Optional[int]" = None) -> None:
         super().__init__(message)
         if status is not None:
             self.status = status
@@ -76,6 +78,12 @@ class NcclError(ExpertParallelError, RuntimeError):
     status_name = "epNcclError"
 
 
+class OutOfMemoryError(ExpertParallelError, MemoryError):
+    """A buffer the group's configuration needs could not be allocated (or cannot exist: its size
+    overflows the address space). The message names the buffer, its shape and its bytes; it is
+    also a :class:`MemoryError`."""
+
+
 class LibraryNotFoundError(ExpertParallelError, ImportError):
     """libexpert_parallel.so was not found (see expert_parallel.library_path)."""
 
@@ -105,7 +113,7 @@ _STATUS_NAMES = {
 }
 
 
-def from_status(status, message):
+def from_status(status: int, message: str) -> ExpertParallelError:
     """The exception for a failed C call."""
     cls = _CLASSES.get(status, ExpertParallelError)
     return cls(message, status)

@@ -1,14 +1,20 @@
 """VirtualGroup: R ranks driven from one process, on the CPU or on one GPU."""
 
+from __future__ import annotations
+
 import ctypes
+from typing import Any, Iterable, Iterator, List, Optional, Tuple, Union
 
 from . import _abi, _arrays, _config
 from ._config import INT32 as _INT32
 from ._config import choice as _choice
 from ._config import integer as _int
-from ._group_base import GroupBase
+from ._group_base import GroupBase, locked
 from ._library import call, load
+from ._types import Algorithm, Array, Direction, DType, Launch, Layout, Overflow, PerRank, Seconds
 from .errors import InvalidArgumentError, InvalidUsageError
+
+_SIZE_HINT = "lower max_tokens or hidden (HT: set max_recv_tokens)"
 
 
 class LayoutInfo:
@@ -17,8 +23,15 @@ class LayoutInfo:
     __slots__ = ("expert_counters", "expert_offsets", "source_rank_counters", "expert_source_counters",
                  "received_total", "dropped_tokens")
 
-    def __init__(self, expert_counters, expert_offsets, source_rank_counters, expert_source_counters,
-                 received_total, dropped_tokens):
+    expert_counters: List[int]
+    expert_offsets: List[int]
+    source_rank_counters: List[int]
+    expert_source_counters: List[List[int]]
+    received_total: int
+    dropped_tokens: int
+
+    def __init__(self, expert_counters: List[int], expert_offsets: List[int], source_rank_counters: List[int],
+                 expert_source_counters: List[List[int]], received_total: int, dropped_tokens: int) -> None:
         #: rows per local expert, ``[L]`` (HT expert-major: padding excluded)
         self.expert_counters = expert_counters
         #: first row of each local expert's zone, ``[L]`` (expert-major layouts; zeros otherwise)
@@ -32,10 +45,10 @@ class LayoutInfo:
         #: (token, this rank) pairs dropped by ``overflow="drop"``
         self.dropped_tokens = dropped_tokens
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, LayoutInfo) and all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
         return f"LayoutInfo({fields})"
 
@@ -69,7 +82,8 @@ class Handle:
     is valid until the group's next dispatch.
     """
 
-    def __init__(self, group, step, tokens, topk_idx, topk_weights, received_weights):
+    def __init__(self, group: Any, step: int, tokens: Any, topk_idx: Any, topk_weights: Any,
+                 received_weights: Any) -> None:
         self.group = group
         self.step = step
         self.tokens = tokens  # per rank: B_r
@@ -77,7 +91,7 @@ class Handle:
         self.topk_weights = topk_weights
         self.received_weights = received_weights
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Handle(step={self.step}, tokens={self.tokens})"
 
 
@@ -92,7 +106,7 @@ class DispatchResult:
     - ``handle``: pass it to :meth:`VirtualGroup.combine`.
     """
 
-    def __init__(self, tokens, topk_idx, topk_weights, handle, layout=None):
+    def __init__(self, tokens: Any, topk_idx: Any, topk_weights: Any, handle: Handle, layout: Any = None) -> None:
         self.tokens = tokens
         self.topk_idx = topk_idx
         self.topk_weights = topk_weights
@@ -100,12 +114,13 @@ class DispatchResult:
         self._layout = layout
 
     @property
-    def layout(self):
+    def layout(self) -> Any:
+        """A :class:`LayoutInfo` per rank (:class:`VirtualGroup`) or this rank's (:class:`NCCLGroup`)."""
         if self._layout is None:
             self._layout = self.handle.group._layout_of_step(self.handle.step)
         return self._layout
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         """Unpacks as ``tokens, topk_idx, topk_weights, layout, handle``."""
         return iter((self.tokens, self.topk_idx, self.topk_weights, self.layout, self.handle))
 
@@ -133,9 +148,24 @@ class VirtualGroup(GroupBase):
     "fail" or "drop". ``timeout``: seconds any rank waits for another.
     """
 
-    def __init__(self, ranks, experts, hidden, top_k, max_tokens, *, algorithm="ll", layout=None, alignment=1,
-                 dtype="bf16", device="cpu", max_recv_tokens=None, overflow="fail", timeout=10.0,
-                 multiprocessors=None):
+    ranks: int
+    experts: int
+    local_experts: int
+    top_k: int
+    hidden: int
+    max_tokens: int
+    algorithm: str
+    layout: str
+    alignment: int
+    dtype: str
+    device: str
+    recv_shape: Tuple[int, ...]
+    recv_routing_shape: Optional[Tuple[int, ...]]
+
+    def __init__(self, ranks: int, experts: int, hidden: int, top_k: int, max_tokens: int, *,
+                 algorithm: Algorithm = "ll", layout: Optional[Layout] = None, alignment: int = 1,
+                 dtype: DType = "bf16", device: str = "cpu", max_recv_tokens: Optional[int] = None,
+                 overflow: Overflow = "fail", timeout: Seconds = 10.0, multiprocessors: Optional[int] = None) -> None:
         load()
         self._group = None
         self._device = _device_ordinal(device)
@@ -151,18 +181,25 @@ class VirtualGroup(GroupBase):
         group = ctypes.c_void_p()
         call("epGroupCreate", ctypes.byref(config), ctypes.byref(backend), ctypes.byref(group))
         self._group = group
-        _config.describe(self, group, algorithm, self._element)
+        try:
+            _config.describe(self, group, algorithm, self._element)
+            _config.check_buffers(self, copies=self.ranks)
+        except BaseException:
+            self.close()
+            raise
         self.device = _arrays.describe_device(self._device)
         self._step = 0
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"VirtualGroup(ranks={self.ranks}, experts={self.experts}, hidden={self.hidden}, top_k={self.top_k}, "
                 f"max_tokens={self.max_tokens}, algorithm={self.algorithm!r}, layout={self.layout!r}, "
                 f"dtype={self.dtype!r}, device={self.device!r})")
 
     # -- the step ----------------------------------------------------------------------------
 
-    def dispatch(self, xs, topk_idx, topk_weights=None, *, direction="forward", launch="single"):
+    @locked
+    def dispatch(self, xs: PerRank, topk_idx: PerRank, topk_weights: Optional[PerRank] = None, *,
+                 direction: Direction = "forward", launch: Launch = "single") -> DispatchResult:
         """Sends every rank's tokens to the ranks of their top-k experts.
 
         ``xs[r]``: ``[B_r, hidden]`` tokens of rank r; ``topk_idx[r]``: ``[B_r, top_k]`` int32 or
@@ -171,6 +208,8 @@ class VirtualGroup(GroupBase):
         :class:`DispatchResult`. On the GPU the work is enqueued on the current CUDA stream.
         """
         self._check_open()
+        mode = _choice(launch, "launch", _abi.LAUNCH_MODES)
+        direction_value = _choice(direction, "direction", _abi.DIRECTIONS)
         xs = self._per_rank(xs, "xs")
         topk_idx = self._per_rank(topk_idx, "topk_idx")
         topk_weights = None if topk_weights is None else self._per_rank(topk_weights, "topk_weights")
@@ -193,17 +232,21 @@ class VirtualGroup(GroupBase):
 
         allocate = _arrays.Allocator(like)
         element_dtype = None if allocate.torch else like.dtype
-        received = [allocate.zeros(self.recv_shape, self._element, element_dtype) for _ in range(self.ranks)]
+        received = [allocate.zeros(self.recv_shape, self._element, element_dtype, name=f"dispatch tokens[{r}]",
+                                   hint=_SIZE_HINT) for r in range(self.ranks)]
         routing = self.recv_routing_shape
-        received_idx = None if routing is None else [allocate.zeros(routing, _abi.I32) for _ in range(self.ranks)]
-        received_w = None if routing is None else [allocate.zeros(routing, _abi.F32) for _ in range(self.ranks)]
+        received_idx: Any = None if routing is None else [
+            allocate.zeros(routing, _abi.I32, name=f"dispatch topk_idx[{r}]", hint=_SIZE_HINT) for r in range(self.ranks)]
+        received_w: Any = None if routing is None else [
+            allocate.zeros(routing, _abi.F32, name=f"dispatch topk_weights[{r}]", hint=_SIZE_HINT)
+            for r in range(self.ranks)]
         recv_desc = [self._describe_output(t, self._element, f"received[{r}]") for r, t in enumerate(received)]
         ridx_desc = [None] * self.ranks if routing is None else [
             self._describe_output(t, _abi.I32, f"received_idx[{r}]") for r, t in enumerate(received_idx)]
         rw_desc = [None] * self.ranks if routing is None else [
             self._describe_output(t, _abi.F32, f"received_weights[{r}]") for r, t in enumerate(received_w)]
         on_host = self._device == -1
-        layouts = [_LayoutBuffers(self.local_experts, self.ranks) for _ in range(self.ranks)] if on_host else None
+        layouts: Any = [_LayoutBuffers(self.local_experts, self.ranks) for _ in range(self.ranks)] if on_host else None
 
         update = (_abi.UpdateInputs * self.ranks)()
         inputs = (_abi.DispatchInputs * self.ranks)()
@@ -215,10 +258,8 @@ class VirtualGroup(GroupBase):
                 _abi.DispatchOutputs, tokens=ctypes.pointer(recv_desc[r]), topkIdx=_arrays.pointer(ridx_desc[r]),
                 topkWeights=_arrays.pointer(rw_desc[r]),
                 layoutInfo=ctypes.pointer(layouts[r].struct) if on_host else None)
-        mode = _choice(launch, "launch", _abi.LAUNCH_MODES)
         update_config = _abi.new(_abi.UpdateConfig, launchMode=mode)
-        dispatch_config = _abi.new(_abi.DispatchConfig, direction=_choice(direction, "direction", _abi.DIRECTIONS),
-                                   launchMode=mode)
+        dispatch_config = _abi.new(_abi.DispatchConfig, direction=direction_value, launchMode=mode)
         stream = self._stream(like)
         call("epGroupUpdateAll", self._group, update, ctypes.byref(update_config), stream)
         self._step += 1  # the group now holds this step's routing: earlier handles are void
@@ -228,7 +269,10 @@ class VirtualGroup(GroupBase):
         layout = [buffers.value() for buffers in layouts] if on_host else None
         return DispatchResult(received, received_idx, received_w, handle, layout)
 
-    def combine(self, expert_outputs, handle, *, direction="forward", weight_gradients=None, launch="single"):
+    @locked
+    def combine(self, expert_outputs: PerRank, handle: Handle, *, direction: Direction = "forward",
+                weight_gradients: Optional[PerRank] = None,
+                launch: Launch = "single") -> Union[List[Array], Tuple[List[Array], List[Array]]]:
         """Brings every rank's expert outputs back and reduces them into its tokens' order.
 
         ``expert_outputs[r]``: shaped like ``dispatch(...).tokens[r]`` (``recv_shape``);
@@ -239,13 +283,14 @@ class VirtualGroup(GroupBase):
         (shaped like ``dispatch(...).topk_weights[r]``) and returns ``(tokens, topk_weight_gradients)``.
         """
         self._check_open()
+        direction_value = _choice(direction, "direction", _abi.DIRECTIONS)
+        launch_value = _choice(launch, "launch", _abi.LAUNCH_MODES)
         if not isinstance(handle, Handle) or handle.group is not self:
             raise InvalidArgumentError("handle: must be the handle of a dispatch of this group")
         if handle.step != self._step:
             raise InvalidUsageError(
                 f"handle: from step {handle.step}, but the group has dispatched step {self._step} since; "
                 "combine each step before the next dispatch")
-        direction_value = _choice(direction, "direction", _abi.DIRECTIONS)
         backward_ht = direction == "backward" and self.algorithm == "ht"
         outputs_in = self._per_rank(expert_outputs, "expert_outputs")
         like = self._same_kind(outputs_in, "expert_outputs")
@@ -268,8 +313,10 @@ class VirtualGroup(GroupBase):
 
         allocate = _arrays.Allocator(like)
         element_dtype = None if allocate.torch else like.dtype
-        combined = [allocate.zeros((b, self.hidden), self._element, element_dtype) for b in handle.tokens]
-        weight_grads = [allocate.zeros((b, self.top_k), _abi.F32) for b in handle.tokens] if backward_ht else None
+        combined = [allocate.zeros((b, self.hidden), self._element, element_dtype, name=f"combined tokens[{r}]")
+                    for r, b in enumerate(handle.tokens)]
+        weight_grads = [allocate.zeros((b, self.top_k), _abi.F32, name=f"topk_weight_gradients[{r}]")
+                        for r, b in enumerate(handle.tokens)] if backward_ht else None
         keep = []
         inputs = (_abi.CombineInputs * self.ranks)()
         outputs = (_abi.CombineOutputs * self.ranks)()
@@ -289,22 +336,35 @@ class VirtualGroup(GroupBase):
                                  weightGradients=_arrays.pointer(g))
             outputs[r] = _abi.new(_abi.CombineOutputs, tokens=ctypes.pointer(out),
                                   topkWeightGradients=_arrays.pointer(out_g))
-        config = _abi.new(_abi.CombineConfig, direction=direction_value,
-                          launchMode=_choice(launch, "launch", _abi.LAUNCH_MODES))
+        config = _abi.new(_abi.CombineConfig, direction=direction_value, launchMode=launch_value)
         call("epGroupCombineAll", self._group, inputs, outputs, ctypes.byref(config), self._stream(like))
-        return (combined, weight_grads) if backward_ht else combined
+        if weight_grads is not None:
+            return combined, weight_grads
+        return combined
 
     # -- the active-rank mask ----------------------------------------------------------------
 
-    def deactivate(self, rank):
+    @locked
+    def deactivate(self, rank: int) -> None:
         """Masks `rank` inactive: it sends and receives nothing until cleaned."""
         self._check_open()
         call("epGroupDeactivateRank", self._group, _int(rank, "rank", -2**31, _INT32))
 
-    def clean(self, ranks=None):
-        """Marks `ranks` (default: all) active again. Call between steps only."""
+    @locked
+    def clean(self, ranks: Optional[Iterable[int]] = None) -> None:
+        """Marks `ranks` (rank numbers; default: all) active again. Call between steps only."""
         self._check_open()
-        chosen = range(self.ranks) if ranks is None else ranks
+        if ranks is None:
+            chosen = list(range(self.ranks))
+        else:
+            try:
+                if isinstance(ranks, (str, bytes)):
+                    raise TypeError
+                chosen = list(ranks)
+            except TypeError:
+                raise InvalidArgumentError(
+                    f"ranks={ranks!r} (type {type(ranks).__name__}); must be an iterable of rank numbers in "
+                    f"[0, {self.ranks - 1}] (e.g. [{ranks!r}] for one rank) or None for every rank") from None
         mask = 0
         for r in chosen:
             mask |= 1 << _int(r, "ranks[...]", 0, self.ranks - 1)
@@ -339,6 +399,7 @@ class VirtualGroup(GroupBase):
 
         return ctypes.c_void_p(torch.cuda.current_stream(like.device).cuda_stream or None)
 
+    @locked
     def _layout_of_step(self, step):
         if step != self._step:
             raise InvalidUsageError(f"layout info of step {step} is gone: the group has dispatched step {self._step} since")

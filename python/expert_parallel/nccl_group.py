@@ -1,16 +1,20 @@
 """NCCLGroup: this process's rank of a group whose ranks are processes, one GPU each, joined by
 NCCL (a multi-GPU job started by torchrun, mpirun or a launcher of your own)."""
 
+from __future__ import annotations
+
 import ctypes
+from typing import Any, Optional, Tuple, Union
 
 from . import _abi, _arrays, _config, errors
-from ._group_base import GroupBase
+from ._group_base import GroupBase, locked
 from ._library import call, load
+from ._types import Algorithm, Array, Device, Direction, DType, Layout, Overflow, Seconds
 from .errors import ExpertParallelError, InvalidArgumentError, InvalidUsageError
 from .group import DispatchResult, Handle, _LayoutBuffers
 
 
-def nccl_unique_id():
+def nccl_unique_id() -> bytes:
     """A fresh NCCL unique id (128 bytes): rank 0 makes one per group and gives it to every rank."""
     load()
     value = _abi.NCCLUniqueId()
@@ -74,9 +78,26 @@ class NCCLGroup(GroupBase):
     same order. ``init_timeout``: seconds to wait for every rank to join.
     """
 
-    def __init__(self, experts, hidden, top_k, max_tokens, *, rank, ranks, unique_id, device=None, algorithm="ll",
-                 layout=None, alignment=1, dtype="bf16", max_recv_tokens=None, overflow="fail", timeout=10.0,
-                 init_timeout=60.0, multiprocessors=None):
+    rank: int
+    ranks: int
+    experts: int
+    local_experts: int
+    top_k: int
+    hidden: int
+    max_tokens: int
+    algorithm: str
+    layout: str
+    alignment: int
+    dtype: str
+    device: str
+    recv_shape: Tuple[int, ...]
+    recv_routing_shape: Optional[Tuple[int, ...]]
+
+    def __init__(self, experts: int, hidden: int, top_k: int, max_tokens: int, *, rank: int, ranks: int,
+                 unique_id: bytes, device: Device = None, algorithm: Algorithm = "ll", layout: Optional[Layout] = None,
+                 alignment: int = 1, dtype: DType = "bf16", max_recv_tokens: Optional[int] = None,
+                 overflow: Overflow = "fail", timeout: Seconds = 10.0, init_timeout: Seconds = 60.0,
+                 multiprocessors: Optional[int] = None) -> None:
         load()
         self._group = self._handle = None
         config, self._element = _config.group_config(
@@ -100,14 +121,20 @@ class NCCLGroup(GroupBase):
         handle = ctypes.c_void_p()
         call("epHandleCreate", group, rank, ctypes.byref(handle))
         self._handle = handle
-        _config.describe(self, group, algorithm, self._element)
+        try:
+            _config.describe(self, group, algorithm, self._element)
+            _config.check_buffers(self, copies=1)
+        except BaseException:
+            self.close()
+            raise
         self.rank = rank
         self.device = _arrays.describe_device(self._device)
         self._step = 0
         self._routing = None  # this step's (topk_idx, tokens)
 
     @classmethod
-    def from_process_group(cls, process_group=None, *, experts, hidden, top_k, max_tokens, device=None, **settings):
+    def from_process_group(cls, process_group: Any = None, *, experts: int, hidden: int, top_k: int, max_tokens: int,
+                           device: Device = None, **settings: Any) -> "NCCLGroup":
         """This process's rank of a group over the ranks of a torch.distributed process group
         (None: the default group, WORLD): rank = its rank in the group, ranks = the group's size,
         device = PyTorch's current CUDA device unless given. Rank 0 makes the NCCL unique id and
@@ -125,7 +152,8 @@ class NCCLGroup(GroupBase):
 
     # -- lifetime ----------------------------------------------------------------------------
 
-    def close(self):
+    @locked
+    def close(self) -> None:
         """Releases the group and ends its NCCL communicator; every rank closes its group (the
         communicator's end waits, bounded, for the others). Also done when garbage-collected."""
         handle, self._handle = getattr(self, "_handle", None), None
@@ -133,7 +161,7 @@ class NCCLGroup(GroupBase):
             call("epHandleDestroy", handle)
         super().close()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"NCCLGroup(rank={getattr(self, 'rank', None)}, ranks={getattr(self, 'ranks', None)}, "
                 f"experts={getattr(self, 'experts', None)}, hidden={getattr(self, 'hidden', None)}, "
                 f"algorithm={getattr(self, 'algorithm', None)!r}, layout={getattr(self, 'layout', None)!r}, "
@@ -141,7 +169,8 @@ class NCCLGroup(GroupBase):
 
     # -- the step ----------------------------------------------------------------------------
 
-    def update(self, topk_idx):
+    @locked
+    def update(self, topk_idx: Array) -> None:
         """Starts a step with this rank's routing: ``[B, top_k]`` int32 or int64 global expert ids
         (-1: none), ``B ≤ max_tokens``. Keep it unchanged until the step's combine. :meth:`dispatch`
         calls it when given ``topk_idx``; call it yourself to start the step earlier."""
@@ -163,7 +192,9 @@ class NCCLGroup(GroupBase):
         self._step += 1  # earlier handles are void now
         self._routing = (topk_idx, tokens)
 
-    def dispatch(self, x, topk_idx=None, topk_weights=None, *, direction="forward"):
+    @locked
+    def dispatch(self, x: Array, topk_idx: Optional[Array] = None, topk_weights: Optional[Array] = None, *,
+                 direction: Direction = "forward") -> DispatchResult:
         """Sends this rank's ``x`` ``[B, hidden]`` to the ranks of its tokens' top-k experts and
         returns what this rank received: a :class:`DispatchResult` whose ``tokens`` (``recv_shape``),
         ``topk_idx`` / ``topk_weights`` (``recv_routing_shape``; None for LL expert-major) are this
@@ -188,13 +219,13 @@ class NCCLGroup(GroupBase):
             topk_weights, "topk_weights", dtypes={_abi.F32}, device=self._device, shape=(b, k))
 
         # The library overwrites the whole receive buffers: no zero-fill needed.
-        received = self._empty(x, self.recv_shape, x.dtype)
+        received = self._empty(x, self.recv_shape, x.dtype, self._element, "dispatch tokens")
         received_idx = received_w = None
         if self.recv_routing_shape is not None:
             import torch
 
-            received_idx = self._empty(x, self.recv_routing_shape, torch.int32)
-            received_w = self._empty(x, self.recv_routing_shape, torch.float32)
+            received_idx = self._empty(x, self.recv_routing_shape, torch.int32, _abi.I32, "dispatch topk_idx")
+            received_w = self._empty(x, self.recv_routing_shape, torch.float32, _abi.F32, "dispatch topk_weights")
         recv_desc = self._describe_output(received, self._element, "received")
         ridx_desc = None if received_idx is None else self._describe_output(received_idx, _abi.I32, "received_idx")
         rw_desc = None if received_w is None else self._describe_output(received_w, _abi.F32, "received_weights")
@@ -208,7 +239,9 @@ class NCCLGroup(GroupBase):
         handle = Handle(self, self._step, b, routing, topk_weights, received_w)
         return DispatchResult(received, received_idx, received_w, handle)
 
-    def combine(self, expert_outputs, handle, *, direction="forward", weight_gradients=None):
+    @locked
+    def combine(self, expert_outputs: Array, handle: Handle, *, direction: Direction = "forward",
+                weight_gradients: Optional[Array] = None) -> Union[Array, Tuple[Array, Array]]:
         """Brings this rank's tokens' expert outputs back from every rank and reduces them in the
         fixed order (the same bits as every backend). ``expert_outputs``: this rank's experts'
         results, shaped like ``dispatch(...).tokens``; ``handle``: the last dispatch's. Returns the
@@ -245,12 +278,11 @@ class NCCLGroup(GroupBase):
             self._require_torch(weight_gradients, "weight_gradients")
             g = _arrays.tensor(weight_gradients, "weight_gradients", dtypes={_abi.F32}, device=self._device,
                                shape=self.recv_routing_shape)
-        import torch
-
-        combined = torch.zeros((handle.tokens, self.hidden), dtype=expert_outputs.dtype, device=expert_outputs.device)
+        allocate = _arrays.Allocator(expert_outputs)
+        combined = allocate.zeros((handle.tokens, self.hidden), self._element, name="combined tokens")
         weight_grads = None
         if backward_ht:
-            weight_grads = torch.zeros((handle.tokens, self.top_k), dtype=torch.float32, device=expert_outputs.device)
+            weight_grads = allocate.zeros((handle.tokens, self.top_k), _abi.F32, name="topk_weight_gradients")
         out = self._describe_output(combined, self._element, "combined")
         out_g = None if weight_grads is None else self._describe_output(weight_grads, _abi.F32, "weight_grads")
         inputs = _abi.new(_abi.CombineInputs, expertOutputs=ctypes.pointer(y), topkWeights=_arrays.pointer(w),
@@ -266,16 +298,23 @@ class NCCLGroup(GroupBase):
         if not _arrays.is_torch(value):
             raise InvalidArgumentError(f"{name}: a {type(value).__name__}; an NCCL group takes CUDA torch tensors")
 
-    def _empty(self, like, shape, dtype):
+    def _empty(self, like, shape, dtype, ep_type, name):
         import torch
 
-        return torch.empty(shape, dtype=dtype, device=like.device)
+        try:
+            return torch.empty(shape, dtype=dtype, device=like.device)
+        except RuntimeError as error:  # torch.OutOfMemoryError (CUDA) is a RuntimeError
+            if not _arrays._is_out_of_memory(error):
+                raise
+            raise _arrays.buffer_error(name, shape, ep_type, str(error).splitlines()[0],
+                                       "lower max_tokens or hidden (HT: set max_recv_tokens)") from error
 
     def _stream(self):
         import torch
 
         return ctypes.c_void_p(torch.cuda.current_stream(self._device).cuda_stream or None)
 
+    @locked
     def _layout_of_step(self, step):
         if step != self._step:
             raise InvalidUsageError(f"layout info of step {step} is gone: the group has started step {self._step} since")
