@@ -34,6 +34,17 @@ extension CombineOutput {
     }
 }
 
+/// What a collective call passes for a rank whose arguments it does not read (a host rank
+/// masked inactive): the backend ignores it.
+extension TensorRef {
+    static var absent: TensorRef { TensorRef(address: nil, dtype: .f32, shape: [0]) }
+}
+
+extension DispatchInput { static var absent: DispatchInput { DispatchInput(tokens: .absent, topkWeights: nil) } }
+extension DispatchOutput { static var absent: DispatchOutput { DispatchOutput(tokens: .absent, topkIdx: nil, topkWeights: nil) } }
+extension CombineInput { static var absent: CombineInput { CombineInput(expertOutputs: .absent, topkWeights: nil, weightGradients: nil) } }
+extension CombineOutput { static var absent: CombineOutput { CombineOutput(tokens: .absent, topkWeightGradients: nil) } }
+
 /// A call's config struct (NULL: defaults).
 struct CallSettings {
     var direction: PassDirection = .forward

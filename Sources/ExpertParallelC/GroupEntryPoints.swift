@@ -27,7 +27,7 @@ public func cGroupCreate(
             }
             let device = try DeviceCache.shared.device(Int(ordinal))
             let gpu = try VirtualGPUGroup(config, device: device, multiprocessors: multiprocessors == 0 ? nil : Int(multiprocessors))
-            object = GroupObject(config: config, backend: GPUBackend(gpu))
+            object = GroupObject(config: config, backend: try GPUBackend(gpu))
         case epBackendNCCLRank:
             throw UnsupportedCall(message: "backend.backend = epBackendNCCLRank: an NCCL-rank group is made by epGroupCreateNCCL")
         case let other:

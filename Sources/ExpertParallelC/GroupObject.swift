@@ -60,29 +60,35 @@ final class GroupObject: @unchecked Sendable {
     }
 }
 
-/// The host group and the handles its collective calls use, one per rank.
+/// The host group and the handle of its group calls' current step.
 final class HostBackend: @unchecked Sendable {
     let group: HostGroup
-    let handles: [HostHandle]
+    let handle: HostGroupHandle
+    /// Each rank's tokens in the handle's step; nil until an update succeeds, and after one fails.
+    var stepTokens: [Int]?
     /// What each rank received in the last collective dispatch.
     var lastLayout: [LayoutInfo?]
 
     init(_ group: HostGroup) throws(EPError) {
         self.group = group
-        var handles: [HostHandle] = []
-        for rank in group.ranks { handles.append(try rank.makeHandle()) }
-        self.handles = handles
+        handle = try group.makeHandle()
         lastLayout = Array(repeating: nil, count: group.config.ranks)
     }
 }
 
-/// The virtual GPU group and the caller streams its calls were enqueued on since the last
-/// status check (the group's own `checkStatus` waits only for its own stream).
+/// The virtual GPU group, the handle of its group calls' current step, and the caller streams
+/// its calls were enqueued on since the last wait for them.
 final class GPUBackend: @unchecked Sendable {
     let group: VirtualGPUGroup
+    let handle: GPUStepHandle
     var callerStreams: [CUDAStream] = []
 
-    init(_ group: VirtualGPUGroup) { self.group = group }
+    init(_ group: VirtualGPUGroup) throws(EPError) {
+        self.group = group
+        handle = try group.makeHandle()
+    }
+
+    deinit { handle.release() }   // while the group that waits for its work is still here
 }
 
 /// Devices opened by GPU groups, one per ordinal, shared by the groups on it.

@@ -3,41 +3,24 @@ import ExpertParallel
 import ExpertParallelCUDA
 import ExpertParallelGPU
 
-/// The group calls on an NCCL-rank group answer for this process's rank; the collective calls,
-/// which need every rank's tensors in one process, are not offered.
-extension NCCLBackend: GroupBackend {
+/// The NCCL-rank group under the generic group calls (StepGroupCalls.swift): they answer for
+/// this process's rank. What differs: the collective calls, which need every rank's tensors in
+/// one process, are not offered; layout info is that of the per-rank calls' step; the mask is
+/// its peers' to change.
+extension NCCLBackend: StepGroupBackend {
     var kind: epBackend_t { epBackendNCCLRank }
 
-    private var perRankOnly: UnsupportedCall {
-        UnsupportedCall(message: "an NCCL-rank group holds one rank per process and has no collective calls; make a handle for this process's rank (epHandleCreate(group, \(rank), ...)) and use epHandleUpdate, epDispatch and epCombine")
+    /// No collective calls, so no handle for them: the per-rank calls below use the group's own.
+    func stepHandle() throws -> GPUStepHandle {
+        throw UnsupportedCall(message: "an NCCL-rank group holds one rank per process and has no collective calls; make a handle for this process's rank (epHandleCreate(group, \(rank), ...)) and use epHandleUpdate, epDispatch and epCombine")
     }
 
-    func updateAll(_ inputs: [epUpdateInputs_t], _ settings: CallSettings, _ stream: UnsafeMutableRawPointer?) throws {
-        throw perRankOnly
-    }
-
-    func dispatchAll(
-        _ inputs: [epDispatchInputs_t], _ outputs: [epDispatchOutputs_t], _ settings: CallSettings, _ stream: UnsafeMutableRawPointer?
-    ) throws {
-        throw perRankOnly
-    }
-
-    func combineAll(
-        _ inputs: [epCombineInputs_t], _ outputs: [epCombineOutputs_t], _ settings: CallSettings, _ stream: UnsafeMutableRawPointer?
-    ) throws {
-        throw perRankOnly
-    }
-
-    /// Waits for the device (every stream of this rank's calls), then reads this rank's status.
-    func checkStatus() throws { try group.checkStatus() }
-
+    /// What this rank received in the per-rank calls' last dispatch.
     func layoutInfo(rank: Int) throws -> LayoutInfo {
         try requireOwn(rank, "rank")
         try checkStatus()
         return try group.layoutInfo()
     }
-
-    func activeRanks() throws -> RankMask { try group.activeRanks }
 
     func deactivate(rank: Int) throws {
         throw UnsupportedCall(message: "an NCCL-rank group does not offer epGroupDeactivateRank yet; a rank that times out is masked by its peers")

@@ -1,0 +1,120 @@
+import CExpertParallel
+import ExpertParallel
+
+/// One collective call's converted arguments, one entry per local rank (`localRanks` order).
+enum StepCall {
+    case update(topkIdx: [TensorRef])
+    case dispatch([DispatchInput], [DispatchOutput])
+    case combine([CombineInput], [CombineOutput], PassDirection)
+}
+
+/// A group backend whose group calls go through the core's `StepGroup`. The collective calls and
+/// the status, layout and mask calls are written once, in the extension below; a backend gives
+/// its group, the handle of the group calls' current step, and overrides the hooks where it
+/// differs (their defaults are in the extension).
+protocol StepGroupBackend: GroupBackend {
+    associatedtype Group: StepGroup
+    var group: Group { get throws }
+    /// The handle of the group calls' current step (the ABI has no handle objects for them yet),
+    /// or the error that says the group offers no collective calls.
+    func stepHandle() throws -> Group.Handle
+    /// The local ranks whose arguments a collective call reads; the others get placeholders.
+    /// Default: every local rank.
+    func callRanks() throws -> [Int]
+    /// How a call made on the caller's `stream` runs. Default: on that stream (NULL: the
+    /// group's own), the whole call, in the config's launch mode.
+    func options(_ settings: CallSettings, _ stream: UnsafeMutableRawPointer?) -> CallOptions
+    /// Waits for what the status, layout and mask calls read. Default: nothing to wait for.
+    func settle() throws
+    /// Runs `body`, the core's call for `call` (its arguments read for `ranks`), and reports its
+    /// failure. Default: the core's error as it is.
+    func perform(_ call: StepCall, ranks: [Int], _ body: () throws(EPError) -> Void) throws
+}
+
+extension StepGroupBackend {
+    func callRanks() throws -> [Int] { try group.localRanks }
+
+    func options(_ settings: CallSettings, _ stream: UnsafeMutableRawPointer?) -> CallOptions {
+        CallOptions(stream: OpaquePointer(stream), phase: .whole, launch: settings.mode)
+    }
+
+    func settle() throws {}
+
+    func perform(_ call: StepCall, ranks: [Int], _ body: () throws(EPError) -> Void) throws { try body() }
+
+    func updateAll(_ inputs: [epUpdateInputs_t], _ settings: CallSettings, _ stream: UnsafeMutableRawPointer?) throws {
+        let handle = try stepHandle(), group = try self.group, ranks = try callRanks()
+        let routing = try perRank(group, ranks) { r in try TensorDescriptor.tensor(inputs[r].topkIdx, "inputs[\(r)].topkIdx") }
+            .map { $0 ?? .absent }
+        let options = self.options(settings, stream)
+        try perform(.update(topkIdx: routing), ranks: ranks) { () throws(EPError) in
+            try group.update(handle, topkIdx: routing, options: options)
+        }
+    }
+
+    /// Fills the callers' layout infos after the dispatch (which then waits for it).
+    func dispatchAll(
+        _ inputs: [epDispatchInputs_t], _ outputs: [epDispatchOutputs_t], _ settings: CallSettings,
+        _ stream: UnsafeMutableRawPointer?
+    ) throws {
+        let handle = try stepHandle(), group = try self.group, ranks = try callRanks()
+        let calls = try perRank(group, ranks) { r in
+            (try DispatchInput(inputs[r], "inputs[\(r)]"), try DispatchOutput(outputs[r], "outputs[\(r)]"),
+             try LayoutInfoDestination(outputs[r].layoutInfo, "outputs[\(r)].layoutInfo"))
+        }
+        let ins = calls.map { $0?.0 ?? .absent }, outs = calls.map { $0?.1 ?? .absent }
+        let options = self.options(settings, stream)
+        try perform(.dispatch(ins, outs), ranks: ranks) { () throws(EPError) in
+            try group.dispatch(handle, ins, into: outs, direction: settings.direction, options: options)
+        }
+        let destinations = zip(group.localRanks, calls).compactMap { r, call in call?.2.map { (r, $0) } }
+        guard !destinations.isEmpty else { return }
+        try checkStatus()
+        for (r, destination) in destinations { destination.fill(try group.layoutInfo(handle, rank: r)) }
+    }
+
+    func combineAll(
+        _ inputs: [epCombineInputs_t], _ outputs: [epCombineOutputs_t], _ settings: CallSettings,
+        _ stream: UnsafeMutableRawPointer?
+    ) throws {
+        let handle = try stepHandle(), group = try self.group, ranks = try callRanks()
+        let calls = try perRank(group, ranks) { r in
+            (try CombineInput(inputs[r], "inputs[\(r)]"), try CombineOutput(outputs[r], "outputs[\(r)]"))
+        }
+        let ins = calls.map { $0?.0 ?? .absent }, outs = calls.map { $0?.1 ?? .absent }
+        let options = self.options(settings, stream), direction = settings.direction
+        try perform(.combine(ins, outs, direction), ranks: ranks) { () throws(EPError) in
+            try group.combine(handle, ins, into: outs, direction: direction, options: options)
+        }
+    }
+
+    func checkStatus() throws {
+        try settle()
+        try group.checkStatus()
+    }
+
+    func layoutInfo(rank: Int) throws -> LayoutInfo {
+        try checkStatus()
+        return try group.layoutInfo(try stepHandle(), rank: rank)
+    }
+
+    func activeRanks() throws -> RankMask {
+        try settle()
+        return try group.activeRanks
+    }
+
+    func deactivate(rank: Int) throws {
+        try settle()
+        try group.deactivate(rank: rank)
+    }
+
+    func clean(ranks: RankMask) throws {
+        try settle()
+        try group.clean(ranks: ranks)
+    }
+
+    /// `read(r)` for each local rank in `ranks`, in `localRanks` order; nil for the others.
+    private func perRank<T>(_ group: Group, _ ranks: [Int], _ read: (Int) throws -> T) throws -> [T?] {
+        try group.localRanks.map { r in ranks.contains(r) ? try read(r) : nil }
+    }
+}
