@@ -24,12 +24,22 @@ extension StepEngine {
 
     /// What local rank `rank` received in `handle`'s step (synchronises): the one call that
     /// brings the received counts, and the received total, to the host.
+    /// A rank masked inactive received nothing: all zeros, as the oracle says. An active rank
+    /// whose step was void on the device (invalid routing, a peer's, a timeout, an overflow) has no
+    /// layout: that is an error, whether or not `checkStatus()` has reported the cause yet.
     func layoutInfo(_ handle: GPUStepHandle, rank: Int) throws(EPError) -> LayoutInfo {
         _ = try handle.currentStep()
         let base = try handle.words(rank: rank)
         try synchronize()
+        let driver = device.driver
+        let stepOK = try gpu { try driver.read(UInt32.self, from: base.advanced(by: StepWorkspace.stepOK * 4), count: 1)[0] }
+        if stepOK == 0 {
+            let active = RankMask(bits: try gpu { try driver.read(UInt64.self, from: mask, count: 1)[0] })
+            guard active.contains(rank) else { return workspace.layoutInfo(Array(repeating: 0, count: workspace.layoutWords), config: config).zeroed }
+            throw .wrongOrder("rank \(rank)'s step was void on the device (invalid routing, a peer's, a timeout or an overflow; checkStatus() names it): it has no layout")
+        }
         let words = try gpu {
-            try device.driver.read(UInt32.self, from: base.advanced(by: workspace.layout * 4), count: workspace.layoutWords)
+            try driver.read(UInt32.self, from: base.advanced(by: workspace.layout * 4), count: workspace.layoutWords)
         }.map { Int($0) }
         return workspace.layoutInfo(words, config: config)
     }
@@ -62,5 +72,14 @@ extension StepEngine {
             for r in localRanks { try device.driver.fill(workspaces[r], byte: 0, byteCount: workspace.bytes) }
             try device.driver.copy([bits.bits], to: mask)
         }
+    }
+}
+
+extension LayoutInfo {
+    /// The same shape with every counter and offset zero.
+    var zeroed: LayoutInfo {
+        LayoutInfo(expertCounters: expertCounters.map { _ in 0 }, expertOffsets: expertOffsets.map { _ in 0 },
+                   sourceRankCounters: sourceRankCounters.map { _ in 0 }, expertSourceCounters: expertSourceCounters.map { _ in 0 },
+                   receivedTotal: 0, droppedTokens: 0)
     }
 }

@@ -213,7 +213,10 @@ extension GPUStep {
             let rec = HostTensor(received[r].dtype, received[r].shape), comb = HostTensor(combined[r].dtype, combined[r].shape)
             try received[r].download(into: rec)
             try combined[r].download(into: comb)
-            return StepResult(received: rec.bytes(), receivedIdx: nil, receivedWeights: nil, combined: comb.bytes(), layout: try group.layoutInfo(rank: r))
+            // A void step has no layout (layoutInfo throws): these results are for the rows only.
+            let layout = (try? group.layoutInfo(rank: r))
+                ?? LayoutInfo(expertCounters: [], expertOffsets: [], sourceRankCounters: [], expertSourceCounters: [], receivedTotal: 0, droppedTokens: 0)
+            return StepResult(received: rec.bytes(), receivedIdx: nil, receivedWeights: nil, combined: comb.bytes(), layout: layout)
         }
     }
 }

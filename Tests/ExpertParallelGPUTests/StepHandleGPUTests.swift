@@ -107,6 +107,36 @@ struct StepHandleGPUTests {
     }
 }
 
+extension StepHandleGPUTests {
+    /// A step voided on the device has no layout, even after `checkStatus()` has reported and
+    /// cleared the cause; a masked rank's layout is all zeros, as the oracle's.
+    @Test func aVoidStepHasNoLayoutAndAMaskedRankAnEmptyOne() throws {
+        let config = Self.config(.flat)
+        let device = try #require(sharedDevice)
+        let group = try VirtualGPUGroup(config, device: device)
+        let tokens = [4, 4, 4, 4]
+        var inputs = StepInputs(config: config, tokens: tokens, seed: 8, minusOneRate: 0)
+        inputs.routing[2][1] = 99
+        let step = try GPUStep(config, device, tokens: tokens)
+        try step.upload(inputs)
+        let handle = try group.makeHandle()
+        try group.update(handle, topkIdx: step.idx.map(\.ref))
+        #expect(throws: EPError.self) { try group.checkStatus() }
+        try group.checkStatus()   // reported once, then cleared
+        #expect(throws: EPError.self) { _ = try group.layoutInfo(handle, rank: 0) }
+        try group.deactivate(rank: 3)
+        let good = StepInputs(config: config, tokens: tokens, seed: 9)
+        try step.upload(good)
+        try group.update(handle, topkIdx: step.idx.map(\.ref))
+        try step.dispatch(group, handle)
+        try group.checkStatus()
+        let masked = try group.layoutInfo(handle, rank: 3)
+        #expect(masked.receivedTotal == 0 && masked.expertCounters.allSatisfy { $0 == 0 } && masked.expertOffsets.allSatisfy { $0 == 0 })
+        let expected = try oracleStep(config, good, masked: [3])
+        #expect(try group.layoutInfo(handle, rank: 0) == expected[0]!.layout)
+    }
+}
+
 /// The device memory a handle holds is small next to the group's row buffers.
 struct StepHandleSizeTests {
     @Test func anLLStandardHandleIsUnderOnePercentOfTheRowBuffers() throws {
