@@ -29,10 +29,15 @@ public final class DeviceTensor: @unchecked Sendable {
                   location: .device(device.ordinal))
     }
 
-    /// Copies `bytes` (exactly `byteCount` of them) to the device, synchronously.
+    /// Copies `bytes` (exactly `byteCount` of them) to the device, and returns once they are there.
+    /// (A plain copy from pageable memory may return before its DMA lands, and the groups'
+    /// streams do not wait for CUDA's legacy stream, so the wait is explicit.)
     public func upload(_ bytes: UnsafeRawPointer) throws(EPError) {
         guard byteCount > 0 else { return }
-        try gpu { try device.driver.copy(from: bytes, to: pointer, byteCount: byteCount) }
+        try gpu {
+            try device.driver.copy(from: bytes, to: pointer, byteCount: byteCount)
+            try device.driver.synchronize(CUDAStream(rawValue: nil))
+        }
     }
 
     public func upload(_ host: HostTensor) throws(EPError) {
@@ -47,7 +52,12 @@ public final class DeviceTensor: @unchecked Sendable {
         try gpu { try device.driver.copy(from: pointer, to: host.storage, byteCount: byteCount) }
     }
 
+    /// Sets every byte to `byte`, and returns once that is done (a memset runs on CUDA's legacy
+    /// stream, which the groups' streams do not wait for).
     public func fill(byte: UInt8) throws(EPError) {
-        try gpu { try device.driver.fill(pointer, byte: byte, byteCount: max(byteCount, 16)) }
+        try gpu {
+            try device.driver.fill(pointer, byte: byte, byteCount: max(byteCount, 16))
+            try device.driver.synchronize(CUDAStream(rawValue: nil))
+        }
     }
 }

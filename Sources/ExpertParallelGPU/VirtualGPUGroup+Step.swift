@@ -99,8 +99,13 @@ extension VirtualGPUGroup {
 }
 
 extension CallOptions {
-    /// Options for a call on `stream` (nil: the group's own).
+    /// Options for a call on `stream` (nil: the group's own). A stream whose handle is NULL is
+    /// CUDA's legacy default stream, as in CUDA's own calls (and the C ABI's): it is named
+    /// explicitly (`CU_STREAM_LEGACY`), since a nil `CallOptions.stream` means the group's stream.
     public init(_ stream: CUDAStream?, phase: CallPhase = .whole, mode: LaunchMode = .single) {
-        self.init(stream: stream?.rawValue, phase: phase, launch: mode)
+        self.init(stream: stream.map { $0.rawValue ?? CallOptions.legacyStream }, phase: phase, launch: mode)
     }
+
+    /// `CU_STREAM_LEGACY`: the legacy default stream, named explicitly.
+    static var legacyStream: OpaquePointer { OpaquePointer(bitPattern: 1)! }
 }
