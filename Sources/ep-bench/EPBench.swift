@@ -5,8 +5,22 @@ struct EPBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ep-bench",
         abstract: "Benchmarks ExpertParallel dispatch and combine on the standard cases (BENCHMARK.md).",
+        discussion: exitStatusText,
         version: expertParallelVersion,
         subcommands: [RunCommand.self, InfoCommand.self],
         defaultSubcommand: RunCommand.self
     )
 }
+
+/// What `ep-bench`'s exit status means (its `--help`, and README's ep-bench paragraph).
+let exitStatusText = """
+    Exit status:
+      0   every case ran and matched the CPU oracle (info: every kernel compiled)
+      1   a case failed: a library, driver or device error, results that differ
+          from the CPU oracle, a failed NCCL rank or drill, or the --json file
+          could not be written at the end (info: a kernel did not compile)
+      64  usage: an unknown option or case, an option value out of range (the
+          message names the option, the value and the bound), or a --json
+          path that cannot be written (checked before anything runs)
+    A Swift runtime trap (a signal) is a bug: please report it.
+    """

@@ -8,7 +8,8 @@ import ExpertParallelKernels
 struct InfoCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "info",
-        abstract: "Print the device, driver, NVRTC and NCCL versions, and check that every kernel compiles.")
+        abstract: "Print the device, driver, NVRTC and NCCL versions, and check that every kernel compiles.",
+        discussion: exitStatusText)
 
     @Option(help: "Architecture to compile for (default: the device's own, else sm_90a).")
     var arch: String?
@@ -18,6 +19,10 @@ struct InfoCommand: ParsableCommand {
 
     @Flag(help: "Compile every kernel even when the disk cache has it.")
     var noCache = false
+
+    func validate() throws {
+        guard device >= 0 else { throw ValidationError("--device \(device) is out of range: must be ≥ 0") }
+    }
 
     func run() throws {
         let deviceArch = describeDevice()

@@ -115,7 +115,7 @@ enum FailureDrill: String, ExpressibleByArgument, CaseIterable {
                 }
             }
         }
-        if !problems.isEmpty { throw ValidationError("drill \(rawValue) failed: " + problems.joined(separator: "; ")) }
+        if !problems.isEmpty { throw RunFailure("drill \(rawValue) failed: " + problems.joined(separator: "; ")) }
         print("drill \(rawValue): rank \(failing) failed; the others reported it within \(format(limit, 1)) s")
     }
 }

@@ -24,10 +24,10 @@ extension RunCommand {
             }
             try report(results)
             if let failed = children.firstIndex(where: { $0.status != 0 }) {
-                throw ValidationError("rank \(failed) exited with status \(children[failed].status)")
+                throw RunFailure("rank \(failed) exited with status \(children[failed].status)")
             }
             if let invalid = results.first(where: { !$0.validated }) {
-                throw ValidationError("rank \(invalid.rank ?? -1) of \(invalid.name): results differ from the CPU oracle")
+                throw RunFailure("rank \(invalid.rank ?? -1) of \(invalid.name): results differ from the CPU oracle")
             }
             return
         }

@@ -17,7 +17,8 @@ enum TransportChoice: String, ExpressibleByArgument, CaseIterable {
 struct RunCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "run",
-        abstract: "Time update, dispatch and combine on the standard cases, validate the results, and print a table.")
+        abstract: "Time update, dispatch and combine on the standard cases, validate the results, and print a table.",
+        discussion: exitStatusText)
 
     @Option(name: .customLong("case"), help: "Case to run (repeatable): \(BenchCase.names.joined(separator: ", ")). Default: ll-std and ht-cpu on the CPU.")
     var cases: [String] = []
@@ -28,16 +29,16 @@ struct RunCommand: ParsableCommand {
     @Option(help: "virtual: R ranks in this process; nccl: one process per GPU over NCCL (spawned, or under mpirun/torchrun).")
     var transport: TransportChoice = .virtual
 
-    @Option(help: "Ranks of the group (overrides the case's R).")
+    @Option(help: "Ranks of the group, 1...64 (overrides the case's R).")
     var ranks: Int?
 
-    @Option(help: "Measured iterations (default: 5 on the CPU, 100 on the GPU).")
+    @Option(help: "Measured iterations, 1...100000 (default: 5 on the CPU, 100 on the GPU).")
     var iterations: Int?
 
-    @Option(help: "Warm-up iterations.")
+    @Option(help: "Warm-up iterations, 0...10000 (the GPU runs at least 5).")
     var warmup: Int = 1
 
-    @Option(help: "Routing skew: 0 is uniform; larger values concentrate traffic on low expert ids.")
+    @Option(help: "Routing skew: 0 is uniform; larger values (up to 100) concentrate traffic on low expert ids.")
     var skew: Double = 0
 
     @Option(help: "Seed of the routing and payload.")
@@ -67,29 +68,83 @@ struct RunCommand: ParsableCommand {
     @Option(help: "NCCL failure drill: the rank that fails.")
     var drillRank: Int = 1
 
-    @Option(help: "Group timeout in milliseconds: every cross-rank wait, and NCCL's join and handle exchange.")
+    @Option(help: "Group timeout in milliseconds, 1...86400000: every cross-rank wait, and NCCL's join and handle exchange.")
     var timeoutMs: Int = 10_000
 
-    @Option(help: "Write the results as JSON to this path.")
+    @Option(help: "Write the results as JSON to this path (checked before the run: an existing file must be writable, a new one needs a writable folder).")
     var json: String?
 
     var names: [String] { cases.isEmpty ? ["ll-std", "ht-cpu"] : cases }
+
+    /// The bounds of the numeric options, named in their errors. Large enough for any real run,
+    /// small enough that no count derived from them (warm-up + iterations, events per iteration,
+    /// milliseconds as a Duration) can overflow or exhaust memory before the run starts.
+    enum Bounds {
+        static let iterations = 1...100_000
+        static let warmup = 0...10_000
+        static let ranks = 1...GroupConfig.maxRanks
+        static let skew = 0.0...100.0
+        static let sms = 1...4_096
+        static let pipelineDepth = 1...8
+        static let rowsInFlight = 1...16
+        static let rowPieces = 1...4_096
+        static let blocksPerSM = 1...2
+        /// One day, GroupConfig's longest timeout.
+        static let timeoutMs = 1...86_400_000
+    }
 
     func validate() throws {
         for name in cases where !BenchCase.names.contains(name) {
             throw ValidationError("unknown case '\(name)'; known cases: \(BenchCase.names.joined(separator: ", "))")
         }
-        if let ranks, ranks < 1 { throw ValidationError("--ranks must be ≥ 1, got \(ranks)") }
+        try check("--ranks", ranks, Bounds.ranks)
         if let ranks, let bad = BenchCase.standard.first(where: { names.contains($0.name) && $0.experts % ranks != 0 }) {
             throw ValidationError("--ranks \(ranks) does not divide the \(bad.experts) experts of case \(bad.name)")
         }
-        if let iterations, iterations < 1 { throw ValidationError("--iterations must be ≥ 1, got \(iterations)") }
-        if timeoutMs < 1 { throw ValidationError("--timeout-ms must be ≥ 1, got \(timeoutMs)") }
+        try check("--iterations", iterations, Bounds.iterations)
+        try check("--warmup", warmup, Bounds.warmup)
+        guard skew.isFinite, Bounds.skew.contains(skew) else {
+            throw ValidationError("--skew \(skew) is out of range: must be in \(Bounds.skew.lowerBound)...\(Bounds.skew.upperBound)")
+        }
+        try check("--sms", sms, Bounds.sms)
+        try check("--pipeline-depth", pipelineDepth, Bounds.pipelineDepth)
+        try check("--rows-in-flight", rowsInFlight, Bounds.rowsInFlight)
+        try check("--row-pieces", rowPieces, Bounds.rowPieces)
+        try check("--blocks-per-sm", blocksPerSM, Bounds.blocksPerSM)
+        try check("--timeout-ms", timeoutMs, Bounds.timeoutMs)
         if drill != nil, transport != .nccl { throw ValidationError("--drill needs --transport nccl") }
         if drill != nil, !(0..<(ranks ?? 2)).contains(drillRank) {
-            throw ValidationError("--drill-rank \(drillRank) is not a rank of the \(ranks ?? 2) ranks")
+            throw ValidationError("--drill-rank \(drillRank) is out of range: must be in 0..<\(ranks ?? 2) (the ranks)")
         }
-        if skew < 0 { throw ValidationError("--skew must be ≥ 0, got \(skew)") }
+        if let json { try Self.checkWritable(json: json) }
+    }
+
+    /// `--name value` must lie in `bounds` (nil: the option was not given).
+    private func check(_ name: String, _ value: Int?, _ bounds: ClosedRange<Int>) throws {
+        guard let value, !bounds.contains(value) else { return }
+        throw ValidationError("\(name) \(value) is out of range: must be in \(bounds.lowerBound)...\(bounds.upperBound)")
+    }
+
+    /// `--json PATH` is checked before anything runs, without creating the file: an existing
+    /// PATH must be a writable file; a new one needs an existing, writable folder.
+    static func checkWritable(json path: String) throws {
+        guard !path.isEmpty else { throw ValidationError("--json: the path is empty") }
+        let files = FileManager.default
+        var isFolder: ObjCBool = false
+        if files.fileExists(atPath: path, isDirectory: &isFolder) {
+            if isFolder.boolValue { throw ValidationError("--json \(path) is a folder, not a file") }
+            guard access(path, W_OK) == 0 else {
+                throw ValidationError("--json \(path): the file exists and is not writable (\(String(cString: strerror(errno))))")
+            }
+            return
+        }
+        let folder = URL(fileURLWithPath: path).deletingLastPathComponent().path
+        guard files.fileExists(atPath: folder, isDirectory: &isFolder), isFolder.boolValue else {
+            throw ValidationError("--json \(path): the folder \(folder) does not exist")
+        }
+        guard access(folder, W_OK | X_OK) == 0 else {
+            throw ValidationError("--json \(path): the folder \(folder) is not writable (\(String(cString: strerror(errno))))")
+        }
     }
 
     func run() throws {
@@ -126,6 +181,16 @@ struct RunCommand: ParsableCommand {
             }
         }
         try report(results)
+        try Self.requireValidated(results)
+    }
+
+    /// Exit status 1 when any case's results differ from the CPU oracle (the table says which).
+    static func requireValidated(_ results: [Measurement]) throws {
+        let failed = results.filter { !$0.validated }
+        guard !failed.isEmpty else { return }
+        let names = failed.map { result in result.rank.map { "\(result.name) (rank \($0))" } ?? result.name }
+        FileHandle.standardError.write(Data("Error: results differ from the CPU oracle: \(names.joined(separator: ", "))\n".utf8))
+        throw ExitCode.failure
     }
 
     /// The table, and the JSON file when asked for.
@@ -134,10 +199,22 @@ struct RunCommand: ParsableCommand {
         if let json {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            try encoder.encode(results).write(to: URL(fileURLWithPath: json))
+            do {
+                try encoder.encode(results).write(to: URL(fileURLWithPath: json))
+            } catch {
+                // Checked writable before the run; this is a disk that filled or a folder that went.
+                throw RunFailure("--json \(json): could not write the results (\(error.localizedDescription))")
+            }
             print("wrote \(json)")
         }
     }
+}
+
+/// A run that could not finish, or whose results failed: printed as `Error: <message>`, exit status 1
+/// (a `ValidationError` means a bad command line: status 64).
+struct RunFailure: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
 }
 
 func format(_ value: Double, _ digits: Int) -> String { String(format: "%.\(digits)f", value) }
