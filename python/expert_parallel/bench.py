@@ -1,0 +1,246 @@
+"""The Python benchmark: what a framework pays per call through this package.
+
+    python -m expert_parallel.bench --device cuda:0 --engine-json ep-bench.json --json py.json
+    python -m expert_parallel.bench --device cpu --case tiny          # the CPU backend, small
+
+For each case (BENCHMARK.md's standard cases, or the small ``tiny`` / ``tiny-ht``) it runs
+dispatch then combine through a ``VirtualGroup`` with identity experts and reports, per call,
+medians of:
+
+- host: wall clock of the Python call (what the framework's CPU thread pays);
+- gpu: CUDA events around the call on the current stream (CUDA only);
+- engine: ep-bench's figures for the same case and ranks, read from its ``--json`` output
+  (run ``ep-bench run --backend gpu --json PATH`` in the same session);
+- baseline: what a user would write instead with plain tensors on the same device: argsort the
+  selections by expert, ``index_select`` the rows (dispatch), ``index_select`` them back, multiply
+  by the weights and sum over k (combine). PyTorch where it is installed, NumPy otherwise.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from .group import VirtualGroup
+
+# name: (algorithm, tokens per rank, hidden, top-k, experts, ranks)
+CASES: Dict[str, tuple] = {
+    "ll-std": ("ll", 128, 7168, 8, 256, 8),
+    "ll-32": ("ll", 32, 7168, 8, 256, 8),
+    "ll-1": ("ll", 1, 7168, 8, 256, 8),
+    "ht-std": ("ht", 4096, 7168, 8, 256, 8),
+    "ht-4k": ("ht", 4096, 4096, 8, 256, 8),
+    "odd": ("ll", 77, 2880, 10, 96, 6),
+    "tiny": ("ll", 8, 64, 2, 8, 2),
+    "tiny-ht": ("ht", 16, 64, 3, 8, 2),
+}
+
+
+def _median_us(seconds: Sequence[float]) -> float:
+    return statistics.median(seconds) * 1e6
+
+
+class _Inputs:
+    """One step's per-rank tokens, routing and weights: top-k distinct experts per token drawn
+    uniformly, weights in (0, 1), as BENCHMARK.md says."""
+
+    def __init__(self, case: tuple, ranks: int, device: str, seed: int) -> None:
+        import numpy as np
+
+        algorithm, tokens, hidden, top_k, experts, _ = case
+        rng = np.random.default_rng(seed)
+        self.idx = [np.argsort(rng.random((tokens, experts)), axis=1)[:, :top_k].astype(np.int32) for _ in range(ranks)]
+        self.w = [rng.random((tokens, top_k), dtype=np.float32) for _ in range(ranks)]
+        self.x = [rng.standard_normal((tokens, hidden), dtype=np.float32) for _ in range(ranks)]
+        self.cuda = device != "cpu"
+        if self.cuda:
+            import torch
+
+            self.idx = [torch.from_numpy(a).to(device) for a in self.idx]
+            self.w = [torch.from_numpy(a).to(device) for a in self.w]
+            self.x = [torch.from_numpy(a).to(device=device, dtype=torch.bfloat16) for a in self.x]
+
+
+def _time_package(case: tuple, ranks: int, device: str, iterations: int, warmup: int, seed: int) -> Dict[str, Any]:
+    algorithm, tokens, hidden, top_k, experts, _ = case
+    group = VirtualGroup(ranks=ranks, experts=experts, hidden=hidden, top_k=top_k, max_tokens=tokens,
+                         algorithm=algorithm, dtype="f32" if device == "cpu" else "bf16", device=device)
+    inputs = _Inputs(case, ranks, device, seed)
+    host_d: List[float] = []
+    host_c: List[float] = []
+    events = []
+    torch = None
+    if inputs.cuda:
+        import torch
+
+    for i in range(warmup + iterations):
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if torch else None
+        if marks:
+            marks[0].record()
+        t0 = time.perf_counter()
+        out = group.dispatch(inputs.x, inputs.idx, inputs.w)
+        t1 = time.perf_counter()
+        if marks:
+            marks[1].record()
+            marks[2].record()
+        t2 = time.perf_counter()
+        group.combine(out.tokens, out.handle)   # identity experts: the received rows come back
+        t3 = time.perf_counter()
+        if marks:
+            marks[3].record()
+        if i >= warmup:
+            host_d.append(t1 - t0)
+            host_c.append(t3 - t2)
+            if marks:
+                events.append(marks)
+    result: Dict[str, Any] = {"host_dispatch_us": _median_us(host_d), "host_combine_us": _median_us(host_c)}
+    if torch:
+        torch.cuda.synchronize()
+        group.check()
+        result["gpu_dispatch_us"] = statistics.median(e[0].elapsed_time(e[1]) for e in events) * 1e3
+        result["gpu_combine_us"] = statistics.median(e[2].elapsed_time(e[3]) for e in events) * 1e3
+    return result
+
+
+def _time_baseline(case: tuple, ranks: int, device: str, iterations: int, warmup: int, seed: int) -> Dict[str, Any]:
+    """Plain tensors: all ranks' tokens as one batch, sorted by expert, gathered and scattered back."""
+    inputs = _Inputs(case, ranks, device, seed)
+    top_k = case[3]
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is None:
+        import numpy as np
+
+        x, idx, w = np.concatenate(inputs.x), np.concatenate(inputs.idx).reshape(-1), np.concatenate(inputs.w)
+        dispatch_s, combine_s = [], []
+        for i in range(warmup + iterations):
+            t0 = time.perf_counter()
+            order = np.argsort(idx, kind="stable")
+            rows = np.take(x, order // top_k, axis=0)
+            t1 = time.perf_counter()
+            back = np.empty_like(rows)
+            back[order] = rows
+            y = (back.reshape(x.shape[0], top_k, -1) * w[:, :, None]).sum(axis=1)
+            t2 = time.perf_counter()
+            if i >= warmup:
+                dispatch_s.append(t1 - t0)
+                combine_s.append(t2 - t1)
+        del y
+        return {"baseline": "numpy", "baseline_dispatch_us": _median_us(dispatch_s), "baseline_combine_us": _median_us(combine_s)}
+
+    def as_torch(values):
+        return torch.cat([v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for v in values])
+
+    x, idx, w = as_torch(inputs.x), as_torch(inputs.idx).reshape(-1).long(), as_torch(inputs.w)
+    cuda = x.is_cuda
+    dispatch_s, combine_s = [], []
+    for i in range(warmup + iterations):
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if cuda else None
+        t0 = time.perf_counter()
+        if marks:
+            marks[0].record()
+        order = torch.argsort(idx, stable=True)
+        rows = x.index_select(0, order // top_k)
+        if marks:
+            marks[1].record()
+        t1 = time.perf_counter()
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        back = rows.index_select(0, inverse).reshape(x.shape[0], top_k, -1)
+        y = (back.float() * w[:, :, None]).sum(dim=1).to(x.dtype)
+        if marks:
+            marks[2].record()
+        t2 = time.perf_counter()
+        if i >= warmup:
+            if marks:
+                dispatch_s.append(marks)
+            else:
+                dispatch_s.append(t1 - t0)
+                combine_s.append(t2 - t1)
+    del y
+    if cuda:
+        torch.cuda.synchronize()
+        return {"baseline": "torch",
+                "baseline_dispatch_us": statistics.median(m[0].elapsed_time(m[1]) for m in dispatch_s) * 1e3,
+                "baseline_combine_us": statistics.median(m[1].elapsed_time(m[2]) for m in dispatch_s) * 1e3}
+    return {"baseline": "torch", "baseline_dispatch_us": _median_us(dispatch_s), "baseline_combine_us": _median_us(combine_s)}
+
+
+def _engine_figures(path: Optional[str]) -> Dict[tuple, Dict[str, float]]:
+    """ep-bench's JSON (a list of measurements) by (case, ranks)."""
+    if not path:
+        return {}
+    with open(path) as f:
+        measurements = json.load(f)
+    return {(m["name"], m["ranks"]): {"engine_dispatch_us": m["dispatch"]["median"], "engine_combine_us": m["combine"]["median"]}
+            for m in measurements}
+
+
+def run(names: Sequence[str], device: str, ranks: Optional[int], iterations: int, warmup: int, seed: int,
+        engine_json: Optional[str], baseline: bool) -> List[Dict[str, Any]]:
+    engine = _engine_figures(engine_json)
+    results = []
+    for name in names:
+        case = CASES[name]
+        r = ranks or case[5]
+        row: Dict[str, Any] = {"case": name, "ranks": r, "device": device, "iterations": iterations}
+        row.update(_time_package(case, r, device, iterations, warmup, seed))
+        row.update(engine.get((name, r), {}))
+        if baseline:
+            row.update(_time_baseline(case, r, device, iterations, warmup, seed))
+        results.append(row)
+    return results
+
+
+def render(results: List[Dict[str, Any]]) -> str:
+    columns = [("case", "case"), ("ranks", "R"), ("host_dispatch_us", "host d µs"), ("host_combine_us", "host c µs"),
+               ("gpu_dispatch_us", "gpu d µs"), ("gpu_combine_us", "gpu c µs"), ("engine_dispatch_us", "engine d µs"),
+               ("engine_combine_us", "engine c µs"), ("baseline_dispatch_us", "baseline d µs"),
+               ("baseline_combine_us", "baseline c µs")]
+
+    def cell(row, key):
+        value = row.get(key)
+        return "-" if value is None else (f"{value:.1f}" if isinstance(value, float) else str(value))
+
+    table = [[title for _, title in columns]] + [[cell(row, key) for key, _ in columns] for row in results]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    return "\n".join("  ".join(text.ljust(width) for text, width in zip(line, widths)) for line in table)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m expert_parallel.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", action="append", choices=sorted(CASES), help="case (repeatable); default: "
+                        "the standard cases on CUDA, tiny and tiny-ht on the CPU")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    parser.add_argument("--ranks", type=int, help="ranks of the group (default: the case's)")
+    parser.add_argument("--iterations", type=int, default=100, help="timed calls per case (default 100)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed calls first (default 10)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--engine-json", help="ep-bench --json output of the same run, shown beside")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the plain-tensor baseline")
+    parser.add_argument("--json", help="write the results here as JSON")
+    args = parser.parse_args(argv)
+    if args.iterations < 1 or args.iterations > 1_000_000:
+        parser.error(f"--iterations {args.iterations}: must be in 1...1000000")
+    if args.warmup < 0 or args.warmup > 1_000_000:
+        parser.error(f"--warmup {args.warmup}: must be in 0...1000000")
+    if args.ranks is not None and args.ranks < 1:
+        parser.error(f"--ranks {args.ranks}: must be ≥ 1")
+    names = args.case or (["tiny", "tiny-ht"] if args.device == "cpu" else ["ll-std", "ll-32", "ll-1", "ht-std", "ht-4k", "odd"])
+    results = run(names, args.device, args.ranks, args.iterations, args.warmup, args.seed, args.engine_json,
+                  not args.no_baseline)
+    print(render(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, sort_keys=True)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

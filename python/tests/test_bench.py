@@ -1,0 +1,45 @@
+"""The Python benchmark's small CPU run (CI): every figure it reports is there and positive, the
+engine's figures are matched by case and ranks, and bad options are refused by name."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from expert_parallel import bench
+
+
+def test_a_small_cpu_run_reports_host_and_baseline_times(tmp_path):
+    out = tmp_path / "py.json"
+    assert bench.main(["--device", "cpu", "--case", "tiny", "--case", "tiny-ht", "--iterations", "3", "--warmup", "1",
+                       "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [row["case"] for row in rows] == ["tiny", "tiny-ht"]
+    for row in rows:
+        assert row["device"] == "cpu" and row["iterations"] == 3
+        for key in ["host_dispatch_us", "host_combine_us", "baseline_dispatch_us", "baseline_combine_us"]:
+            assert row[key] > 0, key
+        assert "gpu_dispatch_us" not in row   # no CUDA events on the CPU
+
+
+def test_the_engines_figures_are_matched_by_case_and_ranks(tmp_path):
+    engine = tmp_path / "engine.json"
+    engine.write_text(json.dumps([
+        {"name": "tiny", "ranks": 2, "dispatch": {"median": 1.5}, "combine": {"median": 2.5}},
+        {"name": "tiny", "ranks": 4, "dispatch": {"median": 9.0}, "combine": {"median": 9.0}},
+    ]))
+    rows = bench.run(["tiny"], "cpu", None, 2, 0, 1, str(engine), baseline=False)
+    assert rows[0]["engine_dispatch_us"] == 1.5 and rows[0]["engine_combine_us"] == 2.5
+    assert "baseline_dispatch_us" not in rows[0]
+    assert "engine d µs" in bench.render(rows) and "1.5" in bench.render(rows)
+
+
+@pytest.mark.parametrize("option", [["--iterations", "0"], ["--warmup", "-1"], ["--ranks", "0"], ["--case", "nope"]])
+def test_bad_options_are_refused_by_name(option):
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(bench.__file__)))
+    env = dict(os.environ, PYTHONPATH=package_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = subprocess.run([sys.executable, "-m", "expert_parallel.bench", *option], capture_output=True, text=True, env=env)
+    assert run.returncode == 2
+    assert option[0] in run.stderr
