@@ -15,7 +15,9 @@ public final class DriverLibrary: @unchecked Sendable {
     /// Virtual-memory sharing (NCCL ranks with `ncclMemAlloc` buffers); likewise optional.
     private let vmmFunctions: Result<DriverVMMFunctions, CUDAError>
 
-    init(library: DynamicLibrary) throws {
+    /// Resolves every entry point from `library`: the opened driver, or (tests) a table of mock
+    /// functions (`DynamicLibrary(name:location:symbols:)`).
+    package init(library: DynamicLibrary) throws {
         location = library.location
         functions = try DriverFunctions(library)
         ipcFunctions = loadOnce { try DriverIPCFunctions(library) }

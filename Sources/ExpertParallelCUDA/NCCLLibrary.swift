@@ -19,7 +19,8 @@ public final class NCCLLibrary: @unchecked Sendable {
     private let commFunctions: Result<NCCLCommFunctions, CUDAError>
     private let memoryFunctions: Result<NCCLMemoryFunctions, CUDAError>
 
-    init(library: DynamicLibrary) throws {
+    /// Resolves the entry points from `library` (tests: a table of mock functions).
+    package init(library: DynamicLibrary) throws {
         location = library.location
         functions = try NCCLFunctions(library)
         commFunctions = loadOnce { try NCCLCommFunctions(library) }

@@ -13,7 +13,9 @@ public final class NVRTCLibrary: @unchecked Sendable {
     public let version: (major: Int, minor: Int)
     let functions: NVRTCFunctions
 
-    init(library: DynamicLibrary) throws {
+    /// Resolves every entry point from `library` (tests: a table of mock functions) and asks
+    /// for the version.
+    package init(library: DynamicLibrary) throws {
         location = library.location
         functions = try NVRTCFunctions(library)
         var major: Int32 = 0

@@ -17,13 +17,21 @@ public final class GPUDevice: @unchecked Sendable {
 
     /// Opens device `ordinal`. Throws `EPError.lowerLayer` naming the failing call when there is
     /// no driver, no device or no NVRTC.
-    public init(ordinal: Int = 0) throws(EPError) {
+    public convenience init(ordinal: Int = 0) throws(EPError) {
+        // Ranks launched on separate streams wait for each other, so their streams must not
+        // share a hardware queue (a shared queue serialises them: a wait that never ends).
+        // Ask for the most queues before the driver starts; a caller's own setting wins.
+        setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0)
+        try self.init(ordinal: ordinal, driver: try gpu { try DriverLibrary.shared() }, compiler: nil)
+    }
+
+    /// Opens device `ordinal` through `driver`, compiling with `compiler` (nil:
+    /// `KernelCompiler.shared()`, looked for after the device is found). The seam for tests:
+    /// a driver and NVRTC built from mock function tables (`DynamicLibrary(name:symbols:)`)
+    /// make every failure path of the GPU layer reachable without a GPU.
+    package init(ordinal: Int = 0, driver: DriverLibrary, compiler: KernelCompiler?) throws(EPError) {
         do {
-            // Ranks launched on separate streams wait for each other, so their streams must not
-            // share a hardware queue (a shared queue serialises them: a wait that never ends).
-            // Ask for the most queues before the driver starts; a caller's own setting wins.
-            setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0)
-            driver = try DriverLibrary.shared()
+            self.driver = driver
             try driver.initialize()
             let count = try driver.deviceCount()
             guard ordinal >= 0, ordinal < count else {
@@ -36,7 +44,7 @@ public final class GPUDevice: @unchecked Sendable {
             name = try driver.name(of: device)
             multiprocessors = try driver.attribute(.multiprocessorCount, of: device)
             arch = try driver.computeCapability(of: device).nativeArch
-            compiler = try KernelCompiler.shared()
+            self.compiler = try compiler ?? KernelCompiler.shared()
         } catch {
             throw gpuError(error)
         }
