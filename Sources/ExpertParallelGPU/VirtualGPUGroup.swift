@@ -47,21 +47,35 @@ public final class VirtualGPUGroup: StepGroup, @unchecked Sendable {
         let workspace = StepWorkspace(config)
         try device.makeCurrent()
         let driver = device.driver
-        let stream = try gpu { try driver.createStream() }
+        // What this initialiser made, released if a later step fails (a failed group leaks nothing).
+        var stream: CUDAStream?, events: [CUDAEvent] = [], pointers: [DevicePointer] = [], mask: DevicePointer?
+        var built = false
+        defer {
+            if !built {
+                for p in pointers { try? driver.free(p) }
+                if let mask { try? driver.free(mask) }
+                for e in events { try? driver.destroy(e) }
+                if let stream { try? driver.destroy(stream) }
+            }
+        }
+        let groupStream = try gpu { try driver.createStream() }
+        stream = groupStream
         let rankStreams = try device.rankStreams(config.ranks)
-        joinEvents = try gpu { try (0..<config.ranks + 1).map { _ in try driver.createEvent(flags: .disableTiming) } }
-        var pointers: [DevicePointer] = []
+        for _ in 0..<(config.ranks + 1) { events.append(try gpu { try driver.createEvent(flags: .disableTiming) }) }
+        joinEvents = events
         for _ in 0..<config.ranks {
             let p = try gpu { try driver.allocate(byteCount: workspace.bytes) }
-            try gpu { try driver.fill(p, byte: 0, byteCount: workspace.bytes) }
             pointers.append(p)
+            try gpu { try driver.fill(p, byte: 0, byteCount: workspace.bytes) }
         }
-        let mask = try device.allocateMask(ranks: config.ranks)
+        let groupMask = try device.allocateMask(ranks: config.ranks)
+        mask = groupMask
         engine = StepEngine(
-            config: config, device: device, tuning: tuning, placement: .virtualRanks(rankStreams: rankStreams, joinEvents: joinEvents),
-            workspaces: pointers, mask: mask, stream: stream, multiprocessors: sms, transport: transport,
+            config: config, device: device, tuning: tuning, placement: .virtualRanks(rankStreams: rankStreams, joinEvents: events),
+            workspaces: pointers, mask: groupMask, stream: groupStream, multiprocessors: sms, transport: transport,
             staging: transport == .staged ? try StepStaging(config, device: device) : nil)
         implicitHandle = try engine.makeHandle()
+        built = true
     }
 
     deinit {

@@ -78,15 +78,12 @@ struct MockDriverTests {
                 #expect(failure.code == 2)
                 #expect(failure.name == "CUDA_ERROR_OUT_OF_MEMORY")
                 #expect(error?.description == "cuMemAlloc failed: CUDA_ERROR_OUT_OF_MEMORY (2)")
-                // Found by this test: VirtualGPUGroup.init frees nothing it made before the failing
-                // allocation (workspaces, the mask, its stream and join events). Fixing it is in
-                // VirtualGPUGroup.swift; withKnownIssue fails once it is fixed, to be removed then.
+                // A failed group leaks nothing it made before the failing allocation (workspaces, the
+                // mask, its stream and join events).
                 let leaked = Set(mock.deviceMemory.keys).subtracting(memoryBefore).count
                 let events = mock.events.subtracting(eventsBefore).count, streams = mock.streams.subtracting(streamsBefore).count
-                withKnownIssue("VirtualGPUGroup.init leaks what it allocated before a failing allocation") {
-                    #expect(leaked == 0 && events == 0 && streams == 0,
-                            "allocation \(k) of \(allocations) failed: left \(leaked) device allocations, \(events) events, \(streams) streams")
-                }
+                #expect(leaked == 0 && events == 0 && streams == 0,
+                        "allocation \(k) of \(allocations) failed: left \(leaked) device allocations, \(events) events, \(streams) streams")
             }
         }
     }
