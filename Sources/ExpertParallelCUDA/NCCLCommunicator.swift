@@ -167,3 +167,47 @@ extension NCCLLibrary {
         if result != NCCLResult.inProgress { try check(result, "ncclAllGather") }
     }
 }
+
+/// NCCL's host queries for where a registered window of a peer is mapped in this process
+/// (NCCL 2.29+, `nccl_device/core.h`), optional symbols (NCCL 2.28 has neither):
+/// `ncclResult_t ncclGetPeerDevicePointer(ncclWindow_t window, size_t offset, int peer, void** outPtr)`
+/// takes a world rank and gives NULL for a peer that loads and stores cannot reach;
+/// `ncclResult_t ncclGetLsaDevicePointer(ncclWindow_t window, size_t offset, int lsaRank, void** outPtr)`
+/// takes a rank of the load/store-accessible (LSA) team and fails for one outside it.
+struct NCCLPeerPointerFunctions {
+    typealias Query = @convention(c) (OpaquePointer?, Int, Int32, UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> Int32
+    let ncclGetPeerDevicePointer: Query?
+    let ncclGetLsaDevicePointer: Query?
+
+    init(_ library: DynamicLibrary) {
+        ncclGetPeerDevicePointer = library.optionalFunction("ncclGetPeerDevicePointer")
+        ncclGetLsaDevicePointer = library.optionalFunction("ncclGetLsaDevicePointer")
+    }
+}
+
+extension NCCLLibrary {
+    /// Whether this NCCL can say where a peer's window is mapped here (`peerPointer`).
+    public var offersPeerPointers: Bool {
+        peerPointerFunctions.ncclGetPeerDevicePointer != nil || peerPointerFunctions.ncclGetLsaDevicePointer != nil
+    }
+
+    /// The address in this process of byte `offset` of world rank `peer`'s part of `window`
+    /// (registered on a communicator of `ranks` ranks), mapped by NCCL itself: nil when this
+    /// NCCL has no peer-pointer query or loads and stores cannot reach `peer`.
+    /// `ncclGetPeerDevicePointer` where present; otherwise `ncclGetLsaDevicePointer`, used only
+    /// when the LSA team is the whole communicator (its rank `ranks - 1` exists), where LSA
+    /// ranks are world ranks.
+    public func peerPointer(_ window: NCCLWindow, offset: Int = 0, peer: Int, ranks: Int) throws -> DevicePointer? {
+        var pointer: UnsafeMutableRawPointer?
+        if let query = peerPointerFunctions.ncclGetPeerDevicePointer {
+            try check(query(window.rawValue, offset, Int32(peer), &pointer), "ncclGetPeerDevicePointer")
+        } else if let query = peerPointerFunctions.ncclGetLsaDevicePointer {
+            var last: UnsafeMutableRawPointer?
+            guard query(window.rawValue, offset, Int32(ranks - 1), &last) == 0, last != nil else { return nil }
+            try check(query(window.rawValue, offset, Int32(peer), &pointer), "ncclGetLsaDevicePointer")
+        } else {
+            return nil
+        }
+        return pointer.map { DevicePointer(rawValue: UInt64(UInt(bitPattern: $0))) }
+    }
+}

@@ -18,6 +18,8 @@ public final class NCCLLibrary: @unchecked Sendable {
     /// Missing symbols here fail the calls that need them, not the version query.
     private let commFunctions: Result<NCCLCommFunctions, CUDAError>
     private let memoryFunctions: Result<NCCLMemoryFunctions, CUDAError>
+    /// NCCL 2.29's host peer-pointer queries on windows; each nil where the library lacks it.
+    let peerPointerFunctions: NCCLPeerPointerFunctions
 
     /// Resolves the entry points from `library` (tests: a table of mock functions).
     package init(library: DynamicLibrary) throws {
@@ -25,6 +27,7 @@ public final class NCCLLibrary: @unchecked Sendable {
         functions = try NCCLFunctions(library)
         commFunctions = loadOnce { try NCCLCommFunctions(library) }
         memoryFunctions = loadOnce { try NCCLMemoryFunctions(library) }
+        peerPointerFunctions = NCCLPeerPointerFunctions(library)
     }
 
     func comm() throws -> NCCLCommFunctions { try commFunctions.get() }

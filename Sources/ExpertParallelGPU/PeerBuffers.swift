@@ -3,12 +3,16 @@ import ExpertParallelCUDA
 
 /// How an NCCL rank's shared buffers are allocated and reached by the other ranks.
 public enum PeerSharing: String, Sendable, CaseIterable {
-    /// `ncclMemAlloc`, registered as NCCL windows; each allocation exported as a POSIX file
-    /// descriptor, taken by the peers with `pidfd_getfd` and mapped. A mapping keeps the memory
-    /// of a rank that died alive, so the survivors' late writes land harmlessly.
+    /// `ncclMemAlloc`, registered as NCCL windows. Where every rank's NCCL answers host
+    /// peer-pointer queries (2.29+: `ncclGetPeerDevicePointer`), the peers' windows are used
+    /// where NCCL mapped them and no descriptor is exchanged. Otherwise each allocation is
+    /// exported as a POSIX file descriptor, passed to the peers over a Unix domain socket
+    /// (`SCM_RIGHTS`, `DescriptorExchange`: only to processes of this user that the all-gather
+    /// named) and mapped. Either mapping keeps the memory of a rank that died alive (NCCL's until
+    /// the communicator is aborted), so the survivors' late writes land harmlessly.
     case ncclWindows = "windows"
-    /// `cuMemAlloc` and legacy CUDA IPC handles (no windows): for machines that forbid taking
-    /// another process's descriptors.
+    /// `cuMemAlloc` and legacy CUDA IPC handles (no windows): for machines where neither NCCL's
+    /// peer pointers nor passing descriptors between processes works.
     case cudaIPC = "ipc"
 }
 
@@ -28,6 +32,8 @@ final class PeerBuffers {
     private var windows: [NCCLWindow] = []
     private var mapped: [(pointer: DevicePointer, bytes: Int)] = []
     private var opened: [DevicePointer] = []
+    /// The peers' buffers are NCCL's own mappings of their windows (`ncclGetPeerDevicePointer`).
+    private(set) var mappedByNCCL = false
 
     init(
         sizes: [Int], sharing: PeerSharing, device: GPUDevice, comm: NCCLComm, nccl: NCCLLibrary, rank: Int, ranks: Int,
@@ -41,7 +47,7 @@ final class PeerBuffers {
         var exported: [ExportedAllocation] = []
         var done = false
         defer {
-            for e in exported { FileDescriptorTaking.close(e.fileDescriptor) }
+            for e in exported { DescriptorExchange.closeDescriptor(e.fileDescriptor) }
             if !done { release(collectively: false) }
         }
         let driver = device.driver
@@ -55,29 +61,41 @@ final class PeerBuffers {
             for (p, bytes) in zip(local, sizes) {
                 windows.append(try gpu { try nccl.registerWindow(comm, p, byteCount: bytes, timeout: timeout) })
             }
-            try gpu { try FileDescriptorTaking.allowTaking() }
-            defer { FileDescriptorTaking.forbidTaking() }   // after the last exchange of this case
+            // Every rank must take the same way: NCCL's peer pointers only when all ranks have them.
+            let queried = try gpu { try Self.peerPointers(nccl, windows: windows, local: local, rank: rank, ranks: ranks) }
+            let votes = try exchange([queried == nil ? 0 : 1], stream: stream)
+            if let queried, votes.allSatisfy({ $0 == 1 }) {
+                byRank = queried
+                mappedByNCCL = true
+                break
+            }
+            // Descriptors over a Unix socket: the listener first, so it exists before the peers
+            // learn its name from the all-gather.
+            let sockets = try gpu { try DescriptorExchange(rank: rank) }
+            defer { sockets.close() }   // removes the socket's name whatever happens
             for p in local { exported.append(try gpu { try driver.exportAllocation(p) }) }
-            // Per rank: its process id, then a (descriptor, bytes) pair per buffer.
-            let record = [Int64(FileDescriptorTaking.processID)] + exported.flatMap { [Int64($0.fileDescriptor), Int64($0.byteCount)] }
-            let all = try exchange(record, stream: stream)
+            let all = try exchange(sockets.record, stream: stream)
+            let width = DescriptorExchange.recordCount
+            var peers: [DescriptorExchange.Peer] = []
+            for r in 0..<ranks where r != rank {
+                peers.append(try gpu { try DescriptorExchange.Peer(rank: r, record: all[(r * width)..<((r + 1) * width)]) })
+            }
+            let received = try gpu { try sockets.exchange(exported, with: peers, timeout: timeout) }
+            defer { for list in received.values { for e in list { DescriptorExchange.closeDescriptor(e.fileDescriptor) } } }
             for r in 0..<ranks {
                 if r == rank { byRank.append(local); continue }
-                let peer = Array(all[(r * record.count)..<((r + 1) * record.count)])
                 var pointers: [DevicePointer] = []
-                for b in sizes.indices {
-                    let (descriptor, bytes) = (Int32(peer[1 + 2 * b]), Int(peer[2 + 2 * b]))
-                    let p = try gpu {
-                        let taken = try FileDescriptorTaking.take(descriptor, from: Int32(peer[0]))
-                        defer { FileDescriptorTaking.close(taken) }
-                        return try driver.importAllocation(fileDescriptor: taken, byteCount: bytes, deviceOrdinal: device.ordinal)
+                for (b, e) in (received[r] ?? []).enumerated() {
+                    guard e.byteCount >= sizes[b] else {
+                        throw EPError.backend("descriptor exchange: rank \(r) shared \(e.byteCount) bytes for buffer \(b), which needs \(sizes[b])")
                     }
-                    mapped.append((p, bytes))
+                    let p = try gpu { try driver.importAllocation(fileDescriptor: e.fileDescriptor, byteCount: e.byteCount, deviceOrdinal: device.ordinal) }
+                    mapped.append((p, e.byteCount))
                     pointers.append(p)
                 }
                 byRank.append(pointers)
             }
-            // Keep the descriptors open until every rank has taken them.
+            // As before: a rank that failed to map its peers' buffers fails the others' construction too.
             _ = try exchange([0], stream: stream)
         case .cudaIPC:
             let words = IPCMemHandle.byteCount / 8
@@ -101,6 +119,26 @@ final class PeerBuffers {
             }
         }
         done = true
+    }
+
+    /// Every rank's buffers as NCCL mapped them into this process (`local` for this rank), or
+    /// nil when this NCCL cannot say for some peer (older than 2.29, or a peer that loads and
+    /// stores cannot reach). Not run yet: the GPU machines load NCCL 2.28, which has no query.
+    private static func peerPointers(
+        _ nccl: NCCLLibrary, windows: [NCCLWindow], local: [DevicePointer], rank: Int, ranks: Int
+    ) throws -> [[DevicePointer]]? {
+        guard nccl.offersPeerPointers else { return nil }
+        var byRank: [[DevicePointer]] = []
+        for r in 0..<ranks {
+            if r == rank { byRank.append(local); continue }   // NCCL may answer another alias for this rank
+            var pointers: [DevicePointer] = []
+            for w in windows {
+                guard let p = try nccl.peerPointer(w, peer: r, ranks: ranks) else { return nil }
+                pointers.append(p)
+            }
+            byRank.append(pointers)
+        }
+        return byRank
     }
 
     /// `ncclAllGather` of `values` (the same count on every rank), waited for at most `timeout`.
