@@ -1,0 +1,1049 @@
+/*
+ * A coverage-guided fuzz target (libFuzzer) over the C ABI on the host (CPU) backend.
+ *
+ * Each input is decoded into a small group config (sometimes invalid), then a sequence of up to
+ * 24 calls in any order: collective update / dispatch / combine, deactivate, clean, layout info,
+ * active ranks, status, per-rank handle calls (one thread per rank), handle and group destroys.
+ * Every tensor descriptor is right most of the time and otherwise wrong in one way (dtype, a
+ * size, ndim, NULL data, NULL descriptor, structSize, strides, device, alignment); every buffer
+ * is allocated to exactly the bytes its descriptor describes, so an over-read or over-write is
+ * an AddressSanitizer report.
+ *
+ * Checked after every call (a failed check aborts, which libFuzzer reports as a crash):
+ *   - the status is a named one (never epInternalError, nor a CUDA/NCCL status on the host);
+ *   - success leaves the last-error message empty; a failure leaves "<entry point>: <what>";
+ *   - a rejected call wrote nothing (every output and layout-info array is compared with a copy
+ *     taken before the call); inputs are never written; masked ranks' outputs are untouched;
+ *   - order: dispatch or combine succeed only after a successful update whose mask still holds;
+ *     a call on a destroyed group or handle is epInvalidArgument;
+ *   - calls whose every argument is right are accepted (epOverflow and epTimeout allowed);
+ *   - an accepted dispatch matches a model of the routing: layout counters, received rows and
+ *     received routing, for every layout (HT drop policy: counters only bounded).
+ * The full numeric oracle (combine, bit for bit) is python/tests/test_call_sequences.py.
+ *
+ * Built and run by scripts/fuzz (clang -fsanitize=fuzzer,address). The input format is defined
+ * by the decoder below; Tests/fuzz/make_seeds.py writes the seed corpus in it.
+ */
+#include "expert_parallel.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---------------------------------------------------------------------------------------- */
+/* Input decoding                                                                           */
+
+typedef struct {
+    const uint8_t* p;
+    size_t n;
+} Reader;
+
+static uint8_t u8(Reader* r) {
+    if (r->n == 0) return 0;
+    r->n--;
+    return *r->p++;
+}
+
+static uint64_t rng_state;
+static uint64_t next_random(void) { /* splitmix64: payload bytes, seeded from the input */
+    uint64_t z = (rng_state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Failures                                                                                 */
+
+static const char* current_op = "";
+
+#define FAIL(...)                                                                 \
+    do {                                                                          \
+        fprintf(stderr, "abi_fuzz: property violated in %s: ", current_op);       \
+        fprintf(stderr, __VA_ARGS__);                                             \
+        fprintf(stderr, "\n");                                                    \
+        abort();                                                                  \
+    } while (0)
+
+/* EP_FUZZ_KNOWN_BUGS=1 also tries the inputs of open defects (issue 14, items 1 and 3): tensors
+ * describing 2^40 rows (the library allocated for them before checking the row count), and
+ * combine right after an update must be refused. Off in CI until they are fixed. */
+static int known_bugs = 0;
+/* EP_FUZZ_TRACE=1: every call and its status on stderr (to read a crash's input). */
+static int trace = 0;
+#define TRACE(...) do { if (trace) { fprintf(stderr, __VA_ARGS__); fprintf(stderr, "\n"); } } while (0)
+
+/* The status and message of a call that returned `rc`, `message` being its last-error text. */
+static void check_status(const char* name, epResult_t rc, const char* message) {
+    if (rc == epInternalError) FAIL("%s -> epInternalError: %s", name, message);
+    if ((int)rc < 0 || (int)rc > epInternalError) FAIL("%s -> unknown status %d", name, (int)rc);
+    if (rc == epCudaError || rc == epNcclError) FAIL("%s -> %s on the host backend: %s", name, epGetErrorString(rc), message);
+    if (rc == epSuccess) {
+        if (message[0] != 0) FAIL("%s succeeded with a message: %s", name, message);
+        return;
+    }
+    size_t length = strlen(name);
+    if (strncmp(message, name, length) != 0 || strncmp(message + length, ": ", 2) != 0 || strlen(message) < length + 8)
+        FAIL("%s -> %s with a message that does not name the call and what was wrong: \"%s\"", name, epGetErrorString(rc), message);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Tensors and their buffers                                                                */
+
+static size_t dtype_size(int dtype) {
+    switch (dtype) {
+    case epBFloat16: case epFloat16: return 2;
+    case epFloat32: case epInt32: return 4;
+    case epInt64: return 8;
+    case epUInt8: return 1;
+    default: return 4;
+    }
+}
+
+/* One tensor argument of a call: its descriptor, its buffer, and a copy of the buffer taken
+ * before the call (outputs: compared on rejection; inputs: compared always). */
+typedef struct {
+    epTensor_t desc;
+    const epTensor_t* pointer; /* what the call gets: &desc, or NULL */
+    uint8_t* buffer;           /* the bytes the descriptor describes (plus one for misalignment) */
+    size_t bytes;
+    uint8_t* before;
+    int output;
+    int rank;
+    int owned;                 /* buffer is this call's own (a mutated descriptor) */
+    int mutated;
+} Arg;
+
+#define MAX_ARGS 64
+typedef struct {
+    Arg args[MAX_ARGS];
+    int count;
+    int mutated;               /* any argument of the call was wrong */
+} ArgList;
+
+static int64_t elements_of(int ndim, const int64_t* sizes) {
+    int64_t n = 1;
+    for (int i = 0; i < ndim; i++) n *= sizes[i] < 0 ? 0 : sizes[i];
+    return n;
+}
+
+/* A persistent buffer of a rank: exactly `bytes`, kept across calls (dispatch fills what
+ * combine reads). */
+typedef struct {
+    uint8_t* data;
+    size_t bytes;
+} Buffer;
+
+static void buffer_make(Buffer* b, size_t bytes) {
+    b->bytes = bytes;
+    b->data = malloc(bytes ? bytes : 1);
+    for (size_t i = 0; i < bytes; i++) b->data[i] = (uint8_t)next_random();
+}
+
+static void buffer_free(Buffer* b) {
+    free(b->data);
+    b->data = NULL;
+    b->bytes = 0;
+}
+
+/* Adds a tensor argument over `base` with the right dtype/shape, then maybe breaks it as the
+ * next input byte says. Returns the descriptor pointer the call gets. */
+static const epTensor_t* arg(Reader* in, ArgList* list, Buffer* base, int dtype, int ndim, const int64_t* sizes,
+                             int output, int rank) {
+    Arg* a = &list->args[list->count++];
+    memset(a, 0, sizeof *a);
+    a->output = output;
+    a->rank = rank;
+    a->desc = epMakeTensor(base->data, (epDataType_t)dtype, ndim, sizes, -1);
+    a->pointer = &a->desc;
+    a->buffer = base->data;
+    a->bytes = base->bytes;
+    uint8_t m = u8(in);
+    if (m < 208) return a->pointer;
+    a->mutated = 1;
+    list->mutated = 1;
+    epTensor_t* t = &a->desc;
+    int64_t s[EP_MAX_DIMS] = {0, 0, 0, 0};
+    for (int i = 0; i < ndim; i++) s[i] = sizes[i];
+    int newDtype = dtype, newNdim = ndim, misalign = 0;
+    switch ((m - 208) % 16) {
+    case 0: newDtype = (dtype + 1 + m % 5) % 6; break;
+    case 1: if (ndim > 0) s[0] += 1; break;
+    case 2: if (ndim > 0 && s[0] > 0) s[0] -= 1; else if (ndim > 0) s[0] = 2; break;
+    case 3: if (ndim > 0) s[ndim - 1] += 1; break;
+    case 4: if (ndim < EP_MAX_DIMS) { s[ndim] = 1; newNdim = ndim + 1; } break;
+    case 5: if (ndim >= 2) { s[0] *= s[1]; for (int i = 1; i < ndim - 1; i++) s[i] = s[i + 1]; newNdim = ndim - 1; } break;
+    case 6: t->data = NULL; return a->pointer;                    /* NULL data, shape as it is */
+    case 7: a->pointer = NULL; return NULL;                       /* no descriptor at all */
+    case 8: t->structSize = (m & 1) ? sizeof(epTensor_t) - 8 : 0; return a->pointer;
+    case 9: if (ndim > 0) t->strides[0] += 1 + (m & 1); return a->pointer;
+    case 10: t->device = (m & 1) ? 0 : -2; return a->pointer;
+    case 11: misalign = 1; break;
+    case 12: if (ndim > 0) s[ndim - 1] = -1 - (m & 1); break;
+    case 13: newNdim = (m & 1) ? EP_MAX_DIMS + 1 : -1; break;
+    case 14: if (ndim > 0) s[0] = 0; break;
+    case 15: if (ndim > 0) s[0] = known_bugs ? (int64_t)1 << 40 : s[0] + 2; break; /* huge: refused before any read */
+    }
+    /* A buffer of exactly the described bytes (huge or invalid descriptions get a token buffer:
+     * the library must refuse them before reading). */
+    int describedNdim = newNdim < 0 ? 0 : newNdim > EP_MAX_DIMS ? EP_MAX_DIMS : newNdim;
+    int64_t count = elements_of(describedNdim, s);
+    size_t bytes = count > 4096 || newNdim != describedNdim ? 16 : (size_t)count * dtype_size(newDtype);
+    a->owned = 1;
+    a->bytes = bytes;
+    uint8_t* raw = malloc(bytes + 1 + 8);
+    for (size_t i = 0; i < bytes + 1 + 8; i++) raw[i] = (uint8_t)next_random();
+    memcpy(raw + misalign, base->data, bytes < base->bytes ? bytes : base->bytes);
+    a->buffer = raw;
+    *t = epMakeTensor(raw + misalign, (epDataType_t)newDtype, describedNdim, s, -1);
+    t->ndim = newNdim;
+    if (misalign && dtype_size(newDtype) == 1) t->data = raw + 1; /* byte tensors: no misalignment possible */
+    a->bytes = bytes + misalign;
+    return a->pointer;
+}
+
+static void args_snapshot(ArgList* list) {
+    for (int i = 0; i < list->count; i++) {
+        Arg* a = &list->args[i];
+        a->before = malloc(a->bytes ? a->bytes : 1);
+        memcpy(a->before, a->buffer, a->bytes);
+    }
+}
+
+static int arg_changed(const Arg* a) { return memcmp(a->before, a->buffer, a->bytes) != 0; }
+
+static void args_free(ArgList* list) {
+    for (int i = 0; i < list->count; i++) {
+        free(list->args[i].before);
+        if (list->args[i].owned) free(list->args[i].buffer);
+    }
+    list->count = 0;
+    list->mutated = 0;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* The group under test and the model of its state                                          */
+
+enum { MAX_R = 4, MAX_L = 3, MAX_K = 4 };
+
+typedef struct {
+    int valid;                         /* a successful update whose mask still holds */
+    int known;                         /* ... made of the model's own tensors (so its routing is known) */
+    int maybeVoid;                     /* a later update failed: the step may be void or may stand */
+    int dispatched;
+    uint64_t mask;                     /* active ranks at the update */
+    int tokens[MAX_R];
+    int64_t idx[MAX_R][5 * MAX_K];     /* [B][K] of each rank (B <= Bmax + 1 <= 5) */
+} StepModel;
+
+typedef struct {
+    /* config */
+    int algorithm, layout, R, E, L, K, elementType, overflow, alignment;
+    int64_t H, Bmax, capacity;
+    int recvNdim, routingNdim;
+    int64_t recvShape[EP_MAX_DIMS], routingShape[EP_MAX_DIMS];
+    size_t esize;
+    /* objects */
+    epGroup_t group;
+    int groupDestroyed;
+    epHandle_t handles[MAX_R];
+    int handlesDestroyed;
+    uint64_t mask;
+    StepModel groupStep, handleStep;
+    /* per-rank buffers of the current step */
+    int tokens[MAX_R];                 /* B of the last update attempt */
+    int idxDtype[MAX_R];
+    Buffer idx[MAX_R], x[MAX_R], w[MAX_R];
+    Buffer recv[MAX_R], recvIdx[MAX_R], recvW[MAX_R], y[MAX_R], gradIn[MAX_R], gradOut[MAX_R];
+    int recvIdxDtype[MAX_R];
+    int64_t counters[MAX_R][4 * MAX_R * 4 + 8]; /* layout info arrays: expert, offsets, source, expert×source */
+} State;
+
+static int64_t layout_array_len(const State* s) { return s->L * 2 + s->R + s->L * s->R; }
+
+static void free_step_buffers(State* s, int r) {
+    buffer_free(&s->idx[r]);
+    buffer_free(&s->x[r]);
+    buffer_free(&s->w[r]);
+    buffer_free(&s->y[r]);
+    buffer_free(&s->gradOut[r]);
+}
+
+static int64_t read_index(const State* s, int r, int i) {
+    if (s->idxDtype[r] == epInt64) return ((const int64_t*)s->idx[r].data)[i];
+    return ((const int32_t*)s->idx[r].data)[i];
+}
+
+/* New routing for rank r: B tokens, distinct experts per row mostly, sometimes -1 or broken. */
+static void make_routing(Reader* in, State* s, int r) {
+    free_step_buffers(s, r);
+    uint8_t b = u8(in);
+    int B = (int)(b % (s->Bmax + 1));
+    if (b >= 250) B = (int)s->Bmax + 1; /* one row too many */
+    s->tokens[r] = B;
+    s->idxDtype[r] = (b & 0x40) ? epInt64 : epInt32;
+    buffer_make(&s->idx[r], (size_t)B * s->K * dtype_size(s->idxDtype[r]));
+    for (int t = 0; t < B; t++) {
+        uint8_t rowKind = u8(in);
+        int start = u8(in) % s->E;
+        for (int c = 0; c < s->K; c++) {
+            int64_t e = (start + c) % s->E;
+            if ((rowKind >> 4) == c + 1) e = -1;
+            if (rowKind >= 0xF8) { /* one wrong entry */
+                switch (rowKind & 7) {
+                case 0: e = s->E; break;
+                case 1: e = -2; break;
+                case 2: e = c > 0 ? start % s->E : e; break; /* repeats the row's first expert */
+                case 3: e = (int64_t)1 << 33; break;
+                default: e = 0x7fffffff; break;
+                }
+            }
+            int i = t * s->K + c;
+            if (s->idxDtype[r] == epInt64) ((int64_t*)s->idx[r].data)[i] = e;
+            else ((int32_t*)s->idx[r].data)[i] = (int32_t)e;
+        }
+    }
+    buffer_make(&s->x[r], (size_t)B * s->H * s->esize);
+    buffer_make(&s->w[r], (size_t)B * s->K * 4);
+    float* w = (float*)s->w[r].data;
+    for (int i = 0; i < B * s->K; i++) w[i] = (float)(next_random() % 1000) / 256.0f;
+    if (s->elementType != epUInt8) { /* finite payloads (bf16/f16 random bits may be NaN: fine, but keep most finite) */
+        for (int64_t i = 0; i < B * s->H; i++) {
+            if (s->esize == 4) ((float*)s->x[r].data)[i] = (float)((int)(next_random() % 2001) - 1000) / 64.0f;
+            else ((uint16_t*)s->x[r].data)[i] &= 0xBFFF; /* exponent < max: finite */
+        }
+    }
+    buffer_make(&s->y[r], (size_t)B * s->H * s->esize);
+    buffer_make(&s->gradOut[r], (size_t)B * s->K * 4);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* The dispatch model (what an accepted dispatch must have delivered)                       */
+
+static int expert_of(const State* s, const StepModel* m, int src, int t, int c) {
+    int64_t e = m->idx[src][t * s->K + c];
+    if (e < 0) return -1;
+    if (!(m->mask >> src & 1) || !(m->mask >> (e / s->L) & 1)) return -1;
+    return (int)e;
+}
+
+static int64_t round_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
+
+/* Rank d's received rows after an accepted dispatch, with layout info `info` (may be NULL). */
+static void check_received(const State* s, const StepModel* m, int d, const epLayoutInfo_t* info, const uint8_t* recv,
+                           const uint8_t* recvIdx, int recvIdxDtype, const float* recvW, const uint8_t* const* xs) {
+    int L = s->L, R = s->R, K = s->K;
+    int64_t H = s->H, rowBytes = H * (int64_t)s->esize;
+    int64_t expertCounters[MAX_L] = {0}, sourceCounters[MAX_R] = {0}, esc[MAX_L][MAX_R];
+    memset(esc, 0, sizeof esc);
+    int drop = s->algorithm == epAlgorithmHighThroughput && s->overflow == epOverflowDrop;
+    if (!(m->mask >> d & 1)) return;
+    for (int src = 0; src < R; src++)
+        for (int t = 0; t < m->tokens[src]; t++) {
+            int any = 0;
+            for (int c = 0; c < K; c++) {
+                int e = expert_of(s, m, src, t, c);
+                if (e >= 0 && e / L == d) { any = 1; expertCounters[e % L]++; esc[e % L][src]++; }
+            }
+            sourceCounters[src] += any;
+        }
+    if (drop) { /* a prefix is kept: counters bounded by the offered ones */
+        if (info) {
+            int64_t kept = 0;
+            for (int src = 0; src < R; src++) {
+                if (info->sourceRankCounters[src] > sourceCounters[src]) FAIL("rank %d: sourceRankCounters[%d] = %lld > offered %lld", d, src, (long long)info->sourceRankCounters[src], (long long)sourceCounters[src]);
+                kept += info->sourceRankCounters[src];
+            }
+            int64_t offered = 0;
+            for (int src = 0; src < R; src++) offered += sourceCounters[src];
+            if (info->droppedTokens != offered - kept) FAIL("rank %d: droppedTokens %lld, offered %lld, kept %lld", d, (long long)info->droppedTokens, (long long)offered, (long long)kept);
+            if (info->receivedTotal > s->capacity) FAIL("rank %d: receivedTotal %lld > capacity %lld", d, (long long)info->receivedTotal, (long long)s->capacity);
+        }
+        return;
+    }
+    int64_t offsets[MAX_L] = {0}, total = 0;
+    if (s->layout == epLayoutExpertMajor) {
+        for (int l = 0; l < L; l++) { offsets[l] = (int64_t)l * R * s->Bmax; total += expertCounters[l]; }
+    } else if (s->layout == epLayoutExpertMajorPadded) {
+        for (int l = 0; l < L; l++) { offsets[l] = total; total += round_up(expertCounters[l], s->alignment); }
+    } else {
+        for (int src = 0; src < R; src++) total += sourceCounters[src];
+    }
+    if (info) {
+        for (int l = 0; l < L; l++) {
+            if (info->expertCounters[l] != expertCounters[l]) FAIL("rank %d: expertCounters[%d] = %lld, model %lld", d, l, (long long)info->expertCounters[l], (long long)expertCounters[l]);
+            if (info->expertOffsets[l] != offsets[l]) FAIL("rank %d: expertOffsets[%d] = %lld, model %lld", d, l, (long long)info->expertOffsets[l], (long long)offsets[l]);
+            for (int src = 0; src < R; src++)
+                if (info->expertSourceCounters[l * R + src] != esc[l][src]) FAIL("rank %d: expertSourceCounters[%d][%d] = %lld, model %lld", d, l, src, (long long)info->expertSourceCounters[l * R + src], (long long)esc[l][src]);
+        }
+        for (int src = 0; src < R; src++)
+            if (info->sourceRankCounters[src] != sourceCounters[src]) FAIL("rank %d: sourceRankCounters[%d] = %lld, model %lld", d, src, (long long)info->sourceRankCounters[src], (long long)sourceCounters[src]);
+        if (info->receivedTotal != total) FAIL("rank %d: receivedTotal %lld, model %lld", d, (long long)info->receivedTotal, (long long)total);
+        if (info->droppedTokens != 0) FAIL("rank %d: droppedTokens %lld without the drop policy", d, (long long)info->droppedTokens);
+    }
+    if (!recv) return;
+    /* The rows, in (source rank, token) order. */
+    int64_t fill[MAX_L] = {0}, flatRow = 0, perSource[MAX_R] = {0};
+    for (int src = 0; src < R; src++)
+        for (int t = 0; t < m->tokens[src]; t++) {
+            int any = 0;
+            for (int c = 0; c < K; c++) {
+                int e = expert_of(s, m, src, t, c);
+                if (e < 0 || e / L != d) continue;
+                any = 1;
+                if (s->layout == epLayoutExpertMajor || s->layout == epLayoutExpertMajorPadded) {
+                    int l = e % L;
+                    int64_t row = offsets[l] + fill[l]++;
+                    if (memcmp(recv + row * rowBytes, xs[src] + t * rowBytes, (size_t)rowBytes) != 0)
+                        FAIL("rank %d: received row %lld is not token %d of rank %d", d, (long long)row, t, src);
+                    if (s->layout == epLayoutExpertMajorPadded) {
+                        int64_t id = recvIdxDtype == epInt64 ? ((const int64_t*)recvIdx)[row] : ((const int32_t*)recvIdx)[row];
+                        if (id != l) FAIL("rank %d: received topkIdx[%lld] = %lld, model %d", d, (long long)row, (long long)id, l);
+                    }
+                }
+            }
+            if (!any || s->layout == epLayoutExpertMajor || s->layout == epLayoutExpertMajorPadded) continue;
+            int64_t row = s->layout == epLayoutRankMajor ? src * s->Bmax + perSource[src]++ : flatRow++;
+            if (memcmp(recv + row * rowBytes, xs[src] + t * rowBytes, (size_t)rowBytes) != 0)
+                FAIL("rank %d: received row %lld is not token %d of rank %d", d, (long long)row, t, src);
+            for (int c = 0; c < K; c++) {
+                int e = expert_of(s, m, src, t, c);
+                int64_t want = (e >= 0 && e / L == d) ? e % L : -1;
+                int64_t id = recvIdxDtype == epInt64 ? ((const int64_t*)recvIdx)[row * K + c] : ((const int32_t*)recvIdx)[row * K + c];
+                if (id != want) FAIL("rank %d: received topkIdx[%lld][%d] = %lld, model %lld", d, (long long)row, c, (long long)id, (long long)want);
+                (void)recvW;
+            }
+        }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Calls                                                                                    */
+
+typedef enum { CALL_UPDATE, CALL_DISPATCH, CALL_COMBINE } CallKind;
+
+/* Everything one rank passes to one data call. */
+typedef struct {
+    epUpdateInputs_t update;
+    epUpdateConfig_t updateConfig;
+    epDispatchInputs_t din;
+    epDispatchOutputs_t dout;
+    epDispatchConfig_t dconfig;
+    epCombineInputs_t cin;
+    epCombineOutputs_t cout;
+    epCombineConfig_t cconfig;
+    epLayoutInfo_t info;
+    int infoGiven;
+    int direction;
+} RankCall;
+
+static void layout_info_struct(State* s, int r, epLayoutInfo_t* info) {
+    memset(info, 0, sizeof *info);
+    info->structSize = sizeof *info;
+    int64_t* base = s->counters[r];
+    info->expertCounters = base;
+    info->expertOffsets = base + s->L;
+    info->sourceRankCounters = base + 2 * s->L;
+    info->expertSourceCounters = base + 2 * s->L + s->R;
+    for (int64_t i = 0; i < layout_array_len(s); i++) base[i] = -77;
+    info->receivedTotal = -77;
+    info->droppedTokens = -77;
+}
+
+static int layout_info_untouched(const State* s, int r, const epLayoutInfo_t* info) {
+    for (int64_t i = 0; i < layout_array_len(s); i++)
+        if (s->counters[r][i] != -77) return 0;
+    return info->receivedTotal == -77 && info->droppedTokens == -77;
+}
+
+/* Fills rank r's structs for `kind`; `direction` for dispatch/combine. */
+static void prepare(Reader* in, State* s, ArgList* list, RankCall* c, int r, CallKind kind, int direction) {
+    memset(c, 0, sizeof *c);
+    int B = s->tokens[r];
+    int64_t xs[2] = {B, s->H}, ks[2] = {B, s->K};
+    c->direction = direction;
+    uint8_t structByte = u8(in);
+    switch (kind) {
+    case CALL_UPDATE:
+        c->update.structSize = sizeof c->update;
+        c->update.topkIdx = arg(in, list, &s->idx[r], s->idxDtype[r], 2, ks, 0, r);
+        c->updateConfig = (epUpdateConfig_t){sizeof(epUpdateConfig_t), epLaunchSingle};
+        break;
+    case CALL_DISPATCH:
+        c->din.structSize = sizeof c->din;
+        c->din.tokens = arg(in, list, &s->x[r], s->elementType, 2, xs, 0, r);
+        if (s->routingNdim > 0 || (structByte & 1)) c->din.topkWeights = arg(in, list, &s->w[r], epFloat32, 2, ks, 0, r);
+        c->dout.structSize = sizeof c->dout;
+        c->dout.tokens = arg(in, list, &s->recv[r], s->elementType, s->recvNdim, s->recvShape, 1, r);
+        if (s->routingNdim > 0) {
+            c->dout.topkIdx = arg(in, list, &s->recvIdx[r], s->recvIdxDtype[r], s->routingNdim, s->routingShape, 1, r);
+            c->dout.topkWeights = arg(in, list, &s->recvW[r], epFloat32, s->routingNdim, s->routingShape, 1, r);
+        }
+        if (!(structByte & 2)) {
+            layout_info_struct(s, r, &c->info);
+            c->dout.layoutInfo = &c->info;
+            c->infoGiven = 1;
+        }
+        c->dconfig = (epDispatchConfig_t){sizeof(epDispatchConfig_t), (epPassDirection_t)direction, epLaunchSingle};
+        break;
+    case CALL_COMBINE: {
+        c->cin.structSize = sizeof c->cin;
+        c->cin.expertOutputs = arg(in, list, &s->recv[r], s->elementType, s->recvNdim, s->recvShape, 0, r);
+        int forward = direction == epForward;
+        if (forward && s->layout == epLayoutExpertMajor) c->cin.topkWeights = arg(in, list, &s->w[r], epFloat32, 2, ks, 0, r);
+        if (forward && s->layout == epLayoutExpertMajorPadded) c->cin.topkWeights = arg(in, list, &s->recvW[r], epFloat32, 1, s->routingShape, 0, r);
+        if (!forward && s->algorithm == epAlgorithmHighThroughput) {
+            c->cin.weightGradients = arg(in, list, &s->gradIn[r], epFloat32, s->routingNdim, s->routingShape, 0, r);
+        }
+        c->cout.structSize = sizeof c->cout;
+        c->cout.tokens = arg(in, list, &s->y[r], s->elementType, 2, xs, 1, r);
+        if (!forward && s->algorithm == epAlgorithmHighThroughput)
+            c->cout.topkWeightGradients = arg(in, list, &s->gradOut[r], epFloat32, 2, ks, 1, r);
+        c->cconfig = (epCombineConfig_t){sizeof(epCombineConfig_t), (epPassDirection_t)direction, epLaunchSingle};
+        break;
+    }
+    }
+    if (structByte >= 240) { /* a broken struct or config */
+        list->mutated = 1;
+        size_t bad = (structByte & 1) ? 8 : 0;
+        switch ((structByte >> 1) & 3) {
+        case 0: c->update.structSize = c->din.structSize = c->cin.structSize = bad; break;
+        case 1: c->dout.structSize = c->cout.structSize = bad; break;
+        case 2: c->updateConfig.launchMode = (epLaunchMode_t)7; c->dconfig.direction = c->cconfig.direction = (epPassDirection_t)5; break;
+        case 3: c->updateConfig.structSize = c->dconfig.structSize = c->cconfig.structSize = bad + 4; c->info.structSize = bad; break;
+        }
+    }
+}
+
+/* The checks every data call shares; `ranks` says whose arguments were read (bit r). */
+static void check_call(const char* name, State* s, ArgList* list, RankCall* calls, int ncalls, epResult_t rc,
+                       const char* message, uint64_t writtenRanks) {
+    check_status(name, rc, message);
+    for (int i = 0; i < list->count; i++) {
+        Arg* a = &list->args[i];
+        if (!a->output && arg_changed(a)) FAIL("%s wrote into an input of rank %d (argument %d)", name, a->rank, i);
+        if (a->output && rc != epSuccess && arg_changed(a)) FAIL("%s -> %s wrote into an output of rank %d (argument %d): %s", name, epGetErrorString(rc), a->rank, i, message);
+        if (a->output && rc == epSuccess && !(writtenRanks >> a->rank & 1) && arg_changed(a))
+            FAIL("%s wrote into the output of rank %d, which took no part", name, a->rank);
+    }
+    for (int r = 0; r < ncalls; r++) {
+        if (!calls[r].infoGiven || calls[r].info.structSize != sizeof(epLayoutInfo_t)) continue;
+        int written = !layout_info_untouched(s, r, &calls[r].info);
+        if (written && rc != epSuccess) FAIL("%s -> %s wrote rank %d's layout info", name, epGetErrorString(rc), r);
+        if (written && !(writtenRanks >> r & 1)) FAIL("%s wrote the layout info of rank %d, which took no part", name, r);
+    }
+}
+
+/* What the model says of a call's outcome, and its update after it. */
+static void model_after(State* s, StepModel* m, CallKind kind, epResult_t rc, int allRight, const char* name,
+                        const char* message, RankCall* calls, int collective) {
+    int floating = s->elementType != epUInt8;
+    if (kind == CALL_UPDATE) {
+        if (rc == epSuccess) {
+            m->valid = 1;
+            m->known = allRight;
+            m->maybeVoid = 0;
+            m->dispatched = 0;
+            m->mask = s->mask;
+            for (int r = 0; r < s->R; r++) {
+                m->tokens[r] = (s->mask >> r & 1) ? s->tokens[r] : 0;
+                for (int i = 0; i < m->tokens[r] * s->K; i++) m->idx[r][i] = read_index(s, r, i);
+            }
+        } else {
+            /* A refusal inside the step voids it; one of the call's structs or descriptors,
+             * found before the step is reached, leaves it standing. Either is allowed. */
+            m->maybeVoid = 1;
+        }
+        return;
+    }
+    /* (with every rank masked a call reads nothing and does nothing: accepted in any order) */
+    if (rc == epSuccess && !m->valid && s->mask != 0) FAIL("%s accepted without a valid update (or after the mask changed)", name);
+    if (rc == epSuccess && kind == CALL_COMBINE && !m->dispatched && known_bugs && s->mask != 0)
+        FAIL("%s accepted without a dispatch of the step", name);
+    if (rc == epSuccess) m->maybeVoid = 0;
+    if (allRight && m->valid && m->known && !m->maybeVoid && rc != epSuccess && rc != epOverflow && rc != epTimeout && (kind != CALL_COMBINE || floating) &&
+        (kind != CALL_COMBINE || m->dispatched))
+        FAIL("%s refused right arguments: %s", name, message);
+    if (rc == epSuccess && kind == CALL_DISPATCH && m->valid && m->known) {
+        m->dispatched = 1;
+        const uint8_t* xs[MAX_R];
+        for (int r = 0; r < s->R; r++) xs[r] = s->x[r].data;
+        for (int d = 0; d < s->R; d++) {
+            if (!(m->mask >> d & 1)) continue;
+            /* (rows are checked only when every rank's inputs were the model's own buffers) */
+            const epLayoutInfo_t* info = calls[d].infoGiven && calls[d].info.structSize == sizeof(epLayoutInfo_t) ? &calls[d].info : NULL;
+            check_received(s, m, d, info, allRight ? s->recv[d].data : NULL, s->recvIdx[d].data, s->recvIdxDtype[d],
+                           (const float*)s->recvW[d].data, xs);
+        }
+    }
+    (void)collective;
+}
+
+/* The active ranks changed: the group's own step must be refused from now on (its calls say
+ * wrongOrder); the per-rank handles' step may stand (the header asks callers to clean only
+ * between steps, and the per-rank calls do not check it): allowed, no longer checked. */
+static void mask_changed(State* s) {
+    s->groupStep.valid = 0;
+    if (s->handleStep.valid) { s->handleStep.known = 0; s->handleStep.maybeVoid = 1; }
+}
+
+static void resync_mask(State* s) {
+    uint64_t mask = 0;
+    epResult_t rc = epGroupGetActiveRanks(s->group, &mask);
+    if (rc == epSuccess) {
+        if (mask != s->mask) mask_changed(s);
+        s->mask = mask;
+    }
+}
+
+/* A collective data call. */
+static void collective(Reader* in, State* s, CallKind kind) {
+    static const char* names[] = {"epGroupUpdateAll", "epGroupDispatchAll", "epGroupCombineAll"};
+    current_op = names[kind];
+    int direction = (u8(in) & 3) == 3 ? epBackward : epForward;
+    if (kind == CALL_UPDATE)
+        for (int r = 0; r < s->R; r++) make_routing(in, s, r);
+    ArgList* list = calloc(1, sizeof *list);
+    RankCall calls[MAX_R];
+    for (int r = 0; r < s->R; r++) prepare(in, s, list, &calls[r], r, kind, direction);
+    int allRight = !list->mutated;
+    for (int r = 0; r < s->R; r++) if (s->tokens[r] > s->Bmax) allRight = 0;
+    if (kind != CALL_UPDATE) /* the tokens must be the step's */
+        for (int r = 0; r < s->R; r++) if (s->tokens[r] != s->groupStep.tokens[r] && (s->mask >> r & 1)) allRight = 0;
+    if (kind == CALL_UPDATE) {
+        for (int r = 0; r < s->R; r++)
+            for (int i = 0; i < s->tokens[r] * s->K; i++) {
+                int64_t e = read_index(s, r, i);
+                if (e < -1 || e >= s->E) allRight = 0;
+                for (int j = i - i % s->K; j < i; j++) if (e >= 0 && read_index(s, r, j) == e) allRight = 0;
+            }
+    }
+    uint8_t arrayByte = u8(in);
+    args_snapshot(list);
+    epUpdateInputs_t update[MAX_R];
+    epDispatchInputs_t din[MAX_R];
+    epDispatchOutputs_t dout[MAX_R];
+    epCombineInputs_t cin[MAX_R];
+    epCombineOutputs_t cout[MAX_R];
+    for (int r = 0; r < s->R; r++) {
+        update[r] = calls[r].update; din[r] = calls[r].din; dout[r] = calls[r].dout; cin[r] = calls[r].cin; cout[r] = calls[r].cout;
+    }
+    int nullArray = arrayByte >= 250;
+    if (nullArray) allRight = 0;
+    epResult_t rc;
+    switch (kind) {
+    case CALL_UPDATE: rc = epGroupUpdateAll(s->group, nullArray ? NULL : update, (arrayByte & 1) ? NULL : &calls[0].updateConfig, NULL); break;
+    case CALL_DISPATCH: rc = epGroupDispatchAll(s->group, din, nullArray ? NULL : dout, (arrayByte & 1) ? NULL : &calls[0].dconfig, NULL); break;
+    default: rc = epGroupCombineAll(s->group, nullArray ? NULL : cin, cout, (arrayByte & 1) ? NULL : &calls[0].cconfig, NULL); break;
+    }
+    if ((arrayByte & 1) && direction == epBackward && kind != CALL_UPDATE) allRight = 0; /* NULL config: forward */
+    const char* message = epGetLastErrorMessage();
+    char copy[2048];
+    snprintf(copy, sizeof copy, "%s", message);
+    TRACE("%s(%s, mask %llx, tokens %d %d %d %d, right %d) -> %s %s", names[kind], direction ? "backward" : "forward",
+          (unsigned long long)s->mask, s->tokens[0], s->tokens[1], s->tokens[2], s->tokens[3], allRight, epGetErrorString(rc), copy);
+    if (s->groupDestroyed) {
+        if (rc != epInvalidArgument) FAIL("%s on a destroyed group -> %s", names[kind], epGetErrorString(rc));
+        check_status(names[kind], rc, copy);
+    } else {
+        check_call(names[kind], s, list, calls, s->R, rc, copy, s->mask);
+        if (rc == epTimeout) resync_mask(s);
+        else model_after(s, &s->groupStep, kind, rc, allRight, names[kind], copy, calls, 1);
+    }
+    args_free(list);
+    free(list);
+}
+
+/* Per-rank handle calls: one thread per rank, each on its own handle. */
+typedef struct {
+    epHandle_t handle;
+    CallKind kind;
+    RankCall* call;
+    epResult_t rc;
+    char message[1024];
+} RankThread;
+
+static void* rank_thread(void* argument) {
+    RankThread* t = argument;
+    RankCall* c = t->call;
+    switch (t->kind) {
+    case CALL_UPDATE: t->rc = epHandleUpdate(t->handle, &c->update, &c->updateConfig, NULL); break;
+    case CALL_DISPATCH: t->rc = epDispatch(t->handle, &c->din, &c->dout, &c->dconfig, NULL); break;
+    default: t->rc = epCombine(t->handle, &c->cin, &c->cout, &c->cconfig, NULL); break;
+    }
+    snprintf(t->message, sizeof t->message, "%s", epGetLastErrorMessage());
+    return NULL;
+}
+
+static void per_rank(Reader* in, State* s, CallKind kind) {
+    static const char* names[] = {"epHandleUpdate", "epDispatch", "epCombine"};
+    current_op = names[kind];
+    if (s->handlesDestroyed) return;
+    for (int r = 0; r < s->R; r++) {
+        if (s->handles[r]) continue;
+        epResult_t rc = epHandleCreate(s->group, r, &s->handles[r]);
+        check_status("epHandleCreate", rc, epGetLastErrorMessage());
+        if (rc != epSuccess) { if (!s->groupDestroyed) FAIL("epHandleCreate(rank %d) -> %s", r, epGetLastErrorMessage()); return; }
+    }
+    int direction = (u8(in) & 3) == 3 ? epBackward : epForward;
+    if (kind == CALL_UPDATE)
+        for (int r = 0; r < s->R; r++) make_routing(in, s, r);
+    ArgList* list = calloc(1, sizeof *list);
+    RankCall calls[MAX_R];
+    RankThread threads[MAX_R];
+    pthread_t ids[MAX_R];
+    for (int r = 0; r < s->R; r++) prepare(in, s, list, &calls[r], r, kind, direction);
+    args_snapshot(list);
+    for (int r = 0; r < s->R; r++) {
+        threads[r] = (RankThread){s->handles[r], kind, &calls[r], epSuccess, ""};
+        if (pthread_create(&ids[r], NULL, rank_thread, &threads[r]) != 0) FAIL("pthread_create");
+    }
+    for (int r = 0; r < s->R; r++) pthread_join(ids[r], NULL);
+    for (int r = 0; r < s->R; r++) TRACE("%s rank %d -> %s %s", names[kind], r, epGetErrorString(threads[r].rc), threads[r].message);
+    /* Each rank's own checks; a rank's outputs may be written only when its call succeeded. */
+    int allOk = 1;
+    uint64_t succeeded = 0;
+    for (int r = 0; r < s->R; r++) {
+        check_status(names[kind], threads[r].rc, threads[r].message);
+        if (threads[r].rc == epSuccess) succeeded |= 1ull << r;
+        else allOk = 0;
+        if (threads[r].rc == epTimeout) allOk = 0;
+    }
+    for (int i = 0; i < list->count; i++) {
+        Arg* a = &list->args[i];
+        if (!a->output && arg_changed(a)) FAIL("%s wrote into an input of rank %d", names[kind], a->rank);
+        if (a->output && !(succeeded >> a->rank & 1) && arg_changed(a))
+            FAIL("%s -> %s wrote into an output of rank %d: %s", names[kind], epGetErrorString(threads[a->rank].rc), a->rank, threads[a->rank].message);
+    }
+    for (int r = 0; r < s->R; r++)
+        if (calls[r].infoGiven && calls[r].info.structSize == sizeof(epLayoutInfo_t) && !(succeeded >> r & 1) &&
+            !layout_info_untouched(s, r, &calls[r].info))
+            FAIL("%s -> %s wrote rank %d's layout info", names[kind], epGetErrorString(threads[r].rc), r);
+    /* The handles' step: valid only when every active rank's update succeeded. */
+    int anyTimeout = 0;
+    for (int r = 0; r < s->R; r++) anyTimeout |= threads[r].rc == epTimeout;
+    if (anyTimeout && !s->groupDestroyed) resync_mask(s);
+    if (kind == CALL_UPDATE) {
+        uint64_t active = s->handleStep.mask;
+        (void)active;
+        if ((succeeded & s->mask) == s->mask && !anyTimeout && s->mask != 0) {
+            s->handleStep.valid = 1;
+            s->handleStep.maybeVoid = 0;
+            s->handleStep.known = !list->mutated;
+            s->handleStep.dispatched = 0;
+            s->handleStep.mask = s->mask;
+            for (int r = 0; r < s->R; r++) {
+                s->handleStep.tokens[r] = (s->mask >> r & 1) ? s->tokens[r] : 0;
+                for (int i = 0; i < s->handleStep.tokens[r] * s->K; i++) s->handleStep.idx[r][i] = read_index(s, r, i);
+            }
+        } else {
+            s->handleStep.maybeVoid = 1;
+        }
+    } else if (succeeded & s->handleStep.mask) {
+        if (!s->handleStep.valid) FAIL("%s accepted on a handle without a valid update", names[kind]);
+        if (kind == CALL_DISPATCH && s->handleStep.known && (succeeded & s->handleStep.mask) == s->handleStep.mask) {
+            s->handleStep.dispatched = 1;
+            int right = !list->mutated;
+            const uint8_t* xs[MAX_R];
+            for (int r = 0; r < s->R; r++) xs[r] = s->x[r].data;
+            for (int d = 0; d < s->R; d++) {
+                if (!(s->handleStep.mask >> d & 1)) continue;
+                const epLayoutInfo_t* info = calls[d].infoGiven && calls[d].info.structSize == sizeof(epLayoutInfo_t) ? &calls[d].info : NULL;
+                check_received(s, &s->handleStep, d, info, right ? s->recv[d].data : NULL, s->recvIdx[d].data,
+                               s->recvIdxDtype[d], (const float*)s->recvW[d].data, xs);
+            }
+        }
+    }
+    (void)allOk;
+    args_free(list);
+    free(list);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Config                                                                                   */
+
+static const double timeouts[] = {0.2, 0.5, 0.1, -1.0, NAN, INFINITY, 1e-12, 0.3};
+
+/* Decodes the group config; returns 0 when the input asks for a config the library must refuse
+ * (the create call is then only checked for a clean refusal). */
+static void decode_config(Reader* in, epGroupConfig_t* c, int* expectValid) {
+    memset(c, 0, sizeof *c);
+    c->structSize = sizeof *c;
+    int valid = 1;
+    uint8_t a = u8(in);
+    c->algorithm = (epAlgorithm_t)(a & 1);
+    uint8_t lb = u8(in);
+    if (c->algorithm == epAlgorithmLowLatency) c->layout = (epLayout_t)((lb % 3 == 0) ? epLayoutDefault : (lb % 3 == 1) ? epLayoutExpertMajor : epLayoutRankMajor);
+    else c->layout = (epLayout_t)((lb % 3 == 0) ? epLayoutDefault : (lb % 3 == 1) ? epLayoutFlat : epLayoutExpertMajorPadded);
+    if (lb >= 250) { /* the other algorithm's layouts, or no layout at all */
+        int v = lb - 250;
+        c->layout = (epLayout_t)(c->algorithm == epAlgorithmLowLatency ? 3 + v : v < 2 ? 1 + v : 3 + v);
+        valid = 0;
+    }
+    uint8_t rb = u8(in);
+    int R = 1 + rb % MAX_R;
+    c->ranks = R;
+    uint8_t eb = u8(in);
+    int L = 1 + eb % MAX_L;
+    c->experts = R * L;
+    uint8_t kb = u8(in);
+    int maxK = c->experts < MAX_K ? c->experts : MAX_K;
+    c->topK = 1 + kb % maxK;
+    uint8_t tb = u8(in);
+    static const epDataType_t types[] = {epBFloat16, epFloat16, epFloat32, epUInt8};
+    c->elementType = types[tb % 4];
+    size_t es = dtype_size(c->elementType);
+    uint8_t hb = u8(in);
+    c->hidden = (int64_t)(1 + hb % 4) * (int64_t)(8 / es);
+    uint8_t bb = u8(in);
+    c->maxTokensPerRank = 1 + bb % 4;
+    uint8_t nb = u8(in);
+    c->maxReceivedTokensPerRank = (c->algorithm == epAlgorithmHighThroughput && (nb & 1)) ? ((nb >> 1) & 0x3F) % 24 : 0;
+    c->overflow = (c->algorithm == epAlgorithmHighThroughput && (nb & 0x80)) ? epOverflowDrop : epOverflowFail;
+    uint8_t ab = u8(in);
+    static const int alignments[] = {0, 1, 2, 4, 3, 8};
+    c->alignment = c->layout == epLayoutExpertMajorPadded ? alignments[ab % 6] : 0;
+    uint8_t ob = u8(in);
+    c->timeoutSeconds = timeouts[ob % 4 == 3 ? 0 : ob % 3]; /* mostly valid */
+    /* The wrong-config byte: one field out of its bounds. */
+    uint8_t wb = u8(in);
+    if (wb >= 224) {
+        valid = 0;
+        switch ((wb - 224) % 16) {
+        case 0: c->ranks = (wb & 1) ? 0 : 65; break;
+        case 1: c->experts = c->experts + 1; if (c->ranks == 1) c->experts = 0; break;
+        case 2: c->topK = (wb & 1) ? 0 : 33; break;
+        case 3: c->topK = c->experts + 1; if (c->topK <= 32) break; c->topK = 0; break;
+        case 4: c->hidden = (wb & 1) ? 0 : -8; break;
+        case 5: c->hidden = es == 1 ? 3 : 1; if (es == 4) c->hidden = 1; break; /* not a multiple of 8 bytes */
+        case 6: c->elementType = (wb & 1) ? epInt32 : (epDataType_t)99; break;
+        case 7: c->maxTokensPerRank = (wb & 1) ? 0 : -1; break;
+        case 8: c->maxReceivedTokensPerRank = c->algorithm == epAlgorithmLowLatency ? 5 : -1; break;
+        case 9: c->overflow = (epOverflowPolicy_t)7; break;
+        case 10: c->alignment = c->layout == epLayoutExpertMajorPadded ? ((wb & 1) ? 1025 : -1) : 0; if (c->layout != epLayoutExpertMajorPadded && lb < 250) valid = 1; break;
+        case 11: c->timeoutSeconds = timeouts[3 + (wb & 1)]; break;
+        case 12: c->structSize = (wb & 1) ? sizeof *c - 8 : 0; break;
+        case 13: c->algorithm = (epAlgorithm_t)5; break;
+        case 14: if (c->algorithm == epAlgorithmLowLatency) { c->overflow = epOverflowDrop; valid = -1; } else c->overflow = (epOverflowPolicy_t)-1; break;
+        case 15: c->timeoutSeconds = timeouts[5 + (wb & 1)]; valid = -1; break; /* inf / 1e-12: either answer */
+        }
+    }
+    *expectValid = valid;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* One input                                                                                */
+
+static int setup_done = 0;
+
+int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+    if (!setup_done) {
+        const char* bugs = getenv("EP_FUZZ_KNOWN_BUGS");
+        known_bugs = bugs && bugs[0] == '1';
+        const char* tracing = getenv("EP_FUZZ_TRACE");
+        trace = tracing && tracing[0] == '1';
+        /* EP_FUZZ_SELF_TEST=1: a violation on the first input (checks that a failure fails CI). */
+        const char* selfTest = getenv("EP_FUZZ_SELF_TEST");
+        if (selfTest && selfTest[0] == '1') FAIL("EP_FUZZ_SELF_TEST is set: a deliberate failure");
+        setup_done = 1;
+    }
+    Reader in = {data, size};
+    rng_state = size;
+    for (size_t i = 0; i < size && i < 16; i++) rng_state = rng_state * 131 + data[i];
+
+    State* s = calloc(1, sizeof *s);
+    epGroupConfig_t config;
+    int expectValid = 1;
+    decode_config(&in, &config, &expectValid);
+    current_op = "epGroupCreate";
+    uint8_t bk = u8(&in);
+    epBackendConfig_t backend = {sizeof backend, epBackendHost, 0, 0};
+    const epBackendConfig_t* backendPointer = (bk & 1) ? &backend : NULL;
+    if (bk >= 250) { backend.structSize = (bk & 1) ? 4 : 0; backendPointer = &backend; expectValid = 0; }
+    else if (bk >= 246) { backend.backend = (epBackend_t)(bk - 240); backendPointer = &backend; expectValid = 0; }
+    epResult_t rc = epGroupCreate(bk == 245 ? NULL : &config, backendPointer, &s->group);
+    if (bk == 245) expectValid = 0;
+    check_status("epGroupCreate", rc, epGetLastErrorMessage());
+    if (rc != epSuccess) {
+        if (expectValid == 1) FAIL("epGroupCreate refused a valid config: %s", epGetLastErrorMessage());
+        if (s->group != NULL) FAIL("epGroupCreate failed but set the group");
+        free(s);
+        return 0;
+    }
+    if (expectValid == 0) FAIL("epGroupCreate accepted an invalid config (bytes %zu)", size);
+
+    epGroupInfo_t info;
+    memset(&info, 0, sizeof info);
+    info.structSize = sizeof info;
+    current_op = "epGroupGetInfo";
+    rc = epGroupGetInfo(s->group, &info);
+    check_status("epGroupGetInfo", rc, epGetLastErrorMessage());
+    if (rc != epSuccess) FAIL("epGroupGetInfo: %s", epGetLastErrorMessage());
+    s->algorithm = info.algorithm;
+    s->layout = info.layout;
+    s->R = info.ranks;
+    s->E = info.experts;
+    s->L = info.localExperts;
+    s->K = info.topK;
+    s->H = info.hidden;
+    s->elementType = info.elementType;
+    s->esize = dtype_size(info.elementType);
+    s->Bmax = info.maxTokensPerRank;
+    s->capacity = info.receiveCapacity;
+    s->overflow = config.overflow;
+    s->alignment = info.alignment < 1 ? 1 : info.alignment;
+    s->recvNdim = info.receiveNdim;
+    s->routingNdim = info.receiveRoutingNdim;
+    memcpy(s->recvShape, info.receiveShape, sizeof s->recvShape);
+    memcpy(s->routingShape, info.receiveRoutingShape, sizeof s->routingShape);
+    TRACE("group: algorithm %d layout %d R %d E %d K %d H %lld dtype %d Bmax %lld capacity %lld overflow %d alignment %d",
+          s->algorithm, s->layout, s->R, s->E, s->K, (long long)s->H, s->elementType, (long long)s->Bmax, (long long)s->capacity,
+          s->overflow, s->alignment);
+    if (s->R != config.ranks || s->E != config.experts || s->K != config.topK || s->H != config.hidden)
+        FAIL("epGroupGetInfo disagrees with the config");
+    s->mask = (s->R == 64) ? ~0ull : ((1ull << s->R) - 1);
+    for (int r = 0; r < s->R; r++) {
+        s->recvIdxDtype[r] = (u8(&in) & 1) ? epInt64 : epInt32;
+        buffer_make(&s->recv[r], (size_t)elements_of(s->recvNdim, s->recvShape) * s->esize);
+        if (s->routingNdim > 0) {
+            int64_t n = elements_of(s->routingNdim, s->routingShape);
+            buffer_make(&s->recvIdx[r], (size_t)n * dtype_size(s->recvIdxDtype[r]));
+            buffer_make(&s->recvW[r], (size_t)n * 4);
+            buffer_make(&s->gradIn[r], (size_t)n * 4);
+            float* g = (float*)s->gradIn[r].data;
+            for (int64_t i = 0; i < n; i++) g[i] = (float)(next_random() % 512) / 128.0f;
+        }
+        s->tokens[r] = 0;
+        s->idxDtype[r] = epInt32;
+        buffer_make(&s->idx[r], 0);
+        buffer_make(&s->x[r], 0);
+        buffer_make(&s->w[r], 0);
+        buffer_make(&s->y[r], 0);
+        buffer_make(&s->gradOut[r], 0);
+    }
+    if (s->elementType != epUInt8 && s->esize == 4) { /* finite expert outputs */
+        for (int r = 0; r < s->R; r++)
+            for (size_t i = 0; i < s->recv[r].bytes / 4; i++) ((float*)s->recv[r].data)[i] = (float)(int)(next_random() % 100);
+    }
+
+    /* The call sequence. */
+    for (int op = 0; op < 24 && in.n > 0; op++) {
+        uint8_t o = u8(&in);
+        switch (o % 16) {
+        case 0: case 1: case 2: collective(&in, s, CALL_UPDATE); break;
+        case 3: case 4: case 5: collective(&in, s, CALL_DISPATCH); break;
+        case 6: case 7: case 8: collective(&in, s, CALL_COMBINE); break;
+        case 9: { /* deactivate a rank (sometimes one out of range) */
+            current_op = "epGroupDeactivateRank";
+            int rank = (int)(u8(&in) % (s->R + 1)) - ((o & 0x80) ? 1 : 0);
+            rc = epGroupDeactivateRank(s->group, rank);
+            TRACE("epGroupDeactivateRank(%d) -> %s", rank, epGetErrorString(rc));
+            check_status("epGroupDeactivateRank", rc, epGetLastErrorMessage());
+            if (!s->groupDestroyed && rank >= 0 && rank < s->R && rc != epSuccess) FAIL("deactivate(%d): %s", rank, epGetLastErrorMessage());
+            if ((rank < 0 || rank >= s->R || s->groupDestroyed) && rc != epInvalidArgument) FAIL("deactivate(%d) -> %s", rank, epGetErrorString(rc));
+            if (rc == epSuccess) {
+                uint64_t before = s->mask;
+                s->mask &= ~(1ull << rank);
+                if (s->mask != before) mask_changed(s);
+                resync_mask(s);
+                if (s->mask & (1ull << rank)) FAIL("rank %d still active after deactivate", rank);
+            }
+            break;
+        }
+        case 10: { /* clean some ranks */
+            current_op = "epGroupCleanRanks";
+            uint8_t mb = u8(&in);
+            uint64_t mask = mb >= 240 ? ~0ull : (uint64_t)(mb & ((1u << s->R) - 1));
+            rc = epGroupCleanRanks(s->group, mask);
+            TRACE("epGroupCleanRanks(%llx) -> %s", (unsigned long long)mask, epGetErrorString(rc));
+            check_status("epGroupCleanRanks", rc, epGetLastErrorMessage());
+            if (rc == epSuccess) {
+                mask_changed(s); /* clean restarts every rank's step numbering */
+                resync_mask(s);
+                if ((s->mask & mask) != (mask & ((s->R == 64) ? ~0ull : ((1ull << s->R) - 1))))
+                    FAIL("clean(%llx) left mask %llx", (unsigned long long)mask, (unsigned long long)s->mask);
+            } else if (s->groupDestroyed && rc != epInvalidArgument) {
+                FAIL("clean on a destroyed group -> %s", epGetErrorString(rc));
+            }
+            break;
+        }
+        case 11: { /* layout info of a rank */
+            current_op = "epGroupGetLayoutInfo";
+            int rank = (int)(u8(&in) % (s->R + 1));
+            epLayoutInfo_t li;
+            layout_info_struct(s, 0, &li);
+            if (o & 0x80) li.structSize = 8;
+            rc = epGroupGetLayoutInfo(s->group, rank, &li);
+            check_status("epGroupGetLayoutInfo", rc, epGetLastErrorMessage());
+            if (rc != epSuccess && !layout_info_untouched(s, 0, &li)) FAIL("epGroupGetLayoutInfo -> %s wrote the info", epGetErrorString(rc));
+            break;
+        }
+        case 12: { /* active ranks, status */
+            current_op = "epGroupCheckStatus";
+            rc = epGroupCheckStatus(s->group);
+            check_status("epGroupCheckStatus", rc, epGetLastErrorMessage());
+            if (!s->groupDestroyed && rc != epSuccess) FAIL("epGroupCheckStatus on the host: %s", epGetLastErrorMessage());
+            current_op = "epGroupGetActiveRanks";
+            rc = epGroupGetActiveRanks(s->group, (o & 0x80) ? NULL : &(uint64_t){0});
+            check_status("epGroupGetActiveRanks", rc, epGetLastErrorMessage());
+            break;
+        }
+        case 13: { /* per-rank handle calls, one thread per rank */
+            uint8_t k = u8(&in);
+            if (!s->groupDestroyed || s->handles[0]) per_rank(&in, s, (CallKind)(k % 3));
+            break;
+        }
+        case 14: { /* destroy the handles; a call on one of them must then be refused */
+            current_op = "epHandleDestroy";
+            if (!s->handles[0] || (o & 0x80) == 0) break;
+            for (int r = 0; r < s->R; r++) {
+                rc = epHandleDestroy(s->handles[r]);
+                check_status("epHandleDestroy", rc, epGetLastErrorMessage());
+                if (rc != epSuccess) FAIL("epHandleDestroy: %s", epGetLastErrorMessage());
+            }
+            epUpdateInputs_t none = {sizeof none, NULL};
+            rc = epHandleUpdate(s->handles[0], &none, NULL, NULL);
+            check_status("epHandleUpdate", rc, epGetLastErrorMessage());
+            if (rc != epInvalidArgument || !strstr(epGetLastErrorMessage(), "handle")) FAIL("a destroyed handle -> %s: %s", epGetErrorString(rc), epGetLastErrorMessage());
+            rc = epHandleDestroy(s->handles[0]);
+            if (rc != epInvalidArgument) FAIL("destroying a handle twice -> %s", epGetErrorString(rc));
+            memset(s->handles, 0, sizeof s->handles);
+            s->handleStep.valid = 0;
+            break;
+        }
+        case 15: { /* destroy the group (its handles keep it alive) */
+            current_op = "epGroupDestroy";
+            if ((o & 0xC0) != 0xC0 || s->groupDestroyed) break;
+            rc = epGroupDestroy(s->group);
+            check_status("epGroupDestroy", rc, epGetLastErrorMessage());
+            if (rc != epSuccess) FAIL("epGroupDestroy: %s", epGetLastErrorMessage());
+            s->groupDestroyed = 1;
+            break;
+        }
+        }
+    }
+
+    current_op = "teardown";
+    for (int r = 0; r < s->R; r++)
+        if (s->handles[r]) {
+            rc = epHandleDestroy(s->handles[r]);
+            if (rc != epSuccess) FAIL("epHandleDestroy at the end: %s", epGetLastErrorMessage());
+        }
+    if (!s->groupDestroyed) {
+        rc = epGroupDestroy(s->group);
+        if (rc != epSuccess) FAIL("epGroupDestroy at the end: %s", epGetLastErrorMessage());
+    } else {
+        rc = epGroupDestroy(s->group);
+        if (rc != epInvalidArgument) FAIL("destroying a group twice -> %s", epGetErrorString(rc));
+    }
+    for (int r = 0; r < s->R; r++) {
+        free_step_buffers(s, r);
+        buffer_free(&s->recv[r]);
+        buffer_free(&s->recvIdx[r]);
+        buffer_free(&s->recvW[r]);
+        buffer_free(&s->gradIn[r]);
+    }
+    free(s);
+    return 0;
+}
