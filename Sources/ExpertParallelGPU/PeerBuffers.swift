@@ -70,7 +70,8 @@ final class PeerBuffers {
                 break
             }
             // Descriptors over a Unix socket: the listener first, so it exists before the peers
-            // learn its name from the all-gather.
+            // learn its name from the all-gather. DescriptorExchangeTests run this exchange on the
+            // CPU; the import of what it passes (two processes on one GPU) has not run on a GPU yet.
             let sockets = try gpu { try DescriptorExchange(rank: rank) }
             defer { sockets.close() }   // removes the socket's name whatever happens
             for p in local { exported.append(try gpu { try driver.exportAllocation(p) }) }
