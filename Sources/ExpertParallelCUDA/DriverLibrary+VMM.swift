@@ -29,8 +29,8 @@ struct DriverVMMFunctions {
 }
 
 /// An allocation exported for another process: a file descriptor of this process and the
-/// allocation's size. The descriptor means something only to a process that takes it
-/// (`pidfd_getfd`), so peers also need this process's id.
+/// allocation's size. The descriptor means something only to a process it is passed to (over a
+/// Unix domain socket with `SCM_RIGHTS`: `DescriptorExchange`).
 public struct ExportedAllocation: Sendable, Hashable {
     public var fileDescriptor: Int32
     public var byteCount: Int

@@ -59,7 +59,7 @@ struct RunCommand: ParsableCommand {
     @Option(name: .customLong("blocks-per-sm"), help: "GPU: 512-thread blocks per SM in one launch (1 or 2; default 2, 1 for R = 1).")
     var blocksPerSM: Int?
 
-    @Option(help: "NCCL: how ranks share buffers: windows (ncclMemAlloc + windows, descriptors taken with pidfd_getfd) or ipc (cuMemAlloc + CUDA IPC).")
+    @Option(help: "NCCL: how ranks share buffers: windows (ncclMemAlloc + windows; peers' addresses from NCCL where it can say them, else descriptors passed over a Unix socket) or ipc (cuMemAlloc + CUDA IPC).")
     var sharing: PeerSharing = .ncclWindows
 
     @Option(help: "NCCL failure drill instead of the cases: never-joins (--drill-rank exits before joining) or dies (it exits after the group is built, before the first step). The others must report the failure within the timeout.")
