@@ -16,6 +16,10 @@ public enum EPError: Error, Sendable, Equatable, CustomStringConvertible {
     case peerFailed(rank: Int, peer: Int, reason: String)
     /// The calling rank is masked inactive; clean it first.
     case inactiveRank(Int)
+    /// A buffer the configuration or call needs (`buffer` names it and what it holds) would take
+    /// `bytes`, more than `available` (the memory of this host, or of the device); found before
+    /// anything was allocated for it.
+    case outOfMemory(buffer: String, bytes: Int, available: Int)
     /// A failure below the library that no library call reported (an unknown device status, a
     /// check of the backend's own); failures of the CUDA driver, NVRTC or NCCL are `lowerLayer`.
     case backend(String)
@@ -41,11 +45,24 @@ public enum EPError: Error, Sendable, Equatable, CustomStringConvertible {
             "rank \(rank) did nothing because rank \(peer) rejected its call: \(reason)"
         case let .inactiveRank(rank):
             "rank \(rank) is masked inactive; clean it before calling"
+        case let .outOfMemory(buffer, bytes, available):
+            "out of memory: \(buffer) needs \(Self.describe(bytes: bytes)), more than the \(Self.describe(bytes: available)) available"
         case let .backend(message):
             message
         case let .lowerLayer(failure):
             failure.description
         }
+    }
+
+    /// "N bytes (x.y GiB)": the exact count, and a readable one from KiB up.
+    static func describe(bytes: Int) -> String {
+        var size = Double(bytes), unit = ""
+        for prefix in ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"] where size >= 1024 {
+            size /= 1024
+            unit = prefix
+        }
+        let rounded = (size * 10).rounded() / 10
+        return unit.isEmpty ? "\(bytes) bytes" : "\(bytes) bytes (\(rounded) \(unit))"
     }
 }
 

@@ -114,7 +114,9 @@ public struct GroupConfig: Sendable, Hashable {
             throw fail("hidden", hidden, "hidden × \(elementType.byteSize) bytes (= \(rowBytes)) must be a multiple of 8 bytes")
         }
         guard maxTokensPerRank >= 1 else { throw fail("maxTokensPerRank", maxTokensPerRank, "must be ≥ 1") }
-        guard timeout > .zero else { throw fail("timeout", timeout, "must be > 0") }
+        // Every wait counts whole nanoseconds (the kernels take the timeout in ns): a shorter one
+        // would be 0. The value is echoed as given.
+        guard timeout >= .nanoseconds(1) else { throw fail("timeout", timeout, "must be ≥ 1 nanosecond") }
         // Kernels take the timeout in nanoseconds as 64 bits; a day is far past any useful wait.
         guard timeout <= .seconds(86_400) else { throw fail("timeout", timeout, "must be ≤ 86400 seconds") }
         switch (algorithm, layout) {

@@ -74,12 +74,19 @@ public protocol Rank: Sendable {
     func update(_ handle: Handle, topkIdx: TensorRef) throws(EPError)
     func dispatch(_ handle: Handle, _ input: DispatchInput, into output: DispatchOutput,
                   direction: PassDirection) throws(EPError) -> LayoutInfo
+    /// Needs a dispatch of the handle's step (since its last update) first: `wrongOrder` otherwise.
     func combine(_ handle: Handle, _ input: CombineInput, into output: CombineOutput,
                  direction: PassDirection) throws(EPError)
     /// The group's active-rank mask.
     var activeRanks: RankMask { get }
-    /// Masks `rank` inactive: it sends and receives nothing until cleaned.
+    /// Masks `rank` inactive: it sends and receives nothing until cleaned. A step's ranks are those
+    /// active at its update, so after a rank is masked mid-step (between update and dispatch, or
+    /// dispatch and combine) the step's next call fails at once with `wrongOrder` (the masked
+    /// rank's own with `inactiveRank`), and a call waiting for the masked rank stops waiting with
+    /// `wrongOrder`: none waits out the timeout. Update again (without the rank) to go on. A rank
+    /// outside the group is ignored.
     func deactivate(rank: Int)
-    /// Marks the given ranks active again. Call between steps only.
+    /// Marks the given ranks active again. Call between steps only: steps updated before are
+    /// refused (`wrongOrder`) until updated again.
     func clean(ranks: RankMask)
 }

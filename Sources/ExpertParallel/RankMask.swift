@@ -8,8 +8,16 @@ public struct RankMask: Sendable, Hashable, CustomStringConvertible {
     }
 
     public func contains(_ rank: Int) -> Bool { rank >= 0 && rank < 64 && bits & (1 << UInt64(rank)) != 0 }
-    public mutating func insert(_ rank: Int) { bits |= 1 << UInt64(rank) }
-    public mutating func remove(_ rank: Int) { bits &= ~(1 << UInt64(rank)) }
+    /// Adds `rank`; a rank outside 0..<64 is not in any mask and is ignored.
+    public mutating func insert(_ rank: Int) {
+        guard rank >= 0 && rank < 64 else { return }
+        bits |= 1 << UInt64(rank)
+    }
+    /// Removes `rank`; a rank outside 0..<64 is ignored.
+    public mutating func remove(_ rank: Int) {
+        guard rank >= 0 && rank < 64 else { return }
+        bits &= ~(1 << UInt64(rank))
+    }
     public var count: Int { bits.nonzeroBitCount }
     public var ranks: [Int] { (0..<64).filter { contains($0) } }
     public var description: String { "\(ranks)" }

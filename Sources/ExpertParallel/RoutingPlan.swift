@@ -92,7 +92,8 @@ public struct RoutingPlan: Sendable, Equatable {
         let bmax = config.maxTokensPerRank
         self.rank = rank
         tokens = routing.tokens
-        let alive = kept.map { $0 ?? RoutingSummary.empty(config) }
+        let empty = RoutingSummary.empty(config)   // one for every masked rank (shared storage)
+        let alive = kept.map { $0 ?? empty }
 
         // Zone starts of every destination's expert zones (HT expert-major).
         func zoneOffsets(_ d: Int) -> [Int] {
@@ -110,13 +111,17 @@ public struct RoutingPlan: Sendable, Equatable {
         selectionRow = Array(repeating: -1, count: tokens * k)
         pairRow = Array(repeating: -1, count: tokens * r)
         var pairsBefore = Array(repeating: 0, count: r)       // rows of earlier sources per destination
-        var selectionsBefore = Array(repeating: 0, count: config.experts)
         for s in 0..<rank {
             for d in 0..<r { pairsBefore[d] += alive[s].tokensPerRank[d] }
-            for e in 0..<config.experts { selectionsBefore[e] += alive[s].selectionsPerExpert[e] }
+        }
+        // Per expert this rank selects (at most B·K of them, not E): rows of earlier sources, and
+        // this rank's own so far.
+        var selectionsBefore: [Int: Int] = [:]
+        for e in routing.experts where e >= 0 && selectionsBefore[Int(e)] == nil {
+            selectionsBefore[Int(e)] = (0..<rank).reduce(0) { $0 + alive[$1].selectionsPerExpert[Int(e)] }
         }
         var pairPosition = Array(repeating: 0, count: r)
-        var selectionPosition = Array(repeating: 0, count: config.experts)
+        var selectionPosition: [Int: Int] = [:]
         for t in 0..<tokens {
             for d in RoutingSummary.destinations(of: t, routing, l) {
                 defer { pairPosition[d] += 1 }
@@ -127,8 +132,8 @@ public struct RoutingPlan: Sendable, Equatable {
                 }
                 for c in 0..<k where routing[t, c] >= 0 && routing[t, c] / l == d {
                     let e = routing[t, c], local = e % l
-                    let position = selectionsBefore[e] + selectionPosition[e]
-                    selectionPosition[e] += 1
+                    let position = selectionsBefore[e, default: 0] + selectionPosition[e, default: 0]
+                    selectionPosition[e, default: 0] += 1
                     switch config.layout {
                     case .expertMajor: selectionRow[t * k + c] = local * r * bmax + position
                     case .expertMajorPadded: selectionRow[t * k + c] = offsets[d][local] + position

@@ -42,8 +42,16 @@ public struct RoutingTable: Sendable, Equatable {
             throw .invalidArgument(
                 field: "topkIdx.shape", value: "\(topkIdx.shape)", requirement: "must be [tokens, topK = \(config.topK)]")
         }
+        // The row count is the caller's: bound it before anything is allocated for it or read.
+        let tokens = topkIdx.shape[0]
+        guard tokens >= 0, tokens <= config.maxTokensPerRank else {
+            throw .invalidArgument(
+                field: "topkIdx.shape[0] (tokens)", value: "\(tokens)",
+                requirement: "must be in 0...maxTokensPerRank (\(config.maxTokensPerRank))")
+        }
         try TensorCheck.require(topkIdx, "topkIdx", dtypes: [.i32, .i64], shape: topkIdx.shape)
-        let count = topkIdx.elementCount
+        try config.checkHostStepMemory(tokens: tokens)
+        let count = tokens * config.topK
         var values = [Int32](repeating: -1, count: count)
         if let base = topkIdx.address {
             for i in 0..<count {
@@ -58,7 +66,7 @@ public struct RoutingTable: Sendable, Equatable {
                 values[i] = Int32(v)
             }
         }
-        try self.init(experts: values, tokens: topkIdx.shape[0], config: config)
+        try self.init(experts: values, tokens: tokens, config: config)
     }
 
     public subscript(token: Int, k: Int) -> Int { Int(experts[token * topK + k]) }

@@ -26,8 +26,12 @@ extension GroupConfig {
         if c.timeoutSeconds == 0 {
             timeout = .seconds(10)
         } else {
-            guard c.timeoutSeconds.isFinite, c.timeoutSeconds > 0, c.timeoutSeconds <= 1e6 else {
-                throw .invalidConfig(field: "timeoutSeconds", value: "\(c.timeoutSeconds)", requirement: "must be in (0, 1e6], or 0 for 10 s")
+            // The value is echoed as given (1e-12, not the 0 ns it would round to); the bounds are
+            // the core's: at least 1 ns (the resolution of every wait), at most a day.
+            guard c.timeoutSeconds.isFinite, c.timeoutSeconds >= 1e-9, c.timeoutSeconds <= 86_400 else {
+                throw .invalidConfig(
+                    field: "timeoutSeconds", value: "\(c.timeoutSeconds)",
+                    requirement: "must be in [1e-9, 86400] seconds (1 ns to a day), or 0 for 10 s")
             }
             timeout = .nanoseconds(Int64(c.timeoutSeconds * 1e9))
         }

@@ -23,7 +23,7 @@ extension HostBackend: StepGroupBackend {
         } catch {
             if case .update = call { stepTokens = nil }
             guard let rank = failingRank(error, call, ranks) else { throw error }
-            throw RankFailure(rank: rank, error: error)
+            throw RankFailure(rank: rank, error: error, config: group.config)
         }
     }
 

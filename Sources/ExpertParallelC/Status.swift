@@ -11,7 +11,9 @@ import Darwin
 extension EPError {
     var status: epResult_t {
         switch self {
-        case .invalidConfig, .invalidArgument, .repeatedExpert: epInvalidArgument
+        // A configuration whose buffers cannot fit is a configuration to change: no status of
+        // its own (that would change the ABI); the message says "out of memory: <buffer> needs ...".
+        case .invalidConfig, .invalidArgument, .repeatedExpert, .outOfMemory: epInvalidArgument
         case .overflow: epOverflow
         case .wrongOrder: epInvalidUsage
         case .timeout: epTimeout
@@ -48,8 +50,17 @@ extension EPError: StatusError {
 struct RankFailure: StatusError {
     var rank: Int
     var error: EPError
+    /// What the error's text cannot know, appended after it (a timeout's length).
+    var note: String? = nil
     var status: epResult_t { error.status }
-    var message: String { "rank \(rank): \(error.description)" }
+    var message: String { "rank \(rank): \(error.description)" + (note.map { "; \($0)" } ?? "") }
+
+    /// The failure of `rank`'s call in a group of `config`: a timeout says how long the wait was.
+    init(rank: Int, error: EPError, config: GroupConfig) {
+        self.rank = rank
+        self.error = error
+        if case .timeout = error { note = "the group's timeout is \(config.timeout.seconds) seconds" }
+    }
 }
 
 /// A call the group does not offer (the per-rank calls on a virtual GPU group).

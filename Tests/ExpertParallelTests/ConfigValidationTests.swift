@@ -54,7 +54,8 @@ struct ConfigValidationTests {
         Case(name: "negative alignment", config: ht(layout: .expertMajorPadded(alignment: -2)), field: "layout.alignment", value: "-2", bound: "1...1024"),
         Case(name: "alignment above 1024", config: ht(layout: .expertMajorPadded(alignment: 1025)), field: "layout.alignment", value: "1025", bound: "1...1024"),
         Case(name: "HT zero receive capacity", config: ht(received: 0), field: "maxReceivedTokensPerRank", value: "0", bound: "≥ 1"),
-        Case(name: "zero timeout", config: ht(timeout: .zero), field: "timeout", value: "0.0 seconds", bound: "> 0"),
+        Case(name: "zero timeout", config: ht(timeout: .zero), field: "timeout", value: "0.0 seconds", bound: "≥ 1 nanosecond"),
+        Case(name: "sub-nanosecond timeout", config: ht(timeout: .seconds(1e-12)), field: "timeout", value: "1e-12 seconds", bound: "≥ 1 nanosecond"),
         Case(name: "timeout above a day", config: ht(timeout: .seconds(86_401)), field: "timeout", value: "86401.0 seconds", bound: "≤ 86400 seconds"),
     ]
 

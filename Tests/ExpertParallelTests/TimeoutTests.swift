@@ -43,6 +43,15 @@ struct TimeoutTests {
             if kind.algorithm == .highThroughput { problems += Verify.weightGradients(harness, ref, rank: r) }
             expectMatch(problems, masked)
         }
+        // The missing rank's late call (the one the others waited for) reports their timeout;
+        // its calls after that, that it is masked.
+        do {
+            try harness.group[2].update(harness.handles[2], topkIdx: harness.topkIdx[2].ref)
+            Issue.record("the masked rank's update succeeded")
+        } catch {
+            guard case .timeout(let waiter, let missing) = error else { Issue.record("\(error)"); return }
+            #expect([0, 1].contains(waiter) && missing == [2])
+        }
         #expect(throws: EPError.inactiveRank(2)) { try harness.group[2].update(harness.handles[2], topkIdx: harness.topkIdx[2].ref) }
     }
 

@@ -14,7 +14,16 @@ import Foundation
 ///
 /// A step's ranks are those active at its update: a dispatch or combine after a rank was masked
 /// or `clean` was called fails with `wrongOrder` (update the handle again) rather than waiting
-/// out the timeout for a rank that no longer runs.
+/// out the timeout for a rank that no longer runs (the per-rank calls of `HostRank` behave the
+/// same). A combine needs a dispatch of the handle's step first (`wrongOrder`).
+///
+/// Timeouts: a rank that waits past the timeout for others throws `timeout` naming them and masks
+/// them; a rank that arrives late for that same call throws that timeout too (not only
+/// `inactiveRank`); its later calls throw `inactiveRank` until `clean`.
+///
+/// Memory: a group whose per-step routing metadata (`GroupConfig.hostStepBytes`) cannot fit in
+/// this host is refused at creation, and a routing with more tokens than fit at its update, with
+/// `outOfMemory`; combine's scratch is a few KB whatever `hidden` is.
 ///
 /// When ranks fail, the call throws the error of the lowest rank that failed for a reason of its
 /// own (the others only report `peerFailed`), else that of the lowest failed rank. Calls through

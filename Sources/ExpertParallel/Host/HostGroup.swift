@@ -8,8 +8,11 @@ public final class HostGroup: Sendable {
     let transport: HostTransport
     let counters: [RoundCounter]
 
+    /// Refuses, with `outOfMemory`, a configuration whose per-step routing metadata (which grows
+    /// with `experts` and `ranks`) cannot fit in this host's memory, before anything is allocated.
     public init(_ config: GroupConfig) throws(EPError) {
         self.config = try config.validated()
+        try config.checkHostStepMemory(tokens: 0)
         transport = HostTransport(ranks: config.ranks)
         counters = (0..<config.ranks).map { _ in RoundCounter() }
     }
@@ -64,4 +67,36 @@ final class ResultBox<T: Sendable>: @unchecked Sendable {
     init(count: Int) { slots = Array(repeating: nil, count: count) }
     func set(_ index: Int, _ value: Result<T, EPError>) { lock.withLock { slots[index] = value } }
     var values: [Result<T, EPError>] { lock.withLock { slots.map { $0! } } }
+}
+
+extension GroupConfig {
+    /// Bytes of host memory the host backend's routing metadata of one step takes, for all R
+    /// ranks with `tokens` tokens each (an upper bound): per rank, its routing summaries (full,
+    /// kept, and the one of masked ranks), the expert zones and the layout info it receives, about
+    /// 6 × (E + R) words; and per token 3K + R words of routing and slots. Saturates at Int.max.
+    public func hostStepBytes(tokens: Int) -> Int {
+        func mul(_ a: Int, _ b: Int) -> Int {
+            let (p, o) = a.multipliedReportingOverflow(by: b)
+            return o ? .max : p
+        }
+        func add(_ a: Int, _ b: Int) -> Int {
+            let (s, o) = a.addingReportingOverflow(b)
+            return o ? .max : s
+        }
+        let perRankWords = add(mul(6, add(max(experts, 0), max(ranks, 0))), mul(max(tokens, 0), add(mul(3, max(topK, 0)), max(ranks, 0))))
+        return mul(mul(perRankWords, 8), max(ranks, 1))
+    }
+
+    /// Throws `outOfMemory` when one step's host routing metadata for `tokens` tokens per rank
+    /// (`hostStepBytes`) is more than this host's memory: checked before it is allocated.
+    public func checkHostStepMemory(tokens: Int) throws(EPError) {
+        let bytes = hostStepBytes(tokens: tokens)
+        let available = Int(clamping: ProcessInfo.processInfo.physicalMemory)
+        guard bytes <= available else {
+            let what = tokens == 0
+                ? "the host backend's routing metadata of one step (\(ranks) ranks × 6 × (experts \(experts) + ranks) × 8 bytes)"
+                : "the host backend's routing metadata of one step with \(tokens) tokens per rank (\(ranks) ranks × (6 × (experts \(experts) + ranks) + \(tokens) × (3 × topK \(topK) + ranks)) × 8 bytes)"
+            throw .outOfMemory(buffer: what, bytes: bytes, available: available)
+        }
+    }
 }

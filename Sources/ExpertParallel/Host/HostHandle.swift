@@ -6,14 +6,25 @@ import Foundation
 public final class HostHandle: @unchecked Sendable {
     public let rank: Int
     private let lock = NSLock()
-    private var state: (routing: RoutingTable, plan: RoutingPlan, participants: RankMask)?
+    private var state: Step?
     private var failure: String?
+
+    /// What a successful update leaves: the routing, the plan, the ranks active at the update and
+    /// the transport epoch then (a later `clean` starts a new one), and whether a dispatch of the
+    /// step has completed (combine needs one).
+    struct Step {
+        var routing: RoutingTable
+        var plan: RoutingPlan
+        var participants: RankMask
+        var epoch: Int
+        var dispatched = false
+    }
 
     init(rank: Int) { self.rank = rank }
 
-    func set(_ routing: RoutingTable, _ plan: RoutingPlan, _ participants: RankMask) {
+    func set(_ routing: RoutingTable, _ plan: RoutingPlan, _ participants: RankMask, epoch: Int) {
         lock.withLock {
-            state = (routing, plan, participants)
+            state = Step(routing: routing, plan: plan, participants: participants, epoch: epoch)
             failure = nil
         }
     }
@@ -25,7 +36,10 @@ public final class HostHandle: @unchecked Sendable {
         }
     }
 
-    func current() throws(EPError) -> (routing: RoutingTable, plan: RoutingPlan, participants: RankMask) {
+    /// Records that a dispatch of the current step completed on this rank.
+    func markDispatched() { lock.withLock { state?.dispatched = true } }
+
+    func current() throws(EPError) -> Step {
         lock.lock()
         let state = self.state, failure = self.failure
         lock.unlock()

@@ -5,14 +5,13 @@ extension HostRank {
     ) throws(EPError) -> LayoutInfo {
         // Every check fails inside the exchange below, so the other ranks learn of it at once.
         let step = Result { () throws(EPError) in
-            try checkOwner(handle)
-            let step = try handle.current()
+            let step = try self.step(handle, combine: false)
             try config.validateDispatch(input, output, tokens: step.routing.tokens)
             return step
         }
         let participants = (try? step.get())?.participants ?? group.transport.activeRanks
         let outputs = try exchange(step.map { _ in output }, participants)
-        let (routing, plan, _) = try step.get()
+        let (routing, plan) = try step.map { ($0.routing, $0.plan) }.get()
 
         let r = config.ranks, l = config.localExperts, k = config.topK, rowBytes = config.rowBytes
         let source = input.tokens.address
@@ -44,6 +43,7 @@ extension HostRank {
         }
         if config.isExpertMajorHT { writePadding(plan.received, output) }
         _ = try exchange(.success(true), participants)
+        handle.markDispatched()
         return plan.received
     }
 

@@ -5,7 +5,13 @@ public struct HostRank: Rank {
 
     public var config: GroupConfig { group.config }
     public var activeRanks: RankMask { group.transport.activeRanks }
+    /// Masks `rank` inactive; a rank outside 0..<ranks is ignored (as `clean` ignores them).
+    /// Ranks waiting for it in a call stop at once with `wrongOrder`; a step updated before stops
+    /// there too: its dispatch and combine fail at once with `wrongOrder` (the masked rank's own
+    /// with `inactiveRank`), so update again, without it, to go on.
     public func deactivate(rank: Int) { group.transport.deactivate(rank) }
+    /// Marks `ranks` active again and starts a new epoch: steps updated before it are refused
+    /// (`wrongOrder`) until updated again.
     public func clean(ranks: RankMask) { group.transport.clean(ranks) }
 
     public func makeHandle() throws(EPError) -> HostHandle { HostHandle(rank: rank) }
@@ -20,8 +26,8 @@ public struct HostRank: Rank {
     }
 
     private func plan(_ handle: HostHandle, topkIdx: TensorRef) throws(EPError) {
-        let participants = group.transport.activeRanks
-        guard participants.contains(rank) else { throw .inactiveRank(rank) }
+        let (participants, epoch) = group.transport.snapshot
+        guard participants.contains(rank) else { throw maskedRefusal(epoch: epoch) }
         let local = Result { () throws(EPError) -> RoutingTable in
             try checkOwner(handle)
             return try RoutingTable(topkIdx: topkIdx, config: config).masked(participants, localExperts: config.localExperts)
@@ -35,7 +41,33 @@ public struct HostRank: Rank {
         }
         let plan = RoutingPlan(
             config: config, rank: rank, routing: routing, keptTokens: keptTokens, kept: kept, full: full)
-        handle.set(routing, plan, participants)
+        handle.set(routing, plan, participants, epoch: epoch)
+    }
+
+    /// The handle's step, for a dispatch (`combine: false`) or a combine: refused while this rank
+    /// is masked (`inactiveRank`), when the active ranks or the epoch changed since the update (a
+    /// rank deactivated, or `clean` called: the step's ranks would wait for a rank that no longer
+    /// runs, or let a rank that missed the update move an older step's rows), and for a combine
+    /// before any dispatch of the step (`wrongOrder`).
+    func step(_ handle: HostHandle, combine: Bool) throws(EPError) -> HostHandle.Step {
+        try checkOwner(handle)
+        let step = try handle.current()
+        let (now, epoch) = group.transport.snapshot
+        guard now.contains(rank) else { throw maskedRefusal(epoch: epoch) }
+        guard step.participants == now, step.epoch == epoch else {
+            let change = step.epoch != epoch ? "clean() was called" : "the active ranks went from \(step.participants) to \(now)"
+            throw .wrongOrder("\(change) since this handle's update; update it again before dispatch or combine")
+        }
+        if combine, !step.dispatched {
+            throw .wrongOrder("combine needs a dispatch of this handle's step first: update, dispatch, then combine")
+        }
+        return step
+    }
+
+    /// The error of a call this rank makes while masked: the timeout a peer met waiting for it,
+    /// if this call is the one it came late for, else `inactiveRank`. Takes the call's round.
+    private func maskedRefusal(epoch: Int) -> EPError {
+        group.transport.refusal(of: rank, round: group.counters[rank].next(epoch: epoch))
     }
 
     func checkOwner(_ handle: HostHandle) throws(EPError) {

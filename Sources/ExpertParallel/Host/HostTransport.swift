@@ -11,6 +11,10 @@ final class HostTransport: @unchecked Sendable {
     private var epoch = 0
     private var posted: [RoundKey: [Int: any Sendable]] = [:]
     private var readers: [RoundKey: Int] = [:]
+    /// Ranks masked because a peer waited past the timeout for them (until `clean`): the round
+    /// they missed and the timeout the waiting rank met, which the late rank reports when it
+    /// arrives for that round (rather than only "masked inactive").
+    private var timedOut: [Int: (key: RoundKey, error: EPError)] = [:]
 
     struct RoundKey: Hashable { var epoch: Int, round: Int }
 
@@ -21,11 +25,25 @@ final class HostTransport: @unchecked Sendable {
 
     var activeRanks: RankMask { condition.withLock { mask } }
     var currentEpoch: Int { condition.withLock { epoch } }
+    /// The mask and the epoch, read together.
+    var snapshot: (mask: RankMask, epoch: Int) { condition.withLock { (mask, epoch) } }
 
+    /// Masks `rank` inactive (a rank outside the group is ignored). Ranks waiting for it in a
+    /// call stop waiting at once (`wrongOrder`), rather than at the timeout.
     func deactivate(_ rank: Int) {
+        guard rank >= 0 && rank < ranks else { return }
         condition.withLock {
             mask.remove(rank)
             condition.broadcast()
+        }
+    }
+
+    /// Why masked `rank` may not take part in round `key`: the timeout a peer met waiting for
+    /// it in that very round (it came late for it), else `inactiveRank`.
+    func refusal(of rank: Int, round key: RoundKey) -> EPError {
+        condition.withLock {
+            if let late = timedOut[rank], late.key == key { return late.error }
+            return .inactiveRank(rank)
         }
     }
 
@@ -36,6 +54,7 @@ final class HostTransport: @unchecked Sendable {
             epoch += 1
             posted.removeAll()
             readers.removeAll()
+            timedOut.removeAll()
             condition.broadcast()
         }
     }
@@ -49,7 +68,11 @@ final class HostTransport: @unchecked Sendable {
         let deadline = Date().addingTimeInterval(timeout.seconds)
         condition.lock()
         defer { condition.unlock() }
-        guard mask.contains(rank) else { throw .inactiveRank(rank) }
+        guard mask.contains(rank) else {
+            // Late for a round a peer gave up on: the cause is that peer's timeout.
+            if let late = timedOut[rank], late.key == key { throw late.error }
+            throw .inactiveRank(rank)
+        }
         posted[key, default: [:]][rank] = payload
         condition.broadcast()
         if !wait {
@@ -60,10 +83,23 @@ final class HostTransport: @unchecked Sendable {
             let arrived = posted[key] ?? [:]
             let missing = participants.ranks.filter { arrived[$0] == nil }
             if missing.isEmpty { break }
+            // A peer masked while this rank waits for it will not come: stop now.
+            let gone = missing.filter { !mask.contains($0) }
+            if !gone.isEmpty {
+                let timedOutPeers = gone.filter { timedOut[$0] != nil }
+                if !timedOutPeers.isEmpty { throw .timeout(rank: rank, missing: timedOutPeers) }
+                throw .wrongOrder(
+                    "rank(s) \(gone) were masked inactive (deactivate) while rank \(rank) waited for them in this call; "
+                    + "a step's ranks are those active at its update: update the handle again")
+            }
             if !condition.wait(until: deadline) && Date() >= deadline {
-                for peer in missing { mask.remove(peer) }
+                let error = EPError.timeout(rank: rank, missing: missing)
+                for peer in missing {
+                    mask.remove(peer)
+                    timedOut[peer] = (key, error)
+                }
                 condition.broadcast()
-                throw .timeout(rank: rank, missing: missing)
+                throw error
             }
         }
         let arrived = posted[key]!
