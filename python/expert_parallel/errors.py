@@ -84,6 +84,16 @@ class OutOfMemoryError(ExpertParallelError, MemoryError):
     also a :class:`MemoryError`."""
 
 
+class _CheckedOutOfMemoryError(OutOfMemoryError, InvalidArgumentError):
+    """A buffer the library found, before allocating it, that cannot fit (a configuration whose
+    host routing metadata exceeds the host's memory, say): the C status is epInvalidArgument and
+    the message reads "out of memory: <buffer> needs N bytes ...". Both an
+    :class:`OutOfMemoryError` and an :class:`InvalidArgumentError`."""
+
+    status = _abi.INVALID_ARGUMENT
+    status_name = "epInvalidArgument"
+
+
 class LibraryNotFoundError(ExpertParallelError, ImportError):
     """libexpert_parallel.so was not found (see expert_parallel.library_path)."""
 
@@ -116,4 +126,6 @@ _STATUS_NAMES = {
 def from_status(status: int, message: str) -> ExpertParallelError:
     """The exception for a failed C call."""
     cls = _CLASSES.get(status, ExpertParallelError)
+    if status == _abi.INVALID_ARGUMENT and ": out of memory: " in message:
+        cls = _CheckedOutOfMemoryError   # EPError.outOfMemory, which has no status of its own
     return cls(message, status)

@@ -130,6 +130,8 @@ def test_a_config_whose_host_metadata_cannot_fit_is_refused_at_creation_by_name(
             make_group(ranks=64, experts=(1 << 31) - 64, top_k=1, hidden=2, algorithm="ht", layout="flat", max_recv=1)
             print("created")
         except ep.InvalidArgumentError as error:
+            assert isinstance(error, ep.OutOfMemoryError) and isinstance(error, MemoryError), type(error)
+            assert error.status == _abi.INVALID_ARGUMENT and error.status_name == "epInvalidArgument"
             print(error)
     """, "epGroupCreate: out of memory: the host backend's routing metadata of one step (64 ranks",
          "experts 2147483584", "TiB)")
