@@ -169,6 +169,17 @@ static void collectiveStep(void) {
     /* An enum value out of range. */
     combineConfig.direction = (epPassDirection_t)7;
     CHECK_FAILS(epGroupCombineAll(group, cin, cout, &combineConfig, NULL), epInvalidArgument, "config.direction = 7");
+    combineConfig.direction = epForward;
+    /* Combine after an update with no dispatch is out of order. */
+    CHECK_FAILS(epGroupCombineAll(group, cin, cout, &combineConfig, NULL), epInvalidUsage, "combine needs a dispatch");
+    /* A topkIdx claiming more rows than maxTokensPerRank is refused by its row count, before any
+       row is read or anything allocated for it. */
+    epTensor_t tooMany = b[1].tidx;
+    tooMany.sizes[0] = (int64_t)1 << 40;
+    update[1].topkIdx = &tooMany;
+    CHECK_FAILS(epGroupUpdateAll(group, update, NULL, NULL), epInvalidArgument,
+                "rank 1: invalid argument: topkIdx.shape[0] (tokens) = 1099511627776; must be in 0...maxTokensPerRank");
+    update[1].topkIdx = &b[1].tidx;
     CHECK_FAILS(epGroupGetLayoutInfo(group, 2, &again), epInvalidArgument, "rank = 2");
 
     CHECK_OK(epGroupDestroy(group));
