@@ -18,6 +18,7 @@ public final class GPUStepHandle: StepHandle, @unchecked Sendable {
     private var step: Step?
     /// The NCCL group's buffer slot this step's rows went to (its combine reads that slot).
     private var slot: Int?
+    private var dispatched = false
 
     /// What the last accepted update of this handle was given (host side).
     struct Step {
@@ -95,10 +96,31 @@ public final class GPUStepHandle: StepHandle, @unchecked Sendable {
         return step
     }
 
-    func setStep(_ new: Step?) { lock.withLock { step = new } }
+    /// A new step (or none): it has no dispatch, so no buffer slot, yet.
+    func setStep(_ new: Step?) {
+        lock.withLock {
+            step = new
+            slot = nil
+            dispatched = false
+        }
+    }
 
-    func setSlot(_ new: Int) { lock.withLock { slot = new } }
+    /// Its step's rows went out (into buffer slot `slot`, for an NCCL group): combine may follow.
+    func setDispatched(slot new: Int? = nil) {
+        lock.withLock {
+            dispatched = true
+            if let new { slot = new }
+        }
+    }
     var bufferSlot: Int? { lock.withLock { slot } }
+
+    /// The step of the last accepted update, which must have been dispatched (combine brings
+    /// back what a dispatch sent: without one, its rows would be another step's or none).
+    func dispatchedStep() throws(EPError) -> Step {
+        let step = try currentStep()
+        guard lock.withLock({ dispatched }) else { throw .wrongOrder("combine needs a dispatch of this handle's step first") }
+        return step
+    }
 
     static let released = EPError.wrongOrder("this handle was released; make a new one")
 }

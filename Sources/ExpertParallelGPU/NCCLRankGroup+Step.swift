@@ -49,7 +49,7 @@ extension NCCLRankGroup {
                                weights: peers[r].receivedWeights(slot).rawValue)
             },
             receivedIndexBytes: 4, vectorBytes: engine.vectorBytes(CollectionOfOne(address(input.tokens)), EmptyCollection()), options: options)
-        handle.setSlot(slot)
+        handle.setDispatched(slot: slot)
     }
 
     /// Pulls this rank's rows of `handle`'s step back from every rank's expert outputs (of the
@@ -65,7 +65,8 @@ extension NCCLRankGroup {
         let step = try handle.currentStep()
         try engine.checkLocalCount(inputs.count, "inputs")
         try engine.checkLocalCount(outputs.count, "outputs")
-        guard let slot = handle.bufferSlot else { throw .wrongOrder("combine needs this handle's dispatch first: it names the buffer slot") }
+        _ = try handle.dispatchedStep()
+        guard let slot = handle.bufferSlot else { throw .wrongOrder("combine needs a dispatch of this handle's step first") }
         let input = inputs[0], output = outputs[0], buffers = slots[slot]
         try config.validateCombine(input, output, tokens: step.routing[0].shape[0], direction: direction, location: location)
         try requireShared(input.expertOutputs, buffers.expertOutputs, "input.expertOutputs", "slots[\(slot)].expertOutputs")

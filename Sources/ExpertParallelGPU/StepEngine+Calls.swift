@@ -95,6 +95,7 @@ extension StepEngine {
             let table = (0..<config.ranks).map(received)
             setPending(PendingCall(name: "dispatch") { stream throws(EPError) in try enqueue([.wait, .noData], 1, stream) { table[$0] } })
         }
+        handle.setDispatched()
     }
 
     /// Every local rank pulls its rows back (`experts(r)`: rank r's expert outputs, for every
@@ -104,7 +105,7 @@ extension StepEngine {
         _ handle: GPUStepHandle, into outputs: [CombineOutput], experts: (Int) -> ExpertSide, direction: PassDirection,
         vectorBytes: Int, options: CallOptions
     ) throws(EPError) {
-        let step = try handle.currentStep()
+        let step = try handle.dispatchedStep()
         try checkTransportSupports(options)
         let k = try kernels(.init(indexBytes: step.indexBytes, receivedIndexBytes: 4, vectorBytes: vectorBytes, transport: transport))
         let mode = options.launch, flags = meetsThroughFlags(mode)

@@ -49,7 +49,7 @@ extension VirtualGPUGroup {
         options: CallOptions = CallOptions()
     ) throws(EPError) {
         try engine.checkNothingPending()
-        let step = try handle.currentStep()
+        let step = try handle.dispatchedStep()
         try engine.checkLocalCount(inputs.count, "inputs")
         try engine.checkLocalCount(outputs.count, "outputs")
         for r in 0..<config.ranks {

@@ -56,6 +56,26 @@ struct MockDriverTests {
         }
     }
 
+    /// Combine brings back what a dispatch of the same step sent: right after an update (and
+    /// after a new update of a dispatched handle) it is `wrongOrder`, on the host, not the device.
+    @Test func combineWithoutADispatchOfTheStepIsWrongOrder() throws {
+        try MockCUDA.run { mock in
+            let device = try MockCUDA.device()
+            let group = try VirtualGPUGroup(Self.config, device: device)
+            let step = try Step(Self.config, device: device)
+            let handle = try group.makeHandle()
+            let expected = EPError.wrongOrder("combine needs a dispatch of this handle's step first")
+            try group.update(handle, topkIdx: step.topkIdx.map(\.ref))
+            let launches = mock.launches
+            #expect(throws: expected) { try group.combine(handle, step.combineInputs, into: step.combineOutputs) }
+            #expect(mock.launches == launches, "a refused combine launches nothing")
+            try group.dispatch(handle, step.dispatchInputs, into: step.dispatchOutputs)
+            try group.combine(handle, step.combineInputs, into: step.combineOutputs)
+            try group.update(handle, topkIdx: step.topkIdx.map(\.ref))
+            #expect(throws: expected) { try group.combine(handle, step.combineInputs, into: step.combineOutputs) }
+        }
+    }
+
     @Test func groupCreationThatRunsOutOfMemoryNamesCuMemAllocAndLeaksNothing() throws {
         try MockCUDA.run { mock in
             let device = try MockCUDA.device()
