@@ -180,7 +180,7 @@ typedef struct {
     int64_t maxTokensPerRank;         /* Bmax */
     int64_t maxReceivedTokensPerRank; /* HT receive capacity N in rows; 0 = automatic (never overflows); LL: 0 */
     epOverflowPolicy_t overflow;
-    double timeoutSeconds;            /* bound on every wait for another rank; 0 = 10 s */
+    double timeoutSeconds;            /* bound on every wait for another rank, in [1e-9, 86400]; 0 = 10 s */
 } epGroupConfig_t;
 
 /* Which backend runs the group. NULL means the host backend. */
