@@ -14,8 +14,9 @@
  *   - success leaves the last-error message empty; a failure leaves "<entry point>: <what>";
  *   - a rejected call wrote nothing (every output and layout-info array is compared with a copy
  *     taken before the call); inputs are never written; masked ranks' outputs are untouched;
- *   - order: dispatch or combine succeed only after a successful update whose mask still holds;
- *     a call on a destroyed group or handle is epInvalidArgument;
+ *   - order: dispatch succeeds only after a successful update whose mask still holds, combine
+ *     only after a dispatch of that step; a call on a destroyed group or handle is
+ *     epInvalidArgument; a topkIdx describing 2^40 rows is refused before any read or allocation;
  *   - calls whose every argument is right are accepted (epOverflow and epTimeout allowed);
  *   - an accepted dispatch matches a model of the routing: layout counters, received rows and
  *     received routing, for every layout (HT drop policy: counters only bounded).
@@ -67,14 +68,10 @@ static const char* current_op = "";
         abort();                                                                  \
     } while (0)
 
-/* EP_FUZZ_KNOWN_BUGS=1 also tries the inputs of open defects (issue 14, items 1 and 3): tensors
- * describing 2^40 rows (the library allocated for them before checking the row count); combine
- * right after an update must be refused; a per-rank handle's dispatch or combine after the
- * active ranks changed since its update must be refused, as the group's own calls are; and per-rank
- * calls where some ranks' calls are refused by the C layer (a struct, config or descriptor that
- * does not convert) while the others' reach the ranks' exchange: the rounds of the ranks then go
- * out of step and a later dispatch traps (Tests/fuzz/known/per-rank-desync-trap). Off in CI until
- * they are fixed. */
+/* EP_FUZZ_KNOWN_BUGS=1 also tries the inputs of an open defect: per-rank calls where some ranks'
+ * calls are refused by the C layer (a struct, config or descriptor that does not convert) while
+ * the others' reach the ranks' exchange; the ranks' rounds then go out of step and a later
+ * dispatch or combine traps (Tests/fuzz/known/per-rank-desync-trap). Off in CI until it is fixed. */
 static int known_bugs = 0;
 /* Set while a per-rank call's arguments are made: without known_bugs, its wrong arguments are only
  * those the ranks' own checks refuse (inside the exchange), not the C layer's. */
@@ -194,7 +191,7 @@ static const epTensor_t* arg(Reader* in, ArgList* list, Buffer* base, int dtype,
     case 12: if (ndim > 0) s[ndim - 1] = -1 - (m & 1); break;
     case 13: newNdim = (m & 1) ? EP_MAX_DIMS + 1 : -1; break;
     case 14: if (ndim > 0) s[0] = 0; break;
-    case 15: if (ndim > 0) s[0] = known_bugs ? (int64_t)1 << 40 : s[0] + 2; break; /* huge: refused before any read */
+    case 15: if (ndim > 0) s[0] = (int64_t)1 << 40; break; /* huge: refused before any read or allocation */
     }
     /* A buffer of exactly the described bytes (huge or invalid descriptions get a token buffer:
      * the library must refuse them before reading). */
@@ -569,14 +566,14 @@ static void model_after(State* s, StepModel* m, CallKind kind, epResult_t rc, in
     }
     /* (with every rank masked a call reads nothing and does nothing: accepted in any order) */
     if (rc == epSuccess && !m->valid && s->mask != 0) FAIL("%s accepted without a valid update (or after the mask changed)", name);
-    if (rc == epSuccess && kind == CALL_COMBINE && !m->dispatched && known_bugs && s->mask != 0)
+    if (rc == epSuccess && kind == CALL_COMBINE && !m->dispatched && s->mask != 0)
         FAIL("%s accepted without a dispatch of the step", name);
     if (rc == epSuccess) m->maybeVoid = 0;
     if (allRight && m->valid && m->known && !m->maybeVoid && rc != epSuccess && rc != epOverflow && rc != epTimeout && (kind != CALL_COMBINE || floating) &&
         (kind != CALL_COMBINE || m->dispatched))
         FAIL("%s refused right arguments: %s", name, message);
+    if (rc == epSuccess && kind == CALL_DISPATCH) m->dispatched = 1;
     if (rc == epSuccess && kind == CALL_DISPATCH && m->valid && m->known) {
-        m->dispatched = 1;
         const uint8_t* xs[MAX_R];
         for (int r = 0; r < s->R; r++) xs[r] = s->x[r].data;
         for (int d = 0; d < s->R; d++) {
@@ -590,13 +587,11 @@ static void model_after(State* s, StepModel* m, CallKind kind, epResult_t rc, in
     (void)collective;
 }
 
-/* The active ranks changed: the group's own step must be refused from now on (its calls say
- * wrongOrder); the per-rank handles' step may stand (the header asks callers to clean only
- * between steps, and the per-rank calls do not check it): allowed, no longer checked. */
+/* The active ranks changed: a step updated before must be refused from now on (wrongOrder), the
+ * group's own and the per-rank handles' alike. */
 static void mask_changed(State* s) {
     s->groupStep.valid = 0;
-    if (known_bugs) s->handleStep.valid = 0; /* as strict as the group's (main accepts it: see known_bugs) */
-    else if (s->handleStep.valid) { s->handleStep.known = 0; s->handleStep.maybeVoid = 1; }
+    s->handleStep.valid = 0;
 }
 
 static void resync_mask(State* s) {
@@ -755,8 +750,9 @@ static void per_rank(Reader* in, State* s, CallKind kind) {
         }
     } else if (succeeded & s->handleStep.mask) {
         if (!s->handleStep.valid) FAIL("%s accepted on a handle without a valid update", names[kind]);
+        if (kind == CALL_COMBINE && !s->handleStep.dispatched) FAIL("%s accepted without a dispatch of the step", names[kind]);
+        if (kind == CALL_DISPATCH) s->handleStep.dispatched = 1;
         if (kind == CALL_DISPATCH && s->handleStep.known && (succeeded & s->handleStep.mask) == s->handleStep.mask) {
-            s->handleStep.dispatched = 1;
             int right = !list->mutated;
             const uint8_t* xs[MAX_R];
             for (int r = 0; r < s->R; r++) xs[r] = s->x[r].data;

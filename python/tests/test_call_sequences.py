@@ -9,14 +9,14 @@ with right and wrong arguments, over random configs of every layout. After every
   every layout info; inputs are never written, and masked ranks' outputs are never written;
 - an accepted call equals the NumPy reference (tests/reference.py), bit for bit: received rows,
   routing and counters after dispatch; combined rows (and weight gradients) after combine;
-- order: dispatch and combine are accepted only after a successful update whose mask still
-  holds; calls with right arguments in the right order are accepted (epOverflow aside).
+- order: dispatch is accepted only after a successful update whose mask still holds, combine
+  only after a dispatch of that step; calls with right arguments in the right order are
+  accepted (epOverflow aside).
 
 Tests/fuzz/abi_fuzz.c (scripts/fuzz) explores the same calls coverage-guided, without the
 numeric oracle."""
 
 import ctypes
-import os
 import re
 
 import numpy as np
@@ -33,9 +33,6 @@ CALLS = 16
 SEEN = {"refused": 0, "dispatch checked": 0, "combine checked": 0, "backward HT checked": 0, "overflow": 0,
         "out of order": 0, "masked rank": 0}
 POISON = 0xA5
-# EP_KNOWN_BUGS=1 also asserts what an open defect still breaks (issue 14, item 3): a combine
-# right after an update, with no dispatch of the step, must be refused.
-KNOWN_BUGS = os.environ.get("EP_KNOWN_BUGS") == "1"
 
 DTYPE_CODES = {"f32": _abi.F32, "bf16": _abi.BF16, "f16": _abi.F16, "u8": _abi.U8}
 ARRAY_CODES = {np.dtype(np.float32): _abi.F32, np.dtype(np.int32): _abi.I32, np.dtype(np.int64): _abi.I64,
@@ -372,7 +369,7 @@ class Sequence:
                 self.fail("combine accepted without an update, or after the active ranks changed")
             if self.dtype == "u8":
                 self.fail("combine accepted u8 payloads")
-            if KNOWN_BUGS and not step["any dispatch"]:
+            if not step["any dispatch"]:
                 self.fail("combine accepted without a dispatch of the step")
             if ready and not bad:
                 ref, received = step["ref"], step["received"]
