@@ -95,6 +95,13 @@ public struct HostRank: Rank {
         for (peer, item) in all.enumerated() {
             if case .failed(let reason)? = item { throw .peerFailed(rank: rank, peer: peer, reason: reason) }
         }
+        // A participant whose post in this round is not this call's (its calls went out of step
+        // with this rank's: a call refused on some ranks before it reached the exchange) gives no
+        // payload here: a named error, never a trap further on.
+        for peer in participants.ranks where peer < all.count && all[peer] == nil {
+            throw .wrongOrder(
+                "rank \(peer)'s call in this round is not this call: the ranks' calls are out of step (a call was refused on some ranks before it reached the others); clean the group to start afresh")
+        }
         return all.map { if case .ok(let payload)? = $0 { payload } else { nil } }
     }
 }
