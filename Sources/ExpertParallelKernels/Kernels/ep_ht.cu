@@ -512,12 +512,7 @@ ep_ht_combine(const EpArgs args) {
     const ep_u64 mask = ep_load_mask(args);
     const ep_u32 step_ok = hs[H_STEP_OK];
     const ep_u32 seq = ep_call_number(ws, WS_COMB_CALLS, args.sync);
-    if (!ep_active(mask, rank) || step_ok == 0) {
-        // Taking no part, this rank still counts a call that publishes flags.
-        ep_combine_skip(args, rank, mask, seq);
-        return;
-    }
-    if (!ep_combine_ready(args, rank, ws, mask, seq)) return;
+    if (!ep_combine_begin(args, rank, ws, mask, step_ok, seq)) return;
     const ep_u64 live = ep_load_mask(args);
     const int tokens = static_cast<int>(args.rank[rank].tokens);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;

@@ -254,3 +254,14 @@ EP_DEVICE void ep_combine_skip(const EpArgs& args, int rank, ep_u64 mask, ep_u32
     }
     ep_arrive_and_wait(args, rank, mask, WS_COMB_BLOCKS, WS_COMB_CALLS, WS_COMB_DONE, seq, true, true, false, false);
 }
+
+// The start of a combine launch, after its mask, step and call-number loads: a rank that takes
+// no part (masked, or its step void) only counts the call; the others meet at the ready
+// handshake. False: this launch moves no data here.
+EP_DEVICE bool ep_combine_begin(const EpArgs& args, int rank, ep_u32* ws, ep_u64 mask, ep_u32 step_ok, ep_u32 seq) {
+    if (!ep_active(mask, rank) || step_ok == 0) {
+        ep_combine_skip(args, rank, mask, seq);
+        return false;
+    }
+    return ep_combine_ready(args, rank, ws, mask, seq);
+}
