@@ -7,7 +7,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import threading
-from typing import Any, Callable, List, Optional, TypeVar
+from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 from . import _arrays
 from ._library import call
@@ -34,7 +34,20 @@ class GroupBase:
     _group: Optional[ctypes.c_void_p] = None
     _lock: threading.RLock
     _device: int
+    # The group's shape, set by _config.describe from the library's own view of the config.
     ranks: int
+    experts: int
+    local_experts: int
+    top_k: int
+    hidden: int
+    max_tokens: int
+    algorithm: str
+    layout: str
+    alignment: int
+    dtype: str
+    device: str
+    recv_shape: Tuple[int, ...]
+    recv_routing_shape: Optional[Tuple[int, ...]]
 
     def __new__(cls, *arguments: Any, **keywords: Any):
         self = super().__new__(cls)

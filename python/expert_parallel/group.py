@@ -148,20 +148,6 @@ class VirtualGroup(GroupBase):
     "fail" or "drop". ``timeout``: seconds any rank waits for another.
     """
 
-    ranks: int
-    experts: int
-    local_experts: int
-    top_k: int
-    hidden: int
-    max_tokens: int
-    algorithm: str
-    layout: str
-    alignment: int
-    dtype: str
-    device: str
-    recv_shape: Tuple[int, ...]
-    recv_routing_shape: Optional[Tuple[int, ...]]
-
     def __init__(self, ranks: int, experts: int, hidden: int, top_k: int, max_tokens: int, *,
                  algorithm: Algorithm = "ll", layout: Optional[Layout] = None, alignment: int = 1,
                  dtype: DType = "bf16", device: str = "cpu", max_recv_tokens: Optional[int] = None,

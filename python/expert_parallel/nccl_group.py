@@ -79,19 +79,6 @@ class NCCLGroup(GroupBase):
     """
 
     rank: int
-    ranks: int
-    experts: int
-    local_experts: int
-    top_k: int
-    hidden: int
-    max_tokens: int
-    algorithm: str
-    layout: str
-    alignment: int
-    dtype: str
-    device: str
-    recv_shape: Tuple[int, ...]
-    recv_routing_shape: Optional[Tuple[int, ...]]
 
     def __init__(self, experts: int, hidden: int, top_k: int, max_tokens: int, *, rank: int, ranks: int,
                  unique_id: bytes, device: Device = None, algorithm: Algorithm = "ll", layout: Optional[Layout] = None,
