@@ -29,9 +29,11 @@ public func cHandleUpdate(
 ) -> epResult_t {
     entryPoint("epHandleUpdate") {
         let object = try handleRegistry.object(handle, "handle")
-        let settings = try CallSettings(config)
-        let inputs = try epUpdateInputs_t.read(inputs, "inputs")
-        try object.group.withRank(object.calls) { try $0.update(inputs, settings, stream) }
+        try object.group.withRank(object.calls) { calls in
+            try calls.make(.update, { (try CallSettings(config), try epUpdateInputs_t.read(inputs, "inputs")) }) { settings, inputs in
+                try calls.update(inputs, settings, stream)
+            }
+        }
     }
 }
 
@@ -42,10 +44,13 @@ public func cDispatch(
 ) -> epResult_t {
     entryPoint("epDispatch") {
         let object = try handleRegistry.object(handle, "handle")
-        let settings = try CallSettings(config)
-        let inputs = try epDispatchInputs_t.read(inputs, "inputs")
-        let outputs = try epDispatchOutputs_t.read(outputs, "outputs")
-        try object.group.withRank(object.calls) { try $0.dispatch(inputs, outputs, settings, stream) }
+        try object.group.withRank(object.calls) { calls in
+            try calls.make(.dispatch, {
+                (try CallSettings(config), try epDispatchInputs_t.read(inputs, "inputs"), try epDispatchOutputs_t.read(outputs, "outputs"))
+            }) { settings, inputs, outputs in
+                try calls.dispatch(inputs, outputs, settings, stream)
+            }
+        }
     }
 }
 
@@ -56,9 +61,12 @@ public func cCombine(
 ) -> epResult_t {
     entryPoint("epCombine") {
         let object = try handleRegistry.object(handle, "handle")
-        let settings = try CallSettings(config)
-        let inputs = try epCombineInputs_t.read(inputs, "inputs")
-        let outputs = try epCombineOutputs_t.read(outputs, "outputs")
-        try object.group.withRank(object.calls) { try $0.combine(inputs, outputs, settings, stream) }
+        try object.group.withRank(object.calls) { calls in
+            try calls.make(.combine, {
+                (try CallSettings(config), try epCombineInputs_t.read(inputs, "inputs"), try epCombineOutputs_t.read(outputs, "outputs"))
+            }) { settings, inputs, outputs in
+                try calls.combine(inputs, outputs, settings, stream)
+            }
+        }
     }
 }

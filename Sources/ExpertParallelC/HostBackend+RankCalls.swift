@@ -26,27 +26,38 @@ final class HostRankCalls: RankCalls, @unchecked Sendable {
     }
 
     func update(_ inputs: epUpdateInputs_t, _ settings: CallSettings, _ stream: UnsafeMutableRawPointer?) throws {
-        try call { try rank.update(handle, topkIdx: try TensorDescriptor.tensor(inputs.topkIdx, "inputs.topkIdx")) }
+        try make(.update, { try TensorDescriptor.tensor(inputs.topkIdx, "inputs.topkIdx") }) { topkIdx in
+            try call { try rank.update(handle, topkIdx: topkIdx) }
+        }
     }
 
     func dispatch(
         _ inputs: epDispatchInputs_t, _ outputs: epDispatchOutputs_t, _ settings: CallSettings, _ stream: UnsafeMutableRawPointer?
     ) throws {
-        let destination = try LayoutInfoDestination(outputs.layoutInfo, "outputs.layoutInfo")
-        try call {
-            let info = try rank.dispatch(
-                handle, try DispatchInput(inputs, "inputs"), into: try DispatchOutput(outputs, "outputs"), direction: settings.direction)
-            destination?.fill(info)
+        try make(.dispatch, {
+            (try LayoutInfoDestination(outputs.layoutInfo, "outputs.layoutInfo"), try DispatchInput(inputs, "inputs"),
+             try DispatchOutput(outputs, "outputs"))
+        }) { destination, input, output in
+            try call {
+                let info = try rank.dispatch(handle, input, into: output, direction: settings.direction)
+                destination?.fill(info)
+            }
         }
     }
 
     func combine(
         _ inputs: epCombineInputs_t, _ outputs: epCombineOutputs_t, _ settings: CallSettings, _ stream: UnsafeMutableRawPointer?
     ) throws {
-        try call {
-            try rank.combine(
-                handle, try CombineInput(inputs, "inputs"), into: try CombineOutput(outputs, "outputs"), direction: settings.direction)
+        try make(.combine, { (try CombineInput(inputs, "inputs"), try CombineOutput(outputs, "outputs")) }) { input, output in
+            try call { try rank.combine(handle, input, into: output, direction: settings.direction) }
         }
+    }
+
+    /// The call's place among the ranks is taken all the same (`HostRank.refuse`); the caller
+    /// sees the refusal's own error.
+    func refuse(_ call: HostRank.RefusedCall, _ error: any Error) {
+        let posted = (error as? EPError) ?? .invalidArgument(field: "call", value: "\(call)", requirement: "\(error)")
+        _ = try? rank.refuse(call, handle, posted)
     }
 }
 

@@ -48,6 +48,9 @@ extension NCCLBackend: StepGroupBackend {
 extension NCCLBackend: RankCalls {
     var waitsForPeers: Bool { false }
 
+    /// A refused call launches nothing; the peers' matching call is bounded by the timeout.
+    func refuse(_ call: HostRank.RefusedCall, _ error: any Error) {}
+
     /// The caller's stream; NULL is CUDA's default (legacy) stream, as in CUDA's own calls.
     private func stream(_ raw: UnsafeMutableRawPointer?) -> CUDAStream { CUDAStream(rawValue: OpaquePointer(raw)) }
 

@@ -14,6 +14,23 @@ protocol RankCalls: AnyObject {
     func combine(
         _ inputs: epCombineInputs_t, _ outputs: epCombineOutputs_t, _ settings: CallSettings,
         _ stream: UnsafeMutableRawPointer?) throws
+    /// The call could not be made: its arguments were refused (`error`) before it reached the rank.
+    /// Ranks that meet their peers in every call (the host group's) still take the call's place,
+    /// so the others fail at once and the ranks stay in step.
+    func refuse(_ call: HostRank.RefusedCall, _ error: any Error)
+}
+
+extension RankCalls {
+    /// Decodes a call's arguments and makes it; if decoding fails, the call is refused (the
+    /// peers are told) and the decoding error is what the caller sees.
+    func make<Arguments>(_ call: HostRank.RefusedCall, _ decode: () throws -> Arguments, _ body: (Arguments) throws -> Void) throws {
+        let arguments: Arguments
+        do { arguments = try decode() } catch {
+            refuse(call, error)
+            throw error
+        }
+        try body(arguments)
+    }
 }
 
 /// What an `epHandle_t` points at: one rank's calls, and the group it keeps alive.

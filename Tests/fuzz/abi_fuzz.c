@@ -68,13 +68,13 @@ static const char* current_op = "";
         abort();                                                                  \
     } while (0)
 
-/* EP_FUZZ_KNOWN_BUGS=1 also tries the inputs of an open defect: per-rank calls where some ranks'
- * calls are refused by the C layer (a struct, config or descriptor that does not convert) while
- * the others' reach the ranks' exchange; the ranks' rounds then go out of step and a later
- * dispatch or combine traps (Tests/fuzz/known/per-rank-desync-trap). Off in CI until it is fixed. */
-static int known_bugs = 0;
-/* Set while a per-rank call's arguments are made: without known_bugs, its wrong arguments are only
- * those the ranks' own checks refuse (inside the exchange), not the C layer's. */
+/* Per-rank calls get every kind of wrong argument, the C layer's refusals (a struct, config or
+ * descriptor that does not convert) among them: a refused call still takes its place among the
+ * ranks (HostRank.refuse), so the ranks' rounds stay in step. (They went out of step and a later
+ * dispatch or combine trapped before: the corpus keeps that input, per-rank-desync-trap.)
+ * EP_FUZZ_KNOWN_BUGS=1 is kept for the inputs of defects still open; none is now. */
+static int known_bugs = 1;
+/* Set while a per-rank call's arguments are made. */
 static int per_rank_args = 0;
 /* EP_FUZZ_TRACE=1: every call and its status on stderr (to read a crash's input). */
 static int trace = 0;
@@ -849,7 +849,7 @@ static int setup_done = 0;
 int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (!setup_done) {
         const char* bugs = getenv("EP_FUZZ_KNOWN_BUGS");
-        known_bugs = bugs && bugs[0] == '1';
+        if (bugs && bugs[0] == '0') known_bugs = 0;
         const char* tracing = getenv("EP_FUZZ_TRACE");
         trace = tracing && tracing[0] == '1';
         /* EP_FUZZ_SELF_TEST=1: a violation on the first input (checks that a failure fails CI). */
