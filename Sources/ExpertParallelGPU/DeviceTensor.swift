@@ -16,10 +16,7 @@ public final class DeviceTensor: @unchecked Sendable {
         let bytes = shape.reduce(1, *) * dtype.byteSize
         byteCount = bytes
         try device.makeCurrent()
-        let driver = device.driver
-        let pointer = try gpu { try driver.allocate(byteCount: max(bytes, 16)) }
-        try gpu { try driver.fill(pointer, byte: 0, byteCount: max(bytes, 16)) }
-        self.pointer = pointer
+        pointer = try device.allocateZeroed(byteCount: max(bytes, 16))
     }
 
     deinit { try? device.driver.free(pointer) }
@@ -34,10 +31,8 @@ public final class DeviceTensor: @unchecked Sendable {
     /// streams do not wait for CUDA's legacy stream, so the wait is explicit.)
     public func upload(_ bytes: UnsafeRawPointer) throws(EPError) {
         guard byteCount > 0 else { return }
-        try gpu {
-            try device.driver.copy(from: bytes, to: pointer, byteCount: byteCount)
-            try device.driver.synchronize(CUDAStream(rawValue: nil))
-        }
+        try gpu { try device.driver.copy(from: bytes, to: pointer, byteCount: byteCount) }
+        try device.waitForLegacyStream()
     }
 
     public func upload(_ host: HostTensor) throws(EPError) {
@@ -55,9 +50,7 @@ public final class DeviceTensor: @unchecked Sendable {
     /// Sets every byte to `byte`, and returns once that is done (a memset runs on CUDA's legacy
     /// stream, which the groups' streams do not wait for).
     public func fill(byte: UInt8) throws(EPError) {
-        try gpu {
-            try device.driver.fill(pointer, byte: byte, byteCount: max(byteCount, 16))
-            try device.driver.synchronize(CUDAStream(rawValue: nil))
-        }
+        try gpu { try device.driver.fill(pointer, byte: byte, byteCount: max(byteCount, 16)) }
+        try device.waitForLegacyStream()
     }
 }

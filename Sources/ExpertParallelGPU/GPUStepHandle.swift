@@ -42,12 +42,7 @@ public final class GPUStepHandle: StepHandle, @unchecked Sendable {
         stride = workspace.handleStride
         deviceBytes = stride * localRanks.count
         try device.makeCurrent()
-        let p = try gpu { try device.driver.allocate(byteCount: deviceBytes) }
-        do { try gpu { try device.driver.fill(p, byte: 0, byteCount: deviceBytes) } } catch {
-            try? device.driver.free(p)
-            throw error
-        }
-        memory = p
+        memory = try device.allocateZeroed(byteCount: deviceBytes)
     }
 
     deinit { release() }

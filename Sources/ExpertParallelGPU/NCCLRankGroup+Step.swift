@@ -98,12 +98,12 @@ extension NCCLRankGroup {
 
     /// `update` on the group's default handle.
     public func update(topkIdx: TensorRef, stream: CUDAStream? = nil) throws(EPError) {
-        try update(defaultHandle(), topkIdx: [topkIdx], options: .init(stream))
+        try update(implicitHandle, topkIdx: [topkIdx], options: .init(stream))
     }
 
     /// `dispatch` of the default handle's step into slot 0 (`dispatchOutput`).
     public func dispatch(_ input: DispatchInput, phase: CallPhase = .whole, stream: CUDAStream? = nil) throws(EPError) {
-        try dispatch(defaultHandle(), [input], slot: 0, options: .init(stream, phase: phase))
+        try dispatch(implicitHandle, [input], slot: 0, options: .init(stream, phase: phase))
     }
 
     /// `combine` of the default handle's step.
@@ -111,7 +111,7 @@ extension NCCLRankGroup {
         _ input: CombineInput, into output: CombineOutput, direction: PassDirection = .forward, phase: CallPhase = .whole,
         stream: CUDAStream? = nil
     ) throws(EPError) {
-        try combine(defaultHandle(), [input], into: [output], direction: direction, options: .init(stream, phase: phase))
+        try combine(implicitHandle, [input], into: [output], direction: direction, options: .init(stream, phase: phase))
     }
 
     /// Enqueues the second half of the last send-only dispatch or combine.
@@ -123,7 +123,7 @@ extension NCCLRankGroup {
     public func checkStatus() throws(EPError) { try engine.checkStatus() }
 
     /// What this rank received in the default handle's last step (synchronises).
-    public func layoutInfo() throws(EPError) -> LayoutInfo { try engine.layoutInfo(defaultHandle(), rank: rank) }
+    public func layoutInfo() throws(EPError) -> LayoutInfo { try engine.layoutInfo(implicitHandle, rank: rank) }
 
     /// What this rank received in `handle`'s step (synchronises); `rank` must be this rank.
     public func layoutInfo(_ handle: GPUStepHandle, rank: Int) throws(EPError) -> LayoutInfo { try engine.layoutInfo(handle, rank: rank) }

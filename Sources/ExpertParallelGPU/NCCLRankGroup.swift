@@ -159,5 +159,4 @@ public final class NCCLRankGroup: StepGroup, @unchecked Sendable {
     /// A new step handle: a few KB of device memory for this rank's routing metadata.
     public func makeHandle() throws(EPError) -> GPUStepHandle { try engine.makeHandle() }
 
-    func defaultHandle() -> GPUStepHandle { implicitHandle }
 }

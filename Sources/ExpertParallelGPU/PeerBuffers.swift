@@ -56,6 +56,7 @@ final class PeerBuffers {
             local.append(p)
             try gpu { try driver.fill(p, byte: 0, byteCount: bytes) }
         }
+        try device.waitForLegacyStream()   // zero before any peer's kernel writes here
         switch sharing {
         case .ncclWindows:
             for (p, bytes) in zip(local, sizes) {

@@ -136,7 +136,10 @@ extension GPUDevice {
     /// A device word holding the active-rank mask, all `ranks` active.
     func allocateMask(ranks: Int) throws(EPError) -> DevicePointer {
         let mask = try gpu { try driver.allocate(byteCount: 8) }
-        do { try gpu { try driver.copy([RankMask.all(ranks).bits], to: mask) } } catch {
+        do {
+            try gpu { try driver.copy([RankMask.all(ranks).bits], to: mask) }
+            try waitForLegacyStream()
+        } catch {
             try? driver.free(mask)
             throw error
         }

@@ -35,7 +35,7 @@ extension StepEngine {
         let stepOK = try gpu { try driver.read(UInt32.self, from: base.advanced(by: StepWorkspace.stepOK * 4), count: 1)[0] }
         if stepOK == 0 {
             let active = RankMask(bits: try gpu { try driver.read(UInt64.self, from: mask, count: 1)[0] })
-            guard active.contains(rank) else { return workspace.layoutInfo(Array(repeating: 0, count: workspace.layoutWords), config: config).zeroed }
+            guard active.contains(rank) else { return workspace.emptyLayout }
             throw .wrongOrder("rank \(rank)'s step was void on the device (invalid routing, a peer's, a timeout or an overflow; checkStatus() names it): it has no layout")
         }
         let words = try gpu {
@@ -60,6 +60,7 @@ extension StepEngine {
         var bits = try activeRanks
         bits.remove(rank)
         try gpu { try device.driver.copy([bits.bits], to: mask) }
+        try device.waitForLegacyStream()
     }
 
     /// Marks `ranks` active again and resets the local ranks' flags and sequence numbers, so
@@ -72,14 +73,6 @@ extension StepEngine {
             for r in localRanks { try device.driver.fill(workspaces[r], byte: 0, byteCount: workspace.bytes) }
             try device.driver.copy([bits.bits], to: mask)
         }
-    }
-}
-
-extension LayoutInfo {
-    /// The same shape with every counter and offset zero.
-    var zeroed: LayoutInfo {
-        LayoutInfo(expertCounters: expertCounters.map { _ in 0 }, expertOffsets: expertOffsets.map { _ in 0 },
-                   sourceRankCounters: sourceRankCounters.map { _ in 0 }, expertSourceCounters: expertSourceCounters.map { _ in 0 },
-                   receivedTotal: 0, droppedTokens: 0)
+        try device.waitForLegacyStream()   // the next step's kernels run on streams that do not wait for it
     }
 }

@@ -33,9 +33,8 @@ final class StepStaging {
             for _ in 0..<config.ranks {
                 var addresses: [UInt64] = []
                 for bytes in sizes {
-                    let p = try gpu { try driver.allocate(byteCount: bytes) }
+                    let p = try device.allocateZeroed(byteCount: bytes)
                     allocations.append(p)
-                    try gpu { try driver.fill(p, byte: 0, byteCount: bytes) }
                     addresses.append(p.rawValue)
                 }
                 let descriptor = try gpu { try driver.allocate(byteCount: addresses.count * 8) }
@@ -43,6 +42,7 @@ final class StepStaging {
                 try gpu { try driver.copy(addresses, to: descriptor) }
                 descriptors.append(descriptor)
             }
+            try device.waitForLegacyStream()   // the descriptors' copies, before any kernel reads them
         } catch {
             for p in allocations { try? driver.free(p) }
             throw error

@@ -17,7 +17,7 @@ extension VirtualGPUGroup {
     }
 
     /// What `rank` received in the default handle's last step (synchronises).
-    public func layoutInfo(rank: Int) throws(EPError) -> LayoutInfo { try engine.layoutInfo(defaultHandle(), rank: rank) }
+    public func layoutInfo(rank: Int) throws(EPError) -> LayoutInfo { try engine.layoutInfo(implicitHandle, rank: rank) }
 
     /// The group's active-rank mask (synchronises).
     public var activeRanks: RankMask { get throws(EPError) { try engine.activeRanks } }

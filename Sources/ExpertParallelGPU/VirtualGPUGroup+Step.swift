@@ -75,7 +75,7 @@ extension VirtualGPUGroup {
 
     /// `update` on the group's default handle.
     public func update(topkIdx: [TensorRef], stream: CUDAStream? = nil, mode: LaunchMode = .single) throws(EPError) {
-        try update(defaultHandle(), topkIdx: topkIdx, options: .init(stream, mode: mode))
+        try update(implicitHandle, topkIdx: topkIdx, options: .init(stream, mode: mode))
     }
 
     /// `dispatch` of the default handle's step.
@@ -83,7 +83,7 @@ extension VirtualGPUGroup {
         _ inputs: [DispatchInput], into outputs: [DispatchOutput], phase: CallPhase = .whole,
         stream: CUDAStream? = nil, mode: LaunchMode = .single
     ) throws(EPError) {
-        try dispatch(defaultHandle(), inputs, into: outputs, options: .init(stream, phase: phase, mode: mode))
+        try dispatch(implicitHandle, inputs, into: outputs, options: .init(stream, phase: phase, mode: mode))
     }
 
     /// `combine` of the default handle's step.
@@ -91,7 +91,7 @@ extension VirtualGPUGroup {
         _ inputs: [CombineInput], into outputs: [CombineOutput], direction: PassDirection = .forward,
         phase: CallPhase = .whole, stream: CUDAStream? = nil, mode: LaunchMode = .single
     ) throws(EPError) {
-        try combine(defaultHandle(), inputs, into: outputs, direction: direction, options: .init(stream, phase: phase, mode: mode))
+        try combine(implicitHandle, inputs, into: outputs, direction: direction, options: .init(stream, phase: phase, mode: mode))
     }
 
     /// Enqueues the second half of the last send-only dispatch or combine.

@@ -63,11 +63,7 @@ public final class VirtualGPUGroup: StepGroup, @unchecked Sendable {
         let rankStreams = try device.rankStreams(config.ranks)
         for _ in 0..<(config.ranks + 1) { events.append(try gpu { try driver.createEvent(flags: .disableTiming) }) }
         joinEvents = events
-        for _ in 0..<config.ranks {
-            let p = try gpu { try driver.allocate(byteCount: workspace.bytes) }
-            pointers.append(p)
-            try gpu { try driver.fill(p, byte: 0, byteCount: workspace.bytes) }
-        }
+        for _ in 0..<config.ranks { pointers.append(try device.allocateZeroed(byteCount: workspace.bytes)) }
         let groupMask = try device.allocateMask(ranks: config.ranks)
         mask = groupMask
         engine = StepEngine(
@@ -92,7 +88,6 @@ public final class VirtualGPUGroup: StepGroup, @unchecked Sendable {
     /// A new step handle: a few KB of device memory per rank for the step's routing metadata.
     public func makeHandle() throws(EPError) -> GPUStepHandle { try engine.makeHandle() }
 
-    func defaultHandle() -> GPUStepHandle { implicitHandle }
 
     /// Bytes of device memory one handle holds (all R ranks).
     public var handleBytes: Int { engine.workspace.handleStride * config.ranks }
