@@ -687,22 +687,8 @@ ep_ht_drain(const EpArgs args) {
     const int rows = static_cast<int>(hs[H_LAYOUT + EP_L + EP_R + EP_L * EP_R]);   // in use, padding included
     const EpStage& stage = ep_stage(args, rank);
     const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
-#if EP_EXPERT_MAJOR
-    const int ids = 1;
-#else
-    const int ids = EP_K;
-#endif
     for (int row = blockIdx.x * warps + threadIdx.x / 32; row < rows; row += gridDim.x * warps) {
-        ep_copy_row(reinterpret_cast<const ep_u8*>(stage.rows), reinterpret_cast<ep_u8*>(args.rank[rank].recv), row, lane);
-        if (lane < ids) {
-            const ep_u64 slot = static_cast<ep_u64>(row) * ids + lane;
-#if EP_RIDX_BYTES == 8
-            reinterpret_cast<long long*>(args.rank[rank].recv_idx)[slot] = reinterpret_cast<const long long*>(stage.idx)[slot];
-#else
-            reinterpret_cast<int*>(args.rank[rank].recv_idx)[slot] = reinterpret_cast<const int*>(stage.idx)[slot];
-#endif
-            reinterpret_cast<float*>(args.rank[rank].recv_weights)[slot] = reinterpret_cast<const float*>(stage.weights)[slot];
-        }
+        ep_drain_row(args, rank, stage, row, EP_EXPERT_MAJOR ? 1 : EP_K, lane);   // one id per slot, or K per row
     }
 }
 
@@ -725,7 +711,7 @@ ep_ht_combine_send(const EpArgs args) {
 #else
         const ep_u64 index = token_index * EP_R + rank;
 #endif
-        ep_put_back_row(args, source, reinterpret_cast<const ep_u8*>(args.rank[rank].recv), row, index, lane);
+        ep_put_back_row(args, rank, source, row, index, lane);
         const EpStage& back = ep_stage(args, source);
 #if EP_EXPERT_MAJOR
         if (lane == 0 && args.weighted) {

@@ -398,19 +398,7 @@ ep_ll_drain(const EpArgs args) {
     const EpStage& stage = ep_stage(args, rank);
     const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
     for (int row = blockIdx.x * warps + threadIdx.x / 32; row < EP_LL_ROWS; row += gridDim.x * warps) {
-        if (!ep_ll_row_used(layout, row)) continue;
-        ep_copy_row(reinterpret_cast<const ep_u8*>(stage.rows), reinterpret_cast<ep_u8*>(args.rank[rank].recv), row, lane);
-#if EP_RANK_MAJOR
-        if (lane < EP_K) {
-            const ep_u64 slot = static_cast<ep_u64>(row) * EP_K + lane;
-#if EP_RIDX_BYTES == 8
-            reinterpret_cast<long long*>(args.rank[rank].recv_idx)[slot] = reinterpret_cast<const long long*>(stage.idx)[slot];
-#else
-            reinterpret_cast<int*>(args.rank[rank].recv_idx)[slot] = reinterpret_cast<const int*>(stage.idx)[slot];
-#endif
-            reinterpret_cast<float*>(args.rank[rank].recv_weights)[slot] = reinterpret_cast<const float*>(stage.weights)[slot];
-        }
-#endif
+        if (ep_ll_row_used(layout, row)) ep_drain_row(args, rank, stage, row, EP_RANK_MAJOR ? EP_K : 0, lane);   // rank-major rows carry ids
     }
 }
 
@@ -432,9 +420,9 @@ ep_ll_combine_send(const EpArgs args) {
         if (from == EP_ORIGIN_NONE || !ep_active(mask, source)) continue;
         const ep_u64 index = from & ((1u << EP_ORIGIN_INDEX_BITS) - 1);
 #if EP_RANK_MAJOR
-        ep_put_back_row(args, source, reinterpret_cast<const ep_u8*>(args.rank[rank].recv), row, index * EP_R + rank, lane);
+        ep_put_back_row(args, rank, source, row, index * EP_R + rank, lane);
 #else
-        ep_put_back_row(args, source, reinterpret_cast<const ep_u8*>(args.rank[rank].recv), row, index, lane);
+        ep_put_back_row(args, rank, source, row, index, lane);
 #endif
     }
 }

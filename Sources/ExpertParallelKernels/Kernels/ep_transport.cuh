@@ -119,18 +119,31 @@ EP_DEVICE float ep_expert_gradient(const EpArgs& args, int rank, int d, ep_u64 a
 // ------------------------------------------------------------------------------------------
 // The staged transport's own moves, shared by the LL and HT drain and combine-send kernels.
 
-// One warp copies row `row` (every lane) from `from` to `to`, both row bases.
-EP_DEVICE void ep_copy_row(const ep_u8* from, ep_u8* to, ep_u64 row, int lane) {
-    const ep_u8* src = from + row * EP_ROW_BYTES;
-    ep_u8* dst = to + row * EP_ROW_BYTES;
+// One warp copies a whole row (every lane).
+EP_DEVICE void ep_copy_row(const ep_u8* src, ep_u8* dst, int lane) {
     for (int v = lane; v < EP_ROW_VECS; v += 32) ep_store_vec(dst + static_cast<ep_u64>(v) * EP_VEC_BYTES, ep_load_vec(src + static_cast<ep_u64>(v) * EP_VEC_BYTES));
 }
 
-// One warp puts row `row` of `from` to row `index` of rank s's combine staging.
-EP_DEVICE void ep_put_back_row(const EpArgs& args, int s, const ep_u8* from, ep_u64 row, ep_u64 index, int lane) {
-    const ep_u8* src = from + row * EP_ROW_BYTES;
-    ep_u8* dst = reinterpret_cast<ep_u8*>(ep_stage(args, s).comb_rows) + index * EP_ROW_BYTES;
-    for (int v = lane; v < EP_ROW_VECS; v += 32) ep_store_vec(dst + static_cast<ep_u64>(v) * EP_VEC_BYTES, ep_load_vec(src + static_cast<ep_u64>(v) * EP_VEC_BYTES));
+// The drain of one received row (one warp): the row, and its `ids` received ids and weights
+// (K per row, 1 per slot, or none), from this rank's staging area `stage` into its receive buffers.
+EP_DEVICE void ep_drain_row(const EpArgs& args, int rank, const EpStage& stage, ep_u64 row, int ids, int lane) {
+    ep_copy_row(reinterpret_cast<const ep_u8*>(stage.rows) + row * EP_ROW_BYTES,
+                reinterpret_cast<ep_u8*>(args.rank[rank].recv) + row * EP_ROW_BYTES, lane);
+    if (lane < ids) {
+        const ep_u64 slot = row * ids + lane;
+#if EP_RIDX_BYTES == 8
+        reinterpret_cast<long long*>(args.rank[rank].recv_idx)[slot] = reinterpret_cast<const long long*>(stage.idx)[slot];
+#else
+        reinterpret_cast<int*>(args.rank[rank].recv_idx)[slot] = reinterpret_cast<const int*>(stage.idx)[slot];
+#endif
+        reinterpret_cast<float*>(args.rank[rank].recv_weights)[slot] = reinterpret_cast<const float*>(stage.weights)[slot];
+    }
+}
+
+// One warp puts row `row` of this rank's expert outputs to row `index` of rank s's combine staging.
+EP_DEVICE void ep_put_back_row(const EpArgs& args, int rank, int s, ep_u64 row, ep_u64 index, int lane) {
+    ep_copy_row(reinterpret_cast<const ep_u8*>(args.rank[rank].recv) + row * EP_ROW_BYTES,
+                reinterpret_cast<ep_u8*>(ep_stage(args, s).comb_rows) + index * EP_ROW_BYTES, lane);
 }
 
 // ------------------------------------------------------------------------------------------
