@@ -63,11 +63,10 @@ class _Inputs:
             self.x = [torch.from_numpy(a).to(device=device, dtype=torch.bfloat16) for a in self.x]
 
 
-def _time_package(case: tuple, ranks: int, device: str, iterations: int, warmup: int, seed: int) -> Dict[str, Any]:
+def _time_package(case: tuple, ranks: int, device: str, iterations: int, warmup: int, inputs: _Inputs) -> Dict[str, Any]:
     algorithm, tokens, hidden, top_k, experts, _ = case
     group = VirtualGroup(ranks=ranks, experts=experts, hidden=hidden, top_k=top_k, max_tokens=tokens,
                          algorithm=algorithm, dtype="f32" if device == "cpu" else "bf16", device=device)
-    inputs = _Inputs(case, ranks, device, seed)
     host_d: List[float] = []
     host_c: List[float] = []
     events = []
@@ -104,9 +103,8 @@ def _time_package(case: tuple, ranks: int, device: str, iterations: int, warmup:
     return result
 
 
-def _time_baseline(case: tuple, ranks: int, device: str, iterations: int, warmup: int, seed: int) -> Dict[str, Any]:
+def _time_baseline(case: tuple, iterations: int, warmup: int, inputs: _Inputs) -> Dict[str, Any]:
     """Plain tensors: all ranks' tokens as one batch, sorted by expert, gathered and scattered back."""
-    inputs = _Inputs(case, ranks, device, seed)
     top_k = case[3]
     try:
         import torch
@@ -188,10 +186,11 @@ def run(names: Sequence[str], device: str, ranks: Optional[int], iterations: int
         case = CASES[name]
         r = ranks or case[5]
         row: Dict[str, Any] = {"case": name, "ranks": r, "device": device, "iterations": iterations}
-        row.update(_time_package(case, r, device, iterations, warmup, seed))
+        inputs = _Inputs(case, r, device, seed)   # the same step for the package and the baseline
+        row.update(_time_package(case, r, device, iterations, warmup, inputs))
         row.update(engine.get((name, r), {}))
         if baseline:
-            row.update(_time_baseline(case, r, device, iterations, warmup, seed))
+            row.update(_time_baseline(case, iterations, warmup, inputs))
         results.append(row)
     return results
 
