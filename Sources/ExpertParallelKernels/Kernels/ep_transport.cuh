@@ -175,6 +175,8 @@ EP_DEVICE void ep_publish_row(const EpArgs& args, int rank, ep_u64 mask, int tab
 // across ranks whatever handle each call uses (steps may interleave). One launch covering every
 // rank (sync = 0) publishes and counts nothing: its end is the barrier.
 EP_DEVICE ep_u32 ep_call_number(const ep_u32* ws, int calls_word, ep_i64 sync) {
+    // A launch that neither signals nor waits (one launch for every rank) meets no peer: no load.
+    if (!(sync & (EP_SYNC_SIGNAL | EP_SYNC_WAIT | EP_SYNC_DONE))) return 0u;
     return ws[calls_word] + ((sync & EP_SYNC_SIGNAL) ? 1u : 0u);
 }
 
