@@ -6,7 +6,7 @@
  * original token order. Two backends sit behind one set of calls:
  *   - the host (CPU) group: R ranks in one process, one thread per rank; the bit-exact oracle;
  *   - the virtual GPU group: R ranks on one CUDA device, every call one launch for all R ranks
- *     (both algorithms; HT with epOverflowFail only so far);
+ *     (both algorithms, both overflow policies);
  *   - the NCCL-rank group (ABI version 2): one rank of a multi-process job, one GPU per process,
  *     joined by an NCCL communicator (epGroupCreateNCCL); each process drives its own rank.
  *
@@ -16,8 +16,11 @@
  *     thread's last call (empty after a call that succeeded).
  *   - Every struct starts with `size_t structSize`: set it to sizeof(the struct). ABI version 1
  *     requires exactly sizeof; later versions add fields at the end and keep accepting the sizes of
- *     earlier versions (version 2 added structs and calls and changed none of version 1's). A
- *     pointer to a config struct may be NULL (defaults).
+ *     earlier versions (version 2 added structs and calls and changed none of version 1's; version
+ *     3 added fields to epGroupInfo_t, epUpdateConfig_t, epDispatchOutputs_t, epDispatchConfig_t
+ *     and epCombineConfig_t: a struct of version 2's size reads as if the new fields were zero /
+ *     NULL, and an epGroupInfo_t of version 2's size gets version 2's fields only). A pointer to a
+ *     config struct may be NULL (defaults).
  *   - Arrays of structs (one per rank, in the *All calls) are read with a stride of their first
  *     element's structSize; every element must carry the same structSize.
  *   - Tensors are borrowed: the caller owns every buffer; the library writes only into outputs.
@@ -42,7 +45,7 @@ extern "C" {
 #endif
 
 /* The ABI this header describes; epGetAbiVersion reports the library's. */
-#define EP_ABI_VERSION 2
+#define EP_ABI_VERSION 3
 /* Most dimensions an epTensor_t carries. */
 #define EP_MAX_DIMS 4
 
@@ -126,6 +129,23 @@ typedef enum {
     epLaunchPerRank = 1 /* GPU: one launch per rank on its own stream, joined by events */
 } epLaunchMode_t;
 
+/* How much of a dispatch or combine a call enqueues (v3). */
+typedef enum {
+    epPhaseWhole = 0,    /* the whole call */
+    epPhaseSendOnly = 1  /* GPU: only the sending half, then return; the caller overlaps other work and
+                          * enqueues the receiving half with epGroupComplete / epComplete before the
+                          * next data-path call of the group. Host group: runs the whole call. */
+} epCallPhase_t;
+
+/* The group-owned buffers of an NCCL-rank group (epGroupGetBuffer, v3). */
+typedef enum {
+    epBufferReceivedTokens = 0,      /* dispatch output: receiveShape, the element type */
+    epBufferReceivedTopkIdx = 1,     /* dispatch output: receiveRoutingShape, int32 (layouts that have it) */
+    epBufferReceivedTopkWeights = 2, /* dispatch output: receiveRoutingShape, float32 (layouts that have it) */
+    epBufferExpertOutputs = 3,       /* combine input: receiveShape, the element type */
+    epBufferWeightGradients = 4      /* backward HT combine input: receiveRoutingShape, float32 */
+} epBuffer_t;
+
 /* ---------------------------------------------------------------------------------------- */
 /* Tensors                                                                                  */
 
@@ -165,6 +185,9 @@ static inline epTensor_t epMakeTensor(void* data, epDataType_t dtype, int32_t nd
 
 typedef struct epGroup* epGroup_t;
 typedef struct epHandle* epHandle_t;
+/* One step's routing and what was derived from it (v3): made by epStepCreate, named in the
+ * config of update, dispatch and combine. NULL there means the group's own step. */
+typedef struct epStep* epStep_t;
 
 /* The shape of an expert-parallel group; every rank of a group uses the same one. */
 typedef struct {
@@ -210,6 +233,9 @@ typedef struct {
     int64_t receiveShape[EP_MAX_DIMS];
     int32_t receiveRoutingNdim;      /* dispatch `topkIdx`/`topkWeights` outputs; 0 = the layout has none */
     int64_t receiveRoutingShape[EP_MAX_DIMS];
+    /* v3 */
+    int32_t bufferSlots;             /* NCCL-rank group: receive buffer slots (epGroupGetBuffer); else 0 */
+    int32_t multiprocessors;         /* GPU groups: SMs the group's kernels may use; host: 0 */
 } epGroupInfo_t;
 
 /* Creates a group of `config->ranks` ranks on the chosen backend (NULL: host). Control path:
@@ -242,6 +268,8 @@ typedef struct {
 typedef struct {
     size_t structSize;
     epLaunchMode_t launchMode;      /* GPU group only */
+    /* v3 */
+    epStep_t step;                  /* the step to update (NULL: the group's own); its earlier routing is replaced */
 } epUpdateConfig_t;
 
 typedef struct {
@@ -258,12 +286,21 @@ typedef struct {
     /* Optional (NULL: skip). Host group: filled at no cost. GPU group: filling it waits for the
      * stream and checks the device status, as epGroupCheckStatus does. */
     epLayoutInfo_t* layoutInfo;
+    /* v3, optional (NULL: skip): rows per local expert [L] and per (local expert, source rank)
+     * [L, R], int32, in the memory the group works in (GPU groups: device memory, written on the
+     * stream, no host synchronisation; host group: host memory). The same numbers as
+     * layoutInfo's expertCounters / expertSourceCounters. */
+    const epTensor_t* expertCounts;
+    const epTensor_t* expertSourceCounts;
 } epDispatchOutputs_t;
 
 typedef struct {
     size_t structSize;
     epPassDirection_t direction;
     epLaunchMode_t launchMode;      /* GPU group only */
+    /* v3 */
+    epStep_t step;                  /* whose routing (NULL: the group's own step) */
+    epCallPhase_t phase;
 } epDispatchConfig_t;
 
 typedef struct {
@@ -285,6 +322,9 @@ typedef struct {
     size_t structSize;
     epPassDirection_t direction;
     epLaunchMode_t launchMode;      /* GPU group only */
+    /* v3 */
+    epStep_t step;                  /* whose routing (NULL: the group's own step); it must have been dispatched */
+    epCallPhase_t phase;
 } epCombineConfig_t;
 
 /* ---------------------------------------------------------------------------------------- */
@@ -313,6 +353,24 @@ epResult_t epGroupCheckStatus(epGroup_t group);
 /* What `rank` received in the last dispatch (GPU group: checks the status first, so it waits). */
 epResult_t epGroupGetLayoutInfo(epGroup_t group, int32_t rank, epLayoutInfo_t* info);
 
+/* Steps (v3). A step holds one update's routing and what was derived from it (small: slot maps
+ * and counts, in the memory the group works in); the rows stay in the receive buffers. Several
+ * steps can be live on one group (one per MoE layer, micro-batch or pass): a step's combine and
+ * its backward dispatch use its own routing, whatever other steps were updated since. Collective
+ * calls and the NCCL-rank group's per-rank calls name the step in their config; the host group's
+ * per-rank calls use their handle's own step. Every rank makes the same calls in the same order.
+ * Control path: epStepCreate allocates. A step keeps its group alive. */
+epResult_t epStepCreate(epGroup_t group, epStep_t* step);
+/* Frees the step; later calls naming it fail with epInvalidArgument. NULL is a no-op. */
+epResult_t epStepDestroy(epStep_t step);
+/* What `rank` received in the step's last dispatch (GPU: waits for the device). */
+epResult_t epStepGetLayoutInfo(epStep_t step, int32_t rank, epLayoutInfo_t* info);
+
+/* Enqueues the receiving half of the group's last epPhaseSendOnly dispatch or combine on
+ * `stream` (collective calls; epComplete: a per-rank handle's); epInvalidUsage when none is
+ * pending. Host group: the call ran whole; completing it does nothing more. */
+epResult_t epGroupComplete(epGroup_t group, void* stream);
+
 /* The active-rank mask (bit r = rank r). A rank that timed out is masked; it sends and receives
  * nothing until cleaned. Control path (GPU: synchronises). */
 epResult_t epGroupGetActiveRanks(epGroup_t group, uint64_t* mask);
@@ -338,6 +396,8 @@ epResult_t epDispatch(epHandle_t handle, const epDispatchInputs_t* inputs, const
                       const epDispatchConfig_t* config, void* stream);
 epResult_t epCombine(epHandle_t handle, const epCombineInputs_t* inputs, const epCombineOutputs_t* outputs,
                      const epCombineConfig_t* config, void* stream);
+/* The receiving half of this handle's last epPhaseSendOnly call (v3). */
+epResult_t epComplete(epHandle_t handle, void* stream);
 
 /* ---------------------------------------------------------------------------------------- */
 /* NCCL-rank groups (ABI version 2): one rank per process, one GPU each, joined by an NCCL
@@ -381,6 +441,17 @@ typedef struct {
     epNCCLUniqueId_t uniqueId;  /* from epGetNCCLUniqueId on rank 0 */
     double initTimeoutSeconds;  /* bound on waiting for every rank to join (and, at destroy, to leave); 0 = 60 s */
 } epNCCLRankConfig_t;
+
+/* Zero copy (v3): one of this rank's group-owned buffers of buffer slot `slot` (0 ..<
+ * epGroupInfo_t.bufferSlots), described in `tensor` (device memory of the group's device). A
+ * dispatch whose outputs->tokens (and topkIdx, topkWeights) are slot s's received buffers
+ * receives there with no copy (rows outside the received zones are then unspecified: they hold
+ * earlier steps' rows); a combine whose expertOutputs is slot s's expert-output buffer (and, HT
+ * expert-major forward, topkWeights slot s's received weights; HT backward, weightGradients its
+ * weight-gradient buffer) reads them with no copy. The step's combine must use the slot its
+ * dispatch used. A slot's buffers are rewritten by the next dispatch into that slot, on any
+ * rank: use them before your next dispatch into it. Only NCCL-rank groups own such buffers. */
+epResult_t epGroupGetBuffer(epGroup_t group, int32_t slot, epBuffer_t buffer, epTensor_t* tensor);
 
 /* A fresh NCCL unique id (ncclGetUniqueId): rank 0 calls it once per group. */
 epResult_t epGetNCCLUniqueId(epNCCLUniqueId_t* id);

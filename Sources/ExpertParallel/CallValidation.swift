@@ -33,6 +33,12 @@ extension GroupConfig {
         } else if let weights = input.topkWeights {
             try TensorCheck.require(weights, "input.topkWeights", dtypes: [.f32], shape: [tokens, topK], location: location)
         }
+        if let counts = output.expertCounts {
+            try TensorCheck.require(counts, "output.expertCounts", dtypes: [.i32], shape: [localExperts], location: location)
+        }
+        if let counts = output.expertSourceCounts {
+            try TensorCheck.require(counts, "output.expertSourceCounts", dtypes: [.i32], shape: [localExperts, ranks], location: location)
+        }
     }
 
     /// Checks a combine call's tensors for `tokens` source rows.

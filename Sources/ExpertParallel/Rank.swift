@@ -24,11 +24,21 @@ public struct DispatchOutput: Sendable {
     public var tokens: TensorRef
     public var topkIdx: TensorRef?
     public var topkWeights: TensorRef?
+    /// Optional: rows per local expert, `[L]` int32, written by the dispatch where the group works
+    /// (GPU: on the stream, no host synchronisation); zeros for a masked rank.
+    public var expertCounts: TensorRef?
+    /// Optional: rows per (local expert, source rank), `[L, R]` int32, likewise.
+    public var expertSourceCounts: TensorRef?
 
-    public init(tokens: TensorRef, topkIdx: TensorRef? = nil, topkWeights: TensorRef? = nil) {
+    public init(
+        tokens: TensorRef, topkIdx: TensorRef? = nil, topkWeights: TensorRef? = nil, expertCounts: TensorRef? = nil,
+        expertSourceCounts: TensorRef? = nil
+    ) {
         self.tokens = tokens
         self.topkIdx = topkIdx
         self.topkWeights = topkWeights
+        self.expertCounts = expertCounts
+        self.expertSourceCounts = expertSourceCounts
     }
 }
 

@@ -63,3 +63,19 @@ public protocol StepGroup: AnyObject, Sendable {
     func deactivate(rank: Int) throws(EPError)
     func clean(ranks: RankMask) throws(EPError)
 }
+
+extension LayoutInfo {
+    /// Writes `expertCounters` (`[L]`) and `expertSourceCounters` (`[L, R]`) as int32 into host
+    /// tensors of those shapes (checked by the caller); nil skips one.
+    public func writeCounts(experts: TensorRef?, expertSources: TensorRef?) throws(EPError) {
+        for (tensor, values) in [(experts, expertCounters), (expertSources, expertSourceCounters)] {
+            guard let tensor else { continue }
+            try TensorCheck.require(tensor, "counts", dtypes: [.i32], shape: tensor.shape, location: .host)
+            guard tensor.elementCount == values.count, let base = tensor.address else {
+                throw .invalidArgument(field: "counts", value: "\(tensor.shape)", requirement: "must hold \(values.count) int32 counts")
+            }
+            let words = base.bindMemory(to: Int32.self, capacity: values.count)
+            for (i, value) in values.enumerated() { words[i] = Int32(truncatingIfNeeded: value) }
+        }
+    }
+}

@@ -89,4 +89,12 @@ enum ABIEnum {
         default: throw invalid(field, value.rawValue, "epLaunchSingle (0), epLaunchPerRank (1)")
         }
     }
+
+    static func phase(_ value: epCallPhase_t, _ field: String) throws(EPError) -> CallPhase {
+        switch value {
+        case epPhaseWhole: .whole
+        case epPhaseSendOnly: .sendOnly
+        default: throw invalid(field, value.rawValue, "epPhaseWhole (0), epPhaseSendOnly (1)")
+        }
+    }
 }

@@ -4,43 +4,66 @@ import ExpertParallel
 /// A struct of the C ABI: it starts with `size_t structSize`, which the library checks before
 /// reading anything else, so a caller built against another header version gets a clear error
 /// instead of misread fields.
-protocol ABIStruct {}
+protocol ABIStruct {
+    /// The sizes of this struct in earlier ABI versions that are still accepted (a struct only
+    /// grows at its end): such a struct reads as if the newer fields were zero.
+    static var earlierSizes: [Int] { get }
+}
+
+extension ABIStruct {
+    static var earlierSizes: [Int] { [] }
+}
 
 extension epTensor_t: ABIStruct {}
 extension epGroupConfig_t: ABIStruct {}
 extension epBackendConfig_t: ABIStruct {}
-extension epGroupInfo_t: ABIStruct {}
 extension epLayoutInfo_t: ABIStruct {}
 extension epUpdateInputs_t: ABIStruct {}
-extension epUpdateConfig_t: ABIStruct {}
 extension epDispatchInputs_t: ABIStruct {}
-extension epDispatchOutputs_t: ABIStruct {}
-extension epDispatchConfig_t: ABIStruct {}
 extension epCombineInputs_t: ABIStruct {}
 extension epCombineOutputs_t: ABIStruct {}
-extension epCombineConfig_t: ABIStruct {}
 extension epNCCLRankConfig_t: ABIStruct {}
+// Grown in ABI version 3: version 2's size ends where the first new field starts.
+extension epGroupInfo_t: ABIStruct { static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.bufferSlots)!] } }
+extension epUpdateConfig_t: ABIStruct { static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.step)!] } }
+extension epDispatchOutputs_t: ABIStruct { static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.expertCounts)!] } }
+extension epDispatchConfig_t: ABIStruct { static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.step)!] } }
+extension epCombineConfig_t: ABIStruct { static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.step)!] } }
 
 extension ABIStruct where Self: BitwiseCopyable {
-    /// `sizeof` of the struct in this ABI version, the only `structSize` accepted (no struct has
-    /// grown since version 1).
+    /// `sizeof` of the struct in this ABI version.
     static var abiSize: Int { MemoryLayout<Self>.stride }
 
     static func checkSize(_ size: Int, _ name: String) throws(EPError) {
-        guard size == abiSize else {
+        guard size == abiSize || earlierSizes.contains(size) else {
+            let earlier = earlierSizes.isEmpty ? "" : " or an earlier version's \(earlierSizes.map(String.init).joined(separator: ", "))"
             throw .invalidArgument(
                 field: "\(name).structSize", value: "\(size)",
-                requirement: "must be sizeof(\(Self.self)) = \(abiSize) (ABI version \(EP_ABI_VERSION))")
+                requirement: "must be sizeof(\(Self.self)) = \(abiSize) (ABI version \(EP_ABI_VERSION))\(earlier)")
         }
     }
 
-    /// The struct at `pointer`, after checking that it is there and has this ABI's size.
+    /// The struct at `pointer` whose `structSize` is `size` (checked): the fields that size
+    /// covers, the rest zero.
+    private static func load(_ pointer: UnsafeRawPointer, size: Int) -> Self {
+        if size == abiSize { return pointer.loadUnaligned(as: Self.self) }
+        var value = withUnsafeTemporaryAllocation(byteCount: abiSize, alignment: MemoryLayout<Self>.alignment) { buffer in
+            buffer.initializeMemory(as: UInt8.self, repeating: 0)
+            buffer.baseAddress!.copyMemory(from: pointer, byteCount: size)
+            return buffer.baseAddress!.load(as: Self.self)
+        }
+        withUnsafeMutableBytes(of: &value) { $0.storeBytes(of: abiSize, as: Int.self) }
+        return value
+    }
+
+    /// The struct at `pointer`, after checking that it is there and has an accepted size.
     static func read(_ pointer: UnsafeRawPointer?, _ name: String) throws(EPError) -> Self {
         guard let pointer else {
             throw .invalidArgument(field: name, value: "NULL", requirement: "must point to an \(Self.self)")
         }
-        try checkSize(pointer.loadUnaligned(as: Int.self), name)
-        return pointer.loadUnaligned(as: Self.self)
+        let size = pointer.loadUnaligned(as: Int.self)
+        try checkSize(size, name)
+        return load(pointer, size: size)
     }
 
     /// The struct at `pointer`, or nil when it is NULL (an optional struct such as a config).
@@ -61,8 +84,11 @@ extension ABIStruct where Self: BitwiseCopyable {
         elements.reserveCapacity(count)
         for i in 0..<count {
             let element = pointer + i * stride
-            try checkSize(element.loadUnaligned(as: Int.self), "\(name)[\(i)]")
-            elements.append(element.loadUnaligned(as: Self.self))
+            let size = element.loadUnaligned(as: Int.self)
+            guard size == stride else {
+                throw .invalidArgument(field: "\(name)[\(i)].structSize", value: "\(size)", requirement: "must equal \(name)[0].structSize (\(stride))")
+            }
+            elements.append(load(element, size: size))
         }
         return elements
     }
@@ -74,9 +100,15 @@ func required<T>(_ pointer: T?, _ name: String) throws(EPError) -> T {
     return pointer
 }
 
-/// Writes a struct the caller owns, without assuming the caller aligned it.
+/// Writes a struct the caller owns, without assuming the caller aligned it: the first `size`
+/// bytes (the caller's `structSize`, already checked; an earlier version's struct gets its own
+/// fields only), with the caller's `structSize` kept.
 func write<T: ABIStruct & BitwiseCopyable>(_ value: T, to pointer: UnsafeMutableRawPointer) {
-    pointer.storeBytes(of: value, as: T.self)
+    let size = min(pointer.loadUnaligned(as: Int.self), T.abiSize)
+    withUnsafeBytes(of: value) { bytes in
+        pointer.advanced(by: MemoryLayout<Int>.size).copyMemory(
+            from: bytes.baseAddress!.advanced(by: MemoryLayout<Int>.size), byteCount: max(0, size - MemoryLayout<Int>.size))
+    }
 }
 
 /// A fixed-size C array (imported as a tuple) of `Int64`, as the first `count` values.

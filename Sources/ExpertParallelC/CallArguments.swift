@@ -15,7 +15,9 @@ extension DispatchOutput {
     init(_ c: epDispatchOutputs_t, _ name: String) throws(EPError) {
         self.init(tokens: try TensorDescriptor.tensor(c.tokens, "\(name).tokens"),
                   topkIdx: try TensorDescriptor.optionalTensor(c.topkIdx, "\(name).topkIdx"),
-                  topkWeights: try TensorDescriptor.optionalTensor(c.topkWeights, "\(name).topkWeights"))
+                  topkWeights: try TensorDescriptor.optionalTensor(c.topkWeights, "\(name).topkWeights"),
+                  expertCounts: try TensorDescriptor.optionalTensor(c.expertCounts, "\(name).expertCounts"),
+                  expertSourceCounts: try TensorDescriptor.optionalTensor(c.expertSourceCounts, "\(name).expertSourceCounts"))
     }
 }
 
@@ -49,10 +51,17 @@ extension CombineOutput { static var absent: CombineOutput { CombineOutput(token
 struct CallSettings {
     var direction: PassDirection = .forward
     var mode: LaunchMode = .single
+    var phase: CallPhase = .whole
+    /// The step the config names (v3); nil: the group's own.
+    var step: StepObject?
+
+    /// The defaults (a NULL config).
+    init() {}
 
     init(_ c: UnsafePointer<epUpdateConfig_t>?) throws(EPError) {
         if let c = try epUpdateConfig_t.readOptional(c, "config") {
             mode = try ABIEnum.launchMode(c.launchMode, "config.launchMode")
+            step = try Self.step(c.step)
         }
     }
 
@@ -60,6 +69,8 @@ struct CallSettings {
         if let c = try epDispatchConfig_t.readOptional(c, "config") {
             direction = try ABIEnum.direction(c.direction, "config.direction")
             mode = try ABIEnum.launchMode(c.launchMode, "config.launchMode")
+            phase = try ABIEnum.phase(c.phase, "config.phase")
+            step = try Self.step(c.step)
         }
     }
 
@@ -67,7 +78,23 @@ struct CallSettings {
         if let c = try epCombineConfig_t.readOptional(c, "config") {
             direction = try ABIEnum.direction(c.direction, "config.direction")
             mode = try ABIEnum.launchMode(c.launchMode, "config.launchMode")
+            phase = try ABIEnum.phase(c.phase, "config.phase")
+            step = try Self.step(c.step)
         }
+    }
+
+    private static func step(_ pointer: OpaquePointer?) throws(EPError) -> StepObject? {
+        guard let pointer else { return nil }
+        return try stepRegistry.object(pointer, "config.step")
+    }
+
+    /// The step object the config names, checked to be one of `group`'s.
+    func step(of group: GroupObject) throws(EPError) -> StepObject? {
+        guard let step else { return nil }
+        guard step.group === group else {
+            throw .invalidArgument(field: "config.step", value: "\(ObjectIdentifier(step))", requirement: "must be a step made from this group (epStepCreate)")
+        }
+        return step
     }
 }
 

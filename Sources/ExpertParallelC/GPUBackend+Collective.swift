@@ -12,11 +12,15 @@ extension GPUBackend: StepGroupBackend {
 
     func stepHandle() -> GPUStepHandle { handle }
 
+    var location: MemoryLocation { .device(group.device.ordinal) }
+
+    var multiprocessors: Int { group.multiprocessors }
+
     /// On the caller's stream, remembered until the next `settle()`.
     func options(_ settings: CallSettings, _ raw: UnsafeMutableRawPointer?) -> CallOptions {
         let stream = CUDAStream(rawValue: OpaquePointer(raw))
         if !callerStreams.contains(stream) { callerStreams.append(stream) }
-        return CallOptions(stream, mode: settings.mode)
+        return CallOptions(stream, phase: settings.phase, mode: settings.mode)
     }
 
     /// Waits for the caller streams used since the last wait.

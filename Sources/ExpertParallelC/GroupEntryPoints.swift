@@ -49,7 +49,12 @@ public func cGroupGetInfo(_ group: epGroup_t?, _ info: UnsafeMutablePointer<epGr
     entryPoint("epGroupGetInfo") {
         let object = try groupRegistry.object(group, "group")
         _ = try epGroupInfo_t.read(info, "info")
-        write(object.config.info(backend: object.backendKind), to: UnsafeMutableRawPointer(try required(info, "info")))
+        var value = object.config.info(backend: object.backendKind)
+        try object.withBackend { backend in
+            value.bufferSlots = Int32(backend.bufferSlots)
+            value.multiprocessors = Int32(backend.multiprocessors)
+        }
+        write(value, to: UnsafeMutableRawPointer(try required(info, "info")))
     }
 }
 

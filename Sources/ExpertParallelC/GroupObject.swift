@@ -24,6 +24,28 @@ protocol GroupBackend: AnyObject {
     func clean(ranks: RankMask) throws
     /// The per-rank calls of `rank` (a handle's), or an error when the group offers none for it.
     func rankCalls(rank: Int) throws -> any RankCalls
+    /// A new step for the group calls (and the NCCL rank's per-rank calls). Control path.
+    func makeStep() throws -> any StepHandle
+    /// What `rank` received in `step`'s last dispatch.
+    func layoutInfo(step: any StepHandle, rank: Int) throws -> LayoutInfo
+    /// Enqueues the second half of the last send-only collective call.
+    func complete(_ stream: UnsafeMutableRawPointer?) throws
+    /// Buffer slots of group-owned receive buffers (NCCL-rank groups); 0 for the others.
+    var bufferSlots: Int { get }
+    /// Where the group's tensors live.
+    var location: MemoryLocation { get }
+    /// SMs the group's kernels may use (GPU groups); 0 for the host.
+    var multiprocessors: Int { get }
+    /// A group-owned buffer of buffer slot `slot` (NCCL-rank groups only).
+    func buffer(slot: Int, _ kind: epBuffer_t) throws -> TensorRef
+}
+
+extension GroupBackend {
+    var bufferSlots: Int { 0 }
+
+    func buffer(slot: Int, _ kind: epBuffer_t) throws -> TensorRef {
+        throw UnsupportedCall(message: "only NCCL-rank groups own receive buffers; the host and virtual GPU groups receive into the caller's tensors")
+    }
 }
 
 /// What an `epGroup_t` points at: a group of R ranks on one backend.
@@ -41,6 +63,9 @@ final class GroupObject: @unchecked Sendable {
     var backendKind: epBackend_t { backend.kind }
 
     /// Runs `body` on the backend, serialised with the group's other calls.
+    /// Where the group's tensors live.
+    var location: MemoryLocation { backend.location }
+
     func withBackend<T>(_ body: (any GroupBackend) throws -> T) throws -> T {
         try lock.withLock { try body(backend) }
     }

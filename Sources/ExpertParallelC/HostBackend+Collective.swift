@@ -9,22 +9,32 @@ extension HostBackend: StepGroupBackend {
 
     func stepHandle() -> HostGroupHandle { handle }
 
+    var location: MemoryLocation { .host }
+
+    var multiprocessors: Int { 0 }
+
     /// The ranks that take part in a call: the active ones.
     func callRanks() throws -> [Int] { try group.activeRanks.ranks.filter { $0 < group.config.ranks } }
 
-    func perform(_ call: StepCall, ranks: [Int], _ body: () throws(EPError) -> Void) throws {
+    func perform(_ call: StepCall, step: StepObject?, ranks: [Int], _ body: () throws(EPError) -> Void) throws {
         do {
             try body()
             switch call {
-            case .update(let routing): stepTokens = routing.map { $0.shape.first ?? 0 }
-            case .dispatch: lastLayout = group.localRanks.map { r in ranks.contains(r) ? try? group.layoutInfo(handle, rank: r) : nil }
+            case .update(let routing): setTokens(step, routing.map { $0.shape.first ?? 0 })
+            case .dispatch:
+                if step == nil { lastLayout = group.localRanks.map { r in ranks.contains(r) ? try? group.layoutInfo(handle, rank: r) : nil } }
             case .combine: break
             }
         } catch {
-            if case .update = call { stepTokens = nil }
-            guard let rank = failingRank(error, call, ranks) else { throw error }
+            if case .update = call { setTokens(step, nil) }
+            guard let rank = failingRank(error, call, ranks, tokens: step.map { $0.stepTokens } ?? stepTokens) else { throw error }
             throw RankFailure(rank: rank, error: error, config: group.config)
         }
+    }
+
+    /// Each rank's tokens in the step's last accepted update (the step's own, or the group's).
+    private func setTokens(_ step: StepObject?, _ tokens: [Int]?) {
+        if let step { step.stepTokens = tokens } else { stepTokens = tokens }
     }
 
     /// What `rank` received in the last collective dispatch (the handle forgets it at an update).
@@ -40,7 +50,7 @@ extension HostBackend: StepGroupBackend {
     /// fail), but not that rank: an error that names its rank gives it; one that every rank meets
     /// alike (an overflow of the exchanged counts, a handle with no step) is the lowest rank's; for
     /// the rest, each rank's checks of its own arguments run again, in rank order.
-    private func failingRank(_ error: EPError, _ call: StepCall, _ ranks: [Int]) -> Int? {
+    private func failingRank(_ error: EPError, _ call: StepCall, _ ranks: [Int], tokens stepTokens: [Int]?) -> Int? {
         switch error {
         case .peerFailed(let rank, _, _), .timeout(let rank, _), .inactiveRank(let rank):
             return rank
@@ -52,12 +62,12 @@ extension HostBackend: StepGroupBackend {
             if case .update = call { return nil }
             return stepTokens == nil ? ranks.first : nil
         default:
-            return ranks.first { rejects(call, rank: $0, with: error) } ?? ranks.first
+            return ranks.first { rejects(call, rank: $0, with: error, tokens: stepTokens) } ?? ranks.first
         }
     }
 
     /// Whether rank `r`'s own checks of `call` throw `expected`.
-    private func rejects(_ call: StepCall, rank r: Int, with expected: EPError) -> Bool {
+    private func rejects(_ call: StepCall, rank r: Int, with expected: EPError, tokens stepTokens: [Int]?) -> Bool {
         let config = group.config, tokens = stepTokens?[r] ?? 0
         do throws(EPError) {
             switch call {

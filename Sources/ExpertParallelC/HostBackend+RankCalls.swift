@@ -25,8 +25,18 @@ final class HostRankCalls: RankCalls, @unchecked Sendable {
         }
     }
 
+    /// A host rank's calls run whole: nothing is pending.
+    func complete(_ stream: UnsafeMutableRawPointer?) throws {}
+
+    /// A host rank's per-rank calls use their handle's own step.
+    private func requireOwnStep(_ settings: CallSettings) throws(EPError) {
+        guard settings.step == nil else {
+            throw .invalidArgument(field: "config.step", value: "a step", requirement: "must be NULL: a host group's per-rank calls use their handle's own step (name steps in the collective calls)")
+        }
+    }
+
     func update(_ inputs: epUpdateInputs_t, _ settings: CallSettings, _ stream: UnsafeMutableRawPointer?) throws {
-        try make(.update, { try TensorDescriptor.tensor(inputs.topkIdx, "inputs.topkIdx") }) { topkIdx in
+        try make(.update, { () throws in try requireOwnStep(settings); return try TensorDescriptor.tensor(inputs.topkIdx, "inputs.topkIdx") }) { topkIdx in
             try call { try rank.update(handle, topkIdx: topkIdx) }
         }
     }
@@ -35,8 +45,9 @@ final class HostRankCalls: RankCalls, @unchecked Sendable {
         _ inputs: epDispatchInputs_t, _ outputs: epDispatchOutputs_t, _ settings: CallSettings, _ stream: UnsafeMutableRawPointer?
     ) throws {
         try make(.dispatch, {
-            (try LayoutInfoDestination(outputs.layoutInfo, "outputs.layoutInfo"), try DispatchInput(inputs, "inputs"),
-             try DispatchOutput(outputs, "outputs"))
+            try requireOwnStep(settings)
+            return (try LayoutInfoDestination(outputs.layoutInfo, "outputs.layoutInfo"), try DispatchInput(inputs, "inputs"),
+                    try DispatchOutput(outputs, "outputs"))
         }) { destination, input, output in
             try call {
                 let info = try rank.dispatch(handle, input, into: output, direction: settings.direction)
@@ -48,7 +59,10 @@ final class HostRankCalls: RankCalls, @unchecked Sendable {
     func combine(
         _ inputs: epCombineInputs_t, _ outputs: epCombineOutputs_t, _ settings: CallSettings, _ stream: UnsafeMutableRawPointer?
     ) throws {
-        try make(.combine, { (try CombineInput(inputs, "inputs"), try CombineOutput(outputs, "outputs")) }) { input, output in
+        try make(.combine, { () throws in
+            try requireOwnStep(settings)
+            return (try CombineInput(inputs, "inputs"), try CombineOutput(outputs, "outputs"))
+        }) { input, output in
             try call { try rank.combine(handle, input, into: output, direction: settings.direction) }
         }
     }

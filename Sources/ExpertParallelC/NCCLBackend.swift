@@ -41,6 +41,8 @@ final class NCCLBackend: @unchecked Sendable {
     let comm: NCCLComm
     let rank: Int
     let timeout: Duration
+    /// Where this rank's tensors live: its device.
+    let location: MemoryLocation
     /// nil only while the backend goes: the group's buffers go before the communicator.
     private var joined: NCCLRankGroup?
 
@@ -64,6 +66,7 @@ final class NCCLBackend: @unchecked Sendable {
         self.comm = comm
         rank = settings.rank
         timeout = settings.timeout
+        location = .device(settings.device)
     }
 
     deinit {

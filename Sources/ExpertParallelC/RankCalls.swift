@@ -14,6 +14,8 @@ protocol RankCalls: AnyObject {
     func combine(
         _ inputs: epCombineInputs_t, _ outputs: epCombineOutputs_t, _ settings: CallSettings,
         _ stream: UnsafeMutableRawPointer?) throws
+    /// Enqueues the second half of the rank's last send-only call.
+    func complete(_ stream: UnsafeMutableRawPointer?) throws
     /// The call could not be made: its arguments were refused (`error`) before it reached the rank.
     /// Ranks that meet their peers in every call (the host group's) still take the call's place,
     /// so the others fail at once and the ranks stay in step.

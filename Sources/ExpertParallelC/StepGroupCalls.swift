@@ -15,8 +15,8 @@ enum StepCall {
 protocol StepGroupBackend: GroupBackend {
     associatedtype Group: StepGroup
     var group: Group { get throws }
-    /// The handle of the group calls' current step (the ABI has no handle objects for them yet),
-    /// or the error that says the group offers no collective calls.
+    /// The handle of the group calls' own step (a config that names no step), or the error that
+    /// says the group offers no collective calls.
     func stepHandle() throws -> Group.Handle
     /// The local ranks whose arguments a collective call reads; the others get placeholders.
     /// Default: every local rank.
@@ -26,28 +26,53 @@ protocol StepGroupBackend: GroupBackend {
     func options(_ settings: CallSettings, _ stream: UnsafeMutableRawPointer?) -> CallOptions
     /// Waits for what the status, layout and mask calls read. Default: nothing to wait for.
     func settle() throws
-    /// Runs `body`, the core's call for `call` (its arguments read for `ranks`), and reports its
-    /// failure. Default: the core's error as it is.
-    func perform(_ call: StepCall, ranks: [Int], _ body: () throws(EPError) -> Void) throws
+    /// Runs `body`, the core's call for `call` on `step` (nil: the group's own; its arguments
+    /// read for `ranks`), and reports its failure. Default: the core's error as it is.
+    func perform(_ call: StepCall, step: StepObject?, ranks: [Int], _ body: () throws(EPError) -> Void) throws
 }
 
 extension StepGroupBackend {
     func callRanks() throws -> [Int] { try group.localRanks }
 
     func options(_ settings: CallSettings, _ stream: UnsafeMutableRawPointer?) -> CallOptions {
-        CallOptions(stream: OpaquePointer(stream), phase: .whole, launch: settings.mode)
+        CallOptions(stream: OpaquePointer(stream), phase: settings.phase, launch: settings.mode)
     }
 
     func settle() throws {}
 
-    func perform(_ call: StepCall, ranks: [Int], _ body: () throws(EPError) -> Void) throws { try body() }
+    func perform(_ call: StepCall, step: StepObject?, ranks: [Int], _ body: () throws(EPError) -> Void) throws { try body() }
+
+    func makeStep() throws -> any StepHandle { try group.makeHandle() }
+
+    /// The handle of the step `settings` names, or the group's own.
+    func handle(_ settings: CallSettings) throws -> Group.Handle {
+        guard let step = settings.step else { return try stepHandle() }
+        return try handle(of: step.handle)
+    }
+
+    func handle(of step: any StepHandle) throws -> Group.Handle {
+        guard let handle = step as? Group.Handle else {
+            throw InternalError(message: "a step of another kind of group reached this group")
+        }
+        return handle
+    }
+
+    func layoutInfo(step: any StepHandle, rank: Int) throws -> LayoutInfo {
+        let handle = try handle(of: step)
+        try checkStatus()
+        return try group.layoutInfo(handle, rank: rank)
+    }
+
+    func complete(_ stream: UnsafeMutableRawPointer?) throws {
+        try group.complete(options: options(CallSettings(), stream))
+    }
 
     func updateAll(_ inputs: [epUpdateInputs_t], _ settings: CallSettings, _ stream: UnsafeMutableRawPointer?) throws {
-        let handle = try stepHandle(), group = try self.group, ranks = try callRanks()
+        let handle = try handle(settings), group = try self.group, ranks = try callRanks()
         let routing = try perRank(group, ranks) { r in try TensorDescriptor.tensor(inputs[r].topkIdx, "inputs[\(r)].topkIdx") }
             .map { $0 ?? .absent }
         let options = self.options(settings, stream)
-        try perform(.update(topkIdx: routing), ranks: ranks) { () throws(EPError) in
+        try perform(.update(topkIdx: routing), step: settings.step, ranks: ranks) { () throws(EPError) in
             try group.update(handle, topkIdx: routing, options: options)
         }
     }
@@ -57,15 +82,27 @@ extension StepGroupBackend {
         _ inputs: [epDispatchInputs_t], _ outputs: [epDispatchOutputs_t], _ settings: CallSettings,
         _ stream: UnsafeMutableRawPointer?
     ) throws {
-        let handle = try stepHandle(), group = try self.group, ranks = try callRanks()
+        let handle = try handle(settings), group = try self.group, ranks = try callRanks()
         let calls = try perRank(group, ranks) { r in
             (try DispatchInput(inputs[r], "inputs[\(r)]"), try DispatchOutput(outputs[r], "outputs[\(r)]"),
              try LayoutInfoDestination(outputs[r].layoutInfo, "outputs[\(r)].layoutInfo"))
         }
         let ins = calls.map { $0?.0 ?? .absent }, outs = calls.map { $0?.1 ?? .absent }
         let options = self.options(settings, stream)
-        try perform(.dispatch(ins, outs), ranks: ranks) { () throws(EPError) in
+        try perform(.dispatch(ins, outs), step: settings.step, ranks: ranks) { () throws(EPError) in
             try group.dispatch(handle, ins, into: outs, direction: settings.direction, options: options)
+        }
+        // A masked host rank's arguments are not read, but counts it was given read as zero (as
+        // the GPU writes them), so that a caller's count tensors never show an earlier step's.
+        if case .host = location {
+            for r in group.localRanks where !ranks.contains(r) {
+                let zero = LayoutInfo(expertCounters: Array(repeating: 0, count: group.config.localExperts), expertOffsets: [],
+                                      sourceRankCounters: [], expertSourceCounters: Array(repeating: 0, count: group.config.localExperts * group.config.ranks),
+                                      receivedTotal: 0, droppedTokens: 0)
+                let experts = (try? TensorDescriptor.optionalTensor(outputs[r].expertCounts, "counts")) ?? nil
+                let sources = (try? TensorDescriptor.optionalTensor(outputs[r].expertSourceCounts, "counts")) ?? nil
+                try? zero.writeCounts(experts: experts, expertSources: sources)
+            }
         }
         let destinations = zip(group.localRanks, calls).compactMap { r, call in call?.2.map { (r, $0) } }
         guard !destinations.isEmpty else { return }
@@ -77,13 +114,13 @@ extension StepGroupBackend {
         _ inputs: [epCombineInputs_t], _ outputs: [epCombineOutputs_t], _ settings: CallSettings,
         _ stream: UnsafeMutableRawPointer?
     ) throws {
-        let handle = try stepHandle(), group = try self.group, ranks = try callRanks()
+        let handle = try handle(settings), group = try self.group, ranks = try callRanks()
         let calls = try perRank(group, ranks) { r in
             (try CombineInput(inputs[r], "inputs[\(r)]"), try CombineOutput(outputs[r], "outputs[\(r)]"))
         }
         let ins = calls.map { $0?.0 ?? .absent }, outs = calls.map { $0?.1 ?? .absent }
         let options = self.options(settings, stream), direction = settings.direction
-        try perform(.combine(ins, outs, direction), ranks: ranks) { () throws(EPError) in
+        try perform(.combine(ins, outs, direction), step: settings.step, ranks: ranks) { () throws(EPError) in
             try group.combine(handle, ins, into: outs, direction: direction, options: options)
         }
     }

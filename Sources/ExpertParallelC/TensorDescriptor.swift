@@ -64,6 +64,22 @@ enum TensorDescriptor {
         return try tensor(pointer, name)
     }
 
+    /// The `epTensor_t` of a tensor the library owns (row-major contiguous), in `location`.
+    static func describe(_ tensor: TensorRef, location: MemoryLocation) -> epTensor_t {
+        var t = epTensor_t()
+        t.structSize = epTensor_t.abiSize
+        t.data = tensor.address
+        t.dtype = ABIEnum.dataType(tensor.dtype)
+        t.ndim = Int32(tensor.shape.count)
+        setInt64Values(&t.sizes, tensor.shape)
+        setInt64Values(&t.strides, contiguousStrides(tensor.shape))
+        switch location {
+        case .host: t.device = -1
+        case .device(let ordinal): t.device = Int32(ordinal)
+        }
+        return t
+    }
+
     static func contiguousStrides(_ shape: [Int]) -> [Int] {
         var strides = Array(repeating: 1, count: shape.count)
         for i in stride(from: shape.count - 2, through: 0, by: -1) { strides[i] = strides[i + 1] * shape[i + 1] }

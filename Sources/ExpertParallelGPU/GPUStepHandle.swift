@@ -107,7 +107,7 @@ public final class GPUStepHandle: StepHandle, @unchecked Sendable {
             if let new { slot = new }
         }
     }
-    var bufferSlot: Int? { lock.withLock { slot } }
+    public var bufferSlot: Int? { lock.withLock { slot } }
 
     /// The step of the last accepted update, which must have been dispatched (combine brings
     /// back what a dispatch sent: without one, its rows would be another step's or none).

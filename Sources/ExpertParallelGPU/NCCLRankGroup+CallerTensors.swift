@@ -6,24 +6,34 @@ import ExpertParallelCUDA
 // the call's stream, so a caller never holds a buffer that a peer may change under it.
 
 extension NCCLRankGroup {
-    /// `dispatch`, then copies this rank's whole receive buffers into `output` (shaped and typed
-    /// like `dispatchOutput`: `receiveShape` rows, int32 local ids, float32 weights) and zeroes
-    /// them for the next step, all on `stream`; so rows outside the received zones read as zero.
+    /// The buffer slot whose received rows are `output.tokens` (a zero-copy dispatch), if any.
+    public func slot(receiving output: DispatchOutput) -> Int? {
+        slots.firstIndex { $0.receivedTokens.address == output.tokens.address }
+    }
+
+    /// `dispatch` of `handle`'s step (nil: the group's own) into buffer slot `slot`, then copies
+    /// this rank's whole receive buffers of that slot into `output` (shaped and typed like
+    /// `dispatchOutput`: `receiveShape` rows, int32 local ids, float32 weights) and zeroes them
+    /// for the next step, all on `stream`; so rows outside the received zones read as zero.
     ///
     /// Zeroing is safe here: a peer writes into this rank's receive buffers again only in its
-    /// next dispatch, which follows its combine, which waits until this rank has read its rows in
-    /// its own combine, which this stream runs after the copy.
-    public func dispatch(_ input: DispatchInput, copyingInto output: DispatchOutput, stream: CUDAStream? = nil) throws(EPError) {
+    /// next dispatch into this slot, which follows its combine of this step, which waits until
+    /// this rank has read its rows in its own combine, which this stream runs after the copy.
+    public func dispatch(
+        _ input: DispatchInput, copyingInto output: DispatchOutput, handle: GPUStepHandle? = nil, slot: Int = 0,
+        stream: CUDAStream? = nil
+    ) throws(EPError) {
         try TensorCheck.require(output.tokens, "output.tokens", dtypes: [config.elementType], shape: config.receiveShape, location: here)
         if let routingShape = config.receiveRoutingShape {
             try TensorCheck.require(output.topkIdx, "output.topkIdx", dtypes: [.i32], shape: routingShape, location: here)
             try TensorCheck.require(output.topkWeights, "output.topkWeights", dtypes: [.f32], shape: routingShape, location: here)
         }
-        try dispatch(input, stream: stream)
-        let stream = stream ?? self.stream
-        try copy(receivedTokens, to: output.tokens, stream: stream)
-        try clear(receivedTokens, stream: stream)
-        if let indices = receivedIndices, let weights = receivedWeights, let outIndices = output.topkIdx, let outWeights = output.topkWeights {
+        try dispatch(handle ?? implicitHandle, [input], slot: slot, counts: output, options: .init(stream))
+        let stream = stream ?? self.stream, buffers = slots[slot]
+        try copy(buffers.receivedTokens, to: output.tokens, stream: stream)
+        try clear(buffers.receivedTokens, stream: stream)
+        if let indices = buffers.receivedIndices, let weights = buffers.receivedWeights,
+           let outIndices = output.topkIdx, let outWeights = output.topkWeights {
             try copy(indices, to: outIndices, stream: stream)
             try copy(weights, to: outWeights, stream: stream)
             try clear(indices, stream: stream)
@@ -32,34 +42,43 @@ extension NCCLRankGroup {
     }
 
     /// Copies the caller's `input.expertOutputs` (and, for HT expert-major forward, the per-slot
-    /// `topkWeights`; for HT backward, the `weightGradients`) into the group's shared buffers on
-    /// `stream`, then combines from them.
+    /// `topkWeights`; for HT backward, the `weightGradients`) into the group's shared buffers of
+    /// the slot `handle`'s dispatch used (nil: the group's own step) on `stream`, then combines
+    /// from them.
     ///
     /// The other ranks read those buffers only after this rank's combine announces them ready,
     /// and the previous step's readers are done before this rank's previous combine returned.
     public func combine(
-        copyingFrom input: CombineInput, into output: CombineOutput, direction: PassDirection = .forward, stream: CUDAStream? = nil
+        copyingFrom input: CombineInput, into output: CombineOutput, handle: GPUStepHandle? = nil,
+        direction: PassDirection = .forward, stream: CUDAStream? = nil
     ) throws(EPError) {
+        let handle = handle ?? implicitHandle
         try TensorCheck.require(input.expertOutputs, "input.expertOutputs", dtypes: [config.elementType], shape: config.receiveShape, location: here)
-        var shared = CombineInput(expertOutputs: expertOutputs, topkWeights: input.topkWeights, weightGradients: input.weightGradients)
-        var copies: [(from: TensorRef, to: TensorRef)] = [(input.expertOutputs, expertOutputs)]
-        if config.isExpertMajorHT, direction == .forward, let weights = receivedWeights {
+        _ = try handle.dispatchedStep()
+        guard let slot = handle.bufferSlot else { throw .wrongOrder("combine needs a dispatch of this handle's step first") }
+        let buffers = slots[slot]
+        var shared = CombineInput(expertOutputs: buffers.expertOutputs, topkWeights: input.topkWeights, weightGradients: input.weightGradients)
+        var copies: [(from: TensorRef, to: TensorRef)] = [(input.expertOutputs, buffers.expertOutputs)]
+        if config.isExpertMajorHT, direction == .forward, let weights = buffers.receivedWeights {
             try TensorCheck.require(input.topkWeights, "input.topkWeights (the per-slot weights dispatch delivered)", dtypes: [.f32], shape: weights.shape, location: here)
             shared.topkWeights = weights
             if let given = input.topkWeights { copies.append((given, weights)) }
         }
-        if config.algorithm == .highThroughput, direction == .backward, let gradients = weightGradients {
+        if config.algorithm == .highThroughput, direction == .backward, let gradients = buffers.weightGradients {
             try TensorCheck.require(input.weightGradients, "input.weightGradients", dtypes: [.f32], shape: gradients.shape, location: here)
             shared.weightGradients = gradients
             if let given = input.weightGradients { copies.append((given, gradients)) }
         }
         let stream = stream ?? self.stream
         for (from, to) in copies where from.address != to.address { try copy(from, to: to, stream: stream) }
-        try combine(shared, into: output, direction: direction, stream: stream)
+        try combine(handle, [shared], into: [output], direction: direction, options: .init(stream))
         // The per-slot weights share the buffer that the next dispatch delivers weights into, and
         // whose slots it does not write read back as zero: clear what was copied in. The combine
         // returns only once every peer has read this rank's buffers (its done handshake).
-        if let weights = shared.topkWeights, weights.address == receivedWeights?.address { try clear(weights, stream: stream) }
+        if let weights = shared.topkWeights, weights.address == buffers.receivedWeights?.address,
+           input.topkWeights?.address != weights.address {
+            try clear(weights, stream: stream)
+        }
     }
 
     /// Where this rank's tensors live.

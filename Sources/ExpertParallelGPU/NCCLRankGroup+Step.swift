@@ -27,11 +27,14 @@ extension NCCLRankGroup {
                 field: "outputs[0].tokens", value: "\(address(outputs[0].tokens))",
                 requirement: "must be the receive buffer of one of this rank's \(bufferSlots) buffer slots (slots[s].dispatchOutput): the other ranks write it")
         }
-        try dispatch(handle, inputs, slot: slot, options: options)
+        try dispatch(handle, inputs, slot: slot, counts: outputs[0], options: options)
     }
 
-    /// Sends this rank's rows of `handle`'s step into buffer slot `slot` on every rank.
-    public func dispatch(_ handle: GPUStepHandle, _ inputs: [DispatchInput], slot: Int, options: CallOptions = CallOptions()) throws(EPError) {
+    /// Sends this rank's rows of `handle`'s step into buffer slot `slot` on every rank; the
+    /// per-expert counts go to `counts.expertCounts` / `expertSourceCounts` when given.
+    public func dispatch(
+        _ handle: GPUStepHandle, _ inputs: [DispatchInput], slot: Int, counts: DispatchOutput? = nil, options: CallOptions = CallOptions()
+    ) throws(EPError) {
         try engine.checkNothingPending()
         let step = try handle.currentStep()
         try engine.checkLocalCount(inputs.count, "inputs")
@@ -39,7 +42,10 @@ extension NCCLRankGroup {
             throw .invalidArgument(field: "slot", value: "\(slot)", requirement: "must be in 0..<\(bufferSlots)")
         }
         let input = inputs[0]
-        try config.validateDispatch(input, slots[slot].dispatchOutput, tokens: step.routing[0].shape[0], location: location)
+        var output = slots[slot].dispatchOutput
+        output.expertCounts = counts?.expertCounts
+        output.expertSourceCounts = counts?.expertSourceCounts
+        try config.validateDispatch(input, output, tokens: step.routing[0].shape[0], location: location)
         try requireAligned(input.tokens, "input.tokens", 8)
         try requireAligned(input.topkWeights, "input.topkWeights", 4)
         try engine.dispatch(
@@ -48,7 +54,8 @@ extension NCCLRankGroup {
                 ReceiveBuffers(rows: peers[r].received(slot).rawValue, indices: peers[r].receivedIndices(slot).rawValue,
                                weights: peers[r].receivedWeights(slot).rawValue)
             },
-            receivedIndexBytes: 4, vectorBytes: engine.vectorBytes(CollectionOfOne(address(input.tokens)), EmptyCollection()), options: options)
+            receivedIndexBytes: 4, vectorBytes: engine.vectorBytes(CollectionOfOne(address(input.tokens)), EmptyCollection()),
+            counts: [output], options: options)
         handle.setDispatched(slot: slot)
     }
 

@@ -25,6 +25,8 @@ public final class NCCLRankGroup: StepGroup, @unchecked Sendable {
     public var localRanks: [Int] { [rank] }
     /// Sets of receive and expert-output buffers; each step's rows use one.
     public let bufferSlots: Int
+    /// The SMs this rank's kernels may use.
+    public var multiprocessors: Int { engine.multiprocessors }
     /// This rank's buffers of each slot.
     public let slots: [SlotBuffers]
 
@@ -47,7 +49,7 @@ public final class NCCLRankGroup: StepGroup, @unchecked Sendable {
     private let shared: PeerBuffers
     /// The handle the calls without one use: made with the group, since a call may be captured
     /// into a CUDA graph, where nothing may be allocated.
-    let implicitHandle: GPUStepHandle
+    public let implicitHandle: GPUStepHandle
 
     /// One slot's buffers of this rank, as tensors.
     public struct SlotBuffers: Sendable {

@@ -6,7 +6,7 @@ import ExpertParallelCUDA
 /// passes each offset as `EP_OFF_RANK_<macro>` and the kernel checks it at compile time.
 enum RankField: Int, CaseIterable {
     case tokens = 0, topkIdx, topkWeights, received, receivedIndices, receivedWeights, output, workspace, tokenCount,
-         weightGradientsIn, weightGradientsOut, handle, stage
+         weightGradientsIn, weightGradientsOut, handle, stage, counts, sourceCounts
 
     var macro: String {
         switch self {
@@ -23,6 +23,8 @@ enum RankField: Int, CaseIterable {
         case .weightGradientsOut: "WEIGHT_GRADS_OUT"
         case .handle: "HANDLE"
         case .stage: "STAGE"
+        case .counts: "COUNTS"
+        case .sourceCounts: "SOURCE_COUNTS"
         }
     }
 }

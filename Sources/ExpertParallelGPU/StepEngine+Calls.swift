@@ -61,7 +61,7 @@ extension StepEngine {
     /// sent but nobody waits for them: `complete()` does. A whole call allocates nothing here.
     func dispatch(
         _ handle: GPUStepHandle, _ inputs: [DispatchInput], received: (Int) -> ReceiveBuffers, receivedIndexBytes: Int,
-        vectorBytes: Int, options: CallOptions
+        vectorBytes: Int, counts: [DispatchOutput] = [], options: CallOptions
     ) throws(EPError) {
         let step = try handle.currentStep()
         try checkTransportSupports(options)
@@ -78,6 +78,8 @@ extension StepEngine {
                     w.set(.topkIdx, step.routing[i])
                     w.set(.topkWeights, inputs[i].topkWeights)
                     w[.tokenCount] = UInt64(step.routing[i].shape[0])
+                    w.set(.counts, counts.isEmpty ? nil : counts[i].expertCounts)
+                    w.set(.sourceCounts, counts.isEmpty ? nil : counts[i].expertSourceCounts)
                 }
                 let buffers = received(r)
                 w[.received] = buffers.rows

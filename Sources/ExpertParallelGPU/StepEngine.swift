@@ -37,6 +37,8 @@ final class StepEngine: @unchecked Sendable {
 
     private let lock = NSLock()
     private let launchLock = NSLock()
+    /// The SMs the group's kernels may use.
+    let multiprocessors: Int
     private var kernelCache: [StepKernels.Variant: StepKernels] = [:]
     private var pending: PendingCall?
     private let args: StepArguments
@@ -57,6 +59,7 @@ final class StepEngine: @unchecked Sendable {
         self.workspaces = workspaces
         self.mask = mask
         self.stream = stream
+        multiprocessors = sms
         workspace = StepWorkspace(config, transport: transport)
         args = StepArguments(ranks: config.ranks)
         switch placement {

@@ -38,7 +38,8 @@ extension VirtualGPUGroup {
             received: { r in ReceiveBuffers(rows: address(outputs[r].tokens), indices: outputs[r].topkIdx.map(address) ?? 0,
                                             weights: outputs[r].topkWeights.map(address) ?? 0) },
             receivedIndexBytes: outputs[0].topkIdx?.dtype.byteSize ?? 4,
-            vectorBytes: engine.vectorBytes(inputs.lazy.map { address($0.tokens) }, outputs.lazy.map { address($0.tokens) }), options: options)
+            vectorBytes: engine.vectorBytes(inputs.lazy.map { address($0.tokens) }, outputs.lazy.map { address($0.tokens) }),
+            counts: outputs, options: options)
     }
 
     /// Every rank pulls its rows of `handle`'s step back and reduces them in the fixed order of

@@ -9,6 +9,7 @@
 #include "expert_parallel.h"
 
 #include <pthread.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -130,12 +131,12 @@ static void collectiveStep(void) {
         setUp(&b[r], r);
         update[r] = (epUpdateInputs_t){sizeof(epUpdateInputs_t), &b[r].tidx};
         din[r] = (epDispatchInputs_t){sizeof(epDispatchInputs_t), &b[r].tx, NULL};
-        dout[r] = (epDispatchOutputs_t){sizeof(epDispatchOutputs_t), &b[r].trecv, NULL, NULL, &b[r].info};
+        dout[r] = (epDispatchOutputs_t){sizeof(epDispatchOutputs_t), &b[r].trecv, NULL, NULL, &b[r].info, NULL, NULL};
         /* The experts are the identity: the received rows are the expert outputs. */
         cin[r] = (epCombineInputs_t){sizeof(epCombineInputs_t), &b[r].trecv, &b[r].tw, NULL};
         cout[r] = (epCombineOutputs_t){sizeof(epCombineOutputs_t), &b[r].ty, NULL};
     }
-    epCombineConfig_t combineConfig = {sizeof(epCombineConfig_t), epForward, epLaunchSingle};
+    epCombineConfig_t combineConfig = {sizeof(epCombineConfig_t), epForward, epLaunchSingle, NULL, epPhaseWhole};
     CHECK_OK(epGroupUpdateAll(group, update, NULL, NULL));
     CHECK_OK(epGroupDispatchAll(group, din, dout, NULL, NULL));
     CHECK_OK(epGroupCombineAll(group, cin, cout, &combineConfig, NULL));
@@ -198,7 +199,7 @@ static void* runRank(void* argument) {
     RankBuffers* b = t->buffers;
     epUpdateInputs_t update = {sizeof update, &b->tidx};
     epDispatchInputs_t din = {sizeof din, &b->tx, NULL};
-    epDispatchOutputs_t dout = {sizeof dout, &b->trecv, NULL, NULL, &b->info};
+    epDispatchOutputs_t dout = {sizeof dout, &b->trecv, NULL, NULL, &b->info, NULL, NULL};
     epCombineInputs_t cin = {sizeof cin, &b->trecv, &b->tw, NULL};
     epCombineOutputs_t cout = {sizeof cout, &b->ty, NULL};
     t->results[0] = epHandleUpdate(t->handle, &update, NULL, NULL);
@@ -255,7 +256,7 @@ static void configErrors(void) {
     for (int r = 0; r < R; r++) {
         setUp(&b[r], r);
         din[r] = (epDispatchInputs_t){sizeof(epDispatchInputs_t), &b[r].tx, NULL};
-        dout[r] = (epDispatchOutputs_t){sizeof(epDispatchOutputs_t), &b[r].trecv, NULL, NULL, NULL};
+        dout[r] = (epDispatchOutputs_t){sizeof(epDispatchOutputs_t), &b[r].trecv, NULL, NULL, NULL, NULL, NULL};
     }
     CHECK_FAILS(epGroupDispatchAll(group, din, dout, NULL, NULL), epInvalidUsage, "update");
     CHECK_OK(epGroupDestroy(group));
@@ -362,6 +363,82 @@ static void printSizes(void) {
 #undef SIZE
 }
 
+/* ABI v3: steps of the group's own, several live at once; per-expert counts written by the
+ * dispatch; a version 2 struct still accepted; the zero-copy buffers only NCCL ranks own. */
+static void steps(void) {
+    epGroupConfig_t config = smallConfig();
+    epGroup_t group = NULL;
+    CHECK_OK(epGroupCreate(&config, NULL, &group));
+    if (!group) return;
+    static RankBuffers b[R];
+    static int32_t counts[R][L], sourceCounts[R][L][R];
+    epUpdateInputs_t update[R];
+    epDispatchInputs_t din[R];
+    epDispatchOutputs_t dout[R];
+    epCombineInputs_t cin[R];
+    epCombineOutputs_t cout[R];
+    epTensor_t tcounts[R], tsources[R];
+    for (int r = 0; r < R; r++) {
+        setUp(&b[r], r);
+        int64_t cs[1] = {L}, ss[2] = {L, R};
+        tcounts[r] = epMakeTensor(counts[r], epInt32, 1, cs, -1);
+        tsources[r] = epMakeTensor(sourceCounts[r], epInt32, 2, ss, -1);
+        update[r] = (epUpdateInputs_t){sizeof(epUpdateInputs_t), &b[r].tidx};
+        din[r] = (epDispatchInputs_t){sizeof(epDispatchInputs_t), &b[r].tx, NULL};
+        dout[r] = (epDispatchOutputs_t){sizeof(epDispatchOutputs_t), &b[r].trecv, NULL, NULL, &b[r].info, &tcounts[r], &tsources[r]};
+        cin[r] = (epCombineInputs_t){sizeof(epCombineInputs_t), &b[r].trecv, &b[r].tw, NULL};
+        cout[r] = (epCombineOutputs_t){sizeof(epCombineOutputs_t), &b[r].ty, NULL};
+    }
+    epStep_t a = NULL, other = NULL;
+    CHECK_OK(epStepCreate(group, &a));
+    CHECK_OK(epStepCreate(group, &other));
+    epUpdateConfig_t ua = {sizeof ua, epLaunchSingle, a}, uo = {sizeof uo, epLaunchSingle, other};
+    epDispatchConfig_t da = {sizeof da, epForward, epLaunchSingle, a, epPhaseWhole};
+    epCombineConfig_t ca = {sizeof ca, epForward, epLaunchSingle, a, epPhaseSendOnly};
+    CHECK_OK(epGroupUpdateAll(group, update, &ua, NULL));
+    /* Another step's update between A's update and A's dispatch leaves A's routing alone. */
+    b[0].idx[0][0] = -1;
+    CHECK_OK(epGroupUpdateAll(group, update, &uo, NULL));
+    b[0].idx[0][0] = 0;
+    CHECK_OK(epGroupDispatchAll(group, din, dout, &da, NULL));
+    CHECK_OK(epGroupCombineAll(group, cin, cout, &ca, NULL));
+    CHECK_OK(epGroupComplete(group, NULL));   /* the host ran it whole: nothing pending */
+    for (int r = 0; r < R; r++) {
+        checkStep(&b[r], r, "step A");
+        for (int e = 0; e < L; e++) {
+            CHECK(counts[r][e] == (int32_t)b[r].expertCounters[e], "rank %d: expertCounts[%d] = %d, layout says %lld", r, e,
+                  counts[r][e], (long long)b[r].expertCounters[e]);
+            int32_t sum = 0;
+            for (int s = 0; s < R; s++) sum += sourceCounts[r][e][s];
+            CHECK(sum == counts[r][e], "rank %d: expertSourceCounts of expert %d sum to %d, not %d", r, e, sum, counts[r][e]);
+        }
+    }
+    epLayoutInfo_t info = {sizeof(epLayoutInfo_t), NULL, NULL, NULL, NULL, 0, 0};
+    CHECK_OK(epStepGetLayoutInfo(a, 1, &info));
+    CHECK(info.receivedTotal == 2, "epStepGetLayoutInfo: receivedTotal %lld", (long long)info.receivedTotal);
+    /* A version 2 config (no step, no phase) is the group's own step. */
+    epDispatchConfig_t old = {offsetof(epDispatchConfig_t, step), epForward, epLaunchSingle, NULL, epPhaseWhole};
+    CHECK_FAILS(epGroupDispatchAll(group, din, dout, &old, NULL), epInvalidUsage, "");
+    CHECK_OK(epGroupUpdateAll(group, update, NULL, NULL));
+    CHECK_OK(epGroupDispatchAll(group, din, dout, &old, NULL));
+    /* Counts of the wrong shape are refused before anything moves. */
+    int64_t wrong[1] = {L + 1};
+    epTensor_t bad = epMakeTensor(counts[0], epInt32, 1, wrong, -1);
+    dout[0].expertCounts = &bad;
+    CHECK_FAILS(epGroupDispatchAll(group, din, dout, &da, NULL), epInvalidArgument, "expertCounts");
+    dout[0].expertCounts = &tcounts[0];
+    /* Only NCCL ranks own buffers. */
+    epTensor_t buffer;
+    buffer.structSize = sizeof buffer;
+    CHECK_FAILS(epGroupGetBuffer(group, 0, epBufferReceivedTokens, &buffer), epInvalidUsage, "only NCCL-rank groups");
+    /* A destroyed step is refused by name. */
+    CHECK_OK(epStepDestroy(a));
+    CHECK_FAILS(epGroupDispatchAll(group, din, dout, &da, NULL), epInvalidArgument, "config.step");
+    CHECK_OK(epStepDestroy(other));
+    CHECK_OK(epStepDestroy(NULL));
+    CHECK_OK(epGroupDestroy(group));
+}
+
 int main(int argc, char** argv) {
     if (argc > 1 && strcmp(argv[1], "sizes") == 0) {
         printSizes();
@@ -369,6 +446,7 @@ int main(int argc, char** argv) {
     }
     collectiveStep();
     perRankStep();
+    steps();
     configErrors();
     ncclGroup();
     printf("abi_smoke: %d checks, %d failed\n", checks, failures);

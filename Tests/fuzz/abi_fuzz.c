@@ -475,7 +475,7 @@ static void prepare(Reader* in, State* s, ArgList* list, RankCall* c, int r, Cal
     case CALL_UPDATE:
         c->update.structSize = sizeof c->update;
         c->update.topkIdx = arg(in, list, &s->idx[r], s->idxDtype[r], 2, ks, 0, r);
-        c->updateConfig = (epUpdateConfig_t){sizeof(epUpdateConfig_t), epLaunchSingle};
+        c->updateConfig = (epUpdateConfig_t){sizeof(epUpdateConfig_t), epLaunchSingle, NULL};
         break;
     case CALL_DISPATCH:
         c->din.structSize = sizeof c->din;
@@ -492,7 +492,7 @@ static void prepare(Reader* in, State* s, ArgList* list, RankCall* c, int r, Cal
             c->dout.layoutInfo = &c->info;
             c->infoGiven = 1;
         }
-        c->dconfig = (epDispatchConfig_t){sizeof(epDispatchConfig_t), (epPassDirection_t)direction, epLaunchSingle};
+        c->dconfig = (epDispatchConfig_t){sizeof(epDispatchConfig_t), (epPassDirection_t)direction, epLaunchSingle, NULL, epPhaseWhole};
         break;
     case CALL_COMBINE: {
         c->cin.structSize = sizeof c->cin;
@@ -507,7 +507,7 @@ static void prepare(Reader* in, State* s, ArgList* list, RankCall* c, int r, Cal
         c->cout.tokens = arg(in, list, &s->y[r], s->elementType, 2, xs, 1, r);
         if (!forward && s->algorithm == epAlgorithmHighThroughput)
             c->cout.topkWeightGradients = arg(in, list, &s->gradOut[r], epFloat32, 2, ks, 1, r);
-        c->cconfig = (epCombineConfig_t){sizeof(epCombineConfig_t), (epPassDirection_t)direction, epLaunchSingle};
+        c->cconfig = (epCombineConfig_t){sizeof(epCombineConfig_t), (epPassDirection_t)direction, epLaunchSingle, NULL, epPhaseWhole};
         break;
     }
     }

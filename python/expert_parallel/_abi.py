@@ -1,4 +1,4 @@
-"""ctypes mirrors of include/expert_parallel.h (ABI version 2).
+"""ctypes mirrors of include/expert_parallel.h (ABI version 3).
 
 Every struct starts with ``structSize``; :func:`new` fills it. The sizes are checked against
 the C compiler's in tests/test_c_abi.py.
@@ -7,7 +7,7 @@ the C compiler's in tests/test_c_abi.py.
 import ctypes
 from ctypes import POINTER, c_char_p, c_double, c_int32, c_int64, c_size_t, c_uint64, c_void_p
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 MAX_DIMS = 4
 NCCL_UNIQUE_ID_BYTES = 128
 
@@ -41,6 +41,11 @@ DIRECTIONS = {"forward": 0, "backward": 1}
 BACKEND_HOST, BACKEND_VIRTUAL_GPU, BACKEND_NCCL_RANK = 0, 1, 2
 # epLaunchMode_t
 LAUNCH_MODES = {"single": 0, "per_rank": 1}
+# epCallPhase_t
+PHASE_WHOLE, PHASE_SEND_ONLY = 0, 1
+# epBuffer_t
+BUFFER_RECEIVED_TOKENS, BUFFER_RECEIVED_TOPK_IDX, BUFFER_RECEIVED_TOPK_WEIGHTS, BUFFER_EXPERT_OUTPUTS, \
+    BUFFER_WEIGHT_GRADIENTS = range(5)
 
 c_enum = ctypes.c_int  # C enums with non-negative values: int-sized on every ABI we support
 
@@ -113,6 +118,8 @@ class GroupInfo(Struct):
         ("receiveShape", c_int64 * MAX_DIMS),
         ("receiveRoutingNdim", c_int32),
         ("receiveRoutingShape", c_int64 * MAX_DIMS),
+        ("bufferSlots", c_int32),
+        ("multiprocessors", c_int32),
     ]
 
 
@@ -133,7 +140,7 @@ class UpdateInputs(Struct):
 
 
 class UpdateConfig(Struct):
-    _fields_ = [("structSize", c_size_t), ("launchMode", c_enum)]
+    _fields_ = [("structSize", c_size_t), ("launchMode", c_enum), ("step", c_void_p)]
 
 
 class DispatchInputs(Struct):
@@ -147,11 +154,14 @@ class DispatchOutputs(Struct):
         ("topkIdx", POINTER(Tensor)),
         ("topkWeights", POINTER(Tensor)),
         ("layoutInfo", POINTER(LayoutInfo)),
+        ("expertCounts", POINTER(Tensor)),
+        ("expertSourceCounts", POINTER(Tensor)),
     ]
 
 
 class DispatchConfig(Struct):
-    _fields_ = [("structSize", c_size_t), ("direction", c_enum), ("launchMode", c_enum)]
+    _fields_ = [("structSize", c_size_t), ("direction", c_enum), ("launchMode", c_enum), ("step", c_void_p),
+                ("phase", c_enum)]
 
 
 class CombineInputs(Struct):
@@ -168,7 +178,8 @@ class CombineOutputs(Struct):
 
 
 class CombineConfig(Struct):
-    _fields_ = [("structSize", c_size_t), ("direction", c_enum), ("launchMode", c_enum)]
+    _fields_ = [("structSize", c_size_t), ("direction", c_enum), ("launchMode", c_enum), ("step", c_void_p),
+                ("phase", c_enum)]
 
 
 class NCCLUniqueId(ctypes.Structure):
@@ -231,6 +242,12 @@ PROTOTYPES = {
     "epCombine": [c_void_p, POINTER(CombineInputs), POINTER(CombineOutputs), POINTER(CombineConfig), _stream],
     "epGetNCCLUniqueId": [POINTER(NCCLUniqueId)],
     "epGroupCreateNCCL": [POINTER(GroupConfig), POINTER(NCCLRankConfig), POINTER(c_void_p)],
+    "epStepCreate": [_group, POINTER(c_void_p)],
+    "epStepDestroy": [c_void_p],
+    "epStepGetLayoutInfo": [c_void_p, c_int32, POINTER(LayoutInfo)],
+    "epGroupComplete": [_group, _stream],
+    "epComplete": [c_void_p, _stream],
+    "epGroupGetBuffer": [_group, c_int32, c_enum, POINTER(Tensor)],
 }
 
 

@@ -76,3 +76,11 @@ def call(name, *arguments):
     if status != _abi.SUCCESS:
         message = library.epGetLastErrorMessage().decode("utf-8", "replace")
         raise from_status(status, message or library.epGetErrorString(status).decode())
+
+
+def check_status(status):
+    """Raises the matching ExpertParallelError for a failed entry point's status."""
+    if status != _abi.SUCCESS:
+        library = load()
+        message = library.epGetLastErrorMessage().decode("utf-8", "replace")
+        raise from_status(status, message or library.epGetErrorString(status).decode())

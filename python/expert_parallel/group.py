@@ -5,124 +5,20 @@ from __future__ import annotations
 import ctypes
 from typing import Any, Iterable, Iterator, List, Optional, Tuple, Union
 
-from . import _abi, _arrays, _config
+from . import _abi, _arrays, _config, _fast
 from ._config import INT32 as _INT32
 from ._config import choice as _choice
 from ._config import integer as _int
 from ._group_base import GroupBase, locked
-from ._library import call, load
+from ._library import call, check_status, load
+from ._results import DispatchResult, Handle, LayoutInfo, _LayoutBuffers
+from ._slots import Slot
 from ._types import Algorithm, Array, Direction, DType, Launch, Layout, Overflow, PerRank, Seconds
 from .errors import InvalidArgumentError, InvalidUsageError
 
+__all__ = ["VirtualGroup", "DispatchResult", "Handle", "LayoutInfo"]
+
 _SIZE_HINT = "lower max_tokens or hidden (HT: set max_recv_tokens)"
-
-
-class LayoutInfo:
-    """What one rank received in a dispatch (counts are Python ints)."""
-
-    __slots__ = ("expert_counters", "expert_offsets", "source_rank_counters", "expert_source_counters",
-                 "received_total", "dropped_tokens")
-
-    expert_counters: List[int]
-    expert_offsets: List[int]
-    source_rank_counters: List[int]
-    expert_source_counters: List[List[int]]
-    received_total: int
-    dropped_tokens: int
-
-    def __init__(self, expert_counters: List[int], expert_offsets: List[int], source_rank_counters: List[int],
-                 expert_source_counters: List[List[int]], received_total: int, dropped_tokens: int) -> None:
-        #: rows per local expert, ``[L]`` (HT expert-major: padding excluded)
-        self.expert_counters = expert_counters
-        #: first row of each local expert's zone, ``[L]`` (expert-major layouts; zeros otherwise)
-        self.expert_offsets = expert_offsets
-        #: (token, this rank) pairs received from each source rank, ``[R]``
-        self.source_rank_counters = source_rank_counters
-        #: rows per (local expert, source rank), ``[L][R]``
-        self.expert_source_counters = expert_source_counters
-        #: rows of the receive buffer in use (HT expert-major: padding included)
-        self.received_total = received_total
-        #: (token, this rank) pairs dropped by ``overflow="drop"``
-        self.dropped_tokens = dropped_tokens
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, LayoutInfo) and all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
-        return f"LayoutInfo({fields})"
-
-
-class _LayoutBuffers:
-    """Host arrays an epLayoutInfo_t points at."""
-
-    def __init__(self, local_experts, ranks):
-        self.local_experts, self.ranks = local_experts, ranks
-        self.expert_counters = (ctypes.c_int64 * local_experts)()
-        self.expert_offsets = (ctypes.c_int64 * local_experts)()
-        self.source_rank_counters = (ctypes.c_int64 * ranks)()
-        self.expert_source_counters = (ctypes.c_int64 * (local_experts * ranks))()
-        self.struct = _abi.new(
-            _abi.LayoutInfo,
-            expertCounters=self.expert_counters, expertOffsets=self.expert_offsets,
-            sourceRankCounters=self.source_rank_counters, expertSourceCounters=self.expert_source_counters)
-
-    def value(self):
-        flat = list(self.expert_source_counters)
-        r = self.ranks
-        return LayoutInfo(list(self.expert_counters), list(self.expert_offsets), list(self.source_rank_counters),
-                          [flat[i * r:(i + 1) * r] for i in range(self.local_experts)],
-                          self.struct.receivedTotal, self.struct.droppedTokens)
-
-
-class Handle:
-    """One step's state: made by :meth:`VirtualGroup.dispatch`, consumed by :meth:`VirtualGroup.combine`.
-
-    It keeps the step's routing and weights alive (the GPU reads ``topk_idx`` again in combine) and
-    is valid until the group's next dispatch.
-    """
-
-    def __init__(self, group: Any, step: int, tokens: Any, topk_idx: Any, topk_weights: Any,
-                 received_weights: Any) -> None:
-        self.group = group
-        self.step = step
-        self.tokens = tokens  # per rank: B_r
-        self.topk_idx = topk_idx
-        self.topk_weights = topk_weights
-        self.received_weights = received_weights
-
-    def __repr__(self) -> str:
-        return f"Handle(step={self.step}, tokens={self.tokens})"
-
-
-class DispatchResult:
-    """What :meth:`VirtualGroup.dispatch` returns; lists hold one entry per rank.
-
-    - ``tokens``: the received rows (the group's ``recv_shape``);
-    - ``topk_idx`` / ``topk_weights``: the received local routing (``recv_routing_shape``; int32 /
-      float32), or None for LL expert-major;
-    - ``layout``: a :class:`LayoutInfo` per rank (on the GPU read on first use, which waits for the
-      stream);
-    - ``handle``: pass it to :meth:`VirtualGroup.combine`.
-    """
-
-    def __init__(self, tokens: Any, topk_idx: Any, topk_weights: Any, handle: Handle, layout: Any = None) -> None:
-        self.tokens = tokens
-        self.topk_idx = topk_idx
-        self.topk_weights = topk_weights
-        self.handle = handle
-        self._layout = layout
-
-    @property
-    def layout(self) -> Any:
-        """A :class:`LayoutInfo` per rank (:class:`VirtualGroup`) or this rank's (:class:`NCCLGroup`)."""
-        if self._layout is None:
-            self._layout = self.handle.group._layout_of_step(self.handle.step)
-        return self._layout
-
-    def __iter__(self) -> Iterator[Any]:
-        """Unpacks as ``tokens, topk_idx, topk_weights, layout, handle``."""
-        return iter((self.tokens, self.topk_idx, self.topk_weights, self.layout, self.handle))
 
 
 def _device_ordinal(device):
@@ -136,25 +32,38 @@ def _device_ordinal(device):
     raise InvalidArgumentError(f"device={device!r}; must be 'cpu', 'cuda' or 'cuda:N'")
 
 
+
+_NO_WEIGHTS = object()
+
+
 class VirtualGroup(GroupBase):
     """R ranks in one process: on the CPU (``device="cpu"``, NumPy arrays or CPU torch tensors) or
-    on one GPU (``device="cuda:N"``, CUDA torch tensors; HT there with ``overflow="fail"`` only so far).
+    on one GPU (``device="cuda:N"``, CUDA torch tensors).
 
     ``algorithm``: "ll" (low latency) or "ht" (high throughput). ``layout``: "expert_major" or
     "rank_major" (LL), "flat" or "expert_major_padded" (HT, with ``alignment``); default
     expert-major for LL, flat for HT. ``dtype``: the token element type ("bf16", "f16", "f32",
     "u8"); NumPy has no bf16, so bf16 arrays are uint16 arrays of the raw bits.
     ``max_recv_tokens``: HT receive capacity (None: one that never overflows). ``overflow``:
-    "fail" or "drop". ``timeout``: seconds any rank waits for another.
+    "fail" or "drop" (both backends). ``timeout``: seconds any rank waits for another.
+    ``multiprocessors``: GPU SMs the group may use (None: all). ``buffer_slots``: how many sets of
+    receive buffers the group owns (dispatches use them in turn), so that this many steps' rows
+    can be in flight at once.
+
+    Per-rank arguments are either a list of R arrays or one stacked array ``[R, B, ...]`` (the
+    fast path: every rank the same B). Outputs are views of the group's buffers (see
+    :class:`DispatchResult`) unless ``out=`` names the caller's.
     """
 
     def __init__(self, ranks: int, experts: int, hidden: int, top_k: int, max_tokens: int, *,
                  algorithm: Algorithm = "ll", layout: Optional[Layout] = None, alignment: int = 1,
                  dtype: DType = "bf16", device: str = "cpu", max_recv_tokens: Optional[int] = None,
-                 overflow: Overflow = "fail", timeout: Seconds = 10.0, multiprocessors: Optional[int] = None) -> None:
-        load()
+                 overflow: Overflow = "fail", timeout: Seconds = 10.0, multiprocessors: Optional[int] = None,
+                 buffer_slots: int = 2) -> None:
+        library = load()
         self._group = None
         self._device = _device_ordinal(device)
+        self.buffer_slots = _int(buffer_slots, "buffer_slots", 1, 64)
         config, self._element = _config.group_config(
             ranks=ranks, experts=experts, hidden=hidden, top_k=top_k, max_tokens=max_tokens, algorithm=algorithm,
             layout=layout, alignment=alignment, dtype=dtype, max_recv_tokens=max_recv_tokens, overflow=overflow,
@@ -174,159 +83,261 @@ class VirtualGroup(GroupBase):
             self.close()
             raise
         self.device = _arrays.describe_device(self._device)
-        self._step = 0
+        self.multiprocessors = self._info().multiprocessors
+        self._own_step = 0   # updates of the group's own step
+        self._slots: List[Optional[Slot]] = [None] * self.buffer_slots
+        self._next_slot = 0
+        self._steps: List[Any] = []
+        self._prepare(library)
+
+    def _info(self):
+        info = _abi.new(_abi.GroupInfo)
+        call("epGroupGetInfo", self._group, ctypes.byref(info))
+        return info
+
+    def _prepare(self, library):
+        """The argument blocks every call patches in place."""
+        r, k, h, device = self.ranks, self.top_k, self.hidden, self._device
+        self._fn_update = library.epGroupUpdateAll
+        self._fn_dispatch = library.epGroupDispatchAll
+        self._fn_combine = library.epGroupCombineAll
+        self._x = _fast.Descriptors(r, device, self._element, (h,))
+        self._idx = _fast.Descriptors(r, device, _abi.I32, (k,))
+        self._w = _fast.Descriptors(r, device, _abi.F32, (k,))
+        self._update_inputs = (_abi.UpdateInputs * r)(
+            *[_abi.new(_abi.UpdateInputs, topkIdx=self._idx.pointers[i]) for i in range(r)])
+        self._dispatch_inputs = (_abi.DispatchInputs * r)(
+            *[_abi.new(_abi.DispatchInputs, tokens=self._x.pointers[i], topkWeights=None) for i in range(r)])
+        self._dispatch_weighted = False
+        self._update_config = _abi.new(_abi.UpdateConfig)
+        self._dispatch_config = _abi.new(_abi.DispatchConfig)
+        self._combine_config = _abi.new(_abi.CombineConfig)
+        recv, routing = self.recv_shape, self.recv_routing_shape
+        self._y = _fast.Descriptors(r, device, self._element, recv[1:])
+        # Forward combine weights: LL expert-major, the source's [B, K]; HT padded, the per-slot [N].
+        self._cw = (_fast.Descriptors(r, device, _abi.F32, (k,)) if self.layout == "expert_major"
+                    else _fast.Descriptors(r, device, _abi.F32, routing[1:]) if routing is not None else None)
+        self._g = None if routing is None else _fast.Descriptors(r, device, _abi.F32, routing[1:])
+        self._combine_inputs = (_abi.CombineInputs * r)(
+            *[_abi.new(_abi.CombineInputs, expertOutputs=self._y.pointers[i]) for i in range(r)])
 
     def __repr__(self) -> str:
         return (f"VirtualGroup(ranks={self.ranks}, experts={self.experts}, hidden={self.hidden}, top_k={self.top_k}, "
                 f"max_tokens={self.max_tokens}, algorithm={self.algorithm!r}, layout={self.layout!r}, "
                 f"dtype={self.dtype!r}, device={self.device!r})")
 
+    # -- steps -------------------------------------------------------------------------------
+
+    @locked
+    def handle(self) -> Handle:
+        """A new step of the group's own (control path: allocates a few KB per rank). Pass it as
+        ``dispatch(..., handle=h)``; several can be live at once. Release it with ``h.release()``,
+        a ``with`` block, or by dropping it."""
+        self._check_open()
+        pointer = ctypes.c_void_p()
+        call("epStepCreate", self._group, ctypes.byref(pointer))
+        handle = Handle(self, pointer)
+        return handle
+
+    def _release_step(self, handle):
+        with self._lock:
+            if self._group:
+                call("epStepDestroy", handle._pointer)
+
+    def _check_handle(self, handle, dispatched):
+        if not isinstance(handle, Handle) or handle.group is not self:
+            raise InvalidArgumentError("handle: must be the handle of a dispatch of this group (dispatch(...).handle) or one of group.handle()")
+        if handle.released:
+            raise InvalidUsageError("handle: released; make a new one with group.handle()")
+        if not handle.own and handle.step != self._own_step:
+            raise InvalidUsageError(
+                f"handle: from step {handle.step}, but the group has dispatched step {self._own_step} since (its own "
+                "step); combine each step before the next dispatch, or use group.handle() for steps that stay live together")
+        if dispatched and handle.slot is None:
+            raise InvalidUsageError("handle: its step has no dispatch yet")
+
     # -- the step ----------------------------------------------------------------------------
 
     @locked
-    def dispatch(self, xs: PerRank, topk_idx: PerRank, topk_weights: Optional[PerRank] = None, *,
-                 direction: Direction = "forward", launch: Launch = "single") -> DispatchResult:
+    def dispatch(self, xs: PerRank, topk_idx: Optional[PerRank] = None, topk_weights: Optional[PerRank] = None, *,
+                 handle: Optional[Handle] = None, direction: Direction = "forward", launch: Launch = "single",
+                 out: Any = None, stream: Any = None, wait_event: Any = None, record_event: bool = False,
+                 send_only: bool = False) -> DispatchResult:
         """Sends every rank's tokens to the ranks of their top-k experts.
 
-        ``xs[r]``: ``[B_r, hidden]`` tokens of rank r; ``topk_idx[r]``: ``[B_r, top_k]`` int32 or
-        int64 global expert ids (-1: none); ``topk_weights[r]``: ``[B_r, top_k]`` float32 (required
-        except for LL expert-major, whose combine needs them instead). Returns a
-        :class:`DispatchResult`. On the GPU the work is enqueued on the current CUDA stream.
+        ``xs``: ``[B, hidden]`` tokens per rank (a list, or one ``[R, B, hidden]`` array);
+        ``topk_idx``: ``[B, top_k]`` int32 or int64 global expert ids per rank (-1: none), or None
+        to dispatch again with ``handle``'s routing (a backward dispatch); ``topk_weights``:
+        ``[B, top_k]`` float32 per rank (required except for LL expert-major, whose forward
+        combine applies them). ``handle``: the step to use (None: the group's own step).
+        ``out``: ``(tokens, topk_idx, topk_weights)`` lists of the caller's per-rank tensors to
+        receive into instead of the group's buffers. On the GPU the calls are enqueued on
+        ``stream`` (default: the current stream) after ``wait_event``, and return at once;
+        ``record_event=True`` records ``result.event`` after them; ``send_only=True`` enqueues
+        only the sending half: call ``result.hook()`` (or :meth:`complete`) before the received
+        rows are used and before the group's next call.
         """
         self._check_open()
-        mode = _choice(launch, "launch", _abi.LAUNCH_MODES)
-        direction_value = _choice(direction, "direction", _abi.DIRECTIONS)
-        xs = self._per_rank(xs, "xs")
-        topk_idx = self._per_rank(topk_idx, "topk_idx")
-        topk_weights = None if topk_weights is None else self._per_rank(topk_weights, "topk_weights")
+        r = self.ranks
+        mode = _abi.LAUNCH_MODES.get(launch) if isinstance(launch, str) else None
+        if mode is None:
+            mode = _choice(launch, "launch", _abi.LAUNCH_MODES)
+        direction_value = _abi.DIRECTIONS.get(direction) if isinstance(direction, str) else None
+        if direction_value is None:
+            direction_value = _choice(direction, "direction", _abi.DIRECTIONS)
+        if handle is not None:
+            self._check_handle(handle, dispatched=False)
+        if topk_idx is None and (handle is None or handle.tokens is None):
+            raise InvalidArgumentError("topk_idx: None; pass the step's routing, or a handle whose step has one")
         if topk_weights is None and self.recv_routing_shape is not None:
             raise InvalidArgumentError(f"topk_weights: None; layout {self.layout!r} sends the weights with the tokens")
-        like = self._same_kind(xs, "xs")
-        h, k = self.hidden, self.top_k
-        token_counts, x_desc, idx_desc, w_desc = [], [], [], []
-        for r in range(self.ranks):
-            x = _arrays.tensor(xs[r], f"xs[{r}]", dtypes={self._element}, device=self._device, shape=(None, h))
-            b = x.sizes[0]
-            if b > self.max_tokens:
-                raise InvalidArgumentError(f"xs[{r}]: {b} tokens; must be ≤ max_tokens ({self.max_tokens})")
-            token_counts.append(b)
-            x_desc.append(x)
-            idx_desc.append(_arrays.tensor(topk_idx[r], f"topk_idx[{r}]", dtypes={_abi.I32, _abi.I64},
-                                           device=self._device, shape=(b, k)))
-            w_desc.append(None if topk_weights is None else _arrays.tensor(
-                topk_weights[r], f"topk_weights[{r}]", dtypes={_abi.F32}, device=self._device, shape=(b, k)))
 
-        allocate = _arrays.Allocator(like)
-        element_dtype = None if allocate.torch else like.dtype
-        received = [allocate.zeros(self.recv_shape, self._element, element_dtype, name=f"dispatch tokens[{r}]",
-                                   hint=_SIZE_HINT) for r in range(self.ranks)]
-        routing = self.recv_routing_shape
-        received_idx: Any = None if routing is None else [
-            allocate.zeros(routing, _abi.I32, name=f"dispatch topk_idx[{r}]", hint=_SIZE_HINT) for r in range(self.ranks)]
-        received_w: Any = None if routing is None else [
-            allocate.zeros(routing, _abi.F32, name=f"dispatch topk_weights[{r}]", hint=_SIZE_HINT)
-            for r in range(self.ranks)]
-        recv_desc = [self._describe_output(t, self._element, f"received[{r}]") for r, t in enumerate(received)]
-        ridx_desc = [None] * self.ranks if routing is None else [
-            self._describe_output(t, _abi.I32, f"received_idx[{r}]") for r, t in enumerate(received_idx)]
-        rw_desc = [None] * self.ranks if routing is None else [
-            self._describe_output(t, _abi.F32, f"received_weights[{r}]") for r, t in enumerate(received_w)]
-        on_host = self._device == -1
-        layouts: Any = [_LayoutBuffers(self.local_experts, self.ranks) for _ in range(self.ranks)] if on_host else None
+        device, element, h, k = self._device, self._element, self.hidden, self.top_k
+        tokens, like = self._rows(xs, "xs", {element}, h, self._x, None)
+        if topk_idx is not None:
+            self._rows(topk_idx, "topk_idx", {_abi.I32, _abi.I64}, k, self._idx, tokens)
+        elif list(tokens) != list(handle.tokens):
+            raise InvalidArgumentError(f"xs: {tokens} tokens per rank; the handle's routing has {handle.tokens}")
+        weighted = topk_weights is not None
+        if weighted:
+            self._rows(topk_weights, "topk_weights", {_abi.F32}, k, self._w, tokens)
+        if weighted != self._dispatch_weighted:
+            for i in range(r):
+                self._dispatch_inputs[i].topkWeights = self._w.pointers[i] if weighted else None
+            self._dispatch_weighted = weighted
 
-        update = (_abi.UpdateInputs * self.ranks)()
-        inputs = (_abi.DispatchInputs * self.ranks)()
-        outputs = (_abi.DispatchOutputs * self.ranks)()
-        for r in range(self.ranks):
-            update[r] = _abi.new(_abi.UpdateInputs, topkIdx=ctypes.pointer(idx_desc[r]))
-            inputs[r] = _abi.new(_abi.DispatchInputs, tokens=ctypes.pointer(x_desc[r]), topkWeights=_arrays.pointer(w_desc[r]))
-            outputs[r] = _abi.new(
-                _abi.DispatchOutputs, tokens=ctypes.pointer(recv_desc[r]), topkIdx=_arrays.pointer(ridx_desc[r]),
-                topkWeights=_arrays.pointer(rw_desc[r]),
-                layoutInfo=ctypes.pointer(layouts[r].struct) if on_host else None)
-        update_config = _abi.new(_abi.UpdateConfig, launchMode=mode)
-        dispatch_config = _abi.new(_abi.DispatchConfig, direction=direction_value, launchMode=mode)
-        stream = self._stream(like)
-        call("epGroupUpdateAll", self._group, update, ctypes.byref(update_config), stream)
-        self._step += 1  # the group now holds this step's routing: earlier handles are void
-        call("epGroupDispatchAll", self._group, inputs, outputs, ctypes.byref(dispatch_config), stream)
-        handle = Handle(self, self._step, token_counts, list(topk_idx),
-                        None if topk_weights is None else list(topk_weights), received_w)
-        layout = [buffers.value() for buffers in layouts] if on_host else None
-        return DispatchResult(received, received_idx, received_w, handle, layout)
+        if out is None:
+            slot = self._slot(self._next_slot, like)
+            self._next_slot = (self._next_slot + 1) % self.buffer_slots
+            outputs = slot.dispatch_outputs
+        else:
+            slot, outputs, out_views = None, *self._caller_outputs(out)
+
+        raw = None if device == -1 else _fast.raw_stream(device, stream)
+        if wait_event is not None:
+            _fast.torch_stream(device, stream).wait_event(wait_event)
+        target = handle
+        if target is None:
+            target = Handle(self)
+        pointer = target._pointer
+        if topk_idx is not None:
+            config = self._update_config
+            config.launchMode = mode
+            config.step = pointer
+            if not target.own:
+                self._own_step += 1   # earlier handles of the group's own step are void from here on
+                target.step = self._own_step
+            target.tokens = target.slot = None
+            check_status(self._fn_update(self._group, self._update_inputs, config, raw))
+            target.tokens = tokens
+            target.topk_idx = topk_idx
+        config = self._dispatch_config
+        config.direction, config.launchMode, config.step = direction_value, mode, pointer
+        config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
+        check_status(self._fn_dispatch(self._group, self._dispatch_inputs, outputs, config, raw))
+        if direction == "forward" and weighted:
+            target.topk_weights = topk_weights
+            target.weight_addresses = [self._w.array[i].data for i in range(r)]
+        target.slot = -1 if slot is None else slot.index
+        event = hook = None
+        if send_only:
+            hook = lambda: self.complete(stream=stream)  # noqa: E731
+        if record_event:
+            event = self._record(stream)
+        if slot is None:
+            target.received_weights = out_views[2]
+            return DispatchResult(out_views[0], out_views[1], out_views[2], target, event=event, hook=hook)
+        target.received_weights = slot.w_views
+        return DispatchResult(slot.views, slot.idx_views, slot.w_views, target, received=slot.received,
+                              expert_counts=slot.counts, expert_source_counts=slot.source_counts, event=event, hook=hook)
 
     @locked
     def combine(self, expert_outputs: PerRank, handle: Handle, *, direction: Direction = "forward",
-                weight_gradients: Optional[PerRank] = None,
-                launch: Launch = "single") -> Union[List[Array], Tuple[List[Array], List[Array]]]:
+                weight_gradients: Optional[PerRank] = None, launch: Launch = "single", out: Any = None,
+                stream: Any = None, wait_event: Any = None, record_event: bool = False,
+                send_only: bool = False) -> Any:
         """Brings every rank's expert outputs back and reduces them into its tokens' order.
 
-        ``expert_outputs[r]``: shaped like ``dispatch(...).tokens[r]`` (``recv_shape``);
-        ``handle``: the handle of this group's last dispatch. Forward LL expert-major applies the
-        ``topk_weights`` given to dispatch; other layouts expect rows already weighted by the
-        expert rank (HT expert-major uses the per-slot weights dispatch delivered). Returns the
-        ``[B_r, hidden]`` combined tokens per rank; backward HT takes ``weight_gradients[r]``
-        (shaped like ``dispatch(...).topk_weights[r]``) and returns ``(tokens, topk_weight_gradients)``.
+        ``expert_outputs``: per rank, shaped like ``dispatch(...).tokens[r]`` (``recv_shape``; a
+        list or one ``[R, *recv_shape]`` array); ``handle``: the step's. Forward LL expert-major
+        applies the ``topk_weights`` given to dispatch; other layouts expect rows already weighted
+        by the expert rank (HT expert-major uses the per-slot weights dispatch delivered). Returns
+        the ``[B_r, hidden]`` combined tokens per rank (views of the handle's buffer slot, valid
+        until the slot's next combine, or ``out``'s tensors); backward HT takes
+        ``weight_gradients`` (shaped like ``dispatch(...).topk_weights``) and returns ``(tokens,
+        topk_weight_gradients)``. ``stream``, ``wait_event`` as for dispatch; ``send_only=True``
+        returns ``(result, hook)``: call ``hook()`` (or :meth:`complete`) before the result is
+        used; ``record_event=True`` appends the event recorded after the call: ``(result, event)``
+        or ``(result, hook, event)``.
         """
         self._check_open()
-        direction_value = _choice(direction, "direction", _abi.DIRECTIONS)
-        launch_value = _choice(launch, "launch", _abi.LAUNCH_MODES)
-        if not isinstance(handle, Handle) or handle.group is not self:
-            raise InvalidArgumentError("handle: must be the handle of a dispatch of this group")
-        if handle.step != self._step:
-            raise InvalidUsageError(
-                f"handle: from step {handle.step}, but the group has dispatched step {self._step} since; "
-                "combine each step before the next dispatch")
+        r = self.ranks
+        direction_value = _abi.DIRECTIONS.get(direction) if isinstance(direction, str) else None
+        if direction_value is None:
+            direction_value = _choice(direction, "direction", _abi.DIRECTIONS)
+        mode = _abi.LAUNCH_MODES.get(launch) if isinstance(launch, str) else None
+        if mode is None:
+            mode = _choice(launch, "launch", _abi.LAUNCH_MODES)
+        self._check_handle(handle, dispatched=True)
         backward_ht = direction == "backward" and self.algorithm == "ht"
-        outputs_in = self._per_rank(expert_outputs, "expert_outputs")
-        like = self._same_kind(outputs_in, "expert_outputs")
         if weight_gradients is not None and not backward_ht:
             raise InvalidArgumentError("weight_gradients: only the backward pass of HT takes weight gradients")
-        gradients = None
-        if backward_ht:
-            if weight_gradients is None:
-                raise InvalidArgumentError("weight_gradients: None; the backward pass of HT needs them")
-            gradients = self._per_rank(weight_gradients, "weight_gradients")
+        if backward_ht and weight_gradients is None:
+            raise InvalidArgumentError("weight_gradients: None; the backward pass of HT needs them")
+        tokens = handle.tokens
+        recv = self.recv_shape
+        _, like = self._rows(expert_outputs, "expert_outputs", {self._element}, recv[1:], self._y, [recv[0]] * r)
 
-        weights = [None] * self.ranks
+        weights = None
         if direction == "forward" and self.layout == "expert_major":
-            if handle.topk_weights is None:
+            if handle.weight_addresses is None:
                 raise InvalidArgumentError(
                     "topk_weights: not given to dispatch; the forward combine of LL expert-major applies them")
-            weights = handle.topk_weights
+            for i in range(r):
+                self._cw.set(i, handle.weight_addresses[i], tokens[i], _abi.F32)
+            weights = self._cw
         elif direction == "forward" and self.layout == "expert_major_padded":
-            weights = handle.received_weights
+            self._rows(handle.received_weights, "topk_weights", {_abi.F32}, self.recv_routing_shape[1:], self._cw,
+                       [self.recv_routing_shape[0]] * r)
+            weights = self._cw
+        if backward_ht:
+            routing = self.recv_routing_shape
+            self._rows(weight_gradients, "weight_gradients", {_abi.F32}, routing[1:], self._g, [routing[0]] * r)
+        for i in range(r):
+            entry = self._combine_inputs[i]
+            entry.topkWeights = None if weights is None else weights.pointers[i]
+            entry.weightGradients = self._g.pointers[i] if backward_ht else None
 
-        allocate = _arrays.Allocator(like)
-        element_dtype = None if allocate.torch else like.dtype
-        combined = [allocate.zeros((b, self.hidden), self._element, element_dtype, name=f"combined tokens[{r}]")
-                    for r, b in enumerate(handle.tokens)]
-        weight_grads = [allocate.zeros((b, self.top_k), _abi.F32, name=f"topk_weight_gradients[{r}]")
-                        for r, b in enumerate(handle.tokens)] if backward_ht else None
-        keep = []
-        inputs = (_abi.CombineInputs * self.ranks)()
-        outputs = (_abi.CombineOutputs * self.ranks)()
-        for r in range(self.ranks):
-            y = _arrays.tensor(outputs_in[r], f"expert_outputs[{r}]", dtypes={self._element}, device=self._device,
-                               shape=self.recv_shape)
-            w = None
-            if weights[r] is not None:
-                shape = (handle.tokens[r], self.top_k) if self.layout == "expert_major" else self.recv_routing_shape
-                w = _arrays.tensor(weights[r], f"topk_weights[{r}]", dtypes={_abi.F32}, device=self._device, shape=shape)
-            g = None if gradients is None else _arrays.tensor(
-                gradients[r], f"weight_gradients[{r}]", dtypes={_abi.F32}, device=self._device, shape=self.recv_routing_shape)
-            out = self._describe_output(combined[r], self._element, f"combined[{r}]")
-            out_g = None if weight_grads is None else self._describe_output(weight_grads[r], _abi.F32, f"weight_grads[{r}]")
-            keep += [y, w, g, out, out_g]
-            inputs[r] = _abi.new(_abi.CombineInputs, expertOutputs=ctypes.pointer(y), topkWeights=_arrays.pointer(w),
-                                 weightGradients=_arrays.pointer(g))
-            outputs[r] = _abi.new(_abi.CombineOutputs, tokens=ctypes.pointer(out),
-                                  topkWeightGradients=_arrays.pointer(out_g))
-        config = _abi.new(_abi.CombineConfig, direction=direction_value, launchMode=launch_value)
-        call("epGroupCombineAll", self._group, inputs, outputs, ctypes.byref(config), self._stream(like))
-        if weight_grads is not None:
-            return combined, weight_grads
-        return combined
+        if out is None:
+            slot = self._slot(handle.slot, like) if handle.slot >= 0 else self._slot(self._next_slot, like)
+            combined, grads = slot.combine_targets(tokens, backward_ht)
+            outputs = slot.combine_outputs
+        else:
+            outputs, combined, grads = self._caller_combine_outputs(out, tokens, backward_ht)
+
+        raw = None if self._device == -1 else _fast.raw_stream(self._device, stream)
+        if wait_event is not None:
+            _fast.torch_stream(self._device, stream).wait_event(wait_event)
+        config = self._combine_config
+        config.direction, config.launchMode, config.step = direction_value, mode, handle._pointer
+        config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
+        check_status(self._fn_combine(self._group, self._combine_inputs, outputs, config, raw))
+        result: Any = (combined, grads) if backward_ht else combined
+        extras: List[Any] = []
+        if send_only:
+            extras.append(lambda: self.complete(stream=stream))
+        if record_event:
+            extras.append(self._record(stream))
+        return (result, *extras) if extras else result
+
+    @locked
+    def complete(self, *, stream: Any = None) -> None:
+        """Enqueues the receiving half of the last ``send_only`` dispatch or combine on ``stream``
+        (default: the current stream); InvalidUsageError when none is pending. The CPU backend
+        runs every call whole: completing it does nothing more."""
+        self._check_open()
+        raw = None if self._device == -1 else _fast.raw_stream(self._device, stream)
+        call("epGroupComplete", self._group, raw)
 
     # -- the active-rank mask ----------------------------------------------------------------
 
@@ -358,40 +369,129 @@ class VirtualGroup(GroupBase):
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _per_rank(self, values, name):
+    def _rows(self, values, name, expected, tail, descriptors, tokens):
+        """Points `descriptors` at `values` (a list of R arrays ``[B_r, *tail]`` or one stacked
+        ``[R, B, *tail]`` array), checked; `tokens`: the expected B_r (None: any ≤ max_tokens).
+        Returns (B_r list, an array to make outputs like)."""
+        r, device = self.ranks, self._device
+        tail = tuple(tail) if isinstance(tail, tuple) else (tail,)
+        if _arrays.kind(values) is not None:   # one stacked array
+            rows = None if tokens is None else tokens[0]
+            if tokens is not None and any(b != rows for b in tokens):
+                raise InvalidArgumentError(f"{name}: one stacked array, but the ranks' token counts differ ({tokens}); pass a list")
+            address, code, sizes = _fast.check(values, name, expected, device, (r, rows) + tail)
+            b = int(sizes[1])
+            if tokens is None and b > self.max_tokens:
+                raise InvalidArgumentError(f"{name}: {b} tokens per rank; must be ≤ max_tokens ({self.max_tokens})")
+            if device != -1 and self._like_kind(values) != "torch":
+                raise InvalidArgumentError(f"{name}: a NumPy array; a GPU group takes CUDA torch tensors")
+            descriptors.set_all(address, b, code, _abi.DTYPE_SIZES[code])
+            return [b] * r, values
+        if _arrays.kind(values) is None and not isinstance(values, (list, tuple)):
+            try:
+                values = list(values)
+            except TypeError:
+                raise InvalidArgumentError(
+                    f"{name}: a {type(values).__name__}; must be a list of {r} per-rank arrays or one [R, ...] array") from None
+        if len(values) != r:
+            raise InvalidArgumentError(f"{name}: {len(values)} entries; must be one per rank ({r})")
+        counts, first_kind = [], None
+        for i, value in enumerate(values):
+            kind = _arrays.kind(value)
+            if kind is None:
+                raise InvalidArgumentError(f"{name}[{i}]: a {type(value).__name__}; must be a NumPy array or a PyTorch tensor")
+            if first_kind is None:
+                first_kind = kind
+            elif kind != first_kind:
+                raise InvalidArgumentError(f"{name}[{i}]: a {kind} value among {first_kind} values; use one kind")
+            if device != -1 and kind != "torch":
+                raise InvalidArgumentError(f"{name}[{i}]: a NumPy array; a GPU group takes CUDA torch tensors")
+            want = None if tokens is None else tokens[i]
+            address, code, sizes = _fast.check(value, f"{name}[{i}]", expected, device, (want,) + tail)
+            b = int(sizes[0])
+            if tokens is None and b > self.max_tokens:
+                raise InvalidArgumentError(f"{name}[{i}]: {b} tokens; must be ≤ max_tokens ({self.max_tokens})")
+            descriptors.set(i, address, b, code)
+            counts.append(b)
+        return counts, values[0]
+
+    @staticmethod
+    def _like_kind(value):
+        return _arrays.kind(value)
+
+    def _slot(self, index, like):
+        slot = self._slots[index]
+        if slot is None or slot.kind is not type(like):
+            slot = self._slots[index] = Slot(self, index, like)
+        return slot
+
+    def _caller_outputs(self, out):
+        """The dispatch outputs for ``out=(tokens, topk_idx, topk_weights)`` per-rank lists."""
         try:
-            values = list(values)
-        except TypeError:
-            raise InvalidArgumentError(f"{name}: a {type(values).__name__}; must be a list of {self.ranks} per-rank arrays")
-        if len(values) != self.ranks:
-            raise InvalidArgumentError(f"{name}: {len(values)} entries; must be one per rank ({self.ranks})")
-        return values
+            tokens, idx, weights = out
+        except (TypeError, ValueError):
+            raise InvalidArgumentError("out: must be (tokens, topk_idx, topk_weights), per-rank lists (None for LL expert-major's routing)") from None
+        r = self.ranks
+        routing = self.recv_routing_shape
+        keep = []
+        outputs = (_abi.DispatchOutputs * r)()
+        for i in range(r):
+            t = _arrays.tensor(tokens[i], f"out tokens[{i}]", dtypes={self._element}, device=self._device, shape=self.recv_shape)
+            ti = tw = None
+            if routing is not None:
+                if idx is None or weights is None:
+                    raise InvalidArgumentError(f"out: layout {self.layout!r} receives topk_idx and topk_weights too")
+                ti = _arrays.tensor(idx[i], f"out topk_idx[{i}]", dtypes={_abi.I32}, device=self._device, shape=routing)
+                tw = _arrays.tensor(weights[i], f"out topk_weights[{i}]", dtypes={_abi.F32}, device=self._device, shape=routing)
+            keep += [t, ti, tw]
+            outputs[i] = _abi.new(_abi.DispatchOutputs, tokens=ctypes.pointer(t), topkIdx=_arrays.pointer(ti),
+                                  topkWeights=_arrays.pointer(tw))
+        self._keep = keep
+        return outputs, (list(tokens), None if routing is None else list(idx), None if routing is None else list(weights))
 
-    def _same_kind(self, values, name):
-        first = _arrays.kind(values[0])
-        for r, value in enumerate(values):
-            if _arrays.kind(value) is None:
-                raise InvalidArgumentError(f"{name}[{r}]: a {type(value).__name__}; must be a NumPy array or a PyTorch tensor")
-            if _arrays.kind(value) != first:
-                raise InvalidArgumentError(f"{name}[{r}]: a {_arrays.kind(value)} value among {first} values; use one kind")
-        if self._device != -1 and first != "torch":
-            raise InvalidArgumentError(f"{name}[0]: a NumPy array; a GPU group takes CUDA torch tensors")
-        return values[0]
+    def _caller_combine_outputs(self, out, tokens, backward_ht):
+        r = self.ranks
+        if backward_ht:
+            try:
+                combined, grads = out
+            except (TypeError, ValueError):
+                raise InvalidArgumentError("out: backward HT takes (tokens, topk_weight_gradients), per-rank lists") from None
+        else:
+            combined, grads = out, None
+        keep = []
+        outputs = (_abi.CombineOutputs * r)()
+        for i in range(r):
+            t = _arrays.tensor(combined[i], f"out[{i}]", dtypes={self._element}, device=self._device, shape=(tokens[i], self.hidden))
+            g = None if grads is None else _arrays.tensor(grads[i], f"out gradients[{i}]", dtypes={_abi.F32},
+                                                          device=self._device, shape=(tokens[i], self.top_k))
+            keep += [t, g]
+            outputs[i] = _abi.new(_abi.CombineOutputs, tokens=ctypes.pointer(t), topkWeightGradients=_arrays.pointer(g))
+        self._keep = keep
+        return outputs, list(combined), None if grads is None else list(grads)
 
-    def _stream(self, like):
+    def _record(self, stream):
         if self._device == -1:
             return None
         import torch
 
-        return ctypes.c_void_p(torch.cuda.current_stream(like.device).cuda_stream or None)
+        event = torch.cuda.Event()
+        event.record(_fast.torch_stream(self._device, stream))
+        return event
 
     @locked
-    def _layout_of_step(self, step):
-        if step != self._step:
-            raise InvalidUsageError(f"layout info of step {step} is gone: the group has dispatched step {self._step} since")
+    def _layout_of(self, handle):
+        self._check_handle(handle, dispatched=True)
         infos = []
+        mask = ctypes.c_uint64()
+        call("epGroupGetActiveRanks", self._group, ctypes.byref(mask))
         for r in range(self.ranks):
+            if not mask.value >> r & 1:   # a masked rank received nothing
+                infos.append(_LayoutBuffers(self.local_experts, self.ranks).value())
+                continue
             buffers = _LayoutBuffers(self.local_experts, self.ranks)
-            call("epGroupGetLayoutInfo", self._group, r, ctypes.byref(buffers.struct))
+            if handle.own:
+                call("epStepGetLayoutInfo", handle._pointer, r, ctypes.byref(buffers.struct))
+            else:
+                call("epGroupGetLayoutInfo", self._group, r, ctypes.byref(buffers.struct))
             infos.append(buffers.value())
         return infos

@@ -11,7 +11,7 @@ from ._group_base import GroupBase, locked
 from ._library import call, load
 from ._types import Algorithm, Array, Device, Direction, DType, Layout, Overflow, Seconds
 from .errors import ExpertParallelError, InvalidArgumentError, InvalidUsageError
-from .group import DispatchResult, Handle, _LayoutBuffers
+from ._results import DispatchResult, Handle, _LayoutBuffers
 
 
 def nccl_unique_id() -> bytes:
@@ -223,7 +223,9 @@ class NCCLGroup(GroupBase):
         if topk_idx is not None:  # every argument is checked: the step starts
             self._update(topk_idx, idx_desc, b)
         call("epDispatch", self._handle, ctypes.byref(inputs), ctypes.byref(outputs), ctypes.byref(config), self._stream())
-        handle = Handle(self, self._step, b, routing, topk_weights, received_w)
+        handle = Handle(self)
+        handle.step, handle.slot, handle.tokens = self._step, 0, b
+        handle.topk_idx, handle.topk_weights, handle.received_weights = routing, topk_weights, received_w
         return DispatchResult(received, received_idx, received_w, handle)
 
     @locked
@@ -302,7 +304,8 @@ class NCCLGroup(GroupBase):
         return ctypes.c_void_p(torch.cuda.current_stream(self._device).cuda_stream or None)
 
     @locked
-    def _layout_of_step(self, step):
+    def _layout_of(self, handle):
+        step = handle.step
         if step != self._step:
             raise InvalidUsageError(f"layout info of step {step} is gone: the group has started step {self._step} since")
         buffers = _LayoutBuffers(self.local_experts, self.ranks)

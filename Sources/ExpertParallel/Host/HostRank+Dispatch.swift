@@ -43,6 +43,7 @@ extension HostRank {
         }
         if config.isExpertMajorHT { writePadding(plan.received, output) }
         _ = try exchange(.success(true), participants)
+        try plan.received.writeCounts(experts: output.expertCounts, expertSources: output.expertSourceCounts)
         handle.markDispatched()
         return plan.received
     }

@@ -403,6 +403,7 @@ ep_ht_dispatch(const EpArgs args) {
     const bool signal = args.sync & EP_SYNC_SIGNAL;
     // A rank that takes no part still counts a call that publishes flags, so call numbers agree.
     const bool moving = ep_active(mask, rank) && step_ok != 0;
+    ep_write_counts(args, rank, hs + H_LAYOUT, moving);
     if (!moving && !signal) return;
     const int tokens = static_cast<int>(args.rank[rank].tokens);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;

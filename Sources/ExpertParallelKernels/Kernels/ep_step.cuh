@@ -89,7 +89,9 @@
     F(ep_u64, weight_grads_in, WEIGHT_GRADS_IN)   /* HT backward combine: per received row/slot */  \
     F(ep_u64, weight_grads_out, WEIGHT_GRADS_OUT) /* HT backward combine: [B, K] f32 */             \
     F(ep_u64, handle, HANDLE)             /* the step's H_* words of this rank */                   \
-    F(ep_u64, stage, STAGE)               /* staged transport: this rank's EpStage (ep_transport.cuh) */
+    F(ep_u64, stage, STAGE)               /* staged transport: this rank's EpStage (ep_transport.cuh) */   \
+    F(ep_u64, counts, COUNTS)             /* dispatch: [L] int32 rows per local expert, or 0 */            \
+    F(ep_u64, source_counts, SOURCE_COUNTS) /* dispatch: [L][R] int32 rows per (expert, source), or 0 */
 
 #define EP_LAUNCH_FIELDS(F)                                                                         \
     F(ep_u64, mask, MASK)                 /* the group's active-rank mask (u64 in device memory) */ \

@@ -259,6 +259,22 @@ EP_DEVICE void ep_arrive_and_wait(const EpArgs& args, int rank, ep_u64 mask, int
     }
 }
 
+// Dispatch's counts for the caller, from the step's layout words (`layout`: [L] per local expert,
+// [R] per source, [L][R] per expert and source): int32 rows per local expert and per (local
+// expert, source rank), written by block 0 of each rank's sending launch; zeros for a rank that
+// takes no part. Written on the stream with the rows, so a caller needs no host synchronisation.
+EP_DEVICE void ep_write_counts(const EpArgs& args, int rank, const ep_u32* layout, bool moving) {
+    if (blockIdx.x != 0 || (args.sync & EP_SYNC_NO_DATA)) return;
+    int* counts = reinterpret_cast<int*>(args.rank[rank].counts);
+    int* sources = reinterpret_cast<int*>(args.rank[rank].source_counts);
+    if (counts != nullptr) {
+        for (int i = threadIdx.x; i < EP_L; i += blockDim.x) counts[i] = moving ? static_cast<int>(layout[i]) : 0;
+    }
+    if (sources != nullptr) {
+        for (int i = threadIdx.x; i < EP_L * EP_R; i += blockDim.x) sources[i] = moving ? static_cast<int>(layout[EP_L + EP_R + i]) : 0;
+    }
+}
+
 // A combine launch on a rank that takes no part (masked, or its step void) still counts a call
 // that publishes flags, so that its call numbers keep agreeing with its peers'.
 EP_DEVICE void ep_combine_skip(const EpArgs& args, int rank, ep_u64 mask, ep_u32 seq) {

@@ -1,0 +1,117 @@
+"""The data path's per-call work, kept small: a tensor is looked at once (address, type, shape,
+device, contiguity) and compared with what the call expects; the descriptors the library reads
+are made once per group and only their address and row count are patched per call. A tensor
+that does not match goes through :func:`_arrays.tensor`, whose error names what is wrong."""
+
+import ctypes
+
+from . import _abi, _arrays
+from .errors import InvalidArgumentError
+
+_torch_codes = None
+_raw_stream = None
+
+
+def _torch_dtype_codes():
+    global _torch_codes
+    if _torch_codes is None:
+        import torch
+
+        _torch_codes = {torch.bfloat16: _abi.BF16, torch.float16: _abi.F16, torch.float32: _abi.F32,
+                        torch.int32: _abi.I32, torch.int64: _abi.I64, torch.uint8: _abi.U8}
+    return _torch_codes
+
+
+_NUMPY_CODES = {"float16": _abi.F16, "float32": _abi.F32, "int32": _abi.I32, "int64": _abi.I64, "uint8": _abi.U8}
+
+
+def look(value, expected):
+    """(address, epDataType_t, shape, device ordinal or -1, contiguous and native) of a torch
+    tensor or NumPy array, or None when it is neither; `expected`: the accepted types (a uint16
+    NumPy array is bf16 where bf16 is accepted)."""
+    if _arrays.is_torch(value):
+        return (value.data_ptr(), _torch_dtype_codes().get(value.dtype), value.shape, value.get_device(),
+                value.is_contiguous())
+    if _arrays.is_numpy(value):
+        name = value.dtype.name
+        code = _abi.BF16 if name == "uint16" and _abi.BF16 in expected else _NUMPY_CODES.get(name)
+        flags = value.flags
+        return (value.__array_interface__["data"][0], code, value.shape, -1,
+                flags.c_contiguous and flags.aligned and value.dtype.isnative)
+    return None
+
+
+def check(value, name, expected, device, shape):
+    """The address of `value` after checking it like :func:`_arrays.tensor` (None entries of
+    `shape` accept any size); returns (address, epDataType_t, shape)."""
+    seen = look(value, expected)
+    if seen is not None:
+        address, code, sizes, where, fine = seen
+        if (fine and code in expected and where == device and len(sizes) == len(shape)
+                and all(want is None or want == got for want, got in zip(shape, sizes))):
+            return address, code, sizes
+    _arrays.tensor(value, name, dtypes=expected, device=device, shape=shape)  # raises the named error
+    raise InvalidArgumentError(f"{name}: not accepted")  # pragma: no cover - tensor() raised above
+
+
+class Descriptors:
+    """R epTensor_t of one argument, rank r's at index r, with fixed trailing sizes: per call only
+    the address, the first size and the type change."""
+
+    def __init__(self, ranks, device, dtype, tail):
+        self.array = (_abi.Tensor * ranks)()
+        self.pointers = [ctypes.pointer(self.array[r]) for r in range(ranks)]
+        self.tail = tuple(tail)
+        strides = [1] * (len(tail) + 1)
+        for i in range(len(tail) - 1, -1, -1):
+            strides[i] = strides[i + 1] * self.tail[i]
+        for d in self.array:
+            d.structSize = ctypes.sizeof(_abi.Tensor)
+            d.device = device
+            d.dtype = dtype
+            d.ndim = len(tail) + 1
+            for i, size in enumerate(self.tail):
+                d.sizes[i + 1] = size
+            for i, stride in enumerate(strides):
+                d.strides[i] = stride
+        self.row_elements = strides[0]
+
+    def set(self, r, address, rows, dtype):
+        d = self.array[r]
+        d.data = address or None
+        d.sizes[0] = rows
+        d.dtype = dtype
+
+    def set_all(self, base, rows, dtype, element_bytes):
+        """Rank r's tensor at `base` + r × rows × row bytes (a stacked `[R, rows, ...]` tensor)."""
+        step = rows * self.row_elements * element_bytes
+        for r, d in enumerate(self.array):
+            d.data = (base + r * step) or None
+            d.sizes[0] = rows
+            d.dtype = dtype
+
+
+def raw_stream(device, stream=None):
+    """The CUstream of `stream` (a torch.cuda.Stream or an int handle), or of PyTorch's current
+    stream on `device`."""
+    global _raw_stream
+    if stream is not None:
+        handle = getattr(stream, "cuda_stream", stream)
+        return handle or None
+    if _raw_stream is None:
+        import torch
+
+        try:
+            from torch._C import _cuda_getCurrentRawStream
+
+            _raw_stream = _cuda_getCurrentRawStream
+        except ImportError:  # pragma: no cover - older PyTorch
+            _raw_stream = lambda index: torch.cuda.current_stream(index).cuda_stream
+    return _raw_stream(device) or None
+
+
+def torch_stream(device, stream=None):
+    """The torch.cuda.Stream a call runs on: `stream`, or the current one of `device`."""
+    import torch
+
+    return stream if stream is not None else torch.cuda.current_stream(device)

@@ -1,0 +1,160 @@
+"""What a dispatch returns: layout info, the step's handle, the result object."""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any, Iterator, List, Optional
+
+from . import _abi
+
+
+class LayoutInfo:
+    """What one rank received in a dispatch (counts are Python ints)."""
+
+    __slots__ = ("expert_counters", "expert_offsets", "source_rank_counters", "expert_source_counters",
+                 "received_total", "dropped_tokens")
+
+    expert_counters: List[int]
+    expert_offsets: List[int]
+    source_rank_counters: List[int]
+    expert_source_counters: List[List[int]]
+    received_total: int
+    dropped_tokens: int
+
+    def __init__(self, expert_counters: List[int], expert_offsets: List[int], source_rank_counters: List[int],
+                 expert_source_counters: List[List[int]], received_total: int, dropped_tokens: int) -> None:
+        #: rows per local expert, ``[L]`` (HT expert-major: padding excluded)
+        self.expert_counters = expert_counters
+        #: first row of each local expert's zone, ``[L]`` (expert-major layouts; zeros otherwise)
+        self.expert_offsets = expert_offsets
+        #: (token, this rank) pairs received from each source rank, ``[R]``
+        self.source_rank_counters = source_rank_counters
+        #: rows per (local expert, source rank), ``[L][R]``
+        self.expert_source_counters = expert_source_counters
+        #: rows of the receive buffer in use (HT expert-major: padding included)
+        self.received_total = received_total
+        #: (token, this rank) pairs dropped by ``overflow="drop"``
+        self.dropped_tokens = dropped_tokens
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LayoutInfo) and all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
+        return f"LayoutInfo({fields})"
+
+
+class _LayoutBuffers:
+    """Host arrays an epLayoutInfo_t points at."""
+
+    def __init__(self, local_experts, ranks):
+        self.local_experts, self.ranks = local_experts, ranks
+        self.expert_counters = (ctypes.c_int64 * local_experts)()
+        self.expert_offsets = (ctypes.c_int64 * local_experts)()
+        self.source_rank_counters = (ctypes.c_int64 * ranks)()
+        self.expert_source_counters = (ctypes.c_int64 * (local_experts * ranks))()
+        self.struct = _abi.new(
+            _abi.LayoutInfo,
+            expertCounters=self.expert_counters, expertOffsets=self.expert_offsets,
+            sourceRankCounters=self.source_rank_counters, expertSourceCounters=self.expert_source_counters)
+
+    def value(self):
+        flat = list(self.expert_source_counters)
+        r = self.ranks
+        return LayoutInfo(list(self.expert_counters), list(self.expert_offsets), list(self.source_rank_counters),
+                          [flat[i * r:(i + 1) * r] for i in range(self.local_experts)],
+                          self.struct.receivedTotal, self.struct.droppedTokens)
+
+
+class Handle:
+    """One step of a group: its routing and what was derived from it.
+
+    :meth:`VirtualGroup.handle` makes one of its own (several can be live on a group: one per MoE
+    layer, micro-batch or pass); a dispatch without ``handle=`` uses the group's own step, whose
+    handle is void once the group's own step is updated again. Pass it to ``combine``, or to
+    ``dispatch(..., handle=h)`` with ``topk_idx=None`` for a dispatch (forward again, or backward)
+    with its routing. :meth:`release` frees a handle of its own (also on garbage collection and at
+    the end of a ``with`` block); later calls with it fail.
+    """
+
+    def __init__(self, group: Any, pointer: Any = None) -> None:
+        self.group = group
+        self._pointer = pointer   # ctypes.c_void_p of an epStep_t; None: the group's own step
+        self.step = 0             # the group's own step: which of its updates this handle holds
+        self.slot: Optional[int] = None
+        self.tokens: Any = None   # per rank: B_r
+        self.topk_idx: Any = None  # kept alive: the GPU reads the routing again in combine
+        self.topk_weights: Any = None
+        self.received_weights: Any = None
+        self.weight_addresses: Any = None  # per rank: the device address of its topk_weights
+        self.released = False
+
+    @property
+    def own(self) -> bool:
+        """True for a handle made by ``handle()``; False for the group's own step."""
+        return self._pointer is not None
+
+    def release(self) -> None:
+        """Frees the step (a handle of its own; the group's own step needs no release)."""
+        if self._pointer is not None and not self.released:
+            self.released = True
+            self.group._release_step(self)
+
+    def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        kind = "own" if self.own else f"group step {self.step}"
+        return f"Handle({kind}, slot={self.slot}, tokens={self.tokens}{', released' if self.released else ''})"
+
+
+class DispatchResult:
+    """What a dispatch returns; lists hold one entry per rank (:class:`VirtualGroup`).
+
+    - ``tokens``: the received rows, views of the group's buffer slot ``handle.slot`` (or the
+      ``out=`` tensors); rows outside the received zones are unspecified (they hold earlier
+      steps' rows; HT expert-major padding rows are written as zeros). Valid until the handle is
+      released or the slot is reused (``buffer_slots`` dispatches later);
+    - ``received``: the same rows as one ``[R, *recv_shape]`` tensor (None with ``out=``);
+    - ``topk_idx`` / ``topk_weights``: the received local routing (``recv_routing_shape``; int32 /
+      float32), or None for LL expert-major;
+    - ``expert_counts``: ``[R, L]`` int32, rows per local expert, written on the stream (no host
+      synchronisation); ``expert_source_counts``: ``[R, L, R]`` int32 per (expert, source rank);
+    - ``layout``: a :class:`LayoutInfo` per rank, read on first use (on the GPU this waits);
+    - ``handle``: pass it to ``combine``; ``event``: a CUDA event recorded after the call (with
+      ``record_event=True``); ``hook``: with ``send_only=True``, call it to enqueue the receiving half.
+    """
+
+    def __init__(self, tokens: Any, topk_idx: Any, topk_weights: Any, handle: Handle, layout: Any = None, *,
+                 received: Any = None, expert_counts: Any = None, expert_source_counts: Any = None,
+                 event: Any = None, hook: Any = None) -> None:
+        self.tokens = tokens
+        self.topk_idx = topk_idx
+        self.topk_weights = topk_weights
+        self.handle = handle
+        self._layout = layout
+        self.received = received
+        self.expert_counts = expert_counts
+        self.expert_source_counts = expert_source_counts
+        self.event = event
+        self.hook = hook
+
+    @property
+    def layout(self) -> Any:
+        """A :class:`LayoutInfo` per rank (:class:`VirtualGroup`) or this rank's (:class:`NCCLGroup`)."""
+        if self._layout is None:
+            self._layout = self.handle.group._layout_of(self.handle)
+        return self._layout
+
+    def __iter__(self) -> Iterator[Any]:
+        """Unpacks as ``tokens, topk_idx, topk_weights, layout, handle``."""
+        return iter((self.tokens, self.topk_idx, self.topk_weights, self.layout, self.handle))
