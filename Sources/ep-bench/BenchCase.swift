@@ -1,6 +1,6 @@
 import ExpertParallel
 
-/// One standard case of BENCHMARK.md, as one group configuration.
+/// One case of BENCHMARK.md (or `custom`), as one group configuration.
 struct BenchCase: Sendable {
     var name: String
     var algorithm: Algorithm
@@ -10,6 +10,7 @@ struct BenchCase: Sendable {
     var experts: Int
     var ranks: Int
     var layout: Layout
+    var elementType: DataType = .bf16
 
     static let standard: [BenchCase] = [
         .init(name: "ll-std", algorithm: .lowLatency, tokens: 128, hidden: 7168, topK: 8, experts: 256, ranks: 8, layout: .expertMajor),
@@ -32,7 +33,7 @@ struct BenchCase: Sendable {
     func config(maxTokens: Int? = nil) -> GroupConfig {
         GroupConfig(
             algorithm: algorithm, ranks: ranks, experts: experts, topK: topK, hidden: hidden,
-            elementType: .bf16, maxTokensPerRank: maxTokens ?? tokens, layout: layout)
+            elementType: elementType, maxTokensPerRank: maxTokens ?? tokens, layout: layout)
     }
 
     /// The same case with `ranks` ranks and the same experts (L = E / R).
@@ -42,35 +43,5 @@ struct BenchCase: Sendable {
         return copy
     }
 
-    var label: String { "\(name) \(algorithm.rawValue) \(layout)" }
-}
-
-/// Rows a step must read and write across all ranks (BENCHMARK.md, "The floor on one GPU").
-struct StepBytes: Sendable {
-    /// Dispatch reads the source rows once and writes every received row; combine is the mirror.
-    var sourceRows: Int
-    var receivedRows: Int
-    /// Per-rank payload as BENCHMARK.md counts it (LL: selections; HT: (token, rank) pairs).
-    var countedRowsPerRank: [Int]
-    var rowBytes: Int
-
-    var floorBytes: Int { (sourceRows + receivedRows) * rowBytes }
-
-    init(config: GroupConfig, routings: [RoutingTable]) {
-        rowBytes = config.rowBytes
-        sourceRows = routings.reduce(0) { $0 + $1.tokens }
-        let l = config.localExperts
-        var received = 0
-        countedRowsPerRank = routings.map { routing in
-            let selections = routing.experts.filter { $0 >= 0 }.count
-            var pairs = 0
-            for t in 0..<routing.tokens {
-                pairs += Set((0..<routing.topK).compactMap { routing[t, $0] >= 0 ? routing[t, $0] / l : nil }).count
-            }
-            let perLayout = (config.layout == .expertMajor || config.isExpertMajorHT) ? selections : pairs
-            received += perLayout
-            return config.algorithm == .lowLatency ? selections : pairs
-        }
-        receivedRows = received
-    }
+    var label: String { "\(name) \(algorithm.rawValue) \(layout) \(elementType) R=\(ranks) B=\(tokens)" }
 }

@@ -61,25 +61,4 @@ final class BenchData: @unchecked Sendable {
             config.layout == .expertMajor ? weights[rank].ref : config.isExpertMajorHT ? outputs.dispatchWeights!.ref : nil
         return CombineInput(expertOutputs: outputs.dispatchTokens.ref, topkWeights: weightsIn)
     }
-
-    /// Compares every combined element with its expectation within bf16 rounding.
-    func validate(rank: Int, config: GroupConfig, combined: HostTensor) -> Bool {
-        let routing = routings[rank], k = config.topK, l = config.localExperts
-        let weighted = config.layout == .expertMajor || config.isExpertMajorHT
-        let x = tokens[rank]
-        for t in 0..<routing.tokens {
-            var factor: Float = 0
-            if weighted {
-                for c in 0..<k where routing[t, c] >= 0 { factor += weights[rank][as: Float.self, t * k + c] }
-            } else {
-                factor = Float(Set((0..<k).compactMap { routing[t, $0] >= 0 ? routing[t, $0] / l : nil }).count)
-            }
-            for i in 0..<config.hidden {
-                let expected = factor * ElementConversion.bf16ToFloat(x[as: UInt16.self, t * config.hidden + i])
-                let actual = ElementConversion.bf16ToFloat(combined[as: UInt16.self, t * config.hidden + i])
-                if abs(actual - expected) > 0.02 * (factor + 1) { return false }
-            }
-        }
-        return true
-    }
 }

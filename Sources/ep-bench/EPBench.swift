@@ -19,8 +19,10 @@ let exitStatusText = """
       1   a case failed: a library, driver or device error, results that differ
           from the CPU oracle, a failed NCCL rank or drill, or the --json file
           could not be written at the end (info: a kernel did not compile)
-      64  usage: an unknown option or case, an option value out of range (the
-          message names the option, the value and the bound), or a --json
-          path that cannot be written (checked before anything runs)
+      64  usage: an unknown option or case, an option value out of range or
+          options that do not fit together (an LL layout with an HT case,
+          --sms without a GPU; the message names the option, the value and
+          the bound or the values allowed), or a --json path that cannot be
+          written (checked before anything runs)
     A Swift runtime trap (a signal) is a bug: please report it.
     """

@@ -39,6 +39,7 @@ struct GPUBenchmark {
 
         let driver = device.driver
         let total = warmup + iterations
+        let combines = config.elementType.isFloating
         let events = try (0..<(4 * total)).map { _ in try driver.createEvent() }
         defer { for e in events { try? driver.destroy(e) } }
         // Hold the stream while every call is enqueued, so the events time the GPU, not the host.
@@ -49,31 +50,34 @@ struct GPUBenchmark {
             try driver.record(events[4 * i + 1], on: group.stream)
             try group.dispatch(dispatchIn, into: dispatchOut)
             try driver.record(events[4 * i + 2], on: group.stream)
-            try group.combine(combineIn, into: combineOut)
+            if combines { try group.combine(combineIn, into: combineOut) }
             try driver.record(events[4 * i + 3], on: group.stream)
         }
         try group.checkStatus()
-        var samples: [[Double]] = [[], [], []]
-        for i in warmup..<total {
-            for p in 0..<3 {
-                samples[p].append(Double(try driver.elapsedMilliseconds(from: events[4 * i + p], to: events[4 * i + p + 1])) * 1000)
-            }
+        func microseconds(_ from: Int, _ to: Int) throws -> [Double] {
+            try (warmup..<total).map { i in Double(try driver.elapsedMilliseconds(from: events[4 * i + from], to: events[4 * i + to])) * 1000 }
         }
+        // The step is one reading from before the update to after the combine, per iteration.
+        let samples = PhaseSamples(
+            update: try microseconds(0, 1), dispatch: try microseconds(1, 2), combine: combines ? try microseconds(2, 3) : nil,
+            step: try microseconds(0, 3))
         var valid = true
         for rank in 0..<r {
-            try combined[rank].download(into: host[rank].combineTokens)
-            valid = valid && data.validate(rank: rank, config: config, combined: host[rank].combineTokens)
+            if combines {
+                try combined[rank].download(into: host[rank].combineTokens)
+                valid = valid && data.validate(rank: rank, config: config, combined: host[rank].combineTokens)
+            } else {
+                try received[rank].download(into: host[rank].dispatchTokens)
+                valid = valid && data.validateDispatch(rank: rank, config: config, received: host[rank].dispatchTokens)
+            }
         }
         // The device buffers must outlive every kernel that was enqueued on them.
         withExtendedLifetime((x, w, idx, received, receivedIdx, receivedWeights, combined)) {}
-        let bytes = StepBytes(config: config, routings: data.routings)
-        return Measurement(
-            name: benchCase.name, backend: "gpu", device: device.name,
-            algorithm: config.algorithm.rawValue, layout: "\(config.layout)", ranks: r,
-            tokens: benchCase.tokens, hidden: config.hidden, topK: config.topK, experts: config.experts,
-            iterations: iterations, update: PhaseStats(samples[0]), dispatch: PhaseStats(samples[1]), combine: PhaseStats(samples[2]),
-            bytesPerRank: Double(bytes.countedRowsPerRank.reduce(0, +) * bytes.rowBytes) / Double(r),
-            floorBytes: Double(bytes.floorBytes), copyBandwidthGBs: copyBandwidth, validated: valid)
+        var measurement = Measurement(
+            benchCase, config: config, backend: "gpu", device: device.name, samples: samples,
+            bytes: StepBytes(config: config, routings: data.routings), copyBandwidth: copyBandwidth, validated: valid)
+        measurement.tuning = TuningRecord(group.tuning, multiprocessors: group.multiprocessors, blocksPerRank: group.blocksPerRank)
+        return measurement
     }
 
     /// Device-to-device copy bandwidth, bytes read plus bytes written (GB/s), best of 10.
@@ -102,5 +106,13 @@ extension DeviceTensor {
     convenience init(uploading host: HostTensor, on device: GPUDevice) throws {
         try self.init(host.dtype, host.shape, on: device)
         try upload(host)
+    }
+}
+
+extension TuningRecord {
+    init(_ tuning: GPUTuning, multiprocessors: Int, blocksPerRank: Int?) {
+        self.init(
+            multiprocessors: multiprocessors, blocksPerRank: blocksPerRank, pipelineDepth: tuning.pipelineDepth,
+            rowsInFlight: tuning.rowsInFlight, rowPieces: tuning.rowPieces, blocksPerSM: tuning.blocksPerMultiprocessor)
     }
 }

@@ -13,6 +13,7 @@ struct HostBenchmark {
         let group = try HostGroup(config)
         let data = BenchData(config: config, tokens: benchCase.tokens, seed: seed, skew: skew)
         let iterations = self.iterations, warmup = self.warmup
+        let combines = config.elementType.isFloating
         let results = group.run { rank throws(EPError) -> [[Double]] in
             let r = rank.rank
             let handle = try rank.makeHandle()
@@ -24,30 +25,34 @@ struct HostBenchmark {
                 let t1 = ContinuousClock.now
                 _ = try rank.dispatch(handle, data.dispatchInput(r), into: outputs.dispatch, direction: .forward)
                 let t2 = ContinuousClock.now
-                try rank.combine(handle, data.combineInput(r, outputs, config), into: outputs.combine, direction: .forward)
+                if combines {
+                    try rank.combine(handle, data.combineInput(r, outputs, config), into: outputs.combine, direction: .forward)
+                }
                 let t3 = ContinuousClock.now
-                if i >= warmup { samples.append([t1 - t0, t2 - t1, t3 - t2].map(\.microseconds)) }
+                // The step is read once around the whole sequence, not added up from the phases.
+                if i >= warmup { samples.append([t1 - t0, t2 - t1, t3 - t2, t3 - t0].map(\.microseconds)) }
             }
-            guard data.validate(rank: r, config: config, combined: outputs.combineTokens) else {
-                throw .backend("rank \(r): combined rows differ from Σ_k w_k·x beyond bf16 tolerance")
+            let valid = combines
+                ? data.validate(rank: r, config: config, combined: outputs.combineTokens)
+                : data.validateDispatch(rank: r, config: config, received: outputs.dispatchTokens)
+            guard valid else {
+                throw .backend("rank \(r): \(combines ? "combined rows differ from Σ_k w_k·x beyond rounding" : "received rows differ from the rows sent to it")")
             }
             return samples
         }
         var perRank: [[[Double]]] = []
         for result in results { perRank.append(try result.get()) }
         // A phase ends when its slowest rank ends: take the maximum over ranks per iteration.
-        func phase(_ p: Int) -> PhaseStats {
-            PhaseStats((0..<iterations).map { i in perRank.map { $0[i][p] }.max() ?? 0 })
+        func phase(_ p: Int) -> [Double] {
+            (0..<iterations).map { i in perRank.map { $0[i][p] }.max() ?? 0 }
         }
-        let bytes = StepBytes(config: config, routings: data.routings)
+        let samples = PhaseSamples(update: phase(0), dispatch: phase(1), combine: combines ? phase(2) : nil, step: phase(3))
         return Measurement(
-            name: benchCase.name, backend: "cpu", device: "CPU (\(ProcessInfo.processInfo.activeProcessorCount) cores)",
-            algorithm: config.algorithm.rawValue, layout: "\(config.layout)", ranks: config.ranks,
-            tokens: benchCase.tokens, hidden: config.hidden, topK: config.topK, experts: config.experts,
-            iterations: iterations, update: phase(0), dispatch: phase(1), combine: phase(2),
-            bytesPerRank: Double(bytes.countedRowsPerRank.reduce(0, +) * bytes.rowBytes) / Double(config.ranks),
-            floorBytes: Double(bytes.floorBytes), copyBandwidthGBs: copyBandwidth, validated: true)
+            benchCase, config: config, backend: "cpu", device: Self.deviceName, samples: samples,
+            bytes: StepBytes(config: config, routings: data.routings), copyBandwidth: copyBandwidth, validated: true)
     }
+
+    static var deviceName: String { "CPU (\(ProcessInfo.processInfo.activeProcessorCount) cores)" }
 
     /// memcpy bandwidth of this machine, counting bytes read plus bytes written (GB/s).
     static func measureCopyBandwidth(bytes: Int = 128 << 20) -> Double {

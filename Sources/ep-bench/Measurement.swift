@@ -1,8 +1,21 @@
-/// Timings of one phase over the measured iterations, in microseconds.
+import ExpertParallel
+
+/// Timings of one phase over the measured iterations, in microseconds, and (every phase but the
+/// update) the bytes BENCHMARK.md counts for it, its floor and how far the median is from them.
 struct PhaseStats: Codable, Sendable {
     var minimum: Double
     var median: Double
     var maximum: Double
+    /// Bytes per rank as BENCHMARK.md counts them (the step: dispatch's plus combine's).
+    var bytesPerRank: Double?
+    /// Bytes the phase must read plus write (the step: the dispatch floor plus the combine floor),
+    /// and their time at the copy bandwidth measured in the same run.
+    var floorBytes: Double?
+    var floorMicroseconds: Double?
+    var percentOfFloor: Double?
+    var gbPerSecond: Double?
+    /// How the phase was measured, where that is not one reading around the calls themselves.
+    var note: String?
 
     init(_ samples: [Double]) {
         let sorted = samples.sorted()
@@ -11,6 +24,26 @@ struct PhaseStats: Codable, Sendable {
         median = sorted.isEmpty ? 0 : sorted.count % 2 == 1
             ? sorted[sorted.count / 2] : (sorted[sorted.count / 2 - 1] + sorted[sorted.count / 2]) / 2
     }
+
+    init(_ samples: [Double], bytesPerRank: Double, floorBytes: Double, copyBandwidthGBs: Double, note: String? = nil) {
+        self.init(samples)
+        self.bytesPerRank = bytesPerRank
+        self.floorBytes = floorBytes
+        let floor = floorBytes / (copyBandwidthGBs * 1e3)
+        floorMicroseconds = floor
+        percentOfFloor = median > 0 ? 100 * floor / median : 0
+        gbPerSecond = median > 0 ? bytesPerRank / (median * 1e3) : 0
+        self.note = note
+    }
+}
+
+/// Per-iteration samples of each phase (µs). `combine` is nil where the element type has no
+/// combine (u8); `step` is update + dispatch + combine read as one sequence per iteration.
+struct PhaseSamples {
+    var update: [Double] = []
+    var dispatch: [Double] = []
+    var combine: [Double]?
+    var step: [Double] = []
 }
 
 /// One case's result, as printed and as written by `--json`.
@@ -20,6 +53,7 @@ struct Measurement: Codable, Sendable {
     var device: String
     var algorithm: String
     var layout: String
+    var dtype: String
     var ranks: Int
     var tokens: Int
     var hidden: Int
@@ -28,17 +62,71 @@ struct Measurement: Codable, Sendable {
     var iterations: Int
     var update: PhaseStats
     var dispatch: PhaseStats
-    var combine: PhaseStats
-    /// Mean over ranks of the bytes BENCHMARK.md counts per rank.
+    /// Absent where the element type has no combine (u8); `combineSkipped` says why.
+    var combine: PhaseStats?
+    var combineSkipped: String?
+    var step: PhaseStats
+    /// Mean over ranks of the bytes BENCHMARK.md counts per rank (dispatch; combine is the mirror).
     var bytesPerRank: Double
-    /// Bytes read plus written by the whole step, and the copy bandwidth measured in this run.
+    /// Bytes read plus written by dispatch (combine: the same), and the copy bandwidth measured in this run.
     var floorBytes: Double
     var copyBandwidthGBs: Double
     var validated: Bool
     /// The rank that measured this (NCCL ranks: one process each); nil for a whole group.
     var rank: Int? = nil
+    /// The GPU settings the group ran with (null on the CPU).
+    @AlwaysEncoded var tuning: TuningRecord? = nil
+    /// The run this belongs to (commit, device, options): the same in every entry of a file.
+    var run: RunRecord? = nil
 
-    var floorMicroseconds: Double { floorBytes / (copyBandwidthGBs * 1e3) }
-    func gbPerSecond(_ phase: PhaseStats) -> Double { phase.median > 0 ? bytesPerRank / (phase.median * 1e3) : 0 }
-    func percentOfFloor(_ phase: PhaseStats) -> Double { phase.median > 0 ? 100 * floorMicroseconds / phase.median : 0 }
+    static let combineSkippedNote = "u8 is dispatch only: combine needs bf16, f16 or f32"
+
+    /// A result from its samples: `rank` nil for a whole group (bytes are the mean over ranks,
+    /// the floor is every rank's), else one NCCL rank's share.
+    init(
+        _ benchCase: BenchCase, config: GroupConfig, backend: String, device: String, samples: PhaseSamples,
+        bytes: StepBytes, copyBandwidth: Double, validated: Bool, rank: Int? = nil, stepNote: String? = nil
+    ) {
+        let counted = rank.map { bytes.countedRowsPerRank[$0] } ?? bytes.countedRowsPerRank.reduce(0, +)
+        let perRank = Double(counted * bytes.rowBytes) / Double(rank == nil ? config.ranks : 1)
+        let floor = Double(bytes.floorBytes) / Double(rank == nil ? 1 : config.ranks)
+        func stats(_ s: [Double], _ share: Double, note: String? = nil) -> PhaseStats {
+            PhaseStats(s, bytesPerRank: share * perRank, floorBytes: share * floor, copyBandwidthGBs: copyBandwidth, note: note)
+        }
+        name = benchCase.name
+        self.backend = backend
+        self.device = device
+        algorithm = config.algorithm.rawValue
+        layout = "\(config.layout)"
+        dtype = config.elementType.rawValue
+        ranks = config.ranks
+        tokens = benchCase.tokens
+        hidden = config.hidden
+        topK = config.topK
+        experts = config.experts
+        iterations = samples.step.count
+        update = PhaseStats(samples.update)
+        dispatch = stats(samples.dispatch, 1)
+        combine = samples.combine.map { stats($0, 1) }
+        combineSkipped = samples.combine == nil ? Self.combineSkippedNote : nil
+        // The step's floor is the dispatch floor plus the combine floor (the mirror image).
+        step = stats(samples.step, samples.combine == nil ? 1 : 2, note: stepNote)
+        bytesPerRank = perRank
+        floorBytes = floor
+        copyBandwidthGBs = copyBandwidth
+        self.validated = validated
+        self.rank = rank
+    }
+}
+
+/// The GPU settings one group ran with: the SMs and blocks it was given, and every tuning knob
+/// (rowPieces and blocksPerSM null: the automatic choice).
+struct TuningRecord: Codable, Sendable {
+    var multiprocessors: Int
+    /// Thread blocks per rank in one launch (null where the group does not say: NCCL ranks).
+    @AlwaysEncoded var blocksPerRank: Int?
+    var pipelineDepth: Int
+    var rowsInFlight: Int
+    @AlwaysEncoded var rowPieces: Int?
+    @AlwaysEncoded var blocksPerSM: Int?
 }

@@ -34,27 +34,27 @@ struct NCCLBenchmark {
             try step.enqueue { try driver.record(events[5 * i + $0], on: group.stream) }
         }
         try group.checkStatus()
-        var samples: [[Double]] = [[], [], []]
-        for i in warmup..<total {
-            let e = Array(events[(5 * i)..<(5 * i + 5)])
-            samples[0].append(Double(try driver.elapsedMilliseconds(from: e[0], to: e[1])) * 1000)
-            samples[1].append(Double(try driver.elapsedMilliseconds(from: e[1], to: e[2])) * 1000)
-            samples[2].append(Double(try driver.elapsedMilliseconds(from: e[3], to: e[4])) * 1000)
+        func microseconds(_ from: Int, _ to: Int) throws -> [Double] {
+            try (warmup..<total).map { i in Double(try driver.elapsedMilliseconds(from: events[5 * i + from], to: events[5 * i + to])) * 1000 }
         }
+        // The step leaves out the copy of the received rows into the expert-output buffer (marks
+        // 2 to 3, the experts' stand-in): per iteration, the sequence before it plus combine.
+        let beforeCopy = try microseconds(0, 2), combine = try microseconds(3, 4)
+        let samples = PhaseSamples(
+            update: try microseconds(0, 1), dispatch: try microseconds(1, 2), combine: combine,
+            step: zip(beforeCopy, combine).map { $0 + $1 })
         let combinedHost = try step.combinedRows()
         let oracle = try data.oracleCombined(config: config)
         let valid = combinedHost.bytes() == oracle[rank] && data.validate(rank: rank, config: config, combined: combinedHost)
-        let bytes = StepBytes(config: config, routings: data.routings)
         var measurement = Measurement(
-            name: benchCase.name, backend: "gpu-nccl-\(sharing.rawValue)", device: device.name,
-            algorithm: config.algorithm.rawValue, layout: "\(config.layout)", ranks: config.ranks,
-            tokens: benchCase.tokens, hidden: config.hidden, topK: config.topK, experts: config.experts,
-            iterations: iterations, update: PhaseStats(samples[0]), dispatch: PhaseStats(samples[1]), combine: PhaseStats(samples[2]),
-            bytesPerRank: Double(bytes.countedRowsPerRank[rank] * bytes.rowBytes),
-            floorBytes: Double(bytes.floorBytes) / Double(config.ranks), copyBandwidthGBs: copyBandwidth, validated: valid)
-        measurement.rank = rank
+            benchCase, config: config, backend: "gpu-nccl-\(sharing.rawValue)", device: device.name, samples: samples,
+            bytes: StepBytes(config: config, routings: data.routings), copyBandwidth: copyBandwidth, validated: valid,
+            rank: rank, stepNote: Self.stepNote)
+        measurement.tuning = TuningRecord(group.tuning, multiprocessors: group.multiprocessors, blocksPerRank: nil)
         return measurement
     }
+
+    static let stepNote = "per iteration: update + dispatch, then combine; the copy of the received rows to the expert outputs between them is left out"
 }
 
 extension BenchData {

@@ -10,7 +10,7 @@ extension RunCommand {
     func runNCCL() throws {
         let nccl = try NCCLLibrary.shared()
         guard let me = NCCLRankEnvironment.current() else {
-            let ranks = self.ranks ?? 2
+            let ranks = shape.ranks ?? 2
             let id = try nccl.uniqueID()
             let v = try nccl.version()
             FileHandle.standardError.write(Data("spawning \(ranks) NCCL ranks (NCCL \(v.major).\(v.minor).\(v.patch) at \(nccl.location))...\n".utf8))
@@ -22,7 +22,12 @@ extension RunCommand {
                     results.append(try JSONDecoder().decode(Measurement.self, from: Data(line.dropFirst(Self.resultPrefix.count).utf8)))
                 }
             }
-            try report(results)
+            // Each rank measured its own copy bandwidth; the entries carry it.
+            let record = runRecord(
+                backend: "gpu-nccl-\(sharing.rawValue)", device: results.first?.device ?? "NCCL ranks",
+                facts: DeviceFacts(driver: try? DriverLibrary.shared(), nccl: nccl), copyBandwidth: nil,
+                iterations: iterations ?? 100, warmup: max(warmup, 5))
+            try report(results, record)
             if let failed = children.firstIndex(where: { $0.status != 0 }) {
                 throw RunFailure("rank \(failed) exited with status \(children[failed].status)")
             }
@@ -37,14 +42,14 @@ extension RunCommand {
         let comm = try nccl.initRank(ranks: me.world, id: id, rank: me.rank, timeout: timeout)
         var closed = false
         defer { if !closed { try? nccl.abort(comm) } }
-        let tuning = GPUTuning(pipelineDepth: pipelineDepth, rowsInFlight: rowsInFlight, rowPieces: rowPieces, blocksPerMultiprocessor: blocksPerSM)
+        let tuning = gpu.tuning
         let runner = NCCLBenchmark(device: device, nccl: nccl, comm: comm, rank: me.rank, iterations: iterations ?? 100,
                                    warmup: max(warmup, 5), seed: seed, skew: skew, tuning: tuning, sharing: sharing, timeout: timeout)
         let copyBandwidth = try GPUBenchmark(device: device, iterations: 1, warmup: 0, seed: seed, skew: skew, tuning: tuning)
             .measureCopyBandwidth()
-        let names = cases.isEmpty ? ["ll-std", "ll-32", "ll-1", "ht-std"] : cases
-        // The group is the communicator: every case runs with R = its size, experts unchanged.
-        let selected = BenchCase.standard.filter { names.contains($0.name) && $0.experts % me.world == 0 }.map { $0.with(ranks: me.world) }
+        // The group is the communicator: every case runs with R = its size, experts unchanged
+        // (a case whose experts it does not divide is left out).
+        let selected = try shape.resolve(defaults: Defaults.nccl).filter { $0.experts % me.world == 0 }.map { $0.with(ranks: me.world) }
         for benchCase in selected {
             let measurement = try runner.run(benchCase, copyBandwidth: copyBandwidth)
             let line = String(decoding: try JSONEncoder().encode(measurement), as: UTF8.self)

@@ -1,23 +1,49 @@
 import Foundation
 
-/// The terminal table: one row per (case, phase).
+/// The terminal table: one row per (case, phase), the step last, then what the step row means.
 enum Table {
+    static let header = ["case", "algo/layout", "dtype", "R", "B", "SMs", "phase", "median µs", "min µs", "max µs",
+                         "GB/s/rank", "floor µs", "% floor", "valid", "note"]
+
+    static let legend = """
+        step: update + dispatch + combine read as one sequence per iteration (its median, not the sum of the \
+        phases' medians); its floor is the dispatch floor plus the combine floor.
+        """
+
     static func render(_ results: [Measurement]) -> String {
-        var rows: [[String]] = [["case", "algo/layout", "R", "B", "phase", "median µs", "min µs", "max µs", "GB/s/rank", "floor µs", "% floor", "valid"]]
+        var rows = [header]
         for m in results {
             let name = m.rank.map { "\(m.name) r\($0)" } ?? m.name
-            rows.append([name, "\(m.algorithm) \(m.layout)", "\(m.ranks)", "\(m.tokens)", "update",
-                         format(m.update.median, 1), format(m.update.minimum, 1), format(m.update.maximum, 1), "", "", "", ""])
-            for (phaseName, phase) in [("dispatch", m.dispatch), ("combine", m.combine)] {
-                rows.append([name, "\(m.algorithm) \(m.layout)", "\(m.ranks)", "\(m.tokens)", phaseName,
-                             format(phase.median, 1), format(phase.minimum, 1), format(phase.maximum, 1),
-                             format(m.gbPerSecond(phase), 1), format(m.floorMicroseconds, 1),
-                             format(m.percentOfFloor(phase), 1), m.validated ? "yes" : "NO"])
+            let sms = m.tuning.map { "\($0.multiprocessors)" } ?? "-"
+            let lead = [name, "\(m.algorithm) \(m.layout)", m.dtype, "\(m.ranks)", "\(m.tokens)", sms]
+            let valid = m.validated ? "yes" : "NO"
+            rows.append(lead + ["update"] + timings(m.update) + ["", "", "", "", ""])
+            rows.append(lead + ["dispatch"] + timings(m.dispatch) + floors(m.dispatch) + [valid, ""])
+            if let combine = m.combine {
+                rows.append(lead + ["combine"] + timings(combine) + floors(combine) + [valid, ""])
+            } else {
+                rows.append(lead + ["combine"] + Array(repeating: "-", count: 6) + ["", "skipped: \(m.combineSkipped ?? "")"])
             }
+            rows.append(lead + ["step"] + timings(m.step) + floors(m.step) + [valid, m.step.note ?? ""])
         }
-        let widths = (0..<rows[0].count).map { c in rows.map { $0[c].count }.max()! }
-        return rows.map { row in
-            zip(row, widths).map { cell, width in cell.padding(toLength: width, withPad: " ", startingAt: 0) }.joined(separator: "  ")
-        }.joined(separator: "\n")
+        let widths = (0..<header.count).map { c in rows.map { $0[c].count }.max()! }
+        let table = rows.map { row in
+            zip(row, widths).map { cell, width in cell.padding(toLength: width, withPad: " ", startingAt: 0) }
+                .joined(separator: "  ").trimmingCharacters(in: .whitespaces)
+        }
+        return (table + [legend]).joined(separator: "\n")
+    }
+
+    private static func timings(_ phase: PhaseStats) -> [String] {
+        [figure(phase.median), figure(phase.minimum), figure(phase.maximum)]
+    }
+
+    /// One decimal from 100 up, three significant digits below (tiny cases stay readable).
+    static func figure(_ value: Double) -> String {
+        abs(value) >= 100 || value == 0 ? format(value, 1) : String(format: "%.3g", value)
+    }
+
+    private static func floors(_ phase: PhaseStats) -> [String] {
+        [phase.gbPerSecond, phase.floorMicroseconds, phase.percentOfFloor].map { $0.map(figure) ?? "" }
     }
 }

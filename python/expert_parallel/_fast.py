@@ -23,6 +23,7 @@ def _torch_dtype_codes():
 
 
 _NUMPY_CODES = {"float16": _abi.F16, "float32": _abi.F32, "int32": _abi.I32, "int64": _abi.I64, "uint8": _abi.U8}
+_numpy_dtypes = {}   # NumPy dtype object -> (code, or BF16 for uint16 bits; native byte order)
 
 
 def look(value, expected):
@@ -33,11 +34,15 @@ def look(value, expected):
         return (value.data_ptr(), _torch_dtype_codes().get(value.dtype), value.shape, value.get_device(),
                 value.is_contiguous())
     if _arrays.is_numpy(value):
-        name = value.dtype.name
+        dtype = value.dtype
+        known = _numpy_dtypes.get(dtype)
+        if known is None:
+            known = _numpy_dtypes[dtype] = (dtype.name, dtype.isnative)
+        name, native = known
         code = _abi.BF16 if name == "uint16" and _abi.BF16 in expected else _NUMPY_CODES.get(name)
         flags = value.flags
         return (value.__array_interface__["data"][0], code, value.shape, -1,
-                flags.c_contiguous and flags.aligned and value.dtype.isnative)
+                flags.c_contiguous and flags.aligned and native)
     return None
 
 
@@ -75,8 +80,10 @@ class Descriptors:
             for i, stride in enumerate(strides):
                 d.strides[i] = stride
         self.row_elements = strides[0]
+        self._stacked = None   # (base, rows, dtype) of the last set_all
 
     def set(self, r, address, rows, dtype):
+        self._stacked = None
         d = self.array[r]
         d.data = address or None
         d.sizes[0] = rows
@@ -84,6 +91,10 @@ class Descriptors:
 
     def set_all(self, base, rows, dtype, element_bytes):
         """Rank r's tensor at `base` + r × rows × row bytes (a stacked `[R, rows, ...]` tensor)."""
+        key = (base, rows, dtype)
+        if key == self._stacked:   # the same tensor as the last call (PyTorch's allocator reuses addresses)
+            return
+        self._stacked = key
         step = rows * self.row_elements * element_bytes
         for r, d in enumerate(self.array):
             d.data = (base + r * step) or None

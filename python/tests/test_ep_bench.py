@@ -1,10 +1,13 @@
 """ep-bench's command line: every numeric option is range-checked with a message naming the
 option, the value and the bound (exit status 64, never a trap), and a --json path that cannot be
-written fails before the run starts. Runs the debug ep-bench that `swift build --build-tests`
-leaves in .build/debug (CI builds it before scripts/test), or $EP_BENCH."""
+written fails before the run starts; on the CPU, the step row and its floor, the four layouts,
+the element types, custom shapes, --sms, the run record in the JSON and the progress line.
+Runs the debug ep-bench that `swift build --build-tests` leaves in .build/debug (CI builds it
+before scripts/test), or $EP_BENCH."""
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -18,10 +21,10 @@ pytestmark = pytest.mark.skipif(not BENCH.is_file(), reason=f"no ep-bench at {BE
 USAGE = 64  # ArgumentParser's exit status for a bad command line (EX_USAGE)
 
 
-def bench(*args, timeout=120):
+def bench(*args, timeout=120, env=None):
     # CPU only: the run must not depend on a GPU (and is fast on ll-1).
     return subprocess.run([str(BENCH), *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "EP_CUDA_DRIVER_PATH": "/nonexistent"})
+                          env={**os.environ, "EP_CUDA_DRIVER_PATH": "/nonexistent", **(env or {})})
 
 
 def assert_rejected(result, *fragments):
@@ -111,3 +114,192 @@ def test_help_documents_the_exit_status():
     assert result.returncode == 0
     for line in ["Exit status:", "0   every case ran", "1   a case failed", "64  usage"]:
         assert line in result.stdout
+
+
+# A custom shape small enough that a debug build runs it in about a second.
+TINY = ["--tokens", "4", "--hidden", "16", "--topk", "2", "--experts", "4", "--ranks", "2"]
+QUICK = ["--backend", "cpu", "--iterations", "2", "--warmup", "0"]
+
+
+def run_json(tmp_path, *args, env=None):
+    """A run that must succeed; its table (stdout), stderr and JSON entries."""
+    path = tmp_path / "out.json"
+    result = bench(*QUICK, *args, "--json", str(path), env=env)
+    assert result.returncode == 0, f"status {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    return result, json.loads(path.read_text())
+
+
+def table_rows(stdout, phase):
+    """The table's rows of one phase, split into cells (two spaces or more between cells)."""
+    rows = [re.split(r"\s{2,}", line.strip()) for line in stdout.splitlines()]
+    return [row for row in rows if len(row) > 6 and row[6] == phase]
+
+
+def test_the_step_row_and_its_floor_are_in_the_table_and_the_json(tmp_path):
+    result, (m,) = run_json(tmp_path, "--case", "custom", *TINY)
+    assert m["validated"] is True and m["iterations"] == 2
+    step, dispatch, combine = m["step"], m["dispatch"], m["combine"]
+    # One reading of the whole sequence per iteration, with the dispatch + combine floor.
+    assert 0 < step["minimum"] <= step["median"] <= step["maximum"]
+    assert step["floorBytes"] == dispatch["floorBytes"] + combine["floorBytes"] == 2 * m["floorBytes"]
+    assert step["bytesPerRank"] == 2 * m["bytesPerRank"]
+    assert step["floorMicroseconds"] == pytest.approx(step["floorBytes"] / (m["copyBandwidthGBs"] * 1e3))
+    assert step["percentOfFloor"] == pytest.approx(100 * step["floorMicroseconds"] / step["median"])
+    assert "floorBytes" not in m["update"]   # the update has no floor
+    (row,) = table_rows(result.stdout, "step")
+    assert row[0] == "custom" and row[6] == "step" and row[-1] == "yes"
+    assert float(row[11]) == pytest.approx(step["floorMicroseconds"], rel=0.01)
+    assert "step: update + dispatch + combine read as one sequence" in result.stdout
+
+
+@pytest.mark.parametrize("layout, algorithm, shown", [
+    ("expert-major", "ll", "expert-major"),
+    ("rank-major", "ll", "rank-major"),
+    ("flat", "ht", "flat"),
+    ("expert-major-padded", "ht", "expert-major(alignment 1)"),
+])
+def test_each_layout_runs_and_validates_on_the_cpu(tmp_path, layout, algorithm, shown):
+    _, (m,) = run_json(tmp_path, "--case", "custom", *TINY, "--layout", layout)
+    assert (m["algorithm"], m["layout"], m["validated"]) == (algorithm, shown, True)
+    assert m["run"]["options"]["layout"] == layout
+
+
+def test_the_padded_layout_takes_the_alignment(tmp_path):
+    _, (m,) = run_json(tmp_path, "--case", "custom", *TINY, "--layout", "expert-major-padded", "--alignment", "4")
+    assert m["layout"] == "expert-major(alignment 4)" and m["validated"] is True
+
+
+def test_a_layout_overrides_a_standard_case(tmp_path):
+    _, (m,) = run_json(tmp_path, "--case", "ll-1", "--layout", "rank-major", "--hidden", "64", "--experts", "16")
+    assert (m["name"], m["layout"], m["hidden"], m["experts"], m["ranks"]) == ("ll-1", "rank-major", 64, 16, 8)
+
+
+def test_odd_runs_its_variant_of_the_layouts_algorithm(tmp_path):
+    _, entries = run_json(tmp_path, "--case", "odd", "--layout", "flat", "--tokens", "2", "--hidden", "8")
+    assert [(m["name"], m["algorithm"], m["layout"]) for m in entries] == [("odd", "ht", "flat")]
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--case", "ll-1", "--layout", "flat"], ["--layout flat", "case ll-1 (LL)", "expert-major, rank-major"]),
+    (["--case", "ht-cpu", "--layout", "rank-major"], ["--layout rank-major", "case ht-cpu (HT)", "flat, expert-major-padded"]),
+    (["--case", "ll-std", "--layout", "expert-major-padded"], ["--layout expert-major-padded", "ll-std", "expert-major, rank-major"]),
+    (["--layout", "diagonal"], ["'diagonal'", "--layout", "'expert-major', 'rank-major', 'flat' or 'expert-major-padded'"]),
+    (["--alignment", "4"], ["--alignment 4", "--layout expert-major-padded"]),
+    (["--layout", "flat", "--alignment", "4"], ["--alignment 4", "got --layout flat"]),
+    (["--layout", "expert-major-padded", "--alignment", "0"], ["--alignment 0", "1...1024"]),
+])
+def test_a_layout_that_does_not_fit_is_a_usage_error(args, fragments):
+    assert_rejected(bench(*args), *fragments)
+
+
+def test_dtype_f32_runs_and_validates(tmp_path):
+    _, (m,) = run_json(tmp_path, "--case", "custom", *TINY, "--dtype", "f32")
+    assert m["dtype"] == "f32" and m["validated"] is True
+    assert m["dispatch"]["floorBytes"] == 2 * _bf16_floor(tmp_path)   # 4-byte elements, the same rows
+
+
+def _bf16_floor(tmp_path):
+    _, (m,) = run_json(tmp_path, "--case", "custom", *TINY)
+    return m["dispatch"]["floorBytes"]
+
+
+@pytest.mark.parametrize("layout", ["expert-major", "rank-major", "flat", "expert-major-padded"])
+def test_dtype_u8_is_dispatch_only_with_a_note(tmp_path, layout):
+    result, (m,) = run_json(tmp_path, "--case", "custom", *TINY, "--dtype", "u8", "--layout", layout)
+    assert m["dtype"] == "u8" and m["validated"] is True   # the received rows, checked as a multiset
+    assert "combine" not in m and "u8 is dispatch only" in m["combineSkipped"]
+    # The step is update + dispatch; its floor is the dispatch floor alone.
+    assert m["step"]["floorBytes"] == m["dispatch"]["floorBytes"] and m["step"]["median"] > 0
+    (row,) = table_rows(result.stdout, "combine")
+    assert "skipped: u8 is dispatch only" in row[-1]
+
+
+def test_a_custom_shape_runs_with_the_shape_given(tmp_path):
+    _, (m,) = run_json(tmp_path, "--case", "custom", "--tokens", "3", "--hidden", "24", "--topk", "3",
+                       "--experts", "6", "--ranks", "3")
+    assert (m["name"], m["tokens"], m["hidden"], m["topK"], m["experts"], m["ranks"]) == ("custom", 3, 24, 3, 6, 3)
+    assert (m["algorithm"], m["layout"], m["dtype"], m["validated"]) == ("ll", "expert-major", "bf16", True)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--case", "custom", "--tokens", "4"], ["case custom", "--hidden, --topk, --experts, --ranks"]),
+    (["--case", "custom", *TINY[:2], "--hidden", "7", *TINY[4:]], ["--hidden 7", "14 bytes", "multiple of 8 bytes"]),
+    (["--case", "custom", *TINY[:4], "--topk", "5", *TINY[6:]], ["--topk 5", "--experts 4"]),
+    (["--case", "custom", *TINY[:6], "--experts", "5", *TINY[8:]], ["--experts 5", "--ranks 2"]),
+    (["--case", "ll-1", "--experts", "100"], ["--experts 100", "8 ranks of case ll-1"]),
+    (["--case", "ll-1", "--experts", "4", "--ranks", "4"], ["--experts 4", "top-k 8 of case ll-1"]),
+    (["--case", "ll-1", "--dtype", "u8", "--hidden", "7"], ["--hidden 7", "7 bytes"]),
+    (["--tokens", "0"], ["--tokens 0", "1...1048576"]),
+    (["--hidden=-8"], ["--hidden -8", "1...1048576"]),
+    (["--topk", "33"], ["--topk 33", "1...32"]),
+    (["--experts", "0"], ["--experts 0", "1...1048576"]),
+    (["--experts", "2097152"], ["--experts 2097152", "1...1048576"]),
+    (["--case", "ll-1", "--tokens", "1048576", "--hidden", "1048576"], ["case ll-1", "host memory"]),
+    (["--dtype", "i32"], ["'i32'", "--dtype", "'bf16', 'f16', 'f32' or 'u8'"]),
+    (["--case", "nope"], ["unknown case 'nope'", "custom"]),
+])
+def test_a_bad_shape_is_a_named_usage_error(args, fragments):
+    assert_rejected(bench(*args), *fragments)
+
+
+@pytest.mark.parametrize("backend", [["--backend", "cpu"], []])
+def test_sms_without_a_gpu_is_a_usage_error(backend):
+    # Documented: --sms limits a GPU group; the CPU backend (chosen, or auto without a GPU) refuses it.
+    result = bench(*backend, "--case", "custom", *TINY, "--sms", "16,32", "--iterations", "1")
+    assert result.returncode == USAGE, result.stderr
+    assert "Error: --sms applies to the GPU backend only" in result.stderr
+    assert "backend cpu" not in result.stdout and "case" not in result.stdout
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--sms", "16,0"], ["--sms 0", "1...4096"]),
+    (["--sms", "16", "--sms", "5000"], ["--sms 5000", "1...4096"]),
+    (["--sms", "16,x"], ["'16,x'", "--sms"]),
+    (["--transport", "nccl", "--sms", "16"], ["--sms", "--transport virtual"]),
+    (["--transport", "nccl", "--dtype", "u8"], ["--dtype u8", "dispatch only"]),
+])
+def test_sms_lists_are_checked_before_the_run(args, fragments):
+    assert_rejected(bench(*args), *fragments)
+
+
+def test_the_json_records_the_run(tmp_path):
+    _, (m,) = run_json(tmp_path, "--case", "custom", *TINY, "--seed", "7", "--skew", "0.5")
+    run = m["run"]
+    assert "commit" in run and (run["commit"] is None or re.fullmatch(r"[0-9a-f]{40}", run["commit"]))
+    assert "commitModified" in run and "commitSource" in run
+    assert run["version"] == (ROOT / "VERSION").read_text().strip()
+    assert run["seed"] == 7 and run["options"]["seed"] == 7 and run["options"]["skew"] == 0.5
+    assert (run["backend"], run["transport"], run["iterations"], run["warmup"]) == ("cpu", "virtual", 2, 0)
+    assert run["device"] == m["device"] and run["device"].startswith("CPU")
+    assert run["driverVersion"] is None and run["nvrtcVersion"] is None   # the CPU run loads neither
+    assert run["tuning"] == {"sms": [], "pipelineDepth": 4, "rowsInFlight": 8, "rowPieces": None, "blocksPerSM": None}
+    for key in ["cases", "ranks", "tokens", "hidden", "topK", "experts", "layout", "alignment", "dtype", "iterations",
+                "warmup", "sms", "pipelineDepth", "rowsInFlight", "rowPieces", "blocksPerSM", "timeoutMs", "json"]:
+        assert key in run["options"], key
+    assert run["options"]["tokens"] == 4 and run["options"]["layout"] is None
+    assert run["arguments"][-2:] == ["--json", str(tmp_path / "out.json")]
+    assert "tuning" in m and m["tuning"] is None   # what a GPU group ran with; none on the CPU
+
+
+def test_ep_commit_names_the_commit(tmp_path):
+    _, (m,) = run_json(tmp_path, "--case", "custom", *TINY, env={"EP_COMMIT": "0123abcd"})
+    assert (m["run"]["commit"], m["run"]["commitSource"]) == ("0123abcd", "EP_COMMIT")
+
+
+def test_the_python_bench_still_reads_the_json(tmp_path):
+    from expert_parallel import bench as python_bench
+    path = tmp_path / "engine.json"
+    result = bench(*QUICK, "--case", "custom", *TINY, "--json", str(path))
+    assert result.returncode == 0, result.stderr
+    figures = python_bench._engine_figures(str(path))
+    assert set(figures) == {("custom", 2)} and figures[("custom", 2)]["engine_dispatch_us"] > 0
+
+
+def test_progress_goes_to_stderr_only_when_asked(tmp_path):
+    args = [*QUICK, "--case", "custom", "--case", "ll-1", *TINY]
+    asked = bench(*args, "--progress")
+    assert asked.returncode == 0, asked.stderr
+    assert "[1/2] ll-1" in asked.stderr and "[2/2] custom" in asked.stderr
+    assert "[1/2]" not in asked.stdout and "[2/2]" not in asked.stdout
+    quiet = bench(*args)   # stderr is a pipe here, not a terminal
+    assert quiet.returncode == 0 and "[1/" not in quiet.stderr and "[1/" not in quiet.stdout

@@ -1,0 +1,123 @@
+import ArgumentParser
+import ExpertParallel
+import ExpertParallelGPU
+import Foundation
+
+extension CaseOptions {
+    /// The cases to run: those named (or `defaults`), in the standard order, then `custom`, with
+    /// the options' overrides applied, each checked as the library checks a configuration and
+    /// against this host's memory. Every failure is a `ValidationError` naming the option.
+    func resolve(defaults: [String]) throws -> [BenchCase] {
+        let explicit = !cases.isEmpty
+        let names = explicit ? cases : defaults
+        var selected: [BenchCase] = []
+        for benchCase in BenchCase.standard where names.contains(benchCase.name) {
+            if let layout, layout.algorithm != benchCase.algorithm {
+                // A case of both algorithms (odd) runs its variant of the layout's algorithm;
+                // without --case, the defaults of the other algorithm are left out.
+                let hasVariant = BenchCase.standard.contains { $0.name == benchCase.name && $0.algorithm == layout.algorithm }
+                if hasVariant || !explicit { continue }
+                throw ValidationError(
+                    "--layout \(layout.rawValue) is not a layout of case \(benchCase.name) (\(benchCase.algorithm.shortName)); "
+                        + "its layouts: \(LayoutChoice.names(of: benchCase.algorithm))")
+            }
+            selected.append(overridden(benchCase))
+        }
+        if names.contains(Self.customName) { selected.append(try custom()) }
+        if selected.isEmpty, let layout {
+            throw ValidationError(
+                "--layout \(layout.rawValue): none of the default cases (\(defaults.joined(separator: ", "))) is \(layout.algorithm.shortName); name one with --case")
+        }
+        for benchCase in selected { try check(benchCase) }
+        return selected
+    }
+
+    private func overridden(_ benchCase: BenchCase) -> BenchCase {
+        var copy = benchCase
+        copy.ranks = ranks ?? copy.ranks
+        copy.tokens = tokens ?? copy.tokens
+        copy.hidden = hidden ?? copy.hidden
+        copy.topK = topK ?? copy.topK
+        copy.experts = experts ?? copy.experts
+        if let layout { copy.layout = layout.layout(alignment: alignment ?? 1) }
+        copy.elementType = dtype.dataType
+        return copy
+    }
+
+    private func custom() throws -> BenchCase {
+        let missing = shapeOverrides.filter { $0.value == nil }.map(\.option)
+        guard missing.isEmpty, let tokens, let hidden, let topK, let experts, let ranks else {
+            throw ValidationError("case custom has no shape of its own: give \(missing.joined(separator: ", "))")
+        }
+        let choice = layout ?? .expertMajor
+        return BenchCase(
+            name: Self.customName, algorithm: choice.algorithm, tokens: tokens, hidden: hidden, topK: topK, experts: experts,
+            ranks: ranks, layout: choice.layout(alignment: alignment ?? 1), elementType: dtype.dataType)
+    }
+
+    /// The relations between the values (named by the options that set them), then the library's
+    /// own check, then the host memory.
+    private func check(_ c: BenchCase) throws {
+        func value(_ option: String, _ given: Int?, _ actual: Int, _ what: String) -> String {
+            given != nil ? "\(option) \(actual)" : "the \(actual) \(what) of case \(c.name)"
+        }
+        if c.experts % c.ranks != 0 {
+            if let ranks, experts == nil { throw ValidationError("--ranks \(ranks) does not divide the \(c.experts) experts of case \(c.name)") }
+            throw ValidationError("--experts \(c.experts) is not a multiple of \(value("--ranks", ranks, c.ranks, "ranks"))")
+        }
+        if c.topK > c.experts {
+            if let topK { throw ValidationError("--topk \(topK) is more than \(value("--experts", experts, c.experts, "experts"))") }
+            throw ValidationError("--experts \(c.experts) is fewer than the top-k \(c.topK) of case \(c.name)")
+        }
+        let rowBytes = c.hidden * c.elementType.byteSize
+        if rowBytes % 8 != 0 {
+            throw ValidationError(
+                "\(value("--hidden", hidden, c.hidden, "hidden size")) × \(c.elementType.byteSize) bytes (--dtype \(c.elementType)) = \(rowBytes) bytes: a row must be a multiple of 8 bytes")
+        }
+        do throws(EPError) { _ = try c.config().validated() } catch { throw usageError(error, c) }
+        let needed = c.hostBytes, available = Int(clamping: ProcessInfo.processInfo.physicalMemory)
+        if needed > available {
+            throw ValidationError(
+                "case \(c.name) (\(c.label)) needs about \(needed >> 20) MiB of host memory for its inputs, outputs and routing, more than this machine's \(available >> 20) MiB: lower \(shapeOverrides.map(\.option).joined(separator: ", "))")
+        }
+    }
+
+    /// The GPU backend's own bounds (at most 32 ranks, 1024 experts, the update kernel's shared
+    /// memory), checked once the run knows it is on the GPU, before anything runs.
+    func checkForGPU(_ cases: [BenchCase]) throws {
+        for c in cases {
+            do throws(EPError) { _ = try c.config().validatedForGPU() } catch { throw usageError(error, c, on: " on the GPU") }
+        }
+    }
+
+    /// A library error about a configuration, with its field named as the option that sets it.
+    private func usageError(_ error: EPError, _ c: BenchCase, on backend: String = "") -> ValidationError {
+        guard case let .invalidConfig(field, value, requirement) = error else { return ValidationError("case \(c.name)\(backend): \(error)") }
+        let options = ["ranks": "--ranks", "experts": "--experts", "topK": "--topk", "hidden": "--hidden", "maxTokensPerRank": "--tokens",
+                       "elementType": "--dtype", "layout": "--layout", "layout.alignment": "--alignment"]
+        return ValidationError("\(options[field] ?? field) \(value) (case \(c.name)\(backend)): \(requirement)")
+    }
+}
+
+extension BenchCase {
+    /// Host bytes a run of this case allocates, all ranks together (saturating): inputs (rows,
+    /// weights, routing), the receive and combine buffers, and the library's routing metadata.
+    var hostBytes: Int {
+        func mul(_ values: Int...) -> Int {
+            values.reduce(1) { product, next in
+                let (p, overflow) = product.multipliedReportingOverflow(by: next)
+                return overflow ? .max : p
+            }
+        }
+        func add(_ values: Int...) -> Int {
+            values.reduce(0) { sum, next in
+                let (s, overflow) = sum.addingReportingOverflow(next)
+                return overflow ? .max : s
+            }
+        }
+        let config = config()
+        let size = elementType.byteSize, capacity = config.receiveCapacity
+        let perRank = add(mul(2, tokens, hidden, size), mul(4, tokens, topK, 4), mul(capacity, hidden, size), mul(capacity, topK, 8))
+        return add(mul(perRank, ranks), config.hostStepBytes(tokens: tokens))
+    }
+}

@@ -1,0 +1,69 @@
+import ArgumentParser
+import ExpertParallel
+
+/// Which cases run, and what overrides their shape, layout and element type
+/// (`CaseOptions+Resolve.swift` turns them into the cases).
+struct CaseOptions: ParsableArguments {
+    @Option(name: .customLong("case"), help: "Case to run (repeatable): \(CaseOptions.names.joined(separator: ", ")). Default: ll-std and ht-cpu on the CPU; ll-std, ll-32, ll-1 and odd on the GPU. custom takes its shape from --tokens, --hidden, --topk, --experts and --ranks (all needed) and its algorithm from --layout (default expert-major, LL).")
+    var cases: [String] = []
+
+    @Option(help: "Ranks R, 1...64 (overrides the case's; must divide the experts).")
+    var ranks: Int?
+
+    @Option(help: "Tokens per rank B, 1...1048576 (overrides the case's).")
+    var tokens: Int?
+
+    @Option(help: "Hidden size H in elements, 1...1048576 (overrides the case's); a row of H elements must be a multiple of 8 bytes.")
+    var hidden: Int?
+
+    @Option(name: .customLong("topk"), help: "Experts per token K, 1...32 and at most the experts (overrides the case's).")
+    var topK: Int?
+
+    @Option(help: "Experts E, 1...1048576, a multiple of the ranks (overrides the case's; the GPU takes at most 1024).")
+    var experts: Int?
+
+    @Option(help: "Receive layout, overriding the case's: expert-major or rank-major for LL cases, flat or expert-major-padded for HT cases. A layout of the other algorithm is a usage error; odd runs its variant of the layout's algorithm, and without --case only the default cases of that algorithm run.")
+    var layout: LayoutChoice?
+
+    @Option(help: "Rows each expert's zone is padded to with --layout expert-major-padded, 1...1024 (default 1).")
+    var alignment: Int?
+
+    @Option(help: "Token element type. u8 is dispatch only: its combine rows are skipped, with a note, and its rows are checked as received.")
+    var dtype: DTypeChoice = .bf16
+
+    static let customName = "custom"
+    static var names: [String] { BenchCase.names + [customName] }
+
+    /// The library's bounds (GroupConfig.validated: ranks, top-k, alignment), and upper bounds of
+    /// the bench's own where the library has none, so that no product of them overflows; the
+    /// host memory a case needs is checked against this machine's before it runs.
+    enum Bounds {
+        static let ranks = 1...GroupConfig.maxRanks
+        static let tokens = 1...1_048_576
+        static let hidden = 1...1_048_576
+        static let topK = 1...GroupConfig.maxTopK
+        static let experts = 1...1_048_576
+        static let alignment = 1...1_024
+    }
+
+    func validate() throws {
+        for name in cases where !Self.names.contains(name) {
+            throw ValidationError("unknown case '\(name)'; known cases: \(Self.names.joined(separator: ", "))")
+        }
+        try checkRange("--ranks", ranks, Bounds.ranks)
+        try checkRange("--tokens", tokens, Bounds.tokens)
+        try checkRange("--hidden", hidden, Bounds.hidden)
+        try checkRange("--topk", topK, Bounds.topK)
+        try checkRange("--experts", experts, Bounds.experts)
+        try checkRange("--alignment", alignment, Bounds.alignment)
+        if let alignment, layout != .expertMajorPadded {
+            let given = layout.map { "--layout \($0.rawValue)" } ?? "no --layout"
+            throw ValidationError("--alignment \(alignment) needs --layout expert-major-padded (got \(given))")
+        }
+    }
+
+    /// The shape options given, as `--name value`.
+    var shapeOverrides: [(option: String, value: Int?)] {
+        [("--tokens", tokens), ("--hidden", hidden), ("--topk", topK), ("--experts", experts), ("--ranks", ranks)]
+    }
+}

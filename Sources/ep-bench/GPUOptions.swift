@@ -1,0 +1,61 @@
+import ArgumentParser
+import ExpertParallelGPU
+
+/// The GPU's options: the SMs the group may use (a sweep when several are given) and the
+/// kernels' tuning knobs. The CPU backend has no SMs: `--sms` there is a usage error.
+struct GPUOptions: ParsableArguments {
+    @Option(name: .customLong("sms"), help: "GPU: streaming multiprocessors the group may use, 1...4096 and at most the device's (default: all). A list (--sms 16,32,66,132, or the option repeated) runs every case once per count. A usage error on the CPU backend and with --transport nccl.")
+    var smsLists: [SMCounts] = []
+
+    @Option(help: "GPU: dispatch pipeline depth, vectors each lane loads before storing (1...8).")
+    var pipelineDepth: Int = 4
+
+    @Option(help: "GPU: combine rows loaded before the first is used (1...16).")
+    var rowsInFlight: Int = 8
+
+    @Option(help: "GPU: pieces each token row is cut into, one warp each (default: automatic).")
+    var rowPieces: Int?
+
+    @Option(name: .customLong("blocks-per-sm"), help: "GPU: 512-thread blocks per SM in one launch (1 or 2; default 2, 1 for R = 1).")
+    var blocksPerSM: Int?
+
+    enum Bounds {
+        static let sms = 1...4_096
+        static let pipelineDepth = 1...8
+        static let rowsInFlight = 1...16
+        static let rowPieces = 1...4_096
+        static let blocksPerSM = 1...2
+    }
+
+    /// The SM counts to sweep, in the order given, each once (empty: one run with every SM).
+    var smCounts: [Int] {
+        var seen: [Int] = []
+        for count in smsLists.flatMap(\.counts) where !seen.contains(count) { seen.append(count) }
+        return seen
+    }
+
+    var tuning: GPUTuning {
+        GPUTuning(pipelineDepth: pipelineDepth, rowsInFlight: rowsInFlight, rowPieces: rowPieces, blocksPerMultiprocessor: blocksPerSM)
+    }
+
+    var record: TuningOptions {
+        TuningOptions(sms: smCounts, pipelineDepth: pipelineDepth, rowsInFlight: rowsInFlight, rowPieces: rowPieces, blocksPerSM: blocksPerSM)
+    }
+
+    func validate() throws {
+        for count in smsLists.flatMap(\.counts) { try checkRange("--sms", count, Bounds.sms) }
+        try checkRange("--pipeline-depth", pipelineDepth, Bounds.pipelineDepth)
+        try checkRange("--rows-in-flight", rowsInFlight, Bounds.rowsInFlight)
+        try checkRange("--row-pieces", rowPieces, Bounds.rowPieces)
+        try checkRange("--blocks-per-sm", blocksPerSM, Bounds.blocksPerSM)
+    }
+
+    /// Every count must fit the device (the library would refuse it at the first group).
+    func check(device multiprocessors: Int) throws {
+        for count in smCounts where count > multiprocessors {
+            throw ValidationError("--sms \(count) is out of range: this GPU has \(multiprocessors) SMs (must be in 1...\(multiprocessors))")
+        }
+    }
+
+    static let cpuRefusal = "--sms applies to the GPU backend only (the CPU backend has no SMs to limit): drop it or run with --backend gpu"
+}

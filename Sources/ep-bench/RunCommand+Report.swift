@@ -1,0 +1,90 @@
+import ArgumentParser
+import ExpertParallelCUDA
+import Foundation
+
+extension RunCommand {
+    /// The table, and the JSON file when asked for: a list of measurements, each with `run`.
+    func report(_ results: [Measurement], _ record: RunRecord) throws {
+        print(Table.render(results))
+        guard let json else { return }
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+        let entries = results.map { result in
+            var entry = result
+            entry.run = record
+            return entry
+        }
+        do {
+            try encoder.encode(entries).write(to: URL(fileURLWithPath: json))
+        } catch {
+            // Checked writable before the run; this is a disk that filled or a folder that went.
+            throw RunFailure("--json \(json): could not write the results (\(error.localizedDescription))")
+        }
+        print("wrote \(json)")
+    }
+
+    /// Exit status 1 when any case's results differ from the CPU oracle (the table says which).
+    static func requireValidated(_ results: [Measurement]) throws {
+        let failed = results.filter { !$0.validated }
+        guard !failed.isEmpty else { return }
+        let names = failed.map { result in result.rank.map { "\(result.name) (rank \($0))" } ?? result.name }
+        FileHandle.standardError.write(Data("Error: results differ from the CPU oracle: \(names.joined(separator: ", "))\n".utf8))
+        throw ExitCode.failure
+    }
+
+    /// The versions of the libraries a GPU run used ("12.8"); nil where a run did not load them.
+    struct DeviceFacts {
+        var driverVersion: String?
+        var nvrtcVersion: String?
+        var ncclVersion: String?
+
+        init() {}
+
+        init(driver: DriverLibrary?, nccl: NCCLLibrary? = nil) {
+            driverVersion = (driver.flatMap { try? $0.driverVersion() }).map { "\($0 / 1000).\($0 % 1000 / 10)" }
+            nvrtcVersion = (try? NVRTCLibrary.shared()).map { "\($0.version.major).\($0.version.minor)" }
+            ncclVersion = (nccl.flatMap { try? $0.version() }).map { "\($0.major).\($0.minor).\($0.patch)" }
+        }
+    }
+
+    func runRecord(backend: String, device: String, facts: DeviceFacts, copyBandwidth: Double?, iterations: Int, warmup: Int) -> RunRecord {
+        let commit = SourceCommit.current()
+        return RunRecord(
+            version: expertParallelVersion, commit: commit.commit, commitModified: commit.modified, commitSource: commit.source,
+            backend: backend, transport: transport.rawValue, device: device, driverVersion: facts.driverVersion,
+            nvrtcVersion: facts.nvrtcVersion, ncclVersion: facts.ncclVersion, copyBandwidthGBs: copyBandwidth, seed: seed,
+            iterations: iterations, warmup: warmup, tuning: gpu.record, options: optionsRecord,
+            arguments: Array(CommandLine.arguments.dropFirst()))
+    }
+
+    var optionsRecord: OptionsRecord {
+        OptionsRecord(
+            cases: shape.cases, backend: backend.rawValue, transport: transport.rawValue, ranks: shape.ranks, tokens: shape.tokens,
+            hidden: shape.hidden, topK: shape.topK, experts: shape.experts, layout: shape.layout?.rawValue, alignment: shape.alignment,
+            dtype: shape.dtype.rawValue, iterations: iterations, warmup: warmup, skew: skew, seed: seed, sms: gpu.smCounts,
+            pipelineDepth: gpu.pipelineDepth, rowsInFlight: gpu.rowsInFlight, rowPieces: gpu.rowPieces, blocksPerSM: gpu.blocksPerSM,
+            sharing: sharing.rawValue, drill: drill?.rawValue, drillRank: drillRank, timeoutMs: timeoutMs, progress: progress, json: json)
+    }
+
+    /// `--json PATH` is checked before anything runs, without creating the file: an existing
+    /// PATH must be a writable file; a new one needs an existing, writable folder.
+    static func checkWritable(json path: String) throws {
+        guard !path.isEmpty else { throw ValidationError("--json: the path is empty") }
+        let files = FileManager.default
+        var isFolder: ObjCBool = false
+        if files.fileExists(atPath: path, isDirectory: &isFolder) {
+            if isFolder.boolValue { throw ValidationError("--json \(path) is a folder, not a file") }
+            guard access(path, W_OK) == 0 else {
+                throw ValidationError("--json \(path): the file exists and is not writable (\(String(cString: strerror(errno))))")
+            }
+            return
+        }
+        let folder = URL(fileURLWithPath: path).deletingLastPathComponent().path
+        guard files.fileExists(atPath: folder, isDirectory: &isFolder), isFolder.boolValue else {
+            throw ValidationError("--json \(path): the folder \(folder) does not exist")
+        }
+        guard access(folder, W_OK | X_OK) == 0 else {
+            throw ValidationError("--json \(path): the folder \(folder) is not writable (\(String(cString: strerror(errno))))")
+        }
+    }
+}

@@ -1,0 +1,53 @@
+import ArgumentParser
+import ExpertParallel
+import ExpertParallelGPU
+import Foundation
+
+extension RunCommand {
+    /// Every case on the host backend. `--sms` is refused here, also when `--backend auto` found
+    /// no GPU: a sweep that cannot happen is a usage error, not a silent single run.
+    func runOnCPU() throws {
+        if !gpu.smCounts.isEmpty { throw ValidationError(GPUOptions.cpuRefusal) }
+        let selected = try shape.resolve(defaults: Defaults.cpu)
+        let copyBandwidth = HostBenchmark.measureCopyBandwidth()
+        print("backend cpu: memcpy bandwidth \(format(copyBandwidth, 1)) GB/s (read + write)")
+        let runner = HostBenchmark(iterations: iterations ?? 5, warmup: warmup, seed: seed, skew: skew)
+        var progress = Progress(total: selected.count, forced: self.progress)
+        var results: [Measurement] = []
+        for benchCase in selected {
+            progress.start(benchCase.label)
+            results.append(try runner.run(benchCase, copyBandwidth: copyBandwidth))
+        }
+        progress.finish()
+        let record = runRecord(backend: "cpu", device: HostBenchmark.deviceName, facts: DeviceFacts(),
+                               copyBandwidth: copyBandwidth, iterations: runner.iterations, warmup: runner.warmup)
+        try report(results, record)
+        try Self.requireValidated(results)
+    }
+
+    /// Every case on one GPU, once per `--sms` count (or once with every SM).
+    func runOnGPU(_ device: GPUDevice) throws {
+        let selected = try shape.resolve(defaults: Defaults.gpu)
+        try shape.checkForGPU(selected)
+        try gpu.check(device: device.multiprocessors)
+        var runner = GPUBenchmark(device: device, iterations: iterations ?? 100, warmup: max(warmup, 5), seed: seed, skew: skew,
+                                  multiprocessors: nil, tuning: gpu.tuning)
+        let copyBandwidth = try runner.measureCopyBandwidth()
+        print("backend gpu: \(device.name), \(device.multiprocessors) SMs; device copy bandwidth \(format(copyBandwidth, 1)) GB/s (read + write)")
+        let counts: [Int?] = gpu.smCounts.isEmpty ? [nil] : gpu.smCounts
+        var progress = Progress(total: selected.count * counts.count, forced: self.progress)
+        var results: [Measurement] = []
+        for benchCase in selected {
+            for sms in counts {
+                progress.start("\(benchCase.label) sms=\(sms ?? device.multiprocessors)")
+                runner.multiprocessors = sms
+                results.append(try runner.run(benchCase, copyBandwidth: copyBandwidth))
+            }
+        }
+        progress.finish()
+        let record = runRecord(backend: "gpu", device: device.name, facts: DeviceFacts(driver: device.driver),
+                               copyBandwidth: copyBandwidth, iterations: runner.iterations, warmup: runner.warmup)
+        try report(results, record)
+        try Self.requireValidated(results)
+    }
+}
