@@ -9,7 +9,7 @@ enum ABIEnum {
         .invalidArgument(field: field, value: "\(Int32(bitPattern: raw))", requirement: "must be one of \(valid)")
     }
 
-    static func dataType(_ value: epDataType_t, _ field: String) throws(EPError) -> DataType {
+    static func dataType(_ value: epDataType_t, _ field: @autoclosure () -> String) throws(EPError) -> DataType {
         switch value {
         case epBFloat16: .bf16
         case epFloat16: .f16
@@ -17,7 +17,7 @@ enum ABIEnum {
         case epInt32: .i32
         case epInt64: .i64
         case epUInt8: .u8
-        default: throw invalid(field, value.rawValue, "epBFloat16 (0), epFloat16 (1), epFloat32 (2), epInt32 (3), epInt64 (4), epUInt8 (5)")
+        default: throw invalid(field(), value.rawValue, "epBFloat16 (0), epFloat16 (1), epFloat32 (2), epInt32 (3), epInt64 (4), epUInt8 (5)")
         }
     }
 
@@ -32,11 +32,11 @@ enum ABIEnum {
         }
     }
 
-    static func algorithm(_ value: epAlgorithm_t, _ field: String) throws(EPError) -> Algorithm {
+    static func algorithm(_ value: epAlgorithm_t, _ field: @autoclosure () -> String) throws(EPError) -> Algorithm {
         switch value {
         case epAlgorithmLowLatency: .lowLatency
         case epAlgorithmHighThroughput: .highThroughput
-        default: throw invalid(field, value.rawValue, "epAlgorithmLowLatency (0), epAlgorithmHighThroughput (1)")
+        default: throw invalid(field(), value.rawValue, "epAlgorithmLowLatency (0), epAlgorithmHighThroughput (1)")
         }
     }
 
@@ -45,7 +45,7 @@ enum ABIEnum {
     }
 
     /// nil for `epLayoutDefault` (the algorithm's default layout).
-    static func layout(_ value: epLayout_t, alignment: Int, _ field: String) throws(EPError) -> Layout? {
+    static func layout(_ value: epLayout_t, alignment: Int, _ field: @autoclosure () -> String) throws(EPError) -> Layout? {
         switch value {
         case epLayoutDefault: nil
         case epLayoutExpertMajor: .expertMajor
@@ -53,7 +53,7 @@ enum ABIEnum {
         case epLayoutFlat: .flat
         case epLayoutExpertMajorPadded: .expertMajorPadded(alignment: alignment)
         default:
-            throw invalid(field, value.rawValue, "epLayoutDefault (0), epLayoutExpertMajor (1), epLayoutRankMajor (2), epLayoutFlat (3), epLayoutExpertMajorPadded (4)")
+            throw invalid(field(), value.rawValue, "epLayoutDefault (0), epLayoutExpertMajor (1), epLayoutRankMajor (2), epLayoutFlat (3), epLayoutExpertMajorPadded (4)")
         }
     }
 
@@ -66,35 +66,35 @@ enum ABIEnum {
         }
     }
 
-    static func overflow(_ value: epOverflowPolicy_t, _ field: String) throws(EPError) -> OverflowPolicy {
+    static func overflow(_ value: epOverflowPolicy_t, _ field: @autoclosure () -> String) throws(EPError) -> OverflowPolicy {
         switch value {
         case epOverflowFail: .fail
         case epOverflowDrop: .drop
-        default: throw invalid(field, value.rawValue, "epOverflowFail (0), epOverflowDrop (1)")
+        default: throw invalid(field(), value.rawValue, "epOverflowFail (0), epOverflowDrop (1)")
         }
     }
 
-    static func direction(_ value: epPassDirection_t, _ field: String) throws(EPError) -> PassDirection {
+    static func direction(_ value: epPassDirection_t, _ field: @autoclosure () -> String) throws(EPError) -> PassDirection {
         switch value {
         case epForward: .forward
         case epBackward: .backward
-        default: throw invalid(field, value.rawValue, "epForward (0), epBackward (1)")
+        default: throw invalid(field(), value.rawValue, "epForward (0), epBackward (1)")
         }
     }
 
-    static func launchMode(_ value: epLaunchMode_t, _ field: String) throws(EPError) -> LaunchMode {
+    static func launchMode(_ value: epLaunchMode_t, _ field: @autoclosure () -> String) throws(EPError) -> LaunchMode {
         switch value {
         case epLaunchSingle: .single
         case epLaunchPerRank: .perRank
-        default: throw invalid(field, value.rawValue, "epLaunchSingle (0), epLaunchPerRank (1)")
+        default: throw invalid(field(), value.rawValue, "epLaunchSingle (0), epLaunchPerRank (1)")
         }
     }
 
-    static func phase(_ value: epCallPhase_t, _ field: String) throws(EPError) -> CallPhase {
+    static func phase(_ value: epCallPhase_t, _ field: @autoclosure () -> String) throws(EPError) -> CallPhase {
         switch value {
         case epPhaseWhole: .whole
         case epPhaseSendOnly: .sendOnly
-        default: throw invalid(field, value.rawValue, "epPhaseWhole (0), epPhaseSendOnly (1)")
+        default: throw invalid(field(), value.rawValue, "epPhaseWhole (0), epPhaseSendOnly (1)")
         }
     }
 }

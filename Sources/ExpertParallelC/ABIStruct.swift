@@ -34,11 +34,11 @@ extension ABIStruct where Self: BitwiseCopyable {
     /// `sizeof` of the struct in this ABI version.
     static var abiSize: Int { MemoryLayout<Self>.stride }
 
-    static func checkSize(_ size: Int, _ name: String) throws(EPError) {
+    static func checkSize(_ size: Int, _ name: @autoclosure () -> String) throws(EPError) {
         guard size == abiSize || earlierSizes.contains(size) else {
             let earlier = earlierSizes.isEmpty ? "" : " or an earlier version's \(earlierSizes.map(String.init).joined(separator: ", "))"
             throw .invalidArgument(
-                field: "\(name).structSize", value: "\(size)",
+                field: "\(name()).structSize", value: "\(size)",
                 requirement: "must be sizeof(\(Self.self)) = \(abiSize) (ABI version \(EP_ABI_VERSION))\(earlier)")
         }
     }
@@ -57,36 +57,36 @@ extension ABIStruct where Self: BitwiseCopyable {
     }
 
     /// The struct at `pointer`, after checking that it is there and has an accepted size.
-    static func read(_ pointer: UnsafeRawPointer?, _ name: String) throws(EPError) -> Self {
+    static func read(_ pointer: UnsafeRawPointer?, _ name: @autoclosure () -> String) throws(EPError) -> Self {
         guard let pointer else {
-            throw .invalidArgument(field: name, value: "NULL", requirement: "must point to an \(Self.self)")
+            throw .invalidArgument(field: name(), value: "NULL", requirement: "must point to an \(Self.self)")
         }
         let size = pointer.loadUnaligned(as: Int.self)
-        try checkSize(size, name)
+        try checkSize(size, name())
         return load(pointer, size: size)
     }
 
     /// The struct at `pointer`, or nil when it is NULL (an optional struct such as a config).
-    static func readOptional(_ pointer: UnsafeRawPointer?, _ name: String) throws(EPError) -> Self? {
+    static func readOptional(_ pointer: UnsafeRawPointer?, _ name: @autoclosure () -> String) throws(EPError) -> Self? {
         guard let pointer else { return nil }
-        return try read(pointer, name)
+        return try read(pointer, name())
     }
 
     /// `count` structs from an array whose stride is its first element's `structSize`; every
     /// element must carry the same size.
-    static func readArray(_ pointer: UnsafeRawPointer?, count: Int, _ name: String) throws(EPError) -> [Self] {
+    static func readArray(_ pointer: UnsafeRawPointer?, count: Int, _ name: @autoclosure () -> String) throws(EPError) -> [Self] {
         guard let pointer else {
-            throw .invalidArgument(field: name, value: "NULL", requirement: "must point to an array of \(count) \(Self.self)")
+            throw .invalidArgument(field: name(), value: "NULL", requirement: "must point to an array of \(count) \(Self.self)")
         }
         let stride = pointer.loadUnaligned(as: Int.self)
-        try checkSize(stride, "\(name)[0]")
+        try checkSize(stride, "\(name())[0]")
         var elements: [Self] = []
         elements.reserveCapacity(count)
         for i in 0..<count {
             let element = pointer + i * stride
             let size = element.loadUnaligned(as: Int.self)
             guard size == stride else {
-                throw .invalidArgument(field: "\(name)[\(i)].structSize", value: "\(size)", requirement: "must equal \(name)[0].structSize (\(stride))")
+                throw .invalidArgument(field: "\(name())[\(i)].structSize", value: "\(size)", requirement: "must equal \(name())[0].structSize (\(stride))")
             }
             elements.append(load(element, size: size))
         }
@@ -95,8 +95,8 @@ extension ABIStruct where Self: BitwiseCopyable {
 }
 
 /// A pointer argument that must not be NULL.
-func required<T>(_ pointer: T?, _ name: String) throws(EPError) -> T {
-    guard let pointer else { throw .invalidArgument(field: name, value: "NULL", requirement: "must not be NULL") }
+func required<T>(_ pointer: T?, _ name: @autoclosure () -> String) throws(EPError) -> T {
+    guard let pointer else { throw .invalidArgument(field: name(), value: "NULL", requirement: "must not be NULL") }
     return pointer
 }
 

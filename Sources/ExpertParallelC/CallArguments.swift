@@ -5,34 +5,34 @@ import ExpertParallelGPU
 /// The call structs of one rank, converted to the core's types. `name` is the argument's name in
 /// error messages, such as "inputs[2]".
 extension DispatchInput {
-    init(_ c: epDispatchInputs_t, _ name: String) throws(EPError) {
-        self.init(tokens: try TensorDescriptor.tensor(c.tokens, "\(name).tokens"),
-                  topkWeights: try TensorDescriptor.optionalTensor(c.topkWeights, "\(name).topkWeights"))
+    init(_ c: epDispatchInputs_t, _ name: @autoclosure () -> String) throws(EPError) {
+        self.init(tokens: try TensorDescriptor.tensor(c.tokens, "\(name()).tokens"),
+                  topkWeights: try TensorDescriptor.optionalTensor(c.topkWeights, "\(name()).topkWeights"))
     }
 }
 
 extension DispatchOutput {
-    init(_ c: epDispatchOutputs_t, _ name: String) throws(EPError) {
-        self.init(tokens: try TensorDescriptor.tensor(c.tokens, "\(name).tokens"),
-                  topkIdx: try TensorDescriptor.optionalTensor(c.topkIdx, "\(name).topkIdx"),
-                  topkWeights: try TensorDescriptor.optionalTensor(c.topkWeights, "\(name).topkWeights"),
-                  expertCounts: try TensorDescriptor.optionalTensor(c.expertCounts, "\(name).expertCounts"),
-                  expertSourceCounts: try TensorDescriptor.optionalTensor(c.expertSourceCounts, "\(name).expertSourceCounts"))
+    init(_ c: epDispatchOutputs_t, _ name: @autoclosure () -> String) throws(EPError) {
+        self.init(tokens: try TensorDescriptor.tensor(c.tokens, "\(name()).tokens"),
+                  topkIdx: try TensorDescriptor.optionalTensor(c.topkIdx, "\(name()).topkIdx"),
+                  topkWeights: try TensorDescriptor.optionalTensor(c.topkWeights, "\(name()).topkWeights"),
+                  expertCounts: try TensorDescriptor.optionalTensor(c.expertCounts, "\(name()).expertCounts"),
+                  expertSourceCounts: try TensorDescriptor.optionalTensor(c.expertSourceCounts, "\(name()).expertSourceCounts"))
     }
 }
 
 extension CombineInput {
-    init(_ c: epCombineInputs_t, _ name: String) throws(EPError) {
-        self.init(expertOutputs: try TensorDescriptor.tensor(c.expertOutputs, "\(name).expertOutputs"),
-                  topkWeights: try TensorDescriptor.optionalTensor(c.topkWeights, "\(name).topkWeights"),
-                  weightGradients: try TensorDescriptor.optionalTensor(c.weightGradients, "\(name).weightGradients"))
+    init(_ c: epCombineInputs_t, _ name: @autoclosure () -> String) throws(EPError) {
+        self.init(expertOutputs: try TensorDescriptor.tensor(c.expertOutputs, "\(name()).expertOutputs"),
+                  topkWeights: try TensorDescriptor.optionalTensor(c.topkWeights, "\(name()).topkWeights"),
+                  weightGradients: try TensorDescriptor.optionalTensor(c.weightGradients, "\(name()).weightGradients"))
     }
 }
 
 extension CombineOutput {
-    init(_ c: epCombineOutputs_t, _ name: String) throws(EPError) {
-        self.init(tokens: try TensorDescriptor.tensor(c.tokens, "\(name).tokens"),
-                  topkWeightGradients: try TensorDescriptor.optionalTensor(c.topkWeightGradients, "\(name).topkWeightGradients"))
+    init(_ c: epCombineOutputs_t, _ name: @autoclosure () -> String) throws(EPError) {
+        self.init(tokens: try TensorDescriptor.tensor(c.tokens, "\(name()).tokens"),
+                  topkWeightGradients: try TensorDescriptor.optionalTensor(c.topkWeightGradients, "\(name()).topkWeightGradients"))
     }
 }
 
@@ -104,9 +104,9 @@ struct LayoutInfoDestination {
     let pointer: UnsafeMutablePointer<epLayoutInfo_t>
 
     /// nil when the caller passed NULL (no layout info wanted).
-    init?(_ pointer: UnsafeMutablePointer<epLayoutInfo_t>?, _ name: String) throws(EPError) {
+    init?(_ pointer: UnsafeMutablePointer<epLayoutInfo_t>?, _ name: @autoclosure () -> String) throws(EPError) {
         guard let pointer else { return nil }
-        _ = try epLayoutInfo_t.read(pointer, name)
+        _ = try epLayoutInfo_t.read(pointer, name())
         self.pointer = pointer
     }
 

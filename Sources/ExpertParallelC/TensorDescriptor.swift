@@ -9,11 +9,11 @@ enum TensorDescriptor {
     static let maxBytes = 1 << 62
 
     /// The tensor `pointer` describes; `name` is the argument's name in error messages.
-    static func tensor(_ pointer: UnsafePointer<epTensor_t>?, _ name: String) throws(EPError) -> TensorRef {
-        let t = try epTensor_t.read(pointer, name)
-        let dtype = try ABIEnum.dataType(t.dtype, "\(name).dtype")
+    static func tensor(_ pointer: UnsafePointer<epTensor_t>?, _ name: @autoclosure () -> String) throws(EPError) -> TensorRef {
+        let t = try epTensor_t.read(pointer, name())
+        let dtype = try ABIEnum.dataType(t.dtype, "\(name()).dtype")
         guard t.ndim >= 0, t.ndim <= EP_MAX_DIMS else {
-            throw .invalidArgument(field: "\(name).ndim", value: "\(t.ndim)", requirement: "must be in 0...\(EP_MAX_DIMS)")
+            throw .invalidArgument(field: "\(name()).ndim", value: "\(t.ndim)", requirement: "must be in 0...\(EP_MAX_DIMS)")
         }
         let ndim = Int(t.ndim)
         let shape = int64Values(t.sizes, count: ndim)
@@ -23,11 +23,11 @@ enum TensorDescriptor {
         var nonzeroProduct = 1
         for (i, size) in shape.enumerated() {
             guard size >= 0 else {
-                throw .invalidArgument(field: "\(name).sizes[\(i)]", value: "\(size)", requirement: "must be ≥ 0")
+                throw .invalidArgument(field: "\(name()).sizes[\(i)]", value: "\(size)", requirement: "must be ≥ 0")
             }
             let (product, overflow) = nonzeroProduct.multipliedReportingOverflow(by: max(size, 1))
             guard !overflow, product <= maxBytes / dtype.byteSize else {
-                throw .invalidArgument(field: "\(name).sizes", value: "\(shape)", requirement: "must describe fewer than 2^62 bytes")
+                throw .invalidArgument(field: "\(name()).sizes", value: "\(shape)", requirement: "must describe fewer than 2^62 bytes")
             }
             nonzeroProduct = product
         }
@@ -37,7 +37,7 @@ enum TensorDescriptor {
             guard shape[i] <= 1 || strides[i] == expected || elements == 0 else {
                 let contiguous = contiguousStrides(shape)
                 throw .invalidArgument(
-                    field: "\(name).strides", value: "\(strides)",
+                    field: "\(name()).strides", value: "\(strides)",
                     requirement: "must be row-major contiguous for shape \(shape) (\(contiguous))")
             }
             expected *= shape[i]
@@ -47,21 +47,21 @@ enum TensorDescriptor {
         case -1: location = .host
         case 0...: location = .device(Int(t.device))
         default:
-            throw .invalidArgument(field: "\(name).device", value: "\(t.device)", requirement: "must be -1 (host) or a CUDA device ordinal ≥ 0")
+            throw .invalidArgument(field: "\(name()).device", value: "\(t.device)", requirement: "must be -1 (host) or a CUDA device ordinal ≥ 0")
         }
         guard t.data != nil || elements == 0 else {
-            throw .invalidArgument(field: "\(name).data", value: "NULL", requirement: "must not be NULL for \(elements) elements")
+            throw .invalidArgument(field: "\(name()).data", value: "NULL", requirement: "must not be NULL for \(elements) elements")
         }
         if let data = t.data, UInt(bitPattern: data) % UInt(dtype.byteSize) != 0 {
-            throw .invalidArgument(field: "\(name).data", value: "\(data)", requirement: "must be aligned to the element size (\(dtype.byteSize) bytes)")
+            throw .invalidArgument(field: "\(name()).data", value: "\(data)", requirement: "must be aligned to the element size (\(dtype.byteSize) bytes)")
         }
         return TensorRef(address: t.data, dtype: dtype, shape: shape, strides: contiguousStrides(shape), location: location)
     }
 
     /// The tensor `pointer` describes, or nil when the pointer is NULL (an optional tensor).
-    static func optionalTensor(_ pointer: UnsafePointer<epTensor_t>?, _ name: String) throws(EPError) -> TensorRef? {
+    static func optionalTensor(_ pointer: UnsafePointer<epTensor_t>?, _ name: @autoclosure () -> String) throws(EPError) -> TensorRef? {
         guard let pointer else { return nil }
-        return try tensor(pointer, name)
+        return try tensor(pointer, name())
     }
 
     /// The `epTensor_t` of a tensor the library owns (row-major contiguous), in `location`.

@@ -81,9 +81,22 @@ class Descriptors:
                 d.strides[i] = stride
         self.row_elements = strides[0]
         self._stacked = None   # (base, rows, dtype) of the last set_all
+        self._many = None      # (addresses, rows, dtype) of the last set_many
+        self.addresses = [0] * ranks   # each rank's address, as set
+
+    def set_many(self, addresses, rows, dtype):
+        """Rank r's tensor at addresses[r] with rows[r] rows; nothing to do when the same as the
+        last call's."""
+        key = (addresses, rows, dtype)
+        if key == self._many:
+            return
+        for r, (address, count) in enumerate(zip(addresses, rows)):
+            self.set(r, address, count, dtype)
+        self._many = key
 
     def set(self, r, address, rows, dtype):
-        self._stacked = None
+        self._stacked = self._many = None
+        self.addresses[r] = address
         d = self.array[r]
         d.data = address or None
         d.sizes[0] = rows
@@ -94,12 +107,14 @@ class Descriptors:
         key = (base, rows, dtype)
         if key == self._stacked:   # the same tensor as the last call (PyTorch's allocator reuses addresses)
             return
-        self._stacked = key
+        self._many = None
         step = rows * self.row_elements * element_bytes
         for r, d in enumerate(self.array):
             d.data = (base + r * step) or None
             d.sizes[0] = rows
             d.dtype = dtype
+            self.addresses[r] = base + r * step
+        self._stacked = key
 
 
 def raw_stream(device, stream=None):

@@ -42,6 +42,8 @@ class Slot:
         self.w_views = None if routing is None else [self.received_w[i] for i in range(r)]
         self._combined_key = None
         self._combined_views = None
+        self._targets = None        # (tokens, backward HT) the combine outputs point at
+        self._target_views = None
 
         # The dispatch outputs, fixed for the slot's life.
         device = group._device
@@ -76,6 +78,14 @@ class Slot:
     def combine_targets(self, tokens, backward_ht):
         """Points the combine outputs at combined[i, :tokens[i]] (and the weight gradients at
         weight_grads[i, :tokens[i]] for backward HT); returns the per-rank views."""
+        key = (tuple(tokens), backward_ht)
+        if key == self._targets:
+            return self._target_views
+        result = self._point(tokens, backward_ht)
+        self._targets, self._target_views = key, result
+        return result
+
+    def _point(self, tokens, backward_ht):
         group = self._group
         element = group._element
         base = _fast.look(self.combined, {element})[0]

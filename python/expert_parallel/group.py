@@ -120,6 +120,7 @@ class VirtualGroup(GroupBase):
         self._g = None if routing is None else _fast.Descriptors(r, device, _abi.F32, routing[1:])
         self._combine_inputs = (_abi.CombineInputs * r)(
             *[_abi.new(_abi.CombineInputs, expertOutputs=self._y.pointers[i]) for i in range(r)])
+        self._combine_mode = (False, False)   # (weights given, backward HT): what the inputs point at
 
     def __repr__(self) -> str:
         return (f"VirtualGroup(ranks={self.ranks}, experts={self.experts}, hidden={self.hidden}, top_k={self.top_k}, "
@@ -237,7 +238,7 @@ class VirtualGroup(GroupBase):
         check_status(self._fn_dispatch(self._group, self._dispatch_inputs, outputs, config, raw))
         if direction == "forward" and weighted:
             target.topk_weights = topk_weights
-            target.weight_addresses = [self._w.array[i].data for i in range(r)]
+            target.weight_addresses = tuple(self._w.addresses)
         target.slot = -1 if slot is None else slot.index
         event = hook = None
         if send_only:
@@ -293,8 +294,7 @@ class VirtualGroup(GroupBase):
             if handle.weight_addresses is None:
                 raise InvalidArgumentError(
                     "topk_weights: not given to dispatch; the forward combine of LL expert-major applies them")
-            for i in range(r):
-                self._cw.set(i, handle.weight_addresses[i], tokens[i], _abi.F32)
+            self._cw.set_many(handle.weight_addresses, tuple(tokens), _abi.F32)
             weights = self._cw
         elif direction == "forward" and self.layout == "expert_major_padded":
             self._rows(handle.received_weights, "topk_weights", {_abi.F32}, self.recv_routing_shape[1:], self._cw,
@@ -303,10 +303,12 @@ class VirtualGroup(GroupBase):
         if backward_ht:
             routing = self.recv_routing_shape
             self._rows(weight_gradients, "weight_gradients", {_abi.F32}, routing[1:], self._g, [routing[0]] * r)
-        for i in range(r):
-            entry = self._combine_inputs[i]
-            entry.topkWeights = None if weights is None else weights.pointers[i]
-            entry.weightGradients = self._g.pointers[i] if backward_ht else None
+        if (weights is not None, backward_ht) != self._combine_mode:   # point the inputs at their descriptors
+            for i in range(r):
+                entry = self._combine_inputs[i]
+                entry.topkWeights = None if weights is None else weights.pointers[i]
+                entry.weightGradients = self._g.pointers[i] if backward_ht else None
+            self._combine_mode = (weights is not None, backward_ht)
 
         if out is None:
             slot = self._slot(handle.slot, like) if handle.slot >= 0 else self._slot(self._next_slot, like)

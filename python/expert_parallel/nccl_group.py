@@ -4,9 +4,10 @@ NCCL (a multi-GPU job started by torchrun, mpirun or a launcher of your own)."""
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
-from . import _abi, _arrays, _config, errors
+from . import _abi, _arrays, _config, _fast, errors
+from ._nccl_slots import NCCLSlot
 from ._group_base import GroupBase, locked
 from ._library import call, load
 from ._types import Algorithm, Array, Device, Direction, DType, Layout, Overflow, Seconds
@@ -117,7 +118,16 @@ class NCCLGroup(GroupBase):
         self.rank = rank
         self.device = _arrays.describe_device(self._device)
         self._step = 0
-        self._routing = None  # this step's (topk_idx, tokens)
+        self._pending = None  # the handle of an update() whose dispatch has not come yet
+        info = _abi.new(_abi.GroupInfo)
+        call("epGroupGetInfo", group, ctypes.byref(info))
+        self.multiprocessors = info.multiprocessors
+        try:
+            self._slots = [NCCLSlot(self, s) for s in range(info.bufferSlots)]
+        except BaseException:
+            self.close()
+            raise
+        self._next_slot = 0
 
     @classmethod
     def from_process_group(cls, process_group: Any = None, *, experts: int, hidden: int, top_k: int, max_tokens: int,
@@ -157,12 +167,31 @@ class NCCLGroup(GroupBase):
     # -- the step ----------------------------------------------------------------------------
 
     @locked
-    def update(self, topk_idx: Array) -> None:
+    def handle(self) -> Handle:
+        """A new step of its own (several can be live; see :meth:`VirtualGroup.handle`). Every rank
+        makes the same calls with its handles in the same order."""
+        self._check_open()
+        pointer = ctypes.c_void_p()
+        call("epStepCreate", self._group, ctypes.byref(pointer))
+        return Handle(self, pointer)
+
+    def _release_step(self, handle):
+        with self._lock:
+            if self._group:
+                call("epStepDestroy", handle._pointer)
+
+    @locked
+    def update(self, topk_idx: Array, *, handle: Optional[Handle] = None) -> None:
         """Starts a step with this rank's routing: ``[B, top_k]`` int32 or int64 global expert ids
         (-1: none), ``B ≤ max_tokens``. Keep it unchanged until the step's combine. :meth:`dispatch`
         calls it when given ``topk_idx``; call it yourself to start the step earlier."""
         self._check_open()
-        self._update(topk_idx, *self._routing_descriptor(topk_idx))
+        if handle is not None:
+            self._check_handle(handle, dispatched=False)
+        target = handle if handle is not None else Handle(self)
+        self._update(topk_idx, *self._routing_descriptor(topk_idx), target, None)
+        if handle is None:
+            self._pending = target
 
     def _routing_descriptor(self, topk_idx):
         self._require_torch(topk_idx, "topk_idx")
@@ -173,30 +202,58 @@ class NCCLGroup(GroupBase):
                                     shape=(None, self.top_k))
         return descriptor, tokens
 
-    def _update(self, topk_idx, descriptor, tokens):
+    def _update(self, topk_idx, descriptor, tokens, target, stream):
         inputs = _abi.new(_abi.UpdateInputs, topkIdx=ctypes.pointer(descriptor))
-        call("epHandleUpdate", self._handle, ctypes.byref(inputs), None, self._stream())
-        self._step += 1  # earlier handles are void now
-        self._routing = (topk_idx, tokens)
+        config = _abi.new(_abi.UpdateConfig, step=target._pointer)
+        if not target.own:
+            self._step += 1  # earlier handles of the group's own step are void now
+            target.step = self._step
+        target.tokens = target.slot = None
+        call("epHandleUpdate", self._handle, ctypes.byref(inputs), ctypes.byref(config), self._raw(stream))
+        target.tokens, target.topk_idx = tokens, topk_idx
+
+    def _check_handle(self, handle, dispatched):
+        if not isinstance(handle, Handle) or handle.group is not self:
+            raise InvalidArgumentError("handle: must be the handle of a dispatch of this group (dispatch(...).handle) or one of group.handle()")
+        if handle.released:
+            raise InvalidUsageError("handle: released; make a new one with group.handle()")
+        if not handle.own and handle.step != self._step:
+            raise InvalidUsageError(
+                f"handle: from step {handle.step}, but the group has started step {self._step} since; "
+                "combine each step before the next update, or use group.handle() for steps that stay live together")
+        if dispatched and handle.slot is None:
+            raise InvalidUsageError("handle: its step has no dispatch yet")
 
     @locked
     def dispatch(self, x: Array, topk_idx: Optional[Array] = None, topk_weights: Optional[Array] = None, *,
-                 direction: Direction = "forward") -> DispatchResult:
+                 handle: Optional[Handle] = None, direction: Direction = "forward", stream: Any = None,
+                 wait_event: Any = None, record_event: bool = False, send_only: bool = False) -> DispatchResult:
         """Sends this rank's ``x`` ``[B, hidden]`` to the ranks of its tokens' top-k experts and
         returns what this rank received: a :class:`DispatchResult` whose ``tokens`` (``recv_shape``),
-        ``topk_idx`` / ``topk_weights`` (``recv_routing_shape``; None for LL expert-major) are this
-        rank's tensors, ``layout`` its :class:`LayoutInfo` (read on first use, which waits for the
-        stream), ``handle`` what :meth:`combine` needs. ``topk_idx``: as for :meth:`update` (None:
-        the routing of the last update); ``topk_weights``: ``[B, top_k]`` float32, required except
-        for LL expert-major, whose combine needs them instead."""
+        ``topk_idx`` / ``topk_weights`` (``recv_routing_shape``, int32 ids; None for LL
+        expert-major) are the group's own receive buffers of the buffer slot the dispatch used (no
+        copy: the other ranks wrote them; rows outside the received zones are unspecified),
+        ``expert_counts`` / ``expert_source_counts`` this rank's counts on the device,
+        ``expert_outputs`` the slot's buffer to write the expert outputs into for a combine that
+        copies nothing, ``layout`` its :class:`LayoutInfo` (read on first use, which waits), and
+        ``handle`` what :meth:`combine` needs. ``topk_idx``: as for :meth:`update` (None: the
+        routing of the last update, or of ``handle``); ``topk_weights``: ``[B, top_k]`` float32,
+        required except for LL expert-major, whose combine needs them instead. ``stream``,
+        ``wait_event``, ``record_event``, ``send_only``: as for :meth:`VirtualGroup.dispatch`."""
         self._check_open()
         direction_value = _config.choice(direction, "direction", _abi.DIRECTIONS)
+        if handle is not None:
+            self._check_handle(handle, dispatched=False)
+        target = handle
         if topk_idx is not None:
             routing, (idx_desc, b) = topk_idx, self._routing_descriptor(topk_idx)
-        elif self._routing is None:
-            raise InvalidUsageError("dispatch: no routing for this step; pass topk_idx or call update first")
+        elif handle is not None and handle.tokens is not None:
+            routing, b = handle.topk_idx, handle.tokens
+        elif handle is None and self._pending is not None and self._pending.step == self._step:
+            target = self._pending
+            routing, b = target.topk_idx, target.tokens
         else:
-            routing, b = self._routing
+            raise InvalidUsageError("dispatch: no routing for this step; pass topk_idx or call update first")
         if topk_weights is None and self.recv_routing_shape is not None:
             raise InvalidArgumentError(f"topk_weights: None; layout {self.layout!r} sends the weights with the tokens")
         self._require_torch(x, "x")
@@ -204,45 +261,47 @@ class NCCLGroup(GroupBase):
         x_desc = _arrays.tensor(x, "x", dtypes={self._element}, device=self._device, shape=(b, h))
         w_desc = None if topk_weights is None else _arrays.tensor(
             topk_weights, "topk_weights", dtypes={_abi.F32}, device=self._device, shape=(b, k))
-
-        # The library overwrites the whole receive buffers: no zero-fill needed.
-        received = self._empty(x, self.recv_shape, x.dtype, self._element, "dispatch tokens")
-        received_idx = received_w = None
-        if self.recv_routing_shape is not None:
-            import torch
-
-            received_idx = self._empty(x, self.recv_routing_shape, torch.int32, _abi.I32, "dispatch topk_idx")
-            received_w = self._empty(x, self.recv_routing_shape, torch.float32, _abi.F32, "dispatch topk_weights")
-        recv_desc = self._describe_output(received, self._element, "received")
-        ridx_desc = None if received_idx is None else self._describe_output(received_idx, _abi.I32, "received_idx")
-        rw_desc = None if received_w is None else self._describe_output(received_w, _abi.F32, "received_weights")
+        slot = self._slots[self._next_slot]
+        self._next_slot = (self._next_slot + 1) % len(self._slots)
         inputs = _abi.new(_abi.DispatchInputs, tokens=ctypes.pointer(x_desc), topkWeights=_arrays.pointer(w_desc))
-        outputs = _abi.new(_abi.DispatchOutputs, tokens=ctypes.pointer(recv_desc), topkIdx=_arrays.pointer(ridx_desc),
-                           topkWeights=_arrays.pointer(rw_desc), layoutInfo=None)
-        config = _abi.new(_abi.DispatchConfig, direction=direction_value, launchMode=0)
+        if wait_event is not None:
+            _fast.torch_stream(self._device, stream).wait_event(wait_event)
+        if target is None:
+            target = Handle(self)
         if topk_idx is not None:  # every argument is checked: the step starts
-            self._update(topk_idx, idx_desc, b)
-        call("epDispatch", self._handle, ctypes.byref(inputs), ctypes.byref(outputs), ctypes.byref(config), self._stream())
-        handle = Handle(self)
-        handle.step, handle.slot, handle.tokens = self._step, 0, b
-        handle.topk_idx, handle.topk_weights, handle.received_weights = routing, topk_weights, received_w
-        return DispatchResult(received, received_idx, received_w, handle)
+            self._update(topk_idx, idx_desc, b, target, stream)
+        config = _abi.new(_abi.DispatchConfig, direction=direction_value, launchMode=0, step=target._pointer,
+                          phase=_abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE)
+        call("epDispatch", self._handle, ctypes.byref(inputs), ctypes.byref(slot.outputs), ctypes.byref(config),
+             self._raw(stream))
+        self._pending = None
+        target.slot = slot.index
+        target.topk_idx = routing
+        if direction == "forward" and topk_weights is not None:
+            target.topk_weights = topk_weights
+        target.received_weights = slot.weights
+        hook = (lambda: self.complete(stream=stream)) if send_only else None
+        event = self._record(stream) if record_event else None
+        result = DispatchResult(slot.tokens, slot.idx, slot.weights, target, expert_counts=slot.counts,
+                                expert_source_counts=slot.source_counts, event=event, hook=hook)
+        result.expert_outputs = slot.expert_outputs
+        return result
 
     @locked
     def combine(self, expert_outputs: Array, handle: Handle, *, direction: Direction = "forward",
-                weight_gradients: Optional[Array] = None) -> Union[Array, Tuple[Array, Array]]:
+                weight_gradients: Optional[Array] = None, stream: Any = None, wait_event: Any = None,
+                record_event: bool = False, send_only: bool = False) -> Any:
         """Brings this rank's tokens' expert outputs back from every rank and reduces them in the
         fixed order (the same bits as every backend). ``expert_outputs``: this rank's experts'
-        results, shaped like ``dispatch(...).tokens``; ``handle``: the last dispatch's. Returns the
-        ``[B, hidden]`` combined tokens; HT's backward pass takes ``weight_gradients`` (shaped like
-        ``dispatch(...).topk_weights``) and returns ``(tokens, topk_weight_gradients)``."""
+        results, shaped like ``dispatch(...).tokens``: ``dispatch(...).expert_outputs`` itself
+        (the buffer the other ranks read: nothing is copied) or a tensor of the caller's (copied
+        there on the stream). ``handle``: the step's. Returns the ``[B, hidden]`` combined tokens
+        (a view of the slot's combined rows, valid until the slot's next combine); HT's backward
+        pass takes ``weight_gradients`` (shaped like ``dispatch(...).topk_weights``) and returns
+        ``(tokens, topk_weight_gradients)``. ``stream``, ``wait_event``, ``record_event``,
+        ``send_only``: as for :meth:`VirtualGroup.combine`."""
         self._check_open()
-        if not isinstance(handle, Handle) or handle.group is not self:
-            raise InvalidArgumentError("handle: must be the handle of a dispatch of this group")
-        if handle.step != self._step:
-            raise InvalidUsageError(
-                f"handle: from step {handle.step}, but the group has started step {self._step} since; "
-                "combine each step before the next update")
+        self._check_handle(handle, dispatched=True)
         direction_value = _config.choice(direction, "direction", _abi.DIRECTIONS)
         backward_ht = direction == "backward" and self.algorithm == "ht"
         if weight_gradients is not None and not backward_ht:
@@ -250,6 +309,7 @@ class NCCLGroup(GroupBase):
         if backward_ht and weight_gradients is None:
             raise InvalidArgumentError("weight_gradients: None; the backward pass of HT needs them")
         self._require_torch(expert_outputs, "expert_outputs")
+        slot = self._slots[handle.slot]
         y = _arrays.tensor(expert_outputs, "expert_outputs", dtypes={self._element}, device=self._device,
                            shape=self.recv_shape)
         weights, shape = None, None
@@ -259,27 +319,49 @@ class NCCLGroup(GroupBase):
                     "topk_weights: not given to dispatch; the forward combine of LL expert-major applies them")
             weights, shape = handle.topk_weights, (handle.tokens, self.top_k)
         elif direction == "forward" and self.layout == "expert_major_padded":
-            weights, shape = handle.received_weights, self.recv_routing_shape
+            weights, shape = slot.weights, self.recv_routing_shape
         w = None if weights is None else _arrays.tensor(weights, "topk_weights", dtypes={_abi.F32}, device=self._device,
                                                         shape=shape)
+        if wait_event is not None:
+            _fast.torch_stream(self._device, stream).wait_event(wait_event)
         g = None
         if backward_ht:
             self._require_torch(weight_gradients, "weight_gradients")
             g = _arrays.tensor(weight_gradients, "weight_gradients", dtypes={_abi.F32}, device=self._device,
                                shape=self.recv_routing_shape)
-        allocate = _arrays.Allocator(expert_outputs)
-        combined = allocate.zeros((handle.tokens, self.hidden), self._element, name="combined tokens")
-        weight_grads = None
-        if backward_ht:
-            weight_grads = allocate.zeros((handle.tokens, self.top_k), _abi.F32, name="topk_weight_gradients")
+            if weight_gradients.data_ptr() != slot.weight_grads.data_ptr():   # into the buffer the others read
+                import torch
+
+                with torch.cuda.stream(_fast.torch_stream(self._device, stream)):
+                    slot.weight_grads.copy_(weight_gradients)
+                g = slot.grads_desc
+        b = handle.tokens
+        combined = slot.combined[:b]
         out = self._describe_output(combined, self._element, "combined")
-        out_g = None if weight_grads is None else self._describe_output(weight_grads, _abi.F32, "weight_grads")
+        weight_grads = out_g = None
+        if backward_ht:
+            weight_grads = slot.combined_grads[:b]
+            out_g = self._describe_output(weight_grads, _abi.F32, "weight_grads")
         inputs = _abi.new(_abi.CombineInputs, expertOutputs=ctypes.pointer(y), topkWeights=_arrays.pointer(w),
                           weightGradients=_arrays.pointer(g))
         outputs = _abi.new(_abi.CombineOutputs, tokens=ctypes.pointer(out), topkWeightGradients=_arrays.pointer(out_g))
-        config = _abi.new(_abi.CombineConfig, direction=direction_value, launchMode=0)
-        call("epCombine", self._handle, ctypes.byref(inputs), ctypes.byref(outputs), ctypes.byref(config), self._stream())
-        return (combined, weight_grads) if backward_ht else combined
+        config = _abi.new(_abi.CombineConfig, direction=direction_value, launchMode=0, step=handle._pointer,
+                          phase=_abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE)
+        call("epCombine", self._handle, ctypes.byref(inputs), ctypes.byref(outputs), ctypes.byref(config),
+             self._raw(stream))
+        result: Any = (combined, weight_grads) if backward_ht else combined
+        extras: List[Any] = []
+        if send_only:
+            extras.append(lambda: self.complete(stream=stream))
+        if record_event:
+            extras.append(self._record(stream))
+        return (result, *extras) if extras else result
+
+    @locked
+    def complete(self, *, stream: Any = None) -> None:
+        """Enqueues the receiving half of this rank's last ``send_only`` dispatch or combine."""
+        self._check_open()
+        call("epComplete", self._handle, self._raw(stream))
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -287,27 +369,22 @@ class NCCLGroup(GroupBase):
         if not _arrays.is_torch(value):
             raise InvalidArgumentError(f"{name}: a {type(value).__name__}; an NCCL group takes CUDA torch tensors")
 
-    def _empty(self, like, shape, dtype, ep_type, name):
+    def _raw(self, stream):
+        return ctypes.c_void_p(_fast.raw_stream(self._device, stream))
+
+    def _record(self, stream):
         import torch
 
-        try:
-            return torch.empty(shape, dtype=dtype, device=like.device)
-        except RuntimeError as error:  # torch.OutOfMemoryError (CUDA) is a RuntimeError
-            if not _arrays._is_out_of_memory(error):
-                raise
-            raise _arrays.buffer_error(name, shape, ep_type, str(error).splitlines()[0],
-                                       "lower max_tokens or hidden (HT: set max_recv_tokens)") from error
-
-    def _stream(self):
-        import torch
-
-        return ctypes.c_void_p(torch.cuda.current_stream(self._device).cuda_stream or None)
+        event = torch.cuda.Event()
+        event.record(_fast.torch_stream(self._device, stream))
+        return event
 
     @locked
     def _layout_of(self, handle):
-        step = handle.step
-        if step != self._step:
-            raise InvalidUsageError(f"layout info of step {step} is gone: the group has started step {self._step} since")
+        self._check_handle(handle, dispatched=True)
         buffers = _LayoutBuffers(self.local_experts, self.ranks)
-        call("epGroupGetLayoutInfo", self._group, self.rank, ctypes.byref(buffers.struct))
+        if handle.own:
+            call("epStepGetLayoutInfo", handle._pointer, self.rank, ctypes.byref(buffers.struct))
+        else:
+            call("epGroupGetLayoutInfo", self._group, self.rank, ctypes.byref(buffers.struct))
         return buffers.value()

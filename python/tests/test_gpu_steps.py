@@ -116,3 +116,34 @@ def test_send_only_calls_complete_through_their_hooks_on_another_stream():
     for r in range(R):
         assert same_bits(combined[r], want[r]), f"rank {r}: combined"
     gpu.check()
+
+
+@pytest.mark.parametrize("algorithm", ["ll", "ht"])
+def test_a_one_rank_nccl_group_is_zero_copy_and_matches_the_cpu(algorithm):
+    """One GPU, one NCCL rank: dispatch receives into the group's own buffers and combine reads
+    the expert outputs from its own buffer, nothing copied; the same bits as the CPU backend."""
+    common = dict(experts=8, hidden=H, top_k=K, max_tokens=B, algorithm=algorithm)
+    group = ep.NCCLGroup(rank=0, ranks=1, unique_id=ep.nccl_unique_id(), device=0, **common)
+    cpu = ep.VirtualGroup(ranks=1, device="cpu", **common)
+    try:
+        for seed in range(3):
+            rng = np.random.default_rng(seed)
+            idx = torch.from_numpy(np.stack([rng.choice(8, K, replace=False) for _ in range(B)]).astype(np.int32))
+            x = torch.from_numpy(rng.standard_normal((B, H)).astype(np.float32)).to(torch.bfloat16)
+            w = torch.from_numpy(rng.random((B, K)).astype(np.float32))
+            with group.handle() as h:
+                out = group.dispatch(x.to(DEVICE), idx.to(DEVICE), w.to(DEVICE), handle=h, send_only=True)
+                out.hook()
+                received_pointer = out.tokens.data_ptr()
+                out.expert_outputs.copy_(out.tokens)   # identity experts, written where the peers read
+                combined = group.combine(out.expert_outputs, h)
+                torch.cuda.synchronize()
+                want = cpu.dispatch([x], [idx], [w])
+                want_combined = cpu.combine([t.clone() for t in want.tokens], want.handle)
+                assert out.tokens.data_ptr() == received_pointer
+                assert out.expert_counts.tolist() == want.layout[0].expert_counters
+                assert same_bits(combined, want_combined[0]), f"seed {seed}: combined"
+                assert out.layout == want.layout[0]
+        group.check()
+    finally:
+        group.close()

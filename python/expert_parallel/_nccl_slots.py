@@ -1,0 +1,67 @@
+"""An NCCL rank's buffer slots: the group's own receive, expert-output and weight-gradient
+buffers of one slot (epGroupGetBuffer), seen as torch tensors with no copy, and the counts and
+combined rows this rank's calls write, made once."""
+
+import ctypes
+
+from . import _abi
+from ._library import call
+
+# __cuda_array_interface__ type strings; bf16 (which NumPy does not know) is seen as int16 and viewed.
+_TYPESTR = {_abi.BF16: "<i2", _abi.F16: "<f2", _abi.F32: "<f4", _abi.I32: "<i4", _abi.I64: "<i8", _abi.U8: "|u1"}
+
+
+class _DeviceMemory:
+    """Device memory of the group, described for torch.as_tensor; it keeps the group alive while
+    a tensor over it lives (the memory goes when the group is closed: do not use the tensors
+    after close())."""
+
+    def __init__(self, descriptor, owner):
+        shape = tuple(int(descriptor.sizes[i]) for i in range(descriptor.ndim))
+        self.owner = owner
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": _TYPESTR[descriptor.dtype],
+                                         "data": (int(descriptor.data or 0), False), "version": 3, "strides": None}
+
+
+class NCCLSlot:
+    """Buffer slot `index` of `group` (an NCCLGroup)."""
+
+    def __init__(self, group, index):
+        import torch
+
+        self.index = index
+        device = torch.device("cuda", group._device)
+        self.descriptors = {}
+
+        def buffer(kind):
+            descriptor = _abi.new(_abi.Tensor)
+            try:
+                call("epGroupGetBuffer", group._group, index, kind, ctypes.byref(descriptor))
+            except Exception:
+                return None, None   # this algorithm and layout have no such buffer
+            tensor = torch.as_tensor(_DeviceMemory(descriptor, group), device=device)
+            if descriptor.dtype == _abi.BF16:
+                tensor = tensor.view(torch.bfloat16)
+            return tensor, descriptor
+
+        self.tokens, self.tokens_desc = buffer(_abi.BUFFER_RECEIVED_TOKENS)
+        self.idx, self.idx_desc = buffer(_abi.BUFFER_RECEIVED_TOPK_IDX)
+        self.weights, self.weights_desc = buffer(_abi.BUFFER_RECEIVED_TOPK_WEIGHTS)
+        self.expert_outputs, self.expert_outputs_desc = buffer(_abi.BUFFER_EXPERT_OUTPUTS)
+        self.weight_grads, self.grads_desc = buffer(_abi.BUFFER_WEIGHT_GRADIENTS)
+        if group.recv_routing_shape is None:
+            self.idx = self.weights = self.idx_desc = self.weights_desc = None
+        l, r = group.local_experts, group.ranks
+        self.counts = torch.zeros((l,), dtype=torch.int32, device=device)
+        self.source_counts = torch.zeros((l, r), dtype=torch.int32, device=device)
+        self.counts_desc = group._describe_output(self.counts, _abi.I32, "expert_counts")
+        self.source_desc = group._describe_output(self.source_counts, _abi.I32, "expert_source_counts")
+        dtypes = {_abi.BF16: torch.bfloat16, _abi.F16: torch.float16, _abi.F32: torch.float32, _abi.U8: torch.uint8}
+        self.combined = torch.zeros((group.max_tokens, group.hidden), dtype=dtypes[group._element], device=device)
+        self.combined_grads = torch.zeros((group.max_tokens, group.top_k), dtype=torch.float32, device=device)
+        self.outputs = _abi.new(
+            _abi.DispatchOutputs, tokens=ctypes.pointer(self.tokens_desc),
+            topkIdx=None if self.idx_desc is None else ctypes.pointer(self.idx_desc),
+            topkWeights=None if self.weights_desc is None else ctypes.pointer(self.weights_desc),
+            layoutInfo=None, expertCounts=ctypes.pointer(self.counts_desc),
+            expertSourceCounts=ctypes.pointer(self.source_desc))
