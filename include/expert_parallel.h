@@ -17,8 +17,8 @@
  *   - Every struct starts with `size_t structSize`: set it to sizeof(the struct). ABI version 1
  *     requires exactly sizeof; later versions add fields at the end and keep accepting the sizes of
  *     earlier versions (version 2 added structs and calls and changed none of version 1's; version
- *     3 added fields to epGroupInfo_t, epUpdateConfig_t, epDispatchOutputs_t, epDispatchConfig_t
- *     and epCombineConfig_t: a struct of version 2's size reads as if the new fields were zero /
+ *     3 added fields to epGroupInfo_t, epBackendConfig_t, epNCCLRankConfig_t, epUpdateConfig_t,
+ *     epDispatchOutputs_t, epDispatchConfig_t and epCombineConfig_t: a struct of version 2's size reads as if the new fields were zero /
  *     NULL, and an epGroupInfo_t of version 2's size gets version 2's fields only). A pointer to a
  *     config struct may be NULL (defaults).
  *   - Arrays of structs (one per rank, in the *All calls) are read with a stride of their first
@@ -206,12 +206,22 @@ typedef struct {
     double timeoutSeconds;            /* bound on every wait for another rank, in [1e-9, 86400]; 0 = 10 s */
 } epGroupConfig_t;
 
+/* Tuning of the GPU kernels (v3); 0 in a field means its default. */
+typedef struct {
+    int32_t pipelineDepth;           /* dispatch: 16-byte vectors each lane loads before storing, 1...8 (default 4) */
+    int32_t rowsInFlight;            /* combine: rows loaded before the first is used, 1...16 (default 8) */
+    int32_t rowPieces;               /* pieces a row is cut into, one warp each, 1...row bytes / 16 (default: automatic) */
+    int32_t blocksPerMultiprocessor; /* 512-thread blocks per SM in one launch, 1 or 2 (default 2; 1 for R = 1) */
+} epGPUTuning_t;
+
 /* Which backend runs the group. NULL means the host backend. */
 typedef struct {
     size_t structSize;
     epBackend_t backend;
     int32_t device;          /* epBackendVirtualGPU: CUDA device ordinal */
     int32_t multiprocessors; /* epBackendVirtualGPU: SMs the group may use; 0 = all */
+    /* v3: tuning of the GPU kernels (epBackendVirtualGPU), each 0 for its default */
+    epGPUTuning_t tuning;
 } epBackendConfig_t;
 
 /* Facts about a group, for sizing its buffers. */
@@ -440,6 +450,8 @@ typedef struct {
     int32_t multiprocessors;    /* SMs the group's kernels may use; 0 = all */
     epNCCLUniqueId_t uniqueId;  /* from epGetNCCLUniqueId on rank 0 */
     double initTimeoutSeconds;  /* bound on waiting for every rank to join (and, at destroy, to leave); 0 = 60 s */
+    /* v3 */
+    epGPUTuning_t tuning;       /* tuning of this rank's kernels, each 0 for its default */
 } epNCCLRankConfig_t;
 
 /* Zero copy (v3): one of this rank's group-owned buffers of buffer slot `slot` (0 ..<

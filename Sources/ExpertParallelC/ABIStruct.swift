@@ -16,13 +16,13 @@ extension ABIStruct {
 
 extension epTensor_t: ABIStruct {}
 extension epGroupConfig_t: ABIStruct {}
-extension epBackendConfig_t: ABIStruct {}
+extension epBackendConfig_t: ABIStruct { static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.tuning)!] } }
 extension epLayoutInfo_t: ABIStruct {}
 extension epUpdateInputs_t: ABIStruct {}
 extension epDispatchInputs_t: ABIStruct {}
 extension epCombineInputs_t: ABIStruct {}
 extension epCombineOutputs_t: ABIStruct {}
-extension epNCCLRankConfig_t: ABIStruct {}
+extension epNCCLRankConfig_t: ABIStruct { static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.tuning)!] } }
 // Grown in ABI version 3: version 2's size ends where the first new field starts.
 extension epGroupInfo_t: ABIStruct { static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.bufferSlots)!] } }
 extension epUpdateConfig_t: ABIStruct { static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.step)!] } }

@@ -25,8 +25,10 @@ public func cGroupCreate(
             guard multiprocessors >= 0 else {
                 throw EPError.invalidArgument(field: "backend.multiprocessors", value: "\(multiprocessors)", requirement: "must be ≥ 0 (0 = all)")
             }
+            let tuning = try GPUTuning(choice?.tuning ?? epGPUTuning_t(), "backend.tuning").validated(config)
             let device = try DeviceCache.shared.device(Int(ordinal))
-            let gpu = try VirtualGPUGroup(config, device: device, multiprocessors: multiprocessors == 0 ? nil : Int(multiprocessors))
+            let gpu = try VirtualGPUGroup(config, device: device, multiprocessors: multiprocessors == 0 ? nil : Int(multiprocessors),
+                                          tuning: tuning)
             object = GroupObject(config: config, backend: try GPUBackend(gpu))
         case epBackendNCCLRank:
             throw UnsupportedCall(message: "backend.backend = epBackendNCCLRank: an NCCL-rank group is made by epGroupCreateNCCL")
@@ -82,5 +84,23 @@ public func cGroupCleanRanks(_ group: epGroup_t?, _ mask: UInt64) -> epResult_t 
         let object = try groupRegistry.object(group, "group")
         let ranks = RankMask(bits: mask & RankMask.all(object.config.ranks).bits)
         try object.withBackend { try $0.clean(ranks: ranks) }
+    }
+}
+
+extension GPUTuning {
+    /// The knobs of an `epGPUTuning_t` (0: the default), each checked to be ≥ 0 here and against
+    /// its bounds by `validated`.
+    init(_ c: epGPUTuning_t, _ name: String) throws(EPError) {
+        let defaults = GPUTuning()
+        func knob(_ value: Int32, _ field: String) throws(EPError) -> Int? {
+            guard value >= 0 else {
+                throw .invalidArgument(field: "\(name).\(field)", value: "\(value)", requirement: "must be ≥ 0 (0 = the default)")
+            }
+            return value == 0 ? nil : Int(value)
+        }
+        self.init(pipelineDepth: try knob(c.pipelineDepth, "pipelineDepth") ?? defaults.pipelineDepth,
+                  rowsInFlight: try knob(c.rowsInFlight, "rowsInFlight") ?? defaults.rowsInFlight,
+                  rowPieces: try knob(c.rowPieces, "rowPieces"),
+                  blocksPerMultiprocessor: try knob(c.blocksPerMultiprocessor, "blocksPerMultiprocessor"))
     }
 }

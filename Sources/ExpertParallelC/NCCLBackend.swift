@@ -9,6 +9,7 @@ struct NCCLRankSettings {
     var rank: Int
     var device: Int
     var multiprocessors: Int?
+    var tuning: GPUTuning
     var uniqueID: [UInt8]
     var timeout: Duration
 
@@ -29,6 +30,7 @@ struct NCCLRankSettings {
         rank = Int(c.rank)
         device = Int(c.device)
         multiprocessors = c.multiprocessors == 0 ? nil : Int(c.multiprocessors)
+        tuning = try GPUTuning(c.tuning, "\(name).tuning")
         uniqueID = withUnsafeBytes(of: c.uniqueId.bytes) { Array($0) }
         timeout = seconds == 0 ? .seconds(60) : .nanoseconds(Int64(seconds * 1e9))
     }
@@ -55,7 +57,8 @@ final class NCCLBackend: @unchecked Sendable {
         let id = try ncclCall { try NCCLUniqueID(bytes: settings.uniqueID) }
         let comm = try ncclCall { try nccl.initRank(ranks: config.ranks, id: id, rank: settings.rank, timeout: settings.timeout) }
         do {
-            joined = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl, multiprocessors: settings.multiprocessors)
+            joined = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl, multiprocessors: settings.multiprocessors,
+                                       tuning: settings.tuning)
         } catch {
             try? nccl.abort(comm)
             // The group reports NCCL's failures (window registration, the handle exchange) as

@@ -25,7 +25,8 @@ public func cGroupCreateNCCL(
         let result = try required(group, "group")
         // Every bound is checked before NCCL or the device is asked, on every rank alike.
         let config = try GroupConfig(try epGroupConfig_t.read(config, "config")).validatedForGPU()
-        let settings = try NCCLRankSettings(try epNCCLRankConfig_t.read(ncclRank, "ncclRank"), ranks: config.ranks, "ncclRank")
+        var settings = try NCCLRankSettings(try epNCCLRankConfig_t.read(ncclRank, "ncclRank"), ranks: config.ranks, "ncclRank")
+        settings.tuning = try settings.tuning.validated(config)   // before NCCL or the device is opened
         let backend = try NCCLBackend(config, settings)
         result.pointee = groupRegistry.add(GroupObject(config: try backend.group.config, backend: backend))
     }

@@ -21,7 +21,8 @@ public struct GPUTuning: Sendable, Hashable {
         self.blocksPerMultiprocessor = blocksPerMultiprocessor
     }
 
-    func validated(_ config: GroupConfig) throws(EPError) -> Self {
+    /// Itself, after checking every knob against its bounds for `config` (named errors).
+    public func validated(_ config: GroupConfig) throws(EPError) -> Self {
         func fail(_ field: String, _ value: Int, _ requirement: String) -> EPError {
             .invalidArgument(field: "tuning.\(field)", value: "\(value)", requirement: requirement)
         }

@@ -262,8 +262,18 @@ static void configErrors(void) {
     CHECK_OK(epGroupDestroy(group));
 
     /* A GPU group on a machine without CUDA fails cleanly (and works where there is one). */
-    epBackendConfig_t gpu = {sizeof gpu, epBackendVirtualGPU, 0, 0};
-    epResult_t r = epGroupCreate(&config, &gpu, &group);
+    epBackendConfig_t gpu = {sizeof gpu, epBackendVirtualGPU, 0, 0, {0, 0, 0, 0}};
+    /* A tuning knob out of bounds is named before any device is opened. */
+    gpu.tuning.pipelineDepth = 9;
+    CHECK_FAILS(epGroupCreate(&config, &gpu, &group), epInvalidArgument, "tuning.pipelineDepth = 9");
+    gpu.tuning.pipelineDepth = 0;
+    /* A version 2 backend config (no tuning) is accepted. */
+    epBackendConfig_t old = gpu;
+    old.structSize = offsetof(epBackendConfig_t, tuning);
+    epResult_t r = epGroupCreate(&config, &old, &group);
+    CHECK(r == epSuccess || r == epCudaError, "GPU group (v2 config): %s (%s)", epGetErrorString(r), epGetLastErrorMessage());
+    if (r == epSuccess) epGroupDestroy(group);
+    r = epGroupCreate(&config, &gpu, &group);
     CHECK(r == epSuccess || r == epCudaError, "GPU group: %s (%s)", epGetErrorString(r), epGetLastErrorMessage());
     if (r == epSuccess) {
         epHandle_t handle = NULL;
@@ -309,7 +319,7 @@ static void ncclGroup(void) {
     CHECK_FAILS(epGroupCreateNCCL(&config, &rank, &group), epInvalidArgument, "experts = 3");
     config = smallConfig();
     config.ranks = 1;
-    epBackendConfig_t backend = {sizeof backend, epBackendNCCLRank, 0, 0};
+    epBackendConfig_t backend = {sizeof backend, epBackendNCCLRank, 0, 0, {0, 0, 0, 0}};
     CHECK_FAILS(epGroupCreate(&config, &backend, &group), epInvalidUsage, "epGroupCreateNCCL");
     CHECK_FAILS(epGetNCCLUniqueId(NULL), epInvalidArgument, "id = NULL");
     CHECK(group == NULL, "no group after failures");
@@ -360,6 +370,7 @@ static void printSizes(void) {
     SIZE(epCombineConfig_t);
     SIZE(epNCCLUniqueId_t);
     SIZE(epNCCLRankConfig_t);
+    SIZE(epGPUTuning_t);
 #undef SIZE
 }
 

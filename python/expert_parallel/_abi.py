@@ -90,12 +90,20 @@ class GroupConfig(Struct):
     ]
 
 
+class GPUTuning(ctypes.Structure):
+    """epGPUTuning_t (inside the backend configs: no structSize)."""
+
+    _fields_ = [("pipelineDepth", c_int32), ("rowsInFlight", c_int32), ("rowPieces", c_int32),
+                ("blocksPerMultiprocessor", c_int32)]
+
+
 class BackendConfig(Struct):
     _fields_ = [
         ("structSize", c_size_t),
         ("backend", c_enum),
         ("device", c_int32),
         ("multiprocessors", c_int32),
+        ("tuning", GPUTuning),
     ]
 
 
@@ -196,6 +204,7 @@ class NCCLRankConfig(Struct):
         ("multiprocessors", c_int32),
         ("uniqueId", NCCLUniqueId),
         ("initTimeoutSeconds", c_double),
+        ("tuning", GPUTuning),
     ]
 
 
@@ -215,6 +224,7 @@ STRUCTS = {
     "epCombineOutputs_t": CombineOutputs,
     "epCombineConfig_t": CombineConfig,
     "epNCCLUniqueId_t": NCCLUniqueId,
+    "epGPUTuning_t": GPUTuning,
     "epNCCLRankConfig_t": NCCLRankConfig,
 }
 

@@ -97,3 +97,23 @@ def check_buffers(target, copies):
         raise OutOfMemoryError(
             f"the dispatch outputs of {copies} ranks need {_arrays.describe_bytes(total)}; no process can hold more than "
             f"{INT64} bytes: lower max_tokens or hidden (HT: set max_recv_tokens)")
+
+
+_TUNING = {"pipeline_depth": "pipelineDepth", "rows_in_flight": "rowsInFlight", "row_pieces": "rowPieces",
+           "blocks_per_multiprocessor": "blocksPerMultiprocessor"}
+
+
+def tuning(value):
+    """The epGPUTuning_t of ``tuning=``: None (defaults) or a dict of ``pipeline_depth``
+    (1...8), ``rows_in_flight`` (1...16), ``row_pieces`` and ``blocks_per_multiprocessor`` (1 or
+    2); the library checks each against its bounds for the group."""
+    result = _abi.GPUTuning()
+    if value is None:
+        return result
+    if not isinstance(value, dict):
+        raise InvalidArgumentError(f"tuning={value!r} (type {type(value).__name__}); must be a dict of {sorted(_TUNING)} or None")
+    for key, number in value.items():
+        if key not in _TUNING:
+            raise InvalidArgumentError(f"tuning[{key!r}]: not a tuning knob; must be one of {sorted(_TUNING)}")
+        setattr(result, _TUNING[key], integer(number, f"tuning[{key!r}]", 1, INT32))
+    return result

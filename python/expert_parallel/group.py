@@ -46,7 +46,9 @@ class VirtualGroup(GroupBase):
     "u8"); NumPy has no bf16, so bf16 arrays are uint16 arrays of the raw bits.
     ``max_recv_tokens``: HT receive capacity (None: one that never overflows). ``overflow``:
     "fail" or "drop" (both backends). ``timeout``: seconds any rank waits for another.
-    ``multiprocessors``: GPU SMs the group may use (None: all). ``buffer_slots``: how many sets of
+    ``multiprocessors``: GPU SMs the group may use (None: all); ``tuning``: the GPU kernels' knobs
+    (a dict: ``pipeline_depth``, ``rows_in_flight``, ``row_pieces``, ``blocks_per_multiprocessor``;
+    see ep-bench's options of the same names). ``buffer_slots``: how many sets of
     receive buffers the group owns (dispatches use them in turn), so that this many steps' rows
     can be in flight at once.
 
@@ -59,7 +61,7 @@ class VirtualGroup(GroupBase):
                  algorithm: Algorithm = "ll", layout: Optional[Layout] = None, alignment: int = 1,
                  dtype: DType = "bf16", device: str = "cpu", max_recv_tokens: Optional[int] = None,
                  overflow: Overflow = "fail", timeout: Seconds = 10.0, multiprocessors: Optional[int] = None,
-                 buffer_slots: int = 2) -> None:
+                 buffer_slots: int = 2, tuning: Optional[dict] = None) -> None:
         library = load()
         self._group = None
         self._device = _device_ordinal(device)
@@ -72,7 +74,8 @@ class VirtualGroup(GroupBase):
             _abi.BackendConfig,
             backend=_abi.BACKEND_HOST if self._device == -1 else _abi.BACKEND_VIRTUAL_GPU,
             device=max(self._device, 0),
-            multiprocessors=0 if multiprocessors is None else _int(multiprocessors, "multiprocessors", 1, _INT32))
+            multiprocessors=0 if multiprocessors is None else _int(multiprocessors, "multiprocessors", 1, _INT32),
+            tuning=_config.tuning(tuning))
         group = ctypes.c_void_p()
         call("epGroupCreate", ctypes.byref(config), ctypes.byref(backend), ctypes.byref(group))
         self._group = group

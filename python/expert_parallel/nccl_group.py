@@ -85,7 +85,7 @@ class NCCLGroup(GroupBase):
                  unique_id: bytes, device: Device = None, algorithm: Algorithm = "ll", layout: Optional[Layout] = None,
                  alignment: int = 1, dtype: DType = "bf16", max_recv_tokens: Optional[int] = None,
                  overflow: Overflow = "fail", timeout: Seconds = 10.0, init_timeout: Seconds = 60.0,
-                 multiprocessors: Optional[int] = None) -> None:
+                 multiprocessors: Optional[int] = None, tuning: Optional[dict] = None) -> None:
         load()
         self._group = self._handle = None
         config, self._element = _config.group_config(
@@ -101,7 +101,7 @@ class NCCLGroup(GroupBase):
         settings = _abi.new(
             _abi.NCCLRankConfig, rank=rank, device=self._device,
             multiprocessors=0 if multiprocessors is None else _config.integer(multiprocessors, "multiprocessors", 1, _config.INT32),
-            initTimeoutSeconds=_config.seconds(init_timeout, "init_timeout"))
+            initTimeoutSeconds=_config.seconds(init_timeout, "init_timeout"), tuning=_config.tuning(tuning))
         ctypes.memmove(settings.uniqueId.bytes, bytes(unique_id), _abi.NCCL_UNIQUE_ID_BYTES)
         group = ctypes.c_void_p()
         call("epGroupCreateNCCL", ctypes.byref(config), ctypes.byref(settings), ctypes.byref(group))

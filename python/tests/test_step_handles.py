@@ -127,3 +127,15 @@ def test_wrong_arguments_of_the_new_calls_are_named():
         other = group()
         with pytest.raises(ep.InvalidArgumentError, match="handle"):
             g.dispatch(xs, idx, w, handle=other.handle())
+
+
+def test_tuning_knobs_are_checked_by_name():
+    with pytest.raises(ep.InvalidArgumentError, match="tuning\\['unroll'\\]: not a tuning knob"):
+        group(tuning={"unroll": 2})
+    with pytest.raises(ep.InvalidArgumentError, match="tuning"):
+        group(tuning=[4])
+    with pytest.raises(ep.InvalidArgumentError, match="tuning\\['pipeline_depth'\\]"):
+        group(tuning={"pipeline_depth": 0})
+    # The CPU backend has no kernels: its tuning is accepted and has no effect.
+    with group(tuning={"pipeline_depth": 2, "rows_in_flight": 4}) as g:
+        assert g.dispatch(*routing(8)).expert_counts.shape == (R, E // R)
