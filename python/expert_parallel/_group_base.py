@@ -11,7 +11,7 @@ from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 from . import _arrays
 from ._library import call
-from .errors import InvalidUsageError
+from .errors import InvalidArgumentError, InvalidUsageError
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
@@ -101,6 +101,43 @@ class GroupBase:
         mask = ctypes.c_uint64()
         call("epGroupGetActiveRanks", self._group, ctypes.byref(mask))
         return [r for r in range(self.ranks) if mask.value >> r & 1]
+
+    # -- steps (handles) ------------------------------------------------------------------------
+
+    _own_step = 0   # updates of the group's own step: a handle of it is void after the next
+
+    @locked
+    def handle(self) -> Any:
+        """A new step of the group's own (control path: allocates a few KB per rank). Pass it as
+        ``dispatch(..., handle=h)``; several can be live at once, and every rank makes the same
+        calls with them in the same order. Release it with ``h.release()``, a ``with`` block, or
+        by dropping it."""
+        from ._results import Handle
+
+        self._check_open()
+        pointer = ctypes.c_void_p()
+        call("epStepCreate", self._group, ctypes.byref(pointer))
+        return Handle(self, pointer)
+
+    def _release_step(self, handle):
+        with self._lock:
+            if self._group:
+                call("epStepDestroy", handle._pointer)
+
+    def _check_handle(self, handle, dispatched):
+        from ._results import Handle
+
+        if not isinstance(handle, Handle) or handle.group is not self:
+            raise InvalidArgumentError(
+                "handle: must be the handle of a dispatch of this group (dispatch(...).handle) or one of group.handle()")
+        if handle.released:
+            raise InvalidUsageError("handle: released; make a new one with group.handle()")
+        if not handle.own and handle.step != self._own_step:
+            raise InvalidUsageError(
+                f"handle: from step {handle.step}, but the group has dispatched step {self._own_step} since (its own "
+                "step); combine each step before the next dispatch, or use group.handle() for steps that stay live together")
+        if dispatched and handle.slot is None:
+            raise InvalidUsageError("handle: its step has no dispatch yet")
 
     def _check_open(self):
         if not self._group:

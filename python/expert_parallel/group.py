@@ -33,7 +33,10 @@ def _device_ordinal(device):
 
 
 
-_NO_WEIGHTS = object()
+def _option(value, name, table):
+    """`table[value]`; a value it does not hold gets _choice's named error."""
+    found = table.get(value) if isinstance(value, str) else None
+    return found if found is not None else _choice(value, name, table)
 
 
 class VirtualGroup(GroupBase):
@@ -87,7 +90,7 @@ class VirtualGroup(GroupBase):
             raise
         self.device = _arrays.describe_device(self._device)
         self.multiprocessors = self._info().multiprocessors
-        self._own_step = 0   # updates of the group's own step
+        self._own_step = 0   # updates of the group's own step (GroupBase)
         self._slots: List[Optional[Slot]] = [None] * self.buffer_slots
         self._next_slot = 0
         self._steps: List[Any] = []
@@ -130,36 +133,6 @@ class VirtualGroup(GroupBase):
                 f"max_tokens={self.max_tokens}, algorithm={self.algorithm!r}, layout={self.layout!r}, "
                 f"dtype={self.dtype!r}, device={self.device!r})")
 
-    # -- steps -------------------------------------------------------------------------------
-
-    @locked
-    def handle(self) -> Handle:
-        """A new step of the group's own (control path: allocates a few KB per rank). Pass it as
-        ``dispatch(..., handle=h)``; several can be live at once. Release it with ``h.release()``,
-        a ``with`` block, or by dropping it."""
-        self._check_open()
-        pointer = ctypes.c_void_p()
-        call("epStepCreate", self._group, ctypes.byref(pointer))
-        handle = Handle(self, pointer)
-        return handle
-
-    def _release_step(self, handle):
-        with self._lock:
-            if self._group:
-                call("epStepDestroy", handle._pointer)
-
-    def _check_handle(self, handle, dispatched):
-        if not isinstance(handle, Handle) or handle.group is not self:
-            raise InvalidArgumentError("handle: must be the handle of a dispatch of this group (dispatch(...).handle) or one of group.handle()")
-        if handle.released:
-            raise InvalidUsageError("handle: released; make a new one with group.handle()")
-        if not handle.own and handle.step != self._own_step:
-            raise InvalidUsageError(
-                f"handle: from step {handle.step}, but the group has dispatched step {self._own_step} since (its own "
-                "step); combine each step before the next dispatch, or use group.handle() for steps that stay live together")
-        if dispatched and handle.slot is None:
-            raise InvalidUsageError("handle: its step has no dispatch yet")
-
     # -- the step ----------------------------------------------------------------------------
 
     @locked
@@ -183,12 +156,8 @@ class VirtualGroup(GroupBase):
         """
         self._check_open()
         r = self.ranks
-        mode = _abi.LAUNCH_MODES.get(launch) if isinstance(launch, str) else None
-        if mode is None:
-            mode = _choice(launch, "launch", _abi.LAUNCH_MODES)
-        direction_value = _abi.DIRECTIONS.get(direction) if isinstance(direction, str) else None
-        if direction_value is None:
-            direction_value = _choice(direction, "direction", _abi.DIRECTIONS)
+        mode = _option(launch, "launch", _abi.LAUNCH_MODES)
+        direction_value = _option(direction, "direction", _abi.DIRECTIONS)
         if handle is not None:
             self._check_handle(handle, dispatched=False)
         if topk_idx is None and (handle is None or handle.tokens is None):
@@ -276,12 +245,8 @@ class VirtualGroup(GroupBase):
         """
         self._check_open()
         r = self.ranks
-        direction_value = _abi.DIRECTIONS.get(direction) if isinstance(direction, str) else None
-        if direction_value is None:
-            direction_value = _choice(direction, "direction", _abi.DIRECTIONS)
-        mode = _abi.LAUNCH_MODES.get(launch) if isinstance(launch, str) else None
-        if mode is None:
-            mode = _choice(launch, "launch", _abi.LAUNCH_MODES)
+        direction_value = _option(direction, "direction", _abi.DIRECTIONS)
+        mode = _option(launch, "launch", _abi.LAUNCH_MODES)
         self._check_handle(handle, dispatched=True)
         backward_ht = direction == "backward" and self.algorithm == "ht"
         if weight_gradients is not None and not backward_ht:

@@ -117,7 +117,7 @@ class NCCLGroup(GroupBase):
             raise
         self.rank = rank
         self.device = _arrays.describe_device(self._device)
-        self._step = 0
+        self._own_step = 0
         self._pending = None  # the handle of an update() whose dispatch has not come yet
         info = _abi.new(_abi.GroupInfo)
         call("epGroupGetInfo", group, ctypes.byref(info))
@@ -167,20 +167,6 @@ class NCCLGroup(GroupBase):
     # -- the step ----------------------------------------------------------------------------
 
     @locked
-    def handle(self) -> Handle:
-        """A new step of its own (several can be live; see :meth:`VirtualGroup.handle`). Every rank
-        makes the same calls with its handles in the same order."""
-        self._check_open()
-        pointer = ctypes.c_void_p()
-        call("epStepCreate", self._group, ctypes.byref(pointer))
-        return Handle(self, pointer)
-
-    def _release_step(self, handle):
-        with self._lock:
-            if self._group:
-                call("epStepDestroy", handle._pointer)
-
-    @locked
     def update(self, topk_idx: Array, *, handle: Optional[Handle] = None) -> None:
         """Starts a step with this rank's routing: ``[B, top_k]`` int32 or int64 global expert ids
         (-1: none), ``B ≤ max_tokens``. Keep it unchanged until the step's combine. :meth:`dispatch`
@@ -206,23 +192,11 @@ class NCCLGroup(GroupBase):
         inputs = _abi.new(_abi.UpdateInputs, topkIdx=ctypes.pointer(descriptor))
         config = _abi.new(_abi.UpdateConfig, step=target._pointer)
         if not target.own:
-            self._step += 1  # earlier handles of the group's own step are void now
-            target.step = self._step
+            self._own_step += 1  # earlier handles of the group's own step are void now
+            target.step = self._own_step
         target.tokens = target.slot = None
         call("epHandleUpdate", self._handle, ctypes.byref(inputs), ctypes.byref(config), self._raw(stream))
         target.tokens, target.topk_idx = tokens, topk_idx
-
-    def _check_handle(self, handle, dispatched):
-        if not isinstance(handle, Handle) or handle.group is not self:
-            raise InvalidArgumentError("handle: must be the handle of a dispatch of this group (dispatch(...).handle) or one of group.handle()")
-        if handle.released:
-            raise InvalidUsageError("handle: released; make a new one with group.handle()")
-        if not handle.own and handle.step != self._step:
-            raise InvalidUsageError(
-                f"handle: from step {handle.step}, but the group has started step {self._step} since; "
-                "combine each step before the next update, or use group.handle() for steps that stay live together")
-        if dispatched and handle.slot is None:
-            raise InvalidUsageError("handle: its step has no dispatch yet")
 
     @locked
     def dispatch(self, x: Array, topk_idx: Optional[Array] = None, topk_weights: Optional[Array] = None, *,
@@ -249,7 +223,7 @@ class NCCLGroup(GroupBase):
             routing, (idx_desc, b) = topk_idx, self._routing_descriptor(topk_idx)
         elif handle is not None and handle.tokens is not None:
             routing, b = handle.topk_idx, handle.tokens
-        elif handle is None and self._pending is not None and self._pending.step == self._step:
+        elif handle is None and self._pending is not None and self._pending.step == self._own_step:
             target = self._pending
             routing, b = target.topk_idx, target.tokens
         else:

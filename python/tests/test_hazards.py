@@ -188,9 +188,10 @@ def test_threads_interleaving_steps_get_their_result_or_a_named_error(shared):
 
 
 def test_every_call_of_every_group_holds_the_lock():
-    for cls, names in ((ep.VirtualGroup, ["dispatch", "combine", "deactivate", "clean", "check", "close",
-                                          "_layout_of"]),
-                       (ep.NCCLGroup, ["update", "dispatch", "combine", "check", "close", "_layout_of"])):
+    for cls, names in ((ep.VirtualGroup, ["dispatch", "combine", "complete", "handle", "deactivate", "clean", "check",
+                                          "close", "_layout_of"]),
+                       (ep.NCCLGroup, ["update", "dispatch", "combine", "complete", "handle", "check", "close",
+                                       "_layout_of"])):
         for name in names:
             assert hasattr(getattr(cls, name), "__wrapped__"), f"{cls.__name__}.{name} does not take the lock"
         assert hasattr(cls.active_ranks.fget, "__wrapped__")
