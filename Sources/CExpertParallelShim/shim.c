@@ -195,6 +195,10 @@ int ep_shim_test_spawn_connector(const char* name, int length, unsigned int uid)
     pid_t child = fork();
     if (child < 0) return -errno;
     if (child > 0) return (int)child;
+    /* The child of a multithreaded test process holds a copy of every descriptor open at the
+     * fork, other tests' listening sockets included (no exec follows to apply CLOEXEC): close
+     * them all, so that no socket outlives its owner's close() while this child runs. */
+    for (int fd = 3; fd < 4096; ++fd) close(fd);
     if (uid != (unsigned int)getuid() && syscall(SYS_setresuid, uid, uid, uid) != 0) _exit(3);
     int fd = -1;
     for (int attempt = 0; attempt < 200; ++attempt) {   // up to about 2 s
