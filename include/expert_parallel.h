@@ -94,7 +94,8 @@ typedef enum {
     epFloat32 = 2,  /* token payloads, routing weights */
     epInt32 = 3,    /* routing indices */
     epInt64 = 4,    /* routing indices */
-    epUInt8 = 5     /* raw-byte token payloads (dispatch only) */
+    epUInt8 = 5,    /* raw-byte token payloads (dispatch only) */
+    epFloat8E4M3 = 6 /* OCP FP8 e4m3 (torch float8_e4m3fn): the rows of an FP8 dispatch (v3) */
 } epDataType_t;
 
 typedef enum {
@@ -136,6 +137,20 @@ typedef enum {
                           * enqueues the receiving half with epGroupComplete / epComplete before the
                           * next data-path call of the group. Host group: runs the whole call. */
 } epCallPhase_t;
+
+/* FP8 dispatch (v3, docs/fp8.md): the scale of each block of a row. */
+typedef enum {
+    epFP8None = 0,          /* no FP8: rows move in the element type */
+    epFP8Float32Block128 = 1, /* float32 scale per 128 elements (DeepSeek) */
+    epFP8UE8M0Block128 = 2, /* power-of-two scale per 128 elements, exponent bytes packed 4 per int32 */
+    epFP8E8M0Block32 = 3    /* power-of-two scale per 32 elements (MXFP8), packed 4 per int32 */
+} epFP8Scales_t;
+
+/* Where an FP8 dispatch's e4m3 rows come from (v3). */
+typedef enum {
+    epFP8Quantize = 0,   /* the dispatch quantises the caller's elementType rows */
+    epFP8PassThrough = 1 /* the caller gives e4m3 rows and their scales (epDispatchInputs_t.scales) */
+} epFP8Source_t;
 
 /* The group-owned buffers of an NCCL-rank group (epGroupGetBuffer, v3). */
 typedef enum {
@@ -204,6 +219,11 @@ typedef struct {
     int64_t maxReceivedTokensPerRank; /* HT receive capacity N in rows; 0 = automatic (never overflows); LL: 0 */
     epOverflowPolicy_t overflow;
     double timeoutSeconds;            /* bound on every wait for another rank, in [1e-9, 86400]; 0 = 10 s */
+    /* v3: FP8 dispatch (docs/fp8.md). With a scale mode, rows move as e4m3 (epFloat8E4M3) with a
+     * scale per block; elementType (bf16, f16, f32) is what combine runs in and, with
+     * epFP8Quantize, what dispatch reads. CPU backend only so far. */
+    epFP8Scales_t fp8Scales;
+    epFP8Source_t fp8Source;
 } epGroupConfig_t;
 
 /* Tuning of the GPU kernels (v3); 0 in a field means its default. */
@@ -246,6 +266,13 @@ typedef struct {
     /* v3 */
     int32_t bufferSlots;             /* NCCL-rank group: receive buffer slots (epGroupGetBuffer); else 0 */
     int32_t multiprocessors;         /* GPU groups: SMs the group's kernels may use; host: 0 */
+    epFP8Scales_t fp8Scales;         /* as configured */
+    epFP8Source_t fp8Source;
+    epDataType_t receiveElementType; /* of the dispatch `tokens` output: elementType, or epFloat8E4M3 */
+    int32_t receiveScalesNdim;       /* FP8: the dispatch `scales` output (receiveShape, last dimension the
+                                      * scale words of a row: float32 scales, or int32 words of 4 exponent
+                                      * bytes); 0 without FP8 */
+    int64_t receiveScalesShape[EP_MAX_DIMS];
 } epGroupInfo_t;
 
 /* Creates a group of `config->ranks` ranks on the chosen backend (NULL: host). Control path:
@@ -286,6 +313,8 @@ typedef struct {
     size_t structSize;
     const epTensor_t* tokens;       /* [B, H] of the element type */
     const epTensor_t* topkWeights;  /* [B, K] float32; required except for LL expert-major */
+    /* v3: FP8 pass-through: [B, scale words] of `tokens` (e4m3 or uint8 codes); else NULL */
+    const epTensor_t* scales;
 } epDispatchInputs_t;
 
 typedef struct {
@@ -302,6 +331,8 @@ typedef struct {
      * layoutInfo's expertCounters / expertSourceCounters. */
     const epTensor_t* expertCounts;
     const epTensor_t* expertSourceCounts;
+    /* v3: FP8 groups: the received rows' scales, receiveScalesShape (required); else NULL */
+    const epTensor_t* scales;
 } epDispatchOutputs_t;
 
 typedef struct {

@@ -24,8 +24,20 @@ extension GroupConfig {
     public func validateDispatch(
         _ input: DispatchInput, _ output: DispatchOutput, tokens: Int, location: MemoryLocation = .host
     ) throws(EPError) {
-        try TensorCheck.require(input.tokens, "input.tokens", dtypes: [elementType], shape: [tokens, hidden], location: location)
-        try TensorCheck.require(output.tokens, "output.tokens", dtypes: [elementType], shape: receiveShape, location: location)
+        try TensorCheck.require(input.tokens, "input.tokens", dtypes: Self.rowTypes(dispatchInputType), shape: [tokens, hidden], location: location)
+        try TensorCheck.require(output.tokens, "output.tokens", dtypes: Self.rowTypes(receiveElementType), shape: receiveShape, location: location)
+        if let fp8, let format = fp8Format, let scalesShape = receiveScalesShape {
+            if fp8.source == .passThrough {
+                try TensorCheck.require(input.scales, "input.scales", dtypes: [fp8.scaleType], shape: [tokens, format.scaleWordsPerRow], location: location)
+            } else if input.scales != nil {
+                throw .invalidArgument(field: "input.scales", value: "given", requirement: "must be nil: this group quantises the rows itself (fp8 \(fp8))")
+            }
+            try TensorCheck.require(output.scales, "output.scales", dtypes: [fp8.scaleType], shape: scalesShape, location: location)
+        } else {
+            for (scales, name) in [(input.scales, "input.scales"), (output.scales, "output.scales")] where scales != nil {
+                throw .invalidArgument(field: name, value: "given", requirement: "must be nil: only FP8 groups move scales")
+            }
+        }
         if let routingShape = receiveRoutingShape {
             try TensorCheck.require(input.topkWeights, "input.topkWeights", dtypes: [.f32], shape: [tokens, topK], location: location)
             try TensorCheck.require(output.topkIdx, "output.topkIdx", dtypes: [.i32, .i64], shape: routingShape, location: location)

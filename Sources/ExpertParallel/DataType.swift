@@ -1,14 +1,15 @@
 /// Element type of a tensor. Token payloads use `bf16`, `f16`, `f32`, or `u8` (raw bytes,
-/// dispatch only); routing uses `i32`/`i64` indices and `f32` weights.
+/// dispatch only); routing uses `i32`/`i64` indices and `f32` weights; `e4m3` is OCP FP8 (torch
+/// `float8_e4m3fn`), the rows of an FP8 dispatch (docs/fp8.md).
 public enum DataType: String, Sendable, Hashable, CaseIterable, CustomStringConvertible {
-    case bf16, f16, f32, i32, i64, u8
+    case bf16, f16, f32, i32, i64, u8, e4m3
 
     public var byteSize: Int {
         switch self {
         case .bf16, .f16: 2
         case .f32, .i32: 4
         case .i64: 8
-        case .u8: 1
+        case .u8, .e4m3: 1
         }
     }
 

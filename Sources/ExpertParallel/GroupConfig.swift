@@ -50,11 +50,13 @@ public struct GroupConfig: Sendable, Hashable {
     public var overflow: OverflowPolicy
     /// Bound on every wait for another rank.
     public var timeout: Duration
+    /// FP8 dispatch (nil: rows move in `elementType`).
+    public var fp8: FP8Dispatch?
 
     public init(
         algorithm: Algorithm, ranks: Int, experts: Int, topK: Int, hidden: Int,
         elementType: DataType = .bf16, maxTokensPerRank: Int, maxReceivedTokensPerRank: Int? = nil,
-        layout: Layout? = nil, overflow: OverflowPolicy = .fail, timeout: Duration = .seconds(10)
+        layout: Layout? = nil, overflow: OverflowPolicy = .fail, timeout: Duration = .seconds(10), fp8: FP8Dispatch? = nil
     ) {
         self.algorithm = algorithm
         self.ranks = ranks
@@ -67,6 +69,7 @@ public struct GroupConfig: Sendable, Hashable {
         self.layout = layout ?? (algorithm == .lowLatency ? .expertMajor : .flat)
         self.overflow = overflow
         self.timeout = timeout
+        self.fp8 = fp8
     }
 
     /// Experts per rank, L = E / R.
@@ -114,6 +117,14 @@ public struct GroupConfig: Sendable, Hashable {
             throw fail("hidden", hidden, "hidden × \(elementType.byteSize) bytes (= \(rowBytes)) must be a multiple of 8 bytes")
         }
         guard maxTokensPerRank >= 1 else { throw fail("maxTokensPerRank", maxTokensPerRank, "must be ≥ 1") }
+        if let fp8 {
+            guard elementType.isFloating else {
+                throw fail("elementType", elementType, "must be bf16, f16 or f32 with fp8 (\(fp8)): combine runs in it")
+            }
+            guard hidden % fp8.scales.blockSize == 0 else {
+                throw fail("hidden", hidden, "must be a multiple of \(fp8.scales.blockSize), the block of FP8 scale mode \(fp8.scales)")
+            }
+        }
         // Every wait counts whole nanoseconds (the kernels take the timeout in ns): a shorter one
         // would be 0. The value is echoed as given.
         guard timeout >= .nanoseconds(1) else { throw fail("timeout", timeout, "must be ≥ 1 nanosecond") }

@@ -5,10 +5,14 @@ public struct DispatchInput: Sendable {
     /// `[B, K]` float32 routing weights; required by every layout except LL expert-major (whose
     /// source keeps its weights for combine).
     public var topkWeights: TensorRef?
+    /// FP8 pass-through groups: `[B, scale words]` scales of `tokens` (e4m3), float32 or packed
+    /// exponent bytes (int32), as docs/fp8.md says.
+    public var scales: TensorRef?
 
-    public init(tokens: TensorRef, topkWeights: TensorRef? = nil) {
+    public init(tokens: TensorRef, topkWeights: TensorRef? = nil, scales: TensorRef? = nil) {
         self.tokens = tokens
         self.topkWeights = topkWeights
+        self.scales = scales
     }
 }
 
@@ -29,16 +33,19 @@ public struct DispatchOutput: Sendable {
     public var expertCounts: TensorRef?
     /// Optional: rows per (local expert, source rank), `[L, R]` int32, likewise.
     public var expertSourceCounts: TensorRef?
+    /// FP8 groups: the received rows' scales, `receiveScalesShape` (float32 or int32 words).
+    public var scales: TensorRef?
 
     public init(
         tokens: TensorRef, topkIdx: TensorRef? = nil, topkWeights: TensorRef? = nil, expertCounts: TensorRef? = nil,
-        expertSourceCounts: TensorRef? = nil
+        expertSourceCounts: TensorRef? = nil, scales: TensorRef? = nil
     ) {
         self.tokens = tokens
         self.topkIdx = topkIdx
         self.topkWeights = topkWeights
         self.expertCounts = expertCounts
         self.expertSourceCounts = expertSourceCounts
+        self.scales = scales
     }
 }
 

@@ -17,7 +17,8 @@ enum ABIEnum {
         case epInt32: .i32
         case epInt64: .i64
         case epUInt8: .u8
-        default: throw invalid(field(), value.rawValue, "epBFloat16 (0), epFloat16 (1), epFloat32 (2), epInt32 (3), epInt64 (4), epUInt8 (5)")
+        case epFloat8E4M3: .e4m3
+        default: throw invalid(field(), value.rawValue, "epBFloat16 (0), epFloat16 (1), epFloat32 (2), epInt32 (3), epInt64 (4), epUInt8 (5), epFloat8E4M3 (6)")
         }
     }
 
@@ -29,6 +30,7 @@ enum ABIEnum {
         case .i32: epInt32
         case .i64: epInt64
         case .u8: epUInt8
+        case .e4m3: epFloat8E4M3
         }
     }
 
@@ -88,6 +90,38 @@ enum ABIEnum {
         case epLaunchPerRank: .perRank
         default: throw invalid(field(), value.rawValue, "epLaunchSingle (0), epLaunchPerRank (1)")
         }
+    }
+
+    static func fp8(_ scales: epFP8Scales_t, _ source: epFP8Source_t) throws(EPError) -> FP8Dispatch? {
+        let mode: FP8ScaleMode? = switch scales {
+        case epFP8None: nil
+        case epFP8Float32Block128: .float32Block128
+        case epFP8UE8M0Block128: .ue8m0Block128
+        case epFP8E8M0Block32: .e8m0Block32
+        default: throw invalid("fp8Scales", scales.rawValue, "epFP8None (0), epFP8Float32Block128 (1), epFP8UE8M0Block128 (2), epFP8E8M0Block32 (3)")
+        }
+        let from: FP8Dispatch.Source = switch source {
+        case epFP8Quantize: .quantize
+        case epFP8PassThrough: .passThrough
+        default: throw invalid("fp8Source", source.rawValue, "epFP8Quantize (0), epFP8PassThrough (1)")
+        }
+        guard let mode else {
+            guard from == .quantize else {
+                throw .invalidConfig(field: "fp8Source", value: "epFP8PassThrough", requirement: "needs an fp8Scales mode")
+            }
+            return nil
+        }
+        return FP8Dispatch(scales: mode, source: from)
+    }
+
+    static func fp8(_ value: FP8Dispatch?) -> (epFP8Scales_t, epFP8Source_t) {
+        guard let value else { return (epFP8None, epFP8Quantize) }
+        let scales = switch value.scales {
+        case .float32Block128: epFP8Float32Block128
+        case .ue8m0Block128: epFP8UE8M0Block128
+        case .e8m0Block32: epFP8E8M0Block32
+        }
+        return (scales, value.source == .quantize ? epFP8Quantize : epFP8PassThrough)
     }
 
     static func phase(_ value: epCallPhase_t, _ field: @autoclosure () -> String) throws(EPError) -> CallPhase {

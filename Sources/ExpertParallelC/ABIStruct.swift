@@ -15,11 +15,11 @@ extension ABIStruct {
 }
 
 extension epTensor_t: ABIStruct {}
-extension epGroupConfig_t: ABIStruct {}
+extension epGroupConfig_t: ABIStruct { static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.fp8Scales)!] } }
 extension epBackendConfig_t: ABIStruct { static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.tuning)!] } }
 extension epLayoutInfo_t: ABIStruct {}
 extension epUpdateInputs_t: ABIStruct {}
-extension epDispatchInputs_t: ABIStruct {}
+extension epDispatchInputs_t: ABIStruct { static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.scales)!] } }
 extension epCombineInputs_t: ABIStruct {}
 extension epCombineOutputs_t: ABIStruct {}
 extension epNCCLRankConfig_t: ABIStruct { static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.tuning)!] } }

@@ -7,7 +7,8 @@ import ExpertParallelGPU
 extension DispatchInput {
     init(_ c: epDispatchInputs_t, _ name: @autoclosure () -> String) throws(EPError) {
         self.init(tokens: try TensorDescriptor.tensor(c.tokens, "\(name()).tokens"),
-                  topkWeights: try TensorDescriptor.optionalTensor(c.topkWeights, "\(name()).topkWeights"))
+                  topkWeights: try TensorDescriptor.optionalTensor(c.topkWeights, "\(name()).topkWeights"),
+                  scales: try TensorDescriptor.optionalTensor(c.scales, "\(name()).scales"))
     }
 }
 
@@ -17,7 +18,8 @@ extension DispatchOutput {
                   topkIdx: try TensorDescriptor.optionalTensor(c.topkIdx, "\(name()).topkIdx"),
                   topkWeights: try TensorDescriptor.optionalTensor(c.topkWeights, "\(name()).topkWeights"),
                   expertCounts: try TensorDescriptor.optionalTensor(c.expertCounts, "\(name()).expertCounts"),
-                  expertSourceCounts: try TensorDescriptor.optionalTensor(c.expertSourceCounts, "\(name()).expertSourceCounts"))
+                  expertSourceCounts: try TensorDescriptor.optionalTensor(c.expertSourceCounts, "\(name()).expertSourceCounts"),
+                  scales: try TensorDescriptor.optionalTensor(c.scales, "\(name()).scales"))
     }
 }
 

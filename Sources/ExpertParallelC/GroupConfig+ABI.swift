@@ -40,7 +40,8 @@ extension GroupConfig {
             topK: Int(c.topK), hidden: hidden, elementType: try ABIEnum.dataType(c.elementType, "elementType"),
             maxTokensPerRank: maxTokens, maxReceivedTokensPerRank: maxReceived == 0 ? nil : maxReceived,
             layout: try ABIEnum.layout(layoutValue, alignment: alignment, "layout"),
-            overflow: try ABIEnum.overflow(c.overflow, "overflow"), timeout: timeout)
+            overflow: try ABIEnum.overflow(c.overflow, "overflow"), timeout: timeout,
+            fp8: try ABIEnum.fp8(c.fp8Scales, c.fp8Source))
         self = try validated()
     }
 
@@ -65,6 +66,11 @@ extension GroupConfig {
         let routingShape = receiveRoutingShape ?? []
         info.receiveRoutingNdim = Int32(routingShape.count)
         setInt64Values(&info.receiveRoutingShape, routingShape)
+        (info.fp8Scales, info.fp8Source) = ABIEnum.fp8(fp8)
+        info.receiveElementType = ABIEnum.dataType(receiveElementType)
+        let scalesShape = receiveScalesShape ?? []
+        info.receiveScalesNdim = Int32(scalesShape.count)
+        setInt64Values(&info.receiveScalesShape, scalesShape)
         return info
     }
 }

@@ -130,8 +130,8 @@ static void collectiveStep(void) {
     for (int r = 0; r < R; r++) {
         setUp(&b[r], r);
         update[r] = (epUpdateInputs_t){sizeof(epUpdateInputs_t), &b[r].tidx};
-        din[r] = (epDispatchInputs_t){sizeof(epDispatchInputs_t), &b[r].tx, NULL};
-        dout[r] = (epDispatchOutputs_t){sizeof(epDispatchOutputs_t), &b[r].trecv, NULL, NULL, &b[r].info, NULL, NULL};
+        din[r] = (epDispatchInputs_t){sizeof(epDispatchInputs_t), &b[r].tx, NULL, NULL};
+        dout[r] = (epDispatchOutputs_t){sizeof(epDispatchOutputs_t), &b[r].trecv, NULL, NULL, &b[r].info, NULL, NULL, NULL};
         /* The experts are the identity: the received rows are the expert outputs. */
         cin[r] = (epCombineInputs_t){sizeof(epCombineInputs_t), &b[r].trecv, &b[r].tw, NULL};
         cout[r] = (epCombineOutputs_t){sizeof(epCombineOutputs_t), &b[r].ty, NULL};
@@ -198,8 +198,8 @@ static void* runRank(void* argument) {
     RankThread* t = argument;
     RankBuffers* b = t->buffers;
     epUpdateInputs_t update = {sizeof update, &b->tidx};
-    epDispatchInputs_t din = {sizeof din, &b->tx, NULL};
-    epDispatchOutputs_t dout = {sizeof dout, &b->trecv, NULL, NULL, &b->info, NULL, NULL};
+    epDispatchInputs_t din = {sizeof din, &b->tx, NULL, NULL};
+    epDispatchOutputs_t dout = {sizeof dout, &b->trecv, NULL, NULL, &b->info, NULL, NULL, NULL};
     epCombineInputs_t cin = {sizeof cin, &b->trecv, &b->tw, NULL};
     epCombineOutputs_t cout = {sizeof cout, &b->ty, NULL};
     t->results[0] = epHandleUpdate(t->handle, &update, NULL, NULL);
@@ -238,8 +238,15 @@ static void configErrors(void) {
     config.experts = 5;
     CHECK_FAILS(epGroupCreate(&config, NULL, &group), epInvalidArgument, "experts = 5; must be a multiple of ranks (2)");
     config = smallConfig();
-    config.structSize = sizeof config - 8;
+    config.structSize = sizeof config - 4;   /* the size of no ABI version */
     CHECK_FAILS(epGroupCreate(&config, NULL, &group), epInvalidArgument, "config.structSize");
+    /* FP8 (v3): hidden must be a multiple of the scale block; pass-through needs a scale mode. */
+    config = smallConfig();
+    config.fp8Scales = epFP8Float32Block128;
+    CHECK_FAILS(epGroupCreate(&config, NULL, &group), epInvalidArgument, "hidden = 8; must be a multiple of 128");
+    config = smallConfig();
+    config.fp8Source = epFP8PassThrough;
+    CHECK_FAILS(epGroupCreate(&config, NULL, &group), epInvalidArgument, "fp8Source");
     config = smallConfig();
     config.layout = epLayoutFlat;
     CHECK_FAILS(epGroupCreate(&config, NULL, &group), epInvalidArgument, "layout");
@@ -255,8 +262,8 @@ static void configErrors(void) {
     epDispatchOutputs_t dout[R];
     for (int r = 0; r < R; r++) {
         setUp(&b[r], r);
-        din[r] = (epDispatchInputs_t){sizeof(epDispatchInputs_t), &b[r].tx, NULL};
-        dout[r] = (epDispatchOutputs_t){sizeof(epDispatchOutputs_t), &b[r].trecv, NULL, NULL, NULL, NULL, NULL};
+        din[r] = (epDispatchInputs_t){sizeof(epDispatchInputs_t), &b[r].tx, NULL, NULL};
+        dout[r] = (epDispatchOutputs_t){sizeof(epDispatchOutputs_t), &b[r].trecv, NULL, NULL, NULL, NULL, NULL, NULL};
     }
     CHECK_FAILS(epGroupDispatchAll(group, din, dout, NULL, NULL), epInvalidUsage, "update");
     CHECK_OK(epGroupDestroy(group));
@@ -395,8 +402,8 @@ static void steps(void) {
         tcounts[r] = epMakeTensor(counts[r], epInt32, 1, cs, -1);
         tsources[r] = epMakeTensor(sourceCounts[r], epInt32, 2, ss, -1);
         update[r] = (epUpdateInputs_t){sizeof(epUpdateInputs_t), &b[r].tidx};
-        din[r] = (epDispatchInputs_t){sizeof(epDispatchInputs_t), &b[r].tx, NULL};
-        dout[r] = (epDispatchOutputs_t){sizeof(epDispatchOutputs_t), &b[r].trecv, NULL, NULL, &b[r].info, &tcounts[r], &tsources[r]};
+        din[r] = (epDispatchInputs_t){sizeof(epDispatchInputs_t), &b[r].tx, NULL, NULL};
+        dout[r] = (epDispatchOutputs_t){sizeof(epDispatchOutputs_t), &b[r].trecv, NULL, NULL, &b[r].info, &tcounts[r], &tsources[r], NULL};
         cin[r] = (epCombineInputs_t){sizeof(epCombineInputs_t), &b[r].trecv, &b[r].tw, NULL};
         cout[r] = (epCombineOutputs_t){sizeof(epCombineOutputs_t), &b[r].ty, NULL};
     }

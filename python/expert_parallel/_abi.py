@@ -24,9 +24,13 @@ NCCL_ERROR = 8
 INTERNAL_ERROR = 9
 
 # epDataType_t
-BF16, F16, F32, I32, I64, U8 = range(6)
-DTYPE_NAMES = {BF16: "bf16", F16: "f16", F32: "f32", I32: "i32", I64: "i64", U8: "u8"}
-DTYPE_SIZES = {BF16: 2, F16: 2, F32: 4, I32: 4, I64: 8, U8: 1}
+BF16, F16, F32, I32, I64, U8, E4M3 = range(7)
+DTYPE_NAMES = {BF16: "bf16", F16: "f16", F32: "f32", I32: "i32", I64: "i64", U8: "u8", E4M3: "e4m3"}
+DTYPE_SIZES = {BF16: 2, F16: 2, F32: 4, I32: 4, I64: 8, U8: 1, E4M3: 1}
+# epFP8Scales_t, epFP8Source_t
+FP8_SCALES = {None: 0, "float32": 1, "ue8m0": 2, "e8m0": 3}
+FP8_BLOCKS = {"float32": 128, "ue8m0": 128, "e8m0": 32}
+FP8_SOURCES = {"quantize": 0, "pass_through": 1}
 
 # epAlgorithm_t
 ALGORITHMS = {"ll": 0, "ht": 1}
@@ -87,6 +91,8 @@ class GroupConfig(Struct):
         ("maxReceivedTokensPerRank", c_int64),
         ("overflow", c_enum),
         ("timeoutSeconds", c_double),
+        ("fp8Scales", c_enum),
+        ("fp8Source", c_enum),
     ]
 
 
@@ -128,6 +134,11 @@ class GroupInfo(Struct):
         ("receiveRoutingShape", c_int64 * MAX_DIMS),
         ("bufferSlots", c_int32),
         ("multiprocessors", c_int32),
+        ("fp8Scales", c_enum),
+        ("fp8Source", c_enum),
+        ("receiveElementType", c_enum),
+        ("receiveScalesNdim", c_int32),
+        ("receiveScalesShape", c_int64 * MAX_DIMS),
     ]
 
 
@@ -152,7 +163,8 @@ class UpdateConfig(Struct):
 
 
 class DispatchInputs(Struct):
-    _fields_ = [("structSize", c_size_t), ("tokens", POINTER(Tensor)), ("topkWeights", POINTER(Tensor))]
+    _fields_ = [("structSize", c_size_t), ("tokens", POINTER(Tensor)), ("topkWeights", POINTER(Tensor)),
+                ("scales", POINTER(Tensor))]
 
 
 class DispatchOutputs(Struct):
@@ -164,6 +176,7 @@ class DispatchOutputs(Struct):
         ("layoutInfo", POINTER(LayoutInfo)),
         ("expertCounts", POINTER(Tensor)),
         ("expertSourceCounts", POINTER(Tensor)),
+        ("scales", POINTER(Tensor)),
     ]
 
 

@@ -11,7 +11,8 @@ from .errors import InvalidArgumentError, OutOfMemoryError
 _NUMPY_DTYPES = {"float16": _abi.F16, "float32": _abi.F32, "int32": _abi.I32, "int64": _abi.I64,
                  "uint8": _abi.U8, "bfloat16": _abi.BF16}
 _TORCH_DTYPES = {"torch.bfloat16": _abi.BF16, "torch.float16": _abi.F16, "torch.float32": _abi.F32,
-                 "torch.int32": _abi.I32, "torch.int64": _abi.I64, "torch.uint8": _abi.U8}
+                 "torch.int32": _abi.I32, "torch.int64": _abi.I64, "torch.uint8": _abi.U8,
+                 "torch.float8_e4m3fn": _abi.E4M3}
 _DTYPE_ALIASES = {"bf16": _abi.BF16, "bfloat16": _abi.BF16, "f16": _abi.F16, "float16": _abi.F16, "half": _abi.F16,
                   "f32": _abi.F32, "float32": _abi.F32, "float": _abi.F32, "u8": _abi.U8, "uint8": _abi.U8,
                   "torch.bfloat16": _abi.BF16, "torch.float16": _abi.F16, "torch.float32": _abi.F32, "torch.uint8": _abi.U8}
@@ -45,12 +46,16 @@ def kind(value):
 
 
 def ep_dtype(value, expected):
-    """The epDataType_t of an array; uint16 NumPy arrays hold raw bf16 bits where bf16 is expected."""
+    """The epDataType_t of an array; uint16 NumPy arrays hold raw bf16 bits where bf16 is expected,
+    uint8 arrays (and tensors) the codes of e4m3 where e4m3 is expected."""
     if is_torch(value):
-        return _TORCH_DTYPES.get(str(value.dtype))
+        code = _TORCH_DTYPES.get(str(value.dtype))
+        return _abi.E4M3 if code == _abi.U8 and _abi.E4M3 in expected and _abi.U8 not in expected else code
     name = value.dtype.name
     if name == "uint16" and _abi.BF16 in expected:
         return _abi.BF16
+    if name == "uint8" and _abi.E4M3 in expected:
+        return _abi.E4M3
     return _NUMPY_DTYPES.get(name)
 
 
@@ -179,12 +184,13 @@ class Allocator:
             import torch
 
             dtypes = {_abi.BF16: torch.bfloat16, _abi.F16: torch.float16, _abi.F32: torch.float32,
-                      _abi.I32: torch.int32, _abi.I64: torch.int64, _abi.U8: torch.uint8}
+                      _abi.I32: torch.int32, _abi.I64: torch.int64, _abi.U8: torch.uint8,
+                      _abi.E4M3: getattr(torch, "float8_e4m3fn", torch.uint8)}
             return torch.zeros(shape, dtype=dtypes[ep_type], device=self.like.device)
         import numpy
 
         if like_dtype is not None:
             return numpy.zeros(shape, dtype=like_dtype)
         dtypes = {_abi.F16: numpy.float16, _abi.F32: numpy.float32, _abi.I32: numpy.int32,
-                  _abi.I64: numpy.int64, _abi.U8: numpy.uint8, _abi.BF16: numpy.uint16}
+                  _abi.I64: numpy.int64, _abi.U8: numpy.uint8, _abi.BF16: numpy.uint16, _abi.E4M3: numpy.uint8}
         return numpy.zeros(shape, dtype=dtypes[ep_type])

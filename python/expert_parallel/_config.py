@@ -37,7 +37,7 @@ def seconds(value, name):
 
 
 def group_config(*, ranks, experts, hidden, top_k, max_tokens, algorithm, layout, alignment, dtype, max_recv_tokens,
-                 overflow, timeout):
+                 overflow, timeout, fp8=None, fp8_source="quantize"):
     """The epGroupConfig_t of the settings and its element type; the library checks the bounds."""
     algorithm_value = choice(algorithm, "algorithm", _abi.ALGORITHMS)
     if layout is None:
@@ -52,7 +52,9 @@ def group_config(*, ranks, experts, hidden, top_k, max_tokens, algorithm, layout
         topK=integer(top_k, "top_k", 0, INT32), hidden=integer(hidden, "hidden", 0, INT64),
         elementType=element, maxTokensPerRank=integer(max_tokens, "max_tokens", 0, INT64),
         maxReceivedTokensPerRank=0 if max_recv_tokens is None else integer(max_recv_tokens, "max_recv_tokens", 1, INT64),
-        overflow=choice(overflow, "overflow", _abi.OVERFLOW_POLICIES), timeoutSeconds=seconds(timeout, "timeout"))
+        overflow=choice(overflow, "overflow", _abi.OVERFLOW_POLICIES), timeoutSeconds=seconds(timeout, "timeout"),
+        fp8Scales=0 if fp8 is None else choice(fp8, "fp8", {k: v for k, v in _abi.FP8_SCALES.items() if k}),
+        fp8Source=choice(fp8_source, "fp8_source", _abi.FP8_SOURCES))
     return config, element
 
 
@@ -74,6 +76,14 @@ def describe(target, group, algorithm, element):
     target.recv_shape = tuple(info.receiveShape[:info.receiveNdim])
     #: shape of the dispatch ``topk_idx``/``topk_weights`` outputs (None for LL expert-major)
     target.recv_routing_shape = tuple(info.receiveRoutingShape[:info.receiveRoutingNdim]) or None
+    #: FP8 groups: the scale mode ("float32", "ue8m0", "e8m0") and source ("quantize", "pass_through")
+    target.fp8 = {v: k for k, v in _abi.FP8_SCALES.items()}[info.fp8Scales]
+    target.fp8_source = {v: k for k, v in _abi.FP8_SOURCES.items()}[info.fp8Source]
+    target._recv_element = info.receiveElementType
+    #: shape of the dispatch ``scales`` output per rank (FP8 groups; None otherwise): float32
+    #: scales, or int32 words of four exponent bytes
+    target.recv_scales_shape = tuple(info.receiveScalesShape[:info.receiveScalesNdim]) or None
+    target._scale_type = _abi.F32 if target.fp8 == "float32" else _abi.I32
 
 
 def check_buffers(target, copies):

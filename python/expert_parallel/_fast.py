@@ -19,6 +19,8 @@ def _torch_dtype_codes():
 
         _torch_codes = {torch.bfloat16: _abi.BF16, torch.float16: _abi.F16, torch.float32: _abi.F32,
                         torch.int32: _abi.I32, torch.int64: _abi.I64, torch.uint8: _abi.U8}
+        if hasattr(torch, "float8_e4m3fn"):
+            _torch_codes[torch.float8_e4m3fn] = _abi.E4M3
     return _torch_codes
 
 
@@ -39,7 +41,8 @@ def look(value, expected):
         if known is None:
             known = _numpy_dtypes[dtype] = (dtype.name, dtype.isnative)
         name, native = known
-        code = _abi.BF16 if name == "uint16" and _abi.BF16 in expected else _NUMPY_CODES.get(name)
+        code = (_abi.BF16 if name == "uint16" and _abi.BF16 in expected
+                else _abi.E4M3 if name == "uint8" and _abi.E4M3 in expected else _NUMPY_CODES.get(name))
         flags = value.flags
         return (value.__array_interface__["data"][0], code, value.shape, -1,
                 flags.c_contiguous and flags.aligned and native)

@@ -147,6 +147,7 @@ class DispatchResult:
         self.expert_source_counts = expert_source_counts
         self.event = event
         self.hook = hook
+        self.scales: Any = None   # FP8 groups: the received scales per rank
 
     @property
     def layout(self) -> Any:

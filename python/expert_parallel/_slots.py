@@ -24,7 +24,11 @@ class Slot:
         element_dtype = None   # the element type's own array type (NumPy bf16: uint16 bits)
         recv, routing = group.recv_shape, group.recv_routing_shape
         name = f"buffer slot {index}"
-        self.received = allocate.zeros((r,) + recv, element, element_dtype, name=f"{name} tokens", hint=_SIZE_HINT)
+        received_element = group._recv_element   # e4m3 for an FP8 group
+        self.received = allocate.zeros((r,) + recv, received_element, element_dtype, name=f"{name} tokens", hint=_SIZE_HINT)
+        self.scales = None
+        if group.recv_scales_shape is not None:
+            self.scales = allocate.zeros((r,) + group.recv_scales_shape, group._scale_type, name=f"{name} scales", hint=_SIZE_HINT)
         self.received_idx = self.received_w = None
         if routing is not None:
             self.received_idx = allocate.zeros((r,) + routing, _abi.I32, name=f"{name} topk_idx", hint=_SIZE_HINT)
@@ -40,6 +44,7 @@ class Slot:
         self.views = [self.received[i] for i in range(r)]
         self.idx_views = None if routing is None else [self.received_idx[i] for i in range(r)]
         self.w_views = None if routing is None else [self.received_w[i] for i in range(r)]
+        self.scale_views = None if self.scales is None else [self.scales[i] for i in range(r)]
         self._combined_key = None
         self._combined_views = None
         self._targets = None        # (tokens, backward HT) the combine outputs point at
@@ -47,7 +52,8 @@ class Slot:
 
         # The dispatch outputs, fixed for the slot's life.
         device = group._device
-        self.recv_desc = self._stacked(self.received, element, recv, device)
+        self.recv_desc = self._stacked(self.received, received_element, recv, device)
+        self.scales_desc = None if self.scales is None else self._stacked(self.scales, group._scale_type, group.recv_scales_shape, device)
         self.idx_desc = None if routing is None else self._stacked(self.received_idx, _abi.I32, routing, device)
         self.w_desc = None if routing is None else self._stacked(self.received_w, _abi.F32, routing, device)
         self.counts_desc = self._stacked(self.counts, _abi.I32, (l,), device)
@@ -59,7 +65,8 @@ class Slot:
                 topkIdx=None if self.idx_desc is None else self.idx_desc.pointers[i],
                 topkWeights=None if self.w_desc is None else self.w_desc.pointers[i],
                 layoutInfo=None, expertCounts=self.counts_desc.pointers[i],
-                expertSourceCounts=self.source_desc.pointers[i])
+                expertSourceCounts=self.source_desc.pointers[i],
+                scales=None if self.scales_desc is None else self.scales_desc.pointers[i])
 
         # The combine outputs: rank i's rows at combined[i, :B_i], patched per call.
         self.out_desc = _fast.Descriptors(r, device, element, (h,))

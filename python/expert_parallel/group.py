@@ -49,6 +49,10 @@ class VirtualGroup(GroupBase):
     "u8"); NumPy has no bf16, so bf16 arrays are uint16 arrays of the raw bits.
     ``max_recv_tokens``: HT receive capacity (None: one that never overflows). ``overflow``:
     "fail" or "drop" (both backends). ``timeout``: seconds any rank waits for another.
+    ``fp8``: FP8 dispatch (docs/fp8.md; CPU backend so far): rows move as e4m3 with a scale per
+    block, "float32" (per 128), "ue8m0" (per 128) or "e8m0" (per 32); ``fp8_source="quantize"``
+    quantises the ``dtype`` rows given to dispatch, ``"pass_through"`` takes e4m3 rows (torch
+    ``float8_e4m3fn``, NumPy ``uint8`` codes) and ``scales=``. Combine stays in ``dtype``.
     ``multiprocessors``: GPU SMs the group may use (None: all); ``tuning``: the GPU kernels' knobs
     (a dict: ``pipeline_depth``, ``rows_in_flight``, ``row_pieces``, ``blocks_per_multiprocessor``;
     see ep-bench's options of the same names). ``buffer_slots``: how many sets of
@@ -64,7 +68,8 @@ class VirtualGroup(GroupBase):
                  algorithm: Algorithm = "ll", layout: Optional[Layout] = None, alignment: int = 1,
                  dtype: DType = "bf16", device: str = "cpu", max_recv_tokens: Optional[int] = None,
                  overflow: Overflow = "fail", timeout: Seconds = 10.0, multiprocessors: Optional[int] = None,
-                 buffer_slots: int = 2, tuning: Optional[dict] = None) -> None:
+                 buffer_slots: int = 2, tuning: Optional[dict] = None, fp8: Optional[str] = None,
+                 fp8_source: str = "quantize") -> None:
         library = load()
         self._group = None
         self._device = _device_ordinal(device)
@@ -72,7 +77,7 @@ class VirtualGroup(GroupBase):
         config, self._element = _config.group_config(
             ranks=ranks, experts=experts, hidden=hidden, top_k=top_k, max_tokens=max_tokens, algorithm=algorithm,
             layout=layout, alignment=alignment, dtype=dtype, max_recv_tokens=max_recv_tokens, overflow=overflow,
-            timeout=timeout)
+            timeout=timeout, fp8=fp8, fp8_source=fp8_source)
         backend = _abi.new(
             _abi.BackendConfig,
             backend=_abi.BACKEND_HOST if self._device == -1 else _abi.BACKEND_VIRTUAL_GPU,
@@ -107,7 +112,10 @@ class VirtualGroup(GroupBase):
         self._fn_update = library.epGroupUpdateAll
         self._fn_dispatch = library.epGroupDispatchAll
         self._fn_combine = library.epGroupCombineAll
-        self._x = _fast.Descriptors(r, device, self._element, (h,))
+        self._input_element = _abi.E4M3 if self.fp8_source == "pass_through" and self.fp8 else self._element
+        self._x = _fast.Descriptors(r, device, self._input_element, (h,))
+        self._s = None if self.recv_scales_shape is None else _fast.Descriptors(
+            r, device, self._scale_type, (self.recv_scales_shape[-1],))
         self._idx = _fast.Descriptors(r, device, _abi.I32, (k,))
         self._w = _fast.Descriptors(r, device, _abi.F32, (k,))
         self._update_inputs = (_abi.UpdateInputs * r)(
@@ -139,7 +147,7 @@ class VirtualGroup(GroupBase):
     def dispatch(self, xs: PerRank, topk_idx: Optional[PerRank] = None, topk_weights: Optional[PerRank] = None, *,
                  handle: Optional[Handle] = None, direction: Direction = "forward", launch: Launch = "single",
                  out: Any = None, stream: Any = None, wait_event: Any = None, record_event: bool = False,
-                 send_only: bool = False) -> DispatchResult:
+                 send_only: bool = False, scales: Optional[PerRank] = None) -> DispatchResult:
         """Sends every rank's tokens to the ranks of their top-k experts.
 
         ``xs``: ``[B, hidden]`` tokens per rank (a list, or one ``[R, B, hidden]`` array);
@@ -152,7 +160,9 @@ class VirtualGroup(GroupBase):
         ``stream`` (default: the current stream) after ``wait_event``, and return at once;
         ``record_event=True`` records ``result.event`` after them; ``send_only=True`` enqueues
         only the sending half: call ``result.hook()`` (or :meth:`complete`) before the received
-        rows are used and before the group's next call.
+        rows are used and before the group's next call. ``scales``: FP8 pass-through groups, the
+        ``[B, scale words]`` scales of each rank's e4m3 rows (float32, or int32 words of exponent
+        bytes); the received scales come back as ``result.scales``.
         """
         self._check_open()
         r = self.ranks
@@ -166,7 +176,15 @@ class VirtualGroup(GroupBase):
             raise InvalidArgumentError(f"topk_weights: None; layout {self.layout!r} sends the weights with the tokens")
 
         device, element, h, k = self._device, self._element, self.hidden, self.top_k
-        tokens, like = self._rows(xs, "xs", {element}, h, self._x, None)
+        tokens, like = self._rows(xs, "xs", {self._input_element}, h, self._x, None)
+        if self.fp8_source == "pass_through" and self.fp8:
+            if scales is None:
+                raise InvalidArgumentError("scales: None; an FP8 pass-through group takes the scales of its e4m3 rows")
+            self._rows(scales, "scales", {self._scale_type}, self.recv_scales_shape[-1], self._s, tokens)
+            for i in range(r):
+                self._dispatch_inputs[i].scales = self._s.pointers[i]
+        elif scales is not None:
+            raise InvalidArgumentError("scales: given; only FP8 pass-through groups take scales")
         if topk_idx is not None:
             self._rows(topk_idx, "topk_idx", {_abi.I32, _abi.I64}, k, self._idx, tokens)
         elif list(tokens) != list(handle.tokens):
@@ -221,8 +239,10 @@ class VirtualGroup(GroupBase):
             target.received_weights = out_views[2]
             return DispatchResult(out_views[0], out_views[1], out_views[2], target, event=event, hook=hook)
         target.received_weights = slot.w_views
-        return DispatchResult(slot.views, slot.idx_views, slot.w_views, target, received=slot.received,
-                              expert_counts=slot.counts, expert_source_counts=slot.source_counts, event=event, hook=hook)
+        result = DispatchResult(slot.views, slot.idx_views, slot.w_views, target, received=slot.received,
+                                expert_counts=slot.counts, expert_source_counts=slot.source_counts, event=event, hook=hook)
+        result.scales = slot.scale_views
+        return result
 
     @locked
     def combine(self, expert_outputs: PerRank, handle: Handle, *, direction: Direction = "forward",

@@ -1,0 +1,75 @@
+"""FP8 dispatch through the package on the CPU backend: rows arrive as e4m3 codes (NumPy uint8)
+with a scale per block; they decode to the sent rows within e4m3's precision; a pass-through group
+moves the caller's codes and scales unchanged; wrong settings and scales are named errors."""
+
+import numpy as np
+import pytest
+
+import expert_parallel as ep
+
+H = 256
+
+
+def decode_e4m3(codes):
+    """OCP e4m3 codes as float32 (NaN for 0x7F / 0xFF)."""
+    c = codes.astype(np.int32)
+    sign = np.where(c & 0x80, -1.0, 1.0)
+    exponent, mantissa = (c >> 3) & 0xF, c & 0x7
+    value = np.where(exponent == 0, mantissa / 8.0 * 2.0 ** -6, (1 + mantissa / 8.0) * 2.0 ** (exponent - 7))
+    value = np.where((c & 0x7F) == 0x7F, np.nan, value)
+    return (sign * value).astype(np.float32)
+
+
+def block_scales(scales, mode, blocks):
+    if mode == "float32":
+        return scales.astype(np.float32)
+    exponent_bytes = scales.view(np.uint8).reshape(scales.shape[0], -1)[:, :blocks]
+    return (2.0 ** (exponent_bytes.astype(np.float64) - 127)).astype(np.float32)
+
+
+def one_rank(mode, source="quantize", dtype="f32"):
+    return ep.VirtualGroup(ranks=1, experts=1, hidden=H, top_k=1, max_tokens=6, dtype=dtype, fp8=mode, fp8_source=source)
+
+
+@pytest.mark.parametrize("mode", ["float32", "ue8m0", "e8m0"])
+def test_quantised_rows_decode_to_the_sent_rows_and_pass_through_unchanged(mode):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((1, 6, H)) * np.repeat(2.0 ** rng.integers(-6, 6, (1, 6, H // 32)), 32, axis=2)).astype(np.float32)
+    idx = np.zeros((1, 6, 1), np.int32)
+    group = one_rank(mode)
+    assert group.fp8 == mode and group.recv_scales_shape is not None
+    w = np.ones((1, 6, 1), np.float32)
+    out = group.dispatch(x, idx, w)
+    codes, scales = out.tokens[0][0, :6], out.scales[0][0, :6]
+    assert codes.dtype == np.uint8 and scales.dtype == (np.float32 if mode == "float32" else np.int32)
+    block = {"float32": 128, "ue8m0": 128, "e8m0": 32}[mode]
+    per_block = block_scales(scales, mode, H // block)
+    decoded = decode_e4m3(codes) * np.repeat(per_block, block, axis=1)
+    amax = np.repeat(np.abs(x[0]).reshape(6, -1, block).max(axis=2), block, axis=1)
+    # e4m3 keeps 3 mantissa bits: within 1/16 of a value, or of the block's smallest normal step.
+    assert np.all(np.abs(decoded - x[0]) <= np.maximum(np.abs(x[0]) / 16, amax * 2.0 ** -9 * 2)), mode
+    assert out.expert_counts[0].tolist() == [6]
+
+    passing = one_rank(mode, "pass_through")
+    again = passing.dispatch(codes[None].copy(), idx, w, scales=scales[None].copy())
+    assert np.array_equal(again.tokens[0][0, :6], codes) and np.array_equal(again.scales[0][0, :6], scales)
+    # Combine stays in the element type.
+    combined = group.combine(np.zeros((1,) + group.recv_shape, np.float32), out.handle)
+    assert combined[0].dtype == np.float32 and not combined[0].any()
+
+
+def test_fp8_settings_and_scales_are_checked_by_name():
+    with pytest.raises(ep.InvalidArgumentError, match="hidden = 100; must be a multiple of 128"):
+        ep.VirtualGroup(ranks=1, experts=1, hidden=100, top_k=1, max_tokens=2, dtype="f32", fp8="float32")
+    with pytest.raises(ep.InvalidArgumentError, match="fp8="):
+        one_rank("fp4")
+    with pytest.raises(ep.InvalidArgumentError, match="fp8Source"):
+        ep.VirtualGroup(ranks=1, experts=1, hidden=H, top_k=1, max_tokens=2, dtype="f32", fp8_source="pass_through")
+    passing = one_rank("ue8m0", "pass_through")
+    codes, idx = np.zeros((1, 2, H), np.uint8), np.zeros((1, 2, 1), np.int32)
+    with pytest.raises(ep.InvalidArgumentError, match="scales: None"):
+        passing.dispatch(codes, idx)
+    with pytest.raises(ep.InvalidArgumentError, match="scales"):
+        passing.dispatch(codes, idx, scales=np.zeros((1, 2, 2), np.float32))   # ue8m0 scales are int32 words
+    with pytest.raises(ep.InvalidArgumentError, match="scales: given"):
+        one_rank("float32").dispatch(np.zeros((1, 2, H), np.float32), idx, scales=np.zeros((1, 2, 2), np.float32))
