@@ -29,20 +29,32 @@ def element_type(dtype):
     return _DTYPE_ALIASES[key]
 
 
-def is_torch(value):
-    return type(value).__module__.startswith("torch") and hasattr(value, "data_ptr")
-
-
-def is_numpy(value):
-    return type(value).__module__ == "numpy" and hasattr(value, "__array_interface__")
+_KINDS = {}   # type -> "torch", "numpy" or None, found once per type
 
 
 def kind(value):
-    if is_torch(value):
-        return "torch"
-    if is_numpy(value):
-        return "numpy"
-    return None
+    """"torch" for a PyTorch tensor, "numpy" for a NumPy array, None otherwise."""
+    cls = type(value)
+    try:
+        return _KINDS[cls]
+    except KeyError:
+        pass
+    if cls.__module__.startswith("torch") and hasattr(cls, "data_ptr"):
+        found = "torch"
+    elif cls.__module__ == "numpy" and hasattr(cls, "__array_interface__"):
+        found = "numpy"
+    else:
+        found = None
+    _KINDS[cls] = found
+    return found
+
+
+def is_torch(value):
+    return kind(value) == "torch"
+
+
+def is_numpy(value):
+    return kind(value) == "numpy"
 
 
 def ep_dtype(value, expected):

@@ -32,10 +32,11 @@ def look(value, expected):
     """(address, epDataType_t, shape, device ordinal or -1, contiguous and native) of a torch
     tensor or NumPy array, or None when it is neither; `expected`: the accepted types (a uint16
     NumPy array is bf16 where bf16 is accepted)."""
-    if _arrays.is_torch(value):
+    found = _arrays.kind(value)
+    if found == "torch":
         return (value.data_ptr(), _torch_dtype_codes().get(value.dtype), value.shape, value.get_device(),
                 value.is_contiguous())
-    if _arrays.is_numpy(value):
+    if found == "numpy":
         dtype = value.dtype
         known = _numpy_dtypes.get(dtype)
         if known is None:
@@ -55,9 +56,12 @@ def check(value, name, expected, device, shape):
     seen = look(value, expected)
     if seen is not None:
         address, code, sizes, where, fine = seen
-        if (fine and code in expected and where == device and len(sizes) == len(shape)
-                and all(want is None or want == got for want, got in zip(shape, sizes))):
-            return address, code, sizes
+        if fine and code in expected and where == device and len(sizes) == len(shape):
+            for want, got in zip(shape, sizes):
+                if want is not None and want != got:
+                    break
+            else:
+                return address, code, sizes
     _arrays.tensor(value, name, dtypes=expected, device=device, shape=shape)  # raises the named error
     raise InvalidArgumentError(f"{name}: not accepted")  # pragma: no cover - tensor() raised above
 

@@ -367,13 +367,13 @@ class VirtualGroup(GroupBase):
         tail = tuple(tail) if isinstance(tail, tuple) else (tail,)
         if _arrays.kind(values) is not None:   # one stacked array
             rows = None if tokens is None else tokens[0]
-            if tokens is not None and any(b != rows for b in tokens):
+            if tokens is not None and tokens.count(rows) != len(tokens):
                 raise InvalidArgumentError(f"{name}: one stacked array, but the ranks' token counts differ ({tokens}); pass a list")
             address, code, sizes = _fast.check(values, name, expected, device, (r, rows) + tail)
             b = int(sizes[1])
             if tokens is None and b > self.max_tokens:
                 raise InvalidArgumentError(f"{name}: {b} tokens per rank; must be ≤ max_tokens ({self.max_tokens})")
-            if device != -1 and self._like_kind(values) != "torch":
+            if device != -1 and _arrays.kind(values) != "torch":
                 raise InvalidArgumentError(f"{name}: a NumPy array; a GPU group takes CUDA torch tensors")
             descriptors.set_all(address, b, code, _abi.DTYPE_SIZES[code])
             return [b] * r, values
@@ -404,10 +404,6 @@ class VirtualGroup(GroupBase):
             descriptors.set(i, address, b, code)
             counts.append(b)
         return counts, values[0]
-
-    @staticmethod
-    def _like_kind(value):
-        return _arrays.kind(value)
 
     def _slot(self, index, like):
         slot = self._slots[index]
