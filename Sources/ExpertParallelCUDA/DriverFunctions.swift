@@ -67,6 +67,7 @@ struct DriverFunctions {
     let cuOccupancyMaxActiveBlocksPerMultiprocessor: @convention(c) (UnsafeMutablePointer<Int32>?, Handle, Int32, Int) -> Result
 
     let cuStreamBeginCapture: @convention(c) (Handle, Int32) -> Result
+    let cuThreadExchangeStreamCaptureMode: @convention(c) (UnsafeMutablePointer<Int32>?) -> Result
     let cuStreamEndCapture: @convention(c) (Handle, HandleOut) -> Result
     let cuGraphInstantiate: @convention(c) (HandleOut, Handle, UInt64) -> Result
     let cuGraphLaunch: @convention(c) (Handle, Handle) -> Result
@@ -129,6 +130,7 @@ struct DriverFunctions {
         cuOccupancyMaxActiveBlocksPerMultiprocessor = try library.function("cuOccupancyMaxActiveBlocksPerMultiprocessor")
 
         cuStreamBeginCapture = try library.function("cuStreamBeginCapture_v2")
+        cuThreadExchangeStreamCaptureMode = try library.function("cuThreadExchangeStreamCaptureMode")
         cuStreamEndCapture = try library.function("cuStreamEndCapture")
         cuGraphInstantiate = try library.function("cuGraphInstantiateWithFlags")
         cuGraphLaunch = try library.function("cuGraphLaunch")

@@ -1,5 +1,16 @@
 /// CUDA graphs captured from a stream.
 extension DriverLibrary {
+    /// Runs `body` with this thread's stream capture mode set to `mode`
+    /// (`cuThreadExchangeStreamCaptureMode`), then restores it. With `.relaxed`, a control-path
+    /// call here (a synchronous copy, a stream synchronisation) is allowed while another thread
+    /// captures a CUDA graph in global mode (PyTorch's default), and does not invalidate it.
+    public func withCaptureMode<T, E: Error>(_ mode: StreamCaptureMode, _ body: () throws(E) -> T) throws -> T {
+        var previous = mode.rawValue
+        try check(functions.cuThreadExchangeStreamCaptureMode(&previous), "cuThreadExchangeStreamCaptureMode")
+        defer { _ = functions.cuThreadExchangeStreamCaptureMode(&previous) }
+        return try body()
+    }
+
     /// `cuStreamBeginCapture_v2`.
     public func beginCapture(on stream: CUDAStream, mode: StreamCaptureMode = .threadLocal) throws {
         try check(functions.cuStreamBeginCapture(stream.rawValue, mode.rawValue), "cuStreamBeginCapture")

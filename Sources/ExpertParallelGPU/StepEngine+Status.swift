@@ -6,6 +6,10 @@ extension StepEngine {
     /// last check (invalid routing, a timeout, a peer's invalid routing), and clears them all.
     /// A rank whose own routing was invalid is reported before the peers that refused for it.
     func checkStatus() throws(EPError) {
+        try relaxed { () throws(EPError) in try checkStatusNow() }
+    }
+
+    private func checkStatusNow() throws(EPError) {
         try synchronize()
         var first: EPError?, cause: EPError?
         for r in localRanks {
@@ -28,6 +32,10 @@ extension StepEngine {
     /// whose step was void on the device (invalid routing, a peer's, a timeout, an overflow) has no
     /// layout: that is an error, whether or not `checkStatus()` has reported the cause yet.
     func layoutInfo(_ handle: GPUStepHandle, rank: Int) throws(EPError) -> LayoutInfo {
+        try relaxed { () throws(EPError) -> LayoutInfo in try layoutInfoNow(handle, rank: rank) }
+    }
+
+    private func layoutInfoNow(_ handle: GPUStepHandle, rank: Int) throws(EPError) -> LayoutInfo {
         _ = try handle.currentStep()
         let base = try handle.words(rank: rank)
         try synchronize()
@@ -47,13 +55,19 @@ extension StepEngine {
     /// The group's active-rank mask as this process sees it (synchronises).
     var activeRanks: RankMask {
         get throws(EPError) {
-            try synchronize()
-            return RankMask(bits: try gpu { try device.driver.read(UInt64.self, from: mask, count: 1)[0] })
+            try relaxed { () throws(EPError) -> RankMask in
+                try synchronize()
+                return RankMask(bits: try gpu { try device.driver.read(UInt64.self, from: mask, count: 1)[0] })
+            }
         }
     }
 
     /// Masks `rank` inactive: it sends and receives nothing until cleaned. Control path.
     func deactivate(rank: Int) throws(EPError) {
+        try relaxed { () throws(EPError) in try deactivateNow(rank: rank) }
+    }
+
+    private func deactivateNow(rank: Int) throws(EPError) {
         guard rank >= 0, rank < config.ranks else {
             throw .invalidArgument(field: "rank", value: "\(rank)", requirement: "must be in 0..<\(config.ranks)")
         }
@@ -67,6 +81,10 @@ extension StepEngine {
     /// ranks that fell out of step start afresh. Control path: call between steps; handles
     /// updated before must be updated again.
     func clean(ranks: RankMask) throws(EPError) {
+        try relaxed { () throws(EPError) in try cleanNow(ranks: ranks) }
+    }
+
+    private func cleanNow(ranks: RankMask) throws(EPError) {
         var bits = try activeRanks
         bits.bits |= ranks.bits & RankMask.all(config.ranks).bits
         try gpu {
@@ -74,5 +92,18 @@ extension StepEngine {
             try device.driver.copy([bits.bits], to: mask)
         }
         try device.waitForLegacyStream()   // the next step's kernels run on streams that do not wait for it
+    }
+}
+
+extension StepEngine {
+    /// Runs a control-path `body` (synchronisations, synchronous copies) in relaxed stream
+    /// capture mode: allowed while another thread captures a CUDA graph in global mode (PyTorch's
+    /// default), which it then leaves intact.
+    func relaxed<T>(_ body: () throws(EPError) -> T) throws(EPError) -> T {
+        do {
+            return try device.driver.withCaptureMode(.relaxed, body)
+        } catch {
+            throw gpuError(error)
+        }
     }
 }

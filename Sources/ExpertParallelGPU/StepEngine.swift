@@ -107,7 +107,9 @@ final class StepEngine: @unchecked Sendable {
     func synchronize() throws(EPError) {
         try device.makeCurrent()
         let driver = device.driver
-        for s in streamsInUse() { try gpu { try driver.synchronize(s) } }
+        try relaxed { () throws(EPError) in
+            for s in streamsInUse() { try gpu { try driver.synchronize(s) } }
+        }
         lock.withLock { callerStreams.removeAll() }
     }
 

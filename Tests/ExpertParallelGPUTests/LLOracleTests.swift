@@ -173,18 +173,21 @@ struct LLOracleTests {
 
 /// Captures update + dispatch + combine for all ranks in one CUDA graph, then replays it 100
 /// times with new routing (and tokens) written into the same buffers, against the oracle each time.
-func graphReplaysMatchTheOracle(_ config: GroupConfig, tokens: [Int], firstSeed: UInt64, skew: (Int) -> Double) throws {
+func graphReplaysMatchTheOracle(
+    _ config: GroupConfig, tokens: [Int], firstSeed: UInt64, replays: Int = 100, captureMode: StreamCaptureMode = .threadLocal,
+    skew: (Int) -> Double
+) throws {
     let device = try #require(sharedDevice)
     let group = try VirtualGPUGroup(config, device: device)
     let buffers = try GPUStep(config, device, tokens: tokens)
     try buffers.upload(StepInputs(config: config, tokens: tokens, seed: 0))
     let driver = device.driver
-    try driver.beginCapture(on: group.stream)
+    try driver.beginCapture(on: group.stream, mode: captureMode)
     try buffers.enqueue(group)
     let graph = try driver.endCapture(on: group.stream)
     let exec = try driver.instantiate(graph)
     defer { try? driver.destroy(exec); try? driver.destroy(graph) }
-    for replay in 0..<100 {
+    for replay in 0..<replays {
         let inputs = StepInputs(config: config, tokens: tokens, seed: firstSeed + UInt64(replay), skew: skew(replay))
         try buffers.upload(inputs)
         try buffers.poison()

@@ -283,6 +283,7 @@ enum MockCUDA {
         t["cuOccupancyMaxActiveBlocksPerMultiprocessor"] = symbol({ out, _, _, _ in out?.pointee = 2; return 0 } as @convention(c) (UnsafeMutablePointer<Int32>?, OpaquePointer?, Int32, Int) -> Int32)
 
         t["cuStreamBeginCapture_v2"] = symbol({ _, _ in 0 } as @convention(c) (OpaquePointer?, Int32) -> Int32)
+        t["cuThreadExchangeStreamCaptureMode"] = symbol({ _ in 0 } as @convention(c) (UnsafeMutablePointer<Int32>?) -> Int32)
         t["cuStreamEndCapture"] = symbol({ _, out in out?.pointee = OpaquePointer(bitPattern: 0x6_0000); return 0 } as @convention(c) (OpaquePointer?, HandleOut) -> Int32)
         t["cuGraphInstantiateWithFlags"] = symbol({ out, _, _ in out?.pointee = OpaquePointer(bitPattern: 0x7_0000); return 0 } as @convention(c) (HandleOut, OpaquePointer?, UInt64) -> Int32)
         t["cuGraphLaunch"] = symbol({ _, _ in MockCUDA.state.launch() } as @convention(c) (OpaquePointer?, OpaquePointer?) -> Int32)
