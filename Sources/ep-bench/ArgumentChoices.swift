@@ -63,3 +63,32 @@ extension Algorithm {
     /// LL or HT, as the tables and errors write it.
     var shortName: String { self == .lowLatency ? "LL" : "HT" }
 }
+
+/// `--fp8`: FP8 dispatch with this scale mode (docs/fp8.md); combine stays in `--dtype`.
+enum FP8Choice: String, ExpressibleByArgument, CaseIterable {
+    case float32, ue8m0, e8m0
+
+    var mode: FP8ScaleMode {
+        switch self {
+        case .float32: .float32Block128
+        case .ue8m0: .ue8m0Block128
+        case .e8m0: .e8m0Block32
+        }
+    }
+
+    /// The option's name of a scale mode (tables and JSON).
+    static func name(of mode: FP8ScaleMode) -> String {
+        allCases.first { $0.mode == mode }!.rawValue
+    }
+}
+
+/// `--fp8-source`: the dispatch quantises the `--dtype` rows, or moves e4m3 rows and scales
+/// made beforehand (outside the timing) unchanged.
+enum FP8SourceChoice: String, ExpressibleByArgument, CaseIterable {
+    case quantize
+    case passThrough = "pass-through"
+
+    var source: FP8Dispatch.Source { self == .quantize ? .quantize : .passThrough }
+
+    static func name(of source: FP8Dispatch.Source) -> String { source == .quantize ? "quantize" : "pass-through" }
+}

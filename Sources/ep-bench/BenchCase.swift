@@ -11,6 +11,8 @@ struct BenchCase: Sendable {
     var ranks: Int
     var layout: Layout
     var elementType: DataType = .bf16
+    /// FP8 dispatch (nil: rows move in `elementType`).
+    var fp8: FP8Dispatch? = nil
 
     static let standard: [BenchCase] = [
         .init(name: "ll-std", algorithm: .lowLatency, tokens: 128, hidden: 7168, topK: 8, experts: 256, ranks: 8, layout: .expertMajor),
@@ -33,7 +35,7 @@ struct BenchCase: Sendable {
     func config(maxTokens: Int? = nil) -> GroupConfig {
         GroupConfig(
             algorithm: algorithm, ranks: ranks, experts: experts, topK: topK, hidden: hidden,
-            elementType: elementType, maxTokensPerRank: maxTokens ?? tokens, layout: layout)
+            elementType: elementType, maxTokensPerRank: maxTokens ?? tokens, layout: layout, fp8: fp8)
     }
 
     /// The same case with `ranks` ranks and the same experts (L = E / R).
@@ -43,5 +45,13 @@ struct BenchCase: Sendable {
         return copy
     }
 
-    var label: String { "\(name) \(algorithm.rawValue) \(layout) \(elementType) R=\(ranks) B=\(tokens)" }
+    var label: String { "\(name) \(algorithm.rawValue) \(layout) \(dtypeName) R=\(ranks) B=\(tokens)" }
+
+    /// The element type, or the FP8 scale mode (`fp8/ue8m0`; pass-through: `fp8/ue8m0/pass`).
+    var dtypeName: String { Self.dtypeName(elementType: elementType.rawValue, fp8: fp8) }
+
+    static func dtypeName(elementType: String, fp8: FP8Dispatch?) -> String {
+        guard let fp8 else { return elementType }
+        return "fp8/\(FP8Choice.name(of: fp8.scales))" + (fp8.source == .passThrough ? "/pass" : "")
+    }
 }

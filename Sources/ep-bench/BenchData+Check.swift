@@ -55,7 +55,7 @@ extension BenchData {
         Array(UnsafeRawBufferPointer(start: tensor.storage + index * rowBytes, count: rowBytes))
     }
 
-    private static func element(_ tensor: HostTensor, _ index: Int) -> Float {
+    static func element(_ tensor: HostTensor, _ index: Int) -> Float {
         switch tensor.dtype {
         case .bf16: ElementConversion.bf16ToFloat(tensor[as: UInt16.self, index])
         case .f16: ElementConversion.f16ToFloat(tensor[as: UInt16.self, index])

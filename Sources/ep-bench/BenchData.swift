@@ -35,19 +35,22 @@ final class BenchData: @unchecked Sendable {
         var dispatchTokens: HostTensor
         var dispatchIdx: HostTensor?
         var dispatchWeights: HostTensor?
+        /// FP8 groups: the received rows' scale words (float32 or int32).
+        var dispatchScales: HostTensor? = nil
         var combineTokens: HostTensor
 
         var dispatch: DispatchOutput {
-            DispatchOutput(tokens: dispatchTokens.ref, topkIdx: dispatchIdx?.ref, topkWeights: dispatchWeights?.ref)
+            DispatchOutput(tokens: dispatchTokens.ref, topkIdx: dispatchIdx?.ref, topkWeights: dispatchWeights?.ref, scales: dispatchScales?.ref)
         }
         var combine: CombineOutput { CombineOutput(tokens: combineTokens.ref) }
     }
 
     func outputs(for config: GroupConfig) -> Outputs {
         Outputs(
-            dispatchTokens: HostTensor(config.elementType, config.receiveShape),
+            dispatchTokens: HostTensor(config.receiveElementType, config.receiveShape),
             dispatchIdx: config.receiveRoutingShape.map { HostTensor(.i32, $0) },
             dispatchWeights: config.receiveRoutingShape.map { HostTensor(.f32, $0) },
+            dispatchScales: config.fp8.flatMap { fp8 in config.receiveScalesShape.map { HostTensor(fp8.scaleType, $0) } },
             combineTokens: HostTensor(config.elementType, [tokenCount, config.hidden]))
     }
 

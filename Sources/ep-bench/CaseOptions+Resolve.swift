@@ -41,6 +41,7 @@ extension CaseOptions {
         copy.experts = experts ?? copy.experts
         if let layout { copy.layout = layout.layout(alignment: alignment ?? 1) }
         copy.elementType = dtype.dataType
+        copy.fp8 = fp8Dispatch
         return copy
     }
 
@@ -52,7 +53,7 @@ extension CaseOptions {
         let choice = layout ?? .expertMajor
         return BenchCase(
             name: Self.customName, algorithm: choice.algorithm, tokens: tokens, hidden: hidden, topK: topK, experts: experts,
-            ranks: ranks, layout: choice.layout(alignment: alignment ?? 1), elementType: dtype.dataType)
+            ranks: ranks, layout: choice.layout(alignment: alignment ?? 1), elementType: dtype.dataType, fp8: fp8Dispatch)
     }
 
     /// The relations between the values (named by the options that set them), then the library's
@@ -94,7 +95,7 @@ extension CaseOptions {
     private func usageError(_ error: EPError, _ c: BenchCase, on backend: String = "") -> ValidationError {
         guard case let .invalidConfig(field, value, requirement) = error else { return ValidationError("case \(c.name)\(backend): \(error)") }
         let options = ["ranks": "--ranks", "experts": "--experts", "topK": "--topk", "hidden": "--hidden", "maxTokensPerRank": "--tokens",
-                       "elementType": "--dtype", "layout": "--layout", "layout.alignment": "--alignment"]
+                       "elementType": "--dtype", "layout": "--layout", "layout.alignment": "--alignment", "fp8": "--fp8"]
         return ValidationError("\(options[field] ?? field) \(value) (case \(c.name)\(backend)): \(requirement)")
     }
 }
@@ -117,7 +118,14 @@ extension BenchCase {
         }
         let config = config()
         let size = elementType.byteSize, capacity = config.receiveCapacity
-        let perRank = add(mul(2, tokens, hidden, size), mul(4, tokens, topK, 4), mul(capacity, hidden, size), mul(capacity, topK, 8))
-        return add(mul(perRank, ranks), config.hostStepBytes(tokens: tokens))
+        var perRank = add(mul(2, tokens, hidden, size), mul(4, tokens, topK, 4), mul(capacity, hidden, size), mul(capacity, topK, 8))
+        if let format = config.fp8Format {
+            // FP8: the e4m3 receive rows and their scales (the plain rows stay, as the oracle's
+            // dispatch and combine's expert outputs), and pass-through's e4m3 source rows and scales.
+            let wire = add(hidden, mul(4, format.scaleWordsPerRow))
+            perRank = add(perRank, mul(capacity, wire), config.fp8?.source == .passThrough ? mul(tokens, wire) : 0)
+        }
+        // FP8 runs a second (plain) group for the oracle's dispatch: its metadata too.
+        return add(mul(perRank, ranks), mul(config.fp8 == nil ? 1 : 2, config.hostStepBytes(tokens: tokens)))
     }
 }

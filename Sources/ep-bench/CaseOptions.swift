@@ -31,6 +31,15 @@ struct CaseOptions: ParsableArguments {
     @Option(help: "Token element type. u8 is dispatch only: its combine rows are skipped, with a note, and its rows are checked as received.")
     var dtype: DTypeChoice = .bf16
 
+    @Option(help: "FP8 dispatch (CPU backend only so far): rows move as e4m3 with a scale per block, float32 (blocks of 128, float32 scales), ue8m0 (blocks of 128, power-of-two exponent bytes) or e8m0 (blocks of 32, MXFP8). The hidden size must be a multiple of the block; --dtype (bf16, f16 or f32) stays the type of the source rows and of combine.")
+    var fp8: FP8Choice?
+
+    @Option(help: "With --fp8: quantize (the dispatch quantises the --dtype rows; default) or pass-through (e4m3 rows and their scales, quantised before the timing, move unchanged).")
+    var fp8Source: FP8SourceChoice?
+
+    /// The FP8 dispatch the cases run with (nil: rows move in --dtype).
+    var fp8Dispatch: FP8Dispatch? { fp8.map { FP8Dispatch(scales: $0.mode, source: (fp8Source ?? .quantize).source) } }
+
     static let customName = "custom"
     static var names: [String] { BenchCase.names + [customName] }
 
@@ -56,6 +65,9 @@ struct CaseOptions: ParsableArguments {
         try checkRange("--topk", topK, Bounds.topK)
         try checkRange("--experts", experts, Bounds.experts)
         try checkRange("--alignment", alignment, Bounds.alignment)
+        if let fp8Source, fp8 == nil {
+            throw ValidationError("--fp8-source \(fp8Source.rawValue) needs --fp8 float32|ue8m0|e8m0")
+        }
         if let alignment, layout != .expertMajorPadded {
             let given = layout.map { "--layout \($0.rawValue)" } ?? "no --layout"
             throw ValidationError("--alignment \(alignment) needs --layout expert-major-padded (got \(given))")

@@ -14,6 +14,8 @@ struct HostBenchmark {
         let data = BenchData(config: config, tokens: benchCase.tokens, seed: seed, skew: skew)
         let iterations = self.iterations, warmup = self.warmup
         let combines = config.elementType.isFloating
+        // FP8: the oracle's plain dispatch of the same step, and pass-through's e4m3 inputs (untimed).
+        let fp8 = try config.fp8.map { _ in try FP8HostData(config: config, data: data) }
         let results = group.run { rank throws(EPError) -> [[Double]] in
             let r = rank.rank
             let handle = try rank.makeHandle()
@@ -23,10 +25,11 @@ struct HostBenchmark {
                 let t0 = ContinuousClock.now
                 try rank.update(handle, topkIdx: data.topkIdx[r].ref)
                 let t1 = ContinuousClock.now
-                _ = try rank.dispatch(handle, data.dispatchInput(r), into: outputs.dispatch, direction: .forward)
+                _ = try rank.dispatch(handle, fp8?.dispatchInput(r, data) ?? data.dispatchInput(r), into: outputs.dispatch, direction: .forward)
                 let t2 = ContinuousClock.now
                 if combines {
-                    try rank.combine(handle, data.combineInput(r, outputs, config), into: outputs.combine, direction: .forward)
+                    let input = fp8?.combineInput(r, outputs, config, data) ?? data.combineInput(r, outputs, config)
+                    try rank.combine(handle, input, into: outputs.combine, direction: .forward)
                 }
                 let t3 = ContinuousClock.now
                 // The step is read once around the whole sequence, not added up from the phases.
@@ -37,6 +40,9 @@ struct HostBenchmark {
                 : data.validateDispatch(rank: r, config: config, received: outputs.dispatchTokens)
             guard valid else {
                 throw .backend("rank \(r): \(combines ? "combined rows differ from Σ_k w_k·x beyond rounding" : "received rows differ from the rows sent to it")")
+            }
+            if let fp8, !fp8.validate(rank: r, config: config, received: outputs.dispatchTokens, scales: outputs.dispatchScales!) {
+                throw .backend("rank \(r): received FP8 rows or scales differ from the quantisation of the rows a plain dispatch delivers")
             }
             return samples
         }

@@ -53,7 +53,11 @@ struct Measurement: Codable, Sendable {
     var device: String
     var algorithm: String
     var layout: String
+    /// The element type of the source rows and of combine.
     var dtype: String
+    /// FP8 dispatch: the scale mode (`--fp8`) and where the e4m3 rows come from (`--fp8-source`); null without.
+    @AlwaysEncoded var fp8: String? = nil
+    @AlwaysEncoded var fp8Source: String? = nil
     var ranks: Int
     var tokens: Int
     var hidden: Int
@@ -66,9 +70,10 @@ struct Measurement: Codable, Sendable {
     var combine: PhaseStats?
     var combineSkipped: String?
     var step: PhaseStats
-    /// Mean over ranks of the bytes BENCHMARK.md counts per rank (dispatch; combine is the mirror).
+    /// Mean over ranks of the bytes BENCHMARK.md counts per rank (dispatch's; combine is the mirror,
+    /// in the element type: with FP8 the two differ and each phase has its own).
     var bytesPerRank: Double
-    /// Bytes read plus written by dispatch (combine: the same), and the copy bandwidth measured in this run.
+    /// Bytes read plus written by dispatch (combine: the same without FP8), and the copy bandwidth measured in this run.
     var floorBytes: Double
     var copyBandwidthGBs: Double
     var validated: Bool
@@ -88,10 +93,13 @@ struct Measurement: Codable, Sendable {
         bytes: StepBytes, copyBandwidth: Double, validated: Bool, rank: Int? = nil, stepNote: String? = nil
     ) {
         let counted = rank.map { bytes.countedRowsPerRank[$0] } ?? bytes.countedRowsPerRank.reduce(0, +)
-        let perRank = Double(counted * bytes.rowBytes) / Double(rank == nil ? config.ranks : 1)
-        let floor = Double(bytes.floorBytes) / Double(rank == nil ? 1 : config.ranks)
-        func stats(_ s: [Double], _ share: Double, note: String? = nil) -> PhaseStats {
-            PhaseStats(s, bytesPerRank: share * perRank, floorBytes: share * floor, copyBandwidthGBs: copyBandwidth, note: note)
+        let ranksShared = Double(rank == nil ? config.ranks : 1), floorShare = Double(rank == nil ? 1 : config.ranks)
+        // Dispatch moves its rows as they go on the wire (FP8: codes and scales); combine in the element type.
+        let dispatchBytes = (perRank: Double(counted * bytes.wireRowBytes) / ranksShared, floor: Double(bytes.dispatchFloorBytes) / floorShare)
+        let combineBytes = (perRank: Double(counted * bytes.rowBytes) / ranksShared, floor: Double(bytes.combineFloorBytes) / floorShare)
+        func stats(_ s: [Double], _ phases: [(perRank: Double, floor: Double)], note: String? = nil) -> PhaseStats {
+            PhaseStats(s, bytesPerRank: phases.map(\.perRank).reduce(0, +), floorBytes: phases.map(\.floor).reduce(0, +),
+                       copyBandwidthGBs: copyBandwidth, note: note)
         }
         name = benchCase.name
         self.backend = backend
@@ -99,6 +107,8 @@ struct Measurement: Codable, Sendable {
         algorithm = config.algorithm.rawValue
         layout = "\(config.layout)"
         dtype = config.elementType.rawValue
+        fp8 = config.fp8.map { FP8Choice.name(of: $0.scales) }
+        fp8Source = config.fp8.map { FP8SourceChoice.name(of: $0.source) }
         ranks = config.ranks
         tokens = benchCase.tokens
         hidden = config.hidden
@@ -106,13 +116,13 @@ struct Measurement: Codable, Sendable {
         experts = config.experts
         iterations = samples.step.count
         update = PhaseStats(samples.update)
-        dispatch = stats(samples.dispatch, 1)
-        combine = samples.combine.map { stats($0, 1) }
+        dispatch = stats(samples.dispatch, [dispatchBytes])
+        combine = samples.combine.map { stats($0, [combineBytes]) }
         combineSkipped = samples.combine == nil ? Self.combineSkippedNote : nil
         // The step's floor is the dispatch floor plus the combine floor (the mirror image).
-        step = stats(samples.step, samples.combine == nil ? 1 : 2, note: stepNote)
-        bytesPerRank = perRank
-        floorBytes = floor
+        step = stats(samples.step, samples.combine == nil ? [dispatchBytes] : [dispatchBytes, combineBytes], note: stepNote)
+        bytesPerRank = dispatchBytes.perRank
+        floorBytes = dispatchBytes.floor
         copyBandwidthGBs = copyBandwidth
         self.validated = validated
         self.rank = rank
@@ -129,4 +139,12 @@ struct TuningRecord: Codable, Sendable {
     var rowsInFlight: Int
     @AlwaysEncoded var rowPieces: Int?
     @AlwaysEncoded var blocksPerSM: Int?
+}
+
+extension Measurement {
+    /// The dtype column: the element type, or `fp8/<scale mode>` (`/pass` for pass-through), as `BenchCase.dtypeName`.
+    var dtypeName: String {
+        guard let fp8 else { return dtype }
+        return "fp8/\(fp8)" + (fp8Source == FP8SourceChoice.passThrough.rawValue ? "/pass" : "")
+    }
 }

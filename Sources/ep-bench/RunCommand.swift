@@ -82,6 +82,9 @@ struct RunCommand: ParsableCommand {
     }
 
     func validate() throws {
+        if let fp8 = shape.fp8, backend == .gpu || transport == .nccl {
+            throw ValidationError(Self.fp8Refusal(fp8, backend == .gpu ? "--backend gpu" : "--transport nccl"))
+        }
         if drill == nil {
             _ = try shape.resolve(defaults: transport == .nccl ? Defaults.nccl : backend == .gpu ? Defaults.gpu : Defaults.cpu)
         }
@@ -114,7 +117,13 @@ struct RunCommand: ParsableCommand {
                 FileHandle.standardError.write(Data("no GPU (\(error)); using the CPU backend\n".utf8))
             }
         }
+        if let device, let fp8 = shape.fp8 { throw ValidationError(Self.fp8Refusal(fp8, "--backend auto found \(device.name)")) }
         if let device { try runOnGPU(device) } else { try runOnCPU() }
+    }
+
+    /// `--fp8` anywhere but on the CPU backend: the GPU backends refuse FP8 groups so far.
+    static func fp8Refusal(_ fp8: FP8Choice, _ backend: String) -> String {
+        "--fp8 \(fp8.rawValue) runs on the CPU backend so far (\(backend)): use --backend cpu"
     }
 }
 

@@ -48,6 +48,8 @@ struct OptionsRecord: Codable, Sendable {
     @AlwaysEncoded var layout: String?
     @AlwaysEncoded var alignment: Int?
     var dtype: String
+    @AlwaysEncoded var fp8: String?
+    @AlwaysEncoded var fp8Source: String?
     @AlwaysEncoded var iterations: Int?
     var warmup: Int
     var skew: Double

@@ -7,13 +7,29 @@ struct StepBytes: Sendable {
     var receivedRows: Int
     /// Per-rank payload as BENCHMARK.md counts it (LL: selections; HT: (token, rank) pairs).
     var countedRowsPerRank: [Int]
+    /// Bytes of a row in the element type (combine's rows, and dispatch's without FP8).
     var rowBytes: Int
+    /// Bytes of a row as dispatch moves it: `rowBytes`, or with FP8 the e4m3 codes plus the
+    /// row's scale words, hidden × 1 + scale words × 4.
+    var wireRowBytes: Int
+    /// Bytes of a source row as dispatch reads it: the element type, or (FP8 pass-through) the wire row.
+    var sourceRowBytes: Int
 
-    /// The floor of dispatch, and of combine (the same bytes the other way); a step's is both.
-    var floorBytes: Int { (sourceRows + receivedRows) * rowBytes }
+    /// The floor of dispatch: the source rows read, every received row written (as moved).
+    var dispatchFloorBytes: Int { sourceRows * sourceRowBytes + receivedRows * wireRowBytes }
+    /// The floor of combine: the mirror of a plain dispatch, in the element type.
+    var combineFloorBytes: Int { (sourceRows + receivedRows) * rowBytes }
 
     init(config: GroupConfig, routings: [RoutingTable]) {
         rowBytes = config.rowBytes
+        if let format = config.fp8Format {
+            wireRowBytes = config.hidden * DataType.e4m3.byteSize + format.scaleWordsPerRow * 4
+            // Quantise reads the caller's rows in the element type; pass-through reads the wire rows.
+            sourceRowBytes = config.fp8?.source == .passThrough ? wireRowBytes : rowBytes
+        } else {
+            wireRowBytes = rowBytes
+            sourceRowBytes = rowBytes
+        }
         sourceRows = routings.reduce(0) { $0 + $1.tokens }
         let l = config.localExperts
         var received = 0

@@ -15,7 +15,7 @@ enum Table {
         for m in results {
             let name = m.rank.map { "\(m.name) r\($0)" } ?? m.name
             let sms = m.tuning.map { "\($0.multiprocessors)" } ?? "-"
-            let lead = [name, "\(m.algorithm) \(m.layout)", m.dtype, "\(m.ranks)", "\(m.tokens)", sms]
+            let lead = [name, "\(m.algorithm) \(m.layout)", m.dtypeName, "\(m.ranks)", "\(m.tokens)", sms]
             let valid = m.validated ? "yes" : "NO"
             rows.append(lead + ["update"] + timings(m.update) + ["", "", "", "", ""])
             rows.append(lead + ["dispatch"] + timings(m.dispatch) + floors(m.dispatch) + [valid, ""])

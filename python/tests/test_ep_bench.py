@@ -1,7 +1,8 @@
 """ep-bench's command line: every numeric option is range-checked with a message naming the
 option, the value and the bound (exit status 64, never a trap), and a --json path that cannot be
 written fails before the run starts; on the CPU, the step row and its floor, the four layouts,
-the element types, custom shapes, --sms, the run record in the JSON and the progress line.
+the element types, custom shapes, --sms, the run record in the JSON, the progress line, and FP8
+dispatch (--fp8, --fp8-source: validated, its wire bytes counted, refused off the CPU).
 Runs the debug ep-bench that `swift build --build-tests` leaves in .build/debug (CI builds it
 before scripts/test), or $EP_BENCH."""
 
@@ -303,3 +304,65 @@ def test_progress_goes_to_stderr_only_when_asked(tmp_path):
     assert "[1/2]" not in asked.stdout and "[2/2]" not in asked.stdout
     quiet = bench(*args)   # stderr is a pipe here, not a terminal
     assert quiet.returncode == 0 and "[1/" not in quiet.stderr and "[1/" not in quiet.stdout
+
+
+# FP8 dispatch (CPU backend): hidden a multiple of every scale block (128), four 128-blocks per row.
+FP8_SHAPE = ["--tokens", "4", "--hidden", "512", "--topk", "2", "--experts", "4", "--ranks", "2"]
+FP8_HIDDEN = 512
+
+
+def fp8_wire_row_bytes(mode, hidden):
+    """Bytes of one FP8 row as dispatch moves it: one e4m3 byte per element plus the row's 4-byte
+    scale words (float32: one per 128-block; ue8m0/e8m0: exponent bytes of 128/32-blocks, 4 a word)."""
+    blocks = hidden // (32 if mode == "e8m0" else 128)
+    words = blocks if mode == "float32" else (blocks + 3) // 4
+    return hidden + 4 * words
+
+
+@pytest.mark.parametrize("layout", ["expert-major", "flat"])
+@pytest.mark.parametrize("source", ["quantize", "pass-through"])
+@pytest.mark.parametrize("mode", ["float32", "ue8m0", "e8m0"])
+def test_fp8_runs_validate_and_count_the_wire_bytes(tmp_path, mode, source, layout):
+    shape = ["--case", "custom", *FP8_SHAPE, "--layout", layout]
+    _, (plain,) = run_json(tmp_path, *shape)
+    result, (m,) = run_json(tmp_path, *shape, "--fp8", mode, "--fp8-source", source)
+    assert m["validated"] is True and m["iterations"] == 2
+    assert (m["fp8"], m["fp8Source"], m["dtype"]) == (mode, source, "bf16")
+    assert m["run"]["options"]["fp8"] == mode and m["run"]["options"]["fp8Source"] == source
+    # The same routing (same seed) as the plain bf16 run: its bytes give the rows counted and received.
+    row = 2 * FP8_HIDDEN
+    counted = plain["dispatch"]["bytesPerRank"] / row                   # per rank (LL: selections; HT: pairs)
+    source_rows = 2 * 4                                                 # ranks × tokens
+    received = plain["dispatch"]["floorBytes"] / row - source_rows
+    wire = fp8_wire_row_bytes(mode, FP8_HIDDEN)
+    read = row if source == "quantize" else wire                        # quantize reads the bf16 rows
+    assert m["dispatch"]["bytesPerRank"] == counted * wire == m["bytesPerRank"]
+    assert m["dispatch"]["floorBytes"] == source_rows * read + received * wire == m["floorBytes"]
+    # Combine is unchanged (bf16); the step's bytes and floor are dispatch's plus combine's.
+    assert m["combine"]["bytesPerRank"] == plain["combine"]["bytesPerRank"]
+    assert m["combine"]["floorBytes"] == plain["combine"]["floorBytes"]
+    assert m["step"]["floorBytes"] == m["dispatch"]["floorBytes"] + m["combine"]["floorBytes"]
+    assert m["step"]["bytesPerRank"] == m["dispatch"]["bytesPerRank"] + m["combine"]["bytesPerRank"]
+    shown = f"fp8/{mode}" + ("/pass" if source == "pass-through" else "")
+    assert all(r[2] == shown and r[-1] == "yes" for r in table_rows(result.stdout, "dispatch"))
+
+
+def test_a_plain_run_records_no_fp8(tmp_path):
+    _, (m,) = run_json(tmp_path, "--case", "custom", *TINY)
+    assert m["fp8"] is None and m["fp8Source"] is None
+    assert m["run"]["options"]["fp8"] is None and m["run"]["options"]["fp8Source"] is None
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--backend", "gpu", "--fp8", "ue8m0"], ["--fp8 ue8m0", "CPU backend", "--backend gpu"]),
+    (["--transport", "nccl", "--fp8", "float32"], ["--fp8 float32", "CPU backend", "--transport nccl"]),
+    (["--backend", "cpu", "--case", "custom", *FP8_SHAPE[:2], "--hidden", "96", *FP8_SHAPE[4:], "--fp8", "float32"],
+     ["--hidden 96", "multiple of 128"]),
+    (["--backend", "cpu", "--case", "custom", *FP8_SHAPE[:2], "--hidden", "48", *FP8_SHAPE[4:], "--fp8", "e8m0"],
+     ["--hidden 48", "multiple of 32"]),
+    (["--backend", "cpu", "--case", "ll-1", "--dtype", "u8", "--fp8", "ue8m0"], ["--dtype u8", "bf16, f16 or f32"]),
+    (["--fp8-source", "pass-through"], ["--fp8-source pass-through", "needs --fp8"]),
+    (["--fp8", "e5m2"], ["'e5m2'", "--fp8"]),
+])
+def test_fp8_misuse_is_a_named_usage_error(args, fragments):
+    assert_rejected(bench(*args), *fragments)
