@@ -139,6 +139,29 @@ class GroupBase:
         if dispatched and handle.slot is None:
             raise InvalidUsageError("handle: its step has no dispatch yet")
 
+    def _record(self, stream):
+        """A CUDA event recorded on `stream` (None: the current one); None on the CPU."""
+        if self._device == -1:
+            return None
+        import torch
+
+        from . import _fast
+
+        event = torch.cuda.Event()
+        event.record(_fast.torch_stream(self._device, stream))
+        return event
+
+    def _combine_result(self, result, send_only, record_event, stream):
+        """A combine's result, with (send_only) the hook that completes it and (record_event) the
+        event recorded after it: ``result``, ``(result, hook)``, ``(result, event)`` or ``(result,
+        hook, event)``."""
+        extras: List[Any] = []
+        if send_only:
+            extras.append(lambda: self.complete(stream=stream))
+        if record_event:
+            extras.append(self._record(stream))
+        return (result, *extras) if extras else result
+
     def _check_open(self):
         if not self._group:
             raise InvalidUsageError("the group is closed")

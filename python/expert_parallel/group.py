@@ -313,12 +313,7 @@ class VirtualGroup(GroupBase):
         config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
         check_status(self._fn_combine(self._group, self._combine_inputs, outputs, config, raw))
         result: Any = (combined, grads) if backward_ht else combined
-        extras: List[Any] = []
-        if send_only:
-            extras.append(lambda: self.complete(stream=stream))
-        if record_event:
-            extras.append(self._record(stream))
-        return (result, *extras) if extras else result
+        return self._combine_result(result, send_only, record_event, stream)
 
     @locked
     def complete(self, *, stream: Any = None) -> None:
@@ -454,15 +449,6 @@ class VirtualGroup(GroupBase):
             outputs[i] = _abi.new(_abi.CombineOutputs, tokens=ctypes.pointer(t), topkWeightGradients=_arrays.pointer(g))
         self._keep = keep
         return outputs, list(combined), None if grads is None else list(grads)
-
-    def _record(self, stream):
-        if self._device == -1:
-            return None
-        import torch
-
-        event = torch.cuda.Event()
-        event.record(_fast.torch_stream(self._device, stream))
-        return event
 
     @locked
     def _layout_of(self, handle):

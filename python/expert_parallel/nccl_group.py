@@ -324,12 +324,7 @@ class NCCLGroup(GroupBase):
         call("epCombine", self._handle, ctypes.byref(inputs), ctypes.byref(outputs), ctypes.byref(config),
              self._raw(stream))
         result: Any = (combined, weight_grads) if backward_ht else combined
-        extras: List[Any] = []
-        if send_only:
-            extras.append(lambda: self.complete(stream=stream))
-        if record_event:
-            extras.append(self._record(stream))
-        return (result, *extras) if extras else result
+        return self._combine_result(result, send_only, record_event, stream)
 
     @locked
     def complete(self, *, stream: Any = None) -> None:
@@ -345,13 +340,6 @@ class NCCLGroup(GroupBase):
 
     def _raw(self, stream):
         return ctypes.c_void_p(_fast.raw_stream(self._device, stream))
-
-    def _record(self, stream):
-        import torch
-
-        event = torch.cuda.Event()
-        event.record(_fast.torch_stream(self._device, stream))
-        return event
 
     @locked
     def _layout_of(self, handle):
