@@ -179,8 +179,9 @@ def _engine_figures(path: Optional[str]) -> Dict[tuple, Dict[str, float]]:
         return {}
     with open(path) as f:
         measurements = json.load(f)
+    # Entries without a combine (u8 payloads: dispatch only) or in FP8 are not the package's cases.
     return {(m["name"], m["ranks"]): {"engine_dispatch_us": m["dispatch"]["median"], "engine_combine_us": m["combine"]["median"]}
-            for m in measurements}
+            for m in measurements if isinstance(m.get("combine"), dict) and not m.get("fp8")}
 
 
 def run(names: Sequence[str], device: str, ranks: Optional[int], iterations: int, warmup: int, seed: int,
