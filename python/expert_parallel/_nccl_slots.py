@@ -30,6 +30,7 @@ class NCCLSlot:
         import torch
 
         self.index = index
+        self.use = 0   # dispatches into this slot so far
         device = torch.device("cuda", group._device)
         self.descriptors = {}
 

@@ -82,6 +82,7 @@ class Handle:
         self._pointer = pointer   # ctypes.c_void_p of an epStep_t; None: the group's own step
         self.step = 0             # the group's own step: which of its updates this handle holds
         self.slot: Optional[int] = None
+        self.slot_use = 0         # which dispatch into that slot wrote the handle's rows
         self.tokens: Any = None   # per rank: B_r
         self.topk_idx: Any = None  # kept alive: the GPU reads the routing again in combine
         self.topk_weights: Any = None

@@ -18,6 +18,7 @@ class Slot:
     def __init__(self, group, index, like):
         r, l, k, b, h = group.ranks, group.local_experts, group.top_k, group.max_tokens, group.hidden
         self.index = index
+        self.use = 0   # dispatches into this slot so far
         self.kind = type(like)
         allocate = Allocator(like)
         element = group._element

@@ -230,6 +230,8 @@ class VirtualGroup(GroupBase):
             target.topk_weights = topk_weights
             target.weight_addresses = tuple(self._w.addresses)
         target.slot = -1 if slot is None else slot.index
+        if slot is not None:
+            target.slot_use = slot.use = slot.use + 1   # which dispatch into the slot the handle's rows are
         event = hook = None
         if send_only:
             hook = lambda: self.complete(stream=stream)  # noqa: E731
@@ -285,6 +287,8 @@ class VirtualGroup(GroupBase):
             self._cw.set_many(handle.weight_addresses, tuple(tokens), _abi.F32)
             weights = self._cw
         elif direction == "forward" and self.layout == "expert_major_padded":
+            if handle.slot >= 0:   # the per-slot weights are the slot's: a later dispatch into it rewrote them
+                self._require_slot(self._slots[handle.slot], handle)
             self._rows(handle.received_weights, "topk_weights", {_abi.F32}, self.recv_routing_shape[1:], self._cw,
                        [self.recv_routing_shape[0]] * r)
             weights = self._cw
@@ -399,6 +403,12 @@ class VirtualGroup(GroupBase):
             descriptors.set(i, address, b, code)
             counts.append(b)
         return counts, values[0]
+
+    def _require_slot(self, slot, handle):
+        if slot is None or slot.use != handle.slot_use:
+            raise InvalidUsageError(
+                f"handle: its rows were in buffer slot {handle.slot}, which a later dispatch has used since; combine a step "
+                f"before {self.buffer_slots} more dispatches (buffer_slots={self.buffer_slots}), or make the group with more slots")
 
     def _slot(self, index, like):
         slot = self._slots[index]

@@ -250,6 +250,7 @@ class NCCLGroup(GroupBase):
              self._raw(stream))
         self._pending = None
         target.slot = slot.index
+        target.slot_use = slot.use = slot.use + 1
         target.topk_idx = routing
         if direction == "forward" and topk_weights is not None:
             target.topk_weights = topk_weights
@@ -284,6 +285,10 @@ class NCCLGroup(GroupBase):
             raise InvalidArgumentError("weight_gradients: None; the backward pass of HT needs them")
         self._require_torch(expert_outputs, "expert_outputs")
         slot = self._slots[handle.slot]
+        if slot.use != handle.slot_use:   # the peers read this slot's buffers: a later dispatch rewrote them
+            raise InvalidUsageError(
+                f"handle: its rows were in buffer slot {handle.slot}, which a later dispatch has used since; combine a "
+                f"step before {len(self._slots)} more dispatches")
         y = _arrays.tensor(expert_outputs, "expert_outputs", dtypes={self._element}, device=self._device,
                            shape=self.recv_shape)
         weights, shape = None, None

@@ -139,3 +139,19 @@ def test_tuning_knobs_are_checked_by_name():
     # The CPU backend has no kernels: its tuning is accepted and has no effect.
     with group(tuning={"pipeline_depth": 2, "rows_in_flight": 4}) as g:
         assert g.dispatch(*routing(8)).expert_counts.shape == (R, E // R)
+
+
+def test_a_combine_whose_slot_was_reused_is_refused_where_it_reads_the_slot():
+    """HT expert-major combines with the per-slot weights its dispatch delivered into the slot: once
+    a later dispatch reuses that slot they are gone, so the combine is refused, never wrong."""
+    ht = ep.VirtualGroup(ranks=R, experts=E, hidden=H, top_k=K, max_tokens=B, dtype="f32", algorithm="ht",
+                         layout="expert_major_padded", alignment=2, buffer_slots=2)
+    xs, idx, w = routing(9)
+    handles = [ht.handle() for _ in range(3)]
+    outs = [ht.dispatch(xs, idx, w, handle=h) for h in handles]   # the third reuses the first's slot
+    ys = [np.zeros(ht.recv_shape, np.float32) for _ in range(R)]
+    ht.combine(ys, handles[1])   # its slot is still its own
+    with pytest.raises(ep.InvalidUsageError, match="buffer slot 0, which a later dispatch has used"):
+        ht.combine(ys, handles[0])
+    ht.combine(ys, handles[2])
+    assert outs[2].handle is handles[2]
