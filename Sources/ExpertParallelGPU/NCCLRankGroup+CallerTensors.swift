@@ -55,7 +55,7 @@ extension NCCLRankGroup {
         let handle = handle ?? implicitHandle
         try TensorCheck.require(input.expertOutputs, "input.expertOutputs", dtypes: [config.elementType], shape: config.receiveShape, location: here)
         _ = try handle.dispatchedStep()
-        guard let slot = handle.bufferSlot else { throw .wrongOrder("combine needs a dispatch of this handle's step first") }
+        let slot = try slotOfDispatch(handle)
         let buffers = slots[slot]
         var shared = CombineInput(expertOutputs: buffers.expertOutputs, topkWeights: input.topkWeights, weightGradients: input.weightGradients)
         var copies: [(from: TensorRef, to: TensorRef)] = [(input.expertOutputs, buffers.expertOutputs)]

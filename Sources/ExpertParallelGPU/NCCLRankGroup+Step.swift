@@ -56,7 +56,7 @@ extension NCCLRankGroup {
             },
             receivedIndexBytes: 4, vectorBytes: engine.vectorBytes(CollectionOfOne(address(input.tokens)), EmptyCollection()),
             counts: [output], options: options)
-        handle.setDispatched(slot: slot)
+        recordDispatch(handle, slot: slot)
     }
 
     /// Pulls this rank's rows of `handle`'s step back from every rank's expert outputs (of the
@@ -73,7 +73,7 @@ extension NCCLRankGroup {
         try engine.checkLocalCount(inputs.count, "inputs")
         try engine.checkLocalCount(outputs.count, "outputs")
         _ = try handle.dispatchedStep()
-        guard let slot = handle.bufferSlot else { throw .wrongOrder("combine needs a dispatch of this handle's step first") }
+        let slot = try slotOfDispatch(handle)
         let input = inputs[0], output = outputs[0], buffers = slots[slot]
         try config.validateCombine(input, output, tokens: step.routing[0].shape[0], direction: direction, location: location)
         try requireShared(input.expertOutputs, buffers.expertOutputs, "input.expertOutputs", "slots[\(slot)].expertOutputs")

@@ -47,6 +47,9 @@ public final class NCCLRankGroup: StepGroup, @unchecked Sendable {
     /// How the shared buffers were allocated and mapped (`PeerBuffers`).
     public var sharing: PeerSharing { shared.sharing }
     private let shared: PeerBuffers
+    /// The handle whose dispatch each buffer slot holds now: a combine of any other handle that
+    /// used the slot would read another step's rows (`slotHolder(_:)`, `hold(_:by:)`).
+    private let holders = SlotHolders()
     /// The handle the calls without one use: made with the group, since a call may be captured
     /// into a CUDA graph, where nothing may be allocated.
     public let implicitHandle: GPUStepHandle
@@ -161,4 +164,29 @@ public final class NCCLRankGroup: StepGroup, @unchecked Sendable {
     /// A new step handle: a few KB of device memory for this rank's routing metadata.
     public func makeHandle() throws(EPError) -> GPUStepHandle { try engine.makeHandle() }
 
+}
+
+/// Which handle's dispatch each buffer slot holds.
+final class SlotHolders: @unchecked Sendable {
+    private let lock = NSLock()
+    private var holders: [Int: ObjectIdentifier] = [:]
+
+    func hold(_ slot: Int, by handle: GPUStepHandle) { lock.withLock { holders[slot] = ObjectIdentifier(handle) } }
+    func holds(_ slot: Int, _ handle: GPUStepHandle) -> Bool { lock.withLock { holders[slot] == ObjectIdentifier(handle) } }
+}
+
+extension NCCLRankGroup {
+    /// The slot `handle`'s dispatch used, checked to still hold that dispatch's rows.
+    func slotOfDispatch(_ handle: GPUStepHandle) throws(EPError) -> Int {
+        guard let slot = handle.bufferSlot else { throw .wrongOrder("combine needs a dispatch of this handle's step first") }
+        guard holders.holds(slot, handle) else {
+            throw .wrongOrder("buffer slot \(slot), where this handle's step was dispatched, holds a later dispatch's rows now: combine a step before its slot is used again (bufferSlots = \(bufferSlots))")
+        }
+        return slot
+    }
+
+    func recordDispatch(_ handle: GPUStepHandle, slot: Int) {
+        holders.hold(slot, by: handle)
+        handle.setDispatched(slot: slot)
+    }
 }

@@ -12,6 +12,44 @@ struct NCCLOneRankTests {
         (.expertMajorPadded(alignment: 4), .forward), (.expertMajorPadded(alignment: 4), .backward),
     ]
 
+    /// A step whose buffer slot a later dispatch reused cannot combine: its rows (and, HT
+    /// expert-major, its per-slot weights) are gone; the error says so before anything launches.
+    @Test func aCombineWhoseSlotWasReusedIsRefused() throws {
+        do {
+            let device = try #require(sharedDevice)
+            let nccl = try NCCLLibrary.shared()
+            try device.makeCurrent()
+            let comm = try nccl.initRank(ranks: 1, id: try nccl.uniqueID(), rank: 0)
+            defer { try? nccl.close(comm) }
+            let config = GroupConfig(algorithm: .lowLatency, ranks: 1, experts: 2, topK: 2, hidden: 8, elementType: .f32, maxTokensPerRank: 2)
+            let group = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl)
+            let idx = try DeviceTensor(.i32, [2, config.topK], on: device)
+            let x = try DeviceTensor(.f32, [2, config.hidden], on: device), w = try DeviceTensor(.f32, [2, config.topK], on: device)
+            let out = try DeviceTensor(.f32, [2, config.hidden], on: device)
+            let a = try group.makeHandle(), b = try group.makeHandle()
+            let input = DispatchInput(tokens: x.ref, topkWeights: w.ref)
+            try group.update(a, topkIdx: [idx.ref])
+            try group.update(b, topkIdx: [idx.ref])
+            try group.dispatch(a, [input], slot: 0)
+            try group.dispatch(b, [input], slot: 0)   // slot 0 now holds b's rows
+            let combine = { (handle: GPUStepHandle) throws(EPError) in
+                try group.combine(handle, [CombineInput(expertOutputs: group.slots[0].expertOutputs, topkWeights: w.ref)],
+                                  into: [CombineOutput(tokens: out.ref)])
+            }
+            do {
+                try combine(a)
+                Issue.record("a combine of a step whose slot was reused was not refused")
+            } catch {
+                guard case .wrongOrder(let message) = error else { throw error }
+                #expect(message.contains("buffer slot 0") && message.contains("later dispatch"), "\(message)")
+            }
+            try combine(b)
+            try group.checkStatus()
+            a.release()
+            b.release()
+        }
+    }
+
     @Test(arguments: cases)
     func oneRankGroupMatchesTheOracle(_ layout: Layout, _ direction: PassDirection) throws {
         let device = try #require(sharedDevice)
