@@ -120,9 +120,9 @@ class GroupBase:
         return Handle(self, pointer)
 
     def _release_step(self, handle):
+        # Also after close(): a live step keeps the library's group (and its device memory) alive.
         with self._lock:
-            if self._group:
-                call("epStepDestroy", handle._pointer)
+            call("epStepDestroy", handle._pointer)
 
     def _check_handle(self, handle, dispatched):
         from ._results import Handle

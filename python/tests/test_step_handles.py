@@ -155,3 +155,17 @@ def test_a_combine_whose_slot_was_reused_is_refused_where_it_reads_the_slot():
         ht.combine(ys, handles[0])
     ht.combine(ys, handles[2])
     assert outs[2].handle is handles[2]
+
+
+def test_a_handle_outliving_its_group_is_still_released():
+    g = group()
+    h = g.handle()
+    g.dispatch(*routing(11), handle=h)
+    g.close()
+    h.release()   # frees the step, which kept the library's group alive
+    assert h.released
+    from expert_parallel._library import call
+    with pytest.raises(ep.InvalidArgumentError, match="must be a live epStep_t"):
+        call("epStepDestroy", h._pointer)   # it is gone already
+    with pytest.raises(ep.InvalidUsageError, match="closed"):
+        g.dispatch(*routing(11))
