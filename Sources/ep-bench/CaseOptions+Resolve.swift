@@ -7,7 +7,13 @@ extension CaseOptions {
     /// The cases to run: those named (or `defaults`), in the standard order, then `custom`, with
     /// the options' overrides applied, each checked as the library checks a configuration and
     /// against this host's memory. Every failure is a `ValidationError` naming the option.
+    /// With several `--tokens`, each case once per count, in the order given, a case's runs together.
     func resolve(defaults: [String]) throws -> [BenchCase] {
+        let perCount = try (tokenCounts.isEmpty ? [nil] : tokenCounts.map { Optional($0) }).map { try resolve(defaults: defaults, tokens: $0) }
+        return (0..<perCount[0].count).flatMap { i in perCount.map { $0[i] } }
+    }
+
+    private func resolve(defaults: [String], tokens: Int?) throws -> [BenchCase] {
         let explicit = !cases.isEmpty
         let names = explicit ? cases : defaults
         var selected: [BenchCase] = []
@@ -21,9 +27,9 @@ extension CaseOptions {
                     "--layout \(layout.rawValue) is not a layout of case \(benchCase.name) (\(benchCase.algorithm.shortName)); "
                         + "its layouts: \(LayoutChoice.names(of: benchCase.algorithm))")
             }
-            selected.append(overridden(benchCase))
+            selected.append(overridden(benchCase, tokens: tokens))
         }
-        if names.contains(Self.customName) { selected.append(try custom()) }
+        if names.contains(Self.customName) { selected.append(try custom(tokens: tokens)) }
         if selected.isEmpty, let layout {
             throw ValidationError(
                 "--layout \(layout.rawValue): none of the default cases (\(defaults.joined(separator: ", "))) is \(layout.algorithm.shortName); name one with --case")
@@ -32,7 +38,7 @@ extension CaseOptions {
         return selected
     }
 
-    private func overridden(_ benchCase: BenchCase) -> BenchCase {
+    private func overridden(_ benchCase: BenchCase, tokens: Int?) -> BenchCase {
         var copy = benchCase
         copy.ranks = ranks ?? copy.ranks
         copy.tokens = tokens ?? copy.tokens
@@ -45,7 +51,7 @@ extension CaseOptions {
         return copy
     }
 
-    private func custom() throws -> BenchCase {
+    private func custom(tokens: Int?) throws -> BenchCase {
         let missing = shapeOverrides.filter { $0.value == nil }.map(\.option)
         guard missing.isEmpty, let tokens, let hidden, let topK, let experts, let ranks else {
             throw ValidationError("case custom has no shape of its own: give \(missing.joined(separator: ", "))")

@@ -10,8 +10,18 @@ struct CaseOptions: ParsableArguments {
     @Option(help: "Ranks R, 1...64 (overrides the case's; must divide the experts).")
     var ranks: Int?
 
-    @Option(help: "Tokens per rank B, 1...1048576 (overrides the case's).")
-    var tokens: Int?
+    @Option(name: .customLong("tokens"), help: "Tokens per rank B, 1...1048576 (overrides the case's). A list (--tokens 16,64,256, or the option repeated) runs every case once per count (the points of --plot).")
+    var tokensLists: [SMCounts] = []
+
+    /// The token counts given, in the order given, each once (empty: the cases' own).
+    var tokenCounts: [Int] {
+        var seen: [Int] = []
+        for count in tokensLists.flatMap(\.counts) where !seen.contains(count) { seen.append(count) }
+        return seen
+    }
+
+    /// The only token count given (nil: none, or several).
+    var tokens: Int? { tokenCounts.count == 1 ? tokenCounts[0] : nil }
 
     @Option(help: "Hidden size H in elements, 1...1048576 (overrides the case's); a row of H elements must be a multiple of 8 bytes.")
     var hidden: Int?
@@ -60,7 +70,7 @@ struct CaseOptions: ParsableArguments {
             throw ValidationError("unknown case '\(name)'; known cases: \(Self.names.joined(separator: ", "))")
         }
         try checkRange("--ranks", ranks, Bounds.ranks)
-        try checkRange("--tokens", tokens, Bounds.tokens)
+        for count in tokensLists.flatMap(\.counts) { try checkRange("--tokens", count, Bounds.tokens) }
         try checkRange("--hidden", hidden, Bounds.hidden)
         try checkRange("--topk", topK, Bounds.topK)
         try checkRange("--experts", experts, Bounds.experts)
@@ -76,6 +86,6 @@ struct CaseOptions: ParsableArguments {
 
     /// The shape options given, as `--name value`.
     var shapeOverrides: [(option: String, value: Int?)] {
-        [("--tokens", tokens), ("--hidden", hidden), ("--topk", topK), ("--experts", experts), ("--ranks", ranks)]
+        [("--tokens", tokenCounts.first), ("--hidden", hidden), ("--topk", topK), ("--experts", experts), ("--ranks", ranks)]
     }
 }

@@ -3,10 +3,11 @@ import ExpertParallelCUDA
 import Foundation
 
 extension RunCommand {
-    /// The table, and the JSON file when asked for: a list of measurements, each with `run`.
+    /// The table, the JSON file when asked for (a list of measurements, each with `run`), and the
+    /// plot when asked for (drawn from that same JSON, as `ep-bench plot` draws it from the file).
     func report(_ results: [Measurement], _ record: RunRecord) throws {
         print(Table.render(results))
-        guard let json else { return }
+        guard json != nil || plot != nil else { return }
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
         let entries = results.map { result in
@@ -14,13 +15,25 @@ extension RunCommand {
             entry.run = record
             return entry
         }
-        do {
-            try encoder.encode(entries).write(to: URL(fileURLWithPath: json))
-        } catch {
-            // Checked writable before the run; this is a disk that filled or a folder that went.
-            throw RunFailure("--json \(json): could not write the results (\(error.localizedDescription))")
+        let data = try encoder.encode(entries)
+        if let json {
+            do {
+                try data.write(to: URL(fileURLWithPath: json))
+            } catch {
+                // Checked writable before the run; this is a disk that filled or a folder that went.
+                throw RunFailure("--json \(json): could not write the results (\(error.localizedDescription))")
+            }
+            print("wrote \(json)")
         }
-        print("wrote \(json)")
+        if let plot {
+            let svg = try Plot(engine: PlotEntry.decode(data, from: "the run's results")).svg()
+            do {
+                try Data(svg.utf8).write(to: URL(fileURLWithPath: plot))
+            } catch {
+                throw RunFailure("--plot \(plot): could not write the plot (\(error.localizedDescription))")
+            }
+            print("wrote \(plot)")
+        }
     }
 
     /// Exit status 1 when any case's results differ from the CPU oracle (the table says which).
@@ -59,32 +72,35 @@ extension RunCommand {
 
     var optionsRecord: OptionsRecord {
         OptionsRecord(
-            cases: shape.cases, backend: backend.rawValue, transport: transport.rawValue, ranks: shape.ranks, tokens: shape.tokens,
+            cases: shape.cases, backend: backend.rawValue, transport: transport.rawValue, ranks: shape.ranks, tokens: shape.tokens, tokenCounts: shape.tokenCounts,
             hidden: shape.hidden, topK: shape.topK, experts: shape.experts, layout: shape.layout?.rawValue, alignment: shape.alignment,
             dtype: shape.dtype.rawValue, fp8: shape.fp8?.rawValue, fp8Source: shape.fp8Source?.rawValue, iterations: iterations, warmup: warmup, skew: skew, seed: seed, sms: gpu.smCounts,
             pipelineDepth: gpu.pipelineDepth, rowsInFlight: gpu.rowsInFlight, rowPieces: gpu.rowPieces, blocksPerSM: gpu.blocksPerSM,
-            sharing: sharing.rawValue, drill: drill?.rawValue, drillRank: drillRank, timeoutMs: timeoutMs, progress: progress, json: json)
+            sharing: sharing.rawValue, drill: drill?.rawValue, drillRank: drillRank, timeoutMs: timeoutMs, progress: progress, json: json, plot: plot)
     }
 
     /// `--json PATH` is checked before anything runs, without creating the file: an existing
     /// PATH must be a writable file; a new one needs an existing, writable folder.
-    static func checkWritable(json path: String) throws {
-        guard !path.isEmpty else { throw ValidationError("--json: the path is empty") }
+    static func checkWritable(json path: String) throws { try checkWritable(path, option: "--json") }
+
+    /// The same check for any output file option (`--plot`, `plot --out`), named in its errors.
+    static func checkWritable(_ path: String, option: String) throws {
+        guard !path.isEmpty else { throw ValidationError("\(option): the path is empty") }
         let files = FileManager.default
         var isFolder: ObjCBool = false
         if files.fileExists(atPath: path, isDirectory: &isFolder) {
-            if isFolder.boolValue { throw ValidationError("--json \(path) is a folder, not a file") }
+            if isFolder.boolValue { throw ValidationError("\(option) \(path) is a folder, not a file") }
             guard access(path, W_OK) == 0 else {
-                throw ValidationError("--json \(path): the file exists and is not writable (\(String(cString: strerror(errno))))")
+                throw ValidationError("\(option) \(path): the file exists and is not writable (\(String(cString: strerror(errno))))")
             }
             return
         }
         let folder = URL(fileURLWithPath: path).deletingLastPathComponent().path
         guard files.fileExists(atPath: folder, isDirectory: &isFolder), isFolder.boolValue else {
-            throw ValidationError("--json \(path): the folder \(folder) does not exist")
+            throw ValidationError("\(option) \(path): the folder \(folder) does not exist")
         }
         guard access(folder, W_OK | X_OK) == 0 else {
-            throw ValidationError("--json \(path): the folder \(folder) is not writable (\(String(cString: strerror(errno))))")
+            throw ValidationError("\(option) \(path): the folder \(folder) is not writable (\(String(cString: strerror(errno))))")
         }
     }
 }

@@ -62,6 +62,9 @@ struct RunCommand: ParsableCommand {
     @Option(help: "Write the results as JSON to this path: a list with one entry per case (and SM count), each with its phases, floors, tuning and the run's record (commit, device, versions, seed, options). Checked before the run: an existing file must be writable, a new one needs a writable folder.")
     var json: String?
 
+    @Option(help: "Write an SVG plot to this path: per-rank GB/s of dispatch and combine against tokens per rank, one point per case (and --tokens or --sms count), with the floor's GB/s dashed (ep-bench plot draws it from a --json file). Checked before the run like --json.")
+    var plot: String?
+
     /// The cases each backend runs when none is named.
     enum Defaults {
         static let cpu = ["ll-std", "ht-cpu"]
@@ -106,6 +109,7 @@ struct RunCommand: ParsableCommand {
             throw ValidationError("--drill-rank \(drillRank) is out of range: must be in 0..<\(shape.ranks ?? 2) (the ranks)")
         }
         if let json { try Self.checkWritable(json: json) }
+        if let plot { try Self.checkWritable(plot, option: "--plot") }
     }
 
     func run() throws {

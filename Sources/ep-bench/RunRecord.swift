@@ -41,7 +41,9 @@ struct OptionsRecord: Codable, Sendable {
     var backend: String
     var transport: String
     @AlwaysEncoded var ranks: Int?
+    /// The only `--tokens` given (null: none, or several: `tokenCounts` has them all).
     @AlwaysEncoded var tokens: Int?
+    var tokenCounts: [Int]
     @AlwaysEncoded var hidden: Int?
     @AlwaysEncoded var topK: Int?
     @AlwaysEncoded var experts: Int?
@@ -65,4 +67,5 @@ struct OptionsRecord: Codable, Sendable {
     var timeoutMs: Int
     var progress: Bool
     @AlwaysEncoded var json: String?
+    @AlwaysEncoded var plot: String?
 }

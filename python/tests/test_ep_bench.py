@@ -2,7 +2,8 @@
 option, the value and the bound (exit status 64, never a trap), and a --json path that cannot be
 written fails before the run starts; on the CPU, the step row and its floor, the four layouts,
 the element types, custom shapes, --sms, the run record in the JSON, the progress line, and FP8
-dispatch (--fp8, --fp8-source: validated, its wire bytes counted, refused off the CPU).
+dispatch (--fp8, --fp8-source: validated, its wire bytes counted, refused off the CPU), and the
+SVG plot of --plot and `ep-bench plot` (with the Python bench's baseline).
 Runs the debug ep-bench that `swift build --build-tests` leaves in .build/debug (CI builds it
 before scripts/test), or $EP_BENCH."""
 
@@ -366,3 +367,166 @@ def test_a_plain_run_records_no_fp8(tmp_path):
 ])
 def test_fp8_misuse_is_a_named_usage_error(args, fragments):
     assert_rejected(bench(*args), *fragments)
+
+
+# --plot and `ep-bench plot`: an SVG of per-rank GB/s against tokens per rank.
+SVG = "{http://www.w3.org/2000/svg}"
+PLOT_SHAPE = ["--hidden", "16", "--topk", "2", "--experts", "4", "--ranks", "2"]
+
+
+def plot_series(path):
+    """The plot's series, by label: their polylines' points as (x, y) pixel pairs."""
+    import xml.etree.ElementTree as ET
+    root = ET.parse(path).getroot()   # raises on malformed XML
+    assert root.tag == SVG + "svg"
+    series = {}
+    for line in root.iter(SVG + "polyline"):
+        label = line.get("data-series")
+        assert label not in series, f"two polylines for {label}"
+        series[label] = [tuple(map(float, p.split(","))) for p in line.get("points").split()]
+    return root, series
+
+
+def test_tokens_takes_a_list_and_run_writes_a_plot(tmp_path):
+    svg = tmp_path / "plot.svg"
+    result, entries = run_json(tmp_path, "--case", "custom", "--tokens", "4,16", "--tokens", "64", *PLOT_SHAPE,
+                               "--plot", str(svg))
+    assert [m["tokens"] for m in entries] == [4, 16, 64]
+    assert entries[0]["run"]["options"]["tokenCounts"] == [4, 16, 64] and entries[0]["run"]["options"]["tokens"] is None
+    assert f"wrote {svg}" in result.stdout
+    root, series = plot_series(svg)
+    # This library's dispatch and combine and their floors, one point per token count.
+    assert sorted(series) == ["ExpertParallel combine", "ExpertParallel dispatch", "floor combine", "floor dispatch"]
+    for label, points in series.items():
+        assert len(points) == 3, label
+        xs = [x for x, _ in points]
+        assert xs == sorted(xs) and len(set(xs)) == 3, label
+    # 4 to 64 tokens: a log2 axis, its ticks powers of two; the legend names every series.
+    texts = [t.text or "" for t in root.iter(SVG + "text")]
+    assert any("log2" in t for t in texts)
+    assert {"4", "8", "16", "32", "64"} <= {t.text for t in root.iter(SVG + "text") if t.get("class") == "xtick"}
+    for label in series:
+        assert label in texts
+    title = root.find(SVG + "title").text
+    assert entries[0]["device"] in title and "commit" in title
+    # The floor's line is dashed; the library's is not.
+    lines = {line.get("data-series"): line for line in root.iter(SVG + "polyline")}
+    assert lines["floor dispatch"].get("stroke-dasharray") and not lines["ExpertParallel dispatch"].get("stroke-dasharray")
+
+
+def test_the_plot_draws_the_tables_figures(tmp_path):
+    # y is linear from 0: each point's height is in the ratio of the JSON's GB/s/rank (and floor GB/s = bytes / floor µs).
+    svg = tmp_path / "plot.svg"
+    _, entries = run_json(tmp_path, "--case", "custom", "--tokens", "4,8", *PLOT_SHAPE, "--plot", str(svg))
+    root, series = plot_series(svg)
+    bottom = max(float(line.get("y1")) for line in root.iter(SVG + "line") if line.get("x1") == line.get("x2"))
+    def height(label, i):
+        return bottom - series[label][i][1]
+    d = [m["dispatch"] for m in entries]
+    floor = [p["bytesPerRank"] / (p["floorMicroseconds"] * 1e3) for p in d]
+    for i in range(2):
+        assert height("floor dispatch", i) / height("floor dispatch", 0) == pytest.approx(floor[i] / floor[0], rel=0.02)
+        ratio = d[i]["gbPerSecond"] / floor[0]
+        assert height("ExpertParallel dispatch", i) / height("floor dispatch", 0) == pytest.approx(ratio, rel=0.05, abs=0.01)
+    # 4 to 8 tokens: a linear axis.
+    assert not any("log2" in (t.text or "") for t in root.iter(SVG + "text"))
+
+
+def test_plot_from_a_saved_json_with_and_without_a_baseline(tmp_path):
+    engine = tmp_path / "engine.json"
+    result = bench(*QUICK, "--case", "custom", "--tokens", "4,16", *PLOT_SHAPE, "--json", str(engine))
+    assert result.returncode == 0, result.stderr
+    entries = json.loads(engine.read_text())
+    assert [m["tokens"] for m in entries] == [4, 16]
+
+    plain = tmp_path / "plain.svg"
+    result = bench("plot", "--json", str(engine), "--out", str(plain))
+    assert result.returncode == 0, result.stderr
+    _, series = plot_series(plain)
+    assert sorted(series) == ["ExpertParallel combine", "ExpertParallel dispatch", "floor combine", "floor dispatch"]
+    assert all(len(points) == len(entries) for points in series.values())
+
+    # The Python bench's rows (python/expert_parallel/bench.py --json): per call µs, no token count.
+    custom = next(m for m in entries if m["name"] == "custom" and m["tokens"] == 16)
+    baseline = tmp_path / "py.json"
+    baseline.write_text(json.dumps([
+        {"case": "custom", "ranks": 2, "tokens": 16, "device": "cpu", "iterations": 3, "host_dispatch_us": 9.0,
+         "host_combine_us": 9.0, "baseline": "torch", "baseline_dispatch_us": 40.0, "baseline_combine_us": 60.0},
+        {"case": "tiny", "ranks": 2, "device": "cpu", "iterations": 3, "baseline": "torch",
+         "baseline_dispatch_us": 40.0, "baseline_combine_us": 60.0},   # no such entry: left out, with a note
+    ]))
+    both = tmp_path / "both.svg"
+    result = bench("plot", "--json", str(engine), "--baseline", str(baseline), "--out", str(both))
+    assert result.returncode == 0, result.stderr
+    assert "tiny R=2" in result.stderr
+    root, series = plot_series(both)
+    assert sorted(series) == ["ExpertParallel combine", "ExpertParallel dispatch", "floor combine", "floor dispatch",
+                              "torch combine", "torch dispatch"]
+    assert len(series["torch dispatch"]) == 1 and len(series["torch combine"]) == 1
+    # Drawn at the library's bytes for that case: GB/s = bytes / (µs × 1e3), shown in the point's tooltip.
+    tips = [t.text for t in root.iter(SVG + "title") if t.text and t.text.startswith("torch dispatch")]
+    assert tips == [f"torch dispatch: 16 tokens, {custom['dispatch']['bytesPerRank'] / 40e3:.3f} GB/s"]
+    # The baseline's point sits at the library's 16 tokens; the legend names it.
+    assert series["torch dispatch"][0][0] == series["ExpertParallel dispatch"][1][0]
+    texts = [t.text for t in root.iter(SVG + "text")]
+    assert "torch dispatch" in texts and "torch combine" in texts
+
+
+def test_a_baseline_that_matches_nothing_is_a_usage_error(tmp_path):
+    engine = tmp_path / "engine.json"
+    assert bench(*QUICK, "--case", "custom", "--tokens", "4", *PLOT_SHAPE, "--json", str(engine)).returncode == 0
+    baseline = tmp_path / "py.json"
+    baseline.write_text(json.dumps([{"case": "ll-std", "ranks": 8, "baseline": "torch", "baseline_dispatch_us": 1.0,
+                                     "baseline_combine_us": 1.0}]))
+    result = bench("plot", "--json", str(engine), "--baseline", str(baseline), "--out", str(tmp_path / "p.svg"))
+    assert result.returncode == USAGE and "--baseline" in result.stderr
+    assert not (tmp_path / "p.svg").exists()
+
+
+def test_an_unwritable_plot_path_fails_before_the_run(tmp_path):
+    path = tmp_path / "missing" / "plot.svg"
+    assert_rejected(bench("--case", "ll-1", "--plot", str(path)), f"--plot {path}", "does not exist")
+    assert_rejected(bench("--case", "ll-1", "--plot", str(tmp_path)), f"--plot {tmp_path}", "is a folder")
+    result = bench("plot", "--json", str(tmp_path / "none.json"), "--out", str(path))
+    assert result.returncode == USAGE and f"--out {path}" in result.stderr
+
+
+def test_plot_refuses_a_file_that_is_not_ep_bench_json(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"not": "a list"}')
+    result = bench("plot", "--json", str(bad), "--out", str(tmp_path / "p.svg"))
+    assert result.returncode == USAGE and "not an ep-bench --json file" in result.stderr
+    result = bench("plot", "--json", str(tmp_path / "none.json"), "--out", str(tmp_path / "p.svg"))
+    assert result.returncode == USAGE and "cannot be read" in result.stderr
+
+
+def test_plot_text_is_escaped(tmp_path):
+    # A device name with XML's special characters still gives a parseable SVG that says it.
+    engine = tmp_path / "engine.json"
+    assert bench(*QUICK, "--case", "custom", "--tokens", "4", *PLOT_SHAPE, "--json", str(engine)).returncode == 0
+    entries = json.loads(engine.read_text())
+    for m in entries:
+        m["device"] = m["run"]["device"] = 'A&B <"x">'
+    engine.write_text(json.dumps(entries))
+    out = tmp_path / "p.svg"
+    assert bench("plot", "--json", str(engine), "--out", str(out)).returncode == 0
+    root, series = plot_series(out)
+    assert 'A&B <"x">' in root.find(SVG + "title").text
+    assert all(len(points) == 1 for points in series.values())
+
+
+def test_a_baseline_row_without_tokens_takes_the_standard_cases(tmp_path):
+    # The Python bench writes no token count: a standard case's row is drawn at that case's tokens (ll-1: 1).
+    engine = tmp_path / "engine.json"
+    assert bench(*QUICK, "--case", "ll-1", *PLOT_SHAPE, "--json", str(engine)).returncode == 0
+    (m,) = json.loads(engine.read_text())
+    baseline = tmp_path / "py.json"
+    baseline.write_text(json.dumps([{"case": "ll-1", "ranks": 2, "device": "cpu", "iterations": 5, "baseline": "torch",
+                                     "baseline_dispatch_us": 20.0, "baseline_combine_us": 30.0}]))
+    out = tmp_path / "p.svg"
+    result = bench("plot", "--json", str(engine), "--baseline", str(baseline), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    root, series = plot_series(out)
+    assert len(series) == 6 and all(len(points) == 1 for points in series.values())
+    tips = {t.text for t in root.iter(SVG + "title") if t.text and t.text.startswith("torch combine")}
+    assert tips == {f"torch combine: 1 tokens, {m['combine']['bytesPerRank'] / 30e3:.3f} GB/s"}
