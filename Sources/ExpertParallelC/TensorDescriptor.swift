@@ -17,7 +17,11 @@ enum TensorDescriptor {
         }
         let ndim = Int(t.ndim)
         let shape = int64Values(t.sizes, count: ndim)
-        let strides = int64Values(t.strides, count: ndim)
+        // Strides are read in place (only an error names them as an array): the data path
+        // allocates one array per tensor, its shape.
+        func strideAt(_ i: Int) -> Int {
+            withUnsafeBytes(of: t.strides) { Int($0.loadUnaligned(fromByteOffset: i * 8, as: Int64.self)) }
+        }
         // Every partial product of the sizes (either direction) stays below 2^62: the product of
         // the non-zero sizes does.
         var nonzeroProduct = 1
@@ -34,10 +38,10 @@ enum TensorDescriptor {
         let elements = shape.contains(0) ? 0 : nonzeroProduct
         var expected = 1
         for i in stride(from: ndim - 1, through: 0, by: -1) {
-            guard shape[i] <= 1 || strides[i] == expected || elements == 0 else {
+            guard shape[i] <= 1 || strideAt(i) == expected || elements == 0 else {
                 let contiguous = contiguousStrides(shape)
                 throw .invalidArgument(
-                    field: "\(name()).strides", value: "\(strides)",
+                    field: "\(name()).strides", value: "\(int64Values(t.strides, count: ndim))",
                     requirement: "must be row-major contiguous for shape \(shape) (\(contiguous))")
             }
             expected *= shape[i]
@@ -55,7 +59,7 @@ enum TensorDescriptor {
         if let data = t.data, UInt(bitPattern: data) % UInt(dtype.byteSize) != 0 {
             throw .invalidArgument(field: "\(name()).data", value: "\(data)", requirement: "must be aligned to the element size (\(dtype.byteSize) bytes)")
         }
-        return TensorRef(address: t.data, dtype: dtype, shape: shape, strides: contiguousStrides(shape), location: location)
+        return TensorRef(address: t.data, dtype: dtype, shape: shape, strides: nil, location: location)   // nil: row-major contiguous
     }
 
     /// The tensor `pointer` describes, or nil when the pointer is NULL (an optional tensor).
