@@ -83,11 +83,23 @@ extension StepGroupBackend {
         _ stream: UnsafeMutableRawPointer?
     ) throws {
         let handle = try handle(settings), group = try self.group, ranks = try callRanks()
-        let calls = try perRank(group, ranks) { r in
-            (try DispatchInput(inputs[r], "inputs[\(r)]"), try DispatchOutput(outputs[r], "outputs[\(r)]"),
-             try LayoutInfoDestination(outputs[r].layoutInfo, "outputs[\(r)].layoutInfo"))
+        // Built in place (no per-rank tuples): this is the data path's host cost.
+        let local = group.localRanks
+        var ins: [DispatchInput] = [], outs: [DispatchOutput] = [], destinations: [(Int, LayoutInfoDestination)] = []
+        ins.reserveCapacity(local.count)
+        outs.reserveCapacity(local.count)
+        for r in local {
+            guard ranks.contains(r) else {
+                ins.append(.absent)
+                outs.append(.absent)
+                continue
+            }
+            ins.append(try DispatchInput(inputs[r], "inputs[\(r)]"))
+            outs.append(try DispatchOutput(outputs[r], "outputs[\(r)]"))
+            if let destination = try LayoutInfoDestination(outputs[r].layoutInfo, "outputs[\(r)].layoutInfo") {
+                destinations.append((r, destination))
+            }
         }
-        let ins = calls.map { $0?.0 ?? .absent }, outs = calls.map { $0?.1 ?? .absent }
         let options = self.options(settings, stream)
         try perform(.dispatch(ins, outs), step: settings.step, ranks: ranks) { () throws(EPError) in
             try group.dispatch(handle, ins, into: outs, direction: settings.direction, options: options)
@@ -104,7 +116,6 @@ extension StepGroupBackend {
                 try? zero.writeCounts(experts: experts, expertSources: sources)
             }
         }
-        let destinations = zip(group.localRanks, calls).compactMap { r, call in call?.2.map { (r, $0) } }
         guard !destinations.isEmpty else { return }
         try checkStatus()
         for (r, destination) in destinations { destination.fill(try group.layoutInfo(handle, rank: r)) }
@@ -115,10 +126,15 @@ extension StepGroupBackend {
         _ stream: UnsafeMutableRawPointer?
     ) throws {
         let handle = try handle(settings), group = try self.group, ranks = try callRanks()
-        let calls = try perRank(group, ranks) { r in
-            (try CombineInput(inputs[r], "inputs[\(r)]"), try CombineOutput(outputs[r], "outputs[\(r)]"))
+        let local = group.localRanks
+        var ins: [CombineInput] = [], outs: [CombineOutput] = []
+        ins.reserveCapacity(local.count)
+        outs.reserveCapacity(local.count)
+        for r in local {
+            let read = ranks.contains(r)
+            ins.append(read ? try CombineInput(inputs[r], "inputs[\(r)]") : .absent)
+            outs.append(read ? try CombineOutput(outputs[r], "outputs[\(r)]") : .absent)
         }
-        let ins = calls.map { $0?.0 ?? .absent }, outs = calls.map { $0?.1 ?? .absent }
         let options = self.options(settings, stream), direction = settings.direction
         try perform(.combine(ins, outs, direction), step: settings.step, ranks: ranks) { () throws(EPError) in
             try group.combine(handle, ins, into: outs, direction: direction, options: options)
