@@ -454,12 +454,15 @@ epResult_t epComplete(epHandle_t handle, void* stream);
  *   - The calls enqueue work on the caller's stream (a CUstream / cudaStream_t; NULL: CUDA's
  *     default stream) and return; device-side errors come from epGroupCheckStatus, or from a
  *     dispatch that asks for its layout info (which waits for the device).
- *   - Tensors live on the group's device. Dispatch receives into the group's own buffers (the
- *     other ranks write them) and copies them into the caller's outputs on the stream: the whole
- *     receive buffer, so rows outside the received zones read as zero (and topkIdx outputs are
- *     int32). Combine copies the caller's expertOutputs (and, for HT expert-major forward, the
- *     per-slot topkWeights; for HT backward, the weightGradients) into the group's buffers that
- *     the other ranks read, on the stream, then reduces.
+ *   - Tensors live on the group's device. Dispatch receives into the group's own buffers of a
+ *     buffer slot (the other ranks write them). Given those buffers as outputs (epGroupGetBuffer,
+ *     v3) it copies nothing; given other tensors it receives into slot 0 and copies the whole
+ *     receive buffer into them on the stream, so rows outside the received zones read as zero
+ *     (and topkIdx outputs are int32). Combine reads the slot its step's dispatch used: given that
+ *     slot's expert-output buffer it copies nothing; else it copies the caller's expertOutputs
+ *     (and, for HT expert-major forward, the per-slot topkWeights; for HT backward, the
+ *     weightGradients) into the slot's buffers that the other ranks read, on the stream, then
+ *     reduces. A step whose slot a later dispatch has used cannot combine (epInvalidUsage).
  *   - epGroupGetInfo reports backend epBackendNCCLRank; epGroupGetLayoutInfo and
  *     epGroupGetActiveRanks answer for this process's rank. The collective *All calls,
  *     epGroupDeactivateRank and epGroupCleanRanks are not offered (epInvalidUsage).
