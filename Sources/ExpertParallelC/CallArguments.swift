@@ -60,41 +60,38 @@ struct CallSettings {
     /// The defaults (a NULL config).
     init() {}
 
-    init(_ c: UnsafePointer<epUpdateConfig_t>?) throws(EPError) {
+    init(_ c: UnsafePointer<epUpdateConfig_t>?, group: GroupObject) throws(EPError) {
         if let c = try epUpdateConfig_t.readOptional(c, "config") {
             mode = try ABIEnum.launchMode(c.launchMode, "config.launchMode")
-            step = try Self.step(c.step)
+            step = try Self.step(c.step, group)
         }
     }
 
-    init(_ c: UnsafePointer<epDispatchConfig_t>?) throws(EPError) {
+    init(_ c: UnsafePointer<epDispatchConfig_t>?, group: GroupObject) throws(EPError) {
         if let c = try epDispatchConfig_t.readOptional(c, "config") {
             direction = try ABIEnum.direction(c.direction, "config.direction")
             mode = try ABIEnum.launchMode(c.launchMode, "config.launchMode")
             phase = try ABIEnum.phase(c.phase, "config.phase")
-            step = try Self.step(c.step)
+            step = try Self.step(c.step, group)
         }
     }
 
-    init(_ c: UnsafePointer<epCombineConfig_t>?) throws(EPError) {
+    init(_ c: UnsafePointer<epCombineConfig_t>?, group: GroupObject) throws(EPError) {
         if let c = try epCombineConfig_t.readOptional(c, "config") {
             direction = try ABIEnum.direction(c.direction, "config.direction")
             mode = try ABIEnum.launchMode(c.launchMode, "config.launchMode")
             phase = try ABIEnum.phase(c.phase, "config.phase")
-            step = try Self.step(c.step)
+            step = try Self.step(c.step, group)
         }
     }
 
-    private static func step(_ pointer: OpaquePointer?) throws(EPError) -> StepObject? {
+    /// The step object a config names, checked to be one of `group`'s (a step of another group
+    /// holds that group's routing and memory).
+    private static func step(_ pointer: OpaquePointer?, _ group: GroupObject) throws(EPError) -> StepObject? {
         guard let pointer else { return nil }
-        return try stepRegistry.object(pointer, "config.step")
-    }
-
-    /// The step object the config names, checked to be one of `group`'s.
-    func step(of group: GroupObject) throws(EPError) -> StepObject? {
-        guard let step else { return nil }
+        let step = try stepRegistry.object(pointer, "config.step")
         guard step.group === group else {
-            throw .invalidArgument(field: "config.step", value: "\(ObjectIdentifier(step))", requirement: "must be a step made from this group (epStepCreate)")
+            throw .invalidArgument(field: "config.step", value: "\(pointer)", requirement: "must be a step made from this group (epStepCreate)")
         }
         return step
     }

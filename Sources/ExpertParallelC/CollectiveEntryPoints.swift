@@ -10,7 +10,7 @@ public func cGroupUpdateAll(
 ) -> epResult_t {
     entryPoint("epGroupUpdateAll") {
         let object = try groupRegistry.object(group, "group")
-        let settings = try CallSettings(config)
+        let settings = try CallSettings(config, group: object)
         let inputs = try epUpdateInputs_t.readArray(inputs, count: object.config.ranks, "inputs")
         try object.withBackend { try $0.updateAll(inputs, settings, stream) }
     }
@@ -23,7 +23,7 @@ public func cGroupDispatchAll(
 ) -> epResult_t {
     entryPoint("epGroupDispatchAll") {
         let object = try groupRegistry.object(group, "group")
-        let settings = try CallSettings(config)
+        let settings = try CallSettings(config, group: object)
         let inputs = try epDispatchInputs_t.readArray(inputs, count: object.config.ranks, "inputs")
         let outputs = try epDispatchOutputs_t.readArray(outputs, count: object.config.ranks, "outputs")
         try object.withBackend { try $0.dispatchAll(inputs, outputs, settings, stream) }
@@ -37,7 +37,7 @@ public func cGroupCombineAll(
 ) -> epResult_t {
     entryPoint("epGroupCombineAll") {
         let object = try groupRegistry.object(group, "group")
-        let settings = try CallSettings(config)
+        let settings = try CallSettings(config, group: object)
         let inputs = try epCombineInputs_t.readArray(inputs, count: object.config.ranks, "inputs")
         let outputs = try epCombineOutputs_t.readArray(outputs, count: object.config.ranks, "outputs")
         try object.withBackend { try $0.combineAll(inputs, outputs, settings, stream) }

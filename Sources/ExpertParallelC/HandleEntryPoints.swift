@@ -30,7 +30,7 @@ public func cHandleUpdate(
     entryPoint("epHandleUpdate") {
         let object = try handleRegistry.object(handle, "handle")
         try object.group.withRank(object.calls) { calls in
-            try calls.make(.update, { (try CallSettings(config), try epUpdateInputs_t.read(inputs, "inputs")) }) { settings, inputs in
+            try calls.make(.update, { (try CallSettings(config, group: object.group), try epUpdateInputs_t.read(inputs, "inputs")) }) { settings, inputs in
                 try calls.update(inputs, settings, stream)
             }
         }
@@ -46,7 +46,7 @@ public func cDispatch(
         let object = try handleRegistry.object(handle, "handle")
         try object.group.withRank(object.calls) { calls in
             try calls.make(.dispatch, {
-                (try CallSettings(config), try epDispatchInputs_t.read(inputs, "inputs"), try epDispatchOutputs_t.read(outputs, "outputs"))
+                (try CallSettings(config, group: object.group), try epDispatchInputs_t.read(inputs, "inputs"), try epDispatchOutputs_t.read(outputs, "outputs"))
             }) { settings, inputs, outputs in
                 try calls.dispatch(inputs, outputs, settings, stream)
             }
@@ -63,7 +63,7 @@ public func cCombine(
         let object = try handleRegistry.object(handle, "handle")
         try object.group.withRank(object.calls) { calls in
             try calls.make(.combine, {
-                (try CallSettings(config), try epCombineInputs_t.read(inputs, "inputs"), try epCombineOutputs_t.read(outputs, "outputs"))
+                (try CallSettings(config, group: object.group), try epCombineInputs_t.read(inputs, "inputs"), try epCombineOutputs_t.read(outputs, "outputs"))
             }) { settings, inputs, outputs in
                 try calls.combine(inputs, outputs, settings, stream)
             }

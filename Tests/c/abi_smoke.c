@@ -449,6 +449,15 @@ static void steps(void) {
     epTensor_t buffer;
     buffer.structSize = sizeof buffer;
     CHECK_FAILS(epGroupGetBuffer(group, 0, epBufferReceivedTokens, &buffer), epInvalidUsage, "only NCCL-rank groups");
+    /* A step of another group is refused by name, before anything moves. */
+    epGroup_t otherGroup = NULL;
+    epStep_t foreign = NULL;
+    CHECK_OK(epGroupCreate(&config, NULL, &otherGroup));
+    CHECK_OK(epStepCreate(otherGroup, &foreign));
+    epDispatchConfig_t df = {sizeof df, epForward, epLaunchSingle, foreign, epPhaseWhole};
+    CHECK_FAILS(epGroupDispatchAll(group, din, dout, &df, NULL), epInvalidArgument, "must be a step made from this group");
+    CHECK_OK(epStepDestroy(foreign));
+    CHECK_OK(epGroupDestroy(otherGroup));
     /* A destroyed step is refused by name. */
     CHECK_OK(epStepDestroy(a));
     CHECK_FAILS(epGroupDispatchAll(group, din, dout, &da, NULL), epInvalidArgument, "config.step");
