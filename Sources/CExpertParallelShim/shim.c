@@ -56,33 +56,37 @@ static int ep_abstract_address(struct sockaddr_un* address, const char* name, in
     return 0;
 }
 
+// A non-blocking, close-on-exec Unix stream socket and the abstract address of `name`;
+// -errno when either cannot be made.
+static int ep_abstract_socket(const char* name, int length, struct sockaddr_un* address, socklen_t* size) {
+    int bad = ep_abstract_address(address, name, length, size);
+    if (bad) return bad;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    return fd < 0 ? -errno : fd;
+}
+
+// After a failed call on `fd`: closes it and returns -errno of the failure.
+static int ep_close_failed(int fd) {
+    int error = errno;
+    close(fd);
+    return -error;
+}
+
 int ep_shim_unix_listen(const char* name, int length, int backlog) {
     struct sockaddr_un address;
     socklen_t size;
-    int bad = ep_abstract_address(&address, name, length, &size);
-    if (bad) return bad;
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0) return -errno;
-    if (bind(fd, (struct sockaddr*)&address, size) != 0 || listen(fd, backlog) != 0) {
-        int error = errno;
-        close(fd);
-        return -error;
-    }
+    int fd = ep_abstract_socket(name, length, &address, &size);
+    if (fd < 0) return fd;
+    if (bind(fd, (struct sockaddr*)&address, size) != 0 || listen(fd, backlog) != 0) return ep_close_failed(fd);
     return fd;
 }
 
 int ep_shim_unix_connect(const char* name, int length) {
     struct sockaddr_un address;
     socklen_t size;
-    int bad = ep_abstract_address(&address, name, length, &size);
-    if (bad) return bad;
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0) return -errno;
-    if (connect(fd, (struct sockaddr*)&address, size) != 0) {
-        int error = errno;
-        close(fd);
-        return -error;
-    }
+    int fd = ep_abstract_socket(name, length, &address, &size);
+    if (fd < 0) return fd;
+    if (connect(fd, (struct sockaddr*)&address, size) != 0) return ep_close_failed(fd);
     return fd;
 }
 

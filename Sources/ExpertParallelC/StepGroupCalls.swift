@@ -106,11 +106,11 @@ extension StepGroupBackend {
         }
         // A masked host rank's arguments are not read, but counts it was given read as zero (as
         // the GPU writes them), so that a caller's count tensors never show an earlier step's.
-        if case .host = location {
-            for r in group.localRanks where !ranks.contains(r) {
-                let zero = LayoutInfo(expertCounters: Array(repeating: 0, count: group.config.localExperts), expertOffsets: [],
-                                      sourceRankCounters: [], expertSourceCounters: Array(repeating: 0, count: group.config.localExperts * group.config.ranks),
-                                      receivedTotal: 0, droppedTokens: 0)
+        if case .host = location, local.contains(where: { !ranks.contains($0) }) {
+            let l = group.config.localExperts
+            let zero = LayoutInfo(expertCounters: Array(repeating: 0, count: l), expertOffsets: [], sourceRankCounters: [],
+                                  expertSourceCounters: Array(repeating: 0, count: l * group.config.ranks), receivedTotal: 0, droppedTokens: 0)
+            for r in local where !ranks.contains(r) {
                 let experts = (try? TensorDescriptor.optionalTensor(outputs[r].expertCounts, "counts")) ?? nil
                 let sources = (try? TensorDescriptor.optionalTensor(outputs[r].expertSourceCounts, "counts")) ?? nil
                 try? zero.writeCounts(experts: experts, expertSources: sources)

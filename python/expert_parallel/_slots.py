@@ -46,8 +46,6 @@ class Slot:
         self.idx_views = None if routing is None else [self.received_idx[i] for i in range(r)]
         self.w_views = None if routing is None else [self.received_w[i] for i in range(r)]
         self.scale_views = None if self.scales is None else [self.scales[i] for i in range(r)]
-        self._combined_key = None
-        self._combined_views = None
         self._targets = None        # (tokens, backward HT) the combine outputs point at
         self._target_views = None
 
@@ -87,11 +85,9 @@ class Slot:
         """Points the combine outputs at combined[i, :tokens[i]] (and the weight gradients at
         weight_grads[i, :tokens[i]] for backward HT); returns the per-rank views."""
         key = (tuple(tokens), backward_ht)
-        if key == self._targets:
-            return self._target_views
-        result = self._point(tokens, backward_ht)
-        self._targets, self._target_views = key, result
-        return result
+        if key != self._targets:
+            self._targets, self._target_views = key, self._point(tokens, backward_ht)
+        return self._target_views
 
     def _point(self, tokens, backward_ht):
         group = self._group
@@ -115,8 +111,4 @@ class Slot:
         else:
             for i in range(group.ranks):
                 self.combine_outputs[i].topkWeightGradients = None
-        key = tuple(tokens)
-        if key != self._combined_key:
-            self._combined_key = key
-            self._combined_views = [self.combined[i, :b] for i, b in enumerate(tokens)]
-        return self._combined_views, grads
+        return [self.combined[i, :b] for i, b in enumerate(tokens)], grads
