@@ -15,15 +15,13 @@ struct NCCLOneRankTests {
     /// A step whose buffer slot a later dispatch reused cannot combine: its rows (and, HT
     /// expert-major, its per-slot weights) are gone; the error says so before anything launches.
     @Test func aCombineWhoseSlotWasReusedIsRefused() throws {
-        do {
-            let device = try #require(sharedDevice)
-            let nccl = try NCCLLibrary.shared()
-            try device.makeCurrent()
-            let comm = try nccl.initRank(ranks: 1, id: try nccl.uniqueID(), rank: 0)
-            defer { try? nccl.close(comm) }
-            let config = GroupConfig(algorithm: .lowLatency, ranks: 1, experts: 2, topK: 2, hidden: 8, elementType: .f32, maxTokensPerRank: 2)
-            let group = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl)
+        let config = GroupConfig(algorithm: .lowLatency, ranks: 1, experts: 2, topK: 2, hidden: 8, elementType: .f32, maxTokensPerRank: 2)
+        try withOneRankGroup(config) { group in
+            let device = group.device
+            let routing = HostTensor(.i32, [2, config.topK])
+            routing.copy(from: [Int32(0), 1, 1, -1])   // distinct experts per token (fresh memory may repeat one)
             let idx = try DeviceTensor(.i32, [2, config.topK], on: device)
+            try idx.upload(routing)
             let x = try DeviceTensor(.f32, [2, config.hidden], on: device), w = try DeviceTensor(.f32, [2, config.topK], on: device)
             let out = try DeviceTensor(.f32, [2, config.hidden], on: device)
             let a = try group.makeHandle(), b = try group.makeHandle()
@@ -40,7 +38,7 @@ struct NCCLOneRankTests {
                 try combine(a)
                 Issue.record("a combine of a step whose slot was reused was not refused")
             } catch {
-                guard case .wrongOrder(let message) = error else { throw error }
+                guard case EPError.wrongOrder(let message) = error else { throw error }
                 #expect(message.contains("buffer slot 0") && message.contains("later dispatch"), "\(message)")
             }
             try combine(b)
@@ -52,35 +50,47 @@ struct NCCLOneRankTests {
 
     @Test(arguments: cases)
     func oneRankGroupMatchesTheOracle(_ layout: Layout, _ direction: PassDirection) throws {
+        let config = GroupConfig.forLayout(layout, ranks: 1, experts: 8, topK: 3, hidden: 96, elementType: .bf16, maxTokensPerRank: 20)
+        try withOneRankGroup(config) { group in
+            #expect(group.bufferSlots == 2)
+            // Two steps in flight on the two slots: update A, update B, dispatch A, dispatch B, combine B, combine A.
+            let steps = [(StepInputs(config: config, tokens: [20], seed: 11), 0), (StepInputs(config: config, tokens: [13], seed: 12), 1)]
+            let buffers = try steps.map { inputs, _ in try OneRankStep(group, inputs) }
+            let handles = try steps.map { _ in try group.makeHandle() }
+            for (handle, step) in zip(handles, buffers) { try group.update(handle, topkIdx: [step.idx.ref]) }
+            for i in [0, 1] { try buffers[i].dispatch(group, handles[i], slot: steps[i].1, direction: direction) }
+            for i in [1, 0] { try buffers[i].combine(group, handles[i], slot: steps[i].1, direction: direction) }
+            try group.checkStatus()
+            for i in [0, 1] {
+                let expected = try #require(try oracleStep(config, steps[i].0, direction: direction)[0])
+                let got = try buffers[i].result(group, handles[i], slot: steps[i].1, direction: direction)
+                #expect(got.layout.expertCounters == expected.layout.expertCounters, "\(layout) step \(i): counters")
+                #expect(got.layout.receivedTotal == expected.layout.receivedTotal, "\(layout) step \(i): received total")
+                // Rows outside the received zones are unspecified here (the group's buffers are not poisoned).
+                for (start, count) in receivedZones(config, expected.layout) {
+                    let bytes = (start * config.rowBytes)..<((start + count) * config.rowBytes)
+                    #expect(got.received[bytes] == expected.received[bytes], "\(layout) step \(i): received rows \(start)..<\(start + count)")
+                }
+                #expect(got.combined == expected.combined, "\(layout) step \(i): combined rows")
+                #expect(got.weightGradients == expected.weightGradients, "\(layout) step \(i): weight gradients")
+            }
+        }
+    }
+
+    /// Runs `body` with an NCCL rank group of one rank, destroyed before its communicator is
+    /// closed: the group's buffers are windows of the communicator, and deregistering them from a
+    /// closed one would touch freed memory. (A nested scope, not a `defer` beside the group:
+    /// Swift does not order a local's release against a `defer` of the same scope.)
+    func withOneRankGroup(_ config: GroupConfig, _ body: (NCCLRankGroup) throws -> Void) throws {
         let device = try #require(sharedDevice)
         let nccl = try NCCLLibrary.shared()
         try device.makeCurrent()
         let comm = try nccl.initRank(ranks: 1, id: try nccl.uniqueID(), rank: 0)
         defer { try? nccl.close(comm) }
-        let config = GroupConfig.forLayout(layout, ranks: 1, experts: 8, topK: 3, hidden: 96, elementType: .bf16, maxTokensPerRank: 20)
-        let group = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl)
-        #expect(group.bufferSlots == 2)
-        // Two steps in flight on the two slots: update A, update B, dispatch A, dispatch B, combine B, combine A.
-        let steps = [(StepInputs(config: config, tokens: [20], seed: 11), 0), (StepInputs(config: config, tokens: [13], seed: 12), 1)]
-        let buffers = try steps.map { inputs, _ in try OneRankStep(group, inputs) }
-        let handles = try steps.map { _ in try group.makeHandle() }
-        for (handle, step) in zip(handles, buffers) { try group.update(handle, topkIdx: [step.idx.ref]) }
-        for i in [0, 1] { try buffers[i].dispatch(group, handles[i], slot: steps[i].1, direction: direction) }
-        for i in [1, 0] { try buffers[i].combine(group, handles[i], slot: steps[i].1, direction: direction) }
-        try group.checkStatus()
-        for i in [0, 1] {
-            let expected = try #require(try oracleStep(config, steps[i].0, direction: direction)[0])
-            let got = try buffers[i].result(group, handles[i], slot: steps[i].1, direction: direction)
-            #expect(got.layout.expertCounters == expected.layout.expertCounters, "\(layout) step \(i): counters")
-            #expect(got.layout.receivedTotal == expected.layout.receivedTotal, "\(layout) step \(i): received total")
-            // Rows outside the received zones are unspecified here (the group's buffers are not poisoned).
-            for (start, count) in receivedZones(config, expected.layout) {
-                let bytes = (start * config.rowBytes)..<((start + count) * config.rowBytes)
-                #expect(got.received[bytes] == expected.received[bytes], "\(layout) step \(i): received rows \(start)..<\(start + count)")
-            }
-            #expect(got.combined == expected.combined, "\(layout) step \(i): combined rows")
-            #expect(got.weightGradients == expected.weightGradients, "\(layout) step \(i): weight gradients")
-        }
+        try { () throws in
+            let group = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl)
+            try body(group)
+        }()
     }
 }
 

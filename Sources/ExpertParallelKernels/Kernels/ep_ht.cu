@@ -185,7 +185,7 @@ ep_ht_update(const EpArgs args) {
 #pragma unroll
             for (int p = 0; p < c; ++p) {
                 if (row[c] >= 0 && row[p] == row[c]) {
-                    ep_set_status(ws, EP_STATUS_REPEATED, t, p, c);
+                    ep_set_status(ws, EP_STATUS_REPEATED, t, (static_cast<ep_u32>(p) << 16) | c, static_cast<ep_u32>(row[c]));
                     bad = 1;
                 }
             }

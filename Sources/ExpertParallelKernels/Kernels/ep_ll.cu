@@ -74,7 +74,7 @@ ep_ll_update(const EpArgs args) {
         const int t = i / EP_K, c = i % EP_K, e = routing[i];
         for (int p = 0; e >= 0 && p < c; ++p) {
             if (routing[t * EP_K + p] == e) {
-                ep_set_status(ws, EP_STATUS_REPEATED, t, p, c);
+                ep_set_status(ws, EP_STATUS_REPEATED, t, (static_cast<ep_u32>(p) << 16) | c, static_cast<ep_u32>(e));
                 bad = 1;
             }
         }

@@ -66,7 +66,7 @@
 #define EP_SYNC_DONE 8     // combine: tell each peer its rows were read, and wait until ours were
 
 #define EP_STATUS_INDEX_RANGE 1   // a = token, b = column, c = value (low 32 bits)
-#define EP_STATUS_REPEATED 2      // a = token, b = first column, c = second column
+#define EP_STATUS_REPEATED 2      // a = token, b = first column << 16 | second column, c = expert
 #define EP_STATUS_TIMEOUT 3       // a = missing peer
 #define EP_STATUS_PEER_FAILED 4   // a = peer whose routing was invalid
 #define EP_STATUS_OVERFLOW 5      // a = destination rank, b = rows required, c = capacity
