@@ -61,6 +61,8 @@ struct DriverFunctions {
     let cuModuleGetGlobal: @convention(c) (UnsafeMutablePointer<DevicePtr>?, UnsafeMutablePointer<Int>?, Handle, UnsafePointer<CChar>?) -> Result
     let cuFuncSetAttribute: @convention(c) (Handle, Int32, Int32) -> Result
     let cuFuncGetAttribute: @convention(c) (UnsafeMutablePointer<Int32>?, Int32, Handle) -> Result
+    /// CUDA 12.4+: loads a function now instead of at its first launch (lazy loading).
+    let cuFuncLoad: (@convention(c) (Handle) -> Result)?
     let cuLaunchKernel: @convention(c) (
         Handle, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, Handle, KernelParams, KernelParams
     ) -> Result
@@ -126,6 +128,7 @@ struct DriverFunctions {
         cuModuleGetGlobal = try library.function("cuModuleGetGlobal_v2")
         cuFuncSetAttribute = try library.function("cuFuncSetAttribute")
         cuFuncGetAttribute = try library.function("cuFuncGetAttribute")
+        cuFuncLoad = library.optionalFunction("cuFuncLoad")
         cuLaunchKernel = try library.function("cuLaunchKernel")
         cuOccupancyMaxActiveBlocksPerMultiprocessor = try library.function("cuOccupancyMaxActiveBlocksPerMultiprocessor")
 

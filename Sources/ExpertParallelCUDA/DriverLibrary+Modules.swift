@@ -21,6 +21,14 @@ extension DriverLibrary {
         return CUDAFunction(rawValue: try nonNull(function, "cuModuleGetFunction"))
     }
 
+    /// `cuFuncLoad` where the driver has it (CUDA 12.4+): the function's code is on the device
+    /// when this returns, so its first launch cannot stop to load it (under lazy loading, the
+    /// default since CUDA 12.2, that load may wait for the whole context). Nothing without it.
+    public func load(_ function: CUDAFunction) throws {
+        guard let load = functions.cuFuncLoad else { return }
+        try check(load(function.rawValue), "cuFuncLoad")
+    }
+
     /// `cuModuleGetGlobal_v2`: address and size of a `__device__` variable.
     public func global(named name: String, in module: CUDAModule) throws -> (pointer: DevicePointer, byteCount: Int) {
         var pointer: UInt64 = 0

@@ -1,3 +1,4 @@
+import Foundation
 import ExpertParallel
 import ExpertParallelCUDA
 import ExpertParallelKernels
@@ -54,13 +55,33 @@ struct StepKernels: Sendable {
             try device.compiler.compile(KernelSource.embedded(prefix), arch: device.arch, defines: Self.defines(config, variant, tuning))
         }
         let driver = device.driver
+        // Loaded whole, here, while no group of this process is between the per-rank launches
+        // of a call (LaunchGate).
+        LaunchGate.lock.lock()
+        defer { LaunchGate.lock.unlock() }
         let module = try gpu { try driver.loadModule(image: compiled.image) }
         self.module = module
-        update = try gpu { try driver.function(named: "\(prefix)_update", in: module) }
-        dispatch = try gpu { try driver.function(named: "\(prefix)_dispatch", in: module) }
-        combine = try gpu { try driver.function(named: "\(prefix)_combine", in: module) }
+        func function(_ name: String) throws(EPError) -> CUDAFunction {
+            let f = try gpu { try driver.function(named: "\(prefix)_\(name)", in: module) }
+            try gpu { try driver.load(f) }
+            return f
+        }
+        update = try function("update")
+        dispatch = try function("dispatch")
+        combine = try function("combine")
         let staged = variant.transport == .staged
-        drain = staged ? try gpu { try driver.function(named: "\(prefix)_drain", in: module) } : nil
-        combineSend = staged ? try gpu { try driver.function(named: "\(prefix)_combine_send", in: module) } : nil
+        drain = staged ? try function("drain") : nil
+        combineSend = staged ? try function("combine_send") : nil
     }
+}
+
+/// Per-rank launches of virtual ranks spin on the device until every rank of the call has
+/// arrived, so a call's launches must all reach the GPU while its first ones run. Under CUDA's
+/// lazy loading (the default since 12.2) a module load or a function's first launch may wait
+/// for the whole context: if that happened in one thread between another group's per-rank
+/// launches, the launched ranks would spin until the timeout for ranks never launched. So
+/// functions are loaded eagerly (`cuFuncLoad`), and module loads and a call's per-rank launch
+/// loop take turns, process-wide (groups on one GPU may hold distinct `GPUDevice`s).
+enum LaunchGate {
+    static let lock = NSLock()
 }

@@ -4,20 +4,14 @@ import Foundation
 import Synchronization
 import Testing
 
-/// A reproduction, not yet a passing test: two virtual groups on one GPU, each launching its
-/// ranks separately (`.perRank`) from a thread of its own. On an H100 (2026-11-25) it failed 6 of
-/// 6 runs: about 3 s (one timeout) for 80 steps and a group that lost ranks 1–3 from its mask; the
-/// same happens, now and then, when suites with per-rank tests run in parallel. Two attempted
-/// fixes (a device-wide lock over a call's per-rank launches; every call fenced behind all work on
-/// the shared rank streams) did not cure it, the second made it hang. The likeliest cause, not yet
-/// tested: CUDA's lazy loading (the default since 12.2). A group's first launch of a kernel, or
-/// its module load, may synchronise the context; if that falls between another group's per-rank
-/// launches, the ranks already launched spin until the timeout (CUDA Programming Guide, "Lazy
-/// Loading", potential hazards). Candidate fix: load every function eagerly (cuFuncLoad) and keep
-/// module loads and a call's per-rank launch loop under one device-wide lock. Enable with EP_GPU_TESTS=1 EP_REPRODUCE_CONCURRENT_PER_RANK=1; once it passes, drop
-/// the second condition so it joins the GPU suite.
-@Suite(.enabled(if: gpuTestsEnabled && ProcessInfo.processInfo.environment["EP_REPRODUCE_CONCURRENT_PER_RANK"] == "1",
-                "reproduces an open defect: set EP_GPU_TESTS=1 EP_REPRODUCE_CONCURRENT_PER_RANK=1"))
+/// Two virtual groups on one GPU, each launching its ranks separately (`.perRank`) from a thread
+/// of its own. Before `LaunchGate` (StepKernels.swift) this failed 6 of 6 runs on an H100: about
+/// 3 s (one timeout) for 80 steps and a group that lost ranks 1–3 from its mask. The cause:
+/// lazy loading let one group's first launch of a kernel (or its module load) wait for the whole
+/// context between another group's per-rank launches, whose launched ranks then spun until the
+/// timeout. Functions are now loaded eagerly, and module loads and a call's per-rank launches
+/// take turns.
+@Suite(.enabled(if: gpuTestsEnabled, "needs a GPU (EP_GPU_TESTS=1)"))
 struct ConcurrentPerRankGroupsTests {
     /// Both groups finish every step well inside the timeout, match the oracle, masks intact.
     @Test func twoGroupsLaunchingPerRankDoNotWaitForEachOther() throws {
