@@ -158,7 +158,8 @@ typedef enum {
     epBufferReceivedTopkIdx = 1,     /* dispatch output: receiveRoutingShape, int32 (layouts that have it) */
     epBufferReceivedTopkWeights = 2, /* dispatch output: receiveRoutingShape, float32 (layouts that have it) */
     epBufferExpertOutputs = 3,       /* combine input: receiveShape, the element type */
-    epBufferWeightGradients = 4      /* backward HT combine input: receiveRoutingShape, float32 */
+    epBufferWeightGradients = 4,     /* backward HT combine input: receiveRoutingShape, float32 */
+    epBufferReceivedScales = 5       /* FP8 dispatch output: receiveScalesShape, float32 or int32 words */
 } epBuffer_t;
 
 /* ---------------------------------------------------------------------------------------- */

@@ -27,10 +27,11 @@ extension NCCLBackend: StepGroupBackend {
         case epBufferReceivedTopkWeights: buffers.receivedWeights
         case epBufferExpertOutputs: buffers.expertOutputs
         case epBufferWeightGradients: buffers.weightGradients
+        case epBufferReceivedScales: buffers.receivedScales
         default:
             throw EPError.invalidArgument(
                 field: "buffer", value: "\(kind.rawValue)",
-                requirement: "must be epBufferReceivedTokens (0), epBufferReceivedTopkIdx (1), epBufferReceivedTopkWeights (2), epBufferExpertOutputs (3) or epBufferWeightGradients (4)")
+                requirement: "must be epBufferReceivedTokens (0), epBufferReceivedTopkIdx (1), epBufferReceivedTopkWeights (2), epBufferExpertOutputs (3), epBufferWeightGradients (4) or epBufferReceivedScales (5)")
         }
         guard let found else {
             throw EPError.invalidArgument(field: "buffer", value: "\(kind.rawValue)", requirement: "names a buffer this group's algorithm and layout do not have")
@@ -105,7 +106,8 @@ extension NCCLBackend: RankCalls {
         if let slot = group.slot(receiving: output) {
             // Zero copy: the received routing goes to the slot's own buffers too.
             let own = group.slots[slot]
-            for (given, buffer, name) in [(output.topkIdx, own.receivedIndices, "topkIdx"), (output.topkWeights, own.receivedWeights, "topkWeights")] {
+            for (given, buffer, name) in [(output.topkIdx, own.receivedIndices, "topkIdx"), (output.topkWeights, own.receivedWeights, "topkWeights"),
+                                          (output.scales, own.receivedScales, "scales")] {
                 guard let given, given.address != buffer?.address else { continue }
                 throw EPError.invalidArgument(
                     field: "outputs.\(name)", value: "\(given.address.map { "\($0)" } ?? "NULL")",

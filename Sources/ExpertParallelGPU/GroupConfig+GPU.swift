@@ -5,9 +5,6 @@ extension GroupConfig {
     /// destination masks and lanes, and the update kernel's static shared memory fits 48 KB.
     package func validatedForGPU() throws(EPError) -> Self {
         let config = try validated()
-        if let fp8 {
-            throw .invalidConfig(field: "fp8", value: "\(fp8)", requirement: "must be nil on the GPU backends for now: FP8 dispatch runs on the CPU backend (the oracle) so far")
-        }
         guard ranks <= 32 else {
             throw .invalidConfig(field: "ranks", value: "\(ranks)", requirement: "must be ≤ 32 on the GPU backend")
         }

@@ -23,7 +23,10 @@ extension NCCLRankGroup {
         _ input: DispatchInput, copyingInto output: DispatchOutput, handle: GPUStepHandle? = nil, slot: Int = 0,
         stream: CUDAStream? = nil
     ) throws(EPError) {
-        try TensorCheck.require(output.tokens, "output.tokens", dtypes: [config.elementType], shape: config.receiveShape, location: here)
+        try TensorCheck.require(output.tokens, "output.tokens", dtypes: [config.receiveElementType], shape: config.receiveShape, location: here)
+        if let fp8 = config.fp8, let scalesShape = config.receiveScalesShape {
+            try TensorCheck.require(output.scales, "output.scales", dtypes: [fp8.scaleType], shape: scalesShape, location: here)
+        }
         if let routingShape = config.receiveRoutingShape {
             try TensorCheck.require(output.topkIdx, "output.topkIdx", dtypes: [.i32], shape: routingShape, location: here)
             try TensorCheck.require(output.topkWeights, "output.topkWeights", dtypes: [.f32], shape: routingShape, location: here)
@@ -32,6 +35,10 @@ extension NCCLRankGroup {
         let stream = stream ?? self.stream, buffers = slots[slot]
         try copy(buffers.receivedTokens, to: output.tokens, stream: stream)
         try clear(buffers.receivedTokens, stream: stream)
+        if let scales = buffers.receivedScales, let outScales = output.scales {
+            try copy(scales, to: outScales, stream: stream)
+            try clear(scales, stream: stream)
+        }
         if let indices = buffers.receivedIndices, let weights = buffers.receivedWeights,
            let outIndices = output.topkIdx, let outWeights = output.topkWeights {
             try copy(indices, to: outIndices, stream: stream)

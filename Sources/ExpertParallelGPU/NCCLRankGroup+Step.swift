@@ -48,11 +48,12 @@ extension NCCLRankGroup {
         try config.validateDispatch(input, output, tokens: step.routing[0].shape[0], location: location)
         try requireAligned(input.tokens, "input.tokens", 8)
         try requireAligned(input.topkWeights, "input.topkWeights", 4)
+        try requireAligned(input.scales, "input.scales", 4)
         try engine.dispatch(
             handle, inputs,
             received: { [peers] r in
                 ReceiveBuffers(rows: peers[r].received(slot).rawValue, indices: peers[r].receivedIndices(slot).rawValue,
-                               weights: peers[r].receivedWeights(slot).rawValue)
+                               weights: peers[r].receivedWeights(slot).rawValue, scales: peers[r].receivedScales(slot).rawValue)
             },
             receivedIndexBytes: 4, vectorBytes: engine.vectorBytes(CollectionOfOne(address(input.tokens)), EmptyCollection()),
             counts: [output], options: options)

@@ -61,17 +61,19 @@ public final class NCCLRankGroup: StepGroup, @unchecked Sendable {
         public let receivedWeights: TensorRef?
         public let expertOutputs: TensorRef
         public let weightGradients: TensorRef?
+        /// FP8 groups: `receiveScalesShape` scale words of the received e4m3 rows.
+        public let receivedScales: TensorRef?
 
         /// The slot's receive buffers as dispatch outputs.
         public var dispatchOutput: DispatchOutput {
-            DispatchOutput(tokens: receivedTokens, topkIdx: receivedIndices, topkWeights: receivedWeights)
+            DispatchOutput(tokens: receivedTokens, topkIdx: receivedIndices, topkWeights: receivedWeights, scales: receivedScales)
         }
     }
 
     /// The buffers of one rank that the others reach: its workspace, then per slot its
-    /// received rows, ids and weights, expert outputs and weight gradients.
+    /// received rows, ids and weights, expert outputs, weight gradients and FP8 scale words.
     struct SharedBuffers {
-        static let perSlot = 5
+        static let perSlot = 6
         var workspace: DevicePointer
         var slots: [[DevicePointer]]
 
@@ -85,6 +87,7 @@ public final class NCCLRankGroup: StepGroup, @unchecked Sendable {
         func receivedWeights(_ slot: Int) -> DevicePointer { slots[slot][2] }
         func expertOutputs(_ slot: Int) -> DevicePointer { slots[slot][3] }
         func weightGradients(_ slot: Int) -> DevicePointer { slots[slot][4] }
+        func receivedScales(_ slot: Int) -> DevicePointer { slots[slot][5] }
     }
 
     /// Joins: allocates this rank's shared buffers, shares them through `comm` and maps the other
@@ -121,9 +124,12 @@ public final class NCCLRankGroup: StepGroup, @unchecked Sendable {
         var built = false
         defer { if !built { try? driver.destroy(stream) } }   // a failed join leaks nothing here
 
+        let receivedBytes = config.receiveShape.reduce(1, *) * config.receiveElementType.byteSize
         let rowBytes = config.receiveShape.reduce(1, *) * config.elementType.byteSize
         let routingBytes = max(config.receiveRoutingShape?.reduce(1, *) ?? 0, 1) * 4
-        let sizes = [workspace.bytes] + Array(repeating: [rowBytes, routingBytes, routingBytes, rowBytes, routingBytes], count: bufferSlots).flatMap { $0 }
+        let scaleBytes = max(config.receiveScalesShape?.reduce(1, *) ?? 0, 1) * 4
+        let perSlot = [receivedBytes, routingBytes, routingBytes, rowBytes, routingBytes, scaleBytes]
+        let sizes = [workspace.bytes] + Array(repeating: perSlot, count: bufferSlots).flatMap { $0 }
         let shared = try PeerBuffers(
             sizes: sizes, sharing: sharing, device: device, comm: comm, nccl: nccl, rank: rank, ranks: config.ranks,
             stream: stream, timeout: config.timeout)
@@ -134,11 +140,12 @@ public final class NCCLRankGroup: StepGroup, @unchecked Sendable {
         }
         slots = (0..<bufferSlots).map { s in
             SlotBuffers(
-                receivedTokens: view(mine.received(s), config.elementType, config.receiveShape),
+                receivedTokens: view(mine.received(s), config.receiveElementType, config.receiveShape),
                 receivedIndices: config.receiveRoutingShape.map { view(mine.receivedIndices(s), .i32, $0) },
                 receivedWeights: config.receiveRoutingShape.map { view(mine.receivedWeights(s), .f32, $0) },
                 expertOutputs: view(mine.expertOutputs(s), config.elementType, config.receiveShape),
-                weightGradients: config.algorithm == .highThroughput ? config.receiveRoutingShape.map { view(mine.weightGradients(s), .f32, $0) } : nil)
+                weightGradients: config.algorithm == .highThroughput ? config.receiveRoutingShape.map { view(mine.weightGradients(s), .f32, $0) } : nil,
+                receivedScales: config.receiveScalesShape.map { view(mine.receivedScales(s), config.fp8?.scaleType ?? .f32, $0) })
         }
         peers = shared.byRank.map(SharedBuffers.init)
         let mask = try device.allocateMask(ranks: config.ranks)

@@ -6,7 +6,7 @@ import ExpertParallelCUDA
 /// passes each offset as `EP_OFF_RANK_<macro>` and the kernel checks it at compile time.
 enum RankField: Int, CaseIterable {
     case tokens = 0, topkIdx, topkWeights, received, receivedIndices, receivedWeights, output, workspace, tokenCount,
-         weightGradientsIn, weightGradientsOut, handle, stage, counts, sourceCounts
+         weightGradientsIn, weightGradientsOut, handle, stage, counts, sourceCounts, scales, receivedScales
 
     var macro: String {
         switch self {
@@ -25,6 +25,8 @@ enum RankField: Int, CaseIterable {
         case .stage: "STAGE"
         case .counts: "COUNTS"
         case .sourceCounts: "SOURCE_COUNTS"
+        case .scales: "SCALES"
+        case .receivedScales: "RECV_SCALES"
         }
     }
 }

@@ -1,11 +1,12 @@
 import ExpertParallel
 import ExpertParallelCUDA
 
-/// Where one rank's received rows and routing are (dispatch writes them).
+/// Where one rank's received rows and routing are (dispatch writes them), and the FP8 rows' scale words.
 struct ReceiveBuffers {
     var rows: UInt64 = 0
     var indices: UInt64 = 0
     var weights: UInt64 = 0
+    var scales: UInt64 = 0
 }
 
 /// Where one rank's expert outputs are (combine reads them), with the weights combine applies
@@ -67,7 +68,8 @@ extension StepEngine {
         try checkTransportSupports(options)
         let k = try kernels(.init(indexBytes: step.indexBytes, receivedIndexBytes: receivedIndexBytes, vectorBytes: vectorBytes, transport: transport))
         let mode = options.launch
-        let pieces = StepArguments.rowPieces(tuning, blocks: blocks(mode), tokens: step.maxTokens, rowBytes: config.rowBytes)
+        // Pieces of the row as it moves: FP8 rows are e4m3, half or a quarter of the element row.
+        let pieces = StepArguments.rowPieces(tuning, blocks: blocks(mode), tokens: step.maxTokens, rowBytes: config.wireRowBytes)
         func enqueue(
             _ sync: SyncBits, _ blocks: Int, _ stream: CUDAStream?, _ received: (Int) -> ReceiveBuffers, kernel: CUDAFunction? = nil
         ) throws(EPError) {
@@ -80,11 +82,13 @@ extension StepEngine {
                     w[.tokenCount] = UInt64(step.routing[i].shape[0])
                     w.set(.counts, counts.isEmpty ? nil : counts[i].expertCounts)
                     w.set(.sourceCounts, counts.isEmpty ? nil : counts[i].expertSourceCounts)
+                    w.set(.scales, inputs[i].scales)
                 }
                 let buffers = received(r)
                 w[.received] = buffers.rows
                 w[.receivedIndices] = buffers.indices
                 w[.receivedWeights] = buffers.weights
+                w[.receivedScales] = buffers.scales
             }
         }
         switch options.phase {

@@ -37,6 +37,13 @@ struct StepKernels: Sendable {
         ]) { _, new in new }
         defines.merge(StepArguments.contractDefines(ranks: config.ranks)) { _, new in new }
         defines.merge(StepWorkspace(config, transport: variant.transport).defines) { _, new in new }
+        if let fp8 = config.fp8 {
+            // FP8 groups only: every other variant keeps its defines (and its cache key) unchanged.
+            defines["EP_FP8"] = fp8.source == .quantize ? "1" : "2"
+            defines["EP_FP8_BLOCK"] = "\(fp8.scales.blockSize)"
+            defines["EP_FP8_POW2"] = fp8.scales.isPowerOfTwo ? "1" : "0"
+            defines["EP_HOST_SCALE_WORDS"] = "\(config.fp8Format?.scaleWordsPerRow ?? 0)"
+        }
         switch config.algorithm {
         case .lowLatency:
             defines["EP_RANK_MAJOR"] = config.layout == .rankMajor ? "1" : "0"

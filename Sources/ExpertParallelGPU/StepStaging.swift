@@ -7,7 +7,7 @@ import ExpertParallelCUDA
 /// reduce. (Each received row's origin is per step: it lives in the step's handle.) Owned by the
 /// group; freed after its work is done.
 final class StepStaging {
-    /// Each rank's `EpStage` descriptor (six device addresses) in device memory.
+    /// Each rank's `EpStage` descriptor (seven device addresses) in device memory.
     let descriptors: [DevicePointer]
     private var allocations: [DevicePointer] = []
     private let driver: DriverLibrary
@@ -27,6 +27,7 @@ final class StepStaging {
             backRows * config.rowBytes,                               // combine rows
             backRows * 4,                                             // combine slot weights
             config.maxTokensPerRank * config.ranks * config.topK * 4, // combine weight gradients
+            capacity * max(config.fp8Format?.scaleWordsPerRow ?? 0, 1) * 4,  // FP8 scale words
         ]
         var descriptors: [DevicePointer] = [], allocations: [DevicePointer] = []
         do {

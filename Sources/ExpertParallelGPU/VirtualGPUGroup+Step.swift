@@ -28,6 +28,8 @@ extension VirtualGPUGroup {
             try requireAligned(inputs[r].topkWeights, "inputs[\(r)].topkWeights", 4)
             try requireAligned(outputs[r].topkIdx, "outputs[\(r)].topkIdx", outputs[r].topkIdx?.dtype.byteSize ?? 4)
             try requireAligned(outputs[r].topkWeights, "outputs[\(r)].topkWeights", 4)
+            try requireAligned(inputs[r].scales, "inputs[\(r)].scales", 4)
+            try requireAligned(outputs[r].scales, "outputs[\(r)].scales", 4)
             // One kernel writes every rank's received ids: they must share a width.
             if let idx = outputs[r].topkIdx, let first = outputs[0].topkIdx, idx.dtype != first.dtype {
                 throw .invalidArgument(field: "outputs[\(r)].topkIdx.dtype", value: "\(idx.dtype)", requirement: "must match rank 0's (\(first.dtype))")
@@ -36,7 +38,7 @@ extension VirtualGPUGroup {
         try engine.dispatch(
             handle, inputs,
             received: { r in ReceiveBuffers(rows: address(outputs[r].tokens), indices: outputs[r].topkIdx.map(address) ?? 0,
-                                            weights: outputs[r].topkWeights.map(address) ?? 0) },
+                                            weights: outputs[r].topkWeights.map(address) ?? 0, scales: outputs[r].scales.map(address) ?? 0) },
             receivedIndexBytes: outputs[0].topkIdx?.dtype.byteSize ?? 4,
             vectorBytes: engine.vectorBytes(inputs.lazy.map { address($0.tokens) }, outputs.lazy.map { address($0.tokens) }),
             counts: outputs, options: options)

@@ -19,20 +19,27 @@ struct GPUBenchmark {
         let data = BenchData(config: config, tokens: benchCase.tokens, seed: seed, skew: skew)
         let r = config.ranks
         func upload(_ host: HostTensor) throws -> DeviceTensor { try DeviceTensor(uploading: host, on: device) }
-        let x = try data.tokens.map(upload), w = try data.weights.map(upload), idx = try data.topkIdx.map(upload)
+        // FP8: the oracle's plain dispatch of the same step (combine's expert outputs, and the
+        // reference of the FP8 rows' check) and pass-through's e4m3 rows and scales, untimed.
+        let fp8 = try config.fp8.map { _ in try FP8HostData(config: config, data: data) }
+        let x = try (fp8?.sourceCodes ?? data.tokens).map(upload), w = try data.weights.map(upload), idx = try data.topkIdx.map(upload)
+        let scalesIn = try fp8?.sourceScales?.map(upload)
         let host = (0..<r).map { _ in data.outputs(for: config) }
         let received = try host.map { try upload($0.dispatchTokens) }
         let receivedIdx = try host.map { try $0.dispatchIdx.map(upload) }
         let receivedWeights = try host.map { try $0.dispatchWeights.map(upload) }
+        let receivedScales = try host.map { try $0.dispatchScales.map(upload) }
         let combined = try host.map { try upload($0.combineTokens) }
+        let expertOutputs = try fp8.map { try $0.plainRows.map(upload) } ?? received
 
-        let dispatchIn = (0..<r).map { DispatchInput(tokens: x[$0].ref, topkWeights: w[$0].ref) }
+        let dispatchIn = (0..<r).map { DispatchInput(tokens: x[$0].ref, topkWeights: w[$0].ref, scales: scalesIn?[$0].ref) }
         let dispatchOut = (0..<r).map {
-            DispatchOutput(tokens: received[$0].ref, topkIdx: receivedIdx[$0]?.ref, topkWeights: receivedWeights[$0]?.ref)
+            DispatchOutput(tokens: received[$0].ref, topkIdx: receivedIdx[$0]?.ref, topkWeights: receivedWeights[$0]?.ref,
+                           scales: receivedScales[$0]?.ref)
         }
         // LL expert-major: the source's weights; HT expert-major: the per-slot weights received.
         let combineIn = (0..<r).map {
-            CombineInput(expertOutputs: received[$0].ref,
+            CombineInput(expertOutputs: expertOutputs[$0].ref,
                          topkWeights: config.layout == .expertMajor ? w[$0].ref : config.isExpertMajorHT ? receivedWeights[$0]!.ref : nil)
         }
         let combineOut = (0..<r).map { CombineOutput(tokens: combined[$0].ref) }
@@ -70,9 +77,15 @@ struct GPUBenchmark {
                 try received[rank].download(into: host[rank].dispatchTokens)
                 valid = valid && data.validateDispatch(rank: rank, config: config, received: host[rank].dispatchTokens)
             }
+            if let fp8, let scales = receivedScales[rank], let hostScales = host[rank].dispatchScales {
+                // Every receive slot's e4m3 codes and scale words: the quantisation of the plain row there.
+                try received[rank].download(into: host[rank].dispatchTokens)
+                try scales.download(into: hostScales)
+                valid = valid && fp8.validate(rank: rank, config: config, received: host[rank].dispatchTokens, scales: hostScales)
+            }
         }
         // The device buffers must outlive every kernel that was enqueued on them.
-        withExtendedLifetime((x, w, idx, received, receivedIdx, receivedWeights, combined)) {}
+        withExtendedLifetime((x, w, idx, received, receivedIdx, receivedWeights, combined, scalesIn, receivedScales, expertOutputs)) {}
         var measurement = Measurement(
             benchCase, config: config, backend: "gpu", device: device.name, samples: samples,
             bytes: StepBytes(config: config, routings: data.routings), copyBandwidth: copyBandwidth, validated: valid)

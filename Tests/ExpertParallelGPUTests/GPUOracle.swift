@@ -17,6 +17,8 @@ struct StepInputs {
     var expertOutputs: [HostTensor]
     /// HT backward: the weight gradient of every received row or slot, per rank.
     var weightGradients: [HostTensor?]
+    /// FP8 pass-through: each rank's `[B, scale words]` scales of its e4m3 `tokens`.
+    var scales: [HostTensor]? = nil
 
     init(config: GroupConfig, tokens counts: [Int], seed: UInt64, minusOneRate: Float = 0.1, oneExpert: Int? = nil, skew: Double = 0) {
         var random = RandomRouting(seed: seed)
@@ -72,6 +74,8 @@ struct StepResult: Equatable {
     var combined: [UInt8]
     var layout: LayoutInfo
     var weightGradients: [UInt8]? = nil
+    /// FP8 groups: the received rows' scale words.
+    var scales: [UInt8]? = nil
 }
 
 /// Runs the step on the CPU oracle. Outputs start as the byte `poison`.
@@ -83,17 +87,19 @@ func oracleStep(_ config: GroupConfig, _ inputs: StepInputs, direction: PassDire
         let r = rank.rank
         let idx = HostTensor(.i32, [inputs.tokens[r].shape[0], config.topK])
         idx.copy(from: inputs.routing[r])
-        let received = HostTensor(config.elementType, config.receiveShape)
+        let received = HostTensor(config.receiveElementType, config.receiveShape)
         let receivedIdx = config.receiveRoutingShape.map { HostTensor(.i32, $0) }
         let receivedWeights = config.receiveRoutingShape.map { HostTensor(.f32, $0) }
+        let receivedScales = config.receiveScalesShape.map { HostTensor(config.fp8!.scaleType, $0) }
         let combined = HostTensor(config.elementType, inputs.tokens[r].shape)
-        for t in [received, combined] + [receivedIdx, receivedWeights].compactMap({ $0 }) { t.fill(byte: 0xA5) }
+        for t in [received, combined] + [receivedIdx, receivedWeights, receivedScales].compactMap({ $0 }) { t.fill(byte: 0xA5) }
         let grads = config.carriesWeightGradients(direction) ? HostTensor(.f32, [inputs.tokens[r].shape[0], config.topK]) : nil
         grads?.fill(byte: 0xA5)
         let handle = try rank.makeHandle()
         try rank.update(handle, topkIdx: idx.ref)
-        let info = try rank.dispatch(handle, DispatchInput(tokens: inputs.tokens[r].ref, topkWeights: inputs.weights[r].ref),
-                                     into: DispatchOutput(tokens: received.ref, topkIdx: receivedIdx?.ref, topkWeights: receivedWeights?.ref),
+        let info = try rank.dispatch(handle, DispatchInput(tokens: inputs.tokens[r].ref, topkWeights: inputs.weights[r].ref, scales: inputs.scales?[r].ref),
+                                     into: DispatchOutput(tokens: received.ref, topkIdx: receivedIdx?.ref, topkWeights: receivedWeights?.ref,
+                                                          scales: receivedScales?.ref),
                                      direction: direction)
         let weights: TensorRef? = config.layout == .expertMajor ? inputs.weights[r].ref
             : config.isExpertMajorHT && direction == .forward ? receivedWeights!.ref : nil
@@ -101,7 +107,7 @@ func oracleStep(_ config: GroupConfig, _ inputs: StepInputs, direction: PassDire
                                               weightGradients: config.carriesWeightGradients(direction) ? inputs.weightGradients[r]!.ref : nil),
                          into: CombineOutput(tokens: combined.ref, topkWeightGradients: grads?.ref), direction: direction)
         return StepResult(received: received.bytes(), receivedIdx: receivedIdx?.bytes(), receivedWeights: receivedWeights?.bytes(),
-                          combined: combined.bytes(), layout: info, weightGradients: grads?.bytes())
+                          combined: combined.bytes(), layout: info, weightGradients: grads?.bytes(), scales: receivedScales?.bytes())
     }
     var out = [StepResult?](repeating: nil, count: config.ranks)
     for (i, r) in active.enumerated() { out[r] = try results[i].get() }
@@ -115,16 +121,21 @@ final class GPUStep: @unchecked Sendable {
     var idx: [DeviceTensor] = [], x: [DeviceTensor] = [], w: [DeviceTensor] = [], y: [DeviceTensor] = []
     var received: [DeviceTensor] = [], receivedIdx: [DeviceTensor?] = [], receivedWeights: [DeviceTensor?] = [], combined: [DeviceTensor] = []
     var gradsIn: [DeviceTensor?] = [], gradsOut: [DeviceTensor?] = []
+    /// FP8: the pass-through input scales and the received scales, per rank.
+    var scalesIn: [DeviceTensor?] = [], receivedScales: [DeviceTensor?] = []
 
     init(_ config: GroupConfig, _ device: GPUDevice, tokens: [Int]) throws {
         self.config = config
         self.device = device
         for b in tokens {
             idx.append(try DeviceTensor(.i32, [b, config.topK], on: device))
-            x.append(try DeviceTensor(config.elementType, [b, config.hidden], on: device))
+            x.append(try DeviceTensor(config.dispatchInputType, [b, config.hidden], on: device))
             w.append(try DeviceTensor(.f32, [b, config.topK], on: device))
             y.append(try DeviceTensor(config.elementType, config.receiveShape, on: device))
-            received.append(try DeviceTensor(config.elementType, config.receiveShape, on: device))
+            received.append(try DeviceTensor(config.receiveElementType, config.receiveShape, on: device))
+            let words = config.fp8Format?.scaleWordsPerRow ?? 0
+            scalesIn.append(config.fp8?.source == .passThrough ? try DeviceTensor(config.fp8!.scaleType, [b, words], on: device) : nil)
+            receivedScales.append(try config.receiveScalesShape.map { try DeviceTensor(config.fp8!.scaleType, $0, on: device) })
             receivedIdx.append(try config.receiveRoutingShape.map { try DeviceTensor(.i32, $0, on: device) })
             receivedWeights.append(try config.receiveRoutingShape.map { try DeviceTensor(.f32, $0, on: device) })
             combined.append(try DeviceTensor(config.elementType, [b, config.hidden], on: device))
@@ -143,17 +154,21 @@ final class GPUStep: @unchecked Sendable {
             try w[r].upload(inputs.weights[r])
             try y[r].upload(inputs.expertOutputs[r])
             if let g = inputs.weightGradients[r] { try gradsIn[r]!.upload(g) }
+            if let scales = inputs.scales { try scalesIn[r]!.upload(scales[r]) }
         }
     }
 
     func poison() throws {
-        for t in received + combined + (receivedIdx + receivedWeights + gradsOut).compactMap({ $0 }) { try t.fill(byte: 0xA5) }
+        for t in received + combined + (receivedIdx + receivedWeights + gradsOut + receivedScales).compactMap({ $0 }) { try t.fill(byte: 0xA5) }
     }
 
     func enqueue(_ group: VirtualGPUGroup, direction: PassDirection = .forward, mode: LaunchMode = .single, phase: CallPhase = .whole) throws {
         try group.update(topkIdx: idx.map(\.ref), mode: mode)
-        try group.dispatch((0..<config.ranks).map { DispatchInput(tokens: x[$0].ref, topkWeights: w[$0].ref) },
-                           into: (0..<config.ranks).map { DispatchOutput(tokens: received[$0].ref, topkIdx: receivedIdx[$0]?.ref, topkWeights: receivedWeights[$0]?.ref) },
+        try group.dispatch((0..<config.ranks).map { DispatchInput(tokens: x[$0].ref, topkWeights: w[$0].ref, scales: scalesIn[$0]?.ref) },
+                           into: (0..<config.ranks).map {
+                               DispatchOutput(tokens: received[$0].ref, topkIdx: receivedIdx[$0]?.ref, topkWeights: receivedWeights[$0]?.ref,
+                                              scales: receivedScales[$0]?.ref)
+                           },
                            phase: phase, mode: mode)
         if phase == .sendOnly { try group.complete() }
         let grads = config.carriesWeightGradients(direction)
@@ -181,7 +196,8 @@ final class GPUStep: @unchecked Sendable {
             return StepResult(received: try bytes(received[r]), receivedIdx: try receivedIdx[r].map(bytes),
                               receivedWeights: try receivedWeights[r].map(bytes), combined: try bytes(combined[r]),
                               layout: try group.layoutInfo(rank: r),
-                              weightGradients: config.carriesWeightGradients(direction) ? try gradsOut[r].map(bytes) : nil)
+                              weightGradients: config.carriesWeightGradients(direction) ? try gradsOut[r].map(bytes) : nil,
+                              scales: try receivedScales[r].map(bytes))
         }
     }
 }
@@ -199,6 +215,7 @@ func expectMatch(_ gpu: [StepResult], _ cpu: [StepResult?], _ label: String, sou
         #expect(got.receivedIdx == expected.receivedIdx, "\(label) rank \(r): received idx", sourceLocation: sourceLocation)
         #expect(got.receivedWeights == expected.receivedWeights, "\(label) rank \(r): received weights", sourceLocation: sourceLocation)
         #expect(got.layout.expertOffsets == expected.layout.expertOffsets, "\(label) rank \(r): expert offsets", sourceLocation: sourceLocation)
+        #expect(got.scales == expected.scales, "\(label) rank \(r): received scales differ at byte \(firstDifference(got.scales ?? [], expected.scales ?? []))", sourceLocation: sourceLocation)
         #expect(got.weightGradients == expected.weightGradients, "\(label) rank \(r): weight gradients", sourceLocation: sourceLocation)
         #expect(got.combined == expected.combined, "\(label) rank \(r): combined rows differ at byte \(firstDifference(got.combined, expected.combined))", sourceLocation: sourceLocation)
     }

@@ -13,7 +13,7 @@ struct KernelResourceTests {
         var config: GroupConfig
         var kernel: String
         var maximumSpill: Int
-        var testDescription: String { "\(kernel) R=\(config.ranks) \(config.layout)" }
+        var testDescription: String { "\(kernel) R=\(config.ranks) \(config.layout)\(config.fp8.map { " fp8 \($0)" } ?? "")" }
     }
 
     static let llStandard = GroupConfig(algorithm: .lowLatency, ranks: 8, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 128)
@@ -24,7 +24,17 @@ struct KernelResourceTests {
         Case(config: llStandard, kernel: "ep_ll_combine", maximumSpill: 64),
         Case(config: htStandard, kernel: "ep_ht_dispatch", maximumSpill: 0),
         Case(config: htStandard, kernel: "ep_ht_combine", maximumSpill: 32),
+        // FP8 dispatch quantising in the kernel: two chunks of 16 floats a lane in flight.
+        Case(config: fp8(llStandard, .ue8m0Block128), kernel: "ep_ll_dispatch", maximumSpill: 0),
+        Case(config: fp8(llStandard, .e8m0Block32), kernel: "ep_ll_dispatch", maximumSpill: 0),
+        Case(config: fp8(htStandard, .float32Block128), kernel: "ep_ht_dispatch", maximumSpill: 0),
     ]
+
+    static func fp8(_ config: GroupConfig, _ mode: FP8ScaleMode) -> GroupConfig {
+        var config = config
+        config.fp8 = FP8Dispatch(scales: mode, source: .quantize)
+        return config
+    }
 
     @Test(.enabled(if: GPUTuningTests.runsNVRTC, "needs NVRTC (EP_REQUIRE_NVRTC=1 to require it)"), arguments: cases)
     func dataPathKernelsStayInRegisters(_ c: Case) throws {

@@ -123,7 +123,40 @@ struct KernelVariantMatrixTests {
              variant: .init(indexBytes: 8, receivedIndexBytes: 4, vectorBytes: 16, transport: .staged)),
     ]
 
-    static let cases = pairwise(.lowLatency) + pairwise(.highThroughput) + special + staged
+    /// FP8 dispatch (EP_FP8 1 quantise, 2 pass-through): every layout with both sources, every
+    /// scale mode quantising from bf16, f16 and f32, both vector widths, the staged transport, R = 1,
+    /// and hidden sizes that are not a multiple of the 512 elements a warp quantises at once.
+    static let fp8: [Case] = {
+        func config(_ layout: Layout, ranks: Int = 8, hidden: Int = 7168, _ element: DataType, _ mode: FP8ScaleMode,
+                    _ source: FP8Dispatch.Source, drop: Bool = false) -> GroupConfig {
+            let ll = layout == .expertMajor || layout == .rankMajor
+            return GroupConfig(
+                algorithm: ll ? .lowLatency : .highThroughput, ranks: ranks, experts: 32 * ranks, topK: 8, hidden: hidden, elementType: element,
+                maxTokensPerRank: ll ? 128 : 4096, maxReceivedTokensPerRank: drop ? 8192 : nil, layout: layout,
+                overflow: drop ? .drop : .fail, fp8: FP8Dispatch(scales: mode, source: source))
+        }
+        func variant(_ vec: Int, _ transport: GPUTransport = .direct) -> StepKernels.Variant {
+            .init(indexBytes: 4, receivedIndexBytes: 4, vectorBytes: vec, transport: transport)
+        }
+        let padded = Layout.expertMajorPadded(alignment: 128)
+        return [
+            Case(config: config(.expertMajor, .bf16, .float32Block128, .quantize), variant: variant(16)),
+            Case(config: config(.expertMajor, hidden: 2816, .f16, .ue8m0Block128, .quantize), variant: variant(8)),
+            Case(config: config(.expertMajor, .bf16, .e8m0Block32, .passThrough), variant: variant(16, .staged)),
+            Case(config: config(.rankMajor, hidden: 96, .f32, .e8m0Block32, .quantize), variant: variant(16)),
+            Case(config: config(.rankMajor, .bf16, .float32Block128, .passThrough), variant: variant(8)),
+            Case(config: config(.rankMajor, .bf16, .ue8m0Block128, .quantize), variant: variant(16, .staged)),
+            Case(config: config(.expertMajor, ranks: 1, .bf16, .ue8m0Block128, .quantize), variant: variant(16)),
+            Case(config: config(.flat, .bf16, .ue8m0Block128, .quantize, drop: true), variant: variant(16)),
+            Case(config: config(.flat, .bf16, .ue8m0Block128, .passThrough), variant: variant(16, .staged)),
+            Case(config: config(.flat, ranks: 1, hidden: 2816, .f32, .float32Block128, .quantize), variant: variant(8)),
+            Case(config: config(padded, .bf16, .e8m0Block32, .quantize), variant: variant(16)),
+            Case(config: config(.expertMajorPadded(alignment: 3), .f16, .float32Block128, .passThrough), variant: variant(8)),
+            Case(config: config(padded, .f16, .float32Block128, .quantize), variant: variant(16, .staged)),
+        ]
+    }()
+
+    static let cases = pairwise(.lowLatency) + pairwise(.highThroughput) + special + staged + fp8
 
     @Test(.enabled(if: GPUTuningTests.runsNVRTC, "needs NVRTC (EP_REQUIRE_NVRTC=1 to require it)"), arguments: cases)
     func compiles(_ c: Case) throws {
@@ -164,6 +197,25 @@ struct KernelVariantMatrixTests {
             let transports = Set(all.compactMap { d in d[layout].flatMap { l in d["EP_TRANSPORT"].map { "\(l),\($0)" } } })
             #expect(transports == ["0,0", "0,1", "1,0", "1,1"], "\(algorithm): every layout under both transports")
         }
+    }
+
+    /// The FP8 cases cover what `fp8` claims: both sources under every layout, every scale mode and
+    /// every element type quantising, both vector widths, and the staged transport with both sources.
+    @Test func fp8CoversEveryLayoutAndMode() throws {
+        let all = try Self.fp8.map(Self.defines)
+        for layout in ["EP_RANK_MAJOR", "EP_EXPERT_MAJOR"] {
+            for value in ["0", "1"] {
+                let sources = Set(all.filter { $0[layout] == value }.compactMap { $0["EP_FP8"] })
+                #expect(sources == ["1", "2"], "\(layout)=\(value): FP8 sources \(sources)")
+            }
+        }
+        let quantising = all.filter { $0["EP_FP8"] == "1" }
+        #expect(Set(quantising.compactMap { d in d["EP_FP8_BLOCK"].flatMap { b in d["EP_FP8_POW2"].map { "\(b),\($0)" } } })
+                == ["128,0", "128,1", "32,1"])
+        #expect(Set(quantising.compactMap { $0["EP_ELEM"] }) == ["0", "1", "2"])
+        #expect(Set(all.compactMap { $0["EP_VEC_BYTES"] }) == ["8", "16"])
+        #expect(Set(all.filter { $0["EP_TRANSPORT"] == "1" }.compactMap { $0["EP_FP8"] }) == ["1", "2"])
+        #expect(all.contains { Int($0["EP_ROW_BYTES"]!)! / 2 % 512 != 0 && $0["EP_FP8"] == "1" }, "a row that is not whole warp chunks")
     }
 
     static func contains(_ haystack: [UInt8], _ needle: [UInt8]) -> Bool {

@@ -106,13 +106,17 @@ struct OneRankStep {
     let config: GroupConfig
     let inputs: StepInputs
     let idx: DeviceTensor, x: DeviceTensor, w: DeviceTensor, combined: DeviceTensor, gradsOut: DeviceTensor
+    /// FP8 pass-through: the scales of `x`.
+    let scales: DeviceTensor?
 
     init(_ group: NCCLRankGroup, _ inputs: StepInputs) throws {
         config = group.config
         self.inputs = inputs
         let b = inputs.tokens[0].shape[0], device = group.device
         idx = try DeviceTensor(.i32, [b, config.topK], on: device)
-        x = try DeviceTensor(config.elementType, [b, config.hidden], on: device)
+        x = try DeviceTensor(config.dispatchInputType, [b, config.hidden], on: device)
+        scales = try inputs.scales.map { try DeviceTensor($0[0].dtype, $0[0].shape, on: device) }
+        if let scales, let given = inputs.scales?[0] { try scales.upload(given) }
         w = try DeviceTensor(.f32, [b, config.topK], on: device)
         combined = try DeviceTensor(config.elementType, [b, config.hidden], on: device)
         gradsOut = try DeviceTensor(.f32, [b, config.topK], on: device)
@@ -124,7 +128,8 @@ struct OneRankStep {
     }
 
     func dispatch(_ group: NCCLRankGroup, _ handle: GPUStepHandle, slot: Int, direction: PassDirection) throws {
-        try group.dispatch(handle, [DispatchInput(tokens: x.ref, topkWeights: w.ref)], into: [group.slots[slot].dispatchOutput], direction: direction)
+        try group.dispatch(handle, [DispatchInput(tokens: x.ref, topkWeights: w.ref, scales: scales?.ref)], into: [group.slots[slot].dispatchOutput],
+                           direction: direction)
     }
 
     func combine(_ group: NCCLRankGroup, _ handle: GPUStepHandle, slot: Int, direction: PassDirection) throws {
@@ -143,9 +148,13 @@ struct OneRankStep {
 
     func result(_ group: NCCLRankGroup, _ handle: GPUStepHandle, slot: Int, direction: PassDirection) throws -> StepResult {
         let driver = group.device.driver
-        let received = HostTensor(config.elementType, config.receiveShape)
+        let received = HostTensor(config.receiveElementType, config.receiveShape)
         try driver.copy(from: DevicePointer(rawValue: UInt64(UInt(bitPattern: group.slots[slot].receivedTokens.address))), to: received.storage,
                         byteCount: received.byteCount)
+        let receivedScales = group.slots[slot].receivedScales.map { HostTensor($0.dtype, $0.shape) }
+        if let receivedScales, let buffer = group.slots[slot].receivedScales {
+            try driver.copy(from: DevicePointer(rawValue: UInt64(UInt(bitPattern: buffer.address))), to: receivedScales.storage, byteCount: receivedScales.byteCount)
+        }
         let out = HostTensor(config.elementType, combined.shape)
         try combined.download(into: out)
         var grads: [UInt8]?
@@ -154,6 +163,7 @@ struct OneRankStep {
             try gradsOut.download(into: g)
             grads = g.bytes()
         }
-        return StepResult(received: received.bytes(), combined: out.bytes(), layout: try group.layoutInfo(handle, rank: 0), weightGradients: grads)
+        return StepResult(received: received.bytes(), combined: out.bytes(), layout: try group.layoutInfo(handle, rank: 0), weightGradients: grads,
+                          scales: receivedScales?.bytes())
     }
 }

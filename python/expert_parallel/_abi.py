@@ -49,7 +49,7 @@ LAUNCH_MODES = {"single": 0, "per_rank": 1}
 PHASE_WHOLE, PHASE_SEND_ONLY = 0, 1
 # epBuffer_t
 BUFFER_RECEIVED_TOKENS, BUFFER_RECEIVED_TOPK_IDX, BUFFER_RECEIVED_TOPK_WEIGHTS, BUFFER_EXPERT_OUTPUTS, \
-    BUFFER_WEIGHT_GRADIENTS = range(5)
+    BUFFER_WEIGHT_GRADIENTS, BUFFER_RECEIVED_SCALES = range(6)
 
 c_enum = ctypes.c_int  # C enums with non-negative values: int-sized on every ABI we support
 

@@ -49,7 +49,7 @@ class VirtualGroup(GroupBase):
     "u8"); NumPy has no bf16, so bf16 arrays are uint16 arrays of the raw bits.
     ``max_recv_tokens``: HT receive capacity (None: one that never overflows). ``overflow``:
     "fail" or "drop" (both backends). ``timeout``: seconds any rank waits for another.
-    ``fp8``: FP8 dispatch (docs/fp8.md; CPU backend so far): rows move as e4m3 with a scale per
+    ``fp8``: FP8 dispatch (docs/fp8.md; CPU and virtual GPU groups): rows move as e4m3 with a scale per
     block, "float32" (per 128), "ue8m0" (per 128) or "e8m0" (per 32); ``fp8_source="quantize"``
     quantises the ``dtype`` rows given to dispatch, ``"pass_through"`` takes e4m3 rows (torch
     ``float8_e4m3fn``, NumPy ``uint8`` codes) and ``scales=``. Combine stays in ``dtype``.

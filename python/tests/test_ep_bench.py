@@ -2,7 +2,7 @@
 option, the value and the bound (exit status 64, never a trap), and a --json path that cannot be
 written fails before the run starts; on the CPU, the step row and its floor, the four layouts,
 the element types, custom shapes, --sms, the run record in the JSON, the progress line, and FP8
-dispatch (--fp8, --fp8-source: validated, its wire bytes counted, refused off the CPU), and the
+dispatch (--fp8, --fp8-source: validated, its wire bytes counted, refused with NCCL ranks), and the
 SVG plot of --plot and `ep-bench plot` (with the Python bench's baseline).
 Runs the debug ep-bench that `swift build --build-tests` leaves in .build/debug (CI builds it
 before scripts/test), or $EP_BENCH."""
@@ -355,8 +355,7 @@ def test_a_plain_run_records_no_fp8(tmp_path):
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (["--backend", "gpu", "--fp8", "ue8m0"], ["--fp8 ue8m0", "CPU backend", "--backend gpu"]),
-    (["--transport", "nccl", "--fp8", "float32"], ["--fp8 float32", "CPU backend", "--transport nccl"]),
+    (["--transport", "nccl", "--fp8", "float32"], ["--fp8 float32", "GPU's virtual ranks", "--transport nccl"]),
     (["--backend", "cpu", "--case", "custom", *FP8_SHAPE[:2], "--hidden", "96", *FP8_SHAPE[4:], "--fp8", "float32"],
      ["--hidden 96", "multiple of 128"]),
     (["--backend", "cpu", "--case", "custom", *FP8_SHAPE[:2], "--hidden", "48", *FP8_SHAPE[4:], "--fp8", "e8m0"],

@@ -409,7 +409,6 @@ ep_ht_dispatch(const EpArgs args) {
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int warps = blockDim.x / 32;
     const int global_warp = blockIdx.x * warps + warp, all_warps = gridDim.x * warps;
-    const ep_u8* x = reinterpret_cast<const ep_u8*>(args.rank[rank].x);
     const int* routing = reinterpret_cast<const int*>(hs + H_ROUTING);
     const int* selection_rows = reinterpret_cast<const int*>(hs + H_SEL_ROW);
     const int* pair_rows = reinterpret_cast<const int*>(hs + H_PAIR_ROW);
@@ -424,11 +423,7 @@ ep_ht_dispatch(const EpArgs args) {
             const int start = static_cast<int>(layout[EP_L + EP_R + EP_L * EP_R + 2 + l]);
             const int count = static_cast<int>(layout[l]);
             for (int row = start + count + global_warp; row < start + ep_round_up(count); row += all_warps) {
-                ep_u8* target = ep_put_row_target(args, rank, static_cast<ep_u64>(row));
-                ep_vec zero;
-                ep_u32* words = reinterpret_cast<ep_u32*>(&zero);
-                for (int i = 0; i < EP_VEC_BYTES / 4; ++i) words[i] = 0;
-                for (int v = lane; v < EP_ROW_VECS; v += 32) ep_store_vec(target + static_cast<ep_u64>(v) * EP_VEC_BYTES, zero);
+                ep_zero_wire_row(args, rank, row, lane);
                 if (lane == 0) {
                     ep_ht_store_slot(args, rank, row, -1, 0.0f);
                     ep_put_origin(args, rank, H_ORIGIN, static_cast<ep_u64>(row), -1, 0);
@@ -439,17 +434,20 @@ ep_ht_dispatch(const EpArgs args) {
 #endif
 
     const int slices = static_cast<int>(args.slices);
-    const int per_slice = (EP_ROW_VECS + slices - 1) / slices;
+    const int per_slice = (EP_WIRE_UNITS + slices - 1) / slices;
     const int items = move_data ? tokens * slices : 0;
     for (int item = global_warp; item < items; item += all_warps) {
         const int t = item / slices, piece = item % slices;
-        const int first = piece * per_slice, last = min(EP_ROW_VECS, first + per_slice);
+        const int first = piece * per_slice, last = min(EP_WIRE_UNITS, first + per_slice);
         ep_u8* target = nullptr;
+        int row = -1, destination = 0;   // this lane's destination row and rank, for the FP8 scale words
 #if EP_EXPERT_MAJOR
         if (lane < EP_K) {
             const int slot = selection_rows[t * EP_K + lane];
             if (slot >= 0) {
                 const int e = routing[t * EP_K + lane];
+                row = slot;
+                destination = e / EP_L;
                 target = ep_put_row_target(args, e / EP_L, static_cast<ep_u64>(slot));
                 if (piece == 0) {
                     ep_ht_store_slot(args, e / EP_L, slot, e % EP_L,
@@ -460,9 +458,9 @@ ep_ht_dispatch(const EpArgs args) {
         }
         const int fanout = EP_K;
 #else
-        int row = -1;
         if (lane < EP_R) {
             row = pair_rows[t * EP_R + lane];
+            destination = lane;
             if (row >= 0) target = ep_put_row_target(args, lane, static_cast<ep_u64>(row));
         }
         if (piece == 0) {
@@ -474,9 +472,9 @@ ep_ht_dispatch(const EpArgs args) {
         const int fanout = EP_R;
 #endif
         table.address[warp][lane] = reinterpret_cast<ep_u64>(target);
+        ep_publish_scales_target(args, table, warp, lane, destination, row);
         __syncwarp();
-        const ep_u8* src = x + static_cast<ep_u64>(t) * EP_ROW_BYTES;
-        ep_copy_piece<fanout>(src, table.address[warp], first, last, lane);
+        ep_send_piece<fanout>(args, rank, t, table, warp, first, last, piece, lane);
         __syncwarp();   // every lane is done with this item's table before the next overwrites it
     }
     ep_arrive_and_wait(args, rank, mask, WS_DISP_BLOCKS, WS_DISP_CALLS, WS_DISP_DONE, seq, signal, signal, moving,

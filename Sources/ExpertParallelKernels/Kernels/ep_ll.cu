@@ -200,16 +200,15 @@ ep_ll_dispatch(const EpArgs args) {
     const int tokens = static_cast<int>(args.rank[rank].tokens);
     const int lane = threadIdx.x % 32;
     const int warps = blockDim.x / 32;
-    const ep_u8* x = reinterpret_cast<const ep_u8*>(args.rank[rank].x);
     const int warp = threadIdx.x / 32;
     __shared__ EpWarpRows table;
 
     const int slices = static_cast<int>(args.slices);
-    const int per_slice = (EP_ROW_VECS + slices - 1) / slices;
+    const int per_slice = (EP_WIRE_UNITS + slices - 1) / slices;
     const int items = (args.sync & EP_SYNC_NO_DATA) || !moving ? 0 : tokens * slices;
     for (int item = blockIdx.x * warps + threadIdx.x / 32; item < items; item += gridDim.x * warps) {
         const int t = item / slices, piece = item % slices;
-        const int first = piece * per_slice, last = min(EP_ROW_VECS, first + per_slice);
+        const int first = piece * per_slice, last = min(EP_WIRE_UNITS, first + per_slice);
 #if EP_RANK_MAJOR
         // One row per destination rank, plus its local idx and weights (written with piece 0).
         ep_u8* target = nullptr;
@@ -219,6 +218,7 @@ ep_ll_dispatch(const EpArgs args) {
             if (row >= 0) target = ep_put_row_target(args, lane, static_cast<ep_u64>(row));
         }
         table.address[warp][lane] = reinterpret_cast<ep_u64>(target);
+        ep_publish_scales_target(args, table, warp, lane, lane, row);
         __syncwarp();
         for (int d = 0; d < EP_R; ++d) {
             const int drow = __shfl_sync(0xffffffffu, row, d);
@@ -234,20 +234,22 @@ ep_ll_dispatch(const EpArgs args) {
         const int fanout = EP_R;
 #else
         ep_u8* target = nullptr;
+        int row = -1, destination = 0;
         if (lane < EP_K) {
-            const int row = static_cast<int>(hs[H_SEL_ROW + t * EP_K + lane]);
+            row = static_cast<int>(hs[H_SEL_ROW + t * EP_K + lane]);
             if (row >= 0) {
                 const int e = static_cast<int>(ep_read_index(args, rank, t * EP_K + lane));
-                target = ep_put_row_target(args, e / EP_L, static_cast<ep_u64>(row));
-                if (piece == 0) ep_put_origin(args, e / EP_L, H_ORIGIN, static_cast<ep_u64>(row), rank, t * EP_K + lane);
+                destination = e / EP_L;
+                target = ep_put_row_target(args, destination, static_cast<ep_u64>(row));
+                if (piece == 0) ep_put_origin(args, destination, H_ORIGIN, static_cast<ep_u64>(row), rank, t * EP_K + lane);
             }
         }
         table.address[warp][lane] = reinterpret_cast<ep_u64>(target);
+        ep_publish_scales_target(args, table, warp, lane, destination, row);
         __syncwarp();
         const int fanout = EP_K;
 #endif
-        const ep_u8* src = x + static_cast<ep_u64>(t) * EP_ROW_BYTES;
-        ep_copy_piece<fanout>(src, table.address[warp], first, last, lane);
+        ep_send_piece<fanout>(args, rank, t, table, warp, first, last, piece, lane);
         __syncwarp();   // every lane is done with this item's table before the next overwrites it
     }
     ep_arrive_and_wait(args, rank, mask, WS_DISP_BLOCKS, WS_DISP_CALLS, WS_DISP_DONE, seq, signal, signal, moving,

@@ -29,6 +29,15 @@
 #ifndef EP_VEC_BYTES
 #define EP_VEC_BYTES 16   // 16 when every row address is 16-byte aligned, else 8
 #endif
+#ifndef EP_FP8
+#define EP_FP8 0          // dispatch rows: 0 as given; FP8 (docs/fp8.md): 1 quantised here, 2 the caller's e4m3 + scales
+#endif
+#ifndef EP_FP8_BLOCK
+#define EP_FP8_BLOCK 128  // FP8: elements per scale (128, or 32 for E8M0)
+#endif
+#ifndef EP_FP8_POW2
+#define EP_FP8_POW2 0     // FP8: 0 float32 scales, 1 power-of-two exponent bytes packed 4 to a word
+#endif
 
 
 #define EP_E (EP_R * EP_L)
@@ -91,7 +100,9 @@
     F(ep_u64, handle, HANDLE)             /* the step's H_* words of this rank */                   \
     F(ep_u64, stage, STAGE)               /* staged transport: this rank's EpStage (ep_transport.cuh) */   \
     F(ep_u64, counts, COUNTS)             /* dispatch: [L] int32 rows per local expert, or 0 */            \
-    F(ep_u64, source_counts, SOURCE_COUNTS) /* dispatch: [L][R] int32 rows per (expert, source), or 0 */
+    F(ep_u64, source_counts, SOURCE_COUNTS) /* dispatch: [L][R] int32 rows per (expert, source), or 0 */          \
+    F(ep_u64, scales, SCALES)             /* FP8 pass-through dispatch: [B, EP_SCALE_WORDS] scales of x */  \
+    F(ep_u64, recv_scales, RECV_SCALES)   /* FP8 dispatch: the received rows' scale words */
 
 #define EP_LAUNCH_FIELDS(F)                                                                         \
     F(ep_u64, mask, MASK)                 /* the group's active-rank mask (u64 in device memory) */ \
@@ -205,6 +216,36 @@ EP_DEVICE ep_vec ep_load_vec_peer(const void* p) { return *static_cast<const ep_
 EP_DEVICE void ep_store_vec(void* p, ep_vec v) { *static_cast<ep_vec8*>(p) = v; }
 #endif
 #define EP_ROW_VECS (EP_ROW_BYTES / EP_VEC_BYTES)
+
+// The row as dispatch moves it (the wire row): the element row itself, or with FP8 its hidden
+// e4m3 bytes, with EP_SCALE_WORDS 4-byte scale words beside it (ep_wire.cuh). Combine's rows
+// are always element rows (EP_ROW_BYTES).
+#if EP_ELEM == 2
+#define EP_ELEM_BYTES 4
+#elif EP_ELEM == 3
+#define EP_ELEM_BYTES 1
+#else
+#define EP_ELEM_BYTES 2
+#endif
+#define EP_HIDDEN (EP_ROW_BYTES / EP_ELEM_BYTES)
+#if EP_FP8
+#define EP_WIRE_BYTES EP_HIDDEN
+#if EP_FP8_POW2
+#define EP_SCALE_WORDS ((EP_HIDDEN / EP_FP8_BLOCK + 3) / 4)
+#else
+#define EP_SCALE_WORDS (EP_HIDDEN / EP_FP8_BLOCK)
+#endif
+static_assert(EP_ELEM != 3, "FP8 dispatch needs bf16, f16 or f32 elements");
+static_assert(EP_HIDDEN % EP_FP8_BLOCK == 0 && EP_HIDDEN % 32 == 0, "FP8: hidden must be a multiple of the scale block");
+static_assert(EP_FP8_BLOCK == 128 || EP_FP8_BLOCK == 32, "FP8: blocks of 128 or 32 elements");
+#else
+#define EP_WIRE_BYTES EP_ROW_BYTES
+#define EP_SCALE_WORDS 0
+#endif
+#define EP_WIRE_VECS (EP_WIRE_BYTES / EP_VEC_BYTES)
+#if defined(EP_HOST_CONTRACT) && EP_FP8
+static_assert(EP_SCALE_WORDS == EP_HOST_SCALE_WORDS, "FP8 scale words per row differ from the host's");
+#endif
 #ifndef EP_UNROLL
 #define EP_UNROLL 4       // dispatch pipeline depth: vectors per lane loaded before they are stored
 #endif
@@ -222,6 +263,9 @@ static_assert(EP_WARPS * 32 == EP_HOST_THREADS, "dispatch/combine threads per bl
 struct EpWarpRows {
     ep_u64 address[EP_WARPS][32];
     float weight[EP_WARPS][32];
+#if EP_FP8
+    ep_u64 scales[EP_WARPS][32];   // dispatch: where each row's scale words go (null: none)
+#endif
 };
 
 // Dispatch's copy of one row piece, vectors [first, last) of `src`, to each destination the

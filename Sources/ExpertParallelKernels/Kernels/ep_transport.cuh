@@ -25,6 +25,7 @@ struct EpStage {
     ep_u64 comb_rows;     // combine: [BMAX * fan] rows the expert ranks put back, by (token, k) or (token, rank)
     ep_u64 comb_weights;  // HT expert-major forward: the slot weight of each row put back
     ep_u64 comb_grads;    // HT backward: the weight gradients of each row put back (flat: K per row)
+    ep_u64 scales;        // FP8 dispatch: mirror of the received scale words
 };
 
 #define EP_ORIGIN_NONE 0xffffffffu
@@ -37,14 +38,25 @@ EP_DEVICE const EpStage& ep_stage(const EpArgs& args, int rank) {
 // ------------------------------------------------------------------------------------------
 // Puts: dispatch's writes into rank d's receive buffers.
 
-// Where a piece of a row bound for row `row` of rank d's receive buffer is stored.
+// Where a piece of a (wire) row bound for row `row` of rank d's receive buffer is stored.
 EP_DEVICE ep_u8* ep_put_row_target(const EpArgs& args, int d, ep_u64 row) {
 #if EP_TRANSPORT == 1
-    return reinterpret_cast<ep_u8*>(ep_stage(args, d).rows) + row * EP_ROW_BYTES;
+    return reinterpret_cast<ep_u8*>(ep_stage(args, d).rows) + row * EP_WIRE_BYTES;
 #else
-    return reinterpret_cast<ep_u8*>(args.rank[d].recv) + row * EP_ROW_BYTES;
+    return reinterpret_cast<ep_u8*>(args.rank[d].recv) + row * EP_WIRE_BYTES;
 #endif
 }
+
+#if EP_FP8
+// Where the scale words of the row bound for row `row` of rank d are stored.
+EP_DEVICE ep_u32* ep_put_scales_target(const EpArgs& args, int d, ep_u64 row) {
+#if EP_TRANSPORT == 1
+    return reinterpret_cast<ep_u32*>(ep_stage(args, d).scales) + row * EP_SCALE_WORDS;
+#else
+    return reinterpret_cast<ep_u32*>(args.rank[d].recv_scales) + row * EP_SCALE_WORDS;
+#endif
+}
+#endif
 
 // A received local expert id and weight, at element `slot` of rank d's received ids / weights.
 EP_DEVICE void ep_put_received(const EpArgs& args, int d, ep_u64 slot, int id, float weight) {
@@ -119,16 +131,23 @@ EP_DEVICE float ep_expert_gradient(const EpArgs& args, int rank, int d, ep_u64 a
 // ------------------------------------------------------------------------------------------
 // The staged transport's own moves, shared by the LL and HT drain and combine-send kernels.
 
-// One warp copies a whole row (every lane).
-EP_DEVICE void ep_copy_row(const ep_u8* src, ep_u8* dst, int lane) {
-    for (int v = lane; v < EP_ROW_VECS; v += 32) ep_store_vec(dst + static_cast<ep_u64>(v) * EP_VEC_BYTES, ep_load_vec(src + static_cast<ep_u64>(v) * EP_VEC_BYTES));
+// One warp copies a whole row of `vecs` vectors (every lane).
+EP_DEVICE void ep_copy_row(const ep_u8* src, ep_u8* dst, int vecs, int lane) {
+    for (int v = lane; v < vecs; v += 32) ep_store_vec(dst + static_cast<ep_u64>(v) * EP_VEC_BYTES, ep_load_vec(src + static_cast<ep_u64>(v) * EP_VEC_BYTES));
 }
 
-// The drain of one received row (one warp): the row, and its `ids` received ids and weights
-// (K per row, 1 per slot, or none), from this rank's staging area `stage` into its receive buffers.
+// The drain of one received row (one warp): the (wire) row with its FP8 scale words, and its
+// `ids` received ids and weights (K per row, 1 per slot, or none), from this rank's staging area
+// `stage` into its receive buffers.
 EP_DEVICE void ep_drain_row(const EpArgs& args, int rank, const EpStage& stage, ep_u64 row, int ids, int lane) {
-    ep_copy_row(reinterpret_cast<const ep_u8*>(stage.rows) + row * EP_ROW_BYTES,
-                reinterpret_cast<ep_u8*>(args.rank[rank].recv) + row * EP_ROW_BYTES, lane);
+    ep_copy_row(reinterpret_cast<const ep_u8*>(stage.rows) + row * EP_WIRE_BYTES,
+                reinterpret_cast<ep_u8*>(args.rank[rank].recv) + row * EP_WIRE_BYTES, EP_WIRE_VECS, lane);
+#if EP_FP8
+    for (int w = lane; w < EP_SCALE_WORDS; w += 32) {
+        reinterpret_cast<ep_u32*>(args.rank[rank].recv_scales)[row * EP_SCALE_WORDS + w] =
+            reinterpret_cast<const ep_u32*>(stage.scales)[row * EP_SCALE_WORDS + w];
+    }
+#endif
     if (lane < ids) {
         const ep_u64 slot = row * ids + lane;
 #if EP_RIDX_BYTES == 8
@@ -143,7 +162,7 @@ EP_DEVICE void ep_drain_row(const EpArgs& args, int rank, const EpStage& stage, 
 // One warp puts row `row` of this rank's expert outputs to row `index` of rank s's combine staging.
 EP_DEVICE void ep_put_back_row(const EpArgs& args, int rank, int s, ep_u64 row, ep_u64 index, int lane) {
     ep_copy_row(reinterpret_cast<const ep_u8*>(args.rank[rank].recv) + row * EP_ROW_BYTES,
-                reinterpret_cast<ep_u8*>(ep_stage(args, s).comb_rows) + index * EP_ROW_BYTES, lane);
+                reinterpret_cast<ep_u8*>(ep_stage(args, s).comb_rows) + index * EP_ROW_BYTES, EP_ROW_VECS, lane);
 }
 
 // ------------------------------------------------------------------------------------------

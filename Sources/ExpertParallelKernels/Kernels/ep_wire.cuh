@@ -1,0 +1,146 @@
+// Dispatch's send of one piece of a token's row to each of its destinations, as the row moves
+// on the wire (EP_FP8 in ep_step.cuh):
+// - 0: the caller's element row, copied (ep_copy_piece);
+// - 1: the caller's bf16/f16/f32 row, quantised here to e4m3 with one scale per block of
+//      EP_FP8_BLOCK elements (ep_fp8.cuh, docs/fp8.md): each piece is quantised once, by the
+//      warp that sends it, and its codes and scale words are stored to every destination;
+// - 2: the caller's e4m3 row, copied, and its scale words (args.rank[].scales) beside it.
+// A row is cut into EP_WIRE_UNITS units, and a piece is a range of them: vectors of the wire
+// row, or (quantising) chunks of EP_FP8_CHUNK elements, 16 a lane.
+
+#if EP_FP8 == 1
+#define EP_FP8_LANE 16                      // elements a lane quantises per chunk: one 16-byte e4m3 vector
+#define EP_FP8_CHUNK (32 * EP_FP8_LANE)     // elements a warp quantises at once (4 blocks of 128, 16 of 32)
+#define EP_WIRE_UNITS ((EP_HIDDEN + EP_FP8_CHUNK - 1) / EP_FP8_CHUNK)
+#ifndef EP_FP8_IN_FLIGHT
+#define EP_FP8_IN_FLIGHT 2                  // chunks per lane loaded before the first is converted
+#endif
+#else
+#define EP_WIRE_UNITS EP_WIRE_VECS
+#endif
+
+#if EP_FP8 == 1
+// This lane's EP_FP8_LANE elements of chunk `chunk` of an element row, as floats (exact);
+// zeros past the row's end (hidden is a multiple of 32: a lane is wholly inside or outside).
+EP_DEVICE void ep_fp8_load_lane(const ep_u8* src_row, int chunk, int lane, float (&x)[EP_FP8_LANE]) {
+    const int first = chunk * EP_FP8_CHUNK + lane * EP_FP8_LANE;
+    if (first >= EP_HIDDEN) {
+#pragma unroll
+        for (int i = 0; i < EP_FP8_LANE; ++i) x[i] = 0.0f;
+        return;
+    }
+    const ep_u8* p = src_row + static_cast<ep_u64>(first) * EP_ELEM_BYTES;
+#pragma unroll
+    for (int j = 0; j < EP_FP8_LANE / EP_ELEMS_PER_VEC; ++j) {
+        const ep_vec v = ep_load_vec(p + j * EP_VEC_BYTES);
+#pragma unroll
+        for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) x[j * EP_ELEMS_PER_VEC + i] = ep_element(v, i);
+    }
+}
+
+// Quantises chunk `chunk` (this lane's elements in `x`) and stores its codes and scale words to
+// every destination the warp published in `table` (its first FANOUT entries). Every lane calls
+// it together (the amax and the packed exponent bytes travel by shuffles).
+template <int FANOUT>
+EP_DEVICE void ep_fp8_send_chunk(const EpWarpRows& table, int warp, int chunk, int lane, const float (&x)[EP_FP8_LANE]) {
+    const int first = chunk * EP_FP8_CHUNK + lane * EP_FP8_LANE;
+    const bool inside = first < EP_HIDDEN;
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < EP_FP8_LANE; ++i) amax = ep_fp8_lane_amax(amax, x[i]);
+    amax = ep_fp8_group_amax(amax, EP_FP8_BLOCK / EP_FP8_LANE);   // the lanes of this lane's block
+    const ep_fp8_scale s = ep_fp8_block_scale(amax, EP_FP8_POW2 != 0);
+    ep_u32 codes[EP_FP8_LANE / 4];
+#pragma unroll
+    for (int k = 0; k < EP_FP8_LANE / 4; ++k) {
+        codes[k] = static_cast<ep_u32>(ep_fp8_quantize2(x[4 * k + 1], x[4 * k], s))
+                 | (static_cast<ep_u32>(ep_fp8_quantize2(x[4 * k + 3], x[4 * k + 2], s)) << 16);
+    }
+#if EP_FP8_POW2
+    // Four blocks' exponent bytes to a word, gathered at the first lane of the word's first block;
+    // blocks past the row's end give zero bytes.
+    constexpr int lanes_per_block = EP_FP8_BLOCK / EP_FP8_LANE;
+    const ep_u32 byte = inside ? s.exponent_byte : 0u;
+    ep_u32 word = byte;
+#pragma unroll
+    for (int j = 1; j < 4; ++j) word |= __shfl_sync(0xffffffffu, byte, (lane + j * lanes_per_block) & 31) << (8 * j);
+    const bool writes_word = first % (4 * EP_FP8_BLOCK) == 0;
+    const int word_index = first / (4 * EP_FP8_BLOCK);
+#else
+    const ep_u32 word = __float_as_uint(s.scale);
+    const bool writes_word = first % EP_FP8_BLOCK == 0;
+    const int word_index = first / EP_FP8_BLOCK;
+#endif
+    if (!inside) return;
+    ep_vec out[EP_FP8_LANE / EP_VEC_BYTES];
+#pragma unroll
+    for (int k = 0; k < EP_FP8_LANE / 4; ++k) reinterpret_cast<ep_u32*>(out)[k] = codes[k];
+#pragma unroll
+    for (int c = 0; c < FANOUT; ++c) {
+        ep_u8* dst = reinterpret_cast<ep_u8*>(table.address[warp][c]);
+        if (dst == nullptr) continue;
+#pragma unroll
+        for (int j = 0; j < EP_FP8_LANE / EP_VEC_BYTES; ++j) ep_store_vec(dst + first + j * EP_VEC_BYTES, out[j]);
+        if (writes_word) reinterpret_cast<ep_u32*>(table.scales[warp][c])[word_index] = word;
+    }
+}
+#endif
+
+// Sends units [first, last) of token t's row (piece `piece` of it) of rank `rank` to each
+// destination the warp published in `table` (rows in `address`, FP8 scale words in `scales`).
+// Call from every lane.
+template <int FANOUT>
+EP_DEVICE void ep_send_piece(const EpArgs& args, int rank, int t, const EpWarpRows& table, int warp, int first, int last, int piece, int lane) {
+    const ep_u8* x = reinterpret_cast<const ep_u8*>(args.rank[rank].x);
+    (void)piece;
+#if EP_FP8 == 1
+    const ep_u8* src = x + static_cast<ep_u64>(t) * EP_ROW_BYTES;
+    for (int u = first; u < last; u += EP_FP8_IN_FLIGHT) {
+        float values[EP_FP8_IN_FLIGHT][EP_FP8_LANE];
+#pragma unroll
+        for (int i = 0; i < EP_FP8_IN_FLIGHT; ++i) {
+            if (u + i < last) ep_fp8_load_lane(src, u + i, lane, values[i]);
+        }
+#pragma unroll
+        for (int i = 0; i < EP_FP8_IN_FLIGHT; ++i) {
+            if (u + i < last) ep_fp8_send_chunk<FANOUT>(table, warp, u + i, lane, values[i]);   // u + i < last is warp-uniform
+        }
+    }
+#else
+    ep_copy_piece<FANOUT>(x + static_cast<ep_u64>(t) * EP_WIRE_BYTES, table.address[warp], first, last, lane);
+#if EP_FP8 == 2
+    if (piece == 0) {
+        const ep_u32* from = reinterpret_cast<const ep_u32*>(args.rank[rank].scales) + static_cast<ep_u64>(t) * EP_SCALE_WORDS;
+        for (int w = lane; w < EP_SCALE_WORDS; w += 32) {
+            const ep_u32 value = from[w];
+#pragma unroll
+            for (int c = 0; c < FANOUT; ++c) {
+                ep_u32* dst = reinterpret_cast<ep_u32*>(table.scales[warp][c]);
+                if (dst != nullptr) dst[w] = value;
+            }
+        }
+    }
+#endif
+#endif
+}
+
+// Where the warp's lane publishes its destination's scale words (FP8; nothing otherwise).
+EP_DEVICE void ep_publish_scales_target(const EpArgs& args, EpWarpRows& table, int warp, int lane, int d, int row) {
+#if EP_FP8
+    table.scales[warp][lane] = row >= 0 ? reinterpret_cast<ep_u64>(ep_put_scales_target(args, d, static_cast<ep_u64>(row))) : 0ull;
+#endif
+}
+
+// A padding row of an expert-major HT zone on this rank: zero codes (or elements) and, with
+// FP8, zero scale words. One warp.
+EP_DEVICE void ep_zero_wire_row(const EpArgs& args, int rank, int row, int lane) {
+    ep_u8* target = ep_put_row_target(args, rank, static_cast<ep_u64>(row));
+    ep_vec zero;
+    ep_u32* words = reinterpret_cast<ep_u32*>(&zero);
+    for (int i = 0; i < EP_VEC_BYTES / 4; ++i) words[i] = 0;
+    for (int v = lane; v < EP_WIRE_VECS; v += 32) ep_store_vec(target + static_cast<ep_u64>(v) * EP_VEC_BYTES, zero);
+#if EP_FP8
+    ep_u32* scales = ep_put_scales_target(args, rank, static_cast<ep_u64>(row));
+    for (int w = lane; w < EP_SCALE_WORDS; w += 32) scales[w] = 0u;
+#endif
+}
