@@ -10,35 +10,31 @@ import Testing
 struct FP8NCCLOneRankTests {
     @Test(arguments: FP8OracleTests.layouts)
     func oneRankFP8MatchesTheOracle(_ layout: Layout) throws {
-        let device = try #require(sharedDevice)
-        let nccl = try NCCLLibrary.shared()
-        try device.makeCurrent()
         for (i, source) in [FP8Dispatch.Source.quantize, .passThrough].enumerated() {
             let mode = FP8ScaleMode.allCases[(FP8OracleTests.layouts.firstIndex(of: layout)! + i) % 3]
-            let comm = try nccl.initRank(ranks: 1, id: try nccl.uniqueID(), rank: 0)
-            defer { try? nccl.close(comm) }
             let config = FP8OracleTests.config(layout, ranks: 1, mode, source, maxTokens: 20)
-            let group = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl)
-            let inputs = StepInputs(fp8: config, tokens: [17], seed: UInt64(40 + i))
-            let step = try OneRankStep(group, inputs)
-            let handle = try group.makeHandle()
-            try group.update(handle, topkIdx: [step.idx.ref])
-            try step.dispatch(group, handle, slot: 1, direction: .forward)
-            try step.combine(group, handle, slot: 1, direction: .forward)
-            try group.checkStatus()
-            let expected = try #require(try oracleStep(config, inputs)[0])
-            let got = try step.result(group, handle, slot: 1, direction: .forward)
-            let label = "\(layout) \(source) \(mode)"
-            #expect(got.layout.expertCounters == expected.layout.expertCounters, "\(label): counters")
-            let words = config.fp8Format!.scaleWordsPerRow * 4
-            for (start, count) in receivedZones(config, expected.layout) {
-                let rows = (start * config.wireRowBytes)..<((start + count) * config.wireRowBytes)
-                #expect(got.received[rows] == expected.received[rows], "\(label): received rows \(start)..<\(start + count)")
-                let scales = (start * words)..<((start + count) * words)
-                #expect(got.scales?[scales] == expected.scales?[scales], "\(label): received scales \(start)..<\(start + count)")
+            try withOneRankGroup(config) { group in
+                let inputs = StepInputs(fp8: config, tokens: [17], seed: UInt64(40 + i))
+                let step = try OneRankStep(group, inputs)
+                let handle = try group.makeHandle()
+                try group.update(handle, topkIdx: [step.idx.ref])
+                try step.dispatch(group, handle, slot: 1, direction: .forward)
+                try step.combine(group, handle, slot: 1, direction: .forward)
+                try group.checkStatus()
+                let expected = try #require(try oracleStep(config, inputs)[0])
+                let got = try step.result(group, handle, slot: 1, direction: .forward)
+                let label = "\(layout) \(source) \(mode)"
+                #expect(got.layout.expertCounters == expected.layout.expertCounters, "\(label): counters")
+                let words = config.fp8Format!.scaleWordsPerRow * 4
+                for (start, count) in receivedZones(config, expected.layout) {
+                    let rows = (start * config.wireRowBytes)..<((start + count) * config.wireRowBytes)
+                    #expect(got.received[rows] == expected.received[rows], "\(label): received rows \(start)..<\(start + count)")
+                    let scales = (start * words)..<((start + count) * words)
+                    #expect(got.scales?[scales] == expected.scales?[scales], "\(label): received scales \(start)..<\(start + count)")
+                }
+                #expect(got.combined == expected.combined, "\(label): combined rows")
+                handle.release()
             }
-            #expect(got.combined == expected.combined, "\(label): combined rows")
-            handle.release()
         }
     }
 }

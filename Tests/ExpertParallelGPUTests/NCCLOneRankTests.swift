@@ -76,22 +76,22 @@ struct NCCLOneRankTests {
             }
         }
     }
+}
 
-    /// Runs `body` with an NCCL rank group of one rank, destroyed before its communicator is
-    /// closed: the group's buffers are windows of the communicator, and deregistering them from a
-    /// closed one would touch freed memory. (A nested scope, not a `defer` beside the group:
-    /// Swift does not order a local's release against a `defer` of the same scope.)
-    func withOneRankGroup(_ config: GroupConfig, _ body: (NCCLRankGroup) throws -> Void) throws {
-        let device = try #require(sharedDevice)
-        let nccl = try NCCLLibrary.shared()
-        try device.makeCurrent()
-        let comm = try nccl.initRank(ranks: 1, id: try nccl.uniqueID(), rank: 0)
-        defer { try? nccl.close(comm) }
-        try { () throws in
-            let group = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl)
-            try body(group)
-        }()
-    }
+/// Runs `body` with an NCCL rank group of one rank, destroyed before its communicator is
+/// closed: the group's buffers are windows of the communicator, and deregistering them from a
+/// closed one would touch freed memory. (A nested scope, not a `defer` beside the group:
+/// Swift does not order a local's release against a `defer` of the same scope.)
+func withOneRankGroup(_ config: GroupConfig, _ body: (NCCLRankGroup) throws -> Void) throws {
+    let device = try #require(sharedDevice)
+    let nccl = try NCCLLibrary.shared()
+    try device.makeCurrent()
+    let comm = try nccl.initRank(ranks: 1, id: try nccl.uniqueID(), rank: 0)
+    defer { try? nccl.close(comm) }
+    try { () throws in
+        let group = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl)
+        try body(group)
+    }()
 }
 
 /// The received zones of a layout as (first row, rows): one per local expert in LL expert-major
