@@ -61,8 +61,8 @@ def dispatch_layout(topk_idx: Any, num_experts: int, num_ranks: int) -> Tuple[An
     local = num_experts // num_ranks
     valid = topk_idx >= 0
     experts = torch.where(valid, topk_idx, 0).long()
-    per_expert = torch.zeros((tokens, num_experts), dtype=torch.bool, device=topk_idx.device)
-    per_expert.scatter_(1, experts, valid)
+    hits = torch.zeros((tokens, num_experts), dtype=torch.int32, device=topk_idx.device)
+    per_expert = hits.scatter_add_(1, experts, valid.to(torch.int32)) > 0   # -1 entries add 0 to column 0
     in_rank = per_expert.view(tokens, num_ranks, local).any(dim=2)
     return (in_rank.sum(dim=0, dtype=torch.int32), per_expert.sum(dim=0, dtype=torch.int32), in_rank)
 

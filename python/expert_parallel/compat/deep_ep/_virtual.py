@@ -65,14 +65,16 @@ class Rendezvous:
             round_ = self._rounds.get(number)
             if round_ is None:
                 round_ = self._rounds[number] = _Round(self.ranks)
-            round_.names[rank], round_.payloads[rank] = name, payload
-            round_.arrived += 1
-            last = round_.arrived == self.ranks and not round_.done
+            late = round_.done   # the round failed before this rank came: it gets the round's error
+            if not late:
+                round_.names[rank], round_.payloads[rank] = name, payload
+                round_.arrived += 1
+            last = not late and round_.arrived == self.ranks
             if last:
                 round_.running = True
         if last:
             self._run(round_, run)
-        else:
+        elif not late:
             self._wait(round_, number)
         return self._collect(round_, number, rank)
 
