@@ -112,7 +112,7 @@ def ll_dispatch(xs, idx, experts: int, max_tokens: int):
 
 def ll_expert_function(rows: torch.Tensor, rank: int, local: int) -> torch.Tensor:
     """Local expert e of `rank` multiplies by its global id + 1."""
-    scale = torch.arange(rank * local + 1, (rank + 1) * local + 1, dtype=torch.float32).view(local, 1, 1)
+    scale = torch.arange(rank * local + 1, (rank + 1) * local + 1, dtype=torch.float32, device=rows.device).view(local, 1, 1)
     return (rows.float() * scale).to(rows.dtype)
 
 
