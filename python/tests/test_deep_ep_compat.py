@@ -4,7 +4,6 @@ bit for bit with plain-PyTorch references written from DeepEP's documented seman
 events, the cached dispatch of the backward pass, and the named errors."""
 
 import gc
-import os
 
 import pytest
 import torch
@@ -96,10 +95,6 @@ def test_combine_adds_one_or_two_biases(ranks):
     for r, (one, two, three, weights) in enumerate(run_ranks(ranks, flow)):
         assert weights is None
         assert torch.equal(one, sums[r] + 0.5) and torch.equal(two, one) and torch.equal(three, sums[r] + 1.0)
-
-
-def decode_e4m3(codes: torch.Tensor) -> torch.Tensor:
-    return codes.float()
 
 
 @pytest.mark.parametrize("round_scale,use_ue8m0", [(False, False), (True, False), (True, True)])

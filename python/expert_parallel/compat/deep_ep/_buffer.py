@@ -175,15 +175,15 @@ class Buffer:
         return result, EventOverlap(done if async_finish else None)
 
     def _hook(self, split: Tuple[Any, Any, Any]) -> Callable[[], None]:
-        """The receive hook of a send-only call: completes it (once, whichever rank calls first)."""
+        """The receive hook of a send-only call: completes it, on the calling thread's current
+        stream, once (whichever rank calls first; a later call on the group may have already)."""
         entry, token, record = split
-        meeting, device = self._shared.meeting, self.device
+        meeting = self._shared.meeting
 
         def hook() -> None:
             keep = record   # the call's steps stay with the hook  # noqa: F841
             with meeting.lock:
                 entry.settle(token)
-            _events.wait(_events.record(device), device)
 
         return hook
 
