@@ -191,6 +191,7 @@ def test_wheel_without_a_library_is_pure_and_finds_it_through_ep_library(tmp_pat
         assert archive.read("expert_parallel/VERSION").decode().strip() == VERSION
     assert f"expert_parallel/{LIBRARY_NAME}" not in names
     assert "expert_parallel/py.typed" in names
+    assert {"expert_parallel/compat/__init__.py", "expert_parallel/compat/deep_ep/_buffer.py"} <= names   # the adapters
 
     library = built_library()
     if library is None:

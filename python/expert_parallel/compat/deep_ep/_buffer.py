@@ -1,0 +1,435 @@
+"""Buffer: DeepEP's ``deep_ep.Buffer`` (intranode and low-latency paths) over expert_parallel groups."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, List, Optional, Tuple, Union
+
+from ...errors import InvalidArgumentError, InvalidUsageError
+from ..._config import integer, seconds
+from . import _engine, _events
+from ._config import Config, check_num_sms, default_config
+from ._engine import Payload
+from ._errors import not_supported
+from ._events import EventOverlap
+from ._groups import Groups
+from ._layout import dispatch_layout, group_dtype, require_shape, require_tensor, routing, torch_module
+from ._virtual import Rendezvous, Solo
+
+_NVL_PEERS = 8   # DeepEP's ranks per NVLink domain: more ranks than this span nodes
+_DEFAULT_TOKENS = 4096
+
+
+class _Shared:
+    """What the Buffers of one set of ranks share: their groups, how they meet, who is still open."""
+
+    def __init__(self, groups: Groups, meeting: Any, ranks: int) -> None:
+        self.groups, self.meeting, self.open = groups, meeting, ranks
+
+
+class Buffer:
+    """DeepEP's ``deep_ep.Buffer`` for one rank: the same constructor, methods, return tuples and
+    semantics for the intranode (``dispatch`` / ``combine``) and low-latency
+    (``low_latency_dispatch`` / ``low_latency_combine``) paths, over expert_parallel's groups.
+
+    ``group``: a torch.distributed process group. An NCCL group on CUDA devices gives one rank per
+    process (``NCCLGroup``); a gloo group of one rank runs on the CPU backend. R ranks in one
+    process, one thread each: :meth:`virtual`. ``num_nvl_bytes``, ``num_rdma_bytes``,
+    ``num_qps_per_rank``, ``allow_nvlink_for_low_latency_mode``, ``allow_mnnvl``, ``use_fabric``,
+    ``explicitly_destroy`` and ``enable_shrink`` are accepted and not used: groups size their
+    buffers from the calls' shapes, and there is no RDMA. More ranks than one node's 8 (internode)
+    and ``comm`` (mpi4py) raise :class:`NotSupportedError`.
+
+    Keywords of this adapter: ``device`` (default: "cpu" for gloo, the current CUDA device for NCCL),
+    ``max_tokens_per_rank`` (the high-throughput capacity of a multi-process Buffer, default 4096;
+    one process's ranks grow theirs as needed), ``timeout`` (seconds a rank waits for the others).
+    """
+
+    #: SMs the high-throughput kernels may use once :meth:`set_num_sms` is called (DeepEP's default 20)
+    num_sms: int = 20
+    _num_sms_set = False
+
+    def __init__(self, group: Any, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, low_latency_mode: bool = False,
+                 num_qps_per_rank: int = 24, allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
+                 use_fabric: bool = False, explicitly_destroy: bool = False, enable_shrink: bool = False, comm: Any = None,
+                 *, device: Optional[str] = None, max_tokens_per_rank: Optional[int] = None, timeout: float = 10.0) -> None:
+        if comm is not None:
+            raise not_supported("comm", comm, "pass a torch.distributed process group as group")
+        import torch.distributed as dist
+
+        if group is None:
+            raise InvalidArgumentError("group=None; must be a torch.distributed process group (Buffer.virtual makes ranks in one process)")
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+        if size > _NVL_PEERS or local < size:
+            raise not_supported("group", f"{size} ranks over {max(1, size // max(local, 1))} nodes",
+                                f"internode dispatch (RDMA) is not offered; every rank must be on one node, ≤ {_NVL_PEERS} ranks")
+        if device is None:
+            device = "cpu" if dist.get_backend(group) == "gloo" else f"cuda:{torch_module().cuda.current_device()}"
+        device = str(device)
+        if device == "cpu" and size > 1:
+            raise not_supported("group", f"a {size}-rank process group on the CPU",
+                                "the CPU backend runs every rank in one process: use Buffer.virtual(ranks=...)")
+        fixed = None
+        if device != "cpu" and size > 1:
+            fixed = _DEFAULT_TOKENS if max_tokens_per_rank is None else integer(max_tokens_per_rank, "max_tokens_per_rank", 1, 2**31 - 1)
+        groups = Groups(ranks=size if device != "cpu" else 1, device=device, timeout=seconds(timeout, "timeout"),
+                        process_group=group, fixed_tokens=fixed)
+        self._setup(rank, size, group, device, _Shared(groups, Solo(), 1), num_nvl_bytes, num_rdma_bytes,
+                    low_latency_mode)
+
+    @classmethod
+    def virtual(cls, ranks: int, *, device: str = "cpu", num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
+                low_latency_mode: bool = False, timeout: float = 10.0, **ignored: Any) -> List["Buffer"]:
+        """R Buffers for R virtual ranks in this process, on ``device`` ("cpu" or "cuda:N"), one per
+        rank: give each to a thread of its own (:func:`run_ranks`). A collective call runs once all
+        R ranks have made it, as one group call covering every rank; a rank that waits ``timeout``
+        seconds for the others gets :class:`expert_parallel.RankTimeoutError`. The other constructor
+        arguments of :class:`Buffer` are accepted and not used."""
+        ranks = integer(ranks, "ranks", 1, 32 if str(device) != "cpu" else 64)
+        wait = seconds(timeout, "timeout")
+        shared = _Shared(Groups(ranks=ranks, device=str(device), timeout=wait), Rendezvous(ranks, wait), ranks)
+        buffers = []
+        for r in range(ranks):
+            buffer = cls.__new__(cls)
+            buffer._setup(r, ranks, None, str(device), shared, num_nvl_bytes, num_rdma_bytes, low_latency_mode)
+            buffers.append(buffer)
+        return buffers
+
+    def _setup(self, rank: int, size: int, group: Any, device: str, shared: _Shared, num_nvl_bytes: int,
+               num_rdma_bytes: int, low_latency_mode: bool) -> None:
+        self.rank, self.group_size, self.group, self.device = rank, size, group, device
+        self.num_nvl_bytes, self.num_rdma_bytes, self.low_latency_mode = num_nvl_bytes, num_rdma_bytes, low_latency_mode
+        self._shared = shared
+        self._destroyed = False
+
+    def __repr__(self) -> str:
+        return f"Buffer(rank={self.rank}, group_size={self.group_size}, device={self.device!r})"
+
+    # -- lifetime and settings ----------------------------------------------------------------
+
+    def destroy(self) -> None:
+        """Ends this rank's use of the buffer; the groups close when every rank of the set has."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        shared = self._shared
+        with shared.meeting.lock:
+            shared.open -= 1
+            if shared.open == 0:
+                shared.groups.close()
+
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
+        """Sets the SMs the high-throughput calls use on the GPU (even, ≥ 2); until it is called
+        they use every SM. The CPU backend ignores it."""
+        Buffer.num_sms = check_num_sms(new_num_sms, "new_num_sms")
+        Buffer._num_sms_set = True
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An event recorded on the current CUDA stream (no event without CUDA)."""
+        torch = torch_module()
+        return EventOverlap(_events.record("cuda") if torch.cuda.is_available() else None)
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                       num_experts: int) -> int:
+        """The bytes a rank's low-latency group keeps for these shapes in bf16: two buffer slots of
+        received rows ``[L, R*Bmax, H]`` and combined rows ``[Bmax, H]``. Buffers are made by the
+        calls, so ``num_rdma_bytes`` need not hold them."""
+        bmax = integer(num_max_dispatch_tokens_per_rank, "num_max_dispatch_tokens_per_rank", 1, 2**31 - 1)
+        h = integer(hidden, "hidden", 1, 2**31 - 1)
+        r = integer(num_ranks, "num_ranks", 1, 2**31 - 1)
+        e = integer(num_experts, "num_experts", r, 2**31 - 1)
+        return 2 * ((e // r) * r * bmax * h * 2 + bmax * h * 2)
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        """DeepEP's default dispatch config: ``Config(Buffer.num_sms)`` (only num_sms is used)."""
+        integer(num_ranks, "num_ranks", 1, 2**31 - 1)
+        return default_config(Buffer.num_sms)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        """DeepEP's default combine config: ``Config(Buffer.num_sms)`` (only num_sms is used)."""
+        integer(num_ranks, "num_ranks", 1, 2**31 - 1)
+        return default_config(Buffer.num_sms)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._destroyed:
+            raise InvalidUsageError(f"Buffer of rank {self.rank}: destroyed")
+
+    def _call(self, name: str, work: Callable, previous_event: Any, async_finish: bool, **args: Any) -> Tuple[Any, EventOverlap]:
+        """Runs collective call `name` with this rank's `args`; returns (this rank's result, its event)."""
+        self._check_open()
+        _events.wait(previous_event, self.device)
+        payload = Payload(self.rank, _events.record(self.device), args)
+        groups = self._shared.groups
+        result, done = self._shared.meeting.call(self.rank, name, payload,
+                                                 lambda payloads: _engine.run(groups, work, payloads))
+        if not async_finish:
+            _events.wait(done, self.device)
+        return result, EventOverlap(done if async_finish else None)
+
+    def _hook(self, split: Tuple[Any, Any, Any]) -> Callable[[], None]:
+        """The receive hook of a send-only call: completes it, on the calling thread's current
+        stream, once (whichever rank calls first; a later call on the group may have already)."""
+        entry, token, record = split
+        meeting = self._shared.meeting
+
+        def hook() -> None:
+            keep = record   # the call's steps stay with the hook  # noqa: F841
+            with meeting.lock:
+                entry.settle(token)
+
+        return hook
+
+    def _multiprocessors(self, config: Optional[Config]) -> Optional[int]:
+        if config is not None:
+            if not isinstance(config, Config):
+                raise InvalidArgumentError(f"config: a {type(config).__name__}; must be a Config (Buffer.get_dispatch_config)")
+            return config.num_sms
+        return Buffer.num_sms if Buffer._num_sms_set else None
+
+    def _tokens(self, x: Any, name: str = "x") -> Tuple[Any, Any]:
+        """`x` as (tokens, scales or None), checked."""
+        torch = torch_module()
+        if isinstance(x, tuple):
+            if len(x) != 2:
+                raise InvalidArgumentError(f"{name}: a tuple of {len(x)}; must be a tensor or (fp8 tokens, scales)")
+            tokens, scales = x
+            require_tensor(tokens, f"{name}[0]", 2, self.device)
+            require_tensor(scales, f"{name}[1]", 2, self.device)
+            if tokens.dtype != torch.float8_e4m3fn:
+                raise InvalidArgumentError(f"{name}[0]: dtype {tokens.dtype}; the FP8 tokens must be torch.float8_e4m3fn")
+            if self.device != "cpu":
+                raise not_supported(name, "an (fp8, scales) tuple", "FP8 dispatch runs on the CPU backend so far; dispatch bf16 tokens on the GPU")
+            if scales.dtype != torch.float32:
+                raise InvalidArgumentError(f"{name}[1]: dtype {scales.dtype}; the scales must be torch.float32 (one per 128 elements)")
+            require_shape(scales, f"{name}[1]", (tokens.shape[0], tokens.shape[1] // 128))
+            return tokens, scales
+        require_tensor(x, name, 2, self.device)
+        return x, None
+
+    # -- the intranode (high-throughput) path -------------------------------------------------
+
+    def get_dispatch_layout(self, topk_idx: Any, num_experts: int, previous_event: Optional[EventOverlap] = None,
+                            async_finish: bool = False, allocate_on_comm_stream: bool = False
+                            ) -> Tuple[Any, None, Any, Any, EventOverlap]:
+        """``(num_tokens_per_rank [R] int32, None, num_tokens_per_expert [E] int32,
+        is_token_in_rank [B, R] bool, event)`` of this rank's routing. A local computation on the
+        current stream; ``allocate_on_comm_stream`` has no effect (there is no separate stream)."""
+        self._check_open()
+        experts = integer(num_experts, "num_experts", 1, 2**31 - 1)
+        if experts % self.group_size:
+            raise InvalidArgumentError(f"num_experts={experts}; must be a multiple of the number of ranks ({self.group_size})")
+        routing(topk_idx, experts, self.device)
+        _events.wait(previous_event, self.device)
+        per_rank, per_expert, in_rank = dispatch_layout(topk_idx, experts, self.group_size)
+        event = _events.record(self.device) if async_finish else None
+        return per_rank, None, per_expert, in_rank, EventOverlap(event)
+
+    def dispatch(self, x: Union[Any, Tuple[Any, Any]], handle: Any = None, num_tokens_per_rank: Any = None,
+                 num_tokens_per_rdma_rank: Any = None, is_token_in_rank: Any = None, num_tokens_per_expert: Any = None,
+                 topk_idx: Any = None, topk_weights: Any = None, expert_alignment: int = 1, num_worst_tokens: int = 0,
+                 config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False) -> Tuple[Any, Any, Any, Any, Any, EventOverlap]:
+        """Sends each token once to every rank holding one of its experts; returns
+        ``(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event)``.
+
+        ``recv_x``: ``[N, hidden]`` (``(fp8, scales)`` when ``x`` is), rows in (source rank, token)
+        order; ``recv_topk_idx``: local expert ids, -1 for experts on other ranks (``topk_idx``'s
+        dtype); ``recv_topk_weights``: 0 where the id is -1; the list: rows per local expert, each
+        rounded up to ``expert_alignment``. ``num_worst_tokens > 0``: N is that, rows past the
+        received ones have id -1 and zeros, the list is empty. With ``handle`` (a cached dispatch,
+        e.g. the backward pass of combine) the routing is the handle's and the result is
+        ``(recv_x, None, None, None, None, event)``. The layout arguments must be
+        :meth:`get_dispatch_layout`'s of ``topk_idx``: their shapes are checked, the values are
+        derived from ``topk_idx`` again."""
+        torch = torch_module()
+        tokens, scales = self._tokens(x)
+        dtype = "bf16" if scales is not None else group_dtype(tokens, "x")
+        alignment = integer(expert_alignment, "expert_alignment", 1, 2**31 - 1)
+        worst = integer(num_worst_tokens, "num_worst_tokens", 0, 2**31 - 1)
+        if num_tokens_per_rdma_rank is not None:
+            raise not_supported("num_tokens_per_rdma_rank", "a tensor", "internode dispatch is not offered; pass None")
+        b = int(tokens.shape[0])
+        args = dict(x=tokens, scales=scales, dtype=dtype, expert_alignment=alignment, num_worst_tokens=worst)
+        if handle is not None:
+            if topk_idx is not None or topk_weights is not None:
+                raise InvalidArgumentError("topk_idx/topk_weights: given with handle; a cached dispatch reuses the handle's routing")
+            (recv_x, _, _, _, _), event = self._call("dispatch", _engine.ht_dispatch, previous_event, async_finish,
+                                                     handle=handle, **args)
+            return recv_x, None, None, None, None, event
+        if topk_idx is None:
+            raise not_supported("topk_idx", None, "dispatch by is_token_in_rank alone is not offered; pass topk_idx")
+        if num_tokens_per_rank is None or is_token_in_rank is None or num_tokens_per_expert is None:
+            raise InvalidArgumentError(
+                "num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: a dispatch without handle needs all three "
+                "(get_dispatch_layout's)")
+        routing(topk_idx, 0, self.device)
+        require_shape(topk_idx, "topk_idx", (b, None))
+        require_shape(num_tokens_per_rank, "num_tokens_per_rank", (self.group_size,))
+        require_shape(is_token_in_rank, "is_token_in_rank", (b, self.group_size))
+        if num_tokens_per_expert.dim() != 1 or num_tokens_per_expert.numel() % self.group_size:
+            raise InvalidArgumentError(f"num_tokens_per_expert: shape {list(num_tokens_per_expert.shape)}; must be [num_experts], "
+                                       f"a multiple of the number of ranks ({self.group_size})")
+        if topk_weights is not None:
+            require_tensor(topk_weights, "topk_weights", 2, self.device)
+            require_shape(topk_weights, "topk_weights", tuple(topk_idx.shape))
+            if topk_weights.dtype != torch.float32:
+                raise InvalidArgumentError(f"topk_weights: dtype {topk_weights.dtype}; must be torch.float32")
+        (recv_x, recv_idx, recv_w, counts, made), event = self._call(
+            "dispatch", _engine.ht_dispatch, previous_event, async_finish, handle=None, topk_idx=topk_idx,
+            topk_weights=topk_weights, experts=int(num_tokens_per_expert.numel()),
+            multiprocessors=self._multiprocessors(config), **args)
+        return recv_x, recv_idx, recv_w, counts, made, event
+
+    def combine(self, x: Any, handle: Any, topk_weights: Any = None, bias: Any = None, config: Optional[Config] = None,
+                previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                allocate_on_comm_stream: bool = False) -> Tuple[Any, Any, EventOverlap]:
+        """Sums each token's rows back from the ranks its dispatch sent it to (no weights applied);
+        returns ``(combined_x [B, hidden], combined_topk_weights [B, K] or None, event)``.
+
+        ``x``: ``[N, hidden]``, the rows of ``handle``'s dispatch (in its order). ``topk_weights``
+        ``[N, K]``: combined_topk_weights[t, k] is the entry of the rank holding expert k (DeepEP
+        adds every rank's entry; the two agree when the other ranks' entries are 0, as dispatch
+        delivers them). ``bias``: a tensor or a pair (either may be None) of ``[B, hidden]``, added
+        in float32 to the combined rows. ``config`` is not used here."""
+        torch = torch_module()
+        self._check_open()
+        require_tensor(x, "x", 2, self.device)
+        if not hasattr(handle, "record"):
+            raise InvalidArgumentError(f"handle: a {type(handle).__name__}; must be the handle dispatch returned")
+        b = handle.record.tokens[handle.local]
+        biases: List[Any] = list(bias) if isinstance(bias, (tuple, list)) else [bias]
+        if len(biases) > 2:
+            raise InvalidArgumentError(f"bias: {len(biases)} tensors; at most 2")
+        for i, value in enumerate(biases):
+            if value is not None:
+                require_tensor(value, f"bias[{i}]", 2, self.device)
+                require_shape(value, f"bias[{i}]", (b, x.shape[1]))
+        if topk_weights is not None:
+            require_tensor(topk_weights, "topk_weights", 2, self.device)
+            if topk_weights.dtype != torch.float32:
+                raise InvalidArgumentError(f"topk_weights: dtype {topk_weights.dtype}; must be torch.float32")
+        (combined, weights), event = self._call(
+            "combine", _engine.ht_combine, previous_event, async_finish, x=x, dtype=group_dtype(x, "x"), handle=handle,
+            topk_weights=topk_weights, bias=biases)
+        return combined, weights, event
+
+    # -- the low-latency path -----------------------------------------------------------------
+
+    def low_latency_dispatch(self, x: Any, topk_idx: Any, num_max_dispatch_tokens_per_rank: int, num_experts: int,
+                             cumulative_local_expert_recv_stats: Any = None, dispatch_wait_recv_cost_stats: Any = None,
+                             use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
+                             async_finish: bool = False, return_recv_hook: bool = False
+                             ) -> Tuple[Any, Any, Any, EventOverlap, Optional[Callable[[], None]]]:
+        """Sends one row per (token, expert) to the expert's rank; returns ``(recv_x, recv_count,
+        handle, event, hook)``.
+
+        ``recv_x``: ``[L, R*Bmax, hidden]`` per local expert, rows ``[0, recv_count[e])`` valid, in
+        (source rank, token) order; with ``use_fp8`` (CPU backend so far) ``(e4m3 rows, scales)``:
+        float32 ``[L, R*Bmax, hidden/128]`` (powers of two with ``round_scale``), or with
+        ``use_ue8m0`` int32 words of four UE8M0 bytes ``[L, R*Bmax, hidden/512]``; scales are
+        column-major in their last two dimensions as DeepEP's. ``recv_x`` and ``recv_count`` are
+        buffers of the group reused two low-latency dispatches later (DeepEP's two buffers).
+        ``return_recv_hook=True``: the call only sends; ``hook()`` receives (a later call on the
+        buffer receives first if the hook has not run). ``cumulative_local_expert_recv_stats``
+        ``[L]`` int32 gets recv_count added."""
+        torch = torch_module()
+        self._check_open()
+        if dispatch_wait_recv_cost_stats is not None:
+            raise not_supported("dispatch_wait_recv_cost_stats", "a tensor", "the calls keep no wait-time statistics; pass None")
+        require_tensor(x, "x", 2, self.device)
+        routing(topk_idx, 0, self.device)
+        bmax = integer(num_max_dispatch_tokens_per_rank, "num_max_dispatch_tokens_per_rank", 1, 2**31 - 1)
+        experts = integer(num_experts, "num_experts", 1, 2**31 - 1)
+        if experts % self.group_size:
+            raise InvalidArgumentError(f"num_experts={experts}; must be a multiple of the number of ranks ({self.group_size})")
+        if x.shape[0] > bmax:
+            raise InvalidArgumentError(f"x: {x.shape[0]} tokens; must be ≤ num_max_dispatch_tokens_per_rank ({bmax})")
+        require_shape(topk_idx, "topk_idx", (x.shape[0], None))
+        stats = cumulative_local_expert_recv_stats
+        if stats is not None:
+            require_tensor(stats, "cumulative_local_expert_recv_stats", 1, self.device)
+            require_shape(stats, "cumulative_local_expert_recv_stats", (experts // self.group_size,))
+            if stats.dtype != torch.int32:
+                raise InvalidArgumentError(f"cumulative_local_expert_recv_stats: dtype {stats.dtype}; must be torch.int32")
+        _engine.ll_fp8_mode(bool(use_fp8), bool(round_scale), bool(use_ue8m0))
+        (recv_x, count, made, split), event = self._call(
+            "low_latency_dispatch", _engine.ll_dispatch, None, async_finish, x=x, dtype=group_dtype(x, "x"),
+            topk_idx=topk_idx, max_tokens=bmax, experts=experts, stats=stats,
+            fp8_flags=(bool(use_fp8), bool(round_scale), bool(use_ue8m0)), return_recv_hook=bool(return_recv_hook))
+        return recv_x, count, made, event, self._hook(split) if return_recv_hook else None
+
+    def low_latency_combine(self, x: Any, topk_idx: Any, topk_weights: Any, handle: Any, use_logfmt: bool = False,
+                            zero_copy: bool = False, async_finish: bool = False, return_recv_hook: bool = False,
+                            out: Any = None, combine_wait_recv_cost_stats: Any = None
+                            ) -> Tuple[Any, EventOverlap, Optional[Callable[[], None]]]:
+        """Brings each token's expert rows back and sums them weighted by ``topk_weights`` (entries
+        whose ``topk_idx`` is -1 count for nothing); returns ``(combined_x [B, hidden], event,
+        hook)``. ``x``: ``[L, R*Bmax, hidden]`` (``recv_x``'s shape, the combine's element type);
+        ``topk_idx`` must be the dispatch's; ``out``: the ``[B, hidden]`` tensor to write.
+        ``zero_copy`` has no effect: combine reads ``x`` where it is."""
+        torch = torch_module()
+        self._check_open()
+        if use_logfmt:
+            raise not_supported("use_logfmt", True, "combine moves rows in their element type; pass use_logfmt=False")
+        if combine_wait_recv_cost_stats is not None:
+            raise not_supported("combine_wait_recv_cost_stats", "a tensor", "the calls keep no wait-time statistics; pass None")
+        require_tensor(x, "x", 3, self.device)
+        routing(topk_idx, 0, self.device)
+        require_tensor(topk_weights, "topk_weights", 2, self.device)
+        if not hasattr(handle, "record"):
+            raise InvalidArgumentError(f"handle: a {type(handle).__name__}; must be the handle low_latency_dispatch returned")
+        if out is not None:
+            require_tensor(out, "out", 2, self.device)
+        (combined, split), event = self._call(
+            "low_latency_combine", _engine.ll_combine, None, async_finish, x=x, dtype=group_dtype(x, "x"),
+            topk_idx=topk_idx, topk_weights=topk_weights, handle=handle, out=out, return_recv_hook=bool(return_recv_hook))
+        return combined, event, self._hook(split) if return_recv_hook else None
+
+    def get_next_low_latency_combine_buffer(self, handle: Any) -> Any:
+        """A ``[L, R*Bmax, hidden]`` tensor to write the expert outputs into and pass as
+        low_latency_combine's ``x`` (a fresh one: combine reads ``x`` where it is)."""
+        self._check_open()
+        if not hasattr(handle, "record") or handle.record.kind != "ll":
+            raise InvalidArgumentError("handle: must be the handle low_latency_dispatch returned")
+        entry = handle.record.last
+        torch = torch_module()
+        dtype = getattr(torch, {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}[entry.spec.dtype])
+        return torch.empty(tuple(entry.group.recv_shape), dtype=dtype, device=self.device)
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Nothing to do: low-latency buffers need no cleaning between calls (arguments checked)."""
+        self._check_open()
+        integer(num_max_dispatch_tokens_per_rank, "num_max_dispatch_tokens_per_rank", 1, 2**31 - 1)
+        integer(hidden, "hidden", 1, 2**63 - 1)
+        integer(num_experts, "num_experts", 1, 2**31 - 1)
+
+    # -- not offered ----------------------------------------------------------------------------
+
+    def get_local_buffer_tensor(self, *arguments: Any, **keywords: Any) -> Any:
+        raise not_supported("get_local_buffer_tensor", "a call", "there is no raw communication buffer")
+
+    def get_comm_stream(self) -> Any:
+        raise not_supported("get_comm_stream", "a call", "calls run on the current stream; there is no separate stream")
+
+    def internode_dispatch(self, *arguments: Any, **keywords: Any) -> Any:
+        raise not_supported("internode_dispatch", "a call", "ranks must be on one node")
+
+    def internode_combine(self, *arguments: Any, **keywords: Any) -> Any:
+        raise not_supported("internode_combine", "a call", "ranks must be on one node")
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        raise not_supported("low_latency_update_mask_buffer", rank_to_mask, "ranks are masked by timeouts only")
+
+    def low_latency_query_mask_buffer(self, mask_status: Any) -> None:
+        raise not_supported("low_latency_query_mask_buffer", "a call", "ranks are masked by timeouts only")
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        raise not_supported("low_latency_clean_mask_buffer", "a call", "ranks are masked by timeouts only")

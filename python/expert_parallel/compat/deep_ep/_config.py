@@ -1,0 +1,50 @@
+"""Config: DeepEP's tuning record for the high-throughput kernels, and the defaults per rank count."""
+
+from __future__ import annotations
+
+from ...errors import InvalidArgumentError
+
+
+class Config:
+    """DeepEP's ``Config(num_sms, nvl_chunk_size, nvl_buffer_size, rdma_chunk_size, rdma_buffer_size)``.
+
+    ``num_sms`` limits the GPU multiprocessors a high-throughput group uses (even, ≥ 2; the CPU
+    backend ignores it). The chunk and buffer sizes tune DeepEP's channel pipeline, which this
+    library does not have: they are kept and not used. The size hints return 0: groups size their
+    buffers from the shapes of the calls, so no byte count is needed up front."""
+
+    def __init__(self, num_sms: int = 20, num_max_nvl_chunked_send_tokens: int = 6,
+                 num_max_nvl_chunked_recv_tokens: int = 256, num_max_rdma_chunked_send_tokens: int = 6,
+                 num_max_rdma_chunked_recv_tokens: int = 256) -> None:
+        self.num_sms = check_num_sms(num_sms, "num_sms")
+        self.num_max_nvl_chunked_send_tokens = num_max_nvl_chunked_send_tokens
+        self.num_max_nvl_chunked_recv_tokens = num_max_nvl_chunked_recv_tokens
+        self.num_max_rdma_chunked_send_tokens = num_max_rdma_chunked_send_tokens
+        self.num_max_rdma_chunked_recv_tokens = num_max_rdma_chunked_recv_tokens
+
+    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """0: no NVLink buffer is allocated up front (``num_nvl_bytes`` is not used)."""
+        return 0
+
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """0: there is no RDMA buffer (``num_rdma_bytes`` is not used)."""
+        return 0
+
+    def __repr__(self) -> str:
+        return (f"Config(num_sms={self.num_sms}, {self.num_max_nvl_chunked_send_tokens}, "
+                f"{self.num_max_nvl_chunked_recv_tokens}, {self.num_max_rdma_chunked_send_tokens}, "
+                f"{self.num_max_rdma_chunked_recv_tokens})")
+
+
+def check_num_sms(value: object, name: str) -> int:
+    """`value` as an SM count: an even integer ≥ 2 (DeepEP's rule)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(f"{name}={value!r}; must be an even integer ≥ 2")
+    if value < 2 or value % 2:
+        raise InvalidArgumentError(f"{name}={value}; must be an even integer ≥ 2")
+    return value
+
+
+def default_config(num_sms: int) -> Config:
+    """The config DeepEP's get_dispatch_config / get_combine_config return: ``num_sms`` SMs."""
+    return Config(num_sms)

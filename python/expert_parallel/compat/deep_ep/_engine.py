@@ -1,0 +1,273 @@
+"""The work of one collective call for all the ranks a call of the groups drives: each function
+takes one payload per local rank (what that rank's Buffer method was given, checked) and
+returns one result per local rank."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Tuple
+
+from ...errors import InvalidArgumentError, InvalidUsageError
+from . import _events
+from ._errors import not_supported
+from ._groups import Entry, Groups, Spec
+from ._handle import DispatchHandle, Record
+from ._layout import align, column_major, exponents_to_float, torch_module
+
+
+@dataclass
+class Payload:
+    """One rank's call: its rank number, arguments and the event its inputs are ready at."""
+
+    rank: int
+    ready: Any = None
+    args: dict = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["args"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def run(groups: Groups, work: Callable[[Groups, List[Payload]], List[Any]], payloads: List[Payload]) -> List[Tuple[Any, Any]]:
+    """Runs `work` once the ranks' inputs are ready; returns each rank's (result, event after it)."""
+    for p in payloads:
+        _events.wait(p.ready, groups.device)
+    results = work(groups, payloads)
+    done = _events.record(groups.device)
+    return [(result, done) for result in results]
+
+
+def _agree(payloads: List[Payload], name: str, value: Callable[[Payload], Any]) -> Any:
+    """`value` of rank 0's payload, after checking every rank gives the same."""
+    first = value(payloads[0])
+    for p in payloads[1:]:
+        if value(p) != first:
+            raise InvalidArgumentError(
+                f"{name}: {value(p)!r} on rank {p.rank} but {first!r} on rank {payloads[0].rank}; every rank passes the same")
+    return first
+
+
+def _record_of(payloads: List[Payload], kind: str, name: str = "handle") -> Record:
+    record = payloads[0].handle.record
+    for p in payloads:
+        if not isinstance(p.handle, DispatchHandle):
+            raise InvalidArgumentError(f"{name}: a {type(p.handle).__name__} on rank {p.rank}; must be the handle a dispatch returned")
+        if p.handle.record is not record:
+            raise InvalidArgumentError(f"{name}: rank {p.rank}'s handle is from another dispatch than rank {payloads[0].rank}'s")
+        if p.handle.record.kind != kind:
+            what = "low_latency_dispatch" if kind == "ll" else "dispatch"
+            raise InvalidArgumentError(f"{name}: rank {p.rank}'s handle is not from {what}")
+    return record
+
+
+def _rows(source: Any, count: int, rows: int, fill: int = 0) -> Any:
+    """A new tensor of `rows` rows: `source`'s first `count`, then `fill`."""
+    torch = torch_module()
+    if rows == count:
+        return source[:count].clone()
+    target = source.new_empty((rows,) + tuple(source.shape[1:]))
+    raw = target.view(torch.uint8) if target.dtype == torch.float8_e4m3fn else target
+    raw[count:].fill_(fill)
+    target[:count].copy_(source[:count])
+    return target
+
+
+def _spec(algorithm: str, p: Payload, x: Any, top_k: int, experts: int, fp8: Optional[str], source: str,
+          multiprocessors: Optional[int]) -> Spec:
+    return Spec(algorithm, experts, int(x.shape[1]), top_k, p.dtype, fp8, source, multiprocessors)
+
+
+# -- high throughput (intranode) ------------------------------------------------------------
+
+
+def ht_dispatch(groups: Groups, payloads: List[Payload]) -> List[Any]:
+    torch = torch_module()
+    cached = _agree(payloads, "handle", lambda p: p.handle is not None)
+    fp8 = _agree(payloads, "x", lambda p: "an (fp8, scales) tuple" if p.scales is not None else "a tensor") != "a tensor"
+    dtype = _agree(payloads, "x dtype", lambda p: p.dtype)
+    hidden = _agree(payloads, "x hidden size", lambda p: int(p.x.shape[1]))
+    source = "pass_through" if fp8 else "quantize"
+    fp8_mode = "float32" if fp8 else None
+    xs = [p.x for p in payloads]
+    scales = [p.scales for p in payloads] if fp8 else None
+    if cached:
+        record = _record_of(payloads, "ht")
+        for i, p in enumerate(payloads):
+            if int(p.x.shape[0]) != record.tokens[i]:
+                raise InvalidArgumentError(
+                    f"x: {int(p.x.shape[0])} tokens on rank {p.rank}; the handle's dispatch had {record.tokens[i]}")
+        last = record.last.spec
+        spec = last._replace(hidden=hidden, dtype=dtype, fp8=fp8_mode, fp8_source=source)
+        entry = record.last if spec == last else groups.entry(spec, max(record.tokens))
+        step = record.step_in(entry)
+        routing = None
+        if step is None:   # this routing's first dispatch in this group: its update comes with it
+            step = entry.acquire()
+            record.steps[entry] = step
+            routing = record.topk_idx
+        weights = record.topk_weights
+    else:
+        top_k = _agree(payloads, "topk_idx top-k", lambda p: int(p.topk_idx.shape[1]))
+        experts = _agree(payloads, "num_tokens_per_expert size", lambda p: p.experts)
+        multiprocessors = _agree(payloads, "config.num_sms", lambda p: p.multiprocessors)
+        spec = Spec("ht", experts, hidden, top_k, dtype, fp8_mode, source, multiprocessors)
+        tokens = [int(p.x.shape[0]) for p in payloads]
+        entry = groups.entry(spec, max(tokens))
+        routing = [p.topk_idx for p in payloads]
+        weights = [p.topk_weights if p.topk_weights is not None
+                   else torch.zeros((b, top_k), dtype=torch.float32, device=p.x.device) for p, b in zip(payloads, tokens)]
+        step = entry.acquire()
+        record = Record("ht", entry, step, tokens, routing, weights)
+    entry.settle()
+    out = entry.dispatch(xs, routing, weights, step, scales, send_only=False)
+    record.last, record.stage = entry, out.stage
+    layouts = out.layouts()
+    received = [info.received_total for info in layouts]
+    if cached and record.received is not None and received != record.received:
+        raise InvalidUsageError(f"handle: its dispatch received {record.received} rows, this one {received}")
+    record.received = received
+    results = []
+    for i, p in enumerate(payloads):
+        n, worst = received[i], p.num_worst_tokens
+        if worst and n > worst:
+            raise InvalidArgumentError(f"num_worst_tokens={worst}; rank {p.rank} received {n} tokens, more than that")
+        rows = worst or n
+        recv_x = _rows(out.tokens[i], n, rows)
+        if fp8:
+            recv_x = (recv_x, _rows(out.scales[i], n, rows))
+        handle = p.handle if cached else DispatchHandle(record, p.rank, i)
+        if cached:
+            results.append((recv_x, None, None, None, handle))
+            continue
+        recv_idx = _rows(out.topk_idx[i], n, rows, -1).to(p.topk_idx.dtype)
+        recv_w = None if p.topk_weights is None else _rows(out.topk_weights[i], n, rows)
+        counts = [] if worst else align(layouts[i].expert_counters, p.expert_alignment)
+        results.append((recv_x, recv_idx, recv_w, counts, handle))
+    return results
+
+
+def ht_combine(groups: Groups, payloads: List[Payload]) -> List[Any]:
+    torch = torch_module()
+    record = _record_of(payloads, "ht")
+    entry: Entry = record.last
+    step = record.step_in(entry)
+    weighted = _agree(payloads, "topk_weights", lambda p: "given" if p.topk_weights is not None else None) is not None
+    spec = entry.spec
+    for i, p in enumerate(payloads):
+        n = record.received[i]
+        if p.dtype != spec.dtype:
+            raise InvalidArgumentError(f"x: dtype {p.x.dtype} on rank {p.rank}; the handle's dispatch combines {spec.dtype}")
+        if tuple(p.x.shape) != (n, spec.hidden):
+            raise InvalidArgumentError(f"x: shape {list(p.x.shape)} on rank {p.rank}; must be [{n}, {spec.hidden}], the rows its dispatch received")
+        if weighted and tuple(p.topk_weights.shape) != (n, spec.top_k):
+            raise InvalidArgumentError(
+                f"topk_weights: shape {list(p.topk_weights.shape)} on rank {p.rank}; must be [{n}, {spec.top_k}]")
+    grads = entry.grad_stage(len(payloads)) if weighted else None
+    for i, p in enumerate(payloads):
+        n = record.received[i]
+        record.stage[i][:n].copy_(p.x)
+        if weighted:
+            grads[i][:n].copy_(p.topk_weights)
+    device = payloads[0].x.device
+    outs = [torch.empty((b, spec.hidden), dtype=payloads[0].x.dtype, device=device) for b in record.tokens]
+    grad_outs = [torch.empty((b, spec.top_k), dtype=torch.float32, device=device) for b in record.tokens] if weighted else None
+    entry.settle()
+    entry.combine(record.stage, step, outs, grads=None if grads is None else list(grads), grad_outs=grad_outs)
+    results = []
+    for i, p in enumerate(payloads):
+        combined = outs[i]
+        biases = [b for b in p.bias if b is not None]
+        if biases:
+            total = combined.float()
+            for b in biases:
+                total = total + b.float()
+            combined = total.to(combined.dtype)
+        results.append((combined, None if grad_outs is None else grad_outs[i]))
+    return results
+
+
+# -- low latency -----------------------------------------------------------------------------
+
+
+def ll_fp8_mode(use_fp8: bool, round_scale: bool, use_ue8m0: bool) -> Optional[str]:
+    """The group's fp8 setting for DeepEP's three flags."""
+    if use_ue8m0 and not round_scale:
+        raise InvalidArgumentError("use_ue8m0=True with round_scale=False; UE8M0 scales are powers of two: set round_scale=True")
+    if not use_fp8:
+        return None
+    return "ue8m0" if round_scale else "float32"
+
+
+def ll_dispatch(groups: Groups, payloads: List[Payload]) -> List[Any]:
+    torch = torch_module()
+    bmax = _agree(payloads, "num_max_dispatch_tokens_per_rank", lambda p: p.max_tokens)
+    experts = _agree(payloads, "num_experts", lambda p: p.experts)
+    top_k = _agree(payloads, "topk_idx top-k", lambda p: int(p.topk_idx.shape[1]))
+    hidden = _agree(payloads, "x hidden size", lambda p: int(p.x.shape[1]))
+    dtype = _agree(payloads, "x dtype", lambda p: p.dtype)
+    flags = _agree(payloads, "(use_fp8, round_scale, use_ue8m0)", lambda p: p.fp8_flags)
+    hook = _agree(payloads, "return_recv_hook", lambda p: p.return_recv_hook)
+    fp8 = ll_fp8_mode(*flags)
+    if fp8 is not None and groups.device != "cpu":
+        raise not_supported("use_fp8", True, "FP8 dispatch runs on the CPU backend so far; pass use_fp8=False on the GPU")
+    spec = Spec("ll", experts, hidden, top_k, dtype, fp8, "quantize", None)
+    entry = groups.entry(spec, bmax, exact=bmax)
+    tokens = [int(p.x.shape[0]) for p in payloads]
+    weights = [torch.zeros((b, top_k), dtype=torch.float32, device=p.x.device) for p, b in zip(payloads, tokens)]
+    step = entry.acquire()
+    record = Record("ll", entry, step, tokens, [p.topk_idx for p in payloads], weights)
+    entry.settle()
+    out = entry.dispatch([p.x for p in payloads], record.topk_idx, weights, step, None, send_only=hook)
+    record.stage = out.stage
+    after: List[Callable[[], None]] = []
+    results = []
+    for i, p in enumerate(payloads):
+        recv_x: Any = out.tokens[i]
+        if fp8 is not None:   # the CPU backend: the call is whole, its scales are there
+            words = out.scales[i]
+            if fp8 == "float32":
+                scales = words
+            elif flags[2]:
+                scales = words[..., :max(1, hidden // 512)]
+            else:
+                scales = exponents_to_float(words, hidden // 128)
+            recv_x = (recv_x, column_major(scales))
+        stats = p.stats
+        if stats is not None:
+            after.append(lambda stats=stats, counts=out.counts[i]: stats.add_(counts))
+        results.append([recv_x, out.counts[i], DispatchHandle(record, p.rank, i)])
+    token = entry.begin_split(after) if hook else None
+    if not hook:
+        for work in after:
+            work()
+    return [result + [(entry, token, record)] for result in results]
+
+
+def ll_combine(groups: Groups, payloads: List[Payload]) -> List[Any]:
+    torch = torch_module()
+    record = _record_of(payloads, "ll")
+    entry: Entry = record.last
+    spec = entry.spec
+    hook = _agree(payloads, "return_recv_hook", lambda p: p.return_recv_hook)
+    recv_shape = tuple(entry.group.recv_shape)
+    outs = []
+    for i, p in enumerate(payloads):
+        b = record.tokens[i]
+        if p.dtype != spec.dtype:
+            raise InvalidArgumentError(f"x: dtype {p.x.dtype} on rank {p.rank}; the handle's dispatch combines {spec.dtype}")
+        if tuple(p.x.shape) != recv_shape:
+            raise InvalidArgumentError(f"x: shape {list(p.x.shape)} on rank {p.rank}; must be {list(recv_shape)}, low_latency_dispatch's recv_x")
+        for name in ("topk_idx", "topk_weights"):
+            got = tuple(getattr(p, name).shape)
+            if got != (b, spec.top_k):
+                raise InvalidArgumentError(f"{name}: shape {list(got)} on rank {p.rank}; must be [{b}, {spec.top_k}], the dispatch's")
+        out = p.out if p.out is not None else torch.empty((b, spec.hidden), dtype=p.x.dtype, device=p.x.device)
+        outs.append(out)
+    for i, p in enumerate(payloads):   # the weights combine applies; entries set to -1 select nothing
+        record.topk_weights[i].copy_(torch.where(p.topk_idx >= 0, p.topk_weights.float(), 0.0))
+    entry.settle()
+    after = entry.combine([p.x for p in payloads], record.step_in(entry), outs, send_only=hook)
+    token = entry.begin_split(after) if hook else None
+    return [(outs[i], (entry, token, record)) for i in range(len(payloads))]

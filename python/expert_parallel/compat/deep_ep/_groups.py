@@ -1,0 +1,217 @@
+"""The expert_parallel groups behind a set of Buffers: one per shape and format, made on first use,
+with the steps (handles) they lend, the staging tensors combine reads, and one list-per-rank view
+of VirtualGroup and NCCLGroup calls."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
+
+from ... import VirtualGroup
+from ...errors import InvalidArgumentError
+from ._layout import torch_module
+
+
+class Spec(NamedTuple):
+    """What a group is made for, except its token capacity."""
+
+    algorithm: str            # "ht" (flat layout) or "ll" (expert-major layout)
+    experts: int
+    hidden: int
+    top_k: int
+    dtype: str                # the tokens' and the combine's element type
+    fp8: Optional[str]        # None, "float32" or "ue8m0"
+    fp8_source: str           # "quantize" or "pass_through"
+    multiprocessors: Optional[int]
+
+
+class Dispatched(NamedTuple):
+    """A dispatch's outputs, one entry per local rank (views of the group's buffers)."""
+
+    tokens: List[Any]
+    topk_idx: Optional[List[Any]]
+    topk_weights: Optional[List[Any]]
+    counts: List[Any]
+    scales: Optional[List[Any]]
+    stage: List[Any]          # per rank: where combine's expert outputs go
+    layouts: Callable[[], List[Any]]
+
+
+class Entry:
+    """One group, the steps it lends out and the work left by a split (send-only) call."""
+
+    def __init__(self, group: Any, spec: Spec, nccl: bool) -> None:
+        self.group, self.spec, self.nccl = group, spec, nccl
+        self.max_tokens: int = group.max_tokens
+        self._free: List[Any] = []
+        self._stage: Optional[Any] = None
+        self._grad_stage: Optional[Any] = None
+        self._pending: Optional[object] = None   # the token of a send-only call not completed yet
+        self._after: List[Callable[[], None]] = []
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def acquire(self) -> Any:
+        """A step of the group's: a released one, or a new one."""
+        while self._free:
+            step = self._free.pop()
+            if not step.released:
+                return step
+        return self.group.handle()
+
+    def release(self, step: Any) -> None:
+        """Gives `step` back (called when every rank's handle of its dispatch is gone)."""
+        if len(self._free) < 64:
+            self._free.append(step)
+        else:
+            step.release()
+
+    # -- split calls ------------------------------------------------------------------------
+
+    def begin_split(self, after: List[Callable[[], None]]) -> object:
+        """Marks a send-only call pending; `after` runs once it is completed. Returns its token."""
+        token = object()
+        self._pending, self._after = token, after
+        return token
+
+    def settle(self, token: Optional[object] = None) -> bool:
+        """Completes the pending send-only call (only if it is `token`'s, when given) and runs the
+        work left for after it; False when there was none to complete."""
+        if self._pending is None or (token is not None and token is not self._pending):
+            return False
+        self.group.complete()
+        after, self._pending, self._after = self._after, None, []
+        for work in after:
+            work()
+        return True
+
+    # -- calls ------------------------------------------------------------------------------
+
+    def stage(self, ranks: int) -> Any:
+        """Per-rank tensors shaped like the receive buffer, for combine's expert outputs (HT)."""
+        if self._stage is None:
+            torch = torch_module()
+            dtype = getattr(torch, {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}[self.spec.dtype])
+            self._stage = torch.zeros((ranks,) + tuple(self.group.recv_shape), dtype=dtype, device=self.group.device)
+        return self._stage
+
+    def grad_stage(self, ranks: int) -> Any:
+        """Per-rank tensors shaped like the received topk_weights, for combine's weights (HT)."""
+        if self._grad_stage is None:
+            torch = torch_module()
+            self._grad_stage = torch.zeros((ranks,) + tuple(self.group.recv_routing_shape), dtype=torch.float32,
+                                           device=self.group.device)
+        return self._grad_stage
+
+    def dispatch(self, xs: List[Any], topk_idx: Optional[List[Any]], weights: List[Any], step: Any,
+                 scales: Optional[List[Any]], send_only: bool) -> Dispatched:
+        group = self.group
+        if self.nccl:
+            out = group.dispatch(xs[0], None if topk_idx is None else topk_idx[0], weights[0], handle=step,
+                                 send_only=send_only)
+            listed = lambda value: None if value is None else [value]  # noqa: E731
+            return Dispatched([out.tokens], listed(out.topk_idx), listed(out.topk_weights), [out.expert_counts], None,
+                              [out.expert_outputs], lambda: [out.layout])
+        out = group.dispatch(xs, topk_idx, weights, handle=step, send_only=send_only, scales=scales)
+        stage = list(self.stage(group.ranks)) if self.spec.algorithm == "ht" else [None] * group.ranks
+        return Dispatched(out.tokens, out.topk_idx, out.topk_weights, [out.expert_counts[i] for i in range(group.ranks)],
+                          out.scales, stage, lambda: out.layout)
+
+    def combine(self, expert_outputs: List[Any], step: Any, outs: List[Any], *, grads: Optional[List[Any]] = None,
+                grad_outs: Optional[List[Any]] = None, send_only: bool = False) -> List[Callable[[], None]]:
+        """Combines into `outs` (and `grad_outs`); returns the work to run once a send-only call is
+        completed (nothing for a whole call)."""
+        group = self.group
+        direction = "forward" if grads is None else "backward"
+        if not self.nccl:
+            out = outs if grads is None else (outs, grad_outs)
+            group.combine(expert_outputs, step, direction=direction, weight_gradients=grads, out=out, send_only=send_only)
+            return []
+        result = group.combine(expert_outputs[0], step, direction=direction,
+                               weight_gradients=None if grads is None else grads[0], send_only=send_only)
+        if send_only:
+            result = result[0]
+        tokens, weight_grads = (result, None) if grads is None else result
+
+        def copy_out() -> None:
+            outs[0].copy_(tokens)
+            if weight_grads is not None:
+                grad_outs[0].copy_(weight_grads)
+
+        if send_only:
+            return [copy_out]
+        copy_out()
+        return []
+
+
+def _capacity(tokens: int) -> int:
+    """A group's token capacity for `tokens`: the next power of two (at least 8)."""
+    capacity = 8
+    while capacity < tokens:
+        capacity *= 2
+    return capacity
+
+
+class Groups:
+    """The groups of one set of Buffers, made on first use and kept per :class:`Spec`.
+
+    ``process_group``: None for virtual ranks (VirtualGroups of ``ranks`` ranks on ``device``),
+    else the torch.distributed group whose ranks are NCCLGroups (``device`` "cuda..."), one per
+    process. ``fixed_tokens``: a fixed high-throughput capacity (NCCL ranks, which cannot agree
+    on a new one without communicating); None: capacities grow with the calls."""
+
+    def __init__(self, *, ranks: int, device: str, timeout: float, process_group: Any = None,
+                 fixed_tokens: Optional[int] = None) -> None:
+        self.ranks, self.device, self.timeout = ranks, device, timeout
+        self.process_group = process_group
+        self.nccl = process_group is not None and device != "cpu"
+        self.fixed_tokens = fixed_tokens
+        self._entries: Dict[Spec, Entry] = {}
+        self._all: List[Entry] = []
+
+    @property
+    def local_ranks(self) -> int:
+        """How many ranks one call of these groups drives (the length of every per-rank list)."""
+        return 1 if self.nccl else self.ranks
+
+    def entry(self, spec: Spec, tokens: int, exact: Optional[int] = None) -> Entry:
+        """The group for `spec` holding `tokens` tokens per rank; `exact`: a capacity that must be
+        exactly this (low latency: DeepEP's num_max_dispatch_tokens_per_rank)."""
+        key = spec if exact is None else spec._replace(algorithm=f"{spec.algorithm}:{exact}")
+        current = self._entries.get(key)
+        if current is not None and current.max_tokens >= tokens:
+            return current
+        if exact is not None:
+            capacity = exact
+        elif self.fixed_tokens is not None:
+            if tokens > self.fixed_tokens:
+                raise InvalidArgumentError(
+                    f"x: {tokens} tokens on a rank; must be ≤ max_tokens_per_rank ({self.fixed_tokens}), the capacity of "
+                    "this multi-process Buffer: pass a larger max_tokens_per_rank= to Buffer")
+            capacity = self.fixed_tokens
+        else:
+            capacity = _capacity(tokens)
+        made = Entry(self._make(spec, capacity), spec, self.nccl)
+        self._entries[key] = made   # an older, smaller group stays alive while handles of it do
+        self._all.append(made)
+        return made
+
+    def _make(self, spec: Spec, capacity: int) -> Any:
+        layout = "flat" if spec.algorithm == "ht" else "expert_major"
+        settings: Dict[str, Any] = dict(experts=spec.experts, hidden=spec.hidden, top_k=spec.top_k, max_tokens=capacity,
+                                        algorithm=spec.algorithm, layout=layout, dtype=spec.dtype, timeout=self.timeout)
+        if spec.multiprocessors is not None and self.device != "cpu":
+            settings["multiprocessors"] = spec.multiprocessors
+        if self.nccl:
+            from ... import NCCLGroup
+
+            return NCCLGroup.from_process_group(self.process_group, **settings)
+        if spec.fp8 is not None:
+            settings.update(fp8=spec.fp8, fp8_source=spec.fp8_source)
+        return VirtualGroup(self.ranks if self.process_group is None else 1, device=self.device, buffer_slots=2, **settings)
+
+    def close(self) -> None:
+        """Closes every group."""
+        for made in self._all:
+            made.group.close()
+        self._entries.clear()
+        self._all.clear()

@@ -1,0 +1,86 @@
+"""Plain torch computations of the adapter: DeepEP's dispatch layout, argument checks, element
+types and FP8 scale formats."""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Tuple
+
+from ...errors import InvalidArgumentError
+
+DTYPES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
+
+
+def torch_module() -> Any:
+    import torch
+
+    return torch
+
+
+def group_dtype(tensor: Any, name: str) -> str:
+    """The group element type of a token tensor: "bf16", "f16" or "f32"."""
+    text = str(tensor.dtype).replace("torch.", "")
+    if text not in DTYPES:
+        raise InvalidArgumentError(f"{name}: dtype {tensor.dtype}; must be torch.bfloat16, torch.float16 or torch.float32")
+    return DTYPES[text]
+
+
+def require_tensor(value: Any, name: str, ndim: int, device: str) -> Any:
+    """`value` checked to be a torch tensor of `ndim` dimensions on `device`."""
+    torch = torch_module()
+    if not isinstance(value, torch.Tensor):
+        raise InvalidArgumentError(f"{name}: a {type(value).__name__}; must be a torch.Tensor")
+    if value.dim() != ndim:
+        raise InvalidArgumentError(f"{name}: shape {list(value.shape)}; must have {ndim} dimensions")
+    if torch.device(device) != value.device and not (device.startswith("cuda") and value.device.type == "cuda"
+                                                     and torch.device(device).index is None):
+        raise InvalidArgumentError(f"{name}: on {value.device}; this buffer's ranks are on {device}")
+    return value
+
+
+def require_shape(value: Any, name: str, shape: Sequence[Optional[int]]) -> None:
+    got = list(value.shape)
+    if len(got) != len(shape) or any(w is not None and g != w for g, w in zip(got, shape)):
+        want = ", ".join("any" if w is None else str(w) for w in shape)
+        raise InvalidArgumentError(f"{name}: shape {got}; must be [{want}]")
+
+
+def routing(topk_idx: Any, num_experts: int, device: str, name: str = "topk_idx") -> Any:
+    """`topk_idx` checked: ``[tokens, top_k]`` int32 or int64 on `device` (entries are checked by the library)."""
+    torch = torch_module()
+    require_tensor(topk_idx, name, 2, device)
+    if topk_idx.dtype not in (torch.int64, torch.int32):
+        raise InvalidArgumentError(f"{name}: dtype {topk_idx.dtype}; must be torch.int64 (deep_ep.topk_idx_t) or torch.int32")
+    return topk_idx
+
+
+def dispatch_layout(topk_idx: Any, num_experts: int, num_ranks: int) -> Tuple[Any, Any, Any]:
+    """DeepEP's layout of a routing: tokens per rank ``[R]``, tokens per expert ``[E]`` (int32) and
+    ``is_token_in_rank [B, R]`` (bool), where a token counts once per rank holding any of its experts."""
+    torch = torch_module()
+    tokens = topk_idx.shape[0]
+    local = num_experts // num_ranks
+    valid = topk_idx >= 0
+    experts = torch.where(valid, topk_idx, 0).long()
+    hits = torch.zeros((tokens, num_experts), dtype=torch.int32, device=topk_idx.device)
+    per_expert = hits.scatter_add_(1, experts, valid.to(torch.int32)) > 0   # -1 entries add 0 to column 0
+    in_rank = per_expert.view(tokens, num_ranks, local).any(dim=2)
+    return (in_rank.sum(dim=0, dtype=torch.int32), per_expert.sum(dim=0, dtype=torch.int32), in_rank)
+
+
+def align(counts: List[int], alignment: int) -> List[int]:
+    """Each count rounded up to a multiple of `alignment`."""
+    return [(c + alignment - 1) // alignment * alignment for c in counts]
+
+
+def exponents_to_float(words: Any, blocks: int) -> Any:
+    """UE8M0 scales (int32 words of four exponent bytes, block j in byte j % 4 of word j // 4) as the
+    float32 powers of two they stand for, ``[..., blocks]``."""
+    torch = torch_module()
+    raw = words.contiguous().view(torch.uint8)[..., :blocks].to(torch.int32)
+    return (raw << 23).view(torch.float32)
+
+
+def column_major(scales: Any) -> Any:
+    """`scales` ``[..., rows, columns]`` with the same values, its last two dimensions column-major
+    (DeepEP's low-latency scale layout)."""
+    return scales.transpose(-1, -2).contiguous().transpose(-1, -2)

@@ -1,0 +1,257 @@
+"""expert_parallel.compat.deep_ep on the CPU backend: DeepEP's intranode and low-latency flows at
+R = 4 virtual ranks (one thread per rank) and at R = 1 under torch.distributed (gloo), compared
+bit for bit with plain-PyTorch references written from DeepEP's documented semantics; FP8, hooks,
+events, the cached dispatch of the backward pass, and the named errors."""
+
+import gc
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import deep_ep_flows as flows
+import deep_ep_reference as ref
+import expert_parallel as ep
+from expert_parallel.compat.deep_ep import Buffer, Config, EventOverlap, NotSupportedError, run_ranks, topk_idx_t
+
+R, E, H, K = 4, 16, 64, 3
+TOKENS = [5, 0, 9, 7]   # rank 1 sends nothing
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    buffers = Buffer.virtual(R, timeout=30)
+    yield buffers
+    for b in buffers:
+        b.destroy()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("async_finish", [False, True])
+def test_intranode_flow_matches_the_reference(ranks, dtype, async_finish):
+    xs, idx, ws = ref.make_inputs(1, TOKENS, E, H, K, dtype)
+    results = flows.intranode(ranks, xs, idx, ws, E, alignment=4, async_finish=async_finish)
+    flows.check_intranode(results, xs, idx, ws, E, alignment=4)
+
+
+@pytest.mark.parametrize("hook", [False, True])
+def test_low_latency_flow_matches_the_reference(ranks, hook):
+    xs, idx, ws = ref.make_inputs(2, TOKENS, E, H, K)
+    results = flows.low_latency(ranks, xs, idx, ws, E, max_tokens=12, hook=hook, async_finish=hook)
+    flows.check_low_latency(results, xs, idx, ws, E, max_tokens=12)
+
+
+def test_one_rank_under_torch_distributed_gloo(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        buffer = Buffer(dist.group.WORLD, num_nvl_bytes=1 << 20)
+        assert (buffer.rank, buffer.group_size, buffer.device) == (0, 1, "cpu")
+        xs, idx, ws = ref.make_inputs(3, [11], 8, H, 2)
+        flows.check_intranode(flows.intranode([buffer], xs, idx, ws, 8), xs, idx, ws, 8)
+        xs, idx, ws = ref.make_inputs(4, [6], 8, H, 2)
+        flows.check_low_latency(flows.low_latency([buffer], xs, idx, ws, 8, max_tokens=8, hook=True), xs, idx, ws, 8, 8)
+        buffer.destroy()
+        with pytest.raises(ep.InvalidUsageError, match="destroyed"):
+            buffer.get_dispatch_layout(idx[0], 8)
+        with pytest.raises(NotSupportedError, match="comm"):
+            Buffer(dist.group.WORLD, comm=object())
+    finally:
+        dist.destroy_process_group()
+
+
+def layout_and_dispatch(buffer, x, i, w, **extra):
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(i, E)
+    return buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                           topk_idx=i, topk_weights=w, **extra)
+
+
+def test_num_worst_tokens_pads_rows_without_a_count_list(ranks):
+    xs, idx, ws = ref.make_inputs(5, TOKENS, E, H, K)
+    want = ref.ht_dispatch(xs, idx, ws, E)
+    worst = sum(TOKENS)
+    results = run_ranks(ranks, lambda b: layout_and_dispatch(b, xs[b.rank], idx[b.rank], ws[b.rank], num_worst_tokens=worst))
+    for r, (recv_x, recv_idx, recv_w, counts, handle, _) in enumerate(results):
+        n = want[r]["x"].shape[0]
+        assert counts == [] and recv_x.shape == (worst, H) and recv_idx.shape == (worst, K)
+        assert torch.equal(recv_x[:n], want[r]["x"]) and torch.equal(recv_idx[:n], want[r]["idx"])
+        assert (recv_idx[n:] == -1).all() and not recv_w[n:].any() and not recv_x[n:].float().any()
+    with pytest.raises(ep.InvalidArgumentError, match="num_worst_tokens=1; rank"):
+        run_ranks(ranks, lambda b: layout_and_dispatch(b, xs[b.rank], idx[b.rank], ws[b.rank], num_worst_tokens=1))
+
+
+def test_combine_adds_one_or_two_biases(ranks):
+    xs, idx, ws = ref.make_inputs(6, TOKENS, E, H, K, torch.float32)
+    want = ref.ht_dispatch(xs, idx, ws, E)
+    sums = ref.ht_combine(want, [w["x"] for w in want], TOKENS, torch.float32)
+
+    def flow(b):
+        recv_x, _, _, _, handle, _ = layout_and_dispatch(b, xs[b.rank], idx[b.rank], ws[b.rank])
+        bias = torch.full((TOKENS[b.rank], H), 0.5)
+        one, weights, _ = b.combine(recv_x, handle, bias=bias)
+        two, _, _ = b.combine(recv_x, handle, bias=(bias, None))
+        three, _, _ = b.combine(recv_x, handle, bias=(bias, bias))
+        return one, two, three, weights
+
+    for r, (one, two, three, weights) in enumerate(run_ranks(ranks, flow)):
+        assert weights is None
+        assert torch.equal(one, sums[r] + 0.5) and torch.equal(two, one) and torch.equal(three, sums[r] + 1.0)
+
+
+@pytest.mark.parametrize("round_scale,use_ue8m0", [(False, False), (True, False), (True, True)])
+def test_low_latency_fp8_rows_and_scales(ranks, round_scale, use_ue8m0):
+    hidden, bmax = 1024, 8
+    xs, idx, ws = ref.make_inputs(7, [3, 4, 0, 2], E, hidden, K)
+    xs = [x.float().mul(torch.linspace(0.01, 30, hidden)).bfloat16() for x in xs]
+    want = ref.ll_dispatch(xs, idx, E, bmax)
+
+    def flow(b):
+        recv, count, handle, event, hook = b.low_latency_dispatch(
+            xs[b.rank], idx[b.rank], bmax, E, round_scale=round_scale, use_ue8m0=use_ue8m0)
+        assert hook is None and event.event is None
+        return recv, count
+
+    for r, ((codes, scales), count) in enumerate(run_ranks(ranks, flow)):
+        assert codes.dtype == torch.float8_e4m3fn and codes.shape == (E // R, R * bmax, hidden)
+        assert count.tolist() == want[r]["counts"]
+        blocks = hidden // 512 if use_ue8m0 else hidden // 128
+        assert scales.shape == (E // R, R * bmax, blocks) and scales.stride()[1:] == (1, R * bmax)   # column-major
+        if use_ue8m0:
+            assert scales.dtype == torch.int32
+            exponents = scales.contiguous().view(torch.uint8).reshape(E // R, R * bmax, blocks * 4)[..., :hidden // 128]
+            exponents = exponents.to(torch.int32)
+            per_block = torch.pow(2.0, (exponents - 127).float())
+        else:
+            assert scales.dtype == torch.float32
+            per_block = scales
+            if round_scale:
+                mantissa, _ = torch.frexp(per_block)
+                assert (mantissa[per_block > 0] == 0.5).all()   # powers of two
+        decoded = codes.float() * per_block.repeat_interleave(128, dim=2)
+        for e, c in enumerate(want[r]["counts"]):
+            sent = want[r]["x"][e, :c].float()
+            assert torch.all((decoded[e, :c] - sent).abs() <= sent.abs() / 16 + per_block[e, :c].repeat_interleave(128, 1) * 2 ** -9)
+
+
+def test_intranode_fp8_tuple_passes_rows_and_scales_through(ranks):
+    hidden = 256
+    xs, idx, ws = ref.make_inputs(8, TOKENS, E, hidden, K, torch.float32)
+    codes = [x.div(16).to(torch.float8_e4m3fn) for x in xs]
+    scales = [torch.rand(x.shape[0], hidden // 128) for x in xs]
+    want_x = ref.ht_dispatch([c.view(torch.uint8) for c in codes], idx, ws, E)
+    want_s = ref.ht_dispatch(scales, idx, ws, E)
+
+    def flow(b):
+        r = b.rank
+        (recv, recv_scales), recv_idx, _, _, handle, _ = layout_and_dispatch(b, (codes[r], scales[r]), idx[r], ws[r])
+        # the backward pass: the cached dispatch of bf16 gradients with the FP8 dispatch's handle
+        grads = xs[r].bfloat16()
+        back = b.dispatch(grads, handle=handle)[0]
+        combined, _, _ = b.combine(back, handle)
+        return recv, recv_scales, recv_idx, back, combined
+
+    want_back = ref.ht_dispatch([x.bfloat16() for x in xs], idx, ws, E)
+    combined = ref.ht_combine(want_back, [w["x"] for w in want_back], TOKENS, torch.bfloat16)
+    for r, (recv, recv_scales, recv_idx, back, got) in enumerate(run_ranks(ranks, flow)):
+        assert recv.dtype == torch.float8_e4m3fn and torch.equal(recv.view(torch.uint8), want_x[r]["x"])
+        assert torch.equal(recv_scales, want_s[r]["x"]) and torch.equal(recv_idx, want_x[r]["idx"])
+        assert torch.equal(back, want_back[r]["x"]) and torch.equal(got, combined[r])
+
+
+def test_events_and_hooks_on_the_cpu(ranks):
+    xs, idx, ws = ref.make_inputs(9, TOKENS, E, H, K)
+    captured = Buffer.capture()
+    assert isinstance(captured, EventOverlap)
+
+    def flow(b):
+        r = b.rank
+        _, _, _, _, event = b.get_dispatch_layout(idx[r], E, previous_event=captured, async_finish=True)
+        with event:   # the body overlaps the call; leaving waits
+            pass
+        recv, count, handle, event, hook = b.low_latency_dispatch(xs[r], idx[r], 12, E, use_fp8=False, return_recv_hook=True)
+        hook()
+        hook()   # a second call does nothing more
+        return event.event, count.tolist()
+
+    want = ref.ll_dispatch(xs, idx, E, 12)
+    for r, (event, count) in enumerate(run_ranks(ranks, flow)):
+        assert event is None and count == want[r]["counts"]
+
+
+def test_low_latency_buffers_are_reused_two_dispatches_later(ranks):
+    xs, idx, ws = ref.make_inputs(10, TOKENS, E, H, K)
+
+    def flow(b):
+        r = b.rank
+        views = [b.low_latency_dispatch(xs[r], idx[r], 12, E, use_fp8=False)[0] for _ in range(3)]
+        return views[0].data_ptr() == views[2].data_ptr(), views[0].data_ptr() != views[1].data_ptr()
+
+    assert all(a and b for a, b in run_ranks(ranks, flow))
+
+
+def test_handles_give_their_steps_back_for_reuse(ranks):
+    xs, idx, ws = ref.make_inputs(11, TOKENS, E, H, K)
+    run_ranks(ranks, lambda b: b.low_latency_dispatch(xs[b.rank], idx[b.rank], 12, E, use_fp8=False)[2] and None)
+    gc.collect()
+    entries = [e for e in ranks[0]._shared.groups._all if e.spec.algorithm == "ll"]
+    free = sum(len(e._free) for e in entries)
+    assert free >= 1
+    run_ranks(ranks, lambda b: b.low_latency_dispatch(xs[b.rank], idx[b.rank], 12, E, use_fp8=False) and None)
+    gc.collect()
+    assert sum(len(e._free) for e in entries) == free   # the step came from the pool and went back
+
+
+def test_static_settings():
+    assert Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256) == 2 * (32 * 8 * 128 * 7168 * 2 + 128 * 7168 * 2)
+    config = Buffer.get_dispatch_config(8)
+    assert isinstance(config, Config) and config.num_sms == Buffer.num_sms
+    assert Buffer.get_combine_config(8).get_nvl_buffer_size_hint(7168 * 2, 8) == 0
+    with pytest.raises(ep.InvalidArgumentError, match="new_num_sms=21; must be an even integer"):
+        Buffer.set_num_sms(21)
+    with pytest.raises(ep.InvalidArgumentError, match="num_sms=0"):
+        Config(0)
+    assert topk_idx_t is torch.int64
+
+
+def test_unsupported_arguments_raise_named_errors(ranks):
+    b = ranks[0]
+    x, i = torch.zeros(2, H, dtype=torch.bfloat16), torch.zeros(2, K, dtype=torch.int64)
+    with pytest.raises(NotSupportedError, match="num_tokens_per_rdma_rank"):
+        b.dispatch(x, num_tokens_per_rdma_rank=torch.zeros(1, dtype=torch.int32), topk_idx=i)
+    with pytest.raises(NotSupportedError, match="dispatch_wait_recv_cost_stats"):
+        b.low_latency_dispatch(x, i, 4, E, dispatch_wait_recv_cost_stats=torch.zeros(R, R, dtype=torch.int64))
+    with pytest.raises(NotSupportedError, match="use_logfmt=True"):
+        b.low_latency_combine(torch.zeros(4, R * 4, H), i, torch.ones(2, K), None, use_logfmt=True)
+    with pytest.raises(NotSupportedError, match="internode"):
+        b.internode_dispatch(x)
+    with pytest.raises(NotImplementedError):
+        b.get_local_buffer_tensor(torch.bfloat16)
+    with pytest.raises(ep.InvalidArgumentError, match="use_ue8m0=True with round_scale=False"):
+        b.low_latency_dispatch(x, i, 4, E, use_ue8m0=True)
+    with pytest.raises(ep.InvalidArgumentError, match=r"x: 2 tokens; must be ≤ num_max_dispatch_tokens_per_rank \(1\)"):
+        b.low_latency_dispatch(x, i, 1, E)
+    with pytest.raises(ep.InvalidArgumentError, match=r"num_experts=6; must be a multiple of the number of ranks \(4\)"):
+        b.get_dispatch_layout(i, 6)
+    with pytest.raises(ep.InvalidArgumentError, match=r"is_token_in_rank: shape \[2, 3\]; must be \[2, 4\]"):
+        b.dispatch(x, num_tokens_per_rank=torch.zeros(R, dtype=torch.int32), is_token_in_rank=torch.zeros(2, 3, dtype=torch.bool),
+                   num_tokens_per_expert=torch.zeros(E, dtype=torch.int32), topk_idx=i)
+
+
+def test_ranks_that_disagree_or_stay_away_fail_every_rank_by_name():
+    buffers = Buffer.virtual(2, timeout=0.5, low_latency_mode=True)
+    x, i = torch.zeros(1, H, dtype=torch.bfloat16), torch.zeros(1, K, dtype=torch.int64)
+    i[0] = torch.tensor([0, 1, 2])
+
+    def mismatched(b):
+        if b.rank == 0:
+            return b.low_latency_dispatch(x, i, 2, 4, use_fp8=False)
+        return b.get_dispatch_layout(i, 4) and b.low_latency_dispatch(x, i, 3, 4, use_fp8=False)
+
+    with pytest.raises(ep.InvalidArgumentError, match="num_max_dispatch_tokens_per_rank: 3 on rank 1 but 2 on rank 0"):
+        run_ranks(buffers, mismatched, timeout=10)
+    with pytest.raises(ep.RankTimeoutError, match=r"virtual ranks \[1\] did not make call 1"):
+        run_ranks(buffers, lambda b: b.low_latency_dispatch(x, i, 2, 4, use_fp8=False) if b.rank == 0 else None, timeout=10)
+    # rank 1 comes late to call 1: it gets the same error, and the ranks are in step again after it
+    with pytest.raises(ep.RankTimeoutError):
+        buffers[1].low_latency_dispatch(x, i, 2, 4, use_fp8=False)
+    results = run_ranks(buffers, lambda b: b.low_latency_dispatch(x, i, 2, 4, use_fp8=False)[1].tolist(), timeout=10)
+    assert results == [[2, 2], [2, 0]]   # both ranks' token reaches experts 0, 1 (rank 0) and 2 (rank 1)

@@ -1,0 +1,104 @@
+"""expert_parallel.compat.deep_ep on the GPU: the intranode and low-latency flows with CUDA tensors
+at R = 4 virtual ranks on one GPU (one thread per rank) and at R = 1 under torch.distributed with
+NCCL (NCCLGroup.from_process_group), against the plain-PyTorch reference and bit for bit against
+the CPU backend. Gated: set EP_GPU_TESTS=1 on a machine with a CUDA GPU, PyTorch and NVRTC."""
+
+import os
+
+import pytest
+
+GPU = os.environ.get("EP_GPU_TESTS") == "1"
+pytestmark = pytest.mark.skipif(not GPU, reason="needs a GPU: set EP_GPU_TESTS=1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import deep_ep_flows as flows  # noqa: E402
+import deep_ep_reference as ref  # noqa: E402
+from expert_parallel.compat.deep_ep import Buffer, NotSupportedError  # noqa: E402
+
+R, E, H, K = 4, 16, 128, 3
+TOKENS = [6, 0, 10, 7]
+DEVICE = "cuda:0"
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    buffers = Buffer.virtual(R, device=DEVICE, timeout=60)
+    yield buffers
+    for b in buffers:
+        b.destroy()
+
+
+@pytest.fixture(scope="module")
+def cpu_ranks():
+    buffers = Buffer.virtual(R, timeout=60)
+    yield buffers
+    for b in buffers:
+        b.destroy()
+
+
+@pytest.mark.parametrize("async_finish", [False, True])
+def test_intranode_flow_on_virtual_ranks_matches_the_reference(ranks, async_finish):
+    xs, idx, ws = ref.make_inputs(21, TOKENS, E, H, K)
+    results = flows.intranode(ranks, xs, idx, ws, E, alignment=8, async_finish=async_finish)
+    torch.cuda.synchronize()
+    flows.check_intranode(results, xs, idx, ws, E, alignment=8)
+
+
+@pytest.mark.parametrize("hook", [False, True])
+def test_low_latency_flow_on_virtual_ranks_matches_the_reference(ranks, hook):
+    xs, idx, ws = ref.make_inputs(22, TOKENS, E, H, K)
+    results = flows.low_latency(ranks, xs, idx, ws, E, max_tokens=16, hook=hook, async_finish=hook)
+    torch.cuda.synchronize()
+    flows.check_low_latency(results, xs, idx, ws, E, max_tokens=16)
+
+
+def test_gpu_equals_the_cpu_backend_bit_for_bit_with_rounding(ranks, cpu_ranks):
+    """Inputs whose sums round (bf16 normals): both backends give the same bits."""
+    xs, idx, ws = ref.make_inputs(23, TOKENS, E, H, K)
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(x.shape, generator=g).bfloat16() for x in xs]
+    ws = [torch.rand(w.shape, generator=g) for w in ws]
+    gpu = flows.intranode(ranks, xs, idx, ws, E)
+    cpu = flows.intranode(cpu_ranks, xs, idx, ws, E)
+    for a, b in zip(gpu, cpu):
+        for key in ("recv_x", "recv_idx", "recv_w", "combined", "combined_w", "grad_x", "grad_topk"):
+            assert torch.equal(a[key], b[key]), key
+        assert a["counts"] == b["counts"]
+    gpu = flows.low_latency(ranks, xs, idx, ws, E, max_tokens=16)
+    cpu = flows.low_latency(cpu_ranks, xs, idx, ws, E, max_tokens=16)
+    for a, b in zip(gpu, cpu):
+        assert torch.equal(a["combined"], b["combined"]) and torch.equal(a["flipped"], b["flipped"])
+        for (ax, ac), (bx, bc) in zip(a["received"], b["received"]):
+            assert torch.equal(ac, bc)
+            for e, c in enumerate(ac.tolist()):
+                assert torch.equal(ax[e, :c], bx[e, :c])
+
+
+def test_fp8_on_the_gpu_is_refused_by_name(ranks):
+    x = torch.zeros(2, H, dtype=torch.bfloat16, device=DEVICE)
+    i = torch.zeros(2, K, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(NotSupportedError, match="use_fp8=True"):
+        flows.on_ranks(ranks, lambda b: b.low_latency_dispatch(x, i, 4, E))   # DeepEP's default is use_fp8=True
+    with pytest.raises(NotSupportedError, match="fp8, scales"):
+        ranks[0].dispatch((x.to(torch.float8_e4m3fn), torch.ones(2, 1, device=DEVICE)), topk_idx=i)
+
+
+def test_one_rank_under_torch_distributed_nccl(tmp_path):
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        buffer = Buffer(dist.group.WORLD, num_nvl_bytes=1 << 24, num_rdma_bytes=0)
+        assert buffer.device.startswith("cuda") and buffer.group_size == 1
+        xs, idx, ws = ref.make_inputs(24, [12], 8, H, 2)
+        results = flows.intranode([buffer], xs, idx, ws, 8, alignment=4)
+        torch.cuda.synchronize()
+        flows.check_intranode(results, xs, idx, ws, 8, alignment=4)
+        xs, idx, ws = ref.make_inputs(25, [7], 8, H, 2)
+        results = flows.low_latency([buffer], xs, idx, ws, 8, max_tokens=8, hook=True)
+        torch.cuda.synchronize()
+        flows.check_low_latency(results, xs, idx, ws, 8, 8)
+        buffer.destroy()
+    finally:
+        dist.destroy_process_group()
