@@ -303,6 +303,14 @@ class NCCLGroup(GroupBase):
                                                         shape=shape)
         if wait_event is not None:
             _fast.torch_stream(self._device, stream).wait_event(wait_event)
+        if send_only and expert_outputs.data_ptr() != slot.expert_outputs.data_ptr():
+            # The peers read a send-only combine's rows from the slot's own buffer while this rank
+            # goes on: a caller's tensor is copied there first, on the stream.
+            import torch
+
+            with torch.cuda.stream(_fast.torch_stream(self._device, stream)):
+                slot.expert_outputs.copy_(expert_outputs)
+            y = slot.expert_outputs_desc
         g = None
         if backward_ht:
             self._require_torch(weight_gradients, "weight_gradients")
