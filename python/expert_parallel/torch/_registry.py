@@ -98,6 +98,9 @@ def unregister(number: int) -> None:
 
 
 def entry(number: int) -> Entry:
+    # int(): under torch.compile(dynamic=True) the id may arrive as a SymInt; this specialises the
+    # graph on it (a group's id is a constant of the graph, as its shapes are).
+    number = int(number)
     found = _entries.get(number)
     if found is None:
         raise InvalidArgumentError(f"group: id {number} is not registered; make one with expert_parallel.torch.Exchange(group)")
