@@ -122,6 +122,10 @@ def test_wrong_arguments_are_named():
         ops.combine(sent.tokens, idx, None, sent.step, ex.id)
     with pytest.raises(ep.InvalidArgumentError, match=r"weights: shape \[4, 5, 2\]"):
         ops.combine(sent.tokens, idx, w[..., :2].contiguous(), sent.step, ex.id)
+    other = exchange("ll", "expert_major")
+    theirs = other.dispatch(x, idx, w)
+    with pytest.raises(ep.InvalidUsageError, match=f"step: token {int(theirs.step)} names no live step"):
+        ops.combine(theirs.tokens, idx, w, theirs.step, ex.id)   # another group's step
     with pytest.raises(ep.InvalidArgumentError, match="group: id 424242 is not registered"):
         ops.dispatch(x, idx, w, 424242)
     with pytest.raises(ep.InvalidArgumentError, match=r"xs: shape \[4, 5, 9\]"):

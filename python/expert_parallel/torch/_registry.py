@@ -21,6 +21,7 @@ from ..errors import InvalidArgumentError, InvalidUsageError
 from ..group import Handle, VirtualGroup
 
 _ids = itertools.count(1)
+_steps = itertools.count(1)   # step numbers, unique across groups: another group's token names nothing here
 _entries: Dict[int, "Entry"] = {}
 _lock = threading.Lock()
 
@@ -32,7 +33,6 @@ class Entry:
         self.group = group
         self.free: List[Handle] = []
         self.live: Dict[int, Handle] = {}
-        self.numbers = itertools.count(1)
         self.closed = False
 
     def start(self) -> Tuple[Handle, torch.Tensor]:
@@ -40,7 +40,7 @@ class Entry:
         token is freed."""
         with self.group.lock:
             handle = self.free.pop() if self.free else self.group.handle()
-            number = next(self.numbers)
+            number = next(_steps)
             self.live[number] = handle
         token = torch.tensor(number, dtype=torch.int64)
         weakref.finalize(token, self._retire, number)
