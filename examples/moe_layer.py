@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,7 @@ class MoEBlock(nn.Module):
             self.shared = nn.ParameterList([weight(hidden, shared_ffn, fan_in=hidden), weight(hidden, shared_ffn, fan_in=hidden),
                                             weight(shared_ffn, hidden, fan_in=shared_ffn)])
 
-    def route(self, x: torch.Tensor):
+    def route(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """top-k experts per token and their weights (renormalised softmax scores)."""
         scores = torch.softmax(x.float() @ self.gate, dim=-1)
         weights, idx = scores.topk(self.top_k, dim=-1)
