@@ -192,6 +192,7 @@ def test_wheel_without_a_library_is_pure_and_finds_it_through_ep_library(tmp_pat
     assert f"expert_parallel/{LIBRARY_NAME}" not in names
     assert "expert_parallel/py.typed" in names
     assert {"expert_parallel/compat/__init__.py", "expert_parallel/compat/deep_ep/_buffer.py"} <= names   # the adapters
+    assert "expert_parallel/torch/_ops.py" in names   # the autograd and torch.library ops
 
     library = built_library()
     if library is None:

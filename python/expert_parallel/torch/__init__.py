@@ -1,0 +1,93 @@
+"""expert_parallel.torch: dispatch and combine as differentiable PyTorch ops.
+
+``Exchange(group)`` registers a :class:`~expert_parallel.VirtualGroup` (R ranks in this process,
+on the CPU or one GPU) with the custom ops ``torch.ops.expert_parallel.dispatch`` /
+``combine`` (and their backward calls), which autograd differentiates and ``torch.compile``
+traces through their fake implementations (``fullgraph=True`` holds)::
+
+    exchange = Exchange(group)
+    sent = exchange.dispatch(x, topk_idx, topk_weights)     # x [R, B, H], routing [R, B, K]
+    y = exchange.combine(experts(sent), sent)               # [R, B, H]
+    y.sum().backward()                                      # x.grad, topk_weights.grad, ...
+
+Every output is a tensor of its own (the group's buffer slots are not handed out), so autograd
+keeps what it needs for as long as it needs it. See docs/torch.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import _autograd, _ops, _registry  # noqa: F401  (_autograd registers the backward passes)
+
+__all__ = ["Exchange", "Dispatched"]
+
+
+class Dispatched(NamedTuple):
+    """What :meth:`Exchange.dispatch` returns (stacked over the R ranks)."""
+
+    #: ``[R, *group.recv_shape]``: the rows each rank received (zeros outside the received zones)
+    tokens: Tensor
+    #: ``[R, *group.recv_routing_shape]`` int32 local expert ids (-1: none); None for LL expert-major
+    topk_idx: Optional[Tensor]
+    #: the received float32 weights, shaped like ``topk_idx``; None for LL expert-major
+    topk_weights: Optional[Tensor]
+    #: the step token: a 0-dim int64 CPU tensor that keeps the step's routing live
+    step: Tensor
+    #: the source routing ``[R, B, K]`` given to dispatch
+    routing: Tensor
+    #: the source weights ``[R, B, K]`` given to dispatch (LL expert-major's combine applies them)
+    weights: Optional[Tensor]
+
+
+class Exchange:
+    """A group's dispatch and combine as autograd-aware ops. Tensors are stacked over the ranks:
+    tokens ``[R, B, H]`` of the group's dtype (bf16, f16 or f32), ``topk_idx`` ``[R, B, K]``
+    int32 or int64, ``topk_weights`` ``[R, B, K]`` float32 (pad a rank with fewer tokens with
+    routing -1). What the experts get, per layout:
+
+    - LL expert-major: ``tokens`` ``[R, L, R*Bmax, H]``, zone l of rank r is expert ``r*L + l``;
+      combine weights the rows with ``topk_weights`` (differentiable);
+    - LL rank-major, HT flat: one row per (token, rank) with its local ids and weights; the
+      experts weight and sum their outputs per row, combine sums the rows;
+    - HT expert-major padded: ``[R, N, H]`` zones per local expert, one id and weight per row
+      (-1 and 0 on padding); combine applies the per-row weights (``dispatched.topk_weights``).
+
+    A step's routing stays live while its token (``Dispatched.step``) is referenced; its handle
+    then returns to the exchange's pool. Every rank is assumed active (no masked ranks).
+    """
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.id: int = _registry.register(group)
+        self.layout: str = group.layout
+
+    def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor] = None) -> Dispatched:
+        """Starts a step with `topk_idx` and sends `x` to the ranks of its experts."""
+        carried = self.layout != "expert_major"
+        received, idx, weights, step = _ops.dispatch(x, topk_idx, topk_weights if carried else None, self.id)
+        if not carried:
+            return Dispatched(received, None, None, step, topk_idx, topk_weights)
+        return Dispatched(received, idx, weights, step, topk_idx, topk_weights)
+
+    def combine(self, expert_outputs: Tensor, dispatched: Dispatched) -> Tensor:
+        """Brings the expert outputs (shaped like ``dispatched.tokens``) back: ``[R, B, H]``."""
+        weights = (dispatched.weights if self.layout == "expert_major"
+                   else dispatched.topk_weights if self.layout == "expert_major_padded" else None)
+        return _ops.combine(expert_outputs, dispatched.routing, weights, dispatched.step, self.id)
+
+    def close(self) -> None:
+        """Unregisters the group (the group itself stays open)."""
+        _registry.unregister(self.id)
+
+    def __enter__(self) -> "Exchange":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Exchange(id={self.id}, {self.group!r})"

@@ -1,0 +1,81 @@
+"""The ops' backward passes, registered with torch.library.register_autograd.
+
+- dispatch: its adjoint is the step's backward combine (each token's received rows summed,
+  unweighted); HT's also carries the received weights' gradients back to the source selections
+  (the engine's weight gradients), LL rank-major's are gathered from the selection rows.
+- combine: its adjoint is the step's backward dispatch (each token's gradient to its rows); where
+  combine applies weights (LL expert-major: the source's topk_weights; HT expert-major: the
+  per-slot weights) the rows' gradients are scaled by them, and the weights' gradients are the
+  dot products of the token gradients with the expert outputs."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _ops, _registry
+from ._selections import ll_rows
+
+
+def _group(ctx: Any):
+    return _registry.entry(ctx.group).group
+
+
+def _setup_dispatch(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]) -> None:
+    x, topk_idx, topk_weights, group = inputs
+    ctx.group, ctx.tokens, ctx.weights_shape = group, x.shape[1], None if topk_weights is None else topk_weights.shape
+    ctx.save_for_backward(topk_idx, output[3])
+
+
+def _dispatch_backward(ctx: Any, grad_received: Optional[Tensor], _grad_idx: Any, grad_weights: Optional[Tensor],
+                       _grad_step: Any) -> Tuple[Optional[Tensor], None, Optional[Tensor], None]:
+    topk_idx, step = ctx.saved_tensors
+    g = _group(ctx)
+    wants_weights = ctx.weights_shape is not None and ctx.needs_input_grad[2]
+    if g.algorithm == "ht":
+        grad_x, grad_w = _ops.backward_combine(grad_received, grad_weights if wants_weights else None, step,
+                                               ctx.group, ctx.tokens)
+        return grad_x, None, grad_w if wants_weights else None, None
+    grad_x, _ = _ops.backward_combine(grad_received, None, step, ctx.group, ctx.tokens)
+    grad_w = None
+    if wants_weights and g.layout == "rank_major":
+        dest, row, valid = ll_rows(topk_idx, g.ranks, g.local_experts, g.max_tokens, g.layout)
+        rows = grad_weights.reshape(g.ranks, -1, g.top_k)
+        column = torch.arange(g.top_k, device=rows.device).expand_as(row)
+        grad_w = torch.where(valid, rows[dest, row, column], torch.zeros((), dtype=rows.dtype, device=rows.device))
+    return grad_x, None, grad_w, None
+
+
+def _setup_combine(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
+    expert_outputs, topk_idx, weights, step, group = inputs
+    ctx.group = group
+    ctx.save_for_backward(expert_outputs, topk_idx, weights, step)
+
+
+def _combine_backward(ctx: Any, grad_combined: Tensor) -> Tuple[Tensor, None, Optional[Tensor], None, None]:
+    expert_outputs, topk_idx, weights, step = ctx.saved_tensors
+    g = _group(ctx)
+    rows = _ops.backward_dispatch(grad_combined, step, ctx.group)
+    if g.layout == "expert_major":
+        r, h = g.ranks, g.hidden
+        dest, row, valid = ll_rows(topk_idx, r, g.local_experts, g.max_tokens, g.layout)
+        zero = torch.zeros((), dtype=torch.float32, device=rows.device)
+        slot_weights = torch.zeros((r, g.recv_shape[0] * g.recv_shape[1]), dtype=torch.float32, device=rows.device)
+        slot_weights = slot_weights.index_put((dest, row), torch.where(valid, weights, zero), accumulate=True)
+        grad_rows = (rows.float() * slot_weights.reshape(r, g.recv_shape[0], g.recv_shape[1], 1)).to(rows.dtype)
+        grad_w = None
+        if ctx.needs_input_grad[2]:
+            chosen = expert_outputs.reshape(r, -1, h)[dest, row].float()            # [R, B, K, H]
+            grad_w = torch.where(valid, (chosen * grad_combined.float().unsqueeze(2)).sum(-1), zero)
+        return grad_rows, None, grad_w, None, None
+    if g.layout == "expert_major_padded":
+        grad_rows = (rows.float() * weights.unsqueeze(-1)).to(rows.dtype)
+        grad_w = (rows.float() * expert_outputs.float()).sum(-1) if ctx.needs_input_grad[2] else None
+        return grad_rows, None, grad_w, None, None
+    return rows, None, None, None, None
+
+
+_ops.dispatch.register_autograd(_dispatch_backward, setup_context=_setup_dispatch)
+_ops.combine.register_autograd(_combine_backward, setup_context=_setup_combine)

@@ -1,0 +1,151 @@
+"""The custom ops (namespace ``expert_parallel``): dispatch, combine and the two backward calls,
+each with a fake implementation that gives the output shapes from the registered group's
+configuration, so torch.compile traces them without running them.
+
+Every output is a fresh tensor the op allocates and passes to the library as ``out=``: nothing
+returned aliases the group's buffer slots, so autograd may keep any output as long as it likes.
+Dispatch outputs start as zeros, so rows outside the received zones are zeros (their expert
+outputs get zero gradients) rather than another step's rows."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _abi, _arrays
+from ..errors import InvalidArgumentError
+from . import _registry
+
+
+def _shapes(group) -> Tuple[tuple, Optional[tuple]]:
+    r, routing = group.ranks, group.recv_routing_shape
+    return (r,) + group.recv_shape, None if routing is None else (r,) + routing
+
+
+def _received(group, like: Tensor, make) -> Tuple[Tensor, Tensor, Tensor]:
+    """The received tokens, topk_idx and topk_weights of a dispatch (``[R, 0]`` where the layout
+    sends no routing), made with `make` (torch.zeros, or torch.empty for a fake)."""
+    tokens, routing = _shapes(group)
+    device = like.device
+    received = make(tokens, dtype=like.dtype, device=device)
+    if routing is None:
+        routing = (group.ranks, 0)
+    return (received, make(routing, dtype=torch.int32, device=device),
+            make(routing, dtype=torch.float32, device=device))
+
+
+def _per_rank(stacked: Optional[Tensor]) -> Optional[List[Tensor]]:
+    return None if stacked is None or stacked.shape[-1] == 0 else list(stacked.unbind(0))
+
+
+def _contiguous(value: Optional[Tensor]) -> Optional[Tensor]:
+    return None if value is None else value.contiguous()
+
+
+@torch.library.custom_op("expert_parallel::dispatch", mutates_args=())
+def dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group: int
+             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Starts a step with `topk_idx` and dispatches `x` (``[R, B, H]``): (received tokens,
+    received topk_idx, received topk_weights, step token)."""
+    entry = _registry.entry(group)
+    received, idx, weights = _received(entry.group, x, torch.zeros)
+    handle, token = entry.start()
+    entry.group.dispatch(x.contiguous(), topk_idx.contiguous(), _contiguous(topk_weights), handle=handle,
+                         out=(list(received.unbind(0)), _per_rank(idx), _per_rank(weights)))
+    return received, idx, weights, token
+
+
+@dispatch.register_fake
+def _(x, topk_idx, topk_weights, group):
+    received, idx, weights = _received(_registry.entry(group).group, x, torch.empty)
+    return received, idx, weights, torch.empty((), dtype=torch.int64)
+
+
+def _bind_weights(group, handle, weights: Optional[Tensor], tokens: int) -> None:
+    """Points the step's forward combine at `weights`: LL expert-major's source topk_weights
+    ``[R, B, K]``, HT expert-major's per-slot weights ``[R, N]``; other layouts take none."""
+    if group.layout == "expert_major":
+        if weights is None:
+            raise InvalidArgumentError("weights: None; the combine of LL expert-major applies the topk_weights")
+        shape = (group.ranks, tokens, group.top_k)
+        _arrays.tensor(weights, "weights", dtypes={_abi.F32}, device=group._device, shape=shape)
+        row = tokens * group.top_k * 4
+        handle.topk_weights = weights
+        handle.weight_addresses = tuple(weights.data_ptr() + r * row for r in range(group.ranks))
+    elif group.layout == "expert_major_padded":
+        if weights is None:
+            raise InvalidArgumentError("weights: None; the combine of HT expert-major applies the per-slot weights")
+        handle.received_weights = weights
+    elif weights is not None:
+        raise InvalidArgumentError(
+            f"weights: given; layout {group.layout!r} combines rows that the experts have weighted already")
+
+
+@torch.library.custom_op("expert_parallel::combine", mutates_args=())
+def combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tensor], step: Tensor, group: int) -> Tensor:
+    """The step's forward combine of ``[R, *recv_shape]`` expert outputs: ``[R, B, H]``."""
+    entry = _registry.entry(group)
+    g, handle = entry.group, entry.step(step)
+    tokens = topk_idx.shape[1]
+    weights = _contiguous(weights)
+    _bind_weights(g, handle, weights, tokens)
+    combined = expert_outputs.new_empty((g.ranks, tokens, g.hidden))
+    g.combine(expert_outputs.contiguous(), handle, out=list(combined.unbind(0)))
+    return combined
+
+
+@combine.register_fake
+def _(expert_outputs, topk_idx, weights, step, group):
+    g = _registry.entry(group).group
+    return expert_outputs.new_empty((g.ranks, topk_idx.shape[1], g.hidden))
+
+
+@torch.library.custom_op("expert_parallel::backward_dispatch", mutates_args=())
+def backward_dispatch(grad_combined: Tensor, step: Tensor, group: int) -> Tensor:
+    """The step's routing again, backward: each token's gradient ``[R, B, H]`` to every row the
+    forward dispatch filled (the adjoint of combine's sum)."""
+    entry = _registry.entry(group)
+    g, handle = entry.group, entry.step(step)
+    received, idx, weights = _received(g, grad_combined, torch.zeros)
+    routing = None
+    if g.recv_routing_shape is not None:   # these layouts send weights along; the backward pass ignores them
+        routing = torch.zeros((g.ranks, grad_combined.shape[1], g.top_k), dtype=torch.float32, device=grad_combined.device)
+    g.dispatch(grad_combined.contiguous(), None, routing, handle=handle, direction="backward",
+               out=(list(received.unbind(0)), _per_rank(idx), _per_rank(weights)))
+    return received
+
+
+@backward_dispatch.register_fake
+def _(grad_combined, step, group):
+    return grad_combined.new_empty(_shapes(_registry.entry(group).group)[0])
+
+
+@torch.library.custom_op("expert_parallel::backward_combine", mutates_args=())
+def backward_combine(grad_received: Tensor, grad_weights: Optional[Tensor], step: Tensor, group: int,
+                     tokens: int) -> Tuple[Tensor, Tensor]:
+    """The step's backward combine: the received rows' gradients summed per source token
+    (unweighted, the adjoint of dispatch), ``[R, B, H]``; HT also carries `grad_weights` (shaped
+    like the received topk_weights) back to the source selections, ``[R, B, K]`` ( ``[R, 0]``
+    for LL)."""
+    entry = _registry.entry(group)
+    g, handle = entry.group, entry.step(step)
+    grad_x = grad_received.new_empty((g.ranks, tokens, g.hidden))
+    if g.algorithm != "ht":
+        g.combine(grad_received.contiguous(), handle, direction="backward", out=list(grad_x.unbind(0)))
+        return grad_x, grad_received.new_empty((g.ranks, 0), dtype=torch.float32)
+    if grad_weights is None:
+        grad_weights = torch.zeros(_shapes(g)[1], dtype=torch.float32, device=grad_received.device)
+    grad_w = torch.empty((g.ranks, tokens, g.top_k), dtype=torch.float32, device=grad_received.device)
+    g.combine(grad_received.contiguous(), handle, direction="backward", weight_gradients=grad_weights.contiguous(),
+              out=(list(grad_x.unbind(0)), list(grad_w.unbind(0))))
+    return grad_x, grad_w
+
+
+@backward_combine.register_fake
+def _(grad_received, grad_weights, step, group, tokens):
+    g = _registry.entry(group).group
+    k = g.top_k if g.algorithm == "ht" else 0
+    shape = (g.ranks, tokens, k) if k else (g.ranks, 0)
+    return grad_received.new_empty((g.ranks, tokens, g.hidden)), grad_received.new_empty(shape, dtype=torch.float32)

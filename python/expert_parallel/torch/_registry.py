@@ -1,0 +1,107 @@
+"""Groups and steps as the integers the custom ops take.
+
+torch.library ops take tensors and numbers, never Python objects, so a group is registered under
+an int id (:func:`register`) and a step travels through the graph as a *step token*: a 0-dim
+int64 CPU tensor holding the step's number. The token is an output of the dispatch op and an
+input of every op that reuses the step's routing (combine, the backward dispatch and combine), so
+the graph's data flow orders them; the step's handle stays live exactly as long as its token does
+(saved for backward while a backward pass may still need it) and goes back to the group's pool of
+free handles when the token is freed. No handle is overwritten while a token names it."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+from typing import Any, Dict, List, Tuple
+
+import torch
+
+from ..errors import InvalidArgumentError, InvalidUsageError
+from ..group import Handle, VirtualGroup
+
+_ids = itertools.count(1)
+_steps = itertools.count(1)   # step numbers, unique across groups: another group's token names nothing here
+_entries: Dict[int, "Entry"] = {}
+_lock = threading.Lock()
+
+
+class Entry:
+    """A registered group: its handle pool and its live steps (step number -> handle)."""
+
+    def __init__(self, group: VirtualGroup) -> None:
+        self.group = group
+        self.free: List[Handle] = []
+        self.live: Dict[int, Handle] = {}
+        self.closed = False
+
+    def start(self) -> Tuple[Handle, torch.Tensor]:
+        """A handle for a new step and the step's token; the handle returns to the pool when the
+        token is freed."""
+        with self.group.lock:
+            handle = self.free.pop() if self.free else self.group.handle()
+            number = next(_steps)
+            self.live[number] = handle
+        token = torch.tensor(number, dtype=torch.int64)
+        weakref.finalize(token, self._retire, number)
+        return handle, token
+
+    def step(self, token: torch.Tensor) -> Handle:
+        """The live handle that `token` names."""
+        number = int(token)
+        handle = self.live.get(number)
+        if handle is None:
+            raise InvalidUsageError(
+                f"step: token {number} names no live step of group {self.group!r}; pass the step token that this "
+                "group's dispatch op returned, while it is still referenced")
+        return handle
+
+    def _retire(self, number: int) -> None:
+        with self.group.lock:
+            handle = self.live.pop(number, None)
+            if handle is None:
+                return
+            if self.closed:
+                handle.release()
+            else:
+                self.free.append(handle)
+
+    def close(self) -> None:
+        with self.group.lock:
+            self.closed = True
+            for handle in self.free:
+                handle.release()
+            self.free.clear()
+
+
+def register(group: Any) -> int:
+    """Registers `group` (a :class:`~expert_parallel.VirtualGroup`) and returns its id for the ops."""
+    if not isinstance(group, VirtualGroup):
+        raise InvalidArgumentError(
+            f"group: a {type(group).__name__}; the torch ops take a VirtualGroup (R ranks in this process)")
+    if group.dtype not in ("bf16", "f16", "f32"):
+        raise InvalidArgumentError(f"group.dtype={group.dtype!r}; autograd needs 'bf16', 'f16' or 'f32' tokens")
+    if group.fp8 is not None:
+        raise InvalidArgumentError(f"group.fp8={group.fp8!r}; the torch ops move unquantised rows (fp8=None)")
+    with _lock:
+        number = next(_ids)
+        _entries[number] = Entry(group)
+    return number
+
+
+def unregister(number: int) -> None:
+    """Forgets group `number`; its free handles are released now, live ones when their tokens go."""
+    with _lock:
+        entry = _entries.pop(number, None)
+    if entry is not None:
+        entry.close()
+
+
+def entry(number: int) -> Entry:
+    # int(): under torch.compile(dynamic=True) the id may arrive as a SymInt; this specialises the
+    # graph on it (a group's id is a constant of the graph, as its shapes are).
+    number = int(number)
+    found = _entries.get(number)
+    if found is None:
+        raise InvalidArgumentError(f"group: id {number} is not registered; make one with expert_parallel.torch.Exchange(group)")
+    return found

@@ -1,0 +1,164 @@
+"""expert_parallel.torch on the CPU backend: dispatch and combine as differentiable ops, checked
+against a dense single-device MoE (torch_moe.py) in every layout: the values, and the gradients
+of the tokens, the routing weights and the experts. float32: within 1e-5 (the sums run in
+another order); bf16: within 2e-2 relative to the largest value (the group rounds every row and
+partial sum to bf16, the reference works in float32)."""
+
+import gc
+
+import pytest
+import torch
+
+import expert_parallel as ep
+from expert_parallel.torch import Exchange, _registry
+from expert_parallel.torch._selections import ll_rows
+from torch_moe import dense, over_group, routing
+
+R, E, K, H, B = 4, 16, 3, 8, 5
+LAYOUTS = [("ll", "expert_major"), ("ll", "rank_major"), ("ht", "flat"), ("ht", "expert_major_padded")]
+
+
+def exchange(algorithm, layout, dtype="f32", **extra):
+    group = ep.VirtualGroup(ranks=R, experts=E, hidden=H, top_k=K, max_tokens=B, dtype=dtype, algorithm=algorithm,
+                            layout=layout, alignment=4 if layout == "expert_major_padded" else 1, **extra)
+    return Exchange(group)
+
+
+def run(fn, inputs, seed=2):
+    """y = fn(x, idx, w, maps) and the gradients of x, w and maps for the loss sum(y * G)."""
+    x, idx, w, maps = (t.clone().requires_grad_(t.is_floating_point()) for t in inputs)
+    y = fn(x, idx, w, maps)
+    probe = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)
+    (y.float() * probe.float()).sum().backward()
+    return y.detach().float(), x.grad.float(), w.grad.float(), maps.grad.float()
+
+
+def assert_close(got, want, tolerance, what):
+    names = ("combined", "grad x", "grad topk_weights", "grad experts")
+    for name, a, b in zip(names, got, want):
+        bound = tolerance * max(1.0, b.abs().max().item())
+        error = (a - b).abs().max().item()
+        assert error <= bound, f"{what}: {name} differs by {error} (bound {bound})"
+
+
+@pytest.mark.parametrize("algorithm,layout", LAYOUTS)
+def test_values_and_gradients_equal_the_dense_reference_in_float32(algorithm, layout):
+    ex = exchange(algorithm, layout)
+    for seed in range(3):
+        inputs = routing(seed, R, B, E, K, H)
+        got = run(lambda *a: over_group(ex, *a), inputs)
+        assert_close(got, run(dense, inputs), 1e-5, f"{layout} seed {seed}")
+        assert got[2].abs().sum() > 0   # the weights' gradients reach the router
+
+
+@pytest.mark.parametrize("algorithm,layout", LAYOUTS)
+def test_bf16_tokens_are_within_the_stated_tolerance(algorithm, layout):
+    ex = exchange(algorithm, layout, dtype="bf16")
+    inputs = routing(5, R, B, E, K, H, dtype=torch.bfloat16)
+    reference = run(dense, tuple(t.float() if t.is_floating_point() else t for t in inputs))
+    assert_close(run(lambda *a: over_group(ex, *a), inputs), reference, 2e-2, f"{layout} bf16")
+
+
+@pytest.mark.parametrize("layout", ["expert_major", "rank_major"])
+def test_ll_selection_rows_are_where_dispatch_puts_the_rows(layout):
+    ex = exchange("ll", layout)
+    x, idx, w, _ = routing(7, R, B, E, K, H)
+    sent = ex.dispatch(x, idx, w)
+    dest, row, valid = ll_rows(idx, R, E // R, B, layout)
+    found = sent.tokens.reshape(R, -1, H)[dest, row]          # [R, B, K, H]
+    expected = x.unsqueeze(2).expand(-1, -1, K, -1)
+    assert valid.sum() > 0 and torch.equal(found[valid], expected[valid])
+
+
+def test_two_steps_in_flight_then_both_backward_passes():
+    """Two micro-batches through one exchange before any backward: each step keeps its routing."""
+    ex = exchange("ht", "flat")
+    first, second = routing(10, R, B, E, K, H), routing(11, R, B, E, K, H)
+    leaves = [[t.clone().requires_grad_(t.is_floating_point()) for t in s] for s in (first, second)]
+    ys = [over_group(ex, *args) for args in leaves]
+    assert len(_registry.entry(ex.id).live) == 2
+    (ys[0].sum() + 2 * ys[1].sum()).backward()
+    for scale, inputs, args in zip((1, 2), (first, second), leaves):
+        want = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
+        (scale * dense(*want).sum()).backward()
+        for a, b in ((args[0], want[0]), (args[2], want[2]), (args[3], want[3])):
+            assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_outputs_are_tensors_of_their_own():
+    """Later dispatches (which reuse the group's buffer slots) leave earlier outputs intact."""
+    ex = exchange("ll", "expert_major", buffer_slots=1)
+    x, idx, w, _ = routing(12, R, B, E, K, H)
+    sent = ex.dispatch(x, idx, w)
+    kept = sent.tokens.clone()
+    ex.group.dispatch(x * 3, idx, w)          # the group's own slot
+    ex.dispatch(x * 5, idx, w)
+    assert torch.equal(sent.tokens, kept) and kept.abs().sum() > 0
+
+
+def test_a_step_returns_its_handle_to_the_pool_when_its_token_is_freed():
+    ex = exchange("ht", "expert_major_padded")
+    entry = _registry.entry(ex.id)
+    inputs = routing(13, R, B, E, K, H)
+    for _ in range(5):
+        run(lambda *a: over_group(ex, *a), inputs)
+        gc.collect()
+        assert not entry.live and len(entry.free) == 1   # one handle, reused by every step
+    sent = ex.dispatch(*inputs[:3])
+    assert list(entry.live) == [int(sent.step)]
+    del sent
+    gc.collect()
+    assert not entry.live
+
+
+def test_wrong_arguments_are_named():
+    ex = exchange("ll", "expert_major")
+    x, idx, w, _ = routing(14, R, B, E, K, H)
+    sent = ex.dispatch(x, idx, w)
+    ops = torch.ops.expert_parallel
+    with pytest.raises(ep.InvalidUsageError, match="step: token 999999 names no live step"):
+        ops.combine(sent.tokens, idx, w, torch.tensor(999999), ex.id)
+    with pytest.raises(ep.InvalidArgumentError, match="weights: None; the combine of LL expert-major"):
+        ops.combine(sent.tokens, idx, None, sent.step, ex.id)
+    with pytest.raises(ep.InvalidArgumentError, match=r"weights: shape \[4, 5, 2\]"):
+        ops.combine(sent.tokens, idx, w[..., :2].contiguous(), sent.step, ex.id)
+    other = exchange("ll", "expert_major")
+    theirs = other.dispatch(x, idx, w)
+    with pytest.raises(ep.InvalidUsageError, match=f"step: token {int(theirs.step)} names no live step"):
+        ops.combine(theirs.tokens, idx, w, theirs.step, ex.id)   # another group's step
+    with pytest.raises(ep.InvalidArgumentError, match="group: id 424242 is not registered"):
+        ops.dispatch(x, idx, w, 424242)
+    with pytest.raises(ep.InvalidArgumentError, match=r"xs: shape \[4, 5, 9\]"):
+        ex.dispatch(torch.zeros(R, B, H + 1), idx, w)
+    flat = exchange("ht", "flat")
+    sent = flat.dispatch(x, idx, w)
+    with pytest.raises(ep.InvalidArgumentError, match="weights: given; layout 'flat'"):
+        ops.combine(sent.tokens, idx, w, sent.step, flat.id)
+    with pytest.raises(ep.InvalidArgumentError, match="group.dtype='u8'"):
+        Exchange(ep.VirtualGroup(ranks=R, experts=E, hidden=H, top_k=K, max_tokens=B, dtype="u8"))
+    with pytest.raises(ep.InvalidArgumentError, match="group: a str"):
+        Exchange("group")
+    flat.close()
+    with pytest.raises(ep.InvalidArgumentError, match="is not registered"):
+        flat.dispatch(x, idx, w)
+
+
+def test_the_ops_pass_torch_library_opcheck():
+    """Schemas, fake implementations and autograd registration. The dispatch op's outputs are
+    compared with AOT tracing by the compile tests instead (each call's step token differs)."""
+    ex = exchange("ht", "expert_major_padded")
+    x, idx, w, _ = routing(15, R, B, E, K, H)
+    x.requires_grad_()
+    w.requires_grad_()
+    ops = torch.ops.expert_parallel
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    assert set(torch.library.opcheck(ops.dispatch, (x, idx, w, ex.id), test_utils=checks).values()) == {"SUCCESS"}
+    sent = ex.dispatch(x.detach(), idx, w.detach())
+    args = (sent.tokens.clone().requires_grad_(), idx, sent.topk_weights.clone().requires_grad_(), sent.step, ex.id)
+    assert set(torch.library.opcheck(ops.combine, args).values()) == {"SUCCESS"}
+    grads = torch.randn(R, B, H)
+    assert set(torch.library.opcheck(ops.backward_dispatch, (grads, sent.step, ex.id)).values()) == {"SUCCESS"}
+    rows = torch.randn(sent.tokens.shape)
+    weights = torch.randn(sent.topk_weights.shape)
+    result = torch.library.opcheck(ops.backward_combine, (rows, weights, sent.step, ex.id, B))
+    assert set(result.values()) == {"SUCCESS"}
