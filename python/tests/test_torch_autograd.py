@@ -28,7 +28,7 @@ def run(fn, inputs, seed=2):
     """y = fn(x, idx, w, maps) and the gradients of x, w and maps for the loss sum(y * G)."""
     x, idx, w, maps = (t.clone().requires_grad_(t.is_floating_point()) for t in inputs)
     y = fn(x, idx, w, maps)
-    probe = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)
+    probe = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(device=y.device, dtype=y.dtype)
     (y.float() * probe.float()).sum().backward()
     return y.detach().float(), x.grad.float(), w.grad.float(), maps.grad.float()
 
