@@ -13,16 +13,21 @@ public struct TensorRef: @unchecked Sendable, CustomStringConvertible {
     /// Strides in elements; `nil` means contiguous row-major.
     public var strides: [Int]?
     public var location: MemoryLocation
+    /// The object that owns the memory (a `HostTensor`, a `DeviceTensor`), kept alive while the
+    /// view is: an optimised build may free an owner right after its last use, which would
+    /// otherwise come before a call that reads or writes its memory through this view.
+    public var owner: AnyObject?
 
     public init(
         address: UnsafeMutableRawPointer?, dtype: DataType, shape: [Int], strides: [Int]? = nil,
-        location: MemoryLocation = .host
+        location: MemoryLocation = .host, owner: AnyObject? = nil
     ) {
         self.address = address
         self.dtype = dtype
         self.shape = shape
         self.strides = strides
         self.location = location
+        self.owner = owner
     }
 
     public var elementCount: Int { shape.reduce(1, *) }
@@ -57,7 +62,7 @@ public final class HostTensor: @unchecked Sendable {
 
     deinit { storage.deallocate() }
 
-    public var ref: TensorRef { TensorRef(address: storage, dtype: dtype, shape: shape) }
+    public var ref: TensorRef { TensorRef(address: storage, dtype: dtype, shape: shape, owner: self) }
     public var elementCount: Int { shape.reduce(1, *) }
 
     public func fill(byte: UInt8) { storage.initializeMemory(as: UInt8.self, repeating: byte, count: byteCount) }

@@ -23,7 +23,7 @@ public final class DeviceTensor: @unchecked Sendable {
 
     public var ref: TensorRef {
         TensorRef(address: UnsafeMutableRawPointer(bitPattern: UInt(pointer.rawValue)), dtype: dtype, shape: shape,
-                  location: .device(device.ordinal))
+                  location: .device(device.ordinal), owner: self)
     }
 
     /// Copies `bytes` (exactly `byteCount` of them) to the device, and returns once they are there.

@@ -64,7 +64,7 @@ extension HostRank {
             }
             if !forward, config.algorithm == .highThroughput { writeWeightGradients(t, routing, plan, inputs, output) }
         }
-        _ = try exchange(.success(true), participants)
+        finishExchange(participants)   // peers are done with this rank's buffers
     }
 
     /// Backward HT: the gradient of each (token, k) weight, read from the row or slot that

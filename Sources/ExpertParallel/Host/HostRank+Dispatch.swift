@@ -45,7 +45,7 @@ extension HostRank {
             }
         }
         if config.isExpertMajorHT { writePadding(plan.received, output) }
-        _ = try exchange(.success(true), participants)
+        finishExchange(participants)   // peers are done with this rank's buffers
         try plan.received.writeCounts(experts: output.expertCounts, expertSources: output.expertSourceCounts)
         handle.markDispatched()
         return plan.received

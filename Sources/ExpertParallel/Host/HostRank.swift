@@ -106,6 +106,15 @@ public struct HostRank: Rank {
     }
 }
 
+extension HostRank {
+    /// Ends a call whose ranks wrote into or read each other's buffers: returns once every
+    /// participant is done with this rank's (HostTransport.finish). Takes a round like an exchange.
+    func finishExchange(_ participants: RankMask) {
+        let key = group.counters[rank].next(epoch: group.transport.currentEpoch)
+        group.transport.finish(key, rank: rank, participants: participants)
+    }
+}
+
 enum Posted<Payload: Sendable>: Sendable {
     case ok(Payload)
     case failed(String)

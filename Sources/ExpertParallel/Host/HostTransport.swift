@@ -93,6 +93,11 @@ final class HostTransport: @unchecked Sendable {
                     + "a step's ranks are those active at its update: update the handle again")
             }
             if !condition.wait(until: deadline) && Date() >= deadline {
+                // A post that came as the wait ran out still counts: a rank that saw every post
+                // goes on to use this rank's buffers, so this rank must not give up on it.
+                let late = posted[key] ?? [:]
+                let missing = participants.ranks.filter { late[$0] == nil }
+                if missing.isEmpty { break }
                 let error = EPError.timeout(rank: rank, missing: missing)
                 for peer in missing {
                     mask.remove(peer)
@@ -105,6 +110,22 @@ final class HostTransport: @unchecked Sendable {
         let arrived = posted[key]!
         finishReading(key, participants)
         return (0..<ranks).map { participants.contains($0) ? arrived[$0] as? Payload : nil }
+    }
+
+    /// The barrier that ends a call whose ranks wrote into or read each other's buffers: posts
+    /// for `rank` (masked or not) and waits for every participant, with no deadline. Each
+    /// participant comes here straight from an exchange every participant passed, and waits for
+    /// no one on the way, so each arrives; a rank that left on a timeout instead could have its
+    /// buffers freed while a slower peer still wrote into them (seen as heap corruption on a
+    /// loaded 16-core host). A `clean` meanwhile (between steps only) ends the wait.
+    func finish(_ key: RoundKey, rank: Int, participants: RankMask) {
+        condition.lock()
+        defer { condition.unlock() }
+        let started = epoch
+        posted[key, default: [:]][rank] = true
+        condition.broadcast()
+        while epoch == started, participants.ranks.contains(where: { posted[key]?[$0] == nil }) { condition.wait() }
+        if epoch == started { finishReading(key, participants) }
     }
 
     /// The last participant done with a round frees it. Call with the lock held.
