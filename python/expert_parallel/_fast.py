@@ -28,14 +28,22 @@ _NUMPY_CODES = {"float16": _abi.F16, "float32": _abi.F32, "int32": _abi.I32, "in
 _numpy_dtypes = {}   # NumPy dtype object -> (code, or BF16 for uint16 bits; native byte order)
 
 
+_tensor_type = None   # torch.Tensor itself, once one was seen: the common case, one type check
+
+
 def look(value, expected):
     """(address, epDataType_t, shape, device ordinal or -1, contiguous and native) of a torch
     tensor or NumPy array, or None when it is neither; `expected`: the accepted types (a uint16
     NumPy array is bf16 where bf16 is accepted)."""
+    global _tensor_type
+    if type(value) is _tensor_type:
+        return (value.data_ptr(), _torch_codes.get(value.dtype), value.shape, value.get_device(), value.is_contiguous())
     found = _arrays.kind(value)
     if found == "torch":
-        return (value.data_ptr(), _torch_dtype_codes().get(value.dtype), value.shape, value.get_device(),
-                value.is_contiguous())
+        codes = _torch_dtype_codes()
+        if type(value).__name__ == "Tensor":
+            _tensor_type = type(value)
+        return (value.data_ptr(), codes.get(value.dtype), value.shape, value.get_device(), value.is_contiguous())
     if found == "numpy":
         dtype = value.dtype
         known = _numpy_dtypes.get(dtype)
@@ -88,6 +96,9 @@ class Descriptors:
                 d.strides[i] = stride
         self.row_elements = strides[0]
         self._stacked = None   # (base, rows, dtype) of the last set_all
+        # set_all's filled arrays by key, as bytes: a group's buffer slots take turns, so the
+        # same few stacked tensors come back, and one memmove restores a whole array.
+        self._snapshots = {}
         self._many = None      # (addresses, rows, dtype) of the last set_many
         self.addresses = [0] * ranks   # each rank's address, as set
 
@@ -115,12 +126,21 @@ class Descriptors:
         if key == self._stacked:   # the same tensor as the last call (PyTorch's allocator reuses addresses)
             return
         self._many = None
+        snapshot = self._snapshots.get(key)
+        if snapshot is not None:
+            ctypes.memmove(self.array, snapshot[0], len(snapshot[0]))
+            self.addresses[:] = snapshot[1]
+            self._stacked = key
+            return
         step = rows * self.row_elements * element_bytes
         for r, d in enumerate(self.array):
             d.data = (base + r * step) or None
             d.sizes[0] = rows
             d.dtype = dtype
             self.addresses[r] = base + r * step
+        if len(self._snapshots) >= 8:
+            self._snapshots.clear()
+        self._snapshots[key] = (bytes(self.array), tuple(self.addresses))
         self._stacked = key
 
 
