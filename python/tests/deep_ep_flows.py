@@ -10,6 +10,14 @@ import deep_ep_reference as ref
 from expert_parallel.compat.deep_ep import Buffer, run_ranks
 
 
+def virtual_buffers(ranks: int, **settings):
+    """R virtual-rank Buffers for a module's tests (a generator for a fixture): destroyed after."""
+    buffers = Buffer.virtual(ranks, **settings)
+    yield buffers
+    for b in buffers:
+        b.destroy()
+
+
 def on_ranks(buffers: List[Buffer], function) -> List[Any]:
     """`function(buffer)` on every rank: a thread each for virtual ranks, directly for one."""
     if len(buffers) == 1:

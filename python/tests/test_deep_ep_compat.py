@@ -20,10 +20,7 @@ TOKENS = [5, 0, 9, 7]   # rank 1 sends nothing
 
 @pytest.fixture(scope="module")
 def ranks():
-    buffers = Buffer.virtual(R, timeout=30)
-    yield buffers
-    for b in buffers:
-        b.destroy()
+    yield from flows.virtual_buffers(R, timeout=30)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

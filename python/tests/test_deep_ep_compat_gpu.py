@@ -24,18 +24,12 @@ DEVICE = "cuda:0"
 
 @pytest.fixture(scope="module")
 def ranks():
-    buffers = Buffer.virtual(R, device=DEVICE, timeout=60)
-    yield buffers
-    for b in buffers:
-        b.destroy()
+    yield from flows.virtual_buffers(R, device=DEVICE, timeout=60)
 
 
 @pytest.fixture(scope="module")
 def cpu_ranks():
-    buffers = Buffer.virtual(R, timeout=60)
-    yield buffers
-    for b in buffers:
-        b.destroy()
+    yield from flows.virtual_buffers(R, timeout=60)
 
 
 @pytest.mark.parametrize("async_finish", [False, True])
