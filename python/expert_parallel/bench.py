@@ -8,7 +8,9 @@ dispatch then combine through a ``VirtualGroup`` with identity experts and repor
 medians of:
 
 - host: wall clock of the Python call (what the framework's CPU thread pays);
-- gpu: CUDA events around the call on the current stream (CUDA only);
+- gpu: what the GPU spends on the call: CUDA events around it on the current stream, measured in a
+  second loop whose calls queue up behind a held stream (as ep-bench does), so that the host's time
+  to issue them does not count (CUDA only);
 - engine: ep-bench's figures for the same case and ranks, read from its ``--json`` output
   (run ``ep-bench run --backend gpu --json PATH`` in the same session);
 - baseline: what a user would write instead with plain tensors on the same device: argsort the
@@ -74,37 +76,34 @@ def _time_package(case: tuple, ranks: int, device: str, iterations: int, warmup:
                          algorithm=algorithm, dtype="f32" if device == "cpu" else "bf16", device=device)
     host_d: List[float] = []
     host_c: List[float] = []
-    events = []
-    torch = None
-    if inputs.cuda:
-        import torch
-
     for i in range(warmup + iterations):
-        marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if torch else None
-        if marks:
-            marks[0].record()
         t0 = time.perf_counter()
         out = group.dispatch(*inputs.stacked)
         t1 = time.perf_counter()
-        if marks:
-            marks[1].record()
-            marks[2].record()
-        t2 = time.perf_counter()
         group.combine(out.received, out.handle)   # identity experts: the received rows come back
-        t3 = time.perf_counter()
-        if marks:
-            marks[3].record()
+        t2 = time.perf_counter()
         if i >= warmup:
             host_d.append(t1 - t0)
-            host_c.append(t3 - t2)
-            if marks:
-                events.append(marks)
+            host_c.append(t2 - t1)
     result: Dict[str, Any] = {"host_dispatch_us": _median_us(host_d), "host_combine_us": _median_us(host_c)}
-    if torch:
+    if inputs.cuda:
+        import torch
+
+        torch.cuda.synchronize()
+        # The GPU's own time: every call queues up behind a held stream (about 0.5 ms of GPU
+        # sleep per call, far more than the host needs to issue one), then runs back to back.
+        marks = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(iterations)]
+        torch.cuda._sleep(1_000_000 * iterations)
+        for m in marks:
+            m[0].record()
+            out = group.dispatch(*inputs.stacked)
+            m[1].record()
+            group.combine(out.received, out.handle)
+            m[2].record()
         torch.cuda.synchronize()
         group.check()
-        result["gpu_dispatch_us"] = statistics.median(e[0].elapsed_time(e[1]) for e in events) * 1e3
-        result["gpu_combine_us"] = statistics.median(e[2].elapsed_time(e[3]) for e in events) * 1e3
+        result["gpu_dispatch_us"] = statistics.median(m[0].elapsed_time(m[1]) for m in marks) * 1e3
+        result["gpu_combine_us"] = statistics.median(m[1].elapsed_time(m[2]) for m in marks) * 1e3
     return result
 
 
@@ -141,6 +140,9 @@ def _time_baseline(case: tuple, iterations: int, warmup: int, inputs: _Inputs) -
     x, idx, w = as_torch(inputs.x), as_torch(inputs.idx).reshape(-1).long(), as_torch(inputs.w)
     cuda = x.is_cuda
     dispatch_s, combine_s = [], []
+    if cuda:   # the GPU's own time, as for the package: the calls queue up behind a held stream
+        torch.cuda.synchronize()
+        torch.cuda._sleep(1_000_000 * (warmup + iterations))
     for i in range(warmup + iterations):
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if cuda else None
         t0 = time.perf_counter()
