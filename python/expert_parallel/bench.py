@@ -12,7 +12,8 @@ medians of:
   second loop whose calls queue up behind a held stream (as ep-bench does), so that the host's time
   to issue them does not count (CUDA only);
 - engine: ep-bench's figures for the same case and ranks, read from its ``--json`` output
-  (run ``ep-bench run --backend gpu --json PATH`` in the same session);
+  (run ``ep-bench run --backend gpu --json PATH`` in the same session); dispatch is update +
+  dispatch there, as the package's dispatch (given ``topk_idx``) runs both;
 - baseline: what a user would write instead with plain tensors on the same device: argsort the
   selections by expert, ``index_select`` the rows (dispatch), ``index_select`` them back, multiply
   by the weights and sum over k (combine). PyTorch where it is installed, NumPy otherwise.
@@ -182,7 +183,11 @@ def _engine_figures(path: Optional[str]) -> Dict[tuple, Dict[str, float]]:
     with open(path) as f:
         measurements = json.load(f)
     # Entries without a combine (u8 payloads: dispatch only) or in FP8 are not the package's cases.
-    return {(m["name"], m["ranks"]): {"engine_dispatch_us": m["dispatch"]["median"], "engine_combine_us": m["combine"]["median"]}
+    # The package's dispatch runs the step's update too: its engine figure is update + dispatch.
+    def dispatch(m):
+        return m["dispatch"]["median"] + (m["update"]["median"] if isinstance(m.get("update"), dict) else 0.0)
+
+    return {(m["name"], m["ranks"]): {"engine_dispatch_us": dispatch(m), "engine_combine_us": m["combine"]["median"]}
             for m in measurements if isinstance(m.get("combine"), dict) and not m.get("fp8")}
 
 

@@ -36,6 +36,15 @@ def test_the_engines_figures_are_matched_by_case_and_ranks(tmp_path):
     assert "engine d µs" in bench.render(rows) and "1.5" in bench.render(rows)
 
 
+def test_the_engines_dispatch_includes_its_update(tmp_path):
+    # The package's dispatch (given topk_idx) runs the update too: the engine figure beside it does.
+    engine = tmp_path / "engine.json"
+    engine.write_text(json.dumps([{"name": "tiny", "ranks": 2, "update": {"median": 4.0}, "dispatch": {"median": 1.5},
+                                   "combine": {"median": 2.5}}]))
+    rows = bench.run(["tiny"], "cpu", None, 2, 0, 1, str(engine), baseline=False)
+    assert rows[0]["engine_dispatch_us"] == 5.5 and rows[0]["engine_combine_us"] == 2.5
+
+
 @pytest.mark.parametrize("option", [["--iterations", "0"], ["--warmup", "-1"], ["--ranks", "0"], ["--case", "nope"]])
 def test_bad_options_are_refused_by_name(option):
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(bench.__file__)))
