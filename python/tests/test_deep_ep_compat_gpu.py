@@ -70,13 +70,47 @@ def test_gpu_equals_the_cpu_backend_bit_for_bit_with_rounding(ranks, cpu_ranks):
                 assert torch.equal(ax[e, :c], bx[e, :c])
 
 
-def test_fp8_on_the_gpu_is_refused_by_name(ranks):
-    x = torch.zeros(2, H, dtype=torch.bfloat16, device=DEVICE)
-    i = torch.zeros(2, K, dtype=torch.int64, device=DEVICE)
-    with pytest.raises(NotSupportedError, match="use_fp8=True"):
-        flows.on_ranks(ranks, lambda b: b.low_latency_dispatch(x, i, 4, E))   # DeepEP's default is use_fp8=True
-    with pytest.raises(NotSupportedError, match="fp8, scales"):
-        ranks[0].dispatch((x.to(torch.float8_e4m3fn), torch.ones(2, 1, device=DEVICE)), topk_idx=i)
+@pytest.mark.parametrize("round_scale,use_ue8m0", [(False, False), (True, False), (True, True)])
+def test_low_latency_fp8_on_the_gpu_equals_the_cpu(ranks, cpu_ranks, round_scale, use_ue8m0):
+    hidden, bmax = 1024, 8
+    xs, idx, ws = ref.make_inputs(7, [3, 4, 0, 2], E, hidden, K)
+    xs = [x.float().mul(torch.linspace(0.01, 30, hidden)).bfloat16() for x in xs]
+
+    def flow(device):
+        def run(b):
+            x, i = xs[b.rank].to(device), idx[b.rank].to(device)
+            (codes, scales), count, _, _, _ = b.low_latency_dispatch(x, i, bmax, E, round_scale=round_scale, use_ue8m0=use_ue8m0)
+            return flows.cpu(codes.view(torch.uint8)), flows.cpu(scales.contiguous()), flows.cpu(count)
+        return run
+
+    gpu = flows.on_ranks(ranks, flow(DEVICE))
+    cpu = flows.on_ranks(cpu_ranks, flow("cpu"))
+    for r, ((gc, gs, gn), (cc, cs, cn)) in enumerate(zip(gpu, cpu)):
+        assert torch.equal(gn, cn), f"rank {r}: counts"
+        for e, c in enumerate(cn.tolist()):   # rows past the counts are unspecified
+            assert torch.equal(gc[e, :c], cc[e, :c]), f"rank {r} expert {e}: e4m3 rows"
+            assert torch.equal(gs[e, :c], cs[e, :c]), f"rank {r} expert {e}: scales"
+
+
+def test_intranode_fp8_tuple_on_the_gpu_equals_the_cpu(ranks, cpu_ranks):
+    hidden = 256
+    xs, idx, ws = ref.make_inputs(8, TOKENS, E, hidden, K, torch.float32)
+    codes = [x.div(16).to(torch.float8_e4m3fn) for x in xs]
+    scales = [torch.rand(x.shape[0], hidden // 128) for x in xs]
+
+    def flow(device):
+        def run(b):
+            r = b.rank
+            layout = b.get_dispatch_layout(idx[r].to(device), E)
+            (recv, recv_scales), recv_idx, _, _, _, _ = b.dispatch(
+                (codes[r].to(device), scales[r].to(device)), num_tokens_per_rank=layout[0], is_token_in_rank=layout[3],
+                num_tokens_per_expert=layout[2], topk_idx=idx[r].to(device), topk_weights=ws[r].to(device))
+            return flows.cpu(recv.view(torch.uint8)), flows.cpu(recv_scales), flows.cpu(recv_idx)
+        return run
+
+    for r, (g, c) in enumerate(zip(flows.on_ranks(ranks, flow(DEVICE)), flows.on_ranks(cpu_ranks, flow("cpu")))):
+        for name, a, b in zip(("rows", "scales", "topk_idx"), g, c):
+            assert torch.equal(a, b), f"rank {r}: {name}"
 
 
 def test_one_rank_under_torch_distributed_nccl(tmp_path):
@@ -85,6 +119,11 @@ def test_one_rank_under_torch_distributed_nccl(tmp_path):
     try:
         buffer = Buffer(dist.group.WORLD, num_nvl_bytes=1 << 24, num_rdma_bytes=0)
         assert buffer.device.startswith("cuda") and buffer.group_size == 1
+        # FP8 through an NCCL rank group is not offered from Python yet: refused by name.
+        x = torch.zeros(2, H, dtype=torch.bfloat16, device="cuda")
+        i = torch.zeros(2, 2, dtype=torch.int64, device="cuda")
+        with pytest.raises(NotSupportedError, match="use_fp8"):
+            buffer.low_latency_dispatch(x, i, 4, 8)   # DeepEP's default is use_fp8=True
         xs, idx, ws = ref.make_inputs(24, [12], 8, H, 2)
         results = flows.intranode([buffer], xs, idx, ws, 8, alignment=4)
         torch.cuda.synchronize()
