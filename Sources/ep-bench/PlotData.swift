@@ -46,11 +46,7 @@ struct PlotEntry: Decodable {
     }
 
     static func decode(_ data: Data, from source: String) throws -> [PlotEntry] {
-        do {
-            return try JSONDecoder().decode([PlotEntry].self, from: data)
-        } catch {
-            throw ValidationError("\(source) is not an ep-bench --json file (a list of measurements): \(describeDecoding(error))")
-        }
+        try decodeList(data, from: source, expected: "an ep-bench --json file (a list of measurements)")
     }
 }
 
@@ -70,11 +66,17 @@ struct BaselineRow: Decodable {
     }
 
     static func decode(_ data: Data, from source: String) throws -> [BaselineRow] {
-        do {
-            return try JSONDecoder().decode([BaselineRow].self, from: data)
-        } catch {
-            throw ValidationError("\(source) is not a JSON file of python -m expert_parallel.bench (a list of rows): \(describeDecoding(error))")
-        }
+        try decodeList(data, from: source, expected: "a JSON file of python -m expert_parallel.bench (a list of rows)")
+    }
+}
+
+/// `data` as a JSON list of `Element`, or an error that names `source`, what it should have been
+/// and where its decoding failed.
+func decodeList<Element: Decodable>(_ data: Data, from source: String, expected: String) throws -> [Element] {
+    do {
+        return try JSONDecoder().decode([Element].self, from: data)
+    } catch {
+        throw ValidationError("\(source) is not \(expected): \(describeDecoding(error))")
     }
 }
 
