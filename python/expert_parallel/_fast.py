@@ -36,32 +36,36 @@ def look(value, expected):
     tensor or NumPy array, or None when it is neither; `expected`: the accepted types (a uint16
     NumPy array is bf16 where bf16 is accepted)."""
     global _tensor_type
-    if type(value) is _tensor_type:
-        return (value.data_ptr(), _torch_codes.get(value.dtype), value.shape, value.get_device(), value.is_contiguous())
-    found = _arrays.kind(value)
-    if found == "torch":
-        codes = _torch_dtype_codes()
+    if type(value) is not _tensor_type:
+        found = _arrays.kind(value)
+        if found != "torch":
+            return _look_numpy(value, expected) if found == "numpy" else None
+        _torch_dtype_codes()   # made once
         if type(value).__name__ == "Tensor":
             _tensor_type = type(value)
-        return (value.data_ptr(), codes.get(value.dtype), value.shape, value.get_device(), value.is_contiguous())
-    if found == "numpy":
-        dtype = value.dtype
-        known = _numpy_dtypes.get(dtype)
-        if known is None:
-            known = _numpy_dtypes[dtype] = (dtype.name, dtype.isnative)
-        name, native = known
-        code = (_abi.BF16 if name == "uint16" and _abi.BF16 in expected
-                else _abi.E4M3 if name == "uint8" and _abi.E4M3 in expected else _NUMPY_CODES.get(name))
-        flags = value.flags
-        return (value.__array_interface__["data"][0], code, value.shape, -1,
-                flags.c_contiguous and flags.aligned and native)
-    return None
+    return (value.data_ptr(), _torch_codes.get(value.dtype), value.shape, value.get_device(), value.is_contiguous())
 
 
-def check(value, name, expected, device, shape):
+def _look_numpy(value, expected):
+    """look() for a NumPy array."""
+    dtype = value.dtype
+    known = _numpy_dtypes.get(dtype)
+    if known is None:
+        known = _numpy_dtypes[dtype] = (dtype.name, dtype.isnative)
+    name, native = known
+    code = (_abi.BF16 if name == "uint16" and _abi.BF16 in expected
+            else _abi.E4M3 if name == "uint8" and _abi.E4M3 in expected else _NUMPY_CODES.get(name))
+    flags = value.flags
+    return (value.__array_interface__["data"][0], code, value.shape, -1,
+            flags.c_contiguous and flags.aligned and native)
+
+
+def check(value, name, expected, device, shape, seen=None):
     """The address of `value` after checking it like :func:`_arrays.tensor` (None entries of
-    `shape` accept any size); returns (address, epDataType_t, shape)."""
-    seen = look(value, expected)
+    `shape` accept any size); returns (address, epDataType_t, shape). `seen`: look(value,
+    expected) where the caller has it already."""
+    if seen is None:
+        seen = look(value, expected)
     if seen is not None:
         address, code, sizes, where, fine = seen
         if fine and code in expected and where == device and len(sizes) == len(shape):

@@ -369,12 +369,7 @@ class VirtualGroup(GroupBase):
             rows = None if tokens is None else tokens[0]
             if tokens is not None and tokens.count(rows) != len(tokens):
                 raise InvalidArgumentError(f"{name}: one stacked array, but the ranks' token counts differ ({tokens}); pass a list")
-            address, code, sizes, where, fine = seen
-            # The data path: one look at the tensor; anything unexpected goes through check(),
-            # whose error names it.
-            if not (fine and code in expected and where == device and len(sizes) == 2 + len(tail) and sizes[0] == r
-                    and (rows is None or sizes[1] == rows) and tuple(sizes[2:]) == tail):
-                address, code, sizes = _fast.check(values, name, expected, device, (r, rows) + tail)
+            address, code, sizes = _fast.check(values, name, expected, device, (r, rows) + tail, seen)
             b = int(sizes[1])
             if tokens is None and b > self.max_tokens:
                 raise InvalidArgumentError(f"{name}: {b} tokens per rank; must be ≤ max_tokens ({self.max_tokens})")
