@@ -3,15 +3,17 @@ extension DriverLibrary {
     /// `cuModuleLoadData` from a CUBIN, or from PTX that ends in a NUL byte.
     public func loadModule(image: [UInt8]) throws -> CUDAModule {
         var module: OpaquePointer?
-        try image.withUnsafeBytes { bytes in
-            try check(functions.cuModuleLoadData(&module, bytes.baseAddress), "cuModuleLoadData")
+        try LaunchGate.turn {
+            try image.withUnsafeBytes { bytes in
+                try check(functions.cuModuleLoadData(&module, bytes.baseAddress), "cuModuleLoadData")
+            }
         }
         return CUDAModule(rawValue: try nonNull(module, "cuModuleLoadData"))
     }
 
     /// `cuModuleUnload`.
     public func unload(_ module: CUDAModule) throws {
-        try check(functions.cuModuleUnload(module.rawValue), "cuModuleUnload")
+        try LaunchGate.turn { try check(functions.cuModuleUnload(module.rawValue), "cuModuleUnload") }
     }
 
     /// `cuModuleGetFunction`; kernels are declared `extern "C"` so `name` is the source name.
@@ -26,7 +28,7 @@ extension DriverLibrary {
     /// default since CUDA 12.2, that load may wait for the whole context). Nothing without it.
     public func load(_ function: CUDAFunction) throws {
         guard let load = functions.cuFuncLoad else { return }
-        try check(load(function.rawValue), "cuFuncLoad")
+        try LaunchGate.turn { try check(load(function.rawValue), "cuFuncLoad") }
     }
 
     /// `cuModuleGetGlobal_v2`: address and size of a `__device__` variable.

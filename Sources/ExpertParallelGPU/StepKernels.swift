@@ -62,10 +62,8 @@ struct StepKernels: Sendable {
             try device.compiler.compile(KernelSource.embedded(prefix), arch: device.arch, defines: Self.defines(config, variant, tuning))
         }
         let driver = device.driver
-        // Loaded whole, here, while no group of this process is between the per-rank launches
-        // of a call (LaunchGate).
-        LaunchGate.lock.lock()
-        defer { LaunchGate.lock.unlock() }
+        // The module load and each function's eager load take turns with other groups' per-rank
+        // launch loops (LaunchGate, taken by the driver calls).
         let module = try gpu { try driver.loadModule(image: compiled.image) }
         self.module = module
         func function(_ name: String) throws(EPError) -> CUDAFunction {
@@ -80,15 +78,4 @@ struct StepKernels: Sendable {
         drain = staged ? try function("drain") : nil
         combineSend = staged ? try function("combine_send") : nil
     }
-}
-
-/// Per-rank launches of virtual ranks spin on the device until every rank of the call has
-/// arrived, so a call's launches must all reach the GPU while its first ones run. Under CUDA's
-/// lazy loading (the default since 12.2) a module load or a function's first launch may wait
-/// for the whole context: if that happened in one thread between another group's per-rank
-/// launches, the launched ranks would spin until the timeout for ranks never launched. So
-/// functions are loaded eagerly (`cuFuncLoad`), and module loads and a call's per-rank launch
-/// loop take turns, process-wide (groups on one GPU may hold distinct `GPUDevice`s).
-enum LaunchGate {
-    static let lock = NSLock()
 }

@@ -4,19 +4,13 @@ import Foundation
 import Synchronization
 import Testing
 
-/// A reproduction, not yet a passing test: two virtual groups on one GPU, each launching its
-/// ranks separately (`.perRank`) from a thread of its own. On an H100 (2026-11-25) it failed 6 of
-/// 6 runs (one timeout per step and ranks lost from a group's mask). Loading functions eagerly and
-/// letting module loads and a call's per-rank launches take turns (`LaunchGate`) did not cure it:
-/// on an H200 (2026-12-02), inside the whole GPU suite, it ran past 220 s. The remaining cause:
-/// any synchronising driver call of another thread (a module load, `cuMemAlloc`/`cuMemFree`) can
-/// hold the driver between a call's per-rank launches while the ranks already launched spin on
-/// the GPU for ranks not yet launched. The fix to try: each rank stream waits
-/// (`cuStreamWaitValue32`) on a word the host sets only after every rank's kernel of the call is
-/// enqueued, so no rank starts before all can. Enable with EP_GPU_TESTS=1
-/// EP_REPRODUCE_CONCURRENT_PER_RANK=1; once it passes, drop the second condition.
-@Suite(.enabled(if: gpuTestsEnabled && ProcessInfo.processInfo.environment["EP_REPRODUCE_CONCURRENT_PER_RANK"] == "1",
-                "reproduces an open defect: set EP_GPU_TESTS=1 EP_REPRODUCE_CONCURRENT_PER_RANK=1"))
+/// Groups launching their ranks separately (`.perRank`) beside other work on the GPU. On an H100
+/// (2026-11-25) two such groups failed 6 of 6 runs (a timeout per step, ranks lost); on an H200
+/// (2026-12-02) one group stepping per rank beside a thread that allocated and freed device
+/// memory timed out at once: a `cuMemFree` (or a module load) made between a call's per-rank
+/// launches holds back the rest of them while the ranks already launched spin. Those calls now
+/// take turns with the per-rank launch loops (`LaunchGate`).
+@Suite(.enabled(if: gpuTestsEnabled && sharedDevice != nil, "needs a GPU (EP_GPU_TESTS=1)"), .serialized)
 struct ConcurrentPerRankGroupsTests {
     /// Both groups finish every step well inside the timeout, match the oracle, masks intact.
     @Test func twoGroupsLaunchingPerRankDoNotWaitForEachOther() throws {
@@ -45,5 +39,29 @@ struct ConcurrentPerRankGroupsTests {
             #expect(try group.activeRanks == .all(4))
             expectMatch(try buffers[i].results(group), oracle, "group \(i)")
         }
+    }
+
+    /// One group steps per rank while another thread allocates and frees device memory.
+    @Test func allocationsBesideDoNotStallPerRankLaunches() throws {
+        let device = try #require(sharedDevice)
+        let config = GroupConfig(algorithm: .lowLatency, ranks: 4, experts: 32, topK: 4, hidden: 256, elementType: .bf16,
+                                 maxTokensPerRank: 16, timeout: .seconds(2))
+        let tokens = [16, 9, 16, 4]
+        let inputs = StepInputs(config: config, tokens: tokens, seed: 22)
+        let group = try VirtualGPUGroup(config, device: device)
+        let step = try GPUStep(config, device, tokens: tokens)
+        try step.upload(inputs)
+        let stop = Mutex(false)
+        let allocator = Thread {
+            while !stop.withLock({ $0 }) { _ = try? DeviceTensor(.u8, [1 << 20], on: device) }
+        }
+        allocator.start()
+        let start = ContinuousClock.now
+        defer { stop.withLock { $0 = true } }
+        for _ in 0..<20 { try step.enqueue(group, mode: .perRank) }
+        try group.checkStatus()
+        #expect(ContinuousClock.now - start < .seconds(2), "20 steps took longer than one timeout")
+        #expect(try group.activeRanks == .all(4))
+        expectMatch(try step.results(group), try oracleStep(config, inputs), "per rank beside allocations")
     }
 }

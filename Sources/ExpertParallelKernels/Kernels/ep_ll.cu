@@ -14,6 +14,13 @@
 #ifndef EP_UPDATE_WARPS
 #define EP_UPDATE_WARPS 8
 #endif
+#define EP_UPDATE_LOADS 4   // routing entries each update thread loads at once
+
+// A selection's expert (< 1024 on the GPU) and its position among this rank's selections of it
+// (< EP_BMAX, which the update's shared memory bounds below 2^14), in one non-negative int.
+EP_DEVICE int ep_ll_pack(int expert, int position) { return (position << 11) | expert; }
+EP_DEVICE int ep_ll_expert(int packed) { return packed & 0x7FF; }
+EP_DEVICE int ep_ll_position(int packed) { return packed >> 11; }
 
 // LL workspace: the shared words only. A step's handle (StepWorkspace.swift mirrors both):
 #define WS_WORDS (WS_COUNTS + 2 * EP_R * (EP_E + EP_R))
@@ -58,16 +65,28 @@ ep_ll_update(const EpArgs args) {
     }
 
     // Load the routing once (coalesced) into shared memory, validating it: every entry -1 or
-    // in [0, E); no expert twice in a row. Experts on inactive ranks become -1.
-    __shared__ int routing[EP_BMAX * EP_K];
+    // in [0, E); no expert twice in a row. Experts on inactive ranks become -1. Each thread
+    // issues EP_UPDATE_LOADS loads before it uses any of them: one global round trip, not one per entry.
+    __shared__ int routing[EP_BMAX * EP_K];    // the expert; after pass 2 also its position (ep_ll_pack)
     __shared__ ep_u32 destinations[EP_BMAX];   // bit d set: the token goes to rank d
-    for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
-        const long long e = ep_read_index(args, rank, i);
-        if (e < -1 || e >= EP_E) {
-            ep_set_status(ws, EP_STATUS_INDEX_RANGE, i / EP_K, i % EP_K, static_cast<ep_u32>(e));
-            bad = 1;
+    for (int base = threadIdx.x; base < tokens * EP_K; base += EP_UPDATE_LOADS * blockDim.x) {
+        long long loaded[EP_UPDATE_LOADS];
+#pragma unroll
+        for (int u = 0; u < EP_UPDATE_LOADS; ++u) {
+            const int i = base + u * blockDim.x;
+            loaded[u] = i < tokens * EP_K ? ep_read_index(args, rank, i) : -1;
         }
-        routing[i] = e >= 0 && e < EP_E ? static_cast<int>(e) : -1;   // unmasked, for the repeat check
+#pragma unroll
+        for (int u = 0; u < EP_UPDATE_LOADS; ++u) {
+            const int i = base + u * blockDim.x;
+            const long long e = loaded[u];
+            if (i >= tokens * EP_K) break;
+            if (e < -1 || e >= EP_E) {
+                ep_set_status(ws, EP_STATUS_INDEX_RANGE, i / EP_K, i % EP_K, static_cast<ep_u32>(e));
+                bad = 1;
+            }
+            routing[i] = e >= 0 && e < EP_E ? static_cast<int>(e) : -1;   // unmasked, for the repeat check
+        }
     }
     __syncthreads();
     for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
@@ -115,18 +134,17 @@ ep_ll_update(const EpArgs args) {
     ep_publish_row(args, rank, mask, WS_COUNTS + parity * EP_R * (EP_E + EP_R), seq * 2 + (bad ? 1 : 0),
                    [&](int i) { return ep_warp_prefix(counts, i); });
 
-    // Pass 2: this rank's position of each selection / pair among its own, in token order.
+    // Pass 2: this rank's position of each selection / pair among its own, in token order. A
+    // pair's row is final here; a selection's position waits in `routing` for the lower ranks' counts.
     for (int t = begin; t < end; ++t) {
         if (lane < EP_K) {
             const int e = expert(t, lane);
-            int position = -1;
-            if (e >= 0) position = counts[warp][e]++;
-            hs[H_SEL_ROW + t * EP_K + lane] = static_cast<ep_u32>(position);
+            if (e >= 0) routing[t * EP_K + lane] = ep_ll_pack(e, counts[warp][e]++);
         }
         if (lane < EP_R) {
-            int position = -1;
-            if (goes_to(t, lane)) position = counts[warp][EP_E + lane]++;
-            hs[H_PAIR_ROW + t * EP_R + lane] = static_cast<ep_u32>(position);
+            int row = -1;
+            if (goes_to(t, lane)) row = rank * EP_BMAX + counts[warp][EP_E + lane]++;
+            hs[H_PAIR_ROW + t * EP_R + lane] = static_cast<ep_u32>(row);
         }
         __syncwarp();
     }
@@ -134,49 +152,66 @@ ep_ll_update(const EpArgs args) {
     // Wait for every active rank's counts (bounded); a late or bad rank voids the step.
     if (!ep_counts_arrived(args, ws, hs, mask, seq * 2, bad, seq)) return;
 
-    // Final rows: add the counts of lower source ranks (expert-major: also the zone base).
+    // The gathered table, read once into shared memory (the per-warp counts are done with):
+    // rows of lower source ranks per expert, and what each source sends here per local expert.
     const ep_u32* table = ws + WS_COUNTS + parity * EP_R * (EP_E + EP_R);
     const ep_u64 gathered = ep_load_mask(args) & mask;   // active at the start and not timed out
-    for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
-        const int position = static_cast<int>(hs[H_SEL_ROW + i]);
-        if (position < 0) continue;
-        const int e = routing[i];
-        int before = 0;
-        for (int s = 0; s < rank; ++s) {
-            if (ep_active(gathered, s)) before += static_cast<int>(table[s * (EP_E + EP_R) + e]);
-        }
-        hs[H_SEL_ROW + i] = static_cast<ep_u32>((e % EP_L) * EP_R * EP_BMAX + before + position);
-    }
-    for (int i = threadIdx.x; i < tokens * EP_R; i += blockDim.x) {
-        const int position = static_cast<int>(hs[H_PAIR_ROW + i]);
-        if (position >= 0) hs[H_PAIR_ROW + i] = static_cast<ep_u32>(rank * EP_BMAX + position);
-    }
-    // What this rank receives.
+    int* before = &counts[0][0];                 // [E]
+    int* received = before + EP_E + EP_R;        // [L][R]
+    int* per_expert = received + EP_L * EP_R;    // [L]
+    int* per_source = per_expert + EP_L;         // [R]
     ep_u32* layout = hs + H_LAYOUT;
+    for (int e = threadIdx.x; e < EP_E; e += blockDim.x) {
+        int sum = 0;
+#pragma unroll 8
+        for (int s = 0; s < EP_R; ++s) {
+            if (s < rank && ep_active(gathered, s)) sum += static_cast<int>(table[s * (EP_E + EP_R) + e]);
+        }
+        before[e] = sum;
+    }
     for (int i = threadIdx.x; i < EP_L * EP_R; i += blockDim.x) {
         const int l = i / EP_R, s = i % EP_R;
-        layout[EP_L + EP_R + i] = ep_active(gathered, s) ? table[s * (EP_E + EP_R) + rank * EP_L + l] : 0u;
-    }
-    __syncthreads();
-    for (int l = threadIdx.x; l < EP_L; l += blockDim.x) {   // L may exceed the block
-        ep_u32 sum = 0;
-        for (int s = 0; s < EP_R; ++s) sum += layout[EP_L + EP_R + l * EP_R + s];
-        layout[l] = sum;
+        const ep_u32 n = ep_active(gathered, s) ? table[s * (EP_E + EP_R) + rank * EP_L + l] : 0u;
+        received[i] = static_cast<int>(n);
+        layout[EP_L + EP_R + i] = n;
     }
     if (threadIdx.x < EP_R) {
-        layout[EP_L + threadIdx.x] = ep_active(gathered, threadIdx.x) ? table[threadIdx.x * (EP_E + EP_R) + EP_E + rank] : 0u;
+        const ep_u32 n = ep_active(gathered, threadIdx.x) ? table[threadIdx.x * (EP_E + EP_R) + EP_E + rank] : 0u;
+        per_source[threadIdx.x] = static_cast<int>(n);
+        layout[EP_L + threadIdx.x] = n;
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-        ep_u32 total = 0;
+    // Final rows (expert-major: the zone base, the lower ranks' rows, then this rank's position).
+    for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
+        const int packed = routing[i];
+        int row = -1;
+        if (packed >= 0) {
+            const int e = ep_ll_expert(packed);
+            row = (e % EP_L) * EP_R * EP_BMAX + before[e] + ep_ll_position(packed);
+        }
+        hs[H_SEL_ROW + i] = static_cast<ep_u32>(row);
+    }
+    // What this rank receives: per local expert, then the total (a warp's sum).
+    for (int l = threadIdx.x; l < EP_L; l += blockDim.x) {   // L may exceed the block
+        int sum = 0;
+        for (int s = 0; s < EP_R; ++s) sum += received[l * EP_R + s];
+        per_expert[l] = sum;
+        layout[l] = static_cast<ep_u32>(sum);
+    }
+    __syncthreads();
+    if (warp == 0) {
+        int part = 0;
 #if EP_RANK_MAJOR
-        for (int s = 0; s < EP_R; ++s) total += layout[EP_L + s];
+        for (int s = lane; s < EP_R; s += 32) part += per_source[s];
 #else
-        for (int l = 0; l < EP_L; ++l) total += layout[l];
+        for (int l = lane; l < EP_L; l += 32) part += per_expert[l];
 #endif
-        layout[EP_L + EP_R + EP_L * EP_R] = total;
-        hs[H_STEP_OK] = 1;
-        ws[WS_SEQ] = seq;
+        for (int offset = 16; offset > 0; offset >>= 1) part += __shfl_xor_sync(0xffffffffu, part, offset);
+        if (lane == 0) {
+            layout[EP_L + EP_R + EP_L * EP_R] = static_cast<ep_u32>(part);
+            hs[H_STEP_OK] = 1;
+            ws[WS_SEQ] = seq;
+        }
     }
 }
 
