@@ -8,7 +8,9 @@ from . import _abi
 from ._library import call
 
 # __cuda_array_interface__ type strings; bf16 (which NumPy does not know) is seen as int16 and viewed.
-_TYPESTR = {_abi.BF16: "<i2", _abi.F16: "<f2", _abi.F32: "<f4", _abi.I32: "<i4", _abi.I64: "<i8", _abi.U8: "|u1"}
+# e4m3 rows are seen as uint8 and viewed as float8_e4m3fn.
+_TYPESTR = {_abi.BF16: "<i2", _abi.F16: "<f2", _abi.F32: "<f4", _abi.I32: "<i4", _abi.I64: "<i8", _abi.U8: "|u1",
+            _abi.E4M3: "|u1"}
 
 
 class _DeviceMemory:
@@ -43,6 +45,8 @@ class NCCLSlot:
             tensor = torch.as_tensor(_DeviceMemory(descriptor, group), device=device)
             if descriptor.dtype == _abi.BF16:
                 tensor = tensor.view(torch.bfloat16)
+            elif descriptor.dtype == _abi.E4M3:
+                tensor = tensor.view(torch.float8_e4m3fn)
             return tensor, descriptor
 
         self.tokens, self.tokens_desc = buffer(_abi.BUFFER_RECEIVED_TOKENS)
@@ -50,6 +54,8 @@ class NCCLSlot:
         self.weights, self.weights_desc = buffer(_abi.BUFFER_RECEIVED_TOPK_WEIGHTS)
         self.expert_outputs, self.expert_outputs_desc = buffer(_abi.BUFFER_EXPERT_OUTPUTS)
         self.weight_grads, self.grads_desc = buffer(_abi.BUFFER_WEIGHT_GRADIENTS)
+        # FP8 groups: the received e4m3 rows' scales (float32, or int32 words of exponent bytes).
+        self.scales, self.scales_desc = buffer(_abi.BUFFER_RECEIVED_SCALES) if group.fp8 else (None, None)
         if group.recv_routing_shape is None:
             self.idx = self.weights = self.idx_desc = self.weights_desc = None
         l, r = group.local_experts, group.ranks
@@ -65,4 +71,5 @@ class NCCLSlot:
             topkIdx=None if self.idx_desc is None else ctypes.pointer(self.idx_desc),
             topkWeights=None if self.weights_desc is None else ctypes.pointer(self.weights_desc),
             layoutInfo=None, expertCounts=ctypes.pointer(self.counts_desc),
-            expertSourceCounts=ctypes.pointer(self.source_desc))
+            expertSourceCounts=ctypes.pointer(self.source_desc),
+            scales=None if self.scales_desc is None else ctypes.pointer(self.scales_desc))

@@ -76,7 +76,9 @@ class NCCLGroup(GroupBase):
     this rank's ``x``, ``topk_idx`` and ``topk_weights`` and returns this rank's received tensors
     (fresh tensors: the whole receive buffer, zero outside the received zones; int32 ``topk_idx``);
     :meth:`combine` returns this rank's combined tokens. Every rank makes the same calls in the
-    same order. ``init_timeout``: seconds to wait for every rank to join.
+    same order. ``init_timeout``: seconds to wait for every rank to join. ``fp8``, ``fp8_source``:
+    FP8 dispatch as for :class:`VirtualGroup` (rows arrive as e4m3 in the slot's receive buffer,
+    their scales in ``result.scales``; combine stays in ``dtype``).
     """
 
     rank: int
@@ -85,13 +87,14 @@ class NCCLGroup(GroupBase):
                  unique_id: bytes, device: Device = None, algorithm: Algorithm = "ll", layout: Optional[Layout] = None,
                  alignment: int = 1, dtype: DType = "bf16", max_recv_tokens: Optional[int] = None,
                  overflow: Overflow = "fail", timeout: Seconds = 10.0, init_timeout: Seconds = 60.0,
-                 multiprocessors: Optional[int] = None, tuning: Optional[dict] = None) -> None:
+                 multiprocessors: Optional[int] = None, tuning: Optional[dict] = None, fp8: Optional[str] = None,
+                 fp8_source: str = "quantize") -> None:
         load()
         self._group = self._handle = None
         config, self._element = _config.group_config(
             ranks=ranks, experts=experts, hidden=hidden, top_k=top_k, max_tokens=max_tokens, algorithm=algorithm,
             layout=layout, alignment=alignment, dtype=dtype, max_recv_tokens=max_recv_tokens, overflow=overflow,
-            timeout=timeout)
+            timeout=timeout, fp8=fp8, fp8_source=fp8_source)
         rank = _config.integer(rank, "rank", 0, _config.INT32)
         if not isinstance(unique_id, (bytes, bytearray)) or len(unique_id) != _abi.NCCL_UNIQUE_ID_BYTES:
             described = f"{len(unique_id)} bytes" if isinstance(unique_id, (bytes, bytearray)) else f"a {type(unique_id).__name__}"
@@ -201,7 +204,8 @@ class NCCLGroup(GroupBase):
     @locked
     def dispatch(self, x: Array, topk_idx: Optional[Array] = None, topk_weights: Optional[Array] = None, *,
                  handle: Optional[Handle] = None, direction: Direction = "forward", stream: Any = None,
-                 wait_event: Any = None, record_event: bool = False, send_only: bool = False) -> DispatchResult:
+                 wait_event: Any = None, record_event: bool = False, send_only: bool = False,
+                 scales: Optional[Array] = None) -> DispatchResult:
         """Sends this rank's ``x`` ``[B, hidden]`` to the ranks of its tokens' top-k experts and
         returns what this rank received: a :class:`DispatchResult` whose ``tokens`` (``recv_shape``),
         ``topk_idx`` / ``topk_weights`` (``recv_routing_shape``, int32 ids; None for LL
@@ -213,7 +217,10 @@ class NCCLGroup(GroupBase):
         ``handle`` what :meth:`combine` needs. ``topk_idx``: as for :meth:`update` (None: the
         routing of the last update, or of ``handle``); ``topk_weights``: ``[B, top_k]`` float32,
         required except for LL expert-major, whose combine needs them instead. ``stream``,
-        ``wait_event``, ``record_event``, ``send_only``: as for :meth:`VirtualGroup.dispatch`."""
+        ``wait_event``, ``record_event``, ``send_only``: as for :meth:`VirtualGroup.dispatch`. FP8
+        groups: ``x`` is ``float8_e4m3fn`` with its ``[B, scale words]`` ``scales`` for
+        ``fp8_source="pass_through"``, else in ``dtype`` (quantised in the kernel); the received
+        scales are ``result.scales``, the slot's own buffer."""
         self._check_open()
         direction_value = _config.choice(direction, "direction", _abi.DIRECTIONS)
         if handle is not None:
@@ -232,12 +239,20 @@ class NCCLGroup(GroupBase):
             raise InvalidArgumentError(f"topk_weights: None; layout {self.layout!r} sends the weights with the tokens")
         self._require_torch(x, "x")
         h, k = self.hidden, self.top_k
-        x_desc = _arrays.tensor(x, "x", dtypes={self._element}, device=self._device, shape=(b, h))
+        passes_fp8 = bool(self.fp8) and self.fp8_source == "pass_through"
+        x_desc = _arrays.tensor(x, "x", dtypes={_abi.E4M3 if passes_fp8 else self._element}, device=self._device, shape=(b, h))
+        if passes_fp8 and scales is None:
+            raise InvalidArgumentError("scales: None; an FP8 pass-through group takes the scales of its e4m3 rows")
+        if scales is not None and not passes_fp8:
+            raise InvalidArgumentError("scales: given; only FP8 pass-through groups take scales")
+        s_desc = None if scales is None else _arrays.tensor(
+            scales, "scales", dtypes={self._scale_type}, device=self._device, shape=(b, self.recv_scales_shape[-1]))
         w_desc = None if topk_weights is None else _arrays.tensor(
             topk_weights, "topk_weights", dtypes={_abi.F32}, device=self._device, shape=(b, k))
         slot = self._slots[self._next_slot]
         self._next_slot = (self._next_slot + 1) % len(self._slots)
-        inputs = _abi.new(_abi.DispatchInputs, tokens=ctypes.pointer(x_desc), topkWeights=_arrays.pointer(w_desc))
+        inputs = _abi.new(_abi.DispatchInputs, tokens=ctypes.pointer(x_desc), topkWeights=_arrays.pointer(w_desc),
+                          scales=_arrays.pointer(s_desc))
         if wait_event is not None:
             _fast.torch_stream(self._device, stream).wait_event(wait_event)
         if target is None:
@@ -260,6 +275,7 @@ class NCCLGroup(GroupBase):
         result = DispatchResult(slot.tokens, slot.idx, slot.weights, target, expert_counts=slot.counts,
                                 expert_source_counts=slot.source_counts, event=event, hook=hook)
         result.expert_outputs = slot.expert_outputs
+        result.scales = slot.scales
         return result
 
     @locked

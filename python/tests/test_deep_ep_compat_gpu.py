@@ -15,7 +15,7 @@ import torch.distributed as dist  # noqa: E402
 
 import deep_ep_flows as flows  # noqa: E402
 import deep_ep_reference as ref  # noqa: E402
-from expert_parallel.compat.deep_ep import Buffer, NotSupportedError  # noqa: E402
+from expert_parallel.compat.deep_ep import Buffer  # noqa: E402
 
 R, E, H, K = 4, 16, 128, 3
 TOKENS = [6, 0, 10, 7]
@@ -119,11 +119,17 @@ def test_one_rank_under_torch_distributed_nccl(tmp_path):
     try:
         buffer = Buffer(dist.group.WORLD, num_nvl_bytes=1 << 24, num_rdma_bytes=0)
         assert buffer.device.startswith("cuda") and buffer.group_size == 1
-        # FP8 through an NCCL rank group is not offered from Python yet: refused by name.
-        x = torch.zeros(2, H, dtype=torch.bfloat16, device="cuda")
-        i = torch.zeros(2, 2, dtype=torch.int64, device="cuda")
-        with pytest.raises(NotSupportedError, match="use_fp8"):
-            buffer.low_latency_dispatch(x, i, 4, 8)   # DeepEP's default is use_fp8=True
+        # FP8 low-latency dispatch (DeepEP's default use_fp8=True) through the NCCL rank group: the
+        # same e4m3 rows and scales as the CPU backend's one rank.
+        xs, idx, _ = ref.make_inputs(26, [5], 8, H, 2)
+        cpu = Buffer.virtual(1, device="cpu")[0]
+        (codes, scales), count, _, _, _ = buffer.low_latency_dispatch(xs[0].to("cuda"), idx[0].to("cuda"), 8, 8)
+        (want_codes, want_scales), want_count, _, _, _ = cpu.low_latency_dispatch(xs[0], idx[0], 8, 8)
+        torch.cuda.synchronize()
+        assert torch.equal(count.cpu(), want_count)
+        for e, c in enumerate(want_count.tolist()):   # rows past the counts are unspecified
+            assert torch.equal(codes[e, :c].cpu().view(torch.uint8), want_codes[e, :c].view(torch.uint8)), f"expert {e}: e4m3 rows"
+            assert torch.equal(scales[e, :c].cpu(), want_scales[e, :c]), f"expert {e}: scales"
         xs, idx, ws = ref.make_inputs(24, [12], 8, H, 2)
         results = flows.intranode([buffer], xs, idx, ws, 8, alignment=4)
         torch.cuda.synchronize()

@@ -98,3 +98,68 @@ def test_e4m3_rows_to_combine_are_a_named_error():
     out = gpu.dispatch(cuda(xs), cuda(idx), cuda(w))
     with pytest.raises(ep.InvalidArgumentError, match="expert"):
         gpu.combine([t.clone() for t in out.tokens], out.handle)
+
+
+@pytest.mark.parametrize("source,mode", [("quantize", "ue8m0"), ("quantize", "e8m0"), ("pass_through", "float32")])
+@pytest.mark.parametrize("algorithm,layout,alignment", LAYOUTS)
+def test_a_one_rank_nccl_group_dispatches_fp8_like_the_cpu(algorithm, layout, alignment, source, mode):
+    """An NCCL rank group (one GPU, one rank) receives e4m3 rows and their scales into its own
+    buffer slot, bit for bit as the CPU backend, and combines the expert outputs after them."""
+    shape = (1, 8, 4, 256, 12)
+    common = dict(experts=8, hidden=256, top_k=4, max_tokens=12, algorithm=algorithm, layout=layout, alignment=alignment,
+                  dtype="bf16", fp8=mode, fp8_source=source)
+    group = ep.NCCLGroup(rank=0, ranks=1, unique_id=ep.nccl_unique_id(), device=0, **common)
+    cpu = ep.VirtualGroup(ranks=1, device="cpu", **common)
+    try:
+        assert group.recv_scales_shape == cpu.recv_scales_shape
+        # Rows outside the received zones are unspecified: start both sides from zeros.
+        for slot in group._slots:
+            for buffer in (slot.tokens, slot.scales, slot.idx, slot.weights):
+                if buffer is not None:
+                    buffer.view(torch.uint8).zero_()
+        for step in range(3):   # three steps: both buffer slots, then the first again
+            xs, idx, w, ys = make_step(3000 + step, shape, "bf16", cpu.recv_shape)
+            extra_gpu, extra_cpu = {}, {}
+            if source == "pass_through":
+                xs, scales = pass_through_rows(3000 + step, xs, cpu.recv_scales_shape[-1], mode)
+                extra_gpu, extra_cpu = {"scales": scales[0].to(DEVICE)}, {"scales": scales}
+            out = group.dispatch(xs[0].to(DEVICE), idx[0].to(DEVICE), w[0].to(DEVICE), **extra_gpu)
+            out.expert_outputs.copy_(ys[0].to(DEVICE))
+            combined = group.combine(out.expert_outputs, out.handle)
+            torch.cuda.synchronize()
+            want = cpu.dispatch(xs, idx, w, **extra_cpu)
+            want_combined = cpu.combine(ys, want.handle)
+            label = f"{layout}({alignment}) {source} {mode} step {step}"
+            assert out.tokens.dtype == torch.float8_e4m3fn, label
+            assert same_bits(out.tokens, want.tokens[0]), f"{label}: received rows"
+            assert same_bits(out.scales, want.scales[0]), f"{label}: received scales"
+            if want.topk_idx is not None:
+                assert same_bits(out.topk_idx, want.topk_idx[0]), f"{label}: received topk_idx"
+                assert same_bits(out.topk_weights, want.topk_weights[0]), f"{label}: received weights"
+            assert out.layout == want.layout[0], label
+            assert same_bits(combined, want_combined[0]), f"{label}: combined rows"
+        group.check()
+    finally:
+        group.close()
+
+
+def test_an_nccl_group_names_missing_or_unexpected_scales():
+    common = dict(experts=4, hidden=128, top_k=2, max_tokens=4, dtype="bf16")
+    passing = ep.NCCLGroup(rank=0, ranks=1, unique_id=ep.nccl_unique_id(), device=0, fp8="float32",
+                           fp8_source="pass_through", **common)
+    try:
+        codes = torch.zeros((4, 128), dtype=torch.float8_e4m3fn, device=DEVICE)
+        idx = torch.zeros((4, 2), dtype=torch.int32, device=DEVICE)
+        idx[:, 1] = 1
+        w = torch.ones((4, 2), dtype=torch.float32, device=DEVICE)
+        with pytest.raises(ep.InvalidArgumentError, match="scales: None"):
+            passing.dispatch(codes, idx, w)
+    finally:
+        passing.close()
+    plain = ep.NCCLGroup(rank=0, ranks=1, unique_id=ep.nccl_unique_id(), device=0, **common)
+    try:
+        x = torch.zeros((4, 128), dtype=torch.bfloat16, device=DEVICE)
+        with pytest.raises(ep.InvalidArgumentError, match="scales: given"):
+            plain.dispatch(x, idx, w, scales=torch.zeros((4, 1), dtype=torch.float32, device=DEVICE))
+    finally:
+        plain.close()

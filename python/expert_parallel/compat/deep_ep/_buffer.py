@@ -205,9 +205,6 @@ class Buffer:
             require_tensor(scales, f"{name}[1]", 2, self.device)
             if tokens.dtype != torch.float8_e4m3fn:
                 raise InvalidArgumentError(f"{name}[0]: dtype {tokens.dtype}; the FP8 tokens must be torch.float8_e4m3fn")
-            if self._shared.groups.nccl:
-                raise not_supported(name, "an (fp8, scales) tuple",
-                                    "FP8 dispatch through NCCL rank groups is not offered from Python yet; dispatch bf16 tokens")
             if scales.dtype != torch.float32:
                 raise InvalidArgumentError(f"{name}[1]: dtype {scales.dtype}; the scales must be torch.float32 (one per 128 elements)")
             require_shape(scales, f"{name}[1]", (tokens.shape[0], tokens.shape[1] // 128))
@@ -333,7 +330,7 @@ class Buffer:
         handle, event, hook)``.
 
         ``recv_x``: ``[L, R*Bmax, hidden]`` per local expert, rows ``[0, recv_count[e])`` valid, in
-        (source rank, token) order; with ``use_fp8`` (virtual ranks; not NCCL rank groups yet) ``(e4m3 rows, scales)``:
+        (source rank, token) order; with ``use_fp8`` ``(e4m3 rows, scales)``:
         float32 ``[L, R*Bmax, hidden/128]`` (powers of two with ``round_scale``), or with
         ``use_ue8m0`` int32 words of four UE8M0 bytes ``[L, R*Bmax, hidden/512]``; scales are
         column-major in their last two dimensions as DeepEP's. ``recv_x`` and ``recv_count`` are

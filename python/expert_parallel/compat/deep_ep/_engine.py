@@ -210,9 +210,6 @@ def ll_dispatch(groups: Groups, payloads: List[Payload]) -> List[Any]:
     flags = _agree(payloads, "(use_fp8, round_scale, use_ue8m0)", lambda p: p.fp8_flags)
     hook = _agree(payloads, "return_recv_hook", lambda p: p.return_recv_hook)
     fp8 = ll_fp8_mode(*flags)
-    if fp8 is not None and groups.nccl:
-        raise not_supported("use_fp8", True,
-                            "FP8 dispatch through NCCL rank groups is not offered from Python yet; pass use_fp8=False there")
     spec = Spec("ll", experts, hidden, top_k, dtype, fp8, "quantize", None)
     entry = groups.entry(spec, bmax, exact=bmax)
     tokens = [int(p.x.shape[0]) for p in payloads]

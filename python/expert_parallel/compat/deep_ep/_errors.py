@@ -4,7 +4,7 @@ from ...errors import InvalidUsageError
 
 
 class NotSupportedError(InvalidUsageError, NotImplementedError):
-    """A DeepEP argument or path the adapter does not support yet (internode, FP8 through NCCL rank groups, ...).
+    """A DeepEP argument or path the adapter does not support yet (internode, ...).
     The message names the argument, the value and what is supported. Also an
     :class:`expert_parallel.InvalidUsageError` and a :class:`NotImplementedError`."""
 

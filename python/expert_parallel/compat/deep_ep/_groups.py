@@ -107,10 +107,10 @@ class Entry:
         group = self.group
         if self.nccl:
             out = group.dispatch(xs[0], None if topk_idx is None else topk_idx[0], weights[0], handle=step,
-                                 send_only=send_only)
+                                 send_only=send_only, scales=None if scales is None else scales[0])
             listed = lambda value: None if value is None else [value]  # noqa: E731
-            return Dispatched([out.tokens], listed(out.topk_idx), listed(out.topk_weights), [out.expert_counts], None,
-                              [out.expert_outputs], lambda: [out.layout])
+            return Dispatched([out.tokens], listed(out.topk_idx), listed(out.topk_weights), [out.expert_counts],
+                              listed(out.scales), [out.expert_outputs], lambda: [out.layout])
         out = group.dispatch(xs, topk_idx, weights, handle=step, send_only=send_only, scales=scales)
         stage = list(self.stage(group.ranks)) if self.spec.algorithm == "ht" else [None] * group.ranks
         return Dispatched(out.tokens, out.topk_idx, out.topk_weights, [out.expert_counts[i] for i in range(group.ranks)],
@@ -201,12 +201,12 @@ class Groups:
                                         algorithm=spec.algorithm, layout=layout, dtype=spec.dtype, timeout=self.timeout)
         if spec.multiprocessors is not None and self.device != "cpu":
             settings["multiprocessors"] = spec.multiprocessors
+        if spec.fp8 is not None:
+            settings.update(fp8=spec.fp8, fp8_source=spec.fp8_source)
         if self.nccl:
             from ... import NCCLGroup
 
             return NCCLGroup.from_process_group(self.process_group, **settings)
-        if spec.fp8 is not None:
-            settings.update(fp8=spec.fp8, fp8_source=spec.fp8_source)
         return VirtualGroup(self.ranks if self.process_group is None else 1, device=self.device, buffer_slots=2, **settings)
 
     def close(self) -> None:
