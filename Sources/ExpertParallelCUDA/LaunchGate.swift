@@ -15,8 +15,13 @@ import Foundation
 /// through this lock. Calls made by other code in the process (another
 /// framework's `cudaFree`, say) do not take it: per-rank launches stay a mode for tests and for
 /// ranks in separate processes; one launch for every rank (the default) has no such window.
+///
+/// The gate serves its callers in the order they came (a ticket lock): a thread that allocates
+/// and frees in a tight loop would otherwise take it again and again before a waiting launch
+/// loop woke up (seen on an H200: a group stepping per rank beside such a thread made no
+/// progress for 90 s behind a plain mutex).
 public enum LaunchGate {
-    public static let lock = NSLock()
+    public static let lock = TicketLock()
 
     /// Runs `body` holding the gate.
     @inline(__always)
@@ -24,5 +29,29 @@ public enum LaunchGate {
         lock.lock()
         defer { lock.unlock() }
         return try body()
+    }
+}
+
+/// A lock that lets its waiters in first come, first served.
+public final class TicketLock: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var next: UInt64 = 0
+    private var serving: UInt64 = 0
+
+    public init() {}
+
+    public func lock() {
+        condition.lock()
+        let ticket = next
+        next &+= 1
+        while serving != ticket { condition.wait() }
+        condition.unlock()
+    }
+
+    public func unlock() {
+        condition.lock()
+        serving &+= 1
+        condition.broadcast()
+        condition.unlock()
     }
 }

@@ -1,6 +1,7 @@
 import ExpertParallelCUDA
 import ExpertParallelGPU
 import Foundation
+import Synchronization
 import Testing
 
 /// The driver calls that may wait for the whole context take turns with per-rank launch loops
@@ -34,5 +35,29 @@ struct LaunchGateTests {
             try waitsForTheGate("cuModuleLoadData") { _ = try driver.loadModule(image: Array("// ptx\n".utf8) + [0]) }
             try waitsForTheGate("cuCtxSynchronize") { try driver.synchronizeContext() }
         }
+    }
+}
+
+/// The gate lets waiters in in the order they came.
+struct TicketLockTests {
+    @Test func waitersGetTheLockInTheOrderTheyCame() throws {
+        let gate = TicketLock()
+        let order = Mutex<[Int]>([])
+        gate.lock()
+        var threads: [Thread] = []
+        for i in 0..<4 {
+            let thread = Thread {
+                gate.lock()
+                order.withLock { $0.append(i) }
+                gate.unlock()
+            }
+            threads.append(thread)
+            thread.start()
+            Thread.sleep(forTimeInterval: 0.05)   // thread i takes its ticket before thread i + 1 starts
+        }
+        gate.unlock()
+        let deadline = Date().addingTimeInterval(10)
+        while order.withLock({ $0.count }) < 4, Date() < deadline { Thread.sleep(forTimeInterval: 0.01) }
+        #expect(order.withLock { $0 } == [0, 1, 2, 3])
     }
 }
