@@ -75,7 +75,7 @@ extension DriverLibrary {
 
     /// `cuCtxSynchronize`: waits for all work in the current context.
     public func synchronizeContext() throws {
-        try LaunchGate.turn { try check(functions.cuCtxSynchronize(), "cuCtxSynchronize") }
+        try check(functions.cuCtxSynchronize(), "cuCtxSynchronize")
     }
 
     /// A handle the driver returned through an out-parameter on success must not be null.

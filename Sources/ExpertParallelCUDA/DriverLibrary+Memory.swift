@@ -4,25 +4,25 @@ extension DriverLibrary {
     /// `cuMemAlloc_v2`.
     public func allocate(byteCount: Int) throws -> DevicePointer {
         var pointer: UInt64 = 0
-        try LaunchGate.turn { try check(functions.cuMemAlloc(&pointer, byteCount), "cuMemAlloc") }
+        try check(functions.cuMemAlloc(&pointer, byteCount), "cuMemAlloc")
         return DevicePointer(rawValue: pointer)
     }
 
     /// `cuMemFree_v2`.
     public func free(_ pointer: DevicePointer) throws {
-        try LaunchGate.turn { try check(functions.cuMemFree(pointer.rawValue), "cuMemFree") }
+        try check(functions.cuMemFree(pointer.rawValue), "cuMemFree")
     }
 
     /// `cuMemAllocHost_v2`: page-locked host memory, which async copies need to be asynchronous.
     public func allocateHost(byteCount: Int) throws -> UnsafeMutableRawPointer {
         var pointer: UnsafeMutableRawPointer?
-        try LaunchGate.turn { try check(functions.cuMemAllocHost(&pointer, byteCount), "cuMemAllocHost") }
+        try check(functions.cuMemAllocHost(&pointer, byteCount), "cuMemAllocHost")
         return try nonNull(pointer, "cuMemAllocHost")
     }
 
     /// `cuMemFreeHost`.
     public func freeHost(_ pointer: UnsafeMutableRawPointer) throws {
-        try LaunchGate.turn { try check(functions.cuMemFreeHost(pointer), "cuMemFreeHost") }
+        try check(functions.cuMemFreeHost(pointer), "cuMemFreeHost")
     }
 
     /// `cuMemGetInfo_v2` for the current context: free and total bytes.

@@ -1,25 +1,20 @@
 import Foundation
 
 /// Per-rank launches of virtual ranks spin on the device until every rank of the call has
-/// arrived, so all of a call's launches must reach the GPU while its first ones run. Some driver
-/// calls may wait for the whole context and hold back other threads' launches while they wait:
-/// a module load or a function's first load (lazy loading, the default since CUDA 12.2),
-/// `cuMemAlloc` / `cuMemFree` and their host, VMM and IPC forms, `cuCtxSynchronize`. Made by one
-/// thread between another thread's per-rank launches, such a call waits for ranks that spin for
-/// ranks it keeps from launching, until their timeout (seen on an H200: a thread allocating and
-/// freeing beside a group stepping per rank cost that group a timeout at once).
+/// arrived, so all of a call's launches must reach the GPU while its first ones run. A module
+/// load or a function's first load (lazy loading, the default since CUDA 12.2) may wait for the
+/// whole context and hold back other threads' launches meanwhile: made by one thread between
+/// another thread's per-rank launches, it would wait for ranks that spin for ranks it keeps from
+/// launching. So this library's module loads and unloads and eager function loads
+/// (`DriverLibrary.loadModule`, `unload`, `load(_:)`) and a call's per-rank launch loop take
+/// turns, process-wide, through this gate, first come, first served (a ticket lock).
 ///
-/// So those calls of this library (`DriverLibrary`'s device and host allocations and frees,
-/// module loads and unloads, function loads and context synchronisation; `NCCLLibrary`'s
-/// `ncclMemAlloc` / `ncclMemFree`) and a call's per-rank launch loop take turns, process-wide,
-/// through this lock. Calls made by other code in the process (another
-/// framework's `cudaFree`, say) do not take it: per-rank launches stay a mode for tests and for
-/// ranks in separate processes; one launch for every rank (the default) has no such window.
-///
-/// The gate serves its callers in the order they came (a ticket lock): a thread that allocates
-/// and frees in a tight loop would otherwise take it again and again before a waiting launch
-/// loop woke up (seen on an H200: a group stepping per rank beside such a thread made no
-/// progress for 90 s behind a plain mutex).
+/// Not covered, on purpose: allocations and frees. On an H200 (2026-12-02) a thread allocating
+/// and freeing device memory in a loop beside a group stepping per rank cost that group a
+/// timeout (a bounded, reported error) without the gate, and hung the stepping thread for over
+/// 60 s with `cuMemAlloc` / `cuMemFree` behind it (a plain mutex and this ticket lock alike),
+/// cause not yet found. Per-rank launches stay a mode for tests and for ranks in separate
+/// processes; one launch for every rank (the default) has no such window.
 public enum LaunchGate {
     public static let lock = TicketLock()
 

@@ -26,13 +26,13 @@ extension NCCLLibrary {
     /// can share with other processes.
     public func memAlloc(byteCount: Int) throws -> DevicePointer {
         var pointer: UnsafeMutableRawPointer?
-        try LaunchGate.turn { try check(try memory().ncclMemAlloc(&pointer, byteCount), "ncclMemAlloc") }
+        try check(try memory().ncclMemAlloc(&pointer, byteCount), "ncclMemAlloc")
         guard let pointer else { throw CUDAError.nccl(call: "ncclMemAlloc", code: 3, name: "ncclInternalError \"no memory returned\"") }
         return DevicePointer(rawValue: UInt64(UInt(bitPattern: pointer)))
     }
 
     public func memFree(_ pointer: DevicePointer) throws {
-        try LaunchGate.turn { try check(try memory().ncclMemFree(UnsafeMutableRawPointer(bitPattern: UInt(pointer.rawValue))), "ncclMemFree") }
+        try check(try memory().ncclMemFree(UnsafeMutableRawPointer(bitPattern: UInt(pointer.rawValue))), "ncclMemFree")
     }
 
     /// `ncclCommWindowRegister` (collective: every rank registers a buffer of the same size),

@@ -154,7 +154,7 @@ final class StepEngine: @unchecked Sendable {
                 let grid = LaunchDimensions(x: UInt32(blocks), y: UInt32(localRanks.count))
                 try args.launch(function, on: device, grid: grid, threads: threads, stream: target)
             case (.virtualRanks(let rankStreams, let joinEvents), .perRank):
-                LaunchGate.lock.lock()   // every rank's launch reaches the GPU before another allocation, free or load
+                LaunchGate.lock.lock()   // every rank's launch reaches the GPU before another module or function load
                 defer { LaunchGate.lock.unlock() }
                 let r = config.ranks
                 try driver.record(joinEvents[r], on: target)
