@@ -15,12 +15,18 @@ import Testing
 @Suite(.enabled(if: gpuTestsEnabled && sharedDevice != nil && ProcessInfo.processInfo.environment["EP_REPRODUCE_CONCURRENT_PER_RANK"] == "1",
                 "reproduces an open defect: set EP_GPU_TESTS=1 EP_REPRODUCE_CONCURRENT_PER_RANK=1"), .serialized)
 struct ConcurrentPerRankGroupsTests {
+    static let tokens = [16, 9, 16, 4]
+
+    /// LL, 4 ranks, small rows: each step is launch-bound, so a stall shows as a timeout.
+    static func config(timeout: Duration) -> GroupConfig {
+        GroupConfig(algorithm: .lowLatency, ranks: 4, experts: 32, topK: 4, hidden: 256, elementType: .bf16,
+                    maxTokensPerRank: 16, timeout: timeout)
+    }
+
     /// Both groups finish every step well inside the timeout, match the oracle, masks intact.
     @Test func twoGroupsLaunchingPerRankDoNotWaitForEachOther() throws {
         let device = try #require(sharedDevice)
-        let config = GroupConfig(algorithm: .lowLatency, ranks: 4, experts: 32, topK: 4, hidden: 256, elementType: .bf16,
-                                 maxTokensPerRank: 16, timeout: .seconds(3))
-        let tokens = [16, 9, 16, 4]
+        let config = Self.config(timeout: .seconds(3)), tokens = Self.tokens
         let inputs = StepInputs(config: config, tokens: tokens, seed: 21)
         let groups = try (0..<2).map { _ in try VirtualGPUGroup(config, device: device) }
         let buffers = try (0..<2).map { _ in try GPUStep(config, device, tokens: tokens) }
@@ -47,9 +53,7 @@ struct ConcurrentPerRankGroupsTests {
     /// One group steps per rank while another thread allocates and frees device memory.
     @Test func allocationsBesideDoNotStallPerRankLaunches() throws {
         let device = try #require(sharedDevice)
-        let config = GroupConfig(algorithm: .lowLatency, ranks: 4, experts: 32, topK: 4, hidden: 256, elementType: .bf16,
-                                 maxTokensPerRank: 16, timeout: .seconds(2))
-        let tokens = [16, 9, 16, 4]
+        let config = Self.config(timeout: .seconds(2)), tokens = Self.tokens
         let inputs = StepInputs(config: config, tokens: tokens, seed: 22)
         let group = try VirtualGPUGroup(config, device: device)
         let step = try GPUStep(config, device, tokens: tokens)
