@@ -24,32 +24,84 @@ extension GroupConfig {
     public func validateDispatch(
         _ input: DispatchInput, _ output: DispatchOutput, tokens: Int, location: MemoryLocation = .host
     ) throws(EPError) {
-        try TensorCheck.require(input.tokens, "input.tokens", dtypes: Self.rowTypes(dispatchInputType), shape: [tokens, hidden], location: location)
-        try TensorCheck.require(output.tokens, "output.tokens", dtypes: Self.rowTypes(receiveElementType), shape: receiveShape, location: location)
-        if let fp8, let format = fp8Format, let scalesShape = receiveScalesShape {
+        try CallShapes(self).validateDispatch(input, output, tokens: tokens, location: location)
+    }
+
+    /// Checks a combine call's tensors for `tokens` source rows.
+    public func validateCombine(
+        _ input: CombineInput, _ output: CombineOutput, tokens: Int, direction: PassDirection,
+        location: MemoryLocation = .host
+    ) throws(EPError) {
+        try CallShapes(self).validateCombine(input, output, tokens: tokens, direction: direction, location: location)
+    }
+}
+
+/// What a dispatch's and a combine's tensors must be, worked out once per group: a check against
+/// it allocates nothing, which matters where every rank's tensors are checked on every call (the
+/// GPU groups). Same checks and messages as `GroupConfig.validateDispatch` / `validateCombine`.
+public struct CallShapes: Sendable {
+    public let config: GroupConfig
+    private let dispatchInputTypes: [DataType]
+    private let receiveTypes: [DataType]
+    private let receiveShape: [Int]
+    private let receiveRoutingShape: [Int]?
+    private let receiveScalesShape: [Int]?
+    private let countsShape: [Int]
+    private let sourceCountsShape: [Int]
+    private let slotWeightsShape: [Int]
+    private let elementTypes: [DataType]
+    private let scaleTypes: [DataType]
+    private static let f32: [DataType] = [.f32], i32: [DataType] = [.i32], indices: [DataType] = [.i32, .i64]
+
+    public init(_ config: GroupConfig) {
+        self.config = config
+        dispatchInputTypes = GroupConfig.rowTypes(config.dispatchInputType)
+        receiveTypes = GroupConfig.rowTypes(config.receiveElementType)
+        receiveShape = config.receiveShape
+        receiveRoutingShape = config.receiveRoutingShape
+        receiveScalesShape = config.receiveScalesShape
+        countsShape = [config.localExperts]
+        sourceCountsShape = [config.localExperts, config.ranks]
+        slotWeightsShape = [config.receiveCapacity]
+        elementTypes = [config.elementType]
+        scaleTypes = config.fp8.map { [$0.scaleType] } ?? []
+    }
+
+    /// Checks a dispatch call's tensors for `tokens` source rows.
+    public func validateDispatch(
+        _ input: DispatchInput, _ output: DispatchOutput, tokens: Int, location: MemoryLocation = .host
+    ) throws(EPError) {
+        let config = config
+        try TensorCheck.require(input.tokens, "input.tokens", dtypes: dispatchInputTypes, rows: tokens, columns: config.hidden, location: location)
+        try TensorCheck.require(output.tokens, "output.tokens", dtypes: receiveTypes, shape: receiveShape, location: location)
+        if let fp8 = config.fp8, let format = config.fp8Format, let scalesShape = receiveScalesShape {
             if fp8.source == .passThrough {
-                try TensorCheck.require(input.scales, "input.scales", dtypes: [fp8.scaleType], shape: [tokens, format.scaleWordsPerRow], location: location)
+                try TensorCheck.require(input.scales, "input.scales", dtypes: scaleTypes, rows: tokens, columns: format.scaleWordsPerRow,
+                                        location: location)
             } else if input.scales != nil {
                 throw .invalidArgument(field: "input.scales", value: "given", requirement: "must be nil: this group quantises the rows itself (fp8 \(fp8))")
             }
-            try TensorCheck.require(output.scales, "output.scales", dtypes: [fp8.scaleType], shape: scalesShape, location: location)
+            try TensorCheck.require(output.scales, "output.scales", dtypes: scaleTypes, shape: scalesShape, location: location)
         } else {
-            for (scales, name) in [(input.scales, "input.scales"), (output.scales, "output.scales")] where scales != nil {
-                throw .invalidArgument(field: name, value: "given", requirement: "must be nil: only FP8 groups move scales")
+            if input.scales != nil {
+                throw .invalidArgument(field: "input.scales", value: "given", requirement: "must be nil: only FP8 groups move scales")
+            }
+            if output.scales != nil {
+                throw .invalidArgument(field: "output.scales", value: "given", requirement: "must be nil: only FP8 groups move scales")
             }
         }
         if let routingShape = receiveRoutingShape {
-            try TensorCheck.require(input.topkWeights, "input.topkWeights", dtypes: [.f32], shape: [tokens, topK], location: location)
-            try TensorCheck.require(output.topkIdx, "output.topkIdx", dtypes: [.i32, .i64], shape: routingShape, location: location)
-            try TensorCheck.require(output.topkWeights, "output.topkWeights", dtypes: [.f32], shape: routingShape, location: location)
+            try TensorCheck.require(input.topkWeights, "input.topkWeights", dtypes: Self.f32, rows: tokens, columns: config.topK, location: location)
+            try TensorCheck.require(output.topkIdx, "output.topkIdx", dtypes: Self.indices, shape: routingShape, location: location)
+            try TensorCheck.require(output.topkWeights, "output.topkWeights", dtypes: Self.f32, shape: routingShape, location: location)
         } else if let weights = input.topkWeights {
-            try TensorCheck.require(weights, "input.topkWeights", dtypes: [.f32], shape: [tokens, topK], location: location)
+            try TensorCheck.require(weights, "input.topkWeights", dtypes: Self.f32, rows: tokens, columns: config.topK, location: location)
         }
         if let counts = output.expertCounts {
-            try TensorCheck.require(counts, "output.expertCounts", dtypes: [.i32], shape: [localExperts], location: location)
+            try TensorCheck.require(counts, "output.expertCounts", dtypes: Self.i32, shape: countsShape, location: location)
         }
         if let counts = output.expertSourceCounts {
-            try TensorCheck.require(counts, "output.expertSourceCounts", dtypes: [.i32], shape: [localExperts, ranks], location: location)
+            try TensorCheck.require(counts, "output.expertSourceCounts", dtypes: Self.i32, shape: sourceCountsShape, location: location)
         }
     }
 
@@ -58,20 +110,23 @@ extension GroupConfig {
         _ input: CombineInput, _ output: CombineOutput, tokens: Int, direction: PassDirection,
         location: MemoryLocation = .host
     ) throws(EPError) {
-        guard elementType.isFloating else {
-            throw .invalidConfig(field: "elementType", value: "\(elementType)", requirement: "combine needs bf16, f16 or f32 (u8 is dispatch only)")
+        let config = config
+        guard config.elementType.isFloating else {
+            throw .invalidConfig(field: "elementType", value: "\(config.elementType)", requirement: "combine needs bf16, f16 or f32 (u8 is dispatch only)")
         }
-        try TensorCheck.require(input.expertOutputs, "input.expertOutputs", dtypes: [elementType], shape: receiveShape, location: location)
-        try TensorCheck.require(output.tokens, "output.tokens", dtypes: [elementType], shape: [tokens, hidden], location: location)
-        if direction == .forward, layout == .expertMajor {
-            try TensorCheck.require(input.topkWeights, "input.topkWeights", dtypes: [.f32], shape: [tokens, topK], location: location)
+        try TensorCheck.require(input.expertOutputs, "input.expertOutputs", dtypes: elementTypes, shape: receiveShape, location: location)
+        try TensorCheck.require(output.tokens, "output.tokens", dtypes: elementTypes, rows: tokens, columns: config.hidden, location: location)
+        if direction == .forward, config.layout == .expertMajor {
+            try TensorCheck.require(input.topkWeights, "input.topkWeights", dtypes: Self.f32, rows: tokens, columns: config.topK, location: location)
         }
-        if direction == .forward, isExpertMajorHT {
-            try TensorCheck.require(input.topkWeights, "input.topkWeights (the per-slot weights dispatch delivered)", dtypes: [.f32], shape: [receiveCapacity], location: location)
+        if direction == .forward, config.isExpertMajorHT {
+            try TensorCheck.require(input.topkWeights, "input.topkWeights (the per-slot weights dispatch delivered)", dtypes: Self.f32,
+                                    shape: slotWeightsShape, location: location)
         }
-        if direction == .backward, algorithm == .highThroughput {
-            try TensorCheck.require(input.weightGradients, "input.weightGradients", dtypes: [.f32], shape: receiveRoutingShape!, location: location)
-            try TensorCheck.require(output.topkWeightGradients, "output.topkWeightGradients", dtypes: [.f32], shape: [tokens, topK], location: location)
+        if direction == .backward, config.algorithm == .highThroughput, let routingShape = receiveRoutingShape {
+            try TensorCheck.require(input.weightGradients, "input.weightGradients", dtypes: Self.f32, shape: routingShape, location: location)
+            try TensorCheck.require(output.topkWeightGradients, "output.topkWeightGradients", dtypes: Self.f32, rows: tokens, columns: config.topK,
+                                    location: location)
         }
     }
 }

@@ -15,6 +15,23 @@ public enum TensorCheck {
         guard tensor.shape == shape else {
             throw .invalidArgument(field: "\(name).shape", value: "\(tensor.shape)", requirement: "must be \(shape)")
         }
+        try requireLaidOut(tensor, name, location: location)
+    }
+
+    /// `require` for the shape `[rows, columns]`, without building that array unless it fails.
+    public static func require(
+        _ tensor: TensorRef?, _ name: String, dtypes: [DataType], rows: Int, columns: Int,
+        location: MemoryLocation = .host
+    ) throws(EPError) {
+        guard let tensor, dtypes.contains(tensor.dtype),
+              tensor.shape.count == 2, tensor.shape[0] == rows, tensor.shape[1] == columns else {
+            return try require(tensor, name, dtypes: dtypes, shape: [rows, columns], location: location)   // throws the named error
+        }
+        try requireLaidOut(tensor, name, location: location)
+    }
+
+    /// Contiguous, where the call runs, and an address wherever there are elements.
+    private static func requireLaidOut(_ tensor: TensorRef, _ name: String, location: MemoryLocation) throws(EPError) {
         guard tensor.isContiguous else {
             throw .invalidArgument(
                 field: "\(name).strides", value: "\(tensor.strides ?? [])", requirement: "must be contiguous (row-major)")

@@ -45,7 +45,7 @@ extension NCCLRankGroup {
         var output = slots[slot].dispatchOutput
         output.expertCounts = counts?.expertCounts
         output.expertSourceCounts = counts?.expertSourceCounts
-        try config.validateDispatch(input, output, tokens: step.routing[0].shape[0], location: location)
+        try engine.shapes.validateDispatch(input, output, tokens: step.routing[0].shape[0], location: location)
         try requireAligned(input.tokens, "input.tokens", 8)
         try requireAligned(input.topkWeights, "input.topkWeights", 4)
         try requireAligned(input.scales, "input.scales", 4)
@@ -76,7 +76,7 @@ extension NCCLRankGroup {
         _ = try handle.dispatchedStep()
         let slot = try slotOfDispatch(handle)
         let input = inputs[0], output = outputs[0], buffers = slots[slot]
-        try config.validateCombine(input, output, tokens: step.routing[0].shape[0], direction: direction, location: location)
+        try engine.shapes.validateCombine(input, output, tokens: step.routing[0].shape[0], direction: direction, location: location)
         try requireShared(input.expertOutputs, buffers.expertOutputs, "input.expertOutputs", "slots[\(slot)].expertOutputs")
         try requireAligned(output.tokens, "output.tokens", 8)
         try requireAligned(input.topkWeights, "input.topkWeights", 4)

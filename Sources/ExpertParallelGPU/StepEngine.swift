@@ -16,6 +16,8 @@ final class StepEngine: @unchecked Sendable {
     }
 
     let config: GroupConfig
+    /// The call checks' shapes, worked out once (checking every rank's tensors allocates nothing).
+    let shapes: CallShapes
     let device: GPUDevice
     let tuning: GPUTuning
     let workspace: StepWorkspace
@@ -53,6 +55,7 @@ final class StepEngine: @unchecked Sendable {
         self.transport = transport
         self.staging = staging
         self.config = config
+        shapes = CallShapes(config)
         self.device = device
         self.tuning = tuning
         self.placement = placement

@@ -22,7 +22,7 @@ extension VirtualGPUGroup {
         try engine.checkLocalCount(inputs.count, "inputs")
         try engine.checkLocalCount(outputs.count, "outputs")
         for r in 0..<config.ranks {
-            try config.validateDispatch(inputs[r], outputs[r], tokens: step.routing[r].shape[0], location: location)
+            try engine.shapes.validateDispatch(inputs[r], outputs[r], tokens: step.routing[r].shape[0], location: location)
             try requireAligned(inputs[r].tokens, "inputs[\(r)].tokens", 8)
             try requireAligned(outputs[r].tokens, "outputs[\(r)].tokens", 8)
             try requireAligned(inputs[r].topkWeights, "inputs[\(r)].topkWeights", 4)
@@ -56,7 +56,7 @@ extension VirtualGPUGroup {
         try engine.checkLocalCount(inputs.count, "inputs")
         try engine.checkLocalCount(outputs.count, "outputs")
         for r in 0..<config.ranks {
-            try config.validateCombine(inputs[r], outputs[r], tokens: step.routing[r].shape[0], direction: direction, location: location)
+            try engine.shapes.validateCombine(inputs[r], outputs[r], tokens: step.routing[r].shape[0], direction: direction, location: location)
             try requireAligned(inputs[r].expertOutputs, "inputs[\(r)].expertOutputs", 8)
             try requireAligned(outputs[r].tokens, "outputs[\(r)].tokens", 8)
             try requireAligned(inputs[r].topkWeights, "inputs[\(r)].topkWeights", 4)
