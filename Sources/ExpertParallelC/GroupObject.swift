@@ -107,10 +107,12 @@ final class GPUBackend: @unchecked Sendable {
     let group: VirtualGPUGroup
     let handle: GPUStepHandle
     var callerStreams: [CUDAStream] = []
+    let descriptors: DescriptorCache?
 
     init(_ group: VirtualGPUGroup) throws(EPError) {
         self.group = group
         handle = try group.makeHandle()
+        descriptors = DescriptorCache(ranks: group.config.ranks)
     }
 
     deinit { handle.release() }   // while the group that waits for its work is still here

@@ -29,6 +29,9 @@ protocol StepGroupBackend: GroupBackend {
     /// Runs `body`, the core's call for `call` on `step` (nil: the group's own; its arguments
     /// read for `ranks`), and reports its failure. Default: the core's error as it is.
     func perform(_ call: StepCall, step: StepObject?, ranks: [Int], _ body: () throws(EPError) -> Void) throws
+    /// The descriptors the collective calls were last given, converted (DescriptorCache.swift);
+    /// nil: convert every call's. Default: nil.
+    var descriptors: DescriptorCache? { get }
 }
 
 extension StepGroupBackend {
@@ -41,6 +44,8 @@ extension StepGroupBackend {
     func settle() throws {}
 
     func perform(_ call: StepCall, step: StepObject?, ranks: [Int], _ body: () throws(EPError) -> Void) throws { try body() }
+
+    var descriptors: DescriptorCache? { nil }
 
     func makeStep() throws -> any StepHandle { try group.makeHandle() }
 
@@ -69,7 +74,11 @@ extension StepGroupBackend {
 
     func updateAll(_ inputs: [epUpdateInputs_t], _ settings: CallSettings, _ stream: UnsafeMutableRawPointer?) throws {
         let handle = try handle(settings), group = try self.group, ranks = try callRanks()
-        let routing = try perRank(group, ranks) { r in try TensorDescriptor.tensor(inputs[r].topkIdx, "inputs[\(r)].topkIdx") }
+        let cache = descriptors
+        let routing = try perRank(group, ranks) { r in
+            try cache?.tensor(inputs[r].topkIdx, r, .updateTopkIdx, "inputs[\(r)].topkIdx")
+                ?? TensorDescriptor.tensor(inputs[r].topkIdx, "inputs[\(r)].topkIdx")
+        }
             .map { $0 ?? .absent }
         let options = self.options(settings, stream)
         try perform(.update(topkIdx: routing), step: settings.step, ranks: ranks) { () throws(EPError) in
@@ -86,6 +95,7 @@ extension StepGroupBackend {
         // Built in place (no per-rank tuples): this is the data path's host cost.
         let local = group.localRanks
         var ins: [DispatchInput] = [], outs: [DispatchOutput] = [], destinations: [(Int, LayoutInfoDestination)] = []
+        let cache = descriptors
         ins.reserveCapacity(local.count)
         outs.reserveCapacity(local.count)
         for r in local {
@@ -94,8 +104,13 @@ extension StepGroupBackend {
                 outs.append(.absent)
                 continue
             }
-            ins.append(try DispatchInput(inputs[r], "inputs[\(r)]"))
-            outs.append(try DispatchOutput(outputs[r], "outputs[\(r)]"))
+            if let cache {
+                ins.append(try DispatchInput(inputs[r], rank: r, cache: cache))
+                outs.append(try DispatchOutput(outputs[r], rank: r, cache: cache))
+            } else {
+                ins.append(try DispatchInput(inputs[r], "inputs[\(r)]"))
+                outs.append(try DispatchOutput(outputs[r], "outputs[\(r)]"))
+            }
             if let destination = try LayoutInfoDestination(outputs[r].layoutInfo, "outputs[\(r)].layoutInfo") {
                 destinations.append((r, destination))
             }
@@ -128,12 +143,22 @@ extension StepGroupBackend {
         let handle = try handle(settings), group = try self.group, ranks = try callRanks()
         let local = group.localRanks
         var ins: [CombineInput] = [], outs: [CombineOutput] = []
+        let cache = descriptors
         ins.reserveCapacity(local.count)
         outs.reserveCapacity(local.count)
         for r in local {
-            let read = ranks.contains(r)
-            ins.append(read ? try CombineInput(inputs[r], "inputs[\(r)]") : .absent)
-            outs.append(read ? try CombineOutput(outputs[r], "outputs[\(r)]") : .absent)
+            guard ranks.contains(r) else {
+                ins.append(.absent)
+                outs.append(.absent)
+                continue
+            }
+            if let cache {
+                ins.append(try CombineInput(inputs[r], rank: r, cache: cache))
+                outs.append(try CombineOutput(outputs[r], rank: r, cache: cache))
+            } else {
+                ins.append(try CombineInput(inputs[r], "inputs[\(r)]"))
+                outs.append(try CombineOutput(outputs[r], "outputs[\(r)]"))
+            }
         }
         let options = self.options(settings, stream), direction = settings.direction
         try perform(.combine(ins, outs, direction), step: settings.step, ranks: ranks) { () throws(EPError) in

@@ -1,0 +1,89 @@
+import CExpertParallel
+import ExpertParallel
+import Foundation
+
+/// The tensor descriptors a group's collective calls were last given, by argument and rank, with
+/// what each was converted to. A caller that passes the same descriptors again (the Python
+/// package keeps them from call to call) skips their conversion and checks: a call then
+/// allocates no shape arrays for them. Compared byte for byte with what was converted, so a
+/// descriptor changed in place, or another one at the same place, is converted and checked again.
+/// Used under the group's lock (the collective calls are serialised).
+final class DescriptorCache {
+    /// Descriptors per rank a collective call may pass: update 1, dispatch 3 + 6, combine 3 + 2.
+    static let perRank = 15
+    enum Field: Int {
+        case updateTopkIdx
+        case dispatchTokens, dispatchWeights, dispatchScales
+        case receivedTokens, receivedTopkIdx, receivedWeights, expertCounts, expertSourceCounts, receivedScales
+        case expertOutputs, combineWeights, weightGradients
+        case combinedTokens, weightGradientsOut
+    }
+
+    private struct Entry {
+        var pointer: UnsafeRawPointer
+        var bytes: epTensor_t
+        var tensor: TensorRef
+    }
+
+    private var entries: [Entry?]
+
+    init(ranks: Int) {
+        entries = Array(repeating: nil, count: ranks * Self.perRank)
+    }
+
+    /// The tensor `pointer` describes (as `TensorDescriptor.tensor`), for `field` of rank `rank`.
+    func tensor(_ pointer: UnsafePointer<epTensor_t>?, _ rank: Int, _ field: Field, _ name: @autoclosure () -> String) throws(EPError) -> TensorRef {
+        guard let pointer else { return try TensorDescriptor.tensor(nil, name()) }
+        let raw = UnsafeRawPointer(pointer), size = epTensor_t.abiSize
+        let slot = rank * Self.perRank + field.rawValue
+        if slot < entries.count, let entry = entries[slot], entry.pointer == raw,
+           withUnsafeBytes(of: entry.bytes, { memcmp($0.baseAddress!, raw, size) }) == 0 {
+            return entry.tensor
+        }
+        let tensor = try TensorDescriptor.tensor(pointer, name())
+        if slot < entries.count, raw.loadUnaligned(as: Int.self) == size {
+            entries[slot] = Entry(pointer: raw, bytes: raw.loadUnaligned(as: epTensor_t.self), tensor: tensor)
+        }
+        return tensor
+    }
+
+    /// `tensor`, or nil when the pointer is NULL (an optional tensor).
+    func optionalTensor(_ pointer: UnsafePointer<epTensor_t>?, _ rank: Int, _ field: Field, _ name: @autoclosure () -> String) throws(EPError) -> TensorRef? {
+        guard let pointer else { return nil }
+        return try tensor(pointer, rank, field, name())
+    }
+}
+
+extension DispatchInput {
+    init(_ c: epDispatchInputs_t, rank r: Int, cache: DescriptorCache) throws(EPError) {
+        self.init(tokens: try cache.tensor(c.tokens, r, .dispatchTokens, "inputs[\(r)].tokens"),
+                  topkWeights: try cache.optionalTensor(c.topkWeights, r, .dispatchWeights, "inputs[\(r)].topkWeights"),
+                  scales: try cache.optionalTensor(c.scales, r, .dispatchScales, "inputs[\(r)].scales"))
+    }
+}
+
+extension DispatchOutput {
+    init(_ c: epDispatchOutputs_t, rank r: Int, cache: DescriptorCache) throws(EPError) {
+        self.init(tokens: try cache.tensor(c.tokens, r, .receivedTokens, "outputs[\(r)].tokens"),
+                  topkIdx: try cache.optionalTensor(c.topkIdx, r, .receivedTopkIdx, "outputs[\(r)].topkIdx"),
+                  topkWeights: try cache.optionalTensor(c.topkWeights, r, .receivedWeights, "outputs[\(r)].topkWeights"),
+                  expertCounts: try cache.optionalTensor(c.expertCounts, r, .expertCounts, "outputs[\(r)].expertCounts"),
+                  expertSourceCounts: try cache.optionalTensor(c.expertSourceCounts, r, .expertSourceCounts, "outputs[\(r)].expertSourceCounts"),
+                  scales: try cache.optionalTensor(c.scales, r, .receivedScales, "outputs[\(r)].scales"))
+    }
+}
+
+extension CombineInput {
+    init(_ c: epCombineInputs_t, rank r: Int, cache: DescriptorCache) throws(EPError) {
+        self.init(expertOutputs: try cache.tensor(c.expertOutputs, r, .expertOutputs, "inputs[\(r)].expertOutputs"),
+                  topkWeights: try cache.optionalTensor(c.topkWeights, r, .combineWeights, "inputs[\(r)].topkWeights"),
+                  weightGradients: try cache.optionalTensor(c.weightGradients, r, .weightGradients, "inputs[\(r)].weightGradients"))
+    }
+}
+
+extension CombineOutput {
+    init(_ c: epCombineOutputs_t, rank r: Int, cache: DescriptorCache) throws(EPError) {
+        self.init(tokens: try cache.tensor(c.tokens, r, .combinedTokens, "outputs[\(r)].tokens"),
+                  topkWeightGradients: try cache.optionalTensor(c.topkWeightGradients, r, .weightGradientsOut, "outputs[\(r)].topkWeightGradients"))
+    }
+}
