@@ -19,16 +19,16 @@ final class DescriptorCache {
         case combinedTokens, weightGradientsOut
     }
 
-    private struct Entry {
-        var pointer: UnsafeRawPointer
-        var bytes: epTensor_t
-        var tensor: TensorRef
-    }
-
-    private var entries: [Entry?]
+    // By slot (rank × perRank + field): where the descriptor was, its bytes, what it became.
+    // Kept apart so that a lookup compares in place and copies nothing but the tensor.
+    private var pointers: [UnsafeRawPointer?]
+    private var bytes: [epTensor_t]
+    private var tensors: [TensorRef?]
 
     init(ranks: Int) {
-        entries = Array(repeating: nil, count: ranks * Self.perRank)
+        pointers = Array(repeating: nil, count: ranks * Self.perRank)
+        bytes = Array(repeating: epTensor_t(), count: ranks * Self.perRank)
+        tensors = Array(repeating: nil, count: ranks * Self.perRank)
     }
 
     /// The tensor `pointer` describes (as `TensorDescriptor.tensor`), for `field` of rank `rank`.
@@ -36,13 +36,16 @@ final class DescriptorCache {
         guard let pointer else { return try TensorDescriptor.tensor(nil, name()) }
         let raw = UnsafeRawPointer(pointer), size = epTensor_t.abiSize
         let slot = rank * Self.perRank + field.rawValue
-        if slot < entries.count, let entry = entries[slot], entry.pointer == raw,
-           withUnsafeBytes(of: entry.bytes, { memcmp($0.baseAddress!, raw, size) }) == 0 {
-            return entry.tensor
+        guard slot < pointers.count else { return try TensorDescriptor.tensor(pointer, name()) }
+        if pointers[slot] == raw, bytes.withUnsafeBufferPointer({ memcmp($0.baseAddress! + slot, raw, size) }) == 0, let tensor = tensors[slot] {
+            return tensor
         }
         let tensor = try TensorDescriptor.tensor(pointer, name())
-        if slot < entries.count, raw.loadUnaligned(as: Int.self) == size {
-            entries[slot] = Entry(pointer: raw, bytes: raw.loadUnaligned(as: epTensor_t.self), tensor: tensor)
+        if raw.loadUnaligned(as: Int.self) == size {
+            pointers[slot] = raw
+            // Byte for byte, padding included, as the lookup compares them.
+            bytes.withUnsafeMutableBufferPointer { UnsafeMutableRawPointer($0.baseAddress! + slot).copyMemory(from: raw, byteCount: size) }
+            tensors[slot] = tensor
         }
         return tensor
     }
