@@ -3,38 +3,42 @@ import ExpertParallel
 import ExpertParallelGPU
 
 /// The call structs of one rank, converted to the core's types. `name` is the argument's name in
-/// error messages, such as "inputs[2]".
+/// error messages, such as "inputs[2]"; `cache` (a group's collective calls): where the
+/// descriptors of rank `rank` were last converted (DescriptorCache.swift).
 extension DispatchInput {
-    init(_ c: epDispatchInputs_t, _ name: @autoclosure () -> String) throws(EPError) {
-        self.init(tokens: try TensorDescriptor.tensor(c.tokens, "\(name()).tokens"),
-                  topkWeights: try TensorDescriptor.optionalTensor(c.topkWeights, "\(name()).topkWeights"),
-                  scales: try TensorDescriptor.optionalTensor(c.scales, "\(name()).scales"))
+    init(_ c: epDispatchInputs_t, _ name: @autoclosure () -> String, cache: DescriptorCache? = nil, rank: Int = 0) throws(EPError) {
+        self.init(tokens: try DescriptorCache.tensor(c.tokens, in: cache, rank, .dispatchTokens, "\(name()).tokens"),
+                  topkWeights: try DescriptorCache.optionalTensor(c.topkWeights, in: cache, rank, .dispatchWeights, "\(name()).topkWeights"),
+                  scales: try DescriptorCache.optionalTensor(c.scales, in: cache, rank, .dispatchScales, "\(name()).scales"))
     }
 }
 
 extension DispatchOutput {
-    init(_ c: epDispatchOutputs_t, _ name: @autoclosure () -> String) throws(EPError) {
-        self.init(tokens: try TensorDescriptor.tensor(c.tokens, "\(name()).tokens"),
-                  topkIdx: try TensorDescriptor.optionalTensor(c.topkIdx, "\(name()).topkIdx"),
-                  topkWeights: try TensorDescriptor.optionalTensor(c.topkWeights, "\(name()).topkWeights"),
-                  expertCounts: try TensorDescriptor.optionalTensor(c.expertCounts, "\(name()).expertCounts"),
-                  expertSourceCounts: try TensorDescriptor.optionalTensor(c.expertSourceCounts, "\(name()).expertSourceCounts"),
-                  scales: try TensorDescriptor.optionalTensor(c.scales, "\(name()).scales"))
+    init(_ c: epDispatchOutputs_t, _ name: @autoclosure () -> String, cache: DescriptorCache? = nil, rank: Int = 0) throws(EPError) {
+        self.init(tokens: try DescriptorCache.tensor(c.tokens, in: cache, rank, .receivedTokens, "\(name()).tokens"),
+                  topkIdx: try DescriptorCache.optionalTensor(c.topkIdx, in: cache, rank, .receivedTopkIdx, "\(name()).topkIdx"),
+                  topkWeights: try DescriptorCache.optionalTensor(c.topkWeights, in: cache, rank, .receivedWeights, "\(name()).topkWeights"),
+                  expertCounts: try DescriptorCache.optionalTensor(c.expertCounts, in: cache, rank, .expertCounts, "\(name()).expertCounts"),
+                  expertSourceCounts: try DescriptorCache.optionalTensor(
+                      c.expertSourceCounts, in: cache, rank, .expertSourceCounts, "\(name()).expertSourceCounts"),
+                  scales: try DescriptorCache.optionalTensor(c.scales, in: cache, rank, .receivedScales, "\(name()).scales"))
     }
 }
 
 extension CombineInput {
-    init(_ c: epCombineInputs_t, _ name: @autoclosure () -> String) throws(EPError) {
-        self.init(expertOutputs: try TensorDescriptor.tensor(c.expertOutputs, "\(name()).expertOutputs"),
-                  topkWeights: try TensorDescriptor.optionalTensor(c.topkWeights, "\(name()).topkWeights"),
-                  weightGradients: try TensorDescriptor.optionalTensor(c.weightGradients, "\(name()).weightGradients"))
+    init(_ c: epCombineInputs_t, _ name: @autoclosure () -> String, cache: DescriptorCache? = nil, rank: Int = 0) throws(EPError) {
+        self.init(expertOutputs: try DescriptorCache.tensor(c.expertOutputs, in: cache, rank, .expertOutputs, "\(name()).expertOutputs"),
+                  topkWeights: try DescriptorCache.optionalTensor(c.topkWeights, in: cache, rank, .combineWeights, "\(name()).topkWeights"),
+                  weightGradients: try DescriptorCache.optionalTensor(
+                      c.weightGradients, in: cache, rank, .weightGradients, "\(name()).weightGradients"))
     }
 }
 
 extension CombineOutput {
-    init(_ c: epCombineOutputs_t, _ name: @autoclosure () -> String) throws(EPError) {
-        self.init(tokens: try TensorDescriptor.tensor(c.tokens, "\(name()).tokens"),
-                  topkWeightGradients: try TensorDescriptor.optionalTensor(c.topkWeightGradients, "\(name()).topkWeightGradients"))
+    init(_ c: epCombineOutputs_t, _ name: @autoclosure () -> String, cache: DescriptorCache? = nil, rank: Int = 0) throws(EPError) {
+        self.init(tokens: try DescriptorCache.tensor(c.tokens, in: cache, rank, .combinedTokens, "\(name()).tokens"),
+                  topkWeightGradients: try DescriptorCache.optionalTensor(
+                      c.topkWeightGradients, in: cache, rank, .weightGradientsOut, "\(name()).topkWeightGradients"))
     }
 }
 

@@ -50,43 +50,19 @@ final class DescriptorCache {
         return tensor
     }
 
-    /// `tensor`, or nil when the pointer is NULL (an optional tensor).
-    func optionalTensor(_ pointer: UnsafePointer<epTensor_t>?, _ rank: Int, _ field: Field, _ name: @autoclosure () -> String) throws(EPError) -> TensorRef? {
+    /// `cache.tensor`, or `TensorDescriptor.tensor` where there is no cache.
+    static func tensor(
+        _ pointer: UnsafePointer<epTensor_t>?, in cache: DescriptorCache?, _ rank: Int, _ field: Field, _ name: @autoclosure () -> String
+    ) throws(EPError) -> TensorRef {
+        guard let cache else { return try TensorDescriptor.tensor(pointer, name()) }
+        return try cache.tensor(pointer, rank, field, name())
+    }
+
+    /// `tensor(_:in:...)`, or nil when the pointer is NULL (an optional tensor).
+    static func optionalTensor(
+        _ pointer: UnsafePointer<epTensor_t>?, in cache: DescriptorCache?, _ rank: Int, _ field: Field, _ name: @autoclosure () -> String
+    ) throws(EPError) -> TensorRef? {
         guard let pointer else { return nil }
-        return try tensor(pointer, rank, field, name())
-    }
-}
-
-extension DispatchInput {
-    init(_ c: epDispatchInputs_t, rank r: Int, cache: DescriptorCache) throws(EPError) {
-        self.init(tokens: try cache.tensor(c.tokens, r, .dispatchTokens, "inputs[\(r)].tokens"),
-                  topkWeights: try cache.optionalTensor(c.topkWeights, r, .dispatchWeights, "inputs[\(r)].topkWeights"),
-                  scales: try cache.optionalTensor(c.scales, r, .dispatchScales, "inputs[\(r)].scales"))
-    }
-}
-
-extension DispatchOutput {
-    init(_ c: epDispatchOutputs_t, rank r: Int, cache: DescriptorCache) throws(EPError) {
-        self.init(tokens: try cache.tensor(c.tokens, r, .receivedTokens, "outputs[\(r)].tokens"),
-                  topkIdx: try cache.optionalTensor(c.topkIdx, r, .receivedTopkIdx, "outputs[\(r)].topkIdx"),
-                  topkWeights: try cache.optionalTensor(c.topkWeights, r, .receivedWeights, "outputs[\(r)].topkWeights"),
-                  expertCounts: try cache.optionalTensor(c.expertCounts, r, .expertCounts, "outputs[\(r)].expertCounts"),
-                  expertSourceCounts: try cache.optionalTensor(c.expertSourceCounts, r, .expertSourceCounts, "outputs[\(r)].expertSourceCounts"),
-                  scales: try cache.optionalTensor(c.scales, r, .receivedScales, "outputs[\(r)].scales"))
-    }
-}
-
-extension CombineInput {
-    init(_ c: epCombineInputs_t, rank r: Int, cache: DescriptorCache) throws(EPError) {
-        self.init(expertOutputs: try cache.tensor(c.expertOutputs, r, .expertOutputs, "inputs[\(r)].expertOutputs"),
-                  topkWeights: try cache.optionalTensor(c.topkWeights, r, .combineWeights, "inputs[\(r)].topkWeights"),
-                  weightGradients: try cache.optionalTensor(c.weightGradients, r, .weightGradients, "inputs[\(r)].weightGradients"))
-    }
-}
-
-extension CombineOutput {
-    init(_ c: epCombineOutputs_t, rank r: Int, cache: DescriptorCache) throws(EPError) {
-        self.init(tokens: try cache.tensor(c.tokens, r, .combinedTokens, "outputs[\(r)].tokens"),
-                  topkWeightGradients: try cache.optionalTensor(c.topkWeightGradients, r, .weightGradientsOut, "outputs[\(r)].topkWeightGradients"))
+        return try tensor(pointer, in: cache, rank, field, name())
     }
 }

@@ -76,8 +76,7 @@ extension StepGroupBackend {
         let handle = try handle(settings), group = try self.group, ranks = try callRanks()
         let cache = descriptors
         let routing = try perRank(group, ranks) { r in
-            try cache?.tensor(inputs[r].topkIdx, r, .updateTopkIdx, "inputs[\(r)].topkIdx")
-                ?? TensorDescriptor.tensor(inputs[r].topkIdx, "inputs[\(r)].topkIdx")
+            try DescriptorCache.tensor(inputs[r].topkIdx, in: cache, r, .updateTopkIdx, "inputs[\(r)].topkIdx")
         }
             .map { $0 ?? .absent }
         let options = self.options(settings, stream)
@@ -104,13 +103,8 @@ extension StepGroupBackend {
                 outs.append(.absent)
                 continue
             }
-            if let cache {
-                ins.append(try DispatchInput(inputs[r], rank: r, cache: cache))
-                outs.append(try DispatchOutput(outputs[r], rank: r, cache: cache))
-            } else {
-                ins.append(try DispatchInput(inputs[r], "inputs[\(r)]"))
-                outs.append(try DispatchOutput(outputs[r], "outputs[\(r)]"))
-            }
+            ins.append(try DispatchInput(inputs[r], "inputs[\(r)]", cache: cache, rank: r))
+            outs.append(try DispatchOutput(outputs[r], "outputs[\(r)]", cache: cache, rank: r))
             if let destination = try LayoutInfoDestination(outputs[r].layoutInfo, "outputs[\(r)].layoutInfo") {
                 destinations.append((r, destination))
             }
@@ -147,18 +141,9 @@ extension StepGroupBackend {
         ins.reserveCapacity(local.count)
         outs.reserveCapacity(local.count)
         for r in local {
-            guard ranks.contains(r) else {
-                ins.append(.absent)
-                outs.append(.absent)
-                continue
-            }
-            if let cache {
-                ins.append(try CombineInput(inputs[r], rank: r, cache: cache))
-                outs.append(try CombineOutput(outputs[r], rank: r, cache: cache))
-            } else {
-                ins.append(try CombineInput(inputs[r], "inputs[\(r)]"))
-                outs.append(try CombineOutput(outputs[r], "outputs[\(r)]"))
-            }
+            let read = ranks.contains(r)
+            ins.append(read ? try CombineInput(inputs[r], "inputs[\(r)]", cache: cache, rank: r) : .absent)
+            outs.append(read ? try CombineOutput(outputs[r], "outputs[\(r)]", cache: cache, rank: r) : .absent)
         }
         let options = self.options(settings, stream), direction = settings.direction
         try perform(.combine(ins, outs, direction), step: settings.step, ranks: ranks) { () throws(EPError) in
