@@ -68,12 +68,12 @@ extension HostBackend: StepGroupBackend {
 
     /// Whether rank `r`'s own checks of `call` throw `expected`.
     private func rejects(_ call: StepCall, rank r: Int, with expected: EPError, tokens stepTokens: [Int]?) -> Bool {
-        let config = group.config, tokens = stepTokens?[r] ?? 0
+        let config = group.config, shapes = group.shapes, tokens = stepTokens?[r] ?? 0
         do throws(EPError) {
             switch call {
             case .update(let routing): _ = try RoutingTable(topkIdx: routing[r], config: config)
-            case let .dispatch(ins, outs): try config.validateDispatch(ins[r], outs[r], tokens: tokens)
-            case let .combine(ins, outs, direction): try config.validateCombine(ins[r], outs[r], tokens: tokens, direction: direction)
+            case let .dispatch(ins, outs): try shapes.validateDispatch(ins[r], outs[r], tokens: tokens)
+            case let .combine(ins, outs, direction): try shapes.validateCombine(ins[r], outs[r], tokens: tokens, direction: direction)
             }
             return false
         } catch {

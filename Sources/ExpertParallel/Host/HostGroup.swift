@@ -5,6 +5,8 @@ import Foundation
 /// run on a thread of their own and meet the others only through the group's transport.
 public final class HostGroup: Sendable {
     public let config: GroupConfig
+    /// The call checks' shapes, worked out once for every rank's calls.
+    public let shapes: CallShapes
     let transport: HostTransport
     let counters: [RoundCounter]
 
@@ -13,6 +15,7 @@ public final class HostGroup: Sendable {
     public init(_ config: GroupConfig) throws(EPError) {
         self.config = try config.validated()
         try config.checkHostStepMemory(tokens: 0)
+        shapes = CallShapes(self.config)
         transport = HostTransport(ranks: config.ranks)
         counters = (0..<config.ranks).map { _ in RoundCounter() }
     }

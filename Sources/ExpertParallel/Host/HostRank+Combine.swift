@@ -8,7 +8,7 @@ extension HostRank {
         // Every check fails inside the exchange below, so the other ranks learn of it at once.
         let step = Result { () throws(EPError) in
             let step = try self.step(handle, combine: true)
-            try config.validateCombine(input, output, tokens: step.routing.tokens, direction: direction)
+            try group.shapes.validateCombine(input, output, tokens: step.routing.tokens, direction: direction)
             return step
         }
         let participants = (try? step.get())?.participants ?? group.transport.activeRanks

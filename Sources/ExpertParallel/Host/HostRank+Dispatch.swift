@@ -6,7 +6,7 @@ extension HostRank {
         // Every check fails inside the exchange below, so the other ranks learn of it at once.
         let step = Result { () throws(EPError) in
             let step = try self.step(handle, combine: false)
-            try config.validateDispatch(input, output, tokens: step.routing.tokens)
+            try group.shapes.validateDispatch(input, output, tokens: step.routing.tokens)
             return step
         }
         let participants = (try? step.get())?.participants ?? group.transport.activeRanks
