@@ -84,6 +84,8 @@ def describe(target, group, algorithm, element):
     #: scales, or int32 words of four exponent bytes
     target.recv_scales_shape = tuple(info.receiveScalesShape[:info.receiveScalesNdim]) or None
     target._scale_type = _abi.F32 if target.fp8 == "float32" else _abi.I32
+    # what dispatch reads: e4m3 rows for an FP8 pass-through group, else the element type
+    target._input_element = _abi.E4M3 if target.fp8_source == "pass_through" and target.fp8 else element
 
 
 def check_buffers(target, copies):

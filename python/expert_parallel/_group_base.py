@@ -9,7 +9,7 @@ import functools
 import threading
 from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
-from . import _arrays
+from . import _abi, _arrays
 from ._library import call
 from .errors import InvalidArgumentError, InvalidUsageError
 
@@ -123,6 +123,14 @@ class GroupBase:
         # Also after close(): a live step keeps the library's group (and its device memory) alive.
         with self._lock:
             call("epStepDestroy", handle._pointer)
+
+    def _require_scales(self, scales):
+        """FP8 pass-through groups take the scales of their e4m3 rows with them; the others none."""
+        passes_fp8 = self._input_element == _abi.E4M3
+        if passes_fp8 and scales is None:
+            raise InvalidArgumentError("scales: None; an FP8 pass-through group takes the scales of its e4m3 rows")
+        if scales is not None and not passes_fp8:
+            raise InvalidArgumentError("scales: given; only FP8 pass-through groups take scales")
 
     def _check_handle(self, handle, dispatched):
         from ._results import Handle

@@ -112,7 +112,6 @@ class VirtualGroup(GroupBase):
         self._fn_update = library.epGroupUpdateAll
         self._fn_dispatch = library.epGroupDispatchAll
         self._fn_combine = library.epGroupCombineAll
-        self._input_element = _abi.E4M3 if self.fp8_source == "pass_through" and self.fp8 else self._element
         self._x = _fast.Descriptors(r, device, self._input_element, (h,))
         self._s = None if self.recv_scales_shape is None else _fast.Descriptors(
             r, device, self._scale_type, (self.recv_scales_shape[-1],))
@@ -177,14 +176,11 @@ class VirtualGroup(GroupBase):
 
         device, element, h, k = self._device, self._element, self.hidden, self.top_k
         tokens, like = self._rows(xs, "xs", {self._input_element}, h, self._x, None)
-        if self.fp8_source == "pass_through" and self.fp8:
-            if scales is None:
-                raise InvalidArgumentError("scales: None; an FP8 pass-through group takes the scales of its e4m3 rows")
+        self._require_scales(scales)
+        if scales is not None:
             self._rows(scales, "scales", {self._scale_type}, self.recv_scales_shape[-1], self._s, tokens)
             for i in range(r):
                 self._dispatch_inputs[i].scales = self._s.pointers[i]
-        elif scales is not None:
-            raise InvalidArgumentError("scales: given; only FP8 pass-through groups take scales")
         if topk_idx is not None:
             self._rows(topk_idx, "topk_idx", {_abi.I32, _abi.I64}, k, self._idx, tokens)
         elif list(tokens) != list(handle.tokens):

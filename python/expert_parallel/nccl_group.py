@@ -239,12 +239,8 @@ class NCCLGroup(GroupBase):
             raise InvalidArgumentError(f"topk_weights: None; layout {self.layout!r} sends the weights with the tokens")
         self._require_torch(x, "x")
         h, k = self.hidden, self.top_k
-        passes_fp8 = bool(self.fp8) and self.fp8_source == "pass_through"
-        x_desc = _arrays.tensor(x, "x", dtypes={_abi.E4M3 if passes_fp8 else self._element}, device=self._device, shape=(b, h))
-        if passes_fp8 and scales is None:
-            raise InvalidArgumentError("scales: None; an FP8 pass-through group takes the scales of its e4m3 rows")
-        if scales is not None and not passes_fp8:
-            raise InvalidArgumentError("scales: given; only FP8 pass-through groups take scales")
+        x_desc = _arrays.tensor(x, "x", dtypes={self._input_element}, device=self._device, shape=(b, h))
+        self._require_scales(scales)
         s_desc = None if scales is None else _arrays.tensor(
             scales, "scales", dtypes={self._scale_type}, device=self._device, shape=(b, self.recv_scales_shape[-1]))
         w_desc = None if topk_weights is None else _arrays.tensor(
