@@ -16,12 +16,16 @@ struct DescriptorCacheTests {
             let object = GroupObject(config: config, backend: try GPUBackend(VirtualGPUGroup(config, device: device)))
             let group = groupRegistry.add(object)
             defer { _ = cGroupDestroy(group) }
-            var tensors: [DeviceTensor] = []
-            func described(_ dtype: DataType, _ shape: [Int]) throws -> UnsafeMutablePointer<epTensor_t> {
+            var tensors: [DeviceTensor] = [], descriptors: [UnsafeMutablePointer<epTensor_t>] = []
+            defer { for p in descriptors { p.deallocate() } }
+            /// A device tensor (holding `host`'s bytes when given) and its descriptor, kept to the end.
+            func described(_ dtype: DataType, _ shape: [Int], from host: HostTensor? = nil) throws -> UnsafeMutablePointer<epTensor_t> {
                 let tensor = try DeviceTensor(dtype, shape, on: device)
+                if let host { try tensor.upload(host) }
                 tensors.append(tensor)
                 let p = UnsafeMutablePointer<epTensor_t>.allocate(capacity: 1)
                 p.initialize(to: TensorDescriptor.describe(tensor.ref, location: .device(0)))
+                descriptors.append(p)
                 return p
             }
             var update: [epUpdateInputs_t] = [], inputs: [epDispatchInputs_t] = [], outputs: [epDispatchOutputs_t] = []
@@ -30,14 +34,9 @@ struct DescriptorCacheTests {
                 let idx = HostTensor(.i32, [4, 2])
                 let ids = idx.storage.bindMemory(to: Int32.self, capacity: 8)
                 for i in 0..<8 { ids[i] = Int32(i % 8) }
-                let routing = try DeviceTensor(.i32, [4, 2], on: device)
-                try routing.upload(idx)
-                tensors.append(routing)
-                let routingDescriptor = UnsafeMutablePointer<epTensor_t>.allocate(capacity: 1)
-                routingDescriptor.initialize(to: TensorDescriptor.describe(routing.ref, location: .device(0)))
                 var u = epUpdateInputs_t()
                 u.structSize = epUpdateInputs_t.abiSize
-                u.topkIdx = UnsafePointer(routingDescriptor)
+                u.topkIdx = UnsafePointer(try described(.i32, [4, 2], from: idx))
                 update.append(u)
                 let x = try described(.bf16, [4, 128])
                 tokens.append(x)

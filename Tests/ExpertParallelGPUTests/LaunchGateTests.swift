@@ -44,15 +44,12 @@ struct TicketLockTests {
         let gate = TicketLock()
         let order = Mutex<[Int]>([])
         gate.lock()
-        var threads: [Thread] = []
         for i in 0..<4 {
-            let thread = Thread {
+            Thread {
                 gate.lock()
                 order.withLock { $0.append(i) }
                 gate.unlock()
-            }
-            threads.append(thread)
-            thread.start()
+            }.start()
             Thread.sleep(forTimeInterval: 0.05)   // thread i takes its ticket before thread i + 1 starts
         }
         gate.unlock()

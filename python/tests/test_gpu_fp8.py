@@ -106,8 +106,9 @@ def test_a_one_rank_nccl_group_dispatches_fp8_like_the_cpu(algorithm, layout, al
     """An NCCL rank group (one GPU, one rank) receives e4m3 rows and their scales into its own
     buffer slot, bit for bit as the CPU backend, and combines the expert outputs after them."""
     shape = (1, 8, 4, 256, 12)
-    common = dict(experts=8, hidden=256, top_k=4, max_tokens=12, algorithm=algorithm, layout=layout, alignment=alignment,
-                  dtype="bf16", fp8=mode, fp8_source=source)
+    _, experts, top_k, hidden, max_tokens = shape
+    common = dict(experts=experts, hidden=hidden, top_k=top_k, max_tokens=max_tokens, algorithm=algorithm, layout=layout,
+                  alignment=alignment, dtype="bf16", fp8=mode, fp8_source=source)
     group = ep.NCCLGroup(rank=0, ranks=1, unique_id=ep.nccl_unique_id(), device=0, **common)
     cpu = ep.VirtualGroup(ranks=1, device="cpu", **common)
     try:
