@@ -45,7 +45,7 @@ extern "C" {
 #endif
 
 /* The ABI this header describes; epGetAbiVersion reports the library's. */
-#define EP_ABI_VERSION 3
+#define EP_ABI_VERSION 4
 /* Most dimensions an epTensor_t carries. */
 #define EP_MAX_DIMS 4
 
@@ -394,6 +394,68 @@ epResult_t epGroupCombineAll(epGroup_t group, const epCombineInputs_t* inputs, c
 epResult_t epGroupCheckStatus(epGroup_t group);
 /* What `rank` received in the last dispatch (GPU group: checks the status first, so it waits). */
 epResult_t epGroupGetLayoutInfo(epGroup_t group, int32_t rank, epLayoutInfo_t* info);
+
+/* ---------------------------------------------------------------------------------------- */
+/* Stacked calls (v4): a collective call whose every per-rank argument is one part of one array
+ * (rank r's part starts rankStride bytes after rank r-1's), described once instead of once per
+ * rank: the fast path of callers that keep their ranks' tensors in one [R, ...] array (the
+ * Python package's VirtualGroup). The library checks each array like rank 0's epTensor_t of
+ * the per-rank call (type, device, an address wherever there are elements) and its stride and
+ * alignment; as with epTensor_t it cannot see how much memory an address has, so the sizes are
+ * the caller's word. Host and virtual GPU groups (NCCL-rank groups: epInvalidUsage). */
+
+typedef struct {
+    void* data;             /* rank 0's part; NULL: not given (an input with no elements, or an
+                             * optional argument left out) */
+    epDataType_t dtype;
+    int32_t device;         /* -1: host memory; >= 0: memory of that CUDA device (the group's) */
+    int64_t rankStride;     /* bytes from one rank's part to the next's; 0: packed (one part's own
+                             * size, for the shape the call needs) */
+} epStacked_t;
+
+/* Every rank's `tokens` rows (the same B for every rank). With topkIdx.data set the call is the
+ * step's update and its dispatch in one call (as epGroupUpdateAll then epGroupDispatchAll);
+ * without, a dispatch of the step's routing again (a backward dispatch), B the step's. The parts
+ * have the shapes of the per-rank call's tensors: rank r's topkIdx is [B, K], its received
+ * rows receiveShape, and so on. Everything is checked before anything runs; a rejected call
+ * with topkIdx voids the step, as a rejected update does. */
+typedef struct {
+    size_t structSize;
+    int64_t tokens;                   /* B, 0 ... maxTokensPerRank */
+    epStacked_t topkIdx;              /* [B, K] int32 or int64 per rank, or data NULL (see above) */
+    epStacked_t inputTokens;          /* [B, H] rows per rank (epDispatchInputs_t.tokens) */
+    epStacked_t topkWeights;          /* [B, K] float32 (epDispatchInputs_t.topkWeights) */
+    epStacked_t scales;               /* FP8 pass-through: [B, scale words] */
+    epStacked_t receivedTokens;       /* receiveShape per rank (epDispatchOutputs_t.tokens) */
+    epStacked_t receivedTopkIdx;      /* receiveRoutingShape, int32 or int64; layouts that have it */
+    epStacked_t receivedTopkWeights;  /* receiveRoutingShape, float32; layouts that have it */
+    epStacked_t receivedScales;       /* FP8 groups: receiveScalesShape */
+    epStacked_t expertCounts;         /* optional: [L] int32 per rank */
+    epStacked_t expertSourceCounts;   /* optional: [L, R] int32 per rank */
+    epPassDirection_t direction;
+    epLaunchMode_t launchMode;        /* GPU group only */
+    epCallPhase_t phase;
+    epStep_t step;                    /* NULL: the group's own step */
+} epStackedDispatch_t;
+
+/* The combine of a dispatched step; rank r's combined rows (its routing's B_r) go to part r of
+ * combinedTokens, [B_r, H] (packed: the most rows of any rank per part). */
+typedef struct {
+    size_t structSize;
+    epStacked_t expertOutputs;        /* receiveShape per rank (epCombineInputs_t.expertOutputs) */
+    epStacked_t topkWeights;          /* epCombineInputs_t.topkWeights: LL expert-major forward [B, K];
+                                       * HT expert-major forward the per-slot [N]; else data NULL */
+    epStacked_t weightGradients;      /* backward HT: receiveRoutingShape per rank */
+    epStacked_t combinedTokens;       /* [B, H] per rank (epCombineOutputs_t.tokens) */
+    epStacked_t topkWeightGradients;  /* backward HT: [B, K] float32 per rank */
+    epPassDirection_t direction;
+    epLaunchMode_t launchMode;        /* GPU group only */
+    epCallPhase_t phase;
+    epStep_t step;                    /* NULL: the group's own step */
+} epStackedCombine_t;
+
+epResult_t epGroupDispatchStacked(epGroup_t group, const epStackedDispatch_t* call, void* stream);
+epResult_t epGroupCombineStacked(epGroup_t group, const epStackedCombine_t* call, void* stream);
 
 /* Steps (v3). A step holds one update's routing and what was derived from it (small: slot maps
  * and counts, in the memory the group works in); the rows stay in the receive buffers. Several

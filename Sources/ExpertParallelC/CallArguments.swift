@@ -89,13 +89,21 @@ struct CallSettings {
         }
     }
 
+    /// A stacked call's settings (its fields are in the call struct itself).
+    init(direction: epPassDirection_t, mode: epLaunchMode_t, phase: epCallPhase_t, step: OpaquePointer?, group: GroupObject) throws(EPError) {
+        self.direction = try ABIEnum.direction(direction, "call.direction")
+        self.mode = try ABIEnum.launchMode(mode, "call.launchMode")
+        self.phase = try ABIEnum.phase(phase, "call.phase")
+        self.step = try Self.step(step, group, "call.step")
+    }
+
     /// The step object a config names, checked to be one of `group`'s (a step of another group
     /// holds that group's routing and memory).
-    private static func step(_ pointer: OpaquePointer?, _ group: GroupObject) throws(EPError) -> StepObject? {
+    private static func step(_ pointer: OpaquePointer?, _ group: GroupObject, _ name: String = "config.step") throws(EPError) -> StepObject? {
         guard let pointer else { return nil }
-        let step = try stepRegistry.object(pointer, "config.step")
+        let step = try stepRegistry.object(pointer, name)
         guard step.group === group else {
-            throw .invalidArgument(field: "config.step", value: "\(pointer)", requirement: "must be a step made from this group (epStepCreate)")
+            throw .invalidArgument(field: name, value: "\(pointer)", requirement: "must be a step made from this group (epStepCreate)")
         }
         return step
     }

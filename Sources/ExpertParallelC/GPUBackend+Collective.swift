@@ -32,6 +32,15 @@ extension GPUBackend: StepGroupBackend {
         callerStreams.removeAll()
     }
 
+    /// The engine's own stacked calls: no per-rank tensors at all.
+    func dispatchStacked(_ call: StackedDispatch, _ settings: CallSettings, _ raw: UnsafeMutableRawPointer?) throws {
+        try group.dispatch(try handle(settings), stacked: call, direction: settings.direction, options: options(settings, raw))
+    }
+
+    func combineStacked(_ call: StackedCombine, _ settings: CallSettings, _ raw: UnsafeMutableRawPointer?) throws {
+        try group.combine(try handle(settings), stacked: call, direction: settings.direction, options: options(settings, raw))
+    }
+
     func rankCalls(rank: Int) throws -> any RankCalls {
         throw UnsupportedCall(message: "a virtual GPU group runs all its ranks in one launch and has no per-rank calls; use epGroupUpdateAll, epGroupDispatchAll and epGroupCombineAll")
     }

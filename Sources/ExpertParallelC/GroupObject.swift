@@ -15,6 +15,9 @@ protocol GroupBackend: AnyObject {
     func combineAll(
         _ inputs: [epCombineInputs_t], _ outputs: [epCombineOutputs_t], _ settings: CallSettings,
         _ stream: UnsafeMutableRawPointer?) throws
+    /// The stacked calls (StackedEntryPoints.swift).
+    func dispatchStacked(_ call: StackedDispatch, _ settings: CallSettings, _ stream: UnsafeMutableRawPointer?) throws
+    func combineStacked(_ call: StackedCombine, _ settings: CallSettings, _ stream: UnsafeMutableRawPointer?) throws
     /// Waits for the group's work and throws the first error recorded where the work ran.
     func checkStatus() throws
     /// What `rank` received in the last collective dispatch.

@@ -32,6 +32,13 @@ extension HostBackend: StepGroupBackend {
         }
     }
 
+    func stepTokens(_ settings: CallSettings) throws -> [Int] {
+        guard let tokens = settings.step != nil ? settings.step?.stepTokens : stepTokens else {
+            throw EPError.wrongOrder("combine needs an update and a dispatch of this step first")
+        }
+        return tokens
+    }
+
     /// Each rank's tokens in the step's last accepted update (the step's own, or the group's).
     private func setTokens(_ step: StepObject?, _ tokens: [Int]?) {
         if let step { step.stepTokens = tokens } else { stepTokens = tokens }

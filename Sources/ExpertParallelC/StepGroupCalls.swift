@@ -32,6 +32,8 @@ protocol StepGroupBackend: GroupBackend {
     /// The descriptors the collective calls were last given, converted (DescriptorCache.swift);
     /// nil: convert every call's. Default: nil.
     var descriptors: DescriptorCache? { get }
+    /// Each local rank's tokens in the step `settings` names (a stacked combine's row counts).
+    func stepTokens(_ settings: CallSettings) throws -> [Int]
 }
 
 extension StepGroupBackend {
@@ -46,6 +48,10 @@ extension StepGroupBackend {
     func perform(_ call: StepCall, step: StepObject?, ranks: [Int], _ body: () throws(EPError) -> Void) throws { try body() }
 
     var descriptors: DescriptorCache? { nil }
+
+    func stepTokens(_ settings: CallSettings) throws -> [Int] {
+        throw UnsupportedCall(message: "this group offers no stacked calls")
+    }
 
     func makeStep() throws -> any StepHandle { try group.makeHandle() }
 
@@ -79,10 +85,39 @@ extension StepGroupBackend {
             try DescriptorCache.tensor(inputs[r].topkIdx, in: cache, r, .updateTopkIdx, "inputs[\(r)].topkIdx")
         }
             .map { $0 ?? .absent }
-        let options = self.options(settings, stream)
+        try update(routing, handle: handle, ranks: ranks, settings, stream)
+    }
+
+    /// The update of converted routing (`localRanks` order, `.absent` where not read).
+    private func update(_ routing: [TensorRef], handle: Group.Handle, ranks: [Int], _ settings: CallSettings, _ stream: UnsafeMutableRawPointer?) throws {
+        let group = try self.group, options = self.options(settings, stream)
         try perform(.update(topkIdx: routing), step: settings.step, ranks: ranks) { () throws(EPError) in
             try group.update(handle, topkIdx: routing, options: options)
         }
+    }
+
+    /// A stacked dispatch as the per-rank calls (StackedEntryPoints.swift): each rank's part of
+    /// every array as its own tensor. The virtual GPU group has a faster path of its own.
+    func dispatchStacked(_ call: StackedDispatch, _ settings: CallSettings, _ stream: UnsafeMutableRawPointer?) throws {
+        let handle = try handle(settings), group = try self.group, ranks = try callRanks()
+        let checked = try CheckedStackedDispatch(call, shapes: CallShapes(group.config), location: location, stepTokens: nil)
+        let parts = group.localRanks.map { checked.rank($0) }
+        let local = group.localRanks
+        if checked.topkIdx != nil {
+            try update(local.indices.map { ranks.contains(local[$0]) ? parts[$0].topkIdx! : .absent }, handle: handle, ranks: ranks, settings, stream)
+        }
+        let ins = local.indices.map { ranks.contains(local[$0]) ? parts[$0].input : .absent }
+        try dispatch(ins, parts.map(\.output), handle: handle, ranks: ranks, settings, stream)
+    }
+
+    /// A stacked combine as the per-rank calls.
+    func combineStacked(_ call: StackedCombine, _ settings: CallSettings, _ stream: UnsafeMutableRawPointer?) throws {
+        let handle = try handle(settings), group = try self.group, ranks = try callRanks()
+        let tokens = try stepTokens(settings)
+        let checked = try CheckedStackedCombine(call, tokens: tokens, direction: settings.direction, shapes: CallShapes(group.config), location: location)
+        let local = group.localRanks
+        let parts = local.indices.map { ranks.contains(local[$0]) ? checked.rank($0) : (.absent, .absent) }
+        try combine(parts.map(\.input), parts.map(\.output), handle: handle, ranks: ranks, settings, stream)
     }
 
     /// Fills the callers' layout infos after the dispatch (which then waits for it).
@@ -109,9 +144,30 @@ extension StepGroupBackend {
                 destinations.append((r, destination))
             }
         }
+        // A masked host rank's other arguments are not read, but its counts are (below).
+        let counts = ranks.count == local.count ? outs : local.map { r in
+            ranks.contains(r) ? outs[r]
+                : DispatchOutput(tokens: .absent, topkIdx: nil, topkWeights: nil,
+                                 expertCounts: (try? TensorDescriptor.optionalTensor(outputs[r].expertCounts, "counts")) ?? nil,
+                                 expertSourceCounts: (try? TensorDescriptor.optionalTensor(outputs[r].expertSourceCounts, "counts")) ?? nil)
+        }
+        try dispatch(ins, counts, handle: handle, ranks: ranks, settings, stream)
+        guard !destinations.isEmpty else { return }
+        try checkStatus()
+        for (r, destination) in destinations { destination.fill(try group.layoutInfo(handle, rank: r)) }
+    }
+
+    /// The dispatch of converted arguments (`localRanks` order; `outs` of every local rank, of
+    /// which only the counts are read for a rank not in `ranks`).
+    private func dispatch(
+        _ ins: [DispatchInput], _ outs: [DispatchOutput], handle: Group.Handle, ranks: [Int], _ settings: CallSettings,
+        _ stream: UnsafeMutableRawPointer?
+    ) throws {
+        let group = try self.group, local = group.localRanks
         let options = self.options(settings, stream)
-        try perform(.dispatch(ins, outs), step: settings.step, ranks: ranks) { () throws(EPError) in
-            try group.dispatch(handle, ins, into: outs, direction: settings.direction, options: options)
+        let read = local.indices.map { ranks.contains(local[$0]) ? outs[$0] : .absent }
+        try perform(.dispatch(ins, read), step: settings.step, ranks: ranks) { () throws(EPError) in
+            try group.dispatch(handle, ins, into: read, direction: settings.direction, options: options)
         }
         // A masked host rank's arguments are not read, but counts it was given read as zero (as
         // the GPU writes them), so that a caller's count tensors never show an earlier step's.
@@ -119,15 +175,21 @@ extension StepGroupBackend {
             let l = group.config.localExperts
             let zero = LayoutInfo(expertCounters: Array(repeating: 0, count: l), expertOffsets: [], sourceRankCounters: [],
                                   expertSourceCounters: Array(repeating: 0, count: l * group.config.ranks), receivedTotal: 0, droppedTokens: 0)
-            for r in local where !ranks.contains(r) {
-                let experts = (try? TensorDescriptor.optionalTensor(outputs[r].expertCounts, "counts")) ?? nil
-                let sources = (try? TensorDescriptor.optionalTensor(outputs[r].expertSourceCounts, "counts")) ?? nil
-                try? zero.writeCounts(experts: experts, expertSources: sources)
+            for i in local.indices where !ranks.contains(local[i]) {
+                try? zero.writeCounts(experts: outs[i].expertCounts, expertSources: outs[i].expertSourceCounts)
             }
         }
-        guard !destinations.isEmpty else { return }
-        try checkStatus()
-        for (r, destination) in destinations { destination.fill(try group.layoutInfo(handle, rank: r)) }
+    }
+
+    /// The combine of converted arguments.
+    private func combine(
+        _ ins: [CombineInput], _ outs: [CombineOutput], handle: Group.Handle, ranks: [Int], _ settings: CallSettings,
+        _ stream: UnsafeMutableRawPointer?
+    ) throws {
+        let group = try self.group, options = self.options(settings, stream), direction = settings.direction
+        try perform(.combine(ins, outs, direction), step: settings.step, ranks: ranks) { () throws(EPError) in
+            try group.combine(handle, ins, into: outs, direction: direction, options: options)
+        }
     }
 
     func combineAll(
@@ -145,10 +207,7 @@ extension StepGroupBackend {
             ins.append(read ? try CombineInput(inputs[r], "inputs[\(r)]", cache: cache, rank: r) : .absent)
             outs.append(read ? try CombineOutput(outputs[r], "outputs[\(r)]", cache: cache, rank: r) : .absent)
         }
-        let options = self.options(settings, stream), direction = settings.direction
-        try perform(.combine(ins, outs, direction), step: settings.step, ranks: ranks) { () throws(EPError) in
-            try group.combine(handle, ins, into: outs, direction: direction, options: options)
-        }
+        try combine(ins, outs, handle: handle, ranks: ranks, settings, stream)
     }
 
     func checkStatus() throws {

@@ -2,6 +2,12 @@ import ExpertParallel
 import ExpertParallelCUDA
 import Foundation
 
+/// One local rank's routing as the kernels read it: where its `[B, K]` expert ids are, and B.
+struct RoutingRows {
+    var address: UInt64
+    var tokens: Int
+}
+
 /// One step on a GPU group: the routing of one update and, in device memory of its own, what
 /// the update derived from it for each of the group's local ranks (slots, counts, layout: the
 /// `H_*` words of ep_step.cuh, a few KB per rank). The row buffers stay the group's, so many
@@ -23,11 +29,11 @@ public final class GPUStepHandle: StepHandle, @unchecked Sendable {
     /// What the last accepted update of this handle was given (host side).
     struct Step {
         /// Each local rank's routing, which must stay unchanged until the step's last combine.
-        var routing: [TensorRef]
+        var routing: [RoutingRows]
         var indexBytes: Int
         var maxTokens: Int {
             var most = 0
-            for idx in routing { most = max(most, idx.shape[0]) }
+            for idx in routing { most = max(most, idx.tokens) }
             return most
         }
     }

@@ -45,18 +45,18 @@ extension NCCLRankGroup {
         var output = slots[slot].dispatchOutput
         output.expertCounts = counts?.expertCounts
         output.expertSourceCounts = counts?.expertSourceCounts
-        try engine.shapes.validateDispatch(input, output, tokens: step.routing[0].shape[0], location: location)
+        try engine.shapes.validateDispatch(input, output, tokens: step.routing[0].tokens, location: location)
         try requireAligned(input.tokens, "input.tokens", 8)
         try requireAligned(input.topkWeights, "input.topkWeights", 4)
         try requireAligned(input.scales, "input.scales", 4)
         try engine.dispatch(
-            handle, inputs,
+            handle, sources: { _ in SendSide(input, counts: output) },
             received: { [peers] r in
                 ReceiveBuffers(rows: peers[r].received(slot).rawValue, indices: peers[r].receivedIndices(slot).rawValue,
                                weights: peers[r].receivedWeights(slot).rawValue, scales: peers[r].receivedScales(slot).rawValue)
             },
             receivedIndexBytes: 4, vectorBytes: engine.vectorBytes(CollectionOfOne(address(input.tokens)), EmptyCollection()),
-            counts: [output], options: options)
+            options: options)
         recordDispatch(handle, slot: slot)
     }
 
@@ -76,7 +76,7 @@ extension NCCLRankGroup {
         _ = try handle.dispatchedStep()
         let slot = try slotOfDispatch(handle)
         let input = inputs[0], output = outputs[0], buffers = slots[slot]
-        try engine.shapes.validateCombine(input, output, tokens: step.routing[0].shape[0], direction: direction, location: location)
+        try engine.shapes.validateCombine(input, output, tokens: step.routing[0].tokens, direction: direction, location: location)
         try requireShared(input.expertOutputs, buffers.expertOutputs, "input.expertOutputs", "slots[\(slot)].expertOutputs")
         try requireAligned(output.tokens, "output.tokens", 8)
         try requireAligned(input.topkWeights, "input.topkWeights", 4)
@@ -89,7 +89,7 @@ extension NCCLRankGroup {
         }
         let layout = config.layout, rank = self.rank
         try engine.combine(
-            handle, into: outputs,
+            handle, into: { _ in CombineTarget(output) },
             experts: { [peers] r in
                 // LL expert-major weighs with the source's own [B, K]; HT expert-major with each
                 // destination's per-slot weights.

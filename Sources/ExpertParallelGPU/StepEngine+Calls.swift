@@ -9,6 +9,48 @@ struct ReceiveBuffers {
     var scales: UInt64 = 0
 }
 
+/// Where one local rank's rows to send are (with their routing weights and FP8 scales), and
+/// where the dispatch writes its per-expert counts (0: not asked for).
+struct SendSide {
+    var tokens: UInt64 = 0
+    var weights: UInt64 = 0
+    var scales: UInt64 = 0
+    var counts: UInt64 = 0
+    var sourceCounts: UInt64 = 0
+
+    init(_ input: DispatchInput, counts output: DispatchOutput?) {
+        tokens = address(input.tokens)
+        weights = input.topkWeights.map(address) ?? 0
+        scales = input.scales.map(address) ?? 0
+        counts = output?.expertCounts.map(address) ?? 0
+        sourceCounts = output?.expertSourceCounts.map(address) ?? 0
+    }
+
+    init(tokens: UInt64, weights: UInt64, scales: UInt64, counts: UInt64, sourceCounts: UInt64) {
+        self.tokens = tokens
+        self.weights = weights
+        self.scales = scales
+        self.counts = counts
+        self.sourceCounts = sourceCounts
+    }
+}
+
+/// Where one local rank's combined rows go (and, backward HT, its weight gradients).
+struct CombineTarget {
+    var tokens: UInt64 = 0
+    var weightGradients: UInt64 = 0
+
+    init(_ output: CombineOutput) {
+        tokens = address(output.tokens)
+        weightGradients = output.topkWeightGradients.map(address) ?? 0
+    }
+
+    init(tokens: UInt64, weightGradients: UInt64) {
+        self.tokens = tokens
+        self.weightGradients = weightGradients
+    }
+}
+
 /// Where one rank's expert outputs are (combine reads them), with the weights combine applies
 /// there (LL expert-major: the source's `[B, K]`; HT expert-major: the per-slot weights) and,
 /// in HT's backward pass, the weight gradients per received row or slot.
@@ -46,23 +88,31 @@ extension StepEngine {
                 throw .invalidArgument(field: "\(name()).dtype", value: "\(idx.dtype)", requirement: "must match rank \(localRanks[0])'s (\(topkIdx[0].dtype))")
             }
         }
-        let indexBytes = topkIdx[0].dtype.byteSize
+        try enqueueUpdate(handle, routing: topkIdx.map { RoutingRows(address: address($0), tokens: $0.shape[0]) },
+                          indexBytes: topkIdx[0].dtype.byteSize, options: options)
+    }
+
+    /// The update's launch for routing already checked (`routing[i]`: local rank i's `[B, K]`
+    /// ids of `indexBytes` each); the step is `handle`'s from here on.
+    func enqueueUpdate(_ handle: GPUStepHandle, routing: [RoutingRows], indexBytes: Int, options: CallOptions) throws(EPError) {
+        handle.setStep(nil)
         let k = try kernels(.init(indexBytes: indexBytes, receivedIndexBytes: 4, vectorBytes: 16))
         try launch(k.update, threads: workspace.updateThreads, blocks: 1, mode: options.launch, sync: [], weighted: false, slices: 1,
                    handle: handle, stream: stream(options)) { r, w in
             guard let i = localIndex(r) else { return }
-            w.set(.topkIdx, topkIdx[i])
-            w[.tokenCount] = UInt64(topkIdx[i].shape[0])
+            w[.topkIdx] = routing[i].address
+            w[.tokenCount] = UInt64(routing[i].tokens)
         }
-        handle.setStep(.init(routing: topkIdx, indexBytes: indexBytes))
+        handle.setStep(.init(routing: routing, indexBytes: indexBytes))
     }
 
     /// Sends every local rank's rows straight into their slots on the destination ranks
     /// (`received(r)`: rank r's receive buffers, for every rank). With `.sendOnly` the rows are
     /// sent but nobody waits for them: `complete()` does. A whole call allocates nothing here.
+    /// `sources(i)`: local rank i's rows and counts.
     func dispatch(
-        _ handle: GPUStepHandle, _ inputs: [DispatchInput], received: (Int) -> ReceiveBuffers, receivedIndexBytes: Int,
-        vectorBytes: Int, counts: [DispatchOutput] = [], options: CallOptions
+        _ handle: GPUStepHandle, sources: (Int) -> SendSide, received: (Int) -> ReceiveBuffers, receivedIndexBytes: Int,
+        vectorBytes: Int, options: CallOptions
     ) throws(EPError) {
         let step = try handle.currentStep()
         try checkTransportSupports(options)
@@ -71,18 +121,20 @@ extension StepEngine {
         // Pieces of the row as it moves: FP8 rows are e4m3, half or a quarter of the element row.
         let pieces = StepArguments.rowPieces(tuning, blocks: blocks(mode), tokens: step.maxTokens, rowBytes: config.wireRowBytes)
         func enqueue(
-            _ sync: SyncBits, _ blocks: Int, _ stream: CUDAStream?, _ received: (Int) -> ReceiveBuffers, kernel: CUDAFunction? = nil
+            _ sync: SyncBits, _ blocks: Int, _ stream: CUDAStream?, _ sources: (Int) -> SendSide, _ received: (Int) -> ReceiveBuffers,
+            kernel: CUDAFunction? = nil
         ) throws(EPError) {
             try launch(kernel ?? k.dispatch, threads: StepWorkspace.threadsPerBlock, blocks: blocks, mode: mode, sync: sync, weighted: false,
                        slices: pieces, handle: handle, stream: stream) { r, w in
                 if let i = localIndex(r) {
-                    w.set(.tokens, inputs[i].tokens)
-                    w.set(.topkIdx, step.routing[i])
-                    w.set(.topkWeights, inputs[i].topkWeights)
-                    w[.tokenCount] = UInt64(step.routing[i].shape[0])
-                    w.set(.counts, counts.isEmpty ? nil : counts[i].expertCounts)
-                    w.set(.sourceCounts, counts.isEmpty ? nil : counts[i].expertSourceCounts)
-                    w.set(.scales, inputs[i].scales)
+                    let source = sources(i)
+                    w[.tokens] = source.tokens
+                    w[.topkIdx] = step.routing[i].address
+                    w[.topkWeights] = source.weights
+                    w[.tokenCount] = UInt64(step.routing[i].tokens)
+                    w[.counts] = source.counts
+                    w[.sourceCounts] = source.sourceCounts
+                    w[.scales] = source.scales
                 }
                 let buffers = received(r)
                 w[.received] = buffers.rows
@@ -93,13 +145,13 @@ extension StepEngine {
         }
         switch options.phase {
         case .whole:
-            try enqueue(meetsThroughFlags(mode) ? [.signal, .wait] : [], blocks(mode), stream(options), received)
+            try enqueue(meetsThroughFlags(mode) ? [.signal, .wait] : [], blocks(mode), stream(options), sources, received)
             // Staged: each destination drains what was put into its staging area.
-            if let drain = k.drain { try enqueue([], blocks(mode), stream(options), received, kernel: drain) }
+            if let drain = k.drain { try enqueue([], blocks(mode), stream(options), sources, received, kernel: drain) }
         case .sendOnly:
-            try enqueue(.signal, blocks(mode), stream(options), received)
-            let table = (0..<config.ranks).map(received)
-            setPending(PendingCall(name: "dispatch") { stream throws(EPError) in try enqueue([.wait, .noData], 1, stream) { table[$0] } })
+            try enqueue(.signal, blocks(mode), stream(options), sources, received)
+            let table = (0..<config.ranks).map(received), sent = localRanks.indices.map(sources)
+            setPending(PendingCall(name: "dispatch") { stream throws(EPError) in try enqueue([.wait, .noData], 1, stream, { sent[$0] }) { table[$0] } })
         }
         handle.setDispatched()
     }
@@ -107,8 +159,9 @@ extension StepEngine {
     /// Every local rank pulls its rows back (`experts(r)`: rank r's expert outputs, for every
     /// rank) and reduces them in the fixed order of DESIGN.md into `outputs`. With `.sendOnly`
     /// each rank only announces that its expert outputs may be read; `complete()` pulls and reduces.
+    /// `targets(i)`: where local rank i's combined rows go.
     func combine(
-        _ handle: GPUStepHandle, into outputs: [CombineOutput], experts: (Int) -> ExpertSide, direction: PassDirection,
+        _ handle: GPUStepHandle, into targets: (Int) -> CombineTarget, experts: (Int) -> ExpertSide, direction: PassDirection,
         vectorBytes: Int, options: CallOptions
     ) throws(EPError) {
         let step = try handle.dispatchedStep()
@@ -120,15 +173,17 @@ extension StepEngine {
         // [B, K]; HT: the per-slot weights the destination received).
         let weighted = direction == .forward && (config.layout == .expertMajor || config.isExpertMajorHT)
         func enqueue(
-            _ sync: SyncBits, _ blocks: Int, _ stream: CUDAStream?, _ experts: (Int) -> ExpertSide, kernel: CUDAFunction? = nil
+            _ sync: SyncBits, _ blocks: Int, _ stream: CUDAStream?, _ targets: (Int) -> CombineTarget, _ experts: (Int) -> ExpertSide,
+            kernel: CUDAFunction? = nil
         ) throws(EPError) {
             try launch(kernel ?? k.combine, threads: StepWorkspace.threadsPerBlock, blocks: blocks, mode: mode, sync: sync, weighted: weighted,
                        slices: pieces, handle: handle, stream: stream) { r, w in
                 if let i = localIndex(r) {
-                    w.set(.topkIdx, step.routing[i])
-                    w.set(.output, outputs[i].tokens)
-                    w.set(.weightGradientsOut, outputs[i].topkWeightGradients)
-                    w[.tokenCount] = UInt64(step.routing[i].shape[0])
+                    let target = targets(i)
+                    w[.topkIdx] = step.routing[i].address
+                    w[.output] = target.tokens
+                    w[.weightGradientsOut] = target.weightGradients
+                    w[.tokenCount] = UInt64(step.routing[i].tokens)
                 }
                 let side = experts(r)
                 w[.received] = side.rows
@@ -141,12 +196,12 @@ extension StepEngine {
         switch options.phase {
         case .whole:
             // Staged: the expert side first puts every row back into its source's staging area.
-            if let send = k.combineSend { try enqueue([], blocks(mode), stream(options), experts, kernel: send) }
-            try enqueue(flags ? pull.union(.signal) : [], blocks(mode), stream(options), experts)
+            if let send = k.combineSend { try enqueue([], blocks(mode), stream(options), targets, experts, kernel: send) }
+            try enqueue(flags ? pull.union(.signal) : [], blocks(mode), stream(options), targets, experts)
         case .sendOnly:
-            try enqueue([.signal, .noData], 1, stream(options), experts)
-            let blocks = blocks(mode), table = (0..<config.ranks).map(experts)
-            setPending(PendingCall(name: "combine") { stream throws(EPError) in try enqueue(pull, blocks, stream) { table[$0] } })
+            try enqueue([.signal, .noData], 1, stream(options), targets, experts)
+            let blocks = blocks(mode), table = (0..<config.ranks).map(experts), into = localRanks.indices.map(targets)
+            setPending(PendingCall(name: "combine") { stream throws(EPError) in try enqueue(pull, blocks, stream, { into[$0] }) { table[$0] } })
         }
     }
 

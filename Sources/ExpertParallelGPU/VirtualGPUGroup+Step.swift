@@ -22,7 +22,7 @@ extension VirtualGPUGroup {
         try engine.checkLocalCount(inputs.count, "inputs")
         try engine.checkLocalCount(outputs.count, "outputs")
         for r in 0..<config.ranks {
-            try engine.shapes.validateDispatch(inputs[r], outputs[r], tokens: step.routing[r].shape[0], location: location)
+            try engine.shapes.validateDispatch(inputs[r], outputs[r], tokens: step.routing[r].tokens, location: location)
             try requireAligned(inputs[r].tokens, "inputs[\(r)].tokens", 8)
             try requireAligned(outputs[r].tokens, "outputs[\(r)].tokens", 8)
             try requireAligned(inputs[r].topkWeights, "inputs[\(r)].topkWeights", 4)
@@ -36,12 +36,12 @@ extension VirtualGPUGroup {
             }
         }
         try engine.dispatch(
-            handle, inputs,
+            handle, sources: { SendSide(inputs[$0], counts: outputs[$0]) },
             received: { r in ReceiveBuffers(rows: address(outputs[r].tokens), indices: outputs[r].topkIdx.map(address) ?? 0,
                                             weights: outputs[r].topkWeights.map(address) ?? 0, scales: outputs[r].scales.map(address) ?? 0) },
             receivedIndexBytes: outputs[0].topkIdx?.dtype.byteSize ?? 4,
             vectorBytes: engine.vectorBytes(inputs.lazy.map { address($0.tokens) }, outputs.lazy.map { address($0.tokens) }),
-            counts: outputs, options: options)
+            options: options)
     }
 
     /// Every rank pulls its rows of `handle`'s step back and reduces them in the fixed order of
@@ -56,7 +56,7 @@ extension VirtualGPUGroup {
         try engine.checkLocalCount(inputs.count, "inputs")
         try engine.checkLocalCount(outputs.count, "outputs")
         for r in 0..<config.ranks {
-            try engine.shapes.validateCombine(inputs[r], outputs[r], tokens: step.routing[r].shape[0], direction: direction, location: location)
+            try engine.shapes.validateCombine(inputs[r], outputs[r], tokens: step.routing[r].tokens, direction: direction, location: location)
             try requireAligned(inputs[r].expertOutputs, "inputs[\(r)].expertOutputs", 8)
             try requireAligned(outputs[r].tokens, "outputs[\(r)].tokens", 8)
             try requireAligned(inputs[r].topkWeights, "inputs[\(r)].topkWeights", 4)
@@ -64,7 +64,7 @@ extension VirtualGPUGroup {
             try requireAligned(outputs[r].topkWeightGradients, "outputs[\(r)].topkWeightGradients", 4)
         }
         try engine.combine(
-            handle, into: outputs,
+            handle, into: { CombineTarget(outputs[$0]) },
             experts: { r in ExpertSide(rows: address(inputs[r].expertOutputs), weights: inputs[r].topkWeights.map(address) ?? 0,
                                        weightGradients: inputs[r].weightGradients.map(address) ?? 0) },
             direction: direction,

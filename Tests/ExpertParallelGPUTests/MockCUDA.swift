@@ -32,6 +32,10 @@ enum MockCUDA {
         var failAllocation: Int?
         /// What cuLaunchKernel returns.
         var launchResult: Int32 = 0
+        /// When > 0: each launch's first kernel parameter, this many bytes of it, is kept in
+        /// `launchedParameters` (the step kernels' one parameter is the argument block).
+        var captureParameterBytes = 0
+        private(set) var launchedParameters: [[UInt8]] = []
         /// What nvrtcCompileProgram returns (6: NVRTC_ERROR_COMPILATION).
         var compileResult: Int32 = 0
         /// The n-th ncclMemAlloc (1-based) fails with ncclUnhandledCudaError.
@@ -60,6 +64,8 @@ enum MockCUDA {
                 s.compilations = 0
                 s.failAllocation = nil
                 s.launchResult = 0
+                s.captureParameterBytes = 0
+                s.launchedParameters = []
                 s.compileResult = 0
                 s.failNCCLAllocation = nil
                 s.windowRegisterResult = 0
@@ -126,7 +132,15 @@ enum MockCUDA {
             locked { s in s[keyPath: s.handles(kind)].remove(UInt(bitPattern: handle)) != nil ? 0 : 400 }   // CUDA_ERROR_INVALID_HANDLE
         }
 
-        fileprivate func launch() -> Int32 { locked { s in s.launches += 1; return s.launchResult } }
+        fileprivate func launch(_ parameters: UnsafeMutablePointer<UnsafeMutableRawPointer?>? = nil) -> Int32 {
+            locked { s in
+                s.launches += 1
+                if s.captureParameterBytes > 0, let first = parameters?.pointee {
+                    s.launchedParameters.append(Array(UnsafeRawBufferPointer(start: first, count: s.captureParameterBytes)))
+                }
+                return s.launchResult
+            }
+        }
         fileprivate func compile() -> Int32 { locked { s in s.compilations += 1; return s.compileResult } }
     }
 
@@ -276,7 +290,7 @@ enum MockCUDA {
         t["cuModuleGetGlobal_v2"] = symbol({ _, _, _, _ in 500 } as @convention(c) (UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<Int>?, OpaquePointer?, UnsafePointer<CChar>?) -> Int32)
         t["cuFuncSetAttribute"] = symbol({ _, _, _ in 0 } as @convention(c) (OpaquePointer?, Int32, Int32) -> Int32)
         t["cuFuncGetAttribute"] = symbol({ out, _, _ in out?.pointee = 64; return 0 } as @convention(c) (UnsafeMutablePointer<Int32>?, Int32, OpaquePointer?) -> Int32)
-        t["cuLaunchKernel"] = symbol({ _, _, _, _, _, _, _, _, _, _, _ in MockCUDA.state.launch() } as @convention(c) (
+        t["cuLaunchKernel"] = symbol({ _, _, _, _, _, _, _, _, _, parameters, _ in MockCUDA.state.launch(parameters) } as @convention(c) (
             OpaquePointer?, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, OpaquePointer?,
             UnsafeMutablePointer<UnsafeMutableRawPointer?>?, UnsafeMutablePointer<UnsafeMutableRawPointer?>?
         ) -> Int32)

@@ -188,6 +188,47 @@ static void collectiveStep(void) {
     CHECK_FAILS(epGroupDestroy(group), epInvalidArgument, "group");
 }
 
+/* The stacked calls (v4): the ranks' buffers are the elements of one array, so each argument's
+ * parts are sizeof(RankBuffers) apart; the same step as collectiveStep, the same results. */
+static void stackedStep(void) {
+    epGroupConfig_t config = smallConfig();
+    epGroup_t group = NULL;
+    CHECK_OK(epGroupCreate(&config, NULL, &group));
+    if (!group) return;
+    static RankBuffers b[R];
+    for (int r = 0; r < R; r++) setUp(&b[r], r);
+    const int64_t stride = (int64_t)sizeof(RankBuffers);
+    epStackedDispatch_t d;
+    memset(&d, 0, sizeof d);
+    d.structSize = sizeof d;
+    d.tokens = 1;
+    d.topkIdx = (epStacked_t){b[0].idx, epInt32, -1, stride};
+    d.inputTokens = (epStacked_t){b[0].x, epFloat32, -1, stride};
+    d.receivedTokens = (epStacked_t){b[0].received, epFloat32, -1, stride};
+    epStackedCombine_t c;
+    memset(&c, 0, sizeof c);
+    c.structSize = sizeof c;
+    c.expertOutputs = (epStacked_t){b[0].received, epFloat32, -1, stride};
+    c.topkWeights = (epStacked_t){b[0].w, epFloat32, -1, stride};
+    c.combinedTokens = (epStacked_t){b[0].y, epFloat32, -1, stride};
+    CHECK_OK(epGroupDispatchStacked(group, &d, NULL));
+    CHECK_OK(epGroupCombineStacked(group, &c, NULL));
+    for (int r = 0; r < R; r++) {
+        CHECK_OK(epGroupGetLayoutInfo(group, r, &b[r].info));
+        checkStep(&b[r], r, "stacked");
+    }
+    /* Errors name the argument and the bound, and run nothing. */
+    d.inputTokens.rankStride = 4;
+    CHECK_FAILS(epGroupDispatchStacked(group, &d, NULL), epInvalidArgument, "inputs.rankStride = 4");
+    d.inputTokens.rankStride = stride;
+    d.tokens = BMAX + 1;
+    CHECK_FAILS(epGroupDispatchStacked(group, &d, NULL), epInvalidArgument, "tokens = 3");
+    d.tokens = 1;
+    d.receivedTokens.data = NULL;
+    CHECK_FAILS(epGroupDispatchStacked(group, &d, NULL), epInvalidArgument, "output.tokens.address");
+    CHECK_OK(epGroupDestroy(group));
+}
+
 typedef struct {
     epHandle_t handle;
     RankBuffers* buffers;
@@ -378,6 +419,9 @@ static void printSizes(void) {
     SIZE(epNCCLUniqueId_t);
     SIZE(epNCCLRankConfig_t);
     SIZE(epGPUTuning_t);
+    SIZE(epStacked_t);
+    SIZE(epStackedDispatch_t);
+    SIZE(epStackedCombine_t);
 #undef SIZE
 }
 
@@ -472,6 +516,7 @@ int main(int argc, char** argv) {
         return 0;
     }
     collectiveStep();
+    stackedStep();
     perRankStep();
     steps();
     configErrors();

@@ -1,4 +1,4 @@
-"""ctypes mirrors of include/expert_parallel.h (ABI version 3).
+"""ctypes mirrors of include/expert_parallel.h (ABI version 4).
 
 Every struct starts with ``structSize``; :func:`new` fills it. The sizes are checked against
 the C compiler's in tests/test_c_abi.py.
@@ -7,7 +7,7 @@ the C compiler's in tests/test_c_abi.py.
 import ctypes
 from ctypes import POINTER, c_char_p, c_double, c_int32, c_int64, c_size_t, c_uint64, c_void_p
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 MAX_DIMS = 4
 NCCL_UNIQUE_ID_BYTES = 128
 
@@ -203,6 +203,48 @@ class CombineConfig(Struct):
                 ("phase", c_enum)]
 
 
+class Stacked(ctypes.Structure):
+    """epStacked_t: every rank's part of one argument in one array (no structSize: it is a field)."""
+
+    _fields_ = [("data", c_void_p), ("dtype", c_enum), ("device", c_int32), ("rankStride", c_int64)]
+
+
+class StackedDispatch(Struct):
+    _fields_ = [
+        ("structSize", c_size_t),
+        ("tokens", c_int64),
+        ("topkIdx", Stacked),
+        ("inputTokens", Stacked),
+        ("topkWeights", Stacked),
+        ("scales", Stacked),
+        ("receivedTokens", Stacked),
+        ("receivedTopkIdx", Stacked),
+        ("receivedTopkWeights", Stacked),
+        ("receivedScales", Stacked),
+        ("expertCounts", Stacked),
+        ("expertSourceCounts", Stacked),
+        ("direction", c_enum),
+        ("launchMode", c_enum),
+        ("phase", c_enum),
+        ("step", c_void_p),
+    ]
+
+
+class StackedCombine(Struct):
+    _fields_ = [
+        ("structSize", c_size_t),
+        ("expertOutputs", Stacked),
+        ("topkWeights", Stacked),
+        ("weightGradients", Stacked),
+        ("combinedTokens", Stacked),
+        ("topkWeightGradients", Stacked),
+        ("direction", c_enum),
+        ("launchMode", c_enum),
+        ("phase", c_enum),
+        ("step", c_void_p),
+    ]
+
+
 class NCCLUniqueId(ctypes.Structure):
     """ncclUniqueId's bytes (no structSize: its size never changes)."""
 
@@ -239,6 +281,9 @@ STRUCTS = {
     "epNCCLUniqueId_t": NCCLUniqueId,
     "epGPUTuning_t": GPUTuning,
     "epNCCLRankConfig_t": NCCLRankConfig,
+    "epStacked_t": Stacked,
+    "epStackedDispatch_t": StackedDispatch,
+    "epStackedCombine_t": StackedCombine,
 }
 
 _group = c_void_p
@@ -271,6 +316,8 @@ PROTOTYPES = {
     "epGroupComplete": [_group, _stream],
     "epComplete": [c_void_p, _stream],
     "epGroupGetBuffer": [_group, c_int32, c_enum, POINTER(Tensor)],
+    "epGroupDispatchStacked": [_group, POINTER(StackedDispatch), _stream],
+    "epGroupCombineStacked": [_group, POINTER(StackedCombine), _stream],
 }
 
 

@@ -172,3 +172,27 @@ def torch_stream(device, stream=None):
     import torch
 
     return stream if stream is not None else torch.cuda.current_stream(device)
+
+
+class StackedCall:
+    """One epStackedDispatch_t or epStackedCombine_t (the stacked calls: every rank's part of an
+    argument in one array), made once per group and patched per call through a view of its
+    8-byte words: an epStacked_t is three words (address; type | device << 32; rank stride)."""
+
+    def __init__(self, cls, device):
+        self.struct = _abi.new(cls)
+        self.pointer = ctypes.pointer(self.struct)
+        self.words = (ctypes.c_uint64 * (ctypes.sizeof(cls) // 8)).from_buffer(self.struct)
+        self.index = {name: getattr(cls, name).offset // 8 for name, kind in cls._fields_ if kind is _abi.Stacked}
+        self._device = (device & 0xFFFFFFFF) << 32
+
+    def set(self, name, address, dtype=0, stride=0):
+        """Argument `name`: rank 0's part at `address` (0: not given), parts `stride` bytes apart (0: packed)."""
+        i = self.index[name]
+        words = self.words
+        words[i] = address
+        words[i + 1] = dtype | self._device
+        words[i + 2] = stride
+
+    def clear(self, name):
+        self.set(name, 0)

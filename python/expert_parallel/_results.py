@@ -88,6 +88,7 @@ class Handle:
         self.topk_weights: Any = None
         self.received_weights: Any = None
         self.weight_addresses: Any = None  # per rank: the device address of its topk_weights
+        self.weight_stacked: Any = None    # a stacked dispatch's: the address of its [R, B, K] topk_weights
         self.released = False
 
     @property

@@ -67,12 +67,35 @@ class Slot:
                 expertSourceCounts=self.source_desc.pointers[i],
                 scales=None if self.scales_desc is None else self.scales_desc.pointers[i])
 
+        # The same outputs for the stacked calls: (argument, address of rank 0's part, type).
+        def base(array, ep_type):
+            return 0 if array is None else _fast.look(array, {ep_type})[0]
+
+        self.stacked_outputs = [
+            ("receivedTokens", base(self.received, received_element), received_element),
+            ("receivedTopkIdx", base(self.received_idx, _abi.I32), _abi.I32),
+            ("receivedTopkWeights", base(self.received_w, _abi.F32), _abi.F32),
+            ("receivedScales", base(self.scales, group._scale_type), group._scale_type or 0),
+            ("expertCounts", base(self.counts, _abi.I32), _abi.I32),
+            ("expertSourceCounts", base(self.source_counts, _abi.I32), _abi.I32),
+        ]
+        self._base = base
+
         # The combine outputs: rank i's rows at combined[i, :B_i], patched per call.
         self.out_desc = _fast.Descriptors(r, device, element, (h,))
         self.out_grad_desc = _fast.Descriptors(r, device, _abi.F32, (k,))
         self.combine_outputs = (_abi.CombineOutputs * r)()
         for i in range(r):
             self.combine_outputs[i] = _abi.new(_abi.CombineOutputs, tokens=self.out_desc.pointers[i], topkWeightGradients=None)
+
+    def stacked_address(self, name):
+        """The address of rank 0's part of the slot's "topk_weights" (received per-slot weights),
+        "combined" or "weight_grads" array."""
+        if name == "topk_weights":
+            return self._base(self.received_w, _abi.F32)
+        if name == "combined":
+            return self._base(self.combined, self._group._element)
+        return self._base(self.weight_grads, _abi.F32)
 
     @staticmethod
     def _stacked(array, ep_type, shape, device):

@@ -134,6 +134,12 @@ class VirtualGroup(GroupBase):
         self._combine_inputs = (_abi.CombineInputs * r)(
             *[_abi.new(_abi.CombineInputs, expertOutputs=self._y.pointers[i]) for i in range(r)])
         self._combine_mode = (False, False)   # (weights given, backward HT): what the inputs point at
+        # The stacked calls (one description per argument): the path of stacked [R, ...] arrays.
+        self._fn_dispatch_stacked = library.epGroupDispatchStacked
+        self._fn_combine_stacked = library.epGroupCombineStacked
+        self._sd = _fast.StackedCall(_abi.StackedDispatch, device)
+        self._sc = _fast.StackedCall(_abi.StackedCombine, device)
+        self._sd_slot = self._sc_slot = None   # the slot whose buffers the structs point at
 
     def __repr__(self) -> str:
         return (f"VirtualGroup(ranks={self.ranks}, experts={self.experts}, hidden={self.hidden}, top_k={self.top_k}, "
@@ -173,6 +179,12 @@ class VirtualGroup(GroupBase):
             raise InvalidArgumentError("topk_idx: None; pass the step's routing, or a handle whose step has one")
         if topk_weights is None and self.recv_routing_shape is not None:
             raise InvalidArgumentError(f"topk_weights: None; layout {self.layout!r} sends the weights with the tokens")
+
+        if out is None and not isinstance(xs, (list, tuple)):
+            parts = self._stacked_parts(xs, topk_idx, topk_weights, scales, handle)
+            if parts is not None:
+                return self._dispatch_stacked(parts, xs, topk_idx, topk_weights, handle, direction, direction_value, mode, stream,
+                                              wait_event, record_event, send_only)
 
         device, element, h, k = self._device, self._element, self.hidden, self.top_k
         tokens, like = self._rows(xs, "xs", {self._input_element}, h, self._x, None)
@@ -225,6 +237,7 @@ class VirtualGroup(GroupBase):
         if direction == "forward" and weighted:
             target.topk_weights = topk_weights
             target.weight_addresses = tuple(self._w.addresses)
+            target.weight_stacked = None
         target.slot = -1 if slot is None else slot.index
         if slot is not None:
             target.slot_use = slot.use = slot.use + 1   # which dispatch into the slot the handle's rows are
@@ -271,12 +284,20 @@ class VirtualGroup(GroupBase):
             raise InvalidArgumentError("weight_gradients: only the backward pass of HT takes weight gradients")
         if backward_ht and weight_gradients is None:
             raise InvalidArgumentError("weight_gradients: None; the backward pass of HT needs them")
+        if out is None and handle.slot >= 0 and not isinstance(expert_outputs, (list, tuple)):
+            result = self._combine_stacked(expert_outputs, handle, direction, direction_value, mode, backward_ht, weight_gradients,
+                                           stream, wait_event, record_event, send_only)
+            if result is not None:
+                return result
         tokens = handle.tokens
         recv = self.recv_shape
         _, like = self._rows(expert_outputs, "expert_outputs", {self._element}, recv[1:], self._y, [recv[0]] * r)
 
         weights = None
         if direction == "forward" and self.layout == "expert_major":
+            if handle.weight_addresses is None and handle.weight_stacked is not None:   # a stacked dispatch's [R, B, K]
+                step = tokens[0] * self.top_k * 4
+                handle.weight_addresses = tuple(handle.weight_stacked + i * step for i in range(r))
             if handle.weight_addresses is None:
                 raise InvalidArgumentError(
                     "topk_weights: not given to dispatch; the forward combine of LL expert-major applies them")
@@ -351,6 +372,147 @@ class VirtualGroup(GroupBase):
         for r in chosen:
             mask |= 1 << _int(r, "ranks[...]", 0, self.ranks - 1)
         call("epGroupCleanRanks", self._group, mask)
+
+    # -- the stacked path ----------------------------------------------------------------------
+
+    def _stacked_parts(self, xs, topk_idx, topk_weights, scales, handle):
+        """(B, x, idx, weights, scales) of stacked ``[R, B, ...]`` arguments, each (address,
+        type) or None, checked as the per-rank path checks them; None when one is a list (the
+        per-rank path takes those)."""
+        for value in (topk_idx, topk_weights, scales):
+            if value is not None and _fast.look(value, ()) is None:
+                return None
+        x = self._stacked(xs, "xs", {self._input_element}, (self.hidden,), None)
+        if x is None:
+            return None
+        b = x[2]
+        self._require_scales(scales)
+        k = self.top_k
+        s = None if scales is None else self._stacked(scales, "scales", {self._scale_type}, (self.recv_scales_shape[-1],), b)
+        idx = None if topk_idx is None else self._stacked(topk_idx, "topk_idx", {_abi.I32, _abi.I64}, (k,), b)
+        if topk_idx is None and list(handle.tokens) != [b] * self.ranks:
+            raise InvalidArgumentError(f"xs: {[b] * self.ranks} tokens per rank; the handle's routing has {handle.tokens}")
+        w = None if topk_weights is None else self._stacked(topk_weights, "topk_weights", {_abi.F32}, (k,), b)
+        return b, x, idx, w, s
+
+    def _stacked(self, values, name, expected, tail, rows):
+        """(address, type, B) of one stacked ``[R, B, *tail]`` array (B = `rows` unless None:
+        any ≤ max_tokens), checked; None when `values` is not one array."""
+        seen = _fast.look(values, expected)
+        if seen is None:
+            return None
+        address, code, sizes = _fast.check(values, name, expected, self._device, (self.ranks, rows) + tail, seen)
+        b = int(sizes[1])
+        if rows is None and b > self.max_tokens:
+            raise InvalidArgumentError(f"{name}: {b} tokens per rank; must be ≤ max_tokens ({self.max_tokens})")
+        if self._device != -1 and _arrays.kind(values) != "torch":
+            raise InvalidArgumentError(f"{name}: a NumPy array; a GPU group takes CUDA torch tensors")
+        return address, code, b
+
+    def _dispatch_stacked(self, parts, xs, topk_idx, topk_weights, handle, direction, direction_value, mode, stream, wait_event,
+                          record_event, send_only):
+        """dispatch() of stacked arguments into the next buffer slot: one C call, update included."""
+        b, x, idx, w, s = parts
+        slot = self._slot(self._next_slot, xs)
+        self._next_slot = (self._next_slot + 1) % self.buffer_slots
+        call = self._sd
+        if self._sd_slot is not slot:
+            for name, address, code in slot.stacked_outputs:
+                call.set(name, address, code)
+            self._sd_slot = slot
+        call.set("inputTokens", x[0], x[1])
+        if idx is None:
+            call.clear("topkIdx")
+        else:
+            call.set("topkIdx", idx[0], idx[1])
+        if w is None:
+            call.clear("topkWeights")
+        else:
+            call.set("topkWeights", w[0], _abi.F32)
+        if s is not None:
+            call.set("scales", s[0], s[1])
+        struct = call.struct
+        struct.tokens = b
+        struct.direction, struct.launchMode = direction_value, mode
+        struct.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
+
+        device = self._device
+        raw = None if device == -1 else _fast.raw_stream(device, stream)
+        if wait_event is not None:
+            _fast.torch_stream(device, stream).wait_event(wait_event)
+        target = handle if handle is not None else Handle(self)
+        struct.step = target._pointer
+        if idx is not None:
+            if not target.own:
+                self._own_step += 1   # earlier handles of the group's own step are void from here on
+                target.step = self._own_step
+            target.tokens = target.slot = None
+        check_status(self._fn_dispatch_stacked(self._group, call.pointer, raw))
+        if idx is not None:
+            target.tokens = [b] * self.ranks
+            target.topk_idx = topk_idx
+        if direction == "forward" and w is not None:
+            target.topk_weights = topk_weights
+            target.weight_addresses = None
+            target.weight_stacked = w[0]
+        target.slot = slot.index
+        target.slot_use = slot.use = slot.use + 1
+        target.received_weights = slot.w_views
+        hook = (lambda: self.complete(stream=stream)) if send_only else None  # noqa: E731
+        event = self._record(stream) if record_event else None
+        result = DispatchResult(slot.views, slot.idx_views, slot.w_views, target, received=slot.received,
+                                expert_counts=slot.counts, expert_source_counts=slot.source_counts, event=event, hook=hook)
+        result.scales = slot.scale_views
+        return result
+
+    def _combine_stacked(self, expert_outputs, handle, direction, direction_value, mode, backward_ht, weight_gradients, stream,
+                         wait_event, record_event, send_only):
+        """combine() of a stacked expert-output array into the handle's slot; None when an
+        argument is a list, or the dispatch's weights were (the per-rank path takes those)."""
+        forward_ll = direction == "forward" and self.layout == "expert_major"
+        if forward_ll and handle.weight_stacked is None:
+            return None
+        if backward_ht and isinstance(weight_gradients, (list, tuple)):
+            return None
+        recv = self.recv_shape
+        y = self._stacked(expert_outputs, "expert_outputs", {self._element}, recv[1:], recv[0])
+        if y is None:
+            return None
+        call = self._sc
+        call.set("expertOutputs", y[0], y[1])
+        slot = self._slot(handle.slot, expert_outputs)
+        if forward_ll:
+            call.set("topkWeights", handle.weight_stacked, _abi.F32)
+        elif direction == "forward" and self.layout == "expert_major_padded":
+            self._require_slot(slot, handle)   # the per-slot weights are the slot's: a later dispatch into it rewrote them
+            call.set("topkWeights", slot.stacked_address("topk_weights"), _abi.F32)
+        else:
+            call.clear("topkWeights")
+        if backward_ht:
+            routing = self.recv_routing_shape
+            g = self._stacked(weight_gradients, "weight_gradients", {_abi.F32}, routing[1:], routing[0])
+            if g is None:
+                return None
+            call.set("weightGradients", g[0], _abi.F32)
+        else:
+            call.clear("weightGradients")
+        tokens = handle.tokens
+        combined, grads = slot.combine_targets(tokens, backward_ht)
+        row_bytes = self.hidden * _abi.DTYPE_SIZES[self._element]
+        call.set("combinedTokens", slot.stacked_address("combined"), self._element, self.max_tokens * row_bytes)
+        if backward_ht:
+            call.set("topkWeightGradients", slot.stacked_address("weight_grads"), _abi.F32, self.max_tokens * self.top_k * 4)
+        else:
+            call.clear("topkWeightGradients")
+        struct = call.struct
+        struct.direction, struct.launchMode, struct.step = direction_value, mode, handle._pointer
+        struct.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
+        raw = None if self._device == -1 else _fast.raw_stream(self._device, stream)
+        if wait_event is not None:
+            _fast.torch_stream(self._device, stream).wait_event(wait_event)
+        check_status(self._fn_combine_stacked(self._group, call.pointer, raw))
+        result: Any = (combined, grads) if backward_ht else combined
+        return self._combine_result(result, send_only, record_event, stream)
 
     # -- helpers -----------------------------------------------------------------------------
 

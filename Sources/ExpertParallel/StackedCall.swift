@@ -1,0 +1,307 @@
+/// Every rank's part of one call argument in one array: rank r's part starts `rankStride` bytes
+/// after rank r − 1's. The stacked calls take their arguments this way (one description per
+/// argument instead of one per rank and argument), which is what callers that keep their ranks'
+/// tensors in one `[R, ...]` array have anyway.
+public struct StackedTensor: Sendable, Equatable {
+    /// Rank 0's part; 0: not given.
+    public var address: UInt64
+    public var dtype: DataType
+    public var location: MemoryLocation
+    /// Bytes from one rank's part to the next; 0: the parts are packed (each part's own size).
+    public var rankStride: Int
+
+    public init(address: UInt64, dtype: DataType, location: MemoryLocation, rankStride: Int = 0) {
+        self.address = address
+        self.dtype = dtype
+        self.location = location
+        self.rankStride = rankStride
+    }
+
+    /// Rank `rank`'s part, `shape` shaped, as a view (the checks read rank 0's).
+    public func part(_ rank: Int, shape: [Int]) -> TensorRef {
+        let step = rankStride != 0 ? rankStride : shape.reduce(1, *) * dtype.byteSize
+        let base = UInt(address) + UInt(rank * step)
+        return TensorRef(address: UnsafeMutableRawPointer(bitPattern: base), dtype: dtype, shape: shape, location: location)
+    }
+
+    /// The byte stride between parts of `shape`, after checking it: 0 means packed; a given
+    /// stride must hold a part and keep every part `alignment`-aligned, as rank 0's address must be.
+    /// The name is built only for an error: the data path allocates nothing for it.
+    public func stride(_ name: @autoclosure () -> String, shape: [Int], alignment: Int, ranks: Int) throws(EPError) -> Int {
+        let bytes = shape.reduce(1, *) * dtype.byteSize
+        let most = (1 << 62) / max(ranks, 1)   // every rank's address stays far inside 64 bits
+        guard rankStride >= 0, rankStride == 0 || rankStride >= bytes, rankStride <= most else {
+            throw .invalidArgument(field: "\(name()).rankStride", value: "\(rankStride)",
+                                   requirement: "must be 0 (packed) or in \(bytes)...\(most): at least the bytes of one rank's \(dtype)\(shape)")
+        }
+        let step = rankStride != 0 ? rankStride : bytes
+        guard UInt64.max - address >= UInt64(step) * UInt64(ranks) else {
+            throw .invalidArgument(field: "\(name()).address", value: "\(address)",
+                                   requirement: "must leave room for \(ranks) parts of \(step) bytes below 2^64")
+        }
+        guard rankStride % alignment == 0 else {
+            throw .invalidArgument(field: "\(name()).rankStride", value: "\(rankStride)", requirement: "must be a multiple of \(alignment) bytes")
+        }
+        guard address % UInt64(alignment) == 0 else {
+            throw .invalidArgument(field: "\(name()).address", value: "\(address)", requirement: "must be a multiple of \(alignment) bytes")
+        }
+        return step
+    }
+}
+
+/// A stacked dispatch: every rank sends `tokens` rows (the same B for every rank). With `topkIdx`
+/// it is the step's update and its dispatch in one call; without, a dispatch of the step's
+/// routing again (a backward dispatch: `tokens` must be the step's).
+public struct StackedDispatch: Sendable {
+    public var tokens: Int
+    /// `[R][B, K]` int32 or int64 global expert ids, or nil.
+    public var topkIdx: StackedTensor?
+    /// `[R][B, H]` rows (the group's dispatch input type).
+    public var inputs: StackedTensor
+    /// `[R][B, K]` float32, as `DispatchInput.topkWeights`.
+    public var topkWeights: StackedTensor?
+    /// FP8 pass-through: `[R][B, scale words]`.
+    public var scales: StackedTensor?
+    /// `[R][receiveShape]`, and the other outputs as `DispatchOutput` has them, per rank.
+    public var received: StackedTensor
+    public var receivedTopkIdx: StackedTensor?
+    public var receivedTopkWeights: StackedTensor?
+    public var receivedScales: StackedTensor?
+    public var expertCounts: StackedTensor?
+    public var expertSourceCounts: StackedTensor?
+
+    public init(
+        tokens: Int, topkIdx: StackedTensor?, inputs: StackedTensor, topkWeights: StackedTensor? = nil, scales: StackedTensor? = nil,
+        received: StackedTensor, receivedTopkIdx: StackedTensor? = nil, receivedTopkWeights: StackedTensor? = nil,
+        receivedScales: StackedTensor? = nil, expertCounts: StackedTensor? = nil, expertSourceCounts: StackedTensor? = nil
+    ) {
+        self.tokens = tokens
+        self.topkIdx = topkIdx
+        self.inputs = inputs
+        self.topkWeights = topkWeights
+        self.scales = scales
+        self.received = received
+        self.receivedTopkIdx = receivedTopkIdx
+        self.receivedTopkWeights = receivedTopkWeights
+        self.receivedScales = receivedScales
+        self.expertCounts = expertCounts
+        self.expertSourceCounts = expertSourceCounts
+    }
+}
+
+/// A stacked combine of a dispatched step: rank r's combined rows (as many as its routing has)
+/// go to `combined`'s part r.
+public struct StackedCombine: Sendable {
+    /// `[R][receiveShape]` of the element type.
+    public var expertOutputs: StackedTensor
+    /// As `CombineInput.topkWeights`: LL expert-major forward `[R][B, K]`; HT expert-major
+    /// forward the per-slot `[R][N]`.
+    public var topkWeights: StackedTensor?
+    /// Backward HT: `[R][receiveRoutingShape]`.
+    public var weightGradients: StackedTensor?
+    /// `[R][B, H]` outputs: rank r's rows at part r.
+    public var combined: StackedTensor
+    /// Backward HT outputs: `[R][B, K]` float32.
+    public var topkWeightGradients: StackedTensor?
+
+    public init(
+        expertOutputs: StackedTensor, topkWeights: StackedTensor? = nil, weightGradients: StackedTensor? = nil,
+        combined: StackedTensor, topkWeightGradients: StackedTensor? = nil
+    ) {
+        self.expertOutputs = expertOutputs
+        self.topkWeights = topkWeights
+        self.weightGradients = weightGradients
+        self.combined = combined
+        self.topkWeightGradients = topkWeightGradients
+    }
+}
+
+/// A stacked call's per-rank arguments, checked: each rank's views (for backends that take them)
+/// and the strides between ranks (for those that compute addresses). Rank 0's tensors go
+/// through the same checks as a per-rank call's (same messages, without a rank prefix); every
+/// rank's part has the same type, shape and place, so that checks them all, with the strides.
+public struct CheckedStackedDispatch: Sendable {
+    public let call: StackedDispatch
+    /// Rank 0's arguments (the update's routing, or nil; the dispatch input and output).
+    public let topkIdx: TensorRef?
+    public let input: DispatchInput
+    public let output: DispatchOutput
+    let strides: [Int]   // per field, in the order of `fields`
+
+    /// The fields that carry a tensor, in a fixed order.
+    public enum Field: Int, CaseIterable, Sendable {
+        case topkIdx, inputs, topkWeights, scales, received, receivedTopkIdx, receivedTopkWeights, receivedScales, expertCounts,
+             expertSourceCounts
+    }
+
+    public func stride(_ field: Field) -> Int { strides[field.rawValue] }
+
+    /// Rank `rank`'s address of `field` (0 where not given).
+    public func address(_ field: Field, rank: Int) -> UInt64 {
+        guard let tensor = call[field], tensor.address != 0 else { return 0 }
+        return tensor.address + UInt64(rank * strides[field.rawValue])
+    }
+
+    public init(_ call: StackedDispatch, shapes: CallShapes, location: MemoryLocation, stepTokens: Int?) throws(EPError) {
+        let config = shapes.config
+        guard call.tokens >= 0, call.tokens <= config.maxTokensPerRank else {
+            throw .invalidArgument(field: "tokens", value: "\(call.tokens)", requirement: "must be in 0...maxTokensPerRank (\(config.maxTokensPerRank))")
+        }
+        if call.topkIdx == nil, let stepTokens, stepTokens != call.tokens {
+            throw .invalidArgument(field: "tokens", value: "\(call.tokens)", requirement: "must be the step's (\(stepTokens)) when no topkIdx is given")
+        }
+        self.call = call
+        let b = call.tokens, k = config.topK
+        func part(_ t: StackedTensor?, _ shape: [Int]) -> TensorRef? { t.map { $0.part(0, shape: shape) } }
+        let idx = part(call.topkIdx, [b, k])
+        if let idx {
+            try TensorCheck.require(idx, "topkIdx", dtypes: [.i32, .i64], rows: b, columns: k, location: location)
+        }
+        topkIdx = idx
+        let scaleWords = config.fp8Format?.scaleWordsPerRow ?? 1
+        input = DispatchInput(tokens: call.inputs.part(0, shape: [b, config.hidden]), topkWeights: part(call.topkWeights, [b, k]),
+                              scales: part(call.scales, [b, scaleWords]))
+        let routing = config.receiveRoutingShape ?? []
+        output = DispatchOutput(
+            tokens: call.received.part(0, shape: config.receiveShape), topkIdx: part(call.receivedTopkIdx, routing),
+            topkWeights: part(call.receivedTopkWeights, routing), expertCounts: part(call.expertCounts, [config.localExperts]),
+            expertSourceCounts: part(call.expertSourceCounts, [config.localExperts, config.ranks]),
+            scales: part(call.receivedScales, config.receiveScalesShape ?? []))
+        try shapes.validateDispatch(input, output, tokens: b, location: location)
+        var strides = [Int](repeating: 0, count: Field.allCases.count)
+        for field in Field.allCases {
+            guard let tensor = call[field] else { continue }
+            let view: TensorRef? = switch field {
+            case .topkIdx: idx
+            case .inputs: input.tokens
+            case .topkWeights: input.topkWeights
+            case .scales: input.scales
+            case .received: output.tokens
+            case .receivedTopkIdx: output.topkIdx
+            case .receivedTopkWeights: output.topkWeights
+            case .receivedScales: output.scales
+            case .expertCounts: output.expertCounts
+            case .expertSourceCounts: output.expertSourceCounts
+            }
+            guard let view else { continue }
+            // Rows move in 8-byte vectors at least; ids, weights, scales and counts whole.
+            let alignment = field == .inputs || field == .received ? 8 : tensor.dtype.byteSize
+            strides[field.rawValue] = try tensor.stride("\(field)", shape: view.shape, alignment: alignment, ranks: config.ranks)
+        }
+        self.strides = strides
+    }
+
+    /// Rank `rank`'s update routing (nil without topkIdx), dispatch input and output, as views.
+    public func rank(_ rank: Int) -> (topkIdx: TensorRef?, input: DispatchInput, output: DispatchOutput) {
+        func moved(_ view: TensorRef?, _ field: Field) -> TensorRef? {
+            guard var view, view.address != nil else { return view }
+            view.address = UnsafeMutableRawPointer(bitPattern: UInt(address(field, rank: rank)))
+            return view
+        }
+        let input = DispatchInput(tokens: moved(self.input.tokens, .inputs)!, topkWeights: moved(self.input.topkWeights, .topkWeights),
+                                  scales: moved(self.input.scales, .scales))
+        let output = DispatchOutput(
+            tokens: moved(self.output.tokens, .received)!, topkIdx: moved(self.output.topkIdx, .receivedTopkIdx),
+            topkWeights: moved(self.output.topkWeights, .receivedTopkWeights), expertCounts: moved(self.output.expertCounts, .expertCounts),
+            expertSourceCounts: moved(self.output.expertSourceCounts, .expertSourceCounts), scales: moved(self.output.scales, .receivedScales))
+        return (moved(topkIdx, .topkIdx), input, output)
+    }
+}
+
+extension StackedDispatch {
+    public subscript(field: CheckedStackedDispatch.Field) -> StackedTensor? {
+        switch field {
+        case .topkIdx: topkIdx
+        case .inputs: inputs
+        case .topkWeights: topkWeights
+        case .scales: scales
+        case .received: received
+        case .receivedTopkIdx: receivedTopkIdx
+        case .receivedTopkWeights: receivedTopkWeights
+        case .receivedScales: receivedScales
+        case .expertCounts: expertCounts
+        case .expertSourceCounts: expertSourceCounts
+        }
+    }
+}
+
+/// A stacked combine's arguments, checked as `CheckedStackedDispatch` checks a dispatch's;
+/// `tokens`: each rank's rows in the step (the parts are checked for the most).
+public struct CheckedStackedCombine: Sendable {
+    public let call: StackedCombine
+    public let tokens: [Int]
+    public let input: CombineInput
+    public let output: CombineOutput
+    let strides: [Int]
+
+    public enum Field: Int, CaseIterable, Sendable {
+        case expertOutputs, topkWeights, weightGradients, combined, topkWeightGradients
+    }
+
+    public func stride(_ field: Field) -> Int { strides[field.rawValue] }
+
+    /// Rank `rank`'s address of `field` (0 where not given).
+    public func address(_ field: Field, rank: Int) -> UInt64 {
+        guard let tensor = call[field], tensor.address != 0 else { return 0 }
+        return tensor.address + UInt64(rank * strides[field.rawValue])
+    }
+
+    public init(_ call: StackedCombine, tokens: [Int], direction: PassDirection, shapes: CallShapes, location: MemoryLocation) throws(EPError) {
+        let config = shapes.config
+        self.call = call
+        self.tokens = tokens
+        let most = tokens.max() ?? 0, k = config.topK
+        func part(_ t: StackedTensor?, _ shape: [Int]) -> TensorRef? { t.map { $0.part(0, shape: shape) } }
+        let routing = config.receiveRoutingShape ?? []
+        // The weights combine applies: the source's [B, K] (LL expert-major), the per-slot [N] (HT expert-major).
+        let weightsShape = config.layout == .expertMajor ? [most, k] : [config.receiveCapacity]
+        input = CombineInput(expertOutputs: call.expertOutputs.part(0, shape: config.receiveShape),
+                             topkWeights: part(call.topkWeights, weightsShape), weightGradients: part(call.weightGradients, routing))
+        output = CombineOutput(tokens: call.combined.part(0, shape: [most, config.hidden]),
+                               topkWeightGradients: part(call.topkWeightGradients, [most, k]))
+        try shapes.validateCombine(input, output, tokens: most, direction: direction, location: location)
+        var strides = [Int](repeating: 0, count: Field.allCases.count)
+        for field in Field.allCases {
+            guard let tensor = call[field] else { continue }
+            let view: TensorRef? = switch field {
+            case .expertOutputs: input.expertOutputs
+            case .topkWeights: input.topkWeights
+            case .weightGradients: input.weightGradients
+            case .combined: output.tokens
+            case .topkWeightGradients: output.topkWeightGradients
+            }
+            guard let view else { continue }
+            let alignment = field == .expertOutputs || field == .combined ? 8 : tensor.dtype.byteSize
+            strides[field.rawValue] = try tensor.stride("\(field)", shape: view.shape, alignment: alignment, ranks: config.ranks)
+        }
+        self.strides = strides
+    }
+
+    /// Rank `rank`'s combine input and output, as views (`tokens[rank]` rows).
+    public func rank(_ rank: Int) -> (input: CombineInput, output: CombineOutput) {
+        let b = tokens[rank]
+        func moved(_ view: TensorRef?, _ field: Field, rows: Int? = nil) -> TensorRef? {
+            guard var view else { return nil }
+            if let rows { view.shape[0] = rows }
+            if view.address != nil { view.address = UnsafeMutableRawPointer(bitPattern: UInt(address(field, rank: rank))) }
+            return view
+        }
+        let weightRows: Int? = input.topkWeights?.shape.count == 2 ? b : nil
+        return (CombineInput(expertOutputs: moved(input.expertOutputs, .expertOutputs)!, topkWeights: moved(input.topkWeights, .topkWeights, rows: weightRows),
+                             weightGradients: moved(input.weightGradients, .weightGradients)),
+                CombineOutput(tokens: moved(output.tokens, .combined, rows: b)!,
+                              topkWeightGradients: moved(output.topkWeightGradients, .topkWeightGradients, rows: b)))
+    }
+}
+
+extension StackedCombine {
+    public subscript(field: CheckedStackedCombine.Field) -> StackedTensor? {
+        switch field {
+        case .expertOutputs: expertOutputs
+        case .topkWeights: topkWeights
+        case .weightGradients: weightGradients
+        case .combined: combined
+        case .topkWeightGradients: topkWeightGradients
+        }
+    }
+}

@@ -1,0 +1,81 @@
+import ExpertParallel
+import ExpertParallelCUDA
+
+/// The stacked calls (StackedCall.swift): every rank's argument one part of one array, so a call
+/// checks one description per argument and computes each rank's address, instead of converting
+/// and checking one tensor per rank and argument. The host cost of a PyTorch step.
+extension VirtualGPUGroup {
+    /// With `call.topkIdx`: `handle`'s update and its dispatch, one call; without: a dispatch of
+    /// `handle`'s step again (the backward pass), `call.tokens` its rows per rank. A rejected
+    /// call runs nothing; a rejected call with routing voids the step, as a rejected update does.
+    public func dispatch(
+        _ handle: GPUStepHandle, stacked call: StackedDispatch, direction: PassDirection = .forward, options: CallOptions = CallOptions()
+    ) throws(EPError) {
+        try engine.checkNothingPending()
+        let checked: CheckedStackedDispatch
+        do throws(EPError) {
+            var stepTokens: Int?
+            if call.topkIdx == nil {
+                let routing = try handle.currentStep().routing
+                stepTokens = routing[0].tokens
+                if let other = routing.first(where: { $0.tokens != routing[0].tokens }) {
+                    throw EPError.invalidArgument(field: "topkIdx", value: "nil", requirement:
+                        "must be given: the step's ranks have different token counts (\(routing[0].tokens), \(other.tokens)), which a stacked call cannot send again")
+                }
+            }
+            checked = try CheckedStackedDispatch(call, shapes: engine.shapes, location: location, stepTokens: stepTokens)
+        } catch {
+            if call.topkIdx != nil { handle.setStep(nil) }
+            throw error
+        }
+        let ranks = config.ranks
+        if let idx = checked.topkIdx {
+            let routing = (0..<ranks).map { RoutingRows(address: checked.address(.topkIdx, rank: $0), tokens: call.tokens) }
+            try engine.enqueueUpdate(handle, routing: routing, indexBytes: idx.dtype.byteSize, options: options)
+        }
+        try engine.dispatch(
+            handle,
+            sources: { i in
+                SendSide(tokens: checked.address(.inputs, rank: i), weights: checked.address(.topkWeights, rank: i),
+                         scales: checked.address(.scales, rank: i), counts: checked.address(.expertCounts, rank: i),
+                         sourceCounts: checked.address(.expertSourceCounts, rank: i))
+            },
+            received: { r in
+                ReceiveBuffers(rows: checked.address(.received, rank: r), indices: checked.address(.receivedTopkIdx, rank: r),
+                               weights: checked.address(.receivedTopkWeights, rank: r), scales: checked.address(.receivedScales, rank: r))
+            },
+            receivedIndexBytes: checked.output.topkIdx?.dtype.byteSize ?? 4,
+            vectorBytes: engine.vectorBytes(stacked: [(call.inputs.address, checked.stride(.inputs)), (call.received.address, checked.stride(.received))]),
+            options: options)
+    }
+
+    /// The combine of `handle`'s dispatched step: rank r's rows (as many as its routing has) go
+    /// to part r of `call.combined`.
+    public func combine(
+        _ handle: GPUStepHandle, stacked call: StackedCombine, direction: PassDirection = .forward, options: CallOptions = CallOptions()
+    ) throws(EPError) {
+        try engine.checkNothingPending()
+        let step = try handle.dispatchedStep()
+        let checked = try CheckedStackedCombine(call, tokens: step.routing.map(\.tokens), direction: direction, shapes: engine.shapes,
+                                                location: location)
+        try engine.combine(
+            handle,
+            into: { i in CombineTarget(tokens: checked.address(.combined, rank: i), weightGradients: checked.address(.topkWeightGradients, rank: i)) },
+            experts: { r in
+                ExpertSide(rows: checked.address(.expertOutputs, rank: r), weights: checked.address(.topkWeights, rank: r),
+                           weightGradients: checked.address(.weightGradients, rank: r))
+            },
+            direction: direction,
+            vectorBytes: engine.vectorBytes(stacked: [(call.expertOutputs.address, checked.stride(.expertOutputs)),
+                                                      (call.combined.address, checked.stride(.combined))]),
+            options: options)
+    }
+}
+
+extension StepEngine {
+    /// `vectorBytes` for stacked arrays: rank r's part of each is at address + r × stride, so
+    /// all are 16-byte aligned when every address and stride is.
+    func vectorBytes(stacked arrays: [(address: UInt64, stride: Int)]) -> Int {
+        vectorBytes(arrays.lazy.map(\.address), arrays.lazy.map { UInt64($0.stride) })
+    }
+}

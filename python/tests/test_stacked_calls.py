@@ -1,0 +1,149 @@
+"""The stacked calls (epGroupDispatchStacked / epGroupCombineStacked: one description per
+argument, which VirtualGroup uses for stacked [R, B, ...] arrays) give the same bits as the
+per-rank calls (lists of per-rank arrays) in every layout, forward and backward, on the CPU and
+(EP_GPU_TESTS=1) on the GPU; and a bad stacked argument gets a named error."""
+
+import ctypes
+import os
+
+import numpy as np
+import pytest
+
+import expert_parallel as ep
+from expert_parallel import _abi
+from expert_parallel._library import load
+from reference import random_payload, random_routing
+
+GPU = os.environ.get("EP_GPU_TESTS") == "1"
+LAYOUTS = [("ll", "expert_major", 1), ("ll", "rank_major", 1), ("ht", "flat", 1), ("ht", "expert_major_padded", 4)]
+DEVICES = ["cpu"] + (["cuda:0"] if GPU else [])
+
+
+def to_device(array, device):
+    """A NumPy array (bf16: uint16 bits) as the group's device wants it."""
+    if device == "cpu":
+        return array
+    import torch
+
+    if array.dtype == np.uint16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16).to(device)
+    return torch.from_numpy(array).to(device)
+
+
+def to_numpy(value):
+    if isinstance(value, np.ndarray):
+        return value
+    import torch
+
+    if value.dtype == torch.bfloat16:
+        return value.view(torch.int16).cpu().numpy().view(np.uint16)
+    return value.cpu().numpy()
+
+
+def bits(value):
+    return to_numpy(value).view(np.uint8)
+
+
+def run(group, inputs, stacked, ht):
+    """Dispatch, combine, a backward dispatch and (HT) a backward combine; what each returned."""
+    r = group.ranks
+    x, idx, w, ys, grads = inputs
+
+    def arg(a):
+        return a if stacked else [a[i] for i in range(r)]
+
+    out = group.dispatch(arg(x), arg(idx), arg(w))
+    seen = [bits(out.received), [bits(c) for c in out.expert_counts], [bits(c) for c in out.expert_source_counts]]
+    if out.topk_idx is not None:
+        seen += [[bits(t) for t in out.topk_idx], [bits(t) for t in out.topk_weights]]
+    combined = group.combine(arg(ys), out.handle)
+    seen.append([bits(c) for c in combined])
+    back = group.dispatch(arg(x), None, arg(w), handle=out.handle, direction="backward")
+    seen.append(bits(back.received))
+    if ht:
+        tokens, gradients = group.combine(arg(ys), back.handle, direction="backward", weight_gradients=arg(grads))
+        seen += [[bits(t) for t in tokens], [bits(g) for g in gradients]]
+    return seen
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algorithm,layout,alignment", LAYOUTS)
+@pytest.mark.parametrize("dtype", ["bf16", "f32"])
+def test_stacked_calls_equal_the_per_rank_calls(device, algorithm, layout, alignment, dtype):
+    rng = np.random.default_rng(7)
+    r, e, k, h, b = 3, 12, 3, 32, 5
+    shape = dict(ranks=r, experts=e, hidden=h, top_k=k, max_tokens=b + 1, algorithm=algorithm, layout=layout,
+                 alignment=alignment, dtype=dtype, device=device)
+    groups = [ep.VirtualGroup(**shape) for _ in range(2)]
+    x = np.stack([random_payload(rng, (b, h), dtype) for _ in range(r)])
+    idx = np.stack([random_routing(rng, b, e, k) for _ in range(r)]).astype(np.int32)
+    w = rng.random((r, b, k)).astype(np.float32)
+    recv = groups[0].recv_shape
+    ys = np.stack([random_payload(rng, recv, dtype) for _ in range(r)])
+    grads = rng.random((r,) + (groups[0].recv_routing_shape or (1,))).astype(np.float32)
+    inputs = [to_device(a, device) for a in (x, idx, w, ys, grads)]
+    per_rank = run(groups[0], inputs, stacked=False, ht=algorithm == "ht")
+    stacked = run(groups[1], inputs, stacked=True, ht=algorithm == "ht")
+    assert len(per_rank) == len(stacked)
+    for i, (want, got) in enumerate(zip(per_rank, stacked)):
+        for a, c in zip(want if isinstance(want, list) else [want], got if isinstance(got, list) else [got]):
+            np.testing.assert_array_equal(c, a, err_msg=f"result {i}")
+    for g in groups:
+        g.check()
+        g.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_stacked_dispatch_combines_from_per_rank_lists_and_back(device):
+    """A step dispatched stacked combines with per-rank lists (and the other way round): LL
+    expert-major's combine finds the dispatch's weights either way."""
+    rng = np.random.default_rng(3)
+    r, e, k, h, b = 2, 8, 2, 16, 4
+    group = ep.VirtualGroup(ranks=r, experts=e, hidden=h, top_k=k, max_tokens=b, dtype="f32", device=device)
+    reference = ep.VirtualGroup(ranks=r, experts=e, hidden=h, top_k=k, max_tokens=b, dtype="f32", device=device)
+    x = to_device(rng.standard_normal((r, b, h)).astype(np.float32), device)
+    idx = to_device(np.stack([random_routing(rng, b, e, k, 0.0) for _ in range(r)]).astype(np.int32), device)
+    w = to_device(rng.random((r, b, k)).astype(np.float32), device)
+    ys = to_device(rng.standard_normal((r,) + group.recv_shape).astype(np.float32), device)
+    want = reference.combine([ys[i] for i in range(r)], reference.dispatch([x[i] for i in range(r)], [idx[i] for i in range(r)],
+                                                                            [w[i] for i in range(r)]).handle)
+    got = group.combine([ys[i] for i in range(r)], group.dispatch(x, idx, w).handle)
+    for a, c in zip(want, got):
+        np.testing.assert_array_equal(bits(c), bits(a))
+    got = group.combine(ys, group.dispatch([x[i] for i in range(r)], [idx[i] for i in range(r)], [w[i] for i in range(r)]).handle)
+    for a, c in zip(want, got):
+        np.testing.assert_array_equal(bits(c), bits(a))
+
+
+def test_bad_stacked_arguments_get_named_errors():
+    rng = np.random.default_rng(5)
+    group = ep.VirtualGroup(ranks=2, experts=4, hidden=8, top_k=2, max_tokens=3, dtype="f32")
+    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    idx = np.zeros((2, 3, 2), np.int32)
+    idx[..., 1] = 1
+    with pytest.raises(ep.InvalidArgumentError, match=r"xs: 4 tokens per rank; must be ≤ max_tokens \(3\)"):
+        group.dispatch(np.zeros((2, 4, 8), np.float32), np.zeros((2, 4, 2), np.int32))
+    with pytest.raises(ep.InvalidArgumentError, match="topk_idx"):
+        group.dispatch(x, idx.astype(np.float32))
+    with pytest.raises(ep.InvalidArgumentError, match="xs"):
+        group.dispatch(x.astype(np.float16), idx)
+    out = group.dispatch(x, idx)
+    assert out.handle.tokens == [3, 3]
+
+    # The C entry point itself: a stride shorter than one rank's part, named with its bound.
+    library = load()
+    call = _abi.new(_abi.StackedDispatch, tokens=3)
+    call.topkIdx = _abi.Stacked(idx.ctypes.data, _abi.I32, -1, 0)
+    call.inputTokens = _abi.Stacked(x.ctypes.data, _abi.F32, -1, 8)
+    received = np.zeros((2,) + group.recv_shape, np.float32)
+    call.receivedTokens = _abi.Stacked(received.ctypes.data, _abi.F32, -1, 0)
+    assert library.epGroupDispatchStacked(group._group, ctypes.byref(call), None) == _abi.INVALID_ARGUMENT
+    message = library.epGetLastErrorMessage().decode()
+    assert "inputs.rankStride = 8" in message and "96" in message, message
+    call.inputTokens.rankStride = 0
+    call.receivedTokens.device = -3
+    assert library.epGroupDispatchStacked(group._group, ctypes.byref(call), None) == _abi.INVALID_ARGUMENT
+    assert "call.receivedTokens.device = -3" in library.epGetLastErrorMessage().decode()
+    call.receivedTokens.device = -1
+    assert library.epGroupDispatchStacked(group._group, ctypes.byref(call), None) == _abi.SUCCESS
+    np.testing.assert_array_equal(received, to_numpy(out.received))   # the same rows as the package's call
