@@ -80,6 +80,11 @@ class Slot:
             ("expertSourceCounts", base(self.source_counts, _abi.I32), _abi.I32),
         ]
         self._base = base
+        # The stacked calls' structs of this slot (the group makes them on first use): the
+        # dispatch's points at the slot's buffers for good; the combine's fixed fields were
+        # written for `combine_kind`.
+        self.dispatch_call = self.combine_call = None
+        self.combine_kind = None
 
         # The combine outputs: rank i's rows at combined[i, :B_i], patched per call.
         self.out_desc = _fast.Descriptors(r, device, element, (h,))

@@ -19,6 +19,8 @@ from .errors import InvalidArgumentError, InvalidUsageError
 __all__ = ["VirtualGroup", "DispatchResult", "Handle", "LayoutInfo"]
 
 _SIZE_HINT = "lower max_tokens or hidden (HT: set max_recv_tokens)"
+_INDEX_TYPES = frozenset((_abi.I32, _abi.I64))
+_F32_TYPES = frozenset((_abi.F32,))
 
 
 def _device_ordinal(device):
@@ -137,9 +139,7 @@ class VirtualGroup(GroupBase):
         # The stacked calls (one description per argument): the path of stacked [R, ...] arrays.
         self._fn_dispatch_stacked = library.epGroupDispatchStacked
         self._fn_combine_stacked = library.epGroupCombineStacked
-        self._sd = _fast.StackedCall(_abi.StackedDispatch, device)
-        self._sc = _fast.StackedCall(_abi.StackedCombine, device)
-        self._sd_slot = self._sc_slot = None   # the slot whose buffers the structs point at
+        self._types_x, self._tail_x, self._tail_k = {self._input_element}, (h,), (k,)
 
     def __repr__(self) -> str:
         return (f"VirtualGroup(ranks={self.ranks}, experts={self.experts}, hidden={self.hidden}, top_k={self.top_k}, "
@@ -378,21 +378,27 @@ class VirtualGroup(GroupBase):
     def _stacked_parts(self, xs, topk_idx, topk_weights, scales, handle):
         """(B, x, idx, weights, scales) of stacked ``[R, B, ...]`` arguments, each (address,
         type) or None, checked as the per-rank path checks them; None when one is a list (the
-        per-rank path takes those)."""
-        for value in (topk_idx, topk_weights, scales):
-            if value is not None and _fast.look(value, ()) is None:
-                return None
-        x = self._stacked(xs, "xs", {self._input_element}, (self.hidden,), None)
+        per-rank path takes those). Nothing is written before every argument is checked."""
+        x = self._stacked(xs, "xs", self._types_x, self._tail_x, None)
         if x is None:
             return None
         b = x[2]
-        self._require_scales(scales)
-        k = self.top_k
-        s = None if scales is None else self._stacked(scales, "scales", {self._scale_type}, (self.recv_scales_shape[-1],), b)
-        idx = None if topk_idx is None else self._stacked(topk_idx, "topk_idx", {_abi.I32, _abi.I64}, (k,), b)
-        if topk_idx is None and list(handle.tokens) != [b] * self.ranks:
+        idx = w = s = None
+        if topk_idx is not None:
+            idx = self._stacked(topk_idx, "topk_idx", _INDEX_TYPES, self._tail_k, b)
+            if idx is None:
+                return None
+        elif list(handle.tokens) != [b] * self.ranks:
             raise InvalidArgumentError(f"xs: {[b] * self.ranks} tokens per rank; the handle's routing has {handle.tokens}")
-        w = None if topk_weights is None else self._stacked(topk_weights, "topk_weights", {_abi.F32}, (k,), b)
+        if topk_weights is not None:
+            w = self._stacked(topk_weights, "topk_weights", _F32_TYPES, self._tail_k, b)
+            if w is None:
+                return None
+        if scales is not None or self._input_element == _abi.E4M3:
+            self._require_scales(scales)
+            s = self._stacked(scales, "scales", {self._scale_type}, (self.recv_scales_shape[-1],), b)
+            if s is None:
+                return None
         return b, x, idx, w, s
 
     def _stacked(self, values, name, expected, tail, rows):
@@ -401,12 +407,16 @@ class VirtualGroup(GroupBase):
         seen = _fast.look(values, expected)
         if seen is None:
             return None
-        address, code, sizes = _fast.check(values, name, expected, self._device, (self.ranks, rows) + tail, seen)
-        b = int(sizes[1])
+        address, code, sizes, where, fine = seen
+        # The common case in line; anything else goes through _fast.check, which names the problem.
+        if not (fine and where == self._device and code in expected and len(sizes) == len(tail) + 2 and sizes[0] == self.ranks
+                and (rows is None or sizes[1] == rows) and tuple(sizes[2:]) == tail):
+            address, code, sizes = _fast.check(values, name, expected, self._device, (self.ranks, rows) + tail, seen)
+            if self._device != -1 and _arrays.kind(values) != "torch":
+                raise InvalidArgumentError(f"{name}: a NumPy array; a GPU group takes CUDA torch tensors")
+        b = sizes[1]
         if rows is None and b > self.max_tokens:
             raise InvalidArgumentError(f"{name}: {b} tokens per rank; must be ≤ max_tokens ({self.max_tokens})")
-        if self._device != -1 and _arrays.kind(values) != "torch":
-            raise InvalidArgumentError(f"{name}: a NumPy array; a GPU group takes CUDA torch tensors")
         return address, code, b
 
     def _dispatch_stacked(self, parts, xs, topk_idx, topk_weights, handle, direction, direction_value, mode, stream, wait_event,
@@ -415,11 +425,11 @@ class VirtualGroup(GroupBase):
         b, x, idx, w, s = parts
         slot = self._slot(self._next_slot, xs)
         self._next_slot = (self._next_slot + 1) % self.buffer_slots
-        call = self._sd
-        if self._sd_slot is not slot:
+        call = slot.dispatch_call
+        if call is None:   # each slot's struct points at the slot's buffers for good
+            call = slot.dispatch_call = _fast.StackedCall(_abi.StackedDispatch, self._device)
             for name, address, code in slot.stacked_outputs:
                 call.set(name, address, code)
-            self._sd_slot = slot
         call.set("inputTokens", x[0], x[1])
         if idx is None:
             call.clear("topkIdx")
@@ -478,32 +488,39 @@ class VirtualGroup(GroupBase):
         y = self._stacked(expert_outputs, "expert_outputs", {self._element}, recv[1:], recv[0])
         if y is None:
             return None
-        call = self._sc
-        call.set("expertOutputs", y[0], y[1])
-        slot = self._slot(handle.slot, expert_outputs)
-        if forward_ll:
-            call.set("topkWeights", handle.weight_stacked, _abi.F32)
-        elif direction == "forward" and self.layout == "expert_major_padded":
-            self._require_slot(slot, handle)   # the per-slot weights are the slot's: a later dispatch into it rewrote them
-            call.set("topkWeights", slot.stacked_address("topk_weights"), _abi.F32)
-        else:
-            call.clear("topkWeights")
+        g = None
         if backward_ht:
             routing = self.recv_routing_shape
-            g = self._stacked(weight_gradients, "weight_gradients", {_abi.F32}, routing[1:], routing[0])
+            g = self._stacked(weight_gradients, "weight_gradients", _F32_TYPES, routing[1:], routing[0])
             if g is None:
                 return None
+        slot = self._slot(handle.slot, expert_outputs)
+        padded_forward = direction == "forward" and self.layout == "expert_major_padded"
+        if padded_forward:
+            self._require_slot(slot, handle)   # the per-slot weights are the slot's: a later dispatch into it rewrote them
+        combined, grads = slot.combine_targets(handle.tokens, backward_ht)
+        call = slot.combine_call
+        if call is None:
+            call = slot.combine_call = _fast.StackedCall(_abi.StackedCombine, self._device)
+        fixed = (forward_ll, padded_forward, backward_ht)
+        if fixed != slot.combine_kind:   # the fields that depend only on the slot and the kind of call
+            row_bytes = self.hidden * _abi.DTYPE_SIZES[self._element]
+            call.set("combinedTokens", slot.stacked_address("combined"), self._element, self.max_tokens * row_bytes)
+            if backward_ht:
+                call.set("topkWeightGradients", slot.stacked_address("weight_grads"), _abi.F32, self.max_tokens * self.top_k * 4)
+            else:
+                call.clear("topkWeightGradients")
+                call.clear("weightGradients")
+            if padded_forward:
+                call.set("topkWeights", slot.stacked_address("topk_weights"), _abi.F32)
+            elif not forward_ll:
+                call.clear("topkWeights")
+            slot.combine_kind = fixed
+        call.set("expertOutputs", y[0], y[1])
+        if forward_ll:
+            call.set("topkWeights", handle.weight_stacked, _abi.F32)
+        if g is not None:
             call.set("weightGradients", g[0], _abi.F32)
-        else:
-            call.clear("weightGradients")
-        tokens = handle.tokens
-        combined, grads = slot.combine_targets(tokens, backward_ht)
-        row_bytes = self.hidden * _abi.DTYPE_SIZES[self._element]
-        call.set("combinedTokens", slot.stacked_address("combined"), self._element, self.max_tokens * row_bytes)
-        if backward_ht:
-            call.set("topkWeightGradients", slot.stacked_address("weight_grads"), _abi.F32, self.max_tokens * self.top_k * 4)
-        else:
-            call.clear("topkWeightGradients")
         struct = call.struct
         struct.direction, struct.launchMode, struct.step = direction_value, mode, handle._pointer
         struct.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
