@@ -29,20 +29,22 @@ _numpy_dtypes = {}   # NumPy dtype object -> (code, or BF16 for uint16 bits; nat
 
 
 _tensor_type = None   # torch.Tensor itself, once one was seen: the common case, one type check
+tensor_type = type(None)   # the same for callers that test in line (never matches before torch is seen)
+torch_codes = {}      # torch dtype -> epDataType_t, once torch was seen
 
 
 def look(value, expected):
     """(address, epDataType_t, shape, device ordinal or -1, contiguous and native) of a torch
     tensor or NumPy array, or None when it is neither; `expected`: the accepted types (a uint16
     NumPy array is bf16 where bf16 is accepted)."""
-    global _tensor_type
+    global _tensor_type, tensor_type, torch_codes
     if type(value) is not _tensor_type:
         found = _arrays.kind(value)
         if found != "torch":
             return _look_numpy(value, expected) if found == "numpy" else None
-        _torch_dtype_codes()   # made once
+        torch_codes = _torch_dtype_codes()   # made once
         if type(value).__name__ == "Tensor":
-            _tensor_type = type(value)
+            _tensor_type = tensor_type = type(value)
     return (value.data_ptr(), _torch_codes.get(value.dtype), value.shape, value.get_device(), value.is_contiguous())
 
 

@@ -11,6 +11,7 @@ from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 from . import _abi, _arrays
 from ._library import call
+from ._results import Handle
 from .errors import InvalidArgumentError, InvalidUsageError
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
@@ -112,8 +113,6 @@ class GroupBase:
         ``dispatch(..., handle=h)``; several can be live at once, and every rank makes the same
         calls with them in the same order. Release it with ``h.release()``, a ``with`` block, or
         by dropping it."""
-        from ._results import Handle
-
         self._check_open()
         pointer = ctypes.c_void_p()
         call("epStepCreate", self._group, ctypes.byref(pointer))
@@ -133,8 +132,6 @@ class GroupBase:
             raise InvalidArgumentError("scales: given; only FP8 pass-through groups take scales")
 
     def _check_handle(self, handle, dispatched):
-        from ._results import Handle
-
         if not isinstance(handle, Handle) or handle.group is not self:
             raise InvalidArgumentError(
                 "handle: must be the handle of a dispatch of this group (dispatch(...).handle) or one of group.handle()")

@@ -148,7 +148,6 @@ class VirtualGroup(GroupBase):
 
     # -- the step ----------------------------------------------------------------------------
 
-    @locked
     def dispatch(self, xs: PerRank, topk_idx: Optional[PerRank] = None, topk_weights: Optional[PerRank] = None, *,
                  handle: Optional[Handle] = None, direction: Direction = "forward", launch: Launch = "single",
                  out: Any = None, stream: Any = None, wait_event: Any = None, record_event: bool = False,
@@ -169,93 +168,93 @@ class VirtualGroup(GroupBase):
         ``[B, scale words]`` scales of each rank's e4m3 rows (float32, or int32 words of exponent
         bytes); the received scales come back as ``result.scales``.
         """
-        self._check_open()
-        r = self.ranks
-        mode = _option(launch, "launch", _abi.LAUNCH_MODES)
-        direction_value = _option(direction, "direction", _abi.DIRECTIONS)
-        if handle is not None:
-            self._check_handle(handle, dispatched=False)
-        if topk_idx is None and (handle is None or handle.tokens is None):
-            raise InvalidArgumentError("topk_idx: None; pass the step's routing, or a handle whose step has one")
-        if topk_weights is None and self.recv_routing_shape is not None:
-            raise InvalidArgumentError(f"topk_weights: None; layout {self.layout!r} sends the weights with the tokens")
+        with self._lock:   # (the @locked of the other methods, in line: this is the data path)
+            self._check_open()
+            r = self.ranks
+            mode = 0 if type(launch) is str and launch == "single" else _option(launch, "launch", _abi.LAUNCH_MODES)
+            direction_value = 0 if type(direction) is str and direction == "forward" else _option(direction, "direction", _abi.DIRECTIONS)
+            if handle is not None:
+                self._check_handle(handle, dispatched=False)
+            if topk_idx is None and (handle is None or handle.tokens is None):
+                raise InvalidArgumentError("topk_idx: None; pass the step's routing, or a handle whose step has one")
+            if topk_weights is None and self.recv_routing_shape is not None:
+                raise InvalidArgumentError(f"topk_weights: None; layout {self.layout!r} sends the weights with the tokens")
 
-        if out is None and not isinstance(xs, (list, tuple)):
-            parts = self._stacked_parts(xs, topk_idx, topk_weights, scales, handle)
-            if parts is not None:
-                return self._dispatch_stacked(parts, xs, topk_idx, topk_weights, handle, direction, direction_value, mode, stream,
-                                              wait_event, record_event, send_only)
+            if out is None and not isinstance(xs, (list, tuple)):
+                parts = self._stacked_parts(xs, topk_idx, topk_weights, scales, handle)
+                if parts is not None:
+                    return self._dispatch_stacked(parts, xs, topk_idx, topk_weights, handle, direction, direction_value, mode, stream,
+                                                  wait_event, record_event, send_only)
 
-        device, element, h, k = self._device, self._element, self.hidden, self.top_k
-        tokens, like = self._rows(xs, "xs", {self._input_element}, h, self._x, None)
-        self._require_scales(scales)
-        if scales is not None:
-            self._rows(scales, "scales", {self._scale_type}, self.recv_scales_shape[-1], self._s, tokens)
-            for i in range(r):
-                self._dispatch_inputs[i].scales = self._s.pointers[i]
-        if topk_idx is not None:
-            self._rows(topk_idx, "topk_idx", {_abi.I32, _abi.I64}, k, self._idx, tokens)
-        elif list(tokens) != list(handle.tokens):
-            raise InvalidArgumentError(f"xs: {tokens} tokens per rank; the handle's routing has {handle.tokens}")
-        weighted = topk_weights is not None
-        if weighted:
-            self._rows(topk_weights, "topk_weights", {_abi.F32}, k, self._w, tokens)
-        if weighted != self._dispatch_weighted:
-            for i in range(r):
-                self._dispatch_inputs[i].topkWeights = self._w.pointers[i] if weighted else None
-            self._dispatch_weighted = weighted
+            device, element, h, k = self._device, self._element, self.hidden, self.top_k
+            tokens, like = self._rows(xs, "xs", {self._input_element}, h, self._x, None)
+            self._require_scales(scales)
+            if scales is not None:
+                self._rows(scales, "scales", {self._scale_type}, self.recv_scales_shape[-1], self._s, tokens)
+                for i in range(r):
+                    self._dispatch_inputs[i].scales = self._s.pointers[i]
+            if topk_idx is not None:
+                self._rows(topk_idx, "topk_idx", {_abi.I32, _abi.I64}, k, self._idx, tokens)
+            elif list(tokens) != list(handle.tokens):
+                raise InvalidArgumentError(f"xs: {tokens} tokens per rank; the handle's routing has {handle.tokens}")
+            weighted = topk_weights is not None
+            if weighted:
+                self._rows(topk_weights, "topk_weights", {_abi.F32}, k, self._w, tokens)
+            if weighted != self._dispatch_weighted:
+                for i in range(r):
+                    self._dispatch_inputs[i].topkWeights = self._w.pointers[i] if weighted else None
+                self._dispatch_weighted = weighted
 
-        if out is None:
-            slot = self._slot(self._next_slot, like)
-            self._next_slot = (self._next_slot + 1) % self.buffer_slots
-            outputs = slot.dispatch_outputs
-        else:
-            slot, outputs, out_views = None, *self._caller_outputs(out)
+            if out is None:
+                slot = self._slot(self._next_slot, like)
+                self._next_slot = (self._next_slot + 1) % self.buffer_slots
+                outputs = slot.dispatch_outputs
+            else:
+                slot, outputs, out_views = None, *self._caller_outputs(out)
 
-        raw = None if device == -1 else _fast.raw_stream(device, stream)
-        if wait_event is not None:
-            _fast.torch_stream(device, stream).wait_event(wait_event)
-        target = handle
-        if target is None:
-            target = Handle(self)
-        pointer = target._pointer
-        if topk_idx is not None:
-            config = self._update_config
-            config.launchMode = mode
-            config.step = pointer
-            if not target.own:
-                self._own_step += 1   # earlier handles of the group's own step are void from here on
-                target.step = self._own_step
-            target.tokens = target.slot = None
-            check_status(self._fn_update(self._group, self._update_inputs, config, raw))
-            target.tokens = tokens
-            target.topk_idx = topk_idx
-        config = self._dispatch_config
-        config.direction, config.launchMode, config.step = direction_value, mode, pointer
-        config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
-        check_status(self._fn_dispatch(self._group, self._dispatch_inputs, outputs, config, raw))
-        if direction == "forward" and weighted:
-            target.topk_weights = topk_weights
-            target.weight_addresses = tuple(self._w.addresses)
-            target.weight_stacked = None
-        target.slot = -1 if slot is None else slot.index
-        if slot is not None:
-            target.slot_use = slot.use = slot.use + 1   # which dispatch into the slot the handle's rows are
-        event = hook = None
-        if send_only:
-            hook = lambda: self.complete(stream=stream)  # noqa: E731
-        if record_event:
-            event = self._record(stream)
-        if slot is None:
-            target.received_weights = out_views[2]
-            return DispatchResult(out_views[0], out_views[1], out_views[2], target, event=event, hook=hook)
-        target.received_weights = slot.w_views
-        result = DispatchResult(slot.views, slot.idx_views, slot.w_views, target, received=slot.received,
-                                expert_counts=slot.counts, expert_source_counts=slot.source_counts, event=event, hook=hook)
-        result.scales = slot.scale_views
-        return result
+            raw = None if device == -1 else _fast.raw_stream(device, stream)
+            if wait_event is not None:
+                _fast.torch_stream(device, stream).wait_event(wait_event)
+            target = handle
+            if target is None:
+                target = Handle(self)
+            pointer = target._pointer
+            if topk_idx is not None:
+                config = self._update_config
+                config.launchMode = mode
+                config.step = pointer
+                if not target.own:
+                    self._own_step += 1   # earlier handles of the group's own step are void from here on
+                    target.step = self._own_step
+                target.tokens = target.slot = None
+                check_status(self._fn_update(self._group, self._update_inputs, config, raw))
+                target.tokens = tokens
+                target.topk_idx = topk_idx
+            config = self._dispatch_config
+            config.direction, config.launchMode, config.step = direction_value, mode, pointer
+            config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
+            check_status(self._fn_dispatch(self._group, self._dispatch_inputs, outputs, config, raw))
+            if direction == "forward" and weighted:
+                target.topk_weights = topk_weights
+                target.weight_addresses = tuple(self._w.addresses)
+                target.weight_stacked = None
+            target.slot = -1 if slot is None else slot.index
+            if slot is not None:
+                target.slot_use = slot.use = slot.use + 1   # which dispatch into the slot the handle's rows are
+            event = hook = None
+            if send_only:
+                hook = lambda: self.complete(stream=stream)  # noqa: E731
+            if record_event:
+                event = self._record(stream)
+            if slot is None:
+                target.received_weights = out_views[2]
+                return DispatchResult(out_views[0], out_views[1], out_views[2], target, event=event, hook=hook)
+            target.received_weights = slot.w_views
+            result = DispatchResult(slot.views, slot.idx_views, slot.w_views, target, received=slot.received,
+                                    expert_counts=slot.counts, expert_source_counts=slot.source_counts, event=event, hook=hook)
+            result.scales = slot.scale_views
+            return result
 
-    @locked
     def combine(self, expert_outputs: PerRank, handle: Handle, *, direction: Direction = "forward",
                 weight_gradients: Optional[PerRank] = None, launch: Launch = "single", out: Any = None,
                 stream: Any = None, wait_event: Any = None, record_event: bool = False,
@@ -274,67 +273,68 @@ class VirtualGroup(GroupBase):
         used; ``record_event=True`` appends the event recorded after the call: ``(result, event)``
         or ``(result, hook, event)``.
         """
-        self._check_open()
-        r = self.ranks
-        direction_value = _option(direction, "direction", _abi.DIRECTIONS)
-        mode = _option(launch, "launch", _abi.LAUNCH_MODES)
-        self._check_handle(handle, dispatched=True)
-        backward_ht = direction == "backward" and self.algorithm == "ht"
-        if weight_gradients is not None and not backward_ht:
-            raise InvalidArgumentError("weight_gradients: only the backward pass of HT takes weight gradients")
-        if backward_ht and weight_gradients is None:
-            raise InvalidArgumentError("weight_gradients: None; the backward pass of HT needs them")
-        if out is None and handle.slot >= 0 and not isinstance(expert_outputs, (list, tuple)):
-            result = self._combine_stacked(expert_outputs, handle, direction, direction_value, mode, backward_ht, weight_gradients,
-                                           stream, wait_event, record_event, send_only)
-            if result is not None:
-                return result
-        tokens = handle.tokens
-        recv = self.recv_shape
-        _, like = self._rows(expert_outputs, "expert_outputs", {self._element}, recv[1:], self._y, [recv[0]] * r)
+        with self._lock:
+            self._check_open()
+            r = self.ranks
+            direction_value = 0 if type(direction) is str and direction == "forward" else _option(direction, "direction", _abi.DIRECTIONS)
+            mode = 0 if type(launch) is str and launch == "single" else _option(launch, "launch", _abi.LAUNCH_MODES)
+            self._check_handle(handle, dispatched=True)
+            backward_ht = direction == "backward" and self.algorithm == "ht"
+            if weight_gradients is not None and not backward_ht:
+                raise InvalidArgumentError("weight_gradients: only the backward pass of HT takes weight gradients")
+            if backward_ht and weight_gradients is None:
+                raise InvalidArgumentError("weight_gradients: None; the backward pass of HT needs them")
+            if out is None and handle.slot >= 0 and not isinstance(expert_outputs, (list, tuple)):
+                result = self._combine_stacked(expert_outputs, handle, direction, direction_value, mode, backward_ht, weight_gradients,
+                                               stream, wait_event, record_event, send_only)
+                if result is not None:
+                    return result
+            tokens = handle.tokens
+            recv = self.recv_shape
+            _, like = self._rows(expert_outputs, "expert_outputs", {self._element}, recv[1:], self._y, [recv[0]] * r)
 
-        weights = None
-        if direction == "forward" and self.layout == "expert_major":
-            if handle.weight_addresses is None and handle.weight_stacked is not None:   # a stacked dispatch's [R, B, K]
-                step = tokens[0] * self.top_k * 4
-                handle.weight_addresses = tuple(handle.weight_stacked + i * step for i in range(r))
-            if handle.weight_addresses is None:
-                raise InvalidArgumentError(
-                    "topk_weights: not given to dispatch; the forward combine of LL expert-major applies them")
-            self._cw.set_many(handle.weight_addresses, tuple(tokens), _abi.F32)
-            weights = self._cw
-        elif direction == "forward" and self.layout == "expert_major_padded":
-            if handle.slot >= 0:   # the per-slot weights are the slot's: a later dispatch into it rewrote them
-                self._require_slot(self._slots[handle.slot], handle)
-            self._rows(handle.received_weights, "topk_weights", {_abi.F32}, self.recv_routing_shape[1:], self._cw,
-                       [self.recv_routing_shape[0]] * r)
-            weights = self._cw
-        if backward_ht:
-            routing = self.recv_routing_shape
-            self._rows(weight_gradients, "weight_gradients", {_abi.F32}, routing[1:], self._g, [routing[0]] * r)
-        if (weights is not None, backward_ht) != self._combine_mode:   # point the inputs at their descriptors
-            for i in range(r):
-                entry = self._combine_inputs[i]
-                entry.topkWeights = None if weights is None else weights.pointers[i]
-                entry.weightGradients = self._g.pointers[i] if backward_ht else None
-            self._combine_mode = (weights is not None, backward_ht)
+            weights = None
+            if direction == "forward" and self.layout == "expert_major":
+                if handle.weight_addresses is None and handle.weight_stacked is not None:   # a stacked dispatch's [R, B, K]
+                    step = tokens[0] * self.top_k * 4
+                    handle.weight_addresses = tuple(handle.weight_stacked + i * step for i in range(r))
+                if handle.weight_addresses is None:
+                    raise InvalidArgumentError(
+                        "topk_weights: not given to dispatch; the forward combine of LL expert-major applies them")
+                self._cw.set_many(handle.weight_addresses, tuple(tokens), _abi.F32)
+                weights = self._cw
+            elif direction == "forward" and self.layout == "expert_major_padded":
+                if handle.slot >= 0:   # the per-slot weights are the slot's: a later dispatch into it rewrote them
+                    self._require_slot(self._slots[handle.slot], handle)
+                self._rows(handle.received_weights, "topk_weights", {_abi.F32}, self.recv_routing_shape[1:], self._cw,
+                           [self.recv_routing_shape[0]] * r)
+                weights = self._cw
+            if backward_ht:
+                routing = self.recv_routing_shape
+                self._rows(weight_gradients, "weight_gradients", {_abi.F32}, routing[1:], self._g, [routing[0]] * r)
+            if (weights is not None, backward_ht) != self._combine_mode:   # point the inputs at their descriptors
+                for i in range(r):
+                    entry = self._combine_inputs[i]
+                    entry.topkWeights = None if weights is None else weights.pointers[i]
+                    entry.weightGradients = self._g.pointers[i] if backward_ht else None
+                self._combine_mode = (weights is not None, backward_ht)
 
-        if out is None:
-            slot = self._slot(handle.slot, like) if handle.slot >= 0 else self._slot(self._next_slot, like)
-            combined, grads = slot.combine_targets(tokens, backward_ht)
-            outputs = slot.combine_outputs
-        else:
-            outputs, combined, grads = self._caller_combine_outputs(out, tokens, backward_ht)
+            if out is None:
+                slot = self._slot(handle.slot, like) if handle.slot >= 0 else self._slot(self._next_slot, like)
+                combined, grads = slot.combine_targets(tokens, backward_ht)
+                outputs = slot.combine_outputs
+            else:
+                outputs, combined, grads = self._caller_combine_outputs(out, tokens, backward_ht)
 
-        raw = None if self._device == -1 else _fast.raw_stream(self._device, stream)
-        if wait_event is not None:
-            _fast.torch_stream(self._device, stream).wait_event(wait_event)
-        config = self._combine_config
-        config.direction, config.launchMode, config.step = direction_value, mode, handle._pointer
-        config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
-        check_status(self._fn_combine(self._group, self._combine_inputs, outputs, config, raw))
-        result: Any = (combined, grads) if backward_ht else combined
-        return self._combine_result(result, send_only, record_event, stream)
+            raw = None if self._device == -1 else _fast.raw_stream(self._device, stream)
+            if wait_event is not None:
+                _fast.torch_stream(self._device, stream).wait_event(wait_event)
+            config = self._combine_config
+            config.direction, config.launchMode, config.step = direction_value, mode, handle._pointer
+            config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
+            check_status(self._fn_combine(self._group, self._combine_inputs, outputs, config, raw))
+            result: Any = (combined, grads) if backward_ht else combined
+            return self._combine_result(result, send_only, record_event, stream)
 
     @locked
     def complete(self, *, stream: Any = None) -> None:
@@ -404,13 +404,18 @@ class VirtualGroup(GroupBase):
     def _stacked(self, values, name, expected, tail, rows):
         """(address, type, B) of one stacked ``[R, B, *tail]`` array (B = `rows` unless None:
         any ≤ max_tokens), checked; None when `values` is not one array."""
-        seen = _fast.look(values, expected)
-        if seen is None:
-            return None
-        address, code, sizes, where, fine = seen
+        if type(values) is _fast.tensor_type:   # a torch tensor: _fast.look in line
+            address, code, sizes = values.data_ptr(), _fast.torch_codes.get(values.dtype), values.shape
+            where, fine = values.get_device(), values.is_contiguous()
+            seen = (address, code, sizes, where, fine)
+        else:
+            seen = _fast.look(values, expected)
+            if seen is None:
+                return None
+            address, code, sizes, where, fine = seen
         # The common case in line; anything else goes through _fast.check, which names the problem.
         if not (fine and where == self._device and code in expected and len(sizes) == len(tail) + 2 and sizes[0] == self.ranks
-                and (rows is None or sizes[1] == rows) and tuple(sizes[2:]) == tail):
+                and (rows is None or sizes[1] == rows) and sizes[2:] == tail):
             address, code, sizes = _fast.check(values, name, expected, self._device, (self.ranks, rows) + tail, seen)
             if self._device != -1 and _arrays.kind(values) != "torch":
                 raise InvalidArgumentError(f"{name}: a NumPy array; a GPU group takes CUDA torch tensors")
