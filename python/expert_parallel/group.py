@@ -379,6 +379,21 @@ class VirtualGroup(GroupBase):
         """(B, x, idx, weights, scales) of stacked ``[R, B, ...]`` arguments, each (address,
         type) or None, checked as the per-rank path checks them; None when one is a list (the
         per-rank path takes those). Nothing is written before every argument is checked."""
+        tensor = _fast.tensor_type
+        if (type(xs) is tensor and type(topk_idx) is tensor and type(topk_weights) is tensor and scales is None
+                and self._input_element != _abi.E4M3):
+            # The common forward call, three CUDA (or CPU) tensors, checked in line; anything
+            # unusual goes through _stacked, which names the problem.
+            codes, device, ranks, k = _fast.torch_codes, self._device, self.ranks, self.top_k
+            xsz, isz, wsz = xs.shape, topk_idx.shape, topk_weights.shape
+            b = xsz[1] if len(xsz) == 3 else -1
+            xc, ic = codes.get(xs.dtype), codes.get(topk_idx.dtype)
+            if (0 <= b <= self.max_tokens and xsz[0] == ranks and xsz[2] == self.hidden and xc == self._input_element
+                    and (ic == _abi.I32 or ic == _abi.I64) and codes.get(topk_weights.dtype) == _abi.F32
+                    and isz == wsz and len(isz) == 3 and isz[0] == ranks and isz[1] == b and isz[2] == k
+                    and xs.get_device() == device and topk_idx.get_device() == device and topk_weights.get_device() == device
+                    and xs.is_contiguous() and topk_idx.is_contiguous() and topk_weights.is_contiguous()):
+                return b, (xs.data_ptr(), xc, b), (topk_idx.data_ptr(), ic, b), (topk_weights.data_ptr(), _abi.F32, b), None
         x = self._stacked(xs, "xs", self._types_x, self._tail_x, None)
         if x is None:
             return None
