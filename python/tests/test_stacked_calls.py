@@ -147,3 +147,81 @@ def test_bad_stacked_arguments_get_named_errors():
     call.receivedTokens.device = -1
     assert library.epGroupDispatchStacked(group._group, ctypes.byref(call), None) == _abi.SUCCESS
     np.testing.assert_array_equal(received, to_numpy(out.received))   # the same rows as the package's call
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_mutated_stacked_call_is_refused_by_name_and_writes_nothing(seed):
+    """Random single mutations of a valid stacked dispatch and combine through the C entry points
+    (type, device, stride, alignment, NULL data, tokens, enums, struct size): every call either
+    succeeds or fails with a named error that starts with the entry point, and a refused call
+    leaves every output as it was."""
+    rng = np.random.default_rng(seed)
+    algorithm, layout, alignment = LAYOUTS[seed % len(LAYOUTS)]
+    r, e, k, h, b = 2, 8, 2, 16, 3
+    group = ep.VirtualGroup(ranks=r, experts=e, hidden=h, top_k=k, max_tokens=b, algorithm=algorithm, layout=layout,
+                            alignment=alignment, dtype="f32")
+    library = load()
+    x = rng.standard_normal((r, b, h)).astype(np.float32)
+    idx = np.stack([random_routing(rng, b, e, k, 0.0) for _ in range(r)]).astype(np.int32)
+    w = rng.random((r, b, k)).astype(np.float32)
+    recv = np.zeros((r,) + group.recv_shape, np.float32)
+    routing = group.recv_routing_shape
+    recv_idx = np.zeros((r,) + routing, np.int32) if routing else None
+    recv_w = np.zeros((r,) + routing, np.float32) if routing else None
+    counts = np.zeros((r, group.local_experts), np.int32)
+    combined = np.zeros((r, b, h), np.float32)
+
+    def stacked(array, dtype):
+        return _abi.Stacked(0 if array is None else array.ctypes.data, dtype, -1, 0)
+
+    d = _abi.new(_abi.StackedDispatch, tokens=b)
+    d.topkIdx, d.inputTokens, d.topkWeights = stacked(idx, _abi.I32), stacked(x, _abi.F32), stacked(w, _abi.F32)
+    d.receivedTokens, d.expertCounts = stacked(recv, _abi.F32), stacked(counts, _abi.I32)
+    if routing:
+        d.receivedTopkIdx, d.receivedTopkWeights = stacked(recv_idx, _abi.I32), stacked(recv_w, _abi.F32)
+    c = _abi.new(_abi.StackedCombine)
+    c.expertOutputs, c.combinedTokens = stacked(recv, _abi.F32), stacked(combined, _abi.F32)
+    if layout == "expert_major":
+        c.topkWeights = stacked(w, _abi.F32)
+    elif layout == "expert_major_padded":
+        c.topkWeights = stacked(recv_w, _abi.F32)
+
+    def mutate(struct, names):
+        name = names[rng.integers(len(names))]
+        field = getattr(struct, name)
+        kind = rng.integers(7)
+        if kind == 0:
+            field.dtype = int(rng.integers(0, 8))
+        elif kind == 1:
+            field.device = int(rng.choice([-2, 0, 3]))
+        elif kind == 2:
+            field.rankStride = int(rng.choice([1, 4, 8, 12, -8, 1 << 61]))
+        elif kind == 3 and field.data:
+            field.data += int(rng.choice([1, 2, 4]))
+        elif kind == 4:
+            field.data = None
+        elif kind == 5:
+            struct.direction = int(rng.choice([1, 5]))
+        else:
+            struct.structSize = int(rng.choice([0, 8, ctypes.sizeof(struct) + 8]))
+        return name
+
+    outputs = [a for a in (recv, recv_idx, recv_w, counts, combined) if a is not None]
+    assert library.epGroupDispatchStacked(group._group, ctypes.byref(d), None) == _abi.SUCCESS
+    for call, entry, struct_type in ((d, "epGroupDispatchStacked", _abi.StackedDispatch), (c, "epGroupCombineStacked", _abi.StackedCombine)):
+        bad = struct_type.from_buffer_copy(call)
+        names = [n for n, t in struct_type._fields_ if t is _abi.Stacked]
+        mutate(bad, names)
+        if struct_type is _abi.StackedDispatch and rng.random() < 0.3:
+            bad.tokens = int(rng.choice([-1, b + 1, 1 << 40]))
+        before = [a.copy() for a in outputs]
+        status = getattr(library, entry)(group._group, ctypes.byref(bad), None)
+        message = library.epGetLastErrorMessage().decode()
+        assert status in (_abi.SUCCESS, _abi.INVALID_ARGUMENT, _abi.INVALID_USAGE), (status, message)
+        if status != _abi.SUCCESS:
+            assert message.startswith(entry + ": "), message
+            for a, was in zip(outputs, before):
+                np.testing.assert_array_equal(a, was, err_msg=f"{entry} wrote an output it refused: {message}")
+        # The valid call still works after any refusal (a refused dispatch with routing voided the step).
+        assert library.epGroupDispatchStacked(group._group, ctypes.byref(d), None) == _abi.SUCCESS
+    assert library.epGroupCombineStacked(group._group, ctypes.byref(c), None) == _abi.SUCCESS
