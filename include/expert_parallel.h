@@ -417,8 +417,9 @@ typedef struct {
  * step's update and its dispatch in one call (as epGroupUpdateAll then epGroupDispatchAll);
  * without, a dispatch of the step's routing again (a backward dispatch), B the step's. The parts
  * have the shapes of the per-rank call's tensors: rank r's topkIdx is [B, K], its received
- * rows receiveShape, and so on. Everything is checked before anything runs; a rejected call
- * with topkIdx voids the step, as a rejected update does. */
+ * rows receiveShape, and so on. Every argument is checked before anything runs: a rejected call
+ * runs nothing and leaves the step as it was. (Routing refused inside the update, such as an
+ * expert id out of range, fails the update as epGroupUpdateAll does, which voids the step.) */
 typedef struct {
     size_t structSize;
     int64_t tokens;                   /* B, 0 ... maxTokensPerRank */

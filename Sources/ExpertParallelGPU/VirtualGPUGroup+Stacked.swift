@@ -6,28 +6,22 @@ import ExpertParallelCUDA
 /// and checking one tensor per rank and argument. The host cost of a PyTorch step.
 extension VirtualGPUGroup {
     /// With `call.topkIdx`: `handle`'s update and its dispatch, one call; without: a dispatch of
-    /// `handle`'s step again (the backward pass), `call.tokens` its rows per rank. A rejected
-    /// call runs nothing; a rejected call with routing voids the step, as a rejected update does.
+    /// `handle`'s step again (the backward pass), `call.tokens` its rows per rank. Every argument
+    /// is checked first: a rejected call runs nothing and leaves the step as it was (as on the host).
     public func dispatch(
         _ handle: GPUStepHandle, stacked call: StackedDispatch, direction: PassDirection = .forward, options: CallOptions = CallOptions()
     ) throws(EPError) {
         try engine.checkNothingPending()
-        let checked: CheckedStackedDispatch
-        do throws(EPError) {
-            var stepTokens: Int?
-            if call.topkIdx == nil {
-                let routing = try handle.currentStep().routing
-                stepTokens = routing[0].tokens
-                if let other = routing.first(where: { $0.tokens != routing[0].tokens }) {
-                    throw EPError.invalidArgument(field: "topkIdx", value: "nil", requirement:
-                        "must be given: the step's ranks have different token counts (\(routing[0].tokens), \(other.tokens)), which a stacked call cannot send again")
-                }
+        var stepTokens: Int?
+        if call.topkIdx == nil {
+            let routing = try handle.currentStep().routing
+            stepTokens = routing[0].tokens
+            if let other = routing.first(where: { $0.tokens != routing[0].tokens }) {
+                throw .invalidArgument(field: "topkIdx", value: "nil", requirement:
+                    "must be given: the step's ranks have different token counts (\(routing[0].tokens), \(other.tokens)), which a stacked call cannot send again")
             }
-            checked = try CheckedStackedDispatch(call, shapes: engine.shapes, location: location, stepTokens: stepTokens)
-        } catch {
-            if call.topkIdx != nil { handle.setStep(nil) }
-            throw error
         }
+        let checked = try CheckedStackedDispatch(call, shapes: engine.shapes, location: location, stepTokens: stepTokens)
         let ranks = config.ranks
         if let idx = checked.topkIdx {
             let routing = (0..<ranks).map { RoutingRows(address: checked.address(.topkIdx, rank: $0), tokens: call.tokens) }

@@ -209,6 +209,10 @@ struct StackedCallMockTests {
             refused({ $0.expertCounts.rankStride = 1 << 62 }, "expertCounts.rankStride")
             refused({ $0.structSize = 8 }, "call.structSize = 8")
             refused({ $0.receivedTopkIdx.data = UnsafeMutableRawPointer(bitPattern: UInt.max - 15) }, "receivedTopkIdx.address")
+            // None of the refusals touched the step: its combine still runs.
+            let before = mock.launches
+            #expect(cGroupCombineStacked(group, &combine, nil) == epSuccess)
+            #expect(mock.launches == before + 1)
         }
     }
 }

@@ -127,7 +127,7 @@ def test_bad_stacked_arguments_get_named_errors():
         group.dispatch(x, idx.astype(np.float32))
     with pytest.raises(ep.InvalidArgumentError, match="xs"):
         group.dispatch(x.astype(np.float16), idx)
-    out = group.dispatch(x, idx)
+    out = group.dispatch(x, idx, np.ones((2, 3, 2), np.float32))
     assert out.handle.tokens == [3, 3]
 
     # The C entry point itself: a stride shorter than one rank's part, named with its bound.
@@ -144,6 +144,9 @@ def test_bad_stacked_arguments_get_named_errors():
     call.receivedTokens.device = -3
     assert library.epGroupDispatchStacked(group._group, ctypes.byref(call), None) == _abi.INVALID_ARGUMENT
     assert "call.receivedTokens.device = -3" in library.epGetLastErrorMessage().decode()
+    # A refused call left the step as it was: the package's step still combines.
+    y = group.combine(np.zeros((2,) + group.recv_shape, np.float32), out.handle)
+    assert [t.shape for t in y] == [(3, 8), (3, 8)]
     call.receivedTokens.device = -1
     assert library.epGroupDispatchStacked(group._group, ctypes.byref(call), None) == _abi.SUCCESS
     np.testing.assert_array_equal(received, to_numpy(out.received))   # the same rows as the package's call
