@@ -9,6 +9,24 @@ let gpuTestsEnabled = ProcessInfo.processInfo.environment["EP_GPU_TESTS"] == "1"
 /// The device, opened once for all GPU tests.
 let sharedDevice: GPUDevice? = try? GPUDevice()
 
+/// Per-rank launches (one launch per rank, whose ranks wait for each other on the GPU) need the
+/// process's GPU work to themselves: another thread's launches, or its synchronising driver calls
+/// (an allocation's free) between a call's launches, can leave a rank's kernel unscheduled while
+/// its peers wait out the timeout (ConcurrentPerRankGroupsTests reproduces it; README: per-rank
+/// launches are a test mode). So the GPU suite, whose tests run in parallel, runs every step as
+/// one launch, and a second pass, `EP_PER_RANK_TESTS=1` with `--no-parallel` (scripts/device-verify),
+/// runs the per-rank steps alone.
+let perRankTestsEnabled = ProcessInfo.processInfo.environment["EP_PER_RANK_TESTS"] == "1"
+
+/// How a step a test would launch `wanted` runs in this pass: the parallel pass launches every
+/// step once for all ranks; the per-rank pass runs only the per-rank steps (nil: skip this one).
+func launchMode(_ wanted: LaunchMode) -> LaunchMode? {
+    perRankTestsEnabled ? (wanted == .perRank ? .perRank : nil) : .single
+}
+
+/// The launch modes a test that takes both runs with in this pass.
+let launchModesOfThisPass: [LaunchMode] = perRankTestsEnabled ? [.perRank] : [.single]
+
 /// One step's inputs for every rank, random but reproducible, on the host.
 struct StepInputs {
     var routing: [[Int32]]

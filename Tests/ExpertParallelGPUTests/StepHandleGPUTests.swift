@@ -14,7 +14,7 @@ struct StepHandleGPUTests {
         .forLayout(layout, ranks: 4, experts: 16, topK: 3, hidden: 64, elementType: .bf16, maxTokensPerRank: 12)
     }
 
-    @Test(arguments: layouts, [LaunchMode.single, .perRank])
+    @Test(arguments: layouts, launchModesOfThisPass)
     func interleavedHandlesMatchTheOracle(_ layout: Layout, _ mode: LaunchMode) throws {
         let config = Self.config(layout)
         let group = try VirtualGPUGroup(config, device: try #require(sharedDevice))
