@@ -11,13 +11,7 @@ extension StackedTensor {
     /// required one with NULL data stays (address 0), so the call's checks name it.
     static func read(_ c: epStacked_t, _ name: @autoclosure () -> String, required: Bool = false) throws(EPError) -> StackedTensor? {
         guard c.data != nil || required else { return nil }
-        let location: MemoryLocation
-        switch c.device {
-        case -1: location = .host
-        case 0...: location = .device(Int(c.device))
-        default:
-            throw .invalidArgument(field: "\(name()).device", value: "\(c.device)", requirement: "must be -1 (host) or a CUDA device ordinal ≥ 0")
-        }
+        let location = try MemoryLocation(device: c.device, "\(name()).device")
         return StackedTensor(address: UInt64(UInt(bitPattern: c.data)), dtype: try ABIEnum.dataType(c.dtype, "\(name()).dtype"),
                              location: location, rankStride: Int(c.rankStride))
     }

@@ -46,13 +46,7 @@ enum TensorDescriptor {
             }
             expected *= shape[i]
         }
-        let location: MemoryLocation
-        switch t.device {
-        case -1: location = .host
-        case 0...: location = .device(Int(t.device))
-        default:
-            throw .invalidArgument(field: "\(name()).device", value: "\(t.device)", requirement: "must be -1 (host) or a CUDA device ordinal ≥ 0")
-        }
+        let location = try MemoryLocation(device: t.device, "\(name()).device")
         guard t.data != nil || elements == 0 else {
             throw .invalidArgument(field: "\(name()).data", value: "NULL", requirement: "must not be NULL for \(elements) elements")
         }
@@ -88,5 +82,17 @@ enum TensorDescriptor {
         var strides = Array(repeating: 1, count: shape.count)
         for i in stride(from: shape.count - 2, through: 0, by: -1) { strides[i] = strides[i + 1] * shape[i + 1] }
         return strides
+    }
+}
+
+extension MemoryLocation {
+    /// The place an ABI struct's `device` field names: -1 the host, n ≥ 0 CUDA device n.
+    init(device: Int32, _ name: @autoclosure () -> String) throws(EPError) {
+        switch device {
+        case -1: self = .host
+        case 0...: self = .device(Int(device))
+        default:
+            throw .invalidArgument(field: name(), value: "\(device)", requirement: "must be -1 (host) or a CUDA device ordinal ≥ 0")
+        }
     }
 }
