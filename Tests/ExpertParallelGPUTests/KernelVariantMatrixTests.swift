@@ -163,7 +163,7 @@ struct KernelVariantMatrixTests {
         let prefix = c.config.algorithm == .lowLatency ? "ep_ll" : "ep_ht"
         let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)
         let compiled = try compiler.compile(
-            KernelSource.embedded(prefix), arch: .hopper, defines: try Self.defines(c), extraOptions: ["--ptxas-options=-v"])
+            KernelSource.embedded(prefix), arch: .hopper, defines: try Self.defines(c), extraOptions: ["--ptxas-options=-v", freshCompileOption])
         #expect(compiled.format == .cubin)
         // u8 combine's body is compiled out, but the entry point is still there to be looked up.
         let entries = ["update", "dispatch", "combine"] + (c.variant.transport == .staged ? ["drain", "combine_send"] : [])
