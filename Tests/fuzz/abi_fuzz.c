@@ -2,7 +2,8 @@
  * A coverage-guided fuzz target (libFuzzer) over the C ABI on the host (CPU) backend.
  *
  * Each input is decoded into a small group config (sometimes invalid), then a sequence of up to
- * 24 calls in any order: collective update / dispatch / combine, deactivate, clean, layout info,
+ * 24 calls in any order: collective update / dispatch / combine (per-rank descriptors, or stacked
+ * arrays: epGroupDispatchStacked / epGroupCombineStacked), deactivate, clean, layout info,
  * active ranks, status, per-rank handle calls (one thread per rank), handle and group destroys.
  * Every tensor descriptor is right most of the time and otherwise wrong in one way (dtype, a
  * size, ndim, NULL data, NULL descriptor, structSize, strides, device, alignment); every buffer
@@ -661,6 +662,145 @@ static void collective(Reader* in, State* s, CallKind kind) {
     free(list);
 }
 
+/* A stacked call (ABI v4: every rank's argument one part of one array), sometimes with one field
+ * broken. Checked: a named status; inputs never written; a refused call writes no output. The
+ * group's own step follows: an accepted dispatch updated and dispatched it (routing not
+ * modelled); a refused one may have voided it (routing refused inside the update) or not. */
+static uint8_t* arena(size_t bytes) {
+    uint8_t* p = malloc(bytes ? bytes : 1);
+    for (size_t i = 0; i < bytes; i++) p[i] = (uint8_t)next_random();
+    return p;
+}
+
+static void stacked(Reader* in, State* s, int combine) {
+    const char* name = combine ? "epGroupCombineStacked" : "epGroupDispatchStacked";
+    current_op = name;
+    const int R = s->R, K = s->K;
+    const int64_t H = s->H, Bmax = s->Bmax;
+    uint8_t b = u8(in), breakByte = u8(in), which = u8(in);
+    int64_t B = b % (Bmax + 1);
+    const size_t es = s->esize;
+    const int64_t recvElems = elements_of(s->recvNdim, s->recvShape), routingElems = s->routingNdim ? elements_of(s->routingNdim, s->routingShape) : 0;
+    /* The arenas: R parts each, exactly. */
+    size_t idxBytes = (size_t)(R * B * K) * 4, xBytes = (size_t)(R * B * H) * es, wBytes = (size_t)(R * Bmax * K) * 4;
+    size_t recvBytes = (size_t)(R * recvElems) * es, routingBytes = (size_t)(R * routingElems) * 4, countBytes = (size_t)(R * s->L) * 4;
+    size_t outBytes = (size_t)(R * Bmax * H) * es, slotWBytes = (size_t)(R * s->capacity) * 4;
+    uint8_t *idx = arena(idxBytes), *x = arena(xBytes), *w = arena(wBytes), *recv = arena(recvBytes), *ridx = arena(routingBytes);
+    uint8_t *rw = arena(routingBytes), *counts = arena(countBytes), *out = arena(outBytes), *slotW = arena(slotWBytes);
+    for (int64_t t = 0; t < R * B; t++) { /* distinct experts per row, in range */
+        int start = (int)(next_random() % (uint64_t)s->E);
+        for (int c = 0; c < K; c++) ((int32_t*)idx)[t * K + c] = (start + c) % s->E;
+    }
+    for (size_t i = 0; i < wBytes / 4; i++) ((float*)w)[i] = 0.25f;
+    for (size_t i = 0; i < slotWBytes / 4; i++) ((float*)slotW)[i] = 0.5f;
+    int mutated = breakByte >= 200;
+    epResult_t rc;
+    uint8_t *inputs[4], *outputs[4];
+    size_t inBytes[4], outputBytes[4];
+    int nIn = 0, nOut = 0;
+    if (!combine) {
+        epStackedDispatch_t d;
+        memset(&d, 0, sizeof d);
+        d.structSize = sizeof d;
+        d.tokens = B;
+        d.topkIdx = (epStacked_t){idx, epInt32, -1, 0};
+        d.inputTokens = (epStacked_t){x, (epDataType_t)s->elementType, -1, 0};
+        d.topkWeights = (epStacked_t){w, epFloat32, -1, (int64_t)Bmax * K * 4};
+        d.receivedTokens = (epStacked_t){recv, (epDataType_t)s->elementType, -1, 0};
+        if (s->routingNdim) {
+            d.receivedTopkIdx = (epStacked_t){ridx, epInt32, -1, 0};
+            d.receivedTopkWeights = (epStacked_t){rw, epFloat32, -1, 0};
+        }
+        d.expertCounts = (epStacked_t){counts, epInt32, -1, 0};
+        if (mutated) {
+            epStacked_t* fields[] = {&d.topkIdx, &d.inputTokens, &d.topkWeights, &d.receivedTokens, &d.expertCounts};
+            epStacked_t* f = fields[which % 5];
+            switch (breakByte % 8) {
+            case 0: f->dtype = (epDataType_t)((f->dtype + 1 + which % 5) % 7); break;
+            case 1: f->device = (which & 1) ? 0 : -2; break;
+            case 2: f->rankStride = (which & 1) ? 4 : -8; break;
+            case 3: f->data = (uint8_t*)f->data + 1; break;
+            case 4: f->data = NULL; break;
+            case 5: d.tokens = (which & 1) ? Bmax + 1 : (int64_t)1 << 40; break;
+            case 6: d.structSize = (which & 1) ? 8 : sizeof d + 8; break;
+            default: d.direction = (epPassDirection_t)7; break;
+            }
+        }
+        inputs[nIn] = idx; inBytes[nIn++] = idxBytes;
+        inputs[nIn] = x; inBytes[nIn++] = xBytes;
+        inputs[nIn] = w; inBytes[nIn++] = wBytes;
+        outputs[nOut] = recv; outputBytes[nOut++] = recvBytes;
+        outputs[nOut] = ridx; outputBytes[nOut++] = routingBytes;
+        outputs[nOut] = rw; outputBytes[nOut++] = routingBytes;
+        outputs[nOut] = counts; outputBytes[nOut++] = countBytes;
+        uint8_t* before[4];
+        for (int i = 0; i < nIn; i++) { before[i] = malloc(inBytes[i] ? inBytes[i] : 1); memcpy(before[i], inputs[i], inBytes[i]); }
+        uint8_t* outBefore[4];
+        for (int i = 0; i < nOut; i++) { outBefore[i] = malloc(outputBytes[i] ? outputBytes[i] : 1); memcpy(outBefore[i], outputs[i], outputBytes[i]); }
+        rc = epGroupDispatchStacked(s->group, &d, NULL);
+        const char* message = epGetLastErrorMessage();
+        TRACE("%s(B %lld, broken %d) -> %s %s", name, (long long)B, mutated, epGetErrorString(rc), message);
+        check_status(name, rc, message);
+        for (int i = 0; i < nIn; i++) if (memcmp(before[i], inputs[i], inBytes[i]) != 0) FAIL("%s wrote input %d", name, i);
+        if (rc != epSuccess)
+            for (int i = 0; i < nOut; i++) if (memcmp(outBefore[i], outputs[i], outputBytes[i]) != 0) FAIL("%s refused (%s) but wrote output %d", name, message, i);
+        if (!s->groupDestroyed && !mutated && rc != epSuccess && rc != epTimeout && rc != epOverflow && rc != epInactiveRank)
+            FAIL("%s refused right arguments: %s", name, message);
+        for (int i = 0; i < nIn; i++) free(before[i]);
+        for (int i = 0; i < nOut; i++) free(outBefore[i]);
+        if (s->groupDestroyed) {
+            if (rc != epInvalidArgument) FAIL("%s on a destroyed group -> %s", name, epGetErrorString(rc));
+        } else if (rc == epTimeout) {
+            resync_mask(s);
+        } else if (rc == epSuccess) {
+            StepModel* m = &s->groupStep;
+            m->valid = 1; m->known = 0; m->maybeVoid = 0; m->dispatched = 1; m->mask = s->mask;
+            for (int r = 0; r < R; r++) m->tokens[r] = (int)B;
+        } else {
+            s->groupStep.maybeVoid = 1;
+        }
+    } else {
+        epStackedCombine_t c;
+        memset(&c, 0, sizeof c);
+        c.structSize = sizeof c;
+        c.expertOutputs = (epStacked_t){recv, (epDataType_t)s->elementType, -1, 0};
+        c.combinedTokens = (epStacked_t){out, (epDataType_t)s->elementType, -1, (int64_t)(Bmax * H * (int64_t)es)};
+        if (s->layout == epLayoutExpertMajor) c.topkWeights = (epStacked_t){w, epFloat32, -1, (int64_t)Bmax * K * 4};
+        if (s->layout == epLayoutExpertMajorPadded) c.topkWeights = (epStacked_t){slotW, epFloat32, -1, 0};
+        if (mutated) {
+            epStacked_t* fields[] = {&c.expertOutputs, &c.combinedTokens, &c.topkWeights};
+            epStacked_t* f = fields[which % 3];
+            switch (breakByte % 6) {
+            case 0: f->dtype = (epDataType_t)((f->dtype + 1 + which % 5) % 7); break;
+            case 1: f->device = (which & 1) ? 0 : -2; break;
+            case 2: f->rankStride = (which & 1) ? 4 : -8; break;
+            case 3: f->data = (uint8_t*)f->data + 1; break;
+            case 4: f->data = NULL; break;
+            default: c.structSize = 8; break;
+            }
+        }
+        inputs[nIn] = recv; inBytes[nIn++] = recvBytes;
+        inputs[nIn] = w; inBytes[nIn++] = wBytes;
+        inputs[nIn] = slotW; inBytes[nIn++] = slotWBytes;
+        outputs[nOut] = out; outputBytes[nOut++] = outBytes;
+        uint8_t* before[4];
+        for (int i = 0; i < nIn; i++) { before[i] = malloc(inBytes[i] ? inBytes[i] : 1); memcpy(before[i], inputs[i], inBytes[i]); }
+        uint8_t* outBefore = malloc(outBytes ? outBytes : 1);
+        memcpy(outBefore, out, outBytes);
+        rc = epGroupCombineStacked(s->group, &c, NULL);
+        const char* message = epGetLastErrorMessage();
+        TRACE("%s(broken %d) -> %s %s", name, mutated, epGetErrorString(rc), message);
+        check_status(name, rc, message);
+        for (int i = 0; i < nIn; i++) if (memcmp(before[i], inputs[i], inBytes[i]) != 0) FAIL("%s wrote input %d", name, i);
+        if (rc != epSuccess && memcmp(outBefore, out, outBytes) != 0) FAIL("%s refused (%s) but wrote its output", name, message);
+        for (int i = 0; i < nIn; i++) free(before[i]);
+        free(outBefore);
+        if (s->groupDestroyed && rc != epInvalidArgument) FAIL("%s on a destroyed group -> %s", name, epGetErrorString(rc));
+        if (rc == epTimeout && !s->groupDestroyed) resync_mask(s);
+    }
+    free(idx); free(x); free(w); free(recv); free(ridx); free(rw); free(counts); free(out); free(slotW);
+}
+
 /* Per-rank handle calls: one thread per rank, each on its own handle. */
 typedef struct {
     epHandle_t handle;
@@ -941,8 +1081,14 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         uint8_t o = u8(&in);
         switch (o % 16) {
         case 0: case 1: case 2: collective(&in, s, CALL_UPDATE); break;
-        case 3: case 4: case 5: collective(&in, s, CALL_DISPATCH); break;
-        case 6: case 7: case 8: collective(&in, s, CALL_COMBINE); break;
+        case 3: case 4: case 5:
+            if ((o & 0xF0) == 0xF0) stacked(&in, s, 0); /* the stacked dispatch (update included) */
+            else collective(&in, s, CALL_DISPATCH);
+            break;
+        case 6: case 7: case 8:
+            if ((o & 0xF0) == 0xF0) stacked(&in, s, 1);
+            else collective(&in, s, CALL_COMBINE);
+            break;
         case 9: { /* deactivate a rank (sometimes one out of range) */
             current_op = "epGroupDeactivateRank";
             int rank = (int)(u8(&in) % (s->R + 1)) - ((o & 0x80) ? 1 : 0);

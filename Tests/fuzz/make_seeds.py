@@ -86,6 +86,14 @@ class Seed:
             self.op(0)
         return self
 
+    def stacked_dispatch(self, tokens, broken=0, which=0):
+        """The stacked dispatch (abi_fuzz.c: stacked(); update included): `tokens` per rank;
+        `broken` >= 200 breaks one field (`which` picks it, broken % 8 how)."""
+        return self.op(DISPATCH | 0xF0, tokens, broken, which)
+
+    def stacked_combine(self, broken=0, which=0):
+        return self.op(COMBINE | 0xF0, 0, broken, which)
+
     def step(self, rows, **kw):
         return self.update(rows, **kw).dispatch(**kw).combine(**kw)
 
@@ -150,6 +158,13 @@ def seeds():
                                             .dispatch(per_rank=True).combine(per_rank=True).dispatch().bytes)
     s = Seed("rm")
     found["destroy-handles-then-use"] = s.step(rows(s, [1, 2]), per_rank=True).op(DESTROY_HANDLES | 0x80).bytes
+    for layout in ("em", "rm", "flat", "padded"):
+        s = Seed(layout, ranks=2, local=2, top_k=2, bmax=2, alignment=2 if layout == "padded" else 0)
+        found[f"stacked-step-{layout}"] = s.stacked_dispatch(2).stacked_combine().stacked_dispatch(1).combine().bytes
+    s = Seed("em")
+    for how, which in [(200, 1), (201, 3), (202, 0), (203, 1), (204, 4), (205, 1), (206, 0), (207, 2)]:
+        s.stacked_dispatch(1, how, which)
+    found["stacked-bad-dispatch"] = s.stacked_dispatch(1).stacked_combine(203, 1).stacked_combine(204, 0).stacked_combine().bytes
     return found
 
 
