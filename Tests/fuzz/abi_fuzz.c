@@ -672,6 +672,53 @@ static uint8_t* arena(size_t bytes) {
     return p;
 }
 
+/* Arenas copied before a call, to compare after it. */
+typedef struct {
+    const uint8_t* data[4];
+    uint8_t* copy[4];
+    size_t bytes[4];
+    int count;
+} Arenas;
+
+static void arenas_add(Arenas* a, const uint8_t* data, size_t bytes) {
+    a->data[a->count] = data;
+    a->bytes[a->count] = bytes;
+    a->copy[a->count] = malloc(bytes ? bytes : 1);
+    memcpy(a->copy[a->count], data, bytes);
+    a->count++;
+}
+
+/* 1 + the index of the first arena that changed; 0 when none did. Frees the copies. */
+static int arenas_changed_free(Arenas* a) {
+    int changed = 0;
+    for (int i = 0; i < a->count; i++) {
+        if (!changed && memcmp(a->copy[i], a->data[i], a->bytes[i]) != 0) changed = i + 1;
+        free(a->copy[i]);
+    }
+    a->count = 0;
+    return changed;
+}
+
+/* One way (`how` 0...4) to break an epStacked_t. */
+static void break_stacked(epStacked_t* f, int how, uint8_t which) {
+    switch (how) {
+    case 0: f->dtype = (epDataType_t)((f->dtype + 1 + which % 5) % 7); break;
+    case 1: f->device = (which & 1) ? 0 : -2; break;
+    case 2: f->rankStride = (which & 1) ? 4 : -8; break;
+    case 3: f->data = (uint8_t*)f->data + 1; break;
+    default: f->data = NULL; break;
+    }
+}
+
+/* The checks every stacked call gets: a named status, inputs never written, a refusal writes no output. */
+static void check_stacked(const char* name, epResult_t rc, const char* message, Arenas* ins, Arenas* outs) {
+    check_status(name, rc, message);
+    int wrote = arenas_changed_free(ins);
+    if (wrote) FAIL("%s wrote input %d", name, wrote - 1);
+    wrote = arenas_changed_free(outs);
+    if (rc != epSuccess && wrote) FAIL("%s refused (%s) but wrote output %d", name, message, wrote - 1);
+}
+
 static void stacked(Reader* in, State* s, int combine) {
     const char* name = combine ? "epGroupCombineStacked" : "epGroupDispatchStacked";
     current_op = name;
@@ -680,6 +727,7 @@ static void stacked(Reader* in, State* s, int combine) {
     uint8_t b = u8(in), breakByte = u8(in), which = u8(in);
     int64_t B = b % (Bmax + 1);
     const size_t es = s->esize;
+    const epDataType_t element = (epDataType_t)s->elementType;
     const int64_t recvElems = elements_of(s->recvNdim, s->recvShape), routingElems = s->routingNdim ? elements_of(s->routingNdim, s->routingShape) : 0;
     /* The arenas: R parts each, exactly. */
     size_t idxBytes = (size_t)(R * B * K) * 4, xBytes = (size_t)(R * B * H) * es, wBytes = (size_t)(R * Bmax * K) * 4;
@@ -693,20 +741,18 @@ static void stacked(Reader* in, State* s, int combine) {
     }
     for (size_t i = 0; i < wBytes / 4; i++) ((float*)w)[i] = 0.25f;
     for (size_t i = 0; i < slotWBytes / 4; i++) ((float*)slotW)[i] = 0.5f;
-    int mutated = breakByte >= 200;
+    const int mutated = breakByte >= 200;
+    Arenas ins = {0}, outs = {0};
     epResult_t rc;
-    uint8_t *inputs[4], *outputs[4];
-    size_t inBytes[4], outputBytes[4];
-    int nIn = 0, nOut = 0;
     if (!combine) {
         epStackedDispatch_t d;
         memset(&d, 0, sizeof d);
         d.structSize = sizeof d;
         d.tokens = B;
         d.topkIdx = (epStacked_t){idx, epInt32, -1, 0};
-        d.inputTokens = (epStacked_t){x, (epDataType_t)s->elementType, -1, 0};
+        d.inputTokens = (epStacked_t){x, element, -1, 0};
         d.topkWeights = (epStacked_t){w, epFloat32, -1, (int64_t)Bmax * K * 4};
-        d.receivedTokens = (epStacked_t){recv, (epDataType_t)s->elementType, -1, 0};
+        d.receivedTokens = (epStacked_t){recv, element, -1, 0};
         if (s->routingNdim) {
             d.receivedTopkIdx = (epStacked_t){ridx, epInt32, -1, 0};
             d.receivedTopkWeights = (epStacked_t){rw, epFloat32, -1, 0};
@@ -714,89 +760,56 @@ static void stacked(Reader* in, State* s, int combine) {
         d.expertCounts = (epStacked_t){counts, epInt32, -1, 0};
         if (mutated) {
             epStacked_t* fields[] = {&d.topkIdx, &d.inputTokens, &d.topkWeights, &d.receivedTokens, &d.expertCounts};
-            epStacked_t* f = fields[which % 5];
-            switch (breakByte % 8) {
-            case 0: f->dtype = (epDataType_t)((f->dtype + 1 + which % 5) % 7); break;
-            case 1: f->device = (which & 1) ? 0 : -2; break;
-            case 2: f->rankStride = (which & 1) ? 4 : -8; break;
-            case 3: f->data = (uint8_t*)f->data + 1; break;
-            case 4: f->data = NULL; break;
-            case 5: d.tokens = (which & 1) ? Bmax + 1 : (int64_t)1 << 40; break;
-            case 6: d.structSize = (which & 1) ? 8 : sizeof d + 8; break;
-            default: d.direction = (epPassDirection_t)7; break;
-            }
+            int how = breakByte % 8;
+            if (how < 5) break_stacked(fields[which % 5], how, which);
+            else if (how == 5) d.tokens = (which & 1) ? Bmax + 1 : (int64_t)1 << 40;
+            else if (how == 6) d.structSize = (which & 1) ? 8 : sizeof d + 8;
+            else d.direction = (epPassDirection_t)7;
         }
-        inputs[nIn] = idx; inBytes[nIn++] = idxBytes;
-        inputs[nIn] = x; inBytes[nIn++] = xBytes;
-        inputs[nIn] = w; inBytes[nIn++] = wBytes;
-        outputs[nOut] = recv; outputBytes[nOut++] = recvBytes;
-        outputs[nOut] = ridx; outputBytes[nOut++] = routingBytes;
-        outputs[nOut] = rw; outputBytes[nOut++] = routingBytes;
-        outputs[nOut] = counts; outputBytes[nOut++] = countBytes;
-        uint8_t* before[4];
-        for (int i = 0; i < nIn; i++) { before[i] = malloc(inBytes[i] ? inBytes[i] : 1); memcpy(before[i], inputs[i], inBytes[i]); }
-        uint8_t* outBefore[4];
-        for (int i = 0; i < nOut; i++) { outBefore[i] = malloc(outputBytes[i] ? outputBytes[i] : 1); memcpy(outBefore[i], outputs[i], outputBytes[i]); }
+        arenas_add(&ins, idx, idxBytes);
+        arenas_add(&ins, x, xBytes);
+        arenas_add(&ins, w, wBytes);
+        arenas_add(&outs, recv, recvBytes);
+        arenas_add(&outs, ridx, routingBytes);
+        arenas_add(&outs, rw, routingBytes);
+        arenas_add(&outs, counts, countBytes);
         rc = epGroupDispatchStacked(s->group, &d, NULL);
-        const char* message = epGetLastErrorMessage();
-        TRACE("%s(B %lld, broken %d) -> %s %s", name, (long long)B, mutated, epGetErrorString(rc), message);
-        check_status(name, rc, message);
-        for (int i = 0; i < nIn; i++) if (memcmp(before[i], inputs[i], inBytes[i]) != 0) FAIL("%s wrote input %d", name, i);
-        if (rc != epSuccess)
-            for (int i = 0; i < nOut; i++) if (memcmp(outBefore[i], outputs[i], outputBytes[i]) != 0) FAIL("%s refused (%s) but wrote output %d", name, message, i);
-        if (!s->groupDestroyed && !mutated && rc != epSuccess && rc != epTimeout && rc != epOverflow && rc != epInactiveRank)
-            FAIL("%s refused right arguments: %s", name, message);
-        for (int i = 0; i < nIn; i++) free(before[i]);
-        for (int i = 0; i < nOut; i++) free(outBefore[i]);
-        if (s->groupDestroyed) {
-            if (rc != epInvalidArgument) FAIL("%s on a destroyed group -> %s", name, epGetErrorString(rc));
-        } else if (rc == epTimeout) {
-            resync_mask(s);
-        } else if (rc == epSuccess) {
-            StepModel* m = &s->groupStep;
-            m->valid = 1; m->known = 0; m->maybeVoid = 0; m->dispatched = 1; m->mask = s->mask;
-            for (int r = 0; r < R; r++) m->tokens[r] = (int)B;
-        } else {
-            s->groupStep.maybeVoid = 1;
-        }
     } else {
         epStackedCombine_t c;
         memset(&c, 0, sizeof c);
         c.structSize = sizeof c;
-        c.expertOutputs = (epStacked_t){recv, (epDataType_t)s->elementType, -1, 0};
-        c.combinedTokens = (epStacked_t){out, (epDataType_t)s->elementType, -1, (int64_t)(Bmax * H * (int64_t)es)};
+        c.expertOutputs = (epStacked_t){recv, element, -1, 0};
+        c.combinedTokens = (epStacked_t){out, element, -1, (int64_t)(Bmax * H * (int64_t)es)};
         if (s->layout == epLayoutExpertMajor) c.topkWeights = (epStacked_t){w, epFloat32, -1, (int64_t)Bmax * K * 4};
         if (s->layout == epLayoutExpertMajorPadded) c.topkWeights = (epStacked_t){slotW, epFloat32, -1, 0};
         if (mutated) {
             epStacked_t* fields[] = {&c.expertOutputs, &c.combinedTokens, &c.topkWeights};
-            epStacked_t* f = fields[which % 3];
-            switch (breakByte % 6) {
-            case 0: f->dtype = (epDataType_t)((f->dtype + 1 + which % 5) % 7); break;
-            case 1: f->device = (which & 1) ? 0 : -2; break;
-            case 2: f->rankStride = (which & 1) ? 4 : -8; break;
-            case 3: f->data = (uint8_t*)f->data + 1; break;
-            case 4: f->data = NULL; break;
-            default: c.structSize = 8; break;
-            }
+            int how = breakByte % 6;
+            if (how < 5) break_stacked(fields[which % 3], how, which);
+            else c.structSize = 8;
         }
-        inputs[nIn] = recv; inBytes[nIn++] = recvBytes;
-        inputs[nIn] = w; inBytes[nIn++] = wBytes;
-        inputs[nIn] = slotW; inBytes[nIn++] = slotWBytes;
-        outputs[nOut] = out; outputBytes[nOut++] = outBytes;
-        uint8_t* before[4];
-        for (int i = 0; i < nIn; i++) { before[i] = malloc(inBytes[i] ? inBytes[i] : 1); memcpy(before[i], inputs[i], inBytes[i]); }
-        uint8_t* outBefore = malloc(outBytes ? outBytes : 1);
-        memcpy(outBefore, out, outBytes);
+        arenas_add(&ins, recv, recvBytes);
+        arenas_add(&ins, w, wBytes);
+        arenas_add(&ins, slotW, slotWBytes);
+        arenas_add(&outs, out, outBytes);
         rc = epGroupCombineStacked(s->group, &c, NULL);
-        const char* message = epGetLastErrorMessage();
-        TRACE("%s(broken %d) -> %s %s", name, mutated, epGetErrorString(rc), message);
-        check_status(name, rc, message);
-        for (int i = 0; i < nIn; i++) if (memcmp(before[i], inputs[i], inBytes[i]) != 0) FAIL("%s wrote input %d", name, i);
-        if (rc != epSuccess && memcmp(outBefore, out, outBytes) != 0) FAIL("%s refused (%s) but wrote its output", name, message);
-        for (int i = 0; i < nIn; i++) free(before[i]);
-        free(outBefore);
-        if (s->groupDestroyed && rc != epInvalidArgument) FAIL("%s on a destroyed group -> %s", name, epGetErrorString(rc));
-        if (rc == epTimeout && !s->groupDestroyed) resync_mask(s);
+    }
+    const char* message = epGetLastErrorMessage();
+    TRACE("%s(B %lld, broken %d) -> %s %s", name, (long long)B, mutated, epGetErrorString(rc), message);
+    check_stacked(name, rc, message, &ins, &outs);
+    if (s->groupDestroyed) {
+        if (rc != epInvalidArgument) FAIL("%s on a destroyed group -> %s", name, epGetErrorString(rc));
+    } else if (rc == epTimeout) {
+        resync_mask(s);
+    } else if (!combine) {
+        if (!mutated && rc != epSuccess && rc != epOverflow && rc != epInactiveRank) FAIL("%s refused right arguments: %s", name, message);
+        StepModel* m = &s->groupStep;
+        if (rc == epSuccess) {
+            m->valid = 1; m->known = 0; m->maybeVoid = 0; m->dispatched = 1; m->mask = s->mask;
+            for (int r = 0; r < R; r++) m->tokens[r] = (int)B;
+        } else {
+            m->maybeVoid = 1;
+        }
     }
     free(idx); free(x); free(w); free(recv); free(ridx); free(rw); free(counts); free(out); free(slotW);
 }
