@@ -228,3 +228,34 @@ def test_a_mutated_stacked_call_is_refused_by_name_and_writes_nothing(seed):
         # The valid call still works after any refusal (a refused dispatch with routing voided the step).
         assert library.epGroupDispatchStacked(group._group, ctypes.byref(d), None) == _abi.SUCCESS
     assert library.epGroupCombineStacked(group._group, ctypes.byref(c), None) == _abi.SUCCESS
+
+
+@pytest.mark.parametrize("algorithm,layout,alignment", LAYOUTS)
+def test_a_masked_rank_gets_the_same_from_stacked_and_per_rank_calls(algorithm, layout, alignment):
+    """With a rank masked inactive (CPU), the stacked calls read and write what the per-rank calls
+    do: the masked rank neither sends nor receives, and its counts read as zero."""
+    rng = np.random.default_rng(11)
+    r, e, k, h, b = 3, 6, 2, 8, 4
+    shape = dict(ranks=r, experts=e, hidden=h, top_k=k, max_tokens=b, algorithm=algorithm, layout=layout, alignment=alignment,
+                 dtype="f32", buffer_slots=1)   # one slot: the masked step reuses the first step's buffers
+    groups = [ep.VirtualGroup(**shape) for _ in range(2)]
+    x = rng.standard_normal((r, b, h)).astype(np.float32)
+    idx = np.stack([random_routing(rng, b, e, k, 0.0) for _ in range(r)]).astype(np.int32)
+    w = rng.random((r, b, k)).astype(np.float32)
+    results = []
+    for group, stacked in zip(groups, (False, True)):
+        arg = (lambda a: a) if stacked else (lambda a: [a[i] for i in range(r)])
+        first = group.dispatch(arg(x), arg(idx), arg(w))
+        assert first.expert_counts[1].any()   # rank 1 received rows in the unmasked step
+        group.combine(arg(np.ones((r,) + group.recv_shape, np.float32)), first.handle)
+        group.deactivate(1)
+        out = group.dispatch(arg(x), arg(idx), arg(w))
+        ys = np.ones((r,) + group.recv_shape, np.float32)
+        combined = group.combine(arg(ys), out.handle)
+        results.append((out.received.copy(), out.expert_counts.copy(), [c.copy() for c in combined]))
+    (received_a, counts_a, combined_a), (received_b, counts_b, combined_b) = results
+    np.testing.assert_array_equal(received_b, received_a)
+    np.testing.assert_array_equal(counts_b, counts_a)
+    assert not counts_b[1].any()
+    for a, c in zip(combined_a, combined_b):
+        np.testing.assert_array_equal(c, a)
