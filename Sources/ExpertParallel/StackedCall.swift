@@ -126,7 +126,7 @@ public struct CheckedStackedDispatch: Sendable {
     public let topkIdx: TensorRef?
     public let input: DispatchInput
     public let output: DispatchOutput
-    let strides: [Int]   // per field, in the order of `fields`
+    let strides: StackedStrides<Field>
 
     /// The fields that carry a tensor, in a fixed order.
     public enum Field: Int, CaseIterable, Sendable {
@@ -134,13 +134,10 @@ public struct CheckedStackedDispatch: Sendable {
              expertSourceCounts
     }
 
-    public func stride(_ field: Field) -> Int { strides[field.rawValue] }
+    public func stride(_ field: Field) -> Int { strides[field] }
 
     /// Rank `rank`'s address of `field` (0 where not given).
-    public func address(_ field: Field, rank: Int) -> UInt64 {
-        guard let tensor = call[field], tensor.address != 0 else { return 0 }
-        return tensor.address + UInt64(rank * strides[field.rawValue])
-    }
+    public func address(_ field: Field, rank: Int) -> UInt64 { strides.address(call[field], field, rank: rank) }
 
     public init(_ call: StackedDispatch, shapes: CallShapes, location: MemoryLocation, stepTokens: Int?) throws(EPError) {
         let config = shapes.config
@@ -159,18 +156,18 @@ public struct CheckedStackedDispatch: Sendable {
         }
         topkIdx = idx
         let scaleWords = config.fp8Format?.scaleWordsPerRow ?? 1
-        input = DispatchInput(tokens: call.inputs.part(0, shape: [b, config.hidden]), topkWeights: part(call.topkWeights, [b, k]),
-                              scales: part(call.scales, [b, scaleWords]))
+        let input = DispatchInput(tokens: call.inputs.part(0, shape: [b, config.hidden]), topkWeights: part(call.topkWeights, [b, k]),
+                                  scales: part(call.scales, [b, scaleWords]))
         let routing = config.receiveRoutingShape ?? []
-        output = DispatchOutput(
+        let output = DispatchOutput(
             tokens: call.received.part(0, shape: config.receiveShape), topkIdx: part(call.receivedTopkIdx, routing),
             topkWeights: part(call.receivedTopkWeights, routing), expertCounts: part(call.expertCounts, [config.localExperts]),
             expertSourceCounts: part(call.expertSourceCounts, [config.localExperts, config.ranks]),
             scales: part(call.receivedScales, config.receiveScalesShape ?? []))
         try shapes.validateDispatch(input, output, tokens: b, location: location)
-        var strides = [Int](repeating: 0, count: Field.allCases.count)
-        for field in Field.allCases {
-            guard let tensor = call[field] else { continue }
+        self.input = input
+        self.output = output
+        strides = try StackedStrides(ranks: config.ranks) { field in
             let view: TensorRef? = switch field {
             case .topkIdx: idx
             case .inputs: input.tokens
@@ -183,12 +180,8 @@ public struct CheckedStackedDispatch: Sendable {
             case .expertCounts: output.expertCounts
             case .expertSourceCounts: output.expertSourceCounts
             }
-            guard let view else { continue }
-            // Rows move in 8-byte vectors at least; ids, weights, scales and counts whole.
-            let alignment = field == .inputs || field == .received ? 8 : tensor.dtype.byteSize
-            strides[field.rawValue] = try tensor.stride("\(field)", shape: view.shape, alignment: alignment, ranks: config.ranks)
+            return view.map { (call[field], $0, field == .inputs || field == .received) }
         }
-        self.strides = strides
     }
 
     /// Rank `rank`'s update routing (nil without topkIdx), dispatch input and output, as views.
@@ -232,19 +225,16 @@ public struct CheckedStackedCombine: Sendable {
     public let tokens: [Int]
     public let input: CombineInput
     public let output: CombineOutput
-    let strides: [Int]
+    let strides: StackedStrides<Field>
 
     public enum Field: Int, CaseIterable, Sendable {
         case expertOutputs, topkWeights, weightGradients, combined, topkWeightGradients
     }
 
-    public func stride(_ field: Field) -> Int { strides[field.rawValue] }
+    public func stride(_ field: Field) -> Int { strides[field] }
 
     /// Rank `rank`'s address of `field` (0 where not given).
-    public func address(_ field: Field, rank: Int) -> UInt64 {
-        guard let tensor = call[field], tensor.address != 0 else { return 0 }
-        return tensor.address + UInt64(rank * strides[field.rawValue])
-    }
+    public func address(_ field: Field, rank: Int) -> UInt64 { strides.address(call[field], field, rank: rank) }
 
     public init(_ call: StackedCombine, tokens: [Int], direction: PassDirection, shapes: CallShapes, location: MemoryLocation) throws(EPError) {
         let config = shapes.config
@@ -255,14 +245,14 @@ public struct CheckedStackedCombine: Sendable {
         let routing = config.receiveRoutingShape ?? []
         // The weights combine applies: the source's [B, K] (LL expert-major), the per-slot [N] (HT expert-major).
         let weightsShape = config.layout == .expertMajor ? [most, k] : [config.receiveCapacity]
-        input = CombineInput(expertOutputs: call.expertOutputs.part(0, shape: config.receiveShape),
-                             topkWeights: part(call.topkWeights, weightsShape), weightGradients: part(call.weightGradients, routing))
-        output = CombineOutput(tokens: call.combined.part(0, shape: [most, config.hidden]),
-                               topkWeightGradients: part(call.topkWeightGradients, [most, k]))
+        let input = CombineInput(expertOutputs: call.expertOutputs.part(0, shape: config.receiveShape),
+                                 topkWeights: part(call.topkWeights, weightsShape), weightGradients: part(call.weightGradients, routing))
+        let output = CombineOutput(tokens: call.combined.part(0, shape: [most, config.hidden]),
+                                   topkWeightGradients: part(call.topkWeightGradients, [most, k]))
         try shapes.validateCombine(input, output, tokens: most, direction: direction, location: location)
-        var strides = [Int](repeating: 0, count: Field.allCases.count)
-        for field in Field.allCases {
-            guard let tensor = call[field] else { continue }
+        self.input = input
+        self.output = output
+        strides = try StackedStrides(ranks: config.ranks) { field in
             let view: TensorRef? = switch field {
             case .expertOutputs: input.expertOutputs
             case .topkWeights: input.topkWeights
@@ -270,11 +260,8 @@ public struct CheckedStackedCombine: Sendable {
             case .combined: output.tokens
             case .topkWeightGradients: output.topkWeightGradients
             }
-            guard let view else { continue }
-            let alignment = field == .expertOutputs || field == .combined ? 8 : tensor.dtype.byteSize
-            strides[field.rawValue] = try tensor.stride("\(field)", shape: view.shape, alignment: alignment, ranks: config.ranks)
+            return view.map { (call[field], $0, field == .expertOutputs || field == .combined) }
         }
-        self.strides = strides
     }
 
     /// Rank `rank`'s combine input and output, as views (`tokens[rank]` rows).
@@ -303,5 +290,30 @@ extension StackedCombine {
         case .combined: combined
         case .topkWeightGradients: topkWeightGradients
         }
+    }
+}
+
+/// The stride between ranks' parts of each argument of a stacked call, checked against rank 0's
+/// view (`StackedTensor.stride`: rows move in 8-byte vectors, ids, weights, scales and counts
+/// whole), by `Field`; and each rank's address from it.
+struct StackedStrides<Field: CaseIterable & RawRepresentable>: Sendable where Field.RawValue == Int {
+    private let values: [Int]
+
+    /// `part(field)`: the argument, rank 0's view of it and whether it holds rows; nil where not given.
+    init(ranks: Int, _ part: (Field) -> (tensor: StackedTensor?, view: TensorRef, rows: Bool)?) throws(EPError) {
+        var values = [Int](repeating: 0, count: Field.allCases.count)
+        for field in Field.allCases {
+            guard let (tensor, view, rows) = part(field), let tensor else { continue }
+            values[field.rawValue] = try tensor.stride("\(field)", shape: view.shape, alignment: rows ? 8 : tensor.dtype.byteSize, ranks: ranks)
+        }
+        self.values = values
+    }
+
+    subscript(field: Field) -> Int { values[field.rawValue] }
+
+    /// Rank `rank`'s address of `tensor`, argument `field` (0 where not given).
+    func address(_ tensor: StackedTensor?, _ field: Field, rank: Int) -> UInt64 {
+        guard let tensor, tensor.address != 0 else { return 0 }
+        return tensor.address + UInt64(rank * values[field.rawValue])
     }
 }

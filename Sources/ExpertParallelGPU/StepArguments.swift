@@ -56,8 +56,6 @@ struct RankArguments {
         nonmutating set { words[field.rawValue] = newValue }
     }
 
-    /// A tensor's address, or 0 for none.
-    func set(_ field: RankField, _ tensor: TensorRef?) { self[field] = tensor.map(address) ?? 0 }
     func set(_ field: RankField, _ pointer: DevicePointer) { self[field] = pointer.rawValue }
 }
 

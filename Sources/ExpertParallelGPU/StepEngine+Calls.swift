@@ -12,42 +12,31 @@ struct ReceiveBuffers {
 /// Where one local rank's rows to send are (with their routing weights and FP8 scales), and
 /// where the dispatch writes its per-expert counts (0: not asked for).
 struct SendSide {
-    var tokens: UInt64 = 0
-    var weights: UInt64 = 0
-    var scales: UInt64 = 0
-    var counts: UInt64 = 0
-    var sourceCounts: UInt64 = 0
+    var tokens: UInt64
+    var weights: UInt64
+    var scales: UInt64
+    var counts: UInt64
+    var sourceCounts: UInt64
+}
 
+extension SendSide {
+    /// A per-rank call's tensors (and, where given, the output's count tensors).
     init(_ input: DispatchInput, counts output: DispatchOutput?) {
-        tokens = address(input.tokens)
-        weights = input.topkWeights.map(address) ?? 0
-        scales = input.scales.map(address) ?? 0
-        counts = output?.expertCounts.map(address) ?? 0
-        sourceCounts = output?.expertSourceCounts.map(address) ?? 0
-    }
-
-    init(tokens: UInt64, weights: UInt64, scales: UInt64, counts: UInt64, sourceCounts: UInt64) {
-        self.tokens = tokens
-        self.weights = weights
-        self.scales = scales
-        self.counts = counts
-        self.sourceCounts = sourceCounts
+        self.init(tokens: address(input.tokens), weights: input.topkWeights.map(address) ?? 0, scales: input.scales.map(address) ?? 0,
+                  counts: output?.expertCounts.map(address) ?? 0, sourceCounts: output?.expertSourceCounts.map(address) ?? 0)
     }
 }
 
 /// Where one local rank's combined rows go (and, backward HT, its weight gradients).
 struct CombineTarget {
-    var tokens: UInt64 = 0
-    var weightGradients: UInt64 = 0
+    var tokens: UInt64
+    var weightGradients: UInt64
+}
 
+extension CombineTarget {
+    /// A per-rank call's output tensors.
     init(_ output: CombineOutput) {
-        tokens = address(output.tokens)
-        weightGradients = output.topkWeightGradients.map(address) ?? 0
-    }
-
-    init(tokens: UInt64, weightGradients: UInt64) {
-        self.tokens = tokens
-        self.weightGradients = weightGradients
+        self.init(tokens: address(output.tokens), weightGradients: output.topkWeightGradients.map(address) ?? 0)
     }
 }
 

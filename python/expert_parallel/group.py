@@ -140,6 +140,7 @@ class VirtualGroup(GroupBase):
         self._fn_dispatch_stacked = library.epGroupDispatchStacked
         self._fn_combine_stacked = library.epGroupCombineStacked
         self._types_x, self._tail_x, self._tail_k = {self._input_element}, (h,), (k,)
+        self._types_element = {self._element}
 
     def __repr__(self) -> str:
         return (f"VirtualGroup(ranks={self.ranks}, experts={self.experts}, hidden={self.hidden}, top_k={self.top_k}, "
@@ -505,7 +506,7 @@ class VirtualGroup(GroupBase):
         if backward_ht and isinstance(weight_gradients, (list, tuple)):
             return None
         recv = self.recv_shape
-        y = self._stacked(expert_outputs, "expert_outputs", {self._element}, recv[1:], recv[0])
+        y = self._stacked(expert_outputs, "expert_outputs", self._types_element, recv[1:], recv[0])
         if y is None:
             return None
         g = None
