@@ -674,9 +674,9 @@ static uint8_t* arena(size_t bytes) {
 
 /* Arenas copied before a call, to compare after it. */
 typedef struct {
-    const uint8_t* data[4];
-    uint8_t* copy[4];
-    size_t bytes[4];
+    const uint8_t* data[8];
+    uint8_t* copy[8];
+    size_t bytes[8];
     int count;
 } Arenas;
 
@@ -699,15 +699,23 @@ static int arenas_changed_free(Arenas* a) {
     return changed;
 }
 
-/* One way (`how` 0...4) to break an epStacked_t. */
-static void break_stacked(epStacked_t* f, int how, uint8_t which) {
+/* One way (`how` 0...4) to break an epStacked_t whose array holds `elements` elements. Another
+ * type gets a fresh arena of the bytes that type claims (as arg() does for a mutated descriptor:
+ * a call that accepts the type reads and writes inside its arena, and ASan sees anything beyond);
+ * it is returned, for the caller to check and free. */
+static uint8_t* break_stacked(epStacked_t* f, int how, uint8_t which, int64_t elements) {
     switch (how) {
-    case 0: f->dtype = (epDataType_t)((f->dtype + 1 + which % 5) % 7); break;
+    case 0:
+        f->dtype = (epDataType_t)((f->dtype + 1 + which % 5) % 7);
+        if (f->data == NULL) return NULL;
+        f->data = arena((size_t)elements * dtype_size(f->dtype));
+        return f->data;
     case 1: f->device = (which & 1) ? 0 : -2; break;
     case 2: f->rankStride = (which & 1) ? 4 : -8; break;
     case 3: f->data = (uint8_t*)f->data + 1; break;
     default: f->data = NULL; break;
     }
+    return NULL;
 }
 
 /* The checks every stacked call gets: a named status, inputs never written, a refusal writes no output. */
@@ -743,6 +751,7 @@ static void stacked(Reader* in, State* s, int combine) {
     for (size_t i = 0; i < slotWBytes / 4; i++) ((float*)slotW)[i] = 0.5f;
     const int mutated = breakByte >= 200;
     Arenas ins = {0}, outs = {0};
+    uint8_t* fresh = NULL;   /* a broken field's own arena (another type) */
     epResult_t rc;
     if (!combine) {
         epStackedDispatch_t d;
@@ -760,8 +769,10 @@ static void stacked(Reader* in, State* s, int combine) {
         d.expertCounts = (epStacked_t){counts, epInt32, -1, 0};
         if (mutated) {
             epStacked_t* fields[] = {&d.topkIdx, &d.inputTokens, &d.topkWeights, &d.receivedTokens, &d.expertCounts};
-            int how = breakByte % 8;
-            if (how < 5) break_stacked(fields[which % 5], how, which);
+            const int64_t elements[] = {R * B * K, R * B * H, R * Bmax * K, R * recvElems, (int64_t)R * s->L};
+            int how = breakByte % 8, field = which % 5;
+            if (how < 5 && (fresh = break_stacked(fields[field], how, which, elements[field])) != NULL)
+                arenas_add(field < 3 ? &ins : &outs, fresh, (size_t)elements[field] * dtype_size(fields[field]->dtype));
             else if (how == 5) d.tokens = (which & 1) ? Bmax + 1 : (int64_t)1 << 40;
             else if (how == 6) d.structSize = (which & 1) ? 8 : sizeof d + 8;
             else d.direction = (epPassDirection_t)7;
@@ -784,8 +795,10 @@ static void stacked(Reader* in, State* s, int combine) {
         if (s->layout == epLayoutExpertMajorPadded) c.topkWeights = (epStacked_t){slotW, epFloat32, -1, 0};
         if (mutated) {
             epStacked_t* fields[] = {&c.expertOutputs, &c.combinedTokens, &c.topkWeights};
-            int how = breakByte % 6;
-            if (how < 5) break_stacked(fields[which % 3], how, which);
+            const int64_t elements[] = {R * recvElems, R * Bmax * H, s->layout == epLayoutExpertMajor ? R * Bmax * K : (int64_t)R * s->capacity};
+            int how = breakByte % 6, field = which % 3;
+            if (how < 5 && (fresh = break_stacked(fields[field], how, which, elements[field])) != NULL)
+                arenas_add(field == 1 ? &outs : &ins, fresh, (size_t)elements[field] * dtype_size(fields[field]->dtype));
             else c.structSize = 8;
         }
         arenas_add(&ins, recv, recvBytes);
@@ -811,7 +824,7 @@ static void stacked(Reader* in, State* s, int combine) {
             m->maybeVoid = 1;
         }
     }
-    free(idx); free(x); free(w); free(recv); free(ridx); free(rw); free(counts); free(out); free(slotW);
+    free(idx); free(x); free(w); free(recv); free(ridx); free(rw); free(counts); free(out); free(slotW); free(fresh);
 }
 
 /* Per-rank handle calls: one thread per rank, each on its own handle. */
