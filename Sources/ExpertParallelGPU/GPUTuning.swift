@@ -13,8 +13,13 @@ public struct GPUTuning: Sendable, Hashable {
     public var rowPieces: Int?
     /// Thread blocks per SM in one launch covering all ranks (1 or 2); nil: 2 for R ≥ 2, 1 for R = 1.
     public var blocksPerMultiprocessor: Int?
+    /// LL: run a stacked dispatch's update inside the dispatch launch (one launch instead of two;
+    /// the rank's other blocks wait on the GPU for its update block). Off: two launches, as the
+    /// separate update and dispatch calls always are. Same results either way.
+    public var fusesUpdate: Bool
 
-    public init(pipelineDepth: Int = 4, rowsInFlight: Int = 8, rowPieces: Int? = nil, blocksPerMultiprocessor: Int? = nil) {
+    public init(pipelineDepth: Int = 4, rowsInFlight: Int = 8, rowPieces: Int? = nil, blocksPerMultiprocessor: Int? = nil, fusesUpdate: Bool = true) {
+        self.fusesUpdate = fusesUpdate
         self.pipelineDepth = pipelineDepth
         self.rowsInFlight = rowsInFlight
         self.rowPieces = rowPieces

@@ -57,6 +57,11 @@ extension StepEngine {
         // A rejected update voids the step, as a failed one on the device does: no dispatch may
         // move this step's tokens with an earlier step's routing.
         handle.setStep(nil)
+        try enqueueUpdate(handle, routing: checkedRouting(topkIdx), indexBytes: topkIdx[0].dtype.byteSize, options: options)
+    }
+
+    /// Every local rank's routing after the update's checks (shape, dtype, device, alignment, one width).
+    func checkedRouting(_ topkIdx: [TensorRef]) throws(EPError) -> [RoutingRows] {
         try checkLocalCount(topkIdx.count, "topkIdx")
         for (i, idx) in topkIdx.enumerated() {
             // The name is built only for an error: the data path allocates nothing for it.
@@ -77,8 +82,7 @@ extension StepEngine {
                 throw .invalidArgument(field: "\(name()).dtype", value: "\(idx.dtype)", requirement: "must match rank \(localRanks[0])'s (\(topkIdx[0].dtype))")
             }
         }
-        try enqueueUpdate(handle, routing: topkIdx.map { RoutingRows(address: address($0), tokens: $0.shape[0]) },
-                          indexBytes: topkIdx[0].dtype.byteSize, options: options)
+        return topkIdx.map { RoutingRows(address: address($0), tokens: $0.shape[0]) }
     }
 
     /// The update's launch for routing already checked (`routing[i]`: local rank i's `[B, K]`
@@ -95,13 +99,44 @@ extension StepEngine {
         handle.setStep(.init(routing: routing, indexBytes: indexBytes))
     }
 
+    /// A step's update and its dispatch in one call (the stacked dispatch): one launch of the
+    /// fused kernel where the group runs every rank in one launch and the kernel fits
+    /// (`canFuseUpdate`), else the update's launch and the dispatch's. Same slots, same bits.
+    func updateAndDispatch(
+        _ handle: GPUStepHandle, routing: [RoutingRows], indexBytes: Int, sources: (Int) -> SendSide, received: (Int) -> ReceiveBuffers,
+        receivedIndexBytes: Int, vectorBytes: Int, options: CallOptions
+    ) throws(EPError) {
+        guard canFuseUpdate(options) else {
+            try enqueueUpdate(handle, routing: routing, indexBytes: indexBytes, options: options)
+            try dispatch(handle, sources: sources, received: received, receivedIndexBytes: receivedIndexBytes, vectorBytes: vectorBytes,
+                         options: options)
+            return
+        }
+        handle.setStep(.init(routing: routing, indexBytes: indexBytes))
+        do {
+            try dispatch(handle, sources: sources, received: received, receivedIndexBytes: receivedIndexBytes, vectorBytes: vectorBytes,
+                         options: options, fused: true)
+        } catch {
+            handle.setStep(nil)   // nothing ran: no dispatch may use this routing
+            throw error
+        }
+    }
+
+    /// Whether a call with `options` can run update and dispatch as one launch: LL with the
+    /// fused kernel compiled (direct transport, its shared memory fits), every rank in one launch.
+    func canFuseUpdate(_ options: CallOptions) -> Bool {
+        guard workspace.fused, tuning.fusesUpdate, options.launch == .single, transport == .direct else { return false }
+        if case .virtualRanks = placement { return true }
+        return false
+    }
+
     /// Sends every local rank's rows straight into their slots on the destination ranks
     /// (`received(r)`: rank r's receive buffers, for every rank). With `.sendOnly` the rows are
     /// sent but nobody waits for them: `complete()` does. A whole call allocates nothing here.
     /// `sources(i)`: local rank i's rows and counts.
     func dispatch(
         _ handle: GPUStepHandle, sources: (Int) -> SendSide, received: (Int) -> ReceiveBuffers, receivedIndexBytes: Int,
-        vectorBytes: Int, options: CallOptions
+        vectorBytes: Int, options: CallOptions, fused: Bool = false
     ) throws(EPError) {
         let step = try handle.currentStep()
         try checkTransportSupports(options)
@@ -132,13 +167,16 @@ extension StepEngine {
                 w[.receivedScales] = buffers.scales
             }
         }
+        // The launch that sends: with `fused`, the update's too (the caller checked canFuseUpdate).
+        let send = fused ? k.updateDispatch : nil
+        if fused, send == nil { throw .backend("the fused update + dispatch kernel is not compiled for this group") }
         switch options.phase {
         case .whole:
-            try enqueue(meetsThroughFlags(mode) ? [.signal, .wait] : [], blocks(mode), stream(options), sources, received)
+            try enqueue(meetsThroughFlags(mode) ? [.signal, .wait] : [], blocks(mode), stream(options), sources, received, kernel: send)
             // Staged: each destination drains what was put into its staging area.
             if let drain = k.drain { try enqueue([], blocks(mode), stream(options), sources, received, kernel: drain) }
         case .sendOnly:
-            try enqueue(.signal, blocks(mode), stream(options), sources, received)
+            try enqueue(.signal, blocks(mode), stream(options), sources, received, kernel: send)
             let table = (0..<config.ranks).map(received), sent = localRanks.indices.map(sources)
             setPending(PendingCall(name: "dispatch") { stream throws(EPError) in try enqueue([.wait, .noData], 1, stream, { sent[$0] }) { table[$0] } })
         }

@@ -118,7 +118,9 @@ final class StepEngine: @unchecked Sendable {
 
     // MARK: kernels
 
-    func kernels(_ variant: StepKernels.Variant) throws(EPError) -> StepKernels {
+    func kernels(_ requested: StepKernels.Variant) throws(EPError) -> StepKernels {
+        var variant = requested
+        if case .virtualRanks = placement { variant.oneDevice = true }
         if let k = lock.withLock({ kernelCache[variant] }) { return k }
         try device.makeCurrent()
         let k = try StepKernels(device: device, config: config, variant: variant, tuning: tuning)

@@ -13,6 +13,8 @@ struct StepKernels: Sendable {
     /// The staged transport's drain (after dispatch) and combine-send (before combine).
     let drain: CUDAFunction?
     let combineSend: CUDAFunction?
+    /// LL, direct transport, where its shared memory fits: update and dispatch in one launch.
+    let updateDispatch: CUDAFunction?
 
     /// What a specialisation depends on besides the group configuration.
     struct Variant: Hashable, Sendable {
@@ -20,6 +22,8 @@ struct StepKernels: Sendable {
         var receivedIndexBytes: Int
         var vectorBytes: Int
         var transport: GPUTransport = .direct
+        /// Every rank on one GPU (virtual ranks): flags between ranks need gpu scope only, not sys.
+        var oneDevice = false
     }
 
     static func defines(_ config: GroupConfig, _ variant: Variant, _ tuning: GPUTuning) -> [String: String] {
@@ -34,6 +38,7 @@ struct StepKernels: Sendable {
             "EP_BMAX": "\(config.maxTokensPerRank)", "EP_ROW_BYTES": "\(config.rowBytes)", "EP_ELEM": "\(element)",
             "EP_IDX_BYTES": "\(variant.indexBytes)", "EP_RIDX_BYTES": "\(variant.receivedIndexBytes)",
             "EP_VEC_BYTES": "\(variant.vectorBytes)", "EP_TRANSPORT": variant.transport == .staged ? "1" : "0",
+            "EP_ONE_DEVICE": variant.oneDevice ? "1" : "0",
         ]) { _, new in new }
         defines.merge(StepArguments.contractDefines(ranks: config.ranks)) { _, new in new }
         defines.merge(StepWorkspace(config, transport: variant.transport).defines) { _, new in new }
@@ -77,5 +82,6 @@ struct StepKernels: Sendable {
         let staged = variant.transport == .staged
         drain = staged ? try function("drain") : nil
         combineSend = staged ? try function("combine_send") : nil
+        updateDispatch = StepWorkspace(config, transport: variant.transport).fused ? try function("update_dispatch") : nil
     }
 }

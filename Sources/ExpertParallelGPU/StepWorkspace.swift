@@ -6,6 +6,10 @@ import ExpertParallel
 struct StepWorkspace: Sendable {
     let algorithm: Algorithm
     let ranks: Int, localExperts: Int, topK: Int, maxTokens: Int
+    /// LL: warps with their own counts in the update (EP_UPDATE_WARPS); HT: 16.
+    let updateWarps: Int
+    /// LL: whether ep_ll_update_dispatch is compiled (EP_FUSED): the update fits in a dispatch block.
+    let fused: Bool
     /// Rows of each rank's receive buffer; the staged transport keeps each row's origin per step.
     let receiveRows: Int
     let transport: GPUTransport
@@ -19,12 +23,14 @@ struct StepWorkspace: Sendable {
         localExperts = config.localExperts
         topK = config.topK
         maxTokens = config.maxTokensPerRank
+        updateWarps = config.algorithm == .lowLatency ? config.llUpdateWarps : 16
+        fused = config.fusesLLUpdate && transport == .direct
     }
 
     /// Threads of a dispatch or combine block (EP_WARPS × 32).
     static let threadsPerBlock = 512
     /// Threads of the update kernel's one block per rank (EP_UPDATE_WARPS, EP_HT_UPDATE_WARPS).
-    var updateThreads: Int { algorithm == .lowLatency ? 256 : 512 }
+    var updateThreads: Int { updateWarps * 32 }
 
     // MARK: the group's words
 
@@ -41,11 +47,14 @@ struct StepWorkspace: Sendable {
     // MARK: a step handle's words, per rank
 
     static let stepOK = 0
+    /// Words every algorithm's handle starts with (H_STEP_OK, H_SEQ, and the fused kernel's
+    /// H_READY, H_TICKET, H_PASSED); H_COMMON.
+    static let commonWords = 5
     /// `[L]` expert counters, `[R]` source counters, `[L][R]`, total; HT adds dropped and `[L]` zone starts.
     var layout: Int {
         switch algorithm {
-        case .lowLatency: 2 + maxTokens * topK + maxTokens * ranks
-        case .highThroughput: 2 + maxTokens * topK + maxTokens + maxTokens * topK + maxTokens * ranks
+        case .lowLatency: Self.commonWords + maxTokens * topK + maxTokens * ranks
+        case .highThroughput: Self.commonWords + maxTokens * topK + maxTokens + maxTokens * topK + maxTokens * ranks
         }
     }
     var layoutWords: Int {
@@ -65,6 +74,7 @@ struct StepWorkspace: Sendable {
             "EP_HOST_WS_COMB_CALLS": "\(Self.combineCalls)", "EP_HOST_WS_COUNTS": "\(counts)", "EP_HOST_WS_WORDS": "\(words)",
             "EP_HOST_H_STEP_OK": "\(Self.stepOK)", "EP_HOST_H_LAYOUT": "\(layout)", "EP_HOST_H_WORDS": "\(handleWords)",
             "EP_HOST_THREADS": "\(Self.threadsPerBlock)", "EP_HOST_UPDATE_THREADS": "\(updateThreads)",
+            "EP_HOST_H_COMMON": "\(Self.commonWords)", "EP_UPDATE_WARPS": "\(updateWarps)", "EP_FUSED": fused ? "1" : "0",
         ]
     }
 }

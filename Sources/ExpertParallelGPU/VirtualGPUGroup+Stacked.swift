@@ -22,25 +22,25 @@ extension VirtualGPUGroup {
             }
         }
         let checked = try CheckedStackedDispatch(call, shapes: engine.shapes, location: location, stepTokens: stepTokens)
-        let ranks = config.ranks
-        if let idx = checked.topkIdx {
-            let routing = (0..<ranks).map { RoutingRows(address: checked.address(.topkIdx, rank: $0), tokens: call.tokens) }
-            try engine.enqueueUpdate(handle, routing: routing, indexBytes: idx.dtype.byteSize, options: options)
+        let sources = { (i: Int) in
+            SendSide(tokens: checked.address(.inputs, rank: i), weights: checked.address(.topkWeights, rank: i),
+                     scales: checked.address(.scales, rank: i), counts: checked.address(.expertCounts, rank: i),
+                     sourceCounts: checked.address(.expertSourceCounts, rank: i))
         }
-        try engine.dispatch(
-            handle,
-            sources: { i in
-                SendSide(tokens: checked.address(.inputs, rank: i), weights: checked.address(.topkWeights, rank: i),
-                         scales: checked.address(.scales, rank: i), counts: checked.address(.expertCounts, rank: i),
-                         sourceCounts: checked.address(.expertSourceCounts, rank: i))
-            },
-            received: { r in
-                ReceiveBuffers(rows: checked.address(.received, rank: r), indices: checked.address(.receivedTopkIdx, rank: r),
-                               weights: checked.address(.receivedTopkWeights, rank: r), scales: checked.address(.receivedScales, rank: r))
-            },
-            receivedIndexBytes: checked.output.topkIdx?.dtype.byteSize ?? 4,
-            vectorBytes: engine.vectorBytes(stacked: [(call.inputs.address, checked.stride(.inputs)), (call.received.address, checked.stride(.received))]),
-            options: options)
+        let received = { (r: Int) in
+            ReceiveBuffers(rows: checked.address(.received, rank: r), indices: checked.address(.receivedTopkIdx, rank: r),
+                           weights: checked.address(.receivedTopkWeights, rank: r), scales: checked.address(.receivedScales, rank: r))
+        }
+        let receivedIndexBytes = checked.output.topkIdx?.dtype.byteSize ?? 4
+        let vectorBytes = engine.vectorBytes(stacked: [(call.inputs.address, checked.stride(.inputs)), (call.received.address, checked.stride(.received))])
+        guard let idx = checked.topkIdx else {
+            try engine.dispatch(handle, sources: sources, received: received, receivedIndexBytes: receivedIndexBytes, vectorBytes: vectorBytes,
+                                options: options)
+            return
+        }
+        let routing = (0..<config.ranks).map { RoutingRows(address: checked.address(.topkIdx, rank: $0), tokens: call.tokens) }
+        try engine.updateAndDispatch(handle, routing: routing, indexBytes: idx.dtype.byteSize, sources: sources, received: received,
+                                     receivedIndexBytes: receivedIndexBytes, vectorBytes: vectorBytes, options: options)
     }
 
     /// The combine of `handle`'s dispatched step: rank r's rows (as many as its routing has) go

@@ -19,10 +19,43 @@ extension VirtualGPUGroup {
     ) throws(EPError) {
         try engine.checkNothingPending()
         let step = try handle.currentStep()
+        try checkDispatch(inputs, outputs, routing: step.routing)
+        try engine.dispatch(handle, sources: { SendSide(inputs[$0], counts: outputs[$0]) }, received: receiveBuffers(outputs),
+                            receivedIndexBytes: outputs[0].topkIdx?.dtype.byteSize ?? 4, vectorBytes: vectorBytes(inputs, outputs), options: options)
+    }
+
+    /// `handle`'s update with `topkIdx` and its dispatch, in one call: where the kernels allow
+    /// (LL, one launch for every rank, `tuning.fusesUpdate`) one launch does both, else the two
+    /// launches of `update` and `dispatch`; the same slots and bits either way. Every argument
+    /// is checked first: a rejected call runs nothing and leaves the step as it was.
+    public func dispatch(
+        _ handle: GPUStepHandle, topkIdx: [TensorRef], _ inputs: [DispatchInput], into outputs: [DispatchOutput],
+        options: CallOptions = CallOptions()
+    ) throws(EPError) {
+        try engine.checkNothingPending()
+        let routing = try engine.checkedRouting(topkIdx)
+        try checkDispatch(inputs, outputs, routing: routing)
+        try engine.updateAndDispatch(
+            handle, routing: routing, indexBytes: topkIdx[0].dtype.byteSize, sources: { SendSide(inputs[$0], counts: outputs[$0]) },
+            received: receiveBuffers(outputs), receivedIndexBytes: outputs[0].topkIdx?.dtype.byteSize ?? 4,
+            vectorBytes: vectorBytes(inputs, outputs), options: options)
+    }
+
+    private func receiveBuffers(_ outputs: [DispatchOutput]) -> (Int) -> ReceiveBuffers {
+        { r in ReceiveBuffers(rows: address(outputs[r].tokens), indices: outputs[r].topkIdx.map(address) ?? 0,
+                              weights: outputs[r].topkWeights.map(address) ?? 0, scales: outputs[r].scales.map(address) ?? 0) }
+    }
+
+    private func vectorBytes(_ inputs: [DispatchInput], _ outputs: [DispatchOutput]) -> Int {
+        engine.vectorBytes(inputs.lazy.map { address($0.tokens) }, outputs.lazy.map { address($0.tokens) })
+    }
+
+    /// A dispatch's per-rank tensors against the step's routing (`routing[r].tokens` rows each).
+    private func checkDispatch(_ inputs: [DispatchInput], _ outputs: [DispatchOutput], routing: [RoutingRows]) throws(EPError) {
         try engine.checkLocalCount(inputs.count, "inputs")
         try engine.checkLocalCount(outputs.count, "outputs")
         for r in 0..<config.ranks {
-            try engine.shapes.validateDispatch(inputs[r], outputs[r], tokens: step.routing[r].tokens, location: location)
+            try engine.shapes.validateDispatch(inputs[r], outputs[r], tokens: routing[r].tokens, location: location)
             try requireAligned(inputs[r].tokens, "inputs[\(r)].tokens", 8)
             try requireAligned(outputs[r].tokens, "outputs[\(r)].tokens", 8)
             try requireAligned(inputs[r].topkWeights, "inputs[\(r)].topkWeights", 4)
@@ -35,13 +68,6 @@ extension VirtualGPUGroup {
                 throw .invalidArgument(field: "outputs[\(r)].topkIdx.dtype", value: "\(idx.dtype)", requirement: "must match rank 0's (\(first.dtype))")
             }
         }
-        try engine.dispatch(
-            handle, sources: { SendSide(inputs[$0], counts: outputs[$0]) },
-            received: { r in ReceiveBuffers(rows: address(outputs[r].tokens), indices: outputs[r].topkIdx.map(address) ?? 0,
-                                            weights: outputs[r].topkWeights.map(address) ?? 0, scales: outputs[r].scales.map(address) ?? 0) },
-            receivedIndexBytes: outputs[0].topkIdx?.dtype.byteSize ?? 4,
-            vectorBytes: engine.vectorBytes(inputs.lazy.map { address($0.tokens) }, outputs.lazy.map { address($0.tokens) }),
-            options: options)
     }
 
     /// Every rank pulls its rows of `handle`'s step back and reduces them in the fixed order of
@@ -71,6 +97,10 @@ extension VirtualGPUGroup {
             vectorBytes: engine.vectorBytes(inputs.lazy.map { address($0.expertOutputs) }, outputs.lazy.map { address($0.tokens) }), options: options)
     }
 
+    /// Whether `dispatch(_:topkIdx:_:into:)` runs update and dispatch as one launch (LL, the
+    /// kernel fits, `tuning.fusesUpdate`) in one launch covering every rank.
+    public var fusesUpdate: Bool { engine.canFuseUpdate(CallOptions()) }
+
     /// Enqueues the second half of the last send-only dispatch or combine.
     public func complete(options: CallOptions) throws(EPError) { try engine.complete(options: options) }
 
@@ -87,6 +117,14 @@ extension VirtualGPUGroup {
         stream: CUDAStream? = nil, mode: LaunchMode = .single
     ) throws(EPError) {
         try dispatch(implicitHandle, inputs, into: outputs, options: .init(stream, phase: phase, mode: mode))
+    }
+
+    /// `update` and `dispatch` of the default handle's step in one call (one launch where the group fuses them).
+    public func dispatch(
+        topkIdx: [TensorRef], _ inputs: [DispatchInput], into outputs: [DispatchOutput], phase: CallPhase = .whole,
+        stream: CUDAStream? = nil, mode: LaunchMode = .single
+    ) throws(EPError) {
+        try dispatch(implicitHandle, topkIdx: topkIdx, inputs, into: outputs, options: .init(stream, phase: phase, mode: mode))
     }
 
     /// `combine` of the default handle's step.

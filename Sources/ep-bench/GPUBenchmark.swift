@@ -50,6 +50,9 @@ struct GPUBenchmark {
         let events = try (0..<(4 * total)).map { _ in try driver.createEvent() }
         defer { for e in events { try? driver.destroy(e) } }
         // Hold the stream while every call is enqueued, so the events time the GPU, not the host.
+        func microseconds(_ from: Int, _ to: Int) throws -> [Double] {
+            try (warmup..<total).map { i in Double(try driver.elapsedMilliseconds(from: events[4 * i + from], to: events[4 * i + to])) * 1000 }
+        }
         try device.delay(group.stream, nanoseconds: 200_000_000)
         for i in 0..<total {
             try driver.record(events[4 * i], on: group.stream)
@@ -61,13 +64,29 @@ struct GPUBenchmark {
             try driver.record(events[4 * i + 3], on: group.stream)
         }
         try group.checkStatus()
-        func microseconds(_ from: Int, _ to: Int) throws -> [Double] {
-            try (warmup..<total).map { i in Double(try driver.elapsedMilliseconds(from: events[4 * i + from], to: events[4 * i + to])) * 1000 }
+        // Read before the events are recorded again below. The step is one reading from before
+        // the update to after the combine, per iteration.
+        let separate = (update: try microseconds(0, 1), dispatch: try microseconds(1, 2), combine: combines ? try microseconds(2, 3) : nil,
+                        step: try microseconds(0, 3))
+        // Where the group fuses them (LL), update and dispatch again as one call, then combine:
+        // the step a stacked call (the Python package's) takes.
+        var fused: (call: [Double], step: [Double])?
+        if group.fusesUpdate {
+            let handle = try group.makeHandle()
+            defer { handle.release() }
+            try device.delay(group.stream, nanoseconds: 200_000_000)
+            for i in 0..<total {
+                try driver.record(events[4 * i], on: group.stream)
+                try group.dispatch(handle, topkIdx: idx.map(\.ref), dispatchIn, into: dispatchOut)
+                try driver.record(events[4 * i + 1], on: group.stream)
+                if combines { try group.combine(handle, combineIn, into: combineOut) }
+                try driver.record(events[4 * i + 2], on: group.stream)
+            }
+            try group.checkStatus()
+            fused = (try microseconds(0, 1), try microseconds(0, 2))
         }
-        // The step is one reading from before the update to after the combine, per iteration.
-        let samples = PhaseSamples(
-            update: try microseconds(0, 1), dispatch: try microseconds(1, 2), combine: combines ? try microseconds(2, 3) : nil,
-            step: try microseconds(0, 3))
+        let samples = PhaseSamples(update: separate.update, dispatch: separate.dispatch, combine: separate.combine,
+                                   step: fused?.step ?? separate.step, updateDispatch: fused?.call)
         var valid = true
         for rank in 0..<r {
             if combines {

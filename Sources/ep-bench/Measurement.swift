@@ -44,6 +44,9 @@ struct PhaseSamples {
     var dispatch: [Double] = []
     var combine: [Double]?
     var step: [Double] = []
+    /// Update and dispatch as one call (LL on the GPU: one fused launch), where the group fuses
+    /// them; `step` is then that call + combine.
+    var updateDispatch: [Double]?
 }
 
 /// One case's result, as printed and as written by `--json`.
@@ -66,6 +69,9 @@ struct Measurement: Codable, Sendable {
     var iterations: Int
     var update: PhaseStats
     var dispatch: PhaseStats
+    /// Update and dispatch in one call (one launch: the LL update inside the dispatch kernel);
+    /// null where the group runs them as two launches. The step then reads this call + combine.
+    @AlwaysEncoded var updateDispatch: PhaseStats? = nil
     /// Absent where the element type has no combine (u8); `combineSkipped` says why.
     var combine: PhaseStats?
     var combineSkipped: String?
@@ -117,6 +123,7 @@ struct Measurement: Codable, Sendable {
         iterations = samples.step.count
         update = PhaseStats(samples.update)
         dispatch = stats(samples.dispatch, [dispatchBytes])
+        updateDispatch = samples.updateDispatch.map { stats($0, [dispatchBytes]) }
         combine = samples.combine.map { stats($0, [combineBytes]) }
         combineSkipped = samples.combine == nil ? Self.combineSkippedNote : nil
         // The step's floor is the dispatch floor plus the combine floor (the mirror image).

@@ -7,7 +7,8 @@ enum Table {
 
     static let legend = """
         step: update + dispatch + combine read as one sequence per iteration (its median, not the sum of the \
-        phases' medians); its floor is the dispatch floor plus the combine floor.
+        phases' medians); its floor is the dispatch floor plus the combine floor. upd+disp: update and dispatch \
+        in one call, one launch (LL on the GPU); where it is shown, the step is that call + combine.
         """
 
     static func render(_ results: [Measurement]) -> String {
@@ -19,6 +20,9 @@ enum Table {
             let valid = m.validated ? "yes" : "NO"
             rows.append(lead + ["update"] + timings(m.update) + ["", "", "", "", ""])
             rows.append(lead + ["dispatch"] + timings(m.dispatch) + floors(m.dispatch) + [valid, ""])
+            if let fused = m.updateDispatch {
+                rows.append(lead + ["upd+disp"] + timings(fused) + floors(fused) + [valid, "one launch"])
+            }
             if let combine = m.combine {
                 rows.append(lead + ["combine"] + timings(combine) + floors(combine) + [valid, ""])
             } else {

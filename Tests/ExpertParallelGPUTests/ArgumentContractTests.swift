@@ -27,7 +27,8 @@ struct ArgumentContractTests {
         Mismatch(define: "EP_HOST_WS_COUNTS", value: "11", message: "WS_COUNTS differs from the host's"),
         Mismatch(define: "EP_HOST_H_LAYOUT", value: "3", message: "LL H_LAYOUT differs from the host's"),
         Mismatch(define: "EP_HOST_THREADS", value: "256", message: "dispatch/combine threads per block differ from the host's"),
-        Mismatch(define: "EP_HOST_UPDATE_THREADS", value: "512", message: "LL update threads differ from the host's"),
+        Mismatch(define: "EP_HOST_UPDATE_THREADS", value: "128", message: "LL update threads differ from the host's"),
+        Mismatch(define: "EP_HOST_H_COMMON", value: "2", message: "H_COMMON differs from the host's"),
     ]
 
     func compile(_ config: GroupConfig, _ change: [String: String] = [:]) throws -> CompiledKernel {

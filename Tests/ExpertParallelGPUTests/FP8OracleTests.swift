@@ -45,7 +45,7 @@ struct FP8OracleTests {
                     let inputs = StepInputs(fp8: config, tokens: tokens, seed: random.next(), minusOneRate: step % 3 == 0 ? 0.3 : 0.05)
                     try stepMatchesTheOracle(group, inputs, tokens, "\(mode) \(source) \(element) \(layout) R=\(r) step \(step)",
                                              direction: step % 4 == 3 ? .backward : .forward, mode: launch,
-                                             phase: step % 7 == 6 ? .sendOnly : .whole)
+                                             phase: step % 7 == 6 ? .sendOnly : .whole, fused: step % 2 == 1)
                     routings += 1
                 }
             }

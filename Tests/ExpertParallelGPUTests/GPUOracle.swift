@@ -186,14 +186,21 @@ final class GPUStep: @unchecked Sendable {
         for t in received + combined + (receivedIdx + receivedWeights + gradsOut + receivedScales).compactMap({ $0 }) { try t.fill(byte: 0xA5) }
     }
 
-    func enqueue(_ group: VirtualGPUGroup, direction: PassDirection = .forward, mode: LaunchMode = .single, phase: CallPhase = .whole) throws {
-        try group.update(topkIdx: idx.map(\.ref), mode: mode)
-        try group.dispatch((0..<config.ranks).map { DispatchInput(tokens: x[$0].ref, topkWeights: w[$0].ref, scales: scalesIn[$0]?.ref) },
-                           into: (0..<config.ranks).map {
-                               DispatchOutput(tokens: received[$0].ref, topkIdx: receivedIdx[$0]?.ref, topkWeights: receivedWeights[$0]?.ref,
-                                              scales: receivedScales[$0]?.ref)
-                           },
-                           phase: phase, mode: mode)
+    /// One step: update, dispatch, combine. `fused`: update and dispatch in one call (LL: one
+    /// launch of the fused kernel where the group fuses them).
+    func enqueue(
+        _ group: VirtualGPUGroup, direction: PassDirection = .forward, mode: LaunchMode = .single, phase: CallPhase = .whole, fused: Bool = false
+    ) throws {
+        let sources = (0..<config.ranks).map { DispatchInput(tokens: x[$0].ref, topkWeights: w[$0].ref, scales: scalesIn[$0]?.ref) }
+        let targets = (0..<config.ranks).map {
+            DispatchOutput(tokens: received[$0].ref, topkIdx: receivedIdx[$0]?.ref, topkWeights: receivedWeights[$0]?.ref, scales: receivedScales[$0]?.ref)
+        }
+        if fused {
+            try group.dispatch(topkIdx: idx.map(\.ref), sources, into: targets, phase: phase, mode: mode)
+        } else {
+            try group.update(topkIdx: idx.map(\.ref), mode: mode)
+            try group.dispatch(sources, into: targets, phase: phase, mode: mode)
+        }
         if phase == .sendOnly { try group.complete() }
         let grads = config.carriesWeightGradients(direction)
         let inputs = (0..<config.ranks).map { r in

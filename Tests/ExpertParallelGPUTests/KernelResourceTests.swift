@@ -21,6 +21,9 @@ struct KernelResourceTests {
 
     static let cases: [Case] = [
         Case(config: llStandard, kernel: "ep_ll_dispatch", maximumSpill: 0),
+        // The update inside the dispatch's 512-thread block (64 registers a thread).
+        Case(config: llStandard, kernel: "ep_ll_update_dispatch", maximumSpill: 0),
+        Case(config: fp8(llStandard, .ue8m0Block128), kernel: "ep_ll_update_dispatch", maximumSpill: 0),
         Case(config: llStandard, kernel: "ep_ll_combine", maximumSpill: 64),
         Case(config: htStandard, kernel: "ep_ht_dispatch", maximumSpill: 0),
         Case(config: htStandard, kernel: "ep_ht_combine", maximumSpill: 32),

@@ -25,8 +25,9 @@ struct LLOracleTests {
                 var random = RandomRouting(seed: UInt64(1000 * i + step))
                 let tokens = (0..<s.ranks).map { _ in Int(random.next() % UInt64(s.maxTokens + 1)) }
                 let inputs = StepInputs(config: config, tokens: tokens, seed: UInt64(7 * i + step), minusOneRate: step % 3 == 0 ? 0.3 : 0.05)
+                // Odd steps: update and dispatch in one call (the fused kernel where one launch covers the ranks).
                 try stepMatchesTheOracle(group, inputs, tokens, "\(layout) shape \(i) step \(step)",
-                                         direction: step % 4 == 3 ? .backward : .forward, mode: mode)
+                                         direction: step % 4 == 3 ? .backward : .forward, mode: mode, fused: step % 2 == 1)
                 cases += 1
             }
         }
@@ -47,6 +48,7 @@ struct LLOracleTests {
         for (seed, (label, tokens, minusOne, one)) in cases.enumerated() {
             let inputs = StepInputs(config: config, tokens: tokens, seed: UInt64(seed), minusOneRate: minusOne, oneExpert: one)
             try stepMatchesTheOracle(group, inputs, tokens, label)
+            try stepMatchesTheOracle(group, inputs, tokens, "\(label), fused", fused: true)
         }
     }
 
@@ -59,6 +61,7 @@ struct LLOracleTests {
             let tokens = Array(repeating: 77, count: 6)
             let inputs = StepInputs(config: config, tokens: tokens, seed: 77, minusOneRate: 0)
             try stepMatchesTheOracle(group, inputs, tokens, "odd \(layout)")
+            try stepMatchesTheOracle(group, inputs, tokens, "odd \(layout), fused", fused: true)
         }
     }
 
@@ -82,6 +85,14 @@ struct LLOracleTests {
         try buffers.poison()
         try buffers.enqueue(group)
         expectMatch(try buffers.results(group), try oracleStep(config, inputs), "after clean")
+        // The same with update and dispatch in one launch.
+        try group.deactivate(rank: 1)
+        try buffers.poison()
+        try buffers.enqueue(group, fused: true)
+        let fused = try buffers.results(group)
+        expectMatch(fused, try oracleStep(config, inputs, masked: [1]), "rank 1 masked, fused")
+        #expect(fused[1].received.allSatisfy { $0 == 0xA5 }, "the masked rank received nothing (fused)")
+        try group.clean(ranks: .all(4))
     }
 
     @Test func invalidRoutingOnTheDeviceIsReportedAndWritesNothing() throws {
@@ -91,12 +102,13 @@ struct LLOracleTests {
         let tokens = [4, 4]
         var inputs = StepInputs(config: config, tokens: tokens, seed: 9, minusOneRate: 0)
         let buffers = try GPUStep(config, device, tokens: tokens)
-        for (bad, expected) in [(Int32(8), "topkIdx[rank 1][2][1]"), (Int32(-2), "topkIdx[rank 1][2][1]")] {
+        for (bad, expected, fused) in [(Int32(8), "topkIdx[rank 1][2][1]", false), (Int32(-2), "topkIdx[rank 1][2][1]", false),
+                                       (Int32(9), "topkIdx[rank 1][2][1]", true)] {
             var broken = inputs
             broken.routing[1][2 * 2 + 1] = bad
             try buffers.upload(broken)
             try buffers.poison()
-            try buffers.enqueue(group)
+            try buffers.enqueue(group, fused: fused)
             #expect { try group.checkStatus() } throws: { error in
                 "\(error)".contains(expected) || "\(error)".contains("rejected")
             }
@@ -107,11 +119,13 @@ struct LLOracleTests {
         }
         inputs.routing[0][1] = inputs.routing[0][0]   // token 0 names one expert twice
         try buffers.upload(inputs)
-        try buffers.poison()
-        try buffers.enqueue(group)
-        // The device reports the expert too, as the host backend does.
-        #expect(throws: EPError.repeatedExpert(token: 0, firstColumn: 0, secondColumn: 1, expert: Int(inputs.routing[0][0])))
-            { try group.checkStatus() }
+        for fused in [false, true] {
+            try buffers.poison()
+            try buffers.enqueue(group, fused: fused)
+            // The device reports the expert too, as the host backend does.
+            #expect(throws: EPError.repeatedExpert(token: 0, firstColumn: 0, secondColumn: 1, expert: Int(inputs.routing[0][0])))
+                { try group.checkStatus() }
+        }
         let good = StepInputs(config: config, tokens: tokens, seed: 10)
         try buffers.upload(good)
         try buffers.poison()
@@ -129,7 +143,8 @@ struct LLOracleTests {
             for step in 0..<10 {
                 let tokens = [12, 7, 0, 12].map { ($0 + step) % 13 }
                 let inputs = StepInputs(config: config, tokens: tokens, seed: UInt64(300 + step))
-                try stepMatchesTheOracle(group, inputs, tokens, "\(layout) \(mode) send-only step \(step)", mode: mode, phase: .sendOnly)
+                try stepMatchesTheOracle(group, inputs, tokens, "\(layout) \(mode) send-only step \(step)", mode: mode, phase: .sendOnly,
+                                         fused: step % 2 == 1)
             }
         }
     }
@@ -173,13 +188,35 @@ struct LLOracleTests {
         let config = GroupConfig(algorithm: .lowLatency, ranks: 4, experts: 32, topK: 4, hidden: 256, elementType: .bf16, maxTokensPerRank: 16)
         try graphReplaysMatchTheOracle(config, tokens: [16, 11, 16, 3], firstSeed: 500) { _ in 0 }
     }
+
+    /// The fused update + dispatch captured in a graph: its launch words (ticket, ready flags)
+    /// reset themselves, so every replay runs the update before its rows move.
+    @Test func capturedFusedStepReplaysWithNewRouting() throws {
+        for layout in [Layout.expertMajor, .rankMajor] {
+            let config = GroupConfig(algorithm: .lowLatency, ranks: 8, experts: 64, topK: 6, hidden: 512, elementType: .bf16,
+                                     maxTokensPerRank: 32, layout: layout)
+            try graphReplaysMatchTheOracle(config, tokens: [32, 1, 0, 32, 17, 32, 5, 32], firstSeed: 900, fused: true) { $0 % 3 == 0 ? 1 : 0 }
+        }
+    }
+
+    /// One rank: the update block and the dispatch blocks of one launch, nothing to exchange.
+    @Test func oneRankFusedStepsMatchTheOracle() throws {
+        let device = try #require(sharedDevice)
+        let config = GroupConfig(algorithm: .lowLatency, ranks: 1, experts: 256, topK: 8, hidden: 7168, elementType: .bf16, maxTokensPerRank: 128)
+        let group = try VirtualGPUGroup(config, device: device)
+        #expect(group.fusesUpdate)
+        for (step, b) in [128, 1, 0, 77, 128].enumerated() {
+            let inputs = StepInputs(config: config, tokens: [b], seed: UInt64(40 + step), minusOneRate: step == 3 ? 0.2 : 0)
+            try stepMatchesTheOracle(group, inputs, [b], "one rank, B = \(b)", fused: true)
+        }
+    }
 }
 
 /// Captures update + dispatch + combine for all ranks in one CUDA graph, then replays it 100
 /// times with new routing (and tokens) written into the same buffers, against the oracle each time.
 func graphReplaysMatchTheOracle(
     _ config: GroupConfig, tokens: [Int], firstSeed: UInt64, replays: Int = 100, captureMode: StreamCaptureMode = .threadLocal,
-    skew: (Int) -> Double
+    fused: Bool = false, skew: (Int) -> Double
 ) throws {
     let device = try #require(sharedDevice)
     let group = try VirtualGPUGroup(config, device: device)
@@ -187,7 +224,7 @@ func graphReplaysMatchTheOracle(
     try buffers.upload(StepInputs(config: config, tokens: tokens, seed: 0))
     let driver = device.driver
     try driver.beginCapture(on: group.stream, mode: captureMode)
-    try buffers.enqueue(group)
+    try buffers.enqueue(group, fused: fused)
     let graph = try driver.endCapture(on: group.stream)
     let exec = try driver.instantiate(graph)
     defer { try? driver.destroy(exec); try? driver.destroy(graph) }
@@ -203,12 +240,12 @@ func graphReplaysMatchTheOracle(
 /// Runs one step of `inputs` on the GPU (outputs poisoned first) and compares it with the oracle.
 func stepMatchesTheOracle(
     _ group: VirtualGPUGroup, _ inputs: StepInputs, _ tokens: [Int], _ label: String,
-    direction: PassDirection = .forward, mode: LaunchMode = .single, phase: CallPhase = .whole
+    direction: PassDirection = .forward, mode: LaunchMode = .single, phase: CallPhase = .whole, fused: Bool = false
 ) throws {
     let buffers = try GPUStep(group.config, group.device, tokens: tokens)
     try buffers.upload(inputs)
     try buffers.poison()
-    try buffers.enqueue(group, direction: direction, mode: mode, phase: phase)
+    try buffers.enqueue(group, direction: direction, mode: mode, phase: phase, fused: fused)
     expectMatch(try buffers.results(group, direction: direction), try oracleStep(group.config, inputs, direction: direction), label)
 }
 

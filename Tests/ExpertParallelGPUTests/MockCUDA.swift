@@ -36,6 +36,9 @@ enum MockCUDA {
         /// `launchedParameters` (the step kernels' one parameter is the argument block).
         var captureParameterBytes = 0
         private(set) var launchedParameters: [[UInt8]] = []
+        /// The name of each launched kernel (cuModuleGetFunction gives each name its own handle).
+        private(set) var launchedKernels: [String] = []
+        private var functionNames: [UInt: String] = [:]
         /// What nvrtcCompileProgram returns (6: NVRTC_ERROR_COMPILATION).
         var compileResult: Int32 = 0
         /// The n-th ncclMemAlloc (1-based) fails with ncclUnhandledCudaError.
@@ -66,6 +69,8 @@ enum MockCUDA {
                 s.launchResult = 0
                 s.captureParameterBytes = 0
                 s.launchedParameters = []
+                s.launchedKernels = []
+                s.functionNames = [:]
                 s.compileResult = 0
                 s.failNCCLAllocation = nil
                 s.windowRegisterResult = 0
@@ -132,9 +137,19 @@ enum MockCUDA {
             locked { s in s[keyPath: s.handles(kind)].remove(UInt(bitPattern: handle)) != nil ? 0 : 400 }   // CUDA_ERROR_INVALID_HANDLE
         }
 
-        fileprivate func launch(_ parameters: UnsafeMutablePointer<UnsafeMutableRawPointer?>? = nil) -> Int32 {
+        fileprivate func function(named name: String) -> OpaquePointer? {
+            locked { s in
+                if let (handle, _) = s.functionNames.first(where: { $0.value == name }) { return OpaquePointer(bitPattern: handle) }
+                let h = s.handle()
+                s.functionNames[h] = name
+                return OpaquePointer(bitPattern: h)
+            }
+        }
+
+        fileprivate func launch(_ function: OpaquePointer?, _ parameters: UnsafeMutablePointer<UnsafeMutableRawPointer?>? = nil) -> Int32 {
             locked { s in
                 s.launches += 1
+                s.launchedKernels.append(s.functionNames[UInt(bitPattern: function)] ?? "?")
                 if s.captureParameterBytes > 0, let first = parameters?.pointee {
                     s.launchedParameters.append(Array(UnsafeRawBufferPointer(start: first, count: s.captureParameterBytes)))
                 }
@@ -286,11 +301,14 @@ enum MockCUDA {
 
         t["cuModuleLoadData"] = symbol({ out, _ in out?.pointee = MockCUDA.state.create(.module); return 0 } as @convention(c) (HandleOut, UnsafeRawPointer?) -> Int32)
         t["cuModuleUnload"] = symbol({ MockCUDA.state.destroy(.module, $0) } as @convention(c) (OpaquePointer?) -> Int32)
-        t["cuModuleGetFunction"] = symbol({ out, _, _ in out?.pointee = OpaquePointer(bitPattern: 0xF0_0000); return 0 } as @convention(c) (HandleOut, OpaquePointer?, UnsafePointer<CChar>?) -> Int32)
+        t["cuModuleGetFunction"] = symbol({ out, _, name in
+            out?.pointee = MockCUDA.state.function(named: name.map { String(cString: $0) } ?? "")
+            return 0
+        } as @convention(c) (HandleOut, OpaquePointer?, UnsafePointer<CChar>?) -> Int32)
         t["cuModuleGetGlobal_v2"] = symbol({ _, _, _, _ in 500 } as @convention(c) (UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<Int>?, OpaquePointer?, UnsafePointer<CChar>?) -> Int32)
         t["cuFuncSetAttribute"] = symbol({ _, _, _ in 0 } as @convention(c) (OpaquePointer?, Int32, Int32) -> Int32)
         t["cuFuncGetAttribute"] = symbol({ out, _, _ in out?.pointee = 64; return 0 } as @convention(c) (UnsafeMutablePointer<Int32>?, Int32, OpaquePointer?) -> Int32)
-        t["cuLaunchKernel"] = symbol({ _, _, _, _, _, _, _, _, _, parameters, _ in MockCUDA.state.launch(parameters) } as @convention(c) (
+        t["cuLaunchKernel"] = symbol({ function, _, _, _, _, _, _, _, _, parameters, _ in MockCUDA.state.launch(function, parameters) } as @convention(c) (
             OpaquePointer?, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, OpaquePointer?,
             UnsafeMutablePointer<UnsafeMutableRawPointer?>?, UnsafeMutablePointer<UnsafeMutableRawPointer?>?
         ) -> Int32)
@@ -300,7 +318,7 @@ enum MockCUDA {
         t["cuThreadExchangeStreamCaptureMode"] = symbol({ _ in 0 } as @convention(c) (UnsafeMutablePointer<Int32>?) -> Int32)
         t["cuStreamEndCapture"] = symbol({ _, out in out?.pointee = OpaquePointer(bitPattern: 0x6_0000); return 0 } as @convention(c) (OpaquePointer?, HandleOut) -> Int32)
         t["cuGraphInstantiateWithFlags"] = symbol({ out, _, _ in out?.pointee = OpaquePointer(bitPattern: 0x7_0000); return 0 } as @convention(c) (HandleOut, OpaquePointer?, UInt64) -> Int32)
-        t["cuGraphLaunch"] = symbol({ _, _ in MockCUDA.state.launch() } as @convention(c) (OpaquePointer?, OpaquePointer?) -> Int32)
+        t["cuGraphLaunch"] = symbol({ _, _ in MockCUDA.state.launch(nil) } as @convention(c) (OpaquePointer?, OpaquePointer?) -> Int32)
         t["cuGraphExecDestroy"] = symbol({ _ in 0 } as @convention(c) (OpaquePointer?) -> Int32)
         t["cuGraphDestroy"] = symbol({ _ in 0 } as @convention(c) (OpaquePointer?) -> Int32)
         return t

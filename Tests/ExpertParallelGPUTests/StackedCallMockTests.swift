@@ -108,8 +108,9 @@ struct StackedCallMockTests {
             let weighted = a.combineWeights
             let ht = config.algorithm == .highThroughput
             let perRank = try Self.launched(mock) {
-                try group.update(handle, topkIdx: (0..<r).map { a.part("idx", $0)! })
-                try group.dispatch(handle, (0..<r).map(a.dispatchInput), into: (0..<r).map(a.dispatchOutput))
+                // Update and dispatch in one call, as the stacked dispatch (LL: one fused launch).
+                try group.dispatch(handle, topkIdx: (0..<r).map { a.part("idx", $0)! }, (0..<r).map(a.dispatchInput),
+                                   into: (0..<r).map(a.dispatchOutput))
                 try group.combine(handle, (0..<r).map { i in CombineInput(expertOutputs: a.part("y", i)!, topkWeights: weighted.flatMap { a.part($0, i) }) },
                                   into: (0..<r).map { CombineOutput(tokens: a.part("out", $0)!) })
                 try group.dispatch(handle, (0..<r).map(a.dispatchInput), into: (0..<r).map(a.dispatchOutput), direction: .backward)
@@ -130,7 +131,7 @@ struct StackedCallMockTests {
                                       direction: .backward)
                 }
             }
-            #expect(perRank.count == (ht ? 5 : 4), "\(name)")
+            #expect(perRank.count == (ht ? 5 : 3), "\(name)")
             #expect(stacked.count == perRank.count, "\(name)")
             for (i, (expected, got)) in zip(perRank, stacked).enumerated() {
                 // The 8-byte words that differ, as (rank, field) of the block.
@@ -140,6 +141,46 @@ struct StackedCallMockTests {
                 #expect(fields.isEmpty, "\(name): launch \(i)'s argument block differs at \(fields)")
             }
             handle.release()
+        }
+    }
+
+    /// LL: update + dispatch in one call is one launch of the fused kernel, with the argument
+    /// block the separate dispatch launches (the update reads nothing else); with
+    /// `tuning.fusesUpdate` off, or per-rank launches, it is the two separate launches.
+    @Test(arguments: [0, 1, 4])
+    func updateAndDispatchIsOneLaunchWithTheDispatchsArguments(_ index: Int) throws {
+        let (name, config) = Self.cases[index]
+        try MockCUDA.run { mock in
+            let device = try MockCUDA.device()
+            let b = config.maxTokensPerRank - 1, r = config.ranks
+            let a = try Arrays(config, tokens: b, device: device)
+            func steps(_ group: VirtualGPUGroup, mode: LaunchMode = .single) throws -> (fused: [[UInt8]], separate: [[UInt8]], kernels: [String]) {
+                mock.captureParameterBytes = StepArguments.rankBytes * config.ranks + LaunchField.allCases.count * 8
+                let handle = try group.makeHandle()
+                defer { handle.release() }
+                let idx = (0..<r).map { a.part("idx", $0)! }
+                let first = mock.launchedKernels.count
+                let fused = try Self.launched(mock) {
+                    try group.dispatch(handle, topkIdx: idx, (0..<r).map(a.dispatchInput), into: (0..<r).map(a.dispatchOutput),
+                                       options: .init(nil, mode: mode))
+                }
+                let kernels = Array(mock.launchedKernels[first...])
+                let separate = try Self.launched(mock) {
+                    try group.update(handle, topkIdx: idx, options: .init(nil, mode: mode))
+                    try group.dispatch(handle, (0..<r).map(a.dispatchInput), into: (0..<r).map(a.dispatchOutput), options: .init(nil, mode: mode))
+                }
+                return (fused, separate, kernels)
+            }
+            let fusing = try steps(VirtualGPUGroup(config, device: device))
+            #expect(fusing.kernels == ["ep_ll_update_dispatch"], "\(name)")
+            #expect(fusing.separate.count == 2)
+            #expect(fusing.fused == [fusing.separate[1]], "\(name): the fused launch's argument block is the dispatch's")
+
+            let off = try steps(VirtualGPUGroup(config, device: device, tuning: GPUTuning(fusesUpdate: false)))
+            #expect(off.kernels == ["ep_ll_update", "ep_ll_dispatch"], "\(name)")
+            #expect(off.fused == off.separate)
+            let perRankLaunches = try steps(VirtualGPUGroup(config, device: device), mode: .perRank)
+            #expect(perRankLaunches.kernels == Array(repeating: "ep_ll_update", count: r) + Array(repeating: "ep_ll_dispatch", count: r), "\(name)")
         }
     }
 
@@ -182,7 +223,7 @@ struct StackedCallMockTests {
                 try backend.group.dispatch(backend.handle, stacked: a.stackedDispatch(tokens: b, routing: true))
                 try backend.group.combine(backend.handle, stacked: StackedCombine(expertOutputs: a.stacked["y"]!, combined: a.stacked["out"]!))
             }
-            #expect(viaC.count == 3)
+            #expect(viaC.count == 2)   // the fused update + dispatch, the combine
             #expect(viaC == direct)
 
             // Refused, each naming its field and bound, and launching nothing.

@@ -21,7 +21,7 @@
 // HT workspace words after the shared ones, and a step's handle (StepWorkspace.swift mirrors both).
 #define WS_KEPT (WS_COUNTS + 2 * EP_R * (EP_E + EP_R))      // [2][R][E + R] kept counts (drop)
 #define WS_WORDS (WS_KEPT + 2 * EP_R * (EP_E + EP_R))
-#define H_ROUTING 2                                         // [BMAX][K] expert after masking, or -1
+#define H_ROUTING H_COMMON                                         // [BMAX][K] expert after masking, or -1
 #define H_DEST (H_ROUTING + EP_BMAX * EP_K)                 // [BMAX] bit d: the token goes to rank d
 #define H_SEL_ROW (H_DEST + EP_BMAX)                        // [BMAX][K] slot of each selection (expert-major)
 #define H_PAIR_ROW (H_SEL_ROW + EP_BMAX * EP_K)             // [BMAX][R] row of each (token, rank), or -1
@@ -279,7 +279,7 @@ ep_ht_update(const EpArgs args) {
     if (threadIdx.x == 0) kept_timeout = 0;
     __syncthreads();
     if (threadIdx.x < EP_R && ep_active(gathered, threadIdx.x)) {
-        if (!ep_wait_flag_sys(ws + WS_COUNT_FLAG + threadIdx.x, seq * 4 + 2, args.timeout_ns)) {
+        if (!ep_wait(args, ws, WS_COUNT_FLAG + threadIdx.x, seq * 4 + 2)) {
             ep_timeout(args, ws, threadIdx.x);
             kept_timeout = 1;
         }

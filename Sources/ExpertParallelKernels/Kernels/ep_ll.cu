@@ -5,14 +5,19 @@
 //
 // A step is three kernels: ep_ll_update (routing → slots, with the all-gather of counts),
 // ep_ll_dispatch (each row written once, straight into its final slot on the destination)
-// and ep_ll_combine (each source pulls its rows back and reduces them in a fixed order).
-// Slots follow the CPU oracle (RoutingPlan) exactly, so outputs match it bit for bit.
+// and ep_ll_combine (each source pulls its rows back and reduces them in a fixed order); or
+// two, ep_ll_update_dispatch doing the first two in one launch (one block per rank updates
+// while the rank's other blocks wait for it). Slots follow the CPU oracle (RoutingPlan)
+// exactly, so outputs match it bit for bit.
 
 #ifndef EP_RANK_MAJOR
 #define EP_RANK_MAJOR 0   // 0 expert-major, 1 rank-major
 #endif
 #ifndef EP_UPDATE_WARPS
 #define EP_UPDATE_WARPS 8
+#endif
+#ifndef EP_FUSED
+#define EP_FUSED 0        // 1: compile ep_ll_update_dispatch (the host checked that its shared memory fits)
 #endif
 #define EP_UPDATE_LOADS 4   // routing entries each update thread loads at once
 
@@ -24,7 +29,7 @@ EP_DEVICE int ep_ll_position(int packed) { return packed >> 11; }
 
 // LL workspace: the shared words only. A step's handle (StepWorkspace.swift mirrors both):
 #define WS_WORDS (WS_COUNTS + 2 * EP_R * (EP_E + EP_R))
-#define H_SEL_ROW 2                                        // [BMAX][K] row of each selection
+#define H_SEL_ROW H_COMMON                                 // [BMAX][K] row of each selection
 #define H_PAIR_ROW (H_SEL_ROW + EP_BMAX * EP_K)            // [BMAX][R] row of each (token, rank)
 #define H_LAYOUT (H_PAIR_ROW + EP_BMAX * EP_R)             // [L] experts, [R] sources, [L][R], total
 #define H_ORIGIN (H_LAYOUT + EP_L + EP_R + EP_L * EP_R + 1)  // staged: [rows] origin of each received row
@@ -38,10 +43,10 @@ EP_CHECK_ALGORITHM_CONTRACT("LL", EP_UPDATE_WARPS, EP_LL_ROWS)
 // ------------------------------------------------------------------------------------------
 // Update: one block per rank. Counts this rank's selections per expert and tokens per rank,
 // all-gathers them, and fixes every selection's (expert-major) or pair's (rank-major) row.
+// The block may have more than EP_UPDATE_WARPS warps (the fused kernel's 16): the others take
+// part in the block-wide loops only. Every thread returns at the same point.
 
-extern "C" __global__ void __launch_bounds__(EP_UPDATE_WARPS * 32, 1)
-ep_ll_update(const EpArgs args) {
-    const int rank = static_cast<int>(blockIdx.y + args.first_rank);
+EP_DEVICE void ep_ll_update_rank(const EpArgs& args, int rank) {
     ep_u32* ws = ep_ws(args, rank);
     ep_u32* hs = ep_hs(args, rank);
     const int tokens = static_cast<int>(args.rank[rank].tokens);
@@ -215,12 +220,16 @@ ep_ll_update(const EpArgs args) {
     }
 }
 
+extern "C" __global__ void __launch_bounds__(EP_UPDATE_WARPS * 32, 1)
+ep_ll_update(const EpArgs args) {
+    ep_ll_update_rank(args, static_cast<int>(blockIdx.y + args.first_rank));
+}
+
 // ------------------------------------------------------------------------------------------
 // Dispatch: a warp per token; the row is read once and written to each of its slots.
 
-extern "C" __global__ void __launch_bounds__(512, 2)
-ep_ll_dispatch(const EpArgs args) {
-    const int rank = static_cast<int>(blockIdx.y + args.first_rank);
+// One block's share of rank `rank`'s dispatch (`block`: which of the rank's blocks it is).
+EP_DEVICE void ep_ll_dispatch_rank(const EpArgs& args, int rank, EpBlock block) {
     ep_u32* ws = ep_ws(args, rank);
     const ep_u32* hs = ep_hs(args, rank);
     // Three independent loads issued together, before the first branch uses any of them.
@@ -230,7 +239,7 @@ ep_ll_dispatch(const EpArgs args) {
     const bool signal = args.sync & EP_SYNC_SIGNAL;
     // A rank that takes no part still counts a call that publishes flags, so call numbers agree.
     const bool moving = ep_active(mask, rank) && step_ok != 0;
-    ep_write_counts(args, rank, hs + H_LAYOUT, moving);
+    ep_write_counts(args, rank, hs + H_LAYOUT, moving, block);
     if (!moving && !signal) return;
     const int tokens = static_cast<int>(args.rank[rank].tokens);
     const int lane = threadIdx.x % 32;
@@ -241,7 +250,7 @@ ep_ll_dispatch(const EpArgs args) {
     const int slices = static_cast<int>(args.slices);
     const int per_slice = (EP_WIRE_UNITS + slices - 1) / slices;
     const int items = (args.sync & EP_SYNC_NO_DATA) || !moving ? 0 : tokens * slices;
-    for (int item = blockIdx.x * warps + threadIdx.x / 32; item < items; item += gridDim.x * warps) {
+    for (int item = block.index * warps + threadIdx.x / 32; item < items; item += block.count * warps) {
         const int t = item / slices, piece = item % slices;
         const int first = piece * per_slice, last = min(EP_WIRE_UNITS, first + per_slice);
 #if EP_RANK_MAJOR
@@ -288,8 +297,63 @@ ep_ll_dispatch(const EpArgs args) {
         __syncwarp();   // every lane is done with this item's table before the next overwrites it
     }
     ep_arrive_and_wait(args, rank, mask, WS_DISP_BLOCKS, WS_DISP_CALLS, WS_DISP_DONE, seq, signal, signal, moving,
-                       moving && (args.sync & EP_SYNC_WAIT));
+                       moving && (args.sync & EP_SYNC_WAIT), block);
 }
+
+extern "C" __global__ void __launch_bounds__(512, 2)
+ep_ll_dispatch(const EpArgs args) {
+    ep_ll_dispatch_rank(args, static_cast<int>(blockIdx.y + args.first_rank), ep_grid_block());
+}
+
+#if EP_TRANSPORT == 0 && EP_FUSED
+// Update and dispatch in one launch covering every local rank (gridDim.y ranks of gridDim.x
+// blocks each). Blocks take their place by arrival, not by blockIdx: the first gridDim.y blocks
+// to start are the ranks' update blocks, so a waiting block never waits for a block that has not
+// started (the update blocks, which wait for each other's counts, are all running). The rank's
+// other blocks wait for its update block, then every block dispatches its share. The last block
+// past the wait resets the launch's words for the next launch (which the stream orders after).
+extern "C" __global__ void __launch_bounds__(512, 2)
+ep_ll_update_dispatch(const EpArgs args) {
+    __shared__ int place;
+    ep_u32* launch = ep_hs(args, static_cast<int>(args.first_rank));
+    const int ranks = static_cast<int>(gridDim.y);
+    if (threadIdx.x == 0) place = static_cast<int>(atomicAdd(launch + H_TICKET, 1u));
+    __syncthreads();
+    const int rank = static_cast<int>(args.first_rank) + place % ranks;
+    const EpBlock block = {place / ranks, static_cast<int>(gridDim.x)};
+    ep_u32* hs = ep_hs(args, rank);
+    if (block.index == 0) {
+        ep_ll_update_rank(args, rank);
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            __threadfence();
+            ep_store_release_gpu(hs + H_READY, 1u);
+        }
+    } else if (threadIdx.x == 0) {
+        // The update block is running; it waits at most the timeout for its peers' counts.
+        if (!ep_wait_flag_gpu(hs + H_READY, 1u, 2 * args.timeout_ns + 1000000000ull)) {
+            ep_set_status(ep_ws(args, rank), EP_STATUS_TIMEOUT, static_cast<ep_u32>(rank), 0, 0);
+            place = -1;
+        }
+        __threadfence();
+    }
+    __syncthreads();
+    const bool ready = place >= 0;
+    if (threadIdx.x == 0 && atomicAdd(launch + H_PASSED, 1u) == gridDim.x * gridDim.y - 1) {
+        for (int r = 0; r < ranks; ++r) ep_hs(args, static_cast<int>(args.first_rank) + r)[H_READY] = 0u;
+        launch[H_TICKET] = 0u;
+        launch[H_PASSED] = 0u;
+    }
+    if (ready) {
+        ep_ll_dispatch_rank(args, rank, block);
+    } else {
+        // Moves nothing, but still counts as one of the rank's blocks of a call that publishes flags.
+        const ep_u32 seq = ep_call_number(ep_ws(args, rank), WS_DISP_CALLS, args.sync);
+        const bool signal = args.sync & EP_SYNC_SIGNAL;
+        ep_arrive_and_wait(args, rank, ep_load_mask(args), WS_DISP_BLOCKS, WS_DISP_CALLS, WS_DISP_DONE, seq, signal, signal, false, false, block);
+    }
+}
+#endif
 
 // ------------------------------------------------------------------------------------------
 // Combine: a warp per token pulls the rows of its selections (expert-major) or of its

@@ -65,6 +65,10 @@
 // dispatch and combine only (never by a peer), so it needs no sharing between processes.
 #define H_STEP_OK 0                       // 1 when every rank's routing of the step was valid
 #define H_SEQ 1                           // the update's sequence number (for debugging)
+#define H_READY 2                         // fused update + dispatch: 1 once this rank's update block is done
+#define H_TICKET 3                        // fused: blocks of the launch started (the first local rank's words)
+#define H_PASSED 4                        // fused: blocks of the launch past the ready wait (first local rank's)
+#define H_COMMON 5                        // each algorithm's own words start here
 
 // What a launch does besides moving data. One launch covering every rank needs none of it
 // (the launch's end is the barrier); separate launches per rank and split calls (send-only,
@@ -146,6 +150,7 @@ static_assert(WS_DISP_CALLS == EP_HOST_WS_DISP_CALLS, "WS_DISP_CALLS differs fro
 static_assert(WS_COMB_CALLS == EP_HOST_WS_COMB_CALLS, "WS_COMB_CALLS differs from the host's");
 static_assert(WS_COUNTS == EP_HOST_WS_COUNTS, "WS_COUNTS differs from the host's");
 static_assert(H_STEP_OK == EP_HOST_H_STEP_OK, "H_STEP_OK differs from the host's");
+static_assert(H_COMMON == EP_HOST_H_COMMON, "H_COMMON differs from the host's");
 #endif
 
 // Each algorithm's file checks its own words once it has defined them (WS_WORDS, H_LAYOUT,
@@ -159,6 +164,14 @@ static_assert(H_STEP_OK == EP_HOST_H_STEP_OK, "H_STEP_OK differs from the host's
 #else
 #define EP_CHECK_ALGORITHM_CONTRACT(NAME, UPDATE_WARPS, RECEIVE_ROWS)
 #endif
+
+// Which of its rank's blocks this block is, and how many the rank has in the launch: the grid's
+// x (every kernel but the fused update + dispatch, which places its blocks by arrival).
+struct EpBlock {
+    int index;
+    int count;
+};
+EP_DEVICE EpBlock ep_grid_block() { return {static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x)}; }
 
 EP_DEVICE ep_u32* ep_ws(const EpArgs& args, int rank) {
     return reinterpret_cast<ep_u32*>(args.rank[rank].workspace);

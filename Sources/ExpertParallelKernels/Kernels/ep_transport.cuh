@@ -16,6 +16,9 @@
 #ifndef EP_TRANSPORT
 #define EP_TRANSPORT 0
 #endif
+#ifndef EP_ONE_DEVICE
+#define EP_ONE_DEVICE 0   // 1: every rank of the group is on this GPU (virtual ranks): flags need gpu scope, not sys
+#endif
 
 // A rank's staging area (staged transport), in device memory; args.rank[r].stage points to it.
 struct EpStage {
@@ -91,12 +94,25 @@ EP_DEVICE void ep_put_origin(const EpArgs& args, int d, int origins, ep_u64 row,
 EP_DEVICE void ep_put_word(const EpArgs& args, int d, int word, ep_u32 value) { ep_ws(args, d)[word] = value; }
 
 EP_DEVICE void ep_signal(const EpArgs& args, int d, int word, ep_u32 value) {
+#if EP_ONE_DEVICE
+    ep_store_release_gpu(ep_ws(args, d) + word, value);
+#else
     ep_store_release_sys(ep_ws(args, d) + word, value);
+#endif
+}
+
+// An acquire load of a flag a peer signals.
+EP_DEVICE ep_u32 ep_load_flag(const ep_u32* flag) {
+#if EP_ONE_DEVICE
+    return ep_load_acquire_gpu(flag);
+#else
+    return ep_load_acquire_sys(flag);
+#endif
 }
 
 // Bounded wait until this rank's word `word` reaches `target`; false past the timeout.
 EP_DEVICE bool ep_wait(const EpArgs& args, const ep_u32* ws, int word, ep_u32 target) {
-    return ep_wait_flag_sys(ws + word, target, args.timeout_ns);
+    return ep_wait_flag(ws + word, target, args.timeout_ns, ep_load_flag);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -233,7 +249,7 @@ EP_DEVICE bool ep_counts_arrived(const EpArgs& args, ep_u32* ws, ep_u32* hs, ep_
         if (!ep_wait(args, ws, WS_COUNT_FLAG + threadIdx.x, expected)) {
             ep_timeout(args, ws, threadIdx.x);
             atomicMax(&any_bad, static_cast<int>(threadIdx.x));
-        } else if (ep_load_acquire_sys(ws + WS_COUNT_FLAG + threadIdx.x) & 1u) {
+        } else if (ep_load_flag(ws + WS_COUNT_FLAG + threadIdx.x) & 1u) {
             atomicMax(&any_bad, static_cast<int>(threadIdx.x));
         }
     }
@@ -254,14 +270,14 @@ EP_DEVICE bool ep_counts_arrived(const EpArgs& args, ep_u32* ws, ep_u32* hs, ep_
 // every active peer has signalled this rank: the call then ends only when its data is complete.
 // Waiting is only asked where all the waiting blocks' peers are resident or already finished.
 EP_DEVICE void ep_arrive_and_wait(const EpArgs& args, int rank, ep_u64 mask, int block_counter, int calls_word, int flag_offset,
-                                  ep_u32 seq, bool count, bool advance, bool publish, bool wait) {
+                                  ep_u32 seq, bool count, bool advance, bool publish, bool wait, EpBlock block = ep_grid_block()) {
     ep_u32* ws = ep_ws(args, rank);
     if (count) {
         __shared__ int last;
         __syncthreads();
         if (threadIdx.x == 0) {
             __threadfence();
-            last = atomicAdd(ws + block_counter, 1u) == gridDim.x - 1;
+            last = atomicAdd(ws + block_counter, 1u) == static_cast<ep_u32>(block.count - 1);
             if (last) {
                 atomicExch(ws + block_counter, 0u);
                 if (advance) ws[calls_word] = seq;
@@ -273,7 +289,7 @@ EP_DEVICE void ep_arrive_and_wait(const EpArgs& args, int rank, ep_u64 mask, int
             ep_signal(args, threadIdx.x, flag_offset + rank, seq);
         }
     }
-    if (wait && blockIdx.x == 0 && threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
+    if (wait && block.index == 0 && threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
         if (!ep_wait(args, ws, flag_offset + threadIdx.x, seq)) ep_timeout(args, ws, threadIdx.x);
     }
 }
@@ -282,8 +298,8 @@ EP_DEVICE void ep_arrive_and_wait(const EpArgs& args, int rank, ep_u64 mask, int
 // [R] per source, [L][R] per expert and source): int32 rows per local expert and per (local
 // expert, source rank), written by block 0 of each rank's sending launch; zeros for a rank that
 // takes no part. Written on the stream with the rows, so a caller needs no host synchronisation.
-EP_DEVICE void ep_write_counts(const EpArgs& args, int rank, const ep_u32* layout, bool moving) {
-    if (blockIdx.x != 0 || (args.sync & EP_SYNC_NO_DATA)) return;
+EP_DEVICE void ep_write_counts(const EpArgs& args, int rank, const ep_u32* layout, bool moving, EpBlock block = ep_grid_block()) {
+    if (block.index != 0 || (args.sync & EP_SYNC_NO_DATA)) return;
     int* counts = reinterpret_cast<int*>(args.rank[rank].counts);
     int* sources = reinterpret_cast<int*>(args.rank[rank].source_counts);
     if (counts != nullptr) {
