@@ -42,15 +42,32 @@ extension GroupConfig {
     /// FP8 a scale address) and a few words.
     var fusedDispatchSharedMemoryBytes: Int { 16 * 32 * (8 + 4 + (fp8 != nil ? 8 : 0)) + 64 }
 
-    /// LL: warps whose per-warp counts the update keeps (EP_UPDATE_WARPS): 16 (the fused kernel's
-    /// whole block, half the serial passes of 8) where they fit beside the dispatch's table, else 8.
+    /// LL's update counting with bitmaps (EP_LL_BITMAP): its static shared memory, from its arrays
+    /// (ep_ll.cu): the experts' bits and prefixes (or, later, the layout's scratch), the ranks'
+    /// bits and prefixes, routing[Bmax * K], totals[E + R] and three flags.
+    var llBitmapUpdateSharedMemoryBytes: Int {
+        let words = (maxTokensPerRank + 31) / 32, e = experts, r = ranks
+        let scratch = max(2 * e * words, 2 * e + localExperts + r)
+        return 4 * (scratch + 2 * r * words + maxTokensPerRank * topK + e + r + 3)
+    }
+
+    /// LL: the update counts with bitmaps (every selection's position at once) where they fit
+    /// beside the fused kernel's dispatch table; else per warp, in token order.
+    var llUpdateUsesBitmaps: Bool {
+        algorithm == .lowLatency && llBitmapUpdateSharedMemoryBytes + fusedDispatchSharedMemoryBytes <= 48 * 1024
+    }
+
+    /// LL: the update's warps (EP_UPDATE_WARPS; counting per warp, the warps with counts of their
+    /// own): 16 (a dispatch block's, half the serial passes of 8) where they fit, else 8.
     var llUpdateWarps: Int {
-        updateSharedMemoryBytes(warps: 16) + fusedDispatchSharedMemoryBytes <= 48 * 1024 ? 16 : 8
+        llUpdateUsesBitmaps || updateSharedMemoryBytes(warps: 16) + fusedDispatchSharedMemoryBytes <= 48 * 1024 ? 16 : 8
     }
 
     /// LL: whether the update fits in the dispatch kernel's block (ep_ll_update_dispatch: one
     /// launch for update + dispatch): the update's arrays and the dispatch's table in 48 KB.
     var fusesLLUpdate: Bool {
-        algorithm == .lowLatency && updateSharedMemoryBytes(warps: llUpdateWarps) + fusedDispatchSharedMemoryBytes <= 48 * 1024
+        guard algorithm == .lowLatency else { return false }
+        let update = llUpdateUsesBitmaps ? llBitmapUpdateSharedMemoryBytes : updateSharedMemoryBytes(warps: llUpdateWarps)
+        return update + fusedDispatchSharedMemoryBytes <= 48 * 1024
     }
 }

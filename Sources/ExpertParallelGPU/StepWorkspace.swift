@@ -10,6 +10,8 @@ struct StepWorkspace: Sendable {
     let updateWarps: Int
     /// LL: whether ep_ll_update_dispatch is compiled (EP_FUSED): the update fits in a dispatch block.
     let fused: Bool
+    /// LL: whether the update counts with bitmaps (EP_LL_BITMAP), else per warp.
+    let bitmaps: Bool
     /// Rows of each rank's receive buffer; the staged transport keeps each row's origin per step.
     let receiveRows: Int
     let transport: GPUTransport
@@ -25,6 +27,7 @@ struct StepWorkspace: Sendable {
         maxTokens = config.maxTokensPerRank
         updateWarps = config.algorithm == .lowLatency ? config.llUpdateWarps : 16
         fused = config.fusesLLUpdate && transport == .direct
+        bitmaps = config.llUpdateUsesBitmaps
     }
 
     /// Threads of a dispatch or combine block (EP_WARPS × 32).
@@ -75,6 +78,7 @@ struct StepWorkspace: Sendable {
             "EP_HOST_H_STEP_OK": "\(Self.stepOK)", "EP_HOST_H_LAYOUT": "\(layout)", "EP_HOST_H_WORDS": "\(handleWords)",
             "EP_HOST_THREADS": "\(Self.threadsPerBlock)", "EP_HOST_UPDATE_THREADS": "\(updateThreads)",
             "EP_HOST_H_COMMON": "\(Self.commonWords)", "EP_UPDATE_WARPS": "\(updateWarps)", "EP_FUSED": fused ? "1" : "0",
+            "EP_LL_BITMAP": bitmaps ? "1" : "0",
         ]
     }
 }

@@ -76,8 +76,14 @@ struct KernelVariantMatrixTests {
     }
 
     /// R = 1 (HT flat's single-row combine path, compiled only there; expert-major and LL at
-    /// R = 1 for contrast) and an odd shape under every layout.
+    /// R = 1 for contrast), an odd shape under every layout, and LL's update counting per warp
+    /// (bitmaps too large) with the fused update + dispatch kernel and without it.
     static let special: [Case] = [
+        Case(config: GroupConfig(algorithm: .lowLatency, ranks: 8, experts: 128, topK: 4, hidden: 2048, maxTokensPerRank: 1024),
+             variant: .init(indexBytes: 8, receivedIndexBytes: 4, vectorBytes: 16)),
+        Case(config: GroupConfig(algorithm: .lowLatency, ranks: 8, experts: 1024, topK: 8, hidden: 2048, maxTokensPerRank: 320,
+                                 layout: .rankMajor),
+             variant: .init(indexBytes: 4, receivedIndexBytes: 4, vectorBytes: 16)),
         Case(config: GroupConfig(algorithm: .highThroughput, ranks: 1, experts: 32, topK: 8, hidden: 7168, maxTokensPerRank: 4096),
              variant: .init(indexBytes: 8, receivedIndexBytes: 4, vectorBytes: 16)),
         Case(config: GroupConfig(algorithm: .highThroughput, ranks: 1, experts: 32, topK: 4, hidden: 7170, elementType: .f32,

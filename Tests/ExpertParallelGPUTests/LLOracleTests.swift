@@ -10,6 +10,8 @@ struct LLOracleTests {
     static let shapes: [(ranks: Int, local: Int, topK: Int, hidden: Int, maxTokens: Int, type: DataType)] = [
         (1, 4, 2, 64, 8, .bf16), (2, 3, 3, 40, 16, .f16), (4, 2, 5, 24, 12, .f32), (8, 4, 8, 128, 24, .bf16),
         (8, 2, 16, 36, 10, .bf16), (2, 16, 32, 8, 6, .f32), (4, 8, 8, 1000, 33, .bf16), (8, 1, 1, 4, 9, .bf16),
+        // Up to 1024 tokens a rank: the update counts per warp (its bitmaps would not fit), fused or not.
+        (8, 16, 4, 64, 1024, .bf16),
     ]
 
     @Test(arguments: [Layout.expertMajor, .rankMajor])

@@ -16,6 +16,9 @@
 #ifndef EP_UPDATE_WARPS
 #define EP_UPDATE_WARPS 8
 #endif
+#ifndef EP_LL_BITMAP
+#define EP_LL_BITMAP 0    // 1: the update counts with bitmaps (the host checked that they fit)
+#endif
 #ifndef EP_FUSED
 #define EP_FUSED 0        // 1: compile ep_ll_update_dispatch (the host checked that its shared memory fits)
 #endif
@@ -46,6 +49,84 @@ EP_CHECK_ALGORITHM_CONTRACT("LL", EP_UPDATE_WARPS, EP_LL_ROWS)
 // The block may have more than EP_UPDATE_WARPS warps (the fused kernel's 16): the others take
 // part in the block-wide loops only. Every thread returns at the same point.
 
+// The update's end, common to both ways of counting: waits for every active rank's counts
+// (bounded; a late or bad rank voids the step), then turns this rank's positions into final
+// rows and writes the step's layout. `routing[i]`: selection i's expert and position among
+// this rank's selections of it (ep_ll_pack), or -1; `scratch`: 2E + L + R ints of shared memory.
+EP_DEVICE void ep_ll_update_finish(const EpArgs& args, int rank, ep_u32* ws, ep_u32* hs, ep_u64 mask, ep_u32 seq, bool bad,
+                                   int tokens, const int* routing, int* scratch) {
+    if (!ep_counts_arrived(args, ws, hs, mask, seq * 2, bad, seq)) return;
+
+    // The gathered table, read once into shared memory: rows of lower source ranks per expert,
+    // and what each source sends here per local expert.
+    const int parity = seq & 1;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const ep_u32* table = ws + WS_COUNTS + parity * EP_R * (EP_E + EP_R);
+    const ep_u64 gathered = ep_load_mask(args) & mask;   // active at the start and not timed out
+    int* before = scratch;                       // [E]
+    int* received = before + EP_E;               // [L][R]
+    int* per_expert = received + EP_L * EP_R;    // [L]
+    int* per_source = per_expert + EP_L;         // [R]
+    ep_u32* layout = hs + H_LAYOUT;
+    for (int e = threadIdx.x; e < EP_E; e += blockDim.x) {
+        int sum = 0;
+#pragma unroll 8
+        for (int s = 0; s < EP_R; ++s) {
+            if (s < rank && ep_active(gathered, s)) sum += static_cast<int>(table[s * (EP_E + EP_R) + e]);
+        }
+        before[e] = sum;
+    }
+    for (int i = threadIdx.x; i < EP_L * EP_R; i += blockDim.x) {
+        const int l = i / EP_R, s = i % EP_R;
+        const ep_u32 n = ep_active(gathered, s) ? table[s * (EP_E + EP_R) + rank * EP_L + l] : 0u;
+        received[i] = static_cast<int>(n);
+        layout[EP_L + EP_R + i] = n;
+    }
+    if (threadIdx.x < EP_R) {
+        const ep_u32 n = ep_active(gathered, threadIdx.x) ? table[threadIdx.x * (EP_E + EP_R) + EP_E + rank] : 0u;
+        per_source[threadIdx.x] = static_cast<int>(n);
+        layout[EP_L + threadIdx.x] = n;
+    }
+    __syncthreads();
+    // Final rows (expert-major: the zone base, the lower ranks' rows, then this rank's position).
+    for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
+        const int packed = routing[i];
+        int row = -1;
+        if (packed >= 0) {
+            const int e = ep_ll_expert(packed);
+            row = (e % EP_L) * EP_R * EP_BMAX + before[e] + ep_ll_position(packed);
+        }
+        hs[H_SEL_ROW + i] = static_cast<ep_u32>(row);
+    }
+    // What this rank receives: per local expert, then the total (a warp's sum).
+    for (int l = threadIdx.x; l < EP_L; l += blockDim.x) {   // L may exceed the block
+        int sum = 0;
+        for (int s = 0; s < EP_R; ++s) sum += received[l * EP_R + s];
+        per_expert[l] = sum;
+        layout[l] = static_cast<ep_u32>(sum);
+    }
+    __syncthreads();
+    if (warp == 0) {
+        int part = 0;
+#if EP_RANK_MAJOR
+        for (int s = lane; s < EP_R; s += 32) part += per_source[s];
+#else
+        for (int l = lane; l < EP_L; l += 32) part += per_expert[l];
+#endif
+        for (int offset = 16; offset > 0; offset >>= 1) part += __shfl_xor_sync(0xffffffffu, part, offset);
+        if (lane == 0) {
+            layout[EP_L + EP_R + EP_L * EP_R] = static_cast<ep_u32>(part);
+            hs[H_STEP_OK] = 1;
+            ws[WS_SEQ] = seq;
+        }
+    }
+}
+
+
+#if !EP_LL_BITMAP
+// Counting per warp: each of EP_UPDATE_WARPS warps counts a contiguous chunk of tokens in token
+// order, then the chunks' counts become exclusive prefixes (for configurations whose bitmaps
+// below do not fit in shared memory).
 EP_DEVICE void ep_ll_update_rank(const EpArgs& args, int rank) {
     ep_u32* ws = ep_ws(args, rank);
     ep_u32* hs = ep_hs(args, rank);
@@ -154,71 +235,126 @@ EP_DEVICE void ep_ll_update_rank(const EpArgs& args, int rank) {
         __syncwarp();
     }
 
-    // Wait for every active rank's counts (bounded); a late or bad rank voids the step.
-    if (!ep_counts_arrived(args, ws, hs, mask, seq * 2, bad, seq)) return;
-
-    // The gathered table, read once into shared memory (the per-warp counts are done with):
-    // rows of lower source ranks per expert, and what each source sends here per local expert.
-    const ep_u32* table = ws + WS_COUNTS + parity * EP_R * (EP_E + EP_R);
-    const ep_u64 gathered = ep_load_mask(args) & mask;   // active at the start and not timed out
-    int* before = &counts[0][0];                 // [E]
-    int* received = before + EP_E + EP_R;        // [L][R]
-    int* per_expert = received + EP_L * EP_R;    // [L]
-    int* per_source = per_expert + EP_L;         // [R]
-    ep_u32* layout = hs + H_LAYOUT;
-    for (int e = threadIdx.x; e < EP_E; e += blockDim.x) {
-        int sum = 0;
-#pragma unroll 8
-        for (int s = 0; s < EP_R; ++s) {
-            if (s < rank && ep_active(gathered, s)) sum += static_cast<int>(table[s * (EP_E + EP_R) + e]);
-        }
-        before[e] = sum;
-    }
-    for (int i = threadIdx.x; i < EP_L * EP_R; i += blockDim.x) {
-        const int l = i / EP_R, s = i % EP_R;
-        const ep_u32 n = ep_active(gathered, s) ? table[s * (EP_E + EP_R) + rank * EP_L + l] : 0u;
-        received[i] = static_cast<int>(n);
-        layout[EP_L + EP_R + i] = n;
-    }
-    if (threadIdx.x < EP_R) {
-        const ep_u32 n = ep_active(gathered, threadIdx.x) ? table[threadIdx.x * (EP_E + EP_R) + EP_E + rank] : 0u;
-        per_source[threadIdx.x] = static_cast<int>(n);
-        layout[EP_L + threadIdx.x] = n;
-    }
-    __syncthreads();
-    // Final rows (expert-major: the zone base, the lower ranks' rows, then this rank's position).
-    for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
-        const int packed = routing[i];
-        int row = -1;
-        if (packed >= 0) {
-            const int e = ep_ll_expert(packed);
-            row = (e % EP_L) * EP_R * EP_BMAX + before[e] + ep_ll_position(packed);
-        }
-        hs[H_SEL_ROW + i] = static_cast<ep_u32>(row);
-    }
-    // What this rank receives: per local expert, then the total (a warp's sum).
-    for (int l = threadIdx.x; l < EP_L; l += blockDim.x) {   // L may exceed the block
-        int sum = 0;
-        for (int s = 0; s < EP_R; ++s) sum += received[l * EP_R + s];
-        per_expert[l] = sum;
-        layout[l] = static_cast<ep_u32>(sum);
-    }
-    __syncthreads();
-    if (warp == 0) {
-        int part = 0;
-#if EP_RANK_MAJOR
-        for (int s = lane; s < EP_R; s += 32) part += per_source[s];
-#else
-        for (int l = lane; l < EP_L; l += 32) part += per_expert[l];
-#endif
-        for (int offset = 16; offset > 0; offset >>= 1) part += __shfl_xor_sync(0xffffffffu, part, offset);
-        if (lane == 0) {
-            layout[EP_L + EP_R + EP_L * EP_R] = static_cast<ep_u32>(part);
-            hs[H_STEP_OK] = 1;
-            ws[WS_SEQ] = seq;
-        }
-    }
+    ep_ll_update_finish(args, rank, ws, hs, mask, seq, bad, tokens, routing, &counts[0][0]);
 }
+#else
+// Counting with bitmaps: bit t of expert e's row says token t selects e (and of rank d's row,
+// that it goes to rank d). A selection's position among this rank's selections of its expert,
+// in token order, is the number of bits below t in its row: every selection at once, no pass
+// over the tokens in order. The rows fit in shared memory for E × ceil(Bmax / 32) small
+// enough (the host checks, EP_LL_BITMAP).
+#define EP_WORDS ((EP_BMAX + 31) / 32)
+#define EP_LL_SCRATCH (2 * EP_E * EP_WORDS > 2 * EP_E + EP_L + EP_R ? 2 * EP_E * EP_WORDS : 2 * EP_E + EP_L + EP_R)
+EP_DEVICE void ep_ll_update_rank(const EpArgs& args, int rank) {
+    ep_u32* ws = ep_ws(args, rank);
+    ep_u32* hs = ep_hs(args, rank);
+    const int tokens = static_cast<int>(args.rank[rank].tokens);
+    const ep_u32 seq = ws[WS_SEQ] + 1;
+    const int parity = seq & 1;
+    const ep_u64 mask = ep_load_mask(args);
+
+    __shared__ int scratch[EP_LL_SCRATCH];        // [E][words] bits, then [E][words] prefixes; later ep_ll_update_finish's
+    __shared__ ep_u32 ranks_bits[2][EP_R][EP_WORDS];   // [0] bit t: token t goes to rank d; [1] prefixes
+    __shared__ int routing[EP_BMAX * EP_K];       // the expert, then ep_ll_pack(expert, position)
+    __shared__ int totals[EP_E + EP_R];           // this rank's counts, as published
+    __shared__ int bad, repeated;
+    ep_u32* bits = reinterpret_cast<ep_u32*>(scratch);
+    int* prefix = scratch + EP_E * EP_WORDS;
+    if (threadIdx.x == 0) {
+        bad = 0;
+        repeated = 0;
+        hs[H_STEP_OK] = 0;
+        hs[H_SEQ] = seq;
+    }
+    for (int i = threadIdx.x; i < EP_E * EP_WORDS; i += blockDim.x) bits[i] = 0u;
+    for (int i = threadIdx.x; i < EP_R * EP_WORDS; i += blockDim.x) (&ranks_bits[0][0][0])[i] = 0u;
+    __syncthreads();
+    if (!ep_active(mask, rank)) {
+        if (threadIdx.x == 0) ws[WS_SEQ] = seq;
+        return;
+    }
+
+    // Load the routing (coalesced, EP_UPDATE_LOADS entries a thread in flight), validate it and
+    // set the bits. A bit already set means the token names an expert twice (found exactly below).
+    for (int base = threadIdx.x; base < tokens * EP_K; base += EP_UPDATE_LOADS * blockDim.x) {
+        long long loaded[EP_UPDATE_LOADS];
+#pragma unroll
+        for (int u = 0; u < EP_UPDATE_LOADS; ++u) {
+            const int i = base + u * blockDim.x;
+            loaded[u] = i < tokens * EP_K ? ep_read_index(args, rank, i) : -1;
+        }
+#pragma unroll
+        for (int u = 0; u < EP_UPDATE_LOADS; ++u) {
+            const int i = base + u * blockDim.x;
+            const long long e = loaded[u];
+            if (i >= tokens * EP_K) break;
+            const int t = i / EP_K;
+            const ep_u32 bit = 1u << (t % 32);
+            int kept = -1;
+            if (e < -1 || e >= EP_E) {
+                ep_set_status(ws, EP_STATUS_INDEX_RANGE, t, i % EP_K, static_cast<ep_u32>(e));
+                bad = 1;
+            } else if (e >= 0) {
+                kept = static_cast<int>(e);
+                if (atomicOr(&bits[kept * EP_WORDS + t / 32], bit) & bit) repeated = 1;
+                if (ep_active(mask, kept / EP_L)) atomicOr(&ranks_bits[0][kept / EP_L][t / 32], bit);
+            }
+            routing[i] = kept;
+        }
+    }
+    __syncthreads();
+    if (repeated) {   // the error path: name the first repeat of each token as the host does
+        for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
+            const int t = i / EP_K, c = i % EP_K, e = routing[i];
+            for (int p = 0; e >= 0 && p < c; ++p) {
+                if (routing[t * EP_K + p] == e) {
+                    ep_set_status(ws, EP_STATUS_REPEATED, t, (static_cast<ep_u32>(p) << 16) | c, static_cast<ep_u32>(e));
+                    bad = 1;
+                }
+            }
+        }
+        __syncthreads();
+    }
+
+    // Counts and per-word exclusive prefixes: a row per expert, then per rank.
+    for (int row = threadIdx.x; row < EP_E + EP_R; row += blockDim.x) {
+        const ep_u32* words = row < EP_E ? bits + row * EP_WORDS : ranks_bits[0][row - EP_E];
+        int* out = row < EP_E ? prefix + row * EP_WORDS : reinterpret_cast<int*>(ranks_bits[1][row - EP_E]);
+        int running = 0;
+#pragma unroll 4
+        for (int w = 0; w < EP_WORDS; ++w) {
+            out[w] = running;
+            running += __popc(words[w]);
+        }
+        // Experts on inactive ranks count nothing (their bits are only for the repeat check).
+        totals[row] = bad || (row < EP_E && !ep_active(mask, row / EP_L)) ? 0 : running;
+    }
+    __syncthreads();
+    ep_publish_row(args, rank, mask, WS_COUNTS + parity * EP_R * (EP_E + EP_R), seq * 2 + (bad ? 1 : 0),
+                   [&](int i) { return totals[i]; });
+
+    // Positions while the peers' counts travel: each selection's among this rank's selections of
+    // its expert, and each (token, rank) pair's final row (rank-major: this rank's zone there).
+    for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
+        const int e = routing[i], t = i / EP_K;
+        int packed = -1;
+        if (!bad && e >= 0 && ep_active(mask, e / EP_L)) {
+            const ep_u32 below = bits[e * EP_WORDS + t / 32] & ((1u << (t % 32)) - 1u);
+            packed = ep_ll_pack(e, prefix[e * EP_WORDS + t / 32] + __popc(below));
+        }
+        routing[i] = packed;
+    }
+    for (int i = threadIdx.x; i < tokens * EP_R; i += blockDim.x) {
+        const int t = i / EP_R, d = i % EP_R;
+        const ep_u32 word = ranks_bits[0][d][t / 32], bit = 1u << (t % 32);
+        int row = -1;
+        if (!bad && (word & bit)) row = rank * EP_BMAX + static_cast<int>(ranks_bits[1][d][t / 32]) + __popc(word & (bit - 1u));
+        hs[H_PAIR_ROW + i] = static_cast<ep_u32>(row);
+    }
+    __syncthreads();   // the bits and prefixes are done with: the scratch is ep_ll_update_finish's
+    ep_ll_update_finish(args, rank, ws, hs, mask, seq, bad, tokens, routing, scratch);
+}
+#endif
 
 extern "C" __global__ void __launch_bounds__(EP_UPDATE_WARPS * 32, 1)
 ep_ll_update(const EpArgs args) {
