@@ -450,10 +450,13 @@ ep_ll_dispatch(const EpArgs args) {
 // past the wait resets the launch's words for the next launch (which the stream orders after).
 extern "C" __global__ void __launch_bounds__(512, 2)
 ep_ll_update_dispatch(const EpArgs args) {
-    __shared__ int place;
+    __shared__ int place, ready;
     ep_u32* launch = ep_hs(args, static_cast<int>(args.first_rank));
     const int ranks = static_cast<int>(gridDim.y);
-    if (threadIdx.x == 0) place = static_cast<int>(atomicAdd(launch + H_TICKET, 1u));
+    if (threadIdx.x == 0) {
+        place = static_cast<int>(atomicAdd(launch + H_TICKET, 1u));
+        ready = 1;
+    }
     __syncthreads();
     const int rank = static_cast<int>(args.first_rank) + place % ranks;
     const EpBlock block = {place / ranks, static_cast<int>(gridDim.x)};
@@ -469,12 +472,11 @@ ep_ll_update_dispatch(const EpArgs args) {
         // The update block is running; it waits at most the timeout for its peers' counts.
         if (!ep_wait_flag_gpu(hs + H_READY, 1u, 2 * args.timeout_ns + 1000000000ull)) {
             ep_set_status(ep_ws(args, rank), EP_STATUS_TIMEOUT, static_cast<ep_u32>(rank), 0, 0);
-            place = -1;
+            ready = 0;
         }
         __threadfence();
     }
     __syncthreads();
-    const bool ready = place >= 0;
     if (threadIdx.x == 0 && atomicAdd(launch + H_PASSED, 1u) == gridDim.x * gridDim.y - 1) {
         for (int r = 0; r < ranks; ++r) ep_hs(args, static_cast<int>(args.first_rank) + r)[H_READY] = 0u;
         launch[H_TICKET] = 0u;
