@@ -62,7 +62,7 @@ EP_DEVICE void ep_ll_update_finish(const EpArgs& args, int rank, ep_u32* ws, ep_
     const int parity = seq & 1;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const ep_u32* table = ws + WS_COUNTS + parity * EP_R * (EP_E + EP_R);
-    const ep_u64 gathered = ep_load_mask(args) & mask;   // active at the start and not timed out
+    const ep_u64 gathered = ep_block_mask(args) & mask;   // active at the start and not timed out
     int* before = scratch;                       // [E]
     int* received = before + EP_E;               // [L][R]
     int* per_expert = received + EP_L * EP_R;    // [L]
@@ -134,7 +134,7 @@ EP_DEVICE void ep_ll_update_rank(const EpArgs& args, int rank) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const ep_u32 seq = ws[WS_SEQ] + 1;
     const int parity = seq & 1;
-    const ep_u64 mask = ep_load_mask(args);
+    const ep_u64 mask = ep_block_mask(args);   // one value for the whole block: every thread takes the same branches
 
     __shared__ int counts[EP_UPDATE_WARPS][EP_E + EP_R];   // per warp: experts, then ranks
     __shared__ int bad;
@@ -251,7 +251,7 @@ EP_DEVICE void ep_ll_update_rank(const EpArgs& args, int rank) {
     const int tokens = static_cast<int>(args.rank[rank].tokens);
     const ep_u32 seq = ws[WS_SEQ] + 1;
     const int parity = seq & 1;
-    const ep_u64 mask = ep_load_mask(args);
+    const ep_u64 mask = ep_block_mask(args);   // one value for the whole block: every thread takes the same branches
 
     __shared__ int scratch[EP_LL_SCRATCH];        // [E][words] bits, then [E][words] prefixes; later ep_ll_update_finish's
     __shared__ ep_u32 ranks_bits[2][EP_R][EP_WORDS];   // [0] bit t: token t goes to rank d; [1] prefixes
@@ -368,10 +368,11 @@ ep_ll_update(const EpArgs args) {
 EP_DEVICE void ep_ll_dispatch_rank(const EpArgs& args, int rank, EpBlock block) {
     ep_u32* ws = ep_ws(args, rank);
     const ep_u32* hs = ep_hs(args, rank);
-    // Three independent loads issued together, before the first branch uses any of them.
-    const ep_u64 mask = ep_load_mask(args);
+    // The step word and call number load while the block agrees on one mask (a peer may mask a
+    // rank at any time: every thread must take the same branches).
     const ep_u32 step_ok = hs[H_STEP_OK];
     const ep_u32 seq = ep_call_number(ws, WS_DISP_CALLS, args.sync);
+    const ep_u64 mask = ep_block_mask(args);
     const bool signal = args.sync & EP_SYNC_SIGNAL;
     // A rank that takes no part still counts a call that publishes flags, so call numbers agree.
     const bool moving = ep_active(mask, rank) && step_ok != 0;
@@ -450,12 +451,11 @@ ep_ll_dispatch(const EpArgs args) {
 // past the wait resets the launch's words for the next launch (which the stream orders after).
 extern "C" __global__ void __launch_bounds__(512, 2)
 ep_ll_update_dispatch(const EpArgs args) {
-    __shared__ int place, ready;
+    __shared__ int place;
     ep_u32* launch = ep_hs(args, static_cast<int>(args.first_rank));
     const int ranks = static_cast<int>(gridDim.y);
     if (threadIdx.x == 0) {
         place = static_cast<int>(atomicAdd(launch + H_TICKET, 1u));
-        ready = 1;
     }
     __syncthreads();
     const int rank = static_cast<int>(args.first_rank) + place % ranks;
@@ -469,27 +469,27 @@ ep_ll_update_dispatch(const EpArgs args) {
             ep_store_release_gpu(hs + H_READY, 1u);
         }
     } else if (threadIdx.x == 0) {
-        // The update block is running; it waits at most the timeout for its peers' counts.
+        // The update block is running; its own waits end within the timeout. Past twice that it
+        // is stuck for good: the step is void here (the dispatch below then moves nothing, and
+        // counts its call as a rank without a step does).
         if (!ep_wait_flag_gpu(hs + H_READY, 1u, 2 * args.timeout_ns + 1000000000ull)) {
             ep_set_status(ep_ws(args, rank), EP_STATUS_TIMEOUT, static_cast<ep_u32>(rank), 0, 0);
-            ready = 0;
+            hs[H_STEP_OK] = 0u;
         }
-        __threadfence();
     }
     __syncthreads();
-    if (threadIdx.x == 0 && atomicAdd(launch + H_PASSED, 1u) == gridDim.x * gridDim.y - 1) {
-        for (int r = 0; r < ranks; ++r) ep_hs(args, static_cast<int>(args.first_rank) + r)[H_READY] = 0u;
-        launch[H_TICKET] = 0u;
-        launch[H_PASSED] = 0u;
+    if (threadIdx.x == 0) {
+        // Every ready flag of this launch is written before its block counts itself passed (the
+        // fence orders the release store before the add), and the resets come after the last add.
+        __threadfence();
+        if (atomicAdd(launch + H_PASSED, 1u) == gridDim.x * gridDim.y - 1) {
+            __threadfence();
+            for (int r = 0; r < ranks; ++r) ep_hs(args, static_cast<int>(args.first_rank) + r)[H_READY] = 0u;
+            launch[H_TICKET] = 0u;
+            launch[H_PASSED] = 0u;
+        }
     }
-    if (ready) {
-        ep_ll_dispatch_rank(args, rank, block);
-    } else {
-        // Moves nothing, but still counts as one of the rank's blocks of a call that publishes flags.
-        const ep_u32 seq = ep_call_number(ep_ws(args, rank), WS_DISP_CALLS, args.sync);
-        const bool signal = args.sync & EP_SYNC_SIGNAL;
-        ep_arrive_and_wait(args, rank, ep_load_mask(args), WS_DISP_BLOCKS, WS_DISP_CALLS, WS_DISP_DONE, seq, signal, signal, false, false, block);
-    }
+    ep_ll_dispatch_rank(args, rank, block);
 }
 #endif
 

@@ -188,6 +188,17 @@ EP_DEVICE ep_u64 ep_load_mask(const EpArgs& args) {
     return *reinterpret_cast<volatile ep_u64*>(args.mask);
 }
 
+// The mask as one value for the whole block (thread 0 loads it; call from every thread, at a
+// point every thread reaches). Where a block branches on the mask, a peer masking a rank between
+// two threads' loads must not split the block.
+EP_DEVICE ep_u64 ep_block_mask(const EpArgs& args) {
+    __shared__ ep_u64 value;
+    __syncthreads();   // an earlier call's value has been read by every thread
+    if (threadIdx.x == 0) value = ep_load_mask(args);
+    __syncthreads();
+    return value;
+}
+
 // Records the first error of a step on `rank` (later ones keep the first).
 EP_DEVICE void ep_set_status(ep_u32* ws, ep_u32 code, ep_u32 a, ep_u32 b, ep_u32 c) {
     if (atomicCAS(ws + WS_STATUS, 0u, code) == 0u) {
