@@ -27,7 +27,8 @@ struct DescriptorImportTwoProcessTests {
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: directory) }
         let child = Process()
-        child.executableURL = URL(fileURLWithPath: CommandLine.arguments[0])
+        // This very binary (argv[0] may be a bare name found on PATH).
+        child.executableURL = URL(fileURLWithPath: try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"))
         child.arguments = ["--testing-library", "swift-testing", "--filter", "descriptorChild"]
         child.environment = ProcessInfo.processInfo.environment.merging(["EP_DESCRIPTOR_CHILD": directory.path]) { _, new in new }
         let log = directory.appendingPathComponent("child.log")
