@@ -6,7 +6,8 @@ import Testing
 /// The NCCL ranks' descriptor exchange (`DescriptorExchange`: Unix sockets in the abstract
 /// namespace, `SCM_RIGHTS`, peers checked by `SO_PEERCRED`), run on the CPU with real
 /// descriptors. `PeerBuffers` passes its exported GPU allocations through exactly this code; the
-/// GPU import after it (`cuMemImportFromShareableHandle`) needs a GPU and is not run here.
+/// GPU import after it (`cuMemImportFromShareableHandle`) needs a GPU: two processes on one GPU
+/// run it in `DescriptorImportTwoProcessTests` (ExpertParallelGPUTests, EP_GPU_TESTS=1).
 struct DescriptorExchangeTests {
     /// Three ranks on three threads, each sharing a pipe's write end and an unlinked temporary
     /// file: every rank receives every peer's, new descriptors of the same open files (same
