@@ -49,6 +49,40 @@ EP_CHECK_ALGORITHM_CONTRACT("LL", EP_UPDATE_WARPS, EP_LL_ROWS)
 // The block may have more than EP_UPDATE_WARPS warps (the fused kernel's 16): the others take
 // part in the block-wide loops only. Every thread returns at the same point.
 
+// Reads this rank's [tokens, K] routing with EP_UPDATE_LOADS loads a thread in flight (one
+// global round trip, not one per entry), handing entry i to `use(i, expert id as given)`.
+template <typename Use>
+EP_DEVICE void ep_ll_each_routing_entry(const EpArgs& args, int rank, int tokens, Use use) {
+    for (int base = threadIdx.x; base < tokens * EP_K; base += EP_UPDATE_LOADS * blockDim.x) {
+        long long loaded[EP_UPDATE_LOADS];
+#pragma unroll
+        for (int u = 0; u < EP_UPDATE_LOADS; ++u) {
+            const int i = base + u * blockDim.x;
+            loaded[u] = i < tokens * EP_K ? ep_read_index(args, rank, i) : -1;
+        }
+#pragma unroll
+        for (int u = 0; u < EP_UPDATE_LOADS; ++u) {
+            const int i = base + u * blockDim.x;
+            if (i >= tokens * EP_K) break;
+            use(i, loaded[u]);
+        }
+    }
+}
+
+// Names each expert a token selects twice (its first and second column, as the host does) and
+// sets `bad`. `routing`: the experts as given (-1 for none), in shared memory.
+EP_DEVICE void ep_ll_report_repeats(ep_u32* ws, const int* routing, int tokens, int& bad) {
+    for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
+        const int t = i / EP_K, c = i % EP_K, e = routing[i];
+        for (int p = 0; e >= 0 && p < c; ++p) {
+            if (routing[t * EP_K + p] == e) {
+                ep_set_status(ws, EP_STATUS_REPEATED, t, (static_cast<ep_u32>(p) << 16) | c, static_cast<ep_u32>(e));
+                bad = 1;
+            }
+        }
+    }
+}
+
 // The update's end, common to both ways of counting: waits for every active rank's counts
 // (bounded; a late or bad rank voids the step), then turns this rank's positions into final
 // rows and writes the step's layout. `routing[i]`: selection i's expert and position among
@@ -155,35 +189,15 @@ EP_DEVICE void ep_ll_update_rank(const EpArgs& args, int rank) {
     // issues EP_UPDATE_LOADS loads before it uses any of them: one global round trip, not one per entry.
     __shared__ int routing[EP_BMAX * EP_K];    // the expert; after pass 2 also its position (ep_ll_pack)
     __shared__ ep_u32 destinations[EP_BMAX];   // bit d set: the token goes to rank d
-    for (int base = threadIdx.x; base < tokens * EP_K; base += EP_UPDATE_LOADS * blockDim.x) {
-        long long loaded[EP_UPDATE_LOADS];
-#pragma unroll
-        for (int u = 0; u < EP_UPDATE_LOADS; ++u) {
-            const int i = base + u * blockDim.x;
-            loaded[u] = i < tokens * EP_K ? ep_read_index(args, rank, i) : -1;
+    ep_ll_each_routing_entry(args, rank, tokens, [&](int i, long long e) {
+        if (e < -1 || e >= EP_E) {
+            ep_set_status(ws, EP_STATUS_INDEX_RANGE, i / EP_K, i % EP_K, static_cast<ep_u32>(e));
+            bad = 1;
         }
-#pragma unroll
-        for (int u = 0; u < EP_UPDATE_LOADS; ++u) {
-            const int i = base + u * blockDim.x;
-            const long long e = loaded[u];
-            if (i >= tokens * EP_K) break;
-            if (e < -1 || e >= EP_E) {
-                ep_set_status(ws, EP_STATUS_INDEX_RANGE, i / EP_K, i % EP_K, static_cast<ep_u32>(e));
-                bad = 1;
-            }
-            routing[i] = e >= 0 && e < EP_E ? static_cast<int>(e) : -1;   // unmasked, for the repeat check
-        }
-    }
+        routing[i] = e >= 0 && e < EP_E ? static_cast<int>(e) : -1;   // unmasked, for the repeat check
+    });
     __syncthreads();
-    for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
-        const int t = i / EP_K, c = i % EP_K, e = routing[i];
-        for (int p = 0; e >= 0 && p < c; ++p) {
-            if (routing[t * EP_K + p] == e) {
-                ep_set_status(ws, EP_STATUS_REPEATED, t, (static_cast<ep_u32>(p) << 16) | c, static_cast<ep_u32>(e));
-                bad = 1;
-            }
-        }
-    }
+    ep_ll_report_repeats(ws, routing, tokens, bad);
     __syncthreads();
     for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
         const int e = routing[i];
@@ -276,43 +290,23 @@ EP_DEVICE void ep_ll_update_rank(const EpArgs& args, int rank) {
 
     // Load the routing (coalesced, EP_UPDATE_LOADS entries a thread in flight), validate it and
     // set the bits. A bit already set means the token names an expert twice (found exactly below).
-    for (int base = threadIdx.x; base < tokens * EP_K; base += EP_UPDATE_LOADS * blockDim.x) {
-        long long loaded[EP_UPDATE_LOADS];
-#pragma unroll
-        for (int u = 0; u < EP_UPDATE_LOADS; ++u) {
-            const int i = base + u * blockDim.x;
-            loaded[u] = i < tokens * EP_K ? ep_read_index(args, rank, i) : -1;
+    ep_ll_each_routing_entry(args, rank, tokens, [&](int i, long long e) {
+        const int t = i / EP_K;
+        const ep_u32 bit = 1u << (t % 32);
+        int kept = -1;
+        if (e < -1 || e >= EP_E) {
+            ep_set_status(ws, EP_STATUS_INDEX_RANGE, t, i % EP_K, static_cast<ep_u32>(e));
+            bad = 1;
+        } else if (e >= 0) {
+            kept = static_cast<int>(e);
+            if (atomicOr(&bits[kept * EP_WORDS + t / 32], bit) & bit) repeated = 1;
+            if (ep_active(mask, kept / EP_L)) atomicOr(&ranks_bits[0][kept / EP_L][t / 32], bit);
         }
-#pragma unroll
-        for (int u = 0; u < EP_UPDATE_LOADS; ++u) {
-            const int i = base + u * blockDim.x;
-            const long long e = loaded[u];
-            if (i >= tokens * EP_K) break;
-            const int t = i / EP_K;
-            const ep_u32 bit = 1u << (t % 32);
-            int kept = -1;
-            if (e < -1 || e >= EP_E) {
-                ep_set_status(ws, EP_STATUS_INDEX_RANGE, t, i % EP_K, static_cast<ep_u32>(e));
-                bad = 1;
-            } else if (e >= 0) {
-                kept = static_cast<int>(e);
-                if (atomicOr(&bits[kept * EP_WORDS + t / 32], bit) & bit) repeated = 1;
-                if (ep_active(mask, kept / EP_L)) atomicOr(&ranks_bits[0][kept / EP_L][t / 32], bit);
-            }
-            routing[i] = kept;
-        }
-    }
+        routing[i] = kept;
+    });
     __syncthreads();
     if (repeated) {   // the error path: name the first repeat of each token as the host does
-        for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
-            const int t = i / EP_K, c = i % EP_K, e = routing[i];
-            for (int p = 0; e >= 0 && p < c; ++p) {
-                if (routing[t * EP_K + p] == e) {
-                    ep_set_status(ws, EP_STATUS_REPEATED, t, (static_cast<ep_u32>(p) << 16) | c, static_cast<ep_u32>(e));
-                    bad = 1;
-                }
-            }
-        }
+        ep_ll_report_repeats(ws, routing, tokens, bad);
         __syncthreads();
     }
 
