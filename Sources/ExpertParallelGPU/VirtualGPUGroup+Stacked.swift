@@ -22,12 +22,14 @@ extension VirtualGPUGroup {
             }
         }
         let checked = try CheckedStackedDispatch(call, shapes: engine.shapes, location: location, stepTokens: stepTokens)
-        let sources = { (i: Int) in
+        // Local functions, not closure constants: passed as non-escaping arguments, they need no
+        // heap context (a copy of `checked`, its references retained) per call.
+        func sources(_ i: Int) -> SendSide {
             SendSide(tokens: checked.address(.inputs, rank: i), weights: checked.address(.topkWeights, rank: i),
                      scales: checked.address(.scales, rank: i), counts: checked.address(.expertCounts, rank: i),
                      sourceCounts: checked.address(.expertSourceCounts, rank: i))
         }
-        let received = { (r: Int) in
+        func received(_ r: Int) -> ReceiveBuffers {
             ReceiveBuffers(rows: checked.address(.received, rank: r), indices: checked.address(.receivedTopkIdx, rank: r),
                            weights: checked.address(.receivedTopkWeights, rank: r), scales: checked.address(.receivedScales, rank: r))
         }
