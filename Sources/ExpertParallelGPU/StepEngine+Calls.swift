@@ -123,9 +123,10 @@ extension StepEngine {
     }
 
     /// Whether a call with `options` can run update and dispatch as one launch: LL with the
-    /// fused kernel compiled (direct transport, its shared memory fits), every rank in one launch.
+    /// fused kernel compiled (`workspace.fused`: direct transport, its shared memory fits), every
+    /// rank in one launch.
     func canFuseUpdate(_ options: CallOptions) -> Bool {
-        guard workspace.fused, tuning.fusesUpdate, options.launch == .single, transport == .direct else { return false }
+        guard workspace.fused, tuning.fusesUpdate, options.launch == .single else { return false }
         if case .virtualRanks = placement { return true }
         return false
     }

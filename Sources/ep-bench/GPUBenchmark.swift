@@ -49,10 +49,10 @@ struct GPUBenchmark {
         let combines = config.elementType.isFloating
         let events = try (0..<(4 * total)).map { _ in try driver.createEvent() }
         defer { for e in events { try? driver.destroy(e) } }
-        // Hold the stream while every call is enqueued, so the events time the GPU, not the host.
         func microseconds(_ from: Int, _ to: Int) throws -> [Double] {
             try (warmup..<total).map { i in Double(try driver.elapsedMilliseconds(from: events[4 * i + from], to: events[4 * i + to])) * 1000 }
         }
+        // Hold the stream while every call is enqueued, so the events time the GPU, not the host.
         try device.delay(group.stream, nanoseconds: 200_000_000)
         for i in 0..<total {
             try driver.record(events[4 * i], on: group.stream)

@@ -21,7 +21,7 @@
 // HT workspace words after the shared ones, and a step's handle (StepWorkspace.swift mirrors both).
 #define WS_KEPT (WS_COUNTS + 2 * EP_R * (EP_E + EP_R))      // [2][R][E + R] kept counts (drop)
 #define WS_WORDS (WS_KEPT + 2 * EP_R * (EP_E + EP_R))
-#define H_ROUTING H_COMMON                                         // [BMAX][K] expert after masking, or -1
+#define H_ROUTING H_COMMON                                  // [BMAX][K] expert after masking, or -1
 #define H_DEST (H_ROUTING + EP_BMAX * EP_K)                 // [BMAX] bit d: the token goes to rank d
 #define H_SEL_ROW (H_DEST + EP_BMAX)                        // [BMAX][K] slot of each selection (expert-major)
 #define H_PAIR_ROW (H_SEL_ROW + EP_BMAX * EP_K)             // [BMAX][R] row of each (token, rank), or -1
