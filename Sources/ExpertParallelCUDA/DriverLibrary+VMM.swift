@@ -82,10 +82,13 @@ extension DriverLibrary {
         return DevicePointer(rawValue: address)
     }
 
-    /// Ends a mapping made by `importAllocation`.
+    /// Ends a mapping made by `importAllocation` (taking its turn with per-rank launch loops, as
+    /// `free` does).
     public func unmapImported(_ pointer: DevicePointer, byteCount: Int) throws {
         let vmm = try self.vmm()
-        try check(vmm.cuMemUnmap(pointer.rawValue, byteCount), "cuMemUnmap")
-        try check(vmm.cuMemAddressFree(pointer.rawValue, byteCount), "cuMemAddressFree")
+        try LaunchGate.turn {
+            try check(vmm.cuMemUnmap(pointer.rawValue, byteCount), "cuMemUnmap")
+            try check(vmm.cuMemAddressFree(pointer.rawValue, byteCount), "cuMemAddressFree")
+        }
     }
 }
