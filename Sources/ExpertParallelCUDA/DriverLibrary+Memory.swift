@@ -8,10 +8,9 @@ extension DriverLibrary {
         return DevicePointer(rawValue: pointer)
     }
 
-    /// `cuMemFree_v2`, taking its turn with per-rank launch loops (LaunchGate.swift: a free
-    /// between a call's per-rank launches holds its last ranks back until the timeout).
+    /// `cuMemFree_v2`.
     public func free(_ pointer: DevicePointer) throws {
-        try LaunchGate.turn { try check(functions.cuMemFree(pointer.rawValue), "cuMemFree") }
+        try check(functions.cuMemFree(pointer.rawValue), "cuMemFree")
     }
 
     /// `cuMemAllocHost_v2`: page-locked host memory, which async copies need to be asynchronous.
@@ -21,9 +20,9 @@ extension DriverLibrary {
         return try nonNull(pointer, "cuMemAllocHost")
     }
 
-    /// `cuMemFreeHost`, taking its turn with per-rank launch loops as `free` does.
+    /// `cuMemFreeHost`.
     public func freeHost(_ pointer: UnsafeMutableRawPointer) throws {
-        try LaunchGate.turn { try check(functions.cuMemFreeHost(pointer), "cuMemFreeHost") }
+        try check(functions.cuMemFreeHost(pointer), "cuMemFreeHost")
     }
 
     /// `cuMemGetInfo_v2` for the current context: free and total bytes.

@@ -82,13 +82,10 @@ extension DriverLibrary {
         return DevicePointer(rawValue: address)
     }
 
-    /// Ends a mapping made by `importAllocation` (taking its turn with per-rank launch loops, as
-    /// `free` does).
+    /// Ends a mapping made by `importAllocation`.
     public func unmapImported(_ pointer: DevicePointer, byteCount: Int) throws {
         let vmm = try self.vmm()
-        try LaunchGate.turn {
-            try check(vmm.cuMemUnmap(pointer.rawValue, byteCount), "cuMemUnmap")
-            try check(vmm.cuMemAddressFree(pointer.rawValue, byteCount), "cuMemAddressFree")
-        }
+        try check(vmm.cuMemUnmap(pointer.rawValue, byteCount), "cuMemUnmap")
+        try check(vmm.cuMemAddressFree(pointer.rawValue, byteCount), "cuMemAddressFree")
     }
 }

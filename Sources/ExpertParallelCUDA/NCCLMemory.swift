@@ -31,10 +31,8 @@ extension NCCLLibrary {
         return DevicePointer(rawValue: UInt64(UInt(bitPattern: pointer)))
     }
 
-    /// `ncclMemFree`, taking its turn with per-rank launch loops as `DriverLibrary.free` does.
     public func memFree(_ pointer: DevicePointer) throws {
-        let free = try memory().ncclMemFree
-        try LaunchGate.turn { try check(free(UnsafeMutableRawPointer(bitPattern: UInt(pointer.rawValue))), "ncclMemFree") }
+        try check(try memory().ncclMemFree(UnsafeMutableRawPointer(bitPattern: UInt(pointer.rawValue))), "ncclMemFree")
     }
 
     /// `ncclCommWindowRegister` (collective: every rank registers a buffer of the same size),
