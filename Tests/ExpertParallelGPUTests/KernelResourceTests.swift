@@ -27,6 +27,11 @@ struct KernelResourceTests {
         Case(config: llStandard, kernel: "ep_ll_combine", maximumSpill: 64),
         Case(config: htStandard, kernel: "ep_ht_dispatch", maximumSpill: 0),
         Case(config: htStandard, kernel: "ep_ht_combine", maximumSpill: 32),
+        // The update reads ahead (two token rows, 8 entries, the next 32 tokens' routing a lane).
+        Case(config: htStandard, kernel: "ep_ht_update", maximumSpill: 0),
+        Case(config: GroupConfig(algorithm: .highThroughput, ranks: 8, experts: 256, topK: 32, hidden: 7168, maxTokensPerRank: 4096,
+                                 layout: .expertMajorPadded(alignment: 128), overflow: .drop),
+             kernel: "ep_ht_update", maximumSpill: 0),
         // FP8 dispatch quantising in the kernel: two chunks of 16 floats a lane in flight.
         Case(config: fp8(llStandard, .ue8m0Block128), kernel: "ep_ll_dispatch", maximumSpill: 0),
         Case(config: fp8(llStandard, .e8m0Block32), kernel: "ep_ll_dispatch", maximumSpill: 0),

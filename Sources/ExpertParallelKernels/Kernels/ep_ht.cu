@@ -16,6 +16,8 @@
 #define EP_CAPACITY (EP_R * EP_BMAX)   // N: rows of each rank's receive buffer
 #endif
 #define EP_HT_UPDATE_WARPS 16
+#define EP_HT_AT_ONCE 8                                          // update: entries a thread reads before it writes
+#define EP_HT_ROWS_AT_ONCE (EP_K >= 16 ? 1 : 16 / EP_K)          // update: token rows a thread reads before it writes
 #define EP_FANOUT (EP_K > EP_R ? EP_K : EP_R)   // rows one token reduces at most
 
 // HT workspace words after the shared ones, and a step's handle (StepWorkspace.swift mirrors both).
@@ -129,6 +131,47 @@ EP_DEVICE void ep_ht_load_batch(const int* routing, const ep_u32* destinations, 
     bits_of_lane_token = t0 + lane < end ? destinations[t0 + lane] : 0u;
 }
 
+// Token t's row of ids, validated (-1 or [0, E), no expert twice: else a status and `bad`), its
+// experts on inactive ranks masked to -1, written to the step's routing with its destination bits.
+EP_DEVICE void ep_ht_take_row(ep_u32* ws, ep_u64 mask, int t, const long long (&ids)[EP_K], int* routing, ep_u32* destinations,
+                              int& bad) {
+    int row[EP_K];
+#pragma unroll
+    for (int c = 0; c < EP_K; ++c) {
+        const long long e = ids[c];
+        if (e < -1 || e >= EP_E) {
+            ep_set_status(ws, EP_STATUS_INDEX_RANGE, t, c, static_cast<ep_u32>(e));
+            bad = 1;
+        }
+        row[c] = e >= 0 && e < EP_E ? static_cast<int>(e) : -1;
+    }
+#pragma unroll
+    for (int c = 0; c < EP_K; ++c) {
+#pragma unroll
+        for (int p = 0; p < c; ++p) {
+            if (row[c] >= 0 && row[p] == row[c]) {
+                ep_set_status(ws, EP_STATUS_REPEATED, t, (static_cast<ep_u32>(p) << 16) | c, static_cast<ep_u32>(row[c]));
+                bad = 1;
+            }
+        }
+    }
+    ep_u32 bits = 0;
+#pragma unroll
+    for (int c = 0; c < EP_K; ++c) {
+        const int e = row[c] >= 0 && ep_active(mask, row[c] / EP_L) ? row[c] : -1;
+        routing[t * EP_K + c] = e;
+        if (e >= 0) bits |= 1u << (e / EP_L);
+    }
+    destinations[t] = bits;
+}
+
+// The prefetched batch becomes the current one (registers: both arrays are indexed by constants).
+EP_DEVICE void ep_ht_next_batch(int (&experts)[32], ep_u32& bits, const int (&next_experts)[32], ep_u32 next_bits) {
+#pragma unroll
+    for (int j = 0; j < 32; ++j) experts[j] = next_experts[j];
+    bits = next_bits;
+}
+
 // ------------------------------------------------------------------------------------------
 // Update: one block per rank. Validates and masks the routing, counts per expert and per
 // destination rank in token order, all-gathers the counts, checks every destination's capacity
@@ -168,46 +211,33 @@ ep_ht_update(const EpArgs args) {
     // One pass, a thread per token: validate its row (-1 or [0, E), no expert twice), mask the
     // experts of inactive ranks, and note its destination ranks. (When any row is invalid the
     // step is void and nothing is written, so the routing kept here no longer matters.)
-    for (int t = threadIdx.x; t < tokens; t += blockDim.x) {
-        int row[EP_K];
+    // A thread reads the ids of EP_HT_ROWS_AT_ONCE tokens before it writes any (as below).
+    for (int t0 = threadIdx.x; t0 < tokens; t0 += EP_HT_ROWS_AT_ONCE * blockDim.x) {
+        long long ids[EP_HT_ROWS_AT_ONCE][EP_K];
 #pragma unroll
-        for (int c = 0; c < EP_K; ++c) {
-            const long long e = ep_read_index(args, rank, t * EP_K + c);
-            if (e < -1 || e >= EP_E) {
-                ep_set_status(ws, EP_STATUS_INDEX_RANGE, t, c, static_cast<ep_u32>(e));
-                bad = 1;
-            }
-            row[c] = e >= 0 && e < EP_E ? static_cast<int>(e) : -1;
-        }
-        ep_u32 bits = 0;
+        for (int u = 0; u < EP_HT_ROWS_AT_ONCE; ++u) {
+            const int t = t0 + u * blockDim.x;
 #pragma unroll
-        for (int c = 0; c < EP_K; ++c) {
-#pragma unroll
-            for (int p = 0; p < c; ++p) {
-                if (row[c] >= 0 && row[p] == row[c]) {
-                    ep_set_status(ws, EP_STATUS_REPEATED, t, (static_cast<ep_u32>(p) << 16) | c, static_cast<ep_u32>(row[c]));
-                    bad = 1;
-                }
-            }
+            for (int c = 0; c < EP_K; ++c) ids[u][c] = t < tokens ? ep_read_index(args, rank, t * EP_K + c) : -1;
         }
 #pragma unroll
-        for (int c = 0; c < EP_K; ++c) {
-            const int e = row[c] >= 0 && ep_active(mask, row[c] / EP_L) ? row[c] : -1;
-            routing[t * EP_K + c] = e;
-            if (e >= 0) bits |= 1u << (e / EP_L);
+        for (int u = 0; u < EP_HT_ROWS_AT_ONCE; ++u) {
+            const int t = t0 + u * blockDim.x;
+            if (t < tokens) ep_ht_take_row(ws, mask, t, ids[u], routing, destinations, bad);
         }
-        destinations[t] = bits;
     }
     __syncthreads();
 
     // Pass 1: per-warp counts over a contiguous chunk of tokens, in token order. The routing of
-    // 32 tokens is loaded at once (32 loads in flight per lane) before the in-order walk over them.
+    // 32 tokens is loaded at once (32 loads in flight per lane) before the in-order walk over them,
+    // and the next 32 tokens' while it walks.
     const int chunk = (tokens + EP_HT_UPDATE_WARPS - 1) / EP_HT_UPDATE_WARPS;
     const int begin = min(tokens, warp * chunk), end = min(tokens, begin + chunk);
+    int experts[32], next_experts[32];
+    ep_u32 bits_of_lane_token = 0, next_bits = 0;
+    ep_ht_load_batch(routing, destinations, begin, end, experts, bits_of_lane_token);
     for (int t0 = begin; t0 < end; t0 += 32) {
-        int experts[32];
-        ep_u32 bits_of_lane_token = 0;
-        ep_ht_load_batch(routing, destinations, t0, end, experts, bits_of_lane_token);
+        ep_ht_load_batch(routing, destinations, t0 + 32, end, next_experts, next_bits);   // in flight meanwhile
 #pragma unroll
         for (int j = 0; j < 32; ++j) {
             if (t0 + j >= end) break;
@@ -216,6 +246,7 @@ ep_ht_update(const EpArgs args) {
             if (lane < EP_R && ((bits >> lane) & 1u)) counts[warp][EP_E + lane] += 1;
             __syncwarp();
         }
+        ep_ht_next_batch(experts, bits_of_lane_token, next_experts, next_bits);
     }
     __syncthreads();
     // Exclusive prefix over warps; the totals go to every active rank's table.
@@ -223,10 +254,9 @@ ep_ht_update(const EpArgs args) {
                    [&](int i) { return ep_warp_prefix(counts, i); });
 
     // Pass 2: this rank's own position of each selection and pair, in token order.
+    ep_ht_load_batch(routing, destinations, begin, end, experts, bits_of_lane_token);
     for (int t0 = begin; t0 < end; t0 += 32) {
-        int experts[32];
-        ep_u32 bits_of_lane_token = 0;
-        ep_ht_load_batch(routing, destinations, t0, end, experts, bits_of_lane_token);
+        ep_ht_load_batch(routing, destinations, t0 + 32, end, next_experts, next_bits);
 #pragma unroll
         for (int j = 0; j < 32; ++j) {
             if (t0 + j >= end) break;
@@ -236,6 +266,7 @@ ep_ht_update(const EpArgs args) {
             if (lane < EP_R) pair_rows[t * EP_R + lane] = ((bits >> lane) & 1u) ? counts[warp][EP_E + lane]++ : -1;
             __syncwarp();
         }
+        ep_ht_next_batch(experts, bits_of_lane_token, next_experts, next_bits);
     }
 
     // Wait for every active rank's counts (bounded); a late or bad rank voids the step.
@@ -261,17 +292,41 @@ ep_ht_update(const EpArgs args) {
     }
     __syncthreads();
     // Selections of dropped pairs go first (their pair's position decides), then the pairs.
-    for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
-        const int e = routing[i];
-        if (e < 0) continue;
-        const int d = e / EP_L;
-        if (pair_rows[(i / EP_K) * EP_R + d] < kept_tokens[d]) atomicAdd(&kept_counts[e], 1);
-        else selection_rows[i] = -1;
+    // (Reads ahead as the final rows below do.)
+    for (int base = threadIdx.x; base < tokens * EP_K; base += EP_HT_AT_ONCE * blockDim.x) {
+        int expert[EP_HT_AT_ONCE], pair[EP_HT_AT_ONCE];
+#pragma unroll
+        for (int j = 0; j < EP_HT_AT_ONCE; ++j) {
+            const int i = base + j * blockDim.x;
+            expert[j] = i < tokens * EP_K ? routing[i] : -1;
+        }
+#pragma unroll
+        for (int j = 0; j < EP_HT_AT_ONCE; ++j) {
+            const int i = base + j * blockDim.x;
+            pair[j] = expert[j] >= 0 ? pair_rows[(i / EP_K) * EP_R + expert[j] / EP_L] : 0;
+        }
+#pragma unroll
+        for (int j = 0; j < EP_HT_AT_ONCE; ++j) {
+            const int e = expert[j];
+            if (e < 0) continue;
+            if (pair[j] < kept_tokens[e / EP_L]) atomicAdd(&kept_counts[e], 1);
+            else selection_rows[base + j * blockDim.x] = -1;
+        }
     }
     if (threadIdx.x < EP_R) kept_counts[EP_E + threadIdx.x] = min(kept_tokens[threadIdx.x], static_cast<int>(full[rank * (EP_E + EP_R) + EP_E + threadIdx.x]));
     __syncthreads();
-    for (int i = threadIdx.x; i < tokens * EP_R; i += blockDim.x) {
-        if (pair_rows[i] >= kept_tokens[i % EP_R]) pair_rows[i] = -1;
+    for (int base = threadIdx.x; base < tokens * EP_R; base += EP_HT_AT_ONCE * blockDim.x) {
+        int position[EP_HT_AT_ONCE];
+#pragma unroll
+        for (int j = 0; j < EP_HT_AT_ONCE; ++j) {
+            const int i = base + j * blockDim.x;
+            position[j] = i < tokens * EP_R ? pair_rows[i] : -1;
+        }
+#pragma unroll
+        for (int j = 0; j < EP_HT_AT_ONCE; ++j) {
+            const int i = base + j * blockDim.x;
+            if (position[j] >= kept_tokens[i % EP_R]) pair_rows[i] = -1;
+        }
     }
     ep_publish_row(args, rank, mask, WS_KEPT + parity * EP_R * (EP_E + EP_R), seq * 4 + 2,
                    [&](int i) { return kept_counts[i]; });
@@ -331,15 +386,35 @@ ep_ht_update(const EpArgs args) {
         before[i] = sum;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < tokens * EP_K; i += blockDim.x) {
-        const int position = selection_rows[i];
-        if (position < 0) continue;
-        const int e = routing[i];
-        selection_rows[i] = EP_EXPERT_MAJOR ? zone_start[e] + before[e] + position : -1;
+    // Each thread reads EP_HT_AT_ONCE entries before it writes one: the arrays share the handle,
+    // so the compiler keeps a plain loop's next reads behind this one's write (a round trip each).
+    for (int base = threadIdx.x; base < tokens * EP_K; base += EP_HT_AT_ONCE * blockDim.x) {
+        int position[EP_HT_AT_ONCE], expert[EP_HT_AT_ONCE];
+#pragma unroll
+        for (int j = 0; j < EP_HT_AT_ONCE; ++j) {
+            const int i = base + j * blockDim.x;
+            position[j] = i < tokens * EP_K ? selection_rows[i] : -1;
+            expert[j] = i < tokens * EP_K ? routing[i] : -1;
+        }
+#pragma unroll
+        for (int j = 0; j < EP_HT_AT_ONCE; ++j) {
+            if (position[j] < 0) continue;
+            const int e = expert[j];
+            selection_rows[base + j * blockDim.x] = EP_EXPERT_MAJOR ? zone_start[e] + before[e] + position[j] : -1;
+        }
     }
-    for (int i = threadIdx.x; i < tokens * EP_R; i += blockDim.x) {
-        const int position = pair_rows[i];
-        if (position >= 0) pair_rows[i] = before[EP_E + i % EP_R] + position;
+    for (int base = threadIdx.x; base < tokens * EP_R; base += EP_HT_AT_ONCE * blockDim.x) {
+        int position[EP_HT_AT_ONCE];
+#pragma unroll
+        for (int j = 0; j < EP_HT_AT_ONCE; ++j) {
+            const int i = base + j * blockDim.x;
+            position[j] = i < tokens * EP_R ? pair_rows[i] : -1;
+        }
+#pragma unroll
+        for (int j = 0; j < EP_HT_AT_ONCE; ++j) {
+            const int i = base + j * blockDim.x;
+            if (position[j] >= 0) pair_rows[i] = before[EP_E + i % EP_R] + position[j];
+        }
     }
     // What this rank receives.
     ep_u32* layout = hs + H_LAYOUT;
