@@ -32,6 +32,9 @@ struct KernelResourceTests {
         Case(config: GroupConfig(algorithm: .highThroughput, ranks: 8, experts: 256, topK: 32, hidden: 7168, maxTokensPerRank: 4096,
                                  layout: .expertMajorPadded(alignment: 128), overflow: .drop),
              kernel: "ep_ht_update", maximumSpill: 0),
+        Case(config: GroupConfig(algorithm: .highThroughput, ranks: 8, experts: 256, topK: 16, hidden: 7168, maxTokensPerRank: 4096,
+                                 layout: .flat, overflow: .drop),
+             kernel: "ep_ht_update", maximumSpill: 0),
         // FP8 dispatch quantising in the kernel: two chunks of 16 floats a lane in flight.
         Case(config: fp8(llStandard, .ue8m0Block128), kernel: "ep_ll_dispatch", maximumSpill: 0),
         Case(config: fp8(llStandard, .e8m0Block32), kernel: "ep_ll_dispatch", maximumSpill: 0),
