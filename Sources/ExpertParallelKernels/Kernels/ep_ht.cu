@@ -172,6 +172,30 @@ EP_DEVICE void ep_ht_next_batch(int (&experts)[32], ep_u32& bits, const int (&ne
     bits = next_bits;
 }
 
+// values[i] = rewrite(i, values[i], with[i]) for i in [0, n) (`with` may be null: 0), written only
+// where it changes. A thread reads EP_HT_AT_ONCE entries before it writes one: the arrays share
+// the handle, so the compiler keeps a plain loop's next reads behind this one's write (a round
+// trip each; 64 of them a loop at 4096 tokens).
+template <typename Rewrite>
+EP_DEVICE void ep_ht_rewrite(int* values, const int* with, int n, Rewrite rewrite) {
+    for (int base = threadIdx.x; base < n; base += EP_HT_AT_ONCE * blockDim.x) {
+        int value[EP_HT_AT_ONCE], other[EP_HT_AT_ONCE];
+#pragma unroll
+        for (int j = 0; j < EP_HT_AT_ONCE; ++j) {
+            const int i = base + j * blockDim.x;
+            value[j] = i < n ? values[i] : 0;
+            other[j] = i < n && with != nullptr ? with[i] : 0;
+        }
+#pragma unroll
+        for (int j = 0; j < EP_HT_AT_ONCE; ++j) {
+            const int i = base + j * blockDim.x;
+            if (i >= n) break;
+            const int v = rewrite(i, value[j], other[j]);
+            if (v != value[j]) values[i] = v;
+        }
+    }
+}
+
 // ------------------------------------------------------------------------------------------
 // Update: one block per rank. Validates and masks the routing, counts per expert and per
 // destination rank in token order, all-gathers the counts, checks every destination's capacity
@@ -315,19 +339,7 @@ ep_ht_update(const EpArgs args) {
     }
     if (threadIdx.x < EP_R) kept_counts[EP_E + threadIdx.x] = min(kept_tokens[threadIdx.x], static_cast<int>(full[rank * (EP_E + EP_R) + EP_E + threadIdx.x]));
     __syncthreads();
-    for (int base = threadIdx.x; base < tokens * EP_R; base += EP_HT_AT_ONCE * blockDim.x) {
-        int position[EP_HT_AT_ONCE];
-#pragma unroll
-        for (int j = 0; j < EP_HT_AT_ONCE; ++j) {
-            const int i = base + j * blockDim.x;
-            position[j] = i < tokens * EP_R ? pair_rows[i] : -1;
-        }
-#pragma unroll
-        for (int j = 0; j < EP_HT_AT_ONCE; ++j) {
-            const int i = base + j * blockDim.x;
-            if (position[j] >= kept_tokens[i % EP_R]) pair_rows[i] = -1;
-        }
-    }
+    ep_ht_rewrite(pair_rows, nullptr, tokens * EP_R, [&](int i, int position, int) { return position >= kept_tokens[i % EP_R] ? -1 : position; });
     ep_publish_row(args, rank, mask, WS_KEPT + parity * EP_R * (EP_E + EP_R), seq * 4 + 2,
                    [&](int i) { return kept_counts[i]; });
     __shared__ int kept_timeout;
@@ -386,36 +398,12 @@ ep_ht_update(const EpArgs args) {
         before[i] = sum;
     }
     __syncthreads();
-    // Each thread reads EP_HT_AT_ONCE entries before it writes one: the arrays share the handle,
-    // so the compiler keeps a plain loop's next reads behind this one's write (a round trip each).
-    for (int base = threadIdx.x; base < tokens * EP_K; base += EP_HT_AT_ONCE * blockDim.x) {
-        int position[EP_HT_AT_ONCE], expert[EP_HT_AT_ONCE];
-#pragma unroll
-        for (int j = 0; j < EP_HT_AT_ONCE; ++j) {
-            const int i = base + j * blockDim.x;
-            position[j] = i < tokens * EP_K ? selection_rows[i] : -1;
-            expert[j] = i < tokens * EP_K ? routing[i] : -1;
-        }
-#pragma unroll
-        for (int j = 0; j < EP_HT_AT_ONCE; ++j) {
-            if (position[j] < 0) continue;
-            const int e = expert[j];
-            selection_rows[base + j * blockDim.x] = EP_EXPERT_MAJOR ? zone_start[e] + before[e] + position[j] : -1;
-        }
-    }
-    for (int base = threadIdx.x; base < tokens * EP_R; base += EP_HT_AT_ONCE * blockDim.x) {
-        int position[EP_HT_AT_ONCE];
-#pragma unroll
-        for (int j = 0; j < EP_HT_AT_ONCE; ++j) {
-            const int i = base + j * blockDim.x;
-            position[j] = i < tokens * EP_R ? pair_rows[i] : -1;
-        }
-#pragma unroll
-        for (int j = 0; j < EP_HT_AT_ONCE; ++j) {
-            const int i = base + j * blockDim.x;
-            if (position[j] >= 0) pair_rows[i] = before[EP_E + i % EP_R] + position[j];
-        }
-    }
+    ep_ht_rewrite(selection_rows, routing, tokens * EP_K, [&](int, int position, int e) {
+        return position < 0 ? position : EP_EXPERT_MAJOR ? zone_start[e] + before[e] + position : -1;
+    });
+    ep_ht_rewrite(pair_rows, nullptr, tokens * EP_R, [&](int i, int position, int) {
+        return position < 0 ? position : before[EP_E + i % EP_R] + position;
+    });
     // What this rank receives.
     ep_u32* layout = hs + H_LAYOUT;
     for (int i = threadIdx.x; i < EP_L * EP_R; i += blockDim.x) {
