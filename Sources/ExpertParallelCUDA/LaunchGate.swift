@@ -13,8 +13,9 @@ import Foundation
 /// device memory in a loop beside a group stepping per rank cost that group a timeout (a bounded,
 /// reported error) on 12 of 12 steps; allocations, memsets and event creation beside cost nothing.
 /// With this library's allocations and frees taken through the gate (tried behind a switch) the
-/// same steps ran clean, but the tests built on that still stop after their steps, cause not yet
-/// found (ConcurrentPerRankGroupsTests), so the gate is not taken for them yet. Per-rank launches
+/// same steps ran clean, but the tests built on that found results that differ from the oracle
+/// after their steps, cause not yet found (ConcurrentPerRankGroupsTests), so the gate is not
+/// taken for them yet. Per-rank launches
 /// stay a mode for tests and for ranks in separate processes; one launch for every rank (the
 /// default) has no such window.
 public enum LaunchGate {

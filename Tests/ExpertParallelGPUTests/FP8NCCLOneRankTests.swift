@@ -28,11 +28,11 @@ struct FP8NCCLOneRankTests {
                 let words = config.fp8Format!.scaleWordsPerRow * 4
                 for (start, count) in receivedZones(config, expected.layout) {
                     let rows = (start * config.wireRowBytes)..<((start + count) * config.wireRowBytes)
-                    #expect(got.received[rows] == expected.received[rows], "\(label): received rows \(start)..<\(start + count)")
+                    expectSameBytes(got.received[rows], expected.received[rows], "\(label): received rows \(start)..<\(start + count)")
                     let scales = (start * words)..<((start + count) * words)
                     #expect(got.scales?[scales] == expected.scales?[scales], "\(label): received scales \(start)..<\(start + count)")
                 }
-                #expect(got.combined == expected.combined, "\(label): combined rows")
+                expectSameBytes(got.combined, expected.combined, "\(label): combined rows")
                 handle.release()
             }
         }
