@@ -1,28 +1,30 @@
 /// Device and pinned host memory, copies and fills. A nil `stream` means the synchronous
 /// call; a stream means the `…Async` one, ordered on that stream.
 extension DriverLibrary {
-    /// `cuMemAlloc_v2`.
+    /// `cuMemAlloc_v2`, taking its turn with per-rank launch loops (LaunchGate.swift).
     public func allocate(byteCount: Int) throws -> DevicePointer {
         var pointer: UInt64 = 0
-        try check(functions.cuMemAlloc(&pointer, byteCount), "cuMemAlloc")
+        try LaunchGate.turn { try check(functions.cuMemAlloc(&pointer, byteCount), "cuMemAlloc") }
         return DevicePointer(rawValue: pointer)
     }
 
-    /// `cuMemFree_v2`.
+    /// `cuMemFree_v2`, taking its turn with per-rank launch loops (LaunchGate.swift: a free
+    /// between a call's per-rank launches holds its last ranks back until the timeout).
     public func free(_ pointer: DevicePointer) throws {
-        try check(functions.cuMemFree(pointer.rawValue), "cuMemFree")
+        try LaunchGate.turn { try check(functions.cuMemFree(pointer.rawValue), "cuMemFree") }
     }
 
-    /// `cuMemAllocHost_v2`: page-locked host memory, which async copies need to be asynchronous.
+    /// `cuMemAllocHost_v2`: page-locked host memory, which async copies need to be asynchronous
+    /// (taking its turn with per-rank launch loops).
     public func allocateHost(byteCount: Int) throws -> UnsafeMutableRawPointer {
         var pointer: UnsafeMutableRawPointer?
-        try check(functions.cuMemAllocHost(&pointer, byteCount), "cuMemAllocHost")
+        try LaunchGate.turn { try check(functions.cuMemAllocHost(&pointer, byteCount), "cuMemAllocHost") }
         return try nonNull(pointer, "cuMemAllocHost")
     }
 
-    /// `cuMemFreeHost`.
+    /// `cuMemFreeHost`, taking its turn with per-rank launch loops as `free` does.
     public func freeHost(_ pointer: UnsafeMutableRawPointer) throws {
-        try check(functions.cuMemFreeHost(pointer), "cuMemFreeHost")
+        try LaunchGate.turn { try check(functions.cuMemFreeHost(pointer), "cuMemFreeHost") }
     }
 
     /// `cuMemGetInfo_v2` for the current context: free and total bytes.

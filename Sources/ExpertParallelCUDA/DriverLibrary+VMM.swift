@@ -61,6 +61,10 @@ extension DriverLibrary {
     /// the memory alive even after the exporting process exits; `unmapImported` ends it.
     public func importAllocation(fileDescriptor: Int32, byteCount: Int, deviceOrdinal: Int) throws -> DevicePointer {
         let vmm = try self.vmm()
+        return try LaunchGate.turn { try importAllocation(vmm, fileDescriptor: fileDescriptor, byteCount: byteCount, deviceOrdinal: deviceOrdinal) }
+    }
+
+    private func importAllocation(_ vmm: DriverVMMFunctions, fileDescriptor: Int32, byteCount: Int, deviceOrdinal: Int) throws -> DevicePointer {
         var handle: UInt64 = 0
         try check(
             vmm.cuMemImportFromShareableHandle(&handle, UnsafeMutableRawPointer(bitPattern: UInt(fileDescriptor)), Self.posixFileDescriptorHandle),
@@ -82,10 +86,13 @@ extension DriverLibrary {
         return DevicePointer(rawValue: address)
     }
 
-    /// Ends a mapping made by `importAllocation`.
+    /// Ends a mapping made by `importAllocation` (taking its turn with per-rank launch loops, as
+    /// `free` does).
     public func unmapImported(_ pointer: DevicePointer, byteCount: Int) throws {
         let vmm = try self.vmm()
-        try check(vmm.cuMemUnmap(pointer.rawValue, byteCount), "cuMemUnmap")
-        try check(vmm.cuMemAddressFree(pointer.rawValue, byteCount), "cuMemAddressFree")
+        try LaunchGate.turn {
+            try check(vmm.cuMemUnmap(pointer.rawValue, byteCount), "cuMemUnmap")
+            try check(vmm.cuMemAddressFree(pointer.rawValue, byteCount), "cuMemAddressFree")
+        }
     }
 }

@@ -23,16 +23,19 @@ public struct NCCLWindow: RawRepresentable, Hashable, @unchecked Sendable {
 
 extension NCCLLibrary {
     /// `ncclMemAlloc`: device memory of the current device that NCCL (and `exportAllocation`)
-    /// can share with other processes.
+    /// can share with other processes (taking its turn with per-rank launch loops, LaunchGate.swift).
     public func memAlloc(byteCount: Int) throws -> DevicePointer {
         var pointer: UnsafeMutableRawPointer?
-        try check(try memory().ncclMemAlloc(&pointer, byteCount), "ncclMemAlloc")
+        let alloc = try memory().ncclMemAlloc
+        try LaunchGate.turn { try check(alloc(&pointer, byteCount), "ncclMemAlloc") }
         guard let pointer else { throw CUDAError.nccl(call: "ncclMemAlloc", code: 3, name: "ncclInternalError \"no memory returned\"") }
         return DevicePointer(rawValue: UInt64(UInt(bitPattern: pointer)))
     }
 
+    /// `ncclMemFree`, taking its turn with per-rank launch loops as `DriverLibrary.free` does.
     public func memFree(_ pointer: DevicePointer) throws {
-        try check(try memory().ncclMemFree(UnsafeMutableRawPointer(bitPattern: UInt(pointer.rawValue))), "ncclMemFree")
+        let free = try memory().ncclMemFree
+        try LaunchGate.turn { try check(free(UnsafeMutableRawPointer(bitPattern: UInt(pointer.rawValue))), "ncclMemFree") }
     }
 
     /// `ncclCommWindowRegister` (collective: every rank registers a buffer of the same size),

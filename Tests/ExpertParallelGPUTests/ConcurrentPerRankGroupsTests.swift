@@ -4,27 +4,19 @@ import Foundation
 import Synchronization
 import Testing
 
-/// Reproductions of an open defect, not yet passing tests: groups launching their ranks
-/// separately (`.perRank`) beside other work of the process. What is known (H200, 2026-12-02/03):
-/// - A thread calling `cuMemFree` in a loop beside a group stepping per rank costs the group a
-///   timeout on 12 of 12 steps (a rank's kernel is held back while its peers spin); allocations,
-///   synchronous memsets and event creation beside cost nothing. With this library's allocations
-///   and frees taking turns with the per-rank launch loops (LaunchGate, tried behind a switch),
-///   the same 12 steps took 5.2 ms in all.
-/// - Two groups stepping per rank at once (40 steps each, warm or cold) finish every step with no
-///   timeout and every rank active.
-/// - Both tests below nevertheless ran past 25 s in builds with frees, or allocations and frees,
-///   gated: traced by stage, the steps and their status checks finished, then the test thread
-///   stopped in the checks after them (two groups: after all 80 steps; frees beside: step 0's),
-///   no thread holding the gate. Found afterwards (no GPU left that session): a failing
-///   `#expect(a == b)` on byte arrays makes Swift Testing diff them, in time quadratic in their
-///   length (80,000 bytes: 22 s; a rank's 800 KB receive buffer: most of an hour), and
-///   `expectMatch` compared whole buffers that way. So these results did not match the oracle;
-///   `expectMatch` now reports the first differing byte at once (`expectSameBytes`). Why they
-///   differ (a defect of repeated per-rank steps, or of these tests) is the next thing to find.
-/// Enable with EP_GPU_TESTS=1 EP_REPRODUCE_CONCURRENT_PER_RANK=1.
-@Suite(.enabled(if: gpuTestsEnabled && sharedDevice != nil && ProcessInfo.processInfo.environment["EP_REPRODUCE_CONCURRENT_PER_RANK"] == "1",
-                "reproduces an open defect: set EP_GPU_TESTS=1 EP_REPRODUCE_CONCURRENT_PER_RANK=1"), .serialized)
+/// Groups launching their ranks separately (`.perRank`) beside other work of the process: a
+/// second group stepping per rank in another thread, and a thread that allocates and frees device
+/// memory. Each step's ranks spin for each other on the GPU, so a free by another thread between a
+/// call's launches held the last ranks back until the timeout: on an H200 (2026-12-02) that cost a
+/// timeout on 12 of 12 steps, before this library's allocations and frees took turns with the
+/// launch loops (LaunchGate.swift). History: these tests once looked hung after their steps; they
+/// compared whole receive buffers with `#expect(a == b)`, whose failure diff is quadratic in the
+/// length, and had not poisoned those buffers as the oracle does (`poison()`), so rows past the
+/// counts differed (expectMatch now uses `expectSameBytes`). Per-rank steps need the process's GPU
+/// to themselves otherwise (GPUOracle.swift): these run in the per-rank pass
+/// (`EP_PER_RANK_TESTS=1`, scripts/device-verify).
+@Suite(.enabled(if: gpuTestsEnabled && perRankTestsEnabled && sharedDevice != nil, "per-rank pass on a GPU: EP_GPU_TESTS=1 EP_PER_RANK_TESTS=1"),
+       .serialized)
 struct ConcurrentPerRankGroupsTests {
     static let tokens = [16, 9, 16, 4]
 
@@ -41,7 +33,10 @@ struct ConcurrentPerRankGroupsTests {
         let inputs = StepInputs(config: config, tokens: tokens, seed: 21)
         let groups = try (0..<2).map { _ in try VirtualGPUGroup(config, device: device) }
         let buffers = try (0..<2).map { _ in try GPUStep(config, device, tokens: tokens) }
-        for b in buffers { try b.upload(inputs) }
+        for b in buffers {
+            try b.upload(inputs)
+            try b.poison()   // rows past the counts read as the oracle's do
+        }
         // One step each first: the kernels' compile is not what the timing below measures.
         for i in 0..<2 { try buffers[i].enqueue(groups[i], mode: .perRank) }
         for group in groups { try group.checkStatus() }
@@ -64,7 +59,8 @@ struct ConcurrentPerRankGroupsTests {
         }
     }
 
-    /// One group steps per rank while another thread allocates and frees device memory: no step
+    /// One group steps per rank while another thread allocates and frees device memory (this
+    /// library's tensors, whose allocations and frees take turns with the launch loops): no step
     /// waits out the timeout, no rank is lost, every step matches the oracle.
     @Test func freesBesideDoNotStallPerRankLaunches() throws {
         let device = try #require(sharedDevice)
@@ -73,6 +69,7 @@ struct ConcurrentPerRankGroupsTests {
         let group = try VirtualGPUGroup(config, device: device)
         let step = try GPUStep(config, device, tokens: tokens)
         try step.upload(inputs)
+        try step.poison()
         try step.enqueue(group, mode: .perRank)
         try group.checkStatus()
         let oracle = try oracleStep(config, inputs)

@@ -16,12 +16,13 @@ let sharedDevice: GPUDevice? = try? GPUDevice()
 let noReportHint = "no ptxas report: a second compile served from CUDA's compute cache? Run with CUDA_CACHE_DISABLE=1"
 
 /// Per-rank launches (one launch per rank, whose ranks wait for each other on the GPU) need the
-/// process's GPU work to themselves: another thread's launches, or its synchronising driver calls
-/// (an allocation's free) between a call's launches, can leave a rank's kernel unscheduled while
-/// its peers wait out the timeout (ConcurrentPerRankGroupsTests reproduces it; README: per-rank
-/// launches are a test mode). So the GPU suite, whose tests run in parallel, runs every step as
-/// one launch, and a second pass, `EP_PER_RANK_TESTS=1` with `--no-parallel` (scripts/device-verify),
-/// runs the per-rank steps alone.
+/// process's GPU work to themselves: another thread's launches can fill the SMs a rank's kernel
+/// waits for, and a driver call that waits for the GPU between a call's launches (a free by another
+/// library; this library's allocations and frees take turns with them, LaunchGate.swift) holds
+/// back its last ranks while their peers wait out the timeout. So the GPU suite, whose tests run
+/// in parallel, runs every step as one launch, and a second pass, `EP_PER_RANK_TESTS=1` with
+/// `--no-parallel` (scripts/device-verify), runs the per-rank steps alone (ConcurrentPerRankGroupsTests
+/// there: two groups stepping per rank at once, and frees beside).
 let perRankTestsEnabled = ProcessInfo.processInfo.environment["EP_PER_RANK_TESTS"] == "1"
 
 /// How a step a test would launch `wanted` runs in this pass: the parallel pass launches every

@@ -4,9 +4,9 @@ import Foundation
 import Synchronization
 import Testing
 
-/// Module loads and unloads and eager function loads take turns with per-rank launch loops
-/// (LaunchGate.swift says why). Checked on the mock driver: while the gate is held, each waits in
-/// another thread; it finishes once the gate is let go. Allocations do not wait.
+/// Module loads and unloads, eager function loads, allocations and frees take turns with per-rank
+/// launch loops (LaunchGate.swift says why). Checked on the mock driver: while the gate is held,
+/// each waits in another thread; it finishes once the gate is let go. Copies and fills do not wait.
 @Suite(.serialized)
 struct LaunchGateTests {
     /// Whether `call`, made in another thread while the gate is held, waits for the gate.
@@ -26,14 +26,20 @@ struct LaunchGateTests {
         return early == .timedOut
     }
 
-    @Test func loadsTakeTurnsWithPerRankLaunchesAndAllocationsDoNot() throws {
+    @Test func loadsAllocationsAndFreesTakeTurnsWithPerRankLaunchesAndFillsDoNot() throws {
         try MockCUDA.run { _ in
             let driver = try MockCUDA.device().driver
             let image = Array("// ptx\n".utf8) + [0]
             #expect(waitsForTheGate { _ = try driver.loadModule(image: image) }, "cuModuleLoadData")
             let module = try driver.loadModule(image: image)
             #expect(waitsForTheGate { try driver.unload(module) }, "cuModuleUnload")
-            #expect(!waitsForTheGate { _ = try driver.allocate(byteCount: 256) }, "cuMemAlloc")
+            #expect(waitsForTheGate { _ = try driver.allocate(byteCount: 256) }, "cuMemAlloc")
+            let memory = try driver.allocate(byteCount: 256)
+            #expect(!waitsForTheGate { try driver.fill(memory, byte: 0, byteCount: 256) }, "cuMemsetD8")
+            #expect(waitsForTheGate { try driver.free(memory) }, "cuMemFree")
+            #expect(waitsForTheGate { try driver.freeHost(try driver.allocateHost(byteCount: 256)) }, "cuMemAllocHost")
+            let host = UInt(bitPattern: try driver.allocateHost(byteCount: 256))
+            #expect(waitsForTheGate { try driver.freeHost(UnsafeMutableRawPointer(bitPattern: host)!) }, "cuMemFreeHost")
         }
     }
 }
