@@ -17,9 +17,14 @@ public struct GPUTuning: Sendable, Hashable {
     /// the rank's other blocks wait on the GPU for its update block). Off: two launches, as the
     /// separate update and dispatch calls always are. Same results either way.
     public var fusesUpdate: Bool
+    /// HT: tokens each update block counts (the update runs ⌈max tokens per rank ÷ this⌉ blocks
+    /// per rank, at most 16; only the rank's last block to finish waits for the peers).
+    public var updateChunkTokens: Int
 
-    public init(pipelineDepth: Int = 4, rowsInFlight: Int = 8, rowPieces: Int? = nil, blocksPerMultiprocessor: Int? = nil, fusesUpdate: Bool = true) {
+    public init(pipelineDepth: Int = 4, rowsInFlight: Int = 8, rowPieces: Int? = nil, blocksPerMultiprocessor: Int? = nil, fusesUpdate: Bool = true,
+                updateChunkTokens: Int = 256) {
         self.fusesUpdate = fusesUpdate
+        self.updateChunkTokens = updateChunkTokens
         self.pipelineDepth = pipelineDepth
         self.rowsInFlight = rowsInFlight
         self.rowPieces = rowPieces
@@ -37,6 +42,7 @@ public struct GPUTuning: Sendable, Hashable {
         if let rowPieces, !(1...vectors).contains(rowPieces) {
             throw fail("rowPieces", rowPieces, "must be in 1...\(vectors) (16-byte vectors in a row)")
         }
+        guard updateChunkTokens >= 1 else { throw fail("updateChunkTokens", updateChunkTokens, "must be at least 1") }
         if let blocks = blocksPerMultiprocessor, !(1...2).contains(blocks) {
             throw fail("blocksPerMultiprocessor", blocks, "must be 1 or 2 (two 512-thread blocks fill an SM's registers)")
         }

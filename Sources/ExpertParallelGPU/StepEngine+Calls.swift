@@ -90,7 +90,7 @@ extension StepEngine {
     func enqueueUpdate(_ handle: GPUStepHandle, routing: [RoutingRows], indexBytes: Int, options: CallOptions) throws(EPError) {
         handle.setStep(nil)
         let k = try kernels(.init(indexBytes: indexBytes, receivedIndexBytes: 4, vectorBytes: 16))
-        try launch(k.update, threads: workspace.updateThreads, blocks: 1, mode: options.launch, sync: [], weighted: false, slices: 1,
+        try launch(k.update, threads: workspace.updateThreads, blocks: workspace.updateBlocks, mode: options.launch, sync: [], weighted: false, slices: 1,
                    handle: handle, stream: stream(options)) { r, w in
             guard let i = localIndex(r) else { return }
             w[.topkIdx] = routing[i].address

@@ -63,7 +63,7 @@ final class StepEngine: @unchecked Sendable {
         self.mask = mask
         self.stream = stream
         multiprocessors = sms
-        workspace = StepWorkspace(config, transport: transport)
+        workspace = StepWorkspace(config, transport: transport, updateChunkTokens: tuning.updateChunkTokens)
         args = StepArguments(ranks: config.ranks)
         switch placement {
         case .virtualRanks:

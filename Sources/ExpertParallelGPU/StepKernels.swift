@@ -41,7 +41,7 @@ struct StepKernels: Sendable {
             "EP_ONE_DEVICE": variant.oneDevice ? "1" : "0",
         ]) { _, new in new }
         defines.merge(StepArguments.contractDefines(ranks: config.ranks)) { _, new in new }
-        defines.merge(StepWorkspace(config, transport: variant.transport).defines) { _, new in new }
+        defines.merge(StepWorkspace(config, transport: variant.transport, updateChunkTokens: tuning.updateChunkTokens).defines) { _, new in new }
         if let fp8 = config.fp8 {
             // FP8 groups only: every other variant keeps its defines (and its cache key) unchanged.
             defines["EP_FP8"] = fp8.source == .quantize ? "1" : "2"

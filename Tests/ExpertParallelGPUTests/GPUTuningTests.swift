@@ -18,6 +18,7 @@ struct GPUTuningTests {
         (GPUTuning(rowPieces: 0), "tuning.rowPieces", "must be in 1...8 (16-byte vectors in a row)"),
         (GPUTuning(rowPieces: 9), "tuning.rowPieces", "must be in 1...8 (16-byte vectors in a row)"),
         (GPUTuning(blocksPerMultiprocessor: 3), "tuning.blocksPerMultiprocessor", "must be 1 or 2 (two 512-thread blocks fill an SM's registers)"),
+        (GPUTuning(updateChunkTokens: 0), "tuning.updateChunkTokens", "must be at least 1"),
     ])
     func outOfBoundsSettingsNameTheFieldTheValueAndTheBound(tuning: GPUTuning, field: String, requirement: String) {
         #expect(throws: EPError.self) { _ = try tuning.validated(Self.config) }
@@ -34,6 +35,23 @@ struct GPUTuningTests {
         #expect(tuning.defines == ["EP_UNROLL": "4", "EP_CHUNK": "8"])
     }
 
+    /// The HT update's blocks per rank: one per chunk of tokens, at most 16, in the handle's words.
+    @Test func htUpdateBlocksFollowTheChunkSize() throws {
+        let ht = try GroupConfig(algorithm: .highThroughput, ranks: 8, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 4096).validatedForGPU()
+        #expect(StepWorkspace(ht).updateBlocks == 16)
+        #expect(StepWorkspace(ht, updateChunkTokens: 1024).updateBlocks == 4)
+        #expect(StepWorkspace(ht, updateChunkTokens: 1).updateBlocks == 16)
+        #expect(StepWorkspace(ht, updateChunkTokens: 5000).updateBlocks == 1)
+        let odd = try GroupConfig(algorithm: .highThroughput, ranks: 6, experts: 96, topK: 10, hidden: 2880, maxTokensPerRank: 77).validatedForGPU()
+        #expect(StepWorkspace(odd).updateBlocks == 1)
+        #expect(StepWorkspace(odd, updateChunkTokens: 5).updateBlocks == 16)
+        #expect(StepWorkspace(odd, updateChunkTokens: 5).defines["EP_HT_CHUNKS"] == "16")
+        // Each chunk keeps a row of counts (E + R words) in the handle, and two words beside them.
+        #expect(StepWorkspace(odd, updateChunkTokens: 5).layout - StepWorkspace(odd).layout == 15 * (96 + 6))
+        // LL has one update block whatever the setting.
+        #expect(StepWorkspace(Self.config, updateChunkTokens: 1).updateBlocks == 1)
+    }
+
     static let runsNVRTC = ProcessInfo.processInfo.environment["EP_REQUIRE_NVRTC"] == "1" || NVRTCLibrary.isAvailable
 
     /// Every setting at its bounds compiles, for both algorithms and every layout.
@@ -43,8 +61,8 @@ struct GPUTuningTests {
         let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)
         let algorithm: Algorithm = layout == .expertMajor || layout == .rankMajor ? .lowLatency : .highThroughput
         let config = GroupConfig(algorithm: algorithm, ranks: 8, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 128, layout: layout)
-        for (depth, rows) in [(1, 1), (8, 16)] {
-            let tuning = try GPUTuning(pipelineDepth: depth, rowsInFlight: rows).validated(config)
+        for (depth, rows, chunk) in [(1, 1, 1), (8, 16, 256)] {
+            let tuning = try GPUTuning(pipelineDepth: depth, rowsInFlight: rows, updateChunkTokens: chunk).validated(config)
             let defines = StepKernels.defines(config, .init(indexBytes: 4, receivedIndexBytes: 4, vectorBytes: 16), tuning)
             let source = KernelSource.embedded(algorithm == .lowLatency ? "ep_ll" : "ep_ht")
             let kernel = try compiler.compile(source, arch: .hopper, defines: defines)

@@ -16,7 +16,9 @@ struct HTOracleTests {
         for (i, s) in LLOracleTests.shapes.enumerated() {
             let config = GroupConfig.forLayout(layout, ranks: s.ranks, experts: s.ranks * s.local, topK: s.topK, hidden: s.hidden,
                                                elementType: s.type, maxTokensPerRank: s.maxTokens)
-            let group = try VirtualGPUGroup(config, device: device)
+            // Every other shape counts its tokens in chunks of 3 (up to 16 update blocks per rank;
+            // chunks of unequal fill, empty ones past the last token); the others in one block.
+            let group = try VirtualGPUGroup(config, device: device, tuning: GPUTuning(updateChunkTokens: i % 2 == 0 ? 3 : 256))
             for step in 0..<9 {
                 guard let mode = launchMode(step % 4 == 3 ? .perRank : .single) else { continue }
                 var random = RandomRouting(seed: UInt64(2000 * i + step))
@@ -94,7 +96,8 @@ struct HTOracleTests {
     @Test func capturedGraphReplaysWithNewRouting() throws {
         let config = GroupConfig.forLayout(.expertMajorPadded(alignment: 8), ranks: 4, experts: 32, topK: 4, hidden: 256,
                                            elementType: .bf16, maxTokensPerRank: 64)
-        try graphReplaysMatchTheOracle(config, tokens: [64, 40, 64, 9], firstSeed: 900) { $0 % 2 == 0 ? 0 : 3 }
+        // Chunks of 16 tokens: 4 update blocks per rank, whose arrival count every replay resets.
+        try graphReplaysMatchTheOracle(config, tokens: [64, 40, 64, 9], firstSeed: 900, tuning: GPUTuning(updateChunkTokens: 16)) { $0 % 2 == 0 ? 0 : 3 }
     }
 }
 
@@ -109,7 +112,8 @@ struct HTDropPolicyTests {
             var config = GroupConfig.forLayout(layout, ranks: ranks, experts: ranks * local, topK: topK, hidden: 24,
                                                elementType: .bf16, maxTokensPerRank: 12, maxReceivedTokensPerRank: capacity)
             config.overflow = .drop
-            let group = try VirtualGPUGroup(config, device: device)
+            // Cases 1 and 3 count their tokens in chunks of 5 (3 update blocks per rank).
+            let group = try VirtualGPUGroup(config, device: device, tuning: GPUTuning(updateChunkTokens: i % 2 == 1 ? 5 : 256))
             var dropped = 0
             for step in 0..<8 {
                 var random = RandomRouting(seed: UInt64(70 * i + step))

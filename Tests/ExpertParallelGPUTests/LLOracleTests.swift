@@ -218,10 +218,10 @@ struct LLOracleTests {
 /// times with new routing (and tokens) written into the same buffers, against the oracle each time.
 func graphReplaysMatchTheOracle(
     _ config: GroupConfig, tokens: [Int], firstSeed: UInt64, replays: Int = 100, captureMode: StreamCaptureMode = .threadLocal,
-    fused: Bool = false, skew: (Int) -> Double
+    fused: Bool = false, tuning: GPUTuning = GPUTuning(), skew: (Int) -> Double
 ) throws {
     let device = try #require(sharedDevice)
-    let group = try VirtualGPUGroup(config, device: device)
+    let group = try VirtualGPUGroup(config, device: device, tuning: tuning)
     let buffers = try GPUStep(config, device, tokens: tokens)
     try buffers.upload(StepInputs(config: config, tokens: tokens, seed: 0))
     let driver = device.driver

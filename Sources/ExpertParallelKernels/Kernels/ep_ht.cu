@@ -16,6 +16,9 @@
 #define EP_CAPACITY (EP_R * EP_BMAX)   // N: rows of each rank's receive buffer
 #endif
 #define EP_HT_UPDATE_WARPS 16
+#ifndef EP_HT_CHUNKS
+#define EP_HT_CHUNKS 1      // update: blocks per rank, each counting a chunk of the tokens (the host's choice)
+#endif
 #define EP_HT_AT_ONCE 8                                          // update: entries a thread reads before it writes
 #define EP_HT_ROWS_AT_ONCE (EP_K >= 16 ? 1 : 16 / EP_K)          // update: token rows a thread reads before it writes
 #define EP_FANOUT (EP_K > EP_R ? EP_K : EP_R)   // rows one token reduces at most
@@ -27,7 +30,10 @@
 #define H_DEST (H_ROUTING + EP_BMAX * EP_K)                 // [BMAX] bit d: the token goes to rank d
 #define H_SEL_ROW (H_DEST + EP_BMAX)                        // [BMAX][K] slot of each selection (expert-major)
 #define H_PAIR_ROW (H_SEL_ROW + EP_BMAX * EP_K)             // [BMAX][R] row of each (token, rank), or -1
-#define H_LAYOUT (H_PAIR_ROW + EP_BMAX * EP_R)              // [L], [R], [L][R], total, dropped, [L] offsets
+#define H_CHUNK (H_PAIR_ROW + EP_BMAX * EP_R)               // [CHUNKS][E + R] update: each chunk's counts, then their prefix
+#define H_ARRIVED (H_CHUNK + EP_HT_CHUNKS * (EP_E + EP_R))  // update: chunk blocks done (reset by the last)
+#define H_BAD (H_ARRIVED + 1)                               // update: 1 when a chunk held an invalid row (reset by the last)
+#define H_LAYOUT (H_BAD + 1)                                // [L], [R], [L][R], total, dropped, [L] offsets
 #define H_ORIGIN (H_LAYOUT + EP_L + EP_R + EP_L * EP_R + 2 + EP_L)   // staged: [N] origin of each received row
 EP_CHECK_ALGORITHM_CONTRACT("HT", EP_HT_UPDATE_WARPS, EP_CAPACITY)
 
@@ -197,66 +203,55 @@ EP_DEVICE void ep_ht_rewrite(int* values, const int* with, int n, Rewrite rewrit
 }
 
 // ------------------------------------------------------------------------------------------
-// Update: one block per rank. Validates and masks the routing, counts per expert and per
-// destination rank in token order, all-gathers the counts, checks every destination's capacity
-// and fixes every row: pairs (flat) and selections (expert-major) in (source rank, token) order.
+// Update: EP_HT_CHUNKS blocks per rank, each over a contiguous chunk of the rank's tokens: it
+// validates and masks its rows and counts per expert and per destination rank in token order,
+// giving each selection and pair its position within the chunk. The rank's last block to finish
+// turns the chunks' counts into prefixes, all-gathers the rank's counts, checks every
+// destination's capacity and fixes every row: pairs (flat) and selections (expert-major) in
+// (source rank, token) order. Only that block waits for peers; the others never wait.
 
-extern "C" __global__ void __launch_bounds__(EP_HT_UPDATE_WARPS * 32, 1)
-ep_ht_update(const EpArgs args) {
-    const int rank = static_cast<int>(blockIdx.y + args.first_rank);
+// Tokens of each chunk (at least 1, so token t is in chunk t / size).
+EP_DEVICE int ep_ht_chunk_size(int tokens) { return max(1, (tokens + EP_HT_CHUNKS - 1) / EP_HT_CHUNKS); }
+
+// Chunk `index`, tokens [first, last) of the rank's (empty past the last token), by one block:
+// validate and mask the rows, count per warp in token order, write the chunk's totals to its row
+// of H_CHUNK and each selection's and pair's position within the chunk (-1 for none). `counts`
+// is zero on entry.
+EP_DEVICE void ep_ht_count_chunk(const EpArgs& args, int rank, ep_u64 mask, int index, int first, int last,
+                                 int (&counts)[EP_HT_UPDATE_WARPS][EP_E + EP_R], int& bad) {
     ep_u32* ws = ep_ws(args, rank);
     ep_u32* hs = ep_hs(args, rank);
-    const int tokens = static_cast<int>(args.rank[rank].tokens);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const ep_u32 seq = ws[WS_SEQ] + 1;
-    const int parity = seq & 1;
-    const ep_u64 mask = ep_load_mask(args);
     int* routing = reinterpret_cast<int*>(hs + H_ROUTING);
     ep_u32* destinations = hs + H_DEST;
     int* selection_rows = reinterpret_cast<int*>(hs + H_SEL_ROW);
     int* pair_rows = reinterpret_cast<int*>(hs + H_PAIR_ROW);
 
-    __shared__ int counts[EP_HT_UPDATE_WARPS][EP_E + EP_R];
-    __shared__ int zone_start[EP_E];   // expert-major: first slot of each expert's zone on its rank
-    __shared__ int required[EP_R];
-    __shared__ int bad;
-    if (threadIdx.x == 0) {
-        bad = 0;
-        hs[H_STEP_OK] = 0;
-        hs[H_SEQ] = seq;
-    }
-    for (int i = threadIdx.x; i < EP_HT_UPDATE_WARPS * (EP_E + EP_R); i += blockDim.x) (&counts[0][0])[i] = 0;
-    __syncthreads();
-    if (!ep_active(mask, rank)) {
-        if (threadIdx.x == 0) ws[WS_SEQ] = seq;
-        return;
-    }
-
-    // One pass, a thread per token: validate its row (-1 or [0, E), no expert twice), mask the
-    // experts of inactive ranks, and note its destination ranks. (When any row is invalid the
-    // step is void and nothing is written, so the routing kept here no longer matters.)
-    // A thread reads the ids of EP_HT_ROWS_AT_ONCE tokens before it writes any (as below).
-    for (int t0 = threadIdx.x; t0 < tokens; t0 += EP_HT_ROWS_AT_ONCE * blockDim.x) {
+    // A thread per token: validate its row (-1 or [0, E), no expert twice), mask the experts of
+    // inactive ranks, and note its destination ranks. (When any row is invalid the step is void
+    // and nothing is written, so the routing kept here no longer matters.) A thread reads the ids
+    // of EP_HT_ROWS_AT_ONCE tokens before it writes any.
+    for (int t0 = first + static_cast<int>(threadIdx.x); t0 < last; t0 += EP_HT_ROWS_AT_ONCE * blockDim.x) {
         long long ids[EP_HT_ROWS_AT_ONCE][EP_K];
 #pragma unroll
         for (int u = 0; u < EP_HT_ROWS_AT_ONCE; ++u) {
             const int t = t0 + u * blockDim.x;
 #pragma unroll
-            for (int c = 0; c < EP_K; ++c) ids[u][c] = t < tokens ? ep_read_index(args, rank, t * EP_K + c) : -1;
+            for (int c = 0; c < EP_K; ++c) ids[u][c] = t < last ? ep_read_index(args, rank, t * EP_K + c) : -1;
         }
 #pragma unroll
         for (int u = 0; u < EP_HT_ROWS_AT_ONCE; ++u) {
             const int t = t0 + u * blockDim.x;
-            if (t < tokens) ep_ht_take_row(ws, mask, t, ids[u], routing, destinations, bad);
+            if (t < last) ep_ht_take_row(ws, mask, t, ids[u], routing, destinations, bad);
         }
     }
     __syncthreads();
 
-    // Pass 1: per-warp counts over a contiguous chunk of tokens, in token order. The routing of
+    // Pass 1: per-warp counts over a contiguous part of the chunk, in token order. The routing of
     // 32 tokens is loaded at once (32 loads in flight per lane) before the in-order walk over them,
     // and the next 32 tokens' while it walks.
-    const int chunk = (tokens + EP_HT_UPDATE_WARPS - 1) / EP_HT_UPDATE_WARPS;
-    const int begin = min(tokens, warp * chunk), end = min(tokens, begin + chunk);
+    const int part = (last - first + EP_HT_UPDATE_WARPS - 1) / EP_HT_UPDATE_WARPS;
+    const int begin = min(last, first + warp * part), end = min(last, begin + part);
     int experts[32], next_experts[32];
     ep_u32 bits_of_lane_token = 0, next_bits = 0;
     ep_ht_load_batch(routing, destinations, begin, end, experts, bits_of_lane_token);
@@ -273,11 +268,12 @@ ep_ht_update(const EpArgs args) {
         ep_ht_next_batch(experts, bits_of_lane_token, next_experts, next_bits);
     }
     __syncthreads();
-    // Exclusive prefix over warps; the totals go to every active rank's table.
-    ep_publish_row(args, rank, mask, WS_COUNTS + parity * EP_R * (EP_E + EP_R), seq * 4 + (bad ? 1 : 0),
-                   [&](int i) { return ep_warp_prefix(counts, i); });
+    // Exclusive prefix over warps; the chunk's totals go to its row of H_CHUNK.
+    ep_u32* chunk_row = hs + H_CHUNK + index * (EP_E + EP_R);
+    for (int i = threadIdx.x; i < EP_E + EP_R; i += blockDim.x) chunk_row[i] = static_cast<ep_u32>(ep_warp_prefix(counts, i));
+    __syncthreads();
 
-    // Pass 2: this rank's own position of each selection and pair, in token order.
+    // Pass 2: each selection's and pair's position within the chunk, in token order.
     ep_ht_load_batch(routing, destinations, begin, end, experts, bits_of_lane_token);
     for (int t0 = begin; t0 < end; t0 += 32) {
         ep_ht_load_batch(routing, destinations, t0 + 32, end, next_experts, next_bits);
@@ -292,6 +288,84 @@ ep_ht_update(const EpArgs args) {
         }
         ep_ht_next_batch(experts, bits_of_lane_token, next_experts, next_bits);
     }
+}
+
+extern "C" __global__ void __launch_bounds__(EP_HT_UPDATE_WARPS * 32, 1)
+ep_ht_update(const EpArgs args) {
+    const int rank = static_cast<int>(blockIdx.y + args.first_rank);
+    ep_u32* ws = ep_ws(args, rank);
+    ep_u32* hs = ep_hs(args, rank);
+    const int tokens = static_cast<int>(args.rank[rank].tokens);
+    // Every block reads the sequence before any block can advance it (the last block does, once
+    // every block has arrived).
+    const ep_u32 seq = ws[WS_SEQ] + 1;
+    const int parity = seq & 1;
+    int* routing = reinterpret_cast<int*>(hs + H_ROUTING);
+    ep_u32* destinations = hs + H_DEST;
+    int* selection_rows = reinterpret_cast<int*>(hs + H_SEL_ROW);
+    int* pair_rows = reinterpret_cast<int*>(hs + H_PAIR_ROW);
+
+    __shared__ int counts[EP_HT_UPDATE_WARPS][EP_E + EP_R];
+    __shared__ int zone_start[EP_E];   // expert-major: first slot of each expert's zone on its rank
+    __shared__ int required[EP_R];
+    __shared__ int bad;
+    __shared__ int last_block;
+    if (threadIdx.x == 0) {
+        bad = 0;
+        hs[H_STEP_OK] = 0;   // before this block arrives: the last block's final word comes after
+    }
+    for (int i = threadIdx.x; i < EP_HT_UPDATE_WARPS * (EP_E + EP_R); i += blockDim.x) (&counts[0][0])[i] = 0;
+    // One mask for the block. A block that finds its rank inactive skips its chunk; the mask only
+    // loses ranks during a launch, so the last block then finds it inactive too.
+    const ep_u64 chunk_mask = ep_block_mask(args);
+    const int size = ep_ht_chunk_size(tokens);
+    const int first = min(tokens, static_cast<int>(blockIdx.x) * size), last = min(tokens, first + size);
+    if (ep_active(chunk_mask, rank) && blockIdx.x < EP_HT_CHUNKS) {
+        ep_ht_count_chunk(args, rank, chunk_mask, static_cast<int>(blockIdx.x), first, last, counts, bad);
+    }
+    // Arrive: every thread's writes are fenced before the block counts itself in.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        if (bad) atomicOr(hs + H_BAD, 1u);
+        __threadfence();
+        last_block = atomicAdd(hs + H_ARRIVED, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last_block) return;
+    __threadfence();   // the other blocks' words are read only after their arrival was seen
+    if (threadIdx.x == 0) {
+        if (ep_load_flag(hs + H_BAD)) bad = 1;
+        hs[H_BAD] = 0;
+        hs[H_ARRIVED] = 0;   // every block has arrived: ready for the next launch (graph replays)
+        hs[H_SEQ] = seq;
+    }
+    const ep_u64 mask = ep_block_mask(args);
+    if (!ep_active(mask, rank)) {
+        if (threadIdx.x == 0) ws[WS_SEQ] = seq;
+        return;
+    }
+
+    // The chunks' counts become exclusive prefixes over the chunks (in place); the rank's totals
+    // go to every active rank's table.
+    ep_u32* chunk = hs + H_CHUNK;
+    for (int i = threadIdx.x; i < EP_E + EP_R; i += blockDim.x) {
+        int running = 0;
+        for (int c = 0; c < EP_HT_CHUNKS; ++c) {
+            const int here = static_cast<int>(chunk[c * (EP_E + EP_R) + i]);
+            chunk[c * (EP_E + EP_R) + i] = static_cast<ep_u32>(running);
+            running += here;
+        }
+        counts[0][i] = running;
+    }
+    __syncthreads();
+    ep_publish_row(args, rank, mask, WS_COUNTS + parity * EP_R * (EP_E + EP_R), seq * 4 + (bad ? 1 : 0),
+                   [&](int i) { return counts[0][i]; });
+    // Position of a selection (column < E: its expert) or pair (E + destination) of token t among
+    // the rank's, from its position within t's chunk.
+    const auto in_rank = [&](int t, int column, int position) {
+        return position < 0 ? position : static_cast<int>(chunk[(t / size) * (EP_E + EP_R) + column]) + position;
+    };
 
     // Wait for every active rank's counts (bounded); a late or bad rank voids the step.
     if (!ep_counts_arrived(args, ws, hs, mask, seq * 4, bad, seq)) return;
@@ -302,10 +376,14 @@ ep_ht_update(const EpArgs args) {
 #if EP_DROP
     // Drop policy: per destination, (source rank, token) pairs are kept in order while the
     // receive buffer still fits them; this rank works out its kept prefix, then the ranks
-    // all-gather what they kept and lay out the zones from that.
+    // all-gather what they kept and lay out the zones from that. Positions are the rank's first.
+    ep_ht_rewrite(selection_rows, routing, tokens * EP_K, [&](int i, int position, int e) { return in_rank(i / EP_K, e, position); });
+    ep_ht_rewrite(pair_rows, nullptr, tokens * EP_R, [&](int i, int position, int) { return in_rank(i / EP_R, EP_E + i % EP_R, position); });
+    __syncthreads();
     __shared__ int kept_tokens[EP_R];
     __shared__ int kept_counts[EP_E + EP_R];
     __shared__ int zone_count[EP_L];
+    const int warp = threadIdx.x / 32;
     if (threadIdx.x < EP_R) kept_tokens[threadIdx.x] = ep_ht_kept_tokens(full, gathered, rank, threadIdx.x);
     for (int i = threadIdx.x; i < EP_E + EP_R; i += blockDim.x) kept_counts[i] = 0;
     __syncthreads();
@@ -363,6 +441,7 @@ ep_ht_update(const EpArgs args) {
     const ep_u32* table = ws + WS_KEPT + parity * EP_R * (EP_E + EP_R);
     ep_ht_zones(table, gathered, zone_start, required);
     __syncthreads();
+    const bool chunk_positions = false;   // already the rank's (above)
 #else
     const ep_u32* table = full;
     ep_ht_zones(full, gathered, zone_start, required);
@@ -386,6 +465,7 @@ ep_ht_update(const EpArgs args) {
         }
         return;
     }
+    const bool chunk_positions = true;   // still within their chunk: the final rows add the prefix
 #endif
 
     // Final rows: rows of lower source ranks first (and the zone start, expert-major).
@@ -398,11 +478,14 @@ ep_ht_update(const EpArgs args) {
         before[i] = sum;
     }
     __syncthreads();
-    ep_ht_rewrite(selection_rows, routing, tokens * EP_K, [&](int, int position, int e) {
-        return position < 0 ? position : EP_EXPERT_MAJOR ? zone_start[e] + before[e] + position : -1;
+    ep_ht_rewrite(selection_rows, routing, tokens * EP_K, [&](int i, int position, int e) {
+        if (position < 0) return position;
+        if (!EP_EXPERT_MAJOR) return -1;
+        return zone_start[e] + before[e] + (chunk_positions ? in_rank(i / EP_K, e, position) : position);
     });
     ep_ht_rewrite(pair_rows, nullptr, tokens * EP_R, [&](int i, int position, int) {
-        return position < 0 ? position : before[EP_E + i % EP_R] + position;
+        if (position < 0) return position;
+        return before[EP_E + i % EP_R] + (chunk_positions ? in_rank(i / EP_R, EP_E + i % EP_R, position) : position);
     });
     // What this rank receives.
     ep_u32* layout = hs + H_LAYOUT;
@@ -418,7 +501,7 @@ ep_ht_update(const EpArgs args) {
         layout[EP_L + EP_R + EP_L * EP_R + 2 + l] = EP_EXPERT_MAJOR ? zone_start[rank * EP_L + l] : 0;
     }
     if (threadIdx.x < EP_R) {
-        layout[EP_L + threadIdx.x] = ep_active(gathered, threadIdx.x) ? table[threadIdx.x * (EP_E + EP_R) + EP_E + rank] : 0u;
+        layout[EP_L + EP_R + threadIdx.x] = ep_active(gathered, threadIdx.x) ? table[threadIdx.x * (EP_E + EP_R) + EP_E + rank] : 0u;
     }
     __syncthreads();
     if (threadIdx.x == 0) {
