@@ -273,7 +273,8 @@ EP_DEVICE void ep_ht_count_chunk(const EpArgs& args, int rank, ep_u64 mask, int 
     for (int i = threadIdx.x; i < EP_E + EP_R; i += blockDim.x) chunk_row[i] = static_cast<ep_u32>(ep_warp_prefix(counts, i));
     __syncthreads();
 
-    // Pass 2: each selection's and pair's position within the chunk, in token order.
+    // Pass 2: each selection's (expert-major: flat sends and reduces by pair, never reading the
+    // selection rows) and pair's position within the chunk, in token order.
     ep_ht_load_batch(routing, destinations, begin, end, experts, bits_of_lane_token);
     for (int t0 = begin; t0 < end; t0 += 32) {
         ep_ht_load_batch(routing, destinations, t0 + 32, end, next_experts, next_bits);
@@ -282,7 +283,7 @@ EP_DEVICE void ep_ht_count_chunk(const EpArgs& args, int rank, ep_u64 mask, int 
             if (t0 + j >= end) break;
             const int t = t0 + j;
             const ep_u32 bits = __shfl_sync(0xffffffffu, bits_of_lane_token, j);
-            if (lane < EP_K) selection_rows[t * EP_K + lane] = experts[j] >= 0 ? counts[warp][experts[j]]++ : -1;
+            if (EP_EXPERT_MAJOR && lane < EP_K) selection_rows[t * EP_K + lane] = experts[j] >= 0 ? counts[warp][experts[j]]++ : -1;
             if (lane < EP_R) pair_rows[t * EP_R + lane] = ((bits >> lane) & 1u) ? counts[warp][EP_E + lane]++ : -1;
             __syncwarp();
         }
@@ -309,7 +310,9 @@ ep_ht_update(const EpArgs args) {
     __shared__ int zone_start[EP_E];   // expert-major: first slot of each expert's zone on its rank
     __shared__ int required[EP_R];
     __shared__ int bad;
+#if EP_HT_CHUNKS > 1
     __shared__ int last_block;
+#endif
     if (threadIdx.x == 0) {
         bad = 0;
         hs[H_STEP_OK] = 0;   // before this block arrives: the last block's final word comes after
@@ -323,48 +326,54 @@ ep_ht_update(const EpArgs args) {
     if (ep_active(chunk_mask, rank) && blockIdx.x < EP_HT_CHUNKS) {
         ep_ht_count_chunk(args, rank, chunk_mask, static_cast<int>(blockIdx.x), first, last, counts, bad);
     }
-    // Arrive: every thread's writes are fenced before the block counts itself in.
-    __threadfence();
+#if EP_HT_CHUNKS > 1
+    // Arrive, as a grid barrier does: the barrier orders the block's writes before thread 0's
+    // fence and count; the last block's reads come after its fence and the next barrier.
     __syncthreads();
     if (threadIdx.x == 0) {
         if (bad) atomicOr(hs + H_BAD, 1u);
         __threadfence();
-        last_block = atomicAdd(hs + H_ARRIVED, 1u) == gridDim.x - 1;
+        const bool last = atomicAdd(hs + H_ARRIVED, 1u) == gridDim.x - 1;
+        if (last) {
+            __threadfence();   // the other blocks' words are read only after their arrival was seen
+            if (ep_load_flag(hs + H_BAD)) bad = 1;
+            hs[H_BAD] = 0;
+            hs[H_ARRIVED] = 0;   // every block has arrived: ready for the next launch (graph replays)
+        }
+        last_block = last;
     }
     __syncthreads();
     if (!last_block) return;
-    __threadfence();   // the other blocks' words are read only after their arrival was seen
-    if (threadIdx.x == 0) {
-        if (ep_load_flag(hs + H_BAD)) bad = 1;
-        hs[H_BAD] = 0;
-        hs[H_ARRIVED] = 0;   // every block has arrived: ready for the next launch (graph replays)
-        hs[H_SEQ] = seq;
-    }
+#endif
+    if (threadIdx.x == 0) hs[H_SEQ] = seq;
     const ep_u64 mask = ep_block_mask(args);
     if (!ep_active(mask, rank)) {
         if (threadIdx.x == 0) ws[WS_SEQ] = seq;
         return;
     }
 
-    // The chunks' counts become exclusive prefixes over the chunks (in place); the rank's totals
-    // go to every active rank's table.
-    ep_u32* chunk = hs + H_CHUNK;
+    // The chunks' counts become exclusive prefixes over the chunks, in `counts` (one row a chunk;
+    // this block's own counts are done with); the rank's totals, in `before` until the final rows
+    // need it, go to every active rank's table.
+    static_assert(EP_HT_CHUNKS <= EP_HT_UPDATE_WARPS, "a chunk's prefix row per row of counts");
+    __shared__ int before[EP_E + EP_R];   // the totals, then rows of lower source ranks per expert, then per rank
+    const ep_u32* chunk = hs + H_CHUNK;
     for (int i = threadIdx.x; i < EP_E + EP_R; i += blockDim.x) {
         int running = 0;
         for (int c = 0; c < EP_HT_CHUNKS; ++c) {
             const int here = static_cast<int>(chunk[c * (EP_E + EP_R) + i]);
-            chunk[c * (EP_E + EP_R) + i] = static_cast<ep_u32>(running);
+            counts[c][i] = running;
             running += here;
         }
-        counts[0][i] = running;
+        before[i] = running;
     }
     __syncthreads();
     ep_publish_row(args, rank, mask, WS_COUNTS + parity * EP_R * (EP_E + EP_R), seq * 4 + (bad ? 1 : 0),
-                   [&](int i) { return counts[0][i]; });
+                   [&](int i) { return before[i]; });   // (ends with a barrier: `before` is free after)
     // Position of a selection (column < E: its expert) or pair (E + destination) of token t among
     // the rank's, from its position within t's chunk.
     const auto in_rank = [&](int t, int column, int position) {
-        return position < 0 ? position : static_cast<int>(chunk[(t / size) * (EP_E + EP_R) + column]) + position;
+        return position < 0 || EP_HT_CHUNKS == 1 ? position : counts[t / size][column] + position;
     };
 
     // Wait for every active rank's counts (bounded); a late or bad rank voids the step.
@@ -377,7 +386,7 @@ ep_ht_update(const EpArgs args) {
     // Drop policy: per destination, (source rank, token) pairs are kept in order while the
     // receive buffer still fits them; this rank works out its kept prefix, then the ranks
     // all-gather what they kept and lay out the zones from that. Positions are the rank's first.
-    ep_ht_rewrite(selection_rows, routing, tokens * EP_K, [&](int i, int position, int e) { return in_rank(i / EP_K, e, position); });
+    if (EP_EXPERT_MAJOR) ep_ht_rewrite(selection_rows, routing, tokens * EP_K, [&](int i, int position, int e) { return in_rank(i / EP_K, e, position); });
     ep_ht_rewrite(pair_rows, nullptr, tokens * EP_R, [&](int i, int position, int) { return in_rank(i / EP_R, EP_E + i % EP_R, position); });
     __syncthreads();
     __shared__ int kept_tokens[EP_R];
@@ -412,7 +421,7 @@ ep_ht_update(const EpArgs args) {
             const int e = expert[j];
             if (e < 0) continue;
             if (pair[j] < kept_tokens[e / EP_L]) atomicAdd(&kept_counts[e], 1);
-            else selection_rows[base + j * blockDim.x] = -1;
+            else if (EP_EXPERT_MAJOR) selection_rows[base + j * blockDim.x] = -1;
         }
     }
     if (threadIdx.x < EP_R) kept_counts[EP_E + threadIdx.x] = min(kept_tokens[threadIdx.x], static_cast<int>(full[rank * (EP_E + EP_R) + EP_E + threadIdx.x]));
@@ -469,7 +478,6 @@ ep_ht_update(const EpArgs args) {
 #endif
 
     // Final rows: rows of lower source ranks first (and the zone start, expert-major).
-    __shared__ int before[EP_E + EP_R];   // rows of lower source ranks per expert, then per rank
     for (int i = threadIdx.x; i < EP_E + EP_R; i += blockDim.x) {
         int sum = 0;
         for (int source = 0; source < rank; ++source) {
@@ -478,11 +486,11 @@ ep_ht_update(const EpArgs args) {
         before[i] = sum;
     }
     __syncthreads();
-    ep_ht_rewrite(selection_rows, routing, tokens * EP_K, [&](int i, int position, int e) {
-        if (position < 0) return position;
-        if (!EP_EXPERT_MAJOR) return -1;
-        return zone_start[e] + before[e] + (chunk_positions ? in_rank(i / EP_K, e, position) : position);
-    });
+    if (EP_EXPERT_MAJOR) {   // (flat reads no selection rows)
+        ep_ht_rewrite(selection_rows, routing, tokens * EP_K, [&](int i, int position, int e) {
+            return position < 0 ? position : zone_start[e] + before[e] + (chunk_positions ? in_rank(i / EP_K, e, position) : position);
+        });
+    }
     ep_ht_rewrite(pair_rows, nullptr, tokens * EP_R, [&](int i, int position, int) {
         if (position < 0) return position;
         return before[EP_E + i % EP_R] + (chunk_positions ? in_rank(i / EP_R, EP_E + i % EP_R, position) : position);
@@ -501,7 +509,7 @@ ep_ht_update(const EpArgs args) {
         layout[EP_L + EP_R + EP_L * EP_R + 2 + l] = EP_EXPERT_MAJOR ? zone_start[rank * EP_L + l] : 0;
     }
     if (threadIdx.x < EP_R) {
-        layout[EP_L + EP_R + threadIdx.x] = ep_active(gathered, threadIdx.x) ? table[threadIdx.x * (EP_E + EP_R) + EP_E + rank] : 0u;
+        layout[EP_L + threadIdx.x] = ep_active(gathered, threadIdx.x) ? table[threadIdx.x * (EP_E + EP_R) + EP_E + rank] : 0u;
     }
     __syncthreads();
     if (threadIdx.x == 0) {
