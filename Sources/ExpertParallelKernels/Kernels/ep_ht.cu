@@ -346,6 +346,8 @@ ep_ht_update(const EpArgs args) {
     if (!last_block) return;
 #endif
     if (threadIdx.x == 0) hs[H_SEQ] = seq;
+    // (Its first barrier also ends every warp's pass 2 before `counts` is reused below, which one
+    // chunk, without the hand-off's barriers, relies on.)
     const ep_u64 mask = ep_block_mask(args);
     if (!ep_active(mask, rank)) {
         if (threadIdx.x == 0) ws[WS_SEQ] = seq;
