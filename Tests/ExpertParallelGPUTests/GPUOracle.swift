@@ -264,8 +264,9 @@ func expectSameBytes<C: Collection>(_ got: C?, _ expected: C?, _ what: @autoclos
     case (nil, nil):
         return
     case let (got?, expected?):
-        if got.elementsEqual(expected) { return }
+        // Arrays compare at memcmp speed even in debug builds (generic elementsEqual: ~0.1 s per MB).
         let a = Array(got), b = Array(expected)
+        if a == b { return }
         let differing = zip(a, b).reduce(0) { $0 + ($1.0 != $1.1 ? 1 : 0) }
         Issue.record("\(what()) differ: \(a.count) bytes against \(b.count) expected, first difference at byte \(firstDifference(a, b)), \(differing) bytes differ",
                      sourceLocation: sourceLocation)
