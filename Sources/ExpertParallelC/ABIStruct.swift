@@ -16,19 +16,32 @@ extension ABIStruct {
 
 extension epTensor_t: ABIStruct {}
 extension epGroupConfig_t: ABIStruct { static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.fp8Scales)!] } }
-extension epBackendConfig_t: ABIStruct { static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.tuning)!] } }
+extension epBackendConfig_t: ABIStruct {
+    static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.tuning)!, sizeBefore(\.tuning.updateChunkTokens)] }
+}
 extension epLayoutInfo_t: ABIStruct {}
 extension epUpdateInputs_t: ABIStruct {}
 extension epDispatchInputs_t: ABIStruct { static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.scales)!] } }
 extension epCombineInputs_t: ABIStruct {}
 extension epCombineOutputs_t: ABIStruct {}
-extension epNCCLRankConfig_t: ABIStruct { static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.tuning)!] } }
+extension epNCCLRankConfig_t: ABIStruct {
+    static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.tuning)!, sizeBefore(\.tuning.updateChunkTokens)] }
+}
 // Grown in ABI version 3: version 2's size ends where the first new field starts.
 extension epGroupInfo_t: ABIStruct { static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.bufferSlots)!] } }
 extension epUpdateConfig_t: ABIStruct { static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.step)!] } }
 extension epDispatchOutputs_t: ABIStruct { static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.expertCounts)!] } }
 extension epDispatchConfig_t: ABIStruct { static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.step)!] } }
 extension epCombineConfig_t: ABIStruct { static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.step)!] } }
+
+extension ABIStruct {
+    /// The size the struct had when `field` (grown into a nested struct at the end) did not exist
+    /// yet: the offset of the field, rounded up to the struct's alignment.
+    static func sizeBefore<Field>(_ field: KeyPath<Self, Field>) -> Int {
+        let alignment = MemoryLayout<Self>.alignment
+        return (MemoryLayout<Self>.offset(of: field)! + alignment - 1) / alignment * alignment
+    }
+}
 
 extension ABIStruct where Self: BitwiseCopyable {
     /// `sizeof` of the struct in this ABI version.

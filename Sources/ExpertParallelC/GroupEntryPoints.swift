@@ -98,9 +98,14 @@ extension GPUTuning {
             }
             return value == 0 ? nil : Int(value)
         }
+        guard (0...2).contains(c.fusedUpdate) else {
+            throw .invalidArgument(field: "\(name).fusedUpdate", value: "\(c.fusedUpdate)", requirement: "must be 0 (default: on), 1 (on) or 2 (off)")
+        }
         self.init(pipelineDepth: try knob(c.pipelineDepth, "pipelineDepth") ?? defaults.pipelineDepth,
                   rowsInFlight: try knob(c.rowsInFlight, "rowsInFlight") ?? defaults.rowsInFlight,
                   rowPieces: try knob(c.rowPieces, "rowPieces"),
-                  blocksPerMultiprocessor: try knob(c.blocksPerMultiprocessor, "blocksPerMultiprocessor"))
+                  blocksPerMultiprocessor: try knob(c.blocksPerMultiprocessor, "blocksPerMultiprocessor"),
+                  fusesUpdate: c.fusedUpdate == 0 ? defaults.fusesUpdate : c.fusedUpdate == 1,
+                  updateChunkTokens: try knob(c.updateChunkTokens, "updateChunkTokens") ?? defaults.updateChunkTokens)
     }
 }

@@ -148,6 +148,7 @@ extension TuningRecord {
     init(_ tuning: GPUTuning, multiprocessors: Int, blocksPerRank: Int?) {
         self.init(
             multiprocessors: multiprocessors, blocksPerRank: blocksPerRank, pipelineDepth: tuning.pipelineDepth,
-            rowsInFlight: tuning.rowsInFlight, rowPieces: tuning.rowPieces, blocksPerSM: tuning.blocksPerMultiprocessor)
+            rowsInFlight: tuning.rowsInFlight, rowPieces: tuning.rowPieces, blocksPerSM: tuning.blocksPerMultiprocessor,
+            updateChunkTokens: tuning.updateChunkTokens)
     }
 }

@@ -19,12 +19,16 @@ struct GPUOptions: ParsableArguments {
     @Option(name: .customLong("blocks-per-sm"), help: "GPU: 512-thread blocks per SM in one launch (1 or 2; default 2, 1 for R = 1).")
     var blocksPerSM: Int?
 
+    @Option(help: "GPU, HT: tokens each update block counts (1...4096; the update runs up to 16 blocks a rank).")
+    var updateChunkTokens: Int = 256
+
     enum Bounds {
         static let sms = 1...4_096
         static let pipelineDepth = 1...8
         static let rowsInFlight = 1...16
         static let rowPieces = 1...4_096
         static let blocksPerSM = 1...2
+        static let updateChunkTokens = 1...4_096
     }
 
     /// The SM counts to sweep, in the order given, each once (empty: one run with every SM).
@@ -35,11 +39,13 @@ struct GPUOptions: ParsableArguments {
     }
 
     var tuning: GPUTuning {
-        GPUTuning(pipelineDepth: pipelineDepth, rowsInFlight: rowsInFlight, rowPieces: rowPieces, blocksPerMultiprocessor: blocksPerSM)
+        GPUTuning(pipelineDepth: pipelineDepth, rowsInFlight: rowsInFlight, rowPieces: rowPieces, blocksPerMultiprocessor: blocksPerSM,
+                  updateChunkTokens: updateChunkTokens)
     }
 
     var record: TuningOptions {
-        TuningOptions(sms: smCounts, pipelineDepth: pipelineDepth, rowsInFlight: rowsInFlight, rowPieces: rowPieces, blocksPerSM: blocksPerSM)
+        TuningOptions(sms: smCounts, pipelineDepth: pipelineDepth, rowsInFlight: rowsInFlight, rowPieces: rowPieces, blocksPerSM: blocksPerSM,
+                      updateChunkTokens: updateChunkTokens)
     }
 
     func validate() throws {
@@ -48,6 +54,7 @@ struct GPUOptions: ParsableArguments {
         try checkRange("--rows-in-flight", rowsInFlight, Bounds.rowsInFlight)
         try checkRange("--row-pieces", rowPieces, Bounds.rowPieces)
         try checkRange("--blocks-per-sm", blocksPerSM, Bounds.blocksPerSM)
+        try checkRange("--update-chunk-tokens", updateChunkTokens, Bounds.updateChunkTokens)
     }
 
     /// Every count must fit the device (the library would refuse it at the first group).

@@ -146,6 +146,8 @@ struct TuningRecord: Codable, Sendable {
     var rowsInFlight: Int
     @AlwaysEncoded var rowPieces: Int?
     @AlwaysEncoded var blocksPerSM: Int?
+    /// HT: tokens each update block counted (GPUTuning.updateChunkTokens).
+    var updateChunkTokens: Int
     /// Whether update + dispatch ran as one launch (the `upd+disp` row); null where the group does not say.
     @AlwaysEncoded var fusedUpdate: Bool? = nil
 }

@@ -33,6 +33,7 @@ struct TuningOptions: Codable, Sendable {
     var rowsInFlight: Int
     @AlwaysEncoded var rowPieces: Int?
     @AlwaysEncoded var blocksPerSM: Int?
+    var updateChunkTokens: Int
 }
 
 /// Every option of `ep-bench run` as given (null: not given, the case's or the default value).
@@ -61,6 +62,7 @@ struct OptionsRecord: Codable, Sendable {
     var rowsInFlight: Int
     @AlwaysEncoded var rowPieces: Int?
     @AlwaysEncoded var blocksPerSM: Int?
+    var updateChunkTokens: Int
     var sharing: String
     @AlwaysEncoded var drill: String?
     var drillRank: Int

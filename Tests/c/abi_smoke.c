@@ -310,11 +310,27 @@ static void configErrors(void) {
     CHECK_OK(epGroupDestroy(group));
 
     /* A GPU group on a machine without CUDA fails cleanly (and works where there is one). */
-    epBackendConfig_t gpu = {sizeof gpu, epBackendVirtualGPU, 0, 0, {0, 0, 0, 0}};
+    epBackendConfig_t gpu = {sizeof gpu, epBackendVirtualGPU, 0, 0, {0, 0, 0, 0, 0, 0}};
     /* A tuning knob out of bounds is named before any device is opened. */
     gpu.tuning.pipelineDepth = 9;
     CHECK_FAILS(epGroupCreate(&config, &gpu, &group), epInvalidArgument, "tuning.pipelineDepth = 9");
     gpu.tuning.pipelineDepth = 0;
+    gpu.tuning.fusedUpdate = 3;
+    CHECK_FAILS(epGroupCreate(&config, &gpu, &group), epInvalidArgument, "tuning.fusedUpdate = 3");
+    gpu.tuning.fusedUpdate = 0;
+    gpu.tuning.updateChunkTokens = -1;
+    CHECK_FAILS(epGroupCreate(&config, &gpu, &group), epInvalidArgument, "tuning.updateChunkTokens = -1");
+    gpu.tuning.updateChunkTokens = 0;
+    /* A config from before updateChunkTokens and fusedUpdate (4 tuning fields) is accepted; a size
+     * between versions is not. */
+    epBackendConfig_t before = gpu;
+    before.structSize = (offsetof(epBackendConfig_t, tuning.updateChunkTokens) + _Alignof(epBackendConfig_t) - 1) /
+                        _Alignof(epBackendConfig_t) * _Alignof(epBackendConfig_t);
+    epResult_t early = epGroupCreate(&config, &before, &group);
+    CHECK(early == epSuccess || early == epCudaError, "GPU group (4 tuning fields): %s (%s)", epGetErrorString(early), epGetLastErrorMessage());
+    if (early == epSuccess) epGroupDestroy(group);
+    before.structSize = sizeof before - 4;
+    CHECK_FAILS(epGroupCreate(&config, &before, &group), epInvalidArgument, "structSize");
     /* A version 2 backend config (no tuning) is accepted. */
     epBackendConfig_t old = gpu;
     old.structSize = offsetof(epBackendConfig_t, tuning);
@@ -367,7 +383,7 @@ static void ncclGroup(void) {
     CHECK_FAILS(epGroupCreateNCCL(&config, &rank, &group), epInvalidArgument, "experts = 3");
     config = smallConfig();
     config.ranks = 1;
-    epBackendConfig_t backend = {sizeof backend, epBackendNCCLRank, 0, 0, {0, 0, 0, 0}};
+    epBackendConfig_t backend = {sizeof backend, epBackendNCCLRank, 0, 0, {0, 0, 0, 0, 0, 0}};
     CHECK_FAILS(epGroupCreate(&config, &backend, &group), epInvalidUsage, "epGroupCreateNCCL");
     CHECK_FAILS(epGetNCCLUniqueId(NULL), epInvalidArgument, "id = NULL");
     CHECK(group == NULL, "no group after failures");

@@ -100,7 +100,7 @@ class GPUTuning(ctypes.Structure):
     """epGPUTuning_t (inside the backend configs: no structSize)."""
 
     _fields_ = [("pipelineDepth", c_int32), ("rowsInFlight", c_int32), ("rowPieces", c_int32),
-                ("blocksPerMultiprocessor", c_int32)]
+                ("blocksPerMultiprocessor", c_int32), ("updateChunkTokens", c_int32), ("fusedUpdate", c_int32)]
 
 
 class BackendConfig(Struct):

@@ -112,13 +112,16 @@ def check_buffers(target, copies):
 
 
 _TUNING = {"pipeline_depth": "pipelineDepth", "rows_in_flight": "rowsInFlight", "row_pieces": "rowPieces",
-           "blocks_per_multiprocessor": "blocksPerMultiprocessor"}
+           "blocks_per_multiprocessor": "blocksPerMultiprocessor", "update_chunk_tokens": "updateChunkTokens",
+           "fused_update": "fusedUpdate"}
 
 
 def tuning(value):
     """The epGPUTuning_t of ``tuning=``: None (defaults) or a dict of ``pipeline_depth``
-    (1...8), ``rows_in_flight`` (1...16), ``row_pieces`` and ``blocks_per_multiprocessor`` (1 or
-    2); the library checks each against its bounds for the group."""
+    (1...8), ``rows_in_flight`` (1...16), ``row_pieces``, ``blocks_per_multiprocessor`` (1 or
+    2), ``update_chunk_tokens`` (HT: tokens each update block counts, default 256) and
+    ``fused_update`` (LL: a bool, default True: the stacked dispatch's update runs in its launch);
+    the library checks each against its bounds for the group."""
     result = _abi.GPUTuning()
     if value is None:
         return result
@@ -127,5 +130,10 @@ def tuning(value):
     for key, number in value.items():
         if key not in _TUNING:
             raise InvalidArgumentError(f"tuning[{key!r}]: not a tuning knob; must be one of {sorted(_TUNING)}")
+        if key == "fused_update":
+            if not isinstance(number, bool):
+                raise InvalidArgumentError(f"tuning['fused_update']={number!r} (type {type(number).__name__}); must be True or False")
+            result.fusedUpdate = 1 if number else 2
+            continue
         setattr(result, _TUNING[key], integer(number, f"tuning[{key!r}]", 1, INT32))
     return result

@@ -61,6 +61,7 @@ def assert_rejected(result, *fragments):
     (["--rows-in-flight", "17"], ["--rows-in-flight 17", "1...16"]),
     (["--row-pieces", "0"], ["--row-pieces 0", "1...4096"]),
     (["--blocks-per-sm", "3"], ["--blocks-per-sm 3", "1...2"]),
+    (["--update-chunk-tokens", "0"], ["--update-chunk-tokens 0", "1...4096"]),
     (["--timeout-ms", "0"], ["--timeout-ms 0", "1...86400000"]),
     (["--timeout-ms", "9223372036854775807"], ["--timeout-ms 9223372036854775807", "1...86400000"]),
     (["--transport", "nccl", "--drill", "dies", "--drill-rank=-1"], ["--drill-rank -1", "0..<2"]),
@@ -274,9 +275,11 @@ def test_the_json_records_the_run(tmp_path):
     assert (run["backend"], run["transport"], run["iterations"], run["warmup"]) == ("cpu", "virtual", 2, 0)
     assert run["device"] == m["device"] and run["device"].startswith("CPU")
     assert run["driverVersion"] is None and run["nvrtcVersion"] is None   # the CPU run loads neither
-    assert run["tuning"] == {"sms": [], "pipelineDepth": 4, "rowsInFlight": 8, "rowPieces": None, "blocksPerSM": None}
+    assert run["tuning"] == {"sms": [], "pipelineDepth": 4, "rowsInFlight": 8, "rowPieces": None, "blocksPerSM": None,
+                             "updateChunkTokens": 256}
     for key in ["cases", "ranks", "tokens", "hidden", "topK", "experts", "layout", "alignment", "dtype", "iterations",
-                "warmup", "sms", "pipelineDepth", "rowsInFlight", "rowPieces", "blocksPerSM", "timeoutMs", "json"]:
+                "warmup", "sms", "pipelineDepth", "rowsInFlight", "rowPieces", "blocksPerSM", "updateChunkTokens", "timeoutMs",
+                "json"]:
         assert key in run["options"], key
     assert run["options"]["tokens"] == 4 and run["options"]["layout"] is None
     assert run["arguments"][-2:] == ["--json", str(tmp_path / "out.json")]

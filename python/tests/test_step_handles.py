@@ -136,6 +136,12 @@ def test_tuning_knobs_are_checked_by_name():
         group(tuning=[4])
     with pytest.raises(ep.InvalidArgumentError, match="tuning\\['pipeline_depth'\\]"):
         group(tuning={"pipeline_depth": 0})
+    with pytest.raises(ep.InvalidArgumentError, match="tuning\\['update_chunk_tokens'\\]"):
+        group(tuning={"update_chunk_tokens": 0})
+    with pytest.raises(ep.InvalidArgumentError, match="tuning\\['fused_update'\\]=1 .*must be True or False"):
+        group(tuning={"fused_update": 1})
+    with group(tuning={"update_chunk_tokens": 64, "fused_update": False}) as g:
+        assert g.dispatch(*routing(8)).expert_counts.shape == (R, E // R)
     # The CPU backend has no kernels: its tuning is accepted and has no effect.
     with group(tuning={"pipeline_depth": 2, "rows_in_flight": 4}) as g:
         assert g.dispatch(*routing(8)).expert_counts.shape == (R, E // R)
