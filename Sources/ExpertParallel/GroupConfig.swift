@@ -1,7 +1,7 @@
 /// Low latency (decode) or high throughput (training, prefill).
 public enum Algorithm: String, Sendable, Hashable { case lowLatency = "ll", highThroughput = "ht" }
 
-/// How received rows are laid out on the destination rank (DESIGN.md, "Two algorithms, four layouts").
+/// How received rows are laid out on the destination rank (docs/architecture.md, "Vocabulary").
 public enum Layout: Sendable, Hashable, CustomStringConvertible {
     /// LL: `[L, R*Bmax, H]`, one packed zone per local expert, rows in (source rank, token) order.
     case expertMajor

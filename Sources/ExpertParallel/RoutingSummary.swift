@@ -1,6 +1,6 @@
 /// What one source rank tells the others in the handle update: how many of its selections go to
 /// each expert and how many of its tokens go to each rank. A few KB; enough for every rank to
-/// compute every slot (DESIGN.md, "HT has a per-step handle update").
+/// compute every slot (docs/architecture.md, "Handles and buffer slots").
 public struct RoutingSummary: Sendable, Equatable {
     /// `[E]`: selections of this source per global expert.
     public var selectionsPerExpert: [Int]

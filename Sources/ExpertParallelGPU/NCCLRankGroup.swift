@@ -3,7 +3,7 @@ import ExpertParallelCUDA
 import Foundation
 
 /// One rank of a group whose ranks are processes, one GPU each, joined by an NCCL communicator
-/// (DESIGN.md, layer 4, "NCCL ranks"). A thin façade over the `StepEngine`, as `VirtualGPUGroup`
+/// (docs/architecture.md, "Layers"). A thin façade over the `StepEngine`, as `VirtualGPUGroup`
 /// is: its peer table holds the other ranks' buffers, mapped into this process.
 ///
 /// Everything another rank reads or writes lives in buffers this group owns and shares at

@@ -185,7 +185,7 @@ extension StepEngine {
     }
 
     /// Every local rank pulls its rows back (`experts(r)`: rank r's expert outputs, for every
-    /// rank) and reduces them in the fixed order of DESIGN.md into `outputs`. With `.sendOnly`
+    /// rank) and reduces them in the fixed order of docs/architecture.md into `outputs`. With `.sendOnly`
     /// each rank only announces that its expert outputs may be read; `complete()` pulls and reduces.
     /// `targets(i)`: where local rank i's combined rows go.
     func combine(

@@ -1,6 +1,6 @@
 import ExpertParallel
 
-/// One case of BENCHMARK.md (or `custom`), as one group configuration.
+/// One standard case (docs/ep-bench.md) (or `custom`), as one group configuration.
 struct BenchCase: Sendable {
     var name: String
     var algorithm: Algorithm

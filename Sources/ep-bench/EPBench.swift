@@ -4,7 +4,7 @@ import ArgumentParser
 struct EPBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "ep-bench",
-        abstract: "Benchmarks ExpertParallel dispatch and combine on the standard cases (BENCHMARK.md).",
+        abstract: "Benchmarks ExpertParallel dispatch and combine on the standard cases (docs/ep-bench.md).",
         discussion: exitStatusText,
         version: expertParallelVersion,
         subcommands: [RunCommand.self, InfoCommand.self, PlotCommand.self],

@@ -1,12 +1,12 @@
 import ExpertParallel
 
 /// Timings of one phase over the measured iterations, in microseconds, and (every phase but the
-/// update) the bytes BENCHMARK.md counts for it, its floor and how far the median is from them.
+/// update) the bytes the standard counting takes for it, its floor and how far the median is from them.
 struct PhaseStats: Codable, Sendable {
     var minimum: Double
     var median: Double
     var maximum: Double
-    /// Bytes per rank as BENCHMARK.md counts them (the step: dispatch's plus combine's).
+    /// Bytes per rank as the standard counting takes them (the step: dispatch's plus combine's).
     var bytesPerRank: Double?
     /// Bytes the phase must read plus write (the step: the dispatch floor plus the combine floor),
     /// and their time at the copy bandwidth measured in the same run.
@@ -76,7 +76,7 @@ struct Measurement: Codable, Sendable {
     var combine: PhaseStats?
     var combineSkipped: String?
     var step: PhaseStats
-    /// Mean over ranks of the bytes BENCHMARK.md counts per rank (dispatch's; combine is the mirror,
+    /// Mean over ranks of the bytes the standard counting takes per rank (dispatch's; combine is the mirror,
     /// in the element type: with FP8 the two differ and each phase has its own).
     var bytesPerRank: Double
     /// Bytes read plus written by dispatch (combine: the same without FP8), and the copy bandwidth measured in this run.

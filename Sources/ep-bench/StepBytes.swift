@@ -1,11 +1,11 @@
 import ExpertParallel
 
-/// Rows dispatch and combine must read and write across all ranks (BENCHMARK.md, "The floor on one GPU").
+/// Rows dispatch and combine must read and write across all ranks (docs/ep-bench.md, "Standard cases, bytes and the floor").
 struct StepBytes: Sendable {
     /// Dispatch reads the source rows once and writes every received row; combine is the mirror.
     var sourceRows: Int
     var receivedRows: Int
-    /// Per-rank payload as BENCHMARK.md counts it (LL: selections; HT: (token, rank) pairs).
+    /// Per-rank payload as the standard counting takes it (LL: selections; HT: (token, rank) pairs).
     var countedRowsPerRank: [Int]
     /// Bytes of a row in the element type (combine's rows, and dispatch's without FP8).
     var rowBytes: Int

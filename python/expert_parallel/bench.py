@@ -3,7 +3,7 @@
     python -m expert_parallel.bench --device cuda:0 --engine-json ep-bench.json --json py.json
     python -m expert_parallel.bench --device cpu --case tiny          # the CPU backend, small
 
-For each case (BENCHMARK.md's standard cases, or the small ``tiny`` / ``tiny-ht``) it runs
+For each case (the standard cases of docs/ep-bench.md, or the small ``tiny`` / ``tiny-ht``) it runs
 dispatch then combine through a ``VirtualGroup`` with identity experts and reports, per call,
 medians of:
 
@@ -47,7 +47,7 @@ def _median_us(seconds: Sequence[float]) -> float:
 
 class _Inputs:
     """One step's per-rank tokens, routing and weights: top-k distinct experts per token drawn
-    uniformly, weights in (0, 1), as BENCHMARK.md says."""
+    uniformly, weights in (0, 1), as ep-bench's standard cases do."""
 
     def __init__(self, case: tuple, ranks: int, device: str, seed: int) -> None:
         import numpy as np

@@ -1,4 +1,4 @@
-"""An independent NumPy reference of dispatch and combine, written from DESIGN.md's semantics
+"""An independent NumPy reference of dispatch and combine, written from the semantics of docs/architecture.md ("Order and arithmetic")
 (it shares no code with the library): what every rank must receive, the counters it must
 report, and what every combine must return, bit for bit.
 

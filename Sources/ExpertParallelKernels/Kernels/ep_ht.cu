@@ -1,5 +1,5 @@
 // High-throughput (HT) update, dispatch and combine, for the flat and the padded expert-major
-// layouts (DESIGN.md, "Two algorithms, four layouts"). Same shape as the LL kernels: one launch
+// layouts (docs/architecture.md, "Vocabulary"). Same shape as the LL kernels: one launch
 // covers every rank of a virtual group, each rank's blocks reach the others only through the
 // peer table and flags, and every slot follows the CPU oracle (RoutingPlan) exactly.
 
@@ -639,7 +639,7 @@ ep_ht_dispatch(const EpArgs args) {
 
 // ------------------------------------------------------------------------------------------
 // Combine: a warp per (token, piece) pulls the token's rows and reduces them in the order of
-// DESIGN.md: per destination rank ascending, the token's rows there in ascending local expert
+// docs/architecture.md, "Order and arithmetic": per destination rank ascending, the token's rows there in ascending local expert
 // (expert-major: each weighted by its slot's weight in the forward pass), that partial sum
 // rounded to the element type as if the destination had sent it, then summed into float32;
 // one rounding at the end. The backward pass also returns the weight gradients.

@@ -1,5 +1,5 @@
-// Low-latency (LL) dispatch and combine, for both LL layouts (DESIGN.md, "Two algorithms,
-// four layouts"). One launch covers every rank of a virtual group (the rank is blockIdx.y +
+// Low-latency (LL) dispatch and combine, for both LL layouts (docs/architecture.md,
+// "Vocabulary"). One launch covers every rank of a virtual group (the rank is blockIdx.y +
 // first_rank); each rank's blocks run exactly the code one NCCL rank would, and reach the
 // other ranks only through the peer table (their buffer addresses) and flags.
 //
