@@ -61,7 +61,8 @@ extension NCCLRankGroup {
     }
 
     /// Pulls this rank's rows of `handle`'s step back from every rank's expert outputs (of the
-    /// slot its dispatch used) and reduces them (the fixed order of docs/architecture.md, "Order and arithmetic").
+    /// slot its dispatch used) and reduces them (the fixed order of docs/architecture.md, "Order
+    /// and arithmetic").
     /// `inputs[0].expertOutputs` must be this rank's `slots[s].expertOutputs`; HT expert-major
     /// forward takes `slots[s].receivedWeights` as `topkWeights`, HT backward takes
     /// `slots[s].weightGradients`: the buffers the other ranks read.

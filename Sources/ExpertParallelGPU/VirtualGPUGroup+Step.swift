@@ -71,8 +71,8 @@ extension VirtualGPUGroup {
     }
 
     /// Every rank pulls its rows of `handle`'s step back and reduces them in the fixed order of
-    /// docs/architecture.md ("Order and arithmetic"). With `phase: .sendOnly` each rank only announces that its expert outputs may be
-    /// read; `complete()` pulls and reduces.
+    /// docs/architecture.md ("Order and arithmetic"). With `phase: .sendOnly` each rank only
+    /// announces that its expert outputs may be read; `complete()` pulls and reduces.
     public func combine(
         _ handle: GPUStepHandle, _ inputs: [CombineInput], into outputs: [CombineOutput], direction: PassDirection = .forward,
         options: CallOptions = CallOptions()

@@ -1,7 +1,8 @@
 import ExpertParallel
 
 /// Timings of one phase over the measured iterations, in microseconds, and (every phase but the
-/// update) the bytes the standard counting takes for it, its floor and how far the median is from them.
+/// update) the bytes the standard counting takes for it, its floor and how far the median is from
+/// them.
 struct PhaseStats: Codable, Sendable {
     var minimum: Double
     var median: Double
@@ -76,8 +77,8 @@ struct Measurement: Codable, Sendable {
     var combine: PhaseStats?
     var combineSkipped: String?
     var step: PhaseStats
-    /// Mean over ranks of the bytes the standard counting takes per rank (dispatch's; combine is the mirror,
-    /// in the element type: with FP8 the two differ and each phase has its own).
+    /// Mean over ranks of the bytes the standard counting takes per rank (dispatch's; combine is the
+    /// mirror, in the element type: with FP8 the two differ and each phase has its own).
     var bytesPerRank: Double
     /// Bytes read plus written by dispatch (combine: the same without FP8), and the copy bandwidth measured in this run.
     var floorBytes: Double

@@ -1,6 +1,7 @@
 import ExpertParallel
 
-/// Rows dispatch and combine must read and write across all ranks (docs/ep-bench.md, "Standard cases, bytes and the floor").
+/// Rows dispatch and combine must read and write across all ranks (docs/ep-bench.md, "Standard
+/// cases, bytes and the floor").
 struct StepBytes: Sendable {
     /// Dispatch reads the source rows once and writes every received row; combine is the mirror.
     var sourceRows: Int

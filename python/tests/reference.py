@@ -1,5 +1,5 @@
-"""An independent NumPy reference of dispatch and combine, written from the semantics of docs/architecture.md ("Order and arithmetic")
-(it shares no code with the library): what every rank must receive, the counters it must
+"""An independent NumPy reference of dispatch and combine, written from the semantics of
+docs/architecture.md ("Order and arithmetic") (it shares no code with the library): what every rank must receive, the counters it must
 report, and what every combine must return, bit for bit.
 
 Arithmetic. Combine accumulates in float32 with one fused multiply-add per term, in a fixed

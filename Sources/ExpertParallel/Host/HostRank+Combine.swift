@@ -1,7 +1,7 @@
 extension HostRank {
     /// Reads the expert outputs for this rank's tokens from the destination ranks (pull) and
-    /// reduces them in the fixed order of docs/architecture.md ("Order and arithmetic"): float32 accumulation, one fused
-    /// multiply-add per step, one rounding to the element type at the end.
+    /// reduces them in the fixed order of docs/architecture.md ("Order and arithmetic"): float32
+    /// accumulation, one fused multiply-add per step, one rounding to the element type at the end.
     public func combine(
         _ handle: HostHandle, _ input: CombineInput, into output: CombineOutput, direction: PassDirection = .forward
     ) throws(EPError) {

@@ -639,10 +639,10 @@ ep_ht_dispatch(const EpArgs args) {
 
 // ------------------------------------------------------------------------------------------
 // Combine: a warp per (token, piece) pulls the token's rows and reduces them in the order of
-// docs/architecture.md, "Order and arithmetic": per destination rank ascending, the token's rows there in ascending local expert
-// (expert-major: each weighted by its slot's weight in the forward pass), that partial sum
-// rounded to the element type as if the destination had sent it, then summed into float32;
-// one rounding at the end. The backward pass also returns the weight gradients.
+// docs/architecture.md, "Order and arithmetic": per destination rank ascending, the token's rows
+// there in ascending local expert (expert-major: each weighted by its slot's weight in the forward
+// pass), that partial sum rounded to the element type as if the destination had sent it, then
+// summed into float32; one rounding at the end. The backward pass also returns the weight gradients.
 
 #ifndef EP_SOLO_VECS
 #define EP_SOLO_VECS 4   // combine of a token with a single row: vectors per lane loaded before use
