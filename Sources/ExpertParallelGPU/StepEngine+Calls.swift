@@ -196,7 +196,7 @@ extension StepEngine {
         try checkTransportSupports(options)
         let k = try kernels(.init(indexBytes: step.indexBytes, receivedIndexBytes: 4, vectorBytes: vectorBytes, transport: transport))
         let mode = options.launch, flags = meetsThroughFlags(mode)
-        let pieces = StepArguments.rowPieces(tuning, blocks: blocks(mode), tokens: step.maxTokens, rowBytes: config.rowBytes)
+        let pieces = StepArguments.rowPieces(tuning, blocks: combineBlocks(mode), tokens: step.maxTokens, rowBytes: config.rowBytes)
         // Weights apply in the forward pass of the expert-major layouts (LL: the source's
         // [B, K]; HT: the per-slot weights the destination received).
         let weighted = direction == .forward && (config.layout == .expertMajor || config.isExpertMajorHT)
@@ -224,11 +224,11 @@ extension StepEngine {
         switch options.phase {
         case .whole:
             // Staged: the expert side first puts every row back into its source's staging area.
-            if let send = k.combineSend { try enqueue([], blocks(mode), stream(options), targets, experts, kernel: send) }
-            try enqueue(flags ? pull.union(.signal) : [], blocks(mode), stream(options), targets, experts)
+            if let send = k.combineSend { try enqueue([], combineBlocks(mode), stream(options), targets, experts, kernel: send) }
+            try enqueue(flags ? pull.union(.signal) : [], combineBlocks(mode), stream(options), targets, experts)
         case .sendOnly:
             try enqueue([.signal, .noData], 1, stream(options), targets, experts)
-            let blocks = blocks(mode), table = (0..<config.ranks).map(experts), into = localRanks.indices.map(targets)
+            let blocks = combineBlocks(mode), table = (0..<config.ranks).map(experts), into = localRanks.indices.map(targets)
             setPending(PendingCall(name: "combine") { stream throws(EPError) in try enqueue(pull, blocks, stream, { into[$0] }) { table[$0] } })
         }
     }

@@ -33,6 +33,9 @@ final class StepEngine: @unchecked Sendable {
     /// per rank (all R resident at once, since their ranks wait for each other).
     let blocksPerRank: Int
     let blocksPerRankPerLaunch: Int
+    /// HT combine's blocks per rank in one launch: 2 per SM at every R unless tuned (its loads
+    /// want every warp an SM holds; an H200 at R = 1, ht-std: 47.3 µs with 1 per SM, 42.1 with 2).
+    let combineBlocksPerRank: Int
     /// How the kernels reach the other ranks; `staging` holds the staged transport's areas.
     let transport: GPUTransport
     let staging: StepStaging?
@@ -71,11 +74,14 @@ final class StepEngine: @unchecked Sendable {
             // Measured on an H100: 2 blocks per SM for R ≥ 2, 1 for R = 1.
             blocksPerRank = max(1, sms * (tuning.blocksPerMultiprocessor ?? min(config.ranks, 2)) / config.ranks)
             blocksPerRankPerLaunch = max(1, sms / config.ranks)
+            combineBlocksPerRank = config.algorithm == .highThroughput
+                ? max(1, sms * (tuning.blocksPerMultiprocessor ?? 2) / config.ranks) : blocksPerRank
         case .process(let rank):
             localRanks = [rank]
             // One GPU per rank: the rank's blocks may fill it.
             blocksPerRank = max(1, sms * (tuning.blocksPerMultiprocessor ?? 2))
             blocksPerRankPerLaunch = blocksPerRank
+            combineBlocksPerRank = blocksPerRank
         }
     }
 
@@ -89,6 +95,7 @@ final class StepEngine: @unchecked Sendable {
     }
 
     func blocks(_ mode: LaunchMode) -> Int { mode == .single ? blocksPerRank : blocksPerRankPerLaunch }
+    func combineBlocks(_ mode: LaunchMode) -> Int { mode == .single ? combineBlocksPerRank : blocksPerRankPerLaunch }
 
     func makeHandle() throws(EPError) -> GPUStepHandle {
         // Freeing a handle waits for the work that may read it: this group's streams.

@@ -63,8 +63,10 @@ struct StepKernels: Sendable {
 
     init(device: GPUDevice, config: GroupConfig, variant: Variant, tuning: GPUTuning) throws(EPError) {
         let prefix = config.algorithm == .lowLatency ? "ep_ll" : "ep_ht"
+        var defines = Self.defines(config, variant, tuning)
+        defines.merge(try KernelDefineOverrides.fromEnvironment(reserved: Set(defines.keys))) { old, _ in old }
         let compiled = try gpu {
-            try device.compiler.compile(KernelSource.embedded(prefix), arch: device.arch, defines: Self.defines(config, variant, tuning))
+            try device.compiler.compile(KernelSource.embedded(prefix), arch: device.arch, defines: defines)
         }
         let driver = device.driver
         // The module load and each function's eager load take turns with other groups' per-rank

@@ -19,6 +19,10 @@ struct KernelResourceTests {
     static let llStandard = GroupConfig(algorithm: .lowLatency, ranks: 8, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 128)
     static let htStandard = GroupConfig(algorithm: .highThroughput, ranks: 8, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 4096, layout: .flat)
 
+    static let htOneRank = GroupConfig(algorithm: .highThroughput, ranks: 1, experts: 32, topK: 8, hidden: 7168, maxTokensPerRank: 4096, layout: .flat)
+    static let htExpertMajor = GroupConfig(algorithm: .highThroughput, ranks: 8, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 4096,
+                                           layout: .expertMajorPadded(alignment: 1))
+
     static let cases: [Case] = [
         Case(config: llStandard, kernel: "ep_ll_dispatch", maximumSpill: 0),
         // The update inside the dispatch's 512-thread block (64 registers a thread).
@@ -26,7 +30,10 @@ struct KernelResourceTests {
         Case(config: fp8(llStandard, .ue8m0Block128), kernel: "ep_ll_update_dispatch", maximumSpill: 0),
         Case(config: llStandard, kernel: "ep_ll_combine", maximumSpill: 64),
         Case(config: htStandard, kernel: "ep_ht_dispatch", maximumSpill: 0),
-        Case(config: htStandard, kernel: "ep_ht_combine", maximumSpill: 32),
+        // Flat: two vectors of each row a lane, the sum without partial registers.
+        Case(config: htStandard, kernel: "ep_ht_combine", maximumSpill: 0),
+        Case(config: htOneRank, kernel: "ep_ht_combine", maximumSpill: 0),
+        Case(config: htExpertMajor, kernel: "ep_ht_combine", maximumSpill: 28),
         // The update reads ahead (two token rows, 8 entries, the next 32 tokens' routing a lane).
         Case(config: htStandard, kernel: "ep_ht_update", maximumSpill: 0),
         Case(config: GroupConfig(algorithm: .highThroughput, ranks: 8, experts: 256, topK: 32, hidden: 7168, maxTokensPerRank: 4096,

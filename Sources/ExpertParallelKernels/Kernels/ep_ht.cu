@@ -383,7 +383,7 @@ ep_ht_update(const EpArgs args) {
 
     // Every rank computes every destination's zones and checks its capacity, so all agree.
     const ep_u32* full = ws + WS_COUNTS + parity * EP_R * (EP_E + EP_R);
-    const ep_u64 gathered = ep_load_mask(args) & mask;
+    const ep_u64 gathered = ep_block_mask(args) & mask;   // one value: every thread lays out the same zones
 #if EP_DROP
     // Drop policy: per destination, (source rank, token) pairs are kept in order while the
     // receive buffer still fits them; this rank works out its kept prefix, then the ranks
@@ -552,10 +552,11 @@ ep_ht_dispatch(const EpArgs args) {
     const int rank = static_cast<int>(blockIdx.y + args.first_rank);
     ep_u32* ws = ep_ws(args, rank);
     const ep_u32* hs = ep_hs(args, rank);
-    // Three independent loads issued together, before the first branch uses any of them.
-    const ep_u64 mask = ep_load_mask(args);
+    // Step and call-number loads issued first; the mask is one value for the whole block, so a
+    // peer masking this rank between two threads' loads cannot split the block's branches.
     const ep_u32 step_ok = hs[H_STEP_OK];
     const ep_u32 seq = ep_call_number(ws, WS_DISP_CALLS, args.sync);
+    const ep_u64 mask = ep_block_mask(args);
     const bool signal = args.sync & EP_SYNC_SIGNAL;
     // A rank that takes no part still counts a call that publishes flags, so call numbers agree.
     const bool moving = ep_active(mask, rank) && step_ok != 0;
@@ -647,6 +648,13 @@ ep_ht_dispatch(const EpArgs args) {
 #ifndef EP_SOLO_VECS
 #define EP_SOLO_VECS 4   // combine of a token with a single row: vectors per lane loaded before use
 #endif
+// Combine: vectors of each row a lane loads before their first use (v, v + 32, ...), and rows per
+// batch, so that EP_CHUNK loads are in flight. Flat: 2 (its sum needs no partial registers; an
+// H200 at ht-std R = 8 took 883 µs with 2 × 4 against 907 with 1 × 8); expert-major: 1 (2 spills).
+#ifndef EP_COMBINE_SPAN
+#define EP_COMBINE_SPAN (EP_EXPERT_MAJOR ? 1 : 2)
+#endif
+#define EP_COMBINE_ROWS (EP_CHUNK >= 2 * EP_COMBINE_SPAN ? EP_CHUNK / EP_COMBINE_SPAN : 1)
 
 EP_DEVICE float ep_round_trip(float value) {
 #if EP_ELEM == 0
@@ -658,15 +666,29 @@ EP_DEVICE float ep_round_trip(float value) {
 #endif
 }
 
+// One flat row's term of the sum. Flat rows are final (weighted on the expert side) and come one
+// per destination rank, so the order's term for a row x, fma(1, x, 0) rounded to the element type
+// and added in float32, is x itself added: x came from the element type, so the rounding is
+// exact, and only a zero's sign can differ, which a sum that starts at +0 never shows (it is -0
+// only when both its operands are). Two instructions an element instead of five.
+EP_DEVICE float ep_flat_term(float sum, float x) { return __fadd_rn(sum, x); }
+
+EP_DEVICE ep_vec ep_pack_zero() {
+    float zeros[EP_ELEMS_PER_VEC];
+#pragma unroll
+    for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) zeros[i] = 0.0f;
+    return ep_pack(zeros);
+}
+
 extern "C" __global__ void __launch_bounds__(512, 2)
 ep_ht_combine(const EpArgs args) {
 #if EP_ELEM != 3
     const int rank = static_cast<int>(blockIdx.y + args.first_rank);
     ep_u32* ws = ep_ws(args, rank);
     const ep_u32* hs = ep_hs(args, rank);
-    const ep_u64 mask = ep_load_mask(args);
     const ep_u32 step_ok = hs[H_STEP_OK];
     const ep_u32 seq = ep_call_number(ws, WS_COMB_CALLS, args.sync);
+    const ep_u64 mask = ep_block_mask(args);   // one value: ep_combine_begin's branches hold barriers
     if (!ep_combine_begin(args, rank, ws, mask, step_ok, seq)) return;
     const ep_u64 live = ep_load_mask(args);
     const int tokens = static_cast<int>(args.rank[rank].tokens);
@@ -756,7 +778,6 @@ ep_ht_combine(const EpArgs args) {
             // for R = 1 flat only: its registers make the general loop spill (428 bytes at R = 8, where
             // ht-std combine then took 2.7 ms instead of 1.1).
             const ep_u8* src = reinterpret_cast<const ep_u8*>(table.address[warp][0]);
-            const float w = table.weight[warp][0];
             for (int v0 = first + lane; v0 < last; v0 += 32 * EP_SOLO_VECS) {
                 ep_vec rows[EP_SOLO_VECS];
 #pragma unroll
@@ -768,51 +789,93 @@ ep_ht_combine(const EpArgs args) {
                     if (v0 + 32 * u >= last) break;
                     float acc[EP_ELEMS_PER_VEC];
 #pragma unroll
-                    for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) acc[i] = ep_fma(1.0f, ep_round_trip(ep_fma(w, ep_element(rows[u], i), 0.0f)), 0.0f);
+                    for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) acc[i] = ep_flat_term(0.0f, ep_element(rows[u], i));
                     ep_store_vec(row_out + static_cast<ep_u64>(v0 + 32 * u) * EP_VEC_BYTES, ep_pack(acc));
                 }
             }
             __syncwarp();
             continue;
         }
+        // Otherwise nothing was received (count 0, the only other case at R = 1): zeros, as the
+        // general loop's empty sum packs them, without its registers.
+        for (int v = first + lane; v < last; v += 32) ep_store_vec(row_out + static_cast<ep_u64>(v) * EP_VEC_BYTES, ep_pack_zero());
+        __syncwarp();
+        continue;
 #endif
-        for (int v = first + lane; v < last; v += 32) {
-            float acc[EP_ELEMS_PER_VEC], partial[EP_ELEMS_PER_VEC];
-#pragma unroll
-            for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) acc[i] = partial[i] = 0.0f;
+        // EP_COMBINE_SPAN vectors of each row a lane (v, v + 32, ...), EP_COMBINE_ROWS rows a batch.
+        // Flat rows come one per destination rank, each its own partial sum: ep_flat_term.
+        for (int v = first + lane; v < last; v += 32 * EP_COMBINE_SPAN) {
+            float acc[EP_COMBINE_SPAN][EP_ELEMS_PER_VEC];
+#if EP_EXPERT_MAJOR
+            float partial[EP_COMBINE_SPAN][EP_ELEMS_PER_VEC];
             int current = count > 0 ? table_rank[warp][0] : 0;
+#endif
 #pragma unroll
-            for (int c0 = 0; c0 < EP_FANOUT; c0 += EP_CHUNK) {
+            for (int u = 0; u < EP_COMBINE_SPAN; ++u) {
+#pragma unroll
+                for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) {
+                    acc[u][i] = 0.0f;
+#if EP_EXPERT_MAJOR
+                    partial[u][i] = 0.0f;
+#endif
+                }
+            }
+#pragma unroll
+            for (int c0 = 0; c0 < EP_FANOUT; c0 += EP_COMBINE_ROWS) {
                 if (c0 >= count) break;
-                ep_vec rows[EP_CHUNK];
+                ep_vec rows[EP_COMBINE_ROWS][EP_COMBINE_SPAN];
 #pragma unroll
-                for (int j = 0; j < EP_CHUNK; ++j) {
+                for (int j = 0; j < EP_COMBINE_ROWS; ++j) {
                     if (c0 + j < count) {
-                        rows[j] = ep_load_vec_peer(reinterpret_cast<const ep_u8*>(table.address[warp][c0 + j]) + static_cast<ep_u64>(v) * EP_VEC_BYTES);
+                        const ep_u8* src = reinterpret_cast<const ep_u8*>(table.address[warp][c0 + j]);
+#pragma unroll
+                        for (int u = 0; u < EP_COMBINE_SPAN; ++u) {
+                            if (u == 0 || v + 32 * u < last) rows[j][u] = ep_load_vec_peer(src + static_cast<ep_u64>(v + 32 * u) * EP_VEC_BYTES);
+                        }
                     }
                 }
 #pragma unroll
-                for (int j = 0; j < EP_CHUNK; ++j) {
+                for (int j = 0; j < EP_COMBINE_ROWS; ++j) {
                     if (c0 + j >= count) break;
+#if EP_EXPERT_MAJOR
+                    const float w = table.weight[warp][c0 + j];
                     const int owner = table_rank[warp][c0 + j];
                     if (owner != current) {
 #pragma unroll
-                        for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) {
-                            acc[i] = ep_fma(1.0f, ep_round_trip(partial[i]), acc[i]);
-                            partial[i] = 0.0f;
+                        for (int u = 0; u < EP_COMBINE_SPAN; ++u) {
+#pragma unroll
+                            for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) {
+                                acc[u][i] = ep_fma(1.0f, ep_round_trip(partial[u][i]), acc[u][i]);
+                                partial[u][i] = 0.0f;
+                            }
                         }
                         current = owner;
                     }
-                    const float w = table.weight[warp][c0 + j];
 #pragma unroll
-                    for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) partial[i] = ep_fma(w, ep_element(rows[j], i), partial[i]);
+                    for (int u = 0; u < EP_COMBINE_SPAN; ++u) {
+#pragma unroll
+                        for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) partial[u][i] = ep_fma(w, ep_element(rows[j][u], i), partial[u][i]);
+                    }
+#else
+#pragma unroll
+                    for (int u = 0; u < EP_COMBINE_SPAN; ++u) {
+#pragma unroll
+                        for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) acc[u][i] = ep_flat_term(acc[u][i], ep_element(rows[j][u], i));
+                    }
+#endif
                 }
             }
-            if (count > 0) {
 #pragma unroll
-                for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) acc[i] = ep_fma(1.0f, ep_round_trip(partial[i]), acc[i]);
+            for (int u = 0; u < EP_COMBINE_SPAN; ++u) {
+                if (u > 0 && v + 32 * u >= last) break;
+#if EP_EXPERT_MAJOR
+                if (count > 0) {
+#pragma unroll
+                    for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) acc[u][i] = ep_fma(1.0f, ep_round_trip(partial[u][i]), acc[u][i]);
+                }
+#endif
+                ep_store_vec(row_out + static_cast<ep_u64>(v + 32 * u) * EP_VEC_BYTES, ep_pack(acc[u]));
             }
-            ep_store_vec(row_out + static_cast<ep_u64>(v) * EP_VEC_BYTES, ep_pack(acc));
         }
         __syncwarp();   // every lane is done with this item's table before the next overwrites it
     }

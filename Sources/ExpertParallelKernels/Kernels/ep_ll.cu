@@ -527,9 +527,9 @@ ep_ll_combine(const EpArgs args) {
     };
     int item = blockIdx.x * warps + warp;
     Routing next = fetch(item);
-    const ep_u64 mask = ep_load_mask(args);
     const ep_u32 step_ok = hs[H_STEP_OK];
     const ep_u32 seq = ep_call_number(ws, WS_COMB_CALLS, args.sync);
+    const ep_u64 mask = ep_block_mask(args);   // one value: ep_combine_begin's branches hold barriers
     if (!ep_combine_begin(args, rank, ws, mask, step_ok, seq)) return;
     // The start mask waits in shared memory for the end of the call, not in a register.
     __shared__ ep_u64 start_mask;
