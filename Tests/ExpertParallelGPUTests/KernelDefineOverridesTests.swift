@@ -1,5 +1,7 @@
 @testable import ExpertParallelGPU
 import ExpertParallel
+import ExpertParallelCUDA
+import ExpertParallelKernels
 import Testing
 
 /// EP_KERNEL_DEFINES: extra compile-time switches for trying kernel variants; malformed entries
@@ -36,5 +38,19 @@ struct KernelDefineOverridesTests {
             guard case let .invalidArgument(field, value, rule) = error else { Issue.record("unexpected \(error)"); return }
             #expect(field == "EP_KERNEL_DEFINES" && value == entry && rule == requirement)
         }
+    }
+
+    /// The HT combine's span switch (vectors of each row a lane loads at once) compiles in both
+    /// layouts with 2 and 4; ep-bench checks such a variant's results against the oracle.
+    @Test(.enabled(if: GPUTuningTests.runsNVRTC, "needs NVRTC (EP_REQUIRE_NVRTC=1 to require it)"),
+          arguments: [Layout.flat, .expertMajorPadded(alignment: 4)], [2, 4])
+    func combineSpanSwitchCompiles(layout: Layout, span: Int) throws {
+        let config = try GroupConfig(algorithm: .highThroughput, ranks: 4, experts: 32, topK: 6, hidden: 1024, maxTokensPerRank: 64,
+                                     layout: layout).validated()
+        var defines = StepKernels.defines(config, .init(indexBytes: 8, receivedIndexBytes: 4, vectorBytes: 16), try GPUTuning().validated(config))
+        defines.merge(try KernelDefineOverrides.parse("EP_COMBINE_SPAN=\(span)", reserved: Set(defines.keys))) { old, _ in old }
+        let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)
+        let image = try compiler.compile(KernelSource.embedded("ep_ht"), arch: .hopper, defines: defines).image
+        #expect(!image.isEmpty)
     }
 }

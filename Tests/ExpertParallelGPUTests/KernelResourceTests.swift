@@ -30,7 +30,7 @@ struct KernelResourceTests {
         Case(config: fp8(llStandard, .ue8m0Block128), kernel: "ep_ll_update_dispatch", maximumSpill: 0),
         Case(config: llStandard, kernel: "ep_ll_combine", maximumSpill: 64),
         Case(config: htStandard, kernel: "ep_ht_dispatch", maximumSpill: 0),
-        // Flat: two vectors of each row a lane, the sum without partial registers.
+        // Flat: the sum without partial registers (ep_flat_term); R = 1 flat: no general loop.
         Case(config: htStandard, kernel: "ep_ht_combine", maximumSpill: 0),
         Case(config: htOneRank, kernel: "ep_ht_combine", maximumSpill: 0),
         Case(config: htExpertMajor, kernel: "ep_ht_combine", maximumSpill: 28),

@@ -649,10 +649,11 @@ ep_ht_dispatch(const EpArgs args) {
 #define EP_SOLO_VECS 4   // combine of a token with a single row: vectors per lane loaded before use
 #endif
 // Combine: vectors of each row a lane loads before their first use (v, v + 32, ...), and rows per
-// batch, so that EP_CHUNK loads are in flight. Flat: 2 (its sum needs no partial registers; an
-// H200 at ht-std R = 8 took 883 µs with 2 × 4 against 907 with 1 × 8); expert-major: 1 (2 spills).
+// batch, so that EP_CHUNK loads are in flight. 1 (an H200 at ht-std R = 8, flat: 753 µs with
+// 1 vector × 8 rows, 779 with 2 × 4; expert-major spills with 2); a switch for trying others
+// (EP_KERNEL_DEFINES=EP_COMBINE_SPAN=2, docs/performance.md).
 #ifndef EP_COMBINE_SPAN
-#define EP_COMBINE_SPAN (EP_EXPERT_MAJOR ? 1 : 2)
+#define EP_COMBINE_SPAN 1
 #endif
 #define EP_COMBINE_ROWS (EP_CHUNK >= 2 * EP_COMBINE_SPAN ? EP_CHUNK / EP_COMBINE_SPAN : 1)
 
