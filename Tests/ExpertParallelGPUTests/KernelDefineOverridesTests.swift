@@ -40,15 +40,16 @@ struct KernelDefineOverridesTests {
         }
     }
 
-    /// The HT combine's span switch (vectors of each row a lane loads at once) compiles in both
-    /// layouts with 2 and 4; ep-bench checks such a variant's results against the oracle.
+    /// The HT combine's switches compile in both layouts: the span (vectors of each row a lane
+    /// loads at once) with 2 and 4, and the adaptive flat sum (8 loads in flight whatever a
+    /// token's row count); ep-bench checks such a variant's results against the oracle.
     @Test(.enabled(if: GPUTuningTests.runsNVRTC, "needs NVRTC (EP_REQUIRE_NVRTC=1 to require it)"),
-          arguments: [Layout.flat, .expertMajorPadded(alignment: 4)], [2, 4])
-    func combineSpanSwitchCompiles(layout: Layout, span: Int) throws {
+          arguments: [Layout.flat, .expertMajorPadded(alignment: 4)], ["EP_COMBINE_SPAN=2", "EP_COMBINE_SPAN=4", "EP_COMBINE_ADAPTIVE=1"])
+    func combineSwitchesCompile(layout: Layout, switches: String) throws {
         let config = try GroupConfig(algorithm: .highThroughput, ranks: 4, experts: 32, topK: 6, hidden: 1024, maxTokensPerRank: 64,
                                      layout: layout).validated()
         var defines = StepKernels.defines(config, .init(indexBytes: 8, receivedIndexBytes: 4, vectorBytes: 16), try GPUTuning().validated(config))
-        defines.merge(try KernelDefineOverrides.parse("EP_COMBINE_SPAN=\(span)", reserved: Set(defines.keys))) { old, _ in old }
+        defines.merge(try KernelDefineOverrides.parse(switches, reserved: Set(defines.keys))) { old, _ in old }
         let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)
         let image = try compiler.compile(KernelSource.embedded("ep_ht"), arch: .hopper, defines: defines).image
         #expect(!image.isEmpty)

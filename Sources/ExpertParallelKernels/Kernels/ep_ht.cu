@@ -674,6 +674,10 @@ EP_DEVICE float ep_round_trip(float value) {
 // only when both its operands are). Two instructions an element instead of five.
 EP_DEVICE float ep_flat_term(float sum, float x) { return __fadd_rn(sum, x); }
 
+#ifndef EP_COMBINE_ADAPTIVE
+#define EP_COMBINE_ADAPTIVE 0   // 1: flat tokens with few rows load more vectors of each (below)
+#endif
+
 EP_DEVICE ep_vec ep_pack_zero() {
     float zeros[EP_ELEMS_PER_VEC];
 #pragma unroll
@@ -701,6 +705,10 @@ ep_ht_combine(const EpArgs args) {
     const int* pair_rows = reinterpret_cast<const int*>(hs + H_PAIR_ROW);
     __shared__ EpWarpRows table;
     __shared__ int table_rank[EP_WARPS][32];
+#if EP_COMBINE_ADAPTIVE && !EP_EXPERT_MAJOR && EP_R <= 8
+    __shared__ ep_u64 slot_base[EP_WARPS][8];   // where slot k's vectors start (row j, offset u)
+    __shared__ int slot_u[EP_WARPS][8];
+#endif
     const int slices = static_cast<int>(args.slices);
     const int per_slice = (EP_ROW_VECS + slices - 1) / slices;
 
@@ -801,6 +809,52 @@ ep_ht_combine(const EpArgs args) {
         // general loop's empty sum packs them, without its registers.
         for (int v = first + lane; v < last; v += 32) ep_store_vec(row_out + static_cast<ep_u64>(v) * EP_VEC_BYTES, ep_pack_zero());
         __syncwarp();
+        continue;
+#endif
+#if EP_COMBINE_ADAPTIVE && !EP_EXPERT_MAJOR && EP_R <= 8
+        // Flat, at most 8 rows a token (one a rank): 8 loads in flight whatever the count. A
+        // token with c rows loads `span` = 8 / c vectors of each (skewed routing: ~1.7 rows a
+        // token at ht-std --skew 1). Slot k = u × c + j holds row j's vector v + 32u, so a vector's
+        // rows are added in table order, as the general loop adds them, and stored after its last.
+        if (count == 0) {
+            for (int v = first + lane; v < last; v += 32) ep_store_vec(row_out + static_cast<ep_u64>(v) * EP_VEC_BYTES, ep_pack_zero());
+            __syncwarp();
+            continue;
+        }
+        const int span = 8 / count, used = count * span;
+        if (lane < used) {
+            const int j = lane % count, u = lane / count;
+            slot_base[warp][lane] = table.address[warp][j] + static_cast<ep_u64>(u) * 32 * EP_VEC_BYTES;
+            slot_u[warp][lane] = (u << 1) | (j == count - 1 ? 1 : 0);   // vector offset, last row of it
+        }
+        __syncwarp();
+        for (int v = first + lane; v < last; v += 32 * span) {
+            ep_vec x[8];
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                if (k < used && v + 32 * (slot_u[warp][k] >> 1) < last) {
+                    x[k] = ep_load_vec_peer(reinterpret_cast<const ep_u8*>(slot_base[warp][k]) + static_cast<ep_u64>(v) * EP_VEC_BYTES);
+                }
+            }
+            float acc[EP_ELEMS_PER_VEC];
+#pragma unroll
+            for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) acc[i] = 0.0f;
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                if (k >= used) break;
+                const int info = slot_u[warp][k], at = v + 32 * (info >> 1);
+                if (at < last) {
+#pragma unroll
+                    for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) acc[i] = ep_flat_term(acc[i], ep_element(x[k], i));
+                }
+                if (info & 1) {
+                    if (at < last) ep_store_vec(row_out + static_cast<ep_u64>(at) * EP_VEC_BYTES, ep_pack(acc));
+#pragma unroll
+                    for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) acc[i] = 0.0f;
+                }
+            }
+        }
+        __syncwarp();   // every lane is done with this item's slots before the next overwrites them
         continue;
 #endif
         // EP_COMBINE_SPAN vectors of each row a lane (v, v + 32, ...), EP_COMBINE_ROWS rows a batch.
