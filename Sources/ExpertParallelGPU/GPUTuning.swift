@@ -11,7 +11,8 @@ public struct GPUTuning: Sendable, Hashable {
     /// Pieces each token row is cut into, one warp per piece; nil picks enough pieces to give every
     /// warp of the rank's blocks work.
     public var rowPieces: Int?
-    /// Thread blocks per SM in one launch covering all ranks (1 or 2); nil: 2 for R ≥ 2, 1 for R = 1.
+    /// Thread blocks per SM in one launch covering all ranks (1 or 2); nil: 2 for R ≥ 2, 1 for R = 1
+    /// (the HT combine: 2 at every R).
     public var blocksPerMultiprocessor: Int?
     /// LL: run a stacked dispatch's update inside the dispatch launch (one launch instead of two;
     /// the rank's other blocks wait on the GPU for its update block). Off: two launches, as the

@@ -16,7 +16,7 @@ struct GPUOptions: ParsableArguments {
     @Option(help: "GPU: pieces each token row is cut into, one warp each (default: automatic).")
     var rowPieces: Int?
 
-    @Option(name: .customLong("blocks-per-sm"), help: "GPU: 512-thread blocks per SM in one launch (1 or 2; default 2, 1 for R = 1).")
+    @Option(name: .customLong("blocks-per-sm"), help: "GPU: 512-thread blocks per SM in one launch (1 or 2; default 2, 1 for R = 1 except the HT combine).")
     var blocksPerSM: Int?
 
     @Option(help: "GPU, HT: tokens each update block counts (1...4096; the update runs up to 16 blocks a rank).")
