@@ -2,16 +2,24 @@ import ExpertParallel
 import ExpertParallelCUDA
 
 /// Extra `-D` constants for the step kernels from `EP_KERNEL_DEFINES` (`NAME=value,NAME=value`),
-/// for trying a kernel variant's compile-time switches (`EP_COMBINE_SPAN`, `EP_SOLO_VECS`...) on
-/// a GPU machine without rebuilding the library. Names are `EP_` followed by capitals, digits or
-/// underscores, values non-negative integers; a name the group itself sets (shape, tuning, the
-/// Swift/CUDA contract) cannot be overridden. The constants enter the kernel cache key, so a
-/// variant is compiled once and cached apart from the default.
+/// for trying a kernel variant's compile-time switches on a GPU machine without rebuilding the
+/// library. Only the switches below, each within its range, are taken: anything else (a misspelt
+/// name that would measure the default under another cache key, a shape or contract constant, a
+/// value that would not compile) is a named error. The constants enter the kernel cache key, so
+/// a variant is compiled once and cached apart from the default.
 enum KernelDefineOverrides {
     static let variable = "EP_KERNEL_DEFINES"
 
-    /// The overrides in `text` (nil or empty: none), checked against `reserved`, the names the
-    /// group sets.
+    /// The switches that can be tried, and their values (docs/performance.md, "Trying a kernel variant").
+    static let switches: [(name: String, values: ClosedRange<Int>)] = [
+        ("EP_COMBINE_SPAN", 1...8),       // HT combine: vectors of each row a lane loads at once
+        ("EP_COMBINE_ADAPTIVE", 0...1),   // HT flat combine: 8 loads in flight whatever a token's row count
+        ("EP_SOLO_VECS", 1...16),         // one-rank flat HT combine: vectors a lane has in flight
+    ]
+
+    static var switchList: String { switches.map { "\($0.name) \($0.values.lowerBound)...\($0.values.upperBound)" }.joined(separator: ", ") }
+
+    /// The overrides in `text` (nil or empty: none); `reserved`: the names the group sets itself.
     static func parse(_ text: String?, reserved: Set<String>) throws(EPError) -> [String: String] {
         guard let text, !text.isEmpty else { return [:] }
         var defines: [String: String] = [:]
@@ -21,17 +29,16 @@ enum KernelDefineOverrides {
                 .invalidArgument(field: variable, value: String(entry), requirement: requirement)
             }
             guard parts.count == 2 else { throw fail("entries are NAME=value, separated by commas") }
-            let name = String(parts[0]), value = String(parts[1])
-            guard name.hasPrefix("EP_"), name.count > 3,
-                  name.utf8.allSatisfy({ ($0 >= 65 && $0 <= 90) || ($0 >= 48 && $0 <= 57) || $0 == 95 }) else {
-                throw fail("the name must be EP_ followed by capitals, digits or underscores")
+            let name = String(parts[0]), digits = String(parts[1])
+            guard let range = switches.first(where: { $0.name == name })?.values, !reserved.contains(name) else {
+                throw fail("the name must be one of the switches that can be tried: \(switchList)")
             }
-            guard !value.isEmpty, value.count <= 9, value.utf8.allSatisfy({ $0 >= 48 && $0 <= 57 }) else {
-                throw fail("the value must be a non-negative integer of at most 9 digits")
+            guard digits.utf8.allSatisfy({ $0 >= 48 && $0 <= 57 }), let value = Int(digits), range.contains(value),
+                  digits == String(value) else {
+                throw fail("\(name) takes a decimal integer in \(range.lowerBound)...\(range.upperBound)")
             }
-            guard !reserved.contains(name) else { throw fail("\(name) is set by the group (shape, tuning or contract)") }
             guard defines[name] == nil else { throw fail("\(name) is given twice") }
-            defines[name] = value
+            defines[name] = digits
         }
         return defines
     }

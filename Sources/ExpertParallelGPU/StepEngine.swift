@@ -33,8 +33,9 @@ final class StepEngine: @unchecked Sendable {
     /// per rank (all R resident at once, since their ranks wait for each other).
     let blocksPerRank: Int
     let blocksPerRankPerLaunch: Int
-    /// HT combine's blocks per rank in one launch: 2 per SM at every R unless tuned (its loads
-    /// want every warp an SM holds; an H200 at R = 1, ht-std: 47.3 µs with 1 per SM, 42.1 with 2).
+    /// The combine's blocks per rank in one launch: for HT 2 per SM at every R unless tuned, which
+    /// differs from `blocksPerRank` only at R = 1 (its loads want every warp an SM holds; an H200
+    /// at R = 1, ht-std: 47.3 µs with 1 per SM, 42.1 with 2); per-rank launches keep theirs.
     let combineBlocksPerRank: Int
     /// How the kernels reach the other ranks; `staging` holds the staged transport's areas.
     let transport: GPUTransport

@@ -22,6 +22,8 @@ public final class VirtualGPUGroup: StepGroup, @unchecked Sendable {
     public var multiprocessors: Int { engine.multiprocessors }
     /// Thread blocks per rank for dispatch and combine in one launch (`.single`).
     public var blocksPerRank: Int { engine.blocksPerRank }
+    /// The combine's blocks per rank in one launch covering all ranks (HT: 2 per SM at every R).
+    public var combineBlocksPerRank: Int { engine.combineBlocksPerRank }
     /// Thread blocks per rank with one launch per rank (`.perRank`).
     public var blocksPerRankPerLaunch: Int { engine.blocksPerRankPerLaunch }
     public var localRanks: [Int] { engine.localRanks }

@@ -109,6 +109,7 @@ struct GPUBenchmark {
             benchCase, config: config, backend: "gpu", device: device.name, samples: samples,
             bytes: StepBytes(config: config, routings: data.routings), copyBandwidth: copyBandwidth, validated: valid)
         measurement.tuning = TuningRecord(group.tuning, multiprocessors: group.multiprocessors, blocksPerRank: group.blocksPerRank)
+        measurement.tuning?.combineBlocksPerRank = group.combineBlocksPerRank
         measurement.tuning?.fusedUpdate = group.fusesUpdate
         return measurement
     }

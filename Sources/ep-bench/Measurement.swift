@@ -143,6 +143,8 @@ struct TuningRecord: Codable, Sendable {
     var multiprocessors: Int
     /// Thread blocks per rank in one launch (null where the group does not say: NCCL ranks).
     @AlwaysEncoded var blocksPerRank: Int?
+    /// The combine's blocks per rank in one launch (the HT combine runs 2 per SM at every R).
+    @AlwaysEncoded var combineBlocksPerRank: Int? = nil
     var pipelineDepth: Int
     var rowsInFlight: Int
     @AlwaysEncoded var rowPieces: Int?

@@ -13,22 +13,25 @@ struct KernelDefineOverridesTests {
     }
 
     @Test func entriesBecomeDefines() throws {
-        let defines = try KernelDefineOverrides.parse("EP_COMBINE_SPAN=2,EP_SOLO_VECS=8", reserved: ["EP_R"])
-        #expect(defines == ["EP_COMBINE_SPAN": "2", "EP_SOLO_VECS": "8"])
+        let defines = try KernelDefineOverrides.parse("EP_COMBINE_SPAN=2,EP_SOLO_VECS=8,EP_COMBINE_ADAPTIVE=0", reserved: ["EP_R"])
+        #expect(defines == ["EP_COMBINE_SPAN": "2", "EP_SOLO_VECS": "8", "EP_COMBINE_ADAPTIVE": "0"])
     }
+
+    static let names = "the name must be one of the switches that can be tried: EP_COMBINE_SPAN 1...8, EP_COMBINE_ADAPTIVE 0...1, EP_SOLO_VECS 1...16"
 
     @Test(arguments: [
         ("EP_COMBINE_SPAN", "EP_COMBINE_SPAN", "entries are NAME=value, separated by commas"),
-        ("EP_A=1,", "", "entries are NAME=value, separated by commas"),
-        ("COMBINE_SPAN=2", "COMBINE_SPAN=2", "the name must be EP_ followed by capitals, digits or underscores"),
-        ("EP_=2", "EP_=2", "the name must be EP_ followed by capitals, digits or underscores"),
-        ("EP_x=2", "EP_x=2", "the name must be EP_ followed by capitals, digits or underscores"),
-        ("EP_A=-1", "EP_A=-1", "the value must be a non-negative integer of at most 9 digits"),
-        ("EP_A=1;rm", "EP_A=1;rm", "the value must be a non-negative integer of at most 9 digits"),
-        ("EP_A=", "EP_A=", "the value must be a non-negative integer of at most 9 digits"),
-        ("EP_A=1234567890", "EP_A=1234567890", "the value must be a non-negative integer of at most 9 digits"),
-        ("EP_R=2", "EP_R=2", "EP_R is set by the group (shape, tuning or contract)"),
-        ("EP_A=1,EP_A=2", "EP_A=2", "EP_A is given twice"),
+        ("EP_COMBINE_SPAN=1,", "", "entries are NAME=value, separated by commas"),
+        ("EP_COMBINE_SPAM=2", "EP_COMBINE_SPAM=2", names),   // misspelt: would measure the default
+        ("EP_R=2", "EP_R=2", names),                         // a shape constant
+        ("EP_FP8=1", "EP_FP8=1", names),                     // a constant the group leaves unset
+        ("EP_COMBINE_SPAN=0", "EP_COMBINE_SPAN=0", "EP_COMBINE_SPAN takes a decimal integer in 1...8"),
+        ("EP_COMBINE_SPAN=-1", "EP_COMBINE_SPAN=-1", "EP_COMBINE_SPAN takes a decimal integer in 1...8"),
+        ("EP_COMBINE_SPAN=02", "EP_COMBINE_SPAN=02", "EP_COMBINE_SPAN takes a decimal integer in 1...8"),   // octal to the compiler
+        ("EP_COMBINE_SPAN=2;x", "EP_COMBINE_SPAN=2;x", "EP_COMBINE_SPAN takes a decimal integer in 1...8"),
+        ("EP_SOLO_VECS=", "EP_SOLO_VECS=", "EP_SOLO_VECS takes a decimal integer in 1...16"),
+        ("EP_SOLO_VECS=99999999999999999999", "EP_SOLO_VECS=99999999999999999999", "EP_SOLO_VECS takes a decimal integer in 1...16"),
+        ("EP_COMBINE_ADAPTIVE=1,EP_COMBINE_ADAPTIVE=0", "EP_COMBINE_ADAPTIVE=0", "EP_COMBINE_ADAPTIVE is given twice"),
     ])
     func badEntriesNameTheEntryAndTheRule(text: String, entry: String, requirement: String) {
         do {
@@ -38,6 +41,11 @@ struct KernelDefineOverridesTests {
             guard case let .invalidArgument(field, value, rule) = error else { Issue.record("unexpected \(error)"); return }
             #expect(field == "EP_KERNEL_DEFINES" && value == entry && rule == requirement)
         }
+    }
+
+    /// A switch the group set itself (none today: the check keeps a future default from being overridden).
+    @Test func aSwitchTheGroupSetsIsRefused() {
+        #expect(throws: EPError.self) { try KernelDefineOverrides.parse("EP_COMBINE_SPAN=2", reserved: ["EP_COMBINE_SPAN"]) }
     }
 
     /// The HT combine's switches compile in both layouts: the span (vectors of each row a lane
