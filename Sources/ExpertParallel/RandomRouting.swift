@@ -1,8 +1,9 @@
 import Foundation
 
 /// Reproducible routings and payloads for benchmarks and tests (docs/ep-bench.md, "Standard
-/// cases, bytes and the floor"): each token picks K distinct experts uniformly (the top K of uniform random scores), weights are
-/// uniform in (0, 1); `skew` > 0 concentrates the picks on the first experts.
+/// cases, bytes and the floor"): each token picks K distinct experts uniformly (the top K of
+/// uniform random scores), weights are uniform in (0, 1); `skew` > 0 concentrates the picks on
+/// the first experts.
 public struct RandomRouting: Sendable {
     public var state: UInt64
 
