@@ -678,11 +678,13 @@ EP_DEVICE float ep_flat_term(float sum, float x) { return __fadd_rn(sum, x); }
 #define EP_COMBINE_ADAPTIVE 0   // 1: flat tokens with few rows load more vectors of each (below)
 #endif
 
-EP_DEVICE ep_vec ep_pack_zero() {
+// Zeros for vectors [first, last) of a token's output row: the sum of no rows.
+EP_DEVICE void ep_store_zero_piece(ep_u8* row_out, int first, int last, int lane) {
     float zeros[EP_ELEMS_PER_VEC];
 #pragma unroll
     for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) zeros[i] = 0.0f;
-    return ep_pack(zeros);
+    const ep_vec zero = ep_pack(zeros);
+    for (int v = first + lane; v < last; v += 32) ep_store_vec(row_out + static_cast<ep_u64>(v) * EP_VEC_BYTES, zero);
 }
 
 extern "C" __global__ void __launch_bounds__(512, 2)
@@ -807,7 +809,7 @@ ep_ht_combine(const EpArgs args) {
         }
         // Otherwise nothing was received (count 0, the only other case at R = 1): zeros, as the
         // general loop's empty sum packs them, without its registers.
-        for (int v = first + lane; v < last; v += 32) ep_store_vec(row_out + static_cast<ep_u64>(v) * EP_VEC_BYTES, ep_pack_zero());
+        ep_store_zero_piece(row_out, first, last, lane);
         __syncwarp();
         continue;
 #endif
@@ -817,7 +819,7 @@ ep_ht_combine(const EpArgs args) {
         // token at ht-std --skew 1). Slot k = u × c + j holds row j's vector v + 32u, so a vector's
         // rows are added in table order, as the general loop adds them, and stored after its last.
         if (count == 0) {
-            for (int v = first + lane; v < last; v += 32) ep_store_vec(row_out + static_cast<ep_u64>(v) * EP_VEC_BYTES, ep_pack_zero());
+            ep_store_zero_piece(row_out, first, last, lane);
             __syncwarp();
             continue;
         }

@@ -320,6 +320,30 @@ EP_DEVICE void ep_copy_piece(const ep_u8* src, const ep_u64 (&targets)[32], int 
     }
 }
 
+// The first EP_UNROLL vectors a lane copies of the piece [first, last) of `src` (ep_copy_piece's
+// first step), loaded ahead of the piece's destinations; ep_store_ahead stores them to each.
+EP_DEVICE void ep_load_ahead(const ep_u8* src, ep_vec (&ahead)[EP_UNROLL], int first, int last, int lane) {
+#pragma unroll
+    for (int u = 0; u < EP_UNROLL; ++u) {
+        const int v = first + lane + 32 * u;
+        if (v < last) ahead[u] = ep_load_vec(src + static_cast<ep_u64>(v) * EP_VEC_BYTES);
+    }
+}
+
+template <int FANOUT>
+EP_DEVICE void ep_store_ahead(const ep_u64 (&targets)[32], const ep_vec (&ahead)[EP_UNROLL], int first, int last, int lane) {
+#pragma unroll
+    for (int c = 0; c < FANOUT; ++c) {
+        ep_u8* dst = reinterpret_cast<ep_u8*>(targets[c]);
+        if (dst == nullptr) continue;
+#pragma unroll
+        for (int u = 0; u < EP_UNROLL; ++u) {
+            const int v = first + lane + 32 * u;
+            if (v < last) ep_store_vec(dst + static_cast<ep_u64>(v) * EP_VEC_BYTES, ahead[u]);
+        }
+    }
+}
+
 // Turns per-warp counts into exclusive prefixes over the warps, in place, and returns the
 // total of column i.
 template <int WARPS>
