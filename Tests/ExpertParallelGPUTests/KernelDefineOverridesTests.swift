@@ -17,7 +17,7 @@ struct KernelDefineOverridesTests {
         #expect(defines == ["EP_COMBINE_SPAN": "2", "EP_SOLO_VECS": "8", "EP_COMBINE_ADAPTIVE": "0"])
     }
 
-    static let names = "the name must be one of the switches that can be tried: EP_COMBINE_SPAN 1...8, EP_COMBINE_ADAPTIVE 0...1, EP_SOLO_VECS 1...16, EP_LL_AHEAD 0...1"
+    static let names = "the name must be one of the switches that can be tried: EP_COMBINE_SPAN 1...8, EP_COMBINE_ADAPTIVE 0...1, EP_SOLO_VECS 1...16, EP_LL_AHEAD 0...1, EP_LL_SOLO_UPDATE 0...1"
 
     @Test(arguments: [
         ("EP_COMBINE_SPAN", "EP_COMBINE_SPAN", "entries are NAME=value, separated by commas"),
@@ -63,14 +63,16 @@ struct KernelDefineOverridesTests {
         #expect(!image.isEmpty)
     }
 
-    /// The LL dispatch without its load ahead (EP_LL_AHEAD=0, the switch's other value) compiles
-    /// in both LL layouts.
-    @Test(.enabled(if: GPUTuningTests.runsNVRTC, "needs NVRTC (EP_REQUIRE_NVRTC=1 to require it)"), arguments: [Layout.expertMajor, .rankMajor])
-    func dispatchWithoutLoadAheadCompiles(layout: Layout) throws {
-        let config = try GroupConfig(algorithm: .lowLatency, ranks: 4, experts: 32, topK: 6, hidden: 1024, maxTokensPerRank: 64,
+    /// The LL switches compile in both LL layouts: the dispatch without its load ahead
+    /// (EP_LL_AHEAD=0) and the one-rank update either way (EP_LL_SOLO_UPDATE, R = 1).
+    @Test(.enabled(if: GPUTuningTests.runsNVRTC, "needs NVRTC (EP_REQUIRE_NVRTC=1 to require it)"),
+          arguments: [(4, Layout.expertMajor, "EP_LL_AHEAD=0"), (4, .rankMajor, "EP_LL_AHEAD=0"),
+                      (1, .expertMajor, "EP_LL_SOLO_UPDATE=1"), (1, .rankMajor, "EP_LL_SOLO_UPDATE=1"), (1, .expertMajor, "EP_LL_SOLO_UPDATE=0")])
+    func lowLatencySwitchesCompile(ranks: Int, layout: Layout, switches: String) throws {
+        let config = try GroupConfig(algorithm: .lowLatency, ranks: ranks, experts: 32, topK: 6, hidden: 1024, maxTokensPerRank: 64,
                                      layout: layout).validated()
         var defines = StepKernels.defines(config, .init(indexBytes: 8, receivedIndexBytes: 4, vectorBytes: 16), try GPUTuning().validated(config))
-        defines.merge(try KernelDefineOverrides.parse("EP_LL_AHEAD=0", reserved: Set(defines.keys))) { old, _ in old }
+        defines.merge(try KernelDefineOverrides.parse(switches, reserved: Set(defines.keys))) { old, _ in old }
         let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)
         let image = try compiler.compile(KernelSource.embedded("ep_ll"), arch: .hopper, defines: defines).image
         #expect(!image.isEmpty)

@@ -23,6 +23,13 @@
 #define EP_FUSED 0        // 1: compile ep_ll_update_dispatch (the host checked that its shared memory fits)
 #endif
 #define EP_UPDATE_LOADS 4   // routing entries each update thread loads at once
+// One rank (R = 1, counting with bitmaps): the update has no peer to gather counts from, so its
+// own totals stay in shared memory: no table to publish, no flag to wait for, no table to read
+// back. EP_LL_SOLO_UPDATE=0 keeps the all-gather's path at R = 1 too (for comparing the two).
+#ifndef EP_LL_SOLO_UPDATE
+#define EP_LL_SOLO_UPDATE 0
+#endif
+#define EP_LL_SOLO (EP_LL_SOLO_UPDATE && EP_R == 1 && EP_LL_BITMAP)
 
 // A selection's expert (< 1024 on the GPU) and its position among this rank's selections of it
 // (< EP_BMAX, which the update's shared memory bounds below 2^14), in one non-negative int.
@@ -86,16 +93,30 @@ EP_DEVICE void ep_ll_report_repeats(ep_u32* ws, const int* routing, int tokens, 
 // The update's end, common to both ways of counting: waits for every active rank's counts
 // (bounded; a late or bad rank voids the step), then turns this rank's positions into final
 // rows and writes the step's layout. `routing[i]`: selection i's expert and position among
-// this rank's selections of it (ep_ll_pack), or -1; `scratch`: 2E + L + R ints of shared memory.
+// this rank's selections of it (ep_ll_pack), or -1; `scratch`: 2E + L + R ints of shared memory;
+// `own`: with EP_LL_SOLO, this rank's totals (E + R, shared memory), the whole table.
 EP_DEVICE void ep_ll_update_finish(const EpArgs& args, int rank, ep_u32* ws, ep_u32* hs, ep_u64 mask, ep_u32 seq, bool bad,
-                                   int tokens, const int* routing, int* scratch) {
+                                   int tokens, const int* routing, int* scratch, const int* own) {
+#if EP_LL_SOLO
+    (void)mask;
+    if (bad) {   // the step is void, as ep_counts_arrived makes it (the status names the routing)
+        if (threadIdx.x == 0) {
+            hs[H_STEP_OK] = 0;
+            ws[WS_SEQ] = seq;
+        }
+        return;
+    }
+    const auto table_at = [&](int i) { return static_cast<ep_u32>(own[i]); };
+#else
+    (void)own;
     if (!ep_counts_arrived(args, ws, hs, mask, seq * 2, bad, seq)) return;
+    const ep_u32* gathered_table = ws + WS_COUNTS + (seq & 1) * EP_R * (EP_E + EP_R);
+    const auto table_at = [&](int i) { return gathered_table[i]; };
+#endif
 
     // The gathered table, read once into shared memory: rows of lower source ranks per expert,
     // and what each source sends here per local expert.
-    const int parity = seq & 1;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const ep_u32* table = ws + WS_COUNTS + parity * EP_R * (EP_E + EP_R);
     const ep_u64 gathered = ep_block_mask(args) & mask;   // active at the start and not timed out
     int* before = scratch;                       // [E]
     int* received = before + EP_E;               // [L][R]
@@ -106,18 +127,18 @@ EP_DEVICE void ep_ll_update_finish(const EpArgs& args, int rank, ep_u32* ws, ep_
         int sum = 0;
 #pragma unroll 8
         for (int s = 0; s < EP_R; ++s) {
-            if (s < rank && ep_active(gathered, s)) sum += static_cast<int>(table[s * (EP_E + EP_R) + e]);
+            if (s < rank && ep_active(gathered, s)) sum += static_cast<int>(table_at(s * (EP_E + EP_R) + e));
         }
         before[e] = sum;
     }
     for (int i = threadIdx.x; i < EP_L * EP_R; i += blockDim.x) {
         const int l = i / EP_R, s = i % EP_R;
-        const ep_u32 n = ep_active(gathered, s) ? table[s * (EP_E + EP_R) + rank * EP_L + l] : 0u;
+        const ep_u32 n = ep_active(gathered, s) ? table_at(s * (EP_E + EP_R) + rank * EP_L + l) : 0u;
         received[i] = static_cast<int>(n);
         layout[EP_L + EP_R + i] = n;
     }
     if (threadIdx.x < EP_R) {
-        const ep_u32 n = ep_active(gathered, threadIdx.x) ? table[threadIdx.x * (EP_E + EP_R) + EP_E + rank] : 0u;
+        const ep_u32 n = ep_active(gathered, threadIdx.x) ? table_at(threadIdx.x * (EP_E + EP_R) + EP_E + rank) : 0u;
         per_source[threadIdx.x] = static_cast<int>(n);
         layout[EP_L + threadIdx.x] = n;
     }
@@ -249,7 +270,7 @@ EP_DEVICE void ep_ll_update_rank(const EpArgs& args, int rank) {
         __syncwarp();
     }
 
-    ep_ll_update_finish(args, rank, ws, hs, mask, seq, bad, tokens, routing, &counts[0][0]);
+    ep_ll_update_finish(args, rank, ws, hs, mask, seq, bad, tokens, routing, &counts[0][0], nullptr);
 }
 #else
 // Counting with bitmaps: bit t of expert e's row says token t selects e (and of rank d's row,
@@ -324,8 +345,12 @@ EP_DEVICE void ep_ll_update_rank(const EpArgs& args, int rank) {
         totals[row] = bad || (row < EP_E && !ep_active(mask, row / EP_L)) ? 0 : running;
     }
     __syncthreads();
+#if EP_LL_SOLO
+    (void)parity;
+#else
     ep_publish_row(args, rank, mask, WS_COUNTS + parity * EP_R * (EP_E + EP_R), seq * 2 + (bad ? 1 : 0),
                    [&](int i) { return totals[i]; });
+#endif
 
     // Positions while the peers' counts travel: each selection's among this rank's selections of
     // its expert, and each (token, rank) pair's final row (rank-major: this rank's zone there).
@@ -346,7 +371,7 @@ EP_DEVICE void ep_ll_update_rank(const EpArgs& args, int rank) {
         hs[H_PAIR_ROW + i] = static_cast<ep_u32>(row);
     }
     __syncthreads();   // the bits and prefixes are done with: the scratch is ep_ll_update_finish's
-    ep_ll_update_finish(args, rank, ws, hs, mask, seq, bad, tokens, routing, scratch);
+    ep_ll_update_finish(args, rank, ws, hs, mask, seq, bad, tokens, routing, scratch, totals);
 }
 #endif
 
