@@ -29,6 +29,9 @@ struct KernelResourceTests {
         Case(config: llStandard, kernel: "ep_ll_update_dispatch", maximumSpill: 0),
         Case(config: fp8(llStandard, .ue8m0Block128), kernel: "ep_ll_update_dispatch", maximumSpill: 0),
         Case(config: llStandard, kernel: "ep_ll_combine", maximumSpill: 64),
+        // One rank: the update without the all-gather, its totals read from shared memory.
+        Case(config: GroupConfig(algorithm: .lowLatency, ranks: 1, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 128),
+             kernel: "ep_ll_update_dispatch", maximumSpill: 0),
         Case(config: htStandard, kernel: "ep_ht_dispatch", maximumSpill: 0),
         // Flat: the sum without partial registers (ep_flat_term); R = 1 flat: no general loop.
         Case(config: htStandard, kernel: "ep_ht_combine", maximumSpill: 0),
