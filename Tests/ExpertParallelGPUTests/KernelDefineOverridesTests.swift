@@ -54,13 +54,7 @@ struct KernelDefineOverridesTests {
     @Test(.enabled(if: GPUTuningTests.runsNVRTC, "needs NVRTC (EP_REQUIRE_NVRTC=1 to require it)"),
           arguments: [Layout.flat, .expertMajorPadded(alignment: 4)], ["EP_COMBINE_SPAN=2", "EP_COMBINE_SPAN=4", "EP_COMBINE_ADAPTIVE=1"])
     func combineSwitchesCompile(layout: Layout, switches: String) throws {
-        let config = try GroupConfig(algorithm: .highThroughput, ranks: 4, experts: 32, topK: 6, hidden: 1024, maxTokensPerRank: 64,
-                                     layout: layout).validated()
-        var defines = StepKernels.defines(config, .init(indexBytes: 8, receivedIndexBytes: 4, vectorBytes: 16), try GPUTuning().validated(config))
-        defines.merge(try KernelDefineOverrides.parse(switches, reserved: Set(defines.keys))) { old, _ in old }
-        let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)
-        let image = try compiler.compile(KernelSource.embedded("ep_ht"), arch: .hopper, defines: defines).image
-        #expect(!image.isEmpty)
+        try Self.compile(.highThroughput, ranks: 4, layout: layout, switches: switches)
     }
 
     /// The LL switches compile in both LL layouts: the dispatch without its load ahead
@@ -69,12 +63,19 @@ struct KernelDefineOverridesTests {
           arguments: [(4, Layout.expertMajor, "EP_LL_AHEAD=0"), (4, .rankMajor, "EP_LL_AHEAD=0"),
                       (1, .expertMajor, "EP_LL_SOLO_UPDATE=1"), (1, .rankMajor, "EP_LL_SOLO_UPDATE=1"), (1, .expertMajor, "EP_LL_SOLO_UPDATE=0")])
     func lowLatencySwitchesCompile(ranks: Int, layout: Layout, switches: String) throws {
-        let config = try GroupConfig(algorithm: .lowLatency, ranks: ranks, experts: 32, topK: 6, hidden: 1024, maxTokensPerRank: 64,
+        try Self.compile(.lowLatency, ranks: ranks, layout: layout, switches: switches)
+    }
+
+    /// Compiles the algorithm's step kernels under NVRTC with `switches` (EP_KERNEL_DEFINES's form)
+    /// over a small group's defines.
+    static func compile(_ algorithm: Algorithm, ranks: Int, layout: Layout, switches: String) throws {
+        let config = try GroupConfig(algorithm: algorithm, ranks: ranks, experts: 32, topK: 6, hidden: 1024, maxTokensPerRank: 64,
                                      layout: layout).validated()
         var defines = StepKernels.defines(config, .init(indexBytes: 8, receivedIndexBytes: 4, vectorBytes: 16), try GPUTuning().validated(config))
         defines.merge(try KernelDefineOverrides.parse(switches, reserved: Set(defines.keys))) { old, _ in old }
         let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)
-        let image = try compiler.compile(KernelSource.embedded("ep_ll"), arch: .hopper, defines: defines).image
+        let source = KernelSource.embedded(algorithm == .lowLatency ? "ep_ll" : "ep_ht")
+        let image = try compiler.compile(source, arch: .hopper, defines: defines).image
         #expect(!image.isEmpty)
     }
 }
