@@ -395,13 +395,6 @@ ep_ll_update(const EpArgs args) {
 #undef EP_LL_AHEAD
 #define EP_LL_AHEAD 0
 #endif
-#if EP_LL_AHEAD
-#define EP_LL_LOAD_AHEAD                                                                                   \
-    ep_vec ahead[EP_UNROLL];                                                                               \
-    ep_load_ahead(reinterpret_cast<const ep_u8*>(args.rank[rank].x) + static_cast<ep_u64>(t) * EP_WIRE_BYTES, ahead, first, last, lane);
-#else
-#define EP_LL_LOAD_AHEAD
-#endif
 
 // One block's share of rank `rank`'s dispatch (`block`: which of the rank's blocks it is).
 EP_DEVICE void ep_ll_dispatch_rank(const EpArgs& args, int rank, EpBlock block) {
@@ -429,9 +422,12 @@ EP_DEVICE void ep_ll_dispatch_rank(const EpArgs& args, int rank, EpBlock block) 
     for (int item = block.index * warps + threadIdx.x / 32; item < items; item += block.count * warps) {
         const int t = item / slices, piece = item % slices;
         const int first = piece * per_slice, last = min(EP_WIRE_UNITS, first + per_slice);
+#if EP_LL_AHEAD
+        ep_vec ahead[EP_UNROLL];
+        ep_load_ahead(reinterpret_cast<const ep_u8*>(args.rank[rank].x) + static_cast<ep_u64>(t) * EP_WIRE_BYTES, ahead, first, last, lane);
+#endif
 #if EP_RANK_MAJOR
         // One row per destination rank, plus its local idx and weights (written with piece 0).
-        EP_LL_LOAD_AHEAD
         ep_u8* target = nullptr;
         int row = -1;
         // The token's expert ids and weights, loaded with its rows (written with piece 0).
@@ -456,7 +452,6 @@ EP_DEVICE void ep_ll_dispatch_rank(const EpArgs& args, int rank, EpBlock block) 
         }
         const int fanout = EP_R;
 #else
-        EP_LL_LOAD_AHEAD
         ep_u8* target = nullptr;
         int row = -1, destination = 0;
         if (lane < EP_K) {
