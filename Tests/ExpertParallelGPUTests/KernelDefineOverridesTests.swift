@@ -17,7 +17,7 @@ struct KernelDefineOverridesTests {
         #expect(defines == ["EP_COMBINE_SPAN": "2", "EP_SOLO_VECS": "8", "EP_COMBINE_ADAPTIVE": "0"])
     }
 
-    static let names = "the name must be one of the switches that can be tried: EP_COMBINE_SPAN 1...8, EP_COMBINE_ADAPTIVE 0...1, EP_SOLO_VECS 1...16, EP_LL_AHEAD 0...1, EP_LL_SOLO_UPDATE 0...1"
+    static let names = "the name must be one of the switches that can be tried: EP_COMBINE_SPAN 1...8, EP_COMBINE_ADAPTIVE 0...1, EP_SOLO_VECS 1...16, EP_LL_AHEAD 0...1, EP_LL_SOLO_UPDATE 0...1, EP_FP8_IN_FLIGHT 1...4"
 
     @Test(arguments: [
         ("EP_COMBINE_SPAN", "EP_COMBINE_SPAN", "entries are NAME=value, separated by commas"),
@@ -66,11 +66,22 @@ struct KernelDefineOverridesTests {
         try Self.compile(.lowLatency, ranks: ranks, layout: layout, switches: switches)
     }
 
+    /// The FP8 dispatch quantising in the kernel, with and without its first batch loaded ahead,
+    /// and with 1 and 4 chunks a warp loads at once (EP_FP8_IN_FLIGHT), from bf16 and f32 rows.
+    @Test(.enabled(if: GPUTuningTests.runsNVRTC, "needs NVRTC (EP_REQUIRE_NVRTC=1 to require it)"),
+          arguments: [(DataType.bf16, "EP_LL_AHEAD=0"), (.bf16, "EP_FP8_IN_FLIGHT=1"), (.bf16, "EP_FP8_IN_FLIGHT=4"),
+                      (.f32, "EP_FP8_IN_FLIGHT=4,EP_LL_AHEAD=0")])
+    func fp8SwitchesCompile(dtype: DataType, switches: String) throws {
+        try Self.compile(.lowLatency, ranks: 4, layout: .expertMajor, switches: switches,
+                         dtype: dtype, fp8: FP8Dispatch(scales: .ue8m0Block128, source: .quantize))
+    }
+
     /// Compiles the algorithm's step kernels under NVRTC with `switches` (EP_KERNEL_DEFINES's form)
     /// over a small group's defines.
-    static func compile(_ algorithm: Algorithm, ranks: Int, layout: Layout, switches: String) throws {
-        let config = try GroupConfig(algorithm: algorithm, ranks: ranks, experts: 32, topK: 6, hidden: 1024, maxTokensPerRank: 64,
-                                     layout: layout).validated()
+    static func compile(_ algorithm: Algorithm, ranks: Int, layout: Layout, switches: String, dtype: DataType = .bf16,
+                        fp8: FP8Dispatch? = nil) throws {
+        let config = try GroupConfig(algorithm: algorithm, ranks: ranks, experts: 32, topK: 6, hidden: 1024, elementType: dtype,
+                                     maxTokensPerRank: 64, layout: layout, fp8: fp8).validated()
         var defines = StepKernels.defines(config, .init(indexBytes: 8, receivedIndexBytes: 4, vectorBytes: 16), try GPUTuning().validated(config))
         defines.merge(try KernelDefineOverrides.parse(switches, reserved: Set(defines.keys))) { old, _ in old }
         let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)

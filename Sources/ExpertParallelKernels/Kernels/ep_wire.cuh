@@ -20,21 +20,33 @@
 #endif
 
 #if EP_FP8 == 1
-// This lane's EP_FP8_LANE elements of chunk `chunk` of an element row, as floats (exact);
-// zeros past the row's end (hidden is a multiple of 32: a lane is wholly inside or outside).
-EP_DEVICE void ep_fp8_load_lane(const ep_u8* src_row, int chunk, int lane, float (&x)[EP_FP8_LANE]) {
-    const int first = chunk * EP_FP8_CHUNK + lane * EP_FP8_LANE;
-    if (first >= EP_HIDDEN) {
+// The raw element vectors of this lane's EP_FP8_LANE elements of N chunks of a row: a batch is
+// loaded at once (every load in flight) and widened chunk by chunk as it is sent.
+#define EP_FP8_LANE_VECS (EP_FP8_LANE / EP_ELEMS_PER_VEC)
+template <int N>
+struct EpFp8Batch {
+    ep_vec v[N][EP_FP8_LANE_VECS];
+};
+
+// Chunks [u, min(u + N, last)) of element row `src_row`, this lane's elements; zeros past the
+// row's end (hidden is a multiple of 32: a lane is wholly inside or outside).
+template <int N>
+EP_DEVICE void ep_fp8_load_batch(const ep_u8* src_row, int u, int last, int lane, EpFp8Batch<N>& batch) {
 #pragma unroll
-        for (int i = 0; i < EP_FP8_LANE; ++i) x[i] = 0.0f;
-        return;
-    }
-    const ep_u8* p = src_row + static_cast<ep_u64>(first) * EP_ELEM_BYTES;
+    for (int i = 0; i < N; ++i) {
+        const int first = (u + i) * EP_FP8_CHUNK + lane * EP_FP8_LANE;
+        const bool inside = u + i < last && first < EP_HIDDEN;
+        const ep_u8* p = src_row + static_cast<ep_u64>(first) * EP_ELEM_BYTES;
 #pragma unroll
-    for (int j = 0; j < EP_FP8_LANE / EP_ELEMS_PER_VEC; ++j) {
-        const ep_vec v = ep_load_vec(p + j * EP_VEC_BYTES);
+        for (int j = 0; j < EP_FP8_LANE_VECS; ++j) {
+            if (inside) {
+                batch.v[i][j] = ep_load_vec(p + j * EP_VEC_BYTES);
+            } else {
+                ep_u32* words = reinterpret_cast<ep_u32*>(&batch.v[i][j]);
 #pragma unroll
-        for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) x[j * EP_ELEMS_PER_VEC + i] = ep_element(v, i);
+                for (int w = 0; w < EP_VEC_BYTES / 4; ++w) words[w] = 0u;
+            }
+        }
     }
 }
 
@@ -84,6 +96,23 @@ EP_DEVICE void ep_fp8_send_chunk(const EpWarpRows& table, int warp, int chunk, i
         if (writes_word) reinterpret_cast<ep_u32*>(table.scales[warp][c])[word_index] = word;
     }
 }
+
+// Quantises and sends the chunks of `batch` (ep_fp8_load_batch(src, u, last, ...)) to every
+// destination in `table`. Call from every lane (u + i < last is warp-uniform).
+template <int FANOUT, int N>
+EP_DEVICE void ep_fp8_send_batch(const EpWarpRows& table, int warp, int u, int last, int lane, const EpFp8Batch<N>& batch) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        if (u + i >= last) break;
+        float x[EP_FP8_LANE];
+#pragma unroll
+        for (int j = 0; j < EP_FP8_LANE_VECS; ++j) {
+#pragma unroll
+            for (int e = 0; e < EP_ELEMS_PER_VEC; ++e) x[j * EP_ELEMS_PER_VEC + e] = ep_element(batch.v[i][j], e);
+        }
+        ep_fp8_send_chunk<FANOUT>(table, warp, u + i, lane, x);
+    }
+}
 #endif
 
 // Sends units [first, last) of token t's row (piece `piece` of it) of rank `rank` to each
@@ -96,15 +125,9 @@ EP_DEVICE void ep_send_piece(const EpArgs& args, int rank, int t, const EpWarpRo
 #if EP_FP8 == 1
     const ep_u8* src = x + static_cast<ep_u64>(t) * EP_ROW_BYTES;
     for (int u = first; u < last; u += EP_FP8_IN_FLIGHT) {
-        float values[EP_FP8_IN_FLIGHT][EP_FP8_LANE];
-#pragma unroll
-        for (int i = 0; i < EP_FP8_IN_FLIGHT; ++i) {
-            if (u + i < last) ep_fp8_load_lane(src, u + i, lane, values[i]);
-        }
-#pragma unroll
-        for (int i = 0; i < EP_FP8_IN_FLIGHT; ++i) {
-            if (u + i < last) ep_fp8_send_chunk<FANOUT>(table, warp, u + i, lane, values[i]);   // u + i < last is warp-uniform
-        }
+        EpFp8Batch<EP_FP8_IN_FLIGHT> batch;
+        ep_fp8_load_batch(src, u, last, lane, batch);
+        ep_fp8_send_batch<FANOUT>(table, warp, u, last, lane, batch);
     }
 #else
     ep_copy_piece<FANOUT>(x + static_cast<ep_u64>(t) * EP_WIRE_BYTES, table.address[warp], first, last, lane);
