@@ -384,23 +384,12 @@ ep_ll_update(const EpArgs args) {
 // ------------------------------------------------------------------------------------------
 // Dispatch: a warp per token; the row is read once and written to each of its slots.
 
-// Dispatch's first vectors of a piece, loaded before the piece's rows are looked up (EP_LL_AHEAD):
-// the source row's loads then travel with the routing loads, one round trip instead of two (an
-// H200, one rank: ll-1 dispatch 7.4 → 6.6-7.2 µs, ll-std upd+disp 15.1 → 14.6). FP8 quantised in
-// the kernel loads its first batch of chunks ahead (ep_fp8_load_batch), to quantise once the
-// rows are known; not from f32 rows (16 registers a chunk: held across the lookups, they spill).
+// Dispatch loads a piece's first units with its row lookups (ep_load_piece_ahead, EP_LL_AHEAD): an
+// H200, one rank: ll-1 dispatch 7.4 → 6.6-7.2 µs, ll-std upd+disp 15.1 → 14.6.
 #ifndef EP_LL_AHEAD
 #define EP_LL_AHEAD 1
 #endif
-#if EP_FP8 == 1 && EP_ELEM == 2
-#undef EP_LL_AHEAD
-#define EP_LL_AHEAD 0
-#endif
-#if EP_LL_AHEAD && EP_FP8 == 1
-#define EP_AHEAD_UNITS EP_FP8_IN_FLIGHT
-#elif EP_LL_AHEAD
-#define EP_AHEAD_UNITS (32 * EP_UNROLL)
-#endif
+#define EP_LL_LOADS_AHEAD (EP_LL_AHEAD && EP_AHEAD_FITS)
 
 // One block's share of rank `rank`'s dispatch (`block`: which of the rank's blocks it is).
 EP_DEVICE void ep_ll_dispatch_rank(const EpArgs& args, int rank, EpBlock block) {
@@ -428,12 +417,9 @@ EP_DEVICE void ep_ll_dispatch_rank(const EpArgs& args, int rank, EpBlock block) 
     for (int item = block.index * warps + threadIdx.x / 32; item < items; item += block.count * warps) {
         const int t = item / slices, piece = item % slices;
         const int first = piece * per_slice, last = min(EP_WIRE_UNITS, first + per_slice);
-#if EP_LL_AHEAD && EP_FP8 == 1
-        EpFp8Batch<EP_FP8_IN_FLIGHT> ahead;
-        ep_fp8_load_batch(reinterpret_cast<const ep_u8*>(args.rank[rank].x) + static_cast<ep_u64>(t) * EP_ROW_BYTES, first, last, lane, ahead);
-#elif EP_LL_AHEAD
-        ep_vec ahead[EP_UNROLL];
-        ep_load_ahead(reinterpret_cast<const ep_u8*>(args.rank[rank].x) + static_cast<ep_u64>(t) * EP_WIRE_BYTES, ahead, first, last, lane);
+#if EP_LL_LOADS_AHEAD
+        EpAhead ahead;
+        ep_load_piece_ahead(args, rank, t, first, last, lane, ahead);
 #endif
 #if EP_RANK_MAJOR
         // One row per destination rank, plus its local idx and weights (written with piece 0).
@@ -477,13 +463,8 @@ EP_DEVICE void ep_ll_dispatch_rank(const EpArgs& args, int rank, EpBlock block) 
         __syncwarp();
         const int fanout = EP_K;
 #endif
-#if EP_LL_AHEAD
-#if EP_FP8 == 1
-        ep_fp8_send_batch<fanout>(table, warp, first, last, lane, ahead);
-#else
-        ep_store_ahead<fanout>(table.address[warp], ahead, first, last, lane);
-#endif
-        ep_send_piece<fanout>(args, rank, t, table, warp, min(last, first + EP_AHEAD_UNITS), last, piece, lane);
+#if EP_LL_LOADS_AHEAD
+        ep_send_piece_ahead<fanout>(args, rank, t, table, warp, first, last, piece, lane, ahead);
 #else
         ep_send_piece<fanout>(args, rank, t, table, warp, first, last, piece, lane);
 #endif

@@ -147,6 +147,44 @@ EP_DEVICE void ep_send_piece(const EpArgs& args, int rank, int t, const EpWarpRo
 #endif
 }
 
+// A piece's first units (vectors of the wire row, or chunks the kernel quantises), loaded before
+// the piece's rows are looked up, so that the source row's loads travel with the lookups' (one
+// round trip before the first store instead of two); ep_send_piece_ahead stores them to every
+// destination, then sends the rest of the piece. Not for f32 rows quantised here: their first
+// chunks take 32 registers, which spill when held across the lookups (EP_AHEAD_FITS).
+#define EP_AHEAD_FITS (EP_FP8 != 1 || EP_ELEM != 2)
+#if EP_FP8 == 1
+#define EP_AHEAD_UNITS EP_FP8_IN_FLIGHT
+struct EpAhead {
+    EpFp8Batch<EP_FP8_IN_FLIGHT> batch;
+};
+#else
+#define EP_AHEAD_UNITS (32 * EP_UNROLL)
+struct EpAhead {
+    ep_vec v[EP_UNROLL];
+};
+#endif
+
+EP_DEVICE void ep_load_piece_ahead(const EpArgs& args, int rank, int t, int first, int last, int lane, EpAhead& ahead) {
+    const ep_u8* x = reinterpret_cast<const ep_u8*>(args.rank[rank].x);
+#if EP_FP8 == 1
+    ep_fp8_load_batch(x + static_cast<ep_u64>(t) * EP_ROW_BYTES, first, last, lane, ahead.batch);
+#else
+    ep_load_ahead(x + static_cast<ep_u64>(t) * EP_WIRE_BYTES, ahead.v, first, last, lane);
+#endif
+}
+
+template <int FANOUT>
+EP_DEVICE void ep_send_piece_ahead(const EpArgs& args, int rank, int t, const EpWarpRows& table, int warp, int first, int last, int piece,
+                                   int lane, const EpAhead& ahead) {
+#if EP_FP8 == 1
+    ep_fp8_send_batch<FANOUT>(table, warp, first, last, lane, ahead.batch);
+#else
+    ep_store_ahead<FANOUT>(table.address[warp], ahead.v, first, last, lane);
+#endif
+    ep_send_piece<FANOUT>(args, rank, t, table, warp, min(last, first + EP_AHEAD_UNITS), last, piece, lane);
+}
+
 // Where the warp's lane publishes its destination's scale words (FP8; nothing otherwise).
 EP_DEVICE void ep_publish_scales_target(const EpArgs& args, EpWarpRows& table, int warp, int lane, int d, int row) {
 #if EP_FP8
