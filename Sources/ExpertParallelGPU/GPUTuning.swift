@@ -18,13 +18,18 @@ public struct GPUTuning: Sendable, Hashable {
     /// the rank's other blocks wait on the GPU for its update block). Off: two launches, as the
     /// separate update and dispatch calls always are. Same results either way.
     public var fusesUpdate: Bool
+    /// Dispatch and combine launch only the blocks their work needs, one warp an item (a token's
+    /// row piece), up to the SMs' worth: a step of a few tokens starts and synchronises a few
+    /// blocks, not every SM's. Off: every launch takes all of them. Same results either way.
+    public var fitsGridToWork: Bool
     /// HT: tokens each update block counts (the update runs ⌈max tokens per rank ÷ this⌉ blocks
     /// per rank, at most 16; only the rank's last block to finish waits for the peers).
     public var updateChunkTokens: Int
 
     public init(pipelineDepth: Int = 4, rowsInFlight: Int = 8, rowPieces: Int? = nil, blocksPerMultiprocessor: Int? = nil, fusesUpdate: Bool = true,
-                updateChunkTokens: Int = 256) {
+                updateChunkTokens: Int = 256, fitsGridToWork: Bool = true) {
         self.fusesUpdate = fusesUpdate
+        self.fitsGridToWork = fitsGridToWork
         self.updateChunkTokens = updateChunkTokens
         self.pipelineDepth = pipelineDepth
         self.rowsInFlight = rowsInFlight

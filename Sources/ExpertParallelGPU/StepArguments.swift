@@ -132,6 +132,16 @@ final class StepArguments {
         let warps = blocks * (StepWorkspace.threadsPerBlock / 32)
         return min(max(1, warps / max(tokens, 1)), max(1, rowBytes / 16 / 64))
     }
+
+    /// Blocks a rank's launch takes for `items` items of one warp each (a token's row pieces):
+    /// `blocks`, or fewer where fewer give every item a warp (`tuning.fitsGridToWork`). A launch
+    /// of few tokens then starts, and meets at its end, a few blocks instead of every SM's (the
+    /// kernels' loops stride over whatever grid they get).
+    static func blocks(_ tuning: GPUTuning, _ blocks: Int, items: Int) -> Int {
+        guard tuning.fitsGridToWork else { return blocks }
+        let warps = StepWorkspace.threadsPerBlock / 32
+        return min(blocks, max(1, (items + warps - 1) / warps))
+    }
 }
 
 extension GPUDevice {

@@ -145,6 +145,8 @@ extension StepEngine {
         let mode = options.launch
         // Pieces of the row as it moves: FP8 rows are e4m3, half or a quarter of the element row.
         let pieces = StepArguments.rowPieces(tuning, blocks: blocks(mode), tokens: step.maxTokens, rowBytes: config.wireRowBytes)
+        // (HT expert-major also zeroes its zones' padding rows, however few the tokens: every block.)
+        let sending = config.isExpertMajorHT ? blocks(mode) : StepArguments.blocks(tuning, blocks(mode), items: step.maxTokens * pieces)
         func enqueue(
             _ sync: SyncBits, _ blocks: Int, _ stream: CUDAStream?, _ sources: (Int) -> SendSide, _ received: (Int) -> ReceiveBuffers,
             kernel: CUDAFunction? = nil
@@ -173,11 +175,11 @@ extension StepEngine {
         if fused, send == nil { throw .backend("the fused update + dispatch kernel is not compiled for this group") }
         switch options.phase {
         case .whole:
-            try enqueue(meetsThroughFlags(mode) ? [.signal, .wait] : [], blocks(mode), stream(options), sources, received, kernel: send)
+            try enqueue(meetsThroughFlags(mode) ? [.signal, .wait] : [], sending, stream(options), sources, received, kernel: send)
             // Staged: each destination drains what was put into its staging area.
             if let drain = k.drain { try enqueue([], blocks(mode), stream(options), sources, received, kernel: drain) }
         case .sendOnly:
-            try enqueue(.signal, blocks(mode), stream(options), sources, received, kernel: send)
+            try enqueue(.signal, sending, stream(options), sources, received, kernel: send)
             let table = (0..<config.ranks).map(received), sent = localRanks.indices.map(sources)
             setPending(PendingCall(name: "dispatch") { stream throws(EPError) in try enqueue([.wait, .noData], 1, stream, { sent[$0] }) { table[$0] } })
         }
@@ -197,6 +199,7 @@ extension StepEngine {
         let k = try kernels(.init(indexBytes: step.indexBytes, receivedIndexBytes: 4, vectorBytes: vectorBytes, transport: transport))
         let mode = options.launch, flags = meetsThroughFlags(mode)
         let pieces = StepArguments.rowPieces(tuning, blocks: combineBlocks(mode), tokens: step.maxTokens, rowBytes: config.rowBytes)
+        let pulling = StepArguments.blocks(tuning, combineBlocks(mode), items: step.maxTokens * pieces)
         // Weights apply in the forward pass of the expert-major layouts (LL: the source's
         // [B, K]; HT: the per-slot weights the destination received).
         let weighted = direction == .forward && (config.layout == .expertMajor || config.isExpertMajorHT)
@@ -225,10 +228,10 @@ extension StepEngine {
         case .whole:
             // Staged: the expert side first puts every row back into its source's staging area.
             if let send = k.combineSend { try enqueue([], combineBlocks(mode), stream(options), targets, experts, kernel: send) }
-            try enqueue(flags ? pull.union(.signal) : [], combineBlocks(mode), stream(options), targets, experts)
+            try enqueue(flags ? pull.union(.signal) : [], pulling, stream(options), targets, experts)
         case .sendOnly:
             try enqueue([.signal, .noData], 1, stream(options), targets, experts)
-            let blocks = combineBlocks(mode), table = (0..<config.ranks).map(experts), into = localRanks.indices.map(targets)
+            let blocks = pulling, table = (0..<config.ranks).map(experts), into = localRanks.indices.map(targets)
             setPending(PendingCall(name: "combine") { stream throws(EPError) in try enqueue(pull, blocks, stream, { into[$0] }) { table[$0] } })
         }
     }

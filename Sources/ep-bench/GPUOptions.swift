@@ -22,6 +22,9 @@ struct GPUOptions: ParsableArguments {
     @Option(help: "GPU, HT: tokens each update block counts (1...4096; the update runs up to 16 blocks a rank).")
     var updateChunkTokens: Int = 256
 
+    @Flag(help: "GPU: every dispatch and combine launch takes all its blocks, however few the tokens (default: only the blocks the work needs).")
+    var fullGrid = false
+
     enum Bounds {
         static let sms = 1...4_096
         static let pipelineDepth = 1...8
@@ -40,12 +43,12 @@ struct GPUOptions: ParsableArguments {
 
     var tuning: GPUTuning {
         GPUTuning(pipelineDepth: pipelineDepth, rowsInFlight: rowsInFlight, rowPieces: rowPieces, blocksPerMultiprocessor: blocksPerSM,
-                  updateChunkTokens: updateChunkTokens)
+                  updateChunkTokens: updateChunkTokens, fitsGridToWork: !fullGrid)
     }
 
     var record: TuningOptions {
         TuningOptions(sms: smCounts, pipelineDepth: pipelineDepth, rowsInFlight: rowsInFlight, rowPieces: rowPieces, blocksPerSM: blocksPerSM,
-                      updateChunkTokens: updateChunkTokens)
+                      updateChunkTokens: updateChunkTokens, fullGrid: fullGrid)
     }
 
     func validate() throws {

@@ -34,6 +34,7 @@ struct TuningOptions: Codable, Sendable {
     @AlwaysEncoded var rowPieces: Int?
     @AlwaysEncoded var blocksPerSM: Int?
     var updateChunkTokens: Int
+    var fullGrid: Bool
 }
 
 /// Every option of `ep-bench run` as given (null: not given, the case's or the default value).
@@ -63,6 +64,7 @@ struct OptionsRecord: Codable, Sendable {
     @AlwaysEncoded var rowPieces: Int?
     @AlwaysEncoded var blocksPerSM: Int?
     var updateChunkTokens: Int
+    var fullGrid: Bool
     var sharing: String
     @AlwaysEncoded var drill: String?
     var drillRank: Int

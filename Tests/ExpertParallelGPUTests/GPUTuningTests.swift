@@ -35,6 +35,14 @@ struct GPUTuningTests {
         #expect(tuning.defines == ["EP_UNROLL": "4", "EP_CHUNK": "8"])
     }
 
+    /// A launch takes the blocks its items need, one warp (of 16 a block) per item, never more
+    /// than it was given nor fewer than one; with fitsGridToWork off, all it was given.
+    @Test(arguments: [(1, 1), (14, 1), (16, 1), (17, 2), (448, 28), (528, 33), (1792, 33), (0, 1)])
+    func launchesTakeTheBlocksTheirItemsNeed(items: Int, blocks: Int) {
+        #expect(StepArguments.blocks(GPUTuning(), 33, items: items) == blocks)
+        #expect(StepArguments.blocks(GPUTuning(fitsGridToWork: false), 33, items: items) == 33)
+    }
+
     /// The HT update's blocks per rank: one per chunk of tokens, at most 16, in the handle's words.
     @Test func htUpdateBlocksFollowTheChunkSize() throws {
         let ht = try GroupConfig(algorithm: .highThroughput, ranks: 8, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 4096).validatedForGPU()
