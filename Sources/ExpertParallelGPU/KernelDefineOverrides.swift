@@ -16,7 +16,6 @@ enum KernelDefineOverrides {
         ("EP_COMBINE_ADAPTIVE", 0...1),   // HT flat combine: 8 loads in flight whatever a token's row count
         ("EP_SOLO_VECS", 1...16),         // one-rank flat HT combine: vectors a lane has in flight
         ("EP_LL_AHEAD", 0...1),           // LL dispatch: a piece's first vectors load with its row lookups (default 1)
-        ("EP_HT_AHEAD", 0...1),           // HT dispatch: a piece's first vectors load with its row lookups (default 1)
         ("EP_LL_SOLO_UPDATE", 0...1),     // LL update at R = 1: the rank's totals stay in shared memory, no all-gather (default 1)
         ("EP_FP8_IN_FLIGHT", 1...4),      // FP8 quantised in the kernel: chunks of 512 elements a warp loads at once (default 2)
     ]

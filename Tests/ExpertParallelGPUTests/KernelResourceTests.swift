@@ -32,7 +32,6 @@ struct KernelResourceTests {
         // One rank: the update without the all-gather, its totals read from shared memory.
         Case(config: GroupConfig(algorithm: .lowLatency, ranks: 1, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 128),
              kernel: "ep_ll_update_dispatch", maximumSpill: 0),
-        // HT dispatch loads a piece's first vectors with its row lookups, in both layouts.
         Case(config: htStandard, kernel: "ep_ht_dispatch", maximumSpill: 0),
         Case(config: htExpertMajor, kernel: "ep_ht_dispatch", maximumSpill: 0),
         // Flat: the sum without partial registers (ep_flat_term); R = 1 flat: no general loop.

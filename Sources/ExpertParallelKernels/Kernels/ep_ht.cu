@@ -547,12 +547,6 @@ EP_DEVICE void ep_ht_store_slot(const EpArgs& args, int d, int slot, int local, 
     ep_put_received(args, d, static_cast<ep_u64>(slot), local, weight);
 }
 
-// Dispatch loads a piece's first units with its row lookups (ep_load_piece_ahead), as LL does.
-#ifndef EP_HT_AHEAD
-#define EP_HT_AHEAD 1
-#endif
-#define EP_HT_LOADS_AHEAD (EP_HT_AHEAD && EP_AHEAD_FITS)
-
 extern "C" __global__ void __launch_bounds__(512, 2)
 ep_ht_dispatch(const EpArgs args) {
     const int rank = static_cast<int>(blockIdx.y + args.first_rank);
@@ -602,10 +596,6 @@ ep_ht_dispatch(const EpArgs args) {
     for (int item = global_warp; item < items; item += all_warps) {
         const int t = item / slices, piece = item % slices;
         const int first = piece * per_slice, last = min(EP_WIRE_UNITS, first + per_slice);
-#if EP_HT_LOADS_AHEAD
-        EpAhead ahead;
-        ep_load_piece_ahead(args, rank, t, first, last, lane, ahead);
-#endif
         ep_u8* target = nullptr;
         int row = -1, destination = 0;   // this lane's destination row and rank, for the FP8 scale words
 #if EP_EXPERT_MAJOR
@@ -641,11 +631,7 @@ ep_ht_dispatch(const EpArgs args) {
         table.address[warp][lane] = reinterpret_cast<ep_u64>(target);
         ep_publish_scales_target(args, table, warp, lane, destination, row);
         __syncwarp();
-#if EP_HT_LOADS_AHEAD
-        ep_send_piece_ahead<fanout>(args, rank, t, table, warp, first, last, piece, lane, ahead);
-#else
         ep_send_piece<fanout>(args, rank, t, table, warp, first, last, piece, lane);
-#endif
         __syncwarp();   // every lane is done with this item's table before the next overwrites it
     }
     ep_arrive_and_wait(args, rank, mask, WS_DISP_BLOCKS, WS_DISP_CALLS, WS_DISP_DONE, seq, signal, signal, moving,
