@@ -385,7 +385,8 @@ ep_ll_update(const EpArgs args) {
 // Dispatch: a warp per token; the row is read once and written to each of its slots.
 
 // Dispatch loads a piece's first units with its row lookups (ep_load_piece_ahead, EP_LL_AHEAD): an
-// H200, one rank: ll-1 dispatch 7.4 → 6.6-7.2 µs, ll-std upd+disp 15.1 → 14.6.
+// H200, one rank: ll-1 dispatch 7.4 → 6.6-7.2 µs, ll-std upd+disp 15.1 → 14.6; FP8 quantised here,
+// ll-std dispatch 25.3 → 24.7 (R = 8) and 9.4 → 8.7 (R = 1).
 #ifndef EP_LL_AHEAD
 #define EP_LL_AHEAD 1
 #endif
