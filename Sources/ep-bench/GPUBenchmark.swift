@@ -150,6 +150,6 @@ extension TuningRecord {
         self.init(
             multiprocessors: multiprocessors, blocksPerRank: blocksPerRank, pipelineDepth: tuning.pipelineDepth,
             rowsInFlight: tuning.rowsInFlight, rowPieces: tuning.rowPieces, blocksPerSM: tuning.blocksPerMultiprocessor,
-            updateChunkTokens: tuning.updateChunkTokens, fitsGridToWork: tuning.fitsGridToWork)
+            updateChunkTokens: tuning.updateChunkTokens, fullGrid: !tuning.fitsGridToWork)
     }
 }

@@ -151,8 +151,8 @@ struct TuningRecord: Codable, Sendable {
     @AlwaysEncoded var blocksPerSM: Int?
     /// HT: tokens each update block counted (GPUTuning.updateChunkTokens).
     var updateChunkTokens: Int
-    /// Whether dispatch and combine launched only the blocks their work needed (GPUTuning.fitsGridToWork).
-    var fitsGridToWork: Bool
+    /// Whether every dispatch and combine launch took all its blocks (`--full-grid`: GPUTuning.fitsGridToWork off).
+    var fullGrid: Bool
     /// Whether update + dispatch ran as one launch (the `upd+disp` row); null where the group does not say.
     @AlwaysEncoded var fusedUpdate: Bool? = nil
 }
