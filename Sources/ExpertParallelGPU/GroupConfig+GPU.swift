@@ -2,7 +2,8 @@ import ExpertParallel
 
 extension GroupConfig {
     /// The bounds of the GPU backend on top of `validated()`: ranks fit the kernels' 32-bit
-    /// destination masks and lanes, and the update kernel's static shared memory fits 48 KB.
+    /// destination masks and lanes, HT tokens the update's 24-bit places, and the update kernel's
+    /// static shared memory fits 48 KB.
     package func validatedForGPU() throws(EPError) -> Self {
         let config = try validated()
         guard ranks <= 32 else {
@@ -10,6 +11,11 @@ extension GroupConfig {
         }
         guard experts <= 1024 else {
             throw .invalidConfig(field: "experts", value: "\(experts)", requirement: "must be ≤ 1024 on the GPU backend")
+        }
+        guard algorithm == .lowLatency || maxTokensPerRank <= Self.maxHTTokensPerRank else {
+            throw .invalidConfig(
+                field: "maxTokensPerRank", value: "\(maxTokensPerRank)",
+                requirement: "must be ≤ \(Self.maxHTTokensPerRank) for HT on the GPU backend (the update stores a pair's place in its chunk in 24 bits)")
         }
         let bytes = updateSharedMemoryBytes
         guard bytes <= 48 * 1024 else {
@@ -19,6 +25,9 @@ extension GroupConfig {
         }
         return config
     }
+
+    /// HT on the GPU: tokens a rank may send at most (EP_HT_PLACE_MASK of ep_ht.cu).
+    package static let maxHTTokensPerRank = (1 << 24) - 1
 
     /// Static shared memory of the update kernel, counted from its arrays (ep_ll.cu, ep_ht.cu), with
     /// LL's per-warp counts for 8 warps: the bound every configuration must meet.

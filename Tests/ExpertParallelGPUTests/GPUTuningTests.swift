@@ -43,6 +43,18 @@ struct GPUTuningTests {
         #expect(StepArguments.blocks(GPUTuning(fitsGridToWork: false), 33, items: items) == 33)
     }
 
+    /// HT keeps a pair's place within its update chunk in 24 bits: more tokens a rank is a named error.
+    @Test func htTokensPerRankFitTheUpdatesPlaces() throws {
+        let fits = GroupConfig(algorithm: .highThroughput, ranks: 2, experts: 4, topK: 2, hidden: 64, maxTokensPerRank: (1 << 24) - 1)
+        #expect(throws: Never.self) { try fits.validatedForGPU() }
+        let over = GroupConfig(algorithm: .highThroughput, ranks: 2, experts: 4, topK: 2, hidden: 64, maxTokensPerRank: 1 << 24)
+        #expect(throws: EPError.invalidConfig(
+            field: "maxTokensPerRank", value: "16777216",
+            requirement: "must be ≤ 16777215 for HT on the GPU backend (the update stores a pair's place in its chunk in 24 bits)")) {
+            try over.validatedForGPU()
+        }
+    }
+
     /// The HT update's blocks per rank: one per chunk of tokens, at most 16, in the handle's words.
     @Test func htUpdateBlocksFollowTheChunkSize() throws {
         let ht = try GroupConfig(algorithm: .highThroughput, ranks: 8, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 4096).validatedForGPU()

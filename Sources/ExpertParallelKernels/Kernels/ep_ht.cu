@@ -20,6 +20,8 @@
 #define EP_HT_CHUNKS 1      // update: blocks per rank, each counting a chunk of the tokens (the host's choice)
 #endif
 #define EP_HT_AT_ONCE 8                                          // update: entries a thread reads before it writes
+#define EP_HT_CHUNK_SHIFT 24                                     // a stored place: its chunk from this bit on (ep_ht_offset_row)
+#define EP_HT_PLACE_MASK ((1 << EP_HT_CHUNK_SHIFT) - 1)
 #define EP_HT_ROWS_AT_ONCE (EP_K >= 16 ? 1 : 16 / EP_K)          // update: token rows a thread reads before it writes
 #define EP_FANOUT (EP_K > EP_R ? EP_K : EP_R)   // rows one token reduces at most
 
@@ -28,9 +30,9 @@
 #define WS_WORDS (WS_KEPT + 2 * EP_R * (EP_E + EP_R))
 #define H_ROUTING H_COMMON                                  // [BMAX][K] expert after masking, or -1
 #define H_DEST (H_ROUTING + EP_BMAX * EP_K)                 // [BMAX] bit d: the token goes to rank d
-#define H_SEL_ROW (H_DEST + EP_BMAX)                        // [BMAX][K] slot of each selection (expert-major)
-#define H_PAIR_ROW (H_SEL_ROW + EP_BMAX * EP_K)             // [BMAX][R] row of each (token, rank), or -1
-#define H_CHUNK (H_PAIR_ROW + EP_BMAX * EP_R)               // [CHUNKS][E + R] update: each chunk's counts, then their prefix
+#define H_SEL_ROW (H_DEST + EP_BMAX)                        // [BMAX][K] slot of each selection (expert-major), less its offset
+#define H_PAIR_ROW (H_SEL_ROW + EP_BMAX * EP_K)             // [BMAX][R] row of each (token, rank) less its offset, or -1
+#define H_CHUNK (H_PAIR_ROW + EP_BMAX * EP_R)               // [CHUNKS][E + R] each chunk's counts, then its offsets (ep_ht_pair_row)
 #define H_ARRIVED (H_CHUNK + EP_HT_CHUNKS * (EP_E + EP_R))  // update: chunk blocks done (reset by the last)
 #define H_BAD (H_ARRIVED + 1)                               // update: 1 when a chunk held an invalid row (reset by the last)
 #define H_LAYOUT (H_BAD + 1)                                // [L], [R], [L][R], total, dropped, [L] offsets
@@ -213,6 +215,25 @@ EP_DEVICE void ep_ht_rewrite(int* values, const int* with, int n, Rewrite rewrit
 // Tokens of each chunk (at least 1, so token t is in chunk t / size).
 EP_DEVICE int ep_ht_chunk_size(int tokens) { return max(1, (tokens + EP_HT_CHUNKS - 1) / EP_HT_CHUNKS); }
 
+// Dispatch and combine read rows through these. The update stores a pair's or selection's place
+// within its token's chunk, with the chunk in bits EP_HT_CHUNK_SHIFT and up (-1: none), and
+// leaves each chunk's offsets in H_CHUNK: per column (E + destination for pairs, the expert for
+// selections), the rows before the chunk's first.
+EP_DEVICE int ep_ht_offset_row(const int* offsets, int column, int stored) {
+    if (stored < 0) return stored;
+    return (stored & EP_HT_PLACE_MASK) + offsets[(stored >> EP_HT_CHUNK_SHIFT) * (EP_E + EP_R) + column];
+}
+
+// Row of token t at destination d (flat), or -1. `pair_rows`: hs + H_PAIR_ROW.
+EP_DEVICE int ep_ht_pair_row(const int* pair_rows, int t, int d) {
+    return ep_ht_offset_row(pair_rows + (H_CHUNK - H_PAIR_ROW), EP_E + d, pair_rows[t * EP_R + d]);
+}
+
+// Slot of token t's selection c, of expert e (expert-major; e >= 0 where the slot is), or -1. `selection_rows`: hs + H_SEL_ROW.
+EP_DEVICE int ep_ht_selection_slot(const int* selection_rows, int t, int c, int e) {
+    return ep_ht_offset_row(selection_rows + (H_CHUNK - H_SEL_ROW), e, selection_rows[t * EP_K + c]);
+}
+
 // Chunk `index`, tokens [first, last) of the rank's (empty past the last token), by one block:
 // validate and mask the rows, count per warp in token order, write the chunk's totals to its row
 // of H_CHUNK and each selection's and pair's position within the chunk (-1 for none). `counts`
@@ -274,7 +295,10 @@ EP_DEVICE void ep_ht_count_chunk(const EpArgs& args, int rank, ep_u64 mask, int 
     __syncthreads();
 
     // Pass 2: each selection's (expert-major: flat sends and reduces by pair, never reading the
-    // selection rows) and pair's position within the chunk, in token order.
+    // selection rows) and pair's position within the chunk, in token order, with the chunk's
+    // index above it (ep_ht_offset_row).
+    static_assert(EP_BMAX <= EP_HT_PLACE_MASK && EP_HT_CHUNKS <= 64, "a stored place and its chunk fit an int");
+    const int chunk_bits = index << EP_HT_CHUNK_SHIFT;
     ep_ht_load_batch(routing, destinations, begin, end, experts, bits_of_lane_token);
     for (int t0 = begin; t0 < end; t0 += 32) {
         ep_ht_load_batch(routing, destinations, t0 + 32, end, next_experts, next_bits);
@@ -283,8 +307,8 @@ EP_DEVICE void ep_ht_count_chunk(const EpArgs& args, int rank, ep_u64 mask, int 
             if (t0 + j >= end) break;
             const int t = t0 + j;
             const ep_u32 bits = __shfl_sync(0xffffffffu, bits_of_lane_token, j);
-            if (EP_EXPERT_MAJOR && lane < EP_K) selection_rows[t * EP_K + lane] = experts[j] >= 0 ? counts[warp][experts[j]]++ : -1;
-            if (lane < EP_R) pair_rows[t * EP_R + lane] = ((bits >> lane) & 1u) ? counts[warp][EP_E + lane]++ : -1;
+            if (EP_EXPERT_MAJOR && lane < EP_K) selection_rows[t * EP_K + lane] = experts[j] >= 0 ? chunk_bits + counts[warp][experts[j]]++ : -1;
+            if (lane < EP_R) pair_rows[t * EP_R + lane] = ((bits >> lane) & 1u) ? chunk_bits + counts[warp][EP_E + lane]++ : -1;
             __syncwarp();
         }
         ep_ht_next_batch(experts, bits_of_lane_token, next_experts, next_bits);
@@ -301,10 +325,6 @@ ep_ht_update(const EpArgs args) {
     // every block has arrived).
     const ep_u32 seq = ws[WS_SEQ] + 1;
     const int parity = seq & 1;
-    int* routing = reinterpret_cast<int*>(hs + H_ROUTING);
-    ep_u32* destinations = hs + H_DEST;
-    int* selection_rows = reinterpret_cast<int*>(hs + H_SEL_ROW);
-    int* pair_rows = reinterpret_cast<int*>(hs + H_PAIR_ROW);
 
     __shared__ int counts[EP_HT_UPDATE_WARPS][EP_E + EP_R];
     __shared__ int zone_start[EP_E];   // expert-major: first slot of each expert's zone on its rank
@@ -372,11 +392,6 @@ ep_ht_update(const EpArgs args) {
     __syncthreads();
     ep_publish_row(args, rank, mask, WS_COUNTS + parity * EP_R * (EP_E + EP_R), seq * 4 + (bad ? 1 : 0),
                    [&](int i) { return before[i]; });   // (ends with a barrier: `before` is free after)
-    // Position of a selection (column < E: its expert) or pair (E + destination) of token t among
-    // the rank's, from its position within t's chunk.
-    const auto in_rank = [&](int t, int column, int position) {
-        return position < 0 || EP_HT_CHUNKS == 1 ? position : counts[t / size][column] + position;
-    };
 
     // Wait for every active rank's counts (bounded); a late or bad rank voids the step.
     if (!ep_counts_arrived(args, ws, hs, mask, seq * 4, bad, seq)) return;
@@ -387,9 +402,18 @@ ep_ht_update(const EpArgs args) {
 #if EP_DROP
     // Drop policy: per destination, (source rank, token) pairs are kept in order while the
     // receive buffer still fits them; this rank works out its kept prefix, then the ranks
-    // all-gather what they kept and lay out the zones from that. Positions are the rank's first.
-    if (EP_EXPERT_MAJOR) ep_ht_rewrite(selection_rows, routing, tokens * EP_K, [&](int i, int position, int e) { return in_rank(i / EP_K, e, position); });
-    ep_ht_rewrite(pair_rows, nullptr, tokens * EP_R, [&](int i, int position, int) { return in_rank(i / EP_R, EP_E + i % EP_R, position); });
+    // all-gather what they kept and lay out the zones from that. Positions are the rank's first:
+    // a selection's (column < E: its expert) or pair's (E + destination) among the rank's, from
+    // its chunk's and its place within it (chunk 0's offsets then serve every row).
+    const auto in_rank = [&](int column, int position) {
+        return position < 0 ? position : counts[position >> EP_HT_CHUNK_SHIFT][column] + (position & EP_HT_PLACE_MASK);
+    };
+    int* routing = reinterpret_cast<int*>(hs + H_ROUTING);
+    ep_u32* destinations = hs + H_DEST;
+    int* selection_rows = reinterpret_cast<int*>(hs + H_SEL_ROW);
+    int* pair_rows = reinterpret_cast<int*>(hs + H_PAIR_ROW);
+    if (EP_EXPERT_MAJOR) ep_ht_rewrite(selection_rows, routing, tokens * EP_K, [&](int, int position, int e) { return in_rank(e, position); });
+    ep_ht_rewrite(pair_rows, nullptr, tokens * EP_R, [&](int i, int position, int) { return in_rank(EP_E + i % EP_R, position); });
     __syncthreads();
     __shared__ int kept_tokens[EP_R];
     __shared__ int kept_counts[EP_E + EP_R];
@@ -479,24 +503,24 @@ ep_ht_update(const EpArgs args) {
     const bool chunk_positions = true;   // still within their chunk: the final rows add the prefix
 #endif
 
-    // Final rows: rows of lower source ranks first (and the zone start, expert-major).
+    // Final rows: the stored positions stay as they are (within their chunk, or the rank's with
+    // the drop policy); each chunk's offsets go to H_CHUNK, and dispatch and combine add them
+    // (ep_ht_row). An offset is the rows of lower source ranks, the zone start (expert-major
+    // selections) and the chunk's prefix within the rank. Rewriting every position here instead
+    // took one block ~16 µs at ht-std R = 8 (32,768 pair rows).
     for (int i = threadIdx.x; i < EP_E + EP_R; i += blockDim.x) {
-        int sum = 0;
+        int sum = EP_EXPERT_MAJOR && i < EP_E ? zone_start[i] : 0;
         for (int source = 0; source < rank; ++source) {
             if (ep_active(gathered, source)) sum += static_cast<int>(table[source * (EP_E + EP_R) + i]);
         }
         before[i] = sum;
     }
     __syncthreads();
-    if (EP_EXPERT_MAJOR) {   // (flat reads no selection rows)
-        ep_ht_rewrite(selection_rows, routing, tokens * EP_K, [&](int i, int position, int e) {
-            return position < 0 ? position : zone_start[e] + before[e] + (chunk_positions ? in_rank(i / EP_K, e, position) : position);
-        });
+    ep_u32* offsets = hs + H_CHUNK;
+    for (int i = threadIdx.x; i < EP_HT_CHUNKS * (EP_E + EP_R); i += blockDim.x) {
+        const int c = i / (EP_E + EP_R), column = i % (EP_E + EP_R);
+        offsets[i] = static_cast<ep_u32>(before[column] + (chunk_positions ? counts[c][column] : 0));
     }
-    ep_ht_rewrite(pair_rows, nullptr, tokens * EP_R, [&](int i, int position, int) {
-        if (position < 0) return position;
-        return before[EP_E + i % EP_R] + (chunk_positions ? in_rank(i / EP_R, EP_E + i % EP_R, position) : position);
-    });
     // What this rank receives.
     ep_u32* layout = hs + H_LAYOUT;
     for (int i = threadIdx.x; i < EP_L * EP_R; i += blockDim.x) {
@@ -600,9 +624,9 @@ ep_ht_dispatch(const EpArgs args) {
         int row = -1, destination = 0;   // this lane's destination row and rank, for the FP8 scale words
 #if EP_EXPERT_MAJOR
         if (lane < EP_K) {
-            const int slot = selection_rows[t * EP_K + lane];
+            const int e = routing[t * EP_K + lane];
+            const int slot = ep_ht_selection_slot(selection_rows, t, lane, e);
             if (slot >= 0) {
-                const int e = routing[t * EP_K + lane];
                 row = slot;
                 destination = e / EP_L;
                 target = ep_put_row_target(args, e / EP_L, static_cast<ep_u64>(slot));
@@ -616,7 +640,7 @@ ep_ht_dispatch(const EpArgs args) {
         const int fanout = EP_K;
 #else
         if (lane < EP_R) {
-            row = pair_rows[t * EP_R + lane];
+            row = ep_ht_pair_row(pair_rows, t, lane);
             destination = lane;
             if (row >= 0) target = ep_put_row_target(args, lane, static_cast<ep_u64>(row));
         }
@@ -724,8 +748,8 @@ ep_ht_combine(const EpArgs args) {
         float weight = 1.0f;
 #if EP_EXPERT_MAJOR
         if (lane < EP_K) {
-            const int slot = selection_rows[t * EP_K + lane];
             const int e = routing[t * EP_K + lane];
+            const int slot = ep_ht_selection_slot(selection_rows, t, lane, e);
             if (slot >= 0 && ep_active(live, e / EP_L)) {
                 valid = true;
                 key = e;
@@ -736,7 +760,7 @@ ep_ht_combine(const EpArgs args) {
         }
 #else
         if (lane < EP_R && ep_active(live, lane)) {
-            const int row = pair_rows[t * EP_R + lane];
+            const int row = ep_ht_pair_row(pair_rows, t, lane);
             if (row >= 0) {
                 valid = true;
                 key = lane;
@@ -768,10 +792,10 @@ ep_ht_combine(const EpArgs args) {
             if (e >= 0) {
                 const int owner = e / EP_L;
 #if EP_EXPERT_MAJOR
-                const int slot = selection_rows[t * EP_K + lane];
+                const int slot = ep_ht_selection_slot(selection_rows, t, lane, e);
                 if (slot >= 0) gradient = ep_expert_gradient(args, rank, owner, static_cast<ep_u64>(slot), static_cast<ep_u64>(t) * EP_K + lane);
 #else
-                const int row = pair_rows[t * EP_R + owner];
+                const int row = ep_ht_pair_row(pair_rows, t, owner);
                 if (row >= 0) {
                     gradient = ep_expert_gradient(args, rank, owner, static_cast<ep_u64>(row) * EP_K + lane,
                                                   (static_cast<ep_u64>(t) * EP_R + owner) * EP_K + lane);

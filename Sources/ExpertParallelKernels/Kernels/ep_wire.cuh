@@ -88,12 +88,17 @@ EP_DEVICE void ep_fp8_send_chunk(const EpWarpRows& table, int warp, int chunk, i
 #pragma unroll
     for (int k = 0; k < EP_FP8_LANE / 4; ++k) reinterpret_cast<ep_u32*>(out)[k] = codes[k];
 #pragma unroll
-    for (int c = 0; c < FANOUT; ++c) {
-        ep_u8* dst = reinterpret_cast<ep_u8*>(table.address[warp][c]);
-        if (dst == nullptr) continue;
+    for (int c0 = 0; c0 < FANOUT; c0 += EP_DEST_GROUP) {
+        ep_u64 dst[EP_DEST_GROUP], scales[EP_DEST_GROUP];
+        ep_read_targets(table.address[warp], c0, FANOUT, dst);
+        ep_read_targets(table.scales[warp], c0, writes_word ? FANOUT : 0, scales);
 #pragma unroll
-        for (int j = 0; j < EP_FP8_LANE / EP_VEC_BYTES; ++j) ep_store_vec(dst + first + j * EP_VEC_BYTES, out[j]);
-        if (writes_word) reinterpret_cast<ep_u32*>(table.scales[warp][c])[word_index] = word;
+        for (int c = 0; c < EP_DEST_GROUP; ++c) {
+            if (dst[c] == 0ull) continue;
+#pragma unroll
+            for (int j = 0; j < EP_FP8_LANE / EP_VEC_BYTES; ++j) ep_store_vec(reinterpret_cast<ep_u8*>(dst[c]) + first + j * EP_VEC_BYTES, out[j]);
+            if (writes_word) reinterpret_cast<ep_u32*>(scales[c])[word_index] = word;
+        }
     }
 }
 
