@@ -218,10 +218,13 @@ EP_DEVICE int ep_ht_chunk_size(int tokens) { return max(1, (tokens + EP_HT_CHUNK
 // Dispatch and combine read rows through these. The update stores a pair's or selection's place
 // within its token's chunk, with the chunk in bits EP_HT_CHUNK_SHIFT and up (-1: none), and
 // leaves each chunk's offsets in H_CHUNK: per column (E + destination for pairs, the expert for
-// selections), the rows before the chunk's first.
+// selections), the rows before the chunk's first. With one chunk the offset's read does not wait
+// for the stored place's (the latency of small steps); with more it does: finding the chunk from
+// t instead takes a division whose registers the HT combine does not have.
 EP_DEVICE int ep_ht_offset_row(const int* offsets, int column, int stored) {
-    if (stored < 0) return stored;
-    return (stored & EP_HT_PLACE_MASK) + offsets[(stored >> EP_HT_CHUNK_SHIFT) * (EP_E + EP_R) + column];
+    const int chunk = EP_HT_CHUNKS == 1 ? 0 : max(stored, 0) >> EP_HT_CHUNK_SHIFT;
+    const int offset = offsets[chunk * (EP_E + EP_R) + column];
+    return stored < 0 ? stored : (stored & EP_HT_PLACE_MASK) + offset;
 }
 
 // Row of token t at destination d (flat), or -1. `pair_rows`: hs + H_PAIR_ROW.
@@ -503,11 +506,11 @@ ep_ht_update(const EpArgs args) {
     const bool chunk_positions = true;   // still within their chunk: the final rows add the prefix
 #endif
 
-    // Final rows: the stored positions stay as they are (within their chunk, or the rank's with
-    // the drop policy); each chunk's offsets go to H_CHUNK, and dispatch and combine add them
-    // (ep_ht_row). An offset is the rows of lower source ranks, the zone start (expert-major
-    // selections) and the chunk's prefix within the rank. Rewriting every position here instead
-    // took one block ~16 µs at ht-std R = 8 (32,768 pair rows).
+    // Final rows: the stored places stay as they are (within their chunk, or the rank's with the
+    // drop policy); each chunk's offsets go to H_CHUNK, and dispatch and combine add them
+    // (ep_ht_pair_row, ep_ht_selection_slot). An offset is the rows of lower source ranks, the
+    // zone start (expert-major selections) and the chunk's prefix within the rank. Rewriting
+    // every place here instead took this one block ~16 µs at ht-std R = 8 (32,768 pair rows).
     for (int i = threadIdx.x; i < EP_E + EP_R; i += blockDim.x) {
         int sum = EP_EXPERT_MAJOR && i < EP_E ? zone_start[i] : 0;
         for (int source = 0; source < rank; ++source) {
