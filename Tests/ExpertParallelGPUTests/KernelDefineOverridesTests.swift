@@ -17,7 +17,7 @@ struct KernelDefineOverridesTests {
         #expect(defines == ["EP_COMBINE_SPAN": "2", "EP_SOLO_VECS": "8", "EP_COMBINE_ADAPTIVE": "0"])
     }
 
-    static let names = "the name must be one of the switches that can be tried: EP_COMBINE_SPAN 1...8, EP_COMBINE_ADAPTIVE 0...1, EP_SOLO_VECS 1...16, EP_LL_AHEAD 0...1, EP_LL_SOLO_UPDATE 0...1, EP_FP8_IN_FLIGHT 1...4, EP_DEST_GROUP 1...8"
+    static let names = "the name must be one of the switches that can be tried: EP_COMBINE_SPAN 1...8, EP_COMBINE_ADAPTIVE 0...1, EP_SOLO_VECS 1...16, EP_LL_AHEAD 0...1, EP_LL_SOLO_UPDATE 0...1, EP_FP8_IN_FLIGHT 1...4, EP_DEST_GROUP 1...8, EP_PREFETCH_PIECE 0...1"
 
     @Test(arguments: [
         ("EP_COMBINE_SPAN", "EP_COMBINE_SPAN", "entries are NAME=value, separated by commas"),
@@ -66,20 +66,21 @@ struct KernelDefineOverridesTests {
         try Self.compile(.lowLatency, ranks: ranks, layout: layout, switches: switches)
     }
 
-    /// The dispatch's copy with 1 and 8 destination addresses read before its stores
-    /// (EP_DEST_GROUP), LL and HT (a group wider than the fanout, and one that divides it).
+    /// The dispatch's copy with 4 and 8 destination addresses read before its stores
+    /// (EP_DEST_GROUP; LL and HT) and without the piece's L2 prefetch (EP_PREFETCH_PIECE=0, LL).
     @Test(.enabled(if: GPUTuningTests.runsNVRTC, "needs NVRTC (EP_REQUIRE_NVRTC=1 to require it)"),
-          arguments: [Algorithm.lowLatency, .highThroughput], ["EP_DEST_GROUP=1", "EP_DEST_GROUP=8"])
+          arguments: [Algorithm.lowLatency, .highThroughput], ["EP_DEST_GROUP=4", "EP_DEST_GROUP=8", "EP_PREFETCH_PIECE=0"])
     func destinationGroupCompiles(algorithm: Algorithm, switches: String) throws {
         try Self.compile(algorithm, ranks: 4, layout: algorithm == .lowLatency ? .expertMajor : .flat, switches: switches)
     }
 
     /// The FP8 dispatch quantising in the kernel, with and without its first batch loaded ahead,
-    /// with 1 and 4 chunks a warp loads at once (EP_FP8_IN_FLIGHT), and with 1 and 8 destination
-    /// addresses read before the stores (EP_DEST_GROUP), from bf16 and f32 rows.
+    /// with 1 and 4 chunks a warp loads at once (EP_FP8_IN_FLIGHT), with 4 and 8 destination
+    /// addresses read before the stores (EP_DEST_GROUP) and without the piece's L2 prefetch
+    /// (EP_PREFETCH_PIECE=0), from bf16 and f32 rows.
     @Test(.enabled(if: GPUTuningTests.runsNVRTC, "needs NVRTC (EP_REQUIRE_NVRTC=1 to require it)"),
           arguments: [(DataType.bf16, "EP_LL_AHEAD=0"), (.bf16, "EP_FP8_IN_FLIGHT=1"), (.bf16, "EP_FP8_IN_FLIGHT=4"),
-                      (.bf16, "EP_DEST_GROUP=1"), (.bf16, "EP_DEST_GROUP=8"), (.f32, "EP_FP8_IN_FLIGHT=4,EP_LL_AHEAD=0")])
+                      (.bf16, "EP_DEST_GROUP=4"), (.bf16, "EP_DEST_GROUP=8"), (.bf16, "EP_PREFETCH_PIECE=0"), (.f32, "EP_FP8_IN_FLIGHT=4,EP_LL_AHEAD=0")])
     func fp8SwitchesCompile(dtype: DataType, switches: String) throws {
         try Self.compile(.lowLatency, ranks: 4, layout: .expertMajor, switches: switches,
                          dtype: dtype, fp8: FP8Dispatch(scales: .ue8m0Block128, source: .quantize))

@@ -274,7 +274,7 @@ static_assert(EP_SCALE_WORDS == EP_HOST_SCALE_WORDS, "FP8 scale words per row di
 #define EP_UNROLL 4       // dispatch pipeline depth: vectors per lane loaded before they are stored
 #endif
 #ifndef EP_DEST_GROUP
-#define EP_DEST_GROUP 4   // dispatch: destinations whose addresses a lane reads before storing to them
+#define EP_DEST_GROUP 1   // dispatch: destinations whose addresses a lane reads before storing to them
 #endif
 #define EP_WARPS 16       // warps per dispatch/combine block (512 threads)
 #ifdef EP_HOST_CONTRACT

@@ -170,12 +170,35 @@ struct EpAhead {
 };
 #endif
 
+#ifndef EP_PREFETCH_PIECE
+#define EP_PREFETCH_PIECE 1   // the rest of a piece is fetched into L2 with its first units (below)
+#endif
+
+EP_DEVICE void ep_prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" :: "l"(p)); }
+
+// Loads the piece's first units, and (EP_PREFETCH_PIECE) asks L2 for the rest of this lane's
+// bytes of it: the piece's later loads then wait on L2 rather than on memory. A warp of the
+// standard LL cases has one item, so every later load of its piece was a memory round trip
+// after the stores of the units before it.
 EP_DEVICE void ep_load_piece_ahead(const EpArgs& args, int rank, int t, int first, int last, int lane, EpAhead& ahead) {
     const ep_u8* x = reinterpret_cast<const ep_u8*>(args.rank[rank].x);
 #if EP_FP8 == 1
-    ep_fp8_load_batch(x + static_cast<ep_u64>(t) * EP_ROW_BYTES, first, last, lane, ahead.batch);
+    const ep_u8* src = x + static_cast<ep_u64>(t) * EP_ROW_BYTES;
+    ep_fp8_load_batch(src, first, last, lane, ahead.batch);
+#if EP_PREFETCH_PIECE
+    for (int u = first + EP_FP8_IN_FLIGHT; u < last; ++u) {
+        const int element = u * EP_FP8_CHUNK + lane * EP_FP8_LANE;
+        if (element >= EP_HIDDEN) break;
+#pragma unroll
+        for (int b = 0; b < EP_FP8_LANE * EP_ELEM_BYTES; b += 32) ep_prefetch_l2(src + static_cast<ep_u64>(element) * EP_ELEM_BYTES + b);
+    }
+#endif
 #else
-    ep_load_ahead(x + static_cast<ep_u64>(t) * EP_WIRE_BYTES, ahead.v, first, last, lane);
+    const ep_u8* src = x + static_cast<ep_u64>(t) * EP_WIRE_BYTES;
+    ep_load_ahead(src, ahead.v, first, last, lane);
+#if EP_PREFETCH_PIECE
+    for (int v = first + EP_AHEAD_UNITS + lane; v < last; v += 32) ep_prefetch_l2(src + static_cast<ep_u64>(v) * EP_VEC_BYTES);
+#endif
 #endif
 }
 
