@@ -304,6 +304,25 @@ EP_DEVICE void ep_read_targets(const ep_u64 (&targets)[32], int c0, int fanout, 
     for (int c = 0; c < EP_DEST_GROUP; ++c) dst[c] = c0 + c < fanout ? targets[c0 + c] : 0ull;
 }
 
+// Vectors v, v + 32, ... (EP_UNROLL of them, those below `last`) of `values` to each destination
+// in `targets` (its first FANOUT entries; null: none).
+template <int FANOUT>
+EP_DEVICE void ep_store_unrolled(const ep_u64 (&targets)[32], const ep_vec (&values)[EP_UNROLL], int v, int last) {
+#pragma unroll
+    for (int c0 = 0; c0 < FANOUT; c0 += EP_DEST_GROUP) {
+        ep_u64 dst[EP_DEST_GROUP];
+        ep_read_targets(targets, c0, FANOUT, dst);
+#pragma unroll
+        for (int c = 0; c < EP_DEST_GROUP; ++c) {
+            if (dst[c] == 0ull) continue;
+#pragma unroll
+            for (int u = 0; u < EP_UNROLL; ++u) {
+                if (v + 32 * u < last) ep_store_vec(reinterpret_cast<ep_u8*>(dst[c]) + static_cast<ep_u64>(v + 32 * u) * EP_VEC_BYTES, values[u]);
+            }
+        }
+    }
+}
+
 // Dispatch's copy of one row piece, vectors [first, last) of `src`, to each destination the
 // warp published in `targets` (its first FANOUT entries; null: none): each vector is loaded
 // once, EP_UNROLL per lane in flight, and stored to every destination. Call from every lane.
@@ -314,17 +333,7 @@ EP_DEVICE void ep_copy_piece(const ep_u8* src, const ep_u64 (&targets)[32], int 
         ep_vec values[EP_UNROLL];
 #pragma unroll
         for (int u = 0; u < EP_UNROLL; ++u) values[u] = ep_load_vec(src + static_cast<ep_u64>(v + 32 * u) * EP_VEC_BYTES);
-#pragma unroll
-        for (int c0 = 0; c0 < FANOUT; c0 += EP_DEST_GROUP) {
-            ep_u64 dst[EP_DEST_GROUP];
-            ep_read_targets(targets, c0, FANOUT, dst);
-#pragma unroll
-            for (int c = 0; c < EP_DEST_GROUP; ++c) {
-                if (dst[c] == 0ull) continue;
-#pragma unroll
-                for (int u = 0; u < EP_UNROLL; ++u) ep_store_vec(reinterpret_cast<ep_u8*>(dst[c]) + static_cast<ep_u64>(v + 32 * u) * EP_VEC_BYTES, values[u]);
-            }
-        }
+        ep_store_unrolled<FANOUT>(targets, values, v, last);   // (every one below `last` here)
     }
     for (; v < last; v += 32) {
         const ep_vec value = ep_load_vec(src + static_cast<ep_u64>(v) * EP_VEC_BYTES);
@@ -337,30 +346,12 @@ EP_DEVICE void ep_copy_piece(const ep_u8* src, const ep_u64 (&targets)[32], int 
 }
 
 // The first EP_UNROLL vectors a lane copies of the piece [first, last) of `src` (ep_copy_piece's
-// first step), loaded ahead of the piece's destinations; ep_store_ahead stores them to each.
+// first step), loaded ahead of the piece's destinations; ep_store_unrolled(…, first + lane, last) stores them.
 EP_DEVICE void ep_load_ahead(const ep_u8* src, ep_vec (&ahead)[EP_UNROLL], int first, int last, int lane) {
 #pragma unroll
     for (int u = 0; u < EP_UNROLL; ++u) {
         const int v = first + lane + 32 * u;
         if (v < last) ahead[u] = ep_load_vec(src + static_cast<ep_u64>(v) * EP_VEC_BYTES);
-    }
-}
-
-template <int FANOUT>
-EP_DEVICE void ep_store_ahead(const ep_u64 (&targets)[32], const ep_vec (&ahead)[EP_UNROLL], int first, int last, int lane) {
-#pragma unroll
-    for (int c0 = 0; c0 < FANOUT; c0 += EP_DEST_GROUP) {
-        ep_u64 dst[EP_DEST_GROUP];
-        ep_read_targets(targets, c0, FANOUT, dst);
-#pragma unroll
-        for (int c = 0; c < EP_DEST_GROUP; ++c) {
-            if (dst[c] == 0ull) continue;
-#pragma unroll
-            for (int u = 0; u < EP_UNROLL; ++u) {
-                const int v = first + lane + 32 * u;
-                if (v < last) ep_store_vec(reinterpret_cast<ep_u8*>(dst[c]) + static_cast<ep_u64>(v) * EP_VEC_BYTES, ahead[u]);
-            }
-        }
     }
 }
 

@@ -208,7 +208,7 @@ EP_DEVICE void ep_send_piece_ahead(const EpArgs& args, int rank, int t, const Ep
 #if EP_FP8 == 1
     ep_fp8_send_batch<FANOUT>(table, warp, first, last, lane, ahead.batch);
 #else
-    ep_store_ahead<FANOUT>(table.address[warp], ahead.v, first, last, lane);
+    ep_store_unrolled<FANOUT>(table.address[warp], ahead.v, first + lane, last);
 #endif
     ep_send_piece<FANOUT>(args, rank, t, table, warp, min(last, first + EP_AHEAD_UNITS), last, piece, lane);
 }
