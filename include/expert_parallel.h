@@ -45,7 +45,7 @@ extern "C" {
 #endif
 
 /* The ABI this header describes; epGetAbiVersion reports the library's. */
-#define EP_ABI_VERSION 4
+#define EP_ABI_VERSION 5
 /* Most dimensions an epTensor_t carries. */
 #define EP_MAX_DIMS 4
 
@@ -236,6 +236,10 @@ typedef struct {
     /* v4 (a config whose structSize ends before these reads them as 0) */
     int32_t updateChunkTokens;       /* HT: tokens each update block counts, >= 1 (default 256; at most 16 blocks a rank) */
     int32_t fusedUpdate;             /* LL: update inside the stacked dispatch's launch: 0 default (on), 1 on, 2 off */
+    /* v5 (a config whose structSize ends before these reads them as 0) */
+    int32_t launchGrid;              /* dispatch and combine blocks: 0 default (fitted), 1 fitted to the step's
+                                      * work (one warp a token's row piece, 16 a block), 2 every SM's (before v5) */
+    int32_t reserved;                /* must be 0 */
 } epGPUTuning_t;
 
 /* Which backend runs the group. NULL means the host backend. */

@@ -17,7 +17,9 @@ extension ABIStruct {
 extension epTensor_t: ABIStruct {}
 extension epGroupConfig_t: ABIStruct { static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.fp8Scales)!] } }
 extension epBackendConfig_t: ABIStruct {
-    static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.tuning)!, sizeBefore(\.tuning.updateChunkTokens)] }
+    static var earlierSizes: [Int] {
+        [MemoryLayout<Self>.offset(of: \.tuning)!, sizeBefore(\.tuning.updateChunkTokens), sizeBefore(\.tuning.launchGrid)]
+    }
 }
 extension epLayoutInfo_t: ABIStruct {}
 extension epUpdateInputs_t: ABIStruct {}
@@ -25,7 +27,9 @@ extension epDispatchInputs_t: ABIStruct { static var earlierSizes: [Int] { [Memo
 extension epCombineInputs_t: ABIStruct {}
 extension epCombineOutputs_t: ABIStruct {}
 extension epNCCLRankConfig_t: ABIStruct {
-    static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.tuning)!, sizeBefore(\.tuning.updateChunkTokens)] }
+    static var earlierSizes: [Int] {
+        [MemoryLayout<Self>.offset(of: \.tuning)!, sizeBefore(\.tuning.updateChunkTokens), sizeBefore(\.tuning.launchGrid)]
+    }
 }
 // Grown in ABI version 3: version 2's size ends where the first new field starts.
 extension epGroupInfo_t: ABIStruct { static var earlierSizes: [Int] { [MemoryLayout<Self>.offset(of: \.bufferSlots)!] } }

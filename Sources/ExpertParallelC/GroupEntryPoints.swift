@@ -101,11 +101,18 @@ extension GPUTuning {
         guard (0...2).contains(c.fusedUpdate) else {
             throw .invalidArgument(field: "\(name).fusedUpdate", value: "\(c.fusedUpdate)", requirement: "must be 0 (default: on), 1 (on) or 2 (off)")
         }
+        guard (0...2).contains(c.launchGrid) else {
+            throw .invalidArgument(field: "\(name).launchGrid", value: "\(c.launchGrid)", requirement: "must be 0 (default: fitted), 1 (fitted) or 2 (every SM's)")
+        }
+        guard c.reserved == 0 else {
+            throw .invalidArgument(field: "\(name).reserved", value: "\(c.reserved)", requirement: "must be 0")
+        }
         self.init(pipelineDepth: try knob(c.pipelineDepth, "pipelineDepth") ?? defaults.pipelineDepth,
                   rowsInFlight: try knob(c.rowsInFlight, "rowsInFlight") ?? defaults.rowsInFlight,
                   rowPieces: try knob(c.rowPieces, "rowPieces"),
                   blocksPerMultiprocessor: try knob(c.blocksPerMultiprocessor, "blocksPerMultiprocessor"),
                   fusesUpdate: c.fusedUpdate == 0 ? defaults.fusesUpdate : c.fusedUpdate == 1,
-                  updateChunkTokens: try knob(c.updateChunkTokens, "updateChunkTokens") ?? defaults.updateChunkTokens)
+                  updateChunkTokens: try knob(c.updateChunkTokens, "updateChunkTokens") ?? defaults.updateChunkTokens,
+                  fitsGridToWork: c.launchGrid == 0 ? defaults.fitsGridToWork : c.launchGrid == 1)
     }
 }

@@ -310,7 +310,7 @@ static void configErrors(void) {
     CHECK_OK(epGroupDestroy(group));
 
     /* A GPU group on a machine without CUDA fails cleanly (and works where there is one). */
-    epBackendConfig_t gpu = {sizeof gpu, epBackendVirtualGPU, 0, 0, {0, 0, 0, 0, 0, 0}};
+    epBackendConfig_t gpu = {sizeof gpu, epBackendVirtualGPU, 0, 0, {0, 0, 0, 0, 0, 0, 0, 0}};
     /* A tuning knob out of bounds is named before any device is opened. */
     gpu.tuning.pipelineDepth = 9;
     CHECK_FAILS(epGroupCreate(&config, &gpu, &group), epInvalidArgument, "tuning.pipelineDepth = 9");
@@ -321,6 +321,20 @@ static void configErrors(void) {
     gpu.tuning.updateChunkTokens = -1;
     CHECK_FAILS(epGroupCreate(&config, &gpu, &group), epInvalidArgument, "tuning.updateChunkTokens = -1");
     gpu.tuning.updateChunkTokens = 0;
+    gpu.tuning.launchGrid = 3;
+    CHECK_FAILS(epGroupCreate(&config, &gpu, &group), epInvalidArgument, "tuning.launchGrid = 3");
+    gpu.tuning.launchGrid = 0;
+    gpu.tuning.reserved = 1;
+    CHECK_FAILS(epGroupCreate(&config, &gpu, &group), epInvalidArgument, "tuning.reserved = 1");
+    gpu.tuning.reserved = 0;
+    /* A version 4 config (6 tuning fields, no launchGrid) is accepted. */
+    epBackendConfig_t v4 = gpu;
+    v4.structSize = (offsetof(epBackendConfig_t, tuning.launchGrid) + _Alignof(epBackendConfig_t) - 1) /
+                    _Alignof(epBackendConfig_t) * _Alignof(epBackendConfig_t);
+    CHECK(v4.structSize < sizeof v4, "the v4 size %zu is below this version's %zu", v4.structSize, sizeof v4);
+    epResult_t fourth = epGroupCreate(&config, &v4, &group);
+    CHECK(fourth == epSuccess || fourth == epCudaError, "GPU group (v4 config): %s (%s)", epGetErrorString(fourth), epGetLastErrorMessage());
+    if (fourth == epSuccess) epGroupDestroy(group);
     /* A config from before updateChunkTokens and fusedUpdate (4 tuning fields) is accepted; a size
      * between versions is not. */
     epBackendConfig_t before = gpu;
@@ -383,7 +397,7 @@ static void ncclGroup(void) {
     CHECK_FAILS(epGroupCreateNCCL(&config, &rank, &group), epInvalidArgument, "experts = 3");
     config = smallConfig();
     config.ranks = 1;
-    epBackendConfig_t backend = {sizeof backend, epBackendNCCLRank, 0, 0, {0, 0, 0, 0, 0, 0}};
+    epBackendConfig_t backend = {sizeof backend, epBackendNCCLRank, 0, 0, {0, 0, 0, 0, 0, 0, 0, 0}};
     CHECK_FAILS(epGroupCreate(&config, &backend, &group), epInvalidUsage, "epGroupCreateNCCL");
     CHECK_FAILS(epGetNCCLUniqueId(NULL), epInvalidArgument, "id = NULL");
     CHECK(group == NULL, "no group after failures");

@@ -113,15 +113,17 @@ def check_buffers(target, copies):
 
 _TUNING = {"pipeline_depth": "pipelineDepth", "rows_in_flight": "rowsInFlight", "row_pieces": "rowPieces",
            "blocks_per_multiprocessor": "blocksPerMultiprocessor", "update_chunk_tokens": "updateChunkTokens",
-           "fused_update": "fusedUpdate"}
+           "fused_update": "fusedUpdate", "full_grid": "launchGrid"}
 
 
 def tuning(value):
     """The epGPUTuning_t of ``tuning=``: None (defaults) or a dict of ``pipeline_depth``
     (1...8), ``rows_in_flight`` (1...16), ``row_pieces``, ``blocks_per_multiprocessor`` (1 or
     2), ``update_chunk_tokens`` (HT: tokens each update block counts, default 256) and
-    ``fused_update`` (LL: a bool, default True: the stacked dispatch's update runs in its launch);
-    the library checks each against its bounds for the group."""
+    ``fused_update`` (LL: a bool, default True: the stacked dispatch's update runs in its launch)
+    and ``full_grid`` (a bool, default False: dispatch and combine launch only the blocks the
+    step's tokens need; True launches every SM's); the library checks each against its bounds
+    for the group."""
     result = _abi.GPUTuning()
     if value is None:
         return result
@@ -130,10 +132,11 @@ def tuning(value):
     for key, number in value.items():
         if key not in _TUNING:
             raise InvalidArgumentError(f"tuning[{key!r}]: not a tuning knob; must be one of {sorted(_TUNING)}")
-        if key == "fused_update":
+        if key in ("fused_update", "full_grid"):
             if not isinstance(number, bool):
-                raise InvalidArgumentError(f"tuning['fused_update']={number!r} (type {type(number).__name__}); must be True or False")
-            result.fusedUpdate = 1 if number else 2
+                raise InvalidArgumentError(f"tuning[{key!r}]={number!r} (type {type(number).__name__}); must be True or False")
+            # 1 and 2: the C fields' explicit on and off (0 is their default).
+            setattr(result, _TUNING[key], (1 if number else 2) if key == "fused_update" else (2 if number else 1))
             continue
         setattr(result, _TUNING[key], integer(number, f"tuning[{key!r}]", 1, INT32))
     return result

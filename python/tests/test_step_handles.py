@@ -140,7 +140,9 @@ def test_tuning_knobs_are_checked_by_name():
         group(tuning={"update_chunk_tokens": 0})
     with pytest.raises(ep.InvalidArgumentError, match="tuning\\['fused_update'\\]=1 .*must be True or False"):
         group(tuning={"fused_update": 1})
-    with group(tuning={"update_chunk_tokens": 64, "fused_update": False}) as g:
+    with pytest.raises(ep.InvalidArgumentError, match="tuning\\['full_grid'\\]=0 .*must be True or False"):
+        group(tuning={"full_grid": 0})
+    with group(tuning={"update_chunk_tokens": 64, "fused_update": False, "full_grid": True}) as g:
         assert g.dispatch(*routing(8)).expert_counts.shape == (R, E // R)
     # The CPU backend has no kernels: its tuning is accepted and has no effect.
     with group(tuning={"pipeline_depth": 2, "rows_in_flight": 4}) as g:
