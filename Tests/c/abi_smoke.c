@@ -312,21 +312,22 @@ static void configErrors(void) {
     /* A GPU group on a machine without CUDA fails cleanly (and works where there is one). */
     epBackendConfig_t gpu = {sizeof gpu, epBackendVirtualGPU, 0, 0, {0, 0, 0, 0, 0, 0, 0, 0}};
     /* A tuning knob out of bounds is named before any device is opened. */
-    gpu.tuning.pipelineDepth = 9;
-    CHECK_FAILS(epGroupCreate(&config, &gpu, &group), epInvalidArgument, "tuning.pipelineDepth = 9");
-    gpu.tuning.pipelineDepth = 0;
-    gpu.tuning.fusedUpdate = 3;
-    CHECK_FAILS(epGroupCreate(&config, &gpu, &group), epInvalidArgument, "tuning.fusedUpdate = 3");
-    gpu.tuning.fusedUpdate = 0;
-    gpu.tuning.updateChunkTokens = -1;
-    CHECK_FAILS(epGroupCreate(&config, &gpu, &group), epInvalidArgument, "tuning.updateChunkTokens = -1");
-    gpu.tuning.updateChunkTokens = 0;
-    gpu.tuning.launchGrid = 3;
-    CHECK_FAILS(epGroupCreate(&config, &gpu, &group), epInvalidArgument, "tuning.launchGrid = 3");
-    gpu.tuning.launchGrid = 0;
-    gpu.tuning.reserved = 1;
-    CHECK_FAILS(epGroupCreate(&config, &gpu, &group), epInvalidArgument, "tuning.reserved = 1");
-    gpu.tuning.reserved = 0;
+    struct {
+        int32_t* field;
+        int32_t bad;
+        const char* message;
+    } knobs[] = {
+        {&gpu.tuning.pipelineDepth, 9, "tuning.pipelineDepth = 9"},
+        {&gpu.tuning.fusedUpdate, 3, "tuning.fusedUpdate = 3"},
+        {&gpu.tuning.updateChunkTokens, -1, "tuning.updateChunkTokens = -1"},
+        {&gpu.tuning.launchGrid, 3, "tuning.launchGrid = 3"},
+        {&gpu.tuning.reserved, 1, "tuning.reserved = 1"},
+    };
+    for (size_t i = 0; i < sizeof knobs / sizeof knobs[0]; i++) {
+        *knobs[i].field = knobs[i].bad;
+        CHECK_FAILS(epGroupCreate(&config, &gpu, &group), epInvalidArgument, knobs[i].message);
+        *knobs[i].field = 0;
+    }
     /* A version 4 config (6 tuning fields, no launchGrid) is accepted. */
     epBackendConfig_t v4 = gpu;
     v4.structSize = (offsetof(epBackendConfig_t, tuning.launchGrid) + _Alignof(epBackendConfig_t) - 1) /
