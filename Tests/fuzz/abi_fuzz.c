@@ -1033,7 +1033,7 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     decode_config(&in, &config, &expectValid);
     current_op = "epGroupCreate";
     uint8_t bk = u8(&in);
-    epBackendConfig_t backend = {sizeof backend, epBackendHost, 0, 0, {0, 0, 0, 0, 0, 0}};
+    epBackendConfig_t backend = {sizeof backend, epBackendHost, 0, 0, {0, 0, 0, 0, 0, 0, 0, 0}};
     const epBackendConfig_t* backendPointer = (bk & 1) ? &backend : NULL;
     if (bk >= 250) { backend.structSize = (bk & 1) ? 4 : 0; backendPointer = &backend; expectValid = 0; }
     else if (bk >= 246) { backend.backend = (epBackend_t)(bk - 240); backendPointer = &backend; expectValid = 0; }

@@ -232,9 +232,10 @@ EP_DEVICE int ep_ht_pair_row(const int* pair_rows, int t, int d) {
     return ep_ht_offset_row(pair_rows + (H_CHUNK - H_PAIR_ROW), EP_E + d, pair_rows[t * EP_R + d]);
 }
 
-// Slot of token t's selection c, of expert e (expert-major; e >= 0 where the slot is), or -1. `selection_rows`: hs + H_SEL_ROW.
+// Slot of token t's selection c, of expert e (expert-major), or -1 (always for e = -1, whose
+// offset is then read from column 0, inside the table). `selection_rows`: hs + H_SEL_ROW.
 EP_DEVICE int ep_ht_selection_slot(const int* selection_rows, int t, int c, int e) {
-    return ep_ht_offset_row(selection_rows + (H_CHUNK - H_SEL_ROW), e, selection_rows[t * EP_K + c]);
+    return ep_ht_offset_row(selection_rows + (H_CHUNK - H_SEL_ROW), max(e, 0), selection_rows[t * EP_K + c]);
 }
 
 // Chunk `index`, tokens [first, last) of the rank's (empty past the last token), by one block:

@@ -297,8 +297,9 @@ struct EpWarpRows {
 
 // Destinations [c0, c0 + EP_DEST_GROUP) of a warp's table (0 past `fanout`), read at once before
 // the stores to them: each store is an asm the compiler may not move a shared read across, so
-// reading each address just before its store makes every destination wait on its read (45 % of
-// the FP8 ll-std R = 8 dispatch's stall samples).
+// with a group of 1 every destination waits on its own read (45 % of the FP8 ll-std R = 8
+// dispatch's stall samples). Groups of 2, 4 or 8 did not make that dispatch faster and made the
+// bf16 LL dispatch 2-4 % slower (docs/performance.md), so 1 is the default.
 EP_DEVICE void ep_read_targets(const ep_u64 (&targets)[32], int c0, int fanout, ep_u64 (&dst)[EP_DEST_GROUP]) {
 #pragma unroll
     for (int c = 0; c < EP_DEST_GROUP; ++c) dst[c] = c0 + c < fanout ? targets[c0 + c] : 0ull;
