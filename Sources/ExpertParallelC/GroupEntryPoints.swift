@@ -98,12 +98,15 @@ extension GPUTuning {
             }
             return value == 0 ? nil : Int(value)
         }
-        guard (0...2).contains(c.fusedUpdate) else {
-            throw .invalidArgument(field: "\(name).fusedUpdate", value: "\(c.fusedUpdate)", requirement: "must be 0 (default: on), 1 (on) or 2 (off)")
+        // A switch: 0 its default, 1 `on`, 2 `off`.
+        func choice(_ value: Int32, _ field: String, on: String, off: String, default isOn: Bool) throws(EPError) -> Bool {
+            guard (0...2).contains(value) else {
+                throw .invalidArgument(field: "\(name).\(field)", value: "\(value)", requirement: "must be 0 (default: \(isOn ? on : off)), 1 (\(on)) or 2 (\(off))")
+            }
+            return value == 0 ? isOn : value == 1
         }
-        guard (0...2).contains(c.launchGrid) else {
-            throw .invalidArgument(field: "\(name).launchGrid", value: "\(c.launchGrid)", requirement: "must be 0 (default: fitted), 1 (fitted) or 2 (every SM's)")
-        }
+        let fusesUpdate = try choice(c.fusedUpdate, "fusedUpdate", on: "on", off: "off", default: defaults.fusesUpdate)
+        let fitsGridToWork = try choice(c.launchGrid, "launchGrid", on: "fitted", off: "every SM's", default: defaults.fitsGridToWork)
         guard c.reserved == 0 else {
             throw .invalidArgument(field: "\(name).reserved", value: "\(c.reserved)", requirement: "must be 0")
         }
@@ -111,8 +114,8 @@ extension GPUTuning {
                   rowsInFlight: try knob(c.rowsInFlight, "rowsInFlight") ?? defaults.rowsInFlight,
                   rowPieces: try knob(c.rowPieces, "rowPieces"),
                   blocksPerMultiprocessor: try knob(c.blocksPerMultiprocessor, "blocksPerMultiprocessor"),
-                  fusesUpdate: c.fusedUpdate == 0 ? defaults.fusesUpdate : c.fusedUpdate == 1,
+                  fusesUpdate: fusesUpdate,
                   updateChunkTokens: try knob(c.updateChunkTokens, "updateChunkTokens") ?? defaults.updateChunkTokens,
-                  fitsGridToWork: c.launchGrid == 0 ? defaults.fitsGridToWork : c.launchGrid == 1)
+                  fitsGridToWork: fitsGridToWork)
     }
 }

@@ -114,6 +114,9 @@ def check_buffers(target, copies):
 _TUNING = {"pipeline_depth": "pipelineDepth", "rows_in_flight": "rowsInFlight", "row_pieces": "rowPieces",
            "blocks_per_multiprocessor": "blocksPerMultiprocessor", "update_chunk_tokens": "updateChunkTokens",
            "fused_update": "fusedUpdate", "full_grid": "launchGrid"}
+# The boolean knobs: the C field's value for False and for True (1 and 2 are the field's explicit
+# choices, 0 its default; full_grid=True is launchGrid 2, every SM's blocks).
+_SWITCHES = {"fused_update": (2, 1), "full_grid": (1, 2)}
 
 
 def tuning(value):
@@ -132,11 +135,10 @@ def tuning(value):
     for key, number in value.items():
         if key not in _TUNING:
             raise InvalidArgumentError(f"tuning[{key!r}]: not a tuning knob; must be one of {sorted(_TUNING)}")
-        if key in ("fused_update", "full_grid"):
+        if key in _SWITCHES:
             if not isinstance(number, bool):
                 raise InvalidArgumentError(f"tuning[{key!r}]={number!r} (type {type(number).__name__}); must be True or False")
-            # 1 and 2: the C fields' explicit on and off (0 is their default).
-            setattr(result, _TUNING[key], (1 if number else 2) if key == "fused_update" else (2 if number else 1))
+            setattr(result, _TUNING[key], _SWITCHES[key][number])
             continue
         setattr(result, _TUNING[key], integer(number, f"tuning[{key!r}]", 1, INT32))
     return result
