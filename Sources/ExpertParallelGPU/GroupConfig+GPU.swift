@@ -48,8 +48,12 @@ extension GroupConfig {
 
     /// Static shared memory of the fused LL update + dispatch kernel besides the update's arrays:
     /// the dispatch's row table (EpWarpRows: 16 warps × 32 lanes of an address and a weight, and with
-    /// FP8 a scale address) and a few words.
-    var fusedDispatchSharedMemoryBytes: Int { 16 * 32 * (8 + 4 + (fp8 != nil ? 8 : 0)) + 64 }
+    /// FP8 a scale address) and a few words; at one rank also the dispatch blocks' own bitmaps
+    /// ([E + 1][ceil(Bmax / 32)] words and a flag, EP_LL_SOLO_ROWS in ep_ll.cu).
+    var fusedDispatchSharedMemoryBytes: Int {
+        let soloRows = ranks == 1 ? 4 * ((experts + 1) * ((maxTokensPerRank + 31) / 32) + 1) : 0
+        return 16 * 32 * (8 + 4 + (fp8 != nil ? 8 : 0)) + 64 + soloRows
+    }
 
     /// LL's update counting with bitmaps (EP_LL_BITMAP): its static shared memory, from its arrays
     /// (ep_ll.cu): the experts' bits and prefixes (or, later, the layout's scratch), the ranks'

@@ -146,7 +146,7 @@ extension StepEngine {
         // Pieces of the row as it moves: FP8 rows are e4m3, half or a quarter of the element row.
         let pieces = StepArguments.rowPieces(tuning, blocks: blocks(mode), tokens: step.maxTokens, rowBytes: config.wireRowBytes)
         // (HT expert-major also zeroes its zones' padding rows, however few the tokens: every block.)
-        let sending = config.isExpertMajorHT ? blocks(mode) : StepArguments.blocks(tuning, blocks(mode), items: step.maxTokens * pieces)
+        var sending = config.isExpertMajorHT ? blocks(mode) : StepArguments.blocks(tuning, blocks(mode), items: step.maxTokens * pieces)
         func enqueue(
             _ sync: SyncBits, _ blocks: Int, _ stream: CUDAStream?, _ sources: (Int) -> SendSide, _ received: (Int) -> ReceiveBuffers,
             kernel: CUDAFunction? = nil
@@ -171,7 +171,10 @@ extension StepEngine {
             }
         }
         // The launch that sends: with `fused`, the update's too (the caller checked canFuseUpdate).
+        // At one rank its dispatch blocks find their rows themselves (EP_LL_SOLO_ROWS in ep_ll.cu)
+        // and the update block takes the last share of the items: one block more than they need.
         let send = fused ? k.updateDispatch : nil
+        if fused && config.ranks == 1 && workspace.bitmaps { sending = min(blocks(mode), sending + 1) }
         if fused, send == nil { throw .backend("the fused update + dispatch kernel is not compiled for this group") }
         switch options.phase {
         case .whole:

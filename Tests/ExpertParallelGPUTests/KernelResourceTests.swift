@@ -64,10 +64,14 @@ struct KernelResourceTests {
     @Test(.enabled(if: GPUTuningTests.runsNVRTC, "needs NVRTC (EP_REQUIRE_NVRTC=1 to require it)"), arguments: cases)
     func dataPathKernelsStayInRegisters(_ c: Case) throws {
         let config = try c.config.validated()
-        let defines = StepKernels.defines(config, .init(indexBytes: 8, receivedIndexBytes: 4, vectorBytes: 16), try GPUTuning().validated(config))
+        var defines = StepKernels.defines(config, .init(indexBytes: 8, receivedIndexBytes: 4, vectorBytes: 16), try GPUTuning().validated(config))
+        // A variant's switches (docs/performance.md, "Trying a kernel variant") are checked too.
+        let environment = ProcessInfo.processInfo.environment
+        defines.merge(try KernelDefineOverrides.parse(environment["EP_KERNEL_DEFINES"], reserved: Set(defines.keys))) { old, _ in old }
         let source = KernelSource.embedded(config.algorithm == .lowLatency ? "ep_ll" : "ep_ht")
         let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)
         let log = try compiler.compile(source, arch: .hopper, defines: defines, extraOptions: ["--ptxas-options=-v"]).log
+        if environment["EP_PRINT_PTXAS"] != nil { print("ptxas report of \(c.testDescription):\n\(log)") }
         let spill = try #require(Self.spillStores(of: c.kernel, in: log), "no resource report for \(c.kernel) (\(noReportHint)) in:\n\(log)")
         #expect(spill <= c.maximumSpill, "\(c.kernel) spills \(spill) bytes (bound \(c.maximumSpill))")
     }

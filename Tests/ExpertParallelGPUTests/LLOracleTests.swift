@@ -212,6 +212,40 @@ struct LLOracleTests {
             try stepMatchesTheOracle(group, inputs, [b], "one rank, B = \(b)", fused: true)
         }
     }
+
+    /// One rank, one launch: its dispatch blocks find their rows from the routing themselves
+    /// (EP_LL_SOLO_ROWS in ep_ll.cu), in both layouts, and move nothing for routing the update
+    /// rejects (an id out of range, an expert twice in a token), which is named as before.
+    @Test(arguments: [Layout.expertMajor, .rankMajor])
+    func oneRankFusedDispatchBlocksFindTheirRows(layout: Layout) throws {
+        let device = try #require(sharedDevice)
+        let config = GroupConfig(algorithm: .lowLatency, ranks: 1, experts: 64, topK: 8, hidden: 2048, elementType: .bf16,
+                                 maxTokensPerRank: 96, layout: layout)
+        let group = try VirtualGPUGroup(config, device: device)
+        #expect(group.fusesUpdate)
+        for (step, b) in [96, 33, 1, 96].enumerated() {
+            let inputs = StepInputs(config: config, tokens: [b], seed: UInt64(140 + step), minusOneRate: step == 1 ? 0.3 : 0)
+            try stepMatchesTheOracle(group, inputs, [b], "one rank \(layout), B = \(b)", fused: true)
+        }
+        let inputs = StepInputs(config: config, tokens: [96], seed: 150, minusOneRate: 0)
+        let buffers = try GPUStep(config, device, tokens: [96])
+        var outOfRange = inputs, repeated = inputs
+        outOfRange.routing[0][90 * 8 + 3] = 64
+        repeated.routing[0][70 * 8 + 5] = repeated.routing[0][70 * 8 + 2]
+        let twice = EPError.repeatedExpert(token: 70, firstColumn: 2, secondColumn: 5, expert: Int(inputs.routing[0][70 * 8 + 2]))
+        for (broken, expected) in [(outOfRange, "topkIdx[rank 0][90][3]"), (repeated, "\(twice)")] {
+            try buffers.upload(broken)
+            try buffers.poison()
+            try buffers.enqueue(group, fused: true)
+            #expect { try group.checkStatus() } throws: { error in "\(error)" == expected || "\(error)".contains(expected) }
+            let result = try buffers.results(group, skipStatus: true)[0]
+            #expect(result.received.allSatisfy { $0 == 0xA5 } && result.combined.allSatisfy { $0 == 0xA5 }, "a bad step writes nothing")
+        }
+        try buffers.upload(inputs)
+        try buffers.poison()
+        try buffers.enqueue(group, fused: true)
+        expectMatch(try buffers.results(group), try oracleStep(config, inputs), "a good step after bad ones")
+    }
 }
 
 /// Captures update + dispatch + combine for all ranks in one CUDA graph, then replays it 100

@@ -24,6 +24,9 @@ struct LLUpdateChoiceTests {
         // 1024 experts, 320 tokens: 8 warps' counts only, and no room for the dispatch's table.
         Expected(config: GroupConfig(algorithm: .lowLatency, ranks: 8, experts: 1024, topK: 8, hidden: 2048, maxTokensPerRank: 320),
                  bitmaps: false, warps: 8, fused: false),
+        // One rank: the dispatch blocks' own bitmaps beside the update's (EP_LL_SOLO_ROWS) fit at ll-std.
+        Expected(config: GroupConfig(algorithm: .lowLatency, ranks: 1, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 128),
+                 bitmaps: true, warps: 16, fused: true),
         // FP8's table is larger (a scale address a lane) and still fits at ll-std.
         Expected(config: GroupConfig(algorithm: .lowLatency, ranks: 8, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 128,
                                      fp8: FP8Dispatch(scales: .ue8m0Block128, source: .quantize)),

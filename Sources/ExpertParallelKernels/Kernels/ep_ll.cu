@@ -392,30 +392,85 @@ ep_ll_update(const EpArgs args) {
 #endif
 #define EP_LL_LOADS_AHEAD (EP_LL_AHEAD && EP_AHEAD_FITS)
 
+// One rank, update and dispatch in one launch (EP_LL_SOLO_ROWS): the dispatch blocks find their
+// selections' rows themselves instead of waiting for the update block's ready flag. Each builds
+// the update's bitmaps in its own shared memory (bit t of expert e's words: token t selects e;
+// words E: token t sends a row), and a row is its zone's start plus the tokens below t in its
+// words, as the update computes it with no lower ranks. The update block still writes the
+// handle (rows, layout, step word) for combine, and the counts. EP_LL_OWN_ROWS=0 keeps
+// the wait (for comparing the two).
+#ifndef EP_LL_OWN_ROWS
+#define EP_LL_OWN_ROWS 1
+#endif
+#define EP_LL_SOLO_ROWS (EP_LL_OWN_ROWS && EP_LL_SOLO && EP_FUSED && EP_TRANSPORT == 0)
+#if EP_LL_SOLO_ROWS
+static_assert(EP_R == 1, "a dispatch block finds its rows itself only with no lower ranks");
+// A dispatch block's own bitmaps ([E + 1][EP_WORDS] words) and whether the routing failed the
+// update's checks (ids in [-1, E), no expert twice in a token): bad routing moves nothing here,
+// as the update block voids the step.
+struct EpSoloRows {
+    ep_u32 words[(EP_E + 1) * EP_WORDS];
+    int bad;
+};
+__shared__ EpSoloRows ep_solo_rows;   // a block's, only in the fused kernel's dispatch blocks
+
+// Builds `solo` from this rank's routing. Call from every thread of the block.
+EP_DEVICE void ep_ll_solo_bits(const EpArgs& args, int rank, int tokens, EpSoloRows& solo) {
+    for (int i = threadIdx.x; i < (EP_E + 1) * EP_WORDS; i += blockDim.x) solo.words[i] = 0u;
+    if (threadIdx.x == 0) solo.bad = 0;
+    __syncthreads();
+    ep_ll_each_routing_entry(args, rank, tokens, [&](int i, long long e) {
+        if (e < -1 || e >= EP_E) {
+            solo.bad = 1;
+        } else if (e >= 0) {
+            const int t = i / EP_K;
+            const ep_u32 bit = 1u << (t % 32);
+            if (atomicOr(&solo.words[static_cast<int>(e) * EP_WORDS + t / 32], bit) & bit) solo.bad = 1;
+            atomicOr(&solo.words[EP_E * EP_WORDS + t / 32], bit);
+        }
+    });
+    __syncthreads();
+}
+
+// Bits below token t in a row of ep_ll_solo_bits's words.
+EP_DEVICE int ep_ll_solo_below(const ep_u32* words, int t) {
+    int n = __popc(words[t / 32] & ((1u << (t % 32)) - 1u));
+    for (int w = 0; w < t / 32; ++w) n += __popc(words[w]);
+    return n;
+}
+#endif
+
 // One block's share of rank `rank`'s dispatch (`block`: which of the rank's blocks it is).
-EP_DEVICE void ep_ll_dispatch_rank(const EpArgs& args, int rank, EpBlock block) {
+// `solo` (EP_LL_SOLO_ROWS): the rows come from the block's own bitmaps (ep_solo_rows), not the
+// handle; `counts`: this block writes the rank's counts (the one that ran its update).
+EP_DEVICE void ep_ll_dispatch_rank(const EpArgs& args, int rank, EpBlock block, bool solo, bool counts) {
     ep_u32* ws = ep_ws(args, rank);
     const ep_u32* hs = ep_hs(args, rank);
     // The step word and call number load while the block agrees on one mask (a peer may mask a
     // rank at any time: every thread must take the same branches).
+#if EP_LL_SOLO_ROWS
+    const ep_u32 step_ok = solo ? (ep_solo_rows.bad ? 0u : 1u) : hs[H_STEP_OK];
+    const ep_u32* solo_words = ep_solo_rows.words;
+#else
     const ep_u32 step_ok = hs[H_STEP_OK];
+#endif
     const ep_u32 seq = ep_call_number(ws, WS_DISP_CALLS, args.sync);
     const ep_u64 mask = ep_block_mask(args);
     const bool signal = args.sync & EP_SYNC_SIGNAL;
-    // A rank that takes no part still counts a call that publishes flags, so call numbers agree.
-    const bool moving = ep_active(mask, rank) && step_ok != 0;
-    ep_write_counts(args, rank, hs + H_LAYOUT, moving, block);
-    if (!moving && !signal) return;
     const int tokens = static_cast<int>(args.rank[rank].tokens);
     const int lane = threadIdx.x % 32;
     const int warps = blockDim.x / 32;
     const int warp = threadIdx.x / 32;
-    __shared__ EpWarpRows table;
-
     const int slices = static_cast<int>(args.slices);
     const int per_slice = (EP_WIRE_UNITS + slices - 1) / slices;
+    // A rank that takes no part still counts a call that publishes flags, so call numbers agree.
+    const bool moving = ep_active(mask, rank) && step_ok != 0;
+    ep_write_counts(args, rank, hs + H_LAYOUT, moving, {counts ? 0 : 1, block.count});
+    if (!moving && !signal) return;
+    __shared__ EpWarpRows table;
+
     const int items = (args.sync & EP_SYNC_NO_DATA) || !moving ? 0 : tokens * slices;
-    for (int item = block.index * warps + threadIdx.x / 32; item < items; item += block.count * warps) {
+    for (int item = block.index * warps + warp; item < items; item += block.count * warps) {
         const int t = item / slices, piece = item % slices;
         const int first = piece * per_slice, last = min(EP_WIRE_UNITS, first + per_slice);
 #if EP_LL_LOADS_AHEAD
@@ -431,6 +486,12 @@ EP_DEVICE void ep_ll_dispatch_rank(const EpArgs& args, int rank, EpBlock block) 
         const long long e = routing_lane ? ep_read_index(args, rank, t * EP_K + lane) : -1;
         const float weight = routing_lane ? reinterpret_cast<const float*>(args.rank[rank].topk_weights)[t * EP_K + lane] : 0.0f;
         if (lane < EP_R) {
+#if EP_LL_SOLO_ROWS
+            if (solo) {
+                const ep_u32* sends = solo_words + EP_E * EP_WORDS;
+                row = (sends[t / 32] >> (t % 32)) & 1u ? rank * EP_BMAX + ep_ll_solo_below(sends, t) : -1;
+            } else
+#endif
             row = static_cast<int>(hs[H_PAIR_ROW + t * EP_R + lane]);
             if (row >= 0) target = ep_put_row_target(args, lane, static_cast<ep_u64>(row));
         }
@@ -452,6 +513,11 @@ EP_DEVICE void ep_ll_dispatch_rank(const EpArgs& args, int rank, EpBlock block) 
         int row = -1, destination = 0;
         if (lane < EP_K) {
             const int e = static_cast<int>(ep_read_index(args, rank, t * EP_K + lane));   // loads with the row
+#if EP_LL_SOLO_ROWS
+            if (solo) {
+                row = e >= 0 ? (e % EP_L) * EP_R * EP_BMAX + ep_ll_solo_below(solo_words + e * EP_WORDS, t) : -1;
+            } else
+#endif
             row = static_cast<int>(hs[H_SEL_ROW + t * EP_K + lane]);
             if (row >= 0) {
                 destination = e / EP_L;
@@ -477,7 +543,7 @@ EP_DEVICE void ep_ll_dispatch_rank(const EpArgs& args, int rank, EpBlock block) 
 
 extern "C" __global__ void __launch_bounds__(512, 2)
 ep_ll_dispatch(const EpArgs args) {
-    ep_ll_dispatch_rank(args, static_cast<int>(blockIdx.y + args.first_rank), ep_grid_block());
+    ep_ll_dispatch_rank(args, static_cast<int>(blockIdx.y + args.first_rank), ep_grid_block(), false, blockIdx.x == 0);
 }
 
 #if EP_TRANSPORT == 0 && EP_FUSED
@@ -499,14 +565,23 @@ ep_ll_update_dispatch(const EpArgs args) {
     const int rank = static_cast<int>(args.first_rank) + place % ranks;
     const EpBlock block = {place / ranks, static_cast<int>(gridDim.x)};
     ep_u32* hs = ep_hs(args, rank);
-    if (block.index == 0) {
+#if EP_LL_SOLO_ROWS
+    // No block waits for the update block here, so it need not be among the first to start: it is
+    // the rank's last, whose share of the items the host leaves empty (one block more than they
+    // need), and a launch of few tokens moves its rows without waiting for the update.
+    const bool updates = block.index == block.count - 1;
+    if (!updates) ep_ll_solo_bits(args, rank, static_cast<int>(args.rank[rank].tokens), ep_solo_rows);
+#else
+    const bool updates = block.index == 0;
+#endif
+    if (updates) {
         ep_ll_update_rank(args, rank);
         __syncthreads();
         if (threadIdx.x == 0) {
             __threadfence();
             ep_store_release_gpu(hs + H_READY, 1u);
         }
-    } else if (threadIdx.x == 0) {
+    } else if (threadIdx.x == 0 && !EP_LL_SOLO_ROWS) {
         // The update block is running; its own waits end within the timeout. Past twice that it
         // is stuck for good: the step is void here (the dispatch below then moves nothing, and
         // counts its call as a rank without a step does).
@@ -527,7 +602,7 @@ ep_ll_update_dispatch(const EpArgs args) {
             launch[H_PASSED] = 0u;
         }
     }
-    ep_ll_dispatch_rank(args, rank, block);
+    ep_ll_dispatch_rank(args, rank, block, EP_LL_SOLO_ROWS && !updates, updates);
 }
 #endif
 
