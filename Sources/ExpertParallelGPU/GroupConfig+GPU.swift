@@ -48,11 +48,18 @@ extension GroupConfig {
 
     /// Static shared memory of the fused LL update + dispatch kernel besides the update's arrays:
     /// the dispatch's row table (EpWarpRows: 16 warps × 32 lanes of an address and a weight, and with
-    /// FP8 a scale address) and a few words; at one rank also the dispatch blocks' own bitmaps
-    /// ([E + 1][ceil(Bmax / 32)] words and a flag, EP_LL_SOLO_ROWS in ep_ll.cu).
-    var fusedDispatchSharedMemoryBytes: Int {
-        let soloRows = ranks == 1 ? 4 * ((experts + 1) * ((maxTokensPerRank + 31) / 32) + 1) : 0
-        return 16 * 32 * (8 + 4 + (fp8 != nil ? 8 : 0)) + 64 + soloRows
+    /// FP8 a scale address) and a few words.
+    var fusedDispatchSharedMemoryBytes: Int { 16 * 32 * (8 + 4 + (fp8 != nil ? 8 : 0)) + 64 }
+
+    /// Whether the fused kernel's dispatch blocks find their rows themselves where the update
+    /// counts with bitmaps (EP_LL_OWN in ep_ll.cu): they read other ranks' tokens a thread per
+    /// token, its K ids at once, so K ≤ 8 where there are other ranks.
+    var llDispatchFindsOwnRows: Bool { ranks == 1 || topK <= 8 }
+
+    /// The fused kernel's dispatch blocks' own rows (EpOwnRows): [E + R][ceil(Bmax / 32)] words of
+    /// bits, E counts and a flag; nothing where they wait for the update's rows instead.
+    var llOwnRowsSharedMemoryBytes: Int {
+        llDispatchFindsOwnRows ? 4 * ((experts + ranks) * ((maxTokensPerRank + 31) / 32) + experts + 1) : 0
     }
 
     /// LL's update counting with bitmaps (EP_LL_BITMAP): its static shared memory, from its arrays
@@ -67,7 +74,7 @@ extension GroupConfig {
     /// LL: the update counts with bitmaps (every selection's position at once) where they fit
     /// beside the fused kernel's dispatch table; else per warp, in token order.
     var llUpdateUsesBitmaps: Bool {
-        algorithm == .lowLatency && llBitmapUpdateSharedMemoryBytes + fusedDispatchSharedMemoryBytes <= 48 * 1024
+        algorithm == .lowLatency && llBitmapUpdateSharedMemoryBytes + llOwnRowsSharedMemoryBytes + fusedDispatchSharedMemoryBytes <= 48 * 1024
     }
 
     /// LL: the update's warps (EP_UPDATE_WARPS; counting per warp, the warps with counts of their
@@ -80,7 +87,7 @@ extension GroupConfig {
     /// launch for update + dispatch): the update's arrays and the dispatch's table in 48 KB.
     var fusesLLUpdate: Bool {
         guard algorithm == .lowLatency else { return false }
-        let update = llUpdateUsesBitmaps ? llBitmapUpdateSharedMemoryBytes : updateSharedMemoryBytes(warps: llUpdateWarps)
+        let update = llUpdateUsesBitmaps ? llBitmapUpdateSharedMemoryBytes + llOwnRowsSharedMemoryBytes : updateSharedMemoryBytes(warps: llUpdateWarps)
         return update + fusedDispatchSharedMemoryBytes <= 48 * 1024
     }
 }

@@ -171,10 +171,11 @@ extension StepEngine {
             }
         }
         // The launch that sends: with `fused`, the update's too (the caller checked canFuseUpdate).
-        // At one rank its dispatch blocks find their rows themselves (EP_LL_SOLO_ROWS in ep_ll.cu)
-        // and the update block takes the last share of the items: one block more than they need.
+        // Its dispatch blocks find their rows themselves where the update counts with bitmaps
+        // (EP_LL_OWN in ep_ll.cu) and the update block takes the last share of the items: one
+        // block more than they need.
         let send = fused ? k.updateDispatch : nil
-        if fused && config.ranks == 1 && workspace.bitmaps { sending = min(blocks(mode), sending + 1) }
+        if fused && workspace.bitmaps && config.llDispatchFindsOwnRows { sending = min(blocks(mode), sending + 1) }
         if fused, send == nil { throw .backend("the fused update + dispatch kernel is not compiled for this group") }
         switch options.phase {
         case .whole:

@@ -214,7 +214,7 @@ struct LLOracleTests {
     }
 
     /// One rank, one launch: its dispatch blocks find their rows from the routing themselves
-    /// (EP_LL_SOLO_ROWS in ep_ll.cu), in both layouts, and move nothing for routing the update
+    /// (EP_LL_OWN in ep_ll.cu), in both layouts, and move nothing for routing the update
     /// rejects (an id out of range, an expert twice in a token), which is named as before.
     @Test(arguments: [Layout.expertMajor, .rankMajor])
     func oneRankFusedDispatchBlocksFindTheirRows(layout: Layout) throws {

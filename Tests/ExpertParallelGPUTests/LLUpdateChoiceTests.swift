@@ -24,7 +24,7 @@ struct LLUpdateChoiceTests {
         // 1024 experts, 320 tokens: 8 warps' counts only, and no room for the dispatch's table.
         Expected(config: GroupConfig(algorithm: .lowLatency, ranks: 8, experts: 1024, topK: 8, hidden: 2048, maxTokensPerRank: 320),
                  bitmaps: false, warps: 8, fused: false),
-        // One rank: the dispatch blocks' own bitmaps beside the update's (EP_LL_SOLO_ROWS) fit at ll-std.
+        // One rank: the dispatch blocks' own rows beside the update's bitmaps (EP_LL_OWN) fit at ll-std.
         Expected(config: GroupConfig(algorithm: .lowLatency, ranks: 1, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 128),
                  bitmaps: true, warps: 16, fused: true),
         // FP8's table is larger (a scale address a lane) and still fits at ll-std.
@@ -43,7 +43,8 @@ struct LLUpdateChoiceTests {
         #expect(workspace.defines["EP_FUSED"] == (expected.fused ? "1" : "0"))
         #expect(workspace.defines["EP_LL_BITMAP"] == (expected.bitmaps ? "1" : "0"))
         #expect(workspace.updateThreads == 32 * expected.warps)
-        let update = expected.bitmaps ? config.llBitmapUpdateSharedMemoryBytes : config.updateSharedMemoryBytes(warps: expected.warps)
+        let update = expected.bitmaps ? config.llBitmapUpdateSharedMemoryBytes + config.llOwnRowsSharedMemoryBytes
+                                      : config.updateSharedMemoryBytes(warps: expected.warps)
         #expect((update + config.fusedDispatchSharedMemoryBytes <= 48 * 1024) == expected.fused)
         // The staged transport has no fused kernel.
         #expect(StepWorkspace(config, transport: .staged).defines["EP_FUSED"] == "0")

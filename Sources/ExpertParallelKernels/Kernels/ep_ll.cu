@@ -392,65 +392,101 @@ ep_ll_update(const EpArgs args) {
 #endif
 #define EP_LL_LOADS_AHEAD (EP_LL_AHEAD && EP_AHEAD_FITS)
 
-// One rank, update and dispatch in one launch (EP_LL_SOLO_ROWS): the dispatch blocks find their
-// selections' rows themselves instead of waiting for the update block's ready flag. Each builds
-// the update's bitmaps in its own shared memory (bit t of expert e's words: token t selects e;
-// words E: token t sends a row), and a row is its zone's start plus the tokens below t in its
-// words, as the update computes it with no lower ranks. The update block still writes the
-// handle (rows, layout, step word) for combine, and the counts. EP_LL_OWN_ROWS=0 keeps
-// the wait (for comparing the two).
+// Update and dispatch in one launch (EP_LL_OWN): the dispatch blocks find their selections' rows
+// themselves instead of waiting for the update block's ready flag, which comes after the update's
+// all-gather and final rows. Each reads the routing into its own shared memory: this rank's as the
+// update's bitmaps (bit t of expert e's words: token t selects e; of destination d's: token t
+// sends a row there), the lower active ranks' as counts per expert (a row is the expert's zone
+// start, the lower ranks' rows of the expert, then this rank's tokens below t that select it, as
+// the update computes it). It checks every active rank's routing as the update does (ids in
+// [-1, E), no expert twice in a token) and moves nothing where one fails, as the update voids the
+// step and names the entry. The update block still writes the handle (rows, layout, step word)
+// for combine, and the counts; it takes the rank's last share of the items, which the host leaves
+// empty (the launch has one block more than the items need), so that a launch of few tokens moves
+// its rows without waiting for it. Other ranks' tokens are read a thread per token, its K ids at
+// once (EP_K ≤ 8 where R > 1). EP_LL_OWN_ROWS=0 keeps the wait (for comparing the two).
 #ifndef EP_LL_OWN_ROWS
 #define EP_LL_OWN_ROWS 1
 #endif
-#define EP_LL_SOLO_ROWS (EP_LL_OWN_ROWS && EP_LL_SOLO && EP_FUSED && EP_TRANSPORT == 0)
-#if EP_LL_SOLO_ROWS
-static_assert(EP_R == 1, "a dispatch block finds its rows itself only with no lower ranks");
-// A dispatch block's own bitmaps ([E + 1][EP_WORDS] words) and whether the routing failed the
-// update's checks (ids in [-1, E), no expert twice in a token): bad routing moves nothing here,
-// as the update block voids the step.
-struct EpSoloRows {
-    ep_u32 words[(EP_E + 1) * EP_WORDS];
+#define EP_LL_OWN (EP_LL_OWN_ROWS && EP_LL_BITMAP && EP_FUSED && EP_TRANSPORT == 0 && (EP_R == 1 || EP_K <= 8))
+#if EP_LL_OWN
+struct EpOwnRows {
+    ep_u32 words[(EP_E + EP_R) * EP_WORDS];   // this rank's tokens: per expert, then per destination rank
+    int before[EP_E];                         // rows of the lower active ranks, per expert (EP_OWN_NO_ROW: on an inactive rank)
     int bad;
 };
-__shared__ EpSoloRows ep_solo_rows;   // a block's, only in the fused kernel's dispatch blocks
+__shared__ EpOwnRows ep_own_rows;   // a block's, only in the fused kernel's dispatch blocks
+#define EP_OWN_NO_ROW (-(1 << 30))   // makes any row of the expert negative: none
 
-// Builds `solo` from this rank's routing. Call from every thread of the block.
-EP_DEVICE void ep_ll_solo_bits(const EpArgs& args, int rank, int tokens, EpSoloRows& solo) {
-    for (int i = threadIdx.x; i < (EP_E + 1) * EP_WORDS; i += blockDim.x) solo.words[i] = 0u;
-    if (threadIdx.x == 0) solo.bad = 0;
+// Builds ep_own_rows for rank `rank` (every rank of the group is in this launch: ranks 0..R-1).
+// Call from every thread of the block.
+EP_DEVICE void ep_ll_own_rows(const EpArgs& args, int rank) {
+    EpOwnRows& own = ep_own_rows;
+    const ep_u64 mask = ep_block_mask(args);
+    for (int i = threadIdx.x; i < (EP_E + EP_R) * EP_WORDS; i += blockDim.x) own.words[i] = 0u;
+    for (int i = threadIdx.x; i < EP_E; i += blockDim.x) own.before[i] = ep_active(mask, i / EP_L) ? 0 : EP_OWN_NO_ROW;
+    if (threadIdx.x == 0) own.bad = 0;
     __syncthreads();
-    ep_ll_each_routing_entry(args, rank, tokens, [&](int i, long long e) {
+    // This rank: bits, and a bit already set is an expert named twice in a token.
+    ep_ll_each_routing_entry(args, rank, static_cast<int>(args.rank[rank].tokens), [&](int i, long long e) {
         if (e < -1 || e >= EP_E) {
-            solo.bad = 1;
+            own.bad = 1;
         } else if (e >= 0) {
             const int t = i / EP_K;
             const ep_u32 bit = 1u << (t % 32);
-            if (atomicOr(&solo.words[static_cast<int>(e) * EP_WORDS + t / 32], bit) & bit) solo.bad = 1;
-            atomicOr(&solo.words[EP_E * EP_WORDS + t / 32], bit);
+            if (atomicOr(&own.words[static_cast<int>(e) * EP_WORDS + t / 32], bit) & bit) own.bad = 1;
+            if (ep_active(mask, static_cast<int>(e) / EP_L)) atomicOr(&own.words[(EP_E + static_cast<int>(e) / EP_L) * EP_WORDS + t / 32], bit);
         }
     });
+#if EP_R > 1
+    // The other active ranks: a thread per token, its ids checked against each other; the lower
+    // ranks' selections of experts on active ranks counted.
+    for (int i = threadIdx.x; i < EP_R * EP_BMAX; i += blockDim.x) {
+        const int source = i / EP_BMAX, t = i % EP_BMAX;
+        if (source == rank || !ep_active(mask, source) || t >= static_cast<int>(args.rank[source].tokens)) continue;
+        long long ids[EP_K];
+#pragma unroll
+        for (int c = 0; c < EP_K; ++c) ids[c] = ep_read_index(args, source, t * EP_K + c);
+        bool wrong = false;
+#pragma unroll
+        for (int c = 0; c < EP_K; ++c) {
+            const long long e = ids[c];
+            if (e < -1 || e >= EP_E) wrong = true;
+#pragma unroll
+            for (int p = 0; p < c; ++p) wrong |= e >= 0 && ids[p] == e;
+            if (source < rank && e >= 0 && e < EP_E && ep_active(mask, static_cast<int>(e) / EP_L)) atomicAdd(&own.before[e], 1);
+        }
+        if (wrong) own.bad = 1;
+    }
+#endif
     __syncthreads();
 }
 
-// Bits below token t in a row of ep_ll_solo_bits's words.
-EP_DEVICE int ep_ll_solo_below(const ep_u32* words, int t) {
+// Bits below token t in a row of ep_own_rows's words.
+EP_DEVICE int ep_ll_own_below(const ep_u32* words, int t) {
     int n = __popc(words[t / 32] & ((1u << (t % 32)) - 1u));
-    for (int w = 0; w < t / 32; ++w) n += __popc(words[w]);
+#pragma unroll 4
+    for (int w = 0; w < EP_WORDS; ++w) n += w < t / 32 ? __popc(words[w]) : 0;
     return n;
 }
 #endif
 
 // One block's share of rank `rank`'s dispatch (`block`: which of the rank's blocks it is).
-// `solo` (EP_LL_SOLO_ROWS): the rows come from the block's own bitmaps (ep_solo_rows), not the
-// handle; `counts`: this block writes the rank's counts (the one that ran its update).
-EP_DEVICE void ep_ll_dispatch_rank(const EpArgs& args, int rank, EpBlock block, bool solo, bool counts) {
+// OWN (the fused kernel with EP_LL_OWN): `block` counts the rank's update block last, and every
+// other block's rows come from its ep_own_rows, not the handle; the update block writes the
+// rank's counts. Otherwise block 0 writes them.
+template <bool OWN>
+EP_DEVICE void ep_ll_dispatch_rank(const EpArgs& args, int rank, EpBlock block) {
+    const bool updated_here = OWN && block.index == block.count - 1;
+    const bool own = OWN && !updated_here;
+    const bool counts = OWN ? updated_here : block.index == 0;
     ep_u32* ws = ep_ws(args, rank);
     const ep_u32* hs = ep_hs(args, rank);
     // The step word and call number load while the block agrees on one mask (a peer may mask a
     // rank at any time: every thread must take the same branches).
-#if EP_LL_SOLO_ROWS
-    const ep_u32 step_ok = solo ? (ep_solo_rows.bad ? 0u : 1u) : hs[H_STEP_OK];
-    const ep_u32* solo_words = ep_solo_rows.words;
+#if EP_LL_OWN
+    const ep_u32 step_ok = own ? (ep_own_rows.bad ? 0u : 1u) : hs[H_STEP_OK];
+    const ep_u32* own_words = ep_own_rows.words;
 #else
     const ep_u32 step_ok = hs[H_STEP_OK];
 #endif
@@ -486,10 +522,10 @@ EP_DEVICE void ep_ll_dispatch_rank(const EpArgs& args, int rank, EpBlock block, 
         const long long e = routing_lane ? ep_read_index(args, rank, t * EP_K + lane) : -1;
         const float weight = routing_lane ? reinterpret_cast<const float*>(args.rank[rank].topk_weights)[t * EP_K + lane] : 0.0f;
         if (lane < EP_R) {
-#if EP_LL_SOLO_ROWS
-            if (solo) {
-                const ep_u32* sends = solo_words + EP_E * EP_WORDS;
-                row = (sends[t / 32] >> (t % 32)) & 1u ? rank * EP_BMAX + ep_ll_solo_below(sends, t) : -1;
+#if EP_LL_OWN
+            if (own) {
+                const ep_u32* sends = own_words + (EP_E + lane) * EP_WORDS;
+                row = (sends[t / 32] >> (t % 32)) & 1u ? rank * EP_BMAX + ep_ll_own_below(sends, t) : -1;
             } else
 #endif
             row = static_cast<int>(hs[H_PAIR_ROW + t * EP_R + lane]);
@@ -513,9 +549,9 @@ EP_DEVICE void ep_ll_dispatch_rank(const EpArgs& args, int rank, EpBlock block, 
         int row = -1, destination = 0;
         if (lane < EP_K) {
             const int e = static_cast<int>(ep_read_index(args, rank, t * EP_K + lane));   // loads with the row
-#if EP_LL_SOLO_ROWS
-            if (solo) {
-                row = e >= 0 ? (e % EP_L) * EP_R * EP_BMAX + ep_ll_solo_below(solo_words + e * EP_WORDS, t) : -1;
+#if EP_LL_OWN
+            if (own) {
+                row = e >= 0 ? (e % EP_L) * EP_R * EP_BMAX + ep_own_rows.before[e] + ep_ll_own_below(own_words + e * EP_WORDS, t) : -1;
             } else
 #endif
             row = static_cast<int>(hs[H_SEL_ROW + t * EP_K + lane]);
@@ -543,7 +579,7 @@ EP_DEVICE void ep_ll_dispatch_rank(const EpArgs& args, int rank, EpBlock block, 
 
 extern "C" __global__ void __launch_bounds__(512, 2)
 ep_ll_dispatch(const EpArgs args) {
-    ep_ll_dispatch_rank(args, static_cast<int>(blockIdx.y + args.first_rank), ep_grid_block(), false, blockIdx.x == 0);
+    ep_ll_dispatch_rank<false>(args, static_cast<int>(blockIdx.y + args.first_rank), ep_grid_block());
 }
 
 #if EP_TRANSPORT == 0 && EP_FUSED
@@ -565,15 +601,10 @@ ep_ll_update_dispatch(const EpArgs args) {
     const int rank = static_cast<int>(args.first_rank) + place % ranks;
     const EpBlock block = {place / ranks, static_cast<int>(gridDim.x)};
     ep_u32* hs = ep_hs(args, rank);
-#if EP_LL_SOLO_ROWS
-    // No block waits for the update block here, so it need not be among the first to start: it is
-    // the rank's last, whose share of the items the host leaves empty (one block more than they
-    // need), and a launch of few tokens moves its rows without waiting for the update.
-    const bool updates = block.index == block.count - 1;
-    if (!updates) ep_ll_solo_bits(args, rank, static_cast<int>(args.rank[rank].tokens), ep_solo_rows);
-#else
-    const bool updates = block.index == 0;
+#if EP_LL_OWN
+    if (block.index != 0) ep_ll_own_rows(args, rank);
 #endif
+    const bool updates = block.index == 0;
     if (updates) {
         ep_ll_update_rank(args, rank);
         __syncthreads();
@@ -581,7 +612,7 @@ ep_ll_update_dispatch(const EpArgs args) {
             __threadfence();
             ep_store_release_gpu(hs + H_READY, 1u);
         }
-    } else if (threadIdx.x == 0 && !EP_LL_SOLO_ROWS) {
+    } else if (threadIdx.x == 0 && !EP_LL_OWN) {
         // The update block is running; its own waits end within the timeout. Past twice that it
         // is stuck for good: the step is void here (the dispatch below then moves nothing, and
         // counts its call as a rank without a step does).
@@ -602,7 +633,9 @@ ep_ll_update_dispatch(const EpArgs args) {
             launch[H_PASSED] = 0u;
         }
     }
-    ep_ll_dispatch_rank(args, rank, block, EP_LL_SOLO_ROWS && !updates, updates);
+    // With EP_LL_OWN the update block takes the last share of the items (empty where the host
+    // gave the launch one block more than they need).
+    ep_ll_dispatch_rank<EP_LL_OWN>(args, rank, {EP_LL_OWN ? (block.index + block.count - 1) % block.count : block.index, block.count});
 }
 #endif
 
