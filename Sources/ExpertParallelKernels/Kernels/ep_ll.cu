@@ -408,9 +408,6 @@ ep_ll_update(const EpArgs args) {
 #ifndef EP_LL_OWN_ROWS
 #define EP_LL_OWN_ROWS 1
 #endif
-#ifndef EP_LL_OWN_PREFETCH
-#define EP_LL_OWN_PREFETCH 0   // 1: a dispatch block asks L2 for its warps' first pieces before reading the routing
-#endif
 #define EP_LL_OWN (EP_LL_OWN_ROWS && EP_LL_BITMAP && EP_FUSED && EP_TRANSPORT == 0 && (EP_R == 1 || EP_K <= 8))
 #if EP_LL_OWN
 struct EpOwnRows {
@@ -605,18 +602,7 @@ ep_ll_update_dispatch(const EpArgs args) {
     const EpBlock block = {place / ranks, static_cast<int>(gridDim.x)};
     ep_u32* hs = ep_hs(args, rank);
 #if EP_LL_OWN
-    if (block.index != 0) {
-#if EP_LL_OWN_PREFETCH
-        // The warp's first item's bytes travel to L2 while the block reads the routing.
-        const int slices = static_cast<int>(args.slices), per_slice = (EP_WIRE_UNITS + slices - 1) / slices;
-        const int item = (block.index - 1) * (blockDim.x / 32) + threadIdx.x / 32;
-        if (!(args.sync & EP_SYNC_NO_DATA) && item < static_cast<int>(args.rank[rank].tokens) * slices) {
-            const int first = (item % slices) * per_slice;
-            ep_prefetch_piece(args, rank, item / slices, first, min(EP_WIRE_UNITS, first + per_slice), threadIdx.x % 32);
-        }
-#endif
-        ep_ll_own_rows(args, rank);
-    }
+    if (block.index != 0) ep_ll_own_rows(args, rank);
 #endif
     const bool updates = block.index == 0;
     if (updates) {

@@ -202,19 +202,6 @@ EP_DEVICE void ep_load_piece_ahead(const EpArgs& args, int rank, int t, int firs
 #endif
 }
 
-// Asks L2 for the source bytes of units [first, last) of token t's row (no registers held): a
-// warp that has other work before its first loads of the piece.
-EP_DEVICE void ep_prefetch_piece(const EpArgs& args, int rank, int t, int first, int last, int lane) {
-#if EP_FP8 == 1
-    const ep_u8* src = reinterpret_cast<const ep_u8*>(args.rank[rank].x) + static_cast<ep_u64>(t) * EP_ROW_BYTES;
-    const int begin = first * EP_FP8_CHUNK * EP_ELEM_BYTES, end = min(last * EP_FP8_CHUNK, EP_HIDDEN) * EP_ELEM_BYTES;
-#else
-    const ep_u8* src = reinterpret_cast<const ep_u8*>(args.rank[rank].x) + static_cast<ep_u64>(t) * EP_WIRE_BYTES;
-    const int begin = first * EP_VEC_BYTES, end = last * EP_VEC_BYTES;
-#endif
-    for (int b = begin + lane * 128; b < end; b += 32 * 128) ep_prefetch_l2(src + b);
-}
-
 template <int FANOUT>
 EP_DEVICE void ep_send_piece_ahead(const EpArgs& args, int rank, int t, const EpWarpRows& table, int warp, int first, int last, int piece,
                                    int lane, const EpAhead& ahead) {
