@@ -587,8 +587,9 @@ ep_ll_dispatch(const EpArgs args) {
 // blocks each). Blocks take their place by arrival, not by blockIdx: the first gridDim.y blocks
 // to start are the ranks' update blocks, so a waiting block never waits for a block that has not
 // started (the update blocks, which wait for each other's counts, are all running). The rank's
-// other blocks wait for its update block, then every block dispatches its share. The last block
-// past the wait resets the launch's words for the next launch (which the stream orders after).
+// other blocks find their rows themselves (EP_LL_OWN, above) or wait for its update block, then
+// every block dispatches its share. The last block past that point resets the launch's words for
+// the next launch (which the stream orders after).
 extern "C" __global__ void __launch_bounds__(512, 2)
 ep_ll_update_dispatch(const EpArgs args) {
     __shared__ int place;
