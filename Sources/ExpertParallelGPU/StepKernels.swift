@@ -38,7 +38,7 @@ struct StepKernels: Sendable {
             "EP_BMAX": "\(config.maxTokensPerRank)", "EP_ROW_BYTES": "\(config.rowBytes)", "EP_ELEM": "\(element)",
             "EP_IDX_BYTES": "\(variant.indexBytes)", "EP_RIDX_BYTES": "\(variant.receivedIndexBytes)",
             "EP_VEC_BYTES": "\(variant.vectorBytes)", "EP_TRANSPORT": variant.transport == .staged ? "1" : "0",
-            "EP_ONE_DEVICE": variant.oneDevice ? "1" : "0",
+            "EP_ONE_DEVICE": variant.oneDevice ? "1" : "0", "EP_HT": config.algorithm == .highThroughput ? "1" : "0",
         ]) { _, new in new }
         defines.merge(StepArguments.contractDefines(ranks: config.ranks)) { _, new in new }
         defines.merge(StepWorkspace(config, transport: variant.transport, updateChunkTokens: tuning.updateChunkTokens).defines) { _, new in new }

@@ -17,7 +17,7 @@ struct KernelDefineOverridesTests {
         #expect(defines == ["EP_COMBINE_SPAN": "2", "EP_SOLO_VECS": "8", "EP_COMBINE_ADAPTIVE": "0"])
     }
 
-    static let names = "the name must be one of the switches that can be tried: EP_COMBINE_SPAN 1...8, EP_COMBINE_ADAPTIVE 0...1, EP_SOLO_VECS 1...16, EP_LL_AHEAD 0...1, EP_LL_SOLO_UPDATE 0...1, EP_FP8_IN_FLIGHT 1...4, EP_DEST_GROUP 1...8, EP_PREFETCH_PIECE 0...1, EP_LL_OWN_ROWS 0...1"
+    static let names = "the name must be one of the switches that can be tried: EP_COMBINE_SPAN 1...8, EP_COMBINE_ADAPTIVE 0...1, EP_SOLO_VECS 1...16, EP_LL_AHEAD 0...1, EP_LL_SOLO_UPDATE 0...1, EP_FP8_IN_FLIGHT 1...4, EP_DEST_GROUP 1...8, EP_PREFETCH_PIECE 0...1, EP_ROW_LOADS 0...2, EP_LL_OWN_ROWS 0...1"
 
     @Test(arguments: [
         ("EP_COMBINE_SPAN", "EP_COMBINE_SPAN", "entries are NAME=value, separated by commas"),
@@ -71,7 +71,8 @@ struct KernelDefineOverridesTests {
     /// The dispatch's copy with 4 and 8 destination addresses read before its stores
     /// (EP_DEST_GROUP; LL and HT) and without the piece's L2 prefetch (EP_PREFETCH_PIECE=0, LL).
     @Test(.enabled(if: GPUTuningTests.runsNVRTC, "needs NVRTC (EP_REQUIRE_NVRTC=1 to require it)"),
-          arguments: [Algorithm.lowLatency, .highThroughput], ["EP_DEST_GROUP=4", "EP_DEST_GROUP=8", "EP_PREFETCH_PIECE=0"])
+          arguments: [Algorithm.lowLatency, .highThroughput], ["EP_DEST_GROUP=4", "EP_DEST_GROUP=8", "EP_PREFETCH_PIECE=0",
+                                                                "EP_ROW_LOADS=1", "EP_ROW_LOADS=2"])
     func destinationGroupCompiles(algorithm: Algorithm, switches: String) throws {
         try Self.compile(algorithm, ranks: 4, layout: algorithm == .lowLatency ? .expertMajor : .flat, switches: switches)
     }

@@ -39,6 +39,19 @@ EP_DEVICE ep_vec16 ep_load16_nc(const void* address) {
     return v;
 }
 
+// Coherent 16-byte loads that bypass L1 (cached in L2 only), and that use it.
+EP_DEVICE ep_vec16 ep_load16_cg(const void* address) {
+    ep_vec16 v;
+    asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(address));
+    return v;
+}
+
+EP_DEVICE ep_vec16 ep_load16_ca(const void* address) {
+    ep_vec16 v;
+    asm volatile("ld.global.ca.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(address));
+    return v;
+}
+
 EP_DEVICE void ep_store16(void* address, ep_vec16 v) {
     *static_cast<ep_vec16*>(address) = v;
 }

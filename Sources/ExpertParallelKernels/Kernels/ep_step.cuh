@@ -225,12 +225,26 @@ EP_DEVICE long long ep_read_index(const EpArgs& args, int rank, int flat) {
 // ------------------------------------------------------------------------------------------
 // Vectors of a row.
 
+// Rows' loads: 0 the read-only path (ld.global.nc), 1 L2 only (.cg), 2 through L1 (.ca; for
+// trying only). An H200 (docs/performance.md, session 16): HT's bulk copies and sums are faster
+// through .cg (ht-4k R = 8 dispatch 484.7 → 473.9 µs, combine 429.4 → 415.3), LL's combine through
+// .nc (ll-std R = 8 38.9 against 41.5); the small LL kernels do not tell them apart.
+#ifndef EP_ROW_LOADS
+#if defined(EP_HT) && EP_HT
+#define EP_ROW_LOADS 1
+#else
+#define EP_ROW_LOADS 0
+#endif
+#endif
 #if EP_VEC_BYTES == 16
 typedef ep_vec16 ep_vec;
-EP_DEVICE ep_vec ep_load_vec(const void* p) { return ep_load16_nc(p); }
+EP_DEVICE ep_vec16 ep_load_row16(const void* p) {
+    return EP_ROW_LOADS == 1 ? ep_load16_cg(p) : EP_ROW_LOADS == 2 ? ep_load16_ca(p) : ep_load16_nc(p);
+}
+EP_DEVICE ep_vec ep_load_vec(const void* p) { return ep_load_row16(p); }
 // Expert outputs are final before combine starts (kernel boundary, or the peer's ready flag
 // in separate launches), so the read-only path is safe; it bypasses L1, so nothing goes stale.
-EP_DEVICE ep_vec ep_load_vec_peer(const void* p) { return ep_load16_nc(p); }
+EP_DEVICE ep_vec ep_load_vec_peer(const void* p) { return ep_load_row16(p); }
 EP_DEVICE void ep_store_vec(void* p, ep_vec v) { ep_store16_na(p, v); }
 #else
 struct __align__(8) ep_vec8 { ep_u32 x, y; };
