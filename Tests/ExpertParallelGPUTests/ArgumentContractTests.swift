@@ -47,6 +47,17 @@ struct ArgumentContractTests {
         for field in LaunchField.allCases { #expect(defines["EP_OFF_\(field.macro)"] == "\(launchBase + field.rawValue * 8)") }
     }
 
+    /// The kernels learn their algorithm from EP_HT (HT loads rows through L2 only, LL through the
+    /// read-only path: EP_ROW_LOADS in ep_step.cuh).
+    @Test func theHostsDefinesNameTheAlgorithm() {
+        var ht = Self.config
+        ht.algorithm = .highThroughput
+        ht.layout = .flat
+        let variant = StepKernels.Variant(indexBytes: 4, receivedIndexBytes: 4, vectorBytes: 16)
+        #expect(StepKernels.defines(Self.config, variant, GPUTuning())["EP_HT"] == "0")
+        #expect(StepKernels.defines(ht, variant, GPUTuning())["EP_HT"] == "1")
+    }
+
     @Test func bothAlgorithmsCompileWithTheHostsContract() throws {
         _ = try compile(Self.config)
         var ht = Self.config

@@ -50,6 +50,18 @@ struct LLUpdateChoiceTests {
         #expect(StepWorkspace(config, transport: .staged).defines["EP_FUSED"] == "0")
     }
 
+    /// The fused kernel's dispatch blocks find their rows themselves where other ranks' tokens fit
+    /// a thread's registers (K ≤ 8) or there are no other ranks; elsewhere they wait for the
+    /// update and have no shared memory of their own for it.
+    @Test(arguments: [(8, 8, true), (8, 16, false), (4, 32, false), (1, 32, true), (1, 8, true), (2, 1, true)])
+    func dispatchBlocksFindTheirRowsWhereTheIdsFit(ranks: Int, topK: Int, expected: Bool) throws {
+        let config = try GroupConfig(algorithm: .lowLatency, ranks: ranks, experts: 64, topK: topK, hidden: 512, maxTokensPerRank: 64)
+            .validatedForGPU()
+        #expect(config.llDispatchFindsOwnRows == expected)
+        let words = (64 + 31) / 32
+        #expect(config.llOwnRowsSharedMemoryBytes == (expected ? 4 * ((64 + ranks) * words + 64 + 1) : 0))
+    }
+
     @Test func highThroughputNeverFuses() throws {
         let config = try GroupConfig(algorithm: .highThroughput, ranks: 8, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 4096)
             .validatedForGPU()
