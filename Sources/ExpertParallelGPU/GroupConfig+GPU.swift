@@ -51,15 +51,22 @@ extension GroupConfig {
     /// FP8 a scale address) and a few words.
     var fusedDispatchSharedMemoryBytes: Int { 16 * 32 * (8 + 4 + (fp8 != nil ? 8 : 0)) + 64 }
 
-    /// Whether the fused kernel's dispatch blocks find their rows themselves where the update
-    /// counts with bitmaps (EP_LL_OWN in ep_ll.cu): they read other ranks' tokens a thread per
-    /// token, its K ids at once, so K ≤ 8 where there are other ranks.
+    /// Whether the fused kernel's dispatch blocks can find their rows themselves (EP_LL_OWN in
+    /// ep_ll.cu): they read other ranks' tokens a thread per token, its K ids at once, so K ≤ 8
+    /// where there are other ranks.
     var llDispatchFindsOwnRows: Bool { ranks == 1 || topK <= 8 }
 
     /// The fused kernel's dispatch blocks' own rows (EpOwnRows): [E + R][ceil(Bmax / 32)] words of
-    /// bits, E counts and a flag; nothing where they wait for the update's rows instead.
-    var llOwnRowsSharedMemoryBytes: Int {
-        llDispatchFindsOwnRows ? 4 * ((experts + ranks) * ((maxTokensPerRank + 31) / 32) + experts + 1) : 0
+    /// bits, E counts and a flag.
+    var llOwnRowsSharedMemoryBytes: Int { 4 * ((experts + ranks) * ((maxTokensPerRank + 31) / 32) + experts + 1) }
+
+    /// LL: the fused kernel's dispatch blocks find their rows themselves (EP_LL_OWN_FITS): the update
+    /// counts with bitmaps, K allows it, and their rows fit beside the update's arrays and the
+    /// dispatch's table in 48 KB; elsewhere they wait for the update block's rows (the update's
+    /// choices do not depend on this).
+    var llOwnRowsFit: Bool {
+        llUpdateUsesBitmaps && llDispatchFindsOwnRows
+            && llBitmapUpdateSharedMemoryBytes + llOwnRowsSharedMemoryBytes + fusedDispatchSharedMemoryBytes <= 48 * 1024
     }
 
     /// LL's update counting with bitmaps (EP_LL_BITMAP): its static shared memory, from its arrays
@@ -74,7 +81,7 @@ extension GroupConfig {
     /// LL: the update counts with bitmaps (every selection's position at once) where they fit
     /// beside the fused kernel's dispatch table; else per warp, in token order.
     var llUpdateUsesBitmaps: Bool {
-        algorithm == .lowLatency && llBitmapUpdateSharedMemoryBytes + llOwnRowsSharedMemoryBytes + fusedDispatchSharedMemoryBytes <= 48 * 1024
+        algorithm == .lowLatency && llBitmapUpdateSharedMemoryBytes + fusedDispatchSharedMemoryBytes <= 48 * 1024
     }
 
     /// LL: the update's warps (EP_UPDATE_WARPS; counting per warp, the warps with counts of their
@@ -87,7 +94,7 @@ extension GroupConfig {
     /// launch for update + dispatch): the update's arrays and the dispatch's table in 48 KB.
     var fusesLLUpdate: Bool {
         guard algorithm == .lowLatency else { return false }
-        let update = llUpdateUsesBitmaps ? llBitmapUpdateSharedMemoryBytes + llOwnRowsSharedMemoryBytes : updateSharedMemoryBytes(warps: llUpdateWarps)
+        let update = llUpdateUsesBitmaps ? llBitmapUpdateSharedMemoryBytes : updateSharedMemoryBytes(warps: llUpdateWarps)
         return update + fusedDispatchSharedMemoryBytes <= 48 * 1024
     }
 }

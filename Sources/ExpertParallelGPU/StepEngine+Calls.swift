@@ -171,11 +171,11 @@ extension StepEngine {
             }
         }
         // The launch that sends: with `fused`, the update's too (the caller checked canFuseUpdate).
-        // Its dispatch blocks find their rows themselves where the update counts with bitmaps
-        // (EP_LL_OWN in ep_ll.cu) and the update block takes the last share of the items: one
-        // block more than they need.
+        // Where its dispatch blocks find their rows themselves (EP_LL_OWN in ep_ll.cu), the update
+        // block takes the last share of the items: one block more than they need, where the grid
+        // has room, leaves it empty.
         let send = fused ? k.updateDispatch : nil
-        if fused && workspace.bitmaps && config.llDispatchFindsOwnRows { sending = min(blocks(mode), sending + 1) }
+        if fused && k.findsOwnRows { sending = min(blocks(mode), sending + 1) }
         if fused, send == nil { throw .backend("the fused update + dispatch kernel is not compiled for this group") }
         switch options.phase {
         case .whole:

@@ -15,6 +15,10 @@ struct StepKernels: Sendable {
     let combineSend: CUDAFunction?
     /// LL, direct transport, where its shared memory fits: update and dispatch in one launch.
     let updateDispatch: CUDAFunction?
+    /// Whether updateDispatch's dispatch blocks find their rows themselves (EP_LL_OWN in ep_ll.cu,
+    /// not turned off by EP_LL_OWN_ROWS=0): its update block then takes the last share of the
+    /// items, which a launch of one block more than they need leaves empty.
+    let findsOwnRows: Bool
 
     /// What a specialisation depends on besides the group configuration.
     struct Variant: Hashable, Sendable {
@@ -85,5 +89,6 @@ struct StepKernels: Sendable {
         drain = staged ? try function("drain") : nil
         combineSend = staged ? try function("combine_send") : nil
         updateDispatch = StepWorkspace(config, transport: variant.transport).fused ? try function("update_dispatch") : nil
+        findsOwnRows = updateDispatch != nil && defines["EP_LL_OWN_FITS"] == "1" && defines["EP_LL_OWN_ROWS"] != "0"
     }
 }

@@ -14,6 +14,9 @@ struct StepWorkspace: Sendable {
     let fused: Bool
     /// LL: whether the update counts with bitmaps (EP_LL_BITMAP), else per warp.
     let bitmaps: Bool
+    /// LL: whether the fused kernel's dispatch blocks may find their rows themselves
+    /// (EP_LL_OWN_FITS; EP_LL_OWN_ROWS=0 turns it off).
+    let ownRows: Bool
     /// Rows of each rank's receive buffer; the staged transport keeps each row's origin per step.
     let receiveRows: Int
     let transport: GPUTransport
@@ -31,6 +34,7 @@ struct StepWorkspace: Sendable {
         updateBlocks = config.algorithm == .lowLatency ? 1 : Self.htUpdateChunks(maxTokens: config.maxTokensPerRank, tokensPerChunk: updateChunkTokens)
         fused = config.fusesLLUpdate && transport == .direct
         bitmaps = config.llUpdateUsesBitmaps
+        ownRows = fused && config.llOwnRowsFit
     }
 
     /// Threads of a dispatch or combine block (EP_WARPS × 32).
@@ -90,7 +94,7 @@ struct StepWorkspace: Sendable {
             "EP_HOST_H_STEP_OK": "\(Self.stepOK)", "EP_HOST_H_LAYOUT": "\(layout)", "EP_HOST_H_WORDS": "\(handleWords)",
             "EP_HOST_THREADS": "\(Self.threadsPerBlock)", "EP_HOST_UPDATE_THREADS": "\(updateThreads)",
             "EP_HOST_H_COMMON": "\(Self.commonWords)", "EP_UPDATE_WARPS": "\(updateWarps)", "EP_FUSED": fused ? "1" : "0",
-            "EP_LL_BITMAP": bitmaps ? "1" : "0", "EP_HT_CHUNKS": "\(updateBlocks)",
+            "EP_LL_BITMAP": bitmaps ? "1" : "0", "EP_LL_OWN_FITS": ownRows ? "1" : "0", "EP_HT_CHUNKS": "\(updateBlocks)",
         ]
     }
 }

@@ -24,7 +24,7 @@ struct LLUpdateChoiceTests {
         // 1024 experts, 320 tokens: 8 warps' counts only, and no room for the dispatch's table.
         Expected(config: GroupConfig(algorithm: .lowLatency, ranks: 8, experts: 1024, topK: 8, hidden: 2048, maxTokensPerRank: 320),
                  bitmaps: false, warps: 8, fused: false),
-        // One rank: the dispatch blocks' own rows beside the update's bitmaps (EP_LL_OWN) fit at ll-std.
+        // One rank: the dispatch blocks' own rows beside the update's bitmaps (EP_LL_OWN) fit at ll-std (below).
         Expected(config: GroupConfig(algorithm: .lowLatency, ranks: 1, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 128),
                  bitmaps: true, warps: 16, fused: true),
         // FP8's table is larger (a scale address a lane) and still fits at ll-std.
@@ -43,23 +43,33 @@ struct LLUpdateChoiceTests {
         #expect(workspace.defines["EP_FUSED"] == (expected.fused ? "1" : "0"))
         #expect(workspace.defines["EP_LL_BITMAP"] == (expected.bitmaps ? "1" : "0"))
         #expect(workspace.updateThreads == 32 * expected.warps)
-        let update = expected.bitmaps ? config.llBitmapUpdateSharedMemoryBytes + config.llOwnRowsSharedMemoryBytes
-                                      : config.updateSharedMemoryBytes(warps: expected.warps)
+        let update = expected.bitmaps ? config.llBitmapUpdateSharedMemoryBytes : config.updateSharedMemoryBytes(warps: expected.warps)
         #expect((update + config.fusedDispatchSharedMemoryBytes <= 48 * 1024) == expected.fused)
         // The staged transport has no fused kernel.
         #expect(StepWorkspace(config, transport: .staged).defines["EP_FUSED"] == "0")
     }
 
     /// The fused kernel's dispatch blocks find their rows themselves where other ranks' tokens fit
-    /// a thread's registers (K ≤ 8) or there are no other ranks; elsewhere they wait for the
-    /// update and have no shared memory of their own for it.
-    @Test(arguments: [(8, 8, true), (8, 16, false), (4, 32, false), (1, 32, true), (1, 8, true), (2, 1, true)])
-    func dispatchBlocksFindTheirRowsWhereTheIdsFit(ranks: Int, topK: Int, expected: Bool) throws {
-        let config = try GroupConfig(algorithm: .lowLatency, ranks: ranks, experts: 64, topK: topK, hidden: 512, maxTokensPerRank: 64)
+    /// a thread's registers (K ≤ 8) or there are no other ranks, and their rows fit beside the
+    /// update's bitmaps; elsewhere they wait for the update block, whose choices (bitmaps, fused)
+    /// do not depend on it.
+    @Test(arguments: [(8, 8, 64, 64, true), (8, 16, 64, 64, false), (4, 32, 64, 64, false), (1, 32, 64, 64, true), (1, 8, 64, 64, true),
+                      (2, 1, 64, 64, true), (8, 8, 512, 128, true),
+                      // Bitmaps that fit beside the dispatch's table, with no room for the dispatch blocks' own rows.
+                      (8, 8, 1024, 128, false), (8, 8, 128, 512, false)])
+    func dispatchBlocksFindTheirRowsWhereTheyFit(ranks: Int, topK: Int, experts: Int, tokens: Int, expected: Bool) throws {
+        let config = try GroupConfig(algorithm: .lowLatency, ranks: ranks, experts: experts, topK: topK, hidden: 512, maxTokensPerRank: tokens)
             .validatedForGPU()
-        #expect(config.llDispatchFindsOwnRows == expected)
-        let words = (64 + 31) / 32
-        #expect(config.llOwnRowsSharedMemoryBytes == (expected ? 4 * ((64 + ranks) * words + 64 + 1) : 0))
+        #expect(config.llOwnRowsFit == expected)
+        let words = (tokens + 31) / 32
+        #expect(config.llOwnRowsSharedMemoryBytes == 4 * ((experts + ranks) * words + experts + 1))
+        let workspace = StepWorkspace(config)
+        #expect(workspace.defines["EP_LL_OWN_FITS"] == (expected ? "1" : "0"))
+        #expect(StepWorkspace(config, transport: .staged).defines["EP_LL_OWN_FITS"] == "0")
+        if config.llDispatchFindsOwnRows && !expected {
+            #expect(config.llUpdateUsesBitmaps && config.fusesLLUpdate, "the update keeps its bitmaps and its launch with the dispatch")
+            #expect(config.llBitmapUpdateSharedMemoryBytes + config.llOwnRowsSharedMemoryBytes + config.fusedDispatchSharedMemoryBytes > 48 * 1024)
+        }
     }
 
     @Test func highThroughputNeverFuses() throws {

@@ -7,8 +7,8 @@
 // ep_ll_dispatch (each row written once, straight into its final slot on the destination)
 // and ep_ll_combine (each source pulls its rows back and reduces them in a fixed order); or
 // two, ep_ll_update_dispatch doing the first two in one launch (one block per rank updates
-// while the rank's other blocks wait for it). Slots follow the CPU oracle (RoutingPlan)
-// exactly, so outputs match it bit for bit.
+// while the rank's other blocks find their rows themselves, or wait for it). Slots follow the
+// CPU oracle (RoutingPlan) exactly, so outputs match it bit for bit.
 
 #ifndef EP_RANK_MAJOR
 #define EP_RANK_MAJOR 0   // 0 expert-major, 1 rank-major
@@ -402,13 +402,16 @@ ep_ll_update(const EpArgs args) {
 // [-1, E), no expert twice in a token) and moves nothing where one fails, as the update voids the
 // step and names the entry. The update block still writes the handle (rows, layout, step word)
 // for combine, and the counts; it takes the rank's last share of the items, which the host leaves
-// empty (the launch has one block more than the items need), so that a launch of few tokens moves
-// its rows without waiting for it. Other ranks' tokens are read a thread per token, its K ids at
+// empty where the grid has room (one block more than the items need), so that a launch of few
+// tokens moves its rows without waiting for it. Other ranks' tokens are read a thread per token, its K ids at
 // once (EP_K ≤ 8 where R > 1). EP_LL_OWN_ROWS=0 keeps the wait (for comparing the two).
 #ifndef EP_LL_OWN_ROWS
 #define EP_LL_OWN_ROWS 1
 #endif
-#define EP_LL_OWN (EP_LL_OWN_ROWS && EP_LL_BITMAP && EP_FUSED && EP_TRANSPORT == 0 && (EP_R == 1 || EP_K <= 8))
+#ifndef EP_LL_OWN_FITS
+#define EP_LL_OWN_FITS 0   // the host's word that EpOwnRows fits beside the update's arrays (GroupConfig.llOwnRowsFit)
+#endif
+#define EP_LL_OWN (EP_LL_OWN_ROWS && EP_LL_OWN_FITS && EP_LL_BITMAP && EP_FUSED && EP_TRANSPORT == 0 && (EP_R == 1 || EP_K <= 8))
 #if EP_LL_OWN
 struct EpOwnRows {
     ep_u32 words[(EP_E + EP_R) * EP_WORDS];   // this rank's tokens: per expert, then per destination rank
