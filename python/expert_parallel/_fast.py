@@ -187,14 +187,32 @@ class StackedCall:
         self.words = (ctypes.c_uint64 * (ctypes.sizeof(cls) // 8)).from_buffer(self.struct)
         self.index = {name: getattr(cls, name).offset // 8 for name, kind in cls._fields_ if kind is _abi.Stacked}
         self._device = (device & 0xFFFFFFFF) << 32
+        self._set = {}   # name -> (address, dtype, stride) as last written: a call's arguments mostly come back
+        self._fields = None   # (tokens, direction, launch mode, phase, step) as last written
 
     def set(self, name, address, dtype=0, stride=0):
         """Argument `name`: rank 0's part at `address` (0: not given), parts `stride` bytes apart (0: packed)."""
+        key = (address, dtype, stride)
+        if self._set.get(name) == key:
+            return
+        self._set[name] = key
         i = self.index[name]
         words = self.words
         words[i] = address
         words[i + 1] = dtype | self._device
         words[i + 2] = stride
+
+    def fields(self, tokens, direction, mode, phase, step):
+        """The call's scalar fields (`tokens` None: a combine, which has none); written only where
+        they differ from the last call's."""
+        key = (tokens, direction, mode, phase, step)
+        if key == self._fields:
+            return
+        struct = self.struct
+        if tokens is not None:
+            struct.tokens = tokens
+        struct.direction, struct.launchMode, struct.phase, struct.step = direction, mode, phase, step
+        self._fields = key
 
     def clear(self, name):
         self.set(name, 0)

@@ -462,17 +462,13 @@ class VirtualGroup(GroupBase):
             call.set("topkWeights", w[0], _abi.F32)
         if s is not None:
             call.set("scales", s[0], s[1])
-        struct = call.struct
-        struct.tokens = b
-        struct.direction, struct.launchMode = direction_value, mode
-        struct.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
 
         device = self._device
         raw = None if device == -1 else _fast.raw_stream(device, stream)
         if wait_event is not None:
             _fast.torch_stream(device, stream).wait_event(wait_event)
         target = handle if handle is not None else Handle(self)
-        struct.step = target._pointer
+        call.fields(b, direction_value, mode, _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, target._pointer)
         if idx is not None:
             if not target.own:
                 self._own_step += 1   # earlier handles of the group's own step are void from here on
@@ -542,9 +538,7 @@ class VirtualGroup(GroupBase):
             call.set("topkWeights", handle.weight_stacked, _abi.F32)
         if g is not None:
             call.set("weightGradients", g[0], _abi.F32)
-        struct = call.struct
-        struct.direction, struct.launchMode, struct.step = direction_value, mode, handle._pointer
-        struct.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
+        call.fields(None, direction_value, mode, _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, handle._pointer)
         raw = None if self._device == -1 else _fast.raw_stream(self._device, stream)
         if wait_event is not None:
             _fast.torch_stream(self._device, stream).wait_event(wait_event)
