@@ -88,7 +88,8 @@ struct StepKernels: Sendable {
         let staged = variant.transport == .staged
         drain = staged ? try function("drain") : nil
         combineSend = staged ? try function("combine_send") : nil
-        updateDispatch = StepWorkspace(config, transport: variant.transport).fused ? try function("update_dispatch") : nil
-        findsOwnRows = updateDispatch != nil && defines["EP_LL_OWN_FITS"] == "1" && defines["EP_LL_OWN_ROWS"] != "0"
+        let workspace = StepWorkspace(config, transport: variant.transport)
+        updateDispatch = workspace.fused ? try function("update_dispatch") : nil
+        findsOwnRows = workspace.ownRows && defines["EP_LL_OWN_ROWS"] != "0"
     }
 }

@@ -243,7 +243,8 @@ EP_DEVICE ep_vec16 ep_load_row16(const void* p) {
 }
 EP_DEVICE ep_vec ep_load_vec(const void* p) { return ep_load_row16(p); }
 // Expert outputs are final before combine starts (kernel boundary, or the peer's ready flag
-// in separate launches), so the read-only path is safe; it bypasses L1, so nothing goes stale.
+// in separate launches), so the read-only path (LL's) is safe; it bypasses L1, so nothing goes
+// stale, as nothing does through L2 only (HT's).
 EP_DEVICE ep_vec ep_load_vec_peer(const void* p) { return ep_load_row16(p); }
 EP_DEVICE void ep_store_vec(void* p, ep_vec v) { ep_store16_na(p, v); }
 #else
