@@ -1,3 +1,4 @@
+import Foundation
 import ExpertParallel
 import ExpertParallelCUDA
 import ExpertParallelGPU
@@ -52,16 +53,38 @@ struct GPUBenchmark {
         func microseconds(_ from: Int, _ to: Int) throws -> [Double] {
             try (warmup..<total).map { i in Double(try driver.elapsedMilliseconds(from: events[4 * i + from], to: events[4 * i + to])) * 1000 }
         }
-        // Hold the stream while every call is enqueued, so the events time the GPU, not the host.
-        try device.delay(group.stream, nanoseconds: 200_000_000)
-        for i in 0..<total {
-            try driver.record(events[4 * i], on: group.stream)
+        let timer = StreamTimer(device: device, stream: group.stream)
+        func separateStep() throws {
             try group.update(topkIdx: idx.map(\.ref))
-            try driver.record(events[4 * i + 1], on: group.stream)
             try group.dispatch(dispatchIn, into: dispatchOut)
-            try driver.record(events[4 * i + 2], on: group.stream)
             if combines { try group.combine(combineIn, into: combineOut) }
-            try driver.record(events[4 * i + 3], on: group.stream)
+        }
+        func fusedStep(_ handle: GPUStepHandle) throws {
+            try group.dispatch(handle, topkIdx: idx.map(\.ref), dispatchIn, into: dispatchOut)
+            if combines { try group.combine(handle, combineIn, into: combineOut) }
+        }
+        // Every kernel the loops launch is compiled and loaded before the stream is held: a first
+        // call's compilation (NVRTC, most of a second) outlasted the hold, and the events then
+        // timed the host's pace, not the GPU (an H200, ll-1 R = 8: dispatch 11-18 µs for a 3.9 µs
+        // kernel).
+        try separateStep()
+        if group.fusesUpdate {
+            let handle = try group.makeHandle()
+            defer { handle.release() }
+            try fusedStep(handle)
+        }
+        try driver.synchronize(group.stream)
+        // Every call enqueued behind a hold of the stream, so the events time the GPU, not the host.
+        var held = try timer.held(first: events[0]) {
+            for i in 0..<total {
+                try driver.record(events[4 * i], on: group.stream)
+                try group.update(topkIdx: idx.map(\.ref))
+                try driver.record(events[4 * i + 1], on: group.stream)
+                try group.dispatch(dispatchIn, into: dispatchOut)
+                try driver.record(events[4 * i + 2], on: group.stream)
+                if combines { try group.combine(combineIn, into: combineOut) }
+                try driver.record(events[4 * i + 3], on: group.stream)
+            }
         }
         try group.checkStatus()
         // Read before the events are recorded again below. The step is one reading from before
@@ -74,14 +97,15 @@ struct GPUBenchmark {
         if group.fusesUpdate {
             let handle = try group.makeHandle()
             defer { handle.release() }
-            try device.delay(group.stream, nanoseconds: 200_000_000)
-            for i in 0..<total {
-                try driver.record(events[4 * i], on: group.stream)
-                try group.dispatch(handle, topkIdx: idx.map(\.ref), dispatchIn, into: dispatchOut)
-                try driver.record(events[4 * i + 1], on: group.stream)
-                if combines { try group.combine(handle, combineIn, into: combineOut) }
-                try driver.record(events[4 * i + 2], on: group.stream)
-            }
+            held = try timer.held(first: events[0]) {
+                for i in 0..<total {
+                    try driver.record(events[4 * i], on: group.stream)
+                    try group.dispatch(handle, topkIdx: idx.map(\.ref), dispatchIn, into: dispatchOut)
+                    try driver.record(events[4 * i + 1], on: group.stream)
+                    if combines { try group.combine(handle, combineIn, into: combineOut) }
+                    try driver.record(events[4 * i + 2], on: group.stream)
+                }
+            } && held
             try group.checkStatus()
             fused = (try microseconds(0, 1), try microseconds(0, 2))
         }
@@ -103,11 +127,33 @@ struct GPUBenchmark {
                 valid = valid && fp8.validate(rank: rank, config: config, received: host[rank].dispatchTokens, scales: hostScales)
             }
         }
+        // The same calls replayed from CUDA graphs (after the check: they write the same rows).
+        // Short calls take more of them per graph, so that the graph's own launch is a small share.
+        let (calls, replays) = (samples.step.isEmpty ? 0 : PhaseStats(samples.step).median) < 200 ? (20, 10) : (5, 5)
+        func graphed(_ call: () throws -> Void) throws -> Double { try timer.perCallInGraph(calls: calls, replays: replays, call) }
+        var graphs = PhaseSamples.GraphTimes()
+        graphs.update = try graphed { try group.update(topkIdx: idx.map(\.ref)) }
+        graphs.dispatch = try graphed { try group.dispatch(dispatchIn, into: dispatchOut) }
+        if combines { graphs.combine = try graphed { try group.combine(combineIn, into: combineOut) } }
+        if group.fusesUpdate {
+            let handle = try group.makeHandle()
+            defer { handle.release() }
+            graphs.updateDispatch = try graphed { try group.dispatch(handle, topkIdx: idx.map(\.ref), dispatchIn, into: dispatchOut) }
+            graphs.step = try graphed { try fusedStep(handle) }
+        } else {
+            graphs.step = try graphed { try separateStep() }
+        }
+        try group.checkStatus()
         // The device buffers must outlive every kernel that was enqueued on them.
         withExtendedLifetime((x, w, idx, received, receivedIdx, receivedWeights, combined, scalesIn, receivedScales, expertOutputs)) {}
         var measurement = Measurement(
             benchCase, config: config, backend: "gpu", device: device.name, samples: samples,
             bytes: StepBytes(config: config, routings: data.routings), copyBandwidth: copyBandwidth, validated: valid)
+        measurement.setGraphTimes(graphs)
+        measurement.hostPaced = !held
+        if !held {
+            FileHandle.standardError.write(Data("warning: \(benchCase.name): the host was still enqueueing when the stream's hold ended; its event times may be the host's pace\n".utf8))
+        }
         measurement.tuning = TuningRecord(group.tuning, multiprocessors: group.multiprocessors, blocksPerRank: group.blocksPerRank)
         measurement.tuning?.combineBlocksPerRank = group.combineBlocksPerRank
         measurement.tuning?.fusedUpdate = group.fusesUpdate

@@ -17,6 +17,9 @@ struct PhaseStats: Codable, Sendable {
     var gbPerSecond: Double?
     /// How the phase was measured, where that is not one reading around the calls themselves.
     var note: String?
+    /// GPU, virtual ranks: µs per call with the phase's calls captured in one CUDA graph and
+    /// replayed, no event between them (StreamTimer.perCallInGraph); null elsewhere.
+    var graphMicroseconds: Double?
 
     init(_ samples: [Double]) {
         let sorted = samples.sorted()
@@ -48,6 +51,15 @@ struct PhaseSamples {
     /// Update and dispatch as one call (LL on the GPU: one fused launch), where the group fuses
     /// them; `step` is then that call + combine.
     var updateDispatch: [Double]?
+
+    /// Per call of each phase, replayed from a CUDA graph (µs).
+    struct GraphTimes {
+        var update: Double?
+        var dispatch: Double?
+        var updateDispatch: Double?
+        var combine: Double?
+        var step: Double?
+    }
 }
 
 /// One case's result, as printed and as written by `--json`.
@@ -90,6 +102,18 @@ struct Measurement: Codable, Sendable {
     @AlwaysEncoded var tuning: TuningRecord? = nil
     /// The run this belongs to (commit, device, options): the same in every entry of a file.
     var run: RunRecord? = nil
+    /// GPU: whether a timed loop ran while the host was still enqueueing it, after three holds of
+    /// the stream (its events may time the host's pace); null where nothing was held.
+    var hostPaced: Bool? = nil
+
+    /// Each phase's per-call time replayed from a CUDA graph.
+    mutating func setGraphTimes(_ graphs: PhaseSamples.GraphTimes) {
+        update.graphMicroseconds = graphs.update
+        dispatch.graphMicroseconds = graphs.dispatch
+        updateDispatch?.graphMicroseconds = graphs.updateDispatch
+        combine?.graphMicroseconds = graphs.combine
+        step.graphMicroseconds = graphs.step
+    }
 
     static let combineSkippedNote = "u8 is dispatch only: combine needs bf16, f16 or f32"
 

@@ -3,12 +3,13 @@ import Foundation
 /// The terminal table: one row per (case, phase), the step last, then what the step row means.
 enum Table {
     static let header = ["case", "algo/layout", "dtype", "R", "B", "SMs", "phase", "median µs", "min µs", "max µs",
-                         "GB/s/rank", "floor µs", "% floor", "valid", "note"]
+                         "graph µs", "GB/s/rank", "floor µs", "% floor", "valid", "note"]
 
     static let legend = """
         step: update + dispatch + combine read as one sequence per iteration (its median, not the sum of the \
         phases' medians); its floor is the dispatch floor plus the combine floor. upd+disp: update and dispatch \
-        in one call, one launch (LL on the GPU); where it is shown, the step is that call + combine.
+        in one call, one launch (LL on the GPU); where it is shown, the step is that call + combine. graph: µs per \
+        call with the calls replayed from one CUDA graph, no event between them (GPU, virtual ranks).
         """
 
     static func render(_ results: [Measurement]) -> String {
@@ -26,7 +27,7 @@ enum Table {
             if let combine = m.combine {
                 rows.append(lead + ["combine"] + timings(combine) + floors(combine) + [valid, ""])
             } else {
-                rows.append(lead + ["combine"] + Array(repeating: "-", count: 6) + ["", "skipped: \(m.combineSkipped ?? "")"])
+                rows.append(lead + ["combine"] + Array(repeating: "-", count: 7) + ["", "skipped: \(m.combineSkipped ?? "")"])
             }
             rows.append(lead + ["step"] + timings(m.step) + floors(m.step) + [valid, m.step.note ?? ""])
         }
@@ -39,7 +40,7 @@ enum Table {
     }
 
     private static func timings(_ phase: PhaseStats) -> [String] {
-        [figure(phase.median), figure(phase.minimum), figure(phase.maximum)]
+        [figure(phase.median), figure(phase.minimum), figure(phase.maximum), phase.graphMicroseconds.map(figure) ?? ""]
     }
 
     /// One decimal from 100 up, three significant digits below (tiny cases stay readable).
