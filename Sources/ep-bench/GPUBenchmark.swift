@@ -75,16 +75,14 @@ struct GPUBenchmark {
         }
         try driver.synchronize(group.stream)
         // Every call enqueued behind a hold of the stream, so the events time the GPU, not the host.
-        var held = try timer.held(first: events[0]) {
-            for i in 0..<total {
-                try driver.record(events[4 * i], on: group.stream)
-                try group.update(topkIdx: idx.map(\.ref))
-                try driver.record(events[4 * i + 1], on: group.stream)
-                try group.dispatch(dispatchIn, into: dispatchOut)
-                try driver.record(events[4 * i + 2], on: group.stream)
-                if combines { try group.combine(combineIn, into: combineOut) }
-                try driver.record(events[4 * i + 3], on: group.stream)
-            }
+        var held = try timer.held(total, first: { events[4 * $0] }) { i in
+            try driver.record(events[4 * i], on: group.stream)
+            try group.update(topkIdx: idx.map(\.ref))
+            try driver.record(events[4 * i + 1], on: group.stream)
+            try group.dispatch(dispatchIn, into: dispatchOut)
+            try driver.record(events[4 * i + 2], on: group.stream)
+            if combines { try group.combine(combineIn, into: combineOut) }
+            try driver.record(events[4 * i + 3], on: group.stream)
         }
         try group.checkStatus()
         // Read before the events are recorded again below. The step is one reading from before
@@ -97,14 +95,12 @@ struct GPUBenchmark {
         if group.fusesUpdate {
             let handle = try group.makeHandle()
             defer { handle.release() }
-            held = try timer.held(first: events[0]) {
-                for i in 0..<total {
-                    try driver.record(events[4 * i], on: group.stream)
-                    try group.dispatch(handle, topkIdx: idx.map(\.ref), dispatchIn, into: dispatchOut)
-                    try driver.record(events[4 * i + 1], on: group.stream)
-                    if combines { try group.combine(handle, combineIn, into: combineOut) }
-                    try driver.record(events[4 * i + 2], on: group.stream)
-                }
+            held = try timer.held(total, first: { events[4 * $0] }) { i in
+                try driver.record(events[4 * i], on: group.stream)
+                try group.dispatch(handle, topkIdx: idx.map(\.ref), dispatchIn, into: dispatchOut)
+                try driver.record(events[4 * i + 1], on: group.stream)
+                if combines { try group.combine(handle, combineIn, into: combineOut) }
+                try driver.record(events[4 * i + 2], on: group.stream)
             } && held
             try group.checkStatus()
             fused = (try microseconds(0, 1), try microseconds(0, 2))

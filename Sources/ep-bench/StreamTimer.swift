@@ -8,24 +8,28 @@ struct StreamTimer {
     var device: GPUDevice
     var stream: CUDAStream
 
-    /// Enqueues `body` behind a hold of the stream and waits for it to run. `first` is the first
-    /// event `body` records: where it has already completed when `body` returns, the hold ran out
-    /// while the host was still enqueueing, and the events after it timed the host's pace. Then
-    /// `body` runs again behind a hold four times longer, up to three runs in all. Returns whether
-    /// the last run's hold outlasted the enqueueing (false: its times may be the host's pace).
+    /// Enqueues `enqueue(i)` for every i in `0..<count`, `batch` at a time, each batch behind a
+    /// hold of the stream, and waits for them to run. `first(i)` is the first event `enqueue(i)`
+    /// records. A batch whose first event has already completed when the batch is enqueued ran
+    /// while the host was still enqueueing it (its events timed the host's pace): it runs again
+    /// behind a hold four times longer, three runs at most. Batches keep the enqueued work within
+    /// what the driver's queue holds: 200 ll-1 iterations enqueued at once blocked the host until
+    /// the hold ended. Returns whether every batch ran held (false: some times may be the host's pace).
     @discardableResult
-    func held(first: CUDAEvent, _ body: () throws -> Void) throws -> Bool {
+    func held(_ count: Int, batch: Int = 25, first: (Int) -> CUDAEvent, _ enqueue: (Int) throws -> Void) throws -> Bool {
         let driver = device.driver
-        var hold: UInt64 = 200_000_000
-        for _ in 1...3 {
-            try device.delay(stream, nanoseconds: hold)
-            try body()
-            let caughtUp = try driver.isComplete(first)
-            try driver.synchronize(stream)
-            if !caughtUp { return true }
-            hold *= 4
+        var hold: UInt64 = 20_000_000, allHeld = true
+        for start in stride(from: 0, to: count, by: batch) {
+            for run in 1...3 {
+                try device.delay(stream, nanoseconds: hold)
+                for i in start..<min(count, start + batch) { try enqueue(i) }
+                let caughtUp = try driver.isComplete(first(start))
+                try driver.synchronize(stream)
+                if !caughtUp { break }
+                if run == 3 { allHeld = false } else { hold *= 4 }
+            }
         }
-        return false
+        return allHeld
     }
 
     /// Per-call GPU time (µs) of `call`, with `calls` of them captured in one CUDA graph and the
@@ -48,17 +52,15 @@ struct StreamTimer {
         defer { try? driver.destroy(exec) }
         try driver.launch(exec, on: stream)   // the first launch uploads the graph
         try driver.synchronize(stream)
-        let events = try (0...replays).map { _ in try driver.createEvent() }
+        let events = try (0..<(2 * replays)).map { _ in try driver.createEvent() }
         defer { for e in events { try? driver.destroy(e) } }
-        try held(first: events[0]) {
-            for i in 0..<replays {
-                try driver.record(events[i], on: stream)
-                try driver.launch(exec, on: stream)
-            }
-            try driver.record(events[replays], on: stream)
+        try held(replays, batch: 2, first: { events[2 * $0] }) { i in
+            try driver.record(events[2 * i], on: stream)
+            try driver.launch(exec, on: stream)
+            try driver.record(events[2 * i + 1], on: stream)
         }
         let perCall = try (0..<replays).map { i in
-            Double(try driver.elapsedMilliseconds(from: events[i], to: events[i + 1])) * 1000 / Double(calls)
+            Double(try driver.elapsedMilliseconds(from: events[2 * i], to: events[2 * i + 1])) * 1000 / Double(calls)
         }
         return PhaseStats(perCall).median
     }

@@ -43,6 +43,16 @@ struct GPUTuningTests {
         #expect(StepArguments.blocks(GPUTuning(fitsGridToWork: false), 33, items: items) == 33)
     }
 
+    /// A row (H 7168 bf16: 896 vectors) is cut into pieces of two vectors a lane (14) where that keeps
+    /// at least half the rank's warps busy, else of one (28), never more pieces than warps per
+    /// token; the tuning's choice wins. Blocks of 16 warps: ll-std at R = 1 has 132 (14 pieces),
+    /// ll-32 at R = 8 33 (still 14: 448 of 528 warps busy), ll-32 at R = 1 and ll-1 take 28.
+    @Test(arguments: [(132, 128, 14), (33, 32, 14), (33, 128, 4), (132, 32, 28), (132, 1, 28), (33, 1, 28), (1, 1, 14), (2, 1, 28), (132, 4096, 1)])
+    func rowPiecesKeepWarpsBusy(blocks: Int, tokens: Int, pieces: Int) {
+        #expect(StepArguments.rowPieces(GPUTuning(), blocks: blocks, tokens: tokens, rowBytes: 14336) == pieces)
+        #expect(StepArguments.rowPieces(GPUTuning(rowPieces: 7), blocks: blocks, tokens: tokens, rowBytes: 14336) == 7)
+    }
+
     /// HT keeps a pair's place within its update chunk in 24 bits: more tokens a rank is a named error.
     @Test func htTokensPerRankFitTheUpdatesPlaces() throws {
         let fits = GroupConfig(algorithm: .highThroughput, ranks: 2, experts: 4, topK: 2, hidden: 64, maxTokensPerRank: (1 << 24) - 1)
