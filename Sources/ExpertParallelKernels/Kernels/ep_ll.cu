@@ -281,6 +281,17 @@ EP_DEVICE void ep_ll_update_rank(const EpArgs& args, int rank) {
 // enough (the host checks, EP_LL_BITMAP).
 #define EP_WORDS ((EP_BMAX + 31) / 32)
 #define EP_LL_SCRATCH (2 * EP_E * EP_WORDS > 2 * EP_E + EP_L + EP_R ? 2 * EP_E * EP_WORDS : 2 * EP_E + EP_L + EP_R)
+
+// Marks selection (token t, expert e in [0, E)) in a rank's bitmaps: bit t of expert e's words
+// (`experts`: E rows of EP_WORDS) and, where e's rank is active, of that destination's words
+// (`ranks`: R rows). True where the expert's bit was set already: the token names e twice. The
+// update and the own-rows dispatch blocks (below) mark the same bits.
+EP_DEVICE bool ep_ll_mark_selection(ep_u32* experts, ep_u32* ranks, ep_u64 mask, int t, int e) {
+    const ep_u32 bit = 1u << (t % 32);
+    const bool repeat = atomicOr(&experts[e * EP_WORDS + t / 32], bit) & bit;
+    if (ep_active(mask, e / EP_L)) atomicOr(&ranks[(e / EP_L) * EP_WORDS + t / 32], bit);
+    return repeat;
+}
 EP_DEVICE void ep_ll_update_rank(const EpArgs& args, int rank) {
     ep_u32* ws = ep_ws(args, rank);
     ep_u32* hs = ep_hs(args, rank);
@@ -314,15 +325,13 @@ EP_DEVICE void ep_ll_update_rank(const EpArgs& args, int rank) {
     // set the bits. A bit already set means the token names an expert twice (found exactly below).
     ep_ll_each_routing_entry(args, rank, tokens, [&](int i, long long e) {
         const int t = i / EP_K;
-        const ep_u32 bit = 1u << (t % 32);
         int kept = -1;
         if (e < -1 || e >= EP_E) {
             ep_set_status(ws, EP_STATUS_INDEX_RANGE, t, i % EP_K, static_cast<ep_u32>(e));
             bad = 1;
         } else if (e >= 0) {
             kept = static_cast<int>(e);
-            if (atomicOr(&bits[kept * EP_WORDS + t / 32], bit) & bit) repeated = 1;
-            if (ep_active(mask, kept / EP_L)) atomicOr(&ranks_bits[0][kept / EP_L][t / 32], bit);
+            if (ep_ll_mark_selection(bits, &ranks_bits[0][0][0], mask, t, kept)) repeated = 1;
         }
         routing[i] = kept;
     });
@@ -434,11 +443,8 @@ EP_DEVICE void ep_ll_own_rows(const EpArgs& args, int rank) {
     ep_ll_each_routing_entry(args, rank, static_cast<int>(args.rank[rank].tokens), [&](int i, long long e) {
         if (e < -1 || e >= EP_E) {
             own.bad = 1;
-        } else if (e >= 0) {
-            const int t = i / EP_K;
-            const ep_u32 bit = 1u << (t % 32);
-            if (atomicOr(&own.words[static_cast<int>(e) * EP_WORDS + t / 32], bit) & bit) own.bad = 1;
-            if (ep_active(mask, static_cast<int>(e) / EP_L)) atomicOr(&own.words[(EP_E + static_cast<int>(e) / EP_L) * EP_WORDS + t / 32], bit);
+        } else if (e >= 0 && ep_ll_mark_selection(own.words, own.words + EP_E * EP_WORDS, mask, i / EP_K, static_cast<int>(e))) {
+            own.bad = 1;
         }
     });
 #if EP_R > 1
@@ -504,7 +510,7 @@ EP_DEVICE void ep_ll_dispatch_rank(const EpArgs& args, int rank, EpBlock block) 
     const int per_slice = (EP_WIRE_UNITS + slices - 1) / slices;
     // A rank that takes no part still counts a call that publishes flags, so call numbers agree.
     const bool moving = ep_active(mask, rank) && step_ok != 0;
-    ep_write_counts(args, rank, hs + H_LAYOUT, moving, {counts ? 0 : 1, block.count});
+    ep_write_counts(args, rank, hs + H_LAYOUT, moving, counts);
     if (!moving && !signal) return;
     __shared__ EpWarpRows table;
 
@@ -611,11 +617,13 @@ ep_ll_update_dispatch(const EpArgs args) {
     const bool updates = block.index == 0;
     if (updates) {
         ep_ll_update_rank(args, rank);
+#if !EP_LL_OWN   // with EP_LL_OWN no block waits for the ready flag
         __syncthreads();
         if (threadIdx.x == 0) {
             __threadfence();
             ep_store_release_gpu(hs + H_READY, 1u);
         }
+#endif
     } else if (threadIdx.x == 0 && !EP_LL_OWN) {
         // The update block is running; its own waits end within the timeout. Past twice that it
         // is stuck for good: the step is void here (the dispatch below then moves nothing, and
@@ -632,7 +640,7 @@ ep_ll_update_dispatch(const EpArgs args) {
         __threadfence();
         if (atomicAdd(launch + H_PASSED, 1u) == gridDim.x * gridDim.y - 1) {
             __threadfence();
-            for (int r = 0; r < ranks; ++r) ep_hs(args, static_cast<int>(args.first_rank) + r)[H_READY] = 0u;
+            if (!EP_LL_OWN) for (int r = 0; r < ranks; ++r) ep_hs(args, static_cast<int>(args.first_rank) + r)[H_READY] = 0u;
             launch[H_TICKET] = 0u;
             launch[H_PASSED] = 0u;
         }

@@ -296,10 +296,11 @@ EP_DEVICE void ep_arrive_and_wait(const EpArgs& args, int rank, ep_u64 mask, int
 
 // Dispatch's counts for the caller, from the step's layout words (`layout`: [L] per local expert,
 // [R] per source, [L][R] per expert and source): int32 rows per local expert and per (local
-// expert, source rank), written by block 0 of each rank's sending launch; zeros for a rank that
-// takes no part. Written on the stream with the rows, so a caller needs no host synchronisation.
-EP_DEVICE void ep_write_counts(const EpArgs& args, int rank, const ep_u32* layout, bool moving, EpBlock block = ep_grid_block()) {
-    if (block.index != 0 || (args.sync & EP_SYNC_NO_DATA)) return;
+// expert, source rank), written by one block of each rank's sending launch (`writer`: this one;
+// block 0 unless the caller says); zeros for a rank that takes no part. Written on the stream with
+// the rows, so a caller needs no host synchronisation.
+EP_DEVICE void ep_write_counts(const EpArgs& args, int rank, const ep_u32* layout, bool moving, bool writer = blockIdx.x == 0) {
+    if (!writer || (args.sync & EP_SYNC_NO_DATA)) return;
     int* counts = reinterpret_cast<int*>(args.rank[rank].counts);
     int* sources = reinterpret_cast<int*>(args.rank[rank].source_counts);
     if (counts != nullptr) {
