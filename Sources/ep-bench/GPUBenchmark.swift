@@ -75,7 +75,7 @@ struct GPUBenchmark {
         }
         try driver.synchronize(group.stream)
         // Every call enqueued behind a hold of the stream, so the events time the GPU, not the host.
-        var held = try timer.held(total, first: { events[4 * $0] }) { i in
+        var allHeld = try timer.held(total, first: { events[4 * $0] }) { i in
             try driver.record(events[4 * i], on: group.stream)
             try group.update(topkIdx: idx.map(\.ref))
             try driver.record(events[4 * i + 1], on: group.stream)
@@ -95,13 +95,13 @@ struct GPUBenchmark {
         if group.fusesUpdate {
             let handle = try group.makeHandle()
             defer { handle.release() }
-            held = try timer.held(total, first: { events[4 * $0] }) { i in
+            allHeld = try timer.held(total, first: { events[4 * $0] }) { i in
                 try driver.record(events[4 * i], on: group.stream)
                 try group.dispatch(handle, topkIdx: idx.map(\.ref), dispatchIn, into: dispatchOut)
                 try driver.record(events[4 * i + 1], on: group.stream)
                 if combines { try group.combine(handle, combineIn, into: combineOut) }
                 try driver.record(events[4 * i + 2], on: group.stream)
-            } && held
+            } && allHeld
             try group.checkStatus()
             fused = (try microseconds(0, 1), try microseconds(0, 2))
         }
@@ -146,8 +146,8 @@ struct GPUBenchmark {
             benchCase, config: config, backend: "gpu", device: device.name, samples: samples,
             bytes: StepBytes(config: config, routings: data.routings), copyBandwidth: copyBandwidth, validated: valid)
         measurement.setGraphTimes(graphs)
-        measurement.hostPaced = !held
-        if !held {
+        measurement.hostPaced = !allHeld
+        if !allHeld {
             FileHandle.standardError.write(Data("warning: \(benchCase.name): the host was still enqueueing when the stream's hold ended; its event times may be the host's pace\n".utf8))
         }
         measurement.tuning = TuningRecord(group.tuning, multiprocessors: group.multiprocessors, blocksPerRank: group.blocksPerRank)
