@@ -153,6 +153,12 @@ def test_the_step_row_and_its_floor_are_in_the_table_and_the_json(tmp_path):
     assert row[0] == "custom" and row[6] == "step" and row[-1] == "yes"
     assert float(row[11]) == pytest.approx(step["floorMicroseconds"], rel=0.01)
     assert "step: update + dispatch + combine read as one sequence" in result.stdout
+    # The graph column (GPU virtual ranks: calls replayed from a CUDA graph) is empty on the CPU,
+    # and the JSON has neither its figures nor the hold's verdict there.
+    header = re.split(r"\s{2,}", next(line for line in result.stdout.splitlines() if line.startswith("case")).strip())
+    assert header[7:12] == ["median µs", "min µs", "max µs", "graph µs", "GB/s/rank"]
+    assert all("graphMicroseconds" not in m[phase] for phase in ("update", "dispatch", "combine", "step"))
+    assert "hostPaced" not in m
 
 
 @pytest.mark.parametrize("layout, algorithm, shown", [
