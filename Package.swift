@@ -65,7 +65,7 @@ let package = Package(
         ),
         .testTarget(
             name: "ExpertParallelGPUTests",
-            dependencies: ["ExpertParallel", "ExpertParallelGPU", "ExpertParallelCUDA", "ExpertParallelKernels", "ExpertParallelC"]
+            dependencies: ["ExpertParallel", "ExpertParallelGPU", "ExpertParallelCUDA", "ExpertParallelKernels", "ExpertParallelC", "CExpertParallelShim"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -1,3 +1,5 @@
+import CExpertParallelShim
+
 /// The driver API entry points this package calls, resolved once from `libcuda.so.1`.
 ///
 /// Each field is typed like its C declaration in CUDA 13's cuda.h, and looked up under the
@@ -66,6 +68,8 @@ struct DriverFunctions {
     let cuLaunchKernel: @convention(c) (
         Handle, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, Handle, KernelParams, KernelParams
     ) -> Result
+    /// CUDA 12+: a launch with attributes (programmatic dependent launch).
+    let cuLaunchKernelEx: (@convention(c) (UnsafePointer<ep_cu_launch_config>?, Handle, KernelParams, KernelParams) -> Result)?
     let cuOccupancyMaxActiveBlocksPerMultiprocessor: @convention(c) (UnsafeMutablePointer<Int32>?, Handle, Int32, Int) -> Result
 
     let cuStreamBeginCapture: @convention(c) (Handle, Int32) -> Result
@@ -130,6 +134,7 @@ struct DriverFunctions {
         cuFuncGetAttribute = try library.function("cuFuncGetAttribute")
         cuFuncLoad = library.optionalFunction("cuFuncLoad")
         cuLaunchKernel = try library.function("cuLaunchKernel")
+        cuLaunchKernelEx = library.optionalFunction("cuLaunchKernelEx")
         cuOccupancyMaxActiveBlocksPerMultiprocessor = try library.function("cuOccupancyMaxActiveBlocksPerMultiprocessor")
 
         cuStreamBeginCapture = try library.function("cuStreamBeginCapture_v2")

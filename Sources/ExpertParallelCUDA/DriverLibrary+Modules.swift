@@ -1,3 +1,5 @@
+import CExpertParallelShim
+
 /// Modules, kernels and launches.
 extension DriverLibrary {
     /// `cuModuleLoadData` from a CUBIN, or from PTX that ends in a NUL byte.
@@ -82,5 +84,38 @@ extension DriverLibrary {
                 function.rawValue, grid.x, grid.y, grid.z, block.x, block.y, block.z,
                 UInt32(sharedMemoryBytes), stream.rawValue, parameters, nil),
             "cuLaunchKernel")
+    }
+
+    /// Whether `launch(..., dependent: true, ...)` can launch as a programmatic dependent launch
+    /// here: the driver has `cuLaunchKernelEx` and is CUDA 12.3 or later (stream capture keeps
+    /// such launches' edges from 12.3 on), and the device is compute capability 9.0 or later.
+    public func launchesDependents(computeCapabilityMajor major: Int) -> Bool {
+        guard functions.cuLaunchKernelEx != nil, major >= 9, let version = try? driverVersion() else { return false }
+        return version >= 12_030
+    }
+
+    /// `cuLaunchKernelEx` with `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION` where
+    /// `dependent` (the caller checked `launchesDependents`), else `cuLaunchKernel`. A dependent
+    /// launch may start its blocks while the previous kernel in the stream still runs, once that
+    /// kernel's blocks have all executed `griddepcontrol.launch_dependents` (or exited); the
+    /// kernel must execute `griddepcontrol.wait` before it touches memory the previous kernels
+    /// write or read. Launched without the attribute, that wait returns at once.
+    public func launch(
+        _ function: CUDAFunction, grid: LaunchDimensions, block: LaunchDimensions, sharedMemoryBytes: Int = 0, stream: CUDAStream,
+        dependent: Bool, parameters: UnsafeMutablePointer<UnsafeMutableRawPointer?>?
+    ) throws {
+        guard dependent, let launchEx = functions.cuLaunchKernelEx else {
+            try launch(function, grid: grid, block: block, sharedMemoryBytes: sharedMemoryBytes, stream: stream, parameters: parameters)
+            return
+        }
+        var attribute = ep_cu_launch_attribute()
+        attribute.id = UInt32(EP_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
+        attribute.value.programmaticStreamSerializationAllowed = 1
+        try withUnsafeMutablePointer(to: &attribute) { attributes in
+            var config = ep_cu_launch_config(
+                gridDimX: grid.x, gridDimY: grid.y, gridDimZ: grid.z, blockDimX: block.x, blockDimY: block.y, blockDimZ: block.z,
+                sharedMemBytes: UInt32(sharedMemoryBytes), hStream: UnsafeMutableRawPointer(stream.rawValue), attrs: attributes, numAttrs: 1)
+            try check(launchEx(&config, function.rawValue, parameters, nil), "cuLaunchKernelEx")
+        }
     }
 }

@@ -13,6 +13,10 @@ public final class GPUDevice: @unchecked Sendable {
     public let name: String
     public let multiprocessors: Int
     public let arch: GPUArch
+    /// Whether the step kernels can be launched as programmatic dependent launches here
+    /// (compute capability 9.0+, a CUDA 12.3+ driver with `cuLaunchKernelEx`), unless
+    /// `EP_SERIAL_LAUNCHES=1`. `GPUTuning.overlapsLaunches` decides per group.
+    public let launchesDependents: Bool
     let compiler: KernelCompiler
 
     /// Opens device `ordinal`. Throws `EPError.lowerLayer` naming the failing call when there is
@@ -43,7 +47,9 @@ public final class GPUDevice: @unchecked Sendable {
             try driver.setCurrent(context)
             name = try driver.name(of: device)
             multiprocessors = try driver.attribute(.multiprocessorCount, of: device)
-            arch = try driver.computeCapability(of: device).nativeArch
+            let capability = try driver.computeCapability(of: device)
+            arch = capability.nativeArch
+            launchesDependents = Environment.value("EP_SERIAL_LAUNCHES") != "1" && driver.launchesDependents(computeCapabilityMajor: capability.major)
             self.compiler = try compiler ?? KernelCompiler.shared()
         } catch {
             throw gpuError(error)

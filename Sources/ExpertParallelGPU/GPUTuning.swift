@@ -25,9 +25,17 @@ public struct GPUTuning: Sendable, Hashable {
     /// HT: tokens each update block counts (the update runs ⌈max tokens per rank ÷ this⌉ blocks
     /// per rank, at most 16; only the rank's last block to finish waits for the peers).
     public var updateChunkTokens: Int
+    /// The step kernels launch as programmatic dependent launches where the device and driver
+    /// can (`GPUDevice.launchesDependents`): a launch's blocks start while the kernel before it in
+    /// the stream finishes, and wait on the GPU (`griddepcontrol.wait`) for its results, so the
+    /// gap between dependent launches (dispatch, then combine; the HT update, then dispatch)
+    /// shrinks; a launch after an event or a copy is unaffected. Off: plain launches. Same
+    /// results either way.
+    public var overlapsLaunches: Bool
 
     public init(pipelineDepth: Int = 4, rowsInFlight: Int = 8, rowPieces: Int? = nil, blocksPerMultiprocessor: Int? = nil, fusesUpdate: Bool = true,
-                updateChunkTokens: Int = 256, fitsGridToWork: Bool = true) {
+                updateChunkTokens: Int = 256, fitsGridToWork: Bool = true, overlapsLaunches: Bool = true) {
+        self.overlapsLaunches = overlapsLaunches
         self.fusesUpdate = fusesUpdate
         self.fitsGridToWork = fitsGridToWork
         self.updateChunkTokens = updateChunkTokens

@@ -21,6 +21,8 @@ public final class NCCLRankGroup: StepGroup, @unchecked Sendable {
     public let rank: Int
     public let comm: NCCLComm
     public var tuning: GPUTuning { engine.tuning }
+    /// Whether the step kernels go as programmatic dependent launches (`GPUTuning.overlapsLaunches` where the device can).
+    public var overlapsLaunches: Bool { engine.overlapsLaunches }
     public var stream: CUDAStream { engine.stream }
     public var localRanks: [Int] { [rank] }
     /// Sets of receive and expert-output buffers; each step's rows use one.

@@ -20,6 +20,8 @@ final class StepEngine: @unchecked Sendable {
     let shapes: CallShapes
     let device: GPUDevice
     let tuning: GPUTuning
+    /// The one-launch step kernels go as programmatic dependent launches (`GPUTuning.overlapsLaunches`).
+    let overlapsLaunches: Bool
     let workspace: StepWorkspace
     let placement: Placement
     /// Every rank's group words (`WS_*`), at addresses valid in this process.
@@ -62,6 +64,7 @@ final class StepEngine: @unchecked Sendable {
         shapes = CallShapes(config)
         self.device = device
         self.tuning = tuning
+        overlapsLaunches = tuning.overlapsLaunches && device.launchesDependents
         self.placement = placement
         self.workspaces = workspaces
         self.mask = mask
@@ -165,7 +168,7 @@ final class StepEngine: @unchecked Sendable {
             switch (placement, mode) {
             case (.process, _), (.virtualRanks, .single):
                 let grid = LaunchDimensions(x: UInt32(blocks), y: UInt32(localRanks.count))
-                try args.launch(function, on: device, grid: grid, threads: threads, stream: target)
+                try args.launch(function, on: device, grid: grid, threads: threads, stream: target, dependent: overlapsLaunches)
             case (.virtualRanks(let rankStreams, let joinEvents), .perRank):
                 LaunchGate.lock.lock()   // every rank's launch reaches the GPU before another module or function load
                 defer { LaunchGate.lock.unlock() }
@@ -174,7 +177,8 @@ final class StepEngine: @unchecked Sendable {
                 for rank in 0..<r {
                     try driver.wait(rankStreams[rank], for: joinEvents[r])
                     args[.firstRank] = UInt64(rank)
-                    try args.launch(function, on: device, grid: .init(x: UInt32(blocks), y: 1), threads: threads, stream: rankStreams[rank])
+                    try args.launch(function, on: device, grid: .init(x: UInt32(blocks), y: 1), threads: threads, stream: rankStreams[rank],
+                                    dependent: false)
                     try driver.record(joinEvents[rank], on: rankStreams[rank])
                 }
                 for rank in 0..<r { try driver.wait(target, for: joinEvents[rank]) }

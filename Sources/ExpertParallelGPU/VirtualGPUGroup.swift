@@ -18,6 +18,8 @@ public final class VirtualGPUGroup: StepGroup, @unchecked Sendable {
     public var stream: CUDAStream { engine.stream }
     /// Run-time kernel settings (pipeline depth, rows in flight, row pieces, blocks per SM).
     public var tuning: GPUTuning { engine.tuning }
+    /// Whether the step kernels go as programmatic dependent launches (`GPUTuning.overlapsLaunches` where the device can).
+    public var overlapsLaunches: Bool { engine.overlapsLaunches }
     /// The SMs the group's kernels may use.
     public var multiprocessors: Int { engine.multiprocessors }
     /// Thread blocks per rank for dispatch and combine in one launch (`.single`).

@@ -153,6 +153,7 @@ struct GPUBenchmark {
         measurement.tuning = TuningRecord(group.tuning, multiprocessors: group.multiprocessors, blocksPerRank: group.blocksPerRank)
         measurement.tuning?.combineBlocksPerRank = group.combineBlocksPerRank
         measurement.tuning?.fusedUpdate = group.fusesUpdate
+        measurement.tuning?.dependentLaunches = group.overlapsLaunches
         return measurement
     }
 

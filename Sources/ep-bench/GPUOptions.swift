@@ -25,6 +25,9 @@ struct GPUOptions: ParsableArguments {
     @Flag(help: "GPU: every dispatch and combine launch takes all its blocks, however few the tokens (default: only the blocks the work needs).")
     var fullGrid = false
 
+    @Flag(help: "GPU: plain launches, none of them a programmatic dependent launch (default: dependent launches where the GPU and driver can).")
+    var serialLaunches = false
+
     enum Bounds {
         static let sms = 1...4_096
         static let pipelineDepth = 1...8
@@ -43,12 +46,12 @@ struct GPUOptions: ParsableArguments {
 
     var tuning: GPUTuning {
         GPUTuning(pipelineDepth: pipelineDepth, rowsInFlight: rowsInFlight, rowPieces: rowPieces, blocksPerMultiprocessor: blocksPerSM,
-                  updateChunkTokens: updateChunkTokens, fitsGridToWork: !fullGrid)
+                  updateChunkTokens: updateChunkTokens, fitsGridToWork: !fullGrid, overlapsLaunches: !serialLaunches)
     }
 
     var record: TuningOptions {
         TuningOptions(sms: smCounts, pipelineDepth: pipelineDepth, rowsInFlight: rowsInFlight, rowPieces: rowPieces, blocksPerSM: blocksPerSM,
-                      updateChunkTokens: updateChunkTokens, fullGrid: fullGrid)
+                      updateChunkTokens: updateChunkTokens, fullGrid: fullGrid, serialLaunches: serialLaunches)
     }
 
     func validate() throws {

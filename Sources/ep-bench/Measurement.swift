@@ -177,6 +177,9 @@ struct TuningRecord: Codable, Sendable {
     var updateChunkTokens: Int
     /// Whether every dispatch and combine launch took all its blocks (`--full-grid`: GPUTuning.fitsGridToWork off).
     var fullGrid: Bool
+    /// Whether the step kernels went as programmatic dependent launches (`--serial-launches`
+    /// off and the GPU and driver able); null where the group does not say.
+    @AlwaysEncoded var dependentLaunches: Bool? = nil
     /// Whether update + dispatch ran as one launch (the `upd+disp` row); null where the group does not say.
     @AlwaysEncoded var fusedUpdate: Bool? = nil
 }

@@ -51,6 +51,7 @@ struct NCCLBenchmark {
             bytes: StepBytes(config: config, routings: data.routings), copyBandwidth: copyBandwidth, validated: valid,
             rank: rank, stepNote: Self.stepNote)
         measurement.tuning = TuningRecord(group.tuning, multiprocessors: group.multiprocessors, blocksPerRank: nil)
+        measurement.tuning?.dependentLaunches = group.overlapsLaunches
         return measurement
     }
 

@@ -35,6 +35,7 @@ struct TuningOptions: Codable, Sendable {
     @AlwaysEncoded var blocksPerSM: Int?
     var updateChunkTokens: Int
     var fullGrid: Bool
+    var serialLaunches: Bool
 }
 
 /// Every option of `ep-bench run` as given (null: not given, the case's or the default value).
@@ -65,6 +66,7 @@ struct OptionsRecord: Codable, Sendable {
     @AlwaysEncoded var blocksPerSM: Int?
     var updateChunkTokens: Int
     var fullGrid: Bool
+    var serialLaunches: Bool
     var sharing: String
     @AlwaysEncoded var drill: String?
     var drillRank: Int

@@ -1,3 +1,4 @@
+import CExpertParallelShim
 import ExpertParallelCUDA
 import ExpertParallelKernels
 @testable import ExpertParallelGPU
@@ -38,6 +39,9 @@ enum MockCUDA {
         private(set) var launchedParameters: [[UInt8]] = []
         /// The name of each launched kernel (cuModuleGetFunction gives each name its own handle).
         private(set) var launchedKernels: [String] = []
+        /// For each launch: whether it went through cuLaunchKernelEx with programmatic stream
+        /// serialization allowed (a programmatic dependent launch).
+        private(set) var launchedDependent: [Bool] = []
         private var functionNames: [UInt: String] = [:]
         /// What nvrtcCompileProgram returns (6: NVRTC_ERROR_COMPILATION).
         var compileResult: Int32 = 0
@@ -70,6 +74,7 @@ enum MockCUDA {
                 s.captureParameterBytes = 0
                 s.launchedParameters = []
                 s.launchedKernels = []
+                s.launchedDependent = []
                 s.functionNames = [:]
                 s.compileResult = 0
                 s.failNCCLAllocation = nil
@@ -146,10 +151,12 @@ enum MockCUDA {
             }
         }
 
-        fileprivate func launch(_ function: OpaquePointer?, _ parameters: UnsafeMutablePointer<UnsafeMutableRawPointer?>? = nil) -> Int32 {
+        fileprivate func launch(_ function: OpaquePointer?, _ parameters: UnsafeMutablePointer<UnsafeMutableRawPointer?>? = nil,
+                                dependent: Bool = false) -> Int32 {
             locked { s in
                 s.launches += 1
                 s.launchedKernels.append(s.functionNames[UInt(bitPattern: function)] ?? "?")
+                s.launchedDependent.append(dependent)
                 if s.captureParameterBytes > 0, let first = parameters?.pointee {
                     s.launchedParameters.append(Array(UnsafeRawBufferPointer(start: first, count: s.captureParameterBytes)))
                 }
@@ -172,8 +179,9 @@ enum MockCUDA {
 
     /// A driver, NVRTC and NCCL over the mock tables, and a device opened through them
     /// (an sm_90 GPU with 132 SMs; kernels "compiled" without a disk cache).
-    static func device() throws -> GPUDevice {
-        let driver = try DriverLibrary(library: DynamicLibrary(name: DriverLibrary.libraryName, symbols: driverSymbols()))
+    /// A device of the mock driver; `leaving` names driver symbols to leave out (an older driver).
+    static func device(leaving missing: Set<String> = []) throws -> GPUDevice {
+        let driver = try DriverLibrary(library: DynamicLibrary(name: DriverLibrary.libraryName, symbols: driverSymbols().filter { !missing.contains($0.key) }))
         let compiler = KernelCompiler(nvrtc: try nvrtc(), cache: nil)
         return try GPUDevice(driver: driver, compiler: compiler)
     }
@@ -312,6 +320,15 @@ enum MockCUDA {
             OpaquePointer?, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, OpaquePointer?,
             UnsafeMutablePointer<UnsafeMutableRawPointer?>?, UnsafeMutablePointer<UnsafeMutableRawPointer?>?
         ) -> Int32)
+        t["cuLaunchKernelEx"] = symbol({ config, function, parameters, _ in
+            guard let config else { return 1 }
+            let attributes = UnsafeBufferPointer(start: config.pointee.attrs, count: Int(config.pointee.numAttrs))
+            let dependent = attributes.contains {
+                $0.id == UInt32(EP_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION) && $0.value.programmaticStreamSerializationAllowed != 0
+            }
+            return MockCUDA.state.launch(function, parameters, dependent: dependent)
+        } as @convention(c) (UnsafePointer<ep_cu_launch_config>?, OpaquePointer?, UnsafeMutablePointer<UnsafeMutableRawPointer?>?,
+                             UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> Int32)
         t["cuOccupancyMaxActiveBlocksPerMultiprocessor"] = symbol({ out, _, _, _ in out?.pointee = 2; return 0 } as @convention(c) (UnsafeMutablePointer<Int32>?, OpaquePointer?, Int32, Int) -> Int32)
 
         t["cuStreamBeginCapture_v2"] = symbol({ _, _ in 0 } as @convention(c) (OpaquePointer?, Int32) -> Int32)

@@ -118,7 +118,8 @@ struct MockDriverTests {
         }
     }
 
-    @Test func aLaunchFailureSurfacesFromDispatchNamingCuLaunchKernel() throws {
+    /// (The mock device takes dependent launches: `cuLaunchKernelEx`; a serial group `cuLaunchKernel`.)
+    @Test func aLaunchFailureSurfacesFromDispatchNamingTheLaunchCall() throws {
         try MockCUDA.run { mock in
             let device = try MockCUDA.device()
             let group = try VirtualGPUGroup(Self.config, device: device)
@@ -129,12 +130,15 @@ struct MockDriverTests {
             let failure = try #require(lowerLayer(error))
             #expect(failure.library == .driver)
             #expect(failure.kind == .callFailed)
-            #expect(failure.call == "cuLaunchKernel")
+            #expect(failure.call == "cuLaunchKernelEx")
             #expect(failure.code == 701)
             #expect(failure.name == "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES")
             // The same from update and combine.
             let update = lowerLayer(thrown { try group.update(topkIdx: step.topkIdx.map(\.ref)) })
-            #expect(update?.call == "cuLaunchKernel" && update?.code == 701)
+            #expect(update?.call == "cuLaunchKernelEx" && update?.code == 701)
+            let serial = try VirtualGPUGroup(Self.config, device: device, tuning: GPUTuning(overlapsLaunches: false))
+            let plain = lowerLayer(thrown { try serial.update(topkIdx: step.topkIdx.map(\.ref)) })
+            #expect(plain?.call == "cuLaunchKernel" && plain?.code == 701)
         }
     }
 

@@ -14,6 +14,30 @@ typedef struct { char internal[128]; } ep_nccl_unique_id;
 /// `CUipcMemHandle` (cuda.h: `typedef struct CUipcMemHandle_st { char reserved[64]; } CUipcMemHandle;`).
 typedef struct { char reserved[64]; } ep_cu_ipc_mem_handle;
 
+/// `CUlaunchAttribute` (cuda.h, CUDA 12+): an id padded to 8 bytes, then a 64-byte value union
+/// of which only `programmaticStreamSerializationAllowed` (an int at its start) is used here.
+typedef struct {
+    unsigned int id;
+    char pad[4];
+    union {
+        int programmaticStreamSerializationAllowed;
+        char bytes[64];
+    } value;
+} ep_cu_launch_attribute;
+
+/// `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`.
+#define EP_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION 6
+
+/// `CUlaunchConfig` (cuda.h, CUDA 12+), the first argument of `cuLaunchKernelEx`.
+typedef struct {
+    unsigned int gridDimX, gridDimY, gridDimZ;
+    unsigned int blockDimX, blockDimY, blockDimZ;
+    unsigned int sharedMemBytes;
+    void* hStream;
+    ep_cu_launch_attribute* attrs;
+    unsigned int numAttrs;
+} ep_cu_launch_config;
+
 /// `ncclCommInitRank(ncclComm_t* comm, int nranks, ncclUniqueId commId, int rank)`.
 int ep_shim_nccl_comm_init_rank(const void* function, void** comm, int nranks, const ep_nccl_unique_id* id, int rank);
 

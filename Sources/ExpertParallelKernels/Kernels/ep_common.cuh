@@ -18,6 +18,21 @@ typedef long long ep_i64;
 #define EP_DEVICE static __device__ __forceinline__
 
 // ---------------------------------------------------------------------------------------
+// Programmatic dependent launch (compute capability 9.0+). Every step kernel (those taking
+// `const EpArgs`) starts with this, before any read or write of global memory: it waits until
+// the grids before it in the stream have finished and their writes are visible (the host may
+// launch it as a dependent launch, whose blocks start while the previous kernel still runs;
+// launched plainly, the wait returns at once), then lets the next dependent launch start its
+// own blocks, which wait the same way. Below 9.0: nothing (every launch there is plain).
+
+EP_DEVICE void ep_grid_dependency() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// ---------------------------------------------------------------------------------------
 // 16-byte vectors: the unit of every bulk copy (one LDG.128 / STG.128 per thread).
 
 struct __align__(16) ep_vec16 {

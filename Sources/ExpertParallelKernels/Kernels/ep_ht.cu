@@ -321,6 +321,7 @@ EP_DEVICE void ep_ht_count_chunk(const EpArgs& args, int rank, ep_u64 mask, int 
 
 extern "C" __global__ void __launch_bounds__(EP_HT_UPDATE_WARPS * 32, 1)
 ep_ht_update(const EpArgs args) {
+    ep_grid_dependency();
     const int rank = static_cast<int>(blockIdx.y + args.first_rank);
     ep_u32* ws = ep_ws(args, rank);
     ep_u32* hs = ep_hs(args, rank);
@@ -577,6 +578,7 @@ EP_DEVICE void ep_ht_store_slot(const EpArgs& args, int d, int slot, int local, 
 
 extern "C" __global__ void __launch_bounds__(512, 2)
 ep_ht_dispatch(const EpArgs args) {
+    ep_grid_dependency();
     const int rank = static_cast<int>(blockIdx.y + args.first_rank);
     ep_u32* ws = ep_ws(args, rank);
     const ep_u32* hs = ep_hs(args, rank);
@@ -717,6 +719,7 @@ EP_DEVICE void ep_store_zero_piece(ep_u8* row_out, int first, int last, int lane
 
 extern "C" __global__ void __launch_bounds__(512, 2)
 ep_ht_combine(const EpArgs args) {
+    ep_grid_dependency();
 #if EP_ELEM != 3
     const int rank = static_cast<int>(blockIdx.y + args.first_rank);
     ep_u32* ws = ep_ws(args, rank);
@@ -984,6 +987,7 @@ ep_ht_combine(const EpArgs args) {
 #if EP_TRANSPORT == 1
 extern "C" __global__ void __launch_bounds__(512, 2)
 ep_ht_drain(const EpArgs args) {
+    ep_grid_dependency();
     const int rank = static_cast<int>(blockIdx.y + args.first_rank);
     const ep_u32* hs = ep_hs(args, rank);
     if (!ep_active(ep_load_mask(args), rank) || hs[H_STEP_OK] == 0) return;
@@ -997,6 +1001,7 @@ ep_ht_drain(const EpArgs args) {
 
 extern "C" __global__ void __launch_bounds__(512, 2)
 ep_ht_combine_send(const EpArgs args) {
+    ep_grid_dependency();
     const int rank = static_cast<int>(blockIdx.y + args.first_rank);
     const ep_u32* hs = ep_hs(args, rank);
     const ep_u64 mask = ep_load_mask(args);

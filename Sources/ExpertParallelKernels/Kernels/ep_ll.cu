@@ -387,6 +387,7 @@ EP_DEVICE void ep_ll_update_rank(const EpArgs& args, int rank) {
 
 extern "C" __global__ void __launch_bounds__(EP_UPDATE_WARPS * 32, 1)
 ep_ll_update(const EpArgs args) {
+    ep_grid_dependency();
     ep_ll_update_rank(args, static_cast<int>(blockIdx.y + args.first_rank));
 }
 
@@ -588,6 +589,7 @@ EP_DEVICE void ep_ll_dispatch_rank(const EpArgs& args, int rank, EpBlock block) 
 
 extern "C" __global__ void __launch_bounds__(512, 2)
 ep_ll_dispatch(const EpArgs args) {
+    ep_grid_dependency();
     ep_ll_dispatch_rank<false>(args, static_cast<int>(blockIdx.y + args.first_rank), ep_grid_block());
 }
 
@@ -601,6 +603,7 @@ ep_ll_dispatch(const EpArgs args) {
 // the next launch (which the stream orders after).
 extern "C" __global__ void __launch_bounds__(512, 2)
 ep_ll_update_dispatch(const EpArgs args) {
+    ep_grid_dependency();
     __shared__ int place;
     ep_u32* launch = ep_hs(args, static_cast<int>(args.first_rank));
     const int ranks = static_cast<int>(gridDim.y);
@@ -658,6 +661,7 @@ ep_ll_update_dispatch(const EpArgs args) {
 
 extern "C" __global__ void __launch_bounds__(512, 2)
 ep_ll_combine(const EpArgs args) {
+    ep_grid_dependency();
 #if EP_ELEM != 3
     const int rank = static_cast<int>(blockIdx.y + args.first_rank);
     ep_u32* ws = ep_ws(args, rank);
@@ -789,6 +793,7 @@ EP_DEVICE bool ep_ll_row_used(const ep_u32* layout, int row) {
 
 extern "C" __global__ void __launch_bounds__(512, 2)
 ep_ll_drain(const EpArgs args) {
+    ep_grid_dependency();
     const int rank = static_cast<int>(blockIdx.y + args.first_rank);
     const ep_u32* hs = ep_hs(args, rank);
     if (!ep_active(ep_load_mask(args), rank) || hs[H_STEP_OK] == 0) return;
@@ -804,6 +809,7 @@ ep_ll_drain(const EpArgs args) {
 // staging, at (token × K + k) expert-major, (token × R + this rank) rank-major.
 extern "C" __global__ void __launch_bounds__(512, 2)
 ep_ll_combine_send(const EpArgs args) {
+    ep_grid_dependency();
     const int rank = static_cast<int>(blockIdx.y + args.first_rank);
     const ep_u32* hs = ep_hs(args, rank);
     const ep_u64 mask = ep_load_mask(args);
