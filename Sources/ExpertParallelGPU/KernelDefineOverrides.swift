@@ -14,6 +14,8 @@ enum KernelDefineOverrides {
     static let switches: [(name: String, values: ClosedRange<Int>)] = [
         ("EP_COMBINE_SPAN", 1...8),       // HT combine: vectors of each row a lane loads at once
         ("EP_COMBINE_ADAPTIVE", 0...1),   // HT flat combine: 8 loads in flight whatever a token's row count
+        ("EP_COMBINE_FEW_ROWS", 0...8),   // HT flat combine: tokens of at most this many rows take EP_COMBINE_FEW_SPAN (default 2)
+        ("EP_COMBINE_FEW_SPAN", 1...8),   // HT flat combine: vectors of each row a lane loads at once for those tokens (default 2)
         ("EP_SOLO_VECS", 1...16),         // one-rank flat HT combine: vectors a lane has in flight
         ("EP_LL_AHEAD", 0...1),           // LL dispatch: a piece's first vectors load with its row lookups (default 1)
         ("EP_LL_SOLO_UPDATE", 0...1),     // LL update at R = 1: the rank's totals stay in shared memory, no all-gather (default 1)

@@ -685,7 +685,17 @@ ep_ht_dispatch(const EpArgs args) {
 #ifndef EP_COMBINE_SPAN
 #define EP_COMBINE_SPAN 1
 #endif
-#define EP_COMBINE_ROWS (EP_CHUNK >= 2 * EP_COMBINE_SPAN ? EP_CHUNK / EP_COMBINE_SPAN : 1)
+// Flat tokens of at most EP_COMBINE_FEW_ROWS rows (0: none) sum with EP_COMBINE_FEW_SPAN vectors of
+// each row a lane instead: with few rows, EP_COMBINE_SPAN leaves few loads in flight. An H200,
+// ht-std R = 8, µs (% of floor), 2 beside 0: --skew 1 combine 254.2 (89 %) / 280.8 (81 %), --skew 0.5
+// 284.8 / 304.1, uniform 723.5 / 725.4 (few such tokens; no cost). 3 and more rows, or a span of 4,
+// spill at R = 8 (24 to 412 bytes).
+#ifndef EP_COMBINE_FEW_ROWS
+#define EP_COMBINE_FEW_ROWS 2
+#endif
+#ifndef EP_COMBINE_FEW_SPAN
+#define EP_COMBINE_FEW_SPAN 2
+#endif
 
 EP_DEVICE float ep_round_trip(float value) {
 #if EP_ELEM == 0
@@ -715,6 +725,89 @@ EP_DEVICE void ep_store_zero_piece(ep_u8* row_out, int first, int last, int lane
     for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) zeros[i] = 0.0f;
     const ep_vec zero = ep_pack(zeros);
     for (int v = first + lane; v < last; v += 32) ep_store_vec(row_out + static_cast<ep_u64>(v) * EP_VEC_BYTES, zero);
+}
+
+// One token's piece [first, last) of the combine's sum over its `count` rows in table order
+// (the warp's `table` and `table_rank`): SPAN vectors of each row a lane (v, v + 32, ...), ROWS
+// rows a batch, so that EP_CHUNK loads are in flight. Flat rows come one per destination rank,
+// each its own partial sum: ep_flat_term. Any SPAN adds the same terms in the same order.
+template <int SPAN>
+EP_DEVICE void ep_ht_combine_sum(const EpWarpRows& table, const int (*table_rank)[32], int warp, int count, int first, int last, int lane,
+                                 ep_u8* row_out) {
+    constexpr int ROWS = EP_CHUNK >= 2 * SPAN ? EP_CHUNK / SPAN : 1;
+    for (int v = first + lane; v < last; v += 32 * SPAN) {
+        float acc[SPAN][EP_ELEMS_PER_VEC];
+#if EP_EXPERT_MAJOR
+        float partial[SPAN][EP_ELEMS_PER_VEC];
+        int current = count > 0 ? table_rank[warp][0] : 0;
+#endif
+#pragma unroll
+        for (int u = 0; u < SPAN; ++u) {
+#pragma unroll
+            for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) {
+                acc[u][i] = 0.0f;
+#if EP_EXPERT_MAJOR
+                partial[u][i] = 0.0f;
+#endif
+            }
+        }
+#pragma unroll
+        for (int c0 = 0; c0 < EP_FANOUT; c0 += ROWS) {
+            if (c0 >= count) break;
+            ep_vec rows[ROWS][SPAN];
+#pragma unroll
+            for (int j = 0; j < ROWS; ++j) {
+                if (c0 + j < count) {
+                    const ep_u8* src = reinterpret_cast<const ep_u8*>(table.address[warp][c0 + j]);
+#pragma unroll
+                    for (int u = 0; u < SPAN; ++u) {
+                        if (u == 0 || v + 32 * u < last) rows[j][u] = ep_load_vec_peer(src + static_cast<ep_u64>(v + 32 * u) * EP_VEC_BYTES);
+                    }
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < ROWS; ++j) {
+                if (c0 + j >= count) break;
+#if EP_EXPERT_MAJOR
+                const float w = table.weight[warp][c0 + j];
+                const int owner = table_rank[warp][c0 + j];
+                if (owner != current) {
+#pragma unroll
+                    for (int u = 0; u < SPAN; ++u) {
+#pragma unroll
+                        for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) {
+                            acc[u][i] = ep_fma(1.0f, ep_round_trip(partial[u][i]), acc[u][i]);
+                            partial[u][i] = 0.0f;
+                        }
+                    }
+                    current = owner;
+                }
+#pragma unroll
+                for (int u = 0; u < SPAN; ++u) {
+#pragma unroll
+                    for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) partial[u][i] = ep_fma(w, ep_element(rows[j][u], i), partial[u][i]);
+                }
+#else
+#pragma unroll
+                for (int u = 0; u < SPAN; ++u) {
+#pragma unroll
+                    for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) acc[u][i] = ep_flat_term(acc[u][i], ep_element(rows[j][u], i));
+                }
+#endif
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < SPAN; ++u) {
+            if (u > 0 && v + 32 * u >= last) break;
+#if EP_EXPERT_MAJOR
+            if (count > 0) {
+#pragma unroll
+                for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) acc[u][i] = ep_fma(1.0f, ep_round_trip(partial[u][i]), acc[u][i]);
+            }
+#endif
+            ep_store_vec(row_out + static_cast<ep_u64>(v + 32 * u) * EP_VEC_BYTES, ep_pack(acc[u]));
+        }
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(512, 2)
@@ -890,81 +983,16 @@ ep_ht_combine(const EpArgs args) {
         __syncwarp();   // every lane is done with this item's slots before the next overwrites them
         continue;
 #endif
-        // EP_COMBINE_SPAN vectors of each row a lane (v, v + 32, ...), EP_COMBINE_ROWS rows a batch.
-        // Flat rows come one per destination rank, each its own partial sum: ep_flat_term.
-        for (int v = first + lane; v < last; v += 32 * EP_COMBINE_SPAN) {
-            float acc[EP_COMBINE_SPAN][EP_ELEMS_PER_VEC];
-#if EP_EXPERT_MAJOR
-            float partial[EP_COMBINE_SPAN][EP_ELEMS_PER_VEC];
-            int current = count > 0 ? table_rank[warp][0] : 0;
-#endif
-#pragma unroll
-            for (int u = 0; u < EP_COMBINE_SPAN; ++u) {
-#pragma unroll
-                for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) {
-                    acc[u][i] = 0.0f;
-#if EP_EXPERT_MAJOR
-                    partial[u][i] = 0.0f;
-#endif
-                }
-            }
-#pragma unroll
-            for (int c0 = 0; c0 < EP_FANOUT; c0 += EP_COMBINE_ROWS) {
-                if (c0 >= count) break;
-                ep_vec rows[EP_COMBINE_ROWS][EP_COMBINE_SPAN];
-#pragma unroll
-                for (int j = 0; j < EP_COMBINE_ROWS; ++j) {
-                    if (c0 + j < count) {
-                        const ep_u8* src = reinterpret_cast<const ep_u8*>(table.address[warp][c0 + j]);
-#pragma unroll
-                        for (int u = 0; u < EP_COMBINE_SPAN; ++u) {
-                            if (u == 0 || v + 32 * u < last) rows[j][u] = ep_load_vec_peer(src + static_cast<ep_u64>(v + 32 * u) * EP_VEC_BYTES);
-                        }
-                    }
-                }
-#pragma unroll
-                for (int j = 0; j < EP_COMBINE_ROWS; ++j) {
-                    if (c0 + j >= count) break;
-#if EP_EXPERT_MAJOR
-                    const float w = table.weight[warp][c0 + j];
-                    const int owner = table_rank[warp][c0 + j];
-                    if (owner != current) {
-#pragma unroll
-                        for (int u = 0; u < EP_COMBINE_SPAN; ++u) {
-#pragma unroll
-                            for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) {
-                                acc[u][i] = ep_fma(1.0f, ep_round_trip(partial[u][i]), acc[u][i]);
-                                partial[u][i] = 0.0f;
-                            }
-                        }
-                        current = owner;
-                    }
-#pragma unroll
-                    for (int u = 0; u < EP_COMBINE_SPAN; ++u) {
-#pragma unroll
-                        for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) partial[u][i] = ep_fma(w, ep_element(rows[j][u], i), partial[u][i]);
-                    }
-#else
-#pragma unroll
-                    for (int u = 0; u < EP_COMBINE_SPAN; ++u) {
-#pragma unroll
-                        for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) acc[u][i] = ep_flat_term(acc[u][i], ep_element(rows[j][u], i));
-                    }
-#endif
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < EP_COMBINE_SPAN; ++u) {
-                if (u > 0 && v + 32 * u >= last) break;
-#if EP_EXPERT_MAJOR
-                if (count > 0) {
-#pragma unroll
-                    for (int i = 0; i < EP_ELEMS_PER_VEC; ++i) acc[u][i] = ep_fma(1.0f, ep_round_trip(partial[u][i]), acc[u][i]);
-                }
-#endif
-                ep_store_vec(row_out + static_cast<ep_u64>(v + 32 * u) * EP_VEC_BYTES, ep_pack(acc[u]));
-            }
+#if EP_COMBINE_FEW_ROWS && !EP_EXPERT_MAJOR
+        // Flat tokens of few rows (skewed routing: ~1.7 rows a token at ht-std --skew 1) load
+        // EP_COMBINE_FEW_SPAN vectors of each row at once instead of EP_COMBINE_SPAN.
+        if (count <= EP_COMBINE_FEW_ROWS) {
+            ep_ht_combine_sum<EP_COMBINE_FEW_SPAN>(table, table_rank, warp, count, first, last, lane, row_out);
+            __syncwarp();
+            continue;
         }
+#endif
+        ep_ht_combine_sum<EP_COMBINE_SPAN>(table, table_rank, warp, count, first, last, lane, row_out);
         __syncwarp();   // every lane is done with this item's table before the next overwrites it
     }
     const bool done = args.sync & EP_SYNC_DONE;
