@@ -230,7 +230,7 @@ typedef struct {
 /* Tuning of the GPU kernels (v3); 0 in a field means its default. */
 typedef struct {
     int32_t pipelineDepth;           /* dispatch: 16-byte vectors each lane loads before storing, 1...8 (default 4) */
-    int32_t rowsInFlight;            /* combine: rows loaded before the first is used, 1...16 (default 8; 4 for LL at one rank) */
+    int32_t rowsInFlight;            /* combine: rows loaded before the first is used, 1...16 (default 8) */
     int32_t rowPieces;               /* pieces a row is cut into, one warp each, 1...row bytes / 16 (default: automatic) */
     int32_t blocksPerMultiprocessor; /* 512-thread blocks per SM in one launch, 1 or 2 (default 2; 1 for R = 1 but the HT combine) */
     /* v4 (a config whose structSize ends before these reads them as 0) */

@@ -111,7 +111,7 @@ extension GPUTuning {
             throw .invalidArgument(field: "\(name).reserved", value: "\(c.reserved)", requirement: "must be 0")
         }
         self.init(pipelineDepth: try knob(c.pipelineDepth, "pipelineDepth") ?? defaults.pipelineDepth,
-                  rowsInFlight: try knob(c.rowsInFlight, "rowsInFlight"),
+                  rowsInFlight: try knob(c.rowsInFlight, "rowsInFlight") ?? defaults.rowsInFlight,
                   rowPieces: try knob(c.rowPieces, "rowPieces"),
                   blocksPerMultiprocessor: try knob(c.blocksPerMultiprocessor, "blocksPerMultiprocessor"),
                   fusesUpdate: fusesUpdate,

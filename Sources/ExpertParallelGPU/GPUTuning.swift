@@ -6,9 +6,8 @@ import ExpertParallel
 public struct GPUTuning: Sendable, Hashable {
     /// Dispatch pipeline depth: 16-byte vectors each lane loads before it stores them (1...8).
     public var pipelineDepth: Int
-    /// Combine: rows whose vectors are loaded before the first is used (1...16); nil: 8, and 4 for
-    /// LL at one rank (`rowsInFlight(for:)`).
-    public var rowsInFlight: Int?
+    /// Combine: rows whose vectors are loaded before the first is used (1...16).
+    public var rowsInFlight: Int
     /// Pieces each token row is cut into, one warp per piece; nil picks enough pieces to give every
     /// warp of the rank's blocks work.
     public var rowPieces: Int?
@@ -34,7 +33,7 @@ public struct GPUTuning: Sendable, Hashable {
     /// results either way.
     public var overlapsLaunches: Bool
 
-    public init(pipelineDepth: Int = 4, rowsInFlight: Int? = nil, rowPieces: Int? = nil, blocksPerMultiprocessor: Int? = nil, fusesUpdate: Bool = true,
+    public init(pipelineDepth: Int = 4, rowsInFlight: Int = 8, rowPieces: Int? = nil, blocksPerMultiprocessor: Int? = nil, fusesUpdate: Bool = true,
                 updateChunkTokens: Int = 256, fitsGridToWork: Bool = true, overlapsLaunches: Bool = true) {
         self.overlapsLaunches = overlapsLaunches
         self.fusesUpdate = fusesUpdate
@@ -52,7 +51,7 @@ public struct GPUTuning: Sendable, Hashable {
             .invalidArgument(field: "tuning.\(field)", value: "\(value)", requirement: requirement)
         }
         guard (1...8).contains(pipelineDepth) else { throw fail("pipelineDepth", pipelineDepth, "must be in 1...8") }
-        if let rowsInFlight, !(1...16).contains(rowsInFlight) { throw fail("rowsInFlight", rowsInFlight, "must be in 1...16") }
+        guard (1...16).contains(rowsInFlight) else { throw fail("rowsInFlight", rowsInFlight, "must be in 1...16") }
         let vectors = max(1, config.rowBytes / 16)
         if let rowPieces, !(1...vectors).contains(rowPieces) {
             throw fail("rowPieces", rowPieces, "must be in 1...\(vectors) (16-byte vectors in a row)")
@@ -64,15 +63,5 @@ public struct GPUTuning: Sendable, Hashable {
         return self
     }
 
-    /// The combine's rows in flight for `config`: the tuning's, else 8, and 4 for LL at one rank.
-    /// An H200, µs per call (events), 8 rows beside 4: ll-std R = 1 combine 9.06 / 8.45, step 20.0 /
-    /// 19.6, ll-1 R = 1 combine 6.56 / 6.30; at R = 8 4 was slower (ll-std combine 38.8 / 40.0), and
-    /// the HT combine at ht-4k too (418.7 / 429.1).
-    public func rowsInFlight(for config: GroupConfig) -> Int {
-        rowsInFlight ?? (config.algorithm == .lowLatency && config.ranks == 1 ? 4 : 8)
-    }
-
-    func defines(_ config: GroupConfig) -> [String: String] {
-        ["EP_UNROLL": "\(pipelineDepth)", "EP_CHUNK": "\(rowsInFlight(for: config))"]
-    }
+    var defines: [String: String] { ["EP_UNROLL": "\(pipelineDepth)", "EP_CHUNK": "\(rowsInFlight)"] }
 }

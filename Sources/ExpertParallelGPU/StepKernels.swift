@@ -37,7 +37,7 @@ struct StepKernels: Sendable {
         case .f32: 2
         default: 3
         }
-        var defines = tuning.defines(config).merging([
+        var defines = tuning.defines.merging([
             "EP_R": "\(config.ranks)", "EP_L": "\(config.localExperts)", "EP_K": "\(config.topK)",
             "EP_BMAX": "\(config.maxTokensPerRank)", "EP_ROW_BYTES": "\(config.rowBytes)", "EP_ELEM": "\(element)",
             "EP_IDX_BYTES": "\(variant.indexBytes)", "EP_RIDX_BYTES": "\(variant.receivedIndexBytes)",

@@ -150,7 +150,7 @@ struct GPUBenchmark {
         if !allHeld {
             FileHandle.standardError.write(Data("warning: \(benchCase.name): the host was still enqueueing when the stream's hold ended; its event times may be the host's pace\n".utf8))
         }
-        measurement.tuning = TuningRecord(group.tuning, config: config, multiprocessors: group.multiprocessors, blocksPerRank: group.blocksPerRank)
+        measurement.tuning = TuningRecord(group.tuning, multiprocessors: group.multiprocessors, blocksPerRank: group.blocksPerRank)
         measurement.tuning?.combineBlocksPerRank = group.combineBlocksPerRank
         measurement.tuning?.fusedUpdate = group.fusesUpdate
         measurement.tuning?.dependentLaunches = group.overlapsLaunches
@@ -189,11 +189,10 @@ extension DeviceTensor {
 }
 
 extension TuningRecord {
-    /// What `tuning` ran with for `config` (rows in flight resolved; row pieces and blocks per SM null where automatic).
-    init(_ tuning: GPUTuning, config: GroupConfig, multiprocessors: Int, blocksPerRank: Int?) {
+    init(_ tuning: GPUTuning, multiprocessors: Int, blocksPerRank: Int?) {
         self.init(
             multiprocessors: multiprocessors, blocksPerRank: blocksPerRank, pipelineDepth: tuning.pipelineDepth,
-            rowsInFlight: tuning.rowsInFlight(for: config), rowPieces: tuning.rowPieces, blocksPerSM: tuning.blocksPerMultiprocessor,
+            rowsInFlight: tuning.rowsInFlight, rowPieces: tuning.rowPieces, blocksPerSM: tuning.blocksPerMultiprocessor,
             updateChunkTokens: tuning.updateChunkTokens, fullGrid: !tuning.fitsGridToWork)
     }
 }

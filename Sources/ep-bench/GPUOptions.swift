@@ -10,8 +10,8 @@ struct GPUOptions: ParsableArguments {
     @Option(help: "GPU: dispatch pipeline depth, vectors each lane loads before storing (1...8).")
     var pipelineDepth: Int = 4
 
-    @Option(help: "GPU: combine rows loaded before the first is used (1...16; default 8, 4 for LL at one rank).")
-    var rowsInFlight: Int?
+    @Option(help: "GPU: combine rows loaded before the first is used (1...16).")
+    var rowsInFlight: Int = 8
 
     @Option(help: "GPU: pieces each token row is cut into, one warp each (default: automatic).")
     var rowPieces: Int?

@@ -50,7 +50,7 @@ struct NCCLBenchmark {
             benchCase, config: config, backend: "gpu-nccl-\(sharing.rawValue)", device: device.name, samples: samples,
             bytes: StepBytes(config: config, routings: data.routings), copyBandwidth: copyBandwidth, validated: valid,
             rank: rank, stepNote: Self.stepNote)
-        measurement.tuning = TuningRecord(group.tuning, config: config, multiprocessors: group.multiprocessors, blocksPerRank: nil)
+        measurement.tuning = TuningRecord(group.tuning, multiprocessors: group.multiprocessors, blocksPerRank: nil)
         measurement.tuning?.dependentLaunches = group.overlapsLaunches
         return measurement
     }

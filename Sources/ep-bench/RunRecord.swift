@@ -30,7 +30,7 @@ struct RunRecord: Codable, Sendable {
 struct TuningOptions: Codable, Sendable {
     var sms: [Int]
     var pipelineDepth: Int
-    @AlwaysEncoded var rowsInFlight: Int?
+    var rowsInFlight: Int
     @AlwaysEncoded var rowPieces: Int?
     @AlwaysEncoded var blocksPerSM: Int?
     var updateChunkTokens: Int
@@ -61,7 +61,7 @@ struct OptionsRecord: Codable, Sendable {
     var seed: UInt64
     var sms: [Int]
     var pipelineDepth: Int
-    @AlwaysEncoded var rowsInFlight: Int?
+    var rowsInFlight: Int
     @AlwaysEncoded var rowPieces: Int?
     @AlwaysEncoded var blocksPerSM: Int?
     var updateChunkTokens: Int

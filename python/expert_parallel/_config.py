@@ -121,8 +121,8 @@ _SWITCHES = {"fused_update": (2, 1), "full_grid": (1, 2)}
 
 def tuning(value):
     """The epGPUTuning_t of ``tuning=``: None (defaults) or a dict of ``pipeline_depth``
-    (1...8), ``rows_in_flight`` (1...16; default 8, 4 for LL at one rank), ``row_pieces``,
-    ``blocks_per_multiprocessor`` (1 or 2), ``update_chunk_tokens`` (HT: tokens each update block counts, default 256) and
+    (1...8), ``rows_in_flight`` (1...16), ``row_pieces``, ``blocks_per_multiprocessor`` (1 or
+    2), ``update_chunk_tokens`` (HT: tokens each update block counts, default 256) and
     ``fused_update`` (LL: a bool, default True: the stacked dispatch's update runs in its launch)
     and ``full_grid`` (a bool, default False: dispatch and combine launch only the blocks the
     step's tokens need; True launches every SM's); the library checks each against its bounds

@@ -281,7 +281,7 @@ def test_the_json_records_the_run(tmp_path):
     assert (run["backend"], run["transport"], run["iterations"], run["warmup"]) == ("cpu", "virtual", 2, 0)
     assert run["device"] == m["device"] and run["device"].startswith("CPU")
     assert run["driverVersion"] is None and run["nvrtcVersion"] is None   # the CPU run loads neither
-    assert run["tuning"] == {"sms": [], "pipelineDepth": 4, "rowsInFlight": None, "rowPieces": None, "blocksPerSM": None,
+    assert run["tuning"] == {"sms": [], "pipelineDepth": 4, "rowsInFlight": 8, "rowPieces": None, "blocksPerSM": None,
                              "updateChunkTokens": 256, "fullGrid": False, "serialLaunches": False}
     for key in ["cases", "ranks", "tokens", "hidden", "topK", "experts", "layout", "alignment", "dtype", "iterations",
                 "warmup", "sms", "pipelineDepth", "rowsInFlight", "rowPieces", "blocksPerSM", "updateChunkTokens", "fullGrid",
