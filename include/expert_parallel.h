@@ -45,7 +45,7 @@ extern "C" {
 #endif
 
 /* The ABI this header describes; epGetAbiVersion reports the library's. */
-#define EP_ABI_VERSION 5
+#define EP_ABI_VERSION 6
 /* Most dimensions an epTensor_t carries. */
 #define EP_MAX_DIMS 4
 
@@ -239,7 +239,9 @@ typedef struct {
     /* v5 (a config whose structSize ends before these reads them as 0) */
     int32_t launchGrid;              /* dispatch and combine blocks: 0 default (fitted), 1 fitted to the step's
                                       * work (one warp a token's row piece, 16 a block), 2 every SM's (before v5) */
-    int32_t reserved;                /* must be 0 */
+    /* v6 (in v5's reserved field, which had to be 0) */
+    int32_t launches;                /* step kernels: 0 default (dependent where the GPU and driver can), 1 programmatic
+                                      * dependent launches (sm_90+, CUDA 12.3+ drivers; plain elsewhere), 2 plain */
 } epGPUTuning_t;
 
 /* Which backend runs the group. NULL means the host backend. */

@@ -107,15 +107,13 @@ extension GPUTuning {
         }
         let fusesUpdate = try choice(c.fusedUpdate, "fusedUpdate", on: "on", off: "off", default: defaults.fusesUpdate)
         let fitsGridToWork = try choice(c.launchGrid, "launchGrid", on: "fitted", off: "every SM's", default: defaults.fitsGridToWork)
-        guard c.reserved == 0 else {
-            throw .invalidArgument(field: "\(name).reserved", value: "\(c.reserved)", requirement: "must be 0")
-        }
+        let overlapsLaunches = try choice(c.launches, "launches", on: "dependent", off: "plain", default: defaults.overlapsLaunches)
         self.init(pipelineDepth: try knob(c.pipelineDepth, "pipelineDepth") ?? defaults.pipelineDepth,
                   rowsInFlight: try knob(c.rowsInFlight, "rowsInFlight") ?? defaults.rowsInFlight,
                   rowPieces: try knob(c.rowPieces, "rowPieces"),
                   blocksPerMultiprocessor: try knob(c.blocksPerMultiprocessor, "blocksPerMultiprocessor"),
                   fusesUpdate: fusesUpdate,
                   updateChunkTokens: try knob(c.updateChunkTokens, "updateChunkTokens") ?? defaults.updateChunkTokens,
-                  fitsGridToWork: fitsGridToWork)
+                  fitsGridToWork: fitsGridToWork, overlapsLaunches: overlapsLaunches)
     }
 }

@@ -1,4 +1,6 @@
+import CExpertParallel
 import CExpertParallelShim
+@testable import ExpertParallelC
 import ExpertParallel
 import ExpertParallelCUDA
 @testable import ExpertParallelGPU
@@ -74,6 +76,23 @@ struct DependentLaunchTests {
             #expect(!older.launchesDependents)
             let plain = try Self.step(mock, config, device: older)
             #expect(plain.kernels == overlapped.kernels && !plain.dependent.contains(true), "\(name)")
+        }
+    }
+
+    /// C `epGPUTuning_t.launches` (ABI 6, v5's reserved field): 0 the default (dependent), 1
+    /// dependent, 2 plain, anything else a named error.
+    @Test func theCTuningChoosesTheLaunches() throws {
+        func tuning(_ launches: Int32) throws -> GPUTuning {
+            var c = epGPUTuning_t()
+            c.launches = launches
+            return try GPUTuning(c, "tuning")
+        }
+        #expect(try tuning(0).overlapsLaunches == GPUTuning().overlapsLaunches)
+        #expect(try tuning(0).overlapsLaunches)
+        #expect(try tuning(1).overlapsLaunches)
+        #expect(try !tuning(2).overlapsLaunches)
+        for bad: Int32 in [3, -1] {
+            #expect(throws: EPError.self) { try tuning(bad) }
         }
     }
 

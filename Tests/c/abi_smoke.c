@@ -321,7 +321,7 @@ static void configErrors(void) {
         {&gpu.tuning.fusedUpdate, 3, "tuning.fusedUpdate = 3"},
         {&gpu.tuning.updateChunkTokens, -1, "tuning.updateChunkTokens = -1"},
         {&gpu.tuning.launchGrid, 3, "tuning.launchGrid = 3"},
-        {&gpu.tuning.reserved, 1, "tuning.reserved = 1"},
+        {&gpu.tuning.launches, 3, "tuning.launches = 3"},
     };
     for (size_t i = 0; i < sizeof knobs / sizeof knobs[0]; i++) {
         *knobs[i].field = knobs[i].bad;

@@ -7,7 +7,7 @@ the C compiler's in tests/test_c_abi.py.
 import ctypes
 from ctypes import POINTER, c_char_p, c_double, c_int32, c_int64, c_size_t, c_uint64, c_void_p
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 MAX_DIMS = 4
 NCCL_UNIQUE_ID_BYTES = 128
 
@@ -101,7 +101,7 @@ class GPUTuning(ctypes.Structure):
 
     _fields_ = [("pipelineDepth", c_int32), ("rowsInFlight", c_int32), ("rowPieces", c_int32),
                 ("blocksPerMultiprocessor", c_int32), ("updateChunkTokens", c_int32), ("fusedUpdate", c_int32),
-                ("launchGrid", c_int32), ("reserved", c_int32)]
+                ("launchGrid", c_int32), ("launches", c_int32)]
 
 
 class BackendConfig(Struct):

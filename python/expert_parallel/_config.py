@@ -113,10 +113,10 @@ def check_buffers(target, copies):
 
 _TUNING = {"pipeline_depth": "pipelineDepth", "rows_in_flight": "rowsInFlight", "row_pieces": "rowPieces",
            "blocks_per_multiprocessor": "blocksPerMultiprocessor", "update_chunk_tokens": "updateChunkTokens",
-           "fused_update": "fusedUpdate", "full_grid": "launchGrid"}
+           "fused_update": "fusedUpdate", "full_grid": "launchGrid", "serial_launches": "launches"}
 # The boolean knobs: the C field's value for False and for True (1 and 2 are the field's explicit
 # choices, 0 its default; full_grid=True is launchGrid 2, every SM's blocks).
-_SWITCHES = {"fused_update": (2, 1), "full_grid": (1, 2)}
+_SWITCHES = {"fused_update": (2, 1), "full_grid": (1, 2), "serial_launches": (1, 2)}
 
 
 def tuning(value):
@@ -125,8 +125,9 @@ def tuning(value):
     2), ``update_chunk_tokens`` (HT: tokens each update block counts, default 256) and
     ``fused_update`` (LL: a bool, default True: the stacked dispatch's update runs in its launch)
     and ``full_grid`` (a bool, default False: dispatch and combine launch only the blocks the
-    step's tokens need; True launches every SM's); the library checks each against its bounds
-    for the group."""
+    step's tokens need; True launches every SM's) and ``serial_launches`` (a bool, default False:
+    the step kernels go as programmatic dependent launches where the GPU and driver can; True
+    makes them plain launches); the library checks each against its bounds for the group."""
     result = _abi.GPUTuning()
     if value is None:
         return result

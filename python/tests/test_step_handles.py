@@ -142,7 +142,13 @@ def test_tuning_knobs_are_checked_by_name():
         group(tuning={"fused_update": 1})
     with pytest.raises(ep.InvalidArgumentError, match="tuning\\['full_grid'\\]=0 .*must be True or False"):
         group(tuning={"full_grid": 0})
-    with group(tuning={"update_chunk_tokens": 64, "fused_update": False, "full_grid": True}) as g:
+    with pytest.raises(ep.InvalidArgumentError, match="tuning\\['serial_launches'\\]=1 .*must be True or False"):
+        group(tuning={"serial_launches": 1})
+    # The C fields: 0 the default, 1 and 2 the explicit choices (launches: 1 dependent, 2 plain).
+    from expert_parallel import _config
+    assert (_config.tuning({"serial_launches": True}).launches, _config.tuning({"serial_launches": False}).launches) == (2, 1)
+    assert _config.tuning(None).launches == 0
+    with group(tuning={"update_chunk_tokens": 64, "fused_update": False, "full_grid": True, "serial_launches": True}) as g:
         assert g.dispatch(*routing(8)).expert_counts.shape == (R, E // R)
     # The CPU backend has no kernels: its tuning is accepted and has no effect.
     with group(tuning={"pipeline_depth": 2, "rows_in_flight": 4}) as g:
