@@ -25,8 +25,8 @@ public struct GPUTuning: Sendable, Hashable {
     /// HT: tokens each update block counts (the update runs ⌈max tokens per rank ÷ this⌉ blocks
     /// per rank, at most 16; only the rank's last block to finish waits for the peers).
     public var updateChunkTokens: Int
-    /// The step kernels launch as programmatic dependent launches where the device and driver
-    /// can (`GPUDevice.launchesDependents`): a launch's blocks start while the kernel before it in
+    /// The step kernels of a virtual group launch as programmatic dependent launches where the
+    /// device and driver can (`GPUDevice.launchesDependents`; NCCL ranks: plain for now): a launch's blocks start while the kernel before it in
     /// the stream finishes, and wait on the GPU (`griddepcontrol.wait`) for its results, so the
     /// gap between dependent launches (dispatch, then combine; the HT update, then dispatch)
     /// shrinks; a launch after an event or a copy is unaffected. Off: plain launches. Same

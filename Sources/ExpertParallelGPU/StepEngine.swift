@@ -22,6 +22,14 @@ final class StepEngine: @unchecked Sendable {
     let tuning: GPUTuning
     /// The one-launch step kernels go as programmatic dependent launches (`GPUTuning.overlapsLaunches`).
     let overlapsLaunches: Bool
+
+    /// Dependent launches where the tuning asks, the device and driver can, and the ranks are
+    /// virtual ranks of this process. NCCL ranks launch plainly until a run on several GPUs has
+    /// checked them (their kernels wait for peers in other processes; none has run dependent yet).
+    static func overlapsLaunches(_ tuning: GPUTuning, device: GPUDevice, placement: Placement) -> Bool {
+        guard case .virtualRanks = placement else { return false }
+        return tuning.overlapsLaunches && device.launchesDependents
+    }
     let workspace: StepWorkspace
     let placement: Placement
     /// Every rank's group words (`WS_*`), at addresses valid in this process.
@@ -64,7 +72,7 @@ final class StepEngine: @unchecked Sendable {
         shapes = CallShapes(config)
         self.device = device
         self.tuning = tuning
-        overlapsLaunches = tuning.overlapsLaunches && device.launchesDependents
+        overlapsLaunches = Self.overlapsLaunches(tuning, device: device, placement: placement)
         self.placement = placement
         self.workspaces = workspaces
         self.mask = mask

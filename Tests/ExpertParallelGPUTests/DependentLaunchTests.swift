@@ -98,7 +98,12 @@ struct DependentLaunchTests {
 
     @Test func olderDevicesAndDriversLaunchPlainly() throws {
         try MockCUDA.run { _ in
-            let driver = try MockCUDA.device().driver
+            let device = try MockCUDA.device()
+            #expect(StepEngine.overlapsLaunches(GPUTuning(), device: device, placement: .virtualRanks(rankStreams: [], joinEvents: [])))
+            #expect(!StepEngine.overlapsLaunches(GPUTuning(overlapsLaunches: false), device: device,
+                                                 placement: .virtualRanks(rankStreams: [], joinEvents: [])))
+            #expect(!StepEngine.overlapsLaunches(GPUTuning(), device: device, placement: .process(rank: 0)), "NCCL ranks: plain for now")
+            let driver = device.driver
             #expect(driver.launchesDependents(computeCapabilityMajor: 9))
             #expect(!driver.launchesDependents(computeCapabilityMajor: 8), "griddepcontrol needs sm_90")
         }
