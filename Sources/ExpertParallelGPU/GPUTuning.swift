@@ -26,11 +26,11 @@ public struct GPUTuning: Sendable, Hashable {
     /// per rank, at most 16; only the rank's last block to finish waits for the peers).
     public var updateChunkTokens: Int
     /// The step kernels of a virtual group launch as programmatic dependent launches where the
-    /// device and driver can (`GPUDevice.launchesDependents`; NCCL ranks: plain for now): a launch's blocks start while the kernel before it in
-    /// the stream finishes, and wait on the GPU (`griddepcontrol.wait`) for its results, so the
-    /// gap between dependent launches (dispatch, then combine; the HT update, then dispatch)
-    /// shrinks; a launch after an event or a copy is unaffected. Off: plain launches. Same
-    /// results either way.
+    /// device and driver can (`GPUDevice.launchesDependents`; NCCL ranks: plain for now): a
+    /// launch's blocks start while the kernel before it in the stream finishes, and wait on the
+    /// GPU (`griddepcontrol.wait`) for its results, so the gap between dependent launches
+    /// (dispatch, then combine; the HT update, then dispatch) shrinks; a launch after an event or
+    /// a copy is unaffected. Off: plain launches. Same results either way.
     public var overlapsLaunches: Bool
 
     public init(pipelineDepth: Int = 4, rowsInFlight: Int = 8, rowPieces: Int? = nil, blocksPerMultiprocessor: Int? = nil, fusesUpdate: Bool = true,

@@ -21,7 +21,7 @@ public final class NCCLRankGroup: StepGroup, @unchecked Sendable {
     public let rank: Int
     public let comm: NCCLComm
     public var tuning: GPUTuning { engine.tuning }
-    /// Whether the step kernels go as programmatic dependent launches (`GPUTuning.overlapsLaunches` where the device can).
+    /// Whether the step kernels go as programmatic dependent launches: not for NCCL ranks yet (`StepEngine.overlapsLaunches`).
     public var overlapsLaunches: Bool { engine.overlapsLaunches }
     public var stream: CUDAStream { engine.stream }
     public var localRanks: [Int] { [rank] }

@@ -20,16 +20,8 @@ final class StepEngine: @unchecked Sendable {
     let shapes: CallShapes
     let device: GPUDevice
     let tuning: GPUTuning
-    /// The one-launch step kernels go as programmatic dependent launches (`GPUTuning.overlapsLaunches`).
+    /// The one-launch step kernels go as programmatic dependent launches (`overlapsLaunches(_:device:placement:)`).
     let overlapsLaunches: Bool
-
-    /// Dependent launches where the tuning asks, the device and driver can, and the ranks are
-    /// virtual ranks of this process. NCCL ranks launch plainly until a run on several GPUs has
-    /// checked them (their kernels wait for peers in other processes; none has run dependent yet).
-    static func overlapsLaunches(_ tuning: GPUTuning, device: GPUDevice, placement: Placement) -> Bool {
-        guard case .virtualRanks = placement else { return false }
-        return tuning.overlapsLaunches && device.launchesDependents
-    }
     let workspace: StepWorkspace
     let placement: Placement
     /// Every rank's group words (`WS_*`), at addresses valid in this process.
@@ -60,6 +52,14 @@ final class StepEngine: @unchecked Sendable {
     private let args: StepArguments
     /// Caller streams given to calls since the last `synchronize()`: it waits for them too.
     private var callerStreams: [CUDAStream] = []
+
+    /// Dependent launches where the tuning asks, the device and driver can, and the ranks are
+    /// virtual ranks of this process. NCCL ranks launch plainly until a run on several GPUs has
+    /// checked them (their kernels wait for peers in other processes; none has run dependent yet).
+    static func overlapsLaunches(_ tuning: GPUTuning, device: GPUDevice, placement: Placement) -> Bool {
+        guard case .virtualRanks = placement else { return false }
+        return tuning.overlapsLaunches && device.launchesDependents
+    }
 
     init(
         config: GroupConfig, device: GPUDevice, tuning: GPUTuning, placement: Placement, workspaces: [DevicePointer],

@@ -178,8 +178,8 @@ enum MockCUDA {
     }
 
     /// A driver, NVRTC and NCCL over the mock tables, and a device opened through them
-    /// (an sm_90 GPU with 132 SMs; kernels "compiled" without a disk cache).
-    /// A device of the mock driver; `leaving` names driver symbols to leave out (an older driver).
+    /// (an sm_90 GPU with 132 SMs; kernels "compiled" without a disk cache); `leaving` names
+    /// driver symbols to leave out (an older driver).
     static func device(leaving missing: Set<String> = []) throws -> GPUDevice {
         let driver = try DriverLibrary(library: DynamicLibrary(name: DriverLibrary.libraryName, symbols: driverSymbols().filter { !missing.contains($0.key) }))
         let compiler = KernelCompiler(nvrtc: try nvrtc(), cache: nil)

@@ -986,11 +986,8 @@ ep_ht_combine(const EpArgs args) {
 #if EP_COMBINE_FEW_ROWS && !EP_EXPERT_MAJOR
         // Flat tokens of few rows (skewed routing: ~1.7 rows a token at ht-std --skew 1) load
         // EP_COMBINE_FEW_SPAN vectors of each row at once instead of EP_COMBINE_SPAN.
-        if (count <= EP_COMBINE_FEW_ROWS) {
-            ep_ht_combine_sum<EP_COMBINE_FEW_SPAN>(table, table_rank, warp, count, first, last, lane, row_out);
-            __syncwarp();
-            continue;
-        }
+        if (count <= EP_COMBINE_FEW_ROWS) ep_ht_combine_sum<EP_COMBINE_FEW_SPAN>(table, table_rank, warp, count, first, last, lane, row_out);
+        else
 #endif
         ep_ht_combine_sum<EP_COMBINE_SPAN>(table, table_rank, warp, count, first, last, lane, row_out);
         __syncwarp();   // every lane is done with this item's table before the next overwrites it
