@@ -189,6 +189,7 @@ class StackedCall:
         self._device = (device & 0xFFFFFFFF) << 32
         self._set = {}   # name -> (address, dtype, stride) as last written: a call's arguments mostly come back
         self._fields = None   # (tokens, direction, launch mode, phase, step) as last written
+        self._inputs = None   # (x, x type, idx, idx type, weights) as last written by inputs()
 
     def set(self, name, address, dtype=0, stride=0):
         """Argument `name`: rank 0's part at `address` (0: not given), parts `stride` bytes apart (0: packed)."""
@@ -196,11 +197,23 @@ class StackedCall:
         if self._set.get(name) == key:
             return
         self._set[name] = key
+        self._inputs = None
         i = self.index[name]
         words = self.words
         words[i] = address
         words[i + 1] = dtype | self._device
         words[i + 2] = stride
+
+    def inputs(self, x, x_type, idx, idx_type, weights):
+        """A forward dispatch's three stacked inputs (tokens, topk_idx, float32 topk_weights) at
+        once: one comparison when they are the last call's."""
+        key = (x, x_type, idx, idx_type, weights)
+        if key == self._inputs:
+            return
+        self.set("inputTokens", x, x_type)
+        self.set("topkIdx", idx, idx_type)
+        self.set("topkWeights", weights, _abi.F32)
+        self._inputs = key
 
     def fields(self, tokens, direction, mode, phase, step):
         """The call's scalar fields (`tokens` None: a combine, which has none); written only where

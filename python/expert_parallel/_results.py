@@ -77,6 +77,9 @@ class Handle:
     the end of a ``with`` block); later calls with it fail.
     """
 
+    __slots__ = ("group", "_pointer", "step", "slot", "slot_use", "tokens", "topk_idx", "topk_weights", "received_weights",
+                 "weight_addresses", "weight_stacked", "released", "__weakref__")   # made per dispatch: kept cheap
+
     def __init__(self, group: Any, pointer: Any = None) -> None:
         self.group = group
         self._pointer = pointer   # ctypes.c_void_p of an epStep_t; None: the group's own step
@@ -150,6 +153,15 @@ class DispatchResult:
         self.event = event
         self.hook = hook
         self.scales: Any = None   # FP8 groups: the received scales per rank
+
+    @classmethod
+    def _of_slot(cls, slot: Any, handle: Handle) -> "DispatchResult":
+        """The result of a dispatch into buffer slot `slot` (views of its buffers)."""
+        result = cls.__new__(cls)
+        result.tokens, result.topk_idx, result.topk_weights, result.handle = slot.views, slot.idx_views, slot.w_views, handle
+        result._layout, result.received, result.event, result.hook = None, slot.received, None, None
+        result.expert_counts, result.expert_source_counts, result.scales = slot.counts, slot.source_counts, slot.scale_views
+        return result
 
     @property
     def layout(self) -> Any:

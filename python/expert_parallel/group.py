@@ -21,6 +21,8 @@ __all__ = ["VirtualGroup", "DispatchResult", "Handle", "LayoutInfo"]
 _SIZE_HINT = "lower max_tokens or hidden (HT: set max_recv_tokens)"
 _INDEX_TYPES = frozenset((_abi.I32, _abi.I64))
 _F32_TYPES = frozenset((_abi.F32,))
+# dispatch()'s defaults, compared by identity on the data path (another equal string takes the general path)
+_SINGLE, _FORWARD = "single", "forward"
 
 
 def _device_ordinal(device):
@@ -141,6 +143,12 @@ class VirtualGroup(GroupBase):
         self._fn_combine_stacked = library.epGroupCombineStacked
         self._types_x, self._tail_x, self._tail_k = {self._input_element}, (h,), (k,)
         self._types_element = {self._element}
+        # What _dispatch_common compares, in one tuple (an FP8 pass-through group's e4m3 rows come
+        # with scales: never the common call).
+        self._common = (r, h, self.max_tokens, k, -1 if self._input_element == _abi.E4M3 else self._input_element, device)
+        # And _combine_common (HT expert-major padded takes the general path: its weights are the slot's).
+        self._common_combine = (self.layout == "expert_major", (r,) + tuple(recv),
+                                -1 if self.layout == "expert_major_padded" else self._element, device)
 
     def __repr__(self) -> str:
         return (f"VirtualGroup(ranks={self.ranks}, experts={self.experts}, hidden={self.hidden}, top_k={self.top_k}, "
@@ -170,6 +178,11 @@ class VirtualGroup(GroupBase):
         bytes); the received scales come back as ``result.scales``.
         """
         with self._lock:   # (the @locked of the other methods, in line: this is the data path)
+            if (out is None and scales is None and not send_only and not record_event and wait_event is None
+                    and launch is _SINGLE and direction is _FORWARD):
+                result = self._dispatch_common(xs, topk_idx, topk_weights, handle, stream)
+                if result is not None:
+                    return result
             self._check_open()
             r = self.ranks
             mode = 0 if type(launch) is str and launch == "single" else _option(launch, "launch", _abi.LAUNCH_MODES)
@@ -251,9 +264,8 @@ class VirtualGroup(GroupBase):
                 target.received_weights = out_views[2]
                 return DispatchResult(out_views[0], out_views[1], out_views[2], target, event=event, hook=hook)
             target.received_weights = slot.w_views
-            result = DispatchResult(slot.views, slot.idx_views, slot.w_views, target, received=slot.received,
-                                    expert_counts=slot.counts, expert_source_counts=slot.source_counts, event=event, hook=hook)
-            result.scales = slot.scale_views
+            result = DispatchResult._of_slot(slot, target)
+            result.event, result.hook = event, hook
             return result
 
     def combine(self, expert_outputs: PerRank, handle: Handle, *, direction: Direction = "forward",
@@ -275,6 +287,11 @@ class VirtualGroup(GroupBase):
         or ``(result, hook, event)``.
         """
         with self._lock:
+            if (out is None and weight_gradients is None and not send_only and not record_event and wait_event is None
+                    and launch is _SINGLE and direction is _FORWARD):
+                result = self._combine_common(expert_outputs, handle, stream)
+                if result is not None:
+                    return result
             self._check_open()
             r = self.ranks
             direction_value = 0 if type(direction) is str and direction == "forward" else _option(direction, "direction", _abi.DIRECTIONS)
@@ -440,17 +457,70 @@ class VirtualGroup(GroupBase):
             raise InvalidArgumentError(f"{name}: {b} tokens per rank; must be ≤ max_tokens ({self.max_tokens})")
         return address, code, b
 
+    def _dispatch_common(self, xs, topk_idx, topk_weights, handle, stream):
+        """dispatch() of the common call, in line: three stacked tensors ``[R, B, ...]`` of the
+        group's types on its device, forward, one launch, into the next buffer slot. None when
+        the call is anything else: the general path takes it (and names what is wrong)."""
+        tensor = type(xs)
+        if tensor is not _fast.tensor_type:   # look() learns torch's tensor type from the first tensor it sees
+            if _fast.tensor_type is not type(None) or _fast.look(xs, ()) is None or tensor is not _fast.tensor_type:
+                return None
+        if type(topk_idx) is not tensor or type(topk_weights) is not tensor or not self._group:
+            return None
+        ranks, hidden, max_tokens, top_k, element, device = self._common
+        codes = _fast.torch_codes
+        xsz, isz = xs.shape, topk_idx.shape
+        if len(xsz) != 3 or len(isz) != 3:
+            return None
+        b = xsz[1]
+        ic = codes.get(topk_idx.dtype)
+        if not (xsz[0] == ranks and xsz[2] == hidden and 0 <= b <= max_tokens and codes.get(xs.dtype) == element
+                and (ic == _abi.I32 or ic == _abi.I64) and codes.get(topk_weights.dtype) == _abi.F32 and isz == topk_weights.shape
+                and isz[0] == ranks and isz[1] == b and isz[2] == top_k and xs.get_device() == device
+                and topk_idx.get_device() == device and topk_weights.get_device() == device
+                and xs.is_contiguous() and topk_idx.is_contiguous() and topk_weights.is_contiguous()):
+            return None
+        if handle is not None:
+            self._check_handle(handle, dispatched=False)
+        index = self._next_slot
+        slot = self._slots[index]
+        if slot is None or slot.kind is not tensor:
+            slot = self._slot(index, xs)
+        self._next_slot = (index + 1) % self.buffer_slots
+        call = slot.dispatch_call or self._dispatch_call(slot)
+        weights = topk_weights.data_ptr()
+        call.inputs(xs.data_ptr(), element, topk_idx.data_ptr(), ic, weights)
+        target = handle if handle is not None else Handle(self)
+        call.fields(b, 0, 0, _abi.PHASE_WHOLE, target._pointer)
+        if target._pointer is None:
+            self._own_step += 1   # earlier handles of the group's own step are void from here on
+            target.step = self._own_step
+        target.tokens = target.slot = None
+        check_status(self._fn_dispatch_stacked(self._group, call.pointer, None if device == -1 else _fast.raw_stream(device, stream)))
+        target.tokens = [b] * ranks
+        target.topk_idx = topk_idx
+        target.topk_weights = topk_weights
+        target.weight_addresses = None
+        target.weight_stacked = weights
+        target.slot = index
+        target.slot_use = slot.use = slot.use + 1
+        target.received_weights = slot.w_views
+        return DispatchResult._of_slot(slot, target)
+
+    def _dispatch_call(self, slot):
+        """The slot's epStackedDispatch_t, made on first use: its outputs point at the slot's buffers for good."""
+        call = slot.dispatch_call = _fast.StackedCall(_abi.StackedDispatch, self._device)
+        for name, address, code in slot.stacked_outputs:
+            call.set(name, address, code)
+        return call
+
     def _dispatch_stacked(self, parts, xs, topk_idx, topk_weights, handle, direction, direction_value, mode, stream, wait_event,
                           record_event, send_only):
         """dispatch() of stacked arguments into the next buffer slot: one C call, update included."""
         b, x, idx, w, s = parts
         slot = self._slot(self._next_slot, xs)
         self._next_slot = (self._next_slot + 1) % self.buffer_slots
-        call = slot.dispatch_call
-        if call is None:   # each slot's struct points at the slot's buffers for good
-            call = slot.dispatch_call = _fast.StackedCall(_abi.StackedDispatch, self._device)
-            for name, address, code in slot.stacked_outputs:
-                call.set(name, address, code)
+        call = slot.dispatch_call or self._dispatch_call(slot)
         call.set("inputTokens", x[0], x[1])
         if idx is None:
             call.clear("topkIdx")
@@ -485,12 +555,62 @@ class VirtualGroup(GroupBase):
         target.slot = slot.index
         target.slot_use = slot.use = slot.use + 1
         target.received_weights = slot.w_views
-        hook = (lambda: self.complete(stream=stream)) if send_only else None  # noqa: E731
-        event = self._record(stream) if record_event else None
-        result = DispatchResult(slot.views, slot.idx_views, slot.w_views, target, received=slot.received,
-                                expert_counts=slot.counts, expert_source_counts=slot.source_counts, event=event, hook=hook)
-        result.scales = slot.scale_views
+        result = DispatchResult._of_slot(slot, target)
+        if send_only:
+            result.hook = lambda: self.complete(stream=stream)
+        if record_event:
+            result.event = self._record(stream)
         return result
+
+    def _combine_common(self, expert_outputs, handle, stream):
+        """combine() of the common call, in line: one stacked tensor ``[R, *recv_shape]`` of the
+        group's type on its device, forward, one launch, into the slot of a live handle whose
+        dispatch was stacked (an HT expert-major padded group: never). None when the call is
+        anything else: the general path takes it (and names what is wrong)."""
+        if (type(expert_outputs) is not _fast.tensor_type or type(handle) is not Handle or handle.group is not self
+                or handle.released or not self._group or (handle._pointer is None and handle.step != self._own_step)):
+            return None
+        index = handle.slot
+        if index is None or index < 0:
+            return None
+        slot = self._slots[index]
+        forward_ll, shape, element, device = self._common_combine
+        if slot is None or slot.kind is not type(expert_outputs) or (forward_ll and handle.weight_stacked is None):
+            return None
+        if not (expert_outputs.shape == shape and _fast.torch_codes.get(expert_outputs.dtype) == element
+                and expert_outputs.get_device() == device and expert_outputs.is_contiguous()):
+            return None
+        combined = slot.combine_targets(handle.tokens, False)[0]
+        call = slot.combine_call if slot.combine_kind == (forward_ll, False, False) else self._combine_call(slot, (forward_ll, False, False))
+        call.set("expertOutputs", expert_outputs.data_ptr(), element)
+        if forward_ll:
+            call.set("topkWeights", handle.weight_stacked, _abi.F32)
+        call.fields(None, 0, 0, _abi.PHASE_WHOLE, handle._pointer)
+        check_status(self._fn_combine_stacked(self._group, call.pointer, None if device == -1 else _fast.raw_stream(device, stream)))
+        return combined
+
+    def _combine_call(self, slot, fixed):
+        """The slot's epStackedCombine_t (made on first use), its fields that depend only on the
+        slot and the kind of call, `fixed` = (forward LL expert-major, forward HT padded,
+        backward HT), written for that kind."""
+        call = slot.combine_call
+        if call is None:
+            call = slot.combine_call = _fast.StackedCall(_abi.StackedCombine, self._device)
+        if fixed != slot.combine_kind:
+            forward_ll, padded_forward, backward_ht = fixed
+            row_bytes = self.hidden * _abi.DTYPE_SIZES[self._element]
+            call.set("combinedTokens", slot.stacked_address("combined"), self._element, self.max_tokens * row_bytes)
+            if backward_ht:
+                call.set("topkWeightGradients", slot.stacked_address("weight_grads"), _abi.F32, self.max_tokens * self.top_k * 4)
+            else:
+                call.clear("topkWeightGradients")
+                call.clear("weightGradients")
+            if padded_forward:
+                call.set("topkWeights", slot.stacked_address("topk_weights"), _abi.F32)
+            elif not forward_ll:
+                call.clear("topkWeights")
+            slot.combine_kind = fixed
+        return call
 
     def _combine_stacked(self, expert_outputs, handle, direction, direction_value, mode, backward_ht, weight_gradients, stream,
                          wait_event, record_event, send_only):
@@ -516,23 +636,7 @@ class VirtualGroup(GroupBase):
         if padded_forward:
             self._require_slot(slot, handle)   # the per-slot weights are the slot's: a later dispatch into it rewrote them
         combined, grads = slot.combine_targets(handle.tokens, backward_ht)
-        call = slot.combine_call
-        if call is None:
-            call = slot.combine_call = _fast.StackedCall(_abi.StackedCombine, self._device)
-        fixed = (forward_ll, padded_forward, backward_ht)
-        if fixed != slot.combine_kind:   # the fields that depend only on the slot and the kind of call
-            row_bytes = self.hidden * _abi.DTYPE_SIZES[self._element]
-            call.set("combinedTokens", slot.stacked_address("combined"), self._element, self.max_tokens * row_bytes)
-            if backward_ht:
-                call.set("topkWeightGradients", slot.stacked_address("weight_grads"), _abi.F32, self.max_tokens * self.top_k * 4)
-            else:
-                call.clear("topkWeightGradients")
-                call.clear("weightGradients")
-            if padded_forward:
-                call.set("topkWeights", slot.stacked_address("topk_weights"), _abi.F32)
-            elif not forward_ll:
-                call.clear("topkWeights")
-            slot.combine_kind = fixed
+        call = self._combine_call(slot, (forward_ll, padded_forward, backward_ht))
         call.set("expertOutputs", y[0], y[1])
         if forward_ll:
             call.set("topkWeights", handle.weight_stacked, _abi.F32)

@@ -259,3 +259,58 @@ def test_a_masked_rank_gets_the_same_from_stacked_and_per_rank_calls(algorithm, 
     assert not counts_b[1].any()
     for a, c in zip(combined_a, combined_b):
         np.testing.assert_array_equal(c, a)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algorithm,layout,alignment", LAYOUTS)
+def test_the_common_call_takes_the_in_line_path_with_the_general_paths_bits(device, algorithm, layout, alignment):
+    """Three stacked torch tensors, forward, one launch (the decode loop's call): dispatch and
+    combine take the in-line path (the general path is not entered), with the group's own step
+    and with handles of its own, over several steps that take turns in the buffer slots; every
+    result has the bits of a group made to take the general path, and a call the in-line path
+    does not take (an int64 routing, a wrong shape) still gets the general path's result or error."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(17)
+    r, e, k, h, b = 3, 12, 3, 32, 5
+    shape = dict(ranks=r, experts=e, hidden=h, top_k=k, max_tokens=b, algorithm=algorithm, layout=layout,
+                 alignment=alignment, dtype="f32", device=device)
+    fast, general = ep.VirtualGroup(**shape), ep.VirtualGroup(**shape)
+
+    def refuse(*_):
+        raise AssertionError("the common call entered the general path")
+
+    fast._stacked_parts = refuse
+    padded = layout == "expert_major_padded"   # its combine reads the slot's weights: the general path's
+    if not padded:
+        fast._combine_stacked = refuse
+    general._dispatch_common = general._combine_common = lambda *_: None
+
+    def tensor(array):
+        return torch.from_numpy(array).to(device)
+
+    own = [g.handle() for g in (fast, general)]
+    for step in range(5):
+        x = tensor(rng.standard_normal((r, b, h)).astype(np.float32))
+        idx = tensor(np.stack([random_routing(rng, b, e, k) for _ in range(r)]).astype(np.int32))
+        w = tensor(rng.random((r, b, k)).astype(np.float32))
+        ys = tensor(rng.standard_normal((r,) + fast.recv_shape).astype(np.float32))
+        seen = []
+        for g, handle in zip((fast, general), own):
+            out = g.dispatch(x, idx, w, handle=handle if step % 2 else None)
+            got = [bits(out.received), bits(out.expert_counts), bits(out.expert_source_counts)]
+            if out.topk_idx is not None:
+                got += [bits(t) for t in out.topk_idx] + [bits(t) for t in out.topk_weights]
+            got += [bits(c) for c in g.combine(ys, out.handle)]
+            seen.append(got)
+        assert len(seen[0]) == len(seen[1])
+        for i, (a, c) in enumerate(zip(seen[1], seen[0])):
+            np.testing.assert_array_equal(c, a, err_msg=f"step {step}, result {i}")
+    del fast._stacked_parts   # the general path again, for what the in-line path leaves to it
+    out = fast.dispatch(x, idx.to(torch.int64), w)
+    want = general.dispatch(x, idx, w)
+    np.testing.assert_array_equal(bits(out.received), bits(want.received))
+    with pytest.raises(ep.InvalidArgumentError, match="xs"):
+        fast.dispatch(x[:, :, : h - 1], idx, w)
+    for g in (fast, general):
+        g.check()
+        g.close()
