@@ -39,16 +39,18 @@ extension GroupConfig {
 /// What a dispatch's and a combine's tensors must be, worked out once per group: a check against
 /// it allocates nothing, which matters where every rank's tensors are checked on every call (the
 /// GPU groups). Same checks and messages as `GroupConfig.validateDispatch` / `validateCombine`.
-public struct CallShapes: Sendable {
+/// A class: a call passes one reference, not a copy whose every array is retained and released.
+public final class CallShapes: Sendable {
     public let config: GroupConfig
     private let dispatchInputTypes: [DataType]
     private let receiveTypes: [DataType]
-    private let receiveShape: [Int]
-    private let receiveRoutingShape: [Int]?
-    private let receiveScalesShape: [Int]?
-    private let countsShape: [Int]
-    private let sourceCountsShape: [Int]
-    private let slotWeightsShape: [Int]
+    /// The config's shapes, made once (the config computes a new array each time it is asked).
+    public let receiveShape: [Int]
+    public let receiveRoutingShape: [Int]?
+    public let receiveScalesShape: [Int]?
+    public let countsShape: [Int]
+    public let sourceCountsShape: [Int]
+    public let slotWeightsShape: [Int]
     private let elementTypes: [DataType]
     private let scaleTypes: [DataType]
     private static let f32: [DataType] = [.f32], i32: [DataType] = [.i32], indices: [DataType] = [.i32, .i64]

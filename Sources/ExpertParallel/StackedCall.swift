@@ -158,12 +158,12 @@ public struct CheckedStackedDispatch: Sendable {
         let scaleWords = config.fp8Format?.scaleWordsPerRow ?? 1
         let input = DispatchInput(tokens: call.inputs.part(0, shape: [b, config.hidden]), topkWeights: part(call.topkWeights, [b, k]),
                                   scales: part(call.scales, [b, scaleWords]))
-        let routing = config.receiveRoutingShape ?? []
+        let routing = shapes.receiveRoutingShape ?? []
         let output = DispatchOutput(
-            tokens: call.received.part(0, shape: config.receiveShape), topkIdx: part(call.receivedTopkIdx, routing),
-            topkWeights: part(call.receivedTopkWeights, routing), expertCounts: part(call.expertCounts, [config.localExperts]),
-            expertSourceCounts: part(call.expertSourceCounts, [config.localExperts, config.ranks]),
-            scales: part(call.receivedScales, config.receiveScalesShape ?? []))
+            tokens: call.received.part(0, shape: shapes.receiveShape), topkIdx: part(call.receivedTopkIdx, routing),
+            topkWeights: part(call.receivedTopkWeights, routing), expertCounts: part(call.expertCounts, shapes.countsShape),
+            expertSourceCounts: part(call.expertSourceCounts, shapes.sourceCountsShape),
+            scales: part(call.receivedScales, shapes.receiveScalesShape ?? []))
         try shapes.validateDispatch(input, output, tokens: b, location: location)
         self.input = input
         self.output = output
@@ -242,10 +242,10 @@ public struct CheckedStackedCombine: Sendable {
         self.tokens = tokens
         let most = tokens.max() ?? 0, k = config.topK
         func part(_ t: StackedTensor?, _ shape: [Int]) -> TensorRef? { t.map { $0.part(0, shape: shape) } }
-        let routing = config.receiveRoutingShape ?? []
+        let routing = shapes.receiveRoutingShape ?? []
         // The weights combine applies: the source's [B, K] (LL expert-major), the per-slot [N] (HT expert-major).
-        let weightsShape = config.layout == .expertMajor ? [most, k] : [config.receiveCapacity]
-        let input = CombineInput(expertOutputs: call.expertOutputs.part(0, shape: config.receiveShape),
+        let weightsShape = config.layout == .expertMajor ? [most, k] : shapes.slotWeightsShape
+        let input = CombineInput(expertOutputs: call.expertOutputs.part(0, shape: shapes.receiveShape),
                                  topkWeights: part(call.topkWeights, weightsShape), weightGradients: part(call.weightGradients, routing))
         let output = CombineOutput(tokens: call.combined.part(0, shape: [most, config.hidden]),
                                    topkWeightGradients: part(call.topkWeightGradients, [most, k]))
