@@ -463,7 +463,8 @@ class VirtualGroup(GroupBase):
         the call is anything else: the general path takes it (and names what is wrong)."""
         tensor = type(xs)
         if tensor is not _fast.tensor_type:   # look() learns torch's tensor type from the first tensor it sees
-            if _fast.tensor_type is not type(None) or _fast.look(xs, ()) is None or tensor is not _fast.tensor_type:
+            if (_fast.tensor_type is not type(None) or tensor.__name__ != "Tensor" or _fast.look(xs, ()) is None
+                    or tensor is not _fast.tensor_type):
                 return None
         if type(topk_idx) is not tensor or type(topk_weights) is not tensor or not self._group:
             return None
