@@ -178,9 +178,8 @@ class VirtualGroup(GroupBase):
         bytes); the received scales come back as ``result.scales``.
         """
         with self._lock:   # (the @locked of the other methods, in line: this is the data path)
-            if (out is None and scales is None and not send_only and not record_event and wait_event is None
-                    and launch is _SINGLE and direction is _FORWARD):
-                result = self._dispatch_common(xs, topk_idx, topk_weights, handle, stream)
+            if out is None and scales is None and launch is _SINGLE and direction is _FORWARD:
+                result = self._dispatch_common(xs, topk_idx, topk_weights, handle, stream, wait_event, record_event, send_only)
                 if result is not None:
                     return result
             self._check_open()
@@ -287,9 +286,8 @@ class VirtualGroup(GroupBase):
         or ``(result, hook, event)``.
         """
         with self._lock:
-            if (out is None and weight_gradients is None and not send_only and not record_event and wait_event is None
-                    and launch is _SINGLE and direction is _FORWARD):
-                result = self._combine_common(expert_outputs, handle, stream)
+            if out is None and weight_gradients is None and launch is _SINGLE and direction is _FORWARD:
+                result = self._combine_common(expert_outputs, handle, stream, wait_event, record_event, send_only)
                 if result is not None:
                     return result
             self._check_open()
@@ -457,10 +455,11 @@ class VirtualGroup(GroupBase):
             raise InvalidArgumentError(f"{name}: {b} tokens per rank; must be ≤ max_tokens ({self.max_tokens})")
         return address, code, b
 
-    def _dispatch_common(self, xs, topk_idx, topk_weights, handle, stream):
+    def _dispatch_common(self, xs, topk_idx, topk_weights, handle, stream, wait_event, record_event, send_only):
         """dispatch() of the common call, in line: three stacked tensors ``[R, B, ...]`` of the
-        group's types on its device, forward, one launch, into the next buffer slot. None when
-        the call is anything else: the general path takes it (and names what is wrong)."""
+        group's types on its device, forward, one launch, into the next buffer slot (the overlap
+        arguments as dispatch() takes them). None when the call is anything else: the general
+        path takes it (and names what is wrong)."""
         tensor = type(xs)
         if tensor is not _fast.tensor_type:   # look() learns torch's tensor type from the first tensor it sees
             if (_fast.tensor_type is not type(None) or tensor.__name__ != "Tensor" or _fast.look(xs, ()) is None
@@ -492,7 +491,9 @@ class VirtualGroup(GroupBase):
         weights = topk_weights.data_ptr()
         call.inputs(xs.data_ptr(), element, topk_idx.data_ptr(), ic, weights)
         target = handle if handle is not None else Handle(self)
-        call.fields(b, 0, 0, _abi.PHASE_WHOLE, target._pointer)
+        call.fields(b, 0, 0, _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, target._pointer)
+        if wait_event is not None:
+            _fast.torch_stream(device, stream).wait_event(wait_event)
         if target._pointer is None:
             self._own_step += 1   # earlier handles of the group's own step are void from here on
             target.step = self._own_step
@@ -506,7 +507,12 @@ class VirtualGroup(GroupBase):
         target.slot = index
         target.slot_use = slot.use = slot.use + 1
         target.received_weights = slot.w_views
-        return DispatchResult._of_slot(slot, target)
+        result = DispatchResult._of_slot(slot, target)
+        if send_only:
+            result.hook = lambda: self.complete(stream=stream)
+        if record_event:
+            result.event = self._record(stream)
+        return result
 
     def _dispatch_call(self, slot):
         """The slot's epStackedDispatch_t, made on first use: its outputs point at the slot's buffers for good."""
@@ -563,11 +569,12 @@ class VirtualGroup(GroupBase):
             result.event = self._record(stream)
         return result
 
-    def _combine_common(self, expert_outputs, handle, stream):
+    def _combine_common(self, expert_outputs, handle, stream, wait_event, record_event, send_only):
         """combine() of the common call, in line: one stacked tensor ``[R, *recv_shape]`` of the
         group's type on its device, forward, one launch, into the slot of a live handle whose
-        dispatch was stacked (an HT expert-major padded group: never). None when the call is
-        anything else: the general path takes it (and names what is wrong)."""
+        dispatch was stacked (an HT expert-major padded group: never), the overlap arguments as
+        combine() takes them. None when the call is anything else: the general path takes it
+        (and names what is wrong)."""
         if (type(expert_outputs) is not _fast.tensor_type or type(handle) is not Handle or handle.group is not self
                 or handle.released or not self._group or (handle._pointer is None and handle.step != self._own_step)):
             return None
@@ -586,9 +593,11 @@ class VirtualGroup(GroupBase):
         call.set("expertOutputs", expert_outputs.data_ptr(), element)
         if forward_ll:
             call.set("topkWeights", handle.weight_stacked, _abi.F32)
-        call.fields(None, 0, 0, _abi.PHASE_WHOLE, handle._pointer)
+        call.fields(None, 0, 0, _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, handle._pointer)
+        if wait_event is not None:
+            _fast.torch_stream(device, stream).wait_event(wait_event)
         check_status(self._fn_combine_stacked(self._group, call.pointer, None if device == -1 else _fast.raw_stream(device, stream)))
-        return combined
+        return self._combine_result(combined, send_only, record_event, stream) if send_only or record_event else combined
 
     def _combine_call(self, slot, fixed):
         """The slot's epStackedCombine_t (made on first use), its fields that depend only on the

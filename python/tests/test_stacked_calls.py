@@ -266,7 +266,8 @@ def test_a_masked_rank_gets_the_same_from_stacked_and_per_rank_calls(algorithm, 
 def test_the_common_call_takes_the_in_line_path_with_the_general_paths_bits(device, algorithm, layout, alignment):
     """Three stacked torch tensors, forward, one launch (the decode loop's call): dispatch and
     combine take the in-line path (the general path is not entered), with the group's own step
-    and with handles of its own, over several steps that take turns in the buffer slots; every
+    and with handles of its own, over several steps that take turns in the buffer slots, one
+    step's halves enqueued apart (send_only, the hook; on the GPU an event recorded after); every
     result has the bits of a group made to take the general path, and a call the in-line path
     does not take (an int64 routing, a wrong shape) still gets the general path's result or error."""
     torch = pytest.importorskip("torch")
@@ -295,12 +296,21 @@ def test_the_common_call_takes_the_in_line_path_with_the_general_paths_bits(devi
         w = tensor(rng.random((r, b, k)).astype(np.float32))
         ys = tensor(rng.standard_normal((r,) + fast.recv_shape).astype(np.float32))
         seen = []
+        overlap = step == 3   # the halves enqueued apart (send_only, then the hook), an event recorded after each
         for g, handle in zip((fast, general), own):
-            out = g.dispatch(x, idx, w, handle=handle if step % 2 else None)
+            out = g.dispatch(x, idx, w, handle=handle if step % 2 else None, send_only=overlap, record_event=overlap and GPU)
+            if overlap:
+                out.hook()
+                assert (out.event is not None) == (device != "cpu")
             got = [bits(out.received), bits(out.expert_counts), bits(out.expert_source_counts)]
             if out.topk_idx is not None:
                 got += [bits(t) for t in out.topk_idx] + [bits(t) for t in out.topk_weights]
-            got += [bits(c) for c in g.combine(ys, out.handle)]
+            if overlap:
+                combined, hook = g.combine(ys, out.handle, send_only=True)
+                hook()
+            else:
+                combined = g.combine(ys, out.handle)
+            got += [bits(c) for c in combined]
             seen.append(got)
         assert len(seen[0]) == len(seen[1])
         for i, (a, c) in enumerate(zip(seen[1], seen[0])):
