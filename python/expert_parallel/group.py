@@ -504,7 +504,12 @@ class VirtualGroup(GroupBase):
         target.topk_weights = topk_weights
         target.weight_addresses = None
         target.weight_stacked = weights
-        target.slot = index
+        return self._slot_result(slot, target, stream, send_only, record_event)
+
+    def _slot_result(self, slot, target, stream, send_only, record_event):
+        """A dispatch's result: `target`'s step now in buffer slot `slot`, with the hook
+        (send_only) and the event recorded after the call (record_event)."""
+        target.slot = slot.index
         target.slot_use = slot.use = slot.use + 1
         target.received_weights = slot.w_views
         result = DispatchResult._of_slot(slot, target)
@@ -559,15 +564,7 @@ class VirtualGroup(GroupBase):
             target.topk_weights = topk_weights
             target.weight_addresses = None
             target.weight_stacked = w[0]
-        target.slot = slot.index
-        target.slot_use = slot.use = slot.use + 1
-        target.received_weights = slot.w_views
-        result = DispatchResult._of_slot(slot, target)
-        if send_only:
-            result.hook = lambda: self.complete(stream=stream)
-        if record_event:
-            result.event = self._record(stream)
-        return result
+        return self._slot_result(slot, target, stream, send_only, record_event)
 
     def _combine_common(self, expert_outputs, handle, stream, wait_event, record_event, send_only):
         """combine() of the common call, in line: one stacked tensor ``[R, *recv_shape]`` of the
