@@ -42,8 +42,8 @@ extension GroupConfig {
 /// A class: a call passes one reference, not a copy whose every array is retained and released.
 public final class CallShapes: Sendable {
     public let config: GroupConfig
-    private let dispatchInputTypes: [DataType]
-    private let receiveTypes: [DataType]
+    let dispatchInputTypes: [DataType]
+    let receiveTypes: [DataType]
     /// The config's shapes, made once (the config computes a new array each time it is asked).
     public let receiveShape: [Int]
     public let receiveRoutingShape: [Int]?
@@ -51,9 +51,9 @@ public final class CallShapes: Sendable {
     public let countsShape: [Int]
     public let sourceCountsShape: [Int]
     public let slotWeightsShape: [Int]
-    private let elementTypes: [DataType]
-    private let scaleTypes: [DataType]
-    private static let f32: [DataType] = [.f32], i32: [DataType] = [.i32], indices: [DataType] = [.i32, .i64]
+    let elementTypes: [DataType]
+    let scaleTypes: [DataType]
+    static let f32: [DataType] = [.f32], i32: [DataType] = [.i32], indices: [DataType] = [.i32, .i64]
 
     public init(_ config: GroupConfig) {
         self.config = config

@@ -24,15 +24,16 @@ public struct StackedTensor: Sendable, Equatable {
         return TensorRef(address: UnsafeMutableRawPointer(bitPattern: base), dtype: dtype, shape: shape, location: location)
     }
 
-    /// The byte stride between parts of `shape`, after checking it: 0 means packed; a given
-    /// stride must hold a part and keep every part `alignment`-aligned, as rank 0's address must be.
-    /// The name is built only for an error: the data path allocates nothing for it.
-    public func stride(_ name: @autoclosure () -> String, shape: [Int], alignment: Int, ranks: Int) throws(EPError) -> Int {
-        let bytes = shape.reduce(1, *) * dtype.byteSize
+    /// The byte stride between parts of `elements` elements (`shape`), after checking it: 0 means
+    /// packed; a given stride must hold a part and keep every part `alignment`-aligned, as rank
+    /// 0's address must be. The name and the shape are built only for an error: the data path
+    /// allocates nothing for them.
+    public func stride(_ name: @autoclosure () -> String, elements: Int, shape: @autoclosure () -> [Int], alignment: Int, ranks: Int) throws(EPError) -> Int {
+        let bytes = elements * dtype.byteSize
         let most = (1 << 62) / max(ranks, 1)   // every rank's address stays far inside 64 bits
         guard rankStride >= 0, rankStride == 0 || rankStride >= bytes, rankStride <= most else {
             throw .invalidArgument(field: "\(name()).rankStride", value: "\(rankStride)",
-                                   requirement: "must be 0 (packed) or in \(bytes)...\(most): at least the bytes of one rank's \(dtype)\(shape)")
+                                   requirement: "must be 0 (packed) or in \(bytes)...\(most): at least the bytes of one rank's \(dtype)\(shape())")
         }
         let step = rankStride != 0 ? rankStride : bytes
         guard UInt64.max - address >= UInt64(step) * UInt64(ranks) else {
@@ -120,12 +121,11 @@ public struct StackedCombine: Sendable {
 /// and the strides between ranks (for those that compute addresses). Rank 0's tensors go
 /// through the same checks as a per-rank call's (same messages, without a rank prefix); every
 /// rank's part has the same type, shape and place, so that checks them all, with the strides.
+/// The checks first read the descriptions themselves (`CallShapes.passesDispatch`); only a call
+/// that fails there builds the views and names what is wrong (the data path builds none).
 public struct CheckedStackedDispatch: Sendable {
     public let call: StackedDispatch
-    /// Rank 0's arguments (the update's routing, or nil; the dispatch input and output).
-    public let topkIdx: TensorRef?
-    public let input: DispatchInput
-    public let output: DispatchOutput
+    let shapes: CallShapes
     let strides: StackedStrides<Field>
 
     /// The fields that carry a tensor, in a fixed order.
@@ -139,6 +139,13 @@ public struct CheckedStackedDispatch: Sendable {
     /// Rank `rank`'s address of `field` (0 where not given).
     public func address(_ field: Field, rank: Int) -> UInt64 { strides.address(call[field], field, rank: rank) }
 
+    /// Rank 0's update routing (nil without topkIdx), as a view.
+    public var topkIdx: TensorRef? { call.topkIdx.map { $0.part(0, shape: shapes.shape(.topkIdx, tokens: call.tokens)) } }
+
+    /// Rank 0's dispatch input and output, as views.
+    public var input: DispatchInput { Self.views(call, shapes).input }
+    public var output: DispatchOutput { Self.views(call, shapes).output }
+
     public init(_ call: StackedDispatch, shapes: CallShapes, location: MemoryLocation, stepTokens: Int?) throws(EPError) {
         let config = shapes.config
         guard call.tokens >= 0, call.tokens <= config.maxTokensPerRank else {
@@ -148,40 +155,26 @@ public struct CheckedStackedDispatch: Sendable {
             throw .invalidArgument(field: "tokens", value: "\(call.tokens)", requirement: "must be the step's (\(stepTokens)) when no topkIdx is given")
         }
         self.call = call
-        let b = call.tokens, k = config.topK
-        func part(_ t: StackedTensor?, _ shape: [Int]) -> TensorRef? { t.map { $0.part(0, shape: shape) } }
-        let idx = part(call.topkIdx, [b, k])
-        if let idx {
-            try TensorCheck.require(idx, "topkIdx", dtypes: [.i32, .i64], rows: b, columns: k, location: location)
-        }
-        topkIdx = idx
-        let scaleWords = config.fp8Format?.scaleWordsPerRow ?? 1
-        let input = DispatchInput(tokens: call.inputs.part(0, shape: [b, config.hidden]), topkWeights: part(call.topkWeights, [b, k]),
-                                  scales: part(call.scales, [b, scaleWords]))
-        let routing = shapes.receiveRoutingShape ?? []
-        let output = DispatchOutput(
-            tokens: call.received.part(0, shape: shapes.receiveShape), topkIdx: part(call.receivedTopkIdx, routing),
-            topkWeights: part(call.receivedTopkWeights, routing), expertCounts: part(call.expertCounts, shapes.countsShape),
-            expertSourceCounts: part(call.expertSourceCounts, shapes.sourceCountsShape),
-            scales: part(call.receivedScales, shapes.receiveScalesShape ?? []))
-        try shapes.validateDispatch(input, output, tokens: b, location: location)
-        self.input = input
-        self.output = output
-        strides = try StackedStrides(ranks: config.ranks) { field in
-            let view: TensorRef? = switch field {
-            case .topkIdx: idx
-            case .inputs: input.tokens
-            case .topkWeights: input.topkWeights
-            case .scales: input.scales
-            case .received: output.tokens
-            case .receivedTopkIdx: output.topkIdx
-            case .receivedTopkWeights: output.topkWeights
-            case .receivedScales: output.scales
-            case .expertCounts: output.expertCounts
-            case .expertSourceCounts: output.expertSourceCounts
+        self.shapes = shapes
+        let b = call.tokens
+        if !shapes.passesDispatch(call, location: location) {
+            // The checks of a per-rank call on rank 0's views: they name what is wrong.
+            if let idx = call.topkIdx.map({ $0.part(0, shape: shapes.shape(.topkIdx, tokens: b)) }) {
+                try TensorCheck.require(idx, "topkIdx", dtypes: [.i32, .i64], rows: b, columns: config.topK, location: location)
             }
-            return view.map { (call[field], $0, field == .inputs || field == .received) }
+            let views = Self.views(call, shapes)
+            try shapes.validateDispatch(views.input, views.output, tokens: b, location: location)
         }
+        strides = try StackedStrides(ranks: config.ranks) { field in
+            call[field].map { ($0, shapes.elements(field, tokens: b), { shapes.shape(field, tokens: b) }, field == .inputs || field == .received) }
+        }
+    }
+
+    private static func views(_ call: StackedDispatch, _ shapes: CallShapes) -> (input: DispatchInput, output: DispatchOutput) {
+        func part(_ field: Field) -> TensorRef? { call[field].map { $0.part(0, shape: shapes.shape(field, tokens: call.tokens)) } }
+        return (DispatchInput(tokens: part(.inputs)!, topkWeights: part(.topkWeights), scales: part(.scales)),
+                DispatchOutput(tokens: part(.received)!, topkIdx: part(.receivedTopkIdx), topkWeights: part(.receivedTopkWeights),
+                               expertCounts: part(.expertCounts), expertSourceCounts: part(.expertSourceCounts), scales: part(.receivedScales)))
     }
 
     /// Rank `rank`'s update routing (nil without topkIdx), dispatch input and output, as views.
@@ -191,13 +184,14 @@ public struct CheckedStackedDispatch: Sendable {
             view.address = UnsafeMutableRawPointer(bitPattern: UInt(address(field, rank: rank)))
             return view
         }
-        let input = DispatchInput(tokens: moved(self.input.tokens, .inputs)!, topkWeights: moved(self.input.topkWeights, .topkWeights),
-                                  scales: moved(self.input.scales, .scales))
-        let output = DispatchOutput(
-            tokens: moved(self.output.tokens, .received)!, topkIdx: moved(self.output.topkIdx, .receivedTopkIdx),
-            topkWeights: moved(self.output.topkWeights, .receivedTopkWeights), expertCounts: moved(self.output.expertCounts, .expertCounts),
-            expertSourceCounts: moved(self.output.expertSourceCounts, .expertSourceCounts), scales: moved(self.output.scales, .receivedScales))
-        return (moved(topkIdx, .topkIdx), input, output)
+        let (input, output) = Self.views(call, shapes)
+        let moves = DispatchInput(tokens: moved(input.tokens, .inputs)!, topkWeights: moved(input.topkWeights, .topkWeights),
+                                  scales: moved(input.scales, .scales))
+        let outputs = DispatchOutput(
+            tokens: moved(output.tokens, .received)!, topkIdx: moved(output.topkIdx, .receivedTopkIdx),
+            topkWeights: moved(output.topkWeights, .receivedTopkWeights), expertCounts: moved(output.expertCounts, .expertCounts),
+            expertSourceCounts: moved(output.expertSourceCounts, .expertSourceCounts), scales: moved(output.scales, .receivedScales))
+        return (moved(topkIdx, .topkIdx), moves, outputs)
     }
 }
 
@@ -223,8 +217,7 @@ extension StackedDispatch {
 public struct CheckedStackedCombine: Sendable {
     public let call: StackedCombine
     public let tokens: [Int]
-    public let input: CombineInput
-    public let output: CombineOutput
+    let shapes: CallShapes
     let strides: StackedStrides<Field>
 
     public enum Field: Int, CaseIterable, Sendable {
@@ -236,32 +229,28 @@ public struct CheckedStackedCombine: Sendable {
     /// Rank `rank`'s address of `field` (0 where not given).
     public func address(_ field: Field, rank: Int) -> UInt64 { strides.address(call[field], field, rank: rank) }
 
+    /// Rank 0's combine input and output, as views (for the most tokens of any rank).
+    public var input: CombineInput { Self.views(call, shapes, most: tokens.max() ?? 0).input }
+    public var output: CombineOutput { Self.views(call, shapes, most: tokens.max() ?? 0).output }
+
     public init(_ call: StackedCombine, tokens: [Int], direction: PassDirection, shapes: CallShapes, location: MemoryLocation) throws(EPError) {
-        let config = shapes.config
         self.call = call
         self.tokens = tokens
-        let most = tokens.max() ?? 0, k = config.topK
-        func part(_ t: StackedTensor?, _ shape: [Int]) -> TensorRef? { t.map { $0.part(0, shape: shape) } }
-        let routing = shapes.receiveRoutingShape ?? []
-        // The weights combine applies: the source's [B, K] (LL expert-major), the per-slot [N] (HT expert-major).
-        let weightsShape = config.layout == .expertMajor ? [most, k] : shapes.slotWeightsShape
-        let input = CombineInput(expertOutputs: call.expertOutputs.part(0, shape: shapes.receiveShape),
-                                 topkWeights: part(call.topkWeights, weightsShape), weightGradients: part(call.weightGradients, routing))
-        let output = CombineOutput(tokens: call.combined.part(0, shape: [most, config.hidden]),
-                                   topkWeightGradients: part(call.topkWeightGradients, [most, k]))
-        try shapes.validateCombine(input, output, tokens: most, direction: direction, location: location)
-        self.input = input
-        self.output = output
-        strides = try StackedStrides(ranks: config.ranks) { field in
-            let view: TensorRef? = switch field {
-            case .expertOutputs: input.expertOutputs
-            case .topkWeights: input.topkWeights
-            case .weightGradients: input.weightGradients
-            case .combined: output.tokens
-            case .topkWeightGradients: output.topkWeightGradients
-            }
-            return view.map { (call[field], $0, field == .expertOutputs || field == .combined) }
+        self.shapes = shapes
+        let most = tokens.max() ?? 0
+        if !shapes.passesCombine(call, tokens: most, direction: direction, location: location) {
+            let views = Self.views(call, shapes, most: most)   // the per-rank checks on rank 0's views: they name what is wrong
+            try shapes.validateCombine(views.input, views.output, tokens: most, direction: direction, location: location)
         }
+        strides = try StackedStrides(ranks: shapes.config.ranks) { field in
+            call[field].map { ($0, shapes.elements(field, tokens: most), { shapes.shape(field, tokens: most) }, field == .expertOutputs || field == .combined) }
+        }
+    }
+
+    private static func views(_ call: StackedCombine, _ shapes: CallShapes, most: Int) -> (input: CombineInput, output: CombineOutput) {
+        func part(_ field: Field) -> TensorRef? { call[field].map { $0.part(0, shape: shapes.shape(field, tokens: most)) } }
+        return (CombineInput(expertOutputs: part(.expertOutputs)!, topkWeights: part(.topkWeights), weightGradients: part(.weightGradients)),
+                CombineOutput(tokens: part(.combined)!, topkWeightGradients: part(.topkWeightGradients)))
     }
 
     /// Rank `rank`'s combine input and output, as views (`tokens[rank]` rows).
@@ -273,6 +262,7 @@ public struct CheckedStackedCombine: Sendable {
             if view.address != nil { view.address = UnsafeMutableRawPointer(bitPattern: UInt(address(field, rank: rank))) }
             return view
         }
+        let (input, output) = Self.views(call, shapes, most: tokens.max() ?? 0)
         let weightRows: Int? = input.topkWeights?.shape.count == 2 ? b : nil
         return (CombineInput(expertOutputs: moved(input.expertOutputs, .expertOutputs)!, topkWeights: moved(input.topkWeights, .topkWeights, rows: weightRows),
                              weightGradients: moved(input.weightGradients, .weightGradients)),
@@ -299,12 +289,14 @@ extension StackedCombine {
 struct StackedStrides<Field: CaseIterable & RawRepresentable>: Sendable where Field.RawValue == Int {
     private let values: [Int]
 
-    /// `part(field)`: the argument, rank 0's view of it and whether it holds rows; nil where not given.
-    init(ranks: Int, _ part: (Field) -> (tensor: StackedTensor?, view: TensorRef, rows: Bool)?) throws(EPError) {
+    /// `part(field)`: the argument, the elements of rank 0's part, its shape (for a message) and
+    /// whether it holds rows; nil where not given.
+    init(ranks: Int, _ part: (Field) -> (tensor: StackedTensor, elements: Int, shape: () -> [Int], rows: Bool)?) throws(EPError) {
         var values = [Int](repeating: 0, count: Field.allCases.count)
         for field in Field.allCases {
-            guard let (tensor, view, rows) = part(field), let tensor else { continue }
-            values[field.rawValue] = try tensor.stride("\(field)", shape: view.shape, alignment: rows ? 8 : tensor.dtype.byteSize, ranks: ranks)
+            guard let (tensor, elements, shape, rows) = part(field) else { continue }
+            values[field.rawValue] = try tensor.stride("\(field)", elements: elements, shape: shape(), alignment: rows ? 8 : tensor.dtype.byteSize,
+                                                       ranks: ranks)
         }
         self.values = values
     }

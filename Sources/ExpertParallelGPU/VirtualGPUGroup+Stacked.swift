@@ -33,9 +33,9 @@ extension VirtualGPUGroup {
             ReceiveBuffers(rows: checked.address(.received, rank: r), indices: checked.address(.receivedTopkIdx, rank: r),
                            weights: checked.address(.receivedTopkWeights, rank: r), scales: checked.address(.receivedScales, rank: r))
         }
-        let receivedIndexBytes = checked.output.topkIdx?.dtype.byteSize ?? 4
+        let receivedIndexBytes = call.receivedTopkIdx?.dtype.byteSize ?? 4
         let vectorBytes = engine.vectorBytes(stacked: [(call.inputs.address, checked.stride(.inputs)), (call.received.address, checked.stride(.received))])
-        guard let idx = checked.topkIdx else {
+        guard let idx = call.topkIdx else {
             try engine.dispatch(handle, sources: sources, received: received, receivedIndexBytes: receivedIndexBytes, vectorBytes: vectorBytes,
                                 options: options)
             return
