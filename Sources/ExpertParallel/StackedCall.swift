@@ -184,14 +184,14 @@ public struct CheckedStackedDispatch: Sendable {
             view.address = UnsafeMutableRawPointer(bitPattern: UInt(address(field, rank: rank)))
             return view
         }
-        let (input, output) = Self.views(call, shapes)
-        let moves = DispatchInput(tokens: moved(input.tokens, .inputs)!, topkWeights: moved(input.topkWeights, .topkWeights),
-                                  scales: moved(input.scales, .scales))
-        let outputs = DispatchOutput(
-            tokens: moved(output.tokens, .received)!, topkIdx: moved(output.topkIdx, .receivedTopkIdx),
-            topkWeights: moved(output.topkWeights, .receivedTopkWeights), expertCounts: moved(output.expertCounts, .expertCounts),
-            expertSourceCounts: moved(output.expertSourceCounts, .expertSourceCounts), scales: moved(output.scales, .receivedScales))
-        return (moved(topkIdx, .topkIdx), moves, outputs)
+        let zero = Self.views(call, shapes)   // rank 0's
+        let input = DispatchInput(tokens: moved(zero.input.tokens, .inputs)!, topkWeights: moved(zero.input.topkWeights, .topkWeights),
+                                  scales: moved(zero.input.scales, .scales))
+        let output = DispatchOutput(
+            tokens: moved(zero.output.tokens, .received)!, topkIdx: moved(zero.output.topkIdx, .receivedTopkIdx),
+            topkWeights: moved(zero.output.topkWeights, .receivedTopkWeights), expertCounts: moved(zero.output.expertCounts, .expertCounts),
+            expertSourceCounts: moved(zero.output.expertSourceCounts, .expertSourceCounts), scales: moved(zero.output.scales, .receivedScales))
+        return (moved(topkIdx, .topkIdx), input, output)
     }
 }
 
