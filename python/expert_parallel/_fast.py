@@ -183,7 +183,7 @@ class StackedCall:
 
     def __init__(self, cls, device):
         self.struct = _abi.new(cls)
-        self.pointer = ctypes.pointer(self.struct)
+        self.address = ctypes.addressof(self.struct)   # what the entry point takes (_library.addresses_entry)
         self.words = (ctypes.c_uint64 * (ctypes.sizeof(cls) // 8)).from_buffer(self.struct)
         self.index = {name: getattr(cls, name).offset // 8 for name, kind in cls._fields_ if kind is _abi.Stacked}
         self._device = (device & 0xFFFFFFFF) << 32

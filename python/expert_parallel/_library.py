@@ -69,6 +69,16 @@ def library_path() -> Path:
     return _path
 
 
+def addresses_entry(name):
+    """Entry point `name` of the loaded library as a function of its arguments' addresses (ints,
+    or None for NULL): each a machine word, no ctypes type checks per call. For the data path's
+    calls, whose arguments the package made itself (a group handle, a call struct, a stream)."""
+    function = load()[name]   # a function object of its own: the declared one keeps its types
+    function.argtypes = [ctypes.c_void_p] * len(_abi.PROTOTYPES[name])
+    function.restype = _abi.c_enum
+    return function
+
+
 def call(name, *arguments):
     """Calls entry point `name`; a failure raises the matching ExpertParallelError."""
     library = load()

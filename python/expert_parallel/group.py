@@ -10,7 +10,7 @@ from ._config import INT32 as _INT32
 from ._config import choice as _choice
 from ._config import integer as _int
 from ._group_base import GroupBase, locked
-from ._library import call, check_status, load
+from ._library import addresses_entry, call, check_status, load
 from ._results import DispatchResult, Handle, LayoutInfo, _LayoutBuffers
 from ._slots import Slot
 from ._types import Algorithm, Array, Direction, DType, Launch, Layout, Overflow, PerRank, Seconds
@@ -139,8 +139,9 @@ class VirtualGroup(GroupBase):
             *[_abi.new(_abi.CombineInputs, expertOutputs=self._y.pointers[i]) for i in range(r)])
         self._combine_mode = (False, False)   # (weights given, backward HT): what the inputs point at
         # The stacked calls (one description per argument): the path of stacked [R, ...] arrays.
-        self._fn_dispatch_stacked = library.epGroupDispatchStacked
-        self._fn_combine_stacked = library.epGroupCombineStacked
+        self._fn_dispatch_stacked = addresses_entry("epGroupDispatchStacked")
+        self._fn_combine_stacked = addresses_entry("epGroupCombineStacked")
+        self._group_address = self._group.value   # (the group's handle as those take it)
         self._types_x, self._tail_x, self._tail_k = {self._input_element}, (h,), (k,)
         self._types_element = {self._element}
         # What _dispatch_common compares, in one tuple (an FP8 pass-through group's e4m3 rows come
@@ -498,7 +499,7 @@ class VirtualGroup(GroupBase):
             self._own_step += 1   # earlier handles of the group's own step are void from here on
             target.step = self._own_step
         target.tokens = target.slot = None
-        check_status(self._fn_dispatch_stacked(self._group, call.pointer, None if device == -1 else _fast.raw_stream(device, stream)))
+        check_status(self._fn_dispatch_stacked(self._group_address, call.address, None if device == -1 else _fast.raw_stream(device, stream)))
         target.tokens = [b] * ranks
         target.topk_idx = topk_idx
         target.topk_weights = topk_weights
@@ -556,7 +557,7 @@ class VirtualGroup(GroupBase):
                 self._own_step += 1   # earlier handles of the group's own step are void from here on
                 target.step = self._own_step
             target.tokens = target.slot = None
-        check_status(self._fn_dispatch_stacked(self._group, call.pointer, raw))
+        check_status(self._fn_dispatch_stacked(self._group_address, call.address, raw))
         if idx is not None:
             target.tokens = [b] * self.ranks
             target.topk_idx = topk_idx
@@ -593,7 +594,7 @@ class VirtualGroup(GroupBase):
         call.fields(None, 0, 0, _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, handle._pointer)
         if wait_event is not None:
             _fast.torch_stream(device, stream).wait_event(wait_event)
-        check_status(self._fn_combine_stacked(self._group, call.pointer, None if device == -1 else _fast.raw_stream(device, stream)))
+        check_status(self._fn_combine_stacked(self._group_address, call.address, None if device == -1 else _fast.raw_stream(device, stream)))
         return self._combine_result(combined, send_only, record_event, stream) if send_only or record_event else combined
 
     def _combine_call(self, slot, fixed):
@@ -653,7 +654,7 @@ class VirtualGroup(GroupBase):
         raw = None if self._device == -1 else _fast.raw_stream(self._device, stream)
         if wait_event is not None:
             _fast.torch_stream(self._device, stream).wait_event(wait_event)
-        check_status(self._fn_combine_stacked(self._group, call.pointer, raw))
+        check_status(self._fn_combine_stacked(self._group_address, call.address, raw))
         result: Any = (combined, grads) if backward_ht else combined
         return self._combine_result(result, send_only, record_event, stream)
 
