@@ -396,21 +396,11 @@ class VirtualGroup(GroupBase):
         """(B, x, idx, weights, scales) of stacked ``[R, B, ...]`` arguments, each (address,
         type) or None, checked as the per-rank path checks them; None when one is a list (the
         per-rank path takes those). Nothing is written before every argument is checked."""
-        tensor = _fast.tensor_type
-        if (type(xs) is tensor and type(topk_idx) is tensor and type(topk_weights) is tensor and scales is None
-                and self._input_element != _abi.E4M3):
-            # The common forward call, three CUDA (or CPU) tensors, checked in line; anything
-            # unusual goes through _stacked, which names the problem.
-            codes, device, ranks, k = _fast.torch_codes, self._device, self.ranks, self.top_k
-            xsz, isz, wsz = xs.shape, topk_idx.shape, topk_weights.shape
-            b = xsz[1] if len(xsz) == 3 else -1
-            xc, ic = codes.get(xs.dtype), codes.get(topk_idx.dtype)
-            if (0 <= b <= self.max_tokens and xsz[0] == ranks and xsz[2] == self.hidden and xc == self._input_element
-                    and (ic == _abi.I32 or ic == _abi.I64) and codes.get(topk_weights.dtype) == _abi.F32
-                    and isz == wsz and len(isz) == 3 and isz[0] == ranks and isz[1] == b and isz[2] == k
-                    and xs.get_device() == device and topk_idx.get_device() == device and topk_weights.get_device() == device
-                    and xs.is_contiguous() and topk_idx.is_contiguous() and topk_weights.is_contiguous()):
-                return b, (xs.data_ptr(), xc, b), (topk_idx.data_ptr(), ic, b), (topk_weights.data_ptr(), _abi.F32, b), None
+        if scales is None:
+            common = self._common_inputs(xs, topk_idx, topk_weights)
+            if common is not None:   # the common forward call's three tensors (anything unusual: _stacked names the problem)
+                b, ic = common
+                return b, (xs.data_ptr(), self._input_element, b), (topk_idx.data_ptr(), ic, b), (topk_weights.data_ptr(), _abi.F32, b), None
         x = self._stacked(xs, "xs", self._types_x, self._tail_x, None)
         if x is None:
             return None
@@ -461,31 +451,16 @@ class VirtualGroup(GroupBase):
         group's types on its device, forward, one launch, into the next buffer slot (the overlap
         arguments as dispatch() takes them). None when the call is anything else: the general
         path takes it (and names what is wrong)."""
-        tensor = type(xs)
-        if tensor is not _fast.tensor_type:   # look() learns torch's tensor type from the first tensor it sees
-            if (_fast.tensor_type is not type(None) or tensor.__name__ != "Tensor" or _fast.look(xs, ()) is None
-                    or tensor is not _fast.tensor_type):
-                return None
-        if type(topk_idx) is not tensor or type(topk_weights) is not tensor or not self._group:
+        common = self._common_inputs(xs, topk_idx, topk_weights)
+        if common is None or not self._group:
             return None
-        ranks, hidden, max_tokens, top_k, element, device = self._common
-        codes = _fast.torch_codes
-        xsz, isz = xs.shape, topk_idx.shape
-        if len(xsz) != 3 or len(isz) != 3:
-            return None
-        b = xsz[1]
-        ic = codes.get(topk_idx.dtype)
-        if not (xsz[0] == ranks and xsz[2] == hidden and 0 <= b <= max_tokens and codes.get(xs.dtype) == element
-                and (ic == _abi.I32 or ic == _abi.I64) and codes.get(topk_weights.dtype) == _abi.F32 and isz == topk_weights.shape
-                and isz[0] == ranks and isz[1] == b and isz[2] == top_k and xs.get_device() == device
-                and topk_idx.get_device() == device and topk_weights.get_device() == device
-                and xs.is_contiguous() and topk_idx.is_contiguous() and topk_weights.is_contiguous()):
-            return None
+        b, ic = common
+        ranks, element, device = self.ranks, self._common[4], self._device
         if handle is not None:
             self._check_handle(handle, dispatched=False)
         index = self._next_slot
         slot = self._slots[index]
-        if slot is None or slot.kind is not tensor:
+        if slot is None or slot.kind is not type(xs):
             slot = self._slot(index, xs)
         self._next_slot = (index + 1) % self.buffer_slots
         call = slot.dispatch_call or self._dispatch_call(slot)
@@ -519,6 +494,32 @@ class VirtualGroup(GroupBase):
         if record_event:
             result.event = self._record(stream)
         return result
+
+    def _common_inputs(self, xs, topk_idx, topk_weights):
+        """(B, routing's epDataType_t) of the common dispatch's inputs: three stacked torch tensors
+        ``[R, B, hidden]``, ``[R, B, K]`` int32 or int64 and ``[R, B, K]`` float32, of the group's
+        input type, on its device, contiguous; None for anything else."""
+        tensor = type(xs)
+        if tensor is not _fast.tensor_type:   # look() learns torch's tensor type from the first tensor it sees
+            if (_fast.tensor_type is not type(None) or tensor.__name__ != "Tensor" or _fast.look(xs, ()) is None
+                    or tensor is not _fast.tensor_type):
+                return None
+        if type(topk_idx) is not tensor or type(topk_weights) is not tensor:
+            return None
+        ranks, hidden, max_tokens, top_k, element, device = self._common
+        codes = _fast.torch_codes
+        xsz, isz = xs.shape, topk_idx.shape
+        if len(xsz) != 3 or len(isz) != 3:
+            return None
+        b = xsz[1]
+        ic = codes.get(topk_idx.dtype)
+        if not (xsz[0] == ranks and xsz[2] == hidden and 0 <= b <= max_tokens and codes.get(xs.dtype) == element
+                and (ic == _abi.I32 or ic == _abi.I64) and codes.get(topk_weights.dtype) == _abi.F32 and isz == topk_weights.shape
+                and isz[0] == ranks and isz[1] == b and isz[2] == top_k and xs.get_device() == device
+                and topk_idx.get_device() == device and topk_weights.get_device() == device
+                and xs.is_contiguous() and topk_idx.is_contiguous() and topk_weights.is_contiguous()):
+            return None
+        return b, ic
 
     def _dispatch_call(self, slot):
         """The slot's epStackedDispatch_t, made on first use: its outputs point at the slot's buffers for good."""
