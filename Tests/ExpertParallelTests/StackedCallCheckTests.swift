@@ -86,6 +86,21 @@ import Testing
         }
     }
 
+    /// A part's element count (the strides' and the address checks' bytes) is its shape's product
+    /// (the views' and the messages'): two functions, kept from drifting apart here.
+    @Test(arguments: configs.indices)
+    func everyPartsElementsAreItsShapesProduct(_ index: Int) {
+        let shapes = CallShapes(Self.configs[index])
+        for tokens in [0, 1, 3] {
+            for field in CheckedStackedDispatch.Field.allCases {
+                #expect(shapes.elements(field, tokens: tokens) == shapes.shape(field, tokens: tokens).reduce(1, *), "config \(index): \(field)")
+            }
+            for field in CheckedStackedCombine.Field.allCases {
+                #expect(shapes.elements(field, tokens: tokens) == shapes.shape(field, tokens: tokens).reduce(1, *), "config \(index): \(field)")
+            }
+        }
+    }
+
     @Test(arguments: configs.indices)
     func theDescriptionChecksNeverPassWhatTheViewChecksRefuse(_ index: Int) {
         let config = Self.configs[index], shapes = CallShapes(config)
