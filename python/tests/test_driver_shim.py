@@ -23,6 +23,7 @@ int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
                    unsigned shared, void* stream, void** params, void** extra) {
     return (int)(gx + gy + gz + bx + by + bz + shared) + (stream ? 1000 : 0) + (extra ? 2000 : 0);
 }
+int cuLaunchKernelEx(const void* config, void* f, void** params, void** extra) { return config ? 3000 : 0; }
 """
 
 
@@ -52,14 +53,15 @@ lib = ctypes.CDLL({str(built)!r})
 launch = lib.cuLaunchKernel
 launch.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
 results = [launch(None, 1, 2, 3, 4, 5, 6, 7, 8, None, None), launch(None, 1, 1, 1, 1, 1, 1, 0, None, None, 9)]
-print(results, lib.cuInit(5), lib.cuMemAlloc_v2(None, 1))
+print(results, lib.cuLaunchKernelEx(1, None, None, None), lib.cuInit(5), lib.cuMemAlloc_v2(None, 1))
 """
     env = dict(os.environ, SHIM_REAL=str(fake), SHIM_OUT=str(report))
     out = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True).stdout
     # Arguments and results pass through; a function the real driver lacks answers CUDA_ERROR_NOT_FOUND.
-    assert out.split() == ["[1028,", "2006]", "5", "500"]
+    assert out.split() == ["[1028,", "2006]", "3000", "5", "500"]
     lines = report.read_text().splitlines()
     assert any(re.match(r"cuLaunchKernel\s+2 calls\s+[\d.]+ us mean", line) for line in lines), lines
     assert any(re.match(r"cuInit\s+1 calls", line) for line in lines), lines
-    assert any(line.startswith("cuLaunchKernel median") for line in lines), lines
+    assert any(re.match(r"cuLaunchKernelEx\s+1 calls", line) for line in lines), lines
+    assert any(line.startswith("launches: 3, median") for line in lines), lines   # both launch calls in the median
     assert not any(line.startswith("cuMemAlloc_v2") for line in lines)   # never reached the driver: not counted
