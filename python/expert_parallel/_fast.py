@@ -189,7 +189,7 @@ class StackedCall:
         self._device = (device & 0xFFFFFFFF) << 32
         self._set = {}   # name -> (address, dtype, stride) as last written: a call's arguments mostly come back
         self._fields = None   # (tokens, direction, launch mode, phase, step) as last written
-        self._inputs = None   # (x, x type, idx, idx type, weights) as last written by inputs()
+        self._call = None     # a common call's arguments as last written by dispatch_arguments() / combine_arguments()
 
     def set(self, name, address, dtype=0, stride=0):
         """Argument `name`: rank 0's part at `address` (0: not given), parts `stride` bytes apart (0: packed)."""
@@ -197,23 +197,12 @@ class StackedCall:
         if self._set.get(name) == key:
             return
         self._set[name] = key
-        self._inputs = None
+        self._call = None
         i = self.index[name]
         words = self.words
         words[i] = address
         words[i + 1] = dtype | self._device
         words[i + 2] = stride
-
-    def inputs(self, x, x_type, idx, idx_type, weights):
-        """A forward dispatch's three stacked inputs (tokens, topk_idx, float32 topk_weights) at
-        once: one comparison when they are the last call's."""
-        key = (x, x_type, idx, idx_type, weights)
-        if key == self._inputs:
-            return
-        self.set("inputTokens", x, x_type)
-        self.set("topkIdx", idx, idx_type)
-        self.set("topkWeights", weights, _abi.F32)
-        self._inputs = key
 
     def fields(self, tokens, direction, mode, phase, step):
         """The call's scalar fields (`tokens` None: a combine, which has none); written only where
@@ -221,11 +210,37 @@ class StackedCall:
         key = (tokens, direction, mode, phase, step)
         if key == self._fields:
             return
+        self._call = None
         struct = self.struct
         if tokens is not None:
             struct.tokens = tokens
         struct.direction, struct.launchMode, struct.phase, struct.step = direction, mode, phase, step
         self._fields = key
+
+    def dispatch_arguments(self, x, x_type, idx, idx_type, weights, tokens, phase, step):
+        """A forward one-launch dispatch's per-call arguments (its three stacked inputs: tokens,
+        topk_idx, float32 topk_weights; its token count, phase and step) at once: one comparison
+        when they are the last call's."""
+        key = (x, x_type, idx, idx_type, weights, tokens, phase, step)
+        if key == self._call:
+            return
+        self.set("inputTokens", x, x_type)
+        self.set("topkIdx", idx, idx_type)
+        self.set("topkWeights", weights, _abi.F32)
+        self.fields(tokens, 0, 0, phase, step)
+        self._call = key
+
+    def combine_arguments(self, outputs, element, weights, phase, step):
+        """The same for a forward one-launch combine: its expert outputs, the dispatch's float32
+        topk_weights (LL expert-major; None: the call's kind set them), phase and step."""
+        key = (outputs, element, weights, phase, step)
+        if key == self._call:
+            return
+        self.set("expertOutputs", outputs, element)
+        if weights is not None:
+            self.set("topkWeights", weights, _abi.F32)
+        self.fields(None, 0, 0, phase, step)
+        self._call = key
 
     def clear(self, name):
         self.set(name, 0)

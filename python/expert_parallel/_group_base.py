@@ -11,7 +11,7 @@ from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 from . import _abi, _arrays
 from ._library import call
-from ._results import Handle
+from ._results import Handle, _HeldHandle
 from .errors import InvalidArgumentError, InvalidUsageError
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
@@ -116,7 +116,7 @@ class GroupBase:
         self._check_open()
         pointer = ctypes.c_void_p()
         call("epStepCreate", self._group, ctypes.byref(pointer))
-        return Handle(self, pointer)
+        return _HeldHandle(self, pointer)
 
     def _release_step(self, handle):
         # Also after close(): a live step keeps the library's group (and its device memory) alive.

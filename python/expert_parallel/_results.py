@@ -111,15 +111,32 @@ class Handle:
     def __exit__(self, *exc: Any) -> None:
         self.release()
 
+    @classmethod
+    def _of_dispatch(cls, group: Any, step: int, slot: int, slot_use: int, tokens: Any, topk_idx: Any, topk_weights: Any,
+                     received_weights: Any, weight_stacked: Any) -> "Handle":
+        """The group's own step as a stacked dispatch left it (every field written once: the data path)."""
+        handle = cls.__new__(cls)
+        handle.group, handle._pointer, handle.step, handle.slot, handle.slot_use = group, None, step, slot, slot_use
+        handle.tokens, handle.topk_idx, handle.topk_weights, handle.received_weights = tokens, topk_idx, topk_weights, received_weights
+        handle.weight_addresses, handle.weight_stacked, handle.released = None, weight_stacked, False
+        return handle
+
+    def __repr__(self) -> str:
+        kind = "own" if self.own else f"group step {self.step}"
+        return f"Handle({kind}, slot={self.slot}, tokens={self.tokens}{', released' if self.released else ''})"
+
+
+class _HeldHandle(Handle):
+    """A handle of its own (``group.handle()``): its step is freed when it is collected. (The
+    group's own step has nothing to free, so its handles, made per dispatch, have no finaliser.)"""
+
+    __slots__ = ()
+
     def __del__(self) -> None:
         try:
             self.release()
         except Exception:
             pass
-
-    def __repr__(self) -> str:
-        kind = "own" if self.own else f"group step {self.step}"
-        return f"Handle({kind}, slot={self.slot}, tokens={self.tokens}{', released' if self.released else ''})"
 
 
 class DispatchResult:

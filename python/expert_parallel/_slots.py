@@ -46,7 +46,8 @@ class Slot:
         self.idx_views = None if routing is None else [self.received_idx[i] for i in range(r)]
         self.w_views = None if routing is None else [self.received_w[i] for i in range(r)]
         self.scale_views = None if self.scales is None else [self.scales[i] for i in range(r)]
-        self._targets = None        # (tokens, backward HT) the combine outputs point at
+        self._targets = None        # the tokens per rank the combine outputs point at
+        self._targets_backward = None   # and whether for backward HT (with the weight gradients)
         self._target_views = None
 
         # The dispatch outputs, fixed for the slot's life.
@@ -112,9 +113,9 @@ class Slot:
     def combine_targets(self, tokens, backward_ht):
         """Points the combine outputs at combined[i, :tokens[i]] (and the weight gradients at
         weight_grads[i, :tokens[i]] for backward HT); returns the per-rank views."""
-        key = (tuple(tokens), backward_ht)
-        if key != self._targets:
-            self._targets, self._target_views = key, self._point(tokens, backward_ht)
+        if backward_ht is not self._targets_backward or tokens != self._targets:   # (a list, as handles hold them)
+            self._target_views = self._point(tokens, backward_ht)
+            self._targets, self._targets_backward = list(tokens), backward_ht
         return self._target_views
 
     def _point(self, tokens, backward_ht):

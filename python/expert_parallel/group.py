@@ -465,16 +465,27 @@ class VirtualGroup(GroupBase):
         self._next_slot = (index + 1) % self.buffer_slots
         call = slot.dispatch_call or self._dispatch_call(slot)
         weights = topk_weights.data_ptr()
-        call.inputs(xs.data_ptr(), element, topk_idx.data_ptr(), ic, weights)
-        target = handle if handle is not None else Handle(self)
-        call.fields(b, 0, 0, _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, target._pointer)
+        call.dispatch_arguments(xs.data_ptr(), element, topk_idx.data_ptr(), ic, weights, b,
+                                _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, None if handle is None else handle._pointer)
         if wait_event is not None:
             _fast.torch_stream(device, stream).wait_event(wait_event)
-        if target._pointer is None:
+        if handle is None or handle._pointer is None:
             self._own_step += 1   # earlier handles of the group's own step are void from here on
+        if handle is not None:
+            if handle._pointer is None:
+                handle.step = self._own_step
+            handle.tokens = handle.slot = None   # (no dispatch, should the call fail)
+        status = self._fn_dispatch_stacked(self._group_address, call.address, None if device == -1 else _fast.raw_stream(device, stream))
+        if status:
+            check_status(status)
+        if handle is None and not send_only and not record_event:   # the decode loop's call: every field written once
+            slot.use = use = slot.use + 1
+            return DispatchResult._of_slot(slot, Handle._of_dispatch(self, self._own_step, slot.index, use, [b] * ranks, topk_idx,
+                                                                       topk_weights, slot.w_views, weights))
+        target = handle
+        if target is None:
+            target = Handle(self)
             target.step = self._own_step
-        target.tokens = target.slot = None
-        check_status(self._fn_dispatch_stacked(self._group_address, call.address, None if device == -1 else _fast.raw_stream(device, stream)))
         target.tokens = [b] * ranks
         target.topk_idx = topk_idx
         target.topk_weights = topk_weights
@@ -574,7 +585,7 @@ class VirtualGroup(GroupBase):
         dispatch was stacked (an HT expert-major padded group: never), the overlap arguments as
         combine() takes them. None when the call is anything else: the general path takes it
         (and names what is wrong)."""
-        if (type(expert_outputs) is not _fast.tensor_type or type(handle) is not Handle or handle.group is not self
+        if (type(expert_outputs) is not _fast.tensor_type or not isinstance(handle, Handle) or handle.group is not self
                 or handle.released or not self._group or (handle._pointer is None and handle.step != self._own_step)):
             return None
         index = handle.slot
@@ -589,10 +600,8 @@ class VirtualGroup(GroupBase):
             return None
         combined = slot.combine_targets(handle.tokens, False)[0]
         call = slot.combine_call if slot.combine_kind == (forward_ll, False, False) else self._combine_call(slot, (forward_ll, False, False))
-        call.set("expertOutputs", expert_outputs.data_ptr(), element)
-        if forward_ll:
-            call.set("topkWeights", handle.weight_stacked, _abi.F32)
-        call.fields(None, 0, 0, _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, handle._pointer)
+        call.combine_arguments(expert_outputs.data_ptr(), element, handle.weight_stacked if forward_ll else None,
+                               _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, handle._pointer)
         if wait_event is not None:
             _fast.torch_stream(device, stream).wait_event(wait_event)
         check_status(self._fn_combine_stacked(self._group_address, call.address, None if device == -1 else _fast.raw_stream(device, stream)))
