@@ -105,8 +105,22 @@ struct GPUBenchmark {
             try group.checkStatus()
             fused = (try microseconds(0, 1), try microseconds(0, 2))
         }
-        let samples = PhaseSamples(update: separate.update, dispatch: separate.dispatch, combine: separate.combine,
-                                   step: fused?.step ?? separate.step, updateDispatch: fused?.call)
+        // The step once more in a loop of its own, events only around each iteration: an event
+        // between two calls holds the second back some µs (the GPU drains for it; an H200
+        // idled 3-5 µs between two ll-1 kernels), which a user's step, whose calls follow one
+        // another on the stream, does not pay. The loops above read the step with those events
+        // in it (JSON `stepWithPhaseEvents`).
+        let stepHandle = group.fusesUpdate ? try group.makeHandle() : nil
+        defer { stepHandle?.release() }
+        allHeld = try timer.held(total, first: { events[4 * $0] }) { i in
+            try driver.record(events[4 * i], on: group.stream)
+            if let stepHandle { try fusedStep(stepHandle) } else { try separateStep() }
+            try driver.record(events[4 * i + 1], on: group.stream)
+        } && allHeld
+        try group.checkStatus()
+        var samples = PhaseSamples(update: separate.update, dispatch: separate.dispatch, combine: separate.combine,
+                                   step: try microseconds(0, 1), updateDispatch: fused?.call)
+        samples.stepWithPhaseEvents = fused?.step ?? separate.step
         var valid = true
         for rank in 0..<r {
             if combines {

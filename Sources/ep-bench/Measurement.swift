@@ -51,6 +51,9 @@ struct PhaseSamples {
     /// Update and dispatch as one call (LL on the GPU: one fused launch), where the group fuses
     /// them; `step` is then that call + combine.
     var updateDispatch: [Double]?
+    /// GPU, virtual ranks: the step as read in the phases' loops, with an event between its calls
+    /// (`step` is read in a loop of its own, events only around it); nil elsewhere.
+    var stepWithPhaseEvents: [Double]?
 
     /// Per call of each phase, replayed from a CUDA graph (µs).
     struct GraphTimes {
@@ -89,6 +92,10 @@ struct Measurement: Codable, Sendable {
     var combine: PhaseStats?
     var combineSkipped: String?
     var step: PhaseStats
+    /// GPU, virtual ranks: the step read in the phases' loops, an event recorded between its calls
+    /// (how `step` was read until 2026-12; the events cost the GPU some µs between short kernels);
+    /// null elsewhere.
+    @AlwaysEncoded var stepWithPhaseEvents: PhaseStats? = nil
     /// Mean over ranks of the bytes the standard counting takes per rank (dispatch's; combine is the
     /// mirror, in the element type: with FP8 the two differ and each phase has its own).
     var bytesPerRank: Double
@@ -152,7 +159,9 @@ struct Measurement: Codable, Sendable {
         combine = samples.combine.map { stats($0, [combineBytes]) }
         combineSkipped = samples.combine == nil ? Self.combineSkippedNote : nil
         // The step's floor is the dispatch floor plus the combine floor (the mirror image).
-        step = stats(samples.step, samples.combine == nil ? [dispatchBytes] : [dispatchBytes, combineBytes], note: stepNote)
+        let stepBytes = samples.combine == nil ? [dispatchBytes] : [dispatchBytes, combineBytes]
+        step = stats(samples.step, stepBytes, note: stepNote)
+        stepWithPhaseEvents = samples.stepWithPhaseEvents.map { stats($0, stepBytes) }
         bytesPerRank = dispatchBytes.perRank
         floorBytes = dispatchBytes.floor
         copyBandwidthGBs = copyBandwidth

@@ -7,7 +7,8 @@ enum Table {
 
     static let legend = """
         step: update + dispatch + combine read as one sequence per iteration (its median, not the sum of the \
-        phases' medians); its floor is the dispatch floor plus the combine floor. upd+disp: update and dispatch \
+        phases' medians; GPU, virtual ranks: events around the step only, none between its calls, whose reading \
+        with them the note gives); its floor is the dispatch floor plus the combine floor. upd+disp: update and dispatch \
         in one call, one launch (LL on the GPU); where it is shown, the step is that call + combine. graph: µs per \
         call with the calls replayed from one CUDA graph, no event between them (GPU, virtual ranks).
         """
@@ -29,7 +30,8 @@ enum Table {
             } else {
                 rows.append(lead + ["combine"] + Array(repeating: "-", count: 7) + ["", "skipped: \(m.combineSkipped ?? "")"])
             }
-            rows.append(lead + ["step"] + timings(m.step) + floors(m.step) + [valid, m.step.note ?? ""])
+            let phased = m.stepWithPhaseEvents.map { "with events between its calls: \(figure($0.median))" }
+            rows.append(lead + ["step"] + timings(m.step) + floors(m.step) + [valid, m.step.note ?? phased ?? ""])
         }
         let widths = (0..<header.count).map { c in rows.map { $0[c].count }.max()! }
         let table = rows.map { row in
