@@ -6,11 +6,20 @@ includes the update, and epGroupCombineStacked); per-rank lists (--lists) the pe
 beside the C calls is the package's own. Not a test: a measurement for the host-cost work.
 
     EP_LIBRARY=/path/libexpert_parallel.so PYTHONPATH=python python3 scripts/host-cost.py
+
+`--stub` replaces the C calls by a no-op that returns success: what is timed is then the
+package's own Python alone (nothing is computed; the launch's host cost, which moves by process,
+is out of the figure). With `--device cpu` that runs on any machine (CPU tensors take the same
+in-line path); `--hidden` makes the CPU group's buffers smaller (the Python time does not depend
+on it).
+
+    PYTHONPATH=python python3 scripts/host-cost.py --device cpu --stub --hidden 64 --calls 20000
 """
 import argparse
 import statistics
 import time
 
+import numpy
 import torch
 
 from expert_parallel import VirtualGroup
@@ -26,13 +35,23 @@ def timed(fn, samples):
     return run
 
 
-def measure(name, ranks, calls, lists):
-    algorithm, tokens, hidden, top_k, experts, _ = CASES[name]
-    group = VirtualGroup(ranks=ranks, experts=experts, hidden=hidden, top_k=top_k, max_tokens=tokens, algorithm=algorithm,
-                         dtype="bf16", device="cuda:0")
-    inputs = _Inputs(CASES[name], ranks, "cuda", 1)
-    arguments = (inputs.x, inputs.idx, inputs.w) if lists else inputs.stacked
+def stubbed(fn):
+    return lambda *arguments: 0   # epSuccess
+
+
+def measure(name, ranks, calls, lists, device="cuda:0", stub=False, hidden=None):
+    algorithm, tokens, case_hidden, top_k, experts, _ = CASES[name]
+    case = (algorithm, tokens, hidden or case_hidden, top_k, experts, _)
+    group = VirtualGroup(ranks=ranks, experts=experts, hidden=case[2], top_k=top_k, max_tokens=tokens, algorithm=algorithm,
+                         dtype="bf16", device=device)
+    inputs = _Inputs(case, ranks, "cpu", 1)   # NumPy arrays, as torch tensors on `device` below
+    x = torch.from_numpy(numpy.stack(inputs.x)).to(device=device, dtype=torch.bfloat16)
+    idx, w = (torch.from_numpy(numpy.stack(a)).to(device) for a in (inputs.idx, inputs.w))
+    arguments = tuple(list(t.unbind(0)) for t in (x, idx, w)) if lists else (x, idx, w)
     c = {"update": [], "dispatch": [], "combine": []}
+    if stub:
+        for entry in ("_fn_update", "_fn_dispatch", "_fn_combine", "_fn_dispatch_stacked", "_fn_combine_stacked"):
+            setattr(group, entry, stubbed(getattr(group, entry)))
     if lists:
         group._fn_update = timed(group._fn_update, c["update"])
         group._fn_dispatch = timed(group._fn_dispatch, c["dispatch"])
@@ -48,10 +67,12 @@ def measure(name, ranks, calls, lists):
         group.combine(out.received if not lists else out.tokens, out.handle)
         dispatch.append(t1 - t0)
         combine.append(time.perf_counter() - t1)
-    torch.cuda.synchronize()
-    group.check()
+    if device != "cpu":
+        torch.cuda.synchronize()
+    if not stub:
+        group.check()
     med = lambda values: statistics.median(values[calls // 10:]) * 1e6 if values else float("nan")  # noqa: E731
-    kind = "per-rank lists" if lists else "stacked"
+    kind = ("per-rank lists" if lists else "stacked") + (", C stubbed" if stub else "")
     inside = (f"C update {med(c['update']):.1f} dispatch {med(c['dispatch']):.1f}" if lists
               else f"C update+dispatch {med(c['dispatch']):.1f}")
     print(f"{name} R={ranks} {kind}: Python dispatch {med(dispatch):.1f} combine {med(combine):.1f} | "
@@ -64,9 +85,11 @@ if __name__ == "__main__":
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--case", action="append", help="NAME:RANKS (default ll-std:1, ll-1:8, ll-std:8)")
     parser.add_argument("--lists", action="store_true", help="also time per-rank lists (the per-rank calls)")
+    parser.add_argument("--device", default="cuda:0", help="the group's device (default cuda:0; cpu with --stub anywhere)")
+    parser.add_argument("--stub", action="store_true", help="the C calls replaced by a no-op: the package's own Python time")
+    parser.add_argument("--hidden", type=int, help="hidden size instead of the case's (smaller CPU buffers)")
     args = parser.parse_args()
     for spec in args.case or ["ll-std:1", "ll-1:8", "ll-std:8"]:
         name, ranks = spec.split(":")
-        measure(name, int(ranks), args.calls, lists=False)
-        if args.lists:
-            measure(name, int(ranks), args.calls, lists=True)
+        for lists in (False, True) if args.lists else (False,):
+            measure(name, int(ranks), args.calls, lists, device=args.device, stub=args.stub, hidden=args.hidden)
