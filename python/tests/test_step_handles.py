@@ -183,3 +183,23 @@ def test_a_handle_outliving_its_group_is_still_released():
         call("epStepDestroy", h._pointer)   # it is gone already
     with pytest.raises(ep.InvalidUsageError, match="closed"):
         g.dispatch(*routing(11))
+
+
+def test_a_handle_of_its_own_dropped_unreleased_frees_its_step_and_the_group_steps_handles_hold_nothing():
+    """group.handle()'s step is freed when the handle is collected; a dispatch's handle of the
+    group's own step (made per call, without a finaliser) owns no step and is still a Handle."""
+    import gc
+
+    from expert_parallel._library import call
+    with group() as g:
+        h = g.handle()
+        g.dispatch(*routing(12), handle=h)
+        pointer = h._pointer
+        del h
+        gc.collect()
+        with pytest.raises(ep.InvalidArgumentError, match="must be a live epStep_t"):
+            call("epStepDestroy", pointer)   # freed when the handle went
+        out = g.dispatch(*routing(12))
+        assert isinstance(out.handle, ep.Handle) and not out.handle.own and out.handle._pointer is None
+        assert not hasattr(type(out.handle), "__del__")   # nothing to free per call
+        g.combine([t.copy() for t in out.tokens], out.handle)
