@@ -180,6 +180,17 @@ class DispatchResult:
         result.expert_counts, result.expert_source_counts, result.scales = slot.counts, slot.source_counts, slot.scale_views
         return result
 
+    @classmethod
+    def _of_rank_slot(cls, slot: Any, handle: Handle) -> "DispatchResult":
+        """The result of an NCCL rank's dispatch into its buffer slot `slot` (the slot's own
+        buffers, which the other ranks wrote; `expert_outputs`: the buffer they read back)."""
+        result = cls.__new__(cls)
+        result.tokens, result.topk_idx, result.topk_weights, result.handle = slot.tokens, slot.idx, slot.weights, handle
+        result._layout, result.received, result.event, result.hook = None, None, None, None
+        result.expert_counts, result.expert_source_counts, result.scales = slot.counts, slot.source_counts, slot.scales
+        result.expert_outputs = slot.expert_outputs
+        return result
+
     @property
     def layout(self) -> Any:
         """A :class:`LayoutInfo` per rank (:class:`VirtualGroup`) or this rank's (:class:`NCCLGroup`)."""

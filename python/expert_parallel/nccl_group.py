@@ -9,10 +9,14 @@ from typing import Any, List, Optional, Tuple, Union
 from . import _abi, _arrays, _config, _fast, errors
 from ._nccl_slots import NCCLSlot
 from ._group_base import GroupBase, locked
-from ._library import call, load
+from ._library import addresses_entry, call, check_status, load
 from ._types import Algorithm, Array, Device, Direction, DType, Layout, Overflow, Seconds
 from .errors import ExpertParallelError, InvalidArgumentError, InvalidUsageError
 from ._results import DispatchResult, Handle, _LayoutBuffers
+
+
+_FORWARD = "forward"
+_ROUTING_TYPES, _F32_TYPES = frozenset({_abi.I32, _abi.I64}), frozenset({_abi.F32})
 
 
 def nccl_unique_id() -> bytes:
@@ -74,8 +78,9 @@ class NCCLGroup(GroupBase):
     Tensors are CUDA torch tensors on ``device``; calls run on its current CUDA stream and return
     without waiting. Settings as for :class:`VirtualGroup`, one rank's view: :meth:`dispatch` takes
     this rank's ``x``, ``topk_idx`` and ``topk_weights`` and returns this rank's received tensors
-    (fresh tensors: the whole receive buffer, zero outside the received zones; int32 ``topk_idx``);
-    :meth:`combine` returns this rank's combined tokens. Every rank makes the same calls in the
+    (the group's own receive buffers of a buffer slot, which the other ranks wrote: no copy; int32
+    ``topk_idx``); :meth:`combine` returns this rank's combined tokens. The calls' argument blocks
+    are made once and patched per call. Every rank makes the same calls in the
     same order. ``init_timeout``: seconds to wait for every rank to join. ``fp8``, ``fp8_source``:
     FP8 dispatch as for :class:`VirtualGroup` (rows arrive as e4m3 in the slot's receive buffer,
     their scales in ``result.scales``; combine stays in ``dtype``).
@@ -131,6 +136,7 @@ class NCCLGroup(GroupBase):
             self.close()
             raise
         self._next_slot = 0
+        self._prepare_calls(addresses_entry)
 
     @classmethod
     def from_process_group(cls, process_group: Any = None, *, experts: int, hidden: int, top_k: int, max_tokens: int,
@@ -178,30 +184,66 @@ class NCCLGroup(GroupBase):
         if handle is not None:
             self._check_handle(handle, dispatched=False)
         target = handle if handle is not None else Handle(self)
-        self._update(topk_idx, *self._routing_descriptor(topk_idx), target, None)
+        self._update(topk_idx, self._routing_rows(topk_idx), target, None)
         if handle is None:
             self._pending = target
 
-    def _routing_descriptor(self, topk_idx):
+    def _prepare_calls(self, entry):
+        """The data path's argument blocks, made once and patched per call: a descriptor per
+        argument (its address, rows and type change per call), the calls' input, output and config
+        structs pointing at them, and the entry points taking their addresses (`entry`:
+        _library.addresses_entry)."""
+        device, h, k = self._device, self.hidden, self.top_k
+        recv = self.recv_shape
+        self._fn_update, self._fn_dispatch, self._fn_combine = (entry(n) for n in ("epHandleUpdate", "epDispatch", "epCombine"))
+        self._handle_address = self._handle.value
+        self._idx = _fast.Descriptors(1, device, _abi.I32, (k,))
+        self._x = _fast.Descriptors(1, device, self._input_element, (h,))
+        self._w = _fast.Descriptors(1, device, _abi.F32, (k,))
+        self._s = None if self.recv_scales_shape is None else _fast.Descriptors(1, device, self._scale_type, self.recv_scales_shape[-1:])
+        self._y = _fast.Descriptors(1, device, self._element, recv[1:])
+        self._cw = _fast.Descriptors(1, device, _abi.F32, (k,))
+        self._input_types, self._element_types = {self._input_element}, {self._element}
+        self._scale_types = {self._scale_type}
+        self._out = _fast.Descriptors(1, device, self._element, (h,))
+        self._out_g = _fast.Descriptors(1, device, _abi.F32, (k,))
+        self._update_in = _abi.new(_abi.UpdateInputs, topkIdx=self._idx.pointers[0])
+        self._update_config = _abi.new(_abi.UpdateConfig)
+        self._dispatch_in = _abi.new(_abi.DispatchInputs, tokens=self._x.pointers[0])
+        self._dispatch_config = _abi.new(_abi.DispatchConfig)
+        self._combine_in = _abi.new(_abi.CombineInputs)
+        self._combine_out = _abi.new(_abi.CombineOutputs, tokens=self._out.pointers[0])
+        self._combine_config = _abi.new(_abi.CombineConfig)
+        self._addresses = tuple(ctypes.addressof(v) for v in (
+            self._update_in, self._update_config, self._dispatch_in, self._dispatch_config, self._combine_in, self._combine_out,
+            self._combine_config))
+        self._dispatch_kind = self._combine_kind = None   # which optional inputs the structs point at, as last set
+        # Per slot: its outputs' address and pointers to its own buffers' descriptors.
+        self._slot_calls = [(ctypes.addressof(slot.outputs), _arrays.pointer(slot.expert_outputs_desc), _arrays.pointer(slot.weights_desc),
+                             _arrays.pointer(slot.grads_desc), {}) for slot in self._slots]
+
+    def _routing_rows(self, topk_idx):
+        """The rows of `topk_idx` (checked: [B, top_k] int32 or int64, B ≤ max_tokens), its
+        descriptor set."""
         self._require_torch(topk_idx, "topk_idx")
         tokens = int(topk_idx.shape[0]) if len(topk_idx.shape) == 2 else None
         if tokens is not None and tokens > self.max_tokens:
             raise InvalidArgumentError(f"topk_idx: {tokens} tokens; must be ≤ max_tokens ({self.max_tokens})")
-        descriptor = _arrays.tensor(topk_idx, "topk_idx", dtypes={_abi.I32, _abi.I64}, device=self._device,
-                                    shape=(None, self.top_k))
-        return descriptor, tokens
+        address, code, sizes = _fast.check(topk_idx, "topk_idx", _ROUTING_TYPES, self._device, (None, self.top_k))
+        self._idx.set(0, address, sizes[0], code)
+        return sizes[0]
 
-    def _update(self, topk_idx, descriptor, tokens, target, stream):
-        inputs = _abi.new(_abi.UpdateInputs, topkIdx=ctypes.pointer(descriptor))
-        config = _abi.new(_abi.UpdateConfig, step=target._pointer)
+    def _update(self, topk_idx, tokens, target, stream):
+        """Starts `target`'s step with the routing whose descriptor _routing_rows set."""
+        self._update_config.step = target._pointer
         if not target.own:
             self._own_step += 1  # earlier handles of the group's own step are void now
             target.step = self._own_step
         target.tokens = target.slot = None
-        call("epHandleUpdate", self._handle, ctypes.byref(inputs), ctypes.byref(config), self._raw(stream))
+        a = self._addresses
+        check_status(self._fn_update(self._handle_address, a[0], a[1], self._raw(stream)))
         target.tokens, target.topk_idx = tokens, topk_idx
 
-    @locked
     def dispatch(self, x: Array, topk_idx: Optional[Array] = None, topk_weights: Optional[Array] = None, *,
                  handle: Optional[Handle] = None, direction: Direction = "forward", stream: Any = None,
                  wait_event: Any = None, record_event: bool = False, send_only: bool = False,
@@ -221,60 +263,65 @@ class NCCLGroup(GroupBase):
         groups: ``x`` is ``float8_e4m3fn`` with its ``[B, scale words]`` ``scales`` for
         ``fp8_source="pass_through"``, else in ``dtype`` (quantised in the kernel); the received
         scales are ``result.scales``, the slot's own buffer."""
-        self._check_open()
-        direction_value = _config.choice(direction, "direction", _abi.DIRECTIONS)
-        if handle is not None:
-            self._check_handle(handle, dispatched=False)
-        target = handle
-        if topk_idx is not None:
-            routing, (idx_desc, b) = topk_idx, self._routing_descriptor(topk_idx)
-        elif handle is not None and handle.tokens is not None:
-            routing, b = handle.topk_idx, handle.tokens
-        elif handle is None and self._pending is not None and self._pending.step == self._own_step:
-            target = self._pending
-            routing, b = target.topk_idx, target.tokens
-        else:
-            raise InvalidUsageError("dispatch: no routing for this step; pass topk_idx or call update first")
-        if topk_weights is None and self.recv_routing_shape is not None:
-            raise InvalidArgumentError(f"topk_weights: None; layout {self.layout!r} sends the weights with the tokens")
-        self._require_torch(x, "x")
-        h, k = self.hidden, self.top_k
-        x_desc = _arrays.tensor(x, "x", dtypes={self._input_element}, device=self._device, shape=(b, h))
-        self._require_scales(scales)
-        s_desc = None if scales is None else _arrays.tensor(
-            scales, "scales", dtypes={self._scale_type}, device=self._device, shape=(b, self.recv_scales_shape[-1]))
-        w_desc = None if topk_weights is None else _arrays.tensor(
-            topk_weights, "topk_weights", dtypes={_abi.F32}, device=self._device, shape=(b, k))
-        slot = self._slots[self._next_slot]
-        self._next_slot = (self._next_slot + 1) % len(self._slots)
-        inputs = _abi.new(_abi.DispatchInputs, tokens=ctypes.pointer(x_desc), topkWeights=_arrays.pointer(w_desc),
-                          scales=_arrays.pointer(s_desc))
-        if wait_event is not None:
-            _fast.torch_stream(self._device, stream).wait_event(wait_event)
-        if target is None:
-            target = Handle(self)
-        if topk_idx is not None:  # every argument is checked: the step starts
-            self._update(topk_idx, idx_desc, b, target, stream)
-        config = _abi.new(_abi.DispatchConfig, direction=direction_value, launchMode=0, step=target._pointer,
-                          phase=_abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE)
-        call("epDispatch", self._handle, ctypes.byref(inputs), ctypes.byref(slot.outputs), ctypes.byref(config),
-             self._raw(stream))
-        self._pending = None
-        target.slot = slot.index
-        target.slot_use = slot.use = slot.use + 1
-        target.topk_idx = routing
-        if direction == "forward" and topk_weights is not None:
-            target.topk_weights = topk_weights
-        target.received_weights = slot.weights
-        hook = (lambda: self.complete(stream=stream)) if send_only else None
-        event = self._record(stream) if record_event else None
-        result = DispatchResult(slot.tokens, slot.idx, slot.weights, target, expert_counts=slot.counts,
-                                expert_source_counts=slot.source_counts, event=event, hook=hook)
-        result.expert_outputs = slot.expert_outputs
-        result.scales = slot.scales
-        return result
+        with self._lock:   # (the @locked of the other methods, in line: this is the data path)
+            self._check_open()
+            direction_value = 0 if direction is _FORWARD else _config.choice(direction, "direction", _abi.DIRECTIONS)
+            if handle is not None:
+                self._check_handle(handle, dispatched=False)
+            target = handle
+            if topk_idx is not None:
+                routing, b = topk_idx, self._routing_rows(topk_idx)
+            elif handle is not None and handle.tokens is not None:
+                routing, b = handle.topk_idx, handle.tokens
+            elif handle is None and self._pending is not None and self._pending.step == self._own_step:
+                target = self._pending
+                routing, b = target.topk_idx, target.tokens
+            else:
+                raise InvalidUsageError("dispatch: no routing for this step; pass topk_idx or call update first")
+            if topk_weights is None and self.recv_routing_shape is not None:
+                raise InvalidArgumentError(f"topk_weights: None; layout {self.layout!r} sends the weights with the tokens")
+            self._require_torch(x, "x")
+            h, k, device = self.hidden, self.top_k, self._device
+            self._x.set(0, _fast.check(x, "x", self._input_types, device, (b, h))[0], b, self._input_element)
+            self._require_scales(scales)
+            if scales is not None:
+                address, code, _ = _fast.check(scales, "scales", self._scale_types, device, (b, self.recv_scales_shape[-1]))
+                self._s.set(0, address, b, code)
+            if topk_weights is not None:
+                self._w.set(0, _fast.check(topk_weights, "topk_weights", _F32_TYPES, device, (b, k))[0], b, _abi.F32)
+            kind = (topk_weights is not None, scales is not None)
+            if kind != self._dispatch_kind:   # point the inputs at the descriptors this call gives
+                self._dispatch_in.topkWeights = self._w.pointers[0] if kind[0] else None
+                self._dispatch_in.scales = self._s.pointers[0] if kind[1] else None
+                self._dispatch_kind = kind
+            index = self._next_slot
+            slot = self._slots[index]
+            self._next_slot = (index + 1) % len(self._slots)
+            if wait_event is not None:
+                _fast.torch_stream(device, stream).wait_event(wait_event)
+            if target is None:
+                target = Handle(self)
+            if topk_idx is not None:  # every argument is checked: the step starts
+                self._update(topk_idx, b, target, stream)
+            config = self._dispatch_config
+            config.direction, config.step = direction_value, target._pointer
+            config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
+            a = self._addresses
+            check_status(self._fn_dispatch(self._handle_address, a[2], self._slot_calls[index][0], a[3], self._raw(stream)))
+            self._pending = None
+            target.slot = index
+            target.slot_use = slot.use = slot.use + 1
+            target.topk_idx = routing
+            if direction_value == 0 and topk_weights is not None:
+                target.topk_weights = topk_weights
+            target.received_weights = slot.weights
+            result = DispatchResult._of_rank_slot(slot, target)
+            if send_only:
+                result.hook = lambda: self.complete(stream=stream)
+            if record_event:
+                result.event = self._record(stream)
+            return result
 
-    @locked
     def combine(self, expert_outputs: Array, handle: Handle, *, direction: Direction = "forward",
                 weight_gradients: Optional[Array] = None, stream: Any = None, wait_event: Any = None,
                 record_event: bool = False, send_only: bool = False) -> Any:
@@ -287,69 +334,81 @@ class NCCLGroup(GroupBase):
         pass takes ``weight_gradients`` (shaped like ``dispatch(...).topk_weights``) and returns
         ``(tokens, topk_weight_gradients)``. ``stream``, ``wait_event``, ``record_event``,
         ``send_only``: as for :meth:`VirtualGroup.combine`."""
-        self._check_open()
-        self._check_handle(handle, dispatched=True)
-        direction_value = _config.choice(direction, "direction", _abi.DIRECTIONS)
-        backward_ht = direction == "backward" and self.algorithm == "ht"
-        if weight_gradients is not None and not backward_ht:
-            raise InvalidArgumentError("weight_gradients: only the backward pass of HT takes weight gradients")
-        if backward_ht and weight_gradients is None:
-            raise InvalidArgumentError("weight_gradients: None; the backward pass of HT needs them")
-        self._require_torch(expert_outputs, "expert_outputs")
-        slot = self._slots[handle.slot]
-        if slot.use != handle.slot_use:   # the peers read this slot's buffers: a later dispatch rewrote them
-            raise InvalidUsageError(
-                f"handle: its rows were in buffer slot {handle.slot}, which a later dispatch has used since; combine a "
-                f"step before {len(self._slots)} more dispatches")
-        y = _arrays.tensor(expert_outputs, "expert_outputs", dtypes={self._element}, device=self._device,
-                           shape=self.recv_shape)
-        weights, shape = None, None
-        if direction == "forward" and self.layout == "expert_major":
-            if handle.topk_weights is None:
-                raise InvalidArgumentError(
-                    "topk_weights: not given to dispatch; the forward combine of LL expert-major applies them")
-            weights, shape = handle.topk_weights, (handle.tokens, self.top_k)
-        elif direction == "forward" and self.layout == "expert_major_padded":
-            weights, shape = slot.weights, self.recv_routing_shape
-        w = None if weights is None else _arrays.tensor(weights, "topk_weights", dtypes={_abi.F32}, device=self._device,
-                                                        shape=shape)
-        if wait_event is not None:
-            _fast.torch_stream(self._device, stream).wait_event(wait_event)
-        if send_only and expert_outputs.data_ptr() != slot.expert_outputs.data_ptr():
-            # The peers read a send-only combine's rows from the slot's own buffer while this rank
-            # goes on: a caller's tensor is copied there first, on the stream.
-            import torch
-
-            with torch.cuda.stream(_fast.torch_stream(self._device, stream)):
-                slot.expert_outputs.copy_(expert_outputs)
-            y = slot.expert_outputs_desc
-        g = None
-        if backward_ht:
-            self._require_torch(weight_gradients, "weight_gradients")
-            g = _arrays.tensor(weight_gradients, "weight_gradients", dtypes={_abi.F32}, device=self._device,
-                               shape=self.recv_routing_shape)
-            if weight_gradients.data_ptr() != slot.weight_grads.data_ptr():   # into the buffer the others read
+        with self._lock:   # (the @locked of the other methods, in line: this is the data path)
+            self._check_open()
+            self._check_handle(handle, dispatched=True)
+            direction_value = 0 if direction is _FORWARD else _config.choice(direction, "direction", _abi.DIRECTIONS)
+            backward_ht = direction_value == 1 and self.algorithm == "ht"
+            if weight_gradients is not None and not backward_ht:
+                raise InvalidArgumentError("weight_gradients: only the backward pass of HT takes weight gradients")
+            if backward_ht and weight_gradients is None:
+                raise InvalidArgumentError("weight_gradients: None; the backward pass of HT needs them")
+            self._require_torch(expert_outputs, "expert_outputs")
+            index = handle.slot
+            slot = self._slots[index]
+            if slot.use != handle.slot_use:   # the peers read this slot's buffers: a later dispatch rewrote them
+                raise InvalidUsageError(
+                    f"handle: its rows were in buffer slot {index}, which a later dispatch has used since; combine a "
+                    f"step before {len(self._slots)} more dispatches")
+            device, element = self._device, self._element
+            address = _fast.check(expert_outputs, "expert_outputs", self._element_types, device, self.recv_shape)[0]
+            _, own_outputs, own_weights, own_grads, views = self._slot_calls[index]
+            weights = None   # which weights the call applies: 1 the dispatch's, 2 the slot's received ones
+            if direction_value == 0 and self.layout == "expert_major":
+                if handle.topk_weights is None:
+                    raise InvalidArgumentError(
+                        "topk_weights: not given to dispatch; the forward combine of LL expert-major applies them")
+                address_w = _fast.check(handle.topk_weights, "topk_weights", _F32_TYPES, device, (handle.tokens, self.top_k))[0]
+                self._cw.set(0, address_w, handle.tokens, _abi.F32)
+                weights = 1
+            elif direction_value == 0 and self.layout == "expert_major_padded":
+                weights = 2
+            if wait_event is not None:
+                _fast.torch_stream(device, stream).wait_event(wait_event)
+            own = address == slot.expert_outputs.data_ptr()   # the slot's own buffer, which its descriptor describes
+            if send_only and not own:
+                # The peers read a send-only combine's rows from the slot's own buffer while this rank
+                # goes on: a caller's tensor is copied there first, on the stream.
                 import torch
 
-                with torch.cuda.stream(_fast.torch_stream(self._device, stream)):
-                    slot.weight_grads.copy_(weight_gradients)
-                g = slot.grads_desc
-        b = handle.tokens
-        combined = slot.combined[:b]
-        out = self._describe_output(combined, self._element, "combined")
-        weight_grads = out_g = None
-        if backward_ht:
-            weight_grads = slot.combined_grads[:b]
-            out_g = self._describe_output(weight_grads, _abi.F32, "weight_grads")
-        inputs = _abi.new(_abi.CombineInputs, expertOutputs=ctypes.pointer(y), topkWeights=_arrays.pointer(w),
-                          weightGradients=_arrays.pointer(g))
-        outputs = _abi.new(_abi.CombineOutputs, tokens=ctypes.pointer(out), topkWeightGradients=_arrays.pointer(out_g))
-        config = _abi.new(_abi.CombineConfig, direction=direction_value, launchMode=0, step=handle._pointer,
-                          phase=_abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE)
-        call("epCombine", self._handle, ctypes.byref(inputs), ctypes.byref(outputs), ctypes.byref(config),
-             self._raw(stream))
-        result: Any = (combined, weight_grads) if backward_ht else combined
-        return self._combine_result(result, send_only, record_event, stream)
+                with torch.cuda.stream(_fast.torch_stream(device, stream)):
+                    slot.expert_outputs.copy_(expert_outputs)
+                own = True
+            if not own:
+                self._y.set(0, address, self.recv_shape[0], element)
+            if backward_ht:
+                self._require_torch(weight_gradients, "weight_gradients")
+                _fast.check(weight_gradients, "weight_gradients", _F32_TYPES, device, self.recv_routing_shape)
+                if weight_gradients.data_ptr() != slot.weight_grads.data_ptr():   # into the buffer the others read
+                    import torch
+
+                    with torch.cuda.stream(_fast.torch_stream(device, stream)):
+                        slot.weight_grads.copy_(weight_gradients)
+            b = handle.tokens
+            targets = views.get((b, backward_ht))
+            if targets is None:   # the combined rows (and weight gradients) of b tokens: views made once per slot
+                combined, weight_grads = slot.combined[:b], slot.combined_grads[:b] if backward_ht else None
+                targets = (combined, weight_grads, combined.data_ptr(), weight_grads.data_ptr() if backward_ht else 0)
+                views[(b, backward_ht)] = targets
+            combined, weight_grads, combined_address, grads_address = targets
+            self._out.set(0, combined_address, b, element)
+            if backward_ht:
+                self._out_g.set(0, grads_address, b, _abi.F32)
+            kind = (index, own, weights, backward_ht)
+            if kind != self._combine_kind:   # point the inputs and outputs at this call's descriptors
+                inputs = self._combine_in
+                inputs.expertOutputs = own_outputs if own else self._y.pointers[0]
+                inputs.topkWeights = self._cw.pointers[0] if weights == 1 else own_weights if weights == 2 else None
+                inputs.weightGradients = own_grads if backward_ht else None
+                self._combine_out.topkWeightGradients = self._out_g.pointers[0] if backward_ht else None
+                self._combine_kind = kind
+            config = self._combine_config
+            config.direction, config.step = direction_value, handle._pointer
+            config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
+            a = self._addresses
+            check_status(self._fn_combine(self._handle_address, a[4], a[5], a[6], self._raw(stream)))
+            result: Any = (combined, weight_grads) if backward_ht else combined
+            return self._combine_result(result, send_only, record_event, stream) if send_only or record_event else result
 
     @locked
     def complete(self, *, stream: Any = None) -> None:
@@ -360,11 +419,12 @@ class NCCLGroup(GroupBase):
     # -- helpers -----------------------------------------------------------------------------
 
     def _require_torch(self, value, name):
-        if not _arrays.is_torch(value):
+        if (type(value) is not _fast.tensor_type or value is None) and not _arrays.is_torch(value):
             raise InvalidArgumentError(f"{name}: a {type(value).__name__}; an NCCL group takes CUDA torch tensors")
 
     def _raw(self, stream):
-        return ctypes.c_void_p(_fast.raw_stream(self._device, stream))
+        """The CUstream of `stream` (None: PyTorch's current one on the group's device), an int."""
+        return _fast.raw_stream(self._device, stream)
 
     @locked
     def _layout_of(self, handle):

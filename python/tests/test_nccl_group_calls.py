@@ -1,0 +1,189 @@
+"""NCCLGroup's data path without a GPU: a group of one NCCL rank built over CPU tensors, its
+library calls replaced by a recorder, so that what dispatch and combine hand the library (the
+descriptors of the caller's tensors and of the slot's own buffers, patched per call in structs
+made once) and what they return can be checked here. The calls themselves, on the device, run in
+the GPU suites (test_gpu_steps.py's one-rank NCCL group)."""
+
+import ctypes
+
+import numpy as np
+import pytest
+
+import expert_parallel as ep
+from expert_parallel import _abi, nccl_group
+
+torch = pytest.importorskip("torch")
+
+DTYPES = {_abi.BF16: torch.bfloat16, _abi.F32: torch.float32}
+
+
+class _Slot:
+    """A buffer slot as NCCLSlot makes it, over CPU tensors."""
+
+    def __init__(self, group, index):
+        element = DTYPES[group._element]
+        self.index, self.use = index, 0
+        describe = group._describe_output
+        self.tokens = torch.zeros(group.recv_shape, dtype=element)
+        self.tokens_desc = describe(self.tokens, group._element, "tokens")
+        self.idx = self.weights = self.idx_desc = self.weights_desc = self.weight_grads = self.grads_desc = None
+        if group.recv_routing_shape is not None:
+            self.idx = torch.zeros(group.recv_routing_shape, dtype=torch.int32)
+            self.weights = torch.zeros(group.recv_routing_shape)
+            self.weight_grads = torch.zeros(group.recv_routing_shape)
+            self.idx_desc, self.weights_desc = describe(self.idx, _abi.I32, "idx"), describe(self.weights, _abi.F32, "w")
+            self.grads_desc = describe(self.weight_grads, _abi.F32, "g")
+        self.expert_outputs = torch.zeros(group.recv_shape, dtype=element)
+        self.expert_outputs_desc = describe(self.expert_outputs, group._element, "y")
+        self.scales = self.scales_desc = None
+        self.counts = torch.zeros((group.local_experts,), dtype=torch.int32)
+        self.source_counts = torch.zeros((group.local_experts, group.ranks), dtype=torch.int32)
+        self.counts_desc, self.source_desc = describe(self.counts, _abi.I32, "c"), describe(self.source_counts, _abi.I32, "s")
+        self.combined = torch.zeros((group.max_tokens, group.hidden), dtype=element)
+        self.combined_grads = torch.zeros((group.max_tokens, group.top_k))
+        pointer = lambda d: None if d is None else ctypes.pointer(d)  # noqa: E731
+        self.outputs = _abi.new(_abi.DispatchOutputs, tokens=pointer(self.tokens_desc), topkIdx=pointer(self.idx_desc),
+                                topkWeights=pointer(self.weights_desc), expertCounts=pointer(self.counts_desc),
+                                expertSourceCounts=pointer(self.source_desc))
+
+
+def descriptor(pointer):
+    """(address, dtype, sizes, strides) of an epTensor_t, or None."""
+    if not pointer:
+        return None
+    d = pointer.contents
+    return (d.data or 0, d.dtype, list(d.sizes[:d.ndim]), list(d.strides[:d.ndim]))
+
+
+def of(tensor, dtype):
+    return (tensor.data_ptr(), dtype, list(tensor.shape), list(tensor.stride()))
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """make(**settings) -> (group, calls): an NCCLGroup of rank 0 of `ranks` over CPU tensors
+    whose entry points append (name, decoded arguments) to `calls`."""
+    calls = []
+
+    def entry(name):
+        def run(handle, *addresses):
+            structs = {"epHandleUpdate": (_abi.UpdateInputs, _abi.UpdateConfig),
+                       "epDispatch": (_abi.DispatchInputs, _abi.DispatchOutputs, _abi.DispatchConfig),
+                       "epCombine": (_abi.CombineInputs, _abi.CombineOutputs, _abi.CombineConfig)}[name]
+            calls.append((name, [ctypes.cast(a, ctypes.POINTER(cls)).contents for a, cls in zip(addresses, structs)]))
+            return _abi.SUCCESS
+        return run
+
+    monkeypatch.setattr(nccl_group, "call", lambda name, *arguments: calls.append((name, arguments)))
+
+    def make(**settings):
+        shape = dict(ranks=4, experts=16, hidden=32, top_k=4, max_tokens=8, dtype="bf16", algorithm="ll")
+        shape.update(settings)
+        model = ep.VirtualGroup(**shape, device="cpu")   # the group's facts, as epGroupGetInfo gives them
+        group = nccl_group.NCCLGroup.__new__(nccl_group.NCCLGroup)
+        for name in ("ranks", "experts", "local_experts", "top_k", "hidden", "max_tokens", "algorithm", "layout", "alignment",
+                     "dtype", "recv_shape", "recv_routing_shape", "fp8", "fp8_source", "_recv_element", "recv_scales_shape",
+                     "_scale_type", "_input_element", "_element"):
+            setattr(group, name, getattr(model, name))
+        model.close()
+        group._group, group._handle, group._device = ctypes.c_void_p(0x1000), ctypes.c_void_p(0x2000), -1
+        group.rank, group._own_step, group._pending, group._next_slot = 0, 0, None, 0
+        group._slots = [_Slot(group, s) for s in range(2)]
+        group._raw = lambda stream: None
+        group._prepare_calls(entry)
+        return group, calls
+
+    return make
+
+
+def step(group, tokens, seed):
+    rng = np.random.default_rng(seed)
+    idx = torch.from_numpy(np.array([rng.choice(group.experts, group.top_k, replace=False) for _ in range(tokens)],
+                                    dtype=np.int32).reshape(tokens, group.top_k))
+    return torch.randn(tokens, group.hidden).to(DTYPES[group._element]), idx, torch.rand(tokens, group.top_k)
+
+
+@pytest.mark.parametrize("layout", ["expert_major", "rank_major"])
+def test_each_call_hands_the_library_its_own_tensors_and_the_slots_buffers(recorded, layout):
+    group, calls = recorded(layout=layout)
+    for n, tokens in enumerate([8, 3, 8, 1]):   # different tensors and token counts, slots in turn
+        x, idx, w = step(group, tokens, n)
+        calls.clear()
+        out = group.dispatch(x, idx, w)
+        slot = group._slots[n % 2]
+        (update, (u_in, u_config)), (dispatch, (d_in, d_out, d_config)) = calls
+        assert (update, dispatch) == ("epHandleUpdate", "epDispatch")
+        assert descriptor(u_in.topkIdx) == of(idx, _abi.I32) and u_config.step is None
+        assert descriptor(d_in.tokens) == of(x, _abi.BF16) and descriptor(d_in.topkWeights) == of(w, _abi.F32)
+        assert not d_in.scales and ctypes.addressof(d_out) == ctypes.addressof(slot.outputs)
+        assert (d_config.direction, d_config.step, d_config.phase) == (0, None, _abi.PHASE_WHOLE)
+        assert out.tokens is slot.tokens and out.expert_outputs is slot.expert_outputs and out.handle.slot == n % 2
+        assert out.expert_counts is slot.counts and out.handle.tokens == tokens and out.event is None and out.hook is None
+
+        calls.clear()
+        y = out.expert_outputs if n % 2 else torch.randn(group.recv_shape).to(torch.bfloat16)   # the slot's own, or the caller's
+        combined = group.combine(y, out.handle)
+        ((name, (c_in, c_out, c_config)),) = calls
+        assert name == "epCombine" and (c_config.direction, c_config.step, c_config.phase) == (0, None, _abi.PHASE_WHOLE)
+        assert descriptor(c_in.expertOutputs) == of(y, _abi.BF16)
+        # LL expert-major's forward combine applies the dispatch's weights; rank-major's rows came weighted.
+        assert descriptor(c_in.topkWeights) == (of(w, _abi.F32) if layout == "expert_major" else None)
+        assert not c_in.weightGradients and not c_out.topkWeightGradients
+        assert combined.data_ptr() == slot.combined.data_ptr() and list(combined.shape) == [tokens, group.hidden]
+        assert descriptor(c_out.tokens) == of(combined, _abi.BF16)
+
+
+def test_handles_send_only_and_the_backward_pass_reach_the_library(recorded):
+    group, calls = recorded(algorithm="ht", dtype="f32")
+    own = ep.Handle(group, ctypes.c_void_p(0x5000))   # as group.handle() makes one (its step: the pointer)
+    x, idx, w = step(group, 5, 7)
+    calls.clear()
+    out = group.dispatch(x, idx, w, handle=own, send_only=True)
+    assert calls[0][1][1].step == 0x5000 and calls[1][1][2].step == 0x5000 and calls[1][1][2].phase == _abi.PHASE_SEND_ONLY
+    out.hook()
+    assert calls[-1][0] == "epComplete"
+    calls.clear()
+    slot = group._slots[0]
+    slot.weight_grads.copy_(torch.rand(group.recv_routing_shape))
+    combined, grads = group.combine(out.expert_outputs, own, direction="backward", weight_gradients=slot.weight_grads)
+    ((name, (c_in, c_out, c_config)),) = calls
+    assert (c_config.direction, c_config.step) == (1, 0x5000)
+    assert descriptor(c_in.weightGradients) == of(slot.weight_grads, _abi.F32) and not c_in.topkWeights
+    assert descriptor(c_out.topkWeightGradients) == of(grads, _abi.F32) and list(grads.shape) == [5, group.top_k]
+    # The forward combine after it points the inputs back (no weight gradients; flat rows came weighted).
+    calls.clear()
+    group.combine(out.expert_outputs, own)
+    ((_, (c_in, c_out, c_config)),) = calls
+    assert c_config.direction == 0 and not c_in.weightGradients and not c_out.topkWeightGradients
+
+
+def test_bad_arguments_get_named_errors_and_reach_no_call(recorded):
+    group, calls = recorded()
+    x, idx, w = step(group, 4, 3)
+    out = group.dispatch(x, idx, w)
+    calls.clear()
+    with pytest.raises(ep.InvalidArgumentError, match=r"x: shape \[4, 31\]; must be \[4, 32\]"):
+        group.dispatch(x[:, :-1], idx, w)
+    with pytest.raises(ep.InvalidArgumentError, match="topk_idx: dtype torch.float32; must be i32 or i64"):
+        group.dispatch(x, idx.float(), w)
+    with pytest.raises(ep.InvalidArgumentError, match=r"topk_weights: shape \[3, 4\]; must be \[4, 4\]"):
+        group.dispatch(x, idx, w[:-1])
+    with pytest.raises(ep.InvalidArgumentError, match="x: a ndarray; an NCCL group takes CUDA torch tensors"):
+        group.dispatch(x.float().numpy(), idx, w)
+    with pytest.raises(ep.InvalidArgumentError, match="expert_outputs: dtype torch.float32; must be bf16"):
+        group.combine(out.expert_outputs.float(), out.handle)
+    with pytest.raises(ep.InvalidArgumentError, match="direction='sideways'"):
+        group.combine(out.expert_outputs, out.handle, direction="sideways")
+    assert calls == []
+    group.combine(out.expert_outputs, out.handle)   # the step is still whole
+    assert [name for name, _ in calls] == ["epCombine"]
+
+
+def test_an_optional_input_is_pointed_at_or_cleared_per_call(recorded):
+    group, calls = recorded()   # LL expert-major: dispatch takes topk_weights or not (its combine needs them)
+    x, idx, w = step(group, 4, 5)
+    for weights in (w, None, w):
+        calls.clear()
+        group.dispatch(x, idx, weights)
+        inputs = calls[-1][1][0]
+        assert descriptor(inputs.topkWeights) == (None if weights is None else of(w, _abi.F32))
