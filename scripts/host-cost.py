@@ -2,7 +2,8 @@
 timed from Python, and inside them the C library's calls timed around their ctypes calls;
 medians in µs. Stacked [R, B, ...] arrays take the stacked calls (epGroupDispatchStacked, which
 includes the update, and epGroupCombineStacked); per-rank lists (--lists) the per-rank ones
-(epGroupUpdateAll, epGroupDispatchAll, epGroupCombineAll). What is left of the Python time
+(epGroupUpdateAll, epGroupDispatchAll, epGroupCombineAll); --nccl adds an NCCLGroup of one rank
+(epHandleUpdate, epDispatch, epCombine; combine from the slot's own expert-output buffer). What is left of the Python time
 beside the C calls is the package's own. Not a test: a measurement for the host-cost work.
 
     EP_LIBRARY=/path/libexpert_parallel.so PYTHONPATH=python python3 scripts/host-cost.py
@@ -39,32 +40,39 @@ def stubbed(fn):
     return lambda *arguments: 0   # epSuccess
 
 
-def measure(name, ranks, calls, lists, device="cuda:0", stub=False, hidden=None):
+def make_group(kind, name, ranks, device, hidden):
+    """The group a measurement calls: a VirtualGroup of `ranks` (stacked or per-rank lists), or
+    (kind "nccl") this process's NCCLGroup of one rank on the GPU."""
+    algorithm, tokens, case_hidden, top_k, experts, _ = CASES[name]
+    shape = dict(experts=experts, hidden=hidden or case_hidden, top_k=top_k, max_tokens=tokens, algorithm=algorithm, dtype="bf16")
+    if kind == "nccl":
+        from expert_parallel import NCCLGroup, nccl_unique_id
+
+        return NCCLGroup(rank=0, ranks=1, unique_id=nccl_unique_id(), device=device, **shape)
+    return VirtualGroup(ranks=ranks, device=device, **shape)
+
+
+def measure(name, ranks, calls, kind, device="cuda:0", stub=False, hidden=None):
+    """Times `calls` dispatches and combines of case `name` (kind: "stacked", "lists" or "nccl")."""
     algorithm, tokens, case_hidden, top_k, experts, _ = CASES[name]
     case = (algorithm, tokens, hidden or case_hidden, top_k, experts, _)
-    group = VirtualGroup(ranks=ranks, experts=experts, hidden=case[2], top_k=top_k, max_tokens=tokens, algorithm=algorithm,
-                         dtype="bf16", device=device)
+    group = make_group(kind, name, ranks, device, hidden)
     inputs = _Inputs(case, ranks, "cpu", 1)   # NumPy arrays, as torch tensors on `device` below
     x = torch.from_numpy(numpy.stack(inputs.x)).to(device=device, dtype=torch.bfloat16)
     idx, w = (torch.from_numpy(numpy.stack(a)).to(device) for a in (inputs.idx, inputs.w))
-    arguments = tuple(list(t.unbind(0)) for t in (x, idx, w)) if lists else (x, idx, w)
+    arguments = {"stacked": (x, idx, w), "lists": tuple(list(t.unbind(0)) for t in (x, idx, w)), "nccl": (x[0], idx[0], w[0])}[kind]
+    stacked = kind == "stacked"
+    entries = ("_fn_dispatch_stacked", "_fn_combine_stacked") if stacked else ("_fn_update", "_fn_dispatch", "_fn_combine")
     c = {"update": [], "dispatch": [], "combine": []}
-    if stub:
-        for entry in ("_fn_update", "_fn_dispatch", "_fn_combine", "_fn_dispatch_stacked", "_fn_combine_stacked"):
-            setattr(group, entry, stubbed(getattr(group, entry)))
-    if lists:
-        group._fn_update = timed(group._fn_update, c["update"])
-        group._fn_dispatch = timed(group._fn_dispatch, c["dispatch"])
-        group._fn_combine = timed(group._fn_combine, c["combine"])
-    else:
-        group._fn_dispatch_stacked = timed(group._fn_dispatch_stacked, c["dispatch"])
-        group._fn_combine_stacked = timed(group._fn_combine_stacked, c["combine"])
+    for entry in entries:
+        function = stubbed(getattr(group, entry)) if stub else getattr(group, entry)
+        setattr(group, entry, timed(function, c[entry.split("_")[2]]))
     dispatch, combine = [], []
     for _ in range(calls):
         t0 = time.perf_counter()
         out = group.dispatch(*arguments)
         t1 = time.perf_counter()
-        group.combine(out.received if not lists else out.tokens, out.handle)
+        group.combine(out.received if stacked else out.tokens if kind == "lists" else out.expert_outputs, out.handle)
         dispatch.append(t1 - t0)
         combine.append(time.perf_counter() - t1)
     if device != "cpu":
@@ -72,10 +80,10 @@ def measure(name, ranks, calls, lists, device="cuda:0", stub=False, hidden=None)
     if not stub:
         group.check()
     med = lambda values: statistics.median(values[calls // 10:]) * 1e6 if values else float("nan")  # noqa: E731
-    kind = ("per-rank lists" if lists else "stacked") + (", C stubbed" if stub else "")
-    inside = (f"C update {med(c['update']):.1f} dispatch {med(c['dispatch']):.1f}" if lists
-              else f"C update+dispatch {med(c['dispatch']):.1f}")
-    print(f"{name} R={ranks} {kind}: Python dispatch {med(dispatch):.1f} combine {med(combine):.1f} | "
+    label = {"stacked": "stacked", "lists": "per-rank lists", "nccl": "NCCL rank"}[kind] + (", C stubbed" if stub else "")
+    inside = (f"C update+dispatch {med(c['dispatch']):.1f}" if stacked
+              else f"C update {med(c['update']):.1f} dispatch {med(c['dispatch']):.1f}")
+    print(f"{name} R={ranks} {label}: Python dispatch {med(dispatch):.1f} combine {med(combine):.1f} | "
           f"{inside} combine {med(c['combine']):.1f}", flush=True)
     group.close()
 
@@ -88,8 +96,10 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cuda:0", help="the group's device (default cuda:0; cpu with --stub anywhere)")
     parser.add_argument("--stub", action="store_true", help="the C calls replaced by a no-op: the package's own Python time")
     parser.add_argument("--hidden", type=int, help="hidden size instead of the case's (smaller CPU buffers)")
+    parser.add_argument("--nccl", action="store_true", help="also time an NCCLGroup of one rank (cases with R = 1; a GPU with NCCL)")
     args = parser.parse_args()
     for spec in args.case or ["ll-std:1", "ll-1:8", "ll-std:8"]:
         name, ranks = spec.split(":")
-        for lists in (False, True) if args.lists else (False,):
-            measure(name, int(ranks), args.calls, lists, device=args.device, stub=args.stub, hidden=args.hidden)
+        kinds = ["stacked"] + (["lists"] if args.lists else []) + (["nccl"] if args.nccl and ranks == "1" else [])
+        for kind in kinds:
+            measure(name, int(ranks), args.calls, kind, device=args.device, stub=args.stub, hidden=args.hidden)
