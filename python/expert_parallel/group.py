@@ -697,9 +697,9 @@ class VirtualGroup(GroupBase):
                     f"{name}: a {type(values).__name__}; must be a list of {r} per-rank arrays or one [R, ...] array") from None
         if len(values) != r:
             raise InvalidArgumentError(f"{name}: {len(values)} entries; must be one per rank ({r})")
-        counts, first_kind = [], None
+        counts, first_kind, tensor = [], None, _fast.tensor_type
         for i, value in enumerate(values):
-            kind = _arrays.kind(value)
+            kind = "torch" if type(value) is tensor and value is not None else _arrays.kind(value)
             if kind is None:
                 raise InvalidArgumentError(f"{name}[{i}]: a {type(value).__name__}; must be a NumPy array or a PyTorch tensor")
             if first_kind is None:
@@ -709,8 +709,12 @@ class VirtualGroup(GroupBase):
             if device != -1 and kind != "torch":
                 raise InvalidArgumentError(f"{name}[{i}]: a NumPy array; a GPU group takes CUDA torch tensors")
             want = None if tokens is None else tokens[i]
-            address, code, sizes = _fast.check(value, f"{name}[{i}]", expected, device, (want,) + tail)
-            b = int(sizes[0])
+            # The common case compared in line; anything else gets check()'s named error (the name made only then).
+            address, code, sizes, where, fine = _fast.look(value, expected)
+            if not (fine and code in expected and where == device and len(sizes) == len(tail) + 1 and sizes[1:] == tail
+                    and (want is None or sizes[0] == want)):
+                address, code, sizes = _fast.check(value, f"{name}[{i}]", expected, device, (want,) + tail)
+            b = sizes[0]
             if tokens is None and b > self.max_tokens:
                 raise InvalidArgumentError(f"{name}[{i}]: {b} tokens; must be ≤ max_tokens ({self.max_tokens})")
             descriptors.set(i, address, b, code)
