@@ -4,8 +4,8 @@
     python -m expert_parallel.bench --device cpu --case tiny          # the CPU backend, small
 
 For each case (the standard cases of docs/ep-bench.md, or the small ``tiny`` / ``tiny-ht``) it runs
-dispatch then combine through a ``VirtualGroup`` with identity experts and reports, per call,
-medians of:
+dispatch then combine through a ``VirtualGroup`` (``--nccl``: this process's ``NCCLGroup`` of one
+rank on the GPU) with identity experts and reports, per call, medians of:
 
 - host: wall clock of the Python call (what the framework's CPU thread pays);
 - gpu: what the GPU spends on the call: CUDA events around it on the current stream, measured in a
@@ -71,17 +71,30 @@ class _Inputs:
             self.stacked = (np.stack(self.x), np.stack(self.idx), np.stack(self.w))
 
 
-def _time_package(case: tuple, ranks: int, device: str, iterations: int, warmup: int, inputs: _Inputs) -> Dict[str, Any]:
+def _time_package(case: tuple, ranks: int, device: str, iterations: int, warmup: int, inputs: _Inputs,
+                  nccl: bool = False) -> Dict[str, Any]:
     algorithm, tokens, hidden, top_k, experts, _ = case
-    group = VirtualGroup(ranks=ranks, experts=experts, hidden=hidden, top_k=top_k, max_tokens=tokens,
-                         algorithm=algorithm, dtype="f32" if device == "cpu" else "bf16", device=device)
+    shape = dict(experts=experts, hidden=hidden, top_k=top_k, max_tokens=tokens, algorithm=algorithm,
+                 dtype="f32" if device == "cpu" else "bf16")
+    if nccl:   # this process's rank of an NCCL group of one: what a torchrun job's rank calls
+        from .nccl_group import NCCLGroup, nccl_unique_id
+
+        group: Any = NCCLGroup(rank=0, ranks=1, unique_id=nccl_unique_id(), device=device, **shape)
+        arguments = tuple(t[0] for t in inputs.stacked)
+    else:
+        group = VirtualGroup(ranks=ranks, device=device, **shape)
+        arguments = inputs.stacked
+
+    def expert_outputs(out):   # identity experts: the received rows come back (NCCL: from the slot's own buffer)
+        return out.expert_outputs if nccl else out.received
+
     host_d: List[float] = []
     host_c: List[float] = []
     for i in range(warmup + iterations):
         t0 = time.perf_counter()
-        out = group.dispatch(*inputs.stacked)
+        out = group.dispatch(*arguments)
         t1 = time.perf_counter()
-        group.combine(out.received, out.handle)   # identity experts: the received rows come back
+        group.combine(expert_outputs(out), out.handle)
         t2 = time.perf_counter()
         if i >= warmup:
             host_d.append(t1 - t0)
@@ -97,14 +110,15 @@ def _time_package(case: tuple, ranks: int, device: str, iterations: int, warmup:
         torch.cuda._sleep(1_000_000 * iterations)
         for m in marks:
             m[0].record()
-            out = group.dispatch(*inputs.stacked)
+            out = group.dispatch(*arguments)
             m[1].record()
-            group.combine(out.received, out.handle)
+            group.combine(expert_outputs(out), out.handle)
             m[2].record()
         torch.cuda.synchronize()
         group.check()
         result["gpu_dispatch_us"] = statistics.median(m[0].elapsed_time(m[1]) for m in marks) * 1e3
         result["gpu_combine_us"] = statistics.median(m[1].elapsed_time(m[2]) for m in marks) * 1e3
+    group.close()
     return result
 
 
@@ -176,8 +190,9 @@ def _time_baseline(case: tuple, iterations: int, warmup: int, inputs: _Inputs) -
     return {"baseline": "torch", "baseline_dispatch_us": _median_us(dispatch_s), "baseline_combine_us": _median_us(combine_s)}
 
 
-def _engine_figures(path: Optional[str]) -> Dict[tuple, Dict[str, float]]:
-    """ep-bench's JSON (a list of measurements) by (case, ranks)."""
+def _engine_figures(path: Optional[str], nccl: bool = False) -> Dict[tuple, Dict[str, float]]:
+    """ep-bench's JSON (a list of measurements) by (case, ranks): its virtual groups' entries, or
+    (`nccl`) its NCCL ranks' (`--transport nccl`: one entry per rank, rank 0's taken)."""
     if not path:
         return {}
     with open(path) as f:
@@ -191,19 +206,21 @@ def _engine_figures(path: Optional[str]) -> Dict[tuple, Dict[str, float]]:
         return m["dispatch"]["median"] + (m["update"]["median"] if isinstance(m.get("update"), dict) else 0.0)
 
     return {(m["name"], m["ranks"]): {"engine_dispatch_us": dispatch(m), "engine_combine_us": m["combine"]["median"]}
-            for m in measurements if isinstance(m.get("combine"), dict) and not m.get("fp8")}
+            for m in measurements if isinstance(m.get("combine"), dict) and not m.get("fp8")
+            and (m.get("rank") == 0 if nccl else m.get("rank") is None)}
 
 
 def run(names: Sequence[str], device: str, ranks: Optional[int], iterations: int, warmup: int, seed: int,
-        engine_json: Optional[str], baseline: bool) -> List[Dict[str, Any]]:
-    engine = _engine_figures(engine_json)
+        engine_json: Optional[str], baseline: bool, nccl: bool = False) -> List[Dict[str, Any]]:
+    engine = _engine_figures(engine_json, nccl)
     results = []
     for name in names:
         case = CASES[name]
-        r = ranks or case[5]
-        row: Dict[str, Any] = {"case": name, "ranks": r, "device": device, "iterations": iterations}
+        r = 1 if nccl else ranks or case[5]
+        row: Dict[str, Any] = {"case": name, "ranks": r, "device": device, "iterations": iterations,
+                               "group": "NCCLGroup" if nccl else "VirtualGroup"}
         inputs = _Inputs(case, r, device, seed)   # the same step for the package and the baseline
-        row.update(_time_package(case, r, device, iterations, warmup, inputs))
+        row.update(_time_package(case, r, device, iterations, warmup, inputs, nccl))
         row.update(engine.get((name, r), {}))
         if baseline:
             row.update(_time_baseline(case, iterations, warmup, inputs))
@@ -233,6 +250,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "the standard cases on CUDA, tiny and tiny-ht on the CPU")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     parser.add_argument("--ranks", type=int, help="ranks of the group (default: the case's)")
+    parser.add_argument("--nccl", action="store_true", help="time an NCCLGroup of one rank (this process, one GPU: "
+                        "what each rank of a torchrun job calls) instead of a VirtualGroup; with --engine-json, "
+                        "ep-bench's --transport nccl --ranks 1 figures")
     parser.add_argument("--iterations", type=int, default=100, help="timed calls per case (default 100)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed calls first (default 10)")
     parser.add_argument("--seed", type=int, default=1)
@@ -246,9 +266,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--warmup {args.warmup}: must be in 0...1000000")
     if args.ranks is not None and args.ranks < 1:
         parser.error(f"--ranks {args.ranks}: must be ≥ 1")
+    if args.nccl and not args.device.startswith("cuda"):
+        parser.error(f"--nccl: an NCCL group runs on a CUDA device; --device is {args.device!r}")
+    if args.nccl and args.ranks not in (None, 1):
+        parser.error(f"--nccl --ranks {args.ranks}: the group is this process's one rank; --ranks must be 1 (or left out)")
     names = args.case or (["tiny", "tiny-ht"] if args.device == "cpu" else ["ll-std", "ll-32", "ll-1", "ht-std", "ht-4k", "odd"])
     results = run(names, args.device, args.ranks, args.iterations, args.warmup, args.seed, args.engine_json,
-                  not args.no_baseline)
+                  not args.no_baseline, args.nccl)
     print(render(results))
     if args.json:
         with open(args.json, "w") as f:

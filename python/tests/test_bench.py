@@ -45,7 +45,20 @@ def test_the_engines_dispatch_includes_its_update(tmp_path):
     assert rows[0]["engine_dispatch_us"] == 5.5 and rows[0]["engine_combine_us"] == 2.5
 
 
-@pytest.mark.parametrize("option", [["--iterations", "0"], ["--warmup", "-1"], ["--ranks", "0"], ["--case", "nope"]])
+def test_an_nccl_run_takes_the_engines_nccl_rank_figures(tmp_path):
+    # ep-bench --transport nccl writes one entry per rank (rank 0, 1, ...); the virtual groups' have no rank.
+    engine = tmp_path / "engine.json"
+    engine.write_text(json.dumps([
+        {"name": "ll-std", "ranks": 1, "dispatch": {"median": 9.0}, "combine": {"median": 9.0}},
+        {"name": "ll-std", "ranks": 1, "rank": 0, "update": {"median": 4.0}, "dispatch": {"median": 10.0},
+         "combine": {"median": 11.0}},
+    ]))
+    assert bench._engine_figures(str(engine), nccl=True) == {("ll-std", 1): {"engine_dispatch_us": 14.0, "engine_combine_us": 11.0}}
+    assert bench._engine_figures(str(engine)) == {("ll-std", 1): {"engine_dispatch_us": 9.0, "engine_combine_us": 9.0}}
+
+
+@pytest.mark.parametrize("option", [["--iterations", "0"], ["--warmup", "-1"], ["--ranks", "0"], ["--case", "nope"],
+                                    ["--nccl"], ["--nccl", "--device", "cuda:0", "--ranks", "2"]])
 def test_bad_options_are_refused_by_name(option):
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(bench.__file__)))
     env = dict(os.environ, PYTHONPATH=package_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
