@@ -76,8 +76,9 @@ def check(value, name, expected, device, shape, seen=None):
                     break
             else:
                 return address, code, sizes
-    _arrays.tensor(value, name, dtypes=expected, device=device, shape=shape)  # raises the named error
-    raise InvalidArgumentError(f"{name}: not accepted")  # pragma: no cover - tensor() raised above
+    # The named error; or what look() does not map and tensor() accepts (a torch uint8 tensor as e4m3).
+    descriptor = _arrays.tensor(value, name, dtypes=expected, device=device, shape=shape)
+    return descriptor.data or 0, descriptor.dtype, tuple(descriptor.sizes[:descriptor.ndim])
 
 
 class Descriptors:
@@ -156,6 +157,9 @@ def raw_stream(device, stream=None):
     global _raw_stream
     if stream is not None:
         handle = getattr(stream, "cuda_stream", stream)
+        if type(handle) is not int:   # (ctypes would take a str as a pointer to its characters)
+            raise InvalidArgumentError(
+                f"stream: a {type(stream).__name__}; must be a torch.cuda.Stream or an int CUstream handle")
         return handle or None
     if _raw_stream is None:
         import torch

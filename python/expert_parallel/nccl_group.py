@@ -130,13 +130,13 @@ class NCCLGroup(GroupBase):
         info = _abi.new(_abi.GroupInfo)
         call("epGroupGetInfo", group, ctypes.byref(info))
         self.multiprocessors = info.multiprocessors
+        self._next_slot = 0
         try:
             self._slots = [NCCLSlot(self, s) for s in range(info.bufferSlots)]
+            self._prepare_calls(addresses_entry)
         except BaseException:
             self.close()
             raise
-        self._next_slot = 0
-        self._prepare_calls(addresses_entry)
 
     @classmethod
     def from_process_group(cls, process_group: Any = None, *, experts: int, hidden: int, top_k: int, max_tokens: int,
@@ -390,7 +390,7 @@ class NCCLGroup(GroupBase):
                 combined, weight_grads = slot.combined[:b], slot.combined_grads[:b] if backward_ht else None
                 targets = (combined, weight_grads, combined.data_ptr(), weight_grads.data_ptr() if backward_ht else 0)
                 views[(b, backward_ht)] = targets
-            combined, weight_grads, combined_address, grads_address = targets
+            combined, weight_grads, combined_address, grads_address = targets   # (handed out detached: below)
             self._out.set(0, combined_address, b, element)
             if backward_ht:
                 self._out_g.set(0, grads_address, b, _abi.F32)
@@ -407,7 +407,9 @@ class NCCLGroup(GroupBase):
             config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
             a = self._addresses
             check_status(self._fn_combine(self._handle_address, a[4], a[5], a[6], self._raw(stream)))
-            result: Any = (combined, weight_grads) if backward_ht else combined
+            # A new tensor object per call over the slot's rows: what a caller does to its own (autograd
+            # history, in-place metadata) stays with it, not with the next combine's result.
+            result: Any = (combined.detach(), weight_grads.detach()) if backward_ht else combined.detach()
             return self._combine_result(result, send_only, record_event, stream) if send_only or record_event else result
 
     @locked

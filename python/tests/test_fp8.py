@@ -73,3 +73,20 @@ def test_fp8_settings_and_scales_are_checked_by_name():
         passing.dispatch(codes, idx, scales=np.zeros((1, 2, 2), np.float32))   # ue8m0 scales are int32 words
     with pytest.raises(ep.InvalidArgumentError, match="scales: given"):
         one_rank("float32").dispatch(np.zeros((1, 2, H), np.float32), idx, scales=np.zeros((1, 2, 2), np.float32))
+
+
+def test_a_torch_uint8_tensor_is_taken_as_e4m3_codes_where_a_group_passes_fp8_through():
+    """The e4m3 rows of a pass-through group may come as float8_e4m3fn or as their uint8 codes,
+    stacked or per rank, with the same bits received."""
+    torch = pytest.importorskip("torch")
+    import expert_parallel as ep
+    rng = np.random.default_rng(5)
+    group = ep.VirtualGroup(ranks=2, experts=4, hidden=128, top_k=2, max_tokens=4, dtype="bf16", fp8="float32",
+                            fp8_source="pass_through", buffer_slots=1)
+    codes = torch.from_numpy(rng.integers(0, 0x7F, (2, 3, 128), dtype=np.uint8))
+    idx = torch.tensor([[[0, 1], [2, 3], [1, 2]]] * 2, dtype=torch.int32)
+    w, scales = torch.rand(2, 3, 2), torch.rand(2, 3, 1)
+    want = [t.view(torch.uint8).clone() for t in group.dispatch(codes.view(torch.float8_e4m3fn), idx, w, scales=scales).tokens]
+    for xs, s in ((codes, scales), (list(codes), list(scales))):
+        got = group.dispatch(xs, idx if xs is codes else list(idx), w if xs is codes else list(w), scales=s).tokens
+        assert all(torch.equal(a.view(torch.uint8), b) for a, b in zip(got, want))

@@ -187,3 +187,27 @@ def test_an_optional_input_is_pointed_at_or_cleared_per_call(recorded):
         group.dispatch(x, idx, weights)
         inputs = calls[-1][1][0]
         assert descriptor(inputs.topkWeights) == (None if weights is None else of(w, _abi.F32))
+
+
+def test_each_combine_hands_out_a_tensor_of_its_own_over_the_slots_rows(recorded):
+    group, calls = recorded()
+    x, idx, w = step(group, 4, 6)
+    out = group.dispatch(x, idx, w)
+    first = group.combine(out.expert_outputs, out.handle)
+    first.unsqueeze_(0)          # what a caller does to its result (autograd history, in-place metadata)
+    first.requires_grad_()
+    out = group.dispatch(x, idx, w)
+    out = group.dispatch(x, idx, w)   # the first slot again
+    second = group.combine(out.expert_outputs, out.handle)
+    assert second is not first and second.data_ptr() == first.data_ptr()
+    assert list(second.shape) == [4, group.hidden] and not second.requires_grad and second.grad_fn is None
+
+
+def test_a_stream_that_is_no_cuda_stream_is_refused_by_name():
+    # ctypes would pass a str as a pointer to its characters: a bogus CUstream on the device.
+    from expert_parallel import _fast
+
+    for stream in ("cuda:0", 1.5, object()):
+        with pytest.raises(ep.InvalidArgumentError, match="stream: a .*; must be a torch.cuda.Stream or an int CUstream handle"):
+            _fast.raw_stream(0, stream)
+    assert _fast.raw_stream(0, 1234) == 1234 and _fast.raw_stream(0, 0) is None
