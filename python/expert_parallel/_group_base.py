@@ -156,6 +156,15 @@ class GroupBase:
         event.record(_fast.torch_stream(self._device, stream))
         return event
 
+    def _dispatch_result(self, result, send_only, record_event, stream):
+        """`result` (a DispatchResult) with (send_only) the hook that completes it and
+        (record_event) the event recorded after it."""
+        if send_only:
+            result.hook = lambda: self.complete(stream=stream)
+        if record_event:
+            result.event = self._record(stream)
+        return result
+
     def _combine_result(self, result, send_only, record_event, stream):
         """A combine's result, with (send_only) the hook that completes it and (record_event) the
         event recorded after it: ``result``, ``(result, hook)``, ``(result, event)`` or ``(result,

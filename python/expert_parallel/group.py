@@ -499,12 +499,7 @@ class VirtualGroup(GroupBase):
         target.slot = slot.index
         target.slot_use = slot.use = slot.use + 1
         target.received_weights = slot.w_views
-        result = DispatchResult._of_slot(slot, target)
-        if send_only:
-            result.hook = lambda: self.complete(stream=stream)
-        if record_event:
-            result.event = self._record(stream)
-        return result
+        return self._dispatch_result(DispatchResult._of_slot(slot, target), send_only, record_event, stream)
 
     def _common_inputs(self, xs, topk_idx, topk_weights):
         """(B, routing's epDataType_t) of the common dispatch's inputs: three stacked torch tensors

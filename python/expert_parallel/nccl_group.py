@@ -315,12 +315,7 @@ class NCCLGroup(GroupBase):
             if direction_value == 0 and topk_weights is not None:
                 target.topk_weights = topk_weights
             target.received_weights = slot.weights
-            result = DispatchResult._of_rank_slot(slot, target)
-            if send_only:
-                result.hook = lambda: self.complete(stream=stream)
-            if record_event:
-                result.event = self._record(stream)
-            return result
+            return self._dispatch_result(DispatchResult._of_rank_slot(slot, target), send_only, record_event, stream)
 
     def combine(self, expert_outputs: Array, handle: Handle, *, direction: Direction = "forward",
                 weight_gradients: Optional[Array] = None, stream: Any = None, wait_event: Any = None,
