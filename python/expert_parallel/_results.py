@@ -173,11 +173,16 @@ class DispatchResult:
 
     @classmethod
     def _of_slot(cls, slot: Any, handle: Handle) -> "DispatchResult":
-        """The result of a dispatch into buffer slot `slot` (views of its buffers)."""
+        """The result of a dispatch into buffer slot `slot` (views of its buffers, made once per
+        slot; each result's lists of them its own, so that a caller who replaces an entry changes
+        no later result)."""
         result = cls.__new__(cls)
-        result.tokens, result.topk_idx, result.topk_weights, result.handle = slot.views, slot.idx_views, slot.w_views, handle
+        idx, w, scales = slot.idx_views, slot.w_views, slot.scale_views
+        result.tokens, result.handle = list(slot.views), handle
+        result.topk_idx, result.topk_weights = None if idx is None else list(idx), None if w is None else list(w)
         result._layout, result.received, result.event, result.hook = None, slot.received, None, None
-        result.expert_counts, result.expert_source_counts, result.scales = slot.counts, slot.source_counts, slot.scale_views
+        result.expert_counts, result.expert_source_counts = slot.counts, slot.source_counts
+        result.scales = None if scales is None else list(scales)
         return result
 
     @classmethod

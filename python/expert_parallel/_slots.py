@@ -112,11 +112,13 @@ class Slot:
 
     def combine_targets(self, tokens, backward_ht):
         """Points the combine outputs at combined[i, :tokens[i]] (and the weight gradients at
-        weight_grads[i, :tokens[i]] for backward HT); returns the per-rank views."""
+        weight_grads[i, :tokens[i]] for backward HT); returns the per-rank views (made once per
+        token counts; the lists the caller's own)."""
         if backward_ht is not self._targets_backward or tokens != self._targets:   # (a list, as handles hold them)
             self._target_views = self._point(tokens, backward_ht)
             self._targets, self._targets_backward = list(tokens), backward_ht
-        return self._target_views
+        views, grads = self._target_views
+        return list(views), None if grads is None else list(grads)
 
     def _point(self, tokens, backward_ht):
         group = self._group

@@ -203,3 +203,19 @@ def test_a_handle_of_its_own_dropped_unreleased_frees_its_step_and_the_group_ste
         assert isinstance(out.handle, ep.Handle) and not out.handle.own and out.handle._pointer is None
         assert not hasattr(type(out.handle), "__del__")   # nothing to free per call
         g.combine([t.copy() for t in out.tokens], out.handle)
+
+
+def test_a_callers_changes_to_a_results_lists_reach_no_later_result():
+    """The per-rank lists a dispatch or combine returns are the caller's: replacing an entry (say,
+    by the expert's output) leaves the next result into the same buffer slot as it should be."""
+    torch = pytest.importorskip("torch")
+    with group(buffer_slots=1) as g:
+        xs, idx, w = (torch.from_numpy(a) for a in routing(13))
+        out = g.dispatch(xs, idx, w)
+        received = [t.clone() for t in out.tokens]
+        out.tokens[0] = torch.zeros(1)   # the caller's own list
+        combined = g.combine(out.received, out.handle)
+        combined[1] = None
+        again = g.dispatch(xs, idx, w)
+        assert all(torch.equal(a, b) for a, b in zip(again.tokens, received))
+        assert all(isinstance(c, torch.Tensor) and c.shape == (B, H) for c in g.combine(again.received, again.handle))
