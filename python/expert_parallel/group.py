@@ -728,6 +728,18 @@ class VirtualGroup(GroupBase):
             slot = self._slots[index] = Slot(self, index, like)
         return slot
 
+    def _per_rank(self, values, name):
+        """`values` if it holds one entry per rank (a list, a tuple or an [R, ...] array), else the
+        named error."""
+        try:
+            count = None if isinstance(values, (str, bytes)) else len(values)
+        except TypeError:
+            count = None
+        if count != self.ranks:
+            described = f"{count} entries" if count is not None else f"a {type(values).__name__}"
+            raise InvalidArgumentError(f"{name}: {described}; must be one tensor per rank ({self.ranks})")
+        return values
+
     def _caller_outputs(self, out):
         """The dispatch outputs for ``out=(tokens, topk_idx, topk_weights)`` per-rank lists."""
         try:
@@ -736,6 +748,9 @@ class VirtualGroup(GroupBase):
             raise InvalidArgumentError("out: must be (tokens, topk_idx, topk_weights), per-rank lists (None for LL expert-major's routing)") from None
         r = self.ranks
         routing = self.recv_routing_shape
+        tokens = self._per_rank(tokens, "out tokens")
+        if routing is not None and idx is not None and weights is not None:
+            idx, weights = self._per_rank(idx, "out topk_idx"), self._per_rank(weights, "out topk_weights")
         keep = []
         outputs = (_abi.DispatchOutputs * r)()
         for i in range(r):
@@ -761,6 +776,9 @@ class VirtualGroup(GroupBase):
                 raise InvalidArgumentError("out: backward HT takes (tokens, topk_weight_gradients), per-rank lists") from None
         else:
             combined, grads = out, None
+        combined = self._per_rank(combined, "out")
+        if grads is not None:
+            grads = self._per_rank(grads, "out gradients")
         keep = []
         outputs = (_abi.CombineOutputs * r)()
         for i in range(r):

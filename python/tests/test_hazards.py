@@ -245,6 +245,23 @@ def test_call_options_of_the_wrong_type(call, option, value, accepted):
     group.combine(out.tokens, out.handle)  # the refused call changed nothing
 
 
+@pytest.mark.parametrize("out,match", [
+    (3, r"^out: a int; must be one tensor per rank \(2\)"),
+    (True, r"^out: a bool; must be one tensor per rank \(2\)"),
+    ("ab", r"^out: a str; must be one tensor per rank \(2\)"),
+    ([np.zeros((1, 8), np.float32)], r"^out: 1 entries; must be one tensor per rank \(2\)"),
+])
+def test_the_callers_outputs_of_the_wrong_kind_are_named(out, match):
+    # They raised a bare TypeError ('int' object is not subscriptable).
+    group = small_group()
+    step = group.dispatch(*small_step())
+    with pytest.raises(ep.InvalidArgumentError, match=match):
+        group.combine(step.tokens, step.handle, out=out)
+    with pytest.raises(ep.InvalidArgumentError, match=match.replace("^out:", "^out tokens:")):
+        group.dispatch(*small_step(), out=(out, None, None))
+    group.combine(step.tokens, step.handle)   # the refused calls changed nothing
+
+
 @pytest.mark.parametrize("value", [3, 1.0, "01"])
 def test_clean_takes_an_iterable_of_ranks(value):
     group = small_group()
