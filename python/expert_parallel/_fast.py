@@ -173,6 +173,17 @@ def raw_stream(device, stream=None):
     return _raw_stream(device) or None
 
 
+def wait(device, stream, event):
+    """Makes the call's stream (`stream`, or PyTorch's current one on `device`) wait for `event`,
+    a torch.cuda.Event recorded where the call's inputs are made. A CPU group's calls run at once:
+    there is nothing to wait for."""
+    if device == -1:
+        return
+    if not callable(getattr(event, "wait", None)):
+        raise InvalidArgumentError(f"wait_event: a {type(event).__name__}; must be a torch.cuda.Event")
+    torch_stream(device, stream).wait_event(event)
+
+
 def torch_stream(device, stream=None):
     """The torch.cuda.Stream a call runs on: `stream`, or the current one of `device`."""
     import torch

@@ -228,7 +228,7 @@ class VirtualGroup(GroupBase):
 
             raw = None if device == -1 else _fast.raw_stream(device, stream)
             if wait_event is not None:
-                _fast.torch_stream(device, stream).wait_event(wait_event)
+                _fast.wait(device, stream, wait_event)
             target = handle
             if target is None:
                 target = Handle(self)
@@ -345,7 +345,7 @@ class VirtualGroup(GroupBase):
 
             raw = None if self._device == -1 else _fast.raw_stream(self._device, stream)
             if wait_event is not None:
-                _fast.torch_stream(self._device, stream).wait_event(wait_event)
+                _fast.wait(self._device, stream, wait_event)
             config = self._combine_config
             config.direction, config.launchMode, config.step = direction_value, mode, handle._pointer
             config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
@@ -468,7 +468,7 @@ class VirtualGroup(GroupBase):
         call.dispatch_arguments(xs.data_ptr(), element, topk_idx.data_ptr(), ic, weights, b,
                                 _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, None if handle is None else handle._pointer)
         if wait_event is not None:
-            _fast.torch_stream(device, stream).wait_event(wait_event)
+            _fast.wait(device, stream, wait_event)
         if handle is None or handle._pointer is None:
             self._own_step += 1   # earlier handles of the group's own step are void from here on
         if handle is not None:
@@ -556,7 +556,7 @@ class VirtualGroup(GroupBase):
         device = self._device
         raw = None if device == -1 else _fast.raw_stream(device, stream)
         if wait_event is not None:
-            _fast.torch_stream(device, stream).wait_event(wait_event)
+            _fast.wait(device, stream, wait_event)
         target = handle if handle is not None else Handle(self)
         call.fields(b, direction_value, mode, _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, target._pointer)
         if idx is not None:
@@ -598,7 +598,7 @@ class VirtualGroup(GroupBase):
         call.combine_arguments(expert_outputs.data_ptr(), element, handle.weight_stacked if forward_ll else None,
                                _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, handle._pointer)
         if wait_event is not None:
-            _fast.torch_stream(device, stream).wait_event(wait_event)
+            _fast.wait(device, stream, wait_event)
         check_status(self._fn_combine_stacked(self._group_address, call.address, None if device == -1 else _fast.raw_stream(device, stream)))
         return self._combine_result(combined, send_only, record_event, stream) if send_only or record_event else combined
 
@@ -658,7 +658,7 @@ class VirtualGroup(GroupBase):
         call.fields(None, direction_value, mode, _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, handle._pointer)
         raw = None if self._device == -1 else _fast.raw_stream(self._device, stream)
         if wait_event is not None:
-            _fast.torch_stream(self._device, stream).wait_event(wait_event)
+            _fast.wait(self._device, stream, wait_event)
         check_status(self._fn_combine_stacked(self._group_address, call.address, raw))
         result: Any = (combined, grads) if backward_ht else combined
         return self._combine_result(result, send_only, record_event, stream)

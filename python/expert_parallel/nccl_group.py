@@ -298,7 +298,7 @@ class NCCLGroup(GroupBase):
             slot = self._slots[index]
             self._next_slot = (index + 1) % len(self._slots)
             if wait_event is not None:
-                _fast.torch_stream(device, stream).wait_event(wait_event)
+                _fast.wait(device, stream, wait_event)
             if target is None:
                 target = Handle(self)
             if topk_idx is not None:  # every argument is checked: the step starts
@@ -359,7 +359,7 @@ class NCCLGroup(GroupBase):
             elif direction_value == 0 and self.layout == "expert_major_padded":
                 weights = 2
             if wait_event is not None:
-                _fast.torch_stream(device, stream).wait_event(wait_event)
+                _fast.wait(device, stream, wait_event)
             own = address == slot.expert_outputs.data_ptr()   # the slot's own buffer, which its descriptor describes
             if send_only and not own:
                 # The peers read a send-only combine's rows from the slot's own buffer while this rank

@@ -318,3 +318,16 @@ def test_the_allocator_names_numpy_size_errors(monkeypatch):
     with pytest.raises(ep.OutOfMemoryError, match=r"^combined tokens\[0\]: \[4, 8\] f32 needs 128 bytes, which could "
                                                   r"not be allocated: array is too big"):
         allocate.zeros((4, 8), _abi.F32, name="combined tokens[0]")
+
+
+def test_an_event_to_wait_for_must_be_an_event_on_the_gpu_and_is_moot_on_the_cpu():
+    # A GPU group's stream waits for wait_event (torch.cuda.Event); anything else raised whatever
+    # torch raised for it. A CPU group's calls run at once: nothing to wait for.
+    from expert_parallel import _fast
+
+    for event in (3, "ready", object()):
+        with pytest.raises(ep.InvalidArgumentError, match=rf"^wait_event: a {type(event).__name__}; must be a torch.cuda.Event"):
+            _fast.wait(0, None, event)
+    group = small_group()
+    out = group.dispatch(*small_step(), wait_event=object())
+    group.combine(out.tokens, out.handle, wait_event=object())
