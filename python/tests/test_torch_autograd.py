@@ -138,6 +138,16 @@ def test_wrong_arguments_are_named():
         Exchange(ep.VirtualGroup(ranks=R, experts=E, hidden=H, top_k=K, max_tokens=B, dtype="u8"))
     with pytest.raises(ep.InvalidArgumentError, match="group: a str"):
         Exchange("group")
+    # Not tensors at all (None reached the ops' code as an AttributeError, the rest the
+    # dispatcher's RuntimeError): named by the exchange.
+    with pytest.raises(ep.InvalidArgumentError, match=r"^topk_weights: a NoneType; must be a torch.Tensor \[R, B, top_k\] float32"):
+        flat.dispatch(x, idx, None)
+    with pytest.raises(ep.InvalidArgumentError, match=r"^x: a list; must be a torch.Tensor \[R, B, hidden\]"):
+        flat.dispatch(list(x), idx, w)
+    with pytest.raises(ep.InvalidArgumentError, match=r"^expert_outputs: a NoneType; must be a torch.Tensor"):
+        flat.combine(None, sent)
+    with pytest.raises(ep.InvalidArgumentError, match=r"^dispatched: a tuple; must be what this exchange's dispatch returned"):
+        flat.combine(sent.tokens, tuple(sent))
     flat.close()
     with pytest.raises(ep.InvalidArgumentError, match="is not registered"):
         flat.dispatch(x, idx, w)

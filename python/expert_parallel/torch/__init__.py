@@ -21,9 +21,17 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ..errors import InvalidArgumentError
 from . import _autograd, _ops, _registry  # noqa: F401  (_autograd registers the backward passes)
 
 __all__ = ["Exchange", "Dispatched"]
+
+
+def _tensor(value: Any, name: str, what: str) -> None:
+    """Raises the named error unless `value` is a torch.Tensor (the ops' own check raises a
+    RuntimeError, and None reached their implementations as an AttributeError)."""
+    if not isinstance(value, Tensor):
+        raise InvalidArgumentError(f"{name}: a {type(value).__name__}; must be a torch.Tensor {what}")
 
 
 class Dispatched(NamedTuple):
@@ -66,7 +74,11 @@ class Exchange:
         self.layout: str = group.layout
 
     def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor] = None) -> Dispatched:
-        """Starts a step with `topk_idx` and sends `x` to the ranks of its experts."""
+        """Starts a step with `topk_idx` and sends `x` to the ranks of its experts (every layout
+        needs `topk_weights`: combine applies them, or the rows carry them)."""
+        _tensor(x, "x", "[R, B, hidden]")
+        _tensor(topk_idx, "topk_idx", "[R, B, top_k] int32 or int64")
+        _tensor(topk_weights, "topk_weights", "[R, B, top_k] float32")
         carried = self.layout != "expert_major"
         received, idx, weights, step = _ops.dispatch(x, topk_idx, topk_weights if carried else None, self.id)
         if not carried:
@@ -75,6 +87,9 @@ class Exchange:
 
     def combine(self, expert_outputs: Tensor, dispatched: Dispatched) -> Tensor:
         """Brings the expert outputs (shaped like ``dispatched.tokens``) back: ``[R, B, H]``."""
+        _tensor(expert_outputs, "expert_outputs", "shaped like dispatched.tokens")
+        if not isinstance(dispatched, Dispatched):
+            raise InvalidArgumentError(f"dispatched: a {type(dispatched).__name__}; must be what this exchange's dispatch returned")
         weights = (dispatched.weights if self.layout == "expert_major"
                    else dispatched.topk_weights if self.layout == "expert_major_padded" else None)
         return _ops.combine(expert_outputs, dispatched.routing, weights, dispatched.step, self.id)
