@@ -15,7 +15,10 @@ INT64 = 2**63 - 1
 def integer(value, name, low, high):
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise InvalidArgumentError(f"{name}={value!r}; must be an integer")
-    value = value.__index__()
+    try:
+        value = value.__index__()
+    except TypeError:   # a tensor or array of several values (or of floats) has __index__ too
+        raise InvalidArgumentError(f"{name}: a {type(value).__name__} that is not one integer; must be an integer") from None
     if not low <= value <= high:
         raise InvalidArgumentError(f"{name}={value}; must be in [{low}, {high}]")
     return value

@@ -233,6 +233,30 @@ def test_unsupported_arguments_raise_named_errors(ranks):
                    num_tokens_per_expert=torch.zeros(E, dtype=torch.int32), topk_idx=i)
 
 
+def test_arguments_of_the_wrong_kind_are_named(ranks):
+    # Found by a random-arguments probe: each raised a bare TypeError, ValueError, AttributeError or
+    # (ids past the experts) an index error inside the layout's computation.
+    import numpy as np
+
+    b = ranks[0]
+    x, i = torch.zeros(2, H, dtype=torch.bfloat16), torch.zeros(2, K, dtype=torch.int64)
+    with pytest.raises(ep.InvalidArgumentError, match=r"^async_finish=array\(\[1, 2\]\) \(type ndarray\); must be a bool"):
+        b.get_dispatch_layout(i, E, async_finish=np.array([1, 2]))
+    with pytest.raises(ep.InvalidArgumentError, match=r"^use_fp8='yes' \(type str\); must be a bool"):
+        b.low_latency_dispatch(x, i, 4, E, use_fp8="yes")
+    with pytest.raises(ep.InvalidArgumentError, match=r"^num_experts: a Tensor that is not one integer; must be an integer"):
+        b.get_dispatch_layout(i, torch.tensor([E, E]))
+    with pytest.raises(ep.InvalidArgumentError, match=r"^num_tokens_per_rank: a int; must be a torch.Tensor"):
+        b.dispatch(x, num_tokens_per_rank=3, is_token_in_rank=torch.zeros(2, R, dtype=torch.bool),
+                   num_tokens_per_expert=torch.zeros(E, dtype=torch.int32), topk_idx=i)
+    with pytest.raises(ep.InvalidArgumentError, match=r"^num_tokens_per_expert: a list; must be a torch.Tensor"):
+        b.dispatch(x, num_tokens_per_rank=torch.zeros(R, dtype=torch.int32), is_token_in_rank=torch.zeros(2, R, dtype=torch.bool),
+                   num_tokens_per_expert=[E], topk_idx=i)
+    # Ids outside [0, E) count nowhere in the layout (the dispatch that follows names them).
+    per_rank, _, per_expert, in_rank, _ = b.get_dispatch_layout(torch.tensor([[0, E + 5, 1], [-1, 2, E]]), E)
+    assert per_expert.tolist() == [1, 1, 1] + [0] * (E - 3) and per_rank.tolist() == [2, 0, 0, 0]
+
+
 def test_ranks_that_disagree_or_stay_away_fail_every_rank_by_name():
     buffers = Buffer.virtual(2, timeout=0.5, low_latency_mode=True)
     x, i = torch.zeros(1, H, dtype=torch.bfloat16), torch.zeros(1, K, dtype=torch.int64)

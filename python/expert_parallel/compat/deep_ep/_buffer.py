@@ -13,7 +13,7 @@ from ._engine import Payload
 from ._errors import not_supported
 from ._events import EventOverlap
 from ._groups import Groups
-from ._layout import dispatch_layout, group_dtype, require_shape, require_tensor, routing, torch_module
+from ._layout import dispatch_layout, flag, group_dtype, require_shape, require_tensor, routing, torch_module
 from ._virtual import Rendezvous, Solo
 
 _NVL_PEERS = 8   # DeepEP's ranks per NVLink domain: more ranks than this span nodes
@@ -165,6 +165,7 @@ class Buffer:
     def _call(self, name: str, work: Callable, previous_event: Any, async_finish: bool, **args: Any) -> Tuple[Any, EventOverlap]:
         """Runs collective call `name` with this rank's `args`; returns (this rank's result, its event)."""
         self._check_open()
+        async_finish = flag(async_finish, "async_finish")
         _events.wait(previous_event, self.device)
         payload = Payload(self.rank, _events.record(self.device), args)
         groups = self._shared.groups
@@ -225,6 +226,7 @@ class Buffer:
         if experts % self.group_size:
             raise InvalidArgumentError(f"num_experts={experts}; must be a multiple of the number of ranks ({self.group_size})")
         routing(topk_idx, experts, self.device)
+        async_finish = flag(async_finish, "async_finish")
         _events.wait(previous_event, self.device)
         per_rank, per_expert, in_rank = dispatch_layout(topk_idx, experts, self.group_size)
         event = _events.record(self.device) if async_finish else None
@@ -272,7 +274,8 @@ class Buffer:
         require_shape(topk_idx, "topk_idx", (b, None))
         require_shape(num_tokens_per_rank, "num_tokens_per_rank", (self.group_size,))
         require_shape(is_token_in_rank, "is_token_in_rank", (b, self.group_size))
-        if num_tokens_per_expert.dim() != 1 or num_tokens_per_expert.numel() % self.group_size:
+        require_shape(num_tokens_per_expert, "num_tokens_per_expert", (None,))
+        if num_tokens_per_expert.numel() % self.group_size:
             raise InvalidArgumentError(f"num_tokens_per_expert: shape {list(num_tokens_per_expert.shape)}; must be [num_experts], "
                                        f"a multiple of the number of ranks ({self.group_size})")
         if topk_weights is not None:
@@ -357,11 +360,13 @@ class Buffer:
             require_shape(stats, "cumulative_local_expert_recv_stats", (experts // self.group_size,))
             if stats.dtype != torch.int32:
                 raise InvalidArgumentError(f"cumulative_local_expert_recv_stats: dtype {stats.dtype}; must be torch.int32")
-        _engine.ll_fp8_mode(bool(use_fp8), bool(round_scale), bool(use_ue8m0))
+        use_fp8, round_scale, use_ue8m0 = flag(use_fp8, "use_fp8"), flag(round_scale, "round_scale"), flag(use_ue8m0, "use_ue8m0")
+        return_recv_hook = flag(return_recv_hook, "return_recv_hook")
+        _engine.ll_fp8_mode(use_fp8, round_scale, use_ue8m0)
         (recv_x, count, made, split), event = self._call(
             "low_latency_dispatch", _engine.ll_dispatch, None, async_finish, x=x, dtype=group_dtype(x, "x"),
             topk_idx=topk_idx, max_tokens=bmax, experts=experts, stats=stats,
-            fp8_flags=(bool(use_fp8), bool(round_scale), bool(use_ue8m0)), return_recv_hook=bool(return_recv_hook))
+            fp8_flags=(use_fp8, round_scale, use_ue8m0), return_recv_hook=return_recv_hook)
         return recv_x, count, made, event, self._hook(split) if return_recv_hook else None
 
     def low_latency_combine(self, x: Any, topk_idx: Any, topk_weights: Any, handle: Any, use_logfmt: bool = False,
@@ -375,8 +380,9 @@ class Buffer:
         ``zero_copy`` has no effect: combine reads ``x`` where it is."""
         torch = torch_module()
         self._check_open()
-        if use_logfmt:
+        if flag(use_logfmt, "use_logfmt"):
             raise not_supported("use_logfmt", True, "combine moves rows in their element type; pass use_logfmt=False")
+        return_recv_hook = flag(return_recv_hook, "return_recv_hook")
         if combine_wait_recv_cost_stats is not None:
             raise not_supported("combine_wait_recv_cost_stats", "a tensor", "the calls keep no wait-time statistics; pass None")
         require_tensor(x, "x", 3, self.device)
@@ -388,7 +394,7 @@ class Buffer:
             require_tensor(out, "out", 2, self.device)
         (combined, split), event = self._call(
             "low_latency_combine", _engine.ll_combine, None, async_finish, x=x, dtype=group_dtype(x, "x"),
-            topk_idx=topk_idx, topk_weights=topk_weights, handle=handle, out=out, return_recv_hook=bool(return_recv_hook))
+            topk_idx=topk_idx, topk_weights=topk_weights, handle=handle, out=out, return_recv_hook=return_recv_hook)
         return combined, event, self._hook(split) if return_recv_hook else None
 
     def get_next_low_latency_combine_buffer(self, handle: Any) -> Any:

@@ -37,7 +37,20 @@ def require_tensor(value: Any, name: str, ndim: int, device: str) -> Any:
     return value
 
 
+def flag(value: Any, name: str) -> bool:
+    """`value` as a bool: a bool, or 0 / 1 (as C-style callers pass); anything else is named."""
+    if isinstance(value, bool):
+        return value
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    if type(value).__name__ in ("bool_", "bool") and getattr(value, "shape", None) == ():   # NumPy's bool scalars
+        return bool(value)
+    raise InvalidArgumentError(f"{name}={value!r} (type {type(value).__name__}); must be a bool")
+
+
 def require_shape(value: Any, name: str, shape: Sequence[Optional[int]]) -> None:
+    if not isinstance(value, torch_module().Tensor):
+        raise InvalidArgumentError(f"{name}: a {type(value).__name__}; must be a torch.Tensor")
     got = list(value.shape)
     if len(got) != len(shape) or any(w is not None and g != w for g, w in zip(got, shape)):
         want = ", ".join("any" if w is None else str(w) for w in shape)
@@ -59,7 +72,9 @@ def dispatch_layout(topk_idx: Any, num_experts: int, num_ranks: int) -> Tuple[An
     torch = torch_module()
     tokens = topk_idx.shape[0]
     local = num_experts // num_ranks
-    valid = topk_idx >= 0
+    # Ids outside [0, E) count nowhere here (no host synchronisation to look at them): the
+    # dispatch that follows checks every id and names a bad one.
+    valid = (topk_idx >= 0) & (topk_idx < num_experts)
     experts = torch.where(valid, topk_idx, 0).long()
     hits = torch.zeros((tokens, num_experts), dtype=torch.int32, device=topk_idx.device)
     per_expert = hits.scatter_add_(1, experts, valid.to(torch.int32)) > 0   # -1 entries add 0 to column 0
