@@ -62,21 +62,26 @@ def _look_numpy(value, expected):
             flags.c_contiguous and flags.aligned and native)
 
 
-def check(value, name, expected, device, shape, seen=None):
+def check(value, name, expected, device, shape, seen=None, index=None):
     """The address of `value` after checking it like :func:`_arrays.tensor` (None entries of
     `shape` accept any size); returns (address, epDataType_t, shape). `seen`: look(value,
-    expected) where the caller has it already."""
+    expected) where the caller has it already; `index`: an entry of a per-rank list, named
+    ``name[index]`` in an error (the name is built only for one)."""
     if seen is None:
         seen = look(value, expected)
     if seen is not None:
         address, code, sizes, where, fine = seen
         if fine and code in expected and where == device and len(sizes) == len(shape):
+            if sizes == shape:   # (a torch.Size or tuple against a tuple: one comparison)
+                return address, code, sizes
             for want, got in zip(shape, sizes):
                 if want is not None and want != got:
                     break
             else:
                 return address, code, sizes
     # The named error; or what look() does not map and tensor() accepts (a torch uint8 tensor as e4m3).
+    if index is not None:
+        name = f"{name}[{index}]"
     descriptor = _arrays.tensor(value, name, dtypes=expected, device=device, shape=shape)
     return descriptor.data or 0, descriptor.dtype, tuple(descriptor.sizes[:descriptor.ndim])
 

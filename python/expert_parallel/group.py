@@ -252,21 +252,12 @@ class VirtualGroup(GroupBase):
                 target.topk_weights = topk_weights
                 target.weight_addresses = tuple(self._w.addresses)
                 target.weight_stacked = None
-            target.slot = -1 if slot is None else slot.index
             if slot is not None:
-                target.slot_use = slot.use = slot.use + 1   # which dispatch into the slot the handle's rows are
-            event = hook = None
-            if send_only:
-                hook = lambda: self.complete(stream=stream)  # noqa: E731
-            if record_event:
-                event = self._record(stream)
-            if slot is None:
-                target.received_weights = out_views[2]
-                return DispatchResult(out_views[0], out_views[1], out_views[2], target, event=event, hook=hook)
-            target.received_weights = slot.w_views
-            result = DispatchResult._of_slot(slot, target)
-            result.event, result.hook = event, hook
-            return result
+                return self._slot_result(slot, target, stream, send_only, record_event)
+            target.slot = -1   # the caller's tensors
+            target.received_weights = out_views[2]
+            return self._dispatch_result(DispatchResult(out_views[0], out_views[1], out_views[2], target), send_only, record_event,
+                                         stream)
 
     def combine(self, expert_outputs: PerRank, handle: Handle, *, direction: Direction = "forward",
                 weight_gradients: Optional[PerRank] = None, launch: Launch = "single", out: Any = None,
@@ -704,11 +695,7 @@ class VirtualGroup(GroupBase):
             if device != -1 and kind != "torch":
                 raise InvalidArgumentError(f"{name}[{i}]: a NumPy array; a GPU group takes CUDA torch tensors")
             want = None if tokens is None else tokens[i]
-            # The common case compared in line; anything else gets check()'s named error (the name made only then).
-            address, code, sizes, where, fine = _fast.look(value, expected)
-            if not (fine and code in expected and where == device and len(sizes) == len(tail) + 1 and sizes[1:] == tail
-                    and (want is None or sizes[0] == want)):
-                address, code, sizes = _fast.check(value, f"{name}[{i}]", expected, device, (want,) + tail)
+            address, code, sizes = _fast.check(value, name, expected, device, (want,) + tail, index=i)
             b = sizes[0]
             if tokens is None and b > self.max_tokens:
                 raise InvalidArgumentError(f"{name}[{i}]: {b} tokens; must be ≤ max_tokens ({self.max_tokens})")
