@@ -67,12 +67,11 @@ struct GPUBenchmark {
         // call's compilation (NVRTC, most of a second) outlasted the hold, and the events then
         // timed the host's pace, not the GPU (an H200, ll-1 R = 8: dispatch 11-18 µs for a 3.9 µs
         // kernel).
+        // One handle serves every fused loop below (LL: update and dispatch as one call).
+        let fusedHandle = group.fusesUpdate ? try group.makeHandle() : nil
+        defer { fusedHandle?.release() }
         try separateStep()
-        if group.fusesUpdate {
-            let handle = try group.makeHandle()
-            defer { handle.release() }
-            try fusedStep(handle)
-        }
+        if let fusedHandle { try fusedStep(fusedHandle) }
         try driver.synchronize(group.stream)
         // Every call enqueued behind a hold of the stream, so the events time the GPU, not the host.
         var allHeld = try timer.held(total, first: { events[4 * $0] }) { i in
@@ -92,9 +91,7 @@ struct GPUBenchmark {
         // Where the group fuses them (LL), update and dispatch again as one call, then combine:
         // the step a stacked call (the Python package's) takes.
         var fused: (call: [Double], step: [Double])?
-        if group.fusesUpdate {
-            let handle = try group.makeHandle()
-            defer { handle.release() }
+        if let handle = fusedHandle {
             allHeld = try timer.held(total, first: { events[4 * $0] }) { i in
                 try driver.record(events[4 * i], on: group.stream)
                 try group.dispatch(handle, topkIdx: idx.map(\.ref), dispatchIn, into: dispatchOut)
@@ -110,11 +107,9 @@ struct GPUBenchmark {
         // idled 3-5 µs between two ll-1 kernels), which a user's step, whose calls follow one
         // another on the stream, does not pay. The loops above read the step with those events
         // in it (JSON `stepWithPhaseEvents`).
-        let stepHandle = group.fusesUpdate ? try group.makeHandle() : nil
-        defer { stepHandle?.release() }
         allHeld = try timer.held(total, first: { events[4 * $0] }) { i in
             try driver.record(events[4 * i], on: group.stream)
-            if let stepHandle { try fusedStep(stepHandle) } else { try separateStep() }
+            if let fusedHandle { try fusedStep(fusedHandle) } else { try separateStep() }
             try driver.record(events[4 * i + 1], on: group.stream)
         } && allHeld
         try group.checkStatus()
@@ -145,9 +140,7 @@ struct GPUBenchmark {
         graphs.update = try graphed { try group.update(topkIdx: idx.map(\.ref)) }
         graphs.dispatch = try graphed { try group.dispatch(dispatchIn, into: dispatchOut) }
         if combines { graphs.combine = try graphed { try group.combine(combineIn, into: combineOut) } }
-        if group.fusesUpdate {
-            let handle = try group.makeHandle()
-            defer { handle.release() }
+        if let handle = fusedHandle {
             graphs.updateDispatch = try graphed { try group.dispatch(handle, topkIdx: idx.map(\.ref), dispatchIn, into: dispatchOut) }
             graphs.step = try graphed { try fusedStep(handle) }
         } else {
