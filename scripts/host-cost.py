@@ -23,8 +23,7 @@ import time
 import numpy
 import torch
 
-from expert_parallel import VirtualGroup
-from expert_parallel.bench import CASES, _Inputs
+from expert_parallel.bench import CASES, _Inputs, group_of
 
 
 def timed(fn, samples):
@@ -40,23 +39,11 @@ def stubbed(fn):
     return lambda *arguments: 0   # epSuccess
 
 
-def make_group(kind, name, ranks, device, hidden):
-    """The group a measurement calls: a VirtualGroup of `ranks` (stacked or per-rank lists), or
-    (kind "nccl") this process's NCCLGroup of one rank on the GPU."""
-    algorithm, tokens, case_hidden, top_k, experts, _ = CASES[name]
-    shape = dict(experts=experts, hidden=hidden or case_hidden, top_k=top_k, max_tokens=tokens, algorithm=algorithm, dtype="bf16")
-    if kind == "nccl":
-        from expert_parallel import NCCLGroup, nccl_unique_id
-
-        return NCCLGroup(rank=0, ranks=1, unique_id=nccl_unique_id(), device=device, **shape)
-    return VirtualGroup(ranks=ranks, device=device, **shape)
-
-
 def measure(name, ranks, calls, kind, device="cuda:0", stub=False, hidden=None):
     """Times `calls` dispatches and combines of case `name` (kind: "stacked", "lists" or "nccl")."""
     algorithm, tokens, case_hidden, top_k, experts, _ = CASES[name]
     case = (algorithm, tokens, hidden or case_hidden, top_k, experts, _)
-    group = make_group(kind, name, ranks, device, hidden)
+    group = group_of(case, ranks, device, nccl=kind == "nccl", dtype="bf16")
     inputs = _Inputs(case, ranks, "cpu", 1)   # NumPy arrays, as torch tensors on `device` below
     x = torch.from_numpy(numpy.stack(inputs.x)).to(device=device, dtype=torch.bfloat16)
     idx, w = (torch.from_numpy(numpy.stack(a)).to(device) for a in (inputs.idx, inputs.w))

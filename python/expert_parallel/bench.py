@@ -71,19 +71,24 @@ class _Inputs:
             self.stacked = (np.stack(self.x), np.stack(self.idx), np.stack(self.w))
 
 
-def _time_package(case: tuple, ranks: int, device: str, iterations: int, warmup: int, inputs: _Inputs,
-                  nccl: bool = False) -> Dict[str, Any]:
+def group_of(case: tuple, ranks: int, device: str, nccl: bool = False, dtype: Optional[str] = None) -> Any:
+    """The group a measurement of `case` calls: a VirtualGroup of `ranks`, or (`nccl`) this
+    process's rank of an NCCL group of one, what a torchrun job's rank calls; `dtype` defaults
+    to f32 on the CPU, bf16 on a GPU."""
     algorithm, tokens, hidden, top_k, experts, _ = case
     shape = dict(experts=experts, hidden=hidden, top_k=top_k, max_tokens=tokens, algorithm=algorithm,
-                 dtype="f32" if device == "cpu" else "bf16")
-    if nccl:   # this process's rank of an NCCL group of one: what a torchrun job's rank calls
+                 dtype=dtype or ("f32" if device == "cpu" else "bf16"))
+    if nccl:
         from .nccl_group import NCCLGroup, nccl_unique_id
 
-        group: Any = NCCLGroup(rank=0, ranks=1, unique_id=nccl_unique_id(), device=device, **shape)
-        arguments = tuple(t[0] for t in inputs.stacked)
-    else:
-        group = VirtualGroup(ranks=ranks, device=device, **shape)
-        arguments = inputs.stacked
+        return NCCLGroup(rank=0, ranks=1, unique_id=nccl_unique_id(), device=device, **shape)
+    return VirtualGroup(ranks=ranks, device=device, **shape)
+
+
+def _time_package(case: tuple, ranks: int, device: str, iterations: int, warmup: int, inputs: _Inputs,
+                  nccl: bool = False) -> Dict[str, Any]:
+    group = group_of(case, ranks, device, nccl)
+    arguments = tuple(t[0] for t in inputs.stacked) if nccl else inputs.stacked
 
     def expert_outputs(out):   # identity experts: the received rows come back (NCCL: from the slot's own buffer)
         return out.expert_outputs if nccl else out.received
