@@ -16,6 +16,17 @@ from .errors import InvalidArgumentError, InvalidUsageError
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
+#: The error of a forward LL expert-major combine given no weights, at dispatch or at combine.
+NO_COMBINE_WEIGHTS = ("topk_weights: given neither to dispatch nor to combine; the forward combine of LL expert-major "
+                      "applies them")
+
+
+def combine_weights_refused(layout: str, direction: int) -> str:
+    """The error of combine weights given to a combine that takes none (`direction`: 0 forward)."""
+    which = "the backward pass" if direction else f"the forward combine of layout {layout!r}"
+    return (f"topk_weights: given to combine, but {which} takes no weights (only the forward combine of LL expert-major "
+            "applies them; other layouts combine rows the experts weighted)")
+
 
 def locked(method: _Method) -> _Method:
     """Runs `method` holding the group's lock: the C calls of one group never interleave, so a

@@ -9,7 +9,8 @@ from . import _abi, _arrays, _config, _fast
 from ._config import INT32 as _INT32
 from ._config import choice as _choice
 from ._config import integer as _int
-from ._group_base import GroupBase, locked
+from ._group_base import NO_COMBINE_WEIGHTS as _NO_COMBINE_WEIGHTS
+from ._group_base import GroupBase, combine_weights_refused, locked
 from ._library import addresses_entry, call, check_status, load
 from ._results import DispatchResult, Handle, LayoutInfo, _LayoutBuffers
 from ._slots import Slot
@@ -262,12 +263,14 @@ class VirtualGroup(GroupBase):
     def combine(self, expert_outputs: PerRank, handle: Handle, *, direction: Direction = "forward",
                 weight_gradients: Optional[PerRank] = None, launch: Launch = "single", out: Any = None,
                 stream: Any = None, wait_event: Any = None, record_event: bool = False,
-                send_only: bool = False) -> Any:
+                send_only: bool = False, topk_weights: Optional[PerRank] = None) -> Any:
         """Brings every rank's expert outputs back and reduces them into its tokens' order.
 
         ``expert_outputs``: per rank, shaped like ``dispatch(...).tokens[r]`` (``recv_shape``; a
         list or one ``[R, *recv_shape]`` array); ``handle``: the step's. Forward LL expert-major
-        applies the ``topk_weights`` given to dispatch; other layouts expect rows already weighted
+        applies the ``topk_weights`` given to dispatch, or those given here (``[B_r, top_k]``
+        float32 per rank, or one ``[R, B, top_k]`` array: read when the combine reduces, that is
+        at ``hook()`` for ``send_only``); other layouts expect rows already weighted
         by the expert rank (HT expert-major uses the per-slot weights dispatch delivered). Returns
         the ``[B_r, hidden]`` combined tokens per rank (views of the handle's buffer slot, valid
         until the slot's next combine, or ``out``'s tensors); backward HT takes
@@ -278,7 +281,7 @@ class VirtualGroup(GroupBase):
         or ``(result, hook, event)``.
         """
         with self._lock:
-            if out is None and weight_gradients is None and launch is _SINGLE and direction is _FORWARD:
+            if out is None and weight_gradients is None and topk_weights is None and launch is _SINGLE and direction is _FORWARD:
                 result = self._combine_common(expert_outputs, handle, stream, wait_event, record_event, send_only)
                 if result is not None:
                     return result
@@ -292,9 +295,12 @@ class VirtualGroup(GroupBase):
                 raise InvalidArgumentError("weight_gradients: only the backward pass of HT takes weight gradients")
             if backward_ht and weight_gradients is None:
                 raise InvalidArgumentError("weight_gradients: None; the backward pass of HT needs them")
+            forward_ll = direction_value == 0 and self.layout == "expert_major"
+            if topk_weights is not None and not forward_ll:
+                raise InvalidArgumentError(combine_weights_refused(self.layout, direction_value))
             if out is None and handle.slot >= 0 and not isinstance(expert_outputs, (list, tuple)):
                 result = self._combine_stacked(expert_outputs, handle, direction, direction_value, mode, backward_ht, weight_gradients,
-                                               stream, wait_event, record_event, send_only)
+                                               stream, wait_event, record_event, send_only, topk_weights)
                 if result is not None:
                     return result
             tokens = handle.tokens
@@ -302,13 +308,15 @@ class VirtualGroup(GroupBase):
             _, like = self._rows(expert_outputs, "expert_outputs", {self._element}, recv[1:], self._y, [recv[0]] * r)
 
             weights = None
-            if direction == "forward" and self.layout == "expert_major":
+            if topk_weights is not None:   # (forward LL expert-major: checked above)
+                self._rows(topk_weights, "topk_weights", _F32_TYPES, (self.top_k,), self._cw, list(tokens))
+                weights = self._cw
+            elif forward_ll:
                 if handle.weight_addresses is None and handle.weight_stacked is not None:   # a stacked dispatch's [R, B, K]
                     step = tokens[0] * self.top_k * 4
                     handle.weight_addresses = tuple(handle.weight_stacked + i * step for i in range(r))
                 if handle.weight_addresses is None:
-                    raise InvalidArgumentError(
-                        "topk_weights: not given to dispatch; the forward combine of LL expert-major applies them")
+                    raise InvalidArgumentError(_NO_COMBINE_WEIGHTS)
                 self._cw.set_many(handle.weight_addresses, tuple(tokens), _abi.F32)
                 weights = self._cw
             elif direction == "forward" and self.layout == "expert_major_padded":
@@ -617,12 +625,24 @@ class VirtualGroup(GroupBase):
         return call
 
     def _combine_stacked(self, expert_outputs, handle, direction, direction_value, mode, backward_ht, weight_gradients, stream,
-                         wait_event, record_event, send_only):
+                         wait_event, record_event, send_only, topk_weights):
         """combine() of a stacked expert-output array into the handle's slot; None when an
-        argument is a list, or the dispatch's weights were (the per-rank path takes those)."""
+        argument is a list, or the weights applied are (the per-rank path takes those)."""
         forward_ll = direction == "forward" and self.layout == "expert_major"
-        if forward_ll and handle.weight_stacked is None:
-            return None
+        weights = None
+        if forward_ll:
+            if topk_weights is None:
+                weights = handle.weight_stacked
+                if weights is None:
+                    return None
+            else:
+                tokens = handle.tokens
+                if tokens.count(tokens[0]) != len(tokens):
+                    return None
+                w = self._stacked(topk_weights, "topk_weights", _F32_TYPES, self._tail_k, tokens[0])
+                if w is None:
+                    return None
+                weights = w[0]
         if backward_ht and isinstance(weight_gradients, (list, tuple)):
             return None
         recv = self.recv_shape
@@ -643,7 +663,7 @@ class VirtualGroup(GroupBase):
         call = self._combine_call(slot, (forward_ll, padded_forward, backward_ht))
         call.set("expertOutputs", y[0], y[1])
         if forward_ll:
-            call.set("topkWeights", handle.weight_stacked, _abi.F32)
+            call.set("topkWeights", weights, _abi.F32)
         if g is not None:
             call.set("weightGradients", g[0], _abi.F32)
         call.fields(None, direction_value, mode, _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, handle._pointer)

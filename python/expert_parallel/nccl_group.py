@@ -8,7 +8,7 @@ from typing import Any, List, Optional, Tuple, Union
 
 from . import _abi, _arrays, _config, _fast, errors
 from ._nccl_slots import NCCLSlot
-from ._group_base import GroupBase, locked
+from ._group_base import NO_COMBINE_WEIGHTS, GroupBase, combine_weights_refused, locked
 from ._library import addresses_entry, call, check_status, load
 from ._types import Algorithm, Array, Device, Direction, DType, Layout, Overflow, Seconds
 from .errors import ExpertParallelError, InvalidArgumentError, InvalidUsageError
@@ -319,16 +319,21 @@ class NCCLGroup(GroupBase):
 
     def combine(self, expert_outputs: Array, handle: Handle, *, direction: Direction = "forward",
                 weight_gradients: Optional[Array] = None, stream: Any = None, wait_event: Any = None,
-                record_event: bool = False, send_only: bool = False) -> Any:
+                record_event: bool = False, send_only: bool = False, topk_weights: Optional[Array] = None,
+                out: Any = None) -> Any:
         """Brings this rank's tokens' expert outputs back from every rank and reduces them in the
         fixed order (the same bits as every backend). ``expert_outputs``: this rank's experts'
         results, shaped like ``dispatch(...).tokens``: ``dispatch(...).expert_outputs`` itself
         (the buffer the other ranks read: nothing is copied) or a tensor of the caller's (copied
         there on the stream). ``handle``: the step's. Returns the ``[B, hidden]`` combined tokens
-        (a view of the slot's combined rows, valid until the slot's next combine); HT's backward
+        (a view of the slot's combined rows, valid until the slot's next combine; or ``out``, a
+        ``[B, hidden]`` tensor of the caller's to write them into, with no copy); HT's backward
         pass takes ``weight_gradients`` (shaped like ``dispatch(...).topk_weights``) and returns
-        ``(tokens, topk_weight_gradients)``. ``stream``, ``wait_event``, ``record_event``,
-        ``send_only``: as for :meth:`VirtualGroup.combine`."""
+        ``(tokens, topk_weight_gradients)`` (``out``: such a pair). ``topk_weights``: the forward
+        combine of LL expert-major applies these ``[B, top_k]`` float32 weights instead of those
+        given to dispatch (read when the combine reduces: at ``hook()`` for ``send_only``).
+        ``stream``, ``wait_event``, ``record_event``, ``send_only``: as for
+        :meth:`VirtualGroup.combine`."""
         with self._lock:   # (the @locked of the other methods, in line: this is the data path)
             self._check_open()
             self._check_handle(handle, dispatched=True)
@@ -338,6 +343,9 @@ class NCCLGroup(GroupBase):
                 raise InvalidArgumentError("weight_gradients: only the backward pass of HT takes weight gradients")
             if backward_ht and weight_gradients is None:
                 raise InvalidArgumentError("weight_gradients: None; the backward pass of HT needs them")
+            forward_ll = direction_value == 0 and self.layout == "expert_major"
+            if topk_weights is not None and not forward_ll:
+                raise InvalidArgumentError(combine_weights_refused(self.layout, direction_value))
             self._require_torch(expert_outputs, "expert_outputs")
             index = handle.slot
             slot = self._slots[index]
@@ -349,15 +357,23 @@ class NCCLGroup(GroupBase):
             address = _fast.check(expert_outputs, "expert_outputs", self._element_types, device, self.recv_shape)[0]
             _, own_outputs, own_weights, own_grads, views = self._slot_calls[index]
             weights = None   # which weights the call applies: 1 the dispatch's, 2 the slot's received ones
-            if direction_value == 0 and self.layout == "expert_major":
-                if handle.topk_weights is None:
-                    raise InvalidArgumentError(
-                        "topk_weights: not given to dispatch; the forward combine of LL expert-major applies them")
-                address_w = _fast.check(handle.topk_weights, "topk_weights", _F32_TYPES, device, (handle.tokens, self.top_k))[0]
+            if forward_ll:
+                applied = handle.topk_weights if topk_weights is None else topk_weights
+                if applied is None:
+                    raise InvalidArgumentError(NO_COMBINE_WEIGHTS)
+                if topk_weights is not None:
+                    self._require_torch(topk_weights, "topk_weights")
+                address_w = _fast.check(applied, "topk_weights", _F32_TYPES, device, (handle.tokens, self.top_k))[0]
                 self._cw.set(0, address_w, handle.tokens, _abi.F32)
                 weights = 1
             elif direction_value == 0 and self.layout == "expert_major_padded":
                 weights = 2
+            if backward_ht:
+                self._require_torch(weight_gradients, "weight_gradients")
+                _fast.check(weight_gradients, "weight_gradients", _F32_TYPES, device, self.recv_routing_shape)
+            b = handle.tokens
+            if out is not None:   # the caller's tensors, checked before anything is written
+                combined, weight_grads = self._caller_combine_outputs(out, b, backward_ht)
             if wait_event is not None:
                 _fast.wait(device, stream, wait_event)
             own = address == slot.expert_outputs.data_ptr()   # the slot's own buffer, which its descriptor describes
@@ -371,21 +387,20 @@ class NCCLGroup(GroupBase):
                 own = True
             if not own:
                 self._y.set(0, address, self.recv_shape[0], element)
-            if backward_ht:
-                self._require_torch(weight_gradients, "weight_gradients")
-                _fast.check(weight_gradients, "weight_gradients", _F32_TYPES, device, self.recv_routing_shape)
-                if weight_gradients.data_ptr() != slot.weight_grads.data_ptr():   # into the buffer the others read
-                    import torch
+            if backward_ht and weight_gradients.data_ptr() != slot.weight_grads.data_ptr():   # into the buffer the others read
+                import torch
 
-                    with torch.cuda.stream(_fast.torch_stream(device, stream)):
-                        slot.weight_grads.copy_(weight_gradients)
-            b = handle.tokens
-            targets = views.get((b, backward_ht))
-            if targets is None:   # the combined rows (and weight gradients) of b tokens: views made once per slot
-                combined, weight_grads = slot.combined[:b], slot.combined_grads[:b] if backward_ht else None
-                targets = (combined, weight_grads, combined.data_ptr(), weight_grads.data_ptr() if backward_ht else 0)
-                views[(b, backward_ht)] = targets
-            combined, weight_grads, combined_address, grads_address = targets   # (handed out detached: below)
+                with torch.cuda.stream(_fast.torch_stream(device, stream)):
+                    slot.weight_grads.copy_(weight_gradients)
+            if out is not None:
+                combined_address, grads_address = combined.data_ptr(), weight_grads.data_ptr() if backward_ht else 0
+            else:
+                targets = views.get((b, backward_ht))
+                if targets is None:   # the combined rows (and weight gradients) of b tokens: views made once per slot
+                    combined, weight_grads = slot.combined[:b], slot.combined_grads[:b] if backward_ht else None
+                    targets = (combined, weight_grads, combined.data_ptr(), weight_grads.data_ptr() if backward_ht else 0)
+                    views[(b, backward_ht)] = targets
+                combined, weight_grads, combined_address, grads_address = targets   # (handed out detached: below)
             self._out.set(0, combined_address, b, element)
             if backward_ht:
                 self._out_g.set(0, grads_address, b, _abi.F32)
@@ -404,7 +419,10 @@ class NCCLGroup(GroupBase):
             check_status(self._fn_combine(self._handle_address, a[4], a[5], a[6], self._raw(stream)))
             # A new tensor object per call over the slot's rows: what a caller does to its own (autograd
             # history, in-place metadata) stays with it, not with the next combine's result.
-            result: Any = (combined.detach(), weight_grads.detach()) if backward_ht else combined.detach()
+            if out is not None:
+                result: Any = (combined, weight_grads) if backward_ht else combined
+            else:
+                result = (combined.detach(), weight_grads.detach()) if backward_ht else combined.detach()
             return self._combine_result(result, send_only, record_event, stream) if send_only or record_event else result
 
     @locked
@@ -418,6 +436,24 @@ class NCCLGroup(GroupBase):
     def _require_torch(self, value, name):
         if (type(value) is not _fast.tensor_type or value is None) and not _arrays.is_torch(value):
             raise InvalidArgumentError(f"{name}: a {type(value).__name__}; an NCCL group takes CUDA torch tensors")
+
+    def _caller_combine_outputs(self, out, tokens, backward_ht):
+        """(tokens, weight gradients or None) of combine's ``out=``: a ``[B, hidden]`` tensor of
+        the group's type, and for HT's backward pass a ``[B, top_k]`` float32 tensor beside it."""
+        if backward_ht:
+            try:
+                combined, grads = out
+            except (TypeError, ValueError):
+                raise InvalidArgumentError(
+                    f"out: a {type(out).__name__}; the backward pass of HT takes (tokens, topk_weight_gradients)") from None
+        else:
+            combined, grads = out, None
+        self._require_torch(combined, "out")
+        _fast.check(combined, "out", self._element_types, self._device, (tokens, self.hidden))
+        if backward_ht:
+            self._require_torch(grads, "out gradients")
+            _fast.check(grads, "out gradients", _F32_TYPES, self._device, (tokens, self.top_k))
+        return combined, grads
 
     def _raw(self, stream):
         """The CUstream of `stream` (None: PyTorch's current one on the group's device), an int."""

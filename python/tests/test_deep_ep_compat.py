@@ -38,6 +38,32 @@ def test_low_latency_flow_matches_the_reference(ranks, hook):
     flows.check_low_latency(results, xs, idx, ws, E, max_tokens=12)
 
 
+def test_low_latency_combine_takes_its_own_weights_and_drops_ids_set_to_minus_one(ranks):
+    """The combine applies the weights it is given (float32 as they are, bf16 converted), not the
+    dispatch's; an id set to -1 in the routing given to combine selects nothing there."""
+    xs, idx, ws = ref.make_inputs(6, TOKENS, E, H, K)
+    local = E // R
+    masked = [torch.where(torch.arange(K) == 0, -1, i) for i in idx]   # each token's first selection dropped at combine
+    other = [w.flip(1).contiguous() for w in ws]
+
+    def rank_flow(b):
+        r = b.rank
+        recv_x, count, handle, _, _ = b.low_latency_dispatch(xs[r], idx[r], 12, E, use_fp8=False)
+        y = ref.ll_expert_function(recv_x, r, local)
+        same = b.low_latency_combine(y, idx[r], other[r], handle)[0].clone()
+        halved = b.low_latency_combine(y, idx[r], other[r].to(torch.bfloat16), handle)[0].clone()
+        dropped = b.low_latency_combine(y, masked[r], other[r], handle)[0].clone()
+        return same, halved, dropped
+
+    results = run_ranks(ranks, rank_flow, timeout=30)
+    want = ref.ll_combine(xs, idx, other, E, xs[0].dtype)
+    want_bf16 = ref.ll_combine(xs, idx, [w.to(torch.bfloat16).float() for w in other], E, xs[0].dtype)
+    want_dropped = ref.ll_combine(xs, masked, other, E, xs[0].dtype)
+    for r, (same, halved, dropped) in enumerate(results):
+        assert torch.equal(same, want[r]) and torch.equal(halved, want_bf16[r]) and torch.equal(dropped, want_dropped[r]), r
+    assert any(not torch.equal(a, b) for a, b in zip(want, want_dropped) if a.numel())
+
+
 def test_one_rank_under_torch_distributed_gloo(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:

@@ -211,3 +211,137 @@ def test_a_stream_that_is_no_cuda_stream_is_refused_by_name():
         with pytest.raises(ep.InvalidArgumentError, match="stream: a .*; must be a torch.cuda.Stream or an int CUstream handle"):
             _fast.raw_stream(0, stream)
     assert _fast.raw_stream(0, 1234) == 1234 and _fast.raw_stream(0, 0) is None
+
+
+def test_combine_writes_into_out_and_applies_weights_given_to_it(recorded):
+    group, calls = recorded()   # LL expert-major
+    x, idx, w = step(group, 5, 8)
+    out = group.dispatch(x, idx, None)   # the weights come with the combine
+    mine, other = torch.empty(5, group.hidden, dtype=torch.bfloat16), torch.rand(5, group.top_k)
+    calls.clear()
+    combined = group.combine(out.expert_outputs, out.handle, topk_weights=other, out=mine)
+    ((name, (c_in, c_out, _)),) = calls
+    assert combined is mine and descriptor(c_out.tokens) == of(mine, _abi.BF16)
+    assert descriptor(c_in.topkWeights) == of(other, _abi.F32)
+    # Without them again: the slot's combined rows, and the dispatch's weights (here none: an error).
+    calls.clear()
+    with pytest.raises(ep.InvalidArgumentError, match="topk_weights: given neither to dispatch nor to combine"):
+        group.combine(out.expert_outputs, out.handle)
+    out = group.dispatch(x, idx, w)
+    calls.clear()
+    combined = group.combine(out.expert_outputs, out.handle)
+    ((_, (c_in, c_out, _)),) = calls
+    assert descriptor(c_in.topkWeights) == of(w, _abi.F32) and descriptor(c_out.tokens) == of(combined, _abi.BF16)
+    assert combined.data_ptr() == group._slots[1].combined.data_ptr()
+
+
+def test_combine_into_out_for_the_backward_pass_of_ht(recorded):
+    group, calls = recorded(algorithm="ht", dtype="f32")
+    x, idx, w = step(group, 3, 9)
+    out = group.dispatch(x, idx, w)
+    tokens, grads = torch.empty(3, group.hidden), torch.empty(3, group.top_k)
+    calls.clear()
+    result = group.combine(out.expert_outputs, out.handle, direction="backward", weight_gradients=group._slots[0].weight_grads,
+                           out=(tokens, grads))
+    ((_, (_, c_out, _)),) = calls
+    assert result[0] is tokens and result[1] is grads
+    assert descriptor(c_out.tokens) == of(tokens, _abi.F32) and descriptor(c_out.topkWeightGradients) == of(grads, _abi.F32)
+
+
+def test_bad_combine_outputs_and_weights_get_named_errors_and_reach_no_call(recorded):
+    group, calls = recorded()
+    x, idx, w = step(group, 4, 10)
+    out = group.dispatch(x, idx, w)
+    mine = torch.empty(4, group.hidden, dtype=torch.bfloat16)
+    calls.clear()
+    with pytest.raises(ep.InvalidArgumentError, match=r"out: shape \[3, 32\]; must be \[4, 32\]"):
+        group.combine(out.expert_outputs, out.handle, out=mine[:3])
+    with pytest.raises(ep.InvalidArgumentError, match="out: dtype torch.float32; must be bf16"):
+        group.combine(out.expert_outputs, out.handle, out=mine.float())
+    with pytest.raises(ep.InvalidArgumentError, match="out: a list; an NCCL group takes CUDA torch tensors"):
+        group.combine(out.expert_outputs, out.handle, out=[mine])
+    with pytest.raises(ep.InvalidArgumentError, match=r"topk_weights: shape \[4, 3\]; must be \[4, 4\]"):
+        group.combine(out.expert_outputs, out.handle, topk_weights=w[:, :3])
+    with pytest.raises(ep.InvalidArgumentError, match="topk_weights: a ndarray; an NCCL group takes CUDA torch tensors"):
+        group.combine(out.expert_outputs, out.handle, topk_weights=w.numpy())
+    with pytest.raises(ep.InvalidArgumentError, match="topk_weights: given to combine, but the backward pass takes no weights"):
+        group.combine(out.expert_outputs, out.handle, direction="backward", topk_weights=w)
+    assert calls == []
+    ht, calls = recorded(algorithm="ht")
+    out = ht.dispatch(x, idx, w)
+    calls.clear()
+    with pytest.raises(ep.InvalidArgumentError, match="the forward combine of layout 'flat' takes no weights"):
+        ht.combine(out.expert_outputs, out.handle, topk_weights=w)
+    with pytest.raises(ep.InvalidArgumentError, match=r"out: a Tensor; the backward pass of HT takes \(tokens, topk_weight_gradients\)"):
+        ht.combine(out.expert_outputs, out.handle, direction="backward", weight_gradients=ht._slots[0].weight_grads, out=mine)
+    assert calls == []
+
+
+class _TorchCalls(torch.overrides.TorchFunctionMode):
+    """Records the names of the torch functions and tensor methods called inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_deep_ep_low_latency_calls_on_an_nccl_rank_are_the_library_calls_alone(recorded, monkeypatch, tmp_path):
+    """compat.deep_ep's low_latency_dispatch / low_latency_combine on an NCCL rank: the update and
+    the dispatch, then one combine that writes into the tensor it returns and applies the caller's
+    own weights; no copy, fill or masking of the caller's tensors on the way."""
+    import torch.distributed as dist
+    from expert_parallel.compat.deep_ep import Buffer, _groups
+
+    made = []
+
+    def make(self, spec, capacity):
+        group, calls = recorded(ranks=1, experts=spec.experts, hidden=spec.hidden, top_k=spec.top_k, max_tokens=capacity,
+                                dtype=spec.dtype, algorithm="ll", layout="expert_major")
+        made.append((group, calls))
+        return group
+
+    monkeypatch.setattr(_groups.Groups, "_make", make)
+    monkeypatch.setattr(_groups.Entry, "acquire", lambda self: ep.Handle(self.group, ctypes.c_void_p(0x5000)))
+    monkeypatch.setattr(_groups.Entry, "release", lambda self, step: None)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        buffer = Buffer(dist.group.WORLD, low_latency_mode=True)
+        buffer._shared.groups.nccl = True   # as on a CUDA device
+        rng = np.random.default_rng(11)
+        x = torch.randn(6, 32).to(torch.bfloat16)
+        idx = torch.from_numpy(np.stack([rng.choice(16, 4, replace=False) for _ in range(6)])).to(torch.int64)
+        idx[0, 1] = -1
+        w = torch.rand(6, 4)
+        first = buffer.low_latency_dispatch(x, idx, 8, 16, use_fp8=False)   # (makes the group)
+        buffer.low_latency_combine(first[0], idx, w, first[2])
+        (group, calls), = made
+        calls.clear()
+        seen = _TorchCalls()
+        with seen:
+            recv_x, count, handle, _, _ = buffer.low_latency_dispatch(x, idx, 8, 16, use_fp8=False)
+        assert [name for name, _ in calls] == ["epHandleUpdate", "epDispatch"]
+        (_, (u_in, _)), (_, (d_in, d_out, _)) = calls
+        assert descriptor(u_in.topkIdx) == of(idx, _abi.I64) and descriptor(d_in.tokens) == of(x, _abi.BF16)
+        assert not d_in.topkWeights and recv_x is group._slots[1].tokens and count is group._slots[1].counts
+        calls.clear()
+        with seen:
+            combined, _, _ = buffer.low_latency_combine(recv_x, idx, w, handle)
+        ((name, (c_in, c_out, _)),) = calls
+        assert name == "epCombine" and descriptor(c_out.tokens) == of(combined, _abi.BF16) and list(combined.shape) == [6, 32]
+        assert descriptor(c_in.topkWeights) == of(w, _abi.F32) and descriptor(c_in.expertOutputs) == of(recv_x, _abi.BF16)
+        work = {"copy_", "fill_", "zero_", "zeros", "zeros_like", "where", "clone", "float", "to", "ge", "__ge__"}
+        assert not work & set(seen.names), sorted(work & set(seen.names))
+        # A routing other than the dispatch's tensor: its -1 entries are masked in weights of the call's own.
+        calls.clear()
+        other = idx.clone()
+        other[1, 0] = -1
+        buffer.low_latency_combine(recv_x, other, w, handle)
+        ((_, (c_in, _, _)),) = calls
+        applied = ctypes.cast(c_in.topkWeights.contents.data, ctypes.POINTER(ctypes.c_float * 24)).contents
+        assert list(applied) == torch.where(other >= 0, w, 0.0).flatten().tolist()
+    finally:
+        dist.destroy_process_group()

@@ -115,6 +115,34 @@ def test_a_stacked_dispatch_combines_from_per_rank_lists_and_back(device):
         np.testing.assert_array_equal(bits(c), bits(a))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stacked", [True, False])
+def test_weights_given_to_combine_replace_the_dispatchs(device, stacked):
+    """LL expert-major's forward combine applies weights given to it, stacked or per rank, with
+    the bits of a step whose dispatch was given those weights; a dispatch given none or others."""
+    rng = np.random.default_rng(5)
+    r, e, k, h, b = 3, 12, 3, 16, 4
+    shape = dict(ranks=r, experts=e, hidden=h, top_k=k, max_tokens=b, dtype="bf16", device=device)
+    group, reference = ep.VirtualGroup(**shape), ep.VirtualGroup(**shape)
+    x = to_device(np.stack([random_payload(rng, (b, h), "bf16") for _ in range(r)]), device)
+    idx = to_device(np.stack([random_routing(rng, b, e, k) for _ in range(r)]).astype(np.int32), device)
+    w, other = (to_device(rng.random((r, b, k)).astype(np.float32), device) for _ in range(2))
+    ys = to_device(np.stack([random_payload(rng, group.recv_shape, "bf16") for _ in range(r)]), device)
+
+    def arg(a):
+        return a if stacked else [a[i] for i in range(r)]
+
+    want = [bits(c) for c in reference.combine(arg(ys), reference.dispatch(arg(x), arg(idx), arg(w)).handle)]
+    for given in (None, other):
+        out = group.dispatch(arg(x), arg(idx), None if given is None else arg(given))
+        got = group.combine(arg(ys), out.handle, topk_weights=arg(w))
+        for a, c in zip(want, got):
+            np.testing.assert_array_equal(bits(c), a)
+    # The dispatch's weights again when combine is given none.
+    out = group.dispatch(arg(x), arg(idx), arg(other))
+    assert any((bits(c) != a).any() for a, c in zip(want, group.combine(arg(ys), out.handle)))
+
+
 def test_bad_stacked_arguments_get_named_errors():
     rng = np.random.default_rng(5)
     group = ep.VirtualGroup(ranks=2, experts=4, hidden=8, top_k=2, max_tokens=3, dtype="f32")

@@ -112,13 +112,27 @@ def test_combine_checks_its_handle_and_expert_outputs():
     group.combine(second.tokens, second.handle)
 
 
-def test_ll_expert_major_combine_needs_the_weights_given_to_dispatch():
+def test_ll_expert_major_combine_needs_weights_given_to_dispatch_or_to_combine():
     group = small_group()
-    xs, idx, _ = step_inputs()
+    xs, idx, w = step_inputs()
     out = group.dispatch(xs, idx)  # LL expert-major dispatch does not need them
-    with raises(r"topk_weights: not given to dispatch"):
+    with raises(r"topk_weights: given neither to dispatch nor to combine"):
         group.combine(out.tokens, out.handle)
     assert [c.shape for c in group.combine(out.tokens, out.handle, direction="backward")] == [(2, 8), (1, 8)]
+    with raises(r"topk_weights\[1\]: shape \[2, 2\]; must be \[1, 2\]"):
+        group.combine(out.tokens, out.handle, topk_weights=[w[0], w[0]])
+    with raises(r"topk_weights: given to combine, but the backward pass takes no weights"):
+        group.combine(out.tokens, out.handle, direction="backward", topk_weights=w)
+    assert [c.shape for c in group.combine(out.tokens, out.handle, topk_weights=w)] == [(2, 8), (1, 8)]
+
+
+def test_only_the_forward_ll_expert_major_combine_takes_weights():
+    for algorithm, layout in (("ll", "rank_major"), ("ht", "flat"), ("ht", "expert_major_padded")):
+        group = small_group(algorithm=algorithm, layout=layout)
+        xs, idx, w = step_inputs()
+        out = group.dispatch(xs, idx, w)
+        with raises(rf"topk_weights: given to combine, but the forward combine of layout '{layout}' takes no weights"):
+            group.combine(out.tokens, out.handle, topk_weights=w)
 
 
 def test_backward_ht_needs_weight_gradients():

@@ -167,10 +167,16 @@ class Buffer:
         self._check_open()
         async_finish = flag(async_finish, "async_finish")
         _events.wait(previous_event, self.device)
+        groups, meeting = self._shared.groups, self._shared.meeting
+        if type(meeting) is Solo:
+            # This process's one rank: the call runs on the current stream, after its inputs and
+            # before what comes next there, so only async_finish asks for an event.
+            result = meeting.call(self.rank, name, Payload(self.rank, None, args), lambda payloads: work(groups, payloads))
+            return result, EventOverlap(_events.record(self.device) if async_finish else None)
+        # Virtual ranks: the last rank to arrive runs the call on its current stream, after every
+        # rank's inputs are ready there; each rank's stream then waits for it.
         payload = Payload(self.rank, _events.record(self.device), args)
-        groups = self._shared.groups
-        result, done = self._shared.meeting.call(self.rank, name, payload,
-                                                 lambda payloads: _engine.run(groups, work, payloads))
+        result, done = meeting.call(self.rank, name, payload, lambda payloads: _engine.run(groups, work, payloads))
         if not async_finish:
             _events.wait(done, self.device)
         return result, EventOverlap(done if async_finish else None)

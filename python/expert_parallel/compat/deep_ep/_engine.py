@@ -213,11 +213,11 @@ def ll_dispatch(groups: Groups, payloads: List[Payload]) -> List[Any]:
     spec = Spec("ll", experts, hidden, top_k, dtype, fp8, "quantize", None)
     entry = groups.entry(spec, bmax, exact=bmax)
     tokens = [int(p.x.shape[0]) for p in payloads]
-    weights = [torch.zeros((b, top_k), dtype=torch.float32, device=p.x.device) for p, b in zip(payloads, tokens)]
     step = entry.acquire()
-    record = Record("ll", entry, step, tokens, [p.topk_idx for p in payloads], weights)
+    # (No weights: LL expert-major's combine takes them, low_latency_combine's.)
+    record = Record("ll", entry, step, tokens, [p.topk_idx for p in payloads], None)
     entry.settle()
-    out = entry.dispatch([p.x for p in payloads], record.topk_idx, weights, step, None, send_only=hook)
+    out = entry.dispatch([p.x for p in payloads], record.topk_idx, None, step, None, send_only=hook)
     record.stage = out.stage
     after: List[Callable[[], None]] = []
     results = []
@@ -263,9 +263,17 @@ def ll_combine(groups: Groups, payloads: List[Payload]) -> List[Any]:
                 raise InvalidArgumentError(f"{name}: shape {list(got)} on rank {p.rank}; must be [{b}, {spec.top_k}], the dispatch's")
         out = p.out if p.out is not None else torch.empty((b, spec.hidden), dtype=p.x.dtype, device=p.x.device)
         outs.append(out)
-    for i, p in enumerate(payloads):   # the weights combine applies; entries set to -1 select nothing
-        record.topk_weights[i].copy_(torch.where(p.topk_idx >= 0, p.topk_weights.float(), 0.0))
+    # The weights combine applies (read when it reduces: at the hook's call for a split one). It
+    # skips the selections its dispatch sent nowhere (-1), so the caller's own float32 weights do
+    # when the routing is the dispatch's tensor; otherwise entries set to -1 here select nothing.
+    weights = []
+    for i, p in enumerate(payloads):
+        w = p.topk_weights
+        if p.topk_idx is not record.topk_idx[i] or w.dtype != torch.float32:
+            w = torch.where(p.topk_idx >= 0, w.float(), 0.0)
+        weights.append(w)
+    record.topk_weights = weights   # (alive as long as the handle, which the hook holds)
     entry.settle()
-    after = entry.combine([p.x for p in payloads], record.step_in(entry), outs, send_only=hook)
+    after = entry.combine([p.x for p in payloads], record.step_in(entry), outs, weights=weights, send_only=hook)
     token = entry.begin_split(after) if hook else None
     return [(outs[i], (entry, token, record)) for i in range(len(payloads))]

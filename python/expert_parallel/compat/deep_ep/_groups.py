@@ -102,11 +102,11 @@ class Entry:
                                            device=self.group.device)
         return self._grad_stage
 
-    def dispatch(self, xs: List[Any], topk_idx: Optional[List[Any]], weights: List[Any], step: Any,
+    def dispatch(self, xs: List[Any], topk_idx: Optional[List[Any]], weights: Optional[List[Any]], step: Any,
                  scales: Optional[List[Any]], send_only: bool) -> Dispatched:
         group = self.group
         if self.nccl:
-            out = group.dispatch(xs[0], None if topk_idx is None else topk_idx[0], weights[0], handle=step,
+            out = group.dispatch(xs[0], None if topk_idx is None else topk_idx[0], None if weights is None else weights[0], handle=step,
                                  send_only=send_only, scales=None if scales is None else scales[0])
             listed = lambda value: None if value is None else [value]  # noqa: E731
             return Dispatched([out.tokens], listed(out.topk_idx), listed(out.topk_weights), [out.expert_counts],
@@ -117,29 +117,21 @@ class Entry:
                           out.scales, stage, lambda: out.layout)
 
     def combine(self, expert_outputs: List[Any], step: Any, outs: List[Any], *, grads: Optional[List[Any]] = None,
-                grad_outs: Optional[List[Any]] = None, send_only: bool = False) -> List[Callable[[], None]]:
-        """Combines into `outs` (and `grad_outs`); returns the work to run once a send-only call is
-        completed (nothing for a whole call)."""
+                grad_outs: Optional[List[Any]] = None, weights: Optional[List[Any]] = None,
+                send_only: bool = False) -> List[Callable[[], None]]:
+        """Combines into `outs` (and `grad_outs`), with no copy; `weights`: the forward LL combine's
+        (None: the dispatch's). Returns the work to run once a send-only call is completed (none:
+        the group writes `outs` itself)."""
         group = self.group
         direction = "forward" if grads is None else "backward"
         if not self.nccl:
             out = outs if grads is None else (outs, grad_outs)
-            group.combine(expert_outputs, step, direction=direction, weight_gradients=grads, out=out, send_only=send_only)
+            group.combine(expert_outputs, step, direction=direction, weight_gradients=grads, out=out, send_only=send_only,
+                          topk_weights=weights)
             return []
-        result = group.combine(expert_outputs[0], step, direction=direction,
-                               weight_gradients=None if grads is None else grads[0], send_only=send_only)
-        if send_only:
-            result = result[0]
-        tokens, weight_grads = (result, None) if grads is None else result
-
-        def copy_out() -> None:
-            outs[0].copy_(tokens)
-            if weight_grads is not None:
-                grad_outs[0].copy_(weight_grads)
-
-        if send_only:
-            return [copy_out]
-        copy_out()
+        group.combine(expert_outputs[0], step, direction=direction, weight_gradients=None if grads is None else grads[0],
+                      out=outs[0] if grads is None else (outs[0], grad_outs[0]), send_only=send_only,
+                      topk_weights=None if weights is None else weights[0])
         return []
 
 
