@@ -4,7 +4,6 @@ returns one result per local rank."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Tuple
 
 from ...errors import InvalidArgumentError, InvalidUsageError
@@ -15,19 +14,14 @@ from ._handle import DispatchHandle, Record
 from ._layout import align, column_major, exponents_to_float, torch_module
 
 
-@dataclass
 class Payload:
-    """One rank's call: its rank number, arguments and the event its inputs are ready at."""
+    """One rank's call: its rank number, the event its inputs are ready at, and its arguments as
+    attributes (``payload.x``)."""
 
-    rank: int
-    ready: Any = None
-    args: dict = field(default_factory=dict)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.__dict__["args"][name]
-        except KeyError:
-            raise AttributeError(name) from None
+    def __init__(self, rank: int, ready: Any = None, args: Optional[dict] = None) -> None:
+        if args:
+            self.__dict__.update(args)
+        self.rank, self.ready = rank, ready
 
 
 def run(groups: Groups, work: Callable[[Groups, List[Payload]], List[Any]], payloads: List[Payload]) -> List[Tuple[Any, Any]]:
@@ -41,11 +35,18 @@ def run(groups: Groups, work: Callable[[Groups, List[Payload]], List[Any]], payl
 
 def _agree(payloads: List[Payload], name: str, value: Callable[[Payload], Any]) -> Any:
     """`value` of rank 0's payload, after checking every rank gives the same."""
-    first = value(payloads[0])
+    return _agree_all(payloads, (name,), lambda p: (value(p),))[0]
+
+
+def _agree_all(payloads: List[Payload], names: Tuple[str, ...], values: Callable[[Payload], Tuple[Any, ...]]) -> Tuple[Any, ...]:
+    """`values` (one per name) of rank 0's payload, after checking every rank gives the same."""
+    first = values(payloads[0])
     for p in payloads[1:]:
-        if value(p) != first:
+        got = values(p)
+        if got != first:
+            i = next(i for i, (a, b) in enumerate(zip(got, first)) if a != b)
             raise InvalidArgumentError(
-                f"{name}: {value(p)!r} on rank {p.rank} but {first!r} on rank {payloads[0].rank}; every rank passes the same")
+                f"{names[i]}: {got[i]!r} on rank {p.rank} but {first[i]!r} on rank {payloads[0].rank}; every rank passes the same")
     return first
 
 
@@ -200,15 +201,15 @@ def ll_fp8_mode(use_fp8: bool, round_scale: bool, use_ue8m0: bool) -> Optional[s
     return "ue8m0" if round_scale else "float32"
 
 
+_LL_DISPATCH_AGREES = ("num_max_dispatch_tokens_per_rank", "num_experts", "topk_idx top-k", "x hidden size", "x dtype",
+                       "(use_fp8, round_scale, use_ue8m0)", "return_recv_hook")
+
+
 def ll_dispatch(groups: Groups, payloads: List[Payload]) -> List[Any]:
     torch = torch_module()
-    bmax = _agree(payloads, "num_max_dispatch_tokens_per_rank", lambda p: p.max_tokens)
-    experts = _agree(payloads, "num_experts", lambda p: p.experts)
-    top_k = _agree(payloads, "topk_idx top-k", lambda p: int(p.topk_idx.shape[1]))
-    hidden = _agree(payloads, "x hidden size", lambda p: int(p.x.shape[1]))
-    dtype = _agree(payloads, "x dtype", lambda p: p.dtype)
-    flags = _agree(payloads, "(use_fp8, round_scale, use_ue8m0)", lambda p: p.fp8_flags)
-    hook = _agree(payloads, "return_recv_hook", lambda p: p.return_recv_hook)
+    bmax, experts, top_k, hidden, dtype, flags, hook = _agree_all(
+        payloads, _LL_DISPATCH_AGREES,
+        lambda p: (p.max_tokens, p.experts, int(p.topk_idx.shape[1]), int(p.x.shape[1]), p.dtype, p.fp8_flags, p.return_recv_hook))
     fp8 = ll_fp8_mode(*flags)
     spec = Spec("ll", experts, hidden, top_k, dtype, fp8, "quantize", None)
     entry = groups.entry(spec, bmax, exact=bmax)

@@ -157,7 +157,7 @@ class Groups:
         self.process_group = process_group
         self.nccl = process_group is not None and device != "cpu"
         self.fixed_tokens = fixed_tokens
-        self._entries: Dict[Spec, Entry] = {}
+        self._entries: Dict[Any, Entry] = {}   # per Spec, or (Spec, exact capacity)
         self._all: List[Entry] = []
 
     @property
@@ -168,7 +168,7 @@ class Groups:
     def entry(self, spec: Spec, tokens: int, exact: Optional[int] = None) -> Entry:
         """The group for `spec` holding `tokens` tokens per rank; `exact`: a capacity that must be
         exactly this (low latency: DeepEP's num_max_dispatch_tokens_per_rank)."""
-        key = spec if exact is None else spec._replace(algorithm=f"{spec.algorithm}:{exact}")
+        key = spec if exact is None else (spec, exact)
         current = self._entries.get(key)
         if current is not None and current.max_tokens >= tokens:
             return current

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, Dict, List, Optional
 
 from ._groups import Entry
@@ -29,7 +28,9 @@ class Record:
         self.last = entry                     # the group of the latest dispatch of this routing
         self.received: Optional[List[int]] = None   # HT: rows received per local rank
         self.stage: List[Any] = []            # per local rank: where combine's expert outputs go
-        weakref.finalize(self, _give_back, self.steps)
+
+    def __del__(self) -> None:
+        _give_back(self.steps)
 
     def step_in(self, entry: Entry) -> Any:
         """This routing's step in `entry`'s group, or None when it has none yet."""

@@ -16,12 +16,21 @@ def torch_module() -> Any:
     return torch
 
 
+_GROUP_DTYPES: dict = {}   # torch dtype -> group element type, filled on first use
+
+
 def group_dtype(tensor: Any, name: str) -> str:
     """The group element type of a token tensor: "bf16", "f16" or "f32"."""
-    text = str(tensor.dtype).replace("torch.", "")
-    if text not in DTYPES:
-        raise InvalidArgumentError(f"{name}: dtype {tensor.dtype}; must be torch.bfloat16, torch.float16 or torch.float32")
-    return DTYPES[text]
+    found = _GROUP_DTYPES.get(tensor.dtype)
+    if found is None:
+        text = str(tensor.dtype).replace("torch.", "")
+        if text not in DTYPES:
+            raise InvalidArgumentError(f"{name}: dtype {tensor.dtype}; must be torch.bfloat16, torch.float16 or torch.float32")
+        found = _GROUP_DTYPES[tensor.dtype] = DTYPES[text]
+    return found
+
+
+_DEVICES: dict = {}   # a Buffer's device string -> (torch.device, any CUDA device will do)
 
 
 def require_tensor(value: Any, name: str, ndim: int, device: str) -> Any:
@@ -31,9 +40,13 @@ def require_tensor(value: Any, name: str, ndim: int, device: str) -> Any:
         raise InvalidArgumentError(f"{name}: a {type(value).__name__}; must be a torch.Tensor")
     if value.dim() != ndim:
         raise InvalidArgumentError(f"{name}: shape {list(value.shape)}; must have {ndim} dimensions")
-    if torch.device(device) != value.device and not (device.startswith("cuda") and value.device.type == "cuda"
-                                                     and torch.device(device).index is None):
-        raise InvalidArgumentError(f"{name}: on {value.device}; this buffer's ranks are on {device}")
+    known = _DEVICES.get(device)
+    if known is None:
+        wanted = torch.device(device)
+        known = _DEVICES[device] = (wanted, wanted.type == "cuda" and wanted.index is None)
+    where = value.device
+    if where != known[0] and not (known[1] and where.type == "cuda"):
+        raise InvalidArgumentError(f"{name}: on {where}; this buffer's ranks are on {device}")
     return value
 
 
