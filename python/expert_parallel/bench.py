@@ -5,7 +5,8 @@
 
 For each case (the standard cases of docs/ep-bench.md, or the small ``tiny`` / ``tiny-ht``) it runs
 dispatch then combine through a ``VirtualGroup`` (``--nccl``: this process's ``NCCLGroup`` of one
-rank on the GPU) with identity experts and reports, per call, medians of:
+rank on the GPU; ``--deepep``: DeepEP's calls through ``compat.deep_ep.Buffer`` at one rank) with
+identity experts and reports, per call, medians of:
 
 - host: wall clock of the Python call (what the framework's CPU thread pays);
 - gpu: what the GPU spends on the call: CUDA events around it on the current stream, measured in a
@@ -93,37 +94,86 @@ def _time_package(case: tuple, ranks: int, device: str, iterations: int, warmup:
     def expert_outputs(out):   # identity experts: the received rows come back (NCCL: from the slot's own buffer)
         return out.expert_outputs if nccl else out.received
 
+    result = _time_calls(lambda: group.dispatch(*arguments), lambda out: group.combine(expert_outputs(out), out.handle),
+                         iterations, warmup, inputs.cuda)
+    group.check()
+    group.close()
+    return result
+
+
+def _time_deepep(case: tuple, device: str, iterations: int, warmup: int, inputs: _Inputs) -> Dict[str, Any]:
+    """DeepEP's calls through ``compat.deep_ep.Buffer`` at one rank (a torch.distributed group of
+    one: an NCCLGroup on CUDA, what a torchrun rank that switched from DeepEP calls): LL cases
+    ``low_latency_dispatch`` / ``low_latency_combine``; HT cases ``get_dispatch_layout`` +
+    ``dispatch`` (which waits for the received counts, as DeepEP's does) / ``combine``."""
+    import tempfile
+
+    import torch
+    import torch.distributed as dist
+
+    from .compat.deep_ep import Buffer
+
+    algorithm, tokens, _, _, experts, _ = case
+    x, idx, w = inputs.x[0], inputs.idx[0], inputs.w[0]
+    if not isinstance(x, torch.Tensor):   # the CPU backend: f32 tensors
+        x, idx, w = (torch.from_numpy(a) for a in (x, idx, w))
+    idx = idx.long()
+    with tempfile.TemporaryDirectory() as store:
+        dist.init_process_group("gloo", init_method=f"file://{store}/store", rank=0, world_size=1)
+        try:
+            buffer = Buffer(dist.group.WORLD, low_latency_mode=algorithm == "ll", device=device, max_tokens_per_rank=tokens)
+
+            def dispatch():
+                if algorithm == "ll":
+                    return buffer.low_latency_dispatch(x, idx, tokens, experts, use_fp8=False)
+                per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, experts)
+                return buffer.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                       num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w)
+
+            def combine(out):   # identity experts: the received rows come back
+                if algorithm == "ll":
+                    return buffer.low_latency_combine(out[0], idx, w, out[2])
+                return buffer.combine(out[0], out[4], topk_weights=out[2])
+
+            return _time_calls(dispatch, combine, iterations, warmup, inputs.cuda, hold=algorithm == "ll")
+        finally:
+            dist.destroy_process_group()
+
+
+def _time_calls(dispatch, combine, iterations: int, warmup: int, cuda: bool, hold: bool = True) -> Dict[str, Any]:
+    """Medians of `dispatch()` then `combine(its result)`: host wall clock per call and (`cuda`)
+    CUDA events around each on the current stream, the calls queued behind a held stream
+    (`hold`; a call that waits for the GPU cannot be, and is timed as it comes)."""
     host_d: List[float] = []
     host_c: List[float] = []
     for i in range(warmup + iterations):
         t0 = time.perf_counter()
-        out = group.dispatch(*arguments)
+        out = dispatch()
         t1 = time.perf_counter()
-        group.combine(expert_outputs(out), out.handle)
+        combine(out)
         t2 = time.perf_counter()
         if i >= warmup:
             host_d.append(t1 - t0)
             host_c.append(t2 - t1)
     result: Dict[str, Any] = {"host_dispatch_us": _median_us(host_d), "host_combine_us": _median_us(host_c)}
-    if inputs.cuda:
+    if cuda:
         import torch
 
         torch.cuda.synchronize()
         # The GPU's own time: every call queues up behind a held stream (about 0.5 ms of GPU
         # sleep per call, far more than the host needs to issue one), then runs back to back.
         marks = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(iterations)]
-        torch.cuda._sleep(1_000_000 * iterations)
+        if hold:
+            torch.cuda._sleep(1_000_000 * iterations)
         for m in marks:
             m[0].record()
-            out = group.dispatch(*arguments)
+            out = dispatch()
             m[1].record()
-            group.combine(expert_outputs(out), out.handle)
+            combine(out)
             m[2].record()
         torch.cuda.synchronize()
-        group.check()
         result["gpu_dispatch_us"] = statistics.median(m[0].elapsed_time(m[1]) for m in marks) * 1e3
         result["gpu_combine_us"] = statistics.median(m[1].elapsed_time(m[2]) for m in marks) * 1e3
-    group.close()
     return result
 
 
@@ -216,16 +266,19 @@ def _engine_figures(path: Optional[str], nccl: bool = False) -> Dict[tuple, Dict
 
 
 def run(names: Sequence[str], device: str, ranks: Optional[int], iterations: int, warmup: int, seed: int,
-        engine_json: Optional[str], baseline: bool, nccl: bool = False) -> List[Dict[str, Any]]:
-    engine = _engine_figures(engine_json, nccl)
+        engine_json: Optional[str], baseline: bool, nccl: bool = False, deepep: bool = False) -> List[Dict[str, Any]]:
+    engine = _engine_figures(engine_json, nccl or (deepep and device != "cpu"))
     results = []
     for name in names:
         case = CASES[name]
-        r = 1 if nccl else ranks or case[5]
+        r = 1 if nccl or deepep else ranks or case[5]
         row: Dict[str, Any] = {"case": name, "ranks": r, "device": device, "iterations": iterations,
-                               "group": "NCCLGroup" if nccl else "VirtualGroup"}
+                               "group": "deep_ep.Buffer" if deepep else "NCCLGroup" if nccl else "VirtualGroup"}
         inputs = _Inputs(case, r, device, seed)   # the same step for the package and the baseline
-        row.update(_time_package(case, r, device, iterations, warmup, inputs, nccl))
+        if deepep:
+            row.update(_time_deepep(case, device, iterations, warmup, inputs))
+        else:
+            row.update(_time_package(case, r, device, iterations, warmup, inputs, nccl))
         row.update(engine.get((name, r), {}))
         if baseline:
             row.update(_time_baseline(case, iterations, warmup, inputs))
@@ -258,6 +311,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--nccl", action="store_true", help="time an NCCLGroup of one rank (this process, one GPU: "
                         "what each rank of a torchrun job calls) instead of a VirtualGroup; with --engine-json, "
                         "ep-bench's --transport nccl --ranks 1 figures")
+    parser.add_argument("--deepep", action="store_true", help="time DeepEP's calls through compat.deep_ep.Buffer at one "
+                        "rank (a torch.distributed group of one: on CUDA an NCCLGroup, as a torchrun rank that switched "
+                        "from DeepEP calls it; with --engine-json, ep-bench's --transport nccl --ranks 1 figures)")
     parser.add_argument("--iterations", type=int, default=100, help="timed calls per case (default 100)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed calls first (default 10)")
     parser.add_argument("--seed", type=int, default=1)
@@ -275,9 +331,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--nccl: an NCCL group runs on a CUDA device; --device is {args.device!r}")
     if args.nccl and args.ranks not in (None, 1):
         parser.error(f"--nccl --ranks {args.ranks}: the group is this process's one rank; --ranks must be 1 (or left out)")
+    if args.deepep and args.nccl:
+        parser.error("--deepep --nccl: choose one (--deepep at one rank on CUDA is over an NCCLGroup already)")
+    if args.deepep and args.ranks not in (None, 1):
+        parser.error(f"--deepep --ranks {args.ranks}: the Buffer is this process's one rank; --ranks must be 1 (or left out)")
     names = args.case or (["tiny", "tiny-ht"] if args.device == "cpu" else ["ll-std", "ll-32", "ll-1", "ht-std", "ht-4k", "odd"])
     results = run(names, args.device, args.ranks, args.iterations, args.warmup, args.seed, args.engine_json,
-                  not args.no_baseline, args.nccl)
+                  not args.no_baseline, args.nccl, args.deepep)
     print(render(results))
     if args.json:
         with open(args.json, "w") as f:

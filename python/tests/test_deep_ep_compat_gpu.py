@@ -135,9 +135,10 @@ def test_one_rank_under_torch_distributed_nccl(tmp_path):
         torch.cuda.synchronize()
         flows.check_intranode(results, xs, idx, ws, 8, alignment=4)
         xs, idx, ws = ref.make_inputs(25, [7], 8, H, 2)
-        results = flows.low_latency([buffer], xs, idx, ws, 8, max_tokens=8, hook=True)
-        torch.cuda.synchronize()
-        flows.check_low_latency(results, xs, idx, ws, 8, 8)
+        for hook in (True, False):   # split calls (events), whole calls (none: the current stream orders them)
+            results = flows.low_latency([buffer], xs, idx, ws, 8, max_tokens=8, hook=hook, async_finish=hook)
+            torch.cuda.synchronize()
+            flows.check_low_latency(results, xs, idx, ws, 8, 8)
         buffer.destroy()
     finally:
         dist.destroy_process_group()
