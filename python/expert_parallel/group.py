@@ -22,6 +22,7 @@ __all__ = ["VirtualGroup", "DispatchResult", "Handle", "LayoutInfo"]
 _SIZE_HINT = "lower max_tokens or hidden (HT: set max_recv_tokens)"
 _INDEX_TYPES = frozenset((_abi.I32, _abi.I64))
 _F32_TYPES = frozenset((_abi.F32,))
+_I32_TYPES = frozenset((_abi.I32,))
 # dispatch()'s defaults, compared by identity on the data path (another equal string takes the general path)
 _SINGLE, _FORWARD = "single", "forward"
 
@@ -143,6 +144,7 @@ class VirtualGroup(GroupBase):
         self._fn_dispatch_stacked = addresses_entry("epGroupDispatchStacked")
         self._fn_combine_stacked = addresses_entry("epGroupCombineStacked")
         self._group_address = self._group.value   # (the group's handle as those take it)
+        self._caller_dispatch = self._caller_combine = None   # the stacked calls into the caller's outputs (on first use)
         self._types_x, self._tail_x, self._tail_k = {self._input_element}, (h,), (k,)
         self._types_element = {self._element}
         # What _dispatch_common compares, in one tuple (an FP8 pass-through group's e4m3 rows come
@@ -170,8 +172,9 @@ class VirtualGroup(GroupBase):
         to dispatch again with ``handle``'s routing (a backward dispatch); ``topk_weights``:
         ``[B, top_k]`` float32 per rank (required except for LL expert-major, whose forward
         combine applies them). ``handle``: the step to use (None: the group's own step).
-        ``out``: ``(tokens, topk_idx, topk_weights)`` lists of the caller's per-rank tensors to
-        receive into instead of the group's buffers. On the GPU the calls are enqueued on
+        ``out``: ``(tokens, topk_idx, topk_weights)`` of the caller's to receive into instead of
+        the group's buffers: per-rank lists, or one stacked ``[R, ...]`` array each (with stacked
+        inputs: one C call, as into the group's buffers; None for the routing of LL expert-major). On the GPU the calls are enqueued on
         ``stream`` (default: the current stream) after ``wait_event``, and return at once;
         ``record_event=True`` records ``result.event`` after them; ``send_only=True`` enqueues
         only the sending half: call ``result.hook()`` (or :meth:`complete`) before the received
@@ -195,11 +198,13 @@ class VirtualGroup(GroupBase):
             if topk_weights is None and self.recv_routing_shape is not None:
                 raise InvalidArgumentError(f"topk_weights: None; layout {self.layout!r} sends the weights with the tokens")
 
-            if out is None and not isinstance(xs, (list, tuple)):
-                parts = self._stacked_parts(xs, topk_idx, topk_weights, scales, handle)
-                if parts is not None:
-                    return self._dispatch_stacked(parts, xs, topk_idx, topk_weights, handle, direction, direction_value, mode, stream,
-                                                  wait_event, record_event, send_only)
+            if not isinstance(xs, (list, tuple)):
+                caller = None if out is None else self._stacked_dispatch_out(out)
+                if out is None or caller is not None:
+                    parts = self._stacked_parts(xs, topk_idx, topk_weights, scales, handle)
+                    if parts is not None:
+                        return self._dispatch_stacked(parts, xs, topk_idx, topk_weights, handle, direction, direction_value, mode,
+                                                      stream, wait_event, record_event, send_only, caller)
 
             device, element, h, k = self._device, self._element, self.hidden, self.top_k
             tokens, like = self._rows(xs, "xs", {self._input_element}, h, self._x, None)
@@ -273,9 +278,10 @@ class VirtualGroup(GroupBase):
         at ``hook()`` for ``send_only``); other layouts expect rows already weighted
         by the expert rank (HT expert-major uses the per-slot weights dispatch delivered). Returns
         the ``[B_r, hidden]`` combined tokens per rank (views of the handle's buffer slot, valid
-        until the slot's next combine, or ``out``'s tensors); backward HT takes
+        until the slot's next combine, or of ``out``: per-rank tensors of the caller's, or one
+        ``[R, B, hidden]`` array, which with stacked expert outputs takes one C call); backward HT takes
         ``weight_gradients`` (shaped like ``dispatch(...).topk_weights``) and returns ``(tokens,
-        topk_weight_gradients)``. ``stream``, ``wait_event`` as for dispatch; ``send_only=True``
+        topk_weight_gradients)`` (``out``: such a pair). ``stream``, ``wait_event`` as for dispatch; ``send_only=True``
         returns ``(result, hook)``: call ``hook()`` (or :meth:`complete`) before the result is
         used; ``record_event=True`` appends the event recorded after the call: ``(result, event)``
         or ``(result, hook, event)``.
@@ -298,11 +304,13 @@ class VirtualGroup(GroupBase):
             forward_ll = direction_value == 0 and self.layout == "expert_major"
             if topk_weights is not None and not forward_ll:
                 raise InvalidArgumentError(combine_weights_refused(self.layout, direction_value))
-            if out is None and handle.slot >= 0 and not isinstance(expert_outputs, (list, tuple)):
-                result = self._combine_stacked(expert_outputs, handle, direction, direction_value, mode, backward_ht, weight_gradients,
-                                               stream, wait_event, record_event, send_only, topk_weights)
-                if result is not None:
-                    return result
+            if not isinstance(expert_outputs, (list, tuple)):
+                caller = None if out is None else self._stacked_combine_out(out, handle.tokens, backward_ht)
+                if (out is None and handle.slot >= 0) or caller is not None:
+                    result = self._combine_stacked(expert_outputs, handle, direction, direction_value, mode, backward_ht,
+                                                   weight_gradients, stream, wait_event, record_event, send_only, topk_weights, caller)
+                    if result is not None:
+                        return result
             tokens = handle.tokens
             recv = self.recv_shape
             _, like = self._rows(expert_outputs, "expert_outputs", {self._element}, recv[1:], self._y, [recv[0]] * r)
@@ -534,12 +542,16 @@ class VirtualGroup(GroupBase):
         return call
 
     def _dispatch_stacked(self, parts, xs, topk_idx, topk_weights, handle, direction, direction_value, mode, stream, wait_event,
-                          record_event, send_only):
-        """dispatch() of stacked arguments into the next buffer slot: one C call, update included."""
+                          record_event, send_only, caller=None):
+        """dispatch() of stacked arguments into the next buffer slot (or `caller`'s stacked
+        outputs, from _stacked_dispatch_out): one C call, update included."""
         b, x, idx, w, s = parts
-        slot = self._slot(self._next_slot, xs)
-        self._next_slot = (self._next_slot + 1) % self.buffer_slots
-        call = slot.dispatch_call or self._dispatch_call(slot)
+        if caller is None:
+            slot = self._slot(self._next_slot, xs)
+            self._next_slot = (self._next_slot + 1) % self.buffer_slots
+            call = slot.dispatch_call or self._dispatch_call(slot)
+        else:
+            slot, call = None, self._caller_dispatch_call(caller)
         call.set("inputTokens", x[0], x[1])
         if idx is None:
             call.clear("topkIdx")
@@ -571,7 +583,54 @@ class VirtualGroup(GroupBase):
             target.topk_weights = topk_weights
             target.weight_addresses = None
             target.weight_stacked = w[0]
-        return self._slot_result(slot, target, stream, send_only, record_event)
+        if slot is not None:
+            return self._slot_result(slot, target, stream, send_only, record_event)
+        tokens, received_idx, received_w = caller[3]
+        target.slot = -1   # the caller's tensors
+        target.received_weights = received_w
+        result = DispatchResult(list(tokens), None if received_idx is None else list(received_idx),
+                                None if received_w is None else list(received_w), target, received=tokens)
+        return self._dispatch_result(result, send_only, record_event, stream)
+
+    def _stacked_dispatch_out(self, out):
+        """(tokens, topk_idx, topk_weights addresses (0: none), the three arrays) of a stacked
+        ``out=(tokens [R, *recv_shape], topk_idx, topk_weights)`` (the routing ``[R,
+        *recv_routing_shape]`` int32 / float32 where the layout receives it, else None), checked;
+        None when `out` is not of that form (per-rank lists; FP8 groups, whose received scales
+        come too): the per-rank path takes it, and names what is wrong."""
+        if type(out) is not tuple and type(out) is not list or len(out) != 3 or self.recv_scales_shape is not None:
+            return None
+        tokens, idx, weights = out
+        if _fast.look(tokens, self._types_element) is None:
+            return None
+        routing, device = self.recv_routing_shape, self._device
+        if (routing is None) != (idx is None and weights is None):
+            return None
+        if routing is not None and (_fast.look(idx, _INDEX_TYPES) is None or _fast.look(weights, _F32_TYPES) is None):
+            return None
+        r = self.ranks
+        address = _fast.check(tokens, "out tokens", self._types_element, device, (r,) + tuple(self.recv_shape))[0]
+        addresses = [address, 0, 0]
+        if routing is not None:
+            shape = (r,) + tuple(routing)
+            addresses[1] = _fast.check(idx, "out topk_idx", _I32_TYPES, device, shape)[0]
+            addresses[2] = _fast.check(weights, "out topk_weights", _F32_TYPES, device, shape)[0]
+        if device != -1 and _arrays.kind(tokens) != "torch":
+            raise InvalidArgumentError("out tokens: a NumPy array; a GPU group takes CUDA torch tensors")
+        return addresses[0], addresses[1], addresses[2], (tokens, idx, weights)
+
+    def _caller_dispatch_call(self, caller):
+        """The group's epStackedDispatch_t for dispatches into the caller's stacked outputs (made
+        on first use), pointed at `caller`'s (no counts: those are the slots')."""
+        call = self._caller_dispatch
+        if call is None:
+            call = self._caller_dispatch = _fast.StackedCall(_abi.StackedDispatch, self._device)
+            for name in ("receivedScales", "expertCounts", "expertSourceCounts"):
+                call.clear(name)
+        call.set("receivedTokens", caller[0], self._element)
+        call.set("receivedTopkIdx", caller[1], _abi.I32 if caller[1] else 0)
+        call.set("receivedTopkWeights", caller[2], _abi.F32 if caller[2] else 0)
+        return call
 
     def _combine_common(self, expert_outputs, handle, stream, wait_event, record_event, send_only):
         """combine() of the common call, in line: one stacked tensor ``[R, *recv_shape]`` of the
@@ -625,9 +684,10 @@ class VirtualGroup(GroupBase):
         return call
 
     def _combine_stacked(self, expert_outputs, handle, direction, direction_value, mode, backward_ht, weight_gradients, stream,
-                         wait_event, record_event, send_only, topk_weights):
-        """combine() of a stacked expert-output array into the handle's slot; None when an
-        argument is a list, or the weights applied are (the per-rank path takes those)."""
+                         wait_event, record_event, send_only, topk_weights, caller=None):
+        """combine() of a stacked expert-output array into the handle's slot (or `caller`'s
+        stacked outputs, from _stacked_combine_out); None when an argument is a list, or the
+        weights applied are (the per-rank path takes those)."""
         forward_ll = direction == "forward" and self.layout == "expert_major"
         weights = None
         if forward_ll:
@@ -655,12 +715,27 @@ class VirtualGroup(GroupBase):
             g = self._stacked(weight_gradients, "weight_gradients", _F32_TYPES, routing[1:], routing[0])
             if g is None:
                 return None
-        slot = self._slot(handle.slot, expert_outputs)
         padded_forward = direction == "forward" and self.layout == "expert_major_padded"
-        if padded_forward:
-            self._require_slot(slot, handle)   # the per-slot weights are the slot's: a later dispatch into it rewrote them
-        combined, grads = slot.combine_targets(handle.tokens, backward_ht)
-        call = self._combine_call(slot, (forward_ll, padded_forward, backward_ht))
+        if caller is None:
+            slot = self._slot(handle.slot, expert_outputs)
+            if padded_forward:
+                self._require_slot(slot, handle)   # the per-slot weights are the slot's: a later dispatch into it rewrote them
+            combined, grads = slot.combine_targets(handle.tokens, backward_ht)
+            call = self._combine_call(slot, (forward_ll, padded_forward, backward_ht))
+        else:
+            padded_weights = 0
+            if padded_forward:   # the per-slot weights its dispatch received: the slot's, or the caller's stacked array
+                if handle.slot >= 0:
+                    slot = self._slots[handle.slot]
+                    self._require_slot(slot, handle)
+                    padded_weights = slot.stacked_address("topk_weights")
+                else:
+                    seen = _fast.look(handle.received_weights, _F32_TYPES)
+                    if seen is None:
+                        return None
+                    padded_weights = seen[0]
+            call = self._caller_combine_call(caller, forward_ll, padded_weights, backward_ht)
+            combined, grads = caller[3]
         call.set("expertOutputs", y[0], y[1])
         if forward_ll:
             call.set("topkWeights", weights, _abi.F32)
@@ -673,6 +748,49 @@ class VirtualGroup(GroupBase):
         check_status(self._fn_combine_stacked(self._group_address, call.address, raw))
         result: Any = (combined, grads) if backward_ht else combined
         return self._combine_result(result, send_only, record_event, stream)
+
+    def _stacked_combine_out(self, out, tokens, backward_ht):
+        """(combined tokens address, weight gradients address (0: none), B, the result: per-rank
+        views of them) of a stacked ``out=``: one ``[R, B, hidden]`` array (backward HT: with
+        ``[R, B, top_k]`` float32 weight gradients, as a pair), checked; None when `out` is not of
+        that form (per-rank lists; ranks of different token counts): the per-rank path takes it."""
+        b = tokens[0]
+        if tokens.count(b) != len(tokens):
+            return None
+        combined, grads = out, None
+        if backward_ht:
+            if type(out) is not tuple and type(out) is not list or len(out) != 2:
+                return None
+            combined, grads = out
+            if _fast.look(grads, _F32_TYPES) is None:
+                return None
+        if _fast.look(combined, self._types_element) is None:
+            return None
+        r, device = self.ranks, self._device
+        address = _fast.check(combined, "out", self._types_element, device, (r, b, self.hidden))[0]
+        grads_address = 0 if grads is None else _fast.check(grads, "out gradients", _F32_TYPES, device, (r, b, self.top_k))[0]
+        if device != -1 and _arrays.kind(combined) != "torch":
+            raise InvalidArgumentError("out: a NumPy array; a GPU group takes CUDA torch tensors")
+        return address, grads_address, b, (list(combined), None if grads is None else list(grads))
+
+    def _caller_combine_call(self, caller, forward_ll, padded_weights, backward_ht):
+        """The group's epStackedCombine_t for combines into the caller's stacked outputs (made on
+        first use), pointed at `caller`'s and, for HT expert-major padded, `padded_weights`."""
+        call = self._caller_combine
+        if call is None:
+            call = self._caller_combine = _fast.StackedCall(_abi.StackedCombine, self._device)
+        address, grads_address, b, _ = caller
+        call.set("combinedTokens", address, self._element, b * self.hidden * _abi.DTYPE_SIZES[self._element])
+        if backward_ht:
+            call.set("topkWeightGradients", grads_address, _abi.F32, b * self.top_k * 4)
+        else:
+            call.clear("topkWeightGradients")
+            call.clear("weightGradients")
+        if padded_weights:
+            call.set("topkWeights", padded_weights, _abi.F32)
+        elif not forward_ll:
+            call.clear("topkWeights")
+        return call
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -143,6 +143,75 @@ def test_weights_given_to_combine_replace_the_dispatchs(device, stacked):
     assert any((bits(c) != a).any() for a, c in zip(want, group.combine(arg(ys), out.handle)))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("algorithm,layout,alignment", LAYOUTS)
+def test_stacked_outputs_of_the_caller_take_the_stacked_calls_with_the_per_rank_bits(device, algorithm, layout, alignment):
+    """out= as stacked [R, ...] arrays (dispatch: tokens, and the routing where the layout
+    receives it; combine: the combined tokens, and backward HT the weight gradients) goes
+    through the stacked calls (one C call each, the per-rank entry points never called) and
+    writes what per-rank out= lists get, forward and backward."""
+    rng = np.random.default_rng(9)
+    r, e, k, h, b = 3, 12, 3, 32, 5
+    shape = dict(ranks=r, experts=e, hidden=h, top_k=k, max_tokens=b + 1, algorithm=algorithm, layout=layout,
+                 alignment=alignment, dtype="bf16", device=device)
+    lists, stacked = ep.VirtualGroup(**shape), ep.VirtualGroup(**shape)
+
+    def refuse(*arguments):
+        raise AssertionError("a per-rank entry point was called")
+
+    stacked._fn_update = stacked._fn_dispatch = stacked._fn_combine = refuse
+    x = to_device(np.stack([random_payload(rng, (b, h), "bf16") for _ in range(r)]), device)
+    idx = to_device(np.stack([random_routing(rng, b, e, k) for _ in range(r)]).astype(np.int32), device)
+    w = to_device(rng.random((r, b, k)).astype(np.float32), device)
+    ys = to_device(np.stack([random_payload(rng, lists.recv_shape, "bf16") for _ in range(r)]), device)
+    routing = lists.recv_routing_shape
+    grads = to_device(rng.random((r,) + (routing or (1,))).astype(np.float32), device)
+    ht = algorithm == "ht"
+
+    def zeros(tail, dtype):
+        return to_device(np.zeros((r,) + tuple(tail), dtype), device)
+
+    def outputs():
+        tokens = zeros(lists.recv_shape, np.uint16)
+        if routing is None:
+            return tokens, None, None
+        return tokens, zeros(routing, np.int32), zeros(routing, np.float32)
+
+    def per_rank(arrays):
+        return tuple(None if a is None else [a[i] for i in range(r)] for a in arrays)
+
+    seen = []
+    for group, form in ((lists, per_rank), (stacked, lambda arrays: arrays)):
+        got = []
+        out = outputs()
+        d = group.dispatch(x, idx, w, out=form(out))
+        assert d.handle.slot == -1 and len(d.tokens) == r
+        got += [bits(a) for a in out if a is not None]
+        combined = zeros((b, h), np.uint16)
+        result = group.combine(ys, d.handle, out=form((combined,))[0])
+        assert len(result) == r and all(np.array_equal(bits(c), bits(combined[i])) for i, c in enumerate(result))
+        got.append(bits(combined))
+        back_out = outputs()
+        back = group.dispatch(x, None, w, handle=d.handle, direction="backward", out=form(back_out))
+        got += [bits(a) for a in back_out if a is not None]
+        if ht:
+            tokens, gradients = zeros((b, h), np.uint16), zeros((b, k), np.float32)
+            group.combine(ys, back.handle, direction="backward", weight_gradients=grads, out=form((tokens, gradients)))
+            got += [bits(tokens), bits(gradients)]
+        seen.append(got)
+    for i, (want, got) in enumerate(zip(*seen)):
+        np.testing.assert_array_equal(got, want, err_msg=f"result {i}")
+    # A bad stacked output is named, and nothing is written.
+    out = outputs()
+    with pytest.raises(ep.InvalidArgumentError, match=r"out tokens: shape \[2, "):
+        stacked.dispatch(x, idx, w, out=(out[0][:2],) + out[1:])
+    with pytest.raises(ep.InvalidArgumentError, match=r"out: shape \[3, 4, 32\]; must be \[3, 5, 32\]"):
+        stacked.combine(ys, d.handle, out=zeros((b - 1, h), np.uint16))
+    for g in (lists, stacked):
+        g.check()
+        g.close()
+
+
 def test_bad_stacked_arguments_get_named_errors():
     rng = np.random.default_rng(5)
     group = ep.VirtualGroup(ranks=2, experts=4, hidden=8, top_k=2, max_tokens=3, dtype="f32")

@@ -9,14 +9,17 @@ outputs get zero gradients) rather than another step's rows."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .. import _abi, _arrays
+from .. import _abi, _fast
 from ..errors import InvalidArgumentError
 from . import _registry
+
+
+_F32 = frozenset((_abi.F32,))
 
 
 def _shapes(group) -> Tuple[tuple, Optional[tuple]]:
@@ -36,8 +39,11 @@ def _received(group, like: Tensor, make) -> Tuple[Tensor, Tensor, Tensor]:
             make(routing, dtype=torch.float32, device=device))
 
 
-def _per_rank(stacked: Optional[Tensor]) -> Optional[List[Tensor]]:
-    return None if stacked is None or stacked.shape[-1] == 0 else list(stacked.unbind(0))
+def _outputs(received: Tensor, idx: Tensor, weights: Tensor) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """A dispatch's ``out=``: the stacked arrays (one C call), the routing where the layout receives it."""
+    if idx.shape[-1] == 0:
+        return received, None, None
+    return received, idx, weights
 
 
 def _contiguous(value: Optional[Tensor]) -> Optional[Tensor]:
@@ -53,7 +59,7 @@ def dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group:
     received, idx, weights = _received(entry.group, x, torch.zeros)
     handle, token = entry.start()
     entry.group.dispatch(x.contiguous(), topk_idx.contiguous(), _contiguous(topk_weights), handle=handle,
-                         out=(list(received.unbind(0)), _per_rank(idx), _per_rank(weights)))
+                         out=_outputs(received, idx, weights))
     return received, idx, weights, token
 
 
@@ -63,24 +69,23 @@ def _(x, topk_idx, topk_weights, group):
     return received, idx, weights, torch.empty((), dtype=torch.int64)
 
 
-def _bind_weights(group, handle, weights: Optional[Tensor], tokens: int) -> None:
-    """Points the step's forward combine at `weights`: LL expert-major's source topk_weights
-    ``[R, B, K]``, HT expert-major's per-slot weights ``[R, N]``; other layouts take none."""
+def _bind_weights(group, handle, weights: Optional[Tensor], tokens: int) -> Optional[Tensor]:
+    """The forward combine's weights: LL expert-major's source topk_weights ``[R, B, K]``
+    (returned: combine takes them), HT expert-major's per-slot weights ``[R, N]`` (the step's
+    received ones, set on `handle`); other layouts take none."""
     if group.layout == "expert_major":
         if weights is None:
             raise InvalidArgumentError("weights: None; the combine of LL expert-major applies the topk_weights")
-        shape = (group.ranks, tokens, group.top_k)
-        _arrays.tensor(weights, "weights", dtypes={_abi.F32}, device=group._device, shape=shape)
-        row = tokens * group.top_k * 4
-        handle.topk_weights = weights
-        handle.weight_addresses = tuple(weights.data_ptr() + r * row for r in range(group.ranks))
-    elif group.layout == "expert_major_padded":
+        _fast.check(weights, "weights", _F32, group._device, (group.ranks, tokens, group.top_k))
+        return weights
+    if group.layout == "expert_major_padded":
         if weights is None:
             raise InvalidArgumentError("weights: None; the combine of HT expert-major applies the per-slot weights")
         handle.received_weights = weights
     elif weights is not None:
         raise InvalidArgumentError(
             f"weights: given; layout {group.layout!r} combines rows that the experts have weighted already")
+    return None
 
 
 @torch.library.custom_op("expert_parallel::combine", mutates_args=())
@@ -89,10 +94,9 @@ def combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tensor],
     entry = _registry.entry(group)
     g, handle = entry.group, entry.step(step)
     tokens = topk_idx.shape[1]
-    weights = _contiguous(weights)
-    _bind_weights(g, handle, weights, tokens)
+    applied = _bind_weights(g, handle, _contiguous(weights), tokens)
     combined = expert_outputs.new_empty((g.ranks, tokens, g.hidden))
-    g.combine(expert_outputs.contiguous(), handle, out=list(combined.unbind(0)))
+    g.combine(expert_outputs.contiguous(), handle, out=combined, topk_weights=applied)
     return combined
 
 
@@ -112,8 +116,7 @@ def backward_dispatch(grad_combined: Tensor, step: Tensor, group: int) -> Tensor
     routing = None
     if g.recv_routing_shape is not None:   # these layouts send weights along; the backward pass ignores them
         routing = torch.zeros((g.ranks, grad_combined.shape[1], g.top_k), dtype=torch.float32, device=grad_combined.device)
-    g.dispatch(grad_combined.contiguous(), None, routing, handle=handle, direction="backward",
-               out=(list(received.unbind(0)), _per_rank(idx), _per_rank(weights)))
+    g.dispatch(grad_combined.contiguous(), None, routing, handle=handle, direction="backward", out=_outputs(received, idx, weights))
     return received
 
 
@@ -133,13 +136,13 @@ def backward_combine(grad_received: Tensor, grad_weights: Optional[Tensor], step
     g, handle = entry.group, entry.step(step)
     grad_x = grad_received.new_empty((g.ranks, tokens, g.hidden))
     if g.algorithm != "ht":
-        g.combine(grad_received.contiguous(), handle, direction="backward", out=list(grad_x.unbind(0)))
+        g.combine(grad_received.contiguous(), handle, direction="backward", out=grad_x)
         return grad_x, grad_received.new_empty((g.ranks, 0), dtype=torch.float32)
     if grad_weights is None:
         grad_weights = torch.zeros(_shapes(g)[1], dtype=torch.float32, device=grad_received.device)
     grad_w = torch.empty((g.ranks, tokens, g.top_k), dtype=torch.float32, device=grad_received.device)
     g.combine(grad_received.contiguous(), handle, direction="backward", weight_gradients=grad_weights.contiguous(),
-              out=(list(grad_x.unbind(0)), list(grad_w.unbind(0))))
+              out=(grad_x, grad_w))
     return grad_x, grad_w
 
 
