@@ -174,7 +174,9 @@ class VirtualGroup(GroupBase):
         combine applies them). ``handle``: the step to use (None: the group's own step).
         ``out``: ``(tokens, topk_idx, topk_weights)`` of the caller's to receive into instead of
         the group's buffers: per-rank lists, or one stacked ``[R, ...]`` array each (with stacked
-        inputs: one C call, as into the group's buffers; None for the routing of LL expert-major). On the GPU the calls are enqueued on
+        inputs: one C call, as into the group's buffers; None for the routing of LL expert-major);
+        a fourth entry, ``expert_counts`` (``[L]`` int32 per rank, or ``[R, L]``), gets the rows
+        per local expert on the stream (``result.expert_counts``). On the GPU the calls are enqueued on
         ``stream`` (default: the current stream) after ``wait_event``, and return at once;
         ``record_event=True`` records ``result.event`` after them; ``send_only=True`` enqueues
         only the sending half: call ``result.hook()`` (or :meth:`complete`) before the received
@@ -262,8 +264,8 @@ class VirtualGroup(GroupBase):
                 return self._slot_result(slot, target, stream, send_only, record_event)
             target.slot = -1   # the caller's tensors
             target.received_weights = out_views[2]
-            return self._dispatch_result(DispatchResult(out_views[0], out_views[1], out_views[2], target), send_only, record_event,
-                                         stream)
+            return self._dispatch_result(DispatchResult(out_views[0], out_views[1], out_views[2], target, expert_counts=out_views[3]),
+                                         send_only, record_event, stream)
 
     def combine(self, expert_outputs: PerRank, handle: Handle, *, direction: Direction = "forward",
                 weight_gradients: Optional[PerRank] = None, launch: Launch = "single", out: Any = None,
@@ -585,22 +587,26 @@ class VirtualGroup(GroupBase):
             target.weight_stacked = w[0]
         if slot is not None:
             return self._slot_result(slot, target, stream, send_only, record_event)
-        tokens, received_idx, received_w = caller[3]
+        tokens, received_idx, received_w, counts = caller[3]
         target.slot = -1   # the caller's tensors
         target.received_weights = received_w
         result = DispatchResult(list(tokens), None if received_idx is None else list(received_idx),
-                                None if received_w is None else list(received_w), target, received=tokens)
+                                None if received_w is None else list(received_w), target, received=tokens, expert_counts=counts)
         return self._dispatch_result(result, send_only, record_event, stream)
 
     def _stacked_dispatch_out(self, out):
-        """(tokens, topk_idx, topk_weights addresses (0: none), the three arrays) of a stacked
-        ``out=(tokens [R, *recv_shape], topk_idx, topk_weights)`` (the routing ``[R,
-        *recv_routing_shape]`` int32 / float32 where the layout receives it, else None), checked;
+        """(tokens, topk_idx, topk_weights addresses (0: none), the arrays, expert_counts
+        address (0: none)) of a stacked ``out=(tokens [R, *recv_shape], topk_idx, topk_weights[,
+        expert_counts [R, L] int32])`` (the routing ``[R, *recv_routing_shape]`` int32 / float32
+        where the layout receives it, else None), checked;
         None when `out` is not of that form (per-rank lists; FP8 groups, whose received scales
         come too): the per-rank path takes it, and names what is wrong."""
-        if type(out) is not tuple and type(out) is not list or len(out) != 3 or self.recv_scales_shape is not None:
+        if type(out) is not tuple and type(out) is not list or len(out) not in (3, 4) or self.recv_scales_shape is not None:
             return None
-        tokens, idx, weights = out
+        tokens, idx, weights = out[:3]
+        counts = out[3] if len(out) == 4 else None
+        if counts is not None and _fast.look(counts, _I32_TYPES) is None:
+            return None
         if _fast.look(tokens, self._types_element) is None:
             return None
         routing, device = self.recv_routing_shape, self._device
@@ -615,9 +621,11 @@ class VirtualGroup(GroupBase):
             shape = (r,) + tuple(routing)
             addresses[1] = _fast.check(idx, "out topk_idx", _I32_TYPES, device, shape)[0]
             addresses[2] = _fast.check(weights, "out topk_weights", _F32_TYPES, device, shape)[0]
+        if counts is not None:
+            addresses.append(_fast.check(counts, "out expert_counts", _I32_TYPES, device, (r, self.local_experts))[0])
         if device != -1 and _arrays.kind(tokens) != "torch":
             raise InvalidArgumentError("out tokens: a NumPy array; a GPU group takes CUDA torch tensors")
-        return addresses[0], addresses[1], addresses[2], (tokens, idx, weights)
+        return addresses[0], addresses[1], addresses[2], (tokens, idx, weights, counts), addresses[3] if counts is not None else 0
 
     def _caller_dispatch_call(self, caller):
         """The group's epStackedDispatch_t for dispatches into the caller's stacked outputs (made
@@ -625,8 +633,9 @@ class VirtualGroup(GroupBase):
         call = self._caller_dispatch
         if call is None:
             call = self._caller_dispatch = _fast.StackedCall(_abi.StackedDispatch, self._device)
-            for name in ("receivedScales", "expertCounts", "expertSourceCounts"):
+            for name in ("receivedScales", "expertSourceCounts"):
                 call.clear(name)
+        call.set("expertCounts", caller[4], _abi.I32 if caller[4] else 0)
         call.set("receivedTokens", caller[0], self._element)
         call.set("receivedTopkIdx", caller[1], _abi.I32 if caller[1] else 0)
         call.set("receivedTopkWeights", caller[2], _abi.F32 if caller[2] else 0)
@@ -866,16 +875,22 @@ class VirtualGroup(GroupBase):
         return values
 
     def _caller_outputs(self, out):
-        """The dispatch outputs for ``out=(tokens, topk_idx, topk_weights)`` per-rank lists."""
+        """The dispatch outputs for ``out=(tokens, topk_idx, topk_weights[, expert_counts])`` per-rank lists."""
         try:
-            tokens, idx, weights = out
+            tokens, idx, weights, *counts = out
+            if len(counts) > 1:
+                raise ValueError
         except (TypeError, ValueError):
-            raise InvalidArgumentError("out: must be (tokens, topk_idx, topk_weights), per-rank lists (None for LL expert-major's routing)") from None
+            raise InvalidArgumentError("out: must be (tokens, topk_idx, topk_weights) or (tokens, topk_idx, topk_weights, "
+                                       "expert_counts), per-rank lists (None for LL expert-major's routing)") from None
         r = self.ranks
         routing = self.recv_routing_shape
         tokens = self._per_rank(tokens, "out tokens")
         if routing is not None and idx is not None and weights is not None:
             idx, weights = self._per_rank(idx, "out topk_idx"), self._per_rank(weights, "out topk_weights")
+        counts = counts[0] if counts else None
+        if counts is not None:
+            counts = self._per_rank(counts, "out expert_counts")
         keep = []
         outputs = (_abi.DispatchOutputs * r)()
         for i in range(r):
@@ -886,11 +901,13 @@ class VirtualGroup(GroupBase):
                     raise InvalidArgumentError(f"out: layout {self.layout!r} receives topk_idx and topk_weights too")
                 ti = _arrays.tensor(idx[i], f"out topk_idx[{i}]", dtypes={_abi.I32}, device=self._device, shape=routing)
                 tw = _arrays.tensor(weights[i], f"out topk_weights[{i}]", dtypes={_abi.F32}, device=self._device, shape=routing)
-            keep += [t, ti, tw]
+            tc = None if counts is None else _arrays.tensor(counts[i], f"out expert_counts[{i}]", dtypes={_abi.I32},
+                                                            device=self._device, shape=(self.local_experts,))
+            keep += [t, ti, tw, tc]
             outputs[i] = _abi.new(_abi.DispatchOutputs, tokens=ctypes.pointer(t), topkIdx=_arrays.pointer(ti),
-                                  topkWeights=_arrays.pointer(tw))
+                                  topkWeights=_arrays.pointer(tw), expertCounts=_arrays.pointer(tc))
         self._keep = keep
-        return outputs, (list(tokens), None if routing is None else list(idx), None if routing is None else list(weights))
+        return outputs, (list(tokens), None if routing is None else list(idx), None if routing is None else list(weights), counts)
 
     def _caller_combine_outputs(self, out, tokens, backward_ht):
         r = self.ranks

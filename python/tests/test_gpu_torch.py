@@ -41,14 +41,14 @@ def ops_outputs(ex, inputs, probe):
     """Every op's outputs for one step (moved to the CPU)."""
     x, idx, w, _ = inputs
     ops = torch.ops.expert_parallel
-    received, ridx, rw, step = ops.dispatch(x, idx, None if ex.layout == "expert_major" else w, ex.id)
+    received, ridx, rw, step, counts = ops.dispatch(x, idx, None if ex.layout == "expert_major" else w, ex.id)
     weights = w if ex.layout == "expert_major" else rw if ex.layout == "expert_major_padded" else None
     combined = ops.combine(received * 2, idx, weights, step, ex.id)
     rows = ops.backward_dispatch(probe, step, ex.id)
     grad_w_in = None if ex.group.algorithm == "ll" else rw * 3
     grad_x, grad_w = ops.backward_combine(received, grad_w_in, step, ex.id, B)
     torch.cuda.synchronize()
-    return [t.cpu() for t in (received, ridx, rw, combined, rows, grad_x, grad_w)]
+    return [t.cpu() for t in (received, ridx, rw, combined, rows, grad_x, grad_w, counts)]
 
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])

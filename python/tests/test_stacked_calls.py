@@ -171,11 +171,12 @@ def test_stacked_outputs_of_the_caller_take_the_stacked_calls_with_the_per_rank_
     def zeros(tail, dtype):
         return to_device(np.zeros((r,) + tuple(tail), dtype), device)
 
-    def outputs():
+    def outputs(counts=False):
         tokens = zeros(lists.recv_shape, np.uint16)
+        extra = (zeros((lists.local_experts,), np.int32),) if counts else ()
         if routing is None:
-            return tokens, None, None
-        return tokens, zeros(routing, np.int32), zeros(routing, np.float32)
+            return (tokens, None, None) + extra
+        return (tokens, zeros(routing, np.int32), zeros(routing, np.float32)) + extra
 
     def per_rank(arrays):
         return tuple(None if a is None else [a[i] for i in range(r)] for a in arrays)
@@ -183,10 +184,11 @@ def test_stacked_outputs_of_the_caller_take_the_stacked_calls_with_the_per_rank_
     seen = []
     for group, form in ((lists, per_rank), (stacked, lambda arrays: arrays)):
         got = []
-        out = outputs()
+        out = outputs(counts=True)
         d = group.dispatch(x, idx, w, out=form(out))
-        assert d.handle.slot == -1 and len(d.tokens) == r
+        assert d.handle.slot == -1 and len(d.tokens) == r and d.expert_counts is not None
         got += [bits(a) for a in out if a is not None]
+        counted = bits(out[3])
         combined = zeros((b, h), np.uint16)
         result = group.combine(ys, d.handle, out=form((combined,))[0])
         assert len(result) == r and all(np.array_equal(bits(c), bits(combined[i])) for i, c in enumerate(result))
@@ -201,6 +203,8 @@ def test_stacked_outputs_of_the_caller_take_the_stacked_calls_with_the_per_rank_
         seen.append(got)
     for i, (want, got) in enumerate(zip(*seen)):
         np.testing.assert_array_equal(got, want, err_msg=f"result {i}")
+    # The counts are those of the group's own dispatch (into its buffer slot).
+    np.testing.assert_array_equal(counted, bits(lists.dispatch(x, idx, w).expert_counts))
     # A bad stacked output is named, and nothing is written.
     out = outputs()
     with pytest.raises(ep.InvalidArgumentError, match=r"out tokens: shape \[2, "):

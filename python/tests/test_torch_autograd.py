@@ -153,6 +153,19 @@ def test_wrong_arguments_are_named():
         flat.dispatch(x, idx, w)
 
 
+@pytest.mark.parametrize("algorithm,layout", LAYOUTS)
+def test_dispatch_gives_the_rows_per_local_expert(algorithm, layout):
+    """Dispatched.expert_counts: the [R, L] int32 counts the group's own dispatch writes."""
+    ex = exchange(algorithm, layout)
+    x, idx, w, _ = routing(16, R, B, E, K, H)
+    sent = ex.dispatch(x, idx, w)
+    plain = exchange(algorithm, layout).group
+    want = plain.dispatch(x, idx, w).expert_counts
+    assert sent.expert_counts.dtype == torch.int32 and sent.expert_counts.shape == (R, E // R)
+    assert torch.equal(sent.expert_counts, torch.as_tensor(want)) and int(sent.expert_counts.sum()) > 0
+    assert [list(map(int, row)) for row in sent.expert_counts] == [info.expert_counters for info in plain.dispatch(x, idx, w).layout]
+
+
 def test_the_ops_pass_torch_library_opcheck():
     """Schemas, fake implementations and autograd registration. The dispatch op's outputs are
     compared with AOT tracing by the compile tests instead (each call's step token differs)."""

@@ -49,6 +49,10 @@ class Dispatched(NamedTuple):
     routing: Tensor
     #: the source weights ``[R, B, K]`` given to dispatch (LL expert-major's combine applies them)
     weights: Optional[Tensor]
+    #: ``[R, L]`` int32 rows each rank received per local expert, written on the stream (no host
+    #: synchronisation): what a grouped GEMM over the received zones reads (HT expert-major:
+    #: padding excluded)
+    expert_counts: Optional[Tensor] = None
 
 
 class Exchange:
@@ -80,10 +84,10 @@ class Exchange:
         _tensor(topk_idx, "topk_idx", "[R, B, top_k] int32 or int64")
         _tensor(topk_weights, "topk_weights", "[R, B, top_k] float32")
         carried = self.layout != "expert_major"
-        received, idx, weights, step = _ops.dispatch(x, topk_idx, topk_weights if carried else None, self.id)
+        received, idx, weights, step, counts = _ops.dispatch(x, topk_idx, topk_weights if carried else None, self.id)
         if not carried:
-            return Dispatched(received, None, None, step, topk_idx, topk_weights)
-        return Dispatched(received, idx, weights, step, topk_idx, topk_weights)
+            return Dispatched(received, None, None, step, topk_idx, topk_weights, counts)
+        return Dispatched(received, idx, weights, step, topk_idx, topk_weights, counts)
 
     def combine(self, expert_outputs: Tensor, dispatched: Dispatched) -> Tensor:
         """Brings the expert outputs (shaped like ``dispatched.tokens``) back: ``[R, B, H]``."""

@@ -30,7 +30,7 @@ def _setup_dispatch(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...
 
 
 def _dispatch_backward(ctx: Any, grad_received: Optional[Tensor], _grad_idx: Any, grad_weights: Optional[Tensor],
-                       _grad_step: Any) -> Tuple[Optional[Tensor], None, Optional[Tensor], None]:
+                       _grad_step: Any, _grad_counts: Any) -> Tuple[Optional[Tensor], None, Optional[Tensor], None]:
     topk_idx, step = ctx.saved_tensors
     g = _group(ctx)
     wants_weights = ctx.weights_shape is not None and ctx.needs_input_grad[2]

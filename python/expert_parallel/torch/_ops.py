@@ -39,11 +39,17 @@ def _received(group, like: Tensor, make) -> Tuple[Tensor, Tensor, Tensor]:
             make(routing, dtype=torch.float32, device=device))
 
 
-def _outputs(received: Tensor, idx: Tensor, weights: Tensor) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """A dispatch's ``out=``: the stacked arrays (one C call), the routing where the layout receives it."""
+def _outputs(received: Tensor, idx: Tensor, weights: Tensor, *counts: Tensor) -> Tuple[Optional[Tensor], ...]:
+    """A dispatch's ``out=``: the stacked arrays (one C call), the routing where the layout
+    receives it, and `counts` (the rows per local expert) where given."""
     if idx.shape[-1] == 0:
-        return received, None, None
-    return received, idx, weights
+        return (received, None, None) + counts
+    return (received, idx, weights) + counts
+
+
+def _counts(group, like: Tensor, make) -> Tensor:
+    """The ``[R, L]`` int32 rows per local expert of a dispatch."""
+    return make((group.ranks, group.local_experts), dtype=torch.int32, device=like.device)
 
 
 def _contiguous(value: Optional[Tensor]) -> Optional[Tensor]:
@@ -52,21 +58,24 @@ def _contiguous(value: Optional[Tensor]) -> Optional[Tensor]:
 
 @torch.library.custom_op("expert_parallel::dispatch", mutates_args=())
 def dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group: int
-             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Starts a step with `topk_idx` and dispatches `x` (``[R, B, H]``): (received tokens,
-    received topk_idx, received topk_weights, step token)."""
+    received topk_idx, received topk_weights, step token, ``[R, L]`` int32 rows per local
+    expert)."""
     entry = _registry.entry(group)
     received, idx, weights = _received(entry.group, x, torch.zeros)
+    counts = _counts(entry.group, x, torch.empty)
     handle, token = entry.start()
     entry.group.dispatch(x.contiguous(), topk_idx.contiguous(), _contiguous(topk_weights), handle=handle,
-                         out=_outputs(received, idx, weights))
-    return received, idx, weights, token
+                         out=_outputs(received, idx, weights, counts))
+    return received, idx, weights, token, counts
 
 
 @dispatch.register_fake
 def _(x, topk_idx, topk_weights, group):
-    received, idx, weights = _received(_registry.entry(group).group, x, torch.empty)
-    return received, idx, weights, torch.empty((), dtype=torch.int64)
+    g = _registry.entry(group).group
+    received, idx, weights = _received(g, x, torch.empty)
+    return received, idx, weights, torch.empty((), dtype=torch.int64), _counts(g, x, torch.empty)
 
 
 def _bind_weights(group, handle, weights: Optional[Tensor], tokens: int) -> Optional[Tensor]:
