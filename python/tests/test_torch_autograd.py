@@ -18,10 +18,10 @@ R, E, K, H, B = 4, 16, 3, 8, 5
 LAYOUTS = [("ll", "expert_major"), ("ll", "rank_major"), ("ht", "flat"), ("ht", "expert_major_padded")]
 
 
-def exchange(algorithm, layout, dtype="f32", **extra):
+def exchange(algorithm, layout, dtype="f32", zero_fill=True, **extra):
     group = ep.VirtualGroup(ranks=R, experts=E, hidden=H, top_k=K, max_tokens=B, dtype=dtype, algorithm=algorithm,
                             layout=layout, alignment=4 if layout == "expert_major_padded" else 1, **extra)
-    return Exchange(group)
+    return Exchange(group, zero_fill=zero_fill)
 
 
 def run(fn, inputs, seed=2):
@@ -164,6 +164,40 @@ def test_dispatch_gives_the_rows_per_local_expert(algorithm, layout):
     assert sent.expert_counts.dtype == torch.int32 and sent.expert_counts.shape == (R, E // R)
     assert torch.equal(sent.expert_counts, torch.as_tensor(want)) and int(sent.expert_counts.sum()) > 0
     assert [list(map(int, row)) for row in sent.expert_counts] == [info.expert_counters for info in plain.dispatch(x, idx, w).layout]
+
+
+def test_without_zero_fill_experts_that_read_the_counted_rows_get_the_same_results_and_gradients(monkeypatch):
+    """zero_fill=False leaves the rows outside the received zones unspecified: experts that read
+    only the rows expert_counts names (here masked by them) give what they give with the fill."""
+    x, idx, w, maps = routing(17, R, B, E, K, H)
+
+    def counted(exchange):
+        def fn(x, idx, w, maps):
+            sent = exchange.dispatch(x, idx, w)
+            rows = sent.tokens                                                 # [R, L, R*B, H]
+            inside = torch.arange(rows.shape[2]) < sent.expert_counts.unsqueeze(-1)
+            rows = torch.where(inside.unsqueeze(-1), rows, torch.zeros((), dtype=rows.dtype))
+            out = torch.einsum("rlnh,rlhk->rlnk", rows, maps.reshape(R, E // R, H, H))
+            return exchange.combine(torch.where(inside.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype)), sent)
+        return fn
+
+    filled = run(counted(exchange("ll", "expert_major")), (x, idx, w, maps))
+    garbage = torch.full((1 << 20,), float("nan"))   # freed: the next empty tensors may reuse its memory
+    del garbage
+    unfilled_exchange = exchange("ll", "expert_major", zero_fill=False)
+    assert not unfilled_exchange.zero_fill
+    unfilled = run(counted(unfilled_exchange), (x, idx, w, maps))
+    for name, a, b in zip(("combined", "grad x", "grad topk_weights", "grad experts"), unfilled, filled):
+        assert torch.equal(a, b), name
+    with pytest.raises(ep.InvalidArgumentError, match="zero_fill='no' .*must be a bool"):
+        Exchange(unfilled_exchange.group, zero_fill="no")
+    # The fill is the only zeros the dispatch makes (of the receive buffer's shape).
+    zeros, shapes = torch.zeros, []
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: shapes.append(tuple(a[0])) or zeros(*a, **k))
+    for fill, ex in ((True, exchange("ll", "expert_major")), (False, unfilled_exchange)):
+        shapes.clear()
+        ex.dispatch(x, idx, w)
+        assert ((R,) + tuple(ex.group.recv_shape) in shapes) == fill, shapes
 
 
 def test_the_ops_pass_torch_library_opcheck():

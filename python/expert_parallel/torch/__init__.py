@@ -70,12 +70,24 @@ class Exchange:
 
     A step's routing stays live while its token (``Dispatched.step``) is referenced; its handle
     then returns to the exchange's pool. Every rank is assumed active (no masked ranks).
+
+    ``zero_fill`` (default True): the received rows, and the gradient rows of the backward
+    dispatch, start as zeros, so rows outside the received zones are zeros, whatever the experts
+    do with them. That is a fill of the whole worst-case buffer per call (LL expert-major's
+    ``[R, L, R*Bmax, H]`` is mostly padding). With ``zero_fill=False`` those rows are unspecified
+    (leftovers of earlier tensors, possibly non-finite): for experts that read only the received
+    rows (a grouped GEMM over ``Dispatched.expert_counts``), whose results and gradients are then
+    the same.
     """
 
-    def __init__(self, group: Any) -> None:
+    def __init__(self, group: Any, *, zero_fill: bool = True) -> None:
+        if type(zero_fill) is not bool:
+            raise InvalidArgumentError(f"zero_fill={zero_fill!r} (type {type(zero_fill).__name__}); must be a bool")
         self.group = group
-        self.id: int = _registry.register(group)
+        self.id: int = _registry.register(group, zero_fill)
         self.layout: str = group.layout
+        #: whether the received rows (and the backward dispatch's) start as zeros; see the class docs
+        self.zero_fill = zero_fill
 
     def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor] = None) -> Dispatched:
         """Starts a step with `topk_idx` and sends `x` to the ranks of its experts (every layout

@@ -5,7 +5,8 @@ configuration, so torch.compile traces them without running them.
 Every output is a fresh tensor the op allocates and passes to the library as ``out=``: nothing
 returned aliases the group's buffer slots, so autograd may keep any output as long as it likes.
 Dispatch outputs start as zeros, so rows outside the received zones are zeros (their expert
-outputs get zero gradients) rather than another step's rows."""
+outputs get zero gradients) rather than another step's rows; an exchange made with
+``zero_fill=False`` leaves them unspecified (no fill of the worst-case buffer per call)."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group:
     received topk_idx, received topk_weights, step token, ``[R, L]`` int32 rows per local
     expert)."""
     entry = _registry.entry(group)
-    received, idx, weights = _received(entry.group, x, torch.zeros)
+    received, idx, weights = _received(entry.group, x, torch.zeros if entry.zero_fill else torch.empty)
     counts = _counts(entry.group, x, torch.empty)
     handle, token = entry.start()
     entry.group.dispatch(x.contiguous(), topk_idx.contiguous(), _contiguous(topk_weights), handle=handle,
@@ -121,7 +122,7 @@ def backward_dispatch(grad_combined: Tensor, step: Tensor, group: int) -> Tensor
     forward dispatch filled (the adjoint of combine's sum)."""
     entry = _registry.entry(group)
     g, handle = entry.group, entry.step(step)
-    received, idx, weights = _received(g, grad_combined, torch.zeros)
+    received, idx, weights = _received(g, grad_combined, torch.zeros if entry.zero_fill else torch.empty)
     routing = None
     if g.recv_routing_shape is not None:   # these layouts send weights along; the backward pass ignores them
         routing = torch.zeros((g.ranks, grad_combined.shape[1], g.top_k), dtype=torch.float32, device=grad_combined.device)

@@ -29,8 +29,10 @@ _lock = threading.Lock()
 class Entry:
     """A registered group: its handle pool and its live steps (step number -> handle)."""
 
-    def __init__(self, group: VirtualGroup) -> None:
+    def __init__(self, group: VirtualGroup, zero_fill: bool = True) -> None:
         self.group = group
+        #: whether the ops' dispatch outputs start as zeros (else rows outside the received zones are unspecified)
+        self.zero_fill = zero_fill
         self.free: List[Handle] = []
         self.live: Dict[int, Handle] = {}
         self.closed = False
@@ -74,8 +76,9 @@ class Entry:
             self.free.clear()
 
 
-def register(group: Any) -> int:
-    """Registers `group` (a :class:`~expert_parallel.VirtualGroup`) and returns its id for the ops."""
+def register(group: Any, zero_fill: bool = True) -> int:
+    """Registers `group` (a :class:`~expert_parallel.VirtualGroup`) and returns its id for the ops;
+    `zero_fill`: Entry.zero_fill."""
     if not isinstance(group, VirtualGroup):
         raise InvalidArgumentError(
             f"group: a {type(group).__name__}; the torch ops take a VirtualGroup (R ranks in this process)")
@@ -85,7 +88,7 @@ def register(group: Any) -> int:
         raise InvalidArgumentError(f"group.fp8={group.fp8!r}; the torch ops move unquantised rows (fp8=None)")
     with _lock:
         number = next(_ids)
-        _entries[number] = Entry(group)
+        _entries[number] = Entry(group, zero_fill)
     return number
 
 
