@@ -137,12 +137,20 @@ def test_a_one_rank_nccl_group_is_zero_copy_and_matches_the_cpu(algorithm):
                 received_pointer = out.tokens.data_ptr()
                 out.expert_outputs.copy_(out.tokens)   # identity experts, written where the peers read
                 combined = group.combine(out.expert_outputs, h)
+                # Into a tensor of the caller's, with weights given to combine (LL expert-major: other weights).
+                mine = torch.full((B, H), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+                other = w.flip(1).contiguous()
+                given = dict(topk_weights=other.to(DEVICE)) if algorithm == "ll" else {}
+                into = group.combine(out.expert_outputs, h, out=mine, **given)
                 torch.cuda.synchronize()
                 want = cpu.dispatch([x], [idx], [w])
-                want_combined = cpu.combine([t.clone() for t in want.tokens], want.handle)
+                want_combined = [t.clone() for t in cpu.combine([t.clone() for t in want.tokens], want.handle)]
+                want_into = cpu.combine([t.clone() for t in want.tokens], want.handle,
+                                        **({"topk_weights": [other]} if algorithm == "ll" else {}))
                 assert out.tokens.data_ptr() == received_pointer
                 assert out.expert_counts.tolist() == want.layout[0].expert_counters
                 assert same_bits(combined, want_combined[0]), f"seed {seed}: combined"
+                assert into is mine and same_bits(mine, want_into[0]), f"seed {seed}: combined into out= with combine's weights"
                 assert out.layout == want.layout[0]
         group.check()
     finally:
