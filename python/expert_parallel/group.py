@@ -587,7 +587,7 @@ class VirtualGroup(GroupBase):
             target.weight_stacked = w[0]
         if slot is not None:
             return self._slot_result(slot, target, stream, send_only, record_event)
-        tokens, received_idx, received_w, counts = caller[3]
+        tokens, received_idx, received_w, counts = caller[1]
         target.slot = -1   # the caller's tensors
         target.received_weights = received_w
         result = DispatchResult(list(tokens), None if received_idx is None else list(received_idx),
@@ -595,12 +595,12 @@ class VirtualGroup(GroupBase):
         return self._dispatch_result(result, send_only, record_event, stream)
 
     def _stacked_dispatch_out(self, out):
-        """(tokens, topk_idx, topk_weights addresses (0: none), the arrays, expert_counts
-        address (0: none)) of a stacked ``out=(tokens [R, *recv_shape], topk_idx, topk_weights[,
+        """((addresses), (arrays)) of tokens, topk_idx, topk_weights and expert_counts (address 0,
+        array None: not given) of a stacked ``out=(tokens [R, *recv_shape], topk_idx, topk_weights[,
         expert_counts [R, L] int32])`` (the routing ``[R, *recv_routing_shape]`` int32 / float32
-        where the layout receives it, else None), checked;
-        None when `out` is not of that form (per-rank lists; FP8 groups, whose received scales
-        come too): the per-rank path takes it, and names what is wrong."""
+        where the layout receives it, else None), checked; None when `out` is not of that form
+        (per-rank lists; FP8 groups, whose received scales come too): the per-rank path takes
+        it, and names what is wrong."""
         if type(out) is not tuple and type(out) is not list or len(out) not in (3, 4) or self.recv_scales_shape is not None:
             return None
         tokens, idx, weights = out[:3]
@@ -621,24 +621,25 @@ class VirtualGroup(GroupBase):
             shape = (r,) + tuple(routing)
             addresses[1] = _fast.check(idx, "out topk_idx", _I32_TYPES, device, shape)[0]
             addresses[2] = _fast.check(weights, "out topk_weights", _F32_TYPES, device, shape)[0]
-        if counts is not None:
-            addresses.append(_fast.check(counts, "out expert_counts", _I32_TYPES, device, (r, self.local_experts))[0])
+        addresses.append(0 if counts is None else
+                         _fast.check(counts, "out expert_counts", _I32_TYPES, device, (r, self.local_experts))[0])
         if device != -1 and _arrays.kind(tokens) != "torch":
             raise InvalidArgumentError("out tokens: a NumPy array; a GPU group takes CUDA torch tensors")
-        return addresses[0], addresses[1], addresses[2], (tokens, idx, weights, counts), addresses[3] if counts is not None else 0
+        return tuple(addresses), (tokens, idx, weights, counts)
 
     def _caller_dispatch_call(self, caller):
         """The group's epStackedDispatch_t for dispatches into the caller's stacked outputs (made
-        on first use), pointed at `caller`'s (no counts: those are the slots')."""
+        on first use), pointed at `caller`'s (_stacked_dispatch_out); no source counts, no scales."""
         call = self._caller_dispatch
         if call is None:
             call = self._caller_dispatch = _fast.StackedCall(_abi.StackedDispatch, self._device)
             for name in ("receivedScales", "expertSourceCounts"):
                 call.clear(name)
-        call.set("expertCounts", caller[4], _abi.I32 if caller[4] else 0)
-        call.set("receivedTokens", caller[0], self._element)
-        call.set("receivedTopkIdx", caller[1], _abi.I32 if caller[1] else 0)
-        call.set("receivedTopkWeights", caller[2], _abi.F32 if caller[2] else 0)
+        tokens, idx, weights, counts = caller[0]
+        call.set("receivedTokens", tokens, self._element)
+        call.set("receivedTopkIdx", idx, _abi.I32 if idx else 0)
+        call.set("receivedTopkWeights", weights, _abi.F32 if weights else 0)
+        call.set("expertCounts", counts, _abi.I32 if counts else 0)
         return call
 
     def _combine_common(self, expert_outputs, handle, stream, wait_event, record_event, send_only):
