@@ -5,8 +5,9 @@
 
 For each case (the standard cases of docs/ep-bench.md, or the small ``tiny`` / ``tiny-ht``) it runs
 dispatch then combine through a ``VirtualGroup`` (``--nccl``: this process's ``NCCLGroup`` of one
-rank on the GPU; ``--deepep``: DeepEP's calls through ``compat.deep_ep.Buffer`` at one rank) with
-identity experts and reports, per call, medians of:
+rank on the GPU; ``--deepep``: DeepEP's calls through ``compat.deep_ep.Buffer`` at one rank;
+``--exchange``: the autograd ops of ``expert_parallel.torch``) with identity experts and reports,
+per call, medians of:
 
 - host: wall clock of the Python call (what the framework's CPU thread pays);
 - gpu: what the GPU spends on the call: CUDA events around it on the current stream, measured in a
@@ -96,6 +97,27 @@ def _time_package(case: tuple, ranks: int, device: str, iterations: int, warmup:
 
     result = _time_calls(lambda: group.dispatch(*arguments), lambda out: group.combine(expert_outputs(out), out.handle),
                          iterations, warmup, inputs.cuda)
+    group.check()
+    group.close()
+    return result
+
+
+def _time_exchange(case: tuple, ranks: int, device: str, iterations: int, warmup: int, inputs: _Inputs,
+                   zero_fill: bool = True) -> Dict[str, Any]:
+    """The autograd ops (``expert_parallel.torch.Exchange`` over a VirtualGroup): forward dispatch
+    and combine, each a fresh output tensor (zero-filled receive buffers unless `zero_fill` is
+    False), what a training step calls per MoE layer."""
+    import torch
+
+    from .torch import Exchange
+
+    group = group_of(case, ranks, device)
+    exchange = Exchange(group, zero_fill=zero_fill)
+    x, idx, w = (t if isinstance(t, torch.Tensor) else torch.from_numpy(t) for t in inputs.stacked)
+    # identity experts: the received rows come back
+    result = _time_calls(lambda: exchange.dispatch(x, idx, w), lambda sent: exchange.combine(sent.tokens, sent),
+                         iterations, warmup, inputs.cuda)
+    exchange.close()
     group.check()
     group.close()
     return result
@@ -266,17 +288,22 @@ def _engine_figures(path: Optional[str], nccl: bool = False) -> Dict[tuple, Dict
 
 
 def run(names: Sequence[str], device: str, ranks: Optional[int], iterations: int, warmup: int, seed: int,
-        engine_json: Optional[str], baseline: bool, nccl: bool = False, deepep: bool = False) -> List[Dict[str, Any]]:
+        engine_json: Optional[str], baseline: bool, nccl: bool = False, deepep: bool = False,
+        exchange: Optional[str] = None) -> List[Dict[str, Any]]:
+    """`exchange`: None, or "zero-fill" / "no-fill" to time the autograd ops instead."""
     engine = _engine_figures(engine_json, nccl or (deepep and device != "cpu"))
     results = []
     for name in names:
         case = CASES[name]
         r = 1 if nccl or deepep else ranks or case[5]
         row: Dict[str, Any] = {"case": name, "ranks": r, "device": device, "iterations": iterations,
-                               "group": "deep_ep.Buffer" if deepep else "NCCLGroup" if nccl else "VirtualGroup"}
+                               "group": ("deep_ep.Buffer" if deepep else "NCCLGroup" if nccl else
+                                         f"Exchange ({exchange})" if exchange else "VirtualGroup")}
         inputs = _Inputs(case, r, device, seed)   # the same step for the package and the baseline
         if deepep:
             row.update(_time_deepep(case, device, iterations, warmup, inputs))
+        elif exchange:
+            row.update(_time_exchange(case, r, device, iterations, warmup, inputs, exchange == "zero-fill"))
         else:
             row.update(_time_package(case, r, device, iterations, warmup, inputs, nccl))
         row.update(engine.get((name, r), {}))
@@ -314,6 +341,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--deepep", action="store_true", help="time DeepEP's calls through compat.deep_ep.Buffer at one "
                         "rank (a torch.distributed group of one: on CUDA an NCCLGroup, as a torchrun rank that switched "
                         "from DeepEP calls it; with --engine-json, ep-bench's --transport nccl --ranks 1 figures)")
+    parser.add_argument("--exchange", choices=["zero-fill", "no-fill"], help="time the autograd ops (expert_parallel.torch."
+                        "Exchange: forward dispatch and combine into fresh tensors) instead, with the receive buffers "
+                        "zero-filled per call (the default of Exchange) or not (zero_fill=False)")
     parser.add_argument("--iterations", type=int, default=100, help="timed calls per case (default 100)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed calls first (default 10)")
     parser.add_argument("--seed", type=int, default=1)
@@ -333,11 +363,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--nccl --ranks {args.ranks}: the group is this process's one rank; --ranks must be 1 (or left out)")
     if args.deepep and args.nccl:
         parser.error("--deepep --nccl: choose one (--deepep at one rank on CUDA is over an NCCLGroup already)")
+    if args.exchange and (args.deepep or args.nccl):
+        parser.error(f"--exchange with {'--deepep' if args.deepep else '--nccl'}: the autograd ops run over a VirtualGroup")
     if args.deepep and args.ranks not in (None, 1):
         parser.error(f"--deepep --ranks {args.ranks}: the Buffer is this process's one rank; --ranks must be 1 (or left out)")
     names = args.case or (["tiny", "tiny-ht"] if args.device == "cpu" else ["ll-std", "ll-32", "ll-1", "ht-std", "ht-4k", "odd"])
     results = run(names, args.device, args.ranks, args.iterations, args.warmup, args.seed, args.engine_json,
-                  not args.no_baseline, args.nccl, args.deepep)
+                  not args.no_baseline, args.nccl, args.deepep, args.exchange)
     print(render(results))
     if args.json:
         with open(args.json, "w") as f:

@@ -36,6 +36,17 @@ def test_a_deepep_run_times_the_compat_buffer_at_one_rank(tmp_path):
     assert not dist.is_initialized()   # the run's process group of one is gone
 
 
+@pytest.mark.parametrize("fill", ["zero-fill", "no-fill"])
+def test_an_exchange_run_times_the_autograd_ops(tmp_path, fill):
+    out = tmp_path / "py.json"
+    assert bench.main(["--exchange", fill, "--case", "tiny", "--case", "tiny-ht", "--iterations", "3", "--warmup", "1",
+                       "--no-baseline", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(row["case"], row["ranks"], row["group"]) for row in rows] == [("tiny", 2, f"Exchange ({fill})"),
+                                                                           ("tiny-ht", 2, f"Exchange ({fill})")]
+    assert all(row["host_dispatch_us"] > 0 and row["host_combine_us"] > 0 for row in rows)
+
+
 def test_the_engines_figures_are_matched_by_case_and_ranks(tmp_path):
     engine = tmp_path / "engine.json"
     engine.write_text(json.dumps([
@@ -71,7 +82,8 @@ def test_an_nccl_run_takes_the_engines_nccl_rank_figures(tmp_path):
 
 @pytest.mark.parametrize("option", [["--iterations", "0"], ["--warmup", "-1"], ["--ranks", "0"], ["--case", "nope"],
                                     ["--nccl"], ["--nccl", "--device", "cuda:0", "--ranks", "2"], ["--deepep", "--ranks", "2"],
-                                    ["--deepep", "--nccl", "--device", "cuda:0"]])
+                                    ["--deepep", "--nccl", "--device", "cuda:0"], ["--exchange", "maybe"],
+                                    ["--exchange", "no-fill", "--deepep"]])
 def test_bad_options_are_refused_by_name(option):
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(bench.__file__)))
     env = dict(os.environ, PYTHONPATH=package_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
