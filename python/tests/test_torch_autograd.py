@@ -219,3 +219,15 @@ def test_the_ops_pass_torch_library_opcheck():
     weights = torch.randn(sent.topk_weights.shape)
     result = torch.library.opcheck(ops.backward_combine, (rows, weights, sent.step, ex.id, B))
     assert set(result.values()) == {"SUCCESS"}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_scaled_rows_are_the_float32_products_rounded_once(dtype):
+    from expert_parallel.torch._autograd import _scaled
+
+    generator = torch.Generator().manual_seed(3)
+    rows = torch.randn(3, 2, 40, 16, generator=generator).to(dtype)
+    weights = torch.rand(3, 2, 40, 1, generator=generator) * 3
+    got = _scaled(rows, weights)
+    want = (rows.float() * weights).to(dtype)
+    assert got.dtype == dtype and torch.equal(got, want)

@@ -48,6 +48,15 @@ def _dispatch_backward(ctx: Any, grad_received: Optional[Tensor], _grad_idx: Any
     return grad_x, None, grad_w, None
 
 
+def _scaled(rows: Tensor, weights: Tensor) -> Tensor:
+    """``(rows.float() * weights).to(rows.dtype)`` (float32 `weights` broadcast over the rows)
+    without its two float32 copies of the rows: the product is computed in float32 and rounded
+    as it is stored (the same bits). The rows are the whole receive buffer (LL expert-major:
+    ``[R, L, R*Bmax, H]``), whose float32 copies would cost twice its size each."""
+    out = torch.empty_like(rows)
+    return torch.mul(rows, weights, out=out)
+
+
 def _setup_combine(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
     expert_outputs, topk_idx, weights, step, group = inputs
     ctx.group = group
@@ -64,14 +73,14 @@ def _combine_backward(ctx: Any, grad_combined: Tensor) -> Tuple[Tensor, None, Op
         zero = torch.zeros((), dtype=torch.float32, device=rows.device)
         slot_weights = torch.zeros((r, g.recv_shape[0] * g.recv_shape[1]), dtype=torch.float32, device=rows.device)
         slot_weights = slot_weights.index_put((dest, row), torch.where(valid, weights, zero), accumulate=True)
-        grad_rows = (rows.float() * slot_weights.reshape(r, g.recv_shape[0], g.recv_shape[1], 1)).to(rows.dtype)
+        grad_rows = _scaled(rows, slot_weights.reshape(r, g.recv_shape[0], g.recv_shape[1], 1))
         grad_w = None
         if ctx.needs_input_grad[2]:
             chosen = expert_outputs.reshape(r, -1, h)[dest, row].float()            # [R, B, K, H]
             grad_w = torch.where(valid, (chosen * grad_combined.float().unsqueeze(2)).sum(-1), zero)
         return grad_rows, None, grad_w, None, None
     if g.layout == "expert_major_padded":
-        grad_rows = (rows.float() * weights.unsqueeze(-1)).to(rows.dtype)
+        grad_rows = _scaled(rows, weights.unsqueeze(-1))
         grad_w = (rows.float() * expert_outputs.float()).sum(-1) if ctx.needs_input_grad[2] else None
         return grad_rows, None, grad_w, None, None
     return rows, None, None, None, None
