@@ -30,7 +30,10 @@ class Record:
         self.stage: List[Any] = []            # per local rank: where combine's expert outputs go
 
     def __del__(self) -> None:
-        _give_back(self.steps)
+        try:
+            _give_back(self.steps)
+        except Exception:   # (at interpreter exit the library may be gone already)
+            pass
 
     def step_in(self, entry: Entry) -> Any:
         """This routing's step in `entry`'s group, or None when it has none yet."""
