@@ -302,3 +302,33 @@ def test_ranks_that_disagree_or_stay_away_fail_every_rank_by_name():
         buffers[1].low_latency_dispatch(x, i, 2, 4, use_fp8=False)
     results = run_ranks(buffers, lambda b: b.low_latency_dispatch(x, i, 2, 4, use_fp8=False)[1].tolist(), timeout=10)
     assert results == [[2, 2], [2, 0]]   # both ranks' token reaches experts 0, 1 (rank 0) and 2 (rank 1)
+
+
+def test_install_as_deep_ep_makes_import_deep_ep_give_the_adapter(monkeypatch, tmp_path):
+    import importlib
+    import importlib.util
+    import sys
+
+    from expert_parallel.compat import deep_ep as adapter
+
+    monkeypatch.delitem(sys.modules, "deep_ep", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))   # (no DeepEP on this path)
+    assert adapter.install_as_deep_ep() is adapter
+    import deep_ep
+
+    assert deep_ep is adapter and deep_ep.Buffer is Buffer and importlib.util.find_spec("deep_ep") is not None
+    assert adapter.install_as_deep_ep() is adapter   # again: nothing to do
+    # DeepEP itself, imported or installed, is kept unless replace=True.
+    real = type(sys)("deep_ep")
+    real.__file__ = "/site-packages/deep_ep/__init__.py"
+    monkeypatch.setitem(sys.modules, "deep_ep", real)
+    with pytest.raises(ep.InvalidUsageError, match="deep_ep: already imported .*/site-packages/deep_ep/__init__.py"):
+        adapter.install_as_deep_ep()
+    assert adapter.install_as_deep_ep(replace=True) is adapter and sys.modules["deep_ep"] is adapter
+    monkeypatch.delitem(sys.modules, "deep_ep")
+    (tmp_path / "deep_ep").mkdir()
+    (tmp_path / "deep_ep" / "__init__.py").write_text("")
+    importlib.invalidate_caches()
+    with pytest.raises(ep.InvalidUsageError, match=r"deep_ep: DeepEP is installed \(.*deep_ep/__init__.py'\); pass replace=True"):
+        adapter.install_as_deep_ep()
+    assert "deep_ep" not in sys.modules

@@ -9,6 +9,11 @@ gives R ranks in one process, one thread each (:func:`run_ranks`). What differs 
 mapping: docs/switching-from-deepep.md.
 """
 
+import importlib.util as _importlib_util
+import sys as _sys
+from types import ModuleType as _ModuleType
+
+from ...errors import InvalidUsageError as _InvalidUsageError
 from ._buffer import Buffer
 from ._config import Config
 from ._errors import NotSupportedError
@@ -24,4 +29,32 @@ try:
 except ImportError:  # the adapter needs torch; importing the package does not
     topk_idx_t = None
 
-__all__ = ["Buffer", "Config", "EventOverlap", "NotSupportedError", "DispatchHandle", "run_ranks", "topk_idx_t"]
+
+
+def install_as_deep_ep(*, replace: bool = False) -> _ModuleType:
+    """Makes ``import deep_ep`` (and ``importlib.util.find_spec("deep_ep")``) give this adapter,
+    for frameworks that import DeepEP themselves (vLLM, SGLang, Megatron-style code): call it
+    before they do. Returns the module. DeepEP itself, installed or already imported, is kept
+    unless ``replace=True`` (which replaces it in ``sys.modules`` only; nothing on disk changes):
+    an :class:`expert_parallel.InvalidUsageError` names where it is."""
+    module = _sys.modules[__name__]
+    current = _sys.modules.get("deep_ep")
+    if current is module:
+        return module
+    if not replace:
+        if current is not None:
+            raise _InvalidUsageError(f"deep_ep: already imported ({getattr(current, '__file__', current)!r}); "
+                                     "call install_as_deep_ep() before it is, or pass replace=True")
+        try:
+            found = _importlib_util.find_spec("deep_ep")
+        except (ImportError, ValueError):
+            found = None
+        if found is not None:
+            raise _InvalidUsageError(f"deep_ep: DeepEP is installed ({found.origin!r}); pass replace=True to use "
+                                     "expert_parallel's adapter in its place")
+    _sys.modules["deep_ep"] = module
+    return module
+
+
+__all__ = ["Buffer", "Config", "EventOverlap", "NotSupportedError", "DispatchHandle", "run_ranks", "topk_idx_t",
+           "install_as_deep_ep"]
