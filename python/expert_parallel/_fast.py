@@ -113,6 +113,8 @@ class Descriptors:
         self._snapshots = {}
         self._many = None      # (addresses, rows, dtype) of the last set_many
         self.addresses = [0] * ranks   # each rank's address, as set
+        self._sizes = [d.sizes for d in self.array]   # each descriptor's sizes, as an array made once
+        self._last = [None] * ranks   # (address, rows, dtype) as set() last wrote rank r's, or None
 
     def set_many(self, addresses, rows, dtype):
         """Rank r's tensor at addresses[r] with rows[r] rows; nothing to do when the same as the
@@ -125,11 +127,17 @@ class Descriptors:
         self._many = key
 
     def set(self, r, address, rows, dtype):
+        """Rank r's tensor at `address` with `rows` rows of type `dtype` (nothing to write when
+        set() wrote the same last)."""
         self._stacked = self._many = None
+        key = (address, rows, dtype)
+        if self._last[r] == key:
+            return
+        self._last[r] = key
         self.addresses[r] = address
         d = self.array[r]
         d.data = address or None
-        d.sizes[0] = rows
+        self._sizes[r][0] = rows
         d.dtype = dtype
 
     def set_all(self, base, rows, dtype, element_bytes):
@@ -138,6 +146,7 @@ class Descriptors:
         if key == self._stacked:   # the same tensor as the last call (PyTorch's allocator reuses addresses)
             return
         self._many = None
+        self._last = [None] * len(self._last)   # (the array is rewritten below: set() writes again)
         snapshot = self._snapshots.get(key)
         if snapshot is not None:
             ctypes.memmove(self.array, snapshot[0], len(snapshot[0]))
@@ -147,7 +156,7 @@ class Descriptors:
         step = rows * self.row_elements * element_bytes
         for r, d in enumerate(self.array):
             d.data = (base + r * step) or None
-            d.sizes[0] = rows
+            self._sizes[r][0] = rows
             d.dtype = dtype
             self.addresses[r] = base + r * step
         if len(self._snapshots) >= 8:

@@ -425,3 +425,25 @@ def test_the_common_call_takes_the_in_line_path_with_the_general_paths_bits(devi
     for g in (fast, general):
         g.check()
         g.close()
+
+
+def test_a_descriptor_is_written_again_after_a_stacked_array_rewrote_it():
+    """Descriptors.set skips writing what it wrote last; set_all (a stacked array, also restored
+    from a snapshot) rewrites every descriptor, after which set must write again."""
+    from expert_parallel import _fast
+
+    d = _fast.Descriptors(2, -1, _abi.F32, (4,))
+
+    def seen(r):
+        t = d.array[r]
+        return (t.data or 0, t.sizes[0], t.dtype)
+
+    d.set(0, 4096, 5, _abi.F32)
+    assert seen(0) == (4096, 5, _abi.F32)
+    for _ in range(2):   # the second time from its snapshot
+        d.set_all(8192, 3, _abi.F32, 4)
+        assert seen(0) == (8192, 3, _abi.F32) and seen(1) == (8192 + 3 * 4 * 4, 3, _abi.F32)
+        d.set(0, 4096, 5, _abi.F32)
+        assert seen(0) == (4096, 5, _abi.F32) and d.addresses[0] == 4096
+    d.set(1, 0, 0, _abi.F32)
+    assert seen(1) == (0, 0, _abi.F32)
