@@ -204,6 +204,9 @@ class NCCLGroup(GroupBase):
         self._y = _fast.Descriptors(1, device, self._element, recv[1:])
         self._cw = _fast.Descriptors(1, device, _abi.F32, (k,))
         self._input_types, self._element_types = {self._input_element}, {self._element}
+        # What _dispatch_common compares (FP8 pass-through rows come with scales: never the common call).
+        self._common = (h, k, self.max_tokens, -1 if self._input_element == _abi.E4M3 else self._input_element, device,
+                        self.recv_routing_shape is not None)
         self._scale_types = {self._scale_type}
         self._out = _fast.Descriptors(1, device, self._element, (h,))
         self._out_g = _fast.Descriptors(1, device, _abi.F32, (k,))
@@ -264,6 +267,10 @@ class NCCLGroup(GroupBase):
         ``fp8_source="pass_through"``, else in ``dtype`` (quantised in the kernel); the received
         scales are ``result.scales``, the slot's own buffer."""
         with self._lock:   # (the @locked of the other methods, in line: this is the data path)
+            if topk_idx is not None and scales is None and direction is _FORWARD:
+                result = self._dispatch_common(x, topk_idx, topk_weights, handle, stream, wait_event, record_event, send_only)
+                if result is not None:
+                    return result
             self._check_open()
             direction_value = 0 if direction is _FORWARD else _config.choice(direction, "direction", _abi.DIRECTIONS)
             if handle is not None:
@@ -289,33 +296,75 @@ class NCCLGroup(GroupBase):
                 self._s.set(0, address, b, code)
             if topk_weights is not None:
                 self._w.set(0, _fast.check(topk_weights, "topk_weights", _F32_TYPES, device, (b, k))[0], b, _abi.F32)
-            kind = (topk_weights is not None, scales is not None)
-            if kind != self._dispatch_kind:   # point the inputs at the descriptors this call gives
-                self._dispatch_in.topkWeights = self._w.pointers[0] if kind[0] else None
-                self._dispatch_in.scales = self._s.pointers[0] if kind[1] else None
-                self._dispatch_kind = kind
-            index = self._next_slot
-            slot = self._slots[index]
-            self._next_slot = (index + 1) % len(self._slots)
-            if wait_event is not None:
-                _fast.wait(device, stream, wait_event)
-            if target is None:
-                target = Handle(self)
-            if topk_idx is not None:  # every argument is checked: the step starts
-                self._update(topk_idx, b, target, stream)
-            config = self._dispatch_config
-            config.direction, config.step = direction_value, target._pointer
-            config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
-            a = self._addresses
-            check_status(self._fn_dispatch(self._handle_address, a[2], self._slot_calls[index][0], a[3], self._raw(stream)))
-            self._pending = None
-            target.slot = index
-            target.slot_use = slot.use = slot.use + 1
-            target.topk_idx = routing
-            if direction_value == 0 and topk_weights is not None:
-                target.topk_weights = topk_weights
-            target.received_weights = slot.weights
-            return self._dispatch_result(DispatchResult._of_rank_slot(slot, target), send_only, record_event, stream)
+            return self._send(target, topk_idx, routing, b, topk_weights, scales is not None, direction_value, stream, wait_event,
+                              record_event, send_only)
+
+    def _send(self, target, topk_idx, routing, b, topk_weights, scaled, direction_value, stream, wait_event, record_event,
+              send_only):
+        """A dispatch whose arguments are checked and whose descriptors are set: the update (when
+        `topk_idx` is given: the step starts) and the dispatch into the next buffer slot, for
+        `target` (None: the group's own step); its result."""
+        kind = (topk_weights is not None, scaled)
+        if kind != self._dispatch_kind:   # point the inputs at the descriptors this call gives
+            self._dispatch_in.topkWeights = self._w.pointers[0] if kind[0] else None
+            self._dispatch_in.scales = self._s.pointers[0] if kind[1] else None
+            self._dispatch_kind = kind
+        index = self._next_slot
+        slot = self._slots[index]
+        self._next_slot = (index + 1) % len(self._slots)
+        if wait_event is not None:
+            _fast.wait(self._device, stream, wait_event)
+        if target is None:
+            target = Handle(self)
+        if topk_idx is not None:  # every argument is checked: the step starts
+            self._update(topk_idx, b, target, stream)
+        config = self._dispatch_config
+        config.direction, config.step = direction_value, target._pointer
+        config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
+        a = self._addresses
+        check_status(self._fn_dispatch(self._handle_address, a[2], self._slot_calls[index][0], a[3], self._raw(stream)))
+        self._pending = None
+        target.slot = index
+        target.slot_use = slot.use = slot.use + 1
+        target.topk_idx = routing
+        if direction_value == 0 and topk_weights is not None:
+            target.topk_weights = topk_weights
+        target.received_weights = slot.weights
+        return self._dispatch_result(DispatchResult._of_rank_slot(slot, target), send_only, record_event, stream)
+
+    def _dispatch_common(self, x, topk_idx, topk_weights, handle, stream, wait_event, record_event, send_only):
+        """dispatch() of the common call, in line: forward, new routing, torch tensors of the
+        group's types on its device (``x`` ``[B, hidden]``, ``topk_idx`` ``[B, top_k]`` int32 or
+        int64, ``topk_weights`` ``[B, top_k]`` float32 or, where the layout allows, None),
+        contiguous, no scales. None for anything else: the general path takes it (and names
+        what is wrong)."""
+        tensor = _fast.tensor_type
+        if (type(x) is not tensor or type(topk_idx) is not tensor or (topk_weights is not None and type(topk_weights) is not tensor)
+                or not self._group):
+            return None
+        hidden, top_k, max_tokens, x_code, device, needs_weights = self._common
+        xsz, isz = x.shape, topk_idx.shape
+        if len(xsz) != 2 or len(isz) != 2:
+            return None
+        codes = _fast.torch_codes
+        b, ic = xsz[0], codes.get(topk_idx.dtype)
+        if not (xsz[1] == hidden and b <= max_tokens and isz[0] == b and isz[1] == top_k and codes.get(x.dtype) == x_code
+                and (ic == _abi.I32 or ic == _abi.I64) and x.get_device() == device and topk_idx.get_device() == device
+                and x.is_contiguous() and topk_idx.is_contiguous()):
+            return None
+        if topk_weights is None:
+            if needs_weights:
+                return None
+        elif not (topk_weights.shape == isz and codes.get(topk_weights.dtype) == _abi.F32 and topk_weights.get_device() == device
+                  and topk_weights.is_contiguous()):
+            return None
+        if handle is not None:
+            self._check_handle(handle, dispatched=False)
+        self._idx.set(0, topk_idx.data_ptr(), b, ic)
+        self._x.set(0, x.data_ptr(), b, x_code)
+        if topk_weights is not None:
+            self._w.set(0, topk_weights.data_ptr(), b, _abi.F32)
+        return self._send(handle, topk_idx, topk_idx, b, topk_weights, False, 0, stream, wait_event, record_event, send_only)
 
     def combine(self, expert_outputs: Array, handle: Handle, *, direction: Direction = "forward",
                 weight_gradients: Optional[Array] = None, stream: Any = None, wait_event: Any = None,

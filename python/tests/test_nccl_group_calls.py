@@ -345,3 +345,23 @@ def test_deep_ep_low_latency_calls_on_an_nccl_rank_are_the_library_calls_alone(r
         assert list(applied) == torch.where(other >= 0, w, 0.0).flatten().tolist()
     finally:
         dist.destroy_process_group()
+
+
+def test_the_common_dispatch_is_checked_in_line_and_anything_else_takes_the_general_path(recorded, monkeypatch):
+    group, calls = recorded()
+    x, idx, w = step(group, 6, 12)
+    general = []
+    routing_rows = nccl_group.NCCLGroup._routing_rows
+    monkeypatch.setattr(nccl_group.NCCLGroup, "_routing_rows", lambda self, t: general.append(1) or routing_rows(self, t))
+    wide = idx.long()
+    for weights in (w, None):   # LL expert-major: weights or none, both common
+        calls.clear()
+        out = group.dispatch(x, wide, weights)
+        (_, (u_in, _)), (_, (d_in, _, _)) = calls
+        assert descriptor(u_in.topkIdx) == of(wide, _abi.I64) and descriptor(d_in.tokens) == of(x, _abi.BF16)
+        assert descriptor(d_in.topkWeights) == (None if weights is None else of(w, _abi.F32)) and out.handle.tokens == 6
+    assert general == []
+    for odd in (dict(x=x[:, :16]), dict(idx=idx.t().contiguous().t()), dict(w=w.double())):   # each named by the general path
+        with pytest.raises(ep.InvalidArgumentError):
+            group.dispatch(odd.get("x", x), odd.get("idx", idx), odd.get("w", w))
+    assert len(general) == 3
