@@ -204,6 +204,7 @@ class NCCLGroup(GroupBase):
         self._y = _fast.Descriptors(1, device, self._element, recv[1:])
         self._cw = _fast.Descriptors(1, device, _abi.F32, (k,))
         self._input_types, self._element_types = {self._input_element}, {self._element}
+        self._common_combine = (tuple(recv), self._element, device, self.layout)   # what _combine_common compares
         # What _dispatch_common compares (FP8 pass-through rows come with scales: never the common call).
         self._common = (h, k, self.max_tokens, -1 if self._input_element == _abi.E4M3 else self._input_element, device,
                         self.recv_routing_shape is not None)
@@ -384,6 +385,10 @@ class NCCLGroup(GroupBase):
         ``stream``, ``wait_event``, ``record_event``, ``send_only``: as for
         :meth:`VirtualGroup.combine`."""
         with self._lock:   # (the @locked of the other methods, in line: this is the data path)
+            if out is None and topk_weights is None and weight_gradients is None and direction is _FORWARD:
+                result = self._combine_common(expert_outputs, handle, stream, wait_event, record_event, send_only)
+                if result is not None:
+                    return result
             self._check_open()
             self._check_handle(handle, dispatched=True)
             direction_value = 0 if direction is _FORWARD else _config.choice(direction, "direction", _abi.DIRECTIONS)
@@ -402,9 +407,8 @@ class NCCLGroup(GroupBase):
                 raise InvalidUsageError(
                     f"handle: its rows were in buffer slot {index}, which a later dispatch has used since; combine a "
                     f"step before {len(self._slots)} more dispatches")
-            device, element = self._device, self._element
+            device = self._device
             address = _fast.check(expert_outputs, "expert_outputs", self._element_types, device, self.recv_shape)[0]
-            _, own_outputs, own_weights, own_grads, views = self._slot_calls[index]
             weights = None   # which weights the call applies: 1 the dispatch's, 2 the slot's received ones
             if forward_ll:
                 applied = handle.topk_weights if topk_weights is None else topk_weights
@@ -420,59 +424,100 @@ class NCCLGroup(GroupBase):
             if backward_ht:
                 self._require_torch(weight_gradients, "weight_gradients")
                 _fast.check(weight_gradients, "weight_gradients", _F32_TYPES, device, self.recv_routing_shape)
-            b = handle.tokens
+            caller = None
             if out is not None:   # the caller's tensors, checked before anything is written
-                combined, weight_grads = self._caller_combine_outputs(out, b, backward_ht)
-            if wait_event is not None:
-                _fast.wait(device, stream, wait_event)
-            own = address == slot.expert_outputs.data_ptr()   # the slot's own buffer, which its descriptor describes
-            if send_only and not own:
-                # The peers read a send-only combine's rows from the slot's own buffer while this rank
-                # goes on: a caller's tensor is copied there first, on the stream.
-                import torch
+                caller = self._caller_combine_outputs(out, handle.tokens, backward_ht)
+            return self._reduce(handle, slot, expert_outputs, address, weights, weight_gradients, caller, direction_value,
+                                backward_ht, stream, wait_event, record_event, send_only)
 
-                with torch.cuda.stream(_fast.torch_stream(device, stream)):
-                    slot.expert_outputs.copy_(expert_outputs)
-                own = True
-            if not own:
-                self._y.set(0, address, self.recv_shape[0], element)
-            if backward_ht and weight_gradients.data_ptr() != slot.weight_grads.data_ptr():   # into the buffer the others read
-                import torch
+    def _combine_common(self, expert_outputs, handle, stream, wait_event, record_event, send_only):
+        """combine() of the common call, in line: forward, the step's handle (live, its slot not
+        reused), ``expert_outputs`` a torch tensor of ``recv_shape`` and the group's type on its
+        device, contiguous, no ``out``; LL expert-major with the dispatch's weights. None for
+        anything else: the general path takes it (and names what is wrong)."""
+        if (type(expert_outputs) is not _fast.tensor_type or not isinstance(handle, Handle)
+                or handle.group is not self or handle.released or not self._group or handle.slot is None
+                or (not handle.own and handle.step != self._own_step)):
+            return None
+        slot = self._slots[handle.slot]
+        shape, code, device, layout = self._common_combine
+        if not (slot.use == handle.slot_use and expert_outputs.shape == shape and _fast.torch_codes.get(expert_outputs.dtype) == code
+                and expert_outputs.get_device() == device and expert_outputs.is_contiguous()):
+            return None
+        weights = None
+        if layout == "expert_major":
+            applied = handle.topk_weights
+            if (type(applied) is not _fast.tensor_type or applied.shape != (handle.tokens, self.top_k)
+                    or _fast.torch_codes.get(applied.dtype) != _abi.F32 or applied.get_device() != device or not applied.is_contiguous()):
+                return None
+            self._cw.set(0, applied.data_ptr(), handle.tokens, _abi.F32)
+            weights = 1
+        elif layout == "expert_major_padded":
+            weights = 2
+        return self._reduce(handle, slot, expert_outputs, expert_outputs.data_ptr(), weights, None, None, 0, False, stream,
+                            wait_event, record_event, send_only)
 
-                with torch.cuda.stream(_fast.torch_stream(device, stream)):
-                    slot.weight_grads.copy_(weight_gradients)
-            if out is not None:
-                combined_address, grads_address = combined.data_ptr(), weight_grads.data_ptr() if backward_ht else 0
-            else:
-                targets = views.get((b, backward_ht))
-                if targets is None:   # the combined rows (and weight gradients) of b tokens: views made once per slot
-                    combined, weight_grads = slot.combined[:b], slot.combined_grads[:b] if backward_ht else None
-                    targets = (combined, weight_grads, combined.data_ptr(), weight_grads.data_ptr() if backward_ht else 0)
-                    views[(b, backward_ht)] = targets
-                combined, weight_grads, combined_address, grads_address = targets   # (handed out detached: below)
-            self._out.set(0, combined_address, b, element)
-            if backward_ht:
-                self._out_g.set(0, grads_address, b, _abi.F32)
-            kind = (index, own, weights, backward_ht)
-            if kind != self._combine_kind:   # point the inputs and outputs at this call's descriptors
-                inputs = self._combine_in
-                inputs.expertOutputs = own_outputs if own else self._y.pointers[0]
-                inputs.topkWeights = self._cw.pointers[0] if weights == 1 else own_weights if weights == 2 else None
-                inputs.weightGradients = own_grads if backward_ht else None
-                self._combine_out.topkWeightGradients = self._out_g.pointers[0] if backward_ht else None
-                self._combine_kind = kind
-            config = self._combine_config
-            config.direction, config.step = direction_value, handle._pointer
-            config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
-            a = self._addresses
-            check_status(self._fn_combine(self._handle_address, a[4], a[5], a[6], self._raw(stream)))
-            # A new tensor object per call over the slot's rows: what a caller does to its own (autograd
-            # history, in-place metadata) stays with it, not with the next combine's result.
-            if out is not None:
-                result: Any = (combined, weight_grads) if backward_ht else combined
-            else:
-                result = (combined.detach(), weight_grads.detach()) if backward_ht else combined.detach()
-            return self._combine_result(result, send_only, record_event, stream) if send_only or record_event else result
+    def _reduce(self, handle, slot, expert_outputs, address, weights, weight_gradients, caller, direction_value, backward_ht,
+                stream, wait_event, record_event, send_only):
+        """A combine whose arguments are checked: `address` the expert outputs' (`expert_outputs`),
+        `weights` which weights it applies (None; 1: the descriptor _cw, set; 2: the slot's
+        received ones), `caller` the checked ``out`` (tokens, weight gradients) or None; into the
+        slot's combined rows otherwise. Its result."""
+        device, element, index = self._device, self._element, handle.slot
+        _, own_outputs, own_weights, own_grads, views = self._slot_calls[index]
+        b = handle.tokens
+        if caller is not None:
+            combined, weight_grads = caller
+        if wait_event is not None:
+            _fast.wait(device, stream, wait_event)
+        own = address == slot.expert_outputs.data_ptr()   # the slot's own buffer, which its descriptor describes
+        if send_only and not own:
+            # The peers read a send-only combine's rows from the slot's own buffer while this rank
+            # goes on: a caller's tensor is copied there first, on the stream.
+            import torch
+
+            with torch.cuda.stream(_fast.torch_stream(device, stream)):
+                slot.expert_outputs.copy_(expert_outputs)
+            own = True
+        if not own:
+            self._y.set(0, address, self.recv_shape[0], element)
+        if backward_ht and weight_gradients.data_ptr() != slot.weight_grads.data_ptr():   # into the buffer the others read
+            import torch
+
+            with torch.cuda.stream(_fast.torch_stream(device, stream)):
+                slot.weight_grads.copy_(weight_gradients)
+        if caller is not None:
+            combined_address, grads_address = combined.data_ptr(), weight_grads.data_ptr() if backward_ht else 0
+        else:
+            targets = views.get((b, backward_ht))
+            if targets is None:   # the combined rows (and weight gradients) of b tokens: views made once per slot
+                combined, weight_grads = slot.combined[:b], slot.combined_grads[:b] if backward_ht else None
+                targets = (combined, weight_grads, combined.data_ptr(), weight_grads.data_ptr() if backward_ht else 0)
+                views[(b, backward_ht)] = targets
+            combined, weight_grads, combined_address, grads_address = targets   # (handed out detached: below)
+        self._out.set(0, combined_address, b, element)
+        if backward_ht:
+            self._out_g.set(0, grads_address, b, _abi.F32)
+        kind = (index, own, weights, backward_ht)
+        if kind != self._combine_kind:   # point the inputs and outputs at this call's descriptors
+            inputs = self._combine_in
+            inputs.expertOutputs = own_outputs if own else self._y.pointers[0]
+            inputs.topkWeights = self._cw.pointers[0] if weights == 1 else own_weights if weights == 2 else None
+            inputs.weightGradients = own_grads if backward_ht else None
+            self._combine_out.topkWeightGradients = self._out_g.pointers[0] if backward_ht else None
+            self._combine_kind = kind
+        config = self._combine_config
+        config.direction, config.step = direction_value, handle._pointer
+        config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
+        a = self._addresses
+        check_status(self._fn_combine(self._handle_address, a[4], a[5], a[6], self._raw(stream)))
+        # A new tensor object per call over the slot's rows: what a caller does to its own (autograd
+        # history, in-place metadata) stays with it, not with the next combine's result.
+        if caller is not None:
+            result: Any = (combined, weight_grads) if backward_ht else combined
+        else:
+            result = (combined.detach(), weight_grads.detach()) if backward_ht else combined.detach()
+        return self._combine_result(result, send_only, record_event, stream) if send_only or record_event else result
 
     @locked
     def complete(self, *, stream: Any = None) -> None:

@@ -365,3 +365,31 @@ def test_the_common_dispatch_is_checked_in_line_and_anything_else_takes_the_gene
         with pytest.raises(ep.InvalidArgumentError):
             group.dispatch(odd.get("x", x), odd.get("idx", idx), odd.get("w", w))
     assert len(general) == 3
+
+
+@pytest.mark.parametrize("layout", ["expert_major", "rank_major"])
+def test_the_common_combine_is_checked_in_line_and_anything_else_takes_the_general_path(recorded, monkeypatch, layout):
+    group, calls = recorded(layout=layout)
+    x, idx, w = step(group, 5, 13)
+    out = group.dispatch(x, idx, w)
+    checked = []
+    check = nccl_group._fast.check
+    monkeypatch.setattr(nccl_group._fast, "check", lambda value, name, *a, **k: checked.append(name) or check(value, name, *a, **k))
+    calls.clear()
+    combined = group.combine(out.expert_outputs, out.handle)
+    ((_, (c_in, c_out, _)),) = calls
+    assert checked == [] and descriptor(c_out.tokens) == of(combined, _abi.BF16)
+    assert descriptor(c_in.topkWeights) == (of(w, _abi.F32) if layout == "expert_major" else None)
+    with pytest.raises(ep.InvalidArgumentError, match="expert_outputs: dtype torch.float32"):
+        group.combine(out.expert_outputs.float(), out.handle)
+    assert checked == ["expert_outputs"]
+    group.dispatch(x, idx, w)
+    group.dispatch(x, idx, w)   # the group's own step twice since, into the handle's slot again: refused by the general path
+    with pytest.raises(ep.InvalidUsageError, match="handle: from step 1, but the group has dispatched step 3 since"):
+        group.combine(out.expert_outputs, out.handle)
+    own = ep.Handle(group, ctypes.c_void_p(0x5000))   # a step of its own, whose slot two later dispatches reuse
+    mine = group.dispatch(x, idx, w, handle=own)
+    group.dispatch(x, idx, w)
+    group.dispatch(x, idx, w)
+    with pytest.raises(ep.InvalidUsageError, match="which a later dispatch has used since"):
+        group.combine(mine.expert_outputs, own)
