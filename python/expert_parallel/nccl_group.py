@@ -385,8 +385,8 @@ class NCCLGroup(GroupBase):
         ``stream``, ``wait_event``, ``record_event``, ``send_only``: as for
         :meth:`VirtualGroup.combine`."""
         with self._lock:   # (the @locked of the other methods, in line: this is the data path)
-            if out is None and topk_weights is None and weight_gradients is None and direction is _FORWARD:
-                result = self._combine_common(expert_outputs, handle, stream, wait_event, record_event, send_only)
+            if weight_gradients is None and direction is _FORWARD:
+                result = self._combine_common(expert_outputs, handle, topk_weights, out, stream, wait_event, record_event, send_only)
                 if result is not None:
                     return result
             self._check_open()
@@ -430,10 +430,11 @@ class NCCLGroup(GroupBase):
             return self._reduce(handle, slot, expert_outputs, address, weights, weight_gradients, caller, direction_value,
                                 backward_ht, stream, wait_event, record_event, send_only)
 
-    def _combine_common(self, expert_outputs, handle, stream, wait_event, record_event, send_only):
+    def _combine_common(self, expert_outputs, handle, topk_weights, out, stream, wait_event, record_event, send_only):
         """combine() of the common call, in line: forward, the step's handle (live, its slot not
         reused), ``expert_outputs`` a torch tensor of ``recv_shape`` and the group's type on its
-        device, contiguous, no ``out``; LL expert-major with the dispatch's weights. None for
+        device, contiguous; LL expert-major with the dispatch's weights or ``topk_weights``; into
+        the slot's rows or an ``out`` tensor ``[B, hidden]`` of the group's type. None for
         anything else: the general path takes it (and names what is wrong)."""
         if (type(expert_outputs) is not _fast.tensor_type or not isinstance(handle, Handle)
                 or handle.group is not self or handle.released or not self._group or handle.slot is None
@@ -444,17 +445,24 @@ class NCCLGroup(GroupBase):
         if not (slot.use == handle.slot_use and expert_outputs.shape == shape and _fast.torch_codes.get(expert_outputs.dtype) == code
                 and expert_outputs.get_device() == device and expert_outputs.is_contiguous()):
             return None
-        weights = None
+        b, caller, weights = handle.tokens, None, None
+        if out is not None:
+            if (type(out) is not _fast.tensor_type or out.shape != (b, self.hidden) or _fast.torch_codes.get(out.dtype) != code
+                    or out.get_device() != device or not out.is_contiguous()):
+                return None
+            caller = (out, None)
         if layout == "expert_major":
-            applied = handle.topk_weights
-            if (type(applied) is not _fast.tensor_type or applied.shape != (handle.tokens, self.top_k)
+            applied = handle.topk_weights if topk_weights is None else topk_weights
+            if (type(applied) is not _fast.tensor_type or applied.shape != (b, self.top_k)
                     or _fast.torch_codes.get(applied.dtype) != _abi.F32 or applied.get_device() != device or not applied.is_contiguous()):
                 return None
-            self._cw.set(0, applied.data_ptr(), handle.tokens, _abi.F32)
+            self._cw.set(0, applied.data_ptr(), b, _abi.F32)
             weights = 1
+        elif topk_weights is not None:
+            return None
         elif layout == "expert_major_padded":
             weights = 2
-        return self._reduce(handle, slot, expert_outputs, expert_outputs.data_ptr(), weights, None, None, 0, False, stream,
+        return self._reduce(handle, slot, expert_outputs, expert_outputs.data_ptr(), weights, None, caller, 0, False, stream,
                             wait_event, record_event, send_only)
 
     def _reduce(self, handle, slot, expert_outputs, address, weights, weight_gradients, caller, direction_value, backward_ht,
