@@ -146,7 +146,8 @@ class DispatchResult:
       ``out=`` tensors); rows outside the received zones are unspecified (they hold earlier
       steps' rows; HT expert-major padding rows are written as zeros). Valid until the handle is
       released or the slot is reused (``buffer_slots`` dispatches later);
-    - ``received``: the same rows as one ``[R, *recv_shape]`` tensor (None with ``out=``);
+    - ``received``: the same rows as one ``[R, *recv_shape]`` tensor (with ``out=``: the caller's
+      stacked array, or None for per-rank lists);
     - ``topk_idx`` / ``topk_weights``: the received local routing (``recv_routing_shape``; int32 /
       float32), or None for LL expert-major;
     - ``expert_counts``: ``[R, L]`` int32, rows per local expert, written on the stream (no host

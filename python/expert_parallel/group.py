@@ -256,16 +256,16 @@ class VirtualGroup(GroupBase):
             config.direction, config.launchMode, config.step = direction_value, mode, pointer
             config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
             check_status(self._fn_dispatch(self._group, self._dispatch_inputs, outputs, config, raw))
-            if direction == "forward" and weighted:
+            if direction == "forward" and (weighted or topk_idx is not None):   # (a new step has only its own weights)
                 target.topk_weights = topk_weights
-                target.weight_addresses = tuple(self._w.addresses)
+                target.weight_addresses = tuple(self._w.addresses) if weighted else None
                 target.weight_stacked = None
             if slot is not None:
                 return self._slot_result(slot, target, stream, send_only, record_event)
             target.slot = -1   # the caller's tensors
             target.received_weights = out_views[2]
-            return self._dispatch_result(DispatchResult(out_views[0], out_views[1], out_views[2], target, expert_counts=out_views[3]),
-                                         send_only, record_event, stream)
+            return self._dispatch_result(DispatchResult(out_views[0], out_views[1], out_views[2], target, expert_counts=out_views[3],
+                                                        received=out_views[4]), send_only, record_event, stream)
 
     def combine(self, expert_outputs: PerRank, handle: Handle, *, direction: Direction = "forward",
                 weight_gradients: Optional[PerRank] = None, launch: Launch = "single", out: Any = None,
@@ -289,6 +289,8 @@ class VirtualGroup(GroupBase):
         or ``(result, hook, event)``.
         """
         with self._lock:
+            if send_only:   # its receiving half reads them, at complete(): keep them alive until the next send-only call
+                self._kept = (expert_outputs, topk_weights)
             if out is None and weight_gradients is None and topk_weights is None and launch is _SINGLE and direction is _FORWARD:
                 result = self._combine_common(expert_outputs, handle, stream, wait_event, record_event, send_only)
                 if result is not None:
@@ -414,6 +416,8 @@ class VirtualGroup(GroupBase):
         if x is None:
             return None
         b = x[2]
+        if b == 0:   # empty arrays have no address, which the stacked calls read as "not given": the per-rank path
+            return None
         idx = w = s = None
         if topk_idx is not None:
             idx = self._stacked(topk_idx, "topk_idx", _INDEX_TYPES, self._tail_k, b)
@@ -528,7 +532,7 @@ class VirtualGroup(GroupBase):
             return None
         b = xsz[1]
         ic = codes.get(topk_idx.dtype)
-        if not (xsz[0] == ranks and xsz[2] == hidden and 0 <= b <= max_tokens and codes.get(xs.dtype) == element
+        if not (xsz[0] == ranks and xsz[2] == hidden and 0 < b <= max_tokens and codes.get(xs.dtype) == element
                 and (ic == _abi.I32 or ic == _abi.I64) and codes.get(topk_weights.dtype) == _abi.F32 and isz == topk_weights.shape
                 and isz[0] == ranks and isz[1] == b and isz[2] == top_k and xs.get_device() == device
                 and topk_idx.get_device() == device and topk_weights.get_device() == device
@@ -581,10 +585,10 @@ class VirtualGroup(GroupBase):
         if idx is not None:
             target.tokens = [b] * self.ranks
             target.topk_idx = topk_idx
-        if direction == "forward" and w is not None:
+        if direction == "forward" and (w is not None or idx is not None):   # (a new step has only its own weights)
             target.topk_weights = topk_weights
             target.weight_addresses = None
-            target.weight_stacked = w[0]
+            target.weight_stacked = None if w is None else w[0]
         if slot is not None:
             return self._slot_result(slot, target, stream, send_only, record_event)
         tokens, received_idx, received_w, counts = caller[1]
@@ -656,7 +660,7 @@ class VirtualGroup(GroupBase):
             return None
         slot = self._slots[index]
         forward_ll, shape, element, device = self._common_combine
-        if slot is None or slot.kind is not type(expert_outputs) or (forward_ll and handle.weight_stacked is None):
+        if slot is None or slot.kind is not type(expert_outputs) or (forward_ll and not handle.weight_stacked):
             return None
         if not (expert_outputs.shape == shape and _fast.torch_codes.get(expert_outputs.dtype) == element
                 and expert_outputs.get_device() == device and expert_outputs.is_contiguous()):
@@ -698,6 +702,8 @@ class VirtualGroup(GroupBase):
         """combine() of a stacked expert-output array into the handle's slot (or `caller`'s
         stacked outputs, from _stacked_combine_out); None when an argument is a list, or the
         weights applied are (the per-rank path takes those)."""
+        if not handle.tokens[0]:   # empty arrays have no address, which the stacked calls read as "not given"
+            return None
         forward_ll = direction == "forward" and self.layout == "expert_major"
         weights = None
         if forward_ll:
@@ -886,6 +892,7 @@ class VirtualGroup(GroupBase):
                                        "expert_counts), per-rank lists (None for LL expert-major's routing)") from None
         r = self.ranks
         routing = self.recv_routing_shape
+        received = tokens if _arrays.kind(tokens) is not None else None   # one stacked array: result.received
         tokens = self._per_rank(tokens, "out tokens")
         if routing is not None and idx is not None and weights is not None:
             idx, weights = self._per_rank(idx, "out topk_idx"), self._per_rank(weights, "out topk_weights")
@@ -908,7 +915,8 @@ class VirtualGroup(GroupBase):
             outputs[i] = _abi.new(_abi.DispatchOutputs, tokens=ctypes.pointer(t), topkIdx=_arrays.pointer(ti),
                                   topkWeights=_arrays.pointer(tw), expertCounts=_arrays.pointer(tc))
         self._keep = keep
-        return outputs, (list(tokens), None if routing is None else list(idx), None if routing is None else list(weights), counts)
+        return outputs, (list(tokens), None if routing is None else list(idx), None if routing is None else list(weights), counts,
+                         received)
 
     def _caller_combine_outputs(self, out, tokens, backward_ht):
         r = self.ranks

@@ -243,7 +243,7 @@ class NCCLGroup(GroupBase):
         if not target.own:
             self._own_step += 1  # earlier handles of the group's own step are void now
             target.step = self._own_step
-        target.tokens = target.slot = None
+        target.tokens = target.slot = target.topk_weights = None   # (a new step: none of the last one's weights)
         a = self._addresses
         check_status(self._fn_update(self._handle_address, a[0], a[1], self._raw(stream)))
         target.tokens, target.topk_idx = tokens, topk_idx
@@ -328,7 +328,7 @@ class NCCLGroup(GroupBase):
         target.slot = index
         target.slot_use = slot.use = slot.use + 1
         target.topk_idx = routing
-        if direction_value == 0 and topk_weights is not None:
+        if direction_value == 0 and (topk_weights is not None or topk_idx is not None):   # (a new step has only its own weights)
             target.topk_weights = topk_weights
         target.received_weights = slot.weights
         return self._dispatch_result(DispatchResult._of_rank_slot(slot, target), send_only, record_event, stream)
@@ -385,6 +385,8 @@ class NCCLGroup(GroupBase):
         ``stream``, ``wait_event``, ``record_event``, ``send_only``: as for
         :meth:`VirtualGroup.combine`."""
         with self._lock:   # (the @locked of the other methods, in line: this is the data path)
+            if send_only:   # its receiving half reads the weights, at complete(): keep them alive until the next send-only call
+                self._kept = topk_weights
             if weight_gradients is None and direction is _FORWARD:
                 result = self._combine_common(expert_outputs, handle, topk_weights, out, stream, wait_event, record_event, send_only)
                 if result is not None:

@@ -53,14 +53,22 @@ def test_low_latency_combine_takes_its_own_weights_and_drops_ids_set_to_minus_on
         same = b.low_latency_combine(y, idx[r], other[r], handle)[0].clone()
         halved = b.low_latency_combine(y, idx[r], other[r].to(torch.bfloat16), handle)[0].clone()
         dropped = b.low_latency_combine(y, masked[r], other[r], handle)[0].clone()
-        return same, halved, dropped
+        wide = torch.cat([other[r], other[r]], dim=1)[:, :K]   # not contiguous: as good as contiguous weights
+        strided = b.low_latency_combine(y, idx[r], wide, handle)[0].clone()
+        # The dispatch's own routing tensor, its first selections set to -1 in place since: dropped too.
+        mine = idx[r].clone()
+        recv_x, _, handle, _, _ = b.low_latency_dispatch(xs[r], mine, 12, E, use_fp8=False)
+        mine[:, 0] = -1
+        in_place = b.low_latency_combine(ref.ll_expert_function(recv_x, r, local), mine, other[r], handle)[0].clone()
+        return same, halved, dropped, strided, in_place
 
     results = run_ranks(ranks, rank_flow, timeout=30)
     want = ref.ll_combine(xs, idx, other, E, xs[0].dtype)
     want_bf16 = ref.ll_combine(xs, idx, [w.to(torch.bfloat16).float() for w in other], E, xs[0].dtype)
     want_dropped = ref.ll_combine(xs, masked, other, E, xs[0].dtype)
-    for r, (same, halved, dropped) in enumerate(results):
+    for r, (same, halved, dropped, strided, in_place) in enumerate(results):
         assert torch.equal(same, want[r]) and torch.equal(halved, want_bf16[r]) and torch.equal(dropped, want_dropped[r]), r
+        assert torch.equal(strided, want[r]) and torch.equal(in_place, want_dropped[r]), r
     assert any(not torch.equal(a, b) for a, b in zip(want, want_dropped) if a.numel())
 
 
@@ -312,11 +320,16 @@ def test_install_as_deep_ep_makes_import_deep_ep_give_the_adapter(monkeypatch, t
     from expert_parallel.compat import deep_ep as adapter
 
     monkeypatch.delitem(sys.modules, "deep_ep", raising=False)
+    monkeypatch.setitem(sys.modules, "deep_ep.utils", adapter.utils)   # (gone again after the test)
     monkeypatch.syspath_prepend(str(tmp_path))   # (no DeepEP on this path)
     assert adapter.install_as_deep_ep() is adapter
     import deep_ep
 
     assert deep_ep is adapter and deep_ep.Buffer is Buffer and importlib.util.find_spec("deep_ep") is not None
+    from deep_ep.utils import EventHandle, EventOverlap as Overlap   # as Megatron imports them
+
+    assert Overlap is EventOverlap and sys.modules["deep_ep.utils"] is adapter.utils
+    Overlap(EventHandle()).current_stream_wait()   # no CUDA here: nothing to wait for
     assert adapter.install_as_deep_ep() is adapter   # again: nothing to do
     # DeepEP itself, imported or installed, is kept unless replace=True.
     real = type(sys)("deep_ep")

@@ -393,3 +393,18 @@ def test_the_common_combine_is_checked_in_line_and_anything_else_takes_the_gener
     group.dispatch(x, idx, w)
     with pytest.raises(ep.InvalidUsageError, match="which a later dispatch has used since"):
         group.combine(mine.expert_outputs, own)
+
+
+def test_a_new_step_on_a_handle_has_none_of_the_last_steps_weights(recorded):
+    group, calls = recorded()   # LL expert-major
+    x, idx, w = step(group, 4, 14)
+    own = ep.Handle(group, ctypes.c_void_p(0x5000))
+    group.combine(group.dispatch(x, idx, w, handle=own).expert_outputs, own)
+    out = group.dispatch(x, idx, None, handle=own)
+    with pytest.raises(ep.InvalidArgumentError, match="topk_weights: given neither to dispatch nor to combine"):
+        group.combine(out.expert_outputs, own)
+    group.combine(group.dispatch(x, idx, w, handle=own).expert_outputs, own)
+    group.update(idx, handle=own)   # the step started by update(), dispatched with its routing and no weights
+    out = group.dispatch(x, None, None, handle=own)
+    with pytest.raises(ep.InvalidArgumentError, match="topk_weights: given neither to dispatch nor to combine"):
+        group.combine(out.expert_outputs, own)

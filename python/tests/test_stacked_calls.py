@@ -447,3 +447,44 @@ def test_a_descriptor_is_written_again_after_a_stacked_array_rewrote_it():
         assert seen(0) == (4096, 5, _abi.F32) and d.addresses[0] == 4096
     d.set(1, 0, 0, _abi.F32)
     assert seen(1) == (0, 0, _abi.F32)
+
+
+@pytest.mark.parametrize("algorithm,layout,alignment", LAYOUTS)
+def test_an_empty_stacked_step_takes_the_per_rank_calls(algorithm, layout, alignment):
+    """B = 0: empty arrays have no address, which the stacked calls read as "not given"; the
+    stacked arguments (and stacked out=) go through the per-rank calls instead."""
+    torch = pytest.importorskip("torch")
+    r, e, k, h = 2, 8, 2, 16
+    group = ep.VirtualGroup(ranks=r, experts=e, hidden=h, top_k=k, max_tokens=4, algorithm=algorithm, layout=layout,
+                            alignment=alignment, dtype="f32")
+    x, idx, w = torch.zeros((r, 0, h)), torch.zeros((r, 0, k), dtype=torch.int32), torch.zeros((r, 0, k))
+    out = group.dispatch(x, idx, w)
+    assert [int(c.sum()) for c in out.expert_counts] == [0, 0]
+    assert [tuple(t.shape) for t in group.combine(out.received, out.handle)] == [(0, h), (0, h)]
+    routing = group.recv_routing_shape
+    mine = (torch.zeros((r,) + tuple(group.recv_shape)), None if routing is None else torch.zeros((r,) + tuple(routing), dtype=torch.int32),
+            None if routing is None else torch.zeros((r,) + tuple(routing)))
+    out = group.dispatch(x, idx, w, out=mine)
+    assert [tuple(t.shape) for t in group.combine(out.received, out.handle, out=torch.zeros((r, 0, h)))] == [(0, h), (0, h)]
+
+
+def test_a_send_only_combine_keeps_the_tensors_its_receiving_half_reads():
+    """The receiving half of a send-only combine (complete(), on the GPU) reads the expert outputs
+    and the weights given to combine: the group keeps them alive until its next send-only call,
+    should the caller drop them first."""
+    import gc
+    import weakref
+
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    r, e, k, h, b = 2, 8, 2, 16, 3
+    group = ep.VirtualGroup(ranks=r, experts=e, hidden=h, top_k=k, max_tokens=b, dtype="f32")
+    idx = torch.from_numpy(np.stack([random_routing(rng, b, e, k) for _ in range(r)]).astype(np.int32))
+    out = group.dispatch(torch.randn(r, b, h), idx, None)
+    weights, outputs = torch.rand(r, b, k), out.received.clone()
+    alive = [weakref.ref(weights), weakref.ref(outputs)]
+    _, hook = group.combine(outputs, out.handle, topk_weights=weights, send_only=True)
+    del weights, outputs
+    gc.collect()
+    assert all(ref() is not None for ref in alive)
+    hook()

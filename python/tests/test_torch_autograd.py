@@ -231,3 +231,28 @@ def test_scaled_rows_are_the_float32_products_rounded_once(dtype):
     got = _scaled(rows, weights)
     want = (rows.float() * weights).to(dtype)
     assert got.dtype == dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("algorithm,layout", LAYOUTS)
+def test_an_empty_batch_runs_forward_and_backward(algorithm, layout):
+    # Empty tensors have no address, which the stacked calls read as "not given": they take the per-rank calls.
+    ex = exchange(algorithm, layout)
+    x = torch.zeros((R, 0, H), requires_grad=True)
+    w = torch.zeros((R, 0, K), requires_grad=True)
+    sent = ex.dispatch(x, torch.zeros((R, 0, K), dtype=torch.int64), w)
+    y = ex.combine(sent.tokens * 2, sent)
+    y.sum().backward()
+    assert y.shape == (R, 0, H) and x.grad.shape == (R, 0, H) and int(sent.expert_counts.sum()) == 0
+
+
+@pytest.mark.parametrize("algorithm,layout", [("ll", "expert_major"), ("ht", "expert_major_padded")])
+def test_gradients_of_gradients_through_weighted_combines(algorithm, layout):
+    # create_graph=True records the scaling of the rows' gradients (no out= product there).
+    ex = exchange(algorithm, layout)
+    x, idx, w, _ = routing(18, R, B, E, K, H)
+    x.requires_grad_()
+    w.requires_grad_()
+    sent = ex.dispatch(x, idx, w)
+    y = ex.combine(sent.tokens * 2, sent)
+    gx, = torch.autograd.grad((y ** 2).sum(), x, create_graph=True)
+    assert gx.requires_grad and gx.shape == x.shape

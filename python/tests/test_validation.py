@@ -175,3 +175,19 @@ def test_a_closed_group_refuses_calls():
 def test_a_gpu_group_without_a_gpu_fails_cleanly():
     with pytest.raises(ep.CudaError):
         small_group(device="cuda:0")
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_a_new_step_on_a_handle_has_none_of_the_last_steps_weights(stacked):
+    # A handle's next step dispatched without weights: its LL expert-major combine needs some, not the last step's.
+    group = small_group()
+    xs, idx, w = step_inputs(tokens=(2, 2))
+    if stacked:
+        xs, idx, w = np.stack(xs), np.stack(idx), np.stack(w)
+    h = group.handle()
+    d = group.dispatch(xs, idx, w, handle=h)
+    group.combine(d.tokens, d.handle)
+    d = group.dispatch(xs, idx, handle=h)
+    with raises(r"topk_weights: given neither to dispatch nor to combine"):
+        group.combine(d.tokens, d.handle)
+    assert [c.shape for c in group.combine(d.tokens, d.handle, topk_weights=w)] == [(2, 8), (2, 8)]

@@ -75,9 +75,10 @@ class Exchange:
     dispatch, start as zeros, so rows outside the received zones are zeros, whatever the experts
     do with them. That is a fill of the whole worst-case buffer per call (LL expert-major's
     ``[R, L, R*Bmax, H]`` is mostly padding). With ``zero_fill=False`` those rows are unspecified
-    (leftovers of earlier tensors, possibly non-finite): for experts that read only the received
-    rows (a grouped GEMM over ``Dispatched.expert_counts``), whose results and gradients are then
-    the same.
+    (leftovers of earlier tensors, possibly non-finite), and so are the received ``topk_idx`` /
+    ``topk_weights`` there (LL rank-major, HT flat: not -1 / 0): for experts that read only the
+    received rows of the expert-major layouts (a grouped GEMM over ``Dispatched.expert_counts``),
+    whose results and gradients are then the same.
     """
 
     def __init__(self, group: Any, *, zero_fill: bool = True) -> None:

@@ -52,9 +52,11 @@ def _scaled(rows: Tensor, weights: Tensor) -> Tensor:
     """``(rows.float() * weights).to(rows.dtype)`` (float32 `weights` broadcast over the rows)
     without its two float32 copies of the rows: the product is computed in float32 and rounded
     as it is stored (the same bits). The rows are the whole receive buffer (LL expert-major:
-    ``[R, L, R*Bmax, H]``), whose float32 copies would cost twice its size each."""
-    out = torch.empty_like(rows)
-    return torch.mul(rows, weights, out=out)
+    ``[R, L, R*Bmax, H]``), whose float32 copies would cost twice its size each. (Where autograd
+    records this product, under ``create_graph=True``, it is computed the plain way.)"""
+    if torch.is_grad_enabled() and (rows.requires_grad or weights.requires_grad):   # (create_graph=True: out= has no autograd)
+        return (rows.float() * weights).to(rows.dtype)
+    return torch.mul(rows, weights, out=torch.empty_like(rows))
 
 
 def _setup_combine(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:

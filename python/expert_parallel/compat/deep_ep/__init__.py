@@ -20,6 +20,7 @@ from ._errors import NotSupportedError
 from ._events import EventOverlap
 from ._handle import DispatchHandle
 from ._virtual import run_ranks
+from . import utils
 
 try:
     import torch as _torch
@@ -32,8 +33,8 @@ except ImportError:  # the adapter needs torch; importing the package does not
 
 
 def install_as_deep_ep(*, replace: bool = False) -> _ModuleType:
-    """Makes ``import deep_ep`` (and ``importlib.util.find_spec("deep_ep")``) give this adapter,
-    for frameworks that import DeepEP themselves (vLLM, SGLang, Megatron-style code): call it
+    """Makes ``import deep_ep`` (and ``importlib.util.find_spec("deep_ep")``, ``deep_ep.utils``)
+    give this adapter, for frameworks that import DeepEP themselves (vLLM, SGLang, Megatron-style code): call it
     before they do. Returns the module. DeepEP itself, installed or already imported, is kept
     unless ``replace=True`` (which replaces it in ``sys.modules`` only; nothing on disk changes):
     an :class:`expert_parallel.InvalidUsageError` names where it is."""
@@ -53,8 +54,9 @@ def install_as_deep_ep(*, replace: bool = False) -> _ModuleType:
             raise _InvalidUsageError(f"deep_ep: DeepEP is installed ({found.origin!r}); pass replace=True to use "
                                      "expert_parallel's adapter in its place")
     _sys.modules["deep_ep"] = module
+    _sys.modules["deep_ep.utils"] = utils   # (from deep_ep.utils import EventHandle, EventOverlap)
     return module
 
 
 __all__ = ["Buffer", "Config", "EventOverlap", "NotSupportedError", "DispatchHandle", "run_ranks", "topk_idx_t",
-           "install_as_deep_ep"]
+           "install_as_deep_ep", "utils"]

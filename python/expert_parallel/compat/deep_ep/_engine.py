@@ -217,6 +217,7 @@ def ll_dispatch(groups: Groups, payloads: List[Payload]) -> List[Any]:
     step = entry.acquire()
     # (No weights: LL expert-major's combine takes them, low_latency_combine's.)
     record = Record("ll", entry, step, tokens, [p.topk_idx for p in payloads], None)
+    record.idx_versions = [p.topk_idx._version for p in payloads]   # (an in-place change since shows in combine)
     entry.settle()
     out = entry.dispatch([p.x for p in payloads], record.topk_idx, None, step, None, send_only=hook)
     record.stage = out.stage
@@ -265,16 +266,18 @@ def ll_combine(groups: Groups, payloads: List[Payload]) -> List[Any]:
         out = p.out if p.out is not None else torch.empty((b, spec.hidden), dtype=p.x.dtype, device=p.x.device)
         outs.append(out)
     # The weights combine applies (read when it reduces: at the hook's call for a split one). It
-    # skips the selections its dispatch sent nowhere (-1), so the caller's own float32 weights do
-    # when the routing is the dispatch's tensor; otherwise entries set to -1 here select nothing.
+    # skips the selections its dispatch sent nowhere (-1), so the caller's own contiguous float32
+    # weights do when the routing is the dispatch's tensor, unchanged since; otherwise entries set
+    # to -1 here select nothing (DeepEP's kernel reads the routing given to combine).
     weights = []
     for i, p in enumerate(payloads):
-        w = p.topk_weights
-        if p.topk_idx is not record.topk_idx[i] or w.dtype != torch.float32:
-            w = torch.where(p.topk_idx >= 0, w.float(), 0.0)
+        w, idx = p.topk_weights, p.topk_idx
+        if (idx is not record.topk_idx[i] or idx._version != record.idx_versions[i] or w.dtype != torch.float32
+                or not w.is_contiguous()):
+            w = torch.where(idx >= 0, w.float(), 0.0)
         weights.append(w)
-    record.topk_weights = weights   # (alive as long as the handle, which the hook holds)
     entry.settle()
+    record.topk_weights = weights   # (alive as long as the handle, which the hook holds)
     after = entry.combine([p.x for p in payloads], record.step_in(entry), outs, weights=weights, send_only=hook)
     token = entry.begin_split(after) if hook else None
     return [(outs[i], (entry, token, record)) for i in range(len(payloads))]

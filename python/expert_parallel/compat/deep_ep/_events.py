@@ -19,10 +19,11 @@ class EventOverlap:
 
     def current_stream_wait(self) -> None:
         """The current stream waits for the event (nothing to wait for without one)."""
-        if self.event is not None:
+        event = _cuda_event(self.event)
+        if event is not None:
             import torch
 
-            torch.cuda.current_stream().wait_event(self.event)
+            torch.cuda.current_stream().wait_event(event)
 
     def __enter__(self) -> "EventOverlap":
         return self
@@ -42,9 +43,18 @@ def record(device: str) -> Any:
     return event
 
 
+def _cuda_event(event: Any) -> Any:
+    """The torch.cuda.Event inside `event` (an EventOverlap, a utils.EventHandle, either holding
+    the other, or the event itself), or None."""
+    while event is not None and hasattr(event, "event"):
+        event = event.event
+    return event
+
+
 def wait(event: Any, device: str) -> None:
-    """The current stream of `device` waits for `event` (an EventOverlap, a CUDA event or None)."""
-    event = getattr(event, "event", event)
+    """The current stream of `device` waits for `event` (an EventOverlap, an EventHandle, a CUDA
+    event or None)."""
+    event = _cuda_event(event)
     if event is None or device == "cpu":
         return
     import torch

@@ -28,6 +28,7 @@ class Record:
         self.last = entry                     # the group of the latest dispatch of this routing
         self.received: Optional[List[int]] = None   # HT: rows received per local rank
         self.stage: List[Any] = []            # per local rank: where combine's expert outputs go
+        self.idx_versions: List[int] = []     # LL: each routing tensor's version at the dispatch
 
     def __del__(self) -> None:
         try:
