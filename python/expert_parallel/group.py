@@ -289,7 +289,7 @@ class VirtualGroup(GroupBase):
         or ``(result, hook, event)``.
         """
         with self._lock:
-            if send_only:   # its receiving half reads them, at complete(): keep them alive until the next send-only call
+            if send_only:   # its receiving half reads them: keep them alive until complete() has enqueued it
                 self._kept = (expert_outputs, topk_weights)
             if out is None and weight_gradients is None and topk_weights is None and launch is _SINGLE and direction is _FORWARD:
                 result = self._combine_common(expert_outputs, handle, stream, wait_event, record_event, send_only)
@@ -372,6 +372,7 @@ class VirtualGroup(GroupBase):
         self._check_open()
         raw = None if self._device == -1 else _fast.raw_stream(self._device, stream)
         call("epGroupComplete", self._group, raw)
+        self._kept = None   # (the receiving half is on the stream: what it reads may go, stream-ordered)
 
     # -- the active-rank mask ----------------------------------------------------------------
 

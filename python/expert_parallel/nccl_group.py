@@ -385,7 +385,7 @@ class NCCLGroup(GroupBase):
         ``stream``, ``wait_event``, ``record_event``, ``send_only``: as for
         :meth:`VirtualGroup.combine`."""
         with self._lock:   # (the @locked of the other methods, in line: this is the data path)
-            if send_only:   # its receiving half reads the weights, at complete(): keep them alive until the next send-only call
+            if send_only:   # its receiving half reads the weights: keep them alive until complete() has enqueued it
                 self._kept = topk_weights
             if weight_gradients is None and direction is _FORWARD:
                 result = self._combine_common(expert_outputs, handle, topk_weights, out, stream, wait_event, record_event, send_only)
@@ -534,6 +534,7 @@ class NCCLGroup(GroupBase):
         """Enqueues the receiving half of this rank's last ``send_only`` dispatch or combine."""
         self._check_open()
         call("epComplete", self._handle, self._raw(stream))
+        self._kept = None   # (the receiving half is on the stream: what it reads may go, stream-ordered)
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -470,8 +470,8 @@ def test_an_empty_stacked_step_takes_the_per_rank_calls(algorithm, layout, align
 
 def test_a_send_only_combine_keeps_the_tensors_its_receiving_half_reads():
     """The receiving half of a send-only combine (complete(), on the GPU) reads the expert outputs
-    and the weights given to combine: the group keeps them alive until its next send-only call,
-    should the caller drop them first."""
+    and the weights given to combine: the group keeps them alive until complete() has enqueued
+    it, should the caller drop them first, and no longer."""
     import gc
     import weakref
 
@@ -488,3 +488,5 @@ def test_a_send_only_combine_keeps_the_tensors_its_receiving_half_reads():
     gc.collect()
     assert all(ref() is not None for ref in alive)
     hook()
+    gc.collect()
+    assert all(ref() is None for ref in alive)
