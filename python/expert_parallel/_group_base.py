@@ -155,6 +155,22 @@ class GroupBase:
         if dispatched and handle.slot is None:
             raise InvalidUsageError("handle: its step has no dispatch yet")
 
+    _kept: Any = None   # what a pending send-only combine's receiving half reads (tensors), kept alive for it
+
+    def _release_kept(self, stream):
+        """Lets go of what the send-only call's receiving half reads, now that complete() has
+        enqueued it on `stream`: a CUDA tensor is first marked in use by that stream, so the
+        allocator reuses its memory only once the stream is past it."""
+        kept, self._kept = self._kept, None
+        if kept is None or self._device == -1:
+            return
+        from . import _fast
+
+        on = _fast.torch_stream(self._device, stream)
+        for tensor in kept:
+            if tensor is not None and getattr(tensor, "is_cuda", False):
+                tensor.record_stream(on)
+
     def _record(self, stream):
         """A CUDA event recorded on `stream` (None: the current one); None on the CPU."""
         if self._device == -1:

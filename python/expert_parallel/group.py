@@ -249,6 +249,7 @@ class VirtualGroup(GroupBase):
                     self._own_step += 1   # earlier handles of the group's own step are void from here on
                     target.step = self._own_step
                 target.tokens = target.slot = None
+                target.topk_weights = target.weight_addresses = target.weight_stacked = None   # (a new step: none of the last one's)
                 check_status(self._fn_update(self._group, self._update_inputs, config, raw))
                 target.tokens = tokens
                 target.topk_idx = topk_idx
@@ -290,7 +291,7 @@ class VirtualGroup(GroupBase):
         """
         with self._lock:
             if send_only:   # its receiving half reads them: keep them alive until complete() has enqueued it
-                self._kept = (expert_outputs, topk_weights)
+                self._kept = (expert_outputs, getattr(handle, "topk_weights", None) if topk_weights is None else topk_weights)
             if out is None and weight_gradients is None and topk_weights is None and launch is _SINGLE and direction is _FORWARD:
                 result = self._combine_common(expert_outputs, handle, stream, wait_event, record_event, send_only)
                 if result is not None:
@@ -372,7 +373,7 @@ class VirtualGroup(GroupBase):
         self._check_open()
         raw = None if self._device == -1 else _fast.raw_stream(self._device, stream)
         call("epGroupComplete", self._group, raw)
-        self._kept = None   # (the receiving half is on the stream: what it reads may go, stream-ordered)
+        self._release_kept(stream)
 
     # -- the active-rank mask ----------------------------------------------------------------
 
@@ -582,6 +583,7 @@ class VirtualGroup(GroupBase):
                 self._own_step += 1   # earlier handles of the group's own step are void from here on
                 target.step = self._own_step
             target.tokens = target.slot = None
+            target.topk_weights = target.weight_addresses = target.weight_stacked = None   # (a new step: none of the last one's)
         check_status(self._fn_dispatch_stacked(self._group_address, call.address, raw))
         if idx is not None:
             target.tokens = [b] * self.ranks

@@ -305,6 +305,9 @@ class NCCLGroup(GroupBase):
         """A dispatch whose arguments are checked and whose descriptors are set: the update (when
         `topk_idx` is given: the step starts) and the dispatch into the next buffer slot, for
         `target` (None: the group's own step); its result."""
+        raw = self._raw(stream)   # (a stream or event of the wrong kind is named before anything changes)
+        if wait_event is not None:
+            _fast.wait(self._device, stream, wait_event)
         kind = (topk_weights is not None, scaled)
         if kind != self._dispatch_kind:   # point the inputs at the descriptors this call gives
             self._dispatch_in.topkWeights = self._w.pointers[0] if kind[0] else None
@@ -313,8 +316,6 @@ class NCCLGroup(GroupBase):
         index = self._next_slot
         slot = self._slots[index]
         self._next_slot = (index + 1) % len(self._slots)
-        if wait_event is not None:
-            _fast.wait(self._device, stream, wait_event)
         if target is None:
             target = Handle(self)
         if topk_idx is not None:  # every argument is checked: the step starts
@@ -323,7 +324,7 @@ class NCCLGroup(GroupBase):
         config.direction, config.step = direction_value, target._pointer
         config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
         a = self._addresses
-        check_status(self._fn_dispatch(self._handle_address, a[2], self._slot_calls[index][0], a[3], self._raw(stream)))
+        check_status(self._fn_dispatch(self._handle_address, a[2], self._slot_calls[index][0], a[3], raw))
         self._pending = None
         target.slot = index
         target.slot_use = slot.use = slot.use + 1
@@ -386,7 +387,7 @@ class NCCLGroup(GroupBase):
         :meth:`VirtualGroup.combine`."""
         with self._lock:   # (the @locked of the other methods, in line: this is the data path)
             if send_only:   # its receiving half reads the weights: keep them alive until complete() has enqueued it
-                self._kept = topk_weights
+                self._kept = (getattr(handle, "topk_weights", None) if topk_weights is None else topk_weights,)
             if weight_gradients is None and direction is _FORWARD:
                 result = self._combine_common(expert_outputs, handle, topk_weights, out, stream, wait_event, record_event, send_only)
                 if result is not None:
@@ -534,7 +535,7 @@ class NCCLGroup(GroupBase):
         """Enqueues the receiving half of this rank's last ``send_only`` dispatch or combine."""
         self._check_open()
         call("epComplete", self._handle, self._raw(stream))
-        self._kept = None   # (the receiving half is on the stream: what it reads may go, stream-ordered)
+        self._release_kept(stream)
 
     # -- helpers -----------------------------------------------------------------------------
 

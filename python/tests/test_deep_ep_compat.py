@@ -345,3 +345,21 @@ def test_install_as_deep_ep_makes_import_deep_ep_give_the_adapter(monkeypatch, t
     with pytest.raises(ep.InvalidUsageError, match=r"deep_ep: DeepEP is installed \(.*deep_ep/__init__.py'\); pass replace=True"):
         adapter.install_as_deep_ep()
     assert "deep_ep" not in sys.modules
+
+
+def test_low_latency_calls_under_inference_mode(ranks):
+    # Serving engines run the model under torch.inference_mode: tensors made there keep no version
+    # counter (the combine then masks -1 entries itself, as for another routing tensor).
+    xs, idx, ws = ref.make_inputs(8, TOKENS, E, H, K)
+    local = E // R
+
+    def rank_flow(b):
+        r = b.rank
+        with torch.inference_mode():
+            x, i, w = xs[r].clone(), idx[r].clone(), ws[r].clone()
+            recv_x, _, handle, _, _ = b.low_latency_dispatch(x, i, 12, E, use_fp8=False)
+            return b.low_latency_combine(ref.ll_expert_function(recv_x, r, local), i, w, handle)[0].clone()
+
+    results = run_ranks(ranks, rank_flow, timeout=30)
+    want = ref.ll_combine(xs, idx, ws, E, xs[0].dtype)
+    assert all(torch.equal(got, want[r]) for r, got in enumerate(results))

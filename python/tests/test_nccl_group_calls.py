@@ -408,3 +408,17 @@ def test_a_new_step_on_a_handle_has_none_of_the_last_steps_weights(recorded):
     out = group.dispatch(x, None, None, handle=own)
     with pytest.raises(ep.InvalidArgumentError, match="topk_weights: given neither to dispatch nor to combine"):
         group.combine(out.expert_outputs, own)
+
+
+def test_a_stream_of_the_wrong_kind_changes_nothing(recorded):
+    # Named before the call takes a buffer slot or starts a step: the live step stays live.
+    group, calls = recorded()
+    group._raw = lambda stream: None if stream is None else nccl_group._fast.raw_stream(0, stream)   # the stream check
+    x, idx, w = step(group, 4, 15)
+    out = group.dispatch(x, idx, w)
+    state = (group._next_slot, group._own_step)
+    calls.clear()
+    with pytest.raises(ep.InvalidArgumentError, match="stream: a str"):
+        group.dispatch(x, idx, w, stream="cuda:0")
+    assert (group._next_slot, group._own_step) == state and calls == []
+    group.combine(out.expert_outputs, out.handle)   # still the group's live step

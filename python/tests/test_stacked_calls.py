@@ -490,3 +490,12 @@ def test_a_send_only_combine_keeps_the_tensors_its_receiving_half_reads():
     hook()
     gc.collect()
     assert all(ref() is None for ref in alive)
+    # The dispatch's weights, which the combine applies when given none, as well.
+    dispatched = torch.rand(r, b, k)
+    alive = weakref.ref(dispatched)
+    out = group.dispatch(torch.randn(r, b, h), idx, dispatched)
+    _, hook = group.combine(out.received.clone(), out.handle, send_only=True)
+    del dispatched, out
+    gc.collect()
+    assert alive() is not None
+    hook()

@@ -191,3 +191,7 @@ def test_a_new_step_on_a_handle_has_none_of_the_last_steps_weights(stacked):
     with raises(r"topk_weights: given neither to dispatch nor to combine"):
         group.combine(d.tokens, d.handle)
     assert [c.shape for c in group.combine(d.tokens, d.handle, topk_weights=w)] == [(2, 8), (2, 8)]
+    d = group.dispatch(xs, idx, w, handle=h)
+    d = group.dispatch(xs, idx, handle=h, direction="backward")   # a new step too, whatever its direction
+    with raises(r"topk_weights: given neither to dispatch nor to combine"):
+        group.combine(d.tokens, d.handle)

@@ -217,7 +217,7 @@ def ll_dispatch(groups: Groups, payloads: List[Payload]) -> List[Any]:
     step = entry.acquire()
     # (No weights: LL expert-major's combine takes them, low_latency_combine's.)
     record = Record("ll", entry, step, tokens, [p.topk_idx for p in payloads], None)
-    record.idx_versions = [p.topk_idx._version for p in payloads]   # (an in-place change since shows in combine)
+    record.idx_versions = [_version(p.topk_idx) for p in payloads]   # (an in-place change since shows in combine)
     entry.settle()
     out = entry.dispatch([p.x for p in payloads], record.topk_idx, None, step, None, send_only=hook)
     record.stage = out.stage
@@ -243,6 +243,12 @@ def ll_dispatch(groups: Groups, payloads: List[Payload]) -> List[Any]:
         for work in after:
             work()
     return [result + [(entry, token, record)] for result in results]
+
+
+def _version(tensor: Any) -> Optional[int]:
+    """`tensor`'s version counter (it counts in-place changes), or None for a tensor made under
+    torch.inference_mode, which keeps none (and may be changed in place all the same)."""
+    return None if tensor.is_inference() else tensor._version
 
 
 def ll_combine(groups: Groups, payloads: List[Payload]) -> List[Any]:
@@ -272,7 +278,8 @@ def ll_combine(groups: Groups, payloads: List[Payload]) -> List[Any]:
     weights = []
     for i, p in enumerate(payloads):
         w, idx = p.topk_weights, p.topk_idx
-        if (idx is not record.topk_idx[i] or idx._version != record.idx_versions[i] or w.dtype != torch.float32
+        if (idx is not record.topk_idx[i] or record.idx_versions[i] is None or _version(idx) != record.idx_versions[i]
+                or w.dtype != torch.float32
                 or not w.is_contiguous()):
             w = torch.where(idx >= 0, w.float(), 0.0)
         weights.append(w)
