@@ -227,16 +227,18 @@ class VirtualGroup(GroupBase):
                     self._dispatch_inputs[i].topkWeights = self._w.pointers[i] if weighted else None
                 self._dispatch_weighted = weighted
 
+            if out is not None:
+                outputs, out_views = self._caller_outputs(out)
+            # (a stream or event of the wrong kind is named before the call takes a slot or starts a step)
+            raw = None if device == -1 else _fast.raw_stream(device, stream)
+            if wait_event is not None:
+                _fast.wait(device, stream, wait_event)
             if out is None:
                 slot = self._slot(self._next_slot, like)
                 self._next_slot = (self._next_slot + 1) % self.buffer_slots
                 outputs = slot.dispatch_outputs
             else:
-                slot, outputs, out_views = None, *self._caller_outputs(out)
-
-            raw = None if device == -1 else _fast.raw_stream(device, stream)
-            if wait_event is not None:
-                _fast.wait(device, stream, wait_event)
+                slot = None
             target = handle
             if target is None:
                 target = Handle(self)
@@ -473,6 +475,10 @@ class VirtualGroup(GroupBase):
         ranks, element, device = self.ranks, self._common[4], self._device
         if handle is not None:
             self._check_handle(handle, dispatched=False)
+        # (a stream or event of the wrong kind is named before the call takes a slot or starts a step)
+        raw = None if device == -1 else _fast.raw_stream(device, stream)
+        if wait_event is not None:
+            _fast.wait(device, stream, wait_event)
         index = self._next_slot
         slot = self._slots[index]
         if slot is None or slot.kind is not type(xs):
@@ -482,15 +488,13 @@ class VirtualGroup(GroupBase):
         weights = topk_weights.data_ptr()
         call.dispatch_arguments(xs.data_ptr(), element, topk_idx.data_ptr(), ic, weights, b,
                                 _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, None if handle is None else handle._pointer)
-        if wait_event is not None:
-            _fast.wait(device, stream, wait_event)
         if handle is None or handle._pointer is None:
             self._own_step += 1   # earlier handles of the group's own step are void from here on
         if handle is not None:
             if handle._pointer is None:
                 handle.step = self._own_step
             handle.tokens = handle.slot = None   # (no dispatch, should the call fail)
-        status = self._fn_dispatch_stacked(self._group_address, call.address, None if device == -1 else _fast.raw_stream(device, stream))
+        status = self._fn_dispatch_stacked(self._group_address, call.address, raw)
         if status:
             check_status(status)
         if handle is None and not send_only and not record_event:   # the decode loop's call: every field written once
@@ -554,6 +558,11 @@ class VirtualGroup(GroupBase):
         """dispatch() of stacked arguments into the next buffer slot (or `caller`'s stacked
         outputs, from _stacked_dispatch_out): one C call, update included."""
         b, x, idx, w, s = parts
+        device = self._device
+        # (a stream or event of the wrong kind is named before the call takes a slot or starts a step)
+        raw = None if device == -1 else _fast.raw_stream(device, stream)
+        if wait_event is not None:
+            _fast.wait(device, stream, wait_event)
         if caller is None:
             slot = self._slot(self._next_slot, xs)
             self._next_slot = (self._next_slot + 1) % self.buffer_slots
@@ -571,11 +580,6 @@ class VirtualGroup(GroupBase):
             call.set("topkWeights", w[0], _abi.F32)
         if s is not None:
             call.set("scales", s[0], s[1])
-
-        device = self._device
-        raw = None if device == -1 else _fast.raw_stream(device, stream)
-        if wait_event is not None:
-            _fast.wait(device, stream, wait_event)
         target = handle if handle is not None else Handle(self)
         call.fields(b, direction_value, mode, _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, target._pointer)
         if idx is not None:
