@@ -208,7 +208,7 @@ class VirtualGroup(GroupBase):
                         return self._dispatch_stacked(parts, xs, topk_idx, topk_weights, handle, direction, direction_value, mode,
                                                       stream, wait_event, record_event, send_only, caller)
 
-            device, element, h, k = self._device, self._element, self.hidden, self.top_k
+            h, k = self.hidden, self.top_k
             tokens, like = self._rows(xs, "xs", {self._input_element}, h, self._x, None)
             self._require_scales(scales)
             if scales is not None:
@@ -229,10 +229,7 @@ class VirtualGroup(GroupBase):
 
             if out is not None:
                 outputs, out_views = self._caller_outputs(out)
-            # (a stream or event of the wrong kind is named before the call takes a slot or starts a step)
-            raw = None if device == -1 else _fast.raw_stream(device, stream)
-            if wait_event is not None:
-                _fast.wait(device, stream, wait_event)
+            raw = self._stream_of(stream, wait_event)
             if out is None:
                 slot = self._slot(self._next_slot, like)
                 self._next_slot = (self._next_slot + 1) % self.buffer_slots
@@ -472,13 +469,10 @@ class VirtualGroup(GroupBase):
         if common is None or not self._group:
             return None
         b, ic = common
-        ranks, element, device = self.ranks, self._common[4], self._device
+        ranks, element = self.ranks, self._common[4]
         if handle is not None:
             self._check_handle(handle, dispatched=False)
-        # (a stream or event of the wrong kind is named before the call takes a slot or starts a step)
-        raw = None if device == -1 else _fast.raw_stream(device, stream)
-        if wait_event is not None:
-            _fast.wait(device, stream, wait_event)
+        raw = self._stream_of(stream, wait_event)
         index = self._next_slot
         slot = self._slots[index]
         if slot is None or slot.kind is not type(xs):
@@ -558,11 +552,7 @@ class VirtualGroup(GroupBase):
         """dispatch() of stacked arguments into the next buffer slot (or `caller`'s stacked
         outputs, from _stacked_dispatch_out): one C call, update included."""
         b, x, idx, w, s = parts
-        device = self._device
-        # (a stream or event of the wrong kind is named before the call takes a slot or starts a step)
-        raw = None if device == -1 else _fast.raw_stream(device, stream)
-        if wait_event is not None:
-            _fast.wait(device, stream, wait_event)
+        raw = self._stream_of(stream, wait_event)
         if caller is None:
             slot = self._slot(self._next_slot, xs)
             self._next_slot = (self._next_slot + 1) % self.buffer_slots
@@ -604,6 +594,16 @@ class VirtualGroup(GroupBase):
         result = DispatchResult(list(tokens), None if received_idx is None else list(received_idx),
                                 None if received_w is None else list(received_w), target, received=tokens, expert_counts=counts)
         return self._dispatch_result(result, send_only, record_event, stream)
+
+    def _stream_of(self, stream, wait_event):
+        """A dispatch's CUstream (None on the CPU, whose calls take none), made to wait for
+        `wait_event`: either of the wrong kind is named before the call takes a buffer slot or
+        starts a step."""
+        device = self._device
+        raw = None if device == -1 else _fast.raw_stream(device, stream)
+        if wait_event is not None:
+            _fast.wait(device, stream, wait_event)
+        return raw
 
     def _stacked_dispatch_out(self, out):
         """((addresses), (arrays)) of tokens, topk_idx, topk_weights and expert_counts (address 0,

@@ -206,7 +206,6 @@ _LL_DISPATCH_AGREES = ("num_max_dispatch_tokens_per_rank", "num_experts", "topk_
 
 
 def ll_dispatch(groups: Groups, payloads: List[Payload]) -> List[Any]:
-    torch = torch_module()
     bmax, experts, top_k, hidden, dtype, flags, hook = _agree_all(
         payloads, _LL_DISPATCH_AGREES,
         lambda p: (p.max_tokens, p.experts, int(p.topk_idx.shape[1]), int(p.x.shape[1]), p.dtype, p.fp8_flags, p.return_recv_hook))
