@@ -256,9 +256,9 @@ class VirtualGroup(GroupBase):
             config.direction, config.launchMode, config.step = direction_value, mode, pointer
             config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
             check_status(self._fn_dispatch(self._group, self._dispatch_inputs, outputs, config, raw))
-            if direction == "forward" and (weighted or topk_idx is not None):   # (a new step has only its own weights)
+            if direction == "forward" and weighted:
                 target.topk_weights = topk_weights
-                target.weight_addresses = tuple(self._w.addresses) if weighted else None
+                target.weight_addresses = tuple(self._w.addresses)
                 target.weight_stacked = None
             if slot is not None:
                 return self._slot_result(slot, target, stream, send_only, record_event)
@@ -582,10 +582,10 @@ class VirtualGroup(GroupBase):
         if idx is not None:
             target.tokens = [b] * self.ranks
             target.topk_idx = topk_idx
-        if direction == "forward" and (w is not None or idx is not None):   # (a new step has only its own weights)
+        if direction == "forward" and w is not None:
             target.topk_weights = topk_weights
             target.weight_addresses = None
-            target.weight_stacked = None if w is None else w[0]
+            target.weight_stacked = w[0]
         if slot is not None:
             return self._slot_result(slot, target, stream, send_only, record_event)
         tokens, received_idx, received_w, counts = caller[1]

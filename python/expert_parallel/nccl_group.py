@@ -329,7 +329,7 @@ class NCCLGroup(GroupBase):
         target.slot = index
         target.slot_use = slot.use = slot.use + 1
         target.topk_idx = routing
-        if direction_value == 0 and (topk_weights is not None or topk_idx is not None):   # (a new step has only its own weights)
+        if direction_value == 0 and topk_weights is not None:   # (a new step's update cleared the last one's)
             target.topk_weights = topk_weights
         target.received_weights = slot.weights
         return self._dispatch_result(DispatchResult._of_rank_slot(slot, target), send_only, record_event, stream)
