@@ -532,10 +532,11 @@ epResult_t epComplete(epHandle_t handle, void* stream);
  *     v3) it copies nothing; given other tensors it receives into slot 0 and copies the whole
  *     receive buffer into them on the stream, so rows outside the received zones read as zero
  *     (and topkIdx outputs are int32). Combine reads the slot its step's dispatch used: given that
- *     slot's expert-output buffer it copies nothing; else it copies the caller's expertOutputs
- *     (and, for HT expert-major forward, the per-slot topkWeights; for HT backward, the
- *     weightGradients) into the slot's buffers that the other ranks read, on the stream, then
- *     reduces. A step whose slot a later dispatch has used cannot combine (epInvalidUsage).
+ *     slot's expert-output buffer it copies nothing; else it copies the rows of the caller's
+ *     expertOutputs that the step received (the rows the other ranks read; the rest are neither
+ *     read nor copied) and, for HT expert-major forward, the per-slot topkWeights, for HT
+ *     backward the weightGradients, into the slot's buffers that the other ranks read, on the
+ *     stream, then reduces. A step whose slot a later dispatch has used cannot combine (epInvalidUsage).
  *   - epGroupGetInfo reports backend epBackendNCCLRank; epGroupGetLayoutInfo and
  *     epGroupGetActiveRanks answer for this process's rank. The collective *All calls,
  *     epGroupDeactivateRank and epGroupCleanRanks are not offered (epInvalidUsage).

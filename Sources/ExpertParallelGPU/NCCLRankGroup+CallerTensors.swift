@@ -48,10 +48,11 @@ extension NCCLRankGroup {
         }
     }
 
-    /// Copies the caller's `input.expertOutputs` (and, for HT expert-major forward, the per-slot
-    /// `topkWeights`; for HT backward, the `weightGradients`) into the group's shared buffers of
-    /// the slot `handle`'s dispatch used (nil: the group's own step) on `stream`, then combines
-    /// from them.
+    /// Copies the rows of the caller's `input.expertOutputs` that the step received (the rows
+    /// the peers read; the others are not read and not copied), and, for HT expert-major
+    /// forward, the per-slot `topkWeights`, for HT backward the `weightGradients`, into the
+    /// group's shared buffers of the slot `handle`'s dispatch used (nil: the group's own step)
+    /// on `stream`, then combines from them.
     ///
     /// The other ranks read those buffers only after this rank's combine announces them ready,
     /// and the previous step's readers are done before this rank's previous combine returned.
@@ -65,7 +66,7 @@ extension NCCLRankGroup {
         let slot = try slotOfDispatch(handle)
         let buffers = slots[slot]
         var shared = CombineInput(expertOutputs: buffers.expertOutputs, topkWeights: input.topkWeights, weightGradients: input.weightGradients)
-        var copies: [(from: TensorRef, to: TensorRef)] = [(input.expertOutputs, buffers.expertOutputs)]
+        var copies: [(from: TensorRef, to: TensorRef)] = []
         if config.isExpertMajorHT, direction == .forward, let weights = buffers.receivedWeights {
             try TensorCheck.require(input.topkWeights, "input.topkWeights (the per-slot weights dispatch delivered)", dtypes: [.f32], shape: weights.shape, location: here)
             shared.topkWeights = weights
@@ -77,6 +78,13 @@ extension NCCLRankGroup {
             if let given = input.weightGradients { copies.append((given, gradients)) }
         }
         let stream = stream ?? self.stream
+        // The expert outputs: only the rows this step received, which are all the peers read
+        // (the buffer is sized for the worst case: at one rank of ll-std 470 MB against 15 MB).
+        let from = address(input.expertOutputs), to = address(buffers.expertOutputs)
+        if from != to {
+            let vectorBytes = engine.vectorBytes(CollectionOfOne(from), CollectionOfOne(address(output.tokens)))
+            try engine.copyReceivedRows(handle, from: { _ in from }, to: { _ in to }, vectorBytes: vectorBytes, options: .init(stream))
+        }
         for (from, to) in copies where from.address != to.address { try copy(from, to: to, stream: stream) }
         try combine(handle, [shared], into: [output], direction: direction, options: .init(stream))
         // The per-slot weights share the buffer that the next dispatch delivers weights into, and

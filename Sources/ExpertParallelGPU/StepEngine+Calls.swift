@@ -240,6 +240,24 @@ extension StepEngine {
         }
     }
 
+    /// Copies the rows of `handle`'s dispatched step that the peers' combine reads (what each
+    /// local rank received: the layout's zones, padding included) from `sources(i)` into
+    /// `destinations(i)` (both receive-shaped element rows of local rank i), on the call's
+    /// stream; rows outside them are not touched. An NCCL rank's combine from a caller's tensor
+    /// (NCCLRankGroup+CallerTensors.swift) copies this instead of the whole worst-case buffer.
+    func copyReceivedRows(
+        _ handle: GPUStepHandle, from sources: (Int) -> UInt64, to destinations: (Int) -> UInt64, vectorBytes: Int, options: CallOptions
+    ) throws(EPError) {
+        let step = try handle.dispatchedStep()
+        let k = try kernels(.init(indexBytes: step.indexBytes, receivedIndexBytes: 4, vectorBytes: vectorBytes, transport: transport))
+        try launch(k.copyReceived, threads: StepWorkspace.threadsPerBlock, blocks: combineBlocks(options.launch), mode: options.launch,
+                   sync: [], weighted: false, slices: 1, handle: handle, stream: stream(options)) { r, w in
+            guard let i = localIndex(r) else { return }
+            w[.tokens] = sources(i)
+            w[.received] = destinations(i)
+        }
+    }
+
     /// Enqueues the second half of the last send-only dispatch or combine.
     func complete(options: CallOptions) throws(EPError) {
         let call = try takePending()

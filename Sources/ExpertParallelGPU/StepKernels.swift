@@ -10,6 +10,9 @@ struct StepKernels: Sendable {
     let update: CUDAFunction
     let dispatch: CUDAFunction
     let combine: CUDAFunction
+    /// Copies the rows a step received from a caller's tensor into the buffer the peers read
+    /// (an NCCL rank's combine from the caller's expert outputs).
+    let copyReceived: CUDAFunction
     /// The staged transport's drain (after dispatch) and combine-send (before combine).
     let drain: CUDAFunction?
     let combineSend: CUDAFunction?
@@ -85,6 +88,7 @@ struct StepKernels: Sendable {
         update = try function("update")
         dispatch = try function("dispatch")
         combine = try function("combine")
+        copyReceived = try function("copy_received")
         let staged = variant.transport == .staged
         drain = staged ? try function("drain") : nil
         combineSend = staged ? try function("combine_send") : nil

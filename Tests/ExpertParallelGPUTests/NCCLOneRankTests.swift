@@ -76,6 +76,58 @@ struct NCCLOneRankTests {
             }
         }
     }
+
+    /// A combine from the caller's own expert outputs (what the C ABI and Python do with a
+    /// tensor that is not the slot's buffer) copies only the rows the step received into the
+    /// buffer the peers read: every other row of it keeps what it held. Same bits as the oracle.
+    @Test(arguments: cases)
+    func aCallersExpertOutputsAreCopiedOnlyWhereReceived(_ layout: Layout, _ direction: PassDirection) throws {
+        let config = GroupConfig.forLayout(layout, ranks: 1, experts: 8, topK: 3, hidden: 96, elementType: .bf16, maxTokensPerRank: 20)
+        try withOneRankGroup(config) { group in
+            let inputs = StepInputs(config: config, tokens: [13], seed: 21)
+            let step = try OneRankStep(group, inputs)
+            let handle = try group.makeHandle()
+            try group.update(handle, topkIdx: [step.idx.ref])
+            try step.dispatch(group, handle, slot: 0, direction: direction)
+            try group.checkStatus()
+            let buffers = group.slots[0], driver = group.device.driver
+            func pointer(_ t: TensorRef) -> DevicePointer { DevicePointer(rawValue: UInt64(UInt(bitPattern: t.address))) }
+            let poison: UInt8 = 0xA5
+            try driver.fill(pointer(buffers.expertOutputs), byte: poison, byteCount: buffers.expertOutputs.byteCount)
+            let callers = try DeviceTensor(config.elementType, config.receiveShape, on: group.device)
+            try callers.upload(inputs.expertOutputs[0])
+            let backward = direction == .backward && config.algorithm == .highThroughput
+            if backward, let g = inputs.weightGradients[0], let target = buffers.weightGradients {
+                try driver.copy(from: g.storage, to: pointer(target), byteCount: g.byteCount)
+            }
+            let weights: TensorRef? = config.layout == .expertMajor ? step.w.ref : config.isExpertMajorHT && !backward ? buffers.receivedWeights : nil
+            try group.combine(
+                copyingFrom: CombineInput(expertOutputs: callers.ref, topkWeights: weights, weightGradients: backward ? buffers.weightGradients : nil),
+                into: CombineOutput(tokens: step.combined.ref, topkWeightGradients: backward ? step.gradsOut.ref : nil), handle: handle,
+                direction: direction)
+            try group.checkStatus()
+            let expected = try #require(try oracleStep(config, inputs, direction: direction)[0])
+            let got = try step.result(group, handle, slot: 0, direction: direction)
+            expectSameBytes(got.combined, expected.combined, "\(layout) \(direction): combined rows")
+            #expect(got.weightGradients == expected.weightGradients, "\(layout) \(direction): weight gradients")
+            let shared = HostTensor(config.elementType, config.receiveShape)
+            try driver.copy(from: pointer(buffers.expertOutputs), to: shared.storage, byteCount: shared.byteCount)
+            let sharedBytes = shared.bytes(), callerBytes = inputs.expertOutputs[0].bytes()
+            var inZones = Array(repeating: false, count: config.receiveShape[0])
+            for (start, count) in receivedZones(config, expected.layout) {
+                for row in start..<(start + count) { inZones[row] = true }
+                let bytes = (start * config.rowBytes)..<((start + count) * config.rowBytes)
+                expectSameBytes(sharedBytes[bytes], callerBytes[bytes], "\(layout) \(direction): rows \(start)..<\(start + count) copied")
+            }
+            let untouched = inZones.indices.filter { !inZones[$0] }
+            #expect(!untouched.isEmpty, "the case leaves rows outside the received zones")
+            for row in untouched where sharedBytes[(row * config.rowBytes)..<((row + 1) * config.rowBytes)].contains(where: { $0 != poison }) {
+                Issue.record("\(layout) \(direction): row \(row), outside the received zones, was written")
+                break
+            }
+            handle.release()
+        }
+    }
 }
 
 /// Runs `body` with an NCCL rank group of one rank, destroyed before its communicator is

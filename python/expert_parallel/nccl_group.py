@@ -375,8 +375,9 @@ class NCCLGroup(GroupBase):
         """Brings this rank's tokens' expert outputs back from every rank and reduces them in the
         fixed order (the same bits as every backend). ``expert_outputs``: this rank's experts'
         results, shaped like ``dispatch(...).tokens``: ``dispatch(...).expert_outputs`` itself
-        (the buffer the other ranks read: nothing is copied) or a tensor of the caller's (copied
-        there on the stream). ``handle``: the step's. Returns the ``[B, hidden]`` combined tokens
+        (the buffer the other ranks read: nothing is copied) or a tensor of the caller's (its rows
+        that the step received copied there on the stream, the other rows neither read nor
+        copied; with ``send_only``, the whole tensor). ``handle``: the step's. Returns the ``[B, hidden]`` combined tokens
         (a view of the slot's combined rows, valid until the slot's next combine; or ``out``, a
         ``[B, hidden]`` tensor of the caller's to write them into, with no copy); HT's backward
         pass takes ``weight_gradients`` (shaped like ``dispatch(...).topk_weights``) and returns

@@ -299,6 +299,37 @@ static_assert(EP_WARPS * 32 == EP_HOST_THREADS, "dispatch/combine threads per bl
 #define EP_CHUNK 8        // combine: rows loaded before the first use
 #endif
 
+// Copies the received rows of a rank's step from `src` into `dst` (both [receive rows,
+// EP_ROW_BYTES]), and nothing else: `zones` zones, zone z `count(z)` rows from row `first(z)`.
+// A warp per row, EP_UNROLL vectors a lane in flight. Every thread of the block calls it (the
+// block agrees on the longest zone, so items are zones × that, not every row of the buffer).
+// For an NCCL rank that combines from a caller's tensor: its peers read only these rows.
+template <typename First, typename Count>
+EP_DEVICE void ep_copy_zones(ep_u8* __restrict__ dst, const ep_u8* __restrict__ src, int zones, First first, Count count) {
+    __shared__ int longest;
+    if (threadIdx.x == 0) longest = 0;
+    __syncthreads();
+    for (int z = threadIdx.x; z < zones; z += blockDim.x) atomicMax(&longest, count(z));
+    __syncthreads();
+    const int rows = longest, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    for (int item = blockIdx.x * warps + threadIdx.x / 32; item < zones * rows; item += gridDim.x * warps) {
+        const int z = item % zones, j = item / zones;
+        if (j >= count(z)) continue;
+        const ep_u64 offset = static_cast<ep_u64>(first(z) + j) * EP_ROW_BYTES;
+        const ep_u8* from = src + offset;
+        ep_u8* to = dst + offset;
+        int v = lane;
+        for (; v + 32 * (EP_UNROLL - 1) < EP_ROW_VECS; v += 32 * EP_UNROLL) {
+            ep_vec values[EP_UNROLL];
+#pragma unroll
+            for (int u = 0; u < EP_UNROLL; ++u) values[u] = ep_load_vec(from + static_cast<ep_u64>(v + 32 * u) * EP_VEC_BYTES);
+#pragma unroll
+            for (int u = 0; u < EP_UNROLL; ++u) ep_store_vec(to + static_cast<ep_u64>(v + 32 * u) * EP_VEC_BYTES, values[u]);
+        }
+        for (; v < EP_ROW_VECS; v += 32) ep_store_vec(to + static_cast<ep_u64>(v) * EP_VEC_BYTES, ep_load_vec(from + static_cast<ep_u64>(v) * EP_VEC_BYTES));
+    }
+}
+
 // Each lane of a warp publishes one row address (and weight) for its warp to read back by
 // index: the table lives in shared memory, not in K registers per lane, so large top-k does
 // not spill and two 512-thread blocks fit on an SM.
