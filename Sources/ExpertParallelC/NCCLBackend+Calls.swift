@@ -137,12 +137,8 @@ extension NCCLBackend: RankCalls {
                               options: CallOptions(self.stream(stream), phase: settings.phase))
             return
         }
-        guard settings.phase == .whole else {
-            throw EPError.invalidArgument(
-                field: "config.phase", value: "epPhaseSendOnly",
-                requirement: "needs expertOutputs in the step's buffer slot's own expert-output buffer (epGroupGetBuffer)")
-        }
-        try group.combine(copyingFrom: input, into: output, handle: handle, direction: settings.direction, stream: self.stream(stream))
+        try group.combine(copyingFrom: input, into: output, handle: handle, direction: settings.direction, phase: settings.phase,
+                          stream: self.stream(stream))
     }
 
     func complete(_ stream: UnsafeMutableRawPointer?) throws {

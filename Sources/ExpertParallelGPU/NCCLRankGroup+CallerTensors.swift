@@ -56,11 +56,16 @@ extension NCCLRankGroup {
     ///
     /// The other ranks read those buffers only after this rank's combine announces them ready,
     /// and the previous step's readers are done before this rank's previous combine returned.
+    ///
+    /// With `phase: .sendOnly` the copies go on the stream before the send-only half (the peers
+    /// read after it), and `complete()` reduces; per-slot weights that are not the slot's own
+    /// are refused there, as they would have to be cleared before the peers are done with them.
     public func combine(
         copyingFrom input: CombineInput, into output: CombineOutput, handle: GPUStepHandle? = nil,
-        direction: PassDirection = .forward, stream: CUDAStream? = nil
+        direction: PassDirection = .forward, phase: CallPhase = .whole, stream: CUDAStream? = nil
     ) throws(EPError) {
         let handle = handle ?? implicitHandle
+        try engine.checkNothingPending()   // a pending send-only half may have peers reading the buffers copied into
         try TensorCheck.require(input.expertOutputs, "input.expertOutputs", dtypes: [config.elementType], shape: config.receiveShape, location: here)
         _ = try handle.dispatchedStep()
         let slot = try slotOfDispatch(handle)
@@ -70,7 +75,14 @@ extension NCCLRankGroup {
         if config.isExpertMajorHT, direction == .forward, let weights = buffers.receivedWeights {
             try TensorCheck.require(input.topkWeights, "input.topkWeights (the per-slot weights dispatch delivered)", dtypes: [.f32], shape: weights.shape, location: here)
             shared.topkWeights = weights
-            if let given = input.topkWeights { copies.append((given, weights)) }
+            if let given = input.topkWeights, given.address != weights.address {
+                guard phase == .whole else {
+                    throw .invalidArgument(
+                        field: "input.topkWeights", value: "\(address(given))",
+                        requirement: "must be slots[\(slot)].receivedWeights for a send-only combine: a copy would be cleared before the peers have read it")
+                }
+                copies.append((given, weights))
+            }
         }
         if config.algorithm == .highThroughput, direction == .backward, let gradients = buffers.weightGradients {
             try TensorCheck.require(input.weightGradients, "input.weightGradients", dtypes: [.f32], shape: gradients.shape, location: here)
@@ -86,7 +98,7 @@ extension NCCLRankGroup {
             try engine.copyReceivedRows(handle, from: { _ in from }, to: { _ in to }, vectorBytes: vectorBytes, options: .init(stream))
         }
         for (from, to) in copies where from.address != to.address { try copy(from, to: to, stream: stream) }
-        try combine(handle, [shared], into: [output], direction: direction, options: .init(stream))
+        try combine(handle, [shared], into: [output], direction: direction, options: .init(stream, phase: phase))
         // The per-slot weights share the buffer that the next dispatch delivers weights into, and
         // whose slots it does not write read back as zero: clear what was copied in. The combine
         // returns only once every peer has read this rank's buffers (its done handshake).

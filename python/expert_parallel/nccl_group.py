@@ -377,7 +377,7 @@ class NCCLGroup(GroupBase):
         results, shaped like ``dispatch(...).tokens``: ``dispatch(...).expert_outputs`` itself
         (the buffer the other ranks read: nothing is copied) or a tensor of the caller's (its rows
         that the step received copied there on the stream, the other rows neither read nor
-        copied; with ``send_only``, the whole tensor). ``handle``: the step's. Returns the ``[B, hidden]`` combined tokens
+        copied). ``handle``: the step's. Returns the ``[B, hidden]`` combined tokens
         (a view of the slot's combined rows, valid until the slot's next combine; or ``out``, a
         ``[B, hidden]`` tensor of the caller's to write them into, with no copy); HT's backward
         pass takes ``weight_gradients`` (shaped like ``dispatch(...).topk_weights``) and returns
@@ -388,7 +388,7 @@ class NCCLGroup(GroupBase):
         :meth:`VirtualGroup.combine`."""
         with self._lock:   # (the @locked of the other methods, in line: this is the data path)
             if send_only:   # its receiving half reads the weights: keep them alive until complete() has enqueued it
-                self._kept = (getattr(handle, "topk_weights", None) if topk_weights is None else topk_weights,)
+                self._kept = (expert_outputs, getattr(handle, "topk_weights", None) if topk_weights is None else topk_weights)
             if weight_gradients is None and direction is _FORWARD:
                 result = self._combine_common(expert_outputs, handle, topk_weights, out, stream, wait_event, record_event, send_only)
                 if result is not None:
@@ -483,15 +483,7 @@ class NCCLGroup(GroupBase):
         if wait_event is not None:
             _fast.wait(device, stream, wait_event)
         own = address == slot.expert_outputs.data_ptr()   # the slot's own buffer, which its descriptor describes
-        if send_only and not own:
-            # The peers read a send-only combine's rows from the slot's own buffer while this rank
-            # goes on: a caller's tensor is copied there first, on the stream.
-            import torch
-
-            with torch.cuda.stream(_fast.torch_stream(device, stream)):
-                slot.expert_outputs.copy_(expert_outputs)
-            own = True
-        if not own:
+        if not own:   # the library copies the rows the step received into the slot's buffer, on the stream
             self._y.set(0, address, self.recv_shape[0], element)
         if backward_ht and weight_gradients.data_ptr() != slot.weight_grads.data_ptr():   # into the buffer the others read
             import torch

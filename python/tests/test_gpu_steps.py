@@ -155,3 +155,52 @@ def test_a_one_rank_nccl_group_is_zero_copy_and_matches_the_cpu(algorithm):
         group.check()
     finally:
         group.close()
+
+
+@pytest.mark.parametrize("algorithm", ["ll", "ht"])
+@pytest.mark.parametrize("send_only", [False, True])
+def test_a_one_rank_nccl_group_combines_from_a_callers_tensor(algorithm, send_only):
+    """Expert outputs in a tensor of the caller's (what DeepEP code passes): the library copies
+    the rows the step received into the buffer the peers read, also for a send-only combine
+    completed through its hook; the rows outside them are not copied (the buffer keeps what it
+    held); the same bits as the CPU backend. The caller's rows outside the step are NaN, so a
+    combine that read them would show it."""
+    common = dict(experts=8, hidden=H, top_k=K, max_tokens=B, algorithm=algorithm)
+    group = ep.NCCLGroup(rank=0, ranks=1, unique_id=ep.nccl_unique_id(), device=0, **common)
+    cpu = ep.VirtualGroup(ranks=1, device="cpu", **common)
+    try:
+        for seed in range(3):
+            rng = np.random.default_rng(seed + 10)
+            idx = torch.from_numpy(np.stack([rng.choice(8, K, replace=False) for _ in range(B)]).astype(np.int32))
+            idx[torch.from_numpy(rng.random((B, K)) < 0.2)] = -1
+            x = torch.from_numpy(rng.standard_normal((B, H)).astype(np.float32)).to(torch.bfloat16)
+            w = torch.from_numpy(rng.random((B, K)).astype(np.float32))
+            with group.handle() as h:
+                out = group.dispatch(x.to(DEVICE), idx.to(DEVICE), w.to(DEVICE), handle=h)
+                want = cpu.dispatch([x], [idx], [w])
+                counts = out.expert_counts.tolist()
+                used = torch.zeros(out.tokens.shape[0], dtype=torch.bool)
+                if algorithm == "ll":   # expert-major: local expert l's rows from l * max_tokens
+                    for l, n in enumerate(counts):
+                        used[l * B:l * B + n] = True
+                else:   # flat: the first rows
+                    used[:want.layout[0].received_total] = True
+                assert 0 < int(used.sum()) < used.numel()
+                mine = torch.full_like(out.tokens, float("nan"))
+                mine[used.to(DEVICE)] = out.tokens[used.to(DEVICE)]   # identity experts, in the caller's tensor
+                out.expert_outputs.fill_(7.0)
+                if send_only:
+                    combined, hook = group.combine(mine, h, send_only=True)
+                    hook()
+                else:
+                    combined = group.combine(mine, h)
+                torch.cuda.synchronize()
+                want_combined = cpu.combine([t.clone() for t in want.tokens], want.handle)
+                assert counts == want.layout[0].expert_counters
+                assert same_bits(combined, want_combined[0]), f"seed {seed}: combined"
+                shared = out.expert_outputs.cpu()
+                assert torch.equal(shared[used], mine.cpu()[used]), f"seed {seed}: the received rows copied"
+                assert bool((shared[~used] == 7.0).all()), f"seed {seed}: rows outside the step were copied"
+        group.check()
+    finally:
+        group.close()
