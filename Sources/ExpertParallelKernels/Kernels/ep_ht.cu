@@ -1064,16 +1064,9 @@ ep_ht_combine_send(const EpArgs args) {
 #endif
 
 // ------------------------------------------------------------------------------------------
-// An NCCL rank's combine from the caller's expert outputs (x): the rows in use (padding
-// included) are copied into the buffer its peers read (recv), and nothing past them (the
-// expert-output buffer is sized for the receive capacity, not for this step).
+// An NCCL rank's combine from the caller's expert outputs: the rows in use (padding included)
+// copied into the buffer its peers read (ep_copy_received).
 extern "C" __global__ void __launch_bounds__(512, 2)
 ep_ht_copy_received(const EpArgs args) {
-    ep_grid_dependency();
-    const int rank = static_cast<int>(blockIdx.y + args.first_rank);
-    const ep_u32* hs = ep_hs(args, rank);
-    if (hs[H_STEP_OK] == 0) return;   // nothing was received, and nobody reads
-    const int rows = static_cast<int>(hs[H_LAYOUT + EP_L + EP_R + EP_L * EP_R]);
-    ep_copy_zones(reinterpret_cast<ep_u8*>(args.rank[rank].recv), reinterpret_cast<const ep_u8*>(args.rank[rank].x), 1,
-                  [](int) { return 0; }, [&](int) { return rows; });
+    ep_copy_received(args, 1, [](int) { return 0; }, [](const ep_u32* hs, int) { return static_cast<int>(hs[H_LAYOUT + EP_L + EP_R + EP_L * EP_R]); });
 }

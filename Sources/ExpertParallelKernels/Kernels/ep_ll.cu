@@ -833,23 +833,14 @@ ep_ll_combine_send(const EpArgs args) {
 #endif
 
 // ------------------------------------------------------------------------------------------
-// An NCCL rank's combine from the caller's expert outputs (x): the rows its peers read (the
-// step's received rows: per local expert from row l·R·BMAX expert-major, per source rank from
-// row s·BMAX rank-major) are copied into the buffer they read (recv), and nothing else: the
-// expert-output buffer is sized for the worst case (ll-std at one rank: 470 MB, of which the
-// step uses 15 MB).
+// An NCCL rank's combine from the caller's expert outputs: the step's received rows (per local
+// expert from row l·R·BMAX expert-major, per source rank from row s·BMAX rank-major) copied into
+// the buffer its peers read (ep_copy_received).
 extern "C" __global__ void __launch_bounds__(512, 2)
 ep_ll_copy_received(const EpArgs args) {
-    ep_grid_dependency();
-    const int rank = static_cast<int>(blockIdx.y + args.first_rank);
-    const ep_u32* hs = ep_hs(args, rank);
-    if (hs[H_STEP_OK] == 0) return;   // nothing was received, and nobody reads
-    const ep_u32* layout = hs + H_LAYOUT;
-    ep_u8* dst = reinterpret_cast<ep_u8*>(args.rank[rank].recv);
-    const ep_u8* src = reinterpret_cast<const ep_u8*>(args.rank[rank].x);
 #if EP_RANK_MAJOR
-    ep_copy_zones(dst, src, EP_R, [](int s) { return s * EP_BMAX; }, [&](int s) { return static_cast<int>(layout[EP_L + s]); });
+    ep_copy_received(args, EP_R, [](int s) { return s * EP_BMAX; }, [](const ep_u32* hs, int s) { return static_cast<int>(hs[H_LAYOUT + EP_L + s]); });
 #else
-    ep_copy_zones(dst, src, EP_L, [](int l) { return l * EP_R * EP_BMAX; }, [&](int l) { return static_cast<int>(layout[l]); });
+    ep_copy_received(args, EP_L, [](int l) { return l * EP_R * EP_BMAX; }, [](const ep_u32* hs, int l) { return static_cast<int>(hs[H_LAYOUT + l]); });
 #endif
 }

@@ -299,22 +299,29 @@ static_assert(EP_WARPS * 32 == EP_HOST_THREADS, "dispatch/combine threads per bl
 #define EP_CHUNK 8        // combine: rows loaded before the first use
 #endif
 
-// Copies the received rows of a rank's step from `src` into `dst` (both [receive rows,
-// EP_ROW_BYTES]), and nothing else: `zones` zones, zone z `count(z)` rows from row `first(z)`.
-// A warp per row, EP_UNROLL vectors a lane in flight. Every thread of the block calls it (the
-// block agrees on the longest zone, so items are zones × that, not every row of the buffer).
-// For an NCCL rank that combines from a caller's tensor: its peers read only these rows.
+// An NCCL rank's combine from a caller's expert outputs (args.rank[].x): copies the rows of this
+// rank's step that its peers read into the buffer they read (recv), and nothing else: `zones`
+// zones, zone z `count(hs, z)` rows (hs: the step's words) from row `first(z)`. The buffer is
+// sized for the worst case (ll-std at one rank: 470 MB, of which a step uses 15 MB). A warp per
+// row, EP_UNROLL vectors a lane in flight; the block agrees on the longest zone, so the items are
+// zones × that, not every row of the buffer. The whole kernel of each algorithm's copy.
 template <typename First, typename Count>
-EP_DEVICE void ep_copy_zones(ep_u8* __restrict__ dst, const ep_u8* __restrict__ src, int zones, First first, Count count) {
+EP_DEVICE void ep_copy_received(const EpArgs& args, int zones, First first, Count count) {
+    ep_grid_dependency();
+    const int rank = static_cast<int>(blockIdx.y + args.first_rank);
+    const ep_u32* hs = ep_hs(args, rank);
+    if (hs[H_STEP_OK] == 0) return;   // nothing was received, and nobody reads
+    ep_u8* __restrict__ dst = reinterpret_cast<ep_u8*>(args.rank[rank].recv);
+    const ep_u8* __restrict__ src = reinterpret_cast<const ep_u8*>(args.rank[rank].x);
     __shared__ int longest;
     if (threadIdx.x == 0) longest = 0;
     __syncthreads();
-    for (int z = threadIdx.x; z < zones; z += blockDim.x) atomicMax(&longest, count(z));
+    for (int z = threadIdx.x; z < zones; z += blockDim.x) atomicMax(&longest, count(hs, z));
     __syncthreads();
     const int rows = longest, lane = threadIdx.x % 32, warps = blockDim.x / 32;
     for (int item = blockIdx.x * warps + threadIdx.x / 32; item < zones * rows; item += gridDim.x * warps) {
         const int z = item % zones, j = item / zones;
-        if (j >= count(z)) continue;
+        if (j >= count(hs, z)) continue;
         const ep_u64 offset = static_cast<ep_u64>(first(z) + j) * EP_ROW_BYTES;
         const ep_u8* from = src + offset;
         ep_u8* to = dst + offset;
