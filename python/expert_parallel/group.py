@@ -616,24 +616,28 @@ class VirtualGroup(GroupBase):
             return None
         tokens, idx, weights = out[:3]
         counts = out[3] if len(out) == 4 else None
-        if counts is not None and _fast.look(counts, _I32_TYPES) is None:
+        seen_counts = None if counts is None else _fast.look(counts, _I32_TYPES)
+        if counts is not None and seen_counts is None:
             return None
-        if _fast.look(tokens, self._types_element) is None:
+        seen_tokens = _fast.look(tokens, self._types_element)
+        if seen_tokens is None:
             return None
         routing, device = self.recv_routing_shape, self._device
         if (routing is None) != (idx is None and weights is None):
             return None
-        if routing is not None and (_fast.look(idx, _INDEX_TYPES) is None or _fast.look(weights, _F32_TYPES) is None):
-            return None
+        if routing is not None:
+            seen_idx, seen_weights = _fast.look(idx, _INDEX_TYPES), _fast.look(weights, _F32_TYPES)
+            if seen_idx is None or seen_weights is None:
+                return None
         r = self.ranks
-        address = _fast.check(tokens, "out tokens", self._types_element, device, (r,) + tuple(self.recv_shape))[0]
+        address = _fast.check(tokens, "out tokens", self._types_element, device, (r,) + tuple(self.recv_shape), seen_tokens)[0]
         addresses = [address, 0, 0]
         if routing is not None:
             shape = (r,) + tuple(routing)
-            addresses[1] = _fast.check(idx, "out topk_idx", _I32_TYPES, device, shape)[0]
-            addresses[2] = _fast.check(weights, "out topk_weights", _F32_TYPES, device, shape)[0]
+            addresses[1] = _fast.check(idx, "out topk_idx", _I32_TYPES, device, shape, seen_idx)[0]
+            addresses[2] = _fast.check(weights, "out topk_weights", _F32_TYPES, device, shape, seen_weights)[0]
         addresses.append(0 if counts is None else
-                         _fast.check(counts, "out expert_counts", _I32_TYPES, device, (r, self.local_experts))[0])
+                         _fast.check(counts, "out expert_counts", _I32_TYPES, device, (r, self.local_experts), seen_counts)[0])
         if device != -1 and _arrays.kind(tokens) != "torch":
             raise InvalidArgumentError("out tokens: a NumPy array; a GPU group takes CUDA torch tensors")
         return tuple(addresses), (tokens, idx, weights, counts)
@@ -785,13 +789,15 @@ class VirtualGroup(GroupBase):
             if type(out) is not tuple and type(out) is not list or len(out) != 2:
                 return None
             combined, grads = out
-            if _fast.look(grads, _F32_TYPES) is None:
+            seen_grads = _fast.look(grads, _F32_TYPES)
+            if seen_grads is None:
                 return None
-        if _fast.look(combined, self._types_element) is None:
+        seen = _fast.look(combined, self._types_element)
+        if seen is None:
             return None
         r, device = self.ranks, self._device
-        address = _fast.check(combined, "out", self._types_element, device, (r, b, self.hidden))[0]
-        grads_address = 0 if grads is None else _fast.check(grads, "out gradients", _F32_TYPES, device, (r, b, self.top_k))[0]
+        address = _fast.check(combined, "out", self._types_element, device, (r, b, self.hidden), seen)[0]
+        grads_address = 0 if grads is None else _fast.check(grads, "out gradients", _F32_TYPES, device, (r, b, self.top_k), seen_grads)[0]
         if device != -1 and _arrays.kind(combined) != "torch":
             raise InvalidArgumentError("out: a NumPy array; a GPU group takes CUDA torch tensors")
         return address, grads_address, b, (list(combined), None if grads is None else list(grads))
