@@ -534,9 +534,12 @@ epResult_t epComplete(epHandle_t handle, void* stream);
  *     (and topkIdx outputs are int32). Combine reads the slot its step's dispatch used: given that
  *     slot's expert-output buffer it copies nothing; else it copies the rows of the caller's
  *     expertOutputs that the step received (the rows the other ranks read; the rest are neither
- *     read nor copied) and, for HT expert-major forward, the per-slot topkWeights, for HT
- *     backward the weightGradients, into the slot's buffers that the other ranks read, on the
- *     stream, then reduces. A step whose slot a later dispatch has used cannot combine (epInvalidUsage).
+ *     read nor copied; all of them where expertOutputs is not 8-byte aligned) and, for HT
+ *     expert-major forward, the per-slot topkWeights, for HT backward the weightGradients, into
+ *     the slot's buffers that the other ranks read, on the stream, then reduces. A send-only
+ *     combine copies the same way before its sending half; there, HT expert-major forward takes
+ *     only the slot's own per-slot weights (epBufferReceivedTopkWeights as its dispatch into that
+ *     slot's own buffers left them). A step whose slot a later dispatch has used cannot combine (epInvalidUsage).
  *   - epGroupGetInfo reports backend epBackendNCCLRank; epGroupGetLayoutInfo and
  *     epGroupGetActiveRanks answer for this process's rank. The collective *All calls,
  *     epGroupDeactivateRank and epGroupCleanRanks are not offered (epInvalidUsage).

@@ -65,7 +65,6 @@ extension NCCLRankGroup {
         direction: PassDirection = .forward, phase: CallPhase = .whole, stream: CUDAStream? = nil
     ) throws(EPError) {
         let handle = handle ?? implicitHandle
-        try engine.checkNothingPending()   // a pending send-only half may have peers reading the buffers copied into
         try TensorCheck.require(input.expertOutputs, "input.expertOutputs", dtypes: [config.elementType], shape: config.receiveShape, location: here)
         _ = try handle.dispatchedStep()
         let slot = try slotOfDispatch(handle)
@@ -79,7 +78,7 @@ extension NCCLRankGroup {
                 guard phase == .whole else {
                     throw .invalidArgument(
                         field: "input.topkWeights", value: "\(address(given))",
-                        requirement: "must be slots[\(slot)].receivedWeights for a send-only combine: a copy would be cleared before the peers have read it")
+                        requirement: "must be slots[\(slot)].receivedWeights as a dispatch into that slot's own buffers left them, for a send-only combine: a copy would have to be cleared before the peers have read it")
                 }
                 copies.append((given, weights))
             }
@@ -89,16 +88,22 @@ extension NCCLRankGroup {
             shared.weightGradients = gradients
             if let given = input.weightGradients { copies.append((given, gradients)) }
         }
+        // Every check before anything is copied: a pending send-only half may have peers reading
+        // these buffers, and a call refused for its output must leave them as they were.
+        _ = try checkCombine(handle, shared, output, direction: direction)
         let stream = stream ?? self.stream
         // The expert outputs: only the rows this step received, which are all the peers read
-        // (the buffer is sized for the worst case: at one rank of ll-std 470 MB against 15 MB).
+        // (the buffer is sized for the worst case: at one rank of ll-std 470 MB against 15 MB);
+        // a tensor that is not 8-byte aligned (a view at an odd element) is copied whole.
         let from = address(input.expertOutputs), to = address(buffers.expertOutputs)
-        if from != to {
-            let vectorBytes = engine.vectorBytes(CollectionOfOne(from), CollectionOfOne(address(output.tokens)))
+        if from % 8 != 0 {
+            copies.append((input.expertOutputs, buffers.expertOutputs))
+        } else if from != to {
+            let vectorBytes = engine.vectorBytes(CollectionOfOne(from), CollectionOfOne(to))
             try engine.copyReceivedRows(handle, from: { _ in from }, to: { _ in to }, vectorBytes: vectorBytes, options: .init(stream))
         }
         for (from, to) in copies where from.address != to.address { try copy(from, to: to, stream: stream) }
-        try combine(handle, [shared], into: [output], direction: direction, options: .init(stream, phase: phase))
+        try enqueueCombine(handle, shared, output, slot: slot, direction: direction, options: .init(stream, phase: phase))
         // The per-slot weights share the buffer that the next dispatch delivers weights into, and
         // whose slots it does not write read back as zero: clear what was copied in. The combine
         // returns only once every peer has read this rank's buffers (its done handshake).

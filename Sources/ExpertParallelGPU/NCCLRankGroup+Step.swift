@@ -70,13 +70,20 @@ extension NCCLRankGroup {
         _ handle: GPUStepHandle, _ inputs: [CombineInput], into outputs: [CombineOutput], direction: PassDirection = .forward,
         options: CallOptions = CallOptions()
     ) throws(EPError) {
-        try engine.checkNothingPending()
-        let step = try handle.currentStep()
         try engine.checkLocalCount(inputs.count, "inputs")
         try engine.checkLocalCount(outputs.count, "outputs")
+        let slot = try checkCombine(handle, inputs[0], outputs[0], direction: direction)
+        try enqueueCombine(handle, inputs[0], outputs[0], slot: slot, direction: direction, options: options)
+    }
+
+    /// A combine's checks (its inputs in the buffers of the slot its step's dispatch used): that
+    /// slot. Nothing is enqueued.
+    func checkCombine(_ handle: GPUStepHandle, _ input: CombineInput, _ output: CombineOutput, direction: PassDirection) throws(EPError) -> Int {
+        try engine.checkNothingPending()
+        let step = try handle.currentStep()
         _ = try handle.dispatchedStep()
         let slot = try slotOfDispatch(handle)
-        let input = inputs[0], output = outputs[0], buffers = slots[slot]
+        let buffers = slots[slot]
         try engine.shapes.validateCombine(input, output, tokens: step.routing[0].tokens, direction: direction, location: location)
         try requireShared(input.expertOutputs, buffers.expertOutputs, "input.expertOutputs", "slots[\(slot)].expertOutputs")
         try requireAligned(output.tokens, "output.tokens", 8)
@@ -88,6 +95,13 @@ extension NCCLRankGroup {
         if config.algorithm == .highThroughput, direction == .backward, let gradients = buffers.weightGradients {
             try requireShared(input.weightGradients, gradients, "input.weightGradients", "slots[\(slot)].weightGradients")
         }
+        return slot
+    }
+
+    /// Enqueues a combine that `checkCombine` passed.
+    func enqueueCombine(
+        _ handle: GPUStepHandle, _ input: CombineInput, _ output: CombineOutput, slot: Int, direction: PassDirection, options: CallOptions
+    ) throws(EPError) {
         let layout = config.layout, rank = self.rank
         try engine.combine(
             handle, into: { _ in CombineTarget(output) },

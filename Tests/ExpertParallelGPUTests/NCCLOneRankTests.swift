@@ -113,7 +113,7 @@ struct NCCLOneRankTests {
             let shared = HostTensor(config.elementType, config.receiveShape)
             try driver.copy(from: pointer(buffers.expertOutputs), to: shared.storage, byteCount: shared.byteCount)
             let sharedBytes = shared.bytes(), callerBytes = inputs.expertOutputs[0].bytes()
-            var inZones = Array(repeating: false, count: config.receiveShape[0])
+            var inZones = Array(repeating: false, count: config.receiveShape.dropLast().reduce(1, *))   // every row of the buffer
             for (start, count) in receivedZones(config, expected.layout) {
                 for row in start..<(start + count) { inZones[row] = true }
                 let bytes = (start * config.rowBytes)..<((start + count) * config.rowBytes)

@@ -158,13 +158,14 @@ def test_a_one_rank_nccl_group_is_zero_copy_and_matches_the_cpu(algorithm):
 
 
 @pytest.mark.parametrize("algorithm", ["ll", "ht"])
-@pytest.mark.parametrize("send_only", [False, True])
-def test_a_one_rank_nccl_group_combines_from_a_callers_tensor(algorithm, send_only):
+@pytest.mark.parametrize("send_only, offset", [(False, 0), (True, 0), (False, 1)])
+def test_a_one_rank_nccl_group_combines_from_a_callers_tensor(algorithm, send_only, offset):
     """Expert outputs in a tensor of the caller's (what DeepEP code passes): the library copies
     the rows the step received into the buffer the peers read, also for a send-only combine
     completed through its hook; the rows outside them are not copied (the buffer keeps what it
     held); the same bits as the CPU backend. The caller's rows outside the step are NaN, so a
-    combine that read them would show it."""
+    combine that read them would show it. `offset` 1: the caller's tensor a view one element into
+    its storage (2-byte aligned: copied whole, the same results)."""
     common = dict(experts=8, hidden=H, top_k=K, max_tokens=B, algorithm=algorithm)
     group = ep.NCCLGroup(rank=0, ranks=1, unique_id=ep.nccl_unique_id(), device=0, **common)
     cpu = ep.VirtualGroup(ranks=1, device="cpu", **common)
@@ -179,15 +180,17 @@ def test_a_one_rank_nccl_group_combines_from_a_callers_tensor(algorithm, send_on
                 out = group.dispatch(x.to(DEVICE), idx.to(DEVICE), w.to(DEVICE), handle=h)
                 want = cpu.dispatch([x], [idx], [w])
                 counts = out.expert_counts.tolist()
-                used = torch.zeros(out.tokens.shape[0], dtype=torch.bool)
-                if algorithm == "ll":   # expert-major: local expert l's rows from l * max_tokens
+                rows = out.tokens.view(-1, H)   # every row of the receive buffer ([L, Bmax, H] for LL expert-major)
+                used = torch.zeros(rows.shape[0], dtype=torch.bool)
+                if algorithm == "ll":   # expert-major at one rank: local expert l's rows from l * max_tokens
                     for l, n in enumerate(counts):
                         used[l * B:l * B + n] = True
                 else:   # flat: the first rows
                     used[:want.layout[0].received_total] = True
                 assert 0 < int(used.sum()) < used.numel()
-                mine = torch.full_like(out.tokens, float("nan"))
-                mine[used.to(DEVICE)] = out.tokens[used.to(DEVICE)]   # identity experts, in the caller's tensor
+                mine = torch.full((out.tokens.numel() + offset,), float("nan"), dtype=out.tokens.dtype,
+                                  device=DEVICE)[offset:].view(out.tokens.shape)
+                mine.view(-1, H)[used.to(DEVICE)] = rows[used.to(DEVICE)]   # identity experts, in the caller's tensor
                 out.expert_outputs.fill_(7.0)
                 if send_only:
                     combined, hook = group.combine(mine, h, send_only=True)
@@ -198,9 +201,10 @@ def test_a_one_rank_nccl_group_combines_from_a_callers_tensor(algorithm, send_on
                 want_combined = cpu.combine([t.clone() for t in want.tokens], want.handle)
                 assert counts == want.layout[0].expert_counters
                 assert same_bits(combined, want_combined[0]), f"seed {seed}: combined"
-                shared = out.expert_outputs.cpu()
-                assert torch.equal(shared[used], mine.cpu()[used]), f"seed {seed}: the received rows copied"
-                assert bool((shared[~used] == 7.0).all()), f"seed {seed}: rows outside the step were copied"
+                shared = out.expert_outputs.cpu().view(-1, H)
+                assert torch.equal(shared[used], mine.cpu().view(-1, H)[used]), f"seed {seed}: the received rows copied"
+                if offset == 0:
+                    assert bool((shared[~used] == 7.0).all()), f"seed {seed}: rows outside the step were copied"
         group.check()
     finally:
         group.close()

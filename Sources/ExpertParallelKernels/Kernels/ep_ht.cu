@@ -1068,5 +1068,7 @@ ep_ht_combine_send(const EpArgs args) {
 // copied into the buffer its peers read (ep_copy_received).
 extern "C" __global__ void __launch_bounds__(512, 2)
 ep_ht_copy_received(const EpArgs args) {
-    ep_copy_received(args, 1, [](int) { return 0; }, [](const ep_u32* hs, int) { return static_cast<int>(hs[H_LAYOUT + EP_L + EP_R + EP_L * EP_R]); });
+    ep_grid_dependency();
+    ep_copy_received(args, 1, [](int) { return 0; },
+                     [](const ep_u32* hs, int) { return static_cast<int>(min(hs[H_LAYOUT + EP_L + EP_R + EP_L * EP_R], static_cast<ep_u32>(EP_CAPACITY))); });
 }

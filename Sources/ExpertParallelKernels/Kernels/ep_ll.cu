@@ -838,9 +838,12 @@ ep_ll_combine_send(const EpArgs args) {
 // the buffer its peers read (ep_copy_received).
 extern "C" __global__ void __launch_bounds__(512, 2)
 ep_ll_copy_received(const EpArgs args) {
+    ep_grid_dependency();
 #if EP_RANK_MAJOR
-    ep_copy_received(args, EP_R, [](int s) { return s * EP_BMAX; }, [](const ep_u32* hs, int s) { return static_cast<int>(hs[H_LAYOUT + EP_L + s]); });
+    ep_copy_received(args, EP_R, [](int s) { return s * EP_BMAX; },
+                     [](const ep_u32* hs, int s) { return static_cast<int>(min(hs[H_LAYOUT + EP_L + s], static_cast<ep_u32>(EP_BMAX))); });
 #else
-    ep_copy_received(args, EP_L, [](int l) { return l * EP_R * EP_BMAX; }, [](const ep_u32* hs, int l) { return static_cast<int>(hs[H_LAYOUT + l]); });
+    ep_copy_received(args, EP_L, [](int l) { return l * EP_R * EP_BMAX; },
+                     [](const ep_u32* hs, int l) { return static_cast<int>(min(hs[H_LAYOUT + l], static_cast<ep_u32>(EP_R * EP_BMAX))); });
 #endif
 }

@@ -304,10 +304,10 @@ static_assert(EP_WARPS * 32 == EP_HOST_THREADS, "dispatch/combine threads per bl
 // zones, zone z `count(hs, z)` rows (hs: the step's words) from row `first(z)`. The buffer is
 // sized for the worst case (ll-std at one rank: 470 MB, of which a step uses 15 MB). A warp per
 // row, EP_UNROLL vectors a lane in flight; the block agrees on the longest zone, so the items are
-// zones × that, not every row of the buffer. The whole kernel of each algorithm's copy.
+// zones × that, not every row of the buffer. The body of each algorithm's copy kernel; `count`
+// bounds its counts by the zone's rows (ranks whose masks disagree may count more).
 template <typename First, typename Count>
 EP_DEVICE void ep_copy_received(const EpArgs& args, int zones, First first, Count count) {
-    ep_grid_dependency();
     const int rank = static_cast<int>(blockIdx.y + args.first_rank);
     const ep_u32* hs = ep_hs(args, rank);
     if (hs[H_STEP_OK] == 0) return;   // nothing was received, and nobody reads
