@@ -302,10 +302,9 @@ static_assert(EP_WARPS * 32 == EP_HOST_THREADS, "dispatch/combine threads per bl
 // An NCCL rank's combine from a caller's expert outputs (args.rank[].x): copies the rows of this
 // rank's step that its peers read into the buffer they read (recv), and nothing else: `zones`
 // zones, zone z `count(hs, z)` rows (hs: the step's words) from row `first(z)`. The buffer is
-// sized for the worst case (ll-std at one rank: 470 MB, of which a step uses 15 MB). A warp per
-// row, EP_UNROLL vectors a lane in flight; the block agrees on the longest zone, so the items are
-// zones × that, not every row of the buffer. The body of each algorithm's copy kernel; `count`
-// bounds its counts by the zone's rows (ranks whose masks disagree may count more).
+// sized for the worst case (ll-std at one rank: 470 MB, of which a step uses 15 MB). The body
+// of each algorithm's copy kernel; `count` bounds its counts by the zone's rows (ranks whose
+// masks disagree may count more).
 template <typename First, typename Count>
 EP_DEVICE void ep_copy_received(const EpArgs& args, int zones, First first, Count count) {
     const int rank = static_cast<int>(blockIdx.y + args.first_rank);
@@ -313,6 +312,27 @@ EP_DEVICE void ep_copy_received(const EpArgs& args, int zones, First first, Coun
     if (hs[H_STEP_OK] == 0) return;   // nothing was received, and nobody reads
     ep_u8* __restrict__ dst = reinterpret_cast<ep_u8*>(args.rank[rank].recv);
     const ep_u8* __restrict__ src = reinterpret_cast<const ep_u8*>(args.rank[rank].x);
+    const ep_u64 threads = ep_grid_threads();
+    if (zones == 1) {
+        // One zone (HT's rows in use; rank-major at one rank): one contiguous range, every thread
+        // of the grid on consecutive vectors, EP_UNROLL in flight (ep_copy_bytes's loop).
+        const ep_u64 vectors = static_cast<ep_u64>(count(hs, 0)) * EP_ROW_VECS;
+        const ep_u64 base = static_cast<ep_u64>(first(0)) * EP_ROW_BYTES;
+        for (ep_u64 i = ep_grid_thread(); i < vectors; i += EP_UNROLL * threads) {
+            ep_vec values[EP_UNROLL];
+#pragma unroll
+            for (int u = 0; u < EP_UNROLL; ++u) {
+                if (i + u * threads < vectors) values[u] = ep_load_vec(src + base + (i + u * threads) * EP_VEC_BYTES);
+            }
+#pragma unroll
+            for (int u = 0; u < EP_UNROLL; ++u) {
+                if (i + u * threads < vectors) ep_store_vec(dst + base + (i + u * threads) * EP_VEC_BYTES, values[u]);
+            }
+        }
+        return;
+    }
+    // Many zones of few rows (LL expert-major: ll-std at one rank 256 zones of ~4 rows): a warp
+    // per row.
     __shared__ int longest;
     if (threadIdx.x == 0) longest = 0;
     __syncthreads();
