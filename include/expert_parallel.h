@@ -538,8 +538,9 @@ epResult_t epComplete(epHandle_t handle, void* stream);
  *     expert-major forward, the per-slot topkWeights, for HT backward the weightGradients, into
  *     the slot's buffers that the other ranks read, on the stream, then reduces. A send-only
  *     combine copies the same way before its sending half; there, HT expert-major forward takes
- *     only the slot's own per-slot weights (epBufferReceivedTopkWeights as its dispatch into that
- *     slot's own buffers left them). A step whose slot a later dispatch has used cannot combine (epInvalidUsage).
+ *     only the slot's own per-slot weights (epBufferReceivedTopkWeights as its dispatch into
+ *     that slot's own buffers left them). A step whose slot a later dispatch has used cannot
+ *     combine (epInvalidUsage).
  *   - epGroupGetInfo reports backend epBackendNCCLRank; epGroupGetLayoutInfo and
  *     epGroupGetActiveRanks answer for this process's rank. The collective *All calls,
  *     epGroupDeactivateRank and epGroupCleanRanks are not offered (epInvalidUsage).
