@@ -96,15 +96,7 @@ struct NCCLOneRankTests {
             try driver.fill(pointer(buffers.expertOutputs), byte: poison, byteCount: buffers.expertOutputs.byteCount)
             let callers = try DeviceTensor(config.elementType, config.receiveShape, on: group.device)
             try callers.upload(inputs.expertOutputs[0])
-            let backward = direction == .backward && config.algorithm == .highThroughput
-            if backward, let g = inputs.weightGradients[0], let target = buffers.weightGradients {
-                try driver.copy(from: g.storage, to: pointer(target), byteCount: g.byteCount)
-            }
-            let weights: TensorRef? = config.layout == .expertMajor ? step.w.ref : config.isExpertMajorHT && !backward ? buffers.receivedWeights : nil
-            try group.combine(
-                copyingFrom: CombineInput(expertOutputs: callers.ref, topkWeights: weights, weightGradients: backward ? buffers.weightGradients : nil),
-                into: CombineOutput(tokens: step.combined.ref, topkWeightGradients: backward ? step.gradsOut.ref : nil), handle: handle,
-                direction: direction)
+            try step.combine(group, handle, slot: 0, direction: direction, copyingFrom: callers.ref)
             try group.checkStatus()
             let expected = try #require(try oracleStep(config, inputs, direction: direction)[0])
             let got = try step.result(group, handle, slot: 0, direction: direction)
@@ -184,18 +176,27 @@ struct OneRankStep {
                            direction: direction)
     }
 
-    func combine(_ group: NCCLRankGroup, _ handle: GPUStepHandle, slot: Int, direction: PassDirection) throws {
+    /// The step's combine. The experts write their outputs into the slot, or (`caller`) they
+    /// are in a tensor of the caller's, which the group copies from; backward, the weight
+    /// gradients go into the slot.
+    func combine(_ group: NCCLRankGroup, _ handle: GPUStepHandle, slot: Int, direction: PassDirection, copyingFrom caller: TensorRef? = nil) throws {
         let buffers = group.slots[slot], driver = group.device.driver
-        // The experts write their outputs (and, backward, the weight gradients) into the slot.
-        try driver.copy(from: inputs.expertOutputs[0].storage, to: DevicePointer(rawValue: UInt64(UInt(bitPattern: buffers.expertOutputs.address))),
-                        byteCount: inputs.expertOutputs[0].byteCount)
+        if caller == nil {
+            try driver.copy(from: inputs.expertOutputs[0].storage, to: DevicePointer(rawValue: UInt64(UInt(bitPattern: buffers.expertOutputs.address))),
+                            byteCount: inputs.expertOutputs[0].byteCount)
+        }
         let backward = direction == .backward && config.algorithm == .highThroughput
         if backward, let g = inputs.weightGradients[0], let target = buffers.weightGradients {
             try driver.copy(from: g.storage, to: DevicePointer(rawValue: UInt64(UInt(bitPattern: target.address))), byteCount: g.byteCount)
         }
         let weights: TensorRef? = config.layout == .expertMajor ? w.ref : config.isExpertMajorHT && direction == .forward ? buffers.receivedWeights : nil
-        try group.combine(handle, [CombineInput(expertOutputs: buffers.expertOutputs, topkWeights: weights, weightGradients: backward ? buffers.weightGradients : nil)],
-                          into: [CombineOutput(tokens: combined.ref, topkWeightGradients: backward ? gradsOut.ref : nil)], direction: direction)
+        let input = CombineInput(expertOutputs: caller ?? buffers.expertOutputs, topkWeights: weights, weightGradients: backward ? buffers.weightGradients : nil)
+        let output = CombineOutput(tokens: combined.ref, topkWeightGradients: backward ? gradsOut.ref : nil)
+        if caller != nil {
+            try group.combine(copyingFrom: input, into: output, handle: handle, direction: direction)
+        } else {
+            try group.combine(handle, [input], into: [output], direction: direction)
+        }
     }
 
     func result(_ group: NCCLRankGroup, _ handle: GPUStepHandle, slot: Int, direction: PassDirection) throws -> StepResult {
