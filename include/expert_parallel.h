@@ -45,7 +45,7 @@ extern "C" {
 #endif
 
 /* The ABI this header describes; epGetAbiVersion reports the library's. */
-#define EP_ABI_VERSION 6
+#define EP_ABI_VERSION 7
 /* Most dimensions an epTensor_t carries. */
 #define EP_MAX_DIMS 4
 
@@ -411,7 +411,13 @@ epResult_t epGroupGetLayoutInfo(epGroup_t group, int32_t rank, epLayoutInfo_t* i
  * Python package's VirtualGroup). The library checks each array like rank 0's epTensor_t of
  * the per-rank call (type, device, an address wherever there are elements) and its stride and
  * alignment; as with epTensor_t it cannot see how much memory an address has, so the sizes are
- * the caller's word. Host and virtual GPU groups (NCCL-rank groups: epInvalidUsage). */
+ * the caller's word. Host and virtual GPU groups; NCCL-rank groups since v7, with one part (this
+ * process's rank's: rankStride is not read): a dispatch receives into a buffer slot's own buffers
+ * (receivedTokens one slot's epBufferReceivedTokens; receivedTopkIdx, receivedTopkWeights and
+ * receivedScales that slot's or NULL), a combine reads a slot's own expertOutputs or copies the
+ * step's received rows of the caller's as epCombine does, and a NULL step is the per-rank calls'
+ * own step. One call then does an NCCL rank's update and dispatch (epHandleUpdate + epDispatch).
+ * (Before v7, NCCL-rank groups answered epInvalidUsage.) */
 
 typedef struct {
     void* data;             /* rank 0's part; NULL: not given (an input with no elements, or an
@@ -542,8 +548,9 @@ epResult_t epComplete(epHandle_t handle, void* stream);
  *     that slot's own buffers left them). A step whose slot a later dispatch has used cannot
  *     combine (epInvalidUsage).
  *   - epGroupGetInfo reports backend epBackendNCCLRank; epGroupGetLayoutInfo and
- *     epGroupGetActiveRanks answer for this process's rank. The collective *All calls,
- *     epGroupDeactivateRank and epGroupCleanRanks are not offered (epInvalidUsage).
+ *     epGroupGetActiveRanks answer for this process's rank. The stacked calls take this rank's
+ *     arrays (v7, see there). The collective *All calls, epGroupDeactivateRank and
+ *     epGroupCleanRanks are not offered (epInvalidUsage).
  *   - epGroupDestroy (with the group's last handle) ends the communicator: every rank does it,
  *     and it waits (bounded) for the others.                                                   */
 

@@ -146,7 +146,8 @@ public struct CheckedStackedDispatch: Sendable {
     public var input: DispatchInput { Self.views(call, shapes).input }
     public var output: DispatchOutput { Self.views(call, shapes).output }
 
-    public init(_ call: StackedDispatch, shapes: CallShapes, location: MemoryLocation, stepTokens: Int?) throws(EPError) {
+    /// `parts`: the ranks the arrays hold (default every rank of the group; an NCCL rank's call: 1).
+    public init(_ call: StackedDispatch, shapes: CallShapes, location: MemoryLocation, stepTokens: Int?, parts: Int? = nil) throws(EPError) {
         let config = shapes.config
         guard call.tokens >= 0, call.tokens <= config.maxTokensPerRank else {
             throw .invalidArgument(field: "tokens", value: "\(call.tokens)", requirement: "must be in 0...maxTokensPerRank (\(config.maxTokensPerRank))")
@@ -165,7 +166,7 @@ public struct CheckedStackedDispatch: Sendable {
             let views = Self.views(call, shapes)
             try shapes.validateDispatch(views.input, views.output, tokens: b, location: location)
         }
-        strides = try StackedStrides(ranks: config.ranks) { field in
+        strides = try StackedStrides(ranks: parts ?? config.ranks) { field in
             call[field].map { ($0, shapes.elements(field, tokens: b), { shapes.shape(field, tokens: b) }, field == .inputs || field == .received) }
         }
     }
@@ -233,6 +234,7 @@ public struct CheckedStackedCombine: Sendable {
     public var input: CombineInput { Self.views(call, shapes, most: tokens.max() ?? 0).input }
     public var output: CombineOutput { Self.views(call, shapes, most: tokens.max() ?? 0).output }
 
+    /// `tokens`: one entry per part (every rank of the group; an NCCL rank's call: its own).
     public init(_ call: StackedCombine, tokens: [Int], direction: PassDirection, shapes: CallShapes, location: MemoryLocation) throws(EPError) {
         self.call = call
         self.tokens = tokens
@@ -242,7 +244,7 @@ public struct CheckedStackedCombine: Sendable {
             let views = Self.views(call, shapes, most: most)   // the per-rank checks on rank 0's views: they name what is wrong
             try shapes.validateCombine(views.input, views.output, tokens: most, direction: direction, location: location)
         }
-        strides = try StackedStrides(ranks: shapes.config.ranks) { field in
+        strides = try StackedStrides(ranks: tokens.count) { field in
             call[field].map { ($0, shapes.elements(field, tokens: most), { shapes.shape(field, tokens: most) }, field == .expertOutputs || field == .combined) }
         }
     }

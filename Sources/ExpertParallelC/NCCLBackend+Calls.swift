@@ -144,4 +144,16 @@ extension NCCLBackend: RankCalls {
     func complete(_ stream: UnsafeMutableRawPointer?) throws {
         try group.complete(stream: self.stream(stream))
     }
+
+    /// The stacked calls (v7): one part, this rank's; the step the call names, or the per-rank
+    /// calls' own. The launch mode is not read (an NCCL rank's calls are single launches).
+    func dispatchStacked(_ call: StackedDispatch, _ settings: CallSettings, _ stream: UnsafeMutableRawPointer?) throws {
+        let group = try self.group, handle = try step(settings)
+        try group.dispatch(handle, stacked: call, direction: settings.direction, options: CallOptions(self.stream(stream), phase: settings.phase))
+    }
+
+    func combineStacked(_ call: StackedCombine, _ settings: CallSettings, _ stream: UnsafeMutableRawPointer?) throws {
+        let group = try self.group, handle = try step(settings)
+        try group.combine(handle, stacked: call, direction: settings.direction, options: CallOptions(self.stream(stream), phase: settings.phase))
+    }
 }

@@ -49,14 +49,26 @@ extension NCCLRankGroup {
         try requireAligned(input.tokens, "input.tokens", 8)
         try requireAligned(input.topkWeights, "input.topkWeights", 4)
         try requireAligned(input.scales, "input.scales", 4)
-        try engine.dispatch(
-            handle, sources: { _ in SendSide(input, counts: output) },
-            received: { [peers] r in
-                ReceiveBuffers(rows: peers[r].received(slot).rawValue, indices: peers[r].receivedIndices(slot).rawValue,
-                               weights: peers[r].receivedWeights(slot).rawValue, scales: peers[r].receivedScales(slot).rawValue)
-            },
-            receivedIndexBytes: 4, vectorBytes: engine.vectorBytes(CollectionOfOne(address(input.tokens)), EmptyCollection()),
-            options: options)
+        try enqueueDispatch(handle, SendSide(input, counts: output), slot: slot, update: nil, options: options)
+    }
+
+    /// Enqueues a checked dispatch of this rank's `source` into buffer slot `slot` on every rank
+    /// (the slot's received rows, ids, weights and scales: int32 ids); with `update` (this rank's
+    /// routing and its index bytes), the step's update first, in the same call.
+    func enqueueDispatch(_ handle: GPUStepHandle, _ source: SendSide, slot: Int, update: (RoutingRows, Int)?, options: CallOptions) throws(EPError) {
+        // Local functions, not closures: passed as non-escaping arguments they need no heap context.
+        func sources(_: Int) -> SendSide { source }
+        func received(_ r: Int) -> ReceiveBuffers {
+            ReceiveBuffers(rows: peers[r].received(slot).rawValue, indices: peers[r].receivedIndices(slot).rawValue,
+                           weights: peers[r].receivedWeights(slot).rawValue, scales: peers[r].receivedScales(slot).rawValue)
+        }
+        let vectorBytes = engine.vectorBytes(CollectionOfOne(source.tokens), EmptyCollection())
+        if let (routing, indexBytes) = update {
+            try engine.updateAndDispatch(handle, routing: [routing], indexBytes: indexBytes, sources: sources, received: received,
+                                         receivedIndexBytes: 4, vectorBytes: vectorBytes, options: options)
+        } else {
+            try engine.dispatch(handle, sources: sources, received: received, receivedIndexBytes: 4, vectorBytes: vectorBytes, options: options)
+        }
         recordDispatch(handle, slot: slot)
     }
 
@@ -102,16 +114,25 @@ extension NCCLRankGroup {
     func enqueueCombine(
         _ handle: GPUStepHandle, _ input: CombineInput, _ output: CombineOutput, slot: Int, direction: PassDirection, options: CallOptions
     ) throws(EPError) {
+        try enqueueCombine(handle, into: CombineTarget(output), sourceWeights: input.topkWeights.map(address) ?? 0, slot: slot,
+                           direction: direction, options: options)
+    }
+
+    /// Enqueues a checked combine of slot `slot`'s expert outputs into `target`; `sourceWeights`:
+    /// LL expert-major's `[B, K]` weights of this rank (0 for the other layouts).
+    func enqueueCombine(
+        _ handle: GPUStepHandle, into target: CombineTarget, sourceWeights: UInt64, slot: Int, direction: PassDirection, options: CallOptions
+    ) throws(EPError) {
         let layout = config.layout, rank = self.rank
         try engine.combine(
-            handle, into: { _ in CombineTarget(output) },
+            handle, into: { _ in target },
             experts: { [peers] r in
                 // LL expert-major weighs with the source's own [B, K]; HT expert-major with each
                 // destination's per-slot weights.
-                let weights = layout == .expertMajor ? (r == rank ? input.topkWeights.map(address) ?? 0 : 0) : peers[r].receivedWeights(slot).rawValue
+                let weights = layout == .expertMajor ? (r == rank ? sourceWeights : 0) : peers[r].receivedWeights(slot).rawValue
                 return ExpertSide(rows: peers[r].expertOutputs(slot).rawValue, weights: weights, weightGradients: peers[r].weightGradients(slot).rawValue)
             },
-            direction: direction, vectorBytes: engine.vectorBytes(CollectionOfOne(address(output.tokens)), EmptyCollection()), options: options)
+            direction: direction, vectorBytes: engine.vectorBytes(CollectionOfOne(target.tokens), EmptyCollection()), options: options)
     }
 
     /// Enqueues the second half of the last send-only dispatch or combine.

@@ -190,8 +190,16 @@ enum MockCUDA {
         try NVRTCLibrary(library: DynamicLibrary(name: NVRTCLibrary.libraryName, symbols: nvrtcSymbols()))
     }
 
-    static func nccl() throws -> NCCLLibrary {
-        try NCCLLibrary(library: DynamicLibrary(name: NCCLLibrary.libraryName, symbols: ncclSymbols()))
+    /// `peerPointers`: an NCCL that says where a peer's window is mapped (2.29's
+    /// `ncclGetPeerDevicePointer`, which answers "unreachable" here): a group of one rank then
+    /// maps its own buffers only, which the mock can build (the descriptor exchange it cannot).
+    static func nccl(peerPointers: Bool = false) throws -> NCCLLibrary {
+        var symbols = ncclSymbols()
+        if peerPointers {
+            symbols["ncclGetPeerDevicePointer"] = symbol({ _, _, _, out in out?.pointee = nil; return 0 }
+                as @convention(c) (OpaquePointer?, Int, Int32, UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> Int32)
+        }
+        return try NCCLLibrary(library: DynamicLibrary(name: NCCLLibrary.libraryName, symbols: symbols))
     }
 
     // MARK: - The tables
@@ -390,7 +398,13 @@ enum MockCUDA {
         t["ncclCommAbort"] = symbol({ _ in 0 } as @convention(c) (OpaquePointer?) -> Int32)
         t["ncclCommCount"] = symbol({ _, out in out?.pointee = 1; return 0 } as @convention(c) (OpaquePointer?, UnsafeMutablePointer<Int32>?) -> Int32)
         t["ncclCommUserRank"] = symbol({ _, out in out?.pointee = 0; return 0 } as @convention(c) (OpaquePointer?, UnsafeMutablePointer<Int32>?) -> Int32)
-        t["ncclAllGather"] = symbol({ _, _, _, _, _, _ in 0 } as @convention(c) (UnsafeRawPointer?, UnsafeMutableRawPointer?, Int, Int32, OpaquePointer?, OpaquePointer?) -> Int32)
+        // The communicator has one rank: the all-gather is a copy (ncclDataType_t's sizes by value).
+        t["ncclAllGather"] = symbol({ send, receive, count, type, _, _ in
+            let sizes = [1, 1, 4, 4, 8, 8, 2, 4, 8, 2]
+            guard type >= 0, Int(type) < sizes.count else { return 4 }   // ncclInvalidArgument
+            if let send, let receive, count > 0 { memmove(receive, send, count * sizes[Int(type)]) }
+            return 0
+        } as @convention(c) (UnsafeRawPointer?, UnsafeMutableRawPointer?, Int, Int32, OpaquePointer?, OpaquePointer?) -> Int32)
         t["ncclMemAlloc"] = symbol({ out, bytes in
             guard let address = MockCUDA.state.allocateNCCL(bytes) else { return 1 }   // ncclUnhandledCudaError
             out?.pointee = UnsafeMutableRawPointer(bitPattern: UInt(address))

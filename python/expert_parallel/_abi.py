@@ -7,7 +7,7 @@ the C compiler's in tests/test_c_abi.py.
 import ctypes
 from ctypes import POINTER, c_char_p, c_double, c_int32, c_int64, c_size_t, c_uint64, c_void_p
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 MAX_DIMS = 4
 NCCL_UNIQUE_ID_BYTES = 128
 

@@ -1,0 +1,80 @@
+import ExpertParallel
+import ExpertParallelCUDA
+
+/// An NCCL rank's stacked calls: each argument described once, as the virtual group's stacked
+/// calls take them (VirtualGPUGroup+Stacked.swift), with one part, this rank's. A dispatch with
+/// `call.topkIdx` is the step's update and its dispatch in one call, and the checks read the
+/// descriptions, building no view: the host cost of a torchrun job's step.
+extension NCCLRankGroup {
+    /// With `call.topkIdx`: `handle`'s update and its dispatch; without: a dispatch of
+    /// `handle`'s step again, `call.tokens` its rows. The received rows go to a buffer slot's own
+    /// receive buffers (`call.receivedTokens` names the slot; the received ids, weights and scales,
+    /// where given, must be that slot's too): the peers write them. Every argument is checked
+    /// first: a rejected call runs nothing and leaves the step as it was.
+    public func dispatch(
+        _ handle: GPUStepHandle, stacked call: StackedDispatch, direction: PassDirection = .forward, options: CallOptions = CallOptions()
+    ) throws(EPError) {
+        try engine.checkNothingPending()
+        let stepTokens = call.topkIdx == nil ? try handle.currentStep().routing[0].tokens : nil
+        let checked = try CheckedStackedDispatch(call, shapes: engine.shapes, location: location, stepTokens: stepTokens, parts: 1)
+        guard let slot = slots.firstIndex(where: { address($0.receivedTokens) == call.received.address }) else {
+            throw .invalidArgument(
+                field: "call.receivedTokens", value: "\(call.received.address)",
+                requirement: "must be the receive buffer of one of this rank's \(bufferSlots) buffer slots (epGroupGetBuffer): the other ranks write it (epDispatch receives into a tensor of the caller's)")
+        }
+        let own = slots[slot]
+        try requireSlotBuffer(call.receivedTopkIdx, own.receivedIndices, "call.receivedTopkIdx", slot: slot)
+        try requireSlotBuffer(call.receivedTopkWeights, own.receivedWeights, "call.receivedTopkWeights", slot: slot)
+        try requireSlotBuffer(call.receivedScales, own.receivedScales, "call.receivedScales", slot: slot)
+        let source = SendSide(tokens: checked.address(.inputs, rank: 0), weights: checked.address(.topkWeights, rank: 0),
+                              scales: checked.address(.scales, rank: 0), counts: checked.address(.expertCounts, rank: 0),
+                              sourceCounts: checked.address(.expertSourceCounts, rank: 0))
+        let update = call.topkIdx.map { (RoutingRows(address: checked.address(.topkIdx, rank: 0), tokens: call.tokens), $0.dtype.byteSize) }
+        try enqueueDispatch(handle, source, slot: slot, update: update, options: options)
+    }
+
+    /// The combine of `handle`'s dispatched step into `call.combined`. Expert outputs in the
+    /// slot's own buffer (the one its dispatch used) are read where they are; a tensor of the
+    /// caller's has the rows the step received copied in first (`combine(copyingFrom:)`). HT
+    /// expert-major forward takes the slot's received weights, HT backward its weight gradients.
+    public func combine(
+        _ handle: GPUStepHandle, stacked call: StackedCombine, direction: PassDirection = .forward, options: CallOptions = CallOptions()
+    ) throws(EPError) {
+        try engine.checkNothingPending()
+        let step = try handle.dispatchedStep()
+        let checked = try CheckedStackedCombine(call, tokens: [step.routing[0].tokens], direction: direction, shapes: engine.shapes,
+                                                location: location)
+        let slot = try slotOfDispatch(handle)
+        let own = slots[slot]
+        guard call.expertOutputs.address == address(own.expertOutputs) else {
+            let (input, output) = checked.rank(0)
+            try combine(copyingFrom: input, into: output, handle: handle, direction: direction, phase: options.phase,
+                        stream: options.stream.map { CUDAStream(rawValue: $0) })
+            return
+        }
+        if config.isExpertMajorHT, direction == .forward, let weights = own.receivedWeights {
+            try requireSlotBuffer(call.topkWeights, weights, "call.topkWeights", slot: slot, required: true)
+        }
+        if config.algorithm == .highThroughput, direction == .backward, let gradients = own.weightGradients {
+            try requireSlotBuffer(call.weightGradients, gradients, "call.weightGradients", slot: slot, required: true)
+        }
+        let target = CombineTarget(tokens: checked.address(.combined, rank: 0), weightGradients: checked.address(.topkWeightGradients, rank: 0))
+        try enqueueCombine(handle, into: target, sourceWeights: config.layout == .expertMajor ? checked.address(.topkWeights, rank: 0) : 0,
+                           slot: slot, direction: direction, options: options)
+    }
+
+    /// That a stacked argument is slot `slot`'s own `buffer` (the peers write or read it there),
+    /// or not given where not `required`; int32 where it holds ids.
+    private func requireSlotBuffer(_ given: StackedTensor?, _ buffer: TensorRef?, _ field: String, slot: Int, required: Bool = false) throws(EPError) {
+        guard let given else {
+            guard required, let buffer else { return }
+            throw .invalidArgument(field: field, value: "NULL", requirement: "must be slot \(slot)'s own buffer (\(address(buffer)))")
+        }
+        guard let buffer, given.address == address(buffer), given.dtype == buffer.dtype else {
+            throw .invalidArgument(
+                field: field, value: "\(given.address) (\(given.dtype))",
+                requirement: buffer.map { "must be slot \(slot)'s own buffer (\(address($0)), \($0.dtype)) or NULL: the other ranks write and read it there" }
+                    ?? "must be NULL: this group's layout has no such buffer")
+        }
+    }
+}

@@ -1,0 +1,164 @@
+import ExpertParallel
+import ExpertParallelCUDA
+@testable import ExpertParallelGPU
+import Testing
+
+/// An NCCL rank's stacked calls (one part: this rank's) launch what its per-rank calls launch
+/// for the same tensors: the same kernels with the same argument blocks, byte for byte, in
+/// every layout (an NCCL group of one rank over the mock driver and NCCL tables, so CI checks
+/// it without a GPU); and they refuse receive buffers that are not a slot's own, launching nothing.
+@Suite(.serialized)
+struct NCCLStackedCallMockTests {
+    typealias Arrays = StackedCallMockTests.Arrays
+
+    /// The per-rank cases of `StackedCallMockTests` at one rank.
+    static let cases: [(String, GroupConfig)] = StackedCallMockTests.cases.map { name, config in
+        var config = config
+        config.ranks = 1
+        return (name, config)
+    }
+
+    static func group(_ config: GroupConfig, device: GPUDevice) throws -> NCCLRankGroup {
+        try NCCLRankGroup(config, device: device, comm: NCCLComm(rawValue: OpaquePointer(bitPattern: 0xCC_0000)!), nccl: try MockCUDA.nccl(peerPointers: true))
+    }
+
+    /// A stacked dispatch of `a`'s inputs into slot `slot`'s own buffers.
+    static func dispatch(_ a: Arrays, _ group: NCCLRankGroup, slot: Int, tokens: Int, routing: Bool) -> StackedDispatch {
+        func own(_ t: TensorRef?) -> StackedTensor? {
+            t.map { StackedTensor(address: UInt64(UInt(bitPattern: $0.address)), dtype: $0.dtype, location: .device(0)) }
+        }
+        let buffers = group.slots[slot]
+        var call = a.stackedDispatch(tokens: tokens, routing: routing)
+        call.received = own(buffers.receivedTokens)!
+        call.receivedTopkIdx = own(buffers.receivedIndices)
+        call.receivedTopkWeights = own(buffers.receivedWeights)
+        call.receivedScales = own(buffers.receivedScales)
+        return call
+    }
+
+    static func stacked(_ t: TensorRef?) -> StackedTensor? {
+        t.map { StackedTensor(address: UInt64(UInt(bitPattern: $0.address)), dtype: $0.dtype, location: .device(0)) }
+    }
+
+    /// The same launches with the same argument blocks; where not, the 8-byte words that differ.
+    static func expectSame(_ stacked: [[UInt8]], _ perRank: [[UInt8]], _ name: String) {
+        #expect(stacked.count == perRank.count, "\(name): \(stacked.count) launches against \(perRank.count)")
+        for (i, (expected, got)) in zip(perRank, stacked).enumerated() {
+            let words = stride(from: 0, to: expected.count, by: 8).filter { expected[$0..<$0 + 8] != got[$0..<$0 + 8] }.map { $0 / 8 }
+            #expect(words.isEmpty, "\(name): launch \(i)'s argument block differs at words \(words)")
+        }
+    }
+
+    @Test(arguments: cases.indices)
+    func stackedCallsLaunchWhatPerRankCallsLaunch(_ index: Int) throws {
+        let (name, config) = Self.cases[index]
+        try MockCUDA.run { mock in
+            let device = try MockCUDA.device()
+            let group = try Self.group(config, device: device)
+            mock.captureParameterBytes = StepArguments.rankBytes + LaunchField.allCases.count * 8
+            let b = config.maxTokensPerRank - 1
+            let a = try Arrays(config, tokens: b, device: device)
+            let handle = try group.makeHandle()
+            defer { handle.release() }
+            let slot = 1, buffers = group.slots[slot]
+            let ht = config.algorithm == .highThroughput
+            // The weights combine applies: the source's (LL expert-major) or the slot's per-slot ones (HT padded).
+            let weights: TensorRef? = config.layout == .expertMajor ? a.part("w", 0) : config.isExpertMajorHT ? buffers.receivedWeights : nil
+            var counts = a.dispatchOutput(0)
+            counts.tokens = buffers.receivedTokens
+            let perRank = try StackedCallMockTests.launched(mock) {
+                try group.update(handle, topkIdx: [a.part("idx", 0)!])
+                try group.dispatch(handle, [a.dispatchInput(0)], slot: slot, counts: counts)
+                try group.combine(handle, [CombineInput(expertOutputs: buffers.expertOutputs, topkWeights: weights)],
+                                  into: [CombineOutput(tokens: a.part("out", 0)!)])
+                try group.dispatch(handle, [a.dispatchInput(0)], slot: slot, counts: counts)
+                if ht {
+                    try group.combine(handle, [CombineInput(expertOutputs: buffers.expertOutputs, weightGradients: buffers.weightGradients)],
+                                      into: [CombineOutput(tokens: a.part("out", 0)!, topkWeightGradients: a.part("gradOut", 0))], direction: .backward)
+                }
+            }
+            let stacked = try StackedCallMockTests.launched(mock) {
+                try group.dispatch(handle, stacked: Self.dispatch(a, group, slot: slot, tokens: b, routing: true))
+                try group.combine(handle, stacked: StackedCombine(expertOutputs: Self.stacked(buffers.expertOutputs)!, topkWeights: Self.stacked(weights),
+                                                                  combined: a.stacked["out"]!))
+                try group.dispatch(handle, stacked: Self.dispatch(a, group, slot: slot, tokens: b, routing: false), direction: .backward)
+                if ht {
+                    try group.combine(handle, stacked: StackedCombine(expertOutputs: Self.stacked(buffers.expertOutputs)!,
+                                                                      weightGradients: Self.stacked(buffers.weightGradients),
+                                                                      combined: a.stacked["out"]!, topkWeightGradients: a.stacked["gradOut"]),
+                                      direction: .backward)
+                }
+            }
+            // The update and the dispatch are two launches at an NCCL rank (no fused kernel there).
+            #expect(perRank.count == (ht ? 5 : 4), "\(name)")
+            Self.expectSame(stacked, perRank, name)
+            #expect(handle.bufferSlot == slot)
+        }
+    }
+
+    /// A combine from a tensor of the caller's copies the step's received rows into the slot's
+    /// buffer first, as `combine(copyingFrom:)` does; the same launches.
+    @Test(arguments: [0, 2])
+    func aStackedCombineFromTheCallersTensorCopiesAsThePerRankOneDoes(_ index: Int) throws {
+        let (name, config) = Self.cases[index]
+        try MockCUDA.run { mock in
+            let device = try MockCUDA.device()
+            let group = try Self.group(config, device: device)
+            mock.captureParameterBytes = StepArguments.rankBytes + LaunchField.allCases.count * 8
+            let b = config.maxTokensPerRank - 1
+            let a = try Arrays(config, tokens: b, device: device)
+            let handle = try group.makeHandle()
+            defer { handle.release() }
+            try group.dispatch(handle, stacked: Self.dispatch(a, group, slot: 0, tokens: b, routing: true))
+            let weights = config.layout == .expertMajor ? a.part("w", 0) : nil
+            let first = mock.launchedKernels.count
+            let perRank = try StackedCallMockTests.launched(mock) {
+                try group.combine(copyingFrom: CombineInput(expertOutputs: a.part("y", 0)!, topkWeights: weights), into: CombineOutput(tokens: a.part("out", 0)!),
+                                  handle: handle)
+            }
+            let kernels = Array(mock.launchedKernels[first...])
+            let stacked = try StackedCallMockTests.launched(mock) {
+                try group.combine(handle, stacked: StackedCombine(expertOutputs: a.stacked["y"]!, topkWeights: Self.stacked(weights),
+                                                                  combined: a.stacked["out"]!))
+            }
+            #expect(kernels.count == 2 && kernels[0].hasSuffix("_copy_received"), "\(name): \(kernels)")
+            Self.expectSame(stacked, perRank, name)
+        }
+    }
+
+    /// Receive buffers that are not the slot's own are named, and nothing is launched; nor is
+    /// the step changed: its combine still runs.
+    @Test func buffersNotTheSlotsOwnAreRefusedByName() throws {
+        let config = Self.cases[2].1   // HT flat: received ids and weights
+        try MockCUDA.run { mock in
+            let device = try MockCUDA.device()
+            let group = try Self.group(config, device: device)
+            let b = 2
+            let a = try Arrays(config, tokens: b, device: device)
+            let handle = try group.makeHandle()
+            defer { handle.release() }
+            let good = Self.dispatch(a, group, slot: 0, tokens: b, routing: true)
+            try group.dispatch(handle, stacked: good)
+            func refused(_ change: (inout StackedDispatch) -> Void, _ field: String, _ words: String) {
+                var bad = good
+                change(&bad)
+                let before = mock.launches
+                do {
+                    try group.dispatch(handle, stacked: bad)
+                    Issue.record("\(field): accepted")
+                } catch {
+                    #expect("\(error)".contains(field) && "\(error)".contains(words), "\(error)")
+                }
+                #expect(mock.launches == before, "\(field)")
+            }
+            refused({ $0.received = a.stacked["recv"]! }, "call.receivedTokens", "buffer slots")
+            refused({ $0.receivedTopkIdx = a.stacked["recvIdx"] }, "call.receivedTopkIdx", "slot 0's own buffer")
+            refused({ $0.receivedTopkWeights = a.stacked["recvW"] }, "call.receivedTopkWeights", "slot 0's own buffer")
+            refused({ $0.receivedTopkIdx?.dtype = .i64 }, "call.receivedTopkIdx", "i32")
+            refused({ $0.tokens = config.maxTokensPerRank + 1 }, "tokens", "maxTokensPerRank")
+            let before = mock.launches
+            try group.combine(handle, stacked: StackedCombine(expertOutputs: Self.stacked(group.slots[0].expertOutputs)!, combined: a.stacked["out"]!))
+            #expect(mock.launches == before + 1)
+        }
+    }
+}
