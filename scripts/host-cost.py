@@ -3,7 +3,7 @@ timed from Python, and inside them the C library's calls timed around their ctyp
 medians in µs. Stacked [R, B, ...] arrays take the stacked calls (epGroupDispatchStacked, which
 includes the update, and epGroupCombineStacked); per-rank lists (--lists) the per-rank ones
 (epGroupUpdateAll, epGroupDispatchAll, epGroupCombineAll); --nccl adds an NCCLGroup of one rank
-(epHandleUpdate, epDispatch, epCombine; combine from the slot's own expert-output buffer). What is left of the Python time
+(epGroupDispatchStacked with its one part, update included, and epGroupCombineStacked; combine from the slot's own expert-output buffer). What is left of the Python time
 beside the C calls is the package's own. Not a test: a measurement for the host-cost work.
 
     EP_LIBRARY=/path/libexpert_parallel.so PYTHONPATH=python python3 scripts/host-cost.py
@@ -49,7 +49,8 @@ def measure(name, ranks, calls, kind, device="cuda:0", stub=False, hidden=None):
     idx, w = (torch.from_numpy(numpy.stack(a)).to(device) for a in (inputs.idx, inputs.w))
     arguments = {"stacked": (x, idx, w), "lists": tuple(list(t.unbind(0)) for t in (x, idx, w)), "nccl": (x[0], idx[0], w[0])}[kind]
     stacked = kind == "stacked"
-    entries = ("_fn_dispatch_stacked", "_fn_combine_stacked") if stacked else ("_fn_update", "_fn_dispatch", "_fn_combine")
+    one_call = kind != "lists"   # stacked arrays, and an NCCL rank's one part: update and dispatch in one call
+    entries = ("_fn_dispatch_stacked", "_fn_combine_stacked") if one_call else ("_fn_update", "_fn_dispatch", "_fn_combine")
     c = {"update": [], "dispatch": [], "combine": []}
     for entry in entries:
         function = stubbed(getattr(group, entry)) if stub else getattr(group, entry)
@@ -68,7 +69,7 @@ def measure(name, ranks, calls, kind, device="cuda:0", stub=False, hidden=None):
         group.check()
     med = lambda values: statistics.median(values[calls // 10:]) * 1e6 if values else float("nan")  # noqa: E731
     label = {"stacked": "stacked", "lists": "per-rank lists", "nccl": "NCCL rank"}[kind] + (", C stubbed" if stub else "")
-    inside = (f"C update+dispatch {med(c['dispatch']):.1f}" if stacked
+    inside = (f"C update+dispatch {med(c['dispatch']):.1f}" if one_call
               else f"C update {med(c['update']):.1f} dispatch {med(c['dispatch']):.1f}")
     print(f"{name} R={ranks} {label}: Python dispatch {med(dispatch):.1f} combine {med(combine):.1f} | "
           f"{inside} combine {med(c['combine']):.1f}", flush=True)

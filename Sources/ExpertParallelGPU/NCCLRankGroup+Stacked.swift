@@ -42,12 +42,19 @@ extension NCCLRankGroup {
     ) throws(EPError) {
         try engine.checkNothingPending()
         let step = try handle.dispatchedStep()
-        let checked = try CheckedStackedCombine(call, tokens: [step.routing[0].tokens], direction: direction, shapes: engine.shapes,
-                                                location: location)
         let slot = try slotOfDispatch(handle)
         let own = slots[slot]
-        guard call.expertOutputs.address == address(own.expertOutputs) else {
-            let (input, output) = checked.rank(0)
+        // A caller's tensor that is not 8-byte aligned (a view at an odd element) is copied whole
+        // (`combine(copyingFrom:)`): the stride checks, which want rows 8-byte aligned, see the
+        // slot's buffer in its place.
+        let given = call.expertOutputs.address
+        var checkedCall = call
+        if given % 8 != 0 { checkedCall.expertOutputs.address = address(own.expertOutputs) }
+        let checked = try CheckedStackedCombine(checkedCall, tokens: [step.routing[0].tokens], direction: direction, shapes: engine.shapes,
+                                                location: location)
+        guard given == address(own.expertOutputs) else {
+            var (input, output) = checked.rank(0)
+            input.expertOutputs.address = UnsafeMutableRawPointer(bitPattern: UInt(given))
             try combine(copyingFrom: input, into: output, handle: handle, direction: direction, phase: options.phase,
                         stream: options.stream.map { CUDAStream(rawValue: $0) })
             return

@@ -123,6 +123,15 @@ struct NCCLStackedCallMockTests {
             }
             #expect(kernels.count == 2 && kernels[0].hasSuffix("_copy_received"), "\(name): \(kernels)")
             Self.expectSame(stacked, perRank, name)
+            // At a 2-byte offset: refused by no stride check, copied whole (no copy kernel), as per rank.
+            let room = try DeviceTensor(.u8, [config.receiveShape.reduce(1, *) * config.elementType.byteSize + 8], on: device)
+            let odd = TensorRef(address: room.ref.address.map { $0 + 2 }, dtype: config.elementType, shape: config.receiveShape, location: .device(0))
+            let oddStacked = Self.stacked(odd)!
+            let launches = mock.launches
+            try group.combine(copyingFrom: CombineInput(expertOutputs: odd, topkWeights: weights), into: CombineOutput(tokens: a.part("out", 0)!),
+                              handle: handle)
+            try group.combine(handle, stacked: StackedCombine(expertOutputs: oddStacked, topkWeights: Self.stacked(weights), combined: a.stacked["out"]!))
+            #expect(mock.launches == launches + 2, "\(name): one combine launch each, the copies whole")
         }
     }
 

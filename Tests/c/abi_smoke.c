@@ -428,6 +428,15 @@ static void ncclGroup(void) {
     CHECK_OK(epHandleCreate(group, 0, &handle));
     /* Host tensors on a GPU group are refused, naming the argument. */
     CHECK_FAILS(epHandleUpdate(handle, &update, NULL, NULL), epInvalidArgument, "topkIdx.location");
+    /* The stacked calls take this rank's one part (v7); received rows go to a slot's own buffers. */
+    epStackedDispatch_t d;
+    memset(&d, 0, sizeof d);
+    d.structSize = sizeof d;
+    d.tokens = 1;
+    d.topkIdx = (epStacked_t){b.idx, epInt32, -1, 0};
+    d.inputTokens = (epStacked_t){b.x, epFloat32, -1, 0};
+    d.receivedTokens = (epStacked_t){b.received, epFloat32, -1, 0};
+    CHECK_FAILS(epGroupDispatchStacked(group, &d, NULL), epInvalidArgument, "topkIdx.location");
     CHECK_OK(epHandleDestroy(handle));
     CHECK_OK(epGroupDestroy(group));
 }

@@ -66,10 +66,3 @@ class NCCLSlot:
         dtypes = {_abi.BF16: torch.bfloat16, _abi.F16: torch.float16, _abi.F32: torch.float32, _abi.U8: torch.uint8}
         self.combined = torch.zeros((group.max_tokens, group.hidden), dtype=dtypes[group._element], device=device)
         self.combined_grads = torch.zeros((group.max_tokens, group.top_k), dtype=torch.float32, device=device)
-        self.outputs = _abi.new(
-            _abi.DispatchOutputs, tokens=ctypes.pointer(self.tokens_desc),
-            topkIdx=None if self.idx_desc is None else ctypes.pointer(self.idx_desc),
-            topkWeights=None if self.weights_desc is None else ctypes.pointer(self.weights_desc),
-            layoutInfo=None, expertCounts=ctypes.pointer(self.counts_desc),
-            expertSourceCounts=ctypes.pointer(self.source_desc),
-            scales=None if self.scales_desc is None else ctypes.pointer(self.scales_desc))

@@ -189,64 +189,64 @@ class NCCLGroup(GroupBase):
             self._pending = target
 
     def _prepare_calls(self, entry):
-        """The data path's argument blocks, made once and patched per call: a descriptor per
-        argument (its address, rows and type change per call), the calls' input, output and config
-        structs pointing at them, and the entry points taking their addresses (`entry`:
+        """The data path's argument blocks, made once and patched per call: the update's
+        descriptor and structs (update()), and per buffer slot a stacked dispatch (one part: this
+        rank's; its received rows, ids, weights, scales and counts the slot's own for good) and a
+        stacked combine, with the entry points taking their addresses (`entry`:
         _library.addresses_entry)."""
-        device, h, k = self._device, self.hidden, self.top_k
+        device, k = self._device, self.top_k
         recv = self.recv_shape
-        self._fn_update, self._fn_dispatch, self._fn_combine = (entry(n) for n in ("epHandleUpdate", "epDispatch", "epCombine"))
-        self._handle_address = self._handle.value
+        self._fn_update = entry("epHandleUpdate")
+        self._fn_dispatch_stacked, self._fn_combine_stacked = entry("epGroupDispatchStacked"), entry("epGroupCombineStacked")
+        self._handle_address, self._group_address = self._handle.value, self._group.value
         self._idx = _fast.Descriptors(1, device, _abi.I32, (k,))
-        self._x = _fast.Descriptors(1, device, self._input_element, (h,))
-        self._w = _fast.Descriptors(1, device, _abi.F32, (k,))
-        self._s = None if self.recv_scales_shape is None else _fast.Descriptors(1, device, self._scale_type, self.recv_scales_shape[-1:])
-        self._y = _fast.Descriptors(1, device, self._element, recv[1:])
-        self._cw = _fast.Descriptors(1, device, _abi.F32, (k,))
         self._input_types, self._element_types = {self._input_element}, {self._element}
         self._common_combine = (tuple(recv), self._element, device, self.layout)   # what _combine_common compares
         # What _dispatch_common compares (FP8 pass-through rows come with scales: never the common call).
-        self._common = (h, k, self.max_tokens, -1 if self._input_element == _abi.E4M3 else self._input_element, device,
+        self._common = (self.hidden, k, self.max_tokens, -1 if self._input_element == _abi.E4M3 else self._input_element, device,
                         self.recv_routing_shape is not None)
         self._scale_types = {self._scale_type}
-        self._out = _fast.Descriptors(1, device, self._element, (h,))
-        self._out_g = _fast.Descriptors(1, device, _abi.F32, (k,))
         self._update_in = _abi.new(_abi.UpdateInputs, topkIdx=self._idx.pointers[0])
         self._update_config = _abi.new(_abi.UpdateConfig)
-        self._dispatch_in = _abi.new(_abi.DispatchInputs, tokens=self._x.pointers[0])
-        self._dispatch_config = _abi.new(_abi.DispatchConfig)
-        self._combine_in = _abi.new(_abi.CombineInputs)
-        self._combine_out = _abi.new(_abi.CombineOutputs, tokens=self._out.pointers[0])
-        self._combine_config = _abi.new(_abi.CombineConfig)
-        self._addresses = tuple(ctypes.addressof(v) for v in (
-            self._update_in, self._update_config, self._dispatch_in, self._dispatch_config, self._combine_in, self._combine_out,
-            self._combine_config))
-        self._dispatch_kind = self._combine_kind = None   # which optional inputs the structs point at, as last set
-        # Per slot: its outputs' address and pointers to its own buffers' descriptors.
-        self._slot_calls = [(ctypes.addressof(slot.outputs), _arrays.pointer(slot.expert_outputs_desc), _arrays.pointer(slot.weights_desc),
-                             _arrays.pointer(slot.grads_desc), {}) for slot in self._slots]
+        self._update_addresses = (ctypes.addressof(self._update_in), ctypes.addressof(self._update_config))
+        self._dispatch_calls, self._combine_calls = [], []
+        for slot in self._slots:
+            dispatch = _fast.StackedCall(_abi.StackedDispatch, device)
+            for name, descriptor in (("receivedTokens", slot.tokens_desc), ("receivedTopkIdx", slot.idx_desc),
+                                     ("receivedTopkWeights", slot.weights_desc), ("receivedScales", slot.scales_desc),
+                                     ("expertCounts", slot.counts_desc), ("expertSourceCounts", slot.source_desc)):
+                if descriptor is not None:
+                    dispatch.set(name, descriptor.data or 0, descriptor.dtype)
+            self._dispatch_calls.append(dispatch)
+            self._combine_calls.append(_fast.StackedCall(_abi.StackedCombine, device))
+        # Per slot: the combined rows (and weight gradients) of b tokens as views, by (b, backward HT).
+        self._combined_views = [{} for _ in self._slots]
 
     def _routing_rows(self, topk_idx):
-        """The rows of `topk_idx` (checked: [B, top_k] int32 or int64, B ≤ max_tokens), its
-        descriptor set."""
+        """(B, address, epDataType_t) of `topk_idx`, checked: [B, top_k] int32 or int64, B ≤ max_tokens."""
         self._require_torch(topk_idx, "topk_idx")
         tokens = int(topk_idx.shape[0]) if len(topk_idx.shape) == 2 else None
         if tokens is not None and tokens > self.max_tokens:
             raise InvalidArgumentError(f"topk_idx: {tokens} tokens; must be ≤ max_tokens ({self.max_tokens})")
         address, code, sizes = _fast.check(topk_idx, "topk_idx", _ROUTING_TYPES, self._device, (None, self.top_k))
-        self._idx.set(0, address, sizes[0], code)
-        return sizes[0]
+        return sizes[0], address, code
 
-    def _update(self, topk_idx, tokens, target, stream):
-        """Starts `target`'s step with the routing whose descriptor _routing_rows set."""
+    def _update(self, topk_idx, routing, target, stream):
+        """Starts `target`'s step with `topk_idx` (`routing`: what _routing_rows returned)."""
+        tokens, address, code = routing
+        self._idx.set(0, address, tokens, code)
         self._update_config.step = target._pointer
+        self._start_step(target)
+        a = self._update_addresses
+        check_status(self._fn_update(self._handle_address, a[0], a[1], self._raw(stream)))
+        target.tokens, target.topk_idx = tokens, topk_idx
+
+    def _start_step(self, target):
+        """`target`'s bookkeeping as a call that starts a new step on it is made."""
         if not target.own:
             self._own_step += 1  # earlier handles of the group's own step are void now
             target.step = self._own_step
         target.tokens = target.slot = target.topk_weights = None   # (a new step: none of the last one's weights)
-        a = self._addresses
-        check_status(self._fn_update(self._handle_address, a[0], a[1], self._raw(stream)))
-        target.tokens, target.topk_idx = tokens, topk_idx
 
     def dispatch(self, x: Array, topk_idx: Optional[Array] = None, topk_weights: Optional[Array] = None, *,
                  handle: Optional[Handle] = None, direction: Direction = "forward", stream: Any = None,
@@ -277,8 +277,10 @@ class NCCLGroup(GroupBase):
             if handle is not None:
                 self._check_handle(handle, dispatched=False)
             target = handle
+            idx = None   # (address, type) of new routing: the call starts a step
             if topk_idx is not None:
-                routing, b = topk_idx, self._routing_rows(topk_idx)
+                b, *idx = self._routing_rows(topk_idx)
+                routing = topk_idx
             elif handle is not None and handle.tokens is not None:
                 routing, b = handle.topk_idx, handle.tokens
             elif handle is None and self._pending is not None and self._pending.step == self._own_step:
@@ -290,41 +292,49 @@ class NCCLGroup(GroupBase):
                 raise InvalidArgumentError(f"topk_weights: None; layout {self.layout!r} sends the weights with the tokens")
             self._require_torch(x, "x")
             h, k, device = self.hidden, self.top_k, self._device
-            self._x.set(0, _fast.check(x, "x", self._input_types, device, (b, h))[0], b, self._input_element)
+            x_address = _fast.check(x, "x", self._input_types, device, (b, h))[0]
             self._require_scales(scales)
+            scale_words = None
             if scales is not None:
-                address, code, _ = _fast.check(scales, "scales", self._scale_types, device, (b, self.recv_scales_shape[-1]))
-                self._s.set(0, address, b, code)
+                scale_words = _fast.check(scales, "scales", self._scale_types, device, (b, self.recv_scales_shape[-1]))[:2]
+            weights = 0
             if topk_weights is not None:
-                self._w.set(0, _fast.check(topk_weights, "topk_weights", _F32_TYPES, device, (b, k))[0], b, _abi.F32)
-            return self._send(target, topk_idx, routing, b, topk_weights, scales is not None, direction_value, stream, wait_event,
-                              record_event, send_only)
+                weights = _fast.check(topk_weights, "topk_weights", _F32_TYPES, device, (b, k))[0]
+            raw = self._stream_of(stream, wait_event)
+            index = self._next_slot
+            call = self._dispatch_calls[index]
+            call.set("inputTokens", x_address, self._input_element)
+            call.set("topkIdx", *idx) if idx else call.clear("topkIdx")
+            call.set("topkWeights", weights, _abi.F32)   # (address 0: not given)
+            call.set("scales", *scale_words) if scale_words else call.clear("scales")
+            call.fields(b, direction_value, 0, _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE,
+                        None if target is None else target._pointer)
+            return self._send(index, call, target, topk_idx, routing, b, topk_weights, direction_value, raw, stream, record_event,
+                              send_only)
 
-    def _send(self, target, topk_idx, routing, b, topk_weights, scaled, direction_value, stream, wait_event, record_event,
-              send_only):
-        """A dispatch whose arguments are checked and whose descriptors are set: the update (when
-        `topk_idx` is given: the step starts) and the dispatch into the next buffer slot, for
-        `target` (None: the group's own step); its result."""
-        raw = self._raw(stream)   # (a stream or event of the wrong kind is named before anything changes)
+    def _stream_of(self, stream, wait_event):
+        """A call's CUstream, made to wait for `wait_event`: either of the wrong kind is named
+        before anything changes."""
+        raw = self._raw(stream)
         if wait_event is not None:
             _fast.wait(self._device, stream, wait_event)
-        kind = (topk_weights is not None, scaled)
-        if kind != self._dispatch_kind:   # point the inputs at the descriptors this call gives
-            self._dispatch_in.topkWeights = self._w.pointers[0] if kind[0] else None
-            self._dispatch_in.scales = self._s.pointers[0] if kind[1] else None
-            self._dispatch_kind = kind
-        index = self._next_slot
+        return raw
+
+    def _send(self, index, call, target, topk_idx, routing, b, topk_weights, direction_value, raw, stream, record_event, send_only):
+        """A dispatch whose arguments are checked and written into `call`, buffer slot `index`'s
+        stacked dispatch (with `topk_idx`: the step's update too, one call), for `target` (None:
+        the group's own step); its result."""
         slot = self._slots[index]
         self._next_slot = (index + 1) % len(self._slots)
         if target is None:
             target = Handle(self)
         if topk_idx is not None:  # every argument is checked: the step starts
-            self._update(topk_idx, b, target, stream)
-        config = self._dispatch_config
-        config.direction, config.step = direction_value, target._pointer
-        config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
-        a = self._addresses
-        check_status(self._fn_dispatch(self._handle_address, a[2], self._slot_calls[index][0], a[3], raw))
+            self._start_step(target)
+        status = self._fn_dispatch_stacked(self._group_address, call.address, raw)
+        if status:
+            check_status(status)
+        if topk_idx is not None:
+            target.tokens = b
         self._pending = None
         target.slot = index
         target.slot_use = slot.use = slot.use + 1
@@ -362,11 +372,13 @@ class NCCLGroup(GroupBase):
             return None
         if handle is not None:
             self._check_handle(handle, dispatched=False)
-        self._idx.set(0, topk_idx.data_ptr(), b, ic)
-        self._x.set(0, x.data_ptr(), b, x_code)
-        if topk_weights is not None:
-            self._w.set(0, topk_weights.data_ptr(), b, _abi.F32)
-        return self._send(handle, topk_idx, topk_idx, b, topk_weights, False, 0, stream, wait_event, record_event, send_only)
+        raw = self._stream_of(stream, wait_event)
+        index = self._next_slot
+        call = self._dispatch_calls[index]
+        # (Scales stay unset: only pass-through groups send them, and their calls are never this one.)
+        call.dispatch_arguments(x.data_ptr(), x_code, topk_idx.data_ptr(), ic, 0 if topk_weights is None else topk_weights.data_ptr(), b,
+                                _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, None if handle is None else handle._pointer)
+        return self._send(index, call, handle, topk_idx, topk_idx, b, topk_weights, 0, raw, stream, record_event, send_only)
 
     def combine(self, expert_outputs: Array, handle: Handle, *, direction: Direction = "forward",
                 weight_gradients: Optional[Array] = None, stream: Any = None, wait_event: Any = None,
@@ -413,18 +425,16 @@ class NCCLGroup(GroupBase):
                     f"step before {len(self._slots)} more dispatches")
             device = self._device
             address = _fast.check(expert_outputs, "expert_outputs", self._element_types, device, self.recv_shape)[0]
-            weights = None   # which weights the call applies: 1 the dispatch's, 2 the slot's received ones
+            weights = 0   # the address of the weights the call applies: the dispatch's or the call's, or the slot's received ones
             if forward_ll:
                 applied = handle.topk_weights if topk_weights is None else topk_weights
                 if applied is None:
                     raise InvalidArgumentError(NO_COMBINE_WEIGHTS)
                 if topk_weights is not None:
                     self._require_torch(topk_weights, "topk_weights")
-                address_w = _fast.check(applied, "topk_weights", _F32_TYPES, device, (handle.tokens, self.top_k))[0]
-                self._cw.set(0, address_w, handle.tokens, _abi.F32)
-                weights = 1
+                weights = _fast.check(applied, "topk_weights", _F32_TYPES, device, (handle.tokens, self.top_k))[0]
             elif direction_value == 0 and self.layout == "expert_major_padded":
-                weights = 2
+                weights = slot.weights_desc.data or 0
             if backward_ht:
                 self._require_torch(weight_gradients, "weight_gradients")
                 _fast.check(weight_gradients, "weight_gradients", _F32_TYPES, device, self.recv_routing_shape)
@@ -449,7 +459,7 @@ class NCCLGroup(GroupBase):
         if not (slot.use == handle.slot_use and expert_outputs.shape == shape and _fast.torch_codes.get(expert_outputs.dtype) == code
                 and expert_outputs.get_device() == device and expert_outputs.is_contiguous()):
             return None
-        b, caller, weights = handle.tokens, None, None
+        b, caller, weights = handle.tokens, None, 0
         if out is not None:
             if (type(out) is not _fast.tensor_type or out.shape != (b, self.hidden) or _fast.torch_codes.get(out.dtype) != code
                     or out.get_device() != device or not out.is_contiguous()):
@@ -460,61 +470,50 @@ class NCCLGroup(GroupBase):
             if (type(applied) is not _fast.tensor_type or applied.shape != (b, self.top_k)
                     or _fast.torch_codes.get(applied.dtype) != _abi.F32 or applied.get_device() != device or not applied.is_contiguous()):
                 return None
-            self._cw.set(0, applied.data_ptr(), b, _abi.F32)
-            weights = 1
+            weights = applied.data_ptr()
         elif topk_weights is not None:
             return None
         elif layout == "expert_major_padded":
-            weights = 2
+            weights = slot.weights_desc.data or 0
         return self._reduce(handle, slot, expert_outputs, expert_outputs.data_ptr(), weights, None, caller, 0, False, stream,
                             wait_event, record_event, send_only)
 
     def _reduce(self, handle, slot, expert_outputs, address, weights, weight_gradients, caller, direction_value, backward_ht,
                 stream, wait_event, record_event, send_only):
-        """A combine whose arguments are checked: `address` the expert outputs' (`expert_outputs`),
-        `weights` which weights it applies (None; 1: the descriptor _cw, set; 2: the slot's
-        received ones), `caller` the checked ``out`` (tokens, weight gradients) or None; into the
-        slot's combined rows otherwise. Its result."""
+        """A combine whose arguments are checked: `address` the expert outputs' (`expert_outputs`:
+        the slot's own buffer, or a tensor of the caller's whose received rows the library copies
+        there on the stream), `weights` the address of the weights it applies (0: none), `caller`
+        the checked ``out`` (tokens, weight gradients) or None; into the slot's combined rows
+        otherwise. Its result."""
         device, element, index = self._device, self._element, handle.slot
-        _, own_outputs, own_weights, own_grads, views = self._slot_calls[index]
         b = handle.tokens
-        if caller is not None:
-            combined, weight_grads = caller
-        if wait_event is not None:
-            _fast.wait(device, stream, wait_event)
-        own = address == slot.expert_outputs.data_ptr()   # the slot's own buffer, which its descriptor describes
-        if not own:   # the library copies the rows the step received into the slot's buffer, on the stream
-            self._y.set(0, address, self.recv_shape[0], element)
+        raw = self._stream_of(stream, wait_event)
         if backward_ht and weight_gradients.data_ptr() != slot.weight_grads.data_ptr():   # into the buffer the others read
             import torch
 
             with torch.cuda.stream(_fast.torch_stream(device, stream)):
                 slot.weight_grads.copy_(weight_gradients)
         if caller is not None:
+            combined, weight_grads = caller
             combined_address, grads_address = combined.data_ptr(), weight_grads.data_ptr() if backward_ht else 0
         else:
+            views = self._combined_views[index]
             targets = views.get((b, backward_ht))
             if targets is None:   # the combined rows (and weight gradients) of b tokens: views made once per slot
                 combined, weight_grads = slot.combined[:b], slot.combined_grads[:b] if backward_ht else None
                 targets = (combined, weight_grads, combined.data_ptr(), weight_grads.data_ptr() if backward_ht else 0)
                 views[(b, backward_ht)] = targets
             combined, weight_grads, combined_address, grads_address = targets   # (handed out detached: below)
-        self._out.set(0, combined_address, b, element)
-        if backward_ht:
-            self._out_g.set(0, grads_address, b, _abi.F32)
-        kind = (index, own, weights, backward_ht)
-        if kind != self._combine_kind:   # point the inputs and outputs at this call's descriptors
-            inputs = self._combine_in
-            inputs.expertOutputs = own_outputs if own else self._y.pointers[0]
-            inputs.topkWeights = self._cw.pointers[0] if weights == 1 else own_weights if weights == 2 else None
-            inputs.weightGradients = own_grads if backward_ht else None
-            self._combine_out.topkWeightGradients = self._out_g.pointers[0] if backward_ht else None
-            self._combine_kind = kind
-        config = self._combine_config
-        config.direction, config.step = direction_value, handle._pointer
-        config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
-        a = self._addresses
-        check_status(self._fn_combine(self._handle_address, a[4], a[5], a[6], self._raw(stream)))
+        call = self._combine_calls[index]
+        call.set("expertOutputs", address, element)
+        call.set("topkWeights", weights, _abi.F32)   # (address 0: not given)
+        call.set("weightGradients", (slot.grads_desc.data or 0) if backward_ht else 0, _abi.F32)
+        call.set("combinedTokens", combined_address, element)
+        call.set("topkWeightGradients", grads_address, _abi.F32)
+        call.fields(None, direction_value, 0, _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, handle._pointer)
+        status = self._fn_combine_stacked(self._group_address, call.address, raw)
+        if status:
+            check_status(status)
         # A new tensor object per call over the slot's rows: what a caller does to its own (autograd
         # history, in-place metadata) stays with it, not with the next combine's result.
         if caller is not None:

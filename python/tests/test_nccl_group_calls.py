@@ -1,7 +1,7 @@
 """NCCLGroup's data path without a GPU: a group of one NCCL rank built over CPU tensors, its
 library calls replaced by a recorder, so that what dispatch and combine hand the library (the
-descriptors of the caller's tensors and of the slot's own buffers, patched per call in structs
-made once) and what they return can be checked here. The calls themselves, on the device, run in
+stacked calls' one part: the caller's tensors and the slot's own buffers, patched per call in
+structs made once per slot) and what they return can be checked here. The calls themselves, on the device, run in
 the GPU suites (test_gpu_steps.py's one-rank NCCL group)."""
 
 import ctypes
@@ -41,22 +41,15 @@ class _Slot:
         self.counts_desc, self.source_desc = describe(self.counts, _abi.I32, "c"), describe(self.source_counts, _abi.I32, "s")
         self.combined = torch.zeros((group.max_tokens, group.hidden), dtype=element)
         self.combined_grads = torch.zeros((group.max_tokens, group.top_k))
-        pointer = lambda d: None if d is None else ctypes.pointer(d)  # noqa: E731
-        self.outputs = _abi.new(_abi.DispatchOutputs, tokens=pointer(self.tokens_desc), topkIdx=pointer(self.idx_desc),
-                                topkWeights=pointer(self.weights_desc), expertCounts=pointer(self.counts_desc),
-                                expertSourceCounts=pointer(self.source_desc))
 
 
-def descriptor(pointer):
-    """(address, dtype, sizes, strides) of an epTensor_t, or None."""
-    if not pointer:
-        return None
-    d = pointer.contents
-    return (d.data or 0, d.dtype, list(d.sizes[:d.ndim]), list(d.strides[:d.ndim]))
+def part(argument):
+    """(address, dtype) of an epStacked_t, or None where not given."""
+    return (argument.data, argument.dtype) if argument.data else None
 
 
-def of(tensor, dtype):
-    return (tensor.data_ptr(), dtype, list(tensor.shape), list(tensor.stride()))
+def at(tensor, dtype):
+    return (tensor.data_ptr(), dtype)
 
 
 @pytest.fixture
@@ -67,9 +60,8 @@ def recorded(monkeypatch):
 
     def entry(name):
         def run(handle, *addresses):
-            structs = {"epHandleUpdate": (_abi.UpdateInputs, _abi.UpdateConfig),
-                       "epDispatch": (_abi.DispatchInputs, _abi.DispatchOutputs, _abi.DispatchConfig),
-                       "epCombine": (_abi.CombineInputs, _abi.CombineOutputs, _abi.CombineConfig)}[name]
+            structs = {"epHandleUpdate": (_abi.UpdateInputs, _abi.UpdateConfig), "epGroupDispatchStacked": (_abi.StackedDispatch,),
+                       "epGroupCombineStacked": (_abi.StackedCombine,)}[name]
             calls.append((name, [ctypes.cast(a, ctypes.POINTER(cls)).contents for a, cls in zip(addresses, structs)]))
             return _abi.SUCCESS
         return run
@@ -111,26 +103,28 @@ def test_each_call_hands_the_library_its_own_tensors_and_the_slots_buffers(recor
         calls.clear()
         out = group.dispatch(x, idx, w)
         slot = group._slots[n % 2]
-        (update, (u_in, u_config)), (dispatch, (d_in, d_out, d_config)) = calls
-        assert (update, dispatch) == ("epHandleUpdate", "epDispatch")
-        assert descriptor(u_in.topkIdx) == of(idx, _abi.I32) and u_config.step is None
-        assert descriptor(d_in.tokens) == of(x, _abi.BF16) and descriptor(d_in.topkWeights) == of(w, _abi.F32)
-        assert not d_in.scales and ctypes.addressof(d_out) == ctypes.addressof(slot.outputs)
-        assert (d_config.direction, d_config.step, d_config.phase) == (0, None, _abi.PHASE_WHOLE)
+        ((name, (d,)),) = calls   # the update and the dispatch, one call
+        assert name == "epGroupDispatchStacked" and d.tokens == tokens
+        assert part(d.topkIdx) == at(idx, _abi.I32) and part(d.inputTokens) == at(x, _abi.BF16)
+        assert part(d.topkWeights) == at(w, _abi.F32) and part(d.scales) is None
+        assert part(d.receivedTokens) == at(slot.tokens, _abi.BF16)
+        assert part(d.receivedTopkIdx) == (None if slot.idx is None else at(slot.idx, _abi.I32))
+        assert part(d.expertCounts) == at(slot.counts, _abi.I32) and part(d.expertSourceCounts) == at(slot.source_counts, _abi.I32)
+        assert (d.direction, d.step, d.phase) == (0, None, _abi.PHASE_WHOLE)
         assert out.tokens is slot.tokens and out.expert_outputs is slot.expert_outputs and out.handle.slot == n % 2
         assert out.expert_counts is slot.counts and out.handle.tokens == tokens and out.event is None and out.hook is None
 
         calls.clear()
         y = out.expert_outputs if n % 2 else torch.randn(group.recv_shape).to(torch.bfloat16)   # the slot's own, or the caller's
         combined = group.combine(y, out.handle)
-        ((name, (c_in, c_out, c_config)),) = calls
-        assert name == "epCombine" and (c_config.direction, c_config.step, c_config.phase) == (0, None, _abi.PHASE_WHOLE)
-        assert descriptor(c_in.expertOutputs) == of(y, _abi.BF16)
+        ((name, (c,)),) = calls
+        assert name == "epGroupCombineStacked" and (c.direction, c.step, c.phase) == (0, None, _abi.PHASE_WHOLE)
+        assert part(c.expertOutputs) == at(y, _abi.BF16)
         # LL expert-major's forward combine applies the dispatch's weights; rank-major's rows came weighted.
-        assert descriptor(c_in.topkWeights) == (of(w, _abi.F32) if layout == "expert_major" else None)
-        assert not c_in.weightGradients and not c_out.topkWeightGradients
+        assert part(c.topkWeights) == (at(w, _abi.F32) if layout == "expert_major" else None)
+        assert part(c.weightGradients) is None and part(c.topkWeightGradients) is None
         assert combined.data_ptr() == slot.combined.data_ptr() and list(combined.shape) == [tokens, group.hidden]
-        assert descriptor(c_out.tokens) == of(combined, _abi.BF16)
+        assert part(c.combinedTokens) == at(combined, _abi.BF16)
 
 
 def test_handles_send_only_and_the_backward_pass_reach_the_library(recorded):
@@ -139,22 +133,23 @@ def test_handles_send_only_and_the_backward_pass_reach_the_library(recorded):
     x, idx, w = step(group, 5, 7)
     calls.clear()
     out = group.dispatch(x, idx, w, handle=own, send_only=True)
-    assert calls[0][1][1].step == 0x5000 and calls[1][1][2].step == 0x5000 and calls[1][1][2].phase == _abi.PHASE_SEND_ONLY
+    ((name, (d,)),) = calls
+    assert name == "epGroupDispatchStacked" and d.step == 0x5000 and d.phase == _abi.PHASE_SEND_ONLY and part(d.topkIdx) == at(idx, _abi.I32)
     out.hook()
     assert calls[-1][0] == "epComplete"
     calls.clear()
     slot = group._slots[0]
     slot.weight_grads.copy_(torch.rand(group.recv_routing_shape))
     combined, grads = group.combine(out.expert_outputs, own, direction="backward", weight_gradients=slot.weight_grads)
-    ((name, (c_in, c_out, c_config)),) = calls
-    assert (c_config.direction, c_config.step) == (1, 0x5000)
-    assert descriptor(c_in.weightGradients) == of(slot.weight_grads, _abi.F32) and not c_in.topkWeights
-    assert descriptor(c_out.topkWeightGradients) == of(grads, _abi.F32) and list(grads.shape) == [5, group.top_k]
-    # The forward combine after it points the inputs back (no weight gradients; flat rows came weighted).
+    ((name, (c,)),) = calls
+    assert (c.direction, c.step) == (1, 0x5000)
+    assert part(c.weightGradients) == at(slot.weight_grads, _abi.F32) and part(c.topkWeights) is None
+    assert part(c.topkWeightGradients) == at(grads, _abi.F32) and list(grads.shape) == [5, group.top_k]
+    # The forward combine after it clears them again (no weight gradients; flat rows came weighted).
     calls.clear()
     group.combine(out.expert_outputs, own)
-    ((_, (c_in, c_out, c_config)),) = calls
-    assert c_config.direction == 0 and not c_in.weightGradients and not c_out.topkWeightGradients
+    ((_, (c,)),) = calls
+    assert c.direction == 0 and part(c.weightGradients) is None and part(c.topkWeightGradients) is None
 
 
 def test_bad_arguments_get_named_errors_and_reach_no_call(recorded):
@@ -176,7 +171,7 @@ def test_bad_arguments_get_named_errors_and_reach_no_call(recorded):
         group.combine(out.expert_outputs, out.handle, direction="sideways")
     assert calls == []
     group.combine(out.expert_outputs, out.handle)   # the step is still whole
-    assert [name for name, _ in calls] == ["epCombine"]
+    assert [name for name, _ in calls] == ["epGroupCombineStacked"]
 
 
 def test_an_optional_input_is_pointed_at_or_cleared_per_call(recorded):
@@ -185,8 +180,7 @@ def test_an_optional_input_is_pointed_at_or_cleared_per_call(recorded):
     for weights in (w, None, w):
         calls.clear()
         group.dispatch(x, idx, weights)
-        inputs = calls[-1][1][0]
-        assert descriptor(inputs.topkWeights) == (None if weights is None else of(w, _abi.F32))
+        assert part(calls[-1][1][0].topkWeights) == (None if weights is None else at(w, _abi.F32))
 
 
 def test_each_combine_hands_out_a_tensor_of_its_own_over_the_slots_rows(recorded):
@@ -220,9 +214,9 @@ def test_combine_writes_into_out_and_applies_weights_given_to_it(recorded):
     mine, other = torch.empty(5, group.hidden, dtype=torch.bfloat16), torch.rand(5, group.top_k)
     calls.clear()
     combined = group.combine(out.expert_outputs, out.handle, topk_weights=other, out=mine)
-    ((name, (c_in, c_out, _)),) = calls
-    assert combined is mine and descriptor(c_out.tokens) == of(mine, _abi.BF16)
-    assert descriptor(c_in.topkWeights) == of(other, _abi.F32)
+    ((name, (c,)),) = calls
+    assert combined is mine and part(c.combinedTokens) == at(mine, _abi.BF16)
+    assert part(c.topkWeights) == at(other, _abi.F32)
     # Without them again: the slot's combined rows, and the dispatch's weights (here none: an error).
     calls.clear()
     with pytest.raises(ep.InvalidArgumentError, match="topk_weights: given neither to dispatch nor to combine"):
@@ -230,8 +224,8 @@ def test_combine_writes_into_out_and_applies_weights_given_to_it(recorded):
     out = group.dispatch(x, idx, w)
     calls.clear()
     combined = group.combine(out.expert_outputs, out.handle)
-    ((_, (c_in, c_out, _)),) = calls
-    assert descriptor(c_in.topkWeights) == of(w, _abi.F32) and descriptor(c_out.tokens) == of(combined, _abi.BF16)
+    ((_, (c,)),) = calls
+    assert part(c.topkWeights) == at(w, _abi.F32) and part(c.combinedTokens) == at(combined, _abi.BF16)
     assert combined.data_ptr() == group._slots[1].combined.data_ptr()
 
 
@@ -243,9 +237,9 @@ def test_combine_into_out_for_the_backward_pass_of_ht(recorded):
     calls.clear()
     result = group.combine(out.expert_outputs, out.handle, direction="backward", weight_gradients=group._slots[0].weight_grads,
                            out=(tokens, grads))
-    ((_, (_, c_out, _)),) = calls
+    ((_, (c,)),) = calls
     assert result[0] is tokens and result[1] is grads
-    assert descriptor(c_out.tokens) == of(tokens, _abi.F32) and descriptor(c_out.topkWeightGradients) == of(grads, _abi.F32)
+    assert part(c.combinedTokens) == at(tokens, _abi.F32) and part(c.topkWeightGradients) == at(grads, _abi.F32)
 
 
 def test_bad_combine_outputs_and_weights_get_named_errors_and_reach_no_call(recorded):
@@ -323,16 +317,16 @@ def test_deep_ep_low_latency_calls_on_an_nccl_rank_are_the_library_calls_alone(r
         seen = _TorchCalls()
         with seen:
             recv_x, count, handle, _, _ = buffer.low_latency_dispatch(x, idx, 8, 16, use_fp8=False)
-        assert [name for name, _ in calls] == ["epHandleUpdate", "epDispatch"]
-        (_, (u_in, _)), (_, (d_in, d_out, _)) = calls
-        assert descriptor(u_in.topkIdx) == of(idx, _abi.I64) and descriptor(d_in.tokens) == of(x, _abi.BF16)
-        assert not d_in.topkWeights and recv_x is group._slots[1].tokens and count is group._slots[1].counts
+        ((name, (d,)),) = calls
+        assert name == "epGroupDispatchStacked"
+        assert part(d.topkIdx) == at(idx, _abi.I64) and part(d.inputTokens) == at(x, _abi.BF16)
+        assert part(d.topkWeights) is None and recv_x is group._slots[1].tokens and count is group._slots[1].counts
         calls.clear()
         with seen:
             combined, _, _ = buffer.low_latency_combine(recv_x, idx, w, handle)
-        ((name, (c_in, c_out, _)),) = calls
-        assert name == "epCombine" and descriptor(c_out.tokens) == of(combined, _abi.BF16) and list(combined.shape) == [6, 32]
-        assert descriptor(c_in.topkWeights) == of(w, _abi.F32) and descriptor(c_in.expertOutputs) == of(recv_x, _abi.BF16)
+        ((name, (c,)),) = calls
+        assert name == "epGroupCombineStacked" and part(c.combinedTokens) == at(combined, _abi.BF16) and list(combined.shape) == [6, 32]
+        assert part(c.topkWeights) == at(w, _abi.F32) and part(c.expertOutputs) == at(recv_x, _abi.BF16)
         work = {"copy_", "fill_", "zero_", "zeros", "zeros_like", "where", "clone", "float", "to", "ge", "__ge__"}
         assert not work & set(seen.names), sorted(work & set(seen.names))
         # A routing other than the dispatch's tensor: its -1 entries are masked in weights of the call's own.
@@ -340,8 +334,8 @@ def test_deep_ep_low_latency_calls_on_an_nccl_rank_are_the_library_calls_alone(r
         other = idx.clone()
         other[1, 0] = -1
         buffer.low_latency_combine(recv_x, other, w, handle)
-        ((_, (c_in, _, _)),) = calls
-        applied = ctypes.cast(c_in.topkWeights.contents.data, ctypes.POINTER(ctypes.c_float * 24)).contents
+        ((_, (c,)),) = calls
+        applied = ctypes.cast(c.topkWeights.data, ctypes.POINTER(ctypes.c_float * 24)).contents
         assert list(applied) == torch.where(other >= 0, w, 0.0).flatten().tolist()
     finally:
         dist.destroy_process_group()
@@ -357,9 +351,9 @@ def test_the_common_dispatch_is_checked_in_line_and_anything_else_takes_the_gene
     for weights in (w, None):   # LL expert-major: weights or none, both common
         calls.clear()
         out = group.dispatch(x, wide, weights)
-        (_, (u_in, _)), (_, (d_in, _, _)) = calls
-        assert descriptor(u_in.topkIdx) == of(wide, _abi.I64) and descriptor(d_in.tokens) == of(x, _abi.BF16)
-        assert descriptor(d_in.topkWeights) == (None if weights is None else of(w, _abi.F32)) and out.handle.tokens == 6
+        ((_, (d,)),) = calls
+        assert part(d.topkIdx) == at(wide, _abi.I64) and part(d.inputTokens) == at(x, _abi.BF16)
+        assert part(d.topkWeights) == (None if weights is None else at(w, _abi.F32)) and out.handle.tokens == 6
     assert general == []
     for odd in (dict(x=x[:, :16]), dict(idx=idx.t().contiguous().t()), dict(w=w.double())):   # each named by the general path
         with pytest.raises(ep.InvalidArgumentError):
@@ -377,9 +371,9 @@ def test_the_common_combine_is_checked_in_line_and_anything_else_takes_the_gener
     monkeypatch.setattr(nccl_group._fast, "check", lambda value, name, *a, **k: checked.append(name) or check(value, name, *a, **k))
     calls.clear()
     combined = group.combine(out.expert_outputs, out.handle)
-    ((_, (c_in, c_out, _)),) = calls
-    assert checked == [] and descriptor(c_out.tokens) == of(combined, _abi.BF16)
-    assert descriptor(c_in.topkWeights) == (of(w, _abi.F32) if layout == "expert_major" else None)
+    ((_, (c,)),) = calls
+    assert checked == [] and part(c.combinedTokens) == at(combined, _abi.BF16)
+    assert part(c.topkWeights) == (at(w, _abi.F32) if layout == "expert_major" else None)
     with pytest.raises(ep.InvalidArgumentError, match="expert_outputs: dtype torch.float32"):
         group.combine(out.expert_outputs.float(), out.handle)
     assert checked == ["expert_outputs"]
