@@ -271,5 +271,19 @@ class StackedCall:
         self.fields(None, 0, 0, phase, step)
         self._call = key
 
+    def rank_combine(self, outputs, element, weights, gradients, combined, combined_gradients, direction, phase, step):
+        """An NCCL rank's combine (one part): every argument at once (addresses; 0: not given),
+        one comparison when they are the last call's."""
+        key = (outputs, element, weights, gradients, combined, combined_gradients, direction, phase, step)
+        if key == self._call:
+            return
+        self.set("expertOutputs", outputs, element)
+        self.set("topkWeights", weights, _abi.F32)
+        self.set("weightGradients", gradients, _abi.F32)
+        self.set("combinedTokens", combined, element)
+        self.set("topkWeightGradients", combined_gradients, _abi.F32)
+        self.fields(None, direction, 0, phase, step)
+        self._call = key
+
     def clear(self, name):
         self.set(name, 0)

@@ -505,12 +505,8 @@ class NCCLGroup(GroupBase):
                 views[(b, backward_ht)] = targets
             combined, weight_grads, combined_address, grads_address = targets   # (handed out detached: below)
         call = self._combine_calls[index]
-        call.set("expertOutputs", address, element)
-        call.set("topkWeights", weights, _abi.F32)   # (address 0: not given)
-        call.set("weightGradients", (slot.grads_desc.data or 0) if backward_ht else 0, _abi.F32)
-        call.set("combinedTokens", combined_address, element)
-        call.set("topkWeightGradients", grads_address, _abi.F32)
-        call.fields(None, direction_value, 0, _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, handle._pointer)
+        call.rank_combine(address, element, weights, (slot.grads_desc.data or 0) if backward_ht else 0, combined_address, grads_address,
+                          direction_value, _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, handle._pointer)
         status = self._fn_combine_stacked(self._group_address, call.address, raw)
         if status:
             check_status(status)
