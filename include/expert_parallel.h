@@ -412,12 +412,13 @@ epResult_t epGroupGetLayoutInfo(epGroup_t group, int32_t rank, epLayoutInfo_t* i
  * the per-rank call (type, device, an address wherever there are elements) and its stride and
  * alignment; as with epTensor_t it cannot see how much memory an address has, so the sizes are
  * the caller's word. Host and virtual GPU groups; NCCL-rank groups since v7, with one part (this
- * process's rank's: rankStride is not read): a dispatch receives into a buffer slot's own buffers
- * (receivedTokens one slot's epBufferReceivedTokens; receivedTopkIdx, receivedTopkWeights and
- * receivedScales that slot's or NULL), a combine reads a slot's own expertOutputs or copies the
- * step's received rows of the caller's as epCombine does, and a NULL step is the per-rank calls'
- * own step. One call then does an NCCL rank's update and dispatch (epHandleUpdate + epDispatch).
- * (Before v7, NCCL-rank groups answered epInvalidUsage.) */
+ * process's rank's: rankStride is checked, and has no other use): a dispatch receives into a
+ * buffer slot's own buffers (receivedTokens one slot's epBufferReceivedTokens; receivedTopkIdx,
+ * receivedTopkWeights and receivedScales that slot's, or NULL for that slot's); a combine reads a
+ * slot's own expertOutputs or copies the step's received rows of the caller's as epCombine does;
+ * a NULL step is the per-rank calls' own step. One call then does an NCCL rank's update and
+ * dispatch (epHandleUpdate + epDispatch). An array of no elements still needs a non-NULL data
+ * (NULL means "not given"). (Before v7, NCCL-rank groups answered epInvalidUsage.) */
 
 typedef struct {
     void* data;             /* rank 0's part; NULL: not given (an input with no elements, or an

@@ -16,13 +16,18 @@ extension NCCLRankGroup {
     ) throws(EPError) {
         try engine.checkNothingPending()
         let stepTokens = call.topkIdx == nil ? try handle.currentStep().routing[0].tokens : nil
-        let checked = try CheckedStackedDispatch(call, shapes: engine.shapes, location: location, stepTokens: stepTokens, parts: 1)
         guard let slot = slots.firstIndex(where: { address($0.receivedTokens) == call.received.address }) else {
             throw .invalidArgument(
                 field: "call.receivedTokens", value: "\(call.received.address)",
                 requirement: "must be the receive buffer of one of this rank's \(bufferSlots) buffer slots (epGroupGetBuffer): the other ranks write it (epDispatch receives into a tensor of the caller's)")
         }
         let own = slots[slot]
+        // Received ids, weights and scales not given are the slot's own, as for epDispatch.
+        var call = call
+        call.receivedTopkIdx = call.receivedTopkIdx ?? own.receivedIndices.map(Self.stacked)
+        call.receivedTopkWeights = call.receivedTopkWeights ?? own.receivedWeights.map(Self.stacked)
+        call.receivedScales = call.receivedScales ?? own.receivedScales.map(Self.stacked)
+        let checked = try CheckedStackedDispatch(call, shapes: engine.shapes, location: location, stepTokens: stepTokens, parts: 1)
         try requireSlotBuffer(call.receivedTopkIdx, own.receivedIndices, "call.receivedTopkIdx", slot: slot)
         try requireSlotBuffer(call.receivedTopkWeights, own.receivedWeights, "call.receivedTopkWeights", slot: slot)
         try requireSlotBuffer(call.receivedScales, own.receivedScales, "call.receivedScales", slot: slot)
@@ -80,8 +85,13 @@ extension NCCLRankGroup {
         guard let buffer, given.address == address(buffer), given.dtype == buffer.dtype else {
             throw .invalidArgument(
                 field: field, value: "\(given.address) (\(given.dtype))",
-                requirement: buffer.map { "must be slot \(slot)'s own buffer (\(address($0)), \($0.dtype)) or NULL: the other ranks write and read it there" }
+                requirement: buffer.map { "must be slot \(slot)'s own buffer (\(address($0)), \($0.dtype))\(required ? "" : " or NULL"): the other ranks write and read it there" }
                     ?? "must be NULL: this group's layout has no such buffer")
         }
+    }
+
+    /// A slot buffer's description as a stacked argument.
+    private static func stacked(_ buffer: TensorRef) -> StackedTensor {
+        StackedTensor(address: address(buffer), dtype: buffer.dtype, location: buffer.location)
     }
 }

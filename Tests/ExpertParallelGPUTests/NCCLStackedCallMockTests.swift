@@ -135,6 +135,35 @@ struct NCCLStackedCallMockTests {
         }
     }
 
+    /// A rank with no tokens updates and dispatches (its peers wait for its counts), and
+    /// combines; received ids, weights and scales not given are the slot's own, as for epDispatch.
+    @Test(arguments: [0, 2, 4])
+    func aRankWithNoTokensStepsAndReceivedBuffersDefaultToTheSlots(_ index: Int) throws {
+        let (name, config) = Self.cases[index]
+        try MockCUDA.run { mock in
+            let device = try MockCUDA.device()
+            let group = try Self.group(config, device: device)
+            mock.captureParameterBytes = StepArguments.rankBytes + LaunchField.allCases.count * 8
+            let a = try Arrays(config, tokens: 0, device: device)
+            let handle = try group.makeHandle()
+            defer { handle.release() }
+            let first = mock.launchedKernels.count
+            try group.dispatch(handle, stacked: Self.dispatch(a, group, slot: 0, tokens: 0, routing: true))
+            #expect(mock.launchedKernels.count == first + 2, "\(name): the update and the dispatch")
+            try group.combine(handle, stacked: StackedCombine(expertOutputs: Self.stacked(group.slots[0].expertOutputs)!,
+                                                              topkWeights: config.layout == .expertMajor ? a.stacked["w"] : nil,
+                                                              combined: a.stacked["out"]!))
+            #expect(mock.launchedKernels.count == first + 3, "\(name)")
+            var bare = Self.dispatch(a, group, slot: 1, tokens: 0, routing: true)
+            bare.receivedTopkIdx = nil
+            bare.receivedTopkWeights = nil
+            bare.receivedScales = nil
+            let given = try StackedCallMockTests.launched(mock) { try group.dispatch(handle, stacked: Self.dispatch(a, group, slot: 1, tokens: 0, routing: true)) }
+            let defaulted = try StackedCallMockTests.launched(mock) { try group.dispatch(handle, stacked: bare) }
+            Self.expectSame(defaulted, given, name)
+        }
+    }
+
     /// Receive buffers that are not the slot's own are named, and nothing is launched; nor is
     /// the step changed: its combine still runs.
     @Test func buffersNotTheSlotsOwnAreRefusedByName() throws {

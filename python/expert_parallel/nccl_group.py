@@ -209,6 +209,9 @@ class NCCLGroup(GroupBase):
         self._update_in = _abi.new(_abi.UpdateInputs, topkIdx=self._idx.pointers[0])
         self._update_config = _abi.new(_abi.UpdateConfig)
         self._update_addresses = (ctypes.addressof(self._update_in), ctypes.addressof(self._update_config))
+        # An empty tensor's address is 0, which a stacked call reads as "not given": a rank with no
+        # tokens passes this one instead (a slot buffer's: aligned, on the device; nothing is read).
+        self._empty = self._slots[0].tokens_desc.data
         self._dispatch_calls, self._combine_calls = [], []
         for slot in self._slots:
             dispatch = _fast.StackedCall(_abi.StackedDispatch, device)
@@ -279,8 +282,8 @@ class NCCLGroup(GroupBase):
             target = handle
             idx = None   # (address, type) of new routing: the call starts a step
             if topk_idx is not None:
-                b, *idx = self._routing_rows(topk_idx)
-                routing = topk_idx
+                b, address, code = self._routing_rows(topk_idx)
+                idx, routing = (address or self._empty, code), topk_idx
             elif handle is not None and handle.tokens is not None:
                 routing, b = handle.topk_idx, handle.tokens
             elif handle is None and self._pending is not None and self._pending.step == self._own_step:
@@ -292,14 +295,16 @@ class NCCLGroup(GroupBase):
                 raise InvalidArgumentError(f"topk_weights: None; layout {self.layout!r} sends the weights with the tokens")
             self._require_torch(x, "x")
             h, k, device = self.hidden, self.top_k, self._device
-            x_address = _fast.check(x, "x", self._input_types, device, (b, h))[0]
+            empty = self._empty
+            x_address = _fast.check(x, "x", self._input_types, device, (b, h))[0] or empty
             self._require_scales(scales)
             scale_words = None
             if scales is not None:
-                scale_words = _fast.check(scales, "scales", self._scale_types, device, (b, self.recv_scales_shape[-1]))[:2]
+                address, code, _ = _fast.check(scales, "scales", self._scale_types, device, (b, self.recv_scales_shape[-1]))
+                scale_words = (address or empty, code)
             weights = 0
             if topk_weights is not None:
-                weights = _fast.check(topk_weights, "topk_weights", _F32_TYPES, device, (b, k))[0]
+                weights = _fast.check(topk_weights, "topk_weights", _F32_TYPES, device, (b, k))[0] or empty
             raw = self._stream_of(stream, wait_event)
             index = self._next_slot
             call = self._dispatch_calls[index]
@@ -376,7 +381,9 @@ class NCCLGroup(GroupBase):
         index = self._next_slot
         call = self._dispatch_calls[index]
         # (Scales stay unset: only pass-through groups send them, and their calls are never this one.)
-        call.dispatch_arguments(x.data_ptr(), x_code, topk_idx.data_ptr(), ic, 0 if topk_weights is None else topk_weights.data_ptr(), b,
+        empty = self._empty
+        call.dispatch_arguments(x.data_ptr() or empty, x_code, topk_idx.data_ptr() or empty, ic,
+                                0 if topk_weights is None else topk_weights.data_ptr() or empty, b,
                                 _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, None if handle is None else handle._pointer)
         return self._send(index, call, handle, topk_idx, topk_idx, b, topk_weights, 0, raw, stream, record_event, send_only)
 
@@ -432,7 +439,7 @@ class NCCLGroup(GroupBase):
                     raise InvalidArgumentError(NO_COMBINE_WEIGHTS)
                 if topk_weights is not None:
                     self._require_torch(topk_weights, "topk_weights")
-                weights = _fast.check(applied, "topk_weights", _F32_TYPES, device, (handle.tokens, self.top_k))[0]
+                weights = _fast.check(applied, "topk_weights", _F32_TYPES, device, (handle.tokens, self.top_k))[0] or self._empty
             elif direction_value == 0 and self.layout == "expert_major_padded":
                 weights = slot.weights_desc.data or 0
             if backward_ht:
@@ -470,7 +477,7 @@ class NCCLGroup(GroupBase):
             if (type(applied) is not _fast.tensor_type or applied.shape != (b, self.top_k)
                     or _fast.torch_codes.get(applied.dtype) != _abi.F32 or applied.get_device() != device or not applied.is_contiguous()):
                 return None
-            weights = applied.data_ptr()
+            weights = applied.data_ptr() or self._empty
         elif topk_weights is not None:
             return None
         elif layout == "expert_major_padded":
@@ -495,13 +502,14 @@ class NCCLGroup(GroupBase):
                 slot.weight_grads.copy_(weight_gradients)
         if caller is not None:
             combined, weight_grads = caller
-            combined_address, grads_address = combined.data_ptr(), weight_grads.data_ptr() if backward_ht else 0
+            combined_address, grads_address = combined.data_ptr() or self._empty, (weight_grads.data_ptr() or self._empty) if backward_ht else 0
         else:
             views = self._combined_views[index]
             targets = views.get((b, backward_ht))
             if targets is None:   # the combined rows (and weight gradients) of b tokens: views made once per slot
                 combined, weight_grads = slot.combined[:b], slot.combined_grads[:b] if backward_ht else None
-                targets = (combined, weight_grads, combined.data_ptr(), weight_grads.data_ptr() if backward_ht else 0)
+                targets = (combined, weight_grads, combined.data_ptr() or self._empty,
+                           (weight_grads.data_ptr() or self._empty) if backward_ht else 0)
                 views[(b, backward_ht)] = targets
             combined, weight_grads, combined_address, grads_address = targets   # (handed out detached: below)
         call = self._combine_calls[index]

@@ -127,6 +127,30 @@ def test_each_call_hands_the_library_its_own_tensors_and_the_slots_buffers(recor
         assert part(c.combinedTokens) == at(combined, _abi.BF16)
 
 
+@pytest.mark.parametrize("algorithm", ["ll", "ht"])
+def test_a_rank_with_no_tokens_passes_addresses_the_library_reads_as_given(recorded, algorithm):
+    # An empty tensor's data_ptr() is 0, which a stacked call reads as "not given": the update
+    # would be skipped (and the peers wait for this rank's counts). Every empty argument that is
+    # given gets an address; nothing is read at it.
+    group, calls = recorded(algorithm=algorithm)
+    x, idx, w = step(group, 0, 16)
+    assert x.data_ptr() == idx.data_ptr() == w.data_ptr() == 0
+    for general in (False, True):
+        calls.clear()
+        out = group.dispatch(x, idx.long() if general else idx, w, handle=ep.Handle(group, ctypes.c_void_p(0x5000)) if general else None)
+        ((name, (d,)),) = calls
+        assert name == "epGroupDispatchStacked" and d.tokens == 0
+        assert d.topkIdx.data and d.inputTokens.data and d.topkWeights.data and not d.scales.data
+        calls.clear()
+        mine = torch.empty(0, group.hidden, dtype=torch.bfloat16)
+        group.combine(out.expert_outputs, out.handle, out=mine if general else None)
+        ((name, (c,)),) = calls
+        assert c.combinedTokens.data and (bool(c.topkWeights.data) == (group.layout == "expert_major"))
+    calls.clear()
+    out = group.dispatch(x, idx, None if algorithm == "ll" else w)   # without weights (LL expert-major): still not given
+    assert not calls[-1][1][0].topkWeights.data or algorithm == "ht"
+
+
 def test_handles_send_only_and_the_backward_pass_reach_the_library(recorded):
     group, calls = recorded(algorithm="ht", dtype="f32")
     own = ep.Handle(group, ctypes.c_void_p(0x5000))   # as group.handle() makes one (its step: the pointer)
