@@ -417,8 +417,9 @@ epResult_t epGroupGetLayoutInfo(epGroup_t group, int32_t rank, epLayoutInfo_t* i
  * receivedTopkWeights and receivedScales that slot's, or NULL for that slot's); a combine reads a
  * slot's own expertOutputs or copies the step's received rows of the caller's as epCombine does;
  * a NULL step is the per-rank calls' own step. One call then does an NCCL rank's update and
- * dispatch (epHandleUpdate + epDispatch). An array of no elements still needs a non-NULL data
- * (NULL means "not given"). (Before v7, NCCL-rank groups answered epInvalidUsage.) */
+ * dispatch (epHandleUpdate + epDispatch). At B = 0 an optional argument (topkIdx, topkWeights,
+ * scales) needs a non-NULL data to count as given. (Before v7, NCCL-rank groups answered
+ * epInvalidUsage.) */
 
 typedef struct {
     void* data;             /* rank 0's part; NULL: not given (an input with no elements, or an
