@@ -49,17 +49,27 @@ struct NCCLStackedCallMockTests {
         }
     }
 
-    @Test(arguments: cases.indices)
-    func stackedCallsLaunchWhatPerRankCallsLaunch(_ index: Int) throws {
-        let (name, config) = Self.cases[index]
+    /// Runs `body` over the mock with a group of `config`, arrays of `tokens` rows, a handle and
+    /// launch argument blocks captured.
+    static func step(
+        _ config: GroupConfig, tokens: Int, _ body: (MockCUDA.State, GPUDevice, NCCLRankGroup, Arrays, GPUStepHandle) throws -> Void
+    ) throws {
         try MockCUDA.run { mock in
             let device = try MockCUDA.device()
             let group = try Self.group(config, device: device)
             mock.captureParameterBytes = StepArguments.rankBytes + LaunchField.allCases.count * 8
-            let b = config.maxTokensPerRank - 1
-            let a = try Arrays(config, tokens: b, device: device)
+            let a = try Arrays(config, tokens: tokens, device: device)
             let handle = try group.makeHandle()
             defer { handle.release() }
+            try body(mock, device, group, a, handle)
+        }
+    }
+
+    @Test(arguments: cases.indices)
+    func stackedCallsLaunchWhatPerRankCallsLaunch(_ index: Int) throws {
+        let (name, config) = Self.cases[index]
+        let b = config.maxTokensPerRank - 1
+        try Self.step(config, tokens: b) { mock, device, group, a, handle in
             let slot = 1, buffers = group.slots[slot]
             let ht = config.algorithm == .highThroughput
             // The weights combine applies: the source's (LL expert-major) or the slot's per-slot ones (HT padded).
@@ -101,14 +111,8 @@ struct NCCLStackedCallMockTests {
     @Test(arguments: [0, 2])
     func aStackedCombineFromTheCallersTensorCopiesAsThePerRankOneDoes(_ index: Int) throws {
         let (name, config) = Self.cases[index]
-        try MockCUDA.run { mock in
-            let device = try MockCUDA.device()
-            let group = try Self.group(config, device: device)
-            mock.captureParameterBytes = StepArguments.rankBytes + LaunchField.allCases.count * 8
-            let b = config.maxTokensPerRank - 1
-            let a = try Arrays(config, tokens: b, device: device)
-            let handle = try group.makeHandle()
-            defer { handle.release() }
+        let b = config.maxTokensPerRank - 1
+        try Self.step(config, tokens: b) { mock, device, group, a, handle in
             try group.dispatch(handle, stacked: Self.dispatch(a, group, slot: 0, tokens: b, routing: true))
             let weights = config.layout == .expertMajor ? a.part("w", 0) : nil
             let first = mock.launchedKernels.count
@@ -140,13 +144,7 @@ struct NCCLStackedCallMockTests {
     @Test(arguments: [0, 2, 4])
     func aRankWithNoTokensStepsAndReceivedBuffersDefaultToTheSlots(_ index: Int) throws {
         let (name, config) = Self.cases[index]
-        try MockCUDA.run { mock in
-            let device = try MockCUDA.device()
-            let group = try Self.group(config, device: device)
-            mock.captureParameterBytes = StepArguments.rankBytes + LaunchField.allCases.count * 8
-            let a = try Arrays(config, tokens: 0, device: device)
-            let handle = try group.makeHandle()
-            defer { handle.release() }
+        try Self.step(config, tokens: 0) { mock, _, group, a, handle in
             let first = mock.launchedKernels.count
             try group.dispatch(handle, stacked: Self.dispatch(a, group, slot: 0, tokens: 0, routing: true))
             #expect(mock.launchedKernels.count == first + 2, "\(name): the update and the dispatch")
@@ -168,13 +166,8 @@ struct NCCLStackedCallMockTests {
     /// the step changed: its combine still runs.
     @Test func buffersNotTheSlotsOwnAreRefusedByName() throws {
         let config = Self.cases[2].1   // HT flat: received ids and weights
-        try MockCUDA.run { mock in
-            let device = try MockCUDA.device()
-            let group = try Self.group(config, device: device)
-            let b = 2
-            let a = try Arrays(config, tokens: b, device: device)
-            let handle = try group.makeHandle()
-            defer { handle.release() }
+        let b = 2
+        try Self.step(config, tokens: b) { mock, _, group, a, handle in
             let good = Self.dispatch(a, group, slot: 0, tokens: b, routing: true)
             try group.dispatch(handle, stacked: good)
             func refused(_ change: (inout StackedDispatch) -> Void, _ field: String, _ words: String) {
