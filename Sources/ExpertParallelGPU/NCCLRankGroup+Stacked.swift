@@ -8,8 +8,8 @@ import ExpertParallelCUDA
 extension NCCLRankGroup {
     /// With `call.topkIdx`: `handle`'s update and its dispatch; without: a dispatch of
     /// `handle`'s step again, `call.tokens` its rows. The received rows go to a buffer slot's own
-    /// receive buffers (`call.receivedTokens` names the slot; the received ids, weights and scales,
-    /// where given, must be that slot's too): the peers write them. Every argument is checked
+    /// receive buffers (`call.receivedTokens` names the slot; the received ids, weights and scales
+    /// are that slot's, given or not): the peers write them. Every argument is checked
     /// first: a rejected call runs nothing and leaves the step as it was.
     public func dispatch(
         _ handle: GPUStepHandle, stacked call: StackedDispatch, direction: PassDirection = .forward, options: CallOptions = CallOptions()
