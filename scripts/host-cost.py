@@ -3,8 +3,8 @@ timed from Python, and inside them the C library's calls timed around their ctyp
 medians in µs. Stacked [R, B, ...] arrays take the stacked calls (epGroupDispatchStacked, which
 includes the update, and epGroupCombineStacked); per-rank lists (--lists) the per-rank ones
 (epGroupUpdateAll, epGroupDispatchAll, epGroupCombineAll); --nccl adds an NCCLGroup of one rank
-(epGroupDispatchStacked with its one part, update included, and epGroupCombineStacked; combine from the slot's own expert-output buffer). What is left of the Python time
-beside the C calls is the package's own. Not a test: a measurement for the host-cost work.
+(the stacked calls with its one part: update and dispatch in one call; combine from the slot's
+own expert-output buffer). What is left of the Python time beside the C calls is the package's own. Not a test: a measurement for the host-cost work.
 
     EP_LIBRARY=/path/libexpert_parallel.so PYTHONPATH=python python3 scripts/host-cost.py
 

@@ -17,6 +17,11 @@ public struct StackedTensor: Sendable, Equatable {
         self.rankStride = rankStride
     }
 
+    /// One part: `tensor`'s memory (a call of one rank).
+    public init(_ tensor: TensorRef) {
+        self.init(address: UInt64(UInt(bitPattern: tensor.address)), dtype: tensor.dtype, location: tensor.location)
+    }
+
     /// Rank `rank`'s part, `shape` shaped, as a view (the checks read rank 0's).
     public func part(_ rank: Int, shape: [Int]) -> TensorRef {
         let step = rankStride != 0 ? rankStride : shape.reduce(1, *) * dtype.byteSize

@@ -24,9 +24,9 @@ extension NCCLRankGroup {
         let own = slots[slot]
         // Received ids, weights and scales not given are the slot's own, as for epDispatch.
         var call = call
-        call.receivedTopkIdx = call.receivedTopkIdx ?? own.receivedIndices.map(Self.stacked)
-        call.receivedTopkWeights = call.receivedTopkWeights ?? own.receivedWeights.map(Self.stacked)
-        call.receivedScales = call.receivedScales ?? own.receivedScales.map(Self.stacked)
+        call.receivedTopkIdx = call.receivedTopkIdx ?? own.receivedIndices.map(StackedTensor.init)
+        call.receivedTopkWeights = call.receivedTopkWeights ?? own.receivedWeights.map(StackedTensor.init)
+        call.receivedScales = call.receivedScales ?? own.receivedScales.map(StackedTensor.init)
         let checked = try CheckedStackedDispatch(call, shapes: engine.shapes, location: location, stepTokens: stepTokens, parts: 1)
         try requireSlotBuffer(call.receivedTopkIdx, own.receivedIndices, "call.receivedTopkIdx", slot: slot)
         try requireSlotBuffer(call.receivedTopkWeights, own.receivedWeights, "call.receivedTopkWeights", slot: slot)
@@ -88,10 +88,5 @@ extension NCCLRankGroup {
                 requirement: buffer.map { "must be slot \(slot)'s own buffer (\(address($0)), \($0.dtype))\(required ? "" : " or NULL"): the other ranks write and read it there" }
                     ?? "must be NULL: this group's layout has no such buffer")
         }
-    }
-
-    /// A slot buffer's description as a stacked argument.
-    private static func stacked(_ buffer: TensorRef) -> StackedTensor {
-        StackedTensor(address: address(buffer), dtype: buffer.dtype, location: buffer.location)
     }
 }

@@ -24,21 +24,16 @@ struct NCCLStackedCallMockTests {
 
     /// A stacked dispatch of `a`'s inputs into slot `slot`'s own buffers.
     static func dispatch(_ a: Arrays, _ group: NCCLRankGroup, slot: Int, tokens: Int, routing: Bool) -> StackedDispatch {
-        func own(_ t: TensorRef?) -> StackedTensor? {
-            t.map { StackedTensor(address: UInt64(UInt(bitPattern: $0.address)), dtype: $0.dtype, location: .device(0)) }
-        }
         let buffers = group.slots[slot]
         var call = a.stackedDispatch(tokens: tokens, routing: routing)
-        call.received = own(buffers.receivedTokens)!
-        call.receivedTopkIdx = own(buffers.receivedIndices)
-        call.receivedTopkWeights = own(buffers.receivedWeights)
-        call.receivedScales = own(buffers.receivedScales)
+        call.received = StackedTensor(buffers.receivedTokens)
+        call.receivedTopkIdx = buffers.receivedIndices.map(StackedTensor.init)
+        call.receivedTopkWeights = buffers.receivedWeights.map(StackedTensor.init)
+        call.receivedScales = buffers.receivedScales.map(StackedTensor.init)
         return call
     }
 
-    static func stacked(_ t: TensorRef?) -> StackedTensor? {
-        t.map { StackedTensor(address: UInt64(UInt(bitPattern: $0.address)), dtype: $0.dtype, location: .device(0)) }
-    }
+    static func stacked(_ t: TensorRef?) -> StackedTensor? { t.map(StackedTensor.init) }
 
     /// The same launches with the same argument blocks; where not, the 8-byte words that differ.
     static func expectSame(_ stacked: [[UInt8]], _ perRank: [[UInt8]], _ name: String) {

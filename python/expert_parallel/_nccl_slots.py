@@ -52,7 +52,7 @@ class NCCLSlot:
         self.tokens, self.tokens_desc = buffer(_abi.BUFFER_RECEIVED_TOKENS)
         self.idx, self.idx_desc = buffer(_abi.BUFFER_RECEIVED_TOPK_IDX)
         self.weights, self.weights_desc = buffer(_abi.BUFFER_RECEIVED_TOPK_WEIGHTS)
-        self.expert_outputs, self.expert_outputs_desc = buffer(_abi.BUFFER_EXPERT_OUTPUTS)
+        self.expert_outputs, _ = buffer(_abi.BUFFER_EXPERT_OUTPUTS)
         self.weight_grads, self.grads_desc = buffer(_abi.BUFFER_WEIGHT_GRADIENTS)
         # FP8 groups: the received e4m3 rows' scales (float32, or int32 words of exponent bytes).
         self.scales, self.scales_desc = buffer(_abi.BUFFER_RECEIVED_SCALES) if group.fp8 else (None, None)

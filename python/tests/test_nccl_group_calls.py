@@ -34,7 +34,6 @@ class _Slot:
             self.idx_desc, self.weights_desc = describe(self.idx, _abi.I32, "idx"), describe(self.weights, _abi.F32, "w")
             self.grads_desc = describe(self.weight_grads, _abi.F32, "g")
         self.expert_outputs = torch.zeros(group.recv_shape, dtype=element)
-        self.expert_outputs_desc = describe(self.expert_outputs, group._element, "y")
         self.scales = self.scales_desc = None
         self.counts = torch.zeros((group.local_experts,), dtype=torch.int32)
         self.source_counts = torch.zeros((group.local_experts, group.ranks), dtype=torch.int32)
