@@ -6,7 +6,8 @@ import ExpertParallelCUDA
 /// `call.topkIdx` is the step's update and its dispatch in one call, and the checks read the
 /// descriptions, building no view: the host cost of a torchrun job's step.
 extension NCCLRankGroup {
-    /// With `call.topkIdx`: `handle`'s update and its dispatch; without: a dispatch of
+    /// With `call.topkIdx`: `handle`'s update and its dispatch, in one launch where `fusesUpdate`
+    /// (else the update's launch and the dispatch's); without: a dispatch of
     /// `handle`'s step again, `call.tokens` its rows. The received rows go to a buffer slot's own
     /// receive buffers (`call.receivedTokens` names the slot; the received ids, weights and scales
     /// are that slot's, given or not): the peers write them. Every argument is checked

@@ -23,6 +23,10 @@ public final class NCCLRankGroup: StepGroup, @unchecked Sendable {
     public var tuning: GPUTuning { engine.tuning }
     /// Whether the step kernels go as programmatic dependent launches: not for NCCL ranks yet (`StepEngine.overlapsLaunches`).
     public var overlapsLaunches: Bool { engine.overlapsLaunches }
+    /// Whether a stacked dispatch with routing (`dispatch(_:stacked:direction:options:)`) runs the
+    /// update and the dispatch as one launch (LL, the kernel fits, `tuning.fusesUpdate`); the
+    /// separate `update` and `dispatch` calls are a launch each.
+    public var fusesUpdate: Bool { engine.canFuseUpdate(CallOptions()) }
     public var stream: CUDAStream { engine.stream }
     public var localRanks: [Int] { [rank] }
     /// Sets of receive and expert-output buffers; each step's rows use one.

@@ -124,11 +124,9 @@ extension StepEngine {
 
     /// Whether a call with `options` can run update and dispatch as one launch: LL with the
     /// fused kernel compiled (`workspace.fused`: direct transport, its shared memory fits), every
-    /// rank in one launch.
+    /// local rank in one launch (virtual ranks not launched per rank; an NCCL rank's one).
     func canFuseUpdate(_ options: CallOptions) -> Bool {
-        guard workspace.fused, tuning.fusesUpdate, options.launch == .single else { return false }
-        if case .virtualRanks = placement { return true }
-        return false
+        workspace.fused && tuning.fusesUpdate && options.launch == .single
     }
 
     /// Sends every local rank's rows straight into their slots on the destination ranks

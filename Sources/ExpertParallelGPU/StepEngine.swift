@@ -78,7 +78,9 @@ final class StepEngine: @unchecked Sendable {
         self.mask = mask
         self.stream = stream
         multiprocessors = sms
-        workspace = StepWorkspace(config, transport: transport, updateChunkTokens: tuning.updateChunkTokens)
+        var everyRankHere = false
+        if case .virtualRanks = placement { everyRankHere = true }
+        workspace = StepWorkspace(config, transport: transport, updateChunkTokens: tuning.updateChunkTokens, everyRankHere: everyRankHere)
         args = StepArguments(ranks: config.ranks)
         switch placement {
         case .virtualRanks:

@@ -29,8 +29,14 @@ struct StepKernels: Sendable {
         var receivedIndexBytes: Int
         var vectorBytes: Int
         var transport: GPUTransport = .direct
-        /// Every rank on one GPU (virtual ranks): flags between ranks need gpu scope only, not sys.
+        /// Every rank on one GPU (virtual ranks): flags between ranks need gpu scope only, not sys;
+        /// and every rank's routing is in the launch (the fused kernel's own rows).
         var oneDevice = false
+
+        /// The group words and handle layout these kernels are compiled against.
+        func workspace(_ config: GroupConfig, _ tuning: GPUTuning) -> StepWorkspace {
+            StepWorkspace(config, transport: transport, updateChunkTokens: tuning.updateChunkTokens, everyRankHere: oneDevice)
+        }
     }
 
     static func defines(_ config: GroupConfig, _ variant: Variant, _ tuning: GPUTuning) -> [String: String] {
@@ -48,7 +54,7 @@ struct StepKernels: Sendable {
             "EP_ONE_DEVICE": variant.oneDevice ? "1" : "0", "EP_HT": config.algorithm == .highThroughput ? "1" : "0",
         ]) { _, new in new }
         defines.merge(StepArguments.contractDefines(ranks: config.ranks)) { _, new in new }
-        defines.merge(StepWorkspace(config, transport: variant.transport, updateChunkTokens: tuning.updateChunkTokens).defines) { _, new in new }
+        defines.merge(variant.workspace(config, tuning).defines) { _, new in new }
         if let fp8 = config.fp8 {
             // FP8 groups only: every other variant keeps its defines (and its cache key) unchanged.
             defines["EP_FP8"] = fp8.source == .quantize ? "1" : "2"
@@ -92,7 +98,7 @@ struct StepKernels: Sendable {
         let staged = variant.transport == .staged
         drain = staged ? try function("drain") : nil
         combineSend = staged ? try function("combine_send") : nil
-        let workspace = StepWorkspace(config, transport: variant.transport)
+        let workspace = variant.workspace(config, tuning)
         updateDispatch = workspace.fused ? try function("update_dispatch") : nil
         findsOwnRows = workspace.ownRows && defines["EP_LL_OWN_ROWS"] != "0"
     }

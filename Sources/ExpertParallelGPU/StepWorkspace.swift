@@ -15,14 +15,19 @@ struct StepWorkspace: Sendable {
     /// LL: whether the update counts with bitmaps (EP_LL_BITMAP), else per warp.
     let bitmaps: Bool
     /// LL: whether the fused kernel's dispatch blocks may find their rows themselves
-    /// (EP_LL_OWN_FITS; EP_LL_OWN_ROWS=0 turns it off).
+    /// (EP_LL_OWN_FITS; EP_LL_OWN_ROWS=0 turns it off). They read every rank's routing, so only
+    /// where the launch has them all (virtual ranks) or there is one rank; an NCCL rank of several
+    /// waits for its update block's rows instead.
     let ownRows: Bool
     /// Rows of each rank's receive buffer; the staged transport keeps each row's origin per step.
     let receiveRows: Int
     let transport: GPUTransport
     var experts: Int { ranks * localExperts }
 
-    init(_ config: GroupConfig, transport: GPUTransport = .direct, updateChunkTokens: Int = GPUTuning().updateChunkTokens) {
+    /// `everyRankHere`: every rank of the group runs in this process (virtual ranks), so a launch
+    /// can read every rank's routing.
+    init(_ config: GroupConfig, transport: GPUTransport = .direct, updateChunkTokens: Int = GPUTuning().updateChunkTokens,
+         everyRankHere: Bool = true) {
         self.transport = transport
         receiveRows = config.receiveCapacity
         algorithm = config.algorithm
@@ -34,7 +39,7 @@ struct StepWorkspace: Sendable {
         updateBlocks = config.algorithm == .lowLatency ? 1 : Self.htUpdateChunks(maxTokens: config.maxTokensPerRank, tokensPerChunk: updateChunkTokens)
         fused = config.fusesLLUpdate && transport == .direct
         bitmaps = config.llUpdateUsesBitmaps
-        ownRows = fused && config.llOwnRowsFit
+        ownRows = fused && config.llOwnRowsFit && (everyRankHere || config.ranks == 1)
     }
 
     /// Threads of a dispatch or combine block (EP_WARPS × 32).

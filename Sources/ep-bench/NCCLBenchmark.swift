@@ -40,18 +40,34 @@ struct NCCLBenchmark {
         // The step leaves out the copy of the received rows into the expert-output buffer (marks
         // 2 to 3, the experts' stand-in): per iteration, the sequence before it plus combine.
         let beforeCopy = try microseconds(0, 2), combine = try microseconds(3, 4)
-        let samples = PhaseSamples(
+        var samples = PhaseSamples(
             update: try microseconds(0, 1), dispatch: try microseconds(1, 2), combine: combine,
             step: zip(beforeCopy, combine).map { $0 + $1 })
-        let combinedHost = try step.combinedRows()
         let oracle = try data.oracleCombined(config: config)
-        let valid = combinedHost.bytes() == oracle[rank] && data.validate(rank: rank, config: config, combined: combinedHost)
+        func matchesOracle() throws -> Bool {
+            let combinedHost = try step.combinedRows()
+            return combinedHost.bytes() == oracle[rank] && data.validate(rank: rank, config: config, combined: combinedHost)
+        }
+        var valid = try matchesOracle()
+        // Where the group fuses them (LL), update and dispatch again as one call (the stacked
+        // dispatch, what the Python package calls): the `upd+disp` row, its results checked too.
+        if group.fusesUpdate {
+            try step.combined.fill(byte: 0xFF)   // what the check below reads, this loop's rows only
+            for i in 0..<total {
+                try step.enqueueUpdatingInDispatch { try driver.record(events[5 * i + $0], on: group.stream) }
+            }
+            try group.checkStatus()
+            samples.updateDispatch = try microseconds(0, 2)
+            samples.step = zip(samples.updateDispatch ?? [], try microseconds(3, 4)).map { $0 + $1 }   // as the virtual groups' step: that call + combine
+            valid = try matchesOracle() && valid
+        }
         var measurement = Measurement(
             benchCase, config: config, backend: "gpu-nccl-\(sharing.rawValue)", device: device.name, samples: samples,
             bytes: StepBytes(config: config, routings: data.routings), copyBandwidth: copyBandwidth, validated: valid,
             rank: rank, stepNote: Self.stepNote)
         measurement.tuning = TuningRecord(group.tuning, multiprocessors: group.multiprocessors, blocksPerRank: nil)
         measurement.tuning?.dependentLaunches = group.overlapsLaunches
+        measurement.tuning?.fusedUpdate = group.fusesUpdate
         return measurement
     }
 

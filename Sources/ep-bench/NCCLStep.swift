@@ -22,12 +22,29 @@ struct NCCLStep {
     /// Enqueues one step on the group's stream. `mark(i)` runs at the phase boundaries: 0 before
     /// the update, 1 after it, 2 after dispatch, 3 after the expert copy, 4 after combine.
     func enqueue(mark: (Int) throws -> Void = { _ in }) throws {
-        let config = group.config
         try mark(0)
         try group.update(topkIdx: routing.ref)
         try mark(1)
         try group.dispatch(DispatchInput(tokens: x.ref, topkWeights: weights.ref))
         try mark(2)
+        try copyAndCombine(mark: mark)
+    }
+
+    /// The same step with the update and the dispatch in one call (the stacked dispatch, what the
+    /// Python package calls: one launch where the group fuses them). Marks 0 before it, 2 after
+    /// it, then as `enqueue`.
+    func enqueueUpdatingInDispatch(mark: (Int) throws -> Void = { _ in }) throws {
+        try mark(0)
+        let call = StackedDispatch(tokens: routing.shape[0], topkIdx: StackedTensor(routing.ref), inputs: StackedTensor(x.ref),
+                                   topkWeights: StackedTensor(weights.ref), received: StackedTensor(group.receivedTokens))
+        try group.dispatch(group.implicitHandle, stacked: call)
+        try mark(2)
+        try copyAndCombine(mark: mark)
+    }
+
+    /// The received rows copied to the expert outputs (mark 3 after), then combine (mark 4 after).
+    private func copyAndCombine(mark: (Int) throws -> Void) throws {
+        let config = group.config
         let received = group.receivedTokens, experts = group.expertOutputs
         try group.device.driver.copy(
             from: DevicePointer(rawValue: UInt64(UInt(bitPattern: received.address))),

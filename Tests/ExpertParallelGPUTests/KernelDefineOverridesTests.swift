@@ -95,7 +95,8 @@ struct KernelDefineOverridesTests {
                         fp8: FP8Dispatch? = nil) throws {
         let config = try GroupConfig(algorithm: algorithm, ranks: ranks, experts: 32, topK: 6, hidden: 1024, elementType: dtype,
                                      maxTokensPerRank: 64, layout: layout, fp8: fp8).validated()
-        var defines = StepKernels.defines(config, .init(indexBytes: 8, receivedIndexBytes: 4, vectorBytes: 16), try GPUTuning().validated(config))
+        let variant = StepKernels.Variant(indexBytes: 8, receivedIndexBytes: 4, vectorBytes: 16, oneDevice: true)   // virtual ranks
+        var defines = StepKernels.defines(config, variant, try GPUTuning().validated(config))
         defines.merge(try KernelDefineOverrides.parse(switches, reserved: Set(defines.keys))) { old, _ in old }
         let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)
         let source = KernelSource.embedded(algorithm == .lowLatency ? "ep_ll" : "ep_ht")

@@ -13,7 +13,11 @@ struct KernelResourceTests {
         var config: GroupConfig
         var kernel: String
         var maximumSpill: Int
-        var testDescription: String { "\(kernel) R=\(config.ranks) \(config.layout)\(config.fp8.map { " fp8 \($0)" } ?? "")" }
+        /// Virtual ranks (what ep-bench measures on one GPU); false: an NCCL rank's kernels.
+        var virtualRanks = true
+        var testDescription: String {
+            "\(kernel) R=\(config.ranks) \(config.layout)\(config.fp8.map { " fp8 \($0)" } ?? "")\(virtualRanks ? "" : " NCCL rank")"
+        }
     }
 
     static let llStandard = GroupConfig(algorithm: .lowLatency, ranks: 8, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 128)
@@ -28,6 +32,8 @@ struct KernelResourceTests {
         // The update inside the dispatch's 512-thread block (64 registers a thread).
         Case(config: llStandard, kernel: "ep_ll_update_dispatch", maximumSpill: 0),
         Case(config: fp8(llStandard, .ue8m0Block128), kernel: "ep_ll_update_dispatch", maximumSpill: 0),
+        // An NCCL rank's: its dispatch blocks wait for the update block's rows (no other rank's routing here).
+        Case(config: llStandard, kernel: "ep_ll_update_dispatch", maximumSpill: 0, virtualRanks: false),
         Case(config: llStandard, kernel: "ep_ll_combine", maximumSpill: 64),
         // One rank: the update without the all-gather, its totals read from shared memory.
         Case(config: GroupConfig(algorithm: .lowLatency, ranks: 1, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 128),
@@ -64,7 +70,8 @@ struct KernelResourceTests {
     @Test(.enabled(if: GPUTuningTests.runsNVRTC, "needs NVRTC (EP_REQUIRE_NVRTC=1 to require it)"), arguments: cases)
     func dataPathKernelsStayInRegisters(_ c: Case) throws {
         let config = try c.config.validated()
-        var defines = StepKernels.defines(config, .init(indexBytes: 8, receivedIndexBytes: 4, vectorBytes: 16), try GPUTuning().validated(config))
+        let variant = StepKernels.Variant(indexBytes: 8, receivedIndexBytes: 4, vectorBytes: 16, oneDevice: c.virtualRanks)
+        var defines = StepKernels.defines(config, variant, try GPUTuning().validated(config))
         // A variant's switches (docs/performance.md, "Trying a kernel variant") are checked too.
         let environment = ProcessInfo.processInfo.environment
         defines.merge(try KernelDefineOverrides.parse(environment["EP_KERNEL_DEFINES"], reserved: Set(defines.keys))) { old, _ in old }

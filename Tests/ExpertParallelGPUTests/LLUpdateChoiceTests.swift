@@ -66,6 +66,10 @@ struct LLUpdateChoiceTests {
         let workspace = StepWorkspace(config)
         #expect(workspace.defines["EP_LL_OWN_FITS"] == (expected ? "1" : "0"))
         #expect(StepWorkspace(config, transport: .staged).defines["EP_LL_OWN_FITS"] == "0")
+        // An NCCL rank reads no other rank's routing: its dispatch blocks wait where it has peers.
+        let ncclRank = StepWorkspace(config, everyRankHere: false)
+        #expect(ncclRank.defines["EP_LL_OWN_FITS"] == (expected && ranks == 1 ? "1" : "0"))
+        #expect(ncclRank.fused == workspace.fused)
         if config.llDispatchFindsOwnRows && !expected {
             #expect(config.llUpdateUsesBitmaps && config.fusesLLUpdate, "the update keeps its bitmaps and its launch with the dispatch")
             #expect(config.llBitmapUpdateSharedMemoryBytes + config.llOwnRowsSharedMemoryBytes + config.fusedDispatchSharedMemoryBytes > 48 * 1024)

@@ -18,8 +18,9 @@ struct NCCLStackedCallMockTests {
         return (name, config)
     }
 
-    static func group(_ config: GroupConfig, device: GPUDevice) throws -> NCCLRankGroup {
-        try NCCLRankGroup(config, device: device, comm: NCCLComm(rawValue: OpaquePointer(bitPattern: 0xCC_0000)!), nccl: try MockCUDA.nccl(peerPointers: true))
+    static func group(_ config: GroupConfig, device: GPUDevice, tuning: GPUTuning = GPUTuning()) throws -> NCCLRankGroup {
+        try NCCLRankGroup(config, device: device, comm: NCCLComm(rawValue: OpaquePointer(bitPattern: 0xCC_0000)!), nccl: try MockCUDA.nccl(peerPointers: true),
+                          tuning: tuning)
     }
 
     /// A stacked dispatch of `a`'s inputs into slot `slot`'s own buffers.
@@ -47,11 +48,12 @@ struct NCCLStackedCallMockTests {
     /// Runs `body` over the mock with a group of `config`, arrays of `tokens` rows, a handle and
     /// launch argument blocks captured.
     static func step(
-        _ config: GroupConfig, tokens: Int, _ body: (MockCUDA.State, GPUDevice, NCCLRankGroup, Arrays, GPUStepHandle) throws -> Void
+        _ config: GroupConfig, tokens: Int, tuning: GPUTuning = GPUTuning(),
+        _ body: (MockCUDA.State, GPUDevice, NCCLRankGroup, Arrays, GPUStepHandle) throws -> Void
     ) throws {
         try MockCUDA.run { mock in
             let device = try MockCUDA.device()
-            let group = try Self.group(config, device: device)
+            let group = try Self.group(config, device: device, tuning: tuning)
             mock.captureParameterBytes = StepArguments.rankBytes + LaunchField.allCases.count * 8
             let a = try Arrays(config, tokens: tokens, device: device)
             let handle = try group.makeHandle()
@@ -60,11 +62,14 @@ struct NCCLStackedCallMockTests {
         }
     }
 
+    /// With the update in its own launch (`fusesUpdate` off), the stacked calls' launches are the
+    /// per-rank calls', byte for byte.
     @Test(arguments: cases.indices)
     func stackedCallsLaunchWhatPerRankCallsLaunch(_ index: Int) throws {
         let (name, config) = Self.cases[index]
         let b = config.maxTokensPerRank - 1
-        try Self.step(config, tokens: b) { mock, device, group, a, handle in
+        try Self.step(config, tokens: b, tuning: GPUTuning(fusesUpdate: false)) { mock, device, group, a, handle in
+            #expect(!group.fusesUpdate)
             let slot = 1, buffers = group.slots[slot]
             let ht = config.algorithm == .highThroughput
             // The weights combine applies: the source's (LL expert-major) or the slot's per-slot ones (HT padded).
@@ -94,10 +99,47 @@ struct NCCLStackedCallMockTests {
                                       direction: .backward)
                 }
             }
-            // The update and the dispatch are two launches at an NCCL rank (no fused kernel there).
+            // The update and the dispatch are two launches with the fused kernel turned off.
             #expect(perRank.count == (ht ? 5 : 4), "\(name)")
             Self.expectSame(stacked, perRank, name)
             #expect(handle.bufferSlot == slot)
+        }
+    }
+
+    /// By default an LL stacked dispatch with routing is one launch of the fused kernel, whose
+    /// argument block is the per-rank dispatch's; HT keeps the update's launch and the dispatch's.
+    @Test(arguments: cases.indices)
+    func anLLUpdateAndDispatchIsOneLaunchWithTheDispatchsArguments(_ index: Int) throws {
+        let (name, config) = Self.cases[index]
+        let b = config.maxTokensPerRank - 1
+        try Self.step(config, tokens: b) { mock, _, group, a, handle in
+            let ll = config.algorithm == .lowLatency
+            #expect(group.fusesUpdate == ll, "\(name)")
+            var counts = a.dispatchOutput(0)
+            counts.tokens = group.slots[0].receivedTokens
+            let perRank = try StackedCallMockTests.launched(mock) {
+                try group.update(handle, topkIdx: [a.part("idx", 0)!])
+                try group.dispatch(handle, [a.dispatchInput(0)], slot: 0, counts: counts)
+            }
+            let first = mock.launchedKernels.count
+            let stacked = try StackedCallMockTests.launched(mock) {
+                try group.dispatch(handle, stacked: Self.dispatch(a, group, slot: 0, tokens: b, routing: true))
+            }
+            let kernels = Array(mock.launchedKernels[first...])
+            #expect(perRank.count == 2, "\(name)")
+            if ll {
+                #expect(kernels == ["ep_ll_update_dispatch"], "\(name)")
+                Self.expectSame(stacked, [perRank[1]], name)
+            } else {
+                #expect(kernels == ["ep_ht_update", "ep_ht_dispatch"], "\(name)")
+                Self.expectSame(stacked, perRank, name)
+            }
+            // The step is the handle's: its combine runs.
+            let before = mock.launches
+            let weights = config.layout == .expertMajor ? a.stacked["w"] : config.isExpertMajorHT ? Self.stacked(group.slots[0].receivedWeights) : nil
+            try group.combine(handle, stacked: StackedCombine(expertOutputs: Self.stacked(group.slots[0].expertOutputs)!, topkWeights: weights,
+                                                              combined: a.stacked["out"]!))
+            #expect(mock.launches == before + 1, "\(name)")
         }
     }
 
@@ -142,11 +184,12 @@ struct NCCLStackedCallMockTests {
         try Self.step(config, tokens: 0) { mock, _, group, a, handle in
             let first = mock.launchedKernels.count
             try group.dispatch(handle, stacked: Self.dispatch(a, group, slot: 0, tokens: 0, routing: true))
-            #expect(mock.launchedKernels.count == first + 2, "\(name): the update and the dispatch")
+            // The update and the dispatch: one launch (LL's fused kernel) or two (HT).
+            #expect(mock.launchedKernels.count == first + (config.algorithm == .lowLatency ? 1 : 2), "\(name)")
             try group.combine(handle, stacked: StackedCombine(expertOutputs: Self.stacked(group.slots[0].expertOutputs)!,
                                                               topkWeights: config.layout == .expertMajor ? a.stacked["w"] : nil,
                                                               combined: a.stacked["out"]!))
-            #expect(mock.launchedKernels.count == first + 3, "\(name)")
+            #expect(mock.launchedKernels.count == first + (config.algorithm == .lowLatency ? 2 : 3), "\(name)")
             var bare = Self.dispatch(a, group, slot: 1, tokens: 0, routing: true)
             bare.receivedTopkIdx = nil
             bare.receivedTopkWeights = nil

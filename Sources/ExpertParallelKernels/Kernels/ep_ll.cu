@@ -414,14 +414,16 @@ ep_ll_update(const EpArgs args) {
 // for combine, and the counts; it takes the rank's last share of the items, which the host leaves
 // empty where the grid has room (one block more than the items need), so that a launch of few
 // tokens moves its rows without waiting for it. Other ranks' tokens are read a thread per token, its K ids at
-// once (EP_K ≤ 8 where R > 1). EP_LL_OWN_ROWS=0 keeps the wait (for comparing the two).
+// once (EP_K ≤ 8 where R > 1), so every rank must be in this launch (virtual ranks, EP_ONE_DEVICE) or
+// there is none but this one: an NCCL rank of several waits (the host says so with EP_LL_OWN_FITS=0
+// too). EP_LL_OWN_ROWS=0 keeps the wait (for comparing the two).
 #ifndef EP_LL_OWN_ROWS
 #define EP_LL_OWN_ROWS 1
 #endif
 #ifndef EP_LL_OWN_FITS
 #define EP_LL_OWN_FITS 0   // the host's word that EpOwnRows fits beside the update's arrays (GroupConfig.llOwnRowsFit)
 #endif
-#define EP_LL_OWN (EP_LL_OWN_ROWS && EP_LL_OWN_FITS && EP_LL_BITMAP && EP_FUSED && EP_TRANSPORT == 0 && (EP_R == 1 || EP_K <= 8))
+#define EP_LL_OWN (EP_LL_OWN_ROWS && EP_LL_OWN_FITS && EP_LL_BITMAP && EP_FUSED && EP_TRANSPORT == 0 && (EP_R == 1 || (EP_K <= 8 && EP_ONE_DEVICE)))
 #if EP_LL_OWN
 struct EpOwnRows {
     ep_u32 words[(EP_E + EP_R) * EP_WORDS];   // this rank's tokens: per expert, then per destination rank
@@ -597,7 +599,8 @@ ep_ll_dispatch(const EpArgs args) {
 // Update and dispatch in one launch covering every local rank (gridDim.y ranks of gridDim.x
 // blocks each). Blocks take their place by arrival, not by blockIdx: the first gridDim.y blocks
 // to start are the ranks' update blocks, so a waiting block never waits for a block that has not
-// started (the update blocks, which wait for each other's counts, are all running). The rank's
+// started (the update blocks, which wait for each other's counts, are all running; an NCCL rank's
+// launch has one, which waits for its peers' update blocks in their own launches). The rank's
 // other blocks find their rows themselves (EP_LL_OWN, above) or wait for its update block, then
 // every block dispatches its share. The last block past that point resets the launch's words for
 // the next launch (which the stream orders after).
