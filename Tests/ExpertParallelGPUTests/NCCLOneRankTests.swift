@@ -77,6 +77,44 @@ struct NCCLOneRankTests {
         }
     }
 
+    /// The stacked dispatch with routing (what the C ABI's epGroupDispatchStacked and Python's
+    /// NCCLGroup call): LL's update inside the dispatch launch, and with it off two launches;
+    /// two steps in a row on one handle (the fused launch resets its words for the next), each
+    /// the oracle's bits, FP8 quantised in the kernel too.
+    @Test(arguments: [(Layout.expertMajor, false), (.rankMajor, false), (.expertMajor, true)], [true, false])
+    func aStackedDispatchWithRoutingMatchesTheOracle(_ layoutAndFP8: (Layout, Bool), _ fused: Bool) throws {
+        let (layout, fp8) = layoutAndFP8
+        let config = fp8 ? FP8OracleTests.config(layout, ranks: 1, .ue8m0Block128, .quantize, maxTokens: 20)
+            : GroupConfig.forLayout(layout, ranks: 1, experts: 8, topK: 3, hidden: 96, elementType: .bf16, maxTokensPerRank: 20)
+        try withOneRankGroup(config, tuning: GPUTuning(fusesUpdate: fused)) { group in
+            #expect(group.fusesUpdate == fused)
+            let handle = try group.makeHandle()
+            for (tokens, seed) in [(20, UInt64(51)), (7, 52)] {
+                let inputs = fp8 ? StepInputs(fp8: config, tokens: [tokens], seed: seed) : StepInputs(config: config, tokens: [tokens], seed: seed)
+                let step = try OneRankStep(group, inputs)
+                try group.dispatch(handle, stacked: StackedDispatch(
+                    tokens: tokens, topkIdx: StackedTensor(step.idx.ref), inputs: StackedTensor(step.x.ref), topkWeights: StackedTensor(step.w.ref),
+                    scales: step.scales.map { StackedTensor($0.ref) }, received: StackedTensor(group.slots[1].receivedTokens)))
+                try step.combine(group, handle, slot: 1, direction: .forward)
+                try group.checkStatus()
+                let expected = try #require(try oracleStep(config, inputs)[0])
+                let got = try step.result(group, handle, slot: 1, direction: .forward)
+                let label = "\(layout)\(fp8 ? " fp8" : "") fused \(fused), \(tokens) tokens"
+                #expect(got.layout.expertCounters == expected.layout.expertCounters, "\(label): counters")
+                for (start, count) in receivedZones(config, expected.layout) {
+                    let rows = (start * config.wireRowBytes)..<((start + count) * config.wireRowBytes)
+                    expectSameBytes(got.received[rows], expected.received[rows], "\(label): received rows \(start)..<\(start + count)")
+                    if let format = config.fp8Format {
+                        let scales = (start * format.scaleWordsPerRow * 4)..<((start + count) * format.scaleWordsPerRow * 4)
+                        expectSameBytes(got.scales?[scales], expected.scales?[scales], "\(label): received scales \(start)..<\(start + count)")
+                    }
+                }
+                expectSameBytes(got.combined, expected.combined, "\(label): combined rows")
+            }
+            handle.release()
+        }
+    }
+
     /// A combine from the caller's own expert outputs (what the C ABI and Python do with a
     /// tensor that is not the slot's buffer) copies only the rows the step received into the
     /// buffer the peers read: every other row of it keeps what it held. Same bits as the oracle.
@@ -126,14 +164,14 @@ struct NCCLOneRankTests {
 /// closed: the group's buffers are windows of the communicator, and deregistering them from a
 /// closed one would touch freed memory. (A nested scope, not a `defer` beside the group:
 /// Swift does not order a local's release against a `defer` of the same scope.)
-func withOneRankGroup(_ config: GroupConfig, _ body: (NCCLRankGroup) throws -> Void) throws {
+func withOneRankGroup(_ config: GroupConfig, tuning: GPUTuning = GPUTuning(), _ body: (NCCLRankGroup) throws -> Void) throws {
     let device = try #require(sharedDevice)
     let nccl = try NCCLLibrary.shared()
     try device.makeCurrent()
     let comm = try nccl.initRank(ranks: 1, id: try nccl.uniqueID(), rank: 0)
     defer { try? nccl.close(comm) }
     try { () throws in
-        let group = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl)
+        let group = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl, tuning: tuning)
         try body(group)
     }()
 }
