@@ -235,7 +235,9 @@ typedef struct {
     int32_t blocksPerMultiprocessor; /* 512-thread blocks per SM in one launch, 1 or 2 (default 2; 1 for R = 1 but the HT combine) */
     /* v4 (a config whose structSize ends before these reads them as 0) */
     int32_t updateChunkTokens;       /* HT: tokens each update block counts, >= 1 (default 256; at most 16 blocks a rank) */
-    int32_t fusedUpdate;             /* LL: update inside the stacked dispatch's launch: 0 default (on), 1 on, 2 off */
+    int32_t fusedUpdate;             /* LL: update inside the stacked dispatch's launch: 0 default (on, but off at
+                                      * an NCCL rank with peers: its dispatch blocks would wait on every SM for the
+                                      * slowest peer's counts), 1 on, 2 off */
     /* v5 (a config whose structSize ends before these reads them as 0) */
     int32_t launchGrid;              /* dispatch and combine blocks: 0 default (fitted), 1 fitted to the step's
                                       * work (one warp a token's row piece, 16 a block), 2 every SM's (before v5) */

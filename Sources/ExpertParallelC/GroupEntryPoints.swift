@@ -99,13 +99,16 @@ extension GPUTuning {
             return value == 0 ? nil : Int(value)
         }
         // A switch: 0 its default, 1 `on`, 2 `off`.
-        func choice(_ value: Int32, _ field: String, on: String, off: String, default isOn: Bool) throws(EPError) -> Bool {
+        func choice(_ value: Int32, _ field: String, on: String, off: String, default isOn: Bool, automatic: String? = nil) throws(EPError) -> Bool {
             guard (0...2).contains(value) else {
-                throw .invalidArgument(field: "\(name).\(field)", value: "\(value)", requirement: "must be 0 (default: \(isOn ? on : off)), 1 (\(on)) or 2 (\(off))")
+                throw .invalidArgument(field: "\(name).\(field)", value: "\(value)",
+                                       requirement: "must be 0 (default: \(automatic ?? (isOn ? on : off))), 1 (\(on)) or 2 (\(off))")
             }
             return value == 0 ? isOn : value == 1
         }
-        let fusesUpdate = try choice(c.fusedUpdate, "fusedUpdate", on: "on", off: "off", default: defaults.fusesUpdate)
+        // 0 leaves it automatic (GPUTuning.fusesUpdate nil): on but at an NCCL rank with peers.
+        let fusesUpdate: Bool? = c.fusedUpdate == 0 ? defaults.fusesUpdate
+            : try choice(c.fusedUpdate, "fusedUpdate", on: "on", off: "off", default: true, automatic: "on, but off at an NCCL rank with peers")
         let fitsGridToWork = try choice(c.launchGrid, "launchGrid", on: "fitted", off: "every SM's", default: defaults.fitsGridToWork)
         let overlapsLaunches = try choice(c.launches, "launches", on: "dependent", off: "plain", default: defaults.overlapsLaunches)
         self.init(pipelineDepth: try knob(c.pipelineDepth, "pipelineDepth") ?? defaults.pipelineDepth,

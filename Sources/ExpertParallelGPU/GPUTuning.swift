@@ -15,9 +15,13 @@ public struct GPUTuning: Sendable, Hashable {
     /// (the HT combine: 2 at every R).
     public var blocksPerMultiprocessor: Int?
     /// LL: run a stacked dispatch's update inside the dispatch launch (one launch instead of two;
-    /// the rank's other blocks wait on the GPU for its update block). Off: two launches, as the
-    /// separate update and dispatch calls always are. Same results either way.
-    public var fusesUpdate: Bool
+    /// the rank's other blocks find their rows themselves, or wait on the GPU for its update
+    /// block). Off: two launches, as the separate update and dispatch calls always are. Same
+    /// results either way. nil (automatic): on for virtual groups and an NCCL group of one rank;
+    /// off at an NCCL rank with peers, whose fused launch would hold its dispatch blocks, every SM's
+    /// worth, spinning until the slowest peer's counts arrive (two launches hold one block), and
+    /// which no multi-GPU run has measured yet.
+    public var fusesUpdate: Bool?
     /// Dispatch and combine launch only the blocks their work needs, one warp an item (a token's
     /// row piece), up to the SMs' worth: a step of a few tokens starts and synchronises a few
     /// blocks, not every SM's. Off: every launch takes all of them. Same results either way.
@@ -33,7 +37,7 @@ public struct GPUTuning: Sendable, Hashable {
     /// a copy is unaffected. Off: plain launches. Same results either way.
     public var overlapsLaunches: Bool
 
-    public init(pipelineDepth: Int = 4, rowsInFlight: Int = 8, rowPieces: Int? = nil, blocksPerMultiprocessor: Int? = nil, fusesUpdate: Bool = true,
+    public init(pipelineDepth: Int = 4, rowsInFlight: Int = 8, rowPieces: Int? = nil, blocksPerMultiprocessor: Int? = nil, fusesUpdate: Bool? = nil,
                 updateChunkTokens: Int = 256, fitsGridToWork: Bool = true, overlapsLaunches: Bool = true) {
         self.overlapsLaunches = overlapsLaunches
         self.fusesUpdate = fusesUpdate

@@ -100,8 +100,8 @@ extension StepEngine {
     }
 
     /// A step's update and its dispatch in one call (the stacked dispatch): one launch of the
-    /// fused kernel where the group runs every rank in one launch and the kernel fits
-    /// (`canFuseUpdate`), else the update's launch and the dispatch's. Same slots, same bits.
+    /// fused kernel where the kernel fits and the tuning allows it (`canFuseUpdate`), else the
+    /// update's launch and the dispatch's. Same slots, same bits.
     func updateAndDispatch(
         _ handle: GPUStepHandle, routing: [RoutingRows], indexBytes: Int, sources: (Int) -> SendSide, received: (Int) -> ReceiveBuffers,
         receivedIndexBytes: Int, vectorBytes: Int, options: CallOptions
@@ -124,9 +124,13 @@ extension StepEngine {
 
     /// Whether a call with `options` can run update and dispatch as one launch: LL with the
     /// fused kernel compiled (`workspace.fused`: direct transport, its shared memory fits), every
-    /// local rank in one launch (virtual ranks not launched per rank; an NCCL rank's one).
+    /// local rank in one launch (virtual ranks not launched per rank; an NCCL rank's one), and
+    /// `tuning.fusesUpdate` on, or automatic and no rank in another process (`GPUTuning`).
     func canFuseUpdate(_ options: CallOptions) -> Bool {
-        workspace.fused && tuning.fusesUpdate && options.launch == .single
+        guard workspace.fused, options.launch == .single else { return false }
+        if let chosen = tuning.fusesUpdate { return chosen }
+        if case .process = placement, config.ranks > 1 { return false }
+        return true
     }
 
     /// Sends every local rank's rows straight into their slots on the destination ranks

@@ -28,6 +28,9 @@ struct GPUOptions: ParsableArguments {
     @Flag(help: "GPU: plain launches, none of them a programmatic dependent launch (default: dependent launches where the GPU and driver can).")
     var serialLaunches = false
 
+    @Flag(inversion: .prefixedNo, help: "GPU, LL: the update inside the dispatch's launch (the upd+disp row) or not (default: so for virtual ranks and one NCCL rank, not at NCCL ranks with peers).")
+    var fusedUpdate: Bool?
+
     enum Bounds {
         static let sms = 1...4_096
         static let pipelineDepth = 1...8
@@ -46,12 +49,12 @@ struct GPUOptions: ParsableArguments {
 
     var tuning: GPUTuning {
         GPUTuning(pipelineDepth: pipelineDepth, rowsInFlight: rowsInFlight, rowPieces: rowPieces, blocksPerMultiprocessor: blocksPerSM,
-                  updateChunkTokens: updateChunkTokens, fitsGridToWork: !fullGrid, overlapsLaunches: !serialLaunches)
+                  fusesUpdate: fusedUpdate, updateChunkTokens: updateChunkTokens, fitsGridToWork: !fullGrid, overlapsLaunches: !serialLaunches)
     }
 
     var record: TuningOptions {
         TuningOptions(sms: smCounts, pipelineDepth: pipelineDepth, rowsInFlight: rowsInFlight, rowPieces: rowPieces, blocksPerSM: blocksPerSM,
-                      updateChunkTokens: updateChunkTokens, fullGrid: fullGrid, serialLaunches: serialLaunches)
+                      updateChunkTokens: updateChunkTokens, fullGrid: fullGrid, serialLaunches: serialLaunches, fusedUpdate: fusedUpdate)
     }
 
     func validate() throws {

@@ -26,6 +26,7 @@ struct NCCLBenchmark {
         let group = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl, tuning: tuning, sharing: sharing)
         let data = BenchData(config: config, tokens: benchCase.tokens, seed: seed, skew: skew)
         let step = try NCCLStep(group: group, data: data, rank: rank)
+        let oracle = try data.oracleCombined(config: config)   // before the loops: none of them waits for the host
         let driver = device.driver
         let total = warmup + iterations
         let events = try (0..<(5 * total)).map { _ in try driver.createEvent() }
@@ -43,14 +44,14 @@ struct NCCLBenchmark {
         var samples = PhaseSamples(
             update: try microseconds(0, 1), dispatch: try microseconds(1, 2), combine: combine,
             step: zip(beforeCopy, combine).map { $0 + $1 })
-        let oracle = try data.oracleCombined(config: config)
         func matchesOracle() throws -> Bool {
             let combinedHost = try step.combinedRows()
             return combinedHost.bytes() == oracle[rank] && data.validate(rank: rank, config: config, combined: combinedHost)
         }
         var valid = try matchesOracle()
-        // Where the group fuses them (LL), update and dispatch again as one call (the stacked
-        // dispatch, what the Python package calls): the `upd+disp` row, its results checked too.
+        // Where the group fuses them (LL: one rank, or --fused-update), update and dispatch again
+        // as one call (the stacked dispatch, what the Python package calls): the `upd+disp` row,
+        // its results checked too.
         if group.fusesUpdate {
             try step.combined.fill(byte: 0xFF)   // what the check below reads, this loop's rows only
             for i in 0..<total {

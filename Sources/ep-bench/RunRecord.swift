@@ -36,6 +36,8 @@ struct TuningOptions: Codable, Sendable {
     var updateChunkTokens: Int
     var fullGrid: Bool
     var serialLaunches: Bool
+    /// --fused-update / --no-fused-update; null: automatic.
+    @AlwaysEncoded var fusedUpdate: Bool? = nil
 }
 
 /// Every option of `ep-bench run` as given (null: not given, the case's or the default value).

@@ -143,6 +143,36 @@ struct NCCLStackedCallMockTests {
         }
     }
 
+    /// Whether a stacked dispatch fuses the update: automatic (nil) fuses for virtual ranks and
+    /// an NCCL rank with no peers, not at an NCCL rank with peers (whose dispatch blocks would
+    /// wait on every SM for the slowest peer's counts); an explicit choice wins; HT, the staged
+    /// transport and per-rank launches never fuse.
+    @Test func theUpdateFusesAutomaticallyWhereNoPeerIsInAnotherProcess() throws {
+        try MockCUDA.run { _ in
+            let device = try MockCUDA.device()
+            func fuses(_ config: GroupConfig, _ placement: StepEngine.Placement, _ choice: Bool?, transport: GPUTransport = .direct,
+                       launch: LaunchMode = .single) throws -> Bool {
+                let config = try config.validatedForGPU()
+                let engine = StepEngine(config: config, device: device, tuning: GPUTuning(fusesUpdate: choice), placement: placement,
+                                        workspaces: [], mask: DevicePointer(rawValue: 0), stream: try device.driver.createStream(),
+                                        multiprocessors: 4, transport: transport)
+                return engine.canFuseUpdate(CallOptions(nil, mode: launch))
+            }
+            let virtual = StepEngine.Placement.virtualRanks(rankStreams: [], joinEvents: [])
+            for ranks in [1, 2, 8] {
+                let ll = GroupConfig(algorithm: .lowLatency, ranks: ranks, experts: 8 * ranks, topK: 4, hidden: 128, maxTokensPerRank: 8)
+                #expect(try fuses(ll, virtual, nil), "virtual R = \(ranks)")
+                #expect(try fuses(ll, .process(rank: 0), nil) == (ranks == 1), "NCCL rank, R = \(ranks)")
+                #expect(try fuses(ll, .process(rank: 0), true), "NCCL rank, R = \(ranks), on")
+                #expect(try !fuses(ll, .process(rank: 0), false) && !fuses(ll, virtual, false), "R = \(ranks), off")
+                #expect(try !fuses(ll, virtual, true, transport: .staged), "staged, R = \(ranks)")
+                #expect(try !fuses(ll, virtual, true, launch: .perRank), "per-rank launches, R = \(ranks)")
+                let ht = GroupConfig(algorithm: .highThroughput, ranks: ranks, experts: 8 * ranks, topK: 4, hidden: 128, maxTokensPerRank: 8)
+                #expect(try !fuses(ht, virtual, true) && !fuses(ht, .process(rank: 0), true), "HT, R = \(ranks)")
+            }
+        }
+    }
+
     /// A combine from a tensor of the caller's copies the step's received rows into the slot's
     /// buffer first, as `combine(copyingFrom:)` does; the same launches.
     @Test(arguments: [0, 2])

@@ -126,7 +126,9 @@ def tuning(value):
     """The epGPUTuning_t of ``tuning=``: None (defaults) or a dict of ``pipeline_depth``
     (1...8), ``rows_in_flight`` (1...16), ``row_pieces``, ``blocks_per_multiprocessor`` (1 or
     2), ``update_chunk_tokens`` (HT: tokens each update block counts, default 256) and
-    ``fused_update`` (LL: a bool, default True: the stacked dispatch's update runs in its launch)
+    ``fused_update`` (LL: a bool; True: the stacked dispatch's update runs in its launch; left out:
+    so for a VirtualGroup and an NCCLGroup of one rank, not at an NCCL rank with peers, whose one
+    launch would hold every SM's dispatch blocks until the slowest peer's counts arrive)
     and ``full_grid`` (a bool, default False: dispatch and combine launch only the blocks the
     step's tokens need; True launches every SM's) and ``serial_launches`` (a bool, default False:
     the step kernels go as programmatic dependent launches where the GPU and driver can; True
