@@ -32,8 +32,13 @@ struct KernelResourceTests {
         // The update inside the dispatch's 512-thread block (64 registers a thread).
         Case(config: llStandard, kernel: "ep_ll_update_dispatch", maximumSpill: 0),
         Case(config: fp8(llStandard, .ue8m0Block128), kernel: "ep_ll_update_dispatch", maximumSpill: 0),
-        // An NCCL rank's: its dispatch blocks wait for the update block's rows (no other rank's routing here).
+        // An NCCL rank's kernels (flags of system scope, peers' buffers mapped): the fused launch's
+        // dispatch blocks wait for the update block's rows (no other rank's routing here).
         Case(config: llStandard, kernel: "ep_ll_update_dispatch", maximumSpill: 0, virtualRanks: false),
+        Case(config: llStandard, kernel: "ep_ll_dispatch", maximumSpill: 0, virtualRanks: false),
+        Case(config: llStandard, kernel: "ep_ll_combine", maximumSpill: 64, virtualRanks: false),
+        Case(config: htStandard, kernel: "ep_ht_dispatch", maximumSpill: 0, virtualRanks: false),
+        Case(config: htStandard, kernel: "ep_ht_combine", maximumSpill: 0, virtualRanks: false),
         Case(config: llStandard, kernel: "ep_ll_combine", maximumSpill: 64),
         // One rank: the update without the all-gather, its totals read from shared memory.
         Case(config: GroupConfig(algorithm: .lowLatency, ranks: 1, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 128),
