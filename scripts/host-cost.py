@@ -5,6 +5,8 @@ includes the update, and epGroupCombineStacked); per-rank lists (--lists) the pe
 (epGroupUpdateAll, epGroupDispatchAll, epGroupCombineAll); --nccl adds an NCCLGroup of one rank
 (the stacked calls with its one part: update and dispatch in one call; combine from the slot's
 own expert-output buffer). What is left of the Python time beside the C calls is the package's own. Not a test: a measurement for the host-cost work.
+`--tuning serial_launches=1` launches with cuLaunchKernel instead of cuLaunchKernelEx (the driver's host
+cost of the two differs); `--tuning fused_update=0` keeps the update's own launch.
 
     EP_LIBRARY=/path/libexpert_parallel.so PYTHONPATH=python python3 scripts/host-cost.py
 
@@ -39,11 +41,11 @@ def stubbed(fn):
     return lambda *arguments: 0   # epSuccess
 
 
-def measure(name, ranks, calls, kind, device="cuda:0", stub=False, hidden=None):
+def measure(name, ranks, calls, kind, device="cuda:0", stub=False, hidden=None, tuning=None):
     """Times `calls` dispatches and combines of case `name` (kind: "stacked", "lists" or "nccl")."""
     algorithm, tokens, case_hidden, top_k, experts, _ = CASES[name]
     case = (algorithm, tokens, hidden or case_hidden, top_k, experts, _)
-    group = group_of(case, ranks, device, nccl=kind == "nccl", dtype="bf16")
+    group = group_of(case, ranks, device, nccl=kind == "nccl", dtype="bf16", tuning=tuning)
     inputs = _Inputs(case, ranks, "cpu", 1)   # NumPy arrays, as torch tensors on `device` below
     x = torch.from_numpy(numpy.stack(inputs.x)).to(device=device, dtype=torch.bfloat16)
     idx, w = (torch.from_numpy(numpy.stack(a)).to(device) for a in (inputs.idx, inputs.w))
@@ -68,7 +70,8 @@ def measure(name, ranks, calls, kind, device="cuda:0", stub=False, hidden=None):
     if not stub:
         group.check()
     med = lambda values: statistics.median(values[calls // 10:]) * 1e6 if values else float("nan")  # noqa: E731
-    label = {"stacked": "stacked", "lists": "per-rank lists", "nccl": "NCCL rank"}[kind] + (", C stubbed" if stub else "")
+    label = ({"stacked": "stacked", "lists": "per-rank lists", "nccl": "NCCL rank"}[kind] + (", C stubbed" if stub else "")
+             + "".join(f", {key}={value}" for key, value in (tuning or {}).items()))
     inside = (f"C update+dispatch {med(c['dispatch']):.1f}" if one_call
               else f"C update {med(c['update']):.1f} dispatch {med(c['dispatch']):.1f}")
     print(f"{name} R={ranks} {label}: Python dispatch {med(dispatch):.1f} combine {med(combine):.1f} | "
@@ -85,9 +88,13 @@ if __name__ == "__main__":
     parser.add_argument("--stub", action="store_true", help="the C calls replaced by a no-op: the package's own Python time")
     parser.add_argument("--hidden", type=int, help="hidden size instead of the case's (smaller CPU buffers)")
     parser.add_argument("--nccl", action="store_true", help="also time an NCCLGroup of one rank (cases with R = 1; a GPU with NCCL)")
+    parser.add_argument("--tuning", action="append", default=[], metavar="KNOB=0|1",
+                        help="a boolean tuning knob of the groups (serial_launches=1: plain cuLaunchKernel launches; "
+                             "fused_update=0: the update's own launch); repeatable")
     args = parser.parse_args()
+    tuning = {key: bool(int(value)) for key, value in (knob.split("=") for knob in args.tuning)}
     for spec in args.case or ["ll-std:1", "ll-1:8", "ll-std:8"]:
         name, ranks = spec.split(":")
         kinds = ["stacked"] + (["lists"] if args.lists else []) + (["nccl"] if args.nccl and ranks == "1" else [])
         for kind in kinds:
-            measure(name, int(ranks), args.calls, kind, device=args.device, stub=args.stub, hidden=args.hidden)
+            measure(name, int(ranks), args.calls, kind, device=args.device, stub=args.stub, hidden=args.hidden, tuning=tuning)

@@ -76,7 +76,8 @@ extension RunCommand {
             hidden: shape.hidden, topK: shape.topK, experts: shape.experts, layout: shape.layout?.rawValue, alignment: shape.alignment,
             dtype: shape.dtype.rawValue, fp8: shape.fp8?.rawValue, fp8Source: shape.fp8Source?.rawValue, iterations: iterations, warmup: warmup, skew: skew, seed: seed, sms: gpu.smCounts,
             pipelineDepth: gpu.pipelineDepth, rowsInFlight: gpu.rowsInFlight, rowPieces: gpu.rowPieces, blocksPerSM: gpu.blocksPerSM,
-            updateChunkTokens: gpu.updateChunkTokens, fullGrid: gpu.fullGrid, serialLaunches: gpu.serialLaunches, sharing: sharing.rawValue, drill: drill?.rawValue, drillRank: drillRank, timeoutMs: timeoutMs, progress: progress, json: json, plot: plot)
+            updateChunkTokens: gpu.updateChunkTokens, fullGrid: gpu.fullGrid, serialLaunches: gpu.serialLaunches,
+            fusedUpdate: gpu.fusedUpdate, sharing: sharing.rawValue, drill: drill?.rawValue, drillRank: drillRank, timeoutMs: timeoutMs, progress: progress, json: json, plot: plot)
     }
 
     /// `--json PATH` is checked before anything runs, without creating the file: an existing

@@ -69,6 +69,7 @@ struct OptionsRecord: Codable, Sendable {
     var updateChunkTokens: Int
     var fullGrid: Bool
     var serialLaunches: Bool
+    @AlwaysEncoded var fusedUpdate: Bool?
     var sharing: String
     @AlwaysEncoded var drill: String?
     var drillRank: Int

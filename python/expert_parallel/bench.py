@@ -73,13 +73,16 @@ class _Inputs:
             self.stacked = (np.stack(self.x), np.stack(self.idx), np.stack(self.w))
 
 
-def group_of(case: tuple, ranks: int, device: str, nccl: bool = False, dtype: Optional[str] = None) -> Any:
+def group_of(case: tuple, ranks: int, device: str, nccl: bool = False, dtype: Optional[str] = None,
+             tuning: Optional[dict] = None) -> Any:
     """The group a measurement of `case` calls: a VirtualGroup of `ranks`, or (`nccl`) this
     process's rank of an NCCL group of one, what a torchrun job's rank calls; `dtype` defaults
-    to f32 on the CPU, bf16 on a GPU."""
+    to f32 on the CPU, bf16 on a GPU; `tuning` as the groups take it (GPU only)."""
     algorithm, tokens, hidden, top_k, experts, _ = case
     shape = dict(experts=experts, hidden=hidden, top_k=top_k, max_tokens=tokens, algorithm=algorithm,
                  dtype=dtype or ("f32" if device == "cpu" else "bf16"))
+    if tuning:
+        shape["tuning"] = tuning
     if nccl:
         from .nccl_group import NCCLGroup, nccl_unique_id
 

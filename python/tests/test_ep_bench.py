@@ -284,10 +284,10 @@ def test_the_json_records_the_run(tmp_path):
     assert run["device"] == m["device"] and run["device"].startswith("CPU")
     assert run["driverVersion"] is None and run["nvrtcVersion"] is None   # the CPU run loads neither
     assert run["tuning"] == {"sms": [], "pipelineDepth": 4, "rowsInFlight": 8, "rowPieces": None, "blocksPerSM": None,
-                             "updateChunkTokens": 256, "fullGrid": False, "serialLaunches": False}
+                             "updateChunkTokens": 256, "fullGrid": False, "serialLaunches": False, "fusedUpdate": None}
     for key in ["cases", "ranks", "tokens", "hidden", "topK", "experts", "layout", "alignment", "dtype", "iterations",
                 "warmup", "sms", "pipelineDepth", "rowsInFlight", "rowPieces", "blocksPerSM", "updateChunkTokens", "fullGrid",
-                "serialLaunches", "timeoutMs", "json"]:
+                "serialLaunches", "fusedUpdate", "timeoutMs", "json"]:
         assert key in run["options"], key
     assert run["options"]["tokens"] == 4 and run["options"]["layout"] is None
     assert run["arguments"][-2:] == ["--json", str(tmp_path / "out.json")]
