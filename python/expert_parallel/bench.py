@@ -5,7 +5,8 @@
 
 For each case (the standard cases of docs/ep-bench.md, or the small ``tiny`` / ``tiny-ht``) it runs
 dispatch then combine through a ``VirtualGroup`` (``--nccl``: this process's ``NCCLGroup`` of one
-rank on the GPU; ``--deepep``: DeepEP's calls through ``compat.deep_ep.Buffer`` at one rank;
+rank on the GPU, or under torchrun its rank of a group over every process, each rank timing its own
+calls, rank 0 printing every rank's row; ``--deepep``: DeepEP's calls through ``compat.deep_ep.Buffer`` at one rank;
 ``--exchange``: the autograd ops of ``expert_parallel.torch``) with identity experts and reports,
 per call, medians of:
 
@@ -51,7 +52,8 @@ class _Inputs:
     """One step's per-rank tokens, routing and weights: top-k distinct experts per token drawn
     uniformly, weights in (0, 1), as ep-bench's standard cases do."""
 
-    def __init__(self, case: tuple, ranks: int, device: str, seed: int) -> None:
+    def __init__(self, case: tuple, ranks: int, device: str, seed: int, keep: Optional[int] = None) -> None:
+        """`keep`: only that rank's arrays (an NCCL rank's own, drawn as for every rank)."""
         import numpy as np
 
         algorithm, tokens, hidden, top_k, experts, _ = case
@@ -59,6 +61,8 @@ class _Inputs:
         self.idx = [np.argsort(rng.random((tokens, experts)), axis=1)[:, :top_k].astype(np.int32) for _ in range(ranks)]
         self.w = [rng.random((tokens, top_k), dtype=np.float32) for _ in range(ranks)]
         self.x = [rng.standard_normal((tokens, hidden), dtype=np.float32) for _ in range(ranks)]
+        if keep is not None:
+            self.idx, self.w, self.x = [self.idx[keep]], [self.w[keep]], [self.x[keep]]
         self.cuda = device != "cpu"
         if self.cuda:
             import torch
@@ -76,8 +80,9 @@ class _Inputs:
 def group_of(case: tuple, ranks: int, device: str, nccl: bool = False, dtype: Optional[str] = None,
              tuning: Optional[dict] = None) -> Any:
     """The group a measurement of `case` calls: a VirtualGroup of `ranks`, or (`nccl`) this
-    process's rank of an NCCL group of one, what a torchrun job's rank calls; `dtype` defaults
-    to f32 on the CPU, bf16 on a GPU; `tuning` as the groups take it (GPU only)."""
+    process's rank of an NCCL group: of one, or of every process of torch.distributed's default
+    group where it is initialised with `ranks` processes (what a torchrun job's rank calls);
+    `dtype` defaults to f32 on the CPU, bf16 on a GPU; `tuning` as the groups take it (GPU only)."""
     algorithm, tokens, hidden, top_k, experts, _ = case
     shape = dict(experts=experts, hidden=hidden, top_k=top_k, max_tokens=tokens, algorithm=algorithm,
                  dtype=dtype or ("f32" if device == "cpu" else "bf16"))
@@ -86,6 +91,8 @@ def group_of(case: tuple, ranks: int, device: str, nccl: bool = False, dtype: Op
     if nccl:
         from .nccl_group import NCCLGroup, nccl_unique_id
 
+        if ranks > 1:   # this process's rank of the torchrun job (torch.distributed is initialised: main())
+            return NCCLGroup.from_process_group(device=device, **shape)
         return NCCLGroup(rank=0, ranks=1, unique_id=nccl_unique_id(), device=device, **shape)
     return VirtualGroup(ranks=ranks, device=device, **shape)
 
@@ -270,9 +277,9 @@ def _time_baseline(case: tuple, iterations: int, warmup: int, inputs: _Inputs) -
     return {"baseline": "torch", "baseline_dispatch_us": _median_us(dispatch_s), "baseline_combine_us": _median_us(combine_s)}
 
 
-def _engine_figures(path: Optional[str], nccl: bool = False) -> Dict[tuple, Dict[str, float]]:
+def _engine_figures(path: Optional[str], nccl: bool = False, rank: int = 0) -> Dict[tuple, Dict[str, float]]:
     """ep-bench's JSON (a list of measurements) by (case, ranks): its virtual groups' entries, or
-    (`nccl`) its NCCL ranks' (`--transport nccl`: one entry per rank, rank 0's taken)."""
+    (`nccl`) its NCCL ranks' (`--transport nccl`: one entry per rank, rank `rank`'s taken)."""
     if not path:
         return {}
     with open(path) as f:
@@ -287,22 +294,28 @@ def _engine_figures(path: Optional[str], nccl: bool = False) -> Dict[tuple, Dict
 
     return {(m["name"], m["ranks"]): {"engine_dispatch_us": dispatch(m), "engine_combine_us": m["combine"]["median"]}
             for m in measurements if isinstance(m.get("combine"), dict) and not m.get("fp8")
-            and (m.get("rank") == 0 if nccl else m.get("rank") is None)}
+            and (m.get("rank") == rank if nccl else m.get("rank") is None)}
 
 
 def run(names: Sequence[str], device: str, ranks: Optional[int], iterations: int, warmup: int, seed: int,
         engine_json: Optional[str], baseline: bool, nccl: bool = False, deepep: bool = False,
-        exchange: Optional[str] = None) -> List[Dict[str, Any]]:
-    """`exchange`: None, or "zero-fill" / "no-fill" to time the autograd ops instead."""
-    engine = _engine_figures(engine_json, nccl or (deepep and device != "cpu"))
+        exchange: Optional[str] = None, job: Optional[tuple] = None) -> List[Dict[str, Any]]:
+    """`exchange`: None, or "zero-fill" / "no-fill" to time the autograd ops instead. `job`:
+    (this process's rank, ranks) of a torchrun job (`nccl`): its rank of a group over them all,
+    its own inputs (every rank draws the same step) and its entries of ep-bench's JSON."""
+    rank, world = job or (0, 1)
+    engine = _engine_figures(engine_json, nccl or (deepep and device != "cpu"), rank)
     results = []
     for name in names:
         case = CASES[name]
-        r = 1 if nccl or deepep else ranks or case[5]
+        r = world if nccl else 1 if deepep else ranks or case[5]
         row: Dict[str, Any] = {"case": name, "ranks": r, "device": device, "iterations": iterations,
                                "group": ("deep_ep.Buffer" if deepep else "NCCLGroup" if nccl else
                                          f"Exchange ({exchange})" if exchange else "VirtualGroup")}
-        inputs = _Inputs(case, r, device, seed)   # the same step for the package and the baseline
+        if job is not None:
+            row["rank"] = rank
+        # The same step for the package and the baseline (an NCCL rank's: its own part of it).
+        inputs = _Inputs(case, r, device, seed, keep=rank if nccl else None)
         if deepep:
             row.update(_time_deepep(case, device, iterations, warmup, inputs))
         elif exchange:
@@ -316,8 +329,52 @@ def run(names: Sequence[str], device: str, ranks: Optional[int], iterations: int
     return results
 
 
+def torchrun_job() -> Optional[tuple]:
+    """(RANK, WORLD_SIZE) where this process is one of several ranks of a torchrun job (its
+    environment), else None."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return (int(os.environ.get("RANK", "0") or 0), world) if world > 1 else None
+
+
+def _job_device(device: str) -> str:
+    """A torchrun rank's CUDA device: `device` where it names one, else cuda:LOCAL_RANK."""
+    import os
+
+    return device if ":" in device else f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0)}"
+
+
+def _run_job(names: Sequence[str], device: str, iterations: int, warmup: int, seed: int, engine_json: Optional[str],
+             baseline: bool, job: tuple) -> List[Dict[str, Any]]:
+    """`run` as one rank of a torchrun job (--nccl): torch.distributed over gloo to share the
+    NCCL unique id and gather the rows; every rank's rows on every rank, by case then rank."""
+    import torch
+    import torch.distributed as dist
+
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo")
+    try:
+        rows = run(names, device, None, iterations, warmup, seed, engine_json, baseline, nccl=True, job=job)
+        gathered: List[Any] = [None] * job[1]
+        dist.all_gather_object(gathered, rows)
+    finally:
+        if started:
+            dist.destroy_process_group()
+    return _by_case(gathered)
+
+
+def _by_case(gathered: List[List[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """Every rank's rows (`gathered[rank]`: its rows, one per case in order), by case then rank."""
+    return [rows[i] for i in range(max(map(len, gathered), default=0)) for rows in gathered if i < len(rows)]
+
+
 def render(results: List[Dict[str, Any]]) -> str:
-    columns = [("case", "case"), ("ranks", "R"), ("host_dispatch_us", "host d µs"), ("host_combine_us", "host c µs"),
+    columns = [("case", "case"), ("ranks", "R")] + ([("rank", "rank")] if any("rank" in row for row in results) else []) + [
+               ("host_dispatch_us", "host d µs"), ("host_combine_us", "host c µs"),
                ("gpu_dispatch_us", "gpu d µs"), ("gpu_combine_us", "gpu c µs"), ("engine_dispatch_us", "engine d µs"),
                ("engine_combine_us", "engine c µs"), ("baseline_dispatch_us", "baseline d µs"),
                ("baseline_combine_us", "baseline c µs")]
@@ -338,9 +395,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "the standard cases on CUDA, tiny and tiny-ht on the CPU")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     parser.add_argument("--ranks", type=int, help="ranks of the group (default: the case's)")
-    parser.add_argument("--nccl", action="store_true", help="time an NCCLGroup of one rank (this process, one GPU: "
-                        "what each rank of a torchrun job calls) instead of a VirtualGroup; with --engine-json, "
-                        "ep-bench's --transport nccl --ranks 1 figures")
+    parser.add_argument("--nccl", action="store_true", help="time an NCCLGroup instead of a VirtualGroup: of one rank "
+                        "(this process, one GPU: what each rank of a torchrun job calls), or under torchrun this process's "
+                        "rank of a group over the job's ranks (--device cuda: cuda:LOCAL_RANK; rank 0 prints every rank's "
+                        "rows); with --engine-json, ep-bench's --transport nccl --ranks 1 (or N) figures of the same rank")
     parser.add_argument("--deepep", action="store_true", help="time DeepEP's calls through compat.deep_ep.Buffer at one "
                         "rank (a torch.distributed group of one: on CUDA an NCCLGroup, as a torchrun rank that switched "
                         "from DeepEP calls it; with --engine-json, ep-bench's --transport nccl --ranks 1 figures)")
@@ -362,8 +420,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--ranks {args.ranks}: must be ≥ 1")
     if args.nccl and not args.device.startswith("cuda"):
         parser.error(f"--nccl: an NCCL group runs on a CUDA device; --device is {args.device!r}")
-    if args.nccl and args.ranks not in (None, 1):
-        parser.error(f"--nccl --ranks {args.ranks}: the group is this process's one rank; --ranks must be 1 (or left out)")
+    job = torchrun_job() if args.nccl else None
+    if args.nccl and args.ranks not in (None, 1 if job is None else job[1]):
+        parser.error(f"--nccl --ranks {args.ranks}: the group is this process's one rank, or under torchrun the job's "
+                     f"{1 if job is None else job[1]}; --ranks must be that (or left out)")
     if args.deepep and args.nccl:
         parser.error("--deepep --nccl: choose one (--deepep at one rank on CUDA is over an NCCLGroup already)")
     if args.exchange and (args.deepep or args.nccl):
@@ -371,8 +431,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.deepep and args.ranks not in (None, 1):
         parser.error(f"--deepep --ranks {args.ranks}: the Buffer is this process's one rank; --ranks must be 1 (or left out)")
     names = args.case or (["tiny", "tiny-ht"] if args.device == "cpu" else ["ll-std", "ll-32", "ll-1", "ht-std", "ht-4k", "odd"])
-    results = run(names, args.device, args.ranks, args.iterations, args.warmup, args.seed, args.engine_json,
-                  not args.no_baseline, args.nccl, args.deepep, args.exchange)
+    if job is not None:
+        results = _run_job(names, _job_device(args.device), args.iterations, args.warmup, args.seed, args.engine_json,
+                           not args.no_baseline, job)
+        if job[0] != 0:   # rank 0 reports every rank's rows
+            return 0
+    else:
+        results = run(names, args.device, args.ranks, args.iterations, args.warmup, args.seed, args.engine_json,
+                      not args.no_baseline, args.nccl, args.deepep, args.exchange)
     print(render(results))
     if args.json:
         with open(args.json, "w") as f:

@@ -90,3 +90,50 @@ def test_bad_options_are_refused_by_name(option):
     run = subprocess.run([sys.executable, "-m", "expert_parallel.bench", *option], capture_output=True, text=True, env=env)
     assert run.returncode == 2
     assert option[0] in run.stderr
+
+
+def test_an_nccl_rank_of_a_job_draws_its_own_part_of_the_step():
+    # Under torchrun every rank draws the whole step from the seed and keeps its own part.
+    case = bench.CASES["tiny"]
+    whole, mine = bench._Inputs(case, 3, "cpu", 5), bench._Inputs(case, 3, "cpu", 5, keep=2)
+    for a, b in ((whole.x[2], mine.x[0]), (whole.idx[2], mine.idx[0]), (whole.w[2], mine.w[0])):
+        assert (a == b).all()
+    assert len(mine.x) == 1 and mine.stacked[0].shape == (1,) + whole.x[2].shape
+    assert not (whole.x[1] == mine.x[0]).all()
+
+
+def test_a_job_rank_takes_its_own_entries_of_the_engines_json(tmp_path):
+    engine = tmp_path / "engine.json"
+    engine.write_text(json.dumps([
+        {"name": "ll-std", "ranks": 2, "rank": r, "updateDispatch": {"median": 20.0 + r}, "update": {"median": 4.0},
+         "dispatch": {"median": 30.0}, "combine": {"median": 25.0 + r}} for r in (0, 1)]))
+    assert bench._engine_figures(str(engine), nccl=True, rank=1) == {("ll-std", 2): {"engine_dispatch_us": 21.0, "engine_combine_us": 26.0}}
+    assert bench._engine_figures(str(engine), nccl=True) == {("ll-std", 2): {"engine_dispatch_us": 20.0, "engine_combine_us": 25.0}}
+
+
+def test_a_job_is_read_from_torchruns_environment(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert bench.torchrun_job() is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert bench.torchrun_job() is None
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert bench.torchrun_job() == (3, 4)
+    assert bench._job_device("cuda") == "cuda:1" and bench._job_device("cuda:5") == "cuda:5"
+
+
+def test_every_ranks_rows_are_reported_by_case_then_rank():
+    gathered = [[{"case": c, "rank": r} for c in ("a", "b")] for r in range(3)]
+    assert [(row["case"], row["rank"]) for row in bench._by_case(gathered)] == [
+        ("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1), ("b", 2)]
+    table = bench.render([{"case": "a", "ranks": 3, "rank": 2, "host_dispatch_us": 1.0}])
+    assert table.splitlines()[0].split()[:3] == ["case", "R", "rank"] and table.splitlines()[1].split()[:4] == ["a", "3", "2", "1.0"]
+
+
+def test_under_torchrun_an_nccl_run_takes_the_jobs_ranks():
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(bench.__file__)))
+    env = dict(os.environ, PYTHONPATH=package_root + os.pathsep + os.environ.get("PYTHONPATH", ""), WORLD_SIZE="2", RANK="1")
+    run = subprocess.run([sys.executable, "-m", "expert_parallel.bench", "--nccl", "--device", "cuda", "--ranks", "3"],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 2 and "--ranks 3" in run.stderr and "job's 2" in run.stderr
