@@ -80,6 +80,7 @@ enum MockCUDA {
                 s.failNCCLAllocation = nil
                 s.windowRegisterResult = 0
             }
+            MockNCCLWorld.reset()
         }
 
         fileprivate func handle() -> UInt { nextHandle += 16; return nextHandle }
@@ -191,13 +192,17 @@ enum MockCUDA {
     }
 
     /// `peerPointers`: an NCCL that says where a peer's window is mapped (2.29's
-    /// `ncclGetPeerDevicePointer`, which answers "unreachable" here): a group of one rank then
-    /// maps its own buffers only, which the mock can build (the descriptor exchange it cannot).
+    /// `ncclGetPeerDevicePointer`: the peer's own buffer for MockNCCLWorld's communicators,
+    /// "unreachable" for others): a group of one rank then maps its own buffers only, and one of
+    /// several ranks its peers' where they are, which the mock can build (the descriptor exchange
+    /// it cannot).
     static func nccl(peerPointers: Bool = false) throws -> NCCLLibrary {
         var symbols = ncclSymbols()
         if peerPointers {
-            symbols["ncclGetPeerDevicePointer"] = symbol({ _, _, _, out in out?.pointee = nil; return 0 }
-                as @convention(c) (OpaquePointer?, Int, Int32, UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> Int32)
+            symbols["ncclGetPeerDevicePointer"] = symbol({ window, offset, peer, out in
+                out?.pointee = MockNCCLWorld.peerPointer(window, offset: offset, peer: Int(peer))
+                return 0
+            } as @convention(c) (OpaquePointer?, Int, Int32, UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> Int32)
         }
         return try NCCLLibrary(library: DynamicLibrary(name: NCCLLibrary.libraryName, symbols: symbols))
     }
@@ -396,12 +401,18 @@ enum MockCUDA {
         t["ncclCommFinalize"] = symbol({ _ in 0 } as @convention(c) (OpaquePointer?) -> Int32)
         t["ncclCommDestroy"] = symbol({ _ in 0 } as @convention(c) (OpaquePointer?) -> Int32)
         t["ncclCommAbort"] = symbol({ _ in 0 } as @convention(c) (OpaquePointer?) -> Int32)
-        t["ncclCommCount"] = symbol({ _, out in out?.pointee = 1; return 0 } as @convention(c) (OpaquePointer?, UnsafeMutablePointer<Int32>?) -> Int32)
-        t["ncclCommUserRank"] = symbol({ _, out in out?.pointee = 0; return 0 } as @convention(c) (OpaquePointer?, UnsafeMutablePointer<Int32>?) -> Int32)
-        // The communicator has one rank: the all-gather is a copy (ncclDataType_t's sizes by value).
-        t["ncclAllGather"] = symbol({ send, receive, count, type, _, _ in
+        // A communicator of one rank, or one of MockNCCLWorld's (several ranks, each a thread here).
+        t["ncclCommCount"] = symbol({ comm, out in out?.pointee = Int32(MockNCCLWorld.decode(comm)?.ranks ?? 1); return 0 }
+            as @convention(c) (OpaquePointer?, UnsafeMutablePointer<Int32>?) -> Int32)
+        t["ncclCommUserRank"] = symbol({ comm, out in out?.pointee = Int32(MockNCCLWorld.decode(comm)?.rank ?? 0); return 0 }
+            as @convention(c) (OpaquePointer?, UnsafeMutablePointer<Int32>?) -> Int32)
+        // One rank: the all-gather is a copy (ncclDataType_t's sizes by value); several: they meet.
+        t["ncclAllGather"] = symbol({ send, receive, count, type, comm, _ in
             let sizes = [1, 1, 4, 4, 8, 8, 2, 4, 8, 2]
             guard type >= 0, Int(type) < sizes.count else { return 4 }   // ncclInvalidArgument
+            if MockNCCLWorld.decode(comm) != nil {
+                return MockNCCLWorld.allGather(comm, send, receive, bytes: count * sizes[Int(type)]) ? 0 : 2   // ncclSystemError
+            }
             if let send, let receive, count > 0 { memmove(receive, send, count * sizes[Int(type)]) }
             return 0
         } as @convention(c) (UnsafeRawPointer?, UnsafeMutableRawPointer?, Int, Int32, OpaquePointer?, OpaquePointer?) -> Int32)
@@ -411,10 +422,12 @@ enum MockCUDA {
             return 0
         } as @convention(c) (UnsafeMutablePointer<UnsafeMutableRawPointer?>?, Int) -> Int32)
         t["ncclMemFree"] = symbol({ MockCUDA.state.freeNCCL(UInt64(UInt(bitPattern: $0))) ? 0 : 4 } as @convention(c) (UnsafeMutableRawPointer?) -> Int32)
-        t["ncclCommWindowRegister"] = symbol({ _, _, _, out, _ in
+        t["ncclCommWindowRegister"] = symbol({ comm, buffer, _, out, _ in
             let result = MockCUDA.state.locked { $0.windowRegisterResult }
-            if result == 0 { out?.pointee = OpaquePointer(bitPattern: 0xA_0000) }
-            return result
+            guard result == 0 else { return result }
+            guard let window = MockNCCLWorld.register(comm, buffer) else { return 2 }   // a rank stayed away
+            out?.pointee = window
+            return 0
         } as @convention(c) (OpaquePointer?, UnsafeMutableRawPointer?, Int, UnsafeMutablePointer<OpaquePointer?>?, Int32) -> Int32)
         t["ncclCommWindowDeregister"] = symbol({ _, _ in 0 } as @convention(c) (OpaquePointer?, OpaquePointer?) -> Int32)
         return t
