@@ -105,12 +105,18 @@ def low_latency(buffers: List[Buffer], xs, idx, ws, experts: int, max_tokens: in
     return on_ranks(buffers, rank_flow)
 
 
-def check_intranode(results, xs, idx, ws, experts: int, alignment: int = 1) -> None:
-    """Asserts every rank's intranode results equal the reference's, bit for bit."""
+def ranked(results, only=None):
+    """(rank, result) pairs: every rank's results, or (`only`) the one result of rank `only` (a
+    torch.distributed rank's own)."""
+    return [(only, results[0])] if only is not None else list(enumerate(results))
+
+
+def check_intranode(results, xs, idx, ws, experts: int, alignment: int = 1, only=None) -> None:
+    """Asserts every rank's intranode results (`only`: that rank's) equal the reference's, bit for bit."""
     ranks = len(xs)
     tokens = [x.shape[0] for x in xs]
     want = ref.ht_dispatch(xs, idx, ws, experts, alignment)
-    for r, got in enumerate(results):
+    for r, got in ranked(results, only):
         per_rank, per_rdma, per_expert, in_rank = got["layout"]
         w_rank, w_expert, w_in = ref.layout(idx[r], experts, ranks)
         assert per_rdma is None
@@ -126,7 +132,7 @@ def check_intranode(results, xs, idx, ws, experts: int, alignment: int = 1) -> N
     grads = [(x.float() * 2).to(x.dtype) for x in xs]
     grad_x = ref.ht_combine(want, [ref.ht_dispatch(grads, idx, ws, experts)[d]["x"] for d in range(ranks)], tokens, xs[0].dtype)
     grad_topk = ref.ht_combine_weights(want, [w["w"] * 3 for w in want], tokens, idx[0].shape[1])
-    for r, got in enumerate(results):
+    for r, got in ranked(results, only):
         assert torch.equal(got["combined"], combined[r]), f"rank {r} combined_x"
         assert torch.equal(got["combined_w"], combined_w[r]), f"rank {r} combined_topk_weights"
         assert torch.equal(got["combined_w"], torch.where(idx[r] >= 0, ws[r], 0.0))
@@ -137,13 +143,13 @@ def check_intranode(results, xs, idx, ws, experts: int, alignment: int = 1) -> N
         assert torch.equal(got["grad_topk"], grad_topk[r]), f"rank {r} weight gradients"
 
 
-def check_low_latency(results, xs, idx, ws, experts: int, max_tokens: int) -> None:
-    """Asserts every rank's low-latency results equal the reference's, bit for bit."""
+def check_low_latency(results, xs, idx, ws, experts: int, max_tokens: int, only=None) -> None:
+    """Asserts every rank's low-latency results (`only`: that rank's) equal the reference's, bit for bit."""
     ranks = len(xs)
     local = experts // ranks
     flipped = [x.flip(0) for x in xs], [i.flip(0) for i in idx], [w.flip(0) for w in ws]
     wants = [ref.ll_dispatch(xs, idx, experts, max_tokens), ref.ll_dispatch(flipped[0], flipped[1], experts, max_tokens)]
-    for r, got in enumerate(results):
+    for r, got in ranked(results, only):
         for (recv_x, count), want in zip(got["received"], wants):
             assert recv_x.shape == (local, ranks * max_tokens, xs[0].shape[1])
             assert count.dtype == torch.int32 and count.tolist() == want[r]["counts"], f"rank {r} recv_count"
@@ -153,6 +159,6 @@ def check_low_latency(results, xs, idx, ws, experts: int, max_tokens: int) -> No
         assert got["same_out"]
     combined = ref.ll_combine(xs, idx, ws, experts, xs[0].dtype)
     again = ref.ll_combine(*flipped, experts, xs[0].dtype)
-    for r, got in enumerate(results):
+    for r, got in ranked(results, only):
         assert torch.equal(got["combined"], combined[r]), f"rank {r} combined_x"
         assert torch.equal(got["flipped"], again[r]), f"rank {r} second micro-batch"

@@ -1,8 +1,11 @@
 """One rank of the NCCL-rank test (python/tests/test_nccl.py starts two with torchrun):
 torch.distributed over NCCL, an ep.NCCLGroup built from the process group, LL and HT steps in
 every layout, compared bit for bit with the CPU backend run here for all ranks on the same inputs
-(every rank generates every rank's inputs from one seed). Prints "rank R ok: ..." on success,
-"rank R FAILED: ..." lines otherwise (and exits 1)."""
+(every rank generates every rank's inputs from one seed); then the autograd ops
+(expert_parallel.torch.Exchange over the NCCLGroup) against Exchange over the CPU backend's
+VirtualGroup of every rank, and DeepEP's flows through compat.deep_ep.Buffer on the process group
+against the plain-PyTorch reference. Prints "rank R ok: ..." on success, "rank R FAILED: ..."
+lines otherwise (and exits 1)."""
 
 import os
 import sys
@@ -17,7 +20,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+import deep_ep_flows as flows  # noqa: E402
+import deep_ep_reference as deep_ref  # noqa: E402
 import expert_parallel as ep  # noqa: E402
+from expert_parallel.compat.deep_ep import Buffer  # noqa: E402
+from expert_parallel.torch import Exchange  # noqa: E402
 from reference import random_routing  # noqa: E402
 
 # (algorithm, layout, alignment, experts, top_k, hidden, max_tokens)
@@ -160,6 +167,100 @@ def check_arguments(rank, failures):
         group.close()
 
 
+# The autograd ops over an NCCL rank: the layouts they take there, and whether topk_weights get
+# gradients (LL rank-major's are at the receiving ranks: refused).
+AUTOGRAD_CASES = [("ht", "flat", 1, True), ("ht", "expert_major_padded", 4, True), ("ll", "rank_major", 1, False)]
+
+
+def experts_of(sent, layout):
+    """Elementwise stand-ins for the experts (the same bits on any device), shaped like the
+    received rows; flat and rank-major rows weighted by their received weights, summed in order."""
+    rows = sent.tokens.float()
+    y = rows * 1.5 + rows.square() * 0.25
+    if layout in ("flat", "rank_major"):
+        w = sent.topk_weights
+        total = w[..., 0]
+        for c in range(1, w.shape[-1]):
+            total = total + w[..., c]
+        y = y * total.unsqueeze(-1)
+    return y.to(sent.tokens.dtype)
+
+
+def run_autograd(rank, ranks, failures):
+    """Exchange over this rank's NCCLGroup against Exchange over the CPU VirtualGroup of every
+    rank: two layers' forward, then one backward pass. Combined rows and x's gradients bit for
+    bit (the library and the elementwise experts round the same everywhere); topk_weights'
+    gradients within 1e-5 (torch's sums over the hidden size run in another order on the GPU)."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    checked = 0
+    for algorithm, layout, alignment, weights_grad in AUTOGRAD_CASES:
+        for dtype in DTYPES:
+            settings = dict(experts=4 * ranks, hidden=64, top_k=3, max_tokens=12, algorithm=algorithm, layout=layout,
+                            alignment=alignment, dtype=dtype, timeout=TIMEOUT)
+            label = f"autograd {algorithm} {layout} {dtype}"
+            group, cpu = ep.NCCLGroup.from_process_group(**settings), ep.VirtualGroup(ranks=ranks, device="cpu", **settings)
+            on_rank, on_cpu = Exchange(group), Exchange(cpu)
+            try:
+                leaves, loss_rank, loss_cpu = [], 0, 0
+                for layer in range(2):
+                    rng = np.random.default_rng(7000 + 10 * layer + AUTOGRAD_CASES.index((algorithm, layout, alignment, weights_grad)))
+                    b = settings["max_tokens"]   # every rank's B (a stacked VirtualGroup call): fewer tokens as -1 rows
+                    idx = torch.stack([torch.from_numpy(random_routing(rng, b, settings["experts"], 3, 0.2)) for _ in range(ranks)]).long()
+                    x = (torch.from_numpy(rng.standard_normal((ranks, b, 64)).astype(np.float32)) * 2).to(TORCH_DTYPES[dtype])
+                    w = torch.from_numpy(rng.random((ranks, b, 3)).astype(np.float32))
+                    xc, wc = x.clone().requires_grad_(), w.clone().requires_grad_(weights_grad)
+                    xr = x[rank].to(device).requires_grad_()
+                    wr = w[rank].to(device).requires_grad_(weights_grad)
+                    sent_rank, sent_cpu = on_rank.dispatch(xr, idx[rank].to(device), wr), on_cpu.dispatch(xc, idx, wc)
+                    y_rank = on_rank.combine(experts_of(sent_rank, layout), sent_rank)
+                    y_cpu = on_cpu.combine(experts_of(sent_cpu, layout), sent_cpu)
+                    if not same_bits(y_rank, y_cpu[rank]):
+                        failures.append(f"{label} layer {layer}: combined rows differ from the CPU backend")
+                    loss_rank = loss_rank + y_rank.float().square().sum() * (layer + 1)
+                    loss_cpu = loss_cpu + y_cpu.float().square().sum() * (layer + 1)
+                    leaves.append((xr, wr, xc, wc))
+                loss_rank.backward()   # every rank's backward pass: the backward calls are collective
+                loss_cpu.backward()
+                for layer, (xr, wr, xc, wc) in enumerate(leaves):
+                    if not same_bits(xr.grad, xc.grad[rank]):
+                        failures.append(f"{label} layer {layer}: x's gradients differ from the CPU backend")
+                    if weights_grad and not torch.allclose(wr.grad.cpu(), wc.grad[rank], rtol=1e-5, atol=1e-6):
+                        failures.append(f"{label} layer {layer}: topk_weights' gradients differ from the CPU backend")
+                group.check()
+                checked += 1
+            finally:
+                on_rank.close()
+                on_cpu.close()
+                group.close()
+                cpu.close()
+    return checked
+
+
+def run_deep_ep(rank, ranks, failures):
+    """DeepEP's intranode and low-latency flows through compat.deep_ep.Buffer on the default
+    process group (an NCCLGroup underneath), this rank's results against the reference."""
+    experts, hidden, top_k = 4 * ranks, 128, 3
+    tokens = [6 + 3 * (r % 3) for r in range(ranks)]
+    tokens[-1] = 0   # a rank with nothing to send
+    buffer = Buffer(dist.group.WORLD, num_nvl_bytes=1 << 24, num_rdma_bytes=0, timeout=TIMEOUT)
+    try:
+        xs, idx, ws = deep_ref.make_inputs(31, tokens, experts, hidden, top_k)
+        for async_finish in (False, True):
+            results = flows.intranode([buffer], xs, idx, ws, experts, alignment=4, async_finish=async_finish)
+            torch.cuda.synchronize()
+            flows.check_intranode(results, xs, idx, ws, experts, alignment=4, only=rank)
+        xs, idx, ws = deep_ref.make_inputs(32, [min(t, 8) for t in tokens], experts, hidden, top_k)
+        for hook in (True, False):
+            results = flows.low_latency([buffer], xs, idx, ws, experts, max_tokens=8, hook=hook, async_finish=hook)
+            torch.cuda.synchronize()
+            flows.check_low_latency(results, xs, idx, ws, experts, 8, only=rank)
+    except AssertionError as error:
+        failures.append(f"deep_ep flows: {error}")
+    finally:
+        buffer.destroy()
+    return 4
+
+
 def main():
     local = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local)
@@ -171,6 +272,8 @@ def main():
             for dtype in DTYPES:
                 steps += run_case(case, dtype, rank, ranks, failures)
         check_arguments(rank, failures)
+        steps += run_autograd(rank, ranks, failures)
+        steps += run_deep_ep(rank, ranks, failures)
     except Exception:
         failures.append("exception:\n" + traceback.format_exc())
     for failure in failures:

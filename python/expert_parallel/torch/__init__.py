@@ -11,7 +11,9 @@ traces through their fake implementations (``fullgraph=True`` holds)::
     y.sum().backward()                                      # x.grad, topk_weights.grad, ...
 
 Every output is a tensor of its own (the group's buffer slots are not handed out), so autograd
-keeps what it needs for as long as it needs it. See docs/torch.md.
+keeps what it needs for as long as it needs it. An :class:`~expert_parallel.NCCLGroup` (this
+process's rank of a torchrun job; HT, or LL rank-major) registers too: its tensors are the
+rank's own, ``[B, H]`` in and out, with no leading ``R``. See docs/torch.md.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, InvalidUsageError
 from . import _autograd, _ops, _registry  # noqa: F401  (_autograd registers the backward passes)
 
 __all__ = ["Exchange", "Dispatched"]
@@ -35,7 +37,8 @@ def _tensor(value: Any, name: str, what: str) -> None:
 
 
 class Dispatched(NamedTuple):
-    """What :meth:`Exchange.dispatch` returns (stacked over the R ranks)."""
+    """What :meth:`Exchange.dispatch` returns (stacked over the R ranks; over an NCCLGroup, this
+    rank's, without the leading ``R``)."""
 
     #: ``[R, *group.recv_shape]``: the rows each rank received (zeros outside the received zones)
     tokens: Tensor
@@ -71,6 +74,15 @@ class Exchange:
     A step's routing stays live while its token (``Dispatched.step``) is referenced; its handle
     then returns to the exchange's pool. Every rank is assumed active (no masked ranks).
 
+    Over an :class:`~expert_parallel.NCCLGroup` (one rank per process) every tensor is this rank's,
+    without the leading ``R``: ``x`` ``[B, H]``, received ``tokens`` ``group.recv_shape``, combine
+    ``[B, H]``. Its dispatch receives into a buffer slot its peers write, so the ops copy the rows
+    out (a copy of the whole receive buffer per call; with ``zero_fill`` the slot is cleared after
+    it, so rows outside the received zones are zeros as long as the group's slots are used through
+    exchanges only). LL expert-major is refused (its combine's gradients need other ranks' weights
+    and expert outputs), and so is a gradient for LL rank-major's ``topk_weights`` (they are at the
+    ranks that received the rows); HT differentiates everything.
+
     ``zero_fill`` (default True): the received rows, and the gradient rows of the backward
     dispatch, start as zeros, so rows outside the received zones are zeros, whatever the experts
     do with them. That is a fill of the whole worst-case buffer per call (LL expert-major's
@@ -87,15 +99,20 @@ class Exchange:
         self.group = group
         self.id: int = _registry.register(group, zero_fill)
         self.layout: str = group.layout
+        #: an NCCLGroup: this process's rank's tensors, with no leading rank dimension
+        self.rank: bool = _registry.entry(self.id).rank
         #: whether the received rows (and the backward dispatch's) start as zeros; see the class docs
         self.zero_fill = zero_fill
 
     def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor] = None) -> Dispatched:
         """Starts a step with `topk_idx` and sends `x` to the ranks of its experts (every layout
         needs `topk_weights`: combine applies them, or the rows carry them)."""
-        _tensor(x, "x", "[R, B, hidden]")
-        _tensor(topk_idx, "topk_idx", "[R, B, top_k] int32 or int64")
-        _tensor(topk_weights, "topk_weights", "[R, B, top_k] float32")
+        lead = "" if self.rank else "R, "
+        _tensor(x, "x", f"[{lead}B, hidden]")
+        _tensor(topk_idx, "topk_idx", f"[{lead}B, top_k] int32 or int64")
+        _tensor(topk_weights, "topk_weights", f"[{lead}B, top_k] float32")
+        if self.rank and self.layout == "rank_major" and topk_weights.requires_grad and torch.is_grad_enabled():
+            raise InvalidUsageError(_autograd.RANK_MAJOR_WEIGHTS)
         carried = self.layout != "expert_major"
         received, idx, weights, step, counts = _ops.dispatch(x, topk_idx, topk_weights if carried else None, self.id)
         if not carried:

@@ -15,8 +15,14 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..errors import InvalidUsageError
 from . import _ops, _registry
 from ._selections import ll_rows
+
+#: Why an NCCL rank's LL rank-major dispatch cannot differentiate its topk_weights.
+RANK_MAJOR_WEIGHTS = ("topk_weights: requires grad, but an NCCLGroup's LL rank-major dispatch cannot give it: the "
+                      "weights' gradients are at the ranks that received the rows (LL's backward combine carries none); "
+                      "detach topk_weights, or use an HT layout, whose backward combine carries them")
 
 
 def _group(ctx: Any):
@@ -25,7 +31,7 @@ def _group(ctx: Any):
 
 def _setup_dispatch(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]) -> None:
     x, topk_idx, topk_weights, group = inputs
-    ctx.group, ctx.tokens, ctx.weights_shape = group, x.shape[1], None if topk_weights is None else topk_weights.shape
+    ctx.group, ctx.tokens, ctx.weights_shape = group, x.shape[-2], None if topk_weights is None else topk_weights.shape
     ctx.save_for_backward(topk_idx, output[3])
 
 
@@ -40,6 +46,8 @@ def _dispatch_backward(ctx: Any, grad_received: Optional[Tensor], _grad_idx: Any
         return grad_x, None, grad_w if wants_weights else None, None
     grad_x, _ = _ops.backward_combine(grad_received, None, step, ctx.group, ctx.tokens)
     grad_w = None
+    if wants_weights and g.layout == "rank_major" and _registry.entry(ctx.group).rank:
+        raise InvalidUsageError(RANK_MAJOR_WEIGHTS)
     if wants_weights and g.layout == "rank_major":
         dest, row, valid = ll_rows(topk_idx, g.ranks, g.local_experts, g.max_tokens, g.layout)
         rows = grad_weights.reshape(g.ranks, -1, g.top_k)

@@ -6,7 +6,11 @@ Every output is a fresh tensor the op allocates and passes to the library as ``o
 returned aliases the group's buffer slots, so autograd may keep any output as long as it likes.
 Dispatch outputs start as zeros, so rows outside the received zones are zeros (their expert
 outputs get zero gradients) rather than another step's rows; an exchange made with
-``zero_fill=False`` leaves them unspecified (no fill of the worst-case buffer per call)."""
+``zero_fill=False`` leaves them unspecified (no fill of the worst-case buffer per call).
+
+An NCCLGroup's tensors are this process's rank's, with no leading rank dimension, and its
+dispatch receives into a buffer slot that its peers write: the ops copy the slot's rows out
+(see `_dispatch_into`)."""
 
 from __future__ import annotations
 
@@ -17,15 +21,22 @@ from torch import Tensor
 
 from .. import _abi, _fast
 from ..errors import InvalidArgumentError
+from ..nccl_group import NCCLGroup
 from . import _registry
 
 
 _F32 = frozenset((_abi.F32,))
 
 
+def _lead(group) -> tuple:
+    """The ops' leading dimensions: ``(R,)`` for a VirtualGroup (every rank's tensors stacked),
+    ``()`` for an NCCLGroup (this process's rank's)."""
+    return () if isinstance(group, NCCLGroup) else (group.ranks,)
+
+
 def _shapes(group) -> Tuple[tuple, Optional[tuple]]:
-    r, routing = group.ranks, group.recv_routing_shape
-    return (r,) + group.recv_shape, None if routing is None else (r,) + routing
+    lead, routing = _lead(group), group.recv_routing_shape
+    return lead + group.recv_shape, None if routing is None else lead + routing
 
 
 def _received(group, like: Tensor, make) -> Tuple[Tensor, Tensor, Tensor]:
@@ -35,7 +46,7 @@ def _received(group, like: Tensor, make) -> Tuple[Tensor, Tensor, Tensor]:
     device = like.device
     received = make(tokens, dtype=like.dtype, device=device)
     if routing is None:
-        routing = (group.ranks, 0)
+        routing = _lead(group) + (0,)
     return (received, make(routing, dtype=torch.int32, device=device),
             make(routing, dtype=torch.float32, device=device))
 
@@ -49,12 +60,38 @@ def _outputs(received: Tensor, idx: Tensor, weights: Tensor, *counts: Tensor) ->
 
 
 def _counts(group, like: Tensor, make) -> Tensor:
-    """The ``[R, L]`` int32 rows per local expert of a dispatch."""
-    return make((group.ranks, group.local_experts), dtype=torch.int32, device=like.device)
+    """The ``[R, L]`` (NCCL rank: ``[L]``) int32 rows per local expert of a dispatch."""
+    return make(_lead(group) + (group.local_experts,), dtype=torch.int32, device=like.device)
 
 
 def _contiguous(value: Optional[Tensor]) -> Optional[Tensor]:
     return None if value is None else value.contiguous()
+
+
+def _dispatch_into(entry, x: Tensor, topk_idx: Optional[Tensor], topk_weights: Optional[Tensor], handle, direction: str,
+                   outputs: Tuple[Optional[Tensor], ...]) -> None:
+    """The group's dispatch of `x` for `handle` into `outputs` (`_outputs`' tuple). A
+    VirtualGroup writes them (``out=``). An NCCLGroup receives into its buffer slot, which its
+    peers write: the slot's rows, routing and counts are copied into `outputs` on the stream
+    (autograd may keep them past the slot's next dispatch), and with `entry.zero_fill` the slot's
+    receive buffers are cleared after, as the library's dispatch into a caller's tensors does, so
+    that rows outside the next step's zones read zero there too (the buffers start zeroed; the
+    peers write this slot again only in a dispatch after this rank's combine of this step, which
+    the stream runs after the clear)."""
+    g = entry.group
+    if not entry.rank:
+        g.dispatch(x, topk_idx, topk_weights, handle=handle, direction=direction, out=outputs)
+        return
+    result = g.dispatch(x, topk_idx, topk_weights, handle=handle, direction=direction)
+    pairs = [(outputs[0], result.tokens)]
+    if outputs[1] is not None:
+        pairs += [(outputs[1], result.topk_idx), (outputs[2], result.topk_weights)]
+    for mine, slot in pairs:
+        mine.copy_(slot)
+        if entry.zero_fill:
+            slot.zero_()
+    if len(outputs) > 3:
+        outputs[3].copy_(result.expert_counts)
 
 
 @torch.library.custom_op("expert_parallel::dispatch", mutates_args=())
@@ -64,11 +101,12 @@ def dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group:
     received topk_idx, received topk_weights, step token, ``[R, L]`` int32 rows per local
     expert)."""
     entry = _registry.entry(group)
-    received, idx, weights = _received(entry.group, x, torch.zeros if entry.zero_fill else torch.empty)
+    # (An NCCL rank's are copied from its slot whole: nothing to fill.)
+    received, idx, weights = _received(entry.group, x, torch.zeros if entry.zero_fill and not entry.rank else torch.empty)
     counts = _counts(entry.group, x, torch.empty)
     handle, token = entry.start()
-    entry.group.dispatch(x.contiguous(), topk_idx.contiguous(), _contiguous(topk_weights), handle=handle,
-                         out=_outputs(received, idx, weights, counts))
+    _dispatch_into(entry, x.contiguous(), topk_idx.contiguous(), _contiguous(topk_weights), handle, "forward",
+                   _outputs(received, idx, weights, counts))
     return received, idx, weights, token, counts
 
 
@@ -86,7 +124,7 @@ def _bind_weights(group, handle, weights: Optional[Tensor], tokens: int) -> Opti
     if group.layout == "expert_major":
         if weights is None:
             raise InvalidArgumentError("weights: None; the combine of LL expert-major applies the topk_weights")
-        _fast.check(weights, "weights", _F32, group._device, (group.ranks, tokens, group.top_k))
+        _fast.check(weights, "weights", _F32, group._device, _lead(group) + (tokens, group.top_k))
         return weights
     if group.layout == "expert_major_padded":
         if weights is None:
@@ -103,17 +141,26 @@ def combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tensor],
     """The step's forward combine of ``[R, *recv_shape]`` expert outputs: ``[R, B, H]``."""
     entry = _registry.entry(group)
     g, handle = entry.group, entry.step(step)
-    tokens = topk_idx.shape[1]
-    applied = _bind_weights(g, handle, _contiguous(weights), tokens)
-    combined = expert_outputs.new_empty((g.ranks, tokens, g.hidden))
+    tokens = topk_idx.shape[-2]
+    weights = _contiguous(weights)
+    applied = _bind_weights(g, handle, weights, tokens)
+    slot_weights = g._slots[handle.slot].weights if entry.rank and g.layout == "expert_major_padded" else None
+    if slot_weights is not None:
+        # An NCCL rank's combine applies the per-slot weights where its peers read them, in the
+        # buffer slot, which the dispatch op copied out (and cleared): these go back there first,
+        # and are cleared again once the combine is done with them (its end waits for the peers' reads).
+        slot_weights.copy_(weights)
+    combined = expert_outputs.new_empty(_lead(g) + (tokens, g.hidden))
     g.combine(expert_outputs.contiguous(), handle, out=combined, topk_weights=applied)
+    if slot_weights is not None and entry.zero_fill:
+        slot_weights.zero_()
     return combined
 
 
 @combine.register_fake
 def _(expert_outputs, topk_idx, weights, step, group):
     g = _registry.entry(group).group
-    return expert_outputs.new_empty((g.ranks, topk_idx.shape[1], g.hidden))
+    return expert_outputs.new_empty(_lead(g) + (topk_idx.shape[-2], g.hidden))
 
 
 @torch.library.custom_op("expert_parallel::backward_dispatch", mutates_args=())
@@ -122,11 +169,11 @@ def backward_dispatch(grad_combined: Tensor, step: Tensor, group: int) -> Tensor
     forward dispatch filled (the adjoint of combine's sum)."""
     entry = _registry.entry(group)
     g, handle = entry.group, entry.step(step)
-    received, idx, weights = _received(g, grad_combined, torch.zeros if entry.zero_fill else torch.empty)
+    received, idx, weights = _received(g, grad_combined, torch.zeros if entry.zero_fill and not entry.rank else torch.empty)
     routing = None
     if g.recv_routing_shape is not None:   # these layouts send weights along; the backward pass ignores them
-        routing = torch.zeros((g.ranks, grad_combined.shape[1], g.top_k), dtype=torch.float32, device=grad_combined.device)
-    g.dispatch(grad_combined.contiguous(), None, routing, handle=handle, direction="backward", out=_outputs(received, idx, weights))
+        routing = torch.zeros(_lead(g) + (grad_combined.shape[-2], g.top_k), dtype=torch.float32, device=grad_combined.device)
+    _dispatch_into(entry, grad_combined.contiguous(), None, routing, handle, "backward", _outputs(received, idx, weights))
     return received
 
 
@@ -144,13 +191,14 @@ def backward_combine(grad_received: Tensor, grad_weights: Optional[Tensor], step
     for LL)."""
     entry = _registry.entry(group)
     g, handle = entry.group, entry.step(step)
-    grad_x = grad_received.new_empty((g.ranks, tokens, g.hidden))
+    lead = _lead(g)
+    grad_x = grad_received.new_empty(lead + (tokens, g.hidden))
     if g.algorithm != "ht":
         g.combine(grad_received.contiguous(), handle, direction="backward", out=grad_x)
-        return grad_x, grad_received.new_empty((g.ranks, 0), dtype=torch.float32)
+        return grad_x, grad_received.new_empty(lead + (0,), dtype=torch.float32)
     if grad_weights is None:
         grad_weights = torch.zeros(_shapes(g)[1], dtype=torch.float32, device=grad_received.device)
-    grad_w = torch.empty((g.ranks, tokens, g.top_k), dtype=torch.float32, device=grad_received.device)
+    grad_w = torch.empty(lead + (tokens, g.top_k), dtype=torch.float32, device=grad_received.device)
     g.combine(grad_received.contiguous(), handle, direction="backward", weight_gradients=grad_weights.contiguous(),
               out=(grad_x, grad_w))
     return grad_x, grad_w
@@ -159,6 +207,6 @@ def backward_combine(grad_received: Tensor, grad_weights: Optional[Tensor], step
 @backward_combine.register_fake
 def _(grad_received, grad_weights, step, group, tokens):
     g = _registry.entry(group).group
-    k = g.top_k if g.algorithm == "ht" else 0
-    shape = (g.ranks, tokens, k) if k else (g.ranks, 0)
-    return grad_received.new_empty((g.ranks, tokens, g.hidden)), grad_received.new_empty(shape, dtype=torch.float32)
+    lead = _lead(g)
+    shape = lead + ((tokens, g.top_k) if g.algorithm == "ht" else (0,))
+    return grad_received.new_empty(lead + (tokens, g.hidden)), grad_received.new_empty(shape, dtype=torch.float32)

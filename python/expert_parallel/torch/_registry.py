@@ -19,6 +19,7 @@ import torch
 
 from ..errors import InvalidArgumentError, InvalidUsageError
 from ..group import Handle, VirtualGroup
+from ..nccl_group import NCCLGroup
 
 _ids = itertools.count(1)
 _steps = itertools.count(1)   # step numbers, unique across groups: another group's token names nothing here
@@ -29,8 +30,10 @@ _lock = threading.Lock()
 class Entry:
     """A registered group: its handle pool and its live steps (step number -> handle)."""
 
-    def __init__(self, group: VirtualGroup, zero_fill: bool = True) -> None:
+    def __init__(self, group: Any, zero_fill: bool = True) -> None:
         self.group = group
+        #: an NCCLGroup: this process's one rank (the ops' tensors have no leading rank dimension)
+        self.rank = isinstance(group, NCCLGroup)
         #: whether the ops' dispatch outputs start as zeros (else rows outside the received zones are unspecified)
         self.zero_fill = zero_fill
         self.free: List[Handle] = []
@@ -77,11 +80,18 @@ class Entry:
 
 
 def register(group: Any, zero_fill: bool = True) -> int:
-    """Registers `group` (a :class:`~expert_parallel.VirtualGroup`) and returns its id for the ops;
+    """Registers `group` (a :class:`~expert_parallel.VirtualGroup`, or an
+    :class:`~expert_parallel.NCCLGroup` but for LL expert-major) and returns its id for the ops;
     `zero_fill`: Entry.zero_fill."""
-    if not isinstance(group, VirtualGroup):
+    if not isinstance(group, (VirtualGroup, NCCLGroup)):
         raise InvalidArgumentError(
-            f"group: a {type(group).__name__}; the torch ops take a VirtualGroup (R ranks in this process)")
+            f"group: a {type(group).__name__}; the torch ops take a VirtualGroup (R ranks in this process) or an NCCLGroup "
+            "(this process's rank)")
+    if isinstance(group, NCCLGroup) and group.layout == "expert_major":
+        raise InvalidArgumentError(
+            "group.layout='expert_major' of an NCCLGroup: its combine's gradients need the source weights at the rows' "
+            "ranks and the expert outputs at the tokens' ranks, which only a VirtualGroup holds; use layout 'rank_major' "
+            "(LL) or an HT layout")
     if group.dtype not in ("bf16", "f16", "f32"):
         raise InvalidArgumentError(f"group.dtype={group.dtype!r}; autograd needs 'bf16', 'f16' or 'f32' tokens")
     if group.fp8 is not None:

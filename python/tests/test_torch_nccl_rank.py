@@ -1,0 +1,199 @@
+"""The torch ops over an NCCLGroup (one rank per process) without a GPU: an NCCLGroup of one rank
+over CPU tensors whose library calls are run by a CPU VirtualGroup of one rank, on the tensors at
+the addresses the calls pass (the stacked calls' one part); against Exchange over such a
+VirtualGroup directly: the same outputs and gradients, bit for bit, in the layouts the ops take
+over NCCL ranks, the slot's buffers copied out (and cleared with zero_fill); the layout and the
+gradient they cannot give refused by name. On GPUs the same calls run in python/tests/nccl_worker.py
+(torchrun)."""
+
+import ctypes
+import itertools
+
+import numpy as np
+import pytest
+
+import expert_parallel as ep
+from expert_parallel import _abi, _group_base, nccl_group
+
+torch = pytest.importorskip("torch")
+
+from expert_parallel.torch import Exchange  # noqa: E402
+from test_nccl_group_calls import _Slot  # noqa: E402
+
+TORCH = {_abi.BF16: torch.bfloat16, _abi.F32: torch.float32, _abi.I32: torch.int32, _abi.I64: torch.int64}
+
+
+def view(argument, shape):
+    """The tensor an epStacked_t's one part describes, `shape`d, over the same memory; None where not given."""
+    if not argument.data:
+        return None
+    dtype = TORCH[argument.dtype]
+    count = int(np.prod(shape))
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    size = count * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer((ctypes.c_byte * size).from_address(argument.data), dtype=dtype).view(shape)
+
+
+class OneRank:
+    """The library's calls of an NCCL rank with no peers, run by `reference`, a CPU VirtualGroup
+    of one rank: its handles one per step the NCCL group made."""
+
+    def __init__(self, group, reference):
+        self.group, self.reference, self.handles = group, reference, {}
+
+    def handle(self, step):
+        if step not in self.handles:
+            self.handles[step] = self.reference.handle()
+        return self.handles[step]
+
+    def dispatch(self, d):
+        g, b = self.group, d.tokens
+        x, idx, w = view(d.inputTokens, (b, g.hidden)), view(d.topkIdx, (b, g.top_k)), view(d.topkWeights, (b, g.top_k))
+        routing = g.recv_routing_shape
+        out = (view(d.receivedTokens, g.recv_shape)[None],
+               None if routing is None else view(d.receivedTopkIdx, routing)[None],
+               None if routing is None else view(d.receivedTopkWeights, routing)[None],
+               view(d.expertCounts, (g.local_experts,))[None])
+        self.reference.dispatch(x[None], None if idx is None else idx[None], None if w is None else w[None],
+                                handle=self.handle(d.step), direction=("forward", "backward")[d.direction], out=out)
+
+    def combine(self, c):
+        g, handle = self.group, self.handle(c.step)
+        b = handle.tokens[0]
+        y, combined = view(c.expertOutputs, g.recv_shape), view(c.combinedTokens, (b, g.hidden))
+        settings = {"direction": ("forward", "backward")[c.direction], "out": combined[None]}
+        if c.weightGradients.data:   # HT backward
+            settings["weight_gradients"] = view(c.weightGradients, g.recv_routing_shape)[None]
+            settings["out"] = (combined[None], view(c.topkWeightGradients, (b, g.top_k))[None])
+        elif g.layout == "expert_major_padded" and c.direction == 0:
+            # The slot's received weights (the reference's handle has them from its dispatch into the slot).
+            assert ctypes.addressof(c) and view(c.topkWeights, g.recv_routing_shape).data_ptr() == handle.received_weights[0].data_ptr()
+        self.reference.combine(y[None], handle, **settings)
+
+
+@pytest.fixture
+def rank_group(monkeypatch):
+    """make(**settings) -> (NCCLGroup of rank 0 of 1 over CPU tensors, its slots), whose library
+    calls run a CPU VirtualGroup of one rank."""
+    pointers = itertools.count(0x7000, 16)
+    # The NCCL group's handles: a pointer of its own each, as the library gives, released to no one.
+    monkeypatch.setattr(nccl_group.NCCLGroup, "handle", lambda self: _group_base._HeldHandle(self, ctypes.c_void_p(next(pointers))))
+    monkeypatch.setattr(nccl_group.NCCLGroup, "_release_step", lambda self, handle: None)
+    monkeypatch.setattr(nccl_group, "call", lambda name, *arguments: None)
+    made = []
+
+    def make(**settings):
+        shape = dict(ranks=1, experts=8, hidden=32, top_k=3, max_tokens=8, dtype="f32", algorithm="ht")
+        shape.update(settings)
+        reference = ep.VirtualGroup(**shape, device="cpu")
+        group = nccl_group.NCCLGroup.__new__(nccl_group.NCCLGroup)
+        for name in ("ranks", "experts", "local_experts", "top_k", "hidden", "max_tokens", "algorithm", "layout", "alignment",
+                     "dtype", "recv_shape", "recv_routing_shape", "fp8", "fp8_source", "_recv_element", "recv_scales_shape",
+                     "_scale_type", "_input_element", "_element"):
+            setattr(group, name, getattr(reference, name))
+        group._group, group._handle, group._device = ctypes.c_void_p(0x1000), ctypes.c_void_p(0x2000), -1
+        group.rank, group._own_step, group._pending, group._next_slot = 0, 0, None, 0
+        group._slots = [_Slot(group, s) for s in range(2)]
+        group._raw = lambda stream: None
+        fake = OneRank(group, reference)
+
+        def entry(name):
+            def run(_group, address, _stream):
+                struct = {"epGroupDispatchStacked": _abi.StackedDispatch, "epGroupCombineStacked": _abi.StackedCombine}[name]
+                arguments = ctypes.cast(address, ctypes.POINTER(struct)).contents
+                (fake.dispatch if name == "epGroupDispatchStacked" else fake.combine)(arguments)
+                return _abi.SUCCESS
+            return run
+
+        group._prepare_calls(entry)
+        made.append(reference)
+        return group
+
+    yield make
+    for reference in made:
+        reference.close()
+
+
+def experts(sent, layout):
+    """Differentiable stand-ins for the experts, shaped like the received rows: flat and rank-major
+    rows are weighted by their received weights (summed), as the experts of those layouts do."""
+    rows = sent.tokens.float()
+    y = rows * 1.5 + rows.square() * 0.25
+    if layout in ("flat", "rank_major"):
+        y = y * sent.topk_weights.sum(-1, keepdim=True)
+    return y.to(sent.tokens.dtype)
+
+
+def inputs(tokens, experts_count, hidden, top_k, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=g).to(dtype)
+    idx = torch.stack([torch.randperm(experts_count, generator=g)[:top_k] for _ in range(tokens)])
+    idx = torch.where(torch.rand(idx.shape, generator=g) < 0.15, -1, idx)
+    w = torch.rand(tokens, top_k, generator=g)
+    return x, idx, w
+
+
+@pytest.mark.parametrize("algorithm,layout,weights_grad", [("ht", "flat", True), ("ht", "expert_major_padded", True),
+                                                           ("ll", "rank_major", False)])
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_the_ops_over_an_nccl_rank_give_the_virtual_groups_values_and_gradients(rank_group, algorithm, layout, weights_grad, dtype):
+    settings = dict(algorithm=algorithm, layout=layout, dtype=dtype)
+    if layout == "expert_major_padded":
+        settings["alignment"] = 4
+    group = rank_group(**settings)
+    reference = ep.VirtualGroup(ranks=1, experts=8, hidden=32, top_k=3, max_tokens=8, device="cpu", **settings)
+    element = torch.float32 if dtype == "f32" else torch.bfloat16
+    on_rank, on_reference = Exchange(group), Exchange(reference)
+    assert on_rank.rank and not on_reference.rank
+    # Three layers' forward (the buffer slots in turn, the first reused by the third), every
+    # step live until one backward pass: what autograd kept must not be the slots' rows.
+    leaves, loss_a, loss_b = [], 0, 0
+    for step, tokens in enumerate([8, 5, 8]):
+        x, idx, w = inputs(tokens, 8, 32, 3, element, step)
+        xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_(weights_grad)
+        xb, wb = x[None].clone().requires_grad_(), w[None].clone().requires_grad_(weights_grad)
+        sa, sb = on_rank.dispatch(xa, idx, wa), on_reference.dispatch(xb, idx[None], wb)
+        assert sa.tokens.shape == tuple(group.recv_shape) and torch.equal(sa.tokens, sb.tokens[0])
+        assert torch.equal(sa.expert_counts, sb.expert_counts[0])
+        if group.recv_routing_shape is not None:
+            assert torch.equal(sa.topk_idx, sb.topk_idx[0]) and torch.equal(sa.topk_weights, sb.topk_weights[0])
+        ya, yb = on_rank.combine(experts(sa, layout), sa), on_reference.combine(experts(sb, layout), sb)
+        assert ya.shape == (tokens, 32) and torch.equal(ya, yb[0])
+        loss_a, loss_b = loss_a + ya.float().square().sum() * (step + 1), loss_b + yb.float().square().sum() * (step + 1)
+        leaves.append((xa, wa, xb, wb))
+    loss_a.backward()
+    loss_b.backward()
+    for step, (xa, wa, xb, wb) in enumerate(leaves):
+        assert torch.equal(xa.grad, xb.grad[0]), f"step {step}: x.grad"
+        if weights_grad:
+            assert torch.equal(wa.grad, wb.grad[0]), f"step {step}: topk_weights.grad"
+    on_rank.close()
+    on_reference.close()
+    reference.close()
+
+
+@pytest.mark.parametrize("zero_fill", [True, False])
+def test_an_nccl_ranks_slot_is_copied_out_and_cleared_with_zero_fill(rank_group, zero_fill):
+    group = rank_group(layout="flat")
+    exchange = Exchange(group, zero_fill=zero_fill)
+    x, idx, w = inputs(6, 8, 32, 3, torch.float32, 9)
+    sent = exchange.dispatch(x, idx, w)
+    slot = group._slots[0]
+    assert sent.tokens.data_ptr() != slot.tokens.data_ptr() and sent.topk_idx.data_ptr() != slot.idx.data_ptr()
+    assert sent.tokens.abs().sum() > 0 and (sent.topk_idx >= 0).any()
+    cleared = [not t.any() for t in (slot.tokens, slot.idx, slot.weights)]
+    assert cleared == [zero_fill] * 3
+    exchange.close()
+
+
+def test_what_an_nccl_rank_cannot_differentiate_is_refused_by_name(rank_group):
+    with pytest.raises(ep.InvalidArgumentError, match="expert_major.*NCCLGroup.*rank_major"):
+        Exchange(rank_group(algorithm="ll", layout="expert_major"))
+    exchange = Exchange(rank_group(algorithm="ll", layout="rank_major"))
+    x, idx, w = inputs(4, 8, 32, 3, torch.float32, 3)
+    with pytest.raises(ep.InvalidUsageError, match="topk_weights: requires grad.*rank-major"):
+        exchange.dispatch(x, idx, w.requires_grad_())
+    with torch.no_grad():   # no gradient asked for: it runs
+        assert exchange.dispatch(x, idx, w).tokens.shape == tuple(exchange.group.recv_shape)
+    exchange.close()
