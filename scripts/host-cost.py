@@ -92,7 +92,12 @@ if __name__ == "__main__":
                         help="a boolean tuning knob of the groups (serial_launches=1: plain cuLaunchKernel launches; "
                              "fused_update=0: the update's own launch); repeatable")
     args = parser.parse_args()
-    tuning = {key: bool(int(value)) for key, value in (knob.split("=") for knob in args.tuning)}
+    tuning = {}
+    for knob in args.tuning:
+        key, _, value = knob.partition("=")
+        if value not in ("0", "1"):
+            parser.error(f"--tuning {knob}: must be KNOB=0 or KNOB=1 (a boolean knob)")
+        tuning[key] = value == "1"
     for spec in args.case or ["ll-std:1", "ll-1:8", "ll-std:8"]:
         name, ranks = spec.split(":")
         kinds = ["stacked"] + (["lists"] if args.lists else []) + (["nccl"] if args.nccl and ranks == "1" else [])

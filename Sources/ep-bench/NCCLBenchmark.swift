@@ -27,6 +27,12 @@ struct NCCLBenchmark {
         let data = BenchData(config: config, tokens: benchCase.tokens, seed: seed, skew: skew)
         let step = try NCCLStep(group: group, data: data, rank: rank)
         let oracle = try data.oracleCombined(config: config)   // before the loops: none of them waits for the host
+        // The one-call loop's own step (the next seed): a fused dispatch that moved nothing would
+        // leave the first loop's rows, which then combine to the first oracle, not this one.
+        let fused = try group.fusesUpdate ? { () throws -> (BenchData, NCCLStep, [[UInt8]]) in
+            let data = BenchData(config: config, tokens: benchCase.tokens, seed: seed &+ 1, skew: skew)
+            return (data, try NCCLStep(group: group, data: data, rank: rank), try data.oracleCombined(config: config))
+        }() : nil
         let driver = device.driver
         let total = warmup + iterations
         let events = try (0..<(5 * total)).map { _ in try driver.createEvent() }
@@ -44,23 +50,22 @@ struct NCCLBenchmark {
         var samples = PhaseSamples(
             update: try microseconds(0, 1), dispatch: try microseconds(1, 2), combine: combine,
             step: zip(beforeCopy, combine).map { $0 + $1 })
-        func matchesOracle() throws -> Bool {
+        func matches(_ step: NCCLStep, _ data: BenchData, _ oracle: [[UInt8]]) throws -> Bool {
             let combinedHost = try step.combinedRows()
             return combinedHost.bytes() == oracle[rank] && data.validate(rank: rank, config: config, combined: combinedHost)
         }
-        var valid = try matchesOracle()
+        var valid = try matches(step, data, oracle)
         // Where the group fuses them (LL: one rank, or --fused-update), update and dispatch again
-        // as one call (the stacked dispatch, what the Python package calls): the `upd+disp` row,
-        // its results checked too.
-        if group.fusesUpdate {
-            try step.combined.fill(byte: 0xFF)   // what the check below reads, this loop's rows only
+        // as one call (the stacked dispatch, what the Python package calls), on a step of its
+        // own: the `upd+disp` row, its results checked against that step's oracle.
+        if let (fusedData, fusedStep, fusedOracle) = fused {
             for i in 0..<total {
-                try step.enqueueUpdatingInDispatch { try driver.record(events[5 * i + $0], on: group.stream) }
+                try fusedStep.enqueueUpdatingInDispatch { try driver.record(events[5 * i + $0], on: group.stream) }
             }
             try group.checkStatus()
             samples.updateDispatch = try microseconds(0, 2)
             samples.step = zip(samples.updateDispatch ?? [], try microseconds(3, 4)).map { $0 + $1 }   // as the virtual groups' step: that call + combine
-            valid = try matchesOracle() && valid
+            valid = try matches(fusedStep, fusedData, fusedOracle) && valid
         }
         var measurement = Measurement(
             benchCase, config: config, backend: "gpu-nccl-\(sharing.rawValue)", device: device.name, samples: samples,

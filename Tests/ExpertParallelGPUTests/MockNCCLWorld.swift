@@ -40,7 +40,9 @@ enum MockNCCLWorld {
             let mine = generation
             parts[rank] = part
             if parts.count == ranks {
-                result = (0..<ranks).map { parts[$0]! }
+                // Ranks that called different collectives (their parts' sizes differ) all fail.
+                let sizes = Set(parts.values.map(\.count))
+                result = sizes.count == 1 ? (0..<ranks).map { parts[$0]! } : []
                 parts = [:]
                 generation += 1
                 condition.broadcast()
@@ -48,7 +50,7 @@ enum MockNCCLWorld {
             }
             let deadline = Date(timeIntervalSinceNow: patience)
             while generation == mine {
-                if !condition.wait(until: deadline) {
+                if !condition.wait(until: deadline), generation == mine {   // (the last rank may have come as the wait ran out)
                     parts[rank] = nil
                     return nil
                 }
@@ -79,7 +81,7 @@ enum MockNCCLWorld {
     static func allGather(_ comm: OpaquePointer?, _ send: UnsafeRawPointer?, _ receive: UnsafeMutableRawPointer?, bytes: Int) -> Bool {
         guard let (world, rank, ranks) = decode(comm) else { return false }
         let part = send.map { Array(UnsafeRawBufferPointer(start: $0, count: bytes)) } ?? Array(repeating: 0, count: bytes)
-        guard let all = meeting(world, ranks: ranks).allGather(rank: rank, part) else { return false }
+        guard let all = meeting(world, ranks: ranks).allGather(rank: rank, part), all.count == ranks else { return false }
         if let receive { for (r, bytesOfRank) in all.enumerated() { bytesOfRank.withUnsafeBytes { receive.advanced(by: r * bytes).copyMemory(from: $0.baseAddress!, byteCount: bytes) } } }
         return true
     }
@@ -94,7 +96,7 @@ enum MockNCCLWorld {
             windows[nextWindow] = Window(world: world, rank: rank, index: index, address: UInt(bitPattern: address))
             return nextWindow
         }
-        guard meeting(world, ranks: ranks).allGather(rank: rank, []) != nil else { return nil }
+        guard meeting(world, ranks: ranks).allGather(rank: rank, [])?.count == ranks else { return nil }
         return OpaquePointer(bitPattern: handle)
     }
 

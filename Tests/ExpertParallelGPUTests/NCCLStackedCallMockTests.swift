@@ -1,4 +1,6 @@
+import CExpertParallel
 import ExpertParallel
+@testable import ExpertParallelC
 import ExpertParallelCUDA
 @testable import ExpertParallelGPU
 import Foundation
@@ -196,6 +198,19 @@ struct NCCLStackedCallMockTests {
                 let ht = GroupConfig(algorithm: .highThroughput, ranks: ranks, experts: 8 * ranks, topK: 4, hidden: 128, maxTokensPerRank: 8)
                 #expect(try !fuses(ht, virtual, true) && !fuses(ht, .process(rank: 0), true), "HT, R = \(ranks)")
             }
+        }
+    }
+
+    /// The C tuning's `fusedUpdate`: 0 automatic (nil), 1 on, 2 off; anything else refused by name.
+    @Test func theCTuningsFusedUpdateIsAutomaticOnOrOff() throws {
+        func tuning(_ value: Int32) throws -> GPUTuning {
+            var c = epGPUTuning_t()
+            c.fusedUpdate = value
+            return try GPUTuning(c, "tuning")
+        }
+        #expect(try tuning(0).fusesUpdate == nil && tuning(1).fusesUpdate == true && tuning(2).fusesUpdate == false)
+        for bad: Int32 in [3, -1] {
+            #expect { try tuning(bad) } throws: { "\($0)".contains("tuning.fusedUpdate") && "\($0)".contains("off at an NCCL rank with peers") }
         }
     }
 

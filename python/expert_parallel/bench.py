@@ -27,7 +27,7 @@ import json
 import statistics
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .group import VirtualGroup
 
@@ -98,7 +98,7 @@ def group_of(case: tuple, ranks: int, device: str, nccl: bool = False, dtype: Op
 
 
 def _time_package(case: tuple, ranks: int, device: str, iterations: int, warmup: int, inputs: _Inputs,
-                  nccl: bool = False) -> Dict[str, Any]:
+                  nccl: bool = False, barrier: Optional[Callable[[], Any]] = None) -> Dict[str, Any]:
     group = group_of(case, ranks, device, nccl)
     arguments = tuple(t[0] for t in inputs.stacked) if nccl else inputs.stacked
 
@@ -106,7 +106,7 @@ def _time_package(case: tuple, ranks: int, device: str, iterations: int, warmup:
         return out.expert_outputs if nccl else out.received
 
     result = _time_calls(lambda: group.dispatch(*arguments), lambda out: group.combine(expert_outputs(out), out.handle),
-                         iterations, warmup, inputs.cuda)
+                         iterations, warmup, inputs.cuda, barrier=barrier)
     group.check()
     group.close()
     return result
@@ -172,10 +172,14 @@ def _time_deepep(case: tuple, device: str, iterations: int, warmup: int, inputs:
             dist.destroy_process_group()
 
 
-def _time_calls(dispatch, combine, iterations: int, warmup: int, cuda: bool, hold: bool = True) -> Dict[str, Any]:
+def _time_calls(dispatch, combine, iterations: int, warmup: int, cuda: bool, hold: bool = True,
+                barrier: Optional[Callable[[], Any]] = None) -> Dict[str, Any]:
     """Medians of `dispatch()` then `combine(its result)`: host wall clock per call and (`cuda`)
     CUDA events around each on the current stream, the calls queued behind a held stream
-    (`hold`; a call that waits for the GPU cannot be, and is timed as it comes)."""
+    (`hold`; a call that waits for the GPU cannot be, and is timed as it comes). Where the hold
+    ran out before the calls were all enqueued, the GPU times are the host's pace: the result
+    says ``host_paced`` and a warning goes to stderr. `barrier`: the ranks of a job meet before
+    the hold, so that theirs start together (their calls wait for each other on the GPU)."""
     host_d: List[float] = []
     host_c: List[float] = []
     for i in range(warmup + iterations):
@@ -192,17 +196,25 @@ def _time_calls(dispatch, combine, iterations: int, warmup: int, cuda: bool, hol
         import torch
 
         torch.cuda.synchronize()
+        if barrier is not None:
+            barrier()
         # The GPU's own time: every call queues up behind a held stream (about 0.5 ms of GPU
         # sleep per call, far more than the host needs to issue one), then runs back to back.
         marks = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(iterations)]
+        held = torch.cuda.Event()
         if hold:
             torch.cuda._sleep(1_000_000 * iterations)
+            held.record()
         for m in marks:
             m[0].record()
             out = dispatch()
             m[1].record()
             combine(out)
             m[2].record()
+        if hold and held.query():   # the hold was over before the last call was enqueued
+            result["host_paced"] = True
+            print("expert_parallel.bench: the stream's hold ran out before the calls were enqueued; the GPU times "
+                  "are the host's pace", file=sys.stderr)
         torch.cuda.synchronize()
         result["gpu_dispatch_us"] = statistics.median(m[0].elapsed_time(m[1]) for m in marks) * 1e3
         result["gpu_combine_us"] = statistics.median(m[1].elapsed_time(m[2]) for m in marks) * 1e3
@@ -321,7 +333,7 @@ def run(names: Sequence[str], device: str, ranks: Optional[int], iterations: int
         elif exchange:
             row.update(_time_exchange(case, r, device, iterations, warmup, inputs, exchange == "zero-fill"))
         else:
-            row.update(_time_package(case, r, device, iterations, warmup, inputs, nccl))
+            row.update(_time_package(case, r, device, iterations, warmup, inputs, nccl, _job_barrier() if job else None))
         row.update(engine.get((name, r), {}))
         if baseline:
             row.update(_time_baseline(case, iterations, warmup, inputs))
@@ -336,6 +348,13 @@ def torchrun_job() -> Optional[tuple]:
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     return (int(os.environ.get("RANK", "0") or 0), world) if world > 1 else None
+
+
+def _job_barrier() -> Callable[[], Any]:
+    """torch.distributed's barrier over the default group (a torchrun job's ranks)."""
+    import torch.distributed as dist
+
+    return dist.barrier
 
 
 def _job_device(device: str) -> str:
@@ -398,7 +417,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--nccl", action="store_true", help="time an NCCLGroup instead of a VirtualGroup: of one rank "
                         "(this process, one GPU: what each rank of a torchrun job calls), or under torchrun this process's "
                         "rank of a group over the job's ranks (--device cuda: cuda:LOCAL_RANK; rank 0 prints every rank's "
-                        "rows); with --engine-json, ep-bench's --transport nccl --ranks 1 (or N) figures of the same rank")
+                        "rows; each rank's baseline is its own tokens, with no exchange); with --engine-json, ep-bench's "
+                        "--transport nccl --ranks 1 (or N) figures of the same rank")
     parser.add_argument("--deepep", action="store_true", help="time DeepEP's calls through compat.deep_ep.Buffer at one "
                         "rank (a torch.distributed group of one: on CUDA an NCCLGroup, as a torchrun rank that switched "
                         "from DeepEP calls it; with --engine-json, ep-bench's --transport nccl --ranks 1 figures)")
