@@ -103,3 +103,30 @@ def test_the_example_block_in_bf16_on_one_gpu(layout, backend):
     differences = module.compare(moe, x, backend=backend)
     group.check()
     assert max(differences.values()) <= module.TOLERANCES[torch.bfloat16], differences
+
+
+@pytest.mark.parametrize("algorithm,layout,weights_grad", [("ht", "flat", True), ("ht", "expert_major_padded", True),
+                                                           ("ll", "rank_major", False)])
+def test_the_ops_over_an_nccl_rank_of_one_give_the_cpu_backends_results(tmp_path, algorithm, layout, weights_grad):
+    """An NCCLGroup of one rank (torch.distributed over NCCL, world of one) through the ops, against
+    a CPU VirtualGroup of one rank: outputs and x's gradients bit for bit, topk_weights' within
+    1e-5; three steps live across a reused buffer slot (test_torch_nccl_rank.py's comparison)."""
+    import torch.distributed as dist
+
+    from test_torch_nccl_rank import compare_with_the_reference, settings_of
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        settings = settings_of(algorithm, layout, "bf16")
+        group = ep.NCCLGroup.from_process_group(**settings)
+        reference = ep.VirtualGroup(ranks=1, device="cpu", **settings)
+        on_rank, on_reference = Exchange(group), Exchange(reference)
+        compare_with_the_reference(on_rank, on_reference, weights_grad, device=DEVICE, exact_weights=False)
+        group.check()
+        on_rank.close()
+        on_reference.close()
+        group.close()
+        reference.close()
+    finally:
+        dist.destroy_process_group()
