@@ -212,6 +212,9 @@ def run_autograd(rank, ranks, failures):
                     xr = x[rank].to(device).requires_grad_()
                     wr = w[rank].to(device).requires_grad_(weights_grad)
                     sent_rank, sent_cpu = on_rank.dispatch(xr, idx[rank].to(device), wr), on_cpu.dispatch(xc, idx, wc)
+                    # The received rows whole: zeros outside the zones on both (zero_fill), the slots copied out and cleared.
+                    if not same_bits(sent_rank.tokens, sent_cpu.tokens[rank]):
+                        failures.append(f"{label} layer {layer}: received rows differ from the CPU backend")
                     y_rank = on_rank.combine(experts_of(sent_rank, layout), sent_rank)
                     y_cpu = on_cpu.combine(experts_of(sent_cpu, layout), sent_cpu)
                     if not same_bits(y_rank, y_cpu[rank]):

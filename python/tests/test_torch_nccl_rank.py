@@ -154,7 +154,7 @@ def compare_with_the_reference(on_rank, on_reference, weights_grad, device="cpu"
     group, layout = on_rank.group, on_rank.layout
     element = {"f32": torch.float32, "bf16": torch.bfloat16}[group.dtype]
     leaves, loss_a, loss_b = [], 0, 0
-    for step, tokens in enumerate([8, 5, 8]):
+    for step, tokens in enumerate([8, 8, 5]):   # the third reuses the first slot with fewer rows: stale ones would show
         x, idx, w = inputs(tokens, group.experts, group.hidden, group.top_k, element, step)
         xa, wa = x.clone().to(device).requires_grad_(), w.clone().to(device).requires_grad_(weights_grad)
         xb, wb = x[None].clone().requires_grad_(), w[None].clone().requires_grad_(weights_grad)
@@ -184,7 +184,7 @@ def test_the_ops_over_an_nccl_rank_give_the_virtual_groups_values_and_gradients(
     group = rank_group(**settings)
     reference = ep.VirtualGroup(ranks=1, device="cpu", **settings)
     on_rank, on_reference = Exchange(group), Exchange(reference)
-    assert on_rank.rank and not on_reference.rank
+    assert on_rank.one_rank and not on_reference.one_rank
     compare_with_the_reference(on_rank, on_reference, weights_grad)
     on_rank.close()
     on_reference.close()
@@ -214,4 +214,19 @@ def test_what_an_nccl_rank_cannot_differentiate_is_refused_by_name(rank_group):
         exchange.dispatch(x, idx, w.requires_grad_())
     with torch.no_grad():   # no gradient asked for: it runs
         assert exchange.dispatch(x, idx, w).tokens.shape == tuple(exchange.group.recv_shape)
+    exchange.close()
+
+
+@pytest.mark.parametrize("zero_fill", [True, False])
+def test_a_combine_of_a_step_whose_slot_was_reused_is_refused_and_leaves_the_slot_as_it_was(rank_group, zero_fill):
+    group = rank_group(layout="expert_major_padded", alignment=4)
+    exchange = Exchange(group, zero_fill=zero_fill)
+    sent = [exchange.dispatch(*inputs(6, 8, 32, 3, torch.float32, s)) for s in range(3)]   # the third reuses the first's slot
+    with pytest.raises(ep.InvalidUsageError, match="buffer slot 0"):
+        exchange.combine(experts(sent[0], "expert_major_padded"), sent[0])
+    # Cleared (zero_fill), or the third step's received weights: nothing of the refused step's.
+    expected = torch.zeros_like(sent[2].topk_weights) if zero_fill else sent[2].topk_weights
+    assert torch.equal(group._slots[0].weights, expected)
+    exchange.combine(experts(sent[2], "expert_major_padded"), sent[2])   # the slot's own step combines
+    assert torch.equal(group._slots[0].weights, expected)
     exchange.close()

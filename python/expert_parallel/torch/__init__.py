@@ -100,18 +100,18 @@ class Exchange:
         self.id: int = _registry.register(group, zero_fill)
         self.layout: str = group.layout
         #: an NCCLGroup: this process's rank's tensors, with no leading rank dimension
-        self.rank: bool = _registry.entry(self.id).rank
+        self.one_rank: bool = _registry.entry(self.id).one_rank
         #: whether the received rows (and the backward dispatch's) start as zeros; see the class docs
         self.zero_fill = zero_fill
 
     def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor] = None) -> Dispatched:
         """Starts a step with `topk_idx` and sends `x` to the ranks of its experts (every layout
         needs `topk_weights`: combine applies them, or the rows carry them)."""
-        lead = "" if self.rank else "R, "
+        lead = "" if self.one_rank else "R, "
         _tensor(x, "x", f"[{lead}B, hidden]")
         _tensor(topk_idx, "topk_idx", f"[{lead}B, top_k] int32 or int64")
         _tensor(topk_weights, "topk_weights", f"[{lead}B, top_k] float32")
-        if self.rank and self.layout == "rank_major" and topk_weights.requires_grad and torch.is_grad_enabled():
+        if self.one_rank and self.layout == "rank_major" and topk_weights.requires_grad and torch.is_grad_enabled():
             raise InvalidUsageError(_autograd.RANK_MAJOR_WEIGHTS)
         carried = self.layout != "expert_major"
         received, idx, weights, step, counts = _ops.dispatch(x, topk_idx, topk_weights if carried else None, self.id)

@@ -46,7 +46,7 @@ def _dispatch_backward(ctx: Any, grad_received: Optional[Tensor], _grad_idx: Any
         return grad_x, None, grad_w if wants_weights else None, None
     grad_x, _ = _ops.backward_combine(grad_received, None, step, ctx.group, ctx.tokens)
     grad_w = None
-    if wants_weights and g.layout == "rank_major" and _registry.entry(ctx.group).rank:
+    if wants_weights and g.layout == "rank_major" and _registry.entry(ctx.group).one_rank:
         raise InvalidUsageError(RANK_MAJOR_WEIGHTS)
     if wants_weights and g.layout == "rank_major":
         dest, row, valid = ll_rows(topk_idx, g.ranks, g.local_experts, g.max_tokens, g.layout)

@@ -75,11 +75,14 @@ def _dispatch_into(entry, x: Tensor, topk_idx: Optional[Tensor], topk_weights: O
     peers write: the slot's rows, routing and counts are copied into `outputs` on the stream
     (autograd may keep them past the slot's next dispatch), and with `entry.zero_fill` the slot's
     receive buffers are cleared after, as the library's dispatch into a caller's tensors does, so
-    that rows outside the next step's zones read zero there too (the buffers start zeroed; the
-    peers write this slot again only in a dispatch after this rank's combine of this step, which
-    the stream runs after the clear)."""
+    that rows outside the next step's zones read zero there too (the buffers start zeroed). The
+    dispatch ends once every peer has written its rows here; a peer writes this slot again only in
+    a later dispatch into it, and the dispatch into the other slot comes between (the groups the
+    package makes have two), whose end waits for this rank's launch of it, which the stream runs
+    after the clear. This rank's combine reads none of the received buffers (the per-slot weights
+    of HT expert-major go back first: `combine`)."""
     g = entry.group
-    if not entry.rank:
+    if not entry.one_rank:
         g.dispatch(x, topk_idx, topk_weights, handle=handle, direction=direction, out=outputs)
         return
     result = g.dispatch(x, topk_idx, topk_weights, handle=handle, direction=direction)
@@ -102,7 +105,7 @@ def dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group:
     expert)."""
     entry = _registry.entry(group)
     # (An NCCL rank's are copied from its slot whole: nothing to fill.)
-    received, idx, weights = _received(entry.group, x, torch.zeros if entry.zero_fill and not entry.rank else torch.empty)
+    received, idx, weights = _received(entry.group, x, torch.zeros if entry.zero_fill and not entry.one_rank else torch.empty)
     counts = _counts(entry.group, x, torch.empty)
     handle, token = entry.start()
     _dispatch_into(entry, x.contiguous(), topk_idx.contiguous(), _contiguous(topk_weights), handle, "forward",
@@ -129,6 +132,7 @@ def _bind_weights(group, handle, weights: Optional[Tensor], tokens: int) -> Opti
     if group.layout == "expert_major_padded":
         if weights is None:
             raise InvalidArgumentError("weights: None; the combine of HT expert-major applies the per-slot weights")
+        _fast.check(weights, "weights", _F32, group._device, _shapes(group)[1])
         handle.received_weights = weights
     elif weights is not None:
         raise InvalidArgumentError(
@@ -144,16 +148,22 @@ def combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tensor],
     tokens = topk_idx.shape[-2]
     weights = _contiguous(weights)
     applied = _bind_weights(g, handle, weights, tokens)
-    slot_weights = g._slots[handle.slot].weights if entry.rank and g.layout == "expert_major_padded" else None
-    if slot_weights is not None:
+    slot_weights = None
+    if entry.one_rank and g.layout == "expert_major_padded":
         # An NCCL rank's combine applies the per-slot weights where its peers read them, in the
         # buffer slot, which the dispatch op copied out (and cleared): these go back there first,
-        # and are cleared again once the combine is done with them (its end waits for the peers' reads).
-        slot_weights.copy_(weights)
+        # and are cleared again once the combine is done with them (its end waits for the peers'
+        # reads). Not into a slot a later dispatch has used since: the combine refuses that step.
+        slot = g._slots[handle.slot]
+        if slot.use == handle.slot_use:
+            slot_weights = slot.weights
+            slot_weights.copy_(weights)
     combined = expert_outputs.new_empty(_lead(g) + (tokens, g.hidden))
-    g.combine(expert_outputs.contiguous(), handle, out=combined, topk_weights=applied)
-    if slot_weights is not None and entry.zero_fill:
-        slot_weights.zero_()
+    try:
+        g.combine(expert_outputs.contiguous(), handle, out=combined, topk_weights=applied)
+    finally:
+        if slot_weights is not None and entry.zero_fill:
+            slot_weights.zero_()
     return combined
 
 
@@ -169,7 +179,7 @@ def backward_dispatch(grad_combined: Tensor, step: Tensor, group: int) -> Tensor
     forward dispatch filled (the adjoint of combine's sum)."""
     entry = _registry.entry(group)
     g, handle = entry.group, entry.step(step)
-    received, idx, weights = _received(g, grad_combined, torch.zeros if entry.zero_fill and not entry.rank else torch.empty)
+    received, idx, weights = _received(g, grad_combined, torch.zeros if entry.zero_fill and not entry.one_rank else torch.empty)
     routing = None
     if g.recv_routing_shape is not None:   # these layouts send weights along; the backward pass ignores them
         routing = torch.zeros(_lead(g) + (grad_combined.shape[-2], g.top_k), dtype=torch.float32, device=grad_combined.device)

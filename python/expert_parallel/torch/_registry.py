@@ -33,7 +33,7 @@ class Entry:
     def __init__(self, group: Any, zero_fill: bool = True) -> None:
         self.group = group
         #: an NCCLGroup: this process's one rank (the ops' tensors have no leading rank dimension)
-        self.rank = isinstance(group, NCCLGroup)
+        self.one_rank = isinstance(group, NCCLGroup)
         #: whether the ops' dispatch outputs start as zeros (else rows outside the received zones are unspecified)
         self.zero_fill = zero_fill
         self.free: List[Handle] = []
