@@ -37,7 +37,15 @@ struct NCCLBenchmark {
         let total = warmup + iterations
         let events = try (0..<(5 * total)).map { _ in try driver.createEvent() }
         defer { for e in events { try? driver.destroy(e) } }
-        for i in 0..<total {
+        // Every iteration enqueued behind a hold of the stream, so the events time the GPU, not
+        // the host (as for virtual ranks; ll-1's kernels are shorter than a call's host time).
+        let timer = StreamTimer(device: device, stream: group.stream)
+        // One untimed step of each loop first (every rank's): its kernels compile (NVRTC, most of
+        // a second) before any hold, which they would outlast.
+        try step.enqueue()
+        try fused?.1.enqueueUpdatingInDispatch()
+        try driver.synchronize(group.stream)
+        var allHeld = try timer.heldOnce(total, first: { events[5 * $0] }) { i in
             try step.enqueue { try driver.record(events[5 * i + $0], on: group.stream) }
         }
         try group.checkStatus()
@@ -59,9 +67,9 @@ struct NCCLBenchmark {
         // as one call (the stacked dispatch, what the Python package calls), on a step of its
         // own: the `upd+disp` row, its results checked against that step's oracle.
         if let (fusedData, fusedStep, fusedOracle) = fused {
-            for i in 0..<total {
+            allHeld = try timer.heldOnce(total, first: { events[5 * $0] }) { i in
                 try fusedStep.enqueueUpdatingInDispatch { try driver.record(events[5 * i + $0], on: group.stream) }
-            }
+            } && allHeld
             try group.checkStatus()
             samples.updateDispatch = try microseconds(0, 2)
             samples.step = zip(samples.updateDispatch ?? [], try microseconds(3, 4)).map { $0 + $1 }   // as the virtual groups' step: that call + combine
@@ -74,6 +82,10 @@ struct NCCLBenchmark {
         measurement.tuning = TuningRecord(group.tuning, multiprocessors: group.multiprocessors, blocksPerRank: nil)
         measurement.tuning?.dependentLaunches = group.overlapsLaunches
         measurement.tuning?.fusedUpdate = group.fusesUpdate
+        measurement.hostPaced = !allHeld
+        if !allHeld {
+            FileHandle.standardError.write(Data("warning: \(benchCase.name) rank \(rank): the host was still enqueueing when the stream's hold ended; its event times may be the host's pace\n".utf8))
+        }
         return measurement
     }
 

@@ -32,6 +32,25 @@ struct StreamTimer {
         return allHeld
     }
 
+    /// `held` for the calls of an NCCL rank, whose peers run the same calls in their own
+    /// processes: every batch behind one hold of `hold` nanoseconds, and none runs again (a rank
+    /// that ran a batch twice would leave its peers waiting), so the holds are long enough for
+    /// the host to enqueue a batch with room to spare, and for the ranks' holds, which start
+    /// apart by their processes' skew, to overlap. Returns whether every batch ran held.
+    @discardableResult
+    func heldOnce(_ count: Int, batch: Int = 25, hold: UInt64 = 100_000_000, first: (Int) -> CUDAEvent,
+                  _ enqueue: (Int) throws -> Void) throws -> Bool {
+        let driver = device.driver
+        var allHeld = true
+        for start in stride(from: 0, to: count, by: batch) {
+            try device.delay(stream, nanoseconds: hold)
+            for i in start..<min(count, start + batch) { try enqueue(i) }
+            if try driver.isComplete(first(start)) { allHeld = false }
+            try driver.synchronize(stream)
+        }
+        return allHeld
+    }
+
     /// Per-call GPU time (µs) of `call`, with `calls` of them captured in one CUDA graph and the
     /// graph replayed `replays` times behind a hold: the median replay ÷ `calls`. No event comes
     /// between the calls, as where a framework replays its step as a graph (a decode step in
