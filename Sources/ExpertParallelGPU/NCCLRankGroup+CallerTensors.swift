@@ -16,9 +16,11 @@ extension NCCLRankGroup {
     /// `dispatchOutput`: `receiveShape` rows, int32 local ids, float32 weights) and zeroes them
     /// for the next step, all on `stream`; so rows outside the received zones read as zero.
     ///
-    /// Zeroing is safe here: a peer writes into this rank's receive buffers again only in its
-    /// next dispatch into this slot, which follows its combine of this step, which waits until
-    /// this rank has read its rows in its own combine, which this stream runs after the copy.
+    /// Zeroing is safe here: the dispatch ends once every peer has written its rows here, and a
+    /// peer writes this slot again only in a later dispatch into it, which comes after a call of
+    /// this rank's that the peer waits for and this stream runs after the zeroing: this step's
+    /// combine (its end waits for every rank), the next step's update (its counts), or, with two
+    /// slots or more, the dispatch into the other slot (its end waits for every rank's).
     public func dispatch(
         _ input: DispatchInput, copyingInto output: DispatchOutput, handle: GPUStepHandle? = nil, slot: Int = 0,
         stream: CUDAStream? = nil
