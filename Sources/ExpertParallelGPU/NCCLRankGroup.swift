@@ -123,7 +123,7 @@ public final class NCCLRankGroup: StepGroup, @unchecked Sendable {
         self.comm = comm
         self.nccl = nccl
         self.bufferSlots = bufferSlots
-        let workspace = StepWorkspace(config)
+        let workspace = StepWorkspace(config, everyRankHere: false)   // (its sizes; the kernels get theirs from StepKernels.Variant)
         try device.makeCurrent()
         let driver = device.driver
         let stream = try gpu { try driver.createStream() }
