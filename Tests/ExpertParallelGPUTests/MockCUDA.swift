@@ -42,6 +42,8 @@ enum MockCUDA {
         /// For each launch: whether it went through cuLaunchKernelEx with programmatic stream
         /// serialization allowed (a programmatic dependent launch).
         private(set) var launchedDependent: [Bool] = []
+        /// Each launch's grid (x, y): blocks per rank and ranks of a step kernel's launch.
+        private(set) var launchedGrids: [(x: UInt32, y: UInt32)] = []
         private var functionNames: [UInt: String] = [:]
         /// What nvrtcCompileProgram returns (6: NVRTC_ERROR_COMPILATION).
         var compileResult: Int32 = 0
@@ -75,6 +77,7 @@ enum MockCUDA {
                 s.launchedParameters = []
                 s.launchedKernels = []
                 s.launchedDependent = []
+                s.launchedGrids = []
                 s.functionNames = [:]
                 s.compileResult = 0
                 s.failNCCLAllocation = nil
@@ -153,9 +156,10 @@ enum MockCUDA {
         }
 
         fileprivate func launch(_ function: OpaquePointer?, _ parameters: UnsafeMutablePointer<UnsafeMutableRawPointer?>? = nil,
-                                dependent: Bool = false) -> Int32 {
+                                dependent: Bool = false, grid: (x: UInt32, y: UInt32) = (0, 0)) -> Int32 {
             locked { s in
                 s.launches += 1
+                s.launchedGrids.append(grid)
                 s.launchedKernels.append(s.functionNames[UInt(bitPattern: function)] ?? "?")
                 s.launchedDependent.append(dependent)
                 if s.captureParameterBytes > 0, let first = parameters?.pointee {
@@ -329,7 +333,7 @@ enum MockCUDA {
         t["cuModuleGetGlobal_v2"] = symbol({ _, _, _, _ in 500 } as @convention(c) (UnsafeMutablePointer<UInt64>?, UnsafeMutablePointer<Int>?, OpaquePointer?, UnsafePointer<CChar>?) -> Int32)
         t["cuFuncSetAttribute"] = symbol({ _, _, _ in 0 } as @convention(c) (OpaquePointer?, Int32, Int32) -> Int32)
         t["cuFuncGetAttribute"] = symbol({ out, _, _ in out?.pointee = 64; return 0 } as @convention(c) (UnsafeMutablePointer<Int32>?, Int32, OpaquePointer?) -> Int32)
-        t["cuLaunchKernel"] = symbol({ function, _, _, _, _, _, _, _, _, parameters, _ in MockCUDA.state.launch(function, parameters) } as @convention(c) (
+        t["cuLaunchKernel"] = symbol({ function, x, y, _, _, _, _, _, _, parameters, _ in MockCUDA.state.launch(function, parameters, grid: (x, y)) } as @convention(c) (
             OpaquePointer?, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, UInt32, OpaquePointer?,
             UnsafeMutablePointer<UnsafeMutableRawPointer?>?, UnsafeMutablePointer<UnsafeMutableRawPointer?>?
         ) -> Int32)
@@ -339,7 +343,7 @@ enum MockCUDA {
             let dependent = attributes.contains {
                 $0.id == UInt32(EP_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION) && $0.value.programmaticStreamSerializationAllowed != 0
             }
-            return MockCUDA.state.launch(function, parameters, dependent: dependent)
+            return MockCUDA.state.launch(function, parameters, dependent: dependent, grid: (config.pointee.gridDimX, config.pointee.gridDimY))
         } as @convention(c) (UnsafePointer<ep_cu_launch_config>?, OpaquePointer?, UnsafeMutablePointer<UnsafeMutableRawPointer?>?,
                              UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> Int32)
         t["cuOccupancyMaxActiveBlocksPerMultiprocessor"] = symbol({ out, _, _, _ in out?.pointee = 2; return 0 } as @convention(c) (UnsafeMutablePointer<Int32>?, OpaquePointer?, Int32, Int) -> Int32)

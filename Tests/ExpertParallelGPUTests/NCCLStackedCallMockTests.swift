@@ -152,12 +152,17 @@ struct NCCLStackedCallMockTests {
             let stacked = try StackedCallMockTests.launched(mock) {
                 try group.dispatch(handle, stacked: Self.dispatch(a, group, slot: 0, tokens: b, routing: true))
             }
-            let kernels = Array(mock.launchedKernels[first...])
+            let kernels = Array(mock.launchedKernels[first...]), grids = Array(mock.launchedGrids[(first - 2)...])
             let prefix = config.algorithm == .lowLatency ? "ep_ll" : "ep_ht"
             #expect(perRank.count == 2, "\(label)")
             if fuses {
                 #expect(kernels == ["ep_ll_update_dispatch"], "\(label)")
                 Self.expectSame(stacked, [perRank[1]], label)
+                // One rank's launch: the dispatch's blocks, and one more for the update block's empty
+                // share where its dispatch blocks find their rows themselves (one rank: nothing of
+                // another rank's to read); with peers they wait for its rows, and it takes a share.
+                let ownRows = config.ranks == 1 && config.llOwnRowsFit
+                #expect(grids[2].y == 1 && grids[2].x == grids[1].x + (ownRows ? 1 : 0), "\(label): grids \(grids)")
             } else {
                 #expect(kernels == ["\(prefix)_update", "\(prefix)_dispatch"], "\(label)")
                 Self.expectSame(stacked, perRank, label)
