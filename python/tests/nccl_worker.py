@@ -10,6 +10,7 @@ lines otherwise (and exits 1)."""
 import os
 import sys
 import traceback
+from datetime import timedelta
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -188,86 +189,131 @@ def experts_of(sent, layout):
 
 def run_autograd(rank, ranks, failures):
     """Exchange over this rank's NCCLGroup against Exchange over the CPU VirtualGroup of every
-    rank: two layers' forward, then one backward pass. Combined rows and x's gradients bit for
-    bit (the library and the elementwise experts round the same everywhere); topk_weights'
-    gradients within 1e-5 (torch's sums over the hidden size run in another order on the GPU)."""
-    device = torch.device("cuda", torch.cuda.current_device())
-    checked = 0
-    for algorithm, layout, alignment, weights_grad in AUTOGRAD_CASES:
+    rank: two layers' forward, then one backward pass. Received and combined rows and x's
+    gradients bit for bit (the library and the elementwise experts round the same everywhere);
+    topk_weights' gradients within 1e-5 (torch's sums over the hidden size run in another order
+    on the GPU). A failed check is recorded and the run goes on, so every rank makes the same calls."""
+    for case in AUTOGRAD_CASES:
         for dtype in DTYPES:
-            settings = dict(experts=4 * ranks, hidden=64, top_k=3, max_tokens=12, algorithm=algorithm, layout=layout,
-                            alignment=alignment, dtype=dtype, timeout=TIMEOUT)
-            label = f"autograd {algorithm} {layout} {dtype}"
-            group, cpu = ep.NCCLGroup.from_process_group(**settings), ep.VirtualGroup(ranks=ranks, device="cpu", **settings)
-            on_rank, on_cpu = Exchange(group), Exchange(cpu)
-            try:
-                leaves, loss_rank, loss_cpu = [], 0, 0
-                for layer in range(2):
-                    rng = np.random.default_rng(7000 + 10 * layer + AUTOGRAD_CASES.index((algorithm, layout, alignment, weights_grad)))
-                    b = settings["max_tokens"]   # every rank's B (a stacked VirtualGroup call): fewer tokens as -1 rows
-                    idx = torch.stack([torch.from_numpy(random_routing(rng, b, settings["experts"], 3, 0.2)) for _ in range(ranks)]).long()
-                    x = (torch.from_numpy(rng.standard_normal((ranks, b, 64)).astype(np.float32)) * 2).to(TORCH_DTYPES[dtype])
-                    w = torch.from_numpy(rng.random((ranks, b, 3)).astype(np.float32))
-                    xc, wc = x.clone().requires_grad_(), w.clone().requires_grad_(weights_grad)
-                    xr = x[rank].to(device).requires_grad_()
-                    wr = w[rank].to(device).requires_grad_(weights_grad)
-                    sent_rank, sent_cpu = on_rank.dispatch(xr, idx[rank].to(device), wr), on_cpu.dispatch(xc, idx, wc)
-                    # The received rows whole: zeros outside the zones on both (zero_fill), the slots copied out and cleared.
-                    if not same_bits(sent_rank.tokens, sent_cpu.tokens[rank]):
-                        failures.append(f"{label} layer {layer}: received rows differ from the CPU backend")
-                    y_rank = on_rank.combine(experts_of(sent_rank, layout), sent_rank)
-                    y_cpu = on_cpu.combine(experts_of(sent_cpu, layout), sent_cpu)
-                    if not same_bits(y_rank, y_cpu[rank]):
-                        failures.append(f"{label} layer {layer}: combined rows differ from the CPU backend")
-                    loss_rank = loss_rank + y_rank.float().square().sum() * (layer + 1)
-                    loss_cpu = loss_cpu + y_cpu.float().square().sum() * (layer + 1)
-                    leaves.append((xr, wr, xc, wc))
-                loss_rank.backward()   # every rank's backward pass: the backward calls are collective
-                loss_cpu.backward()
-                for layer, (xr, wr, xc, wc) in enumerate(leaves):
-                    if not same_bits(xr.grad, xc.grad[rank]):
-                        failures.append(f"{label} layer {layer}: x's gradients differ from the CPU backend")
-                    if weights_grad and not torch.allclose(wr.grad.cpu(), wc.grad[rank], rtol=1e-5, atol=1e-6):
-                        failures.append(f"{label} layer {layer}: topk_weights' gradients differ from the CPU backend")
-                group.check()
-                checked += 1
-            finally:
-                on_rank.close()
-                on_cpu.close()
-                group.close()
-                cpu.close()
-    return checked
+            _autograd_case(rank, ranks, case, dtype, failures)
+    return len(AUTOGRAD_CASES) * len(DTYPES)
+
+
+def _autograd_case(rank, ranks, case, dtype, failures):
+    """One configuration of run_autograd. Its steps' tokens die when it returns, on every rank
+    at the same point: the group's collective teardown waits for its last step."""
+    algorithm, layout, alignment, weights_grad = case
+    device = torch.device("cuda", torch.cuda.current_device())
+    settings = dict(experts=4 * ranks, hidden=64, top_k=3, max_tokens=12, algorithm=algorithm, layout=layout,
+                    alignment=alignment, dtype=dtype, timeout=TIMEOUT)
+    label = f"autograd {algorithm} {layout} {dtype}"
+    group, cpu = ep.NCCLGroup.from_process_group(**settings), ep.VirtualGroup(ranks=ranks, device="cpu", **settings)
+    on_rank, on_cpu = Exchange(group), Exchange(cpu)
+
+    def differ(what, got, expected, exact=True):
+        same = same_bits(got, expected) if exact else torch.allclose(got.cpu(), expected, rtol=1e-5, atol=1e-6)
+        if not same:
+            failures.append(f"{label}: {what} differ from the CPU backend")
+
+    try:
+        leaves, loss_rank, loss_cpu = [], 0, 0
+        for layer in range(2):
+            rng = np.random.default_rng(7000 + 10 * layer + AUTOGRAD_CASES.index(case))
+            b = settings["max_tokens"]   # every rank's B (a stacked VirtualGroup call): fewer tokens as -1 rows
+            idx = torch.stack([torch.from_numpy(random_routing(rng, b, settings["experts"], 3, 0.2)) for _ in range(ranks)]).long()
+            x = (torch.from_numpy(rng.standard_normal((ranks, b, 64)).astype(np.float32)) * 2).to(TORCH_DTYPES[dtype])
+            w = torch.from_numpy(rng.random((ranks, b, 3)).astype(np.float32))
+            xc, wc = x.clone().requires_grad_(), w.clone().requires_grad_(weights_grad)
+            xr = x[rank].to(device).requires_grad_()
+            wr = w[rank].to(device).requires_grad_(weights_grad)
+            sent_rank, sent_cpu = on_rank.dispatch(xr, idx[rank].to(device), wr), on_cpu.dispatch(xc, idx, wc)
+            # The received rows whole: zeros outside the zones on both (zero_fill; the slots copied out and cleared).
+            differ(f"layer {layer}: received rows", sent_rank.tokens, sent_cpu.tokens[rank])
+            y_rank = on_rank.combine(experts_of(sent_rank, layout), sent_rank)
+            y_cpu = on_cpu.combine(experts_of(sent_cpu, layout), sent_cpu)
+            differ(f"layer {layer}: combined rows", y_rank, y_cpu[rank])
+            loss_rank = loss_rank + y_rank.float().square().sum() * (layer + 1)
+            loss_cpu = loss_cpu + y_cpu.float().square().sum() * (layer + 1)
+            leaves.append((xr, wr, xc, wc))
+        loss_rank.backward()   # every rank's backward pass: the backward calls are collective
+        loss_cpu.backward()
+        for layer, (xr, wr, xc, wc) in enumerate(leaves):
+            differ(f"layer {layer}: x's gradients", xr.grad, xc.grad[rank])
+            if weights_grad:
+                differ(f"layer {layer}: topk_weights' gradients", wr.grad, wc.grad[rank], exact=False)
+        group.check()
+    finally:
+        on_rank.close()
+        on_cpu.close()
+        group.close()
+        cpu.close()
 
 
 def run_deep_ep(rank, ranks, failures):
     """DeepEP's intranode and low-latency flows through compat.deep_ep.Buffer on the default
-    process group (an NCCLGroup underneath), this rank's results against the reference."""
+    process group (an NCCLGroup underneath), this rank's results against the reference, and its
+    FP8 low-latency dispatch behind a hook (the peers' scales arrive with their rows) against
+    the CPU backend's. Every flow runs on every rank whatever an earlier check found."""
     experts, hidden, top_k = 4 * ranks, 128, 3
     tokens = [6 + 3 * (r % 3) for r in range(ranks)]
     tokens[-1] = 0   # a rank with nothing to send
     buffer = Buffer(dist.group.WORLD, num_nvl_bytes=1 << 24, num_rdma_bytes=0, timeout=TIMEOUT)
+    cpu = Buffer.virtual(ranks, device="cpu", timeout=TIMEOUT)
+    flows_run = 0
+
+    def checked(what, check):
+        try:
+            check()
+        except AssertionError as error:
+            failures.append(f"deep_ep {what}: {error}")
+
     try:
         xs, idx, ws = deep_ref.make_inputs(31, tokens, experts, hidden, top_k)
         for async_finish in (False, True):
             results = flows.intranode([buffer], xs, idx, ws, experts, alignment=4, async_finish=async_finish)
             torch.cuda.synchronize()
-            flows.check_intranode(results, xs, idx, ws, experts, alignment=4, only=rank)
+            checked(f"intranode async_finish={async_finish}",
+                    lambda: flows.check_intranode(results, xs, idx, ws, experts, alignment=4, only=rank))
+            flows_run += 1
         xs, idx, ws = deep_ref.make_inputs(32, [min(t, 8) for t in tokens], experts, hidden, top_k)
         for hook in (True, False):
             results = flows.low_latency([buffer], xs, idx, ws, experts, max_tokens=8, hook=hook, async_finish=hook)
             torch.cuda.synchronize()
-            flows.check_low_latency(results, xs, idx, ws, experts, 8, only=rank)
-    except AssertionError as error:
-        failures.append(f"deep_ep flows: {error}")
+            checked(f"low latency hook={hook}", lambda: flows.check_low_latency(results, xs, idx, ws, experts, 8, only=rank))
+            flows_run += 1
+        xs, idx, _ = deep_ref.make_inputs(33, [min(t, 8) for t in tokens], experts, hidden, top_k)
+        xs = [x.float().mul(torch.linspace(0.01, 30, hidden)).bfloat16() for x in xs]
+
+        def fp8(b):
+            device = b.device
+            (codes, scales), count, _, _, receive = b.low_latency_dispatch(
+                xs[b.rank].to(device), idx[b.rank].to(device), 8, experts, round_scale=True, return_recv_hook=True)
+            receive()
+            return flows.cpu(codes.view(torch.uint8)), flows.cpu(scales.contiguous()), flows.cpu(count)
+
+        got, want = fp8(buffer), flows.on_ranks(cpu, fp8)[rank]
+
+        def same_fp8():
+            assert torch.equal(got[2], want[2]), "counts"
+            for e, c in enumerate(want[2].tolist()):   # rows past the counts are unspecified
+                assert torch.equal(got[0][e, :c], want[0][e, :c]), f"expert {e}: e4m3 rows"
+                assert torch.equal(got[1][e, :c], want[1][e, :c]), f"expert {e}: scales"
+
+        checked("FP8 low latency behind a hook", same_fp8)
+        flows_run += 1
     finally:
         buffer.destroy()
-    return 4
+        for b in cpu:
+            b.destroy()
+    return flows_run
 
 
 def main():
     local = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local)
-    dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    # A bounded wait for the process group's own collectives (the groups' unique ids): a rank that
+    # stopped early fails the others in two minutes, not torch's default ten.
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local), timeout=timedelta(seconds=120))
     rank, ranks = dist.get_rank(), dist.get_world_size()
     failures, steps = [], 0
     try:

@@ -363,3 +363,47 @@ def test_low_latency_calls_under_inference_mode(ranks):
     results = run_ranks(ranks, rank_flow, timeout=30)
     want = ref.ll_combine(xs, idx, ws, E, xs[0].dtype)
     assert all(torch.equal(got, want[r]) for r, got in enumerate(results))
+
+
+@pytest.mark.parametrize("round_scale,use_ue8m0", [(False, False), (True, False), (True, True)])
+def test_low_latency_fp8_scales_behind_a_hook_are_the_whole_calls(ranks, round_scale, use_ue8m0):
+    # A split dispatch's scales are filled at the hook's call: after a send-only dispatch at R > 1
+    # the peers' scales arrive with their rows, when the receiving half has run.
+    hidden, bmax = 1024, 8
+    xs, idx, _ = ref.make_inputs(17, [3, 4, 0, 2], E, hidden, K)
+    xs = [x.float().mul(torch.linspace(0.01, 30, hidden)).bfloat16() for x in xs]
+
+    def flow(hook):
+        def run(b):
+            (codes, scales), count, _, _, receive = b.low_latency_dispatch(
+                xs[b.rank], idx[b.rank], bmax, E, round_scale=round_scale, use_ue8m0=use_ue8m0, return_recv_hook=hook)
+            if hook:
+                receive()
+            return codes.view(torch.uint8).clone(), scales.clone(memory_format=torch.preserve_format), count.clone()
+        return run
+
+    for r, (split, whole) in enumerate(zip(run_ranks(ranks, flow(True)), run_ranks(ranks, flow(False)))):
+        assert torch.equal(split[2], whole[2]), f"rank {r}: counts"
+        assert split[1].stride() == whole[1].stride() and split[1].stride()[1] == 1, f"rank {r}: column-major scales"
+        for e, c in enumerate(whole[2].tolist()):   # rows past the counts are unspecified
+            assert torch.equal(split[0][e, :c], whole[0][e, :c]) and torch.equal(split[1][e, :c], whole[1][e, :c]), f"rank {r} expert {e}"
+
+
+@pytest.mark.parametrize("fp8,ue8m0", [("float32", False), ("ue8m0", False), ("ue8m0", True)])
+def test_low_latency_scales_are_read_when_filled(fp8, ue8m0):
+    from expert_parallel.compat.deep_ep._engine import _ll_scales
+
+    hidden, blocks = 1024, 8
+    words = torch.zeros((2, 6, 2 if fp8 == "ue8m0" else blocks), dtype=torch.float32 if fp8 == "float32" else torch.int32)
+    target, fill = _ll_scales(words, fp8, ue8m0, hidden)
+    expected_blocks = 2 if ue8m0 else blocks
+    assert target.shape == (2, 6, expected_blocks) and target.stride()[1:] == (1, 6)   # DeepEP's column-major
+    if fp8 == "float32":
+        words.copy_(torch.arange(words.numel(), dtype=torch.float32).reshape(words.shape))
+    else:
+        words.view(torch.uint8).copy_(torch.arange(words.numel() * 4).reshape(2, 6, 8) % 5 + 125)
+    fill()   # reads the words as they are now
+    if fp8 == "float32" or ue8m0:
+        assert torch.equal(target, words[..., :expected_blocks])
+    else:
+        assert torch.equal(target, torch.pow(2.0, (words.view(torch.uint8)[..., :blocks].float() - 127)))

@@ -11,7 +11,7 @@ from . import _events
 from ._errors import not_supported
 from ._groups import Entry, Groups, Spec
 from ._handle import DispatchHandle, Record
-from ._layout import align, column_major, exponents_to_float, torch_module
+from ._layout import align, exponents_to_float, torch_module
 
 
 class Payload:
@@ -224,15 +224,12 @@ def ll_dispatch(groups: Groups, payloads: List[Payload]) -> List[Any]:
     results = []
     for i, p in enumerate(payloads):
         recv_x: Any = out.tokens[i]
-        if fp8 is not None:   # the CPU backend: the call is whole, its scales are there
-            words = out.scales[i]
-            if fp8 == "float32":
-                scales = words
-            elif flags[2]:
-                scales = words[..., :max(1, hidden // 512)]
-            else:
-                scales = exponents_to_float(words, hidden // 128)
-            recv_x = (recv_x, column_major(scales))
+        if fp8 is not None:
+            # DeepEP's column-major scales, made now and filled once the rows are in: with a hook,
+            # at its call (the peers' scales arrive with their rows, after a send-only dispatch).
+            scales = _ll_scales(out.scales[i], fp8, flags[2], hidden)
+            after.append(scales[1])
+            recv_x = (recv_x, scales[0])
         stats = p.stats
         if stats is not None:
             after.append(lambda stats=stats, counts=out.counts[i]: stats.add_(counts))
@@ -242,6 +239,31 @@ def ll_dispatch(groups: Groups, payloads: List[Payload]) -> List[Any]:
         for work in after:
             work()
     return [result + [(entry, token, record)] for result in results]
+
+
+def _ll_scales(words: Any, fp8: str, ue8m0: bool, hidden: int) -> Tuple[Any, Callable[[], None]]:
+    """DeepEP's low-latency scales of the received rows whose scale words are `words` (the slot's
+    buffer ``[L, R*Bmax, words]``): an empty tensor of their shape, its last two dimensions
+    column-major, and the work that fills it from `words` (float32 scales as they are, UE8M0
+    packed four to an int32 as DeepEP's ``use_ue8m0`` gives them, else as float32 powers of two)."""
+    torch = torch_module()
+    if fp8 == "float32":
+        shape, dtype = tuple(words.shape), torch.float32
+    elif ue8m0:
+        shape, dtype = tuple(words.shape[:-1]) + (max(1, hidden // 512),), words.dtype
+    else:
+        shape, dtype = tuple(words.shape[:-1]) + (hidden // 128,), torch.float32
+    target = torch.empty(shape[:-2] + (shape[-1], shape[-2]), dtype=dtype, device=words.device).transpose(-1, -2)
+
+    def fill() -> None:
+        if fp8 == "float32":
+            target.copy_(words)
+        elif ue8m0:
+            target.copy_(words[..., :shape[-1]])
+        else:
+            target.copy_(exponents_to_float(words, hidden // 128))
+
+    return target, fill
 
 
 def _version(tensor: Any) -> Optional[int]:

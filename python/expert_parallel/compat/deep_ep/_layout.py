@@ -106,9 +106,3 @@ def exponents_to_float(words: Any, blocks: int) -> Any:
     torch = torch_module()
     raw = words.contiguous().view(torch.uint8)[..., :blocks].to(torch.int32)
     return (raw << 23).view(torch.float32)
-
-
-def column_major(scales: Any) -> Any:
-    """`scales` ``[..., rows, columns]`` with the same values, its last two dimensions column-major
-    (DeepEP's low-latency scale layout)."""
-    return scales.transpose(-1, -2).contiguous().transpose(-1, -2)
