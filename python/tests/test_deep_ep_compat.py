@@ -407,3 +407,17 @@ def test_low_latency_scales_are_read_when_filled(fp8, ue8m0):
         assert torch.equal(target, words[..., :expected_blocks])
     else:
         assert torch.equal(target, torch.pow(2.0, (words.view(torch.uint8)[..., :blocks].float() - 127)))
+
+
+def test_destroying_the_buffers_releases_the_steps_kept_for_reuse():
+    # A group's library object lives until its last step goes, and an NCCL group's teardown is
+    # collective: the steps kept for reuse go when the groups close, not at garbage collection.
+    buffers = Buffer.virtual(2, timeout=30)
+    xs, idx, _ = ref.make_inputs(12, [3, 2], 8, H, K)
+    run_ranks(buffers, lambda b: b.low_latency_dispatch(xs[b.rank], idx[b.rank], 4, 8, use_fp8=False)[2] and None)
+    gc.collect()
+    kept = [step for e in buffers[0]._shared.groups._all for step in e._free]
+    assert kept and not any(step.released for step in kept)
+    for b in buffers:
+        b.destroy()
+    assert all(step.released for step in kept)

@@ -1,7 +1,7 @@
 """NCCL ranks through the Python package: two processes (torchrun), one GPU each, build an
 ep.NCCLGroup from their torch.distributed process group and match the CPU backend bit for bit
 (python/tests/nccl_worker.py). Gated: set EP_NCCL_TESTS=1 on a machine with two GPUs, NCCL and
-PyTorch."""
+PyTorch (EP_NCCL_RANKS=4 or 8 runs that many ranks)."""
 
 import os
 import signal
@@ -17,7 +17,7 @@ NCCL = os.environ.get("EP_NCCL_TESTS") == "1"
 pytestmark = pytest.mark.skipif(not NCCL, reason="needs 2 GPUs with NCCL and PyTorch: set EP_NCCL_TESTS=1")
 
 WORKER = Path(__file__).resolve().with_name("nccl_worker.py")
-RANKS = 2
+RANKS = int(os.environ.get("EP_NCCL_RANKS", "2"))   # one process per GPU: 2, 4 or 8 (the cases' expert counts divide by them)
 TIMEOUT = 540  # seconds for the whole run: kernels compile on first use
 
 

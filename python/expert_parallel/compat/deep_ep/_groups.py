@@ -65,6 +65,11 @@ class Entry:
         else:
             step.release()
 
+    def release_kept_steps(self) -> None:
+        """Releases the steps kept for reuse (the group is closing)."""
+        while self._free:
+            self._free.pop().release()
+
     # -- split calls ------------------------------------------------------------------------
 
     def begin_split(self, after: List[Callable[[], None]]) -> object:
@@ -202,8 +207,12 @@ class Groups:
         return VirtualGroup(self.ranks if self.process_group is None else 1, device=self.device, buffer_slots=2, **settings)
 
     def close(self) -> None:
-        """Closes every group."""
+        """Closes every group, releasing the steps it kept for reuse first: a group's library
+        object lives until its last step is released, and an NCCL group's teardown is collective,
+        so every rank's goes here rather than whenever its garbage collector runs (steps that
+        DeepEP handles still hold go with them)."""
         for made in self._all:
+            made.release_kept_steps()
             made.group.close()
         self._entries.clear()
         self._all.clear()
