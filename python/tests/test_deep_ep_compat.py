@@ -421,3 +421,44 @@ def test_destroying_the_buffers_releases_the_steps_kept_for_reuse():
     for b in buffers:
         b.destroy()
     assert all(step.released for step in kept)
+
+
+def test_ranks_disagreeing_on_a_group_are_named_alike_on_every_rank():
+    from expert_parallel.compat.deep_ep._groups import Spec, disagreement
+
+    spec = Spec("ht", 16, 128, 4, "bf16", None, "quantize", None)
+    same = [(tuple(spec), 4096, None)] * 3
+    assert disagreement(same) is None
+    other = [same[0], (tuple(spec._replace(experts=32)), 4096, None), (tuple(spec._replace(hidden=256)), 4096, None)]
+    message = disagreement(other)
+    assert message.startswith("the ranks ask for different groups (experts 16 on rank 0, 32 on rank 1)")
+    assert disagreement([same[0], (tuple(spec), 4096, "x: 5000 tokens on a rank; must be ≤ 4096")]) == \
+        "rank 1: x: 5000 tokens on a rank; must be ≤ 4096"
+    assert "max_tokens 4096 on rank 0, 8192 on rank 1" in disagreement([same[0], (tuple(spec), 8192, None)])
+
+
+def _agree_on_two_ranks(rank, store, results):
+    import torch.distributed as dist
+    from expert_parallel.compat.deep_ep._groups import Groups, Spec
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        # The NCCL mode's agreement over a (gloo) process group: rank 1 asks for more tokens than the capacity.
+        groups = Groups(ranks=2, device="cuda:0", timeout=10, process_group=dist.group.WORLD, fixed_tokens=64)
+        spec = Spec("ht", 8, 64, 2, "bf16", None, "quantize", None)
+        try:
+            groups.entry(spec, 32 if rank == 0 else 100)
+            results[rank] = "no error"
+        except ep.InvalidArgumentError as error:
+            results[rank] = str(error)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_that_cannot_make_an_nccl_group_fails_every_rank_by_name(tmp_path):
+    # (The group itself is never made: every rank raises at the agreement, before the NCCL group.)
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_agree_on_two_ranks, args=(str(tmp_path / "store"), results), nprocs=2, join=True)
+    assert results[0] == results[1] and results[0].startswith("rank 1: x: 100 tokens on a rank; must be ≤ max_tokens_per_rank (64)")

@@ -148,6 +148,24 @@ def _capacity(tokens: int) -> int:
     return capacity
 
 
+def disagreement(everyone: List[Any]) -> Optional[str]:
+    """What keeps the ranks from making one group together, from every rank's (spec fields,
+    capacity, error) in rank order — the same words on every rank — or None: the first rank's
+    error, else the first rank whose group differs from rank 0's."""
+    for rank, (_, _, error) in enumerate(everyone):
+        if error is not None:
+            return f"rank {rank}: {error}"
+    names = Spec._fields + ("max_tokens",)
+    first = everyone[0][0] + (everyone[0][1],)
+    for rank, (spec, capacity, _) in enumerate(everyone):
+        theirs = tuple(spec) + (capacity,)
+        if theirs != first:
+            differ = ", ".join(f"{name} {a!r} on rank 0, {b!r} on rank {rank}" for name, a, b in zip(names, first, theirs) if a != b)
+            return (f"the ranks ask for different groups ({differ}): every rank must make the same call, with the same "
+                    "num_experts, hidden size, top-k, dtype, FP8 settings and num_sms")
+    return None
+
+
 class Groups:
     """The groups of one set of Buffers, made on first use and kept per :class:`Spec`.
 
@@ -177,20 +195,38 @@ class Groups:
         current = self._entries.get(key)
         if current is not None and current.max_tokens >= tokens:
             return current
+        error = None
         if exact is not None:
             capacity = exact
         elif self.fixed_tokens is not None:
             if tokens > self.fixed_tokens:
-                raise InvalidArgumentError(
-                    f"x: {tokens} tokens on a rank; must be ≤ max_tokens_per_rank ({self.fixed_tokens}), the capacity of "
-                    "this multi-process Buffer: pass a larger max_tokens_per_rank= to Buffer")
+                error = (f"x: {tokens} tokens on a rank; must be ≤ max_tokens_per_rank ({self.fixed_tokens}), the capacity "
+                         "of this multi-process Buffer: pass a larger max_tokens_per_rank= to Buffer")
             capacity = self.fixed_tokens
         else:
             capacity = _capacity(tokens)
+        if self.nccl and current is None:
+            # Making an NCCL group is collective: the ranks first agree on it, so that a rank's
+            # error, or ranks asking for different groups, fail every rank by name rather than
+            # leave the others waiting in the group's making.
+            self._agree_to_make(spec, capacity, error)
+        elif error is not None:
+            raise InvalidArgumentError(error)
         made = Entry(self._make(spec, capacity), spec, self.nccl)
         self._entries[key] = made   # an older, smaller group stays alive while handles of it do
         self._all.append(made)
         return made
+
+    def _agree_to_make(self, spec: Spec, capacity: int, error: Optional[str]) -> None:
+        """All-gathers every rank's (spec, capacity, error) over the process group and raises
+        `disagreement`'s error on every rank where there is one."""
+        import torch.distributed as dist
+
+        everyone: List[Any] = [None] * dist.get_world_size(self.process_group)
+        dist.all_gather_object(everyone, (tuple(spec), capacity, error), group=self.process_group)
+        message = disagreement(everyone)
+        if message is not None:
+            raise InvalidArgumentError(message)
 
     def _make(self, spec: Spec, capacity: int) -> Any:
         layout = "flat" if spec.algorithm == "ht" else "expert_major"
