@@ -4,6 +4,7 @@ bit for bit with plain-PyTorch references written from DeepEP's documented seman
 events, the cached dispatch of the backward pass, and the named errors."""
 
 import gc
+from datetime import timedelta
 
 import pytest
 import torch
@@ -411,16 +412,24 @@ def test_low_latency_scales_are_read_when_filled(fp8, ue8m0):
 
 def test_destroying_the_buffers_releases_the_steps_kept_for_reuse():
     # A group's library object lives until its last step goes, and an NCCL group's teardown is
-    # collective: the steps kept for reuse go when the groups close, not at garbage collection.
+    # collective: the steps kept for reuse go when the groups close, not at garbage collection,
+    # and a step that DeepEP handles hold past the destroy goes when they do.
     buffers = Buffer.virtual(2, timeout=30)
     xs, idx, _ = ref.make_inputs(12, [3, 2], 8, H, K)
+    held = run_ranks(buffers, lambda b: b.low_latency_dispatch(xs[b.rank], idx[b.rank], 4, 8, use_fp8=False)[2])
+    record = held[0].record
+    step = record.step_in(record.last)
+    del record
     run_ranks(buffers, lambda b: b.low_latency_dispatch(xs[b.rank], idx[b.rank], 4, 8, use_fp8=False)[2] and None)
     gc.collect()
-    kept = [step for e in buffers[0]._shared.groups._all for step in e._free]
-    assert kept and not any(step.released for step in kept)
+    kept = [s for e in buffers[0]._shared.groups._all for s in e._free]
+    assert kept and step not in kept and not any(s.released for s in kept + [step])
     for b in buffers:
         b.destroy()
-    assert all(step.released for step in kept)
+    assert all(s.released for s in kept) and not step.released
+    del held
+    gc.collect()
+    assert step.released
 
 
 def test_ranks_disagreeing_on_a_group_are_named_alike_on_every_rank():
@@ -441,7 +450,7 @@ def _agree_on_two_ranks(rank, store, results):
     import torch.distributed as dist
     from expert_parallel.compat.deep_ep._groups import Groups, Spec
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(seconds=30))
     try:
         # The NCCL mode's agreement over a (gloo) process group: rank 1 asks for more tokens than the capacity.
         groups = Groups(ranks=2, device="cuda:0", timeout=10, process_group=dist.group.WORLD, fixed_tokens=64)
@@ -459,6 +468,31 @@ def test_a_rank_that_cannot_make_an_nccl_group_fails_every_rank_by_name(tmp_path
     # (The group itself is never made: every rank raises at the agreement, before the NCCL group.)
     import torch.multiprocessing as mp
 
-    results = mp.Manager().dict()
-    mp.spawn(_agree_on_two_ranks, args=(str(tmp_path / "store"), results), nprocs=2, join=True)
-    assert results[0] == results[1] and results[0].startswith("rank 1: x: 100 tokens on a rank; must be ≤ max_tokens_per_rank (64)")
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_agree_on_two_ranks, args=(str(tmp_path / "store"), results), nprocs=2, join=True)
+        assert results[0] == results[1] and results[0].startswith("rank 1: x: 100 tokens on a rank; must be ≤ max_tokens_per_rank (64)")
+
+
+def test_a_hooked_fp8_dispatch_fills_its_scales_at_the_hook(monkeypatch):
+    # The scales' fill waits for the hook (at R > 1 NCCL ranks the peers' scales arrive by then).
+    from expert_parallel.compat.deep_ep import _engine
+
+    log = []
+    made = _engine._ll_scales
+
+    def logged(*arguments):
+        target, fill = made(*arguments)
+        log.append("made")
+        return target, lambda: (log.append("filled"), fill())
+
+    monkeypatch.setattr(_engine, "_ll_scales", logged)
+    buffer = Buffer.virtual(1, timeout=30)[0]
+    xs, idx, _ = ref.make_inputs(13, [4], 8, 256, K)
+    *_, receive = buffer.low_latency_dispatch(xs[0], idx[0], 4, 8, return_recv_hook=True)
+    assert log == ["made"]
+    receive()
+    assert log == ["made", "filled"]
+    buffer.low_latency_dispatch(xs[0], idx[0], 4, 8)   # whole: filled at once
+    assert log == ["made", "filled", "made", "filled"]
+    buffer.destroy()

@@ -221,6 +221,8 @@ def ll_dispatch(groups: Groups, payloads: List[Payload]) -> List[Any]:
     out = entry.dispatch([p.x for p in payloads], record.topk_idx, None, step, None, send_only=hook)
     record.stage = out.stage
     after: List[Callable[[], None]] = []
+    # Pending from here (whatever fails below, the next call completes it); `after` fills in below.
+    token = entry.begin_split(after) if hook else None
     results = []
     for i, p in enumerate(payloads):
         recv_x: Any = out.tokens[i]
@@ -234,7 +236,6 @@ def ll_dispatch(groups: Groups, payloads: List[Payload]) -> List[Any]:
         if stats is not None:
             after.append(lambda stats=stats, counts=out.counts[i]: stats.add_(counts))
         results.append([recv_x, out.counts[i], DispatchHandle(record, p.rank, i)])
-    token = entry.begin_split(after) if hook else None
     if not hook:
         for work in after:
             work()

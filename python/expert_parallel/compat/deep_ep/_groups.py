@@ -47,6 +47,7 @@ class Entry:
         self._grad_stage: Optional[Any] = None
         self._pending: Optional[object] = None   # the token of a send-only call not completed yet
         self._after: List[Callable[[], None]] = []
+        self._closed = False   # its groups closed: a step given back now is released at once
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -60,13 +61,15 @@ class Entry:
 
     def release(self, step: Any) -> None:
         """Gives `step` back (called when every rank's handle of its dispatch is gone)."""
-        if len(self._free) < 64:
+        if len(self._free) < 64 and not self._closed:
             self._free.append(step)
         else:
             step.release()
 
     def release_kept_steps(self) -> None:
-        """Releases the steps kept for reuse (the group is closing)."""
+        """Releases the steps kept for reuse, and from now on every step given back (the group
+        is closing: a handle that outlives it gives its step back when it goes)."""
+        self._closed = True
         while self._free:
             self._free.pop().release()
 
@@ -208,7 +211,9 @@ class Groups:
         if self.nccl and current is None:
             # Making an NCCL group is collective: the ranks first agree on it, so that a rank's
             # error, or ranks asking for different groups, fail every rank by name rather than
-            # leave the others waiting in the group's making.
+            # leave the others waiting in the group's making. (Ranks of which only some ask to
+            # make a group — one already has the group another asks for — still wait: the others
+            # do not come to this all-gather.)
             self._agree_to_make(spec, capacity, error)
         elif error is not None:
             raise InvalidArgumentError(error)
@@ -222,8 +227,10 @@ class Groups:
         `disagreement`'s error on every rank where there is one."""
         import torch.distributed as dist
 
-        everyone: List[Any] = [None] * dist.get_world_size(self.process_group)
-        dist.all_gather_object(everyone, (tuple(spec), capacity, error), group=self.process_group)
+        size = dist.get_world_size(self.process_group)
+        everyone: List[Any] = [(tuple(spec), capacity, error)] * size
+        if size > 1:
+            dist.all_gather_object(everyone, everyone[0], group=self.process_group)
         message = disagreement(everyone)
         if message is not None:
             raise InvalidArgumentError(message)
