@@ -252,8 +252,8 @@ class Groups:
     def close(self) -> None:
         """Closes every group, releasing the steps it kept for reuse first: a group's library
         object lives until its last step is released, and an NCCL group's teardown is collective,
-        so every rank's goes here rather than whenever its garbage collector runs (steps that
-        DeepEP handles still hold go with them)."""
+        so every rank's goes here rather than whenever its garbage collector runs (a step that
+        DeepEP handles still hold goes when they do)."""
         for made in self._all:
             made.release_kept_steps()
             made.group.close()
