@@ -29,23 +29,31 @@ struct NCCLBenchmark {
         let oracle = try data.oracleCombined(config: config)   // before the loops: none of them waits for the host
         // The one-call loop's own step (the next seed): a fused dispatch that moved nothing would
         // leave the first loop's rows, which then combine to the first oracle, not this one.
-        let fused = try group.fusesUpdate ? { () throws -> (BenchData, NCCLStep, [[UInt8]]) in
+        var fused: (data: BenchData, step: NCCLStep, oracle: [[UInt8]])?
+        if group.fusesUpdate {
             let data = BenchData(config: config, tokens: benchCase.tokens, seed: seed &+ 1, skew: skew)
-            return (data, try NCCLStep(group: group, data: data, rank: rank), try data.oracleCombined(config: config))
-        }() : nil
+            fused = (data, try NCCLStep(group: group, data: data, rank: rank), try data.oracleCombined(config: config))
+        }
         let driver = device.driver
         let total = warmup + iterations
         let events = try (0..<(5 * total)).map { _ in try driver.createEvent() }
         defer { for e in events { try? driver.destroy(e) } }
         // Every iteration enqueued behind a hold of the stream, so the events time the GPU, not
         // the host (as for virtual ranks; ll-1's kernels are shorter than a call's host time).
+        // One hold of 100 ms a batch and no second run: the peers run the same calls in their own
+        // processes, and a rank that ran a batch again alone would leave them waiting; the hold
+        // leaves room for the host's enqueueing and for the ranks' holds, which start apart by
+        // their processes' skew, to overlap.
         let timer = StreamTimer(device: device, stream: group.stream)
+        func held(_ enqueue: (Int) throws -> Void) throws -> Bool {
+            try timer.held(total, hold: 100_000_000, runs: 1, first: { events[5 * $0] }, enqueue)
+        }
         // One untimed step of each loop first (every rank's): its kernels compile (NVRTC, most of
         // a second) before any hold, which they would outlast.
         try step.enqueue()
-        try fused?.1.enqueueUpdatingInDispatch()
+        try fused?.step.enqueueUpdatingInDispatch()
         try driver.synchronize(group.stream)
-        var allHeld = try timer.heldOnce(total, first: { events[5 * $0] }) { i in
+        var allHeld = try held { i in
             try step.enqueue { try driver.record(events[5 * i + $0], on: group.stream) }
         }
         try group.checkStatus()
@@ -66,14 +74,14 @@ struct NCCLBenchmark {
         // Where the group fuses them (LL: one rank, or --fused-update), update and dispatch again
         // as one call (the stacked dispatch, what the Python package calls), on a step of its
         // own: the `upd+disp` row, its results checked against that step's oracle.
-        if let (fusedData, fusedStep, fusedOracle) = fused {
-            allHeld = try timer.heldOnce(total, first: { events[5 * $0] }) { i in
-                try fusedStep.enqueueUpdatingInDispatch { try driver.record(events[5 * i + $0], on: group.stream) }
+        if let fused {
+            allHeld = try held { i in
+                try fused.step.enqueueUpdatingInDispatch { try driver.record(events[5 * i + $0], on: group.stream) }
             } && allHeld
             try group.checkStatus()
             samples.updateDispatch = try microseconds(0, 2)
             samples.step = zip(samples.updateDispatch ?? [], try microseconds(3, 4)).map { $0 + $1 }   // as the virtual groups' step: that call + combine
-            valid = try matches(fusedStep, fusedData, fusedOracle) && valid
+            valid = try matches(fused.step, fused.data, fused.oracle) && valid
         }
         var measurement = Measurement(
             benchCase, config: config, backend: "gpu-nccl-\(sharing.rawValue)", device: device.name, samples: samples,

@@ -12,41 +12,24 @@ struct StreamTimer {
     /// hold of the stream, and waits for them to run. `first(i)` is the first event `enqueue(i)`
     /// records. A batch whose first event has already completed when the batch is enqueued ran
     /// while the host was still enqueueing it (its events timed the host's pace): it runs again
-    /// behind a hold four times longer, three runs at most. Batches keep the enqueued work within
-    /// what the driver's queue holds: 200 ll-1 iterations enqueued at once blocked the host until
-    /// the hold ended. Returns whether every batch ran held (false: some times may be the host's pace).
+    /// behind a hold four times longer, `runs` runs at most (the first hold `hold` nanoseconds).
+    /// Batches keep the enqueued work within what the driver's queue holds: 200 ll-1 iterations
+    /// enqueued at once blocked the host until the hold ended. Returns whether every batch ran
+    /// held (false: some times may be the host's pace).
     @discardableResult
-    func held(_ count: Int, batch: Int = 25, first: (Int) -> CUDAEvent, _ enqueue: (Int) throws -> Void) throws -> Bool {
+    func held(_ count: Int, batch: Int = 25, hold firstHold: UInt64 = 20_000_000, runs: Int = 3, first: (Int) -> CUDAEvent,
+              _ enqueue: (Int) throws -> Void) throws -> Bool {
         let driver = device.driver
-        var hold: UInt64 = 20_000_000, allHeld = true
+        var hold = firstHold, allHeld = true
         for start in stride(from: 0, to: count, by: batch) {
-            for run in 1...3 {
+            for run in 1...runs {
                 try device.delay(stream, nanoseconds: hold)
                 for i in start..<min(count, start + batch) { try enqueue(i) }
                 let caughtUp = try driver.isComplete(first(start))
                 try driver.synchronize(stream)
                 if !caughtUp { break }
-                if run == 3 { allHeld = false } else { hold *= 4 }
+                if run == runs { allHeld = false } else { hold *= 4 }
             }
-        }
-        return allHeld
-    }
-
-    /// `held` for the calls of an NCCL rank, whose peers run the same calls in their own
-    /// processes: every batch behind one hold of `hold` nanoseconds, and none runs again (a rank
-    /// that ran a batch twice would leave its peers waiting), so the holds are long enough for
-    /// the host to enqueue a batch with room to spare, and for the ranks' holds, which start
-    /// apart by their processes' skew, to overlap. Returns whether every batch ran held.
-    @discardableResult
-    func heldOnce(_ count: Int, batch: Int = 25, hold: UInt64 = 100_000_000, first: (Int) -> CUDAEvent,
-                  _ enqueue: (Int) throws -> Void) throws -> Bool {
-        let driver = device.driver
-        var allHeld = true
-        for start in stride(from: 0, to: count, by: batch) {
-            try device.delay(stream, nanoseconds: hold)
-            for i in start..<min(count, start + batch) { try enqueue(i) }
-            if try driver.isComplete(first(start)) { allHeld = false }
-            try driver.synchronize(stream)
         }
         return allHeld
     }
