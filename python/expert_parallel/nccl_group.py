@@ -3,6 +3,7 @@ NCCL (a multi-GPU job started by torchrun, mpirun or a launcher of your own)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 from typing import Any, List, Optional, Tuple, Union
 
@@ -496,13 +497,11 @@ class NCCLGroup(GroupBase):
         b = handle.tokens
         raw = self._stream_of(stream, wait_event)
         if backward_ht and weight_gradients.data_ptr() != slot.weight_grads.data_ptr():   # into the buffer the others read
-            if device < 0:   # (CPU tensors: the tests' harness of the data path)
-                slot.weight_grads.copy_(weight_gradients)
-            else:
-                import torch
+            import torch
 
-                with torch.cuda.stream(_fast.torch_stream(device, stream)):
-                    slot.weight_grads.copy_(weight_gradients)
+            # On the call's stream (CPU tensors, the tests' harness of the data path, have none).
+            with contextlib.nullcontext() if device < 0 else torch.cuda.stream(_fast.torch_stream(device, stream)):
+                slot.weight_grads.copy_(weight_gradients)
         if caller is not None:
             combined, weight_grads = caller
             combined_address, grads_address = combined.data_ptr() or self._empty, (weight_grads.data_ptr() or self._empty) if backward_ht else 0

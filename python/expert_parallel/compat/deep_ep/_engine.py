@@ -248,21 +248,18 @@ def _ll_scales(words: Any, fp8: str, ue8m0: bool, hidden: int) -> Tuple[Any, Cal
     column-major, and the work that fills it from `words` (float32 scales as they are, UE8M0
     packed four to an int32 as DeepEP's ``use_ue8m0`` gives them, else as float32 powers of two)."""
     torch = torch_module()
+    rows = tuple(words.shape[:-1])
     if fp8 == "float32":
-        shape, dtype = tuple(words.shape), torch.float32
+        columns, dtype, read = words.shape[-1], torch.float32, lambda: words
     elif ue8m0:
-        shape, dtype = tuple(words.shape[:-1]) + (max(1, hidden // 512),), words.dtype
+        columns, dtype = max(1, hidden // 512), words.dtype
+        read = lambda: words[..., :columns]  # noqa: E731
     else:
-        shape, dtype = tuple(words.shape[:-1]) + (hidden // 128,), torch.float32
-    target = torch.empty(shape[:-2] + (shape[-1], shape[-2]), dtype=dtype, device=words.device).transpose(-1, -2)
+        columns, dtype, read = hidden // 128, torch.float32, lambda: exponents_to_float(words, hidden // 128)
+    target = torch.empty(rows[:-1] + (columns, rows[-1]), dtype=dtype, device=words.device).transpose(-1, -2)
 
     def fill() -> None:
-        if fp8 == "float32":
-            target.copy_(words)
-        elif ue8m0:
-            target.copy_(words[..., :shape[-1]])
-        else:
-            target.copy_(exponents_to_float(words, hidden // 128))
+        target.copy_(read())
 
     return target, fill
 
