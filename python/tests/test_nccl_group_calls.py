@@ -70,21 +70,28 @@ def recorded(monkeypatch):
     def make(**settings):
         shape = dict(ranks=4, experts=16, hidden=32, top_k=4, max_tokens=8, dtype="bf16", algorithm="ll")
         shape.update(settings)
-        model = ep.VirtualGroup(**shape, device="cpu")   # the group's facts, as epGroupGetInfo gives them
-        group = nccl_group.NCCLGroup.__new__(nccl_group.NCCLGroup)
-        for name in ("ranks", "experts", "local_experts", "top_k", "hidden", "max_tokens", "algorithm", "layout", "alignment",
-                     "dtype", "recv_shape", "recv_routing_shape", "fp8", "fp8_source", "_recv_element", "recv_scales_shape",
-                     "_scale_type", "_input_element", "_element"):
-            setattr(group, name, getattr(model, name))
+        model = ep.VirtualGroup(**shape, device="cpu")
+        group = cpu_rank_group(model, entry)
         model.close()
-        group._group, group._handle, group._device = ctypes.c_void_p(0x1000), ctypes.c_void_p(0x2000), -1
-        group.rank, group._own_step, group._pending, group._next_slot = 0, 0, None, 0
-        group._slots = [_Slot(group, s) for s in range(2)]
-        group._raw = lambda stream: None
-        group._prepare_calls(entry)
         return group, calls
 
     return make
+
+
+def cpu_rank_group(model, entry):
+    """An NCCLGroup of rank 0 over CPU tensors with `model`'s facts (a VirtualGroup of the same
+    settings: what epGroupGetInfo gives), two buffer slots, its entry points `entry(name)`."""
+    group = nccl_group.NCCLGroup.__new__(nccl_group.NCCLGroup)
+    for name in ("ranks", "experts", "local_experts", "top_k", "hidden", "max_tokens", "algorithm", "layout", "alignment",
+                 "dtype", "recv_shape", "recv_routing_shape", "fp8", "fp8_source", "_recv_element", "recv_scales_shape",
+                 "_scale_type", "_input_element", "_element"):
+        setattr(group, name, getattr(model, name))
+    group._group, group._handle, group._device = ctypes.c_void_p(0x1000), ctypes.c_void_p(0x2000), -1
+    group.rank, group._own_step, group._pending, group._next_slot = 0, 0, None, 0
+    group._slots = [_Slot(group, s) for s in range(2)]
+    group._raw = lambda stream: None
+    group._prepare_calls(entry)
+    return group
 
 
 def step(group, tokens, seed):

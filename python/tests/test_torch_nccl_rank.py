@@ -18,7 +18,7 @@ from expert_parallel import _abi, _group_base, nccl_group
 torch = pytest.importorskip("torch")
 
 from expert_parallel.torch import Exchange  # noqa: E402
-from test_nccl_group_calls import _Slot  # noqa: E402
+from test_nccl_group_calls import cpu_rank_group  # noqa: E402
 
 TORCH = {_abi.BF16: torch.bfloat16, _abi.F32: torch.float32, _abi.I32: torch.int32, _abi.I64: torch.int64}
 
@@ -87,16 +87,6 @@ def rank_group(monkeypatch):
         shape = dict(ranks=1, **settings_of("ht", "flat", "f32"))
         shape.update(settings)
         reference = ep.VirtualGroup(**shape, device="cpu")
-        group = nccl_group.NCCLGroup.__new__(nccl_group.NCCLGroup)
-        for name in ("ranks", "experts", "local_experts", "top_k", "hidden", "max_tokens", "algorithm", "layout", "alignment",
-                     "dtype", "recv_shape", "recv_routing_shape", "fp8", "fp8_source", "_recv_element", "recv_scales_shape",
-                     "_scale_type", "_input_element", "_element"):
-            setattr(group, name, getattr(reference, name))
-        group._group, group._handle, group._device = ctypes.c_void_p(0x1000), ctypes.c_void_p(0x2000), -1
-        group.rank, group._own_step, group._pending, group._next_slot = 0, 0, None, 0
-        group._slots = [_Slot(group, s) for s in range(2)]
-        group._raw = lambda stream: None
-        fake = OneRank(group, reference)
 
         def entry(name):
             def run(_group, address, _stream):
@@ -106,7 +96,8 @@ def rank_group(monkeypatch):
                 return _abi.SUCCESS
             return run
 
-        group._prepare_calls(entry)
+        group = cpu_rank_group(reference, entry)
+        fake = OneRank(group, reference)
         made.append(reference)
         return group
 
