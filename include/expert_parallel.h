@@ -13,7 +13,9 @@
  * Conventions
  *   - Every call returns an epResult_t. On failure, epGetLastErrorMessage() says what was wrong,
  *     naming the field, the value and the bound; it is thread-local and holds the message of this
- *     thread's last call (empty after a call that succeeded).
+ *     thread's last call (empty after a call that succeeded). Fields are named as the call's
+ *     parameters and structs name them (`inputs.tokens.sizes`, `call.receivedTokens.data`), with
+ *     "rank r: " before a collective call's rank's failure.
  *   - Every struct starts with `size_t structSize`: set it to sizeof(the struct). ABI version 1
  *     requires exactly sizeof; later versions add fields at the end and keep accepting the sizes of
  *     earlier versions (version 2 added structs and calls and changed none of version 1's; version

@@ -54,6 +54,24 @@ public enum EPError: Error, Sendable, Equatable, CustomStringConvertible {
         }
     }
 
+    /// The same error with the argument named otherwise; any other error as it is. The field's
+    /// leading name (the whole field, or the part before a ".") becomes the `to` of the first of
+    /// `names` whose `from` it is, and in what follows, each part (after a ".", before a ".", "["
+    /// or " ") that is the `from` of one of `parts` becomes its `to`. A layer that takes its
+    /// arguments under other names (the C structs' fields) names them its own way.
+    public func renamingField(_ names: [(from: String, to: String)], parts: [(from: String, to: String)] = []) -> EPError {
+        guard case let .invalidArgument(field, value, requirement) = self,
+              let (from, to) = names.first(where: { field == $0.from || field.hasPrefix($0.from + ".") }) else { return self }
+        var renamed = to
+        var rest = field.dropFirst(from.count)   // "", ".dtype", ".tokens.shape[0] (tokens)", ...
+        while rest.first == "." {
+            let part = rest.dropFirst().prefix { ![".", "[", " "].contains($0) }
+            renamed += "." + (parts.first { $0.from == part }?.to ?? String(part))
+            rest = rest.dropFirst(part.count + 1)
+        }
+        return .invalidArgument(field: renamed + rest, value: value, requirement: requirement)
+    }
+
     /// "N bytes (x.y GiB)": the exact count, and a readable one from KiB up.
     static func describe(bytes: Int) -> String {
         var size = Double(bytes), unit = ""

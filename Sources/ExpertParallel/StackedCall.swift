@@ -137,6 +137,22 @@ public struct CheckedStackedDispatch: Sendable {
     public enum Field: Int, CaseIterable, Sendable {
         case topkIdx, inputs, topkWeights, scales, received, receivedTopkIdx, receivedTopkWeights, receivedScales, expertCounts,
              expertSourceCounts
+
+        /// The name a per-rank call's checks give this argument's view (`validateDispatch`).
+        var viewName: String {
+            switch self {
+            case .topkIdx: "topkIdx"
+            case .inputs: "input.tokens"
+            case .topkWeights: "input.topkWeights"
+            case .scales: "input.scales"
+            case .received: "output.tokens"
+            case .receivedTopkIdx: "output.topkIdx"
+            case .receivedTopkWeights: "output.topkWeights"
+            case .receivedScales: "output.scales"
+            case .expertCounts: "output.expertCounts"
+            case .expertSourceCounts: "output.expertSourceCounts"
+            }
+        }
     }
 
     public func stride(_ field: Field) -> Int { strides[field] }
@@ -164,12 +180,16 @@ public struct CheckedStackedDispatch: Sendable {
         self.shapes = shapes
         let b = call.tokens
         if !shapes.passesDispatch(call, location: location) {
-            // The checks of a per-rank call on rank 0's views: they name what is wrong.
-            if let idx = call.topkIdx.map({ $0.part(0, shape: shapes.shape(.topkIdx, tokens: b)) }) {
-                try TensorCheck.require(idx, "topkIdx", dtypes: [.i32, .i64], rows: b, columns: config.topK, location: location)
+            // The checks of a per-rank call on rank 0's views: they name what is wrong (as this call's fields).
+            do {
+                if let idx = call.topkIdx.map({ $0.part(0, shape: shapes.shape(.topkIdx, tokens: b)) }) {
+                    try TensorCheck.require(idx, Field.topkIdx.viewName, dtypes: [.i32, .i64], rows: b, columns: config.topK, location: location)
+                }
+                let views = Self.views(call, shapes)
+                try shapes.validateDispatch(views.input, views.output, tokens: b, location: location)
+            } catch {
+                throw error.renamingField(Field.allCases.map { ($0.viewName, "\($0)") })
             }
-            let views = Self.views(call, shapes)
-            try shapes.validateDispatch(views.input, views.output, tokens: b, location: location)
         }
         strides = try StackedStrides(ranks: parts ?? config.ranks) { field in
             call[field].map { ($0, shapes.elements(field, tokens: b), { shapes.shape(field, tokens: b) }, field == .inputs || field == .received) }
@@ -228,6 +248,17 @@ public struct CheckedStackedCombine: Sendable {
 
     public enum Field: Int, CaseIterable, Sendable {
         case expertOutputs, topkWeights, weightGradients, combined, topkWeightGradients
+
+        /// The name a per-rank call's checks give this argument's view (`validateCombine`).
+        var viewName: String {
+            switch self {
+            case .expertOutputs: "input.expertOutputs"
+            case .topkWeights: "input.topkWeights"
+            case .weightGradients: "input.weightGradients"
+            case .combined: "output.tokens"
+            case .topkWeightGradients: "output.topkWeightGradients"
+            }
+        }
     }
 
     public func stride(_ field: Field) -> Int { strides[field] }
@@ -247,7 +278,11 @@ public struct CheckedStackedCombine: Sendable {
         let most = tokens.max() ?? 0
         if !shapes.passesCombine(call, tokens: most, direction: direction, location: location) {
             let views = Self.views(call, shapes, most: most)   // the per-rank checks on rank 0's views: they name what is wrong
-            try shapes.validateCombine(views.input, views.output, tokens: most, direction: direction, location: location)
+            do {
+                try shapes.validateCombine(views.input, views.output, tokens: most, direction: direction, location: location)
+            } catch {
+                throw error.renamingField(Field.allCases.map { ($0.viewName, "\($0)") })
+            }
         }
         strides = try StackedStrides(ranks: tokens.count) { field in
             call[field].map { ($0, shapes.elements(field, tokens: most), { shapes.shape(field, tokens: most) }, field == .expertOutputs || field == .combined) }

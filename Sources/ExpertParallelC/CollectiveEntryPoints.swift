@@ -8,7 +8,7 @@ public func cGroupUpdateAll(
     _ group: epGroup_t?, _ inputs: UnsafePointer<epUpdateInputs_t>?, _ config: UnsafePointer<epUpdateConfig_t>?,
     _ stream: UnsafeMutableRawPointer?
 ) -> epResult_t {
-    entryPoint("epGroupUpdateAll") {
+    entryPoint("epGroupUpdateAll", naming: .update) {
         let object = try groupRegistry.object(group, "group")
         let settings = try CallSettings(config, group: object)
         let inputs = try epUpdateInputs_t.readArray(inputs, count: object.config.ranks, "inputs")
@@ -21,7 +21,7 @@ public func cGroupDispatchAll(
     _ group: epGroup_t?, _ inputs: UnsafePointer<epDispatchInputs_t>?, _ outputs: UnsafePointer<epDispatchOutputs_t>?,
     _ config: UnsafePointer<epDispatchConfig_t>?, _ stream: UnsafeMutableRawPointer?
 ) -> epResult_t {
-    entryPoint("epGroupDispatchAll") {
+    entryPoint("epGroupDispatchAll", naming: .perRank) {
         let object = try groupRegistry.object(group, "group")
         let settings = try CallSettings(config, group: object)
         let inputs = try epDispatchInputs_t.readArray(inputs, count: object.config.ranks, "inputs")
@@ -35,7 +35,7 @@ public func cGroupCombineAll(
     _ group: epGroup_t?, _ inputs: UnsafePointer<epCombineInputs_t>?, _ outputs: UnsafePointer<epCombineOutputs_t>?,
     _ config: UnsafePointer<epCombineConfig_t>?, _ stream: UnsafeMutableRawPointer?
 ) -> epResult_t {
-    entryPoint("epGroupCombineAll") {
+    entryPoint("epGroupCombineAll", naming: .perRank) {
         let object = try groupRegistry.object(group, "group")
         let settings = try CallSettings(config, group: object)
         let inputs = try epCombineInputs_t.readArray(inputs, count: object.config.ranks, "inputs")

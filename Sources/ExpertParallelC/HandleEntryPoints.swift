@@ -27,7 +27,7 @@ public func cHandleUpdate(
     _ handle: epHandle_t?, _ inputs: UnsafePointer<epUpdateInputs_t>?, _ config: UnsafePointer<epUpdateConfig_t>?,
     _ stream: UnsafeMutableRawPointer?
 ) -> epResult_t {
-    entryPoint("epHandleUpdate") {
+    entryPoint("epHandleUpdate", naming: .update) {
         let object = try handleRegistry.object(handle, "handle")
         try object.group.withRank(object.calls) { calls in
             try calls.make(.update, { (try CallSettings(config, group: object.group), try epUpdateInputs_t.read(inputs, "inputs")) }) { settings, inputs in
@@ -42,7 +42,7 @@ public func cDispatch(
     _ handle: epHandle_t?, _ inputs: UnsafePointer<epDispatchInputs_t>?, _ outputs: UnsafePointer<epDispatchOutputs_t>?,
     _ config: UnsafePointer<epDispatchConfig_t>?, _ stream: UnsafeMutableRawPointer?
 ) -> epResult_t {
-    entryPoint("epDispatch") {
+    entryPoint("epDispatch", naming: .perRank) {
         let object = try handleRegistry.object(handle, "handle")
         try object.group.withRank(object.calls) { calls in
             try calls.make(.dispatch, {
@@ -59,7 +59,7 @@ public func cCombine(
     _ handle: epHandle_t?, _ inputs: UnsafePointer<epCombineInputs_t>?, _ outputs: UnsafePointer<epCombineOutputs_t>?,
     _ config: UnsafePointer<epCombineConfig_t>?, _ stream: UnsafeMutableRawPointer?
 ) -> epResult_t {
-    entryPoint("epCombine") {
+    entryPoint("epCombine", naming: .perRank) {
         let object = try handleRegistry.object(handle, "handle")
         try object.group.withRank(object.calls) { calls in
             try calls.make(.combine, {

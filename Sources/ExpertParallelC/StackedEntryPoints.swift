@@ -43,11 +43,32 @@ extension StackedCombine {
     }
 }
 
+extension CheckedStackedDispatch.Field {
+    /// The epStackedDispatch_t field that carries this argument.
+    var cName: String {
+        switch self {
+        case .inputs: "inputTokens"
+        case .received: "receivedTokens"
+        default: "\(self)"
+        }
+    }
+
+    /// Each argument's Swift name beside its C field (`call.` and its name), `tokens` included.
+    static let cNames = CNames(pairs: allCases.map { ("\($0)", "call.\($0.cName)") } + [("tokens", "call.tokens")])
+}
+
+extension CheckedStackedCombine.Field {
+    /// The epStackedCombine_t field that carries this argument.
+    var cName: String { self == .combined ? "combinedTokens" : "\(self)" }
+
+    static let cNames = CNames(pairs: allCases.map { ("\($0)", "call.\($0.cName)") })
+}
+
 @_cdecl("epGroupDispatchStacked")
 public func cGroupDispatchStacked(
     _ group: epGroup_t?, _ call: UnsafePointer<epStackedDispatch_t>?, _ stream: UnsafeMutableRawPointer?
 ) -> epResult_t {
-    entryPoint("epGroupDispatchStacked") {
+    entryPoint("epGroupDispatchStacked", naming: CheckedStackedDispatch.Field.cNames) {
         let object = try groupRegistry.object(group, "group")
         let c = try epStackedDispatch_t.read(call, "call")
         let settings = try CallSettings(direction: c.direction, mode: c.launchMode, phase: c.phase, step: c.step, group: object)
@@ -60,7 +81,7 @@ public func cGroupDispatchStacked(
 public func cGroupCombineStacked(
     _ group: epGroup_t?, _ call: UnsafePointer<epStackedCombine_t>?, _ stream: UnsafeMutableRawPointer?
 ) -> epResult_t {
-    entryPoint("epGroupCombineStacked") {
+    entryPoint("epGroupCombineStacked", naming: CheckedStackedCombine.Field.cNames) {
         let object = try groupRegistry.object(group, "group")
         let c = try epStackedCombine_t.read(call, "call")
         let settings = try CallSettings(direction: c.direction, mode: c.launchMode, phase: c.phase, step: c.step, group: object)

@@ -40,10 +40,32 @@ extension BackendFailure {
 protocol StatusError: Error {
     var status: epResult_t { get }
     var message: String { get }
+    /// The error with its arguments named as the entry point's C structs name them.
+    func naming(_ names: CNames) -> any StatusError
+}
+
+extension StatusError {
+    func naming(_ names: CNames) -> any StatusError { self }
 }
 
 extension EPError: StatusError {
     var message: String { description }
+
+    func naming(_ names: CNames) -> any StatusError {
+        renamingField(names.pairs, parts: CNames.tensorParts)
+    }
+}
+
+/// An entry point's arguments as its C structs name them where the library's checks name them
+/// otherwise: each pair a leading Swift name and its C name (`input.tokens` is epDispatch's
+/// `inputs.tokens`, a stacked call's `inputs` its `call.inputTokens`). A renamed tensor's
+/// `address`, `location` and `shape` read as the C descriptor's `data`, `device` and `sizes`.
+struct CNames {
+    var pairs: [(from: String, to: String)]
+
+    static let perRank = CNames(pairs: [("input", "inputs"), ("output", "outputs")])
+    static let update = CNames(pairs: [("topkIdx", "inputs.topkIdx")])
+    static let tensorParts = [("address", "data"), ("location", "device"), ("shape", "sizes")]
 }
 
 /// The error of one rank of a collective call, reported as "rank r: ...".
@@ -54,6 +76,12 @@ struct RankFailure: StatusError {
     var note: String? = nil
     var status: epResult_t { error.status }
     var message: String { "rank \(rank): \(error.description)" + (note.map { "; \($0)" } ?? "") }
+
+    func naming(_ names: CNames) -> any StatusError {
+        var renamed = self
+        if let error = error.naming(names) as? EPError { renamed.error = error }
+        return renamed
+    }
 
     /// The failure of `rank`'s call in a group of `config`: a timeout says how long the wait was.
     init(rank: Int, error: EPError, config: GroupConfig) {
@@ -78,12 +106,14 @@ struct InternalError: StatusError {
 /// Runs the body of entry point `name` and returns its status. This thread's last-error message
 /// is cleared on success and reads "name: what was wrong" on failure. Nothing is thrown across
 /// the ABI: any error that is not a `StatusError` becomes `epInternalError`.
-func entryPoint(_ name: StaticString, _ body: () throws -> Void) -> epResult_t {
+/// `names`: how the entry point's C structs name the arguments the library's checks name otherwise.
+func entryPoint(_ name: StaticString, naming names: CNames? = nil, _ body: () throws -> Void) -> epResult_t {
     do {
         try body()
         LastError.clear()
         return epSuccess
     } catch let error as StatusError {
+        let error = names.map { error.naming($0) } ?? error
         LastError.set("\(name): \(error.message)")
         return error.status
     } catch {

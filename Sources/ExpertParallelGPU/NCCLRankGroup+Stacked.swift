@@ -19,7 +19,7 @@ extension NCCLRankGroup {
         let stepTokens = call.topkIdx == nil ? try handle.currentStep().routing[0].tokens : nil
         guard let slot = slots.firstIndex(where: { address($0.receivedTokens) == call.received.address }) else {
             throw .invalidArgument(
-                field: "call.receivedTokens", value: "\(call.received.address)",
+                field: "received", value: "\(call.received.address)",
                 requirement: "must be the receive buffer of one of this rank's \(bufferSlots) buffer slots (epGroupGetBuffer): the other ranks write it (epDispatch receives into a tensor of the caller's)")
         }
         let own = slots[slot]
@@ -29,9 +29,9 @@ extension NCCLRankGroup {
         call.receivedTopkWeights = call.receivedTopkWeights ?? own.receivedWeights.map(StackedTensor.init)
         call.receivedScales = call.receivedScales ?? own.receivedScales.map(StackedTensor.init)
         let checked = try CheckedStackedDispatch(call, shapes: engine.shapes, location: location, stepTokens: stepTokens, parts: 1)
-        try requireSlotBuffer(call.receivedTopkIdx, own.receivedIndices, "call.receivedTopkIdx", slot: slot)
-        try requireSlotBuffer(call.receivedTopkWeights, own.receivedWeights, "call.receivedTopkWeights", slot: slot)
-        try requireSlotBuffer(call.receivedScales, own.receivedScales, "call.receivedScales", slot: slot)
+        try requireSlotBuffer(call.receivedTopkIdx, own.receivedIndices, "receivedTopkIdx", slot: slot)
+        try requireSlotBuffer(call.receivedTopkWeights, own.receivedWeights, "receivedTopkWeights", slot: slot)
+        try requireSlotBuffer(call.receivedScales, own.receivedScales, "receivedScales", slot: slot)
         let source = SendSide(tokens: checked.address(.inputs, rank: 0), weights: checked.address(.topkWeights, rank: 0),
                               scales: checked.address(.scales, rank: 0), counts: checked.address(.expertCounts, rank: 0),
                               sourceCounts: checked.address(.expertSourceCounts, rank: 0))
@@ -66,10 +66,10 @@ extension NCCLRankGroup {
             return
         }
         if config.isExpertMajorHT, direction == .forward, let weights = own.receivedWeights {
-            try requireSlotBuffer(call.topkWeights, weights, "call.topkWeights", slot: slot, required: true)
+            try requireSlotBuffer(call.topkWeights, weights, "topkWeights", slot: slot, required: true)
         }
         if config.algorithm == .highThroughput, direction == .backward, let gradients = own.weightGradients {
-            try requireSlotBuffer(call.weightGradients, gradients, "call.weightGradients", slot: slot, required: true)
+            try requireSlotBuffer(call.weightGradients, gradients, "weightGradients", slot: slot, required: true)
         }
         let target = CombineTarget(tokens: checked.address(.combined, rank: 0), weightGradients: checked.address(.topkWeightGradients, rank: 0))
         try enqueueCombine(handle, into: target, sourceWeights: config.layout == .expertMajor ? checked.address(.topkWeights, rank: 0) : 0,

@@ -332,13 +332,16 @@ struct NCCLStackedCallMockTests {
                     Issue.record("\(field): accepted")
                 } catch {
                     #expect("\(error)".contains(field) && "\(error)".contains(words), "\(error)")
+                    // Through epGroupDispatchStacked the C struct's field is named.
+                    let c = error.naming(CheckedStackedDispatch.Field.cNames).message
+                    #expect(c.contains("call." + (field == "received = " ? "receivedTokens = " : field)), "\(c)")
                 }
                 #expect(mock.launches == before, "\(field)")
             }
-            refused({ $0.received = Self.part(a, "recv", group.rank)! }, "call.receivedTokens", "buffer slots")
-            refused({ $0.receivedTopkIdx = Self.part(a, "recvIdx", group.rank) }, "call.receivedTopkIdx", "slot 0's own buffer")
-            refused({ $0.receivedTopkWeights = Self.part(a, "recvW", group.rank) }, "call.receivedTopkWeights", "slot 0's own buffer")
-            refused({ $0.receivedTopkIdx?.dtype = .i64 }, "call.receivedTopkIdx", "i32")
+            refused({ $0.received = Self.part(a, "recv", group.rank)! }, "received = ", "buffer slots")
+            refused({ $0.receivedTopkIdx = Self.part(a, "recvIdx", group.rank) }, "receivedTopkIdx = ", "slot 0's own buffer")
+            refused({ $0.receivedTopkWeights = Self.part(a, "recvW", group.rank) }, "receivedTopkWeights = ", "slot 0's own buffer")
+            refused({ $0.receivedTopkIdx?.dtype = .i64 }, "receivedTopkIdx = ", "i32")
             refused({ $0.tokens = config.maxTokensPerRank + 1 }, "tokens", "maxTokensPerRank")
             let before = mock.launches
             try group.combine(handle, stacked: StackedCombine(expertOutputs: Self.stacked(group.slots[0].expertOutputs)!, combined: Self.part(a, "out", group.rank)!))

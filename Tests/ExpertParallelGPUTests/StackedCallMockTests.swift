@@ -236,20 +236,30 @@ struct StackedCallMockTests {
                 #expect(text.contains(message), "\(text)")
                 #expect(mock.launches == before)
             }
-            refused({ $0.tokens = 5 }, "tokens = 5")
-            refused({ $0.tokens = -1 }, "tokens = -1")
-            refused({ $0.topkIdx.dtype = epFloat32 }, "topkIdx.dtype = f32")
-            refused({ $0.inputTokens.data = nil }, "input.tokens.address")
-            refused({ $0.inputTokens.dtype = epFloat16 }, "input.tokens.dtype = f16")
-            refused({ $0.inputTokens.rankStride = 64 }, "inputs.rankStride = 64")
+            refused({ $0.tokens = 5 }, "call.tokens = 5")
+            refused({ $0.tokens = -1 }, "call.tokens = -1")
+            refused({ $0.topkIdx.dtype = epFloat32 }, "call.topkIdx.dtype = f32")
+            refused({ $0.inputTokens.data = nil }, "call.inputTokens.data = nil")
+            refused({ $0.inputTokens.dtype = epFloat16 }, "call.inputTokens.dtype = f16")
+            refused({ $0.inputTokens.rankStride = 64 }, "call.inputTokens.rankStride = 64")
             refused({ $0.inputTokens.rankStride = 2 * 64 * 2 + 4 }, "must be a multiple of 8")
-            refused({ $0.receivedTokens.data = $0.receivedTokens.data.map { $0 + 2 } }, "received.address")
-            refused({ $0.receivedTokens.device = -1 }, "output.tokens.location")
+            refused({ $0.receivedTokens.data = $0.receivedTokens.data.map { $0 + 2 } }, "call.receivedTokens.data")
+            refused({ $0.receivedTokens.device = -1 }, "call.receivedTokens.device = host")
             refused({ $0.receivedTokens.device = -7 }, "call.receivedTokens.device = -7")
-            refused({ $0.topkWeights.data = nil }, "input.topkWeights")
-            refused({ $0.expertCounts.rankStride = 1 << 62 }, "expertCounts.rankStride")
+            refused({ $0.topkWeights.data = nil }, "call.topkWeights = nil")
+            refused({ $0.expertCounts.rankStride = 1 << 62 }, "call.expertCounts.rankStride")
             refused({ $0.structSize = 8 }, "call.structSize = 8")
-            refused({ $0.receivedTopkIdx.data = UnsafeMutableRawPointer(bitPattern: UInt.max - 15) }, "receivedTopkIdx.address")
+            refused({ $0.receivedTopkIdx.data = UnsafeMutableRawPointer(bitPattern: UInt.max - 15) }, "call.receivedTopkIdx.data")
+            // A combine's refusals name epStackedCombine_t's fields too.
+            for (change, message) in [({ (c: inout epStackedCombine_t) in c.combinedTokens.dtype = epFloat32 }, "call.combinedTokens.dtype = f32"),
+                                      ({ $0.combinedTokens.rankStride = 2 }, "call.combinedTokens.rankStride = 2"),
+                                      ({ $0.expertOutputs.data = nil }, "call.expertOutputs.data = nil")] {
+                var bad = combine
+                change(&bad)
+                #expect(cGroupCombineStacked(group, &bad, nil) == epInvalidArgument, "\(message)")
+                let text = String(cString: cGetLastErrorMessage())
+                #expect(text.contains(message), "\(text)")
+            }
             // None of the refusals touched the step: its combine still runs.
             let before = mock.launches
             #expect(cGroupCombineStacked(group, &combine, nil) == epSuccess)

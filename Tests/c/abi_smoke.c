@@ -179,7 +179,7 @@ static void collectiveStep(void) {
     tooMany.sizes[0] = (int64_t)1 << 40;
     update[1].topkIdx = &tooMany;
     CHECK_FAILS(epGroupUpdateAll(group, update, NULL, NULL), epInvalidArgument,
-                "rank 1: invalid argument: topkIdx.shape[0] (tokens) = 1099511627776; must be in 0...maxTokensPerRank");
+                "rank 1: invalid argument: inputs.topkIdx.sizes[0] (tokens) = 1099511627776; must be in 0...maxTokensPerRank");
     update[1].topkIdx = &b[1].tidx;
     CHECK_FAILS(epGroupGetLayoutInfo(group, 2, &again), epInvalidArgument, "rank = 2");
 
@@ -219,13 +219,13 @@ static void stackedStep(void) {
     }
     /* Errors name the argument and the bound, and run nothing. */
     d.inputTokens.rankStride = 4;
-    CHECK_FAILS(epGroupDispatchStacked(group, &d, NULL), epInvalidArgument, "inputs.rankStride = 4");
+    CHECK_FAILS(epGroupDispatchStacked(group, &d, NULL), epInvalidArgument, "call.inputTokens.rankStride = 4");
     d.inputTokens.rankStride = stride;
     d.tokens = BMAX + 1;
-    CHECK_FAILS(epGroupDispatchStacked(group, &d, NULL), epInvalidArgument, "tokens = 3");
+    CHECK_FAILS(epGroupDispatchStacked(group, &d, NULL), epInvalidArgument, "call.tokens = 3");
     d.tokens = 1;
     d.receivedTokens.data = NULL;
-    CHECK_FAILS(epGroupDispatchStacked(group, &d, NULL), epInvalidArgument, "output.tokens.address");
+    CHECK_FAILS(epGroupDispatchStacked(group, &d, NULL), epInvalidArgument, "call.receivedTokens.data");
     CHECK_OK(epGroupDestroy(group));
 }
 
@@ -427,7 +427,7 @@ static void ncclGroup(void) {
     epHandle_t handle = NULL;
     CHECK_OK(epHandleCreate(group, 0, &handle));
     /* Host tensors on a GPU group are refused, naming the argument. */
-    CHECK_FAILS(epHandleUpdate(handle, &update, NULL, NULL), epInvalidArgument, "topkIdx.location");
+    CHECK_FAILS(epHandleUpdate(handle, &update, NULL, NULL), epInvalidArgument, "inputs.topkIdx.device");
     /* The stacked calls take this rank's one part (v7); received rows go to a slot's own buffers. */
     epStackedDispatch_t d;
     memset(&d, 0, sizeof d);
@@ -436,7 +436,7 @@ static void ncclGroup(void) {
     d.topkIdx = (epStacked_t){b.idx, epInt32, -1, 0};
     d.inputTokens = (epStacked_t){b.x, epFloat32, -1, 0};
     d.receivedTokens = (epStacked_t){b.received, epFloat32, -1, 0};
-    CHECK_FAILS(epGroupDispatchStacked(group, &d, NULL), epInvalidArgument, "topkIdx.location");
+    CHECK_FAILS(epGroupDispatchStacked(group, &d, NULL), epInvalidArgument, "call.topkIdx.device");
     CHECK_OK(epHandleDestroy(handle));
     CHECK_OK(epGroupDestroy(group));
 }

@@ -121,10 +121,10 @@ def test_a_rejected_dispatch_names_the_rank_whose_tensor_is_wrong(group):
     step.update(group)
     step.received[1] = np.zeros((L, R * B, H + 1), np.float32)
     text = message(ep.InvalidArgumentError, lambda: step.dispatch(group))
-    assert text.startswith("epGroupDispatchAll: rank 1: invalid argument: output.tokens"), text
+    assert text.startswith("epGroupDispatchAll: rank 1: invalid argument: outputs.tokens"), text
     step.x[0] = np.zeros((B + 1, H), np.float32)
     text = message(ep.InvalidArgumentError, lambda: step.dispatch(group))
-    assert text.startswith("epGroupDispatchAll: rank 0: invalid argument: input.tokens"), text
+    assert text.startswith("epGroupDispatchAll: rank 0: invalid argument: inputs.tokens"), text
     step.x[0] = np.zeros((B, H), np.float32)
     step.received[1] = np.zeros((L, R * B, H), np.float32)
     step.dispatch(group)
@@ -136,7 +136,7 @@ def test_a_rejected_combine_names_the_rank_whose_tensor_is_wrong(group):
     step.dispatch(group)
     step.y[1] = np.zeros((B, H), np.int32)
     text = message(ep.InvalidArgumentError, lambda: step.combine(group))
-    assert text.startswith("epGroupCombineAll: rank 1: invalid argument: output.tokens"), text
+    assert text.startswith("epGroupCombineAll: rank 1: invalid argument: outputs.tokens"), text
 
 
 def test_a_masked_ranks_arguments_are_not_read_nor_its_layout_written(group):

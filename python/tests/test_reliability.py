@@ -117,9 +117,9 @@ def test_too_many_rows_over_a_short_buffer_are_refused_by_row_count_before_readi
             call("epHandleUpdate", handle, ctypes.byref(one), None, None)
         except ep.InvalidArgumentError as error:
             print("per-rank:", error)
-    """, "collective: epGroupUpdateAll: rank 0: invalid argument: topkIdx.shape[0] (tokens) = 2; "
+    """, "collective: epGroupUpdateAll: rank 0: invalid argument: inputs.topkIdx.sizes[0] (tokens) = 2; "
          "must be in 0...maxTokensPerRank (1)",
-         "per-rank: epHandleUpdate: invalid argument: topkIdx.shape[0] (tokens) = 1099511627776; "
+         "per-rank: epHandleUpdate: invalid argument: inputs.topkIdx.sizes[0] (tokens) = 1099511627776; "
          "must be in 0...maxTokensPerRank (1)")
 
 

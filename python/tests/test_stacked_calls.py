@@ -240,7 +240,7 @@ def test_bad_stacked_arguments_get_named_errors():
     call.receivedTokens = _abi.Stacked(received.ctypes.data, _abi.F32, -1, 0)
     assert library.epGroupDispatchStacked(group._group, ctypes.byref(call), None) == _abi.INVALID_ARGUMENT
     message = library.epGetLastErrorMessage().decode()
-    assert "inputs.rankStride = 8" in message and "96" in message, message
+    assert "call.inputTokens.rankStride = 8" in message and "96" in message, message
     call.inputTokens.rankStride = 0
     call.receivedTokens.device = -3
     assert library.epGroupDispatchStacked(group._group, ctypes.byref(call), None) == _abi.INVALID_ARGUMENT
