@@ -1,7 +1,5 @@
 """The exceptions of expert_parallel. Every one is an :class:`ExpertParallelError`."""
 
-from typing import Optional
-
 from . import _abi
 
 
@@ -14,12 +12,8 @@ class ExpertParallelError(Exception):
 
     status: int = _abi.INTERNAL_ERROR
     status_name: str = "epInternalError"
-
-    def __init__(self, message: str, status: "Optional[int]" = None) -> None:
-        super().__init__(message)
-        if status is not None:
-            self.status = status
-            self.status_name = _STATUS_NAMES.get(status, f"epResult_t {status}")
+    # No __init__ of its own: torch.compile's tracer then reports one raised in a traced region
+    # by name and message (an __init__ calling super() is one it cannot trace).
 
 
 class InvalidArgumentError(ExpertParallelError, ValueError, TypeError):
@@ -128,4 +122,7 @@ def from_status(status: int, message: str) -> ExpertParallelError:
     cls = _CLASSES.get(status, ExpertParallelError)
     if status == _abi.INVALID_ARGUMENT and ": out of memory: " in message:
         cls = _CheckedOutOfMemoryError   # EPError.outOfMemory, which has no status of its own
-    return cls(message, status)
+    error = cls(message)
+    if error.status != status:   # a status with no class of its own
+        error.status, error.status_name = status, _STATUS_NAMES.get(status, f"epResult_t {status}")
+    return error

@@ -118,9 +118,9 @@ def test_wrong_arguments_are_named():
     ops = torch.ops.expert_parallel
     with pytest.raises(ep.InvalidUsageError, match="step: token 999999 names no live step"):
         ops.combine(sent.tokens, idx, w, torch.tensor(999999), ex.id)
-    with pytest.raises(ep.InvalidArgumentError, match="weights: None; the combine of LL expert-major"):
+    with pytest.raises(ep.InvalidArgumentError, match="topk_weights: None; the combine of LL expert-major"):
         ops.combine(sent.tokens, idx, None, sent.step, ex.id)
-    with pytest.raises(ep.InvalidArgumentError, match=r"weights: shape \[4, 5, 2\]"):
+    with pytest.raises(ep.InvalidArgumentError, match=r"topk_weights: shape \[4, 5, 2\]"):
         ops.combine(sent.tokens, idx, w[..., :2].contiguous(), sent.step, ex.id)
     other = exchange("ll", "expert_major")
     theirs = other.dispatch(x, idx, w)
@@ -128,7 +128,7 @@ def test_wrong_arguments_are_named():
         ops.combine(theirs.tokens, idx, w, theirs.step, ex.id)   # another group's step
     with pytest.raises(ep.InvalidArgumentError, match="group: id 424242 is not registered"):
         ops.dispatch(x, idx, w, 424242)
-    with pytest.raises(ep.InvalidArgumentError, match=r"xs: shape \[4, 5, 9\]"):
+    with pytest.raises(ep.InvalidArgumentError, match=rf"^x: shape \[4, 5, 9\]; must be \[4, B, {H}\], B ≤ max_tokens \({B}\)"):
         ex.dispatch(torch.zeros(R, B, H + 1), idx, w)
     flat = exchange("ht", "flat")
     sent = flat.dispatch(x, idx, w)

@@ -3,9 +3,12 @@ graph break (fullgraph raises on one), and the compiled forward and backward equ
 bit for bit with aot_eager (the same kernels run), within 1e-5 with inductor (which fuses and
 reorders the experts' arithmetic; it needs a C++ compiler, as CI has)."""
 
+import re
+
 import pytest
 import torch
 
+import expert_parallel as ep
 from test_torch_autograd import B, E, H, K, LAYOUTS, R, exchange, run
 from torch_moe import over_group, routing
 
@@ -56,3 +59,56 @@ def test_one_dynamic_graph_serves_several_token_counts():
         got, want = run(compiled, inputs), run(dense, inputs)
         for a, b in zip(got, want):
             assert a.shape[:2] == b.shape[:2] and torch.allclose(a, b, atol=1e-5, rtol=1e-5), f"B = {tokens}"
+
+
+WRONG = [   # (what changes, the message): each argument named as Exchange names it
+    (lambda x, idx, w: (x.double(), idx, w), "x: dtype torch.float64; must be torch.float32"),
+    (lambda x, idx, w: (x[..., :-1], idx, w), rf"x: shape \[{R}, {B}, {H - 1}\]; must be \[{R}, B, {H}\]"),
+    (lambda x, idx, w: (torch.cat([x, x], 1), torch.cat([idx, idx], 1), torch.cat([w, w], 1)),
+     rf"x: {2 * B} tokens per rank; must be ≤ max_tokens \({B}\)"),
+    (lambda x, idx, w: (x, idx.float(), w), "topk_idx: dtype torch.float32; must be torch.int32 or torch.int64"),
+    (lambda x, idx, w: (x, idx[:, :-1], w), rf"topk_idx: shape \[{R}, {B - 1}, {K}\]; must be \[{R}, {B}, {K}\]"),
+    (lambda x, idx, w: (x, idx, w.double()), "topk_weights: dtype torch.float64; must be torch.float32"),
+    (lambda x, idx, w: (x, idx, w[..., :-1]), rf"topk_weights: shape \[{R}, {B}, {K - 1}\]"),
+]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("case", range(len(WRONG)))
+def test_wrong_arguments_are_named_as_the_exchange_names_them(case, compiled):
+    """A wrong x, topk_idx or topk_weights is refused under its own name (the group's checks
+    would name the arrays the ops pass it: "out tokens", "xs"), eagerly and while torch.compile
+    traces (the fake implementation checks too: the error reaches the caller inside torch's
+    TorchRuntimeError, which carries its text)."""
+    torch._dynamo.reset()
+    ex = exchange("ht", "flat")
+    change, message = WRONG[case]
+    x, idx, w, _ = routing(50, R, B, E, K, H)
+
+    def step(x, idx, w):
+        sent = ex.dispatch(x, idx, w)
+        return ex.combine(sent.tokens, sent)
+
+    fn = torch.compile(step, fullgraph=True, backend="aot_eager") if compiled else step
+    with pytest.raises(Exception) as caught:
+        fn(*change(x, idx, w))
+    if not compiled:
+        assert isinstance(caught.value, ep.InvalidArgumentError)
+    assert re.search(message, str(caught.value)), str(caught.value)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_wrong_expert_outputs_are_named(compiled):
+    torch._dynamo.reset()
+    ex = exchange("ll", "rank_major")
+    x, idx, w, _ = routing(51, R, B, E, K, H)
+
+    def step(x, idx, w):
+        sent = ex.dispatch(x, idx, w)
+        return ex.combine(sent.tokens.double(), sent)
+
+    fn = torch.compile(step, fullgraph=True, backend="aot_eager") if compiled else step
+    with pytest.raises(Exception) as caught:
+        fn(x, idx, w)
+    assert compiled or isinstance(caught.value, ep.InvalidArgumentError)
+    assert "expert_outputs: dtype torch.float64; must be torch.float32" in str(caught.value), str(caught.value)

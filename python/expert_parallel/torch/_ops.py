@@ -64,6 +64,44 @@ def _counts(group, like: Tensor, make) -> Tensor:
     return make(_lead(group) + (group.local_experts,), dtype=torch.int32, device=like.device)
 
 
+_ELEMENT_TYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+_INDEX_TYPES = (torch.int32, torch.int64)
+
+
+def _require(value: Tensor, name: str, dtypes: tuple, shape: tuple, group, what: str) -> None:
+    """Raises the error naming `name` (as :class:`Exchange` names the argument) unless `value` is
+    of one of `dtypes`, on the group's device, shaped `shape` (None: any size there; `what` says
+    the shape in words). The ops check their inputs so (the real and the fake implementations,
+    so torch.compile reports it while tracing): the group's own checks would name the arrays the
+    ops pass it (``out tokens``, ``xs``)."""
+    if value.dtype not in dtypes:
+        wanted = " or ".join(str(d) for d in dtypes)
+        raise InvalidArgumentError(f"{name}: dtype {value.dtype}; must be {wanted}")
+    if value.get_device() != group._device:
+        place = "cpu" if group._device < 0 else f"cuda:{group._device}"
+        raise InvalidArgumentError(f"{name}: device {value.device}; must be the group's ({place})")
+    sizes = tuple(value.shape)
+    if len(sizes) != len(shape) or any(want is not None and want != got for want, got in zip(shape, sizes)):
+        raise InvalidArgumentError(f"{name}: shape {list(sizes)}; must be {what}")
+
+
+def _check_dispatch(group, x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor]) -> None:
+    """The forward dispatch's arguments: x ``[R, B, hidden]`` (NCCL rank: ``[B, hidden]``) of the
+    group's dtype, B ≤ max_tokens; topk_idx ``[R, B, top_k]`` int32 or int64; topk_weights
+    float32 shaped like topk_idx, or None."""
+    lead = _lead(group)
+    dims = ", ".join([str(r) for r in lead] + ["B", str(group.hidden)])
+    _require(x, "x", (_ELEMENT_TYPES[group.dtype],), lead + (None, group.hidden), group,
+             f"[{dims}], B ≤ max_tokens ({group.max_tokens})")
+    tokens = x.shape[-2]
+    if tokens > group.max_tokens:
+        raise InvalidArgumentError(f"x: {tokens} tokens per rank; must be ≤ max_tokens ({group.max_tokens})")
+    rows = lead + (tokens, group.top_k)
+    _require(topk_idx, "topk_idx", _INDEX_TYPES, rows, group, f"{list(rows)}: x's rows, top_k ({group.top_k}) each")
+    if topk_weights is not None:
+        _require(topk_weights, "topk_weights", (torch.float32,), rows, group, f"{list(rows)}, as topk_idx")
+
+
 def _contiguous(value: Optional[Tensor]) -> Optional[Tensor]:
     return None if value is None else value.contiguous()
 
@@ -104,6 +142,7 @@ def dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group:
     received topk_idx, received topk_weights, step token, ``[R, L]`` int32 rows per local
     expert)."""
     entry = _registry.entry(group)
+    _check_dispatch(entry.group, x, topk_idx, topk_weights)
     # (An NCCL rank's are copied from its slot whole: nothing to fill.)
     received, idx, weights = _received(entry.group, x, torch.zeros if entry.zero_fill and not entry.one_rank else torch.empty)
     counts = _counts(entry.group, x, torch.empty)
@@ -116,6 +155,7 @@ def dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group:
 @dispatch.register_fake
 def _(x, topk_idx, topk_weights, group):
     g = _registry.entry(group).group
+    _check_dispatch(g, x, topk_idx, topk_weights)
     received, idx, weights = _received(g, x, torch.empty)
     return received, idx, weights, torch.empty((), dtype=torch.int64), _counts(g, x, torch.empty)
 
@@ -126,13 +166,13 @@ def _bind_weights(group, handle, weights: Optional[Tensor], tokens: int) -> Opti
     received ones, set on `handle`); other layouts take none."""
     if group.layout == "expert_major":
         if weights is None:
-            raise InvalidArgumentError("weights: None; the combine of LL expert-major applies the topk_weights")
-        _fast.check(weights, "weights", _F32, group._device, _lead(group) + (tokens, group.top_k))
+            raise InvalidArgumentError("topk_weights: None; the combine of LL expert-major applies the topk_weights")
+        _fast.check(weights, "topk_weights", _F32, group._device, _lead(group) + (tokens, group.top_k))
         return weights
     if group.layout == "expert_major_padded":
         if weights is None:
-            raise InvalidArgumentError("weights: None; the combine of HT expert-major applies the per-slot weights")
-        _fast.check(weights, "weights", _F32, group._device, _shapes(group)[1])
+            raise InvalidArgumentError("dispatched.topk_weights: None; the combine of HT expert-major applies the per-slot weights")
+        _fast.check(weights, "dispatched.topk_weights", _F32, group._device, _shapes(group)[1])
         handle.received_weights = weights
     elif weights is not None:
         raise InvalidArgumentError(
@@ -140,10 +180,19 @@ def _bind_weights(group, handle, weights: Optional[Tensor], tokens: int) -> Opti
     return None
 
 
+def _check_combine(group, expert_outputs: Tensor) -> None:
+    """The forward combine's expert outputs: shaped like the dispatch's received tokens, of the
+    group's dtype."""
+    shape = _shapes(group)[0]
+    _require(expert_outputs, "expert_outputs", (_ELEMENT_TYPES[group.dtype],), shape, group,
+             f"{list(shape)}, as dispatched.tokens")
+
+
 @torch.library.custom_op("expert_parallel::combine", mutates_args=())
 def combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tensor], step: Tensor, group: int) -> Tensor:
     """The step's forward combine of ``[R, *recv_shape]`` expert outputs: ``[R, B, H]``."""
     entry = _registry.entry(group)
+    _check_combine(entry.group, expert_outputs)
     g, handle = entry.group, entry.step(step)
     tokens = topk_idx.shape[-2]
     weights = _contiguous(weights)
@@ -170,6 +219,7 @@ def combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tensor],
 @combine.register_fake
 def _(expert_outputs, topk_idx, weights, step, group):
     g = _registry.entry(group).group
+    _check_combine(g, expert_outputs)
     return expert_outputs.new_empty(_lead(g) + (topk_idx.shape[-2], g.hidden))
 
 
