@@ -41,7 +41,7 @@ struct CaseOptions: ParsableArguments {
     @Option(help: "Token element type. u8 is dispatch only: its combine rows are skipped, with a note, and its rows are checked as received.")
     var dtype: DTypeChoice = .bf16
 
-    @Option(help: "FP8 dispatch (CPU backend and GPU virtual ranks; not --transport nccl yet): rows move as e4m3 with a scale per block, float32 (blocks of 128, float32 scales), ue8m0 (blocks of 128, power-of-two exponent bytes) or e8m0 (blocks of 32, MXFP8). The hidden size must be a multiple of the block; --dtype (bf16, f16 or f32) stays the type of the source rows and of combine.")
+    @Option(help: "FP8 dispatch: rows move as e4m3 with a scale per block, float32 (blocks of 128, float32 scales), ue8m0 (blocks of 128, power-of-two exponent bytes) or e8m0 (blocks of 32, MXFP8). The hidden size must be a multiple of the block; --dtype (bf16, f16 or f32) stays the type of the source rows and of combine.")
     var fp8: FP8Choice?
 
     @Option(help: "With --fp8: quantize (the dispatch quantises the --dtype rows; default) or pass-through (e4m3 rows and their scales, quantised before the timing, move unchanged).")

@@ -4,7 +4,7 @@ import ExpertParallelGPU
 /// The GPU's options: the SMs the group may use (a sweep when several are given) and the
 /// kernels' tuning knobs. The CPU backend has no SMs: `--sms` there is a usage error.
 struct GPUOptions: ParsableArguments {
-    @Option(name: .customLong("sms"), help: "GPU: streaming multiprocessors the group may use, 1...4096 and at most the device's (default: all). A list (--sms 16,32,66,132, or the option repeated) runs every case once per count. A usage error on the CPU backend and with --transport nccl.")
+    @Option(name: .customLong("sms"), help: "GPU: streaming multiprocessors the group may use, 1...4096 and at most the device's (default: all). A list (--sms 16,32,66,132, or the option repeated) runs every case once per count; with --transport nccl, every rank's group uses that many of its GPU's SMs. A usage error on the CPU backend.")
     var smsLists: [SMCounts] = []
 
     @Option(help: "GPU: dispatch pipeline depth, vectors each lane loads before storing (1...8).")

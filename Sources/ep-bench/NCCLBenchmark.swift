@@ -18,12 +18,15 @@ struct NCCLBenchmark {
     var tuning: GPUTuning
     var sharing: PeerSharing
     var timeout: Duration
+    /// The SMs each rank's group may use (nil: all).
+    var multiprocessors: Int? = nil
 
     func run(_ benchCase: BenchCase, copyBandwidth: Double) throws -> Measurement {
         var config = benchCase.config()
         config.timeout = timeout
         config = try config.validated()
-        let group = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl, tuning: tuning, sharing: sharing)
+        let group = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl, multiprocessors: multiprocessors, tuning: tuning,
+                                      sharing: sharing)
         let data = BenchData(config: config, tokens: benchCase.tokens, seed: seed, skew: skew)
         let step = try NCCLStep(group: group, data: data, rank: rank)
         let oracle = try data.oracleCombined(config: config)   // before the loops: none of them waits for the host
@@ -53,6 +56,10 @@ struct NCCLBenchmark {
         try step.enqueue()
         try fused?.step.enqueueUpdatingInDispatch()
         try driver.synchronize(group.stream)
+        // FP8: each loop's received rows are checked slot by slot after it, so none may be left
+        // from the other loop's step. (No peer writes here before this rank's next update: its
+        // dispatch waits for this rank's counts, which come after the clear on this stream.)
+        if config.fp8 != nil { try step.clearReceived() }
         var allHeld = try held { i in
             try step.enqueue { try driver.record(events[5 * i + $0], on: group.stream) }
         }
@@ -70,18 +77,19 @@ struct NCCLBenchmark {
             let combinedHost = try step.combinedRows()
             return combinedHost.bytes() == oracle[rank] && data.validate(rank: rank, config: config, combined: combinedHost)
         }
-        var valid = try matches(step, data, oracle)
+        var valid = try matches(step, data, oracle) && step.receivedFP8Matches(rank: rank)
         // Where the group fuses them (LL: one rank, or --fused-update), update and dispatch again
         // as one call (the stacked dispatch, what the Python package calls), on a step of its
         // own: the `upd+disp` row, its results checked against that step's oracle.
         if let fused {
+            if config.fp8 != nil { try fused.step.clearReceived() }
             allHeld = try held { i in
                 try fused.step.enqueueUpdatingInDispatch { try driver.record(events[5 * i + $0], on: group.stream) }
             } && allHeld
             try group.checkStatus()
             samples.updateDispatch = try microseconds(0, 2)
             samples.step = zip(samples.updateDispatch ?? [], try microseconds(3, 4)).map { $0 + $1 }   // as the virtual groups' step: that call + combine
-            valid = try matches(fused.step, fused.data, fused.oracle) && valid
+            valid = try matches(fused.step, fused.data, fused.oracle) && fused.step.receivedFP8Matches(rank: rank) && valid
         }
         var measurement = Measurement(
             benchCase, config: config, backend: "gpu-nccl-\(sharing.rawValue)", device: device.name, samples: samples,
@@ -102,8 +110,13 @@ struct NCCLBenchmark {
 
 extension BenchData {
     /// Every rank's combined rows from the host backend with identity experts (the oracle).
-    /// `without`: ranks masked out first (a rank that died); their entries are empty.
-    func oracleCombined(config: GroupConfig, without: [Int] = []) throws -> [[UInt8]] {
+    /// `without`: ranks masked out first (a rank that died); their entries are empty. An FP8
+    /// step's combine reads the rows a plain dispatch delivers (`NCCLStep.expertRows`), so its
+    /// oracle is the plain step's.
+    func oracleCombined(config given: GroupConfig, without: [Int] = []) throws -> [[UInt8]] {
+        var plain = given
+        plain.fp8 = nil
+        let config = plain
         let group = try HostGroup(config)
         for r in without { group[0].deactivate(rank: r) }
         let results = group.run { rank throws(EPError) -> [UInt8] in

@@ -37,23 +37,30 @@ extension RunCommand {
             return
         }
         let device = try GPUDevice(ordinal: me.deviceOrdinal)
+        // Every rank checks the SM counts against its own GPU before joining (the same GPUs: all alike).
+        try gpu.check(device: device.multiprocessors)
         let id = try me.uniqueID(nccl, timeout: .seconds(60))
         if let drill { return try drill.act(rank: me, failing: drillRank, nccl: nccl, id: id, device: device, sharing: sharing, timeout: timeout) }
         let comm = try nccl.initRank(ranks: me.world, id: id, rank: me.rank, timeout: timeout)
         var closed = false
         defer { if !closed { try? nccl.abort(comm) } }
         let tuning = gpu.tuning
-        let runner = NCCLBenchmark(device: device, nccl: nccl, comm: comm, rank: me.rank, iterations: iterations ?? 100,
+        var runner = NCCLBenchmark(device: device, nccl: nccl, comm: comm, rank: me.rank, iterations: iterations ?? 100,
                                    warmup: max(warmup, 5), seed: seed, skew: skew, tuning: tuning, sharing: sharing, timeout: timeout)
         let copyBandwidth = try GPUBenchmark(device: device, iterations: 1, warmup: 0, seed: seed, skew: skew, tuning: tuning)
             .measureCopyBandwidth()
         // The group is the communicator: every case runs with R = its size, experts unchanged
         // (a case whose experts it does not divide is left out).
         let selected = try shape.resolve(defaults: Defaults.nccl).filter { $0.experts % me.world == 0 }.map { $0.with(ranks: me.world) }
+        // Once per --sms count (or once with every SM), as on one GPU.
+        let counts: [Int?] = gpu.smCounts.isEmpty ? [nil] : gpu.smCounts
         for benchCase in selected {
-            let measurement = try runner.run(benchCase, copyBandwidth: copyBandwidth)
-            let line = String(decoding: try JSONEncoder().encode(measurement), as: UTF8.self)
-            print(Self.resultPrefix + line)
+            for sms in counts {
+                runner.multiprocessors = sms
+                let measurement = try runner.run(benchCase, copyBandwidth: copyBandwidth)
+                let line = String(decoding: try JSONEncoder().encode(measurement), as: UTF8.self)
+                print(Self.resultPrefix + line)
+            }
         }
         closed = true   // close aborts the communicator itself when the others do not answer
         try nccl.close(comm, timeout: timeout)

@@ -85,7 +85,6 @@ struct RunCommand: ParsableCommand {
     }
 
     func validate() throws {
-        if let fp8 = shape.fp8, transport == .nccl { throw ValidationError(Self.fp8Refusal(fp8, "--transport nccl")) }
         if drill == nil {
             _ = try shape.resolve(defaults: transport == .nccl ? Defaults.nccl : backend == .gpu ? Defaults.gpu : Defaults.cpu)
         }
@@ -96,13 +95,11 @@ struct RunCommand: ParsableCommand {
         }
         try checkRange("--timeout-ms", timeoutMs, Bounds.timeoutMs)
         if !gpu.smCounts.isEmpty, backend == .cpu { throw ValidationError(GPUOptions.cpuRefusal) }
-        if !gpu.smCounts.isEmpty, transport == .nccl {
-            throw ValidationError("--sms applies to --transport virtual only (each NCCL rank uses its whole GPU)")
-        }
         if shape.dtype == .u8, transport == .nccl {
             throw ValidationError("--dtype u8 is dispatch only; --transport nccl times the whole step: use bf16, f16 or f32")
         }
         if drill != nil, transport != .nccl { throw ValidationError("--drill needs --transport nccl") }
+        if drill != nil, !gpu.smCounts.isEmpty { throw ValidationError("--sms does not apply to --drill (a drill runs one step, untimed)") }
         if drill != nil, !(0..<(shape.ranks ?? 2)).contains(drillRank) {
             throw ValidationError("--drill-rank \(drillRank) is out of range: must be in 0..<\(shape.ranks ?? 2) (the ranks)")
         }
@@ -120,11 +117,6 @@ struct RunCommand: ParsableCommand {
             }
         }
         if let device { try runOnGPU(device) } else { try runOnCPU() }
-    }
-
-    /// `--fp8` with NCCL ranks: the benchmark's NCCL path has no FP8 buffers yet.
-    static func fp8Refusal(_ fp8: FP8Choice, _ backend: String) -> String {
-        "--fp8 \(fp8.rawValue) runs on the CPU backend and the GPU's virtual ranks so far (\(backend)): use --transport virtual"
     }
 }
 

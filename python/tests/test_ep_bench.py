@@ -266,7 +266,7 @@ def test_sms_without_a_gpu_is_a_usage_error(backend):
     (["--sms", "16,0"], ["--sms 0", "1...4096"]),
     (["--sms", "16", "--sms", "5000"], ["--sms 5000", "1...4096"]),
     (["--sms", "16,x"], ["'16,x'", "--sms"]),
-    (["--transport", "nccl", "--sms", "16"], ["--sms", "--transport virtual"]),
+    (["--transport", "nccl", "--drill", "dies", "--sms", "16"], ["--sms", "--drill"]),
     (["--transport", "nccl", "--dtype", "u8"], ["--dtype u8", "dispatch only"]),
 ])
 def test_sms_lists_are_checked_before_the_run(args, fragments):
@@ -366,7 +366,6 @@ def test_a_plain_run_records_no_fp8(tmp_path):
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (["--transport", "nccl", "--fp8", "float32"], ["--fp8 float32", "GPU's virtual ranks", "--transport nccl"]),
     (["--backend", "cpu", "--case", "custom", *FP8_SHAPE[:2], "--hidden", "96", *FP8_SHAPE[4:], "--fp8", "float32"],
      ["--hidden 96", "multiple of 128"]),
     (["--backend", "cpu", "--case", "custom", *FP8_SHAPE[:2], "--hidden", "48", *FP8_SHAPE[4:], "--fp8", "e8m0"],
