@@ -122,7 +122,7 @@ public final class CallShapes: Sendable {
             try TensorCheck.require(input.topkWeights, "input.topkWeights", dtypes: Self.f32, rows: tokens, columns: config.topK, location: location)
         }
         if direction == .forward, config.isExpertMajorHT {
-            try TensorCheck.require(input.topkWeights, "input.topkWeights (the per-slot weights dispatch delivered)", dtypes: Self.f32,
+            try TensorCheck.require(input.topkWeights, "input.topkWeights", dtypes: Self.f32,
                                     shape: slotWeightsShape, location: location)
         }
         if direction == .backward, config.algorithm == .highThroughput, let routingShape = receiveRoutingShape {

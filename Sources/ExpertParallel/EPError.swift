@@ -54,22 +54,50 @@ public enum EPError: Error, Sendable, Equatable, CustomStringConvertible {
         }
     }
 
-    /// The same error with the argument named otherwise; any other error as it is. The field's
-    /// leading name (the whole field, or the part before a ".") becomes the `to` of the first of
-    /// `names` whose `from` it is, and in what follows, each part (after a ".", before a ".", "["
-    /// or " ") that is the `from` of one of `parts` becomes its `to`. A layer that takes its
-    /// arguments under other names (the C structs' fields) names them its own way.
+    /// The same error with the argument named otherwise (also where it is the reason a peer gave
+    /// for rejecting its call); any other error as it is. See `field(_:renaming:parts:)`. A layer
+    /// that takes its arguments under other names (the C structs' fields) names them its own way.
     public func renamingField(_ names: [(from: String, to: String)], parts: [(from: String, to: String)] = []) -> EPError {
-        guard case let .invalidArgument(field, value, requirement) = self,
-              let (from, to) = names.first(where: { field == $0.from || field.hasPrefix($0.from + ".") }) else { return self }
-        var renamed = to
-        var rest = field.dropFirst(from.count)   // "", ".dtype", ".tokens.shape[0] (tokens)", ...
-        while rest.first == "." {
-            let part = rest.dropFirst().prefix { ![".", "[", " "].contains($0) }
-            renamed += "." + (parts.first { $0.from == part }?.to ?? String(part))
-            rest = rest.dropFirst(part.count + 1)
+        switch self {
+        case let .invalidArgument(field, value, requirement):
+            return .invalidArgument(field: Self.field(field, renaming: names, parts: parts), value: value, requirement: requirement)
+        case let .peerFailed(rank, peer, reason):
+            // The peer's error, as its description reads ("invalid argument: <field> = ...").
+            let prefix = "invalid argument: "
+            guard reason.hasPrefix(prefix), let end = reason.range(of: " = ") else { return self }
+            let field = String(reason[reason.index(reason.startIndex, offsetBy: prefix.count)..<end.lowerBound])
+            return .peerFailed(rank: rank, peer: peer, reason: prefix + Self.field(field, renaming: names, parts: parts) + reason[end.lowerBound...])
+        default:
+            return self
         }
-        return .invalidArgument(field: renamed + rest, value: value, requirement: requirement)
+    }
+
+    /// `field` with its leading name (the whole field, or the part before a ".", "[" or " ")
+    /// replaced by the `to` of the first of `names` whose `from` it is, and in what follows, each
+    /// part (after a ".", before a ".", "[" or " ") that is the `from` of one of `parts` replaced
+    /// by its `to`; indices (`[1]`, `[rank 1]`) stay as they are. Unchanged where no name is.
+    public static func field(_ field: String, renaming names: [(from: String, to: String)], parts: [(from: String, to: String)] = []) -> String {
+        func follows(_ from: String) -> Bool {
+            guard field.hasPrefix(from) else { return false }
+            let next = field.dropFirst(from.count).first
+            return next == nil || next == "." || next == "[" || next == " "
+        }
+        guard let (from, to) = names.first(where: { follows($0.from) }) else { return field }
+        var renamed = to
+        var rest = field.dropFirst(from.count)   // "", ".dtype", "[1].tokens.address", ".shape[0] (tokens)", ...
+        while let first = rest.first {
+            if first == "[", let close = rest.firstIndex(of: "]") {
+                renamed += rest[...close]
+                rest = rest[rest.index(after: close)...]
+            } else if first == "." {
+                let part = rest.dropFirst().prefix { ![".", "[", " "].contains($0) }
+                renamed += "." + (parts.first { $0.from == part }?.to ?? String(part))
+                rest = rest.dropFirst(part.count + 1)
+            } else {
+                break
+            }
+        }
+        return renamed + rest
     }
 
     /// "N bytes (x.y GiB)": the exact count, and a readable one from KiB up.

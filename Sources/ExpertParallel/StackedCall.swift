@@ -188,13 +188,16 @@ public struct CheckedStackedDispatch: Sendable {
                 let views = Self.views(call, shapes)
                 try shapes.validateDispatch(views.input, views.output, tokens: b, location: location)
             } catch {
-                throw error.renamingField(Field.allCases.map { ($0.viewName, "\($0)") })
+                throw Self.naming(error)
             }
         }
         strides = try StackedStrides(ranks: parts ?? config.ranks) { field in
             call[field].map { ($0, shapes.elements(field, tokens: b), { shapes.shape(field, tokens: b) }, field == .inputs || field == .received) }
         }
     }
+
+    /// `error` of a per-rank call's checks with its views named as this call's fields.
+    public static func naming(_ error: EPError) -> EPError { error.renamingField(Field.allCases.map { ($0.viewName, "\($0)") }) }
 
     private static func views(_ call: StackedDispatch, _ shapes: CallShapes) -> (input: DispatchInput, output: DispatchOutput) {
         func part(_ field: Field) -> TensorRef? { call[field].map { $0.part(0, shape: shapes.shape(field, tokens: call.tokens)) } }
@@ -281,13 +284,16 @@ public struct CheckedStackedCombine: Sendable {
             do {
                 try shapes.validateCombine(views.input, views.output, tokens: most, direction: direction, location: location)
             } catch {
-                throw error.renamingField(Field.allCases.map { ($0.viewName, "\($0)") })
+                throw Self.naming(error)
             }
         }
         strides = try StackedStrides(ranks: tokens.count) { field in
             call[field].map { ($0, shapes.elements(field, tokens: most), { shapes.shape(field, tokens: most) }, field == .expertOutputs || field == .combined) }
         }
     }
+
+    /// `error` of a per-rank call's checks with its views named as this call's fields.
+    public static func naming(_ error: EPError) -> EPError { error.renamingField(Field.allCases.map { ($0.viewName, "\($0)") }) }
 
     private static func views(_ call: StackedCombine, _ shapes: CallShapes, most: Int) -> (input: CombineInput, output: CombineOutput) {
         func part(_ field: Field) -> TensorRef? { call[field].map { $0.part(0, shape: shapes.shape(field, tokens: most)) } }

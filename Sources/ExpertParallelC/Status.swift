@@ -63,7 +63,7 @@ extension EPError: StatusError {
 struct CNames {
     var pairs: [(from: String, to: String)]
 
-    static let perRank = CNames(pairs: [("input", "inputs"), ("output", "outputs")])
+    static let perRank = CNames(pairs: [("input", "inputs"), ("output", "outputs"), ("inputs", "inputs"), ("outputs", "outputs")])
     static let update = CNames(pairs: [("topkIdx", "inputs.topkIdx")])
     static let tensorParts = [("address", "data"), ("location", "device"), ("shape", "sizes")]
 }

@@ -74,7 +74,7 @@ extension NCCLRankGroup {
         var shared = CombineInput(expertOutputs: buffers.expertOutputs, topkWeights: input.topkWeights, weightGradients: input.weightGradients)
         var copies: [(from: TensorRef, to: TensorRef)] = []
         if config.isExpertMajorHT, direction == .forward, let weights = buffers.receivedWeights {
-            try TensorCheck.require(input.topkWeights, "input.topkWeights (the per-slot weights dispatch delivered)", dtypes: [.f32], shape: weights.shape, location: here)
+            try TensorCheck.require(input.topkWeights, "input.topkWeights", dtypes: [.f32], shape: weights.shape, location: here)
             shared.topkWeights = weights
             if let given = input.topkWeights, given.address != weights.address {
                 guard phase == .whole else {

@@ -61,8 +61,12 @@ extension NCCLRankGroup {
         guard given == address(own.expertOutputs) else {
             var (input, output) = checked.rank(0)
             input.expertOutputs.address = UnsafeMutableRawPointer(bitPattern: UInt(given))
-            try combine(copyingFrom: input, into: output, handle: handle, direction: direction, phase: options.phase,
-                        stream: options.stream.map { CUDAStream(rawValue: $0) })
+            do {
+                try combine(copyingFrom: input, into: output, handle: handle, direction: direction, phase: options.phase,
+                            stream: options.stream.map { CUDAStream(rawValue: $0) })
+            } catch {
+                throw CheckedStackedCombine.naming(error)   // its checks name the per-rank call's views
+            }
             return
         }
         if config.isExpertMajorHT, direction == .forward, let weights = own.receivedWeights {

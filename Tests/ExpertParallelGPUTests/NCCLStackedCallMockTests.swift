@@ -249,6 +249,21 @@ struct NCCLStackedCallMockTests {
                               handle: handle)
             try group.combine(handle, stacked: StackedCombine(expertOutputs: oddStacked, topkWeights: Self.stacked(weights), combined: Self.part(a, "out", group.rank)!))
             #expect(mock.launches == launches + 2, "\(name): one combine launch each, the copies whole")
+            // A caller's tensor of the wrong type: refused under the stacked call's name (the
+            // copying combine's checks name the per-rank view), and under the C struct's.
+            var wrong = Self.part(a, "y", group.rank)!
+            wrong.dtype = config.elementType == .f32 ? .bf16 : .f32
+            #expect(throws: EPError.self) {
+                do {
+                    try group.combine(handle, stacked: StackedCombine(expertOutputs: wrong, topkWeights: Self.stacked(weights),
+                                                                      combined: Self.part(a, "out", group.rank)!))
+                } catch {
+                    #expect("\(error)".hasPrefix("invalid argument: expertOutputs.dtype = "), "\(name): \(error)")
+                    #expect((error as? EPError)?.naming(CheckedStackedCombine.Field.cNames).message.hasPrefix("invalid argument: call.expertOutputs.dtype = ") == true)
+                    throw error
+                }
+            }
+            #expect(mock.launches == launches + 2, "\(name): nothing launched for the refused call")
         }
     }
 

@@ -149,7 +149,7 @@ static void collectiveStep(void) {
 
     /* Errors: an expert id out of range names the rank and the entry; nothing is written. */
     b[1].idx[0][1] = 300;
-    CHECK_FAILS(epGroupUpdateAll(group, update, NULL, NULL), epInvalidArgument, "rank 1: invalid argument: topkIdx[0][1] = 300");
+    CHECK_FAILS(epGroupUpdateAll(group, update, NULL, NULL), epInvalidArgument, "rank 1: invalid argument: inputs.topkIdx[0][1] = 300");
     /* A failed update voids the step: dispatch fails, writing nothing, until an update succeeds. */
     CHECK_FAILS(epGroupDispatchAll(group, din, dout, NULL, NULL), epInvalidUsage, "the last update of this handle failed");
     b[1].idx[0][1] = 3;

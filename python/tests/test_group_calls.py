@@ -101,7 +101,7 @@ def test_a_rejected_update_names_the_lowest_rank_whose_routing_is_wrong(group):
     step = Step()
     step.idx[1][0, 1] = 9
     text = message(ep.InvalidArgumentError, lambda: step.update(group))
-    assert text.startswith("epGroupUpdateAll: rank 1: invalid argument: topkIdx[0][1] = 9"), text
+    assert text.startswith("epGroupUpdateAll: rank 1: invalid argument: inputs.topkIdx[0][1] = 9"), text
     step.idx[0][0, 0] = 3
     text = message(ep.InvalidArgumentError, lambda: step.update(group))
     assert text.startswith("epGroupUpdateAll: rank 0: invalid argument: topkIdx token 0 names expert 3 twice"), text

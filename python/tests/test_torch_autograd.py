@@ -128,7 +128,7 @@ def test_wrong_arguments_are_named():
         ops.combine(theirs.tokens, idx, w, theirs.step, ex.id)   # another group's step
     with pytest.raises(ep.InvalidArgumentError, match="group: id 424242 is not registered"):
         ops.dispatch(x, idx, w, 424242)
-    with pytest.raises(ep.InvalidArgumentError, match=rf"^x: shape \[4, 5, 9\]; must be \[4, B, {H}\], B ≤ max_tokens \({B}\)"):
+    with pytest.raises(ep.InvalidArgumentError, match=rf"^x: shape \[4, 5, 9\]; must be \[4, B, {H}\]$"):
         ex.dispatch(torch.zeros(R, B, H + 1), idx, w)
     flat = exchange("ht", "flat")
     sent = flat.dispatch(x, idx, w)

@@ -92,23 +92,37 @@ def test_wrong_arguments_are_named_as_the_exchange_names_them(case, compiled):
     fn = torch.compile(step, fullgraph=True, backend="aot_eager") if compiled else step
     with pytest.raises(Exception) as caught:
         fn(*change(x, idx, w))
-    if not compiled:
-        assert isinstance(caught.value, ep.InvalidArgumentError)
+    # Compiled: raised while tracing (the fake implementation), not when the graph runs.
+    wanted = torch._dynamo.exc.TorchRuntimeError if compiled else ep.InvalidArgumentError
+    assert isinstance(caught.value, wanted), repr(caught.value)
     assert re.search(message, str(caught.value)), str(caught.value)
 
 
+COMBINE_WRONG = [   # (layout, what changes, the message)
+    ("rank_major", lambda y, w: (y.double(), w), "expert_outputs: dtype torch.float64; must be torch.float32"),
+    ("rank_major", lambda y, w: (y[..., :-1], w), r"expert_outputs: shape \[.*\]; must be \[.*\], as dispatched.tokens"),
+    # LL expert-major: dispatch does not take the weights; combine applies them and checks them.
+    ("expert_major", lambda y, w: (y, w.double()), "topk_weights: dtype torch.float64; must be torch.float32"),
+    ("expert_major", lambda y, w: (y, w[..., :-1]), rf"topk_weights: shape \[{R}, {B}, {K - 1}\]; must be \[{R}, {B}, {K}\]"),
+]
+
+
 @pytest.mark.parametrize("compiled", [False, True])
-def test_wrong_expert_outputs_are_named(compiled):
+@pytest.mark.parametrize("case", range(len(COMBINE_WRONG)))
+def test_wrong_combine_arguments_are_named(case, compiled):
     torch._dynamo.reset()
-    ex = exchange("ll", "rank_major")
+    layout, change, message = COMBINE_WRONG[case]
+    ex = exchange("ll", layout)
     x, idx, w, _ = routing(51, R, B, E, K, H)
 
     def step(x, idx, w):
         sent = ex.dispatch(x, idx, w)
-        return ex.combine(sent.tokens.double(), sent)
+        y, weights = change(sent.tokens, w)
+        return ex.combine(y, sent._replace(weights=weights))   # (the source weights LL expert-major's combine applies)
 
     fn = torch.compile(step, fullgraph=True, backend="aot_eager") if compiled else step
     with pytest.raises(Exception) as caught:
         fn(x, idx, w)
-    assert compiled or isinstance(caught.value, ep.InvalidArgumentError)
-    assert "expert_outputs: dtype torch.float64; must be torch.float32" in str(caught.value), str(caught.value)
+    wanted = torch._dynamo.exc.TorchRuntimeError if compiled else ep.InvalidArgumentError
+    assert isinstance(caught.value, wanted), repr(caught.value)
+    assert re.search(message, str(caught.value)), str(caught.value)

@@ -19,13 +19,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _abi, _fast
 from ..errors import InvalidArgumentError
 from ..nccl_group import NCCLGroup
 from . import _registry
-
-
-_F32 = frozenset((_abi.F32,))
 
 
 def _lead(group) -> tuple:
@@ -66,40 +62,60 @@ def _counts(group, like: Tensor, make) -> Tensor:
 
 _ELEMENT_TYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 _INDEX_TYPES = (torch.int32, torch.int64)
+_WEIGHT_TYPES = (torch.float32,)
 
 
-def _require(value: Tensor, name: str, dtypes: tuple, shape: tuple, group, what: str) -> None:
+def _require(value: Tensor, name: str, dtypes: tuple, shape: tuple, device: int, note: str = "", shown: tuple = ()) -> None:
     """Raises the error naming `name` (as :class:`Exchange` names the argument) unless `value` is
-    of one of `dtypes`, on the group's device, shaped `shape` (None: any size there; `what` says
-    the shape in words). The ops check their inputs so (the real and the fake implementations,
-    so torch.compile reports it while tracing): the group's own checks would name the arrays the
-    ops pass it (``out tokens``, ``xs``)."""
+    of one of `dtypes`, on `device` (the group's ordinal, -1: the CPU), shaped `shape`; the message
+    shows `shown` (None: B, any size) or `shape`, then `note`. The ops check their inputs so, in
+    the real and the fake implementations (torch.compile then reports a wrong one while tracing):
+    the group's own checks would name the arrays the ops pass it (``out tokens``, ``xs``).
+    Messages are built only for an error."""
     if value.dtype not in dtypes:
         wanted = " or ".join(str(d) for d in dtypes)
         raise InvalidArgumentError(f"{name}: dtype {value.dtype}; must be {wanted}")
-    if value.get_device() != group._device:
-        place = "cpu" if group._device < 0 else f"cuda:{group._device}"
+    if value.get_device() != device:
+        place = "cpu" if device < 0 else f"cuda:{device}"
         raise InvalidArgumentError(f"{name}: device {value.device}; must be the group's ({place})")
-    sizes = tuple(value.shape)
-    if len(sizes) != len(shape) or any(want is not None and want != got for want, got in zip(shape, sizes)):
-        raise InvalidArgumentError(f"{name}: shape {list(sizes)}; must be {what}")
+    if value.shape != shape:
+        dims = ", ".join("B" if want is None else str(want) for want in shown or shape)
+        raise InvalidArgumentError(f"{name}: shape {list(value.shape)}; must be [{dims}]{note}")
 
 
 def _check_dispatch(group, x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor]) -> None:
     """The forward dispatch's arguments: x ``[R, B, hidden]`` (NCCL rank: ``[B, hidden]``) of the
     group's dtype, B ≤ max_tokens; topk_idx ``[R, B, top_k]`` int32 or int64; topk_weights
-    float32 shaped like topk_idx, or None."""
-    lead = _lead(group)
-    dims = ", ".join([str(r) for r in lead] + ["B", str(group.hidden)])
-    _require(x, "x", (_ELEMENT_TYPES[group.dtype],), lead + (None, group.hidden), group,
-             f"[{dims}], B ≤ max_tokens ({group.max_tokens})")
-    tokens = x.shape[-2]
+    float32 shaped like topk_idx, or None (LL expert-major: combine checks them)."""
+    lead, device, sizes = _lead(group), group._device, x.shape
+    tokens = sizes[-2] if len(sizes) == len(lead) + 2 else None   # (None: a shape that cannot match)
+    _require(x, "x", (_ELEMENT_TYPES[group.dtype],), lead + (tokens, group.hidden), device, shown=lead + (None, group.hidden))
     if tokens > group.max_tokens:
         raise InvalidArgumentError(f"x: {tokens} tokens per rank; must be ≤ max_tokens ({group.max_tokens})")
     rows = lead + (tokens, group.top_k)
-    _require(topk_idx, "topk_idx", _INDEX_TYPES, rows, group, f"{list(rows)}: x's rows, top_k ({group.top_k}) each")
+    _require(topk_idx, "topk_idx", _INDEX_TYPES, rows, device, ": x's rows, top_k each")
     if topk_weights is not None:
-        _require(topk_weights, "topk_weights", (torch.float32,), rows, group, f"{list(rows)}, as topk_idx")
+        _require(topk_weights, "topk_weights", _WEIGHT_TYPES, rows, device, ", as topk_idx")
+
+
+def _check_combine(group, expert_outputs: Tensor, weights: Optional[Tensor], tokens: int) -> None:
+    """The forward combine's arguments: the expert outputs shaped like the dispatch's received
+    tokens, of the group's dtype; the weights it applies: LL expert-major's source topk_weights
+    ``[R, B, K]``, HT expert-major's per-slot weights (``dispatched.topk_weights``); no other
+    layout takes any."""
+    tokens_shape, routing_shape = _shapes(group)
+    device = group._device
+    _require(expert_outputs, "expert_outputs", (_ELEMENT_TYPES[group.dtype],), tokens_shape, device, ", as dispatched.tokens")
+    if group.layout == "expert_major":
+        if weights is None:
+            raise InvalidArgumentError("topk_weights: None; the combine of LL expert-major applies the topk_weights")
+        _require(weights, "topk_weights", _WEIGHT_TYPES, _lead(group) + (tokens, group.top_k), device, ", as topk_idx")
+    elif group.layout == "expert_major_padded":
+        if weights is None:
+            raise InvalidArgumentError("dispatched.topk_weights: None; the combine of HT expert-major applies the per-slot weights")
+        _require(weights, "dispatched.topk_weights", _WEIGHT_TYPES, routing_shape, device)
+    elif weights is not None:
+        raise InvalidArgumentError(f"weights: given; layout {group.layout!r} combines rows that the experts have weighted already")
 
 
 def _contiguous(value: Optional[Tensor]) -> Optional[Tensor]:
@@ -160,43 +176,26 @@ def _(x, topk_idx, topk_weights, group):
     return received, idx, weights, torch.empty((), dtype=torch.int64), _counts(g, x, torch.empty)
 
 
-def _bind_weights(group, handle, weights: Optional[Tensor], tokens: int) -> Optional[Tensor]:
-    """The forward combine's weights: LL expert-major's source topk_weights ``[R, B, K]``
-    (returned: combine takes them), HT expert-major's per-slot weights ``[R, N]`` (the step's
+def _bind_weights(group, handle, weights: Optional[Tensor]) -> Optional[Tensor]:
+    """The forward combine's weights (`_check_combine` checked them): LL expert-major's source
+    topk_weights (returned: combine takes them), HT expert-major's per-slot weights (the step's
     received ones, set on `handle`); other layouts take none."""
     if group.layout == "expert_major":
-        if weights is None:
-            raise InvalidArgumentError("topk_weights: None; the combine of LL expert-major applies the topk_weights")
-        _fast.check(weights, "topk_weights", _F32, group._device, _lead(group) + (tokens, group.top_k))
         return weights
     if group.layout == "expert_major_padded":
-        if weights is None:
-            raise InvalidArgumentError("dispatched.topk_weights: None; the combine of HT expert-major applies the per-slot weights")
-        _fast.check(weights, "dispatched.topk_weights", _F32, group._device, _shapes(group)[1])
         handle.received_weights = weights
-    elif weights is not None:
-        raise InvalidArgumentError(
-            f"weights: given; layout {group.layout!r} combines rows that the experts have weighted already")
     return None
-
-
-def _check_combine(group, expert_outputs: Tensor) -> None:
-    """The forward combine's expert outputs: shaped like the dispatch's received tokens, of the
-    group's dtype."""
-    shape = _shapes(group)[0]
-    _require(expert_outputs, "expert_outputs", (_ELEMENT_TYPES[group.dtype],), shape, group,
-             f"{list(shape)}, as dispatched.tokens")
 
 
 @torch.library.custom_op("expert_parallel::combine", mutates_args=())
 def combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tensor], step: Tensor, group: int) -> Tensor:
     """The step's forward combine of ``[R, *recv_shape]`` expert outputs: ``[R, B, H]``."""
     entry = _registry.entry(group)
-    _check_combine(entry.group, expert_outputs)
-    g, handle = entry.group, entry.step(step)
     tokens = topk_idx.shape[-2]
+    _check_combine(entry.group, expert_outputs, weights, tokens)
+    g, handle = entry.group, entry.step(step)
     weights = _contiguous(weights)
-    applied = _bind_weights(g, handle, weights, tokens)
+    applied = _bind_weights(g, handle, weights)
     slot_weights = None
     if entry.one_rank and g.layout == "expert_major_padded":
         # An NCCL rank's combine applies the per-slot weights where its peers read them, in the
@@ -219,7 +218,7 @@ def combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tensor],
 @combine.register_fake
 def _(expert_outputs, topk_idx, weights, step, group):
     g = _registry.entry(group).group
-    _check_combine(g, expert_outputs)
+    _check_combine(g, expert_outputs, weights, topk_idx.shape[-2])
     return expert_outputs.new_empty(_lead(g) + (topk_idx.shape[-2], g.hidden))
 
 
