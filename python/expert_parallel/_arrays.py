@@ -91,14 +91,23 @@ def describe_dtype(value):
     return str(value.dtype)
 
 
-def tensor(value, name, *, dtypes, device, shape):
+def writable(value):
+    """Whether the library may write `value`: not a read-only NumPy array (a torch tensor is
+    writable; anything else is named by :func:`tensor`)."""
+    return kind(value) != "numpy" or bool(value.flags.writeable)
+
+
+def tensor(value, name, *, dtypes, device, shape, writable=False):
     """The epTensor_t of `value` after checking its type, dtype, device, contiguity and shape.
 
     `dtypes`: the accepted epDataType_t values; `device`: -1 (host) or a CUDA ordinal; `shape`: a
-    tuple whose None entries accept any size.
+    tuple whose None entries accept any size; `writable`: an output, which a read-only NumPy array
+    cannot be.
     """
     if kind(value) is None:
         raise InvalidArgumentError(f"{name}: a {type(value).__name__}; must be a NumPy array or a PyTorch tensor")
+    if writable and kind(value) == "numpy" and not value.flags.writeable:
+        raise InvalidArgumentError(f"{name}: a read-only NumPy array (flags.writeable is False); the call writes it: pass a writable array")
     dtype = ep_dtype(value, dtypes)
     if dtype not in dtypes:
         wanted = " or ".join(_abi.DTYPE_NAMES[d] for d in sorted(dtypes))

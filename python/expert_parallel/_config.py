@@ -33,6 +33,14 @@ def choice(value, name, choices):
     return choices[value]
 
 
+def flags(**values):
+    """Raises the error naming the first of `values` that is not a bool (``send_only="false"``
+    would otherwise read as true)."""
+    for name, value in values.items():
+        if type(value) is not bool:
+            raise InvalidArgumentError(f"{name}={value!r} (type {type(value).__name__}); must be True or False")
+
+
 def seconds(value, name):
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise InvalidArgumentError(f"{name}={value!r}; must be a number of seconds")

@@ -45,7 +45,10 @@ def look(value, expected):
         torch_codes = _torch_dtype_codes()   # made once
         if type(value).__name__ == "Tensor":
             _tensor_type = tensor_type = type(value)
-    return (value.data_ptr(), _torch_codes.get(value.dtype), value.shape, value.get_device(), value.is_contiguous())
+    where = value.get_device()
+    if where < 0 and not value.is_cpu:
+        where = -2   # a meta tensor (or another device's): -1 is the CPU's alone
+    return (value.data_ptr(), _torch_codes.get(value.dtype), value.shape, where, value.is_contiguous())
 
 
 def _look_numpy(value, expected):
@@ -62,11 +65,14 @@ def _look_numpy(value, expected):
             flags.c_contiguous and flags.aligned and native)
 
 
-def check(value, name, expected, device, shape, seen=None, index=None):
+def check(value, name, expected, device, shape, seen=None, index=None, output=False):
     """The address of `value` after checking it like :func:`_arrays.tensor` (None entries of
     `shape` accept any size); returns (address, epDataType_t, shape). `seen`: look(value,
     expected) where the caller has it already; `index`: an entry of a per-rank list, named
-    ``name[index]`` in an error (the name is built only for one)."""
+    ``name[index]`` in an error (the name is built only for one); `output`: the call writes it
+    (a read-only NumPy array is refused)."""
+    if output and type(value) is not _tensor_type and not _arrays.writable(value):
+        _arrays.tensor(value, name if index is None else f"{name}[{index}]", dtypes=expected, device=device, shape=shape, writable=True)
     if seen is None:
         seen = look(value, expected)
     if seen is not None:
@@ -167,14 +173,17 @@ class Descriptors:
 
 def raw_stream(device, stream=None):
     """The CUstream of `stream` (a torch.cuda.Stream or an int handle), or of PyTorch's current
-    stream on `device`."""
+    stream on `device`; None on the CPU (device -1), whose calls take none (a `stream` of the
+    wrong kind is named there too)."""
     global _raw_stream
     if stream is not None:
         handle = getattr(stream, "cuda_stream", stream)
         if type(handle) is not int:   # (ctypes would take a str as a pointer to its characters)
             raise InvalidArgumentError(
                 f"stream: a {type(stream).__name__}; must be a torch.cuda.Stream or an int CUstream handle")
-        return handle or None
+        return (handle or None) if device >= 0 else None
+    if device < 0:
+        return None
     if _raw_stream is None:
         import torch
 

@@ -185,6 +185,8 @@ class VirtualGroup(GroupBase):
         bytes); the received scales come back as ``result.scales``.
         """
         with self._lock:   # (the @locked of the other methods, in line: this is the data path)
+            if send_only is not False and send_only is not True or record_event is not False and record_event is not True:
+                _config.flags(send_only=send_only, record_event=record_event)
             if out is None and scales is None and launch is _SINGLE and direction is _FORWARD:
                 result = self._dispatch_common(xs, topk_idx, topk_weights, handle, stream, wait_event, record_event, send_only)
                 if result is not None:
@@ -289,6 +291,8 @@ class VirtualGroup(GroupBase):
         or ``(result, hook, event)``.
         """
         with self._lock:
+            if send_only is not False and send_only is not True or record_event is not False and record_event is not True:
+                _config.flags(send_only=send_only, record_event=record_event)
             if send_only:   # its receiving half reads them: keep them alive until complete() has enqueued it
                 self._kept = (expert_outputs, getattr(handle, "topk_weights", None) if topk_weights is None else topk_weights)
             if out is None and weight_gradients is None and topk_weights is None and launch is _SINGLE and direction is _FORWARD:
@@ -354,7 +358,7 @@ class VirtualGroup(GroupBase):
             else:
                 outputs, combined, grads = self._caller_combine_outputs(out, tokens, backward_ht)
 
-            raw = None if self._device == -1 else _fast.raw_stream(self._device, stream)
+            raw = _fast.raw_stream(self._device, stream)
             if wait_event is not None:
                 _fast.wait(self._device, stream, wait_event)
             config = self._combine_config
@@ -370,7 +374,7 @@ class VirtualGroup(GroupBase):
         (default: the current stream); InvalidUsageError when none is pending. The CPU backend
         runs every call whole: completing it does nothing more."""
         self._check_open()
-        raw = None if self._device == -1 else _fast.raw_stream(self._device, stream)
+        raw = _fast.raw_stream(self._device, stream)
         call("epGroupComplete", self._group, raw)
         self._release_kept(stream)
 
@@ -443,6 +447,8 @@ class VirtualGroup(GroupBase):
         if type(values) is _fast.tensor_type:   # a torch tensor: _fast.look in line
             address, code, sizes = values.data_ptr(), _fast.torch_codes.get(values.dtype), values.shape
             where, fine = values.get_device(), values.is_contiguous()
+            if where < 0 and not values.is_cpu:
+                where = -2   # a meta tensor (or another device's): -1 is the CPU's alone
             seen = (address, code, sizes, where, fine)
         else:
             seen = _fast.look(values, expected)
@@ -536,7 +542,8 @@ class VirtualGroup(GroupBase):
                 and (ic == _abi.I32 or ic == _abi.I64) and codes.get(topk_weights.dtype) == _abi.F32 and isz == topk_weights.shape
                 and isz[0] == ranks and isz[1] == b and isz[2] == top_k and xs.get_device() == device
                 and topk_idx.get_device() == device and topk_weights.get_device() == device
-                and xs.is_contiguous() and topk_idx.is_contiguous() and topk_weights.is_contiguous()):
+                and xs.is_contiguous() and topk_idx.is_contiguous() and topk_weights.is_contiguous()
+                and (device >= 0 or (xs.is_cpu and topk_idx.is_cpu and topk_weights.is_cpu))):   # (get_device: -1 for meta too)
             return None
         return b, ic
 
@@ -600,7 +607,7 @@ class VirtualGroup(GroupBase):
         `wait_event`: either of the wrong kind is named before the call takes a buffer slot or
         starts a step."""
         device = self._device
-        raw = None if device == -1 else _fast.raw_stream(device, stream)
+        raw = _fast.raw_stream(device, stream)
         if wait_event is not None:
             _fast.wait(device, stream, wait_event)
         return raw
@@ -630,14 +637,14 @@ class VirtualGroup(GroupBase):
             if seen_idx is None or seen_weights is None:
                 return None
         r = self.ranks
-        address = _fast.check(tokens, "out tokens", self._types_element, device, (r,) + tuple(self.recv_shape), seen_tokens)[0]
+        address = _fast.check(tokens, "out tokens", self._types_element, device, (r,) + tuple(self.recv_shape), seen_tokens, output=True)[0]
         addresses = [address, 0, 0]
         if routing is not None:
             shape = (r,) + tuple(routing)
-            addresses[1] = _fast.check(idx, "out topk_idx", _I32_TYPES, device, shape, seen_idx)[0]
-            addresses[2] = _fast.check(weights, "out topk_weights", _F32_TYPES, device, shape, seen_weights)[0]
+            addresses[1] = _fast.check(idx, "out topk_idx", _I32_TYPES, device, shape, seen_idx, output=True)[0]
+            addresses[2] = _fast.check(weights, "out topk_weights", _F32_TYPES, device, shape, seen_weights, output=True)[0]
         addresses.append(0 if counts is None else
-                         _fast.check(counts, "out expert_counts", _I32_TYPES, device, (r, self.local_experts), seen_counts)[0])
+                         _fast.check(counts, "out expert_counts", _I32_TYPES, device, (r, self.local_experts), seen_counts, output=True)[0])
         if device != -1 and _arrays.kind(tokens) != "torch":
             raise InvalidArgumentError("out tokens: a NumPy array; a GPU group takes CUDA torch tensors")
         return tuple(addresses), (tokens, idx, weights, counts)
@@ -674,7 +681,7 @@ class VirtualGroup(GroupBase):
         if slot is None or slot.kind is not type(expert_outputs) or (forward_ll and not handle.weight_stacked):
             return None
         if not (expert_outputs.shape == shape and _fast.torch_codes.get(expert_outputs.dtype) == element
-                and expert_outputs.get_device() == device and expert_outputs.is_contiguous()):
+                and expert_outputs.get_device() == device and expert_outputs.is_contiguous() and (device >= 0 or expert_outputs.is_cpu)):
             return None
         combined = slot.combine_targets(handle.tokens, False)[0]
         call = slot.combine_call if slot.combine_kind == (forward_ll, False, False) else self._combine_call(slot, (forward_ll, False, False))
@@ -682,7 +689,7 @@ class VirtualGroup(GroupBase):
                                _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, handle._pointer)
         if wait_event is not None:
             _fast.wait(device, stream, wait_event)
-        check_status(self._fn_combine_stacked(self._group_address, call.address, None if device == -1 else _fast.raw_stream(device, stream)))
+        check_status(self._fn_combine_stacked(self._group_address, call.address, _fast.raw_stream(device, stream)))
         return self._combine_result(combined, send_only, record_event, stream) if send_only or record_event else combined
 
     def _combine_call(self, slot, fixed):
@@ -769,7 +776,7 @@ class VirtualGroup(GroupBase):
         if g is not None:
             call.set("weightGradients", g[0], _abi.F32)
         call.fields(None, direction_value, mode, _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, handle._pointer)
-        raw = None if self._device == -1 else _fast.raw_stream(self._device, stream)
+        raw = _fast.raw_stream(self._device, stream)
         if wait_event is not None:
             _fast.wait(self._device, stream, wait_event)
         check_status(self._fn_combine_stacked(self._group_address, call.address, raw))
@@ -796,8 +803,8 @@ class VirtualGroup(GroupBase):
         if seen is None:
             return None
         r, device = self.ranks, self._device
-        address = _fast.check(combined, "out", self._types_element, device, (r, b, self.hidden), seen)[0]
-        grads_address = 0 if grads is None else _fast.check(grads, "out gradients", _F32_TYPES, device, (r, b, self.top_k), seen_grads)[0]
+        address = _fast.check(combined, "out", self._types_element, device, (r, b, self.hidden), seen, output=True)[0]
+        grads_address = 0 if grads is None else _fast.check(grads, "out gradients", _F32_TYPES, device, (r, b, self.top_k), seen_grads, output=True)[0]
         if device != -1 and _arrays.kind(combined) != "torch":
             raise InvalidArgumentError("out: a NumPy array; a GPU group takes CUDA torch tensors")
         return address, grads_address, b, (list(combined), None if grads is None else list(grads))
@@ -915,14 +922,14 @@ class VirtualGroup(GroupBase):
         keep = []
         outputs = (_abi.DispatchOutputs * r)()
         for i in range(r):
-            t = _arrays.tensor(tokens[i], f"out tokens[{i}]", dtypes={self._element}, device=self._device, shape=self.recv_shape)
+            t = _arrays.tensor(tokens[i], f"out tokens[{i}]", writable=True, dtypes={self._element}, device=self._device, shape=self.recv_shape)
             ti = tw = None
             if routing is not None:
                 if idx is None or weights is None:
                     raise InvalidArgumentError(f"out: layout {self.layout!r} receives topk_idx and topk_weights too")
-                ti = _arrays.tensor(idx[i], f"out topk_idx[{i}]", dtypes={_abi.I32}, device=self._device, shape=routing)
-                tw = _arrays.tensor(weights[i], f"out topk_weights[{i}]", dtypes={_abi.F32}, device=self._device, shape=routing)
-            tc = None if counts is None else _arrays.tensor(counts[i], f"out expert_counts[{i}]", dtypes={_abi.I32},
+                ti = _arrays.tensor(idx[i], f"out topk_idx[{i}]", writable=True, dtypes={_abi.I32}, device=self._device, shape=routing)
+                tw = _arrays.tensor(weights[i], f"out topk_weights[{i}]", writable=True, dtypes={_abi.F32}, device=self._device, shape=routing)
+            tc = None if counts is None else _arrays.tensor(counts[i], f"out expert_counts[{i}]", writable=True, dtypes={_abi.I32},
                                                             device=self._device, shape=(self.local_experts,))
             keep += [t, ti, tw, tc]
             outputs[i] = _abi.new(_abi.DispatchOutputs, tokens=ctypes.pointer(t), topkIdx=_arrays.pointer(ti),
@@ -946,8 +953,8 @@ class VirtualGroup(GroupBase):
         keep = []
         outputs = (_abi.CombineOutputs * r)()
         for i in range(r):
-            t = _arrays.tensor(combined[i], f"out[{i}]", dtypes={self._element}, device=self._device, shape=(tokens[i], self.hidden))
-            g = None if grads is None else _arrays.tensor(grads[i], f"out gradients[{i}]", dtypes={_abi.F32},
+            t = _arrays.tensor(combined[i], f"out[{i}]", writable=True, dtypes={self._element}, device=self._device, shape=(tokens[i], self.hidden))
+            g = None if grads is None else _arrays.tensor(grads[i], f"out gradients[{i}]", writable=True, dtypes={_abi.F32},
                                                           device=self._device, shape=(tokens[i], self.top_k))
             keep += [t, g]
             outputs[i] = _abi.new(_abi.CombineOutputs, tokens=ctypes.pointer(t), topkWeightGradients=_arrays.pointer(g))

@@ -272,6 +272,8 @@ class NCCLGroup(GroupBase):
         ``fp8_source="pass_through"``, else in ``dtype`` (quantised in the kernel); the received
         scales are ``result.scales``, the slot's own buffer."""
         with self._lock:   # (the @locked of the other methods, in line: this is the data path)
+            if send_only is not False and send_only is not True or record_event is not False and record_event is not True:
+                _config.flags(send_only=send_only, record_event=record_event)
             if topk_idx is not None and scales is None and direction is _FORWARD:
                 result = self._dispatch_common(x, topk_idx, topk_weights, handle, stream, wait_event, record_event, send_only)
                 if result is not None:
@@ -407,6 +409,8 @@ class NCCLGroup(GroupBase):
         ``stream``, ``wait_event``, ``record_event``, ``send_only``: as for
         :meth:`VirtualGroup.combine`."""
         with self._lock:   # (the @locked of the other methods, in line: this is the data path)
+            if send_only is not False and send_only is not True or record_event is not False and record_event is not True:
+                _config.flags(send_only=send_only, record_event=record_event)
             if send_only:   # its receiving half reads the weights: keep them alive until complete() has enqueued it
                 self._kept = (expert_outputs, getattr(handle, "topk_weights", None) if topk_weights is None else topk_weights)
             if weight_gradients is None and direction is _FORWARD:

@@ -1,0 +1,117 @@
+"""More hazards a new user met (session 25's probe), each now a named error, on the CPU backend:
+
+- a read-only NumPy array given as an output (``out=``) was written through (a read-only
+  memmap crashed the process);
+- a tensor on PyTorch's ``meta`` device (no memory) passed the device check of a CPU group, since
+  ``get_device()`` is -1 for it as for the CPU: a meta ``topk_idx`` read as "not given" and the
+  dispatch reused the previous step's routing;
+- ``send_only`` and ``record_event`` took any truthy value (``send_only="false"`` ran a send-only
+  dispatch), and a CPU group took any ``stream``."""
+
+import mmap
+
+import numpy as np
+import pytest
+import torch
+
+import expert_parallel as ep
+
+
+def group(**overrides):
+    settings = dict(ranks=2, experts=4, hidden=8, top_k=2, max_tokens=3, dtype="f32", algorithm="ht", layout="flat")
+    settings.update(overrides)
+    return ep.VirtualGroup(**settings)
+
+
+def step(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    idx = np.array([[[0, 1], [2, 3], [1, -1]]] * 2, np.int32)
+    w = rng.random((2, 3, 2)).astype(np.float32)
+    return x, idx, w
+
+
+def read_only(shape, dtype=np.float32):
+    array = np.zeros(shape, dtype)
+    array.flags.writeable = False
+    return array
+
+
+def read_only_map(shape):
+    """A read-only memory map: writing it through the library crashed the process."""
+    size = int(np.prod(shape)) * 4
+    return np.frombuffer(mmap.mmap(-1, size, prot=mmap.PROT_READ), np.float32).reshape(shape)
+
+
+@pytest.mark.parametrize("make", [read_only, read_only_map])
+def test_a_read_only_output_is_refused_and_left_as_it_was(make):
+    g = group()
+    x, idx, w = step()
+    sent = g.dispatch(x, idx, w)
+    out = make((2, 3, 8))
+    with pytest.raises(ep.InvalidArgumentError, match=r"^out: a read-only NumPy array"):
+        g.combine(sent.received, sent.handle, out=out)
+    with pytest.raises(ep.InvalidArgumentError, match=r"^out\[0\]: a read-only NumPy array"):
+        g.combine(sent.received, sent.handle, out=[make((3, 8)), np.zeros((3, 8), np.float32)])
+    assert not out.any()
+    recv = make((2,) + tuple(g.recv_shape))
+    routing = (np.zeros((2,) + tuple(g.recv_routing_shape), np.int32), np.zeros((2,) + tuple(g.recv_routing_shape), np.float32))
+    with pytest.raises(ep.InvalidArgumentError, match=r"^out tokens: a read-only NumPy array"):
+        g.dispatch(x, idx, w, out=(recv,) + routing)
+    with pytest.raises(ep.InvalidArgumentError, match=r"^out topk_weights: a read-only NumPy array"):
+        g.dispatch(x, idx, w, out=(np.zeros_like(recv), routing[0], make(routing[1].shape)))
+    assert not recv.any()
+    # Inputs may be read-only: the library only reads them.
+    frozen = [np.array(a) for a in (x, idx, w)]
+    for a in frozen:
+        a.flags.writeable = False
+    again = g.dispatch(*frozen)
+    np.testing.assert_array_equal(again.received, g.dispatch(x, idx, w).received)
+
+
+@pytest.mark.parametrize("argument", ["xs", "topk_idx", "topk_weights"])
+def test_a_meta_tensor_is_refused_by_a_cpu_group(argument):
+    g = group()
+    x, idx, w = (torch.from_numpy(a) for a in step())
+    first = g.dispatch(x, idx, w)
+    kept = first.received.clone()
+    other = torch.from_numpy(step(1)[1][:, ::-1].copy())   # another routing
+    given = {"xs": x, "topk_idx": other, "topk_weights": w}
+    given[argument] = given[argument].to("meta")
+    with pytest.raises(ep.InvalidArgumentError, match=rf"^{argument}: on meta; must be on cpu"):
+        g.dispatch(given["xs"], given["topk_idx"], given["topk_weights"])
+    # Nothing ran: the step is the first one's, whose combine still works.
+    torch.testing.assert_close(first.received, kept)
+    g.combine(first.received, first.handle)
+
+
+def test_meta_expert_outputs_are_refused():
+    g = group()
+    sent = g.dispatch(*(torch.from_numpy(a) for a in step()))
+    with pytest.raises(ep.InvalidArgumentError, match=r"^expert_outputs: on meta; must be on cpu"):
+        g.combine(sent.received.to("meta"), sent.handle)
+
+
+@pytest.mark.parametrize("call", ["dispatch", "combine"])
+@pytest.mark.parametrize("option,value", [("send_only", "false"), ("send_only", 1), ("record_event", "yes"), ("record_event", None)])
+def test_flags_take_true_or_false_only(call, option, value):
+    g = group()
+    x, idx, w = step()
+    sent = g.dispatch(x, idx, w)
+    with pytest.raises(ep.InvalidArgumentError, match=rf"^{option}={value!r} \(type {type(value).__name__}\); must be True or False"):
+        if call == "dispatch":
+            g.dispatch(x, idx, w, **{option: value})
+        else:
+            g.combine(sent.received, sent.handle, **{option: value})
+    g.combine(sent.received, sent.handle)   # nothing pending: the refused call ran nothing
+    g.dispatch(x, idx, w)
+
+
+def test_a_cpu_group_names_a_stream_of_the_wrong_kind():
+    g = group()
+    x, idx, w = step()
+    with pytest.raises(ep.InvalidArgumentError, match=r"^stream: a str; must be a torch.cuda.Stream or an int CUstream handle"):
+        g.dispatch(x, idx, w, stream="s")
+    sent = g.dispatch(x, idx, w, stream=0)   # a handle is accepted (the CPU takes none)
+    with pytest.raises(ep.InvalidArgumentError, match=r"^stream: a list"):
+        g.combine(sent.received, sent.handle, stream=[1])
