@@ -115,3 +115,15 @@ def test_a_cpu_group_names_a_stream_of_the_wrong_kind():
     sent = g.dispatch(x, idx, w, stream=0)   # a handle is accepted (the CPU takes none)
     with pytest.raises(ep.InvalidArgumentError, match=r"^stream: a list"):
         g.combine(sent.received, sent.handle, stream=[1])
+
+
+@pytest.mark.parametrize("argument", ["x", "topk_idx", "topk_weights"])
+def test_the_torch_ops_refuse_a_meta_tensor(argument):
+    from expert_parallel.torch import Exchange
+
+    ex = Exchange(group())
+    given = dict(zip(("x", "topk_idx", "topk_weights"), (torch.from_numpy(a) for a in step())))
+    given[argument] = given[argument].to("meta")
+    with pytest.raises(ep.InvalidArgumentError, match=rf"^{argument}: device meta; must be the group's \(cpu\)"):
+        ex.dispatch(given["x"], given["topk_idx"], given["topk_weights"])
+    ex.close()

@@ -75,7 +75,7 @@ def _require(value: Tensor, name: str, dtypes: tuple, shape: tuple, device: int,
     if value.dtype not in dtypes:
         wanted = " or ".join(str(d) for d in dtypes)
         raise InvalidArgumentError(f"{name}: dtype {value.dtype}; must be {wanted}")
-    if value.get_device() != device:
+    if value.get_device() != device or device < 0 and not value.is_cpu:   # (get_device: -1 for meta too)
         place = "cpu" if device < 0 else f"cuda:{device}"
         raise InvalidArgumentError(f"{name}: device {value.device}; must be the group's ({place})")
     if value.shape != shape:
