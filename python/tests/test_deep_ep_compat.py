@@ -287,6 +287,12 @@ def test_arguments_of_the_wrong_kind_are_named(ranks):
     with pytest.raises(ep.InvalidArgumentError, match=r"^num_tokens_per_expert: a list; must be a torch.Tensor"):
         b.dispatch(x, num_tokens_per_rank=torch.zeros(R, dtype=torch.int32), is_token_in_rank=torch.zeros(2, R, dtype=torch.bool),
                    num_tokens_per_expert=[E], topk_idx=i)
+    # Not contiguous: named as DeepEP names the argument (the library named its own per-rank list, xs[0]).
+    wide = torch.zeros(2, 2 * H, dtype=torch.bfloat16)
+    with pytest.raises(ep.InvalidArgumentError, match=r"^x: not contiguous \(strides \(" + str(2 * H) + r", 2\)\)"):
+        b.low_latency_dispatch(wide[:, ::2], i, 4, E)
+    with pytest.raises(ep.InvalidArgumentError, match=r"^topk_idx: not contiguous"):
+        b.get_dispatch_layout(torch.zeros(K, 2, dtype=torch.int64).t(), E)
     # Ids outside [0, E) count nowhere in the layout (the dispatch that follows names them).
     per_rank, _, per_expert, in_rank, _ = b.get_dispatch_layout(torch.tensor([[0, E + 5, 1], [-1, 2, E]]), E)
     assert per_expert.tolist() == [1, 1, 1] + [0] * (E - 3) and per_rank.tolist() == [2, 0, 0, 0]

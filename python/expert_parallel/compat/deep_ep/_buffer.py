@@ -13,7 +13,7 @@ from ._engine import Payload
 from ._errors import not_supported
 from ._events import EventOverlap
 from ._groups import Groups
-from ._layout import dispatch_layout, flag, group_dtype, require_shape, require_tensor, routing, torch_module
+from ._layout import dispatch_layout, flag, group_dtype, require_contiguous, require_shape, require_tensor, routing, torch_module
 from ._virtual import Rendezvous, Solo
 
 _NVL_PEERS = 8   # DeepEP's ranks per NVLink domain: more ranks than this span nodes
@@ -215,9 +215,9 @@ class Buffer:
             if scales.dtype != torch.float32:
                 raise InvalidArgumentError(f"{name}[1]: dtype {scales.dtype}; the scales must be torch.float32 (one per 128 elements)")
             require_shape(scales, f"{name}[1]", (tokens.shape[0], tokens.shape[1] // 128))
-            return tokens, scales
+            return require_contiguous(tokens, f"{name}[0]"), require_contiguous(scales, f"{name}[1]")
         require_tensor(x, name, 2, self.device)
-        return x, None
+        return require_contiguous(x, name), None
 
     # -- the intranode (high-throughput) path -------------------------------------------------
 
@@ -308,7 +308,7 @@ class Buffer:
         in float32 to the combined rows. ``config`` is not used here."""
         torch = torch_module()
         self._check_open()
-        require_tensor(x, "x", 2, self.device)
+        require_contiguous(require_tensor(x, "x", 2, self.device), "x")
         if not hasattr(handle, "record"):
             raise InvalidArgumentError(f"handle: a {type(handle).__name__}; must be the handle dispatch returned")
         b = handle.record.tokens[handle.local]
@@ -351,7 +351,7 @@ class Buffer:
         self._check_open()
         if dispatch_wait_recv_cost_stats is not None:
             raise not_supported("dispatch_wait_recv_cost_stats", "a tensor", "the calls keep no wait-time statistics; pass None")
-        require_tensor(x, "x", 2, self.device)
+        require_contiguous(require_tensor(x, "x", 2, self.device), "x")
         routing(topk_idx, 0, self.device)
         bmax = integer(num_max_dispatch_tokens_per_rank, "num_max_dispatch_tokens_per_rank", 1, 2**31 - 1)
         experts = integer(num_experts, "num_experts", 1, 2**31 - 1)
@@ -391,7 +391,7 @@ class Buffer:
         return_recv_hook = flag(return_recv_hook, "return_recv_hook")
         if combine_wait_recv_cost_stats is not None:
             raise not_supported("combine_wait_recv_cost_stats", "a tensor", "the calls keep no wait-time statistics; pass None")
-        require_tensor(x, "x", 3, self.device)
+        require_contiguous(require_tensor(x, "x", 3, self.device), "x")
         routing(topk_idx, 0, self.device)
         require_tensor(topk_weights, "topk_weights", 2, self.device)
         if not hasattr(handle, "record"):

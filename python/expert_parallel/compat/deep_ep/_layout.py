@@ -50,6 +50,14 @@ def require_tensor(value: Any, name: str, ndim: int, device: str) -> Any:
     return value
 
 
+def require_contiguous(value: Any, name: str) -> Any:
+    """`value` (a tensor) checked to be contiguous, as DeepEP asserts for the rows and the routing
+    (the library would name the per-rank list the adapter passes it, ``xs[0]``)."""
+    if not value.is_contiguous():
+        raise InvalidArgumentError(f"{name}: not contiguous (strides {tuple(value.stride())}); pass .contiguous()")
+    return value
+
+
 def flag(value: Any, name: str) -> bool:
     """`value` as a bool: a bool, or 0 / 1 (as C-style callers pass); anything else is named."""
     if isinstance(value, bool):
@@ -76,7 +84,7 @@ def routing(topk_idx: Any, num_experts: int, device: str, name: str = "topk_idx"
     require_tensor(topk_idx, name, 2, device)
     if topk_idx.dtype not in (torch.int64, torch.int32):
         raise InvalidArgumentError(f"{name}: dtype {topk_idx.dtype}; must be torch.int64 (deep_ep.topk_idx_t) or torch.int32")
-    return topk_idx
+    return require_contiguous(topk_idx, name)
 
 
 def dispatch_layout(topk_idx: Any, num_experts: int, num_ranks: int) -> Tuple[Any, Any, Any]:
