@@ -24,6 +24,8 @@ per call, medians of:
 
 import argparse
 import json
+import os
+import re
 import statistics
 import sys
 import time
@@ -450,7 +452,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--exchange with {'--deepep' if args.deepep else '--nccl'}: the autograd ops run over a VirtualGroup")
     if args.deepep and args.ranks not in (None, 1):
         parser.error(f"--deepep --ranks {args.ranks}: the Buffer is this process's one rank; --ranks must be 1 (or left out)")
+    if args.device != "cpu" and not re.fullmatch(r"cuda(:[0-9]+)?", args.device):
+        parser.error(f"--device {args.device!r}: must be cpu or cuda[:N]")
+    if args.device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: this PyTorch finds no CUDA device (torch.cuda.is_available() is False)")
     names = args.case or (["tiny", "tiny-ht"] if args.device == "cpu" else ["ll-std", "ll-32", "ll-1", "ht-std", "ht-4k", "odd"])
+    if args.ranks is not None:
+        for name in names:
+            experts = CASES[name][4]
+            if experts % args.ranks:
+                parser.error(f"--ranks {args.ranks}: must divide case {name}'s {experts} experts")
+    if args.engine_json is not None and not os.path.isfile(args.engine_json):
+        parser.error(f"--engine-json {args.engine_json}: no such file")
+    if args.json is not None and not os.access(os.path.dirname(os.path.abspath(args.json)), os.W_OK):
+        parser.error(f"--json {args.json}: its folder does not exist or cannot be written (checked before the run)")
     if job is not None:
         results = _run_job(names, _job_device(args.device), args.iterations, args.warmup, args.seed, args.engine_json,
                            not args.no_baseline, job)

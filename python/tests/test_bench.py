@@ -83,7 +83,9 @@ def test_an_nccl_run_takes_the_engines_nccl_rank_figures(tmp_path):
 @pytest.mark.parametrize("option", [["--iterations", "0"], ["--warmup", "-1"], ["--ranks", "0"], ["--case", "nope"],
                                     ["--nccl"], ["--nccl", "--device", "cuda:0", "--ranks", "2"], ["--deepep", "--ranks", "2"],
                                     ["--deepep", "--nccl", "--device", "cuda:0"], ["--exchange", "maybe"],
-                                    ["--exchange", "no-fill", "--deepep"]])
+                                    ["--exchange", "no-fill", "--deepep"], ["--ranks", "3"], ["--device", "gpu"],
+                                    ["--json", "/nonexistent/x.json"], ["--engine-json", "/nonexistent.json"]]
+                         + ([["--device", "cuda:0"]] if not __import__("torch").cuda.is_available() else []))
 def test_bad_options_are_refused_by_name(option):
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(bench.__file__)))
     env = dict(os.environ, PYTHONPATH=package_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
