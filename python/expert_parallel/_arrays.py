@@ -23,6 +23,8 @@ def element_type(dtype):
     key = dtype if isinstance(dtype, str) else str(dtype)
     if key not in _DTYPE_ALIASES:
         name = getattr(dtype, "name", None)  # a NumPy dtype
+        if name is None and isinstance(dtype, type) and dtype.__module__ == "numpy":
+            name = dtype.__name__  # a NumPy scalar type (np.float32)
         key = name if name in _DTYPE_ALIASES else key
     if key not in _DTYPE_ALIASES:
         raise InvalidArgumentError(f"dtype={dtype!r}; must be 'bf16', 'f16', 'f32' or 'u8' (or the NumPy/torch dtype)")

@@ -127,3 +127,33 @@ def test_the_torch_ops_refuse_a_meta_tensor(argument):
     with pytest.raises(ep.InvalidArgumentError, match=rf"^{argument}: device meta; must be the group's \(cpu\)"):
         ex.dispatch(given["x"], given["topk_idx"], given["topk_weights"])
     ex.close()
+
+
+@pytest.mark.parametrize("dtype,name", [(np.float32, "f32"), (np.float16, "f16"), (np.uint8, "u8"), (np.dtype("float32"), "f32")])
+def test_numpy_scalar_types_name_a_dtype(dtype, name):
+    assert group(dtype=dtype).dtype == name
+
+
+@pytest.mark.parametrize("dtype", [np.int32, float, int])
+def test_other_types_are_no_dtype(dtype):
+    with pytest.raises(ep.InvalidArgumentError, match=r"^dtype=<class '.*'>; must be 'bf16', 'f16', 'f32' or 'u8'"):
+        group(dtype=dtype)
+
+
+def test_a_traced_token_count_is_named_by_its_value():
+    """Under torch.compile(dynamic=True) a B past max_tokens was named by its symbol (s27)."""
+    from expert_parallel.torch import Exchange
+
+    ex = Exchange(group())
+    fn = torch.compile(lambda x, i, w: ex.combine(ex.dispatch(x, i, w).tokens, ex.dispatch(x, i, w)), fullgraph=True,
+                       backend="aot_eager", dynamic=True)
+
+    def inputs(b):
+        i = torch.zeros(2, b, 2, dtype=torch.int32)
+        i[..., 1] = 1
+        return torch.randn(2, b, 8), i, torch.ones(2, b, 2)
+
+    fn(*inputs(2))
+    with pytest.raises(Exception, match=r"x: 5 tokens per rank; must be ≤ max_tokens \(3\)"):
+        fn(*inputs(5))
+    ex.close()

@@ -91,7 +91,7 @@ def _check_dispatch(group, x: Tensor, topk_idx: Tensor, topk_weights: Optional[T
     tokens = sizes[-2] if len(sizes) == len(lead) + 2 else None   # (None: a shape that cannot match)
     _require(x, "x", (_ELEMENT_TYPES[group.dtype],), lead + (tokens, group.hidden), device, shown=lead + (None, group.hidden))
     if tokens > group.max_tokens:
-        raise InvalidArgumentError(f"x: {tokens} tokens per rank; must be ≤ max_tokens ({group.max_tokens})")
+        raise InvalidArgumentError(f"x: {int(tokens)} tokens per rank; must be ≤ max_tokens ({group.max_tokens})")   # (int: a traced size's value)
     rows = lead + (tokens, group.top_k)
     _require(topk_idx, "topk_idx", _INDEX_TYPES, rows, device, ": x's rows, top_k each")
     if topk_weights is not None:
