@@ -176,7 +176,9 @@ class VirtualGroup(GroupBase):
         the group's buffers: per-rank lists, or one stacked ``[R, ...]`` array each (with stacked
         inputs: one C call, as into the group's buffers; None for the routing of LL expert-major);
         a fourth entry, ``expert_counts`` (``[L]`` int32 per rank, or ``[R, L]``), gets the rows
-        per local expert on the stream (``result.expert_counts``). On the GPU the calls are enqueued on
+        per local expert on the stream (``result.expert_counts``); an FP8 group receives e4m3
+        tokens (torch ``float8_e4m3fn``, NumPy ``uint8``) and needs a fifth, the received
+        ``scales`` (``recv_scales_shape`` per rank; the fourth may be None), ``result.scales``. On the GPU the calls are enqueued on
         ``stream`` (default: the current stream) after ``wait_event``, and return at once;
         ``record_event=True`` records ``result.event`` after them; ``send_only=True`` enqueues
         only the sending half: call ``result.hook()`` (or :meth:`complete`) before the received
@@ -266,8 +268,9 @@ class VirtualGroup(GroupBase):
                 return self._slot_result(slot, target, stream, send_only, record_event)
             target.slot = -1   # the caller's tensors
             target.received_weights = out_views[2]
-            return self._dispatch_result(DispatchResult(out_views[0], out_views[1], out_views[2], target, expert_counts=out_views[3],
-                                                        received=out_views[4]), send_only, record_event, stream)
+            result = DispatchResult(out_views[0], out_views[1], out_views[2], target, expert_counts=out_views[3], received=out_views[4])
+            result.scales = out_views[5]
+            return self._dispatch_result(result, send_only, record_event, stream)
 
     def combine(self, expert_outputs: PerRank, handle: Handle, *, direction: Direction = "forward",
                 weight_gradients: Optional[PerRank] = None, launch: Launch = "single", out: Any = None,
@@ -902,27 +905,37 @@ class VirtualGroup(GroupBase):
         return values
 
     def _caller_outputs(self, out):
-        """The dispatch outputs for ``out=(tokens, topk_idx, topk_weights[, expert_counts])`` per-rank lists."""
+        """The dispatch outputs for ``out=(tokens, topk_idx, topk_weights[, expert_counts[, scales]])``
+        per-rank lists (FP8 groups: e4m3 tokens and the received scales, which they need)."""
         try:
-            tokens, idx, weights, *counts = out
-            if len(counts) > 1:
+            tokens, idx, weights, *rest = out
+            if len(rest) > 2:
                 raise ValueError
         except (TypeError, ValueError):
-            raise InvalidArgumentError("out: must be (tokens, topk_idx, topk_weights) or (tokens, topk_idx, topk_weights, "
-                                       "expert_counts), per-rank lists (None for LL expert-major's routing)") from None
+            raise InvalidArgumentError("out: must be (tokens, topk_idx, topk_weights), optionally then expert_counts (or None) "
+                                       "and, for FP8 groups, scales: per-rank lists (None for LL expert-major's routing)") from None
         r = self.ranks
-        routing = self.recv_routing_shape
+        routing, fp8 = self.recv_routing_shape, self.recv_scales_shape is not None
         received = tokens if _arrays.kind(tokens) is not None else None   # one stacked array: result.received
         tokens = self._per_rank(tokens, "out tokens")
         if routing is not None and idx is not None and weights is not None:
             idx, weights = self._per_rank(idx, "out topk_idx"), self._per_rank(weights, "out topk_weights")
-        counts = counts[0] if counts else None
+        counts = rest[0] if rest else None
         if counts is not None:
             counts = self._per_rank(counts, "out expert_counts")
+        scales = rest[1] if len(rest) > 1 else None
+        if fp8 and scales is None:
+            raise InvalidArgumentError("out: an FP8 group receives scales beside its e4m3 rows: pass (tokens, topk_idx, "
+                                       "topk_weights, expert_counts or None, scales), scales [R, *recv_scales_shape]")
+        if not fp8 and scales is not None:
+            raise InvalidArgumentError("out scales: given; only FP8 groups receive scales")
+        if scales is not None:
+            scales = self._per_rank(scales, "out scales")
+        element = {_abi.E4M3} if fp8 else {self._element}   # (the received rows' type: e4m3 in an FP8 group)
         keep = []
         outputs = (_abi.DispatchOutputs * r)()
         for i in range(r):
-            t = _arrays.tensor(tokens[i], f"out tokens[{i}]", writable=True, dtypes={self._element}, device=self._device, shape=self.recv_shape)
+            t = _arrays.tensor(tokens[i], f"out tokens[{i}]", writable=True, dtypes=element, device=self._device, shape=self.recv_shape)
             ti = tw = None
             if routing is not None:
                 if idx is None or weights is None:
@@ -931,12 +944,14 @@ class VirtualGroup(GroupBase):
                 tw = _arrays.tensor(weights[i], f"out topk_weights[{i}]", writable=True, dtypes={_abi.F32}, device=self._device, shape=routing)
             tc = None if counts is None else _arrays.tensor(counts[i], f"out expert_counts[{i}]", writable=True, dtypes={_abi.I32},
                                                             device=self._device, shape=(self.local_experts,))
-            keep += [t, ti, tw, tc]
+            ts = None if scales is None else _arrays.tensor(scales[i], f"out scales[{i}]", writable=True, dtypes={self._scale_type},
+                                                            device=self._device, shape=self.recv_scales_shape)
+            keep += [t, ti, tw, tc, ts]
             outputs[i] = _abi.new(_abi.DispatchOutputs, tokens=ctypes.pointer(t), topkIdx=_arrays.pointer(ti),
-                                  topkWeights=_arrays.pointer(tw), expertCounts=_arrays.pointer(tc))
+                                  topkWeights=_arrays.pointer(tw), expertCounts=_arrays.pointer(tc), scales=_arrays.pointer(ts))
         self._keep = keep
         return outputs, (list(tokens), None if routing is None else list(idx), None if routing is None else list(weights), counts,
-                         received)
+                         received, None if scales is None else list(scales))
 
     def _caller_combine_outputs(self, out, tokens, backward_ht):
         r = self.ranks

@@ -90,3 +90,56 @@ def test_a_torch_uint8_tensor_is_taken_as_e4m3_codes_where_a_group_passes_fp8_th
     for xs, s in ((codes, scales), (list(codes), list(scales))):
         got = group.dispatch(xs, idx if xs is codes else list(idx), w if xs is codes else list(w), scales=s).tokens
         assert all(torch.equal(a.view(torch.uint8), b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("mode", ["float32", "ue8m0", "e8m0"])
+@pytest.mark.parametrize("layout", ["flat", "expert_major_padded"])
+@pytest.mark.parametrize("stacked", [True, False])
+def test_an_fp8_dispatch_receives_into_the_callers_arrays(mode, layout, stacked):
+    """out= with e4m3 rows and the received scales (an FP8 group needs both; the rows' type was
+    checked as the element type, which the library then refused): the same rows, routing and
+    scales as the group's own buffers receive."""
+    rng = np.random.default_rng(3)
+    r, b, k, e = 2, 5, 2, 4
+    group = ep.VirtualGroup(ranks=r, experts=e, hidden=H, top_k=k, max_tokens=b, dtype="f32", algorithm="ht", layout=layout,
+                            alignment=4 if layout == "expert_major_padded" else 1, fp8=mode)
+    x = rng.standard_normal((r, b, H)).astype(np.float32)
+    idx = np.stack([np.stack([rng.choice(e, k, replace=False) for _ in range(b)]) for _ in range(r)]).astype(np.int32)
+    w = rng.random((r, b, k)).astype(np.float32)
+    own = group.dispatch(x, idx, w)
+    want = [np.array(a) for a in (own.received, own.topk_idx, own.topk_weights, own.scales)]
+    y = rng.standard_normal((r,) + group.recv_shape).astype(np.float32)
+    combined = np.stack(group.combine(y, own.handle))
+    tokens = np.full((r,) + group.recv_shape, 0xAA, np.uint8)
+    routing = (np.zeros((r,) + group.recv_routing_shape, np.int32), np.zeros((r,) + group.recv_routing_shape, np.float32))
+    scales = np.zeros((r,) + group.recv_scales_shape, np.float32 if mode == "float32" else np.int32)
+    out = (tokens,) + routing + (None, scales)
+    if not stacked:
+        out = tuple(None if a is None else list(a) for a in out)
+    got = group.dispatch(x, idx, w, out=out)
+    assert all(np.shares_memory(got.scales[i], scales[i]) for i in range(r))
+    used = [np.flatnonzero(want[3][i].reshape(want[3].shape[1], -1).any(axis=1)) for i in range(r)]
+    for i in range(r):
+        rows = used[i]
+        assert np.array_equal(tokens[i][rows], want[0][i][rows]), i
+        assert np.array_equal(scales[i][rows], np.array(want[3][i])[rows]), i
+        assert np.array_equal(routing[0][i][rows], want[1][i][rows]) and np.array_equal(routing[1][i][rows], want[2][i][rows]), i
+    # The step combines as the group's own dispatch's did.
+    np.testing.assert_array_equal(np.stack(group.combine(y, got.handle)), combined)
+
+
+def test_an_fp8_groups_out_needs_its_scales_and_a_plain_group_takes_none():
+    group = ep.VirtualGroup(ranks=1, experts=2, hidden=H, top_k=1, max_tokens=2, dtype="f32", algorithm="ht", fp8="float32")
+    x, idx, w = np.ones((1, 2, H), np.float32), np.zeros((1, 2, 1), np.int32), np.ones((1, 2, 1), np.float32)
+    routing = (np.zeros((1,) + group.recv_routing_shape, np.int32), np.zeros((1,) + group.recv_routing_shape, np.float32))
+    tokens = np.zeros((1,) + group.recv_shape, np.uint8)
+    with pytest.raises(ep.InvalidArgumentError, match=r"^out: an FP8 group receives scales beside its e4m3 rows"):
+        group.dispatch(x, idx, w, out=(tokens,) + routing)
+    with pytest.raises(ep.InvalidArgumentError, match=r"^out tokens\[0\]: dtype float32; must be e4m3"):
+        group.dispatch(x, idx, w, out=(np.zeros((1,) + group.recv_shape, np.float32),) + routing
+                       + (None, np.zeros((1,) + group.recv_scales_shape, np.float32)))
+    with pytest.raises(ep.InvalidArgumentError, match=r"^out scales\[0\]: dtype int32; must be f32"):
+        group.dispatch(x, idx, w, out=(tokens,) + routing + (None, np.zeros((1,) + group.recv_scales_shape, np.int32)))
+    plain = ep.VirtualGroup(ranks=1, experts=2, hidden=H, top_k=1, max_tokens=2, dtype="f32", algorithm="ht")
+    with pytest.raises(ep.InvalidArgumentError, match=r"^out scales: given; only FP8 groups receive scales"):
+        plain.dispatch(x, idx, w, out=(np.zeros((1,) + plain.recv_shape, np.float32),) + routing + (None, np.zeros((1, 2, 2), np.float32)))
