@@ -100,6 +100,7 @@ struct RunCommand: ParsableCommand {
         }
         if drill != nil, transport != .nccl { throw ValidationError("--drill needs --transport nccl") }
         if drill != nil, !gpu.smCounts.isEmpty { throw ValidationError("--sms does not apply to --drill (a drill runs one step, untimed)") }
+        if drill != nil, let fp8 = shape.fp8 { throw ValidationError("--fp8 \(fp8.rawValue) does not apply to --drill (a drill runs one plain ll-std step)") }
         if drill != nil, !(0..<(shape.ranks ?? 2)).contains(drillRank) {
             throw ValidationError("--drill-rank \(drillRank) is out of range: must be in 0..<\(shape.ranks ?? 2) (the ranks)")
         }

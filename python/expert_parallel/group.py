@@ -477,7 +477,7 @@ class VirtualGroup(GroupBase):
         common = self._common_inputs(xs, topk_idx, topk_weights)
         if common is None or not self._group:
             return None
-        b, ic = common
+        b, ic, (x_address, idx_address, weights) = common
         ranks, element = self.ranks, self._common[4]
         if handle is not None:
             self._check_handle(handle, dispatched=False)
@@ -488,8 +488,7 @@ class VirtualGroup(GroupBase):
             slot = self._slot(index, xs)
         self._next_slot = (index + 1) % self.buffer_slots
         call = slot.dispatch_call or self._dispatch_call(slot)
-        weights = topk_weights.data_ptr()
-        call.dispatch_arguments(xs.data_ptr(), element, topk_idx.data_ptr(), ic, weights, b,
+        call.dispatch_arguments(x_address, element, idx_address, ic, weights, b,
                                 _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, None if handle is None else handle._pointer)
         if handle is None or handle._pointer is None:
             self._own_step += 1   # earlier handles of the group's own step are void from here on
@@ -545,10 +544,13 @@ class VirtualGroup(GroupBase):
                 and (ic == _abi.I32 or ic == _abi.I64) and codes.get(topk_weights.dtype) == _abi.F32 and isz == topk_weights.shape
                 and isz[0] == ranks and isz[1] == b and isz[2] == top_k and xs.get_device() == device
                 and topk_idx.get_device() == device and topk_weights.get_device() == device
-                and xs.is_contiguous() and topk_idx.is_contiguous() and topk_weights.is_contiguous()
-                and (device >= 0 or (xs.is_cpu and topk_idx.is_cpu and topk_weights.is_cpu))):   # (get_device: -1 for meta too)
+                and xs.is_contiguous() and topk_idx.is_contiguous() and topk_weights.is_contiguous()):
             return None
-        return b, ic
+        # A meta tensor (get_device() -1, as the CPU's) has no memory: the general path names it.
+        pointers = xs.data_ptr(), topk_idx.data_ptr(), topk_weights.data_ptr()
+        if not (pointers[0] and pointers[1] and pointers[2]):
+            return None
+        return b, ic, pointers
 
     def _dispatch_call(self, slot):
         """The slot's epStackedDispatch_t, made on first use: its outputs point at the slot's buffers for good."""
@@ -610,7 +612,7 @@ class VirtualGroup(GroupBase):
         `wait_event`: either of the wrong kind is named before the call takes a buffer slot or
         starts a step."""
         device = self._device
-        raw = _fast.raw_stream(device, stream)
+        raw = None if device == -1 and stream is None else _fast.raw_stream(device, stream)
         if wait_event is not None:
             _fast.wait(device, stream, wait_event)
         return raw
@@ -684,15 +686,19 @@ class VirtualGroup(GroupBase):
         if slot is None or slot.kind is not type(expert_outputs) or (forward_ll and not handle.weight_stacked):
             return None
         if not (expert_outputs.shape == shape and _fast.torch_codes.get(expert_outputs.dtype) == element
-                and expert_outputs.get_device() == device and expert_outputs.is_contiguous() and (device >= 0 or expert_outputs.is_cpu)):
+                and expert_outputs.get_device() == device and expert_outputs.is_contiguous()):
+            return None
+        address = expert_outputs.data_ptr()
+        if not address:   # a meta tensor (get_device() -1, as the CPU's): the general path names it
             return None
         combined = slot.combine_targets(handle.tokens, False)[0]
         call = slot.combine_call if slot.combine_kind == (forward_ll, False, False) else self._combine_call(slot, (forward_ll, False, False))
-        call.combine_arguments(expert_outputs.data_ptr(), element, handle.weight_stacked if forward_ll else None,
+        call.combine_arguments(address, element, handle.weight_stacked if forward_ll else None,
                                _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, handle._pointer)
         if wait_event is not None:
             _fast.wait(device, stream, wait_event)
-        check_status(self._fn_combine_stacked(self._group_address, call.address, _fast.raw_stream(device, stream)))
+        check_status(self._fn_combine_stacked(self._group_address, call.address,
+                                              None if device == -1 and stream is None else _fast.raw_stream(device, stream)))
         return self._combine_result(combined, send_only, record_event, stream) if send_only or record_event else combined
 
     def _combine_call(self, slot, fixed):

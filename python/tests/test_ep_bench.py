@@ -267,6 +267,7 @@ def test_sms_without_a_gpu_is_a_usage_error(backend):
     (["--sms", "16", "--sms", "5000"], ["--sms 5000", "1...4096"]),
     (["--sms", "16,x"], ["'16,x'", "--sms"]),
     (["--transport", "nccl", "--drill", "dies", "--sms", "16"], ["--sms", "--drill"]),
+    (["--transport", "nccl", "--drill", "dies", "--fp8", "ue8m0"], ["--fp8 ue8m0", "--drill"]),
     (["--transport", "nccl", "--dtype", "u8"], ["--dtype u8", "dispatch only"]),
 ])
 def test_sms_lists_are_checked_before_the_run(args, fragments):

@@ -91,6 +91,38 @@ def test_a_decode_sized_quantised_step_matches_the_cpu():
     expect_same(run(gpu, cuda(xs), cuda(idx), cuda(w), cuda(ys)), run(cpu, xs, idx, w, ys), "decode ue8m0")
 
 
+@pytest.mark.parametrize("source", ["quantize", "pass_through"])
+@pytest.mark.parametrize("algorithm,layout,alignment", LAYOUTS)
+def test_a_dispatch_into_the_callers_fp8_tensors_matches_the_groups_own(algorithm, layout, alignment, source):
+    """out= of an FP8 group: zeroed torch float8_e4m3fn rows, routing and the received scales
+    (stacked), the same bits as the group's own (fresh, zeroed) buffers receive, and the same
+    combine after it."""
+    shape = (4, 8, 4, 384, 10)
+    mode = {"quantize": "ue8m0", "pass_through": "float32"}[source]
+    gpu, _ = fp8_groups(shape, algorithm=algorithm, layout=layout, alignment=alignment, dtype="bf16", fp8=mode, fp8_source=source)
+    xs, idx, w, ys = make_step(31, shape, "bf16", gpu.recv_shape, tokens=[10] * 4)
+    extra = {}
+    if source == "pass_through":
+        xs, scales = pass_through_rows(31, xs, gpu.recv_scales_shape[-1], mode)
+        extra["scales"] = torch.stack(cuda(scales))
+    x, i, ww, y = (torch.stack(cuda(t)) for t in (xs, idx, w, ys))
+    own = gpu.dispatch(x, i, ww, **extra)
+    own_combined = [t.clone() for t in gpu.combine(y, own.handle)]
+    assert own.layout is not None   # (the host copy, read while the step is the group's)
+    r = shape[0]
+    tokens = torch.zeros((r,) + gpu.recv_shape, dtype=torch.uint8, device=DEVICE).view(torch.float8_e4m3fn)
+    scale_type = torch.float32 if mode == "float32" else torch.int32
+    scales_out = torch.zeros((r,) + gpu.recv_scales_shape, dtype=scale_type, device=DEVICE)
+    routing = (None, None) if gpu.recv_routing_shape is None else (
+        torch.zeros((r,) + gpu.recv_routing_shape, dtype=torch.int32, device=DEVICE),
+        torch.zeros((r,) + gpu.recv_routing_shape, dtype=torch.float32, device=DEVICE))
+    got = gpu.dispatch(x, i, ww, out=(tokens,) + routing + (None, scales_out), **extra)
+    got_combined = gpu.combine(y, got.handle)
+    gpu.check()
+    assert all(got.scales[k].data_ptr() == scales_out[k].data_ptr() for k in range(r))
+    expect_same((got, got_combined), (own, own_combined), f"{layout}({alignment}) {source} out=")
+
+
 def test_e4m3_rows_to_combine_are_a_named_error():
     shape = (2, 4, 2, 128, 4)
     gpu, _ = fp8_groups(shape, dtype="bf16", fp8="float32")

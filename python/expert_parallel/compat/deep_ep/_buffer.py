@@ -289,6 +289,7 @@ class Buffer:
             require_shape(topk_weights, "topk_weights", tuple(topk_idx.shape))
             if topk_weights.dtype != torch.float32:
                 raise InvalidArgumentError(f"topk_weights: dtype {topk_weights.dtype}; must be torch.float32")
+            require_contiguous(topk_weights, "topk_weights")
         (recv_x, recv_idx, recv_w, counts, made), event = self._call(
             "dispatch", _engine.ht_dispatch, previous_event, async_finish, handle=None, topk_idx=topk_idx,
             topk_weights=topk_weights, experts=int(num_tokens_per_expert.numel()),
