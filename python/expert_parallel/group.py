@@ -418,8 +418,8 @@ class VirtualGroup(GroupBase):
         if scales is None:
             common = self._common_inputs(xs, topk_idx, topk_weights)
             if common is not None:   # the common forward call's three tensors (anything unusual: _stacked names the problem)
-                b, ic = common
-                return b, (xs.data_ptr(), self._input_element, b), (topk_idx.data_ptr(), ic, b), (topk_weights.data_ptr(), _abi.F32, b), None
+                b, ic, (x, idx, w) = common
+                return b, (x, self._input_element, b), (idx, ic, b), (w, _abi.F32, b), None
         x = self._stacked(xs, "xs", self._types_x, self._tail_x, None)
         if x is None:
             return None
