@@ -1,5 +1,7 @@
 """The exceptions of expert_parallel. Every one is an :class:`ExpertParallelError`."""
 
+import re
+
 from . import _abi
 
 
@@ -117,8 +119,25 @@ _STATUS_NAMES = {
 }
 
 
+# The library's names of the group's settings, as the package's keywords name them (a message of
+# the C layer names epGroupConfig_t's fields: "topK = 40; must be ≤ experts (4)").
+_SETTING_NAMES = [("maxReceivedTokensPerRank", "max_recv_tokens"), ("maxTokensPerRank", "max_tokens"), ("topK", "top_k"),
+                  ("elementType", "dtype"), ("timeoutSeconds", "timeout"), ("epLayoutExpertMajorPadded", "'expert_major_padded'"),
+                  ("epLayoutExpertMajor", "'expert_major'"), ("epLayoutRankMajor", "'rank_major'"), ("epLayoutFlat", "'flat'"),
+                  ("float32Block128", "'float32'"), ("ue8m0Block128", "'ue8m0'"), ("e8m0Block32", "'e8m0'")]
+_SETTINGS = re.compile(r"\b(" + "|".join(name for name, _ in _SETTING_NAMES) + r")\b")
+_SETTING_WORDS = dict(_SETTING_NAMES)
+
+
+def python_names(message: str) -> str:
+    """`message` with the group settings it names as the package's keywords name them."""
+    return _SETTINGS.sub(lambda m: _SETTING_WORDS[m.group(1)], message)
+
+
 def from_status(status: int, message: str) -> ExpertParallelError:
-    """The exception for a failed C call."""
+    """The exception for a failed C call (its message naming the group's settings as the
+    package's keywords do)."""
+    message = python_names(message)
     cls = _CLASSES.get(status, ExpertParallelError)
     if status == _abi.INVALID_ARGUMENT and ": out of memory: " in message:
         cls = _CheckedOutOfMemoryError   # EPError.outOfMemory, which has no status of its own

@@ -157,3 +157,23 @@ def test_a_traced_token_count_is_named_by_its_value():
     with pytest.raises(Exception, match=r"x: 5 tokens per rank; must be ≤ max_tokens \(3\)"):
         fn(*inputs(5))
     ex.close()
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(top_k=40), r"top_k = 40; must be ≤ experts \(4\)"),
+    (dict(max_tokens=0), r"max_tokens = 0; must be ≥ 1"),
+    (dict(alignment=4, layout="flat"), r"alignment = 4; must be 0 or 1 unless the layout is 'expert_major_padded'"),
+    (dict(hidden=100, fp8="float32"), r"hidden = 100; must be a multiple of 128, the block of FP8 scale mode 'float32'"),
+])
+def test_the_librarys_errors_name_the_settings_as_the_package_does(settings, message):
+    # The C layer names epGroupConfig_t's fields (topK, maxTokensPerRank, epLayoutExpertMajorPadded).
+    with pytest.raises(ep.InvalidArgumentError, match=message):
+        group(**settings)
+
+
+def test_an_overflow_names_max_recv_tokens():
+    g = group(max_recv_tokens=3)
+    x, idx, w = step()
+    idx[...] = [0, 1]
+    with pytest.raises(ep.ReceiveOverflowError, match=r"would receive 6 rows but max_recv_tokens is 3"):
+        g.dispatch(x, idx, w)

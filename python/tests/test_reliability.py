@@ -118,9 +118,9 @@ def test_too_many_rows_over_a_short_buffer_are_refused_by_row_count_before_readi
         except ep.InvalidArgumentError as error:
             print("per-rank:", error)
     """, "collective: epGroupUpdateAll: rank 0: invalid argument: inputs.topkIdx.sizes[0] (tokens) = 2; "
-         "must be in 0...maxTokensPerRank (1)",
+         "must be in 0...max_tokens (1)",
          "per-rank: epHandleUpdate: invalid argument: inputs.topkIdx.sizes[0] (tokens) = 1099511627776; "
-         "must be in 0...maxTokensPerRank (1)")
+         "must be in 0...max_tokens (1)")
 
 
 def test_a_config_whose_host_metadata_cannot_fit_is_refused_at_creation_by_name():
@@ -268,7 +268,8 @@ def test_per_rank_combine_without_a_dispatch_is_wrong_order():
 def test_a_timeout_out_of_bounds_is_echoed_as_given(given):
     with pytest.raises(ep.InvalidArgumentError) as caught:
         make_group(timeout=given)
-    assert f"timeoutSeconds = {given!r}; must be in [1e-9, 86400] seconds" in str(caught.value), str(caught.value)
+    # (the package's errors name the group's settings by its keywords: timeout, not timeoutSeconds)
+    assert f"timeout = {given!r}; must be in [1e-9, 86400] seconds" in str(caught.value), str(caught.value)
     assert "0.0 seconds" not in str(caught.value)
 
 

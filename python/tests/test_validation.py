@@ -36,7 +36,7 @@ def test_error_classes():
 
 @pytest.mark.parametrize("overrides,match", [
     (dict(experts=5), r"experts = 5; must be a multiple of ranks \(2\)"),
-    (dict(top_k=0), r"topK = 0; must be ≥ 1"),
+    (dict(top_k=0), r"top_k = 0; must be ≥ 1"),
     (dict(ranks=65, experts=65), r"ranks = 65; must be in 1...64"),
     (dict(hidden=3), r"hidden = 3; .*multiple of 8 bytes"),
     (dict(hidden=2**40), r"hidden = 1099511627776; must be ≤ 2147483647"),
@@ -47,10 +47,10 @@ def test_error_classes():
     (dict(device="tpu"), r"device='tpu'"),
     (dict(ranks="2"), r"ranks='2'; must be an integer"),
     (dict(top_k=2**31), r"top_k=2147483648; must be in"),
-    (dict(max_recv_tokens=10), r"maxReceivedTokensPerRank = 10; must be nil for LL"),
+    (dict(max_recv_tokens=10), r"max_recv_tokens = 10; must be nil for LL"),
     (dict(algorithm="ht", layout="expert_major_padded", alignment=2000), r"layout.alignment = 2000; must be in 1...1024"),
-    (dict(alignment=4), r"alignment = 4; must be 0 or 1 unless the layout is epLayoutExpertMajorPadded"),
-    (dict(timeout=-1.0), r"timeoutSeconds = -1.0"),
+    (dict(alignment=4), r"alignment = 4; must be 0 or 1 unless the layout is 'expert_major_padded'"),
+    (dict(timeout=-1.0), r"timeout = -1.0"),
 ])
 def test_configuration_errors_name_the_field(overrides, match):
     with raises(match):
