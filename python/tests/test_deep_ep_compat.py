@@ -110,6 +110,19 @@ def test_num_worst_tokens_pads_rows_without_a_count_list(ranks):
     with pytest.raises(ep.InvalidArgumentError, match="num_worst_tokens=1; rank"):
         run_ranks(ranks, lambda b: layout_and_dispatch(b, xs[b.rank], idx[b.rank], ws[b.rank], num_worst_tokens=1))
 
+    # As in DeepEP, the handle has num_worst_tokens rows: a cached dispatch returns that many, and
+    # combine takes that many (the padding rows are not read), combining as without the padding.
+    def padded_then_plain(b):
+        recv_x, _, recv_w, _, handle, _ = layout_and_dispatch(b, xs[b.rank], idx[b.rank], ws[b.rank], num_worst_tokens=worst)
+        again = b.dispatch(xs[b.rank], handle=handle)[0]
+        padded = b.combine(recv_x, handle, topk_weights=recv_w)[:2]
+        recv_x, _, recv_w, _, handle, _ = layout_and_dispatch(b, xs[b.rank], idx[b.rank], ws[b.rank])
+        return again.shape, padded, b.combine(recv_x, handle, topk_weights=recv_w)[:2]
+
+    for shape, (x_pad, w_pad), (x_plain, w_plain) in run_ranks(ranks, padded_then_plain):
+        assert shape == (worst, H)
+        assert torch.equal(x_pad, x_plain) and torch.equal(w_pad, w_plain)
+
 
 def test_combine_adds_one_or_two_biases(ranks):
     xs, idx, ws = ref.make_inputs(6, TOKENS, E, H, K, torch.float32)
@@ -187,6 +200,34 @@ def test_intranode_fp8_tuple_passes_rows_and_scales_through(ranks):
         assert recv.dtype == torch.float8_e4m3fn and torch.equal(recv.view(torch.uint8), want_x[r]["x"])
         assert torch.equal(recv_scales, want_s[r]["x"]) and torch.equal(recv_idx, want_x[r]["idx"])
         assert torch.equal(back, want_back[r]["x"]) and torch.equal(got, combined[r])
+
+
+@pytest.mark.parametrize("form", ["column_major", "ue8m0_words"])
+def test_intranode_fp8_takes_deepgemms_scale_forms(ranks, form):
+    """Scales as SGLang's DeepGEMM path makes them: column-major float32 (DeepEP reads any strides),
+    or UE8M0 exponent bytes packed 4 to an int32 word ([B, H/512]); moved unchanged."""
+    hidden = 512
+    xs, idx, ws = ref.make_inputs(18, TOKENS, E, hidden, K, torch.float32)
+    codes = [x.div(16).to(torch.float8_e4m3fn) for x in xs]
+    g = torch.Generator().manual_seed(18)
+    if form == "column_major":
+        scales = [torch.rand(hidden // 128, x.shape[0], generator=g).t() for x in xs]   # strides (1, B)
+        assert not any(s.is_contiguous() for s in scales if s.shape[0] > 1)
+    else:
+        scales = [torch.randint(0, 2**31 - 1, (x.shape[0], hidden // 512), generator=g, dtype=torch.int32) for x in xs]
+    want_x = ref.ht_dispatch([c.view(torch.uint8) for c in codes], idx, ws, E)
+    want_s = ref.ht_dispatch([s.contiguous() for s in scales], idx, ws, E)
+
+    def flow(b):
+        (recv, recv_scales), *_ = layout_and_dispatch(b, (codes[b.rank], scales[b.rank]), idx[b.rank], ws[b.rank])
+        return recv, recv_scales
+
+    for r, (recv, recv_scales) in enumerate(run_ranks(ranks, flow)):
+        assert torch.equal(recv.view(torch.uint8), want_x[r]["x"]) and torch.equal(recv_scales, want_s[r]["x"]), r
+    # A scale per token DeepEP would move too; the groups move per-block scales only: named.
+    per_token = [torch.ones(x.shape[0], 1) for x in xs]
+    with pytest.raises(NotSupportedError, match=r"x\[1\]=.*shape \[5, 1\].*float32 scales \[B, H/128\]"):
+        layout_and_dispatch(ranks[0], (codes[0], per_token[0]), idx[0], ws[0])
 
 
 def test_events_and_hooks_on_the_cpu(ranks):
@@ -328,6 +369,7 @@ def test_install_as_deep_ep_makes_import_deep_ep_give_the_adapter(monkeypatch, t
 
     monkeypatch.delitem(sys.modules, "deep_ep", raising=False)
     monkeypatch.setitem(sys.modules, "deep_ep.utils", adapter.utils)   # (gone again after the test)
+    monkeypatch.setitem(sys.modules, "deep_ep.buffer", adapter._buffer_module)
     monkeypatch.syspath_prepend(str(tmp_path))   # (no DeepEP on this path)
     assert adapter.install_as_deep_ep() is adapter
     import deep_ep
@@ -336,6 +378,8 @@ def test_install_as_deep_ep_makes_import_deep_ep_give_the_adapter(monkeypatch, t
     from deep_ep.utils import EventHandle, EventOverlap as Overlap   # as Megatron imports them
 
     assert Overlap is EventOverlap and sys.modules["deep_ep.utils"] is adapter.utils
+    from deep_ep.buffer import Buffer as Imported   # as code that names the module imports it
+    assert Imported is Buffer and Buffer.is_sm90_compiled() is True
     Overlap(EventHandle()).current_stream_wait()   # no CUDA here: nothing to wait for
     assert adapter.install_as_deep_ep() is adapter   # again: nothing to do
     # DeepEP itself, imported or installed, is kept unless replace=True.

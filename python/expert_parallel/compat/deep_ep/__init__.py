@@ -14,6 +14,7 @@ import sys as _sys
 from types import ModuleType as _ModuleType
 
 from ...errors import InvalidUsageError as _InvalidUsageError
+from . import _buffer as _buffer_module
 from ._buffer import Buffer
 from ._config import Config
 from ._errors import NotSupportedError
@@ -33,7 +34,7 @@ except ImportError:  # the adapter needs torch; importing the package does not
 
 
 def install_as_deep_ep(*, replace: bool = False) -> _ModuleType:
-    """Makes ``import deep_ep`` (and ``importlib.util.find_spec("deep_ep")``, ``deep_ep.utils``)
+    """Makes ``import deep_ep`` (and ``importlib.util.find_spec("deep_ep")``, ``deep_ep.utils``, ``deep_ep.buffer``)
     give this adapter, for frameworks that import DeepEP themselves (vLLM, SGLang, Megatron-style code): call it
     before they do. Returns the module. DeepEP itself, installed or already imported, is kept
     unless ``replace=True`` (which replaces it in ``sys.modules`` only; nothing on disk changes):
@@ -55,6 +56,7 @@ def install_as_deep_ep(*, replace: bool = False) -> _ModuleType:
                                      "expert_parallel's adapter in its place")
     _sys.modules["deep_ep"] = module
     _sys.modules["deep_ep.utils"] = utils   # (from deep_ep.utils import EventHandle, EventOverlap)
+    _sys.modules["deep_ep.buffer"] = _buffer_module   # (from deep_ep.buffer import Buffer)
     return module
 
 

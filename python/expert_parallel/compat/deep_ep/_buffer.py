@@ -64,8 +64,9 @@ class Buffer:
         if size > _NVL_PEERS or local < size:
             raise not_supported("group", f"{size} ranks over {max(1, size // max(local, 1))} nodes",
                                 f"internode dispatch (RDMA) is not offered; every rank must be on one node, ≤ {_NVL_PEERS} ranks")
-        if device is None:
-            device = "cpu" if dist.get_backend(group) == "gloo" else f"cuda:{torch_module().cuda.current_device()}"
+        if device is None:   # (CUDA whatever the group's backend: vLLM passes a gloo group for the metadata, as DeepEP allows)
+            torch = torch_module()
+            device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
         device = str(device)
         if device == "cpu" and size > 1:
             raise not_supported("group", f"a {size}-rank process group on the CPU",
@@ -118,6 +119,12 @@ class Buffer:
             shared.open -= 1
             if shared.open == 0:
                 shared.groups.close()
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        """True, as DeepEP's build for Hopper answers: the kernels are compiled at run time for the
+        device's architecture (Hopper's features included)."""
+        return True
 
     @staticmethod
     def set_num_sms(new_num_sms: int) -> None:
@@ -212,10 +219,21 @@ class Buffer:
             require_tensor(scales, f"{name}[1]", 2, self.device)
             if tokens.dtype != torch.float8_e4m3fn:
                 raise InvalidArgumentError(f"{name}[0]: dtype {tokens.dtype}; the FP8 tokens must be torch.float8_e4m3fn")
-            if scales.dtype != torch.float32:
-                raise InvalidArgumentError(f"{name}[1]: dtype {scales.dtype}; the scales must be torch.float32 (one per 128 elements)")
-            require_shape(scales, f"{name}[1]", (tokens.shape[0], tokens.shape[1] // 128))
-            return require_contiguous(tokens, f"{name}[0]"), require_contiguous(scales, f"{name}[1]")
+            # DeepEP moves any scales unread; the groups move one float32 per 128 elements, or UE8M0
+            # exponent bytes of 128-element blocks 4 to an int32 word (SGLang's DEEPGEMM_SCALE_UE8M0).
+            b, h = int(tokens.shape[0]), int(tokens.shape[1])
+            if scales.dtype == torch.float32:
+                want = (b, h // 128)
+            elif scales.dtype == torch.int32:
+                want = (b, -(-h // 512))
+            else:
+                raise InvalidArgumentError(f"{name}[1]: dtype {scales.dtype}; the scales must be torch.float32 (one per 128 "
+                                           "elements) or torch.int32 (UE8M0: 4 exponent bytes a word)")
+            if tuple(scales.shape) != want:
+                raise not_supported(f"{name}[1]", f"{scales.dtype} scales of shape {list(scales.shape)}",
+                                    f"FP8 rows move with float32 scales [B, H/128] or UE8M0 int32 words [B, H/512]: here {list(want)}")
+            # (Column-major scales, as DeepGEMM wants them, are taken too: DeepEP reads any strides.)
+            return require_contiguous(tokens, f"{name}[0]"), scales.contiguous()
         require_tensor(x, name, 2, self.device)
         return require_contiguous(x, name), None
 

@@ -90,7 +90,9 @@ def ht_dispatch(groups: Groups, payloads: List[Payload]) -> List[Any]:
     dtype = _agree(payloads, "x dtype", lambda p: p.dtype)
     hidden = _agree(payloads, "x hidden size", lambda p: int(p.x.shape[1]))
     source = "pass_through" if fp8 else "quantize"
-    fp8_mode = "float32" if fp8 else None
+    fp8_mode = None
+    if fp8:   # float32 scales, or UE8M0 words (int32)
+        fp8_mode = _agree(payloads, "x[1] dtype", lambda p: "ue8m0" if p.scales.dtype == torch.int32 else "float32")
     xs = [p.x for p in payloads]
     scales = [p.scales for p in payloads] if fp8 else None
     if cached:
@@ -129,12 +131,14 @@ def ht_dispatch(groups: Groups, payloads: List[Payload]) -> List[Any]:
     if cached and record.received is not None and received != record.received:
         raise InvalidUsageError(f"handle: its dispatch received {record.received} rows, this one {received}")
     record.received = received
+    if not cached:   # DeepEP sizes the handle to num_worst_tokens: its cached dispatches and combine take that many rows
+        record.rows = [p.num_worst_tokens or n for p, n in zip(payloads, received)]
     results = []
     for i, p in enumerate(payloads):
         n, worst = received[i], p.num_worst_tokens
         if worst and n > worst:
             raise InvalidArgumentError(f"num_worst_tokens={worst}; rank {p.rank} received {n} tokens, more than that")
-        rows = worst or n
+        rows = record.rows[i] if cached else worst or n
         recv_x = _rows(out.tokens[i], n, rows)
         if fp8:
             recv_x = (recv_x, _rows(out.scales[i], n, rows))
@@ -157,20 +161,20 @@ def ht_combine(groups: Groups, payloads: List[Payload]) -> List[Any]:
     weighted = _agree(payloads, "topk_weights", lambda p: "given" if p.topk_weights is not None else None) is not None
     spec = entry.spec
     for i, p in enumerate(payloads):
-        n = record.received[i]
+        rows = record.rows[i]   # (the received rows, or num_worst_tokens: rows past the received ones are padding)
         if p.dtype != spec.dtype:
             raise InvalidArgumentError(f"x: dtype {p.x.dtype} on rank {p.rank}; the handle's dispatch combines {spec.dtype}")
-        if tuple(p.x.shape) != (n, spec.hidden):
-            raise InvalidArgumentError(f"x: shape {list(p.x.shape)} on rank {p.rank}; must be [{n}, {spec.hidden}], the rows its dispatch received")
-        if weighted and tuple(p.topk_weights.shape) != (n, spec.top_k):
+        if tuple(p.x.shape) != (rows, spec.hidden):
+            raise InvalidArgumentError(f"x: shape {list(p.x.shape)} on rank {p.rank}; must be [{rows}, {spec.hidden}], the rows its dispatch returned")
+        if weighted and tuple(p.topk_weights.shape) != (rows, spec.top_k):
             raise InvalidArgumentError(
-                f"topk_weights: shape {list(p.topk_weights.shape)} on rank {p.rank}; must be [{n}, {spec.top_k}]")
+                f"topk_weights: shape {list(p.topk_weights.shape)} on rank {p.rank}; must be [{rows}, {spec.top_k}]")
     grads = entry.grad_stage(len(payloads)) if weighted else None
     for i, p in enumerate(payloads):
         n = record.received[i]
-        record.stage[i][:n].copy_(p.x)
+        record.stage[i][:n].copy_(p.x[:n])
         if weighted:
-            grads[i][:n].copy_(p.topk_weights)
+            grads[i][:n].copy_(p.topk_weights[:n])
     device = payloads[0].x.device
     outs = [torch.empty((b, spec.hidden), dtype=payloads[0].x.dtype, device=device) for b in record.tokens]
     grad_outs = [torch.empty((b, spec.top_k), dtype=torch.float32, device=device) for b in record.tokens] if weighted else None

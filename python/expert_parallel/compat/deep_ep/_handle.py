@@ -27,6 +27,7 @@ class Record:
         self.steps: Dict[Entry, Any] = {entry: step}
         self.last = entry                     # the group of the latest dispatch of this routing
         self.received: Optional[List[int]] = None   # HT: rows received per local rank
+        self.rows: Optional[List[int]] = None       # HT: rows the handle has per local rank (num_worst_tokens, else received)
         self.stage: List[Any] = []            # per local rank: where combine's expert outputs go
         self.idx_versions: List[int] = []     # LL: each routing tensor's version at the dispatch
 
