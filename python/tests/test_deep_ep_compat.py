@@ -76,7 +76,7 @@ def test_low_latency_combine_takes_its_own_weights_and_drops_ids_set_to_minus_on
 def test_one_rank_under_torch_distributed_gloo(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        buffer = Buffer(dist.group.WORLD, num_nvl_bytes=1 << 20)
+        buffer = Buffer(dist.group.WORLD, num_nvl_bytes=1 << 20, device="cpu")   # (the CPU backend also where CUDA is)
         assert (buffer.rank, buffer.group_size, buffer.device) == (0, 1, "cpu")
         xs, idx, ws = ref.make_inputs(3, [11], 8, H, 2)
         flows.check_intranode(flows.intranode([buffer], xs, idx, ws, 8), xs, idx, ws, 8)

@@ -333,7 +333,7 @@ def test_deep_ep_low_latency_calls_on_an_nccl_rank_are_the_library_calls_alone(r
     monkeypatch.setattr(_groups.Entry, "release", lambda self, step: None)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        buffer = Buffer(dist.group.WORLD, low_latency_mode=True)
+        buffer = Buffer(dist.group.WORLD, low_latency_mode=True, device="cpu")
         buffer._shared.groups.nccl = True   # as on a CUDA device
         rng = np.random.default_rng(11)
         x = torch.randn(6, 32).to(torch.bfloat16)
