@@ -225,9 +225,34 @@ def test_intranode_fp8_takes_deepgemms_scale_forms(ranks, form):
     for r, (recv, recv_scales) in enumerate(run_ranks(ranks, flow)):
         assert torch.equal(recv.view(torch.uint8), want_x[r]["x"]) and torch.equal(recv_scales, want_s[r]["x"]), r
     # A scale per token DeepEP would move too; the groups move per-block scales only: named.
-    per_token = [torch.ones(x.shape[0], 1) for x in xs]
-    with pytest.raises(NotSupportedError, match=r"x\[1\]=.*shape \[5, 1\].*float32 scales \[B, H/128\]"):
-        layout_and_dispatch(ranks[0], (codes[0], per_token[0]), idx[0], ws[0])
+    for per_token in (torch.ones(TOKENS[0], 1), torch.ones(TOKENS[0])):
+        with pytest.raises(NotSupportedError, match=r"x\[1\]=.*shape \[5(, 1)?\].*float32 scales \[B, H/128\]"):
+            layout_and_dispatch(ranks[0], (codes[0], per_token), idx[0], ws[0])
+
+
+def test_a_padded_ue8m0_dispatch_then_its_backward_pass(ranks):
+    """UE8M0 words at a hidden size that is not whole 512s, padded rows (num_worst_tokens), then
+    Megatron's backward pass: a cached bf16 dispatch of the gradients (padded too) and its combine."""
+    hidden, worst = 640, sum(TOKENS) + 3
+    xs, idx, ws = ref.make_inputs(19, TOKENS, E, hidden, K, torch.float32)
+    codes = [x.div(16).to(torch.float8_e4m3fn) for x in xs]
+    scales = [torch.randint(0, 2**31 - 1, (x.shape[0], 2), generator=torch.Generator().manual_seed(r), dtype=torch.int32)
+              for r, x in enumerate(xs)]
+    want_s = ref.ht_dispatch(scales, idx, ws, E)
+    want_back = ref.ht_dispatch([x.bfloat16() for x in xs], idx, ws, E)
+    combined = ref.ht_combine(want_back, [w["x"] for w in want_back], TOKENS, torch.bfloat16)
+
+    def flow(b):
+        (recv, recv_scales), _, _, _, handle, _ = layout_and_dispatch(b, (codes[b.rank], scales[b.rank]), idx[b.rank], ws[b.rank],
+                                                                     num_worst_tokens=worst)
+        back = b.dispatch(xs[b.rank].bfloat16(), handle=handle)[0]
+        return recv_scales, back, b.combine(back, handle)[0]
+
+    for r, (recv_scales, back, got) in enumerate(run_ranks(ranks, flow)):
+        n = want_s[r]["x"].shape[0]
+        assert recv_scales.shape == (worst, 2) and torch.equal(recv_scales[:n], want_s[r]["x"]), r
+        assert back.shape == (worst, hidden) and torch.equal(back[:n], want_back[r]["x"]), r
+        assert torch.equal(got, combined[r]), r
 
 
 def test_events_and_hooks_on_the_cpu(ranks):
@@ -379,7 +404,9 @@ def test_install_as_deep_ep_makes_import_deep_ep_give_the_adapter(monkeypatch, t
 
     assert Overlap is EventOverlap and sys.modules["deep_ep.utils"] is adapter.utils
     from deep_ep.buffer import Buffer as Imported   # as code that names the module imports it
-    assert Imported is Buffer and Buffer.is_sm90_compiled() is True
+    import deep_ep.buffer
+
+    assert Imported is Buffer and deep_ep.buffer.Buffer is Buffer and Buffer.is_sm90_compiled() is True
     Overlap(EventHandle()).current_stream_wait()   # no CUDA here: nothing to wait for
     assert adapter.install_as_deep_ep() is adapter   # again: nothing to do
     # DeepEP itself, imported or installed, is kept unless replace=True.

@@ -16,6 +16,8 @@ from types import ModuleType as _ModuleType
 from ...errors import InvalidUsageError as _InvalidUsageError
 from . import _buffer as _buffer_module
 from ._buffer import Buffer
+
+buffer = _buffer_module   # deep_ep.buffer, as `import deep_ep.buffer` then `deep_ep.buffer.Buffer` reads it
 from ._config import Config
 from ._errors import NotSupportedError
 from ._events import EventOverlap

@@ -32,15 +32,16 @@ class Buffer:
     semantics for the intranode (``dispatch`` / ``combine``) and low-latency
     (``low_latency_dispatch`` / ``low_latency_combine``) paths, over expert_parallel's groups.
 
-    ``group``: a torch.distributed process group. An NCCL group on CUDA devices gives one rank per
-    process (``NCCLGroup``); a gloo group of one rank runs on the CPU backend. R ranks in one
+    ``group``: a torch.distributed process group (NCCL or gloo: it carries only the setup). On a
+    machine with CUDA each process is one rank on its current device (``NCCLGroup``); without,
+    a group of one rank runs on the CPU backend. R ranks in one
     process, one thread each: :meth:`virtual`. ``num_nvl_bytes``, ``num_rdma_bytes``,
     ``num_qps_per_rank``, ``allow_nvlink_for_low_latency_mode``, ``allow_mnnvl``, ``use_fabric``,
     ``explicitly_destroy`` and ``enable_shrink`` are accepted and not used: groups size their
     buffers from the calls' shapes, and there is no RDMA. More ranks than one node's 8 (internode)
     and ``comm`` (mpi4py) raise :class:`NotSupportedError`.
 
-    Keywords of this adapter: ``device`` (default: "cpu" for gloo, the current CUDA device for NCCL),
+    Keywords of this adapter: ``device`` (default: the current CUDA device where PyTorch finds one, else "cpu"),
     ``max_tokens_per_rank`` (the high-throughput capacity of a multi-process Buffer, default 4096;
     one process's ranks grow theirs as needed), ``timeout`` (seconds a rank waits for the others).
     """
@@ -216,6 +217,9 @@ class Buffer:
                 raise InvalidArgumentError(f"{name}: a tuple of {len(x)}; must be a tensor or (fp8 tokens, scales)")
             tokens, scales = x
             require_tensor(tokens, f"{name}[0]", 2, self.device)
+            if isinstance(scales, torch.Tensor) and scales.dim() == 1:   # (DeepEP takes a scale per token as [B] too)
+                raise not_supported(f"{name}[1]", f"{scales.dtype} scales of shape {list(scales.shape)}",
+                                    "FP8 rows move with float32 scales [B, H/128] or UE8M0 int32 words [B, H/512]")
             require_tensor(scales, f"{name}[1]", 2, self.device)
             if tokens.dtype != torch.float8_e4m3fn:
                 raise InvalidArgumentError(f"{name}[0]: dtype {tokens.dtype}; the FP8 tokens must be torch.float8_e4m3fn")
@@ -223,7 +227,7 @@ class Buffer:
             # exponent bytes of 128-element blocks 4 to an int32 word (SGLang's DEEPGEMM_SCALE_UE8M0).
             b, h = int(tokens.shape[0]), int(tokens.shape[1])
             if scales.dtype == torch.float32:
-                want = (b, h // 128)
+                want = (b, -(-h // 128))
             elif scales.dtype == torch.int32:
                 want = (b, -(-h // 512))
             else:

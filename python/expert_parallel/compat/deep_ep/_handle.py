@@ -55,7 +55,8 @@ class DispatchHandle:
 
     @property
     def num_recv_tokens(self) -> Optional[int]:
-        """High-throughput: the rows this rank received (None for low latency)."""
+        """High-throughput: the rows this rank received (None for low latency); with
+        ``num_worst_tokens`` the handle has that many rows, of which these are the received ones."""
         received = self.record.received
         return None if received is None else received[self.local]
 
