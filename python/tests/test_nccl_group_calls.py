@@ -199,6 +199,11 @@ def test_bad_arguments_get_named_errors_and_reach_no_call(recorded):
         group.combine(out.expert_outputs.float(), out.handle)
     with pytest.raises(ep.InvalidArgumentError, match="direction='sideways'"):
         group.combine(out.expert_outputs, out.handle, direction="sideways")
+    # Flags take True or False (send_only="false" ran a send-only call).
+    with pytest.raises(ep.InvalidArgumentError, match=r"^send_only='false' \(type str\); must be True or False"):
+        group.dispatch(x, idx, w, send_only="false")
+    with pytest.raises(ep.InvalidArgumentError, match=r"^record_event=1 \(type int\); must be True or False"):
+        group.combine(out.expert_outputs, out.handle, record_event=1)
     assert calls == []
     group.combine(out.expert_outputs, out.handle)   # the step is still whole
     assert [name for name, _ in calls] == ["epGroupCombineStacked"]
