@@ -121,14 +121,12 @@ extension NCCLRankGroup {
     private func copy(_ source: TensorRef, to destination: TensorRef?, stream: CUDAStream) throws(EPError) {
         guard let destination, source.byteCount > 0 else { return }
         try device.makeCurrent()
-        try gpu { try device.driver.copy(from: pointer(source), to: pointer(destination), byteCount: source.byteCount, stream: stream) }
+        try gpu { try device.driver.copy(from: source.devicePointer, to: destination.devicePointer, byteCount: source.byteCount, stream: stream) }
     }
 
     private func clear(_ buffer: TensorRef, stream: CUDAStream) throws(EPError) {
         guard buffer.byteCount > 0 else { return }
         try device.makeCurrent()
-        try gpu { try device.driver.fill(pointer(buffer), byte: 0, byteCount: buffer.byteCount, stream: stream) }
+        try gpu { try device.driver.fill(buffer.devicePointer, byte: 0, byteCount: buffer.byteCount, stream: stream) }
     }
-
-    private func pointer(_ tensor: TensorRef) -> DevicePointer { DevicePointer(rawValue: address(tensor)) }
 }

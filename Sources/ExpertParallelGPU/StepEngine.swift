@@ -224,6 +224,11 @@ struct PendingCall {
 
 func address(_ tensor: TensorRef) -> UInt64 { UInt64(UInt(bitPattern: tensor.address)) }
 
+extension TensorRef {
+    /// The tensor's address as the driver's copies and fills take it (a device tensor's).
+    public var devicePointer: DevicePointer { DevicePointer(rawValue: UInt64(UInt(bitPattern: address))) }
+}
+
 /// Kernels read rows in 8- or 16-byte vectors and ids and weights whole: a misaligned address
 /// would fault on the device, so it is an error here.
 /// The name is built only for the error, so the data path allocates nothing for it.

@@ -62,7 +62,7 @@ struct NCCLStep {
     private func copyAndCombine(mark: (Int) throws -> Void) throws {
         let config = group.config
         let rows = expertRows?.ref ?? group.receivedTokens, experts = group.expertOutputs
-        try group.device.driver.copy(from: Self.pointer(rows), to: Self.pointer(experts), byteCount: experts.byteCount, stream: group.stream)
+        try group.device.driver.copy(from: rows.devicePointer, to: experts.devicePointer, byteCount: experts.byteCount, stream: group.stream)
         try mark(3)
         let combineIn = CombineInput(
             expertOutputs: experts,
@@ -86,19 +86,17 @@ struct NCCLStep {
         let config = group.config
         let rows = HostTensor(config.receiveElementType, config.receiveShape), words = HostTensor(scales.dtype, scales.shape)
         for (buffer, host) in [(group.receivedTokens, rows), (scales, words)] {
-            try group.device.driver.copy(from: Self.pointer(buffer), to: host.storage, byteCount: host.byteCount, stream: group.stream)
+            try group.device.driver.copy(from: buffer.devicePointer, to: host.storage, byteCount: host.byteCount, stream: group.stream)
         }
         try group.device.driver.synchronize(group.stream)
         return fp8.validate(rank: rank, config: config, received: rows, scales: words)
     }
 
-    private static func pointer(_ tensor: TensorRef) -> DevicePointer { DevicePointer(rawValue: UInt64(UInt(bitPattern: tensor.address))) }
-
     /// Zeroes this rank's receive rows and scale words (slot 0), so that the next dispatch's are
     /// all they hold.
     func clearReceived() throws {
         for buffer in [group.receivedTokens, group.slots[0].receivedScales].compactMap({ $0 }) {
-            try group.device.driver.fill(Self.pointer(buffer), byte: 0, byteCount: buffer.byteCount, stream: group.stream)
+            try group.device.driver.fill(buffer.devicePointer, byte: 0, byteCount: buffer.byteCount, stream: group.stream)
         }
     }
 }
