@@ -551,6 +551,48 @@ def test_a_rank_that_cannot_make_an_nccl_group_fails_every_rank_by_name(tmp_path
         assert results[0] == results[1] and results[0].startswith("rank 1: x: 100 tokens on a rank; must be ≤ max_tokens_per_rank (64)")
 
 
+def _one_rank_never_comes(rank, store, results):
+    import time
+
+    import torch
+    import torch.distributed as dist
+    from expert_parallel.compat.deep_ep._groups import Groups, Spec
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    try:
+        if rank == 0:
+            groups = Groups(ranks=2, device="cuda:0", timeout=1.5, process_group=dist.group.WORLD, fixed_tokens=64)
+            spec = Spec("ht", 8, 64, 2, "bf16", None, "quantize", None)
+            start = time.monotonic()
+            try:
+                groups.entry(spec, 32)
+                results[0] = "no error"
+            except ep.RankTimeoutError as error:
+                results[0] = str(error)
+            results["seconds"] = time.monotonic() - start
+        else:
+            # Rank 1's call failed its own checks before the agreement: it never comes. Once rank 0
+            # has its error, it posts the pending all-gather's other half so both can tear down.
+            while 0 not in results:
+                time.sleep(0.05)
+            dist.all_gather([torch.zeros(1, dtype=torch.int64) for _ in range(2)], torch.zeros(1, dtype=torch.int64))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_whose_peer_never_comes_to_the_agreement_times_out_by_name(tmp_path):
+    # The peers of a rank whose first call of a shape failed its own checks waited in the agreement
+    # until the process group's timeout (minutes): now the Buffer's timeout bounds it.
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_one_rank_never_comes, args=(str(tmp_path / "store"), results), nprocs=2, join=True)
+        assert results[0].startswith("the ranks' agreement on a new group (a call's first of its shape): a peer rank did "
+                                     "not come within timeout=1.5 s")
+        assert 1.5 <= results["seconds"] < 10
+
+
 def test_a_hooked_fp8_dispatch_fills_its_scales_at_the_hook(monkeypatch):
     # The scales' fill waits for the hook (at R > 1 NCCL ranks the peers' scales arrive by then).
     from expert_parallel.compat.deep_ep import _engine

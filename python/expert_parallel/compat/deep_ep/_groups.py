@@ -8,6 +8,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 from ... import VirtualGroup
 from ...errors import InvalidArgumentError
+from ._agreement import all_gather
 from ._layout import torch_module
 
 
@@ -212,8 +213,8 @@ class Groups:
             # Making an NCCL group is collective: the ranks first agree on it, so that a rank's
             # error, or ranks asking for different groups, fail every rank by name rather than
             # leave the others waiting in the group's making. (Ranks of which only some ask to
-            # make a group — one already has the group another asks for — still wait: the others
-            # do not come to this all-gather.)
+            # make a group — one already has the group another asks for, or one failed its own
+            # checks first — wait at most the Buffer's timeout: the others do not come.)
             self._agree_to_make(spec, capacity, error)
         elif error is not None:
             raise InvalidArgumentError(error)
@@ -224,13 +225,10 @@ class Groups:
 
     def _agree_to_make(self, spec: Spec, capacity: int, error: Optional[str]) -> None:
         """All-gathers every rank's (spec, capacity, error) over the process group and raises
-        `disagreement`'s error on every rank where there is one."""
-        import torch.distributed as dist
-
-        size = dist.get_world_size(self.process_group)
-        everyone: List[Any] = [(tuple(spec), capacity, error)] * size
-        if size > 1:
-            dist.all_gather_object(everyone, everyone[0], group=self.process_group)
+        `disagreement`'s error on every rank where there is one; a rank that does not come within
+        the Buffer's timeout (its call failed before, or it made another) is a RankTimeoutError."""
+        everyone = all_gather(self.process_group, (tuple(spec), capacity, error), self.timeout,
+                              "the ranks' agreement on a new group (a call's first of its shape)")
         message = disagreement(everyone)
         if message is not None:
             raise InvalidArgumentError(message)

@@ -1,0 +1,59 @@
+"""An all-gather of one picklable value per rank over a torch.distributed process group whose
+wait is bounded: a rank whose call failed its own checks before the all-gather never comes to
+it, and its peers get :class:`expert_parallel.RankTimeoutError` after ``timeout`` seconds rather
+than the process group's own timeout (minutes)."""
+
+from __future__ import annotations
+
+import pickle
+import time
+from typing import Any, List
+
+from ...errors import RankTimeoutError
+
+
+def _device(process_group: Any) -> Any:
+    """Where the gathered tensors live: the CPU for a gloo group (or one with a gloo part), the
+    current CUDA device for an NCCL group."""
+    import torch
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend(process_group)).lower()
+    if "gloo" in backend or "nccl" not in backend:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _wait(work: Any, deadline: float, timeout: float, what: str) -> None:
+    """Polls `work` until it completes or `deadline` passes."""
+    while not work.is_completed():
+        if time.monotonic() > deadline:
+            raise RankTimeoutError(
+                f"{what}: a peer rank did not come within timeout={timeout} s (its call may have failed before this "
+                "point, or it made another call); the process group has a collective left pending and cannot be "
+                "used for this Buffer's calls any more")
+        time.sleep(0.0005)
+    work.wait()
+
+
+def all_gather(process_group: Any, value: Any, timeout: float, what: str) -> List[Any]:
+    """Every rank's `value`, in rank order; `what` names the agreement in a timeout's message."""
+    import torch
+    import torch.distributed as dist
+
+    size = dist.get_world_size(process_group)
+    if size == 1:
+        return [value]
+    device = _device(process_group)
+    payload = pickle.dumps(value)
+    deadline = time.monotonic() + timeout
+    lengths = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(size)]
+    mine = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    _wait(dist.all_gather(lengths, mine, group=process_group, async_op=True), deadline, timeout, what)
+    counts = [int(n.item()) for n in lengths]
+    longest = max(counts)
+    buffers = [torch.zeros(longest, dtype=torch.uint8, device=device) for _ in range(size)]
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    _wait(dist.all_gather(buffers, padded.to(device), group=process_group, async_op=True), deadline, timeout, what)
+    return [pickle.loads(bytes(b[:n].cpu().numpy())) for b, n in zip(buffers, counts)]
