@@ -1,7 +1,7 @@
 """An all-gather of one picklable value per rank over a torch.distributed process group whose
 wait is bounded: a rank whose call failed its own checks before the all-gather never comes to
-it, and its peers get :class:`expert_parallel.RankTimeoutError` after ``timeout`` seconds rather
-than the process group's own timeout (minutes)."""
+it, and its peers get :class:`expert_parallel.RankTimeoutError` after ``timeout`` seconds (at least
+MINIMUM_SECONDS) rather than the process group's own timeout (10 to 30 minutes)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ import time
 from typing import Any, List
 
 from ...errors import RankTimeoutError
+
+#: The least wait: the agreement may be a process group's first collective, which sets up its
+#: communicator (NCCL: seconds on eight GPUs) before the ranks' values move.
+MINIMUM_SECONDS = 60.0
 
 
 def _device(process_group: Any) -> Any:
@@ -37,7 +41,8 @@ def _wait(work: Any, deadline: float, timeout: float, what: str) -> None:
 
 
 def all_gather(process_group: Any, value: Any, timeout: float, what: str) -> List[Any]:
-    """Every rank's `value`, in rank order; `what` names the agreement in a timeout's message."""
+    """Every rank's `value`, in rank order, waiting at most max(`timeout`, MINIMUM_SECONDS)
+    seconds; `what` names the agreement in a timeout's message."""
     import torch
     import torch.distributed as dist
 
@@ -46,6 +51,7 @@ def all_gather(process_group: Any, value: Any, timeout: float, what: str) -> Lis
         return [value]
     device = _device(process_group)
     payload = pickle.dumps(value)
+    timeout = max(timeout, MINIMUM_SECONDS)
     deadline = time.monotonic() + timeout
     lengths = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(size)]
     mine = torch.tensor([len(payload)], dtype=torch.int64, device=device)
