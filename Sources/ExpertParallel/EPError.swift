@@ -1,3 +1,5 @@
+import Foundation
+
 /// Every error the library reports. Each case names what was wrong, the value, and the bound.
 public enum EPError: Error, Sendable, Equatable, CustomStringConvertible {
     /// A configuration field is out of bounds.
@@ -206,4 +208,10 @@ public struct BackendFailure: Sendable, Equatable, CustomStringConvertible {
         while let last = text.last, last.isWhitespace || last == "\0" { text.removeLast() }
         return String(text)
     }
+}
+
+/// `error.localizedDescription` reads as `description` (Foundation's default would be "The
+/// operation could not be completed", losing the field, the value and the bound).
+extension EPError: LocalizedError {
+    public var errorDescription: String? { description }
 }

@@ -95,6 +95,11 @@ public struct GroupConfig: Sendable, Hashable {
     public static let maxRanks = 64
     /// Largest top-k supported.
     public static let maxTopK = 32
+    /// Largest `experts`, `hidden` and `maxTokensPerRank` (the C ABI's 32-bit range): with them
+    /// no size computation of any backend leaves `Int`.
+    public static let maxCount = Int(Int32.max)
+    /// Largest `maxReceivedTokensPerRank`.
+    public static let maxReceivedTokens = 1 << 40
 
     /// Checks every bound; the error names the field, its value and the bound.
     public func validated() throws(EPError) -> Self {
@@ -103,6 +108,7 @@ public struct GroupConfig: Sendable, Hashable {
         }
         guard ranks >= 1, ranks <= Self.maxRanks else { throw fail("ranks", ranks, "must be in 1...\(Self.maxRanks)") }
         guard experts >= 1 else { throw fail("experts", experts, "must be ≥ 1") }
+        guard experts <= Self.maxCount else { throw fail("experts", experts, "must be ≤ \(Self.maxCount)") }
         guard experts % ranks == 0 else {
             throw fail("experts", experts, "must be a multiple of ranks (\(ranks))")
         }
@@ -110,6 +116,7 @@ public struct GroupConfig: Sendable, Hashable {
         guard topK <= experts else { throw fail("topK", topK, "must be ≤ experts (\(experts))") }
         guard topK <= Self.maxTopK else { throw fail("topK", topK, "must be ≤ \(Self.maxTopK)") }
         guard hidden >= 1 else { throw fail("hidden", hidden, "must be ≥ 1") }
+        guard hidden <= Self.maxCount else { throw fail("hidden", hidden, "must be ≤ \(Self.maxCount)") }
         guard elementType.isTokenType else {
             throw fail("elementType", elementType, "must be bf16, f16, f32 or u8")
         }
@@ -117,6 +124,12 @@ public struct GroupConfig: Sendable, Hashable {
             throw fail("hidden", hidden, "hidden × \(elementType.byteSize) bytes (= \(rowBytes)) must be a multiple of 8 bytes")
         }
         guard maxTokensPerRank >= 1 else { throw fail("maxTokensPerRank", maxTokensPerRank, "must be ≥ 1") }
+        guard maxTokensPerRank <= Self.maxCount else {
+            throw fail("maxTokensPerRank", maxTokensPerRank, "must be ≤ \(Self.maxCount)")
+        }
+        if let n = maxReceivedTokensPerRank, n > Self.maxReceivedTokens {
+            throw fail("maxReceivedTokensPerRank", n, "must be ≤ \(Self.maxReceivedTokens)")
+        }
         if let fp8 {
             guard elementType.isFloating else {
                 throw fail("elementType", elementType, "must be bf16, f16 or f32 with fp8 (\(fp8)): combine runs in it")

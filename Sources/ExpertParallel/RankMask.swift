@@ -3,8 +3,9 @@ public struct RankMask: Sendable, Hashable, CustomStringConvertible {
     public var bits: UInt64
 
     public init(bits: UInt64) { self.bits = bits }
+    /// Ranks 0..<`ranks` (none for `ranks` ≤ 0, all 64 for `ranks` ≥ 64).
     public static func all(_ ranks: Int) -> RankMask {
-        RankMask(bits: ranks >= 64 ? ~0 : (UInt64(1) << UInt64(ranks)) - 1)
+        RankMask(bits: ranks >= 64 ? ~0 : ranks <= 0 ? 0 : (UInt64(1) << UInt64(ranks)) - 1)
     }
 
     public func contains(_ rank: Int) -> Bool { rank >= 0 && rank < 64 && bits & (1 << UInt64(rank)) != 0 }

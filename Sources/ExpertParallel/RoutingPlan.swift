@@ -24,6 +24,14 @@ public struct LayoutInfo: Sendable, Equatable {
         self.receivedTotal = receivedTotal
         self.droppedTokens = droppedTokens
     }
+
+    /// What a rank masked inactive received: nothing (every count zero) for `config`'s shape.
+    public static func empty(_ config: GroupConfig) -> LayoutInfo {
+        let l = config.localExperts, r = config.ranks
+        return LayoutInfo(expertCounters: Array(repeating: 0, count: l), expertOffsets: Array(repeating: 0, count: l),
+                          sourceRankCounters: Array(repeating: 0, count: r), expertSourceCounters: Array(repeating: 0, count: l * r),
+                          receivedTotal: 0, droppedTokens: 0)
+    }
 }
 
 /// Pure functions from routing to slots: where each of a rank's selections and (token, rank) pairs

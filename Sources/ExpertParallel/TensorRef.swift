@@ -45,14 +45,21 @@ public struct TensorRef: @unchecked Sendable, CustomStringConvertible {
     }
 }
 
-/// An owning host buffer, for tests, the benchmark and callers who want one.
+/// An owning host buffer, for tests, the benchmark and callers who want one. Its element
+/// accessors take a Swift type of the element's size (`Int32` or `UInt32` for `i32`, `Float` for
+/// `f32`, `UInt16` for the bits of `bf16`/`f16`, `UInt8` for `u8`/`e4m3`; `copy(from:)` also takes
+/// the raw bytes): another size is a precondition failure that names both, never a
+/// reinterpretation (an `[Int]` literal into an `i32` tensor would otherwise fill it with the
+/// halves of 64-bit values). `bytes()` reads the raw bytes of any tensor.
 public final class HostTensor: @unchecked Sendable {
     public let dtype: DataType
     public let shape: [Int]
     public let storage: UnsafeMutableRawPointer
     public let byteCount: Int
 
+    /// A zero-filled tensor; every size of `shape` must be ≥ 0.
     public init(_ dtype: DataType, _ shape: [Int]) {
+        precondition(shape.allSatisfy { $0 >= 0 }, "HostTensor: shape \(shape) has a negative size")
         self.dtype = dtype
         self.shape = shape
         byteCount = shape.reduce(1, *) * dtype.byteSize
@@ -68,17 +75,40 @@ public final class HostTensor: @unchecked Sendable {
     public func fill(byte: UInt8) { storage.initializeMemory(as: UInt8.self, repeating: byte, count: byteCount) }
     public func bytes() -> [UInt8] { Array(UnsafeRawBufferPointer(start: storage, count: byteCount)) }
 
+    private func requireElement<T>(_ type: T.Type, _ what: String) {
+        precondition(MemoryLayout<T>.stride == dtype.byteSize,
+                     "HostTensor.\(what): \(T.self) is \(MemoryLayout<T>.stride) bytes; this tensor's \(dtype) elements are \(dtype.byteSize)")
+    }
+
+    /// Element `index` (in `0..<elementCount`) as `T`, which must be the element's size.
     public subscript<T>(as type: T.Type, index: Int) -> T {
-        get { storage.load(fromByteOffset: index * MemoryLayout<T>.stride, as: T.self) }
-        set { storage.storeBytes(of: newValue, toByteOffset: index * MemoryLayout<T>.stride, as: T.self) }
+        get {
+            requireElement(T.self, "subscript")
+            precondition(index >= 0 && index < elementCount, "HostTensor.subscript: index \(index) is not in 0..<\(elementCount)")
+            return storage.load(fromByteOffset: index * MemoryLayout<T>.stride, as: T.self)
+        }
+        set {
+            requireElement(T.self, "subscript")
+            precondition(index >= 0 && index < elementCount, "HostTensor.subscript: index \(index) is not in 0..<\(elementCount)")
+            storage.storeBytes(of: newValue, toByteOffset: index * MemoryLayout<T>.stride, as: T.self)
+        }
     }
 
+    /// Every element as `T`, which must be the element's size.
     public func array<T>(of type: T.Type) -> [T] {
-        (0..<byteCount / MemoryLayout<T>.stride).map { self[as: T.self, $0] }
+        requireElement(T.self, "array(of:)")
+        return (0..<elementCount).map { self[as: T.self, $0] }
     }
 
+    /// Sets every element from `values`: `elementCount` of them, of the element's size, or the
+    /// tensor's raw bytes (`[UInt8]`, `byteCount` of them: `RandomRouting.payload`'s encoding).
     public func copy<T>(from values: [T]) {
-        precondition(values.count * MemoryLayout<T>.stride == byteCount, "HostTensor.copy: size mismatch")
+        if T.self == UInt8.self && dtype.byteSize != 1 {
+            precondition(values.count == byteCount, "HostTensor.copy(from:): \(values.count) bytes; this tensor holds \(byteCount)")
+        } else {
+            requireElement(T.self, "copy(from:)")
+            precondition(values.count == elementCount, "HostTensor.copy(from:): \(values.count) values; this tensor holds \(elementCount)")
+        }
         values.withUnsafeBytes { storage.copyMemory(from: $0.baseAddress!, byteCount: byteCount) }
     }
 }

@@ -2,12 +2,9 @@ import CExpertParallel
 import ExpertParallel
 
 extension GroupConfig {
-    /// Bounds the C layer adds to `validated()`'s, so that no size computation of any backend can
-    /// leave `Int` (every shape of a group's buffers then stays below 2^62 elements).
-    static let maxCount = Int(Int32.max)
-
     /// The configuration `c` describes, validated.
     init(_ c: epGroupConfig_t) throws(EPError) {
+        // validated()'s bounds, checked before the 64-bit fields become `Int`.
         func bound(_ field: String, _ value: Int64, _ limit: Int) throws(EPError) -> Int {
             guard value <= Int64(limit) else {
                 throw .invalidConfig(field: field, value: "\(value)", requirement: "must be ≤ \(limit)")
@@ -16,7 +13,7 @@ extension GroupConfig {
         }
         let hidden = try bound("hidden", c.hidden, Self.maxCount)
         let maxTokens = try bound("maxTokensPerRank", c.maxTokensPerRank, Self.maxCount)
-        let maxReceived = try bound("maxReceivedTokensPerRank", c.maxReceivedTokensPerRank, 1 << 40)
+        let maxReceived = try bound("maxReceivedTokensPerRank", c.maxReceivedTokensPerRank, Self.maxReceivedTokens)
         let layoutValue = c.layout
         let alignment = c.alignment == 0 ? 1 : Int(c.alignment)
         if c.alignment != 0, c.alignment != 1, layoutValue != epLayoutExpertMajorPadded {

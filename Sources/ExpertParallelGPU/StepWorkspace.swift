@@ -131,13 +131,6 @@ enum DeviceStatus: UInt32 {
 }
 
 extension StepWorkspace {
-    /// What a rank masked inactive received: nothing (every counter and offset zero).
-    var emptyLayout: LayoutInfo {
-        LayoutInfo(expertCounters: Array(repeating: 0, count: localExperts), expertOffsets: Array(repeating: 0, count: localExperts),
-                   sourceRankCounters: Array(repeating: 0, count: ranks), expertSourceCounters: Array(repeating: 0, count: localExperts * ranks),
-                   receivedTotal: 0, droppedTokens: 0)
-    }
-
     /// The layout words of a rank's handle as `LayoutInfo`.
     func layoutInfo(_ words: [Int], config: GroupConfig) -> LayoutInfo {
         let l = localExperts, r = ranks, total = l + r + l * r

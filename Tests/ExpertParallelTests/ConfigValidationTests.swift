@@ -56,6 +56,11 @@ struct ConfigValidationTests {
         Case(name: "HT zero receive capacity", config: ht(received: 0), field: "maxReceivedTokensPerRank", value: "0", bound: "≥ 1"),
         Case(name: "zero timeout", config: ht(timeout: .zero), field: "timeout", value: "0.0 seconds", bound: "≥ 1 nanosecond"),
         Case(name: "sub-nanosecond timeout", config: ht(timeout: .seconds(1e-12)), field: "timeout", value: "1e-12 seconds", bound: "≥ 1 nanosecond"),
+        // Sizes whose products would leave Int (a trap in the shapes' arithmetic before the check).
+        Case(name: "hidden above 2^31 - 1", config: ll(hidden: Int.max / 2), field: "hidden", value: "\(Int.max / 2)", bound: "≤ 2147483647"),
+        Case(name: "maxTokensPerRank above 2^31 - 1", config: ll(maxTokens: 1 << 62), field: "maxTokensPerRank", value: "\(1 << 62)", bound: "≤ 2147483647"),
+        Case(name: "experts above 2^31 - 1", config: ll(experts: 1 << 40), field: "experts", value: "\(1 << 40)", bound: "≤ 2147483647"),
+        Case(name: "HT receive capacity above 2^40", config: ht(received: (1 << 40) + 1), field: "maxReceivedTokensPerRank", value: "\((1 << 40) + 1)", bound: "≤ 1099511627776"),
         Case(name: "timeout above a day", config: ht(timeout: .seconds(86_401)), field: "timeout", value: "86401.0 seconds", bound: "≤ 86400 seconds"),
     ]
 

@@ -75,7 +75,14 @@ extension HostGroup: StepGroup {
             let infos = try Self.collect(ranks, run(ranks: ranks) { rank throws(EPError) -> LayoutInfo in
                 try rank.dispatch(handles[rank.rank], inputs[rank.rank], into: outputs[rank.rank], direction: direction)
             })
-            handle.recordLayouts(infos, ranks: ranks)
+            // A masked rank received nothing: its layout info and the counts it asked for are
+            // zeros, as the GPU's dispatch writes them.
+            let empty = LayoutInfo.empty(config)
+            let masked = (0..<config.ranks).filter { !ranks.contains($0) }
+            for r in masked {
+                try empty.writeCounts(experts: outputs[r].expertCounts, expertSources: outputs[r].expertSourceCounts)
+            }
+            handle.recordLayouts(infos + masked.map { _ in empty }, ranks: ranks + masked)
         }
     }
 

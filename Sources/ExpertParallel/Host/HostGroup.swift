@@ -20,6 +20,7 @@ public final class HostGroup: Sendable {
         counters = (0..<config.ranks).map { _ in RoundCounter() }
     }
 
+    /// Rank `rank`'s view; `rank` must be in `0..<config.ranks` (a precondition, as an array's index).
     public subscript(rank: Int) -> HostRank {
         precondition(rank >= 0 && rank < config.ranks, "rank \(rank) is not in 0..<\(config.ranks)")
         return HostRank(group: self, rank: rank)
@@ -27,12 +28,17 @@ public final class HostGroup: Sendable {
 
     public var ranks: [HostRank] { (0..<config.ranks).map { self[$0] } }
 
-    /// Runs `body` for every rank at once, one thread per rank (ranks wait for each other, so
-    /// they must run concurrently), and returns the results in rank order.
+    /// Runs `body` for every rank (or each of `chosen`) at once, one thread per rank (ranks wait
+    /// for each other, so they must run concurrently), and returns the results in that order.
+    /// A rank of `chosen` outside the group, or one named twice, fails every entry with
+    /// `invalidArgument` and runs nothing.
     public func run<T: Sendable>(
         ranks chosen: [Int]? = nil, _ body: @escaping @Sendable (HostRank) throws(EPError) -> T
     ) -> [Result<T, EPError>] {
         let which = chosen ?? Array(0..<config.ranks)
+        if let error = Self.refusal(of: which, ranks: config.ranks) {
+            return which.map { _ in .failure(error) }
+        }
         let results = ResultBox<T>(count: which.count)
         let done = DispatchGroup()
         for (slot, r) in which.enumerated() {
@@ -46,6 +52,22 @@ public final class HostGroup: Sendable {
         }
         done.wait()
         return results.values
+    }
+}
+
+extension HostGroup {
+    /// Why `run(ranks:)` cannot run `which` in a group of `ranks` ranks, or nil.
+    static func refusal(of which: [Int], ranks: Int) -> EPError? {
+        var seen = Set<Int>()
+        for (i, r) in which.enumerated() {
+            guard r >= 0 && r < ranks else {
+                return .invalidArgument(field: "ranks[\(i)]", value: "\(r)", requirement: "must be in 0..<\(ranks)")
+            }
+            guard seen.insert(r).inserted else {
+                return .invalidArgument(field: "ranks[\(i)]", value: "\(r)", requirement: "must be named once (each rank runs on one thread)")
+            }
+        }
+        return nil
     }
 }
 

@@ -10,8 +10,8 @@ public final class HostGroupHandle: StepHandle, @unchecked Sendable {   // mutab
     private let lock = NSLock()
     /// One per rank, in rank order; nil once released.
     private var handles: [HostHandle]?
-    /// Per rank: the layout info of the last dispatch of this handle's current step, nil for a
-    /// rank that was masked in it (or before any dispatch since the last update).
+    /// Per rank: the layout info of the last dispatch of this handle's current step (zeros for a
+    /// rank that was masked in it), nil before any dispatch since the last update.
     private var layouts: [LayoutInfo?]
     /// The active ranks and transport epoch of the last successful update (nil before one).
     private var step: (ranks: RankMask, epoch: Int)?
@@ -63,7 +63,7 @@ public final class HostGroupHandle: StepHandle, @unchecked Sendable {   // mutab
         let (released, info) = lock.withLock { (handles == nil, layouts.indices.contains(rank) ? layouts[rank] : nil) }
         if released { throw .wrongOrder("this handle was released; its layout info went with it") }
         guard let info else {
-            throw .wrongOrder("rank \(rank) has no layout info for this handle: no dispatch of its current step has completed, or the rank was masked in the last one")
+            throw .wrongOrder("rank \(rank) has no layout info for this handle: no dispatch of its current step has completed")
         }
         return info
     }

@@ -1,0 +1,84 @@
+import ExpertParallel
+import Foundation
+import Testing
+
+/// What a Swift caller of the host group meets on a mistake: a thrown, named error or a
+/// precondition that names both sides, never a silent reinterpretation or a wait.
+@Suite("Swift API hazards")
+struct SwiftAPIHazardTests {
+    static let config = GroupConfig(algorithm: .lowLatency, ranks: 2, experts: 4, topK: 2, hidden: 8, elementType: .f32, maxTokensPerRank: 2,
+                                    timeout: .seconds(2))
+
+    @Test("run(ranks:) with a rank outside the group or named twice fails every entry by name and runs nothing")
+    func runRefusesBadRanks() throws {
+        let group = try HostGroup(Self.config)
+        let ran = Counter()
+        let outside = group.run(ranks: [0, 5]) { _ throws(EPError) in ran.add() }
+        #expect(outside.count == 2)
+        for result in outside {
+            #expect(throws: EPError.invalidArgument(field: "ranks[1]", value: "5", requirement: "must be in 0..<2")) { try result.get() }
+        }
+        let start = ContinuousClock.now
+        let twice = group.run(ranks: [0, 0, 1]) { rank throws(EPError) in ran.add() }
+        for result in twice {
+            #expect(throws: EPError.invalidArgument(field: "ranks[1]", value: "0", requirement: "must be named once (each rank runs on one thread)")) {
+                try result.get()
+            }
+        }
+        #expect(ContinuousClock.now - start < .seconds(1), "refused at once, not after the timeout")
+        #expect(ran.value == 0)
+        #expect(try group.activeRanks == .all(2), "no rank was masked")
+        #expect(group.run(ranks: [1, 0]) { rank throws(EPError) in rank.rank }.map { try? $0.get() } == [1, 0])
+    }
+
+    @Test("RankMask.all of zero or fewer ranks is empty")
+    func emptyMasks() {
+        #expect(RankMask.all(0).count == 0)
+        #expect(RankMask.all(-1).count == 0)
+        #expect(RankMask.all(Int.min).bits == 0)
+        #expect(RankMask.all(64).count == 64 && RankMask.all(1000).count == 64)
+    }
+
+    @Test("an error's localizedDescription is its description (the field, the value and the bound)")
+    func localizedDescription() {
+        let error: any Error = EPError.invalidArgument(field: "topkIdx[0][1]", value: "9", requirement: "must be in -1..<4")
+        #expect(error.localizedDescription == "invalid argument: topkIdx[0][1] = 9; must be in -1..<4")
+    }
+
+    @Test("HostTensor reads and writes elements of its own size")
+    func hostTensorElements() {
+        let ids = HostTensor(.i32, [2, 2])
+        ids.copy(from: [Int32(1), 2, 3, -1])
+        #expect(ids.array(of: Int32.self) == [1, 2, 3, -1])
+        ids[as: Int32.self, 3] = 7
+        #expect(ids[as: Int32.self, 3] == 7)
+        let bits = HostTensor(.bf16, [1, 4])
+        bits.copy(from: [UInt16](repeating: 0x3F80, count: 4))
+        #expect(bits.array(of: UInt16.self).count == 4)
+        #expect(HostTensor(.f32, [0, 4]).array(of: Float.self).isEmpty)
+        let raw = HostTensor(.f32, [2])
+        raw.copy(from: [UInt8](repeating: 0, count: 4) + [0x00, 0x00, 0x80, 0x3F])   // raw bytes: 0.0, 1.0
+        #expect(raw.array(of: Float.self) == [0, 1])
+    }
+
+    #if !os(Windows)
+    @Test("HostTensor stops, naming both sides, on an element of another size, a wrong count, an index out of range or a negative size")
+    func hostTensorPreconditions() async {
+        await #expect(processExitsWith: .failure) {
+            HostTensor(.i32, [2, 2]).copy(from: [1, 2])   // [Int]: 8-byte elements, 16 bytes like the tensor's
+        }
+        await #expect(processExitsWith: .failure) { HostTensor(.f32, [1, 8]).copy(from: [1.0, 2.0]) }
+        await #expect(processExitsWith: .failure) { HostTensor(.f32, [2]).copy(from: [UInt8](repeating: 0, count: 4)) }
+        await #expect(processExitsWith: .failure) { _ = HostTensor(.bf16, [1, 4]).array(of: Float.self) }
+        await #expect(processExitsWith: .failure) { _ = HostTensor(.f32, [2])[as: Float.self, 2] }
+        await #expect(processExitsWith: .failure) { _ = HostTensor(.f32, [-1, 4]) }
+    }
+    #endif
+}
+
+private final class Counter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var count = 0
+    func add() { lock.withLock { count += 1 } }
+    var value: Int { lock.withLock { count } }
+}
