@@ -39,7 +39,34 @@ extension GroupConfig {
             layout: try ABIEnum.layout(layoutValue, alignment: alignment, "layout"),
             overflow: try ABIEnum.overflow(c.overflow, "overflow"), timeout: timeout,
             fp8: try ABIEnum.fp8(c.fp8Scales, c.fp8Source))
-        self = try validated()
+        do {
+            self = try validated()
+        } catch {
+            throw Self.cNamed(error, c)
+        }
+    }
+
+    /// A core config error as the C fields say it: the layout as its enum name, the alignment by
+    /// its own field, LL's automatic receive capacity as 0.
+    private static func cNamed(_ error: EPError, _ c: epGroupConfig_t) -> EPError {
+        guard case let .invalidConfig(field, value, requirement) = error else { return error }
+        switch field {
+        case "layout":
+            let name = switch c.layout {
+            case epLayoutExpertMajor: "epLayoutExpertMajor"
+            case epLayoutRankMajor: "epLayoutRankMajor"
+            case epLayoutFlat: "epLayoutFlat"
+            default: "epLayoutExpertMajorPadded"
+            }
+            let algorithm = c.algorithm == epAlgorithmLowLatency ? "epAlgorithmLowLatency" : "epAlgorithmHighThroughput"
+            return .invalidConfig(field: "layout", value: name, requirement: "is not a layout of algorithm \(algorithm): LL takes epLayoutExpertMajor or epLayoutRankMajor, HT takes epLayoutFlat or epLayoutExpertMajorPadded")
+        case "layout.alignment":
+            return .invalidConfig(field: "alignment", value: value, requirement: requirement)
+        case "maxReceivedTokensPerRank" where requirement.hasPrefix("must be nil"):
+            return .invalidConfig(field: field, value: value, requirement: "must be 0 for LL: its receive zones are sized by maxTokensPerRank")
+        default:
+            return error
+        }
     }
 
     /// What `epGroupGetInfo` reports.

@@ -1,3 +1,4 @@
+import Foundation
 import CExpertParallel
 import ExpertParallel
 
@@ -25,8 +26,23 @@ final class HostRankCalls: RankCalls, @unchecked Sendable {
         }
     }
 
-    /// A host rank's calls run whole: nothing is pending.
-    func complete(_ stream: UnsafeMutableRawPointer?) throws {}
+    /// The last send-only call (it ran whole), until complete() closes it.
+    private let pending = NSLock()
+    private var openSendOnly = false
+
+    private func noteSendOnly(_ settings: CallSettings) {
+        if settings.phase == .sendOnly { pending.withLock { openSendOnly = true } }
+    }
+
+    /// A host rank's calls run whole: completing closes the last send-only call, which must exist
+    /// (as the collective epGroupComplete says).
+    func complete(_ stream: UnsafeMutableRawPointer?) throws {
+        let open = pending.withLock { () -> Bool in
+            defer { openSendOnly = false }
+            return openSendOnly
+        }
+        guard open else { throw EPError.wrongOrder("complete() needs a dispatch or combine issued with phase .sendOnly") }
+    }
 
     /// A host rank's per-rank calls use their handle's own step.
     private func requireOwnStep(_ settings: CallSettings) throws(EPError) {
@@ -52,6 +68,7 @@ final class HostRankCalls: RankCalls, @unchecked Sendable {
             try call {
                 let info = try rank.dispatch(handle, input, into: output, direction: settings.direction)
                 destination?.fill(info)
+                noteSendOnly(settings)
             }
         }
     }
@@ -63,7 +80,10 @@ final class HostRankCalls: RankCalls, @unchecked Sendable {
             try requireOwnStep(settings)
             return (try CombineInput(inputs, "inputs"), try CombineOutput(outputs, "outputs"))
         }) { input, output in
-            try call { try rank.combine(handle, input, into: output, direction: settings.direction) }
+            try call {
+                try rank.combine(handle, input, into: output, direction: settings.direction)
+                noteSendOnly(settings)
+            }
         }
     }
 

@@ -100,7 +100,10 @@ extension StepGroupBackend {
     /// every array as its own tensor. The virtual GPU group has a faster path of its own.
     func dispatchStacked(_ call: StackedDispatch, _ settings: CallSettings, _ stream: UnsafeMutableRawPointer?) throws {
         let handle = try handle(settings), group = try self.group, ranks = try callRanks()
-        let checked = try CheckedStackedDispatch(call, shapes: CallShapes(group.config), location: location, stepTokens: nil)
+        // A dispatch with the step's routing (no topkIdx) must give the step's token count: named
+        // as `call.tokens` here rather than as rank 0's input shape further on.
+        let known = call.topkIdx == nil ? (try? stepTokens(settings)).flatMap { Set($0).count == 1 ? $0.first : nil } : nil
+        let checked = try CheckedStackedDispatch(call, shapes: CallShapes(group.config), location: location, stepTokens: known)
         let parts = group.localRanks.map { checked.rank($0) }
         let local = group.localRanks
         if checked.topkIdx != nil {

@@ -31,6 +31,62 @@ struct SwiftAPIHazardTests {
         #expect(group.run(ranks: [1, 0]) { rank throws(EPError) in rank.rank }.map { try? $0.get() } == [1, 0])
     }
 
+    static func routing(_ ranks: Int) -> [HostTensor] {
+        (0..<ranks).map { r in
+            let idx = HostTensor(.i32, [2, 2])
+            idx.copy(from: [Int32(r), Int32(2 + r), Int32(1 - r), -1])
+            return idx
+        }
+    }
+
+    @Test("a per-rank call made on one rank alone puts the ranks out of step: the group's next call says so at once and masks no rank; after clean it runs")
+    func outOfStepIsNamedAtOnce() throws {
+        let group = try HostGroup(Self.config)
+        let idx = Self.routing(2)
+        let handle = try group.makeHandle()
+        try group.update(handle, topkIdx: idx.map(\.ref))
+        // Rank 0 alone: its call is refused (a wrong K) and takes its round; rank 1 makes none.
+        let bad = HostTensor(.i32, [2, 3])
+        #expect(throws: EPError.self) { try group[0].update(try group[0].makeHandle(), topkIdx: bad.ref) }
+        let start = ContinuousClock.now
+        #expect(throws: EPError.wrongOrder(
+            "the ranks' calls are out of step (rounds taken since the last clean: rank 0: 2, rank 1: 1): a per-rank call was made on some ranks without the others' matching calls; clean the group to start afresh")) {
+            try group.update(handle, topkIdx: idx.map(\.ref))
+        }
+        #expect(ContinuousClock.now - start < .seconds(1), "at once, not after the 2 s timeout")
+        #expect(try group.activeRanks == .all(2), "no rank was masked")
+        try group.clean(ranks: .all(2))
+        try group.update(handle, topkIdx: idx.map(\.ref))
+    }
+
+    @Test("a second call of a rank while one is under way on another thread is refused by name and takes no round")
+    func oneCallPerRankAtATime() throws {
+        let group = try HostGroup(Self.config)
+        let idx = Self.routing(2)
+        let first = try group[0].makeHandle(), second = try group[0].makeHandle(), other = try group[1].makeHandle()
+        let waiting = DispatchSemaphore(value: 0), done = DispatchSemaphore(value: 0)
+        let firstResult = ResultBox()
+        Thread {
+            waiting.signal()
+            firstResult.set(Result { () throws(EPError) in try group[0].update(first, topkIdx: idx[0].ref) })   // waits for rank 1
+            done.signal()
+        }.start()
+        waiting.wait()
+        Thread.sleep(forTimeInterval: 0.2)   // rank 0's first call is in its exchange now
+        #expect(throws: EPError.wrongOrder(
+            "rank 0 already has a call under way on another thread: a rank makes its calls one at a time (its handles take turns)")) {
+            try group[0].update(second, topkIdx: idx[0].ref)
+        }
+        try group[1].update(other, topkIdx: idx[1].ref)
+        done.wait()
+        try firstResult.get()
+        #expect(try group.activeRanks == .all(2))
+        let handles = [second, other]   // rank 0's second handle has its turn now; rank 1 matches it
+        for result in group.run({ rank throws(EPError) in try rank.update(handles[rank.rank], topkIdx: idx[rank.rank].ref) }) {
+            try result.get()
+        }
+    }
+
     @Test("RankMask.all of zero or fewer ranks is empty")
     func emptyMasks() {
         #expect(RankMask.all(0).count == 0)
@@ -81,4 +137,11 @@ private final class Counter: @unchecked Sendable {
     private var count = 0
     func add() { lock.withLock { count += 1 } }
     var value: Int { lock.withLock { count } }
+}
+
+private final class ResultBox: @unchecked Sendable {
+    private let lock = NSLock()
+    private var result: Result<Void, EPError>?
+    func set(_ value: Result<Void, EPError>) { lock.withLock { result = value } }
+    func get() throws(EPError) { try lock.withLock { result }!.get() }
 }

@@ -269,6 +269,8 @@ static void perRankStep(void) {
         pthread_join(ids[r], NULL);
         for (int i = 0; i < 3; i++) CHECK(threads[r].results[i] == epSuccess, "rank %d call %d: %s", r, i, epGetErrorString(threads[r].results[i]));
         checkStep(&b[r], r, "per-rank");
+        /* Nothing was sent-only: completing is a call out of order, as epGroupComplete says. */
+        CHECK_FAILS(epComplete(threads[r].handle, NULL), epInvalidUsage, "phase .sendOnly");
         CHECK_OK(epHandleDestroy(threads[r].handle));
     }
 }
@@ -290,7 +292,15 @@ static void configErrors(void) {
     CHECK_FAILS(epGroupCreate(&config, NULL, &group), epInvalidArgument, "fp8Source");
     config = smallConfig();
     config.layout = epLayoutFlat;
-    CHECK_FAILS(epGroupCreate(&config, NULL, &group), epInvalidArgument, "layout");
+    CHECK_FAILS(epGroupCreate(&config, NULL, &group), epInvalidArgument, "layout = epLayoutFlat; is not a layout of algorithm epAlgorithmLowLatency");
+    config = smallConfig();
+    config.maxReceivedTokensPerRank = -1;
+    CHECK_FAILS(epGroupCreate(&config, NULL, &group), epInvalidArgument, "maxReceivedTokensPerRank = -1; must be 0 for LL");
+    config = smallConfig();
+    config.algorithm = epAlgorithmHighThroughput;
+    config.layout = epLayoutExpertMajorPadded;
+    config.alignment = 2000;
+    CHECK_FAILS(epGroupCreate(&config, NULL, &group), epInvalidArgument, "alignment = 2000; must be in 1...1024");
     CHECK_FAILS(epGroupCreate(NULL, NULL, &group), epInvalidArgument, "config = NULL");
     CHECK(group == NULL, "no group after failures");
     CHECK_FAILS(epGroupUpdateAll(NULL, NULL, NULL, NULL), epInvalidArgument, "group = NULL");

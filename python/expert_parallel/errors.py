@@ -124,14 +124,16 @@ _STATUS_NAMES = {
 _SETTING_NAMES = [("maxReceivedTokensPerRank", "max_recv_tokens"), ("maxTokensPerRank", "max_tokens"), ("topK", "top_k"),
                   ("elementType", "dtype"), ("timeoutSeconds", "timeout"), ("epLayoutExpertMajorPadded", "'expert_major_padded'"),
                   ("epLayoutExpertMajor", "'expert_major'"), ("epLayoutRankMajor", "'rank_major'"), ("epLayoutFlat", "'flat'"),
-                  ("float32Block128", "'float32'"), ("ue8m0Block128", "'ue8m0'"), ("e8m0Block32", "'e8m0'")]
+                  ("float32Block128", "'float32'"), ("ue8m0Block128", "'ue8m0'"), ("e8m0Block32", "'e8m0'"),
+                  ("epAlgorithmLowLatency", "'ll'"), ("epAlgorithmHighThroughput", "'ht'")]
 _SETTINGS = re.compile(r"\b(" + "|".join(name for name, _ in _SETTING_NAMES) + r")\b")
 _SETTING_WORDS = dict(_SETTING_NAMES)
 
 
 def python_names(message: str) -> str:
     """`message` with the group settings it names as the package's keywords name them."""
-    return _SETTINGS.sub(lambda m: _SETTING_WORDS[m.group(1)], message)
+    # (C's "0" for LL's automatic receive capacity is the keyword's None.)
+    return _SETTINGS.sub(lambda m: _SETTING_WORDS[m.group(1)], message).replace("must be 0 for LL", "must be None for LL")
 
 
 def from_status(status: int, message: str) -> ExpertParallelError:

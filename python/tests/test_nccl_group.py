@@ -61,7 +61,7 @@ def test_unique_id_is_128_bytes_or_an_error_naming_libnccl():
     (dict(multiprocessors=0), r"multiprocessors=0; must be in \[1, "),
     (dict(ranks=2, experts=5), r"experts = 5; must be a multiple of ranks \(2\)"),
     (dict(ranks=33, experts=33, rank=0), r"ranks = 33; must be ≤ 32 on the GPU backend"),
-    (dict(algorithm="ht", layout="rank_major"), r"layout = rank-major; is not a layout of algorithm ht"),
+    (dict(algorithm="ht", layout="rank_major"), r"layout = 'rank_major'; is not a layout of algorithm 'ht'"),
     (dict(dtype="int8"), r"dtype='int8'"),
 ])
 def test_arguments_are_checked_before_nccl_or_cuda_is_needed(overrides, match):

@@ -180,8 +180,23 @@ extension HostGroup: StepGroup {
         state.calls.lock()
         defer { state.calls.unlock() }
         if let open = state.openSendOnly { throw .wrongOrder("complete() the pending send-only \(open) first") }
+        try checkInStep()
         try body()
         if phase == .sendOnly { state.openSendOnly = name }
+    }
+
+    /// Refuses a call of every rank at once when the active ranks have taken different numbers of
+    /// rounds since the last `clean` (a per-rank call made on some ranks only): each rank's part
+    /// would meet another call of its peers' and wait out the timeout, masking a rank that did
+    /// nothing wrong.
+    private func checkInStep() throws(EPError) {
+        let epoch = transport.currentEpoch
+        let ranks = participants
+        let rounds = ranks.map { counters[$0].position(epoch: epoch) }
+        guard let first = rounds.first, rounds.contains(where: { $0 != first }) else { return }
+        let taken = zip(ranks, rounds).map { "rank \($0): \($1)" }.joined(separator: ", ")
+        throw .wrongOrder(
+            "the ranks' calls are out of step (rounds taken since the last clean: \(taken)): a per-rank call was made on some ranks without the others' matching calls; clean the group to start afresh")
     }
 
     /// The ranks' results in order, or the error that explains the failure: the lowest rank that

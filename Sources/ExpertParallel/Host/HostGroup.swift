@@ -9,6 +9,8 @@ public final class HostGroup: Sendable {
     public let shapes: CallShapes
     let transport: HostTransport
     let counters: [RoundCounter]
+    /// Per rank: whether one of its calls is under way (a rank makes its calls one at a time).
+    let calling: [CallFlag]
 
     /// Refuses, with `outOfMemory`, a configuration whose per-step routing metadata (which grows
     /// with `experts` and `ranks`) cannot fit in this host's memory, before anything is allocated.
@@ -18,6 +20,7 @@ public final class HostGroup: Sendable {
         shapes = CallShapes(self.config)
         transport = HostTransport(ranks: config.ranks)
         counters = (0..<config.ranks).map { _ in RoundCounter() }
+        calling = (0..<config.ranks).map { _ in CallFlag() }
     }
 
     /// Rank `rank`'s view; `rank` must be in `0..<config.ranks` (a precondition, as an array's index).
@@ -84,6 +87,19 @@ final class RoundCounter: @unchecked Sendable {
             return .init(epoch: epoch, round: round)
         }
     }
+
+    /// Rounds taken in epoch `current` (0 in a new one).
+    func position(epoch current: Int) -> Int { lock.withLock { current == epoch ? round : 0 } }
+}
+
+/// Whether a rank has a call under way.
+final class CallFlag: @unchecked Sendable {
+    private let lock = NSLock()
+    private var busy = false
+
+    /// True and marks the call under way, or false when one already is.
+    func enter() -> Bool { lock.withLock { if busy { return false }; busy = true; return true } }
+    func leave() { lock.withLock { busy = false } }
 }
 
 final class ResultBox<T: Sendable>: @unchecked Sendable {

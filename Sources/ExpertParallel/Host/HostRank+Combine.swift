@@ -5,6 +5,12 @@ extension HostRank {
     public func combine(
         _ handle: HostHandle, _ input: CombineInput, into output: CombineOutput, direction: PassDirection = .forward
     ) throws(EPError) {
+        try exclusive { () throws(EPError) in try combineNow(handle, input, into: output, direction: direction) }
+    }
+
+    private func combineNow(
+        _ handle: HostHandle, _ input: CombineInput, into output: CombineOutput, direction: PassDirection
+    ) throws(EPError) {
         // Every check fails inside the exchange below, so the other ranks learn of it at once.
         let step = Result { () throws(EPError) in
             let step = try self.step(handle, combine: true)

@@ -3,6 +3,12 @@ extension HostRank {
     public func dispatch(
         _ handle: HostHandle, _ input: DispatchInput, into output: DispatchOutput, direction: PassDirection = .forward
     ) throws(EPError) -> LayoutInfo {
+        try exclusive { () throws(EPError) -> LayoutInfo in try dispatchNow(handle, input, into: output, direction: direction) }
+    }
+
+    private func dispatchNow(
+        _ handle: HostHandle, _ input: DispatchInput, into output: DispatchOutput, direction: PassDirection
+    ) throws(EPError) -> LayoutInfo {
         // Every check fails inside the exchange below, so the other ranks learn of it at once.
         let step = Result { () throws(EPError) in
             let step = try self.step(handle, combine: false)

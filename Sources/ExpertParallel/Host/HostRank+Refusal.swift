@@ -9,6 +9,10 @@ extension HostRank {
     /// next call with the others' previous one). An update's refusal voids the handle, as a failed
     /// update does. Throws the error the call would have thrown.
     public func refuse(_ call: RefusedCall, _ handle: HostHandle, _ error: EPError) throws(EPError) -> Never {
+        try exclusive { () throws(EPError) -> Never in try refuseNow(call, handle, error) }
+    }
+
+    private func refuseNow(_ call: RefusedCall, _ handle: HostHandle, _ error: EPError) throws(EPError) -> Never {
         switch call {
         case .update:
             let thrown: EPError

@@ -17,12 +17,26 @@ public struct HostRank: Rank {
     public func makeHandle() throws(EPError) -> HostHandle { HostHandle(rank: rank) }
 
     public func update(_ handle: HostHandle, topkIdx: TensorRef) throws(EPError) {
-        do {
-            try plan(handle, topkIdx: topkIdx)
-        } catch {
-            if handle.rank == rank { handle.fail(error) }   // another rank's handle is not this call's to void
-            throw error
+        try exclusive { () throws(EPError) in
+            do throws(EPError) {
+                try plan(handle, topkIdx: topkIdx)
+            } catch {
+                if handle.rank == rank { handle.fail(error) }   // another rank's handle is not this call's to void
+                throw error
+            }
         }
+    }
+
+    /// Runs one call of this rank, refused (`wrongOrder`, nothing done, no round taken) while
+    /// another of its calls is under way on another thread: a rank's calls take their rounds in
+    /// order, so two at once would pair one with the other ranks' next call.
+    func exclusive<T>(_ body: () throws(EPError) -> T) throws(EPError) -> T {
+        let flag = group.calling[rank]
+        guard flag.enter() else {
+            throw .wrongOrder("rank \(rank) already has a call under way on another thread: a rank makes its calls one at a time (its handles take turns)")
+        }
+        defer { flag.leave() }
+        return try body()
     }
 
     private func plan(_ handle: HostHandle, topkIdx: TensorRef) throws(EPError) {
