@@ -33,8 +33,13 @@
  *   - The GPU group's data-path calls (update, dispatch, combine) enqueue work and return
  *     without synchronising; errors found on the device (invalid routing, a timeout) are reported
  *     by epGroupCheckStatus (or by a dispatch that asks for its layout info).
- *   - Calls on one group are serialised by the library; a group is not freed while a handle
- *     made from it is alive.
+ *   - Calls on one group are serialised by the library, except a host group's per-rank handle
+ *     calls, which wait for the other ranks' matching calls and so run on a thread per rank: a
+ *     rank makes one call at a time (a second one while its first is under way fails with
+ *     epInvalidUsage), and every per-rank call takes its place in the ranks' sequence, refused
+ *     or not, so the other ranks must make the matching call; a collective call after per-rank
+ *     calls made on some ranks only fails at once (epInvalidUsage) until epGroupCleanRanks.
+ *     A group is not freed while a handle made from it is alive.
  */
 #ifndef EXPERT_PARALLEL_H
 #define EXPERT_PARALLEL_H
