@@ -3,7 +3,7 @@
  *
  * Moves Mixture-of-Experts tokens between ranks: dispatch sends every token to the ranks that
  * hold its top-k experts, combine brings the expert outputs back and reduces them into the
- * original token order. Two backends sit behind one set of calls:
+ * original token order. Three backends sit behind one set of calls:
  *   - the host (CPU) group: R ranks in one process, one thread per rank; the bit-exact oracle;
  *   - the virtual GPU group: R ranks on one CUDA device, every call one launch for all R ranks
  *     (both algorithms, both overflow policies);
@@ -120,8 +120,8 @@ typedef enum {
 
 typedef enum {
     epOverflowFail = 0, /* the update fails with epOverflow and touches nothing */
-    epOverflowDrop = 1  /* rows that do not fit are dropped (kept in (rank, token) order) and counted;
-                         * host group only so far */
+    epOverflowDrop = 1  /* HT: rows that do not fit are dropped (kept in (rank, token) order) and
+                         * counted; every backend */
 } epOverflowPolicy_t;
 
 typedef enum { epForward = 0, epBackward = 1 } epPassDirection_t;
@@ -229,7 +229,7 @@ typedef struct {
     double timeoutSeconds;            /* bound on every wait for another rank, in [1e-9, 86400]; 0 = 10 s */
     /* v3: FP8 dispatch (docs/fp8.md). With a scale mode, rows move as e4m3 (epFloat8E4M3) with a
      * scale per block; elementType (bf16, f16, f32) is what combine runs in and, with
-     * epFP8Quantize, what dispatch reads. CPU backend only so far. */
+     * epFP8Quantize, what dispatch reads. Every backend. */
     epFP8Scales_t fp8Scales;
     epFP8Source_t fp8Source;
 } epGroupConfig_t;
