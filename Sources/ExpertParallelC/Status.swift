@@ -114,12 +114,17 @@ func entryPoint(_ name: StaticString, naming names: CNames? = nil, _ body: () th
         return epSuccess
     } catch let error as StatusError {
         let error = names.map { error.naming($0) } ?? error
-        LastError.set("\(name): \(error.message)")
+        LastError.set("\(name): \(cWording(error.message))")
         return error.status
     } catch {
         LastError.set("\(name): internal error: \(error)")
         return epInternalError
     }
+}
+
+/// A message of the core in C's words: a missing pointer is NULL (the core says nil).
+func cWording(_ message: String) -> String {
+    message.replacing(" = nil;", with: " = NULL;").replacing("must be non-nil", with: "must not be NULL")
 }
 
 /// The thread-local message of the last call, as a C string owned by the thread's slot.

@@ -225,7 +225,12 @@ static void stackedStep(void) {
     CHECK_FAILS(epGroupDispatchStacked(group, &d, NULL), epInvalidArgument, "call.tokens = 3");
     d.tokens = 1;
     d.receivedTokens.data = NULL;
-    CHECK_FAILS(epGroupDispatchStacked(group, &d, NULL), epInvalidArgument, "call.receivedTokens.data");
+    CHECK_FAILS(epGroupDispatchStacked(group, &d, NULL), epInvalidArgument, "call.receivedTokens.data = NULL");
+    d.receivedTokens.data = b[0].received;
+    /* A dispatch with the step's routing (topkIdx NULL) gives the step's count (1 token here). */
+    d.topkIdx.data = NULL;
+    d.tokens = 2;
+    CHECK_FAILS(epGroupDispatchStacked(group, &d, NULL), epInvalidArgument, "call.tokens = 2; must be the step's (1)");
     CHECK_OK(epGroupDestroy(group));
 }
 
