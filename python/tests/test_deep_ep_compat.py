@@ -523,6 +523,16 @@ def test_ranks_disagreeing_on_a_group_are_named_alike_on_every_rank():
     assert "max_tokens 4096 on rank 0, 8192 on rank 1" in disagreement([same[0], (tuple(spec), 8192, None)])
 
 
+def _on_two_ranks(worker, tmp_path):
+    """`worker(rank, store, results)` in two processes; their shared results as a dict."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(worker, args=(str(tmp_path / "store"), results), nprocs=2, join=True)
+        return dict(results)
+
+
 def _agree_on_two_ranks(rank, store, results):
     import torch.distributed as dist
     from expert_parallel.compat.deep_ep._groups import Groups, Spec
@@ -543,12 +553,8 @@ def _agree_on_two_ranks(rank, store, results):
 
 def test_a_rank_that_cannot_make_an_nccl_group_fails_every_rank_by_name(tmp_path):
     # (The group itself is never made: every rank raises at the agreement, before the NCCL group.)
-    import torch.multiprocessing as mp
-
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_agree_on_two_ranks, args=(str(tmp_path / "store"), results), nprocs=2, join=True)
-        assert results[0] == results[1] and results[0].startswith("rank 1: x: 100 tokens on a rank; must be ≤ max_tokens_per_rank (64)")
+    results = _on_two_ranks(_agree_on_two_ranks, tmp_path)
+    assert results[0] == results[1] and results[0].startswith("rank 1: x: 100 tokens on a rank; must be ≤ max_tokens_per_rank (64)")
 
 
 def _one_rank_never_comes(rank, store, results):
@@ -585,14 +591,10 @@ def _one_rank_never_comes(rank, store, results):
 def test_a_rank_whose_peer_never_comes_to_the_agreement_times_out_by_name(tmp_path):
     # The peers of a rank whose first call of a shape failed its own checks waited in the agreement
     # until the process group's timeout (minutes): now the Buffer's timeout bounds it.
-    import torch.multiprocessing as mp
-
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_one_rank_never_comes, args=(str(tmp_path / "store"), results), nprocs=2, join=True)
-        assert results[0].startswith("the ranks' agreement on a new group (a call's first of its shape): a peer rank did "
-                                     "not come within timeout=1.5 s")
-        assert 1.5 <= results["seconds"] < 10
+    results = _on_two_ranks(_one_rank_never_comes, tmp_path)
+    assert results[0].startswith("the ranks' agreement on a new group (a call's first of its shape): a peer rank did "
+                                 "not come within timeout=1.5 s")
+    assert 1.5 <= results["seconds"] < 10
 
 
 def test_a_hooked_fp8_dispatch_fills_its_scales_at_the_hook(monkeypatch):
