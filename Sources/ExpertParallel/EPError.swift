@@ -59,7 +59,7 @@ public enum EPError: Error, Sendable, Equatable, CustomStringConvertible {
     /// The same error with the argument named otherwise (also where it is the reason a peer gave
     /// for rejecting its call); any other error as it is. See `field(_:renaming:parts:)`. A layer
     /// that takes its arguments under other names (the C structs' fields) names them its own way.
-    public func renamingField(_ names: [(from: String, to: String)], parts: [(from: String, to: String)] = []) -> EPError {
+    package func renamingField(_ names: [(from: String, to: String)], parts: [(from: String, to: String)] = []) -> EPError {
         switch self {
         case let .invalidArgument(field, value, requirement):
             return .invalidArgument(field: Self.field(field, renaming: names, parts: parts), value: value, requirement: requirement)
@@ -78,7 +78,7 @@ public enum EPError: Error, Sendable, Equatable, CustomStringConvertible {
     /// replaced by the `to` of the first of `names` whose `from` it is, and in what follows, each
     /// part (after a ".", before a ".", "[" or " ") that is the `from` of one of `parts` replaced
     /// by its `to`; indices (`[1]`, `[rank 1]`) stay as they are. Unchanged where no name is.
-    public static func field(_ field: String, renaming names: [(from: String, to: String)], parts: [(from: String, to: String)] = []) -> String {
+    package static func field(_ field: String, renaming names: [(from: String, to: String)], parts: [(from: String, to: String)] = []) -> String {
         func follows(_ from: String) -> Bool {
             guard field.hasPrefix(from) else { return false }
             let next = field.dropFirst(from.count).first

@@ -197,7 +197,7 @@ public struct CheckedStackedDispatch: Sendable {
     }
 
     /// `error` of a per-rank call's checks with its views named as this call's fields.
-    public static func naming(_ error: EPError) -> EPError { error.renamingField(Field.allCases.map { ($0.viewName, "\($0)") }) }
+    package static func naming(_ error: EPError) -> EPError { error.renamingField(Field.allCases.map { ($0.viewName, "\($0)") }) }
 
     private static func views(_ call: StackedDispatch, _ shapes: CallShapes) -> (input: DispatchInput, output: DispatchOutput) {
         func part(_ field: Field) -> TensorRef? { call[field].map { $0.part(0, shape: shapes.shape(field, tokens: call.tokens)) } }
@@ -293,7 +293,7 @@ public struct CheckedStackedCombine: Sendable {
     }
 
     /// `error` of a per-rank call's checks with its views named as this call's fields.
-    public static func naming(_ error: EPError) -> EPError { error.renamingField(Field.allCases.map { ($0.viewName, "\($0)") }) }
+    package static func naming(_ error: EPError) -> EPError { error.renamingField(Field.allCases.map { ($0.viewName, "\($0)") }) }
 
     private static func views(_ call: StackedCombine, _ shapes: CallShapes, most: Int) -> (input: CombineInput, output: CombineOutput) {
         func part(_ field: Field) -> TensorRef? { call[field].map { $0.part(0, shape: shapes.shape(field, tokens: most)) } }

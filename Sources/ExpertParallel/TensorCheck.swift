@@ -1,6 +1,6 @@
 /// Validation of tensor arguments: every error names the argument, the value and the bound.
-public enum TensorCheck {
-    public static func require(
+package enum TensorCheck {
+    package static func require(
         _ tensor: TensorRef?, _ name: String, dtypes: [DataType], shape: [Int],
         location: MemoryLocation = .host
     ) throws(EPError) {
@@ -19,7 +19,7 @@ public enum TensorCheck {
     }
 
     /// `require` for the shape `[rows, columns]`, without building that array unless it fails.
-    public static func require(
+    package static func require(
         _ tensor: TensorRef?, _ name: String, dtypes: [DataType], rows: Int, columns: Int,
         location: MemoryLocation = .host
     ) throws(EPError) {

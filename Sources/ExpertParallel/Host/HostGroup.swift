@@ -115,7 +115,7 @@ extension GroupConfig {
     /// ranks with `tokens` tokens each (an upper bound): per rank, its routing summaries (full,
     /// kept, and the one of masked ranks), the expert zones and the layout info it receives, about
     /// 6 × (E + R) words; and per token 3K + R words of routing and slots. Saturates at Int.max.
-    public func hostStepBytes(tokens: Int) -> Int {
+    package func hostStepBytes(tokens: Int) -> Int {
         func mul(_ a: Int, _ b: Int) -> Int {
             let (p, o) = a.multipliedReportingOverflow(by: b)
             return o ? .max : p
@@ -130,7 +130,7 @@ extension GroupConfig {
 
     /// Throws `outOfMemory` when one step's host routing metadata for `tokens` tokens per rank
     /// (`hostStepBytes`) is more than this host's memory: checked before it is allocated.
-    public func checkHostStepMemory(tokens: Int) throws(EPError) {
+    package func checkHostStepMemory(tokens: Int) throws(EPError) {
         let bytes = hostStepBytes(tokens: tokens)
         let available = Int(clamping: ProcessInfo.processInfo.physicalMemory)
         guard bytes <= available else {

@@ -97,7 +97,7 @@ extension HostRank {
 
 extension HostRank {
     /// Elements of a row that combine reduces at a time (16 KiB of float32 scratch per buffer).
-    public static let combinePiece = 4096
+    package static let combinePiece = 4096
 }
 
 /// `value` rounded to `type` and read back as float32.

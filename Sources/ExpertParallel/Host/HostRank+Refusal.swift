@@ -1,14 +1,14 @@
 extension HostRank {
     /// A call of this rank whose arguments were refused before it could be made (a C caller's
     /// malformed struct or descriptor, say).
-    public enum RefusedCall: Sendable { case update, dispatch, combine }
+    package enum RefusedCall: Sendable { case update, dispatch, combine }
 
     /// Takes the refused call's place among the ranks all the same: posts `error` in the round the
     /// call would have used, so the other ranks' matching calls fail at once (`peerFailed`) and
     /// every rank's rounds stay in step (a refusal that skipped its round would pair this rank's
     /// next call with the others' previous one). An update's refusal voids the handle, as a failed
     /// update does. Throws the error the call would have thrown.
-    public func refuse(_ call: RefusedCall, _ handle: HostHandle, _ error: EPError) throws(EPError) -> Never {
+    package func refuse(_ call: RefusedCall, _ handle: HostHandle, _ error: EPError) throws(EPError) -> Never {
         try exclusive { () throws(EPError) -> Never in try refuseNow(call, handle, error) }
     }
 
