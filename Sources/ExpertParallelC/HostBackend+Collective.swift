@@ -22,7 +22,8 @@ extension HostBackend: StepGroupBackend {
             switch call {
             case .update(let routing): setTokens(step, routing.map { $0.shape.first ?? 0 })
             case .dispatch:
-                if step == nil { lastLayout = group.localRanks.map { r in ranks.contains(r) ? try? group.layoutInfo(handle, rank: r) : nil } }
+                // (A masked rank's is all zeros, as the GPU group reports it.)
+                if step == nil { lastLayout = group.localRanks.map { r in try? group.layoutInfo(handle, rank: r) } }
             case .combine: break
             }
         } catch {
@@ -47,7 +48,7 @@ extension HostBackend: StepGroupBackend {
     /// What `rank` received in the last collective dispatch (the handle forgets it at an update).
     func layoutInfo(rank: Int) throws -> LayoutInfo {
         guard let info = lastLayout[rank] else {
-            throw EPError.wrongOrder("rank \(rank) has no layout info: it took part in no collective dispatch yet, or was masked in the last one")
+            throw EPError.wrongOrder("rank \(rank) has no layout info: no collective dispatch has completed yet")
         }
         return info
     }

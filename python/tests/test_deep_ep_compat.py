@@ -578,6 +578,10 @@ def _one_rank_never_comes(rank, store, results):
             except ep.RankTimeoutError as error:
                 results[0] = str(error)
             results["seconds"] = time.monotonic() - start
+            try:   # the pending collective makes the process group unusable: later agreements are refused by name
+                groups.entry(spec._replace(hidden=128), 32)
+            except ep.InvalidUsageError as error:
+                results["again"] = str(error)
         else:
             # Rank 1's call failed its own checks before the agreement: it never comes. Once rank 0
             # has its error, it posts the pending all-gather's other half so both can tear down.
@@ -595,6 +599,29 @@ def test_a_rank_whose_peer_never_comes_to_the_agreement_times_out_by_name(tmp_pa
     assert results[0].startswith("the ranks' agreement on a new group (a call's first of its shape): a peer rank did "
                                  "not come within timeout=1.5 s")
     assert 1.5 <= results["seconds"] < 10
+    assert results["again"].startswith("this Buffer's process group has a collective left pending since an agreement timed out")
+
+
+def _construct_on_two_ranks(rank, store, results):
+    from unittest import mock
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=timedelta(seconds=30))
+    try:
+        collectives = []
+        real = dist.all_reduce
+        with mock.patch.object(dist, "all_reduce", lambda *a, **k: (collectives.append(1), real(*a, **k))[1]):
+            Buffer(dist.group.WORLD, device="cuda:0")   # (groups are made lazily: no GPU is needed here)
+        results[rank] = len(collectives)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_multi_process_buffer_sets_up_its_process_group_when_constructed(tmp_path):
+    # An NCCL group sets up its communicator in its first collective, inside the call, where the
+    # agreements' deadline cannot bound it: the construction (every rank there) makes that one.
+    assert _on_two_ranks(_construct_on_two_ranks, tmp_path) == {0: 1, 1: 1}
 
 
 def test_a_hooked_fp8_dispatch_fills_its_scales_at_the_hook(monkeypatch):

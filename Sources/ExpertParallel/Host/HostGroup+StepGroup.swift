@@ -1,8 +1,10 @@
 import Foundation
 
 /// `StepGroup` on the host: each call runs the per-rank call of every active rank at once, one
-/// thread per rank (`run(ranks:)`), as R processes would; masked ranks do nothing and their
-/// entries in the per-rank arrays are ignored (the arrays still hold R entries).
+/// thread per rank (`run(ranks:)`), as R processes would; masked ranks move nothing and their
+/// entries in the per-rank arrays are ignored (the arrays still hold R entries), but for the
+/// expert counts a dispatch asks for, which are zeros (where the tensors fit), as is their layout
+/// info: what the GPU group writes.
 ///
 /// Every call has finished when it returns, so:
 /// - `options.stream` and `options.launch` mean nothing here and are ignored;
@@ -72,16 +74,18 @@ extension HostGroup: StepGroup {
             try checkCount(outputs.count, "outputs")
             handle.forgetLayouts()
             let ranks = participants
-            let infos = try Self.collect(ranks, run(ranks: ranks) { rank throws(EPError) -> LayoutInfo in
-                try rank.dispatch(handles[rank.rank], inputs[rank.rank], into: outputs[rank.rank], direction: direction)
-            })
             // A masked rank received nothing: its layout info and the counts it asked for are
-            // zeros, as the GPU's dispatch writes them.
+            // zeros, as the GPU's dispatch writes them. Its count tensors are written first, where
+            // they fit (its entries are otherwise ignored), so that one shared with an active
+            // rank ends with that rank's counts.
             let empty = LayoutInfo.empty(config)
             let masked = (0..<config.ranks).filter { !ranks.contains($0) }
             for r in masked {
-                try empty.writeCounts(experts: outputs[r].expertCounts, expertSources: outputs[r].expertSourceCounts)
+                try? empty.writeCounts(experts: outputs[r].expertCounts, expertSources: outputs[r].expertSourceCounts)
             }
+            let infos = try Self.collect(ranks, run(ranks: ranks) { rank throws(EPError) -> LayoutInfo in
+                try rank.dispatch(handles[rank.rank], inputs[rank.rank], into: outputs[rank.rank], direction: direction)
+            })
             handle.recordLayouts(infos + masked.map { _ in empty }, ranks: ranks + masked)
         }
     }

@@ -11,8 +11,8 @@ from typing import Any, List
 
 from ...errors import RankTimeoutError
 
-#: The least wait: the agreement may be a process group's first collective, which sets up its
-#: communicator (NCCL: seconds on eight GPUs) before the ranks' values move.
+#: The least wait: ranks may reach a shape's first call seconds apart (loading, compiling) without
+#: anything being wrong.
 MINIMUM_SECONDS = 60.0
 
 
@@ -38,6 +38,18 @@ def _wait(work: Any, deadline: float, timeout: float, what: str) -> None:
                 "used for this Buffer's calls any more")
         time.sleep(0.0005)
     work.wait()
+
+
+def warm_up(process_group: Any) -> None:
+    """One collective over `process_group` while every rank is known to be there (the Buffer's
+    construction, collective in DeepEP too): an NCCL group sets up its communicator in its first
+    collective, inside the call, where no deadline of ours can bound it; after this, the
+    agreements' waits are only for the ranks."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_world_size(process_group) > 1:
+        dist.all_reduce(torch.zeros(1, dtype=torch.int64, device=_device(process_group)), group=process_group)
 
 
 def all_gather(process_group: Any, value: Any, timeout: float, what: str) -> List[Any]:

@@ -8,6 +8,7 @@ from typing import Any, Callable, List, Optional, Tuple, Union
 from ...errors import InvalidArgumentError, InvalidUsageError
 from ..._config import integer, seconds
 from . import _engine, _events
+from ._agreement import warm_up
 from ._config import Config, check_num_sms, default_config
 from ._engine import Payload
 from ._errors import not_supported
@@ -77,6 +78,8 @@ class Buffer:
             fixed = _DEFAULT_TOKENS if max_tokens_per_rank is None else integer(max_tokens_per_rank, "max_tokens_per_rank", 1, 2**31 - 1)
         groups = Groups(ranks=size if device != "cpu" else 1, device=device, timeout=seconds(timeout, "timeout"),
                         process_group=group, fixed_tokens=fixed)
+        if groups.nccl:
+            warm_up(group)   # (every rank constructs its Buffer, as in DeepEP: the group's setup happens here)
         self._setup(rank, size, group, device, _Shared(groups, Solo(), 1), num_nvl_bytes, num_rdma_bytes,
                     low_latency_mode)
 

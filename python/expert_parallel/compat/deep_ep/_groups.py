@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 from ... import VirtualGroup
-from ...errors import InvalidArgumentError
+from ...errors import InvalidArgumentError, InvalidUsageError, RankTimeoutError
 from ._agreement import all_gather
 from ._layout import torch_module
 
@@ -185,6 +185,7 @@ class Groups:
         self.nccl = process_group is not None and device != "cpu"
         self.fixed_tokens = fixed_tokens
         self._entries: Dict[Any, Entry] = {}   # per Spec, or (Spec, exact capacity)
+        self.broken: Optional[str] = None   # why no more agreement can run (a timed-out one left a collective pending)
         self._all: List[Entry] = []
 
     @property
@@ -227,8 +228,16 @@ class Groups:
         """All-gathers every rank's (spec, capacity, error) over the process group and raises
         `disagreement`'s error on every rank where there is one; a rank that does not come within
         the Buffer's timeout (its call failed before, or it made another) is a RankTimeoutError."""
-        everyone = all_gather(self.process_group, (tuple(spec), capacity, error), self.timeout,
-                              "the ranks' agreement on a new group (a call's first of its shape)")
+        if self.broken is not None:
+            raise InvalidUsageError(self.broken)
+        try:
+            everyone = all_gather(self.process_group, (tuple(spec), capacity, error), self.timeout,
+                                  "the ranks' agreement on a new group (a call's first of its shape)")
+        except RankTimeoutError as timeout:
+            # A collective is left pending on the process group: a later one would pair with it.
+            self.broken = (f"this Buffer's process group has a collective left pending since an agreement timed out "
+                           f"({timeout}); make a new process group and Buffer (NCCL's watchdog may end the process)")
+            raise
         message = disagreement(everyone)
         if message is not None:
             raise InvalidArgumentError(message)
