@@ -36,8 +36,8 @@
  *   - Calls on one group are serialised by the library, except a host group's per-rank handle
  *     calls, which wait for the other ranks' matching calls and so run on a thread per rank: a
  *     rank makes one call at a time (a second one while its first is under way fails with
- *     epInvalidUsage), and every per-rank call takes its place in the ranks' sequence, refused
- *     or not, so the other ranks must make the matching call; a collective call after per-rank
+ *     epInvalidUsage and takes no place), and every other per-rank call takes its place in the
+ *     ranks' sequence, refused or not, so the other ranks must make the matching call; a collective call after per-rank
  *     calls made on some ranks only fails at once (epInvalidUsage) until epGroupCleanRanks.
  *     A group is not freed while a handle made from it is alive.
  */

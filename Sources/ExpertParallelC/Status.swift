@@ -122,9 +122,12 @@ func entryPoint(_ name: StaticString, naming names: CNames? = nil, _ body: () th
     }
 }
 
-/// A message of the core in C's words: a missing pointer is NULL (the core says nil).
+/// A message of the core in C's words: a missing pointer is NULL and an automatic size 0 (the
+/// core says nil for both); the send-only phase is epPhaseSendOnly.
 func cWording(_ message: String) -> String {
     message.replacing(" = nil;", with: " = NULL;").replacing("must be non-nil", with: "must not be NULL")
+        .replacing("must be nil", with: "must be NULL").replacing("(or nil for automatic)", with: "(or 0 for automatic)")
+        .replacing("phase .sendOnly", with: "phase epPhaseSendOnly")
 }
 
 /// The thread-local message of the last call, as a C string owned by the thread's slot.

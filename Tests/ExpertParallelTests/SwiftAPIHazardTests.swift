@@ -50,7 +50,7 @@ struct SwiftAPIHazardTests {
         #expect(throws: EPError.self) { try group[0].update(try group[0].makeHandle(), topkIdx: bad.ref) }
         let start = ContinuousClock.now
         #expect(throws: EPError.wrongOrder(
-            "the ranks' calls are out of step (rounds taken since the last clean: rank 0: 2, rank 1: 1): a per-rank call was made on some ranks without the others' matching calls; clean the group to start afresh")) {
+            "the ranks' calls are out of step (rounds taken since the group was made or last cleaned: rank 0: 2, rank 1: 1): a per-rank call was made on some ranks without the others' matching calls; clean the group to start afresh")) {
             try group.update(handle, topkIdx: idx.map(\.ref))
         }
         #expect(ContinuousClock.now - start < .seconds(1), "at once, not after the 2 s timeout")

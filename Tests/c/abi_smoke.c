@@ -275,7 +275,7 @@ static void perRankStep(void) {
         for (int i = 0; i < 3; i++) CHECK(threads[r].results[i] == epSuccess, "rank %d call %d: %s", r, i, epGetErrorString(threads[r].results[i]));
         checkStep(&b[r], r, "per-rank");
         /* Nothing was sent-only: completing is a call out of order, as epGroupComplete says. */
-        CHECK_FAILS(epComplete(threads[r].handle, NULL), epInvalidUsage, "phase .sendOnly");
+        CHECK_FAILS(epComplete(threads[r].handle, NULL), epInvalidUsage, "phase epPhaseSendOnly");
         CHECK_OK(epHandleDestroy(threads[r].handle));
     }
 }

@@ -132,8 +132,12 @@ _SETTING_WORDS = dict(_SETTING_NAMES)
 
 def python_names(message: str) -> str:
     """`message` with the group settings it names as the package's keywords name them."""
-    # (C's "0" for LL's automatic receive capacity is the keyword's None.)
-    return _SETTINGS.sub(lambda m: _SETTING_WORDS[m.group(1)], message).replace("must be 0 for LL", "must be None for LL")
+    # (C's 0 for an automatic receive capacity, and its NULL, are the keywords' None.)
+    message = _SETTINGS.sub(lambda m: _SETTING_WORDS[m.group(1)], message)
+    for c, python in (("must be 0 for LL", "must be None for LL"), ("(or 0 for automatic)", "(or None for automatic)"),
+                      ("must be NULL", "must be None"), ("phase epPhaseSendOnly", "send_only=True")):
+        message = message.replace(c, python)
+    return message
 
 
 def from_status(status: int, message: str) -> ExpertParallelError:

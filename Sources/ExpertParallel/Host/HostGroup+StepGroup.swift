@@ -200,7 +200,7 @@ extension HostGroup: StepGroup {
         guard let first = rounds.first, rounds.contains(where: { $0 != first }) else { return }
         let taken = zip(ranks, rounds).map { "rank \($0): \($1)" }.joined(separator: ", ")
         throw .wrongOrder(
-            "the ranks' calls are out of step (rounds taken since the last clean: \(taken)): a per-rank call was made on some ranks without the others' matching calls; clean the group to start afresh")
+            "the ranks' calls are out of step (rounds taken since the group was made or last cleaned: \(taken)): a per-rank call was made on some ranks without the others' matching calls; clean the group to start afresh")
     }
 
     /// The ranks' results in order, or the error that explains the failure: the lowest rank that
