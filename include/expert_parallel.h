@@ -436,7 +436,9 @@ typedef struct {
     epDataType_t dtype;
     int32_t device;         /* -1: host memory; >= 0: memory of that CUDA device (the group's) */
     int64_t rankStride;     /* bytes from one rank's part to the next's; 0: packed (one part's own
-                             * size, for the shape the call needs) */
+                             * size, for the shape the call needs). Checked against the parts' sizes
+                             * and overflow, not against the memory behind `data`: that every
+                             * part lies in memory of the caller's is the caller's word */
 } epStacked_t;
 
 /* Every rank's `tokens` rows (the same B for every rank). With topkIdx.data set the call is the
