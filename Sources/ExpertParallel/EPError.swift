@@ -102,6 +102,9 @@ public enum EPError: Error, Sendable, Equatable, CustomStringConvertible {
         return renamed + rest
     }
 
+    /// `complete()` with no send-only dispatch or combine open (every backend's words).
+    package static let nothingToComplete = EPError.wrongOrder("complete() needs a dispatch or combine issued with phase .sendOnly")
+
     /// "N bytes (x.y GiB)": the exact count, and a readable one from KiB up.
     static func describe(bytes: Int) -> String {
         var size = Double(bytes), unit = ""

@@ -80,24 +80,23 @@ public final class HostTensor: @unchecked Sendable {
                      "HostTensor.\(what): \(T.self) is \(MemoryLayout<T>.stride) bytes; this tensor's \(dtype) elements are \(dtype.byteSize)")
     }
 
+    /// The byte offset of element `index` as a `T`, after checking both.
+    private func offset<T>(_ type: T.Type, _ index: Int) -> Int {
+        requireElement(T.self, "subscript")
+        precondition(index >= 0 && index < elementCount, "HostTensor.subscript: index \(index) is not in 0..<\(elementCount)")
+        return index * MemoryLayout<T>.stride
+    }
+
     /// Element `index` (in `0..<elementCount`) as `T`, which must be the element's size.
     public subscript<T>(as type: T.Type, index: Int) -> T {
-        get {
-            requireElement(T.self, "subscript")
-            precondition(index >= 0 && index < elementCount, "HostTensor.subscript: index \(index) is not in 0..<\(elementCount)")
-            return storage.load(fromByteOffset: index * MemoryLayout<T>.stride, as: T.self)
-        }
-        set {
-            requireElement(T.self, "subscript")
-            precondition(index >= 0 && index < elementCount, "HostTensor.subscript: index \(index) is not in 0..<\(elementCount)")
-            storage.storeBytes(of: newValue, toByteOffset: index * MemoryLayout<T>.stride, as: T.self)
-        }
+        get { storage.load(fromByteOffset: offset(T.self, index), as: T.self) }
+        set { storage.storeBytes(of: newValue, toByteOffset: offset(T.self, index), as: T.self) }
     }
 
     /// Every element as `T`, which must be the element's size.
     public func array<T>(of type: T.Type) -> [T] {
         requireElement(T.self, "array(of:)")
-        return (0..<elementCount).map { self[as: T.self, $0] }
+        return (0..<elementCount).map { storage.load(fromByteOffset: $0 * MemoryLayout<T>.stride, as: T.self) }
     }
 
     /// Sets every element from `values`: `elementCount` of them, of the element's size, or the

@@ -47,7 +47,7 @@ extension GroupConfig {
     }
 
     /// A core config error as the C fields say it: the layout as its enum name, the alignment by
-    /// its own field, LL's automatic receive capacity as 0.
+    /// its own field (the rest of the C wording is `cWording`'s).
     private static func cNamed(_ error: EPError, _ c: epGroupConfig_t) -> EPError {
         guard case let .invalidConfig(field, value, requirement) = error else { return error }
         switch field {
@@ -62,8 +62,6 @@ extension GroupConfig {
             return .invalidConfig(field: "layout", value: name, requirement: "is not a layout of algorithm \(algorithm): LL takes epLayoutExpertMajor or epLayoutRankMajor, HT takes epLayoutFlat or epLayoutExpertMajorPadded")
         case "layout.alignment":
             return .invalidConfig(field: "alignment", value: value, requirement: requirement)
-        case "maxReceivedTokensPerRank" where requirement.hasPrefix("must be nil"):
-            return .invalidConfig(field: field, value: value, requirement: "must be 0 for LL: its receive zones are sized by maxTokensPerRank")
         default:
             return error
         }

@@ -41,7 +41,7 @@ final class HostRankCalls: RankCalls, @unchecked Sendable {
             defer { openSendOnly = false }
             return openSendOnly
         }
-        guard open else { throw EPError.wrongOrder("complete() needs a dispatch or combine issued with phase .sendOnly") }
+        guard open else { throw EPError.nothingToComplete }
     }
 
     /// A host rank's per-rank calls use their handle's own step.

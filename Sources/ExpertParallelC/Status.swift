@@ -126,7 +126,8 @@ func entryPoint(_ name: StaticString, naming names: CNames? = nil, _ body: () th
 /// core says nil for both); the send-only phase is epPhaseSendOnly.
 func cWording(_ message: String) -> String {
     message.replacing(" = nil;", with: " = NULL;").replacing("must be non-nil", with: "must not be NULL")
-        .replacing("must be nil", with: "must be NULL").replacing("(or nil for automatic)", with: "(or 0 for automatic)")
+        .replacing("must be nil for LL", with: "must be 0 for LL").replacing("must be nil", with: "must be NULL")
+        .replacing("(or nil for automatic)", with: "(or 0 for automatic)")
         .replacing("phase .sendOnly", with: "phase epPhaseSendOnly")
 }
 

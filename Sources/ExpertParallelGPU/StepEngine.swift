@@ -210,7 +210,7 @@ final class StepEngine: @unchecked Sendable {
     func takePending() throws(EPError) -> PendingCall {
         lock.lock()
         defer { lock.unlock() }
-        guard let call = pending else { throw .wrongOrder("complete() needs a dispatch or combine issued with phase .sendOnly") }
+        guard let call = pending else { throw .nothingToComplete }
         pending = nil
         return call
     }

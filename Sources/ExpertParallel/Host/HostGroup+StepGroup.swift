@@ -111,7 +111,7 @@ extension HostGroup: StepGroup {
         state.calls.lock()
         defer { state.calls.unlock() }
         guard state.openSendOnly != nil else {
-            throw .wrongOrder("complete() needs a dispatch or combine issued with phase .sendOnly")
+            throw .nothingToComplete
         }
         state.openSendOnly = nil
     }
