@@ -129,9 +129,8 @@ struct NCCLOneRankTests {
             try step.dispatch(group, handle, slot: 0, direction: direction)
             try group.checkStatus()
             let buffers = group.slots[0], driver = group.device.driver
-            func pointer(_ t: TensorRef) -> DevicePointer { DevicePointer(rawValue: UInt64(UInt(bitPattern: t.address))) }
             let poison: UInt8 = 0xA5
-            try driver.fill(pointer(buffers.expertOutputs), byte: poison, byteCount: buffers.expertOutputs.byteCount)
+            try driver.fill(buffers.expertOutputs.devicePointer, byte: poison, byteCount: buffers.expertOutputs.byteCount)
             let callers = try DeviceTensor(config.elementType, config.receiveShape, on: group.device)
             try callers.upload(inputs.expertOutputs[0])
             try step.combine(group, handle, slot: 0, direction: direction, copyingFrom: callers.ref)
@@ -141,7 +140,7 @@ struct NCCLOneRankTests {
             expectSameBytes(got.combined, expected.combined, "\(layout) \(direction): combined rows")
             #expect(got.weightGradients == expected.weightGradients, "\(layout) \(direction): weight gradients")
             let shared = HostTensor(config.elementType, config.receiveShape)
-            try driver.copy(from: pointer(buffers.expertOutputs), to: shared.storage, byteCount: shared.byteCount)
+            try driver.copy(from: buffers.expertOutputs.devicePointer, to: shared.storage, byteCount: shared.byteCount)
             let sharedBytes = shared.bytes(), callerBytes = inputs.expertOutputs[0].bytes()
             var inZones = Array(repeating: false, count: config.receiveShape.dropLast().reduce(1, *))   // every row of the buffer
             for (start, count) in receivedZones(config, expected.layout) {
@@ -220,12 +219,12 @@ struct OneRankStep {
     func combine(_ group: NCCLRankGroup, _ handle: GPUStepHandle, slot: Int, direction: PassDirection, copyingFrom caller: TensorRef? = nil) throws {
         let buffers = group.slots[slot], driver = group.device.driver
         if caller == nil {
-            try driver.copy(from: inputs.expertOutputs[0].storage, to: DevicePointer(rawValue: UInt64(UInt(bitPattern: buffers.expertOutputs.address))),
+            try driver.copy(from: inputs.expertOutputs[0].storage, to: buffers.expertOutputs.devicePointer,
                             byteCount: inputs.expertOutputs[0].byteCount)
         }
         let backward = direction == .backward && config.algorithm == .highThroughput
         if backward, let g = inputs.weightGradients[0], let target = buffers.weightGradients {
-            try driver.copy(from: g.storage, to: DevicePointer(rawValue: UInt64(UInt(bitPattern: target.address))), byteCount: g.byteCount)
+            try driver.copy(from: g.storage, to: target.devicePointer, byteCount: g.byteCount)
         }
         let weights: TensorRef? = config.layout == .expertMajor ? w.ref : config.isExpertMajorHT && direction == .forward ? buffers.receivedWeights : nil
         let input = CombineInput(expertOutputs: caller ?? buffers.expertOutputs, topkWeights: weights, weightGradients: backward ? buffers.weightGradients : nil)
@@ -240,11 +239,11 @@ struct OneRankStep {
     func result(_ group: NCCLRankGroup, _ handle: GPUStepHandle, slot: Int, direction: PassDirection) throws -> StepResult {
         let driver = group.device.driver
         let received = HostTensor(config.receiveElementType, config.receiveShape)
-        try driver.copy(from: DevicePointer(rawValue: UInt64(UInt(bitPattern: group.slots[slot].receivedTokens.address))), to: received.storage,
+        try driver.copy(from: group.slots[slot].receivedTokens.devicePointer, to: received.storage,
                         byteCount: received.byteCount)
         let receivedScales = group.slots[slot].receivedScales.map { HostTensor($0.dtype, $0.shape) }
         if let receivedScales, let buffer = group.slots[slot].receivedScales {
-            try driver.copy(from: DevicePointer(rawValue: UInt64(UInt(bitPattern: buffer.address))), to: receivedScales.storage, byteCount: receivedScales.byteCount)
+            try driver.copy(from: buffer.devicePointer, to: receivedScales.storage, byteCount: receivedScales.byteCount)
         }
         let out = HostTensor(config.elementType, combined.shape)
         try combined.download(into: out)
