@@ -10,7 +10,7 @@ What this adds to setuptools' build:
   for this platform (py3-none-<platform>, not py3-none-any): the package then needs no EP_LIBRARY.
   Without one the wheel is pure Python and the package finds the library at run time
   ($EP_LIBRARY, see expert_parallel/_library.py). The library is never built here: build it with
-  `swift build -c release -Xswiftc -static-stdlib --product expert_parallel` first.
+  `scripts/build-library` first.
 """
 
 import os

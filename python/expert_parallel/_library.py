@@ -58,8 +58,8 @@ def load() -> ctypes.CDLL:
                 return library
         listing = "\n  ".join(str(p) for p in tried)
         raise LibraryNotFoundError(
-            f"{LIBRARY_NAME} not found; build it with `swift build -c release -Xswiftc -static-stdlib "
-            f"--product expert_parallel` and set EP_LIBRARY to the file if it is not in one of:\n  {listing}")
+            f"{LIBRARY_NAME} not found; build it with `scripts/build-library` (in the "
+            f"repository) and set EP_LIBRARY to the file if it is not in one of:\n  {listing}")
 
 
 def library_path() -> Path:

@@ -70,3 +70,19 @@ def test_every_entry_point_is_exported():
     library = ctypes.CDLL(str(ep.library_path()))
     for name in [*_abi.PROTOTYPES, "epGetErrorString", "epGetLastErrorMessage"]:
         assert hasattr(library, name), name
+
+
+def test_only_the_c_abi_is_exported():
+    """scripts/build-library links with scripts/library-exports.map: the library's Swift symbols,
+    the driver shim's helpers and the statically linked runtime's (libdispatch's thread-local) are
+    not there for another library of the process to bind to."""
+    library = ctypes.CDLL(str(ep.library_path()))
+    for name in ("ep_shim_user_id", "ep_shim_unix_listen", "__dispatch_tsd", "$s14ExpertParallel7EPErrorON",
+                 "swift_retain", "dispatch_async"):
+        assert not hasattr(library, name), f"{name} is exported; build the library with scripts/build-library"
+    if shutil.which("readelf"):
+        table = subprocess.run(["readelf", "--dyn-syms", "-W", str(ep.library_path())], capture_output=True, text=True,
+                               check=True).stdout
+        exported = {fields[7] for fields in (line.split() for line in table.splitlines())
+                    if len(fields) >= 8 and fields[4] in ("GLOBAL", "WEAK") and fields[6] != "UND"}
+        assert exported and all(name.startswith("ep") and name[2:3].isupper() for name in exported), sorted(exported)[:20]
