@@ -92,6 +92,12 @@ class GroupBase:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def __copy__(self):
+        raise InvalidUsageError(f"{type(self).__name__}: cannot be copied or pickled; it owns the library's group (its buffers "
+                                "and steps), which a copy would share and free twice: pass the group itself (threads may share it)")
+
+    __deepcopy__ = __reduce_ex__ = lambda self, *_: self.__copy__()  # noqa: E731
+
     @locked
     def check(self) -> None:
         """Waits for the group's GPU work and raises the first error recorded on the device
@@ -143,6 +149,7 @@ class GroupBase:
             raise InvalidArgumentError("scales: given; only FP8 pass-through groups take scales")
 
     def _check_handle(self, handle, dispatched):
+        self._check_open()
         if not isinstance(handle, Handle) or handle.group is not self:
             raise InvalidArgumentError(
                 "handle: must be the handle of a dispatch of this group (dispatch(...).handle) or one of group.handle()")

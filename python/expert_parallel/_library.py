@@ -6,7 +6,7 @@ import threading
 from pathlib import Path
 
 from . import _abi
-from .errors import LibraryNotFoundError, from_status
+from .errors import LibraryNotFoundError, argument_names, from_status
 
 LIBRARY_NAME = "libexpert_parallel.so"
 
@@ -89,8 +89,9 @@ def call(name, *arguments):
 
 
 def check_status(status):
-    """Raises the matching ExpertParallelError for a failed entry point's status."""
+    """Raises the matching ExpertParallelError for a failed status of a group's data-path call
+    (its message naming the caller's arguments by the group methods' keywords)."""
     if status != _abi.SUCCESS:
         library = load()
         message = library.epGetLastErrorMessage().decode("utf-8", "replace")
-        raise from_status(status, message or library.epGetErrorString(status).decode())
+        raise from_status(status, argument_names(message) or library.epGetErrorString(status).decode())

@@ -410,6 +410,12 @@ def render(results: List[Dict[str, Any]]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("numpy") is None:   # (the package's optional dependency; the inputs are drawn with it)
+        print("python -m expert_parallel.bench: needs NumPy (pip install numpy, or pip install './python[numpy]')",
+              file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="python -m expert_parallel.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", action="append", choices=sorted(CASES), help="case (repeatable); default: "

@@ -140,6 +140,23 @@ def python_names(message: str) -> str:
     return message
 
 
+# The C call structs' names of the routing and expert outputs a group's data path passed for its
+# caller ("call.topkIdx[0][1] = 8", "inputs.topkIdx", "topkIdx token 0 names expert 3 twice"), as
+# its keywords name them.
+_ARGUMENTS = re.compile(r"\b(?:(?:call|inputs(?:\[\d+\])?)\.)?(topkIdx|topkWeights|expertOutputs)\b")
+_ENTRY = re.compile(r"\b(topk_idx|topk_weights)\[(\d+)\]\[(\d+)\]")
+_ARGUMENT_WORDS = {"topkIdx": "topk_idx", "topkWeights": "topk_weights", "expertOutputs": "expert_outputs"}
+
+
+def argument_names(message: str) -> str:
+    """`message` of a group's own C call with its arguments named as the group's methods name them
+    (the raw entry points' messages keep the C struct's fields, which their callers set)."""
+    message = _ARGUMENTS.sub(lambda m: _ARGUMENT_WORDS[m.group(1)], message)
+    # A rank's routing entry: "[token, column]" (its rank is the message's "rank r:"; a stacked
+    # array's index is then [r, token, column]).
+    return _ENTRY.sub(r"\1[token \2, column \3]", message)
+
+
 def from_status(status: int, message: str) -> ExpertParallelError:
     """The exception for a failed C call (its message naming the group's settings as the
     package's keywords do)."""

@@ -48,22 +48,19 @@ def _share_unique_id(dist, process_group, rank):
 def _cuda_ordinal(device):
     """The CUDA ordinal of `device`: an int, "cuda", "cuda:N", a torch.device, or None (PyTorch's
     current device)."""
-    if device is None:
+    if device is None or str(device) == "cuda":
         try:
             import torch
         except ImportError:
-            raise InvalidArgumentError("device=None; finding the current CUDA device needs PyTorch: pass device=N")
-        return torch.cuda.current_device()
+            if device is None:
+                raise InvalidArgumentError("device=None; finding the current CUDA device needs PyTorch: pass device=N")
+            return 0
+        # A PyTorch without CUDA (or without a GPU) has no current device: device 0, whose absence
+        # the library names (CudaError / NcclError), as it does for device=0.
+        return torch.cuda.current_device() if torch.cuda.is_available() else 0
     if isinstance(device, int) and not isinstance(device, bool):
         return _config.integer(device, "device", 0, _config.INT32)
     text = str(device)
-    if text == "cuda":
-        try:
-            import torch
-
-            return torch.cuda.current_device()
-        except ImportError:
-            return 0
     if text.startswith("cuda:") and text[5:].isdigit():
         return int(text[5:])
     raise InvalidArgumentError(f"device={device!r}; must be a CUDA device: N, 'cuda' or 'cuda:N'")

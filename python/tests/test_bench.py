@@ -139,3 +139,12 @@ def test_under_torchrun_an_nccl_run_takes_the_jobs_ranks():
     run = subprocess.run([sys.executable, "-m", "expert_parallel.bench", "--nccl", "--device", "cuda", "--ranks", "3"],
                          capture_output=True, text=True, env=env)
     assert run.returncode == 2 and "--ranks 3" in run.stderr and "job's 2" in run.stderr
+
+
+def test_without_numpy_the_bench_says_what_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "numpy" else find_spec(name, *a))
+    assert bench.main(["--device", "cpu", "--case", "tiny"]) == 2
+    assert "needs NumPy (pip install numpy" in capsys.readouterr().err

@@ -78,10 +78,13 @@ def test_dispatch_checks_every_argument_and_names_it():
         group.dispatch(xs, [idx[0], idx[0]], w)
     with raises(r"topk_weights\[0\]: dtype float64; must be f32"):
         group.dispatch(xs, idx, [w[0].astype(np.float64), w[1]])
-    with raises(r"rank 1: invalid argument: inputs.topkIdx\[0\]\[1\] = 9; must be -1 or in \[0, 4\)"):
+    with raises(r"rank 1: invalid argument: topk_idx\[token 0, column 1\] = 9; must be -1 or in \[0, 4\)"):
         group.dispatch(xs, [idx[0], np.array([[0, 9]], np.int32)], w)
-    with raises(r"rank 0: invalid argument: topkIdx token 1 names expert 2 twice \(columns 0 and 1\)"):
+    with raises(r"rank 0: invalid argument: topk_idx token 1 names expert 2 twice \(columns 0 and 1\)"):
         group.dispatch(xs, [np.array([[0, 3], [2, 2]], np.int64), idx[1]], w)
+    # Stacked arrays (one C call) name the entry the same way, by the package's keyword.
+    with raises(r"rank 1: invalid argument: topk_idx\[token 0, column 1\] = 9; must be -1 or in \[0, 4\)"):
+        group.dispatch(np.ones((2, 1, 8), np.float32), np.array([[[0, 3]], [[0, 9]]], np.int32), np.ones((2, 1, 2), np.float32))
     # The group still works after rejected calls.
     out = group.dispatch(xs, idx, w)
     assert out.layout[0].expert_counters == [2, 1]
@@ -153,7 +156,7 @@ def test_library_errors_carry_the_status():
     with pytest.raises(ep.ExpertParallelError) as caught:
         group.dispatch(xs, [idx[0], np.array([[0, -2]], np.int32)], w)
     assert caught.value.status == 1 and caught.value.status_name == "epInvalidArgument"
-    assert str(caught.value).startswith("epGroupUpdateAll: rank 1: invalid argument: inputs.topkIdx[0][1] = -2")
+    assert str(caught.value).startswith("epGroupUpdateAll: rank 1: invalid argument: topk_idx[token 0, column 1] = -2")
 
 
 def test_mask_calls_check_the_rank():

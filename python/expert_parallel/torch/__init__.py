@@ -104,9 +104,10 @@ class Exchange:
         #: whether the received rows (and the backward dispatch's) start as zeros; see the class docs
         self.zero_fill = zero_fill
 
-    def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor] = None) -> Dispatched:
+    def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor) -> Dispatched:
         """Starts a step with `topk_idx` and sends `x` to the ranks of its experts (every layout
-        needs `topk_weights`: combine applies them, or the rows carry them)."""
+        needs `topk_weights`: combine applies them, or the rows carry them; None is an
+        InvalidArgumentError)."""
         lead = "" if self.one_rank else "R, "
         _tensor(x, "x", f"[{lead}B, hidden]")
         _tensor(topk_idx, "topk_idx", f"[{lead}B, top_k] int32 or int64")
