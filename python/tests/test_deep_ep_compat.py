@@ -4,6 +4,7 @@ bit for bit with plain-PyTorch references written from DeepEP's documented seman
 events, the cached dispatch of the backward pass, and the named errors."""
 
 import gc
+import time
 from datetime import timedelta
 
 import pytest
@@ -82,6 +83,10 @@ def test_one_rank_under_torch_distributed_gloo(tmp_path):
         flows.check_intranode(flows.intranode([buffer], xs, idx, ws, 8), xs, idx, ws, 8)
         xs, idx, ws = ref.make_inputs(4, [6], 8, H, 2)
         flows.check_low_latency(flows.low_latency([buffer], xs, idx, ws, 8, max_tokens=8, hook=True), xs, idx, ws, 8, 8)
+        # A call that fails its checks just raises (no peers to tell); the next calls work.
+        with pytest.raises(ep.InvalidArgumentError, match=r"^x: 6 tokens; must be ≤ num_max_dispatch_tokens_per_rank \(2\)$"):
+            buffer.low_latency_dispatch(xs[0], idx[0], 2, 8, use_fp8=False)
+        flows.check_low_latency(flows.low_latency([buffer], xs, idx, ws, 8, max_tokens=8), xs, idx, ws, 8, 8)
         buffer.destroy()
         with pytest.raises(ep.InvalidUsageError, match="destroyed"):
             buffer.get_dispatch_layout(idx[0], 8)
@@ -89,6 +94,13 @@ def test_one_rank_under_torch_distributed_gloo(tmp_path):
             Buffer(dist.group.WORLD, comm=object())
     finally:
         dist.destroy_process_group()
+
+
+def on_every_rank(ranks, call):
+    """`call(buffer)` on every virtual rank (a thread each), raising the root cause. A collective
+    call whose checks fail on one rank still takes that rank's round (the others then fail it by
+    name, at once): calls that fail their checks are made on every rank, so the ranks stay in step."""
+    return run_ranks(ranks, call, timeout=30)
 
 
 def layout_and_dispatch(buffer, x, i, w, **extra):
@@ -224,10 +236,11 @@ def test_intranode_fp8_takes_deepgemms_scale_forms(ranks, form):
 
     for r, (recv, recv_scales) in enumerate(run_ranks(ranks, flow)):
         assert torch.equal(recv.view(torch.uint8), want_x[r]["x"]) and torch.equal(recv_scales, want_s[r]["x"]), r
-    # A scale per token DeepEP would move too; the groups move per-block scales only: named.
+    # A scale per token DeepEP would move too; the groups move per-block scales only: named (on
+    # every rank: a collective call's check failure takes the rank's round, see on_every_rank).
     for per_token in (torch.ones(TOKENS[0], 1), torch.ones(TOKENS[0])):
         with pytest.raises(NotSupportedError, match=r"x\[1\]=.*shape \[5(, 1)?\].*float32 scales \[B, H/128\]"):
-            layout_and_dispatch(ranks[0], (codes[0], per_token), idx[0], ws[0])
+            on_every_rank(ranks, lambda b: layout_and_dispatch(b, (codes[0], per_token), idx[0], ws[0]))
 
 
 def test_a_padded_ue8m0_dispatch_then_its_backward_pass(ranks):
@@ -314,24 +327,26 @@ def test_unsupported_arguments_raise_named_errors(ranks):
     b = ranks[0]
     x, i = torch.zeros(2, H, dtype=torch.bfloat16), torch.zeros(2, K, dtype=torch.int64)
     with pytest.raises(NotSupportedError, match="num_tokens_per_rdma_rank"):
-        b.dispatch(x, num_tokens_per_rdma_rank=torch.zeros(1, dtype=torch.int32), topk_idx=i)
+        on_every_rank(ranks, lambda b: b.dispatch(x, num_tokens_per_rdma_rank=torch.zeros(1, dtype=torch.int32), topk_idx=i))
     with pytest.raises(NotSupportedError, match="dispatch_wait_recv_cost_stats"):
-        b.low_latency_dispatch(x, i, 4, E, dispatch_wait_recv_cost_stats=torch.zeros(R, R, dtype=torch.int64))
+        on_every_rank(ranks, lambda b: b.low_latency_dispatch(
+            x, i, 4, E, dispatch_wait_recv_cost_stats=torch.zeros(R, R, dtype=torch.int64)))
     with pytest.raises(NotSupportedError, match="use_logfmt=True"):
-        b.low_latency_combine(torch.zeros(4, R * 4, H), i, torch.ones(2, K), None, use_logfmt=True)
+        on_every_rank(ranks, lambda b: b.low_latency_combine(torch.zeros(4, R * 4, H), i, torch.ones(2, K), None, use_logfmt=True))
     with pytest.raises(NotSupportedError, match="internode"):
         b.internode_dispatch(x)
     with pytest.raises(NotImplementedError):
         b.get_local_buffer_tensor(torch.bfloat16)
     with pytest.raises(ep.InvalidArgumentError, match="use_ue8m0=True with round_scale=False"):
-        b.low_latency_dispatch(x, i, 4, E, use_ue8m0=True)
+        on_every_rank(ranks, lambda b: b.low_latency_dispatch(x, i, 4, E, use_ue8m0=True))
     with pytest.raises(ep.InvalidArgumentError, match=r"x: 2 tokens; must be ≤ num_max_dispatch_tokens_per_rank \(1\)"):
-        b.low_latency_dispatch(x, i, 1, E)
+        on_every_rank(ranks, lambda b: b.low_latency_dispatch(x, i, 1, E))
     with pytest.raises(ep.InvalidArgumentError, match=r"num_experts=6; must be a multiple of the number of ranks \(4\)"):
         b.get_dispatch_layout(i, 6)
     with pytest.raises(ep.InvalidArgumentError, match=r"is_token_in_rank: shape \[2, 3\]; must be \[2, 4\]"):
-        b.dispatch(x, num_tokens_per_rank=torch.zeros(R, dtype=torch.int32), is_token_in_rank=torch.zeros(2, 3, dtype=torch.bool),
-                   num_tokens_per_expert=torch.zeros(E, dtype=torch.int32), topk_idx=i)
+        on_every_rank(ranks, lambda b: b.dispatch(
+            x, num_tokens_per_rank=torch.zeros(R, dtype=torch.int32), is_token_in_rank=torch.zeros(2, 3, dtype=torch.bool),
+            num_tokens_per_expert=torch.zeros(E, dtype=torch.int32), topk_idx=i))
 
 
 def test_arguments_of_the_wrong_kind_are_named(ranks):
@@ -344,19 +359,20 @@ def test_arguments_of_the_wrong_kind_are_named(ranks):
     with pytest.raises(ep.InvalidArgumentError, match=r"^async_finish=array\(\[1, 2\]\) \(type ndarray\); must be a bool"):
         b.get_dispatch_layout(i, E, async_finish=np.array([1, 2]))
     with pytest.raises(ep.InvalidArgumentError, match=r"^use_fp8='yes' \(type str\); must be a bool"):
-        b.low_latency_dispatch(x, i, 4, E, use_fp8="yes")
+        on_every_rank(ranks, lambda b: b.low_latency_dispatch(x, i, 4, E, use_fp8="yes"))
     with pytest.raises(ep.InvalidArgumentError, match=r"^num_experts: a Tensor that is not one integer; must be an integer"):
         b.get_dispatch_layout(i, torch.tensor([E, E]))
     with pytest.raises(ep.InvalidArgumentError, match=r"^num_tokens_per_rank: a int; must be a torch.Tensor"):
-        b.dispatch(x, num_tokens_per_rank=3, is_token_in_rank=torch.zeros(2, R, dtype=torch.bool),
-                   num_tokens_per_expert=torch.zeros(E, dtype=torch.int32), topk_idx=i)
+        on_every_rank(ranks, lambda b: b.dispatch(x, num_tokens_per_rank=3, is_token_in_rank=torch.zeros(2, R, dtype=torch.bool),
+                                                  num_tokens_per_expert=torch.zeros(E, dtype=torch.int32), topk_idx=i))
     with pytest.raises(ep.InvalidArgumentError, match=r"^num_tokens_per_expert: a list; must be a torch.Tensor"):
-        b.dispatch(x, num_tokens_per_rank=torch.zeros(R, dtype=torch.int32), is_token_in_rank=torch.zeros(2, R, dtype=torch.bool),
-                   num_tokens_per_expert=[E], topk_idx=i)
+        on_every_rank(ranks, lambda b: b.dispatch(
+            x, num_tokens_per_rank=torch.zeros(R, dtype=torch.int32), is_token_in_rank=torch.zeros(2, R, dtype=torch.bool),
+            num_tokens_per_expert=[E], topk_idx=i))
     # Not contiguous: named as DeepEP names the argument (the library named its own per-rank list, xs[0]).
     wide = torch.zeros(2, 2 * H, dtype=torch.bfloat16)
     with pytest.raises(ep.InvalidArgumentError, match=r"^x: not contiguous \(strides \(" + str(2 * H) + r", 2\)\)"):
-        b.low_latency_dispatch(wide[:, ::2], i, 4, E)
+        on_every_rank(ranks, lambda b: b.low_latency_dispatch(wide[:, ::2], i, 4, E))
     with pytest.raises(ep.InvalidArgumentError, match=r"^topk_idx: not contiguous"):
         b.get_dispatch_layout(torch.zeros(K, 2, dtype=torch.int64).t(), E)
     # Ids outside [0, E) count nowhere in the layout (the dispatch that follows names them).
@@ -383,6 +399,196 @@ def test_ranks_that_disagree_or_stay_away_fail_every_rank_by_name():
         buffers[1].low_latency_dispatch(x, i, 2, 4, use_fp8=False)
     results = run_ranks(buffers, lambda b: b.low_latency_dispatch(x, i, 2, 4, use_fp8=False)[1].tolist(), timeout=10)
     assert results == [[2, 2], [2, 0]]   # both ranks' token reaches experts 0, 1 (rank 0) and 2 (rank 1)
+
+
+# -- a rank whose collective call fails its own checks (virtual ranks) ------------------------
+# Found by a user probe: the failing rank raised without taking its round, so its peers waited out
+# the timeout (RankTimeoutError blaming it), every later call timed out too (the ranks' call counts
+# differed by one) and run_ranks raised rank 0's timeout instead of rank 1's error.
+
+E2, TOKENS2 = 8, [5, 4]   # 2 ranks; rank 1 has 4 tokens
+
+
+def outcomes(buffers, function):
+    """Each rank's result of `function(buffer)` (or the exception it raised), and the seconds all took."""
+    def caught(b):
+        try:
+            return function(b)
+        except Exception as error:
+            return error
+
+    start = time.monotonic()
+    got = run_ranks(buffers, caught, timeout=120)
+    return got, time.monotonic() - start
+
+
+def ll_dispatch_and_combine(xs, idx, ws):
+    """A good low-latency dispatch and combine: each rank's received rows per local expert, counts and combined rows."""
+    def flow(b):
+        r = b.rank
+        recv_x, count, handle, _, _ = b.low_latency_dispatch(xs[r], idx[r], 8, E2, use_fp8=False)
+        combined = b.low_latency_combine(ref.ll_expert_function(recv_x, r, E2 // 2), idx[r], ws[r], handle)[0]
+        return [recv_x[e, :c].clone() for e, c in enumerate(count.tolist())], count.tolist(), combined.clone()
+
+    return flow
+
+
+def assert_same(got, want):
+    for r, ((rows, count, combined), (w_rows, w_count, w_combined)) in enumerate(zip(got, want)):
+        assert count == w_count and len(rows) == len(w_rows) and all(torch.equal(a, b) for a, b in zip(rows, w_rows)), r
+        assert torch.equal(combined, w_combined), r
+
+
+def peer_error_of(error, call, message):
+    assert isinstance(error, ep.PeerFailedError) and isinstance(error, ep.ExpertParallelError), repr(error)
+    assert str(error).startswith(f"virtual rank 1's call {call} failed its checks, so no rank's call ran: "), str(error)
+    assert str(error).endswith(f"InvalidArgumentError: {message}"), str(error)
+
+
+@pytest.mark.parametrize("late", [None, "failing rank", "peer"])
+def test_a_rank_whose_call_fails_its_checks_fails_the_round_on_every_rank_at_once(late):
+    """Rank 1's count is too small for its tokens: it raises its own error, rank 0 a PeerFailedError
+    naming it, at once (whichever comes first); the ranks stay in step, the next calls work."""
+    buffers = Buffer.virtual(2, timeout=30)
+    fresh = Buffer.virtual(2, timeout=30)
+    xs, idx, ws = ref.make_inputs(31, TOKENS2, E2, H, K)
+    message = "x: 4 tokens; must be ≤ num_max_dispatch_tokens_per_rank (2)"
+
+    def bad(b):
+        if late == ("failing rank" if b.rank == 1 else "peer"):
+            time.sleep(0.3)   # (the other rank is in the round first)
+        return b.low_latency_dispatch(xs[b.rank], idx[b.rank], 8 if b.rank == 0 else 2, E2, use_fp8=False)
+
+    (peer, own), took = outcomes(buffers, bad)
+    assert took < 5, f"the failing round took {took:.1f} s"
+    assert type(own) is ep.InvalidArgumentError and str(own) == message
+    peer_error_of(peer, "0 (low_latency_dispatch)", message)
+    # In step again: the same good calls give what they give on fresh buffers (and the reference's).
+    flow = ll_dispatch_and_combine(xs, idx, ws)
+    got, want = run_ranks(buffers, flow, timeout=10), run_ranks(fresh, flow, timeout=10)
+    assert_same(got, want)
+    for r, (_, _, combined) in enumerate(got):
+        assert torch.equal(combined, ref.ll_combine(xs, idx, ws, E2, xs[0].dtype)[r]), r
+    assert_same(run_ranks(buffers, flow, timeout=10), want)
+    for b in buffers + fresh:
+        b.destroy()
+
+
+def intranode_flow(xs, idx, ws, bad_weights=None):
+    """Dispatch, the experts, then (`bad_weights`: rank 1's combine with those first, caught) a good
+    combine: each rank's (error of the bad combine, its seconds), combined rows and weights."""
+    def flow(b):
+        r = b.rank
+        per_rank, _, per_expert, in_rank, _ = b.get_dispatch_layout(idx[r], E2)
+        recv_x, _, recv_w, _, handle, _ = b.dispatch(xs[r], num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                                     num_tokens_per_expert=per_expert, topk_idx=idx[r], topk_weights=ws[r])
+        y = ref.expert_function(recv_x, r)
+        failed = None
+        if bad_weights is not None:
+            start = time.monotonic()
+            try:
+                b.combine(y, handle, topk_weights=bad_weights(recv_w) if r == 1 else recv_w)
+            except Exception as error:
+                failed = error, time.monotonic() - start
+        combined, combined_w, _ = b.combine(y, handle, topk_weights=recv_w)
+        return failed, [recv_x.clone()], combined.clone(), combined_w.clone()
+
+    return flow
+
+
+def low_latency_flow(xs, idx, ws, bad_weights=None, hook=False):
+    """The low-latency counterpart of intranode_flow (`hook`: send-only calls and async events)."""
+    def flow(b):
+        r = b.rank
+        recv_x, count, handle, event, receive = b.low_latency_dispatch(
+            xs[r], idx[r], 8, E2, use_fp8=False, async_finish=hook, return_recv_hook=hook)
+        if hook:
+            receive()
+        event.current_stream_wait()
+        y = ref.ll_expert_function(recv_x, r, E2 // 2)
+        failed = None
+        if bad_weights is not None:
+            start = time.monotonic()
+            try:
+                b.low_latency_combine(y, idx[r], bad_weights(ws[r]) if r == 1 else ws[r], handle, async_finish=hook,
+                                      return_recv_hook=hook)
+            except Exception as error:
+                failed = error, time.monotonic() - start
+        combined, event, receive = b.low_latency_combine(y, idx[r], ws[r], handle, async_finish=hook, return_recv_hook=hook)
+        if hook:
+            receive()
+        event.current_stream_wait()
+        return failed, [recv_x[e, :c].clone() for e, c in enumerate(count.tolist())], combined.clone(), None
+
+    return flow
+
+
+@pytest.mark.parametrize("path", ["intranode", "low_latency", "low_latency_hook", "low_latency_float64"])
+def test_a_rank_whose_combine_gets_bad_topk_weights_fails_the_round_on_every_rank_at_once(path):
+    """Rank 1's topk_weights are float64 (combine; low_latency_combine too, which DeepEP refuses
+    and this adapter took, converting them) or a list (low_latency_combine): rank 1 raises
+    its own error, rank 0 a PeerFailedError naming it, at once; the good combine that follows on
+    the same handle gives what it gives on fresh buffers."""
+    buffers = Buffer.virtual(2, timeout=30)
+    fresh = Buffer.virtual(2, timeout=30)
+    xs, idx, ws = ref.make_inputs(32, TOKENS2, E2, H, K)
+    if path == "intranode":
+        bad, name, message = (lambda w: w.double()), "combine", "topk_weights: dtype torch.float64; must be torch.float32"
+        flow, good = intranode_flow(xs, idx, ws, bad), intranode_flow(xs, idx, ws)
+    elif path == "low_latency_float64":
+        bad, name, message = (lambda w: w.double()), "low_latency_combine", "topk_weights: dtype torch.float64; must be torch.float32"
+        flow, good = low_latency_flow(xs, idx, ws, bad), low_latency_flow(xs, idx, ws)
+    else:
+        bad, name, message = (lambda w: w.tolist()), "low_latency_combine", "topk_weights: a list; must be a torch.Tensor"
+        flow, good = low_latency_flow(xs, idx, ws, bad, hook=path.endswith("hook")), low_latency_flow(xs, idx, ws)
+    got = run_ranks(buffers, flow, timeout=120)
+    (peer, peer_took), (own, own_took) = got[0][0], got[1][0]
+    assert peer_took < 5 and own_took < 5, (peer_took, own_took)
+    assert type(own) is ep.InvalidArgumentError and str(own) == message
+    peer_error_of(peer, f"1 ({name})", message)   # (its second collective call: get_dispatch_layout is local)
+    want = run_ranks(fresh, good, timeout=10)
+
+    def assert_as_fresh(results):
+        for r, ((_, rows, combined, weights), (_, w_rows, w_combined, w_weights)) in enumerate(zip(results, want)):
+            assert len(rows) == len(w_rows) and all(torch.equal(a, b) for a, b in zip(rows, w_rows)), r
+            assert torch.equal(combined, w_combined), r
+            assert (weights is None and w_weights is None) or torch.equal(weights, w_weights), r
+
+    assert_as_fresh(got)
+    if path != "intranode":
+        for r, (_, _, combined, _) in enumerate(got):
+            assert torch.equal(combined, ref.ll_combine(xs, idx, ws, E2, xs[0].dtype)[r]), r
+    assert_as_fresh(run_ranks(buffers, good, timeout=10))   # (and the calls after)
+    for b in buffers + fresh:
+        b.destroy()
+
+
+def test_run_ranks_raises_the_root_cause():
+    """The failing rank's own error, not rank 0's PeerFailedError (or a timeout) reporting it."""
+    buffers = Buffer.virtual(2, timeout=30)
+    xs, idx, ws = ref.make_inputs(33, TOKENS2, E2, H, K)
+    start = time.monotonic()
+    with pytest.raises(ep.InvalidArgumentError, match=r"^x: 4 tokens; must be ≤ num_max_dispatch_tokens_per_rank \(2\)$"):
+        run_ranks(buffers, lambda b: b.low_latency_dispatch(xs[b.rank], idx[b.rank], 8 if b.rank == 0 else 2, E2, use_fp8=False))
+    assert time.monotonic() - start < 5
+    run_ranks(buffers, ll_dispatch_and_combine(xs, idx, ws), timeout=10)
+    for b in buffers:
+        b.destroy()
+
+    def raising(errors):
+        def function(rank):
+            if errors[rank] is not None:
+                raise errors[rank]
+            return rank
+        return function
+
+    timeout, peer, own, other = ep.RankTimeoutError("t"), ep.PeerFailedError("p"), ValueError("v"), KeyError("k")
+    assert run_ranks([0, 1, 2], raising([None, None, None])) == [0, 1, 2]
+    for errors, want in [([timeout, peer, own, other], own), ([peer, other, own], other), ([peer, timeout], peer),
+                         ([None, timeout, peer], timeout)]:
+        with pytest.raises(type(want)) as raised:
+            run_ranks(list(range(len(errors))), raising(errors))
+        assert raised.value is want
 
 
 def test_install_as_deep_ep_makes_import_deep_ep_give_the_adapter(monkeypatch, tmp_path):

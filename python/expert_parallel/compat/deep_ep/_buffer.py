@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable, List, Optional, Tuple, Union
 
@@ -15,7 +16,7 @@ from ._errors import not_supported
 from ._events import EventOverlap
 from ._groups import Groups
 from ._layout import dispatch_layout, flag, group_dtype, require_contiguous, require_shape, require_tensor, routing, torch_module
-from ._virtual import Rendezvous, Solo
+from ._virtual import Failed, Rendezvous, Solo
 
 _NVL_PEERS = 8   # DeepEP's ranks per NVLink domain: more ranks than this span nodes
 _DEFAULT_TOKENS = 4096
@@ -26,6 +27,34 @@ class _Shared:
 
     def __init__(self, groups: Groups, meeting: Any, ranks: int) -> None:
         self.groups, self.meeting, self.open = groups, meeting, ranks
+
+
+def _collective(method: Callable) -> Callable:
+    """Buffer's `method` (one that makes a collective call through :meth:`Buffer._call`): where it
+    fails before this rank joins the call's round — its argument checks, on this rank — the rank
+    takes its round all the same with the error (a :class:`Failed` arrival), so the round fails at
+    once on every rank (the others get :class:`expert_parallel.PeerFailedError` naming this rank's
+    error) and the ranks stay in step; this rank raises its own error. A failure once the round is
+    joined (the call's own, every rank's) is raised as it is. A process's one rank (:class:`Solo`)
+    just raises."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def call(self: "Buffer", *arguments: Any, **keywords: Any) -> Any:
+        joined = self._joined
+        try:
+            return method(self, *arguments, **keywords)
+        except BaseException as error:
+            if self._joined == joined:   # (not joined: a check failed)
+                self._joined += 1
+                self._shared.meeting.call(self.rank, name, Failed(error), _no_work)   # takes the round; raises `error`
+            raise
+
+    return call
+
+
+def _no_work(payloads: List[Any]) -> List[Any]:   # (a Failed arrival's round runs none)
+    raise AssertionError("a failed round runs no work")
 
 
 class Buffer:
@@ -89,7 +118,10 @@ class Buffer:
         """R Buffers for R virtual ranks in this process, on ``device`` ("cpu" or "cuda:N"), one per
         rank: give each to a thread of its own (:func:`run_ranks`). A collective call runs once all
         R ranks have made it, as one group call covering every rank; a rank that waits ``timeout``
-        seconds for the others gets :class:`expert_parallel.RankTimeoutError`. The other constructor
+        seconds for the others gets :class:`expert_parallel.RankTimeoutError`. A rank whose call
+        fails its own argument checks still takes its turn: it raises its own error at once, the
+        call fails at once on the other ranks with :class:`expert_parallel.PeerFailedError` naming
+        it (no rank's call runs), and the ranks' next calls meet as before. The other constructor
         arguments of :class:`Buffer` are accepted and not used."""
         ranks = integer(ranks, "ranks", 1, 32 if str(device) != "cpu" else 64)
         wait = seconds(timeout, "timeout")
@@ -107,6 +139,7 @@ class Buffer:
         self.num_nvl_bytes, self.num_rdma_bytes, self.low_latency_mode = num_nvl_bytes, num_rdma_bytes, low_latency_mode
         self._shared = shared
         self._destroyed = False
+        self._joined = 0   # the collective rounds this rank has joined (see _collective)
 
     def __repr__(self) -> str:
         return f"Buffer(rank={self.rank}, group_size={self.group_size}, device={self.device!r})"
@@ -174,7 +207,9 @@ class Buffer:
             raise InvalidUsageError(f"Buffer of rank {self.rank}: destroyed")
 
     def _call(self, name: str, work: Callable, previous_event: Any, async_finish: bool, **args: Any) -> Tuple[Any, EventOverlap]:
-        """Runs collective call `name` with this rank's `args`; returns (this rank's result, its event)."""
+        """Runs collective call `name` with this rank's `args`; returns (this rank's result, its event).
+        Its caller is a :func:`_collective` method: what fails here before the round is joined is
+        that method's check failure (the rank still takes its round)."""
         self._check_open()
         async_finish = flag(async_finish, "async_finish")
         _events.wait(previous_event, self.device)
@@ -182,11 +217,13 @@ class Buffer:
         if type(meeting) is Solo:
             # This process's one rank: the call runs on the current stream, after its inputs and
             # before what comes next there, so only async_finish asks for an event.
+            self._joined += 1
             result = meeting.call(self.rank, name, Payload(self.rank, None, args), lambda payloads: work(groups, payloads))
             return result, EventOverlap(_events.record(self.device) if async_finish else None)
         # Virtual ranks: the last rank to arrive runs the call on its current stream, after every
         # rank's inputs are ready there; each rank's stream then waits for it.
         payload = Payload(self.rank, _events.record(self.device), args)
+        self._joined += 1   # (from here a failure is the round's, on every rank)
         result, done = meeting.call(self.rank, name, payload, lambda payloads: _engine.run(groups, work, payloads))
         if not async_finish:
             _events.wait(done, self.device)
@@ -263,6 +300,7 @@ class Buffer:
         event = _events.record(self.device) if async_finish else None
         return per_rank, None, per_expert, in_rank, EventOverlap(event)
 
+    @_collective
     def dispatch(self, x: Union[Any, Tuple[Any, Any]], handle: Any = None, num_tokens_per_rank: Any = None,
                  num_tokens_per_rdma_rank: Any = None, is_token_in_rank: Any = None, num_tokens_per_expert: Any = None,
                  topk_idx: Any = None, topk_weights: Any = None, expert_alignment: int = 1, num_worst_tokens: int = 0,
@@ -321,6 +359,7 @@ class Buffer:
             multiprocessors=self._multiprocessors(config), **args)
         return recv_x, recv_idx, recv_w, counts, made, event
 
+    @_collective
     def combine(self, x: Any, handle: Any, topk_weights: Any = None, bias: Any = None, config: Optional[Config] = None,
                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
                 allocate_on_comm_stream: bool = False) -> Tuple[Any, Any, EventOverlap]:
@@ -356,6 +395,7 @@ class Buffer:
 
     # -- the low-latency path -----------------------------------------------------------------
 
+    @_collective
     def low_latency_dispatch(self, x: Any, topk_idx: Any, num_max_dispatch_tokens_per_rank: int, num_experts: int,
                              cumulative_local_expert_recv_stats: Any = None, dispatch_wait_recv_cost_stats: Any = None,
                              use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
@@ -401,6 +441,7 @@ class Buffer:
             fp8_flags=(use_fp8, round_scale, use_ue8m0), return_recv_hook=return_recv_hook)
         return recv_x, count, made, event, self._hook(split) if return_recv_hook else None
 
+    @_collective
     def low_latency_combine(self, x: Any, topk_idx: Any, topk_weights: Any, handle: Any, use_logfmt: bool = False,
                             zero_copy: bool = False, async_finish: bool = False, return_recv_hook: bool = False,
                             out: Any = None, combine_wait_recv_cost_stats: Any = None
@@ -420,6 +461,8 @@ class Buffer:
         require_contiguous(require_tensor(x, "x", 3, self.device), "x")
         routing(topk_idx, 0, self.device)
         require_tensor(topk_weights, "topk_weights", 2, self.device)
+        if topk_weights.dtype != torch.float32:   # (as DeepEP's, and this adapter's intranode combine)
+            raise InvalidArgumentError(f"topk_weights: dtype {topk_weights.dtype}; must be torch.float32")
         if not hasattr(handle, "record"):
             raise InvalidArgumentError(f"handle: a {type(handle).__name__}; must be the handle low_latency_dispatch returned")
         if out is not None:

@@ -8,14 +8,25 @@ import threading
 import time
 from typing import Any, Callable, List, Optional
 
-from ...errors import InvalidUsageError, RankTimeoutError
+from ...errors import InvalidUsageError, PeerFailedError, RankTimeoutError
 
 Run = Callable[[List[Any]], List[Any]]
 
 
+class Failed:
+    """The payload of a rank whose call failed before it could join its round (its own argument
+    checks): the rank takes its round all the same, so the ranks stay in step, and the round runs
+    no work. ``error`` is what the rank raises."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
 class Solo:
     """This process is the only rank the engine drives (a torch.distributed rank): a collective
-    call runs at once with this rank's payload."""
+    call runs at once with this rank's payload (a :class:`Failed` one raises its error)."""
 
     ranks = 1
 
@@ -23,6 +34,8 @@ class Solo:
         self.lock = threading.RLock()
 
     def call(self, rank: int, name: str, payload: Any, run: Run) -> Any:
+        if isinstance(payload, Failed):
+            raise payload.error
         with self.lock:
             return run([payload])[0]
 
@@ -47,7 +60,13 @@ class Rendezvous:
     others wait. A rank that waits ``timeout`` seconds for ranks that have not arrived makes the
     round fail on every rank with :class:`expert_parallel.RankTimeoutError` naming the missing ranks
     (a late rank gets the same error); ranks calling different methods in one round get
-    :class:`expert_parallel.InvalidUsageError`. An error of the work reaches every rank."""
+    :class:`expert_parallel.InvalidUsageError`. An error of the work reaches every rank.
+
+    A rank whose call fails its own checks before it joins (a bad argument) arrives with a
+    :class:`Failed` payload: it takes its round all the same and raises its own error at once,
+    without waiting; the round then runs no work and fails on every other rank at once (those
+    waiting in it and those still to come) with :class:`expert_parallel.PeerFailedError` naming the
+    failing rank, its call and its error. The ranks stay in step: their next calls meet as before."""
 
     def __init__(self, ranks: int, timeout: float) -> None:
         self.ranks = ranks
@@ -59,6 +78,7 @@ class Rendezvous:
         self._rounds: dict = {}
 
     def call(self, rank: int, name: str, payload: Any, run: Run) -> Any:
+        failed = isinstance(payload, Failed)
         with self._cond:
             number = self._issued[rank]
             self._issued[rank] += 1
@@ -69,9 +89,21 @@ class Rendezvous:
             if not late:
                 round_.names[rank], round_.payloads[rank] = name, payload
                 round_.arrived += 1
-            last = not late and round_.arrived == self.ranks
+                if failed:   # (the work cannot be running: it starts once every rank has arrived)
+                    error = payload.error
+                    round_.error = PeerFailedError(
+                        f"virtual rank {rank}'s call {number} ({name}) failed its checks, so no rank's call ran: "
+                        f"{type(error).__name__}: {error}")
+                    round_.error.__cause__ = error
+                    round_.done = True
+                    round_.payloads = []
+                    self._cond.notify_all()
+            last = not late and not failed and round_.arrived == self.ranks
             if last:
                 round_.running = True
+        if failed:   # this rank's own error, at once (a late one too: its round failed before it came)
+            self._collect(round_, number, rank, counted_only=True)
+            raise payload.error
         if last:
             self._run(round_, run)
         elif not late:
@@ -112,11 +144,13 @@ class Rendezvous:
                     break
                 self._cond.wait(left if left > 0 else 0.05)
 
-    def _collect(self, round_: _Round, number: int, rank: int) -> Any:
+    def _collect(self, round_: _Round, number: int, rank: int, counted_only: bool = False) -> Any:
         with self._cond:
             round_.collected += 1
             if round_.collected == self.ranks:
                 self._rounds.pop(number, None)
+            if counted_only:
+                return None
             if round_.error is not None:
                 raise copy.copy(round_.error) from round_.error
             result, round_.results[rank] = round_.results[rank], None
@@ -125,7 +159,10 @@ class Rendezvous:
 
 def run_ranks(buffers: List[Any], function: Callable[[Any], Any], timeout: Optional[float] = None) -> List[Any]:
     """Runs ``function(buffer)`` for every virtual rank's Buffer on a thread of its own and returns
-    the results in rank order; an exception of any rank is raised (the first rank's first)."""
+    the results in rank order. Where ranks raise, the root cause is raised: the error of the lowest
+    rank whose error is its own (neither a :class:`expert_parallel.RankTimeoutError` nor a
+    :class:`expert_parallel.PeerFailedError`, which only report another rank's), else the lowest
+    rank's."""
     results: List[Any] = [None] * len(buffers)
     errors: List[Optional[BaseException]] = [None] * len(buffers)
 
@@ -143,7 +180,7 @@ def run_ranks(buffers: List[Any], function: Callable[[Any], Any], timeout: Optio
     stuck = [i for i, thread in enumerate(threads) if thread.is_alive()]
     if stuck:
         raise RankTimeoutError(f"virtual ranks {stuck} still running after timeout={timeout} s")
-    for error in errors:
-        if error is not None:
-            raise error
+    raised = [error for error in errors if error is not None]
+    if raised:
+        raise next((e for e in raised if not isinstance(e, (RankTimeoutError, PeerFailedError))), raised[0])
     return results
