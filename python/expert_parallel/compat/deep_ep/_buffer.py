@@ -461,8 +461,6 @@ class Buffer:
         require_contiguous(require_tensor(x, "x", 3, self.device), "x")
         routing(topk_idx, 0, self.device)
         require_tensor(topk_weights, "topk_weights", 2, self.device)
-        if topk_weights.dtype != torch.float32:   # (as DeepEP's, and this adapter's intranode combine)
-            raise InvalidArgumentError(f"topk_weights: dtype {topk_weights.dtype}; must be torch.float32")
         if not hasattr(handle, "record"):
             raise InvalidArgumentError(f"handle: a {type(handle).__name__}; must be the handle low_latency_dispatch returned")
         if out is not None:
