@@ -10,9 +10,9 @@ import threading
 from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 from . import _abi, _arrays
-from ._library import call
+from ._library import call, check_status, load
 from ._results import Handle, _HeldHandle
-from .errors import InvalidArgumentError, InvalidUsageError
+from .errors import InvalidArgumentError, InvalidUsageError, NotCopyableError
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
@@ -93,7 +93,7 @@ class GroupBase:
         self.close()
 
     def __copy__(self):
-        raise InvalidUsageError(f"{type(self).__name__}: cannot be copied or pickled; it owns the library's group (its buffers "
+        raise NotCopyableError(f"{type(self).__name__}: cannot be copied or pickled; it owns the library's group (its buffers "
                                 "and steps), which a copy would share and free twice: pass the group itself (threads may share it)")
 
     __deepcopy__ = __reduce_ex__ = lambda self, *_: self.__copy__()  # noqa: E731
@@ -104,7 +104,7 @@ class GroupBase:
         (invalid routing, an overflow with overflow="fail", a timeout). The CPU backend reports
         errors from the calls themselves."""
         self._check_open()
-        call("epGroupCheckStatus", self._group)
+        check_status(load().epGroupCheckStatus(self._group))   # (a routing error names topk_idx, as the calls' do)
 
     def synchronize(self) -> None:
         """The same as :meth:`check`."""

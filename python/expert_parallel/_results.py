@@ -6,7 +6,7 @@ import ctypes
 from typing import Any, Iterator, List, Optional
 
 from . import _abi
-from .errors import InvalidUsageError
+from .errors import NotCopyableError
 
 
 class LayoutInfo:
@@ -110,7 +110,7 @@ class Handle:
         return self
 
     def __copy__(self):
-        raise InvalidUsageError("Handle: cannot be copied or pickled; it names one step of its group (a handle of its own "
+        raise NotCopyableError("Handle: cannot be copied or pickled; it names one step of its group (a handle of its own "
                                 "frees that step when it is dropped, which a copy would do twice): pass the handle itself")
 
     __deepcopy__ = __reduce_ex__ = lambda self, *_: self.__copy__()  # noqa: E731

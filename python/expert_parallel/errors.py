@@ -32,6 +32,11 @@ class InvalidUsageError(ExpertParallelError, RuntimeError):
     status_name = "epInvalidUsage"
 
 
+class NotCopyableError(InvalidUsageError, TypeError):
+    """A copy or pickle of an object that owns the library's state (a group, a handle): a
+    ``TypeError`` too, as Python's own refusals to pickle are."""
+
+
 class ReceiveOverflowError(ExpertParallelError, RuntimeError):
     """More rows would reach a rank than its receive buffer holds (HT, overflow="fail")."""
 
@@ -143,14 +148,17 @@ def python_names(message: str) -> str:
 # The C call structs' names of the routing and expert outputs a group's data path passed for its
 # caller ("call.topkIdx[0][1] = 8", "inputs.topkIdx", "topkIdx token 0 names expert 3 twice"), as
 # its keywords name them.
-_ARGUMENTS = re.compile(r"\b(?:(?:call|inputs(?:\[\d+\])?)\.)?(topkIdx|topkWeights|expertOutputs)\b")
-_ENTRY = re.compile(r"\b(topk_idx|topk_weights)\[(\d+)\]\[(\d+)\]")
+_ARGUMENTS = re.compile(r"\b(?:(?:call|inputs|input)\.)?(topkIdx|topkWeights|expertOutputs)\b")
+# A per-rank list's entry ("inputs[1].topkIdx": topk_idx[1]).
+_LIST_ARGUMENTS = re.compile(r"\binputs\[(\d+)\]\.(topkIdx|topkWeights|expertOutputs)\b")
+_ENTRY = re.compile(r"\b((?:topk_idx|topk_weights)(?:\[rank \d+\])?)\[(\d+)\]\[(\d+)\](?!\[)")
 _ARGUMENT_WORDS = {"topkIdx": "topk_idx", "topkWeights": "topk_weights", "expertOutputs": "expert_outputs"}
 
 
 def argument_names(message: str) -> str:
     """`message` of a group's own C call with its arguments named as the group's methods name them
     (the raw entry points' messages keep the C struct's fields, which their callers set)."""
+    message = _LIST_ARGUMENTS.sub(lambda m: f"{_ARGUMENT_WORDS[m.group(2)]}[{m.group(1)}]", message)
     message = _ARGUMENTS.sub(lambda m: _ARGUMENT_WORDS[m.group(1)], message)
     # A rank's routing entry: "[token, column]" (its rank is the message's "rank r:"; a stacked
     # array's index is then [r, token, column]).

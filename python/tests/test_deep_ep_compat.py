@@ -441,7 +441,7 @@ def assert_same(got, want):
 
 def peer_error_of(error, call, message):
     assert isinstance(error, ep.PeerFailedError) and isinstance(error, ep.ExpertParallelError), repr(error)
-    assert str(error).startswith(f"virtual rank 1's call {call} failed its checks, so no rank's call ran: "), str(error)
+    assert str(error).startswith(f"virtual rank 1's call {call} failed before it began, so no rank's call ran: "), str(error)
     assert str(error).endswith(f"InvalidArgumentError: {message}"), str(error)
 
 

@@ -36,7 +36,7 @@ def step():
 @pytest.mark.parametrize("how", [copy.copy, copy.deepcopy, pickle.dumps])
 def test_a_group_is_not_copied_and_the_original_keeps_working(how):
     g = group()
-    with pytest.raises(ep.InvalidUsageError, match=r"VirtualGroup: cannot be copied or pickled; it owns the library's group"):
+    with pytest.raises(ep.NotCopyableError, match=r"VirtualGroup: cannot be copied or pickled; it owns the library's group"):
         how(g)
     gc.collect()
     x, idx, w = step()
@@ -51,7 +51,7 @@ def test_a_group_is_not_copied_and_the_original_keeps_working(how):
 def test_a_handle_is_not_copied_and_its_step_stays_live(how):
     g = group()
     h = g.handle()
-    with pytest.raises(ep.InvalidUsageError, match=r"Handle: cannot be copied or pickled; it names one step"):
+    with pytest.raises(ep.NotCopyableError, match=r"Handle: cannot be copied or pickled; it names one step"):
         how(h)
     gc.collect()
     x, idx, w = step()
@@ -63,8 +63,12 @@ def test_a_dispatch_result_copies_shallowly_but_not_deeply():
     g = group()
     out = g.dispatch(*step())
     assert copy.copy(out).handle is out.handle
-    with pytest.raises(ep.InvalidUsageError, match="Handle: cannot be copied"):
+    with pytest.raises(ep.NotCopyableError, match="Handle: cannot be copied"):
         copy.deepcopy(out)
+    # Python's own convention for what cannot be pickled, which callers catch (torch's inductor too).
+    with pytest.raises(TypeError):
+        pickle.dumps(out)
+    assert issubclass(ep.NotCopyableError, ep.InvalidUsageError)
 
 
 def test_a_results_layout_after_close_says_the_group_is_closed():
@@ -96,3 +100,14 @@ def test_routing_errors_name_the_keyword_and_the_entry(stacked):
     with pytest.raises(ep.InvalidArgumentError, match=r"rank 1: invalid argument: topk_idx token 0 names expert 3 twice"):
         g.dispatch(x, idx, w) if stacked else g.dispatch(list(x), list(idx), list(w))
     assert "topkIdx" not in str(caught.value) and "call." not in str(caught.value)
+
+
+def test_argument_names_rename_every_form_of_the_c_fields():
+    from expert_parallel.errors import argument_names
+
+    assert argument_names("rank 1: invalid argument: call.topkIdx[3][1] = 9") == "rank 1: invalid argument: topk_idx[token 3, column 1] = 9"
+    assert argument_names("inputs[1].topkIdx.dtype = f32; must be i32 or i64") == "topk_idx[1].dtype = f32; must be i32 or i64"
+    assert argument_names("topkIdx[rank 1][0][2] = 300; must be -1 or in [0, 8)") == "topk_idx[rank 1][token 0, column 2] = 300; must be -1 or in [0, 8)"
+    assert argument_names("input.topkWeights: NULL") == "topk_weights: NULL"
+    assert argument_names("expertOutputs.shape") == "expert_outputs.shape"
+    assert argument_names("topk_idx[0][1][2]") == "topk_idx[0][1][2]"   # (three subscripts: not a rank's entry)

@@ -62,11 +62,13 @@ class Rendezvous:
     (a late rank gets the same error); ranks calling different methods in one round get
     :class:`expert_parallel.InvalidUsageError`. An error of the work reaches every rank.
 
-    A rank whose call fails its own checks before it joins (a bad argument) arrives with a
+    A rank whose call fails before it joins (its own argument checks) arrives with a
     :class:`Failed` payload: it takes its round all the same and raises its own error at once,
     without waiting; the round then runs no work and fails on every other rank at once (those
     waiting in it and those still to come) with :class:`expert_parallel.PeerFailedError` naming the
-    failing rank, its call and its error. The ranks stay in step: their next calls meet as before."""
+    failing rank, its call and its error. Every call counts, a failed one too: ranks that make the
+    same calls stay in step, and their next calls meet as before; a rank that makes a call the
+    others do not (a retry of its failed call alone) is a call ahead of them from then on."""
 
     def __init__(self, ranks: int, timeout: float) -> None:
         self.ranks = ranks
@@ -92,7 +94,7 @@ class Rendezvous:
                 if failed:   # (the work cannot be running: it starts once every rank has arrived)
                     error = payload.error
                     round_.error = PeerFailedError(
-                        f"virtual rank {rank}'s call {number} ({name}) failed its checks, so no rank's call ran: "
+                        f"virtual rank {rank}'s call {number} ({name}) failed before it began, so no rank's call ran: "
                         f"{type(error).__name__}: {error}")
                     round_.error.__cause__ = error
                     round_.done = True
