@@ -16,6 +16,11 @@
  *     thread's last call (empty after a call that succeeded). Fields are named as the call's
  *     parameters and structs name them (`inputs.tokens.sizes`, `call.receivedTokens.data`), with
  *     "rank r: " before a collective call's rank's failure.
+ *   - An optional argument that the call does not take (each field's comment says where it
+ *     applies: the group's layout, algorithm and FP8 mode, the call's direction) must be NULL (a
+ *     stacked call's: data NULL): given, the call fails with epInvalidArgument naming it
+ *     ("outputs.topkIdx = given; must be NULL: layout expert-major (LL) receives no routing"),
+ *     on every backend, rather than ignoring it.
  *   - Every struct starts with `size_t structSize`: set it to sizeof(the struct). ABI version 1
  *     requires exactly sizeof; later versions add fields at the end and keep accepting the sizes of
  *     earlier versions (version 2 added structs and calls and changed none of version 1's; version
@@ -331,16 +336,18 @@ typedef struct {
 typedef struct {
     size_t structSize;
     const epTensor_t* tokens;       /* [B, H] of the element type */
-    const epTensor_t* topkWeights;  /* [B, K] float32; required except for LL expert-major */
-    /* v3: FP8 pass-through: [B, scale words] of `tokens` (e4m3 or uint8 codes); else NULL */
+    const epTensor_t* topkWeights;  /* [B, K] float32; required except for LL expert-major (optional there:
+                                     * checked when given) */
+    /* v3: FP8 pass-through: [B, scale words] of `tokens` (e4m3 or uint8 codes); else NULL (refused) */
     const epTensor_t* scales;
 } epDispatchInputs_t;
 
 typedef struct {
     size_t structSize;
     const epTensor_t* tokens;       /* receiveShape: LL expert-major [L, R*Bmax, H]; rank-major [R, Bmax, H]; HT [N, H] */
-    const epTensor_t* topkIdx;      /* receiveRoutingShape, int32 or int64, local expert ids; NULL for LL expert-major */
-    const epTensor_t* topkWeights;  /* receiveRoutingShape, float32; NULL for LL expert-major */
+    const epTensor_t* topkIdx;      /* receiveRoutingShape, int32 or int64, local expert ids; must be NULL
+                                     * for LL expert-major, which receives no routing (refused) */
+    const epTensor_t* topkWeights;  /* receiveRoutingShape, float32; must be NULL for LL expert-major (refused) */
     /* Optional (NULL: skip). Host group: filled at no cost. GPU group: filling it waits for the
      * stream and checks the device status, as epGroupCheckStatus does. */
     epLayoutInfo_t* layoutInfo;
@@ -350,7 +357,7 @@ typedef struct {
      * layoutInfo's expertCounters / expertSourceCounters. */
     const epTensor_t* expertCounts;
     const epTensor_t* expertSourceCounts;
-    /* v3: FP8 groups: the received rows' scales, receiveScalesShape (required); else NULL */
+    /* v3: FP8 groups: the received rows' scales, receiveScalesShape (required); else NULL (refused) */
     const epTensor_t* scales;
 } epDispatchOutputs_t;
 
@@ -367,15 +374,16 @@ typedef struct {
     size_t structSize;
     const epTensor_t* expertOutputs;   /* shaped like the dispatch `tokens` output */
     /* Forward LL expert-major: the source's [B, K] float32 routing weights (the ones given to
-     * dispatch). Forward HT expert-major: the [N] per-slot weights dispatch delivered. Else NULL. */
+     * dispatch). Forward HT expert-major: the [N] per-slot weights dispatch delivered. Else NULL
+     * (a backward combine, the rank-major and flat layouts: given, refused). */
     const epTensor_t* topkWeights;
-    const epTensor_t* weightGradients; /* backward HT: shaped like the dispatch `topkWeights` output */
+    const epTensor_t* weightGradients; /* backward HT: shaped like the dispatch `topkWeights` output; else NULL (refused) */
 } epCombineInputs_t;
 
 typedef struct {
     size_t structSize;
     const epTensor_t* tokens;              /* [B, H] combined rows in the original token order */
-    const epTensor_t* topkWeightGradients; /* backward HT: [B, K] float32 */
+    const epTensor_t* topkWeightGradients; /* backward HT: [B, K] float32; else NULL (refused) */
 } epCombineOutputs_t;
 
 typedef struct {
@@ -454,11 +462,11 @@ typedef struct {
     epStacked_t topkIdx;              /* [B, K] int32 or int64 per rank, or data NULL (see above) */
     epStacked_t inputTokens;          /* [B, H] rows per rank (epDispatchInputs_t.tokens) */
     epStacked_t topkWeights;          /* [B, K] float32 (epDispatchInputs_t.topkWeights) */
-    epStacked_t scales;               /* FP8 pass-through: [B, scale words] */
+    epStacked_t scales;               /* FP8 pass-through: [B, scale words]; else data NULL */
     epStacked_t receivedTokens;       /* receiveShape per rank (epDispatchOutputs_t.tokens) */
-    epStacked_t receivedTopkIdx;      /* receiveRoutingShape, int32 or int64; layouts that have it */
-    epStacked_t receivedTopkWeights;  /* receiveRoutingShape, float32; layouts that have it */
-    epStacked_t receivedScales;       /* FP8 groups: receiveScalesShape */
+    epStacked_t receivedTopkIdx;      /* receiveRoutingShape, int32 or int64; layouts that have it, else data NULL */
+    epStacked_t receivedTopkWeights;  /* receiveRoutingShape, float32; layouts that have it, else data NULL */
+    epStacked_t receivedScales;       /* FP8 groups: receiveScalesShape; else data NULL */
     epStacked_t expertCounts;         /* optional: [L] int32 per rank */
     epStacked_t expertSourceCounts;   /* optional: [L, R] int32 per rank */
     epPassDirection_t direction;
@@ -474,9 +482,9 @@ typedef struct {
     epStacked_t expertOutputs;        /* receiveShape per rank (epCombineInputs_t.expertOutputs) */
     epStacked_t topkWeights;          /* epCombineInputs_t.topkWeights: LL expert-major forward [B, K];
                                        * HT expert-major forward the per-slot [N]; else data NULL */
-    epStacked_t weightGradients;      /* backward HT: receiveRoutingShape per rank */
+    epStacked_t weightGradients;      /* backward HT: receiveRoutingShape per rank; else data NULL */
     epStacked_t combinedTokens;       /* [B, H] per rank (epCombineOutputs_t.tokens) */
-    epStacked_t topkWeightGradients;  /* backward HT: [B, K] float32 per rank */
+    epStacked_t topkWeightGradients;  /* backward HT: [B, K] float32 per rank; else data NULL */
     epPassDirection_t direction;
     epLaunchMode_t launchMode;        /* GPU group only */
     epCallPhase_t phase;

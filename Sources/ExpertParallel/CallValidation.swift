@@ -85,19 +85,18 @@ public final class CallShapes: Sendable {
             }
             try TensorCheck.require(output.scales, "output.scales", dtypes: scaleTypes, shape: scalesShape, location: location)
         } else {
-            if input.scales != nil {
-                throw .invalidArgument(field: "input.scales", value: "given", requirement: "must be nil: only FP8 groups move scales")
-            }
-            if output.scales != nil {
-                throw .invalidArgument(field: "output.scales", value: "given", requirement: "must be nil: only FP8 groups move scales")
-            }
+            try refuseGiven(input.scales, "input.scales", because: Self.noScales)
+            try refuseGiven(output.scales, "output.scales", because: Self.noScales)
         }
         if let routingShape = receiveRoutingShape {
             try TensorCheck.require(input.topkWeights, "input.topkWeights", dtypes: Self.f32, rows: tokens, columns: config.topK, location: location)
             try TensorCheck.require(output.topkIdx, "output.topkIdx", dtypes: Self.indices, shape: routingShape, location: location)
             try TensorCheck.require(output.topkWeights, "output.topkWeights", dtypes: Self.f32, shape: routingShape, location: location)
-        } else if let weights = input.topkWeights {
-            try TensorCheck.require(weights, "input.topkWeights", dtypes: Self.f32, rows: tokens, columns: config.topK, location: location)
+        } else {
+            if let weights = input.topkWeights {
+                try TensorCheck.require(weights, "input.topkWeights", dtypes: Self.f32, rows: tokens, columns: config.topK, location: location)
+            }
+            try refuseUnused(output)
         }
         if let counts = output.expertCounts {
             try TensorCheck.require(counts, "output.expertCounts", dtypes: Self.i32, shape: countsShape, location: location)
@@ -130,5 +129,56 @@ public final class CallShapes: Sendable {
             try TensorCheck.require(output.topkWeightGradients, "output.topkWeightGradients", dtypes: Self.f32, rows: tokens, columns: config.topK,
                                     location: location)
         }
+        if !combineTakesWeights(direction) {
+            try refuseGiven(input.topkWeights, "input.topkWeights", because: "\(combineWeighs) (this call: \(direction), layout \(config.layout) (\(algorithmName)))")
+        }
+        if !combineTakesGradients(direction) {
+            let why = "\(combineGradients) (this call: \(direction), \(algorithmName))"
+            try refuseGiven(input.weightGradients, "input.weightGradients", because: why)
+            try refuseGiven(output.topkWeightGradients, "output.topkWeightGradients", because: why)
+        }
+    }
+
+    // MARK: arguments a call does not take
+
+    // An argument the group's layout, algorithm, FP8 mode or the call's direction has no use for
+    // is refused when given, on every backend (these checks are the one place that decides), so
+    // that a caller who passes one learns it is not read instead of trusting what it holds.
+
+    /// Refuses a dispatch's outputs that the group does not produce: received scales without FP8,
+    /// received routing where the layout has none (LL expert-major). `validateDispatch` runs it;
+    /// a backend that checks the caller's outputs elsewhere (an NCCL rank, which receives into its
+    /// own buffers and then copies) runs it on them.
+    public func refuseUnused(_ output: DispatchOutput) throws(EPError) {
+        if receiveScalesShape == nil { try refuseGiven(output.scales, "output.scales", because: Self.noScales) }
+        guard receiveRoutingShape == nil else { return }
+        try refuseGiven(output.topkIdx, "output.topkIdx", because: noRouting)
+        try refuseGiven(output.topkWeights, "output.topkWeights", because: noRouting)
+    }
+
+    private static let noScales = "must be nil: only FP8 groups move scales"
+
+    /// Whether a combine in `direction` reads `input.topkWeights`: the forward pass of the
+    /// expert-major layouts (LL: the source's `[B, K]`; HT: the per-slot `[N]`).
+    public func combineTakesWeights(_ direction: PassDirection) -> Bool {
+        direction == .forward && (config.layout == .expertMajor || config.isExpertMajorHT)
+    }
+
+    /// Whether a combine in `direction` reads `input.weightGradients` and writes
+    /// `output.topkWeightGradients`: the backward pass of HT.
+    public func combineTakesGradients(_ direction: PassDirection) -> Bool {
+        direction == .backward && config.algorithm == .highThroughput
+    }
+
+    /// Why a dispatch of this layout takes no received routing.
+    private var noRouting: String { "must be nil: layout \(config.layout) (\(algorithmName)) receives no routing" }
+    private var combineWeighs: String { "must be nil: only a forward combine of an expert-major layout weighs the rows" }
+    private var combineGradients: String { "must be nil: only a backward HT combine takes and returns weight gradients" }
+    private var algorithmName: String { config.algorithm == .lowLatency ? "LL" : "HT" }
+
+    /// Refuses `tensor` when given: the call has no use for it (`requirement` says why).
+    private func refuseGiven(_ tensor: TensorRef?, _ name: String, because requirement: @autoclosure () -> String) throws(EPError) {
+        guard tensor != nil else { return }
+        throw .invalidArgument(field: name, value: "given", requirement: requirement())
     }
 }

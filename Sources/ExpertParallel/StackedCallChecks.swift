@@ -74,7 +74,8 @@ extension CallShapes {
         if receiveRoutingShape != nil {
             return given(.topkWeights, Self.f32) && given(.receivedTopkIdx, Self.indices) && given(.receivedTopkWeights, Self.f32)
         }
-        return absentOrGiven(.topkWeights, Self.f32)
+        // (A layout without received routing takes none: given, it is refused.)
+        return absentOrGiven(.topkWeights, Self.f32) && call.receivedTopkIdx == nil && call.receivedTopkWeights == nil
     }
 
     /// Whether a stacked combine passes the checks of `validateCombine` on rank 0's parts (`most`
@@ -85,11 +86,12 @@ extension CallShapes {
             return types.contains(t.dtype) && t.location == location && (t.address != 0 || elements(field, tokens: most) == 0)
         }
         guard config.elementType.isFloating, given(.expertOutputs, elementTypes), given(.combined, elementTypes) else { return false }
-        if direction == .forward, config.layout == .expertMajor || config.isExpertMajorHT, !given(.topkWeights, Self.f32) { return false }
-        if direction == .backward, config.algorithm == .highThroughput, receiveRoutingShape != nil {
+        // The weights and the gradients: given where the call takes them, absent where it does not.
+        guard combineTakesWeights(direction) ? given(.topkWeights, Self.f32) : call.topkWeights == nil else { return false }
+        if combineTakesGradients(direction), receiveRoutingShape != nil {
             return given(.weightGradients, Self.f32) && given(.topkWeightGradients, Self.f32)
         }
-        return true
+        return call.weightGradients == nil && call.topkWeightGradients == nil
     }
 
     private var receiveElements: Int { receiveShape.reduce(1, *) }

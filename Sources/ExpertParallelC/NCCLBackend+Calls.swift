@@ -103,6 +103,7 @@ extension NCCLBackend: RankCalls {
         let input = try DispatchInput(inputs, "inputs"), output = try DispatchOutput(outputs, "outputs")
         let destination = try LayoutInfoDestination(outputs.layoutInfo, "outputs.layoutInfo")
         let options = CallOptions(self.stream(stream), phase: settings.phase)
+        try group.refuseUnused(output)   // before the slot checks: the same words as every backend's
         if let slot = group.slot(receiving: output) {
             // Zero copy: the received routing goes to the slot's own buffers too.
             let own = group.slots[slot]

@@ -25,6 +25,7 @@ extension NCCLRankGroup {
         _ input: DispatchInput, copyingInto output: DispatchOutput, handle: GPUStepHandle? = nil, slot: Int = 0,
         stream: CUDAStream? = nil
     ) throws(EPError) {
+        try refuseUnused(output)
         try TensorCheck.require(output.tokens, "output.tokens", dtypes: [config.receiveElementType], shape: config.receiveShape, location: here)
         if let fp8 = config.fp8, let scalesShape = config.receiveScalesShape {
             try TensorCheck.require(output.scales, "output.scales", dtypes: [fp8.scaleType], shape: scalesShape, location: here)
@@ -114,6 +115,11 @@ extension NCCLRankGroup {
             try clear(weights, stream: stream)
         }
     }
+
+    /// Refuses a dispatch output the group does not produce (received routing of a layout that
+    /// has none, scales without FP8), as every backend's checks do (`CallShapes.refuseUnused`):
+    /// the dispatch checks the slot's own buffers, so the caller's are checked here.
+    public func refuseUnused(_ output: DispatchOutput) throws(EPError) { try engine.shapes.refuseUnused(output) }
 
     /// Where this rank's tensors live.
     private var here: MemoryLocation { .device(device.ordinal) }

@@ -36,7 +36,9 @@ import Testing
         var next: UInt64 = 0x10000
         func t(_ dtype: DataType) -> StackedTensor { next += 0x10000; return StackedTensor(address: next, dtype: dtype, location: location) }
         let backwardHT = direction == .backward && config.algorithm == .highThroughput
-        return StackedCombine(expertOutputs: t(config.elementType), topkWeights: t(.f32), weightGradients: backwardHT ? t(.f32) : nil,
+        // The weights only where the combine weighs (forward, expert-major layouts): given elsewhere they are refused.
+        let weighs = direction == .forward && (config.layout == .expertMajor || config.isExpertMajorHT)
+        return StackedCombine(expertOutputs: t(config.elementType), topkWeights: weighs ? t(.f32) : nil, weightGradients: backwardHT ? t(.f32) : nil,
                               combined: t(config.elementType), topkWeightGradients: backwardHT ? t(.f32) : nil)
     }
 

@@ -107,16 +107,16 @@ final class StepHarness: @unchecked Sendable {
     func combineInput(_ rank: Int, _ direction: PassDirection) -> CombineInput {
         switch config.layout {
         case .expertMajor:
-            // The source's own weights; the backward pass must ignore them.
-            CombineInput(expertOutputs: expertOutputs[rank].ref, topkWeights: weights[rank].ref)
+            // The source's own weights, forward only: a backward combine refuses them.
+            CombineInput(expertOutputs: expertOutputs[rank].ref, topkWeights: direction == .forward ? weights[rank].ref : nil)
         case .rankMajor:
             CombineInput(expertOutputs: expertOutputs[rank].ref)
         case .flat:
             CombineInput(expertOutputs: expertOutputs[rank].ref,
                          weightGradients: direction == .backward ? weightGradients[rank]?.ref : nil)
         case .expertMajorPadded:
-            // The per-slot weights dispatch delivered; the backward pass must ignore them.
-            CombineInput(expertOutputs: expertOutputs[rank].ref, topkWeights: receivedWeights[rank]?.ref,
+            // The per-slot weights dispatch delivered, forward only: a backward combine refuses them.
+            CombineInput(expertOutputs: expertOutputs[rank].ref, topkWeights: direction == .forward ? receivedWeights[rank]?.ref : nil,
                          weightGradients: direction == .backward ? weightGradients[rank]?.ref : nil)
         }
     }
