@@ -147,7 +147,12 @@ typedef enum {
     epPhaseWhole = 0,    /* the whole call */
     epPhaseSendOnly = 1  /* GPU: only the sending half, then return; the caller overlaps other work and
                           * enqueues the receiving half with epGroupComplete / epComplete before the
-                          * next data-path call of the group. Host group: runs the whole call. */
+                          * next data-path call of the group. Host group: runs the whole call. Every
+                          * backend refuses a data-path call (update, dispatch, combine, stacked) while
+                          * one is pending, with epInvalidUsage ("complete() the pending send-only
+                          * dispatch first"): the collective calls until epGroupComplete, a handle's
+                          * calls until its epComplete (a host rank's refused call still takes its
+                          * place among the ranks, and a refused update voids its handle's step). */
 } epCallPhase_t;
 
 /* FP8 dispatch (v3, docs/fp8.md): the scale of each block of a row. */

@@ -102,6 +102,10 @@ public enum EPError: Error, Sendable, Equatable, CustomStringConvertible {
         return renamed + rest
     }
 
+    /// A data call (update, dispatch, combine) while the send-only `call` ("dispatch" or
+    /// "combine") waits for `complete()` (every backend's words).
+    package static func sendOnlyOpen(_ call: String) -> EPError { .wrongOrder("complete() the pending send-only \(call) first") }
+
     /// `complete()` with no send-only dispatch or combine open (every backend's words).
     package static let nothingToComplete = EPError.wrongOrder("complete() needs a dispatch or combine issued with phase .sendOnly")
 

@@ -26,22 +26,30 @@ final class HostRankCalls: RankCalls, @unchecked Sendable {
         }
     }
 
-    /// The last send-only call (it ran whole), until complete() closes it.
+    /// The last send-only call ("dispatch" or "combine"; it ran whole), until complete() closes it.
     private let pending = NSLock()
-    private var openSendOnly = false
+    private var openSendOnly: String?
 
-    private func noteSendOnly(_ settings: CallSettings) {
-        if settings.phase == .sendOnly { pending.withLock { openSendOnly = true } }
+    private func noteSendOnly(_ settings: CallSettings, _ call: String) {
+        if settings.phase == .sendOnly { pending.withLock { openSendOnly = call } }
+    }
+
+    /// Refuses a data call while a send-only call waits for complete(), as every backend does (a
+    /// GPU's receiving half is still to be enqueued), after the descriptors are read and before
+    /// the shapes are checked, as there. Part of a call's checks: a refused call still takes its
+    /// place among the ranks, and the send-only call stays open.
+    private func requireNothingOpen() throws(EPError) {
+        if let open = pending.withLock({ openSendOnly }) { throw .sendOnlyOpen(open) }
     }
 
     /// A host rank's calls run whole: completing closes the last send-only call, which must exist
     /// (as the collective epGroupComplete says).
     func complete(_ stream: UnsafeMutableRawPointer?) throws {
-        let open = pending.withLock { () -> Bool in
-            defer { openSendOnly = false }
+        let open = pending.withLock { () -> String? in
+            defer { openSendOnly = nil }
             return openSendOnly
         }
-        guard open else { throw EPError.nothingToComplete }
+        guard open != nil else { throw EPError.nothingToComplete }
     }
 
     /// A host rank's per-rank calls use their handle's own step.
@@ -52,7 +60,12 @@ final class HostRankCalls: RankCalls, @unchecked Sendable {
     }
 
     func update(_ inputs: epUpdateInputs_t, _ settings: CallSettings, _ stream: UnsafeMutableRawPointer?) throws {
-        try make(.update, { () throws in try requireOwnStep(settings); return try TensorDescriptor.tensor(inputs.topkIdx, "inputs.topkIdx") }) { topkIdx in
+        try make(.update, { () throws in
+            try requireOwnStep(settings)
+            let topkIdx = try TensorDescriptor.tensor(inputs.topkIdx, "inputs.topkIdx")
+            try requireNothingOpen()
+            return topkIdx
+        }) { topkIdx in
             try call { try rank.update(handle, topkIdx: topkIdx) }
         }
     }
@@ -62,13 +75,15 @@ final class HostRankCalls: RankCalls, @unchecked Sendable {
     ) throws {
         try make(.dispatch, {
             try requireOwnStep(settings)
-            return (try LayoutInfoDestination(outputs.layoutInfo, "outputs.layoutInfo"), try DispatchInput(inputs, "inputs"),
-                    try DispatchOutput(outputs, "outputs"))
+            let arguments = (try LayoutInfoDestination(outputs.layoutInfo, "outputs.layoutInfo"), try DispatchInput(inputs, "inputs"),
+                             try DispatchOutput(outputs, "outputs"))
+            try requireNothingOpen()
+            return arguments
         }) { destination, input, output in
             try call {
                 let info = try rank.dispatch(handle, input, into: output, direction: settings.direction)
                 destination?.fill(info)
-                noteSendOnly(settings)
+                noteSendOnly(settings, "dispatch")
             }
         }
     }
@@ -78,11 +93,13 @@ final class HostRankCalls: RankCalls, @unchecked Sendable {
     ) throws {
         try make(.combine, { () throws in
             try requireOwnStep(settings)
-            return (try CombineInput(inputs, "inputs"), try CombineOutput(outputs, "outputs"))
+            let arguments = (try CombineInput(inputs, "inputs"), try CombineOutput(outputs, "outputs"))
+            try requireNothingOpen()
+            return arguments
         }) { input, output in
             try call {
                 try rank.combine(handle, input, into: output, direction: settings.direction)
-                noteSendOnly(settings)
+                noteSendOnly(settings, "combine")
             }
         }
     }

@@ -202,7 +202,7 @@ final class StepEngine: @unchecked Sendable {
     func checkNothingPending() throws(EPError) {
         lock.lock()
         defer { lock.unlock() }
-        if let pending { throw .wrongOrder("complete() the pending send-only \(pending.name) first") }
+        if let pending { throw .sendOnlyOpen(pending.name) }
     }
 
     func setPending(_ call: PendingCall) { lock.withLock { pending = call } }

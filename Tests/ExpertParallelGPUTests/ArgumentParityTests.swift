@@ -7,7 +7,8 @@ import Testing
 
 /// Every backend accepts and refuses the same calls with the same status and field (the host
 /// group the oracle): an argument the call has no use for is refused, not ignored
-/// (`InapplicableArgument.cases`, CallShapes's checks).
+/// (`InapplicableArgument.cases`, CallShapes's checks); a data call while a send-only call waits
+/// for its complete is refused (epInvalidUsage) on the collective calls and a host rank's own.
 enum ArgumentParity {
     typealias Outcome = InapplicableArgument.Outcome
 
@@ -125,6 +126,82 @@ struct HostArgumentParityTests {
             #expect(o.last!.status == epSuccess, "\(c.name), rank \(rank) without the argument: \(o.last!)")
         }
     }
+
+    /// A host rank's send-only dispatch or combine stays open until epComplete: the next data
+    /// call (update, dispatch, combine) is refused as on every backend (epInvalidUsage, "complete()
+    /// the pending send-only dispatch first"), and the call after epComplete runs.
+    @Test(arguments: [epPhaseSendOnly])
+    func aHostRanksOpenSendOnlyCallRefusesTheNextDataCall(_ phase: epCallPhase_t) throws {
+        let config = InapplicableArgument.llExpertMajor
+        let fixture = try ArgumentParityFixture.host(config)
+        let r = config.ranks
+        let handles = ArgumentParity.handles(fixture.group, ranks: r)
+        defer { for h in handles { _ = cHandleDestroy(h) } }
+        let updates = try (0..<r).map(fixture.updateInputs)
+        let dispatches = try (0..<r).map { try fixture.dispatchArguments($0) }
+        let combines = try (0..<r).map { try fixture.combineArguments($0, .forward) }
+        let shared = ArgumentParity.Shared((handles, updates, dispatches, combines))
+        let outcomes = ArgumentParity.onRanks(r) { rank in
+            let (handles, updates, dispatches, combines) = shared.value
+            let h = handles[rank]
+            var update = updates[rank]
+            var (i, o) = dispatches[rank]
+            var (ci, co) = combines[rank]
+            var sendOnly = epDispatchConfig_t()
+            sendOnly.structSize = epDispatchConfig_t.abiSize
+            sendOnly.phase = phase
+            var combineSendOnly = epCombineConfig_t()
+            combineSendOnly.structSize = epCombineConfig_t.abiSize
+            combineSendOnly.phase = phase
+            return [
+                Outcome(cHandleUpdate(h, &update, nil, nil)),
+                Outcome(cDispatch(h, &i, &o, &sendOnly, nil)),   // 1: open
+                Outcome(cDispatch(h, &i, &o, nil, nil)),   // 2: refused
+                Outcome(cCombine(h, &ci, &co, nil, nil)),   // 3: refused
+                Outcome(cComplete(h, nil)),   // 4
+                Outcome(cComplete(h, nil)),   // 5: nothing open
+                Outcome(cCombine(h, &ci, &co, &combineSendOnly, nil)),   // 6: open
+                Outcome(cDispatch(h, &i, &o, nil, nil)),   // 7: refused
+                Outcome(cHandleUpdate(h, &update, nil, nil)),   // 8: refused (and, as any refused update of a host rank, voids its step)
+                Outcome(cComplete(h, nil)),   // 9
+                Outcome(cHandleUpdate(h, &update, nil, nil)),   // 10
+                Outcome(cDispatch(h, &i, &o, nil, nil)),   // 11
+            ]
+        }
+        for (rank, o) in outcomes.enumerated() {
+            for i in [0, 1, 4, 6, 9, 10, 11] { #expect(o[i].status == epSuccess, "rank \(rank), call \(i): \(o[i])") }
+            for i in [2, 3] {
+                #expect(o[i].status == epInvalidUsage && o[i].message.contains("complete() the pending send-only dispatch first"), "rank \(rank), call \(i): \(o[i])")
+            }
+            for i in [7, 8] {
+                #expect(o[i].status == epInvalidUsage && o[i].message.contains("complete() the pending send-only combine first"), "rank \(rank), call \(i): \(o[i])")
+            }
+            #expect(o[5].status == epInvalidUsage && o[5].message.contains("needs a dispatch or combine issued with phase epPhaseSendOnly"), "rank \(rank): \(o[5])")
+        }
+    }
+
+    /// The collective calls of a host group refuse them the same way (the oracle of the above).
+    @Test func aHostGroupsOpenSendOnlyCallRefusesTheNextDataCall() throws {
+        try ArgumentParity.expectSendOnlyRefusals(try ArgumentParityFixture.host(InapplicableArgument.llExpertMajor))
+    }
+}
+
+extension ArgumentParity {
+    /// A collective send-only dispatch, then a dispatch, a combine, an update and a stacked
+    /// dispatch before epGroupComplete: each refused with epInvalidUsage naming the open call.
+    static func expectSendOnlyRefusals(_ fixture: ArgumentParityFixture) throws {
+        #expect(try fixture.updateAll().status == epSuccess)
+        #expect(try fixture.dispatchAll(phase: epPhaseSendOnly).status == epSuccess)
+        var stacked = try fixture.stackedDispatch()
+        stacked.receivedTopkIdx = epStacked_t()
+        stacked.receivedTopkWeights = epStacked_t()
+        for (name, outcome) in [("dispatch", try fixture.dispatchAll()), ("combine", try fixture.combineAll(.forward)), ("update", try fixture.updateAll()),
+                                ("stacked dispatch", Outcome(cGroupDispatchStacked(fixture.group, &stacked, nil)))] {
+            #expect(outcome.status == epInvalidUsage && outcome.message.contains("complete() the pending send-only dispatch first"), "\(name): \(outcome)")
+        }
+        #expect(Outcome(cGroupComplete(fixture.group, nil)).status == epSuccess)
+        #expect(try fixture.combineAll(.forward).status == epSuccess)
+    }
 }
 
 /// The virtual GPU group refuses what the host group refuses, with the same status and field
@@ -138,6 +215,12 @@ struct VirtualGPUArgumentParityTests {
             try ArgumentParity.expectRefused(c) { try ArgumentParityFixture.virtualGPU(c.config, device: device) }
         }
     }
+
+    @Test func aVirtualGPUGroupsOpenSendOnlyCallRefusesTheNextDataCall() throws {
+        try MockCUDA.run { _ in
+            try ArgumentParity.expectSendOnlyRefusals(try ArgumentParityFixture.virtualGPU(InapplicableArgument.llExpertMajor, device: try MockCUDA.device()))
+        }
+    }
 }
 
 /// The same on a GPU (EP_GPU_TESTS=1): the checks, and the calls they let through, on the device.
@@ -147,6 +230,10 @@ struct GPUArgumentParityTests {
     func theVirtualGPUGroupRefusesAnArgumentTheCallDoesNotTake(_ c: InapplicableArgument) throws {
         let device = try #require(sharedDevice)
         try ArgumentParity.expectRefused(c) { try ArgumentParityFixture.virtualGPU(c.config, device: device) }
+    }
+
+    @Test func aVirtualGPUGroupsOpenSendOnlyCallRefusesTheNextDataCall() throws {
+        try ArgumentParity.expectSendOnlyRefusals(try ArgumentParityFixture.virtualGPU(InapplicableArgument.llExpertMajor, device: try #require(sharedDevice)))
     }
 }
 

@@ -183,7 +183,7 @@ extension HostGroup: StepGroup {
         let state = stepState
         state.calls.lock()
         defer { state.calls.unlock() }
-        if let open = state.openSendOnly { throw .wrongOrder("complete() the pending send-only \(open) first") }
+        if let open = state.openSendOnly { throw .sendOnlyOpen(open) }
         try checkInStep()
         try body()
         if phase == .sendOnly { state.openSendOnly = name }
