@@ -126,8 +126,9 @@ func oracleStep(_ config: GroupConfig, _ inputs: StepInputs, direction: PassDire
                                      into: DispatchOutput(tokens: received.ref, topkIdx: receivedIdx?.ref, topkWeights: receivedWeights?.ref,
                                                           scales: receivedScales?.ref),
                                      direction: direction)
-        let weights: TensorRef? = config.layout == .expertMajor ? inputs.weights[r].ref
-            : config.isExpertMajorHT && direction == .forward ? receivedWeights!.ref : nil
+        // Only a forward combine of an expert-major layout takes weights (CallShapes refuses the rest).
+        let weights: TensorRef? = direction != .forward ? nil : config.layout == .expertMajor ? inputs.weights[r].ref
+            : config.isExpertMajorHT ? receivedWeights!.ref : nil
         try rank.combine(handle, CombineInput(expertOutputs: inputs.expertOutputs[r].ref, topkWeights: weights,
                                               weightGradients: config.carriesWeightGradients(direction) ? inputs.weightGradients[r]!.ref : nil),
                          into: CombineOutput(tokens: combined.ref, topkWeightGradients: grads?.ref), direction: direction)
@@ -207,8 +208,8 @@ final class GPUStep: @unchecked Sendable {
         let inputs = (0..<config.ranks).map { r in
             CombineInput(
                 expertOutputs: y[r].ref,
-                topkWeights: config.layout == .expertMajor ? w[r].ref
-                    : config.isExpertMajorHT && direction == .forward ? receivedWeights[r]!.ref : nil,
+                topkWeights: direction != .forward ? nil : config.layout == .expertMajor ? w[r].ref
+                    : config.isExpertMajorHT ? receivedWeights[r]!.ref : nil,
                 weightGradients: grads ? gradsIn[r]!.ref : nil)
         }
         try group.combine(inputs, into: (0..<config.ranks).map { CombineOutput(tokens: combined[$0].ref, topkWeightGradients: grads ? gradsOut[$0]!.ref : nil) },

@@ -226,7 +226,7 @@ struct OneRankStep {
         if backward, let g = inputs.weightGradients[0], let target = buffers.weightGradients {
             try driver.copy(from: g.storage, to: target.devicePointer, byteCount: g.byteCount)
         }
-        let weights: TensorRef? = config.layout == .expertMajor ? w.ref : config.isExpertMajorHT && direction == .forward ? buffers.receivedWeights : nil
+        let weights: TensorRef? = direction != .forward ? nil : config.layout == .expertMajor ? w.ref : config.isExpertMajorHT ? buffers.receivedWeights : nil
         let input = CombineInput(expertOutputs: caller ?? buffers.expertOutputs, topkWeights: weights, weightGradients: backward ? buffers.weightGradients : nil)
         let output = CombineOutput(tokens: combined.ref, topkWeightGradients: backward ? gradsOut.ref : nil)
         if caller != nil {
