@@ -61,7 +61,10 @@ class VirtualGroup(GroupBase):
     ``float8_e4m3fn``, NumPy ``uint8`` codes) and ``scales=``. Combine stays in ``dtype``.
     ``multiprocessors``: GPU SMs the group may use (None: all); ``tuning``: the GPU kernels' knobs
     (a dict: ``pipeline_depth``, ``rows_in_flight``, ``row_pieces``, ``blocks_per_multiprocessor``,
-    ``update_chunk_tokens``, ``fused_update``, ``full_grid``; see ep-bench's options of the same names). ``buffer_slots``: how many sets of
+    ``update_chunk_tokens``, ``fused_update``, ``full_grid``, ``serial_launches``; ep-bench's
+    ``--pipeline-depth``, ``--rows-in-flight``, ``--row-pieces``, ``--blocks-per-sm``,
+    ``--update-chunk-tokens``, ``--fused-update`` / ``--no-fused-update``, ``--full-grid``,
+    ``--serial-launches``). ``buffer_slots``: how many sets of
     receive buffers the group owns (dispatches use them in turn), so that this many steps' rows
     can be in flight at once.
 
