@@ -521,8 +521,10 @@ epResult_t epGroupComplete(epGroup_t group, void* stream);
  * nothing until cleaned. Control path (GPU: synchronises). */
 epResult_t epGroupGetActiveRanks(epGroup_t group, uint64_t* mask);
 epResult_t epGroupDeactivateRank(epGroup_t group, int32_t rank);
-/* Marks the ranks of `mask` active again and restarts every rank's step numbering. Call between
- * steps only. */
+/* Marks the ranks of `mask` active again and restarts every rank's step numbering (bits past the
+ * group's ranks are ignored: ~0 cleans every rank). Call between steps only: epInvalidUsage while
+ * a send-only call waits for epGroupComplete (epGroupDeactivateRank too), whose receiving half
+ * would meet another mask. */
 epResult_t epGroupCleanRanks(epGroup_t group, uint64_t mask);
 
 /* ---------------------------------------------------------------------------------------- */

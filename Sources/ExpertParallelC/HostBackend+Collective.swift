@@ -27,7 +27,9 @@ extension HostBackend: StepGroupBackend {
             case .combine: break
             }
         } catch {
-            if case .update = call { setTokens(step, nil) }
+            // An update refused before it began (a send-only call still open) leaves the step as
+            // it was; one that began voided it (the handle then has no current step).
+            if case .update = call, !stepSurvived(step) { setTokens(step, nil) }
             guard let rank = failingRank(error, call, ranks, tokens: step.map { $0.stepTokens } ?? stepTokens) else { throw error }
             throw RankFailure(rank: rank, error: error, config: group.config)
         }
@@ -38,6 +40,11 @@ extension HostBackend: StepGroupBackend {
             throw EPError.wrongOrder("combine needs an update and a dispatch of this step first")
         }
         return tokens
+    }
+
+    /// Whether the step of `step` (nil: the group's own) is still the last accepted update's.
+    private func stepSurvived(_ step: StepObject?) -> Bool {
+        ((step?.handle as? HostGroupHandle) ?? handle).currentStep != nil
     }
 
     /// Each rank's tokens in the step's last accepted update (the step's own, or the group's).

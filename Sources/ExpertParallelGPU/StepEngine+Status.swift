@@ -64,6 +64,7 @@ extension StepEngine {
 
     /// Masks `rank` inactive: it sends and receives nothing until cleaned. Control path.
     func deactivate(rank: Int) throws(EPError) {
+        try checkNothingPending()   // (the receiving half of a send-only call would meet another mask)
         try relaxed { () throws(EPError) in try deactivateNow(rank: rank) }
     }
 
@@ -81,6 +82,7 @@ extension StepEngine {
     /// ranks that fell out of step start afresh. Control path: call between steps; handles
     /// updated before must be updated again.
     func clean(ranks: RankMask) throws(EPError) {
+        try checkNothingPending()   // (clean clears the flags a send-only call's receiving half waits on)
         try relaxed { () throws(EPError) in try cleanNow(ranks: ranks) }
     }
 

@@ -199,7 +199,17 @@ extension ArgumentParity {
                                 ("stacked dispatch", Outcome(cGroupDispatchStacked(fixture.group, &stacked, nil)))] {
             #expect(outcome.status == epInvalidUsage && outcome.message.contains("complete() the pending send-only dispatch first"), "\(name): \(outcome)")
         }
+        // Nor may the mask change under the receiving half.
+        for (name, outcome) in [("clean", Outcome(cGroupCleanRanks(fixture.group, ~0))), ("deactivate", Outcome(cGroupDeactivateRank(fixture.group, 1)))] {
+            #expect(outcome.status == epInvalidUsage && outcome.message.contains("complete() the pending send-only dispatch first"), "\(name): \(outcome)")
+        }
+        var mask: UInt64 = 0
+        #expect(cGroupGetActiveRanks(fixture.group, &mask) == epSuccess && mask == 0b11, "every rank still active")
         #expect(Outcome(cGroupComplete(fixture.group, nil)).status == epSuccess)
+        // The refused update (and stacked dispatch with routing) left the step as it was: the
+        // stacked combine takes it as the collective one does.
+        var combine = try fixture.stackedCombine(.forward)
+        #expect(Outcome(cGroupCombineStacked(fixture.group, &combine, nil)).status == epSuccess)
         #expect(try fixture.combineAll(.forward).status == epSuccess)
     }
 }

@@ -136,11 +136,25 @@ extension HostGroup: StepGroup {
         guard rank >= 0 && rank < config.ranks else {
             throw .invalidArgument(field: "rank", value: "\(rank)", requirement: "must be in 0..<\(config.ranks)")
         }
+        try refuseWhileSendOnlyOpen()
         transport.deactivate(rank)
     }
 
-    /// Marks `ranks` active again (ranks outside the group are ignored). Call between steps only.
-    public func clean(ranks: RankMask) throws(EPError) { transport.clean(ranks) }
+    /// Marks `ranks` active again (ranks outside the group are ignored). Call between steps only:
+    /// refused while a send-only call waits for `complete()`.
+    public func clean(ranks: RankMask) throws(EPError) {
+        try refuseWhileSendOnlyOpen()
+        transport.clean(ranks)
+    }
+
+    /// A mask change between a send-only call and its `complete()` would change the ranks under
+    /// the receiving half (on the GPU, clean also clears the flags it waits on): refused, as there.
+    private func refuseWhileSendOnlyOpen() throws(EPError) {
+        let state = stepState
+        state.calls.lock()
+        defer { state.calls.unlock() }
+        if let open = state.openSendOnly { throw .sendOnlyOpen(open) }
+    }
 
     // MARK: helpers
 

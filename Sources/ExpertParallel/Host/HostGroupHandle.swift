@@ -43,7 +43,7 @@ public final class HostGroupHandle: StepHandle, @unchecked Sendable {   // mutab
 
     /// Who took part in the current step: set by a successful update, cleared when one starts.
     func recordStep(_ value: (ranks: RankMask, epoch: Int)?) { lock.withLock { step = value } }
-    var currentStep: (ranks: RankMask, epoch: Int)? { lock.withLock { step } }
+    package var currentStep: (ranks: RankMask, epoch: Int)? { lock.withLock { step } }
 
     /// A new update (or a dispatch under way) makes the last dispatch's info stale.
     func forgetLayouts() {
