@@ -123,12 +123,15 @@ func entryPoint(_ name: StaticString, naming names: CNames? = nil, _ body: () th
 }
 
 /// A message of the core in C's words: a missing pointer is NULL and an automatic size 0 (the
-/// core says nil for both); the send-only phase is epPhaseSendOnly.
+/// core says nil for both); the send-only phase is epPhaseSendOnly; a layout is its epLayout_t.
 func cWording(_ message: String) -> String {
     message.replacing(" = nil;", with: " = NULL;").replacing("must be non-nil", with: "must not be NULL")
         .replacing("must be nil for LL", with: "must be 0 for LL").replacing("must be nil", with: "must be NULL")
         .replacing("(or nil for automatic)", with: "(or 0 for automatic)")
         .replacing("phase .sendOnly", with: "phase epPhaseSendOnly")
+        .replacing(/layout expert-major\(alignment (\d+)\)/) { "layout epLayoutExpertMajorPadded (alignment \($0.1))" }
+        .replacing("layout expert-major", with: "layout epLayoutExpertMajor").replacing("layout rank-major", with: "layout epLayoutRankMajor")
+        .replacing("layout flat", with: "layout epLayoutFlat")
 }
 
 /// The thread-local message of the last call, as a C string owned by the thread's slot.
