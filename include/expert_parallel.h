@@ -118,7 +118,9 @@ typedef enum {
 typedef enum {
     epLayoutDefault = 0,          /* LL: expert-major; HT: flat */
     epLayoutExpertMajor = 1,      /* LL: tokens [L, R*Bmax, H], packed per local expert */
-    epLayoutRankMajor = 2,        /* LL: tokens [R, Bmax, H] + topkIdx/topkWeights [R, Bmax, K] */
+    epLayoutRankMajor = 2,        /* LL: tokens [R, Bmax, H] + topkIdx/topkWeights [R, Bmax, K]; source
+                                   * s's rows packed in [s] in its token order (row i: the i-th of its
+                                   * tokens sent here, not token i) */
     epLayoutFlat = 3,             /* HT: tokens [N, H] + topkIdx/topkWeights [N, K] */
     epLayoutExpertMajorPadded = 4 /* HT: tokens [N, H] + topkIdx/topkWeights [N], zones padded */
 } epLayout_t;
@@ -152,7 +154,12 @@ typedef enum {
                           * one is pending, with epInvalidUsage ("complete() the pending send-only
                           * dispatch first"): the collective calls until epGroupComplete, a handle's
                           * calls until its epComplete (a host rank's refused call still takes its
-                          * place among the ranks, and a refused update voids its handle's step). */
+                          * place among the ranks, and a refused update voids its handle's step).
+                          * Host group: the collective pending call and a handle's are apart (a
+                          * handle's calls are not refused by a pending collective call, nor the
+                          * reverse).
+                          * epGroupCleanRanks and epGroupDeactivateRank are refused while a
+                          * collective one is pending. */
 } epCallPhase_t;
 
 /* FP8 dispatch (v3, docs/fp8.md): the scale of each block of a row. */
@@ -342,7 +349,8 @@ typedef struct {
     size_t structSize;
     const epTensor_t* tokens;       /* [B, H] of the element type */
     const epTensor_t* topkWeights;  /* [B, K] float32; required except for LL expert-major (optional there:
-                                     * checked when given) */
+                                     * checked when given), a backward dispatch too (the layouts that
+                                     * carry weights send them with the rows either way) */
     /* v3: FP8 pass-through: [B, scale words] of `tokens` (e4m3 or uint8 codes); else NULL (refused) */
     const epTensor_t* scales;
 } epDispatchInputs_t;
@@ -409,7 +417,10 @@ typedef struct {
  * that covers every rank (masked ranks do nothing in it).                                    */
 
 /* This step's routing for every rank. The topkIdx tensors must stay unchanged until this
- * step's combine (the GPU group reads them again). */
+ * step's combine (the GPU group reads them again). An update refused for its arguments (a
+ * tensor's dtype or shape, a routing entry) voids the step: dispatch and combine then fail
+ * until an update succeeds; one refused before it begins (a send-only call pending) leaves the
+ * step as it was. */
 epResult_t epGroupUpdateAll(epGroup_t group, const epUpdateInputs_t* inputs, const epUpdateConfig_t* config,
                             void* stream);
 /* Sends every rank's rows straight into their slots on the destination ranks. Rows outside the
