@@ -417,10 +417,11 @@ typedef struct {
  * that covers every rank (masked ranks do nothing in it).                                    */
 
 /* This step's routing for every rank. The topkIdx tensors must stay unchanged until this
- * step's combine (the GPU group reads them again). An update refused for its arguments (a
- * tensor's dtype or shape, a routing entry) voids the step: dispatch and combine then fail
- * until an update succeeds; one refused before it begins (a send-only call pending) leaves the
- * step as it was. */
+ * step's combine (the GPU group reads them again). An update refused by its checks of the
+ * routing (the topkIdx tensor's dtype or shape, an entry) voids the step: dispatch and combine
+ * then fail until an update succeeds; one refused before it begins (an argument struct that
+ * cannot be read: a NULL tensor, an unknown dtype enum; a send-only call pending) leaves the step
+ * as it was. */
 epResult_t epGroupUpdateAll(epGroup_t group, const epUpdateInputs_t* inputs, const epUpdateConfig_t* config,
                             void* stream);
 /* Sends every rank's rows straight into their slots on the destination ranks. Rows outside the

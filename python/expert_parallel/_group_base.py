@@ -190,10 +190,20 @@ class GroupBase:
         event.record(_fast.torch_stream(self._device, stream))
         return event
 
+    # The send-only call ("dispatch" / "combine") whose receiving half complete() has not enqueued
+    # yet: the library refuses every other data-path call until then, and so does the package,
+    # before the call's bookkeeping (a refused call must leave the handles as they were).
+    _open_send_only: Optional[str] = None
+
+    def _refuse_open(self):
+        raise InvalidUsageError(f"complete() the pending send-only {self._open_send_only} first (its result's hook(), "
+                                "or group.complete())")
+
     def _dispatch_result(self, result, send_only, record_event, stream):
         """`result` (a DispatchResult) with (send_only) the hook that completes it and
         (record_event) the event recorded after it."""
         if send_only:
+            self._open_send_only = "dispatch"
             result.hook = lambda: self.complete(stream=stream)
         if record_event:
             result.event = self._record(stream)
@@ -205,6 +215,7 @@ class GroupBase:
         hook, event)``."""
         extras: List[Any] = []
         if send_only:
+            self._open_send_only = "combine"
             extras.append(lambda: self.complete(stream=stream))
         if record_event:
             extras.append(self._record(stream))

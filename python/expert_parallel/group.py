@@ -190,6 +190,8 @@ class VirtualGroup(GroupBase):
         bytes); the received scales come back as ``result.scales``.
         """
         with self._lock:   # (the @locked of the other methods, in line: this is the data path)
+            if self._open_send_only is not None:   # (as the library refuses it, before this call's bookkeeping)
+                self._refuse_open()
             if send_only is not False and send_only is not True or record_event is not False and record_event is not True:
                 _config.flags(send_only=send_only, record_event=record_event)
             if out is None and scales is None and launch is _SINGLE and direction is _FORWARD:
@@ -297,6 +299,8 @@ class VirtualGroup(GroupBase):
         or ``(result, hook, event)``.
         """
         with self._lock:
+            if self._open_send_only is not None:   # (as the library refuses it, before this call's bookkeeping)
+                self._refuse_open()
             if send_only is not False and send_only is not True or record_event is not False and record_event is not True:
                 _config.flags(send_only=send_only, record_event=record_event)
             if send_only:   # its receiving half reads them: keep them alive until complete() has enqueued it
@@ -382,6 +386,7 @@ class VirtualGroup(GroupBase):
         self._check_open()
         raw = _fast.raw_stream(self._device, stream)
         call("epGroupComplete", self._group, raw)
+        self._open_send_only = None
         self._release_kept(stream)
 
     # -- the active-rank mask ----------------------------------------------------------------
@@ -929,6 +934,9 @@ class VirtualGroup(GroupBase):
         tokens = self._per_rank(tokens, "out tokens")
         if routing is not None and idx is not None and weights is not None:
             idx, weights = self._per_rank(idx, "out topk_idx"), self._per_rank(weights, "out topk_weights")
+        if routing is None and (idx is not None or weights is not None):   # (as the library refuses outputs.topkIdx)
+            raise InvalidArgumentError(f"out topk_{'idx' if idx is not None else 'weights'}: given; must be None: layout "
+                                       f"{self.layout!r} receives no routing")
         counts = rest[0] if rest else None
         if counts is not None:
             counts = self._per_rank(counts, "out expert_counts")

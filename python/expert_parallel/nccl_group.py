@@ -179,6 +179,8 @@ class NCCLGroup(GroupBase):
         (-1: none), ``B ≤ max_tokens``. Keep it unchanged until the step's combine. :meth:`dispatch`
         calls it when given ``topk_idx``; call it yourself to start the step earlier."""
         self._check_open()
+        if self._open_send_only is not None:
+            self._refuse_open()
         if handle is not None:
             self._check_handle(handle, dispatched=False)
         target = handle if handle is not None else Handle(self)
@@ -269,6 +271,8 @@ class NCCLGroup(GroupBase):
         ``fp8_source="pass_through"``, else in ``dtype`` (quantised in the kernel); the received
         scales are ``result.scales``, the slot's own buffer."""
         with self._lock:   # (the @locked of the other methods, in line: this is the data path)
+            if self._open_send_only is not None:   # (as the library refuses it, before this call's bookkeeping)
+                self._refuse_open()
             if send_only is not False and send_only is not True or record_event is not False and record_event is not True:
                 _config.flags(send_only=send_only, record_event=record_event)
             if topk_idx is not None and scales is None and direction is _FORWARD:
@@ -406,6 +410,8 @@ class NCCLGroup(GroupBase):
         ``stream``, ``wait_event``, ``record_event``, ``send_only``: as for
         :meth:`VirtualGroup.combine`."""
         with self._lock:   # (the @locked of the other methods, in line: this is the data path)
+            if self._open_send_only is not None:   # (as the library refuses it, before this call's bookkeeping)
+                self._refuse_open()
             if send_only is not False and send_only is not True or record_event is not False and record_event is not True:
                 _config.flags(send_only=send_only, record_event=record_event)
             if send_only:   # its receiving half reads the weights: keep them alive until complete() has enqueued it
@@ -534,6 +540,7 @@ class NCCLGroup(GroupBase):
         """Enqueues the receiving half of this rank's last ``send_only`` dispatch or combine."""
         self._check_open()
         call("epComplete", self._handle, self._raw(stream))
+        self._open_send_only = None
         self._release_kept(stream)
 
     # -- helpers -----------------------------------------------------------------------------

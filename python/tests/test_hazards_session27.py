@@ -111,3 +111,34 @@ def test_argument_names_rename_every_form_of_the_c_fields():
     assert argument_names("input.topkWeights: NULL") == "topk_weights: NULL"
     assert argument_names("expertOutputs.shape") == "expert_outputs.shape"
     assert argument_names("topk_idx[0][1][2]") == "topk_idx[0][1][2]"   # (three subscripts: not a rank's entry)
+
+
+@pytest.mark.parametrize("own_handle", [False, True])
+def test_a_call_refused_while_a_send_only_call_is_open_leaves_the_step(own_handle):
+    """The library refuses a data-path call until complete(); the package refused it after
+    voiding its handle (the combine then named a step that never ran)."""
+    g = group()
+    x, idx, w = step()
+    h = g.handle() if own_handle else None
+    out = g.dispatch(x, idx, w, handle=h, send_only=True)
+    with pytest.raises(ep.InvalidUsageError, match=r"complete\(\) the pending send-only dispatch first"):
+        g.dispatch(x, idx, w, handle=h)
+    with pytest.raises(ep.InvalidUsageError, match=r"complete\(\) the pending send-only dispatch first"):
+        g.combine(out.tokens, out.handle)
+    out.hook()
+    combined = g.combine(out.tokens, out.handle)
+    fresh = group()
+    first = fresh.dispatch(x, idx, w)
+    expected = fresh.combine(first.tokens, first.handle)
+    assert all(np.array_equal(a, b) for a, b in zip(combined, expected))
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_routing_outputs_for_a_layout_that_receives_none_are_refused(stacked):
+    g = group()   # LL expert-major: no received routing
+    x, idx, w = step()
+    tokens = np.zeros((2, *g.recv_shape), np.float32)
+    routing = np.zeros((2, 2, 2), np.int32), np.zeros((2, 2, 2), np.float32)
+    out = (tokens, *routing) if stacked else (list(tokens), list(routing[0]), list(routing[1]))
+    with pytest.raises(ep.InvalidArgumentError, match=r"out topk_idx: given; must be None: layout 'expert_major' receives no routing"):
+        g.dispatch(x, idx, w, out=out)
