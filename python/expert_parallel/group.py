@@ -385,8 +385,10 @@ class VirtualGroup(GroupBase):
         runs every call whole: completing it does nothing more."""
         self._check_open()
         raw = _fast.raw_stream(self._device, stream)
-        call("epGroupComplete", self._group, raw)
-        self._open_send_only = None
+        try:
+            call("epGroupComplete", self._group, raw)
+        finally:   # (the library's pending call is taken at complete()'s start, whatever follows)
+            self._open_send_only = None
         self._release_kept(stream)
 
     # -- the active-rank mask ----------------------------------------------------------------

@@ -539,8 +539,10 @@ class NCCLGroup(GroupBase):
     def complete(self, *, stream: Any = None) -> None:
         """Enqueues the receiving half of this rank's last ``send_only`` dispatch or combine."""
         self._check_open()
-        call("epComplete", self._handle, self._raw(stream))
-        self._open_send_only = None
+        try:
+            call("epComplete", self._handle, self._raw(stream))
+        finally:   # (the library's pending call is taken at complete()'s start, whatever follows)
+            self._open_send_only = None
         self._release_kept(stream)
 
     # -- helpers -----------------------------------------------------------------------------
