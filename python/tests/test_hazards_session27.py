@@ -142,3 +142,26 @@ def test_routing_outputs_for_a_layout_that_receives_none_are_refused(stacked):
     out = (tokens, *routing) if stacked else (list(tokens), list(routing[0]), list(routing[1]))
     with pytest.raises(ep.InvalidArgumentError, match=r"out topk_idx: given; must be None: layout 'expert_major' receives no routing"):
         g.dispatch(x, idx, w, out=out)
+
+
+def test_a_failed_complete_leaves_no_pending_call_in_the_package(monkeypatch):
+    """The library takes its pending call when complete() starts (a CUDA error enqueueing the
+    receiving half fails the call after that): the package must not keep refusing calls."""
+    import expert_parallel.group as group_module
+
+    g = group()
+    x, idx, w = step()
+    g.dispatch(x, idx, w, send_only=True)
+    real = group_module.call
+
+    def failing(name, *arguments):
+        real(name, *arguments)
+        if name == "epGroupComplete":
+            raise ep.CudaError("epGroupComplete: a launch failed (made up by the test)")
+
+    monkeypatch.setattr(group_module, "call", failing)
+    with pytest.raises(ep.CudaError):
+        g.complete()
+    monkeypatch.setattr(group_module, "call", real)
+    out = g.dispatch(x, idx, w)
+    assert out.layout[0].received_total == 4
