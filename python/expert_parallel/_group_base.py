@@ -11,8 +11,8 @@ from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 from . import _abi, _arrays
 from ._library import call, check_status, load
-from ._results import Handle, _HeldHandle
-from .errors import InvalidArgumentError, InvalidUsageError, NotCopyableError
+from ._results import Handle, _HeldHandle, _NotCopyable
+from .errors import InvalidArgumentError, InvalidUsageError
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
@@ -40,8 +40,11 @@ def locked(method: _Method) -> _Method:
     return run  # type: ignore[return-value]
 
 
-class GroupBase:
+class GroupBase(_NotCopyable):
     """A group object holding an epGroup_t in ``_group`` (None once closed) on device ``_device``."""
+
+    _copy_refusal = ("it owns the library's group (its buffers and steps), which a copy would share and free twice: pass "
+                     "the group itself (threads may share it)")
 
     _group: Optional[ctypes.c_void_p] = None
     _lock: threading.RLock
@@ -91,12 +94,6 @@ class GroupBase:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-    def __copy__(self):
-        raise NotCopyableError(f"{type(self).__name__}: cannot be copied or pickled; it owns the library's group (its buffers "
-                                "and steps), which a copy would share and free twice: pass the group itself (threads may share it)")
-
-    __deepcopy__ = __reduce_ex__ = lambda self, *_: self.__copy__()  # noqa: E731
 
     @locked
     def check(self) -> None:

@@ -67,7 +67,25 @@ class _LayoutBuffers:
                           self.struct.receivedTotal, self.struct.droppedTokens)
 
 
-class Handle:
+class _NotCopyable:
+    """Refuses copy, deepcopy and pickle with NotCopyableError: the object owns state of the
+    library's that a copy would share and free twice. `_copy_refusal` says what and what to do;
+    the error names the class (`_copy_name`)."""
+
+    __slots__ = ()
+    _copy_refusal = ""
+
+    @property
+    def _copy_name(self) -> str:
+        return type(self).__name__
+
+    def __copy__(self):
+        raise NotCopyableError(f"{self._copy_name}: cannot be copied or pickled; {self._copy_refusal}")
+
+    __deepcopy__ = __reduce_ex__ = lambda self, *_: self.__copy__()  # noqa: E731
+
+
+class Handle(_NotCopyable):
     """One step of a group: its routing and what was derived from it.
 
     :meth:`VirtualGroup.handle` makes one of its own (several can be live on a group: one per MoE
@@ -80,6 +98,10 @@ class Handle:
 
     __slots__ = ("group", "_pointer", "step", "slot", "slot_use", "tokens", "topk_idx", "topk_weights", "received_weights",
                  "weight_addresses", "weight_stacked", "released", "__weakref__")   # made per dispatch: kept cheap
+
+    _copy_name = "Handle"   # (a handle of its own too)
+    _copy_refusal = ("it names one step of its group (a handle of its own frees that step when it is dropped, which a "
+                     "copy would do twice): pass the handle itself")
 
     def __init__(self, group: Any, pointer: Any = None) -> None:
         self.group = group
@@ -108,12 +130,6 @@ class Handle:
 
     def __enter__(self) -> "Handle":
         return self
-
-    def __copy__(self):
-        raise NotCopyableError("Handle: cannot be copied or pickled; it names one step of its group (a handle of its own "
-                                "frees that step when it is dropped, which a copy would do twice): pass the handle itself")
-
-    __deepcopy__ = __reduce_ex__ = lambda self, *_: self.__copy__()  # noqa: E731
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
