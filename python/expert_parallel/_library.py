@@ -81,17 +81,20 @@ def addresses_entry(name):
 
 def call(name, *arguments):
     """Calls entry point `name`; a failure raises the matching ExpertParallelError."""
-    library = load()
-    status = getattr(library, name)(*arguments)
+    status = getattr(load(), name)(*arguments)
     if status != _abi.SUCCESS:
-        message = library.epGetLastErrorMessage().decode("utf-8", "replace")
-        raise from_status(status, message or library.epGetErrorString(status).decode())
+        _raise(status, lambda message: message)
 
 
 def check_status(status):
     """Raises the matching ExpertParallelError for a failed status of a group's data-path call
     (its message naming the caller's arguments by the group methods' keywords)."""
     if status != _abi.SUCCESS:
-        library = load()
-        message = library.epGetLastErrorMessage().decode("utf-8", "replace")
-        raise from_status(status, argument_names(message) or library.epGetErrorString(status).decode())
+        _raise(status, argument_names)
+
+
+def _raise(status, naming):
+    """Raises the error of failed `status`: the library's last message, `naming` applied."""
+    library = load()
+    message = library.epGetLastErrorMessage().decode("utf-8", "replace")
+    raise from_status(status, naming(message) or library.epGetErrorString(status).decode())
