@@ -93,13 +93,11 @@ class Rendezvous:
                 round_.arrived += 1
                 if failed:   # (the work cannot be running: it starts once every rank has arrived)
                     error = payload.error
-                    round_.error = PeerFailedError(
+                    peers = PeerFailedError(
                         f"virtual rank {rank}'s call {number} ({name}) failed before it began, so no rank's call ran: "
                         f"{type(error).__name__}: {error}")
-                    round_.error.__cause__ = error
-                    round_.done = True
-                    round_.payloads = []
-                    self._cond.notify_all()
+                    peers.__cause__ = error
+                    self._end(round_, peers)
             last = not late and not failed and round_.arrived == self.ranks
             if last:
                 round_.running = True
@@ -126,9 +124,15 @@ class Rendezvous:
         except BaseException as error:  # every rank raises it
             round_.error = error
         with self._cond:
-            round_.payloads = []
-            round_.done = True
-            self._cond.notify_all()
+            self._end(round_)
+
+    def _end(self, round_: _Round, error: Optional[BaseException] = None) -> None:
+        """Ends `round_` for every rank (with `error`, where given); the caller holds `_cond`."""
+        if error is not None:
+            round_.error = error
+        round_.payloads = []
+        round_.done = True
+        self._cond.notify_all()
 
     def _wait(self, round_: _Round, number: int) -> None:
         deadline = time.monotonic() + self.timeout
@@ -137,12 +141,9 @@ class Rendezvous:
                 left = deadline - time.monotonic()
                 if left <= 0 and not round_.running:
                     missing = [r for r, n in enumerate(round_.names) if n is None]
-                    round_.error = RankTimeoutError(
+                    self._end(round_, RankTimeoutError(
                         f"virtual ranks {missing} did not make call {number} ({next(n for n in round_.names if n)}) "
-                        f"within timeout={self.timeout} s; every rank's thread must make the same calls")
-                    round_.done = True
-                    round_.payloads = []
-                    self._cond.notify_all()
+                        f"within timeout={self.timeout} s; every rank's thread must make the same calls"))
                     break
                 self._cond.wait(left if left > 0 else 0.05)
 
