@@ -60,6 +60,10 @@ public struct GPUTuning: Sendable, Hashable {
         if let rowPieces, !(1...vectors).contains(rowPieces) {
             throw fail("rowPieces", rowPieces, "must be in 1...\(vectors) (16-byte vectors in a row)")
         }
+        // The kernels number a rank's items (token × piece) in 32-bit ints.
+        if let rowPieces, config.maxTokensPerRank * rowPieces > Int(Int32.max) {
+            throw fail("rowPieces", rowPieces, "must be ≤ \(Int(Int32.max) / config.maxTokensPerRank) with maxTokensPerRank \(config.maxTokensPerRank) (the kernels count token × piece in 32 bits)")
+        }
         guard updateChunkTokens >= 1 else { throw fail("updateChunkTokens", updateChunkTokens, "must be at least 1") }
         if let blocks = blocksPerMultiprocessor, !(1...2).contains(blocks) {
             throw fail("blocksPerMultiprocessor", blocks, "must be 1 or 2 (two 512-thread blocks fill an SM's registers)")

@@ -17,6 +17,22 @@ extension GroupConfig {
                 field: "maxTokensPerRank", value: "\(maxTokensPerRank)",
                 requirement: "must be ≤ \(Self.maxHTTokensPerRank) for HT on the GPU backend (the update stores a pair's place in its chunk in 24 bits)")
         }
+        if algorithm == .highThroughput {
+            // The HT kernels count a destination's rows in 32-bit ints: the rows its sources could
+            // send it (flat: each token once; expert-major: once per local expert it selects, plus
+            // each zone's padding) and its capacity must both fit.
+            let worst = isExpertMajorHT
+                ? ranks * maxTokensPerRank * min(topK, localExperts) + localExperts * (alignment - 1) : ranks * maxTokensPerRank
+            guard worst <= Self.maxGPURows else {
+                throw .invalidConfig(
+                    field: "maxTokensPerRank", value: "\(maxTokensPerRank)",
+                    requirement: "with \(ranks) ranks, topK \(topK) and \(localExperts) local experts a rank could receive \(worst) rows; the GPU backend counts at most \(Self.maxGPURows)")
+            }
+            guard receiveCapacity <= Self.maxGPURows else {
+                throw .invalidConfig(
+                    field: "maxReceivedTokensPerRank", value: "\(receiveCapacity)", requirement: "must be ≤ \(Self.maxGPURows) on the GPU backend")
+            }
+        }
         let bytes = updateSharedMemoryBytes
         guard bytes <= 48 * 1024 else {
             throw .invalidConfig(
@@ -28,6 +44,8 @@ extension GroupConfig {
 
     /// HT on the GPU: tokens a rank may send at most (EP_HT_PLACE_MASK of ep_ht.cu).
     package static let maxHTTokensPerRank = (1 << 24) - 1
+    /// Rows the GPU kernels count in a rank's receive buffer at most (32-bit ints).
+    package static let maxGPURows = Int(Int32.max)
 
     /// Static shared memory of the update kernel, counted from its arrays (ep_ll.cu, ep_ht.cu), with
     /// LL's per-warp counts for 8 warps: the bound every configuration must meet.

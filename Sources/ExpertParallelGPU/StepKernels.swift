@@ -55,6 +55,7 @@ struct StepKernels: Sendable {
         ]) { _, new in new }
         defines.merge(StepArguments.contractDefines(ranks: config.ranks)) { _, new in new }
         defines.merge(variant.workspace(config, tuning).defines) { _, new in new }
+        if variant.transport == .staged { defines["EP_HOST_ORIGIN_INDEX_BITS"] = "\(StepStaging.originIndexBits)" }
         if let fp8 = config.fp8 {
             // FP8 groups only: every other variant keeps its defines (and its cache key) unchanged.
             defines["EP_FP8"] = fp8.source == .quantize ? "1" : "2"

@@ -53,4 +53,19 @@ final class StepStaging {
     }
 
     deinit { for p in allocations { try? driver.free(p) } }
+
+    /// The staged transport's own bound: a received row's origin word (ep_put_origin) keeps the
+    /// row's index at its source (token × K + k in the expert-major layouts, else the token) in 26 bits.
+    static func check(_ config: GroupConfig) throws(EPError) {
+        let expertMajor = config.layout == .expertMajor || config.isExpertMajorHT
+        let indices = expertMajor ? config.maxTokensPerRank * config.topK : config.maxTokensPerRank
+        guard indices <= 1 << originIndexBits else {
+            throw .invalidConfig(
+                field: "maxTokensPerRank", value: "\(config.maxTokensPerRank)",
+                requirement: "with topK \(config.topK) must leave at most \(1 << originIndexBits) rows a source (the staged transport numbers them in \(originIndexBits) bits)")
+        }
+    }
+
+    /// EP_ORIGIN_INDEX_BITS of ep_transport.cuh.
+    static let originIndexBits = 26
 }

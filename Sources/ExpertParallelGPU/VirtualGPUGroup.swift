@@ -44,6 +44,7 @@ public final class VirtualGPUGroup: StepGroup, @unchecked Sendable {
     ) throws(EPError) {
         let config = try config.validatedForGPU()
         let tuning = try tuning.validated(config)
+        if transport == .staged { try StepStaging.check(config) }
         let sms = multiprocessors ?? device.multiprocessors
         guard sms >= 1, sms <= device.multiprocessors else {
             throw .invalidArgument(field: "multiprocessors", value: "\(sms)", requirement: "must be in 1...\(device.multiprocessors)")

@@ -65,6 +65,56 @@ struct GPUTuningTests {
         }
     }
 
+    /// The HT kernels count a rank's received rows in 32-bit ints: a configuration whose sources
+    /// could send one rank more rows, or whose capacity is larger, is a named error.
+    @Test func htReceivedRowsFitThirtyTwoBits() throws {
+        func config(_ tokens: Int, alignment: Int = 1, capacity: Int? = nil, layout: Layout? = nil) -> GroupConfig {
+            GroupConfig(algorithm: .highThroughput, ranks: 32, experts: 256, topK: 8, hidden: 64, maxTokensPerRank: tokens,
+                        maxReceivedTokensPerRank: capacity, layout: layout ?? .expertMajorPadded(alignment: alignment))
+        }
+        // 32 ranks × B tokens × min(K 8, L 8) rows, plus 8 zones' padding.
+        #expect(throws: Never.self) { try config((1 << 23) - 1, capacity: 1 << 20).validatedForGPU() }
+        #expect(throws: Never.self) { try config((1 << 23) - 1, alignment: 32, capacity: 1 << 20).validatedForGPU() }
+        #expect(throws: EPError.invalidConfig(
+            field: "maxTokensPerRank", value: "8388608",
+            requirement: "with 32 ranks, topK 8 and 8 local experts a rank could receive 2147483648 rows; the GPU backend counts at most 2147483647")) {
+            try config(1 << 23, capacity: 1 << 20).validatedForGPU()
+        }
+        // Flat: each token reaches a rank once.
+        #expect(throws: Never.self) { try config((1 << 24) - 1, capacity: 1 << 20, layout: .flat).validatedForGPU() }
+        #expect(throws: EPError.invalidConfig(field: "maxReceivedTokensPerRank", value: "2147483648", requirement: "must be ≤ 2147483647 on the GPU backend")) {
+            try config(16, capacity: 1 << 31, layout: .flat).validatedForGPU()
+        }
+    }
+
+    /// The kernels number a rank's items (token × row piece) in 32 bits: more is a named error.
+    @Test func rowPiecesTimesTokensFitThirtyTwoBits() throws {
+        let config = GroupConfig(algorithm: .highThroughput, ranks: 2, experts: 4, topK: 2, hidden: 7168, maxTokensPerRank: (1 << 24) - 1)
+        #expect(throws: Never.self) { try GPUTuning(rowPieces: 128).validated(config) }
+        #expect(throws: EPError.invalidArgument(
+            field: "tuning.rowPieces", value: "129",
+            requirement: "must be ≤ 128 with maxTokensPerRank 16777215 (the kernels count token × piece in 32 bits)")) {
+            try GPUTuning(rowPieces: 129).validated(config)
+        }
+    }
+
+    /// The staged transport keeps a received row's index at its source in 26 bits: HT expert-major
+    /// counts token × K + k, so B × K may be at most 2^26; flat counts tokens.
+    @Test func stagedOriginsFitTheirBits() throws {
+        let fits = GroupConfig(algorithm: .highThroughput, ranks: 2, experts: 8, topK: 8, hidden: 64, maxTokensPerRank: 1 << 23,
+                               maxReceivedTokensPerRank: 1024, layout: .expertMajorPadded(alignment: 1))
+        #expect(throws: Never.self) { try StepStaging.check(fits) }
+        var over = fits
+        over.maxTokensPerRank += 1
+        #expect(throws: EPError.invalidConfig(
+            field: "maxTokensPerRank", value: "8388609",
+            requirement: "with topK 8 must leave at most 67108864 rows a source (the staged transport numbers them in 26 bits)")) {
+            try StepStaging.check(over)
+        }
+        over.layout = .flat
+        #expect(throws: Never.self) { try StepStaging.check(over) }
+    }
+
     /// The HT update's blocks per rank: one per chunk of tokens, at most 16, in the handle's words.
     @Test func htUpdateBlocksFollowTheChunkSize() throws {
         let ht = try GroupConfig(algorithm: .highThroughput, ranks: 8, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 4096).validatedForGPU()

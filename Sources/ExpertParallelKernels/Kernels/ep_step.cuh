@@ -243,9 +243,16 @@ EP_DEVICE ep_vec16 ep_load_row16(const void* p) {
 }
 EP_DEVICE ep_vec ep_load_vec(const void* p) { return ep_load_row16(p); }
 // Expert outputs are final before combine starts (kernel boundary, or the peer's ready flag
-// in separate launches), so the read-only path (LL's) is safe; it bypasses L1, so nothing goes
-// stale, as nothing does through L2 only (HT's).
+// in separate launches), so the read-only path (LL's) is used on one device; it bypasses L1, so
+// nothing goes stale, as nothing does through L2 only (HT's). An NCCL rank's peers write their
+// expert outputs while its combine already runs (it waits for their ready flags): data the
+// kernel sees change is not read-only for its lifetime, which ld.global.nc requires, so such
+// ranks read through L2 only.
+#if defined(EP_ONE_DEVICE) && EP_ONE_DEVICE
 EP_DEVICE ep_vec ep_load_vec_peer(const void* p) { return ep_load_row16(p); }
+#else
+EP_DEVICE ep_vec ep_load_vec_peer(const void* p) { return ep_load16_cg(p); }
+#endif
 EP_DEVICE void ep_store_vec(void* p, ep_vec v) { ep_store16_na(p, v); }
 #else
 struct __align__(8) ep_vec8 { ep_u32 x, y; };

@@ -33,6 +33,9 @@ struct EpStage {
 
 #define EP_ORIGIN_NONE 0xffffffffu
 #define EP_ORIGIN_INDEX_BITS 26
+#ifdef EP_HOST_ORIGIN_INDEX_BITS   // the host's bound on a source's row indices (StepStaging.check)
+static_assert(EP_ORIGIN_INDEX_BITS == EP_HOST_ORIGIN_INDEX_BITS, "origin index bits differ from the host's");
+#endif
 
 EP_DEVICE const EpStage& ep_stage(const EpArgs& args, int rank) {
     return *reinterpret_cast<const EpStage*>(args.rank[rank].stage);
