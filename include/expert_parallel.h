@@ -15,11 +15,13 @@
  *     naming the field, the value and the bound; it is thread-local and holds the message of this
  *     thread's last call (empty after a call that succeeded). Fields are named as the call's
  *     parameters and structs name them (`inputs.tokens.sizes`, `call.receivedTokens.data`), with
- *     "rank r: " before a collective call's rank's failure.
+ *     "rank r: " before a collective call's rank's failure, and values as this header names them
+ *     ("inputs.tokens.dtype = epFloat32; must be epBFloat16", "inputs.topkIdx.device = -1 (host);
+ *     must be 0").
  *   - An optional argument that the call does not take (each field's comment says where it
  *     applies: the group's layout, algorithm and FP8 mode, the call's direction) must be NULL (a
  *     stacked call's: data NULL): given, the call fails with epInvalidArgument naming it
- *     ("outputs.topkIdx = given; must be NULL: layout expert-major (LL) receives no routing"),
+ *     ("outputs.topkIdx = given; must be NULL: layout epLayoutExpertMajor (LL) receives no routing"),
  *     on every backend, rather than ignoring it.
  *   - Every struct starts with `size_t structSize`: set it to sizeof(the struct). ABI version 1
  *     requires exactly sizeof; later versions add fields at the end and keep accepting the sizes of

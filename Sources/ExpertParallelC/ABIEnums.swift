@@ -18,7 +18,20 @@ enum ABIEnum {
         case epInt64: .i64
         case epUInt8: .u8
         case epFloat8E4M3: .e4m3
-        default: throw invalid(field(), value.rawValue, "epBFloat16 (0), epFloat16 (1), epFloat32 (2), epInt32 (3), epInt64 (4), epUInt8 (5), epFloat8E4M3 (6)")
+        default: throw invalid(field(), value.rawValue, DataType.allCases.map { "\(name($0)) (\(dataType($0).rawValue))" }.joined(separator: ", "))
+        }
+    }
+
+    /// The epDataType_t enumerator of `type`, as the header spells it (the core says `f32`).
+    static func name(_ type: DataType) -> String {
+        switch type {
+        case .bf16: "epBFloat16"
+        case .f16: "epFloat16"
+        case .f32: "epFloat32"
+        case .i32: "epInt32"
+        case .i64: "epInt64"
+        case .u8: "epUInt8"
+        case .e4m3: "epFloat8E4M3"
         }
     }
 

@@ -1,3 +1,4 @@
+import CExpertParallel
 import ExpertParallel
 @testable import ExpertParallelC
 import Testing
@@ -57,5 +58,39 @@ struct CFieldNamesTests {
                                   config: GroupConfig(algorithm: .lowLatency, ranks: 4, experts: 8, topK: 2, hidden: 8, maxTokensPerRank: 2))
         #expect(failure.naming(.perRank).message == "rank 2: invalid argument: outputs.tokens.sizes = [1]; must be [2]")
         #expect(EPError.overflow(rank: 1, required: 5, capacity: 4).naming(.perRank).message == EPError.overflow(rank: 1, required: 5, capacity: 4).message)
+    }
+
+    /// The core's checks name element types and places in Swift's words (`f32`, `device(0)`); a C
+    /// caller reads the header's: epDataType_t's enumerators and the values of a descriptor's
+    /// `device` field, also in a peer's reason and a rank's failure. A failure below the library
+    /// keeps its text, whatever words it holds.
+    @Test func typesAndPlacesAreTheHeaders() throws {
+        func thrown(_ body: () throws -> Void) -> EPError? {
+            do { try body() } catch { return error as? EPError }
+            return nil
+        }
+        func tokens(_ dtype: DataType, _ location: MemoryLocation = .host) -> TensorRef {
+            TensorRef(address: UnsafeMutableRawPointer(bitPattern: 64), dtype: dtype, shape: [2, 8], location: location)
+        }
+        let dtype = try #require(thrown { try TensorCheck.require(tokens(.f32), "input.tokens", dtypes: [.bf16, .u8], shape: [2, 8]) })
+        #expect(dtype.naming(.perRank).message == "invalid argument: inputs.tokens.dtype = epFloat32; must be epBFloat16 or epUInt8")
+        let onDevice = try #require(thrown { try TensorCheck.require(tokens(.i32, .device(0)), "input.tokens", dtypes: [.i32], shape: [2, 8]) })
+        #expect(onDevice.naming(.perRank).message == "invalid argument: inputs.tokens.device = 0; must be -1 (host)")
+        let onHost = try #require(thrown { try TensorCheck.require(tokens(.i64), "input.tokens", dtypes: [.i64], shape: [2, 8], location: .device(1)) })
+        #expect(onHost.naming(.perRank).message == "invalid argument: inputs.tokens.device = -1 (host); must be 1")
+        let peer = EPError.peerFailed(rank: 0, peer: 1, reason: dtype.description)
+        #expect(peer.naming(.perRank).message.hasSuffix("rejected its call: invalid argument: inputs.tokens.dtype = epFloat32; must be epBFloat16 or epUInt8"))
+        let failure = RankFailure(rank: 1, error: onHost, config: GroupConfig(algorithm: .lowLatency, ranks: 2, experts: 4, topK: 2, hidden: 8, maxTokensPerRank: 2))
+        #expect(failure.message == "rank 1: invalid argument: input.tokens.location = -1 (host); must be 1")
+        let bytes = CallShapes(GroupConfig(algorithm: .lowLatency, ranks: 2, experts: 4, topK: 2, hidden: 8, elementType: .u8, maxTokensPerRank: 2))
+        let combine = try #require(thrown { try bytes.validateCombine(.absent, .absent, tokens: 0, direction: .forward) })
+        #expect(combine.message == "invalid configuration: elementType = epUInt8; combine needs epBFloat16, epFloat16 or epFloat32 (epUInt8 is dispatch only)")
+        let log = EPError.lowerLayer(.callFailed(.nvrtc, call: "nvrtcCompileProgram", code: 6, name: "NVRTC_ERROR_COMPILATION", detail: "bf16 x = f32 y; device(0) = host;"))
+        #expect(log.message == log.description)
+        // The list of valid values, as C's: every enumerator and its value.
+        #expect(throws: EPError.invalidArgument(field: "dtype", value: "9", requirement:
+            "must be one of epBFloat16 (0), epFloat16 (1), epFloat32 (2), epInt32 (3), epInt64 (4), epUInt8 (5), epFloat8E4M3 (6)")) {
+            try ABIEnum.dataType(epDataType_t(rawValue: 9), "dtype")
+        }
     }
 }

@@ -57,7 +57,7 @@ struct DescriptorCacheTests {
             let good = tokens[1].pointee
             tokens[1].pointee.dtype = epFloat32
             #expect(cGroupDispatchAll(group, inputs, outputs, nil, nil) == epInvalidArgument)
-            #expect(String(cString: cGetLastErrorMessage()).contains("tokens.dtype = f32"))
+            #expect(String(cString: cGetLastErrorMessage()).contains("tokens.dtype = epFloat32"))
             tokens[1].pointee = good
             tokens[1].pointee.sizes.1 = 64
             tokens[1].pointee.strides.0 = 64

@@ -238,20 +238,20 @@ struct StackedCallMockTests {
             }
             refused({ $0.tokens = 5 }, "call.tokens = 5")
             refused({ $0.tokens = -1 }, "call.tokens = -1")
-            refused({ $0.topkIdx.dtype = epFloat32 }, "call.topkIdx.dtype = f32")
+            refused({ $0.topkIdx.dtype = epFloat32 }, "call.topkIdx.dtype = epFloat32; must be epInt32 or epInt64")
             refused({ $0.inputTokens.data = nil }, "call.inputTokens.data = NULL; must not be NULL")
-            refused({ $0.inputTokens.dtype = epFloat16 }, "call.inputTokens.dtype = f16")
+            refused({ $0.inputTokens.dtype = epFloat16 }, "call.inputTokens.dtype = epFloat16; must be epBFloat16")
             refused({ $0.inputTokens.rankStride = 64 }, "call.inputTokens.rankStride = 64")
             refused({ $0.inputTokens.rankStride = 2 * 64 * 2 + 4 }, "must be a multiple of 8")
             refused({ $0.receivedTokens.data = $0.receivedTokens.data.map { $0 + 2 } }, "call.receivedTokens.data")
-            refused({ $0.receivedTokens.device = -1 }, "call.receivedTokens.device = host")
+            refused({ $0.receivedTokens.device = -1 }, "call.receivedTokens.device = -1 (host); must be 0")
             refused({ $0.receivedTokens.device = -7 }, "call.receivedTokens.device = -7")
             refused({ $0.topkWeights.data = nil }, "call.topkWeights = NULL")
             refused({ $0.expertCounts.rankStride = 1 << 62 }, "call.expertCounts.rankStride")
             refused({ $0.structSize = 8 }, "call.structSize = 8")
             refused({ $0.receivedTopkIdx.data = UnsafeMutableRawPointer(bitPattern: UInt.max - 15) }, "call.receivedTopkIdx.data")
             // A combine's refusals name epStackedCombine_t's fields too.
-            for (change, message) in [({ (c: inout epStackedCombine_t) in c.combinedTokens.dtype = epFloat32 }, "call.combinedTokens.dtype = f32"),
+            for (change, message) in [({ (c: inout epStackedCombine_t) in c.combinedTokens.dtype = epFloat32 }, "call.combinedTokens.dtype = epFloat32; must be epBFloat16"),
                                       ({ $0.combinedTokens.rankStride = 2 }, "call.combinedTokens.rankStride = 2"),
                                       ({ $0.expertOutputs.data = nil }, "call.expertOutputs.data = NULL; must not be NULL")] {
                 var bad = combine

@@ -154,9 +154,9 @@ static void collectiveStep(void) {
     CHECK_FAILS(epGroupDispatchAll(group, din, dout, NULL, NULL), epInvalidUsage, "the last update of this handle failed");
     b[1].idx[0][1] = 3;
     CHECK_OK(epGroupUpdateAll(group, update, NULL, NULL));
-    /* A tensor of the wrong dtype, and one with strides that are not contiguous. */
+    /* A tensor of the wrong dtype (named as epDataType_t names it), and one with strides that are not contiguous. */
     din[0].tokens = &b[0].tidx;
-    CHECK_FAILS(epGroupDispatchAll(group, din, dout, NULL, NULL), epInvalidArgument, "dtype");
+    CHECK_FAILS(epGroupDispatchAll(group, din, dout, NULL, NULL), epInvalidArgument, "rank 0: invalid argument: inputs.tokens.dtype = epInt32; must be epFloat32");
     din[0].tokens = &b[0].tx;
     epTensor_t strided = b[0].trecv;
     strided.strides[1] = 2 * H;
@@ -441,8 +441,8 @@ static void ncclGroup(void) {
     CHECK_FAILS(epGroupCleanRanks(group, 1), epInvalidUsage, "epGroupCleanRanks");
     epHandle_t handle = NULL;
     CHECK_OK(epHandleCreate(group, 0, &handle));
-    /* Host tensors on a GPU group are refused, naming the argument. */
-    CHECK_FAILS(epHandleUpdate(handle, &update, NULL, NULL), epInvalidArgument, "inputs.topkIdx.device");
+    /* Host tensors on a GPU group are refused, naming the argument and the places as its device field gives them. */
+    CHECK_FAILS(epHandleUpdate(handle, &update, NULL, NULL), epInvalidArgument, "inputs.topkIdx.device = -1 (host); must be 0");
     /* The stacked calls take this rank's one part (v7); received rows go to a slot's own buffers. */
     epStackedDispatch_t d;
     memset(&d, 0, sizeof d);

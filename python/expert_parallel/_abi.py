@@ -26,6 +26,8 @@ INTERNAL_ERROR = 9
 # epDataType_t
 BF16, F16, F32, I32, I64, U8, E4M3 = range(7)
 DTYPE_NAMES = {BF16: "bf16", F16: "f16", F32: "f32", I32: "i32", I64: "i64", U8: "u8", E4M3: "e4m3"}
+DTYPE_C_NAMES = {BF16: "epBFloat16", F16: "epFloat16", F32: "epFloat32", I32: "epInt32", I64: "epInt64", U8: "epUInt8",
+                 E4M3: "epFloat8E4M3"}
 DTYPE_SIZES = {BF16: 2, F16: 2, F32: 4, I32: 4, I64: 8, U8: 1, E4M3: 1}
 # epFP8Scales_t, epFP8Source_t
 FP8_SCALES = {None: 0, "float32": 1, "ue8m0": 2, "e8m0": 3}

@@ -115,6 +115,19 @@ def test_combine_checks_its_handle_and_expert_outputs():
     group.combine(second.tokens, second.handle)
 
 
+def test_library_messages_name_element_types_as_the_dtype_keyword_does():
+    # The C layer names them as epDataType_t does ("elementType = epUInt8"); the package's messages
+    # by its dtype strings.
+    from expert_parallel.errors import python_names
+
+    group = small_group(dtype="u8")
+    xs, idx, w = step_inputs(dtype=np.uint8)
+    out = group.dispatch(xs, idx, w)
+    with raises(r"rank 0: invalid configuration: dtype = u8; combine needs bf16, f16 or f32 \(u8 is dispatch only\)$"):
+        group.combine(out.tokens, out.handle)
+    assert python_names("inputs.tokens.dtype = epFloat8E4M3; must be epInt32 or epInt64") == "inputs.tokens.dtype = e4m3; must be i32 or i64"
+
+
 def test_ll_expert_major_combine_needs_weights_given_to_dispatch_or_to_combine():
     group = small_group()
     xs, idx, w = step_inputs()
