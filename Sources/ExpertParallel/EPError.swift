@@ -57,21 +57,29 @@ public enum EPError: Error, Sendable, Equatable, CustomStringConvertible {
     }
 
     /// The same error with the argument named otherwise (also where it is the reason a peer gave
-    /// for rejecting its call); any other error as it is. See `field(_:renaming:parts:)`. A layer
-    /// that takes its arguments under other names (the C structs' fields) names them its own way.
+    /// for rejecting its call, or the error of a failed update that a later call quotes); any
+    /// other error as it is. See `field(_:renaming:parts:)`. A layer that takes its arguments
+    /// under other names (the C structs' fields) names them its own way.
     package func renamingField(_ names: [(from: String, to: String)], parts: [(from: String, to: String)] = []) -> EPError {
         switch self {
         case let .invalidArgument(field, value, requirement):
             return .invalidArgument(field: Self.field(field, renaming: names, parts: parts), value: value, requirement: requirement)
         case let .peerFailed(rank, peer, reason):
-            // The peer's error, as its description reads ("invalid argument: <field> = ...").
-            let prefix = "invalid argument: "
-            guard reason.hasPrefix(prefix), let end = reason.range(of: " = ") else { return self }
-            let field = String(reason[reason.index(reason.startIndex, offsetBy: prefix.count)..<end.lowerBound])
-            return .peerFailed(rank: rank, peer: peer, reason: prefix + Self.field(field, renaming: names, parts: parts) + reason[end.lowerBound...])
+            return .peerFailed(rank: rank, peer: peer, reason: Self.renamingArguments(in: reason, names, parts: parts))
+        case let .wrongOrder(message):
+            return .wrongOrder(Self.renamingArguments(in: message, names, parts: parts))
         default:
             return self
         }
+    }
+
+    /// `text` with each argument's error in it, as its description reads ("invalid argument:
+    /// <field> = ...", a repeated expert's "invalid argument: topkIdx token ..."), naming its field
+    /// as `field(_:renaming:parts:)` renames it; the rest as it is.
+    package static func renamingArguments(in text: String, _ names: [(from: String, to: String)], parts: [(from: String, to: String)] = []) -> String {
+        let prefix = "invalid argument: "
+        let pieces = text.split(separator: prefix, omittingEmptySubsequences: false)
+        return pieces.dropFirst().reduce(String(pieces[0])) { $0 + prefix + field(String($1), renaming: names, parts: parts) }
     }
 
     /// `field` with its leading name (the whole field, or the part before a ".", "[" or " ")

@@ -65,8 +65,16 @@ extension EPError: StatusError {
     }
 
     func naming(_ names: CNames) -> any StatusError {
-        renamingField(names.pairs, parts: CNames.tensorParts)
+        guard case .repeatedExpert = self else { return renamingField(names.pairs, parts: CNames.tensorParts) }
+        // Its text names the routing ("invalid argument: topkIdx token 1 names expert 3 twice ..."); its case holds no field.
+        return RenamedError(status: status, message: Self.renamingArguments(in: message, names.pairs, parts: CNames.tensorParts))
     }
+}
+
+/// An error whose text names an argument that its `EPError` case holds no field for, renamed.
+struct RenamedError: StatusError {
+    var status: epResult_t
+    var message: String
 }
 
 /// An entry point's arguments as its C structs name them where the library's checks name them
@@ -76,15 +84,18 @@ extension EPError: StatusError {
 struct CNames {
     var pairs: [(from: String, to: String)]
 
-    static let perRank = CNames(pairs: [("input", "inputs"), ("output", "outputs"), ("inputs", "inputs"), ("outputs", "outputs")])
-    static let update = CNames(pairs: [("topkIdx", "inputs.topkIdx")])
+    /// An update's routing, epUpdateInputs_t's: also where a dispatch or combine quotes the error
+    /// of the handle's failed update.
+    private static let routing = (from: "topkIdx", to: "inputs.topkIdx")
+    static let perRank = CNames(pairs: [("input", "inputs"), ("output", "outputs"), ("inputs", "inputs"), ("outputs", "outputs"), routing])
+    static let update = CNames(pairs: [routing])
     static let tensorParts = [("address", "data"), ("location", "device"), ("shape", "sizes")]
 }
 
 /// The error of one rank of a collective call, reported as "rank r: ...".
 struct RankFailure: StatusError {
     var rank: Int
-    var error: EPError
+    var error: any StatusError
     /// What the error's text cannot know, appended after it (a timeout's length).
     var note: String? = nil
     var status: epResult_t { error.status }
@@ -92,7 +103,7 @@ struct RankFailure: StatusError {
 
     func naming(_ names: CNames) -> any StatusError {
         var renamed = self
-        if let error = error.naming(names) as? EPError { renamed.error = error }
+        renamed.error = error.naming(names)
         return renamed
     }
 

@@ -60,6 +60,34 @@ struct CFieldNamesTests {
         #expect(EPError.overflow(rank: 1, required: 5, capacity: 4).naming(.perRank).message == EPError.overflow(rank: 1, required: 5, capacity: 4).message)
     }
 
+    /// A repeated expert's text names the routing, which its case holds no field for: each entry
+    /// point names it as its struct does (as the routing's other errors), also in a peer's reason
+    /// and a rank's failure.
+    @Test func repeatedExpertsNameTheRoutingsField() throws {
+        let config = GroupConfig(algorithm: .lowLatency, ranks: 2, experts: 4, topK: 2, hidden: 8, maxTokensPerRank: 2)
+        var twice: EPError?
+        do { _ = try RoutingTable(experts: [0, 1, 3, 3], tokens: 2, config: config) } catch { twice = error }
+        let error = try #require(twice)
+        let text = "names expert 3 twice (columns 0 and 1); each expert may appear once per token"
+        #expect(error.naming(.update).message == "invalid argument: inputs.topkIdx token 1 \(text)")
+        #expect(error.naming(.update).status == epInvalidArgument)
+        #expect(error.naming(CheckedStackedDispatch.Field.cNames).message == "invalid argument: call.topkIdx token 1 \(text)")
+        let peer = EPError.peerFailed(rank: 0, peer: 1, reason: error.description)
+        #expect(peer.naming(.update).message == "rank 0 did nothing because rank 1 rejected its call: invalid argument: inputs.topkIdx token 1 \(text)")
+        #expect(RankFailure(rank: 1, error: error, config: config).naming(.update).message == "rank 1: invalid argument: inputs.topkIdx token 1 \(text)")
+    }
+
+    /// A dispatch or combine after a failed update quotes the update's error (a host handle's):
+    /// its routing is named as the update's struct names it, the stacked calls' as theirs.
+    @Test func aQuotedUpdateErrorNamesTheRoutingsField() {
+        let update = EPError.peerFailed(rank: 0, peer: 1, reason: "\(EPError.invalidArgument(field: "topkIdx.shape", value: "[2, 3]", requirement: "must be [tokens, topK = 2]"))")
+        let quoted = EPError.wrongOrder("the last update of this handle failed (\(update)); update again before dispatch or combine")
+        let reason = "rank 0 did nothing because rank 1 rejected its call: invalid argument: inputs.topkIdx.sizes = [2, 3]; must be [tokens, topK = 2]"
+        #expect(quoted.naming(.perRank).message == "call out of order: the last update of this handle failed (\(reason)); update again before dispatch or combine")
+        #expect(quoted.naming(CheckedStackedDispatch.Field.cNames).message.contains("invalid argument: call.topkIdx.sizes = [2, 3]"))
+        #expect(EPError.wrongOrder("combine needs a dispatch first").naming(.perRank).message == "call out of order: combine needs a dispatch first")
+    }
+
     /// The core's checks name element types and places in Swift's words (`f32`, `device(0)`); a C
     /// caller reads the header's: epDataType_t's enumerators and the values of a descriptor's
     /// `device` field, also in a peer's reason and a rank's failure. A failure below the library

@@ -151,7 +151,8 @@ static void collectiveStep(void) {
     b[1].idx[0][1] = 300;
     CHECK_FAILS(epGroupUpdateAll(group, update, NULL, NULL), epInvalidArgument, "rank 1: invalid argument: inputs.topkIdx[0][1] = 300");
     /* A failed update voids the step: dispatch fails, writing nothing, until an update succeeds. */
-    CHECK_FAILS(epGroupDispatchAll(group, din, dout, NULL, NULL), epInvalidUsage, "the last update of this handle failed");
+    CHECK_FAILS(epGroupDispatchAll(group, din, dout, NULL, NULL), epInvalidUsage,
+                "the last update of this handle failed (rank 0 did nothing because rank 1 rejected its call: invalid argument: inputs.topkIdx[0][1] = 300;");
     b[1].idx[0][1] = 3;
     CHECK_OK(epGroupUpdateAll(group, update, NULL, NULL));
     /* A tensor of the wrong dtype (named as epDataType_t names it), and one with strides that are not contiguous. */

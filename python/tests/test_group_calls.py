@@ -104,7 +104,7 @@ def test_a_rejected_update_names_the_lowest_rank_whose_routing_is_wrong(group):
     assert text.startswith("epGroupUpdateAll: rank 1: invalid argument: inputs.topkIdx[0][1] = 9"), text
     step.idx[0][0, 0] = 3
     text = message(ep.InvalidArgumentError, lambda: step.update(group))
-    assert text.startswith("epGroupUpdateAll: rank 0: invalid argument: topkIdx token 0 names expert 3 twice"), text
+    assert text.startswith("epGroupUpdateAll: rank 0: invalid argument: inputs.topkIdx token 0 names expert 3 twice"), text
 
 
 def test_a_dispatch_after_a_rejected_update_names_the_lowest_rank(group):
@@ -114,6 +114,8 @@ def test_a_dispatch_after_a_rejected_update_names_the_lowest_rank(group):
     message(ep.InvalidArgumentError, lambda: step.update(group))
     text = message(ep.InvalidUsageError, lambda: step.dispatch(group))
     assert text.startswith("epGroupDispatchAll: rank 0: call out of order: the last update of this handle failed"), text
+    # The update's error, quoted, names the routing as epUpdateInputs_t does.
+    assert "rejected its call: invalid argument: inputs.topkIdx[0][1] = 9; must be -1 or in [0, 4))" in text, text
 
 
 def test_a_rejected_dispatch_names_the_rank_whose_tensor_is_wrong(group):
