@@ -120,12 +120,24 @@ enum ABIEnum {
         }
         guard let mode else {
             guard from == .quantize else {
-                throw .invalidConfig(field: "fp8Source", value: "epFP8PassThrough", requirement: "needs an fp8Scales mode")
+                throw .invalidConfig(field: "fp8Source", value: name(from), requirement: "needs an fp8Scales mode")
             }
             return nil
         }
         return FP8Dispatch(scales: mode, source: from)
     }
+
+    /// The epFP8Scales_t enumerator of `mode`, as the header spells it (the core says `float32Block128`).
+    static func name(_ mode: FP8ScaleMode) -> String {
+        switch mode {
+        case .float32Block128: "epFP8Float32Block128"
+        case .ue8m0Block128: "epFP8UE8M0Block128"
+        case .e8m0Block32: "epFP8E8M0Block32"
+        }
+    }
+
+    /// The epFP8Source_t enumerator of `source`, as the header spells it (the core says `quantize`).
+    static func name(_ source: FP8Dispatch.Source) -> String { source == .quantize ? "epFP8Quantize" : "epFP8PassThrough" }
 
     static func fp8(_ value: FP8Dispatch?) -> (epFP8Scales_t, epFP8Source_t) {
         guard let value else { return (epFP8None, epFP8Quantize) }

@@ -49,18 +49,12 @@ extension StatusError {
 }
 
 extension EPError: StatusError {
-    /// The text in the header's words for the core's values: an element type is its epDataType_t
-    /// (`epFloat32`, where the core says `f32`) and a tensor's place what its `device` field holds
-    /// (`-1 (host)`, `0`, where the core says `host`, `device(0)`). A failure below the library
-    /// keeps its own text (a compiler's log may hold any word).
+    /// The text with the core's values in the header's words (`cValueWording`). A failure below
+    /// the library keeps its own text (a compiler's log may hold any word).
     var message: String {
         switch self {
-        case .lowerLayer, .backend:
-            description
-        default:
-            description.replacing(/\b[a-z][a-z0-9]*\b/) { DataType(rawValue: String($0.output)).map(ABIEnum.name) ?? String($0.output) }
-                .replacing(/\bdevice\((\d+)\)/) { String($0.1) }
-                .replacing("= host;", with: "= -1 (host);").replacing("must be host", with: "must be -1 (host)")
+        case .lowerLayer, .backend: description
+        default: cValueWording(description)
         }
     }
 

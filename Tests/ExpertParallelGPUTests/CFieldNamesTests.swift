@@ -88,10 +88,10 @@ struct CFieldNamesTests {
         #expect(EPError.wrongOrder("combine needs a dispatch first").naming(.perRank).message == "call out of order: combine needs a dispatch first")
     }
 
-    /// The core's checks name element types and places in Swift's words (`f32`, `device(0)`); a C
-    /// caller reads the header's: epDataType_t's enumerators and the values of a descriptor's
-    /// `device` field, also in a peer's reason and a rank's failure. A failure below the library
-    /// keeps its text, whatever words it holds.
+    /// The core's checks name element types, FP8 modes and places in Swift's words (`f32`,
+    /// `quantize float32Block128`, `device(0)`); a C caller reads the header's: the enumerators
+    /// and the values of a descriptor's `device` field, also in a peer's reason and a rank's
+    /// failure. A failure below the library keeps its text, whatever words it holds.
     @Test func typesAndPlacesAreTheHeaders() throws {
         func thrown(_ body: () throws -> Void) -> EPError? {
             do { try body() } catch { return error as? EPError }
@@ -113,6 +113,14 @@ struct CFieldNamesTests {
         let bytes = CallShapes(GroupConfig(algorithm: .lowLatency, ranks: 2, experts: 4, topK: 2, hidden: 8, elementType: .u8, maxTokensPerRank: 2))
         let combine = try #require(thrown { try bytes.validateCombine(.absent, .absent, tokens: 0, direction: .forward) })
         #expect(combine.message == "invalid configuration: elementType = epUInt8; combine needs epBFloat16, epFloat16 or epFloat32 (epUInt8 is dispatch only)")
+        // An FP8 mode as the config's epFP8Source_t and epFP8Scales_t name it.
+        let rows = GroupConfig(algorithm: .lowLatency, ranks: 2, experts: 4, topK: 2, hidden: 80, elementType: .u8, maxTokensPerRank: 2,
+                               fp8: FP8Dispatch(scales: .e8m0Block32, source: .passThrough))
+        #expect(thrown { _ = try rows.validated() }?.message
+            == "invalid configuration: elementType = epUInt8; must be epBFloat16, epFloat16 or epFloat32 with fp8 (epFP8PassThrough epFP8E8M0Block32): combine runs in it")
+        var blocks = rows
+        blocks.elementType = .bf16
+        #expect(thrown { _ = try blocks.validated() }?.message == "invalid configuration: hidden = 80; must be a multiple of 32, the block of FP8 scale mode epFP8E8M0Block32")
         let log = EPError.lowerLayer(.callFailed(.nvrtc, call: "nvrtcCompileProgram", code: 6, name: "NVRTC_ERROR_COMPILATION", detail: "bf16 x = f32 y; device(0) = host;"))
         #expect(log.message == log.description)
         // The list of valid values, as C's: every enumerator and its value.

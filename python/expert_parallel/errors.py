@@ -125,12 +125,14 @@ _STATUS_NAMES = {
 
 
 # The library's names of the group's settings, as the package's keywords name them (a message of
-# the C layer names epGroupConfig_t's fields: "topK = 40; must be ≤ experts (4)"), and its element
-# types (epDataType_t's names: "elementType = epUInt8") as the package's dtype strings.
+# the C layer names epGroupConfig_t's fields and enumerators: "topK = 40; must be ≤ experts (4)",
+# "FP8 scale mode epFP8E8M0Block32"), and its element types (epDataType_t's names: "elementType =
+# epUInt8") as the package's dtype strings.
 _SETTING_NAMES = [("maxReceivedTokensPerRank", "max_recv_tokens"), ("maxTokensPerRank", "max_tokens"), ("topK", "top_k"),
                   ("elementType", "dtype"), ("timeoutSeconds", "timeout"), ("epLayoutExpertMajorPadded", "'expert_major_padded'"),
                   ("epLayoutExpertMajor", "'expert_major'"), ("epLayoutRankMajor", "'rank_major'"), ("epLayoutFlat", "'flat'"),
-                  ("float32Block128", "'float32'"), ("ue8m0Block128", "'ue8m0'"), ("e8m0Block32", "'e8m0'"),
+                  ("epFP8Float32Block128", "'float32'"), ("epFP8UE8M0Block128", "'ue8m0'"), ("epFP8E8M0Block32", "'e8m0'"),
+                  ("epFP8Quantize", "'quantize'"), ("epFP8PassThrough", "'pass_through'"),
                   ("epAlgorithmLowLatency", "'ll'"), ("epAlgorithmHighThroughput", "'ht'")] + \
                  [(_abi.DTYPE_C_NAMES[code], name) for code, name in _abi.DTYPE_NAMES.items()]
 _SETTINGS = re.compile(r"\b(" + "|".join(name for name, _ in _SETTING_NAMES) + r")\b")

@@ -164,9 +164,12 @@ def test_a_traced_token_count_is_named_by_its_value():
     (dict(max_tokens=0), r"max_tokens = 0; must be ≥ 1"),
     (dict(alignment=4, layout="flat"), r"alignment = 4; must be 0 or 1 unless the layout is 'expert_major_padded'"),
     (dict(hidden=100, fp8="float32"), r"hidden = 100; must be a multiple of 128, the block of FP8 scale mode 'float32'"),
+    (dict(hidden=64, dtype="u8", fp8="e8m0", fp8_source="pass_through"),
+     r"dtype = u8; must be bf16, f16 or f32 with fp8 \('pass_through' 'e8m0'\): combine runs in it"),
 ])
 def test_the_librarys_errors_name_the_settings_as_the_package_does(settings, message):
-    # The C layer names epGroupConfig_t's fields (topK, maxTokensPerRank, epLayoutExpertMajorPadded).
+    # The C layer names epGroupConfig_t's fields and enumerators (topK, maxTokensPerRank, epLayoutExpertMajorPadded,
+    # epFP8E8M0Block32, epUInt8).
     with pytest.raises(ep.InvalidArgumentError, match=message):
         group(**settings)
 
