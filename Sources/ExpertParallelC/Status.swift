@@ -132,7 +132,7 @@ func entryPoint(_ name: StaticString, naming names: CNames? = nil, _ body: () th
         return epSuccess
     } catch let error as StatusError {
         let error = names.map { error.naming($0) } ?? error
-        LastError.set("\(name): \(cWording(error.message))")
+        LastError.set("\(name): \(cWording(error.message, entry: name))")
         return error.status
     } catch {
         LastError.set("\(name): internal error: \(error)")
@@ -141,15 +141,23 @@ func entryPoint(_ name: StaticString, naming names: CNames? = nil, _ body: () th
 }
 
 /// A message of the core in C's words: a missing pointer is NULL and an automatic size 0 (the
-/// core says nil for both); the send-only phase is epPhaseSendOnly; a layout is its epLayout_t.
-func cWording(_ message: String) -> String {
-    message.replacing(" = nil;", with: " = NULL;").replacing("must be non-nil", with: "must not be NULL")
+/// core says nil for both); the send-only phase is epPhaseSendOnly; a layout is its epLayout_t, a
+/// direction its epPassDirection_t; the calls the message asks for are entry points (complete():
+/// epGroupComplete, or epComplete from a rank's own calls, `entry` not an epGroup one).
+func cWording(_ message: String, entry: StaticString = "epGroup") -> String {
+    let complete = "\(entry)".hasPrefix("epGroup") ? "epGroupComplete" : "epComplete"
+    return message.replacing(" = nil;", with: " = NULL;").replacing("must be non-nil", with: "must not be NULL")
         .replacing("must be nil for LL", with: "must be 0 for LL").replacing("must be nil", with: "must be NULL")
         .replacing("(or nil for automatic)", with: "(or 0 for automatic)")
         .replacing("phase .sendOnly", with: "phase epPhaseSendOnly")
         .replacing(/layout expert-major\(alignment (\d+)\)/) { "layout epLayoutExpertMajorPadded (alignment \($0.1))" }
         .replacing("layout expert-major", with: "layout epLayoutExpertMajor").replacing("layout rank-major", with: "layout epLayoutRankMajor")
         .replacing("layout flat", with: "layout epLayoutFlat")
+        .replacing("(this call: forward", with: "(this call: epForward").replacing("(this call: backward", with: "(this call: epBackward")
+        .replacing(/complete\(\) the pending (.+?) first/) { "call \(complete) for the pending \($0.1) first" }
+        .replacing("complete() needs", with: "\(complete) needs")
+        .replacing("clean it before calling", with: "clean it (epGroupCleanRanks) before calling")
+        .replacing("checkStatus() names it", with: "epGroupCheckStatus names it").replacing("clean() was called", with: "epGroupCleanRanks was called")
 }
 
 /// The thread-local message of the last call, as a C string owned by the thread's slot.

@@ -128,7 +128,7 @@ struct HostArgumentParityTests {
     }
 
     /// A host rank's send-only dispatch or combine stays open until epComplete: the next data
-    /// call (update, dispatch, combine) is refused as on every backend (epInvalidUsage, "complete()
+    /// call (update, dispatch, combine) is refused as on every backend (epInvalidUsage, "call epComplete for
     /// the pending send-only dispatch first"), and the call after epComplete runs.
     @Test(arguments: [epPhaseSendOnly])
     func aHostRanksOpenSendOnlyCallRefusesTheNextDataCall(_ phase: epCallPhase_t) throws {
@@ -171,10 +171,10 @@ struct HostArgumentParityTests {
         for (rank, o) in outcomes.enumerated() {
             for i in [0, 1, 4, 6, 9, 10, 11] { #expect(o[i].status == epSuccess, "rank \(rank), call \(i): \(o[i])") }
             for i in [2, 3] {
-                #expect(o[i].status == epInvalidUsage && o[i].message.contains("complete() the pending send-only dispatch first"), "rank \(rank), call \(i): \(o[i])")
+                #expect(o[i].status == epInvalidUsage && o[i].message.contains("call epComplete for the pending send-only dispatch first"), "rank \(rank), call \(i): \(o[i])")
             }
             for i in [7, 8] {
-                #expect(o[i].status == epInvalidUsage && o[i].message.contains("complete() the pending send-only combine first"), "rank \(rank), call \(i): \(o[i])")
+                #expect(o[i].status == epInvalidUsage && o[i].message.contains("call epComplete for the pending send-only combine first"), "rank \(rank), call \(i): \(o[i])")
             }
             #expect(o[5].status == epInvalidUsage && o[5].message.contains("needs a dispatch or combine issued with phase epPhaseSendOnly"), "rank \(rank): \(o[5])")
         }
@@ -197,11 +197,11 @@ extension ArgumentParity {
         stacked.receivedTopkWeights = epStacked_t()
         for (name, outcome) in [("dispatch", try fixture.dispatchAll()), ("combine", try fixture.combineAll(.forward)), ("update", try fixture.updateAll()),
                                 ("stacked dispatch", Outcome(cGroupDispatchStacked(fixture.group, &stacked, nil)))] {
-            #expect(outcome.status == epInvalidUsage && outcome.message.contains("complete() the pending send-only dispatch first"), "\(name): \(outcome)")
+            #expect(outcome.status == epInvalidUsage && outcome.message.contains("call epGroupComplete for the pending send-only dispatch first"), "\(name): \(outcome)")
         }
         // Nor may the mask change under the receiving half.
         for (name, outcome) in [("clean", Outcome(cGroupCleanRanks(fixture.group, ~0))), ("deactivate", Outcome(cGroupDeactivateRank(fixture.group, 1)))] {
-            #expect(outcome.status == epInvalidUsage && outcome.message.contains("complete() the pending send-only dispatch first"), "\(name): \(outcome)")
+            #expect(outcome.status == epInvalidUsage && outcome.message.contains("call epGroupComplete for the pending send-only dispatch first"), "\(name): \(outcome)")
         }
         var mask: UInt64 = 0
         #expect(cGroupGetActiveRanks(fixture.group, &mask) == epSuccess && mask == 0b11, "every rank still active")

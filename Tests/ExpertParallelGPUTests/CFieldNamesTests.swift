@@ -129,4 +129,17 @@ struct CFieldNamesTests {
             try ABIEnum.dataType(epDataType_t(rawValue: 9), "dtype")
         }
     }
+
+    /// The calls a message asks for are the entry points a C caller has: a group's calls complete
+    /// with epGroupComplete, a rank's own (epDispatch, epCombine, epHandleUpdate) with epComplete.
+    @Test func theCallsAMessageAsksForAreEntryPoints() {
+        let open = EPError.sendOnlyOpen("dispatch").description
+        #expect(cWording(open, entry: "epGroupDispatchStacked") == "call out of order: call epGroupComplete for the pending send-only dispatch first")
+        #expect(cWording(open, entry: "epDispatch") == "call out of order: call epComplete for the pending send-only dispatch first")
+        #expect(cWording(EPError.nothingToComplete.description, entry: "epComplete")
+            == "call out of order: epComplete needs a dispatch or combine issued with phase epPhaseSendOnly")
+        #expect(cWording("rank 2 is masked inactive; clean it before calling") == "rank 2 is masked inactive; clean it (epGroupCleanRanks) before calling")
+        #expect(cWording("void (checkStatus() names it); clean() was called") == "void (epGroupCheckStatus names it); epGroupCleanRanks was called")
+        #expect(cWording("must be NULL (this call: backward, HT)") == "must be NULL (this call: epBackward, HT)")
+    }
 }

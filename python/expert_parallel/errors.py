@@ -144,7 +144,13 @@ def python_names(message: str) -> str:
     # (C's 0 for an automatic receive capacity, and its NULL, are the keywords' None.)
     message = _SETTINGS.sub(lambda m: _SETTING_WORDS[m.group(1)], message)
     for c, python in (("must be 0 for LL", "must be None for LL"), ("(or 0 for automatic)", "(or None for automatic)"),
-                      ("must be NULL", "must be None"), ("phase epPhaseSendOnly", "send_only=True")):
+                      ("must be NULL", "must be None"), ("phase epPhaseSendOnly", "send_only=True"),
+                      # The entry points a message asks for, as the group's methods.
+                      ("call epGroupComplete for", "complete()"), ("call epComplete for", "complete()"),
+                      ("epGroupComplete needs", "complete() needs"), ("epComplete needs", "complete() needs"),
+                      ("(epGroupCleanRanks)", "(clean())"), ("epGroupCleanRanks was called", "clean() was called"),
+                      ("epGroupCheckStatus names it", "check() names it"), ("this call: epForward", "this call: forward"),
+                      ("this call: epBackward", "this call: backward")):
         message = message.replace(c, python)
     return message
 

@@ -126,6 +126,12 @@ def test_library_messages_name_element_types_as_the_dtype_keyword_does():
     with raises(r"rank 0: invalid configuration: dtype = u8; combine needs bf16, f16 or f32 \(u8 is dispatch only\)$"):
         group.combine(out.tokens, out.handle)
     assert python_names("inputs.tokens.dtype = epFloat8E4M3; must be epInt32 or epInt64") == "inputs.tokens.dtype = e4m3; must be i32 or i64"
+    # The entry points a C message asks for, as the group's methods.
+    assert python_names("call epGroupComplete for the pending send-only dispatch first") == "complete() the pending send-only dispatch first"
+    assert python_names("epComplete needs a dispatch or combine issued with phase epPhaseSendOnly") == "complete() needs a dispatch or combine issued with send_only=True"
+    assert python_names("masked inactive; clean it (epGroupCleanRanks) before calling") == "masked inactive; clean it (clean()) before calling"
+    assert python_names("void (epGroupCheckStatus names it); epGroupCleanRanks was called") == "void (check() names it); clean() was called"
+    assert python_names("(this call: epBackward, HT)") == "(this call: backward, HT)"
 
 
 def test_ll_expert_major_combine_needs_weights_given_to_dispatch_or_to_combine():
