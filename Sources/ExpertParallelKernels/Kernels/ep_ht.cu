@@ -399,10 +399,10 @@ ep_ht_update(const EpArgs args) {
                    [&](int i) { return before[i]; });   // (ends with a barrier: `before` is free after)
 
     // Wait for every active rank's counts (bounded); a late or bad rank voids the step.
-    if (!ep_counts_arrived(args, ws, hs, mask, seq * 4, bad, seq)) return;
+    const ep_u32* full = ws + WS_COUNTS + parity * EP_R * (EP_E + EP_R);
+    if (!ep_counts_arrived(args, ws, hs, mask, seq * 4, bad, seq, full)) return;
 
     // Every rank computes every destination's zones and checks its capacity, so all agree.
-    const ep_u32* full = ws + WS_COUNTS + parity * EP_R * (EP_E + EP_R);
     const ep_u64 gathered = ep_block_mask(args) & mask;   // one value: every thread lays out the same zones
 #if EP_DROP
     // Drop policy: per destination, (source rank, token) pairs are kept in order while the

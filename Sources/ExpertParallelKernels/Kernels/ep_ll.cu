@@ -110,8 +110,8 @@ EP_DEVICE void ep_ll_update_finish(const EpArgs& args, int rank, ep_u32* ws, ep_
     const auto table_at = [&](int i) { return static_cast<ep_u32>(own[i]); };
 #else
     (void)own;
-    if (!ep_counts_arrived(args, ws, hs, mask, seq * 2, bad, seq)) return;
     const ep_u32* gathered_table = ws + WS_COUNTS + (seq & 1) * EP_R * (EP_E + EP_R);
+    if (!ep_counts_arrived(args, ws, hs, mask, seq * 2, bad, seq, gathered_table)) return;
     const auto table_at = [&](int i) { return gathered_table[i]; };
 #endif
 

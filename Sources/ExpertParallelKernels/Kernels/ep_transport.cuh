@@ -188,13 +188,18 @@ EP_DEVICE void ep_put_back_row(const EpArgs& args, int rank, int s, ep_u64 row, 
 // The step's protocol over those primitives: the update's all-gather of counts, combine's
 // ready handshake, and the end of a launch that publishes flags.
 
+// A row of the count table whose rank found bad routing: its first word (a count, < 2^31, else).
+#define EP_BAD_ROW 0xffffffffu
+
 // The update's half of the all-gather: puts this rank's row of E + R words, value(i), into the
 // table at word `table` of every active rank, then signals this rank's WS_COUNT_FLAG there with
-// `flag`. Call from every thread of the block.
+// `flag`. A `flag` with its low bit set (bad routing here) puts EP_BAD_ROW as the row's first
+// word: the flag may move on to the rank's next update before a peer reads it, the row may not
+// (the next update writes the other parity's table). Call from every thread of the block.
 template <typename Value>
 EP_DEVICE void ep_publish_row(const EpArgs& args, int rank, ep_u64 mask, int table, ep_u32 flag, Value value) {
     for (int i = threadIdx.x; i < EP_E + EP_R; i += blockDim.x) {
-        const ep_u32 word = static_cast<ep_u32>(value(i));
+        const ep_u32 word = i == 0 && (flag & 1u) ? EP_BAD_ROW : static_cast<ep_u32>(value(i));
         for (int d = 0; d < EP_R; ++d) {
             if (ep_active(mask, d)) ep_put_word(args, d, table + rank * (EP_E + EP_R) + i, word);
         }
@@ -241,10 +246,13 @@ EP_DEVICE bool ep_combine_ready(const EpArgs& args, int rank, ep_u32* ws, ep_u64
 }
 
 // The update's all-gather of counts: waits (bounded) until every active rank's WS_COUNT_FLAG
-// here reaches `expected`, its low bit telling that rank found bad routing. Any late or bad rank
-// (or `bad` here) voids the step for this rank: H_STEP_OK = 0, the status names the peer, the
-// update's sequence number is taken, and every thread gets false. Call from every thread.
-EP_DEVICE bool ep_counts_arrived(const EpArgs& args, ep_u32* ws, ep_u32* hs, ep_u64 mask, ep_u32 expected, bool bad, ep_u32 seq) {
+// here reaches `expected`, then reads whether that rank found bad routing from its row of the
+// step's count table at `table` (EP_BAD_ROW; the flag's own low bit may already be the rank's
+// next update's). Any late or bad rank (or `bad` here) voids the step for this rank: H_STEP_OK =
+// 0, the status names the peer, the update's sequence number is taken, and every thread gets
+// false. Call from every thread.
+EP_DEVICE bool ep_counts_arrived(const EpArgs& args, ep_u32* ws, ep_u32* hs, ep_u64 mask, ep_u32 expected, bool bad, ep_u32 seq,
+                                 const ep_u32* table) {
     __shared__ int any_bad;   // -1 all good, -2 this rank's own routing, else the highest failing peer
     if (threadIdx.x == 0) any_bad = bad ? -2 : -1;
     __syncthreads();
@@ -252,7 +260,7 @@ EP_DEVICE bool ep_counts_arrived(const EpArgs& args, ep_u32* ws, ep_u32* hs, ep_
         if (!ep_wait(args, ws, WS_COUNT_FLAG + threadIdx.x, expected)) {
             ep_timeout(args, ws, threadIdx.x);
             atomicMax(&any_bad, static_cast<int>(threadIdx.x));
-        } else if (ep_load_flag(ws + WS_COUNT_FLAG + threadIdx.x) & 1u) {
+        } else if (*reinterpret_cast<const volatile ep_u32*>(table + threadIdx.x * (EP_E + EP_R)) == EP_BAD_ROW) {
             atomicMax(&any_bad, static_cast<int>(threadIdx.x));
         }
     }
