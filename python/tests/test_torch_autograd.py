@@ -4,10 +4,12 @@ of the tokens, the routing weights and the experts. float32: within 1e-5 (the su
 another order); bf16: within 2e-2 relative to the largest value (the group rounds every row and
 partial sum to bf16, the reference works in float32)."""
 
+import functools
 import gc
 
 import pytest
 import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import expert_parallel as ep
 from expert_parallel.torch import Exchange, _registry
@@ -109,6 +111,47 @@ def test_a_step_returns_its_handle_to_the_pool_when_its_token_is_freed():
     del sent
     gc.collect()
     assert not entry.live
+
+
+
+def _save_the_dispatch(ctx, op, *args, **kwargs):
+    """A selective checkpointing policy that keeps the dispatch op's outputs (as one keeps the
+    exchanges rather than run them again) and recomputes the rest."""
+    if op is torch.ops.expert_parallel.dispatch.default:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@pytest.mark.parametrize("algorithm,layout", LAYOUTS)
+def test_a_step_saved_as_a_copy_of_its_token_stays_live_for_the_backward_pass(algorithm, layout):
+    """Saved-tensor hooks that save a copy (save_on_cpu(pin_memory=True), a pair that clones) and
+    selective checkpointing that saves the dispatch op (its cache holds a detached copy): the
+    graph keeps the step live, though the token the dispatch op returned is gone and another step
+    ran since; then the step ends with the graph."""
+    ex = exchange(algorithm, layout)
+    inputs = routing(19, R, B, E, K, H)
+    want = run(dense, inputs)
+
+    def copied(*args):
+        with torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda saved: saved):
+            y = over_group(ex, *args)
+        gc.collect()
+        ex.dispatch(*inputs[:3])   # a step between forward and backward: takes any free handle
+        return y
+
+    context = functools.partial(create_selective_checkpoint_contexts, _save_the_dispatch)
+    checkpointed = lambda *args: checkpoint(over_group, ex, *args, use_reentrant=False, context_fn=context)  # noqa: E731
+    for name, fn in (("selective checkpointing", checkpointed), ("copying hooks", copied)):
+        assert_close(run(fn, inputs), want, 1e-5, f"{layout} {name}")
+    gc.collect()
+    assert not _registry.entry(ex.id).live
+    sent = ex.dispatch(*inputs[:3])
+    copy = sent.step.clone()
+    del sent
+    gc.collect()   # a copy alone keeps nothing live: named, whatever step runs next
+    ex.dispatch(*inputs[:3])
+    with pytest.raises(ep.InvalidUsageError, match=f"step: token {int(copy)} names no live step"):
+        torch.ops.expert_parallel.backward_dispatch(torch.zeros(R, B, H), copy, ex.id)
 
 
 def test_wrong_arguments_are_named():

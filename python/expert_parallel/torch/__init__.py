@@ -71,8 +71,10 @@ class Exchange:
     - HT expert-major padded: ``[R, N, H]`` zones per local expert, one id and weight per row
       (-1 and 0 on padding); combine applies the per-row weights (``dispatched.topk_weights``).
 
-    A step's routing stays live while its token (``Dispatched.step``) is referenced; its handle
-    then returns to the exchange's pool. Every rank is assumed active (no masked ranks).
+    A step's routing stays live while its token (``Dispatched.step``), or the autograd graph that
+    recorded the step, is referenced; its handle then returns to the exchange's pool (a copy of
+    the token keeps nothing live: docs/torch.md, step-token lifetime). Every rank is assumed
+    active (no masked ranks).
 
     Over an :class:`~expert_parallel.NCCLGroup` (one rank per process) every tensor is this rank's,
     without the leading ``R``: ``x`` ``[B, H]``, received ``tokens`` ``group.recv_shape``, combine

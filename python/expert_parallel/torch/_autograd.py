@@ -6,7 +6,12 @@
 - combine: its adjoint is the step's backward dispatch (each token's gradient to its rows); where
   combine applies weights (LL expert-major: the source's topk_weights; HT expert-major: the
   per-slot weights) the rows' gradients are scaled by them, and the weights' gradients are the
-  dot products of the token gradients with the expert outputs."""
+  dot products of the token gradients with the expert outputs.
+
+Both keep the step token object itself on ``ctx`` as well as saving it: a saved-tensor hook may
+save a copy instead (``save_on_cpu(pin_memory=True)``, one that clones, selective checkpointing
+that saves the dispatch op), and a copy does not keep the step live (_registry), so the graph
+holds the original until it is freed."""
 
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ def _setup_dispatch(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...
     x, topk_idx, topk_weights, group = inputs
     ctx.group, ctx.tokens, ctx.weights_shape = group, x.shape[-2], None if topk_weights is None else topk_weights.shape
     ctx.save_for_backward(topk_idx, output[3])
+    ctx.token = output[3]
 
 
 def _dispatch_backward(ctx: Any, grad_received: Optional[Tensor], _grad_idx: Any, grad_weights: Optional[Tensor],
@@ -71,6 +77,7 @@ def _setup_combine(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
     expert_outputs, topk_idx, weights, step, group = inputs
     ctx.group = group
     ctx.save_for_backward(expert_outputs, topk_idx, weights, step)
+    ctx.token = step
 
 
 def _combine_backward(ctx: Any, grad_combined: Tensor) -> Tuple[Tensor, None, Optional[Tensor], None, None]:

@@ -4,9 +4,12 @@ torch.library ops take tensors and numbers, never Python objects, so a group is 
 an int id (:func:`register`) and a step travels through the graph as a *step token*: a 0-dim
 int64 CPU tensor holding the step's number. The token is an output of the dispatch op and an
 input of every op that reuses the step's routing (combine, the backward dispatch and combine), so
-the graph's data flow orders them; the step's handle stays live exactly as long as its token does
-(saved for backward while a backward pass may still need it) and goes back to the group's pool of
-free handles when the token is freed. No handle is overwritten while a token names it."""
+the graph's data flow orders them. The step's handle stays live as long as the token object the
+dispatch op returned does, which the autograd graph that recorded the step holds (_autograd: on
+``ctx``, besides the saved token, which a saved-tensor hook may replace by a copy), and goes back
+to the group's pool of free handles when it is freed. A copy of a token keeps nothing live: once
+the original is gone, the copy's number names no live step, an error (numbers are never reused,
+so a stale token never names another step). No handle is overwritten while a token names it."""
 
 from __future__ import annotations
 
@@ -58,7 +61,8 @@ class Entry:
         if handle is None:
             raise InvalidUsageError(
                 f"step: token {number} names no live step of group {self.group!r}; pass the step token that this "
-                "group's dispatch op returned, while it is still referenced")
+                "group's dispatch op returned while it, or the autograd graph that recorded the step, is still "
+                "referenced (a copy of a token does not keep its step live)")
         return handle
 
     def _retire(self, number: int) -> None:
