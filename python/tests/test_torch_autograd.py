@@ -191,9 +191,30 @@ def test_wrong_arguments_are_named():
         flat.combine(None, sent)
     with pytest.raises(ep.InvalidArgumentError, match=r"^dispatched: a tuple; must be what this exchange's dispatch returned"):
         flat.combine(sent.tokens, tuple(sent))
+    del sent
     flat.close()
     with pytest.raises(ep.InvalidArgumentError, match="is not registered"):
         flat.dispatch(x, idx, w)
+
+
+def test_a_closed_exchange_runs_its_live_steps_backward_passes_and_starts_no_new_step():
+    """``with Exchange(group) as ex:`` the forward, the backward pass after the block; then the
+    exchange is forgotten, its handles released."""
+    inputs = routing(20, R, B, E, K, H)
+    closed = []
+
+    def forward_in_a_with_block(*args):
+        with exchange("ht", "expert_major_padded") as ex:
+            y = over_group(ex, *args)
+        with pytest.raises(ep.InvalidUsageError, match=f"group: exchange {ex.id} is closed"):
+            ex.dispatch(*args[:3])
+        closed.append(ex)
+        return y
+
+    assert_close(run(forward_in_a_with_block, inputs), run(dense, inputs), 1e-5, "backward after close")
+    gc.collect()
+    with pytest.raises(ep.InvalidArgumentError, match=f"group: id {closed[0].id} is not registered"):
+        closed[0].dispatch(*inputs[:3])
 
 
 @pytest.mark.parametrize("algorithm,layout", LAYOUTS)

@@ -132,7 +132,8 @@ class Exchange:
         return _ops.combine(expert_outputs, dispatched.routing, weights, dispatched.step, self.id)
 
     def close(self) -> None:
-        """Unregisters the group (the group itself stays open)."""
+        """Unregisters the group: no new steps, while the live ones' calls (a backward pass after a
+        ``with`` block) still run until they end. The group itself stays open."""
         _registry.unregister(self.id)
 
     def __enter__(self) -> "Exchange":

@@ -31,9 +31,10 @@ _lock = threading.Lock()
 
 
 class Entry:
-    """A registered group: its handle pool and its live steps (step number -> handle)."""
+    """A registered group (id `number`): its handle pool and its live steps (step number -> handle)."""
 
-    def __init__(self, group: Any, zero_fill: bool = True) -> None:
+    def __init__(self, number: int, group: Any, zero_fill: bool = True) -> None:
+        self.id = number
         self.group = group
         #: an NCCLGroup: this process's one rank (the ops' tensors have no leading rank dimension)
         self.one_rank = isinstance(group, NCCLGroup)
@@ -41,12 +42,16 @@ class Entry:
         self.zero_fill = zero_fill
         self.free: List[Handle] = []
         self.live: Dict[int, Handle] = {}
+        #: unregistered: no new steps; the live ones run their calls (backward passes) until they end
         self.closed = False
 
     def start(self) -> Tuple[Handle, torch.Tensor]:
         """A handle for a new step and the step's token; the handle returns to the pool when the
         token is freed."""
         with self.group.lock:
+            if self.closed:
+                raise InvalidUsageError(f"group: exchange {self.id} is closed (its live steps' backward passes still run); "
+                                        "make a new Exchange(group) for new steps")
             handle = self.free.pop() if self.free else self.group.handle()
             number = next(_steps)
             self.live[number] = handle
@@ -70,10 +75,11 @@ class Entry:
             handle = self.live.pop(number, None)
             if handle is None:
                 return
-            if self.closed:
-                handle.release()
-            else:
+            if not self.closed:
                 self.free.append(handle)
+                return
+            handle.release()
+            self._forget()
 
     def close(self) -> None:
         with self.group.lock:
@@ -81,6 +87,12 @@ class Entry:
             for handle in self.free:
                 handle.release()
             self.free.clear()
+            self._forget()
+
+    def _forget(self) -> None:
+        """Unregisters a closed entry once its last live step has ended."""
+        if not self.live:
+            _entries.pop(self.id, None)
 
 
 def register(group: Any, zero_fill: bool = True) -> int:
@@ -102,16 +114,17 @@ def register(group: Any, zero_fill: bool = True) -> int:
         raise InvalidArgumentError(f"group.fp8={group.fp8!r}; the torch ops move unquantised rows (fp8=None)")
     with _lock:
         number = next(_ids)
-        _entries[number] = Entry(group, zero_fill)
+        _entries[number] = Entry(number, group, zero_fill)
     return number
 
 
 def unregister(number: int) -> None:
-    """Forgets group `number`; its free handles are released now, live ones when their tokens go."""
-    with _lock:
-        entry = _entries.pop(number, None)
-    if entry is not None:
-        entry.close()
+    """Closes group `number`: it starts no new steps, its free handles are released now, and live
+    steps go on serving their ops (a backward pass after ``with Exchange(group)``) until they end,
+    each releasing its handle; the id is forgotten with the last."""
+    found = _entries.get(number)
+    if found is not None:
+        found.close()
 
 
 def entry(number: int) -> Entry:
@@ -120,5 +133,6 @@ def entry(number: int) -> Entry:
     number = int(number)
     found = _entries.get(number)
     if found is None:
-        raise InvalidArgumentError(f"group: id {number} is not registered; make one with expert_parallel.torch.Exchange(group)")
+        raise InvalidArgumentError(f"group: id {number} is not registered (or was closed and its steps have ended); make "
+                                   "one with expert_parallel.torch.Exchange(group)")
     return found
