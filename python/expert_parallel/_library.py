@@ -14,6 +14,12 @@ _lock = threading.Lock()
 _library = None
 _path = None
 
+#: Bumped by every call that masked a rank or met a masked one (VirtualGroup.deactivate, an
+#: epTimeout, an epInactiveRank: on the GPU, from the check() that reports it), in any group of
+#: this process: a mask known elsewhere (the torch ops') is read again once this has moved. (A
+#: rank masked by a successful epGroupDeactivateRank made past VirtualGroup.deactivate is not seen.)
+mask_changes = 0
+
 
 def candidates() -> "list[Path]":
     """Where the library is looked for, in order: $EP_LIBRARY (the file, or a folder holding it);
@@ -95,6 +101,9 @@ def check_status(status):
 
 def _raise(status, naming):
     """Raises the error of failed `status`: the library's last message, `naming` applied."""
+    global mask_changes
+    if status in (_abi.TIMEOUT, _abi.INACTIVE_RANK):
+        mask_changes += 1
     library = load()
     message = library.epGetLastErrorMessage().decode("utf-8", "replace")
     raise from_status(status, naming(message) or library.epGetErrorString(status).decode())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 from typing import Any, Iterable, Iterator, List, Optional, Tuple, Union
 
-from . import _abi, _arrays, _config, _fast
+from . import _abi, _arrays, _config, _fast, _library
 from ._config import INT32 as _INT32
 from ._config import choice as _choice
 from ._config import integer as _int
@@ -398,6 +398,7 @@ class VirtualGroup(GroupBase):
         """Masks `rank` inactive: it sends and receives nothing until cleaned."""
         self._check_open()
         call("epGroupDeactivateRank", self._group, _int(rank, "rank", -2**31, _INT32))
+        _library.mask_changes += 1
 
     @locked
     def clean(self, ranks: Optional[Iterable[int]] = None) -> None:

@@ -4,6 +4,7 @@ of the tokens, the routing weights and the experts. float32: within 1e-5 (the su
 another order); bf16: within 2e-2 relative to the largest value (the group rounds every row and
 partial sum to bf16, the reference works in float32)."""
 
+import ctypes
 import functools
 import gc
 
@@ -12,8 +13,11 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import expert_parallel as ep
+from expert_parallel import _abi
+from expert_parallel._library import call
 from expert_parallel.torch import Exchange, _registry
 from expert_parallel.torch._selections import ll_rows
+from test_reliability import describe
 from torch_moe import dense, over_group, routing
 
 R, E, K, H, B = 4, 16, 3, 8, 5
@@ -111,7 +115,6 @@ def test_a_step_returns_its_handle_to_the_pool_when_its_token_is_freed():
     del sent
     gc.collect()
     assert not entry.live
-
 
 
 def _save_the_dispatch(ctx, op, *args, **kwargs):
@@ -215,6 +218,34 @@ def test_a_closed_exchange_runs_its_live_steps_backward_passes_and_starts_no_new
     gc.collect()
     with pytest.raises(ep.InvalidArgumentError, match=f"group: id {closed[0].id} is not registered"):
         closed[0].dispatch(*inputs[:3])
+
+
+def test_a_masked_rank_is_refused_by_name_until_cleaned():
+    """A masked rank changes the rows LL's gradients are computed from and leaves its own outputs
+    unwritten: the ops refuse it, deactivated or masked by a timeout, at dispatch and in a live
+    step's later calls; once cleaned they run as before."""
+    ex = exchange("ll", "expert_major", timeout=0.2)
+    inputs = routing(21, R, B, E, K, H)
+    refused = r"^group: rank\(s\) \[1\] masked inactive; the torch ops need every rank active"
+    sent = ex.dispatch(*inputs[:3])
+    ex.group.deactivate(1)
+    with pytest.raises(ep.InactiveRankError, match=refused):
+        ex.combine(sent.tokens, sent)
+    with pytest.raises(ep.InactiveRankError, match=refused):
+        ex.dispatch(*inputs[:3])
+    ex.group.clean()
+    ex.dispatch(*inputs[:3])
+    # Rank 0's own call, the others never coming: the timeout masks them.
+    routed = inputs[1][0].to(torch.int32).numpy()
+    handle, idx = ctypes.c_void_p(), describe(routed)
+    call("epHandleCreate", ex.group._group, 0, ctypes.byref(handle))
+    with pytest.raises(ep.RankTimeoutError):
+        call("epHandleUpdate", handle, ctypes.byref(_abi.new(_abi.UpdateInputs, topkIdx=ctypes.pointer(idx))), None, None)
+    call("epHandleDestroy", handle)
+    with pytest.raises(ep.InactiveRankError, match=r"^group: rank\(s\) \[1, 2, 3\] masked inactive"):
+        ex.dispatch(*inputs[:3])
+    ex.group.clean()
+    assert_close(run(lambda *a: over_group(ex, *a), inputs), run(dense, inputs), 1e-5, "cleaned")
 
 
 @pytest.mark.parametrize("algorithm,layout", LAYOUTS)

@@ -73,8 +73,9 @@ class Exchange:
 
     A step's routing stays live while its token (``Dispatched.step``), or the autograd graph that
     recorded the step, is referenced; its handle then returns to the exchange's pool (a copy of
-    the token keeps nothing live: docs/torch.md, step-token lifetime). Every rank is assumed
-    active (no masked ranks).
+    the token keeps nothing live: docs/torch.md, step-token lifetime). Every rank must be active:
+    a group with a masked rank (``deactivate``, a timeout) is refused (InactiveRankError) until
+    ``group.clean()``.
 
     Over an :class:`~expert_parallel.NCCLGroup` (one rank per process) every tensor is this rank's,
     without the leading ``R``: ``x`` ``[B, H]``, received ``tokens`` ``group.recv_shape``, combine

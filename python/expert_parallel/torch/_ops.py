@@ -165,6 +165,7 @@ def dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group:
     handle, token = entry.start()
     _dispatch_into(entry, x.contiguous(), topk_idx.contiguous(), _contiguous(topk_weights), handle, "forward",
                    _outputs(received, idx, weights, counts))
+    entry.require_active()   # after the call: its update fixes the step's ranks (a rank masked in it, too)
     return received, idx, weights, token, counts
 
 

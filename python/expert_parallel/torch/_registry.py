@@ -20,7 +20,8 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
-from ..errors import InvalidArgumentError, InvalidUsageError
+from .. import _library
+from ..errors import InactiveRankError, InvalidArgumentError, InvalidUsageError
 from ..group import Handle, VirtualGroup
 from ..nccl_group import NCCLGroup
 
@@ -44,6 +45,8 @@ class Entry:
         self.live: Dict[int, Handle] = {}
         #: unregistered: no new steps; the live ones run their calls (backward passes) until they end
         self.closed = False
+        #: _library.mask_changes when every rank was last found active (0: none masked in this process yet)
+        self.mask_seen = 0
 
     def start(self) -> Tuple[Handle, torch.Tensor]:
         """A handle for a new step and the step's token; the handle returns to the pool when the
@@ -68,7 +71,25 @@ class Entry:
                 f"step: token {number} names no live step of group {self.group!r}; pass the step token that this "
                 "group's dispatch op returned while it, or the autograd graph that recorded the step, is still "
                 "referenced (a copy of a token does not keep its step live)")
+        self.require_active()
         return handle
+
+    def require_active(self) -> None:
+        """Raises InactiveRankError while a rank of the group is masked: LL's selection rows
+        assume every rank's rows, and a masked rank's outputs would be left unwritten. The mask is
+        read (on the GPU, a synchronisation) only once a call of this process has masked a rank
+        or met a masked one since every rank was last found active: the data path reads two
+        numbers."""
+        changes = _library.mask_changes
+        if changes == self.mask_seen:
+            return
+        active = self.group.active_ranks
+        if len(active) < self.group.ranks:
+            masked = [r for r in range(self.group.ranks) if r not in active]
+            raise InactiveRankError(
+                f"group: rank(s) {masked} masked inactive; the torch ops need every rank active (LL's gradients assume "
+                "every rank's rows, and a masked rank's outputs would be left unwritten): group.clean() them first")
+        self.mask_seen = changes
 
     def _retire(self, number: int) -> None:
         with self.group.lock:

@@ -4,7 +4,8 @@ operations (so torch.compile traces it into the backward graph).
 The engine's HT backward combine returns the weight gradients itself; LL's carries no weights,
 so the two gradients that need a selection's receive row are found here, from the order
 dispatch guarantees (docs/architecture.md): a zone holds its rows by source rank, then source
-token. Every rank is assumed active (a masked rank changes the rows)."""
+token. Every rank is assumed active (a masked rank changes the rows): the ops refuse a group
+with a masked rank (_registry.Entry.require_active)."""
 
 from __future__ import annotations
 
