@@ -259,6 +259,31 @@ def test_dispatch_gives_the_rows_per_local_expert(algorithm, layout):
     assert sent.expert_counts.dtype == torch.int32 and sent.expert_counts.shape == (R, E // R)
     assert torch.equal(sent.expert_counts, torch.as_tensor(want)) and int(sent.expert_counts.sum()) > 0
     assert [list(map(int, row)) for row in sent.expert_counts] == [info.expert_counters for info in plain.dispatch(x, idx, w).layout]
+    if layout == "expert_major_padded":   # padding excluded: zone l starts at the earlier counts rounded up to alignment
+        for r, counts in enumerate(sent.expert_counts.tolist()):
+            ids = [i for local, n in enumerate(counts) for i in [local] * n + [-1] * (-n % ex.group.alignment)]
+            assert sent.topk_idx[r, :len(ids)].reshape(-1).tolist() == ids and any(n % ex.group.alignment for n in counts)
+
+
+@pytest.mark.parametrize("algorithm,layout", LAYOUTS)
+def test_gradcheck_passes_in_float32_and_autocast_casts_nothing(algorithm, layout):
+    """What docs/torch.md says of dtypes: float64 is refused, so gradcheck runs in float32 with a
+    larger step and loose tolerances; the ops ignore autocast (their inputs are not cast)."""
+    ex = exchange(algorithm, layout)
+    x, idx, w, maps = routing(22, R, 2, E, K, H)
+    with pytest.raises(ep.InvalidArgumentError, match=r"^x: dtype torch.float64; must be torch.float32$"):
+        ex.dispatch(x.double(), idx, w)
+
+    def fn(x, w):
+        return over_group(ex, x, idx, w, maps)
+
+    with pytest.warns(UserWarning, match="not a double precision"):
+        assert torch.autograd.gradcheck(fn, (x.requires_grad_(), w.requires_grad_()), eps=1e-3, atol=1e-2, rtol=1e-2,
+                                            fast_mode=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fn(x, w).dtype == torch.float32
+        with pytest.raises(ep.InvalidArgumentError, match=r"^x: dtype torch.bfloat16; must be torch.float32$"):
+            ex.dispatch(torch.nn.functional.linear(x, maps[0]), idx, w)
 
 
 def test_without_zero_fill_experts_that_read_the_counted_rows_get_the_same_results_and_gradients(monkeypatch):

@@ -54,7 +54,7 @@ class Dispatched(NamedTuple):
     weights: Optional[Tensor]
     #: ``[R, L]`` int32 rows each rank received per local expert, written on the stream (no host
     #: synchronisation): what a grouped GEMM over the received zones reads (HT expert-major:
-    #: padding excluded)
+    #: padding excluded; zone l starts at the earlier counts, each rounded up to group.alignment)
     expert_counts: Optional[Tensor] = None
 
 
