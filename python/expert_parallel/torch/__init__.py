@@ -42,7 +42,8 @@ class Dispatched(NamedTuple):
 
     #: ``[R, *group.recv_shape]``: the rows each rank received (zeros outside the received zones)
     tokens: Tensor
-    #: ``[R, *group.recv_routing_shape]`` int32 local expert ids (-1: none); None for LL expert-major
+    #: ``[R, *group.recv_routing_shape]`` int32 local expert ids (-1: none within the received rows;
+    #: rows past them hold 0, with weight 0, under ``zero_fill``); None for LL expert-major
     topk_idx: Optional[Tensor]
     #: the received float32 weights, shaped like ``topk_idx``; None for LL expert-major
     topk_weights: Optional[Tensor]
