@@ -110,6 +110,10 @@ public enum EPError: Error, Sendable, Equatable, CustomStringConvertible {
         return renamed + rest
     }
 
+    /// The reason a rank gives for its peer's routing that the device found invalid (the peer
+    /// reports the error itself, `checkStatus()`).
+    package static let invalidRoutingReason = "its topkIdx was invalid"
+
     /// A data call (update, dispatch, combine) while the send-only `call` ("dispatch" or
     /// "combine") waits for `complete()` (every backend's words).
     package static func sendOnlyOpen(_ call: String) -> EPError { .wrongOrder("complete() the pending send-only \(call) first") }

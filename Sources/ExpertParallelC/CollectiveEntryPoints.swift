@@ -8,7 +8,7 @@ public func cGroupUpdateAll(
     _ group: epGroup_t?, _ inputs: UnsafePointer<epUpdateInputs_t>?, _ config: UnsafePointer<epUpdateConfig_t>?,
     _ stream: UnsafeMutableRawPointer?
 ) -> epResult_t {
-    entryPoint("epGroupUpdateAll", naming: .update) {
+    entryPoint("epGroupUpdateAll", naming: .collective) {
         let object = try groupRegistry.object(group, "group")
         let settings = try CallSettings(config, group: object)
         let inputs = try epUpdateInputs_t.readArray(inputs, count: object.config.ranks, "inputs")
@@ -21,7 +21,7 @@ public func cGroupDispatchAll(
     _ group: epGroup_t?, _ inputs: UnsafePointer<epDispatchInputs_t>?, _ outputs: UnsafePointer<epDispatchOutputs_t>?,
     _ config: UnsafePointer<epDispatchConfig_t>?, _ stream: UnsafeMutableRawPointer?
 ) -> epResult_t {
-    entryPoint("epGroupDispatchAll", naming: .perRank) {
+    entryPoint("epGroupDispatchAll", naming: .collective) {
         let object = try groupRegistry.object(group, "group")
         let settings = try CallSettings(config, group: object)
         let inputs = try epDispatchInputs_t.readArray(inputs, count: object.config.ranks, "inputs")
@@ -35,7 +35,7 @@ public func cGroupCombineAll(
     _ group: epGroup_t?, _ inputs: UnsafePointer<epCombineInputs_t>?, _ outputs: UnsafePointer<epCombineOutputs_t>?,
     _ config: UnsafePointer<epCombineConfig_t>?, _ stream: UnsafeMutableRawPointer?
 ) -> epResult_t {
-    entryPoint("epGroupCombineAll", naming: .perRank) {
+    entryPoint("epGroupCombineAll", naming: .collective) {
         let object = try groupRegistry.object(group, "group")
         let settings = try CallSettings(config, group: object)
         let inputs = try epCombineInputs_t.readArray(inputs, count: object.config.ranks, "inputs")
@@ -48,7 +48,7 @@ public func cGroupCombineAll(
 public func cGroupCheckStatus(_ group: epGroup_t?) -> epResult_t {
     entryPoint("epGroupCheckStatus") {
         let object = try groupRegistry.object(group, "group")
-        try object.withBackend { try $0.checkStatus() }
+        try naming(object.statusNames) { try object.withBackend { try $0.checkStatus() } }
     }
 }
 
@@ -58,6 +58,6 @@ public func cGroupGetLayoutInfo(_ group: epGroup_t?, _ rank: Int32, _ info: Unsa
         let object = try groupRegistry.object(group, "group")
         let rank = try object.checkRank(rank)
         let destination = try required(try LayoutInfoDestination(info, "info"), "info")
-        destination.fill(try object.withBackend { try $0.layoutInfo(rank: rank) })
+        destination.fill(try naming(object.statusNames) { try object.withBackend { try $0.layoutInfo(rank: rank) } })
     }
 }

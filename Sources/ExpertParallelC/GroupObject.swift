@@ -65,6 +65,11 @@ final class GroupObject: @unchecked Sendable {
 
     var backendKind: epBackend_t { backend.kind }
 
+    /// How the errors the group's status reports (the device's routing errors, a peer's reason)
+    /// name the routing the callers gave: as the collective calls' arrays (`inputs[r].topkIdx`),
+    /// an NCCL rank's as epHandleUpdate's struct (`inputs.topkIdx`), the one update it has.
+    var statusNames: CNames { backend.kind == epBackendNCCLRank ? .update : .collective }
+
     /// Runs `body` on the backend, serialised with the group's other calls.
     /// Where the group's tensors live.
     var location: MemoryLocation { backend.location }

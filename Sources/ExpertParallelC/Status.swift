@@ -59,9 +59,21 @@ extension EPError: StatusError {
     }
 
     func naming(_ names: CNames) -> any StatusError {
-        guard case .repeatedExpert = self else { return renamingField(names.pairs, parts: CNames.tensorParts) }
-        // Its text names the routing ("invalid argument: topkIdx token 1 names expert 3 twice ..."); its case holds no field.
-        return RenamedError(status: status, message: Self.renamingArguments(in: message, names.pairs, parts: CNames.tensorParts))
+        switch self {
+        case .repeatedExpert:
+            // Its text names the routing ("invalid argument: topkIdx token 1 names expert 3 twice ..."); its case holds no field.
+            return RenamedError(status: status, message: Self.renamingArguments(in: message, names.rankPairs, parts: CNames.tensorParts))
+        case let .peerFailed(rank, peer, reason):
+            // The reason is the peer's error: its arguments are the peer's (entry `peer` of a collective call's arrays).
+            return EPError.peerFailed(rank: rank, peer: peer, reason: names.ofRank(peer).renaming(reason))
+        case let .invalidArgument(field, value, requirement):
+            return EPError.invalidArgument(field: names.indexingRanks(field), value: value, requirement: requirement)
+                .renamingField(names.rankPairs, parts: CNames.tensorParts)
+        case let .wrongOrder(text):
+            return EPError.wrongOrder(names.renaming(text))
+        default:
+            return self
+        }
     }
 }
 
@@ -77,12 +89,63 @@ struct RenamedError: StatusError {
 /// `address`, `location` and `shape` read as the C descriptor's `data`, `device` and `sizes`.
 struct CNames {
     var pairs: [(from: String, to: String)]
+    /// A collective call's (epGroupUpdateAll, epGroupDispatchAll, epGroupCombineAll, and the
+    /// group's status of the routing they gave): rank r's arguments are entry r of the C arrays,
+    /// `inputs[r].tokens`, `outputs[r].topkIdx`, `inputs[r].topkIdx`, whether the error names its
+    /// rank as a failure of rank r (`RankFailure`, `ofRank(_:)`) or in its field (the GPU's
+    /// `topkIdx[rank r]`, `indexingRanks(_:)`), as the call's own descriptor checks name them.
+    var collective = false
+    /// The rank whose arguments the error names (a collective call's rank failure, a peer's reason).
+    var rank: Int? = nil
+
+    /// The names of rank `r`'s arguments.
+    func ofRank(_ r: Int) -> CNames {
+        var names = self
+        names.rank = r
+        return names
+    }
+
+    /// `pairs`, after a collective call's rank's own names where the rank is known.
+    var rankPairs: [(from: String, to: String)] {
+        guard collective, let rank else { return pairs }
+        return [("input", "inputs[\(rank)]"), ("output", "outputs[\(rank)]"), ("topkIdx", "inputs[\(rank)].topkIdx")] + pairs
+    }
+
+    /// `text` with a collective call's arguments that name their rank in an index (the GPU's
+    /// `topkIdx[rank 1][0][1]`) as entry r of the C arrays (`inputs[1].topkIdx[0][1]`).
+    func indexingRanks(_ text: String) -> String {
+        guard collective else { return text }
+        return text.replacing(/\b(topkIdx|input|output)\[rank (\d+)\]/) { match in
+            EPError.field(String(match.1), renaming: ofRank(Int(match.2)!).rankPairs)
+        }
+    }
+
+    /// `text` (an error's, such as a peer's reason or a quoted update's error) with each argument's
+    /// error in it renamed, and the GPU's reason for a peer's routing (`its topkIdx was invalid`)
+    /// naming the routing too. What follows a peer's refusal quoted in it ("rank 0 did nothing
+    /// because rank 1 rejected its call: ...", `EPError.peerFailed`'s text) names that peer's arguments.
+    func renaming(_ text: String) -> String {
+        var renamed = "", rest = Substring(text), names = self
+        while let refusal = rest.firstMatch(of: #/rank \d+ did nothing because rank (\d+) rejected its call: /#) {
+            renamed += names.renamingOwn(rest[..<refusal.range.upperBound])
+            names = ofRank(Int(refusal.1)!)
+            rest = rest[refusal.range.upperBound...]
+        }
+        return renamed + names.renamingOwn(rest)
+    }
+
+    private func renamingOwn(_ text: Substring) -> String {
+        let routing = EPError.field("topkIdx", renaming: rankPairs)
+        return EPError.renamingArguments(in: indexingRanks(String(text)), rankPairs, parts: CNames.tensorParts)
+            .replacing(EPError.invalidRoutingReason, with: EPError.invalidRoutingReason.replacing("topkIdx", with: routing))
+    }
 
     /// An update's routing, epUpdateInputs_t's: also where a dispatch or combine quotes the error
     /// of the handle's failed update.
     private static let routing = (from: "topkIdx", to: "inputs.topkIdx")
     static let perRank = CNames(pairs: [("input", "inputs"), ("output", "outputs"), ("inputs", "inputs"), ("outputs", "outputs"), routing])
     static let update = CNames(pairs: [routing])
+    static let collective = CNames(pairs: perRank.pairs, collective: true)
     static let tensorParts = [("address", "data"), ("location", "device"), ("shape", "sizes")]
 }
 
@@ -97,7 +160,7 @@ struct RankFailure: StatusError {
 
     func naming(_ names: CNames) -> any StatusError {
         var renamed = self
-        renamed.error = error.naming(names)
+        renamed.error = error.naming(names.ofRank(rank))
         return renamed
     }
 
@@ -137,6 +200,16 @@ func entryPoint(_ name: StaticString, naming names: CNames? = nil, _ body: () th
     } catch {
         LastError.set("\(name): internal error: \(error)")
         return epInternalError
+    }
+}
+
+/// `body`'s value, its error named as `names`: for an entry point whose naming depends on the
+/// object it is given (`GroupObject.statusNames`), which `entryPoint(_:naming:_:)` reads too late.
+func naming<T>(_ names: CNames, _ body: () throws -> T) throws -> T {
+    do {
+        return try body()
+    } catch let error as StatusError {
+        throw error.naming(names) as any Error
     }
 }
 

@@ -50,7 +50,7 @@ public func cStepGetLayoutInfo(_ step: epStep_t?, _ rank: Int32, _ info: UnsafeM
         let object = try stepRegistry.object(step, "step")
         let rank = try object.group.checkRank(rank)
         let destination = try required(try LayoutInfoDestination(info, "info"), "info")
-        destination.fill(try object.group.withBackend { try $0.layoutInfo(step: object.handle, rank: rank) })
+        destination.fill(try naming(object.group.statusNames) { try object.group.withBackend { try $0.layoutInfo(step: object.handle, rank: rank) } })
     }
 }
 

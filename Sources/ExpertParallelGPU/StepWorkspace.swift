@@ -123,7 +123,7 @@ enum DeviceStatus: UInt32 {
         case .overflow?:
             .overflow(rank: Int(words[1]), required: Int(words[2]), capacity: Int(words[3]))
         case .peerFailed?:
-            .peerFailed(rank: rank, peer: Int(words[1]), reason: "its topkIdx was invalid")
+            .peerFailed(rank: rank, peer: Int(words[1]), reason: EPError.invalidRoutingReason)
         case nil:
             .backend("rank \(rank): unknown device status \(words[0])")
         }

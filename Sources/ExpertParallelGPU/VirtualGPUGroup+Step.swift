@@ -50,12 +50,20 @@ extension VirtualGPUGroup {
         engine.vectorBytes(inputs.lazy.map { address($0.tokens) }, outputs.lazy.map { address($0.tokens) })
     }
 
+    /// The core's checks of one rank's call name its `input` and `output`: here entry `r` of the
+    /// group's `inputs` and `outputs`, as the group's own checks name them (`inputs[1].tokens`).
+    private static func rankNames(_ r: Int) -> [(from: String, to: String)] { [("input", "inputs[\(r)]"), ("output", "outputs[\(r)]")] }
+
     /// A dispatch's per-rank tensors against the step's routing (`routing[r].tokens` rows each).
     private func checkDispatch(_ inputs: [DispatchInput], _ outputs: [DispatchOutput], routing: [RoutingRows]) throws(EPError) {
         try engine.checkLocalCount(inputs.count, "inputs")
         try engine.checkLocalCount(outputs.count, "outputs")
         for r in 0..<config.ranks {
-            try engine.shapes.validateDispatch(inputs[r], outputs[r], tokens: routing[r].tokens, location: location)
+            do {
+                try engine.shapes.validateDispatch(inputs[r], outputs[r], tokens: routing[r].tokens, location: location)
+            } catch {
+                throw error.renamingField(Self.rankNames(r))
+            }
             try requireAligned(inputs[r].tokens, "inputs[\(r)].tokens", 8)
             try requireAligned(outputs[r].tokens, "outputs[\(r)].tokens", 8)
             try requireAligned(inputs[r].topkWeights, "inputs[\(r)].topkWeights", 4)
@@ -82,7 +90,11 @@ extension VirtualGPUGroup {
         try engine.checkLocalCount(inputs.count, "inputs")
         try engine.checkLocalCount(outputs.count, "outputs")
         for r in 0..<config.ranks {
-            try engine.shapes.validateCombine(inputs[r], outputs[r], tokens: step.routing[r].tokens, direction: direction, location: location)
+            do {
+                try engine.shapes.validateCombine(inputs[r], outputs[r], tokens: step.routing[r].tokens, direction: direction, location: location)
+            } catch {
+                throw error.renamingField(Self.rankNames(r))
+            }
             try requireAligned(inputs[r].expertOutputs, "inputs[\(r)].expertOutputs", 8)
             try requireAligned(outputs[r].tokens, "outputs[\(r)].tokens", 8)
             try requireAligned(inputs[r].topkWeights, "inputs[\(r)].topkWeights", 4)

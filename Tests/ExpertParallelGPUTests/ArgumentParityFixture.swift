@@ -17,7 +17,10 @@ struct InapplicableArgument: Sendable, CustomTestStringConvertible {
     enum Argument: String, Sendable, CaseIterable {
         case receivedTopkIdx, receivedTopkWeights, receivedScales, inputScales, combineWeights, weightGradients, topkWeightGradients
 
-        /// The argument as the per-rank and collective calls' structs name it.
+        /// The argument as a collective call names rank 0's: entry 0 of its arrays.
+        var collectiveField: String { structField.replacing("inputs.", with: "inputs[0].").replacing("outputs.", with: "outputs[0].") }
+
+        /// The argument as the per-rank calls' structs name it.
         var structField: String {
             switch self {
             case .receivedTopkIdx: "outputs.topkIdx"

@@ -16,7 +16,7 @@ enum ArgumentParity {
     /// with the argument named, and accepted without it.
     static func expectRefused(_ c: InapplicableArgument, _ make: () throws -> ArgumentParityFixture) throws {
         let collective = try make().collective(c)
-        #expect(c.isRefusal(collective.refused, field: c.argument.structField), "\(c.name), collective: \(collective.refused)")
+        #expect(c.isRefusal(collective.refused, field: c.argument.collectiveField), "\(c.name), collective: \(collective.refused)")
         #expect(collective.retried.status == epSuccess, "\(c.name), collective without the argument: \(collective.retried)")
         let stacked = try make().stacked(c)
         #expect(c.isRefusal(stacked.refused, field: c.argument.stackedField), "\(c.name), stacked: \(stacked.refused)")

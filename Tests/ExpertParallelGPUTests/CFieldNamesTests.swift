@@ -1,6 +1,7 @@
 import CExpertParallel
 import ExpertParallel
 @testable import ExpertParallelC
+@testable import ExpertParallelGPU
 import Testing
 
 /// The C entry points name the arguments as their parameters and structs do: the library's checks
@@ -52,7 +53,7 @@ struct CFieldNamesTests {
     @Test func reasonsAndRankFailuresAreRenamed() {
         let peer = EPError.peerFailed(rank: 0, peer: 1, reason: "invalid argument: input.tokens.shape = [3, 9]; must be [3, 8]")
         #expect(peer.naming(.perRank).message == "rank 0 did nothing because rank 1 rejected its call: invalid argument: inputs.tokens.sizes = [3, 9]; must be [3, 8]")
-        let other = EPError.peerFailed(rank: 0, peer: 1, reason: "its topkIdx was invalid")
+        let other = EPError.peerFailed(rank: 0, peer: 1, reason: "its inputs[1].topkIdx was not read")
         #expect(other.naming(.perRank).message == other.message)
         let failure = RankFailure(rank: 2, error: .invalidArgument(field: "output.tokens.shape", value: "[1]", requirement: "must be [2]"),
                                   config: GroupConfig(algorithm: .lowLatency, ranks: 4, experts: 8, topK: 2, hidden: 8, maxTokensPerRank: 2))
@@ -86,6 +87,51 @@ struct CFieldNamesTests {
         #expect(quoted.naming(.perRank).message == "call out of order: the last update of this handle failed (\(reason)); update again before dispatch or combine")
         #expect(quoted.naming(CheckedStackedDispatch.Field.cNames).message.contains("invalid argument: call.topkIdx.sizes = [2, 3]"))
         #expect(EPError.wrongOrder("combine needs a dispatch first").naming(.perRank).message == "call out of order: combine needs a dispatch first")
+    }
+
+    /// A collective call's rank r gave entry r of the C arrays: its errors name it so, whether the
+    /// core names the rank's call (`input.tokens`, in a "rank r: " failure), the call's own
+    /// descriptor checks (`outputs[0].tokens`) or the GPU its field (`topkIdx[rank 1]`); a peer's
+    /// reason names the peer's entry, also where a later call quotes a failed update's error.
+    @Test func collectiveCallsIndexTheirArrays() {
+        let config = GroupConfig(algorithm: .lowLatency, ranks: 2, experts: 4, topK: 2, hidden: 8, maxTokensPerRank: 2)
+        let dtype = RankFailure(rank: 0, error: .invalidArgument(field: "input.tokens.dtype", value: "f32", requirement: "must be bf16"), config: config)
+        #expect(dtype.naming(.collective).message == "rank 0: invalid argument: inputs[0].tokens.dtype = epFloat32; must be epBFloat16")
+        let output = RankFailure(rank: 1, error: .invalidArgument(field: "output.tokens.shape", value: "[1]", requirement: "must be [2]"), config: config)
+        #expect(output.naming(.collective).message == "rank 1: invalid argument: outputs[1].tokens.sizes = [1]; must be [2]")
+        #expect(Self.named("outputs[0].tokens.strides", .collective) == "outputs[0].tokens.strides")
+        #expect(Self.named("topkIdx[rank 1].shape", .collective) == "inputs[1].topkIdx.sizes")
+        let routing = RankFailure(rank: 1, error: .invalidArgument(field: "topkIdx[0][1]", value: "9", requirement: "must be -1 or in [0, 4)"), config: config)
+        #expect(routing.naming(.collective).message == "rank 1: invalid argument: inputs[1].topkIdx[0][1] = 9; must be -1 or in [0, 4)")
+        let twice = RankFailure(rank: 1, error: .repeatedExpert(token: 0, firstColumn: 0, secondColumn: 1, expert: 3), config: config)
+        #expect(twice.naming(.collective).message.hasPrefix("rank 1: invalid argument: inputs[1].topkIdx token 0 names expert 3 twice"))
+        let reason = "\(EPError.invalidArgument(field: "topkIdx[0][1]", value: "9", requirement: "r"))"
+        let peer = RankFailure(rank: 0, error: .peerFailed(rank: 0, peer: 1, reason: reason), config: config)
+        #expect(peer.naming(.collective).message == "rank 0: rank 0 did nothing because rank 1 rejected its call: invalid argument: inputs[1].topkIdx[0][1] = 9; r")
+        let quoted = EPError.wrongOrder("the last update of this handle failed (\(EPError.peerFailed(rank: 0, peer: 1, reason: reason))); update again")
+        #expect(RankFailure(rank: 0, error: quoted, config: config).naming(.collective).message
+            == "rank 0: call out of order: the last update of this handle failed (rank 0 did nothing because rank 1 rejected its call: invalid argument: inputs[1].topkIdx[0][1] = 9; r); update again")
+    }
+
+    /// The device's routing errors (epGroupCheckStatus, and the calls that read layouts) name the
+    /// routing as the caller gave it: a virtual GPU group's through epGroupUpdateAll's arrays
+    /// (`inputs[1].topkIdx`), an NCCL rank's through epHandleUpdate's struct; also where a rank
+    /// reports that its peer's routing was invalid.
+    @Test func theDevicesStatusNamesTheCallersRouting() throws {
+        let config = GroupConfig(algorithm: .lowLatency, ranks: 2, experts: 8, topK: 2, hidden: 8, maxTokensPerRank: 2)
+        let range = try #require(DeviceStatus.error([DeviceStatus.indexRange.rawValue, 0, 1, 9], rank: 1, config: config))
+        #expect(range.naming(.collective).message == "invalid argument: inputs[1].topkIdx[0][1] = 9; must be -1 or in [0, 8)")
+        #expect(range.naming(.update).message == "invalid argument: inputs.topkIdx[rank 1][0][1] = 9; must be -1 or in [0, 8)")
+        let peer = try #require(DeviceStatus.error([DeviceStatus.peerFailed.rawValue, 1, 0, 0], rank: 0, config: config))
+        #expect(peer.naming(.collective).message == "rank 0 did nothing because rank 1 rejected its call: its inputs[1].topkIdx was invalid")
+        #expect(peer.naming(.update).message == "rank 0 did nothing because rank 1 rejected its call: its inputs.topkIdx was invalid")
+        #expect(peer.message == "rank 0 did nothing because rank 1 rejected its call: its topkIdx was invalid")
+        // The C entry points' choice by group.
+        let host = GroupObject(config: config, backend: try HostBackend(try HostGroup(config)))
+        #expect(host.statusNames.collective)
+        var thrown: String?
+        do { try naming(host.statusNames) { throw range } } catch let error as StatusError { thrown = error.message } catch {}
+        #expect(thrown == "invalid argument: inputs[1].topkIdx[0][1] = 9; must be -1 or in [0, 8)")
     }
 
     /// The core's checks name element types, FP8 modes and places in Swift's words (`f32`,

@@ -94,10 +94,10 @@ struct FP8MockTests {
             let launches = mock.launches
             var inputs = step.inputs(config)
             inputs[0].scales = nil
-            #expect { try group.dispatch(inputs, into: outputs) } throws: { "\($0)".contains("input.scales") }
+            #expect { try group.dispatch(inputs, into: outputs) } throws: { "\($0)".contains("inputs[0].scales") }
             inputs = step.inputs(config)
             outputs[1].scales = step.x[1].ref   // e4m3 rows where int32 scale words go
-            #expect { try group.dispatch(inputs, into: outputs) } throws: { "\($0)".contains("output.scales.dtype") }
+            #expect { try group.dispatch(inputs, into: outputs) } throws: { "\($0)".contains("outputs[1].scales.dtype") }
             #expect(mock.launches == launches)
         }
     }
@@ -111,7 +111,7 @@ struct FP8MockTests {
             try group.update(topkIdx: step.idx.map(\.ref))
             try group.dispatch(step.inputs(config), into: step.outputs)
             let launches = mock.launches
-            #expect(throws: EPError.invalidArgument(field: "input.expertOutputs.dtype", value: "e4m3", requirement: "must be bf16")) {
+            #expect(throws: EPError.invalidArgument(field: "inputs[0].expertOutputs.dtype", value: "e4m3", requirement: "must be bf16")) {
                 try group.combine((0..<2).map { CombineInput(expertOutputs: step.received[$0].ref, topkWeights: step.w[$0].ref) },
                                   into: step.combined.map { CombineOutput(tokens: $0.ref) })
             }
