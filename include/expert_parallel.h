@@ -15,7 +15,8 @@
  *     naming the field, the value and the bound; it is thread-local and holds the message of this
  *     thread's last call (empty after a call that succeeded). Fields are named as the call's
  *     parameters and structs name them (`inputs.tokens.sizes`, `call.receivedTokens.data`), with
- *     "rank r: " before a collective call's rank's failure, and values as this header names them
+ *     "rank r: " before a collective call's rank's failure, whose arguments are entry r of the
+ *     call's arrays (`inputs[1].topkIdx[0][1]`, also in epGroupCheckStatus's routing errors), and values as this header names them
  *     ("inputs.tokens.dtype = epFloat32; must be epBFloat16", "inputs.topkIdx.device = -1 (host);
  *     must be 0").
  *   - An optional argument that the call does not take (each field's comment says where it

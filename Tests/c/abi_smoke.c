@@ -149,15 +149,15 @@ static void collectiveStep(void) {
 
     /* Errors: an expert id out of range names the rank and the entry; nothing is written. */
     b[1].idx[0][1] = 300;
-    CHECK_FAILS(epGroupUpdateAll(group, update, NULL, NULL), epInvalidArgument, "rank 1: invalid argument: inputs.topkIdx[0][1] = 300");
+    CHECK_FAILS(epGroupUpdateAll(group, update, NULL, NULL), epInvalidArgument, "rank 1: invalid argument: inputs[1].topkIdx[0][1] = 300");
     /* A failed update voids the step: dispatch fails, writing nothing, until an update succeeds. */
     CHECK_FAILS(epGroupDispatchAll(group, din, dout, NULL, NULL), epInvalidUsage,
-                "the last update of this handle failed (rank 0 did nothing because rank 1 rejected its call: invalid argument: inputs.topkIdx[0][1] = 300;");
+                "the last update of this handle failed (rank 0 did nothing because rank 1 rejected its call: invalid argument: inputs[1].topkIdx[0][1] = 300;");
     b[1].idx[0][1] = 3;
     CHECK_OK(epGroupUpdateAll(group, update, NULL, NULL));
     /* A tensor of the wrong dtype (named as epDataType_t names it), and one with strides that are not contiguous. */
     din[0].tokens = &b[0].tidx;
-    CHECK_FAILS(epGroupDispatchAll(group, din, dout, NULL, NULL), epInvalidArgument, "rank 0: invalid argument: inputs.tokens.dtype = epInt32; must be epFloat32");
+    CHECK_FAILS(epGroupDispatchAll(group, din, dout, NULL, NULL), epInvalidArgument, "rank 0: invalid argument: inputs[0].tokens.dtype = epInt32; must be epFloat32");
     din[0].tokens = &b[0].tx;
     epTensor_t strided = b[0].trecv;
     strided.strides[1] = 2 * H;
@@ -180,7 +180,7 @@ static void collectiveStep(void) {
     tooMany.sizes[0] = (int64_t)1 << 40;
     update[1].topkIdx = &tooMany;
     CHECK_FAILS(epGroupUpdateAll(group, update, NULL, NULL), epInvalidArgument,
-                "rank 1: invalid argument: inputs.topkIdx.sizes[0] (tokens) = 1099511627776; must be in 0...maxTokensPerRank");
+                "rank 1: invalid argument: inputs[1].topkIdx.sizes[0] (tokens) = 1099511627776; must be in 0...maxTokensPerRank");
     update[1].topkIdx = &b[1].tidx;
     CHECK_FAILS(epGroupGetLayoutInfo(group, 2, &again), epInvalidArgument, "rank = 2");
 

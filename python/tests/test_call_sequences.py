@@ -40,7 +40,7 @@ ARRAY_CODES = {np.dtype(np.float32): _abi.F32, np.dtype(np.int32): _abi.I32, np.
 NAMED = re.compile(
     r"^(?P<call>ep\w+): (rank \d+: )?("
     r"invalid (argument|configuration): \S.* = .+; \S+"
-    r"|invalid argument: inputs\.topkIdx token \d+ names expert -?\d+ twice"
+    r"|invalid argument: inputs\[\d+\]\.topkIdx token \d+ names expert -?\d+ twice"
     r"|call out of order: \S+"
     r"|overflow: rank \d+ would receive \d+ rows"
     r"|rank \d+ is masked inactive)")

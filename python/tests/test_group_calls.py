@@ -101,10 +101,10 @@ def test_a_rejected_update_names_the_lowest_rank_whose_routing_is_wrong(group):
     step = Step()
     step.idx[1][0, 1] = 9
     text = message(ep.InvalidArgumentError, lambda: step.update(group))
-    assert text.startswith("epGroupUpdateAll: rank 1: invalid argument: inputs.topkIdx[0][1] = 9"), text
+    assert text.startswith("epGroupUpdateAll: rank 1: invalid argument: inputs[1].topkIdx[0][1] = 9"), text
     step.idx[0][0, 0] = 3
     text = message(ep.InvalidArgumentError, lambda: step.update(group))
-    assert text.startswith("epGroupUpdateAll: rank 0: invalid argument: inputs.topkIdx token 0 names expert 3 twice"), text
+    assert text.startswith("epGroupUpdateAll: rank 0: invalid argument: inputs[0].topkIdx token 0 names expert 3 twice"), text
 
 
 def test_a_dispatch_after_a_rejected_update_names_the_lowest_rank(group):
@@ -115,7 +115,7 @@ def test_a_dispatch_after_a_rejected_update_names_the_lowest_rank(group):
     text = message(ep.InvalidUsageError, lambda: step.dispatch(group))
     assert text.startswith("epGroupDispatchAll: rank 0: call out of order: the last update of this handle failed"), text
     # The update's error, quoted, names the routing as epUpdateInputs_t does.
-    assert "rejected its call: invalid argument: inputs.topkIdx[0][1] = 9; must be -1 or in [0, 4))" in text, text
+    assert "rejected its call: invalid argument: inputs[1].topkIdx[0][1] = 9; must be -1 or in [0, 4))" in text, text
 
 
 def test_a_rejected_dispatch_names_the_rank_whose_tensor_is_wrong(group):
@@ -123,10 +123,10 @@ def test_a_rejected_dispatch_names_the_rank_whose_tensor_is_wrong(group):
     step.update(group)
     step.received[1] = np.zeros((L, R * B, H + 1), np.float32)
     text = message(ep.InvalidArgumentError, lambda: step.dispatch(group))
-    assert text.startswith("epGroupDispatchAll: rank 1: invalid argument: outputs.tokens"), text
+    assert text.startswith("epGroupDispatchAll: rank 1: invalid argument: outputs[1].tokens"), text
     step.x[0] = np.zeros((B + 1, H), np.float32)
     text = message(ep.InvalidArgumentError, lambda: step.dispatch(group))
-    assert text.startswith("epGroupDispatchAll: rank 0: invalid argument: inputs.tokens"), text
+    assert text.startswith("epGroupDispatchAll: rank 0: invalid argument: inputs[0].tokens"), text
     step.x[0] = np.zeros((B, H), np.float32)
     step.received[1] = np.zeros((L, R * B, H), np.float32)
     step.dispatch(group)
@@ -138,7 +138,7 @@ def test_a_rejected_combine_names_the_rank_whose_tensor_is_wrong(group):
     step.dispatch(group)
     step.y[1] = np.zeros((B, H), np.int32)
     text = message(ep.InvalidArgumentError, lambda: step.combine(group))
-    assert text.startswith("epGroupCombineAll: rank 1: invalid argument: outputs.tokens"), text
+    assert text.startswith("epGroupCombineAll: rank 1: invalid argument: outputs[1].tokens"), text
 
 
 def test_a_masked_ranks_arguments_are_not_read_nor_its_layout_written(group):

@@ -111,6 +111,14 @@ def test_argument_names_rename_every_form_of_the_c_fields():
     assert argument_names("input.topkWeights: NULL") == "topk_weights: NULL"
     assert argument_names("expertOutputs.shape") == "expert_outputs.shape"
     assert argument_names("topk_idx[0][1][2]") == "topk_idx[0][1][2]"   # (three subscripts: not a rank's entry)
+    # A collective call's entry r of its arrays: the failing rank's own, a peer's, the device status's.
+    assert argument_names("rank 1: invalid argument: inputs[1].topkIdx[0][1] = 9") == "rank 1: invalid argument: topk_idx[token 0, column 1] = 9"
+    assert argument_names("rank 1: invalid argument: inputs[1].topkIdx token 0 names expert 3 twice") == "rank 1: invalid argument: topk_idx token 0 names expert 3 twice"
+    assert (argument_names("rank 0: rank 0 did nothing because rank 1 rejected its call: invalid argument: inputs[1].topkIdx[0][1] = 9")
+            == "rank 0: rank 0 did nothing because rank 1 rejected its call: invalid argument: topk_idx[rank 1][token 0, column 1] = 9")
+    assert argument_names("invalid argument: inputs[1].topkIdx[0][2] = 300") == "invalid argument: topk_idx[rank 1][token 0, column 2] = 300"
+    assert argument_names("rank 0 did nothing because rank 1 rejected its call: its inputs[1].topkIdx was invalid") == \
+        "rank 0 did nothing because rank 1 rejected its call: its topk_idx[1] was invalid"
 
 
 @pytest.mark.parametrize("own_handle", [False, True])

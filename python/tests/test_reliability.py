@@ -117,7 +117,7 @@ def test_too_many_rows_over_a_short_buffer_are_refused_by_row_count_before_readi
             call("epHandleUpdate", handle, ctypes.byref(one), None, None)
         except ep.InvalidArgumentError as error:
             print("per-rank:", error)
-    """, "collective: epGroupUpdateAll: rank 0: invalid argument: inputs.topkIdx.sizes[0] (tokens) = 2; "
+    """, "collective: epGroupUpdateAll: rank 0: invalid argument: inputs[0].topkIdx.sizes[0] (tokens) = 2; "
          "must be in 0...max_tokens (1)",
          "per-rank: epHandleUpdate: invalid argument: inputs.topkIdx.sizes[0] (tokens) = 1099511627776; "
          "must be in 0...max_tokens (1)")
