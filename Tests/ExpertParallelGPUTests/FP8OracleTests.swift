@@ -118,12 +118,12 @@ struct FP8OracleTests {
         let outputs = (0..<2).map { DispatchOutput(tokens: buffers.received[$0].ref, scales: buffers.receivedScales[$0]!.ref) }
         var missing = outputs
         missing[1].scales = nil
-        #expect { try group.dispatch(inputs, into: missing) } throws: { "\($0)".contains("output.scales") }
+        #expect { try group.dispatch(inputs, into: missing) } throws: { "\($0)".contains("outputs[1].scales") }
         try group.dispatch(inputs, into: outputs)
         // Combine reads expert outputs in the element type: the e4m3 receive buffer is refused.
         let fp8Outputs = (0..<2).map { CombineInput(expertOutputs: buffers.received[$0].ref, topkWeights: buffers.w[$0].ref) }
         #expect { try group.combine(fp8Outputs, into: (0..<2).map { CombineOutput(tokens: buffers.combined[$0].ref) }) } throws: {
-            "\($0)".contains("input.expertOutputs") && "\($0)".contains("e4m3")
+            "\($0)".contains("inputs[0].expertOutputs") && "\($0)".contains("e4m3")
         }
         try group.checkStatus()
     }
