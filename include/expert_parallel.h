@@ -16,9 +16,9 @@
  *     thread's last call (empty after a call that succeeded). Fields are named as the call's
  *     parameters and structs name them (`inputs.tokens.sizes`, `call.receivedTokens.data`), with
  *     "rank r: " before a collective call's rank's failure, whose arguments are entry r of the
- *     call's arrays (`inputs[1].topkIdx[0][1]`, also in epGroupCheckStatus's routing errors), and values as this header names them
- *     ("inputs.tokens.dtype = epFloat32; must be epBFloat16", "inputs.topkIdx.device = -1 (host);
- *     must be 0").
+ *     call's arrays (`inputs[1].topkIdx[0][1]`, also in epGroupCheckStatus's routing errors),
+ *     and values as this header names them ("inputs.tokens.dtype = epFloat32; must be
+ *     epBFloat16", "inputs.topkIdx.device = -1 (host); must be 0").
  *   - An optional argument that the call does not take (each field's comment says where it
  *     applies: the group's layout, algorithm and FP8 mode, the call's direction) must be NULL (a
  *     stacked call's: data NULL): given, the call fails with epInvalidArgument naming it
