@@ -57,12 +57,14 @@ public struct GPUTuning: Sendable, Hashable {
         guard (1...8).contains(pipelineDepth) else { throw fail("pipelineDepth", pipelineDepth, "must be in 1...8") }
         guard (1...16).contains(rowsInFlight) else { throw fail("rowsInFlight", rowsInFlight, "must be in 1...16") }
         let vectors = max(1, config.rowBytes / 16)
-        if let rowPieces, !(1...vectors).contains(rowPieces) {
-            throw fail("rowPieces", rowPieces, "must be in 1...\(vectors) (16-byte vectors in a row)")
-        }
-        // The kernels number a rank's items (token × piece) in 32-bit ints.
-        if let rowPieces, config.maxTokensPerRank * rowPieces > Int(Int32.max) {
-            throw fail("rowPieces", rowPieces, "must be ≤ \(Int(Int32.max) / config.maxTokensPerRank) with maxTokensPerRank \(config.maxTokensPerRank) (the kernels count token × piece in 32 bits)")
+        if let rowPieces {
+            guard (1...vectors).contains(rowPieces) else {
+                throw fail("rowPieces", rowPieces, "must be in 1...\(vectors) (16-byte vectors in a row)")
+            }
+            // The kernels number a rank's items (token × piece) in 32-bit ints.
+            guard config.maxTokensPerRank * rowPieces <= Int(Int32.max) else {
+                throw fail("rowPieces", rowPieces, "must be ≤ \(Int(Int32.max) / config.maxTokensPerRank) with maxTokensPerRank \(config.maxTokensPerRank) (the kernels count token × piece in 32 bits)")
+            }
         }
         guard updateChunkTokens >= 1 else { throw fail("updateChunkTokens", updateChunkTokens, "must be at least 1") }
         if let blocks = blocksPerMultiprocessor, !(1...2).contains(blocks) {

@@ -50,20 +50,22 @@ extension VirtualGPUGroup {
         engine.vectorBytes(inputs.lazy.map { address($0.tokens) }, outputs.lazy.map { address($0.tokens) })
     }
 
-    /// The core's checks of one rank's call name its `input` and `output`: here entry `r` of the
-    /// group's `inputs` and `outputs`, as the group's own checks name them (`inputs[1].tokens`).
-    private static func rankNames(_ r: Int) -> [(from: String, to: String)] { [("input", "inputs[\(r)]"), ("output", "outputs[\(r)]")] }
+    /// Runs the core's checks of rank `r`'s call, which name its `input` and `output`: here entry
+    /// `r` of the group's `inputs` and `outputs`, as the group's own checks name them (`inputs[1].tokens`).
+    private static func checkingRank(_ r: Int, _ check: () throws(EPError) -> Void) throws(EPError) {
+        do {
+            try check()
+        } catch {
+            throw error.renamingField([("input", "inputs[\(r)]"), ("output", "outputs[\(r)]")])
+        }
+    }
 
     /// A dispatch's per-rank tensors against the step's routing (`routing[r].tokens` rows each).
     private func checkDispatch(_ inputs: [DispatchInput], _ outputs: [DispatchOutput], routing: [RoutingRows]) throws(EPError) {
         try engine.checkLocalCount(inputs.count, "inputs")
         try engine.checkLocalCount(outputs.count, "outputs")
         for r in 0..<config.ranks {
-            do {
-                try engine.shapes.validateDispatch(inputs[r], outputs[r], tokens: routing[r].tokens, location: location)
-            } catch {
-                throw error.renamingField(Self.rankNames(r))
-            }
+            try Self.checkingRank(r) { () throws(EPError) in try engine.shapes.validateDispatch(inputs[r], outputs[r], tokens: routing[r].tokens, location: location) }
             try requireAligned(inputs[r].tokens, "inputs[\(r)].tokens", 8)
             try requireAligned(outputs[r].tokens, "outputs[\(r)].tokens", 8)
             try requireAligned(inputs[r].topkWeights, "inputs[\(r)].topkWeights", 4)
@@ -90,11 +92,7 @@ extension VirtualGPUGroup {
         try engine.checkLocalCount(inputs.count, "inputs")
         try engine.checkLocalCount(outputs.count, "outputs")
         for r in 0..<config.ranks {
-            do {
-                try engine.shapes.validateCombine(inputs[r], outputs[r], tokens: step.routing[r].tokens, direction: direction, location: location)
-            } catch {
-                throw error.renamingField(Self.rankNames(r))
-            }
+            try Self.checkingRank(r) { () throws(EPError) in try engine.shapes.validateCombine(inputs[r], outputs[r], tokens: step.routing[r].tokens, direction: direction, location: location) }
             try requireAligned(inputs[r].expertOutputs, "inputs[\(r)].expertOutputs", 8)
             try requireAligned(outputs[r].tokens, "outputs[\(r)].tokens", 8)
             try requireAligned(inputs[r].topkWeights, "inputs[\(r)].topkWeights", 4)

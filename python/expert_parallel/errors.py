@@ -168,7 +168,6 @@ _ARGUMENT_WORDS = {"topkIdx": "topk_idx", "topkWeights": "topk_weights", "expert
 # A collective call's rank r names entry r of its arrays ("rank 1: ... inputs[1].topkIdx"), also
 # in the device's status ("inputs[1].topkIdx[0][1]", no "rank r: " before it).
 _RANK_PREFIX = re.compile(r"\brank (\d+): ")
-_RANK_LIST_ARGUMENTS = re.compile(r"\binputs\[(\d+)\]\.(topkIdx|topkWeights|expertOutputs)\b")
 _RANK_ENTRY = re.compile(r"\binputs\[(\d+)\]\.(topkIdx|topkWeights)(?=\[\d+\]\[\d+\](?!\[))")
 
 
@@ -178,7 +177,7 @@ def argument_names(message: str) -> str:
     # The failing rank's own entry: its rank is the message's "rank r: ".
     prefix = _RANK_PREFIX.search(message)
     if prefix:
-        message = _RANK_LIST_ARGUMENTS.sub(lambda m: m.group(2) if m.group(1) == prefix.group(1) else m.group(0), message)
+        message = _LIST_ARGUMENTS.sub(lambda m: m.group(2) if m.group(1) == prefix.group(1) else m.group(0), message)
     # Another rank's routing entry (a peer's, the device status's): "[rank r][token t, column c]".
     message = _RANK_ENTRY.sub(r"\2[rank \1]", message)
     message = _LIST_ARGUMENTS.sub(lambda m: f"{_ARGUMENT_WORDS[m.group(2)]}[{m.group(1)}]", message)
