@@ -104,6 +104,7 @@ public final class CallShapes: Sendable {
         if let counts = output.expertSourceCounts {
             try TensorCheck.require(counts, "output.expertSourceCounts", dtypes: Self.i32, shape: sourceCountsShape, location: location)
         }
+        try refuseOverlaps(input, output)
     }
 
     /// Checks a combine call's tensors for `tokens` source rows.
@@ -137,6 +138,7 @@ public final class CallShapes: Sendable {
             try refuseGiven(input.weightGradients, "input.weightGradients", because: why)
             try refuseGiven(output.topkWeightGradients, "output.topkWeightGradients", because: why)
         }
+        try refuseOverlaps(input, output)
     }
 
     // MARK: arguments a call does not take

@@ -63,7 +63,8 @@ public enum EPError: Error, Sendable, Equatable, CustomStringConvertible {
     package func renamingField(_ names: [(from: String, to: String)], parts: [(from: String, to: String)] = []) -> EPError {
         switch self {
         case let .invalidArgument(field, value, requirement):
-            return .invalidArgument(field: Self.field(field, renaming: names, parts: parts), value: value, requirement: requirement)
+            return .invalidArgument(field: Self.field(field, renaming: names, parts: parts), value: value,
+                                    requirement: Self.renamingOverlap(requirement, names, parts: parts))
         case let .peerFailed(rank, peer, reason):
             return .peerFailed(rank: rank, peer: peer, reason: Self.renamingArguments(in: reason, names, parts: parts))
         case let .wrongOrder(message):
@@ -79,7 +80,9 @@ public enum EPError: Error, Sendable, Equatable, CustomStringConvertible {
     package static func renamingArguments(in text: String, _ names: [(from: String, to: String)], parts: [(from: String, to: String)] = []) -> String {
         let prefix = "invalid argument: "
         let pieces = text.split(separator: prefix, omittingEmptySubsequences: false)
-        return pieces.dropFirst().reduce(String(pieces[0])) { $0 + prefix + field(String($1), renaming: names, parts: parts) }
+        return pieces.dropFirst().reduce(String(pieces[0])) {
+            $0 + prefix + renamingOverlap(field(String($1), renaming: names, parts: parts), names, parts: parts)
+        }
     }
 
     /// `field` with its leading name (the whole field, or the part before a ".", "[" or " ")

@@ -194,6 +194,9 @@ public struct CheckedStackedDispatch: Sendable {
         strides = try StackedStrides(ranks: parts ?? config.ranks) { field in
             call[field].map { ($0, shapes.elements(field, tokens: b), { shapes.shape(field, tokens: b) }, field == .inputs || field == .received) }
         }
+        try strides.refuseOverlaps(parts: parts ?? config.ranks, firstOutput: Field.received.rawValue) { field in
+            call[field].map { ($0, shapes.elements(field, tokens: b) * $0.dtype.byteSize) }
+        }
     }
 
     /// `error` of a per-rank call's checks with its views named as this call's fields.
@@ -289,6 +292,9 @@ public struct CheckedStackedCombine: Sendable {
         }
         strides = try StackedStrides(ranks: tokens.count) { field in
             call[field].map { ($0, shapes.elements(field, tokens: most), { shapes.shape(field, tokens: most) }, field == .expertOutputs || field == .combined) }
+        }
+        try strides.refuseOverlaps(parts: tokens.count, firstOutput: Field.combined.rawValue) { field in
+            call[field].map { ($0, shapes.elements(field, tokens: most) * $0.dtype.byteSize) }
         }
     }
 

@@ -566,6 +566,57 @@ static void steps(void) {
     CHECK_OK(epGroupDestroy(group));
 }
 
+/* An output that shares memory with an input or another output is refused by name (both in the
+ * header's words) before anything moves: the inputs are left as they were. */
+static void overlappingOutputs(void) {
+    epGroupConfig_t config = smallConfig();
+    epGroup_t group = NULL;
+    CHECK_OK(epGroupCreate(&config, NULL, &group));
+    if (!group) return;
+    static RankBuffers b[R];
+    epUpdateInputs_t update[R];
+    epDispatchInputs_t din[R];
+    epDispatchOutputs_t dout[R];
+    epCombineInputs_t cin[R];
+    epCombineOutputs_t cout[R];
+    for (int r = 0; r < R; r++) {
+        setUp(&b[r], r);
+        update[r] = (epUpdateInputs_t){sizeof(epUpdateInputs_t), &b[r].tidx};
+        din[r] = (epDispatchInputs_t){sizeof(epDispatchInputs_t), &b[r].tx, NULL, NULL};
+        dout[r] = (epDispatchOutputs_t){sizeof(epDispatchOutputs_t), &b[r].trecv, NULL, NULL, NULL, NULL, NULL, NULL};
+        cin[r] = (epCombineInputs_t){sizeof(epCombineInputs_t), &b[r].trecv, &b[r].tw, NULL};
+        cout[r] = (epCombineOutputs_t){sizeof(epCombineOutputs_t), &b[r].ty, NULL};
+    }
+    CHECK_OK(epGroupUpdateAll(group, update, NULL, NULL));
+    /* Rank 1 reads its rows from the receive buffer it dispatches into. */
+    static float aliased[L][R * BMAX][H];
+    const int64_t xs[2] = {1, H}, rs[3] = {L, R * BMAX, H};
+    for (int i = 0; i < H; i++) aliased[L - 1][R * BMAX - 1][i] = 2.0f;
+    epTensor_t rows = epMakeTensor(aliased[L - 1][R * BMAX - 1], epFloat32, 2, xs, -1);
+    epTensor_t received = epMakeTensor(aliased, epFloat32, 3, rs, -1);
+    din[1].tokens = &rows;
+    dout[1].tokens = &received;
+    CHECK_FAILS(epGroupDispatchAll(group, din, dout, NULL, NULL), epInvalidArgument, "rank 1: invalid argument: outputs[1].tokens.data = ");
+    CHECK(strstr(epGetLastErrorMessage(), "must not overlap inputs[1].tokens (") != NULL, "%s", epGetLastErrorMessage());
+    CHECK(aliased[0][0][0] == 0.0f && aliased[L - 1][R * BMAX - 1][0] == 2.0f, "the refused dispatch wrote into its input");
+    din[1].tokens = &b[1].tx;
+    dout[1].tokens = &b[1].trecv;
+    CHECK_OK(epGroupDispatchAll(group, din, dout, NULL, NULL));
+    /* Rank 0's combined row starts where its weights are. */
+    static float row[H] = {0.25f, 0.5f};
+    const int64_t ws[2] = {1, K};
+    epTensor_t weights = epMakeTensor(row, epFloat32, 2, ws, -1), overWeights = epMakeTensor(row, epFloat32, 2, xs, -1);
+    cin[0].topkWeights = &weights;
+    cout[0].tokens = &overWeights;
+    CHECK_FAILS(epGroupCombineAll(group, cin, cout, NULL, NULL), epInvalidArgument, "rank 0: invalid argument: outputs[0].tokens.data = ");
+    CHECK(strstr(epGetLastErrorMessage(), "(32 bytes); must not overlap inputs[0].topkWeights (") != NULL, "%s", epGetLastErrorMessage());
+    CHECK(row[0] == 0.25f && row[1] == 0.5f && row[2] == 0.0f, "the refused combine wrote over its weights");
+    cout[0].tokens = &b[0].ty;
+    CHECK_OK(epGroupCombineAll(group, cin, cout, NULL, NULL));
+    for (int r = 0; r < R; r++) CHECK(b[r].y[0][0] == 0.75f * (float)(r + 1), "rank %d: y[0] = %g", r, (double)b[r].y[0][0]);
+    CHECK_OK(epGroupDestroy(group));
+}
+
 int main(int argc, char** argv) {
     if (argc > 1 && strcmp(argv[1], "sizes") == 0) {
         printSizes();
@@ -575,6 +626,7 @@ int main(int argc, char** argv) {
     stackedStep();
     perRankStep();
     steps();
+    overlappingOutputs();
     configErrors();
     ncclGroup();
     printf("abi_smoke: %d checks, %d failed\n", checks, failures);

@@ -1,0 +1,121 @@
+/// A call writes its outputs while it reads its inputs (and a host group's ranks write into each
+/// other's outputs at once): an output that shares a byte with an input or with another output
+/// would silently corrupt the one or the other, so it is refused, naming both tensors and their
+/// bytes. Inputs may share memory with each other (they are only read).
+enum TensorOverlap {
+    /// The bytes `tensor` spans (row-major contiguous, checked before), nil where it has none.
+    static func bytes(_ tensor: TensorRef?) -> Range<UInt>? {
+        guard let tensor, let address = tensor.address else { return nil }
+        let count = tensor.byteCount
+        guard count > 0 else { return nil }
+        let start = UInt(bitPattern: address)
+        return start..<(start &+ UInt(count))
+    }
+
+    /// Refuses the first overlap of tensor `i < outputs` with a tensor `j > i` (of `0..<all`);
+    /// `tensor(i)` gives the tensor and its name (the first `outputs` are the outputs). Allocates
+    /// nothing.
+    static func refuse(outputs: Int, all: Int, _ tensor: (Int) -> (TensorRef?, String)) throws(EPError) {
+        for i in 0..<outputs {
+            let (output, outputName) = tensor(i)
+            guard let output, let outputBytes = bytes(output) else { continue }
+            for j in (i + 1)..<all {
+                let (other, otherName) = tensor(j)
+                guard let other, other.location == output.location, let otherBytes = bytes(other), outputBytes.overlaps(otherBytes) else { continue }
+                throw overlap(output, outputName, other, otherName)
+            }
+        }
+    }
+
+    /// `output` (named `outputName`) shares bytes with `other`.
+    static func overlap(_ output: TensorRef, _ outputName: String, _ other: TensorRef, _ otherName: String) -> EPError {
+        .invalidArgument(
+            field: "\(outputName).address", value: "\(output.address!) (\(output.byteCount) bytes)",
+            requirement: "\(requirementPrefix)\(otherName) (\(other.address!), \(other.byteCount) bytes): an output may share no byte with an input or another output")
+    }
+
+    /// How an overlap's requirement starts; the name after it is renamed with the field
+    /// (`EPError.renamingField`).
+    static let requirementPrefix = "must not overlap "
+}
+
+extension CallShapes {
+    /// A dispatch's outputs against its inputs and each other.
+    func refuseOverlaps(_ input: DispatchInput, _ output: DispatchOutput) throws(EPError) {
+        try TensorOverlap.refuse(outputs: 6, all: 9) { i in
+            switch i {
+            case 0: (output.tokens, "output.tokens")
+            case 1: (output.topkIdx, "output.topkIdx")
+            case 2: (output.topkWeights, "output.topkWeights")
+            case 3: (output.scales, "output.scales")
+            case 4: (output.expertCounts, "output.expertCounts")
+            case 5: (output.expertSourceCounts, "output.expertSourceCounts")
+            case 6: (input.tokens, "input.tokens")
+            case 7: (input.topkWeights, "input.topkWeights")
+            default: (input.scales, "input.scales")
+            }
+        }
+    }
+
+    /// A combine's outputs against its inputs and each other.
+    func refuseOverlaps(_ input: CombineInput, _ output: CombineOutput) throws(EPError) {
+        try TensorOverlap.refuse(outputs: 2, all: 5) { i in
+            switch i {
+            case 0: (output.tokens, "output.tokens")
+            case 1: (output.topkWeightGradients, "output.topkWeightGradients")
+            case 2: (input.expertOutputs, "input.expertOutputs")
+            case 3: (input.topkWeights, "input.topkWeights")
+            default: (input.weightGradients, "input.weightGradients")
+            }
+        }
+    }
+}
+
+extension EPError {
+    /// `requirement` with the tensor an overlap names (`must not overlap input.tokens (...)`)
+    /// renamed as `field(_:renaming:parts:)` renames a field; any other requirement as it is.
+    static func renamingOverlap(_ requirement: String, _ names: [(from: String, to: String)], parts: [(from: String, to: String)]) -> String {
+        guard let match = requirement.firstMatch(of: /must not overlap (\w+(?:\[rank \d+\])?(?:\.\w+)*)/) else { return requirement }
+        return requirement.replacingCharacters(
+            in: match.1.startIndex..<match.1.endIndex, with: field(String(match.1), renaming: names, parts: parts))
+    }
+}
+
+extension TensorOverlap {
+    /// The first ranks (r, s) whose part r of array `a` shares a byte with part s of array `b`
+    /// (part r of `start` at `start + r * stride`, `bytes` long; `parts` parts each), or nil.
+    /// Exact arithmetic (Int128): the addresses are the caller's word, whatever they are.
+    static func firstOverlap(_ a: (start: UInt64, bytes: Int, stride: Int), _ b: (start: UInt64, bytes: Int, stride: Int), parts: Int) -> (Int, Int)? {
+        let bStart = Int128(b.start), bBytes = Int128(b.bytes), bStride = Int128(max(b.stride, 1))
+        func floorDiv(_ x: Int128, _ y: Int128) -> Int128 { x >= 0 ? x / y : -((-x + y - 1) / y) }
+        for r in 0..<parts {
+            let x = Int128(a.start) + Int128(r) * Int128(a.stride)
+            // Part s starts before x + a.bytes and ends after x.
+            let lo = max(0, floorDiv(x - bBytes - bStart, bStride) + 1), hi = min(Int128(parts - 1), floorDiv(x + Int128(a.bytes) - 1 - bStart, bStride))
+            if lo <= hi { return (r, Int(lo)) }
+        }
+        return nil
+    }
+}
+
+extension StackedStrides {
+    /// Refuses an output array (fields from `firstOutput` on) one of whose parts, of any rank,
+    /// shares a byte with a part of another array (`part(field)`: the array and one part's bytes;
+    /// nil where not given). Every rank's parts are written and read at once.
+    func refuseOverlaps(parts: Int, firstOutput: Int, _ part: (Field) -> (tensor: StackedTensor, bytes: Int)?) throws(EPError) {
+        for a in Field.allCases where a.rawValue >= firstOutput {
+            guard let (ta, bytesA) = part(a), ta.address != 0, bytesA > 0 else { continue }
+            for b in Field.allCases where b.rawValue < firstOutput || b.rawValue > a.rawValue {
+                guard let (tb, bytesB) = part(b), tb.address != 0, bytesB > 0, tb.location == ta.location,
+                      let (r, s) = TensorOverlap.firstOverlap((ta.address, bytesA, self[a]), (tb.address, bytesB, self[b]), parts: parts)
+                else { continue }
+                func at(_ t: StackedTensor, _ rank: Int, _ field: Field) -> String {
+                    "rank \(rank)'s part at 0x\(String(address(t, field, rank: rank), radix: 16))"
+                }
+                throw .invalidArgument(
+                    field: "\(a).address", value: "\(at(ta, r, a)) (\(bytesA) bytes)",
+                    requirement: "\(TensorOverlap.requirementPrefix)\(b) (\(at(tb, s, b)), \(bytesB) bytes): an output may share no byte with an input or another output")
+            }
+        }
+    }
+}
