@@ -129,7 +129,7 @@ _STATUS_NAMES = {
 # "FP8 scale mode epFP8E8M0Block32"), and its element types (epDataType_t's names: "elementType =
 # epUInt8") as the package's dtype strings.
 _SETTING_NAMES = [("maxReceivedTokensPerRank", "max_recv_tokens"), ("maxTokensPerRank", "max_tokens"), ("topK", "top_k"),
-                  ("elementType", "dtype"), ("timeoutSeconds", "timeout"), ("epLayoutExpertMajorPadded", "'expert_major_padded'"),
+                  ("elementType", "dtype"), ("timeoutSeconds", "timeout"), ("fp8Scales", "fp8"), ("fp8Source", "fp8_source"), ("epLayoutExpertMajorPadded", "'expert_major_padded'"),
                   ("epLayoutExpertMajor", "'expert_major'"), ("epLayoutRankMajor", "'rank_major'"), ("epLayoutFlat", "'flat'"),
                   ("epFP8Float32Block128", "'float32'"), ("epFP8UE8M0Block128", "'ue8m0'"), ("epFP8E8M0Block32", "'e8m0'"),
                   ("epFP8Quantize", "'quantize'"), ("epFP8PassThrough", "'pass_through'"),

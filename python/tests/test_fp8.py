@@ -63,7 +63,7 @@ def test_fp8_settings_and_scales_are_checked_by_name():
         ep.VirtualGroup(ranks=1, experts=1, hidden=100, top_k=1, max_tokens=2, dtype="f32", fp8="float32")
     with pytest.raises(ep.InvalidArgumentError, match="fp8="):
         one_rank("fp4")
-    with pytest.raises(ep.InvalidArgumentError, match="fp8Source"):
+    with pytest.raises(ep.InvalidArgumentError, match="fp8_source = 'pass_through'; needs an fp8 mode"):
         ep.VirtualGroup(ranks=1, experts=1, hidden=H, top_k=1, max_tokens=2, dtype="f32", fp8_source="pass_through")
     passing = one_rank("ue8m0", "pass_through")
     codes, idx = np.zeros((1, 2, H), np.uint8), np.zeros((1, 2, 1), np.int32)
