@@ -1000,12 +1000,10 @@ class VirtualGroup(GroupBase):
     def _layout_of(self, handle):
         self._check_handle(handle, dispatched=True)
         infos = []
-        mask = ctypes.c_uint64()
-        call("epGroupGetActiveRanks", self._group, ctypes.byref(mask))
+        # Every rank from the library, which knows the step's mask: a rank masked since the step's
+        # update received its rows (the group's mask now would say nothing), and one masked at the
+        # update reads all zeros.
         for r in range(self.ranks):
-            if not mask.value >> r & 1:   # a masked rank received nothing
-                infos.append(_LayoutBuffers(self.local_experts, self.ranks).value())
-                continue
             buffers = _LayoutBuffers(self.local_experts, self.ranks)
             if handle.own:
                 call("epStepGetLayoutInfo", handle._pointer, r, ctypes.byref(buffers.struct))

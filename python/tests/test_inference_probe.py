@@ -18,6 +18,29 @@ def routing(seed=0):
     return x, idx, w
 
 
+def test_a_steps_layout_read_after_a_rank_was_masked_is_the_steps():
+    # A handle dispatched with every rank active: its layout, read after deactivate(1), said rank 1
+    # received nothing (the package read the group's current mask, not the step's).
+    group = ep.VirtualGroup(ranks=R, experts=E, hidden=H, top_k=K, max_tokens=B, dtype="f32")
+    x, idx, w = routing()
+    with group.handle() as h:
+        out = group.dispatch(x, idx, w, handle=h)
+        counts = out.expert_counts.tolist()
+        group.deactivate(1)
+        assert [info.expert_counters for info in out.layout] == counts
+        assert out.layout[1].received_total == sum(counts[1]) > 0
+    group.clean()
+
+
+def test_a_masked_ranks_layout_in_a_later_step_is_empty():
+    group = ep.VirtualGroup(ranks=R, experts=E, hidden=H, top_k=K, max_tokens=B, dtype="f32")
+    x, idx, w = routing()
+    group.deactivate(1)
+    out = group.dispatch(x, idx, w)
+    assert out.layout[1].expert_counters == [0, 0] and out.layout[1].received_total == 0
+    assert [info.expert_counters for info in out.layout] == out.expert_counts.tolist()
+
+
 def test_fp8_configuration_errors_name_the_keywords():
     # "fp8Source = 'pass_through'; needs an fp8Scales mode": the C struct's fields.
     with pytest.raises(ep.InvalidArgumentError) as caught:
