@@ -48,3 +48,35 @@ def test_fp8_configuration_errors_name_the_keywords():
     text = str(caught.value)
     assert "fp8_source = 'pass_through'; needs an fp8 mode" in text, text
     assert "fp8Source" not in text and "fp8Scales" not in text, text
+
+
+def test_deep_ep_low_latency_ue8m0_scales_keep_every_block_of_a_hidden_size_not_a_multiple_of_512():
+    # hidden 640 is 5 blocks of 128: two int32 words of exponents. The scales came back [L, R*Bmax, 1]
+    # (hidden // 512 words): the fifth block's scale was dropped.
+    from expert_parallel.compat.deep_ep import Buffer, run_ranks
+
+    hidden, experts, bmax = 640, 4, 4
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(3, hidden, generator=gen).mul(torch.linspace(0.1, 40, hidden)).bfloat16() for _ in range(2)]
+    idx = [torch.tensor([[0, 3], [1, 2], [2, 0]]), torch.tensor([[3, 1], [0, 2], [1, 3]])]
+    buffers = Buffer.virtual(2, timeout=30)
+
+    def flow(b):
+        (codes, scales), count, _, _, _ = b.low_latency_dispatch(xs[b.rank], idx[b.rank], bmax, experts, round_scale=True,
+                                                                 use_ue8m0=True)
+        return codes.clone(), scales.clone(), count.clone()
+
+    try:
+        results = run_ranks(buffers, flow)
+    finally:
+        for b in buffers:
+            b.destroy()
+    for r, (codes, scales, count) in enumerate(results):
+        assert scales.shape == (2, 2 * bmax, 2) and scales.dtype == torch.int32, scales.shape
+        exponents = scales.contiguous().view(torch.uint8).reshape(2, 2 * bmax, 8)[..., :5].to(torch.int32)
+        per_block = torch.pow(2.0, (exponents - 127).float()).repeat_interleave(128, dim=2)
+        decoded = codes.float() * per_block
+        for e, c in enumerate(count.tolist()):
+            sources = [(s, t) for s in range(2) for t in range(3) if r * 2 + e in idx[s][t].tolist()]
+            sent = torch.stack([xs[s][t] for s, t in sources]).float()
+            assert torch.all((decoded[e, :c] - sent).abs() <= sent.abs() / 16 + per_block[e, :c] * 2 ** -9), (r, e)

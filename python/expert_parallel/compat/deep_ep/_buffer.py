@@ -407,7 +407,7 @@ class Buffer:
         ``recv_x``: ``[L, R*Bmax, hidden]`` per local expert, rows ``[0, recv_count[e])`` valid, in
         (source rank, token) order; with ``use_fp8`` ``(e4m3 rows, scales)``:
         float32 ``[L, R*Bmax, hidden/128]`` (powers of two with ``round_scale``), or with
-        ``use_ue8m0`` int32 words of four UE8M0 bytes ``[L, R*Bmax, hidden/512]``; scales are
+        ``use_ue8m0`` int32 words of four UE8M0 bytes ``[L, R*Bmax, ⌈hidden/512⌉]``; scales are
         column-major in their last two dimensions as DeepEP's. ``recv_x`` and ``recv_count`` are
         buffers of the group reused two low-latency dispatches later (DeepEP's two buffers).
         ``return_recv_hook=True``: the call only sends; ``hook()`` receives (a later call on the

@@ -256,7 +256,7 @@ def _ll_scales(words: Any, fp8: str, ue8m0: bool, hidden: int) -> Tuple[Any, Cal
     if fp8 == "float32":
         columns, dtype, read = words.shape[-1], torch.float32, lambda: words
     elif ue8m0:
-        columns, dtype = max(1, hidden // 512), words.dtype
+        columns, dtype = -(-hidden // 512), words.dtype   # every word: ⌈blocks / 4⌉ (640 = 5 blocks: 2 words)
         read = lambda: words[..., :columns]  # noqa: E731
     else:
         columns, dtype, read = hidden // 128, torch.float32, lambda: exponents_to_float(words, hidden // 128)
