@@ -6,7 +6,7 @@ import ctypes
 from typing import Any, Iterator, List, Optional
 
 from . import _abi
-from .errors import NotCopyableError
+from .errors import InvalidUsageError, NotCopyableError
 
 
 class LayoutInfo:
@@ -175,7 +175,8 @@ class DispatchResult:
       float32), or None for LL expert-major;
     - ``expert_counts``: ``[R, L]`` int32, rows per local expert, written on the stream (no host
       synchronisation); ``expert_source_counts``: ``[R, L, R]`` int32 per (expert, source rank);
-    - ``layout``: a :class:`LayoutInfo` per rank, read on first use (on the GPU this waits);
+    - ``layout``: a :class:`LayoutInfo` per rank, read on first use (on the GPU this waits): read it
+      before the handle's next dispatch with new routing, after which it is refused (InvalidUsageError);
     - ``handle``: pass it to ``combine``; ``event``: a CUDA event recorded after the call (with
       ``record_event=True``); ``hook``: with ``send_only=True``, call it to enqueue the receiving half.
     """
@@ -194,6 +195,7 @@ class DispatchResult:
         self.event = event
         self.hook = hook
         self.scales: Any = None   # FP8 groups: the received scales per rank
+        self._step = handle.step  # the handle's update this result is of (layout reads that one's)
 
     @classmethod
     def _of_slot(cls, slot: Any, handle: Handle) -> "DispatchResult":
@@ -207,6 +209,7 @@ class DispatchResult:
         result._layout, result.received, result.event, result.hook = None, slot.received, None, None
         result.expert_counts, result.expert_source_counts = slot.counts, slot.source_counts
         result.scales = None if scales is None else list(scales)
+        result._step = handle.step
         return result
 
     @classmethod
@@ -218,13 +221,19 @@ class DispatchResult:
         result._layout, result.received, result.event, result.hook = None, None, None, None
         result.expert_counts, result.expert_source_counts, result.scales = slot.counts, slot.source_counts, slot.scales
         result.expert_outputs = slot.expert_outputs
+        result._step = handle.step
         return result
 
     @property
     def layout(self) -> Any:
         """A :class:`LayoutInfo` per rank (:class:`VirtualGroup`) or this rank's (:class:`NCCLGroup`)."""
         if self._layout is None:
-            self._layout = self.handle.group._layout_of(self.handle)
+            handle = self.handle
+            if handle.step != self._step:   # (the group's own step: _layout_of names a later dispatch of it)
+                raise InvalidUsageError(
+                    "layout: its handle has been updated with new routing since this dispatch (its layout is that step's "
+                    "now); read result.layout before the handle's next dispatch with topk_idx, or use another handle")
+            self._layout = handle.group._layout_of(handle)
         return self._layout
 
     def __iter__(self) -> Iterator[Any]:

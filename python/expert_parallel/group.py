@@ -256,6 +256,8 @@ class VirtualGroup(GroupBase):
                 if not target.own:
                     self._own_step += 1   # earlier handles of the group's own step are void from here on
                     target.step = self._own_step
+                else:
+                    target.step += 1   # (a handle of its own: its updates, which earlier results' layout compares)
                 target.tokens = target.slot = None
                 target.topk_weights = target.weight_addresses = target.weight_stacked = None   # (a new step: none of the last one's)
                 check_status(self._fn_update(self._group, self._update_inputs, config, raw))
@@ -506,6 +508,8 @@ class VirtualGroup(GroupBase):
         if handle is not None:
             if handle._pointer is None:
                 handle.step = self._own_step
+            else:
+                handle.step += 1   # (a handle of its own: its updates, which earlier results' layout compares)
             handle.tokens = handle.slot = None   # (no dispatch, should the call fail)
         status = self._fn_dispatch_stacked(self._group_address, call.address, raw)
         if status:
@@ -599,6 +603,8 @@ class VirtualGroup(GroupBase):
             if not target.own:
                 self._own_step += 1   # earlier handles of the group's own step are void from here on
                 target.step = self._own_step
+            else:
+                target.step += 1   # (a handle of its own: its updates, which earlier results' layout compares)
             target.tokens = target.slot = None
             target.topk_weights = target.weight_addresses = target.weight_stacked = None   # (a new step: none of the last one's)
         check_status(self._fn_dispatch_stacked(self._group_address, call.address, raw))

@@ -249,6 +249,8 @@ class NCCLGroup(GroupBase):
         if not target.own:
             self._own_step += 1  # earlier handles of the group's own step are void now
             target.step = self._own_step
+        else:
+            target.step += 1   # (a handle of its own: its updates, which earlier results' layout compares)
         target.tokens = target.slot = target.topk_weights = None   # (a new step: none of the last one's weights)
 
     def dispatch(self, x: Array, topk_idx: Optional[Array] = None, topk_weights: Optional[Array] = None, *,

@@ -80,3 +80,23 @@ def test_deep_ep_low_latency_ue8m0_scales_keep_every_block_of_a_hidden_size_not_
             sources = [(s, t) for s in range(2) for t in range(3) if r * 2 + e in idx[s][t].tolist()]
             sent = torch.stack([xs[s][t] for s, t in sources]).float()
             assert torch.all((decoded[e, :c] - sent).abs() <= sent.abs() / 16 + per_block[e, :c] * 2 ** -9), (r, e)
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_a_results_layout_is_refused_once_its_handle_has_new_routing(stacked):
+    # One handle per layer, reused every decode step: the first step's result.layout, read after
+    # the handle's next dispatch, returned the next step's counts (the group's own step refused).
+    group = ep.VirtualGroup(ranks=2, experts=8, hidden=16, top_k=2, max_tokens=4, dtype="f32")
+    x, w = torch.randn(2, 4, 16), torch.rand(2, 4, 2)
+    first, second = torch.tensor([[[0, 1]] * 4] * 2).int(), torch.tensor([[[6, 7]] * 4] * 2).int()
+    args = (lambda t: t) if stacked else list
+    with group.handle() as h:
+        kept = group.dispatch(args(x), args(first), args(w), handle=h)
+        assert [i.expert_counters for i in kept.layout] == [[8, 8, 0, 0], [0, 0, 0, 0]]   # read now: the step's
+        late = group.dispatch(args(x), args(first), args(w), handle=h)
+        again = group.dispatch(args(x), None, args(w), handle=h)   # the same routing: still that step
+        assert [i.expert_counters for i in again.layout] == [[8, 8, 0, 0], [0, 0, 0, 0]]
+        group.dispatch(args(x), args(second), args(w), handle=h)
+        assert [i.expert_counters for i in kept.layout] == [[8, 8, 0, 0], [0, 0, 0, 0]]   # (read before: kept)
+        with pytest.raises(ep.InvalidUsageError, match="layout: its handle has been updated with new routing"):
+            late.layout
