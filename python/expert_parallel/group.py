@@ -292,7 +292,8 @@ class VirtualGroup(GroupBase):
         at ``hook()`` for ``send_only``); other layouts expect rows already weighted
         by the expert rank (HT expert-major uses the per-slot weights dispatch delivered). Returns
         the ``[B_r, hidden]`` combined tokens per rank (views of the handle's buffer slot, valid
-        until the slot's next combine, or of ``out``: per-rank tensors of the caller's, or one
+        until the slot's next combine; arrays of their own for a step dispatched into ``out=``
+        arrays; or ``out``: per-rank tensors of the caller's, or one
         ``[R, B, hidden]`` array, which with stacked expert outputs takes one C call); backward HT takes
         ``weight_gradients`` (shaped like ``dispatch(...).topk_weights``) and returns ``(tokens,
         topk_weight_gradients)`` (``out``: such a pair). ``stream``, ``wait_event`` as for dispatch; ``send_only=True``
@@ -363,10 +364,18 @@ class VirtualGroup(GroupBase):
                     entry.weightGradients = self._g.pointers[i] if backward_ht else None
                 self._combine_mode = (weights is not None, backward_ht)
 
-            if out is None:
-                slot = self._slot(handle.slot, like) if handle.slot >= 0 else self._slot(self._next_slot, like)
+            if out is None and handle.slot >= 0:
+                slot = self._slot(handle.slot, like)
                 combined, grads = slot.combine_targets(tokens, backward_ht)
                 outputs = slot.combine_outputs
+            elif out is None:
+                # A step dispatched into the caller's arrays has no buffer slot: its combined rows get
+                # arrays of their own (the next slot's rows may be another live step's result).
+                allocate = _arrays.Allocator(like)
+                fresh: Any = [allocate.zeros((b, self.hidden), self._element, name="combined tokens") for b in tokens]
+                if backward_ht:
+                    fresh = (fresh, [allocate.zeros((b, self.top_k), _abi.F32, name="topk_weight_gradients") for b in tokens])
+                outputs, combined, grads = self._caller_combine_outputs(fresh, tokens, backward_ht)
             else:
                 outputs, combined, grads = self._caller_combine_outputs(out, tokens, backward_ht)
 

@@ -100,3 +100,31 @@ def test_a_results_layout_is_refused_once_its_handle_has_new_routing(stacked):
         assert [i.expert_counters for i in kept.layout] == [[8, 8, 0, 0], [0, 0, 0, 0]]   # (read before: kept)
         with pytest.raises(ep.InvalidUsageError, match="layout: its handle has been updated with new routing"):
             late.layout
+
+
+@pytest.mark.parametrize("numpy", [False, True])
+def test_combining_a_step_dispatched_into_out_arrays_leaves_other_steps_results_alone(numpy):
+    # Two-batch overlap with one micro-batch received into the caller's arrays: its combine (no
+    # out=) wrote into the next buffer slot's combined rows, the result another live step's
+    # combine had just returned.
+    group = ep.VirtualGroup(ranks=2, experts=8, hidden=16, top_k=2, max_tokens=4, dtype="f32")
+    gen = torch.Generator().manual_seed(5)
+
+    def inputs():
+        x, w = torch.randn(2, 4, 16, generator=gen), torch.rand(2, 4, 2, generator=gen)
+        idx = torch.stack([torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(4)]) for _ in range(2)]).int()
+        return (x.numpy(), idx.numpy(), w.numpy()) if numpy else (x, idx, w)
+
+    a_in, b_in, c_in = inputs(), inputs(), inputs()
+    with group.handle() as ha, group.handle() as hb, group.handle() as hc:
+        a = group.dispatch(*a_in, handle=ha)                         # slot 0
+        group.dispatch(*c_in, handle=hc)                             # slot 1
+        mine = np.zeros((2,) + group.recv_shape, np.float32) if numpy else torch.zeros((2,) + group.recv_shape)
+        group.dispatch(*b_in, handle=hb, out=(mine, None, None))     # the caller's: no slot
+        ya = group.combine(a.received, ha)
+        host = (lambda t: t.copy()) if numpy else (lambda t: t.numpy().copy())
+        kept = [host(t) for t in ya]
+        yb = group.combine(mine, hb)
+        assert all(np.array_equal(host(t), k) for t, k in zip(ya, kept)), "the first step's combined rows changed"
+        again = group.combine(mine, hb, out=[np.zeros((4, 16), np.float32) if numpy else torch.zeros(4, 16) for _ in range(2)])
+        assert all(np.array_equal(host(p), host(q)) for p, q in zip(yb, again))
