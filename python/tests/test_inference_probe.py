@@ -128,3 +128,51 @@ def test_combining_a_step_dispatched_into_out_arrays_leaves_other_steps_results_
         assert all(np.array_equal(host(t), k) for t, k in zip(ya, kept)), "the first step's combined rows changed"
         again = group.combine(mine, hb, out=[np.zeros((4, 16), np.float32) if numpy else torch.zeros(4, 16) for _ in range(2)])
         assert all(np.array_equal(host(p), host(q)) for p, q in zip(yb, again))
+
+
+@pytest.mark.parametrize("bad", ["out dtype", "out shape", "weights shape"])
+def test_deep_ep_low_latency_combine_checks_a_ranks_own_out_and_weights_before_the_round(bad):
+    # Rank 1's out= (or topk_weights) did not fit; the group found it in the round, so rank 0,
+    # whose arguments were right, raised rank 1's InvalidArgumentError ("out[1]: dtype ...", a
+    # list entry DeepEP code never passed) instead of a PeerFailedError naming rank 1.
+    import threading
+
+    from expert_parallel.compat.deep_ep import Buffer
+
+    hidden, experts, bmax = 128, 4, 4
+    gen = torch.Generator().manual_seed(9)
+    xs = [torch.randn(3, hidden, generator=gen).bfloat16() for _ in range(2)]
+    idx = [torch.tensor([[0, 3], [1, 2], [2, -1]]), torch.tensor([[3, 1], [0, 2], [1, 3]])]
+    ws = [torch.rand(3, 2, generator=gen) for _ in range(2)]
+    buffers = Buffer.virtual(2, timeout=30)
+    errors = [None, None]
+    message = {"out dtype": "out: dtype torch.float32; must be torch.bfloat16, x's (the combine's element type)",
+               "out shape": "out: shape [4, 128]; must be [3, 128]",
+               "weights shape": "topk_weights: shape [3, 1]; must be [3, 2]"}[bad]
+
+    def flow(b):
+        r = b.rank
+        recv_x, _, handle, _, _ = b.low_latency_dispatch(xs[r], idx[r], bmax, experts, use_fp8=False)
+        out, w = torch.empty(3, hidden, dtype=torch.bfloat16), ws[r]
+        if r == 1:
+            if bad == "out dtype":
+                out = torch.empty(3, hidden)
+            elif bad == "out shape":
+                out = torch.empty(4, hidden, dtype=torch.bfloat16)
+            else:
+                w = w[:, :1]
+        try:
+            b.low_latency_combine(recv_x, idx[r], w, handle, out=out)
+        except ep.ExpertParallelError as error:
+            errors[r] = error
+
+    threads = [threading.Thread(target=flow, args=(b,)) for b in buffers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for b in buffers:
+        b.destroy()
+    assert type(errors[1]) is ep.InvalidArgumentError and str(errors[1]) == message, repr(errors[1])
+    assert isinstance(errors[0], ep.PeerFailedError), repr(errors[0])
+    assert str(errors[0]).endswith(f"InvalidArgumentError: {message}"), str(errors[0])

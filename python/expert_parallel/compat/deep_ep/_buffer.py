@@ -461,10 +461,19 @@ class Buffer:
         require_contiguous(require_tensor(x, "x", 3, self.device), "x")
         routing(topk_idx, 0, self.device)
         require_tensor(topk_weights, "topk_weights", 2, self.device)
-        if not hasattr(handle, "record"):
+        if not hasattr(handle, "record") or handle.record.kind != "ll":
             raise InvalidArgumentError(f"handle: a {type(handle).__name__}; must be the handle low_latency_dispatch returned")
+        # This rank's own arguments against its handle, checked here: a wrong one fails this rank by
+        # its own name (the peers: PeerFailedError), not the round on every rank.
+        b, k = handle.record.tokens[handle.local], int(handle.record.topk_idx[handle.local].shape[1])
+        require_shape(topk_idx, "topk_idx", (b, k))
+        require_shape(topk_weights, "topk_weights", (b, k))
         if out is not None:
             require_tensor(out, "out", 2, self.device)
+            require_shape(out, "out", (b, int(x.shape[2])))
+            if out.dtype != x.dtype:
+                raise InvalidArgumentError(f"out: dtype {out.dtype}; must be {x.dtype}, x's (the combine's element type)")
+            require_contiguous(out, "out")
         (combined, split), event = self._call(
             "low_latency_combine", _engine.ll_combine, None, async_finish, x=x, dtype=group_dtype(x, "x"),
             topk_idx=topk_idx, topk_weights=topk_weights, handle=handle, out=out, return_recv_hook=return_recv_hook)
