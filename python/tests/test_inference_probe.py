@@ -130,7 +130,7 @@ def test_combining_a_step_dispatched_into_out_arrays_leaves_other_steps_results_
         assert all(np.array_equal(host(p), host(q)) for p, q in zip(yb, again))
 
 
-@pytest.mark.parametrize("bad", ["out dtype", "out shape", "weights shape"])
+@pytest.mark.parametrize("bad", ["out dtype", "out shape", "weights shape", "x shape", "x dtype"])
 def test_deep_ep_low_latency_combine_checks_a_ranks_own_out_and_weights_before_the_round(bad):
     # Rank 1's out= (or topk_weights) did not fit; the group found it in the round, so rank 0,
     # whose arguments were right, raised rank 1's InvalidArgumentError ("out[1]: dtype ...", a
@@ -148,7 +148,9 @@ def test_deep_ep_low_latency_combine_checks_a_ranks_own_out_and_weights_before_t
     errors = [None, None]
     message = {"out dtype": "out: dtype torch.float32; must be torch.bfloat16, x's (the combine's element type)",
                "out shape": "out: shape [4, 128]; must be [3, 128]",
-               "weights shape": "topk_weights: shape [3, 1]; must be [3, 2]"}[bad]
+               "weights shape": "topk_weights: shape [3, 1]; must be [3, 2]",
+               "x shape": "x: shape [2, 8, 64]; must be [2, 8, 128]",
+               "x dtype": "x: dtype torch.float16; the handle's dispatch combines bf16"}[bad]
 
     def flow(b):
         r = b.rank
@@ -159,6 +161,10 @@ def test_deep_ep_low_latency_combine_checks_a_ranks_own_out_and_weights_before_t
                 out = torch.empty(3, hidden)
             elif bad == "out shape":
                 out = torch.empty(4, hidden, dtype=torch.bfloat16)
+            elif bad == "x shape":
+                recv_x = recv_x[..., :64].contiguous()
+            elif bad == "x dtype":
+                recv_x, out = recv_x.half(), out.half()
             else:
                 w = w[:, :1]
         try:

@@ -466,6 +466,10 @@ class Buffer:
         # This rank's own arguments against its handle, checked here: a wrong one fails this rank by
         # its own name (the peers: PeerFailedError), not the round on every rank.
         b, k = handle.record.tokens[handle.local], int(handle.record.topk_idx[handle.local].shape[1])
+        entry = handle.record.last
+        require_shape(x, "x", tuple(entry.group.recv_shape))
+        if group_dtype(x, "x") != entry.spec.dtype:
+            raise InvalidArgumentError(f"x: dtype {x.dtype}; the handle's dispatch combines {entry.spec.dtype}")
         require_shape(topk_idx, "topk_idx", (b, k))
         require_shape(topk_weights, "topk_weights", (b, k))
         if out is not None:
