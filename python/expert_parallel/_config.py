@@ -3,6 +3,7 @@ library reports about a group once made (shapes of its buffers)."""
 
 import ctypes
 import math
+import numbers
 
 from . import _abi, _arrays
 from ._library import call
@@ -42,7 +43,8 @@ def flags(**values):
 
 
 def seconds(value, name):
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
+    # (Any real number: NumPy's float32 too, as integer options take NumPy's integers; not a bool.)
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise InvalidArgumentError(f"{name}={value!r}; must be a number of seconds")
     return float(value)
 

@@ -182,3 +182,12 @@ def test_deep_ep_low_latency_combine_checks_a_ranks_own_out_and_weights_before_t
     assert type(errors[1]) is ep.InvalidArgumentError and str(errors[1]) == message, repr(errors[1])
     assert isinstance(errors[0], ep.PeerFailedError), repr(errors[0])
     assert str(errors[0]).endswith(f"InvalidArgumentError: {message}"), str(errors[0])
+
+
+def test_a_timeout_of_numpys_float32_is_a_number_of_seconds():
+    # timeout=np.float32(2.5) was refused as "must be a number of seconds" (integer options take NumPy's integers).
+    group = ep.VirtualGroup(ranks=2, experts=4, hidden=8, top_k=2, max_tokens=2, dtype="f32", timeout=np.float32(2.5))
+    assert group.ranks == 2
+    for wrong in (True, np.bool_(True), "2", None):
+        with pytest.raises(ep.InvalidArgumentError, match="timeout=.*; must be a number of seconds"):
+            ep.VirtualGroup(ranks=2, experts=4, hidden=8, top_k=2, max_tokens=2, dtype="f32", timeout=wrong)
