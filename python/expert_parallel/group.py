@@ -39,6 +39,14 @@ def _device_ordinal(device):
 
 
 
+def _held(values):
+    """What a step keeps alive of per-rank `values` the library reads again later (combine reads the
+    dispatch's weights, the GPU its routing): a list's entries as they are now, in a tuple of its
+    own, since the caller may reuse its list (an entry replaced would free the tensor being read);
+    one array as it is."""
+    return tuple(values) if type(values) is list else values
+
+
 def _option(value, name, table):
     """`table[value]`; a value it does not hold gets _choice's named error."""
     found = table.get(value) if isinstance(value, str) else None
@@ -262,13 +270,13 @@ class VirtualGroup(GroupBase):
                 target.topk_weights = target.weight_addresses = target.weight_stacked = None   # (a new step: none of the last one's)
                 check_status(self._fn_update(self._group, self._update_inputs, config, raw))
                 target.tokens = tokens
-                target.topk_idx = topk_idx
+                target.topk_idx = _held(topk_idx)
             config = self._dispatch_config
             config.direction, config.launchMode, config.step = direction_value, mode, pointer
             config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
             check_status(self._fn_dispatch(self._group, self._dispatch_inputs, outputs, config, raw))
             if direction == "forward" and weighted:
-                target.topk_weights = topk_weights
+                target.topk_weights = _held(topk_weights)   # (combine reads them at these addresses)
                 target.weight_addresses = tuple(self._w.addresses)
                 target.weight_stacked = None
             if slot is not None:
@@ -307,7 +315,7 @@ class VirtualGroup(GroupBase):
             if send_only is not False and send_only is not True or record_event is not False and record_event is not True:
                 _config.flags(send_only=send_only, record_event=record_event)
             if send_only:   # its receiving half reads them: keep them alive until complete() has enqueued it
-                self._kept = (expert_outputs, getattr(handle, "topk_weights", None) if topk_weights is None else topk_weights)
+                self._kept = (_held(expert_outputs), getattr(handle, "topk_weights", None) if topk_weights is None else _held(topk_weights))
             if out is None and weight_gradients is None and topk_weights is None and launch is _SINGLE and direction is _FORWARD:
                 result = self._combine_common(expert_outputs, handle, stream, wait_event, record_event, send_only)
                 if result is not None:

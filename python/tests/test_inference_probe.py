@@ -191,3 +191,29 @@ def test_a_timeout_of_numpys_float32_is_a_number_of_seconds():
     for wrong in (True, np.bool_(True), "2", None):
         with pytest.raises(ep.InvalidArgumentError, match="timeout=.*; must be a number of seconds"):
             ep.VirtualGroup(ranks=2, experts=4, hidden=8, top_k=2, max_tokens=2, dtype="f32", timeout=wrong)
+
+
+def test_a_step_keeps_its_per_rank_weights_when_the_caller_reuses_its_list():
+    # LL expert-major combine reads the dispatch's topk_weights where they were. The handle kept
+    # the caller's list object: replacing its entries after the dispatch (a list reused for the
+    # next micro-batch) freed the tensors, and combine read freed memory.
+    import gc
+    import weakref
+
+    group = ep.VirtualGroup(ranks=2, experts=8, hidden=16, top_k=2, max_tokens=4, dtype="f32")
+    gen = torch.Generator().manual_seed(11)
+    x = list(torch.randn(2, 4, 16, generator=gen))
+    idx = list(torch.tensor([[[0, 5], [1, 2], [3, 7], [4, 6]]] * 2).int())
+    ws = [torch.rand(4, 2, generator=gen) for _ in range(2)]
+    out = group.dispatch(x, idx, ws)
+    want = [t.clone() for t in group.combine(out.received, out.handle)]
+    out = group.dispatch(x, idx, ws)
+    held = [weakref.ref(w) for w in ws]
+    for r in range(2):
+        ws[r] = None
+    gc.collect()
+    assert all(ref() is not None for ref in held), "the step let go of the weights its combine reads"
+    junk = [torch.full((4, 2), 1e6) for _ in range(64)]   # (memory the freed weights had)
+    got = group.combine(out.received, out.handle)
+    assert all(torch.equal(a, b) for a, b in zip(got, want)), [(a - b).abs().max() for a, b in zip(got, want)]
+    del junk
