@@ -87,6 +87,13 @@ extension TensorOverlap {
     /// Exact arithmetic (Int128): the addresses are the caller's word, whatever they are.
     static func firstOverlap(_ a: (start: UInt64, bytes: Int, stride: Int), _ b: (start: UInt64, bytes: Int, stride: Int), parts: Int) -> (Int, Int)? {
         let bStart = Int128(b.start), bBytes = Int128(b.bytes), bStride = Int128(max(b.stride, 1))
+        // The arrays' whole spans first: disjoint (separate tensors, the common case) costs no per-part work.
+        func span(_ t: (start: UInt64, bytes: Int, stride: Int)) -> (Int128, Int128) {
+            let first = Int128(t.start), last = first + Int128(parts - 1) * Int128(t.stride)
+            return (min(first, last), max(first, last) + Int128(t.bytes))
+        }
+        let (aLow, aHigh) = span(a), (bLow, bHigh) = span(b)
+        if aHigh <= bLow || bHigh <= aLow { return nil }
         func floorDiv(_ x: Int128, _ y: Int128) -> Int128 { x >= 0 ? x / y : -((-x + y - 1) / y) }
         for r in 0..<parts {
             let x = Int128(a.start) + Int128(r) * Int128(a.stride)
