@@ -171,9 +171,11 @@ class GroupBase(_NotCopyable):
         from . import _fast
 
         on = _fast.torch_stream(self._device, stream)
-        for tensor in kept:
-            if tensor is not None and getattr(tensor, "is_cuda", False):
-                tensor.record_stream(on)
+        for value in kept:
+            # One tensor (stacked), or a rank's tensors (a list or tuple of per-rank values).
+            for tensor in (value if isinstance(value, (list, tuple)) else (value,)):
+                if tensor is not None and getattr(tensor, "is_cuda", False):
+                    tensor.record_stream(on)
 
     def _record(self, stream):
         """A CUDA event recorded on `stream` (None: the current one); None on the CPU."""

@@ -217,3 +217,27 @@ def test_a_step_keeps_its_per_rank_weights_when_the_caller_reuses_its_list():
     got = group.combine(out.received, out.handle)
     assert all(torch.equal(a, b) for a, b in zip(got, want)), [(a - b).abs().max() for a, b in zip(got, want)]
     del junk
+
+
+def test_a_send_only_combines_kept_per_rank_tensors_are_marked_in_use_by_the_completing_stream(monkeypatch):
+    # complete() lets go of what the send-only combine's receiving half reads after marking each
+    # CUDA tensor in use by its stream; per-rank lists were walked as if they were tensors, so
+    # nothing was marked and the allocator could hand their memory out while the GPU still read it.
+    from expert_parallel import _fast
+
+    class Tensor:
+        is_cuda = True
+
+        def __init__(self):
+            self.streams = []
+
+        def record_stream(self, stream):
+            self.streams.append(stream)
+
+    group = ep.VirtualGroup(ranks=R, experts=E, hidden=H, top_k=K, max_tokens=B, dtype="f32")
+    monkeypatch.setattr(_fast, "torch_stream", lambda device, stream: ("stream", device, stream))
+    rows, weights, stacked = (Tensor(), Tensor()), [Tensor(), None], Tensor()
+    group._device, group._kept = 0, (rows, weights, stacked)
+    group._release_kept(7)
+    marked = [t.streams for t in (*rows, weights[0], stacked)]
+    assert marked == [[("stream", 0, 7)]] * 4 and group._kept is None
