@@ -374,9 +374,16 @@ class Buffer:
         torch = torch_module()
         self._check_open()
         require_contiguous(require_tensor(x, "x", 2, self.device), "x")
-        if not hasattr(handle, "record"):
+        if not hasattr(handle, "record") or handle.record.kind != "ht":
             raise InvalidArgumentError(f"handle: a {type(handle).__name__}; must be the handle dispatch returned")
-        b = handle.record.tokens[handle.local]
+        # This rank's own arguments against its handle, checked here: a wrong one fails this rank by
+        # its own name (the peers: PeerFailedError), not the round on every rank.
+        record = handle.record
+        b, rows, spec = record.tokens[handle.local], record.rows[handle.local], record.last.spec
+        if group_dtype(x, "x") != spec.dtype:
+            raise InvalidArgumentError(f"x: dtype {x.dtype}; the handle's dispatch combines {spec.dtype}")
+        if tuple(x.shape) != (rows, spec.hidden):
+            raise InvalidArgumentError(f"x: shape {list(x.shape)}; must be [{rows}, {spec.hidden}], the rows its dispatch returned")
         biases: List[Any] = list(bias) if isinstance(bias, (tuple, list)) else [bias]
         if len(biases) > 2:
             raise InvalidArgumentError(f"bias: {len(biases)} tensors; at most 2")
@@ -388,6 +395,9 @@ class Buffer:
             require_tensor(topk_weights, "topk_weights", 2, self.device)
             if topk_weights.dtype != torch.float32:
                 raise InvalidArgumentError(f"topk_weights: dtype {topk_weights.dtype}; must be torch.float32")
+            if tuple(topk_weights.shape) != (rows, spec.top_k):
+                raise InvalidArgumentError(f"topk_weights: shape {list(topk_weights.shape)}; must be [{rows}, {spec.top_k}], "
+                                           "the recv_topk_weights its dispatch returned")
         (combined, weights), event = self._call(
             "combine", _engine.ht_combine, previous_event, async_finish, x=x, dtype=group_dtype(x, "x"), handle=handle,
             topk_weights=topk_weights, bias=biases)

@@ -1,0 +1,97 @@
+"""Defects a Megatron / SGLang engineer's probe of DeepEP's intranode ("normal", high-throughput)
+path in the compat layer met, each with the call that showed it, on the CPU backend."""
+
+import threading
+
+import pytest
+import torch
+
+import expert_parallel as ep
+from deep_ep_reference import make_inputs
+from expert_parallel.compat.deep_ep import Buffer
+
+R, E, H, K = 2, 8, 128, 2
+
+
+def ranks_apart(buffers, flow):
+    """Runs ``flow(buffer)`` on a thread per rank; returns (results, errors) in rank order."""
+    results, errors = [None] * len(buffers), [None] * len(buffers)
+
+    def work(b):
+        try:
+            results[b.rank] = flow(b)
+        except Exception as error:  # (the test looks at each rank's)
+            errors[b.rank] = error
+
+    threads = [threading.Thread(target=work, args=(b,)) for b in buffers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    return results, errors
+
+
+def dispatch(b, x, idx, w, **keywords):
+    per_rank, _, per_expert, in_rank, _ = b.get_dispatch_layout(idx, E)
+    return b.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                      topk_idx=idx, topk_weights=w, **keywords)
+
+
+@pytest.mark.parametrize("bad", ["x rows", "x hidden", "x dtype", "weights shape"])
+def test_combine_checks_a_ranks_own_x_and_topk_weights_before_the_round(bad):
+    # Rank 1's x (or topk_weights) did not fit its handle; the group found it in the round, so
+    # rank 0, whose arguments were right, raised rank 1's error ("x: shape ... on rank 1")
+    # instead of a PeerFailedError naming rank 1.
+    xs, idx, ws = make_inputs(3, [5, 4], E, H, K, minus_one_rate=0.0)
+    buffers = Buffer.virtual(R, timeout=30)
+    expected = {}
+
+    def flow(b):
+        r = b.rank
+        recv_x, _, recv_w, _, handle, _ = dispatch(b, xs[r], idx[r], ws[r])
+        y, w = recv_x, recv_w
+        n = recv_x.shape[0]
+        if r == 1:
+            if bad == "x rows":
+                y = torch.zeros(n + 1, H, dtype=torch.bfloat16)
+                expected[1] = f"x: shape [{n + 1}, {H}]; must be [{n}, {H}], the rows its dispatch returned"
+            elif bad == "x hidden":
+                y = torch.zeros(n, H // 2, dtype=torch.bfloat16)
+                expected[1] = f"x: shape [{n}, {H // 2}]; must be [{n}, {H}], the rows its dispatch returned"
+            elif bad == "x dtype":
+                y = recv_x.float()
+                expected[1] = "x: dtype torch.float32; the handle's dispatch combines bf16"
+            else:
+                w = recv_w[:, :1].contiguous()
+                expected[1] = f"topk_weights: shape [{n}, 1]; must be [{n}, {K}], the recv_topk_weights its dispatch returned"
+        return b.combine(y, handle, topk_weights=w)
+
+    _, errors = ranks_apart(buffers, flow)
+    for b in buffers:
+        b.destroy()
+    assert type(errors[1]) is ep.InvalidArgumentError and str(errors[1]) == expected[1], repr(errors[1])
+    assert isinstance(errors[0], ep.PeerFailedError), repr(errors[0])
+    assert str(errors[0]).endswith(f"InvalidArgumentError: {expected[1]}"), str(errors[0])
+
+
+def test_combine_after_a_failed_rank_meets_again():
+    # The ranks stay in step after one rank's combine failed its own checks: the same combine,
+    # right on every rank, then runs.
+    xs, idx, ws = make_inputs(4, [5, 4], E, H, K, minus_one_rate=0.0)
+    buffers = Buffer.virtual(R, timeout=30)
+
+    def flow(b):
+        r = b.rank
+        recv_x, _, _, _, handle, _ = dispatch(b, xs[r], idx[r], ws[r])
+        try:
+            b.combine(recv_x[:-1].contiguous() if r == 1 else recv_x, handle)
+        except ep.ExpertParallelError:
+            pass
+        return b.combine(recv_x, handle)[0]
+
+    results, errors = ranks_apart(buffers, flow)
+    for b in buffers:
+        b.destroy()
+    assert errors == [None, None]
+    assert all(tuple(y.shape) == (x.shape[0], H) for y, x in zip(results, xs))
