@@ -47,6 +47,32 @@ def _held(values):
     return tuple(values) if type(values) is list else values
 
 
+def _described(value):
+    """`value` as an error names what was passed: an array with its shape, a tuple or list with its length."""
+    if _arrays.kind(value) is not None:
+        return f"a {type(value).__name__} of shape {list(value.shape)}"
+    if type(value) is tuple or type(value) is list:
+        return f"a {type(value).__name__} of {len(value)}"
+    return f"a {type(value).__name__}"
+
+
+def _backward_out(out, ranks):
+    """The backward HT combine's ``out=`` pair (tokens, topk_weight_gradients), each a per-rank
+    list or one stacked ``[R, B, ...]`` array, checked to be of that form: one array would unpack
+    along its first dimension (R = 2) and a per-rank list of 2 tensors pass as the pair, either
+    named as something it is not."""
+    if (type(out) is tuple or type(out) is list) and len(out) == 2:
+        bad = [(name, part) for name, part in zip(("tokens", "topk_weight_gradients"), out)
+               if _arrays.kind(part) is not None and len(part.shape) != 3]
+        if not bad:
+            return out
+        what = f"{_described(out)} whose {bad[0][0]} is {_described(bad[0][1])}"
+    else:
+        what = _described(out)
+    raise InvalidArgumentError(f"out: {what}; the backward pass of HT takes a pair (tokens, topk_weight_gradients), "
+                               f"each a per-rank list ({ranks} tensors) or one [R, B, ...] array")
+
+
 def _option(value, name, table):
     """`table[value]`; a value it does not hold gets _choice's named error."""
     found = table.get(value) if isinstance(value, str) else None
@@ -333,6 +359,8 @@ class VirtualGroup(GroupBase):
             forward_ll = direction_value == 0 and self.layout == "expert_major"
             if topk_weights is not None and not forward_ll:
                 raise InvalidArgumentError(combine_weights_refused(self.layout, direction_value))
+            if backward_ht and out is not None:
+                _backward_out(out, r)
             if not isinstance(expert_outputs, (list, tuple)):
                 caller = None if out is None else self._stacked_combine_out(out, handle.tokens, backward_ht)
                 if (out is None and handle.slot >= 0) or caller is not None:
@@ -947,13 +975,14 @@ class VirtualGroup(GroupBase):
     def _caller_outputs(self, out):
         """The dispatch outputs for ``out=(tokens, topk_idx, topk_weights[, expert_counts[, scales]])``
         per-rank lists (FP8 groups: e4m3 tokens and the received scales, which they need)."""
-        try:
-            tokens, idx, weights, *rest = out
-            if len(rest) > 2:
-                raise ValueError
-        except (TypeError, ValueError):
-            raise InvalidArgumentError("out: must be (tokens, topk_idx, topk_weights), optionally then expert_counts (or None) "
-                                       "and, for FP8 groups, scales: per-rank lists (None for LL expert-major's routing)") from None
+        # A tuple or list only: one array [R, ...] would unpack along its first dimension (R of 3 to
+        # 5 into tokens, idx, weights, ...) and be named as the wrong thing.
+        if type(out) is not tuple and type(out) is not list or not 3 <= len(out) <= 5:
+            raise InvalidArgumentError(
+                f"out: {_described(out)}; must be a tuple (tokens, topk_idx, topk_weights), optionally then expert_counts "
+                "(or None) and, for FP8 groups, scales: each a per-rank list or one [R, ...] array (None for LL "
+                "expert-major's routing)")
+        tokens, idx, weights, *rest = out
         r = self.ranks
         routing, fp8 = self.recv_routing_shape, self.recv_scales_shape is not None
         received = tokens if _arrays.kind(tokens) is not None else None   # one stacked array: result.received
@@ -999,10 +1028,7 @@ class VirtualGroup(GroupBase):
     def _caller_combine_outputs(self, out, tokens, backward_ht):
         r = self.ranks
         if backward_ht:
-            try:
-                combined, grads = out
-            except (TypeError, ValueError):
-                raise InvalidArgumentError("out: backward HT takes (tokens, topk_weight_gradients), per-rank lists") from None
+            combined, grads = _backward_out(out, r)
         else:
             combined, grads = out, None
         combined = self._per_rank(combined, "out")

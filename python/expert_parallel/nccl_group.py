@@ -557,11 +557,11 @@ class NCCLGroup(GroupBase):
         """(tokens, weight gradients or None) of combine's ``out=``: a ``[B, hidden]`` tensor of
         the group's type, and for HT's backward pass a ``[B, top_k]`` float32 tensor beside it."""
         if backward_ht:
-            try:
-                combined, grads = out
-            except (TypeError, ValueError):
+            # (a tuple or list only: a [2, B, hidden] tensor would unpack along its first dimension)
+            if type(out) is not tuple and type(out) is not list or len(out) != 2:
                 raise InvalidArgumentError(
-                    f"out: a {type(out).__name__}; the backward pass of HT takes (tokens, topk_weight_gradients)") from None
+                    f"out: a {type(out).__name__}; the backward pass of HT takes (tokens, topk_weight_gradients)")
+            combined, grads = out
         else:
             combined, grads = out, None
         self._require_torch(combined, "out")

@@ -95,3 +95,59 @@ def test_combine_after_a_failed_rank_meets_again():
         b.destroy()
     assert errors == [None, None]
     assert all(tuple(y.shape) == (x.shape[0], H) for y, x in zip(results, xs))
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 4, 5])
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_dispatch_out_of_one_array_is_refused_saying_what_out_must_be(ranks, kind):
+    # out= given as one [R, *recv_shape] array (as combine's out= may be): for R of 3 to 5 it was
+    # unpacked along dimension 0 into (tokens, topk_idx, topk_weights[, ...]) and refused as
+    # "out tokens: 12 entries; must be one tensor per rank (3)", which is not what was wrong.
+    import numpy as np
+
+    group = ep.VirtualGroup(ranks=ranks, experts=2 * ranks, hidden=16, top_k=2, max_tokens=4, dtype="f32", algorithm="ht")
+    gen = torch.Generator().manual_seed(ranks)
+    x = torch.randn(ranks, 4, 16, generator=gen)
+    idx = torch.stack([torch.stack([torch.randperm(2 * ranks, generator=gen)[:2] for _ in range(4)]) for _ in range(ranks)]).int()
+    w = torch.rand(ranks, 4, 2, generator=gen)
+    shape = (ranks,) + tuple(group.recv_shape)
+    out = torch.zeros(shape) if kind == "torch" else np.zeros(shape, np.float32)
+    with pytest.raises(ep.InvalidArgumentError) as caught:
+        group.dispatch(x, idx, w, out=out)
+    assert str(caught.value).startswith(
+        f"out: a {type(out).__name__} of shape {list(shape)}; must be a tuple (tokens, topk_idx, topk_weights)"), str(caught.value)
+    # the tuple of stacked arrays the message asks for is taken
+    mine = (torch.zeros(shape), torch.zeros((ranks,) + tuple(group.recv_routing_shape), dtype=torch.int32),
+            torch.zeros((ranks,) + tuple(group.recv_routing_shape)))
+    result = group.dispatch(x, idx, w, out=mine)
+    assert result.tokens[0].data_ptr() == mine[0][0].data_ptr()
+    group.close()
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("form", ["one array", "per-rank list"])
+def test_backward_ht_combine_out_not_a_pair_is_refused_saying_what_out_must_be(ranks, form):
+    # The backward pass of HT takes out=(tokens, topk_weight_gradients). One [R, B, hidden] array
+    # at R = 2 was unpacked along dimension 0 ("out: 4 entries; must be one tensor per rank (2)"),
+    # and a per-rank list of 2 tensors passed as the pair ("out: shape [4, 16]; must be [2, 4, 16]").
+    group = ep.VirtualGroup(ranks=ranks, experts=2 * ranks, hidden=16, top_k=2, max_tokens=4, dtype="f32", algorithm="ht")
+    gen = torch.Generator().manual_seed(ranks)
+    x = torch.randn(ranks, 4, 16, generator=gen)
+    idx = torch.stack([torch.stack([torch.randperm(2 * ranks, generator=gen)[:2] for _ in range(4)]) for _ in range(ranks)]).int()
+    w = torch.rand(ranks, 4, 2, generator=gen)
+    result = group.dispatch(x, idx, w)
+    grads = torch.zeros((ranks,) + tuple(group.recv_routing_shape))
+    y = torch.zeros((ranks,) + tuple(group.recv_shape))
+    out = torch.zeros(ranks, 4, 16) if form == "one array" else [torch.zeros(4, 16) for _ in range(ranks)]
+    with pytest.raises(ep.InvalidArgumentError) as caught:
+        group.combine(y, result.handle, direction="backward", weight_gradients=grads, out=out)
+    message = str(caught.value)
+    assert message.startswith("out: a ") and "the backward pass of HT takes a pair (tokens, topk_weight_gradients)" in message, message
+    # the pair is taken, stacked or per rank
+    pair = (torch.full((ranks, 4, 16), 7.0), torch.full((ranks, 4, 2), 7.0))
+    combined, g = group.combine(y, result.handle, direction="backward", weight_gradients=grads, out=pair)
+    assert float(pair[0].abs().max()) == 0.0 and float(pair[1].abs().max()) == 0.0
+    pair = ([torch.full((4, 16), 7.0) for _ in range(ranks)], [torch.full((4, 2), 7.0) for _ in range(ranks)])
+    group.combine(y, result.handle, direction="backward", weight_gradients=grads, out=pair)
+    assert all(float(t.abs().max()) == 0.0 for t in pair[0] + pair[1])
+    group.close()

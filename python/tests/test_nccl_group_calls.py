@@ -451,3 +451,16 @@ def test_a_stream_of_the_wrong_kind_changes_nothing(recorded):
         group.dispatch(x, idx, w, stream="cuda:0")
     assert (group._next_slot, group._own_step) == state and calls == []
     group.combine(out.expert_outputs, out.handle)   # still the group's live step
+
+
+def test_backward_ht_combine_out_of_one_tensor_is_refused_not_unpacked(recorded):
+    # One [2, B, hidden] tensor as the backward pass's out= was unpacked along dimension 0 into
+    # (tokens, topk_weight_gradients) and refused as "out gradients: shape [4, 32]; must be [4, 4]".
+    ht, calls = recorded(algorithm="ht")
+    x, idx, w = step(ht, 4, 11)
+    out = ht.dispatch(x, idx, w)
+    calls.clear()
+    with pytest.raises(ep.InvalidArgumentError, match=r"out: a Tensor; the backward pass of HT takes \(tokens, topk_weight_gradients\)"):
+        ht.combine(out.expert_outputs, out.handle, direction="backward", weight_gradients=ht._slots[0].weight_grads,
+                   out=torch.empty(2, 4, ht.hidden, dtype=torch.bfloat16))
+    assert calls == []

@@ -122,7 +122,7 @@ def test_wrong_arguments_of_the_new_calls_are_named():
             g.dispatch(list(xs)[:2], idx, w)
         with pytest.raises(ep.InvalidArgumentError, match="buffer_slots"):
             group(buffer_slots=0)
-        with pytest.raises(ep.InvalidArgumentError, match="out: must be"):
+        with pytest.raises(ep.InvalidArgumentError, match=r"out: a list of 1; must be a tuple \(tokens, topk_idx, topk_weights\)"):
             g.dispatch(xs, idx, w, out=[1])
         other = group()
         with pytest.raises(ep.InvalidArgumentError, match="handle"):
