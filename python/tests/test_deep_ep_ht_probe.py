@@ -151,3 +151,34 @@ def test_backward_ht_combine_out_not_a_pair_is_refused_saying_what_out_must_be(r
     group.combine(y, result.handle, direction="backward", weight_gradients=grads, out=pair)
     assert all(float(t.abs().max()) == 0.0 for t in pair[0] + pair[1])
     group.close()
+
+
+@pytest.mark.parametrize("bad", ["x rows", "not a handle", "a low-latency handle"])
+def test_a_cached_dispatch_checks_a_ranks_own_x_and_handle_before_the_round(bad):
+    # The backward pass of combine (dispatch with handle=): rank 1's x with another token count than
+    # its handle's dispatch, or a handle that is not dispatch's, was found by the group inside the
+    # round, so rank 0 raised "x: 3 tokens on rank 1; ..." too instead of a PeerFailedError.
+    xs, idx, ws = make_inputs(5, [5, 4], E, H, K, minus_one_rate=0.0)
+    buffers = Buffer.virtual(R, timeout=30)
+    expected = {"x rows": "x: 3 tokens; the handle's dispatch had 4",
+                "not a handle": "handle: a object; must be the handle dispatch returned",
+                "a low-latency handle": "handle: a DispatchHandle; must be the handle dispatch returned"}[bad]
+
+    def flow(b):
+        r = b.rank
+        _, _, _, _, handle, _ = dispatch(b, xs[r], idx[r], ws[r])
+        _, _, ll_handle, _, _ = b.low_latency_dispatch(xs[r], idx[r], 8, E, use_fp8=False)
+        x = xs[r]
+        if r == 1:
+            if bad == "x rows":
+                x = x[:-1]
+            else:
+                handle = object() if bad == "not a handle" else ll_handle
+        return b.dispatch(x, handle=handle)
+
+    _, errors = ranks_apart(buffers, flow)
+    for b in buffers:
+        b.destroy()
+    assert type(errors[1]) is ep.InvalidArgumentError and str(errors[1]) == expected, repr(errors[1])
+    assert isinstance(errors[0], ep.PeerFailedError), repr(errors[0])
+    assert str(errors[0]).endswith(f"InvalidArgumentError: {expected}"), str(errors[0])

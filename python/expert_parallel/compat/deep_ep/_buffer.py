@@ -330,6 +330,12 @@ class Buffer:
         if handle is not None:
             if topk_idx is not None or topk_weights is not None:
                 raise InvalidArgumentError("topk_idx/topk_weights: given with handle; a cached dispatch reuses the handle's routing")
+            # This rank's own arguments against its handle, checked here: a wrong one fails this rank
+            # by its own name (the peers: PeerFailedError), not the round on every rank.
+            if not hasattr(handle, "record") or handle.record.kind != "ht":
+                raise InvalidArgumentError(f"handle: a {type(handle).__name__}; must be the handle dispatch returned")
+            if b != handle.record.tokens[handle.local]:
+                raise InvalidArgumentError(f"x: {b} tokens; the handle's dispatch had {handle.record.tokens[handle.local]}")
             (recv_x, _, _, _, _), event = self._call("dispatch", _engine.ht_dispatch, previous_event, async_finish,
                                                      handle=handle, **args)
             return recv_x, None, None, None, None, event
