@@ -182,3 +182,37 @@ def test_a_cached_dispatch_checks_a_ranks_own_x_and_handle_before_the_round(bad)
     assert type(errors[1]) is ep.InvalidArgumentError and str(errors[1]) == expected, repr(errors[1])
     assert isinstance(errors[0], ep.PeerFailedError), repr(errors[0])
     assert str(errors[0]).endswith(f"InvalidArgumentError: {expected}"), str(errors[0])
+
+
+@pytest.mark.parametrize("call", ["combine", "cached dispatch", "low_latency_combine"])
+def test_a_rank_passing_its_peers_handle_is_refused_by_name(call):
+    # Virtual ranks share a process, so a rank may pick up its peer's handle (a list of handles
+    # indexed by the wrong rank). Where the shapes fit, it ran as the rank's own: rank 0 combined
+    # rank 1's rows into its tokens, silently.
+    tokens = [5, 4]
+    xs, _, ws = make_inputs(6, tokens, E, H, K)
+    idx = [torch.tensor([[0, 4]] * b) for b in tokens]   # every token to both ranks: both receive 9 rows
+    buffers = Buffer.virtual(R, timeout=30)
+    handles, barrier = [None, None], threading.Barrier(R)
+    expected = {0: "handle: rank 1's; this Buffer is rank 0: pass the handle its own dispatch returned",
+                1: "handle: rank 0's; this Buffer is rank 1: pass the handle its own dispatch returned"}
+
+    def flow(b):
+        r = b.rank
+        if call == "low_latency_combine":
+            recv_x, _, handles[r], _, _ = b.low_latency_dispatch(xs[r], idx[r], 8, E, use_fp8=False)
+        else:
+            recv_x, _, _, _, handles[r], _ = dispatch(b, xs[r], idx[r], ws[r])
+        barrier.wait()
+        peer = handles[1 - r]
+        if call == "combine":
+            return b.combine(recv_x, peer)
+        if call == "cached dispatch":
+            return b.dispatch(xs[1 - r], handle=peer)
+        return b.low_latency_combine(recv_x, idx[r], ws[r], peer)
+
+    _, errors = ranks_apart(buffers, flow)
+    for b in buffers:
+        b.destroy()
+    for r in range(R):
+        assert type(errors[r]) is ep.InvalidArgumentError and str(errors[r]) == expected[r], repr(errors[r])

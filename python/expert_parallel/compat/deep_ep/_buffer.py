@@ -14,6 +14,7 @@ from ._config import Config, check_num_sms, default_config
 from ._engine import Payload
 from ._errors import not_supported
 from ._events import EventOverlap
+from ._handle import DispatchHandle
 from ._groups import Groups
 from ._layout import dispatch_layout, flag, group_dtype, require_contiguous, require_shape, require_tensor, routing, torch_module
 from ._virtual import Failed, Rendezvous, Solo
@@ -242,6 +243,17 @@ class Buffer:
 
         return hook
 
+    def _own_handle(self, handle: Any, kind: str) -> None:
+        """`handle` checked to be what this rank's dispatch of `kind` ("ht": dispatch, "ll":
+        low_latency_dispatch) returned: another rank's (virtual ranks share a process, so a rank
+        may pick up its peer's) ran as this rank's and combined its peer's rows silently."""
+        if not isinstance(handle, DispatchHandle) or handle.record.kind != kind:
+            what = "dispatch" if kind == "ht" else "low_latency_dispatch"
+            raise InvalidArgumentError(f"handle: a {type(handle).__name__}; must be the handle {what} returned")
+        if handle.rank != self.rank:
+            raise InvalidArgumentError(f"handle: rank {handle.rank}'s; this Buffer is rank {self.rank}: pass the handle "
+                                       "its own dispatch returned")
+
     def _multiprocessors(self, config: Optional[Config]) -> Optional[int]:
         if config is not None:
             if not isinstance(config, Config):
@@ -332,8 +344,7 @@ class Buffer:
                 raise InvalidArgumentError("topk_idx/topk_weights: given with handle; a cached dispatch reuses the handle's routing")
             # This rank's own arguments against its handle, checked here: a wrong one fails this rank
             # by its own name (the peers: PeerFailedError), not the round on every rank.
-            if not hasattr(handle, "record") or handle.record.kind != "ht":
-                raise InvalidArgumentError(f"handle: a {type(handle).__name__}; must be the handle dispatch returned")
+            self._own_handle(handle, "ht")
             if b != handle.record.tokens[handle.local]:
                 raise InvalidArgumentError(f"x: {b} tokens; the handle's dispatch had {handle.record.tokens[handle.local]}")
             (recv_x, _, _, _, _), event = self._call("dispatch", _engine.ht_dispatch, previous_event, async_finish,
@@ -380,8 +391,7 @@ class Buffer:
         torch = torch_module()
         self._check_open()
         require_contiguous(require_tensor(x, "x", 2, self.device), "x")
-        if not hasattr(handle, "record") or handle.record.kind != "ht":
-            raise InvalidArgumentError(f"handle: a {type(handle).__name__}; must be the handle dispatch returned")
+        self._own_handle(handle, "ht")
         # This rank's own arguments against its handle, checked here: a wrong one fails this rank by
         # its own name (the peers: PeerFailedError), not the round on every rank.
         record = handle.record
@@ -477,8 +487,7 @@ class Buffer:
         require_contiguous(require_tensor(x, "x", 3, self.device), "x")
         routing(topk_idx, 0, self.device)
         require_tensor(topk_weights, "topk_weights", 2, self.device)
-        if not hasattr(handle, "record") or handle.record.kind != "ll":
-            raise InvalidArgumentError(f"handle: a {type(handle).__name__}; must be the handle low_latency_dispatch returned")
+        self._own_handle(handle, "ll")
         # This rank's own arguments against its handle, checked here: a wrong one fails this rank by
         # its own name (the peers: PeerFailedError), not the round on every rank.
         b, k = handle.record.tokens[handle.local], int(handle.record.topk_idx[handle.local].shape[1])
@@ -503,8 +512,7 @@ class Buffer:
         """A ``[L, R*Bmax, hidden]`` tensor to write the expert outputs into and pass as
         low_latency_combine's ``x`` (a fresh one: combine reads ``x`` where it is)."""
         self._check_open()
-        if not hasattr(handle, "record") or handle.record.kind != "ll":
-            raise InvalidArgumentError("handle: must be the handle low_latency_dispatch returned")
+        self._own_handle(handle, "ll")
         entry = handle.record.last
         torch = torch_module()
         dtype = getattr(torch, {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}[entry.spec.dtype])
