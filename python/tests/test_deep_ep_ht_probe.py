@@ -216,3 +216,19 @@ def test_a_rank_passing_its_peers_handle_is_refused_by_name(call):
         b.destroy()
     for r in range(R):
         assert type(errors[r]) is ep.InvalidArgumentError and str(errors[r]) == expected[r], repr(errors[r])
+
+
+def test_a_previous_event_that_is_no_event_is_refused_by_name():
+    # previous_event=3 was ignored on the CPU and handed to torch's wait_event on a GPU (a raw
+    # TypeError there); the failing rank now gets its own error and its peer a PeerFailedError.
+    xs, idx, ws = make_inputs(3, [5, 4], E, H, K, minus_one_rate=0.0)
+    buffers = Buffer.virtual(R, timeout=30)
+
+    def flow(b):
+        return dispatch(b, xs[b.rank], idx[b.rank], ws[b.rank], previous_event=3 if b.rank == 1 else None)
+
+    _, errors = ranks_apart(buffers, flow)
+    assert isinstance(errors[1], ep.InvalidArgumentError) and "previous_event: a int (3)" in str(errors[1])
+    assert isinstance(errors[0], ep.PeerFailedError)
+    with pytest.raises(ep.InvalidArgumentError, match="previous_event: a str"):
+        buffers[0].get_dispatch_layout(idx[0], E, previous_event="event")

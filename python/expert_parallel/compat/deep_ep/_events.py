@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
+from ...errors import InvalidArgumentError
+
 
 class EventOverlap:
     """A CUDA event recorded after a communication call (``async_finish=True``), or None.
@@ -54,9 +56,14 @@ def _cuda_event(event: Any) -> Any:
 def wait(event: Any, device: str) -> None:
     """The current stream of `device` waits for `event` (an EventOverlap, an EventHandle, a CUDA
     event or None)."""
-    event = _cuda_event(event)
-    if event is None or device == "cpu":
+    given, event = event, _cuda_event(event)
+    if event is None:
         return
     import torch
 
-    torch.cuda.current_stream(torch.device(device)).wait_event(event)
+    kinds = (torch.cuda.Event,) + ((torch.Event,) if hasattr(torch, "Event") else ())
+    if not isinstance(event, kinds):
+        raise InvalidArgumentError(
+            f"previous_event: a {type(given).__name__} ({given!r}); must be an EventOverlap, an EventHandle, a CUDA event or None")
+    if device != "cpu":
+        torch.cuda.current_stream(torch.device(device)).wait_event(event)
