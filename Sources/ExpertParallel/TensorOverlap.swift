@@ -36,37 +36,45 @@ enum TensorOverlap {
 
     /// How an overlap's requirement starts; the name after it is renamed with the field
     /// (`EPError.renamingField`).
-    static let requirementPrefix = "must not overlap "
+    package static let requirementPrefix = "must not overlap "
 }
 
 extension CallShapes {
     /// A dispatch's outputs against its inputs and each other.
     func refuseOverlaps(_ input: DispatchInput, _ output: DispatchOutput) throws(EPError) {
-        try TensorOverlap.refuse(outputs: 6, all: 9) { i in
-            switch i {
-            case 0: (output.tokens, "output.tokens")
-            case 1: (output.topkIdx, "output.topkIdx")
-            case 2: (output.topkWeights, "output.topkWeights")
-            case 3: (output.scales, "output.scales")
-            case 4: (output.expertCounts, "output.expertCounts")
-            case 5: (output.expertSourceCounts, "output.expertSourceCounts")
-            case 6: (input.tokens, "input.tokens")
-            case 7: (input.topkWeights, "input.topkWeights")
-            default: (input.scales, "input.scales")
-            }
-        }
+        try TensorOverlap.refuse(outputs: Self.dispatchOutputs, all: Self.dispatchArguments) { Self.dispatchArgument(input, output, $0) }
     }
 
     /// A combine's outputs against its inputs and each other.
     func refuseOverlaps(_ input: CombineInput, _ output: CombineOutput) throws(EPError) {
-        try TensorOverlap.refuse(outputs: 2, all: 5) { i in
-            switch i {
-            case 0: (output.tokens, "output.tokens")
-            case 1: (output.topkWeightGradients, "output.topkWeightGradients")
-            case 2: (input.expertOutputs, "input.expertOutputs")
-            case 3: (input.topkWeights, "input.topkWeights")
-            default: (input.weightGradients, "input.weightGradients")
-            }
+        try TensorOverlap.refuse(outputs: Self.combineOutputs, all: Self.combineArguments) { Self.combineArgument(input, output, $0) }
+    }
+
+    /// A dispatch's tensors and their names, the outputs first.
+    static let dispatchOutputs = 6, dispatchArguments = 9
+    static func dispatchArgument(_ input: DispatchInput, _ output: DispatchOutput, _ i: Int) -> (TensorRef?, String) {
+        switch i {
+        case 0: (output.tokens, "output.tokens")
+        case 1: (output.topkIdx, "output.topkIdx")
+        case 2: (output.topkWeights, "output.topkWeights")
+        case 3: (output.scales, "output.scales")
+        case 4: (output.expertCounts, "output.expertCounts")
+        case 5: (output.expertSourceCounts, "output.expertSourceCounts")
+        case 6: (input.tokens, "input.tokens")
+        case 7: (input.topkWeights, "input.topkWeights")
+        default: (input.scales, "input.scales")
+        }
+    }
+
+    /// A combine's tensors and their names, the outputs first.
+    static let combineOutputs = 2, combineArguments = 5
+    static func combineArgument(_ input: CombineInput, _ output: CombineOutput, _ i: Int) -> (TensorRef?, String) {
+        switch i {
+        case 0: (output.tokens, "output.tokens")
+        case 1: (output.topkWeightGradients, "output.topkWeightGradients")
+        case 2: (input.expertOutputs, "input.expertOutputs")
+        case 3: (input.topkWeights, "input.topkWeights")
+        default: (input.weightGradients, "input.weightGradients")
         }
     }
 }

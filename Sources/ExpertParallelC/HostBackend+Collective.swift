@@ -71,6 +71,8 @@ extension HostBackend: StepGroupBackend {
             return rank
         case .overflow:
             return ranks.first   // every rank finds it in the same exchanged counts
+        case _ where CallShapes.isAcrossRanks(error):
+            return nil   // one rank's output over another's argument: the group's refusal, naming both
         case .wrongOrder:
             // Before a successful update every rank's handle refuses a dispatch or combine alike;
             // otherwise only the group refuses (the active ranks changed since the update).

@@ -78,6 +78,8 @@ extension VirtualGPUGroup {
                 throw .invalidArgument(field: "outputs[\(r)].topkIdx.dtype", value: "\(idx.dtype)", requirement: "must match rank 0's (\(first.dtype))")
             }
         }
+        // One launch runs every rank: one's writes would race another's reads.
+        try engine.shapes.refuseOverlaps(inputs, outputs, ranks: 0..<config.ranks)
     }
 
     /// Every rank pulls its rows of `handle`'s step back and reduces them in the fixed order of
@@ -99,6 +101,7 @@ extension VirtualGPUGroup {
             try requireAligned(inputs[r].weightGradients, "inputs[\(r)].weightGradients", 4)
             try requireAligned(outputs[r].topkWeightGradients, "outputs[\(r)].topkWeightGradients", 4)
         }
+        try engine.shapes.refuseOverlaps(inputs, outputs, ranks: 0..<config.ranks)
         try engine.combine(
             handle, into: { CombineTarget(outputs[$0]) },
             experts: { r in ExpertSide(rows: address(inputs[r].expertOutputs), weights: inputs[r].topkWeights.map(address) ?? 0,

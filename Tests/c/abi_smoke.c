@@ -599,8 +599,14 @@ static void overlappingOutputs(void) {
     CHECK_FAILS(epGroupDispatchAll(group, din, dout, NULL, NULL), epInvalidArgument, "rank 1: invalid argument: outputs[1].tokens.data = ");
     CHECK(strstr(epGetLastErrorMessage(), "must not overlap inputs[1].tokens (") != NULL, "%s", epGetLastErrorMessage());
     CHECK(aliased[0][0][0] == 0.0f && aliased[L - 1][R * BMAX - 1][0] == 2.0f, "the refused dispatch wrote into its input");
-    din[1].tokens = &b[1].tx;
+    /* Rank 0 dispatches into the buffer rank 1 reads its rows from: the ranks run at once. */
     dout[1].tokens = &b[1].trecv;
+    dout[0].tokens = &received;
+    CHECK_FAILS(epGroupDispatchAll(group, din, dout, NULL, NULL), epInvalidArgument, "epGroupDispatchAll: invalid argument: outputs[0].tokens.data = ");
+    CHECK(strstr(epGetLastErrorMessage(), "must not overlap inputs[1].tokens (") != NULL, "%s", epGetLastErrorMessage());
+    CHECK(aliased[0][0][0] == 0.0f && aliased[L - 1][R * BMAX - 1][0] == 2.0f, "the refused dispatch wrote into rank 1's input");
+    din[1].tokens = &b[1].tx;
+    dout[0].tokens = &b[0].trecv;
     CHECK_OK(epGroupDispatchAll(group, din, dout, NULL, NULL));
     /* Rank 0's combined row starts where its weights are. */
     static float row[H] = {0.25f, 0.5f};
@@ -611,7 +617,16 @@ static void overlappingOutputs(void) {
     CHECK_FAILS(epGroupCombineAll(group, cin, cout, NULL, NULL), epInvalidArgument, "rank 0: invalid argument: outputs[0].tokens.data = ");
     CHECK(strstr(epGetLastErrorMessage(), "(32 bytes); must not overlap inputs[0].topkWeights (") != NULL, "%s", epGetLastErrorMessage());
     CHECK(row[0] == 0.25f && row[1] == 0.5f && row[2] == 0.0f, "the refused combine wrote over its weights");
+    /* Rank 1's combined rows over rank 0's weights. */
+    static float rowOfTwo[H];
+    epTensor_t overOthers = epMakeTensor(row, epFloat32, 2, xs, -1), own = epMakeTensor(rowOfTwo, epFloat32, 2, xs, -1);
+    cout[0].tokens = &own;
+    cout[1].tokens = &overOthers;
+    CHECK_FAILS(epGroupCombineAll(group, cin, cout, NULL, NULL), epInvalidArgument, "epGroupCombineAll: invalid argument: outputs[1].tokens.data = ");
+    CHECK(strstr(epGetLastErrorMessage(), "must not overlap inputs[0].topkWeights (") != NULL, "%s", epGetLastErrorMessage());
+    CHECK(row[0] == 0.25f && row[1] == 0.5f && row[2] == 0.0f && rowOfTwo[0] == 0.0f, "the refused combine wrote");
     cout[0].tokens = &b[0].ty;
+    cout[1].tokens = &b[1].ty;
     CHECK_OK(epGroupCombineAll(group, cin, cout, NULL, NULL));
     for (int r = 0; r < R; r++) CHECK(b[r].y[0][0] == 0.75f * (float)(r + 1), "rank %d: y[0] = %g", r, (double)b[r].y[0][0]);
     CHECK_OK(epGroupDestroy(group));

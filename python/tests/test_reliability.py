@@ -168,6 +168,8 @@ def test_combine_with_a_huge_hidden_and_no_tokens_allocates_no_row_scratch():
             update[r] = _abi.new(_abi.UpdateInputs, topkIdx=ref(idx, (0, 2)))
             din[r] = _abi.new(_abi.DispatchInputs, tokens=ref(x, (0, H)))
             dout[r] = _abi.new(_abi.DispatchOutputs, tokens=ref(x, (2, 2, H)))
+            # (The ranks' claimed receive buffers may not share bytes: rank 1's starts after rank 0's. No row reaches either.)
+            dout[r].tokens.contents.data += r * 4 * 2 * 2 * H
             cin[r] = _abi.new(_abi.CombineInputs, expertOutputs=ref(x, (2, 2, H)), topkWeights=ref(w, (0, 2)))
             cout[r] = _abi.new(_abi.CombineOutputs, tokens=ref(x, (0, H)))
         call("epGroupUpdateAll", group, update, None, None)

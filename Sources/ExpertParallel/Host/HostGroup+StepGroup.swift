@@ -74,6 +74,9 @@ extension HostGroup: StepGroup {
             try checkCount(outputs.count, "outputs")
             handle.forgetLayouts()
             let ranks = participants
+            try refusingOverlaps(ranks, handles, { () throws(EPError) in try shapes.refuseOverlaps(inputs, outputs, ranks: ranks) }) { r, tokens throws(EPError) in
+                try shapes.validateDispatch(inputs[r], outputs[r], tokens: tokens)
+            }
             // A masked rank received nothing: its layout info and the counts it asked for are
             // zeros, as the GPU's dispatch writes them. Its count tensors are written first, where
             // they fit (its entries are otherwise ignored), so that one shared with an active
@@ -99,6 +102,9 @@ extension HostGroup: StepGroup {
             try checkCount(inputs.count, "inputs")
             try checkCount(outputs.count, "outputs")
             let ranks = participants
+            try refusingOverlaps(ranks, handles, { () throws(EPError) in try shapes.refuseOverlaps(inputs, outputs, ranks: ranks) }) { r, tokens throws(EPError) in
+                try shapes.validateCombine(inputs[r], outputs[r], tokens: tokens, direction: direction)
+            }
             _ = try Self.collect(ranks, run(ranks: ranks) { rank throws(EPError) in
                 try rank.combine(handles[rank.rank], inputs[rank.rank], into: outputs[rank.rank], direction: direction)
             })
@@ -157,6 +163,24 @@ extension HostGroup: StepGroup {
     }
 
     // MARK: helpers
+
+    /// Runs `check`, a collective call's refusal of one rank's output over another rank's
+    /// argument (the ranks run at once: one's writes would race the other's reads). Where it
+    /// refuses, each rank's own checks (`rankCheck(r, tokens)`) run first, in rank order: a rank's
+    /// wrong shape is named as that, not as the overlap its bytes were taken to have.
+    private func refusingOverlaps(
+        _ ranks: [Int], _ handles: [HostHandle], _ check: () throws(EPError) -> Void, rankCheck: (Int, Int) throws(EPError) -> Void
+    ) throws(EPError) {
+        do {
+            try check()
+        } catch {
+            for r in ranks {
+                guard let step = try? handles[r].current() else { continue }
+                try rankCheck(r, step.routing.tokens)
+            }
+            throw error
+        }
+    }
 
     /// Ranks that take part in a call: the active ones.
     private var participants: [Int] { transport.activeRanks.ranks.filter { $0 < config.ranks } }

@@ -1,0 +1,119 @@
+/// A collective call (every rank's tensors in one call: the host group's, the virtual GPU group's)
+/// runs its ranks at once: rank 0's writes race rank 1's reads when an output of one shares a
+/// byte with a tensor of another. The per-rank checks (`CallShapes.refuseOverlaps`) see one rank
+/// only; this sees them all, by sorting every given byte range of the call once and sweeping.
+extension TensorOverlap {
+    /// One argument of one rank: its bytes and where they are (`place`: -1 host, else the device
+    /// ordinal), and which argument it is (`slot < outputs`: written).
+    struct Span: Comparable {
+        var place: Int
+        var start: UInt
+        var end: UInt
+        var rank: Int
+        var slot: Int
+        static func < (a: Span, b: Span) -> Bool { (a.place, a.start) < (b.place, b.start) }
+    }
+
+    /// The bytes and place of `tensor`, nil where it has none (or where its size overflows: the
+    /// per-rank checks refuse that shape).
+    package static func span(_ tensor: TensorRef?) -> (bytes: Range<UInt>, location: MemoryLocation)? {
+        guard let tensor, let address = tensor.address else { return nil }
+        var count = tensor.dtype.byteSize
+        for size in tensor.shape {
+            guard size >= 0 else { return nil }
+            let (product, overflow) = count.multipliedReportingOverflow(by: size)
+            if overflow { return nil }
+            count = product
+        }
+        let start = UInt(bitPattern: address), (end, overflow) = start.addingReportingOverflow(UInt(count))
+        guard count > 0, !overflow else { return nil }
+        return (start..<end, tensor.location)
+    }
+
+    /// Refuses the first argument written by a rank of a collective call that shares a byte with
+    /// an argument (read or written) of another, or of its own where the per-rank checks do not
+    /// look (arguments they do not know of, such as the step's routing). `ranks`: the ranks that
+    /// take part; `slots` arguments each, the first `outputs` of them written; `argument(r, s)`:
+    /// rank r's argument s (nil where not given); `name(r, s)` names it (asked only on refusal).
+    /// Inputs may share bytes with each other. O(n log n) in the n arguments given; one
+    /// temporary buffer (on the stack where small).
+    package static func refuseAcrossRanks(
+        _ ranks: some Collection<Int>, slots: Int, outputs: Int, argument: (Int, Int) -> (bytes: Range<UInt>, location: MemoryLocation)?,
+        name: (Int, Int) -> String
+    ) throws(EPError) {
+        guard let (output, other) = firstAcrossRanks(ranks, slots: slots, outputs: outputs, argument: argument) else { return }
+        throw .invalidArgument(
+            field: "\(name(output.rank, output.slot)).address", value: "\(hex(output.start)) (\(output.end - output.start) bytes)",
+            requirement: "\(requirementPrefix)\(name(other.rank, other.slot)) (\(hex(other.start)), \(other.end - other.start) bytes): an output may share no byte with an input or another output")
+    }
+
+    private static func hex(_ address: UInt) -> String { "0x" + String(address, radix: 16) }
+
+    /// The first written span found to share bytes with another (the written one first), or nil.
+    static func firstAcrossRanks(
+        _ ranks: some Collection<Int>, slots: Int, outputs: Int, argument: (Int, Int) -> (bytes: Range<UInt>, location: MemoryLocation)?
+    ) -> (Span, Span)? {
+        withUnsafeTemporaryAllocation(of: Span.self, capacity: ranks.count * slots) { spans -> (Span, Span)? in
+            var count = 0
+            for r in ranks {
+                for s in 0..<slots {
+                    guard let (bytes, location) = argument(r, s), !bytes.isEmpty else { continue }
+                    let place: Int = switch location { case .host: -1; case .device(let ordinal): ordinal }
+                    (spans.baseAddress! + count).initialize(to: Span(place: place, start: bytes.lowerBound, end: bytes.upperBound, rank: r, slot: s))
+                    count += 1
+                }
+            }
+            var given = UnsafeMutableBufferPointer(rebasing: spans[0..<count])
+            defer { given.deinitialize() }
+            given.sort()
+            // The span reaching furthest among those before (any, and written ones) on this place:
+            // a span that starts before that end shares bytes with it.
+            var furthest: Span?, furthestOutput: Span?
+            for span in given {
+                if let last = furthest, last.place != span.place { furthest = nil; furthestOutput = nil }
+                if span.slot < outputs, let last = furthest, last.end > span.start {
+                    return (span, last)
+                }
+                if span.slot >= outputs, let last = furthestOutput, last.end > span.start {
+                    return (last, span)
+                }
+                if furthest.map({ span.end > $0.end }) ?? true { furthest = span }
+                if span.slot < outputs, furthestOutput.map({ span.end > $0.end }) ?? true { furthestOutput = span }
+            }
+            return nil
+        }
+    }
+}
+
+extension CallShapes {
+    /// A collective dispatch's outputs of each rank in `ranks` against every argument of the
+    /// others (each rank's own are `validateDispatch`'s), named as entry r of the call's arrays
+    /// (`outputs[0].tokens`, `inputs[1].tokens`).
+    package func refuseOverlaps(_ inputs: [DispatchInput], _ outputs: [DispatchOutput], ranks: some Collection<Int>) throws(EPError) {
+        try TensorOverlap.refuseAcrossRanks(
+            ranks, slots: Self.dispatchArguments, outputs: Self.dispatchOutputs,
+            argument: { r, s in TensorOverlap.span(Self.dispatchArgument(inputs[r], outputs[r], s).0) },
+            name: { r, s in Self.entry(Self.dispatchArgument(inputs[r], outputs[r], s).1, rank: r) })
+    }
+
+    /// A collective combine's outputs of each rank in `ranks` against every argument of the others.
+    package func refuseOverlaps(_ inputs: [CombineInput], _ outputs: [CombineOutput], ranks: some Collection<Int>) throws(EPError) {
+        try TensorOverlap.refuseAcrossRanks(
+            ranks, slots: Self.combineArguments, outputs: Self.combineOutputs,
+            argument: { r, s in TensorOverlap.span(Self.combineArgument(inputs[r], outputs[r], s).0) },
+            name: { r, s in Self.entry(Self.combineArgument(inputs[r], outputs[r], s).1, rank: r) })
+    }
+
+    /// A per-rank call's argument (`output.tokens`) as entry `rank` of a collective call's arrays (`outputs[0].tokens`).
+    static func entry(_ name: String, rank: Int) -> String {
+        guard let dot = name.firstIndex(of: ".") else { return name }
+        return "\(name[..<dot])s[\(rank)]\(name[dot...])"
+    }
+
+    /// Whether `error` is a collective call's refusal of one rank's output over another's argument
+    /// (`refuseOverlaps(_:_:ranks:)`): the call's, of no one rank.
+    package static func isAcrossRanks(_ error: EPError) -> Bool {
+        guard case let .invalidArgument(field, _, requirement) = error else { return false }
+        return field.hasPrefix("outputs[") && requirement.hasPrefix(TensorOverlap.requirementPrefix)
+    }
+}
