@@ -6,8 +6,9 @@ public enum EPError: Error, Sendable, Equatable, CustomStringConvertible {
     case invalidConfig(field: String, value: String, requirement: String)
     /// A call argument (tensor, shape, routing entry) is out of bounds.
     case invalidArgument(field: String, value: String, requirement: String)
-    /// One token's routing row names the same expert twice.
-    case repeatedExpert(token: Int, firstColumn: Int, secondColumn: Int, expert: Int)
+    /// One token's routing row names the same expert twice; `rank`: whose routing, where the
+    /// error comes from a call of several ranks' routing (the device's status), else nil.
+    case repeatedExpert(token: Int, firstColumn: Int, secondColumn: Int, expert: Int, rank: Int? = nil)
     /// More rows would reach `rank` than its receive buffer holds (overflow policy `.fail`).
     case overflow(rank: Int, required: Int, capacity: Int)
     /// A call came out of order, such as dispatch before the handle's first update.
@@ -35,8 +36,8 @@ public enum EPError: Error, Sendable, Equatable, CustomStringConvertible {
             "invalid configuration: \(field) = \(value); \(requirement)"
         case let .invalidArgument(field, value, requirement):
             "invalid argument: \(field) = \(value); \(requirement)"
-        case let .repeatedExpert(token, first, second, expert):
-            "invalid argument: topkIdx token \(token) names expert \(expert) twice (columns \(first) and \(second)); each expert may appear once per token"
+        case let .repeatedExpert(token, first, second, expert, rank):
+            "invalid argument: topkIdx\(rank.map { "[rank \($0)]" } ?? "") token \(token) names expert \(expert) twice (columns \(first) and \(second)); each expert may appear once per token"
         case let .overflow(rank, required, capacity):
             "overflow: rank \(rank) would receive \(required) rows but maxReceivedTokensPerRank is \(capacity)"
         case let .wrongOrder(message):

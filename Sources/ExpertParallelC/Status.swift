@@ -61,8 +61,9 @@ extension EPError: StatusError {
     func naming(_ names: CNames) -> any StatusError {
         switch self {
         case .repeatedExpert:
-            // Its text names the routing ("invalid argument: topkIdx token 1 names expert 3 twice ..."); its case holds no field.
-            return RenamedError(status: status, message: Self.renamingArguments(in: message, names.rankPairs, parts: CNames.tensorParts))
+            // Its text names the routing ("invalid argument: topkIdx token 1 names expert 3 twice ...", the device's
+            // "topkIdx[rank 1] token 1 ..."); its case holds no field.
+            return RenamedError(status: status, message: names.renaming(message))
         case let .peerFailed(rank, peer, reason):
             // The reason is the peer's error: its arguments are the peer's (entry `peer` of a collective call's arrays).
             return EPError.peerFailed(rank: rank, peer: peer, reason: names.ofRank(peer).renaming(reason))

@@ -117,7 +117,7 @@ enum DeviceStatus: UInt32 {
                 field: "topkIdx[rank \(rank)][\(words[1])][\(words[2])]", value: "\(Int32(bitPattern: words[3]))",
                 requirement: "must be -1 or in [0, \(config.experts))")
         case .repeatedExpert?:
-            .repeatedExpert(token: Int(words[1]), firstColumn: Int(words[2] >> 16), secondColumn: Int(words[2] & 0xffff), expert: Int(words[3]))
+            .repeatedExpert(token: Int(words[1]), firstColumn: Int(words[2] >> 16), secondColumn: Int(words[2] & 0xffff), expert: Int(words[3]), rank: rank)
         case .timeout?:
             .timeout(rank: rank, missing: [Int(words[1])])
         case .overflow?:

@@ -125,7 +125,7 @@ struct LLOracleTests {
             try buffers.poison()
             try buffers.enqueue(group, fused: fused)
             // The device reports the expert too, as the host backend does.
-            #expect(throws: EPError.repeatedExpert(token: 0, firstColumn: 0, secondColumn: 1, expert: Int(inputs.routing[0][0])))
+            #expect(throws: EPError.repeatedExpert(token: 0, firstColumn: 0, secondColumn: 1, expert: Int(inputs.routing[0][0]), rank: 0))
                 { try group.checkStatus() }
         }
         let good = StepInputs(config: config, tokens: tokens, seed: 10)
@@ -232,7 +232,7 @@ struct LLOracleTests {
         var outOfRange = inputs, repeated = inputs
         outOfRange.routing[0][90 * 8 + 3] = 64
         repeated.routing[0][70 * 8 + 5] = repeated.routing[0][70 * 8 + 2]
-        let twice = EPError.repeatedExpert(token: 70, firstColumn: 2, secondColumn: 5, expert: Int(inputs.routing[0][70 * 8 + 2]))
+        let twice = EPError.repeatedExpert(token: 70, firstColumn: 2, secondColumn: 5, expert: Int(inputs.routing[0][70 * 8 + 2]), rank: 0)
         for (broken, expected) in [(outOfRange, "topkIdx[rank 0][90][3]"), (repeated, "\(twice)")] {
             try buffers.upload(broken)
             try buffers.poison()
