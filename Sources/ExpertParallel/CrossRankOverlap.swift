@@ -87,21 +87,30 @@ extension TensorOverlap {
 
 extension CallShapes {
     /// A collective dispatch's outputs of each rank in `ranks` against every argument of the
-    /// others (each rank's own are `validateDispatch`'s), named as entry r of the call's arrays
-    /// (`outputs[0].tokens`, `inputs[1].tokens`).
-    package func refuseOverlaps(_ inputs: [DispatchInput], _ outputs: [DispatchOutput], ranks: some Collection<Int>) throws(EPError) {
+    /// others (each rank's own are `validateDispatch`'s) and, where given, each rank's routing of
+    /// the step (`routing(r)`: its bytes, which the device reads again until the step's last
+    /// combine), named as entry r of the call's arrays (`outputs[0].tokens`, `inputs[1].tokens`,
+    /// `the step's topkIdx[rank 1]`).
+    package func refuseOverlaps(
+        _ inputs: [DispatchInput], _ outputs: [DispatchOutput], ranks: some Collection<Int>, routing: RoutingBytes? = nil
+    ) throws(EPError) {
+        let n = Self.dispatchArguments
         try TensorOverlap.refuseAcrossRanks(
-            ranks, slots: Self.dispatchArguments, outputs: Self.dispatchOutputs,
-            argument: { r, s in TensorOverlap.span(Self.dispatchArgument(inputs[r], outputs[r], s).0) },
-            name: { r, s in Self.entry(Self.dispatchArgument(inputs[r], outputs[r], s).1, rank: r) })
+            ranks, slots: n + (routing == nil ? 0 : 1), outputs: Self.dispatchOutputs,
+            argument: { r, s in s == n ? routing!.span(r) : TensorOverlap.span(Self.dispatchArgument(inputs[r], outputs[r], s).0) },
+            name: { r, s in s == n ? RoutingBytes.name(rank: r) : Self.entry(Self.dispatchArgument(inputs[r], outputs[r], s).1, rank: r) })
     }
 
-    /// A collective combine's outputs of each rank in `ranks` against every argument of the others.
-    package func refuseOverlaps(_ inputs: [CombineInput], _ outputs: [CombineOutput], ranks: some Collection<Int>) throws(EPError) {
+    /// A collective combine's outputs of each rank in `ranks` against every argument of the
+    /// others and, where given, each rank's routing of the step.
+    package func refuseOverlaps(
+        _ inputs: [CombineInput], _ outputs: [CombineOutput], ranks: some Collection<Int>, routing: RoutingBytes? = nil
+    ) throws(EPError) {
+        let n = Self.combineArguments
         try TensorOverlap.refuseAcrossRanks(
-            ranks, slots: Self.combineArguments, outputs: Self.combineOutputs,
-            argument: { r, s in TensorOverlap.span(Self.combineArgument(inputs[r], outputs[r], s).0) },
-            name: { r, s in Self.entry(Self.combineArgument(inputs[r], outputs[r], s).1, rank: r) })
+            ranks, slots: n + (routing == nil ? 0 : 1), outputs: Self.combineOutputs,
+            argument: { r, s in s == n ? routing!.span(r) : TensorOverlap.span(Self.combineArgument(inputs[r], outputs[r], s).0) },
+            name: { r, s in s == n ? RoutingBytes.name(rank: r) : Self.entry(Self.combineArgument(inputs[r], outputs[r], s).1, rank: r) })
     }
 
     /// A per-rank call's argument (`output.tokens`) as entry `rank` of a collective call's arrays (`outputs[0].tokens`).
@@ -115,5 +124,86 @@ extension CallShapes {
     package static func isAcrossRanks(_ error: EPError) -> Bool {
         guard case let .invalidArgument(field, _, requirement) = error else { return false }
         return field.hasPrefix("outputs[") && requirement.hasPrefix(TensorOverlap.requirementPrefix)
+    }
+}
+
+/// A step's routing as a GPU handle keeps it (the device reads it again until the step's last
+/// combine, so no output of the step's calls may share its bytes): rank r's `[tokens(r), topK]`
+/// ids of `indexBytes` each at `address(r)`, on `location`. (The host backend copies the routing
+/// at the update and keeps no address.)
+package struct RoutingBytes {
+    package var location: MemoryLocation
+    package var topK: Int
+    package var indexBytes: Int
+    package var rows: (Int) -> (address: UInt64, tokens: Int)
+
+    package init(location: MemoryLocation, topK: Int, indexBytes: Int, rows: @escaping (Int) -> (address: UInt64, tokens: Int)) {
+        self.location = location
+        self.topK = topK
+        self.indexBytes = indexBytes
+        self.rows = rows
+    }
+
+    func span(_ r: Int) -> (bytes: Range<UInt>, location: MemoryLocation)? {
+        let (address, tokens) = rows(r)
+        let start = UInt(address), (end, overflow) = start.addingReportingOverflow(UInt(max(tokens, 0) * topK * indexBytes))
+        guard address != 0, !overflow else { return nil }
+        return (start..<end, location)
+    }
+
+    /// Rank r's routing, as the device's status names it (`topkIdx[rank r]`; a collective C call's `inputs[r].topkIdx`).
+    static func name(rank: Int) -> String { "the step's topkIdx[rank \(rank)]" }
+
+    /// Refuses one rank's output (`outputs` of them; `output(i)`: the tensor and its name) over
+    /// that rank's routing (`rank`, named `the step's topkIdx`): a call of one rank (an NCCL rank's).
+    package func refuseOverlaps(rank: Int, outputs: Int, _ output: (Int) -> (TensorRef?, String)) throws(EPError) {
+        guard let (routing, place) = span(rank) else { return }
+        for i in 0..<outputs {
+            let (tensor, name) = output(i)
+            guard let (bytes, location) = TensorOverlap.span(tensor), location == place, bytes.overlaps(routing) else { continue }
+            throw .invalidArgument(
+                field: "\(name).address", value: "0x\(String(bytes.lowerBound, radix: 16)) (\(bytes.count) bytes)",
+                requirement: "\(TensorOverlap.requirementPrefix)the step's topkIdx (0x\(String(routing.lowerBound, radix: 16)), \(routing.count) bytes): the device reads it again until the step's last combine")
+        }
+    }
+}
+
+extension RoutingBytes {
+    /// Refuses a stacked call's output part, of any rank, over any rank's routing of the step:
+    /// `outputs` output arrays, `output(i)`: its name, one part's bytes and rank r's part's
+    /// address (0: not given). Named `received[rank 1]`.
+    func refuseOverlaps(parts: Int, outputs: Int, _ output: (Int) -> (name: String, bytes: Int, address: (Int) -> UInt64)) throws(EPError) {
+        try TensorOverlap.refuseAcrossRanks(
+            0..<parts, slots: outputs + 1, outputs: outputs,
+            argument: { r, s in
+                guard s < outputs else { return span(r) }
+                let (_, bytes, address) = output(s), start = UInt(address(r))
+                guard start != 0, bytes > 0 else { return nil }
+                return (start..<start &+ UInt(bytes), location)
+            },
+            name: { r, s in s < outputs ? "\(output(s).name)[rank \(r)]" : Self.name(rank: r) })
+    }
+}
+
+extension CheckedStackedDispatch {
+    /// A dispatch of the step again (no topkIdx: the backward pass) refused where an output part
+    /// shares bytes with the step's routing (`routing`), which the device reads until the last combine.
+    package func refuseOverlaps(_ routing: RoutingBytes, parts: Int) throws(EPError) {
+        let first = Field.received.rawValue
+        try routing.refuseOverlaps(parts: parts, outputs: Field.allCases.count - first) { i in
+            let field = Field(rawValue: first + i)!
+            return ("\(field)", (call[field]?.dtype.byteSize ?? 0) * shapes.elements(field, tokens: call.tokens), { address(field, rank: $0) })
+        }
+    }
+}
+
+extension CheckedStackedCombine {
+    /// A combine refused where an output part shares bytes with the step's routing.
+    package func refuseOverlaps(_ routing: RoutingBytes) throws(EPError) {
+        let first = Field.combined.rawValue, most = tokens.max() ?? 0
+        try routing.refuseOverlaps(parts: tokens.count, outputs: Field.allCases.count - first) { i in
+            let field = Field(rawValue: first + i)!
+            return ("\(field)", (call[field]?.dtype.byteSize ?? 0) * shapes.elements(field, tokens: most), { address(field, rank: $0) })
+        }
     }
 }

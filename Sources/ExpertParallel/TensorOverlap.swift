@@ -51,8 +51,8 @@ extension CallShapes {
     }
 
     /// A dispatch's tensors and their names, the outputs first.
-    static let dispatchOutputs = 6, dispatchArguments = 9
-    static func dispatchArgument(_ input: DispatchInput, _ output: DispatchOutput, _ i: Int) -> (TensorRef?, String) {
+    package static let dispatchOutputs = 6, dispatchArguments = 9
+    package static func dispatchArgument(_ input: DispatchInput, _ output: DispatchOutput, _ i: Int) -> (TensorRef?, String) {
         switch i {
         case 0: (output.tokens, "output.tokens")
         case 1: (output.topkIdx, "output.topkIdx")
@@ -67,8 +67,8 @@ extension CallShapes {
     }
 
     /// A combine's tensors and their names, the outputs first.
-    static let combineOutputs = 2, combineArguments = 5
-    static func combineArgument(_ input: CombineInput, _ output: CombineOutput, _ i: Int) -> (TensorRef?, String) {
+    package static let combineOutputs = 2, combineArguments = 5
+    package static func combineArgument(_ input: CombineInput, _ output: CombineOutput, _ i: Int) -> (TensorRef?, String) {
         switch i {
         case 0: (output.tokens, "output.tokens")
         case 1: (output.topkWeightGradients, "output.topkWeightGradients")

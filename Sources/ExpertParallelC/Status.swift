@@ -68,7 +68,8 @@ extension EPError: StatusError {
             // The reason is the peer's error: its arguments are the peer's (entry `peer` of a collective call's arrays).
             return EPError.peerFailed(rank: rank, peer: peer, reason: names.ofRank(peer).renaming(reason))
         case let .invalidArgument(field, value, requirement):
-            return EPError.invalidArgument(field: names.indexingRanks(field), value: value, requirement: requirement)
+            // (An overlap's requirement may name the step's routing of a rank, `topkIdx[rank 1]`.)
+            return EPError.invalidArgument(field: names.indexingRanks(field), value: value, requirement: names.indexingRanks(requirement))
                 .renamingField(names.rankPairs, parts: CNames.tensorParts)
         case let .wrongOrder(text):
             return EPError.wrongOrder(names.renaming(text))

@@ -46,10 +46,16 @@ extension NCCLRankGroup {
         output.expertCounts = counts?.expertCounts
         output.expertSourceCounts = counts?.expertSourceCounts
         try engine.shapes.validateDispatch(input, output, tokens: step.routing[0].tokens, location: location)
+        try routingBytes(step).refuseOverlaps(rank: 0, outputs: CallShapes.dispatchOutputs) { CallShapes.dispatchArgument(input, output, $0) }
         try requireAligned(input.tokens, "input.tokens", 8)
         try requireAligned(input.topkWeights, "input.topkWeights", 4)
         try requireAligned(input.scales, "input.scales", 4)
         try enqueueDispatch(handle, SendSide(input, counts: output), slot: slot, update: nil, options: options)
+    }
+
+    /// The bytes of this rank's routing of `step`, which no output of the step's calls may share.
+    func routingBytes(_ step: GPUStepHandle.Step) -> RoutingBytes {
+        RoutingBytes(location: location, topK: config.topK, indexBytes: step.indexBytes) { _ in (step.routing[0].address, step.routing[0].tokens) }
     }
 
     /// Enqueues a checked dispatch of this rank's `source` into buffer slot `slot` on every rank
@@ -97,6 +103,7 @@ extension NCCLRankGroup {
         let slot = try slotOfDispatch(handle)
         let buffers = slots[slot]
         try engine.shapes.validateCombine(input, output, tokens: step.routing[0].tokens, direction: direction, location: location)
+        try routingBytes(step).refuseOverlaps(rank: 0, outputs: CallShapes.combineOutputs) { CallShapes.combineArgument(input, output, $0) }
         try requireShared(input.expertOutputs, buffers.expertOutputs, "input.expertOutputs", "slots[\(slot)].expertOutputs")
         try requireAligned(output.tokens, "output.tokens", 8)
         try requireAligned(input.topkWeights, "input.topkWeights", 4)

@@ -12,9 +12,10 @@ extension VirtualGPUGroup {
         _ handle: GPUStepHandle, stacked call: StackedDispatch, direction: PassDirection = .forward, options: CallOptions = CallOptions()
     ) throws(EPError) {
         try engine.checkNothingPending()
-        var stepTokens: Int?
+        var stepTokens: Int?, step: GPUStepHandle.Step?
         if call.topkIdx == nil {
-            let routing = try handle.currentStep().routing
+            step = try handle.currentStep()
+            let routing = step!.routing
             stepTokens = routing[0].tokens
             if let other = routing.first(where: { $0.tokens != routing[0].tokens }) {
                 throw .invalidArgument(field: "topkIdx", value: "nil", requirement:
@@ -22,6 +23,7 @@ extension VirtualGPUGroup {
             }
         }
         let checked = try CheckedStackedDispatch(call, shapes: engine.shapes, location: location, stepTokens: stepTokens)
+        if let step { try checked.refuseOverlaps(routingBytes(step.routing, indexBytes: step.indexBytes), parts: config.ranks) }
         // Local functions, not closure constants: passed as non-escaping arguments, they need no
         // heap context (a copy of `checked`, its references retained) per call.
         func sources(_ i: Int) -> SendSide {
@@ -54,6 +56,7 @@ extension VirtualGPUGroup {
         let step = try handle.dispatchedStep()
         let checked = try CheckedStackedCombine(call, tokens: step.routing.map(\.tokens), direction: direction, shapes: engine.shapes,
                                                 location: location)
+        try checked.refuseOverlaps(routingBytes(step.routing, indexBytes: step.indexBytes))
         try engine.combine(
             handle,
             into: { i in CombineTarget(tokens: checked.address(.combined, rank: i), weightGradients: checked.address(.topkWeightGradients, rank: i)) },

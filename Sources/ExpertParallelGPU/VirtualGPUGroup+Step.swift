@@ -19,7 +19,7 @@ extension VirtualGPUGroup {
     ) throws(EPError) {
         try engine.checkNothingPending()
         let step = try handle.currentStep()
-        try checkDispatch(inputs, outputs, routing: step.routing)
+        try checkDispatch(inputs, outputs, routing: step.routing, indexBytes: step.indexBytes)
         try engine.dispatch(handle, sources: { SendSide(inputs[$0], counts: outputs[$0]) }, received: receiveBuffers(outputs),
                             receivedIndexBytes: outputs[0].topkIdx?.dtype.byteSize ?? 4, vectorBytes: vectorBytes(inputs, outputs), options: options)
     }
@@ -34,7 +34,7 @@ extension VirtualGPUGroup {
     ) throws(EPError) {
         try engine.checkNothingPending()
         let routing = try engine.checkedRouting(topkIdx)
-        try checkDispatch(inputs, outputs, routing: routing)
+        try checkDispatch(inputs, outputs, routing: routing, indexBytes: topkIdx[0].dtype.byteSize)
         try engine.updateAndDispatch(
             handle, routing: routing, indexBytes: topkIdx[0].dtype.byteSize, sources: { SendSide(inputs[$0], counts: outputs[$0]) },
             received: receiveBuffers(outputs), receivedIndexBytes: outputs[0].topkIdx?.dtype.byteSize ?? 4,
@@ -61,7 +61,7 @@ extension VirtualGPUGroup {
     }
 
     /// A dispatch's per-rank tensors against the step's routing (`routing[r].tokens` rows each).
-    private func checkDispatch(_ inputs: [DispatchInput], _ outputs: [DispatchOutput], routing: [RoutingRows]) throws(EPError) {
+    private func checkDispatch(_ inputs: [DispatchInput], _ outputs: [DispatchOutput], routing: [RoutingRows], indexBytes: Int) throws(EPError) {
         try engine.checkLocalCount(inputs.count, "inputs")
         try engine.checkLocalCount(outputs.count, "outputs")
         for r in 0..<config.ranks {
@@ -78,8 +78,8 @@ extension VirtualGPUGroup {
                 throw .invalidArgument(field: "outputs[\(r)].topkIdx.dtype", value: "\(idx.dtype)", requirement: "must match rank 0's (\(first.dtype))")
             }
         }
-        // One launch runs every rank: one's writes would race another's reads.
-        try engine.shapes.refuseOverlaps(inputs, outputs, ranks: 0..<config.ranks)
+        // One launch runs every rank: one's writes would race another's reads (and the routing's, read again until the last combine).
+        try engine.shapes.refuseOverlaps(inputs, outputs, ranks: 0..<config.ranks, routing: routingBytes(routing, indexBytes: indexBytes))
     }
 
     /// Every rank pulls its rows of `handle`'s step back and reduces them in the fixed order of
@@ -101,13 +101,18 @@ extension VirtualGPUGroup {
             try requireAligned(inputs[r].weightGradients, "inputs[\(r)].weightGradients", 4)
             try requireAligned(outputs[r].topkWeightGradients, "outputs[\(r)].topkWeightGradients", 4)
         }
-        try engine.shapes.refuseOverlaps(inputs, outputs, ranks: 0..<config.ranks)
+        try engine.shapes.refuseOverlaps(inputs, outputs, ranks: 0..<config.ranks, routing: routingBytes(step.routing, indexBytes: step.indexBytes))
         try engine.combine(
             handle, into: { CombineTarget(outputs[$0]) },
             experts: { r in ExpertSide(rows: address(inputs[r].expertOutputs), weights: inputs[r].topkWeights.map(address) ?? 0,
                                        weightGradients: inputs[r].weightGradients.map(address) ?? 0) },
             direction: direction,
             vectorBytes: engine.vectorBytes(inputs.lazy.map { address($0.expertOutputs) }, outputs.lazy.map { address($0.tokens) }), options: options)
+    }
+
+    /// The bytes of each rank's routing of a step, which no output of its calls may share.
+    func routingBytes(_ routing: [RoutingRows], indexBytes: Int) -> RoutingBytes {
+        RoutingBytes(location: location, topK: config.topK, indexBytes: indexBytes) { r in (routing[r].address, routing[r].tokens) }
     }
 
     /// Whether `dispatch(_:topkIdx:_:into:)` runs update and dispatch as one launch (LL, the
