@@ -170,18 +170,36 @@ package struct RoutingBytes {
 
 extension RoutingBytes {
     /// Refuses a stacked call's output part, of any rank, over any rank's routing of the step:
-    /// `outputs` output arrays, `output(i)`: its name, one part's bytes and rank r's part's
-    /// address (0: not given). Named `received[rank 1]`.
-    func refuseOverlaps(parts: Int, outputs: Int, _ output: (Int) -> (name: String, bytes: Int, address: (Int) -> UInt64)) throws(EPError) {
+    /// `outputs` output arrays, `output(i)`: one part's bytes and rank r's part's address (0: not
+    /// given); `name(i)` names array i (asked only on refusal). Named `received[rank 1]`.
+    func refuseOverlaps(
+        parts: Int, outputs: Int, _ output: (Int) -> (bytes: Int, address: (Int) -> UInt64), name: (Int) -> String
+    ) throws(EPError) {
+        // The hulls first (each array's parts are evenly spaced): an output array whose bytes
+        // over every part miss the routing's over every rank (separate tensors: every call not
+        // in error) needs no sort, so the data path pays a few comparisons.
+        var low = UInt.max, high: UInt = 0
+        for r in 0..<parts {
+            guard let (bytes, _) = span(r) else { continue }
+            low = min(low, bytes.lowerBound)
+            high = max(high, bytes.upperBound)
+        }
+        guard low < high, parts > 0 else { return }
+        let touches = (0..<outputs).contains { s in
+            let (bytes, address) = output(s), first = UInt(address(0)), last = UInt(address(parts - 1))
+            guard first != 0, bytes > 0 else { return false }
+            return min(first, last) < high && low < max(first, last) &+ UInt(bytes)
+        }
+        guard touches else { return }
         try TensorOverlap.refuseAcrossRanks(
             0..<parts, slots: outputs + 1, outputs: outputs,
             argument: { r, s in
                 guard s < outputs else { return span(r) }
-                let (_, bytes, address) = output(s), start = UInt(address(r))
+                let (bytes, address) = output(s), start = UInt(address(r))
                 guard start != 0, bytes > 0 else { return nil }
                 return (start..<start &+ UInt(bytes), location)
             },
-            name: { r, s in s < outputs ? "\(output(s).name)[rank \(r)]" : Self.name(rank: r) })
+            name: { r, s in s < outputs ? "\(name(s))[rank \(r)]" : Self.name(rank: r) })
     }
 }
 
@@ -192,8 +210,8 @@ extension CheckedStackedDispatch {
         let first = Field.received.rawValue
         try routing.refuseOverlaps(parts: parts, outputs: Field.allCases.count - first) { i in
             let field = Field(rawValue: first + i)!
-            return ("\(field)", (call[field]?.dtype.byteSize ?? 0) * shapes.elements(field, tokens: call.tokens), { address(field, rank: $0) })
-        }
+            return ((call[field]?.dtype.byteSize ?? 0) * shapes.elements(field, tokens: call.tokens), { address(field, rank: $0) })
+        } name: { "\(Field(rawValue: first + $0)!)" }
     }
 }
 
@@ -203,7 +221,7 @@ extension CheckedStackedCombine {
         let first = Field.combined.rawValue, most = tokens.max() ?? 0
         try routing.refuseOverlaps(parts: tokens.count, outputs: Field.allCases.count - first) { i in
             let field = Field(rawValue: first + i)!
-            return ("\(field)", (call[field]?.dtype.byteSize ?? 0) * shapes.elements(field, tokens: most), { address(field, rank: $0) })
-        }
+            return ((call[field]?.dtype.byteSize ?? 0) * shapes.elements(field, tokens: most), { address(field, rank: $0) })
+        } name: { "\(Field(rawValue: first + $0)!)" }
     }
 }
