@@ -116,21 +116,40 @@ extension TensorOverlap {
 extension StackedStrides {
     /// Refuses an output array (fields from `firstOutput` on) one of whose parts, of any rank,
     /// shares a byte with a part of another array (`part(field)`: the array and one part's bytes;
-    /// nil where not given). Every rank's parts are written and read at once.
+    /// nil where not given). Every rank's parts are written and read at once. Each array is
+    /// looked at once (a stack buffer), then the given ones are compared in pairs, their whole
+    /// spans first (`firstOverlap`): a few comparisons per call.
     func refuseOverlaps(parts: Int, firstOutput: Int, _ part: (Field) -> (tensor: StackedTensor, bytes: Int)?) throws(EPError) {
-        for a in Field.allCases where a.rawValue >= firstOutput {
-            guard let (ta, bytesA) = part(a), ta.address != 0, bytesA > 0 else { continue }
-            for b in Field.allCases where b.rawValue < firstOutput || b.rawValue > a.rawValue {
-                guard let (tb, bytesB) = part(b), tb.address != 0, bytesB > 0, tb.location == ta.location,
-                      let (r, s) = TensorOverlap.firstOverlap((ta.address, bytesA, self[a]), (tb.address, bytesB, self[b]), parts: parts)
-                else { continue }
-                func at(_ t: StackedTensor, _ rank: Int, _ field: Field) -> String {
-                    "rank \(rank)'s part at 0x\(String(address(t, field, rank: rank), radix: 16))"
-                }
-                throw .invalidArgument(
-                    field: "\(a).address", value: "\(at(ta, r, a)) (\(bytesA) bytes)",
-                    requirement: "\(TensorOverlap.requirementPrefix)\(b) (\(at(tb, s, b)), \(bytesB) bytes): an output may share no byte with an input or another output")
+        let fields = Field.allCases.count
+        let found: (Field, Int, Field, Int, Int, Int)? = withUnsafeTemporaryAllocation(
+            of: (field: Int, tensor: StackedTensor, bytes: Int).self, capacity: fields
+        ) { given in
+            var count = 0
+            for raw in 0..<fields {
+                guard let field = Field(rawValue: raw), let (tensor, bytes) = part(field), tensor.address != 0, bytes > 0 else { continue }
+                (given.baseAddress! + count).initialize(to: (raw, tensor, bytes))
+                count += 1
             }
+            defer { UnsafeMutableBufferPointer(rebasing: given[0..<count]).deinitialize() }
+            // Output i (of the given, in field order) against every given array after it, and every input before it.
+            for i in 0..<count where given[i].field >= firstOutput {
+                let a = given[i], fieldA = Field(rawValue: a.field)!
+                for j in 0..<count where j != i && (j > i || given[j].field < firstOutput) {
+                    let b = given[j], fieldB = Field(rawValue: b.field)!
+                    guard b.tensor.location == a.tensor.location,
+                          let (r, s) = TensorOverlap.firstOverlap((a.tensor.address, a.bytes, self[fieldA]), (b.tensor.address, b.bytes, self[fieldB]), parts: parts)
+                    else { continue }
+                    return (fieldA, r, fieldB, s, a.bytes, b.bytes)
+                }
+            }
+            return nil
         }
+        guard let (a, r, b, s, bytesA, bytesB) = found, let ta = part(a)?.tensor, let tb = part(b)?.tensor else { return }
+        func at(_ t: StackedTensor, _ rank: Int, _ field: Field) -> String {
+            "rank \(rank)'s part at 0x\(String(address(t, field, rank: rank), radix: 16))"
+        }
+        throw .invalidArgument(
+            field: "\(a).address", value: "\(at(ta, r, a)) (\(bytesA) bytes)",
+            requirement: "\(TensorOverlap.requirementPrefix)\(b) (\(at(tb, s, b)), \(bytesB) bytes): an output may share no byte with an input or another output")
     }
 }
