@@ -94,11 +94,9 @@ extension CallShapes {
     package func refuseOverlaps(
         _ inputs: [DispatchInput], _ outputs: [DispatchOutput], ranks: some Collection<Int>, routing: RoutingBytes? = nil
     ) throws(EPError) {
-        let n = Self.dispatchArguments
-        try TensorOverlap.refuseAcrossRanks(
-            ranks, slots: n + (routing == nil ? 0 : 1), outputs: Self.dispatchOutputs,
-            argument: { r, s in s == n ? routing!.span(r) : TensorOverlap.span(Self.dispatchArgument(inputs[r], outputs[r], s).0) },
-            name: { r, s in s == n ? RoutingBytes.name(rank: r) : Self.entry(Self.dispatchArgument(inputs[r], outputs[r], s).1, rank: r) })
+        try refuseAcrossRanks(ranks, arguments: Self.dispatchArguments, outputs: Self.dispatchOutputs, routing: routing) { r, s in
+            Self.dispatchArgument(inputs[r], outputs[r], s)
+        }
     }
 
     /// A collective combine's outputs of each rank in `ranks` against every argument of the
@@ -106,11 +104,20 @@ extension CallShapes {
     package func refuseOverlaps(
         _ inputs: [CombineInput], _ outputs: [CombineOutput], ranks: some Collection<Int>, routing: RoutingBytes? = nil
     ) throws(EPError) {
-        let n = Self.combineArguments
+        try refuseAcrossRanks(ranks, arguments: Self.combineArguments, outputs: Self.combineOutputs, routing: routing) { r, s in
+            Self.combineArgument(inputs[r], outputs[r], s)
+        }
+    }
+
+    /// The two above: `arguments` tensors a rank (`argument(r, s)`: rank r's tensor s and its
+    /// per-rank name), the first `outputs` written, then the step's routing where given.
+    private func refuseAcrossRanks(
+        _ ranks: some Collection<Int>, arguments n: Int, outputs: Int, routing: RoutingBytes?, _ argument: (Int, Int) -> (TensorRef?, String)
+    ) throws(EPError) {
         try TensorOverlap.refuseAcrossRanks(
-            ranks, slots: n + (routing == nil ? 0 : 1), outputs: Self.combineOutputs,
-            argument: { r, s in s == n ? routing!.span(r) : TensorOverlap.span(Self.combineArgument(inputs[r], outputs[r], s).0) },
-            name: { r, s in s == n ? RoutingBytes.name(rank: r) : Self.entry(Self.combineArgument(inputs[r], outputs[r], s).1, rank: r) })
+            ranks, slots: n + (routing == nil ? 0 : 1), outputs: outputs,
+            argument: { r, s in s == n ? routing!.span(r) : TensorOverlap.span(argument(r, s).0) },
+            name: { r, s in s == n ? RoutingBytes.name(rank: r) : Self.entry(argument(r, s).1, rank: r) })
     }
 
     /// A per-rank call's argument (`output.tokens`) as entry `rank` of a collective call's arrays (`outputs[0].tokens`).

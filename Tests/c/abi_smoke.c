@@ -92,6 +92,28 @@ static void setUp(RankBuffers* b, int rank) {
     b->info.expertSourceCounters = b->expertSourceCounters;
 }
 
+/* Every rank's collective-call arguments over its buffers `b` (set up here); `counters`: the
+ * dispatch fills each rank's layout info. The experts are the identity: the received rows are
+ * the expert outputs. */
+typedef struct {
+    epUpdateInputs_t update[R];
+    epDispatchInputs_t din[R];
+    epDispatchOutputs_t dout[R];
+    epCombineInputs_t cin[R];
+    epCombineOutputs_t cout[R];
+} RankCalls;
+
+static void setUpCalls(RankBuffers* b, RankCalls* c, int counters) {
+    for (int r = 0; r < R; r++) {
+        setUp(&b[r], r);
+        c->update[r] = (epUpdateInputs_t){sizeof(epUpdateInputs_t), &b[r].tidx};
+        c->din[r] = (epDispatchInputs_t){sizeof(epDispatchInputs_t), &b[r].tx, NULL, NULL};
+        c->dout[r] = (epDispatchOutputs_t){sizeof(epDispatchOutputs_t), &b[r].trecv, NULL, NULL, counters ? &b[r].info : NULL, NULL, NULL, NULL};
+        c->cin[r] = (epCombineInputs_t){sizeof(epCombineInputs_t), &b[r].trecv, &b[r].tw, NULL};
+        c->cout[r] = (epCombineOutputs_t){sizeof(epCombineOutputs_t), &b[r].ty, NULL};
+    }
+}
+
 /* What rank `rank` must hold after the step: every expert zone got both ranks' tokens. */
 static void checkStep(const RankBuffers* b, int rank, const char* how) {
     /* Rank 0 holds expert 0 (local 0), rank 1 expert 3 (local 1): two rows, sources 0 then 1. */
@@ -122,20 +144,13 @@ static void collectiveStep(void) {
           "group info: L %d, receive ndim %d", info.localExperts, info.receiveNdim);
 
     static RankBuffers b[R];
-    epUpdateInputs_t update[R];
-    epDispatchInputs_t din[R];
-    epDispatchOutputs_t dout[R];
-    epCombineInputs_t cin[R];
-    epCombineOutputs_t cout[R];
-    for (int r = 0; r < R; r++) {
-        setUp(&b[r], r);
-        update[r] = (epUpdateInputs_t){sizeof(epUpdateInputs_t), &b[r].tidx};
-        din[r] = (epDispatchInputs_t){sizeof(epDispatchInputs_t), &b[r].tx, NULL, NULL};
-        dout[r] = (epDispatchOutputs_t){sizeof(epDispatchOutputs_t), &b[r].trecv, NULL, NULL, &b[r].info, NULL, NULL, NULL};
-        /* The experts are the identity: the received rows are the expert outputs. */
-        cin[r] = (epCombineInputs_t){sizeof(epCombineInputs_t), &b[r].trecv, &b[r].tw, NULL};
-        cout[r] = (epCombineOutputs_t){sizeof(epCombineOutputs_t), &b[r].ty, NULL};
-    }
+    static RankCalls calls;
+    epUpdateInputs_t* update = calls.update;
+    epDispatchInputs_t* din = calls.din;
+    epDispatchOutputs_t* dout = calls.dout;
+    epCombineInputs_t* cin = calls.cin;
+    epCombineOutputs_t* cout = calls.cout;
+    setUpCalls(b, &calls, 1);
     epCombineConfig_t combineConfig = {sizeof(epCombineConfig_t), epForward, epLaunchSingle, NULL, epPhaseWhole};
     CHECK_OK(epGroupUpdateAll(group, update, NULL, NULL));
     CHECK_OK(epGroupDispatchAll(group, din, dout, NULL, NULL));
@@ -574,19 +589,13 @@ static void overlappingOutputs(void) {
     CHECK_OK(epGroupCreate(&config, NULL, &group));
     if (!group) return;
     static RankBuffers b[R];
-    epUpdateInputs_t update[R];
-    epDispatchInputs_t din[R];
-    epDispatchOutputs_t dout[R];
-    epCombineInputs_t cin[R];
-    epCombineOutputs_t cout[R];
-    for (int r = 0; r < R; r++) {
-        setUp(&b[r], r);
-        update[r] = (epUpdateInputs_t){sizeof(epUpdateInputs_t), &b[r].tidx};
-        din[r] = (epDispatchInputs_t){sizeof(epDispatchInputs_t), &b[r].tx, NULL, NULL};
-        dout[r] = (epDispatchOutputs_t){sizeof(epDispatchOutputs_t), &b[r].trecv, NULL, NULL, NULL, NULL, NULL, NULL};
-        cin[r] = (epCombineInputs_t){sizeof(epCombineInputs_t), &b[r].trecv, &b[r].tw, NULL};
-        cout[r] = (epCombineOutputs_t){sizeof(epCombineOutputs_t), &b[r].ty, NULL};
-    }
+    static RankCalls calls;
+    epUpdateInputs_t* update = calls.update;
+    epDispatchInputs_t* din = calls.din;
+    epDispatchOutputs_t* dout = calls.dout;
+    epCombineInputs_t* cin = calls.cin;
+    epCombineOutputs_t* cout = calls.cout;
+    setUpCalls(b, &calls, 0);
     CHECK_OK(epGroupUpdateAll(group, update, NULL, NULL));
     /* Rank 1 reads its rows from the receive buffer it dispatches into. */
     static float aliased[L][R * BMAX][H];
