@@ -35,6 +35,11 @@
  *     element's structSize; every element must carry the same structSize.
  *   - Tensors are borrowed: the caller owns every buffer; the library writes only into outputs.
  *     Shapes are in elements, strides in elements; tensors must be contiguous (row-major) for now.
+ *   - An output may share no byte with an input or another output of the same call (in a
+ *     collective or stacked call: of any rank), nor, on a GPU group, with the routing of the
+ *     step it belongs to (read again until the step's combine); such a call fails with
+ *     epInvalidArgument naming both ("outputs[0].tokens.data = ...; must not overlap
+ *     inputs[1].tokens (...)") before anything is written. Inputs may share memory.
  *   - Each call takes an inputs struct, an outputs struct, a config struct and a stream. The
  *     stream is a CUstream (or cudaStream_t) for the GPU group, NULL meaning CUDA's default
  *     stream; the host group ignores it and runs each call to completion before returning.
