@@ -28,10 +28,12 @@ extension NCCLRankGroup {
         call.receivedTopkIdx = call.receivedTopkIdx ?? own.receivedIndices.map(StackedTensor.init)
         call.receivedTopkWeights = call.receivedTopkWeights ?? own.receivedWeights.map(StackedTensor.init)
         call.receivedScales = call.receivedScales ?? own.receivedScales.map(StackedTensor.init)
-        let checked = try CheckedStackedDispatch(call, shapes: engine.shapes, location: location, stepTokens: stepTokens, parts: 1)
+        // The slot's own buffers first: a wrong dtype there would make the call's checks read past
+        // the buffer's bytes (and name an overlap with the slot's next buffer instead).
         try requireSlotBuffer(call.receivedTopkIdx, own.receivedIndices, "receivedTopkIdx", slot: slot)
         try requireSlotBuffer(call.receivedTopkWeights, own.receivedWeights, "receivedTopkWeights", slot: slot)
         try requireSlotBuffer(call.receivedScales, own.receivedScales, "receivedScales", slot: slot)
+        let checked = try CheckedStackedDispatch(call, shapes: engine.shapes, location: location, stepTokens: stepTokens, parts: 1)
         let source = SendSide(tokens: checked.address(.inputs, rank: 0), weights: checked.address(.topkWeights, rank: 0),
                               scales: checked.address(.scales, rank: 0), counts: checked.address(.expertCounts, rank: 0),
                               sourceCounts: checked.address(.expertSourceCounts, rank: 0))
