@@ -177,10 +177,11 @@ package struct RoutingBytes {
 
 extension RoutingBytes {
     /// Refuses a stacked call's output part, of any rank, over any rank's routing of the step:
-    /// `outputs` output arrays, `output(i)`: one part's bytes and rank r's part's address (0: not
-    /// given); `name(i)` names array i (asked only on refusal). Named `received[rank 1]`.
+    /// `outputs` output arrays, `output(i)`: one part's bytes, rank 0's part's address (0: not
+    /// given) and the stride between parts (rank r's part at `address + r * stride`); `name(i)`
+    /// names array i (asked only on refusal). Named `received[rank 1]`.
     func refuseOverlaps(
-        parts: Int, outputs: Int, _ output: (Int) -> (bytes: Int, address: (Int) -> UInt64), name: (Int) -> String
+        parts: Int, outputs: Int, _ output: (Int) -> (bytes: Int, address: UInt64, stride: Int), name: (Int) -> String
     ) throws(EPError) {
         // The hulls first (each array's parts are evenly spaced): an output array whose bytes
         // over every part miss the routing's over every rank (separate tensors: every call not
@@ -193,7 +194,7 @@ extension RoutingBytes {
         }
         guard low < high, parts > 0 else { return }
         let touches = (0..<outputs).contains { s in
-            let (bytes, address) = output(s), first = UInt(address(0)), last = UInt(address(parts - 1))
+            let (bytes, address, stride) = output(s), first = UInt(address), last = UInt(address &+ UInt64(parts - 1) &* UInt64(stride))
             guard first != 0, bytes > 0 else { return false }
             return min(first, last) < high && low < max(first, last) &+ UInt(bytes)
         }
@@ -202,8 +203,9 @@ extension RoutingBytes {
             0..<parts, slots: outputs + 1, outputs: outputs,
             argument: { r, s in
                 guard s < outputs else { return span(r) }
-                let (bytes, address) = output(s), start = UInt(address(r))
-                guard start != 0, bytes > 0 else { return nil }
+                let (bytes, address, stride) = output(s)
+                guard address != 0, bytes > 0 else { return nil }
+                let start = UInt(address &+ UInt64(r) &* UInt64(stride))
                 return (start..<start &+ UInt(bytes), location)
             },
             name: { r, s in s < outputs ? "\(name(s))[rank \(r)]" : Self.name(rank: r) })
@@ -217,7 +219,7 @@ extension CheckedStackedDispatch {
         let first = Field.received.rawValue
         try routing.refuseOverlaps(parts: parts, outputs: Field.allCases.count - first) { i in
             let field = Field(rawValue: first + i)!
-            return ((call[field]?.dtype.byteSize ?? 0) * shapes.elements(field, tokens: call.tokens), { address(field, rank: $0) })
+            return (strides.bytes(field), address(field, rank: 0), stride(field))
         } name: { "\(Field(rawValue: first + $0)!)" }
     }
 }
@@ -225,10 +227,10 @@ extension CheckedStackedDispatch {
 extension CheckedStackedCombine {
     /// A combine refused where an output part shares bytes with the step's routing.
     package func refuseOverlaps(_ routing: RoutingBytes) throws(EPError) {
-        let first = Field.combined.rawValue, most = tokens.max() ?? 0
+        let first = Field.combined.rawValue
         try routing.refuseOverlaps(parts: tokens.count, outputs: Field.allCases.count - first) { i in
             let field = Field(rawValue: first + i)!
-            return ((call[field]?.dtype.byteSize ?? 0) * shapes.elements(field, tokens: most), { address(field, rank: $0) })
+            return (strides.bytes(field), address(field, rank: 0), stride(field))
         } name: { "\(Field(rawValue: first + $0)!)" }
     }
 }

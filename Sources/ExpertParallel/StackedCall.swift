@@ -194,9 +194,7 @@ public struct CheckedStackedDispatch: Sendable {
         strides = try StackedStrides(ranks: parts ?? config.ranks) { field in
             call[field].map { ($0, shapes.elements(field, tokens: b), { shapes.shape(field, tokens: b) }, field == .inputs || field == .received) }
         }
-        try strides.refuseOverlaps(parts: parts ?? config.ranks, firstOutput: Field.received.rawValue) { field in
-            call[field].map { ($0, shapes.elements(field, tokens: b) * $0.dtype.byteSize) }
-        }
+        try strides.refuseOverlaps(parts: parts ?? config.ranks, firstOutput: Field.received.rawValue) { call[$0]! }
     }
 
     /// `error` of a per-rank call's checks with its views named as this call's fields.
@@ -293,9 +291,7 @@ public struct CheckedStackedCombine: Sendable {
         strides = try StackedStrides(ranks: tokens.count) { field in
             call[field].map { ($0, shapes.elements(field, tokens: most), { shapes.shape(field, tokens: most) }, field == .expertOutputs || field == .combined) }
         }
-        try strides.refuseOverlaps(parts: tokens.count, firstOutput: Field.combined.rawValue) { field in
-            call[field].map { ($0, shapes.elements(field, tokens: most) * $0.dtype.byteSize) }
-        }
+        try strides.refuseOverlaps(parts: tokens.count, firstOutput: Field.combined.rawValue) { call[$0]! }
     }
 
     /// `error` of a per-rank call's checks with its views named as this call's fields.
@@ -339,23 +335,51 @@ extension StackedCombine {
 
 /// The stride between ranks' parts of each argument of a stacked call, checked against rank 0's
 /// view (`StackedTensor.stride`: rows move in 8-byte vectors, ids, weights, scales and counts
-/// whole), by `Field`; and each rank's address from it.
+/// whole), by `Field`; and each rank's address from it, and the bytes of one part.
 struct StackedStrides<Field: CaseIterable & RawRepresentable>: Sendable where Field.RawValue == Int {
+    /// Per field, in blocks of `Field.allCases.count`: its stride; the bytes of one part (0 where
+    /// not given); then, where given at an address other than 0, the bytes from its first part's
+    /// start to its last part's end as a hull (`low`, `high`: bit patterns of UInt64; the whole
+    /// address space where that overflows, which the checked strides rule out) and its place
+    /// (-1 host, else the device ordinal): what the overlap check compares, found here once.
     private let values: [Int]
+    /// `Field.allCases.count`.
+    let count: Int
 
     /// `part(field)`: the argument, the elements of rank 0's part, its shape (for a message) and
     /// whether it holds rows; nil where not given.
     init(ranks: Int, _ part: (Field) -> (tensor: StackedTensor, elements: Int, shape: () -> [Int], rows: Bool)?) throws(EPError) {
-        var values = [Int](repeating: 0, count: Field.allCases.count)
+        let count = Field.allCases.count
+        var values = [Int](repeating: 0, count: 5 * count)
         for field in Field.allCases {
             guard let (tensor, elements, shape, rows) = part(field) else { continue }
-            values[field.rawValue] = try tensor.stride("\(field)", elements: elements, shape: shape(), alignment: rows ? 8 : tensor.dtype.byteSize,
-                                                       ranks: ranks)
+            let stride = try tensor.stride("\(field)", elements: elements, shape: shape(), alignment: rows ? 8 : tensor.dtype.byteSize,
+                                           ranks: ranks)
+            let raw = field.rawValue, bytes = elements * tensor.dtype.byteSize
+            values[raw] = stride
+            values[count + raw] = bytes
+            guard tensor.address != 0, bytes > 0 else { continue }
+            let (span, spanOverflow) = UInt64(max(ranks - 1, 0)).multipliedReportingOverflow(by: UInt64(max(stride, 0)))
+            let (extent, extentOverflow) = span.addingReportingOverflow(UInt64(bytes))
+            let (high, highOverflow) = tensor.address.addingReportingOverflow(extent)
+            let exact = !(spanOverflow || extentOverflow || highOverflow)
+            values[2 * count + raw] = Int(bitPattern: UInt(exact ? tensor.address : 0))
+            values[3 * count + raw] = Int(bitPattern: UInt(exact ? high : .max))
+            values[4 * count + raw] = switch tensor.location { case .host: -1; case .device(let ordinal): ordinal }
         }
         self.values = values
+        self.count = count
     }
 
     subscript(field: Field) -> Int { values[field.rawValue] }
+
+    /// The bytes of one part of `field` (its elements for the call's rows; 0 where not given).
+    func bytes(_ field: Field) -> Int { values[count + field.rawValue] }
+
+    /// Field `raw`'s hull (`low..<high`; empty where not given, at address 0 or of no bytes), and place.
+    func hull(_ raw: Int) -> (low: UInt64, high: UInt64, place: Int) {
+        return (UInt64(UInt(bitPattern: values[2 * count + raw])), UInt64(UInt(bitPattern: values[3 * count + raw])), values[4 * count + raw])
+    }
 
     /// Rank `rank`'s address of `tensor`, argument `field` (0 where not given).
     func address(_ tensor: StackedTensor?, _ field: Field, rank: Int) -> UInt64 {

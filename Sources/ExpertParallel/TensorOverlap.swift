@@ -115,41 +115,35 @@ extension TensorOverlap {
 
 extension StackedStrides {
     /// Refuses an output array (fields from `firstOutput` on) one of whose parts, of any rank,
-    /// shares a byte with a part of another array (`part(field)`: the array and one part's bytes;
-    /// nil where not given). Every rank's parts are written and read at once. Each array is
-    /// looked at once (a stack buffer), then the given ones are compared in pairs, their whole
-    /// spans first (`firstOverlap`): a few comparisons per call.
-    func refuseOverlaps(parts: Int, firstOutput: Int, _ part: (Field) -> (tensor: StackedTensor, bytes: Int)?) throws(EPError) {
-        let fields = Field.allCases.count
-        let found: (Field, Int, Field, Int, Int, Int)? = withUnsafeTemporaryAllocation(
-            of: (field: Int, tensor: StackedTensor, bytes: Int).self, capacity: fields
-        ) { given in
-            var count = 0
-            for raw in 0..<fields {
-                guard let field = Field(rawValue: raw), let (tensor, bytes) = part(field), tensor.address != 0, bytes > 0 else { continue }
-                (given.baseAddress! + count).initialize(to: (raw, tensor, bytes))
-                count += 1
+    /// shares a byte with a part of another array (one part's bytes are `bytes(field)`, as the
+    /// strides were checked for, over `parts` parts; `part(field)`: the array, asked only to name
+    /// a refusal). Every rank's parts are written and read at once. The arrays' hulls were found
+    /// with the strides (`hull(_:)`): the given ones are compared in pairs, disjoint hulls (separate
+    /// tensors, every call not in error) in two comparisons, intersecting ones part by part
+    /// (`firstOverlap`). Allocates nothing.
+    func refuseOverlaps(parts: Int, firstOutput: Int, _ part: (Field) -> StackedTensor) throws(EPError) {
+        let fields = count
+        var found: (a: Int, r: Int, b: Int, s: Int)?
+        search: for i in firstOutput..<fields {
+            let a = hull(i)
+            guard a.low < a.high else { continue }
+            // Output i against every given array after it, and every input before it.
+            for j in 0..<fields where j != i && (j > i || j < firstOutput) {
+                let b = hull(j)
+                guard b.low < b.high, a.low < b.high, b.low < a.high, a.place == b.place, let fieldA = Field(rawValue: i), let fieldB = Field(rawValue: j),
+                      let (r, s) = TensorOverlap.firstOverlap((a.low, bytes(fieldA), self[fieldA]), (b.low, bytes(fieldB), self[fieldB]), parts: parts)
+                else { continue }
+                found = (i, r, j, s)
+                break search
             }
-            defer { UnsafeMutableBufferPointer(rebasing: given[0..<count]).deinitialize() }
-            // Output i (of the given, in field order) against every given array after it, and every input before it.
-            for i in 0..<count where given[i].field >= firstOutput {
-                let a = given[i], fieldA = Field(rawValue: a.field)!
-                for j in 0..<count where j != i && (j > i || given[j].field < firstOutput) {
-                    let b = given[j], fieldB = Field(rawValue: b.field)!
-                    guard b.tensor.location == a.tensor.location,
-                          let (r, s) = TensorOverlap.firstOverlap((a.tensor.address, a.bytes, self[fieldA]), (b.tensor.address, b.bytes, self[fieldB]), parts: parts)
-                    else { continue }
-                    return (fieldA, r, fieldB, s, a.bytes, b.bytes)
-                }
-            }
-            return nil
         }
-        guard let (a, r, b, s, bytesA, bytesB) = found, let ta = part(a)?.tensor, let tb = part(b)?.tensor else { return }
+        guard let (i, r, j, s) = found, let a = Field(rawValue: i), let b = Field(rawValue: j) else { return }
+        let ta = part(a), tb = part(b)
         func at(_ t: StackedTensor, _ rank: Int, _ field: Field) -> String {
             "rank \(rank)'s part at 0x\(String(address(t, field, rank: rank), radix: 16))"
         }
         throw .invalidArgument(
-            field: "\(a).address", value: "\(at(ta, r, a)) (\(bytesA) bytes)",
-            requirement: "\(TensorOverlap.requirementPrefix)\(b) (\(at(tb, s, b)), \(bytesB) bytes): an output may share no byte with an input or another output")
+            field: "\(a).address", value: "\(at(ta, r, a)) (\(bytes(a)) bytes)",
+            requirement: "\(TensorOverlap.requirementPrefix)\(b) (\(at(tb, s, b)), \(bytes(b)) bytes): an output may share no byte with an input or another output")
     }
 }

@@ -55,7 +55,8 @@ extension NCCLRankGroup {
 
     /// The bytes of this rank's routing of `step`, which no output of the step's calls may share.
     func routingBytes(_ step: GPUStepHandle.Step) -> RoutingBytes {
-        RoutingBytes(location: location, topK: config.topK, indexBytes: step.indexBytes) { _ in (step.routing[0].address, step.routing[0].tokens) }
+        let routing = step.routing   // (the closure captures the array alone: its context is the array's storage, no box per call)
+        return RoutingBytes(location: location, topK: config.topK, indexBytes: step.indexBytes) { _ in (routing[0].address, routing[0].tokens) }
     }
 
     /// Enqueues a checked dispatch of this rank's `source` into buffer slot `slot` on every rank
