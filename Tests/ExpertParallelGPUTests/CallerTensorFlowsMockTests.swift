@@ -1,0 +1,61 @@
+import ExpertParallel
+import ExpertParallelCUDA
+@testable import ExpertParallelGPU
+import Testing
+
+/// The overlap checks refuse no legitimate flow of an NCCL rank's calls with the caller's own
+/// tensors (the C ABI's and the Python package's epGroupDispatch / epGroupCombine): received
+/// rows, ids, weights and scales copied out of the slot's buffers, a combine of the caller's
+/// expert outputs copied in (HT expert-major with the caller's per-slot weights, or the slot's;
+/// HT backward with the caller's weight gradients), the stacked combine of a caller's tensor,
+/// and the backward passes; in every layout (over the mock driver).
+@Suite(.serialized)
+struct CallerTensorFlowsMockTests {
+    @Test(arguments: NCCLStackedCallMockTests.cases.indices)
+    func callerTensorFlowsAreNotRefused(_ index: Int) throws {
+        let (name, config) = NCCLStackedCallMockTests.cases[index]
+        let b = config.maxTokensPerRank - 1
+        let ht = config.algorithm == .highThroughput
+        try NCCLStackedCallMockTests.step(config, tokens: b) { _, _, group, a, handle in
+            let r = group.rank
+            do {
+                // A per-rank step into the caller's tensors (copied out of slot 0), its combine
+                // from the caller's expert outputs (copied in), and its backward pass.
+                try group.update(handle, topkIdx: [a.part("idx", r)!])
+                try group.dispatch(a.dispatchInput(r), copyingInto: a.dispatchOutput(r), handle: handle)
+                let weights: TensorRef? = config.layout == .expertMajor ? a.part("w", r) : config.isExpertMajorHT ? a.part("recvW", r) : nil
+                try group.combine(copyingFrom: CombineInput(expertOutputs: a.part("y", r)!, topkWeights: weights),
+                                  into: CombineOutput(tokens: a.part("out", r)!), handle: handle)
+                try group.dispatch(a.dispatchInput(r), copyingInto: a.dispatchOutput(r), handle: handle)
+                if ht {
+                    try group.combine(copyingFrom: CombineInput(expertOutputs: a.part("y", r)!, weightGradients: a.part("gradIn", r)),
+                                      into: CombineOutput(tokens: a.part("out", r)!, topkWeightGradients: a.part("gradOut", r)),
+                                      handle: handle, direction: .backward)
+                }
+                // Stacked: into slot 1's own buffers, then a combine of the caller's expert outputs
+                // (HT expert-major: the slot's per-slot weights; backward: its weight gradients).
+                let slot = 1, buffers = group.slots[slot]
+                try group.dispatch(handle, stacked: NCCLStackedCallMockTests.dispatch(a, group, slot: slot, tokens: b, routing: true))
+                let stackedWeights: StackedTensor? = config.layout == .expertMajor ? NCCLStackedCallMockTests.part(a, "w", r)
+                    : config.isExpertMajorHT ? NCCLStackedCallMockTests.stacked(buffers.receivedWeights) : nil
+                try group.combine(handle, stacked: StackedCombine(expertOutputs: NCCLStackedCallMockTests.part(a, "y", r)!, topkWeights: stackedWeights,
+                                                                  combined: NCCLStackedCallMockTests.part(a, "out", r)!))
+                try group.dispatch(handle, stacked: NCCLStackedCallMockTests.dispatch(a, group, slot: slot, tokens: b, routing: false), direction: .backward)
+                if ht {
+                    try group.combine(handle, stacked: StackedCombine(expertOutputs: NCCLStackedCallMockTests.part(a, "y", r)!,
+                                                                      weightGradients: NCCLStackedCallMockTests.stacked(buffers.weightGradients),
+                                                                      combined: NCCLStackedCallMockTests.part(a, "out", r)!,
+                                                                      topkWeightGradients: NCCLStackedCallMockTests.part(a, "gradOut", r)),
+                                      direction: .backward)
+                    // The slot's own expert outputs and the caller's weight gradients (copied in).
+                    try group.dispatch(handle, stacked: NCCLStackedCallMockTests.dispatch(a, group, slot: slot, tokens: b, routing: false), direction: .backward)
+                    try group.combine(copyingFrom: CombineInput(expertOutputs: buffers.expertOutputs, weightGradients: a.part("gradIn", r)),
+                                      into: CombineOutput(tokens: a.part("out", r)!, topkWeightGradients: a.part("gradOut", r)),
+                                      handle: handle, direction: .backward)
+                }
+            } catch {
+                Issue.record("\(name), rank \(r): \(error)")
+            }
+        }
+    }
+}
