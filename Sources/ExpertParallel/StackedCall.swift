@@ -339,8 +339,9 @@ extension StackedCombine {
 struct StackedStrides<Field: CaseIterable & RawRepresentable>: Sendable where Field.RawValue == Int {
     /// Per field, in blocks of `Field.allCases.count`: its stride; the bytes of one part (0 where
     /// not given); then, where given at an address other than 0, the bytes from its first part's
-    /// start to its last part's end as a hull (`low`, `high`: bit patterns of UInt64; the whole
-    /// address space where that overflows, which the checked strides rule out) and its place
+    /// start to its last part's end as a hull (`low`, `high`: bit patterns of UInt64; `low` is
+    /// rank 0's address, `high` the top of the address space where the end overflows, which the
+    /// checked strides rule out) and its place
     /// (-1 host, else the device ordinal): what the overlap check compares, found here once.
     private let values: [Int]
     /// `Field.allCases.count`.
@@ -363,7 +364,7 @@ struct StackedStrides<Field: CaseIterable & RawRepresentable>: Sendable where Fi
             let (extent, extentOverflow) = span.addingReportingOverflow(UInt64(bytes))
             let (high, highOverflow) = tensor.address.addingReportingOverflow(extent)
             let exact = !(spanOverflow || extentOverflow || highOverflow)
-            values[2 * count + raw] = Int(bitPattern: UInt(exact ? tensor.address : 0))
+            values[2 * count + raw] = Int(bitPattern: UInt(tensor.address))   // (strides ≥ 0: no part starts before it)
             values[3 * count + raw] = Int(bitPattern: UInt(exact ? high : .max))
             values[4 * count + raw] = switch tensor.location { case .host: -1; case .device(let ordinal): ordinal }
         }
