@@ -212,25 +212,29 @@ extension RoutingBytes {
     }
 }
 
+extension StackedStrides {
+    /// A stacked call's output arrays (fields from `firstOutput` on; `tensor(field)`, nil where
+    /// not given) refused where a part shares bytes with the step's routing (`routing`), which
+    /// the device reads until the step's last combine.
+    func refuseOverlaps(_ routing: RoutingBytes, parts: Int, firstOutput: Int, _ tensor: (Field) -> StackedTensor?) throws(EPError) {
+        try routing.refuseOverlaps(parts: parts, outputs: count - firstOutput) { i in
+            let field = Field(rawValue: firstOutput + i)!
+            return (bytes(field), address(tensor(field), field, rank: 0), self[field])
+        } name: { "\(Field(rawValue: firstOutput + $0)!)" }
+    }
+}
+
 extension CheckedStackedDispatch {
     /// A dispatch of the step again (no topkIdx: the backward pass) refused where an output part
-    /// shares bytes with the step's routing (`routing`), which the device reads until the last combine.
+    /// shares bytes with the step's routing.
     package func refuseOverlaps(_ routing: RoutingBytes, parts: Int) throws(EPError) {
-        let first = Field.received.rawValue
-        try routing.refuseOverlaps(parts: parts, outputs: Field.allCases.count - first) { i in
-            let field = Field(rawValue: first + i)!
-            return (strides.bytes(field), address(field, rank: 0), stride(field))
-        } name: { "\(Field(rawValue: first + $0)!)" }
+        try strides.refuseOverlaps(routing, parts: parts, firstOutput: Field.received.rawValue) { call[$0] }
     }
 }
 
 extension CheckedStackedCombine {
     /// A combine refused where an output part shares bytes with the step's routing.
     package func refuseOverlaps(_ routing: RoutingBytes) throws(EPError) {
-        let first = Field.combined.rawValue
-        try routing.refuseOverlaps(parts: tokens.count, outputs: Field.allCases.count - first) { i in
-            let field = Field(rawValue: first + i)!
-            return (strides.bytes(field), address(field, rank: 0), stride(field))
-        } name: { "\(Field(rawValue: first + $0)!)" }
+        try strides.refuseOverlaps(routing, parts: tokens.count, firstOutput: Field.combined.rawValue) { call[$0] }
     }
 }

@@ -3,25 +3,16 @@
 /// would silently corrupt the one or the other, so it is refused, naming both tensors and their
 /// bytes. Inputs may share memory with each other (they are only read).
 enum TensorOverlap {
-    /// The bytes `tensor` spans (row-major contiguous, checked before), nil where it has none.
-    static func bytes(_ tensor: TensorRef?) -> Range<UInt>? {
-        guard let tensor, let address = tensor.address else { return nil }
-        let count = tensor.byteCount
-        guard count > 0 else { return nil }
-        let start = UInt(bitPattern: address)
-        return start..<(start &+ UInt(count))
-    }
-
     /// Refuses the first overlap of tensor `i < outputs` with a tensor `j > i` (of `0..<all`);
     /// `tensor(i)` gives the tensor and its name (the first `outputs` are the outputs). Allocates
     /// nothing.
     static func refuse(outputs: Int, all: Int, _ tensor: (Int) -> (TensorRef?, String)) throws(EPError) {
         for i in 0..<outputs {
             let (output, outputName) = tensor(i)
-            guard let output, let outputBytes = bytes(output) else { continue }
+            guard let output, let (outputBytes, place) = span(output) else { continue }
             for j in (i + 1)..<all {
                 let (other, otherName) = tensor(j)
-                guard let other, other.location == output.location, let otherBytes = bytes(other), outputBytes.overlaps(otherBytes) else { continue }
+                guard let other, let (otherBytes, location) = span(other), location == place, outputBytes.overlaps(otherBytes) else { continue }
                 throw overlap(output, outputName, other, otherName)
             }
         }
@@ -94,14 +85,8 @@ extension TensorOverlap {
     /// (part r of `start` at `start + r * stride`, `bytes` long; `parts` parts each), or nil.
     /// Exact arithmetic (Int128): the addresses are the caller's word, whatever they are.
     static func firstOverlap(_ a: (start: UInt64, bytes: Int, stride: Int), _ b: (start: UInt64, bytes: Int, stride: Int), parts: Int) -> (Int, Int)? {
+        // (Its caller compared the arrays' hulls first: only intersecting ones come here.)
         let bStart = Int128(b.start), bBytes = Int128(b.bytes), bStride = Int128(max(b.stride, 1))
-        // The arrays' whole spans first: disjoint (separate tensors, the common case) costs no per-part work.
-        func span(_ t: (start: UInt64, bytes: Int, stride: Int)) -> (Int128, Int128) {
-            let first = Int128(t.start), last = first + Int128(parts - 1) * Int128(t.stride)
-            return (min(first, last), max(first, last) + Int128(t.bytes))
-        }
-        let (aLow, aHigh) = span(a), (bLow, bHigh) = span(b)
-        if aHigh <= bLow || bHigh <= aLow { return nil }
         func floorDiv(_ x: Int128, _ y: Int128) -> Int128 { x >= 0 ? x / y : -((-x + y - 1) / y) }
         for r in 0..<parts {
             let x = Int128(a.start) + Int128(r) * Int128(a.stride)
