@@ -159,6 +159,16 @@ class GroupBase(_NotCopyable):
         if dispatched and handle.slot is None:
             raise InvalidUsageError("handle: its step has no dispatch yet")
 
+    def _advance_step(self, target):
+        """`target`'s step number for a new update: the group's own step voids its earlier handles
+        (`_check_handle`); a handle of its own counts its updates, which an earlier result's
+        ``layout`` compares."""
+        if not target.own:
+            self._own_step += 1
+            target.step = self._own_step
+        else:
+            target.step += 1
+
     _kept: Any = None   # what a pending send-only combine's receiving half reads (tensors), kept alive for it
 
     def _release_kept(self, stream):

@@ -287,13 +287,7 @@ class VirtualGroup(GroupBase):
                 config = self._update_config
                 config.launchMode = mode
                 config.step = pointer
-                if not target.own:
-                    self._own_step += 1   # earlier handles of the group's own step are void from here on
-                    target.step = self._own_step
-                else:
-                    target.step += 1   # (a handle of its own: its updates, which earlier results' layout compares)
-                target.tokens = target.slot = None
-                target.topk_weights = target.weight_addresses = target.weight_stacked = None   # (a new step: none of the last one's)
+                self._start_step(target)
                 check_status(self._fn_update(self._group, self._update_inputs, config, raw))
                 target.tokens = tokens
                 target.topk_idx = _held(topk_idx)
@@ -612,6 +606,13 @@ class VirtualGroup(GroupBase):
             return None
         return b, ic, pointers
 
+    def _start_step(self, target):
+        """`target`'s bookkeeping as a call that starts a new step on it is made (none of the last
+        step's slot, rows or weights)."""
+        self._advance_step(target)
+        target.tokens = target.slot = None
+        target.topk_weights = target.weight_addresses = target.weight_stacked = None
+
     def _dispatch_call(self, slot):
         """The slot's epStackedDispatch_t, made on first use: its outputs point at the slot's buffers for good."""
         call = slot.dispatch_call = _fast.StackedCall(_abi.StackedDispatch, self._device)
@@ -645,13 +646,7 @@ class VirtualGroup(GroupBase):
         target = handle if handle is not None else Handle(self)
         call.fields(b, direction_value, mode, _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, target._pointer)
         if idx is not None:
-            if not target.own:
-                self._own_step += 1   # earlier handles of the group's own step are void from here on
-                target.step = self._own_step
-            else:
-                target.step += 1   # (a handle of its own: its updates, which earlier results' layout compares)
-            target.tokens = target.slot = None
-            target.topk_weights = target.weight_addresses = target.weight_stacked = None   # (a new step: none of the last one's)
+            self._start_step(target)
         check_status(self._fn_dispatch_stacked(self._group_address, call.address, raw))
         if idx is not None:
             target.tokens = [b] * self.ranks

@@ -246,11 +246,7 @@ class NCCLGroup(GroupBase):
 
     def _start_step(self, target):
         """`target`'s bookkeeping as a call that starts a new step on it is made."""
-        if not target.own:
-            self._own_step += 1  # earlier handles of the group's own step are void now
-            target.step = self._own_step
-        else:
-            target.step += 1   # (a handle of its own: its updates, which earlier results' layout compares)
+        self._advance_step(target)
         target.tokens = target.slot = target.topk_weights = None   # (a new step: none of the last one's weights)
 
     def dispatch(self, x: Array, topk_idx: Optional[Array] = None, topk_weights: Optional[Array] = None, *,
