@@ -123,7 +123,8 @@ class GroupBase(_NotCopyable):
 
     @locked
     def handle(self) -> Any:
-        """A new step of the group's own (control path: allocates a few KB per rank). Pass it as
+        """A new step of the group's own (control path: allocates the step's routing metadata
+        per rank, on a GPU 9 KB at ll-std's shape, 418 KB at ht-std's). Pass it as
         ``dispatch(..., handle=h)``; several can be live at once, and every rank makes the same
         calls with them in the same order. Release it with ``h.release()``, a ``with`` block, or
         by dropping it."""
