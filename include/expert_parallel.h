@@ -27,8 +27,9 @@
  *   - Every struct starts with `size_t structSize`: set it to sizeof(the struct). ABI version 1
  *     requires exactly sizeof; later versions add fields at the end and keep accepting the sizes of
  *     earlier versions (version 2 added structs and calls and changed none of version 1's; version
- *     3 added fields to epGroupInfo_t, epBackendConfig_t, epNCCLRankConfig_t, epUpdateConfig_t,
- *     epDispatchOutputs_t, epDispatchConfig_t and epCombineConfig_t: a struct of version 2's size reads as if the new fields were zero /
+ *     3 added fields to epGroupConfig_t, epGroupInfo_t, epBackendConfig_t, epNCCLRankConfig_t,
+ *     epUpdateConfig_t, epDispatchInputs_t, epDispatchOutputs_t, epDispatchConfig_t and
+ *     epCombineConfig_t: a struct of version 2's size reads as if the new fields were zero /
  *     NULL, and an epGroupInfo_t of version 2's size gets version 2's fields only). A pointer to a
  *     config struct may be NULL (defaults).
  *   - Arrays of structs (one per rank, in the *All calls) are read with a stride of their first
@@ -441,7 +442,8 @@ epResult_t epGroupDispatchAll(epGroup_t group, const epDispatchInputs_t* inputs,
 epResult_t epGroupCombineAll(epGroup_t group, const epCombineInputs_t* inputs, const epCombineOutputs_t* outputs,
                              const epCombineConfig_t* config, void* stream);
 /* GPU group: waits for the streams of the group's calls, then returns the first error a rank
- * recorded on the device in the last step. Host group: epSuccess (its calls report errors). */
+ * recorded on the device since the last check (the check clears it). Host group: epSuccess (its
+ * calls report errors). */
 epResult_t epGroupCheckStatus(epGroup_t group);
 /* What `rank` received in the last dispatch (GPU group: checks the status first, so it waits). */
 epResult_t epGroupGetLayoutInfo(epGroup_t group, int32_t rank, epLayoutInfo_t* info);
