@@ -16,7 +16,7 @@ extension NCCLRankGroup {
         _ handle: GPUStepHandle, stacked call: StackedDispatch, direction: PassDirection = .forward, options: CallOptions = CallOptions()
     ) throws(EPError) {
         try engine.checkNothingPending()
-        let stepTokens = call.topkIdx == nil ? try handle.currentStep().routing[0].tokens : nil
+        let step = call.topkIdx == nil ? try handle.currentStep() : nil
         guard let slot = slots.firstIndex(where: { address($0.receivedTokens) == call.received.address }) else {
             throw .invalidArgument(
                 field: "received", value: "\(call.received.address)",
@@ -33,7 +33,9 @@ extension NCCLRankGroup {
         try requireSlotBuffer(call.receivedTopkIdx, own.receivedIndices, "receivedTopkIdx", slot: slot)
         try requireSlotBuffer(call.receivedTopkWeights, own.receivedWeights, "receivedTopkWeights", slot: slot)
         try requireSlotBuffer(call.receivedScales, own.receivedScales, "receivedScales", slot: slot)
-        let checked = try CheckedStackedDispatch(call, shapes: engine.shapes, location: location, stepTokens: stepTokens, parts: 1)
+        let checked = try CheckedStackedDispatch(call, shapes: engine.shapes, location: location, stepTokens: step?.routing[0].tokens, parts: 1)
+        // A dispatch of the step again: its count outputs (the caller's) must not be the routing the device reads until the combine.
+        if let step { try checked.refuseOverlaps(routingBytes(step), parts: 1) }
         let source = SendSide(tokens: checked.address(.inputs, rank: 0), weights: checked.address(.topkWeights, rank: 0),
                               scales: checked.address(.scales, rank: 0), counts: checked.address(.expertCounts, rank: 0),
                               sourceCounts: checked.address(.expertSourceCounts, rank: 0))
@@ -71,6 +73,8 @@ extension NCCLRankGroup {
             }
             return
         }
+        // (The copy above checks its per-rank call against the routing: checkCombine.)
+        try checked.refuseOverlaps(routingBytes(step))
         if config.isExpertMajorHT, direction == .forward, let weights = own.receivedWeights {
             try requireSlotBuffer(call.topkWeights, weights, "topkWeights", slot: slot, required: true)
         }

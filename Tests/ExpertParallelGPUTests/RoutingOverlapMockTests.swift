@@ -59,4 +59,51 @@ struct RoutingOverlapMockTests {
             try group.combine(combineInputs, into: t.combined.map { CombineOutput(tokens: $0.ref) })
         }
     }
+
+    /// An NCCL rank's stacked calls: a dispatch of the step again whose counts, or a combine from
+    /// the slot's own expert outputs whose rows, are the step's routing. Before, both went
+    /// unchecked (the per-rank calls and the stacked combine from a caller's tensor checked it).
+    @Test func anNCCLRanksStackedCallsOverTheStepsRoutingAreRefused() throws {
+        var config = StackedCallMockTests.cases[0].1   // LL expert-major
+        config.ranks = 1
+        let b = 2
+        try NCCLStackedCallMockTests.step(config, tokens: b) { mock, device, group, a, handle in
+            // The step's routing is the start of the rows a combine would write: [b, hidden] of the group's type.
+            let rows = try DeviceTensor(config.elementType, [b, config.hidden], on: device)
+            var routing = rows.ref
+            routing.dtype = .i32
+            routing.shape = [b, config.topK]
+            var bytes = [UInt8](repeating: 0, count: b * config.hidden * config.elementType.byteSize)
+            for i in 0..<(b * config.topK) { withUnsafeBytes(of: Int32(i % config.experts)) { bytes.replaceSubrange(4 * i..<4 * i + 4, with: $0) } }
+            try bytes.withUnsafeBytes { try rows.upload($0.baseAddress!) }
+            let slot = 0, buffers = group.slots[slot]
+            var call = NCCLStackedCallMockTests.dispatch(a, group, slot: slot, tokens: b, routing: false)
+            call.topkIdx = StackedTensor(routing)
+            try group.dispatch(handle, stacked: call)
+            let launches = mock.launches
+            // Again (the step's routing), its counts over that routing.
+            var counts = routing
+            counts.shape = [config.localExperts]
+            call.topkIdx = nil
+            call.expertCounts = StackedTensor(counts)
+            #expect {
+                try group.dispatch(handle, stacked: call, direction: .backward)
+            } throws: { error in
+                "\(error)".hasPrefix("invalid argument: expertCounts[rank 0].address = ") && "\(error)".contains("; must not overlap the step's topkIdx[rank 0] (")
+            }
+            #expect(mock.launches == launches, "a refused dispatch launches nothing")
+            let combine = StackedCombine(expertOutputs: StackedTensor(buffers.expertOutputs), topkWeights: NCCLStackedCallMockTests.part(a, "w", 0),
+                                         combined: StackedTensor(rows.ref))
+            #expect {
+                try group.combine(handle, stacked: combine)
+            } throws: { error in
+                "\(error)".hasPrefix("invalid argument: combined[rank 0].address = ") && "\(error)".contains("; must not overlap the step's topkIdx[rank 0] (")
+            }
+            #expect(mock.launches == launches, "a refused combine launches nothing")
+            var fine = combine
+            fine.combined = NCCLStackedCallMockTests.part(a, "out", 0)!
+            try group.combine(handle, stacked: fine)
+            #expect(mock.launches > launches)
+        }
+    }
 }
