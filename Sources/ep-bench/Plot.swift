@@ -126,6 +126,9 @@ struct Plot {
         guard high > 0, high.isFinite else { return [0, 1] }
         let raw = high / 5, magnitude = pow(10, log10(raw).rounded(.down))
         let step = max(minimumStep, [1.0, 2, 5, 10].map { $0 * magnitude }.first { $0 >= raw } ?? 10 * magnitude)
+        // A value within a few subnormals of 0 (a --json's GB/s of 1e-323): its fifth, or the power
+        // of ten below it, underflows to 0, and no step of 0 counts up to it. One tick at the value.
+        guard step > 0 else { return [0, high] }
         let count = Int((high / step).rounded(.up))
         return (0...max(count, 1)).map { Double($0) * step }
     }

@@ -501,6 +501,19 @@ def test_an_unwritable_plot_path_fails_before_the_run(tmp_path):
     assert result.returncode == USAGE and f"--out {path}" in result.stderr
 
 
+@pytest.mark.parametrize("gbs", [5e-324, 1e-323, 4e-323])
+def test_plot_draws_a_gbs_near_the_smallest_double(tmp_path, gbs):
+    # A --json's GB/s a few subnormals above 0: the y axis's tick step underflowed to 0 and
+    # Int(inf) trapped (SIGILL). Now one tick at the value, and a parseable SVG.
+    engine = tmp_path / "engine.json"
+    engine.write_text(json.dumps([{"name": "x", "ranks": 1, "tokens": 4, "dispatch": {"bytesPerRank": 1, "gbPerSecond": gbs}}]))
+    svg = tmp_path / "p.svg"
+    result = bench("plot", "--json", str(engine), "--out", str(svg))
+    assert result.returncode == 0, f"status {result.returncode}:\n{result.stderr}"
+    _, series = plot_series(svg)
+    assert len(series["ExpertParallel dispatch"]) == 1
+
+
 def test_plot_refuses_a_file_that_is_not_ep_bench_json(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"not": "a list"}')
