@@ -22,10 +22,15 @@ public struct StackedTensor: Sendable, Equatable {
         self.init(address: UInt64(UInt(bitPattern: tensor.address)), dtype: tensor.dtype, location: tensor.location)
     }
 
-    /// Rank `rank`'s part, `shape` shaped, as a view (the checks read rank 0's).
+    /// Rank `rank`'s part, `shape` shaped, as a view (the checks read rank 0's, at `address`
+    /// whatever the shape). The others' addresses wrap rather than trap: parts that do not fit in
+    /// 64 bits are refused by `stride(...)`, which a call's checks run before any other part is used.
     public func part(_ rank: Int, shape: [Int]) -> TensorRef {
-        let step = rankStride != 0 ? rankStride : shape.reduce(1, *) * dtype.byteSize
-        let base = UInt(address) + UInt(rank * step)
+        var base = UInt(address)
+        if rank != 0 {
+            let step = rankStride != 0 ? rankStride : shape.reduce(1, &*) &* dtype.byteSize
+            base &+= UInt(bitPattern: rank &* step)
+        }
         return TensorRef(address: UnsafeMutableRawPointer(bitPattern: base), dtype: dtype, shape: shape, location: location)
     }
 
@@ -34,8 +39,15 @@ public struct StackedTensor: Sendable, Equatable {
     /// 0's address must be. The name and the shape are built only for an error: the data path
     /// allocates nothing for them.
     public func stride(_ name: @autoclosure () -> String, elements: Int, shape: @autoclosure () -> [Int], alignment: Int, ranks: Int) throws(EPError) -> Int {
-        let bytes = elements * dtype.byteSize
         let most = (1 << 62) / max(ranks, 1)   // every rank's address stays far inside 64 bits
+        // A part is the group's shape (`elements` saturates at Int.max): packed or not, every
+        // rank's part must fit below that bound (a given stride must be at least a part).
+        let (bytes, overflow) = elements.multipliedReportingOverflow(by: dtype.byteSize)
+        guard !overflow, bytes <= most else {
+            let size = overflow || bytes > 1 << 62 ? "more than 2^62" : "\(bytes)"
+            throw .invalidArgument(field: name(), value: "\(dtype)\(shape()) (\(size) bytes a part)",
+                                   requirement: "must be at most \(most) bytes a part (2^62 / \(ranks) ranks): every rank's address stays far inside 64 bits")
+        }
         guard rankStride >= 0, rankStride == 0 || rankStride >= bytes, rankStride <= most else {
             throw .invalidArgument(field: "\(name()).rankStride", value: "\(rankStride)",
                                    requirement: "must be 0 (packed) or in \(bytes)...\(most): at least the bytes of one rank's \(dtype)\(shape())")

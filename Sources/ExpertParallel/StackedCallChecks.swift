@@ -94,7 +94,20 @@ extension CallShapes {
         return call.weightGradients == nil && call.topkWeightGradients == nil
     }
 
-    private var receiveElements: Int { receiveShape.reduce(1, *) }
-    private var routingElements: Int { (receiveRoutingShape ?? []).reduce(1, *) }
-    private var scalesElements: Int { (receiveScalesShape ?? []).reduce(1, *) }
+    // The group's shapes: their products may pass Int.max (the config bounds experts, hidden and
+    // maxTokensPerRank, not their product); such a part is refused by its stride check.
+    private var receiveElements: Int { Self.saturatingProduct(receiveShape) }
+    private var routingElements: Int { Self.saturatingProduct(receiveRoutingShape ?? []) }
+    private var scalesElements: Int { Self.saturatingProduct(receiveScalesShape ?? []) }
+
+    /// The product of `shape`, or Int.max where it overflows.
+    static func saturatingProduct(_ shape: [Int]) -> Int {
+        var product = 1
+        for size in shape {
+            let (next, overflow) = product.multipliedReportingOverflow(by: size)
+            if overflow { return .max }
+            product = next
+        }
+        return product
+    }
 }

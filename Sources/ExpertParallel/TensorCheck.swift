@@ -39,8 +39,14 @@ package enum TensorCheck {
         guard tensor.location == location else {
             throw .invalidArgument(field: "\(name).location", value: "\(tensor.location)", requirement: "must be \(location)")
         }
-        guard tensor.address != nil || tensor.elementCount == 0 else {
-            throw .invalidArgument(field: "\(name).address", value: "nil", requirement: "must be non-nil for \(tensor.elementCount) elements")
+        guard tensor.address != nil || tensor.shape.contains(0) else {
+            // (Counted with overflow: a shape the group expects may have more elements than Int holds.)
+            let (elements, overflow) = tensor.shape.reduce((1, false)) { count, size in
+                let (product, overflow) = count.0.multipliedReportingOverflow(by: size)
+                return (product, count.1 || overflow)
+            }
+            let count = overflow ? tensor.shape.map(String.init).joined(separator: " × ") : "\(elements)"
+            throw .invalidArgument(field: "\(name).address", value: "nil", requirement: "must be non-nil for \(count) elements")
         }
     }
 }

@@ -36,10 +36,11 @@ public struct TensorRef: @unchecked Sendable, CustomStringConvertible {
 
     var isContiguous: Bool {
         guard let strides else { return true }
-        var expected = 1
+        // `expected` past Int.max (a shape larger than memory): no stride equals it.
+        var expected = 1, overflow = false
         for (size, stride) in zip(shape, strides).reversed() {
-            if size > 1 && stride != expected { return false }
-            expected *= size
+            if size > 1 && (overflow || stride != expected) { return false }
+            (expected, overflow) = overflow ? (expected, true) : expected.multipliedReportingOverflow(by: size)
         }
         return strides.count == shape.count
     }

@@ -499,3 +499,27 @@ def test_a_send_only_combine_keeps_the_tensors_its_receiving_half_reads():
     gc.collect()
     assert alive() is not None
     hook()
+
+
+@pytest.mark.parametrize("ranks, experts, hidden, max_tokens, received", [
+    (64, 64, 1 << 26, 1 << 26, 1 << 20),        # 2^59 bytes a part, 64 parts: past 2^64
+    (1, 4, (1 << 31) - 4, (1 << 31) - 1, 1 << 20),  # a receive shape whose product passes Int64
+    (1, 4, (1 << 31) - 4, (1 << 31) - 1, 0),        # the same, its receivedTokens NULL
+])
+def test_a_stacked_call_of_a_group_too_large_for_memory_is_refused_by_name(ranks, experts, hidden, max_tokens, received):
+    # The config bounds experts, hidden and maxTokensPerRank, not their product: such a group is
+    # made (nothing is allocated for it), and its stacked call trapped (SIGILL) on the overflow.
+    library = load()
+    config = _abi.new(_abi.GroupConfig, algorithm=_abi.ALGORITHMS["ll"], layout=_abi.LAYOUTS["expert_major"], ranks=ranks,
+                      experts=experts, topK=1, hidden=hidden, elementType=_abi.BF16, maxTokensPerRank=max_tokens)
+    group = ctypes.c_void_p()
+    assert library.epGroupCreate(ctypes.byref(config), None, ctypes.byref(group)) == _abi.SUCCESS
+    try:
+        call = _abi.new(_abi.StackedDispatch, tokens=0)
+        call.inputTokens = _abi.Stacked(0, _abi.BF16, -1, 0)
+        call.receivedTokens = _abi.Stacked(received, _abi.BF16, -1, 0)
+        assert library.epGroupDispatchStacked(group, ctypes.byref(call), None) == _abi.INVALID_ARGUMENT
+        message = library.epGetLastErrorMessage().decode()
+        assert "call.receivedTokens" in message, message
+    finally:
+        library.epGroupDestroy(group)
