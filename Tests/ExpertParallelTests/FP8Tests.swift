@@ -129,6 +129,13 @@ struct FP8ScalingTests {
         #expect(try format.blockScales(scaleWords: row.scaleWords) == [scale.scale])
     }
 
+    @Test("a NaN amax is scaled as no value (it trapped in the power-of-two modes)", arguments: FP8ScaleMode.allCases)
+    func nanAmaxUsesTheClamp(_ mode: FP8ScaleMode) {
+        #expect(FP8BlockScale(amax: .nan, mode: mode) == FP8BlockScale(amax: 0, mode: mode))
+        #expect(FP8BlockScale(amax: -.nan, mode: mode) == FP8BlockScale(amax: 0, mode: mode))
+        #expect(FP8BlockScale(amax: .signalingNaN, mode: mode) == FP8BlockScale(amax: 0, mode: mode))
+    }
+
     static let powerOfTwoCases: [(amax: Float, byte: UInt8)] = [
         (448, 127), (896, 128), (224, 126), (447, 127), (Float(448).nextUp, 128), (449, 128), (3, 120),
     ]

@@ -18,8 +18,8 @@ public enum FP8ScaleMode: String, Sendable, Hashable, CaseIterable, CustomString
 
 /// The scale of one block, computed from the block's `amax` (its largest |x|).
 ///
-/// `amax` is first clamped to `[minimumAmax, Float.greatestFiniteMagnitude]`: an all-zero block
-/// gets a finite scale, and a block holding ±infinity is scaled as if it held the largest float
+/// `amax` is first clamped to `[minimumAmax, Float.greatestFiniteMagnitude]` (NaN to
+/// `minimumAmax`, as a block of no values): an all-zero block gets a finite scale, and a block holding ±infinity is scaled as if it held the largest float
 /// (its infinities then convert to ±448, its finite values keep their precision).
 /// - float32: `scale = amax / 448` and `multiplier = 448 / amax`, each one float32 division;
 /// - powers of two: `scale = 2^e`, `multiplier = 2^-e`, where e is the smallest integer with
@@ -37,7 +37,9 @@ public struct FP8BlockScale: Sendable, Hashable {
     public var exponentByte: UInt8?
 
     public init(amax: Float, mode: FP8ScaleMode) {
-        let amax = min(max(amax, Self.minimumAmax), .greatestFiniteMagnitude)
+        // A NaN amax counts as no value (as NaN elements do in `FP8RowFormat.amax`): clamped, not
+        // passed through, whose exponent byte 0xFF + 1 would overflow.
+        let amax = amax.isNaN ? Self.minimumAmax : min(max(amax, Self.minimumAmax), .greatestFiniteMagnitude)
         guard mode.isPowerOfTwo else {
             self.init(scale: amax / FP8E4M3.maxFinite, multiplier: FP8E4M3.maxFinite / amax, exponentByte: nil)
             return
