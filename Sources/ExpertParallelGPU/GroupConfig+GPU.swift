@@ -33,6 +33,16 @@ extension GroupConfig {
                     field: "maxReceivedTokensPerRank", value: "\(receiveCapacity)", requirement: "must be ≤ \(Self.maxGPURows) on the GPU backend")
             }
         }
+        // The GPU backend sizes buffers from the configuration (an NCCL rank's receive and
+        // expert-output rows, the staged transport's staging): receiveCapacity rows of rowBytes,
+        // whose product the bounds above let pass Int.max. 2^62 bytes, far beyond any device's
+        // memory, keeps every such size inside Int.
+        let (receiveBytes, overflow) = receiveCapacity.multipliedReportingOverflow(by: rowBytes)
+        guard !overflow, receiveBytes <= Self.maxGPUBufferBytes else {
+            throw .invalidConfig(
+                field: "hidden", value: "\(hidden)",
+                requirement: "with \(receiveCapacity) receive rows of \(rowBytes) bytes a rank's receive buffer is more than 2^62 bytes; the GPU backend allocates at most 2^62")
+        }
         let bytes = updateSharedMemoryBytes
         guard bytes <= 48 * 1024 else {
             throw .invalidConfig(
@@ -46,6 +56,8 @@ extension GroupConfig {
     package static let maxHTTokensPerRank = (1 << 24) - 1
     /// Rows the GPU kernels count in a rank's receive buffer at most (32-bit ints).
     package static let maxGPURows = Int(Int32.max)
+    /// Bytes of a rank's receive buffer at most (receiveCapacity × rowBytes).
+    package static let maxGPUBufferBytes = 1 << 62
 
     /// Static shared memory of the update kernel, counted from its arrays (ep_ll.cu, ep_ht.cu), with
     /// LL's per-warp counts for 8 warps: the bound every configuration must meet.
