@@ -51,7 +51,9 @@ struct StepWorkspace: Sendable {
     /// in-order counting is a chain of dependent shared-memory updates); 16 blocks of 256 tokens
     /// walk them side by side, and only the rank's last block to finish does the cross-rank part.
     static func htUpdateChunks(maxTokens: Int, tokensPerChunk: Int) -> Int {
-        min(16, max(1, (maxTokens + tokensPerChunk - 1) / max(1, tokensPerChunk)))
+        // ⌈maxTokens / tokensPerChunk⌉ without adding them (GPUTuning checks the chunk ≥ 1 only).
+        let chunk = max(1, tokensPerChunk)
+        return min(16, max(1, maxTokens / chunk + (maxTokens % chunk == 0 ? 0 : 1)))
     }
 
     // MARK: the group's words

@@ -30,6 +30,19 @@ struct GPUTuningTests {
         }
     }
 
+    /// updateChunkTokens is checked ≥ 1 only (the C knob is 32 bits; the Swift API takes any
+    /// Int): a huge one is one chunk, not an overflow of the round-up (it trapped at Int.max).
+    @Test func aHugeUpdateChunkIsOneChunk() throws {
+        let ht = GroupConfig(algorithm: .highThroughput, ranks: 2, experts: 4, topK: 2, hidden: 64, maxTokensPerRank: 4096)
+        for chunk in [Int.max, Int.max - 1, 1 << 62, 4096, 4097] {
+            let tuning = try GPUTuning(updateChunkTokens: chunk).validated(ht)
+            #expect(StepWorkspace(ht, updateChunkTokens: tuning.updateChunkTokens).updateBlocks == 1, "\(chunk)")
+        }
+        #expect(StepWorkspace.htUpdateChunks(maxTokens: 4096, tokensPerChunk: 256) == 16)
+        #expect(StepWorkspace.htUpdateChunks(maxTokens: 257, tokensPerChunk: 256) == 2)
+        #expect(StepWorkspace.htUpdateChunks(maxTokens: (1 << 24) - 1, tokensPerChunk: 1) == 16)
+    }
+
     @Test func defaultsAreTheMeasuredOnes() throws {
         let tuning = try GPUTuning().validated(Self.config)
         #expect(tuning.defines == ["EP_UNROLL": "4", "EP_CHUNK": "8"])
