@@ -97,7 +97,12 @@ extension NCCLLibrary {
         var handle: UnsafeMutableRawPointer?
         var value = id.shimValue
         var config = ep_shim_nccl_config(0)
-        let result = ep_shim_nccl_comm_init_rank_config(try comm().ncclCommInitRankConfig, &handle, Int32(ranks), &value, Int32(rank), &config)
+        // NCCL takes both as 32-bit ints (a launcher's RANK / WORLD_SIZE may say anything).
+        guard let count = Int32(exactly: ranks), count >= 1, let me = Int32(exactly: rank), me >= 0, me < count else {
+            throw CUDAError.nccl(call: "ncclCommInitRankConfig", code: 4,
+                                 name: "ncclInvalidArgument \"rank \(rank) of \(ranks) ranks: ranks must be in 1...\(Int32.max) and rank in 0..<ranks\"")
+        }
+        let result = ep_shim_nccl_comm_init_rank_config(try comm().ncclCommInitRankConfig, &handle, count, &value, me, &config)
         if result != NCCLResult.inProgress { try check(result, "ncclCommInitRankConfig") }
         guard let handle else { throw CUDAError.nccl(call: "ncclCommInitRankConfig", code: 3, name: "ncclInternalError \"no communicator\"") }
         let joined = NCCLComm(rawValue: OpaquePointer(handle))
