@@ -13,7 +13,16 @@ public final class DeviceTensor: @unchecked Sendable {
         self.device = device
         self.dtype = dtype
         self.shape = shape
-        let bytes = shape.reduce(1, *) * dtype.byteSize
+        // The caller's shape: every size ≥ 0 and the bytes inside Int (else a named error, not a trap).
+        var bytes = dtype.byteSize
+        for (i, size) in shape.enumerated() {
+            guard size >= 0 else { throw .invalidArgument(field: "shape[\(i)]", value: "\(size)", requirement: "must be ≥ 0") }
+            let (product, overflow) = bytes.multipliedReportingOverflow(by: size)
+            guard !overflow else {
+                throw .invalidArgument(field: "shape", value: "\(shape)", requirement: "must describe at most \(Int.max) bytes of \(dtype)")
+            }
+            bytes = product
+        }
         byteCount = bytes
         try device.makeCurrent()
         pointer = try device.allocateZeroed(byteCount: max(bytes, 16))

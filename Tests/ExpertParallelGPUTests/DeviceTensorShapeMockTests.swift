@@ -1,0 +1,24 @@
+import ExpertParallel
+import ExpertParallelCUDA
+import ExpertParallelGPU
+import Testing
+
+/// `DeviceTensor(_:_:on:)` multiplied its shape out unchecked: a shape whose bytes pass Int.max
+/// trapped, and a negative size made a tensor of negative bytes. Both are named errors now.
+struct DeviceTensorShapeMockTests {
+    @Test func aShapeBeyondIntOrNegativeIsRefusedByName() throws {
+        try MockCUDA.run { mock in
+            let device = try MockCUDA.device()
+            #expect(throws: EPError.invalidArgument(field: "shape", value: "[4611686018427387904, 4]",
+                                                    requirement: "must describe at most 9223372036854775807 bytes of f32")) {
+                _ = try DeviceTensor(.f32, [1 << 62, 4], on: device)
+            }
+            #expect(throws: EPError.invalidArgument(field: "shape[1]", value: "-3", requirement: "must be ≥ 0")) {
+                _ = try DeviceTensor(.bf16, [2, -3], on: device)
+            }
+            #expect(mock.deviceMemory.isEmpty)
+            let empty = try DeviceTensor(.f32, [0, 8], on: device)
+            #expect(empty.byteCount == 0)
+        }
+    }
+}
