@@ -14,9 +14,12 @@ public final class DeviceTensor: @unchecked Sendable {
         self.dtype = dtype
         self.shape = shape
         // The caller's shape: every size ≥ 0 and the bytes inside Int (else a named error, not a trap).
-        var bytes = dtype.byteSize
-        for (i, size) in shape.enumerated() {
-            guard size >= 0 else { throw .invalidArgument(field: "shape[\(i)]", value: "\(size)", requirement: "must be ≥ 0") }
+        // A size of 0 makes an empty tensor whatever the other sizes (as the unchecked product did).
+        if let i = shape.firstIndex(where: { $0 < 0 }) {
+            throw .invalidArgument(field: "shape[\(i)]", value: "\(shape[i])", requirement: "must be ≥ 0")
+        }
+        var bytes = shape.contains(0) ? 0 : dtype.byteSize
+        for size in shape where bytes != 0 {
             let (product, overflow) = bytes.multipliedReportingOverflow(by: size)
             guard !overflow else {
                 throw .invalidArgument(field: "shape", value: "\(shape)", requirement: "must describe at most \(Int.max) bytes of \(dtype)")

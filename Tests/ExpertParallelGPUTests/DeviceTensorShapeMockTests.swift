@@ -16,9 +16,18 @@ struct DeviceTensorShapeMockTests {
             #expect(throws: EPError.invalidArgument(field: "shape[1]", value: "-3", requirement: "must be ≥ 0")) {
                 _ = try DeviceTensor(.bf16, [2, -3], on: device)
             }
+            // A negative size is named even after sizes whose product overflows.
+            #expect(throws: EPError.invalidArgument(field: "shape[2]", value: "-1", requirement: "must be ≥ 0")) {
+                _ = try DeviceTensor(.f32, [1 << 62, 4, -1], on: device)
+            }
             #expect(mock.deviceMemory.isEmpty)
             let empty = try DeviceTensor(.f32, [0, 8], on: device)
             #expect(empty.byteCount == 0)
+            // A size of 0 is an empty tensor whatever the sizes before it (the product is 0, as
+            // before the overflow check, which refused [2^62, 0]: 4 × 2^62 overflowed first).
+            for shape in [[1 << 62, 0], [Int.max, 3, 0], [0, Int.max]] {
+                #expect(try DeviceTensor(.f32, shape, on: device).byteCount == 0, "\(shape)")
+            }
         }
     }
 }
