@@ -49,7 +49,10 @@ import Testing
         let call = StackedCombine(expertOutputs: StackedTensor(address: 1 << 20, dtype: .bf16, location: .host),
                                   topkWeights: StackedTensor(address: 1 << 30, dtype: .f32, location: .host),
                                   combined: StackedTensor(address: 1 << 40, dtype: .bf16, location: .host))
-        #expect(throws: EPError.self) {
+        // Refused for the part's size (not for some other argument): expertOutputs, its shape and the bound.
+        #expect(throws: EPError.invalidArgument(
+            field: "expertOutputs", value: "bf16[4, 2147483647, 2147483644] (more than 2^62 bytes a part)",
+            requirement: "must be at most 4611686018427387904 bytes a part (2^62 / 1 ranks): every rank's address stays far inside 64 bits")) {
             _ = try CheckedStackedCombine(call, tokens: [1], direction: .forward, shapes: CallShapes(try Self.overflowingShape.validated()),
                                           location: .host)
         }
