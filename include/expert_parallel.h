@@ -161,8 +161,8 @@ typedef enum {
                           * next data-path call of the group. Host group: runs the whole call. Every
                           * backend refuses a data-path call (update, dispatch, combine, stacked) while
                           * one is pending, with epInvalidUsage ("call epGroupComplete for the pending
-                          * send-only dispatch first"): the collective calls until epGroupComplete, a handle's
-                          * calls until its epComplete (a host rank's refused call still takes its
+                          * send-only dispatch first"; a handle's calls say epComplete): the collective
+                          * calls until epGroupComplete, a handle's calls until its epComplete (a host rank's refused call still takes its
                           * place among the ranks, and a refused update voids its handle's step).
                           * Host group: the collective pending call and a handle's are apart (a
                           * handle's calls are not refused by a pending collective call, nor the
