@@ -4,6 +4,7 @@ library reports about a group once made (shapes of its buffers)."""
 import ctypes
 import math
 import numbers
+import sys
 
 from . import _abi, _arrays
 from ._library import call
@@ -11,6 +12,14 @@ from .errors import InvalidArgumentError, OutOfMemoryError
 
 INT32 = 2**31 - 1
 INT64 = 2**63 - 1
+
+
+def shown(value):
+    """`value` (an int) as a message shows it: its digits, or for one too long to print (Python
+    refuses ints of more than 4300 digits as text) its sign and bits."""
+    if value.bit_length() <= 256:
+        return str(value)
+    return f"{'-' if value < 0 else ''}an integer of {value.bit_length()} bits"
 
 
 def integer(value, name, low, high):
@@ -21,7 +30,7 @@ def integer(value, name, low, high):
     except TypeError:   # a tensor or array of several values (or of floats) has __index__ too
         raise InvalidArgumentError(f"{name}: a {type(value).__name__} that is not one integer; must be an integer") from None
     if not low <= value <= high:
-        raise InvalidArgumentError(f"{name}={value}; must be in [{low}, {high}]")
+        raise InvalidArgumentError(f"{name}={shown(value)}; must be in [{low}, {high}]")
     return value
 
 
@@ -46,7 +55,11 @@ def seconds(value, name):
     # (Any real number: NumPy's float32 too, as integer options take NumPy's integers; not a bool.)
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise InvalidArgumentError(f"{name}={value!r}; must be a number of seconds")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:   # an int (or Fraction) past a float's range: no bound could hold it
+        what = shown(value) if isinstance(value, int) else f"a {type(value).__name__} too large for a float"
+        raise InvalidArgumentError(f"{name}={what}; must be a number of seconds of at most {sys.float_info.max:g}") from None
 
 
 def group_config(*, ranks, experts, hidden, top_k, max_tokens, algorithm, layout, alignment, dtype, max_recv_tokens,

@@ -10,6 +10,7 @@ from .errors import InvalidArgumentError
 
 _torch_codes = None
 _raw_stream = None
+_MAX_HANDLE = 2**64 - 1
 
 
 def _torch_dtype_codes():
@@ -181,6 +182,10 @@ def raw_stream(device, stream=None):
         if type(handle) is not int:   # (ctypes would take a str as a pointer to its characters)
             raise InvalidArgumentError(
                 f"stream: a {type(stream).__name__}; must be a torch.cuda.Stream or an int CUstream handle")
+        if not 0 <= handle <= _MAX_HANDLE:   # (ctypes would refuse a pointer past 64 bits, or wrap a negative one)
+            from ._config import shown
+
+            raise InvalidArgumentError(f"stream={shown(handle)}; a CUstream handle must be in [0, {_MAX_HANDLE}]")
         return (handle or None) if device >= 0 else None
     if device < 0:
         return None

@@ -1,0 +1,103 @@
+"""Hazards of extreme and odd argument values (session 30's probe), each now a named error, on the
+CPU backend:
+
+- an integer of more than 4300 digits, where a count is taken, raised Python's own ValueError (its
+  text conversion refused) while naming it; one past a float's range as a ``timeout`` raised
+  OverflowError;
+- ``device="cuda:4294967296"`` wrapped to device 0 in the C struct's 32-bit field (so a GPU
+  machine ran on the wrong device), ``"cuda:²"`` raised int()'s ValueError;
+- a ``stream`` handle past 64 bits (or negative) reached ctypes (ArgumentError, or a wrapped
+  pointer on the GPU);
+- ``Exchange.combine`` of a Dispatched whose step token or routing was on ``meta`` ran the op's
+  fake implementation and returned an uninitialised tensor; a token of several values, NaN or
+  None, and a routing of the wrong shape or kind, raised ValueError / IndexError / AttributeError;
+- DeepEP's ``Buffer.virtual`` took any ``device`` (torch.device's RuntimeError at the first call)
+  and any ``timeout`` (infinity: the threading module's OverflowError in a waiting rank; NaN:
+  a meeting that never timed out); ``run_ranks`` passed its timeout to ``Thread.join``;
+  ``set_num_sms`` took 2**64; a ``num_worst_tokens`` padding that cannot be allocated let
+  torch's RuntimeError out;
+- the bench's ``--seed -1`` and a malformed ``--engine-json`` ended in tracebacks (the JSON one
+  after the whole run)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import expert_parallel as ep
+
+
+def group(**overrides):
+    settings = dict(ranks=2, experts=4, hidden=8, top_k=2, max_tokens=3, dtype="f32")
+    settings.update(overrides)
+    return ep.VirtualGroup(**settings)
+
+
+def step():
+    x = np.arange(2 * 3 * 8, dtype=np.float32).reshape(2, 3, 8)
+    idx = np.array([[[0, 1], [2, 3], [1, -1]]] * 2, np.int32)
+    w = np.full((2, 3, 2), 0.5, np.float32)
+    return x, idx, w
+
+
+# -- numbers past what Python prints or a float holds ----------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ranks", "max_tokens", "buffer_slots", "multiprocessors"])
+@pytest.mark.parametrize("value", [10**5000, -10**5000], ids=["10**5000", "-10**5000"])
+def test_an_integer_too_long_to_print_is_named_by_its_bits(name, value):
+    with pytest.raises(ep.InvalidArgumentError, match=rf"^{name}=-?an integer of 16610 bits; must be in \["):
+        group(**{name: value})
+
+
+@pytest.mark.parametrize("value", [10**400, 10**5000], ids=["10**400", "10**5000"])
+def test_a_timeout_past_a_floats_range_is_named(value):
+    with pytest.raises(ep.InvalidArgumentError, match=r"^timeout=an integer of \d+ bits; must be a number of seconds"):
+        group(timeout=value)
+    with pytest.raises(ep.InvalidArgumentError, match=r"^init_timeout=an integer of \d+ bits; must be a number of seconds"):
+        ep.NCCLGroup(4, 8, 2, 2, rank=0, ranks=2, unique_id=bytes(128), device=0, init_timeout=value)
+
+
+# -- device ordinals ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["cuda:4294967296", "cuda:2147483648", "cuda:" + "9" * 5000], ids=["2**32", "2**31", "5000 digits"])
+def test_a_device_ordinal_past_32_bits_is_refused_not_wrapped(device):
+    # 4294967296 was written into the C struct's int field as 0: the group ran on cuda:0.
+    with pytest.raises(ep.InvalidArgumentError, match=r"^device='cuda:9*\d*'[^;]*: its ordinal must be in \[0, 2147483647\]"):
+        group(device=device)
+    with pytest.raises(ep.InvalidArgumentError, match=r"its ordinal must be in \[0, 2147483647\]"):
+        ep.NCCLGroup(4, 8, 2, 2, rank=0, ranks=2, unique_id=bytes(128), device=device)
+
+
+@pytest.mark.parametrize("device", ["cuda:²", "cuda:１"])
+def test_a_device_ordinal_of_other_digits_is_refused(device):
+    with pytest.raises(ep.InvalidArgumentError, match=r"^device='cuda:.'; must be 'cpu', 'cuda' or 'cuda:N'"):
+        group(device=device)
+    with pytest.raises(ep.InvalidArgumentError, match=r"^device='cuda:.'; must be a CUDA device"):
+        ep.NCCLGroup(4, 8, 2, 2, rank=0, ranks=2, unique_id=bytes(128), device=device)
+
+
+# -- stream handles ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [-1, 2**64, -2**63 - 1, 2**70])
+@pytest.mark.parametrize("torch_inputs", [False, True])
+def test_a_stream_handle_outside_64_bits_is_named_and_nothing_runs(stream, torch_inputs):
+    g = group()
+    x, idx, w = (torch.from_numpy(a) for a in step()) if torch_inputs else step()
+    sent = g.dispatch(x, idx, w)
+    received = (lambda: sent.received.numpy()) if torch_inputs else (lambda: sent.received)
+    kept = received().copy()
+    message = r"^stream=-?\d+; a CUstream handle must be in \[0, 18446744073709551615\]"
+    with pytest.raises(ep.InvalidArgumentError, match=message):
+        g.dispatch(x, idx, w, stream=stream)
+    with pytest.raises(ep.InvalidArgumentError, match=message):
+        g.combine(sent.received, sent.handle, stream=stream)
+    with pytest.raises(ep.InvalidArgumentError, match=message):
+        g.complete(stream=stream)
+    # The refused dispatch took no buffer slot nor step: the first step's combine still runs.
+    np.testing.assert_array_equal(received(), kept)
+    g.combine(sent.received, sent.handle)
+    g.dispatch(x, idx, w, stream=2**64 - 1)   # the bound itself is a handle (the CPU takes none)
