@@ -101,3 +101,67 @@ def test_a_stream_handle_outside_64_bits_is_named_and_nothing_runs(stream, torch
     np.testing.assert_array_equal(received(), kept)
     g.combine(sent.received, sent.handle)
     g.dispatch(x, idx, w, stream=2**64 - 1)   # the bound itself is a handle (the CPU takes none)
+
+
+# -- expert_parallel.torch: what combine reads from a Dispatched --------------------------------
+
+
+def exchange_step(**settings):
+    from expert_parallel.torch import Exchange
+
+    ex = Exchange(group(**settings))
+    x, idx, w = (torch.from_numpy(a) for a in step())
+    return ex, ex.dispatch(x, idx, w)
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(algorithm="ht")])
+@pytest.mark.parametrize("field", ["step", "routing"])
+def test_a_dispatched_field_on_meta_is_refused_not_faked(settings, field):
+    """A meta tensor among the op's inputs sent it to its fake implementation: combine returned
+    an uninitialised tensor of the right shape."""
+    ex, sent = exchange_step(**settings)
+    given = sent._replace(**{field: getattr(sent, field).to("meta")})
+    with pytest.raises(ep.InvalidArgumentError, match=rf"^dispatched\.{field}: .*meta"):
+        ex.combine(sent.tokens, given)
+    expected = ex.combine(sent.tokens, sent)   # the step is still live
+    assert expected.device.type == "cpu"
+    ex.close()
+
+
+@pytest.mark.parametrize("token", [torch.tensor(float("nan")), torch.tensor([1, 2]), torch.tensor([]), None, 3,
+                                   torch.tensor(True), torch.tensor(float("inf"))])
+def test_a_step_token_of_another_kind_is_named(token):
+    ex, sent = exchange_step()
+    with pytest.raises(ep.InvalidArgumentError, match=r"^dispatched\.step: .*; must be the step token dispatch returned"):
+        ex.combine(sent.tokens, sent._replace(step=token))
+    ex.close()
+
+
+def test_the_op_names_a_step_token_of_several_values():
+    from expert_parallel.torch import _registry
+
+    ex, sent = exchange_step()
+    with pytest.raises(ep.InvalidArgumentError, match=r"^step: a torch.int64 tensor of shape \[2\]; must be the step token"):
+        _registry.entry(ex.id).step(torch.tensor([1, 2]))
+    ex.close()
+
+
+@pytest.mark.parametrize("routing,message", [
+    (None, r"^dispatched\.routing: a NoneType; must be a torch\.Tensor"),
+    ([1], r"^dispatched\.routing: a list; must be a torch\.Tensor"),
+    (torch.tensor(1), r"^dispatched\.routing: shape \[\]; must be \[2, B, 2\]"),
+    (torch.zeros(3, dtype=torch.int32), r"^dispatched\.routing: shape \[3\]; must be \[2, B, 2\]"),
+    (torch.zeros(2, 3, 2), r"^dispatched\.routing: dtype torch\.float32; must be torch\.int32 or torch\.int64"),
+])
+def test_a_routing_of_another_kind_is_named(routing, message):
+    ex, sent = exchange_step()
+    with pytest.raises(ep.InvalidArgumentError, match=message):
+        ex.combine(sent.tokens, sent._replace(routing=routing))
+    ex.close()
+
+
+def test_weights_that_are_not_tensors_are_named():
+    ex, sent = exchange_step(algorithm="ht", layout="expert_major_padded", alignment=4)
+    with pytest.raises(ep.InvalidArgumentError, match=r"^dispatched\.topk_weights: a list; must be a torch\.Tensor or None"):
+        ex.combine(sent.tokens, sent._replace(topk_weights=[1.0]))
+    ex.close()

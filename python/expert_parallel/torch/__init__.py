@@ -129,9 +129,30 @@ class Exchange:
         _tensor(expert_outputs, "expert_outputs", "shaped like dispatched.tokens")
         if not isinstance(dispatched, Dispatched):
             raise InvalidArgumentError(f"dispatched: a {type(dispatched).__name__}; must be what this exchange's dispatch returned")
+        self._check_dispatched(dispatched)
         weights = (dispatched.weights if self.layout == "expert_major"
                    else dispatched.topk_weights if self.layout == "expert_major_padded" else None)
         return _ops.combine(expert_outputs, dispatched.routing, weights, dispatched.step, self.id)
+
+    def _check_dispatched(self, dispatched: Dispatched) -> None:
+        """The fields of `dispatched` that combine passes on, checked to be of the kind its dispatch
+        returned (a Dispatched is a NamedTuple: ``_replace`` makes any). A step token or routing on
+        another device (``meta``) would send the op to its fake implementation, which returns an
+        uninitialised tensor; a token of several values, or NaN, failed ``int()``; a routing
+        without a ``[..., B, top_k]`` shape failed reading its B."""
+        group, step, routing = self.group, dispatched.step, dispatched.routing
+        if not (isinstance(step, Tensor) and step.dtype == torch.int64 and step.dim() == 0 and step.device.type == "cpu"):
+            what = (f"a {type(step).__name__}" if not isinstance(step, Tensor)
+                    else f"a {step.dtype} tensor of shape {list(step.shape)} on {step.device}")
+            raise InvalidArgumentError(f"dispatched.step: {what}; must be the step token dispatch returned (a 0-dim "
+                                       "torch.int64 tensor on the CPU)")
+        _tensor(routing, "dispatched.routing", "(the topk_idx given to dispatch)")
+        _ops._require(routing, "dispatched.routing", _ops._INDEX_TYPES, _ops._lead(group) + (routing.shape[-2] if routing.dim() >= 2 else None,
+                      group.top_k), group._device, ", the topk_idx given to dispatch", _ops._lead(group) + (None, group.top_k))
+        for name in ("weights", "topk_weights"):
+            value = getattr(dispatched, name)
+            if value is not None:
+                _tensor(value, f"dispatched.{name}", "or None")
 
     def close(self) -> None:
         """Unregisters the group: no new steps, while the live ones' calls (a backward pass after a

@@ -64,6 +64,9 @@ class Entry:
 
     def step(self, token: torch.Tensor) -> Handle:
         """The live handle that `token` names."""
+        if token.dtype != torch.int64 or token.dim() != 0:   # (int() of several values, or of NaN, raises its own error)
+            raise InvalidArgumentError(f"step: a {token.dtype} tensor of shape {list(token.shape)}; must be the step token "
+                                       "dispatch returned (a 0-dim torch.int64 tensor)")
         number = int(token)
         handle = self.live.get(number)
         if handle is None:
