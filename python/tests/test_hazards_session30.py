@@ -165,3 +165,78 @@ def test_weights_that_are_not_tensors_are_named():
     with pytest.raises(ep.InvalidArgumentError, match=r"^dispatched\.topk_weights: a list; must be a torch\.Tensor or None"):
         ex.combine(sent.tokens, sent._replace(topk_weights=[1.0]))
     ex.close()
+
+
+# -- compat.deep_ep ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["CPU", "cuda:x", None, 0, "", "meta", "cpu:0", "cuda:99999999999"])
+def test_a_deep_ep_buffer_names_a_device_it_cannot_run_on(device):
+    from expert_parallel.compat.deep_ep import Buffer
+
+    with pytest.raises(ep.InvalidArgumentError, match=r"^device=.*; must be 'cpu', 'cuda' or 'cuda:N'"):
+        Buffer.virtual(1, device=device)
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), -1, 0, 86401])
+def test_a_deep_ep_buffer_names_a_timeout_past_the_groups_bound(timeout):
+    from expert_parallel.compat.deep_ep import Buffer
+
+    with pytest.raises(ep.InvalidArgumentError, match=r"^timeout=.*; must be in \(0, 86400\] seconds"):
+        Buffer.virtual(2, timeout=timeout)
+
+
+def test_an_infinite_timeout_no_longer_breaks_a_waiting_rank():
+    """The first rank to arrive waited with Condition.wait(inf): OverflowError in its thread."""
+    from expert_parallel.compat.deep_ep import Buffer
+
+    with pytest.raises(ep.InvalidArgumentError):
+        Buffer.virtual(2, timeout=math.inf)
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), -1, 10**400, "x"], ids=["nan", "inf", "-1", "10**400", "x"])
+def test_run_ranks_names_a_timeout_threads_cannot_wait(timeout):
+    from expert_parallel.compat.deep_ep import Buffer, run_ranks
+
+    buffers = Buffer.virtual(1)
+    with pytest.raises(ep.InvalidArgumentError, match=r"^timeout="):
+        run_ranks(buffers, lambda b: 1, timeout=timeout)
+    assert run_ranks(buffers, lambda b: 1, timeout=0) == [1]
+
+
+@pytest.mark.parametrize("value", [2**64, 2**31])
+def test_num_sms_is_bounded_by_the_groups_field(value):
+    from expert_parallel.compat.deep_ep import Buffer, Config
+
+    with pytest.raises(ep.InvalidArgumentError, match=rf"^num_sms={value}; must be an even integer in \[2, 2147483646\]"):
+        Config(value)
+    with pytest.raises(ep.InvalidArgumentError, match=rf"^new_num_sms={value}; must be an even integer in \[2, 2147483646\]"):
+        Buffer.set_num_sms(value)
+    assert not Buffer._num_sms_set
+
+
+def test_a_num_worst_tokens_padding_that_cannot_be_allocated_is_named(monkeypatch):
+    from expert_parallel.compat.deep_ep import Buffer
+
+    [b] = Buffer.virtual(1)
+    idx = torch.tensor([[0, 1], [2, 3], [1, -1]])
+    x, w = torch.randn(3, 8), torch.rand(3, 2)
+    per_rank, _, per_expert, in_rank, _ = b.get_dispatch_layout(idx, 4)
+    real = torch.Tensor.new_empty
+
+    def failing(self, shape, *arguments, **keywords):
+        if shape and shape[0] == 2**31 - 1:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 68719476704 bytes. Error code 12 (Cannot allocate memory)")
+        return real(self, shape, *arguments, **keywords)
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", failing)
+    with pytest.raises(ep.OutOfMemoryError, match=r"^num_worst_tokens=2147483647: a \[2147483647, 8\] torch.float32 tensor of "
+                                                  r"received rows needs 68719476704 bytes \(64.0 GiB\), which could not be allocated"):
+        b.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=idx,
+                   topk_weights=w, num_worst_tokens=2**31 - 1)
+    monkeypatch.undo()
+    recv_x, _, _, _, handle, _ = b.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                                            num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w, num_worst_tokens=4)
+    assert recv_x.shape == (4, 8)
+    b.destroy()

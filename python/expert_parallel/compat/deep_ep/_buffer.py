@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from typing import Any, Callable, List, Optional, Tuple, Union
 
 from ...errors import InvalidArgumentError, InvalidUsageError
@@ -21,6 +22,26 @@ from ._virtual import Failed, Rendezvous, Solo
 
 _NVL_PEERS = 8   # DeepEP's ranks per NVLink domain: more ranks than this span nodes
 _DEFAULT_TOKENS = 4096
+_MAX_TIMEOUT = 86400.0   # the groups' bound (a day)
+
+
+def _timeout(value: Any) -> float:
+    """``timeout=`` checked: seconds in (0, a day], the groups' bound. The ranks' meeting waits
+    this long as well, where NaN never timed out, infinity raised the threading module's
+    OverflowError and 0 timed every waiting rank out at once."""
+    wait = seconds(value, "timeout")
+    if not 0 < wait <= _MAX_TIMEOUT:
+        raise InvalidArgumentError(f"timeout={value!r}; must be in (0, {_MAX_TIMEOUT:g}] seconds")
+    return wait
+
+
+def _device(value: Any) -> str:
+    """``device=`` checked: "cpu", "cuda" or "cuda:N" (as the groups take it; anything else
+    reached torch.device at the first call, whose RuntimeError named no argument)."""
+    text = str(value)
+    if text != "cpu" and not re.fullmatch(r"cuda(:[0-9]{1,10})?", text):
+        raise InvalidArgumentError(f"device={value!r}; must be 'cpu', 'cuda' or 'cuda:N'")
+    return text
 
 
 class _Shared:
@@ -99,14 +120,14 @@ class Buffer:
         if device is None:   # (CUDA whatever the group's backend: vLLM passes a gloo group for the metadata, as DeepEP allows)
             torch = torch_module()
             device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-        device = str(device)
+        device = _device(device)
         if device == "cpu" and size > 1:
             raise not_supported("group", f"a {size}-rank process group on the CPU",
                                 "the CPU backend runs every rank in one process: use Buffer.virtual(ranks=...)")
         fixed = None
         if device != "cpu" and size > 1:
             fixed = _DEFAULT_TOKENS if max_tokens_per_rank is None else integer(max_tokens_per_rank, "max_tokens_per_rank", 1, 2**31 - 1)
-        groups = Groups(ranks=size if device != "cpu" else 1, device=device, timeout=seconds(timeout, "timeout"),
+        groups = Groups(ranks=size if device != "cpu" else 1, device=device, timeout=_timeout(timeout),
                         process_group=group, fixed_tokens=fixed)
         if groups.nccl:
             warm_up(group)   # (every rank constructs its Buffer, as in DeepEP: the group's setup happens here)
@@ -124,13 +145,14 @@ class Buffer:
         call fails at once on the other ranks with :class:`expert_parallel.PeerFailedError` naming
         it (no rank's call runs), and the ranks' next calls meet as before. The other constructor
         arguments of :class:`Buffer` are accepted and not used."""
-        ranks = integer(ranks, "ranks", 1, 32 if str(device) != "cpu" else 64)
-        wait = seconds(timeout, "timeout")
-        shared = _Shared(Groups(ranks=ranks, device=str(device), timeout=wait), Rendezvous(ranks, wait), ranks)
+        device = _device(device)
+        ranks = integer(ranks, "ranks", 1, 32 if device != "cpu" else 64)
+        wait = _timeout(timeout)
+        shared = _Shared(Groups(ranks=ranks, device=device, timeout=wait), Rendezvous(ranks, wait), ranks)
         buffers = []
         for r in range(ranks):
             buffer = cls.__new__(cls)
-            buffer._setup(r, ranks, None, str(device), shared, num_nvl_bytes, num_rdma_bytes, low_latency_mode)
+            buffer._setup(r, ranks, None, device, shared, num_nvl_bytes, num_rdma_bytes, low_latency_mode)
             buffers.append(buffer)
         return buffers
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from ..._config import shown
 from ...errors import InvalidArgumentError
+
+_MAX_SMS = 2**31 - 2
 
 
 class Config:
@@ -40,8 +43,8 @@ def check_num_sms(value: object, name: str) -> int:
     """`value` as an SM count: an even integer ≥ 2 (DeepEP's rule)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgumentError(f"{name}={value!r}; must be an even integer ≥ 2")
-    if value < 2 or value % 2:
-        raise InvalidArgumentError(f"{name}={value}; must be an even integer ≥ 2")
+    if value < 2 or value % 2 or value > _MAX_SMS:   # (the groups' multiprocessors field is 32 bits)
+        raise InvalidArgumentError(f"{name}={shown(value)}; must be an even integer in [2, {_MAX_SMS}]")
     return value
 
 

@@ -4,9 +4,11 @@ returns one result per local rank."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, List, Optional, Tuple
 
-from ...errors import InvalidArgumentError, InvalidUsageError
+from ... import _arrays
+from ...errors import InvalidArgumentError, InvalidUsageError, OutOfMemoryError
 from . import _events
 from ._errors import not_supported
 from ._groups import Entry, Groups, Spec
@@ -68,7 +70,16 @@ def _rows(source: Any, count: int, rows: int, fill: int = 0) -> Any:
     torch = torch_module()
     if rows == count:
         return source[:count].clone()
-    target = source.new_empty((rows,) + tuple(source.shape[1:]))
+    shape = (rows,) + tuple(source.shape[1:])
+    try:
+        target = source.new_empty(shape)
+    except RuntimeError as error:   # (rows > count: num_worst_tokens's padding, which the caller chose)
+        if not _arrays._is_out_of_memory(error):
+            raise
+        raise OutOfMemoryError(
+            f"num_worst_tokens={rows}: a {list(shape)} {source.dtype} tensor of received rows needs "
+            f"{_arrays.describe_bytes(math.prod(shape) * source.element_size())}, which could not be allocated "
+            f"({str(error).splitlines()[0]}); lower num_worst_tokens") from error
     raw = target.view(torch.uint8) if target.dtype == torch.float8_e4m3fn else target
     raw[count:].fill_(fill)
     target[:count].copy_(source[:count])

@@ -8,7 +8,8 @@ import threading
 import time
 from typing import Any, Callable, List, Optional
 
-from ...errors import InvalidUsageError, PeerFailedError, RankTimeoutError
+from ..._config import seconds
+from ...errors import InvalidArgumentError, InvalidUsageError, PeerFailedError, RankTimeoutError
 
 Run = Callable[[List[Any]], List[Any]]
 
@@ -166,6 +167,10 @@ def run_ranks(buffers: List[Any], function: Callable[[Any], Any], timeout: Optio
     rank whose error is its own (neither a :class:`expert_parallel.RankTimeoutError` nor a
     :class:`expert_parallel.PeerFailedError`, which only report another rank's), else the lowest
     rank's."""
+    if timeout is not None:   # (threading's join raised ValueError for NaN, OverflowError for infinity)
+        wait = seconds(timeout, "timeout")
+        if not 0 <= wait <= threading.TIMEOUT_MAX:
+            raise InvalidArgumentError(f"timeout={timeout!r}; must be None or seconds in [0, {threading.TIMEOUT_MAX:g}]")
     results: List[Any] = [None] * len(buffers)
     errors: List[Optional[BaseException]] = [None] * len(buffers)
 
