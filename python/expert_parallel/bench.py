@@ -298,6 +298,8 @@ def _engine_figures(path: Optional[str], nccl: bool = False, rank: int = 0) -> D
         return {}
     with open(path) as f:
         measurements = json.load(f)
+    if not isinstance(measurements, list) or not all(isinstance(m, dict) for m in measurements):
+        raise ValueError(f"a JSON {type(measurements).__name__}, not a list of objects")
     # Entries without a combine (u8 payloads: dispatch only) or in FP8 are not the package's cases.
     # The package's dispatch runs the step's update too: its engine figure is the one-call update +
     # dispatch where ep-bench timed it (one launch: LL), else update + dispatch.
@@ -471,8 +473,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             experts = CASES[name][4]
             if experts % args.ranks:
                 parser.error(f"--ranks {args.ranks}: must divide case {name}'s {experts} experts")
+    if args.seed < 0:   # (NumPy's generator takes non-negative seeds only)
+        parser.error(f"--seed {args.seed}: must be ≥ 0")
     if args.engine_json is not None and not os.path.isfile(args.engine_json):
         parser.error(f"--engine-json {args.engine_json}: no such file")
+    if args.engine_json is not None:   # read before the run: a file that is not ep-bench's failed after it
+        try:
+            _engine_figures(args.engine_json, args.nccl or (args.deepep and args.device != "cpu"), job[0] if job else 0)
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as error:
+            parser.error(f"--engine-json {args.engine_json}: not ep-bench's --json output (a list of measurements): "
+                         f"{type(error).__name__}: {error}")
     if args.json is not None and not os.access(os.path.dirname(os.path.abspath(args.json)), os.W_OK):
         parser.error(f"--json {args.json}: its folder does not exist or cannot be written (checked before the run)")
     if job is not None:

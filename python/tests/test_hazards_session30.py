@@ -240,3 +240,33 @@ def test_a_num_worst_tokens_padding_that_cannot_be_allocated_is_named(monkeypatc
                                             num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w, num_worst_tokens=4)
     assert recv_x.shape == (4, 8)
     b.destroy()
+
+
+# -- the bench ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content,reason", [
+    ("{bad", "JSONDecodeError"),
+    ("[1, 2]", "a JSON list, not a list of objects"),
+    ('{"cases": 5}', "a JSON dict, not a list of objects"),
+    ('[{"combine": {"median": 1}}]', "KeyError: 'name'"),
+])
+def test_the_bench_refuses_an_engine_json_that_is_not_ep_benchs_before_the_run(tmp_path, capsys, content, reason):
+    from expert_parallel import bench
+
+    path = tmp_path / "engine.json"
+    path.write_text(content)
+    with pytest.raises(SystemExit) as exited:
+        bench.main(["--case", "tiny", "--iterations", "1", "--engine-json", str(path)])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--engine-json {path}: not ep-bench's --json output (a list of measurements): " in err and reason in err, err
+
+
+def test_the_bench_refuses_a_negative_seed(capsys):
+    from expert_parallel import bench
+
+    with pytest.raises(SystemExit) as exited:
+        bench.main(["--case", "tiny", "--seed", "-1"])
+    assert exited.value.code == 2
+    assert "--seed -1: must be ≥ 0" in capsys.readouterr().err
