@@ -22,6 +22,18 @@ def shown(value):
     return f"{'-' if value < 0 else ''}an integer of {value.bit_length()} bits"
 
 
+def cuda_ordinal(device, text):
+    """N of a device named 'cuda:N' (`text`: str(device)), or None for any other text. N is ASCII
+    digits (int() refuses "²") and at most INT32: the C field is 32 bits, and cuda:4294967296 would
+    wrap to device 0 (int() of over 4300 digits raises a ValueError of its own)."""
+    digits = text[5:]
+    if not (text.startswith("cuda:") and digits.isascii() and digits.isdigit()):
+        return None
+    if len(digits) > 10 or int(digits) > INT32:
+        raise InvalidArgumentError(f"device={device!r}: its ordinal must be in [0, {INT32}]")
+    return int(digits)
+
+
 def integer(value, name, low, high):
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise InvalidArgumentError(f"{name}={value!r}; must be an integer")

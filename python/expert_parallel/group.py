@@ -33,12 +33,9 @@ def _device_ordinal(device):
         return -1
     if text == "cuda":
         return 0
-    if text.startswith("cuda:") and text[5:].isascii() and text[5:].isdigit():   # (ASCII: int() refuses "²")
-        # (bounded here: the C field is 32 bits, and cuda:4294967296 would wrap to device 0)
-        digits = text[5:]
-        if len(digits) > 10 or int(digits) > _INT32:   # (int() of over 4300 digits raises a ValueError of its own)
-            raise InvalidArgumentError(f"device={device!r}: its ordinal must be in [0, {_INT32}]")
-        return int(digits)
+    ordinal = _config.cuda_ordinal(device, text)
+    if ordinal is not None:
+        return ordinal
     raise InvalidArgumentError(f"device={device!r}; must be 'cpu', 'cuda' or 'cuda:N'")
 
 

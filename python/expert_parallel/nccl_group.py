@@ -61,12 +61,9 @@ def _cuda_ordinal(device):
     if isinstance(device, int) and not isinstance(device, bool):
         return _config.integer(device, "device", 0, _config.INT32)
     text = str(device)
-    if text.startswith("cuda:") and text[5:].isascii() and text[5:].isdigit():   # (ASCII: int() refuses "²")
-        # (bounded here: the C field is 32 bits, and cuda:4294967296 would wrap to device 0)
-        digits = text[5:]
-        if len(digits) > 10 or int(digits) > _config.INT32:   # (int() of over 4300 digits raises a ValueError of its own)
-            raise InvalidArgumentError(f"device={device!r}: its ordinal must be in [0, {_config.INT32}]")
-        return int(digits)
+    ordinal = _config.cuda_ordinal(device, text)
+    if ordinal is not None:
+        return ordinal
     raise InvalidArgumentError(f"device={device!r}; must be a CUDA device: N, 'cuda' or 'cuda:N'")
 
 
