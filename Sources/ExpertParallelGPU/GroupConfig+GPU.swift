@@ -33,6 +33,12 @@ extension GroupConfig {
                     field: "maxReceivedTokensPerRank", value: "\(receiveCapacity)", requirement: "must be ≤ \(Self.maxGPURows) on the GPU backend")
             }
         }
+        let bytes = updateSharedMemoryBytes
+        guard bytes <= 48 * 1024 else {
+            throw .invalidConfig(
+                field: "maxTokensPerRank", value: "\(maxTokensPerRank)",
+                requirement: "with topK \(topK), \(experts) experts and \(ranks) ranks the update kernel needs \(bytes) bytes of shared memory; at most 49152")
+        }
         // The GPU backend sizes buffers from the configuration (an NCCL rank's receive and
         // expert-output rows, the staged transport's staging): receiveCapacity rows of rowBytes,
         // whose product the bounds above let pass Int.max. 2^62 bytes, far beyond any device's
@@ -42,12 +48,6 @@ extension GroupConfig {
             throw .invalidConfig(
                 field: "hidden", value: "\(hidden)",
                 requirement: "with \(receiveCapacity) receive rows of \(rowBytes) bytes a rank's receive buffer is more than 2^62 bytes; the GPU backend allocates at most 2^62")
-        }
-        let bytes = updateSharedMemoryBytes
-        guard bytes <= 48 * 1024 else {
-            throw .invalidConfig(
-                field: "maxTokensPerRank", value: "\(maxTokensPerRank)",
-                requirement: "with topK \(topK), \(experts) experts and \(ranks) ranks the update kernel needs \(bytes) bytes of shared memory; at most 49152")
         }
         return config
     }

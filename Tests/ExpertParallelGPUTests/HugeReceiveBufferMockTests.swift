@@ -24,6 +24,19 @@ struct HugeReceiveBufferMockTests {
         #expect(throws: Never.self) { try inside.validatedForGPU() }
     }
 
+    /// A configuration the update's shared memory already refuses keeps that message (the
+    /// buffer's check comes after it): LL with 2^30 tokens a rank names maxTokensPerRank, not hidden.
+    @Test func theUpdatesSharedMemoryIsNamedFirst() {
+        let config = GroupConfig(algorithm: .lowLatency, ranks: 1, experts: 1, topK: 1, hidden: (1 << 31) - 2, elementType: .f32,
+                                 maxTokensPerRank: 1 << 30)
+        #expect {
+            try config.validatedForGPU()
+        } throws: { error in
+            guard case let EPError.invalidConfig(field, _, requirement) = error else { return false }
+            return field == "maxTokensPerRank" && requirement.contains("shared memory")
+        }
+    }
+
     @Test func anNCCLRankGroupOfSuchAConfigIsRefusedByName() throws {
         try MockCUDA.run { mock in
             let device = try MockCUDA.device()
