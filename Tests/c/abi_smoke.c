@@ -145,16 +145,11 @@ static void collectiveStep(void) {
 
     static RankBuffers b[R];
     static RankCalls calls;
-    epUpdateInputs_t* update = calls.update;
-    epDispatchInputs_t* din = calls.din;
-    epDispatchOutputs_t* dout = calls.dout;
-    epCombineInputs_t* cin = calls.cin;
-    epCombineOutputs_t* cout = calls.cout;
     setUpCalls(b, &calls, 1);
     epCombineConfig_t combineConfig = {sizeof(epCombineConfig_t), epForward, epLaunchSingle, NULL, epPhaseWhole};
-    CHECK_OK(epGroupUpdateAll(group, update, NULL, NULL));
-    CHECK_OK(epGroupDispatchAll(group, din, dout, NULL, NULL));
-    CHECK_OK(epGroupCombineAll(group, cin, cout, &combineConfig, NULL));
+    CHECK_OK(epGroupUpdateAll(group, calls.update, NULL, NULL));
+    CHECK_OK(epGroupDispatchAll(group, calls.din, calls.dout, NULL, NULL));
+    CHECK_OK(epGroupCombineAll(group, calls.cin, calls.cout, &combineConfig, NULL));
     CHECK_OK(epGroupCheckStatus(group));
     for (int r = 0; r < R; r++) checkStep(&b[r], r, "collective");
 
@@ -164,43 +159,43 @@ static void collectiveStep(void) {
 
     /* Errors: an expert id out of range names the rank and the entry; nothing is written. */
     b[1].idx[0][1] = 300;
-    CHECK_FAILS(epGroupUpdateAll(group, update, NULL, NULL), epInvalidArgument, "rank 1: invalid argument: inputs[1].topkIdx[0][1] = 300");
+    CHECK_FAILS(epGroupUpdateAll(group, calls.update, NULL, NULL), epInvalidArgument, "rank 1: invalid argument: inputs[1].topkIdx[0][1] = 300");
     /* A failed update voids the step: dispatch fails, writing nothing, until an update succeeds. */
-    CHECK_FAILS(epGroupDispatchAll(group, din, dout, NULL, NULL), epInvalidUsage,
+    CHECK_FAILS(epGroupDispatchAll(group, calls.din, calls.dout, NULL, NULL), epInvalidUsage,
                 "the last update of this handle failed (rank 0 did nothing because rank 1 rejected its call: invalid argument: inputs[1].topkIdx[0][1] = 300;");
     b[1].idx[0][1] = 3;
-    CHECK_OK(epGroupUpdateAll(group, update, NULL, NULL));
+    CHECK_OK(epGroupUpdateAll(group, calls.update, NULL, NULL));
     /* A tensor of the wrong dtype (named as epDataType_t names it), and one with strides that are not contiguous. */
-    din[0].tokens = &b[0].tidx;
-    CHECK_FAILS(epGroupDispatchAll(group, din, dout, NULL, NULL), epInvalidArgument, "rank 0: invalid argument: inputs[0].tokens.dtype = epInt32; must be epFloat32");
-    din[0].tokens = &b[0].tx;
+    calls.din[0].tokens = &b[0].tidx;
+    CHECK_FAILS(epGroupDispatchAll(group, calls.din, calls.dout, NULL, NULL), epInvalidArgument, "rank 0: invalid argument: inputs[0].tokens.dtype = epInt32; must be epFloat32");
+    calls.din[0].tokens = &b[0].tx;
     epTensor_t strided = b[0].trecv;
     strided.strides[1] = 2 * H;
-    dout[0].tokens = &strided;
-    CHECK_FAILS(epGroupDispatchAll(group, din, dout, NULL, NULL), epInvalidArgument, "outputs[0].tokens.strides");
-    dout[0].tokens = &b[0].trecv;
+    calls.dout[0].tokens = &strided;
+    CHECK_FAILS(epGroupDispatchAll(group, calls.din, calls.dout, NULL, NULL), epInvalidArgument, "outputs[0].tokens.strides");
+    calls.dout[0].tokens = &b[0].trecv;
     /* A struct from another ABI version. */
-    dout[1].structSize = 8;
-    CHECK_FAILS(epGroupDispatchAll(group, din, dout, NULL, NULL), epInvalidArgument, "outputs[1].structSize = 8");
-    dout[1].structSize = sizeof(epDispatchOutputs_t);
+    calls.dout[1].structSize = 8;
+    CHECK_FAILS(epGroupDispatchAll(group, calls.din, calls.dout, NULL, NULL), epInvalidArgument, "outputs[1].structSize = 8");
+    calls.dout[1].structSize = sizeof(epDispatchOutputs_t);
     /* An enum value out of range. */
     combineConfig.direction = (epPassDirection_t)7;
-    CHECK_FAILS(epGroupCombineAll(group, cin, cout, &combineConfig, NULL), epInvalidArgument, "config.direction = 7");
+    CHECK_FAILS(epGroupCombineAll(group, calls.cin, calls.cout, &combineConfig, NULL), epInvalidArgument, "config.direction = 7");
     combineConfig.direction = epForward;
     /* Combine after an update with no dispatch is out of order. */
-    CHECK_FAILS(epGroupCombineAll(group, cin, cout, &combineConfig, NULL), epInvalidUsage, "combine needs a dispatch");
+    CHECK_FAILS(epGroupCombineAll(group, calls.cin, calls.cout, &combineConfig, NULL), epInvalidUsage, "combine needs a dispatch");
     /* A topkIdx claiming more rows than maxTokensPerRank is refused by its row count, before any
        row is read or anything allocated for it. */
     epTensor_t tooMany = b[1].tidx;
     tooMany.sizes[0] = (int64_t)1 << 40;
-    update[1].topkIdx = &tooMany;
-    CHECK_FAILS(epGroupUpdateAll(group, update, NULL, NULL), epInvalidArgument,
+    calls.update[1].topkIdx = &tooMany;
+    CHECK_FAILS(epGroupUpdateAll(group, calls.update, NULL, NULL), epInvalidArgument,
                 "rank 1: invalid argument: inputs[1].topkIdx.sizes[0] (tokens) = 1099511627776; must be in 0...maxTokensPerRank");
-    update[1].topkIdx = &b[1].tidx;
+    calls.update[1].topkIdx = &b[1].tidx;
     CHECK_FAILS(epGroupGetLayoutInfo(group, 2, &again), epInvalidArgument, "rank = 2");
 
     CHECK_OK(epGroupDestroy(group));
-    CHECK_FAILS(epGroupUpdateAll(group, update, NULL, NULL), epInvalidArgument, "live epGroup_t");
+    CHECK_FAILS(epGroupUpdateAll(group, calls.update, NULL, NULL), epInvalidArgument, "live epGroup_t");
     CHECK_FAILS(epGroupDestroy(group), epInvalidArgument, "group");
 }
 
@@ -590,53 +585,48 @@ static void overlappingOutputs(void) {
     if (!group) return;
     static RankBuffers b[R];
     static RankCalls calls;
-    epUpdateInputs_t* update = calls.update;
-    epDispatchInputs_t* din = calls.din;
-    epDispatchOutputs_t* dout = calls.dout;
-    epCombineInputs_t* cin = calls.cin;
-    epCombineOutputs_t* cout = calls.cout;
     setUpCalls(b, &calls, 0);
-    CHECK_OK(epGroupUpdateAll(group, update, NULL, NULL));
+    CHECK_OK(epGroupUpdateAll(group, calls.update, NULL, NULL));
     /* Rank 1 reads its rows from the receive buffer it dispatches into. */
     static float aliased[L][R * BMAX][H];
     const int64_t xs[2] = {1, H}, rs[3] = {L, R * BMAX, H};
     for (int i = 0; i < H; i++) aliased[L - 1][R * BMAX - 1][i] = 2.0f;
     epTensor_t rows = epMakeTensor(aliased[L - 1][R * BMAX - 1], epFloat32, 2, xs, -1);
     epTensor_t received = epMakeTensor(aliased, epFloat32, 3, rs, -1);
-    din[1].tokens = &rows;
-    dout[1].tokens = &received;
-    CHECK_FAILS(epGroupDispatchAll(group, din, dout, NULL, NULL), epInvalidArgument, "rank 1: invalid argument: outputs[1].tokens.data = ");
+    calls.din[1].tokens = &rows;
+    calls.dout[1].tokens = &received;
+    CHECK_FAILS(epGroupDispatchAll(group, calls.din, calls.dout, NULL, NULL), epInvalidArgument, "rank 1: invalid argument: outputs[1].tokens.data = ");
     CHECK(strstr(epGetLastErrorMessage(), "must not overlap inputs[1].tokens (") != NULL, "%s", epGetLastErrorMessage());
     CHECK(aliased[0][0][0] == 0.0f && aliased[L - 1][R * BMAX - 1][0] == 2.0f, "the refused dispatch wrote into its input");
     /* Rank 0 dispatches into the buffer rank 1 reads its rows from: the ranks run at once. */
-    dout[1].tokens = &b[1].trecv;
-    dout[0].tokens = &received;
-    CHECK_FAILS(epGroupDispatchAll(group, din, dout, NULL, NULL), epInvalidArgument, "epGroupDispatchAll: invalid argument: outputs[0].tokens.data = ");
+    calls.dout[1].tokens = &b[1].trecv;
+    calls.dout[0].tokens = &received;
+    CHECK_FAILS(epGroupDispatchAll(group, calls.din, calls.dout, NULL, NULL), epInvalidArgument, "epGroupDispatchAll: invalid argument: outputs[0].tokens.data = ");
     CHECK(strstr(epGetLastErrorMessage(), "must not overlap inputs[1].tokens (") != NULL, "%s", epGetLastErrorMessage());
     CHECK(aliased[0][0][0] == 0.0f && aliased[L - 1][R * BMAX - 1][0] == 2.0f, "the refused dispatch wrote into rank 1's input");
-    din[1].tokens = &b[1].tx;
-    dout[0].tokens = &b[0].trecv;
-    CHECK_OK(epGroupDispatchAll(group, din, dout, NULL, NULL));
+    calls.din[1].tokens = &b[1].tx;
+    calls.dout[0].tokens = &b[0].trecv;
+    CHECK_OK(epGroupDispatchAll(group, calls.din, calls.dout, NULL, NULL));
     /* Rank 0's combined row starts where its weights are. */
     static float row[H] = {0.25f, 0.5f};
     const int64_t ws[2] = {1, K};
     epTensor_t weights = epMakeTensor(row, epFloat32, 2, ws, -1), overWeights = epMakeTensor(row, epFloat32, 2, xs, -1);
-    cin[0].topkWeights = &weights;
-    cout[0].tokens = &overWeights;
-    CHECK_FAILS(epGroupCombineAll(group, cin, cout, NULL, NULL), epInvalidArgument, "rank 0: invalid argument: outputs[0].tokens.data = ");
+    calls.cin[0].topkWeights = &weights;
+    calls.cout[0].tokens = &overWeights;
+    CHECK_FAILS(epGroupCombineAll(group, calls.cin, calls.cout, NULL, NULL), epInvalidArgument, "rank 0: invalid argument: outputs[0].tokens.data = ");
     CHECK(strstr(epGetLastErrorMessage(), "(32 bytes); must not overlap inputs[0].topkWeights (") != NULL, "%s", epGetLastErrorMessage());
     CHECK(row[0] == 0.25f && row[1] == 0.5f && row[2] == 0.0f, "the refused combine wrote over its weights");
     /* Rank 1's combined rows over rank 0's weights. */
     static float rowOfTwo[H];
     epTensor_t overOthers = epMakeTensor(row, epFloat32, 2, xs, -1), own = epMakeTensor(rowOfTwo, epFloat32, 2, xs, -1);
-    cout[0].tokens = &own;
-    cout[1].tokens = &overOthers;
-    CHECK_FAILS(epGroupCombineAll(group, cin, cout, NULL, NULL), epInvalidArgument, "epGroupCombineAll: invalid argument: outputs[1].tokens.data = ");
+    calls.cout[0].tokens = &own;
+    calls.cout[1].tokens = &overOthers;
+    CHECK_FAILS(epGroupCombineAll(group, calls.cin, calls.cout, NULL, NULL), epInvalidArgument, "epGroupCombineAll: invalid argument: outputs[1].tokens.data = ");
     CHECK(strstr(epGetLastErrorMessage(), "must not overlap inputs[0].topkWeights (") != NULL, "%s", epGetLastErrorMessage());
     CHECK(row[0] == 0.25f && row[1] == 0.5f && row[2] == 0.0f && rowOfTwo[0] == 0.0f, "the refused combine wrote");
-    cout[0].tokens = &b[0].ty;
-    cout[1].tokens = &b[1].ty;
-    CHECK_OK(epGroupCombineAll(group, cin, cout, NULL, NULL));
+    calls.cout[0].tokens = &b[0].ty;
+    calls.cout[1].tokens = &b[1].ty;
+    CHECK_OK(epGroupCombineAll(group, calls.cin, calls.cout, NULL, NULL));
     for (int r = 0; r < R; r++) CHECK(b[r].y[0][0] == 0.75f * (float)(r + 1), "rank %d: y[0] = %g", r, (double)b[r].y[0][0]);
     CHECK_OK(epGroupDestroy(group));
 }
