@@ -17,14 +17,7 @@ extension TensorOverlap {
     /// The bytes and place of `tensor`, nil where it has none (or where its size overflows: the
     /// per-rank checks refuse that shape).
     package static func span(_ tensor: TensorRef?) -> (bytes: Range<UInt>, location: MemoryLocation)? {
-        guard let tensor, let address = tensor.address else { return nil }
-        var count = tensor.dtype.byteSize
-        for size in tensor.shape {
-            guard size >= 0 else { return nil }
-            let (product, overflow) = count.multipliedReportingOverflow(by: size)
-            if overflow { return nil }
-            count = product
-        }
+        guard let tensor, let address = tensor.address, let count = TensorRef.checkedProduct(tensor.shape, times: tensor.dtype.byteSize) else { return nil }
         let start = UInt(bitPattern: address), (end, overflow) = start.addingReportingOverflow(UInt(count))
         guard count > 0, !overflow else { return nil }
         return (start..<end, tensor.location)

@@ -101,13 +101,5 @@ extension CallShapes {
     private var scalesElements: Int { Self.saturatingProduct(receiveScalesShape ?? []) }
 
     /// The product of `shape`, or Int.max where it overflows.
-    static func saturatingProduct(_ shape: [Int]) -> Int {
-        var product = 1
-        for size in shape {
-            let (next, overflow) = product.multipliedReportingOverflow(by: size)
-            if overflow { return .max }
-            product = next
-        }
-        return product
-    }
+    static func saturatingProduct(_ shape: [Int]) -> Int { TensorRef.checkedProduct(shape) ?? .max }
 }

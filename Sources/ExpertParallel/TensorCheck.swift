@@ -41,11 +41,7 @@ package enum TensorCheck {
         }
         guard tensor.address != nil || tensor.shape.contains(0) else {
             // (Counted with overflow: a shape the group expects may have more elements than Int holds.)
-            let (elements, overflow) = tensor.shape.reduce((1, false)) { count, size in
-                let (product, overflow) = count.0.multipliedReportingOverflow(by: size)
-                return (product, count.1 || overflow)
-            }
-            let count = overflow ? tensor.shape.map(String.init).joined(separator: " × ") : "\(elements)"
+            let count = TensorRef.checkedProduct(tensor.shape).map { "\($0)" } ?? tensor.shape.map(String.init).joined(separator: " × ")
             throw .invalidArgument(field: "\(name).address", value: "nil", requirement: "must be non-nil for \(count) elements")
         }
     }

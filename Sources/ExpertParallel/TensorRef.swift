@@ -31,6 +31,22 @@ public struct TensorRef: @unchecked Sendable, CustomStringConvertible {
     }
 
     public var elementCount: Int { shape.reduce(1, *) }
+
+    /// `start` × every size of `shape`, exactly: 0 where a size is 0, nil where a size is
+    /// negative or the product passes Int.max (shapes of the caller's, or of a group whose
+    /// bounds hold each size, not their product).
+    package static func checkedProduct(_ shape: [Int], times start: Int = 1) -> Int? {
+        if shape.contains(where: { $0 < 0 }) { return nil }
+        if shape.contains(0) { return 0 }
+        var product = start
+        for size in shape {
+            let (next, overflow) = product.multipliedReportingOverflow(by: size)
+            if overflow { return nil }
+            product = next
+        }
+        return product
+    }
+
     public var byteCount: Int { elementCount * dtype.byteSize }
     public var description: String { "\(dtype)\(shape)" }
 

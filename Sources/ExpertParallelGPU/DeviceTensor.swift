@@ -18,13 +18,8 @@ public final class DeviceTensor: @unchecked Sendable {
         if let i = shape.firstIndex(where: { $0 < 0 }) {
             throw .invalidArgument(field: "shape[\(i)]", value: "\(shape[i])", requirement: "must be ≥ 0")
         }
-        var bytes = shape.contains(0) ? 0 : dtype.byteSize
-        for size in shape where bytes != 0 {
-            let (product, overflow) = bytes.multipliedReportingOverflow(by: size)
-            guard !overflow else {
-                throw .invalidArgument(field: "shape", value: "\(shape)", requirement: "must describe at most \(Int.max) bytes of \(dtype)")
-            }
-            bytes = product
+        guard let bytes = TensorRef.checkedProduct(shape, times: dtype.byteSize) else {
+            throw .invalidArgument(field: "shape", value: "\(shape)", requirement: "must describe at most \(Int.max) bytes of \(dtype)")
         }
         byteCount = bytes
         try device.makeCurrent()
