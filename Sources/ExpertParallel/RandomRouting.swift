@@ -4,6 +4,10 @@ import Foundation
 /// cases, bytes and the floor"): each token picks K distinct experts uniformly (the top K of
 /// uniform random scores), weights are uniform in (0, 1); `skew` > 0 concentrates the picks on
 /// the first experts.
+///
+/// A count out of range (negative, `topK` above `experts`, an expert id past int32) throws
+/// `invalidArgument` naming it; a result larger than this host's memory throws `outOfMemory`,
+/// before anything is allocated.
 public struct RandomRouting: Sendable {
     public var state: UInt64
 
@@ -21,9 +25,24 @@ public struct RandomRouting: Sendable {
     /// Uniform in [0, 1).
     public mutating func unit() -> Float { Float(next() >> 40) / Float(1 << 24) }
 
+    /// Largest `experts`: the ids are int32.
+    public static let maxExperts = Int(Int32.max)
+
     /// `[tokens, topK]` expert ids, K distinct per token. With `skew` > 0, expert e's score is
-    /// multiplied by (1 + skew)^(-e / E · 8), favouring low ids.
-    public mutating func experts(tokens: Int, topK: Int, experts: Int, skew: Double = 0) -> [Int32] {
+    /// multiplied by (1 + skew)^(-e / E · 8), favouring low ids. `tokens` ≥ 0, `experts` in
+    /// 0...`maxExperts`, `topK` in 0...`experts`.
+    public mutating func experts(tokens: Int, topK: Int, experts: Int, skew: Double = 0) throws(EPError) -> [Int32] {
+        try Self.require("tokens", tokens, atLeast: 0)
+        try Self.require("experts", experts, atLeast: 0)
+        guard experts <= Self.maxExperts else {
+            throw .invalidArgument(field: "experts", value: "\(experts)", requirement: "must be ≤ \(Self.maxExperts) (expert ids are int32)")
+        }
+        try Self.require("topK", topK, atLeast: 0)
+        guard topK <= experts else {
+            throw .invalidArgument(field: "topK", value: "\(topK)", requirement: "must be ≤ experts (\(experts)): a token's K experts are distinct")
+        }
+        try Self.checkMemory("the routing's \(tokens) × \(topK) int32 expert ids", [tokens, topK], elementBytes: 4,
+                             plus: experts * MemoryLayout<(Float, Int32)>.stride)
         var result: [Int32] = []
         result.reserveCapacity(tokens * topK)
         var scores = [(Float, Int32)](repeating: (0, 0), count: experts)
@@ -39,11 +58,17 @@ public struct RandomRouting: Sendable {
         return result
     }
 
-    /// `count` weights uniform in (0, 1).
-    public mutating func weights(_ count: Int) -> [Float] { (0..<count).map { _ in max(unit(), 1e-3) } }
+    /// `count` weights uniform in (0, 1); `count` ≥ 0.
+    public mutating func weights(_ count: Int) throws(EPError) -> [Float] {
+        try Self.require("count", count, atLeast: 0)
+        try Self.checkMemory("\(count) float32 weights", [count], elementBytes: 4)
+        return (0..<count).map { _ in max(unit(), 1e-3) }
+    }
 
-    /// `count` payload elements uniform in [-1, 1), encoded as `type` (raw bit patterns).
-    public mutating func payload(_ count: Int, _ type: DataType) -> [UInt8] {
+    /// `count` payload elements uniform in [-1, 1), encoded as `type` (raw bit patterns); `count` ≥ 0.
+    public mutating func payload(_ count: Int, _ type: DataType) throws(EPError) -> [UInt8] {
+        try Self.require("count", count, atLeast: 0)
+        try Self.checkMemory("\(count) \(type) payload elements", [count], elementBytes: type.byteSize)
         var bytes = [UInt8](repeating: 0, count: count * type.byteSize)
         bytes.withUnsafeMutableBytes { raw in
             for i in 0..<count {
@@ -57,5 +82,19 @@ public struct RandomRouting: Sendable {
             }
         }
         return bytes
+    }
+
+    private static func require(_ field: String, _ value: Int, atLeast bound: Int) throws(EPError) {
+        guard value >= bound else { throw .invalidArgument(field: field, value: "\(value)", requirement: "must be ≥ \(bound)") }
+    }
+
+    /// Refuses, with `outOfMemory`, a result of `shape` × `elementBytes` bytes (and `plus` bytes
+    /// of scratch: every expert's score) past this host's memory (or past Int.max), before it is allocated.
+    private static func checkMemory(_ what: String, _ shape: [Int], elementBytes: Int, plus scratch: Int = 0) throws(EPError) {
+        let available = Int(clamping: ProcessInfo.processInfo.physicalMemory)
+        let bytes = TensorRef.checkedProduct(shape, times: elementBytes).map { $0.addingReportingOverflow(scratch) }
+        guard let bytes, !bytes.overflow, bytes.partialValue <= available else {
+            throw .outOfMemory(buffer: what, bytes: bytes.map { $0.overflow ? .max : $0.partialValue } ?? .max, available: available)
+        }
     }
 }

@@ -10,19 +10,19 @@ final class BenchData: @unchecked Sendable {
     let routings: [RoutingTable]
     let tokenCount: Int
 
-    init(config: GroupConfig, tokens count: Int, seed: UInt64, skew: Double) {
+    init(config: GroupConfig, tokens count: Int, seed: UInt64, skew: Double) throws(EPError) {
         var tokens: [HostTensor] = [], weights: [HostTensor] = [], idx: [HostTensor] = [], routings: [RoutingTable] = []
         for r in 0..<config.ranks {
             var random = RandomRouting(seed: seed &+ UInt64(r) &* 7919)
-            let experts = random.experts(tokens: count, topK: config.topK, experts: config.experts, skew: skew)
+            let experts = try random.experts(tokens: count, topK: config.topK, experts: config.experts, skew: skew)
             let x = HostTensor(config.elementType, [count, config.hidden])
-            x.copy(from: random.payload(count * config.hidden, config.elementType))
+            x.copy(from: try random.payload(count * config.hidden, config.elementType))
             let w = HostTensor(.f32, [count, config.topK])
-            w.copy(from: random.weights(count * config.topK))
+            w.copy(from: try random.weights(count * config.topK))
             let i = HostTensor(.i32, [count, config.topK])
             i.copy(from: experts)
             tokens.append(x); weights.append(w); idx.append(i)
-            routings.append(try! RoutingTable(experts: experts, tokens: count, config: config))
+            routings.append(try RoutingTable(experts: experts, tokens: count, config: config))
         }
         self.tokens = tokens
         self.weights = weights

@@ -17,7 +17,7 @@ struct GPUBenchmark {
     func run(_ benchCase: BenchCase, copyBandwidth: Double) throws -> Measurement {
         let config = try benchCase.config().validated()
         let group = try VirtualGPUGroup(config, device: device, multiprocessors: multiprocessors, tuning: tuning)
-        let data = BenchData(config: config, tokens: benchCase.tokens, seed: seed, skew: skew)
+        let data = try BenchData(config: config, tokens: benchCase.tokens, seed: seed, skew: skew)
         let r = config.ranks
         func upload(_ host: HostTensor) throws -> DeviceTensor { try DeviceTensor(uploading: host, on: device) }
         // FP8: the oracle's plain dispatch of the same step (combine's expert outputs, and the

@@ -11,7 +11,7 @@ struct HostBenchmark {
     func run(_ benchCase: BenchCase, copyBandwidth: Double) throws -> Measurement {
         let config = try benchCase.config().validated()
         let group = try HostGroup(config)
-        let data = BenchData(config: config, tokens: benchCase.tokens, seed: seed, skew: skew)
+        let data = try BenchData(config: config, tokens: benchCase.tokens, seed: seed, skew: skew)
         let iterations = self.iterations, warmup = self.warmup
         let combines = config.elementType.isFloating
         // FP8: the oracle's plain dispatch of the same step, and pass-through's e4m3 inputs (untimed).

@@ -27,14 +27,14 @@ struct NCCLBenchmark {
         config = try config.validated()
         let group = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl, multiprocessors: multiprocessors, tuning: tuning,
                                       sharing: sharing)
-        let data = BenchData(config: config, tokens: benchCase.tokens, seed: seed, skew: skew)
+        let data = try BenchData(config: config, tokens: benchCase.tokens, seed: seed, skew: skew)
         let step = try NCCLStep(group: group, data: data, rank: rank)
         let oracle = try data.oracleCombined(config: config)   // before the loops: none of them waits for the host
         // The one-call loop's own step (the next seed): a fused dispatch that moved nothing would
         // leave the first loop's rows, which then combine to the first oracle, not this one.
         var fused: (data: BenchData, step: NCCLStep, oracle: [[UInt8]])?
         if group.fusesUpdate {
-            let data = BenchData(config: config, tokens: benchCase.tokens, seed: seed &+ 1, skew: skew)
+            let data = try BenchData(config: config, tokens: benchCase.tokens, seed: seed &+ 1, skew: skew)
             fused = (data, try NCCLStep(group: group, data: data, rank: rank), try data.oracleCombined(config: config))
         }
         let driver = device.driver

@@ -48,7 +48,7 @@ enum FailureDrill: String, ExpressibleByArgument, CaseIterable {
             config = try config.validated()
             let group = try NCCLRankGroup(config, device: device, comm: comm, nccl: nccl, sharing: sharing)
             if me.rank == failing { leave(me.rank, "after the group was built") }
-            let data = BenchData(config: config, tokens: benchCase.tokens, seed: 1, skew: 0)
+            let data = try BenchData(config: config, tokens: benchCase.tokens, seed: 1, skew: 0)
             let step = try NCCLStep(group: group, data: data, rank: me.rank)
             try step.enqueue()
             report.mask = try group.activeRanks.bits

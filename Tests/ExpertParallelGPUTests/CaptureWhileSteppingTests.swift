@@ -21,7 +21,7 @@ struct CaptureWhileSteppingTests {
         let stepping = try VirtualGPUGroup(config, device: device)
         // The stepping thread allocates and uploads before the captures start: an allocation or a
         // synchronous copy of the caller's own is unsafe during another thread's global capture.
-        let inputs = StepInputs(config: config, tokens: tokens, seed: 900)
+        let inputs = try StepInputs(config: config, tokens: tokens, seed: 900)
         let buffers = try GPUStep(config, device, tokens: tokens)
         try buffers.upload(inputs)
         try buffers.poison()   // rows no step writes keep the oracle's poison byte (every step writes the same rows)

@@ -30,7 +30,7 @@ struct ConcurrentPerRankGroupsTests {
     @Test func twoGroupsLaunchingPerRankDoNotWaitForEachOther() throws {
         let device = try #require(sharedDevice)
         let config = Self.config(hidden: 256, timeout: .seconds(3)), tokens = Self.tokens
-        let inputs = StepInputs(config: config, tokens: tokens, seed: 21)
+        let inputs = try StepInputs(config: config, tokens: tokens, seed: 21)
         let groups = try (0..<2).map { _ in try VirtualGPUGroup(config, device: device) }
         let buffers = try (0..<2).map { _ in try GPUStep(config, device, tokens: tokens) }
         for b in buffers {
@@ -65,7 +65,7 @@ struct ConcurrentPerRankGroupsTests {
     @Test func freesBesideDoNotStallPerRankLaunches() throws {
         let device = try #require(sharedDevice)
         let config = Self.config(hidden: 768, timeout: .seconds(1)), tokens = Self.tokens
-        let inputs = StepInputs(config: config, tokens: tokens, seed: 22)
+        let inputs = try StepInputs(config: config, tokens: tokens, seed: 22)
         let group = try VirtualGPUGroup(config, device: device)
         let step = try GPUStep(config, device, tokens: tokens)
         try step.upload(inputs)

@@ -14,7 +14,7 @@ struct FP8NCCLOneRankTests {
             let mode = FP8ScaleMode.allCases[(FP8OracleTests.layouts.firstIndex(of: layout)! + i) % 3]
             let config = FP8OracleTests.config(layout, ranks: 1, mode, source, maxTokens: 20)
             try withOneRankGroup(config) { group in
-                let inputs = StepInputs(fp8: config, tokens: [17], seed: UInt64(40 + i))
+                let inputs = try StepInputs(fp8: config, tokens: [17], seed: UInt64(40 + i))
                 let step = try OneRankStep(group, inputs)
                 let handle = try group.makeHandle()
                 try group.update(handle, topkIdx: [step.idx.ref])

@@ -42,7 +42,7 @@ struct FP8OracleTests {
                     guard let launch = launchMode(step % 5 == 4 ? .perRank : .single) else { continue }
                     var random = RandomRouting(seed: UInt64(10_000 * modeIndex + 100 * (2 * l + s) + step))
                     let tokens = (0..<r).map { _ in Int(random.next() % 13) }
-                    let inputs = StepInputs(fp8: config, tokens: tokens, seed: random.next(), minusOneRate: step % 3 == 0 ? 0.3 : 0.05)
+                    let inputs = try StepInputs(fp8: config, tokens: tokens, seed: random.next(), minusOneRate: step % 3 == 0 ? 0.3 : 0.05)
                     try stepMatchesTheOracle(group, inputs, tokens, "\(mode) \(source) \(element) \(layout) R=\(r) step \(step)",
                                              direction: step % 4 == 3 ? .backward : .forward, mode: launch,
                                              phase: step % 7 == 6 ? .sendOnly : .whole, fused: step % 2 == 1)
@@ -63,7 +63,7 @@ struct FP8OracleTests {
                 let config = Self.config(layout, ranks: 2, mode, .quantize, element, maxTokens: 24)
                 let group = try VirtualGPUGroup(config, device: device)
                 let tokens = [24, 17]
-                var inputs = StepInputs(config: config, tokens: tokens, seed: 21, minusOneRate: 0)
+                var inputs = try StepInputs(config: config, tokens: tokens, seed: 21, minusOneRate: 0)
                 inputs.tokens = tokens.map { FP8EdgeValues.rows($0, hidden: config.hidden, blockSize: mode.blockSize, element) }
                 try stepMatchesTheOracle(group, inputs, tokens, "edge values \(mode) \(element) \(layout)")
             }

@@ -6,8 +6,8 @@ import ExpertParallel
 /// through: random e4m3 bytes (the NaN codes 0x7F and 0xFF among them) and random scale words,
 /// which dispatch must move unchanged whatever they hold.
 extension StepInputs {
-    init(fp8 config: GroupConfig, tokens counts: [Int], seed: UInt64, minusOneRate: Float = 0.1, skew: Double = 0) {
-        self.init(config: config, tokens: counts, seed: seed, minusOneRate: minusOneRate, skew: skew)
+    init(fp8 config: GroupConfig, tokens counts: [Int], seed: UInt64, minusOneRate: Float = 0.1, skew: Double = 0) throws {
+        try self.init(config: config, tokens: counts, seed: seed, minusOneRate: minusOneRate, skew: skew)
         let fp8 = config.fp8!, format = config.fp8Format!
         var random = RandomRouting(seed: seed ^ 0xF8F8_F8F8)
         switch fp8.source {

@@ -45,33 +45,33 @@ struct StepInputs {
     /// FP8 pass-through: each rank's `[B, scale words]` scales of its e4m3 `tokens`.
     var scales: [HostTensor]? = nil
 
-    init(config: GroupConfig, tokens counts: [Int], seed: UInt64, minusOneRate: Float = 0.1, oneExpert: Int? = nil, skew: Double = 0) {
+    init(config: GroupConfig, tokens counts: [Int], seed: UInt64, minusOneRate: Float = 0.1, oneExpert: Int? = nil, skew: Double = 0) throws {
         var random = RandomRouting(seed: seed)
-        routing = counts.map { b in
-            var ids = random.experts(tokens: b, topK: config.topK, experts: config.experts, skew: skew)
+        routing = try counts.map { b in
+            var ids = try random.experts(tokens: b, topK: config.topK, experts: config.experts, skew: skew)
             for i in ids.indices where random.unit() < minusOneRate { ids[i] = -1 }
             if let oneExpert { for t in 0..<b { ids[t * config.topK] = Int32(oneExpert); for c in 1..<config.topK { ids[t * config.topK + c] = -1 } } }
             return ids
         }
-        tokens = counts.map { b in
+        tokens = try counts.map { b in
             let x = HostTensor(config.elementType, [b, config.hidden])
-            x.copy(from: random.payload(b * config.hidden, config.elementType))
+            x.copy(from: try random.payload(b * config.hidden, config.elementType))
             return x
         }
-        weights = counts.map { b in
+        weights = try counts.map { b in
             let w = HostTensor(.f32, [b, config.topK])
-            w.copy(from: random.weights(b * config.topK))
+            w.copy(from: try random.weights(b * config.topK))
             return w
         }
-        expertOutputs = counts.map { _ in
+        expertOutputs = try counts.map { _ in
             let y = HostTensor(config.elementType, config.receiveShape)
-            y.copy(from: random.payload(y.elementCount, config.elementType))
+            y.copy(from: try random.payload(y.elementCount, config.elementType))
             return y
         }
-        weightGradients = counts.map { _ in
+        weightGradients = try counts.map { _ in
             guard config.algorithm == .highThroughput, let shape = config.receiveRoutingShape else { return nil }
             let g = HostTensor(.f32, shape)
-            g.copy(from: random.weights(g.elementCount).map { $0 - 0.5 })
+            g.copy(from: try random.weights(g.elementCount).map { $0 - 0.5 })
             return g
         }
     }

@@ -174,7 +174,7 @@ struct GPUTuningTests {
             let group = try VirtualGPUGroup(config, device: device, tuning: tuning)
             let tokens = [12, 5, 0, 12]
             for step in 0..<3 {
-                let inputs = StepInputs(config: config, tokens: tokens, seed: UInt64(60 + step))
+                let inputs = try StepInputs(config: config, tokens: tokens, seed: UInt64(60 + step))
                 try stepMatchesTheOracle(group, inputs, tokens, "\(layout) tuned step \(step)", direction: step == 2 ? .backward : .forward)
             }
         }

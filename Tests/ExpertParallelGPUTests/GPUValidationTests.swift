@@ -13,7 +13,7 @@ struct GPUValidationTests {
         let device = try #require(sharedDevice)
         let config = GroupConfig.forLayout(layout, ranks: 1, experts: 600, topK: 8, hidden: 16, elementType: .bf16, maxTokensPerRank: 8)
         let group = try VirtualGPUGroup(config, device: device)
-        let inputs = StepInputs(config: config, tokens: [8], seed: 4, minusOneRate: 0)
+        let inputs = try StepInputs(config: config, tokens: [8], seed: 4, minusOneRate: 0)
         try stepMatchesTheOracle(group, inputs, [8], "\(layout) with 600 local experts")
     }
 

@@ -23,7 +23,7 @@ struct HTOracleTests {
                 guard let mode = launchMode(step % 4 == 3 ? .perRank : .single) else { continue }
                 var random = RandomRouting(seed: UInt64(2000 * i + step))
                 let tokens = (0..<s.ranks).map { _ in Int(random.next() % UInt64(s.maxTokens + 1)) }
-                let inputs = StepInputs(config: config, tokens: tokens, seed: UInt64(11 * i + step),
+                let inputs = try StepInputs(config: config, tokens: tokens, seed: UInt64(11 * i + step),
                                         minusOneRate: step % 3 == 0 ? 0.3 : 0.05, skew: step % 3 == 1 ? 2 : 0)
                 try stepMatchesTheOracle(group, inputs, tokens, "\(layout) shape \(i) step \(step)",
                                          direction: step % 2 == 1 ? .backward : .forward, mode: mode)
@@ -44,7 +44,7 @@ struct HTOracleTests {
             ("B = max", [16, 16, 16, 16], 0, nil),
         ]
         for (seed, (label, tokens, minusOne, one)) in cases.enumerated() {
-            let inputs = StepInputs(config: config, tokens: tokens, seed: UInt64(seed), minusOneRate: minusOne, oneExpert: one)
+            let inputs = try StepInputs(config: config, tokens: tokens, seed: UInt64(seed), minusOneRate: minusOne, oneExpert: one)
             try stepMatchesTheOracle(group, inputs, tokens, "\(layout) \(label)")
             try stepMatchesTheOracle(group, inputs, tokens, "\(layout) \(label) backward", direction: .backward)
         }
@@ -61,7 +61,7 @@ struct HTOracleTests {
         let group = try VirtualGPUGroup(config, device: device)
         try group.deactivate(rank: 1)
         let tokens = [8, 8, 8, 8]
-        let inputs = StepInputs(config: config, tokens: tokens, seed: 5)
+        let inputs = try StepInputs(config: config, tokens: tokens, seed: 5)
         let buffers = try GPUStep(config, device, tokens: tokens)
         try buffers.upload(inputs)
         try buffers.poison()
@@ -78,7 +78,7 @@ struct HTOracleTests {
                                            maxTokensPerRank: 8, maxReceivedTokensPerRank: 5)
         let group = try VirtualGPUGroup(config, device: device)
         let tokens = [8, 8]
-        let inputs = StepInputs(config: config, tokens: tokens, seed: 3, minusOneRate: 0, oneExpert: 0)   // 16 rows to rank 0
+        let inputs = try StepInputs(config: config, tokens: tokens, seed: 3, minusOneRate: 0, oneExpert: 0)   // 16 rows to rank 0
         let buffers = try GPUStep(config, device, tokens: tokens)
         try buffers.upload(inputs)
         try buffers.poison()
@@ -118,7 +118,7 @@ struct HTDropPolicyTests {
             for step in 0..<8 {
                 var random = RandomRouting(seed: UInt64(70 * i + step))
                 let tokens = (0..<ranks).map { _ in Int(random.next() % 13) }
-                let inputs = StepInputs(config: config, tokens: tokens, seed: UInt64(40 * i + step), skew: step % 2 == 0 ? 3 : 0)
+                let inputs = try StepInputs(config: config, tokens: tokens, seed: UInt64(40 * i + step), skew: step % 2 == 0 ? 3 : 0)
                 let buffers = try GPUStep(config, device, tokens: tokens)
                 try buffers.upload(inputs)
                 try buffers.poison()

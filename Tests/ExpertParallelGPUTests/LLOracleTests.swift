@@ -26,7 +26,7 @@ struct LLOracleTests {
                 guard let mode = launchMode(step % 5 == 4 ? .perRank : .single) else { continue }
                 var random = RandomRouting(seed: UInt64(1000 * i + step))
                 let tokens = (0..<s.ranks).map { _ in Int(random.next() % UInt64(s.maxTokens + 1)) }
-                let inputs = StepInputs(config: config, tokens: tokens, seed: UInt64(7 * i + step), minusOneRate: step % 3 == 0 ? 0.3 : 0.05)
+                let inputs = try StepInputs(config: config, tokens: tokens, seed: UInt64(7 * i + step), minusOneRate: step % 3 == 0 ? 0.3 : 0.05)
                 // Odd steps: update and dispatch in one call (the fused kernel where one launch covers the ranks).
                 try stepMatchesTheOracle(group, inputs, tokens, "\(layout) shape \(i) step \(step)",
                                          direction: step % 4 == 3 ? .backward : .forward, mode: mode, fused: step % 2 == 1)
@@ -48,7 +48,7 @@ struct LLOracleTests {
             ("B = max", [16, 16, 16, 16], 0, nil),
         ]
         for (seed, (label, tokens, minusOne, one)) in cases.enumerated() {
-            let inputs = StepInputs(config: config, tokens: tokens, seed: UInt64(seed), minusOneRate: minusOne, oneExpert: one)
+            let inputs = try StepInputs(config: config, tokens: tokens, seed: UInt64(seed), minusOneRate: minusOne, oneExpert: one)
             try stepMatchesTheOracle(group, inputs, tokens, label)
             try stepMatchesTheOracle(group, inputs, tokens, "\(label), fused", fused: true)
         }
@@ -61,7 +61,7 @@ struct LLOracleTests {
                                      maxTokensPerRank: 77, layout: layout)
             let group = try VirtualGPUGroup(config, device: device)
             let tokens = Array(repeating: 77, count: 6)
-            let inputs = StepInputs(config: config, tokens: tokens, seed: 77, minusOneRate: 0)
+            let inputs = try StepInputs(config: config, tokens: tokens, seed: 77, minusOneRate: 0)
             try stepMatchesTheOracle(group, inputs, tokens, "odd \(layout)")
             try stepMatchesTheOracle(group, inputs, tokens, "odd \(layout), fused", fused: true)
         }
@@ -73,7 +73,7 @@ struct LLOracleTests {
         let group = try VirtualGPUGroup(config, device: device)
         try group.deactivate(rank: 2)
         let tokens = [8, 8, 8, 8]
-        let inputs = StepInputs(config: config, tokens: tokens, seed: 5)
+        let inputs = try StepInputs(config: config, tokens: tokens, seed: 5)
         let buffers = try GPUStep(config, device, tokens: tokens)
         try buffers.upload(inputs)
         try buffers.poison()
@@ -102,7 +102,7 @@ struct LLOracleTests {
         let config = GroupConfig(algorithm: .lowLatency, ranks: 2, experts: 8, topK: 2, hidden: 16, elementType: .bf16, maxTokensPerRank: 4)
         let group = try VirtualGPUGroup(config, device: device)
         let tokens = [4, 4]
-        var inputs = StepInputs(config: config, tokens: tokens, seed: 9, minusOneRate: 0)
+        var inputs = try StepInputs(config: config, tokens: tokens, seed: 9, minusOneRate: 0)
         let buffers = try GPUStep(config, device, tokens: tokens)
         for (bad, expected, fused) in [(Int32(8), "topkIdx[rank 1][2][1]", false), (Int32(-2), "topkIdx[rank 1][2][1]", false),
                                        (Int32(9), "topkIdx[rank 1][2][1]", true)] {
@@ -128,7 +128,7 @@ struct LLOracleTests {
             #expect(throws: EPError.repeatedExpert(token: 0, firstColumn: 0, secondColumn: 1, expert: Int(inputs.routing[0][0]), rank: 0))
                 { try group.checkStatus() }
         }
-        let good = StepInputs(config: config, tokens: tokens, seed: 10)
+        let good = try StepInputs(config: config, tokens: tokens, seed: 10)
         try buffers.upload(good)
         try buffers.poison()
         try buffers.enqueue(group)
@@ -144,7 +144,7 @@ struct LLOracleTests {
             let group = try VirtualGPUGroup(config, device: device)
             for step in 0..<10 {
                 let tokens = [12, 7, 0, 12].map { ($0 + step) % 13 }
-                let inputs = StepInputs(config: config, tokens: tokens, seed: UInt64(300 + step))
+                let inputs = try StepInputs(config: config, tokens: tokens, seed: UInt64(300 + step))
                 try stepMatchesTheOracle(group, inputs, tokens, "\(layout) \(mode) send-only step \(step)", mode: mode, phase: .sendOnly,
                                          fused: step % 2 == 1)
             }
@@ -208,7 +208,7 @@ struct LLOracleTests {
         let group = try VirtualGPUGroup(config, device: device)
         #expect(group.fusesUpdate)
         for (step, b) in [128, 1, 0, 77, 128].enumerated() {
-            let inputs = StepInputs(config: config, tokens: [b], seed: UInt64(40 + step), minusOneRate: step == 3 ? 0.2 : 0)
+            let inputs = try StepInputs(config: config, tokens: [b], seed: UInt64(40 + step), minusOneRate: step == 3 ? 0.2 : 0)
             try stepMatchesTheOracle(group, inputs, [b], "one rank, B = \(b)", fused: true)
         }
     }
@@ -224,10 +224,10 @@ struct LLOracleTests {
         let group = try VirtualGPUGroup(config, device: device)
         #expect(group.fusesUpdate)
         for (step, b) in [96, 33, 1, 96].enumerated() {
-            let inputs = StepInputs(config: config, tokens: [b], seed: UInt64(140 + step), minusOneRate: step == 1 ? 0.3 : 0)
+            let inputs = try StepInputs(config: config, tokens: [b], seed: UInt64(140 + step), minusOneRate: step == 1 ? 0.3 : 0)
             try stepMatchesTheOracle(group, inputs, [b], "one rank \(layout), B = \(b)", fused: true)
         }
-        let inputs = StepInputs(config: config, tokens: [96], seed: 150, minusOneRate: 0)
+        let inputs = try StepInputs(config: config, tokens: [96], seed: 150, minusOneRate: 0)
         let buffers = try GPUStep(config, device, tokens: [96])
         var outOfRange = inputs, repeated = inputs
         outOfRange.routing[0][90 * 8 + 3] = 64
@@ -265,7 +265,7 @@ func graphReplaysMatchTheOracle(
     let exec = try driver.instantiate(graph)
     defer { try? driver.destroy(exec); try? driver.destroy(graph) }
     for replay in 0..<replays {
-        let inputs = StepInputs(config: config, tokens: tokens, seed: firstSeed + UInt64(replay), skew: skew(replay))
+        let inputs = try StepInputs(config: config, tokens: tokens, seed: firstSeed + UInt64(replay), skew: skew(replay))
         try buffers.upload(inputs)
         try buffers.poison()
         try driver.launch(exec, on: group.stream)

@@ -54,7 +54,7 @@ struct NCCLOneRankTests {
         try withOneRankGroup(config) { group in
             #expect(group.bufferSlots == 2)
             // Two steps in flight on the two slots: update A, update B, dispatch A, dispatch B, combine B, combine A.
-            let steps = [(StepInputs(config: config, tokens: [20], seed: 11), 0), (StepInputs(config: config, tokens: [13], seed: 12), 1)]
+            let steps = try [(StepInputs(config: config, tokens: [20], seed: 11), 0), (StepInputs(config: config, tokens: [13], seed: 12), 1)]
             let buffers = try steps.map { inputs, _ in try OneRankStep(group, inputs) }
             let handles = try steps.map { _ in try group.makeHandle() }
             for (handle, step) in zip(handles, buffers) { try group.update(handle, topkIdx: [step.idx.ref]) }
@@ -90,7 +90,7 @@ struct NCCLOneRankTests {
             #expect(group.fusesUpdate == fused)
             let handle = try group.makeHandle()
             for (tokens, seed) in [(20, UInt64(51)), (7, 52)] {
-                let inputs = fp8 ? StepInputs(fp8: config, tokens: [tokens], seed: seed) : StepInputs(config: config, tokens: [tokens], seed: seed)
+                let inputs = try fp8 ? StepInputs(fp8: config, tokens: [tokens], seed: seed) : StepInputs(config: config, tokens: [tokens], seed: seed)
                 let step = try OneRankStep(group, inputs)
                 try group.dispatch(handle, stacked: StackedDispatch(
                     tokens: tokens, topkIdx: StackedTensor(step.idx.ref), inputs: StackedTensor(step.x.ref), topkWeights: StackedTensor(step.w.ref),
@@ -122,7 +122,7 @@ struct NCCLOneRankTests {
     func aCallersExpertOutputsAreCopiedOnlyWhereReceived(_ layout: Layout, _ direction: PassDirection) throws {
         let config = GroupConfig.forLayout(layout, ranks: 1, experts: 8, topK: 3, hidden: 96, elementType: .bf16, maxTokensPerRank: 20)
         try withOneRankGroup(config) { group in
-            let inputs = StepInputs(config: config, tokens: [13], seed: 21)
+            let inputs = try StepInputs(config: config, tokens: [13], seed: 21)
             let step = try OneRankStep(group, inputs)
             let handle = try group.makeHandle()
             try group.update(handle, topkIdx: [step.idx.ref])

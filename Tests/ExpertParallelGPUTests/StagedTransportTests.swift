@@ -20,7 +20,7 @@ struct StagedTransportTests {
             for step in 0..<4 {
                 var random = RandomRouting(seed: UInt64(4000 * i + step))
                 let tokens = (0..<s.ranks).map { _ in Int(random.next() % UInt64(s.maxTokens + 1)) }
-                let inputs = StepInputs(config: config, tokens: tokens, seed: UInt64(17 * i + step),
+                let inputs = try StepInputs(config: config, tokens: tokens, seed: UInt64(17 * i + step),
                                         minusOneRate: step % 2 == 0 ? 0.3 : 0.05, skew: step == 1 ? 2 : 0)
                 try stepMatchesTheOracle(group, inputs, tokens, "staged \(layout) shape \(i) step \(step)",
                                          direction: step % 2 == 1 ? .backward : .forward)
@@ -35,7 +35,7 @@ struct StagedTransportTests {
         let group = try VirtualGPUGroup(config, device: device, transport: .staged)
         try group.deactivate(rank: 2)
         let tokens = [8, 5, 8, 8]
-        let inputs = StepInputs(config: config, tokens: tokens, seed: 6)
+        let inputs = try StepInputs(config: config, tokens: tokens, seed: 6)
         let buffers = try GPUStep(config, device, tokens: tokens)
         try buffers.upload(inputs)
         try buffers.poison()
@@ -49,7 +49,7 @@ struct StagedTransportTests {
         let config = GroupConfig.forLayout(.flat, ranks: 4, experts: 16, topK: 3, hidden: 64, elementType: .bf16, maxTokensPerRank: 12)
         let group = try VirtualGPUGroup(config, device: try #require(sharedDevice), transport: .staged)
         let tokensA = [12, 7, 0, 12], tokensB = [3, 12, 12, 9]
-        let inputsA = StepInputs(config: config, tokens: tokensA, seed: 51), inputsB = StepInputs(config: config, tokens: tokensB, seed: 52)
+        let inputsA = try StepInputs(config: config, tokens: tokensA, seed: 51), inputsB = try StepInputs(config: config, tokens: tokensB, seed: 52)
         let a = try GPUStep(config, group.device, tokens: tokensA), b = try GPUStep(config, group.device, tokens: tokensB)
         for (step, inputs) in [(a, inputsA), (b, inputsB)] {
             try step.upload(inputs)

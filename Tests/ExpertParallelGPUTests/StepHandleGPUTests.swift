@@ -19,7 +19,7 @@ struct StepHandleGPUTests {
         let config = Self.config(layout)
         let group = try VirtualGPUGroup(config, device: try #require(sharedDevice))
         let tokensA = [12, 7, 0, 12], tokensB = [3, 12, 12, 9]
-        let inputsA = StepInputs(config: config, tokens: tokensA, seed: 41), inputsB = StepInputs(config: config, tokens: tokensB, seed: 42)
+        let inputsA = try StepInputs(config: config, tokens: tokensA, seed: 41), inputsB = try StepInputs(config: config, tokens: tokensB, seed: 42)
         // Two buffer slots (A's and B's rows), and a third for A's backward dispatch.
         let a = try GPUStep(config, group.device, tokens: tokensA), b = try GPUStep(config, group.device, tokens: tokensB)
         let again = try GPUStep(config, group.device, tokens: tokensA)
@@ -50,7 +50,7 @@ struct StepHandleGPUTests {
         let config = Self.config(layout)
         let group = try VirtualGPUGroup(config, device: try #require(sharedDevice))
         let tokens = [12, 5, 12, 1]
-        let layers = (0..<16).map { StepInputs(config: config, tokens: tokens, seed: 700 + UInt64($0)) }
+        let layers = try (0..<16).map { try StepInputs(config: config, tokens: tokens, seed: 700 + UInt64($0)) }
         // Each layer's routing stays in its own tensors until its combine; the rows share one slot.
         let routings = try layers.map { inputs in
             let step = try GPUStep(config, group.device, tokens: tokens)
@@ -94,8 +94,8 @@ struct StepHandleGPUTests {
         let exec = try driver.instantiate(graph)
         defer { try? driver.destroy(exec); try? driver.destroy(graph) }
         for replay in 0..<100 {
-            let inputsA = StepInputs(config: config, tokens: tokensA, seed: 3000 + UInt64(replay))
-            let inputsB = StepInputs(config: config, tokens: tokensB, seed: 5000 + UInt64(replay), skew: replay % 2 == 0 ? 0 : 2)
+            let inputsA = try StepInputs(config: config, tokens: tokensA, seed: 3000 + UInt64(replay))
+            let inputsB = try StepInputs(config: config, tokens: tokensB, seed: 5000 + UInt64(replay), skew: replay % 2 == 0 ? 0 : 2)
             try a.upload(inputsA)
             try b.upload(inputsB)
             try a.poison()
@@ -115,7 +115,7 @@ extension StepHandleGPUTests {
         let device = try #require(sharedDevice)
         let group = try VirtualGPUGroup(config, device: device)
         let tokens = [4, 4, 4, 4]
-        var inputs = StepInputs(config: config, tokens: tokens, seed: 8, minusOneRate: 0)
+        var inputs = try StepInputs(config: config, tokens: tokens, seed: 8, minusOneRate: 0)
         inputs.routing[2][1] = 99
         let step = try GPUStep(config, device, tokens: tokens)
         try step.upload(inputs)
@@ -125,7 +125,7 @@ extension StepHandleGPUTests {
         try group.checkStatus()   // reported once, then cleared
         #expect(throws: EPError.self) { _ = try group.layoutInfo(handle, rank: 0) }
         try group.deactivate(rank: 3)
-        let good = StepInputs(config: config, tokens: tokens, seed: 9)
+        let good = try StepInputs(config: config, tokens: tokens, seed: 9)
         try step.upload(good)
         try group.update(handle, topkIdx: step.idx.map(\.ref))
         try step.dispatch(group, handle)

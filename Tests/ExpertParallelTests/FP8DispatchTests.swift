@@ -18,7 +18,7 @@ struct FP8DispatchTests {
         var weights: [HostTensor]
     }
 
-    static func inputs(_ config: GroupConfig, seed: UInt64, tokens: Int) -> Inputs {
+    static func inputs(_ config: GroupConfig, seed: UInt64, tokens: Int) throws -> Inputs {
         var random = RandomRouting(seed: seed)
         var result = Inputs(tokens: [], routing: [], weights: [])
         for _ in 0..<config.ranks {
@@ -28,9 +28,9 @@ struct FP8DispatchTests {
                 x[as: UInt16.self, i] = ElementConversion.floatToBF16(magnitude)
             }
             let idx = HostTensor(.i32, [tokens, config.topK])
-            idx.copy(from: random.experts(tokens: tokens, topK: config.topK, experts: config.experts, skew: 0))
+            idx.copy(from: try random.experts(tokens: tokens, topK: config.topK, experts: config.experts, skew: 0))
             let w = HostTensor(.f32, [tokens, config.topK])
-            w.copy(from: random.weights(tokens * config.topK))
+            w.copy(from: try random.weights(tokens * config.topK))
             result.tokens.append(x)
             result.routing.append(idx)
             result.weights.append(w)
@@ -77,7 +77,7 @@ struct FP8DispatchTests {
                                 maxTokensPerRank: 5, layout: layout)
         var fp8 = plain
         fp8.fp8 = FP8Dispatch(scales: mode)
-        let inputs = Self.inputs(plain, seed: 7, tokens: 5)
+        let inputs = try Self.inputs(plain, seed: 7, tokens: 5)
         let format = try FP8RowFormat(mode: mode, hidden: plain.hidden)
         let reference = try Self.dispatch(plain, inputs)
         let quantised = try Self.dispatch(fp8, inputs)
@@ -125,7 +125,7 @@ struct FP8DispatchTests {
     func wrongScalesAreNamed() throws {
         var config = GroupConfig(algorithm: .lowLatency, ranks: 2, experts: 4, topK: 2, hidden: 128, elementType: .bf16, maxTokensPerRank: 2)
         config.fp8 = FP8Dispatch(scales: .ue8m0Block128, source: .passThrough)
-        let inputs = Self.inputs(config, seed: 3, tokens: 2)
+        let inputs = try Self.inputs(config, seed: 3, tokens: 2)
         let codes = inputs.tokens.map { _ in HostTensor(.e4m3, [2, 128]) }
         #expect(throws: EPError.self) { _ = try Self.dispatch(config, inputs, tokens: codes, scales: nil) }
         let wrong = inputs.tokens.map { _ in HostTensor(.f32, [2, 1]) }   // ue8m0 scales are int32 words
@@ -152,7 +152,7 @@ struct FP8DispatchTests {
     func combineAfterFP8DispatchRuns() throws {
         var config = GroupConfig(algorithm: .highThroughput, ranks: 2, experts: 4, topK: 2, hidden: 128, elementType: .bf16, maxTokensPerRank: 3)
         config.fp8 = FP8Dispatch(scales: .float32Block128)
-        let inputs = Self.inputs(config, seed: 5, tokens: 3)
+        let inputs = try Self.inputs(config, seed: 5, tokens: 3)
         let group = try HostGroup(config)
         let handle = try group.makeHandle()
         try group.update(handle, topkIdx: inputs.routing.map(\.ref))
