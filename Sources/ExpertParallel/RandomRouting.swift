@@ -30,7 +30,8 @@ public struct RandomRouting: Sendable {
 
     /// `[tokens, topK]` expert ids, K distinct per token. With `skew` > 0, expert e's score is
     /// multiplied by (1 + skew)^(-e / E · 8), favouring low ids. `tokens` ≥ 0, `experts` in
-    /// 0...`maxExperts`, `topK` in 0...`experts`.
+    /// 0...`maxExperts`, `topK` in 0...`experts`. Each token draws one score per expert (the
+    /// work is tokens × experts: a few ns each) and keeps the K best, ties to the lower id.
     public mutating func experts(tokens: Int, topK: Int, experts: Int, skew: Double = 0) throws(EPError) -> [Int32] {
         try Self.require("tokens", tokens, atLeast: 0)
         try Self.require("experts", experts, atLeast: 0)
@@ -41,19 +42,31 @@ public struct RandomRouting: Sendable {
         guard topK <= experts else {
             throw .invalidArgument(field: "topK", value: "\(topK)", requirement: "must be ≤ experts (\(experts)): a token's K experts are distinct")
         }
+        let skewed = skew > 0 && tokens > 0 && topK > 0
         try Self.checkMemory("the routing's \(tokens) × \(topK) int32 expert ids", [tokens, topK], elementBytes: 4,
-                             plus: experts * MemoryLayout<(Float, Int32)>.stride)
+                             plus: skewed ? experts * 4 : 0)
         var result: [Int32] = []
         result.reserveCapacity(tokens * topK)
-        var scores = [(Float, Int32)](repeating: (0, 0), count: experts)
+        // The K best so far, best first: a score beats one it is greater than (a later id never
+        // beats an equal score), as a sort of every score would order them.
+        var best = [(Float, Int32)](repeating: (0, 0), count: topK)
+        // Each expert's skew factor, the same for every token: worked out once.
+        let factors = skewed ? (0..<experts).map { e in Float(pow(1 + skew, -Double(e) / Double(experts) * 8)) } : []
         for _ in 0..<tokens {
+            var kept = 0
             for e in 0..<experts {
                 var score = unit()
-                if skew > 0 { score *= Float(pow(1 + skew, -Double(e) / Double(experts) * 8)) }
-                scores[e] = (score, Int32(e))
+                if skewed { score *= factors[e] }
+                guard topK > 0, kept < topK || score > best[topK - 1].0 else { continue }
+                var place = min(kept, topK - 1)
+                while place > 0 && score > best[place - 1].0 {
+                    best[place] = best[place - 1]
+                    place -= 1
+                }
+                best[place] = (score, Int32(e))
+                kept = min(kept + 1, topK)
             }
-            scores.sort { $0.0 > $1.0 || ($0.0 == $1.0 && $0.1 < $1.1) }
-            result.append(contentsOf: scores.prefix(topK).map(\.1))
+            result.append(contentsOf: best.lazy.map(\.1))
         }
         return result
     }
@@ -89,7 +102,7 @@ public struct RandomRouting: Sendable {
     }
 
     /// Refuses, with `outOfMemory`, a result of `shape` × `elementBytes` bytes (and `plus` bytes
-    /// of scratch: every expert's score) past this host's memory (or past Int.max), before it is allocated.
+    /// of scratch: the skew factors) past this host's memory (or past Int.max), before it is allocated.
     private static func checkMemory(_ what: String, _ shape: [Int], elementBytes: Int, plus scratch: Int = 0) throws(EPError) {
         let available = Int(clamping: ProcessInfo.processInfo.physicalMemory)
         let bytes = TensorRef.checkedProduct(shape, times: elementBytes).map { $0.addingReportingOverflow(scratch) }
