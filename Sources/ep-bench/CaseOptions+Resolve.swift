@@ -87,6 +87,14 @@ extension CaseOptions {
             throw ValidationError(
                 "case \(c.name) (\(c.label)) needs about \(needed >> 20) MiB of host memory for its inputs, outputs and routing, more than this machine's \(available >> 20) MiB: lower \(shapeOverrides.map(\.option).joined(separator: ", "))")
         }
+        // The routing's work grows with tokens × experts × ranks, which the memory does not bound.
+        let scores = c.tokens * c.experts * c.ranks   // each bounded (Bounds): no overflow
+        if scores > Bounds.routingScores {
+            let product = [value("--tokens", tokenCounts.first, c.tokens, "tokens"), value("--experts", experts, c.experts, "experts"),
+                           value("--ranks", ranks, c.ranks, "ranks")].joined(separator: " × ")
+            throw ValidationError(
+                "\(product) = \(scores) random expert scores for the routing of case \(c.name) (\(c.label)), more than \(Bounds.routingScores) (2^32): lower --tokens, --experts or --ranks")
+        }
     }
 
     /// The GPU backend's own bounds (at most 32 ranks, 1024 experts, the update kernel's shared

@@ -63,6 +63,10 @@ struct CaseOptions: ParsableArguments {
         static let topK = 1...GroupConfig.maxTopK
         static let experts = 1...1_048_576
         static let alignment = 1...1_024
+        /// Random scores the routing of a case draws at most, tokens × experts × ranks (one per
+        /// expert for every token of every rank), a bound the memory check does not give: the
+        /// largest standard case draws 2^23; 2^32 take about 15 s in a release build.
+        static let routingScores = 1 << 32
     }
 
     func validate() throws {

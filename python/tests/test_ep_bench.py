@@ -246,6 +246,13 @@ def test_a_custom_shape_runs_with_the_shape_given(tmp_path):
     (["--experts", "0"], ["--experts 0", "1...1048576"]),
     (["--experts", "2097152"], ["--experts 2097152", "1...1048576"]),
     (["--case", "ll-1", "--tokens", "1048576", "--hidden", "1048576"], ["case ll-1", "host memory"]),
+    # Shapes that fit in memory but whose routing draws tokens × experts × ranks random scores
+    # (hours, not seconds): bounded up front, naming each option or the case's own value.
+    (["--backend", "cpu", "--case", "custom", "--tokens", "1048576", "--hidden", "8", "--topk", "2", "--experts", "1048576",
+      "--ranks", "1", "--layout", "flat"],
+     ["--tokens 1048576 × --experts 1048576 × --ranks 1 = 1099511627776 random expert scores", "more than 4294967296"]),
+    (["--case", "ht-cpu", "--tokens", "1024", "--hidden", "8", "--experts", "1048576"],
+     ["--tokens 1024 × --experts 1048576 × the 8 ranks of case ht-cpu = 8589934592", "more than 4294967296"]),
     (["--dtype", "i32"], ["'i32'", "--dtype", "'bf16', 'f16', 'f32' or 'u8'"]),
     (["--case", "nope"], ["unknown case 'nope'", "custom"]),
 ])
