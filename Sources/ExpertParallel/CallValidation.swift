@@ -4,7 +4,7 @@ extension GroupConfig {
     /// Shape of the dispatch `tokens` output (and of the combine `expertOutputs` input).
     public var receiveShape: [Int] {
         switch layout {
-        case .expertMajor: [localExperts, ranks * maxTokensPerRank, hidden]
+        case .expertMajor: [localExperts, Saturating.product(ranks, maxTokensPerRank), hidden]
         case .rankMajor: [ranks, maxTokensPerRank, hidden]
         case .flat, .expertMajorPadded: [receiveCapacity, hidden]
         }

@@ -72,9 +72,13 @@ public struct GroupConfig: Sendable, Hashable {
         self.fp8 = fp8
     }
 
-    /// Experts per rank, L = E / R.
-    public var localExperts: Int { experts / ranks }
-    public var rowBytes: Int { hidden * elementType.byteSize }
+    // The sizes derived from the fields are exact for a configuration that `validated()` accepts;
+    // asked of any other they do not trap: L is 0 for ranks < 1 and products saturate at
+    // Int.max (Int.min) where they would leave Int.
+
+    /// Experts per rank, L = E / R (0 for ranks < 1).
+    public var localExperts: Int { ranks >= 1 ? experts / ranks : 0 }
+    public var rowBytes: Int { Saturating.product(hidden, elementType.byteSize) }
     public var isExpertMajorHT: Bool { if case .expertMajorPadded = layout { true } else { false } }
     public var alignment: Int { if case .expertMajorPadded(let a) = layout { a } else { 1 } }
 
@@ -82,12 +86,13 @@ public struct GroupConfig: Sendable, Hashable {
     /// LL expert-major `L*R*Bmax`, LL rank-major `R*Bmax`, HT `N`.
     public var receiveCapacity: Int {
         switch layout {
-        case .expertMajor: localExperts * ranks * maxTokensPerRank
-        case .rankMajor: ranks * maxTokensPerRank
-        case .flat: maxReceivedTokensPerRank ?? ranks * maxTokensPerRank
+        case .expertMajor: Saturating.product(localExperts, ranks, maxTokensPerRank)
+        case .rankMajor: Saturating.product(ranks, maxTokensPerRank)
+        case .flat: maxReceivedTokensPerRank ?? Saturating.product(ranks, maxTokensPerRank)
         case .expertMajorPadded(let a):
             maxReceivedTokensPerRank
-                ?? ranks * maxTokensPerRank * min(topK, localExperts) + localExperts * (a - 1)
+                ?? Saturating.sum(Saturating.product(ranks, maxTokensPerRank, min(topK, localExperts)),
+                                  Saturating.product(localExperts, Saturating.sum(a, -1)))
         }
     }
 
