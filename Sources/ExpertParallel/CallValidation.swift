@@ -20,14 +20,14 @@ extension GroupConfig {
         }
     }
 
-    /// Checks a dispatch call's tensors for `tokens` source rows.
+    /// Checks the configuration (`validated()`), then a dispatch call's tensors for `tokens` source rows.
     public func validateDispatch(
         _ input: DispatchInput, _ output: DispatchOutput, tokens: Int, location: MemoryLocation = .host
     ) throws(EPError) {
         try CallShapes(self).validateDispatch(input, output, tokens: tokens, location: location)
     }
 
-    /// Checks a combine call's tensors for `tokens` source rows.
+    /// Checks the configuration (`validated()`), then a combine call's tensors for `tokens` source rows.
     public func validateCombine(
         _ input: CombineInput, _ output: CombineOutput, tokens: Int, direction: PassDirection,
         location: MemoryLocation = .host
@@ -55,7 +55,14 @@ public final class CallShapes: Sendable {
     let scaleTypes: [DataType]
     static let f32: [DataType] = [.f32], i32: [DataType] = [.i32], indices: [DataType] = [.i32, .i64]
 
-    public init(_ config: GroupConfig) {
+    /// The shapes of `config`, which is checked first (`validated()`): a configuration it
+    /// refuses throws its `invalidConfig`.
+    public convenience init(_ config: GroupConfig) throws(EPError) {
+        self.init(validated: try config.validated())
+    }
+
+    /// The shapes of `config`, which its caller has validated (a group's own configuration).
+    package init(validated config: GroupConfig) {
         self.config = config
         dispatchInputTypes = GroupConfig.rowTypes(config.dispatchInputType)
         receiveTypes = GroupConfig.rowTypes(config.receiveElementType)

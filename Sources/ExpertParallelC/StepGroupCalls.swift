@@ -103,7 +103,7 @@ extension StepGroupBackend {
         // A dispatch with the step's routing (no topkIdx) must give the step's token count: named
         // as `call.tokens` here rather than as rank 0's input shape further on.
         let known = call.topkIdx == nil ? (try? stepTokens(settings)).flatMap { Set($0).count == 1 ? $0.first : nil } : nil
-        let checked = try CheckedStackedDispatch(call, shapes: CallShapes(group.config), location: location, stepTokens: known)
+        let checked = try CheckedStackedDispatch(call, shapes: CallShapes(validated: group.config), location: location, stepTokens: known)
         let parts = group.localRanks.map { checked.rank($0) }
         let local = group.localRanks
         if checked.topkIdx != nil {
@@ -117,7 +117,7 @@ extension StepGroupBackend {
     func combineStacked(_ call: StackedCombine, _ settings: CallSettings, _ stream: UnsafeMutableRawPointer?) throws {
         let handle = try handle(settings), group = try self.group, ranks = try callRanks()
         let tokens = try stepTokens(settings)
-        let checked = try CheckedStackedCombine(call, tokens: tokens, direction: settings.direction, shapes: CallShapes(group.config), location: location)
+        let checked = try CheckedStackedCombine(call, tokens: tokens, direction: settings.direction, shapes: CallShapes(validated: group.config), location: location)
         let local = group.localRanks
         let parts = local.indices.map { ranks.contains(local[$0]) ? checked.rank($0) : (.absent, .absent) }
         try combine(parts.map(\.input), parts.map(\.output), handle: handle, ranks: ranks, settings, stream)

@@ -69,7 +69,7 @@ final class StepEngine: @unchecked Sendable {
         self.transport = transport
         self.staging = staging
         self.config = config
-        shapes = CallShapes(config)
+        shapes = CallShapes(validated: config)
         self.device = device
         self.tuning = tuning
         overlapsLaunches = Self.overlapsLaunches(tuning, device: device, placement: placement)

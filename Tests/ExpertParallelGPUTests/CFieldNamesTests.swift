@@ -156,7 +156,7 @@ struct CFieldNamesTests {
         #expect(peer.naming(.perRank).message.hasSuffix("rejected its call: invalid argument: inputs.tokens.dtype = epFloat32; must be epBFloat16 or epUInt8"))
         let failure = RankFailure(rank: 1, error: onHost, config: GroupConfig(algorithm: .lowLatency, ranks: 2, experts: 4, topK: 2, hidden: 8, maxTokensPerRank: 2))
         #expect(failure.message == "rank 1: invalid argument: input.tokens.location = -1 (host); must be 1")
-        let bytes = CallShapes(GroupConfig(algorithm: .lowLatency, ranks: 2, experts: 4, topK: 2, hidden: 8, elementType: .u8, maxTokensPerRank: 2))
+        let bytes = try CallShapes(GroupConfig(algorithm: .lowLatency, ranks: 2, experts: 4, topK: 2, hidden: 8, elementType: .u8, maxTokensPerRank: 2))
         let combine = try #require(thrown { try bytes.validateCombine(.absent, .absent, tokens: 0, direction: .forward) })
         #expect(combine.message == "invalid configuration: elementType = epUInt8; combine needs epBFloat16, epFloat16 or epFloat32 (epUInt8 is dispatch only)")
         // An FP8 mode as the config's epFP8Source_t and epFP8Scales_t name it.

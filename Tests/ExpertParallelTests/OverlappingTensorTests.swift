@@ -96,7 +96,7 @@ struct OverlappingTensorTests {
 
     @Test("a stacked call's output part over another array's part of any rank is refused, naming both ranks' parts")
     func stackedParts() throws {
-        let shapes = CallShapes(Self.ll)
+        let shapes = try CallShapes(Self.ll)
         let receivedBytes = Self.ll.receiveShape.reduce(1, *) * 4, base: UInt64 = 1 << 20
         func call(inputs: UInt64, stride: Int = 0) -> StackedDispatch {
             StackedDispatch(tokens: 1, topkIdx: nil, inputs: StackedTensor(address: inputs, dtype: .f32, location: .host, rankStride: stride),

@@ -91,8 +91,8 @@ import Testing
     /// A part's element count (the strides' and the address checks' bytes) is its shape's product
     /// (the views' and the messages'): two functions, kept from drifting apart here.
     @Test(arguments: configs.indices)
-    func everyPartsElementsAreItsShapesProduct(_ index: Int) {
-        let shapes = CallShapes(Self.configs[index])
+    func everyPartsElementsAreItsShapesProduct(_ index: Int) throws {
+        let shapes = try CallShapes(Self.configs[index])
         for tokens in [0, 1, 3] {
             for field in CheckedStackedDispatch.Field.allCases {
                 #expect(shapes.elements(field, tokens: tokens) == shapes.shape(field, tokens: tokens).reduce(1, *), "config \(index): \(field)")
@@ -104,8 +104,8 @@ import Testing
     }
 
     @Test(arguments: configs.indices)
-    func theDescriptionChecksNeverPassWhatTheViewChecksRefuse(_ index: Int) {
-        let config = Self.configs[index], shapes = CallShapes(config)
+    func theDescriptionChecksNeverPassWhatTheViewChecksRefuse(_ index: Int) throws {
+        let config = Self.configs[index], shapes = try CallShapes(config)
         var rng = SeededGenerator(seed: index)
         var refusedByBoth = 0, passedByBoth = 0
         for tokens in [0, 1, config.maxTokensPerRank] {

@@ -35,4 +35,18 @@ struct UnvalidatedConfigTests {
                                  layout: .expertMajorPadded(alignment: 4))
         #expect(padded.receiveCapacity == 2 * 4 * 2 + 2 * 3)
     }
+
+    @Test("CallShapes and the call checks refuse a bad configuration by its own named error")
+    func callChecksValidateTheConfig() throws {
+        #expect(throws: Self.zeroRanks) { try CallShapes(Self.ll(ranks: 0)) }
+        #expect(throws: EPError.invalidConfig(field: "topK", value: "0", requirement: "must be ≥ 1")) { try CallShapes(Self.ll(topK: 0)) }
+        let rows = HostTensor(.f32, [1, 8])
+        #expect(throws: Self.zeroRanks) {
+            try Self.ll(ranks: 0).validateDispatch(DispatchInput(tokens: rows.ref), DispatchOutput(tokens: rows.ref), tokens: 1)
+        }
+        #expect(throws: EPError.invalidConfig(field: "hidden", value: "\(Int.max)", requirement: "must be ≤ 2147483647")) {
+            try Self.ll(hidden: .max).validateCombine(CombineInput(expertOutputs: rows.ref), CombineOutput(tokens: rows.ref), tokens: 1, direction: .forward)
+        }
+        #expect(try CallShapes(Self.ll()).receiveShape == [2, 8, 8])
+    }
 }

@@ -17,7 +17,7 @@ public final class HostGroup: Sendable {
     public init(_ config: GroupConfig) throws(EPError) {
         self.config = try config.validated()
         try config.checkHostStepMemory(tokens: 0)
-        shapes = CallShapes(self.config)
+        shapes = CallShapes(validated: self.config)
         transport = HostTransport(ranks: config.ranks)
         counters = (0..<config.ranks).map { _ in RoundCounter() }
         calling = (0..<config.ranks).map { _ in CallFlag() }
