@@ -5,8 +5,13 @@ public struct RoutingTable: Sendable, Equatable {
     public let topK: Int
     public private(set) var experts: [Int32]
 
-    /// Validates `experts` (row-major `[tokens, topK]`) against `config`.
+    /// Validates `config` (`validated()`), then `experts` (row-major `[tokens, topK]`) against it.
     public init(experts: [Int32], tokens: Int, config: GroupConfig) throws(EPError) {
+        try self.init(experts: experts, tokens: tokens, checked: config.validated())
+    }
+
+    /// `init(experts:tokens:config:)` for a configuration already validated.
+    private init(experts: [Int32], tokens: Int, checked config: GroupConfig) throws(EPError) {
         guard tokens >= 0, tokens <= config.maxTokensPerRank else {
             throw .invalidArgument(
                 field: "topkIdx.shape[0] (tokens)", value: "\(tokens)",
@@ -36,8 +41,9 @@ public struct RoutingTable: Sendable, Equatable {
         self.experts = experts
     }
 
-    /// Reads and validates a `[B, K]` int32 or int64 host tensor.
+    /// Validates `config` (`validated()`), then reads and validates a `[B, K]` int32 or int64 host tensor.
     public init(topkIdx: TensorRef, config: GroupConfig) throws(EPError) {
+        let config = try config.validated()
         guard topkIdx.shape.count == 2, topkIdx.shape[1] == config.topK else {
             throw .invalidArgument(
                 field: "topkIdx.shape", value: "\(topkIdx.shape)", requirement: "must be [tokens, topK = \(config.topK)]")
@@ -66,7 +72,7 @@ public struct RoutingTable: Sendable, Equatable {
                 values[i] = Int32(v)
             }
         }
-        try self.init(experts: values, tokens: tokens, config: config)
+        try self.init(experts: values, tokens: tokens, checked: config)
     }
 
     public subscript(token: Int, k: Int) -> Int { Int(experts[token * topK + k]) }

@@ -49,4 +49,15 @@ struct UnvalidatedConfigTests {
         }
         #expect(try CallShapes(Self.ll()).receiveShape == [2, 8, 8])
     }
+
+    @Test("a routing table checks its configuration before any arithmetic with it")
+    func routingTableValidatesTheConfig() throws {
+        #expect(throws: Self.zeroRanks) { try RoutingTable(experts: [], tokens: 0, config: Self.ll(ranks: 0)) }
+        // tokens × topK would overflow.
+        #expect(throws: EPError.invalidConfig(field: "topK", value: "\(Int.max)", requirement: "must be ≤ experts (4)")) {
+            try RoutingTable(experts: [0, 1], tokens: 2, config: Self.ll(topK: .max))
+        }
+        let ids = HostTensor(.i32, [1, 2])
+        #expect(throws: Self.zeroRanks) { try RoutingTable(topkIdx: ids.ref, config: Self.ll(ranks: 0)) }
+    }
 }
