@@ -25,8 +25,12 @@ public struct LayoutInfo: Sendable, Equatable {
         self.droppedTokens = droppedTokens
     }
 
-    /// What a rank masked inactive received: nothing (every count zero) for `config`'s shape.
-    public static func empty(_ config: GroupConfig) -> LayoutInfo {
+    /// What a rank masked inactive received: nothing (every count zero) for `config`'s shape;
+    /// `config` is checked first (`validated()`).
+    public static func empty(_ config: GroupConfig) throws(EPError) -> LayoutInfo { empty(checked: try config.validated()) }
+
+    /// `empty(_:)` for a validated configuration.
+    package static func empty(checked config: GroupConfig) -> LayoutInfo {
         let l = config.localExperts, r = config.ranks
         return LayoutInfo(expertCounters: Array(repeating: 0, count: l), expertOffsets: Array(repeating: 0, count: l),
                           sourceRankCounters: Array(repeating: 0, count: r), expertSourceCounters: Array(repeating: 0, count: l * r),
@@ -51,9 +55,20 @@ public struct RoutingPlan: Sendable, Equatable {
     public var received: LayoutInfo
 
     /// How many of `rank`'s tokens bound for each destination fit (a prefix in token order). With
-    /// the `.fail` policy this throws if any destination would overflow.
+    /// the `.fail` policy this throws if any destination would overflow. Checks first `config`
+    /// (`validated()`), `rank`, `routing` against it and `summaries` (one per rank, each one a
+    /// source of `config` could send).
     public static func keptTokens(
         config: GroupConfig, rank: Int, routing: RoutingTable, summaries: [RoutingSummary?]
+    ) throws(EPError) -> [Int] {
+        let config = try config.validated()
+        try check(config, rank: rank, routing: routing, summaries: [("summaries", summaries)])
+        return try keptTokens(checked: config, rank: rank, routing: routing, summaries: summaries)
+    }
+
+    /// `keptTokens(config:rank:routing:summaries:)` unchecked: every argument as that one checks them.
+    static func keptTokens(
+        checked config: GroupConfig, rank: Int, routing: RoutingTable, summaries: [RoutingSummary?]
     ) throws(EPError) -> [Int] {
         guard let mine = summaries[rank] else { return Array(repeating: 0, count: config.ranks) }
         guard config.algorithm == .highThroughput else { return mine.tokensPerRank }
@@ -91,9 +106,22 @@ public struct RoutingPlan: Sendable, Equatable {
     }
 
     /// The plan of `rank` given every rank's kept summary (nil for inactive ranks) and its own
-    /// routing (already masked) and kept-token prefix per destination.
+    /// routing (already masked) and kept-token prefix per destination. Checks first `config`
+    /// (`validated()`), `rank`, `routing` against it, `keptTokens` (one per rank) and `kept` and
+    /// `full` (one per rank, each one a source of `config` could send).
     public init(
         config: GroupConfig, rank: Int, routing: RoutingTable, keptTokens: [Int], kept: [RoutingSummary?],
+        full: [RoutingSummary?]
+    ) throws(EPError) {
+        let config = try config.validated()
+        try Self.check(config, rank: rank, routing: routing, summaries: [("kept", kept), ("full", full)])
+        try Self.checkCount(keptTokens.count, "keptTokens.count", config.ranks, "ranks")
+        self.init(checked: config, rank: rank, routing: routing, keptTokens: keptTokens, kept: kept, full: full)
+    }
+
+    /// `init(config:rank:routing:keptTokens:kept:full:)` unchecked: every argument as that one checks them.
+    init(
+        checked config: GroupConfig, rank: Int, routing: RoutingTable, keptTokens: [Int], kept: [RoutingSummary?],
         full: [RoutingSummary?]
     ) {
         let r = config.ranks, l = config.localExperts, k = config.topK
@@ -173,11 +201,5 @@ public struct RoutingPlan: Sendable, Equatable {
         received = LayoutInfo(
             expertCounters: expertCounters, expertOffsets: expertOffsets, sourceRankCounters: sourceCounters,
             expertSourceCounters: expertSource, receivedTotal: total, droppedTokens: offered - sourceCounters.reduce(0, +))
-    }
-}
-
-extension RoutingSummary {
-    static func empty(_ config: GroupConfig) -> RoutingSummary {
-        RoutingSummary(routing: try! RoutingTable(experts: [], tokens: 0, config: config), config: config)
     }
 }

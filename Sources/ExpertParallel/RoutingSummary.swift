@@ -8,8 +8,18 @@ public struct RoutingSummary: Sendable, Equatable {
     public var tokensPerRank: [Int]
 
     /// Counts the first `keptTokens[d]` of the source's tokens bound for each rank `d`
-    /// (all of them when `keptTokens` is nil).
-    public init(routing: RoutingTable, config: GroupConfig, keptTokens: [Int]? = nil) {
+    /// (all of them when `keptTokens` is nil). Checks first `config` (`validated()`), `routing`
+    /// against it (its K, its tokens, every id below `experts`) and `keptTokens` (one per rank).
+    public init(routing: RoutingTable, config: GroupConfig, keptTokens: [Int]? = nil) throws(EPError) {
+        let config = try config.validated()
+        try routing.check(against: config, "routing")
+        if let keptTokens { try RoutingPlan.checkCount(keptTokens.count, "keptTokens.count", config.ranks, "ranks") }
+        self.init(routing: routing, checked: config, keptTokens: keptTokens)
+    }
+
+    /// `init(routing:config:keptTokens:)` unchecked: `config` validated, `routing` made for it,
+    /// `keptTokens` one per rank.
+    init(routing: RoutingTable, checked config: GroupConfig, keptTokens: [Int]? = nil) {
         let localExperts = config.localExperts
         selectionsPerExpert = Array(repeating: 0, count: config.experts)
         tokensPerRank = Array(repeating: 0, count: config.ranks)
@@ -22,6 +32,14 @@ public struct RoutingSummary: Sendable, Equatable {
                 }
             }
         }
+    }
+
+    /// Nothing selected, nothing sent (a masked rank's summary).
+    static func empty(_ config: GroupConfig) -> RoutingSummary { RoutingSummary(config) }
+
+    private init(_ config: GroupConfig) {
+        selectionsPerExpert = Array(repeating: 0, count: config.experts)
+        tokensPerRank = Array(repeating: 0, count: config.ranks)
     }
 
     /// Destination ranks of token `t`, ascending, each once.

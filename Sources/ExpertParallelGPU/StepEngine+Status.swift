@@ -43,7 +43,7 @@ extension StepEngine {
         let stepOK = try gpu { try driver.read(UInt32.self, from: base.advanced(by: StepWorkspace.stepOK * 4), count: 1)[0] }
         if stepOK == 0 {
             let active = RankMask(bits: try gpu { try driver.read(UInt64.self, from: mask, count: 1)[0] })
-            guard active.contains(rank) else { return .empty(config) }
+            guard active.contains(rank) else { return .empty(checked: config) }
             throw .wrongOrder("rank \(rank)'s step was void on the device (invalid routing, a peer's, a timeout or an overflow; checkStatus() names it): it has no layout")
         }
         let words = try gpu {

@@ -60,4 +60,11 @@ struct UnvalidatedConfigTests {
         let ids = HostTensor(.i32, [1, 2])
         #expect(throws: Self.zeroRanks) { try RoutingTable(topkIdx: ids.ref, config: Self.ll(ranks: 0)) }
     }
+
+    @Test("LayoutInfo.empty checks its configuration")
+    func emptyLayoutValidatesTheConfig() throws {
+        #expect(throws: Self.zeroRanks) { try LayoutInfo.empty(Self.ll(ranks: 0)) }
+        #expect(throws: EPError.invalidConfig(field: "experts", value: "-4", requirement: "must be ≥ 1")) { try LayoutInfo.empty(Self.ll(experts: -4)) }
+        #expect(try LayoutInfo.empty(Self.ll()).expertSourceCounters == [0, 0, 0, 0])
+    }
 }

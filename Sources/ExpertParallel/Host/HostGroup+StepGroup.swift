@@ -81,7 +81,7 @@ extension HostGroup: StepGroup {
             // zeros, as the GPU's dispatch writes them. Its count tensors are written first, where
             // they fit (its entries are otherwise ignored), so that one shared with an active
             // rank ends with that rank's counts.
-            let empty = LayoutInfo.empty(config)
+            let empty = LayoutInfo.empty(checked: config)
             let masked = (0..<config.ranks).filter { !ranks.contains($0) }
             for r in masked {
                 try? empty.writeCounts(experts: outputs[r].expertCounts, expertSources: outputs[r].expertSourceCounts)

@@ -46,15 +46,15 @@ public struct HostRank: Rank {
             try checkOwner(handle)
             return try RoutingTable(topkIdx: topkIdx, config: config).masked(participants, localExperts: config.localExperts)
         }
-        let full = try exchange(local.map { RoutingSummary(routing: $0, config: config) }, participants)
+        let full = try exchange(local.map { RoutingSummary(routing: $0, checked: config) }, participants)
         let routing = try local.get()
-        let keptTokens = try RoutingPlan.keptTokens(config: config, rank: rank, routing: routing, summaries: full)
+        let keptTokens = try RoutingPlan.keptTokens(checked: config, rank: rank, routing: routing, summaries: full)
         var kept = full
         if config.algorithm == .highThroughput && config.overflow == .drop {
-            kept = try exchange(.success(RoutingSummary(routing: routing, config: config, keptTokens: keptTokens)), participants)
+            kept = try exchange(.success(RoutingSummary(routing: routing, checked: config, keptTokens: keptTokens)), participants)
         }
         let plan = RoutingPlan(
-            config: config, rank: rank, routing: routing, keptTokens: keptTokens, kept: kept, full: full)
+            checked: config, rank: rank, routing: routing, keptTokens: keptTokens, kept: kept, full: full)
         handle.set(routing, plan, participants, epoch: epoch)
     }
 
