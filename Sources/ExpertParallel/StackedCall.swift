@@ -37,8 +37,11 @@ public struct StackedTensor: Sendable, Equatable {
     /// The byte stride between parts of `elements` elements (`shape`), after checking it: 0 means
     /// packed; a given stride must hold a part and keep every part `alignment`-aligned, as rank
     /// 0's address must be. The name and the shape are built only for an error: the data path
-    /// allocates nothing for them.
+    /// allocates nothing for them. `alignment` and `ranks` must be ≥ 1, `elements` ≥ 0.
     public func stride(_ name: @autoclosure () -> String, elements: Int, shape: @autoclosure () -> [Int], alignment: Int, ranks: Int) throws(EPError) -> Int {
+        guard alignment >= 1 else { throw .invalidArgument(field: "alignment", value: "\(alignment)", requirement: "must be ≥ 1") }
+        guard ranks >= 1 else { throw .invalidArgument(field: "ranks", value: "\(ranks)", requirement: "must be ≥ 1") }
+        guard elements >= 0 else { throw .invalidArgument(field: "elements", value: "\(elements)", requirement: "must be ≥ 0") }
         let most = (1 << 62) / max(ranks, 1)   // every rank's address stays far inside 64 bits
         // A part is the group's shape (`elements` saturates at Int.max): packed or not, every
         // rank's part must fit below that bound (a given stride must be at least a part).
@@ -169,7 +172,8 @@ public struct CheckedStackedDispatch: Sendable {
 
     public func stride(_ field: Field) -> Int { strides[field] }
 
-    /// Rank `rank`'s address of `field` (0 where not given).
+    /// Rank `rank`'s address of `field` (0 where not given; wrapped, not trapped, for a rank
+    /// outside the parts).
     public func address(_ field: Field, rank: Int) -> UInt64 { strides.address(call[field], field, rank: rank) }
 
     /// Rank 0's update routing (nil without topkIdx), as a view.
@@ -182,6 +186,9 @@ public struct CheckedStackedDispatch: Sendable {
     /// `parts`: the ranks the arrays hold (default every rank of the group; an NCCL rank's call: 1).
     public init(_ call: StackedDispatch, shapes: CallShapes, location: MemoryLocation, stepTokens: Int?, parts: Int? = nil) throws(EPError) {
         let config = shapes.config
+        if let parts, parts < 1 || parts > config.ranks {
+            throw .invalidArgument(field: "parts", value: "\(parts)", requirement: "must be in 1...ranks (\(config.ranks))")
+        }
         guard call.tokens >= 0, call.tokens <= config.maxTokensPerRank else {
             throw .invalidArgument(field: "tokens", value: "\(call.tokens)", requirement: "must be in 0...maxTokensPerRank (\(config.maxTokensPerRank))")
         }
@@ -279,15 +286,24 @@ public struct CheckedStackedCombine: Sendable {
 
     public func stride(_ field: Field) -> Int { strides[field] }
 
-    /// Rank `rank`'s address of `field` (0 where not given).
+    /// Rank `rank`'s address of `field` (0 where not given; wrapped, not trapped, for a rank
+    /// outside the parts).
     public func address(_ field: Field, rank: Int) -> UInt64 { strides.address(call[field], field, rank: rank) }
 
     /// Rank 0's combine input and output, as views (for the most tokens of any rank).
     public var input: CombineInput { Self.views(call, shapes, most: tokens.max() ?? 0).input }
     public var output: CombineOutput { Self.views(call, shapes, most: tokens.max() ?? 0).output }
 
-    /// `tokens`: one entry per part (every rank of the group; an NCCL rank's call: its own).
+    /// `tokens`: one entry per part (every rank of the group; an NCCL rank's call: its own), each
+    /// in 0...maxTokensPerRank.
     public init(_ call: StackedCombine, tokens: [Int], direction: PassDirection, shapes: CallShapes, location: MemoryLocation) throws(EPError) {
+        let config = shapes.config
+        guard tokens.count >= 1, tokens.count <= config.ranks else {
+            throw .invalidArgument(field: "tokens.count", value: "\(tokens.count)", requirement: "must be in 1...ranks (\(config.ranks)): one entry per part")
+        }
+        for (r, b) in tokens.enumerated() where b < 0 || b > config.maxTokensPerRank {
+            throw .invalidArgument(field: "tokens[\(r)]", value: "\(b)", requirement: "must be in 0...maxTokensPerRank (\(config.maxTokensPerRank))")
+        }
         self.call = call
         self.tokens = tokens
         self.shapes = shapes
@@ -315,9 +331,10 @@ public struct CheckedStackedCombine: Sendable {
                 CombineOutput(tokens: part(.combined)!, topkWeightGradients: part(.topkWeightGradients)))
     }
 
-    /// Rank `rank`'s combine input and output, as views (`tokens[rank]` rows).
+    /// Rank `rank`'s combine input and output, as views (`tokens[rank]` rows; a rank outside the
+    /// parts has none, and its addresses wrap as `address(_:rank:)`'s do).
     public func rank(_ rank: Int) -> (input: CombineInput, output: CombineOutput) {
-        let b = tokens[rank]
+        let b = tokens.indices.contains(rank) ? tokens[rank] : 0
         func moved(_ view: TensorRef?, _ field: Field, rows: Int? = nil) -> TensorRef? {
             guard var view else { return nil }
             if let rows { view.shape[0] = rows }
@@ -394,9 +411,11 @@ struct StackedStrides<Field: CaseIterable & RawRepresentable>: Sendable where Fi
         return (UInt64(UInt(bitPattern: values[2 * count + raw])), UInt64(UInt(bitPattern: values[3 * count + raw])), values[4 * count + raw])
     }
 
-    /// Rank `rank`'s address of `tensor`, argument `field` (0 where not given).
+    /// Rank `rank`'s address of `tensor`, argument `field` (0 where not given). For a rank of the
+    /// parts the strides were checked for it is exact; for any other it wraps rather than traps,
+    /// as `StackedTensor.part` does.
     func address(_ tensor: StackedTensor?, _ field: Field, rank: Int) -> UInt64 {
         guard let tensor, tensor.address != 0 else { return 0 }
-        return tensor.address + UInt64(rank * values[field.rawValue])
+        return tensor.address &+ UInt64(bitPattern: Int64(rank &* values[field.rawValue]))
     }
 }
