@@ -140,7 +140,7 @@ public struct FP8RowFormat: Sendable, Hashable {
                                    requirement: "must equal scaleWordsPerRow (\(scaleWordsPerRow))")
         }
         guard mode.isPowerOfTwo else { return scaleWords.map { Float(bitPattern: UInt32(bitPattern: $0)) } }
-        return Self.unpackExponentBytes(scaleWords, count: blocksPerRow).map(FP8BlockScale.powerOfTwo(byte:))
+        return try Self.unpackExponentBytes(scaleWords, count: blocksPerRow).map(FP8BlockScale.powerOfTwo(byte:))
     }
 
     /// `decode(code) × scale` for every element (one float32 rounding each): for tests and checks.
@@ -165,9 +165,12 @@ public struct FP8RowFormat: Sendable, Hashable {
         Int32(bitPattern: UInt32(byte) << (8 * (j % 4)))
     }
 
-    /// The first `count` exponent bytes of packed words (`count ≤ 4 × words.count`).
-    public static func unpackExponentBytes(_ words: [Int32], count: Int) -> [UInt8] {
-        precondition(count <= 4 * words.count, "unpack: \(count) bytes from \(words.count) words")
+    /// The first `count` exponent bytes of packed words; `count` in 0...4 × `words.count`, else
+    /// `invalidArgument` naming it.
+    public static func unpackExponentBytes(_ words: [Int32], count: Int) throws(EPError) -> [UInt8] {
+        guard count >= 0, count <= 4 * words.count else {
+            throw .invalidArgument(field: "count", value: "\(count)", requirement: "must be in 0...\(4 * words.count) (4 bytes in each of the \(words.count) words)")
+        }
         return (0..<count).map { UInt8(truncatingIfNeeded: UInt32(bitPattern: words[$0 / 4]) >> (8 * ($0 % 4))) }
     }
 }
