@@ -30,7 +30,9 @@ public struct TensorRef: @unchecked Sendable, CustomStringConvertible {
         self.owner = owner
     }
 
-    public var elementCount: Int { shape.reduce(1, *) }
+    /// The product of the sizes; Int.max (Int.min) where it would leave Int (a caller's shape may
+    /// be anything: checks compare it first).
+    public var elementCount: Int { shape.reduce(1, Saturating.product) }
 
     /// `start` × every size of `shape`, exactly: 0 where a size is 0, nil where a size is
     /// negative or the product passes Int.max (shapes of the caller's, or of a group whose
@@ -47,7 +49,8 @@ public struct TensorRef: @unchecked Sendable, CustomStringConvertible {
         return product
     }
 
-    public var byteCount: Int { elementCount * dtype.byteSize }
+    /// `elementCount` × the element's bytes, saturating as `elementCount` does.
+    public var byteCount: Int { Saturating.product(elementCount, dtype.byteSize) }
     public var description: String { "\(dtype)\(shape)" }
 
     var isContiguous: Bool {

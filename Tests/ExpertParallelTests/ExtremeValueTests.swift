@@ -15,4 +15,26 @@ struct ExtremeValueTests {
         #expect(try FP8RowFormat.unpackExponentBytes(words, count: 0).isEmpty)
         #expect(try FP8RowFormat.unpackExponentBytes(words, count: 4) == [9, 8, 7, 0])
     }
+
+    @Test("a view's element and byte counts saturate instead of overflowing")
+    func viewCountsSaturate() {
+        let huge = TensorRef(address: nil, dtype: .f32, shape: [Int.max, 2])
+        #expect(huge.elementCount == .max && huge.byteCount == .max)
+        let mixed = TensorRef(address: nil, dtype: .i64, shape: [Int.max, -2])
+        #expect(mixed.elementCount == .min && mixed.byteCount == .min)
+        #expect(TensorRef(address: nil, dtype: .bf16, shape: [1 << 40, 1 << 20]).byteCount == 1 << 61)
+    }
+
+    @Test("counts written into a view whose shape's product passes Int are refused by name")
+    func writeCountsIntoAHugeView() throws {
+        let info = LayoutInfo(expertCounters: [1, 2], expertOffsets: [0, 0], sourceRankCounters: [1, 2], expertSourceCounters: [1, 0, 0, 2],
+                              receivedTotal: 3, droppedTokens: 0)
+        let storage = HostTensor(.i32, [4])
+        let huge = TensorRef(address: storage.storage, dtype: .i32, shape: [Int.max, 2], owner: storage)
+        #expect(throws: EPError.invalidArgument(field: "counts", value: "[\(Int.max), 2]", requirement: "must hold 2 int32 counts")) {
+            try info.writeCounts(experts: huge, expertSources: nil)
+        }
+        try info.writeCounts(experts: TensorRef(address: storage.storage, dtype: .i32, shape: [2], owner: storage), expertSources: nil)
+        #expect(storage.array(of: Int32.self) == [1, 2, 0, 0])
+    }
 }
