@@ -49,8 +49,10 @@ public struct GPUTuning: Sendable, Hashable {
         self.blocksPerMultiprocessor = blocksPerMultiprocessor
     }
 
-    /// Itself, after checking every knob against its bounds for `config` (named errors).
+    /// Itself, after checking `config` (`validated()`) and then every knob against its bounds for
+    /// it (named errors).
     public func validated(_ config: GroupConfig) throws(EPError) -> Self {
+        let config = try config.validated()
         func fail(_ field: String, _ value: Int, _ requirement: String) -> EPError {
             .invalidArgument(field: "tuning.\(field)", value: "\(value)", requirement: requirement)
         }
