@@ -18,4 +18,22 @@ struct GPUExtremeValueMockTests {
         zero.ranks = 0
         #expect(throws: EPError.invalidConfig(field: "ranks", value: "0", requirement: "must be in 1...64")) { try GPUTuning().validated(zero) }
     }
+
+    /// A delay of UInt64.max nanoseconds held the stream for 584 years: refused before anything
+    /// is launched.
+    @Test func aDelayPastTheBoundIsRefusedBeforeItLaunches() throws {
+        try MockCUDA.run { mock in
+            let device = try MockCUDA.device()
+            let stream = try device.driver.createStream()
+            for nanoseconds in [UInt64.max, GPUDevice.maxDelayNanoseconds + 1] {
+                #expect(throws: EPError.invalidArgument(field: "nanoseconds", value: "\(nanoseconds)",
+                                                        requirement: "must be ≤ 60000000000 (60 s): a delay holds the stream, longer would look like a hang")) {
+                    try device.delay(stream, nanoseconds: nanoseconds)
+                }
+            }
+            #expect(mock.launches == 0)
+            try device.delay(stream, nanoseconds: 1_000)
+            #expect(mock.launches == 1)
+        }
+    }
 }
