@@ -66,10 +66,10 @@ extension StepEngine {
         for (i, idx) in topkIdx.enumerated() {
             // The name is built only for an error: the data path allocates nothing for it.
             func name() -> String { localRanks.count == 1 ? "topkIdx" : "topkIdx[rank \(localRanks[i])]" }
-            guard idx.shape.count == 2, idx.shape[1] == config.topK, idx.shape[0] <= config.maxTokensPerRank else {
+            guard idx.shape.count == 2, idx.shape[1] == config.topK, idx.shape[0] >= 0, idx.shape[0] <= config.maxTokensPerRank else {
                 throw .invalidArgument(
                     field: "\(name()).shape", value: "\(idx.shape)",
-                    requirement: "must be [tokens ≤ maxTokensPerRank (\(config.maxTokensPerRank)), topK = \(config.topK)]")
+                    requirement: "must be [tokens in 0...maxTokensPerRank (\(config.maxTokensPerRank)), topK = \(config.topK)]")
             }
             do {
                 try TensorCheck.require(idx, "topkIdx", dtypes: [.i32, .i64], shape: idx.shape, location: location)

@@ -36,4 +36,26 @@ struct GPUExtremeValueMockTests {
             #expect(mock.launches == 1)
         }
     }
+
+    /// The update took a routing view of -1 tokens (only the upper bound was checked) and
+    /// converted the count to UInt64 for the kernel: a trap. Refused by name, nothing launched.
+    @Test func aRoutingViewOfNegativeTokensIsRefusedByName() throws {
+        try MockCUDA.run { mock in
+            let config = CrossRankOverlapMockTests.config
+            let device = try MockCUDA.device()
+            let group = try VirtualGPUGroup(config, device: device)
+            let t = try CrossRankOverlapMockTests.Tensors(config, device: device)
+            let launches = mock.launches
+            for tokens in [-1, Int.min] {
+                var routing = t.idx[1].ref
+                routing.shape = [tokens, config.topK]
+                #expect(throws: EPError.invalidArgument(field: "topkIdx[rank 1].shape", value: "[\(tokens), 2]",
+                                                        requirement: "must be [tokens in 0...maxTokensPerRank (2), topK = 2]")) {
+                    try group.update(topkIdx: [t.idx[0].ref, routing])
+                }
+            }
+            #expect(mock.launches == launches)
+            try group.update(topkIdx: t.idx.map(\.ref))
+        }
+    }
 }
