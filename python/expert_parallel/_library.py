@@ -6,7 +6,7 @@ import threading
 from pathlib import Path
 
 from . import _abi
-from .errors import LibraryNotFoundError, argument_names, from_status
+from .errors import LibraryNotFoundError, argument_names, call_names, from_status
 
 LIBRARY_NAME = "libexpert_parallel.so"
 
@@ -92,11 +92,16 @@ def call(name, *arguments):
         _raise(status, lambda message: message)
 
 
-def check_status(status):
+def check_status(status, *fields):
     """Raises the matching ExpertParallelError for a failed status of a group's data-path call
-    (its message naming the caller's arguments by the group methods' keywords)."""
+    (its message naming the caller's arguments by the group methods' keywords; `fields`: the
+    call's errors.call_names tables, for its tensors besides the routing)."""
     if status != _abi.SUCCESS:
-        _raise(status, argument_names)
+        if fields:
+            table = {key: name for part in fields for key, name in part.items()}
+            _raise(status, lambda message: argument_names(call_names(message, table)))
+        else:
+            _raise(status, argument_names)
 
 
 def _raise(status, naming):

@@ -138,11 +138,29 @@ _SETTING_NAMES = [("maxReceivedTokensPerRank", "max_recv_tokens"), ("maxTokensPe
 _SETTINGS = re.compile(r"\b(" + "|".join(name for name, _ in _SETTING_NAMES) + r")\b")
 _SETTING_WORDS = dict(_SETTING_NAMES)
 
+# The fields of the structs a group's creation passes besides its epGroupConfig_t (epGroupCreate's
+# `backend`, epGroupCreateNCCL's `ncclRank`, and their epGPUTuning_t), as the keywords name them:
+# "ncclRank.initTimeoutSeconds = -1.0" is init_timeout=-1.0, "tuning.rowPieces = 9" tuning['row_pieces'].
+_CREATE_FIELDS = {"rank": "rank", "device": "device", "multiprocessors": "multiprocessors",
+                  "initTimeoutSeconds": "init_timeout"}
+_TUNING_KNOBS = {"pipelineDepth": "pipeline_depth", "rowsInFlight": "rows_in_flight", "rowPieces": "row_pieces",
+                 "blocksPerMultiprocessor": "blocks_per_multiprocessor", "updateChunkTokens": "update_chunk_tokens",
+                 "fusedUpdate": "fused_update", "launchGrid": "full_grid", "launches": "serial_launches"}
+_CREATE = re.compile(r"\b(?:(?:ncclRank|backend)\.)?tuning\.(" + "|".join(_TUNING_KNOBS) + r")\b"
+                     r"|\b(?:ncclRank|backend)\.(" + "|".join(_CREATE_FIELDS) + r")\b")
+
+
+def _create_name(match):
+    if match.group(1):
+        return f"tuning[{_TUNING_KNOBS[match.group(1)]!r}]"
+    return _CREATE_FIELDS[match.group(2)]
+
 
 def python_names(message: str) -> str:
     """`message` with the group settings it names as the package's keywords name them."""
     # (C's 0 for an automatic receive capacity, and its NULL, are the keywords' None.)
     message = _SETTINGS.sub(lambda m: _SETTING_WORDS[m.group(1)], message)
+    message = _CREATE.sub(_create_name, message)
     for c, python in (("must be 0 for LL", "must be None for LL"), ("(or 0 for automatic)", "(or None for automatic)"),
                       ("must be NULL", "must be None"), ("phase epPhaseSendOnly", "send_only=True"),
                       # The entry points a message asks for, as the group's methods.
@@ -150,7 +168,7 @@ def python_names(message: str) -> str:
                       ("epGroupComplete needs", "complete() needs"), ("epComplete needs", "complete() needs"),
                       ("(epGroupCleanRanks)", "(clean())"), ("epGroupCleanRanks was called", "clean() was called"),
                       ("epGroupCheckStatus names it", "check() names it"), ("this call: epForward", "this call: forward"),
-                      ("this call: epBackward", "this call: backward")):
+                      ("this call: epBackward", "this call: backward"), ("(config.ranks)", "(ranks)")):
         message = message.replace(c, python)
     return message
 
@@ -185,6 +203,78 @@ def argument_names(message: str) -> str:
     # A rank's routing entry: "[token, column]" (its rank is the message's "rank r:"; a stacked
     # array's index is then [r, token, column]).
     return _ENTRY.sub(r"\1[token \2, column \3]", message)
+
+
+# A data-path call's tensors as the C call structs name them: a stacked call's field
+# ("call.inputTokens"), a per-rank call's rank r entry ("outputs[1].tokens"), one rank's
+# ("output.tokens"); ".data" / ".address" is the tensor's memory.
+_CALL_FIELD = re.compile(r"\b(?:call\.(\w+)|(inputs|outputs)\[(\d+)\]\.(\w+)|(input|output)\.(\w+))(?:\.(?:data|address)\b)?")
+# An address the stacked calls refuse for its alignment ("call.inputTokens.data = 94873283600900;
+# must be a multiple of 8 bytes").
+_UNALIGNED = re.compile(r"\.(?:data|address) = (\d+); must be a multiple of (\d+) bytes")
+
+
+def _unaligned(match):
+    return (f": data_ptr() = {int(match.group(1)):#x}; must be a multiple of {match.group(2)} bytes (a view that starts "
+            "inside an element group of its storage: pass a copy, .clone())")
+
+
+def call_names(message: str, fields: "dict[str, str]") -> str:
+    """`message` of a group's data-path call with the tensors of its C call structs named as the
+    group's method names them. `fields` maps a stacked call's field ("inputTokens") or a per-rank
+    call's "inputs.F" / "outputs.F" to the name ("xs", "out tokens"); a per-rank entry r gets
+    "[r]" after it (or in place of "{}" in the name). Fields it does not hold stay as they are
+    (argument_names renames the routing's)."""
+    message = _UNALIGNED.sub(_unaligned, message)
+
+    def rename(match):
+        stacked, array, index, field, one, one_field = match.groups()
+        if stacked:
+            name, entry = fields.get(stacked), ""
+        elif array:
+            name, entry = fields.get(f"{array}.{field}"), f"[{index}]"
+        else:
+            name, entry = fields.get(f"{one}s.{one_field}"), ""
+        if name is None:
+            return match.group(0)
+        return name.format(entry) if "{}" in name else name + entry
+
+    return _CALL_FIELD.sub(rename, message)
+
+
+def _call_fields(*pairs):
+    """A call_names table: each (name, stacked field, per-rank field) as two entries."""
+    table = {}
+    for name, stacked, per_rank in pairs:
+        if stacked:
+            table[stacked] = name
+        if per_rank:
+            table[per_rank] = name
+    return table
+
+
+_SLOT = "the group's {what}{{}} (its buffer slot, where this call writes)"
+#: call_names tables of the groups' calls: the dispatch's inputs (a VirtualGroup's xs, an
+#: NCCLGroup's x), its outputs (the caller's out= or the group's buffer slot), a combine's.
+DISPATCH_XS = _call_fields(("xs", "inputTokens", "inputs.tokens"), ("scales", "scales", "inputs.scales"))
+DISPATCH_X = _call_fields(("x", "inputTokens", "inputs.tokens"), ("scales", "scales", "inputs.scales"))
+DISPATCH_OUT = _call_fields(("out tokens", "receivedTokens", "outputs.tokens"), ("out topk_idx", "receivedTopkIdx", "outputs.topkIdx"),
+                            ("out topk_weights", "receivedTopkWeights", "outputs.topkWeights"),
+                            ("out scales", "receivedScales", "outputs.scales"),
+                            ("out expert_counts", "expertCounts", "outputs.expertCounts"),
+                            ("the group's expert_source_counts{}", "expertSourceCounts", "outputs.expertSourceCounts"))
+DISPATCH_SLOT = _call_fields(*[(_SLOT.format(what=what), stacked, per_rank) for what, stacked, per_rank in (
+    ("received tokens", "receivedTokens", "outputs.tokens"), ("received topk_idx", "receivedTopkIdx", "outputs.topkIdx"),
+    ("received topk_weights", "receivedTopkWeights", "outputs.topkWeights"), ("received scales", "receivedScales", "outputs.scales"),
+    ("expert_counts", "expertCounts", "outputs.expertCounts"),
+    ("expert_source_counts", "expertSourceCounts", "outputs.expertSourceCounts"))])
+COMBINE_OUT = _call_fields(("out", "combinedTokens", "outputs.tokens"), ("out gradients", "topkWeightGradients", "outputs.topkWeightGradients"),
+                           ("weight_gradients", "weightGradients", "inputs.weightGradients"),
+                           ("expert_outputs", None, "inputs.expertOutputs"))
+COMBINE_SLOT = _call_fields((_SLOT.format(what="combined tokens"), "combinedTokens", "outputs.tokens"),
+                            (_SLOT.format(what="topk_weight_gradients"), "topkWeightGradients", "outputs.topkWeightGradients"),
+                            ("weight_gradients", "weightGradients", "inputs.weightGradients"),
+                            ("expert_outputs", None, "inputs.expertOutputs"))
 
 
 def from_status(status: int, message: str) -> ExpertParallelError:

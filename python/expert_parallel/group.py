@@ -6,6 +6,7 @@ import ctypes
 from typing import Any, Iterable, Iterator, List, Optional, Tuple, Union
 
 from . import _abi, _arrays, _config, _fast, _library
+from . import errors as _errors
 from ._config import INT32 as _INT32
 from ._config import choice as _choice
 from ._config import integer as _int
@@ -295,7 +296,9 @@ class VirtualGroup(GroupBase):
             config = self._dispatch_config
             config.direction, config.launchMode, config.step = direction_value, mode, pointer
             config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
-            check_status(self._fn_dispatch(self._group, self._dispatch_inputs, outputs, config, raw))
+            status = self._fn_dispatch(self._group, self._dispatch_inputs, outputs, config, raw)
+            if status:
+                check_status(status, _errors.DISPATCH_XS, _errors.DISPATCH_SLOT if slot is not None else _errors.DISPATCH_OUT)
             if direction == "forward" and weighted:
                 target.topk_weights = _held(topk_weights)   # (combine reads them at these addresses)
                 target.weight_addresses = tuple(self._w.addresses)
@@ -416,7 +419,9 @@ class VirtualGroup(GroupBase):
             config = self._combine_config
             config.direction, config.launchMode, config.step = direction_value, mode, handle._pointer
             config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
-            check_status(self._fn_combine(self._group, self._combine_inputs, outputs, config, raw))
+            status = self._fn_combine(self._group, self._combine_inputs, outputs, config, raw)
+            if status:
+                check_status(status, _errors.COMBINE_OUT if out is not None else _errors.COMBINE_SLOT)
             result: Any = (combined, grads) if backward_ht else combined
             return self._combine_result(result, send_only, record_event, stream)
 
@@ -553,7 +558,7 @@ class VirtualGroup(GroupBase):
             handle.tokens = handle.slot = None   # (no dispatch, should the call fail)
         status = self._fn_dispatch_stacked(self._group_address, call.address, raw)
         if status:
-            check_status(status)
+            check_status(status, _errors.DISPATCH_XS, _errors.DISPATCH_SLOT)
         if handle is None and not send_only and not record_event:   # the decode loop's call: every field written once
             slot.use = use = slot.use + 1
             return DispatchResult._of_slot(slot, Handle._of_dispatch(self, self._own_step, slot.index, use, [b] * ranks, topk_idx,
@@ -648,7 +653,9 @@ class VirtualGroup(GroupBase):
         call.fields(b, direction_value, mode, _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, target._pointer)
         if idx is not None:
             self._start_step(target)
-        check_status(self._fn_dispatch_stacked(self._group_address, call.address, raw))
+        status = self._fn_dispatch_stacked(self._group_address, call.address, raw)
+        if status:
+            check_status(status, _errors.DISPATCH_XS, _errors.DISPATCH_SLOT if slot is not None else _errors.DISPATCH_OUT)
         if idx is not None:
             target.tokens = [b] * self.ranks
             target.topk_idx = topk_idx
@@ -755,8 +762,10 @@ class VirtualGroup(GroupBase):
                                _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, handle._pointer)
         if wait_event is not None:
             _fast.wait(device, stream, wait_event)
-        check_status(self._fn_combine_stacked(self._group_address, call.address,
-                                              None if device == -1 and stream is None else _fast.raw_stream(device, stream)))
+        status = self._fn_combine_stacked(self._group_address, call.address,
+                                          None if device == -1 and stream is None else _fast.raw_stream(device, stream))
+        if status:
+            check_status(status, _errors.COMBINE_SLOT)
         return self._combine_result(combined, send_only, record_event, stream) if send_only or record_event else combined
 
     def _combine_call(self, slot, fixed):
@@ -846,7 +855,9 @@ class VirtualGroup(GroupBase):
         raw = _fast.raw_stream(self._device, stream)
         if wait_event is not None:
             _fast.wait(self._device, stream, wait_event)
-        check_status(self._fn_combine_stacked(self._group_address, call.address, raw))
+        status = self._fn_combine_stacked(self._group_address, call.address, raw)
+        if status:
+            check_status(status, _errors.COMBINE_SLOT if caller is None else _errors.COMBINE_OUT)
         result: Any = (combined, grads) if backward_ht else combined
         return self._combine_result(result, send_only, record_event, stream)
 

@@ -49,14 +49,14 @@ def test_unique_id_is_128_bytes_or_an_error_naming_libnccl():
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (dict(rank=2, ranks=2, experts=4), r"ncclRank.rank = 2; must be in 0..<2 \(config.ranks\)"),
+    (dict(rank=2, ranks=2, experts=4), r"invalid argument: rank = 2; must be in 0..<2 \(ranks\)"),
     (dict(rank=-1), r"rank=-1; must be in \[0, "),
     (dict(rank="0"), r"rank='0'; must be an integer"),
     (dict(unique_id=b"12345"), r"unique_id: 5 bytes; must be the 128 bytes of nccl_unique_id\(\) from rank 0"),
     (dict(unique_id="ab" * 64), r"unique_id: a str; must be the 128 bytes"),
     (dict(device="cpu"), r"device='cpu'; must be a CUDA device"),
     (dict(device=-1), r"device=-1; must be in \[0, "),
-    (dict(init_timeout=-1.0), r"ncclRank.initTimeoutSeconds = -1.0; must be in \(0, 1e6\]"),
+    (dict(init_timeout=-1.0), r"invalid argument: init_timeout = -1.0; must be in \(0, 1e6\]"),
     (dict(init_timeout="soon"), r"init_timeout='soon'; must be a number of seconds"),
     (dict(multiprocessors=0), r"multiprocessors=0; must be in \[1, "),
     (dict(ranks=2, experts=5), r"experts = 5; must be a multiple of ranks \(2\)"),

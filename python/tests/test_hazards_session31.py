@@ -1,0 +1,151 @@
+"""Hazards of session 31's probe, each now a named error (or a right answer), on the CPU backend:
+
+- the C library's names of the structs a group's creation fills (``ncclRank.initTimeoutSeconds``,
+  ``ncclRank.rank``, ``tuning.pipelineDepth``, ``backend.multiprocessors``) reached NCCLGroup's
+  and VirtualGroup's errors, where the caller passed ``init_timeout=``, ``rank=``, ``tuning=``;
+- so did the data-path call structs' names of the tensors (``call.inputTokens``,
+  ``call.receivedTokens.data``, ``outputs[0].tokens``, ``call.combinedTokens``), in the errors
+  of overlapping or unaligned tensors, where the caller passed ``xs``, ``out=`` or the group's
+  own buffers.
+"""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import expert_parallel as ep
+from expert_parallel.errors import python_names
+
+# The C field names no Python-facing message may carry.
+C_FIELDS = re.compile(r"ncclRank|backend\.|initTimeoutSeconds|pipelineDepth|rowPieces|blocksPerMultiprocessor|config\.ranks"
+                      r"|call\.\w|inputTokens|receivedTokens|combinedTokens|receivedTopk|topkWeightGradients|\.data\b"
+                      r"|(?<!_)outputs\[\d\]|(?<!_)inputs\[\d\]|expertOutputs")
+
+
+def nccl(**overrides):
+    settings = dict(experts=4, hidden=8, top_k=2, max_tokens=2, rank=0, ranks=2, unique_id=bytes(128), device=0)
+    settings.update(overrides)
+    return ep.NCCLGroup(**settings)
+
+
+def group(**overrides):
+    settings = dict(ranks=2, experts=4, hidden=8, top_k=2, max_tokens=3, dtype="f32")
+    settings.update(overrides)
+    return ep.VirtualGroup(**settings)
+
+
+def step():
+    x = torch.arange(2 * 3 * 8, dtype=torch.float32).reshape(2, 3, 8)
+    idx = torch.tensor([[[0, 1], [2, 3], [1, -1]]] * 2, dtype=torch.int32)
+    w = torch.full((2, 3, 2), 0.5)
+    return x, idx, w
+
+
+def refused(body, match):
+    with pytest.raises(ep.InvalidArgumentError, match=match) as caught:
+        body()
+    text = str(caught.value)
+    assert not C_FIELDS.search(text), text
+    return text
+
+
+# -- a group's creation: the keywords, not ncclRank's or epGPUTuning_t's fields ------------------
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(init_timeout=2e6), r"invalid argument: init_timeout = 2000000.0; must be in \(0, 1e6\]"),
+    (dict(init_timeout=float("nan")), r"invalid argument: init_timeout = nan; must be in \(0, 1e6\]"),
+    (dict(rank=5), r"invalid argument: rank = 5; must be in 0..<2 \(ranks\)"),
+    (dict(tuning={"pipeline_depth": 9}), r"invalid argument: tuning\['pipeline_depth'\] = 9; must be in 1...8"),
+    (dict(tuning={"rows_in_flight": 17}), r"invalid argument: tuning\['rows_in_flight'\] = 17; must be in 1...16"),
+    (dict(tuning={"row_pieces": 1000}), r"invalid argument: tuning\['row_pieces'\] = 1000; must be in 1..."),
+    (dict(tuning={"blocks_per_multiprocessor": 3}), r"invalid argument: tuning\['blocks_per_multiprocessor'\] = 3; must be 1 or 2"),
+])
+def test_an_nccl_groups_creation_names_the_keyword_not_the_c_field(overrides, match):
+    refused(lambda: nccl(**overrides), match)
+
+
+@pytest.mark.parametrize("c,python", [
+    ("backend.device = -1; must be a CUDA device ordinal ≥ 0", "device = -1; must be a CUDA device ordinal ≥ 0"),
+    ("backend.multiprocessors = -1; must be ≥ 0 (0 = all)", "multiprocessors = -1; must be ≥ 0 (0 = all)"),
+    ("backend.tuning.rowPieces = -1; must be ≥ 0", "tuning['row_pieces'] = -1; must be ≥ 0"),
+    ("ncclRank.tuning.updateChunkTokens = -1", "tuning['update_chunk_tokens'] = -1"),
+    ("tuning.rowPieces = 99; must be ≤ 8 with maxTokensPerRank 4", "tuning['row_pieces'] = 99; must be ≤ 8 with max_tokens 4"),
+    ("tuning.launchGrid = 3; must be 0, 1 or 2", "tuning['full_grid'] = 3; must be 0, 1 or 2"),
+    ("ncclRank.device = -1", "device = -1"),
+])
+def test_the_creation_structs_fields_read_as_the_keywords(c, python):
+    # (The GPU group's own checks: a CPU machine reaches only the NCCL rank's, above.)
+    assert python_names(c) == python
+
+
+# -- the data path: the caller's arguments, not the call structs' fields ----------------------------
+
+
+@pytest.mark.parametrize("layout", ["expert_major", "rank_major", "flat", "expert_major_padded"])
+def test_an_input_that_overlaps_an_output_is_named_as_passed(layout):
+    g = group(algorithm="ll" if layout in ("expert_major", "rank_major") else "ht", layout=layout)
+    x, idx, w = step()
+    shape, routing = (2,) + g.recv_shape, g.recv_routing_shape
+
+    def outputs():
+        if routing is None:
+            return torch.zeros(shape), None, None
+        return torch.zeros(shape), torch.zeros((2,) + routing, dtype=torch.int32), torch.zeros((2,) + routing)
+
+    out = outputs()
+    inside = out[0].view(-1)[:48].view(2, 3, 8)   # xs: the first rows of out's tokens
+    refused(lambda: g.dispatch(inside, idx, w, out=out),
+            r"epGroupDispatchStacked: invalid argument: out tokens = rank 0's part at 0x[0-9a-f]+ \(\d+ bytes\); must not overlap "
+            r"xs \(rank 0's part")
+    refused(lambda: g.dispatch(list(inside), list(idx), list(w), out=tuple(None if t is None else list(t) for t in out)),
+            r"epGroupDispatchAll: rank 0: invalid argument: out tokens\[0\] = 0x[0-9a-f]+ \(\d+ bytes\); must not overlap xs\[0\]")
+    if routing is not None:
+        refused(lambda: g.dispatch(x, out[1].view(-1)[:12].view(2, 3, 2), w, out=out),
+                r"invalid argument: out topk_idx = .*; must not overlap topk_idx \(")
+        refused(lambda: g.dispatch(x, idx, out[2].view(-1)[:12].view(2, 3, 2), out=out),
+                r"invalid argument: out topk_weights = .*; must not overlap topk_weights \(")
+    sent = g.dispatch(x, idx, w)
+    expert_outputs = torch.zeros(shape)
+    first_rows = expert_outputs.view(-1)[:48].view(2, 3, 8)
+    refused(lambda: g.combine(expert_outputs, sent.handle, out=first_rows),
+            r"epGroupCombineStacked: invalid argument: out = rank 0's part at .*; must not overlap expert_outputs \(")
+    refused(lambda: g.combine(list(expert_outputs), sent.handle, out=list(first_rows)),
+            r"epGroupCombineAll: rank 0: invalid argument: out\[0\] = .*; must not overlap expert_outputs\[0\] \(")
+    if g.algorithm == "ht":
+        both = torch.zeros(100)
+        refused(lambda: g.combine(expert_outputs, sent.handle, direction="backward", weight_gradients=torch.zeros((2,) + routing),
+                                  out=(both[:48].view(2, 3, 8), both[:12].view(2, 3, 2))),
+                r"invalid argument: out = .*; must not overlap out gradients \(")
+
+
+def test_an_input_in_the_groups_own_buffer_slot_is_named_with_the_slot():
+    # xs given as views of the last dispatch's received rows, in the slot this dispatch writes.
+    g = group(layout="rank_major", buffer_slots=1)
+    x, idx, w = step()
+    sent = g.dispatch(x, idx, w)
+    rows = [sent.tokens[r][0] for r in range(2)]
+    refused(lambda: g.dispatch(rows, list(idx), list(w)),
+            r"rank 0: invalid argument: the group's received tokens\[0\] \(its buffer slot, where this call writes\) = .*; "
+            r"must not overlap xs\[0\]")
+    sent = g.dispatch(x, idx, w)
+    refused(lambda: g.combine(sent.tokens, sent.handle, out=[t[0] for t in sent.tokens]),
+            r"rank 0: invalid argument: out\[0\] = .*; must not overlap expert_outputs\[0\]")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_stacked_array_off_its_8_byte_alignment_is_named_with_its_address(dtype):
+    g = group(dtype={torch.float32: "f32", torch.bfloat16: "bf16"}[dtype])
+    x, idx, w = step()
+    shifted = torch.zeros(2 * 3 * 8 + 1, dtype=dtype)[1:].view(2, 3, 8)
+    shifted.copy_(x)
+    refused(lambda: g.dispatch(shifted, idx, w),
+            r"epGroupDispatchStacked: invalid argument: xs: data_ptr\(\) = 0x[0-9a-f]+; must be a multiple of 8 bytes \(.*\.clone\(\)\)")
+    sent = g.dispatch(x.to(dtype), idx, w)
+    n = int(np.prod((2,) + g.recv_shape))
+    refused(lambda: g.combine(torch.zeros(n + 1, dtype=dtype)[1:].view((2,) + g.recv_shape), sent.handle),
+            r"invalid argument: expert_outputs: data_ptr\(\) = 0x[0-9a-f]+; must be a multiple of 8 bytes")
+    refused(lambda: g.combine(torch.zeros((2,) + g.recv_shape, dtype=dtype), sent.handle, out=torch.zeros(49, dtype=dtype)[1:].view(2, 3, 8)),
+            r"invalid argument: out: data_ptr\(\) = 0x[0-9a-f]+; must be a multiple of 8 bytes")
