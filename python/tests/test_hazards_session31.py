@@ -149,3 +149,26 @@ def test_a_stacked_array_off_its_8_byte_alignment_is_named_with_its_address(dtyp
             r"invalid argument: expert_outputs: data_ptr\(\) = 0x[0-9a-f]+; must be a multiple of 8 bytes")
     refused(lambda: g.combine(torch.zeros((2,) + g.recv_shape, dtype=dtype), sent.handle, out=torch.zeros(49, dtype=dtype)[1:].view(2, 3, 8)),
             r"invalid argument: out: data_ptr\(\) = 0x[0-9a-f]+; must be a multiple of 8 bytes")
+
+
+# -- expert_parallel.torch: a Dispatched whose routing is another step's -----------------------------
+
+
+@pytest.mark.parametrize("layout", ["expert_major", "rank_major", "flat", "expert_major_padded"])
+def test_a_combine_of_another_steps_routing_names_the_routing_not_out(layout):
+    from expert_parallel.torch import Exchange
+
+    g = group(algorithm="ll" if layout in ("expert_major", "rank_major") else "ht", layout=layout)
+    exchange = Exchange(g)
+    x, idx, w = step()
+    three = exchange.dispatch(x, idx, w)
+    two = exchange.dispatch(x[:, :2].contiguous(), idx[:, :2].contiguous(), w[:, :2].contiguous())
+    match = (r"^dispatched.routing \(the combine op's topk_idx\): shape \[2, 2, 2\], 2 tokens per rank; the step of "
+             r"dispatched.step dispatched 3: pass the routing of that step's dispatch")
+    # (It was refused as "out: shape [2, 2, 8]; must be [2, 3, 8]", an argument the caller never passed.)
+    refused(lambda: exchange.combine(three.tokens, three._replace(routing=two.routing)), match)
+    # LL expert-major's weights of that other step too: still the routing (it was "topk_weights: ... as topk_idx").
+    refused(lambda: exchange.combine(three.tokens, three._replace(routing=two.routing, weights=two.weights)), match)
+    refused(lambda: exchange.combine(two.tokens, two._replace(routing=three.routing)), match.replace("2, 2, 2", "2, 3, 2")
+            .replace("2 tokens", "3 tokens").replace("dispatched 3", "dispatched 2"))
+    assert exchange.combine(three.tokens, three).shape == (2, 3, 8)

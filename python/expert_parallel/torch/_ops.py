@@ -188,13 +188,26 @@ def _bind_weights(group, handle, weights: Optional[Tensor]) -> Optional[Tensor]:
     return None
 
 
+def _check_step_tokens(handle, tokens: int, topk_idx: Tensor) -> None:
+    """Raises the error naming the routing unless its B is that of the step whose token combine
+    got: the routing of another step (a ``Dispatched`` whose fields come from two dispatches)
+    would size the output, and the group would refuse it as ``out``, not as the routing."""
+    dispatched = handle.tokens if isinstance(handle.tokens, int) else (handle.tokens[0] if handle.tokens else None)
+    if dispatched is not None and tokens != dispatched:
+        raise InvalidArgumentError(
+            f"dispatched.routing (the combine op's topk_idx): shape {list(topk_idx.shape)}, {tokens} tokens per rank; the step of "
+            f"dispatched.step dispatched {dispatched}: pass the routing of that step's dispatch (a Dispatched as its dispatch "
+            "returned it)")
+
+
 @torch.library.custom_op("expert_parallel::combine", mutates_args=())
 def combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tensor], step: Tensor, group: int) -> Tensor:
     """The step's forward combine of ``[R, *recv_shape]`` expert outputs: ``[R, B, H]``."""
     entry = _registry.entry(group)
     tokens = topk_idx.shape[-2]
-    _check_combine(entry.group, expert_outputs, weights, tokens)
     g, handle = entry.group, entry.step(step)
+    _check_step_tokens(handle, tokens, topk_idx)
+    _check_combine(g, expert_outputs, weights, tokens)
     weights = _contiguous(weights)
     applied = _bind_weights(g, handle, weights)
     slot_weights = None
