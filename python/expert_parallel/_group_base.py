@@ -9,7 +9,7 @@ import functools
 import threading
 from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
-from . import _abi, _arrays
+from . import _abi, _arrays, _library
 from ._library import call, check_status, load
 from ._results import Handle, _HeldHandle, _NotCopyable
 from .errors import InvalidArgumentError, InvalidUsageError
@@ -115,7 +115,12 @@ class GroupBase(_NotCopyable):
         self._check_open()
         mask = ctypes.c_uint64()
         call("epGroupGetActiveRanks", self._group, ctypes.byref(mask))
-        return [r for r in range(self.ranks) if mask.value >> r & 1]
+        active = [r for r in range(self.ranks) if mask.value >> r & 1]
+        if len(active) < self.ranks:
+            # A mask seen here is seen by the torch ops too (a GPU group's device-side timeout read
+            # before check() reports it, a rank masked through the raw C ABI).
+            _library.mask_changes += 1
+        return active
 
     # -- steps (handles) ------------------------------------------------------------------------
 

@@ -14,10 +14,12 @@ _lock = threading.Lock()
 _library = None
 _path = None
 
-#: Bumped by every call that masked a rank or met a masked one (VirtualGroup.deactivate, an
-#: epTimeout, an epInactiveRank: on the GPU, from the check() that reports it), in any group of
-#: this process: a mask known elsewhere (the torch ops') is read again once this has moved. (A
-#: rank masked by a successful epGroupDeactivateRank made past VirtualGroup.deactivate is not seen.)
+#: Bumped by every call that masked a rank or met or saw a masked one (VirtualGroup.deactivate, an
+#: epTimeout, an epInactiveRank: on the GPU, from the check() that reports it; active_ranks
+#: finding one), in any group of this process: a mask known elsewhere (the torch ops', for a GPU
+#: group) is read again once this has moved. (A GPU group's rank masked by an
+#: epGroupDeactivateRank made through the raw C ABI is seen once active_ranks or a call meets it;
+#: a CPU group's mask is read every call, which costs no synchronisation.)
 mask_changes = 0
 
 

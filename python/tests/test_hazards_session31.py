@@ -172,3 +172,44 @@ def test_a_combine_of_another_steps_routing_names_the_routing_not_out(layout):
     refused(lambda: exchange.combine(two.tokens, two._replace(routing=three.routing)), match.replace("2, 2, 2", "2, 3, 2")
             .replace("2 tokens", "3 tokens").replace("dispatched 3", "dispatched 2"))
     assert exchange.combine(three.tokens, three).shape == (2, 3, 8)
+
+
+# -- the active-rank mask: a rank masked past the package --------------------------------------------
+
+
+def test_a_rank_masked_through_the_raw_c_abi_is_refused_by_the_torch_ops():
+    # The ops read the mask only once the package's counter of mask changes moved: a rank masked
+    # by epGroupDeactivateRank called directly went unseen, and the combine returned rank 1's
+    # rows uninitialised (3e38 and the like) with no error.
+    from expert_parallel import _library
+    from expert_parallel.torch import Exchange
+
+    g = group(layout="rank_major")
+    exchange = Exchange(g)
+    x, idx, w = step()
+    before = exchange.dispatch(x, idx, w)
+    expected = exchange.combine(before.tokens, before)
+    sent = exchange.dispatch(x, idx, w)
+    assert _library.load().epGroupDeactivateRank(g._group, 1) == 0
+    with pytest.raises(ep.InactiveRankError, match=r"^group: rank\(s\) \[1\] masked inactive"):
+        exchange.combine(sent.tokens, sent)
+    with pytest.raises(ep.InactiveRankError, match=r"^group: rank\(s\) \[1\] masked inactive"):
+        exchange.dispatch(x, idx, w)
+    g.clean()
+    again = exchange.dispatch(x, idx, w)
+    assert torch.equal(exchange.combine(again.tokens, again), expected)
+
+
+def test_a_masked_rank_that_active_ranks_reports_moves_the_mask_counter():
+    # (A GPU group's torch ops read the mask only once the counter moved: a rank that timed out
+    # on the device, or one masked through the raw C ABI, is seen from the first active_ranks
+    # that reports it.)
+    from expert_parallel import _library
+
+    g = group()
+    before = _library.mask_changes
+    assert g.active_ranks == [0, 1] and _library.mask_changes == before
+    assert _library.load().epGroupDeactivateRank(g._group, 0) == 0
+    assert _library.mask_changes == before
+    assert g.active_ranks == [1]
+    assert _library.mask_changes == before + 1

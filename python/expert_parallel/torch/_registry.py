@@ -13,6 +13,7 @@ so a stale token never names another step). No handle is overwritten while a tok
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import threading
 import weakref
@@ -47,6 +48,11 @@ class Entry:
         self.closed = False
         #: _library.mask_changes when every rank was last found active (0: none masked in this process yet)
         self.mask_seen = 0
+        # A CPU group's mask, read every call (require_active): where the library writes it, and its value with every rank active.
+        self._mask = ctypes.c_uint64()
+        self._mask_address = ctypes.addressof(self._mask)
+        self._all = (1 << group.ranks) - 1
+        self._read_mask = _library.addresses_entry("epGroupGetActiveRanks")
 
     def start(self) -> Tuple[Handle, torch.Tensor]:
         """A handle for a new step and the step's token; the handle returns to the pool when the
@@ -79,12 +85,19 @@ class Entry:
 
     def require_active(self) -> None:
         """Raises InactiveRankError while a rank of the group is masked: LL's selection rows
-        assume every rank's rows, and a masked rank's outputs would be left unwritten. The mask is
-        read (on the GPU, a synchronisation) only once a call of this process has masked a rank
-        or met a masked one since every rank was last found active: the data path reads two
-        numbers."""
+        assume every rank's rows, and a masked rank's outputs would be left unwritten. A CPU
+        group's mask is read every call (host memory: no synchronisation), so a rank masked
+        past the package (epGroupDeactivateRank through the raw C ABI) is seen too. A GPU group's
+        is read (a synchronisation) only once a call of this process has masked a rank or met or
+        seen a masked one (_library.mask_changes) since every rank was last found active: the data
+        path reads two numbers."""
         changes = _library.mask_changes
-        if changes == self.mask_seen:
+        if self.group._device == -1:
+            handle = self.group._group
+            if handle and not self._read_mask(handle.value, self._mask_address) and self._mask.value == self._all:
+                self.mask_seen = changes
+                return
+        elif changes == self.mask_seen:
             return
         active = self.group.active_ranks
         if len(active) < self.group.ranks:
