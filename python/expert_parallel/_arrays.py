@@ -99,6 +99,16 @@ def writable(value):
     return kind(value) != "numpy" or bool(value.flags.writeable)
 
 
+def dense(value, name):
+    """Raises the error naming `value` (a torch tensor) unless it is a dense (strided) tensor: a
+    sparse or nested one has no storage, sizes or strides (torch raises its own RuntimeError)."""
+    if value.is_nested:
+        raise InvalidArgumentError(f"{name}: a nested tensor; must be a dense (torch.strided) tensor")
+    if str(value.layout) != "torch.strided":
+        raise InvalidArgumentError(f"{name}: layout {value.layout}; must be a dense (torch.strided) tensor: pass .to_dense()")
+    return value
+
+
 def tensor(value, name, *, dtypes, device, shape, writable=False):
     """The epTensor_t of `value` after checking its type, dtype, device, contiguity and shape.
 
@@ -108,6 +118,8 @@ def tensor(value, name, *, dtypes, device, shape, writable=False):
     """
     if kind(value) is None:
         raise InvalidArgumentError(f"{name}: a {type(value).__name__}; must be a NumPy array or a PyTorch tensor")
+    if is_torch(value):
+        dense(value, name)
     if writable and kind(value) == "numpy" and not value.flags.writeable:
         raise InvalidArgumentError(f"{name}: a read-only NumPy array (flags.writeable is False); the call writes it: pass a writable array")
     dtype = ep_dtype(value, dtypes)

@@ -29,8 +29,13 @@ _NUMPY_CODES = {"float16": _abi.F16, "float32": _abi.F32, "int32": _abi.I32, "in
 _numpy_dtypes = {}   # NumPy dtype object -> (code, or BF16 for uint16 bits; native byte order)
 
 
+class NoTensorYet:
+    """tensor_type's value before torch is seen: a type no value has (not type(None), which None
+    has: a None argument then passed the in-line checks as a tensor)."""
+
+
 _tensor_type = None   # torch.Tensor itself, once one was seen: the common case, one type check
-tensor_type = type(None)   # the same for callers that test in line (never matches before torch is seen)
+tensor_type = NoTensorYet   # the same for callers that test in line (never matches before torch is seen)
 torch_codes = {}      # torch dtype -> epDataType_t, once torch was seen
 
 
@@ -46,10 +51,13 @@ def look(value, expected):
         torch_codes = _torch_dtype_codes()   # made once
         if type(value).__name__ == "Tensor":
             _tensor_type = tensor_type = type(value)
-    where = value.get_device()
-    if where < 0 and not value.is_cpu:
-        where = -2   # a meta tensor (or another device's): -1 is the CPU's alone
-    return (value.data_ptr(), _torch_codes.get(value.dtype), value.shape, where, value.is_contiguous())
+    try:
+        where = value.get_device()
+        if where < 0 and not value.is_cpu:
+            where = -2   # a meta tensor (or another device's): -1 is the CPU's alone
+        return (value.data_ptr(), _torch_codes.get(value.dtype), value.shape, where, value.is_contiguous())
+    except RuntimeError:   # a sparse or nested tensor (no storage, sizes or strides): not fine, _arrays.tensor names it
+        return (0, None, (), -3, False)
 
 
 def _look_numpy(value, expected):

@@ -506,8 +506,11 @@ class VirtualGroup(GroupBase):
         """(address, type, B) of one stacked ``[R, B, *tail]`` array (B = `rows` unless None:
         any ≤ max_tokens), checked; None when `values` is not one array."""
         if type(values) is _fast.tensor_type:   # a torch tensor: _fast.look in line
-            address, code, sizes = values.data_ptr(), _fast.torch_codes.get(values.dtype), values.shape
-            where, fine = values.get_device(), values.is_contiguous()
+            try:
+                address, code, sizes = values.data_ptr(), _fast.torch_codes.get(values.dtype), values.shape
+                where, fine = values.get_device(), values.is_contiguous()
+            except RuntimeError:   # a sparse or nested tensor: look() and _fast.check name it
+                address, code, sizes, where, fine = _fast.look(values, expected)
             if where < 0 and not values.is_cpu:
                 where = -2   # a meta tensor (or another device's): -1 is the CPU's alone
             seen = (address, code, sizes, where, fine)
@@ -588,23 +591,26 @@ class VirtualGroup(GroupBase):
         input type, on its device, contiguous; None for anything else."""
         tensor = type(xs)
         if tensor is not _fast.tensor_type:   # look() learns torch's tensor type from the first tensor it sees
-            if (_fast.tensor_type is not type(None) or tensor.__name__ != "Tensor" or _fast.look(xs, ()) is None
+            if (_fast.tensor_type is not _fast.NoTensorYet or tensor.__name__ != "Tensor" or _fast.look(xs, ()) is None
                     or tensor is not _fast.tensor_type):
                 return None
         if type(topk_idx) is not tensor or type(topk_weights) is not tensor:
             return None
         ranks, hidden, max_tokens, top_k, element, device = self._common
         codes = _fast.torch_codes
-        xsz, isz = xs.shape, topk_idx.shape
-        if len(xsz) != 3 or len(isz) != 3:
-            return None
-        b = xsz[1]
-        ic = codes.get(topk_idx.dtype)
-        if not (xsz[0] == ranks and xsz[2] == hidden and 0 < b <= max_tokens and codes.get(xs.dtype) == element
-                and (ic == _abi.I32 or ic == _abi.I64) and codes.get(topk_weights.dtype) == _abi.F32 and isz == topk_weights.shape
-                and isz[0] == ranks and isz[1] == b and isz[2] == top_k and xs.get_device() == device
-                and topk_idx.get_device() == device and topk_weights.get_device() == device
-                and xs.is_contiguous() and topk_idx.is_contiguous() and topk_weights.is_contiguous()):
+        try:
+            xsz, isz = xs.shape, topk_idx.shape
+            if len(xsz) != 3 or len(isz) != 3:
+                return None
+            b = xsz[1]
+            ic = codes.get(topk_idx.dtype)
+            if not (xsz[0] == ranks and xsz[2] == hidden and 0 < b <= max_tokens and codes.get(xs.dtype) == element
+                    and (ic == _abi.I32 or ic == _abi.I64) and codes.get(topk_weights.dtype) == _abi.F32 and isz == topk_weights.shape
+                    and isz[0] == ranks and isz[1] == b and isz[2] == top_k and xs.get_device() == device
+                    and topk_idx.get_device() == device and topk_weights.get_device() == device
+                    and xs.is_contiguous() and topk_idx.is_contiguous() and topk_weights.is_contiguous()):
+                return None
+        except RuntimeError:   # a sparse or nested tensor (no sizes or strides): the general path names it
             return None
         # A meta tensor (get_device() -1, as the CPU's) has no memory: the general path names it.
         pointers = xs.data_ptr(), topk_idx.data_ptr(), topk_weights.data_ptr()
@@ -750,8 +756,11 @@ class VirtualGroup(GroupBase):
         forward_ll, shape, element, device = self._common_combine
         if slot is None or slot.kind is not type(expert_outputs) or (forward_ll and not handle.weight_stacked):
             return None
-        if not (expert_outputs.shape == shape and _fast.torch_codes.get(expert_outputs.dtype) == element
-                and expert_outputs.get_device() == device and expert_outputs.is_contiguous()):
+        try:
+            if not (expert_outputs.shape == shape and _fast.torch_codes.get(expert_outputs.dtype) == element
+                    and expert_outputs.get_device() == device and expert_outputs.is_contiguous()):
+                return None
+        except RuntimeError:   # a sparse or nested tensor (no sizes or strides): the general path names it
             return None
         address = expert_outputs.data_ptr()
         if not address:   # a meta tensor (get_device() -1, as the CPU's): the general path names it

@@ -229,7 +229,11 @@ class NCCLGroup(GroupBase):
     def _routing_rows(self, topk_idx):
         """(B, address, epDataType_t) of `topk_idx`, checked: [B, top_k] int32 or int64, B ≤ max_tokens."""
         self._require_torch(topk_idx, "topk_idx")
-        tokens = int(topk_idx.shape[0]) if len(topk_idx.shape) == 2 else None
+        try:
+            tokens = int(topk_idx.shape[0]) if len(topk_idx.shape) == 2 else None
+        except RuntimeError:   # a nested tensor has no sizes: named
+            _arrays.dense(topk_idx, "topk_idx")
+            raise
         if tokens is not None and tokens > self.max_tokens:
             raise InvalidArgumentError(f"topk_idx: {tokens} tokens; must be ≤ max_tokens ({self.max_tokens})")
         address, code, sizes = _fast.check(topk_idx, "topk_idx", _ROUTING_TYPES, self._device, (None, self.top_k))
@@ -363,20 +367,23 @@ class NCCLGroup(GroupBase):
                 or not self._group):
             return None
         hidden, top_k, max_tokens, x_code, device, needs_weights = self._common
-        xsz, isz = x.shape, topk_idx.shape
-        if len(xsz) != 2 or len(isz) != 2:
-            return None
-        codes = _fast.torch_codes
-        b, ic = xsz[0], codes.get(topk_idx.dtype)
-        if not (xsz[1] == hidden and b <= max_tokens and isz[0] == b and isz[1] == top_k and codes.get(x.dtype) == x_code
-                and (ic == _abi.I32 or ic == _abi.I64) and x.get_device() == device and topk_idx.get_device() == device
-                and x.is_contiguous() and topk_idx.is_contiguous()):
-            return None
-        if topk_weights is None:
-            if needs_weights:
+        try:
+            xsz, isz = x.shape, topk_idx.shape
+            if len(xsz) != 2 or len(isz) != 2:
                 return None
-        elif not (topk_weights.shape == isz and codes.get(topk_weights.dtype) == _abi.F32 and topk_weights.get_device() == device
-                  and topk_weights.is_contiguous()):
+            codes = _fast.torch_codes
+            b, ic = xsz[0], codes.get(topk_idx.dtype)
+            if not (xsz[1] == hidden and b <= max_tokens and isz[0] == b and isz[1] == top_k and codes.get(x.dtype) == x_code
+                    and (ic == _abi.I32 or ic == _abi.I64) and x.get_device() == device and topk_idx.get_device() == device
+                    and x.is_contiguous() and topk_idx.is_contiguous()):
+                return None
+            if topk_weights is None:
+                if needs_weights:
+                    return None
+            elif not (topk_weights.shape == isz and codes.get(topk_weights.dtype) == _abi.F32 and topk_weights.get_device() == device
+                      and topk_weights.is_contiguous()):
+                return None
+        except RuntimeError:   # a sparse or nested tensor (no sizes or strides): the general path names it
             return None
         if handle is not None:
             self._check_handle(handle, dispatched=False)
@@ -470,25 +477,28 @@ class NCCLGroup(GroupBase):
             return None
         slot = self._slots[handle.slot]
         shape, code, device, layout = self._common_combine
-        if not (slot.use == handle.slot_use and expert_outputs.shape == shape and _fast.torch_codes.get(expert_outputs.dtype) == code
-                and expert_outputs.get_device() == device and expert_outputs.is_contiguous()):
-            return None
-        b, caller, weights = handle.tokens, None, 0
-        if out is not None:
-            if (type(out) is not _fast.tensor_type or out.shape != (b, self.hidden) or _fast.torch_codes.get(out.dtype) != code
-                    or out.get_device() != device or not out.is_contiguous()):
+        try:
+            if not (slot.use == handle.slot_use and expert_outputs.shape == shape and _fast.torch_codes.get(expert_outputs.dtype) == code
+                    and expert_outputs.get_device() == device and expert_outputs.is_contiguous()):
                 return None
-            caller = (out, None)
-        if layout == "expert_major":
-            applied = handle.topk_weights if topk_weights is None else topk_weights
-            if (type(applied) is not _fast.tensor_type or applied.shape != (b, self.top_k)
-                    or _fast.torch_codes.get(applied.dtype) != _abi.F32 or applied.get_device() != device or not applied.is_contiguous()):
+            b, caller, weights = handle.tokens, None, 0
+            if out is not None:
+                if (type(out) is not _fast.tensor_type or out.shape != (b, self.hidden) or _fast.torch_codes.get(out.dtype) != code
+                        or out.get_device() != device or not out.is_contiguous()):
+                    return None
+                caller = (out, None)
+            if layout == "expert_major":
+                applied = handle.topk_weights if topk_weights is None else topk_weights
+                if (type(applied) is not _fast.tensor_type or applied.shape != (b, self.top_k)
+                        or _fast.torch_codes.get(applied.dtype) != _abi.F32 or applied.get_device() != device or not applied.is_contiguous()):
+                    return None
+                weights = applied.data_ptr() or self._empty
+            elif topk_weights is not None:
                 return None
-            weights = applied.data_ptr() or self._empty
-        elif topk_weights is not None:
+            elif layout == "expert_major_padded":
+                weights = slot.weights_desc.data or 0
+        except RuntimeError:   # a sparse or nested tensor (no sizes or strides): the general path names it
             return None
-        elif layout == "expert_major_padded":
-            weights = slot.weights_desc.data or 0
         return self._reduce(handle, slot, expert_outputs, expert_outputs.data_ptr(), weights, None, caller, 0, False, stream,
                             wait_event, record_event, send_only)
 

@@ -213,3 +213,79 @@ def test_a_masked_rank_that_active_ranks_reports_moves_the_mask_counter():
     assert _library.mask_changes == before
     assert g.active_ranks == [1]
     assert _library.mask_changes == before + 1
+
+
+# -- a None before any tensor; sparse and nested tensors ----------------------------------------------
+
+
+def test_a_none_as_the_first_tensor_a_process_passes_is_named():
+    # Before the package had seen a torch tensor its in-line type check compared with type(None),
+    # which None has: dispatch(None, ...) as a process's first call took None for a tensor and
+    # raised AttributeError ('NoneType' object has no attribute 'data_ptr').
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    program = ("import numpy as np, expert_parallel as ep\n"
+               "g = ep.VirtualGroup(2, 4, 8, 2, 3, dtype='f32')\n"
+               "try:\n"
+               "    g.dispatch(None, np.zeros((2, 3, 2), np.int32), np.zeros((2, 3, 2), np.float32))\n"
+               "except ep.InvalidArgumentError as error:\n"
+               "    print(error)\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(ep.__file__).resolve().parents[1]))
+    run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("xs: a NoneType; must be a list of 2 per-rank arrays or one [R, ...] array"), run.stdout
+
+
+def _sparse(kind, shape, dtype=torch.float32):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense = torch.ones(shape, dtype=torch.float32)
+        if kind == "coo":
+            return dense.to_sparse().to(dtype)
+        if kind == "csr":
+            return dense.reshape(-1, shape[-1]).to_sparse_csr().to(dtype)
+        return torch.nested.nested_tensor(list(dense.to(dtype)))
+
+
+LAYOUT_MESSAGE = r"(layout torch.sparse_(coo|csr); must be a dense \(torch.strided\) tensor: pass .to_dense\(\)|a nested tensor; must be a dense)"
+
+
+@pytest.mark.parametrize("kind", ["coo", "csr", "nested"])
+@pytest.mark.parametrize("layout", ["expert_major", "flat"])
+def test_a_sparse_or_nested_tensor_is_named_not_torchs_runtime_error(kind, layout):
+    # Sparse tensors have no storage (data_ptr() raises), CSR ones no is_contiguous(), nested
+    # ones no sizes: torch's RuntimeError came out of the data path's in-line checks.
+    g = group(algorithm="ll" if layout == "expert_major" else "ht", layout=layout)
+    x, idx, w = step()
+    refused(lambda: g.dispatch(_sparse(kind, (2, 3, 8)), idx, w), r"^xs(\[0\])?: " + LAYOUT_MESSAGE)
+    refused(lambda: g.dispatch(x, _sparse(kind, (2, 3, 2), torch.int32), w), r"^topk_idx(\[0\])?: " + LAYOUT_MESSAGE)
+    refused(lambda: g.dispatch(x, idx, _sparse(kind, (2, 3, 2))), r"^topk_weights(\[0\])?: " + LAYOUT_MESSAGE)
+    refused(lambda: g.dispatch([_sparse(kind, (3, 8)), x[1]], list(idx), list(w)), r"^xs\[0\]: " + LAYOUT_MESSAGE)
+    sent = g.dispatch(x, idx, w)
+    shape = (2,) + g.recv_shape
+    refused(lambda: g.combine(_sparse(kind, shape), sent.handle), r"^expert_outputs(\[0\])?: " + LAYOUT_MESSAGE)
+    refused(lambda: g.combine(torch.zeros(shape), sent.handle, out=_sparse(kind, (2, 3, 8))), r"^out(\[0\])?: " + LAYOUT_MESSAGE)
+
+
+@pytest.mark.parametrize("kind", ["coo", "csr", "nested"])
+def test_an_nccl_groups_sparse_or_nested_tensor_is_named(kind):
+    import ctypes
+
+    from expert_parallel import _abi
+    from test_nccl_group_calls import cpu_rank_group
+
+    model = ep.VirtualGroup(ranks=4, experts=16, hidden=32, top_k=4, max_tokens=8, dtype="bf16", algorithm="ht", device="cpu")
+    g = cpu_rank_group(model, lambda name: lambda *addresses: _abi.SUCCESS)
+    model.close()
+    x, idx, w = torch.zeros(3, 32, dtype=torch.bfloat16), torch.tensor([[0, 1, 2, 3]] * 3, dtype=torch.int32), torch.rand(3, 4)
+    refused(lambda: g.dispatch(_sparse(kind, (3, 32), torch.bfloat16), idx, w), r"^x: " + LAYOUT_MESSAGE)
+    refused(lambda: g.dispatch(x, _sparse(kind, (3, 4), torch.int32), w), r"^topk_idx: " + LAYOUT_MESSAGE)
+    refused(lambda: g.dispatch(x, idx, _sparse(kind, (3, 4))), r"^topk_weights: " + LAYOUT_MESSAGE)
+    sent = g.dispatch(x, idx, w)
+    refused(lambda: g.combine(_sparse(kind, g.recv_shape, torch.bfloat16), sent.handle), r"^expert_outputs: " + LAYOUT_MESSAGE)
+    refused(lambda: g.combine(sent.expert_outputs, sent.handle, out=_sparse(kind, (3, 32), torch.bfloat16)), r"^out: " + LAYOUT_MESSAGE)
