@@ -289,3 +289,48 @@ def test_an_nccl_groups_sparse_or_nested_tensor_is_named(kind):
     sent = g.dispatch(x, idx, w)
     refused(lambda: g.combine(_sparse(kind, g.recv_shape, torch.bfloat16), sent.handle), r"^expert_outputs: " + LAYOUT_MESSAGE)
     refused(lambda: g.combine(sent.expert_outputs, sent.handle, out=_sparse(kind, (3, 32), torch.bfloat16)), r"^out: " + LAYOUT_MESSAGE)
+
+
+# -- expert_parallel.torch: sparse or nested tensors; rows off an 8-byte boundary -------------------
+
+
+@pytest.mark.parametrize("kind", ["coo", "csr", "nested"])
+def test_the_exchanges_sparse_or_nested_tensors_are_named(kind):
+    # A nested tensor reached the ops' dispatcher (NotImplementedError: no NestedTensorCPU
+    # kernel), a sparse one contiguous() (RuntimeError), a nested step token or routing their
+    # shape (RuntimeError).
+    from expert_parallel.torch import Exchange
+
+    exchange = Exchange(group(algorithm="ht", layout="expert_major_padded"))
+    x, idx, w = step()
+    dense = r"; must be a dense \(torch.strided\) torch.Tensor"
+    what = "a nested tensor" if kind == "nested" else r"a tensor of layout torch.sparse_(coo|csr)"
+    refused(lambda: exchange.dispatch(_sparse(kind, (2, 3, 8)), idx, w), rf"^x: {what}{dense}")
+    refused(lambda: exchange.dispatch(x, _sparse(kind, (2, 3, 2), torch.int32), w), rf"^topk_idx: {what}{dense}")
+    refused(lambda: exchange.dispatch(x, idx, _sparse(kind, (2, 3, 2))), rf"^topk_weights: {what}{dense}")
+    sent = exchange.dispatch(x, idx, w)
+    refused(lambda: exchange.combine(_sparse(kind, tuple(sent.tokens.shape)), sent), rf"^expert_outputs: {what}{dense}")
+    refused(lambda: exchange.combine(sent.tokens, sent._replace(routing=_sparse(kind, (2, 3, 2), torch.int32))),
+            rf"^dispatched.routing: {what}{dense}")
+    refused(lambda: exchange.combine(sent.tokens, sent._replace(topk_weights=_sparse(kind, tuple(sent.topk_weights.shape)))),
+            rf"^dispatched.topk_weights: {what}{dense}")
+    refused(lambda: exchange.combine(sent.tokens, sent._replace(step=_sparse(kind, (2, 2), torch.int64))),
+            rf"^dispatched.step: {what}; must be the step token")
+
+
+@pytest.mark.parametrize("layout", ["expert_major", "rank_major", "flat", "expert_major_padded"])
+def test_the_exchanges_rows_off_an_8_byte_boundary_are_moved_as_any_others(layout):
+    # A view starting inside an 8-byte word (buffer[1:].view(...)) was refused by the group's
+    # stacked call, naming its argument "xs" (the exchange's is x); the ops now copy such rows.
+    from expert_parallel.torch import Exchange
+
+    exchange = Exchange(group(algorithm="ll" if layout in ("expert_major", "rank_major") else "ht", layout=layout))
+    x, idx, w = step()
+    shifted = torch.zeros(x.numel() + 1)[1:].view(x.shape)
+    shifted.copy_(x)
+    assert shifted.data_ptr() % 8
+    want, got = (exchange.dispatch(value.requires_grad_(), idx, w) for value in (x.clone(), shifted))
+    assert torch.equal(got.tokens, want.tokens)
+    outputs = torch.zeros(want.tokens.numel() + 1)[1:].view(want.tokens.shape)
+    outputs.copy_(want.tokens * 2)
+    assert torch.equal(exchange.combine(outputs, got), exchange.combine(want.tokens * 2, want))

@@ -30,10 +30,18 @@ __all__ = ["Exchange", "Dispatched"]
 
 
 def _tensor(value: Any, name: str, what: str) -> None:
-    """Raises the named error unless `value` is a torch.Tensor (the ops' own check raises a
-    RuntimeError, and None reached their implementations as an AttributeError)."""
+    """Raises the named error unless `value` is a dense torch.Tensor (the ops' own check raises a
+    RuntimeError, and None reached their implementations as an AttributeError; a nested tensor
+    has no kernel of the ops, NotImplementedError, and a sparse one no contiguous(), RuntimeError)."""
     if not isinstance(value, Tensor):
         raise InvalidArgumentError(f"{name}: a {type(value).__name__}; must be a torch.Tensor {what}")
+    if value.is_nested or value.layout is not torch.strided:
+        raise InvalidArgumentError(f"{name}: {_kind(value)}; must be a dense (torch.strided) torch.Tensor {what}")
+
+
+def _kind(value: Tensor) -> str:
+    """What a tensor that is not dense is, as an error names it."""
+    return "a nested tensor" if value.is_nested else f"a tensor of layout {value.layout}"
 
 
 class Dispatched(NamedTuple):
@@ -141,8 +149,10 @@ class Exchange:
         uninitialised tensor; a token of several values, or NaN, failed ``int()``; a routing
         without a ``[..., B, top_k]`` shape failed reading its B."""
         group, step, routing = self.group, dispatched.step, dispatched.routing
-        if not (isinstance(step, Tensor) and step.dtype == torch.int64 and step.dim() == 0 and step.device.type == "cpu"):
+        if not (isinstance(step, Tensor) and not step.is_nested and step.layout is torch.strided and step.dtype == torch.int64
+                and step.dim() == 0 and step.device.type == "cpu"):
             what = (f"a {type(step).__name__}" if not isinstance(step, Tensor)
+                    else _kind(step) if step.is_nested or step.layout is not torch.strided
                     else f"a {step.dtype} tensor of shape {list(step.shape)} on {step.device}")
             raise InvalidArgumentError(f"dispatched.step: {what}; must be the step token dispatch returned (a 0-dim "
                                        "torch.int64 tensor on the CPU)")

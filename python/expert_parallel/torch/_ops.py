@@ -122,6 +122,15 @@ def _contiguous(value: Optional[Tensor]) -> Optional[Tensor]:
     return None if value is None else value.contiguous()
 
 
+def _rows(value: Tensor) -> Tensor:
+    """`value` (rows the group moves: tokens, expert outputs, their gradients) contiguous and
+    starting on an 8-byte boundary, as the stacked calls read rows; a view that starts inside
+    an 8-byte word of its storage (``buffer[1:].view(...)``) is copied (the group itself refuses
+    it, naming its own argument: ``xs``)."""
+    value = value.contiguous()
+    return value if value.data_ptr() % 8 == 0 else value.clone()
+
+
 def _dispatch_into(entry, x: Tensor, topk_idx: Optional[Tensor], topk_weights: Optional[Tensor], handle, direction: str,
                    outputs: Tuple[Optional[Tensor], ...]) -> None:
     """The group's dispatch of `x` for `handle` into `outputs` (`_outputs`' tuple). A
@@ -163,7 +172,7 @@ def dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group:
     received, idx, weights = _received(entry.group, x, torch.zeros if entry.zero_fill and not entry.one_rank else torch.empty)
     counts = _counts(entry.group, x, torch.empty)
     handle, token = entry.start()
-    _dispatch_into(entry, x.contiguous(), topk_idx.contiguous(), _contiguous(topk_weights), handle, "forward",
+    _dispatch_into(entry, _rows(x), topk_idx.contiguous(), _contiguous(topk_weights), handle, "forward",
                    _outputs(received, idx, weights, counts))
     entry.require_active()   # after the call: its update fixes the step's ranks (a rank masked in it, too)
     return received, idx, weights, token, counts
@@ -222,7 +231,7 @@ def combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tensor],
             slot_weights.copy_(weights)
     combined = expert_outputs.new_empty(_lead(g) + (tokens, g.hidden))
     try:
-        g.combine(expert_outputs.contiguous(), handle, out=combined, topk_weights=applied)
+        g.combine(_rows(expert_outputs), handle, out=combined, topk_weights=applied)
     finally:
         if slot_weights is not None and entry.zero_fill:
             slot_weights.zero_()
@@ -246,7 +255,7 @@ def backward_dispatch(grad_combined: Tensor, step: Tensor, group: int) -> Tensor
     routing = None
     if g.recv_routing_shape is not None:   # these layouts send weights along; the backward pass ignores them
         routing = torch.zeros(_lead(g) + (grad_combined.shape[-2], g.top_k), dtype=torch.float32, device=grad_combined.device)
-    _dispatch_into(entry, grad_combined.contiguous(), None, routing, handle, "backward", _outputs(received, idx, weights))
+    _dispatch_into(entry, _rows(grad_combined), None, routing, handle, "backward", _outputs(received, idx, weights))
     return received
 
 
@@ -267,12 +276,12 @@ def backward_combine(grad_received: Tensor, grad_weights: Optional[Tensor], step
     lead = _lead(g)
     grad_x = grad_received.new_empty(lead + (tokens, g.hidden))
     if g.algorithm != "ht":
-        g.combine(grad_received.contiguous(), handle, direction="backward", out=grad_x)
+        g.combine(_rows(grad_received), handle, direction="backward", out=grad_x)
         return grad_x, grad_received.new_empty(lead + (0,), dtype=torch.float32)
     if grad_weights is None:
         grad_weights = torch.zeros(_shapes(g)[1], dtype=torch.float32, device=grad_received.device)
     grad_w = torch.empty(lead + (tokens, g.top_k), dtype=torch.float32, device=grad_received.device)
-    g.combine(grad_received.contiguous(), handle, direction="backward", weight_gradients=grad_weights.contiguous(),
+    g.combine(_rows(grad_received), handle, direction="backward", weight_gradients=grad_weights.contiguous(),
               out=(grad_x, grad_w))
     return grad_x, grad_w
 
