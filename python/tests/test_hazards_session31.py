@@ -334,3 +334,60 @@ def test_the_exchanges_rows_off_an_8_byte_boundary_are_moved_as_any_others(layou
     outputs = torch.zeros(want.tokens.numel() + 1)[1:].view(want.tokens.shape)
     outputs.copy_(want.tokens * 2)
     assert torch.equal(exchange.combine(outputs, got), exchange.combine(want.tokens * 2, want))
+
+
+# -- DeepEP's Buffer: sparse or nested tensors; combine's out over x; unused arguments of a wrong kind -
+
+
+def _buffer_step():
+    from expert_parallel.compat.deep_ep import Buffer
+
+    (buffer,) = Buffer.virtual(1, timeout=10)
+    x = torch.randn(4, 128, dtype=torch.bfloat16)
+    idx = torch.tensor([[0, 1], [2, 3], [1, -1], [3, 0]])
+    return buffer, x, idx, torch.rand(4, 2)
+
+
+@pytest.mark.parametrize("kind", ["coo", "nested"])
+def test_a_deep_ep_buffers_sparse_or_nested_tensor_is_named(kind):
+    # A nested routing or x raised torch's RuntimeError from their shape (get_dispatch_layout, dispatch).
+    buffer, x, idx, w = _buffer_step()
+    what = "a nested tensor" if kind == "nested" else "a tensor of layout torch.sparse_coo"
+    dense = rf": {what}; must be a dense \(torch.strided\) torch.Tensor"
+    refused(lambda: buffer.get_dispatch_layout(_sparse(kind, (4, 2), torch.int64), 4), "^topk_idx" + dense)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, 4)
+    layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+    refused(lambda: buffer.dispatch(_sparse(kind, (4, 128), torch.bfloat16), topk_idx=idx, topk_weights=w, **layout), "^x" + dense)
+    refused(lambda: buffer.dispatch(x, topk_idx=idx, topk_weights=_sparse(kind, (4, 2)), **layout), "^topk_weights" + dense)
+    refused(lambda: buffer.low_latency_dispatch(_sparse(kind, (4, 128), torch.bfloat16), idx, 8, 4, use_fp8=False), "^x" + dense)
+    recv_x, _, _, _, handle, _ = buffer.dispatch(x, topk_idx=idx, topk_weights=w, **layout)
+    refused(lambda: buffer.combine(_sparse(kind, tuple(recv_x.shape), torch.bfloat16), handle), "^x" + dense)
+    buffer.destroy()
+
+
+def test_a_deep_ep_low_latency_combine_into_its_own_x_names_out_and_x():
+    # The group refused it naming its own arguments: "out[0] = ...; must not overlap expert_outputs[0]".
+    buffer, x, idx, w = _buffer_step()
+    recv_x, _, handle, _, _ = buffer.low_latency_dispatch(x, idx, 8, 4, use_fp8=False)
+    inside = recv_x[0, :4]
+    refused(lambda: buffer.low_latency_combine(recv_x, idx, w, handle, out=inside),
+            r"^out: shares memory with x \(out at 0x[0-9a-f]+, 1024 bytes; x at 0x[0-9a-f]+, \d+ bytes\); combine writes out "
+            r"while it reads x: pass a tensor of its own")
+    combined, _, _ = buffer.low_latency_combine(recv_x, idx, w, handle, out=torch.empty(4, 128, dtype=torch.bfloat16))
+    assert combined.shape == (4, 128)
+    buffer.destroy()
+
+
+def test_a_deep_ep_combines_unused_arguments_of_a_wrong_kind_are_named():
+    # combine's config and low_latency_combine's zero_copy have no effect; any value was taken
+    # (dispatch names a config that is not a Config, and the other flags a value that is not a bool).
+    buffer, x, idx, w = _buffer_step()
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, 4)
+    recv_x, _, _, _, handle, _ = buffer.dispatch(x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank,
+                                                 is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+    refused(lambda: buffer.combine(recv_x, handle, config=3), r"^config: a int; must be a Config \(Buffer.get_combine_config\)")
+    buffer.combine(recv_x, handle, config=buffer.get_combine_config(1))
+    recv_x, _, ll_handle, _, _ = buffer.low_latency_dispatch(x, idx, 8, 4, use_fp8=False)
+    refused(lambda: buffer.low_latency_combine(recv_x, idx, w, ll_handle, zero_copy="yes"), r"^zero_copy='yes' \(type str\); must be a bool")
+    buffer.low_latency_combine(recv_x, idx, w, ll_handle, zero_copy=True)
+    buffer.destroy()

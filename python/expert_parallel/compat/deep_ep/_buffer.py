@@ -17,7 +17,8 @@ from ._errors import not_supported
 from ._events import EventOverlap
 from ._handle import DispatchHandle
 from ._groups import Groups
-from ._layout import dispatch_layout, flag, group_dtype, require_contiguous, require_shape, require_tensor, routing, torch_module
+from ._layout import (dispatch_layout, flag, group_dtype, overlaps, require_contiguous, require_shape, require_tensor, routing,
+                      torch_module)
 from ._virtual import Failed, Rendezvous, Solo
 
 _NVL_PEERS = 8   # DeepEP's ranks per NVLink domain: more ranks than this span nodes
@@ -413,6 +414,8 @@ class Buffer:
         torch = torch_module()
         self._check_open()
         require_contiguous(require_tensor(x, "x", 2, self.device), "x")
+        if config is not None and not isinstance(config, Config):   # (not used here; a wrong one is named, as dispatch names it)
+            raise InvalidArgumentError(f"config: a {type(config).__name__}; must be a Config (Buffer.get_combine_config)")
         self._own_handle(handle, "ht")
         # This rank's own arguments against its handle, checked here: a wrong one fails this rank by
         # its own name (the peers: PeerFailedError), not the round on every rank.
@@ -501,6 +504,7 @@ class Buffer:
         ``zero_copy`` has no effect: combine reads ``x`` where it is."""
         torch = torch_module()
         self._check_open()
+        flag(zero_copy, "zero_copy")   # (no effect; a wrong one is named, as the other flags are)
         if flag(use_logfmt, "use_logfmt"):
             raise not_supported("use_logfmt", True, "combine moves rows in their element type; pass use_logfmt=False")
         return_recv_hook = flag(return_recv_hook, "return_recv_hook")
@@ -525,6 +529,10 @@ class Buffer:
             if out.dtype != x.dtype:
                 raise InvalidArgumentError(f"out: dtype {out.dtype}; must be {x.dtype}, x's (the combine's element type)")
             require_contiguous(out, "out")
+            if overlaps(out, x):   # (the group names its own arguments: "out[0] ... must not overlap expert_outputs[0]")
+                raise InvalidArgumentError(f"out: shares memory with x (out at {out.data_ptr():#x}, {out.numel() * out.element_size()} "
+                                           f"bytes; x at {x.data_ptr():#x}, {x.numel() * x.element_size()} bytes); combine "
+                                           "writes out while it reads x: pass a tensor of its own")
         (combined, split), event = self._call(
             "low_latency_combine", _engine.ll_combine, None, async_finish, x=x, dtype=group_dtype(x, "x"),
             topk_idx=topk_idx, topk_weights=topk_weights, handle=handle, out=out, return_recv_hook=return_recv_hook)

@@ -38,6 +38,9 @@ def require_tensor(value: Any, name: str, ndim: int, device: str) -> Any:
     torch = torch_module()
     if not isinstance(value, torch.Tensor):
         raise InvalidArgumentError(f"{name}: a {type(value).__name__}; must be a torch.Tensor")
+    if value.is_nested or value.layout is not torch.strided:   # (no sizes, storage or strides: torch's RuntimeError)
+        what = "a nested tensor" if value.is_nested else f"a tensor of layout {value.layout}"
+        raise InvalidArgumentError(f"{name}: {what}; must be a dense (torch.strided) torch.Tensor")
     if value.dim() != ndim:
         raise InvalidArgumentError(f"{name}: shape {list(value.shape)}; must have {ndim} dimensions")
     known = _DEVICES.get(device)
@@ -56,6 +59,14 @@ def require_contiguous(value: Any, name: str) -> Any:
     if not value.is_contiguous():
         raise InvalidArgumentError(f"{name}: not contiguous (strides {tuple(value.stride())}); pass .contiguous()")
     return value
+
+
+def overlaps(a: Any, b: Any) -> bool:
+    """Whether contiguous tensors `a` and `b` share a byte of memory (on one device)."""
+    if a.device != b.device:
+        return False
+    a_start, b_start = a.data_ptr(), b.data_ptr()
+    return a_start < b_start + b.numel() * b.element_size() and b_start < a_start + a.numel() * a.element_size()
 
 
 def flag(value: Any, name: str) -> bool:
