@@ -391,3 +391,13 @@ def test_a_deep_ep_combines_unused_arguments_of_a_wrong_kind_are_named():
     refused(lambda: buffer.low_latency_combine(recv_x, idx, w, ll_handle, zero_copy="yes"), r"^zero_copy='yes' \(type str\); must be a bool")
     buffer.low_latency_combine(recv_x, idx, w, ll_handle, zero_copy=True)
     buffer.destroy()
+
+
+def test_an_exchange_of_a_closed_group_is_refused_when_made():
+    # It was registered, and its first dispatch failed with "the group is closed".
+    from expert_parallel.torch import Exchange
+
+    g = group()
+    g.close()
+    with pytest.raises(ep.InvalidUsageError, match=r"^group: VirtualGroup\(ranks=2, .*\) is closed; register an open group"):
+        Exchange(g)

@@ -140,6 +140,8 @@ def register(group: Any, zero_fill: bool = True) -> int:
         raise InvalidArgumentError(
             f"group: a {type(group).__name__}; the torch ops take a VirtualGroup (R ranks in this process) or an NCCLGroup "
             "(this process's rank)")
+    if not group._group:   # (its ops would fail at the first call, naming no exchange)
+        raise InvalidUsageError(f"group: {group!r} is closed; register an open group")
     if isinstance(group, NCCLGroup) and group.layout == "expert_major":
         raise InvalidArgumentError(
             "group.layout='expert_major' of an NCCLGroup: its combine's gradients need the source weights at the rows' "
