@@ -444,7 +444,7 @@ class VirtualGroup(GroupBase):
     def deactivate(self, rank: int) -> None:
         """Masks `rank` inactive: it sends and receives nothing until cleaned."""
         self._check_open()
-        call("epGroupDeactivateRank", self._group, _int(rank, "rank", -2**31, _INT32))
+        call("epGroupDeactivateRank", self._group, _int(rank, "rank", 0, self.ranks - 1))
         _library.mask_changes += 1
 
     @locked

@@ -401,3 +401,13 @@ def test_an_exchange_of_a_closed_group_is_refused_when_made():
     g.close()
     with pytest.raises(ep.InvalidUsageError, match=r"^group: VirtualGroup\(ranks=2, .*\) is closed; register an open group"):
         Exchange(g)
+
+
+@pytest.mark.parametrize("rank", [-1, 2, 2**40, -2**40])
+def test_deactivate_names_the_groups_ranks_as_its_bound(rank):
+    # A rank past 32 bits was refused with the C field's bound ("must be in [-2147483648,
+    # 2147483647]"), one inside it with the C library's ("rank = 2; must be in 0..<2").
+    g = group()
+    with pytest.raises(ep.InvalidArgumentError, match=rf"^rank={rank}; must be in \[0, 1\]$"):
+        g.deactivate(rank)
+    assert g.active_ranks == [0, 1]
