@@ -483,6 +483,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError) as error:
             parser.error(f"--engine-json {args.engine_json}: not ep-bench's --json output (a list of measurements): "
                          f"{type(error).__name__}: {error}")
+    if args.json is not None and os.path.isdir(args.json):   # (open() raised IsADirectoryError after the whole run)
+        parser.error(f"--json {args.json}: a folder; must name the file to write (checked before the run)")
     if args.json is not None and not os.access(os.path.dirname(os.path.abspath(args.json)), os.W_OK):
         parser.error(f"--json {args.json}: its folder does not exist or cannot be written (checked before the run)")
     if job is not None:

@@ -411,3 +411,14 @@ def test_deactivate_names_the_groups_ranks_as_its_bound(rank):
     with pytest.raises(ep.InvalidArgumentError, match=rf"^rank={rank}; must be in \[0, 1\]$"):
         g.deactivate(rank)
     assert g.active_ranks == [0, 1]
+
+
+def test_the_bench_refuses_a_json_path_that_is_a_folder_before_the_run(tmp_path, capsys, monkeypatch):
+    # open(folder, "w") raised IsADirectoryError after the whole run.
+    from expert_parallel import bench
+
+    monkeypatch.setattr(bench, "run", lambda *arguments: pytest.fail("the run started"))
+    with pytest.raises(SystemExit) as exited:
+        bench.main(["--case", "tiny", "--iterations", "1", "--json", str(tmp_path)])
+    assert exited.value.code == 2
+    assert f"--json {tmp_path}: a folder; must name the file to write (checked before the run)" in capsys.readouterr().err
