@@ -55,8 +55,13 @@ def load() -> ctypes.CDLL:
         tried = candidates()
         for path in tried:
             if path.is_file():
-                library = ctypes.CDLL(str(path))
-                _abi.declare(library)
+                try:
+                    library = ctypes.CDLL(str(path))
+                    _abi.declare(library)
+                except (OSError, AttributeError) as error:   # not a shared library; one without the ABI's entry points
+                    raise LibraryNotFoundError(
+                        f"{path} is not a loadable {LIBRARY_NAME} of ABI version {_abi.ABI_VERSION}: {error}; build it with "
+                        "`scripts/build-library` (in the repository) and set EP_LIBRARY to the file") from None
                 version = ctypes.c_int32(0)
                 library.epGetAbiVersion(ctypes.byref(version))
                 if version.value != _abi.ABI_VERSION:

@@ -422,3 +422,32 @@ def test_the_bench_refuses_a_json_path_that_is_a_folder_before_the_run(tmp_path,
         bench.main(["--case", "tiny", "--iterations", "1", "--json", str(tmp_path)])
     assert exited.value.code == 2
     assert f"--json {tmp_path}: a folder; must name the file to write (checked before the run)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"not a library\n", None], ids=["not ELF", "another library"])
+def test_a_library_path_that_is_not_the_library_is_named(tmp_path, monkeypatch, content):
+    # ctypes' OSError ("file too short", "invalid ELF header") or, for a shared library without
+    # the ABI's entry points, AttributeError ("undefined symbol: epGetAbiVersion") came out of
+    # the first call.
+    import ctypes.util
+    import os
+
+    from expert_parallel import _library
+
+    if content is None:
+        found = ctypes.util.find_library("z") or ctypes.util.find_library("m")
+        if found is None:
+            pytest.skip("no other shared library to load")
+        path = next((os.path.join(d, found) for d in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/lib64",
+                                                      "/usr/lib", "/lib") if os.path.isfile(os.path.join(d, found))), None)
+        if path is None:
+            pytest.skip(f"{found} not found on disk")
+    else:
+        path = tmp_path / "libexpert_parallel.so"
+        path.write_bytes(content)
+    monkeypatch.setattr(_library, "_library", None)
+    monkeypatch.setattr(_library, "_path", None)
+    monkeypatch.setenv("EP_LIBRARY", str(path))
+    with pytest.raises(ep.LibraryNotFoundError, match=rf"^{re.escape(str(path))} is not a loadable libexpert_parallel.so of ABI "
+                                                       rf"version \d+: .*; build it with `scripts/build-library`"):
+        _library.load()
