@@ -8,7 +8,7 @@ import sys
 
 from . import _abi, _arrays
 from ._library import call
-from .errors import InvalidArgumentError, OutOfMemoryError
+from .errors import InvalidArgumentError, InvalidUsageError, OutOfMemoryError
 
 INT32 = 2**31 - 1
 INT64 = 2**63 - 1
@@ -32,6 +32,21 @@ def cuda_ordinal(device, text):
     if len(digits) > 10 or int(digits) > INT32:
         raise InvalidArgumentError(f"device={device!r}: its ordinal must be in [0, {INT32}]")
     return int(digits)
+
+
+def process_group_place(dist, process_group, name):
+    """(rank, size) of this process in torch.distributed's `process_group` (the argument `name`),
+    checked: torch.distributed initialised, a process group (torch's ValueError "Group ... is not
+    registered" named no argument), this process one of its ranks."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise InvalidUsageError("torch.distributed is not initialised: call torch.distributed.init_process_group first")
+    try:
+        rank, size = dist.get_rank(process_group), dist.get_world_size(process_group)
+    except (ValueError, RuntimeError, TypeError, AttributeError) as error:
+        raise InvalidArgumentError(f"{name}: {process_group!r:.100} is not a torch.distributed process group ({error})") from None
+    if rank < 0:
+        raise InvalidArgumentError(f"{name}: this process is not one of its {size} ranks; pass a group it belongs to")
+    return rank, size
 
 
 def integer(value, name, low, high):

@@ -41,7 +41,13 @@ def _share_unique_id(dist, process_group, rank):
     if message[0][0] == "error":
         _, name, text, status = message[0]
         cls = getattr(errors, name, ExpertParallelError)
-        raise cls(f"rank 0 could not make the NCCL unique id: {text}", status)
+        if not (isinstance(cls, type) and issubclass(cls, ExpertParallelError)):
+            cls = ExpertParallelError
+        # (One argument: cls(message, status) read as the tuple "('rank 0 could not ...', 8)".)
+        error = cls(f"rank 0 could not make the NCCL unique id: {text}")
+        if error.status != status:
+            error.status, error.status_name = status, errors._STATUS_NAMES.get(status, f"epResult_t {status}")
+        raise error
     return message[0][1]
 
 
@@ -150,7 +156,7 @@ class NCCLGroup(GroupBase):
         if not dist.is_available() or not dist.is_initialized():
             raise InvalidUsageError("torch.distributed is not initialised: call torch.distributed.init_process_group first")
         process_group = process_group if process_group is not None else dist.group.WORLD
-        rank, ranks = dist.get_rank(process_group), dist.get_world_size(process_group)
+        rank, ranks = _config.process_group_place(dist, process_group, "process_group")
         unique_id = _share_unique_id(dist, process_group, rank)
         return cls(experts, hidden, top_k, max_tokens, rank=rank, ranks=ranks, unique_id=unique_id, device=device,
                    **settings)

@@ -451,3 +451,50 @@ def test_a_library_path_that_is_not_the_library_is_named(tmp_path, monkeypatch, 
     with pytest.raises(ep.LibraryNotFoundError, match=rf"^{re.escape(str(path))} is not a loadable libexpert_parallel.so of ABI "
                                                        rf"version \d+: .*; build it with `scripts/build-library`"):
         _library.load()
+
+
+# -- torch.distributed process groups --------------------------------------------------------------
+
+
+def test_a_process_group_that_is_not_one_is_named(tmp_path, monkeypatch):
+    # dist.get_rank's ValueError ("Group pg is not registered, please create group with
+    # torch.distributed.new_group API") came out of NCCLGroup.from_process_group and Buffer, naming
+    # no argument; an unreadable LOCAL_WORLD_SIZE int()'s; a max_tokens_per_rank of a wrong kind
+    # was taken by a CPU Buffer.
+    import torch.distributed as dist
+
+    from expert_parallel.compat.deep_ep import Buffer
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        for value in ("pg", 3):
+            with pytest.raises(ep.InvalidArgumentError, match=rf"^process_group: {value!r} is not a torch.distributed process "
+                                                               r"group \(Group .* is not registered"):
+                ep.NCCLGroup.from_process_group(value, experts=4, hidden=8, top_k=2, max_tokens=2)
+            with pytest.raises(ep.InvalidArgumentError, match=rf"^group: {value!r} is not a torch.distributed process group"):
+                Buffer(value, device="cpu")
+        with pytest.raises(ep.InvalidArgumentError, match=r"^max_tokens_per_rank='x'; must be an integer"):
+            Buffer(dist.group.WORLD, device="cpu", max_tokens_per_rank="x")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "eight")
+        with pytest.raises(ep.InvalidArgumentError, match=r"^LOCAL_WORLD_SIZE='eight' \(environment\); must be the number of ranks"):
+            Buffer(dist.group.WORLD, device="cpu")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_0s_unique_id_error_reaches_the_other_ranks_as_one_message():
+    # The error was raised as cls(message, status): its text read "('rank 0 could not make the NCCL
+    # unique id: ...', 8)".
+    from expert_parallel.nccl_group import _share_unique_id
+
+    class Relay:
+        def get_global_rank(self, group, rank):
+            return 0
+
+        def broadcast_object_list(self, objects, src, group):
+            objects[:] = [("error", "NcclError", "epGetNCCLUniqueId: libnccl.so.2 is not available", ep.NcclError.status)]
+
+    with pytest.raises(ep.NcclError) as caught:
+        _share_unique_id(Relay(), "pg", 1)
+    assert str(caught.value) == "rank 0 could not make the NCCL unique id: epGetNCCLUniqueId: libnccl.so.2 is not available"
+    assert caught.value.status == ep.NcclError.status

@@ -8,7 +8,7 @@ import re
 from typing import Any, Callable, List, Optional, Tuple, Union
 
 from ...errors import InvalidArgumentError, InvalidUsageError
-from ..._config import integer, seconds
+from ..._config import integer, process_group_place, seconds
 from . import _engine, _events
 from ._agreement import warm_up
 from ._config import Config, check_num_sms, default_config
@@ -113,8 +113,11 @@ class Buffer:
 
         if group is None:
             raise InvalidArgumentError("group=None; must be a torch.distributed process group (Buffer.virtual makes ranks in one process)")
-        rank, size = dist.get_rank(group), dist.get_world_size(group)
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+        rank, size = process_group_place(dist, group, "group")
+        local_text = os.environ.get("LOCAL_WORLD_SIZE", str(size))
+        if not (local_text.isascii() and local_text.strip().isdigit()):   # (int() raised its ValueError)
+            raise InvalidArgumentError(f"LOCAL_WORLD_SIZE={local_text!r} (environment); must be the number of ranks on this node")
+        local = int(local_text)
         if size > _NVL_PEERS or local < size:
             raise not_supported("group", f"{size} ranks over {max(1, size // max(local, 1))} nodes",
                                 f"internode dispatch (RDMA) is not offered; every rank must be on one node, ≤ {_NVL_PEERS} ranks")
@@ -126,8 +129,10 @@ class Buffer:
             raise not_supported("group", f"a {size}-rank process group on the CPU",
                                 "the CPU backend runs every rank in one process: use Buffer.virtual(ranks=...)")
         fixed = None
+        if max_tokens_per_rank is not None:   # (checked wherever given: one process's ranks ignore it, a wrong one too)
+            max_tokens_per_rank = integer(max_tokens_per_rank, "max_tokens_per_rank", 1, 2**31 - 1)
         if device != "cpu" and size > 1:
-            fixed = _DEFAULT_TOKENS if max_tokens_per_rank is None else integer(max_tokens_per_rank, "max_tokens_per_rank", 1, 2**31 - 1)
+            fixed = _DEFAULT_TOKENS if max_tokens_per_rank is None else max_tokens_per_rank
         groups = Groups(ranks=size if device != "cpu" else 1, device=device, timeout=_timeout(timeout),
                         process_group=group, fixed_tokens=fixed)
         if groups.nccl:
