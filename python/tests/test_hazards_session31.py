@@ -498,3 +498,24 @@ def test_rank_0s_unique_id_error_reaches_the_other_ranks_as_one_message():
         _share_unique_id(Relay(), "pg", 1)
     assert str(caught.value) == "rank 0 could not make the NCCL unique id: epGetNCCLUniqueId: libnccl.so.2 is not available"
     assert caught.value.status == ep.NcclError.status
+
+
+def test_a_deep_ep_event_that_is_not_one_is_named_and_a_mock_does_not_hang():
+    # EventOverlap(3).current_stream_wait() reached torch (AssertionError "Torch not compiled with
+    # CUDA enabled" here, a TypeError of wait_event on a GPU); a MagicMock as previous_event made
+    # the unwrapping of .event loop forever.
+    from unittest import mock
+
+    from expert_parallel.compat.deep_ep import EventOverlap
+
+    for value in (3, "event", torch.zeros(1)):
+        with pytest.raises(ep.InvalidArgumentError, match=r"^EventOverlap.event: a \w+ \(.*\); must be an EventOverlap, an "
+                                                          r"EventHandle, a CUDA event or None"):
+            EventOverlap(value).current_stream_wait()
+    EventOverlap(None).current_stream_wait()
+    EventOverlap(EventOverlap(None)).current_stream_wait()
+    buffer, x, idx, w = _buffer_step()
+    with pytest.raises(ep.InvalidArgumentError, match=r"^previous_event: a MagicMock whose .event nests more than 8 deep"):
+        buffer.get_dispatch_layout(idx, 4, previous_event=mock.MagicMock())
+    buffer.get_dispatch_layout(idx, 4, previous_event=EventOverlap(None))
+    buffer.destroy()

@@ -21,7 +21,7 @@ class EventOverlap:
 
     def current_stream_wait(self) -> None:
         """The current stream waits for the event (nothing to wait for without one)."""
-        event = _cuda_event(self.event)
+        event = _cuda_event(self.event, "EventOverlap.event")
         if event is not None:
             import torch
 
@@ -45,25 +45,40 @@ def record(device: str) -> Any:
     return event
 
 
-def _cuda_event(event: Any) -> Any:
+_MOST_NESTED = 8   # EventOverlap(EventHandle(...)) and the like; past this an object's .event leads on forever (a mock, a cycle)
+
+
+def _cuda_event(event: Any, name: str) -> Any:
     """The torch.cuda.Event inside `event` (an EventOverlap, a utils.EventHandle, either holding
-    the other, or the event itself), or None."""
-    while event is not None and hasattr(event, "event"):
+    the other, or the event itself), or None; anything else raises the error naming `name` (a
+    wrong value reached torch's wait_event, whose error named none; an object whose ``.event``
+    never ends, a MagicMock, looped forever)."""
+    given = event
+    for _ in range(_MOST_NESTED):
+        if event is None or not hasattr(event, "event"):
+            break
         event = event.event
+    else:
+        raise InvalidArgumentError(f"{name}: a {type(given).__name__} whose .event nests more than {_MOST_NESTED} deep; must be "
+                                   "an EventOverlap, an EventHandle, a CUDA event or None")
+    if event is None:
+        return None
+    import torch
+
+    kinds = (torch.cuda.Event,) + ((torch.Event,) if hasattr(torch, "Event") else ())
+    if not isinstance(event, kinds):
+        raise InvalidArgumentError(
+            f"{name}: a {type(given).__name__} ({given!r:.100}); must be an EventOverlap, an EventHandle, a CUDA event or None")
     return event
 
 
 def wait(event: Any, device: str) -> None:
     """The current stream of `device` waits for `event` (an EventOverlap, an EventHandle, a CUDA
     event or None)."""
-    given, event = event, _cuda_event(event)
+    event = _cuda_event(event, "previous_event")
     if event is None:
         return
     import torch
 
-    kinds = (torch.cuda.Event,) + ((torch.Event,) if hasattr(torch, "Event") else ())
-    if not isinstance(event, kinds):
-        raise InvalidArgumentError(
-            f"previous_event: a {type(given).__name__} ({given!r}); must be an EventOverlap, an EventHandle, a CUDA event or None")
     if device != "cpu":
         torch.cuda.current_stream(torch.device(device)).wait_event(event)
