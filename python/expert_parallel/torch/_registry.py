@@ -53,6 +53,8 @@ class Entry:
         self._mask_address = ctypes.addressof(self._mask)
         self._all = (1 << group.ranks) - 1
         self._read_mask = _library.addresses_entry("epGroupGetActiveRanks")
+        #: a CPU VirtualGroup: its mask is read every call (require_active)
+        self.reads_mask = not self.one_rank and group._device == -1
 
     def start(self) -> Tuple[Handle, torch.Tensor]:
         """A handle for a new step and the step's token; the handle returns to the pool when the
@@ -86,13 +88,13 @@ class Entry:
     def require_active(self) -> None:
         """Raises InactiveRankError while a rank of the group is masked: LL's selection rows
         assume every rank's rows, and a masked rank's outputs would be left unwritten. A CPU
-        group's mask is read every call (host memory: no synchronisation), so a rank masked
+        VirtualGroup's mask is read every call (host memory: no synchronisation), so a rank masked
         past the package (epGroupDeactivateRank through the raw C ABI) is seen too. A GPU group's
         is read (a synchronisation) only once a call of this process has masked a rank or met or
         seen a masked one (_library.mask_changes) since every rank was last found active: the data
         path reads two numbers."""
         changes = _library.mask_changes
-        if self.group._device == -1:
+        if self.reads_mask:
             handle = self.group._group
             if handle and not self._read_mask(handle.value, self._mask_address) and self._mask.value == self._all:
                 self.mask_seen = changes
