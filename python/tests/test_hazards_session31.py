@@ -519,3 +519,30 @@ def test_a_deep_ep_event_that_is_not_one_is_named_and_a_mock_does_not_hang():
         buffer.get_dispatch_layout(idx, 4, previous_event=mock.MagicMock())
     buffer.get_dispatch_layout(idx, 4, previous_event=EventOverlap(None))
     buffer.destroy()
+
+
+def test_the_ops_called_directly_name_a_meta_step_token_and_a_wrong_backward_argument():
+    # torch.ops.expert_parallel.* are public: a meta step token sent combine to its fake
+    # implementation, which returned uninitialised memory; backward_combine's tokens=-1 raised
+    # torch's RuntimeError (another B was named "out"), backward_dispatch's gradient of one
+    # dimension an IndexError, backward_combine's of another shape was named "expert_outputs".
+    from expert_parallel.torch import Exchange
+
+    exchange = Exchange(group(algorithm="ht"))
+    ops = torch.ops.expert_parallel
+    x, idx, w = step()
+    sent = exchange.dispatch(x, idx, w)
+    rows = torch.zeros_like(sent.tokens)
+    refused(lambda: ops.combine(rows, sent.routing, None, torch.tensor(sent.step.item(), device="meta"), exchange.id),
+            r"^step: a tensor on meta; must be the step token dispatch returned .*: a meta input runs the op's fake implementation")
+    for tokens in (-1, 99):
+        refused(lambda: ops.backward_combine(rows, None, sent.step, exchange.id, tokens),
+                rf"^tokens={tokens}; must be 3, the tokens per rank of the step's dispatch")
+    refused(lambda: ops.backward_combine(torch.zeros(2, 3, 8), None, sent.step, exchange.id, 3),
+            r"^grad_received: shape \[2, 3, 8\]; must be \[2, 6, 8\], as dispatched.tokens")
+    refused(lambda: ops.backward_combine(rows, torch.zeros(1), sent.step, exchange.id, 3),
+            r"^grad_weights: shape \[1\]; must be \[2, 6, 2\], as dispatched.topk_weights")
+    for shape in ((8,), (2, 2, 8)):
+        refused(lambda: ops.backward_dispatch(torch.zeros(shape), sent.step, exchange.id),
+                rf"^grad_combined: shape \[{', '.join(map(str, shape))}\]; must be \[2, 3, 8\], the step's tokens")
+    assert ops.backward_dispatch(torch.ones(2, 3, 8), sent.step, exchange.id).shape == sent.tokens.shape

@@ -197,11 +197,25 @@ def _bind_weights(group, handle, weights: Optional[Tensor]) -> Optional[Tensor]:
     return None
 
 
+def _step_tokens(handle) -> Optional[int]:
+    """The tokens per rank (B) that `handle`'s step dispatched, or None where it has none."""
+    return handle.tokens if isinstance(handle.tokens, int) else (handle.tokens[0] if handle.tokens else None)
+
+
+def _check_fake_step(step: Tensor) -> None:
+    """Raises the error naming a step token on ``meta`` in a fake implementation: one meta input
+    sends the op to it outside tracing too, and its outputs (the others' device's) are
+    uninitialised memory (the real tensors' device)."""
+    if step.device.type == "meta":
+        raise InvalidArgumentError("step: a tensor on meta; must be the step token dispatch returned (a 0-dim torch.int64 tensor "
+                                   "on the CPU): a meta input runs the op's fake implementation, whose outputs are uninitialised")
+
+
 def _check_step_tokens(handle, tokens: int, topk_idx: Tensor) -> None:
     """Raises the error naming the routing unless its B is that of the step whose token combine
     got: the routing of another step (a ``Dispatched`` whose fields come from two dispatches)
     would size the output, and the group would refuse it as ``out``, not as the routing."""
-    dispatched = handle.tokens if isinstance(handle.tokens, int) else (handle.tokens[0] if handle.tokens else None)
+    dispatched = _step_tokens(handle)
     if dispatched is not None and tokens != dispatched:
         raise InvalidArgumentError(
             f"dispatched.routing (the combine op's topk_idx): shape {list(topk_idx.shape)}, {tokens} tokens per rank; the step of "
@@ -241,6 +255,7 @@ def combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tensor],
 @combine.register_fake
 def _(expert_outputs, topk_idx, weights, step, group):
     g = _registry.entry(group).group
+    _check_fake_step(step)
     _check_combine(g, expert_outputs, weights, topk_idx.shape[-2])
     return expert_outputs.new_empty(_lead(g) + (topk_idx.shape[-2], g.hidden))
 
@@ -251,6 +266,9 @@ def backward_dispatch(grad_combined: Tensor, step: Tensor, group: int) -> Tensor
     forward dispatch filled (the adjoint of combine's sum)."""
     entry = _registry.entry(group)
     g, handle = entry.group, entry.step(step)
+    tokens = _step_tokens(handle)   # (checked: a direct call's gradient of another shape raised IndexError, or was named xs)
+    _require(grad_combined, "grad_combined", (_ELEMENT_TYPES[g.dtype],), _lead(g) + (tokens, g.hidden), g._device,
+             ", the step's tokens")
     received, idx, weights = _received(g, grad_combined, torch.zeros if entry.zero_fill and not entry.one_rank else torch.empty)
     routing = None
     if g.recv_routing_shape is not None:   # these layouts send weights along; the backward pass ignores them
@@ -261,6 +279,7 @@ def backward_dispatch(grad_combined: Tensor, step: Tensor, group: int) -> Tensor
 
 @backward_dispatch.register_fake
 def _(grad_combined, step, group):
+    _check_fake_step(step)
     return grad_combined.new_empty(_shapes(_registry.entry(group).group)[0])
 
 
@@ -273,6 +292,13 @@ def backward_combine(grad_received: Tensor, grad_weights: Optional[Tensor], step
     for LL)."""
     entry = _registry.entry(group)
     g, handle = entry.group, entry.step(step)
+    dispatched = _step_tokens(handle)
+    if tokens != dispatched:   # (a direct call's: -1 raised torch's RuntimeError, another B was named out)
+        raise InvalidArgumentError(f"tokens={tokens}; must be {dispatched}, the tokens per rank of the step's dispatch")
+    received_shape, routing_shape = _shapes(g)
+    _require(grad_received, "grad_received", (_ELEMENT_TYPES[g.dtype],), received_shape, g._device, ", as dispatched.tokens")
+    if grad_weights is not None and g.algorithm == "ht":
+        _require(grad_weights, "grad_weights", _WEIGHT_TYPES, routing_shape, g._device, ", as dispatched.topk_weights")
     lead = _lead(g)
     grad_x = grad_received.new_empty(lead + (tokens, g.hidden))
     if g.algorithm != "ht":
@@ -289,6 +315,9 @@ def backward_combine(grad_received: Tensor, grad_weights: Optional[Tensor], step
 @backward_combine.register_fake
 def _(grad_received, grad_weights, step, group, tokens):
     g = _registry.entry(group).group
+    _check_fake_step(step)
+    if tokens < 0:
+        raise InvalidArgumentError(f"tokens={tokens}; must be the tokens per rank of the step's dispatch (≥ 0)")
     lead = _lead(g)
     shape = lead + ((tokens, g.top_k) if g.algorithm == "ht" else (0,))
     return grad_received.new_empty(lead + (tokens, g.hidden)), grad_received.new_empty(shape, dtype=torch.float32)
