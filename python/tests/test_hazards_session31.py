@@ -545,4 +545,6 @@ def test_the_ops_called_directly_name_a_meta_step_token_and_a_wrong_backward_arg
     for shape in ((8,), (2, 2, 8)):
         refused(lambda: ops.backward_dispatch(torch.zeros(shape), sent.step, exchange.id),
                 rf"^grad_combined: shape \[{', '.join(map(str, shape))}\]; must be \[2, 3, 8\], the step's tokens")
+    refused(lambda: ops.combine(rows, sent.routing.to("meta"), None, sent.step, exchange.id), r"^topk_idx: a tensor on meta; must be on the group's device")
+    refused(lambda: ops.backward_combine(rows, torch.zeros(2, 6, 2, device="meta"), sent.step, exchange.id, 3), r"^grad_weights: a tensor on meta")
     assert ops.backward_dispatch(torch.ones(2, 3, 8), sent.step, exchange.id).shape == sent.tokens.shape

@@ -202,13 +202,18 @@ def _step_tokens(handle) -> Optional[int]:
     return handle.tokens if isinstance(handle.tokens, int) else (handle.tokens[0] if handle.tokens else None)
 
 
-def _check_fake_step(step: Tensor) -> None:
-    """Raises the error naming a step token on ``meta`` in a fake implementation: one meta input
-    sends the op to it outside tracing too, and its outputs (the others' device's) are
-    uninitialised memory (the real tensors' device)."""
+def _check_fake_step(step: Tensor, *others: Tuple[str, Optional[Tensor]]) -> None:
+    """Raises the error naming a step token (or another input of `others`, (name, tensor) pairs
+    the fake implementation does not check otherwise) on ``meta``: one meta input sends the op to
+    its fake implementation outside tracing too, whose outputs (on the other inputs' device) are
+    uninitialised memory."""
     if step.device.type == "meta":
         raise InvalidArgumentError("step: a tensor on meta; must be the step token dispatch returned (a 0-dim torch.int64 tensor "
                                    "on the CPU): a meta input runs the op's fake implementation, whose outputs are uninitialised")
+    for name, value in others:
+        if value is not None and value.device.type == "meta":
+            raise InvalidArgumentError(f"{name}: a tensor on meta; must be on the group's device: a meta input runs the op's fake "
+                                       "implementation, whose outputs are uninitialised")
 
 
 def _check_step_tokens(handle, tokens: int, topk_idx: Tensor) -> None:
@@ -255,7 +260,7 @@ def combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tensor],
 @combine.register_fake
 def _(expert_outputs, topk_idx, weights, step, group):
     g = _registry.entry(group).group
-    _check_fake_step(step)
+    _check_fake_step(step, ("topk_idx", topk_idx))
     _check_combine(g, expert_outputs, weights, topk_idx.shape[-2])
     return expert_outputs.new_empty(_lead(g) + (topk_idx.shape[-2], g.hidden))
 
@@ -315,7 +320,7 @@ def backward_combine(grad_received: Tensor, grad_weights: Optional[Tensor], step
 @backward_combine.register_fake
 def _(grad_received, grad_weights, step, group, tokens):
     g = _registry.entry(group).group
-    _check_fake_step(step)
+    _check_fake_step(step, ("grad_weights", grad_weights))
     if tokens < 0:
         raise InvalidArgumentError(f"tokens={tokens}; must be the tokens per rank of the step's dispatch (≥ 0)")
     lead = _lead(g)
