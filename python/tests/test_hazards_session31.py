@@ -6,7 +6,18 @@
 - so did the data-path call structs' names of the tensors (``call.inputTokens``,
   ``call.receivedTokens.data``, ``outputs[0].tokens``, ``call.combinedTokens``), in the errors
   of overlapping or unaligned tensors, where the caller passed ``xs``, ``out=`` or the group's
-  own buffers.
+  own buffers;
+- ``Exchange.combine`` of a Dispatched whose routing is another step's named ``out``;
+- a rank masked through the raw C ABI went unseen by the torch ops (uninitialised rows, no error);
+- None as a process's first tensor, sparse and nested tensors, raised AttributeError /
+  RuntimeError / NotImplementedError from the data path, the torch ops and DeepEP's Buffer; the
+  ops refused rows off an 8-byte boundary naming the group's ``xs``;
+- DeepEP's Buffer: ``out`` over ``x`` named in the group's words, unused arguments of any kind,
+  events that are not (torch's AssertionError; a MagicMock looped forever), process groups that
+  are not (torch's ValueError);
+- a closed group's Exchange, ``deactivate``'s bounds, the bench's ``--json`` folder, a library
+  file that is not the library (OSError / AttributeError), rank 0's relayed error as a tuple, and
+  the ops called directly with a meta input (uninitialised outputs) or wrong backward arguments.
 """
 
 import re
