@@ -1,3 +1,5 @@
+import Foundation
+
 /// Where a tensor's memory lives.
 public enum MemoryLocation: Sendable, Hashable {
     case host
@@ -76,21 +78,39 @@ public final class HostTensor: @unchecked Sendable {
     public let shape: [Int]
     public let storage: UnsafeMutableRawPointer
     public let byteCount: Int
+    /// The product of the sizes (0 where one is 0, whatever the others are).
+    public let elementCount: Int
 
-    /// A zero-filled tensor; every size of `shape` must be ≥ 0.
-    public init(_ dtype: DataType, _ shape: [Int]) {
-        precondition(shape.allSatisfy { $0 >= 0 }, "HostTensor: shape \(shape) has a negative size")
+    /// A zero-filled tensor. The shape is the caller's, checked before anything is allocated (as
+    /// `DeviceTensor`'s): a negative size, or bytes past Int.max, throws `invalidArgument` naming
+    /// it; bytes past this host's memory (or that the allocator refuses) throw `outOfMemory`. A
+    /// size of 0 makes an empty tensor whatever the other sizes.
+    public init(_ dtype: DataType, _ shape: [Int]) throws(EPError) {
+        if let i = shape.firstIndex(where: { $0 < 0 }) {
+            throw .invalidArgument(field: "shape[\(i)]", value: "\(shape[i])", requirement: "must be ≥ 0")
+        }
+        guard let bytes = TensorRef.checkedProduct(shape, times: dtype.byteSize) else {
+            throw .invalidArgument(field: "shape", value: "\(shape)", requirement: "must describe at most \(Int.max) bytes of \(dtype)")
+        }
+        let what = "a HostTensor of \(dtype)\(shape)"
+        let available = Int(clamping: ProcessInfo.processInfo.physicalMemory)
+        guard bytes <= available else { throw .outOfMemory(buffer: what, bytes: bytes, available: available) }
+        // posix_memalign, not `allocate`: a refusal is a nil here, where `allocate` would trap.
+        var memory: UnsafeMutableRawPointer?
+        guard posix_memalign(&memory, 64, max(bytes, 1)) == 0, let memory else {
+            throw .outOfMemory(buffer: what + " (the allocator refused it)", bytes: bytes, available: available)
+        }
+        memory.initializeMemory(as: UInt8.self, repeating: 0, count: max(bytes, 1))
         self.dtype = dtype
         self.shape = shape
-        byteCount = shape.reduce(1, *) * dtype.byteSize
-        storage = .allocate(byteCount: max(byteCount, 1), alignment: 64)
-        storage.initializeMemory(as: UInt8.self, repeating: 0, count: max(byteCount, 1))
+        byteCount = bytes
+        elementCount = bytes / dtype.byteSize
+        storage = memory
     }
 
-    deinit { storage.deallocate() }
+    deinit { free(storage) }
 
     public var ref: TensorRef { TensorRef(address: storage, dtype: dtype, shape: shape, owner: self) }
-    public var elementCount: Int { shape.reduce(1, *) }
 
     public func fill(byte: UInt8) { storage.initializeMemory(as: UInt8.self, repeating: byte, count: byteCount) }
     public func bytes() -> [UInt8] { Array(UnsafeRawBufferPointer(start: storage, count: byteCount)) }

@@ -21,7 +21,7 @@ final class FP8HostData: @unchecked Sendable {
         let handle = try group.makeHandle()
         defer { handle.release() }
         try group.update(handle, topkIdx: data.topkIdx.map(\.ref))
-        let outputs = (0..<config.ranks).map { _ in data.outputs(for: plain) }
+        let outputs = try (0..<config.ranks).map { _ in try data.outputs(for: plain) }
         try group.dispatch(handle, (0..<config.ranks).map(data.dispatchInput), into: outputs.map(\.dispatch))
         plainRows = outputs.map(\.dispatchTokens)
         guard fp8.source == .passThrough else {
@@ -32,7 +32,7 @@ final class FP8HostData: @unchecked Sendable {
         var codes: [HostTensor] = [], scales: [HostTensor] = []
         for x in data.tokens {
             let rows = x.shape[0]
-            let c = HostTensor(.e4m3, [rows, config.hidden]), s = HostTensor(fp8.scaleType, [rows, format.scaleWordsPerRow])
+            let c = try HostTensor(.e4m3, [rows, config.hidden]), s = try HostTensor(fp8.scaleType, [rows, format.scaleWordsPerRow])
             for t in 0..<rows { Self.quantize(x, row: t, format, codes: c, scales: s, at: t) }
             codes.append(c)
             scales.append(s)

@@ -15,11 +15,11 @@ final class BenchData: @unchecked Sendable {
         for r in 0..<config.ranks {
             var random = RandomRouting(seed: seed &+ UInt64(r) &* 7919)
             let experts = try random.experts(tokens: count, topK: config.topK, experts: config.experts, skew: skew)
-            let x = HostTensor(config.elementType, [count, config.hidden])
+            let x = try HostTensor(config.elementType, [count, config.hidden])
             x.copy(from: try random.payload(count * config.hidden, config.elementType))
-            let w = HostTensor(.f32, [count, config.topK])
+            let w = try HostTensor(.f32, [count, config.topK])
             w.copy(from: try random.weights(count * config.topK))
-            let i = HostTensor(.i32, [count, config.topK])
+            let i = try HostTensor(.i32, [count, config.topK])
             i.copy(from: experts)
             tokens.append(x); weights.append(w); idx.append(i)
             routings.append(try RoutingTable(experts: experts, tokens: count, config: config))
@@ -45,13 +45,17 @@ final class BenchData: @unchecked Sendable {
         var combine: CombineOutput { CombineOutput(tokens: combineTokens.ref) }
     }
 
-    func outputs(for config: GroupConfig) -> Outputs {
-        Outputs(
-            dispatchTokens: HostTensor(config.receiveElementType, config.receiveShape),
-            dispatchIdx: config.receiveRoutingShape.map { HostTensor(.i32, $0) },
-            dispatchWeights: config.receiveRoutingShape.map { HostTensor(.f32, $0) },
-            dispatchScales: config.fp8.flatMap { fp8 in config.receiveScalesShape.map { HostTensor(fp8.scaleType, $0) } },
-            combineTokens: HostTensor(config.elementType, [tokenCount, config.hidden]))
+    func outputs(for config: GroupConfig) throws(EPError) -> Outputs {
+        func tensor(_ dtype: DataType, _ shape: [Int]?) throws(EPError) -> HostTensor? {
+            guard let shape else { return nil }
+            return try HostTensor(dtype, shape)
+        }
+        return Outputs(
+            dispatchTokens: try HostTensor(config.receiveElementType, config.receiveShape),
+            dispatchIdx: try tensor(.i32, config.receiveRoutingShape),
+            dispatchWeights: try tensor(.f32, config.receiveRoutingShape),
+            dispatchScales: try config.fp8.flatMap { fp8 throws(EPError) in try tensor(fp8.scaleType, config.receiveScalesShape) },
+            combineTokens: try HostTensor(config.elementType, [tokenCount, config.hidden]))
     }
 
     func dispatchInput(_ rank: Int) -> DispatchInput {

@@ -25,7 +25,7 @@ struct GPUBenchmark {
         let fp8 = try config.fp8.map { _ in try FP8HostData(config: config, data: data) }
         let x = try (fp8?.sourceCodes ?? data.tokens).map(upload), w = try data.weights.map(upload), idx = try data.topkIdx.map(upload)
         let scalesIn = try fp8?.sourceScales?.map(upload)
-        let host = (0..<r).map { _ in data.outputs(for: config) }
+        let host = try (0..<r).map { _ in try data.outputs(for: config) }
         let received = try host.map { try upload($0.dispatchTokens) }
         let receivedIdx = try host.map { try $0.dispatchIdx.map(upload) }
         let receivedWeights = try host.map { try $0.dispatchWeights.map(upload) }

@@ -19,7 +19,7 @@ struct HostBenchmark {
         let results = group.run { rank throws(EPError) -> [[Double]] in
             let r = rank.rank
             let handle = try rank.makeHandle()
-            let outputs = data.outputs(for: config)
+            let outputs = try data.outputs(for: config)
             var samples: [[Double]] = []
             for i in 0..<(warmup + iterations) {
                 let t0 = ContinuousClock.now

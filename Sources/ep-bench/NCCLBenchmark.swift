@@ -121,7 +121,7 @@ extension BenchData {
         for r in without { group[0].deactivate(rank: r) }
         let results = group.run { rank throws(EPError) -> [UInt8] in
             if without.contains(rank.rank) { return [] }
-            let outputs = self.outputs(for: config)
+            let outputs = try self.outputs(for: config)
             let handle = try rank.makeHandle()
             try rank.update(handle, topkIdx: self.topkIdx[rank.rank].ref)
             _ = try rank.dispatch(handle, self.dispatchInput(rank.rank), into: outputs.dispatch, direction: .forward)

@@ -73,7 +73,7 @@ struct NCCLStep {
 
     /// This rank's combined rows (synchronises).
     func combinedRows() throws -> HostTensor {
-        let host = HostTensor(combined.dtype, combined.shape)
+        let host = try HostTensor(combined.dtype, combined.shape)
         try combined.download(into: host)
         return host
     }
@@ -84,7 +84,7 @@ struct NCCLStep {
     func receivedFP8Matches(rank: Int) throws -> Bool {
         guard let fp8, let scales = group.slots[0].receivedScales else { return true }
         let config = group.config
-        let rows = HostTensor(config.receiveElementType, config.receiveShape), words = HostTensor(scales.dtype, scales.shape)
+        let rows = try HostTensor(config.receiveElementType, config.receiveShape), words = try HostTensor(scales.dtype, scales.shape)
         for (buffer, host) in [(group.receivedTokens, rows), (scales, words)] {
             try group.device.driver.copy(from: buffer.devicePointer, to: host.storage, byteCount: host.byteCount, stream: group.stream)
         }

@@ -31,7 +31,7 @@ struct DescriptorCacheTests {
             var update: [epUpdateInputs_t] = [], inputs: [epDispatchInputs_t] = [], outputs: [epDispatchOutputs_t] = []
             var tokens: [UnsafeMutablePointer<epTensor_t>] = []
             for _ in 0..<2 {
-                let idx = HostTensor(.i32, [4, 2])
+                let idx = try HostTensor(.i32, [4, 2])
                 let ids = idx.storage.bindMemory(to: Int32.self, capacity: 8)
                 for i in 0..<8 { ids[i] = Int32(i % 8) }
                 var u = epUpdateInputs_t()

@@ -64,7 +64,7 @@ struct FP8OracleTests {
                 let group = try VirtualGPUGroup(config, device: device)
                 let tokens = [24, 17]
                 var inputs = try StepInputs(config: config, tokens: tokens, seed: 21, minusOneRate: 0)
-                inputs.tokens = tokens.map { FP8EdgeValues.rows($0, hidden: config.hidden, blockSize: mode.blockSize, element) }
+                inputs.tokens = try tokens.map { try FP8EdgeValues.rows($0, hidden: config.hidden, blockSize: mode.blockSize, element) }
                 try stepMatchesTheOracle(group, inputs, tokens, "edge values \(mode) \(element) \(layout)")
             }
         }

@@ -14,22 +14,22 @@ extension StepInputs {
         case .quantize:
             // f16 holds magnitudes 2^-24 … 65504; bf16 and f32 take 2^-30 … 2^30.
             let range = config.elementType == .f16 ? 14 : 30
-            tokens = counts.map { b in
+            tokens = try counts.map { b in
                 var values = [Float](repeating: 0, count: b * config.hidden)
                 for block in 0..<(values.count / fp8.scales.blockSize) {
                     let factor = Float(sign: .plus, exponent: Int(random.next() % UInt64(2 * range + 1)) - range, significand: 1)
                     for i in 0..<fp8.scales.blockSize { values[block * fp8.scales.blockSize + i] = (random.unit() * 2 - 1) * factor }
                 }
-                return HostTensor(elements: values, config.elementType, [b, config.hidden])
+                return try HostTensor(elements: values, config.elementType, [b, config.hidden])
             }
         case .passThrough:
-            tokens = counts.map { b in
-                let codes = HostTensor(.e4m3, [b, config.hidden])
+            tokens = try counts.map { b in
+                let codes = try HostTensor(.e4m3, [b, config.hidden])
                 codes.copy(from: (0..<(b * config.hidden)).map { _ in UInt8(truncatingIfNeeded: random.next()) })
                 return codes
             }
-            scales = counts.map { b in
-                let words = HostTensor(fp8.scaleType, [b, format.scaleWordsPerRow])
+            scales = try counts.map { b in
+                let words = try HostTensor(fp8.scaleType, [b, format.scaleWordsPerRow])
                 words.copy(from: (0..<(b * format.scaleWordsPerRow)).map { _ in UInt32(truncatingIfNeeded: random.next()) })
                 return words
             }
@@ -39,8 +39,8 @@ extension StepInputs {
 
 extension HostTensor {
     /// `values` stored as `type` (bf16 and f16 rounded to nearest even, as ElementConversion does).
-    convenience init(elements values: [Float], _ type: DataType, _ shape: [Int]) {
-        self.init(type, shape)
+    convenience init(elements values: [Float], _ type: DataType, _ shape: [Int]) throws {
+        try self.init(type, shape)
         for (i, v) in values.enumerated() {
             switch type {
             case .bf16: self[as: UInt16.self, i] = ElementConversion.floatToBF16(v)
@@ -74,7 +74,7 @@ enum FP8EdgeValues {
 
     /// A `[rows, hidden]` tensor of `type`: row r starts at edge block r (so every block meets every
     /// position of a row over a few rows), each block shuffled by its row.
-    static func rows(_ rows: Int, hidden: Int, blockSize: Int, _ type: DataType) -> HostTensor {
+    static func rows(_ rows: Int, hidden: Int, blockSize: Int, _ type: DataType) throws -> HostTensor {
         var values: [Float] = []
         for r in 0..<rows {
             for j in 0..<(hidden / blockSize) {
@@ -82,6 +82,6 @@ enum FP8EdgeValues {
                 values += (0..<blockSize).map { pattern[($0 * 7 + r) % pattern.count] }
             }
         }
-        return HostTensor(elements: values, type, [rows, hidden])
+        return try HostTensor(elements: values, type, [rows, hidden])
     }
 }

@@ -54,23 +54,23 @@ struct StepInputs {
             return ids
         }
         tokens = try counts.map { b in
-            let x = HostTensor(config.elementType, [b, config.hidden])
+            let x = try HostTensor(config.elementType, [b, config.hidden])
             x.copy(from: try random.payload(b * config.hidden, config.elementType))
             return x
         }
         weights = try counts.map { b in
-            let w = HostTensor(.f32, [b, config.topK])
+            let w = try HostTensor(.f32, [b, config.topK])
             w.copy(from: try random.weights(b * config.topK))
             return w
         }
         expertOutputs = try counts.map { _ in
-            let y = HostTensor(config.elementType, config.receiveShape)
+            let y = try HostTensor(config.elementType, config.receiveShape)
             y.copy(from: try random.payload(y.elementCount, config.elementType))
             return y
         }
         weightGradients = try counts.map { _ in
             guard config.algorithm == .highThroughput, let shape = config.receiveRoutingShape else { return nil }
-            let g = HostTensor(.f32, shape)
+            let g = try HostTensor(.f32, shape)
             g.copy(from: try random.weights(g.elementCount).map { $0 - 0.5 })
             return g
         }
@@ -110,15 +110,15 @@ func oracleStep(_ config: GroupConfig, _ inputs: StepInputs, direction: PassDire
     let active = (0..<config.ranks).filter { !masked.contains($0) }
     let results = group.run(ranks: active) { rank throws(EPError) -> StepResult in
         let r = rank.rank
-        let idx = HostTensor(.i32, [inputs.tokens[r].shape[0], config.topK])
+        let idx = try HostTensor(.i32, [inputs.tokens[r].shape[0], config.topK])
         idx.copy(from: inputs.routing[r])
-        let received = HostTensor(config.receiveElementType, config.receiveShape)
-        let receivedIdx = config.receiveRoutingShape.map { HostTensor(.i32, $0) }
-        let receivedWeights = config.receiveRoutingShape.map { HostTensor(.f32, $0) }
-        let receivedScales = config.receiveScalesShape.map { HostTensor(config.fp8!.scaleType, $0) }
-        let combined = HostTensor(config.elementType, inputs.tokens[r].shape)
+        let received = try HostTensor(config.receiveElementType, config.receiveShape)
+        let receivedIdx = try config.receiveRoutingShape.map { shape throws(EPError) in try HostTensor(.i32, shape) }
+        let receivedWeights = try config.receiveRoutingShape.map { shape throws(EPError) in try HostTensor(.f32, shape) }
+        let receivedScales = try config.receiveScalesShape.map { shape throws(EPError) in try HostTensor(config.fp8!.scaleType, shape) }
+        let combined = try HostTensor(config.elementType, inputs.tokens[r].shape)
         for t in [received, combined] + [receivedIdx, receivedWeights, receivedScales].compactMap({ $0 }) { t.fill(byte: 0xA5) }
-        let grads = config.carriesWeightGradients(direction) ? HostTensor(.f32, [inputs.tokens[r].shape[0], config.topK]) : nil
+        let grads = config.carriesWeightGradients(direction) ? try HostTensor(.f32, [inputs.tokens[r].shape[0], config.topK]) : nil
         grads?.fill(byte: 0xA5)
         let handle = try rank.makeHandle()
         try rank.update(handle, topkIdx: idx.ref)
@@ -173,7 +173,7 @@ final class GPUStep: @unchecked Sendable {
 
     func upload(_ inputs: StepInputs) throws {
         for r in 0..<config.ranks {
-            let ids = HostTensor(.i32, idx[r].shape)
+            let ids = try HostTensor(.i32, idx[r].shape)
             ids.copy(from: inputs.routing[r])
             try idx[r].upload(ids)
             try x[r].upload(inputs.tokens[r])
@@ -222,7 +222,7 @@ final class GPUStep: @unchecked Sendable {
         try group.checkStatus()
         return try (0..<config.ranks).map { r in
             func bytes(_ t: DeviceTensor) throws -> [UInt8] {
-                let h = HostTensor(t.dtype, t.shape)
+                let h = try HostTensor(t.dtype, t.shape)
                 try t.download(into: h)
                 return h.bytes()
             }

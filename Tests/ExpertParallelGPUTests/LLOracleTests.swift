@@ -290,7 +290,7 @@ extension GPUStep {
         if !skipStatus { return try results(group) }
         try group.synchronize()
         return try (0..<config.ranks).map { r in
-            let rec = HostTensor(received[r].dtype, received[r].shape), comb = HostTensor(combined[r].dtype, combined[r].shape)
+            let rec = try HostTensor(received[r].dtype, received[r].shape), comb = try HostTensor(combined[r].dtype, combined[r].shape)
             try received[r].download(into: rec)
             try combined[r].download(into: comb)
             // A void step has no layout (layoutInfo throws): these results are for the rows only.

@@ -18,7 +18,7 @@ struct NCCLOneRankTests {
         let config = GroupConfig(algorithm: .lowLatency, ranks: 1, experts: 2, topK: 2, hidden: 8, elementType: .f32, maxTokensPerRank: 2)
         try withOneRankGroup(config) { group in
             let device = group.device
-            let routing = HostTensor(.i32, [2, config.topK])
+            let routing = try HostTensor(.i32, [2, config.topK])
             routing.copy(from: [Int32(0), 1, 1, -1])   // distinct experts per token (fresh memory may repeat one)
             let idx = try DeviceTensor(.i32, [2, config.topK], on: device)
             try idx.upload(routing)
@@ -139,7 +139,7 @@ struct NCCLOneRankTests {
             let got = try step.result(group, handle, slot: 0, direction: direction)
             expectSameBytes(got.combined, expected.combined, "\(layout) \(direction): combined rows")
             #expect(got.weightGradients == expected.weightGradients, "\(layout) \(direction): weight gradients")
-            let shared = HostTensor(config.elementType, config.receiveShape)
+            let shared = try HostTensor(config.elementType, config.receiveShape)
             try driver.copy(from: buffers.expertOutputs.devicePointer, to: shared.storage, byteCount: shared.byteCount)
             let sharedBytes = shared.bytes(), callerBytes = inputs.expertOutputs[0].bytes()
             var inZones = Array(repeating: false, count: config.receiveShape.dropLast().reduce(1, *))   // every row of the buffer
@@ -201,7 +201,7 @@ struct OneRankStep {
         w = try DeviceTensor(.f32, [b, config.topK], on: device)
         combined = try DeviceTensor(config.elementType, [b, config.hidden], on: device)
         gradsOut = try DeviceTensor(.f32, [b, config.topK], on: device)
-        let ids = HostTensor(.i32, idx.shape)
+        let ids = try HostTensor(.i32, idx.shape)
         ids.copy(from: inputs.routing[0])
         try idx.upload(ids)
         try x.upload(inputs.tokens[0])
@@ -238,18 +238,18 @@ struct OneRankStep {
 
     func result(_ group: NCCLRankGroup, _ handle: GPUStepHandle, slot: Int, direction: PassDirection) throws -> StepResult {
         let driver = group.device.driver
-        let received = HostTensor(config.receiveElementType, config.receiveShape)
+        let received = try HostTensor(config.receiveElementType, config.receiveShape)
         try driver.copy(from: group.slots[slot].receivedTokens.devicePointer, to: received.storage,
                         byteCount: received.byteCount)
-        let receivedScales = group.slots[slot].receivedScales.map { HostTensor($0.dtype, $0.shape) }
+        let receivedScales = try group.slots[slot].receivedScales.map { try HostTensor($0.dtype, $0.shape) }
         if let receivedScales, let buffer = group.slots[slot].receivedScales {
             try driver.copy(from: buffer.devicePointer, to: receivedScales.storage, byteCount: receivedScales.byteCount)
         }
-        let out = HostTensor(config.elementType, combined.shape)
+        let out = try HostTensor(config.elementType, combined.shape)
         try combined.download(into: out)
         var grads: [UInt8]?
         if direction == .backward && config.algorithm == .highThroughput {
-            let g = HostTensor(.f32, gradsOut.shape)
+            let g = try HostTensor(.f32, gradsOut.shape)
             try gradsOut.download(into: g)
             grads = g.bytes()
         }

@@ -49,7 +49,7 @@ struct StackedCallMockTests {
             try add("out", config.elementType, [b, config.hidden], device)
             try add("gradOut", .f32, [b, k], device)
             // Valid routing: token t of every rank picks experts t, t + 1, ... (mod E).
-            let host = HostTensor(.i32, [r, b, k])
+            let host = try HostTensor(.i32, [r, b, k])
             for i in 0..<(r * b * k) { host[as: Int32.self, i] = Int32((i / k % b + i % k) % config.experts) }
             try keep[0].upload(host)
         }

@@ -184,7 +184,7 @@ extension GPUStep {
     func receivedBytes() throws -> [[UInt8]] { try received.map(bytes) }
 
     private func bytes(_ t: DeviceTensor) throws -> [UInt8] {
-        let h = HostTensor(t.dtype, t.shape)
+        let h = try HostTensor(t.dtype, t.shape)
         try t.download(into: h)
         return h.bytes()
     }

@@ -54,7 +54,7 @@ struct CallValidationTests {
     @Test("update rejects a malformed topkIdx, naming the entry or field, the value and the bound", arguments: routingCases)
     func updateRejectsRouting(_ c: RoutingCase) throws {
         let fixture = try CallFixture(.htFlat)
-        let tensor = HostTensor(c.dtype, c.shape)
+        let tensor = try HostTensor(c.dtype, c.shape)
         for (i, v) in c.values.enumerated() {
             switch c.dtype {
             case .i64: tensor[as: Int64.self, i] = v
@@ -70,7 +70,7 @@ struct CallValidationTests {
     func updateRejectsRepeatedExpert(_ dtype: DataType) throws {
         let fixture = try CallFixture(.llExpertMajor, topK: 3)
         let rows: [Int64] = [0, 1, 2, /* token 1: */ 3, -1, 3]
-        let tensor = HostTensor(dtype, [2, 3])
+        let tensor = try HostTensor(dtype, [2, 3])
         for (i, v) in rows.enumerated() {
             if dtype == .i32 { tensor[as: Int32.self, i] = Int32(v) } else { tensor[as: Int64.self, i] = v }
         }
@@ -83,7 +83,7 @@ struct CallValidationTests {
     @Test("-1 may repeat within a row")
     func minusOneMayRepeat() throws {
         let fixture = try CallFixture(.htFlat, topK: 3)
-        let tensor = HostTensor(.i32, [1, 3])
+        let tensor = try HostTensor(.i32, [1, 3])
         tensor.copy(from: [Int32(-1), 2, -1])
         try fixture.rank.update(fixture.handle, topkIdx: tensor.ref)
     }
@@ -93,24 +93,24 @@ struct CallValidationTests {
     struct DispatchCase: Sendable, CustomTestStringConvertible {
         var name: String
         var kinds: [LayoutKind]
-        var mutate: @Sendable (CallFixture, inout DispatchInput, inout DispatchOutput) -> Void
+        var mutate: @Sendable (CallFixture, inout DispatchInput, inout DispatchOutput) throws -> Void
         var field: String, value: String, bound: String
         var testDescription: String { name }
     }
 
     static let dispatchCases: [DispatchCase] = [
         DispatchCase(name: "input.tokens with more rows than the routing", kinds: LayoutKind.allCases,
-                     mutate: { f, i, _ in i.tokens = f.scratch(.bf16, [3, 8]) }, field: "input.tokens.shape", value: "[3, 8]", bound: "must be [2, 8]"),
+                     mutate: { f, i, _ in i.tokens = try f.scratch(.bf16, [3, 8]) }, field: "input.tokens.shape", value: "[3, 8]", bound: "must be [2, 8]"),
         DispatchCase(name: "input.tokens of another element type", kinds: LayoutKind.allCases,
-                     mutate: { f, i, _ in i.tokens = f.scratch(.f16, [2, 8]) }, field: "input.tokens.dtype", value: "f16", bound: "must be bf16"),
+                     mutate: { f, i, _ in i.tokens = try f.scratch(.f16, [2, 8]) }, field: "input.tokens.dtype", value: "f16", bound: "must be bf16"),
         DispatchCase(name: "input.tokens without memory", kinds: [.llExpertMajor, .htFlat],
                      mutate: { _, i, _ in i.tokens = i.tokens.withoutAddress }, field: "input.tokens.address", value: "nil", bound: "non-nil for 16 elements"),
         DispatchCase(name: "LL expert-major output.tokens of the rank-major shape", kinds: [.llExpertMajor],
-                     mutate: { f, _, o in o.tokens = f.scratch(.bf16, [1, 4, 8]) }, field: "output.tokens.shape", value: "[1, 4, 8]", bound: "must be [4, 4, 8]"),
+                     mutate: { f, _, o in o.tokens = try f.scratch(.bf16, [1, 4, 8]) }, field: "output.tokens.shape", value: "[1, 4, 8]", bound: "must be [4, 4, 8]"),
         DispatchCase(name: "rank-major output.tokens of the expert-major shape", kinds: [.llRankMajor],
-                     mutate: { f, _, o in o.tokens = f.scratch(.bf16, [4, 4, 8]) }, field: "output.tokens.shape", value: "[4, 4, 8]", bound: "must be [1, 4, 8]"),
+                     mutate: { f, _, o in o.tokens = try f.scratch(.bf16, [4, 4, 8]) }, field: "output.tokens.shape", value: "[4, 4, 8]", bound: "must be [1, 4, 8]"),
         DispatchCase(name: "HT output.tokens one row short", kinds: [.htFlat],
-                     mutate: { f, _, o in o.tokens = f.scratch(.bf16, [3, 8]) }, field: "output.tokens.shape", value: "[3, 8]", bound: "must be [4, 8]"),
+                     mutate: { f, _, o in o.tokens = try f.scratch(.bf16, [3, 8]) }, field: "output.tokens.shape", value: "[3, 8]", bound: "must be [4, 8]"),
         DispatchCase(name: "output.tokens transposed strides", kinds: [.htFlat, .htExpertMajor],
                      mutate: { _, _, o in o.tokens = o.tokens.with(strides: [1, o.tokens.shape[0]]) }, field: "output.tokens.strides", value: "", bound: "contiguous"),
         DispatchCase(name: "output.tokens on a device", kinds: LayoutKind.allCases,
@@ -118,21 +118,21 @@ struct CallValidationTests {
         DispatchCase(name: "missing input.topkWeights", kinds: [.llRankMajor, .htFlat, .htExpertMajor],
                      mutate: { _, i, _ in i.topkWeights = nil }, field: "input.topkWeights", value: "nil", bound: "required"),
         DispatchCase(name: "input.topkWeights with three columns", kinds: [.llExpertMajor, .llRankMajor],
-                     mutate: { f, i, _ in i.topkWeights = f.scratch(.f32, [2, 3]) }, field: "input.topkWeights.shape", value: "[2, 3]", bound: "must be [2, 2]"),
+                     mutate: { f, i, _ in i.topkWeights = try f.scratch(.f32, [2, 3]) }, field: "input.topkWeights.shape", value: "[2, 3]", bound: "must be [2, 2]"),
         DispatchCase(name: "input.topkWeights in bf16", kinds: [.llExpertMajor, .htFlat],
-                     mutate: { f, i, _ in i.topkWeights = f.scratch(.bf16, [2, 2]) }, field: "input.topkWeights.dtype", value: "bf16", bound: "must be f32"),
+                     mutate: { f, i, _ in i.topkWeights = try f.scratch(.bf16, [2, 2]) }, field: "input.topkWeights.dtype", value: "bf16", bound: "must be f32"),
         DispatchCase(name: "missing output.topkIdx", kinds: [.llRankMajor, .htFlat, .htExpertMajor],
                      mutate: { _, _, o in o.topkIdx = nil }, field: "output.topkIdx", value: "nil", bound: "required"),
         DispatchCase(name: "missing output.topkWeights", kinds: [.llRankMajor, .htFlat, .htExpertMajor],
                      mutate: { _, _, o in o.topkWeights = nil }, field: "output.topkWeights", value: "nil", bound: "required"),
         DispatchCase(name: "output.topkIdx in f32", kinds: [.htFlat],
-                     mutate: { f, _, o in o.topkIdx = f.scratch(.f32, [4, 2]) }, field: "output.topkIdx.dtype", value: "f32", bound: "must be i32 or i64"),
+                     mutate: { f, _, o in o.topkIdx = try f.scratch(.f32, [4, 2]) }, field: "output.topkIdx.dtype", value: "f32", bound: "must be i32 or i64"),
         DispatchCase(name: "output.topkWeights in f16", kinds: [.llRankMajor],
-                     mutate: { f, _, o in o.topkWeights = f.scratch(.f16, [1, 4, 2]) }, field: "output.topkWeights.dtype", value: "f16", bound: "must be f32"),
+                     mutate: { f, _, o in o.topkWeights = try f.scratch(.f16, [1, 4, 2]) }, field: "output.topkWeights.dtype", value: "f16", bound: "must be f32"),
         DispatchCase(name: "HT expert-major output.topkIdx per column instead of per slot", kinds: [.htExpertMajor],
-                     mutate: { f, _, o in o.topkIdx = f.scratch(.i32, [o.tokens.shape[0], 2]) }, field: "output.topkIdx.shape", value: "", bound: "must be ["),
+                     mutate: { f, _, o in o.topkIdx = try f.scratch(.i32, [o.tokens.shape[0], 2]) }, field: "output.topkIdx.shape", value: "", bound: "must be ["),
         DispatchCase(name: "flat output.topkWeights per slot instead of per column", kinds: [.htFlat],
-                     mutate: { f, _, o in o.topkWeights = f.scratch(.f32, [4]) }, field: "output.topkWeights.shape", value: "[4]", bound: "must be [4, 2]"),
+                     mutate: { f, _, o in o.topkWeights = try f.scratch(.f32, [4]) }, field: "output.topkWeights.shape", value: "[4]", bound: "must be [4, 2]"),
     ]
 
     static var dispatchArguments: [(DispatchCase, LayoutKind)] { dispatchCases.flatMap { c in c.kinds.map { (c, $0) } } }
@@ -141,7 +141,7 @@ struct CallValidationTests {
     func dispatchRejectsTensor(_ c: DispatchCase, _ kind: LayoutKind) throws {
         let fixture = try CallFixture(kind)
         var (input, output) = fixture.goodDispatch
-        c.mutate(fixture, &input, &output)
+        try c.mutate(fixture, &input, &output)
         let error = #expect(throws: EPError.self) { _ = try fixture.rank.dispatch(fixture.handle, input, into: output, direction: .forward) }
         let value = c.value.isEmpty ? Self.valueOf(error) : c.value
         Self.expectInvalidArgument(error, field: c.field, value: value, bound: c.bound)
@@ -159,36 +159,36 @@ struct CallValidationTests {
         var name: String
         var kinds: [LayoutKind]
         var direction: PassDirection
-        var mutate: @Sendable (CallFixture, inout CombineInput, inout CombineOutput) -> Void
+        var mutate: @Sendable (CallFixture, inout CombineInput, inout CombineOutput) throws -> Void
         var field: String, value: String, bound: String
         var testDescription: String { name }
     }
 
     static let combineCases: [CombineCase] = [
         CombineCase(name: "expertOutputs of the wrong shape", kinds: LayoutKind.allCases, direction: .forward,
-                    mutate: { f, i, _ in i.expertOutputs = f.scratch(.bf16, [2, 8]) }, field: "input.expertOutputs.shape", value: "[2, 8]", bound: "must be ["),
+                    mutate: { f, i, _ in i.expertOutputs = try f.scratch(.bf16, [2, 8]) }, field: "input.expertOutputs.shape", value: "[2, 8]", bound: "must be ["),
         CombineCase(name: "expertOutputs of another element type", kinds: [.llExpertMajor, .htFlat], direction: .backward,
-                    mutate: { f, i, _ in i.expertOutputs = f.scratch(.f32, i.expertOutputs.shape) }, field: "input.expertOutputs.dtype", value: "f32", bound: "must be bf16"),
+                    mutate: { f, i, _ in i.expertOutputs = try f.scratch(.f32, i.expertOutputs.shape) }, field: "input.expertOutputs.dtype", value: "f32", bound: "must be bf16"),
         CombineCase(name: "output.tokens with more rows than the routing", kinds: LayoutKind.allCases, direction: .forward,
-                    mutate: { f, _, o in o.tokens = f.scratch(.bf16, [3, 8]) }, field: "output.tokens.shape", value: "[3, 8]", bound: "must be [2, 8]"),
+                    mutate: { f, _, o in o.tokens = try f.scratch(.bf16, [3, 8]) }, field: "output.tokens.shape", value: "[3, 8]", bound: "must be [2, 8]"),
         CombineCase(name: "output.tokens without memory", kinds: [.llRankMajor], direction: .forward,
                     mutate: { _, _, o in o.tokens = o.tokens.withoutAddress }, field: "output.tokens.address", value: "nil", bound: "non-nil"),
         CombineCase(name: "LL expert-major forward without the source's weights", kinds: [.llExpertMajor], direction: .forward,
                     mutate: { _, i, _ in i.topkWeights = nil }, field: "input.topkWeights", value: "nil", bound: "required"),
         CombineCase(name: "LL expert-major forward weights with three columns", kinds: [.llExpertMajor], direction: .forward,
-                    mutate: { f, i, _ in i.topkWeights = f.scratch(.f32, [2, 3]) }, field: "input.topkWeights.shape", value: "[2, 3]", bound: "must be [2, 2]"),
+                    mutate: { f, i, _ in i.topkWeights = try f.scratch(.f32, [2, 3]) }, field: "input.topkWeights.shape", value: "[2, 3]", bound: "must be [2, 2]"),
         CombineCase(name: "HT expert-major forward without the per-slot weights", kinds: [.htExpertMajor], direction: .forward,
                     mutate: { _, i, _ in i.topkWeights = nil }, field: "input.topkWeights", value: "nil", bound: "required"),
         CombineCase(name: "HT expert-major forward weights per token instead of per slot", kinds: [.htExpertMajor], direction: .forward,
-                    mutate: { f, i, _ in i.topkWeights = f.scratch(.f32, [2, 2]) }, field: "input.topkWeights.shape", value: "[2, 2]", bound: "must be ["),
+                    mutate: { f, i, _ in i.topkWeights = try f.scratch(.f32, [2, 2]) }, field: "input.topkWeights.shape", value: "[2, 2]", bound: "must be ["),
         CombineCase(name: "HT backward without weightGradients", kinds: LayoutKind.highThroughput, direction: .backward,
                     mutate: { _, i, _ in i.weightGradients = nil }, field: "input.weightGradients", value: "nil", bound: "required"),
         CombineCase(name: "HT expert-major backward weightGradients per column", kinds: [.htExpertMajor], direction: .backward,
-                    mutate: { f, i, _ in i.weightGradients = f.scratch(.f32, [i.expertOutputs.shape[0], 2]) }, field: "input.weightGradients.shape", value: "", bound: "must be ["),
+                    mutate: { f, i, _ in i.weightGradients = try f.scratch(.f32, [i.expertOutputs.shape[0], 2]) }, field: "input.weightGradients.shape", value: "", bound: "must be ["),
         CombineCase(name: "HT backward without output.topkWeightGradients", kinds: LayoutKind.highThroughput, direction: .backward,
                     mutate: { _, _, o in o.topkWeightGradients = nil }, field: "output.topkWeightGradients", value: "nil", bound: "required"),
         CombineCase(name: "HT backward output.topkWeightGradients with three columns", kinds: [.htFlat], direction: .backward,
-                    mutate: { f, _, o in o.topkWeightGradients = f.scratch(.f32, [2, 3]) }, field: "output.topkWeightGradients.shape", value: "[2, 3]", bound: "must be [2, 2]"),
+                    mutate: { f, _, o in o.topkWeightGradients = try f.scratch(.f32, [2, 3]) }, field: "output.topkWeightGradients.shape", value: "[2, 3]", bound: "must be [2, 2]"),
     ]
 
     static var combineArguments: [(CombineCase, LayoutKind)] { combineCases.flatMap { c in c.kinds.map { (c, $0) } } }
@@ -198,7 +198,7 @@ struct CallValidationTests {
         let fixture = try CallFixture(kind)
         _ = try fixture.rank.dispatch(fixture.handle, fixture.goodDispatch.0, into: fixture.goodDispatch.1, direction: c.direction)
         var (input, output) = fixture.goodCombine(c.direction)
-        c.mutate(fixture, &input, &output)
+        try c.mutate(fixture, &input, &output)
         let error = #expect(throws: EPError.self) { try fixture.rank.combine(fixture.handle, input, into: output, direction: c.direction) }
         let value = c.value.isEmpty ? Self.valueOf(error) : c.value
         Self.expectInvalidArgument(error, field: c.field, value: value, bound: c.bound)
@@ -223,7 +223,7 @@ struct CallValidationTests {
         var (input, output) = fixture.goodDispatch
         input.topkWeights = fixture.harness.weights[0].ref
         let slots = fixture.config.receiveShape.dropLast().reduce(1, *)
-        let idx = HostTensor(.i32, [slots]), weights = HostTensor(.f32, [slots])
+        let idx = try HostTensor(.i32, [slots]), weights = try HostTensor(.f32, [slots])
         idx.fill(byte: StepHarness.poison)
         weights.fill(byte: StepHarness.poison)
         output.topkIdx = idx.ref

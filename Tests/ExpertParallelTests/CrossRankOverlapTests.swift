@@ -12,10 +12,10 @@ struct CrossRankOverlapTests {
     @Test("rank 0's received rows over rank 1's input rows: refused, naming both; the input is untouched")
     func receivedRowsOverAnotherRanksInput() throws {
         let group = try HostGroup(Self.ll)
-        let ranks = (0..<2).map(OverlappingTensorTests.Rank.init)
+        let ranks = try (0..<2).map(OverlappingTensorTests.Rank.init)
         let handle = try group.makeHandle()
         try group.update(handle, topkIdx: ranks.map(\.idx.ref))
-        let received = (0..<2).map { _ in HostTensor(.f32, Self.ll.receiveShape) }
+        let received = try (0..<2).map { _ in try HostTensor(.f32, Self.ll.receiveShape) }
         let last = received[0].elementCount - 8
         received[0].copy(from: [Float](repeating: 0, count: last) + [Float](repeating: 2, count: 8))
         let inputs = [DispatchInput(tokens: ranks[0].x.ref), DispatchInput(tokens: OverlappingTensorTests.view(received[0], .f32, [1, 8], offset: last))]
@@ -32,13 +32,13 @@ struct CrossRankOverlapTests {
     @Test("rank 1's combined rows over rank 0's weights: refused; the weights are untouched")
     func combinedRowsOverAnotherRanksWeights() throws {
         let group = try HostGroup(Self.ll)
-        let ranks = (0..<2).map(OverlappingTensorTests.Rank.init)
+        let ranks = try (0..<2).map(OverlappingTensorTests.Rank.init)
         let handle = try group.makeHandle()
         try group.update(handle, topkIdx: ranks.map(\.idx.ref))
-        let received = (0..<2).map { _ in HostTensor(.f32, Self.ll.receiveShape) }
+        let received = try (0..<2).map { _ in try HostTensor(.f32, Self.ll.receiveShape) }
         try group.dispatch(handle, ranks.map { DispatchInput(tokens: $0.x.ref) }, into: received.map { DispatchOutput(tokens: $0.ref) })
         // Rank 0's weights are the first two floats of the row rank 1 combines into.
-        let rows = HostTensor(.f32, [1, 8]), shared = HostTensor(.f32, [1, 8])
+        let rows = try HostTensor(.f32, [1, 8]), shared = try HostTensor(.f32, [1, 8])
         shared.copy(from: [Float(0.25), Float(0.5)] + [Float](repeating: 9, count: 6))
         let inputs = [CombineInput(expertOutputs: received[0].ref, topkWeights: OverlappingTensorTests.view(shared, .f32, [1, 2])),
                       CombineInput(expertOutputs: received[1].ref, topkWeights: ranks[1].w.ref)]
@@ -54,10 +54,10 @@ struct CrossRankOverlapTests {
     @Test("a wrong shape of a rank is named as that, not as an overlap its bytes seemed to have")
     func aRanksOwnErrorComesFirst() throws {
         let group = try HostGroup(Self.ll)
-        let ranks = (0..<2).map(OverlappingTensorTests.Rank.init)
+        let ranks = try (0..<2).map(OverlappingTensorTests.Rank.init)
         let handle = try group.makeHandle()
         try group.update(handle, topkIdx: ranks.map(\.idx.ref))
-        let received = (0..<2).map { _ in HostTensor(.f32, Self.ll.receiveShape) }
+        let received = try (0..<2).map { _ in try HostTensor(.f32, Self.ll.receiveShape) }
         let wide = TensorRef(address: received[0].storage, dtype: .f32, shape: [1, 8], owner: received[0])
         let wrong = TensorRef(address: received[0].storage, dtype: .f32, shape: [1, 9], owner: received[0])
         #expect {
@@ -73,11 +73,11 @@ struct CrossRankOverlapTests {
                                  maxTokensPerRank: 2, timeout: .seconds(5))
         let group = try HostGroup(config)
         try group.deactivate(rank: 1)
-        let ranks = (0..<2).map(OverlappingTensorTests.Rank.init)
+        let ranks = try (0..<2).map(OverlappingTensorTests.Rank.init)
         ranks[0].idx.copy(from: [Int32(0), Int32(1)])
         let handle = try group.makeHandle()
         try group.update(handle, topkIdx: ranks.map(\.idx.ref))
-        let received = HostTensor(.f32, config.receiveShape), counts = HostTensor(.i32, [config.localExperts])
+        let received = try HostTensor(.f32, config.receiveShape), counts = try HostTensor(.i32, [config.localExperts])
         let output = DispatchOutput(tokens: received.ref, expertCounts: counts.ref)
         try group.dispatch(handle, ranks.map { DispatchInput(tokens: $0.x.ref) }, into: [output, output])
         #expect(counts.array(of: Int32.self) == [1, 1])

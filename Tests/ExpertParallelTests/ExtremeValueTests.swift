@@ -29,7 +29,7 @@ struct ExtremeValueTests {
     func writeCountsIntoAHugeView() throws {
         let info = LayoutInfo(expertCounters: [1, 2], expertOffsets: [0, 0], sourceRankCounters: [1, 2], expertSourceCounters: [1, 0, 0, 2],
                               receivedTotal: 3, droppedTokens: 0)
-        let storage = HostTensor(.i32, [4])
+        let storage = try HostTensor(.i32, [4])
         let huge = TensorRef(address: storage.storage, dtype: .i32, shape: [Int.max, 2], owner: storage)
         #expect(throws: EPError.invalidArgument(field: "counts", value: "[\(Int.max), 2]", requirement: "must hold 2 int32 counts")) {
             try info.writeCounts(experts: huge, expertSources: nil)

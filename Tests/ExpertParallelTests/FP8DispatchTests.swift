@@ -22,14 +22,14 @@ struct FP8DispatchTests {
         var random = RandomRouting(seed: seed)
         var result = Inputs(tokens: [], routing: [], weights: [])
         for _ in 0..<config.ranks {
-            let x = HostTensor(.bf16, [tokens, config.hidden])
+            let x = try HostTensor(.bf16, [tokens, config.hidden])
             for i in 0..<x.elementCount {
                 let magnitude = Float(1 << (i / config.hidden % 5)) * (random.unit() * 2 - 1) * 37
                 x[as: UInt16.self, i] = ElementConversion.floatToBF16(magnitude)
             }
-            let idx = HostTensor(.i32, [tokens, config.topK])
+            let idx = try HostTensor(.i32, [tokens, config.topK])
             idx.copy(from: try random.experts(tokens: tokens, topK: config.topK, experts: config.experts, skew: 0))
-            let w = HostTensor(.f32, [tokens, config.topK])
+            let w = try HostTensor(.f32, [tokens, config.topK])
             w.copy(from: try random.weights(tokens * config.topK))
             result.tokens.append(x)
             result.routing.append(idx)
@@ -45,11 +45,11 @@ struct FP8DispatchTests {
         let group = try HostGroup(config)
         let handle = try group.makeHandle()
         try group.update(handle, topkIdx: inputs.routing.map(\.ref))
-        let rows = (0..<config.ranks).map { _ in HostTensor(config.receiveElementType, config.receiveShape) }
-        let received = (0..<config.ranks).map { _ in config.receiveScalesShape.map { HostTensor(config.fp8!.scaleType, $0) } }
+        let rows = try (0..<config.ranks).map { _ in try HostTensor(config.receiveElementType, config.receiveShape) }
+        let received = try (0..<config.ranks).map { _ in try config.receiveScalesShape.map { try HostTensor(config.fp8!.scaleType, $0) } }
         let routing = config.receiveRoutingShape
-        let idx = (0..<config.ranks).map { _ in routing.map { HostTensor(.i32, $0) } }
-        let weights = (0..<config.ranks).map { _ in routing.map { HostTensor(.f32, $0) } }
+        let idx = try (0..<config.ranks).map { _ in try routing.map { try HostTensor(.i32, $0) } }
+        let weights = try (0..<config.ranks).map { _ in try routing.map { try HostTensor(.f32, $0) } }
         let ins = (0..<config.ranks).map { r in
             DispatchInput(tokens: (tokens ?? inputs.tokens)[r].ref, topkWeights: inputs.weights[r].ref, scales: scales?[r].ref)
         }
@@ -87,7 +87,7 @@ struct FP8DispatchTests {
         passThrough.fp8 = FP8Dispatch(scales: mode, source: .passThrough)
         var codes: [HostTensor] = [], scales: [HostTensor] = []
         for x in inputs.tokens {
-            let rows = x.shape[0], c = HostTensor(.e4m3, [rows, plain.hidden]), s = HostTensor(mode == .float32Block128 ? .f32 : .i32, [rows, format.scaleWordsPerRow])
+            let rows = x.shape[0], c = try HostTensor(.e4m3, [rows, plain.hidden]), s = try HostTensor(mode == .float32Block128 ? .f32 : .i32, [rows, format.scaleWordsPerRow])
             for t in 0..<rows {
                 let row = (0..<plain.hidden).map { ElementConversion.bf16ToFloat(x[as: UInt16.self, t * plain.hidden + $0]) }
                 let q = try format.quantize(row)
@@ -126,9 +126,9 @@ struct FP8DispatchTests {
         var config = GroupConfig(algorithm: .lowLatency, ranks: 2, experts: 4, topK: 2, hidden: 128, elementType: .bf16, maxTokensPerRank: 2)
         config.fp8 = FP8Dispatch(scales: .ue8m0Block128, source: .passThrough)
         let inputs = try Self.inputs(config, seed: 3, tokens: 2)
-        let codes = inputs.tokens.map { _ in HostTensor(.e4m3, [2, 128]) }
+        let codes = try inputs.tokens.map { _ in try HostTensor(.e4m3, [2, 128]) }
         #expect(throws: EPError.self) { _ = try Self.dispatch(config, inputs, tokens: codes, scales: nil) }
-        let wrong = inputs.tokens.map { _ in HostTensor(.f32, [2, 1]) }   // ue8m0 scales are int32 words
+        let wrong = try inputs.tokens.map { _ in try HostTensor(.f32, [2, 1]) }   // ue8m0 scales are int32 words
         do {
             _ = try Self.dispatch(config, inputs, tokens: codes, scales: wrong)
             Issue.record("float32 scales were accepted for ue8m0")
@@ -156,13 +156,13 @@ struct FP8DispatchTests {
         let group = try HostGroup(config)
         let handle = try group.makeHandle()
         try group.update(handle, topkIdx: inputs.routing.map(\.ref))
-        let rows = (0..<2).map { _ in HostTensor(.e4m3, config.receiveShape) }
-        let scales = (0..<2).map { _ in HostTensor(.f32, config.receiveScalesShape!) }
-        let idx = (0..<2).map { _ in HostTensor(.i32, config.receiveRoutingShape!) }, w = (0..<2).map { _ in HostTensor(.f32, config.receiveRoutingShape!) }
+        let rows = try (0..<2).map { _ in try HostTensor(.e4m3, config.receiveShape) }
+        let scales = try (0..<2).map { _ in try HostTensor(.f32, config.receiveScalesShape!) }
+        let idx = try (0..<2).map { _ in try HostTensor(.i32, config.receiveRoutingShape!) }, w = try (0..<2).map { _ in try HostTensor(.f32, config.receiveRoutingShape!) }
         try group.dispatch(handle, (0..<2).map { DispatchInput(tokens: inputs.tokens[$0].ref, topkWeights: inputs.weights[$0].ref) },
                            into: (0..<2).map { DispatchOutput(tokens: rows[$0].ref, topkIdx: idx[$0].ref, topkWeights: w[$0].ref, scales: scales[$0].ref) })
-        let y = (0..<2).map { _ in HostTensor(.bf16, config.receiveShape) }
-        let out = (0..<2).map { _ in HostTensor(.bf16, [3, 128]) }
+        let y = try (0..<2).map { _ in try HostTensor(.bf16, config.receiveShape) }
+        let out = try (0..<2).map { _ in try HostTensor(.bf16, [3, 128]) }
         try group.combine(handle, (0..<2).map { CombineInput(expertOutputs: y[$0].ref) }, into: (0..<2).map { CombineOutput(tokens: out[$0].ref) })
         #expect(out.allSatisfy { $0.bytes().allSatisfy { $0 == 0 } }, "zero expert outputs combine to zero")
         // An e4m3 tensor is not a combine input of this group.

@@ -26,7 +26,7 @@ struct FailedCallTests {
     func rejectedDispatchWritesNothing(kind: LayoutKind) throws {
         let harness = try StepHarness(Self.scenario(kind))
         for (_, result) in harness.update() { try result.get() }
-        let wrong = HostTensor(harness.config.elementType, [5, harness.config.hidden])
+        let wrong = try HostTensor(harness.config.elementType, [5, harness.config.hidden])
         let results = harness.onRanks { rank, handle throws(EPError) in
             var input = harness.dispatchInput(rank.rank)
             if rank.rank == 1 { input.tokens = wrong.ref }
@@ -80,9 +80,9 @@ struct FailedCallTests {
         let harness = try StepHarness(Self.scenario(kind))
         for (_, result) in harness.update() { try result.get() }
         // A new step: ranks 0 and 2 route one token each, rank 1's routing is invalid.
-        let fresh = HostTensor(.i32, [1, 2])
+        let fresh = try HostTensor(.i32, [1, 2])
         fresh.copy(from: [Int32(5), 0])
-        let invalid = HostTensor(.i32, [1, 2])
+        let invalid = try HostTensor(.i32, [1, 2])
         invalid.copy(from: [Int32(6), 0])
         let results = harness.onRanks { rank, handle throws(EPError) in
             try rank.update(handle, topkIdx: rank.rank == 1 ? invalid.ref : fresh.ref)

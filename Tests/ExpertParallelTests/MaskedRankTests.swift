@@ -43,7 +43,7 @@ struct MaskedRankTests {
         group[0].deactivate(rank: 2)
         #expect(group[1].activeRanks == RankMask(bits: 0b011))
         let handle = try group[2].makeHandle()
-        let idx = HostTensor(.i32, [0, 1])
+        let idx = try HostTensor(.i32, [0, 1])
         #expect(throws: EPError.inactiveRank(2)) { try group[2].update(handle, topkIdx: idx.ref) }
     }
 

@@ -19,8 +19,9 @@ struct OverlappingTensorTests {
 
     /// Each rank's routing (experts 0 and 3), rows of `rank + 1` and weights 0.25, 0.5.
     struct Rank {
-        let x = HostTensor(.f32, [1, 8]), idx = HostTensor(.i32, [1, 2]), w = HostTensor(.f32, [1, 2])
-        init(_ rank: Int) {
+        let x: HostTensor, idx: HostTensor, w: HostTensor
+        init(_ rank: Int) throws {
+            (x, idx, w) = (try HostTensor(.f32, [1, 8]), try HostTensor(.i32, [1, 2]), try HostTensor(.f32, [1, 2]))
             x.copy(from: [Float](repeating: Float(rank + 1), count: 8))
             idx.copy(from: [Int32(0), Int32(3)])
             w.copy(from: [Float(0.25), Float(0.5)])
@@ -30,11 +31,11 @@ struct OverlappingTensorTests {
     @Test("received weights over the received ids are refused, naming both; the ids are untouched")
     func receivedWeightsOverIds() throws {
         let group = try HostGroup(Self.ht)
-        let ranks = (0..<2).map(Rank.init)
+        let ranks = try (0..<2).map(Rank.init)
         let handle = try group.makeHandle()
         try group.update(handle, topkIdx: ranks.map(\.idx.ref))
-        let received = (0..<2).map { _ in HostTensor(.f32, Self.ht.receiveShape) }
-        let ids = (0..<2).map { _ in HostTensor(.i32, [4, 2]) }
+        let received = try (0..<2).map { _ in try HostTensor(.f32, Self.ht.receiveShape) }
+        let ids = try (0..<2).map { _ in try HostTensor(.i32, [4, 2]) }
         for t in ids { t.copy(from: [Int32](repeating: 7, count: 8)) }
         let outputs = (0..<2).map {
             DispatchOutput(tokens: received[$0].ref, topkIdx: ids[$0].ref, topkWeights: Self.view(ids[$0], .f32, [4, 2]))
@@ -51,11 +52,11 @@ struct OverlappingTensorTests {
     @Test("received rows over the input rows are refused; the input is untouched")
     func receivedRowsOverInput() throws {
         let group = try HostGroup(Self.ll)
-        let ranks = (0..<2).map(Rank.init)
+        let ranks = try (0..<2).map(Rank.init)
         let handle = try group.makeHandle()
         try group.update(handle, topkIdx: ranks.map(\.idx.ref))
         // Rank 1's input rows are the last row of its own receive buffer.
-        let received = (0..<2).map { _ in HostTensor(.f32, Self.ll.receiveShape) }
+        let received = try (0..<2).map { _ in try HostTensor(.f32, Self.ll.receiveShape) }
         let last = received[1].elementCount - 8
         received[1].copy(from: [Float](repeating: 0, count: last) + [Float](repeating: 2, count: 8))
         let inputs = [DispatchInput(tokens: ranks[0].x.ref), DispatchInput(tokens: Self.view(received[1], .f32, [1, 8], offset: last))]
@@ -71,13 +72,13 @@ struct OverlappingTensorTests {
     @Test("combined rows over the weights they are computed from are refused; the weights are untouched")
     func combinedRowsOverWeights() throws {
         let group = try HostGroup(Self.ll)
-        let ranks = (0..<2).map(Rank.init)
+        let ranks = try (0..<2).map(Rank.init)
         let handle = try group.makeHandle()
         try group.update(handle, topkIdx: ranks.map(\.idx.ref))
-        let received = (0..<2).map { _ in HostTensor(.f32, Self.ll.receiveShape) }
+        let received = try (0..<2).map { _ in try HostTensor(.f32, Self.ll.receiveShape) }
         try group.dispatch(handle, ranks.map { DispatchInput(tokens: $0.x.ref) }, into: received.map { DispatchOutput(tokens: $0.ref) })
         // Each rank's weights are the first two floats of its combined row.
-        let rows = (0..<2).map { _ in HostTensor(.f32, [1, 8]) }
+        let rows = try (0..<2).map { _ in try HostTensor(.f32, [1, 8]) }
         for t in rows { t.copy(from: [Float(0.25), Float(0.5)] + [Float](repeating: 9, count: 6)) }
         let inputs = (0..<2).map { CombineInput(expertOutputs: received[$0].ref, topkWeights: Self.view(rows[$0], .f32, [1, 2])) }
         #expect {
@@ -87,7 +88,7 @@ struct OverlappingTensorTests {
         }
         #expect(rows.allSatisfy { $0.array(of: Float.self) == [Float(0.25), Float(0.5)] + [Float](repeating: 9, count: 6) })
         // Tensors that only touch (one ends where the other starts) share no byte: accepted.
-        let both = (0..<2).map { _ in HostTensor(.f32, [1, 10]) }
+        let both = try (0..<2).map { _ in try HostTensor(.f32, [1, 10]) }
         for t in both { t.copy(from: [Float](repeating: 0, count: 8) + [Float(0.25), Float(0.5)]) }
         try group.combine(handle, (0..<2).map { CombineInput(expertOutputs: received[$0].ref, topkWeights: Self.view(both[$0], .f32, [1, 2], offset: 8)) },
                           into: both.map { CombineOutput(tokens: Self.view($0, .f32, [1, 8])) })

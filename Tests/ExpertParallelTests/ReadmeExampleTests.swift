@@ -8,11 +8,11 @@ import Testing
                              elementType: .f32, maxTokensPerRank: 2, layout: .expertMajor)
     let group = try HostGroup(config)
     let combined = group.run { rank throws(EPError) -> [Float] in
-        let x = HostTensor(.f32, [1, 8]);        x.copy(from: [Float](repeating: 1, count: 8))
-        let idx = HostTensor(.i32, [1, 2]);      idx.copy(from: [Int32(0), Int32(3)])   // experts 0 and 3
-        let w = HostTensor(.f32, [1, 2]);        w.copy(from: [Float(0.25), Float(0.5)])
-        let received = HostTensor(.f32, config.receiveShape)                  // [L, R*Bmax, H]
-        let y = HostTensor(.f32, [1, 8])
+        let x = try HostTensor(.f32, [1, 8]);    x.copy(from: [Float](repeating: 1, count: 8))
+        let idx = try HostTensor(.i32, [1, 2]);  idx.copy(from: [Int32(0), Int32(3)])   // experts 0 and 3
+        let w = try HostTensor(.f32, [1, 2]);    w.copy(from: [Float(0.25), Float(0.5)])
+        let received = try HostTensor(.f32, config.receiveShape)              // [L, R*Bmax, H]
+        let y = try HostTensor(.f32, [1, 8])
 
         let handle = try rank.makeHandle()
         try rank.update(handle, topkIdx: idx.ref)

@@ -12,9 +12,10 @@ struct RefusedCallTests {
 
     /// One rank's tensors: tokens of value `rank + 1`, experts 0 and 3, weights 0.25 and 0.5.
     struct Tensors: Sendable {
-        let x = HostTensor(.f32, [1, 8]), idx = HostTensor(.i32, [1, 2]), w = HostTensor(.f32, [1, 2])
-        let received = HostTensor(.f32, RefusedCallTests.config.receiveShape), y = HostTensor(.f32, [1, 8])
-        init(rank: Int) {
+        let x: HostTensor, idx: HostTensor, w: HostTensor, received: HostTensor, y: HostTensor
+        init(rank: Int) throws {
+            (x, idx, w) = (try HostTensor(.f32, [1, 8]), try HostTensor(.i32, [1, 2]), try HostTensor(.f32, [1, 2]))
+            (received, y) = (try HostTensor(.f32, RefusedCallTests.config.receiveShape), try HostTensor(.f32, [1, 8]))
             x.copy(from: [Float](repeating: Float(rank + 1), count: 8))
             idx.copy(from: [Int32(0), Int32(3)])
             w.copy(from: [Float(0.25), Float(0.5)])
@@ -25,7 +26,7 @@ struct RefusedCallTests {
     /// whole good step on both ranks, and returns (rank 1's error, each rank's combined row).
     func refuseThenStep(_ refused: HostRank.RefusedCall) throws -> (EPError?, [[Float]]) {
         let group = try HostGroup(Self.config)
-        let tensors = (0..<2).map { Tensors(rank: $0) }
+        let tensors = try (0..<2).map { try Tensors(rank: $0) }
         let handles = try (0..<2).map { try group[$0].makeHandle() }
         // Before the refused call: the step so far, on both ranks.
         if refused != .update {

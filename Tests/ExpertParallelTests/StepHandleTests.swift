@@ -62,7 +62,7 @@ struct StepHandleTests {
         let layers = (0..<16).map { Self.scenario(kind, seed: 100 + $0) }
         let config = layers[0].config
         let group = try HostGroup(config)
-        let slot = BufferSlot(config)
+        let slot = try BufferSlot(config)
         let inputs = try layers.map { try StepHarness($0) }   // each layer's tokens, routing, weights and combine output
         let handles = try layers.map { _ in try group.makeHandle() }
         for (handle, layer) in zip(handles, inputs) { try group.update(handle, topkIdx: layer.routingArguments) }
@@ -161,7 +161,7 @@ struct StepHandleTests {
         let handle = try group.makeHandle()
         try group.update(handle, topkIdx: slot.routingArguments)
         let l = step.config.localExperts, ranks = step.config.ranks
-        let counts = HostTensor(.i32, [l]), sourceCounts = HostTensor(.i32, [l, ranks])
+        let counts = try HostTensor(.i32, [l]), sourceCounts = try HostTensor(.i32, [l, ranks])
         counts.fill(byte: 0x5A)
         sourceCounts.fill(byte: 0x5A)
         var outputs = slot.dispatchOutputs
@@ -407,11 +407,11 @@ final class BufferSlot {
     let receivedIdx: [HostTensor?]
     let receivedWeights: [HostTensor?]
 
-    init(_ config: GroupConfig) {
+    init(_ config: GroupConfig) throws {
         self.config = config
-        received = (0..<config.ranks).map { _ in HostTensor(config.elementType, config.receiveShape) }
-        receivedIdx = (0..<config.ranks).map { _ in config.receiveRoutingShape.map { HostTensor(.i32, $0) } }
-        receivedWeights = (0..<config.ranks).map { _ in config.receiveRoutingShape.map { HostTensor(.f32, $0) } }
+        received = try (0..<config.ranks).map { _ in try HostTensor(config.elementType, config.receiveShape) }
+        receivedIdx = try (0..<config.ranks).map { _ in try config.receiveRoutingShape.map { try HostTensor(.i32, $0) } }
+        receivedWeights = try (0..<config.ranks).map { _ in try config.receiveRoutingShape.map { try HostTensor(.f32, $0) } }
         for t in received { t.fill(byte: StepHarness.poison) }
         for t in receivedIdx + receivedWeights { t?.fill(byte: StepHarness.poison) }
     }

@@ -31,9 +31,9 @@ struct SwiftAPIHazardTests {
         #expect(group.run(ranks: [1, 0]) { rank throws(EPError) in rank.rank }.map { try? $0.get() } == [1, 0])
     }
 
-    static func routing(_ ranks: Int) -> [HostTensor] {
-        (0..<ranks).map { r in
-            let idx = HostTensor(.i32, [2, 2])
+    static func routing(_ ranks: Int) throws -> [HostTensor] {
+        try (0..<ranks).map { r in
+            let idx = try HostTensor(.i32, [2, 2])
             idx.copy(from: [Int32(r), Int32(2 + r), Int32(1 - r), -1])
             return idx
         }
@@ -42,11 +42,11 @@ struct SwiftAPIHazardTests {
     @Test("a per-rank call made on one rank alone puts the ranks out of step: the group's next call says so at once and masks no rank; after clean it runs")
     func outOfStepIsNamedAtOnce() throws {
         let group = try HostGroup(Self.config)
-        let idx = Self.routing(2)
+        let idx = try Self.routing(2)
         let handle = try group.makeHandle()
         try group.update(handle, topkIdx: idx.map(\.ref))
         // Rank 0 alone: its call is refused (a wrong K) and takes its round; rank 1 makes none.
-        let bad = HostTensor(.i32, [2, 3])
+        let bad = try HostTensor(.i32, [2, 3])
         #expect(throws: EPError.self) { try group[0].update(try group[0].makeHandle(), topkIdx: bad.ref) }
         let start = ContinuousClock.now
         #expect(throws: EPError.wrongOrder(
@@ -62,7 +62,7 @@ struct SwiftAPIHazardTests {
     @Test("a second call of a rank while one is under way on another thread is refused by name and takes no round")
     func oneCallPerRankAtATime() throws {
         let group = try HostGroup(Self.config)
-        let idx = Self.routing(2)
+        let idx = try Self.routing(2)
         let first = try group[0].makeHandle(), second = try group[0].makeHandle(), other = try group[1].makeHandle()
         let waiting = DispatchSemaphore(value: 0), done = DispatchSemaphore(value: 0)
         let firstResult = ResultBox()
@@ -102,34 +102,55 @@ struct SwiftAPIHazardTests {
     }
 
     @Test("HostTensor reads and writes elements of its own size")
-    func hostTensorElements() {
-        let ids = HostTensor(.i32, [2, 2])
+    func hostTensorElements() throws {
+        let ids = try HostTensor(.i32, [2, 2])
         ids.copy(from: [Int32(1), 2, 3, -1])
         #expect(ids.array(of: Int32.self) == [1, 2, 3, -1])
         ids[as: Int32.self, 3] = 7
         #expect(ids[as: Int32.self, 3] == 7)
-        let bits = HostTensor(.bf16, [1, 4])
+        let bits = try HostTensor(.bf16, [1, 4])
         bits.copy(from: [UInt16](repeating: 0x3F80, count: 4))
         #expect(bits.array(of: UInt16.self).count == 4)
-        #expect(HostTensor(.f32, [0, 4]).array(of: Float.self).isEmpty)
-        let raw = HostTensor(.f32, [2])
+        #expect(try HostTensor(.f32, [0, 4]).array(of: Float.self).isEmpty)
+        let raw = try HostTensor(.f32, [2])
         raw.copy(from: [UInt8](repeating: 0, count: 4) + [0x00, 0x00, 0x80, 0x3F])   // raw bytes: 0.0, 1.0
         #expect(raw.array(of: Float.self) == [0, 1])
     }
 
     #if !os(Windows)
-    @Test("HostTensor stops, naming both sides, on an element of another size, a wrong count, an index out of range or a negative size")
+    @Test("HostTensor stops, naming both sides, on an element of another size, a wrong count or an index out of range")
     func hostTensorPreconditions() async {
         await #expect(processExitsWith: .failure) {
-            HostTensor(.i32, [2, 2]).copy(from: [1, 2])   // [Int]: 8-byte elements, 16 bytes like the tensor's
+            try HostTensor(.i32, [2, 2]).copy(from: [1, 2])   // [Int]: 8-byte elements, 16 bytes like the tensor's
         }
-        await #expect(processExitsWith: .failure) { HostTensor(.f32, [1, 8]).copy(from: [1.0, 2.0]) }
-        await #expect(processExitsWith: .failure) { HostTensor(.f32, [2]).copy(from: [UInt8](repeating: 0, count: 4)) }
-        await #expect(processExitsWith: .failure) { _ = HostTensor(.bf16, [1, 4]).array(of: Float.self) }
-        await #expect(processExitsWith: .failure) { _ = HostTensor(.f32, [2])[as: Float.self, 2] }
-        await #expect(processExitsWith: .failure) { _ = HostTensor(.f32, [-1, 4]) }
+        await #expect(processExitsWith: .failure) { try HostTensor(.f32, [1, 8]).copy(from: [1.0, 2.0]) }
+        await #expect(processExitsWith: .failure) { try HostTensor(.f32, [2]).copy(from: [UInt8](repeating: 0, count: 4)) }
+        await #expect(processExitsWith: .failure) { _ = try HostTensor(.bf16, [1, 4]).array(of: Float.self) }
+        await #expect(processExitsWith: .failure) { _ = try HostTensor(.f32, [2])[as: Float.self, 2] }
     }
     #endif
+
+    @Test("HostTensor refuses a negative size or bytes past Int.max by name, and more bytes than this host has as outOfMemory, instead of trapping")
+    func hostTensorShapes() throws {
+        #expect(throws: EPError.invalidArgument(field: "shape[0]", value: "-1", requirement: "must be ≥ 0")) { try HostTensor(.f32, [-1, 4]) }
+        #expect(throws: EPError.invalidArgument(field: "shape[1]", value: "-3", requirement: "must be ≥ 0")) { try HostTensor(.f32, [0, -3]) }
+        #expect(throws: EPError.invalidArgument(field: "shape", value: "[\(Int.max), 2]", requirement: "must describe at most \(Int.max) bytes of i32")) {
+            try HostTensor(.i32, [Int.max, 2])
+        }
+        // Elements inside Int whose bytes are not.
+        #expect(throws: EPError.invalidArgument(field: "shape", value: "[\(Int.max / 4)]", requirement: "must describe at most \(Int.max) bytes of i64")) {
+            try HostTensor(.i64, [Int.max / 4])
+        }
+        let available = Int(clamping: ProcessInfo.processInfo.physicalMemory)
+        let huge = available / 4 + 1   // f32 elements: more bytes than this host has
+        #expect(throws: EPError.outOfMemory(buffer: "a HostTensor of f32[\(huge)]", bytes: huge * 4, available: available)) {
+            try HostTensor(.f32, [huge])
+        }
+        // A size of 0 is an empty tensor whatever the others are (their product alone would leave Int).
+        let empty = try HostTensor(.f32, [Int.max, 2, 0])
+        #expect(empty.byteCount == 0 && empty.elementCount == 0 && empty.bytes().isEmpty && empty.array(of: Float.self).isEmpty)
+        #expect(empty.ref.elementCount == 0)
+    }
 }
 
 private final class Counter: @unchecked Sendable {

@@ -6,8 +6,8 @@ import Testing
 /// heap-use-after-free under AddressSanitizer in a release build, heap corruption on a 16-core host).
 @Suite("Tensor views own their buffers")
 struct TensorRefOwnershipTests {
-    @Test func aHostTensorLivesAsLongAsItsView() {
-        var tensor: HostTensor? = HostTensor(.f32, [4, 8])
+    @Test func aHostTensorLivesAsLongAsItsView() throws {
+        var tensor: HostTensor? = try HostTensor(.f32, [4, 8])
         weak let watched = tensor
         let view = tensor!.ref
         tensor = nil
@@ -16,8 +16,8 @@ struct TensorRefOwnershipTests {
         withExtendedLifetime(view) {}
     }
 
-    @Test func aViewWithoutAnOwnerOwnsNothing() {
-        var tensor: HostTensor? = HostTensor(.f32, [2])
+    @Test func aViewWithoutAnOwnerOwnsNothing() throws {
+        var tensor: HostTensor? = try HostTensor(.f32, [2])
         weak let watched = tensor
         let borrowed = TensorRef(address: tensor!.storage, dtype: .f32, shape: [2])
         tensor = nil

@@ -40,7 +40,7 @@ struct UnvalidatedConfigTests {
     func callChecksValidateTheConfig() throws {
         #expect(throws: Self.zeroRanks) { try CallShapes(Self.ll(ranks: 0)) }
         #expect(throws: EPError.invalidConfig(field: "topK", value: "0", requirement: "must be ≥ 1")) { try CallShapes(Self.ll(topK: 0)) }
-        let rows = HostTensor(.f32, [1, 8])
+        let rows = try HostTensor(.f32, [1, 8])
         #expect(throws: Self.zeroRanks) {
             try Self.ll(ranks: 0).validateDispatch(DispatchInput(tokens: rows.ref), DispatchOutput(tokens: rows.ref), tokens: 1)
         }
@@ -57,7 +57,7 @@ struct UnvalidatedConfigTests {
         #expect(throws: EPError.invalidConfig(field: "topK", value: "\(Int.max)", requirement: "must be ≤ experts (4)")) {
             try RoutingTable(experts: [0, 1], tokens: 2, config: Self.ll(topK: .max))
         }
-        let ids = HostTensor(.i32, [1, 2])
+        let ids = try HostTensor(.i32, [1, 2])
         #expect(throws: Self.zeroRanks) { try RoutingTable(topkIdx: ids.ref, config: Self.ll(ranks: 0)) }
     }
 

@@ -19,8 +19,8 @@ final class CallFixture: @unchecked Sendable {
     var handle: HostHandle { harness.handles[0] }
 
     /// A poison-filled tensor that lives as long as the fixture.
-    func scratch(_ dtype: DataType, _ shape: [Int]) -> TensorRef {
-        let t = HostTensor(dtype, shape)
+    func scratch(_ dtype: DataType, _ shape: [Int]) throws -> TensorRef {
+        let t = try HostTensor(dtype, shape)
         t.fill(byte: StepHarness.poison)
         scratchTensors.append(t)
         return t.ref

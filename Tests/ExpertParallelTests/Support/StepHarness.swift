@@ -38,40 +38,40 @@ final class StepHarness: @unchecked Sendable {
         self.handles = handles
 
         let r = config.ranks, k = config.topK, h = config.hidden
-        topkIdx = (0..<r).map { rank in
-            let t = HostTensor(scenario.indexType, [scenario.tokenCounts[rank], k])
+        topkIdx = try (0..<r).map { rank throws(EPError) in
+            let t = try HostTensor(scenario.indexType, [scenario.tokenCounts[rank], k])
             for (i, e) in scenario.routing[rank].enumerated() {
                 if scenario.indexType == .i32 { t[as: Int32.self, i] = e } else { t[as: Int64.self, i] = Int64(e) }
             }
             return t
         }
-        tokens = (0..<r).map { rank in
-            let t = HostTensor(config.elementType, [scenario.tokenCounts[rank], h])
+        tokens = try (0..<r).map { rank throws(EPError) in
+            let t = try HostTensor(config.elementType, [scenario.tokenCounts[rank], h])
             scenario.tokens[rank].withUnsafeBytes { if $0.count > 0 { t.storage.copyMemory(from: $0.baseAddress!, byteCount: $0.count) } }
             return t
         }
-        weights = (0..<r).map { rank in
-            let t = HostTensor(.f32, [scenario.tokenCounts[rank], k])
+        weights = try (0..<r).map { rank throws(EPError) in
+            let t = try HostTensor(.f32, [scenario.tokenCounts[rank], k])
             for (i, w) in scenario.weights[rank].enumerated() { t[as: Float.self, i] = w }
             return t
         }
-        let received = (0..<r).map { _ in HostTensor(config.elementType, config.receiveShape) }
+        let received = try (0..<r).map { _ throws(EPError) in try HostTensor(config.elementType, config.receiveShape) }
         self.received = received
         let routingShape = config.receiveRoutingShape
-        receivedIdx = (0..<r).map { _ in routingShape.map { HostTensor(scenario.receivedIndexType, $0) } }
-        receivedWeights = (0..<r).map { _ in routingShape.map { HostTensor(.f32, $0) } }
+        receivedIdx = try (0..<r).map { _ throws(EPError) in try routingShape.map { shape throws(EPError) in try HostTensor(scenario.receivedIndexType, shape) } }
+        receivedWeights = try (0..<r).map { _ throws(EPError) in try routingShape.map { shape throws(EPError) in try HostTensor(.f32, shape) } }
         let expertMajor = config.layout == .expertMajor || config.isExpertMajorHT
-        expertOutputs = (0..<r).map { expertMajor ? received[$0] : HostTensor(config.elementType, config.receiveShape) }
+        expertOutputs = try (0..<r).map { rank throws(EPError) in expertMajor ? received[rank] : try HostTensor(config.elementType, config.receiveShape) }
         let highThroughput = config.algorithm == .highThroughput
-        weightGradients = (0..<r).map { rank in
+        weightGradients = try (0..<r).map { rank throws(EPError) in
             guard highThroughput, let shape = routingShape else { return nil }
-            let t = HostTensor(.f32, shape)
+            let t = try HostTensor(.f32, shape)
             precondition(scenario.weightGradients[rank].count == t.elementCount, "weight gradients sized for another capacity")
             for (i, g) in scenario.weightGradients[rank].enumerated() { t[as: Float.self, i] = g }
             return t
         }
-        combined = (0..<r).map { HostTensor(config.elementType, [scenario.tokenCounts[$0], h]) }
-        combinedWeightGradients = (0..<r).map { highThroughput ? HostTensor(.f32, [scenario.tokenCounts[$0], k]) : nil }
+        combined = try (0..<r).map { rank throws(EPError) in try HostTensor(config.elementType, [scenario.tokenCounts[rank], h]) }
+        combinedWeightGradients = try (0..<r).map { rank throws(EPError) in highThroughput ? try HostTensor(.f32, [scenario.tokenCounts[rank], k]) : nil }
         poisonOutputs()
     }
 
