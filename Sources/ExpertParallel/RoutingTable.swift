@@ -75,7 +75,14 @@ public struct RoutingTable: Sendable, Equatable {
         try self.init(experts: values, tokens: tokens, checked: config)
     }
 
-    public subscript(token: Int, k: Int) -> Int { Int(experts[token * topK + k]) }
+    /// The expert of `token`'s column `k` (-1: none). `token` must be in `0..<tokens` and `k` in
+    /// `0..<topK`: a precondition that names both, as an array's index (a `k` past `topK` would
+    /// otherwise read another token's entry). `experts` is the whole table, row-major.
+    public subscript(token: Int, k: Int) -> Int {
+        precondition(token >= 0 && token < tokens && k >= 0 && k < topK,
+                     "RoutingTable[token, k]: [\(token), \(k)] is not in [0..<\(tokens), 0..<\(topK)]")
+        return Int(experts[token * topK + k])
+    }
 
     /// The same routing with every selection of an expert on an inactive rank replaced by -1.
     func masked(_ active: RankMask, localExperts: Int) -> RoutingTable {

@@ -128,6 +128,22 @@ struct SwiftAPIHazardTests {
         await #expect(processExitsWith: .failure) { _ = try HostTensor(.bf16, [1, 4]).array(of: Float.self) }
         await #expect(processExitsWith: .failure) { _ = try HostTensor(.f32, [2])[as: Float.self, 2] }
     }
+
+    @Test("RoutingTable[token, k] stops on a column past topK (it read the next token's entry) or a token out of range")
+    func routingTableSubscript() async throws {
+        let table = try RoutingTable(experts: [0, 1, 2, 3], tokens: 2, config: Self.config)
+        #expect(table[1, 0] == 2 && table[1, 1] == 3)
+        await #expect(processExitsWith: .failure) {
+            let table = try RoutingTable(experts: [0, 1, 2, 3], tokens: 2, config: SwiftAPIHazardTests.config)
+            _ = table[0, 2]   // experts[2]: token 1's first column
+        }
+        await #expect(processExitsWith: .failure) {
+            _ = try RoutingTable(experts: [0, 1, 2, 3], tokens: 2, config: SwiftAPIHazardTests.config)[0, -1]
+        }
+        await #expect(processExitsWith: .failure) {
+            _ = try RoutingTable(experts: [0, 1, 2, 3], tokens: 2, config: SwiftAPIHazardTests.config)[2, 0]
+        }
+    }
     #endif
 
     @Test("HostTensor refuses a negative size or bytes past Int.max by name, and more bytes than this host has as outOfMemory, instead of trapping")
