@@ -146,6 +146,15 @@ struct SwiftAPIHazardTests {
     }
     #endif
 
+    @Test("HostGroup.rank(_:) refuses a rank outside the group by name; the subscript's precondition stays for literal ranks")
+    func rankAccessorThrows() throws {
+        let group = try HostGroup(Self.config)
+        #expect(try group.rank(1).rank == 1)
+        for bad in [2, -1, Int.min] {
+            #expect(throws: EPError.invalidArgument(field: "rank", value: "\(bad)", requirement: "must be in 0..<2")) { try group.rank(bad) }
+        }
+    }
+
     @Test("HostTensor refuses a negative size or bytes past Int.max by name, and more bytes than this host has as outOfMemory, instead of trapping")
     func hostTensorShapes() throws {
         #expect(throws: EPError.invalidArgument(field: "shape[0]", value: "-1", requirement: "must be ≥ 0")) { try HostTensor(.f32, [-1, 4]) }

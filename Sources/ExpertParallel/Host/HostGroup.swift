@@ -23,9 +23,18 @@ public final class HostGroup: Sendable {
         calling = (0..<config.ranks).map { _ in CallFlag() }
     }
 
-    /// Rank `rank`'s view; `rank` must be in `0..<config.ranks` (a precondition, as an array's index).
+    /// Rank `rank`'s view; `rank` must be in `0..<config.ranks` (a precondition that names both,
+    /// as an array's index). For a rank that comes from your own data, `rank(_:)` throws instead.
     public subscript(rank: Int) -> HostRank {
-        precondition(rank >= 0 && rank < config.ranks, "rank \(rank) is not in 0..<\(config.ranks)")
+        precondition(rank >= 0 && rank < config.ranks, "HostGroup[rank]: rank \(rank) is not in 0..<\(config.ranks)")
+        return HostRank(group: self, rank: rank)
+    }
+
+    /// Rank `rank`'s view, or `invalidArgument` naming `rank` where it is not in `0..<config.ranks`.
+    public func rank(_ rank: Int) throws(EPError) -> HostRank {
+        guard rank >= 0 && rank < config.ranks else {
+            throw .invalidArgument(field: "rank", value: "\(rank)", requirement: "must be in 0..<\(config.ranks)")
+        }
         return HostRank(group: self, rank: rank)
     }
 
