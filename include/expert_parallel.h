@@ -285,7 +285,8 @@ typedef struct {
     epBackend_t backend;
     int32_t device;          /* epBackendVirtualGPU: CUDA device ordinal */
     int32_t multiprocessors; /* epBackendVirtualGPU: SMs the group may use; 0 = all */
-    /* v3: tuning of the GPU kernels (epBackendVirtualGPU), each 0 for its default */
+    /* v3: tuning of the GPU kernels (epBackendVirtualGPU), each 0 for its default; epBackendHost
+     * runs no kernels but refuses what a GPU group would (same checks, same errors) */
     epGPUTuning_t tuning;
 } epBackendConfig_t;
 

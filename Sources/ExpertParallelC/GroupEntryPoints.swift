@@ -16,6 +16,9 @@ public func cGroupCreate(
         let object: GroupObject
         switch choice?.backend ?? epBackendHost {
         case epBackendHost:
+            // The host backend runs no kernels, but refuses the tuning a GPU group would (same
+            // checks, same words): code that runs on the CPU does not fail later on the GPU.
+            _ = try GPUTuning(choice?.tuning ?? epGPUTuning_t(), "backend.tuning").validated(config)
             object = GroupObject(config: config, backend: try HostBackend(try HostGroup(config)))
         case epBackendVirtualGPU:
             let ordinal = choice?.device ?? 0, multiprocessors = choice?.multiprocessors ?? 0

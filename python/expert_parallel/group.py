@@ -100,7 +100,8 @@ class VirtualGroup(GroupBase):
     ``update_chunk_tokens``, ``fused_update``, ``full_grid``, ``serial_launches``; ep-bench's
     ``--pipeline-depth``, ``--rows-in-flight``, ``--row-pieces``, ``--blocks-per-sm``,
     ``--update-chunk-tokens``, ``--fused-update`` / ``--no-fused-update``, ``--full-grid``,
-    ``--serial-launches``). ``buffer_slots``: how many sets of
+    ``--serial-launches``); a CPU group runs no kernels, but refuses the tuning a GPU group would,
+    with the same errors. ``buffer_slots``: how many sets of
     receive buffers the group owns (dispatches use them in turn), so that this many steps' rows
     can be in flight at once.
 
