@@ -1,27 +1,38 @@
 /*
  * A coverage-guided fuzz target (libFuzzer) over the C ABI on the host (CPU) backend.
  *
- * Each input is decoded into a small group config (sometimes invalid), then a sequence of up to
- * 24 calls in any order: collective update / dispatch / combine (per-rank descriptors, or stacked
- * arrays: epGroupDispatchStacked / epGroupCombineStacked), deactivate, clean, layout info,
- * active ranks, status, per-rank handle calls (one thread per rank), handle and group destroys.
- * Every tensor descriptor is right most of the time and otherwise wrong in one way (dtype, a
- * size, ndim, NULL data, NULL descriptor, structSize, strides, device, alignment); every buffer
- * is allocated to exactly the bytes its descriptor describes, so an over-read or over-write is
- * an AddressSanitizer report.
+ * Each input is decoded into a group config (abi_fuzz_config.h: small ones from most bytes, large
+ * valid ones from the top byte values, scaled to a byte budget; sometimes a field on or just
+ * past a bound of the validation, sometimes invalid), then a sequence of up to 24 calls in any
+ * order: collective update / dispatch / combine (per-rank descriptors, or stacked arrays:
+ * epGroupDispatchStacked / epGroupCombineStacked), deactivate, clean, layout info, active ranks,
+ * status, per-rank handle calls (one thread per rank), handle and group destroys. Every tensor
+ * descriptor is right most of the time and otherwise wrong in one way (dtype, a size, ndim, NULL
+ * data, NULL descriptor, structSize, strides, device, alignment); every buffer is allocated to
+ * exactly the bytes its descriptor describes, so an over-read or over-write is an
+ * AddressSanitizer report.
  *
  * Checked after every call (a failed check aborts, which libFuzzer reports as a crash):
  *   - the status is a named one (never epInternalError, nor a CUDA/NCCL status on the host);
  *   - success leaves the last-error message empty; a failure leaves "<entry point>: <what>";
+ *   - epGroupCreate accepts every valid config (on a bound too; one whose step metadata cannot fit
+ *     the host may be refused, epInvalidArgument) and refuses every invalid one; epGroupGetInfo
+ *     reports every field as the header defines it (capacity, shapes, FP8 scales);
  *   - a rejected call wrote nothing (every output and layout-info array is compared with a copy
  *     taken before the call); inputs are never written; masked ranks' outputs are untouched;
  *   - order: dispatch succeeds only after a successful update whose mask still holds, combine
  *     only after a dispatch of that step; a call on a destroyed group or handle is
  *     epInvalidArgument; a topkIdx describing 2^40 rows is refused before any read or allocation;
- *   - calls whose every argument is right are accepted (epOverflow and epTimeout allowed);
- *   - an accepted dispatch matches a model of the routing: layout counters, received rows and
- *     received routing, for every layout (HT drop policy: counters only bounded).
- * The full numeric oracle (combine, bit for bit) is python/tests/test_call_sequences.py.
+ *   - calls whose every argument is right are accepted (epTimeout allowed; an update fails with
+ *     epOverflow exactly when the model says a receive buffer overflows);
+ *   - an accepted dispatch matches the model of abi_fuzz_model.h, for every layout, both overflow
+ *     policies (drop: the strict prefix that fits) and FP8 (codes and scales quantised by the
+ *     harness from docs/fp8.md): layout counters, received rows, received routing, padding, and
+ *     every other row left as it was;
+ *   - an accepted combine gives, bit for bit, the sum the model computes in the documented order
+ *     (docs/architecture.md, "Order and arithmetic"), forward and backward, and the backward HT
+ *     weight gradients.
+ * python/tests/test_call_sequences.py is the numeric oracle of the Python package.
  *
  * Built and run by scripts/fuzz (clang -fsanitize=fuzzer,address). The input format is defined
  * by the decoder below; Tests/fuzz/make_seeds.py writes the seed corpus in it.
@@ -103,7 +114,7 @@ static size_t dtype_size(int dtype) {
     case epBFloat16: case epFloat16: return 2;
     case epFloat32: case epInt32: return 4;
     case epInt64: return 8;
-    case epUInt8: return 1;
+    case epUInt8: case epFloat8E4M3: return 1;
     default: return 4;
     }
 }
@@ -122,7 +133,8 @@ typedef struct {
     int mutated;
 } Arg;
 
-#define MAX_ARGS 64
+enum { MAX_R = 64 };
+#define MAX_ARGS (8 * MAX_R)
 typedef struct {
     Arg args[MAX_ARGS];
     int count;
@@ -131,7 +143,11 @@ typedef struct {
 
 static int64_t elements_of(int ndim, const int64_t* sizes) {
     int64_t n = 1;
-    for (int i = 0; i < ndim; i++) n *= sizes[i] < 0 ? 0 : sizes[i];
+    for (int i = 0; i < ndim; i++) {
+        int64_t s = sizes[i] < 0 ? 0 : sizes[i];
+        if (s != 0 && n > INT64_MAX / s) return INT64_MAX; /* saturates (a huge mutated shape) */
+        n *= s;
+    }
     return n;
 }
 
@@ -142,10 +158,16 @@ typedef struct {
     size_t bytes;
 } Buffer;
 
+static void fill_random(uint8_t* p, size_t bytes) {
+    size_t i = 0;
+    for (; i + 8 <= bytes; i += 8) { uint64_t v = next_random(); memcpy(p + i, &v, 8); }
+    for (; i < bytes; i++) p[i] = (uint8_t)next_random();
+}
+
 static void buffer_make(Buffer* b, size_t bytes) {
     b->bytes = bytes;
     b->data = malloc(bytes ? bytes : 1);
-    for (size_t i = 0; i < bytes; i++) b->data[i] = (uint8_t)next_random();
+    fill_random(b->data, bytes);
 }
 
 static void buffer_free(Buffer* b) {
@@ -153,6 +175,10 @@ static void buffer_free(Buffer* b) {
     b->data = NULL;
     b->bytes = 0;
 }
+
+/* Largest buffer a mutated descriptor gets exactly; past it a token buffer (the library must
+ * refuse such a shape before reading). */
+#define MUTATED_BYTES_MAX ((int64_t)64 << 20)
 
 /* Adds a tensor argument over `base` with the right dtype/shape, then maybe breaks it as the
  * next input byte says. Returns the descriptor pointer the call gets. */
@@ -177,7 +203,7 @@ static const epTensor_t* arg(Reader* in, ArgList* list, Buffer* base, int dtype,
     for (int i = 0; i < ndim; i++) s[i] = sizes[i];
     int newDtype = dtype, newNdim = ndim, misalign = 0;
     switch (mutationCase) {
-    case 0: newDtype = (dtype + 1 + m % 5) % 6; break;
+    case 0: newDtype = (dtype + 1 + m % 6) % 7; break;
     case 1: if (ndim > 0) s[0] += 1; break;
     case 2: if (ndim > 0 && s[0] > 0) s[0] -= 1; else if (ndim > 0) s[0] = 2; break;
     case 3: if (ndim > 0) s[ndim - 1] += 1; break;
@@ -198,11 +224,11 @@ static const epTensor_t* arg(Reader* in, ArgList* list, Buffer* base, int dtype,
      * the library must refuse them before reading). */
     int describedNdim = newNdim < 0 ? 0 : newNdim > EP_MAX_DIMS ? EP_MAX_DIMS : newNdim;
     int64_t count = elements_of(describedNdim, s);
-    size_t bytes = count > 4096 || newNdim != describedNdim ? 16 : (size_t)count * dtype_size(newDtype);
+    size_t bytes = count > MUTATED_BYTES_MAX / 8 || newNdim != describedNdim ? 16 : (size_t)count * dtype_size(newDtype);
     a->owned = 1;
     a->bytes = bytes;
     uint8_t* raw = malloc(bytes + 1 + 8);
-    for (size_t i = 0; i < bytes + 1 + 8; i++) raw[i] = (uint8_t)next_random();
+    fill_random(raw, bytes + 1 + 8);
     memcpy(raw + misalign, base->data, bytes < base->bytes ? bytes : base->bytes);
     a->buffer = raw;
     *t = epMakeTensor(raw + misalign, (epDataType_t)newDtype, describedNdim, s, -1);
@@ -234,8 +260,6 @@ static void args_free(ArgList* list) {
 /* ---------------------------------------------------------------------------------------- */
 /* The group under test and the model of its state                                          */
 
-enum { MAX_R = 4, MAX_L = 3, MAX_K = 4 };
-
 typedef struct {
     int valid;                         /* a successful update whose mask still holds */
     int known;                         /* ... made of the model's own tensors (so its routing is known) */
@@ -243,46 +267,57 @@ typedef struct {
     int dispatched;
     uint64_t mask;                     /* active ranks at the update */
     int tokens[MAX_R];
-    int64_t idx[MAX_R][5 * MAX_K];     /* [B][K] of each rank (B <= Bmax + 1 <= 5) */
+    int64_t* idx[MAX_R];               /* [B][K] of each rank (a copy) */
 } StepModel;
 
 typedef struct {
     /* config */
     int algorithm, layout, R, E, L, K, elementType, overflow, alignment;
-    int64_t H, Bmax, capacity;
-    int recvNdim, routingNdim;
-    int64_t recvShape[EP_MAX_DIMS], routingShape[EP_MAX_DIMS];
-    size_t esize;
+    int fp8, fp8Source, scaleType;     /* epFP8Scales_t (0: none), epFP8Source_t, the scale words' dtype */
+    int64_t H, Bmax, capacity, scaleWords;
+    int recvNdim, routingNdim, scalesNdim;
+    int64_t recvShape[EP_MAX_DIMS], routingShape[EP_MAX_DIMS], scalesShape[EP_MAX_DIMS];
+    size_t esize;                      /* elementType's bytes */
+    size_t isize;                      /* an element of the rows dispatch reads: esize, or 1 (FP8 pass-through) */
+    size_t wsize;                      /* ... of the rows it writes: esize, or 1 (FP8) */
     /* objects */
     epGroup_t group;
     int groupDestroyed;
     epHandle_t handles[MAX_R];
     int handlesDestroyed;
-    uint64_t mask;
+    uint64_t mask, all;
     StepModel groupStep, handleStep;
     /* per-rank buffers of the current step */
     int tokens[MAX_R];                 /* B of the last update attempt */
     int idxDtype[MAX_R];
-    Buffer idx[MAX_R], x[MAX_R], w[MAX_R];
-    Buffer recv[MAX_R], recvIdx[MAX_R], recvW[MAX_R], y[MAX_R], gradIn[MAX_R], gradOut[MAX_R];
-    int recvIdxDtype[MAX_R];
-    int64_t counters[MAX_R][4 * MAX_R * 4 + 8]; /* layout info arrays: expert, offsets, source, expert×source */
+    Buffer idx[MAX_R], x[MAX_R], w[MAX_R], scalesIn[MAX_R];
+    Buffer recv[MAX_R], recvIdx[MAX_R], recvW[MAX_R], recvScales[MAX_R], eo[MAX_R], y[MAX_R], gradIn[MAX_R], gradOut[MAX_R];
+    int recvIdxDtype[MAX_R], recvType[MAX_R], inputType[MAX_R];
+    int64_t* counters[MAX_R];          /* layout info arrays: expert, offsets, source, expert×source */
 } State;
 
-static int64_t layout_array_len(const State* s) { return s->L * 2 + s->R + s->L * s->R; }
+static int64_t layout_array_len(const State* s) { return (int64_t)s->L * 2 + s->R + (int64_t)s->L * s->R; }
+
+/* The expert outputs combine reads: the received rows themselves, or (FP8) rows of the element type. */
+static Buffer* expert_outputs(State* s, int r) { return s->fp8 ? &s->eo[r] : &s->recv[r]; }
 
 static void free_step_buffers(State* s, int r) {
     buffer_free(&s->idx[r]);
     buffer_free(&s->x[r]);
     buffer_free(&s->w[r]);
+    buffer_free(&s->scalesIn[r]);
     buffer_free(&s->y[r]);
     buffer_free(&s->gradOut[r]);
 }
 
-static int64_t read_index(const State* s, int r, int i) {
+static int64_t read_index(const State* s, int r, int64_t i) {
     if (s->idxDtype[r] == epInt64) return ((const int64_t*)s->idx[r].data)[i];
     return ((const int32_t*)s->idx[r].data)[i];
 }
+
+/* Rows of a routing read from the input, one (kind, start) byte pair each; further rows (large
+ * B) are drawn from the input's random stream, mostly right. */
+enum { EXPLICIT_ROWS = 16 };
 
 /* New routing for rank r: B tokens, distinct experts per row mostly, sometimes -1 or broken. */
 static void make_routing(Reader* in, State* s, int r) {
@@ -290,12 +325,22 @@ static void make_routing(Reader* in, State* s, int r) {
     uint8_t b = u8(in);
     int B = (int)(b % (s->Bmax + 1));
     if (b >= 250) B = (int)s->Bmax + 1; /* one row too many */
+    else if (b >= 240 && s->Bmax > 200) B = (int)s->Bmax - (b - 240); /* large Bmax: full or nearly */
     s->tokens[r] = B;
     s->idxDtype[r] = (b & 0x40) ? epInt64 : epInt32;
     buffer_make(&s->idx[r], (size_t)B * s->K * dtype_size(s->idxDtype[r]));
     for (int t = 0; t < B; t++) {
-        uint8_t rowKind = u8(in);
-        int start = u8(in) % s->E;
+        uint8_t rowKind, startByte;
+        int start;
+        if (t < EXPLICIT_ROWS) {
+            rowKind = u8(in);
+            startByte = u8(in);
+            start = startByte % s->E;
+        } else {
+            uint64_t v = next_random();
+            rowKind = (v & 0xF0) == 0xF0 ? (uint8_t)(0x10 * (1 + (v >> 8) % 2)) : 0; /* now and then a -1 */
+            start = (int)((v >> 16) % (uint64_t)s->E);
+        }
         for (int c = 0; c < s->K; c++) {
             int64_t e = (start + c) % s->E;
             if ((rowKind >> 4) == c + 1) e = -1;
@@ -308,124 +353,28 @@ static void make_routing(Reader* in, State* s, int r) {
                 default: e = 0x7fffffff; break;
                 }
             }
-            int i = t * s->K + c;
+            int64_t i = (int64_t)t * s->K + c;
             if (s->idxDtype[r] == epInt64) ((int64_t*)s->idx[r].data)[i] = e;
             else ((int32_t*)s->idx[r].data)[i] = (int32_t)e;
         }
     }
-    buffer_make(&s->x[r], (size_t)B * s->H * s->esize);
+    buffer_make(&s->x[r], (size_t)B * s->H * s->isize);
     buffer_make(&s->w[r], (size_t)B * s->K * 4);
     float* w = (float*)s->w[r].data;
-    for (int i = 0; i < B * s->K; i++) w[i] = (float)(next_random() % 1000) / 256.0f;
-    if (s->elementType != epUInt8) { /* finite payloads (bf16/f16 random bits may be NaN: fine, but keep most finite) */
+    for (int64_t i = 0; i < (int64_t)B * s->K; i++) w[i] = (float)(next_random() % 1000) / 256.0f;
+    if (s->isize > 1) { /* finite payloads: f32 small multiples of 1/64; 16-bit types with the top exponent bit clear */
         for (int64_t i = 0; i < B * s->H; i++) {
-            if (s->esize == 4) ((float*)s->x[r].data)[i] = (float)((int)(next_random() % 2001) - 1000) / 64.0f;
-            else ((uint16_t*)s->x[r].data)[i] &= 0xBFFF; /* exponent < max: finite */
+            if (s->isize == 4) ((float*)s->x[r].data)[i] = (float)((int)(next_random() % 2001) - 1000) / 64.0f;
+            else ((uint16_t*)s->x[r].data)[i] &= 0xBFFF;
         }
     }
+    if (s->fp8 && s->fp8Source == epFP8PassThrough) buffer_make(&s->scalesIn[r], (size_t)B * s->scaleWords * 4);
+    else buffer_make(&s->scalesIn[r], 0);
     buffer_make(&s->y[r], (size_t)B * s->H * s->esize);
     buffer_make(&s->gradOut[r], (size_t)B * s->K * 4);
 }
 
-/* ---------------------------------------------------------------------------------------- */
-/* The dispatch model (what an accepted dispatch must have delivered)                       */
-
-static int expert_of(const State* s, const StepModel* m, int src, int t, int c) {
-    int64_t e = m->idx[src][t * s->K + c];
-    if (e < 0) return -1;
-    if (!(m->mask >> src & 1) || !(m->mask >> (e / s->L) & 1)) return -1;
-    return (int)e;
-}
-
-static int64_t round_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
-
-/* Rank d's received rows after an accepted dispatch, with layout info `info` (may be NULL). */
-static void check_received(const State* s, const StepModel* m, int d, const epLayoutInfo_t* info, const uint8_t* recv,
-                           const uint8_t* recvIdx, int recvIdxDtype, const float* recvW, const uint8_t* const* xs) {
-    int L = s->L, R = s->R, K = s->K;
-    int64_t H = s->H, rowBytes = H * (int64_t)s->esize;
-    int64_t expertCounters[MAX_L] = {0}, sourceCounters[MAX_R] = {0}, esc[MAX_L][MAX_R];
-    memset(esc, 0, sizeof esc);
-    int drop = s->algorithm == epAlgorithmHighThroughput && s->overflow == epOverflowDrop;
-    if (!(m->mask >> d & 1)) return;
-    for (int src = 0; src < R; src++)
-        for (int t = 0; t < m->tokens[src]; t++) {
-            int any = 0;
-            for (int c = 0; c < K; c++) {
-                int e = expert_of(s, m, src, t, c);
-                if (e >= 0 && e / L == d) { any = 1; expertCounters[e % L]++; esc[e % L][src]++; }
-            }
-            sourceCounters[src] += any;
-        }
-    if (drop) { /* a prefix is kept: counters bounded by the offered ones */
-        if (info) {
-            int64_t kept = 0;
-            for (int src = 0; src < R; src++) {
-                if (info->sourceRankCounters[src] > sourceCounters[src]) FAIL("rank %d: sourceRankCounters[%d] = %lld > offered %lld", d, src, (long long)info->sourceRankCounters[src], (long long)sourceCounters[src]);
-                kept += info->sourceRankCounters[src];
-            }
-            int64_t offered = 0;
-            for (int src = 0; src < R; src++) offered += sourceCounters[src];
-            if (info->droppedTokens != offered - kept) FAIL("rank %d: droppedTokens %lld, offered %lld, kept %lld", d, (long long)info->droppedTokens, (long long)offered, (long long)kept);
-            if (info->receivedTotal > s->capacity) FAIL("rank %d: receivedTotal %lld > capacity %lld", d, (long long)info->receivedTotal, (long long)s->capacity);
-        }
-        return;
-    }
-    int64_t offsets[MAX_L] = {0}, total = 0;
-    if (s->layout == epLayoutExpertMajor) {
-        for (int l = 0; l < L; l++) { offsets[l] = (int64_t)l * R * s->Bmax; total += expertCounters[l]; }
-    } else if (s->layout == epLayoutExpertMajorPadded) {
-        for (int l = 0; l < L; l++) { offsets[l] = total; total += round_up(expertCounters[l], s->alignment); }
-    } else {
-        for (int src = 0; src < R; src++) total += sourceCounters[src];
-    }
-    if (info) {
-        for (int l = 0; l < L; l++) {
-            if (info->expertCounters[l] != expertCounters[l]) FAIL("rank %d: expertCounters[%d] = %lld, model %lld", d, l, (long long)info->expertCounters[l], (long long)expertCounters[l]);
-            if (info->expertOffsets[l] != offsets[l]) FAIL("rank %d: expertOffsets[%d] = %lld, model %lld", d, l, (long long)info->expertOffsets[l], (long long)offsets[l]);
-            for (int src = 0; src < R; src++)
-                if (info->expertSourceCounters[l * R + src] != esc[l][src]) FAIL("rank %d: expertSourceCounters[%d][%d] = %lld, model %lld", d, l, src, (long long)info->expertSourceCounters[l * R + src], (long long)esc[l][src]);
-        }
-        for (int src = 0; src < R; src++)
-            if (info->sourceRankCounters[src] != sourceCounters[src]) FAIL("rank %d: sourceRankCounters[%d] = %lld, model %lld", d, src, (long long)info->sourceRankCounters[src], (long long)sourceCounters[src]);
-        if (info->receivedTotal != total) FAIL("rank %d: receivedTotal %lld, model %lld", d, (long long)info->receivedTotal, (long long)total);
-        if (info->droppedTokens != 0) FAIL("rank %d: droppedTokens %lld without the drop policy", d, (long long)info->droppedTokens);
-    }
-    if (!recv) return;
-    /* The rows, in (source rank, token) order. */
-    int64_t fill[MAX_L] = {0}, flatRow = 0, perSource[MAX_R] = {0};
-    for (int src = 0; src < R; src++)
-        for (int t = 0; t < m->tokens[src]; t++) {
-            int any = 0;
-            for (int c = 0; c < K; c++) {
-                int e = expert_of(s, m, src, t, c);
-                if (e < 0 || e / L != d) continue;
-                any = 1;
-                if (s->layout == epLayoutExpertMajor || s->layout == epLayoutExpertMajorPadded) {
-                    int l = e % L;
-                    int64_t row = offsets[l] + fill[l]++;
-                    if (memcmp(recv + row * rowBytes, xs[src] + t * rowBytes, (size_t)rowBytes) != 0)
-                        FAIL("rank %d: received row %lld is not token %d of rank %d", d, (long long)row, t, src);
-                    if (s->layout == epLayoutExpertMajorPadded) {
-                        int64_t id = recvIdxDtype == epInt64 ? ((const int64_t*)recvIdx)[row] : ((const int32_t*)recvIdx)[row];
-                        if (id != l) FAIL("rank %d: received topkIdx[%lld] = %lld, model %d", d, (long long)row, (long long)id, l);
-                    }
-                }
-            }
-            if (!any || s->layout == epLayoutExpertMajor || s->layout == epLayoutExpertMajorPadded) continue;
-            int64_t row = s->layout == epLayoutRankMajor ? src * s->Bmax + perSource[src]++ : flatRow++;
-            if (memcmp(recv + row * rowBytes, xs[src] + t * rowBytes, (size_t)rowBytes) != 0)
-                FAIL("rank %d: received row %lld is not token %d of rank %d", d, (long long)row, t, src);
-            for (int c = 0; c < K; c++) {
-                int e = expert_of(s, m, src, t, c);
-                int64_t want = (e >= 0 && e / L == d) ? e % L : -1;
-                int64_t id = recvIdxDtype == epInt64 ? ((const int64_t*)recvIdx)[row * K + c] : ((const int32_t*)recvIdx)[row * K + c];
-                if (id != want) FAIL("rank %d: received topkIdx[%lld][%d] = %lld, model %lld", d, (long long)row, c, (long long)id, (long long)want);
-                (void)recvW;
-            }
-        }
-}
-
+#include "abi_fuzz_model.h"
 /* ---------------------------------------------------------------------------------------- */
 /* Calls                                                                                    */
 
@@ -444,6 +393,8 @@ typedef struct {
     epLayoutInfo_t info;
     int infoGiven;
     int direction;
+    /* dispatch: the outputs' arguments (their copies from before the call) */
+    const Arg *recvArg, *idxArg, *wArg, *scalesArg;
 } RankCall;
 
 static void layout_info_struct(State* s, int r, epLayoutInfo_t* info) {
@@ -469,7 +420,7 @@ static int layout_info_untouched(const State* s, int r, const epLayoutInfo_t* in
 static void prepare(Reader* in, State* s, ArgList* list, RankCall* c, int r, CallKind kind, int direction) {
     memset(c, 0, sizeof *c);
     int B = s->tokens[r];
-    int64_t xs[2] = {B, s->H}, ks[2] = {B, s->K};
+    int64_t xs[2] = {B, s->H}, ks[2] = {B, s->K}, ss[2] = {B, s->scaleWords};
     c->direction = direction;
     uint8_t structByte = u8(in);
     switch (kind) {
@@ -480,13 +431,21 @@ static void prepare(Reader* in, State* s, ArgList* list, RankCall* c, int r, Cal
         break;
     case CALL_DISPATCH:
         c->din.structSize = sizeof c->din;
-        c->din.tokens = arg(in, list, &s->x[r], s->elementType, 2, xs, 0, r);
+        c->din.tokens = arg(in, list, &s->x[r], s->inputType[r], 2, xs, 0, r);
         if (s->routingNdim > 0 || (structByte & 1)) c->din.topkWeights = arg(in, list, &s->w[r], epFloat32, 2, ks, 0, r);
+        if (s->fp8 && s->fp8Source == epFP8PassThrough) c->din.scales = arg(in, list, &s->scalesIn[r], s->scaleType, 2, ss, 0, r);
         c->dout.structSize = sizeof c->dout;
-        c->dout.tokens = arg(in, list, &s->recv[r], s->elementType, s->recvNdim, s->recvShape, 1, r);
+        c->recvArg = &list->args[list->count];
+        c->dout.tokens = arg(in, list, &s->recv[r], s->recvType[r], s->recvNdim, s->recvShape, 1, r);
         if (s->routingNdim > 0) {
+            c->idxArg = &list->args[list->count];
             c->dout.topkIdx = arg(in, list, &s->recvIdx[r], s->recvIdxDtype[r], s->routingNdim, s->routingShape, 1, r);
+            c->wArg = &list->args[list->count];
             c->dout.topkWeights = arg(in, list, &s->recvW[r], epFloat32, s->routingNdim, s->routingShape, 1, r);
+        }
+        if (s->fp8) {
+            c->scalesArg = &list->args[list->count];
+            c->dout.scales = arg(in, list, &s->recvScales[r], s->scaleType, s->scalesNdim, s->scalesShape, 1, r);
         }
         if (!(structByte & 2)) {
             layout_info_struct(s, r, &c->info);
@@ -497,7 +456,7 @@ static void prepare(Reader* in, State* s, ArgList* list, RankCall* c, int r, Cal
         break;
     case CALL_COMBINE: {
         c->cin.structSize = sizeof c->cin;
-        c->cin.expertOutputs = arg(in, list, &s->recv[r], s->elementType, s->recvNdim, s->recvShape, 0, r);
+        c->cin.expertOutputs = arg(in, list, expert_outputs(s, r), s->elementType, s->recvNdim, s->recvShape, 0, r);
         int forward = direction == epForward;
         if (forward && s->layout == epLayoutExpertMajor) c->cin.topkWeights = arg(in, list, &s->w[r], epFloat32, 2, ks, 0, r);
         if (forward && s->layout == epLayoutExpertMajorPadded) c->cin.topkWeights = arg(in, list, &s->recvW[r], epFloat32, 1, s->routingShape, 0, r);
@@ -543,26 +502,81 @@ static void check_call(const char* name, State* s, ArgList* list, RankCall* call
     }
 }
 
+/* Records a successful update of `m` from the current routing buffers. */
+static void step_record(State* s, StepModel* m, int known) {
+    m->valid = 1;
+    m->known = known;
+    m->maybeVoid = 0;
+    m->dispatched = 0;
+    m->mask = s->mask;
+    for (int r = 0; r < s->R; r++) {
+        m->tokens[r] = (s->mask >> r & 1) ? s->tokens[r] : 0;
+        free(m->idx[r]);
+        m->idx[r] = malloc((size_t)m->tokens[r] * s->K * 8 + 8);
+        for (int64_t i = 0; i < (int64_t)m->tokens[r] * s->K; i++) m->idx[r][i] = read_index(s, r, i);
+    }
+}
+
+/* Whether an update of the current routing buffers (every entry right) must fail with epOverflow. */
+static int update_overflows(State* s) {
+    if (s->algorithm != epAlgorithmHighThroughput || s->overflow != epOverflowFail) return 0;
+    StepModel m;
+    memset(&m, 0, sizeof m);
+    step_record(s, &m, 1);
+    Plan p;
+    plan_build(s, &m, &p);
+    int overflow = p.overflow;
+    plan_free(&p);
+    for (int r = 0; r < s->R; r++) free(m.idx[r]);
+    return overflow;
+}
+
+/* The outputs of an accepted dispatch or combine of the known step `m`; `right`: every argument
+ * was the model's own buffer (else only the layout info is checked). */
+static void check_outputs(State* s, StepModel* m, CallKind kind, RankCall* calls, int right, uint64_t ranks) {
+    Plan p;
+    plan_build(s, m, &p);
+    if (p.overflow) FAIL("an overflowing step (fail policy) was accepted");
+    for (int d = 0; d < s->R; d++) {
+        if (!(m->mask >> d & 1) || !(ranks >> d & 1)) continue;
+        if (kind == CALL_DISPATCH) {
+            Received got = {0};
+            got.info = calls[d].infoGiven && calls[d].info.structSize == sizeof(epLayoutInfo_t) ? &calls[d].info : NULL;
+            if (right) {
+                got.recv = s->recv[d].data; got.recvBefore = calls[d].recvArg->before;
+                got.idx = s->recvIdx[d].data; got.w = s->recvW[d].data; got.idxDtype = s->recvIdxDtype[d];
+                if (calls[d].idxArg) { got.idxBefore = calls[d].idxArg->before; got.wBefore = calls[d].wArg->before; }
+                if (calls[d].scalesArg) { got.scales = s->recvScales[d].data; got.scalesBefore = calls[d].scalesArg->before; }
+            }
+            check_dispatch(s, m, &p, d, &got);
+        } else if (right && s->elementType != epUInt8) {
+            const uint8_t *eo[MAX_R], *weights[MAX_R], *gradients[MAX_R];
+            for (int r = 0; r < s->R; r++) {
+                eo[r] = expert_outputs(s, r)->data;
+                weights[r] = s->layout == epLayoutExpertMajor ? s->w[r].data : s->recvW[r].data;
+                gradients[r] = s->gradIn[r].data;
+            }
+            check_combine(s, m, &p, d, calls[d].direction == epForward, eo, weights, gradients, s->y[d].data, s->gradOut[d].data);
+        }
+    }
+    plan_free(&p);
+}
+
 /* What the model says of a call's outcome, and its update after it. */
 static void model_after(State* s, StepModel* m, CallKind kind, epResult_t rc, int allRight, const char* name,
-                        const char* message, RankCall* calls, int collective) {
+                        const char* message, RankCall* calls) {
     int floating = s->elementType != epUInt8;
     if (kind == CALL_UPDATE) {
-        if (rc == epSuccess) {
-            m->valid = 1;
-            m->known = allRight;
-            m->maybeVoid = 0;
-            m->dispatched = 0;
-            m->mask = s->mask;
-            for (int r = 0; r < s->R; r++) {
-                m->tokens[r] = (s->mask >> r & 1) ? s->tokens[r] : 0;
-                for (int i = 0; i < m->tokens[r] * s->K; i++) m->idx[r][i] = read_index(s, r, i);
-            }
-        } else {
-            /* A refusal inside the step voids it; one of the call's structs or descriptors,
-             * found before the step is reached, leaves it standing. Either is allowed. */
-            m->maybeVoid = 1;
+        if (allRight) {
+            int overflow = update_overflows(s);
+            if (rc == epSuccess && overflow && s->mask) FAIL("%s accepted a routing that overflows a receive buffer (capacity %lld)", name, (long long)s->capacity);
+            if (rc == epOverflow && !overflow) FAIL("%s -> epOverflow, but every buffer fits (capacity %lld): %s", name, (long long)s->capacity, message);
+            if (rc != epSuccess && rc != epOverflow) FAIL("%s refused right arguments: %s", name, message);
         }
+        if (rc == epSuccess) step_record(s, m, allRight);
+        /* A refusal inside the step voids it; one of the call's structs or descriptors, found
+         * before the step is reached, leaves it standing. Either is allowed. */
+        else m->maybeVoid = 1;
         return;
     }
     /* (with every rank masked a call reads nothing and does nothing: accepted in any order) */
@@ -573,19 +587,9 @@ static void model_after(State* s, StepModel* m, CallKind kind, epResult_t rc, in
     if (allRight && m->valid && m->known && !m->maybeVoid && rc != epSuccess && rc != epOverflow && rc != epTimeout && (kind != CALL_COMBINE || floating) &&
         (kind != CALL_COMBINE || m->dispatched))
         FAIL("%s refused right arguments: %s", name, message);
+    if (rc == epSuccess && m->valid && m->known && (kind == CALL_DISPATCH || m->dispatched))
+        check_outputs(s, m, kind, calls, allRight, ~0ull);
     if (rc == epSuccess && kind == CALL_DISPATCH) m->dispatched = 1;
-    if (rc == epSuccess && kind == CALL_DISPATCH && m->valid && m->known) {
-        const uint8_t* xs[MAX_R];
-        for (int r = 0; r < s->R; r++) xs[r] = s->x[r].data;
-        for (int d = 0; d < s->R; d++) {
-            if (!(m->mask >> d & 1)) continue;
-            /* (rows are checked only when every rank's inputs were the model's own buffers) */
-            const epLayoutInfo_t* info = calls[d].infoGiven && calls[d].info.structSize == sizeof(epLayoutInfo_t) ? &calls[d].info : NULL;
-            check_received(s, m, d, info, allRight ? s->recv[d].data : NULL, s->recvIdx[d].data, s->recvIdxDtype[d],
-                           (const float*)s->recvW[d].data, xs);
-        }
-    }
-    (void)collective;
 }
 
 /* The active ranks changed: a step updated before must be refused from now on (wrongOrder), the
@@ -656,7 +660,7 @@ static void collective(Reader* in, State* s, CallKind kind) {
     } else {
         check_call(names[kind], s, list, calls, s->R, rc, copy, s->mask);
         if (rc == epTimeout) resync_mask(s);
-        else model_after(s, &s->groupStep, kind, rc, allRight, names[kind], copy, calls, 1);
+        else model_after(s, &s->groupStep, kind, rc, allRight, names[kind], copy, calls);
     }
     args_free(list);
     free(list);
@@ -668,15 +672,15 @@ static void collective(Reader* in, State* s, CallKind kind) {
  * modelled); a refused one may have voided it (routing refused inside the update) or not. */
 static uint8_t* arena(size_t bytes) {
     uint8_t* p = malloc(bytes ? bytes : 1);
-    for (size_t i = 0; i < bytes; i++) p[i] = (uint8_t)next_random();
+    fill_random(p, bytes);
     return p;
 }
 
 /* Arenas copied before a call, to compare after it. */
 typedef struct {
-    const uint8_t* data[8];
-    uint8_t* copy[8];
-    size_t bytes[8];
+    const uint8_t* data[12];
+    uint8_t* copy[12];
+    size_t bytes[12];
     int count;
 } Arenas;
 
@@ -736,13 +740,18 @@ static void stacked(Reader* in, State* s, int combine) {
     int64_t B = b % (Bmax + 1);
     const size_t es = s->esize;
     const epDataType_t element = (epDataType_t)s->elementType;
+    const epDataType_t input = (epDataType_t)s->inputType[0], wire = (epDataType_t)s->recvType[0];
     const int64_t recvElems = elements_of(s->recvNdim, s->recvShape), routingElems = s->routingNdim ? elements_of(s->routingNdim, s->routingShape) : 0;
+    const int64_t scalesElems = s->fp8 ? elements_of(s->scalesNdim, s->scalesShape) : 0;
+    const int passThrough = s->fp8 && s->fp8Source == epFP8PassThrough;
     /* The arenas: R parts each, exactly. */
-    size_t idxBytes = (size_t)(R * B * K) * 4, xBytes = (size_t)(R * B * H) * es, wBytes = (size_t)(R * Bmax * K) * 4;
-    size_t recvBytes = (size_t)(R * recvElems) * es, routingBytes = (size_t)(R * routingElems) * 4, countBytes = (size_t)(R * s->L) * 4;
-    size_t outBytes = (size_t)(R * Bmax * H) * es, slotWBytes = (size_t)(R * s->capacity) * 4;
+    size_t idxBytes = (size_t)(R * B * K) * 4, xBytes = (size_t)(R * B * H) * s->isize, wBytes = (size_t)(R * Bmax * K) * 4;
+    size_t recvBytes = (size_t)(R * recvElems) * s->wsize, routingBytes = (size_t)(R * routingElems) * 4, countBytes = (size_t)(R * s->L) * 4;
+    size_t outBytes = (size_t)(R * Bmax * H) * es, slotWBytes = (size_t)(R * s->capacity) * 4, eoBytes = (size_t)(R * recvElems) * es;
+    size_t scalesBytes = passThrough ? (size_t)(R * B * s->scaleWords) * 4 : 0, recvScalesBytes = (size_t)(R * scalesElems) * 4;
     uint8_t *idx = arena(idxBytes), *x = arena(xBytes), *w = arena(wBytes), *recv = arena(recvBytes), *ridx = arena(routingBytes);
     uint8_t *rw = arena(routingBytes), *counts = arena(countBytes), *out = arena(outBytes), *slotW = arena(slotWBytes);
+    uint8_t *eo = arena(eoBytes), *scales = arena(scalesBytes), *recvScales = arena(recvScalesBytes);
     for (int64_t t = 0; t < R * B; t++) { /* distinct experts per row, in range */
         int start = (int)(next_random() % (uint64_t)s->E);
         for (int c = 0; c < K; c++) ((int32_t*)idx)[t * K + c] = (start + c) % s->E;
@@ -759,9 +768,11 @@ static void stacked(Reader* in, State* s, int combine) {
         d.structSize = sizeof d;
         d.tokens = B;
         d.topkIdx = (epStacked_t){idx, epInt32, -1, 0};
-        d.inputTokens = (epStacked_t){x, element, -1, 0};
+        d.inputTokens = (epStacked_t){x, input, -1, 0};
         d.topkWeights = (epStacked_t){w, epFloat32, -1, (int64_t)Bmax * K * 4};
-        d.receivedTokens = (epStacked_t){recv, element, -1, 0};
+        d.receivedTokens = (epStacked_t){recv, wire, -1, 0};
+        if (passThrough) d.scales = (epStacked_t){scales, (epDataType_t)s->scaleType, -1, 0};
+        if (s->fp8) d.receivedScales = (epStacked_t){recvScales, (epDataType_t)s->scaleType, -1, 0};
         if (s->routingNdim) {
             d.receivedTopkIdx = (epStacked_t){ridx, epInt32, -1, 0};
             d.receivedTopkWeights = (epStacked_t){rw, epFloat32, -1, 0};
@@ -780,6 +791,8 @@ static void stacked(Reader* in, State* s, int combine) {
         arenas_add(&ins, idx, idxBytes);
         arenas_add(&ins, x, xBytes);
         arenas_add(&ins, w, wBytes);
+        arenas_add(&ins, scales, scalesBytes);
+        arenas_add(&outs, recvScales, recvScalesBytes);
         arenas_add(&outs, recv, recvBytes);
         arenas_add(&outs, ridx, routingBytes);
         arenas_add(&outs, rw, routingBytes);
@@ -789,7 +802,7 @@ static void stacked(Reader* in, State* s, int combine) {
         epStackedCombine_t c;
         memset(&c, 0, sizeof c);
         c.structSize = sizeof c;
-        c.expertOutputs = (epStacked_t){recv, element, -1, 0};
+        c.expertOutputs = (epStacked_t){eo, element, -1, 0};
         c.combinedTokens = (epStacked_t){out, element, -1, (int64_t)(Bmax * H * (int64_t)es)};
         if (s->layout == epLayoutExpertMajor) c.topkWeights = (epStacked_t){w, epFloat32, -1, (int64_t)Bmax * K * 4};
         if (s->layout == epLayoutExpertMajorPadded) c.topkWeights = (epStacked_t){slotW, epFloat32, -1, 0};
@@ -801,7 +814,7 @@ static void stacked(Reader* in, State* s, int combine) {
                 arenas_add(field == 1 ? &outs : &ins, fresh, (size_t)elements[field] * dtype_size(fields[field]->dtype));
             else c.structSize = 8;
         }
-        arenas_add(&ins, recv, recvBytes);
+        arenas_add(&ins, eo, eoBytes);
         arenas_add(&ins, w, wBytes);
         arenas_add(&ins, slotW, slotWBytes);
         arenas_add(&outs, out, outBytes);
@@ -817,14 +830,20 @@ static void stacked(Reader* in, State* s, int combine) {
     } else if (!combine) {
         if (!mutated && rc != epSuccess && rc != epOverflow && rc != epInactiveRank) FAIL("%s refused right arguments: %s", name, message);
         StepModel* m = &s->groupStep;
-        if (rc == epSuccess) {
-            m->valid = 1; m->known = 0; m->maybeVoid = 0; m->dispatched = 1; m->mask = s->mask;
-            for (int r = 0; r < R; r++) m->tokens[r] = (int)B;
+        if (rc == epSuccess) { /* the step's routing: the arena's (later calls on the step are checked against it) */
+            m->valid = 1; m->known = !mutated; m->maybeVoid = 0; m->dispatched = 1; m->mask = s->mask;
+            for (int r = 0; r < R; r++) {
+                m->tokens[r] = (s->mask >> r & 1) ? (int)B : 0;
+                free(m->idx[r]);
+                m->idx[r] = malloc((size_t)(B * K) * 8 + 8);
+                for (int64_t i = 0; i < B * K; i++) m->idx[r][i] = ((const int32_t*)idx)[r * B * K + i];
+            }
         } else {
             m->maybeVoid = 1;
         }
     }
     free(idx); free(x); free(w); free(recv); free(ridx); free(rw); free(counts); free(out); free(slotW); free(fresh);
+    free(eo); free(scales); free(recvScales);
 }
 
 /* Per-rank handle calls: one thread per rank, each on its own handle. */
@@ -902,33 +921,17 @@ static void per_rank(Reader* in, State* s, CallKind kind) {
         uint64_t active = s->handleStep.mask;
         (void)active;
         if ((succeeded & s->mask) == s->mask && !anyTimeout && s->mask != 0) {
-            s->handleStep.valid = 1;
-            s->handleStep.maybeVoid = 0;
-            s->handleStep.known = !list->mutated;
-            s->handleStep.dispatched = 0;
-            s->handleStep.mask = s->mask;
-            for (int r = 0; r < s->R; r++) {
-                s->handleStep.tokens[r] = (s->mask >> r & 1) ? s->tokens[r] : 0;
-                for (int i = 0; i < s->handleStep.tokens[r] * s->K; i++) s->handleStep.idx[r][i] = read_index(s, r, i);
-            }
+            step_record(s, &s->handleStep, !list->mutated);
         } else {
             s->handleStep.maybeVoid = 1;
         }
     } else if (succeeded & s->handleStep.mask) {
         if (!s->handleStep.valid) FAIL("%s accepted on a handle without a valid update", names[kind]);
         if (kind == CALL_COMBINE && !s->handleStep.dispatched) FAIL("%s accepted without a dispatch of the step", names[kind]);
+        int whole = (succeeded & s->handleStep.mask) == s->handleStep.mask;
+        if (s->handleStep.known && whole && (kind == CALL_DISPATCH || s->handleStep.dispatched))
+            check_outputs(s, &s->handleStep, kind, calls, !list->mutated, succeeded);
         if (kind == CALL_DISPATCH) s->handleStep.dispatched = 1;
-        if (kind == CALL_DISPATCH && s->handleStep.known && (succeeded & s->handleStep.mask) == s->handleStep.mask) {
-            int right = !list->mutated;
-            const uint8_t* xs[MAX_R];
-            for (int r = 0; r < s->R; r++) xs[r] = s->x[r].data;
-            for (int d = 0; d < s->R; d++) {
-                if (!(s->handleStep.mask >> d & 1)) continue;
-                const epLayoutInfo_t* info = calls[d].infoGiven && calls[d].info.structSize == sizeof(epLayoutInfo_t) ? &calls[d].info : NULL;
-                check_received(s, &s->handleStep, d, info, right ? s->recv[d].data : NULL, s->recvIdx[d].data,
-                               s->recvIdxDtype[d], (const float*)s->recvW[d].data, xs);
-            }
-        }
     }
     (void)allOk;
     args_free(list);
@@ -938,73 +941,72 @@ static void per_rank(Reader* in, State* s, CallKind kind) {
 /* ---------------------------------------------------------------------------------------- */
 /* Config                                                                                   */
 
-static const double timeouts[] = {0.2, 0.5, 0.1, -1.0, NAN, INFINITY, 1e-12, 0.3};
+#include "abi_fuzz_config.h"
 
-/* Decodes the group config; returns 0 when the input asks for a config the library must refuse
- * (the create call is then only checked for a clean refusal). */
-static void decode_config(Reader* in, epGroupConfig_t* c, int* expectValid) {
-    memset(c, 0, sizeof *c);
-    c->structSize = sizeof *c;
-    int valid = 1;
-    uint8_t a = u8(in);
-    c->algorithm = (epAlgorithm_t)(a & 1);
-    uint8_t lb = u8(in);
-    if (c->algorithm == epAlgorithmLowLatency) c->layout = (epLayout_t)((lb % 3 == 0) ? epLayoutDefault : (lb % 3 == 1) ? epLayoutExpertMajor : epLayoutRankMajor);
-    else c->layout = (epLayout_t)((lb % 3 == 0) ? epLayoutDefault : (lb % 3 == 1) ? epLayoutFlat : epLayoutExpertMajorPadded);
-    if (lb >= 250) { /* the other algorithm's layouts, or no layout at all */
-        int v = lb - 250;
-        c->layout = (epLayout_t)(c->algorithm == epAlgorithmLowLatency ? 3 + v : v < 2 ? 1 + v : 3 + v);
-        valid = 0;
-    }
-    uint8_t rb = u8(in);
-    int R = 1 + rb % MAX_R;
-    c->ranks = R;
-    uint8_t eb = u8(in);
-    int L = 1 + eb % MAX_L;
-    c->experts = R * L;
-    uint8_t kb = u8(in);
-    int maxK = c->experts < MAX_K ? c->experts : MAX_K;
-    c->topK = 1 + kb % maxK;
-    uint8_t tb = u8(in);
-    static const epDataType_t types[] = {epBFloat16, epFloat16, epFloat32, epUInt8};
-    c->elementType = types[tb % 4];
-    size_t es = dtype_size(c->elementType);
-    uint8_t hb = u8(in);
-    c->hidden = (int64_t)(1 + hb % 4) * (int64_t)(8 / es);
-    uint8_t bb = u8(in);
-    c->maxTokensPerRank = 1 + bb % 4;
-    uint8_t nb = u8(in);
-    c->maxReceivedTokensPerRank = (c->algorithm == epAlgorithmHighThroughput && (nb & 1)) ? ((nb >> 1) & 0x3F) % 24 : 0;
-    c->overflow = (c->algorithm == epAlgorithmHighThroughput && (nb & 0x80)) ? epOverflowDrop : epOverflowFail;
-    uint8_t ab = u8(in);
-    static const int alignments[] = {0, 1, 2, 4, 3, 8};
-    c->alignment = c->layout == epLayoutExpertMajorPadded ? alignments[ab % 6] : 0;
-    uint8_t ob = u8(in);
-    c->timeoutSeconds = timeouts[ob % 4 == 3 ? 0 : ob % 3]; /* mostly valid */
-    /* The wrong-config byte: one field out of its bounds. */
-    uint8_t wb = u8(in);
-    if (wb >= 224) {
-        valid = 0;
-        switch ((wb - 224) % 16) {
-        case 0: c->ranks = (wb & 1) ? 0 : 65; break;
-        case 1: c->experts = c->experts + 1; if (c->ranks == 1) c->experts = 0; break;
-        case 2: c->topK = (wb & 1) ? 0 : 33; break;
-        case 3: c->topK = c->experts + 1; if (c->topK <= 32) break; c->topK = 0; break;
-        case 4: c->hidden = (wb & 1) ? 0 : -8; break;
-        case 5: c->hidden = es == 1 ? 3 : 1; if (es == 4) c->hidden = 1; break; /* not a multiple of 8 bytes */
-        case 6: c->elementType = (wb & 1) ? epInt32 : (epDataType_t)99; break;
-        case 7: c->maxTokensPerRank = (wb & 1) ? 0 : -1; break;
-        case 8: c->maxReceivedTokensPerRank = c->algorithm == epAlgorithmLowLatency ? 5 : -1; break;
-        case 9: c->overflow = (epOverflowPolicy_t)7; break;
-        case 10: c->alignment = c->layout == epLayoutExpertMajorPadded ? ((wb & 1) ? 1025 : -1) : 0; if (c->layout != epLayoutExpertMajorPadded && lb < 250) valid = 1; break;
-        case 11: c->timeoutSeconds = timeouts[3 + (wb & 1)]; break;
-        case 12: c->structSize = (wb & 1) ? sizeof *c - 8 : 0; break;
-        case 13: c->algorithm = (epAlgorithm_t)5; break;
-        case 14: if (c->algorithm == epAlgorithmLowLatency) { c->overflow = epOverflowDrop; valid = -1; } else c->overflow = (epOverflowPolicy_t)-1; break;
-        case 15: c->timeoutSeconds = timeouts[5 + (wb & 1)]; valid = -1; break; /* inf / 1e-12: either answer */
+/* ---------------------------------------------------------------------------------------- */
+/* A config too large for its buffers (a bound)                                             */
+
+/* Created and asked (epGroupGetInfo was checked), then every call that needs no receive buffer:
+ * status, mask, an update of a few tokens where the host's step metadata is small, a dispatch
+ * without outputs (refused), layout info, deactivate and clean; then destroyed. */
+static void info_only(State* s, const epGroupConfig_t* c, const epGroupInfo_t* info) {
+    const int R = info->ranks, K = info->topK, E = info->experts;
+    current_op = "epGroupCheckStatus";
+    epResult_t rc = epGroupCheckStatus(s->group);
+    check_status("epGroupCheckStatus", rc, epGetLastErrorMessage());
+    if (rc != epSuccess) FAIL("epGroupCheckStatus: %s", epGetLastErrorMessage());
+    current_op = "epGroupGetActiveRanks";
+    uint64_t mask = 0, all = R == 64 ? ~0ull : (1ull << R) - 1;
+    rc = epGroupGetActiveRanks(s->group, &mask);
+    if (rc != epSuccess || mask != all) FAIL("epGroupGetActiveRanks -> %s, mask %llx", epGetErrorString(rc), (unsigned long long)mask);
+    int64_t B = info->maxTokensPerRank < 2 ? info->maxTokensPerRank : 2;
+    if (host_step_bytes(c, (double)B) <= 64.0 * (1 << 20)) {
+        current_op = "epGroupUpdateAll";
+        int32_t* idx = malloc((size_t)(R * B * K) * 4 + 4);
+        epTensor_t tensors[MAX_R];
+        epUpdateInputs_t updates[MAX_R];
+        int64_t shape[2] = {B, K};
+        for (int r = 0; r < R; r++) {
+            for (int64_t t = 0; t < B; t++)
+                for (int k = 0; k < K; k++) idx[(r * B + t) * K + k] = (int32_t)((r + t * 7 + k) % E);
+            tensors[r] = epMakeTensor(idx + r * B * K, epInt32, 2, shape, -1);
+            updates[r] = (epUpdateInputs_t){sizeof(epUpdateInputs_t), &tensors[r]};
         }
+        rc = epGroupUpdateAll(s->group, updates, NULL, NULL);
+        TRACE("epGroupUpdateAll(B %lld) -> %s %s", (long long)B, epGetErrorString(rc), epGetLastErrorMessage());
+        check_status("epGroupUpdateAll", rc, epGetLastErrorMessage());
+        int mayOverflow = info->algorithm == epAlgorithmHighThroughput && c->overflow == epOverflowFail;
+        if (rc != epSuccess && !(rc == epOverflow && mayOverflow) && rc != epTimeout)
+            FAIL("epGroupUpdateAll refused right arguments: %s", epGetLastErrorMessage());
+        current_op = "epGroupDispatchAll";
+        epDispatchInputs_t din[MAX_R];
+        memset(din, 0, sizeof din);
+        for (int r = 0; r < R; r++) din[r].structSize = sizeof din[r];
+        rc = epGroupDispatchAll(s->group, din, NULL, NULL, NULL);
+        check_status("epGroupDispatchAll", rc, epGetLastErrorMessage());
+        if (rc != epInvalidArgument && rc != epTimeout) FAIL("epGroupDispatchAll without outputs -> %s", epGetErrorString(rc));
+        free(idx);
     }
-    *expectValid = valid;
+    if (info->localExperts <= 65536) {
+        current_op = "epGroupGetLayoutInfo";
+        int64_t L = info->localExperts, n = 2 * L + R + L * R;
+        int64_t* arrays = malloc((size_t)n * 8);
+        epLayoutInfo_t li = {sizeof li, arrays, arrays + L, arrays + 2 * L, arrays + 2 * L + R, 0, 0};
+        rc = epGroupGetLayoutInfo(s->group, R - 1, &li);
+        check_status("epGroupGetLayoutInfo", rc, epGetLastErrorMessage());
+        free(arrays);
+    }
+    current_op = "epGroupDeactivateRank";
+    rc = epGroupDeactivateRank(s->group, R - 1);
+    check_status("epGroupDeactivateRank", rc, epGetLastErrorMessage());
+    if (rc != epSuccess) FAIL("epGroupDeactivateRank(%d): %s", R - 1, epGetLastErrorMessage());
+    current_op = "epGroupCleanRanks";
+    rc = epGroupCleanRanks(s->group, ~0ull);
+    check_status("epGroupCleanRanks", rc, epGetLastErrorMessage());
+    if (rc != epSuccess) FAIL("epGroupCleanRanks: %s", epGetLastErrorMessage());
+    current_op = "teardown";
+    rc = epGroupDestroy(s->group);
+    if (rc != epSuccess) FAIL("epGroupDestroy: %s", epGetLastErrorMessage());
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -1029,8 +1031,8 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 
     State* s = calloc(1, sizeof *s);
     epGroupConfig_t config;
-    int expectValid = 1;
-    decode_config(&in, &config, &expectValid);
+    ConfigExpectation expect = decode_config(&in, &config);
+    int expectValid = expect.expectValid;
     current_op = "epGroupCreate";
     uint8_t bk = u8(&in);
     epBackendConfig_t backend = {sizeof backend, epBackendHost, 0, 0, {0, 0, 0, 0, 0, 0, 0, 0}};
@@ -1040,8 +1042,12 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     epResult_t rc = epGroupCreate(bk == 245 ? NULL : &config, backendPointer, &s->group);
     if (bk == 245) expectValid = 0;
     check_status("epGroupCreate", rc, epGetLastErrorMessage());
+    TRACE("epGroupCreate(R %d E %d K %d H %lld dtype %d Bmax %lld N %lld fp8 %d/%d, expected %d) -> %s %s", config.ranks, config.experts,
+          config.topK, (long long)config.hidden, config.elementType, (long long)config.maxTokensPerRank, (long long)config.maxReceivedTokensPerRank,
+          config.fp8Scales, config.fp8Source, expectValid, epGetErrorString(rc), epGetLastErrorMessage());
     if (rc != epSuccess) {
         if (expectValid == 1) FAIL("epGroupCreate refused a valid config: %s", epGetLastErrorMessage());
+        if (expectValid == -1 && rc != epInvalidArgument) FAIL("epGroupCreate -> %s: %s", epGetErrorString(rc), epGetLastErrorMessage());
         if (s->group != NULL) FAIL("epGroupCreate failed but set the group");
         free(s);
         return 0;
@@ -1055,6 +1061,12 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     rc = epGroupGetInfo(s->group, &info);
     check_status("epGroupGetInfo", rc, epGetLastErrorMessage());
     if (rc != epSuccess) FAIL("epGroupGetInfo: %s", epGetLastErrorMessage());
+    check_info_fields(&config, &info);
+    if (config_bytes(&config) > BUDGET) { /* a bound: too large to hold its buffers */
+        info_only(s, &config, &info);
+        free(s);
+        return 0;
+    }
     s->algorithm = info.algorithm;
     s->layout = info.layout;
     s->R = info.ranks;
@@ -1072,15 +1084,30 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     s->routingNdim = info.receiveRoutingNdim;
     memcpy(s->recvShape, info.receiveShape, sizeof s->recvShape);
     memcpy(s->routingShape, info.receiveRoutingShape, sizeof s->routingShape);
-    TRACE("group: algorithm %d layout %d R %d E %d K %d H %lld dtype %d Bmax %lld capacity %lld overflow %d alignment %d",
+    s->fp8 = info.fp8Scales;
+    s->fp8Source = info.fp8Source;
+    s->scaleType = s->fp8 == epFP8Float32Block128 ? epFloat32 : epInt32;
+    s->scaleWords = s->fp8 ? fp8_scale_words(s->fp8, s->H) : 0;
+    s->scalesNdim = info.receiveScalesNdim;
+    memcpy(s->scalesShape, info.receiveScalesShape, sizeof s->scalesShape);
+    s->wsize = s->fp8 ? 1 : s->esize;
+    s->isize = s->fp8 && s->fp8Source == epFP8PassThrough ? 1 : s->esize;
+    TRACE("group: algorithm %d layout %d R %d E %d K %d H %lld dtype %d Bmax %lld capacity %lld overflow %d alignment %d fp8 %d/%d",
           s->algorithm, s->layout, s->R, s->E, s->K, (long long)s->H, s->elementType, (long long)s->Bmax, (long long)s->capacity,
-          s->overflow, s->alignment);
-    if (s->R != config.ranks || s->E != config.experts || s->K != config.topK || s->H != config.hidden)
-        FAIL("epGroupGetInfo disagrees with the config");
-    s->mask = (s->R == 64) ? ~0ull : ((1ull << s->R) - 1);
+          s->overflow, s->alignment, s->fp8, s->fp8Source);
+    s->all = s->mask = (s->R == 64) ? ~0ull : ((1ull << s->R) - 1);
     for (int r = 0; r < s->R; r++) {
-        s->recvIdxDtype[r] = (u8(&in) & 1) ? epInt64 : epInt32;
-        buffer_make(&s->recv[r], (size_t)elements_of(s->recvNdim, s->recvShape) * s->esize);
+        uint8_t rankByte = u8(&in);
+        s->recvIdxDtype[r] = (rankByte & 1) ? epInt64 : epInt32;
+        /* FP8 rows: e4m3, or uint8 holding the codes */
+        s->recvType[r] = !s->fp8 ? s->elementType : (rankByte & 2) ? epUInt8 : epFloat8E4M3;
+        s->inputType[r] = s->isize != 1 || !s->fp8 ? s->elementType : (rankByte & 4) ? epUInt8 : epFloat8E4M3;
+        int64_t rows = elements_of(s->recvNdim, s->recvShape);
+        buffer_make(&s->recv[r], (size_t)rows * s->wsize);
+        if (s->fp8) {
+            buffer_make(&s->eo[r], (size_t)rows * s->esize);
+            buffer_make(&s->recvScales[r], (size_t)elements_of(s->scalesNdim, s->scalesShape) * 4);
+        }
         if (s->routingNdim > 0) {
             int64_t n = elements_of(s->routingNdim, s->routingShape);
             buffer_make(&s->recvIdx[r], (size_t)n * dtype_size(s->recvIdxDtype[r]));
@@ -1089,17 +1116,21 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
             float* g = (float*)s->gradIn[r].data;
             for (int64_t i = 0; i < n; i++) g[i] = (float)(next_random() % 512) / 128.0f;
         }
+        s->counters[r] = malloc((size_t)(layout_array_len(s) + 1) * 8);
         s->tokens[r] = 0;
         s->idxDtype[r] = epInt32;
         buffer_make(&s->idx[r], 0);
         buffer_make(&s->x[r], 0);
         buffer_make(&s->w[r], 0);
+        buffer_make(&s->scalesIn[r], 0);
         buffer_make(&s->y[r], 0);
         buffer_make(&s->gradOut[r], 0);
     }
     if (s->elementType != epUInt8 && s->esize == 4) { /* finite expert outputs */
-        for (int r = 0; r < s->R; r++)
-            for (size_t i = 0; i < s->recv[r].bytes / 4; i++) ((float*)s->recv[r].data)[i] = (float)(int)(next_random() % 100);
+        for (int r = 0; r < s->R; r++) {
+            Buffer* eo = expert_outputs(s, r);
+            for (size_t i = 0; i < eo->bytes / 4; i++) ((float*)eo->data)[i] = (float)(int)(next_random() % 100);
+        }
     }
 
     /* The call sequence. */
@@ -1135,14 +1166,14 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         case 10: { /* clean some ranks */
             current_op = "epGroupCleanRanks";
             uint8_t mb = u8(&in);
-            uint64_t mask = mb >= 240 ? ~0ull : (uint64_t)(mb & ((1u << s->R) - 1));
+            uint64_t mask = mb >= 240 ? ~0ull : (uint64_t)mb & s->all;
             rc = epGroupCleanRanks(s->group, mask);
             TRACE("epGroupCleanRanks(%llx) -> %s", (unsigned long long)mask, epGetErrorString(rc));
             check_status("epGroupCleanRanks", rc, epGetLastErrorMessage());
             if (rc == epSuccess) {
                 mask_changed(s); /* clean restarts every rank's step numbering */
                 resync_mask(s);
-                if ((s->mask & mask) != (mask & ((s->R == 64) ? ~0ull : ((1ull << s->R) - 1))))
+                if ((s->mask & mask) != (mask & s->all))
                     FAIL("clean(%llx) left mask %llx", (unsigned long long)mask, (unsigned long long)s->mask);
             } else if (s->groupDestroyed && rc != epInvalidArgument) {
                 FAIL("clean on a destroyed group -> %s", epGetErrorString(rc));
@@ -1220,6 +1251,11 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     }
     for (int r = 0; r < s->R; r++) {
         free_step_buffers(s, r);
+        buffer_free(&s->eo[r]);
+        buffer_free(&s->recvScales[r]);
+        free(s->counters[r]);
+        free(s->groupStep.idx[r]);
+        free(s->handleStep.idx[r]);
         buffer_free(&s->recv[r]);
         buffer_free(&s->recvIdx[r]);
         buffer_free(&s->recvW[r]);
