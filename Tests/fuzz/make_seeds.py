@@ -9,6 +9,7 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+EXPLICIT_ROWS = 16  # abi_fuzz.c: rows past these are drawn from the input's random stream
 
 # ops (abi_fuzz.c: the call sequence switch, o % 16)
 UPDATE, DISPATCH, COMBINE, DEACTIVATE, CLEAN, LAYOUT, STATUS, PER_RANK, DESTROY_HANDLES, DESTROY_GROUP = 0, 3, 6, 9, 10, 11, 12, 13, 14, 15
@@ -17,19 +18,103 @@ def mutation(case):
     return 208 + case
 
 
+# The decoder's tables for the top byte values (abi_fuzz_config.h): byte & 7 picks one.
+BIG_RANKS = [16, 32, 64, 64, 12, 24, 48, 63]          # ranks byte >= 0xF8
+BIG_LOCAL = [4, 8, 16, 32, 64, 128, 256, 5]           # local experts byte >= 0xC0
+BIG_K = [5, 8, 16, 32, 32, 6, 9, 24]                  # top-k byte >= 0xC0
+BIG_HIDDEN = [64, 128, 256, 512, 1024, 2048, 4096, 7168]  # hidden byte >= 0xC0
+BIG_TOKENS = [8, 16, 32, 64, 128, 256, 512, 100]      # Bmax byte >= 0xC0
+BIG_ALIGNMENTS = [16, 64, 128, 1024, 7, 512, 1000, 1023]
+BUDGET = 24 << 20
+DTYPES = {"bf16": 0, "f16": 1, "f32": 2, "u8": 3}
+FP8 = {None: 0, "f32": 1, "ue8m0": 2, "e8m0": 3}
+
+
+def size_of(dtype):
+    return {"bf16": 2, "f16": 2, "f32": 4, "u8": 1}[dtype]
+
+
+def big(table, value, base):
+    """The byte that decodes to `value` from `table` (its first index)."""
+    return base | table.index(value)
+
+
+class Shape:
+    """The config the decoder ends with (abi_fuzz_config.h: decode_config's budget loop)."""
+
+    def __init__(self, ht, layout, R, L, K, H, Bmax, dtype, fp8, capacity_byte, alignment, row_first):
+        self.ht, self.layout, self.R, self.L, self.K, self.H, self.Bmax = ht, layout, R, L, K, H, Bmax
+        self.es, self.fp8, self.capacity_byte, self.alignment = size_of(dtype), fp8, capacity_byte, alignment
+        self.unit = (32 if fp8 == "e8m0" else 128) if fp8 else 8 // self.es
+        self.set_capacity()
+        while self.bytes() > BUDGET:
+            if not row_first and self.Bmax > 1: self.Bmax = (self.Bmax + 1) // 2
+            elif self.H > self.unit: self.H = max(self.unit, self.H // 2 // self.unit * self.unit)
+            elif self.Bmax > 1: self.Bmax = (self.Bmax + 1) // 2
+            elif self.L > 1: self.L //= 2
+            elif self.R > 1: self.R //= 2
+            else: break
+            self.K = min(self.K, self.R * self.L)
+            self.set_capacity()
+
+    def rows(self, automatic=False):
+        R, L, B, a = self.R, self.L, self.Bmax, max(self.alignment, 1)
+        if self.layout == "em": return L * R * B
+        if self.layout == "rm": return R * B
+        if self.N and not automatic: return self.N
+        return R * B if self.layout == "flat" else R * B * min(self.K, L) + L * (a - 1)
+
+    def set_capacity(self):
+        self.N = 0
+        nb = self.capacity_byte
+        if not self.ht or not nb & 1: return
+        v = (nb >> 1) & 0x3F
+        self.N = v if v < 24 else max(1, int(self.rows(automatic=True) * (v - 23) / 32))
+
+    def bytes(self):
+        rows, B, H, K = self.rows(), self.Bmax + 1, self.H, self.K
+        words = H / 32 if self.fp8 else 0
+        routing = 0 if self.layout == "em" else 16 if self.layout == "padded" else K * 16
+        per_rank = rows * H * ((1 + self.es) if self.fp8 else self.es) + rows * 4 * words + rows * routing + B * H * self.es * 2 + B * K * 16
+        return per_rank * self.R * 2
+
+
 class Seed:
-    """One input: the config, then calls. `layout`: 'em', 'rm', 'flat', 'padded'."""
+    """One input: the config, then calls. `layout`: 'em', 'rm', 'flat', 'padded'. The counts are
+    the small ones (each byte its value - 1) unless a `*_byte` names the decoder's byte itself;
+    `fp8`: None, 'f32', 'ue8m0', 'e8m0'; `fp8_source`: 'quantize' or 'pass'."""
 
     def __init__(self, layout="em", ranks=2, local=2, top_k=2, dtype="f32", hidden_units=1, bmax=2, capacity=None,
-                 drop=False, alignment=0, wrong=0, backend=0):
+                 drop=False, alignment=0, wrong=0, backend=0, fp8=None, fp8_source="quantize", ranks_byte=None,
+                 local_byte=None, k_byte=None, hidden_byte=None, bmax_byte=None, alignment_byte=None, capacity_byte=None,
+                 rank_bytes=0):
         ht = layout in ("flat", "padded")
-        self.layout, self.R, self.K, self.Bmax, self.ht = layout, ranks, top_k, bmax, ht
-        self.E = ranks * local
         lb = {"em": 1, "rm": 2, "flat": 1, "padded": 2}[layout]
         nb = (0x80 if drop else 0) | ((1 | (capacity << 1)) if capacity is not None else 0)
-        self.bytes = [1 if ht else 0, lb, ranks - 1, local - 1, top_k - 1, {"bf16": 0, "f16": 1, "f32": 2, "u8": 3}[dtype],
-                      hidden_units - 1, bmax - 1, nb, alignment, 0, wrong, backend]
-        self.bytes += [0] * ranks  # received topkIdx dtypes: int32
+        if capacity_byte is not None: nb = (0x80 if drop else 0) | capacity_byte
+        rb = ranks - 1 if ranks_byte is None else ranks_byte
+        eb = local - 1 if local_byte is None else local_byte
+        kb = top_k - 1 if k_byte is None else k_byte
+        tb = DTYPES[dtype] | (FP8[fp8] << 2) | (0x20 if fp8_source == "pass" else 0)
+        hb = hidden_units - 1 if hidden_byte is None else hidden_byte
+        bb = bmax - 1 if bmax_byte is None else bmax_byte
+        ab = alignment if alignment_byte is None else alignment_byte
+        self.bytes = [1 if ht else 0, lb, rb, eb, kb, tb, hb, bb, nb, ab, 0, wrong, backend]
+        # What the decoder makes of them.
+        R = 1 + rb % 8 if rb < 0xF8 else BIG_RANKS[rb & 7]
+        L = 1 + eb % 3 if eb < 0xC0 else BIG_LOCAL[eb & 7]
+        if R * L > 4096: L = 4096 // R
+        K = 1 + kb % min(R * L, 4) if kb < 0xC0 else min(BIG_K[kb & 7], R * L)
+        es = size_of(dtype)
+        unit = (32 if fp8 == "e8m0" else 128) if fp8 else 8 // es
+        H = (1 + hb % 4) * unit if hb < 0xC0 else -(-BIG_HIDDEN[hb & 7] // unit) * unit
+        B = 1 + bb % 4 if bb < 0xC0 else BIG_TOKENS[bb & 7]
+        al = 0 if layout != "padded" else ([0, 1, 2, 4, 3, 8][ab % 6] if ab < 0xC0 else BIG_ALIGNMENTS[ab & 7])
+        shape = Shape(ht, layout, R, L, K, H, B, dtype, fp8, nb, al, bool(bb & 0x20))
+        self.layout, self.R, self.K, self.Bmax, self.ht = layout, shape.R, shape.K, shape.Bmax, ht
+        self.E, self.H, self.shape = shape.R * shape.L, shape.H, shape
+        self.fp8, self.pass_through = fp8, fp8 is not None and fp8_source == "pass"
+        self.bytes += [rank_bytes] * self.R  # received topkIdx dtypes (bit 0), FP8 row dtypes (bits 1, 2)
         self.routing_outputs = layout != "em"
 
     def op(self, *values):
@@ -45,7 +130,7 @@ class Seed:
         self.op(direction)
         for r in range(self.R):
             self.op(len(rows[r]))
-            for start, kind in rows[r]:
+            for start, kind in rows[r][:EXPLICIT_ROWS]:  # later rows come from the random stream
                 self.op(kind, start)
         for r in range(self.R):
             self.op(0, (mutations or {}).get(r, 0))  # struct byte, topkIdx
@@ -62,9 +147,13 @@ class Seed:
             self.op(struct, m[0] if len(m) > 0 else 0)  # tokens
             if self.routing_outputs:
                 self.op(m[1] if len(m) > 1 else 0)  # topkWeights
+            if self.pass_through:
+                self.op(0)  # scales
             self.op(m[2] if len(m) > 2 else 0)  # received tokens
             if self.routing_outputs:
                 self.op(0, 0)  # received topkIdx, topkWeights
+            if self.fp8:
+                self.op(0)  # received scales
         if not per_rank:
             self.op(0)
         return self
@@ -99,10 +188,12 @@ class Seed:
 
 
 def rows(seed, counts, minus_one=False):
-    """counts[r] tokens per rank, expert windows spread over the experts."""
+    """counts[r] tokens per rank (at most the Bmax the decoder ends with), expert windows spread
+    over the experts (start bytes < 256)."""
     out = []
     for r, n in enumerate(counts):
-        out.append([((r * 3 + t * 5) % seed.E, 0x10 if minus_one and t == 0 else 0) for t in range(n)])
+        n = min(n, seed.Bmax)
+        out.append([((r * 3 + t * 5) % min(seed.E, 256), 0x10 if minus_one and t == 0 else 0) for t in range(n)])
     return out
 
 
@@ -165,6 +256,98 @@ def seeds():
     for how, which in [(200, 1), (201, 3), (202, 0), (203, 1), (204, 4), (205, 1), (206, 0), (207, 2)]:
         s.stacked_dispatch(1, how, which)
     found["stacked-bad-dispatch"] = s.stacked_dispatch(1).stacked_combine(203, 1).stacked_combine(204, 0).stacked_combine().bytes
+    found.update(large_seeds())
+    found.update(fp8_seeds())
+    found.update(bound_seeds())
+    return found
+
+
+def fp8_seeds():
+    """FP8 dispatch in every layout, scale mode and source (rows of one block or a few)."""
+    found = {}
+    for layout in ("em", "rm", "flat", "padded"):
+        for mode, source, dtype in [("f32", "quantize", "bf16"), ("ue8m0", "pass", "f32"), ("e8m0", "quantize", "f16"), ("e8m0", "pass", "bf16")]:
+            s = Seed(layout, ranks=2, local=2, top_k=2, dtype=dtype, bmax=3, fp8=mode, fp8_source=source,
+                     hidden_units=2 if mode == "e8m0" else 1, alignment=2 if layout == "padded" else 0, rank_bytes=6 if source == "pass" else 0)
+            s.step(rows(s, [3, 2])).update(rows(s, [1, 3])).dispatch().combine(backward=True)
+            found[f"fp8-{layout}-{mode}-{source}-{dtype}"] = s.bytes
+    s = Seed("flat", ranks=4, local=2, top_k=2, dtype="bf16", bmax=4, fp8="ue8m0", capacity=5, drop=True)
+    found["fp8-flat-drop"] = s.step(rows(s, [4, 4, 3, 4])).bytes
+    for layout in ("em", "padded"):
+        s = Seed(layout, ranks=2, local=2, top_k=2, dtype="bf16", bmax=2, fp8="f32", alignment=2 if layout == "padded" else 0)
+        found[f"fp8-stacked-{layout}"] = s.stacked_dispatch(2).stacked_combine().bytes
+    return found
+
+
+def large_seeds():
+    """Large valid configs: long rows, top-k 32, hundreds of experts, Bmax in the hundreds, 8 and 64
+    ranks, alignment 1024, capacity shares with drop."""
+    found = {}
+    s = Seed("flat", ranks=8, local_byte=big(BIG_LOCAL, 32, 0xC0), k_byte=big(BIG_K, 8, 0xC0), dtype="bf16",
+             hidden_byte=big(BIG_HIDDEN, 7168, 0xC0), bmax_byte=big(BIG_TOKENS, 8, 0xC0))
+    found["large-flat-h7168-e256-k8-r8"] = s.step(rows(s, [8, 7, 8, 6, 8, 8, 5, 8])).bytes
+    s = Seed("em", ranks=8, local_byte=big(BIG_LOCAL, 32, 0xC0), k_byte=big(BIG_K, 32, 0xC0), dtype="bf16",
+             hidden_byte=big(BIG_HIDDEN, 128, 0xC0), bmax_byte=big(BIG_TOKENS, 16, 0xC0))
+    found["large-ll-em-e256-k32"] = s.step(rows(s, [16, 3, 16, 0, 9, 16, 16, 1])).bytes
+    s = Seed("rm", ranks=2, local=3, top_k=3, dtype="f16", bmax_byte=big(BIG_TOKENS, 512, 0xC0))
+    found["large-rm-bmax512"] = s.step(rows(s, [s.Bmax, s.Bmax - 3])).bytes
+    s = Seed("padded", ranks=4, local_byte=big(BIG_LOCAL, 4, 0xC0), top_k=4, dtype="f32",
+             alignment_byte=big(BIG_ALIGNMENTS, 1024, 0xC0), bmax=4)
+    found["large-padded-align1024"] = s.step(rows(s, [4, 3, 4, 2])).update(rows(s, [4, 4, 1, 4])).dispatch().combine(backward=True).bytes
+    s = Seed("padded", ranks=8, local_byte=big(BIG_LOCAL, 16, 0xC0), k_byte=big(BIG_K, 16, 0xC0), dtype="bf16",
+             hidden_byte=big(BIG_HIDDEN, 1024, 0xC0), bmax_byte=big(BIG_TOKENS, 32, 0xC0), alignment_byte=big(BIG_ALIGNMENTS, 16, 0xC0))
+    found["large-padded-e128-k16-h1024"] = s.step(rows(s, [s.Bmax] * 8)).bytes
+    s = Seed("flat", ranks=8, local=2, top_k=4, dtype="bf16", bmax_byte=big(BIG_TOKENS, 128, 0xC0), drop=True,
+             capacity_byte=1 | (40 << 1), hidden_byte=big(BIG_HIDDEN, 256, 0xC0))
+    found["large-flat-drop-share"] = s.step(rows(s, [s.Bmax] * 8)).bytes
+    s = Seed("padded", ranks=4, local=3, top_k=3, dtype="f32", bmax_byte=big(BIG_TOKENS, 64, 0xC0), drop=True,
+             capacity_byte=1 | (30 << 1), alignment=4)
+    found["large-padded-drop-share"] = s.step(rows(s, [s.Bmax] * 4)).bytes
+    s = Seed("flat", ranks=4, local=2, top_k=2, dtype="f32", bmax_byte=big(BIG_TOKENS, 64, 0xC0), capacity_byte=1 | (30 << 1))
+    found["large-flat-overflow-share"] = s.update(rows(s, [s.Bmax] * 4)).update(rows(s, [2, 2, 2, 2])).dispatch().combine().bytes
+    s = Seed("em", ranks_byte=0xFA, local=2, top_k=2, dtype="bf16", bmax=2)
+    assert s.R == 64
+    found["large-64-ranks-em"] = s.step(rows(s, [1] * 64)).bytes
+    s = Seed("flat", ranks_byte=0xF9, local=1, top_k=3, dtype="f32", bmax=1)
+    found["large-32-ranks-flat-backward"] = s.update(rows(s, [1] * 32)).dispatch().combine(backward=True).bytes
+    s = Seed("padded", ranks=8, local_byte=big(BIG_LOCAL, 8, 0xC0), k_byte=big(BIG_K, 16, 0xC0), dtype="bf16", fp8="e8m0",
+             fp8_source="pass", hidden_byte=big(BIG_HIDDEN, 2048, 0xC0), bmax_byte=big(BIG_TOKENS, 8, 0xC0), alignment=4)
+    found["large-fp8-padded-pass-h2048"] = s.step(rows(s, [s.Bmax] * 8)).bytes
+    s = Seed("em", ranks=4, local_byte=big(BIG_LOCAL, 16, 0xC0), k_byte=big(BIG_K, 8, 0xC0), dtype="f32", fp8="f32",
+             hidden_byte=big(BIG_HIDDEN, 1024, 0xC0), bmax_byte=big(BIG_TOKENS, 8, 0xC0))
+    found["large-fp8-ll-em-quantize-h1024"] = s.step(rows(s, [s.Bmax] * 4)).bytes
+    s = Seed("rm", ranks=8, local=2, top_k=4, dtype="bf16", bmax_byte=big(BIG_TOKENS, 128, 0xC0) | 0x20,
+             hidden_byte=big(BIG_HIDDEN, 4096, 0xC0))  # bit 5: the rows shrink before the tokens
+    found["large-rm-rows-first"] = s.step(rows(s, [min(s.Bmax, 20)] * 8)).bytes
+    for name, seed in found.items():
+        assert seed and len(seed) <= 1024, (name, len(seed))
+    return found
+
+
+# abi_fuzz_config.h bound_case: wrong-config byte 192 + v.
+BOUNDS = ["ranks-64", "ranks-65", "ranks-negative", "topk-32", "topk-33", "topk-experts", "hidden-int32-max",
+          "hidden-largest", "hidden-2-31", "hidden-int64-max", "bmax-int32-max", "bmax-2-31", "bmax-int64-min",
+          "experts-largest", "experts-int32-min", "capacity-2-40", "capacity-past-2-40", "capacity-int64-min",
+          "alignment-1024", "alignment-past", "timeout-1ns", "timeout-day", "timeout-past-day", "timeout-minus-zero",
+          "fp8-scales-unknown", "fp8-source-unknown", "fp8-e8m0-32", "fp8-block-128-hidden-160", "element-e4m3",
+          "layout-negative", "struct-size-larger", "every-count-largest"]
+
+
+def bound_seeds():
+    """Every bound case, on a config whose step runs where it is valid and fits."""
+    found = {}
+    for v, name in enumerate(BOUNDS):
+        layout = "padded" if "alignment" in name or "capacity" in name else "flat" if v in (3, 5, 20) else "em"
+        s = Seed(layout, ranks=2, local=2, top_k=2, dtype="bf16", bmax=2, wrong=192 + v, alignment=2 if layout == "padded" else 0)
+        if name == "ranks-64":
+            s.R, s.E, s.bytes = 64, 128, s.bytes + [0] * 62
+        elif name == "topk-32":
+            s.K, s.E = 32, 32
+        if name in ("ranks-64", "topk-32", "topk-experts", "alignment-1024", "timeout-1ns", "timeout-day", "timeout-minus-zero"):
+            s.step(rows(s, [2, 1] + [1] * (s.R - 2)))
+        found[f"bound-{name}"] = s.bytes
+    s = Seed("em", fp8="e8m0", wrong=192 + 26)
+    found["bound-fp8-e8m0-32-step"] = s.step(rows(s, [2, 1])).bytes
     return found
 
 
