@@ -44,6 +44,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 /* ---------------------------------------------------------------------------------------- */
 /* Input decoding                                                                           */
@@ -946,6 +947,95 @@ static void per_rank(Reader* in, State* s, CallKind kind) {
 /* ---------------------------------------------------------------------------------------- */
 /* A config too large for its buffers (a bound)                                             */
 
+/* A descriptor of `shape` over `data` with the strides of a row-major tensor, wrapping where they
+ * pass 64 bits (then no longer a contiguous tensor's: the library must refuse it). */
+static epTensor_t huge_tensor(void* data, int dtype, int ndim, const int64_t* shape) {
+    epTensor_t t = epMakeTensor(data, (epDataType_t)dtype, 0, shape, -1);
+    t.ndim = ndim;
+    uint64_t stride = 1;
+    for (int i = ndim - 1; i >= 0; i--) { t.sizes[i] = shape[i]; t.strides[i] = (int64_t)stride; stride *= (uint64_t)shape[i]; }
+    return t;
+}
+
+/* Address space for a tensor of `shape` that nothing may touch (PROT_NONE: any access is a
+ * crash), or NULL where its bytes pass 2^42 (or 2^63: the library must refuse it). */
+static void* untouchable(int dtype, int ndim, const int64_t* shape, size_t* reserved) {
+    unsigned __int128 bytes = dtype_size(dtype);
+    for (int i = 0; i < ndim; i++) bytes *= (unsigned __int128)(shape[i] < 0 ? 0 : shape[i]);
+    *reserved = 0;
+    if (bytes == 0 || bytes > ((unsigned __int128)1 << 42)) return NULL;
+    void* p = mmap(NULL, (size_t)bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) return NULL;
+    *reserved = (size_t)bytes;
+    return p;
+}
+
+/* An update of no tokens, then its dispatch and combine with every output of its right shape (the
+ * receive buffer's: up to 2^62 rows of 2^31 elements) over address space that nothing may touch:
+ * a step of no rows reads and writes no row, so the calls succeed without touching them (a crash
+ * otherwise), or refuse a tensor too large to address (epInvalidArgument). */
+static void empty_step(State* s, const epGroupInfo_t* info) {
+    const int R = info->ranks, K = info->topK;
+    int fp8 = info->fp8Scales, passThrough = fp8 && info->fp8Source == epFP8PassThrough;
+    int64_t none[2] = {0, K}, rows[2] = {0, info->hidden}, words[2] = {0, fp8 ? fp8_scale_words(fp8, info->hidden) : 0};
+    int scaleType = fp8 == epFP8Float32Block128 ? epFloat32 : epInt32;
+    epTensor_t idx[MAX_R], x[MAX_R], w[MAX_R], sc[MAX_R], y[MAX_R], out[MAX_R][5];
+    void* space[MAX_R][5];
+    size_t spaceBytes[MAX_R][5];
+    epUpdateInputs_t up[MAX_R];
+    epDispatchInputs_t din[MAX_R];
+    epDispatchOutputs_t dout[MAX_R];
+    epCombineInputs_t cin[MAX_R];
+    epCombineOutputs_t cout[MAX_R];
+    int ll = info->algorithm == epAlgorithmLowLatency, em = info->layout == epLayoutExpertMajor, padded = info->layout == epLayoutExpertMajorPadded;
+    int rn = info->receiveRoutingNdim, reserved = 1;
+    const int types[5] = {info->receiveElementType, epInt32, epFloat32, scaleType, info->elementType};
+    const int ndims[5] = {info->receiveNdim, rn, rn, info->receiveScalesNdim, info->receiveNdim};
+    const int64_t* shapes[5] = {info->receiveShape, info->receiveRoutingShape, info->receiveRoutingShape, info->receiveScalesShape, info->receiveShape};
+    for (int r = 0; r < R; r++) {
+        idx[r] = epMakeTensor(NULL, epInt32, 2, none, -1);
+        x[r] = epMakeTensor(NULL, (epDataType_t)(passThrough ? epFloat8E4M3 : info->elementType), 2, rows, -1);
+        w[r] = epMakeTensor(NULL, epFloat32, 2, none, -1);
+        sc[r] = epMakeTensor(NULL, (epDataType_t)scaleType, 2, words, -1);
+        y[r] = epMakeTensor(NULL, (epDataType_t)info->elementType, 2, rows, -1);
+        /* received tokens, topkIdx, topkWeights, scales; expert outputs */
+        for (int i = 0; i < 5; i++) {
+            space[r][i] = ndims[i] ? untouchable(types[i], ndims[i], shapes[i], &spaceBytes[r][i]) : NULL;
+            if (ndims[i] && !space[r][i]) reserved = 0;
+            out[r][i] = huge_tensor(space[r][i], types[i], ndims[i], shapes[i]);
+        }
+        up[r] = (epUpdateInputs_t){sizeof up[r], &idx[r]};
+        din[r] = (epDispatchInputs_t){sizeof din[r], &x[r], ll && em ? NULL : &w[r], passThrough ? &sc[r] : NULL};
+        memset(&dout[r], 0, sizeof dout[r]);
+        dout[r].structSize = sizeof dout[r];
+        dout[r].tokens = &out[r][0];
+        if (rn) { dout[r].topkIdx = &out[r][1]; dout[r].topkWeights = &out[r][2]; }
+        if (fp8) dout[r].scales = &out[r][3];
+        cin[r] = (epCombineInputs_t){sizeof cin[r], &out[r][4], ll && em ? &w[r] : padded ? &out[r][2] : NULL, NULL};
+        cout[r] = (epCombineOutputs_t){sizeof cout[r], &y[r], NULL};
+    }
+    current_op = "epGroupUpdateAll (no tokens)";
+    epResult_t rc = epGroupUpdateAll(s->group, up, NULL, NULL);
+    check_status("epGroupUpdateAll", rc, epGetLastErrorMessage());
+    if (rc != epSuccess && rc != epTimeout) FAIL("an update of no tokens -> %s: %s", epGetErrorString(rc), epGetLastErrorMessage());
+    if (rc == epSuccess && reserved) {
+        current_op = "epGroupDispatchAll (no tokens)";
+        rc = epGroupDispatchAll(s->group, din, dout, NULL, NULL);
+        TRACE("epGroupDispatchAll(no tokens, huge outputs) -> %s %s", epGetErrorString(rc), epGetLastErrorMessage());
+        check_status("epGroupDispatchAll", rc, epGetLastErrorMessage());
+        if (rc != epSuccess && rc != epInvalidArgument && rc != epTimeout) FAIL("a dispatch of no tokens -> %s: %s", epGetErrorString(rc), epGetLastErrorMessage());
+        if (rc == epSuccess && info->elementType != epUInt8) {
+            current_op = "epGroupCombineAll (no tokens)";
+            rc = epGroupCombineAll(s->group, cin, cout, NULL, NULL);
+            TRACE("epGroupCombineAll(no tokens, huge inputs) -> %s %s", epGetErrorString(rc), epGetLastErrorMessage());
+            check_status("epGroupCombineAll", rc, epGetLastErrorMessage());
+            if (rc != epSuccess && rc != epInvalidArgument && rc != epTimeout) FAIL("a combine of no tokens -> %s: %s", epGetErrorString(rc), epGetLastErrorMessage());
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < 5; i++) if (space[r][i]) munmap(space[r][i], spaceBytes[r][i]);
+}
+
 /* Created and asked (epGroupGetInfo was checked), then every call that needs no receive buffer:
  * status, mask, an update of a few tokens where the host's step metadata is small, a dispatch
  * without outputs (refused), layout info, deactivate and clean; then destroyed. */
@@ -986,6 +1076,7 @@ static void info_only(State* s, const epGroupConfig_t* c, const epGroupInfo_t* i
         check_status("epGroupDispatchAll", rc, epGetLastErrorMessage());
         if (rc != epInvalidArgument && rc != epTimeout) FAIL("epGroupDispatchAll without outputs -> %s", epGetErrorString(rc));
         free(idx);
+        if (rc != epTimeout) empty_step(s, info);
     }
     if (info->localExperts <= 65536) {
         current_op = "epGroupGetLayoutInfo";

@@ -119,7 +119,7 @@ static ConfigExpectation decode_config(Reader* in, epGroupConfig_t* c) {
         c->layout = (epLayout_t)(c->algorithm == epAlgorithmLowLatency ? 3 + v : v < 2 ? 1 + v : 3 + v);
         valid = 0;
     }
-    static const int bigRanks[] = {16, 32, 64, 64, 12, 24, 48, 63};
+    static const int bigRanks[] = {9, 12, 16, 24, 64, 32, 48, 10}; /* 64 ranks (a thread each per call) only from 0xFC */
     uint8_t rb = u8(in);
     c->ranks = rb < 0xF8 ? 1 + rb % 8 : bigRanks[rb & 7];
     static const int bigLocal[] = {4, 8, 16, 32, 64, 128, 256, 5};

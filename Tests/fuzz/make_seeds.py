@@ -19,7 +19,7 @@ def mutation(case):
 
 
 # The decoder's tables for the top byte values (abi_fuzz_config.h): byte & 7 picks one.
-BIG_RANKS = [16, 32, 64, 64, 12, 24, 48, 63]          # ranks byte >= 0xF8
+BIG_RANKS = [9, 12, 16, 24, 64, 32, 48, 10]           # ranks byte >= 0xF8
 BIG_LOCAL = [4, 8, 16, 32, 64, 128, 256, 5]           # local experts byte >= 0xC0
 BIG_K = [5, 8, 16, 32, 32, 6, 9, 24]                  # top-k byte >= 0xC0
 BIG_HIDDEN = [64, 128, 256, 512, 1024, 2048, 4096, 7168]  # hidden byte >= 0xC0
@@ -305,10 +305,10 @@ def large_seeds():
     found["large-padded-drop-share"] = s.step(rows(s, [s.Bmax] * 4)).bytes
     s = Seed("flat", ranks=4, local=2, top_k=2, dtype="f32", bmax_byte=big(BIG_TOKENS, 64, 0xC0), capacity_byte=1 | (30 << 1))
     found["large-flat-overflow-share"] = s.update(rows(s, [s.Bmax] * 4)).update(rows(s, [2, 2, 2, 2])).dispatch().combine().bytes
-    s = Seed("em", ranks_byte=0xFA, local=2, top_k=2, dtype="bf16", bmax=2)
+    s = Seed("em", ranks_byte=big(BIG_RANKS, 64, 0xF8), local=2, top_k=2, dtype="bf16", bmax=2)
     assert s.R == 64
     found["large-64-ranks-em"] = s.step(rows(s, [1] * 64)).bytes
-    s = Seed("flat", ranks_byte=0xF9, local=1, top_k=3, dtype="f32", bmax=1)
+    s = Seed("flat", ranks_byte=big(BIG_RANKS, 32, 0xF8), local=1, top_k=3, dtype="f32", bmax=1)
     found["large-32-ranks-flat-backward"] = s.update(rows(s, [1] * 32)).dispatch().combine(backward=True).bytes
     s = Seed("padded", ranks=8, local_byte=big(BIG_LOCAL, 8, 0xC0), k_byte=big(BIG_K, 16, 0xC0), dtype="bf16", fp8="e8m0",
              fp8_source="pass", hidden_byte=big(BIG_HIDDEN, 2048, 0xC0), bmax_byte=big(BIG_TOKENS, 8, 0xC0), alignment=4)
