@@ -1036,6 +1036,140 @@ static void empty_step(State* s, const epGroupInfo_t* info) {
         for (int i = 0; i < 5; i++) if (space[r][i]) munmap(space[r][i], spaceBytes[r][i]);
 }
 
+/* Address space for a tensor of `shape` whose untouched pages cost nothing (zeros), or NULL past 2^42 bytes. */
+static void* sparse(int dtype, int ndim, const int64_t* shape, size_t* reserved) {
+    unsigned __int128 bytes = dtype_size(dtype);
+    for (int i = 0; i < ndim; i++) bytes *= (unsigned __int128)(shape[i] < 0 ? 0 : shape[i]);
+    *reserved = 0;
+    if (bytes == 0 || bytes > ((unsigned __int128)1 << 42)) return NULL;
+    void* p = mmap(NULL, (size_t)bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) return NULL;
+    *reserved = (size_t)bytes;
+    return p;
+}
+
+/* A step of a few tokens on a bound config (Bmax, hidden or capacity at its largest) whose
+ * receive buffers are sparse reservations: the rows land in zones up to terabytes apart. Checked
+ * against the model: the layout info, every received row, and the combine (the received rows as
+ * the expert outputs) bit for bit. Not FP8 nor uint8 (one format is enough here). */
+static void sparse_step(epGroup_t group, const epGroupConfig_t* c, const epGroupInfo_t* info) {
+    if (info->fp8Scales || info->elementType == epUInt8 || info->experts > 65536 || info->hidden > 4096) return;
+    State* s = calloc(1, sizeof *s);
+    s->algorithm = info->algorithm; s->layout = info->layout; s->R = info->ranks; s->E = info->experts; s->L = info->localExperts;
+    s->K = info->topK; s->H = info->hidden; s->elementType = info->elementType; s->esize = s->isize = s->wsize = dtype_size(info->elementType);
+    s->Bmax = info->maxTokensPerRank; s->capacity = info->receiveCapacity; s->overflow = c->overflow;
+    s->alignment = info->alignment < 1 ? 1 : info->alignment; s->routingNdim = info->receiveRoutingNdim;
+    s->all = s->mask = s->R == 64 ? ~0ull : (1ull << s->R) - 1;
+    const int R = s->R, K = s->K;
+    const int64_t B = s->Bmax < 3 ? s->Bmax : 3, H = s->H;
+    epTensor_t ti[MAX_R], tx[MAX_R], tw[MAX_R], tr[MAX_R], tri[MAX_R], trw[MAX_R], ty[MAX_R];
+    epUpdateInputs_t up[MAX_R];
+    epDispatchInputs_t din[MAX_R];
+    epDispatchOutputs_t dout[MAX_R];
+    epCombineInputs_t cin[MAX_R];
+    epCombineOutputs_t cout[MAX_R];
+    epLayoutInfo_t li[MAX_R];
+    void* space[MAX_R][3] = {{0}};
+    size_t spaceBytes[MAX_R][3];
+    int reserved = 1;
+    int64_t ks[2] = {B, K}, xs[2] = {B, H};
+    for (int r = 0; r < R; r++) {
+        s->tokens[r] = (int)B;
+        s->idxDtype[r] = epInt32;
+        buffer_make(&s->idx[r], (size_t)(B * K) * 4);
+        for (int64_t t = 0; t < B; t++)
+            for (int k = 0; k < K; k++) ((int32_t*)s->idx[r].data)[t * K + k] = (int32_t)((r * 5 + t * 3 + k) % s->E);
+        buffer_make(&s->x[r], (size_t)(B * H) * s->esize);
+        for (int64_t i = 0; i < B * H; i++) {
+            if (s->esize == 4) ((float*)s->x[r].data)[i] = (float)((int)(next_random() % 2001) - 1000) / 64.0f;
+            else ((uint16_t*)s->x[r].data)[i] &= 0xBFFF;
+        }
+        buffer_make(&s->w[r], (size_t)(B * K) * 4);
+        for (int64_t i = 0; i < B * K; i++) ((float*)s->w[r].data)[i] = (float)(next_random() % 1000) / 256.0f;
+        buffer_make(&s->y[r], (size_t)(B * H) * s->esize);
+        space[r][0] = sparse(s->elementType, info->receiveNdim, info->receiveShape, &spaceBytes[r][0]);
+        if (s->routingNdim) {
+            space[r][1] = sparse(epInt32, s->routingNdim, info->receiveRoutingShape, &spaceBytes[r][1]);
+            space[r][2] = sparse(epFloat32, s->routingNdim, info->receiveRoutingShape, &spaceBytes[r][2]);
+            if (!space[r][1] || !space[r][2]) reserved = 0;
+        }
+        if (!space[r][0]) reserved = 0;
+        ti[r] = epMakeTensor(s->idx[r].data, epInt32, 2, ks, -1);
+        tx[r] = epMakeTensor(s->x[r].data, (epDataType_t)s->elementType, 2, xs, -1);
+        tw[r] = epMakeTensor(s->w[r].data, epFloat32, 2, ks, -1);
+        ty[r] = epMakeTensor(s->y[r].data, (epDataType_t)s->elementType, 2, xs, -1);
+        tr[r] = huge_tensor(space[r][0], s->elementType, info->receiveNdim, info->receiveShape);
+        tri[r] = huge_tensor(space[r][1], epInt32, s->routingNdim, info->receiveRoutingShape);
+        trw[r] = huge_tensor(space[r][2], epFloat32, s->routingNdim, info->receiveRoutingShape);
+        up[r] = (epUpdateInputs_t){sizeof up[r], &ti[r]};
+        din[r] = (epDispatchInputs_t){sizeof din[r], &tx[r], &tw[r], NULL};
+        memset(&dout[r], 0, sizeof dout[r]);
+        dout[r].structSize = sizeof dout[r];
+        dout[r].tokens = &tr[r];
+        if (s->routingNdim) { dout[r].topkIdx = &tri[r]; dout[r].topkWeights = &trw[r]; }
+        s->counters[r] = malloc((size_t)(layout_array_len(s) + 1) * 8);
+        layout_info_struct(s, r, &li[r]);
+        dout[r].layoutInfo = &li[r];
+        cin[r] = (epCombineInputs_t){sizeof cin[r], &tr[r], s->layout == epLayoutExpertMajor ? &tw[r] : s->layout == epLayoutExpertMajorPadded ? &trw[r] : NULL, NULL};
+        cout[r] = (epCombineOutputs_t){sizeof cout[r], &ty[r], NULL};
+    }
+    s->group = group;
+    epResult_t rc = epTimeout;
+    StepModel m = {0};
+    Plan p = {0};
+    if (reserved) {
+        step_record(s, &m, 1);
+        plan_build(s, &m, &p);
+        current_op = "epGroupUpdateAll (sparse)";
+        rc = epGroupUpdateAll(group, up, NULL, NULL);
+        TRACE("%s(B %lld) -> %s %s", current_op, (long long)B, epGetErrorString(rc), epGetLastErrorMessage());
+        check_status("epGroupUpdateAll", rc, epGetLastErrorMessage());
+        if (rc != epTimeout && rc != (p.overflow ? epOverflow : epSuccess))
+            FAIL("-> %s, the model says %s: %s", epGetErrorString(rc), p.overflow ? "epOverflow" : "epSuccess", epGetLastErrorMessage());
+    }
+    if (rc == epSuccess) {
+        current_op = "epGroupDispatchAll (sparse)";
+        rc = epGroupDispatchAll(group, din, dout, NULL, NULL);
+        TRACE("%s -> %s %s", current_op, epGetErrorString(rc), epGetLastErrorMessage());
+        check_status("epGroupDispatchAll", rc, epGetLastErrorMessage());
+        if (rc != epSuccess && rc != epTimeout) FAIL("refused right arguments: %s", epGetLastErrorMessage());
+    }
+    if (rc == epSuccess) {
+        const int64_t rowBytes = H * (int64_t)s->esize;
+        for (int d = 0; d < R; d++) {
+            check_info(s, &p, d, &li[d]);
+            for (int src = 0; src < R; src++)
+                for (int t = 0; t < B; t++)
+                    for (int k = 0; k < K; k++) {
+                        int e = expert_of(s, &m, src, t, k);
+                        if (e < 0 || e / s->L != d) continue;
+                        int64_t row = expert_major(s) ? p.selRow[src][t * K + k] : p.pairRow[src][t * R + d];
+                        if (memcmp((const uint8_t*)space[d][0] + row * rowBytes, s->x[src].data + t * rowBytes, (size_t)rowBytes) != 0)
+                            FAIL("rank %d: received row %lld is not token %d of rank %d", d, (long long)row, t, src);
+                    }
+        }
+        current_op = "epGroupCombineAll (sparse)";
+        rc = epGroupCombineAll(group, cin, cout, NULL, NULL);
+        TRACE("%s -> %s %s", current_op, epGetErrorString(rc), epGetLastErrorMessage());
+        check_status("epGroupCombineAll", rc, epGetLastErrorMessage());
+        if (rc != epSuccess && rc != epTimeout) FAIL("refused right arguments: %s", epGetLastErrorMessage());
+        const uint8_t *eo[MAX_R], *weights[MAX_R];
+        for (int r = 0; r < R; r++) {
+            eo[r] = space[r][0];
+            weights[r] = s->layout == epLayoutExpertMajor ? s->w[r].data : space[r][2];
+        }
+        for (int r = 0; r < R && rc == epSuccess; r++) check_combine(s, &m, &p, r, 1, eo, weights, NULL, s->y[r].data, NULL);
+    }
+    plan_free(&p);
+    for (int r = 0; r < R; r++) {
+        free(m.idx[r]);
+        for (int i = 0; i < 3; i++) if (space[r][i]) munmap(space[r][i], spaceBytes[r][i]);
+        free_step_buffers(s, r);
+        free(s->counters[r]);
+    }
+    free(s);
+}
+
 /* Created and asked (epGroupGetInfo was checked), then every call that needs no receive buffer:
  * status, mask, an update of a few tokens where the host's step metadata is small, a dispatch
  * without outputs (refused), layout info, deactivate and clean; then destroyed. */
@@ -1077,6 +1211,7 @@ static void info_only(State* s, const epGroupConfig_t* c, const epGroupInfo_t* i
         if (rc != epInvalidArgument && rc != epTimeout) FAIL("epGroupDispatchAll without outputs -> %s", epGetErrorString(rc));
         free(idx);
         if (rc != epTimeout) empty_step(s, info);
+        if (rc != epTimeout) sparse_step(s->group, c, info);
     }
     if (info->localExperts <= 65536) {
         current_op = "epGroupGetLayoutInfo";

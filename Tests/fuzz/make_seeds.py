@@ -346,6 +346,10 @@ def bound_seeds():
         if name in ("ranks-64", "topk-32", "topk-experts", "alignment-1024", "timeout-1ns", "timeout-day", "timeout-minus-zero"):
             s.step(rows(s, [2, 1] + [1] * (s.R - 2)))
         found[f"bound-{name}"] = s.bytes
+    for layout, ranks in (("em", 8), ("rm", 2), ("flat", 4), ("padded", 2)):  # a sparse step at Bmax = Int32.max
+        s = Seed(layout, ranks=ranks, local=2, top_k=2, dtype="f32" if layout == "flat" else "bf16", bmax=2,
+                 wrong=192 + BOUNDS.index("bmax-int32-max"), alignment_byte=big(BIG_ALIGNMENTS, 1024, 0xC0) if layout == "padded" else 0)
+        found[f"bound-bmax-int32-max-{layout}-{ranks}-ranks"] = s.bytes
     s = Seed("em", fp8="e8m0", wrong=192 + 26)
     found["bound-fp8-e8m0-32-step"] = s.step(rows(s, [2, 1])).bytes
     return found
