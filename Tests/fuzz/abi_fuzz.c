@@ -1142,7 +1142,7 @@ static void sparse_step(epGroup_t group, const epGroupConfig_t* c, const epGroup
                 for (int t = 0; t < B; t++)
                     for (int k = 0; k < K; k++) {
                         int e = expert_of(s, &m, src, t, k);
-                        if (e < 0 || e / s->L != d) continue;
+                        if (e < 0 || e / s->L != d || p.pairRow[src][t * R + d] < 0) continue; /* (dropped) */
                         int64_t row = expert_major(s) ? p.selRow[src][t * K + k] : p.pairRow[src][t * R + d];
                         if (memcmp((const uint8_t*)space[d][0] + row * rowBytes, s->x[src].data + t * rowBytes, (size_t)rowBytes) != 0)
                             FAIL("rank %d: received row %lld is not token %d of rank %d", d, (long long)row, t, src);

@@ -350,6 +350,10 @@ def bound_seeds():
         s = Seed(layout, ranks=ranks, local=2, top_k=2, dtype="f32" if layout == "flat" else "bf16", bmax=2,
                  wrong=192 + BOUNDS.index("bmax-int32-max"), alignment_byte=big(BIG_ALIGNMENTS, 1024, 0xC0) if layout == "padded" else 0)
         found[f"bound-bmax-int32-max-{layout}-{ranks}-ranks"] = s.bytes
+    for layout in ("flat", "padded"):  # ... with drop at a capacity of 1 and 3 rows
+        s = Seed(layout, ranks=2, local=2, top_k=2, dtype="bf16", bmax=2, drop=True, capacity=1 if layout == "flat" else 3,
+                 wrong=192 + BOUNDS.index("bmax-int32-max"))
+        found[f"bound-bmax-int32-max-{layout}-drop"] = s.bytes
     s = Seed("em", fp8="e8m0", wrong=192 + 26)
     found["bound-fp8-e8m0-32-step"] = s.step(rows(s, [2, 1])).bytes
     return found
