@@ -81,7 +81,8 @@ struct RoutingCheckTests {
         }
         var negative = summary
         negative.selectionsPerExpert = [-1, 0, 0, 0]
-        #expect(throws: EPError.self) {
+        #expect(throws: Self.argument("summaries[1].selectionsPerExpert[0]", -1,
+                                      "must be ≥ 0, with a source's selections at most maxTokensPerRank × topK (6) in all (0 before it)")) {
             try RoutingPlan.keptTokens(config: Self.config, rank: 0, routing: routing, summaries: [nil, negative])
         }
         // Checked inputs plan as before.
