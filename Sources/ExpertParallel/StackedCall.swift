@@ -304,6 +304,13 @@ public struct CheckedStackedCombine: Sendable {
         for (r, b) in tokens.enumerated() where b < 0 || b > config.maxTokensPerRank {
             throw .invalidArgument(field: "tokens[\(r)]", value: "\(b)", requirement: "must be in 0...maxTokensPerRank (\(config.maxTokensPerRank))")
         }
+        try self.init(call, stepTokens: tokens, direction: direction, shapes: shapes, location: location)
+    }
+
+    /// `init(_:tokens:direction:shapes:location:)` for the engine's own callers, whose `tokens` are
+    /// a dispatched step's row counts (its routing's: one per part, each in 0...maxTokensPerRank
+    /// already): the bounds of `tokens` are not checked again on the data path.
+    package init(_ call: StackedCombine, stepTokens tokens: [Int], direction: PassDirection, shapes: CallShapes, location: MemoryLocation) throws(EPError) {
         self.call = call
         self.tokens = tokens
         self.shapes = shapes

@@ -117,7 +117,7 @@ extension StepGroupBackend {
     func combineStacked(_ call: StackedCombine, _ settings: CallSettings, _ stream: UnsafeMutableRawPointer?) throws {
         let handle = try handle(settings), group = try self.group, ranks = try callRanks()
         let tokens = try stepTokens(settings)
-        let checked = try CheckedStackedCombine(call, tokens: tokens, direction: settings.direction, shapes: CallShapes(validated: group.config), location: location)
+        let checked = try CheckedStackedCombine(call, stepTokens: tokens, direction: settings.direction, shapes: CallShapes(validated: group.config), location: location)
         let local = group.localRanks
         let parts = local.indices.map { ranks.contains(local[$0]) ? checked.rank($0) : (.absent, .absent) }
         try combine(parts.map(\.input), parts.map(\.output), handle: handle, ranks: ranks, settings, stream)

@@ -60,7 +60,7 @@ extension NCCLRankGroup {
         let given = call.expertOutputs.address
         var checkedCall = call
         if given % 8 != 0 { checkedCall.expertOutputs.address = address(own.expertOutputs) }
-        let checked = try CheckedStackedCombine(checkedCall, tokens: [step.routing[0].tokens], direction: direction, shapes: engine.shapes,
+        let checked = try CheckedStackedCombine(checkedCall, stepTokens: [step.routing[0].tokens], direction: direction, shapes: engine.shapes,
                                                 location: location)
         guard given == address(own.expertOutputs) else {
             var (input, output) = checked.rank(0)

@@ -54,7 +54,7 @@ extension VirtualGPUGroup {
     ) throws(EPError) {
         try engine.checkNothingPending()
         let step = try handle.dispatchedStep()
-        let checked = try CheckedStackedCombine(call, tokens: step.routing.map(\.tokens), direction: direction, shapes: engine.shapes,
+        let checked = try CheckedStackedCombine(call, stepTokens: step.routing.map(\.tokens), direction: direction, shapes: engine.shapes,
                                                 location: location)
         try checked.refuseOverlaps(routingBytes(step.routing, indexBytes: step.indexBytes))
         try engine.combine(
