@@ -18,7 +18,7 @@ rank's own, ``[B, H]`` in and out, with no leading ``R``. See docs/torch.md.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -28,20 +28,33 @@ from . import _autograd, _ops, _registry  # noqa: F401  (_autograd registers the
 
 __all__ = ["Exchange", "Dispatched"]
 
+_STRIDED = torch.strided
+
 
 def _tensor(value: Any, name: str, what: str) -> None:
-    """Raises the named error unless `value` is a dense torch.Tensor (the ops' own check raises a
-    RuntimeError, and None reached their implementations as an AttributeError; a nested tensor
-    has no kernel of the ops, NotImplementedError, and a sparse one no contiguous(), RuntimeError)."""
+    """Raises the named error unless `value` is a torch.Tensor (the ops' own check raises a
+    RuntimeError, and None reached their implementations as an AttributeError). A sparse or
+    nested one is named once the call has failed (`_not_dense`): the check costs nothing on the
+    data path."""
     if not isinstance(value, Tensor):
         raise InvalidArgumentError(f"{name}: a {type(value).__name__}; must be a torch.Tensor {what}")
-    if value.is_nested or value.layout is not torch.strided:
-        raise InvalidArgumentError(f"{name}: {_kind(value)}; must be a dense (torch.strided) torch.Tensor {what}")
 
 
 def _kind(value: Tensor) -> str:
     """What a tensor that is not dense is, as an error names it."""
     return "a nested tensor" if value.is_nested else f"a tensor of layout {value.layout}"
+
+
+def _not_dense(*named: Tuple[str, Any, str]) -> Optional[InvalidArgumentError]:
+    """The error naming the first of `named` ((name, value, what) triples) that is a tensor but not
+    a dense one, or None. Asked once a call has failed: a nested tensor has no kernel of the ops
+    (NotImplementedError), a sparse one no contiguous() (RuntimeError), a nested one no sizes
+    (RuntimeError), and a sparse CSR one is 2-D (the ops' shape check); that error is replaced by
+    this one, which says what is wrong."""
+    for name, value, what in named:
+        if isinstance(value, Tensor) and (value.is_nested or value.layout is not _STRIDED):
+            return InvalidArgumentError(f"{name}: {_kind(value)}; must be a dense (torch.strided) torch.Tensor {what}")
+    return None
 
 
 class Dispatched(NamedTuple):
@@ -115,6 +128,7 @@ class Exchange:
         self.one_rank: bool = _registry.entry(self.id).one_rank
         #: whether the received rows (and the backward dispatch's) start as zeros; see the class docs
         self.zero_fill = zero_fill
+        self._lead = _ops._lead(group)   # the ops' leading dimensions: (R,), or () for an NCCL rank
 
     def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor) -> Dispatched:
         """Starts a step with `topk_idx` and sends `x` to the ranks of its experts (every layout
@@ -127,7 +141,14 @@ class Exchange:
         if self.one_rank and self.layout == "rank_major" and topk_weights.requires_grad and torch.is_grad_enabled():
             raise InvalidUsageError(_autograd.RANK_MAJOR_WEIGHTS)
         carried = self.layout != "expert_major"
-        received, idx, weights, step, counts = _ops.dispatch(x, topk_idx, topk_weights if carried else None, self.id)
+        try:
+            received, idx, weights, step, counts = _ops.dispatch(x, topk_idx, topk_weights if carried else None, self.id)
+        except Exception:
+            error = _not_dense(("x", x, f"[{lead}B, hidden]"), ("topk_idx", topk_idx, f"[{lead}B, top_k] int32 or int64"),
+                               ("topk_weights", topk_weights, f"[{lead}B, top_k] float32"))
+            if error is None:
+                raise
+            raise error from None
         if not carried:
             return Dispatched(received, None, None, step, topk_idx, topk_weights, counts)
         return Dispatched(received, idx, weights, step, topk_idx, topk_weights, counts)
@@ -137,28 +158,48 @@ class Exchange:
         _tensor(expert_outputs, "expert_outputs", "shaped like dispatched.tokens")
         if not isinstance(dispatched, Dispatched):
             raise InvalidArgumentError(f"dispatched: a {type(dispatched).__name__}; must be what this exchange's dispatch returned")
-        self._check_dispatched(dispatched)
-        weights = (dispatched.weights if self.layout == "expert_major"
-                   else dispatched.topk_weights if self.layout == "expert_major_padded" else None)
-        return _ops.combine(expert_outputs, dispatched.routing, weights, dispatched.step, self.id)
+        try:
+            self._check_dispatched(dispatched)
+            weights = (dispatched.weights if self.layout == "expert_major"
+                       else dispatched.topk_weights if self.layout == "expert_major_padded" else None)
+            return _ops.combine(expert_outputs, dispatched.routing, weights, dispatched.step, self.id)
+        except Exception:
+            error = _not_dense(("expert_outputs", expert_outputs, "shaped like dispatched.tokens"),
+                               ("dispatched.routing", dispatched.routing, "(the topk_idx given to dispatch)"),
+                               ("dispatched.weights", dispatched.weights, "or None"),
+                               ("dispatched.topk_weights", dispatched.topk_weights, "or None"))
+            if error is None:
+                raise
+            raise error from None
 
     def _check_dispatched(self, dispatched: Dispatched) -> None:
         """The fields of `dispatched` that combine passes on, checked to be of the kind its dispatch
         returned (a Dispatched is a NamedTuple: ``_replace`` makes any). A step token or routing on
         another device (``meta``) would send the op to its fake implementation, which returns an
         uninitialised tensor; a token of several values, or NaN, failed ``int()``; a routing
-        without a ``[..., B, top_k]`` shape failed reading its B."""
+        without a ``[..., B, top_k]`` shape failed reading its B. (A sparse or nested token has
+        several values, but for a 0-dim sparse copy of one, which holds its number as a dense
+        copy does.)"""
         group, step, routing = self.group, dispatched.step, dispatched.routing
-        if not (isinstance(step, Tensor) and not step.is_nested and step.layout is torch.strided and step.dtype == torch.int64
-                and step.dim() == 0 and step.device.type == "cpu"):
+        if not (isinstance(step, Tensor) and step.dtype == torch.int64 and step.dim() == 0 and step.is_cpu):
             what = (f"a {type(step).__name__}" if not isinstance(step, Tensor)
                     else _kind(step) if step.is_nested or step.layout is not torch.strided
                     else f"a {step.dtype} tensor of shape {list(step.shape)} on {step.device}")
             raise InvalidArgumentError(f"dispatched.step: {what}; must be the step token dispatch returned (a 0-dim "
                                        "torch.int64 tensor on the CPU)")
         _tensor(routing, "dispatched.routing", "(the topk_idx given to dispatch)")
-        _ops._require(routing, "dispatched.routing", _ops._INDEX_TYPES, _ops._lead(group) + (routing.shape[-2] if routing.dim() >= 2 else None,
-                      group.top_k), group._device, ", the topk_idx given to dispatch", _ops._lead(group) + (None, group.top_k))
+        # In line; _require names what is wrong. The op reads only the routing's B, so a sparse one
+        # would pass it (and fail LL expert-major's backward pass): its layout is checked here.
+        # (A nested one has no sizes: RuntimeError, named by combine.)
+        sizes, lead, device = routing.shape, self._lead, group._device
+        shape = lead + (sizes[-2] if len(sizes) >= 2 else None, group.top_k)
+        if (routing.layout is not _STRIDED or routing.dtype not in _ops._INDEX_TYPES or sizes != shape
+                or routing.get_device() != device or device < 0 and not routing.is_cpu):
+            error = _not_dense(("dispatched.routing", routing, "(the topk_idx given to dispatch)"))
+            if error is not None:
+                raise error
+            _ops._require(routing, "dispatched.routing", _ops._INDEX_TYPES, shape, device, ", the topk_idx given to dispatch",
+                          lead + (None, group.top_k))
         for name in ("weights", "topk_weights"):
             value = getattr(dispatched, name)
             if value is not None:

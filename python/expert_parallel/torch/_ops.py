@@ -60,7 +60,7 @@ def _counts(group, like: Tensor, make) -> Tensor:
     return make(_lead(group) + (group.local_experts,), dtype=torch.int32, device=like.device)
 
 
-_ELEMENT_TYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+_ELEMENT_TYPES = _registry._ELEMENT_TYPES
 _INDEX_TYPES = (torch.int32, torch.int64)
 _WEIGHT_TYPES = (torch.float32,)
 
@@ -171,9 +171,9 @@ def dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group:
     # (An NCCL rank's are copied from its slot whole: nothing to fill.)
     received, idx, weights = _received(entry.group, x, torch.zeros if entry.zero_fill and not entry.one_rank else torch.empty)
     counts = _counts(entry.group, x, torch.empty)
+    rows, routing, carried = _rows(x), topk_idx.contiguous(), _contiguous(topk_weights)   # (a sparse one fails here, before a step is taken)
     handle, token = entry.start()
-    _dispatch_into(entry, _rows(x), topk_idx.contiguous(), _contiguous(topk_weights), handle, "forward",
-                   _outputs(received, idx, weights, counts))
+    _dispatch_into(entry, rows, routing, carried, handle, "forward", _outputs(received, idx, weights, counts))
     entry.require_active()   # after the call: its update fixes the step's ranks (a rank masked in it, too)
     return received, idx, weights, token, counts
 
@@ -219,7 +219,8 @@ def _check_fake_step(step: Tensor, *others: Tuple[str, Optional[Tensor]]) -> Non
 def _check_step_tokens(handle, tokens: int, topk_idx: Tensor) -> None:
     """Raises the error naming the routing unless its B is that of the step whose token combine
     got: the routing of another step (a ``Dispatched`` whose fields come from two dispatches)
-    would size the output, and the group would refuse it as ``out``, not as the routing."""
+    would size the output, and the group would refuse it as ``out`` (or LL expert-major's weights
+    as not shaped like the routing), not as the routing. Asked once combine has failed."""
     dispatched = _step_tokens(handle)
     if dispatched is not None and tokens != dispatched:
         raise InvalidArgumentError(
@@ -234,26 +235,29 @@ def combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tensor],
     entry = _registry.entry(group)
     tokens = topk_idx.shape[-2]
     g, handle = entry.group, entry.step(step)
-    _check_step_tokens(handle, tokens, topk_idx)
-    _check_combine(g, expert_outputs, weights, tokens)
-    weights = _contiguous(weights)
-    applied = _bind_weights(g, handle, weights)
-    slot_weights = None
-    if entry.one_rank and g.layout == "expert_major_padded":
-        # An NCCL rank's combine applies the per-slot weights where its peers read them, in the
-        # buffer slot, which the dispatch op copied out (and cleared): these go back there first,
-        # and are cleared again once the combine is done with them (its end waits for the peers'
-        # reads). Not into a slot a later dispatch has used since: the combine refuses that step.
-        slot = g._slots[handle.slot]
-        if slot.use == handle.slot_use:
-            slot_weights = slot.weights
-            slot_weights.copy_(weights)
-    combined = expert_outputs.new_empty(_lead(g) + (tokens, g.hidden))
     try:
-        g.combine(_rows(expert_outputs), handle, out=combined, topk_weights=applied)
-    finally:
-        if slot_weights is not None and entry.zero_fill:
-            slot_weights.zero_()
+        _check_combine(g, expert_outputs, weights, tokens)
+        weights = _contiguous(weights)
+        applied = _bind_weights(g, handle, weights)
+        slot_weights = None
+        if entry.one_rank and g.layout == "expert_major_padded":
+            # An NCCL rank's combine applies the per-slot weights where its peers read them, in the
+            # buffer slot, which the dispatch op copied out (and cleared): these go back there first,
+            # and are cleared again once the combine is done with them (its end waits for the peers'
+            # reads). Not into a slot a later dispatch has used since: the combine refuses that step.
+            slot = g._slots[handle.slot]
+            if slot.use == handle.slot_use:
+                slot_weights = slot.weights
+                slot_weights.copy_(weights)
+        combined = expert_outputs.new_empty(entry.lead + (tokens, g.hidden))
+        try:
+            g.combine(_rows(expert_outputs), handle, out=combined, topk_weights=applied)
+        finally:
+            if slot_weights is not None and entry.zero_fill:
+                slot_weights.zero_()
+    except InvalidArgumentError:
+        _check_step_tokens(handle, tokens, topk_idx)   # (the routing of another step: named as the cause)
+        raise
     return combined
 
 
@@ -271,13 +275,16 @@ def backward_dispatch(grad_combined: Tensor, step: Tensor, group: int) -> Tensor
     forward dispatch filled (the adjoint of combine's sum)."""
     entry = _registry.entry(group)
     g, handle = entry.group, entry.step(step)
-    tokens = _step_tokens(handle)   # (checked: a direct call's gradient of another shape raised IndexError, or was named xs)
-    _require(grad_combined, "grad_combined", (_ELEMENT_TYPES[g.dtype],), _lead(g) + (tokens, g.hidden), g._device,
-             ", the step's tokens")
+    # (Checked, in line; _require names what is wrong: a direct call's gradient of another shape
+    # raised IndexError, or was named xs.)
+    shape, device = entry.lead + (_step_tokens(handle), g.hidden), entry.device
+    if (grad_combined.dtype != entry.element or grad_combined.shape != shape or grad_combined.get_device() != device
+            or device < 0 and not grad_combined.is_cpu):
+        _require(grad_combined, "grad_combined", (entry.element,), shape, device, ", the step's tokens")
     received, idx, weights = _received(g, grad_combined, torch.zeros if entry.zero_fill and not entry.one_rank else torch.empty)
     routing = None
     if g.recv_routing_shape is not None:   # these layouts send weights along; the backward pass ignores them
-        routing = torch.zeros(_lead(g) + (grad_combined.shape[-2], g.top_k), dtype=torch.float32, device=grad_combined.device)
+        routing = torch.zeros(entry.lead + (grad_combined.shape[-2], g.top_k), dtype=torch.float32, device=grad_combined.device)
     _dispatch_into(entry, _rows(grad_combined), None, routing, handle, "backward", _outputs(received, idx, weights))
     return received
 
@@ -300,17 +307,22 @@ def backward_combine(grad_received: Tensor, grad_weights: Optional[Tensor], step
     dispatched = _step_tokens(handle)
     if tokens != dispatched:   # (a direct call's: -1 raised torch's RuntimeError, another B was named out)
         raise InvalidArgumentError(f"tokens={tokens}; must be {dispatched}, the tokens per rank of the step's dispatch")
-    received_shape, routing_shape = _shapes(g)
-    _require(grad_received, "grad_received", (_ELEMENT_TYPES[g.dtype],), received_shape, g._device, ", as dispatched.tokens")
-    if grad_weights is not None and g.algorithm == "ht":
-        _require(grad_weights, "grad_weights", _WEIGHT_TYPES, routing_shape, g._device, ", as dispatched.topk_weights")
-    lead = _lead(g)
+    # (Checked in line; _require names what is wrong.)
+    device = entry.device
+    if (grad_received.dtype != entry.element or grad_received.shape != entry.received_shape
+            or grad_received.get_device() != device or device < 0 and not grad_received.is_cpu):
+        _require(grad_received, "grad_received", (entry.element,), entry.received_shape, device, ", as dispatched.tokens")
+    if grad_weights is not None and g.algorithm == "ht" and (
+            grad_weights.dtype != torch.float32 or grad_weights.shape != entry.routing_shape
+            or grad_weights.get_device() != device or device < 0 and not grad_weights.is_cpu):
+        _require(grad_weights, "grad_weights", _WEIGHT_TYPES, entry.routing_shape, device, ", as dispatched.topk_weights")
+    lead = entry.lead
     grad_x = grad_received.new_empty(lead + (tokens, g.hidden))
     if g.algorithm != "ht":
         g.combine(_rows(grad_received), handle, direction="backward", out=grad_x)
         return grad_x, grad_received.new_empty(lead + (0,), dtype=torch.float32)
     if grad_weights is None:
-        grad_weights = torch.zeros(_shapes(g)[1], dtype=torch.float32, device=grad_received.device)
+        grad_weights = torch.zeros(entry.routing_shape, dtype=torch.float32, device=grad_received.device)
     grad_w = torch.empty(lead + (tokens, g.top_k), dtype=torch.float32, device=grad_received.device)
     g.combine(_rows(grad_received), handle, direction="backward", weight_gradients=grad_weights.contiguous(),
               out=(grad_x, grad_w))

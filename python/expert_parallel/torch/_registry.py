@@ -26,6 +26,7 @@ from ..errors import InactiveRankError, InvalidArgumentError, InvalidUsageError
 from ..group import Handle, VirtualGroup
 from ..nccl_group import NCCLGroup
 
+_ELEMENT_TYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 _ids = itertools.count(1)
 _steps = itertools.count(1)   # step numbers, unique across groups: another group's token names nothing here
 _entries: Dict[int, "Entry"] = {}
@@ -55,6 +56,15 @@ class Entry:
         self._read_mask = _library.addresses_entry("epGroupGetActiveRanks")
         #: a CPU VirtualGroup: its mask is read every call (require_active)
         self.reads_mask = not self.one_rank and group._device == -1
+        # What the ops check their tensors against, found once: the leading dimensions ((R,), or
+        # none for an NCCL rank), the group's device ordinal (-1: the CPU), its token dtype, the
+        # shapes of the received tokens and routing (None where the layout receives none).
+        self.lead: Tuple[int, ...] = () if self.one_rank else (group.ranks,)
+        self.device: int = group._device
+        self.element = _ELEMENT_TYPES.get(group.dtype)
+        self.received_shape = self.lead + tuple(group.recv_shape)
+        routing = group.recv_routing_shape
+        self.routing_shape = None if routing is None else self.lead + tuple(routing)
 
     def start(self) -> Tuple[Handle, torch.Tensor]:
         """A handle for a new step and the step's token; the handle returns to the pool when the
