@@ -115,12 +115,20 @@ class GroupBase(_NotCopyable):
         self._check_open()
         mask = ctypes.c_uint64()
         call("epGroupGetActiveRanks", self._group, ctypes.byref(mask))
-        active = [r for r in range(self.ranks) if mask.value >> r & 1]
-        if len(active) < self.ranks:
+        value = mask.value
+        active = [r for r in range(self.ranks) if value >> r & 1]
+        if len(active) < self.ranks and value != self._mask_known:
             # A mask seen here is seen by the torch ops too (a GPU group's device-side timeout read
-            # before check() reports it, a rank masked through the raw C ABI).
+            # before check() reports it, a rank masked through the raw C ABI). Only a mask this
+            # group did not know moves the counter, which every group's ops compare: polling a
+            # degraded group does not make another group's ops read their masks at every call.
             _library.mask_changes += 1
+        self._mask_known = value
         return active
+
+    #: The mask this group last read (active_ranks) or set (deactivate, clean) from a known one;
+    #: None: none known.
+    _mask_known: Optional[int] = None
 
     # -- steps (handles) ------------------------------------------------------------------------
 

@@ -16,10 +16,10 @@ _path = None
 
 #: Bumped by every call that masked a rank or met or saw a masked one (VirtualGroup.deactivate, an
 #: epTimeout, an epInactiveRank: on the GPU, from the check() that reports it; active_ranks
-#: finding one), in any group of this process: a mask known elsewhere (the torch ops', for a GPU
-#: group) is read again once this has moved. (A GPU group's rank masked by an
-#: epGroupDeactivateRank made through the raw C ABI is seen once active_ranks or a call meets it;
-#: a CPU group's mask is read every call, which costs no synchronisation.)
+#: finding a mask its group had not seen), in any group of this process: a mask known elsewhere
+#: (the torch ops', for a GPU group) is read again once this has moved. (A GPU group's rank masked
+#: by an epGroupDeactivateRank made through the raw C ABI is seen once active_ranks or a call
+#: meets it; a CPU group's mask is read every call, which costs no synchronisation.)
 mask_changes = 0
 
 

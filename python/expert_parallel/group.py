@@ -445,8 +445,11 @@ class VirtualGroup(GroupBase):
     def deactivate(self, rank: int) -> None:
         """Masks `rank` inactive: it sends and receives nothing until cleaned."""
         self._check_open()
-        call("epGroupDeactivateRank", self._group, _int(rank, "rank", 0, self.ranks - 1))
+        rank = _int(rank, "rank", 0, self.ranks - 1)
+        call("epGroupDeactivateRank", self._group, rank)
         _library.mask_changes += 1
+        if self._mask_known is not None:   # (active_ranks then reports this mask without moving the counter again)
+            self._mask_known &= ~(1 << rank)
 
     @locked
     def clean(self, ranks: Optional[Iterable[int]] = None) -> None:
@@ -467,6 +470,8 @@ class VirtualGroup(GroupBase):
         for r in chosen:
             mask |= 1 << _int(r, "ranks[...]", 0, self.ranks - 1)
         call("epGroupCleanRanks", self._group, mask)
+        if self._mask_known is not None:
+            self._mask_known |= mask
 
     # -- the stacked path ----------------------------------------------------------------------
 

@@ -9,6 +9,8 @@
   own buffers;
 - ``Exchange.combine`` of a Dispatched whose routing is another step's named ``out``;
 - a rank masked through the raw C ABI went unseen by the torch ops (uninitialised rows, no error);
+  polling active_ranks on a masked group moved the mask counter at every call (every group's ops
+  then read their masks);
 - None as a process's first tensor, sparse and nested tensors, raised AttributeError /
   RuntimeError / NotImplementedError from the data path, the torch ops and DeepEP's Buffer; the
   ops refused rows off an 8-byte boundary naming the group's ``xs``;
@@ -224,6 +226,38 @@ def test_a_masked_rank_that_active_ranks_reports_moves_the_mask_counter():
     assert _library.mask_changes == before
     assert g.active_ranks == [1]
     assert _library.mask_changes == before + 1
+
+
+def test_polling_a_masked_groups_active_ranks_moves_the_mask_counter_once_per_mask():
+    # Every active_ranks that saw a masked rank moved the counter, which every group's torch ops
+    # compare: polling a degraded group made an unrelated GPU group's ops read their mask (a
+    # synchronisation) at every call.
+    from expert_parallel import _library
+
+    g = group(ranks=4, experts=8)
+    assert _library.load().epGroupDeactivateRank(g._group, 0) == 0
+    before = _library.mask_changes
+    assert g.active_ranks == [1, 2, 3] and _library.mask_changes == before + 1
+    for _ in range(5):
+        assert g.active_ranks == [1, 2, 3]
+    assert _library.mask_changes == before + 1
+    # Another mask moves it again (once), a mask met again after every rank was found active too.
+    assert _library.load().epGroupDeactivateRank(g._group, 2) == 0
+    assert g.active_ranks == [1, 3] and g.active_ranks == [1, 3] and _library.mask_changes == before + 2
+    g.clean()
+    assert g.active_ranks == [0, 1, 2, 3] and _library.mask_changes == before + 2
+    assert _library.load().epGroupDeactivateRank(g._group, 2) == 0
+    assert g.active_ranks == [0, 1, 3] and _library.mask_changes == before + 3
+    # deactivate moves it itself, once: active_ranks then reports the mask it set.
+    g.deactivate(1)
+    assert _library.mask_changes == before + 4
+    assert g.active_ranks == [0, 3] and _library.mask_changes == before + 4
+    # clean([1]) leaves rank 2 masked: a mask this group knows.
+    g.clean([1])
+    assert g.active_ranks == [0, 1, 3] and _library.mask_changes == before + 4
+    # Another group's poll does not move it for this one's mask.
+    other = group(ranks=4, experts=8)
+    assert other.active_ranks == [0, 1, 2, 3] and _library.mask_changes == before + 4
 
 
 # -- a None before any tensor; sparse and nested tensors ----------------------------------------------
