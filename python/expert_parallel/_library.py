@@ -2,6 +2,7 @@
 
 import ctypes
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -59,6 +60,9 @@ def load() -> ctypes.CDLL:
                     library = ctypes.CDLL(str(path))
                     _abi.declare(library)
                 except (OSError, AttributeError) as error:   # not a shared library; one without the ABI's entry points
+                    dependency = missing_dependency(error, path)
+                    if dependency is not None:
+                        raise LibraryNotFoundError(missing_dependency_message(path, dependency, error)) from error
                     raise LibraryNotFoundError(
                         f"{path} is not a loadable {LIBRARY_NAME} of ABI version {_abi.ABI_VERSION}: {error}; build it with "
                         "`scripts/build-library` (in the repository) and set EP_LIBRARY to the file") from None
@@ -73,6 +77,38 @@ def load() -> ctypes.CDLL:
         raise LibraryNotFoundError(
             f"{LIBRARY_NAME} not found; build it with `scripts/build-library` (in the "
             f"repository) and set EP_LIBRARY to the file if it is not in one of:\n  {listing}")
+
+
+# The dynamic loader's error for a library it could not find: "libswiftCore.so: cannot open shared
+# object file: No such file or directory" (the file named is the one not found).
+_NOT_FOUND = re.compile(r"^(?P<name>[^:]+): cannot open shared object file")
+# The Swift runtime's libraries: a library built by plain `swift build` loads them from the toolchain.
+_SWIFT_RUNTIME = re.compile(r"^lib(swift\w*|Foundation\w*|dispatch|BlocksRuntime)\.so")
+
+
+def missing_dependency(error: Exception, path: Path) -> "str | None":
+    """The library that `path` needs and the dynamic loader did not find, as `error` (the
+    OSError of loading `path`) names it; None for any other error (not a shared library, a
+    missing symbol)."""
+    if not isinstance(error, OSError):
+        return None
+    found = _NOT_FOUND.match(str(error))
+    if found is None:
+        return None
+    name = found.group("name").strip()
+    if name in (str(path), path.name) or Path(name) == path:   # (the file itself, unreadable)
+        return None
+    return name
+
+
+def missing_dependency_message(path: Path, dependency: str, error: Exception) -> str:
+    """The error of a `path` that needs `dependency`, which the dynamic loader did not find."""
+    text = f"{path} needs {dependency}, which the dynamic loader did not find ({error})"
+    if _SWIFT_RUNTIME.match(Path(dependency).name):
+        return (f"{text}: a library built by plain `swift build` loads the Swift runtime from the toolchain; put the "
+                "toolchain's usr/lib/swift/linux on LD_LIBRARY_PATH, or build the library with `scripts/build-library`, "
+                "which links the runtime in")
+    return f"{text}: install it, or put the folder holding it on LD_LIBRARY_PATH"
 
 
 def library_path() -> Path:

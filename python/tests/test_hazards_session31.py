@@ -18,7 +18,8 @@
   events that are not (torch's AssertionError; a MagicMock looped forever), process groups that
   are not (torch's ValueError);
 - a closed group's Exchange, ``deactivate``'s bounds, the bench's ``--json`` folder, a library
-  file that is not the library (OSError / AttributeError), rank 0's relayed error as a tuple, and
+  file that is not the library (OSError / AttributeError) and one whose dependency is missing
+  (reported as not the library), rank 0's relayed error as a tuple, and
   the ops called directly with a meta input (uninitialised outputs) or wrong backward arguments.
 """
 
@@ -496,6 +497,62 @@ def test_a_library_path_that_is_not_the_library_is_named(tmp_path, monkeypatch, 
     with pytest.raises(ep.LibraryNotFoundError, match=rf"^{re.escape(str(path))} is not a loadable libexpert_parallel.so of ABI "
                                                        rf"version \d+: .*; build it with `scripts/build-library`"):
         _library.load()
+
+
+@pytest.mark.parametrize("dependency,advice", [
+    ("libswiftCore.so", r"a library built by plain `swift build` loads the Swift runtime from the toolchain; put the toolchain's "
+                        r"usr/lib/swift/linux on LD_LIBRARY_PATH, or build the library with `scripts/build-library`"),
+    ("libnotthere.so.1", r"install it, or put the folder holding it on LD_LIBRARY_PATH$"),
+])
+def test_a_library_whose_dependency_is_missing_names_the_dependency(tmp_path, monkeypatch, dependency, advice):
+    # The loader's OSError for a dependency it did not find (a library built without the Swift
+    # runtime linked in, where the toolchain's is not on the loader's path) was reported as "is not
+    # a loadable libexpert_parallel.so ...; build it with scripts/build-library", and not chained.
+    import ctypes
+
+    from expert_parallel import _library
+
+    path = tmp_path / "libexpert_parallel.so"
+    path.write_bytes(b"\x7fELF")
+    loader_error = OSError(f"{dependency}: cannot open shared object file: No such file or directory")
+
+    def load(name, *arguments, **keywords):
+        raise loader_error
+
+    monkeypatch.setattr(_library, "_library", None)
+    monkeypatch.setattr(_library, "_path", None)
+    monkeypatch.setenv("EP_LIBRARY", str(path))
+    monkeypatch.setattr(ctypes, "CDLL", load)
+    with pytest.raises(ep.LibraryNotFoundError, match=rf"^{re.escape(str(path))} needs {re.escape(dependency)}, which the dynamic "
+                                                       rf"loader did not find \({re.escape(str(loader_error))}\): {advice}") as caught:
+        _library.load()
+    assert "is not a loadable" not in str(caught.value)
+    assert caught.value.__cause__ is loader_error
+
+
+def test_a_real_library_whose_dependency_is_gone_names_it(tmp_path, monkeypatch):
+    # The same, from the dynamic loader itself: a library linked against one that is then removed.
+    import shutil
+    import subprocess
+
+    from expert_parallel import _library
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    (tmp_path / "dep.c").write_text("int ep_test_dependency(void) { return 1; }\n")
+    (tmp_path / "main.c").write_text("int ep_test_dependency(void);\nint ep_test_main(void) { return ep_test_dependency(); }\n")
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(tmp_path / "libepgone.so"), str(tmp_path / "dep.c")], check=True)
+    path = tmp_path / "libexpert_parallel.so"
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(path), str(tmp_path / "main.c"), f"-L{tmp_path}", "-lepgone"], check=True)
+    (tmp_path / "libepgone.so").unlink()
+    monkeypatch.setattr(_library, "_library", None)
+    monkeypatch.setattr(_library, "_path", None)
+    monkeypatch.setenv("EP_LIBRARY", str(path))
+    with pytest.raises(ep.LibraryNotFoundError, match=rf"^{re.escape(str(path))} needs libepgone.so, which the dynamic loader did "
+                                                       r"not find \(.*\): install it, or put the folder holding it on LD_LIBRARY_PATH$") as caught:
+        _library.load()
+    assert isinstance(caught.value.__cause__, OSError)
 
 
 # -- torch.distributed process groups --------------------------------------------------------------
