@@ -135,14 +135,15 @@ def call(name, *arguments):
         _raise(status, lambda message: message)
 
 
-def check_status(status, *fields):
+def check_status(status, *fields, kind=None):
     """Raises the matching ExpertParallelError for a failed status of a group's data-path call
     (its message naming the caller's arguments by the group methods' keywords; `fields`: the
-    call's errors.call_names tables, for its tensors besides the routing)."""
+    call's errors.call_names tables, for its tensors besides the routing; `kind`: its arrays',
+    "torch" or "numpy", as call_names takes it)."""
     if status != _abi.SUCCESS:
         if fields:
             table = {key: name for part in fields for key, name in part.items()}
-            _raise(status, lambda message: argument_names(call_names(message, table)))
+            _raise(status, lambda message: argument_names(call_names(message, table, kind)))
         else:
             _raise(status, argument_names)
 

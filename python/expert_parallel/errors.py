@@ -214,18 +214,28 @@ _CALL_FIELD = re.compile(r"\b(?:call\.(\w+)|(inputs|outputs)\[(\d+)\]\.(\w+)|(in
 _UNALIGNED = re.compile(r"\.(?:data|address) = (\d+); must be a multiple of (\d+) bytes")
 
 
-def _unaligned(match):
-    return (f": data_ptr() = {int(match.group(1)):#x}; must be a multiple of {match.group(2)} bytes (a view that starts "
-            "inside an element group of its storage: pass a copy, .clone())")
+def _unaligned(match, kind=None):
+    """The words of an address refused for its alignment, for arrays of `kind` ("torch",
+    "numpy", None: either): where the caller reads the address, and how to copy the view."""
+    address, multiple = int(match.group(1)), match.group(2)
+    if kind == "torch":
+        where, copy = f"data_ptr() = {address:#x}", ".clone()"
+    elif kind == "numpy":
+        where, copy = f"address {address:#x} (__array_interface__['data'][0])", ".copy()"
+    else:
+        where, copy = f"address {address:#x}", "a torch tensor's .clone(), a NumPy array's .copy()"
+    return (f": {where}; must be a multiple of {multiple} bytes (a view that starts inside an element group of its storage: "
+            f"pass a copy, {copy})")
 
 
-def call_names(message: str, fields: "dict[str, str]") -> str:
+def call_names(message: str, fields: "dict[str, str]", kind: "str | None" = None) -> str:
     """`message` of a group's data-path call with the tensors of its C call structs named as the
     group's method names them. `fields` maps a stacked call's field ("inputTokens") or a per-rank
     call's "inputs.F" / "outputs.F" to the name ("xs", "out tokens"); a per-rank entry r gets
     "[r]" after it (or in place of "{}" in the name). Fields it does not hold stay as they are
-    (argument_names renames the routing's)."""
-    message = _UNALIGNED.sub(_unaligned, message)
+    (argument_names renames the routing's). `kind`: the call's arrays ("torch", "numpy"; None:
+    not known), as an address refused for its alignment is described."""
+    message = _UNALIGNED.sub(lambda match: _unaligned(match, kind), message)
 
     def rename(match):
         stacked, array, index, field, one, one_field = match.groups()

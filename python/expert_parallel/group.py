@@ -299,7 +299,8 @@ class VirtualGroup(GroupBase):
             config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
             status = self._fn_dispatch(self._group, self._dispatch_inputs, outputs, config, raw)
             if status:
-                check_status(status, _errors.DISPATCH_XS, _errors.DISPATCH_SLOT if slot is not None else _errors.DISPATCH_OUT)
+                check_status(status, _errors.DISPATCH_XS, _errors.DISPATCH_SLOT if slot is not None else _errors.DISPATCH_OUT,
+                             kind=_arrays.kind(like))
             if direction == "forward" and weighted:
                 target.topk_weights = _held(topk_weights)   # (combine reads them at these addresses)
                 target.weight_addresses = tuple(self._w.addresses)
@@ -422,7 +423,7 @@ class VirtualGroup(GroupBase):
             config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
             status = self._fn_combine(self._group, self._combine_inputs, outputs, config, raw)
             if status:
-                check_status(status, _errors.COMBINE_OUT if out is not None else _errors.COMBINE_SLOT)
+                check_status(status, _errors.COMBINE_OUT if out is not None else _errors.COMBINE_SLOT, kind=_arrays.kind(like))
             result: Any = (combined, grads) if backward_ht else combined
             return self._combine_result(result, send_only, record_event, stream)
 
@@ -567,7 +568,7 @@ class VirtualGroup(GroupBase):
             handle.tokens = handle.slot = None   # (no dispatch, should the call fail)
         status = self._fn_dispatch_stacked(self._group_address, call.address, raw)
         if status:
-            check_status(status, _errors.DISPATCH_XS, _errors.DISPATCH_SLOT)
+            check_status(status, _errors.DISPATCH_XS, _errors.DISPATCH_SLOT, kind=_arrays.kind(xs))
         if handle is None and not send_only and not record_event:   # the decode loop's call: every field written once
             slot.use = use = slot.use + 1
             return DispatchResult._of_slot(slot, Handle._of_dispatch(self, self._own_step, slot.index, use, [b] * ranks, topk_idx,
@@ -667,7 +668,8 @@ class VirtualGroup(GroupBase):
             self._start_step(target)
         status = self._fn_dispatch_stacked(self._group_address, call.address, raw)
         if status:
-            check_status(status, _errors.DISPATCH_XS, _errors.DISPATCH_SLOT if slot is not None else _errors.DISPATCH_OUT)
+            check_status(status, _errors.DISPATCH_XS, _errors.DISPATCH_SLOT if slot is not None else _errors.DISPATCH_OUT,
+                         kind=_arrays.kind(xs))
         if idx is not None:
             target.tokens = [b] * self.ranks
             target.topk_idx = topk_idx
@@ -780,7 +782,7 @@ class VirtualGroup(GroupBase):
         status = self._fn_combine_stacked(self._group_address, call.address,
                                           None if device == -1 and stream is None else _fast.raw_stream(device, stream))
         if status:
-            check_status(status, _errors.COMBINE_SLOT)
+            check_status(status, _errors.COMBINE_SLOT, kind="torch")
         return self._combine_result(combined, send_only, record_event, stream) if send_only or record_event else combined
 
     def _combine_call(self, slot, fixed):
@@ -872,7 +874,7 @@ class VirtualGroup(GroupBase):
             _fast.wait(self._device, stream, wait_event)
         status = self._fn_combine_stacked(self._group_address, call.address, raw)
         if status:
-            check_status(status, _errors.COMBINE_SLOT if caller is None else _errors.COMBINE_OUT)
+            check_status(status, _errors.COMBINE_SLOT if caller is None else _errors.COMBINE_OUT, kind=_arrays.kind(expert_outputs))
         result: Any = (combined, grads) if backward_ht else combined
         return self._combine_result(result, send_only, record_event, stream)
 

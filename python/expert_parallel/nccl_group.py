@@ -350,7 +350,7 @@ class NCCLGroup(GroupBase):
             self._start_step(target)
         status = self._fn_dispatch_stacked(self._group_address, call.address, raw)
         if status:
-            check_status(status, errors.DISPATCH_X, errors.DISPATCH_SLOT)
+            check_status(status, errors.DISPATCH_X, errors.DISPATCH_SLOT, kind="torch")
         if topk_idx is not None:
             target.tokens = b
         self._pending = None
@@ -541,7 +541,7 @@ class NCCLGroup(GroupBase):
                           direction_value, _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, handle._pointer)
         status = self._fn_combine_stacked(self._group_address, call.address, raw)
         if status:
-            check_status(status, errors.COMBINE_SLOT if caller is None else errors.COMBINE_OUT)
+            check_status(status, errors.COMBINE_SLOT if caller is None else errors.COMBINE_OUT, kind="torch")
         # A new tensor object per call over the slot's rows: what a caller does to its own (autograd
         # history, in-place metadata) stays with it, not with the next combine's result.
         if caller is not None:

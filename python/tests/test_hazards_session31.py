@@ -6,7 +6,7 @@
 - so did the data-path call structs' names of the tensors (``call.inputTokens``,
   ``call.receivedTokens.data``, ``outputs[0].tokens``, ``call.combinedTokens``), in the errors
   of overlapping or unaligned tensors, where the caller passed ``xs``, ``out=`` or the group's
-  own buffers;
+  own buffers; an unaligned NumPy array was described in torch's words (``data_ptr()``, ``.clone()``);
 - ``Exchange.combine`` of a Dispatched whose routing is another step's named ``out``;
 - a rank masked through the raw C ABI went unseen by the torch ops (uninitialised rows, no error);
   polling active_ranks on a masked group moved the mask counter at every call (every group's ops
@@ -163,6 +163,24 @@ def test_a_stacked_array_off_its_8_byte_alignment_is_named_with_its_address(dtyp
             r"invalid argument: expert_outputs: data_ptr\(\) = 0x[0-9a-f]+; must be a multiple of 8 bytes")
     refused(lambda: g.combine(torch.zeros((2,) + g.recv_shape, dtype=dtype), sent.handle, out=torch.zeros(49, dtype=dtype)[1:].view(2, 3, 8)),
             r"invalid argument: out: data_ptr\(\) = 0x[0-9a-f]+; must be a multiple of 8 bytes")
+
+
+def test_a_stacked_numpy_array_off_its_8_byte_alignment_is_named_in_numpys_words():
+    # The message assumed a torch tensor ("data_ptr() = ...; pass a copy, .clone()") for NumPy arrays too.
+    g = group()
+    x, idx, w = (value.numpy() for value in step())
+    shifted = np.zeros(49, np.float32)[1:].reshape(2, 3, 8)
+    shifted[...] = x
+    numpy_words = (r"address 0x[0-9a-f]+ \(__array_interface__\['data'\]\[0\]\); must be a multiple of 8 bytes \(a view that "
+                   r"starts inside an element group of its storage: pass a copy, \.copy\(\)\)$")
+    text = refused(lambda: g.dispatch(shifted, idx, w), r"epGroupDispatchStacked: invalid argument: xs: " + numpy_words)
+    assert "data_ptr" not in text and "clone" not in text, text
+    sent = g.dispatch(x, idx, w)
+    n = int(np.prod((2,) + g.recv_shape))
+    refused(lambda: g.combine(np.zeros(n + 1, np.float32)[1:].reshape((2,) + g.recv_shape), sent.handle),
+            r"invalid argument: expert_outputs: " + numpy_words)
+    refused(lambda: g.combine(np.zeros((2,) + g.recv_shape, np.float32), sent.handle, out=np.zeros(49, np.float32)[1:].reshape(2, 3, 8)),
+            r"invalid argument: out: " + numpy_words)
 
 
 # -- expert_parallel.torch: a Dispatched whose routing is another step's -----------------------------
