@@ -15,8 +15,8 @@
   RuntimeError / NotImplementedError from the data path, the torch ops and DeepEP's Buffer; the
   ops refused rows off an 8-byte boundary naming the group's ``xs``;
 - DeepEP's Buffer: ``out`` over ``x`` named in the group's words, unused arguments of any kind,
-  events that are not (torch's AssertionError; a MagicMock looped forever), process groups that
-  are not (torch's ValueError);
+  events that are not (torch's AssertionError; a MagicMock looped forever; a chain of exactly 8
+  wrappers was refused as more than 8 deep), process groups that are not (torch's ValueError);
 - a closed group's Exchange, ``deactivate``'s bounds, the bench's ``--json`` folder, a library
   file that is not the library (OSError / AttributeError) and one whose dependency is missing
   (reported as not the library), rank 0's relayed error as a tuple, and
@@ -639,6 +639,26 @@ def test_a_deep_ep_event_that_is_not_one_is_named_and_a_mock_does_not_hang():
         buffer.get_dispatch_layout(idx, 4, previous_event=mock.MagicMock())
     buffer.get_dispatch_layout(idx, 4, previous_event=EventOverlap(None))
     buffer.destroy()
+
+
+def test_a_deep_ep_event_chain_of_eight_wrappers_is_taken_and_of_nine_refused():
+    # The bound is 8 wrappers ("more than 8 deep" is refused); a chain of exactly 8 that ends was
+    # refused too (the loop unwrapped 8 times and never looked at what the 8th held).
+    from expert_parallel.compat.deep_ep import EventOverlap, _events
+
+    def chain(depth):
+        event = None
+        for _ in range(depth):
+            event = EventOverlap(event)
+        return event
+
+    for depth in range(9):
+        _events.wait(chain(depth), "cpu")
+        EventOverlap(chain(depth)).current_stream_wait()   # (its .event: the chain)
+    with pytest.raises(ep.InvalidArgumentError, match=r"^previous_event: a EventOverlap whose .event nests more than 8 deep"):
+        _events.wait(chain(9), "cpu")
+    with pytest.raises(ep.InvalidArgumentError, match=r"^EventOverlap.event: a EventOverlap whose .event nests more than 8 deep"):
+        EventOverlap(chain(9)).current_stream_wait()
 
 
 def test_the_ops_called_directly_name_a_meta_step_token_and_a_wrong_backward_argument():

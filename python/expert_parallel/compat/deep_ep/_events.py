@@ -45,7 +45,7 @@ def record(device: str) -> Any:
     return event
 
 
-_MOST_NESTED = 8   # EventOverlap(EventHandle(...)) and the like; past this an object's .event leads on forever (a mock, a cycle)
+_MOST_NESTED = 8   # wrappers (EventOverlap(EventHandle(...)) and the like) at most; past this an object's .event leads on forever (a mock, a cycle)
 
 
 def _cuda_event(event: Any, name: str) -> Any:
@@ -54,7 +54,7 @@ def _cuda_event(event: Any, name: str) -> Any:
     wrong value reached torch's wait_event, whose error named none; an object whose ``.event``
     never ends, a MagicMock, looped forever)."""
     given = event
-    for _ in range(_MOST_NESTED):
+    for _ in range(_MOST_NESTED + 1):   # up to _MOST_NESTED wrappers unwrapped, then what they hold looked at
         if event is None or not hasattr(event, "event"):
             break
         event = event.event
