@@ -194,7 +194,7 @@ class Exchange:
         sizes, lead, device = routing.shape, self._lead, group._device
         shape = lead + (sizes[-2] if len(sizes) >= 2 else None, group.top_k)
         if (routing.layout is not _STRIDED or routing.dtype not in _ops._INDEX_TYPES or sizes != shape
-                or routing.get_device() != device or device < 0 and not routing.is_cpu):
+                or not (routing.is_cpu if device < 0 else routing.get_device() == device)):
             error = _not_dense(("dispatched.routing", routing, "(the topk_idx given to dispatch)"))
             if error is not None:
                 raise error

@@ -75,7 +75,7 @@ def _require(value: Tensor, name: str, dtypes: tuple, shape: tuple, device: int,
     if value.dtype not in dtypes:
         wanted = " or ".join(str(d) for d in dtypes)
         raise InvalidArgumentError(f"{name}: dtype {value.dtype}; must be {wanted}")
-    if value.get_device() != device or device < 0 and not value.is_cpu:   # (get_device: -1 for meta too)
+    if not (value.is_cpu if device < 0 else value.get_device() == device):   # (get_device: -1 for meta too: is_cpu)
         place = "cpu" if device < 0 else f"cuda:{device}"
         raise InvalidArgumentError(f"{name}: device {value.device}; must be the group's ({place})")
     if value.shape != shape:
@@ -278,8 +278,8 @@ def backward_dispatch(grad_combined: Tensor, step: Tensor, group: int) -> Tensor
     # (Checked, in line; _require names what is wrong: a direct call's gradient of another shape
     # raised IndexError, or was named xs.)
     shape, device = entry.lead + (_step_tokens(handle), g.hidden), entry.device
-    if (grad_combined.dtype != entry.element or grad_combined.shape != shape or grad_combined.get_device() != device
-            or device < 0 and not grad_combined.is_cpu):
+    if (grad_combined.dtype != entry.element or grad_combined.shape != shape
+            or not (grad_combined.is_cpu if device < 0 else grad_combined.get_device() == device)):
         _require(grad_combined, "grad_combined", (entry.element,), shape, device, ", the step's tokens")
     received, idx, weights = _received(g, grad_combined, torch.zeros if entry.zero_fill and not entry.one_rank else torch.empty)
     routing = None
@@ -310,11 +310,11 @@ def backward_combine(grad_received: Tensor, grad_weights: Optional[Tensor], step
     # (Checked in line; _require names what is wrong.)
     device = entry.device
     if (grad_received.dtype != entry.element or grad_received.shape != entry.received_shape
-            or grad_received.get_device() != device or device < 0 and not grad_received.is_cpu):
+            or not (grad_received.is_cpu if device < 0 else grad_received.get_device() == device)):
         _require(grad_received, "grad_received", (entry.element,), entry.received_shape, device, ", as dispatched.tokens")
     if grad_weights is not None and g.algorithm == "ht" and (
             grad_weights.dtype != torch.float32 or grad_weights.shape != entry.routing_shape
-            or grad_weights.get_device() != device or device < 0 and not grad_weights.is_cpu):
+            or not (grad_weights.is_cpu if device < 0 else grad_weights.get_device() == device)):
         _require(grad_weights, "grad_weights", _WEIGHT_TYPES, entry.routing_shape, device, ", as dispatched.topk_weights")
     lead = entry.lead
     grad_x = grad_received.new_empty(lead + (tokens, g.hidden))
