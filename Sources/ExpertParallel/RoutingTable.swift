@@ -43,7 +43,11 @@ public struct RoutingTable: Sendable, Equatable {
 
     /// Validates `config` (`validated()`), then reads and validates a `[B, K]` int32 or int64 host tensor.
     public init(topkIdx: TensorRef, config: GroupConfig) throws(EPError) {
-        let config = try config.validated()
+        try self.init(topkIdx: topkIdx, checked: config.validated())
+    }
+
+    /// `init(topkIdx:config:)` for a configuration already validated (a group's own, every step).
+    package init(topkIdx: TensorRef, checked config: GroupConfig) throws(EPError) {
         guard topkIdx.shape.count == 2, topkIdx.shape[1] == config.topK else {
             throw .invalidArgument(
                 field: "topkIdx.shape", value: "\(topkIdx.shape)", requirement: "must be [tokens, topK = \(config.topK)]")

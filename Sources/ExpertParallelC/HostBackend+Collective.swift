@@ -88,7 +88,7 @@ extension HostBackend: StepGroupBackend {
         let config = group.config, shapes = group.shapes, tokens = stepTokens?[r] ?? 0
         do throws(EPError) {
             switch call {
-            case .update(let routing): _ = try RoutingTable(topkIdx: routing[r], config: config)
+            case .update(let routing): _ = try RoutingTable(topkIdx: routing[r], checked: config)
             case let .dispatch(ins, outs): try shapes.validateDispatch(ins[r], outs[r], tokens: tokens)
             case let .combine(ins, outs, direction): try shapes.validateCombine(ins[r], outs[r], tokens: tokens, direction: direction)
             }

@@ -44,7 +44,7 @@ public struct HostRank: Rank {
         guard participants.contains(rank) else { throw maskedRefusal(epoch: epoch) }
         let local = Result { () throws(EPError) -> RoutingTable in
             try checkOwner(handle)
-            return try RoutingTable(topkIdx: topkIdx, config: config).masked(participants, localExperts: config.localExperts)
+            return try RoutingTable(topkIdx: topkIdx, checked: config).masked(participants, localExperts: config.localExperts)
         }
         let full = try exchange(local.map { RoutingSummary(routing: $0, checked: config) }, participants)
         let routing = try local.get()
