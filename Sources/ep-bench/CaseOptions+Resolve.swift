@@ -105,6 +105,23 @@ extension CaseOptions {
         }
     }
 
+    /// The tuning's checks for every case (`GPUTuning.validated`), with a knob named as the option
+    /// that sets it. The CPU backend runs no kernels, but refuses what a GPU run of the same
+    /// command would, as the library's CPU groups do.
+    func checkTuning(_ tuning: GPUTuning, _ cases: [BenchCase]) throws {
+        let options = ["tuning.pipelineDepth": "--pipeline-depth", "tuning.rowsInFlight": "--rows-in-flight",
+                       "tuning.rowPieces": "--row-pieces", "tuning.updateChunkTokens": "--update-chunk-tokens",
+                       "tuning.blocksPerMultiprocessor": "--blocks-per-sm"]
+        for c in cases {
+            do throws(EPError) { _ = try tuning.validated(c.config()) } catch {
+                guard case let .invalidArgument(field, value, requirement) = error, let option = options[field] else {
+                    throw usageError(error, c)
+                }
+                throw ValidationError("\(option) \(value) (case \(c.name)): \(requirement)")
+            }
+        }
+    }
+
     /// A library error about a configuration, with its field named as the option that sets it.
     private func usageError(_ error: EPError, _ c: BenchCase, on backend: String = "") -> ValidationError {
         guard case let .invalidConfig(field, value, requirement) = error else { return ValidationError("case \(c.name)\(backend): \(error)") }

@@ -9,6 +9,7 @@ extension RunCommand {
     func runOnCPU() throws {
         if !gpu.smCounts.isEmpty { throw ValidationError(GPUOptions.cpuRefusal) }
         let selected = try shape.resolve(defaults: Defaults.cpu)
+        try shape.checkTuning(gpu.tuning, selected)
         let copyBandwidth = HostBenchmark.measureCopyBandwidth()
         print("backend cpu: memcpy bandwidth \(format(copyBandwidth, 1)) GB/s (read + write)")
         let runner = HostBenchmark(iterations: iterations ?? 5, warmup: warmup, seed: seed, skew: skew)
@@ -29,6 +30,7 @@ extension RunCommand {
     func runOnGPU(_ device: GPUDevice) throws {
         let selected = try shape.resolve(defaults: Defaults.gpu)
         try shape.checkForGPU(selected)
+        try shape.checkTuning(gpu.tuning, selected)
         try gpu.check(device: device.multiprocessors)
         var runner = GPUBenchmark(device: device, iterations: iterations ?? 100, warmup: max(warmup, 5), seed: seed, skew: skew,
                                   multiprocessors: nil, tuning: gpu.tuning)

@@ -254,6 +254,8 @@ def test_a_custom_shape_runs_with_the_shape_given(tmp_path):
     (["--case", "ht-cpu", "--tokens", "1024", "--hidden", "8", "--experts", "1048576"],
      ["--tokens 1024 × --experts 1048576 × the 8 ranks of case ht-cpu = 8589934592", "more than 4294967296"]),
     (["--dtype", "i32"], ["'i32'", "--dtype", "'bf16', 'f16', 'f32' or 'u8'"]),
+    # Tuning a GPU group would refuse for the case: refused on the CPU backend too, by its option.
+    (["--backend", "cpu", "--case", "custom", *TINY, "--row-pieces", "3000"], ["--row-pieces 3000 (case custom)", "16-byte vectors in a row"]),
     (["--case", "nope"], ["unknown case 'nope'", "custom"]),
 ])
 def test_a_bad_shape_is_a_named_usage_error(args, fragments):
