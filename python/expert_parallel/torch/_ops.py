@@ -275,12 +275,9 @@ def backward_dispatch(grad_combined: Tensor, step: Tensor, group: int) -> Tensor
     forward dispatch filled (the adjoint of combine's sum)."""
     entry = _registry.entry(group)
     g, handle = entry.group, entry.step(step)
-    # (Checked, in line; _require names what is wrong: a direct call's gradient of another shape
-    # raised IndexError, or was named xs.)
-    shape, device = entry.lead + (_step_tokens(handle), g.hidden), entry.device
-    if (grad_combined.dtype != entry.element or grad_combined.shape != shape
-            or not (grad_combined.is_cpu if device < 0 else grad_combined.get_device() == device)):
-        _require(grad_combined, "grad_combined", (entry.element,), shape, device, ", the step's tokens")
+    # (A direct call's gradient of another shape raised IndexError, or was named xs.)
+    _require(grad_combined, "grad_combined", (entry.element,), entry.lead + (_step_tokens(handle), g.hidden), entry.device,
+             ", the step's tokens")
     received, idx, weights = _received(g, grad_combined, torch.zeros if entry.zero_fill and not entry.one_rank else torch.empty)
     routing = None
     if g.recv_routing_shape is not None:   # these layouts send weights along; the backward pass ignores them
@@ -307,15 +304,9 @@ def backward_combine(grad_received: Tensor, grad_weights: Optional[Tensor], step
     dispatched = _step_tokens(handle)
     if tokens != dispatched:   # (a direct call's: -1 raised torch's RuntimeError, another B was named out)
         raise InvalidArgumentError(f"tokens={tokens}; must be {dispatched}, the tokens per rank of the step's dispatch")
-    # (Checked in line; _require names what is wrong.)
-    device = entry.device
-    if (grad_received.dtype != entry.element or grad_received.shape != entry.received_shape
-            or not (grad_received.is_cpu if device < 0 else grad_received.get_device() == device)):
-        _require(grad_received, "grad_received", (entry.element,), entry.received_shape, device, ", as dispatched.tokens")
-    if grad_weights is not None and g.algorithm == "ht" and (
-            grad_weights.dtype != torch.float32 or grad_weights.shape != entry.routing_shape
-            or not (grad_weights.is_cpu if device < 0 else grad_weights.get_device() == device)):
-        _require(grad_weights, "grad_weights", _WEIGHT_TYPES, entry.routing_shape, device, ", as dispatched.topk_weights")
+    _require(grad_received, "grad_received", (entry.element,), entry.received_shape, entry.device, ", as dispatched.tokens")
+    if grad_weights is not None and g.algorithm == "ht":
+        _require(grad_weights, "grad_weights", _WEIGHT_TYPES, entry.routing_shape, entry.device, ", as dispatched.topk_weights")
     lead = entry.lead
     grad_x = grad_received.new_empty(lead + (tokens, g.hidden))
     if g.algorithm != "ht":
