@@ -135,18 +135,9 @@ extension BenchCase {
     /// Host bytes a run of this case allocates, all ranks together (saturating): inputs (rows,
     /// weights, routing), the receive and combine buffers, and the library's routing metadata.
     var hostBytes: Int {
-        func mul(_ values: Int...) -> Int {
-            values.reduce(1) { product, next in
-                let (p, overflow) = product.multipliedReportingOverflow(by: next)
-                return overflow ? .max : p
-            }
-        }
-        func add(_ values: Int...) -> Int {
-            values.reduce(0) { sum, next in
-                let (s, overflow) = sum.addingReportingOverflow(next)
-                return overflow ? .max : s
-            }
-        }
+        // (Every value here is ≥ 0: Saturating's products and sums stop at Int.max.)
+        func mul(_ values: Int...) -> Int { values.reduce(1, Saturating.product) }
+        func add(_ values: Int...) -> Int { values.reduce(0, Saturating.sum) }
         let config = config()
         let size = elementType.byteSize, capacity = config.receiveCapacity
         var perRank = add(mul(2, tokens, hidden, size), mul(4, tokens, topK, 4), mul(capacity, hidden, size), mul(capacity, topK, 8))
