@@ -433,19 +433,6 @@ struct EpOwnRows {
 __shared__ EpOwnRows ep_own_rows;   // a block's, only in the fused kernel's dispatch blocks
 #define EP_OWN_NO_ROW (-(1 << 30))   // makes any row of the expert negative: none
 
-// Other ranks' tokens a thread reads at once (EP_LL_OWN_AT_ONCE): their K ids each, all in flight
-// together and with this rank's routing, so the block waits for one round trip of loads, not one
-// per token and one more for its own routing. EP_LL_OWN_AT_ONCE=0 reads one token a thread, after
-// this rank's routing (for comparing the two).
-#ifndef EP_LL_OWN_AT_ONCE
-#define EP_LL_OWN_AT_ONCE 1
-#endif
-#if EP_LL_OWN_AT_ONCE && EP_FP8 != 1
-#define EP_OWN_TOKENS (EP_K >= 8 ? 2 : 4)
-#else   // (quantising here, the kernel has the registers for one token's ids in flight, not two)
-#define EP_OWN_TOKENS 1
-#endif
-
 // Builds ep_own_rows for rank `rank` (every rank of the group is in this launch: ranks 0..R-1).
 // Call from every thread of the block.
 EP_DEVICE void ep_ll_own_rows(const EpArgs& args, int rank) {
@@ -455,41 +442,6 @@ EP_DEVICE void ep_ll_own_rows(const EpArgs& args, int rank) {
     for (int i = threadIdx.x; i < EP_E; i += blockDim.x) own.before[i] = ep_active(mask, i / EP_L) ? 0 : EP_OWN_NO_ROW;
     if (threadIdx.x == 0) own.bad = 0;
     __syncthreads();
-#if EP_R > 1
-    // The other active ranks: a thread per token, its ids checked against each other; the lower
-    // ranks' selections of experts on active ranks counted. Item i is (source i / BMAX, token
-    // i % BMAX); `take`: an active peer's token.
-    long long ids[EP_OWN_TOKENS][EP_K];
-    bool take[EP_OWN_TOKENS];
-    const auto load_peers = [&](int base) {
-#pragma unroll
-        for (int u = 0; u < EP_OWN_TOKENS; ++u) {
-            const int i = base + u * static_cast<int>(blockDim.x), source = i / EP_BMAX, t = i % EP_BMAX;
-            take[u] = i < EP_R * EP_BMAX && source != rank && ep_active(mask, source) && t < static_cast<int>(args.rank[source].tokens);
-#pragma unroll
-            for (int c = 0; c < EP_K; ++c) ids[u][c] = take[u] ? ep_read_index(args, source, t * EP_K + c) : -1;
-        }
-    };
-    const auto count_peers = [&](int base) {
-#pragma unroll
-        for (int u = 0; u < EP_OWN_TOKENS; ++u) {
-            if (!take[u]) continue;
-            const int source = (base + u * static_cast<int>(blockDim.x)) / EP_BMAX;
-            bool wrong = false;
-#pragma unroll
-            for (int c = 0; c < EP_K; ++c) {
-                const long long e = ids[u][c];
-                if (e < -1 || e >= EP_E) wrong = true;
-#pragma unroll
-                for (int p = 0; p < c; ++p) wrong |= e >= 0 && ids[u][p] == e;
-                if (source < rank && e >= 0 && e < EP_E && ep_active(mask, static_cast<int>(e) / EP_L)) atomicAdd(&own.before[e], 1);
-            }
-            if (wrong) own.bad = 1;
-        }
-    };
-    const int peer_stride = EP_OWN_TOKENS * static_cast<int>(blockDim.x);
-    if (EP_LL_OWN_AT_ONCE) load_peers(threadIdx.x);   // in flight while this rank's routing loads
-#endif
     // This rank: bits, and a bit already set is an expert named twice in a token.
     ep_ll_each_routing_entry(args, rank, static_cast<int>(args.rank[rank].tokens), [&](int i, long long e) {
         if (e < -1 || e >= EP_E) {
@@ -499,9 +451,24 @@ EP_DEVICE void ep_ll_own_rows(const EpArgs& args, int rank) {
         }
     });
 #if EP_R > 1
-    for (int base = threadIdx.x; base < EP_R * EP_BMAX; base += peer_stride) {
-        if (!EP_LL_OWN_AT_ONCE || base != static_cast<int>(threadIdx.x)) load_peers(base);
-        count_peers(base);
+    // The other active ranks: a thread per token, its ids checked against each other; the lower
+    // ranks' selections of experts on active ranks counted.
+    for (int i = threadIdx.x; i < EP_R * EP_BMAX; i += blockDim.x) {
+        const int source = i / EP_BMAX, t = i % EP_BMAX;
+        if (source == rank || !ep_active(mask, source) || t >= static_cast<int>(args.rank[source].tokens)) continue;
+        long long ids[EP_K];
+#pragma unroll
+        for (int c = 0; c < EP_K; ++c) ids[c] = ep_read_index(args, source, t * EP_K + c);
+        bool wrong = false;
+#pragma unroll
+        for (int c = 0; c < EP_K; ++c) {
+            const long long e = ids[c];
+            if (e < -1 || e >= EP_E) wrong = true;
+#pragma unroll
+            for (int p = 0; p < c; ++p) wrong |= e >= 0 && ids[p] == e;
+            if (source < rank && e >= 0 && e < EP_E && ep_active(mask, static_cast<int>(e) / EP_L)) atomicAdd(&own.before[e], 1);
+        }
+        if (wrong) own.bad = 1;
     }
 #endif
     __syncthreads();
