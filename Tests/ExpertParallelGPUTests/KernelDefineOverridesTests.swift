@@ -59,13 +59,12 @@ struct KernelDefineOverridesTests {
 
     /// The LL switches compile in both LL layouts: the dispatch without its load ahead
     /// (EP_LL_AHEAD=0), the one-rank update either way (EP_LL_SOLO_UPDATE, R = 1) and the one-rank
-    /// fused launch's dispatch blocks waiting for the update's rows (EP_LL_OWN_ROWS=0), and those
-    /// blocks checking every rank's routing themselves (EP_LL_OWN_PEER_CHECKS=1).
+    /// fused launch's dispatch blocks waiting for the update's rows (EP_LL_OWN_ROWS=0).
     @Test(.enabled(if: GPUTuningTests.runsNVRTC, "needs NVRTC (EP_REQUIRE_NVRTC=1 to require it)"),
           arguments: [(4, Layout.expertMajor, "EP_LL_AHEAD=0"), (4, .rankMajor, "EP_LL_AHEAD=0"),
                       (1, .expertMajor, "EP_LL_SOLO_UPDATE=1"), (1, .rankMajor, "EP_LL_SOLO_UPDATE=1"), (1, .expertMajor, "EP_LL_SOLO_UPDATE=0"),
                       (1, .expertMajor, "EP_LL_OWN_ROWS=0"), (1, .rankMajor, "EP_LL_OWN_ROWS=0"),
-                      (4, .expertMajor, "EP_LL_OWN_PEER_CHECKS=1"), (4, .rankMajor, "EP_LL_OWN_PEER_CHECKS=1")])
+                      (4, .expertMajor, "EP_LL_OWN_PEER_CHECKS=0"), (4, .rankMajor, "EP_LL_OWN_PEER_CHECKS=0")])
     func lowLatencySwitchesCompile(ranks: Int, layout: Layout, switches: String) throws {
         try Self.compile(.lowLatency, ranks: ranks, layout: layout, switches: switches)
     }

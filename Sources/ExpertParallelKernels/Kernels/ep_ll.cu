@@ -183,7 +183,7 @@ EP_DEVICE void ep_ll_update_finish(const EpArgs& args, int rank, ep_u32* ws, ep_
 // Counting per warp: each of EP_UPDATE_WARPS warps counts a contiguous chunk of tokens in token
 // order, then the chunks' counts become exclusive prefixes (for configurations whose bitmaps
 // below do not fit in shared memory).
-EP_DEVICE void ep_ll_update_rank(const EpArgs& args, int rank, bool = false) {
+EP_DEVICE void ep_ll_update_rank(const EpArgs& args, int rank) {
     ep_u32* ws = ep_ws(args, rank);
     ep_u32* hs = ep_hs(args, rank);
     const int tokens = static_cast<int>(args.rank[rank].tokens);
@@ -292,9 +292,7 @@ EP_DEVICE bool ep_ll_mark_selection(ep_u32* experts, ep_u32* ranks, ep_u64 mask,
     if (ep_active(mask, e / EP_L)) atomicOr(&ranks[(e / EP_L) * EP_WORDS + t / 32], bit);
     return repeat;
 }
-// `checked` (the fused launch's update block with EP_LL_OWN_CHECKED): H_READY tells the launch's
-// dispatch blocks, as soon as this rank's routing is checked, whether it was valid (1) or not (2).
-EP_DEVICE void ep_ll_update_rank(const EpArgs& args, int rank, bool checked = false) {
+EP_DEVICE void ep_ll_update_rank(const EpArgs& args, int rank) {
     ep_u32* ws = ep_ws(args, rank);
     ep_u32* hs = ep_hs(args, rank);
     const int tokens = static_cast<int>(args.rank[rank].tokens);
@@ -319,10 +317,7 @@ EP_DEVICE void ep_ll_update_rank(const EpArgs& args, int rank, bool checked = fa
     for (int i = threadIdx.x; i < EP_R * EP_WORDS; i += blockDim.x) (&ranks_bits[0][0][0])[i] = 0u;
     __syncthreads();
     if (!ep_active(mask, rank)) {
-        if (threadIdx.x == 0) {
-            ws[WS_SEQ] = seq;
-            if (checked) ep_store_release_gpu(hs + H_READY, 1u);   // nothing here moves
-        }
+        if (threadIdx.x == 0) ws[WS_SEQ] = seq;
         return;
     }
 
@@ -345,7 +340,6 @@ EP_DEVICE void ep_ll_update_rank(const EpArgs& args, int rank, bool checked = fa
         ep_ll_report_repeats(ws, routing, tokens, bad);
         __syncthreads();
     }
-    if (checked && threadIdx.x == 0) ep_store_release_gpu(hs + H_READY, bad ? 2u : 1u);
 
     // Counts and per-word exclusive prefixes: a row per expert, then per rank.
     for (int row = threadIdx.x; row < EP_E + EP_R; row += blockDim.x) {
@@ -414,31 +408,27 @@ ep_ll_update(const EpArgs args) {
 // update's bitmaps (bit t of expert e's words: token t selects e; of destination d's: token t
 // sends a row there), the lower active ranks' as counts per expert (a row is the expert's zone
 // start, the lower ranks' rows of the expert, then this rank's tokens below t that select it, as
-// the update computes it). It checks its own rank's routing as the update does (ids in [-1, E), no
-// expert twice in a token), takes every other active rank's check from that rank's update block
-// (its H_READY, written as soon as the routing is checked, before the update waits for anything:
-// EP_LL_OWN_CHECKED), and moves nothing where one fails, as the update voids the step and names the
-// entry. (EP_LL_OWN_PEER_CHECKS=1: it checks every rank's routing itself, reading all of it in every
-// block: an H100, ll-std R = 8 upd+disp 52.9-53.0 µs against 50.0-50.5.) The update block still writes the handle (rows, layout, step word)
+// the update computes it). It checks every active rank's routing as the update does (ids in
+// [-1, E), no expert twice in a token) and moves nothing where one fails, as the update voids the
+// step and names the entry. The update block still writes the handle (rows, layout, step word)
 // for combine, and the counts; it takes the rank's last share of the items, which the host leaves
 // empty where the grid has room (one block more than the items need), so that a launch of few
-// tokens moves its rows without waiting for it. Lower ranks' tokens are read a thread per token, its K ids at
+// tokens moves its rows without waiting for it. Other ranks' tokens are read a thread per token, its K ids at
 // once (EP_K ≤ 8 where R > 1), so every rank must be in this launch (virtual ranks, EP_ONE_DEVICE) or
 // there is none but this one: an NCCL rank of several waits (the host says so with EP_LL_OWN_FITS=0
 // too). EP_LL_OWN_ROWS=0 keeps the wait (for comparing the two).
 #ifndef EP_LL_OWN_ROWS
 #define EP_LL_OWN_ROWS 1
 #endif
-// Whether those blocks check every other rank's routing themselves (1) or count only the lower
-// ranks' and take each rank's check from its update block (0, the default): see ep_ll_own_rows.
+// Whether those blocks also check the other ranks' routing (1, the default) or only count the
+// lower ranks' (0): see ep_ll_own_rows.
 #ifndef EP_LL_OWN_PEER_CHECKS
-#define EP_LL_OWN_PEER_CHECKS 0
+#define EP_LL_OWN_PEER_CHECKS 1
 #endif
 #ifndef EP_LL_OWN_FITS
 #define EP_LL_OWN_FITS 0   // the host's word that EpOwnRows fits beside the update's arrays (GroupConfig.llOwnRowsFit)
 #endif
 #define EP_LL_OWN (EP_LL_OWN_ROWS && EP_LL_OWN_FITS && EP_LL_BITMAP && EP_FUSED && EP_TRANSPORT == 0 && (EP_R == 1 || (EP_K <= 8 && EP_ONE_DEVICE)))
-#define EP_LL_OWN_CHECKED (EP_LL_OWN && EP_R > 1 && !EP_LL_OWN_PEER_CHECKS)   // update blocks say whether their routing is valid
 #if EP_LL_OWN
 struct EpOwnRows {
     ep_u32 words[(EP_E + EP_R) * EP_WORDS];   // this rank's tokens: per expert, then per destination rank
@@ -487,10 +477,10 @@ EP_DEVICE void ep_ll_own_rows(const EpArgs& args, int rank) {
     }
 #elif EP_R > 1
     // The lower active ranks' selections of experts on active ranks, counted (a thread per token,
-    // its K ids at once). Each rank's routing is checked by its update block in this launch, which
-    // says in its H_READY as soon as it knows (EP_LL_OWN_CHECKED): one word a rank to read here
-    // instead of every rank's routing in every block. A rank found invalid, or whose word does not
-    // come, moves nothing here either.
+    // its K ids at once). Their checks are their own blocks' (a rank with a bad routing moves
+    // nothing, and its update voids the step everywhere: the receive buffers of a failed step are
+    // unspecified). Only a lower rank naming an expert twice could count past its tokens: a count
+    // above the lower ranks' rows voids this rank's part, so every row stays in its expert's zone.
     for (int i = threadIdx.x; i < rank * EP_BMAX; i += blockDim.x) {
         const int source = i / EP_BMAX, t = i % EP_BMAX;
         if (!ep_active(mask, source) || t >= static_cast<int>(args.rank[source].tokens)) continue;
@@ -503,16 +493,9 @@ EP_DEVICE void ep_ll_own_rows(const EpArgs& args, int rank) {
             if (e >= 0 && e < EP_E && ep_active(mask, static_cast<int>(e) / EP_L)) atomicAdd(&own.before[e], 1);
         }
     }
-    // The update blocks started first and check before they wait for anything: this wait is short,
-    // and bounded as the old ready wait was.
-    if (threadIdx.x < EP_R && static_cast<int>(threadIdx.x) != rank && ep_active(mask, threadIdx.x)) {
-        const ep_u32* word = ep_hs(args, threadIdx.x) + H_READY;
-        if (!ep_wait_flag_gpu(word, 1u, 2 * args.timeout_ns + 1000000000ull)) {
-            ep_set_status(ep_ws(args, rank), EP_STATUS_TIMEOUT, threadIdx.x, 0, 0);
-            own.bad = 1;
-        } else if (ep_load_acquire_gpu(word) != 1u) {
-            own.bad = 1;
-        }
+    __syncthreads();
+    for (int e = threadIdx.x; e < EP_E; e += blockDim.x) {
+        if (own.before[e] > rank * EP_BMAX) own.bad = 1;
     }
 #endif
     __syncthreads();
@@ -666,7 +649,7 @@ ep_ll_update_dispatch(const EpArgs args) {
 #endif
     const bool updates = block.index == 0;
     if (updates) {
-        ep_ll_update_rank(args, rank, EP_LL_OWN_CHECKED);
+        ep_ll_update_rank(args, rank);
 #if !EP_LL_OWN   // with EP_LL_OWN no block waits for the ready flag
         __syncthreads();
         if (threadIdx.x == 0) {
@@ -686,12 +669,11 @@ ep_ll_update_dispatch(const EpArgs args) {
     __syncthreads();
     if (threadIdx.x == 0) {
         // Every ready flag of this launch is written before its block counts itself passed (the
-        // fence orders the release store before the add), and read before its reader's add (the
-        // own rows' wait), and the resets come after the last add.
+        // fence orders the release store before the add), and the resets come after the last add.
         __threadfence();
         if (atomicAdd(launch + H_PASSED, 1u) == gridDim.x * gridDim.y - 1) {
             __threadfence();
-            if (!EP_LL_OWN || EP_LL_OWN_CHECKED) for (int r = 0; r < ranks; ++r) ep_hs(args, static_cast<int>(args.first_rank) + r)[H_READY] = 0u;
+            if (!EP_LL_OWN) for (int r = 0; r < ranks; ++r) ep_hs(args, static_cast<int>(args.first_rank) + r)[H_READY] = 0u;
             launch[H_TICKET] = 0u;
             launch[H_PASSED] = 0u;
         }
