@@ -420,11 +420,6 @@ ep_ll_update(const EpArgs args) {
 #ifndef EP_LL_OWN_ROWS
 #define EP_LL_OWN_ROWS 1
 #endif
-// Whether those blocks also check the other ranks' routing (1, the default) or only count the
-// lower ranks' (0): see ep_ll_own_rows.
-#ifndef EP_LL_OWN_PEER_CHECKS
-#define EP_LL_OWN_PEER_CHECKS 1
-#endif
 #ifndef EP_LL_OWN_FITS
 #define EP_LL_OWN_FITS 0   // the host's word that EpOwnRows fits beside the update's arrays (GroupConfig.llOwnRowsFit)
 #endif
@@ -455,7 +450,7 @@ EP_DEVICE void ep_ll_own_rows(const EpArgs& args, int rank) {
             own.bad = 1;
         }
     });
-#if EP_R > 1 && EP_LL_OWN_PEER_CHECKS
+#if EP_R > 1
     // The other active ranks: a thread per token, its ids checked against each other; the lower
     // ranks' selections of experts on active ranks counted.
     for (int i = threadIdx.x; i < EP_R * EP_BMAX; i += blockDim.x) {
@@ -474,28 +469,6 @@ EP_DEVICE void ep_ll_own_rows(const EpArgs& args, int rank) {
             if (source < rank && e >= 0 && e < EP_E && ep_active(mask, static_cast<int>(e) / EP_L)) atomicAdd(&own.before[e], 1);
         }
         if (wrong) own.bad = 1;
-    }
-#elif EP_R > 1
-    // The lower active ranks' selections of experts on active ranks, counted (a thread per token,
-    // its K ids at once). Their checks are their own blocks' (a rank with a bad routing moves
-    // nothing, and its update voids the step everywhere: the receive buffers of a failed step are
-    // unspecified). Only a lower rank naming an expert twice could count past its tokens: a count
-    // above the lower ranks' rows voids this rank's part, so every row stays in its expert's zone.
-    for (int i = threadIdx.x; i < rank * EP_BMAX; i += blockDim.x) {
-        const int source = i / EP_BMAX, t = i % EP_BMAX;
-        if (!ep_active(mask, source) || t >= static_cast<int>(args.rank[source].tokens)) continue;
-        long long ids[EP_K];
-#pragma unroll
-        for (int c = 0; c < EP_K; ++c) ids[c] = ep_read_index(args, source, t * EP_K + c);
-#pragma unroll
-        for (int c = 0; c < EP_K; ++c) {
-            const long long e = ids[c];
-            if (e >= 0 && e < EP_E && ep_active(mask, static_cast<int>(e) / EP_L)) atomicAdd(&own.before[e], 1);
-        }
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < EP_E; e += blockDim.x) {
-        if (own.before[e] > rank * EP_BMAX) own.bad = 1;
     }
 #endif
     __syncthreads();
