@@ -283,8 +283,10 @@ typedef struct {
 typedef struct {
     size_t structSize;
     epBackend_t backend;
+    /* epBackendHost uses neither: a negative value is refused in the GPU group's words, any
+     * other but 0 as not applying (it has no device and no SMs to limit) */
     int32_t device;          /* epBackendVirtualGPU: CUDA device ordinal */
-    int32_t multiprocessors; /* epBackendVirtualGPU: SMs the group may use; 0 = all */
+    int32_t multiprocessors; /* epBackendVirtualGPU: SMs the group may use, at most the device's; 0 = all */
     /* v3: tuning of the GPU kernels (epBackendVirtualGPU), each 0 for its default; epBackendHost
      * runs no kernels but refuses what a GPU group would (same checks, same errors) */
     epGPUTuning_t tuning;

@@ -17,17 +17,14 @@ public func cGroupCreate(
         switch choice?.backend ?? epBackendHost {
         case epBackendHost:
             // The host backend runs no kernels, but refuses the tuning a GPU group would (same
-            // checks, same words): code that runs on the CPU does not fail later on the GPU.
+            // checks, same words): code that runs on the CPU does not fail later on the GPU. Its
+            // device and SM count must be 0 (BackendChoice).
+            try BackendChoice.hostFields(device: choice?.device ?? 0, multiprocessors: choice?.multiprocessors ?? 0)
             _ = try GPUTuning(choice?.tuning ?? epGPUTuning_t(), "backend.tuning").validated(config)
             object = GroupObject(config: config, backend: try HostBackend(try HostGroup(config)))
         case epBackendVirtualGPU:
             let ordinal = choice?.device ?? 0, multiprocessors = choice?.multiprocessors ?? 0
-            guard ordinal >= 0 else {
-                throw EPError.invalidArgument(field: "backend.device", value: "\(ordinal)", requirement: "must be a CUDA device ordinal ≥ 0")
-            }
-            guard multiprocessors >= 0 else {
-                throw EPError.invalidArgument(field: "backend.multiprocessors", value: "\(multiprocessors)", requirement: "must be ≥ 0 (0 = all)")
-            }
+            try BackendChoice.gpuFields(device: ordinal, multiprocessors: multiprocessors)
             let tuning = try GPUTuning(choice?.tuning ?? epGPUTuning_t(), "backend.tuning").validated(config)
             let device = try DeviceCache.shared.device(Int(ordinal))
             let gpu = try VirtualGPUGroup(config, device: device, multiprocessors: multiprocessors == 0 ? nil : Int(multiprocessors),

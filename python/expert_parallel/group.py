@@ -95,7 +95,9 @@ class VirtualGroup(GroupBase):
     block, "float32" (per 128), "ue8m0" (per 128) or "e8m0" (per 32); ``fp8_source="quantize"``
     quantises the ``dtype`` rows given to dispatch, ``"pass_through"`` takes e4m3 rows (torch
     ``float8_e4m3fn``, NumPy ``uint8`` codes) and ``scales=``. Combine stays in ``dtype``.
-    ``multiprocessors``: GPU SMs the group may use (None: all); ``tuning``: the GPU kernels' knobs
+    ``multiprocessors``: GPU SMs the group may use (None: all; at most the device's, which a GPU
+    group checks); a CPU group has no SMs to limit and refuses any count (one a GPU group refuses,
+    such as 0 or -1, in the GPU group's words); ``tuning``: the GPU kernels' knobs
     (a dict: ``pipeline_depth``, ``rows_in_flight``, ``row_pieces``, ``blocks_per_multiprocessor``,
     ``update_chunk_tokens``, ``fused_update``, ``full_grid``, ``serial_launches``; ep-bench's
     ``--pipeline-depth``, ``--rows-in-flight``, ``--row-pieces``, ``--blocks-per-sm``,
@@ -124,11 +126,15 @@ class VirtualGroup(GroupBase):
             ranks=ranks, experts=experts, hidden=hidden, top_k=top_k, max_tokens=max_tokens, algorithm=algorithm,
             layout=layout, alignment=alignment, dtype=dtype, max_recv_tokens=max_recv_tokens, overflow=overflow,
             timeout=timeout, fp8=fp8, fp8_source=fp8_source)
+        sms = 0 if multiprocessors is None else _int(multiprocessors, "multiprocessors", 1, _INT32)
+        if sms and self._device == -1:   # (after the GPU group's own check: a value it refuses is refused in its words)
+            raise InvalidArgumentError(f"multiprocessors={sms}; a CPU group (device='cpu') runs no kernels, so has no SMs to "
+                                       "limit: must be None (it applies to device='cuda:N')")
         backend = _abi.new(
             _abi.BackendConfig,
             backend=_abi.BACKEND_HOST if self._device == -1 else _abi.BACKEND_VIRTUAL_GPU,
             device=max(self._device, 0),
-            multiprocessors=0 if multiprocessors is None else _int(multiprocessors, "multiprocessors", 1, _INT32),
+            multiprocessors=sms,
             tuning=_config.tuning(tuning))
         group = ctypes.c_void_p()
         call("epGroupCreate", ctypes.byref(config), ctypes.byref(backend), ctypes.byref(group))
