@@ -108,7 +108,10 @@ class VirtualGroup(GroupBase):
     can be in flight at once.
 
     Per-rank arguments are either a list of R arrays or one stacked array ``[R, B, ...]`` (the
-    fast path: every rank the same B). Outputs are views of the group's buffers (see
+    fast path: every rank the same B). Rows (tokens, expert outputs) that start off an 8-byte
+    boundary (a view at an odd element of its storage) are taken alike either way: by a CPU
+    group (a stacked array of them through the per-rank calls, not copied), refused by name by
+    a GPU group, whose kernels read rows in 8-byte words. Outputs are views of the group's buffers (see
     :class:`DispatchResult`) unless ``out=`` names the caller's.
     """
 
@@ -481,6 +484,15 @@ class VirtualGroup(GroupBase):
             self._mask_known |= mask
 
     # -- the stacked path ----------------------------------------------------------------------
+    #
+    # _off_boundary: the stacked calls (one description per argument) read rows in 8-byte words,
+    # so they refuse an array of rows (xs, expert_outputs, out tokens, out) that starts off an
+    # 8-byte boundary (a view at an odd element: buffer[1:].view(...)). A CPU group's per-rank
+    # calls read any element-aligned row, so there such an array takes the per-rank path, as the
+    # same rows given as a list do, without a copy: stacked or listed, the rows are taken alike.
+    # A GPU group refuses them either way, by name (its kernels read rows in 8-byte words too).
+    # Only an address found off the boundary leaves the stacked path: one test of an address the
+    # call has in hand.
 
     def _stacked_parts(self, xs, topk_idx, topk_weights, scales, handle):
         """(B, x, idx, weights, scales) of stacked ``[R, B, ...]`` arguments, each (address,
@@ -496,6 +508,8 @@ class VirtualGroup(GroupBase):
             return None
         b = x[2]
         if b == 0:   # empty arrays have no address, which the stacked calls read as "not given": the per-rank path
+            return None
+        if x[0] & 7 and self._device == -1:   # rows off an 8-byte boundary: the per-rank path (_off_boundary)
             return None
         idx = w = s = None
         if topk_idx is not None:
@@ -625,9 +639,10 @@ class VirtualGroup(GroupBase):
                 return None
         except RuntimeError:   # a sparse or nested tensor (no sizes or strides): the general path names it
             return None
-        # A meta tensor (get_device() -1, as the CPU's) has no memory: the general path names it.
+        # A meta tensor (get_device() -1, as the CPU's) has no memory: the general path names it, and
+        # takes rows off an 8-byte boundary (_off_boundary).
         pointers = xs.data_ptr(), topk_idx.data_ptr(), topk_weights.data_ptr()
-        if not (pointers[0] and pointers[1] and pointers[2]):
+        if not (pointers[0] and pointers[1] and pointers[2]) or pointers[0] & 7:
             return None
         return b, ic, pointers
 
@@ -728,6 +743,8 @@ class VirtualGroup(GroupBase):
                 return None
         r = self.ranks
         address = _fast.check(tokens, "out tokens", self._types_element, device, (r,) + tuple(self.recv_shape), seen_tokens, output=True)[0]
+        if address & 7 and device == -1:   # rows off an 8-byte boundary: _off_boundary
+            return None
         addresses = [address, 0, 0]
         if routing is not None:
             shape = (r,) + tuple(routing)
@@ -777,7 +794,7 @@ class VirtualGroup(GroupBase):
         except RuntimeError:   # a sparse or nested tensor (no sizes or strides): the general path names it
             return None
         address = expert_outputs.data_ptr()
-        if not address:   # a meta tensor (get_device() -1, as the CPU's): the general path names it
+        if not address or address & 7:   # a meta tensor (get_device() -1, as the CPU's), rows off an 8-byte boundary: the general path
             return None
         combined = slot.combine_targets(handle.tokens, False)[0]
         call = slot.combine_call if slot.combine_kind == (forward_ll, False, False) else self._combine_call(slot, (forward_ll, False, False))
@@ -840,7 +857,7 @@ class VirtualGroup(GroupBase):
             return None
         recv = self.recv_shape
         y = self._stacked(expert_outputs, "expert_outputs", self._types_element, recv[1:], recv[0])
-        if y is None:
+        if y is None or y[0] & 7 and self._device == -1:   # (rows off an 8-byte boundary: _off_boundary)
             return None
         g = None
         if backward_ht:
@@ -905,6 +922,8 @@ class VirtualGroup(GroupBase):
             return None
         r, device = self.ranks, self._device
         address = _fast.check(combined, "out", self._types_element, device, (r, b, self.hidden), seen, output=True)[0]
+        if address & 7 and device == -1:   # rows off an 8-byte boundary: _off_boundary
+            return None
         grads_address = 0 if grads is None else _fast.check(grads, "out gradients", _F32_TYPES, device, (r, b, self.top_k), seen_grads, output=True)[0]
         if device != -1 and _arrays.kind(combined) != "torch":
             raise InvalidArgumentError("out: a NumPy array; a GPU group takes CUDA torch tensors")

@@ -3,7 +3,9 @@
 - a CPU VirtualGroup took any ``multiprocessors=`` and ignored it, and the C ABI's host backend
   any ``backend.device`` and ``backend.multiprocessors`` (negative ones too, which a GPU group
   refuses): a value a GPU group refuses is now refused in its words, and any other count or
-  ordinal as not applying to a group without a device.
+  ordinal as not applying to a group without a device;
+- a stacked array of rows off an 8-byte boundary (a view at an odd element of its storage) was
+  refused while the same rows given as a per-rank list were taken: a CPU group now takes both.
 """
 
 import ctypes
@@ -90,3 +92,97 @@ def test_the_c_host_backend_refuses_a_device_or_sm_count_it_cannot_apply(fields,
         _create(_abi.BACKEND_HOST, **fields)
     assert str(host.value) == "epGroupCreate: invalid argument: " + words
     _create(_abi.BACKEND_HOST, device=0, multiprocessors=0)
+
+
+# -- stacked rows off an 8-byte boundary -----------------------------------------------------------
+
+
+def _shifted(values, offset=4):
+    """A copy of `values` (a torch tensor or NumPy array) in a view that starts `offset` bytes past
+    an 8-byte boundary: a uint8 buffer sliced at that offset and viewed as the values' dtype."""
+    if isinstance(values, torch.Tensor):
+        nbytes = values.numel() * values.element_size()
+        buffer = torch.zeros(nbytes + 16, dtype=torch.uint8)
+        start = (offset - buffer.data_ptr()) % 8
+        view = buffer[start:start + nbytes].view(values.dtype).view(values.shape)
+        view.copy_(values)
+        assert view.data_ptr() % 8 == offset
+    else:
+        buffer = np.zeros(values.nbytes + 16, np.uint8)
+        start = (offset - buffer.__array_interface__["data"][0]) % 8
+        view = buffer[start:start + values.nbytes].view(values.dtype).reshape(values.shape)
+        view[...] = values
+        assert view.__array_interface__["data"][0] % 8 == offset
+    return view
+
+
+def _equal(a, b):
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    if a is None or b is None:
+        return a is b
+    return bool((np.asarray(a) == np.asarray(b)).all())
+
+
+LAYOUTS = [("ll", "expert_major"), ("ll", "rank_major"), ("ht", "flat"), ("ht", "expert_major_padded")]
+
+
+@pytest.mark.parametrize("algorithm,layout", LAYOUTS)
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_stacked_rows_off_an_8_byte_boundary_are_taken_as_the_listed_ones_are(algorithm, layout, kind):
+    # The stacked array was refused ("xs: address 0x...; must be a multiple of 8 bytes") while
+    # list(view), the same rows, was taken: a CPU group's per-rank calls read any row.
+    g = group(algorithm=algorithm, layout=layout)
+    x, idx, w = step()
+    if kind == "numpy":
+        x, idx, w = x.numpy(), idx.numpy(), w.numpy()
+    copy = (lambda a: a.copy()) if kind == "numpy" else (lambda t: t.clone())
+    want = g.dispatch(x, idx, w)
+    want_tokens = [copy(t) for t in want.tokens]
+    want_combined = [copy(c) for c in g.combine(want.tokens, want.handle)]
+    for xs in (_shifted(x), list(_shifted(x))):
+        before = copy(xs[0])
+        got = g.dispatch(xs, idx, w)
+        assert _equal(got.tokens, want_tokens)
+        assert _equal(xs[0], before)   # (nothing the caller passed is written)
+        outputs = _shifted(np.stack(got.tokens) if kind == "numpy" else torch.stack(got.tokens))
+        assert _equal(g.combine(outputs, got.handle), want_combined)
+        assert _equal(g.combine(list(outputs), got.handle), want_combined)
+
+
+@pytest.mark.parametrize("algorithm,layout", LAYOUTS)
+def test_stacked_out_arrays_off_an_8_byte_boundary_are_written_as_listed_ones_are(algorithm, layout):
+    g = group(algorithm=algorithm, layout=layout)
+    x, idx, w = step()
+    want = g.dispatch(x, idx, w)
+    want_tokens = torch.stack(want.tokens).clone()
+    want_combined = torch.stack(g.combine(want.tokens, want.handle)).clone()
+    routing = g.recv_routing_shape
+
+    def out():
+        tokens = _shifted(torch.zeros((2,) + g.recv_shape))   # (rows outside the received zones are left as they are)
+        if routing is None:
+            return tokens, None, None
+        return tokens, torch.zeros((2,) + routing, dtype=torch.int32), torch.zeros((2,) + routing)
+
+    for stacked in (True, False):
+        into = out()
+        given = into if stacked else tuple(None if t is None else list(t) for t in into)
+        got = g.dispatch(x, idx, w, out=given)
+        assert torch.equal(into[0], want_tokens)
+        combined = _shifted(torch.full((2, 3, 8), 7.0))
+        result = g.combine(into[0], got.handle, out=combined if stacked else list(combined))
+        assert torch.equal(combined, want_combined)
+        assert all(r.data_ptr() == combined[i].data_ptr() for i, r in enumerate(result))
+
+
+def test_stacked_rows_at_every_offset_of_a_word_are_taken():
+    # bf16 rows at 2, 4 and 6 bytes past a boundary (the fast path of three torch tensors, too).
+    g = group(dtype="bf16")
+    x, idx, w = step()
+    x = x.to(torch.bfloat16)
+    sent = g.dispatch(x, idx, w)
+    want = torch.stack(g.combine(sent.tokens, sent.handle)).clone()
+    for offset in (2, 4, 6):
+        sent = g.dispatch(_shifted(x, offset), idx, w)
+        assert torch.equal(torch.stack(g.combine(_shifted(torch.stack(sent.tokens), offset), sent.handle)), want)
