@@ -5,7 +5,9 @@
   refuses): a value a GPU group refuses is now refused in its words, and any other count or
   ordinal as not applying to a group without a device;
 - a stacked array of rows off an 8-byte boundary (a view at an odd element of its storage) was
-  refused while the same rows given as a per-rank list were taken: a CPU group now takes both.
+  refused while the same rows given as a per-rank list were taken: a CPU group now takes both;
+- DeepEP's Buffer took its unused constructor arguments with any value (a string for a flag, a
+  negative or unaligned byte count), and Buffer.virtual any keyword at all.
 """
 
 import ctypes
@@ -186,3 +188,82 @@ def test_stacked_rows_at_every_offset_of_a_word_are_taken():
     for offset in (2, 4, 6):
         sent = g.dispatch(_shifted(x, offset), idx, w)
         assert torch.equal(torch.stack(g.combine(_shifted(torch.stack(sent.tokens), offset), sent.handle)), want)
+
+
+# -- DeepEP's Buffer: its unused constructor arguments ---------------------------------------------
+
+
+BAD_SETTINGS = [
+    (dict(num_nvl_bytes=-128), r"^num_nvl_bytes=-128; must be in \[0, 34359738351\]$"),
+    (dict(num_rdma_bytes="1024"), r"^num_rdma_bytes='1024'; must be an integer$"),
+    (dict(num_nvl_bytes=1.5e6), r"^num_nvl_bytes=1500000.0; must be an integer$"),
+    (dict(num_rdma_bytes=1000), r"^num_rdma_bytes=1000; must be a multiple of 128 bytes \(DeepEP's NUM_BUFFER_ALIGNMENT_BYTES\)$"),
+    (dict(num_nvl_bytes=16 * (2**31 - 1)), r"^num_nvl_bytes=34359738352; must be in \[0, 34359738351\]$"),
+    (dict(low_latency_mode="yes"), r"^low_latency_mode='yes' \(type str\); must be a bool$"),
+    (dict(low_latency_mode=2), r"^low_latency_mode=2 \(type int\); must be a bool$"),
+    (dict(explicitly_destroy="false"), r"^explicitly_destroy='false' \(type str\); must be a bool$"),
+    (dict(enable_shrink=None), r"^enable_shrink=None \(type NoneType\); must be a bool$"),
+    (dict(use_fabric=[]), r"^use_fabric=\[\] \(type list\); must be a bool$"),
+    (dict(allow_mnnvl="no"), r"^allow_mnnvl='no' \(type str\); must be a bool$"),
+    (dict(allow_nvlink_for_low_latency_mode=0.0), r"^allow_nvlink_for_low_latency_mode=0.0 \(type float\); must be a bool$"),
+    (dict(num_qps_per_rank=-1), r"^num_qps_per_rank=-1; must be in \[0, 2147483647\]$"),
+    (dict(num_qps_per_rank="24"), r"^num_qps_per_rank='24'; must be an integer$"),
+    (dict(num_qps_per_rank=0, low_latency_mode=True),
+     r"^num_qps_per_rank=0; must be ≥ 1 with low_latency_mode=True \(DeepEP's queue pairs per rank\)$"),
+]
+
+GOOD_SETTINGS = [
+    dict(num_nvl_bytes=1 << 30, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24),
+    dict(num_nvl_bytes=0, num_rdma_bytes=np.int64(1 << 28), low_latency_mode=1, num_qps_per_rank=np.int32(4)),
+    dict(num_nvl_bytes=128, num_qps_per_rank=0, allow_nvlink_for_low_latency_mode=np.bool_(False), allow_mnnvl=True, use_fabric=0,
+         explicitly_destroy=True, enable_shrink=False),
+]
+
+
+@pytest.fixture(scope="module")
+def one_process_group(tmp_path_factory):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('gloo')}/store", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("settings,match", BAD_SETTINGS)
+def test_a_deep_ep_buffers_unused_argument_of_a_wrong_kind_or_range_is_named(settings, match, one_process_group):
+    from expert_parallel.compat.deep_ep import Buffer
+
+    with pytest.raises(ep.InvalidArgumentError, match=match):
+        Buffer(one_process_group, device="cpu", **settings)
+    with pytest.raises(ep.InvalidArgumentError, match=match):
+        Buffer.virtual(2, **settings)
+
+
+@pytest.mark.parametrize("settings", GOOD_SETTINGS)
+def test_a_deep_ep_buffer_takes_every_value_deep_ep_takes(settings, one_process_group):
+    from expert_parallel.compat.deep_ep import Buffer
+
+    buffer = Buffer(one_process_group, device="cpu", **settings)
+    assert (buffer.num_nvl_bytes, buffer.num_rdma_bytes) == (settings.get("num_nvl_bytes", 0), settings.get("num_rdma_bytes", 0))
+    buffer.destroy()
+    for buffer in Buffer.virtual(2, **settings):
+        buffer.destroy()
+
+
+def test_buffer_virtual_names_a_keyword_buffer_does_not_take():
+    # **ignored took any keyword: a misspelt one (num_nvl_byte) was ignored.
+    from expert_parallel.compat.deep_ep import Buffer, NotSupportedError
+
+    with pytest.raises(ep.InvalidArgumentError, match=r"^Buffer.virtual\(\) got an unexpected keyword argument 'num_nvl_byte'; it "
+                                                      r"takes ranks, device, timeout and Buffer's constructor keywords \("):
+        Buffer.virtual(2, num_nvl_byte=1 << 20)
+    with pytest.raises(TypeError):   # (InvalidArgumentError is a TypeError too, as Python's own refusal is)
+        Buffer.virtual(2, lowlatency_mode=True)
+    with pytest.raises(NotSupportedError, match=r"^comm=3: not supported yet"):
+        Buffer.virtual(2, comm=3)
+    with pytest.raises(ep.InvalidArgumentError, match=r"^max_tokens_per_rank=0; must be in \[1, 2147483647\]$"):
+        Buffer.virtual(2, max_tokens_per_rank=0)
+    for buffer in Buffer.virtual(2, group=None, comm=None, max_tokens_per_rank=64, num_qps_per_rank=8):
+        buffer.destroy()

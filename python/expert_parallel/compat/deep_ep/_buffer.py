@@ -19,6 +19,7 @@ from ._handle import DispatchHandle
 from ._groups import Groups
 from ._layout import (dispatch_layout, flag, group_dtype, overlaps, require_contiguous, require_shape, require_tensor, routing,
                       torch_module)
+from ._unused_settings import checked, virtual_ignored
 from ._virtual import Failed, Rendezvous, Solo
 
 _NVL_PEERS = 8   # DeepEP's ranks per NVLink domain: more ranks than this span nodes
@@ -91,7 +92,10 @@ class Buffer:
     process, one thread each: :meth:`virtual`. ``num_nvl_bytes``, ``num_rdma_bytes``,
     ``num_qps_per_rank``, ``allow_nvlink_for_low_latency_mode``, ``allow_mnnvl``, ``use_fabric``,
     ``explicitly_destroy`` and ``enable_shrink`` are accepted and not used: groups size their
-    buffers from the calls' shapes, and there is no RDMA. More ranks than one node's 8 (internode)
+    buffers from the calls' shapes, and there is no RDMA. They are checked as DeepEP checks them,
+    each a named :class:`expert_parallel.InvalidArgumentError` (a ``ValueError`` and ``TypeError``):
+    byte counts integers in [0, 16 × (2^31 − 1)), multiples of 128; flags bools (or 0 / 1);
+    ``num_qps_per_rank`` an integer ≥ 0, ≥ 1 with ``low_latency_mode``. More ranks than one node's 8 (internode)
     and ``comm`` (mpi4py) raise :class:`NotSupportedError`.
 
     Keywords of this adapter: ``device`` (default: the current CUDA device where PyTorch finds one, else "cpu"),
@@ -109,6 +113,10 @@ class Buffer:
                  *, device: Optional[str] = None, max_tokens_per_rank: Optional[int] = None, timeout: float = 10.0) -> None:
         if comm is not None:
             raise not_supported("comm", comm, "pass a torch.distributed process group as group")
+        num_nvl_bytes, num_rdma_bytes, low_latency_mode = checked(
+            num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank,
+            allow_nvlink_for_low_latency_mode=allow_nvlink_for_low_latency_mode, allow_mnnvl=allow_mnnvl, use_fabric=use_fabric,
+            explicitly_destroy=explicitly_destroy, enable_shrink=enable_shrink)
         import torch.distributed as dist
 
         if group is None:
@@ -150,7 +158,9 @@ class Buffer:
         fails its own argument checks still takes its turn: it raises its own error at once, the
         call fails at once on the other ranks with :class:`expert_parallel.PeerFailedError` naming
         it (no rank's call runs), and the ranks' next calls meet as before. The other constructor
-        arguments of :class:`Buffer` are accepted and not used."""
+        arguments of :class:`Buffer` (by keyword) are accepted, checked as Buffer checks them, and
+        not used; another keyword is an error."""
+        num_nvl_bytes, num_rdma_bytes, low_latency_mode = virtual_ignored(num_nvl_bytes, num_rdma_bytes, low_latency_mode, ignored)
         device = _device(device)
         ranks = integer(ranks, "ranks", 1, 32 if device != "cpu" else 64)
         wait = _timeout(timeout)
