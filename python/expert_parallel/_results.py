@@ -97,7 +97,7 @@ class Handle(_NotCopyable):
     """
 
     __slots__ = ("group", "_pointer", "step", "slot", "slot_use", "tokens", "topk_idx", "topk_weights", "received_weights",
-                 "weight_addresses", "weight_stacked", "released", "__weakref__")   # made per dispatch: kept cheap
+                 "weight_addresses", "weight_stacked", "released", "torch_routing", "__weakref__")   # made per dispatch: kept cheap
 
     _copy_name = "Handle"   # (a handle of its own too)
     _copy_refusal = ("it names one step of its group (a handle of its own frees that step when it is dropped, which a "
@@ -116,6 +116,9 @@ class Handle(_NotCopyable):
         self.weight_addresses: Any = None  # per rank: the device address of its topk_weights
         self.weight_stacked: Any = None    # a stacked dispatch's: the address of its [R, B, K] topk_weights
         self.released = False
+        # expert_parallel.torch's dispatch op: (the topk_idx it was given, that tensor's version),
+        # which its combine op compares (the group's own step, made per dispatch, never has one)
+        self.torch_routing: Any = None
 
     @property
     def own(self) -> bool:

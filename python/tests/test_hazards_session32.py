@@ -7,7 +7,10 @@
 - a stacked array of rows off an 8-byte boundary (a view at an odd element of its storage) was
   refused while the same rows given as a per-rank list were taken: a CPU group now takes both;
 - DeepEP's Buffer took its unused constructor arguments with any value (a string for a flag, a
-  negative or unaligned byte count), and Buffer.virtual any keyword at all.
+  negative or unaligned byte count), and Buffer.virtual any keyword at all;
+- ``Exchange.combine`` of a Dispatched whose routing was replaced (``_replace``) by another of
+  the same shape, or modified in place since the dispatch, passed silently (LL expert-major's
+  backward pass then scattered the gradients by the wrong routing).
 """
 
 import ctypes
@@ -267,3 +270,73 @@ def test_buffer_virtual_names_a_keyword_buffer_does_not_take():
         Buffer.virtual(2, max_tokens_per_rank=0)
     for buffer in Buffer.virtual(2, group=None, comm=None, max_tokens_per_rank=64, num_qps_per_rank=8):
         buffer.destroy()
+
+
+# -- expert_parallel.torch: a Dispatched whose routing is not its step's ---------------------------
+
+
+ROUTING = r"^dispatched.routing \(the combine op's topk_idx\): "
+
+
+def _exchange(layout):
+    from expert_parallel.torch import Exchange
+
+    return Exchange(group(algorithm="ll" if layout in ("expert_major", "rank_major") else "ht", layout=layout))
+
+
+@pytest.mark.parametrize("layout", ["expert_major", "rank_major", "flat", "expert_major_padded"])
+def test_a_combine_of_another_routing_of_the_same_shape_is_named(layout):
+    # _replace(routing=...) with another step's routing of the same B passed silently (LL
+    # expert-major's backward pass then scattered the weights' gradients by it).
+    exchange = _exchange(layout)
+    x, idx, w = step()
+    sent = exchange.dispatch(x, idx, w)
+    other = exchange.dispatch(x, idx.flip(-1).contiguous(), w)
+    with pytest.raises(ep.InvalidArgumentError, match=ROUTING + r"another tensor than the topk_idx the step of dispatched.step "
+                       r"was dispatched with, and another routing \(at \[0, 0, 0\]: expert 1, not 0\); pass the routing of "
+                       r"that step's dispatch \(a Dispatched as its dispatch returned it\)$"):
+        exchange.combine(sent.tokens, sent._replace(routing=other.routing))
+    # A copy of the step's own routing is the same routing (compared on the CPU), in another dtype too.
+    want = exchange.combine(sent.tokens, sent)
+    assert torch.equal(exchange.combine(sent.tokens, sent._replace(routing=idx.clone())), want)
+    assert torch.equal(exchange.combine(sent.tokens, sent._replace(routing=idx.long())), want)
+    assert torch.equal(exchange.combine(other.tokens, other), exchange.combine(other.tokens, other))
+
+
+@pytest.mark.parametrize("layout", ["expert_major", "rank_major", "flat", "expert_major_padded"])
+def test_a_combine_of_a_routing_changed_in_place_since_its_dispatch_is_named(layout):
+    exchange = _exchange(layout)
+    x, idx, w = step()
+    sent = exchange.dispatch(x, idx, w)
+    idx[0, 0] = idx[0, 0].flip(0)
+    with pytest.raises(ep.InvalidArgumentError, match=ROUTING + r"changed in place since the step's dispatch \(its version "
+                       r"counter went from 0 to 1\); the step's rows went by the routing as it was"):
+        exchange.combine(sent.tokens, sent)
+    # Its copy then cannot be compared with what the step went by.
+    with pytest.raises(ep.InvalidArgumentError, match=ROUTING + r"another tensor \(at 0x[0-9a-f]+ on cpu\) than the topk_idx "
+                       r"the step of dispatched.step was dispatched with \(at 0x[0-9a-f]+ on cpu\); that one was changed in "
+                       r"place since"):
+        exchange.combine(sent.tokens, sent._replace(routing=idx.clone()))
+    again = exchange.dispatch(x, idx, w)
+    exchange.combine(again.tokens, again)
+
+
+def test_a_routing_view_of_the_same_memory_is_the_steps_routing():
+    # (What a compiled graph may pass for the same tensor: a view of it, another object.)
+    exchange = _exchange("expert_major")
+    x, idx, w = step()
+    sent = exchange.dispatch(x, idx, w)
+    assert torch.equal(exchange.combine(sent.tokens, sent._replace(routing=idx.view(2, 3, 2))), exchange.combine(sent.tokens, sent))
+
+
+def test_the_wrong_routings_gradients_are_not_computed():
+    # LL expert-major: the weights' gradients went by the routing combine was given.
+    exchange = _exchange("expert_major")
+    x, idx, w = step()
+    w.requires_grad_(True)
+    sent = exchange.dispatch(x, idx, w)
+    shuffled = idx[:, [1, 2, 0]].contiguous()
+    with pytest.raises(ep.InvalidArgumentError, match=ROUTING + "another tensor"):
+        exchange.combine(sent.tokens, sent._replace(routing=shuffled)).sum().backward()
+    exchange.combine(sent.tokens, sent).sum().backward()
+    assert w.grad is not None

@@ -70,7 +70,8 @@ class Dispatched(NamedTuple):
     topk_weights: Optional[Tensor]
     #: the step token: a 0-dim int64 CPU tensor that keeps the step's routing live
     step: Tensor
-    #: the source routing ``[R, B, K]`` given to dispatch
+    #: the source routing ``[R, B, K]`` given to dispatch: combine takes this tensor, unchanged
+    #: (another one, or this one changed in place, is refused: :meth:`Exchange.combine`)
     routing: Tensor
     #: the source weights ``[R, B, K]`` given to dispatch (LL expert-major's combine applies them)
     weights: Optional[Tensor]
@@ -154,7 +155,15 @@ class Exchange:
         return Dispatched(received, idx, weights, step, topk_idx, topk_weights, counts)
 
     def combine(self, expert_outputs: Tensor, dispatched: Dispatched) -> Tensor:
-        """Brings the expert outputs (shaped like ``dispatched.tokens``) back: ``[R, B, H]``."""
+        """Brings the expert outputs (shaped like ``dispatched.tokens``) back: ``[R, B, H]``.
+
+        ``dispatched.routing`` must be the ``topk_idx`` its dispatch was given, unchanged since
+        (LL expert-major's backward pass scatters the weights' gradients by it): a Dispatched made
+        with ``_replace(routing=...)`` of another routing, or a routing changed in place since the
+        dispatch, is an InvalidArgumentError naming ``dispatched.routing``. Another tensor with the
+        same entries is taken on the CPU (compared there); on a GPU it is refused, as comparing its
+        entries would wait for the device. Not seen: writes that no version counter records
+        (through NumPy, DLPack or a raw pointer, or into an inference tensor)."""
         _tensor(expert_outputs, "expert_outputs", "shaped like dispatched.tokens")
         if not isinstance(dispatched, Dispatched):
             raise InvalidArgumentError(f"dispatched: a {type(dispatched).__name__}; must be what this exchange's dispatch returned")

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..errors import InvalidArgumentError
 from ..nccl_group import NCCLGroup
-from . import _registry
+from . import _registry, _step_routing
 
 
 def _lead(group) -> tuple:
@@ -173,6 +173,10 @@ def dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group:
     counts = _counts(entry.group, x, torch.empty)
     rows, routing, carried = _rows(x), topk_idx.contiguous(), _contiguous(topk_weights)   # (a sparse one fails here, before a step is taken)
     handle, token = entry.start()
+    try:   # what combine compares its routing with (_step_routing)
+        handle.torch_routing = (topk_idx, topk_idx._version)
+    except RuntimeError:   # an inference tensor tracks no version
+        handle.torch_routing = (topk_idx, None)
     _dispatch_into(entry, rows, routing, carried, handle, "forward", _outputs(received, idx, weights, counts))
     entry.require_active()   # after the call: its update fixes the step's ranks (a rank masked in it, too)
     return received, idx, weights, token, counts
@@ -235,6 +239,9 @@ def combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tensor],
     entry = _registry.entry(group)
     tokens = topk_idx.shape[-2]
     g, handle = entry.group, entry.step(step)
+    source = handle.torch_routing
+    if topk_idx is not source[0] or (source[1] is not None and topk_idx._version != source[1]):
+        _step_routing.check(handle, tokens, topk_idx, _check_step_tokens)   # (raises unless it is the step's routing)
     try:
         _check_combine(g, expert_outputs, weights, tokens)
         weights = _contiguous(weights)

@@ -124,6 +124,7 @@ class Entry:
             handle = self.live.pop(number, None)
             if handle is None:
                 return
+            handle.torch_routing = None   # (a pooled handle keeps no routing alive)
             if not self.closed:
                 self.free.append(handle)
                 return
