@@ -340,3 +340,21 @@ def test_the_wrong_routings_gradients_are_not_computed():
         exchange.combine(sent.tokens, sent._replace(routing=shuffled)).sum().backward()
     exchange.combine(sent.tokens, sent).sum().backward()
     assert w.grad is not None
+
+
+@pytest.mark.skipif(__import__("os").environ.get("EP_GPU_TESTS") != "1", reason="needs a GPU: set EP_GPU_TESTS=1")
+@pytest.mark.parametrize("layout", ["expert_major", "flat"])
+def test_on_a_gpu_a_copy_of_the_routing_is_taken_and_a_change_in_place_is_named(layout):
+    # On a GPU another tensor's entries are not compared (that would wait for the device): a copy of
+    # the step's routing (a clone, what a saved-tensor hook restores) is taken as it was before the
+    # check; the same tensor changed in place since the dispatch is refused, as on the CPU.
+    from expert_parallel.torch import Exchange
+
+    exchange = Exchange(group(algorithm="ll" if layout == "expert_major" else "ht", layout=layout, device="cuda:0"))
+    x, idx, w = (t.cuda() for t in step())
+    sent = exchange.dispatch(x, idx, w)
+    want = exchange.combine(sent.tokens, sent)
+    assert torch.equal(exchange.combine(sent.tokens, sent._replace(routing=idx.clone())), want)
+    idx[0, 0] = idx[0, 0].flip(0)
+    with pytest.raises(ep.InvalidArgumentError, match=ROUTING + r"changed in place since the step's dispatch"):
+        exchange.combine(sent.tokens, sent)

@@ -161,9 +161,10 @@ class Exchange:
         (LL expert-major's backward pass scatters the weights' gradients by it): a Dispatched made
         with ``_replace(routing=...)`` of another routing, or a routing changed in place since the
         dispatch, is an InvalidArgumentError naming ``dispatched.routing``. Another tensor with the
-        same entries is taken on the CPU (compared there); on a GPU it is refused, as comparing its
-        entries would wait for the device. Not seen: writes that no version counter records
-        (through NumPy, DLPack or a raw pointer, or into an inference tensor)."""
+        same entries is taken on the CPU (compared there); on a GPU another tensor of the same shape
+        is taken unseen, as comparing its entries would wait for the device. Not seen either: writes
+        that no version counter records (through NumPy, DLPack or a raw pointer, or into an
+        inference tensor)."""
         _tensor(expert_outputs, "expert_outputs", "shaped like dispatched.tokens")
         if not isinstance(dispatched, Dispatched):
             raise InvalidArgumentError(f"dispatched: a {type(dispatched).__name__}; must be what this exchange's dispatch returned")

@@ -11,10 +11,12 @@ here, off the data path, and is refused unless it is the same routing:
 - the same memory viewed alike (an alias that a compiled graph regenerated) is, unless its
   version counter moved (changed in place since the dispatch);
 - another CPU tensor is if its entries are the step's (compared: host memory, no waiting);
-- another GPU tensor is refused: comparing its entries would wait for the device.
+- another GPU tensor of the step's shape is taken unseen, as before this check: comparing its
+  entries would wait for the device, and refusing it would refuse a legitimate copy (a clone, a
+  tensor a saved-tensor hook restored).
 
 What no counter sees is not caught: a write through NumPy, DLPack or a raw pointer, or into an
-inference tensor (which tracks no version)."""
+inference tensor (which tracks no version), nor another GPU tensor's entries."""
 
 from __future__ import annotations
 
@@ -67,8 +69,10 @@ def check(handle: Any, tokens: int, topk_idx: Tensor, check_tokens: Callable[[An
         why = "; that one was changed in place since, so what the step went by is not known here"
     elif on_cpu:
         why = f" (of shape {list(topk_idx.shape)}, the step's {list(source.shape)})"
+    elif topk_idx.shape == source.shape and topk_idx.device == source.device:
+        return   # on a GPU its entries are not compared (that would wait for the device): see the module
     else:
-        why = "; on a GPU their entries are not compared (that would wait for the device)"
+        why = f" (of shape {list(topk_idx.shape)} on {topk_idx.device}, the step's {list(source.shape)} on {source.device})"
     raise InvalidArgumentError(
         f"{_NAME}: another tensor (at {topk_idx.data_ptr():#x} on {topk_idx.device}) than the topk_idx the step of "
         f"dispatched.step was dispatched with (at {source.data_ptr():#x} on {source.device}){why}: {_ADVICE}")
