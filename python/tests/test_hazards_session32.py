@@ -23,12 +23,7 @@ import torch
 import expert_parallel as ep
 from expert_parallel import _abi, _config
 from expert_parallel._library import call
-
-
-def group(**overrides):
-    settings = dict(ranks=2, experts=4, hidden=8, top_k=2, max_tokens=3, dtype="f32")
-    settings.update(overrides)
-    return ep.VirtualGroup(**settings)
+from test_hazards_session31 import group   # the small CPU group (f32, R 2, E 4, H 8, K 2, B 3)
 
 
 def step():
