@@ -420,16 +420,6 @@ ep_ll_update(const EpArgs args) {
 #ifndef EP_LL_OWN_ROWS
 #define EP_LL_OWN_ROWS 1
 #endif
-// Those blocks read the other ranks' routing a lane per entry (1, the default where K divides 32)
-// or a thread per token (0): see ep_ll_own_rows. EP_OWN_LOADS: entries a lane loads at once.
-#ifndef EP_LL_OWN_COALESCED
-#define EP_LL_OWN_COALESCED 1
-#endif
-#if 32 % EP_K != 0
-#undef EP_LL_OWN_COALESCED
-#define EP_LL_OWN_COALESCED 0
-#endif
-#define EP_OWN_LOADS 8
 #ifndef EP_LL_OWN_FITS
 #define EP_LL_OWN_FITS 0   // the host's word that EpOwnRows fits beside the update's arrays (GroupConfig.llOwnRowsFit)
 #endif
@@ -460,38 +450,7 @@ EP_DEVICE void ep_ll_own_rows(const EpArgs& args, int rank) {
             own.bad = 1;
         }
     });
-#if EP_R > 1 && EP_LL_OWN_COALESCED
-    // The other active ranks, a lane per routing entry: a warp reads 32 consecutive ids, each
-    // sector once (a thread per token read K ids 8·K bytes apart: ncu counted 10 of each sector's
-    // 32 bytes used, and every block reads all of it). A token's K entries sit in K consecutive lanes
-    // (K divides 32, and every warp's entries start at a multiple of 32), whose ids are compared
-    // through shuffles; the lower ranks' selections of experts on active ranks are counted.
-    constexpr int per_rank = EP_BMAX * EP_K;
-    const int lane = threadIdx.x % 32;
-    for (int base = threadIdx.x - lane; base < EP_R * per_rank; base += EP_OWN_LOADS * blockDim.x) {
-        long long ids[EP_OWN_LOADS];
-#pragma unroll
-        for (int u = 0; u < EP_OWN_LOADS; ++u) {
-            const int j = base + u * static_cast<int>(blockDim.x) + lane, source = j / per_rank;
-            const bool take = j < EP_R * per_rank && source != rank && ep_active(mask, source)
-                && (j % per_rank) / EP_K < static_cast<int>(args.rank[source].tokens);
-            ids[u] = take ? ep_read_index(args, source, j % per_rank) : -1;
-        }
-#pragma unroll
-        for (int u = 0; u < EP_OWN_LOADS; ++u) {
-            const int j = base + u * static_cast<int>(blockDim.x) + lane, c = lane % EP_K;
-            const long long e = ids[u];
-            bool wrong = e < -1 || e >= EP_E;
-#pragma unroll
-            for (int p = 1; p < EP_K; ++p) {   // lane - p holds column c - p of the same token where p <= c
-                const long long earlier = __shfl_up_sync(0xffffffffu, e, p);
-                wrong |= p <= c && e >= 0 && earlier == e;
-            }
-            if (wrong) own.bad = 1;
-            if (j / per_rank < rank && e >= 0 && e < EP_E && ep_active(mask, static_cast<int>(e) / EP_L)) atomicAdd(&own.before[e], 1);
-        }
-    }
-#elif EP_R > 1
+#if EP_R > 1
     // The other active ranks: a thread per token, its ids checked against each other; the lower
     // ranks' selections of experts on active ranks counted.
     for (int i = threadIdx.x; i < EP_R * EP_BMAX; i += blockDim.x) {
