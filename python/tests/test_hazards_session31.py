@@ -23,6 +23,9 @@
   the ops called directly with a meta input (uninitialised outputs) or wrong backward arguments.
 """
 
+import contextlib
+import gc
+import os
 import re
 
 import numpy as np
@@ -493,8 +496,82 @@ def test_the_bench_refuses_a_json_path_that_is_a_folder_before_the_run(tmp_path,
     assert f"--json {tmp_path}: a folder; must name the file to write (checked before the run)" in capsys.readouterr().err
 
 
+@contextlib.contextmanager
+def library_unloaded():
+    """The package as if it had not loaded the library yet, for a test of load() itself; the loaded
+    one is back afterwards. load() holds a lock that is not re-entrant while it allocates (ctypes.CDLL
+    makes a class), and a garbage collection may run at any allocation: one there finalised what
+    earlier tests left in reference cycles (a group held by a pytest.raises traceback), whose
+    __del__ calls the library, so load() again, and the test waited on the lock for good, idle
+    (12 minutes in one order of the test files; a shuffled order of the same tests showed the stack
+    load > CDLL.__init__ > GroupBase.__del__ > close > call > load). So those leftovers are
+    collected first, while the real library is loaded, and none is collected until it is back."""
+    from expert_parallel import _library
+
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    saved = _library._library, _library._path
+    _library._library = _library._path = None
+    try:
+        yield _library
+    finally:
+        _library._library, _library._path = saved
+        if enabled:
+            gc.enable()
+
+
+@pytest.fixture
+def unloaded_library():
+    with library_unloaded() as library:
+        yield library
+
+
+def test_a_collection_inside_load_finalises_no_earlier_group_there(tmp_path):
+    # In a process of its own: a group and its handle left in a reference cycle, then
+    # library_unloaded() and a collection forced inside load(). Without the collection first,
+    # that one closed the group from inside load(), and the process waited on load()'s lock for good.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from expert_parallel import _library
+
+    here = Path(__file__).resolve().parent
+    program = (
+        "import gc, os, sys\n"
+        f"sys.path[:0] = [{str(here.parent)!r}, {str(here)!r}]\n"
+        "import expert_parallel as ep\n"
+        "from expert_parallel import _library\n"
+        "from test_hazards_session31 import library_unloaded\n"
+        "gc.disable()\n"
+        "g = ep.VirtualGroup(2, 4, 8, 2, 3, dtype='f32')\n"
+        "cycle = [g, g.handle()]\n"
+        "cycle.append(cycle)\n"
+        "del g, cycle\n"
+        "gc.enable()\n"
+        "real = _library.candidates\n"
+        "def candidates():\n"
+        "    gc.collect()   # as one may run at any allocation in load()\n"
+        "    return real()\n"
+        "_library.candidates = candidates\n"
+        f"os.environ['EP_LIBRARY'] = {str(tmp_path / 'not-the-library.so')!r}\n"
+        "with library_unloaded():\n"
+        "    try:\n"
+        "        _library.load()\n"
+        "    except ep.LibraryNotFoundError:\n"
+        "        print('refused')\n")
+    (tmp_path / "not-the-library.so").write_bytes(b"not a library\n")
+    env = dict(os.environ, EP_LIBRARY=str(_library.library_path()))
+    try:
+        run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("load() waited on its own lock: a collection inside it closed a group left by earlier work")
+    assert run.returncode == 0 and run.stdout == "refused\n", run.stderr
+
+
 @pytest.mark.parametrize("content", [b"not a library\n", None], ids=["not ELF", "another library"])
-def test_a_library_path_that_is_not_the_library_is_named(tmp_path, monkeypatch, content):
+def test_a_library_path_that_is_not_the_library_is_named(tmp_path, monkeypatch, content, unloaded_library):
     # ctypes' OSError ("file too short", "invalid ELF header") or, for a shared library without
     # the ABI's entry points, AttributeError ("undefined symbol: epGetAbiVersion") came out of
     # the first call.
@@ -514,8 +591,6 @@ def test_a_library_path_that_is_not_the_library_is_named(tmp_path, monkeypatch, 
     else:
         path = tmp_path / "libexpert_parallel.so"
         path.write_bytes(content)
-    monkeypatch.setattr(_library, "_library", None)
-    monkeypatch.setattr(_library, "_path", None)
     monkeypatch.setenv("EP_LIBRARY", str(path))
     with pytest.raises(ep.LibraryNotFoundError, match=rf"^{re.escape(str(path))} is not a loadable libexpert_parallel.so of ABI "
                                                        rf"version \d+: .*; build it with `scripts/build-library`"):
@@ -527,7 +602,7 @@ def test_a_library_path_that_is_not_the_library_is_named(tmp_path, monkeypatch, 
                         r"usr/lib/swift/linux on LD_LIBRARY_PATH, or build the library with `scripts/build-library`"),
     ("libnotthere.so.1", r"install it, or put the folder holding it on LD_LIBRARY_PATH$"),
 ])
-def test_a_library_whose_dependency_is_missing_names_the_dependency(tmp_path, monkeypatch, dependency, advice):
+def test_a_library_whose_dependency_is_missing_names_the_dependency(tmp_path, monkeypatch, dependency, advice, unloaded_library):
     # The loader's OSError for a dependency it did not find (a library built without the Swift
     # runtime linked in, where the toolchain's is not on the loader's path) was reported as "is not
     # a loadable libexpert_parallel.so ...; build it with scripts/build-library", and not chained.
@@ -542,8 +617,6 @@ def test_a_library_whose_dependency_is_missing_names_the_dependency(tmp_path, mo
     def load(name, *arguments, **keywords):
         raise loader_error
 
-    monkeypatch.setattr(_library, "_library", None)
-    monkeypatch.setattr(_library, "_path", None)
     monkeypatch.setenv("EP_LIBRARY", str(path))
     monkeypatch.setattr(ctypes, "CDLL", load)
     with pytest.raises(ep.LibraryNotFoundError, match=rf"^{re.escape(str(path))} needs {re.escape(dependency)}, which the dynamic "
@@ -553,7 +626,7 @@ def test_a_library_whose_dependency_is_missing_names_the_dependency(tmp_path, mo
     assert caught.value.__cause__ is loader_error
 
 
-def test_a_real_library_whose_dependency_is_gone_names_it(tmp_path, monkeypatch):
+def test_a_real_library_whose_dependency_is_gone_names_it(tmp_path, monkeypatch, unloaded_library):
     # The same, from the dynamic loader itself: a library linked against one that is then removed.
     import shutil
     import subprocess
@@ -569,8 +642,6 @@ def test_a_real_library_whose_dependency_is_gone_names_it(tmp_path, monkeypatch)
     path = tmp_path / "libexpert_parallel.so"
     subprocess.run([compiler, "-shared", "-fPIC", "-o", str(path), str(tmp_path / "main.c"), f"-L{tmp_path}", "-lepgone"], check=True)
     (tmp_path / "libepgone.so").unlink()
-    monkeypatch.setattr(_library, "_library", None)
-    monkeypatch.setattr(_library, "_path", None)
     monkeypatch.setenv("EP_LIBRARY", str(path))
     with pytest.raises(ep.LibraryNotFoundError, match=rf"^{re.escape(str(path))} needs libepgone.so, which the dynamic loader did "
                                                        r"not find \(.*\): install it, or put the folder holding it on LD_LIBRARY_PATH$") as caught:
