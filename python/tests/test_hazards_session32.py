@@ -250,6 +250,20 @@ def test_a_deep_ep_buffer_takes_every_value_deep_ep_takes(settings, one_process_
         buffer.destroy()
 
 
+@pytest.mark.parametrize("hidden", [100, 7168])
+def test_the_low_latency_size_hint_is_a_byte_count_the_buffer_takes(hidden):
+    # The hint was rows × hidden × 2 bytes exactly, off DeepEP's 128-byte alignment for an odd
+    # hidden size, so the Buffer refused its own hint; DeepEP rounds its hint up, as the adapter now does.
+    from expert_parallel.compat.deep_ep import Buffer
+
+    hint = Buffer.get_low_latency_rdma_size_hint(3, hidden, 2, 4)
+    exact = 2 * (4 * 3 * hidden * 2 + 3 * hidden * 2)
+    assert hint % 128 == 0 and exact <= hint < exact + 128
+    for buffer in Buffer.virtual(2, num_rdma_bytes=hint, low_latency_mode=True):
+        assert buffer.num_rdma_bytes == hint
+        buffer.destroy()
+
+
 def test_buffer_virtual_names_a_keyword_buffer_does_not_take():
     # **ignored took any keyword: a misspelt one (num_nvl_byte) was ignored.
     from expert_parallel.compat.deep_ep import Buffer, NotSupportedError

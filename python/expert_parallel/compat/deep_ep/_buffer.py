@@ -19,7 +19,7 @@ from ._handle import DispatchHandle
 from ._groups import Groups
 from ._layout import (dispatch_layout, flag, group_dtype, overlaps, require_contiguous, require_shape, require_tensor, routing,
                       torch_module)
-from ._unused_settings import checked, virtual_ignored
+from ._unused_settings import ALIGNMENT, checked, virtual_ignored
 from ._virtual import Failed, Rendezvous, Solo
 
 _NVL_PEERS = 8   # DeepEP's ranks per NVLink domain: more ranks than this span nodes
@@ -220,12 +220,13 @@ class Buffer:
                                        num_experts: int) -> int:
         """The bytes a rank's low-latency group keeps for these shapes in bf16: two buffer slots of
         received rows ``[L, R*Bmax, H]`` and combined rows ``[Bmax, H]``. Buffers are made by the
-        calls, so ``num_rdma_bytes`` need not hold them."""
+        calls, so ``num_rdma_bytes`` need not hold them. Rounded up to DeepEP's 128-byte alignment,
+        as DeepEP's hint is, so that it is a ``num_rdma_bytes`` the Buffer takes."""
         bmax = integer(num_max_dispatch_tokens_per_rank, "num_max_dispatch_tokens_per_rank", 1, 2**31 - 1)
         h = integer(hidden, "hidden", 1, 2**31 - 1)
         r = integer(num_ranks, "num_ranks", 1, 2**31 - 1)
         e = integer(num_experts, "num_experts", r, 2**31 - 1)
-        return 2 * ((e // r) * r * bmax * h * 2 + bmax * h * 2)
+        return -(-2 * ((e // r) * r * bmax * h * 2 + bmax * h * 2) // ALIGNMENT) * ALIGNMENT
 
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
