@@ -199,6 +199,9 @@ class VirtualGroup(GroupBase):
         # What _dispatch_common compares, in one tuple (an FP8 pass-through group's e4m3 rows come
         # with scales: never the common call).
         self._common = (r, h, self.max_tokens, k, -1 if self._input_element == _abi.E4M3 else self._input_element, device)
+        # The last common dispatch's inputs as _dispatch_common saw them (_common_signature), with
+        # their B and routing type: the next call's that compare equal are accepted at once.
+        self._common_seen = (None, 0, 0)
         # And _combine_common (HT expert-major padded takes the general path: its weights are the slot's).
         self._common_combine = (self.layout == "expert_major", (r,) + tuple(recv),
                                 -1 if self.layout == "expert_major_padded" else self._element, device)
@@ -613,9 +616,9 @@ class VirtualGroup(GroupBase):
         return self._dispatch_result(DispatchResult._of_slot(slot, target), send_only, record_event, stream)
 
     def _common_inputs(self, xs, topk_idx, topk_weights):
-        """(B, routing's epDataType_t) of the common dispatch's inputs: three stacked torch tensors
-        ``[R, B, hidden]``, ``[R, B, K]`` int32 or int64 and ``[R, B, K]`` float32, of the group's
-        input type, on its device, contiguous; None for anything else."""
+        """(B, routing's epDataType_t, addresses) of the common dispatch's inputs: three stacked
+        torch tensors ``[R, B, hidden]``, ``[R, B, K]`` int32 or int64 and ``[R, B, K]`` float32,
+        of the group's input type, on its device, contiguous; None for anything else."""
         tensor = type(xs)
         if tensor is not _fast.tensor_type:   # look() learns torch's tensor type from the first tensor it sees
             if (_fast.tensor_type is not _fast.NoTensorYet or tensor.__name__ != "Tensor" or _fast.look(xs, ()) is None
@@ -623,28 +626,43 @@ class VirtualGroup(GroupBase):
                 return None
         if type(topk_idx) is not tensor or type(topk_weights) is not tensor:
             return None
-        ranks, hidden, max_tokens, top_k, element, device = self._common
-        codes = _fast.torch_codes
-        try:
-            xsz, isz = xs.shape, topk_idx.shape
-            if len(xsz) != 3 or len(isz) != 3:
-                return None
-            b = xsz[1]
-            ic = codes.get(topk_idx.dtype)
-            if not (xsz[0] == ranks and xsz[2] == hidden and 0 < b <= max_tokens and codes.get(xs.dtype) == element
-                    and (ic == _abi.I32 or ic == _abi.I64) and codes.get(topk_weights.dtype) == _abi.F32 and isz == topk_weights.shape
-                    and isz[0] == ranks and isz[1] == b and isz[2] == top_k and xs.get_device() == device
-                    and topk_idx.get_device() == device and topk_weights.get_device() == device
-                    and xs.is_contiguous() and topk_idx.is_contiguous() and topk_weights.is_contiguous()):
-                return None
+        try:   # every property the call depends on but the addresses, read once (each read costs a torch call)
+            seen = (xs.shape, topk_idx.shape, topk_weights.shape, xs.dtype, topk_idx.dtype, topk_weights.dtype,
+                    xs.get_device(), topk_idx.get_device(), topk_weights.get_device(),
+                    xs.is_contiguous(), topk_idx.is_contiguous(), topk_weights.is_contiguous())
         except RuntimeError:   # a sparse or nested tensor (no sizes or strides): the general path names it
             return None
+        accepted = self._common_seen
+        if seen != accepted[0]:   # (one comparison when they are the last call's: a decode loop's)
+            accepted = self._common_signature(seen)
+            if accepted is None:
+                return None
         # A meta tensor (get_device() -1, as the CPU's) has no memory: the general path names it, and
         # takes rows off an 8-byte boundary (_off_boundary).
         pointers = xs.data_ptr(), topk_idx.data_ptr(), topk_weights.data_ptr()
         if not (pointers[0] and pointers[1] and pointers[2]) or pointers[0] & 7:
             return None
-        return b, ic, pointers
+        return accepted[1], accepted[2], pointers
+
+    def _common_signature(self, seen):
+        """(seen, B, routing's epDataType_t) when `seen` (_dispatch_common's reads: shapes, dtypes,
+        devices and contiguity of xs, topk_idx, topk_weights) is a common dispatch's: ``[R, B,
+        hidden]`` of the group's input type, ``[R, B, K]`` int32 or int64 and ``[R, B, K]`` float32,
+        on its device, contiguous; kept as the one the next call compares with. None for anything else."""
+        ranks, hidden, max_tokens, top_k, element, device = self._common
+        xsz, isz, wsz, x_type, idx_type, w_type, x_device, idx_device, w_device, x_fine, idx_fine, w_fine = seen
+        codes = _fast.torch_codes
+        if len(xsz) != 3 or len(isz) != 3:
+            return None
+        b = xsz[1]
+        ic = codes.get(idx_type)
+        if not (xsz[0] == ranks and xsz[2] == hidden and 0 < b <= max_tokens and codes.get(x_type) == element
+                and (ic == _abi.I32 or ic == _abi.I64) and codes.get(w_type) == _abi.F32 and isz == wsz
+                and isz[0] == ranks and isz[1] == b and isz[2] == top_k
+                and x_device == device and idx_device == device and w_device == device and x_fine and idx_fine and w_fine):
+            return None
+        accepted = self._common_seen = (seen, b, ic)
+        return accepted
 
     def _start_step(self, target):
         """`target`'s bookkeeping as a call that starts a new step on it is made (none of the last

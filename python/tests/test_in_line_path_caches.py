@@ -1,0 +1,94 @@
+"""What the in-line path of the common call (three stacked torch tensors, forward, one launch)
+keeps from one call to the next, to skip work a decode loop repeats: each cache is compared by
+value, so a call that differs from the cached one in any property (a shape, a dtype, the device,
+contiguity, memory) is checked again, and refused by name where the general path refuses it."""
+
+import numpy as np
+import pytest
+
+import expert_parallel as ep
+from reference import random_routing
+
+torch = pytest.importorskip("torch")
+
+R, E, K, H, B = 2, 8, 2, 16, 4
+
+
+def inputs(rng, b=B):
+    x = torch.from_numpy(rng.standard_normal((R, b, H)).astype(np.float32))
+    idx = torch.from_numpy(np.stack([random_routing(rng, b, E, K) for _ in range(R)]).astype(np.int32))
+    w = torch.from_numpy(rng.random((R, b, K)).astype(np.float32))
+    return x, idx, w
+
+
+def groups():
+    """A group whose in-line path counts the calls it leaves to the general path, and a group that
+    always takes the general path (the reference bits)."""
+    shape = dict(ranks=R, experts=E, hidden=H, top_k=K, max_tokens=B, dtype="f32")
+    fast, general = ep.VirtualGroup(**shape), ep.VirtualGroup(**shape)
+    general._dispatch_common = general._combine_common = lambda *_: None
+    left = []
+    stacked_parts = fast._stacked_parts
+
+    def counted(*arguments):
+        left.append(1)
+        return stacked_parts(*arguments)
+
+    fast._stacked_parts = counted
+    return fast, general, left
+
+
+def received(group, x, idx, w):
+    out = group.dispatch(x, idx, w)
+    rows = out.received.clone()
+    group.combine(out.received, out.handle)
+    return out.handle.tokens, rows
+
+
+def test_a_dispatch_unlike_the_cached_one_is_checked_again():
+    """After a dispatch the in-line path took (and cached), a call that changes one property of
+    one tensor is refused by name, or taken with its own B and routing type; the cached call
+    then still takes the in-line path with the general path's bits."""
+    rng = np.random.default_rng(3)
+    fast, general, left = groups()
+    x, idx, w = inputs(rng)
+    assert received(fast, x, idx, w)[0] == [B, B] and not left
+
+    refused = [
+        ("xs", (x.double(), idx, w)),
+        ("topk_weights", (x, idx, w.double())),
+        ("topk_idx", (x, idx.float(), w)),
+        ("xs", (torch.randn(R, H, B).transpose(1, 2), idx, w)),                              # same shape, not contiguous
+        ("topk_idx", (x, idx.transpose(0, 1).contiguous().transpose(0, 1), w)),
+        ("xs", (torch.empty(R, B, H, device="meta"), idx, w)),                               # no memory (get_device() -1, as the CPU's)
+        ("topk_weights", (x, idx, torch.empty(R, B, K, device="meta"))),
+        ("xs", (x[:, :, : H - 1], idx, w)),
+        ("topk_idx", (x, idx[:, :, :1], w)),
+        ("topk_weights", (x, idx, w[:, :3])),
+        ("xs", (torch.zeros(R, B + 1, H), torch.zeros(R, B + 1, K, dtype=torch.int32), torch.zeros(R, B + 1, K))),
+    ]
+    for name, arguments in refused:
+        with pytest.raises(ep.InvalidArgumentError, match=name):
+            fast.dispatch(*arguments)
+        tokens, rows = received(fast, x, idx, w)
+        assert tokens == [B, B] and torch.equal(rows, received(general, x, idx, w)[1]), name
+    left.clear()
+
+    # Taken in line with their own B and routing type, and back to the cached call.
+    for b, index_type in ((2, torch.int32), (B, torch.int64), (1, torch.int64), (B, torch.int32)):
+        xb, idxb, wb = inputs(rng, b)
+        idxb = idxb.to(index_type)
+        tokens, rows = received(fast, xb, idxb, wb)
+        assert tokens == [b, b]
+        assert torch.equal(rows, received(general, xb, idxb.to(torch.int32), wb)[1]), (b, index_type)
+    assert not left
+
+    # New tensors of the cached call's properties (PyTorch's allocator may give the same
+    # addresses): their own rows are read.
+    for _ in range(3):
+        x2, idx2, w2 = inputs(rng)
+        assert torch.equal(received(fast, x2, idx2, w2)[1], received(general, x2, idx2, w2)[1])
+    assert not left
+    for g in (fast, general):
+        g.check()
+        g.close()
