@@ -13,7 +13,7 @@ from ._config import integer as _int
 from ._group_base import NO_COMBINE_WEIGHTS as _NO_COMBINE_WEIGHTS
 from ._group_base import GroupBase, combine_weights_refused, locked
 from ._library import addresses_entry, call, check_status, load
-from ._results import DispatchResult, Handle, LayoutInfo, _LayoutBuffers
+from ._results import DispatchResult, Handle, LayoutInfo, _LayoutBuffers, own_step_result
 from ._slots import Slot
 from ._types import Algorithm, Array, Direction, DType, Launch, Layout, Overflow, PerRank, Seconds
 from .errors import InvalidArgumentError, InvalidUsageError
@@ -594,8 +594,7 @@ class VirtualGroup(GroupBase):
             check_status(status, _errors.DISPATCH_XS, _errors.DISPATCH_SLOT, kind=_arrays.kind(xs))
         if handle is None and not send_only and not record_event:   # the decode loop's call: every field written once
             slot.use = use = slot.use + 1
-            return DispatchResult._of_slot(slot, Handle._of_dispatch(self, self._own_step, slot.index, use, [b] * ranks, topk_idx,
-                                                                       topk_weights, slot.w_views, weights))
+            return own_step_result(self, slot, self._own_step, use, [b] * ranks, topk_idx, topk_weights, weights)
         target = handle
         if target is None:
             target = Handle(self)
