@@ -238,7 +238,9 @@ class VirtualGroup(GroupBase):
         ``[B, scale words]`` scales of each rank's e4m3 rows (float32, or int32 words of exponent
         bytes); the received scales come back as ``result.scales``.
         """
-        with self._lock:   # (the @locked of the other methods, in line: this is the data path)
+        lock = self._lock   # (the @locked of the other methods, in line: this is the data path; acquire and release
+        lock.acquire()      # cost half a with statement on an RLock)
+        try:
             if self._open_send_only is not None:   # (as the library refuses it, before this call's bookkeeping)
                 self._refuse_open()
             if send_only is not False and send_only is not True or record_event is not False and record_event is not True:
@@ -324,6 +326,8 @@ class VirtualGroup(GroupBase):
             result = DispatchResult(out_views[0], out_views[1], out_views[2], target, expert_counts=out_views[3], received=out_views[4])
             result.scales = out_views[5]
             return self._dispatch_result(result, send_only, record_event, stream)
+        finally:
+            lock.release()
 
     def combine(self, expert_outputs: PerRank, handle: Handle, *, direction: Direction = "forward",
                 weight_gradients: Optional[PerRank] = None, launch: Launch = "single", out: Any = None,
@@ -347,7 +351,9 @@ class VirtualGroup(GroupBase):
         used; ``record_event=True`` appends the event recorded after the call: ``(result, event)``
         or ``(result, hook, event)``.
         """
-        with self._lock:
+        lock = self._lock   # (as dispatch's)
+        lock.acquire()
+        try:
             if self._open_send_only is not None:   # (as the library refuses it, before this call's bookkeeping)
                 self._refuse_open()
             if send_only is not False and send_only is not True or record_event is not False and record_event is not True:
@@ -438,6 +444,8 @@ class VirtualGroup(GroupBase):
                 check_status(status, _errors.COMBINE_OUT if out is not None else _errors.COMBINE_SLOT, kind=_arrays.kind(like))
             result: Any = (combined, grads) if backward_ht else combined
             return self._combine_result(result, send_only, record_event, stream)
+        finally:
+            lock.release()
 
     @locked
     def complete(self, *, stream: Any = None) -> None:
@@ -572,7 +580,10 @@ class VirtualGroup(GroupBase):
         ranks, element = self.ranks, self._common[4]
         if handle is not None:
             self._check_handle(handle, dispatched=False)
-        raw = self._stream_of(stream, wait_event)
+        device = self._device   # (_stream_of in line)
+        raw = None if device == -1 and stream is None else _fast.raw_stream(device, stream)
+        if wait_event is not None:
+            _fast.wait(device, stream, wait_event)
         index = self._next_slot
         slot = self._slots[index]
         if slot is None or slot.kind is not type(xs):

@@ -11,6 +11,7 @@ behaviour, on the CPU backend with NumPy (no GPU):
   naming the buffer and its bytes."""
 
 import inspect
+import re
 import sys
 import threading
 
@@ -195,10 +196,45 @@ def test_every_call_of_every_group_holds_the_lock():
                                        "_layout_of"])):
         for name in names:
             method = getattr(cls, name)
-            # @locked, or (VirtualGroup's data path) the same lock taken in line
-            takes = hasattr(method, "__wrapped__") or "with self._lock:" in inspect.getsource(method)
+            # @locked, or (the data path) the same lock taken in line: a with statement, or
+            # acquire() and a try whose finally releases it
+            source = inspect.getsource(method)
+            takes = (hasattr(method, "__wrapped__") or "with self._lock:" in source
+                     or (re.search(r"\n        lock = self\._lock\b.*\n        lock\.acquire\(\).*\n        try:\n", source) is not None
+                         and re.search(r"\n        finally:\n            lock\.release\(\)\n$", source) is not None))
             assert takes, f"{cls.__name__}.{name} does not take the lock"
         assert hasattr(cls.active_ranks.fget, "__wrapped__")
+
+
+def test_the_data_path_holds_the_lock_over_the_library_call_and_releases_it_on_every_exit():
+    """dispatch and combine (the common call's in-line path and the general one) hold the group's
+    lock while the library runs, and have released it after they return or raise."""
+    torch = pytest.importorskip("torch")
+    group = small_group(max_tokens=1)
+    lock = group._lock
+    held = []
+    for name in ("_fn_dispatch_stacked", "_fn_combine_stacked", "_fn_update", "_fn_dispatch", "_fn_combine"):
+        def probe(*arguments, call=getattr(group, name), name=name):
+            held.append((name, lock._is_owned()))
+            return call(*arguments)
+        setattr(group, name, probe)
+    stacked = [torch.from_numpy(np.stack(a)) for a in small_step()]
+    for step in (stacked, small_step()):
+        out = group.dispatch(*step)
+        assert not lock._is_owned()
+        group.combine(out.received if out.received is not None else out.tokens, out.handle)
+        assert not lock._is_owned()
+    assert {name for name, _ in held} == {"_fn_dispatch_stacked", "_fn_combine_stacked", "_fn_update", "_fn_dispatch", "_fn_combine"}
+    assert all(owned for _, owned in held), held
+    for call in (lambda: group.dispatch(stacked[0].double(), *stacked[1:]), lambda: group.combine(stacked[0], out.handle)):
+        with pytest.raises(ep.InvalidArgumentError):
+            call()
+        assert not lock._is_owned()
+    taken = []   # (another thread takes it at once: nothing left it held)
+    other = threading.Thread(target=lambda: taken.append(lock.acquire(blocking=False) and (lock.release() or True)))
+    other.start()
+    other.join()
+    assert taken == [True]
 
 
 def test_the_lock_is_reentrant_and_per_group():
