@@ -120,6 +120,12 @@ class Slot:
         views, grads = self._target_views
         return list(views), None if grads is None else list(grads)
 
+    def combined_rows(self, tokens):
+        """combine_targets(tokens, False)[0]: a forward combine's per-rank views."""
+        if self._targets_backward is not False or tokens != self._targets:
+            return self.combine_targets(tokens, False)[0]
+        return list(self._target_views[0])
+
     def _point(self, tokens, backward_ht):
         group = self._group
         element = group._element

@@ -204,7 +204,9 @@ class VirtualGroup(GroupBase):
         self._common_seen = (None, 0, 0)
         # And _combine_common (HT expert-major padded takes the general path: its weights are the slot's).
         self._common_combine = (self.layout == "expert_major", (r,) + tuple(recv),
-                                -1 if self.layout == "expert_major_padded" else self._element, device)
+                                -1 if self.layout == "expert_major_padded" else self._element, device,
+                                (self.layout == "expert_major", False, False))   # (and the slot's combine_kind it takes)
+        self._combine_seen = None   # the last common combine's expert outputs as it saw them (shape, dtype, device, contiguity)
 
     def __repr__(self) -> str:
         return (f"VirtualGroup(ranks={self.ranks}, experts={self.experts}, hidden={self.hidden}, top_k={self.top_k}, "
@@ -812,22 +814,24 @@ class VirtualGroup(GroupBase):
         if index is None or index < 0:
             return None
         slot = self._slots[index]
-        forward_ll, shape, element, device = self._common_combine
-        if slot is None or slot.kind is not type(expert_outputs) or (forward_ll and not handle.weight_stacked):
+        forward_ll, shape, element, device, kind = self._common_combine
+        weights = handle.weight_stacked if forward_ll else None
+        if slot is None or slot.kind is not type(expert_outputs) or (forward_ll and not weights):
             return None
         try:
-            if not (expert_outputs.shape == shape and _fast.torch_codes.get(expert_outputs.dtype) == element
-                    and expert_outputs.get_device() == device and expert_outputs.is_contiguous()):
-                return None
+            seen = (expert_outputs.shape, expert_outputs.dtype, expert_outputs.get_device(), expert_outputs.is_contiguous())
         except RuntimeError:   # a sparse or nested tensor (no sizes or strides): the general path names it
             return None
+        if seen != self._combine_seen:   # (one comparison when they are the last call's)
+            if not (seen[0] == shape and _fast.torch_codes.get(seen[1]) == element and seen[2] == device and seen[3]):
+                return None
+            self._combine_seen = seen
         address = expert_outputs.data_ptr()
         if not address or address & 7:   # a meta tensor (get_device() -1, as the CPU's), rows off an 8-byte boundary: the general path
             return None
-        combined = slot.combine_targets(handle.tokens, False)[0]
-        call = slot.combine_call if slot.combine_kind == (forward_ll, False, False) else self._combine_call(slot, (forward_ll, False, False))
-        call.combine_arguments(address, element, handle.weight_stacked if forward_ll else None,
-                               _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, handle._pointer)
+        combined = slot.combined_rows(handle.tokens)
+        call = slot.combine_call if slot.combine_kind == kind else self._combine_call(slot, kind)
+        call.combine_arguments(address, element, weights, _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, handle._pointer)
         if wait_event is not None:
             _fast.wait(device, stream, wait_event)
         status = self._fn_combine_stacked(self._group_address, call.address,

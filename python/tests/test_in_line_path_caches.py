@@ -92,3 +92,54 @@ def test_a_dispatch_unlike_the_cached_one_is_checked_again():
     for g in (fast, general):
         g.check()
         g.close()
+
+
+def test_a_combine_unlike_the_cached_one_is_checked_again():
+    """After a combine the in-line path took (and cached), expert outputs that differ in one
+    property are refused by name; new tensors of the cached one's properties are read, each its
+    own rows, and each result is a list of its own."""
+    rng = np.random.default_rng(4)
+    fast, general, _ = groups()
+    left = []
+    combine_stacked = fast._combine_stacked
+
+    def counted(*arguments):
+        left.append(1)
+        return combine_stacked(*arguments)
+
+    fast._combine_stacked = counted
+    x, idx, w = inputs(rng)
+    shape = (R,) + tuple(fast.recv_shape)
+
+    def combined(group, ys):
+        out = group.dispatch(x, idx, w)
+        return [t.clone() for t in group.combine(ys, out.handle)]
+
+    ys = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+    first = combined(fast, ys)
+    assert not left
+    refused = [
+        ys.double(),
+        torch.from_numpy(rng.standard_normal(shape[:-1] + (H + 1,)).astype(np.float32))[..., :H],   # not contiguous
+        torch.empty(shape, device="meta"),
+        ys[:, :-1],
+        ys.reshape((R, -1)),
+    ]
+    for bad in refused:
+        out = fast.dispatch(x, idx, w)
+        with pytest.raises(ep.InvalidArgumentError, match="expert_outputs"):
+            fast.combine(bad, out.handle)
+        mine = combined(fast, ys)
+        assert all(torch.equal(a, c) for a, c in zip(mine, first)), bad.shape
+    left.clear()
+    for _ in range(3):
+        y2 = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+        out = fast.dispatch(x, idx, w)
+        a, b = fast.combine(y2, out.handle), fast.combine(y2, out.handle)
+        assert a is not b and a[0] is b[0]   # (the slot's views, in lists of their own)
+        want = combined(general, y2)
+        assert all(torch.equal(c, d) for c, d in zip(a, want))
+    assert not left
+    for g in (fast, general):
+        g.check()
+        g.close()
