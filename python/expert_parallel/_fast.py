@@ -4,6 +4,7 @@ are made once per group and only their address and row count are patched per cal
 that does not match goes through :func:`_arrays.tensor`, whose error names what is wrong."""
 
 import ctypes
+import struct
 
 from . import _abi, _arrays
 from .errors import InvalidArgumentError
@@ -227,6 +228,19 @@ def torch_stream(device, stream=None):
     return stream if stream is not None else torch.cuda.current_stream(device)
 
 
+# The common calls' per-call arguments, adjacent epStacked_t written at once (one pack_into, not
+# a word at a time: a decode loop's tensors are new each call, so their addresses change):
+# a dispatch's topkIdx, inputTokens and topkWeights; a combine's expertOutputs and topkWeights.
+_STACKED = struct.Struct("<QQq")   # one epStacked_t: address; type | device << 32; rank stride
+_STACKED_2, _STACKED_3 = struct.Struct("<" + "QQq" * 2), struct.Struct("<" + "QQq" * 3)
+_DISPATCH_INPUTS = _abi.StackedDispatch.topkIdx.offset
+_COMBINE_INPUTS = _abi.StackedCombine.expertOutputs.offset
+if not (_abi.StackedDispatch.inputTokens.offset == _DISPATCH_INPUTS + _STACKED.size
+        and _abi.StackedDispatch.topkWeights.offset == _DISPATCH_INPUTS + 2 * _STACKED.size
+        and _abi.StackedCombine.topkWeights.offset == _COMBINE_INPUTS + _STACKED.size):
+    raise AssertionError("epStackedDispatch_t / epStackedCombine_t: the common call's arguments are no longer adjacent")
+
+
 class StackedCall:
     """One epStackedDispatch_t or epStackedCombine_t (the stacked calls: every rank's part of an
     argument in one array), made once per group and patched per call through a view of its
@@ -236,6 +250,7 @@ class StackedCall:
         self.struct = _abi.new(cls)
         self.address = ctypes.addressof(self.struct)   # what the entry point takes (_library.addresses_entry)
         self.words = (ctypes.c_uint64 * (ctypes.sizeof(cls) // 8)).from_buffer(self.struct)
+        self._bytes = memoryview(self.struct).cast("B")   # (the same memory, for pack_into)
         self.index = {name: getattr(cls, name).offset // 8 for name, kind in cls._fields_ if kind is _abi.Stacked}
         self._device = (device & 0xFFFFFFFF) << 32
         self._set = {}   # name -> (address, dtype, stride) as last written: a call's arguments mostly come back
@@ -275,10 +290,12 @@ class StackedCall:
         key = (x, x_type, idx, idx_type, weights, tokens, phase, step)
         if key == self._call:
             return
-        self.set("inputTokens", x, x_type)
-        self.set("topkIdx", idx, idx_type)
-        self.set("topkWeights", weights, _abi.F32)
-        self.fields(tokens, 0, 0, phase, step)
+        device = self._device   # (set() of the three, in one write)
+        _STACKED_3.pack_into(self._bytes, _DISPATCH_INPUTS, idx, idx_type | device, 0, x, x_type | device, 0, weights, _abi.F32 | device, 0)
+        known = self._set
+        known["topkIdx"], known["inputTokens"], known["topkWeights"] = (idx, idx_type, 0), (x, x_type, 0), (weights, _abi.F32, 0)
+        if (tokens, 0, 0, phase, step) != self._fields:
+            self.fields(tokens, 0, 0, phase, step)
         self._call = key
 
     def combine_arguments(self, outputs, element, weights, phase, step):
@@ -287,10 +304,16 @@ class StackedCall:
         key = (outputs, element, weights, phase, step)
         if key == self._call:
             return
-        self.set("expertOutputs", outputs, element)
-        if weights is not None:
-            self.set("topkWeights", weights, _abi.F32)
-        self.fields(None, 0, 0, phase, step)
+        device = self._device   # (set() of the one or two, in one write)
+        if weights is None:
+            _STACKED.pack_into(self._bytes, _COMBINE_INPUTS, outputs, element | device, 0)
+            self._set["expertOutputs"] = (outputs, element, 0)
+        else:
+            _STACKED_2.pack_into(self._bytes, _COMBINE_INPUTS, outputs, element | device, 0, weights, _abi.F32 | device, 0)
+            known = self._set
+            known["expertOutputs"], known["topkWeights"] = (outputs, element, 0), (weights, _abi.F32, 0)
+        if (None, 0, 0, phase, step) != self._fields:
+            self.fields(None, 0, 0, phase, step)
         self._call = key
 
     def rank_combine(self, outputs, element, weights, gradients, combined, combined_gradients, direction, phase, step):

@@ -143,3 +143,40 @@ def test_a_combine_unlike_the_cached_one_is_checked_again():
     for g in (fast, general):
         g.check()
         g.close()
+
+
+def test_the_common_calls_one_write_leaves_set_writing_what_differs():
+    """StackedCall.dispatch_arguments / combine_arguments write their inputs at once (a decode
+    loop's new addresses each call) and keep set()'s record of what each field holds: a later
+    set() of another value writes it, and the common call after it writes its own again."""
+    from expert_parallel import _abi, _fast
+
+    def held(call, name):
+        field = getattr(call.struct, name)
+        return (field.data or 0, field.dtype, field.device, field.rankStride)
+
+    d = _fast.StackedCall(_abi.StackedDispatch, 0)
+    d.set("inputTokens", 4096, _abi.F32)
+    d.set("receivedTokens", 1 << 40, _abi.F32)
+    for x in (8192, 16384, 8192):
+        d.dispatch_arguments(x, _abi.BF16, 24576, _abi.I64, 32768, 7, _abi.PHASE_WHOLE, None)
+        assert [held(d, n) for n in ("inputTokens", "topkIdx", "topkWeights")] == [
+            (x, _abi.BF16, 0, 0), (24576, _abi.I64, 0, 0), (32768, _abi.F32, 0, 0)]
+        assert d.struct.tokens == 7 and held(d, "receivedTokens") == (1 << 40, _abi.F32, 0, 0)
+        d.set("inputTokens", 4096, _abi.F32)   # what set() wrote before the common call: written again
+        assert held(d, "inputTokens") == (4096, _abi.F32, 0, 0)
+    d.dispatch_arguments(4096, _abi.F32, 24576, _abi.I64, 32768, 7, _abi.PHASE_WHOLE, None)
+    d.set("topkIdx", 24576, _abi.I32)
+    d.dispatch_arguments(4096, _abi.F32, 24576, _abi.I64, 32768, 7, _abi.PHASE_WHOLE, None)   # (set() voided the record)
+    assert held(d, "topkIdx") == (24576, _abi.I64, 0, 0)
+
+    c = _fast.StackedCall(_abi.StackedCombine, -1)
+    c.set("topkWeights", 512, _abi.F32)
+    for weights, holds in ((None, 512), (1024, 1024), (None, 1024)):   # (None: the call's kind set them)
+        c.combine_arguments(2048, _abi.BF16, weights, _abi.PHASE_WHOLE, None)
+        assert held(c, "expertOutputs") == (2048, _abi.BF16, -1, 0)
+        assert held(c, "topkWeights") == (holds, _abi.F32, -1, 0)
+        c.set("expertOutputs", 64, _abi.BF16)
+        assert held(c, "expertOutputs") == (64, _abi.BF16, -1, 0)
+    c.set("topkWeights", 512, _abi.F32)
+    assert held(c, "topkWeights") == (512, _abi.F32, -1, 0)
