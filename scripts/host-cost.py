@@ -17,6 +17,9 @@ in-line path); `--hidden` makes the CPU group's buffers smaller (the Python time
 on it).
 
     PYTHONPATH=python python3 scripts/host-cost.py --device cpu --stub --hidden 64 --calls 20000
+
+`--rotate N` takes the inputs and the expert outputs from N copies in turn, as a framework's new
+tensors each step (their addresses change each call; the default, 1, gives the same tensors).
 """
 import argparse
 import statistics
@@ -41,7 +44,7 @@ def stubbed(fn):
     return lambda *arguments: 0   # epSuccess
 
 
-def measure(name, ranks, calls, kind, device="cuda:0", stub=False, hidden=None, tuning=None):
+def measure(name, ranks, calls, kind, device="cuda:0", stub=False, hidden=None, tuning=None, rotate=1):
     """Times `calls` dispatches and combines of case `name` (kind: "stacked", "lists" or "nccl")."""
     algorithm, tokens, case_hidden, top_k, experts, _ = CASES[name]
     case = (algorithm, tokens, hidden or case_hidden, top_k, experts, _)
@@ -49,7 +52,9 @@ def measure(name, ranks, calls, kind, device="cuda:0", stub=False, hidden=None, 
     inputs = _Inputs(case, ranks, "cpu", 1)   # NumPy arrays, as torch tensors on `device` below
     x = torch.from_numpy(numpy.stack(inputs.x)).to(device=device, dtype=torch.bfloat16)
     idx, w = (torch.from_numpy(numpy.stack(a)).to(device) for a in (inputs.idx, inputs.w))
-    arguments = {"stacked": (x, idx, w), "lists": tuple(list(t.unbind(0)) for t in (x, idx, w)), "nccl": (x[0], idx[0], w[0])}[kind]
+    copies = [(x, idx, w)] + [tuple(t.clone() for t in (x, idx, w)) for _ in range(rotate - 1)]
+    arguments = [{"stacked": (x, idx, w), "lists": tuple(list(t.unbind(0)) for t in (x, idx, w)), "nccl": (x[0], idx[0], w[0])}[kind]
+                 for x, idx, w in copies]
     stacked = kind == "stacked"
     one_call = kind != "lists"   # stacked arrays, and an NCCL rank's one part: update and dispatch in one call
     entries = ("_fn_dispatch_stacked", "_fn_combine_stacked") if one_call else ("_fn_update", "_fn_dispatch", "_fn_combine")
@@ -58,19 +63,37 @@ def measure(name, ranks, calls, kind, device="cuda:0", stub=False, hidden=None, 
         function = stubbed(getattr(group, entry)) if stub else getattr(group, entry)
         setattr(group, entry, timed(function, c[entry.split("_")[2]]))
     dispatch, combine = [], []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        out = group.dispatch(*arguments)
-        t1 = time.perf_counter()
-        group.combine(out.received if stacked else out.tokens if kind == "lists" else out.expert_outputs, out.handle)
-        dispatch.append(t1 - t0)
-        combine.append(time.perf_counter() - t1)
+    if rotate == 1:
+        arguments = arguments[0]
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            out = group.dispatch(*arguments)
+            t1 = time.perf_counter()
+            group.combine(out.received if stacked else out.tokens if kind == "lists" else out.expert_outputs, out.handle)
+            dispatch.append(t1 - t0)
+            combine.append(time.perf_counter() - t1)
+    else:   # (the same timed calls, each of the next copy; the expert outputs' copies made on the first dispatches)
+        outputs = []
+        for i in range(calls):
+            given = arguments[i % rotate]
+            t0 = time.perf_counter()
+            out = group.dispatch(*given)
+            t1 = time.perf_counter()
+            if len(outputs) < rotate:
+                ys = out.received if stacked else out.tokens if kind == "lists" else out.expert_outputs
+                outputs.append(ys.clone() if stacked or kind == "nccl" else [t.clone() for t in ys])
+            ys, handle = outputs[i % len(outputs)], out.handle
+            t2 = time.perf_counter()
+            group.combine(ys, handle)
+            dispatch.append(t1 - t0)
+            combine.append(time.perf_counter() - t2)
     if device != "cpu":
         torch.cuda.synchronize()
     if not stub:
         group.check()
     med = lambda values: statistics.median(values[calls // 10:]) * 1e6 if values else float("nan")  # noqa: E731
     label = ({"stacked": "stacked", "lists": "per-rank lists", "nccl": "NCCL rank"}[kind] + (", C stubbed" if stub else "")
+             + (f", {rotate} copies in turn" if rotate > 1 else "")
              + "".join(f", {key}={value}" for key, value in (tuning or {}).items()))
     inside = (f"C update+dispatch {med(c['dispatch']):.1f}" if one_call
               else f"C update {med(c['update']):.1f} dispatch {med(c['dispatch']):.1f}")
@@ -87,11 +110,15 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cuda:0", help="the group's device (default cuda:0; cpu with --stub anywhere)")
     parser.add_argument("--stub", action="store_true", help="the C calls replaced by a no-op: the package's own Python time")
     parser.add_argument("--hidden", type=int, help="hidden size instead of the case's (smaller CPU buffers)")
+    parser.add_argument("--rotate", type=int, default=1, metavar="N",
+                        help="inputs and expert outputs from N copies in turn (new addresses each call, as a framework's tensors)")
     parser.add_argument("--nccl", action="store_true", help="also time an NCCLGroup of one rank (cases with R = 1; a GPU with NCCL)")
     parser.add_argument("--tuning", action="append", default=[], metavar="KNOB=0|1",
                         help="a boolean tuning knob of the groups (serial_launches=1: plain cuLaunchKernel launches; "
                              "fused_update=0: the update's own launch); repeatable")
     args = parser.parse_args()
+    if args.rotate < 1:
+        parser.error("--rotate: must be ≥ 1")
     tuning = {}
     for knob in args.tuning:
         key, _, value = knob.partition("=")
@@ -102,4 +129,5 @@ if __name__ == "__main__":
         name, ranks = spec.split(":")
         kinds = ["stacked"] + (["lists"] if args.lists else []) + (["nccl"] if args.nccl and ranks == "1" else [])
         for kind in kinds:
-            measure(name, int(ranks), args.calls, kind, device=args.device, stub=args.stub, hidden=args.hidden, tuning=tuning)
+            measure(name, int(ranks), args.calls, kind, device=args.device, stub=args.stub, hidden=args.hidden, tuning=tuning,
+                    rotate=args.rotate)
