@@ -212,6 +212,7 @@ class NCCLGroup(GroupBase):
         # What _dispatch_common compares (FP8 pass-through rows come with scales: never the common call).
         self._common = (self.hidden, k, self.max_tokens, -1 if self._input_element == _abi.E4M3 else self._input_element, device,
                         self.recv_routing_shape is not None)
+        self._common_seen = (None, 0, 0)   # the last common dispatch's reads, its B and routing type (_common_signature)
         self._scale_types = {self._scale_type}
         self._update_in = _abi.new(_abi.UpdateInputs, topkIdx=self._idx.pointers[0])
         self._update_config = _abi.new(_abi.UpdateConfig)
@@ -279,7 +280,9 @@ class NCCLGroup(GroupBase):
         groups: ``x`` is ``float8_e4m3fn`` with its ``[B, scale words]`` ``scales`` for
         ``fp8_source="pass_through"``, else in ``dtype`` (quantised in the kernel); the received
         scales are ``result.scales``, the slot's own buffer."""
-        with self._lock:   # (the @locked of the other methods, in line: this is the data path)
+        lock = self._lock   # (the @locked of the other methods, in line: this is the data path; acquire and release
+        lock.acquire()      # cost half a with statement on an RLock)
+        try:
             if self._open_send_only is not None:   # (as the library refuses it, before this call's bookkeeping)
                 self._refuse_open()
             if send_only is not False and send_only is not True or record_event is not False and record_event is not True:
@@ -329,6 +332,8 @@ class NCCLGroup(GroupBase):
                         None if target is None else target._pointer)
             return self._send(index, call, target, topk_idx, routing, b, topk_weights, direction_value, raw, stream, record_event,
                               send_only)
+        finally:
+            lock.release()
 
     def _stream_of(self, stream, wait_event):
         """A call's CUstream, made to wait for `wait_event`: either of the wrong kind is named
@@ -372,25 +377,20 @@ class NCCLGroup(GroupBase):
         if (type(x) is not tensor or type(topk_idx) is not tensor or (topk_weights is not None and type(topk_weights) is not tensor)
                 or not self._group):
             return None
-        hidden, top_k, max_tokens, x_code, device, needs_weights = self._common
-        try:
-            xsz, isz = x.shape, topk_idx.shape
-            if len(xsz) != 2 or len(isz) != 2:
-                return None
-            codes = _fast.torch_codes
-            b, ic = xsz[0], codes.get(topk_idx.dtype)
-            if not (xsz[1] == hidden and b <= max_tokens and isz[0] == b and isz[1] == top_k and codes.get(x.dtype) == x_code
-                    and (ic == _abi.I32 or ic == _abi.I64) and x.get_device() == device and topk_idx.get_device() == device
-                    and x.is_contiguous() and topk_idx.is_contiguous()):
-                return None
-            if topk_weights is None:
-                if needs_weights:
-                    return None
-            elif not (topk_weights.shape == isz and codes.get(topk_weights.dtype) == _abi.F32 and topk_weights.get_device() == device
-                      and topk_weights.is_contiguous()):
-                return None
+        try:   # every property the call depends on but the addresses, read once (each read costs a torch call)
+            seen = (x.shape, topk_idx.shape, x.dtype, topk_idx.dtype, x.get_device(), topk_idx.get_device(), x.is_contiguous(),
+                    topk_idx.is_contiguous())
+            if topk_weights is not None:
+                seen += (topk_weights.shape, topk_weights.dtype, topk_weights.get_device(), topk_weights.is_contiguous())
         except RuntimeError:   # a sparse or nested tensor (no sizes or strides): the general path names it
             return None
+        accepted = self._common_seen
+        if seen != accepted[0]:   # (one comparison when they are the last call's: a decode loop's)
+            accepted = self._common_signature(seen)
+            if accepted is None:
+                return None
+        _, b, ic = accepted
+        x_code = self._common[3]
         if handle is not None:
             self._check_handle(handle, dispatched=False)
         raw = self._stream_of(stream, wait_event)
@@ -402,6 +402,31 @@ class NCCLGroup(GroupBase):
                                 0 if topk_weights is None else topk_weights.data_ptr() or empty, b,
                                 _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, None if handle is None else handle._pointer)
         return self._send(index, call, handle, topk_idx, topk_idx, b, topk_weights, 0, raw, stream, record_event, send_only)
+
+    def _common_signature(self, seen):
+        """(seen, B, routing's epDataType_t) when `seen` (_dispatch_common's reads: shapes, dtypes,
+        devices and contiguity of x, topk_idx and, where given, topk_weights) is a common
+        dispatch's: ``x`` ``[B, hidden]`` of the group's input type, ``topk_idx`` ``[B, top_k]``
+        int32 or int64, ``topk_weights`` ``[B, top_k]`` float32 or, where the layout allows, none;
+        on its device, contiguous; kept as the one the next call compares with. None for anything else."""
+        hidden, top_k, max_tokens, x_code, device, needs_weights = self._common
+        xsz, isz, x_type, idx_type, x_device, idx_device, x_fine, idx_fine = seen[:8]
+        if len(xsz) != 2 or len(isz) != 2:
+            return None
+        codes = _fast.torch_codes
+        b, ic = xsz[0], codes.get(idx_type)
+        if not (xsz[1] == hidden and b <= max_tokens and isz[0] == b and isz[1] == top_k and codes.get(x_type) == x_code
+                and (ic == _abi.I32 or ic == _abi.I64) and x_device == device and idx_device == device and x_fine and idx_fine):
+            return None
+        if len(seen) == 8:
+            if needs_weights:
+                return None
+        else:
+            wsz, w_type, w_device, w_fine = seen[8:]
+            if not (wsz == isz and codes.get(w_type) == _abi.F32 and w_device == device and w_fine):
+                return None
+        accepted = self._common_seen = (seen, b, ic)
+        return accepted
 
     def combine(self, expert_outputs: Array, handle: Handle, *, direction: Direction = "forward",
                 weight_gradients: Optional[Array] = None, stream: Any = None, wait_event: Any = None,
@@ -421,7 +446,9 @@ class NCCLGroup(GroupBase):
         given to dispatch (read when the combine reduces: at ``hook()`` for ``send_only``).
         ``stream``, ``wait_event``, ``record_event``, ``send_only``: as for
         :meth:`VirtualGroup.combine`."""
-        with self._lock:   # (the @locked of the other methods, in line: this is the data path)
+        lock = self._lock   # (the @locked of the other methods, in line: this is the data path; acquire and release
+        lock.acquire()      # cost half a with statement on an RLock)
+        try:
             if self._open_send_only is not None:   # (as the library refuses it, before this call's bookkeeping)
                 self._refuse_open()
             if send_only is not False and send_only is not True or record_event is not False and record_event is not True:
@@ -470,6 +497,8 @@ class NCCLGroup(GroupBase):
                 caller = self._caller_combine_outputs(out, handle.tokens, backward_ht)
             return self._reduce(handle, slot, expert_outputs, address, weights, weight_gradients, caller, direction_value,
                                 backward_ht, stream, wait_event, record_event, send_only)
+        finally:
+            lock.release()
 
     def _combine_common(self, expert_outputs, handle, topk_weights, out, stream, wait_event, record_event, send_only):
         """combine() of the common call, in line: forward, the step's handle (live, its slot not

@@ -464,3 +464,71 @@ def test_backward_ht_combine_out_of_one_tensor_is_refused_not_unpacked(recorded)
         ht.combine(out.expert_outputs, out.handle, direction="backward", weight_gradients=ht._slots[0].weight_grads,
                    out=torch.empty(2, 4, ht.hidden, dtype=torch.bfloat16))
     assert calls == []
+
+
+def test_dispatch_and_combine_hold_the_lock_over_the_library_call_and_release_it_on_every_exit(recorded):
+    """As a virtual group's (test_hazards): the common calls and the general ones hold the
+    group's lock while the library runs, and have released it after they return or raise."""
+    import threading
+
+    group, calls = recorded(layout="expert_major")
+    held = []
+    for name in ("_fn_dispatch_stacked", "_fn_combine_stacked"):
+        def probe(*arguments, call=getattr(group, name), name=name):
+            held.append((name, group._lock._is_owned()))
+            return call(*arguments)
+        setattr(group, name, probe)
+    x, idx, w = step(group, 8, 0)
+    for topk_idx in (idx, idx.to(torch.int64), None):   # in line, in line, the general path (the pending step's routing)
+        if topk_idx is None:
+            group.update(idx)
+        out = group.dispatch(x, topk_idx, w)
+        assert not group._lock._is_owned()
+        group.combine(out.expert_outputs, out.handle)
+        group.combine(out.expert_outputs.clone(), out.handle, topk_weights=w.clone())   # (a tensor and weights of the caller's)
+        assert not group._lock._is_owned()
+    assert len(held) == 9 and all(owned for _, owned in held), held
+    for call in (lambda: group.dispatch(x.double(), idx, w), lambda: group.combine(out.expert_outputs.double(), out.handle)):
+        with pytest.raises(ep.InvalidArgumentError):
+            call()
+        assert not group._lock._is_owned()
+    taken = []   # (another thread takes it at once: nothing left it held)
+    other = threading.Thread(target=lambda: taken.append(group._lock.acquire(blocking=False) and (group._lock.release() or True)))
+    other.start()
+    other.join()
+    assert taken == [True]
+
+
+@pytest.mark.parametrize("layout", ["expert_major", "rank_major"])
+def test_a_dispatch_unlike_the_cached_common_one_is_checked_again(recorded, monkeypatch, layout):
+    """The common dispatch keeps the properties of the last one it took (shapes, dtypes, devices,
+    contiguity; test_in_line_path_caches for a virtual group's): a call that differs in one goes
+    through the full test, and the general path names it; between them the cached call is taken
+    in line with its own addresses, routing type, weights or none, and token count."""
+    group, calls = recorded(layout=layout)
+    general = []
+    routing_rows = nccl_group.NCCLGroup._routing_rows
+    monkeypatch.setattr(nccl_group.NCCLGroup, "_routing_rows", lambda self, t: general.append(1) or routing_rows(self, t))
+    x, idx, w = step(group, 6, 21)
+    group.dispatch(x, idx, w)   # (the package learns torch's tensor type from the first tensor it sees)
+    general.clear()
+    odd = [dict(x=torch.randn(group.hidden, 6).to(x.dtype).t()), dict(x=x.float()), dict(idx=idx.float()), dict(idx=idx.t().contiguous().t()), dict(w=w.double()), dict(w=torch.rand(group.top_k, 6).t()),
+           dict(w=w[:5]), dict(x=x[:5])]
+    if layout == "rank_major":
+        odd.append(dict(w=None))   # (its dispatch sends the weights: named "topk_weights: None")
+    for n, bad in enumerate(odd):
+        for tokens, wide, weighted in ((6, False, True), (3, True, True), (6, False, layout != "expert_major")):   # (LL: none too)
+            xs, ids, ws = (x, idx, w) if tokens == 6 else step(group, tokens, 100 + n)
+            ids = ids.long() if wide else ids
+            calls.clear()
+            out = group.dispatch(xs, ids, ws if weighted else None)
+            ((_, (d,)),) = calls
+            assert d.tokens == tokens and out.handle.tokens == tokens
+            assert part(d.inputTokens) == at(xs, _abi.BF16) and part(d.topkIdx) == at(ids, _abi.I64 if wide else _abi.I32)
+            assert part(d.topkWeights) == (at(ws, _abi.F32) if weighted else None)
+        assert general == []
+        calls.clear()
+        with pytest.raises(ep.InvalidArgumentError):
+            group.dispatch(bad.get("x", x), bad.get("idx", idx), bad.get("w", w))
+        assert general == [1] and calls == []
+        general.clear()
