@@ -230,14 +230,18 @@ def torch_stream(device, stream=None):
 
 # The common calls' per-call arguments, adjacent epStacked_t written at once (one pack_into, not
 # a word at a time: a decode loop's tensors are new each call, so their addresses change):
-# a dispatch's topkIdx, inputTokens and topkWeights; a combine's expertOutputs and topkWeights.
+# a dispatch's topkIdx, inputTokens and topkWeights; a combine's expertOutputs, topkWeights,
+# weightGradients, combinedTokens and topkWeightGradients (the first one or two: a virtual
+# group's; all five: an NCCL rank's).
 _STACKED = struct.Struct("<QQq")   # one epStacked_t: address; type | device << 32; rank stride
-_STACKED_2, _STACKED_3 = struct.Struct("<" + "QQq" * 2), struct.Struct("<" + "QQq" * 3)
+_STACKED_2, _STACKED_3, _STACKED_5 = (struct.Struct("<" + "QQq" * n) for n in (2, 3, 5))
 _DISPATCH_INPUTS = _abi.StackedDispatch.topkIdx.offset
 _COMBINE_INPUTS = _abi.StackedCombine.expertOutputs.offset
-if not (_abi.StackedDispatch.inputTokens.offset == _DISPATCH_INPUTS + _STACKED.size
-        and _abi.StackedDispatch.topkWeights.offset == _DISPATCH_INPUTS + 2 * _STACKED.size
-        and _abi.StackedCombine.topkWeights.offset == _COMBINE_INPUTS + _STACKED.size):
+if not ([getattr(_abi.StackedDispatch, name).offset for name in ("topkIdx", "inputTokens", "topkWeights")]
+        == [_DISPATCH_INPUTS + i * _STACKED.size for i in range(3)]
+        and [getattr(_abi.StackedCombine, name).offset
+             for name in ("expertOutputs", "topkWeights", "weightGradients", "combinedTokens", "topkWeightGradients")]
+        == [_COMBINE_INPUTS + i * _STACKED.size for i in range(5)]):
     raise AssertionError("epStackedDispatch_t / epStackedCombine_t: the common call's arguments are no longer adjacent")
 
 
@@ -292,8 +296,7 @@ class StackedCall:
             return
         device = self._device   # (set() of the three, in one write)
         _STACKED_3.pack_into(self._bytes, _DISPATCH_INPUTS, idx, idx_type | device, 0, x, x_type | device, 0, weights, _abi.F32 | device, 0)
-        known = self._set
-        known["topkIdx"], known["inputTokens"], known["topkWeights"] = (idx, idx_type, 0), (x, x_type, 0), (weights, _abi.F32, 0)
+        self._set.clear()   # (set()'s record of what a field holds: unknown now, so its next call writes)
         if (tokens, 0, 0, phase, step) != self._fields:
             self.fields(tokens, 0, 0, phase, step)
         self._call = key
@@ -307,11 +310,9 @@ class StackedCall:
         device = self._device   # (set() of the one or two, in one write)
         if weights is None:
             _STACKED.pack_into(self._bytes, _COMBINE_INPUTS, outputs, element | device, 0)
-            self._set["expertOutputs"] = (outputs, element, 0)
         else:
             _STACKED_2.pack_into(self._bytes, _COMBINE_INPUTS, outputs, element | device, 0, weights, _abi.F32 | device, 0)
-            known = self._set
-            known["expertOutputs"], known["topkWeights"] = (outputs, element, 0), (weights, _abi.F32, 0)
+        self._set.clear()   # (as dispatch_arguments)
         if (None, 0, 0, phase, step) != self._fields:
             self.fields(None, 0, 0, phase, step)
         self._call = key
@@ -322,12 +323,13 @@ class StackedCall:
         key = (outputs, element, weights, gradients, combined, combined_gradients, direction, phase, step)
         if key == self._call:
             return
-        self.set("expertOutputs", outputs, element)
-        self.set("topkWeights", weights, _abi.F32)
-        self.set("weightGradients", gradients, _abi.F32)
-        self.set("combinedTokens", combined, element)
-        self.set("topkWeightGradients", combined_gradients, _abi.F32)
-        self.fields(None, direction, 0, phase, step)
+        device = self._device   # (set() of the five, in one write)
+        f32, typed = _abi.F32 | device, element | device
+        _STACKED_5.pack_into(self._bytes, _COMBINE_INPUTS, outputs, typed, 0, weights, f32, 0, gradients, f32, 0, combined, typed, 0,
+                             combined_gradients, f32, 0)
+        self._set.clear()   # (as dispatch_arguments)
+        if (None, direction, 0, phase, step) != self._fields:
+            self.fields(None, direction, 0, phase, step)
         self._call = key
 
     def clear(self, name):

@@ -180,3 +180,11 @@ def test_the_common_calls_one_write_leaves_set_writing_what_differs():
         assert held(c, "expertOutputs") == (64, _abi.BF16, -1, 0)
     c.set("topkWeights", 512, _abi.F32)
     assert held(c, "topkWeights") == (512, _abi.F32, -1, 0)
+    r = _fast.StackedCall(_abi.StackedCombine, 0)   # an NCCL rank's combine: its five arguments at once
+    r.set("combinedTokens", 4096, _abi.BF16)
+    for combined in (8192, 12288):
+        r.rank_combine(2048, _abi.BF16, 1024, 0, combined, 0, 0, _abi.PHASE_WHOLE, None)
+        assert [held(r, n) for n in ("expertOutputs", "topkWeights", "weightGradients", "combinedTokens", "topkWeightGradients")] == [
+            (2048, _abi.BF16, 0, 0), (1024, _abi.F32, 0, 0), (0, _abi.F32, 0, 0), (combined, _abi.BF16, 0, 0), (0, _abi.F32, 0, 0)]
+        r.set("combinedTokens", 4096, _abi.BF16)
+        assert held(r, "combinedTokens") == (4096, _abi.BF16, 0, 0)
