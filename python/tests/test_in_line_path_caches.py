@@ -27,15 +27,19 @@ def groups():
     shape = dict(ranks=R, experts=E, hidden=H, top_k=K, max_tokens=B, dtype="f32")
     fast, general = ep.VirtualGroup(**shape), ep.VirtualGroup(**shape)
     general._dispatch_common = general._combine_common = lambda *_: None
-    left = []
-    stacked_parts = fast._stacked_parts
+    return fast, general, counting(fast, "_stacked_parts")
+
+
+def counting(group, name):
+    """Wraps method `name` of `group` so that each call adds an entry to the list returned."""
+    calls, method = [], getattr(group, name)
 
     def counted(*arguments):
-        left.append(1)
-        return stacked_parts(*arguments)
+        calls.append(1)
+        return method(*arguments)
 
-    fast._stacked_parts = counted
-    return fast, general, left
+    setattr(group, name, counted)
+    return calls
 
 
 def received(group, x, idx, w):
@@ -100,14 +104,7 @@ def test_a_combine_unlike_the_cached_one_is_checked_again():
     own rows, and each result is a list of its own."""
     rng = np.random.default_rng(4)
     fast, general, _ = groups()
-    left = []
-    combine_stacked = fast._combine_stacked
-
-    def counted(*arguments):
-        left.append(1)
-        return combine_stacked(*arguments)
-
-    fast._combine_stacked = counted
+    left = counting(fast, "_combine_stacked")
     x, idx, w = inputs(rng)
     shape = (R,) + tuple(fast.recv_shape)
 
