@@ -130,23 +130,25 @@ class Exchange:
         #: whether the received rows (and the backward dispatch's) start as zeros; see the class docs
         self.zero_fill = zero_fill
         self._lead = _ops._lead(group)   # the ops' leading dimensions: (R,), or () for an NCCL rank
+        lead = "" if self.one_rank else "R, "
+        # What dispatch's x, topk_idx and topk_weights must be, as its errors say it (made once).
+        self._dispatch_inputs = (f"[{lead}B, hidden]", f"[{lead}B, top_k] int32 or int64", f"[{lead}B, top_k] float32")
 
     def dispatch(self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor) -> Dispatched:
         """Starts a step with `topk_idx` and sends `x` to the ranks of its experts (every layout
         needs `topk_weights`: combine applies them, or the rows carry them; None is an
         InvalidArgumentError)."""
-        lead = "" if self.one_rank else "R, "
-        _tensor(x, "x", f"[{lead}B, hidden]")
-        _tensor(topk_idx, "topk_idx", f"[{lead}B, top_k] int32 or int64")
-        _tensor(topk_weights, "topk_weights", f"[{lead}B, top_k] float32")
+        rows, routing, weighting = self._dispatch_inputs
+        _tensor(x, "x", rows)
+        _tensor(topk_idx, "topk_idx", routing)
+        _tensor(topk_weights, "topk_weights", weighting)
         if self.one_rank and self.layout == "rank_major" and topk_weights.requires_grad and torch.is_grad_enabled():
             raise InvalidUsageError(_autograd.RANK_MAJOR_WEIGHTS)
         carried = self.layout != "expert_major"
         try:
             received, idx, weights, step, counts = _ops.dispatch(x, topk_idx, topk_weights if carried else None, self.id)
         except Exception:
-            error = _not_dense(("x", x, f"[{lead}B, hidden]"), ("topk_idx", topk_idx, f"[{lead}B, top_k] int32 or int64"),
-                               ("topk_weights", topk_weights, f"[{lead}B, top_k] float32"))
+            error = _not_dense(("x", x, rows), ("topk_idx", topk_idx, routing), ("topk_weights", topk_weights, weighting))
             if error is None:
                 raise
             raise error from None

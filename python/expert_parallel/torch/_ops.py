@@ -173,10 +173,7 @@ def dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group:
     counts = _counts(entry.group, x, torch.empty)
     rows, routing, carried = _rows(x), topk_idx.contiguous(), _contiguous(topk_weights)   # (a sparse one fails here, before a step is taken)
     handle, token = entry.start()
-    try:   # what combine compares its routing with (_step_routing)
-        handle.torch_routing = (topk_idx, topk_idx._version)
-    except RuntimeError:   # an inference tensor tracks no version
-        handle.torch_routing = (topk_idx, None)
+    handle.torch_routing = (topk_idx, _step_routing.version(topk_idx))   # what combine compares its routing with
     _dispatch_into(entry, rows, routing, carried, handle, "forward", _outputs(received, idx, weights, counts))
     entry.require_active()   # after the call: its update fixes the step's ranks (a rank masked in it, too)
     return received, idx, weights, token, counts

@@ -31,7 +31,8 @@ _NAME = "dispatched.routing (the combine op's topk_idx)"
 _ADVICE = "pass the routing of that step's dispatch (a Dispatched as its dispatch returned it)"
 
 
-def _version(value: Tensor) -> Optional[int]:
+def version(value: Tensor) -> Optional[int]:
+    """`value`'s version counter, or None for an inference tensor (which tracks none)."""
     try:
         return value._version
     except RuntimeError:   # an inference tensor tracks no version
@@ -48,18 +49,18 @@ def check(handle: Any, tokens: int, topk_idx: Tensor, check_tokens: Callable[[An
     step was given, as it was then (see the module); `check_tokens`: the op's test of its B
     against the step's, whose error comes first."""
     check_tokens(handle, tokens, topk_idx)
-    source, version = handle.torch_routing
+    source, recorded = handle.torch_routing
     if _same_view(topk_idx, source):
-        now = _version(topk_idx)
-        if version is not None and now is not None and now != version:
+        now = version(topk_idx)
+        if recorded is not None and now is not None and now != recorded:
             raise InvalidArgumentError(
-                f"{_NAME}: changed in place since the step's dispatch (its version counter went from {version} to {now}); the "
+                f"{_NAME}: changed in place since the step's dispatch (its version counter went from {recorded} to {now}); the "
                 "step's rows went by the routing as it was: leave it unchanged until the step's combine and backward pass are "
                 "done, or dispatch again")
         return
     on_cpu = topk_idx.is_cpu and source.is_cpu
     if on_cpu and topk_idx.shape == source.shape:
-        if version is None or _version(source) == version:
+        if recorded is None or version(source) == recorded:
             if torch.equal(topk_idx, source):
                 return   # a copy of the step's routing
             where = tuple(int(i) for i in (topk_idx != source).nonzero()[0])
