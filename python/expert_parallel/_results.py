@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Iterator, List, Optional
+from typing import Any, Iterator, List, Optional, Tuple
 
 from . import _abi
 from .errors import InvalidUsageError, NotCopyableError
@@ -232,6 +232,36 @@ class DispatchResult:
     def __iter__(self) -> Iterator[Any]:
         """Unpacks as ``tokens, topk_idx, topk_weights, layout, handle``."""
         return iter((self.tokens, self.topk_idx, self.topk_weights, self.layout, self.handle))
+
+
+class _StackedOutResult(DispatchResult):
+    """A DispatchResult of a stacked dispatch into the caller's ``out=`` arrays: its per-rank
+    lists (``tokens``, ``topk_idx``, ``topk_weights``: views of the stacked arrays) are made on
+    first read, not per call (a caller that reads the stacked arrays it passed, as the torch
+    ops do, never pays for R views each). Each result's lists are its own, as ever."""
+
+    def __init__(self, stacked: Tuple[Any, Any, Any], handle: Handle, counts: Any) -> None:
+        # (DispatchResult.__init__'s fields but the three lists, which its assignments would set)
+        self._stacked = stacked
+        self.handle, self._layout, self.received, self.expert_counts = handle, None, stacked[0], counts
+        self.expert_source_counts = self.event = self.hook = self.scales = None
+        self._step = handle.step
+
+    def _lists(self, index: int) -> Any:
+        listed = self.__dict__.get(f"_listed{index}", self)
+        if listed is self:
+            value = self._stacked[index]
+            listed = None if value is None else list(value)
+            self.__dict__[f"_listed{index}"] = listed
+        return listed
+
+    def _put(index: int) -> property:   # (a property per list; assigning one replaces it, as on any result)
+        return property(lambda self: self._lists(index), lambda self, value: self.__dict__.__setitem__(f"_listed{index}", value))
+
+    tokens = _put(0)
+    topk_idx = _put(1)
+    topk_weights = _put(2)
+    del _put
 
 
 _new = object.__new__

@@ -13,7 +13,7 @@ from ._config import integer as _int
 from ._group_base import NO_COMBINE_WEIGHTS as _NO_COMBINE_WEIGHTS
 from ._group_base import GroupBase, combine_weights_refused, locked
 from ._library import addresses_entry, call, check_status, load
-from ._results import DispatchResult, Handle, LayoutInfo, _LayoutBuffers, own_step_result
+from ._results import DispatchResult, Handle, LayoutInfo, _LayoutBuffers, _StackedOutResult, own_step_result
 from ._slots import Slot
 from ._types import Algorithm, Array, Direction, DType, Launch, Layout, Overflow, PerRank, Seconds
 from .errors import InvalidArgumentError, InvalidUsageError
@@ -733,8 +733,7 @@ class VirtualGroup(GroupBase):
         tokens, received_idx, received_w, counts = caller[1]
         target.slot = -1   # the caller's tensors
         target.received_weights = received_w
-        result = DispatchResult(list(tokens), None if received_idx is None else list(received_idx),
-                                None if received_w is None else list(received_w), target, received=tokens, expert_counts=counts)
+        result = _StackedOutResult((tokens, received_idx, received_w), target, counts)
         return self._dispatch_result(result, send_only, record_event, stream)
 
     def _stream_of(self, stream, wait_event):

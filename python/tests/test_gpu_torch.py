@@ -78,6 +78,24 @@ def test_gradients_equal_the_dense_reference_on_the_gpu(algorithm, layout, dtype
 
 
 @pytest.mark.parametrize("algorithm,layout", LAYOUTS)
+def test_eager_calls_give_the_ops_bits_on_the_gpu(algorithm, layout):
+    """Exchange's eager calls (no dispatcher: torch/_eager.py) and the ops (under a dispatch mode
+    that only watches) give the same values and gradients, bit for bit, on CUDA too."""
+    from test_torch_eager import Seen
+
+    ex = exchange(algorithm, layout, DEVICE)
+    inputs = on(DEVICE, routing(45, R, B, E, K, H))
+    eager = run(lambda *a: over_group(ex, *a), inputs)
+    watching = Seen()
+    with watching:
+        through_ops = run(lambda *a: over_group(ex, *a), inputs)
+    ex.group.check()
+    assert {"expert_parallel.dispatch.default", "expert_parallel.backward_combine.default"} <= watching.ops
+    for name, a, b in zip(("combined", "grad x", "grad topk_weights", "grad experts"), eager, through_ops):
+        assert torch.equal(a.cpu(), b.cpu()), f"{layout}: {name}"
+
+
+@pytest.mark.parametrize("algorithm,layout", LAYOUTS)
 def test_inductor_on_cuda_equals_eager(algorithm, layout):
     torch._dynamo.reset()
     ex = exchange(algorithm, layout, DEVICE)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidArgumentError, InvalidUsageError
-from . import _autograd, _ops, _registry  # noqa: F401  (_autograd registers the backward passes)
+from . import _autograd, _ops, _registry  # (_autograd registers the backward passes, and calls the ops)
 
 __all__ = ["Exchange", "Dispatched"]
 
@@ -146,7 +146,7 @@ class Exchange:
             raise InvalidUsageError(_autograd.RANK_MAJOR_WEIGHTS)
         carried = self.layout != "expert_major"
         try:
-            received, idx, weights, step, counts = _ops.dispatch(x, topk_idx, topk_weights if carried else None, self.id)
+            received, idx, weights, step, counts = _autograd.dispatch(x, topk_idx, topk_weights if carried else None, self.id)
         except Exception:
             error = _not_dense(("x", x, rows), ("topk_idx", topk_idx, routing), ("topk_weights", topk_weights, weighting))
             if error is None:
@@ -174,7 +174,7 @@ class Exchange:
             self._check_dispatched(dispatched)
             weights = (dispatched.weights if self.layout == "expert_major"
                        else dispatched.topk_weights if self.layout == "expert_major_padded" else None)
-            return _ops.combine(expert_outputs, dispatched.routing, weights, dispatched.step, self.id)
+            return _autograd.combine(expert_outputs, dispatched.routing, weights, dispatched.step, self.id)
         except Exception:
             error = _not_dense(("expert_outputs", expert_outputs, "shaped like dispatched.tokens"),
                                ("dispatched.routing", dispatched.routing, "(the topk_idx given to dispatch)"),

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidUsageError
-from . import _ops, _registry
+from . import _eager, _ops, _registry
 from ._selections import ll_rows
 
 #: Why an NCCL rank's LL rank-major dispatch cannot differentiate its topk_weights.
@@ -41,16 +41,32 @@ def _setup_dispatch(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...
     ctx.token = output[3]
 
 
+def _backward_combine(grad_received: Tensor, grad_weights: Optional[Tensor], step: Tensor, group: int,
+                      tokens: int) -> Tuple[Tensor, Tensor]:
+    """The backward combine op, or its implementation where the call may skip the dispatcher
+    (_eager; not under ``create_graph=True``, where the op's missing derivative is what autograd
+    must meet)."""
+    if not torch.is_grad_enabled() and _eager.direct(grad_received, grad_weights, step):
+        return _ops.run_backward_combine(grad_received, grad_weights, step, group, tokens)
+    return _ops.backward_combine(grad_received, grad_weights, step, group, tokens)
+
+
+def _backward_dispatch(grad_combined: Tensor, step: Tensor, group: int) -> Tensor:
+    """The backward dispatch op, or its implementation (as `_backward_combine`)."""
+    if not torch.is_grad_enabled() and _eager.direct(grad_combined, step):
+        return _ops.run_backward_dispatch(grad_combined, step, group)
+    return _ops.backward_dispatch(grad_combined, step, group)
+
+
 def _dispatch_backward(ctx: Any, grad_received: Optional[Tensor], _grad_idx: Any, grad_weights: Optional[Tensor],
                        _grad_step: Any, _grad_counts: Any) -> Tuple[Optional[Tensor], None, Optional[Tensor], None]:
     topk_idx, step = ctx.saved_tensors
     g = _group(ctx)
     wants_weights = ctx.weights_shape is not None and ctx.needs_input_grad[2]
     if g.algorithm == "ht":
-        grad_x, grad_w = _ops.backward_combine(grad_received, grad_weights if wants_weights else None, step,
-                                               ctx.group, ctx.tokens)
+        grad_x, grad_w = _backward_combine(grad_received, grad_weights if wants_weights else None, step, ctx.group, ctx.tokens)
         return grad_x, None, grad_w if wants_weights else None, None
-    grad_x, _ = _ops.backward_combine(grad_received, None, step, ctx.group, ctx.tokens)
+    grad_x, _ = _backward_combine(grad_received, None, step, ctx.group, ctx.tokens)
     grad_w = None
     if wants_weights and g.layout == "rank_major" and _registry.entry(ctx.group).one_rank:
         raise InvalidUsageError(RANK_MAJOR_WEIGHTS)
@@ -83,7 +99,7 @@ def _setup_combine(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
 def _combine_backward(ctx: Any, grad_combined: Tensor) -> Tuple[Tensor, None, Optional[Tensor], None, None]:
     expert_outputs, topk_idx, weights, step = ctx.saved_tensors
     g = _group(ctx)
-    rows = _ops.backward_dispatch(grad_combined, step, ctx.group)
+    rows = _backward_dispatch(grad_combined, step, ctx.group)
     if g.layout == "expert_major":
         r, h = g.ranks, g.hidden
         dest, row, valid = ll_rows(topk_idx, r, g.local_experts, g.max_tokens, g.layout)
@@ -105,3 +121,48 @@ def _combine_backward(ctx: Any, grad_combined: Tensor) -> Tuple[Tensor, None, Op
 
 _ops.dispatch.register_autograd(_dispatch_backward, setup_context=_setup_dispatch)
 _ops.combine.register_autograd(_combine_backward, setup_context=_setup_combine)
+
+
+# The same derivatives for Exchange's eager calls that skip the dispatcher (_eager): autograd
+# records these Functions as the ops' registrations would record theirs (the same setup and
+# backward functions, ctx alike). The forward takes ctx itself: a Function with a separate
+# setup_context binds its arguments by signature on every call, which costs more than the
+# dispatcher saved.
+
+class EagerDispatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group: int) -> Tuple[Tensor, ...]:
+        output = _ops.run_dispatch(x, topk_idx, topk_weights, group)
+        _setup_dispatch(ctx, (x, topk_idx, topk_weights, group), output)
+        return output
+
+    backward = staticmethod(_dispatch_backward)
+
+
+class EagerCombine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tensor], step: Tensor,
+                group: int) -> Tensor:
+        output = _ops.run_combine(expert_outputs, topk_idx, weights, step, group)
+        _setup_combine(ctx, (expert_outputs, topk_idx, weights, step, group), output)
+        return output
+
+    backward = staticmethod(_combine_backward)
+
+
+def dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group: int) -> Tuple[Tensor, ...]:
+    """The dispatch op's outputs for `Exchange.dispatch`: directly where `_eager` allows it."""
+    if _eager.direct(x, topk_idx, topk_weights):
+        if torch.is_grad_enabled() and (x.requires_grad or (topk_weights is not None and topk_weights.requires_grad)):
+            return EagerDispatch.apply(x, topk_idx, topk_weights, group)
+        return _ops.run_dispatch(x, topk_idx, topk_weights, group)
+    return _ops.dispatch(x, topk_idx, topk_weights, group)
+
+
+def combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tensor], step: Tensor, group: int) -> Tensor:
+    """The combine op's output for `Exchange.combine`: directly where `_eager` allows it."""
+    if _eager.direct(expert_outputs, topk_idx, weights, step):
+        if torch.is_grad_enabled() and (expert_outputs.requires_grad or (weights is not None and weights.requires_grad)):
+            return EagerCombine.apply(expert_outputs, topk_idx, weights, step, group)
+        return _ops.run_combine(expert_outputs, topk_idx, weights, step, group)
+    return _ops.combine(expert_outputs, topk_idx, weights, step, group)

@@ -160,8 +160,7 @@ def _dispatch_into(entry, x: Tensor, topk_idx: Optional[Tensor], topk_weights: O
         outputs[3].copy_(result.expert_counts)
 
 
-@torch.library.custom_op("expert_parallel::dispatch", mutates_args=())
-def dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group: int
+def run_dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group: int
              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Starts a step with `topk_idx` and dispatches `x` (``[R, B, H]``): (received tokens,
     received topk_idx, received topk_weights, step token, ``[R, L]`` int32 rows per local
@@ -177,6 +176,9 @@ def dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group:
     _dispatch_into(entry, rows, routing, carried, handle, "forward", _outputs(received, idx, weights, counts))
     entry.require_active()   # after the call: its update fixes the step's ranks (a rank masked in it, too)
     return received, idx, weights, token, counts
+
+
+dispatch = torch.library.custom_op("expert_parallel::dispatch", run_dispatch, mutates_args=())
 
 
 @dispatch.register_fake
@@ -230,8 +232,7 @@ def _check_step_tokens(handle, tokens: int, topk_idx: Tensor) -> None:
             "returned it)")
 
 
-@torch.library.custom_op("expert_parallel::combine", mutates_args=())
-def combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tensor], step: Tensor, group: int) -> Tensor:
+def run_combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tensor], step: Tensor, group: int) -> Tensor:
     """The step's forward combine of ``[R, *recv_shape]`` expert outputs: ``[R, B, H]``."""
     entry = _registry.entry(group)
     tokens = topk_idx.shape[-2]
@@ -265,6 +266,9 @@ def combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tensor],
     return combined
 
 
+combine = torch.library.custom_op("expert_parallel::combine", run_combine, mutates_args=())
+
+
 @combine.register_fake
 def _(expert_outputs, topk_idx, weights, step, group):
     g = _registry.entry(group).group
@@ -273,8 +277,7 @@ def _(expert_outputs, topk_idx, weights, step, group):
     return expert_outputs.new_empty(_lead(g) + (topk_idx.shape[-2], g.hidden))
 
 
-@torch.library.custom_op("expert_parallel::backward_dispatch", mutates_args=())
-def backward_dispatch(grad_combined: Tensor, step: Tensor, group: int) -> Tensor:
+def run_backward_dispatch(grad_combined: Tensor, step: Tensor, group: int) -> Tensor:
     """The step's routing again, backward: each token's gradient ``[R, B, H]`` to every row the
     forward dispatch filled (the adjoint of combine's sum)."""
     entry = _registry.entry(group)
@@ -290,14 +293,16 @@ def backward_dispatch(grad_combined: Tensor, step: Tensor, group: int) -> Tensor
     return received
 
 
+backward_dispatch = torch.library.custom_op("expert_parallel::backward_dispatch", run_backward_dispatch, mutates_args=())
+
+
 @backward_dispatch.register_fake
 def _(grad_combined, step, group):
     _check_fake_step(step)
     return grad_combined.new_empty(_shapes(_registry.entry(group).group)[0])
 
 
-@torch.library.custom_op("expert_parallel::backward_combine", mutates_args=())
-def backward_combine(grad_received: Tensor, grad_weights: Optional[Tensor], step: Tensor, group: int,
+def run_backward_combine(grad_received: Tensor, grad_weights: Optional[Tensor], step: Tensor, group: int,
                      tokens: int) -> Tuple[Tensor, Tensor]:
     """The step's backward combine: the received rows' gradients summed per source token
     (unweighted, the adjoint of dispatch), ``[R, B, H]``; HT also carries `grad_weights` (shaped
@@ -322,6 +327,9 @@ def backward_combine(grad_received: Tensor, grad_weights: Optional[Tensor], step
     g.combine(_rows(grad_received), handle, direction="backward", weight_gradients=grad_weights.contiguous(),
               out=(grad_x, grad_w))
     return grad_x, grad_w
+
+
+backward_combine = torch.library.custom_op("expert_parallel::backward_combine", run_backward_combine, mutates_args=())
 
 
 @backward_combine.register_fake

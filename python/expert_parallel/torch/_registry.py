@@ -76,7 +76,7 @@ class Entry:
             handle = self.free.pop() if self.free else self.group.handle()
             number = next(_steps)
             self.live[number] = handle
-        token = torch.tensor(number, dtype=torch.int64)
+        token = torch.scalar_tensor(number, dtype=torch.int64)   # (torch.tensor parses its argument: twice the cost)
         weakref.finalize(token, self._retire, number)
         return handle, token
 

@@ -1,0 +1,136 @@
+"""Exchange's eager calls run the ops' implementations without the dispatcher (torch/_eager.py),
+and give what the ops give: the same outputs and gradients, bit for bit, in every layout. Whatever
+intercepts calls (a dispatch or function mode, the profiler, torch.compile) still sees the ops."""
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from expert_parallel.torch import _autograd, _ops
+from test_torch_autograd import LAYOUTS, exchange, run
+from torch_moe import over_group, routing
+
+R, E, K, H, B = 4, 16, 3, 8, 5
+
+
+class Counted:
+    """Counts the calls of the op functions _autograd calls (module attributes of _ops)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        for name in ("dispatch", "combine", "backward_dispatch", "backward_combine"):
+            op = getattr(_ops, name)
+            monkeypatch.setattr(_ops, name, self._wrap(name, op))
+
+    def _wrap(self, name, op):
+        def counted(*args):
+            self.calls.append(name)
+            return op(*args)
+        return counted
+
+
+class Seen(TorchDispatchMode):
+    """A dispatch mode that records the ops it sees (and changes nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class Passing(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("algorithm,layout", LAYOUTS)
+def test_eager_calls_and_backward_take_no_op(monkeypatch, algorithm, layout):
+    counted = Counted(monkeypatch)
+    ex = exchange(algorithm, layout)
+    got = run(lambda *a: over_group(ex, *a), routing(1, R, B, E, K, H))
+    assert counted.calls == [] and got[1].abs().sum() > 0
+    with torch.no_grad():
+        x, idx, w, _ = routing(2, R, B, E, K, H)
+        sent = ex.dispatch(x, idx, w)
+        ex.combine(sent.tokens, sent)
+    assert counted.calls == []
+
+
+@pytest.mark.parametrize("algorithm,layout", LAYOUTS)
+@pytest.mark.parametrize("mode", [Seen, Passing])
+def test_under_a_mode_the_ops_run_and_give_the_same_bits(monkeypatch, algorithm, layout, mode):
+    ex = exchange(algorithm, layout)
+    inputs = routing(3, R, B, E, K, H)
+    eager = run(lambda *a: over_group(ex, *a), inputs)
+    counted = Counted(monkeypatch)
+    active = mode()
+    with active:
+        through_ops = run(lambda *a: over_group(ex, *a), inputs)
+    # (a function mode is not active in the autograd engine's backward calls: they need not be the ops there)
+    wanted = {"dispatch", "combine"} | ({"backward_dispatch", "backward_combine"} if mode is Seen else set())
+    assert wanted <= set(counted.calls)
+    if mode is Seen:
+        assert {"expert_parallel.dispatch.default", "expert_parallel.combine.default"} <= active.ops
+    for name, a, b in zip(("combined", "grad x", "grad topk_weights", "grad experts"), eager, through_ops):
+        assert torch.equal(a, b), f"{layout}: {name} differs between the eager call and the op"
+
+
+def test_inference_outputs_equal_the_ops(monkeypatch):
+    ex = exchange("ll", "rank_major")
+    x, idx, w, _ = routing(4, R, B, E, K, H)
+    with torch.no_grad():
+        sent = ex.dispatch(x, idx, w)
+        y = ex.combine(sent.tokens * 2, sent)
+        with Passing():
+            sent_op = ex.dispatch(x, idx, w)
+            y_op = ex.combine(sent_op.tokens * 2, sent_op)
+    for a, b in ((sent.tokens, sent_op.tokens), (sent.topk_idx, sent_op.topk_idx), (sent.topk_weights, sent_op.topk_weights),
+                 (sent.expert_counts, sent_op.expert_counts), (y, y_op)):
+        assert torch.equal(a, b)
+    assert not y.requires_grad and y.abs().sum() > 0
+
+
+def test_the_profiler_sees_the_ops():
+    ex = exchange("ll", "expert_major")
+    x, idx, w, _ = routing(5, R, B, E, K, H)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        sent = ex.dispatch(x, idx, w)
+        ex.combine(sent.tokens, sent)
+    names = {event.name for event in profile.events()}
+    assert {"expert_parallel::dispatch", "expert_parallel::combine"} <= names
+
+
+def test_create_graph_backward_goes_through_the_ops(monkeypatch):
+    """Under create_graph=True the backward calls are the ops (their missing derivative is what
+    autograd must meet), not the implementations."""
+    ex = exchange("ht", "flat")
+    x, idx, w, _ = routing(6, R, B, E, K, H)
+    x.requires_grad_()
+    sent = ex.dispatch(x, idx, w)
+    y = ex.combine(sent.tokens * 3, sent)
+    counted = Counted(monkeypatch)
+    try:
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+    except RuntimeError:
+        pass   # (whether torch then refuses the op without a derivative is torch's; the op was called)
+    assert "backward_combine" in counted.calls
+
+
+def test_eager_decision_is_cheap_and_plain():
+    from expert_parallel.torch import _eager
+    t = torch.zeros(2)
+    assert _eager.direct(t, t, None, t)
+    assert not _eager.direct(torch.zeros(2, device="meta"))
+    with Passing():
+        assert not _eager.direct(t)
+    with Seen():
+        assert not _eager.direct(t)
+
+    class Sub(torch.Tensor):
+        pass
+    assert not _eager.direct(t.as_subclass(Sub))
+    assert _autograd.EagerDispatch is not None
