@@ -20,6 +20,10 @@ on it).
 
 `--rotate N` takes the inputs and the expert outputs from N copies in turn, as a framework's new
 tensors each step (their addresses change each call; the default, 1, gives the same tensors).
+
+`--exchange` times `expert_parallel.torch.Exchange`'s dispatch and combine instead (stacked, under
+`torch.no_grad()`, `zero_fill=False`; `--grad` with x and topk_weights requiring grad, the forward
+calls only): the torch ops' path, fresh output tensors each call.
 """
 import argparse
 import statistics
@@ -44,14 +48,16 @@ def stubbed(fn):
     return lambda *arguments: 0   # epSuccess
 
 
-def measure(name, ranks, calls, kind, device="cuda:0", stub=False, hidden=None, tuning=None, rotate=1):
-    """Times `calls` dispatches and combines of case `name` (kind: "stacked", "lists" or "nccl")."""
+def measure(name, ranks, calls, kind, device="cuda:0", stub=False, hidden=None, tuning=None, rotate=1, grad=False):
+    """Times `calls` dispatches and combines of case `name` (kind: "stacked", "lists", "nccl" or "exchange")."""
     algorithm, tokens, case_hidden, top_k, experts, _ = CASES[name]
     case = (algorithm, tokens, hidden or case_hidden, top_k, experts, _)
     group = group_of(case, ranks, device, nccl=kind == "nccl", dtype="bf16", tuning=tuning)
     inputs = _Inputs(case, ranks, "cpu", 1)   # NumPy arrays, as torch tensors on `device` below
     x = torch.from_numpy(numpy.stack(inputs.x)).to(device=device, dtype=torch.bfloat16)
     idx, w = (torch.from_numpy(numpy.stack(a)).to(device) for a in (inputs.idx, inputs.w))
+    if kind == "exchange":
+        return measure_exchange(name, ranks, calls, group, x, idx, w, stub, grad)
     copies = [(x, idx, w)] + [tuple(t.clone() for t in (x, idx, w)) for _ in range(rotate - 1)]
     arguments = [{"stacked": (x, idx, w), "lists": tuple(list(t.unbind(0)) for t in (x, idx, w)), "nccl": (x[0], idx[0], w[0])}[kind]
                  for x, idx, w in copies]
@@ -102,6 +108,37 @@ def measure(name, ranks, calls, kind, device="cuda:0", stub=False, hidden=None, 
     group.close()
 
 
+def measure_exchange(name, ranks, calls, group, x, idx, w, stub, grad):
+    """Times `calls` forward dispatches and combines through Exchange (the torch ops' path)."""
+    from expert_parallel.torch import Exchange
+
+    if stub:
+        for entry in ("_fn_dispatch_stacked", "_fn_combine_stacked"):
+            setattr(group, entry, stubbed(getattr(group, entry)))
+    exchange = Exchange(group, zero_fill=False)
+    if grad:
+        x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    dispatch, combine = [], []
+    with torch.enable_grad() if grad else torch.no_grad():
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            sent = exchange.dispatch(x, idx, w)
+            t1 = time.perf_counter()
+            exchange.combine(sent.tokens, sent)
+            dispatch.append(t1 - t0)
+            combine.append(time.perf_counter() - t1)
+            del sent
+    if group._device != -1:
+        torch.cuda.synchronize()
+    if not stub:
+        group.check()
+    med = lambda values: statistics.median(values[calls // 10:]) * 1e6  # noqa: E731
+    label = "Exchange" + (", C stubbed" if stub else "") + (", with grad" if grad else ", no grad")
+    print(f"{name} R={ranks} {label}: Python dispatch {med(dispatch):.1f} combine {med(combine):.1f}", flush=True)
+    exchange.close()
+    group.close()
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=300)
@@ -113,6 +150,8 @@ if __name__ == "__main__":
     parser.add_argument("--rotate", type=int, default=1, metavar="N",
                         help="inputs and expert outputs from N copies in turn (new addresses each call, as a framework's tensors)")
     parser.add_argument("--nccl", action="store_true", help="also time an NCCLGroup of one rank (cases with R = 1; a GPU with NCCL)")
+    parser.add_argument("--exchange", action="store_true", help="time expert_parallel.torch.Exchange's calls instead (the torch ops)")
+    parser.add_argument("--grad", action="store_true", help="with --exchange: x and topk_weights require grad")
     parser.add_argument("--tuning", action="append", default=[], metavar="KNOB=0|1",
                         help="a boolean tuning knob of the groups (serial_launches=1: plain cuLaunchKernel launches; "
                              "fused_update=0: the update's own launch); repeatable")
@@ -127,7 +166,8 @@ if __name__ == "__main__":
         tuning[key] = value == "1"
     for spec in args.case or ["ll-std:1", "ll-1:8", "ll-std:8"]:
         name, ranks = spec.split(":")
-        kinds = ["stacked"] + (["lists"] if args.lists else []) + (["nccl"] if args.nccl and ranks == "1" else [])
+        kinds = (["exchange"] if args.exchange else
+                 ["stacked"] + (["lists"] if args.lists else []) + (["nccl"] if args.nccl and ranks == "1" else []))
         for kind in kinds:
             measure(name, int(ranks), args.calls, kind, device=args.device, stub=args.stub, hidden=args.hidden, tuning=tuning,
-                    rotate=args.rotate)
+                    rotate=args.rotate, grad=args.grad)

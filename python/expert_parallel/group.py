@@ -746,6 +746,32 @@ class VirtualGroup(GroupBase):
             _fast.wait(device, stream, wait_event)
         return raw
 
+    def _dispatch_fresh(self, xs, topk_idx, topk_weights, handle, direction, out):
+        """``dispatch(xs, topk_idx, topk_weights, handle=handle, direction=direction, out=out)`` for
+        the torch ops, which read nothing of its result: `out` is the stacked tuple (tokens,
+        topk_idx, topk_weights[, expert_counts]) the op has just made of the group's shapes and types
+        on its device (torch/_ops.py: `_received`, `_counts`; None for the routing of LL
+        expert-major), so only their addresses are read here, where dispatch() checks them as a
+        caller's. The inputs and the handle are checked as dispatch() checks them; anything but
+        stacked inputs takes dispatch() itself (which names what is wrong)."""
+        lock = self._lock
+        lock.acquire()
+        try:
+            if self._open_send_only is None and self._group:
+                self._check_handle(handle, dispatched=False)
+                parts = self._stacked_parts(xs, topk_idx, topk_weights, None, handle)
+                if parts is not None:
+                    tokens, idx, weights = out[:3]
+                    counts = out[3] if len(out) == 4 else None
+                    caller = ((tokens.data_ptr(), 0 if idx is None else idx.data_ptr(), 0 if weights is None else weights.data_ptr(),
+                               0 if counts is None else counts.data_ptr()), (tokens, idx, weights, counts))
+                    self._dispatch_stacked(parts, xs, topk_idx, topk_weights, handle, direction, _abi.DIRECTIONS[direction], 0,
+                                           None, None, False, False, caller)
+                    return
+            self.dispatch(xs, topk_idx, topk_weights, handle=handle, direction=direction, out=out)
+        finally:
+            lock.release()
+
     def _stacked_dispatch_out(self, out):
         """((addresses), (arrays)) of tokens, topk_idx, topk_weights and expert_counts (address 0,
         array None: not given) of a stacked ``out=(tokens [R, *recv_shape], topk_idx, topk_weights[,
@@ -931,6 +957,32 @@ class VirtualGroup(GroupBase):
             check_status(status, _errors.COMBINE_SLOT if caller is None else _errors.COMBINE_OUT, kind=_arrays.kind(expert_outputs))
         result: Any = (combined, grads) if backward_ht else combined
         return self._combine_result(result, send_only, record_event, stream)
+
+    def _combine_fresh(self, expert_outputs, handle, out, direction="forward", topk_weights=None, weight_gradients=None):
+        """``combine(expert_outputs, handle, direction=direction, out=out, topk_weights=topk_weights,
+        weight_gradients=weight_gradients)`` for the torch ops, which read nothing of its result:
+        `out` is the stacked ``[R, B, hidden]`` tensor (backward HT: with the ``[R, B, top_k]``
+        float32 weight gradients, as a pair) the op has just made for the step's B on the group's
+        device (torch/_ops.py), so only its addresses are read here, where combine() checks them
+        as a caller's (and makes per-rank views of them for its result). Everything else is
+        checked as combine() checks it; anything but the stacked call takes combine() itself."""
+        lock = self._lock
+        lock.acquire()
+        try:
+            if self._open_send_only is None and self._group:
+                self._check_handle(handle, dispatched=True)
+                tokens = handle.tokens
+                if tokens.count(tokens[0]) == len(tokens):
+                    backward_ht = direction == "backward" and self.algorithm == "ht"
+                    combined, grads = out if backward_ht else (out, None)
+                    caller = (combined.data_ptr(), 0 if grads is None else grads.data_ptr(), tokens[0], (combined, grads))
+                    if self._combine_stacked(expert_outputs, handle, direction, _abi.DIRECTIONS[direction], 0, backward_ht,
+                                             weight_gradients, None, None, False, False, topk_weights, caller) is not None:
+                        return
+            self.combine(expert_outputs, handle, direction=direction, weight_gradients=weight_gradients, out=out,
+                         topk_weights=topk_weights)
+        finally:
+            lock.release()
 
     def _stacked_combine_out(self, out, tokens, backward_ht):
         """(combined tokens address, weight gradients address (0: none), B, the result: per-rank

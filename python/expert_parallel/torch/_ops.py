@@ -146,7 +146,7 @@ def _dispatch_into(entry, x: Tensor, topk_idx: Optional[Tensor], topk_weights: O
     of HT expert-major go back first: `combine`)."""
     g = entry.group
     if not entry.one_rank:
-        g.dispatch(x, topk_idx, topk_weights, handle=handle, direction=direction, out=outputs)
+        g._dispatch_fresh(x, topk_idx, topk_weights, handle, direction, outputs)   # (outputs: ours, made for the group)
         return
     result = g.dispatch(x, topk_idx, topk_weights, handle=handle, direction=direction)
     pairs = [(outputs[0], result.tokens)]
@@ -158,6 +158,15 @@ def _dispatch_into(entry, x: Tensor, topk_idx: Optional[Tensor], topk_weights: O
             slot.zero_()
     if len(outputs) > 3:
         outputs[3].copy_(result.expert_counts)
+
+
+def _combine_into(entry, rows: Tensor, handle, out, **options) -> None:
+    """The group's combine of `rows` for `handle` into `out` (tensors the op has just made): a
+    VirtualGroup's reads only their addresses (`VirtualGroup._combine_fresh`)."""
+    if entry.one_rank:
+        entry.group.combine(rows, handle, out=out, **options)
+    else:
+        entry.group._combine_fresh(rows, handle, out, **options)
 
 
 def run_dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group: int
@@ -256,7 +265,7 @@ def run_combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tens
                 slot_weights.copy_(weights)
         combined = expert_outputs.new_empty(entry.lead + (tokens, g.hidden))
         try:
-            g.combine(_rows(expert_outputs), handle, out=combined, topk_weights=applied)
+            _combine_into(entry, _rows(expert_outputs), handle, combined, topk_weights=applied)
         finally:
             if slot_weights is not None and entry.zero_fill:
                 slot_weights.zero_()
@@ -319,13 +328,13 @@ def run_backward_combine(grad_received: Tensor, grad_weights: Optional[Tensor], 
     lead = entry.lead
     grad_x = grad_received.new_empty(lead + (tokens, g.hidden))
     if g.algorithm != "ht":
-        g.combine(_rows(grad_received), handle, direction="backward", out=grad_x)
+        _combine_into(entry, _rows(grad_received), handle, grad_x, direction="backward")
         return grad_x, grad_received.new_empty(lead + (0,), dtype=torch.float32)
     if grad_weights is None:
         grad_weights = torch.zeros(entry.routing_shape, dtype=torch.float32, device=grad_received.device)
     grad_w = torch.empty(lead + (tokens, g.top_k), dtype=torch.float32, device=grad_received.device)
-    g.combine(_rows(grad_received), handle, direction="backward", weight_gradients=grad_weights.contiguous(),
-              out=(grad_x, grad_w))
+    _combine_into(entry, _rows(grad_received), handle, (grad_x, grad_w), direction="backward",
+                  weight_gradients=grad_weights.contiguous())
     return grad_x, grad_w
 
 
