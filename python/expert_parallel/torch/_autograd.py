@@ -119,8 +119,8 @@ def _combine_backward(ctx: Any, grad_combined: Tensor) -> Tuple[Tensor, None, Op
     return rows, None, None, None, None
 
 
-_ops.dispatch.register_autograd(_dispatch_backward, setup_context=_setup_dispatch)
-_ops.combine.register_autograd(_combine_backward, setup_context=_setup_combine)
+torch.library.register_autograd("expert_parallel::dispatch", _dispatch_backward, setup_context=_setup_dispatch, lib=_ops.LIBRARY)
+torch.library.register_autograd("expert_parallel::combine", _combine_backward, setup_context=_setup_combine, lib=_ops.LIBRARY)
 
 
 # The same derivatives for Exchange's eager calls that skip the dispatcher (_eager): autograd

@@ -1,6 +1,7 @@
 """The custom ops (namespace ``expert_parallel``): dispatch, combine and the two backward calls,
 each with a fake implementation that gives the output shapes from the registered group's
-configuration, so torch.compile traces them without running them.
+configuration, so torch.compile traces them without running them. Their implementations are the
+``run_*`` functions, which Exchange's eager calls run directly (_eager).
 
 Every output is a fresh tensor the op allocates and passes to the library as ``out=``: nothing
 returned aliases the group's buffer slots, so autograd may keep any output as long as it likes.
@@ -22,6 +23,26 @@ from torch import Tensor
 from ..errors import InvalidArgumentError
 from ..nccl_group import NCCLGroup
 from . import _registry, _step_routing
+
+
+# The ops are defined with torch.library.Library, not torch.library.custom_op: the dispatcher then
+# calls the implementations with less around them (custom_op's backend wrapper alone cost ~6 µs a
+# call on the build machine's CPU), which is what a compiled graph, or a call under a mode, pays.
+LIBRARY = torch.library.Library("expert_parallel", "DEF")
+
+
+def _op(schema: str, implementation):
+    """Defines op ``expert_parallel::<schema's name>`` with `implementation` for CPU and CUDA
+    tensors (its fake implementation answers meta and fake tensors: `_fake`); returns its overload."""
+    name = schema[:schema.index("(")]
+    LIBRARY.define(schema)
+    for key in ("CPU", "CUDA"):
+        LIBRARY.impl(name, implementation, key)
+    return getattr(torch.ops.expert_parallel, name).default
+
+
+def _fake(name: str):
+    return torch.library.register_fake(f"expert_parallel::{name}", lib=LIBRARY)
 
 
 def _lead(group) -> tuple:
@@ -187,10 +208,11 @@ def run_dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], gr
     return received, idx, weights, token, counts
 
 
-dispatch = torch.library.custom_op("expert_parallel::dispatch", run_dispatch, mutates_args=())
+dispatch = _op("dispatch(Tensor x, Tensor topk_idx, Tensor? topk_weights, int group) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+               run_dispatch)
 
 
-@dispatch.register_fake
+@_fake("dispatch")
 def _(x, topk_idx, topk_weights, group):
     g = _registry.entry(group).group
     _check_dispatch(g, x, topk_idx, topk_weights)
@@ -275,10 +297,10 @@ def run_combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tens
     return combined
 
 
-combine = torch.library.custom_op("expert_parallel::combine", run_combine, mutates_args=())
+combine = _op("combine(Tensor expert_outputs, Tensor topk_idx, Tensor? weights, Tensor step, int group) -> Tensor", run_combine)
 
 
-@combine.register_fake
+@_fake("combine")
 def _(expert_outputs, topk_idx, weights, step, group):
     g = _registry.entry(group).group
     _check_fake_step(step, ("topk_idx", topk_idx))
@@ -302,10 +324,10 @@ def run_backward_dispatch(grad_combined: Tensor, step: Tensor, group: int) -> Te
     return received
 
 
-backward_dispatch = torch.library.custom_op("expert_parallel::backward_dispatch", run_backward_dispatch, mutates_args=())
+backward_dispatch = _op("backward_dispatch(Tensor grad_combined, Tensor step, int group) -> Tensor", run_backward_dispatch)
 
 
-@backward_dispatch.register_fake
+@_fake("backward_dispatch")
 def _(grad_combined, step, group):
     _check_fake_step(step)
     return grad_combined.new_empty(_shapes(_registry.entry(group).group)[0])
@@ -338,10 +360,11 @@ def run_backward_combine(grad_received: Tensor, grad_weights: Optional[Tensor], 
     return grad_x, grad_w
 
 
-backward_combine = torch.library.custom_op("expert_parallel::backward_combine", run_backward_combine, mutates_args=())
+backward_combine = _op("backward_combine(Tensor grad_received, Tensor? grad_weights, Tensor step, int group, int tokens) -> (Tensor, Tensor)",
+                       run_backward_combine)
 
 
-@backward_combine.register_fake
+@_fake("backward_combine")
 def _(grad_received, grad_weights, step, group, tokens):
     g = _registry.entry(group).group
     _check_fake_step(step, ("grad_weights", grad_weights))
