@@ -59,22 +59,28 @@ EP_CHECK_ALGORITHM_CONTRACT("LL", EP_UPDATE_WARPS, EP_LL_ROWS)
 
 // Reads this rank's [tokens, K] routing with EP_UPDATE_LOADS loads a thread in flight (one
 // global round trip, not one per entry), handing entry i to `use(i, expert id as given)`.
-template <typename Use>
-EP_DEVICE void ep_ll_each_routing_entry(const EpArgs& args, int rank, int tokens, Use use) {
-    for (int base = threadIdx.x; base < tokens * EP_K; base += EP_UPDATE_LOADS * blockDim.x) {
+// `entry(n)`: the n-th entry this block reads, increasing in n (all of them: n itself; the
+// cluster path below reads a share).
+template <typename Entry, typename Use>
+EP_DEVICE void ep_ll_each_routing_entry_of(const EpArgs& args, int rank, int tokens, Entry entry, Use use) {
+    for (int base = threadIdx.x; entry(base) < tokens * EP_K; base += EP_UPDATE_LOADS * blockDim.x) {
         long long loaded[EP_UPDATE_LOADS];
 #pragma unroll
         for (int u = 0; u < EP_UPDATE_LOADS; ++u) {
-            const int i = base + u * blockDim.x;
+            const int i = entry(base + u * blockDim.x);
             loaded[u] = i < tokens * EP_K ? ep_read_index(args, rank, i) : -1;
         }
 #pragma unroll
         for (int u = 0; u < EP_UPDATE_LOADS; ++u) {
-            const int i = base + u * blockDim.x;
+            const int i = entry(base + u * blockDim.x);
             if (i >= tokens * EP_K) break;
             use(i, loaded[u]);
         }
     }
+}
+template <typename Use>
+EP_DEVICE void ep_ll_each_routing_entry(const EpArgs& args, int rank, int tokens, Use use) {
+    ep_ll_each_routing_entry_of(args, rank, tokens, [](int n) { return n; }, use);
 }
 
 // Names each expert a token selects twice (its first and second column, as the host does) and
@@ -433,6 +439,28 @@ struct EpOwnRows {
 __shared__ EpOwnRows ep_own_rows;   // a block's, only in the fused kernel's dispatch blocks
 #define EP_OWN_NO_ROW (-(1 << 30))   // makes any row of the expert negative: none
 
+// Another active rank `source`'s token t (< its tokens), seen from rank `rank`'s dispatch blocks:
+// checked as its update checks it (ids in [-1, E), no expert twice) and, where `source` is a
+// lower rank, its selections of experts on active ranks counted into `before`. True where the
+// token fails a check.
+#if EP_R > 1
+EP_DEVICE bool ep_ll_peer_token(const EpArgs& args, int rank, ep_u64 mask, int source, int t, int* before) {
+    long long ids[EP_K];
+#pragma unroll
+    for (int c = 0; c < EP_K; ++c) ids[c] = ep_read_index(args, source, t * EP_K + c);
+    bool wrong = false;
+#pragma unroll
+    for (int c = 0; c < EP_K; ++c) {
+        const long long e = ids[c];
+        if (e < -1 || e >= EP_E) wrong = true;
+#pragma unroll
+        for (int p = 0; p < c; ++p) wrong |= e >= 0 && ids[p] == e;
+        if (source < rank && e >= 0 && e < EP_E && ep_active(mask, static_cast<int>(e) / EP_L)) atomicAdd(&before[e], 1);
+    }
+    return wrong;
+}
+#endif
+
 // Builds ep_own_rows for rank `rank` (every rank of the group is in this launch: ranks 0..R-1).
 // Call from every thread of the block.
 EP_DEVICE void ep_ll_own_rows(const EpArgs& args, int rank) {
@@ -456,19 +484,7 @@ EP_DEVICE void ep_ll_own_rows(const EpArgs& args, int rank) {
     for (int i = threadIdx.x; i < EP_R * EP_BMAX; i += blockDim.x) {
         const int source = i / EP_BMAX, t = i % EP_BMAX;
         if (source == rank || !ep_active(mask, source) || t >= static_cast<int>(args.rank[source].tokens)) continue;
-        long long ids[EP_K];
-#pragma unroll
-        for (int c = 0; c < EP_K; ++c) ids[c] = ep_read_index(args, source, t * EP_K + c);
-        bool wrong = false;
-#pragma unroll
-        for (int c = 0; c < EP_K; ++c) {
-            const long long e = ids[c];
-            if (e < -1 || e >= EP_E) wrong = true;
-#pragma unroll
-            for (int p = 0; p < c; ++p) wrong |= e >= 0 && ids[p] == e;
-            if (source < rank && e >= 0 && e < EP_E && ep_active(mask, static_cast<int>(e) / EP_L)) atomicAdd(&own.before[e], 1);
-        }
-        if (wrong) own.bad = 1;
+        if (ep_ll_peer_token(args, rank, mask, source, t, own.before)) own.bad = 1;
     }
 #endif
     __syncthreads();
