@@ -71,8 +71,6 @@ struct DriverFunctions {
     /// CUDA 12+: a launch with attributes (programmatic dependent launch).
     let cuLaunchKernelEx: (@convention(c) (UnsafePointer<ep_cu_launch_config>?, Handle, KernelParams, KernelParams) -> Result)?
     let cuOccupancyMaxActiveBlocksPerMultiprocessor: @convention(c) (UnsafeMutablePointer<Int32>?, Handle, Int32, Int) -> Result
-    /// CUDA 12+: how many clusters of a launch's shape can be resident at once.
-    let cuOccupancyMaxActiveClusters: (@convention(c) (UnsafeMutablePointer<Int32>?, Handle, UnsafePointer<ep_cu_launch_config>?) -> Result)?
 
     let cuStreamBeginCapture: @convention(c) (Handle, Int32) -> Result
     let cuThreadExchangeStreamCaptureMode: @convention(c) (UnsafeMutablePointer<Int32>?) -> Result
@@ -138,7 +136,6 @@ struct DriverFunctions {
         cuLaunchKernel = try library.function("cuLaunchKernel")
         cuLaunchKernelEx = library.optionalFunction("cuLaunchKernelEx")
         cuOccupancyMaxActiveBlocksPerMultiprocessor = try library.function("cuOccupancyMaxActiveBlocksPerMultiprocessor")
-        cuOccupancyMaxActiveClusters = library.optionalFunction("cuOccupancyMaxActiveClusters")
 
         cuStreamBeginCapture = try library.function("cuStreamBeginCapture_v2")
         cuThreadExchangeStreamCaptureMode = try library.function("cuThreadExchangeStreamCaptureMode")

@@ -94,77 +94,27 @@ extension DriverLibrary {
         return version >= 12_030
     }
 
-    /// Whether `launch(..., cluster: n, ...)` with n > 1 can launch in thread-block clusters here:
-    /// the driver has `cuLaunchKernelEx` and `cuOccupancyMaxActiveClusters` (CUDA 12+), and the
-    /// device is compute capability 9.0 or later. (cuda.h: the cluster dimension is valid for
-    /// graph nodes too, so a launch captured into a CUDA graph keeps it.)
-    public func launchesClusters(computeCapabilityMajor major: Int) -> Bool {
-        functions.cuLaunchKernelEx != nil && functions.cuOccupancyMaxActiveClusters != nil && major >= 9
-    }
-
-    /// `cuOccupancyMaxActiveClusters`: how many clusters of `clusterSize` blocks (along x) of
-    /// `blockSize` threads `function` can have resident at once on the current context's device
-    /// (clusters stay within a GPC, so this can be less than the SMs' blocks ÷ `clusterSize`).
-    public func maxActiveClusters(_ function: CUDAFunction, clusterSize: Int, blockSize: Int, dynamicSharedBytes: Int = 0) throws -> Int {
-        guard let occupancy = functions.cuOccupancyMaxActiveClusters else {
-            throw CUDAError.symbolMissing(library: Self.libraryName, symbol: "cuOccupancyMaxActiveClusters")
-        }
-        var attribute = ep_cu_launch_attribute()
-        attribute.id = UInt32(EP_CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION)
-        attribute.value.clusterDim.x = UInt32(clusterSize)
-        attribute.value.clusterDim.y = 1
-        attribute.value.clusterDim.z = 1
-        var clusters: Int32 = 0
-        try withUnsafeMutablePointer(to: &attribute) { attributes in
-            var config = ep_cu_launch_config(
-                gridDimX: UInt32(clusterSize), gridDimY: 1, gridDimZ: 1, blockDimX: UInt32(blockSize), blockDimY: 1, blockDimZ: 1,
-                sharedMemBytes: UInt32(dynamicSharedBytes), hStream: nil, attrs: attributes, numAttrs: 1)
-            try check(occupancy(&clusters, function.rawValue, &config), "cuOccupancyMaxActiveClusters")
-        }
-        return Int(clusters)
-    }
-
     /// `cuLaunchKernelEx` with `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION` where
     /// `dependent` (the caller checked `launchesDependents`), else `cuLaunchKernel`. A dependent
     /// launch may start its blocks while the previous kernel in the stream still runs, once that
     /// kernel's blocks have all executed `griddepcontrol.launch_dependents` (or exited); the
     /// kernel must execute `griddepcontrol.wait` before it touches memory the previous kernels
     /// write or read. Launched without the attribute, that wait returns at once.
-    /// `cluster` > 1 (the caller checked `launchesClusters`; `grid.x` a multiple of it): through
-    /// `cuLaunchKernelEx` with `CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION` (cluster, 1, 1) as well.
     public func launch(
         _ function: CUDAFunction, grid: LaunchDimensions, block: LaunchDimensions, sharedMemoryBytes: Int = 0, stream: CUDAStream,
-        dependent: Bool, cluster: Int = 1, parameters: UnsafeMutablePointer<UnsafeMutableRawPointer?>?
+        dependent: Bool, parameters: UnsafeMutablePointer<UnsafeMutableRawPointer?>?
     ) throws {
-        guard dependent || cluster > 1, let launchEx = functions.cuLaunchKernelEx else {
-            if cluster > 1 { throw CUDAError.symbolMissing(library: Self.libraryName, symbol: "cuLaunchKernelEx") }
+        guard dependent, let launchEx = functions.cuLaunchKernelEx else {
             try launch(function, grid: grid, block: block, sharedMemoryBytes: sharedMemoryBytes, stream: stream, parameters: parameters)
             return
         }
-        // At most two attributes, on the stack (a launch allocates nothing).
-        try withUnsafeTemporaryAllocation(of: ep_cu_launch_attribute.self, capacity: 2) { attributes in
-            var count = 0
-            if cluster > 1 {
-                var attribute = ep_cu_launch_attribute()
-                attribute.id = UInt32(EP_CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION)
-                attribute.value.clusterDim.x = UInt32(cluster)
-                attribute.value.clusterDim.y = 1
-                attribute.value.clusterDim.z = 1
-                attributes.initializeElement(at: count, to: attribute)
-                count += 1
-            }
-            if dependent {
-                var attribute = ep_cu_launch_attribute()
-                attribute.id = UInt32(EP_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
-                attribute.value.programmaticStreamSerializationAllowed = 1
-                attributes.initializeElement(at: count, to: attribute)
-                count += 1
-            }
-            defer { attributes.baseAddress!.deinitialize(count: count) }
+        var attribute = ep_cu_launch_attribute()
+        attribute.id = UInt32(EP_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
+        attribute.value.programmaticStreamSerializationAllowed = 1
+        try withUnsafeMutablePointer(to: &attribute) { attributes in
             var config = ep_cu_launch_config(
                 gridDimX: grid.x, gridDimY: grid.y, gridDimZ: grid.z, blockDimX: block.x, blockDimY: block.y, blockDimZ: block.z,
-                sharedMemBytes: UInt32(sharedMemoryBytes), hStream: UnsafeMutableRawPointer(stream.rawValue), attrs: attributes.baseAddress,
-                numAttrs: UInt32(count))
+                sharedMemBytes: UInt32(sharedMemoryBytes), hStream: UnsafeMutableRawPointer(stream.rawValue), attrs: attributes, numAttrs: 1)
             try check(launchEx(&config, function.rawValue, parameters, nil), "cuLaunchKernelEx")
         }
     }

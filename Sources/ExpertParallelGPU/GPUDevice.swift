@@ -17,10 +17,6 @@ public final class GPUDevice: @unchecked Sendable {
     /// (compute capability 9.0+, a CUDA 12.3+ driver with `cuLaunchKernelEx`), unless
     /// `EP_SERIAL_LAUNCHES=1`. `GPUTuning.overlapsLaunches` decides per group.
     public let launchesDependents: Bool
-    /// Whether kernels can be launched in thread-block clusters here (compute capability 9.0+, a
-    /// driver with `cuLaunchKernelEx` and `cuOccupancyMaxActiveClusters`): the fused LL update +
-    /// dispatch launch's `EP_LL_CLUSTER` experiment (ep_ll.cu) takes effect only where it is.
-    public let launchesClusters: Bool
     let compiler: KernelCompiler
 
     /// Opens device `ordinal`. Throws `EPError.lowerLayer` naming the failing call when there is
@@ -54,7 +50,6 @@ public final class GPUDevice: @unchecked Sendable {
             let capability = try driver.computeCapability(of: device)
             arch = capability.nativeArch
             launchesDependents = Environment.value("EP_SERIAL_LAUNCHES") != "1" && driver.launchesDependents(computeCapabilityMajor: capability.major)
-            launchesClusters = driver.launchesClusters(computeCapabilityMajor: capability.major)
             self.compiler = try compiler ?? KernelCompiler.shared()
         } catch {
             throw gpuError(error)

@@ -99,18 +99,6 @@ extension GroupConfig {
             && llBitmapUpdateSharedMemoryBytes + llOwnRowsSharedMemoryBytes + fusedDispatchSharedMemoryBytes <= 48 * 1024
     }
 
-    /// The fused kernel's prologue split across a cluster (EP_LL_CLUSTER > 1, EpOwnShare in
-    /// ep_ll.cu): each block's E counts and flag for the others, and the cluster's ticket and mask.
-    var llClusterShareSharedMemoryBytes: Int { (4 * (experts + 2) + 7) / 8 * 8 + 8 }
-
-    /// Whether the fused kernel's dispatch blocks find their rows themselves and the cluster split's
-    /// share fits beside their rows, the update's arrays and the dispatch's table in 48 KB.
-    var llClusterShareFits: Bool {
-        llOwnRowsFit
-            && llBitmapUpdateSharedMemoryBytes + llOwnRowsSharedMemoryBytes + llClusterShareSharedMemoryBytes
-            + fusedDispatchSharedMemoryBytes <= 48 * 1024
-    }
-
     /// LL's update counting with bitmaps (EP_LL_BITMAP): its static shared memory, from its arrays
     /// (ep_ll.cu): the experts' bits and prefixes (or, later, the layout's scratch), the ranks'
     /// bits and prefixes, routing[Bmax * K], totals[E + R] and three flags.

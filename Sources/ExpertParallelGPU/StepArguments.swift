@@ -120,12 +120,11 @@ final class StepArguments {
     /// Launches `function` with the block as its parameter (the driver copies it at launch);
     /// `dependent`: as a programmatic dependent launch (every step kernel waits for the grids
     /// before it first, `ep_grid_dependency` in ep_common.cuh).
-    func launch(_ function: CUDAFunction, on device: GPUDevice, grid: LaunchDimensions, threads: Int, stream: CUDAStream, dependent: Bool,
-                cluster: Int = 1) throws {
+    func launch(_ function: CUDAFunction, on device: GPUDevice, grid: LaunchDimensions, threads: Int, stream: CUDAStream, dependent: Bool) throws {
         var parameter: UnsafeMutableRawPointer? = UnsafeMutableRawPointer(words.baseAddress!)
         try withUnsafeMutablePointer(to: &parameter) { parameters in
             try device.driver.launch(function, grid: grid, block: .init(x: UInt32(threads)), stream: stream, dependent: dependent,
-                                     cluster: cluster, parameters: parameters)
+                                     parameters: parameters)
         }
     }
 

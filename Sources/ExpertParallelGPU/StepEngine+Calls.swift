@@ -151,10 +151,10 @@ extension StepEngine {
         var sending = config.isExpertMajorHT ? blocks(mode) : StepArguments.blocks(tuning, blocks(mode), items: step.maxTokens * pieces)
         func enqueue(
             _ sync: SyncBits, _ blocks: Int, _ stream: CUDAStream?, _ sources: (Int) -> SendSide, _ received: (Int) -> ReceiveBuffers,
-            kernel: CUDAFunction? = nil, cluster: Int = 1
+            kernel: CUDAFunction? = nil
         ) throws(EPError) {
             try launch(kernel ?? k.dispatch, threads: StepWorkspace.threadsPerBlock, blocks: blocks, mode: mode, sync: sync, weighted: false,
-                       slices: pieces, handle: handle, stream: stream, cluster: cluster) { r, w in
+                       slices: pieces, handle: handle, stream: stream) { r, w in
                 if let i = localIndex(r) {
                     let source = sources(i)
                     w[.tokens] = source.tokens
@@ -176,19 +176,16 @@ extension StepEngine {
         // Where its dispatch blocks find their rows themselves (EP_LL_OWN in ep_ll.cu), the update
         // block takes the last share of the items: one block more than they need, where the grid
         // has room, leaves it empty.
-        // With EP_LL_CLUSTER the fused launch goes in clusters: a multiple of their size a rank.
         let send = fused ? k.updateDispatch : nil
         if fused && k.findsOwnRows { sending = min(blocks(mode), sending + 1) }
-        var cluster = 1
-        if fused { (sending, cluster) = k.fusedLaunch(blocks: sending, room: blocks(mode), ranks: localRanks.count) }
         if fused, send == nil { throw .backend("the fused update + dispatch kernel is not compiled for this group") }
         switch options.phase {
         case .whole:
-            try enqueue(meetsThroughFlags(mode) ? [.signal, .wait] : [], sending, stream(options), sources, received, kernel: send, cluster: cluster)
+            try enqueue(meetsThroughFlags(mode) ? [.signal, .wait] : [], sending, stream(options), sources, received, kernel: send)
             // Staged: each destination drains what was put into its staging area.
             if let drain = k.drain { try enqueue([], blocks(mode), stream(options), sources, received, kernel: drain) }
         case .sendOnly:
-            try enqueue(.signal, sending, stream(options), sources, received, kernel: send, cluster: cluster)
+            try enqueue(.signal, sending, stream(options), sources, received, kernel: send)
             let table = (0..<config.ranks).map(received), sent = localRanks.indices.map(sources)
             setPending(PendingCall(name: "dispatch") { stream throws(EPError) in try enqueue([.wait, .noData], 1, stream, { sent[$0] }) { table[$0] } })
         }

@@ -48,13 +48,6 @@ final class StepEngine: @unchecked Sendable {
     /// The SMs the group's kernels may use.
     let multiprocessors: Int
     private var kernelCache: [StepKernels.Variant: StepKernels] = [:]
-    /// The kernel switches to try (`KernelDefineOverrides`) for kernels compiled from here on; nil:
-    /// `EP_KERNEL_DEFINES`'s (tests set them without the process environment).
-    var kernelDefineOverrides: [String: String]? {
-        get { lock.withLock { defineOverrides } }
-        set { lock.withLock { defineOverrides = newValue } }
-    }
-    private var defineOverrides: [String: String]?
     private var pending: PendingCall?
     private let args: StepArguments
     /// Caller streams given to calls since the last `synchronize()`: it waits for them too.
@@ -151,7 +144,7 @@ final class StepEngine: @unchecked Sendable {
         if case .virtualRanks = placement { variant.oneDevice = true }
         if let k = lock.withLock({ kernelCache[variant] }) { return k }
         try device.makeCurrent()
-        let k = try StepKernels(device: device, config: config, variant: variant, tuning: tuning, overrides: kernelDefineOverrides)
+        let k = try StepKernels(device: device, config: config, variant: variant, tuning: tuning)
         lock.withLock { kernelCache[variant] = k }
         return k
     }
@@ -160,12 +153,10 @@ final class StepEngine: @unchecked Sendable {
 
     /// Fills the argument block and launches `function` for every local rank: the launch's
     /// fields, each rank's group words and (local ranks) `handle`'s words; `fill` sets the
-    /// tensors of rank r (every rank of the group: the peer table). `cluster` > 1: in thread-block
-    /// clusters of that many blocks along x (`blocks` a multiple of it; the fused LL launch's
-    /// EP_LL_CLUSTER).
+    /// tensors of rank r (every rank of the group: the peer table).
     func launch(
         _ function: CUDAFunction, threads: Int, blocks: Int, mode: LaunchMode, sync: SyncBits, weighted: Bool, slices: Int,
-        handle: GPUStepHandle, stream callerStream: CUDAStream?, cluster: Int = 1, fill: (Int, RankArguments) -> Void
+        handle: GPUStepHandle, stream callerStream: CUDAStream?, fill: (Int, RankArguments) -> Void
     ) throws(EPError) {
         let handleBase = try handle.base()
         // One argument block per group: calls from several threads take turns filling and launching.
@@ -187,7 +178,7 @@ final class StepEngine: @unchecked Sendable {
             switch (placement, mode) {
             case (.process, _), (.virtualRanks, .single):
                 let grid = LaunchDimensions(x: UInt32(blocks), y: UInt32(localRanks.count))
-                try args.launch(function, on: device, grid: grid, threads: threads, stream: target, dependent: overlapsLaunches, cluster: cluster)
+                try args.launch(function, on: device, grid: grid, threads: threads, stream: target, dependent: overlapsLaunches)
             case (.virtualRanks(let rankStreams, let joinEvents), .perRank):
                 LaunchGate.lock.lock()   // every rank's launch reaches the GPU before another module or function load
                 defer { LaunchGate.lock.unlock() }
@@ -197,7 +188,7 @@ final class StepEngine: @unchecked Sendable {
                     try driver.wait(rankStreams[rank], for: joinEvents[r])
                     args[.firstRank] = UInt64(rank)
                     try args.launch(function, on: device, grid: .init(x: UInt32(blocks), y: 1), threads: threads, stream: rankStreams[rank],
-                                    dependent: false, cluster: cluster)
+                                    dependent: false)
                     try driver.record(joinEvents[rank], on: rankStreams[rank])
                 }
                 for rank in 0..<r { try driver.wait(target, for: joinEvents[rank]) }

@@ -22,14 +22,6 @@ struct StepKernels: Sendable {
     /// not turned off by EP_LL_OWN_ROWS=0): its update block then takes the last share of the
     /// items, which a launch of one block more than they need leaves empty.
     let findsOwnRows: Bool
-    /// The fused launch's cluster size (EP_LL_CLUSTER in ep_ll.cu, from `EP_KERNEL_DEFINES`): its
-    /// dispatch blocks' prologue split across clusters of this many blocks of one rank, where they
-    /// find their rows themselves, the split's shared memory fits and the device launches clusters
-    /// (`GPUDevice.launchesClusters`); else 1, the define left out and the kernel the default's.
-    let llCluster: Int
-    /// How many clusters of `llCluster` blocks of the fused kernel can be resident at once (0
-    /// where `llCluster` is 1).
-    let maxActiveClusters: Int
 
     /// What a specialisation depends on besides the group configuration.
     struct Variant: Hashable, Sendable {
@@ -83,17 +75,10 @@ struct StepKernels: Sendable {
         return defines
     }
 
-    /// `overrides`: the switches to try (`KernelDefineOverrides`); nil: `EP_KERNEL_DEFINES`'s.
-    init(device: GPUDevice, config: GroupConfig, variant: Variant, tuning: GPUTuning, overrides: [String: String]? = nil) throws(EPError) {
+    init(device: GPUDevice, config: GroupConfig, variant: Variant, tuning: GPUTuning) throws(EPError) {
         let prefix = config.algorithm == .lowLatency ? "ep_ll" : "ep_ht"
         var defines = Self.defines(config, variant, tuning)
-        let tried = if let overrides { overrides } else { try KernelDefineOverrides.fromEnvironment(reserved: Set(defines.keys)) }
-        defines.merge(tried) { old, _ in old }
-        let workspace = variant.workspace(config, tuning)
-        let findsOwnRows = workspace.ownRows && defines["EP_LL_OWN_ROWS"] != "0"
-        let cluster = Self.llClusterSize(requested: defines["EP_LL_CLUSTER"].flatMap { Int($0) } ?? 1, findsOwnRows: findsOwnRows,
-                                         shareFits: config.llClusterShareFits, deviceLaunchesClusters: device.launchesClusters)
-        if cluster == 1 { defines["EP_LL_CLUSTER"] = nil }
+        defines.merge(try KernelDefineOverrides.fromEnvironment(reserved: Set(defines.keys))) { old, _ in old }
         let compiled = try gpu {
             try device.compiler.compile(KernelSource.embedded(prefix), arch: device.arch, defines: defines)
         }
@@ -114,39 +99,8 @@ struct StepKernels: Sendable {
         let staged = variant.transport == .staged
         drain = staged ? try function("drain") : nil
         combineSend = staged ? try function("combine_send") : nil
+        let workspace = variant.workspace(config, tuning)
         updateDispatch = workspace.fused ? try function("update_dispatch") : nil
-        self.findsOwnRows = findsOwnRows
-        llCluster = cluster
-        if cluster > 1, let fused = updateDispatch {
-            maxActiveClusters = try gpu { try driver.maxActiveClusters(fused, clusterSize: cluster, blockSize: StepWorkspace.threadsPerBlock) }
-        } else {
-            maxActiveClusters = 0
-        }
-    }
-
-    /// The fused launch's cluster size: `requested` (EP_LL_CLUSTER) where the split can take
-    /// effect (the dispatch blocks find their rows themselves, its share fits, the device launches
-    /// clusters), else 1.
-    static func llClusterSize(requested: Int, findsOwnRows: Bool, shareFits: Bool, deviceLaunchesClusters: Bool) -> Int {
-        requested > 1 && findsOwnRows && shareFits && deviceLaunchesClusters ? requested : 1
-    }
-
-    /// Blocks per rank and cluster size of one fused launch of `ranks` ranks whose items want
-    /// `blocks` blocks per rank (with the update block's spare), at most `room`: unchanged without
-    /// clusters; with them a multiple of `llCluster`, rounded up where that stays within `room` and
-    /// what `maxActiveClusters` hold at once (every rank's blocks resident, as without clusters),
-    /// else down (the spare then goes: on an H100, ll-std's 33 blocks a rank become 32 with C = 2,
-    /// 4 or 8; C = 3 keeps 33 where 11 clusters a rank fit). Where not even one cluster a rank
-    /// fits, no clusters: the kernel then runs the whole prologue in every block (its cluster is
-    /// the block itself).
-    func fusedLaunch(blocks: Int, room: Int, ranks: Int) -> (blocks: Int, cluster: Int) {
-        Self.fusedLaunch(blocks: blocks, room: room, ranks: ranks, cluster: llCluster, maxActiveClusters: maxActiveClusters)
-    }
-
-    static func fusedLaunch(blocks: Int, room: Int, ranks: Int, cluster: Int, maxActiveClusters: Int) -> (blocks: Int, cluster: Int) {
-        let fit = min(room, maxActiveClusters / max(1, ranks) * cluster)
-        guard cluster > 1, fit >= cluster else { return (blocks, 1) }
-        let up = (blocks + cluster - 1) / cluster * cluster
-        return (up <= fit ? up : fit / cluster * cluster, cluster)
+        findsOwnRows = workspace.ownRows && defines["EP_LL_OWN_ROWS"] != "0"
     }
 }

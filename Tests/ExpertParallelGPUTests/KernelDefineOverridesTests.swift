@@ -17,7 +17,7 @@ struct KernelDefineOverridesTests {
         #expect(defines == ["EP_COMBINE_SPAN": "2", "EP_SOLO_VECS": "8", "EP_COMBINE_ADAPTIVE": "0"])
     }
 
-    static let names = "the name must be one of the switches that can be tried: EP_COMBINE_SPAN 1...8, EP_COMBINE_ADAPTIVE 0...1, EP_COMBINE_FEW_ROWS 0...8, EP_COMBINE_FEW_SPAN 1...8, EP_SOLO_VECS 1...16, EP_LL_AHEAD 0...1, EP_LL_SOLO_UPDATE 0...1, EP_FP8_IN_FLIGHT 1...4, EP_DEST_GROUP 1...8, EP_PREFETCH_PIECE 0...1, EP_ROW_LOADS 0...2, EP_LL_OWN_ROWS 0...1, EP_LL_CLUSTER 1...8"
+    static let names = "the name must be one of the switches that can be tried: EP_COMBINE_SPAN 1...8, EP_COMBINE_ADAPTIVE 0...1, EP_COMBINE_FEW_ROWS 0...8, EP_COMBINE_FEW_SPAN 1...8, EP_SOLO_VECS 1...16, EP_LL_AHEAD 0...1, EP_LL_SOLO_UPDATE 0...1, EP_FP8_IN_FLIGHT 1...4, EP_DEST_GROUP 1...8, EP_PREFETCH_PIECE 0...1, EP_ROW_LOADS 0...2, EP_LL_OWN_ROWS 0...1"
 
     @Test(arguments: [
         ("EP_COMBINE_SPAN", "EP_COMBINE_SPAN", "entries are NAME=value, separated by commas"),
@@ -58,16 +58,12 @@ struct KernelDefineOverridesTests {
     }
 
     /// The LL switches compile in both LL layouts: the dispatch without its load ahead
-    /// (EP_LL_AHEAD=0), the one-rank update either way (EP_LL_SOLO_UPDATE, R = 1), the one-rank
-    /// fused launch's dispatch blocks waiting for the update's rows (EP_LL_OWN_ROWS=0), and the
-    /// fused launch's prologue split across clusters of 2, 3, 4 and 8 blocks (EP_LL_CLUSTER; the
-    /// benchmark shapes' registers: KernelResourceTests).
+    /// (EP_LL_AHEAD=0), the one-rank update either way (EP_LL_SOLO_UPDATE, R = 1) and the one-rank
+    /// fused launch's dispatch blocks waiting for the update's rows (EP_LL_OWN_ROWS=0).
     @Test(.enabled(if: GPUTuningTests.runsNVRTC, "needs NVRTC (EP_REQUIRE_NVRTC=1 to require it)"),
           arguments: [(4, Layout.expertMajor, "EP_LL_AHEAD=0"), (4, .rankMajor, "EP_LL_AHEAD=0"),
                       (1, .expertMajor, "EP_LL_SOLO_UPDATE=1"), (1, .rankMajor, "EP_LL_SOLO_UPDATE=1"), (1, .expertMajor, "EP_LL_SOLO_UPDATE=0"),
-                      (1, .expertMajor, "EP_LL_OWN_ROWS=0"), (1, .rankMajor, "EP_LL_OWN_ROWS=0"),
-                      (4, .expertMajor, "EP_LL_CLUSTER=2"), (4, .expertMajor, "EP_LL_CLUSTER=4"), (4, .rankMajor, "EP_LL_CLUSTER=8"),
-                      (4, .expertMajor, "EP_LL_CLUSTER=3"), (1, .expertMajor, "EP_LL_CLUSTER=4"), (1, .rankMajor, "EP_LL_CLUSTER=2")])
+                      (1, .expertMajor, "EP_LL_OWN_ROWS=0"), (1, .rankMajor, "EP_LL_OWN_ROWS=0")])
     func lowLatencySwitchesCompile(ranks: Int, layout: Layout, switches: String) throws {
         try Self.compile(.lowLatency, ranks: ranks, layout: layout, switches: switches)
     }

@@ -15,11 +15,8 @@ struct KernelResourceTests {
         var maximumSpill: Int
         /// Virtual ranks (what ep-bench measures on one GPU); false: an NCCL rank's kernels.
         var virtualRanks = true
-        /// Switches of a variant to try (EP_KERNEL_DEFINES's form), besides the environment's.
-        var switches = ""
         var testDescription: String {
             "\(kernel) R=\(config.ranks) \(config.layout)\(config.fp8.map { " fp8 \($0)" } ?? "")\(virtualRanks ? "" : " NCCL rank")"
-                + (switches.isEmpty ? "" : " \(switches)")
         }
     }
 
@@ -46,14 +43,6 @@ struct KernelResourceTests {
         // One rank: the update without the all-gather, its totals read from shared memory.
         Case(config: GroupConfig(algorithm: .lowLatency, ranks: 1, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 128),
              kernel: "ep_ll_update_dispatch", maximumSpill: 0),
-        // The fused launch's prologue split across clusters (EP_LL_CLUSTER, an experiment): no
-        // spill in the dispatch loop either.
-        Case(config: llStandard, kernel: "ep_ll_update_dispatch", maximumSpill: 0, switches: "EP_LL_CLUSTER=2"),
-        Case(config: llStandard, kernel: "ep_ll_update_dispatch", maximumSpill: 0, switches: "EP_LL_CLUSTER=4"),
-        Case(config: llStandard, kernel: "ep_ll_update_dispatch", maximumSpill: 0, switches: "EP_LL_CLUSTER=8"),
-        Case(config: fp8(llStandard, .ue8m0Block128), kernel: "ep_ll_update_dispatch", maximumSpill: 0, switches: "EP_LL_CLUSTER=4"),
-        Case(config: GroupConfig(algorithm: .lowLatency, ranks: 1, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 128),
-             kernel: "ep_ll_update_dispatch", maximumSpill: 0, switches: "EP_LL_CLUSTER=4"),
         Case(config: htStandard, kernel: "ep_ht_dispatch", maximumSpill: 0),
         Case(config: htExpertMajor, kernel: "ep_ht_dispatch", maximumSpill: 0),
         // Flat: the sum without partial registers (ep_flat_term); R = 1 flat: no general loop.
@@ -88,11 +77,9 @@ struct KernelResourceTests {
         let config = try c.config.validated()
         let variant = StepKernels.Variant(indexBytes: 8, receivedIndexBytes: 4, vectorBytes: 16, oneDevice: c.virtualRanks)
         var defines = StepKernels.defines(config, variant, try GPUTuning().validated(config))
-        // A variant's switches (docs/performance.md, "Trying a kernel variant") are checked too;
-        // a case's own switches win over the environment's.
-        let environment = ProcessInfo.processInfo.environment, group = Set(defines.keys)
-        defines.merge(try KernelDefineOverrides.parse(c.switches, reserved: group)) { old, _ in old }
-        defines.merge(try KernelDefineOverrides.parse(environment["EP_KERNEL_DEFINES"], reserved: group)) { old, _ in old }
+        // A variant's switches (docs/performance.md, "Trying a kernel variant") are checked too.
+        let environment = ProcessInfo.processInfo.environment
+        defines.merge(try KernelDefineOverrides.parse(environment["EP_KERNEL_DEFINES"], reserved: Set(defines.keys))) { old, _ in old }
         let source = KernelSource.embedded(config.algorithm == .lowLatency ? "ep_ll" : "ep_ht")
         let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)
         let log = try compiler.compile(source, arch: .hopper, defines: defines, extraOptions: ["--ptxas-options=-v"]).log

@@ -44,11 +44,6 @@ enum MockCUDA {
         private(set) var launchedDependent: [Bool] = []
         /// Each launch's grid (x, y): blocks per rank and ranks of a step kernel's launch.
         private(set) var launchedGrids: [(x: UInt32, y: UInt32)] = []
-        /// Each launch's cluster size along x (`CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION`; 1 without it).
-        private(set) var launchedClusters: [UInt32] = []
-        /// What cuOccupancyMaxActiveClusters answers: clusters that fit at once (an H100's 132 SMs,
-        /// two 512-thread blocks each: 264 blocks, in clusters of the asked size).
-        var maxActiveClusters: (Int32) -> Int32 = { 264 / $0 }
         private var functionNames: [UInt: String] = [:]
         /// What nvrtcCompileProgram returns (6: NVRTC_ERROR_COMPILATION).
         var compileResult: Int32 = 0
@@ -83,8 +78,6 @@ enum MockCUDA {
                 s.launchedKernels = []
                 s.launchedDependent = []
                 s.launchedGrids = []
-                s.launchedClusters = []
-                s.maxActiveClusters = { 264 / $0 }
                 s.functionNames = [:]
                 s.compileResult = 0
                 s.failNCCLAllocation = nil
@@ -163,11 +156,10 @@ enum MockCUDA {
         }
 
         fileprivate func launch(_ function: OpaquePointer?, _ parameters: UnsafeMutablePointer<UnsafeMutableRawPointer?>? = nil,
-                                dependent: Bool = false, grid: (x: UInt32, y: UInt32) = (0, 0), cluster: UInt32 = 1) -> Int32 {
+                                dependent: Bool = false, grid: (x: UInt32, y: UInt32) = (0, 0)) -> Int32 {
             locked { s in
                 s.launches += 1
                 s.launchedGrids.append(grid)
-                s.launchedClusters.append(cluster)
                 s.launchedKernels.append(s.functionNames[UInt(bitPattern: function)] ?? "?")
                 s.launchedDependent.append(dependent)
                 if s.captureParameterBytes > 0, let first = parameters?.pointee {
@@ -351,19 +343,9 @@ enum MockCUDA {
             let dependent = attributes.contains {
                 $0.id == UInt32(EP_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION) && $0.value.programmaticStreamSerializationAllowed != 0
             }
-            let cluster = attributes.first { $0.id == UInt32(EP_CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION) }?.value.clusterDim
-            // As the driver: a cluster of more than one block in y or z is not the kernels', and the grid's x a multiple of its x.
-            if let cluster, cluster.y != 1 || cluster.z != 1 || cluster.x == 0 || config.pointee.gridDimX % cluster.x != 0 { return 1 }
-            return MockCUDA.state.launch(function, parameters, dependent: dependent, grid: (config.pointee.gridDimX, config.pointee.gridDimY),
-                                         cluster: cluster?.x ?? 1)
+            return MockCUDA.state.launch(function, parameters, dependent: dependent, grid: (config.pointee.gridDimX, config.pointee.gridDimY))
         } as @convention(c) (UnsafePointer<ep_cu_launch_config>?, OpaquePointer?, UnsafeMutablePointer<UnsafeMutableRawPointer?>?,
                              UnsafeMutablePointer<UnsafeMutableRawPointer?>?) -> Int32)
-        t["cuOccupancyMaxActiveClusters"] = symbol({ out, _, config in
-            guard let config, config.pointee.numAttrs == 1, let attribute = config.pointee.attrs?.pointee,
-                  attribute.id == UInt32(EP_CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION), attribute.value.clusterDim.x > 0 else { return 1 }
-            out?.pointee = MockCUDA.state.locked { $0.maxActiveClusters(Int32(attribute.value.clusterDim.x)) }
-            return 0
-        } as @convention(c) (UnsafeMutablePointer<Int32>?, OpaquePointer?, UnsafePointer<ep_cu_launch_config>?) -> Int32)
         t["cuOccupancyMaxActiveBlocksPerMultiprocessor"] = symbol({ out, _, _, _ in out?.pointee = 2; return 0 } as @convention(c) (UnsafeMutablePointer<Int32>?, OpaquePointer?, Int32, Int) -> Int32)
 
         t["cuStreamBeginCapture_v2"] = symbol({ _, _ in 0 } as @convention(c) (OpaquePointer?, Int32) -> Int32)

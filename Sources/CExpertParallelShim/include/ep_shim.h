@@ -15,22 +15,16 @@ typedef struct { char internal[128]; } ep_nccl_unique_id;
 typedef struct { char reserved[64]; } ep_cu_ipc_mem_handle;
 
 /// `CUlaunchAttribute` (cuda.h, CUDA 12+): an id padded to 8 bytes, then a 64-byte value union
-/// of which `programmaticStreamSerializationAllowed` (an int at its start) and `clusterDim`
-/// (three unsigned ints at its start) are used here.
+/// of which only `programmaticStreamSerializationAllowed` (an int at its start) is used here.
 typedef struct {
     unsigned int id;
     char pad[4];
     union {
         int programmaticStreamSerializationAllowed;
-        struct {
-            unsigned int x, y, z;
-        } clusterDim;
         char bytes[64];
     } value;
 } ep_cu_launch_attribute;
 
-/// `CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION`: blocks per cluster in x, y, z (sm_90 on).
-#define EP_CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION 4
 /// `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`.
 #define EP_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION 6
 

@@ -59,28 +59,22 @@ EP_CHECK_ALGORITHM_CONTRACT("LL", EP_UPDATE_WARPS, EP_LL_ROWS)
 
 // Reads this rank's [tokens, K] routing with EP_UPDATE_LOADS loads a thread in flight (one
 // global round trip, not one per entry), handing entry i to `use(i, expert id as given)`.
-// `entry(n)`: the n-th entry this block reads, increasing in n (all of them: n itself; the
-// cluster path below reads a share).
-template <typename Entry, typename Use>
-EP_DEVICE void ep_ll_each_routing_entry_of(const EpArgs& args, int rank, int tokens, Entry entry, Use use) {
-    for (int base = threadIdx.x; entry(base) < tokens * EP_K; base += EP_UPDATE_LOADS * blockDim.x) {
+template <typename Use>
+EP_DEVICE void ep_ll_each_routing_entry(const EpArgs& args, int rank, int tokens, Use use) {
+    for (int base = threadIdx.x; base < tokens * EP_K; base += EP_UPDATE_LOADS * blockDim.x) {
         long long loaded[EP_UPDATE_LOADS];
 #pragma unroll
         for (int u = 0; u < EP_UPDATE_LOADS; ++u) {
-            const int i = entry(base + u * blockDim.x);
+            const int i = base + u * blockDim.x;
             loaded[u] = i < tokens * EP_K ? ep_read_index(args, rank, i) : -1;
         }
 #pragma unroll
         for (int u = 0; u < EP_UPDATE_LOADS; ++u) {
-            const int i = entry(base + u * blockDim.x);
+            const int i = base + u * blockDim.x;
             if (i >= tokens * EP_K) break;
             use(i, loaded[u]);
         }
     }
-}
-template <typename Use>
-EP_DEVICE void ep_ll_each_routing_entry(const EpArgs& args, int rank, int tokens, Use use) {
-    ep_ll_each_routing_entry_of(args, rank, tokens, [](int n) { return n; }, use);
 }
 
 // Names each expert a token selects twice (its first and second column, as the host does) and
@@ -430,10 +424,6 @@ ep_ll_update(const EpArgs args) {
 #define EP_LL_OWN_FITS 0   // the host's word that EpOwnRows fits beside the update's arrays (GroupConfig.llOwnRowsFit)
 #endif
 #define EP_LL_OWN (EP_LL_OWN_ROWS && EP_LL_OWN_FITS && EP_LL_BITMAP && EP_FUSED && EP_TRANSPORT == 0 && (EP_R == 1 || (EP_K <= 8 && EP_ONE_DEVICE)))
-#ifndef EP_LL_CLUSTER
-#define EP_LL_CLUSTER 1   // > 1: the host launches ep_ll_update_dispatch in clusters of this many blocks (below)
-#endif
-#define EP_LL_CLUSTERED (EP_LL_OWN && EP_LL_CLUSTER > 1)
 #if EP_LL_OWN
 struct EpOwnRows {
     ep_u32 words[(EP_E + EP_R) * EP_WORDS];   // this rank's tokens: per expert, then per destination rank
@@ -443,29 +433,6 @@ struct EpOwnRows {
 __shared__ EpOwnRows ep_own_rows;   // a block's, only in the fused kernel's dispatch blocks
 #define EP_OWN_NO_ROW (-(1 << 30))   // makes any row of the expert negative: none
 
-// Another active rank `source`'s token t (< its tokens), seen from rank `rank`'s dispatch blocks:
-// checked as its update checks it (ids in [-1, E), no expert twice) and, where `source` is a
-// lower rank, its selections of experts on active ranks counted into `before`. True where the
-// token fails a check.
-#if EP_R > 1
-EP_DEVICE bool ep_ll_peer_token(const EpArgs& args, int rank, ep_u64 mask, int source, int t, int* before) {
-    long long ids[EP_K];
-#pragma unroll
-    for (int c = 0; c < EP_K; ++c) ids[c] = ep_read_index(args, source, t * EP_K + c);
-    bool wrong = false;
-#pragma unroll
-    for (int c = 0; c < EP_K; ++c) {
-        const long long e = ids[c];
-        if (e < -1 || e >= EP_E) wrong = true;
-#pragma unroll
-        for (int p = 0; p < c; ++p) wrong |= e >= 0 && ids[p] == e;
-        if (source < rank && e >= 0 && e < EP_E && ep_active(mask, static_cast<int>(e) / EP_L)) atomicAdd(&before[e], 1);
-    }
-    return wrong;
-}
-#endif
-
-#if !EP_LL_CLUSTERED   // (in clusters: ep_ll_own_rows_share and _gather below)
 // Builds ep_own_rows for rank `rank` (every rank of the group is in this launch: ranks 0..R-1).
 // Call from every thread of the block.
 EP_DEVICE void ep_ll_own_rows(const EpArgs& args, int rank) {
@@ -489,12 +456,23 @@ EP_DEVICE void ep_ll_own_rows(const EpArgs& args, int rank) {
     for (int i = threadIdx.x; i < EP_R * EP_BMAX; i += blockDim.x) {
         const int source = i / EP_BMAX, t = i % EP_BMAX;
         if (source == rank || !ep_active(mask, source) || t >= static_cast<int>(args.rank[source].tokens)) continue;
-        if (ep_ll_peer_token(args, rank, mask, source, t, own.before)) own.bad = 1;
+        long long ids[EP_K];
+#pragma unroll
+        for (int c = 0; c < EP_K; ++c) ids[c] = ep_read_index(args, source, t * EP_K + c);
+        bool wrong = false;
+#pragma unroll
+        for (int c = 0; c < EP_K; ++c) {
+            const long long e = ids[c];
+            if (e < -1 || e >= EP_E) wrong = true;
+#pragma unroll
+            for (int p = 0; p < c; ++p) wrong |= e >= 0 && ids[p] == e;
+            if (source < rank && e >= 0 && e < EP_E && ep_active(mask, static_cast<int>(e) / EP_L)) atomicAdd(&own.before[e], 1);
+        }
+        if (wrong) own.bad = 1;
     }
 #endif
     __syncthreads();
 }
-#endif
 
 // Bits below token t in a row of ep_own_rows's words.
 EP_DEVICE int ep_ll_own_below(const ep_u32* words, int t) {
@@ -503,140 +481,6 @@ EP_DEVICE int ep_ll_own_below(const ep_u32* words, int t) {
     for (int w = 0; w < EP_WORDS; ++w) n += w < t / 32 ? __popc(words[w]) : 0;
     return n;
 }
-
-// The prologue split across a thread-block cluster (EP_LL_CLUSTER > 1: Hopper's clusters and
-// distributed shared memory; off by default, an experiment to measure). ncu finds the prologue
-// above bound by its instructions, not its loads: every one of a rank's dispatch blocks reads and
-// checks every rank's routing (ll-std R = 8: 264 blocks, each over all 8192 entries). Launched in
-// clusters of C blocks along x (the host adds the cluster dimension to the launch and gives each
-// rank a multiple of C blocks), the C blocks of a cluster serve one rank and split that work:
-// block p sets this rank's bits of the token words w ≡ p (mod C) (a token's K ids are in one word,
-// so a repeated expert is still found in one block) and checks the other active ranks' tokens
-// whose index source × Bmax + t ≡ p (mod C), counting the lower ranks' selections into its own
-// share. After a cluster barrier each dispatch block copies the words the others set from their
-// shared memory (mapa + ld.shared::cluster; each word has one writer, so no block writes what
-// another reads), sums the C shares of the counts into `before` and ORs the C verdicts into
-// `bad`: the words, counts and verdict one block reading everything gets, so the same rows, bit
-// for bit, and nothing moves where any active rank's routing fails. A second barrier, after the
-// gathers, keeps every block (and its shared memory) in the launch until the others have read it.
-// The cluster's block 0 takes one ticket for all C (a cluster starts whole, so the first R tickets
-// still go to clusters holding the R update blocks, which wait for each other: none waits for a
-// block that has not started) and loads the mask once for all C (the cluster counts with one
-// mask, as one block does). The update block (block 0 of the rank's first cluster) does its share
-// too, then its update without gathering: its share is 1/C of the prologue each dispatch block
-// ran before, while leaving it out would give its cluster's other C − 1 blocks more than every
-// other cluster's, and the rank's slowest block sets when its rows are all sent. Its update
-// starts once the cluster's shares are written (they are the same size as its own). The kernel
-// takes C from %cluster_nctarank, so a launch without clusters (one block each) runs the whole
-// prologue in every block, as before. Costs: three cluster barriers and, per dispatch block,
-// (C − 1)/C of its words and C × E counts read from the other blocks.
-#if EP_LL_CLUSTERED
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-#error "EP_LL_CLUSTER > 1 needs thread-block clusters (compute capability 9.0 on)"
-#endif
-// What a block of the cluster shares besides its words of ep_own_rows: the lower ranks' selections
-// of its tokens per expert, its verdict, and (block 0) the cluster's ticket and mask.
-struct EpOwnShare {
-    int counts[EP_E];
-    int bad;
-    int place;
-    ep_u64 mask;
-};
-__shared__ EpOwnShare ep_own_share;
-
-EP_DEVICE int ep_cluster_block() {
-    unsigned r;
-    asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-    return static_cast<int>(r);
-}
-EP_DEVICE int ep_cluster_blocks() {
-    unsigned n;
-    asm("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
-    return static_cast<int>(n);
-}
-// The cluster's barrier in two halves: arrive releases this thread's writes (shared memory
-// included) to the cluster; wait returns once every thread of the cluster has arrived, and
-// acquires their writes. Each thread alternates them.
-EP_DEVICE void ep_cluster_arrive() { asm volatile("barrier.cluster.arrive.release;" ::: "memory"); }
-EP_DEVICE void ep_cluster_wait() { asm volatile("barrier.cluster.wait.acquire;" ::: "memory"); }
-// The shared::cluster address of `local` (in this block's shared memory) in cluster block `block`.
-EP_DEVICE unsigned ep_cluster_address(const void* local, int block) {
-    const unsigned own = static_cast<unsigned>(__cvta_generic_to_shared(local));
-    unsigned remote;
-    asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(own), "r"(block));
-    return remote;
-}
-EP_DEVICE ep_u32 ep_cluster_load(const void* local, int block) {
-    ep_u32 value;
-    asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(value) : "r"(ep_cluster_address(local, block)) : "memory");
-    return value;
-}
-EP_DEVICE ep_u64 ep_cluster_load64(const void* local, int block) {
-    ep_u64 value;
-    asm volatile("ld.shared::cluster.u64 %0, [%1];" : "=l"(value) : "r"(ep_cluster_address(local, block)) : "memory");
-    return value;
-}
-
-// `value`, through an instruction the compiler cannot see through (nothing computed from it is
-// taken for the same thing computed from `value`).
-EP_DEVICE int ep_opaque(int value) {
-    int copy;
-    asm volatile("mov.b32 %0, %1;" : "=r"(copy) : "r"(value));
-    return copy;
-}
-
-// Clears this block's words of ep_own_rows and its share (before the cluster's first barrier).
-EP_DEVICE void ep_ll_own_rows_clear() {
-    for (int i = threadIdx.x; i < (EP_E + EP_R) * EP_WORDS; i += blockDim.x) ep_own_rows.words[i] = 0u;
-    for (int i = threadIdx.x; i < EP_E; i += blockDim.x) ep_own_share.counts[i] = 0;
-    if (threadIdx.x == 0) ep_own_share.bad = 0;
-}
-
-// Cluster block `part` of `parts`: its share of rank `rank`'s prologue (ep_ll_own_rows's checks
-// and counts), with the cluster's mask.
-EP_DEVICE void ep_ll_own_rows_share(const EpArgs& args, int rank, ep_u64 mask, int part, int parts) {
-    EpOwnRows& own = ep_own_rows;
-    EpOwnShare& share = ep_own_share;
-    constexpr int word = 32 * EP_K;   // a word's entries: its 32 tokens' K ids
-    ep_ll_each_routing_entry_of(args, rank, static_cast<int>(args.rank[rank].tokens),
-                                [&](int n) { return (part + parts * (n / word)) * word + n % word; },
-                                [&](int i, long long e) {
-        if (e < -1 || e >= EP_E) {
-            share.bad = 1;
-        } else if (e >= 0 && ep_ll_mark_selection(own.words, own.words + EP_E * EP_WORDS, mask, i / EP_K, static_cast<int>(e))) {
-            share.bad = 1;
-        }
-    });
-#if EP_R > 1
-    for (int i = part + parts * threadIdx.x; i < EP_R * EP_BMAX; i += parts * blockDim.x) {
-        const int source = i / EP_BMAX, t = i % EP_BMAX;
-        if (source == rank || !ep_active(mask, source) || t >= static_cast<int>(args.rank[source].tokens)) continue;
-        if (ep_ll_peer_token(args, rank, mask, source, t, share.counts)) share.bad = 1;
-    }
-#endif
-}
-
-// After the cluster's barrier: ep_own_rows as ep_ll_own_rows builds it, from the cluster's shares.
-// Only words below the rank's token count can have bits; words the block set itself stay.
-EP_DEVICE void ep_ll_own_rows_gather(int rank, ep_u64 mask, int tokens, int part, int parts) {
-    EpOwnRows& own = ep_own_rows;
-    const int used = (tokens + 31) / 32;
-    for (int i = threadIdx.x; i < (EP_E + EP_R) * EP_WORDS; i += blockDim.x) {
-        const int w = i % EP_WORDS, owner = w % parts;
-        if (w < used && owner != part) own.words[i] = ep_cluster_load(&own.words[i], owner);
-    }
-    for (int e = threadIdx.x; e < EP_E; e += blockDim.x) {
-        int sum = 0;   // rank 0 has no lower rank: every share's count is 0
-        for (int p = 0; rank > 0 && p < parts; ++p) sum += static_cast<int>(ep_cluster_load(&ep_own_share.counts[e], p));
-        own.before[e] = ep_active(mask, e / EP_L) ? sum : EP_OWN_NO_ROW;
-    }
-    if (threadIdx.x == 0) {
-        int bad = 0;
-        for (int p = 0; p < parts; ++p) bad |= static_cast<int>(ep_cluster_load(&ep_own_share.bad, p));
-        own.bad = bad;
-    }
-}
-#endif
 #endif
 
 // One block's share of rank `rank`'s dispatch (`block`: which of the rank's blocks it is).
@@ -763,38 +607,6 @@ ep_ll_dispatch(const EpArgs args) {
 extern "C" __global__ void __launch_bounds__(512, 2)
 ep_ll_update_dispatch(const EpArgs args) {
     ep_grid_dependency();
-#if EP_LL_CLUSTERED
-    // In clusters (above): block 0 takes the cluster's ticket and mask; each block does its share,
-    // the update block its update, the dispatch blocks gather the shares.
-    ep_u32* launch = ep_hs(args, static_cast<int>(args.first_rank));
-    const int ranks = static_cast<int>(gridDim.y);
-    const int part = ep_cluster_block(), parts = ep_cluster_blocks();
-    ep_ll_own_rows_clear();
-    if (part == 0 && threadIdx.x == 0) {
-        ep_own_share.place = static_cast<int>(atomicAdd(launch + H_TICKET, 1u));
-        ep_own_share.mask = ep_load_mask(args);
-    }
-    ep_cluster_arrive();   // every block of the cluster has started and cleared its share
-    ep_cluster_wait();
-    const int place = static_cast<int>(ep_cluster_load(&ep_own_share.place, 0));
-    const ep_u64 mask = ep_cluster_load64(&ep_own_share.mask, 0);
-    const int rank = static_cast<int>(args.first_rank) + place % ranks;
-    const EpBlock block = {place / ranks * parts + part, static_cast<int>(gridDim.x)};
-    // The share reads the rank's argument words through a copy of `rank` the compiler cannot see
-    // through: given the same one, it kept what the share loaded for the dispatch's loop, which
-    // then spilled (ptxas, ll-std: 16 bytes; none this way).
-    ep_ll_own_rows_share(args, ep_opaque(rank), mask, part, parts);
-    ep_cluster_arrive();   // this block's share is written
-    ep_cluster_wait();
-    if (block.index == 0) {
-        ep_cluster_arrive();   // it reads no share
-        ep_ll_update_rank(args, rank);
-    } else {
-        ep_ll_own_rows_gather(rank, mask, static_cast<int>(args.rank[rank].tokens), part, parts);
-        ep_cluster_arrive();   // done reading the others' shares
-    }
-    ep_cluster_wait();   // every block's gather is done: from here any block may leave
-#else
     __shared__ int place;
     ep_u32* launch = ep_hs(args, static_cast<int>(args.first_rank));
     const int ranks = static_cast<int>(gridDim.y);
@@ -827,7 +639,6 @@ ep_ll_update_dispatch(const EpArgs args) {
             hs[H_STEP_OK] = 0u;
         }
     }
-#endif
     __syncthreads();
     if (threadIdx.x == 0) {
         // Every ready flag of this launch is written before its block counts itself passed (the
