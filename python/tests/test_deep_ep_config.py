@@ -1,0 +1,36 @@
+"""DeepEP's Config through compat.deep_ep: the chunk sizes are checked as DeepEP's Config checks
+them (they tune a pipeline this library does not have, and are kept unused), so a config DeepEP
+refuses is refused here too, by name, and one it takes is taken (its RDMA receive chunk rounded up
+to a multiple of the send chunk, as DeepEP rounds it)."""
+
+import pytest
+
+import expert_parallel as ep
+from expert_parallel.compat.deep_ep import Buffer, Config
+
+
+def test_deepeps_own_configs_are_taken():
+    # (the shapes of the configs DeepEP's get_dispatch_config / get_combine_config return)
+    for chunks in [(6, 256, 6, 256), (24, 256, 6, 128), (10, 256, 6, 128), (6, 288, 20, 128), (4, 256, 6, 128)]:
+        config = Config(24, *chunks)
+        assert (config.num_max_nvl_chunked_send_tokens, config.num_max_nvl_chunked_recv_tokens,
+                config.num_max_rdma_chunked_send_tokens) == chunks[:3]
+    assert Config(24, 6, 256, 6, 128).num_max_rdma_chunked_recv_tokens == 132   # rounded up to a multiple of 6
+    assert Config(24, 6, 256, 100, 128).num_max_rdma_chunked_recv_tokens == 200   # 100 ≤ 200 / 2: DeepEP takes it
+    assert Buffer.get_dispatch_config(8).num_sms == Buffer.num_sms
+
+
+@pytest.mark.parametrize("chunks,message", [
+    ((0, 256, 6, 256), r"^num_max_nvl_chunked_send_tokens=0; must be an integer in \[1, 2147483647\]"),
+    ((6, -1, 6, 256), r"^num_max_nvl_chunked_recv_tokens=-1; must be an integer in \[1, "),
+    ((6, 256, 0, 256), r"^num_max_rdma_chunked_send_tokens=0; must be an integer in \[1, "),
+    ((6, 256, 6, 0), r"^num_max_rdma_chunked_recv_tokens=0; must be an integer in \[1, "),
+    ((256, 256, 6, 256), r"^num_max_nvl_chunked_send_tokens=256; must be < num_max_nvl_chunked_recv_tokens \(256\)"),
+    ((6, 256, 100, 50), r"^num_max_rdma_chunked_send_tokens=100; must be ≤ half of num_max_rdma_chunked_recv_tokens .*: 100\)"),
+    ((6, 256, 6.0, 256), r"^num_max_rdma_chunked_send_tokens=6.0; must be an integer ≥ 1"),
+    ((6, True, 6, 256), r"^num_max_nvl_chunked_recv_tokens=True; must be an integer ≥ 1"),
+    ((6, 2**31, 6, 256), r"^num_max_nvl_chunked_recv_tokens=2147483648; must be an integer in \[1, 2147483647\]"),
+])
+def test_chunk_sizes_deepep_refuses_are_named(chunks, message):
+    with pytest.raises(ep.InvalidArgumentError, match=message):
+        Config(24, *chunks)
