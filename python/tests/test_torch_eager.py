@@ -134,3 +134,21 @@ def test_eager_decision_is_cheap_and_plain():
         pass
     assert not _eager.direct(t.as_subclass(Sub))
     assert _autograd.EagerDispatch is not None
+
+
+@pytest.mark.parametrize("algorithm,layout", [("ll", "expert_major"), ("ht", "flat")])
+@pytest.mark.parametrize("mode", [None, Seen])
+def test_a_gradient_of_a_gradient_through_the_backward_ops_is_refused_not_zero(algorithm, layout, mode):
+    """The backward ops have no derivative: differentiating the gradient a create_graph=True
+    backward pass gave (which ran them) raises, as the custom_op-defined ops did; without an
+    Autograd kernel torch's fallback let it through with a zero gradient."""
+    ex = exchange(algorithm, layout)
+    x, idx, w, _ = routing(9, R, B, E, K, H)
+    x.requires_grad_()
+    with mode() if mode else torch.enable_grad():
+        sent = ex.dispatch(x, idx, w)
+        y = ex.combine(sent.tokens * 3, sent)
+        gx, = torch.autograd.grad((y ** 2).sum(), x, create_graph=True)
+        assert gx.requires_grad
+        with pytest.raises(RuntimeError, match=r"expert_parallel\.backward_(combine|dispatch)"):
+            torch.autograd.grad(gx.sum(), x)

@@ -123,6 +123,24 @@ torch.library.register_autograd("expert_parallel::dispatch", _dispatch_backward,
 torch.library.register_autograd("expert_parallel::combine", _combine_backward, setup_context=_setup_combine, lib=_ops.LIBRARY)
 
 
+def _no_derivative(name: str):
+    """The backward of backward op `name`: there is none, and differentiating through it (the
+    gradient of a gradient a ``create_graph=True`` backward pass gave) raises. An op defined with
+    torch.library.Library has no Autograd kernel of its own, and torch's fallback for one lets
+    the call through with a zero gradient (a warning at most): the registration gives the error
+    that the custom_op-defined ops gave."""
+    def backward(ctx: Any, *grads: Any) -> Any:
+        raise RuntimeError(f"Trying to backward through expert_parallel.{name}.default (the backward pass of Exchange's "
+                           "dispatch and combine), which has no derivative: gradients of gradients through the exchange are "
+                           "not supported")
+    return backward
+
+
+for _name in ("backward_dispatch", "backward_combine"):
+    torch.library.register_autograd(f"expert_parallel::{_name}", _no_derivative(_name), lib=_ops.LIBRARY)
+del _name
+
+
 # The same derivatives for Exchange's eager calls that skip the dispatcher (_eager): autograd
 # records these Functions as the ops' registrations would record theirs (the same setup and
 # backward functions, ctx alike). The forward takes ctx itself: a Function with a separate
