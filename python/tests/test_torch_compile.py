@@ -126,3 +126,33 @@ def test_wrong_combine_arguments_are_named(case, compiled):
     wanted = torch._dynamo.exc.TorchRuntimeError if compiled else ep.InvalidArgumentError
     assert isinstance(caught.value, wanted), repr(caught.value)
     assert re.search(message, str(caught.value)), str(caught.value)
+
+
+def test_a_dynamic_graph_is_compiled_once_for_every_token_count():
+    """The ops' integer arguments are SymInts (as custom_op inferred them): the backward combine's
+    `tokens` is B, which under dynamic=True stays symbolic instead of specialising the graph (and
+    recompiling it) for each B."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    ex = exchange("ht", "flat")
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda *a: over_group(ex, *a), fullgraph=True, backend=counter, dynamic=True)
+    for tokens in (5, 3, 4):
+        run(compiled, routing(50 + tokens, R, tokens, E, K, H))
+    assert counter.frame_count == 1
+    assert "SymInt group, SymInt tokens)" in str(torch.ops.expert_parallel.backward_combine.default._schema)
+
+
+def test_the_ops_are_pt2_compliant():
+    """custom_op tagged its ops pt2_compliant_tag, which only_allow_pt2_compliant_ops requires."""
+    for name in ("dispatch", "combine", "backward_dispatch", "backward_combine"):
+        assert torch.Tag.pt2_compliant_tag in getattr(torch.ops.expert_parallel, name).default.tags, name
+    torch._dynamo.reset()
+    ex = exchange("ll", "rank_major")
+    with torch._dynamo.config.patch(only_allow_pt2_compliant_ops=True):
+        compiled = torch.compile(lambda *a: over_group(ex, *a), fullgraph=True, backend="aot_eager")
+        inputs = routing(60, R, B, E, K, H)
+        got = run(compiled, inputs)
+    for a, b in zip(got, run(lambda *a: over_group(ex, *a), inputs)):
+        assert torch.equal(a, b)

@@ -33,9 +33,12 @@ LIBRARY = torch.library.Library("expert_parallel", "DEF")
 
 def _op(schema: str, implementation):
     """Defines op ``expert_parallel::<schema's name>`` with `implementation` for CPU and CUDA
-    tensors (its fake implementation answers meta and fake tensors: `_fake`); returns its overload."""
+    tensors (its fake implementation answers meta and fake tensors: `_fake`); returns its overload.
+    As custom_op defined them: integers are SymInts (the backward combine's `tokens` is B, which a
+    ``dynamic=True`` graph keeps symbolic; an ``int`` would specialise the graph on it, one
+    recompile per B), and the op is tagged pt2_compliant (``only_allow_pt2_compliant_ops``)."""
     name = schema[:schema.index("(")]
-    LIBRARY.define(schema)
+    LIBRARY.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
     for key in ("CPU", "CUDA"):
         LIBRARY.impl(name, implementation, key)
     return getattr(torch.ops.expert_parallel, name).default
@@ -208,7 +211,7 @@ def run_dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], gr
     return received, idx, weights, token, counts
 
 
-dispatch = _op("dispatch(Tensor x, Tensor topk_idx, Tensor? topk_weights, int group) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+dispatch = _op("dispatch(Tensor x, Tensor topk_idx, Tensor? topk_weights, SymInt group) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
                run_dispatch)
 
 
@@ -297,7 +300,7 @@ def run_combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tens
     return combined
 
 
-combine = _op("combine(Tensor expert_outputs, Tensor topk_idx, Tensor? weights, Tensor step, int group) -> Tensor", run_combine)
+combine = _op("combine(Tensor expert_outputs, Tensor topk_idx, Tensor? weights, Tensor step, SymInt group) -> Tensor", run_combine)
 
 
 @_fake("combine")
@@ -324,7 +327,7 @@ def run_backward_dispatch(grad_combined: Tensor, step: Tensor, group: int) -> Te
     return received
 
 
-backward_dispatch = _op("backward_dispatch(Tensor grad_combined, Tensor step, int group) -> Tensor", run_backward_dispatch)
+backward_dispatch = _op("backward_dispatch(Tensor grad_combined, Tensor step, SymInt group) -> Tensor", run_backward_dispatch)
 
 
 @_fake("backward_dispatch")
@@ -360,7 +363,7 @@ def run_backward_combine(grad_received: Tensor, grad_weights: Optional[Tensor], 
     return grad_x, grad_w
 
 
-backward_combine = _op("backward_combine(Tensor grad_received, Tensor? grad_weights, Tensor step, int group, int tokens) -> (Tensor, Tensor)",
+backward_combine = _op("backward_combine(Tensor grad_received, Tensor? grad_weights, Tensor step, SymInt group, SymInt tokens) -> (Tensor, Tensor)",
                        run_backward_combine)
 
 
