@@ -152,3 +152,35 @@ def test_a_gradient_of_a_gradient_through_the_backward_ops_is_refused_not_zero(a
         assert gx.requires_grad
         with pytest.raises(RuntimeError, match=r"expert_parallel\.backward_(combine|dispatch)"):
             torch.autograd.grad(gx.sum(), x)
+
+
+def test_the_ops_modules_can_be_reloaded():
+    """importlib.reload (IPython's autoreload) of the ops' modules redefines the ops, as it did
+    with custom_op: a second torch.library.Library(..., "DEF") of the namespace raised."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import importlib
+import torch
+import expert_parallel as ep
+from expert_parallel.torch import Exchange, _autograd, _ops
+importlib.reload(_ops)
+importlib.reload(_autograd)
+ex = Exchange(ep.VirtualGroup(ranks=2, experts=4, hidden=8, top_k=2, max_tokens=3, dtype="f32", algorithm="ht", layout="flat"))
+x = torch.randn(2, 3, 8, requires_grad=True)
+idx = torch.tensor([[[0, 1], [2, 3], [1, 2]], [[3, 0], [1, 3], [0, 2]]])
+sent = ex.dispatch(x, idx, torch.rand(2, 3, 2))
+ex.combine(sent.tokens * 2, sent).sum().backward()
+assert x.grad.abs().sum() > 0
+def step(x):
+    sent = ex.dispatch(x, idx, torch.ones(2, 3, 2))
+    return ex.combine(sent.tokens, sent)
+assert torch.equal(torch.compile(step, backend="aot_eager", fullgraph=True)(x.detach()), step(x.detach()))
+print("ok")
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -28,6 +28,8 @@ from . import _registry, _step_routing
 # The ops are defined with torch.library.Library, not torch.library.custom_op: the dispatcher then
 # calls the implementations with less around them (custom_op's backend wrapper alone cost ~6 µs a
 # call on the build machine's CPU), which is what a compiled graph, or a call under a mode, pays.
+if "LIBRARY" in globals():   # a reload of this module (importlib.reload, IPython's autoreload): its ops go first,
+    LIBRARY._destroy()        # as custom_op's redefinition did (a second "DEF" of the namespace raises)
 LIBRARY = torch.library.Library("expert_parallel", "DEF")
 
 
