@@ -184,3 +184,24 @@ print("ok")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_under_functionalization_the_ops_run():
+    """torch._enable_functionalization (C++ functionalization: the tensors are FunctionalTensorWrappers,
+    plain torch.Tensors to Python, without storage) is something that intercepts calls: the ops
+    run (its fallback unwraps them); the implementations read a null address."""
+    ex = exchange("ht", "flat")
+    x, idx, w, _ = routing(10, R, B, E, K, H)
+
+    def moe(x, idx, w):
+        sent = ex.dispatch(x, idx, w)
+        return ex.combine(sent.tokens * 2, sent)
+
+    want = moe(x, idx, w)
+    wrapped = [torch._to_functional_tensor(t) for t in (x, idx, w)]
+    torch._enable_functionalization(reapply_views=True)
+    try:
+        got = moe(*wrapped)
+    finally:
+        torch._disable_functionalization()
+    assert torch.equal(torch._from_functional_tensor(got), want)

@@ -12,7 +12,9 @@ the op, whenever something could want to see or transform it:
   TorchScript trace;
 - a ``__torch_function__`` mode or a ``__torch_dispatch__`` mode (``make_fx``, FakeTensorMode,
   FlopCounterMode, selective activation checkpointing, ...);
-- functorch transforms (vmap, grad);
+- functorch transforms (vmap, grad), and C++ functionalization (``torch._enable_functionalization``,
+  whose FunctionalTensorWrappers are plain ``torch.Tensor`` objects to Python, without storage:
+  its fallback unwraps them for the op);
 - the autograd profiler (the op's name then shows in the trace);
 - any argument that is not a plain ``torch.Tensor`` (a subclass: FakeTensor, FunctionalTensor,
   DTensor, ...) or that is on ``meta`` (the op's fake implementation answers those, with its own
@@ -32,6 +34,8 @@ _function_mode = _C._is_torch_function_mode_enabled
 _dispatch_modes = _C._len_torch_dispatch_stack
 _transforms = _C._are_functorch_transforms_active
 _tracing = _C._get_tracing_state
+_included = _C._dispatch_tls_is_dispatch_key_included
+_FUNCTIONALIZE = _C.DispatchKey.Functionalize
 _profiling = torch.autograd._profiler_enabled
 
 
@@ -42,4 +46,5 @@ def direct(a: Tensor, b: Optional[Tensor] = None, c: Optional[Tensor] = None, d:
     for value in (a, b, c, d):
         if value is not None and (type(value) is not Tensor or value.is_meta):
             return False
-    return not (_function_mode() or _dispatch_modes() or _transforms() or _tracing() is not None or _profiling())
+    return not (_function_mode() or _dispatch_modes() or _transforms() or _tracing() is not None or _profiling()
+                or _included(_FUNCTIONALIZE))
