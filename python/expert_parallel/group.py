@@ -753,11 +753,14 @@ class VirtualGroup(GroupBase):
         on its device (torch/_ops.py: `_received`, `_counts`; None for the routing of LL
         expert-major), so only their addresses are read here, where dispatch() checks them as a
         caller's. The inputs and the handle are checked as dispatch() checks them; anything but
-        stacked inputs takes dispatch() itself (which names what is wrong)."""
+        stacked inputs takes dispatch() itself (which names what is wrong), and so does a call
+        without the weights a layout sends with the rows, or without routing for a step that has
+        none (a direct call of the op: the group's own checks name them)."""
         lock = self._lock
         lock.acquire()
         try:
-            if self._open_send_only is None and self._group:
+            if (self._open_send_only is None and self._group and (topk_weights is not None or self.recv_routing_shape is None)
+                    and (topk_idx is not None or handle.tokens is not None)):
                 self._check_handle(handle, dispatched=False)
                 parts = self._stacked_parts(xs, topk_idx, topk_weights, None, handle)
                 if parts is not None:

@@ -205,3 +205,18 @@ def test_under_functionalization_the_ops_run():
     finally:
         torch._disable_functionalization()
     assert torch.equal(torch._from_functional_tensor(got), want)
+
+
+def test_a_dispatch_op_call_without_the_weights_a_layout_carries_is_named():
+    """torch.ops.expert_parallel.dispatch takes topk_weights=None (LL expert-major's); for a layout
+    that sends them with the rows the group's own check names it (VirtualGroup._dispatch_fresh
+    left it to the library's 'epGroupDispatchStacked: ... topk_weights = NULL')."""
+    import expert_parallel as ep
+
+    for layout_of in (("ll", "rank_major"), ("ht", "flat"), ("ht", "expert_major_padded")):
+        ex = exchange(*layout_of)
+        x, idx, w, _ = routing(11, R, B, E, K, H)
+        with pytest.raises(ep.InvalidArgumentError, match=rf"^topk_weights: None; layout '{layout_of[1]}' sends the weights"):
+            torch.ops.expert_parallel.dispatch(x, idx, None, ex.id)
+        sent = ex.dispatch(x, idx, w)   # (the failed call left the group as it was)
+        assert ex.combine(sent.tokens, sent).abs().sum() > 0
