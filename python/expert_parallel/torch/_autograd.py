@@ -119,10 +119,6 @@ def _combine_backward(ctx: Any, grad_combined: Tensor) -> Tuple[Tensor, None, Op
     return rows, None, None, None, None
 
 
-torch.library.register_autograd("expert_parallel::dispatch", _dispatch_backward, setup_context=_setup_dispatch, lib=_ops.LIBRARY)
-torch.library.register_autograd("expert_parallel::combine", _combine_backward, setup_context=_setup_combine, lib=_ops.LIBRARY)
-
-
 def _no_derivative(name: str):
     """The backward of backward op `name`: there is none, and differentiating through it (the
     gradient of a gradient a ``create_graph=True`` backward pass gave) raises. An op defined with
@@ -136,9 +132,17 @@ def _no_derivative(name: str):
     return backward
 
 
-for _name in ("backward_dispatch", "backward_combine"):
-    torch.library.register_autograd(f"expert_parallel::{_name}", _no_derivative(_name), lib=_ops.LIBRARY)
-del _name
+def _register() -> None:
+    """The ops' Autograd kernels, on _ops.LIBRARY: at import, and again by a reload of _ops
+    (whose previous Library took them along when it was destroyed)."""
+    lib = _ops.LIBRARY
+    torch.library.register_autograd("expert_parallel::dispatch", _dispatch_backward, setup_context=_setup_dispatch, lib=lib)
+    torch.library.register_autograd("expert_parallel::combine", _combine_backward, setup_context=_setup_combine, lib=lib)
+    for name in ("backward_dispatch", "backward_combine"):
+        torch.library.register_autograd(f"expert_parallel::{name}", _no_derivative(name), lib=lib)
+
+
+_register()
 
 
 # The same derivatives for Exchange's eager calls that skip the dispatcher (_eager): autograd

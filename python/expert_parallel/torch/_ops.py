@@ -15,6 +15,7 @@ dispatch receives into a buffer slot that its peers write: the ops copy the slot
 
 from __future__ import annotations
 
+import sys
 from typing import Optional, Tuple
 
 import torch
@@ -28,8 +29,9 @@ from . import _registry, _step_routing
 # The ops are defined with torch.library.Library, not torch.library.custom_op: the dispatcher then
 # calls the implementations with less around them (custom_op's backend wrapper alone cost ~6 µs a
 # call on the build machine's CPU), which is what a compiled graph, or a call under a mode, pays.
-if "LIBRARY" in globals():   # a reload of this module (importlib.reload, IPython's autoreload): its ops go first,
-    LIBRARY._destroy()        # as custom_op's redefinition did (a second "DEF" of the namespace raises)
+_RELOADED = "LIBRARY" in globals()   # a reload of this module (importlib.reload, IPython's autoreload): its ops go
+if _RELOADED:                          # first, as custom_op's redefinition did (a second "DEF" of the namespace raises)
+    LIBRARY._destroy()
 LIBRARY = torch.library.Library("expert_parallel", "DEF")
 
 
@@ -378,3 +380,7 @@ def _(grad_received, grad_weights, step, group, tokens):
     lead = _lead(g)
     shape = lead + ((tokens, g.top_k) if g.algorithm == "ht" else (0,))
     return grad_received.new_empty(lead + (tokens, g.hidden)), grad_received.new_empty(shape, dtype=torch.float32)
+
+
+if _RELOADED and f"{__package__}._autograd" in sys.modules:   # the derivatives went with the previous Library
+    sys.modules[f"{__package__}._autograd"]._register()
