@@ -44,6 +44,11 @@ def timed(fn, samples):
     return run
 
 
+def median_us(values, calls):
+    """The median of `values` (seconds) past the first tenth of `calls` (warm-up), in µs; NaN for none."""
+    return statistics.median(values[calls // 10:]) * 1e6 if values else float("nan")
+
+
 def stubbed(fn):
     return lambda *arguments: 0   # epSuccess
 
@@ -97,7 +102,7 @@ def measure(name, ranks, calls, kind, device="cuda:0", stub=False, hidden=None, 
         torch.cuda.synchronize()
     if not stub:
         group.check()
-    med = lambda values: statistics.median(values[calls // 10:]) * 1e6 if values else float("nan")  # noqa: E731
+    med = lambda values: median_us(values, calls)  # noqa: E731
     label = ({"stacked": "stacked", "lists": "per-rank lists", "nccl": "NCCL rank"}[kind] + (", C stubbed" if stub else "")
              + (f", {rotate} copies in turn" if rotate > 1 else "")
              + "".join(f", {key}={value}" for key, value in (tuning or {}).items()))
@@ -132,7 +137,7 @@ def measure_exchange(name, ranks, calls, group, x, idx, w, stub, grad):
         torch.cuda.synchronize()
     if not stub:
         group.check()
-    med = lambda values: statistics.median(values[calls // 10:]) * 1e6  # noqa: E731
+    med = lambda values: median_us(values, calls)  # noqa: E731
     label = "Exchange" + (", C stubbed" if stub else "") + (", with grad" if grad else ", no grad")
     print(f"{name} R={ranks} {label}: Python dispatch {med(dispatch):.1f} combine {med(combine):.1f}", flush=True)
     exchange.close()

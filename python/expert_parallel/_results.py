@@ -270,24 +270,10 @@ _new = object.__new__
 def own_step_result(group: Any, slot: Any, step: int, use: int, tokens: Any, topk_idx: Any, topk_weights: Any,
                     weight_stacked: Any) -> "DispatchResult":
     """The result of a stacked dispatch of the group's own step into buffer slot `slot` and its
-    handle, made in one call, every field written once (the result's in __init__'s order): the data
-    path (DispatchResult._of_slot's views and lists)."""
+    handle, each field of the handle written once (the data path), the result as
+    DispatchResult._of_slot makes it."""
     handle = _new(Handle)
     handle.group, handle._pointer, handle.step, handle.slot, handle.slot_use = group, None, step, slot.index, use
     handle.tokens, handle.topk_idx, handle.topk_weights, handle.received_weights = tokens, topk_idx, topk_weights, slot.w_views
     handle.weight_addresses, handle.weight_stacked, handle.released = None, weight_stacked, False
-    result = _new(DispatchResult)
-    idx, w, scales = slot.idx_views, slot.w_views, slot.scale_views
-    result.tokens = list(slot.views)
-    result.topk_idx = None if idx is None else list(idx)
-    result.topk_weights = None if w is None else list(w)
-    result.handle = handle
-    result._layout = None
-    result.received = slot.received
-    result.expert_counts = slot.counts
-    result.expert_source_counts = slot.source_counts
-    result.event = None
-    result.hook = None
-    result.scales = None if scales is None else list(scales)
-    result._step = step
-    return result
+    return DispatchResult._of_slot(slot, handle)
