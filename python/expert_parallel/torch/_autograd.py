@@ -133,9 +133,14 @@ def _no_derivative(name: str):
 
 
 def _register() -> None:
-    """The ops' Autograd kernels, on _ops.LIBRARY: at import, and again by a reload of _ops
-    (whose previous Library took them along when it was destroyed)."""
-    lib = _ops.LIBRARY
+    """The ops' Autograd kernels, on a fragment Library of their own: at import, and again by a
+    reload of this module or of _ops. The previous fragment goes first: torch (2.11) refuses a
+    second Python kernel for the same op and key while the first is registered."""
+    global _LIBRARY
+    previous = globals().get("_LIBRARY")
+    if previous is not None:
+        previous._destroy()
+    lib = _LIBRARY = torch.library.Library("expert_parallel", "FRAGMENT")
     torch.library.register_autograd("expert_parallel::dispatch", _dispatch_backward, setup_context=_setup_dispatch, lib=lib)
     torch.library.register_autograd("expert_parallel::combine", _combine_backward, setup_context=_setup_combine, lib=lib)
     for name in ("backward_dispatch", "backward_combine"):

@@ -382,5 +382,5 @@ def _(grad_received, grad_weights, step, group, tokens):
     return grad_received.new_empty(lead + (tokens, g.hidden)), grad_received.new_empty(shape, dtype=torch.float32)
 
 
-if _RELOADED and f"{__package__}._autograd" in sys.modules:   # the derivatives went with the previous Library
+if _RELOADED and f"{__package__}._autograd" in sys.modules:   # the derivatives, again for the redefined ops
     sys.modules[f"{__package__}._autograd"]._register()
