@@ -70,9 +70,10 @@ public struct TensorRef: @unchecked Sendable, CustomStringConvertible {
 /// An owning host buffer, for tests, the benchmark and callers who want one. Its element
 /// accessors take a Swift type of the element's size (`Int32` or `UInt32` for `i32`, `Float` for
 /// `f32`, `UInt16` for the bits of `bf16`/`f16`, `UInt8` for `u8`/`e4m3`; `copy(from:)` also takes
-/// the raw bytes): another size is a precondition failure that names both, never a
-/// reinterpretation (an `[Int]` literal into an `i32` tensor would otherwise fill it with the
-/// halves of 64-bit values). `bytes()` reads the raw bytes of any tensor.
+/// the raw bytes), never a reinterpretation (an `[Int]` literal into an `i32` tensor would
+/// otherwise fill it with the halves of 64-bit values): `copy(from:)` and `array(of:)` throw
+/// `invalidArgument` naming another size or a wrong count, and write nothing; the element
+/// subscript, which cannot throw, traps like an array's. `bytes()` reads the raw bytes of any tensor.
 public final class HostTensor: @unchecked Sendable {
     public let dtype: DataType
     public let shape: [Int]
@@ -115,39 +116,59 @@ public final class HostTensor: @unchecked Sendable {
     public func fill(byte: UInt8) { storage.initializeMemory(as: UInt8.self, repeating: byte, count: byteCount) }
     public func bytes() -> [UInt8] { Array(UnsafeRawBufferPointer(start: storage, count: byteCount)) }
 
-    private func requireElement<T>(_ type: T.Type, _ what: String) {
-        precondition(MemoryLayout<T>.stride == dtype.byteSize,
-                     "HostTensor.\(what): \(T.self) is \(MemoryLayout<T>.stride) bytes; this tensor's \(dtype) elements are \(dtype.byteSize)")
+    /// `invalidArgument` naming `type` (`array(of:)`) or `values` (`copy(from:)`, which also takes
+    /// raw bytes) unless `T` is the element's size.
+    private func requireElement<T>(_ type: T.Type, forCopy: Bool) throws(EPError) {
+        let bytes = MemoryLayout<T>.stride
+        guard bytes != dtype.byteSize else { return }
+        let size = "\(dtype.byteSize) bytes, the size of this tensor's \(dtype) elements"
+        throw forCopy
+            ? .invalidArgument(field: "values", value: "[\(T.self)] (\(bytes)-byte elements)",
+                               requirement: "must have elements of \(size), or be [UInt8] (its raw bytes)")
+            : .invalidArgument(field: "type", value: "\(T.self) (\(bytes) bytes)", requirement: "must be \(size)")
     }
 
-    /// The byte offset of element `index` as a `T`, after checking both.
+    /// The byte offset of element `index` as a `T`, after checking both (traps, naming them).
     private func offset<T>(_ type: T.Type, _ index: Int) -> Int {
-        requireElement(T.self, "subscript")
+        precondition(MemoryLayout<T>.stride == dtype.byteSize,
+                     "HostTensor.subscript: \(T.self) is \(MemoryLayout<T>.stride) bytes; this tensor's \(dtype) elements are \(dtype.byteSize)")
         precondition(index >= 0 && index < elementCount, "HostTensor.subscript: index \(index) is not in 0..<\(elementCount)")
         return index * MemoryLayout<T>.stride
     }
 
-    /// Element `index` (in `0..<elementCount`) as `T`, which must be the element's size.
+    /// Element `index` as `T`. Like `Array`'s subscript it traps (a precondition failure that names
+    /// both) on an index outside `0..<elementCount`, or on a `T` that is not the element's size: a
+    /// subscript with a setter cannot throw. For indices or types from your own data, check them
+    /// first, or use `array(of:)` and `copy(from:)`, which throw.
     public subscript<T>(as type: T.Type, index: Int) -> T {
         get { storage.load(fromByteOffset: offset(T.self, index), as: T.self) }
         set { storage.storeBytes(of: newValue, toByteOffset: offset(T.self, index), as: T.self) }
     }
 
-    /// Every element as `T`, which must be the element's size.
-    public func array<T>(of type: T.Type) -> [T] {
-        requireElement(T.self, "array(of:)")
+    /// Every element as `T`; `invalidArgument` naming `type` unless `T` is the element's size.
+    public func array<T>(of type: T.Type) throws(EPError) -> [T] {
+        try requireElement(T.self, forCopy: false)
         return (0..<elementCount).map { storage.load(fromByteOffset: $0 * MemoryLayout<T>.stride, as: T.self) }
     }
 
     /// Sets every element from `values`: `elementCount` of them, of the element's size, or the
     /// tensor's raw bytes (`[UInt8]`, `byteCount` of them: `RandomRouting.payload`'s encoding).
-    public func copy<T>(from values: [T]) {
+    /// Anything else throws `invalidArgument` naming `values` (another element size) or
+    /// `values.count` (a count other than the tensor's), and writes nothing.
+    public func copy<T>(from values: [T]) throws(EPError) {
         if T.self == UInt8.self && dtype.byteSize != 1 {
-            precondition(values.count == byteCount, "HostTensor.copy(from:): \(values.count) bytes; this tensor holds \(byteCount)")
+            guard values.count == byteCount else {
+                throw .invalidArgument(field: "values.count", value: "\(values.count)",
+                                       requirement: "must equal the byte count (\(byteCount)) of this \(dtype)\(shape) tensor, for its raw bytes")
+            }
         } else {
-            requireElement(T.self, "copy(from:)")
-            precondition(values.count == elementCount, "HostTensor.copy(from:): \(values.count) values; this tensor holds \(elementCount)")
+            try requireElement(T.self, forCopy: true)
+            guard values.count == elementCount else {
+                throw .invalidArgument(field: "values.count", value: "\(values.count)",
+                                       requirement: "must equal the element count (\(elementCount)) of this \(dtype)\(shape) tensor")
+            }
         }
+        guard byteCount > 0 else { return }
         values.withUnsafeBytes { storage.copyMemory(from: $0.baseAddress!, byteCount: byteCount) }
     }
 }

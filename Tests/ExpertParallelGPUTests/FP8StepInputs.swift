@@ -25,12 +25,12 @@ extension StepInputs {
         case .passThrough:
             tokens = try counts.map { b in
                 let codes = try HostTensor(.e4m3, [b, config.hidden])
-                codes.copy(from: (0..<(b * config.hidden)).map { _ in UInt8(truncatingIfNeeded: random.next()) })
+                try codes.copy(from: (0..<(b * config.hidden)).map { _ in UInt8(truncatingIfNeeded: random.next()) })
                 return codes
             }
             scales = try counts.map { b in
                 let words = try HostTensor(fp8.scaleType, [b, format.scaleWordsPerRow])
-                words.copy(from: (0..<(b * format.scaleWordsPerRow)).map { _ in UInt32(truncatingIfNeeded: random.next()) })
+                try words.copy(from: (0..<(b * format.scaleWordsPerRow)).map { _ in UInt32(truncatingIfNeeded: random.next()) })
                 return words
             }
         }

@@ -55,23 +55,23 @@ struct StepInputs {
         }
         tokens = try counts.map { b in
             let x = try HostTensor(config.elementType, [b, config.hidden])
-            x.copy(from: try random.payload(b * config.hidden, config.elementType))
+            try x.copy(from: random.payload(b * config.hidden, config.elementType))
             return x
         }
         weights = try counts.map { b in
             let w = try HostTensor(.f32, [b, config.topK])
-            w.copy(from: try random.weights(b * config.topK))
+            try w.copy(from: random.weights(b * config.topK))
             return w
         }
         expertOutputs = try counts.map { _ in
             let y = try HostTensor(config.elementType, config.receiveShape)
-            y.copy(from: try random.payload(y.elementCount, config.elementType))
+            try y.copy(from: random.payload(y.elementCount, config.elementType))
             return y
         }
         weightGradients = try counts.map { _ in
             guard config.algorithm == .highThroughput, let shape = config.receiveRoutingShape else { return nil }
             let g = try HostTensor(.f32, shape)
-            g.copy(from: try random.weights(g.elementCount).map { $0 - 0.5 })
+            try g.copy(from: random.weights(g.elementCount).map { $0 - 0.5 })
             return g
         }
     }
@@ -111,7 +111,7 @@ func oracleStep(_ config: GroupConfig, _ inputs: StepInputs, direction: PassDire
     let results = group.run(ranks: active) { rank throws(EPError) -> StepResult in
         let r = rank.rank
         let idx = try HostTensor(.i32, [inputs.tokens[r].shape[0], config.topK])
-        idx.copy(from: inputs.routing[r])
+        try idx.copy(from: inputs.routing[r])
         let received = try HostTensor(config.receiveElementType, config.receiveShape)
         let receivedIdx = try config.receiveRoutingShape.map { shape throws(EPError) in try HostTensor(.i32, shape) }
         let receivedWeights = try config.receiveRoutingShape.map { shape throws(EPError) in try HostTensor(.f32, shape) }
@@ -174,7 +174,7 @@ final class GPUStep: @unchecked Sendable {
     func upload(_ inputs: StepInputs) throws {
         for r in 0..<config.ranks {
             let ids = try HostTensor(.i32, idx[r].shape)
-            ids.copy(from: inputs.routing[r])
+            try ids.copy(from: inputs.routing[r])
             try idx[r].upload(ids)
             try x[r].upload(inputs.tokens[r])
             try w[r].upload(inputs.weights[r])

@@ -19,7 +19,7 @@ struct NCCLOneRankTests {
         try withOneRankGroup(config) { group in
             let device = group.device
             let routing = try HostTensor(.i32, [2, config.topK])
-            routing.copy(from: [Int32(0), 1, 1, -1])   // distinct experts per token (fresh memory may repeat one)
+            try routing.copy(from: [Int32(0), 1, 1, -1])   // distinct experts per token (fresh memory may repeat one)
             let idx = try DeviceTensor(.i32, [2, config.topK], on: device)
             try idx.upload(routing)
             let x = try DeviceTensor(.f32, [2, config.hidden], on: device), w = try DeviceTensor(.f32, [2, config.topK], on: device)
@@ -202,7 +202,7 @@ struct OneRankStep {
         combined = try DeviceTensor(config.elementType, [b, config.hidden], on: device)
         gradsOut = try DeviceTensor(.f32, [b, config.topK], on: device)
         let ids = try HostTensor(.i32, idx.shape)
-        ids.copy(from: inputs.routing[0])
+        try ids.copy(from: inputs.routing[0])
         try idx.upload(ids)
         try x.upload(inputs.tokens[0])
         try w.upload(inputs.weights[0])

@@ -84,7 +84,7 @@ struct CallValidationTests {
     func minusOneMayRepeat() throws {
         let fixture = try CallFixture(.htFlat, topK: 3)
         let tensor = try HostTensor(.i32, [1, 3])
-        tensor.copy(from: [Int32(-1), 2, -1])
+        try tensor.copy(from: [Int32(-1), 2, -1])
         try fixture.rank.update(fixture.handle, topkIdx: tensor.ref)
     }
 

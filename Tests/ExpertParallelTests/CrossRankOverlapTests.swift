@@ -17,14 +17,14 @@ struct CrossRankOverlapTests {
         try group.update(handle, topkIdx: ranks.map(\.idx.ref))
         let received = try (0..<2).map { _ in try HostTensor(.f32, Self.ll.receiveShape) }
         let last = received[0].elementCount - 8
-        received[0].copy(from: [Float](repeating: 0, count: last) + [Float](repeating: 2, count: 8))
+        try received[0].copy(from: [Float](repeating: 0, count: last) + [Float](repeating: 2, count: 8))
         let inputs = [DispatchInput(tokens: ranks[0].x.ref), DispatchInput(tokens: OverlappingTensorTests.view(received[0], .f32, [1, 8], offset: last))]
         #expect {
             try group.dispatch(handle, inputs, into: received.map { DispatchOutput(tokens: $0.ref) })
         } throws: { error in
             "\(error)".hasPrefix("invalid argument: outputs[0].tokens.address = ") && "\(error)".contains("; must not overlap inputs[1].tokens (")
         }
-        #expect(received[0].array(of: Float.self) == [Float](repeating: 0, count: last) + [Float](repeating: 2, count: 8))
+        #expect(try received[0].array(of: Float.self) == [Float](repeating: 0, count: last) + [Float](repeating: 2, count: 8))
         // Apart, the same call runs.
         try group.dispatch(handle, ranks.map { DispatchInput(tokens: $0.x.ref) }, into: received.map { DispatchOutput(tokens: $0.ref) })
     }
@@ -39,7 +39,7 @@ struct CrossRankOverlapTests {
         try group.dispatch(handle, ranks.map { DispatchInput(tokens: $0.x.ref) }, into: received.map { DispatchOutput(tokens: $0.ref) })
         // Rank 0's weights are the first two floats of the row rank 1 combines into.
         let rows = try HostTensor(.f32, [1, 8]), shared = try HostTensor(.f32, [1, 8])
-        shared.copy(from: [Float(0.25), Float(0.5)] + [Float](repeating: 9, count: 6))
+        try shared.copy(from: [Float(0.25), Float(0.5)] + [Float](repeating: 9, count: 6))
         let inputs = [CombineInput(expertOutputs: received[0].ref, topkWeights: OverlappingTensorTests.view(shared, .f32, [1, 2])),
                       CombineInput(expertOutputs: received[1].ref, topkWeights: ranks[1].w.ref)]
         #expect {
@@ -47,8 +47,8 @@ struct CrossRankOverlapTests {
         } throws: { error in
             "\(error)".hasPrefix("invalid argument: outputs[1].tokens.address = ") && "\(error)".contains("; must not overlap inputs[0].topkWeights (")
         }
-        #expect(shared.array(of: Float.self) == [Float(0.25), Float(0.5)] + [Float](repeating: 9, count: 6))
-        #expect(rows.array(of: Float.self) == [Float](repeating: 0, count: 8))
+        #expect(try shared.array(of: Float.self) == [Float(0.25), Float(0.5)] + [Float](repeating: 9, count: 6))
+        #expect(try rows.array(of: Float.self) == [Float](repeating: 0, count: 8))
     }
 
     @Test("a wrong shape of a rank is named as that, not as an overlap its bytes seemed to have")
@@ -74,13 +74,13 @@ struct CrossRankOverlapTests {
         let group = try HostGroup(config)
         try group.deactivate(rank: 1)
         let ranks = try (0..<2).map(OverlappingTensorTests.Rank.init)
-        ranks[0].idx.copy(from: [Int32(0), Int32(1)])
+        try ranks[0].idx.copy(from: [Int32(0), Int32(1)])
         let handle = try group.makeHandle()
         try group.update(handle, topkIdx: ranks.map(\.idx.ref))
         let received = try HostTensor(.f32, config.receiveShape), counts = try HostTensor(.i32, [config.localExperts])
         let output = DispatchOutput(tokens: received.ref, expertCounts: counts.ref)
         try group.dispatch(handle, ranks.map { DispatchInput(tokens: $0.x.ref) }, into: [output, output])
-        #expect(counts.array(of: Int32.self) == [1, 1])
+        #expect(try counts.array(of: Int32.self) == [1, 1])
     }
 
     /// The sweep finds an overlap exactly where some output shares a byte with another argument.

@@ -28,9 +28,9 @@ struct FP8DispatchTests {
                 x[as: UInt16.self, i] = ElementConversion.floatToBF16(magnitude)
             }
             let idx = try HostTensor(.i32, [tokens, config.topK])
-            idx.copy(from: try random.experts(tokens: tokens, topK: config.topK, experts: config.experts, skew: 0))
+            try idx.copy(from: random.experts(tokens: tokens, topK: config.topK, experts: config.experts, skew: 0))
             let w = try HostTensor(.f32, [tokens, config.topK])
-            w.copy(from: try random.weights(tokens * config.topK))
+            try w.copy(from: random.weights(tokens * config.topK))
             result.tokens.append(x)
             result.routing.append(idx)
             result.weights.append(w)

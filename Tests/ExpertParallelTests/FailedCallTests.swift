@@ -81,9 +81,9 @@ struct FailedCallTests {
         for (_, result) in harness.update() { try result.get() }
         // A new step: ranks 0 and 2 route one token each, rank 1's routing is invalid.
         let fresh = try HostTensor(.i32, [1, 2])
-        fresh.copy(from: [Int32(5), 0])
+        try fresh.copy(from: [Int32(5), 0])
         let invalid = try HostTensor(.i32, [1, 2])
-        invalid.copy(from: [Int32(6), 0])
+        try invalid.copy(from: [Int32(6), 0])
         let results = harness.onRanks { rank, handle throws(EPError) in
             try rank.update(handle, topkIdx: rank.rank == 1 ? invalid.ref : fresh.ref)
         }

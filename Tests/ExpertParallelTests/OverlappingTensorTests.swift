@@ -22,9 +22,9 @@ struct OverlappingTensorTests {
         let x: HostTensor, idx: HostTensor, w: HostTensor
         init(_ rank: Int) throws {
             (x, idx, w) = (try HostTensor(.f32, [1, 8]), try HostTensor(.i32, [1, 2]), try HostTensor(.f32, [1, 2]))
-            x.copy(from: [Float](repeating: Float(rank + 1), count: 8))
-            idx.copy(from: [Int32(0), Int32(3)])
-            w.copy(from: [Float(0.25), Float(0.5)])
+            try x.copy(from: [Float](repeating: Float(rank + 1), count: 8))
+            try idx.copy(from: [Int32(0), Int32(3)])
+            try w.copy(from: [Float(0.25), Float(0.5)])
         }
     }
 
@@ -36,7 +36,7 @@ struct OverlappingTensorTests {
         try group.update(handle, topkIdx: ranks.map(\.idx.ref))
         let received = try (0..<2).map { _ in try HostTensor(.f32, Self.ht.receiveShape) }
         let ids = try (0..<2).map { _ in try HostTensor(.i32, [4, 2]) }
-        for t in ids { t.copy(from: [Int32](repeating: 7, count: 8)) }
+        for t in ids { try t.copy(from: [Int32](repeating: 7, count: 8)) }
         let outputs = (0..<2).map {
             DispatchOutput(tokens: received[$0].ref, topkIdx: ids[$0].ref, topkWeights: Self.view(ids[$0], .f32, [4, 2]))
         }
@@ -46,7 +46,7 @@ struct OverlappingTensorTests {
         } throws: { error in
             "\(error)".contains("invalid argument: output.topkIdx.address = ") && "\(error)".contains("(32 bytes); must not overlap output.topkWeights (")
         }
-        #expect(ids.allSatisfy { $0.array(of: Int32.self) == [Int32](repeating: 7, count: 8) })
+        #expect(try ids.allSatisfy { try $0.array(of: Int32.self) == [Int32](repeating: 7, count: 8) })
     }
 
     @Test("received rows over the input rows are refused; the input is untouched")
@@ -58,10 +58,10 @@ struct OverlappingTensorTests {
         // Rank 1's input rows are the last row of its own receive buffer.
         let received = try (0..<2).map { _ in try HostTensor(.f32, Self.ll.receiveShape) }
         let last = received[1].elementCount - 8
-        received[1].copy(from: [Float](repeating: 0, count: last) + [Float](repeating: 2, count: 8))
+        try received[1].copy(from: [Float](repeating: 0, count: last) + [Float](repeating: 2, count: 8))
         let inputs = [DispatchInput(tokens: ranks[0].x.ref), DispatchInput(tokens: Self.view(received[1], .f32, [1, 8], offset: last))]
         #expect(throws: EPError.self) { try group.dispatch(handle, inputs, into: received.map { DispatchOutput(tokens: $0.ref) }) }
-        #expect(Array(received[1].array(of: Float.self)[...]) == [Float](repeating: 0, count: last) + [Float](repeating: 2, count: 8))
+        #expect(try Array(received[1].array(of: Float.self)[...]) == [Float](repeating: 0, count: last) + [Float](repeating: 2, count: 8))
         #expect {
             try Self.ll.validateDispatch(inputs[1], DispatchOutput(tokens: received[1].ref), tokens: 1)
         } throws: { error in
@@ -79,20 +79,20 @@ struct OverlappingTensorTests {
         try group.dispatch(handle, ranks.map { DispatchInput(tokens: $0.x.ref) }, into: received.map { DispatchOutput(tokens: $0.ref) })
         // Each rank's weights are the first two floats of its combined row.
         let rows = try (0..<2).map { _ in try HostTensor(.f32, [1, 8]) }
-        for t in rows { t.copy(from: [Float(0.25), Float(0.5)] + [Float](repeating: 9, count: 6)) }
+        for t in rows { try t.copy(from: [Float(0.25), Float(0.5)] + [Float](repeating: 9, count: 6)) }
         let inputs = (0..<2).map { CombineInput(expertOutputs: received[$0].ref, topkWeights: Self.view(rows[$0], .f32, [1, 2])) }
         #expect {
             try group.combine(handle, inputs, into: rows.map { CombineOutput(tokens: $0.ref) })
         } throws: { error in
             "\(error)".contains("output.tokens.address") && "\(error)".contains("must not overlap input.topkWeights")
         }
-        #expect(rows.allSatisfy { $0.array(of: Float.self) == [Float(0.25), Float(0.5)] + [Float](repeating: 9, count: 6) })
+        #expect(try rows.allSatisfy { try $0.array(of: Float.self) == [Float(0.25), Float(0.5)] + [Float](repeating: 9, count: 6) })
         // Tensors that only touch (one ends where the other starts) share no byte: accepted.
         let both = try (0..<2).map { _ in try HostTensor(.f32, [1, 10]) }
-        for t in both { t.copy(from: [Float](repeating: 0, count: 8) + [Float(0.25), Float(0.5)]) }
+        for t in both { try t.copy(from: [Float](repeating: 0, count: 8) + [Float(0.25), Float(0.5)]) }
         try group.combine(handle, (0..<2).map { CombineInput(expertOutputs: received[$0].ref, topkWeights: Self.view(both[$0], .f32, [1, 2], offset: 8)) },
                           into: both.map { CombineOutput(tokens: Self.view($0, .f32, [1, 8])) })
-        #expect(both[0].array(of: Float.self)[0] == 0.75 && both[1].array(of: Float.self)[0] == 1.5)
+        #expect(try both[0].array(of: Float.self)[0] == 0.75 && both[1].array(of: Float.self)[0] == 1.5)
     }
 
     @Test("a stacked call's output part over another array's part of any rank is refused, naming both ranks' parts")

@@ -8,9 +8,9 @@ import Testing
                              elementType: .f32, maxTokensPerRank: 2, layout: .expertMajor)
     let group = try HostGroup(config)
     let combined = group.run { rank throws(EPError) -> [Float] in
-        let x = try HostTensor(.f32, [1, 8]);    x.copy(from: [Float](repeating: 1, count: 8))
-        let idx = try HostTensor(.i32, [1, 2]);  idx.copy(from: [Int32(0), Int32(3)])   // experts 0 and 3
-        let w = try HostTensor(.f32, [1, 2]);    w.copy(from: [Float(0.25), Float(0.5)])
+        let x = try HostTensor(.f32, [1, 8]);    try x.copy(from: [Float](repeating: 1, count: 8))
+        let idx = try HostTensor(.i32, [1, 2]);  try idx.copy(from: [Int32(0), Int32(3)])   // experts 0 and 3
+        let w = try HostTensor(.f32, [1, 2]);    try w.copy(from: [Float(0.25), Float(0.5)])
         let received = try HostTensor(.f32, config.receiveShape)              // [L, R*Bmax, H]
         let y = try HostTensor(.f32, [1, 8])
 
@@ -22,7 +22,7 @@ import Testing
         // ... run the local experts on `received` (here: the identity) ...
         try rank.combine(handle, CombineInput(expertOutputs: received.ref, topkWeights: w.ref),
                          into: CombineOutput(tokens: y.ref), direction: .forward)
-        return y.array(of: Float.self)                                        // 0.75 everywhere
+        return try y.array(of: Float.self)                                        // 0.75 everywhere
     }
     for result in combined {
         #expect(try result.get() == [Float](repeating: 0.75, count: 8))

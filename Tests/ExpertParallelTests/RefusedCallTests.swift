@@ -16,9 +16,9 @@ struct RefusedCallTests {
         init(rank: Int) throws {
             (x, idx, w) = (try HostTensor(.f32, [1, 8]), try HostTensor(.i32, [1, 2]), try HostTensor(.f32, [1, 2]))
             (received, y) = (try HostTensor(.f32, RefusedCallTests.config.receiveShape), try HostTensor(.f32, [1, 8]))
-            x.copy(from: [Float](repeating: Float(rank + 1), count: 8))
-            idx.copy(from: [Int32(0), Int32(3)])
-            w.copy(from: [Float(0.25), Float(0.5)])
+            try x.copy(from: [Float](repeating: Float(rank + 1), count: 8))
+            try idx.copy(from: [Int32(0), Int32(3)])
+            try w.copy(from: [Float(0.25), Float(0.5)])
         }
     }
 
@@ -57,7 +57,7 @@ struct RefusedCallTests {
             try rank.update(handle, topkIdx: t.idx.ref)
             _ = try rank.dispatch(handle, DispatchInput(tokens: t.x.ref), into: DispatchOutput(tokens: t.received.ref))
             try rank.combine(handle, CombineInput(expertOutputs: t.received.ref, topkWeights: t.w.ref), into: CombineOutput(tokens: t.y.ref))
-            return t.y.array(of: Float.self)
+            return try t.y.array(of: Float.self)
         }
         return (peerError, try step.map { try $0.get() })
     }

@@ -23,7 +23,7 @@ struct ReliabilityTests {
         let config = Self.scenario().config   // maxTokensPerRank 4, topK 2
         // The caller's buffer holds 4 valid rows, then a row that is not routing at all.
         let buffer = try HostTensor(.i32, [5, 2])
-        buffer.copy(from: [Int32](repeating: 0, count: 8).enumerated().map { Int32($0.offset % 2) } + [999, 999])
+        try buffer.copy(from: [Int32](repeating: 0, count: 8).enumerated().map { Int32($0.offset % 2) } + [999, 999])
         var claimed = buffer.ref
         claimed.shape = [5, 2]
         #expect(throws: EPError.invalidArgument(

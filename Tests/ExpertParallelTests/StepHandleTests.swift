@@ -174,8 +174,8 @@ struct StepHandleTests {
             expectMatch(Verify.receivedRows(slot, ref, rank: r), step)
         }
         #expect(try group.layoutInfo(handle, rank: 2) == LayoutInfo.empty(step.config))
-        #expect(counts.array(of: Int32.self) == Array(repeating: 0, count: l))
-        #expect(sourceCounts.array(of: Int32.self) == Array(repeating: 0, count: l * ranks))
+        #expect(try counts.array(of: Int32.self) == Array(repeating: 0, count: l))
+        #expect(try sourceCounts.array(of: Int32.self) == Array(repeating: 0, count: l * ranks))
         expectMatch(Verify.untouched(slot, rank: 2), step)
         try group.clean(ranks: .all(4))
         #expect(try group.activeRanks == .all(4))

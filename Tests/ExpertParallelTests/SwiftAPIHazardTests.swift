@@ -34,7 +34,7 @@ struct SwiftAPIHazardTests {
     static func routing(_ ranks: Int) throws -> [HostTensor] {
         try (0..<ranks).map { r in
             let idx = try HostTensor(.i32, [2, 2])
-            idx.copy(from: [Int32(r), Int32(2 + r), Int32(1 - r), -1])
+            try idx.copy(from: [Int32(r), Int32(2 + r), Int32(1 - r), -1])
             return idx
         }
     }
@@ -104,29 +104,73 @@ struct SwiftAPIHazardTests {
     @Test("HostTensor reads and writes elements of its own size")
     func hostTensorElements() throws {
         let ids = try HostTensor(.i32, [2, 2])
-        ids.copy(from: [Int32(1), 2, 3, -1])
-        #expect(ids.array(of: Int32.self) == [1, 2, 3, -1])
+        try ids.copy(from: [Int32(1), 2, 3, -1])
+        #expect(try ids.array(of: Int32.self) == [1, 2, 3, -1])
         ids[as: Int32.self, 3] = 7
         #expect(ids[as: Int32.self, 3] == 7)
         let bits = try HostTensor(.bf16, [1, 4])
-        bits.copy(from: [UInt16](repeating: 0x3F80, count: 4))
-        #expect(bits.array(of: UInt16.self).count == 4)
+        try bits.copy(from: [UInt16](repeating: 0x3F80, count: 4))
+        #expect(try bits.array(of: UInt16.self).count == 4)
         #expect(try HostTensor(.f32, [0, 4]).array(of: Float.self).isEmpty)
         let raw = try HostTensor(.f32, [2])
-        raw.copy(from: [UInt8](repeating: 0, count: 4) + [0x00, 0x00, 0x80, 0x3F])   // raw bytes: 0.0, 1.0
-        #expect(raw.array(of: Float.self) == [0, 1])
+        try raw.copy(from: [UInt8](repeating: 0, count: 4) + [0x00, 0x00, 0x80, 0x3F])   // raw bytes: 0.0, 1.0
+        #expect(try raw.array(of: Float.self) == [0, 1])
+    }
+
+    @Test("HostTensor.copy(from:) refuses an element of another size or a wrong count by name and writes nothing")
+    func hostTensorCopyRefusals() throws {
+        let ids = try HostTensor(.i32, [2, 2])
+        try ids.copy(from: [Int32(1), 2, 3, 4])
+        let before = ids.bytes()
+        // [Int]: 8-byte elements, 16 bytes like the tensor's (a raw copy would fill it with halves of 64-bit values).
+        #expect(throws: EPError.invalidArgument(field: "values", value: "[Int] (8-byte elements)",
+                                                requirement: "must have elements of 4 bytes, the size of this tensor's i32 elements, or be [UInt8] (its raw bytes)")) {
+            try ids.copy(from: [1, 2])
+        }
+        #expect(throws: EPError.invalidArgument(field: "values.count", value: "3",
+                                                requirement: "must equal the element count (4) of this i32[2, 2] tensor")) {
+            try ids.copy(from: [Int32(9), 9, 9])
+        }
+        #expect(throws: EPError.invalidArgument(field: "values.count", value: "5",
+                                                requirement: "must equal the element count (4) of this i32[2, 2] tensor")) {
+            try ids.copy(from: [Int32](repeating: 9, count: 5))
+        }
+        // Raw bytes: the tensor's byte count of them, not its element count.
+        #expect(throws: EPError.invalidArgument(field: "values.count", value: "4",
+                                                requirement: "must equal the byte count (16) of this i32[2, 2] tensor, for its raw bytes")) {
+            try ids.copy(from: [UInt8](repeating: 0xFF, count: 4))
+        }
+        #expect(ids.bytes() == before, "nothing was written")
+        let rows = try HostTensor(.f32, [1, 8])
+        #expect(throws: EPError.invalidArgument(field: "values.count", value: "2",
+                                                requirement: "must equal the element count (8) of this f32[1, 8] tensor")) {
+            try rows.copy(from: [Float(1), 2])
+        }
+        #expect(throws: EPError.invalidArgument(field: "values", value: "[Double] (8-byte elements)",
+                                                requirement: "must have elements of 4 bytes, the size of this tensor's f32 elements, or be [UInt8] (its raw bytes)")) {
+            try rows.copy(from: [Double](repeating: 1, count: 8))
+        }
+        #expect(rows.bytes() == [UInt8](repeating: 0, count: 32), "nothing was written")
+        // An empty tensor takes an empty array.
+        try HostTensor(.f32, [0, 4]).copy(from: [Float]())
+    }
+
+    @Test("HostTensor.array(of:) refuses a type of another size by name")
+    func hostTensorArrayRefusal() throws {
+        #expect(throws: EPError.invalidArgument(field: "type", value: "Float (4 bytes)", requirement: "must be 2 bytes, the size of this tensor's bf16 elements")) {
+            _ = try HostTensor(.bf16, [1, 4]).array(of: Float.self)
+        }
+        #expect(throws: EPError.invalidArgument(field: "type", value: "Int (8 bytes)", requirement: "must be 4 bytes, the size of this tensor's i32 elements")) {
+            _ = try HostTensor(.i32, [0]).array(of: Int.self)
+        }
     }
 
     #if !os(Windows)
-    @Test("HostTensor stops, naming both sides, on an element of another size, a wrong count or an index out of range")
-    func hostTensorPreconditions() async {
-        await #expect(processExitsWith: .failure) {
-            try HostTensor(.i32, [2, 2]).copy(from: [1, 2])   // [Int]: 8-byte elements, 16 bytes like the tensor's
-        }
-        await #expect(processExitsWith: .failure) { try HostTensor(.f32, [1, 8]).copy(from: [1.0, 2.0]) }
-        await #expect(processExitsWith: .failure) { try HostTensor(.f32, [2]).copy(from: [UInt8](repeating: 0, count: 4)) }
-        await #expect(processExitsWith: .failure) { _ = try HostTensor(.bf16, [1, 4]).array(of: Float.self) }
+    @Test("HostTensor's element subscript traps, naming both sides, on an index out of range or an element of another size (like an array's)")
+    func hostTensorSubscriptPreconditions() async {
         await #expect(processExitsWith: .failure) { _ = try HostTensor(.f32, [2])[as: Float.self, 2] }
+        await #expect(processExitsWith: .failure) { _ = try HostTensor(.f32, [2])[as: Float.self, -1] }
+        await #expect(processExitsWith: .failure) { _ = try HostTensor(.bf16, [2])[as: Float.self, 0] }
     }
 
     @Test("RoutingTable[token, k] stops on a column past topK (it read the next token's entry) or a token out of range")
@@ -173,7 +217,7 @@ struct SwiftAPIHazardTests {
         }
         // A size of 0 is an empty tensor whatever the others are (their product alone would leave Int).
         let empty = try HostTensor(.f32, [Int.max, 2, 0])
-        #expect(empty.byteCount == 0 && empty.elementCount == 0 && empty.bytes().isEmpty && empty.array(of: Float.self).isEmpty)
+        #expect(try empty.byteCount == 0 && empty.elementCount == 0 && empty.bytes().isEmpty && empty.array(of: Float.self).isEmpty)
         #expect(empty.ref.elementCount == 0)
     }
 }

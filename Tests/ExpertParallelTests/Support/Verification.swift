@@ -84,7 +84,8 @@ enum Verify {
     /// Backward HT: the weight gradients of source `s`, bit for bit.
     static func weightGradients(_ h: StepHarness, _ ref: Reference, rank s: Int) -> [String] {
         let expected = ref.weightGradients(s)
-        let actual = h.combinedWeightGradients[s]!.array(of: Float.self)
+        let actual: [Float]
+        do { actual = try h.combinedWeightGradients[s]!.array(of: Float.self) } catch { return ["rank \(s) weight gradients: \(error)"] }
         guard expected.map(\.bitPattern) != actual.map(\.bitPattern) else { return [] }
         let i = expected.indices.first { expected[$0].bitPattern != actual[$0].bitPattern }!
         return ["rank \(s) weight gradient of token \(i / h.config.topK) column \(i % h.config.topK): expected \(expected[i]), found \(actual[i])"]
