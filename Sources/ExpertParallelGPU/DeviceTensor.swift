@@ -42,16 +42,26 @@ public final class DeviceTensor: @unchecked Sendable {
         try device.waitForLegacyStream()
     }
 
+    /// Copies `host`'s bytes to the device (as `upload(_:)` of a pointer); `invalidArgument`
+    /// naming `host.byteCount`, and nothing copied, unless it is this tensor's `byteCount`.
     public func upload(_ host: HostTensor) throws(EPError) {
-        precondition(host.byteCount == byteCount, "DeviceTensor.upload: \(host.byteCount) bytes for a \(byteCount)-byte tensor")
+        try requireSameBytes(host)
         try upload(UnsafeRawPointer(host.storage))
     }
 
-    /// Copies the tensor back into `host`, synchronously.
+    /// Copies the tensor back into `host`, synchronously; `invalidArgument` naming
+    /// `host.byteCount`, and nothing copied, unless it is this tensor's `byteCount`.
     public func download(into host: HostTensor) throws(EPError) {
-        precondition(host.byteCount == byteCount, "DeviceTensor.download: \(host.byteCount) bytes for a \(byteCount)-byte tensor")
+        try requireSameBytes(host)
         guard byteCount > 0 else { return }
         try gpu { try device.driver.copy(from: pointer, to: host.storage, byteCount: byteCount) }
+    }
+
+    private func requireSameBytes(_ host: HostTensor) throws(EPError) {
+        guard host.byteCount == byteCount else {
+            throw .invalidArgument(field: "host.byteCount", value: "\(host.byteCount)",
+                                   requirement: "must equal the byte count (\(byteCount)) of this \(dtype)\(shape) DeviceTensor")
+        }
     }
 
     /// Sets every byte to `byte`, and returns once that is done (a memset runs on CUDA's legacy

@@ -30,4 +30,36 @@ struct DeviceTensorShapeMockTests {
             }
         }
     }
+
+    /// `upload(_:)` and `download(into:)` of a `HostTensor` of another byte count trapped; they
+    /// name it now and copy nothing either way.
+    @Test func aHostTensorOfAnotherByteCountIsRefusedByNameAndNothingIsCopied() throws {
+        try MockCUDA.run { _ in
+            let device = try MockCUDA.device()
+            let tensor = try DeviceTensor(.f32, [2, 4], on: device)
+            let values = try HostTensor(.f32, [2, 4])
+            try values.copy(from: (0..<8).map(Float.init))
+            try tensor.upload(values)
+            let deviceBytes = { UnsafeRawBufferPointer(start: MockCUDA.at(tensor.pointer.rawValue), count: tensor.byteCount).map { $0 } }
+            let before = deviceBytes()
+            #expect(before == values.bytes())
+            for shape in [[2, 3], [2, 5], [0]] {
+                let other = try HostTensor(.f32, shape)
+                other.fill(byte: 0x5A)
+                let requirement = "must equal the byte count (32) of this f32[2, 4] DeviceTensor"
+                #expect(throws: EPError.invalidArgument(field: "host.byteCount", value: "\(other.byteCount)", requirement: requirement)) {
+                    try tensor.upload(other)
+                }
+                #expect(deviceBytes() == before, "\(shape): nothing uploaded")
+                #expect(throws: EPError.invalidArgument(field: "host.byteCount", value: "\(other.byteCount)", requirement: requirement)) {
+                    try tensor.download(into: other)
+                }
+                #expect(other.bytes().allSatisfy { $0 == 0x5A }, "\(shape): nothing downloaded")
+            }
+            // Same bytes, another element type: a byte copy, as before.
+            let bits = try HostTensor(.i32, [8])
+            try tensor.download(into: bits)
+            #expect(bits.bytes() == before)
+        }
+    }
 }
