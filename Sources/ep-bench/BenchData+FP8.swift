@@ -69,7 +69,7 @@ final class FP8HostData: @unchecked Sendable {
             if values.allSatisfy({ $0 == 0 }), gotCodes.allSatisfy({ $0 == 0 }), gotWords.allSatisfy({ $0 == 0 }) { continue }
             values.withUnsafeBufferPointer { v in
                 codes.withUnsafeMutableBufferPointer { c in
-                    wordsWant.withUnsafeMutableBufferPointer { w in format.quantize(v, codes: c, scaleWords: w) }
+                    wordsWant.withUnsafeMutableBufferPointer { w in format.quantizeChecked(v, codes: c, scaleWords: w) }
                 }
             }
             guard gotCodes.elementsEqual(codes) else { return false }
@@ -83,7 +83,7 @@ final class FP8HostData: @unchecked Sendable {
         let h = format.hidden, words = format.scaleWordsPerRow
         let values = (0..<h).map { BenchData.element(x, t * h + $0) }
         values.withUnsafeBufferPointer { v in
-            format.quantize(
+            format.quantizeChecked(
                 v, codes: UnsafeMutableBufferPointer(start: (codes.storage + slot * h).assumingMemoryBound(to: UInt8.self), count: h),
                 scaleWords: UnsafeMutableBufferPointer(start: (scales.storage + slot * words * 4).assumingMemoryBound(to: Int32.self), count: words))
         }

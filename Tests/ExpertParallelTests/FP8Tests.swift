@@ -235,6 +235,34 @@ struct FP8ScalingTests {
             try format.quantize([Float](repeating: 1, count: 32))
         }
     }
+
+    @Test("quantize into caller buffers refuses a row, codes or scale words of the wrong count by name, and writes nothing")
+    func buffersOfTheWrongCountAreRefused() throws {
+        let format = try FP8RowFormat(mode: .float32Block128, hidden: 256)   // 2 blocks: 2 float32 scale words
+        let right = [Float](repeating: 3, count: 256), short = [Float](repeating: 3, count: 128)
+        var codes = [UInt8](repeating: 0xAA, count: 256), words = [Int32](repeating: 7, count: 2)
+        var fewCodes = [UInt8](repeating: 0xAA, count: 255), manyWords = [Int32](repeating: 7, count: 3)
+        func attempt(_ row: [Float], _ codes: inout [UInt8], _ words: inout [Int32]) throws(EPError) {
+            try row.withUnsafeBufferPointer { (r) throws(EPError) in
+                try codes.withUnsafeMutableBufferPointer { (c) throws(EPError) in
+                    try words.withUnsafeMutableBufferPointer { (w) throws(EPError) in try format.quantize(r, codes: c, scaleWords: w) }
+                }
+            }
+        }
+        #expect(throws: EPError.invalidArgument(field: "row.count", value: "128", requirement: "must equal hidden (256)")) {
+            try attempt(short, &codes, &words)
+        }
+        #expect(throws: EPError.invalidArgument(field: "codes.count", value: "255", requirement: "must equal hidden (256)")) {
+            try attempt(right, &fewCodes, &words)
+        }
+        #expect(throws: EPError.invalidArgument(field: "scaleWords.count", value: "3", requirement: "must equal scaleWordsPerRow (2)")) {
+            try attempt(right, &codes, &manyWords)
+        }
+        #expect(codes == [UInt8](repeating: 0xAA, count: 256) && words == [7, 7] && fewCodes.allSatisfy { $0 == 0xAA }
+                && manyWords == [7, 7, 7], "nothing was written")
+        try attempt(right, &codes, &words)
+        #expect(FP8QuantizedRow(codes: codes, scaleWords: words) == (try format.quantize(right)))
+    }
 }
 
 /// Straightforward references: the nearest e4m3 value by search, scales in Double.

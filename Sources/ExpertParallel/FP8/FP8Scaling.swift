@@ -99,12 +99,26 @@ public struct FP8RowFormat: Sendable, Hashable {
 
     /// Quantises one row (`row.count == hidden`) into `codes` (`hidden`) and `scaleWords`
     /// (`scaleWordsPerRow`): per block, the scale of its amax, then `e4m3(x × multiplier)`.
+    /// Another count throws `invalidArgument` naming `row.count`, `codes.count` or
+    /// `scaleWords.count`, and writes nothing.
     public func quantize(
         _ row: UnsafeBufferPointer<Float>, codes: UnsafeMutableBufferPointer<UInt8>,
         scaleWords: UnsafeMutableBufferPointer<Int32>
+    ) throws(EPError) {
+        for (field, count, bound, name) in [("row.count", row.count, hidden, "hidden"), ("codes.count", codes.count, hidden, "hidden"),
+                                            ("scaleWords.count", scaleWords.count, scaleWordsPerRow, "scaleWordsPerRow")]
+        where count != bound {
+            throw .invalidArgument(field: field, value: "\(count)", requirement: "must equal \(name) (\(bound))")
+        }
+        quantizeChecked(row, codes: codes, scaleWords: scaleWords)
+    }
+
+    /// `quantize(_:codes:scaleWords:)` of buffers whose counts the caller has made right.
+    package func quantizeChecked(
+        _ row: UnsafeBufferPointer<Float>, codes: UnsafeMutableBufferPointer<UInt8>,
+        scaleWords: UnsafeMutableBufferPointer<Int32>
     ) {
-        precondition(row.count == hidden && codes.count == hidden && scaleWords.count == scaleWordsPerRow,
-                     "quantize: \(row.count) values, \(codes.count) codes, \(scaleWords.count) scale words for \(self)")
+        assert(row.count == hidden && codes.count == hidden && scaleWords.count == scaleWordsPerRow)
         if mode.isPowerOfTwo { scaleWords.update(repeating: 0) }  // the padding bytes stay zero
         for block in 0..<blocksPerRow {
             let elements = block * mode.blockSize..<(block + 1) * mode.blockSize
@@ -127,7 +141,7 @@ public struct FP8RowFormat: Sendable, Hashable {
         var words = [Int32](repeating: 0, count: scaleWordsPerRow)
         row.withUnsafeBufferPointer { values in
             codes.withUnsafeMutableBufferPointer { c in
-                words.withUnsafeMutableBufferPointer { w in quantize(values, codes: c, scaleWords: w) }
+                words.withUnsafeMutableBufferPointer { w in quantizeChecked(values, codes: c, scaleWords: w) }
             }
         }
         return FP8QuantizedRow(codes: codes, scaleWords: words)

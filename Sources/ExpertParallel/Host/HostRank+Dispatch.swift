@@ -126,7 +126,7 @@ private final class WireRows {
         guard quantize, let format else { return UnsafeRawPointer(input.tokens.address! + t * config.wireRowBytes) }
         let base = UnsafeRawPointer(input.tokens.address!), h = config.hidden
         for i in 0..<h { values[i] = ElementConversion.load(base, t * h + i, config.elementType) }
-        format.quantize(UnsafeBufferPointer(values), codes: codes, scaleWords: words)
+        format.quantizeChecked(UnsafeBufferPointer(values), codes: codes, scaleWords: words)   // both sized by config
         return UnsafeRawPointer(codes.baseAddress!)
     }
 
