@@ -93,7 +93,7 @@ public struct RoutingPlan: Sendable, Equatable {
             var taken = 0
             for t in 0..<routing.tokens where RoutingSummary.destinations(of: t, routing, l).contains(d) {
                 var trial = zoneCounts
-                for c in 0..<routing.topK where routing[t, c] >= 0 && routing[t, c] / l == d { trial[routing[t, c] % l] += 1 }
+                for c in 0..<routing.topK where routing.expert(t, c) >= 0 && routing.expert(t, c) / l == d { trial[routing.expert(t, c) % l] += 1 }
                 let rows = config.isExpertMajorHT ? trial.reduce(0) { $0 + roundUp($1, config.alignment) } : pairs + 1
                 if rows > capacity { break }
                 zoneCounts = trial
@@ -166,8 +166,8 @@ public struct RoutingPlan: Sendable, Equatable {
                 case .rankMajor: pairRow[t * r + d] = rank * bmax + pairPosition[d]
                 default: pairRow[t * r + d] = pairsBefore[d] + pairPosition[d]
                 }
-                for c in 0..<k where routing[t, c] >= 0 && routing[t, c] / l == d {
-                    let e = routing[t, c], local = e % l
+                for c in 0..<k where routing.expert(t, c) >= 0 && routing.expert(t, c) / l == d {
+                    let e = routing.expert(t, c), local = e % l
                     let position = selectionsBefore[e, default: 0] + selectionPosition[e, default: 0]
                     selectionPosition[e, default: 0] += 1
                     switch config.layout {

@@ -27,8 +27,8 @@ public struct RoutingSummary: Sendable, Equatable {
             for d in RoutingSummary.destinations(of: t, routing, localExperts) {
                 if let keptTokens, tokensPerRank[d] >= keptTokens[d] { continue }
                 tokensPerRank[d] += 1
-                for k in 0..<routing.topK where routing[t, k] >= 0 && routing[t, k] / localExperts == d {
-                    selectionsPerExpert[routing[t, k]] += 1
+                for k in 0..<routing.topK where routing.expert(t, k) >= 0 && routing.expert(t, k) / localExperts == d {
+                    selectionsPerExpert[routing.expert(t, k)] += 1
                 }
             }
         }
@@ -45,8 +45,8 @@ public struct RoutingSummary: Sendable, Equatable {
     /// Destination ranks of token `t`, ascending, each once.
     static func destinations(of t: Int, _ routing: RoutingTable, _ localExperts: Int) -> [Int] {
         var ranks: [Int] = []
-        for k in 0..<routing.topK where routing[t, k] >= 0 {
-            let d = routing[t, k] / localExperts
+        for k in 0..<routing.topK where routing.expert(t, k) >= 0 {
+            let d = routing.expert(t, k) / localExperts
             if !ranks.contains(d) { ranks.append(d) }
         }
         return ranks.sorted()

@@ -79,14 +79,24 @@ public struct RoutingTable: Sendable, Equatable {
         try self.init(experts: values, tokens: tokens, checked: config)
     }
 
-    /// The expert of `token`'s column `k` (-1: none). `token` must be in `0..<tokens` and `k` in
-    /// `0..<topK`: a precondition that names both, as an array's index (a `k` past `topK` would
-    /// otherwise read another token's entry). `experts` is the whole table, row-major.
+    /// The expert of `token`'s column `k` (-1: none). `invalidArgument` naming `token` unless it
+    /// is in `0..<tokens`, or `k` unless it is in `0..<topK` (a `k` past `topK` would otherwise
+    /// read another token's entry). `experts` is the whole table, row-major.
     public subscript(token: Int, k: Int) -> Int {
-        precondition(token >= 0 && token < tokens && k >= 0 && k < topK,
-                     "RoutingTable[token, k]: [\(token), \(k)] is not in [0..<\(tokens), 0..<\(topK)]")
-        return Int(experts[token * topK + k])
+        get throws(EPError) {
+            guard token >= 0 && token < tokens else {
+                throw .invalidArgument(field: "token", value: "\(token)", requirement: "must be in 0..<\(tokens) (the table's tokens)")
+            }
+            guard k >= 0 && k < topK else {
+                throw .invalidArgument(field: "k", value: "\(k)", requirement: "must be in 0..<\(topK) (topK)")
+            }
+            return Int(experts[token * topK + k])
+        }
     }
+
+    /// `self[token, k]` unchecked, for the library's loops over `0..<tokens` and `0..<topK`.
+    @inline(__always)
+    package func expert(_ token: Int, _ k: Int) -> Int { Int(experts[token * topK + k]) }
 
     /// The same routing with every selection of an expert on an inactive rank replaced by -1.
     func masked(_ active: RankMask, localExperts: Int) -> RoutingTable {

@@ -13,9 +13,9 @@ extension BenchData {
         for t in 0..<routing.tokens {
             var factor: Float = 0
             if weighted {
-                for c in 0..<k where routing[t, c] >= 0 { factor += weights[rank][as: Float.self, t * k + c] }
+                for c in 0..<k where routing.expert(t, c) >= 0 { factor += weights[rank][as: Float.self, t * k + c] }
             } else {
-                factor = Float(Set((0..<k).compactMap { routing[t, $0] >= 0 ? routing[t, $0] / l : nil }).count)
+                factor = Float(Set((0..<k).compactMap { routing.expert(t, $0) >= 0 ? routing.expert(t, $0) / l : nil }).count)
             }
             for i in 0..<config.hidden {
                 let expected = factor * Self.element(x, t * config.hidden + i)
@@ -36,7 +36,7 @@ extension BenchData {
         for source in 0..<config.ranks {
             let routing = routings[source]
             for t in 0..<routing.tokens {
-                let selections = (0..<routing.topK).filter { routing[t, $0] >= 0 && routing[t, $0] / l == destination }.count
+                let selections = (0..<routing.topK).filter { routing.expert(t, $0) >= 0 && routing.expert(t, $0) / l == destination }.count
                 let copies = perSelection ? selections : min(selections, 1)
                 let row = Self.row(tokens[source], t, rowBytes)
                 if copies > 0, row.contains(where: { $0 != 0 }) { expected[row, default: 0] += copies }

@@ -38,7 +38,7 @@ struct StepBytes: Sendable {
             let selections = routing.experts.filter { $0 >= 0 }.count
             var pairs = 0
             for t in 0..<routing.tokens {
-                pairs += Set((0..<routing.topK).compactMap { routing[t, $0] >= 0 ? routing[t, $0] / l : nil }).count
+                pairs += Set((0..<routing.topK).compactMap { routing.expert(t, $0) >= 0 ? routing.expert(t, $0) / l : nil }).count
             }
             let perLayout = (config.layout == .expertMajor || config.isExpertMajorHT) ? selections : pairs
             received += perLayout

@@ -46,7 +46,7 @@ extension HostRank {
                 case .expertMajor:
                     for c in 0..<k where plan.selectionRow[t * k + c] >= 0 {
                         let w: Float = forward ? loadWeight(input.topkWeights!, t * k + c) : 1
-                        ElementConversion.accumulate(acc, weight: w, row: row(routing[t, c] / l, plan.selectionRow[t * k + c]), type)
+                        ElementConversion.accumulate(acc, weight: w, row: row(routing.expert(t, c) / l, plan.selectionRow[t * k + c]), type)
                     }
                 case .rankMajor, .flat:
                     for d in 0..<r where plan.pairRow[t * r + d] >= 0 {
@@ -57,8 +57,8 @@ extension HostRank {
                         // The destination's partial sum over the token's slots, ascending local expert,
                         // rounded to the element type as if it had been sent as one row.
                         partial.update(repeating: 0)
-                        let columns = (0..<k).filter { plan.selectionRow[t * k + $0] >= 0 && routing[t, $0] / l == d }
-                        for c in columns.sorted(by: { routing[t, $0] < routing[t, $1] }) {
+                        let columns = (0..<k).filter { plan.selectionRow[t * k + $0] >= 0 && routing.expert(t, $0) / l == d }
+                        for c in columns.sorted(by: { routing.expert(t, $0) < routing.expert(t, $1) }) {
                             let slot = plan.selectionRow[t * k + c]
                             let w: Float = forward ? loadWeight(inputs[d]!.topkWeights!, slot) : 1
                             ElementConversion.accumulate(partial, weight: w, row: row(d, slot), type)
@@ -81,7 +81,7 @@ extension HostRank {
         let r = config.ranks, l = config.localExperts, k = config.topK
         for c in 0..<k {
             var gradient: Float = 0
-            let e = routing[t, c]
+            let e = routing.expert(t, c)
             if e >= 0 {
                 let d = e / l
                 if config.isExpertMajorHT, plan.selectionRow[t * k + c] >= 0 {

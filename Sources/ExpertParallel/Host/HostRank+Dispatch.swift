@@ -27,7 +27,7 @@ extension HostRank {
             switch config.layout {
             case .expertMajor, .expertMajorPadded:
                 for c in 0..<k where plan.selectionRow[t * k + c] >= 0 {
-                    let e = routing[t, c], slot = plan.selectionRow[t * k + c]
+                    let e = routing.expert(t, c), slot = plan.selectionRow[t * k + c]
                     let out = outputs[e / l]!
                     (out.tokens.address! + slot * rowBytes).copyMemory(from: row, byteCount: rowBytes)
                     wire.copyScales(to: out, slot: slot)
@@ -42,7 +42,7 @@ extension HostRank {
                     (out.tokens.address! + slot * rowBytes).copyMemory(from: row, byteCount: rowBytes)
                     wire.copyScales(to: out, slot: slot)
                     for c in 0..<k {
-                        let e = routing[t, c], here = e >= 0 && e / l == d
+                        let e = routing.expert(t, c), here = e >= 0 && e / l == d
                         storeIndex(here ? e % l : -1, out.topkIdx!, slot * k + c)
                         out.topkWeights!.address!.storeBytes(
                             of: here ? loadWeight(input.topkWeights!, t * k + c) : 0, toByteOffset: (slot * k + c) * 4, as: Float.self)
