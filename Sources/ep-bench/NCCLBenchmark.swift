@@ -118,7 +118,7 @@ extension BenchData {
         plain.fp8 = nil
         let config = plain
         let group = try HostGroup(config)
-        for r in without { group[0].deactivate(rank: r) }
+        for r in without { try group[0].deactivate(rank: r) }
         let results = group.run { rank throws(EPError) -> [UInt8] in
             if without.contains(rank.rank) { return [] }
             let outputs = try self.outputs(for: config)

@@ -106,7 +106,7 @@ struct StepResult: Equatable {
 /// Runs the step on the CPU oracle. Outputs start as the byte `poison`.
 func oracleStep(_ config: GroupConfig, _ inputs: StepInputs, direction: PassDirection = .forward, masked: [Int] = []) throws -> [StepResult?] {
     let group = try HostGroup(config)
-    for rank in masked { group[0].deactivate(rank: rank) }
+    for rank in masked { try group[0].deactivate(rank: rank) }
     let active = (0..<config.ranks).filter { !masked.contains($0) }
     let results = group.run(ranks: active) { rank throws(EPError) -> StepResult in
         let r = rank.rank

@@ -257,7 +257,7 @@ struct CallValidationTests {
     @Test("a rank refuses another rank's handle in update, dispatch and combine")
     func anotherRanksHandleIsRefused() throws {
         let harness = try StepHarness(HandWorkedExample.scenario(.llExpertMajor))
-        let rank0 = harness.group[0], foreign = harness.handles[1]
+        let rank0 = try harness.group[0], foreign = harness.handles[1]
         let errors: [EPError?] = [
             #expect(throws: EPError.self) { try rank0.update(foreign, topkIdx: harness.topkIdx[0].ref) },
             #expect(throws: EPError.self) { _ = try rank0.dispatch(foreign, harness.dispatchInput(0), into: harness.dispatchOutput(0), direction: .forward) },

@@ -132,7 +132,7 @@ struct FailedCallTests {
             for r in [1, 2] {
                 #expect(throws: EPError.peerFailed(rank: r, peer: 0, reason: error.description)) { _ = try results[r]!.get() }
             }
-            #expect(harness.group[0].activeRanks == .all(3))
+            #expect(try harness.group[0].activeRanks == .all(3))
         }
     }
 

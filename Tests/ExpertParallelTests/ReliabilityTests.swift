@@ -133,7 +133,7 @@ struct ReliabilityTests {
         // Its next call (a later round) is refused as a masked rank's.
         #expect(throws: EPError.inactiveRank(1)) { try harness.group[1].update(harness.handles[1], topkIdx: harness.topkIdx[1].ref) }
         // After clean, a whole step runs again.
-        harness.group[0].clean(ranks: .all(3))
+        try harness.group[0].clean(ranks: .all(3))
         try harness.runStep()
     }
 
@@ -141,7 +141,7 @@ struct ReliabilityTests {
     func deactivateBetweenUpdateAndDispatch() throws {
         let harness = try StepHarness(Self.scenario(timeout: .seconds(20)))
         for (_, result) in harness.update() { try result.get() }
-        harness.group[0].deactivate(rank: 1)
+        try harness.group[0].deactivate(rank: 1)
         let start = Date()
         let results = harness.dispatch(ranks: [0, 1, 2])
         #expect(Date().timeIntervalSince(start) < 5)
@@ -165,7 +165,7 @@ struct ReliabilityTests {
         let harness = try StepHarness(Self.scenario(timeout: .seconds(20)))
         for (_, result) in harness.update() { try result.get() }
         _ = try harness.dispatch().mapValues { try $0.get() }
-        harness.group[2].deactivate(rank: 1)
+        try harness.group[2].deactivate(rank: 1)
         harness.combined.forEach { $0.fill(byte: StepHarness.poison) }
         let start = Date()
         let results = harness.combine(ranks: [0, 1, 2])
@@ -187,7 +187,7 @@ struct ReliabilityTests {
         let group = harness.group
         let killer = Thread {
             Thread.sleep(forTimeInterval: 0.3)
-            group[0].deactivate(rank: 1)
+            group.ranks[0].deactivate(rank: 1)
         }
         killer.start()
         let start = Date()
@@ -205,8 +205,8 @@ struct ReliabilityTests {
     @Test("deactivate(rank:) with a rank outside the group is ignored, as clean ignores them; RankMask ignores ranks outside 0..<64")
     func deactivateOutOfRangeIsIgnored() throws {
         let harness = try StepHarness(Self.scenario())
-        for rank in [-1, -64, 3, 64, Int.max, Int.min] { harness.group[0].deactivate(rank: rank) }
-        #expect(harness.group[0].activeRanks == .all(3))
+        for rank in [-1, -64, 3, 64, Int.max, Int.min] { try harness.group[0].deactivate(rank: rank) }
+        #expect(try harness.group[0].activeRanks == .all(3))
         var mask = RankMask.all(3)
         mask.remove(-5)
         mask.insert(70)

@@ -188,13 +188,16 @@ struct SwiftAPIHazardTests {
         }
     }
 
-    @Test("HostGroup.rank(_:) refuses a rank outside the group by name; the subscript's precondition stays for literal ranks")
+    @Test("HostGroup[rank] and HostGroup.rank(_:) refuse a rank outside the group by name")
     func rankAccessorThrows() throws {
         let group = try HostGroup(Self.config)
         #expect(try group.rank(1).rank == 1)
+        #expect(try group[1].rank == 1)
         for bad in [2, -1, Int.min] {
             #expect(throws: EPError.invalidArgument(field: "rank", value: "\(bad)", requirement: "must be in 0..<2")) { try group.rank(bad) }
+            #expect(throws: EPError.invalidArgument(field: "rank", value: "\(bad)", requirement: "must be in 0..<2")) { try group[bad] }
         }
+        #expect(group.ranks.map(\.rank) == [0, 1])
     }
 
     @Test("HostTensor refuses a negative size or bytes past Int.max by name, and more bytes than this host has as outOfMemory, instead of trapping")

@@ -23,11 +23,10 @@ public final class HostGroup: Sendable {
         calling = (0..<config.ranks).map { _ in CallFlag() }
     }
 
-    /// Rank `rank`'s view; `rank` must be in `0..<config.ranks` (a precondition that names both,
-    /// as an array's index). For a rank that comes from your own data, `rank(_:)` throws instead.
+    /// Rank `rank`'s view (as `rank(_:)`): `invalidArgument` naming `rank` where it is not in
+    /// `0..<config.ranks`.
     public subscript(rank: Int) -> HostRank {
-        precondition(rank >= 0 && rank < config.ranks, "HostGroup[rank]: rank \(rank) is not in 0..<\(config.ranks)")
-        return HostRank(group: self, rank: rank)
+        get throws(EPError) { try self.rank(rank) }
     }
 
     /// Rank `rank`'s view, or `invalidArgument` naming `rank` where it is not in `0..<config.ranks`.
@@ -38,7 +37,7 @@ public final class HostGroup: Sendable {
         return HostRank(group: self, rank: rank)
     }
 
-    public var ranks: [HostRank] { (0..<config.ranks).map { self[$0] } }
+    public var ranks: [HostRank] { (0..<config.ranks).map { HostRank(group: self, rank: $0) } }
 
     /// Runs `body` for every rank (or each of `chosen`) at once, one thread per rank (ranks wait
     /// for each other, so they must run concurrently), and returns the results in that order.

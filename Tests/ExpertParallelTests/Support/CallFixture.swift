@@ -15,7 +15,7 @@ final class CallFixture: @unchecked Sendable {
     }
 
     var config: GroupConfig { harness.config }
-    var rank: HostRank { harness.group[0] }
+    var rank: HostRank { harness.group.ranks[0] }
     var handle: HostHandle { harness.handles[0] }
 
     /// A poison-filled tensor that lives as long as the fixture.

@@ -32,7 +32,7 @@ final class StepHarness: @unchecked Sendable {
         let config = scenario.config
         self.config = config
         group = try HostGroup(config)
-        for r in scenario.inactive { group[0].deactivate(rank: r) }
+        for r in scenario.inactive { try group[0].deactivate(rank: r) }
         var handles: [HostHandle] = []
         for r in 0..<config.ranks { handles.append(try group[r].makeHandle()) }
         self.handles = handles
