@@ -292,9 +292,8 @@ class VirtualGroup(GroupBase):
             if out is not None:
                 outputs, out_views = self._caller_outputs(out)
             raw = self._stream_of(stream, wait_event)
-            if out is None:
+            if out is None:   # (the rotation moves on once the library took the call: a refused one wrote no slot)
                 slot = self._slot(self._next_slot, like)
-                self._next_slot = (self._next_slot + 1) % self.buffer_slots
                 outputs = slot.dispatch_outputs
             else:
                 slot = None
@@ -590,7 +589,6 @@ class VirtualGroup(GroupBase):
         slot = self._slots[index]
         if slot is None or slot.kind is not type(xs):
             slot = self._slot(index, xs)
-        self._next_slot = (index + 1) % self.buffer_slots
         call = slot.dispatch_call or self._dispatch_call(slot)
         call.dispatch_arguments(x_address, element, idx_address, ic, weights, b,
                                 _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, None if handle is None else handle._pointer)
@@ -605,6 +603,7 @@ class VirtualGroup(GroupBase):
         status = self._fn_dispatch_stacked(self._group_address, call.address, raw)
         if status:
             check_status(status, _errors.DISPATCH_XS, _errors.DISPATCH_SLOT, kind=_arrays.kind(xs))
+        self._next_slot = (index + 1) % self.buffer_slots   # (a refused call took no slot)
         if handle is None and not send_only and not record_event:   # the decode loop's call: every field written once
             slot.use = use = slot.use + 1
             return own_step_result(self, slot, self._own_step, use, [b] * ranks, topk_idx, topk_weights, weights)
@@ -624,6 +623,7 @@ class VirtualGroup(GroupBase):
         (send_only) and the event recorded after the call (record_event)."""
         target.slot = slot.index
         target.slot_use = slot.use = slot.use + 1
+        self._next_slot = (slot.index + 1) % self.buffer_slots   # (a refused dispatch took no slot)
         target.received_weights = slot.w_views
         return self._dispatch_result(DispatchResult._of_slot(slot, target), send_only, record_event, stream)
 
@@ -696,9 +696,8 @@ class VirtualGroup(GroupBase):
         outputs, from _stacked_dispatch_out): one C call, update included."""
         b, x, idx, w, s = parts
         raw = self._stream_of(stream, wait_event)
-        if caller is None:
+        if caller is None:   # (the rotation moves on in _slot_result, once the library took the call)
             slot = self._slot(self._next_slot, xs)
-            self._next_slot = (self._next_slot + 1) % self.buffer_slots
             call = slot.dispatch_call or self._dispatch_call(slot)
         else:
             slot, call = None, self._caller_dispatch_call(caller)
