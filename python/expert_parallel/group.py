@@ -419,13 +419,15 @@ class VirtualGroup(GroupBase):
                     entry.weightGradients = self._g.pointers[i] if backward_ht else None
                 self._combine_mode = (weights is not None, backward_ht)
 
-            if out is None and handle.slot >= 0:
-                slot = self._slot(handle.slot, like)
+            slot = self._slots[handle.slot] if out is None and handle.slot >= 0 else None
+            if slot is not None and slot.kind is type(like):
                 combined, grads = slot.combine_targets(tokens, backward_ht)
                 outputs = slot.combine_outputs
             elif out is None:
                 # A step dispatched into the caller's arrays has no buffer slot: its combined rows get
-                # arrays of their own (the next slot's rows may be another live step's result).
+                # arrays of their own (the next slot's rows may be another live step's result). So do
+                # those of expert outputs of the other kind than the slot's (torch tensors after a
+                # dispatch of NumPy arrays, or the reverse): the slot keeps its step's buffers.
                 allocate = _arrays.Allocator(like)
                 fresh: Any = [allocate.zeros((b, self.hidden), self._element, name="combined tokens") for b in tokens]
                 if backward_ht:
@@ -926,7 +928,9 @@ class VirtualGroup(GroupBase):
                 return None
         padded_forward = direction == "forward" and self.layout == "expert_major_padded"
         if caller is None:
-            slot = self._slot(handle.slot, expert_outputs)
+            slot = self._slots[handle.slot]
+            if slot is None or slot.kind is not type(expert_outputs):   # (the other kind: the general path's own arrays)
+                return None
             if padded_forward:
                 self._require_slot(slot, handle)   # the per-slot weights are the slot's: a later dispatch into it rewrote them
             combined, grads = slot.combine_targets(handle.tokens, backward_ht)
@@ -1083,7 +1087,8 @@ class VirtualGroup(GroupBase):
         return counts, values[0]
 
     def _require_slot(self, slot, handle):
-        if slot is None or slot.use != handle.slot_use:
+        # (The same slot object too: a dispatch of the other kind of array replaces the slot's buffers.)
+        if slot is None or slot.use != handle.slot_use or handle.received_weights is not slot.w_views:
             raise InvalidUsageError(
                 f"handle: its rows were in buffer slot {handle.slot}, which a later dispatch has used since; combine a step "
                 f"before {self.buffer_slots} more dispatches (buffer_slots={self.buffer_slots}), or make the group with more slots")

@@ -4,6 +4,11 @@ answer or a named error:
 - a dispatch the library refused (bad routing) still took its turn of the buffer slots, so the
   next dispatch landed in the slot of a live step one dispatch early and overwrote its rows
   (the docs promise them until the slot is used again ``buffer_slots`` dispatches later);
+- a combine whose expert outputs were of the other kind than its dispatch's (torch CPU tensors
+  after NumPy arrays, or the reverse) replaced the step's buffer slot with fresh buffers: an HT
+  expert-major padded step then lost its per-slot weights (its combine, and every later one,
+  raised InvalidUsageError saying a later dispatch had used the slot), and the slot's use count
+  started again, so a stale handle could pass the check of a slot used since.
 """
 
 import numpy as np
@@ -44,7 +49,7 @@ def test_a_refused_dispatch_takes_no_buffer_slot(kind):
     xs, idx, w = inputs()
     first, second = g.handle(), g.handle()
     live = g.dispatch(as_kind(xs, kind), as_kind(idx, kind), as_kind(w, kind), handle=first)
-    rows = np.array(live.tokens[0], copy=True)
+    rows = np.asarray(live.tokens[0]).copy()
     bad = [np.array([[0, 9], [1, 2]], np.int32)] * 2
     with pytest.raises(ep.InvalidArgumentError, match="9; must be -1 or in"):
         g.dispatch(as_kind(xs, kind), as_kind(bad, kind), as_kind(w, kind), handle=second)
@@ -55,3 +60,58 @@ def test_a_refused_dispatch_takes_no_buffer_slot(kind):
     combined = g.combine(as_kind([np.asarray(t) for t in live.tokens], kind), first)
     expected = 0.25 * xs[0][0] + 0.5 * xs[0][0]
     np.testing.assert_allclose(np.asarray(combined[0][0]), expected, rtol=1e-6)
+
+
+# -- a combine of the other kind of array ----------------------------------------------------------
+
+
+def _padded_step(dispatch_kind):
+    g = group(algorithm="ht", layout="expert_major_padded", alignment=2, max_tokens=2)
+    xs, idx, w = inputs()
+    h = g.handle()
+    out = g.dispatch(as_kind(xs, dispatch_kind), as_kind(idx, dispatch_kind), as_kind(w, dispatch_kind), handle=h)
+    rows = [np.asarray(t).copy() for t in out.tokens]
+    return g, h, rows
+
+
+def _expected(rows, g, h):
+    """The combine of `rows` (the dispatch's own received rows, weighted by the per-slot weights)."""
+    reference = group(algorithm="ht", layout="expert_major_padded", alignment=2, max_tokens=2)
+    xs, idx, w = inputs()
+    step = reference.dispatch(xs, idx, w)
+    return [np.asarray(y).copy() for y in reference.combine(rows, step.handle)]
+
+
+@pytest.mark.parametrize("dispatch_kind, combine_kind", [("numpy", "torch"), ("torch", "numpy"), ("list", "torch")])
+@pytest.mark.parametrize("stacked", [True, False])
+def test_a_padded_combine_of_the_other_kind_keeps_the_step(dispatch_kind, combine_kind, stacked):
+    g, h, rows = _padded_step(dispatch_kind)
+    expected = _expected(rows, g, h)
+    other = torch.from_numpy(np.stack(rows)) if combine_kind == "torch" else np.stack(rows)
+    combined = g.combine(other if stacked else list(other), h)
+    for r in range(2):
+        np.testing.assert_array_equal(np.asarray(combined[r]), expected[r])
+    # The step is still whole: a combine of the dispatch's own kind after it.
+    same = as_kind(rows, dispatch_kind)
+    again = g.combine(same, h)
+    for r in range(2):
+        np.testing.assert_array_equal(np.asarray(again[r]), expected[r])
+
+
+def test_a_stale_handle_is_named_after_its_slot_took_a_dispatch_of_the_other_kind():
+    g = group(algorithm="ht", layout="expert_major_padded", alignment=2, max_tokens=2)
+    xs, idx, w = inputs()
+    first, second, third = g.handle(), g.handle(), g.handle()
+    out = g.dispatch(np.stack(xs), np.stack(idx), np.stack(w), handle=first)
+    rows = np.stack([np.asarray(t).copy() for t in out.tokens])
+    g.combine(torch.from_numpy(rows), first)           # (a combine of the other kind: no dispatch)
+    g.dispatch(np.stack(xs), np.stack(idx), np.stack(w), handle=second)
+    g.dispatch(torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(idx)), torch.from_numpy(np.stack(w) * 10),
+               handle=third)                          # slot 0 again, as torch tensors
+    for expert_outputs in (rows, torch.from_numpy(rows), list(rows)):
+        with pytest.raises(ep.InvalidUsageError, match="buffer slot 0, which a later dispatch has used since"):
+            g.combine(expert_outputs, first)
+    # and the step that holds the slot now is intact
+    y = g.combine(torch.from_numpy(np.stack([np.asarray(t).copy() for t in g.dispatch(
+        torch.from_numpy(np.stack(xs)), None, torch.from_numpy(np.stack(w) * 10), handle=third).tokens])), third)
+    assert np.isfinite(np.asarray(y[0])).all()
