@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import expert_parallel as ep
+from expert_parallel.torch import Exchange
 from test_torch_autograd import B, E, H, K, LAYOUTS, R, exchange, run
 from torch_moe import over_group, routing
 
@@ -156,3 +157,30 @@ def test_the_ops_are_pt2_compliant():
         got = run(compiled, inputs)
     for a, b in zip(got, run(lambda *a: over_group(ex, *a), inputs)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_inductor_gives_ll_expert_major_token_gradients(dynamic):
+    """LL expert-major's combine backward scales the rows' gradients by the weights gathered into
+    their slots. Built as ``zeros(...).index_put(..., accumulate=True)``, torch 2.11's inductor
+    (CPU) fused that with the gather of the chosen expert outputs and wrote the zeros after the
+    accumulation: every token gradient came out 0 (at 3 ranks, 6 experts, top-3, B = max_tokens
+    = 4). A scatter_add into the flat slots compiles right; this shape is the one that showed it.
+    (Inductor's caches are off here: a cached graph of the old backward would hide a change.)"""
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        _check_ll_expert_major_under_inductor(dynamic)
+
+
+def _check_ll_expert_major_under_inductor(dynamic):
+    torch._dynamo.reset()
+    ranks, experts, top_k, tokens = 3, 6, 3, 4
+    group = ep.VirtualGroup(ranks=ranks, experts=experts, hidden=H, top_k=top_k, max_tokens=tokens, dtype="f32",
+                            algorithm="ll", layout="expert_major")
+    ex = Exchange(group)
+    compiled = torch.compile(lambda *a: over_group(ex, *a), fullgraph=True, backend="inductor", dynamic=dynamic)
+    for seed, b in ((50, tokens), (51, tokens), (52, 3)):
+        inputs = routing(seed, ranks, b, experts, top_k, H)
+        eager = run(lambda *a: over_group(ex, *a), inputs)
+        got = run(compiled, inputs)
+        for name, a, want in zip(("combined", "grad x", "grad topk_weights", "grad experts"), got, eager):
+            assert torch.allclose(a, want, atol=1e-5, rtol=1e-5), f"B = {b}, seed {seed}: {name}"

@@ -104,8 +104,11 @@ def _combine_backward(ctx: Any, grad_combined: Tensor) -> Tuple[Tensor, None, Op
         r, h = g.ranks, g.hidden
         dest, row, valid = ll_rows(topk_idx, r, g.local_experts, g.max_tokens, g.layout)
         zero = torch.zeros((), dtype=torch.float32, device=rows.device)
-        slot_weights = torch.zeros((r, g.recv_shape[0] * g.recv_shape[1]), dtype=torch.float32, device=rows.device)
-        slot_weights = slot_weights.index_put((dest, row), torch.where(valid, weights, zero), accumulate=True)
+        # (A scatter_add into the flat slots, not zeros(...).index_put(accumulate=True): torch 2.11's
+        # inductor fused that with the gather below and wrote the zeros after the sums.)
+        slots = g.recv_shape[0] * g.recv_shape[1]
+        slot_weights = torch.zeros((r * slots,), dtype=torch.float32, device=rows.device)
+        slot_weights = slot_weights.scatter_add(0, (dest * slots + row).reshape(-1), torch.where(valid, weights, zero).reshape(-1))
         grad_rows = _scaled(rows, slot_weights.reshape(r, g.recv_shape[0], g.recv_shape[1], 1))
         grad_w = None
         if ctx.needs_input_grad[2]:
