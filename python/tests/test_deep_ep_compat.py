@@ -848,3 +848,32 @@ def test_a_hooked_fp8_dispatch_fills_its_scales_at_the_hook(monkeypatch):
     buffer.low_latency_dispatch(xs[0], idx[0], 4, 8)   # whole: filled at once
     assert log == ["made", "filled", "made", "filled"]
     buffer.destroy()
+
+
+def test_inputs_that_require_grad_are_moved_as_their_values(ranks):
+    """DeepEP's calls read their tensors' memory and return tensors without a graph, whatever the
+    inputs' requires_grad (Megatron-style code wraps them in an autograd.Function of its own; a
+    plain loop may pass the experts' outputs as they are). The intranode combine copied x into
+    the group's staging buffer in place, under the caller's grad mode: an x that required grad
+    raised torch's RuntimeError ("A view was created in no_grad mode and is being modified
+    inplace with grad mode enabled")."""
+    xs, idx, ws = ref.make_inputs(9, TOKENS, E, H, K, torch.float32)
+    scale = torch.full((H,), 2.0, requires_grad=True)
+
+    def rank_flow(b):
+        r = b.rank
+        x, w = xs[r].clone().requires_grad_(), ws[r].clone().requires_grad_()
+        recv_x, _, recv_w, _, handle, _ = layout_and_dispatch(b, x, idx[r], w)
+        y, y_w = recv_x * scale, recv_w.clone().requires_grad_()    # the experts' outputs, in the graph
+        combined, combined_w, _ = b.combine(y, handle, topk_weights=y_w)
+        again = b.dispatch(combined, handle=handle)[0]              # a cached dispatch of a tensor in the graph
+        with torch.no_grad():
+            plain, plain_w, _ = b.combine(y.detach(), handle, topk_weights=y_w.detach())
+            plain_again = b.dispatch(plain, handle=handle)[0]
+        results = (recv_x, recv_w, combined, combined_w, again)
+        return [t.requires_grad for t in results], (combined, combined_w, again), (plain, plain_w, plain_again)
+
+    for r, (grads, got, want) in enumerate(run_ranks(ranks, rank_flow, timeout=30)):
+        assert not any(grads), r
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), r
+

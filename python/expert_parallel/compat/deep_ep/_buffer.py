@@ -258,7 +258,7 @@ class Buffer:
             # This process's one rank: the call runs on the current stream, after its inputs and
             # before what comes next there, so only async_finish asks for an event.
             self._joined += 1
-            result = meeting.call(self.rank, name, Payload(self.rank, None, args), lambda payloads: work(groups, payloads))
+            result = meeting.call(self.rank, name, Payload(self.rank, None, args), lambda payloads: _engine.untracked(work, groups, payloads))
             return result, EventOverlap(_events.record(self.device) if async_finish else None)
         # Virtual ranks: the last rank to arrive runs the call on its current stream, after every
         # rank's inputs are ready there; each rank's stream then waits for it.

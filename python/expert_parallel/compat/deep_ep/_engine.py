@@ -26,11 +26,20 @@ class Payload:
         self.rank, self.ready = rank, ready
 
 
+def untracked(work: Callable[[Groups, List[Payload]], List[Any]], groups: Groups, payloads: List[Payload]) -> List[Any]:
+    """`work(groups, payloads)` with autograd off, on whichever thread runs it: DeepEP's calls read
+    their tensors' memory and return tensors without a graph, and the copies into the groups'
+    buffers (combine's staging of x) must record none (under grad mode, an x that required grad
+    made that in-place copy torch's RuntimeError)."""
+    with torch_module().no_grad():
+        return work(groups, payloads)
+
+
 def run(groups: Groups, work: Callable[[Groups, List[Payload]], List[Any]], payloads: List[Payload]) -> List[Tuple[Any, Any]]:
     """Runs `work` once the ranks' inputs are ready; returns each rank's (result, event after it)."""
     for p in payloads:
         _events.wait(p.ready, groups.device)
-    results = work(groups, payloads)
+    results = untracked(work, groups, payloads)
     done = _events.record(groups.device)
     return [(result, done) for result in results]
 
