@@ -1,6 +1,7 @@
 """NumPy arrays and PyTorch tensors as epTensor_t descriptors, checked first, so that a wrong
 argument raises an error naming it rather than reaching the library."""
 
+import contextlib
 import ctypes
 import math
 import sys
@@ -53,6 +54,19 @@ def kind(value):
 
 def is_torch(value):
     return kind(value) == "torch"
+
+
+def outside_inference_mode(like):
+    """A context in which the torch tensors made are normal tensors, also under
+    torch.inference_mode (a null context for anything else). For buffers a group keeps for later
+    calls, made by a first call that may run under inference_mode: inference tensors cannot be
+    updated in place outside inference mode, nor saved by autograd, while normal tensors serve
+    calls in either mode."""
+    if is_torch(like):
+        torch = sys.modules["torch"]
+        if torch.is_inference_mode_enabled():
+            return torch.inference_mode(False)
+    return contextlib.nullcontext()
 
 
 def is_numpy(value):

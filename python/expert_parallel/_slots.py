@@ -6,7 +6,7 @@ reads, made once."""
 import ctypes
 
 from . import _abi, _fast
-from ._arrays import Allocator
+from ._arrays import Allocator, outside_inference_mode
 
 _SIZE_HINT = "lower max_tokens or hidden (HT: set max_recv_tokens), or buffer_slots"
 
@@ -115,7 +115,8 @@ class Slot:
         weight_grads[i, :tokens[i]] for backward HT); returns the per-rank views (made once per
         token counts; the lists the caller's own)."""
         if backward_ht is not self._targets_backward or tokens != self._targets:   # (a list, as handles hold them)
-            self._target_views = self._point(tokens, backward_ht)
+            with outside_inference_mode(self.combined):   # (views kept for later calls, in any mode)
+                self._target_views = self._point(tokens, backward_ht)
             self._targets, self._targets_backward = list(tokens), backward_ht
         views, grads = self._target_views
         return list(views), None if grads is None else list(grads)

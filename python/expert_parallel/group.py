@@ -1096,7 +1096,8 @@ class VirtualGroup(GroupBase):
     def _slot(self, index, like):
         slot = self._slots[index]
         if slot is None or slot.kind is not type(like):
-            slot = self._slots[index] = Slot(self, index, like)
+            with _arrays.outside_inference_mode(like):   # (kept for later calls, in any mode)
+                slot = self._slots[index] = Slot(self, index, like)
         return slot
 
     def _per_rank(self, values, name):

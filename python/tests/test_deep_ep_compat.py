@@ -877,3 +877,35 @@ def test_inputs_that_require_grad_are_moved_as_their_values(ranks):
         assert not any(grads), r
         assert all(torch.equal(a, b) for a, b in zip(got, want)), r
 
+
+
+def test_calls_after_a_first_call_under_inference_mode():
+    """A Buffer's groups and their buffers are made by its first call of a shape; made under
+    torch.inference_mode (a serving engine's warm-up), they were inference tensors, which a later
+    call outside inference mode (an RL trainer's update between rollouts, a no_grad evaluation)
+    cannot update in place: torch's RuntimeError ("Inplace update to inference tensor outside
+    InferenceMode"). They are made as normal tensors, which calls in either mode may update."""
+    xs, idx, ws = ref.make_inputs(10, TOKENS, E, H, K)
+    want = ref.ht_dispatch(xs, idx, ws, E)
+    local = E // R
+
+    def rank_flow(b, mode):
+        r = b.rank
+        with mode:
+            recv_x, _, recv_w, _, handle, _ = layout_and_dispatch(b, xs[r], idx[r], ws[r])
+            combined = b.combine(recv_x, handle, topk_weights=recv_w)[:2]
+            ll_x, _, ll_handle, _, _ = b.low_latency_dispatch(xs[r], idx[r], 12, E, use_fp8=False)
+            ll = b.low_latency_combine(ref.ll_expert_function(ll_x, r, local), idx[r], ws[r], ll_handle)[0].clone()
+        return recv_x, combined, ll
+
+    buffers = Buffer.virtual(R, device="cpu", timeout=30)
+    try:
+        first = run_ranks(buffers, lambda b: rank_flow(b, torch.inference_mode()), timeout=30)
+        for mode in (torch.enable_grad, torch.no_grad):
+            later = run_ranks(buffers, lambda b: rank_flow(b, mode()), timeout=30)
+            for r, (a, b) in enumerate(zip(first, later)):
+                assert torch.equal(a[0], want[r]["x"]) and torch.equal(b[0], want[r]["x"]), r
+                assert all(torch.equal(u, v) for u, v in zip(a[1], b[1])) and torch.equal(a[2], b[2]), r
+    finally:
+        for b in buffers:
+            b.destroy()

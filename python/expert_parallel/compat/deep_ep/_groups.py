@@ -100,15 +100,17 @@ class Entry:
         if self._stage is None:
             torch = torch_module()
             dtype = getattr(torch, {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}[self.spec.dtype])
-            self._stage = torch.zeros((ranks,) + tuple(self.group.recv_shape), dtype=dtype, device=self.group.device)
+            with torch.inference_mode(False):   # (kept for later calls, in any mode: _arrays.outside_inference_mode)
+                self._stage = torch.zeros((ranks,) + tuple(self.group.recv_shape), dtype=dtype, device=self.group.device)
         return self._stage
 
     def grad_stage(self, ranks: int) -> Any:
         """Per-rank tensors shaped like the received topk_weights, for combine's weights (HT)."""
         if self._grad_stage is None:
             torch = torch_module()
-            self._grad_stage = torch.zeros((ranks,) + tuple(self.group.recv_routing_shape), dtype=torch.float32,
-                                           device=self.group.device)
+            with torch.inference_mode(False):
+                self._grad_stage = torch.zeros((ranks,) + tuple(self.group.recv_routing_shape), dtype=torch.float32,
+                                               device=self.group.device)
         return self._grad_stage
 
     def dispatch(self, xs: List[Any], topk_idx: Optional[List[Any]], weights: Optional[List[Any]], step: Any,

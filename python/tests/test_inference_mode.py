@@ -1,0 +1,33 @@
+"""A group's buffer slots (and the views it hands out of them) are made by the first call that
+uses them, which may run under torch.inference_mode (a serving engine's warm-up, an RL rollout).
+Made as inference tensors, every later call outside inference mode that landed in that slot
+handed out inference tensors (autograd may not save them: "Inference tensors cannot be saved for
+backward"), and in-place updates of them there failed. They are made as normal tensors."""
+
+import torch
+
+import expert_parallel as ep
+
+R, E, K, H, B = 2, 4, 2, 8, 3
+
+
+def test_slots_made_under_inference_mode_serve_later_calls_outside_it():
+    group = ep.VirtualGroup(ranks=R, experts=E, hidden=H, top_k=K, max_tokens=B, dtype="f32", algorithm="ht",
+                            layout="flat", device="cpu")
+    x = torch.arange(R * B * H, dtype=torch.float32).reshape(R, B, H)
+    idx = torch.tensor([[[0, 3], [1, -1], [2, 3]], [[1, 2], [-1, 0], [3, 1]]])
+    w = torch.rand(R, B, K)
+    with torch.inference_mode():
+        for _ in range(group.buffer_slots):   # every slot made here
+            out = group.dispatch(x, idx, w)
+            want = [t.clone() for t in group.combine(out.received, out.handle)]
+    weights = torch.ones(H, requires_grad=True)
+    for _ in range(group.buffer_slots):
+        out = group.dispatch(x, idx, w)
+        combined = group.combine(out.received, out.handle)
+        handed_out = list(out.tokens) + [out.received, out.expert_counts] + list(combined)
+        assert not any(t.is_inference() for t in handed_out)
+        assert all(torch.equal(a, b) for a, b in zip(combined, want))
+        (out.tokens[0] * weights).sum().backward()   # autograd may save them
+        combined[0].add_(0)                           # and they may be updated in place
+    assert weights.grad is not None
