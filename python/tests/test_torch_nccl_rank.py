@@ -207,9 +207,11 @@ def test_what_an_nccl_rank_cannot_differentiate_is_refused_by_name(rank_group):
         exchange.dispatch(x, idx, w.requires_grad_())
     # Under torch.compile(fullgraph=True) torch reports an error raised in the traced code as its
     # own (Unsupported), whose text names ours: the error class is one its tracer can build.
+    # (torch 2.13 writes InvalidUsageError('topk_weights: ...'), 2.11 InvalidUsageError((LazyVariableTracker(
+    # realized: ConstantVariable(str: "topk_weights: ...")),)).)
     torch._dynamo.reset()
     compiled = torch.compile(lambda x, idx, w: exchange.dispatch(x, idx, w).tokens, fullgraph=True, backend="aot_eager")
-    with pytest.raises(Exception, match=r"(?s)InvalidUsageError\(.topk_weights: requires grad.*rank-major"):
+    with pytest.raises(Exception, match=r"(?s)InvalidUsageError\(.{0,80}topk_weights: requires grad.*rank-major"):
         compiled(x, idx, w)
     with torch.no_grad():   # no gradient asked for: it runs
         assert exchange.dispatch(x, idx, w).tokens.shape == tuple(exchange.group.recv_shape)
