@@ -523,9 +523,9 @@ def low_latency_flow(xs, idx, ws, bad_weights=None, hook=False):
     return flow
 
 
-@pytest.mark.parametrize("path", ["intranode", "low_latency", "low_latency_hook"])
+@pytest.mark.parametrize("path", ["intranode", "low_latency", "low_latency_hook", "low_latency_int"])
 def test_a_rank_whose_combine_gets_bad_topk_weights_fails_the_round_on_every_rank_at_once(path):
-    """Rank 1's topk_weights are float64 (combine) or a list (low_latency_combine): rank 1 raises
+    """Rank 1's topk_weights are float64 (combine), a list or int64 (low_latency_combine): rank 1 raises
     its own error, rank 0 a PeerFailedError naming it, at once; the good combine that follows on
     the same handle gives what it gives on fresh buffers."""
     buffers = Buffer.virtual(2, timeout=30)
@@ -534,6 +534,10 @@ def test_a_rank_whose_combine_gets_bad_topk_weights_fails_the_round_on_every_ran
     if path == "intranode":
         bad, name, message = (lambda w: w.double()), "combine", "topk_weights: dtype torch.float64; must be torch.float32"
         flow, good = intranode_flow(xs, idx, ws, bad), intranode_flow(xs, idx, ws)
+    elif path == "low_latency_int":
+        bad, name = (lambda w: (w * 100).long()), "low_latency_combine"
+        message = "topk_weights: dtype torch.int64; must be torch.float32 (another floating dtype is converted)"
+        flow, good = low_latency_flow(xs, idx, ws, bad), low_latency_flow(xs, idx, ws)
     else:
         bad, name, message = (lambda w: w.tolist()), "low_latency_combine", "topk_weights: a list; must be a torch.Tensor"
         flow, good = low_latency_flow(xs, idx, ws, bad, hook=path.endswith("hook")), low_latency_flow(xs, idx, ws)

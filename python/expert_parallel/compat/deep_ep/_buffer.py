@@ -529,6 +529,9 @@ class Buffer:
         require_contiguous(require_tensor(x, "x", 3, self.device), "x")
         routing(topk_idx, 0, self.device)
         require_tensor(topk_weights, "topk_weights", 2, self.device)
+        if not topk_weights.is_floating_point():   # (DeepEP takes float32; other float types are converted, integers are a mistake)
+            raise InvalidArgumentError(f"topk_weights: dtype {topk_weights.dtype}; must be torch.float32 (another floating "
+                                       "dtype is converted)")
         self._own_handle(handle, "ll")
         # This rank's own arguments against its handle, checked here: a wrong one fails this rank by
         # its own name (the peers: PeerFailedError), not the round on every rank.
