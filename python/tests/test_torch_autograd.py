@@ -170,8 +170,14 @@ def test_wrong_arguments_are_named():
         ops.combine(sent.tokens, idx, w[..., :2].contiguous(), sent.step, ex.id)
     other = exchange("ll", "expert_major")
     theirs = other.dispatch(x, idx, w)
-    with pytest.raises(ep.InvalidUsageError, match=f"step: token {int(theirs.step)} names no live step"):
-        ops.combine(theirs.tokens, idx, w, theirs.step, ex.id)   # another group's step
+    with pytest.raises(ep.InvalidUsageError, match=f"step: token {int(theirs.step)} is a step of exchange {other.id} "):
+        ops.combine(theirs.tokens, idx, w, theirs.step, ex.id)   # another group's step: its exchange named
+    beside = Exchange(ex.group)   # another exchange on the same group
+    mine = beside.dispatch(x, idx, w)
+    with pytest.raises(ep.InvalidUsageError, match=rf"step: token {int(mine.step)} is a step of exchange {beside.id} .*not of "
+                                                   rf"exchange {ex.id}; pass the Dispatched to the combine of the exchange"):
+        ex.combine(mine.tokens, mine)
+    assert torch.equal(beside.combine(mine.tokens, mine), ex.combine(*(lambda d: (d.tokens, d))(ex.dispatch(x, idx, w))))
     with pytest.raises(ep.InvalidArgumentError, match="group: id 424242 is not registered"):
         ops.dispatch(x, idx, w, 424242)
     with pytest.raises(ep.InvalidArgumentError, match=rf"^x: shape \[4, 5, 9\]; must be \[4, B, {H}\]$"):

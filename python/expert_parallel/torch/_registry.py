@@ -88,6 +88,11 @@ class Entry:
         number = int(token)
         handle = self.live.get(number)
         if handle is None:
+            holder = next((e for e in list(_entries.values()) if number in e.live), None)
+            if holder is not None:   # (a live step of another exchange: combine it through that one)
+                raise InvalidUsageError(f"step: token {number} is a step of exchange {holder.id} (of {holder.group!r}), not of "
+                                        f"exchange {self.id}; pass the Dispatched to the combine of the exchange whose "
+                                        "dispatch returned it")
             raise InvalidUsageError(
                 f"step: token {number} names no live step of group {self.group!r}; pass the step token that this "
                 "group's dispatch op returned while it, or the autograd graph that recorded the step, is still "
