@@ -8,7 +8,11 @@ answer or a named error:
   after NumPy arrays, or the reverse) replaced the step's buffer slot with fresh buffers: an HT
   expert-major padded step then lost its per-slot weights (its combine, and every later one,
   raised InvalidUsageError saying a later dispatch had used the slot), and the slot's use count
-  started again, so a stale handle could pass the check of a slot used since.
+  started again, so a stale handle could pass the check of a slot used since;
+- a refused dispatch of the other kind of array than the slot's still replaced the slot it
+  would have used (the oldest live step's) with fresh buffers before the library refused it:
+  an HT expert-major padded step in that slot then lost its per-slot weights, and its combine
+  raised InvalidUsageError saying a later dispatch had used the slot.
 """
 
 import numpy as np
@@ -115,3 +119,24 @@ def test_a_stale_handle_is_named_after_its_slot_took_a_dispatch_of_the_other_kin
     y = g.combine(torch.from_numpy(np.stack([np.asarray(t).copy() for t in g.dispatch(
         torch.from_numpy(np.stack(xs)), None, torch.from_numpy(np.stack(w) * 10), handle=third).tokens])), third)
     assert np.isfinite(np.asarray(y[0])).all()
+
+
+# -- a refused dispatch of the other kind of array -------------------------------------------------
+
+
+@pytest.mark.parametrize("refused_kind", ["torch", "torch list", "numpy", "list"])
+def test_a_refused_dispatch_of_the_other_kind_leaves_the_live_step_in_its_slot(refused_kind):
+    dispatch_kind = "numpy" if refused_kind.startswith("torch") else "torch"
+    g, first, rows = _padded_step(dispatch_kind)
+    expected = _expected(rows, g, first)
+    xs, idx, w = inputs()
+    g.dispatch(as_kind(xs, dispatch_kind), as_kind(idx, dispatch_kind), as_kind(w, dispatch_kind), handle=g.handle())
+    assert g.buffer_slots == 2   # the next dispatch lands in slot 0: first's, still live
+    bad = [np.array([[0, 9], [1, 2]], np.int32)] * 2
+    kind = {"torch list": "list", "list": "list"}.get(refused_kind, refused_kind)
+    convert = (lambda v: [torch.from_numpy(a) for a in v]) if refused_kind == "torch list" else (lambda v: as_kind(v, kind))
+    with pytest.raises(ep.InvalidArgumentError, match="9; must be -1 or in"):
+        g.dispatch(convert(xs), convert(bad), convert(w), handle=g.handle())
+    combined = g.combine(as_kind(rows, dispatch_kind), first)
+    for r in range(2):
+        np.testing.assert_array_equal(np.asarray(combined[r]), expected[r])
