@@ -590,7 +590,7 @@ class VirtualGroup(GroupBase):
         index = self._next_slot
         slot = self._slots[index]
         if slot is None or slot.kind is not type(xs):
-            slot = self._slot(index, xs)
+            slot = self._slot(index, xs)   # (installed once the library took the call)
         call = slot.dispatch_call or self._dispatch_call(slot)
         call.dispatch_arguments(x_address, element, idx_address, ic, weights, b,
                                 _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, None if handle is None else handle._pointer)
@@ -606,6 +606,7 @@ class VirtualGroup(GroupBase):
         if status:
             check_status(status, _errors.DISPATCH_XS, _errors.DISPATCH_SLOT, kind=_arrays.kind(xs))
         self._next_slot = (index + 1) % self.buffer_slots   # (a refused call took no slot)
+        self._slots[index] = slot
         if handle is None and not send_only and not record_event:   # the decode loop's call: every field written once
             slot.use = use = slot.use + 1
             return own_step_result(self, slot, self._own_step, use, [b] * ranks, topk_idx, topk_weights, weights)
@@ -626,6 +627,7 @@ class VirtualGroup(GroupBase):
         target.slot = slot.index
         target.slot_use = slot.use = slot.use + 1
         self._next_slot = (slot.index + 1) % self.buffer_slots   # (a refused dispatch took no slot)
+        self._slots[slot.index] = slot   # (a slot made for this call: a refused one left the live step's in place)
         target.received_weights = slot.w_views
         return self._dispatch_result(DispatchResult._of_slot(slot, target), send_only, record_event, stream)
 
@@ -1094,10 +1096,14 @@ class VirtualGroup(GroupBase):
                 f"before {self.buffer_slots} more dispatches (buffer_slots={self.buffer_slots}), or make the group with more slots")
 
     def _slot(self, index, like):
+        """Buffer slot `index` for a dispatch of `like`'s kind of array: the slot's, or fresh
+        buffers of that kind, which the dispatch installs (_slot_result) only once the library
+        has taken the call: a refused one leaves the step that holds the slot its buffers (an HT
+        expert-major padded step's per-slot weights, its use count)."""
         slot = self._slots[index]
         if slot is None or slot.kind is not type(like):
             with _arrays.outside_inference_mode(like):   # (kept for later calls, in any mode)
-                slot = self._slots[index] = Slot(self, index, like)
+                slot = Slot(self, index, like)
         return slot
 
     def _per_rank(self, values, name):
