@@ -31,3 +31,24 @@ def test_slots_made_under_inference_mode_serve_later_calls_outside_it():
         (out.tokens[0] * weights).sum().backward()   # autograd may save them
         combined[0].add_(0)                           # and they may be updated in place
     assert weights.grad is not None
+
+
+def test_an_nccl_groups_slots_made_under_inference_mode_are_normal_tensors(monkeypatch):
+    """An NCCLGroup makes its slots' tensors when it is made, which the DeepEP adapter does in the
+    first call of a shape (under inference_mode in a serving engine's warm-up): its combine copies
+    x into the slot's expert_outputs in place, and the torch ops copy the per-slot weights into
+    the slot and clear the received rows (here with the CPU stand-in of NCCLSlot)."""
+    from expert_parallel import nccl_group
+    from test_nccl_group_calls import _Slot, cpu_rank_group
+
+    model = ep.VirtualGroup(ranks=1, experts=E, hidden=H, top_k=K, max_tokens=B, dtype="f32", algorithm="ht",
+                            layout="expert_major_padded", alignment=2)
+    group = cpu_rank_group(model, lambda name: None)
+    monkeypatch.setattr(nccl_group, "NCCLSlot", _Slot)
+    with torch.inference_mode():
+        group._slots = group._make_slots(2)
+    for slot in group._slots:
+        for tensor in (slot.tokens, slot.idx, slot.weights, slot.expert_outputs, slot.counts, slot.source_counts):
+            assert not tensor.is_inference()
+        slot.expert_outputs.copy_(torch.ones_like(slot.expert_outputs))   # the adapter's stage, outside inference mode
+        slot.weights.zero_()
