@@ -137,11 +137,21 @@ class NCCLGroup(GroupBase):
         self.multiprocessors = info.multiprocessors
         self._next_slot = 0
         try:
-            self._slots = [NCCLSlot(self, s) for s in range(info.bufferSlots)]
+            self._slots = self._make_slots(info.bufferSlots)
             self._prepare_calls(addresses_entry)
         except BaseException:
             self.close()
             raise
+
+    def _make_slots(self, count: int) -> List[Any]:
+        """The group's `count` buffer slots, their tensors normal ones also under
+        torch.inference_mode (the DeepEP adapter makes a group in the first call of a shape, which
+        may run under it): later calls outside it update them in place (the adapter's stage, the
+        torch ops' per-slot weights and cleared rows)."""
+        import torch
+
+        with torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext():
+            return [NCCLSlot(self, s) for s in range(count)]
 
     @classmethod
     def from_process_group(cls, process_group: Any = None, *, experts: int, hidden: int, top_k: int, max_tokens: int,
