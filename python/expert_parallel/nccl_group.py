@@ -150,7 +150,7 @@ class NCCLGroup(GroupBase):
         torch ops' per-slot weights and cleared rows)."""
         import torch
 
-        with torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext():
+        with torch.inference_mode(False):
             return [NCCLSlot(self, s) for s in range(count)]
 
     @classmethod
