@@ -86,3 +86,26 @@ def test_only_the_c_abi_is_exported():
         exported = {fields[7] for fields in (line.split() for line in table.splitlines())
                     if len(fields) >= 8 and fields[4] in ("GLOBAL", "WEAK") and fields[6] != "UND"}
         assert exported and all(name.startswith("ep") and name[2:3].isupper() for name in exported), sorted(exported)[:20]
+
+
+@pytest.mark.parametrize("size", [2**64 - 1, 2**63])
+def test_a_struct_size_past_int64_is_named_as_the_caller_wrote_it(size):
+    """structSize is a size_t: the error names the value the caller passed, not its bits read as
+    a signed integer (SIZE_MAX read "config.structSize = -1")."""
+    library = ep._library.load()
+    config = _abi.GroupConfig(structSize=size)
+    group = ctypes.c_void_p()
+    assert library.epGroupCreate(ctypes.byref(config), None, ctypes.byref(group)) == 1
+    message = library.epGetLastErrorMessage().decode()
+    assert f"config.structSize = {size};" in message, message
+    updates = (_abi.UpdateInputs * 2)(_abi.UpdateInputs(structSize=ctypes.sizeof(_abi.UpdateInputs)),
+                                      _abi.UpdateInputs(structSize=size))
+    config = _abi.GroupConfig(structSize=ctypes.sizeof(_abi.GroupConfig), ranks=2, experts=2, topK=1, hidden=8,
+                              elementType=2, maxTokensPerRank=1)
+    assert library.epGroupCreate(ctypes.byref(config), None, ctypes.byref(group)) == 0
+    try:
+        assert library.epGroupUpdateAll(group, updates, None, None) == 1
+        message = library.epGetLastErrorMessage().decode()
+        assert f"inputs[1].structSize = {size};" in message, message
+    finally:
+        library.epGroupDestroy(group)
