@@ -55,7 +55,7 @@ extension ABIStruct where Self: BitwiseCopyable {
         guard size == abiSize || earlierSizes.contains(size) else {
             let earlier = earlierSizes.isEmpty ? "" : " or an earlier version's \(earlierSizes.map(String.init).joined(separator: ", "))"
             throw .invalidArgument(
-                field: "\(name()).structSize", value: "\(size)",
+                field: "\(name()).structSize", value: "\(UInt(bitPattern: size))",
                 requirement: "must be sizeof(\(Self.self)) = \(abiSize) (ABI version \(EP_ABI_VERSION))\(earlier)")
         }
     }
@@ -103,7 +103,7 @@ extension ABIStruct where Self: BitwiseCopyable {
             let element = pointer + i * stride
             let size = element.loadUnaligned(as: Int.self)
             guard size == stride else {
-                throw .invalidArgument(field: "\(name())[\(i)].structSize", value: "\(size)", requirement: "must equal \(name())[0].structSize (\(stride))")
+                throw .invalidArgument(field: "\(name())[\(i)].structSize", value: "\(UInt(bitPattern: size))", requirement: "must equal \(name())[0].structSize (\(stride))")
             }
             elements.append(load(element, size: size))
         }
