@@ -76,8 +76,27 @@ func decodeList<Element: Decodable>(_ data: Data, from source: String, expected:
     do {
         return try JSONDecoder().decode([Element].self, from: data)
     } catch {
-        throw ValidationError("\(source) is not \(expected): \(describeDecoding(error))")
+        throw ValidationError("\(source) is not \(expected): \(misfit(data, as: Element.self) ?? describeDecoding(error))")
     }
+}
+
+/// Where valid JSON failed to decode without a path (Foundation's decoder reports a number that
+/// does not fit its field, such as 4.5, 1e30 or 2^64 for a whole number, as "not valid JSON" of
+/// the top level): the first list element that does not decode alone, named; nil for anything
+/// else (not JSON, not a list, or an error that has its path).
+func misfit<Element: Decodable>(_ data: Data, as: Element.Type) -> String? {
+    guard let list = try? JSONSerialization.jsonObject(with: data) as? [Any] else { return nil }
+    for (i, element) in list.enumerated() {
+        guard let one = try? JSONSerialization.data(withJSONObject: [element]) else { continue }
+        do {
+            _ = try JSONDecoder().decode([Element].self, from: one)
+        } catch let DecodingError.dataCorrupted(context) where context.codingPath.count <= 1 {
+            return "[\(i)]: a number that does not fit its field (a whole-number field holding a fraction, an exponent or a value past 64 bits)"
+        } catch {
+            return nil   // (an error with its path: describeDecoding names it)
+        }
+    }
+    return nil
 }
 
 /// A decoding error in a line: what was wrong and where.

@@ -532,6 +532,19 @@ def test_plot_refuses_a_file_that_is_not_ep_bench_json(tmp_path):
     assert result.returncode == USAGE and "cannot be read" in result.stderr
 
 
+@pytest.mark.parametrize("tokens", ["4.5", "1e30", "99999999999999999999"])
+def test_plot_names_the_entry_whose_number_does_not_fit(tmp_path, tokens):
+    # Valid JSON whose whole-number field holds a fraction, an exponent or a number past 64 bits:
+    # Foundation's decoder called it "not valid JSON" at the top level; the entry is named.
+    engine = tmp_path / "engine.json"
+    good = '{"name": "x", "ranks": 1, "tokens": 4, "dispatch": {"bytesPerRank": 1, "gbPerSecond": 1.0}}'
+    bad = good.replace('"tokens": 4', '"tokens": ' + tokens)
+    engine.write_text(f"[{good}, {bad}]")
+    result = bench("plot", "--json", str(engine), "--out", str(tmp_path / "p.svg"))
+    assert result.returncode == USAGE and "[1]: a number that does not fit its field" in result.stderr, result.stderr
+    assert "not valid JSON" not in result.stderr
+
+
 def test_plot_text_is_escaped(tmp_path):
     # A device name with XML's special characters still gives a parseable SVG that says it.
     engine = tmp_path / "engine.json"
