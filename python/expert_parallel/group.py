@@ -605,9 +605,10 @@ class VirtualGroup(GroupBase):
         status = self._fn_dispatch_stacked(self._group_address, call.address, raw)
         if status:
             check_status(status, _errors.DISPATCH_XS, _errors.DISPATCH_SLOT, kind=_arrays.kind(xs))
-        self._next_slot = (index + 1) % self.buffer_slots   # (a refused call took no slot)
-        self._slots[index] = slot
         if handle is None and not send_only and not record_event:   # the decode loop's call: every field written once
+            # The slot taken, as _slot_result takes it for the other calls (a refused call took none).
+            self._next_slot = (index + 1) % self.buffer_slots
+            self._slots[index] = slot
             slot.use = use = slot.use + 1
             return own_step_result(self, slot, self._own_step, use, [b] * ranks, topk_idx, topk_weights, weights)
         target = handle
