@@ -298,6 +298,31 @@ def test_the_callers_outputs_of_the_wrong_kind_are_named(out, match):
     group.combine(step.tokens, step.handle)   # the refused calls changed nothing
 
 
+@pytest.mark.parametrize("kind", ["dict by rank", "dict", "set"])
+def test_the_callers_outputs_in_a_container_of_another_kind_are_named(kind):
+    # README: out= takes per-rank lists or one stacked array, and "another kind is refused saying
+    # what out= must be". A container of R entries of another kind was taken by its len(): a dict
+    # keyed by rank ran the call and returned the dict's keys as the results ([0, 1]), another
+    # dict raised a bare KeyError, a set a bare TypeError ('set' object is not subscriptable).
+    group = small_group()
+    step = group.dispatch(*small_step())
+
+    def make(shape):
+        arrays = [np.zeros(shape, np.float32) for _ in range(2)]
+        if kind == "dict by rank":
+            return dict(enumerate(arrays))
+        if kind == "dict":
+            return {"a": arrays[0], "b": arrays[1]}
+        return {1, 2}   # (arrays are unhashable: a set of two of anything)
+
+    name = {"dict by rank": "dict", "dict": "dict", "set": "set"}[kind]
+    with pytest.raises(ep.InvalidArgumentError, match=rf"^out: a {name}; must be one tensor per rank \(2\)"):
+        group.combine(step.tokens, step.handle, out=make((1, 8)))
+    with pytest.raises(ep.InvalidArgumentError, match=rf"^out tokens: a {name}; must be one tensor per rank \(2\)"):
+        group.dispatch(*small_step(), out=(make(group.recv_shape), None, None))
+    group.combine(step.tokens, step.handle)   # the refused calls changed nothing
+
+
 @pytest.mark.parametrize("value", [3, 1.0, "01"])
 def test_clean_takes_an_iterable_of_ranks(value):
     group = small_group()
