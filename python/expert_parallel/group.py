@@ -1109,11 +1109,15 @@ class VirtualGroup(GroupBase):
 
     def _per_rank(self, values, name):
         """`values` if it holds one entry per rank (a list, a tuple or an [R, ...] array), else the
-        named error."""
-        try:
-            count = None if isinstance(values, (str, bytes)) else len(values)
-        except TypeError:
-            count = None
+        named error. Only those kinds: a dict or a set of R entries has a len() too (a dict keyed
+        by rank ran the call and the result's lists held its keys; another dict or a set failed
+        with a bare KeyError or TypeError)."""
+        count = None
+        if isinstance(values, (list, tuple)) or _arrays.kind(values) is not None:
+            try:
+                count = len(values)
+            except TypeError:   # (a 0-dim array)
+                pass
         if count != self.ranks:
             described = f"{count} entries" if count is not None else f"a {type(values).__name__}"
             raise InvalidArgumentError(f"{name}: {described}; must be one tensor per rank ({self.ranks})")
