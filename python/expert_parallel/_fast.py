@@ -232,13 +232,18 @@ def torch_stream(device, stream=None):
 # a word at a time: a decode loop's tensors are new each call, so their addresses change):
 # a dispatch's topkIdx, inputTokens and topkWeights; a combine's expertOutputs, topkWeights,
 # weightGradients, combinedTokens and topkWeightGradients (the first one or two: a virtual
-# group's; all five: an NCCL rank's).
+# group's; all five: an NCCL rank's, and the torch ops' calls into their own outputs); and for
+# those, a dispatch's receivedTokens to expertCounts.
 _STACKED = struct.Struct("<QQq")   # one epStacked_t: address; type | device << 32; rank stride
 _STACKED_2, _STACKED_3, _STACKED_5 = (struct.Struct("<" + "QQq" * n) for n in (2, 3, 5))
 _DISPATCH_INPUTS = _abi.StackedDispatch.topkIdx.offset
+_DISPATCH_OUTPUTS = _abi.StackedDispatch.receivedTokens.offset
 _COMBINE_INPUTS = _abi.StackedCombine.expertOutputs.offset
 if not ([getattr(_abi.StackedDispatch, name).offset for name in ("topkIdx", "inputTokens", "topkWeights")]
         == [_DISPATCH_INPUTS + i * _STACKED.size for i in range(3)]
+        and [getattr(_abi.StackedDispatch, name).offset
+             for name in ("receivedTokens", "receivedTopkIdx", "receivedTopkWeights", "receivedScales", "expertCounts")]
+        == [_DISPATCH_OUTPUTS + i * _STACKED.size for i in range(5)]
         and [getattr(_abi.StackedCombine, name).offset
              for name in ("expertOutputs", "topkWeights", "weightGradients", "combinedTokens", "topkWeightGradients")]
         == [_COMBINE_INPUTS + i * _STACKED.size for i in range(5)]):
@@ -331,6 +336,39 @@ class StackedCall:
         if (None, direction, 0, phase, step) != self._fields:
             self.fields(None, direction, 0, phase, step)
         self._call = key
+
+    def caller_dispatch(self, idx, idx_type, x, x_type, weights, received, element, received_idx, received_weights, counts,
+                        tokens, direction, step):
+        """A whole-phase, one-launch dispatch into the caller's stacked outputs (the torch ops'),
+        every per-call argument at once: the three inputs (`idx` 0: none, a backward dispatch;
+        `weights` 0: none), the received tokens, routing and counts (0: not given; receivedScales
+        none), written as set() and clear() write them, in two writes."""
+        device = self._device
+        _STACKED_3.pack_into(self._bytes, _DISPATCH_INPUTS, idx, (idx_type if idx else 0) | device, 0, x, x_type | device, 0,
+                             weights, (_abi.F32 if weights else 0) | device, 0)
+        f32, i32 = _abi.F32 | device, _abi.I32 | device
+        _STACKED_5.pack_into(self._bytes, _DISPATCH_OUTPUTS, received, element | device, 0, received_idx,
+                             i32 if received_idx else device, 0, received_weights, f32 if received_weights else device, 0,
+                             0, device, 0, counts, i32 if counts else device, 0)
+        self._set.clear()   # (as dispatch_arguments)
+        self._call = None
+        if (tokens, direction, 0, _abi.PHASE_WHOLE, step) != self._fields:
+            self.fields(tokens, direction, 0, _abi.PHASE_WHOLE, step)
+
+    def caller_combine(self, outputs, element, weights, gradients, combined, combined_stride, combined_gradients,
+                       gradients_stride, direction, step):
+        """The same for a combine into the caller's stacked outputs: the expert outputs, the
+        weights it applies and the weight gradients it takes (0: none), the combined tokens and
+        weight gradients (0: none) `…_stride` bytes a rank apart."""
+        device = self._device
+        f32 = _abi.F32 | device
+        _STACKED_5.pack_into(self._bytes, _COMBINE_INPUTS, outputs, element | device, 0, weights, f32 if weights else device, 0,
+                             gradients, f32 if gradients else device, 0, combined, element | device, combined_stride,
+                             combined_gradients, f32 if combined_gradients else device, gradients_stride)
+        self._set.clear()   # (as dispatch_arguments)
+        self._call = None
+        if (None, direction, 0, _abi.PHASE_WHOLE, step) != self._fields:
+            self.fields(None, direction, 0, _abi.PHASE_WHOLE, step)
 
     def clear(self, name):
         self.set(name, 0)

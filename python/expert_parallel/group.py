@@ -207,6 +207,7 @@ class VirtualGroup(GroupBase):
                                 -1 if self.layout == "expert_major_padded" else self._element, device,
                                 (self.layout == "expert_major", False, False))   # (and the slot's combine_kind it takes)
         self._combine_seen = None   # the last common combine's expert outputs as it saw them (shape, dtype, device, contiguity)
+        self._row_bytes = h * _abi.DTYPE_SIZES[self._element]   # (a combined token's)
 
     def __repr__(self) -> str:
         return (f"VirtualGroup(ranks={self.ranks}, experts={self.experts}, hidden={self.hidden}, top_k={self.top_k}, "
@@ -752,32 +753,61 @@ class VirtualGroup(GroupBase):
 
     def _dispatch_fresh(self, xs, topk_idx, topk_weights, handle, direction, out):
         """``dispatch(xs, topk_idx, topk_weights, handle=handle, direction=direction, out=out)`` for
-        the torch ops, which read nothing of its result: `out` is the stacked tuple (tokens,
-        topk_idx, topk_weights[, expert_counts]) the op has just made of the group's shapes and types
-        on its device (torch/_ops.py: `_received`, `_counts`; None for the routing of LL
-        expert-major), so only their addresses are read here, where dispatch() checks them as a
-        caller's. The inputs and the handle are checked as dispatch() checks them; anything but
-        stacked inputs takes dispatch() itself (which names what is wrong), and so does a call
-        without the weights a layout sends with the rows, or without routing for a step that has
-        none (a direct call of the op: the group's own checks name them)."""
+        the torch ops, which read nothing of its result. The op has checked its stacked inputs as
+        dispatch() checks them (torch/_ops.py: the group's dtype and device, ``[R, B, ...]`` shapes
+        of the group's sizes, B ≤ max_tokens; a backward dispatch's B is its step's) and made them
+        contiguous, and `out` is the stacked tuple (tokens, topk_idx, topk_weights[, expert_counts])
+        it has just made of the group's shapes and types on its device (`_received`, `_counts`;
+        None for the routing of LL expert-major): so only addresses are read here, and the call's
+        arguments are written at once. The handle is checked as dispatch() checks it. Anything
+        else takes dispatch() itself, which names what is wrong: a pending send-only call, a
+        closed group, a call without the weights a layout sends with the rows or without routing
+        for a step that has none (a direct call of the op); B = 0 (empty arrays have no address)
+        and rows off an 8-byte boundary on the CPU (_off_boundary) take its per-rank path."""
         lock = self._lock
         lock.acquire()
         try:
             if (self._open_send_only is None and self._group and (topk_weights is not None or self.recv_routing_shape is None)
                     and (topk_idx is not None or handle.tokens is not None)):
                 self._check_handle(handle, dispatched=False)
-                parts = self._stacked_parts(xs, topk_idx, topk_weights, None, handle)
-                if parts is not None:
-                    tokens, idx, weights = out[:3]
-                    counts = out[3] if len(out) == 4 else None
-                    caller = ((tokens.data_ptr(), 0 if idx is None else idx.data_ptr(), 0 if weights is None else weights.data_ptr(),
-                               0 if counts is None else counts.data_ptr()), (tokens, idx, weights, counts))
-                    self._dispatch_stacked(parts, xs, topk_idx, topk_weights, handle, direction, _abi.DIRECTIONS[direction], 0,
-                                           None, None, False, False, caller)
+                b, x = xs.shape[-2], xs.data_ptr()
+                if topk_idx is None and list(handle.tokens) != [b] * self.ranks:
+                    raise InvalidArgumentError(f"xs: {[b] * self.ranks} tokens per rank; the handle's routing has {handle.tokens}")
+                if b and not (x & 7 and self._device == -1):
+                    self._dispatch_into_fresh(b, xs, x, topk_idx, topk_weights, handle, direction, out)
                     return
             self.dispatch(xs, topk_idx, topk_weights, handle=handle, direction=direction, out=out)
         finally:
             lock.release()
+
+    def _dispatch_into_fresh(self, b, xs, x, topk_idx, topk_weights, target, direction, out):
+        """_dispatch_fresh's call (one C call, update included), as _dispatch_stacked makes it into
+        a caller's stacked outputs."""
+        call = self._caller_dispatch or self._caller_dispatch_made()
+        tokens, idx, weights = out[:3]
+        counts = out[3] if len(out) == 4 else None
+        weighted = topk_weights is not None
+        w = topk_weights.data_ptr() if weighted else 0
+        call.caller_dispatch(0 if topk_idx is None else topk_idx.data_ptr(),
+                             0 if topk_idx is None else _fast._torch_dtype_codes()[topk_idx.dtype], x, self._input_element, w,
+                             tokens.data_ptr(), self._element, 0 if idx is None else idx.data_ptr(),
+                             0 if weights is None else weights.data_ptr(), 0 if counts is None else counts.data_ptr(),
+                             b, _abi.DIRECTIONS[direction], target._pointer)
+        if topk_idx is not None:
+            self._start_step(target)
+        raw = None if self._device == -1 else _fast.raw_stream(self._device)
+        status = self._fn_dispatch_stacked(self._group_address, call.address, raw)
+        if status:
+            check_status(status, _errors.DISPATCH_XS, _errors.DISPATCH_OUT, kind=_arrays.kind(xs))
+        if topk_idx is not None:
+            target.tokens = [b] * self.ranks
+            target.topk_idx = topk_idx
+        if direction == "forward" and weighted:
+            target.topk_weights = topk_weights
+            target.weight_addresses = None
+            target.weight_stacked = w
+        target.slot = -1   # the caller's tensors
+        target.received_weights = weights
 
     def _stacked_dispatch_out(self, out):
         """((addresses), (arrays)) of tokens, topk_idx, topk_weights and expert_counts (address 0,
@@ -818,14 +848,20 @@ class VirtualGroup(GroupBase):
             raise InvalidArgumentError("out tokens: a NumPy array; a GPU group takes CUDA torch tensors")
         return tuple(addresses), (tokens, idx, weights, counts)
 
-    def _caller_dispatch_call(self, caller):
-        """The group's epStackedDispatch_t for dispatches into the caller's stacked outputs (made
-        on first use), pointed at `caller`'s (_stacked_dispatch_out); no source counts, no scales."""
+    def _caller_dispatch_made(self):
+        """The group's epStackedDispatch_t for dispatches into the caller's stacked outputs, made
+        on first use: no source counts, no scales."""
         call = self._caller_dispatch
         if call is None:
             call = self._caller_dispatch = _fast.StackedCall(_abi.StackedDispatch, self._device)
             for name in ("receivedScales", "expertSourceCounts"):
                 call.clear(name)
+        return call
+
+    def _caller_dispatch_call(self, caller):
+        """The group's epStackedDispatch_t for dispatches into the caller's stacked outputs,
+        pointed at `caller`'s (_stacked_dispatch_out)."""
+        call = self._caller_dispatch or self._caller_dispatch_made()
         tokens, idx, weights, counts = caller[0]
         call.set("receivedTokens", tokens, self._element)
         call.set("receivedTopkIdx", idx, _abi.I32 if idx else 0)
@@ -969,29 +1005,75 @@ class VirtualGroup(GroupBase):
 
     def _combine_fresh(self, expert_outputs, handle, out, direction="forward", topk_weights=None, weight_gradients=None):
         """``combine(expert_outputs, handle, direction=direction, out=out, topk_weights=topk_weights,
-        weight_gradients=weight_gradients)`` for the torch ops, which read nothing of its result:
-        `out` is the stacked ``[R, B, hidden]`` tensor (backward HT: with the ``[R, B, top_k]``
-        float32 weight gradients, as a pair) the op has just made for the step's B on the group's
-        device (torch/_ops.py), so only its addresses are read here, where combine() checks them
-        as a caller's (and makes per-rank views of them for its result). Everything else is
-        checked as combine() checks it; anything but the stacked call takes combine() itself."""
+        weight_gradients=weight_gradients)`` for the torch ops, which read nothing of its result.
+        The op has checked its stacked inputs as combine() checks them (torch/_ops.py: expert
+        outputs ``[R, *recv_shape]`` of the group's dtype on its device, contiguous; LL
+        expert-major's topk_weights and HT's weight gradients float32 of their shapes, contiguous),
+        and `out` is the stacked ``[R, B, hidden]`` tensor (backward HT: with the ``[R, B, top_k]``
+        float32 weight gradients, as a pair) it has just made for the step's B: so only addresses
+        are read here (`_fresh_combine_arguments`), and the call's arguments are written at once.
+        The handle is checked as combine() checks it. Anything else takes combine() itself, which
+        names what is wrong: a pending send-only call, a closed group; B = 0 or ranks of different
+        B, and rows off an 8-byte boundary on the CPU (_off_boundary), take its per-rank path."""
         lock = self._lock
         lock.acquire()
         try:
             if self._open_send_only is None and self._group:
                 self._check_handle(handle, dispatched=True)
                 tokens = handle.tokens
-                if tokens.count(tokens[0]) == len(tokens):
-                    backward_ht = direction == "backward" and self.algorithm == "ht"
-                    combined, grads = out if backward_ht else (out, None)
-                    caller = (combined.data_ptr(), 0 if grads is None else grads.data_ptr(), tokens[0], (combined, grads))
-                    if self._combine_stacked(expert_outputs, handle, direction, _abi.DIRECTIONS[direction], 0, backward_ht,
-                                             weight_gradients, None, None, False, False, topk_weights, caller) is not None:
+                b, y = tokens[0], expert_outputs.data_ptr()
+                if b and tokens.count(b) == len(tokens) and not (y & 7 and self._device == -1):
+                    arguments = self._fresh_combine_arguments(handle, direction, out, topk_weights, weight_gradients, b)
+                    if arguments is not None:
+                        call = self._caller_combine
+                        if call is None:
+                            call = self._caller_combine = _fast.StackedCall(_abi.StackedCombine, self._device)
+                        call.caller_combine(y, self._element, *arguments, _abi.DIRECTIONS[direction], handle._pointer)
+                        raw = None if self._device == -1 else _fast.raw_stream(self._device)
+                        status = self._fn_combine_stacked(self._group_address, call.address, raw)
+                        if status:
+                            check_status(status, _errors.COMBINE_OUT, kind=_arrays.kind(expert_outputs))
                         return
             self.combine(expert_outputs, handle, direction=direction, weight_gradients=weight_gradients, out=out,
                          topk_weights=topk_weights)
         finally:
             lock.release()
+
+    def _fresh_combine_arguments(self, handle, direction, out, topk_weights, weight_gradients, b):
+        """_combine_fresh's arguments from the weights on (`_fast.StackedCall.caller_combine`:
+        addresses, 0 where none, and the outputs' rank strides), or None where combine() takes
+        the call: LL expert-major's weights given to neither call, or of another B than the
+        step's; outputs of another B; HT expert-major's per-slot weights not an array."""
+        weights = gradients = 0
+        combined, grads = out, None
+        if direction == "backward":
+            if self.algorithm == "ht":
+                combined, grads = out
+                if weight_gradients is None:
+                    return None
+                gradients = weight_gradients.data_ptr()
+        elif self.layout == "expert_major":   # the dispatch's weights, or those given here
+            if topk_weights is None:
+                weights = handle.weight_stacked
+            elif topk_weights.shape[-2] == b:
+                weights = topk_weights.data_ptr()
+            if not weights:
+                return None
+        elif self.layout == "expert_major_padded":   # the step's per-slot weights
+            if handle.slot >= 0:
+                slot = self._slots[handle.slot]
+                self._require_slot(slot, handle)   # (a later dispatch into the slot rewrote them)
+                weights = slot.stacked_address("topk_weights")
+            else:
+                seen = _fast.look(handle.received_weights, _F32_TYPES)
+                if seen is None:
+                    return None
+                weights = seen[0]
+        if combined.shape[-2] != b:
+            return None
+        if grads is None:
+            return weights, gradients, combined.data_ptr(), b * self._row_bytes, 0, 0
+        return weights, gradients, combined.data_ptr(), b * self._row_bytes, grads.data_ptr(), b * self.top_k * 4
 
     def _stacked_combine_out(self, out, tokens, backward_ht):
         """(combined tokens address, weight gradients address (0: none), B, the result: per-rank
