@@ -319,7 +319,7 @@ def test_without_zero_fill_experts_that_read_the_counted_rows_get_the_same_resul
         Exchange(unfilled_exchange.group, zero_fill="no")
     # The fill is the only zeros the dispatch makes (of the receive buffer's shape).
     zeros, shapes = torch.zeros, []
-    monkeypatch.setattr(torch, "zeros", lambda *a, **k: shapes.append(tuple(a[0])) or zeros(*a, **k))
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: shapes.append(tuple(a[0] if a else k["size"])) or zeros(*a, **k))
     for fill, ex in ((True, exchange("ll", "expert_major")), (False, unfilled_exchange)):
         shapes.clear()
         ex.dispatch(x, idx, w)

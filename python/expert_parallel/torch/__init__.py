@@ -125,11 +125,12 @@ class Exchange:
         self.group = group
         self.id: int = _registry.register(group, zero_fill)
         self.layout: str = group.layout
+        entry = _registry.entry(self.id)
         #: an NCCLGroup: this process's rank's tensors, with no leading rank dimension
-        self.one_rank: bool = _registry.entry(self.id).one_rank
+        self.one_rank: bool = entry.one_rank
         #: whether the received rows (and the backward dispatch's) start as zeros; see the class docs
         self.zero_fill = zero_fill
-        self._lead = _ops._lead(group)   # the ops' leading dimensions: (R,), or () for an NCCL rank
+        self._lead = entry.lead   # the ops' leading dimensions: (R,), or () for an NCCL rank
         lead = "" if self.one_rank else "R, "
         # What dispatch's x, topk_idx and topk_weights must be, as its errors say it (made once).
         self._dispatch_inputs = (f"[{lead}B, hidden]", f"[{lead}B, top_k] int32 or int64", f"[{lead}B, top_k] float32")
@@ -139,9 +140,10 @@ class Exchange:
         needs `topk_weights`: combine applies them, or the rows carry them; None is an
         InvalidArgumentError)."""
         rows, routing, weighting = self._dispatch_inputs
-        _tensor(x, "x", rows)
-        _tensor(topk_idx, "topk_idx", routing)
-        _tensor(topk_weights, "topk_weights", weighting)
+        if not (isinstance(x, Tensor) and isinstance(topk_idx, Tensor) and isinstance(topk_weights, Tensor)):
+            _tensor(x, "x", rows)
+            _tensor(topk_idx, "topk_idx", routing)
+            _tensor(topk_weights, "topk_weights", weighting)
         if self.one_rank and self.layout == "rank_major" and topk_weights.requires_grad and torch.is_grad_enabled():
             raise InvalidUsageError(_autograd.RANK_MAJOR_WEIGHTS)
         carried = self.layout != "expert_major"
@@ -212,10 +214,10 @@ class Exchange:
                 raise error
             _ops._require(routing, "dispatched.routing", _ops._INDEX_TYPES, shape, device, ", the topk_idx given to dispatch",
                           lead + (None, group.top_k))
-        for name in ("weights", "topk_weights"):
-            value = getattr(dispatched, name)
-            if value is not None:
-                _tensor(value, f"dispatched.{name}", "or None")
+        if dispatched.weights is not None:
+            _tensor(dispatched.weights, "dispatched.weights", "or None")
+        if dispatched.topk_weights is not None:
+            _tensor(dispatched.topk_weights, "dispatched.topk_weights", "or None")
 
     def close(self) -> None:
         """Unregisters the group: no new steps, while the live ones' calls (a backward pass after a

@@ -45,6 +45,7 @@ class Entry:
         self.zero_fill = zero_fill
         self.free: List[Handle] = []
         self.live: Dict[int, Handle] = {}
+        self._tokens: Dict[int, "weakref.ref[torch.Tensor]"] = {}   # live step number -> its token's weak reference
         #: unregistered: no new steps; the live ones run their calls (backward passes) until they end
         self.closed = False
         #: _library.mask_changes when every rank was last found active (0: none masked in this process yet)
@@ -62,14 +63,20 @@ class Entry:
         self.lead: Tuple[int, ...] = () if self.one_rank else (group.ranks,)
         self.device: int = group._device
         self.element = _ELEMENT_TYPES.get(group.dtype)
+        self.elements = (self.element,)   # (as _ops._require takes them)
         self.received_shape = self.lead + tuple(group.recv_shape)
         routing = group.recv_routing_shape
         self.routing_shape = None if routing is None else self.lead + tuple(routing)
+        # The dispatch ops' outputs: the received routing (``[R, 0]`` where the layout receives
+        # none), the rows per local expert, and whether the received rows start as zeros.
+        self.received_routing_shape = self.lead + (0,) if routing is None else self.routing_shape
+        self.counts_shape = self.lead + (group.local_experts,)
+        self.fills = zero_fill and not self.one_rank   # (an NCCL rank's are copied from its slot whole: nothing to fill)
 
     def start(self) -> Tuple[Handle, torch.Tensor]:
         """A handle for a new step and the step's token; the handle returns to the pool when the
         token is freed."""
-        with self.group.lock:
+        with self.group._lock:
             if self.closed:
                 raise InvalidUsageError(f"group: exchange {self.id} is closed (its live steps' backward passes still run); "
                                         "make a new Exchange(group) for new steps")
@@ -77,7 +84,9 @@ class Entry:
             number = next(_steps)
             self.live[number] = handle
         token = torch.scalar_tensor(number, dtype=torch.int64)   # (torch.tensor parses its argument: twice the cost)
-        weakref.finalize(token, self._retire, number)
+        # Its weak reference (kept here until the step retires) retires the step when the token is
+        # freed: a plain weakref with a callback, a tenth of weakref.finalize's cost per step.
+        self._tokens[number] = weakref.ref(token, lambda _, number=number: self._retire(number))
         return handle, token
 
     def step(self, token: torch.Tensor) -> Handle:
@@ -125,7 +134,8 @@ class Entry:
         self.mask_seen = changes
 
     def _retire(self, number: int) -> None:
-        with self.group.lock:
+        with self.group._lock:
+            self._tokens.pop(number, None)
             handle = self.live.pop(number, None)
             if handle is None:
                 return
