@@ -232,7 +232,8 @@ def test_a_masked_rank_is_refused_by_name_until_cleaned():
     step's later calls; once cleaned they run as before."""
     ex = exchange("ll", "expert_major", timeout=0.2)
     inputs = routing(21, R, B, E, K, H)
-    refused = r"^group: rank\(s\) \[1\] masked inactive; the torch ops need every rank active"
+    refused = (r"^group: rank\(s\) \[1\] masked inactive; the torch ops need every rank active .*: "
+               r"group.clean\(\) them, then dispatch again \(a step live when the mask changed cannot be combined\)$")
     sent = ex.dispatch(*inputs[:3])
     ex.group.deactivate(1)
     with pytest.raises(ep.InactiveRankError, match=refused):
@@ -240,6 +241,9 @@ def test_a_masked_rank_is_refused_by_name_until_cleaned():
     with pytest.raises(ep.InactiveRankError, match=refused):
         ex.dispatch(*inputs[:3])
     ex.group.clean()
+    # The message's remedy is the one that works: the step live when the mask changed stays void.
+    with pytest.raises(ep.InvalidUsageError, match=r"clean\(\) was called since this handle's update"):
+        ex.combine(sent.tokens, sent)
     ex.dispatch(*inputs[:3])
     # Rank 0's own call, the others never coming: the timeout masks them.
     routed = inputs[1][0].to(torch.int32).numpy()

@@ -130,7 +130,8 @@ class Entry:
             masked = [r for r in range(self.group.ranks) if r not in active]
             raise InactiveRankError(
                 f"group: rank(s) {masked} masked inactive; the torch ops need every rank active (LL's gradients assume "
-                "every rank's rows, and a masked rank's outputs would be left unwritten): group.clean() them first")
+                "every rank's rows, and a masked rank's outputs would be left unwritten): group.clean() them, then dispatch again (a step live when the "
+                "mask changed cannot be combined)")
         self.mask_seen = changes
 
     def _retire(self, number: int) -> None:
