@@ -49,22 +49,6 @@ def _held(values):
     return tuple(values) if type(values) is list else values
 
 
-def _detached(values):
-    """`values` (what a handle keeps of the torch ops' tensors for their addresses: one tensor, or
-    per-rank ones) without their autograd history: the same memory, no graph. The received
-    weights the dispatch op writes become one of its outputs, whose autograd node holds the step's
-    token, and the handle of a live step is held by the ops' registry until that token is freed:
-    a handle keeping the tensor itself closed a cycle through the registry, so a step whose
-    backward pass never ran (an output dropped, non-reentrant activation checkpointing's first
-    forward, an error mid-step) stayed live for good, with the graph behind it (torch/_registry)."""
-    detach = getattr(values, "detach", None)
-    if detach is not None:
-        return detach()
-    if type(values) is list or type(values) is tuple:
-        return tuple(value.detach() if hasattr(value, "detach") else value for value in values)
-    return values
-
-
 def _described(value):
     """`value` as an error names what was passed: an array with its shape, a tuple or list with its length."""
     if _arrays.kind(value) is not None:
@@ -794,11 +778,6 @@ class VirtualGroup(GroupBase):
                     return
             self.dispatch(xs, topk_idx, topk_weights, handle=handle, direction=direction, out=out)
         finally:
-            # What the handle keeps of the op's tensors, without their graphs (_detached): the
-            # received weights become the op's output, the source weights' graph leads upstream.
-            if handle is not None:
-                handle.topk_weights = _detached(handle.topk_weights)
-                handle.received_weights = _detached(handle.received_weights)
             lock.release()
 
     def _dispatch_into_fresh(self, b, xs, x, topk_idx, topk_weights, target, direction, out):
@@ -1036,8 +1015,6 @@ class VirtualGroup(GroupBase):
         The handle is checked as combine() checks it. Anything else takes combine() itself, which
         names what is wrong: a pending send-only call, a closed group; B = 0 or ranks of different
         B, and rows off an 8-byte boundary on the CPU (_off_boundary), take its per-rank path."""
-        if handle.received_weights is not None:   # (HT expert-major's per-slot weights, dispatched.topk_weights: _detached)
-            handle.received_weights = _detached(handle.received_weights)
         lock = self._lock
         lock.acquire()
         try:

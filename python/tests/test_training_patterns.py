@@ -340,10 +340,7 @@ def test_an_nccl_rank_with_more_micro_batches_in_flight_than_buffer_slots(rank_g
 
 @pytest.mark.parametrize("algorithm,layout,weights_grad", [
     ("ht", "flat", True),
-    pytest.param("ht", "expert_major_padded", True, marks=pytest.mark.xfail(strict=True, reason=(
-        "torch/_ops.py _bind_weights sets handle.received_weights = dispatched.topk_weights (the dispatch op's output, "
-        "whose node holds the step token); an NCCL rank's combine never reads it, and nothing replaces it before the "
-        "backward dispatch: a cycle through the registry keeps a step without a backward pass live"))),
+    ("ht", "expert_major_padded", True),
     ("ll", "rank_major", False)])
 def test_an_nccl_ranks_step_without_a_backward_pass_ends(rank_group, algorithm, layout, weights_grad):
     exchange_ = Exchange(rank_group(**settings_of(algorithm, layout, "f32")))
@@ -355,10 +352,7 @@ def test_an_nccl_ranks_step_without_a_backward_pass_ends(rank_group, algorithm, 
 
 
 @pytest.mark.parametrize("algorithm,layout", [
-    pytest.param("ht", "flat", marks=pytest.mark.xfail(strict=True, reason=(
-        "nccl_group.py NCCLGroup._send keeps handle.topk_weights = the topk_weights given to the dispatch op, graph and "
-        "all, in a pooled handle: torch/_ops.py run_dispatch should pass topk_weights.detach() to the group"))),
-    pytest.param("ht", "expert_major_padded", marks=pytest.mark.xfail(strict=True, reason="as for flat"))])
+    ("ht", "flat"), ("ht", "expert_major_padded")])
 def test_an_nccl_ranks_pooled_handle_keeps_no_graph(rank_group, algorithm, layout):
     exchange_ = Exchange(rank_group(**settings_of(algorithm, layout, "f32")))
     x, idx, w = rank_inputs(6, 8, 32, 3, torch.float32, 0)
@@ -370,9 +364,6 @@ def test_an_nccl_ranks_pooled_handle_keeps_no_graph(rank_group, algorithm, layou
     assert not live(exchange_) and kept() is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "torch/__init__.py Exchange registers its group in _registry._entries, which only close() undoes: an Exchange "
-    "dropped without close() keeps its group (and the group's buffers) for the life of the process"))
 def test_an_exchange_dropped_without_close_releases_its_group():
     def model():
         group = ep.VirtualGroup(ranks=R, experts=E, hidden=H, top_k=K, max_tokens=B, dtype="f32")

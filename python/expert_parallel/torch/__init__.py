@@ -18,6 +18,7 @@ rank's own, ``[B, H]`` in and out, with no leading ``R``. See docs/torch.md.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
@@ -124,6 +125,10 @@ class Exchange:
             raise InvalidArgumentError(f"zero_fill={zero_fill!r} (type {type(zero_fill).__name__}); must be a bool")
         self.group = group
         self.id: int = _registry.register(group, zero_fill)
+        # An Exchange dropped without close() unregisters too (else the registry kept its group, and
+        # the group's buffers, for the life of the process); not at exit, where the group goes anyway.
+        self._unregister = weakref.finalize(self, _registry.unregister, self.id)
+        self._unregister.atexit = False
         self.layout: str = group.layout
         entry = _registry.entry(self.id)
         #: an NCCLGroup: this process's rank's tensors, with no leading rank dimension
@@ -221,8 +226,9 @@ class Exchange:
 
     def close(self) -> None:
         """Unregisters the group: no new steps, while the live ones' calls (a backward pass after a
-        ``with`` block) still run until they end. The group itself stays open."""
-        _registry.unregister(self.id)
+        ``with`` block) still run until they end. The group itself stays open. Dropping the
+        Exchange does the same."""
+        self._unregister()
 
     def __enter__(self) -> "Exchange":
         return self

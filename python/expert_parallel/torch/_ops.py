@@ -197,7 +197,14 @@ def run_dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], gr
     rows, routing, carried = _rows(x), topk_idx.contiguous(), _contiguous(topk_weights)   # (a sparse one fails here, before a step is taken)
     handle, token = entry.start()
     handle.torch_routing = (topk_idx, _step_routing.version(topk_idx))   # what combine compares its routing with
-    _dispatch_into(entry, rows, routing, carried, handle, "forward", _outputs(received, idx, weights, counts))
+    # The group keeps the weights on the step's handle (combine reads them again): detached
+    # aliases, same memory and no graph. The received weights become this op's output, whose
+    # autograd node holds the step token, and the registry holds a live step's handle until the
+    # token is freed: the tensors themselves would close a cycle, so that a step whose backward
+    # pass never runs (an output dropped, non-reentrant checkpointing's first forward, an error
+    # mid-step) stayed live for good with the graph behind it (the source weights' too).
+    _dispatch_into(entry, rows, routing, None if carried is None else carried.detach(), handle, "forward",
+                   _outputs(received, idx, weights.detach(), counts))
     entry.require_active()   # after the call: its update fixes the step's ranks (a rank masked in it, too)
     return received, idx, weights, token, counts
 
@@ -214,14 +221,15 @@ def _(x, topk_idx, topk_weights, group):
     return received, idx, weights, torch.empty((), dtype=torch.int64), _counts(entry, x)
 
 
-def _bind_weights(group, handle, weights: Optional[Tensor]) -> Optional[Tensor]:
+def _bind_weights(entry, handle, weights: Optional[Tensor]) -> Optional[Tensor]:
     """The forward combine's weights (`_check_combine` checked them): LL expert-major's source
     topk_weights (returned: combine takes them), HT expert-major's per-slot weights (the step's
     received ones, set on `handle`); other layouts take none."""
-    if group.layout == "expert_major":
+    layout = entry.group.layout
+    if layout == "expert_major":
         return weights
-    if group.layout == "expert_major_padded":
-        handle.received_weights = weights
+    if layout == "expert_major_padded" and not entry.one_rank:   # (an NCCL rank's combine reads its slot's: run_combine)
+        handle.received_weights = weights.detach()   # (no graph: as run_dispatch's)
     return None
 
 
@@ -268,7 +276,7 @@ def run_combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tens
     try:
         _check_combine(entry, expert_outputs, weights, tokens)
         weights = _contiguous(weights)
-        applied = _bind_weights(g, handle, weights)
+        applied = _bind_weights(entry, handle, weights)
         slot_weights = None
         if entry.one_rank and g.layout == "expert_major_padded":
             # An NCCL rank's combine applies the per-slot weights where its peers read them, in the
