@@ -386,3 +386,25 @@ def test_gradients_of_gradients_through_weighted_combines(algorithm, layout):
     y = ex.combine(sent.tokens * 2, sent)
     gx, = torch.autograd.grad((y ** 2).sum(), x, create_graph=True)
     assert gx.requires_grad and gx.shape == x.shape
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+def test_torch_func_transforms_are_refused_by_name(transform):
+    """torch.func's transforms cannot run the ops (torch.library's autograd of a Python op has no
+    functorch rule): a named error saying to use torch.autograd, not torch's own about an
+    autograd.Function's setup_context; autograd itself still runs after."""
+    ex = exchange("ht", "flat")
+    x, idx, w = routing(31, R, B, E, K, H)[:3]
+
+    def loss(x):
+        sent = ex.dispatch(x, idx, w)
+        return ex.combine(sent.tokens * 2, sent).sum()
+
+    run = torch.func.grad(loss) if transform == "grad" else torch.vmap(loss)
+    with pytest.raises(ep.InvalidUsageError, match=r"^the torch ops do not run under torch\.func transforms .*use torch\.autograd"):
+        run(x if transform == "grad" else x[None])
+    x = x.clone().requires_grad_()
+    loss(x).backward()
+    # HT combine sums a token's row once from each rank its selections reach: 2 per such rank.
+    ranks = [[len({int(e) // (E // R) for e in row if e >= 0}) for row in rank] for rank in idx]
+    assert torch.equal(x.grad, 2.0 * torch.tensor(ranks, dtype=torch.float32)[..., None].expand_as(x))

@@ -180,12 +180,24 @@ class EagerCombine(torch.autograd.Function):
     backward = staticmethod(_combine_backward)
 
 
+FUNC_TRANSFORMS = ("the torch ops do not run under torch.func transforms (grad, vmap, jacrev, ...: torch.library's autograd "
+                   "of a Python op has no functorch rule); use torch.autograd (loss.backward() or torch.autograd.grad)")
+
+
+def _refuse_transforms() -> None:
+    """Raises the error naming torch.func where a transform is active (outside torch.compile's
+    tracing): torch's own says only that an autograd.Function must override setup_context."""
+    if _eager._transforms() and not _eager._compiling():
+        raise InvalidUsageError(FUNC_TRANSFORMS)
+
+
 def dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group: int) -> Tuple[Tensor, ...]:
     """The dispatch op's outputs for `Exchange.dispatch`: directly where `_eager` allows it."""
     if _eager.direct(x, topk_idx, topk_weights):
         if torch.is_grad_enabled() and (x.requires_grad or (topk_weights is not None and topk_weights.requires_grad)):
             return EagerDispatch.apply(x, topk_idx, topk_weights, group)
         return _ops.run_dispatch(x, topk_idx, topk_weights, group)
+    _refuse_transforms()
     return _ops.dispatch(x, topk_idx, topk_weights, group)
 
 
@@ -195,4 +207,5 @@ def combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tensor],
         if torch.is_grad_enabled() and (expert_outputs.requires_grad or (weights is not None and weights.requires_grad)):
             return EagerCombine.apply(expert_outputs, topk_idx, weights, step, group)
         return _ops.run_combine(expert_outputs, topk_idx, weights, step, group)
+    _refuse_transforms()
     return _ops.combine(expert_outputs, topk_idx, weights, step, group)
