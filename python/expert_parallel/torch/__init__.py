@@ -82,6 +82,13 @@ class Dispatched(NamedTuple):
     expert_counts: Optional[Tensor] = None
 
 
+class _Registration:
+    """What an Exchange's registration lives as long as (its finalizer's referent): shared by the
+    exchange's shallow copies, which share its id."""
+
+    __slots__ = ("__weakref__",)
+
+
 class Exchange:
     """A group's dispatch and combine as autograd-aware ops. Tensors are stacked over the ranks:
     tokens ``[R, B, H]`` of the group's dtype (bf16, f16 or f32), ``topk_idx`` ``[R, B, K]``
@@ -127,7 +134,10 @@ class Exchange:
         self.id: int = _registry.register(group, zero_fill)
         # An Exchange dropped without close() unregisters too (else the registry kept its group, and
         # the group's buffers, for the life of the process); not at exit, where the group goes anyway.
-        self._unregister = weakref.finalize(self, _registry.unregister, self.id)
+        # The finalizer watches a token the exchange's shallow copies share (copy.copy: the same id),
+        # so that the registration ends with the last of them, not with the first one dropped.
+        self._registration = _Registration()
+        self._unregister = weakref.finalize(self._registration, _registry.unregister, self.id)
         self._unregister.atexit = False
         self.layout: str = group.layout
         entry = _registry.entry(self.id)
