@@ -976,16 +976,10 @@ class VirtualGroup(GroupBase):
             call = self._combine_call(slot, (forward_ll, padded_forward, backward_ht))
         else:
             padded_weights = 0
-            if padded_forward:   # the per-slot weights its dispatch received: the slot's, or the caller's stacked array
-                if handle.slot >= 0:
-                    slot = self._slots[handle.slot]
-                    self._require_slot(slot, handle)
-                    padded_weights = slot.stacked_address("topk_weights")
-                else:
-                    seen = _fast.look(handle.received_weights, _F32_TYPES)
-                    if seen is None:
-                        return None
-                    padded_weights = seen[0]
+            if padded_forward:
+                padded_weights = self._padded_weights(handle)
+                if padded_weights is None:
+                    return None
             call = self._caller_combine_call(caller, forward_ll, padded_weights, backward_ht)
             combined, grads = caller[3]
         call.set("expertOutputs", y[0], y[1])
@@ -1039,6 +1033,18 @@ class VirtualGroup(GroupBase):
         finally:
             lock.release()
 
+    def _padded_weights(self, handle):
+        """The address of the per-slot weights an HT expert-major step's dispatch received: its
+        buffer slot's (refused by name where a later dispatch into the slot rewrote them), or the
+        caller's stacked float32 array; None where they are not one such array (the per-rank path
+        takes the call)."""
+        if handle.slot >= 0:
+            slot = self._slots[handle.slot]
+            self._require_slot(slot, handle)
+            return slot.stacked_address("topk_weights")
+        seen = _fast.look(handle.received_weights, _F32_TYPES)
+        return None if seen is None else seen[0]
+
     def _fresh_combine_arguments(self, handle, direction, out, topk_weights, weight_gradients, b):
         """_combine_fresh's arguments from the weights on (`_fast.StackedCall.caller_combine`:
         addresses, 0 where none, and the outputs' rank strides), or None where combine() takes
@@ -1059,16 +1065,10 @@ class VirtualGroup(GroupBase):
                 weights = topk_weights.data_ptr()
             if not weights:
                 return None
-        elif self.layout == "expert_major_padded":   # the step's per-slot weights
-            if handle.slot >= 0:
-                slot = self._slots[handle.slot]
-                self._require_slot(slot, handle)   # (a later dispatch into the slot rewrote them)
-                weights = slot.stacked_address("topk_weights")
-            else:
-                seen = _fast.look(handle.received_weights, _F32_TYPES)
-                if seen is None:
-                    return None
-                weights = seen[0]
+        elif self.layout == "expert_major_padded":
+            weights = self._padded_weights(handle)
+            if weights is None:
+                return None
         if combined.shape[-2] != b:
             return None
         if grads is None:
