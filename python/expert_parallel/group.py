@@ -726,18 +726,11 @@ class VirtualGroup(GroupBase):
         if status:
             check_status(status, _errors.DISPATCH_XS, _errors.DISPATCH_SLOT if slot is not None else _errors.DISPATCH_OUT,
                          kind=_arrays.kind(xs))
-        if idx is not None:
-            target.tokens = [b] * self.ranks
-            target.topk_idx = topk_idx
-        if direction == "forward" and w is not None:
-            target.topk_weights = topk_weights
-            target.weight_addresses = None
-            target.weight_stacked = w[0]
+        self._stacked_taken(target, b, topk_idx, topk_weights, 0 if w is None else w[0], direction)
         if slot is not None:
             return self._slot_result(slot, target, stream, send_only, record_event)
         tokens, received_idx, received_w, counts = caller[1]
-        target.slot = -1   # the caller's tensors
-        target.received_weights = received_w
+        self._caller_taken(target, received_w)
         result = _StackedOutResult((tokens, received_idx, received_w), target, counts)
         return self._dispatch_result(result, send_only, record_event, stream)
 
@@ -786,8 +779,7 @@ class VirtualGroup(GroupBase):
         call = self._caller_dispatch or self._caller_dispatch_made()
         tokens, idx, weights = out[:3]
         counts = out[3] if len(out) == 4 else None
-        weighted = topk_weights is not None
-        w = topk_weights.data_ptr() if weighted else 0
+        w = 0 if topk_weights is None else topk_weights.data_ptr()
         call.caller_dispatch(0 if topk_idx is None else topk_idx.data_ptr(),
                              0 if topk_idx is None else _fast._torch_dtype_codes()[topk_idx.dtype], x, self._input_element, w,
                              tokens.data_ptr(), self._element, 0 if idx is None else idx.data_ptr(),
@@ -799,15 +791,26 @@ class VirtualGroup(GroupBase):
         status = self._fn_dispatch_stacked(self._group_address, call.address, raw)
         if status:
             check_status(status, _errors.DISPATCH_XS, _errors.DISPATCH_OUT, kind=_arrays.kind(xs))
+        self._stacked_taken(target, b, topk_idx, topk_weights, w, direction)
+        self._caller_taken(target, weights)
+
+    def _stacked_taken(self, target, b, topk_idx, topk_weights, weights_address, direction):
+        """What `target` records of a stacked dispatch the library took: a new step's tokens and
+        routing, and a forward dispatch's weights (address 0: none), which combine reads again."""
         if topk_idx is not None:
             target.tokens = [b] * self.ranks
             target.topk_idx = topk_idx
-        if direction == "forward" and weighted:
+        if direction == "forward" and weights_address:
             target.topk_weights = topk_weights
             target.weight_addresses = None
-            target.weight_stacked = w
-        target.slot = -1   # the caller's tensors
-        target.received_weights = weights
+            target.weight_stacked = weights_address
+
+    @staticmethod
+    def _caller_taken(target, received_weights):
+        """What `target` records of a dispatch into the caller's stacked outputs: no buffer slot,
+        and the caller's received weights (HT expert-major's per-slot weights, which combine reads)."""
+        target.slot = -1
+        target.received_weights = received_weights
 
     def _stacked_dispatch_out(self, out):
         """((addresses), (arrays)) of tokens, topk_idx, topk_weights and expert_counts (address 0,
@@ -851,11 +854,9 @@ class VirtualGroup(GroupBase):
     def _caller_dispatch_made(self):
         """The group's epStackedDispatch_t for dispatches into the caller's stacked outputs, made
         on first use: no source counts, no scales."""
-        call = self._caller_dispatch
-        if call is None:
-            call = self._caller_dispatch = _fast.StackedCall(_abi.StackedDispatch, self._device)
-            for name in ("receivedScales", "expertSourceCounts"):
-                call.clear(name)
+        call = self._caller_dispatch = _fast.StackedCall(_abi.StackedDispatch, self._device)
+        for name in ("receivedScales", "expertSourceCounts"):
+            call.clear(name)
         return call
 
     def _caller_dispatch_call(self, caller):
@@ -1019,9 +1020,7 @@ class VirtualGroup(GroupBase):
                 if b and tokens.count(b) == len(tokens) and not (y & 7 and self._device == -1):
                     arguments = self._fresh_combine_arguments(handle, direction, out, topk_weights, weight_gradients, b)
                     if arguments is not None:
-                        call = self._caller_combine
-                        if call is None:
-                            call = self._caller_combine = _fast.StackedCall(_abi.StackedCombine, self._device)
+                        call = self._caller_combine or self._caller_combine_made()
                         call.caller_combine(y, self._element, *arguments, _abi.DIRECTIONS[direction], handle._pointer)
                         raw = None if self._device == -1 else _fast.raw_stream(self._device)
                         status = self._fn_combine_stacked(self._group_address, call.address, raw)
@@ -1103,14 +1102,18 @@ class VirtualGroup(GroupBase):
             raise InvalidArgumentError("out: a NumPy array; a GPU group takes CUDA torch tensors")
         return address, grads_address, b, (list(combined), None if grads is None else list(grads))
 
+    def _caller_combine_made(self):
+        """The group's epStackedCombine_t for combines into the caller's stacked outputs, made on
+        first use."""
+        call = self._caller_combine = _fast.StackedCall(_abi.StackedCombine, self._device)
+        return call
+
     def _caller_combine_call(self, caller, forward_ll, padded_weights, backward_ht):
-        """The group's epStackedCombine_t for combines into the caller's stacked outputs (made on
-        first use), pointed at `caller`'s and, for HT expert-major padded, `padded_weights`."""
-        call = self._caller_combine
-        if call is None:
-            call = self._caller_combine = _fast.StackedCall(_abi.StackedCombine, self._device)
+        """The group's epStackedCombine_t for combines into the caller's stacked outputs, pointed
+        at `caller`'s and, for HT expert-major padded, `padded_weights`."""
+        call = self._caller_combine or self._caller_combine_made()
         address, grads_address, b, _ = caller
-        call.set("combinedTokens", address, self._element, b * self.hidden * _abi.DTYPE_SIZES[self._element])
+        call.set("combinedTokens", address, self._element, b * self._row_bytes)
         if backward_ht:
             call.set("topkWeightGradients", grads_address, _abi.F32, b * self.top_k * 4)
         else:

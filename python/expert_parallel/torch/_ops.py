@@ -316,7 +316,7 @@ def run_backward_dispatch(grad_combined: Tensor, step: Tensor, group: int) -> Te
     entry = _registry.entry(group)
     g, handle = entry.group, entry.step(step)
     # (A direct call's gradient of another shape raised IndexError, or was named xs.)
-    _require(grad_combined, "grad_combined", (entry.element,), entry.lead + (_step_tokens(handle), g.hidden), entry.device,
+    _require(grad_combined, "grad_combined", entry.elements, entry.lead + (_step_tokens(handle), g.hidden), entry.device,
              ", the step's tokens")
     received, idx, weights = _received(entry, grad_combined, torch.zeros if entry.fills else torch.empty)
     routing = None
@@ -346,7 +346,7 @@ def run_backward_combine(grad_received: Tensor, grad_weights: Optional[Tensor], 
     dispatched = _step_tokens(handle)
     if tokens != dispatched:   # (a direct call's: -1 raised torch's RuntimeError, another B was named out)
         raise InvalidArgumentError(f"tokens={tokens}; must be {dispatched}, the tokens per rank of the step's dispatch")
-    _require(grad_received, "grad_received", (entry.element,), entry.received_shape, entry.device, ", as dispatched.tokens")
+    _require(grad_received, "grad_received", entry.elements, entry.received_shape, entry.device, ", as dispatched.tokens")
     if grad_weights is not None and g.algorithm == "ht":
         _require(grad_weights, "grad_weights", _WEIGHT_TYPES, entry.routing_shape, entry.device, ", as dispatched.topk_weights")
     lead = entry.lead

@@ -62,8 +62,7 @@ class Entry:
         # shapes of the received tokens and routing (None where the layout receives none).
         self.lead: Tuple[int, ...] = () if self.one_rank else (group.ranks,)
         self.device: int = group._device
-        self.element = _ELEMENT_TYPES.get(group.dtype)
-        self.elements = (self.element,)   # (as _ops._require takes them)
+        self.elements = (_ELEMENT_TYPES.get(group.dtype),)   # the token dtype, as _ops._require takes it
         self.received_shape = self.lead + tuple(group.recv_shape)
         routing = group.recv_routing_shape
         self.routing_shape = None if routing is None else self.lead + tuple(routing)
@@ -130,8 +129,8 @@ class Entry:
             masked = [r for r in range(self.group.ranks) if r not in active]
             raise InactiveRankError(
                 f"group: rank(s) {masked} masked inactive; the torch ops need every rank active (LL's gradients assume "
-                "every rank's rows, and a masked rank's outputs would be left unwritten): group.clean() them, then dispatch again (a step live when the "
-                "mask changed cannot be combined)")
+                "every rank's rows, and a masked rank's outputs would be left unwritten): group.clean() them, then "
+                "dispatch again (a step live when the mask changed cannot be combined)")
         self.mask_seen = changes
 
     def _retire(self, number: int) -> None:
