@@ -13,8 +13,11 @@ cost of the two differs); `--tuning fused_update=0` keeps the update's own launc
 `--stub` replaces the C calls by a no-op that returns success: what is timed is then the
 package's own Python alone (nothing is computed; the launch's host cost, which moves by process,
 is out of the figure). With `--device cpu` that runs on any machine (CPU tensors take the same
-in-line path); `--hidden` makes the CPU group's buffers smaller (the Python time does not depend
-on it).
+in-line path); `--hidden` makes the CPU group's buffers smaller. The Python time does not depend
+on it, but for `--exchange` the CPU allocator's does: each dispatch makes a fresh worst-case receive
+buffer `[R, L, R*Bmax, H]`, and from 32 MiB (ll-std R = 8 at `--hidden 64`) glibc maps and unmaps it
+every call (~15 µs on the build machine), which `--hidden 8` (4 MiB) leaves out and which a GPU's
+caching allocator does not pay.
 
     PYTHONPATH=python python3 scripts/host-cost.py --device cpu --stub --hidden 64 --calls 20000
 
@@ -24,6 +27,13 @@ tensors each step (their addresses change each call; the default, 1, gives the s
 `--exchange` times `expert_parallel.torch.Exchange`'s dispatch and combine instead (stacked, under
 `torch.no_grad()`, `zero_fill=False`; `--grad` with x and topk_weights requiring grad, the forward
 calls only): the torch ops' path, fresh output tensors each call.
+
+On a GPU the calls only enqueue work. Where a step's kernels take longer than its host calls
+(ll-std at R = 8: ~100 µs of GPU a step against ~50 µs of host through Exchange), a long run fills
+the driver's launch queue, and from then on each launch waits for the GPU: the figures are the GPU's
+pace, not the host's. `--drain N` (default 25; 0: never) waits for the GPU, untimed, every N calls,
+so that no more than N steps are queued, and prints how long those waits took per call (what the
+GPU was behind the host; near 0 where the host is the slower side).
 """
 import argparse
 import statistics
@@ -49,11 +59,30 @@ def median_us(values, calls):
     return statistics.median(values[calls // 10:]) * 1e6 if values else float("nan")
 
 
+class Drain:
+    """Called before each timed call i: on a GPU, every `every` calls, waits for the device
+    (untimed), so that the launch queue never fills; `waited`: the seconds spent waiting."""
+
+    def __init__(self, device, every):
+        self.every = every if str(device) != "cpu" else 0
+        self.waited = 0.0
+
+    def __call__(self, i):
+        if self.every and i % self.every == 0:
+            start = time.perf_counter()
+            torch.cuda.synchronize()
+            self.waited += time.perf_counter() - start
+
+    def note(self, calls):
+        """The label's note of the waits, per call ("" where none were made)."""
+        return f" | waited for the GPU {self.waited / calls * 1e6:.1f} µs a call (every {self.every})" if self.every else ""
+
+
 def stubbed(fn):
     return lambda *arguments: 0   # epSuccess
 
 
-def measure(name, ranks, calls, kind, device="cuda:0", stub=False, hidden=None, tuning=None, rotate=1, grad=False):
+def measure(name, ranks, calls, kind, device="cuda:0", stub=False, hidden=None, tuning=None, rotate=1, grad=False, drain=0):
     """Times `calls` dispatches and combines of case `name` (kind: "stacked", "lists", "nccl" or "exchange")."""
     algorithm, tokens, case_hidden, top_k, experts, _ = CASES[name]
     case = (algorithm, tokens, hidden or case_hidden, top_k, experts, _)
@@ -62,7 +91,7 @@ def measure(name, ranks, calls, kind, device="cuda:0", stub=False, hidden=None, 
     x = torch.from_numpy(numpy.stack(inputs.x)).to(device=device, dtype=torch.bfloat16)
     idx, w = (torch.from_numpy(numpy.stack(a)).to(device) for a in (inputs.idx, inputs.w))
     if kind == "exchange":
-        return measure_exchange(name, ranks, calls, group, x, idx, w, stub, grad)
+        return measure_exchange(name, ranks, calls, group, x, idx, w, stub, grad, Drain(device, drain))
     copies = [(x, idx, w)] + [tuple(t.clone() for t in (x, idx, w)) for _ in range(rotate - 1)]
     arguments = [{"stacked": (x, idx, w), "lists": tuple(list(t.unbind(0)) for t in (x, idx, w)), "nccl": (x[0], idx[0], w[0])}[kind]
                  for x, idx, w in copies]
@@ -73,10 +102,11 @@ def measure(name, ranks, calls, kind, device="cuda:0", stub=False, hidden=None, 
     for entry in entries:
         function = stubbed(getattr(group, entry)) if stub else getattr(group, entry)
         setattr(group, entry, timed(function, c[entry.split("_")[2]]))
-    dispatch, combine = [], []
+    dispatch, combine, wait = [], [], Drain(device, drain)
     if rotate == 1:
         arguments = arguments[0]
-        for _ in range(calls):
+        for i in range(calls):
+            wait(i)
             t0 = time.perf_counter()
             out = group.dispatch(*arguments)
             t1 = time.perf_counter()
@@ -86,6 +116,7 @@ def measure(name, ranks, calls, kind, device="cuda:0", stub=False, hidden=None, 
     else:   # (the same timed calls, each of the next copy; the expert outputs' copies made on the first dispatches)
         outputs = []
         for i in range(calls):
+            wait(i)
             given = arguments[i % rotate]
             t0 = time.perf_counter()
             out = group.dispatch(*given)
@@ -109,11 +140,11 @@ def measure(name, ranks, calls, kind, device="cuda:0", stub=False, hidden=None, 
     inside = (f"C update+dispatch {med(c['dispatch']):.1f}" if one_call
               else f"C update {med(c['update']):.1f} dispatch {med(c['dispatch']):.1f}")
     print(f"{name} R={ranks} {label}: Python dispatch {med(dispatch):.1f} combine {med(combine):.1f} | "
-          f"{inside} combine {med(c['combine']):.1f}", flush=True)
+          f"{inside} combine {med(c['combine']):.1f}{wait.note(calls)}", flush=True)
     group.close()
 
 
-def measure_exchange(name, ranks, calls, group, x, idx, w, stub, grad):
+def measure_exchange(name, ranks, calls, group, x, idx, w, stub, grad, wait):
     """Times `calls` forward dispatches and combines through Exchange (the torch ops' path)."""
     from expert_parallel.torch import Exchange
 
@@ -125,7 +156,8 @@ def measure_exchange(name, ranks, calls, group, x, idx, w, stub, grad):
         x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
     dispatch, combine = [], []
     with torch.enable_grad() if grad else torch.no_grad():
-        for _ in range(calls):
+        for i in range(calls):
+            wait(i)
             t0 = time.perf_counter()
             sent = exchange.dispatch(x, idx, w)
             t1 = time.perf_counter()
@@ -139,7 +171,7 @@ def measure_exchange(name, ranks, calls, group, x, idx, w, stub, grad):
         group.check()
     med = lambda values: median_us(values, calls)  # noqa: E731
     label = "Exchange" + (", C stubbed" if stub else "") + (", with grad" if grad else ", no grad")
-    print(f"{name} R={ranks} {label}: Python dispatch {med(dispatch):.1f} combine {med(combine):.1f}", flush=True)
+    print(f"{name} R={ranks} {label}: Python dispatch {med(dispatch):.1f} combine {med(combine):.1f}{wait.note(calls)}", flush=True)
     exchange.close()
     group.close()
 
@@ -156,6 +188,8 @@ if __name__ == "__main__":
                         help="inputs and expert outputs from N copies in turn (new addresses each call, as a framework's tensors)")
     parser.add_argument("--nccl", action="store_true", help="also time an NCCLGroup of one rank (cases with R = 1; a GPU with NCCL)")
     parser.add_argument("--exchange", action="store_true", help="time expert_parallel.torch.Exchange's calls instead (the torch ops)")
+    parser.add_argument("--drain", type=int, default=25, metavar="N",
+                        help="on a GPU, wait for it (untimed) every N calls, so that the launch queue never fills (0: never)")
     parser.add_argument("--grad", action="store_true", help="with --exchange: x and topk_weights require grad")
     parser.add_argument("--tuning", action="append", default=[], metavar="KNOB=0|1",
                         help="a boolean tuning knob of the groups (serial_launches=1: plain cuLaunchKernel launches; "
@@ -163,6 +197,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.rotate < 1:
         parser.error("--rotate: must be ≥ 1")
+    if args.drain < 0:
+        parser.error("--drain: must be ≥ 0")
     tuning = {}
     for knob in args.tuning:
         key, _, value = knob.partition("=")
@@ -175,4 +211,4 @@ if __name__ == "__main__":
                  ["stacked"] + (["lists"] if args.lists else []) + (["nccl"] if args.nccl and ranks == "1" else []))
         for kind in kinds:
             measure(name, int(ranks), args.calls, kind, device=args.device, stub=args.stub, hidden=args.hidden, tuning=tuning,
-                    rotate=args.rotate, grad=args.grad)
+                    rotate=args.rotate, grad=args.grad, drain=args.drain)
