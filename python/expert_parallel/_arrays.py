@@ -123,6 +123,45 @@ def dense(value, name):
     return value
 
 
+def extent(value):
+    """The bytes of torch tensor `value`'s storage its elements span, from its first (data_ptr())
+    to past its last: every stride's reach plus one element; 0 for no elements."""
+    if value.numel() == 0:
+        return 0
+    return (sum((n - 1) * s for n, s in zip(value.shape, value.stride())) + 1) * value.element_size()
+
+
+def storage_error(value, name):
+    """The error naming torch tensor `value` (dense) whose storage ends before its last element
+    (shrunk since the tensor was made: ``untyped_storage().resize_()``), which the library would
+    read or write past (and a copy read past), or None."""
+    reach = extent(value)
+    needed = value.storage_offset() * value.element_size() + reach
+    held = value.untyped_storage().nbytes()
+    if reach and needed > held:
+        return InvalidArgumentError(
+            f"{name}: storage of {held} bytes; must hold the {needed} bytes its elements reach (storage_offset() "
+            f"{value.storage_offset()}, shape {list(value.shape)}, strides {tuple(value.stride())}, {value.element_size()}-byte "
+            "elements): its storage was shrunk (untyped_storage().resize_()) since the tensor was made")
+    return None
+
+
+def memory_error(value, name, output=False):
+    """The error naming torch tensor `value` (dense) where the library, which reads and writes it
+    by address, would not find its values in its memory, or None: a storage too small for it
+    (:func:`storage_error`), or a negative view (``is_neg()``: ``torch._neg_view``, the ``.imag``
+    of a conjugate view), whose memory holds its values negated, which torch undoes as it reads
+    them and the library would not. An input may be resolved (``.resolve_neg()``, a copy); an
+    output (`output`) cannot: the call would write the copy. (A conjugate view, ``is_conj()``, is
+    complex: refused by its dtype before this is asked.)"""
+    error = storage_error(value, name)
+    if error is None and value.is_neg():
+        advice = ("the call writes its memory, which the tensor reads negated: pass a tensor of its own" if output
+                  else "its memory holds the values negated, which the library would read as they are: pass .resolve_neg()")
+        error = InvalidArgumentError(f"{name}: a negative view (is_neg() is True); must be False: {advice}")
+    return error
+
+
 def tensor(value, name, *, dtypes, device, shape, writable=False):
     """The epTensor_t of `value` after checking its type, dtype, device, contiguity and shape.
 
@@ -156,6 +195,9 @@ def tensor(value, name, *, dtypes, device, shape, writable=False):
     if is_torch(value):
         if not value.is_contiguous():
             raise InvalidArgumentError(f"{name}: not contiguous (strides {tuple(value.stride())}); pass .contiguous()")
+        error = memory_error(value, name, writable)
+        if error is not None:
+            raise error
         strides = tuple(int(s) for s in value.stride())
         data = value.data_ptr()
     else:

@@ -201,7 +201,7 @@ class VirtualGroup(GroupBase):
         self._common = (r, h, self.max_tokens, k, -1 if self._input_element == _abi.E4M3 else self._input_element, device)
         # The last common dispatch's inputs as _dispatch_common saw them (_common_signature), with
         # their B and routing type: the next call's that compare equal are accepted at once.
-        self._common_seen = (None, 0, 0)
+        self._common_seen = (None, 0, 0, None)
         # And _combine_common (HT expert-major padded takes the general path: its weights are the slot's).
         self._common_combine = (self.layout == "expert_major", (r,) + tuple(recv),
                                 -1 if self.layout == "expert_major_padded" else self._element, device,
@@ -547,7 +547,8 @@ class VirtualGroup(GroupBase):
     def _stacked(self, values, name, expected, tail, rows):
         """(address, type, B) of one stacked ``[R, B, *tail]`` array (B = `rows` unless None:
         any ≤ max_tokens), checked; None when `values` is not one array."""
-        if type(values) is _fast.tensor_type:   # a torch tensor: _fast.look in line
+        tensor = type(values) is _fast.tensor_type
+        if tensor:   # a torch tensor: _fast.look in line
             try:
                 address, code, sizes = values.data_ptr(), _fast.torch_codes.get(values.dtype), values.shape
                 where, fine = values.get_device(), values.is_contiguous()
@@ -563,7 +564,8 @@ class VirtualGroup(GroupBase):
             address, code, sizes, where, fine = seen
         # The common case in line; anything else goes through _fast.check, which names the problem.
         if not (fine and where == self._device and code in expected and len(sizes) == len(tail) + 2 and sizes[0] == self.ranks
-                and (rows is None or sizes[1] == rows) and sizes[2:] == tail):
+                and (rows is None or sizes[1] == rows) and sizes[2:] == tail
+                and (_fast.sound(values, address) if tensor else _arrays.kind(values) != "torch")):
             address, code, sizes = _fast.check(values, name, expected, self._device, (self.ranks, rows) + tail, seen)
             if self._device != -1 and _arrays.kind(values) != "torch":
                 raise InvalidArgumentError(f"{name}: a NumPy array; a GPU group takes CUDA torch tensors")
@@ -655,10 +657,18 @@ class VirtualGroup(GroupBase):
             accepted = self._common_signature(seen)
             if accepted is None:
                 return None
-        # A meta tensor (get_device() -1, as the CPU's) has no memory: the general path names it, and
-        # takes rows off an 8-byte boundary (_off_boundary).
+        # A meta tensor (get_device() -1, as the CPU's) has no memory, a negative view or a shrunk
+        # storage not the values (_fast.sound): the general path names them, and takes rows off an
+        # 8-byte boundary (_off_boundary).
         pointers = xs.data_ptr(), topk_idx.data_ptr(), topk_weights.data_ptr()
         if not (pointers[0] and pointers[1] and pointers[2]) or pointers[0] & 7:
+            return None
+        # _fast.sound of the three, in line: no negative view, each storage holding the tensor's bytes.
+        if xs.is_neg() or topk_idx.is_neg() or topk_weights.is_neg():
+            return None
+        sizes, sx, si, sw = accepted[3], xs.untyped_storage(), topk_idx.untyped_storage(), topk_weights.untyped_storage()
+        if (pointers[0] + sizes[0] > sx.data_ptr() + len(sx) or pointers[1] + sizes[1] > si.data_ptr() + len(si)
+                or pointers[2] + sizes[2] > sw.data_ptr() + len(sw)):
             return None
         return accepted[1], accepted[2], pointers
 
@@ -679,7 +689,9 @@ class VirtualGroup(GroupBase):
                 and isz[0] == ranks and isz[1] == b and isz[2] == top_k
                 and x_device == device and idx_device == device and w_device == device and x_fine and idx_fine and w_fine):
             return None
-        accepted = self._common_seen = (seen, b, ic)
+        rows = ranks * b   # (and the three tensors' bytes, which _fast.sound compares with their storages)
+        sizes = (rows * hidden * _abi.DTYPE_SIZES[element], rows * top_k * _abi.DTYPE_SIZES[ic], rows * top_k * 4)
+        accepted = self._common_seen = (seen, b, ic, sizes)
         return accepted
 
     def _start_step(self, target):
@@ -896,8 +908,8 @@ class VirtualGroup(GroupBase):
                 return None
             self._combine_seen = seen
         address = expert_outputs.data_ptr()
-        if not address or address & 7:   # a meta tensor (get_device() -1, as the CPU's), rows off an 8-byte boundary: the general path
-            return None
+        if not address or address & 7 or not _fast.sound(expert_outputs, address):
+            return None   # a meta tensor (get_device() -1, as the CPU's), rows off an 8-byte boundary, not the values: the general path
         combined = slot.combined_rows(handle.tokens)
         call = slot.combine_call if slot.combine_kind == kind else self._combine_call(slot, kind)
         call.combine_arguments(address, element, weights, _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, handle._pointer)

@@ -401,6 +401,11 @@ class NCCLGroup(GroupBase):
                 return None
         _, b, ic = accepted
         x_code = self._common[3]
+        x_address, idx_address = x.data_ptr(), topk_idx.data_ptr()
+        w_address = 0 if topk_weights is None else topk_weights.data_ptr()
+        sound = _fast.sound   # (a negative view, a shrunk storage: the general path names it)
+        if not (sound(x, x_address) and sound(topk_idx, idx_address) and (topk_weights is None or sound(topk_weights, w_address))):
+            return None
         if handle is not None:
             self._check_handle(handle, dispatched=False)
         raw = self._stream_of(stream, wait_event)
@@ -408,8 +413,7 @@ class NCCLGroup(GroupBase):
         call = self._dispatch_calls[index]
         # (Scales stay unset: only pass-through groups send them, and their calls are never this one.)
         empty = self._empty
-        call.dispatch_arguments(x.data_ptr() or empty, x_code, topk_idx.data_ptr() or empty, ic,
-                                0 if topk_weights is None else topk_weights.data_ptr() or empty, b,
+        call.dispatch_arguments(x_address or empty, x_code, idx_address or empty, ic, 0 if topk_weights is None else w_address or empty, b,
                                 _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, None if handle is None else handle._pointer)
         return self._send(index, call, handle, topk_idx, topk_idx, b, topk_weights, 0, raw, stream, record_event, send_only)
 
@@ -531,20 +535,28 @@ class NCCLGroup(GroupBase):
                 if (type(out) is not _fast.tensor_type or out.shape != (b, self.hidden) or _fast.torch_codes.get(out.dtype) != code
                         or out.get_device() != device or not out.is_contiguous()):
                     return None
+                if not _fast.sound(out, out.data_ptr()):   # (a negative view, a shrunk storage: the general path names it)
+                    return None
                 caller = (out, None)
             if layout == "expert_major":
                 applied = handle.topk_weights if topk_weights is None else topk_weights
                 if (type(applied) is not _fast.tensor_type or applied.shape != (b, self.top_k)
                         or _fast.torch_codes.get(applied.dtype) != _abi.F32 or applied.get_device() != device or not applied.is_contiguous()):
                     return None
-                weights = applied.data_ptr() or self._empty
+                weights = applied.data_ptr()
+                if not _fast.sound(applied, weights):
+                    return None
+                weights = weights or self._empty
             elif topk_weights is not None:
                 return None
             elif layout == "expert_major_padded":
                 weights = slot.weights_desc.data or 0
+            address = expert_outputs.data_ptr()
+            if not _fast.sound(expert_outputs, address):
+                return None
         except RuntimeError:   # a sparse or nested tensor (no sizes or strides): the general path names it
             return None
-        return self._reduce(handle, slot, expert_outputs, expert_outputs.data_ptr(), weights, None, caller, 0, False, stream,
+        return self._reduce(handle, slot, expert_outputs, address, weights, None, caller, 0, False, stream,
                             wait_event, record_event, send_only)
 
     def _reduce(self, handle, slot, expert_outputs, address, weights, weight_gradients, caller, direction_value, backward_ht,
@@ -617,10 +629,10 @@ class NCCLGroup(GroupBase):
         else:
             combined, grads = out, None
         self._require_torch(combined, "out")
-        _fast.check(combined, "out", self._element_types, self._device, (tokens, self.hidden))
+        _fast.check(combined, "out", self._element_types, self._device, (tokens, self.hidden), output=True)
         if backward_ht:
             self._require_torch(grads, "out gradients")
-            _fast.check(grads, "out gradients", _F32_TYPES, self._device, (tokens, self.top_k))
+            _fast.check(grads, "out gradients", _F32_TYPES, self._device, (tokens, self.top_k), output=True)
         return combined, grads
 
     def _raw(self, stream):

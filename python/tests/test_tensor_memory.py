@@ -1,0 +1,229 @@
+"""Tensors whose memory is not their values, on the CPU backend: the package takes tensors'
+addresses, and the library reads and writes the memory there.
+
+- a negative view (``torch._neg_view(t)``, the ``.imag`` of a conjugate view: ``is_neg()``) holds
+  its values negated, which torch undoes as it reads them: the groups' calls read the memory as it
+  is, so they gave the negated rows, silently. An input is now refused by name (the group) or
+  resolved, a copy, as torch's dispatcher resolves one given to an op (Exchange's eager calls,
+  which skip the dispatcher); an output (``out=``) is refused;
+- a conjugate view (``is_conj()``) is complex, which no group takes: refused by its dtype;
+- a tensor whose storage was shrunk since it was made (``untyped_storage().resize_()``) was read
+  and written past its storage's end: now refused by name, its bytes and the storage's.
+"""
+
+import re
+
+import pytest
+import torch
+
+import expert_parallel as ep
+from expert_parallel.torch import Exchange
+from test_hazards_session31 import group   # the small CPU group (f32, R 2, E 4, H 8, K 2, B 3)
+from test_nccl_group_calls import recorded  # noqa: F401  (the NCCL rank over CPU tensors, a fixture)
+
+NEGATIVE = r"a negative view \(is_neg\(\) is True\); must be False: "
+READ = NEGATIVE + r"its memory holds the values negated, which the library would read as they are: pass \.resolve_neg\(\)$"
+WRITTEN = NEGATIVE + r"the call writes its memory, which the tensor reads negated: pass a tensor of its own$"
+
+
+def step():
+    x = torch.arange(2 * 3 * 8, dtype=torch.float32).reshape(2, 3, 8) + 1
+    idx = torch.tensor([[[0, 1], [2, 3], [1, -1]], [[3, 2], [0, -1], [1, 2]]], dtype=torch.int32)
+    w = torch.tensor([[[0.5, 0.25]] * 3] * 2)
+    return x, idx, w
+
+
+def negated(t):
+    """A negative view with `t`'s values: its memory holds -t."""
+    view = torch._neg_view(-t)
+    assert view.is_neg() and torch.equal(view, t)
+    return view
+
+
+def shrunk(t, size=0):
+    """`t` with its storage shrunk to `size` bytes (a copy's: `t` itself is left as it is)."""
+    t = t.clone()
+    t.untyped_storage().resize_(size)
+    return t
+
+
+def storage(name, held, needed):
+    return rf"^{re.escape(name)}: storage of {held} bytes; must hold the {needed} bytes its elements reach \(storage_offset\(\) "
+
+
+@pytest.mark.parametrize("algorithm", ["ll", "ht"])
+@pytest.mark.parametrize("which", [0, 1, 2])
+@pytest.mark.parametrize("stacked", [True, False])
+def test_a_negative_view_given_to_dispatch_is_refused_by_name(algorithm, which, stacked):
+    g = group(algorithm=algorithm)
+    arguments = list(step())
+    arguments[which] = negated(arguments[which])
+    name = ("xs", "topk_idx", "topk_weights")[which]
+    if not stacked:
+        arguments = [list(a.unbind(0)) for a in arguments]
+        name += "[0]"
+    with pytest.raises(ep.InvalidArgumentError, match=f"^{re.escape(name)}: " + READ):
+        g.dispatch(*arguments)
+
+
+@pytest.mark.parametrize("algorithm", ["ll", "ht"])
+def test_a_negative_view_given_to_combine_is_refused_and_a_resolved_one_combines(algorithm):
+    g = group(algorithm=algorithm)
+    x, idx, w = step()
+    out = g.dispatch(x, idx, w)
+    rows = torch.stack(out.tokens).clone()
+    with pytest.raises(ep.InvalidArgumentError, match="^expert_outputs: " + READ):
+        g.combine(negated(rows), out.handle)
+    combined = torch.stack(g.combine(negated(rows).resolve_neg(), out.handle))
+    assert torch.equal(combined, torch.stack(g.combine(rows, out.handle)))
+    assert combined.abs().sum() > 0
+
+
+def test_a_negative_view_as_out_is_refused_and_left_as_it_was():
+    g = group(algorithm="ht")
+    x, idx, w = step()
+    received = torch.zeros((2,) + tuple(g.recv_shape))
+    routing = torch.zeros((2,) + tuple(g.recv_routing_shape), dtype=torch.int32), torch.zeros((2,) + tuple(g.recv_routing_shape))
+    target = torch._neg_view(received)
+    with pytest.raises(ep.InvalidArgumentError, match="^out tokens: " + WRITTEN):
+        g.dispatch(x, idx, w, out=(target,) + routing)
+    out = g.dispatch(x, idx, w, out=(received,) + routing)
+    combined = torch.zeros(2, 3, 8)
+    with pytest.raises(ep.InvalidArgumentError, match="^out: " + WRITTEN):
+        g.combine(received, out.handle, out=torch._neg_view(combined))
+    with pytest.raises(ep.InvalidArgumentError, match=r"^out\[0\]: " + WRITTEN):
+        g.combine(received, out.handle, out=[torch._neg_view(c) for c in combined])
+    assert not combined.any()
+
+
+def test_a_conjugate_view_is_complex_and_refused_by_its_dtype_and_its_imag_taken_as_its_values():
+    """A conjugate view's ``.imag`` is a negative view with a stride of 2 (the real parts between):
+    a group refuses it as not contiguous, and the ops take its values (-x here), as torch reads them."""
+    g = group()
+    x, idx, w = step()
+    c = torch.complex(x, x)
+    with pytest.raises(ep.InvalidArgumentError, match=r"^xs: dtype torch.complex64; must be "):
+        g.dispatch(c.conj(), idx, w)
+    imag = c.conj().imag
+    assert imag.is_neg() and torch.equal(imag, -x)
+    with pytest.raises(ep.InvalidArgumentError, match=r"^xs: not contiguous"):
+        g.dispatch(imag, idx, w)
+    exchange = Exchange(group(algorithm="ht"))
+    with pytest.raises(ep.InvalidArgumentError, match=r"^x: dtype torch.complex64; must be "):
+        exchange.dispatch(c.conj(), idx, w)
+    assert torch.equal(exchange.dispatch(imag, idx, w).tokens, exchange.dispatch(-x, idx, w).tokens)
+
+
+@pytest.mark.parametrize("size", [0, 8, 191])
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_a_shrunk_storage_given_to_dispatch_is_refused_with_its_bytes(size, which):
+    g = group()
+    arguments = list(step())
+    needed = arguments[which].nbytes
+    arguments[which] = shrunk(arguments[which], min(size, needed - 1))
+    name = ("xs", "topk_idx", "topk_weights")[which]
+    with pytest.raises(ep.InvalidArgumentError, match=storage(name, min(size, needed - 1), needed)):
+        g.dispatch(*arguments)
+    # A view of the rest of a storage reaches its offset's bytes too: one element short is named.
+    whole = step()[which].reshape(-1)
+    base = torch.cat([whole[:1], whole])
+    view = base[1:].view(step()[which].shape)
+    base.untyped_storage().resize_(base.nbytes - base.element_size())
+    arguments[which] = view
+    with pytest.raises(ep.InvalidArgumentError, match=storage(name, base.nbytes - base.element_size(), base.nbytes)):
+        g.dispatch(*arguments)
+
+
+def test_a_shrunk_storage_given_to_combine_or_as_out_is_refused():
+    g = group(algorithm="ht")
+    x, idx, w = step()
+    out = g.dispatch(x, idx, w)
+    rows = torch.stack(out.tokens).clone()
+    with pytest.raises(ep.InvalidArgumentError, match=storage("expert_outputs", 16, rows.nbytes)):
+        g.combine(shrunk(rows, 16), out.handle)
+    with pytest.raises(ep.InvalidArgumentError, match=storage("out", 0, 2 * 3 * 8 * 4)):
+        g.combine(rows, out.handle, out=shrunk(torch.zeros(2, 3, 8)))
+    assert torch.stack(g.combine(rows, out.handle)).abs().sum() > 0   # (the step is still live)
+
+
+# -- the torch ops -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", [("ll", "expert_major"), ("ll", "rank_major"), ("ht", "flat"), ("ht", "expert_major_padded")])
+@pytest.mark.parametrize("grad", [False, True])
+def test_the_ops_resolve_negative_views_as_the_dispatcher_does(layout, grad):
+    """Exchange's eager calls (no dispatcher) gave a negative view's memory, the rows negated; the
+    same call through torch.ops.expert_parallel.dispatch, whose dispatcher resolves it, did not."""
+    algorithm, arrangement = layout
+    exchange = Exchange(group(algorithm=algorithm, layout=arrangement))
+    x, idx, w = step()
+
+    def run(x, idx, w):
+        x, w = x.detach().requires_grad_(grad), w.detach().requires_grad_(grad)
+        sent = exchange.dispatch(negated(x) if run.negate else x, negated(idx) if run.negate else idx,
+                                 negated(w) if run.negate else w)
+        rows = sent.tokens * 2 if arrangement in ("expert_major", "expert_major_padded") else sent.tokens
+        combined = exchange.combine(negated(rows) if run.negate else rows, sent)
+        if grad:
+            combined.square().sum().backward()
+            return sent.tokens, combined, x.grad, w.grad
+        return sent.tokens, combined
+
+    run.negate = False
+    plain = run(x, idx, w)
+    run.negate = True
+    negative = run(x, idx, w)
+    assert plain[1].abs().sum() > 0
+    for a, b in zip(plain, negative):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_the_ops_refuse_a_shrunk_storage_by_name():
+    exchange = Exchange(group(algorithm="ht"))
+    x, idx, w = step()
+    for which, name in enumerate(("x", "topk_idx", "topk_weights")):
+        arguments = list(step())
+        arguments[which] = shrunk(arguments[which], 4)
+        with pytest.raises(ep.InvalidArgumentError, match=storage(name, 4, step()[which].nbytes)):
+            exchange.dispatch(*arguments)
+        with pytest.raises(ep.InvalidArgumentError, match=storage(name, 4, step()[which].nbytes)):   # through the dispatcher
+            torch.ops.expert_parallel.dispatch(*arguments, exchange.id)
+    sent = exchange.dispatch(x, idx, w)
+    with pytest.raises(ep.InvalidArgumentError, match=storage("expert_outputs", 0, sent.tokens.nbytes)):
+        exchange.combine(shrunk(sent.tokens), sent)
+    assert exchange.combine(sent.tokens, sent).abs().sum() > 0
+
+
+def test_the_ops_refuse_a_shrunk_non_contiguous_input_before_copying_it():
+    """A transposed input is copied (contiguous()), which would read past a shrunk storage: refused first."""
+    exchange = Exchange(group(algorithm="ht"))
+    x, idx, w = step()
+    t = x.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not t.is_contiguous() and torch.equal(t, x)
+    t.untyped_storage().resize_(64)
+    with pytest.raises(ep.InvalidArgumentError, match=storage("x", 64, x.nbytes)):
+        exchange.dispatch(t, idx, w)
+
+
+# -- an NCCL rank (over CPU tensors) ------------------------------------------------------------
+
+
+def test_an_nccl_rank_refuses_negative_views_and_shrunk_storages(recorded):  # noqa: F811
+    g, calls = recorded(layout="rank_major", dtype="f32")
+    x, idx, w = torch.randn(3, g.hidden), torch.tensor([[0, 1, 2, 3]] * 3, dtype=torch.int32), torch.rand(3, g.top_k)
+    for arguments, name, pattern in [((negated(x), idx, w), "x", READ), ((x, negated(idx), w), "topk_idx", READ),
+                                     ((x, idx, negated(w)), "topk_weights", READ)]:
+        calls.clear()
+        with pytest.raises(ep.InvalidArgumentError, match=f"^{name}: " + pattern):
+            g.dispatch(*arguments)
+        assert not calls
+    with pytest.raises(ep.InvalidArgumentError, match=storage("x", 0, x.nbytes)):
+        g.dispatch(shrunk(x), idx, w)
+    out = g.dispatch(x, idx, w)
+    rows = out.tokens.clone()
+    with pytest.raises(ep.InvalidArgumentError, match="^expert_outputs: " + READ):
+        g.combine(negated(rows), out.handle)
+    with pytest.raises(ep.InvalidArgumentError, match="^out: " + WRITTEN):
+        g.combine(rows, out.handle, out=torch._neg_view(torch.zeros(3, g.hidden)))
+    with pytest.raises(ep.InvalidArgumentError, match=storage("out", 0, 3 * g.hidden * 4)):
+        g.combine(rows, out.handle, out=shrunk(torch.zeros(3, g.hidden)))
