@@ -96,11 +96,14 @@ def group_config(*, ranks, experts, hidden, top_k, max_tokens, algorithm, layout
     if layout is None:
         layout = "expert_major" if algorithm == "ll" else "flat"
     layout_value = choice(layout, "layout", _abi.LAYOUTS)
+    alignment = integer(alignment, "alignment", -INT32 - 1, INT32)
+    if layout == "expert_major_padded" and alignment < 1:   # in the library's words (its C ABI runs 0 as 1; above 1024: its own)
+        raise InvalidArgumentError(f"alignment = {alignment}; must be in 1...1024")
     element = _arrays.element_type(dtype)
     config = _abi.new(
         _abi.GroupConfig,
         algorithm=algorithm_value, layout=layout_value,
-        alignment=integer(alignment, "alignment", 0, INT32),
+        alignment=integer(alignment, "alignment", 0, INT32),   # (the other layouts: 0 or 1, the library says)
         ranks=integer(ranks, "ranks", 0, INT32), experts=integer(experts, "experts", 0, INT32),
         topK=integer(top_k, "top_k", 0, INT32), hidden=integer(hidden, "hidden", 0, INT64),
         elementType=element, maxTokensPerRank=integer(max_tokens, "max_tokens", 0, INT64),

@@ -86,7 +86,7 @@ class VirtualGroup(GroupBase):
     on one GPU (``device="cuda:N"``, CUDA torch tensors).
 
     ``algorithm``: "ll" (low latency) or "ht" (high throughput). ``layout``: "expert_major" or
-    "rank_major" (LL), "flat" or "expert_major_padded" (HT, with ``alignment``); default
+    "rank_major" (LL), "flat" or "expert_major_padded" (HT, with ``alignment``, 1...1024 rows); default
     expert-major for LL, flat for HT. ``dtype``: the token element type ("bf16", "f16", "f32",
     "u8"); NumPy has no bf16, so bf16 arrays are uint16 arrays of the raw bits.
     ``max_recv_tokens``: HT receive capacity (None: one that never overflows). ``overflow``:

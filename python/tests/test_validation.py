@@ -49,6 +49,9 @@ def test_error_classes():
     (dict(top_k=2**31), r"top_k=2147483648; must be in"),
     (dict(max_recv_tokens=10), r"max_recv_tokens = 10; must be None for LL"),
     (dict(algorithm="ht", layout="expert_major_padded", alignment=2000), r"alignment = 2000; must be in 1\.\.\.1024"),
+    # The C ABI's 0 = 1 was taken (and ran as 1) where the message above says 1...1024; a negative one said [0, 2^31 - 1].
+    (dict(algorithm="ht", layout="expert_major_padded", alignment=0), r"^alignment = 0; must be in 1\.\.\.1024$"),
+    (dict(algorithm="ht", layout="expert_major_padded", alignment=-1), r"^alignment = -1; must be in 1\.\.\.1024$"),
     (dict(alignment=4), r"alignment = 4; must be 0 or 1 unless the layout is 'expert_major_padded'"),
     (dict(timeout=-1.0), r"timeout = -1.0"),
 ])
