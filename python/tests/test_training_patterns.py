@@ -374,3 +374,52 @@ def test_an_exchange_dropped_without_close_releases_its_group():
     kept = model()
     gc.collect()
     assert kept() is None
+
+
+class _Block(torch.nn.Module):
+    """A MoE block: a linear layer, then linear experts (a parameter) over an Exchange held as a
+    plain attribute (the model's own, as a process group handle is)."""
+
+    def __init__(self, exchange, maps):
+        super().__init__()
+        self.linear = torch.nn.Linear(H, H)
+        self.maps = torch.nn.Parameter(maps)
+        self.exchange = exchange
+
+    def forward(self, x, idx, w):
+        return over_group(self.exchange, self.linear(x), idx, w, self.maps)
+
+
+def test_a_deep_copy_of_a_model_holding_an_exchange_shares_the_exchange():
+    """``ema = copy.deepcopy(model)`` (an EMA of the weights) raised NotCopyableError (the
+    Exchange's group cannot be copied): the copy now holds the same Exchange, with parameters of
+    its own, and both run training steps that equal the dense block's. Pickling stays refused."""
+    import copy
+    import pickle
+
+    ex = exchange("ht", "flat")
+    x, idx, w, maps = routing(3, R, B, E, K, H)
+    model = _Block(ex, maps)
+    ema = copy.deepcopy(model)
+    assert ema.exchange is ex and ema.maps is not model.maps and torch.equal(ema.maps, model.maps)
+    memo = {}
+    assert copy.deepcopy(ex, memo) is ex and memo[id(ex)] is ex
+    with torch.no_grad():
+        ema.maps.mul_(0.5)   # (the copy's parameters are its own: the EMA moves them)
+    for m in (model, ema):   # each a training step through the one exchange, checked against the dense block
+        got = m(x, idx, w)
+        want = dense(m.linear(x), idx, w, m.maps)
+        assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
+        got.square().sum().backward()
+        dense_maps = m.maps.detach().clone().requires_grad_()
+        dense(m.linear(x).detach(), idx, w, dense_maps).square().sum().backward()
+        assert (m.maps.grad - dense_maps.grad).abs().max() <= 1e-5 * max(1.0, dense_maps.grad.abs().max().item())
+    assert not torch.equal(model.maps.grad, ema.maps.grad)
+    del got
+    assert not live(ex)   # (both steps ended)
+    shallow = copy.copy(ex)   # a shallow copy: another Exchange of the same registration, as before
+    assert shallow is not ex and shallow.id == ex.id and shallow.group is ex.group
+    with pytest.raises(ep.NotCopyableError, match=r"^Exchange: cannot be pickled; it registers VirtualGroup"):
+        pickle.dumps(ex)
+    with pytest.raises(ep.NotCopyableError):
+        pickle.dumps(model)

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..errors import InvalidArgumentError, InvalidUsageError
+from ..errors import InvalidArgumentError, InvalidUsageError, NotCopyableError
 from . import _autograd, _ops, _registry  # (_autograd registers the backward passes, and calls the ops)
 
 __all__ = ["Exchange", "Dispatched"]
@@ -239,6 +239,26 @@ class Exchange:
         ``with`` block) still run until they end. The group itself stays open. Dropping the
         Exchange does the same."""
         self._unregister()
+
+    def __copy__(self) -> "Exchange":
+        """A shallow copy, as ``copy.copy`` made one without this: another Exchange of the same
+        registration (the same id and group), which ends with the last of them."""
+        copied = Exchange.__new__(Exchange)
+        copied.__dict__.update(self.__dict__)
+        return copied
+
+    def __deepcopy__(self, memo: dict) -> "Exchange":
+        """This exchange itself: it registers a group, which owns the library's state and buffers
+        (GPU memory), as a process group handle does, and a copy of a model that holds it
+        (``ema = copy.deepcopy(model)``) exchanges through the same group. (A deep copy of the
+        group is refused: ``NotCopyableError``.)"""
+        memo[id(self)] = self
+        return self
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise NotCopyableError(f"Exchange: cannot be pickled; it registers {type(self.group).__name__} {self.group!r} with "
+                               "the ops, which owns the library's group (its buffers and steps): make the Exchange where it "
+                               "is used (copy.deepcopy gives this one)")
 
     def __enter__(self) -> "Exchange":
         return self
