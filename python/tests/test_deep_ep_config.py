@@ -34,3 +34,33 @@ def test_deepeps_own_configs_are_taken():
 def test_chunk_sizes_deepep_refuses_are_named(chunks, message):
     with pytest.raises(ep.InvalidArgumentError, match=message):
         Config(24, *chunks)
+
+
+def test_an_odd_num_sms_is_taken_by_config_and_refused_by_the_call_that_uses_it():
+    """DeepEP's Config takes any num_sms and its dispatch and combine assert it even (two blocks a
+    channel): Config(21) was refused at construction here. It is now taken, and refused by name by
+    the dispatch or combine given it, before anything moves; an even one runs."""
+    import torch
+
+    from expert_parallel.compat.deep_ep import run_ranks
+
+    odd = Config(21)
+    assert odd.num_sms == 21
+    buffers = Buffer.virtual(1, timeout=30)
+    x, idx, w = torch.ones(2, 8, dtype=torch.bfloat16), torch.tensor([[0, 1], [1, -1]]), torch.full((2, 2), 0.5)
+
+    def dispatch(b, config):
+        per_rank, _, per_expert, in_rank, _ = b.get_dispatch_layout(idx, 4)
+        return b.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                          topk_idx=idx, topk_weights=w, config=config)
+
+    with pytest.raises(ep.InvalidArgumentError, match=r"^config\.num_sms=21; must be an even integer in \[2, 2147483646\]$"):
+        run_ranks(buffers, lambda b: dispatch(b, odd), timeout=30)
+    recv_x, _, _, _, handle, _ = run_ranks(buffers, lambda b: dispatch(b, Config(20)), timeout=30)[0]
+    with pytest.raises(ep.InvalidArgumentError, match=r"^config\.num_sms=21; must be an even integer in \[2, 2147483646\]$"):
+        run_ranks(buffers, lambda b: b.combine(recv_x, handle, config=odd), timeout=30)
+    combined = run_ranks(buffers, lambda b: b.combine(recv_x, handle, config=Config(20)), timeout=30)[0][0]
+    assert torch.equal(combined, x)   # (HT: one row per token and rank, summed)
+    for value in (0, 1, -2):   # (below 2: refused as constructed, as before)
+        with pytest.raises(ep.InvalidArgumentError, match=rf"^num_sms={value}; must be an even integer in \[2, "):
+            Config(value)

@@ -297,7 +297,7 @@ class Buffer:
         if config is not None:
             if not isinstance(config, Config):
                 raise InvalidArgumentError(f"config: a {type(config).__name__}; must be a Config (Buffer.get_dispatch_config)")
-            return config.num_sms
+            return check_num_sms(config.num_sms, "config.num_sms")   # (odd: taken by Config, refused here, as DeepEP)
         return Buffer.num_sms if Buffer._num_sms_set else None
 
     def _tokens(self, x: Any, name: str = "x") -> Tuple[Any, Any]:
@@ -432,6 +432,8 @@ class Buffer:
         require_contiguous(require_tensor(x, "x", 2, self.device), "x")
         if config is not None and not isinstance(config, Config):   # (not used here; a wrong one is named, as dispatch names it)
             raise InvalidArgumentError(f"config: a {type(config).__name__}; must be a Config (Buffer.get_combine_config)")
+        if config is not None:   # (nor its SMs; an odd count is refused, as DeepEP's combine asserts it even)
+            check_num_sms(config.num_sms, "config.num_sms")
         self._own_handle(handle, "ht")
         # This rank's own arguments against its handle, checked here: a wrong one fails this rank by
         # its own name (the peers: PeerFailedError), not the round on every rank.

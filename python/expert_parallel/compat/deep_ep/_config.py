@@ -11,8 +11,9 @@ _MAX_SMS = 2**31 - 2
 class Config:
     """DeepEP's ``Config(num_sms, nvl_chunk_size, nvl_buffer_size, rdma_chunk_size, rdma_buffer_size)``.
 
-    ``num_sms`` limits the GPU multiprocessors a high-throughput group uses (even, ≥ 2; the CPU
-    backend ignores it). The chunk and buffer sizes tune DeepEP's channel pipeline, which this
+    ``num_sms`` limits the GPU multiprocessors a high-throughput group uses (the CPU backend
+    ignores it): an integer ≥ 2 here, and even where a dispatch or combine takes the config,
+    which refuses an odd one, as DeepEP constructs any and asserts evenness at the call. The chunk and buffer sizes tune DeepEP's channel pipeline, which this
     library does not have: they are checked as DeepEP checks them (a config DeepEP refuses is
     refused by name), kept and not used. The size hints return 0: groups size their
     buffers from the shapes of the calls, so no byte count is needed up front."""
@@ -20,7 +21,7 @@ class Config:
     def __init__(self, num_sms: int = 20, num_max_nvl_chunked_send_tokens: int = 6,
                  num_max_nvl_chunked_recv_tokens: int = 256, num_max_rdma_chunked_send_tokens: int = 6,
                  num_max_rdma_chunked_recv_tokens: int = 256) -> None:
-        self.num_sms = check_num_sms(num_sms, "num_sms")
+        self.num_sms = check_num_sms(num_sms, "num_sms", even=False)   # (the call checks evenness, as DeepEP's does)
         # The chunk sizes are checked as DeepEP's Config checks them (a config DeepEP refuses is
         # refused here too, by name), and kept: positive, each send chunk below its receive chunk,
         # the RDMA receive chunk rounded up to a multiple of its send chunk and at least twice it.
@@ -55,11 +56,12 @@ class Config:
                 f"{self.num_max_rdma_chunked_recv_tokens})")
 
 
-def check_num_sms(value: object, name: str) -> int:
-    """`value` as an SM count: an even integer ≥ 2 (DeepEP's rule)."""
+def check_num_sms(value: object, name: str, even: bool = True) -> int:
+    """`value` as an SM count: an even integer ≥ 2 (DeepEP's rule for the calls; `even` False:
+    any integer in that range, as a Config is constructed)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgumentError(f"{name}={value!r}; must be an even integer ≥ 2")
-    if value < 2 or value % 2 or value > _MAX_SMS:   # (the groups' multiprocessors field is 32 bits)
+    if value < 2 or (even and value % 2) or value > _MAX_SMS:   # (the groups' multiprocessors field is 32 bits)
         raise InvalidArgumentError(f"{name}={shown(value)}; must be an even integer in [2, {_MAX_SMS}]")
     return value
 
