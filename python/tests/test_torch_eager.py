@@ -231,3 +231,25 @@ def test_a_dispatch_op_call_without_the_weights_a_layout_carries_is_named():
             torch.ops.expert_parallel.dispatch(x, idx, None, ex.id)
         sent = ex.dispatch(x, idx, w)   # (the failed call left the group as it was)
         assert ex.combine(sent.tokens, sent).abs().sum() > 0
+
+
+def test_the_eager_calls_make_no_routing_placeholders():
+    """Where the layout receives no routing (LL expert-major) the ops' schema returns ``[R, 0]``
+    placeholders (dispatch's received routing, the LL backward combine's weight gradients); the
+    eager calls, whose callers drop them, make none (two fewer tensors a dispatch), and the rest is
+    the op's."""
+    ex = exchange("ll", "expert_major")
+    x, idx, w, _ = routing(12, R, B, E, K, H)
+    eager = _ops.run_dispatch(x, idx, None, ex.id, False)
+    op = torch.ops.expert_parallel.dispatch(x, idx, None, ex.id)
+    assert eager[1] is None and eager[2] is None and op[1].shape == op[2].shape == (R, 0)
+    assert torch.equal(eager[0], op[0]) and torch.equal(eager[4], op[4])
+    grad_received = torch.randn(op[0].shape)
+    grads = _ops.run_backward_combine(grad_received, None, eager[3], ex.id, B, False)
+    assert grads[1] is None and torch.equal(grads[0], _ops.backward_combine(grad_received, None, eager[3], ex.id, B)[0])
+    x.requires_grad_()
+    sent = ex.dispatch(x, idx, w)   # (autograd's Function: None outputs there too)
+    assert sent.topk_idx is None and sent.tokens.grad_fn is not None
+    ex.combine(sent.tokens, sent).sum().backward()
+    assert x.grad.abs().sum() > 0
+

@@ -47,7 +47,7 @@ def _backward_combine(grad_received: Tensor, grad_weights: Optional[Tensor], ste
     (_eager; not under ``create_graph=True``, where the op's missing derivative is what autograd
     must meet)."""
     if not torch.is_grad_enabled() and _eager.direct(grad_received, grad_weights, step):
-        return _ops.run_backward_combine(grad_received, grad_weights, step, group, tokens)
+        return _ops.run_backward_combine(grad_received, grad_weights, step, group, tokens, False)
     return _ops.backward_combine(grad_received, grad_weights, step, group, tokens)
 
 
@@ -157,12 +157,13 @@ _register()
 # records these Functions as the ops' registrations would record theirs (the same setup and
 # backward functions, ctx alike). The forward takes ctx itself: a Function with a separate
 # setup_context binds its arguments by signature on every call, which costs more than the
-# dispatcher saved.
+# dispatcher saved. EagerDispatch returns None for the routing a layout receives none of (the
+# op's ``[R, 0]`` placeholders: Exchange returns None there), whose gradients are then None.
 
 class EagerDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group: int) -> Tuple[Tensor, ...]:
-        output = _ops.run_dispatch(x, topk_idx, topk_weights, group)
+        output = _ops.run_dispatch(x, topk_idx, topk_weights, group, False)
         _setup_dispatch(ctx, (x, topk_idx, topk_weights, group), output)
         return output
 
@@ -196,7 +197,7 @@ def dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group:
     if _eager.direct(x, topk_idx, topk_weights):
         if torch.is_grad_enabled() and (x.requires_grad or (topk_weights is not None and topk_weights.requires_grad)):
             return EagerDispatch.apply(x, topk_idx, topk_weights, group)
-        return _ops.run_dispatch(x, topk_idx, topk_weights, group)
+        return _ops.run_dispatch(x, topk_idx, topk_weights, group, False)
     _refuse_transforms()
     return _ops.dispatch(x, topk_idx, topk_weights, group)
 

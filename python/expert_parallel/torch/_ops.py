@@ -52,24 +52,30 @@ def _fake(name: str):
     return torch.library.register_fake(f"expert_parallel::{name}", lib=LIBRARY)
 
 
-def _received(entry, like: Tensor, make) -> Tuple[Tensor, Tensor, Tensor]:
-    """The received tokens (of `like`'s dtype), topk_idx and topk_weights of a dispatch
-    (``[R, 0]`` where the layout sends no routing) on `like`'s device, made with `make`
-    (torch.zeros where `entry.fills`, else torch.empty; torch.empty for a fake). The ops' leading
-    dimensions, ``(R,)`` for a VirtualGroup and none for an NCCLGroup's rank, and the shapes are
-    the registry entry's (found once per group).
+def _received(entry, like: Tensor, make, placeholders: bool = True) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """The received tokens (of `like`'s dtype), topk_idx and topk_weights of a dispatch on
+    `like`'s device, made with `make` (torch.zeros where `entry.fills`, else torch.empty;
+    torch.empty for a fake). Where the layout receives no routing (LL expert-major) they are
+    ``[R, 0]`` placeholders, which the ops' schema returns, or None without `placeholders`
+    (Exchange's eager calls and the backward dispatch, which return none: two tensors fewer,
+    ~1 µs each). The ops' leading dimensions, ``(R,)`` for a VirtualGroup and none for an
+    NCCLGroup's rank, and the shapes are the registry entry's (found once per group).
 
     The ops' outputs are made with ``size=`` named: torch's argument parser takes a positional
     shape tuple ~0.6 µs a call slower (it tries another overload first)."""
-    device, routing = like.device, entry.received_routing_shape
-    return (make(size=entry.received_shape, dtype=like.dtype, device=device), make(size=routing, dtype=torch.int32, device=device),
-            make(size=routing, dtype=torch.float32, device=device))
+    device = like.device
+    received = make(size=entry.received_shape, dtype=like.dtype, device=device)
+    if entry.routing_shape is None and not placeholders:
+        return received, None, None
+    routing = entry.received_routing_shape
+    return received, make(size=routing, dtype=torch.int32, device=device), make(size=routing, dtype=torch.float32, device=device)
 
 
-def _outputs(received: Tensor, idx: Tensor, weights: Tensor, *counts: Tensor) -> Tuple[Optional[Tensor], ...]:
+def _outputs(entry, received: Tensor, idx: Optional[Tensor], weights: Optional[Tensor], *counts: Tensor
+             ) -> Tuple[Optional[Tensor], ...]:
     """A dispatch's ``out=``: the stacked arrays (one C call), the routing where the layout
     receives it, and `counts` (the rows per local expert) where given."""
-    if idx.shape[-1] == 0:
+    if entry.routing_shape is None:
         return (received, None, None) + counts
     return (received, idx, weights) + counts
 
@@ -202,14 +208,15 @@ def _combine_into(entry, rows: Tensor, handle, out, **options) -> None:
         entry.group._combine_fresh(rows, handle, out, **options)
 
 
-def run_dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group: int
-             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def run_dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group: int, placeholders: bool = True
+                 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor, Tensor]:
     """Starts a step with `topk_idx` and dispatches `x` (``[R, B, H]``): (received tokens,
     received topk_idx, received topk_weights, step token, ``[R, L]`` int32 rows per local
-    expert)."""
+    expert); the routing of a layout that receives none is ``[R, 0]``, or None without
+    `placeholders` (`_received`)."""
     entry = _registry.entry(group)
     _check_dispatch(entry, x, topk_idx, topk_weights)
-    received, idx, weights = _received(entry, x, torch.zeros if entry.fills else torch.empty)
+    received, idx, weights = _received(entry, x, torch.zeros if entry.fills else torch.empty, placeholders)
     counts = _counts(entry, x)
     rows, routing = _rows(x, "x"), _input(topk_idx, "topk_idx")   # (a sparse one fails here, before a step is taken)
     carried = None if topk_weights is None else _input(topk_weights, "topk_weights")
@@ -222,7 +229,7 @@ def run_dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], gr
     # pass never runs (an output dropped, non-reentrant checkpointing's first forward, an error
     # mid-step) stayed live for good with the graph behind it (the source weights' too).
     _dispatch_into(entry, rows, routing, None if carried is None else carried.detach(), handle, "forward",
-                   _outputs(received, idx, weights.detach(), counts))
+                   _outputs(entry, received, idx, None if entry.routing_shape is None else weights.detach(), counts))
     entry.require_active()   # after the call: its update fixes the step's ranks (a rank masked in it, too)
     return received, idx, weights, token, counts
 
@@ -337,11 +344,11 @@ def run_backward_dispatch(grad_combined: Tensor, step: Tensor, group: int) -> Te
     # (A direct call's gradient of another shape raised IndexError, or was named xs.)
     _require(grad_combined, "grad_combined", entry.elements, entry.lead + (_step_tokens(handle), g.hidden), entry.device,
              ", the step's tokens")
-    received, idx, weights = _received(entry, grad_combined, torch.zeros if entry.fills else torch.empty)
+    received, idx, weights = _received(entry, grad_combined, torch.zeros if entry.fills else torch.empty, False)
     routing = None
     if g.recv_routing_shape is not None:   # these layouts send weights along; the backward pass ignores them
         routing = torch.zeros(size=entry.lead + (grad_combined.shape[-2], g.top_k), dtype=torch.float32, device=grad_combined.device)
-    _dispatch_into(entry, _rows(grad_combined, "grad_combined"), None, routing, handle, "backward", _outputs(received, idx, weights))
+    _dispatch_into(entry, _rows(grad_combined, "grad_combined"), None, routing, handle, "backward", _outputs(entry, received, idx, weights))
     return received
 
 
@@ -355,11 +362,11 @@ def _(grad_combined, step, group):
 
 
 def run_backward_combine(grad_received: Tensor, grad_weights: Optional[Tensor], step: Tensor, group: int,
-                     tokens: int) -> Tuple[Tensor, Tensor]:
+                         tokens: int, placeholders: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
     """The step's backward combine: the received rows' gradients summed per source token
     (unweighted, the adjoint of dispatch), ``[R, B, H]``; HT also carries `grad_weights` (shaped
-    like the received topk_weights) back to the source selections, ``[R, B, K]`` ( ``[R, 0]``
-    for LL)."""
+    like the received topk_weights) back to the source selections, ``[R, B, K]`` (for LL the
+    op's ``[R, 0]`` placeholder, or None without `placeholders`: as `run_dispatch`)."""
     entry = _registry.entry(group)
     g, handle = entry.group, entry.step(step)
     dispatched = _step_tokens(handle)
@@ -372,7 +379,7 @@ def run_backward_combine(grad_received: Tensor, grad_weights: Optional[Tensor], 
     grad_x = grad_received.new_empty(size=lead + (tokens, g.hidden))
     if g.algorithm != "ht":
         _combine_into(entry, _rows(grad_received, "grad_received"), handle, grad_x, direction="backward")
-        return grad_x, grad_received.new_empty(size=lead + (0,), dtype=torch.float32)
+        return grad_x, grad_received.new_empty(size=lead + (0,), dtype=torch.float32) if placeholders else None
     if grad_weights is None:
         grad_weights = torch.zeros(size=entry.routing_shape, dtype=torch.float32, device=grad_received.device)
     grad_w = torch.empty(size=lead + (tokens, g.top_k), dtype=torch.float32, device=grad_received.device)
