@@ -253,3 +253,19 @@ def test_the_eager_calls_make_no_routing_placeholders():
     ex.combine(sent.tokens, sent).sum().backward()
     assert x.grad.abs().sum() > 0
 
+
+def test_a_dead_functorch_wrapper_is_unwrapped_as_function_apply_unwraps_it():
+    """The eager Function is applied without Function.apply's Python wrapper (_autograd), whose
+    one step these calls need is kept: a functorch wrapper left over from a finished transform is
+    unwrapped, and the call gives what the tensor it wraps gives."""
+    ex = exchange("ht", "flat")
+    x, idx, w, _ = routing(13, R, B, E, K, H)
+    leaked = []
+    torch.func.grad(lambda t: (leaked.append(t), t.sum())[1])(x)
+    dead = leaked[0]
+    assert torch._C._functorch.is_functorch_wrapped_tensor(dead) and dead.requires_grad
+    sent = ex.dispatch(dead, idx, w)
+    want = ex.dispatch(x, idx, w)
+    assert torch.equal(sent.tokens, want.tokens)
+    y = ex.combine(sent.tokens * 2, sent)
+    assert torch.equal(y, ex.combine(want.tokens * 2, want))

@@ -181,6 +181,16 @@ class EagerCombine(torch.autograd.Function):
     backward = staticmethod(_combine_backward)
 
 
+# Function.apply is a Python wrapper (~2.5 µs a call) around the C apply, doing what these calls
+# need none of: it binds the arguments by signature for a setup_context (these Functions have
+# none) and asks for functorch transforms (`_eager.direct` has ruled them out). The C apply is
+# called directly, with the tensors as the wrapper passes them on: a dead functorch wrapper (left
+# over from a finished transform) unwrapped.
+_apply_dispatch = super(torch.autograd.Function, EagerDispatch).apply
+_apply_combine = super(torch.autograd.Function, EagerCombine).apply
+_unwrap = torch._C._functorch.unwrap_if_dead
+
+
 FUNC_TRANSFORMS = ("the torch ops do not run under torch.func transforms (grad, vmap, jacrev, ...: torch.library's autograd "
                    "of a Python op has no functorch rule); use torch.autograd (loss.backward() or torch.autograd.grad)")
 
@@ -196,7 +206,8 @@ def dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group:
     """The dispatch op's outputs for `Exchange.dispatch`: directly where `_eager` allows it."""
     if _eager.direct(x, topk_idx, topk_weights):
         if torch.is_grad_enabled() and (x.requires_grad or (topk_weights is not None and topk_weights.requires_grad)):
-            return EagerDispatch.apply(x, topk_idx, topk_weights, group)
+            return _apply_dispatch(_unwrap(x), _unwrap(topk_idx), topk_weights if topk_weights is None else _unwrap(topk_weights),
+                                   group)
         return _ops.run_dispatch(x, topk_idx, topk_weights, group, False)
     _refuse_transforms()
     return _ops.dispatch(x, topk_idx, topk_weights, group)
@@ -206,7 +217,8 @@ def combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tensor],
     """The combine op's output for `Exchange.combine`: directly where `_eager` allows it."""
     if _eager.direct(expert_outputs, topk_idx, weights, step):
         if torch.is_grad_enabled() and (expert_outputs.requires_grad or (weights is not None and weights.requires_grad)):
-            return EagerCombine.apply(expert_outputs, topk_idx, weights, step, group)
+            return _apply_combine(_unwrap(expert_outputs), _unwrap(topk_idx), weights if weights is None else _unwrap(weights),
+                                  _unwrap(step), group)
         return _ops.run_combine(expert_outputs, topk_idx, weights, step, group)
     _refuse_transforms()
     return _ops.combine(expert_outputs, topk_idx, weights, step, group)
