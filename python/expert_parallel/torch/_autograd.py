@@ -186,9 +186,15 @@ class EagerCombine(torch.autograd.Function):
 # none) and asks for functorch transforms (`_eager.direct` has ruled them out). The C apply is
 # called directly, with the tensors as the wrapper passes them on: a dead functorch wrapper (left
 # over from a finished transform) unwrapped.
-_apply_dispatch = super(torch.autograd.Function, EagerDispatch).apply
-_apply_combine = super(torch.autograd.Function, EagerCombine).apply
-_unwrap = torch._C._functorch.unwrap_if_dead
+# Both are torch's internals: a torch without them gets Function.apply, which unwraps itself.
+try:
+    _unwrap = torch._C._functorch.unwrap_if_dead
+    _apply_dispatch = super(torch.autograd.Function, EagerDispatch).apply
+    _apply_combine = super(torch.autograd.Function, EagerCombine).apply
+except AttributeError:  # pragma: no cover (torch 2.11 to 2.13 have both)
+    def _unwrap(value):
+        return value
+    _apply_dispatch, _apply_combine = EagerDispatch.apply, EagerCombine.apply
 
 
 FUNC_TRANSFORMS = ("the torch ops do not run under torch.func transforms (grad, vmap, jacrev, ...: torch.library's autograd "
