@@ -49,6 +49,28 @@ def _held(values):
     return tuple(values) if type(values) is list else values
 
 
+def _kept_weights(handle):
+    """Points `handle` (a forward LL expert-major step's) at where the topk_weights its dispatch
+    was given (``handle.topk_weights``: one array, or a tuple of the per-rank ones), which its
+    combine reads again, are now: a torch tensor's memory may have moved since the dispatch took
+    its address (its storage shrunk by ``untyped_storage().resize_()`` and grown again, ``set_()``),
+    and the old address would be read freed. Raises the error naming one whose storage no longer
+    holds it (shrunk since), which the library would read past. (An NCCL rank's combine reads and
+    checks them as it does weights given to it.)"""
+    kept = handle.topk_weights
+    stacked = type(kept) is not tuple
+    for i, value in enumerate((kept,) if stacked else kept):
+        if _arrays.kind(value) == "torch":
+            error = _arrays.storage_error(value, "topk_weights" if stacked else f"topk_weights[{i}]")
+            if error is not None:
+                raise error
+    if stacked:
+        if _arrays.kind(kept) == "torch" and kept.numel() and kept.data_ptr() != handle.weight_stacked:
+            handle.weight_stacked, handle.weight_addresses = kept.data_ptr(), None
+    elif handle.weight_addresses is not None and kept and _arrays.kind(kept[0]) == "torch":
+        handle.weight_addresses = tuple(v.data_ptr() if v.numel() else a for v, a in zip(kept, handle.weight_addresses))
+
+
 def _described(value):
     """`value` as an error names what was passed: an array with its shape, a tuple or list with its length."""
     if _arrays.kind(value) is not None:
@@ -397,6 +419,7 @@ class VirtualGroup(GroupBase):
                 self._rows(topk_weights, "topk_weights", _F32_TYPES, (self.top_k,), self._cw, list(tokens))
                 weights = self._cw
             elif forward_ll:
+                _kept_weights(handle)   # (read again: where they are now; named where their storage was shrunk)
                 if handle.weight_addresses is None and handle.weight_stacked is not None:   # a stacked dispatch's [R, B, K]
                     step = tokens[0] * self.top_k * 4
                     handle.weight_addresses = tuple(handle.weight_stacked + i * step for i in range(r))
@@ -899,6 +922,10 @@ class VirtualGroup(GroupBase):
         weights = handle.weight_stacked if forward_ll else None
         if slot is None or slot.kind is not type(expert_outputs) or (forward_ll and not weights):
             return None
+        if forward_ll and type(handle.topk_weights) is _fast.tensor_type:   # (the dispatch's weights, read again where they are now)
+            weights = handle.topk_weights.data_ptr()
+            if weights != handle.weight_stacked or not _fast.sound(handle.topk_weights, weights):
+                return None   # (moved or shrunk since the dispatch: the general path reads them there, or names them)
         try:
             seen = (expert_outputs.shape, expert_outputs.dtype, expert_outputs.get_device(), expert_outputs.is_contiguous())
         except RuntimeError:   # a sparse or nested tensor (no sizes or strides): the general path names it
@@ -955,9 +982,10 @@ class VirtualGroup(GroupBase):
         weights = None
         if forward_ll:
             if topk_weights is None:
-                weights = handle.weight_stacked
-                if weights is None:
+                if handle.weight_stacked is None:
                     return None
+                _kept_weights(handle)   # (where they are now; named where their storage was shrunk)
+                weights = handle.weight_stacked
             else:
                 tokens = handle.tokens
                 if tokens.count(tokens[0]) != len(tokens):
@@ -1053,8 +1081,11 @@ class VirtualGroup(GroupBase):
             slot = self._slots[handle.slot]
             self._require_slot(slot, handle)
             return slot.stacked_address("topk_weights")
-        seen = _fast.look(handle.received_weights, _F32_TYPES)
-        return None if seen is None else seen[0]
+        weights = handle.received_weights
+        seen = _fast.look(weights, _F32_TYPES)
+        if seen is None or (type(weights) is _fast.tensor_type and not _fast.sound(weights, seen[0])):
+            return None   # (the per-rank path names weights whose storage was shrunk since)
+        return seen[0]
 
     def _fresh_combine_arguments(self, handle, direction, out, topk_weights, weight_gradients, b):
         """_combine_fresh's arguments from the weights on (`_fast.StackedCall.caller_combine`:

@@ -227,3 +227,51 @@ def test_an_nccl_rank_refuses_negative_views_and_shrunk_storages(recorded):  # n
         g.combine(rows, out.handle, out=torch._neg_view(torch.zeros(3, g.hidden)))
     with pytest.raises(ep.InvalidArgumentError, match=storage("out", 0, 3 * g.hidden * 4)):
         g.combine(rows, out.handle, out=shrunk(torch.zeros(3, g.hidden)))
+
+
+# -- what a step keeps and its combine reads again ------------------------------------------------
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+@pytest.mark.parametrize("given", ["step", "handle", "out"])
+def test_the_dispatchs_weights_shrunk_before_ll_expert_majors_combine_are_refused(stacked, given):
+    """LL expert-major's combine applies the topk_weights given to dispatch, which the step keeps
+    and the library reads again by address: a storage shrunk between the two was read freed
+    (garbage rows, silently), where an NCCL rank's combine names it."""
+    g = group(algorithm="ll")
+    x, idx, w = step()
+    ref = torch.stack(list(g.combine(torch.ones((2,) + tuple(g.recv_shape)), g.dispatch(x, idx, w).handle)))
+    weights = w.clone()
+    arguments = (x, idx, weights) if stacked else (list(x), list(idx), list(weights))
+    options = {"handle": g.handle()} if given == "handle" else {}
+    if given == "out":
+        options["out"] = (torch.zeros((2,) + tuple(g.recv_shape)), None, None)
+    out = g.dispatch(*arguments, **options)
+    rows = torch.ones((2,) + tuple(g.recv_shape))
+    weights.untyped_storage().resize_(0)
+    name = "topk_weights" if stacked else "topk_weights[0]"
+    with pytest.raises(ep.InvalidArgumentError, match=storage(name, 0, w.nbytes if stacked else w[0].nbytes)):
+        g.combine(rows, out.handle)
+    weights.untyped_storage().resize_(w.nbytes)
+    weights.copy_(w)
+    assert torch.equal(torch.stack(list(g.combine(rows, out.handle))), ref)   # (the step is still live)
+
+
+def test_the_per_slot_weights_received_into_out_and_shrunk_before_combine_are_refused():
+    """HT expert-major's combine applies the per-slot weights its dispatch received: into the
+    caller's ``out=``, they are read again there by address."""
+    g = group(algorithm="ht", layout="expert_major_padded")
+    x, idx, w = step()
+    routing = (2,) + tuple(g.recv_routing_shape)
+    received = torch.zeros((2,) + tuple(g.recv_shape)), torch.zeros(routing, dtype=torch.int32), torch.zeros(routing)
+    out = g.dispatch(x, idx, w, out=received)
+    kept = received[2].clone()
+    received[2].untyped_storage().resize_(16)
+    for combined in (None, torch.zeros(2, 3, 8)):   # (per rank; into one stacked out=, one C call)
+        with pytest.raises(ep.InvalidArgumentError, match=storage("topk_weights", 16, kept.nbytes)):
+            g.combine(received[0], out.handle, out=combined)
+    received[2].untyped_storage().resize_(kept.nbytes)
+    received[2].copy_(kept)
+    combined = torch.zeros(2, 3, 8)
+    g.combine(received[0], out.handle, out=combined)
+    assert torch.equal(combined, torch.stack(list(g.combine(received[0], out.handle)))) and combined.abs().sum() > 0
