@@ -62,5 +62,41 @@ def test_an_odd_num_sms_is_taken_by_config_and_refused_by_the_call_that_uses_it(
     combined = run_ranks(buffers, lambda b: b.combine(recv_x, handle, config=Config(20)), timeout=30)[0][0]
     assert torch.equal(combined, x)   # (HT: one row per token and rank, summed)
     for value in (0, 1, -2):   # (below 2: refused as constructed, as before)
-        with pytest.raises(ep.InvalidArgumentError, match=rf"^num_sms={value}; must be an even integer in \[2, "):
+        with pytest.raises(ep.InvalidArgumentError, match=rf"^num_sms={value}; must be an integer in \[2, "):
             Config(value)
+
+
+def test_a_cached_dispatch_refuses_an_odd_num_sms_and_a_config_that_is_not_one():
+    """DeepEP's dispatch asserts num_sms even before it looks at its handle, so its cached
+    dispatch (the backward pass of combine) refuses Config(21) too; here that dispatch ignored
+    its config altogether (a str was taken as well)."""
+    import torch
+
+    from expert_parallel.compat.deep_ep import run_ranks
+
+    buffers = Buffer.virtual(1, timeout=30)
+    x, idx, w = torch.ones(2, 8, dtype=torch.bfloat16), torch.tensor([[0, 1], [1, -1]]), torch.full((2, 2), 0.5)
+
+    def dispatch(b):
+        per_rank, _, per_expert, in_rank, _ = b.get_dispatch_layout(idx, 4)
+        return b.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                          topk_idx=idx, topk_weights=w)
+
+    handle = run_ranks(buffers, dispatch, timeout=30)[0][4]
+    with pytest.raises(ep.InvalidArgumentError, match=r"^config\.num_sms=21; must be an even integer in \[2, 2147483646\]$"):
+        run_ranks(buffers, lambda b: b.dispatch(x, handle=handle, config=Config(21)), timeout=30)
+    with pytest.raises(ep.InvalidArgumentError, match=r"^config: a str; must be a Config"):
+        run_ranks(buffers, lambda b: b.dispatch(x, handle=handle, config="20"), timeout=30)
+    recv_x = run_ranks(buffers, lambda b: b.dispatch(x, handle=handle, config=Config(20)), timeout=30)[0][0]
+    assert torch.equal(recv_x, run_ranks(buffers, lambda b: b.dispatch(x, handle=handle), timeout=30)[0][0])
+
+
+def test_configs_num_sms_below_two_is_named_with_the_rule_config_applies():
+    """Config takes an odd num_sms (its calls refuse one): the message for one below 2 said it must
+    be even, which Config(3) shows it need not be."""
+    assert Config(3).num_sms == 3
+    for value in (0, 1, -2, 2**31):
+        with pytest.raises(ep.InvalidArgumentError, match=rf"^num_sms={value}; must be an integer in \[2, 2147483646\]$"):
+            Config(value)
+    with pytest.raises(ep.InvalidArgumentError, match=r"^num_sms=2\.0; must be an integer ≥ 2$"):
+        Config(2.0)

@@ -381,6 +381,7 @@ class Buffer:
         if handle is not None:
             if topk_idx is not None or topk_weights is not None:
                 raise InvalidArgumentError("topk_idx/topk_weights: given with handle; a cached dispatch reuses the handle's routing")
+            self._multiprocessors(config)   # (not used here: checked, as DeepEP asserts an even num_sms in cached mode too)
             # This rank's own arguments against its handle, checked here: a wrong one fails this rank
             # by its own name (the peers: PeerFailedError), not the round on every rank.
             self._own_handle(handle, "ht")

@@ -59,10 +59,11 @@ class Config:
 def check_num_sms(value: object, name: str, even: bool = True) -> int:
     """`value` as an SM count: an even integer ≥ 2 (DeepEP's rule for the calls; `even` False:
     any integer in that range, as a Config is constructed)."""
+    what = "an even integer" if even else "an integer"   # (a Config's: its calls ask for evenness)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgumentError(f"{name}={value!r}; must be an even integer ≥ 2")
+        raise InvalidArgumentError(f"{name}={value!r}; must be {what} ≥ 2")
     if value < 2 or (even and value % 2) or value > _MAX_SMS:   # (the groups' multiprocessors field is 32 bits)
-        raise InvalidArgumentError(f"{name}={shown(value)}; must be an even integer in [2, {_MAX_SMS}]")
+        raise InvalidArgumentError(f"{name}={shown(value)}; must be {what} in [2, {_MAX_SMS}]")
     return value
 
 
