@@ -96,9 +96,10 @@ def group_config(*, ranks, experts, hidden, top_k, max_tokens, algorithm, layout
     if layout is None:
         layout = "expert_major" if algorithm == "ll" else "flat"
     layout_value = choice(layout, "layout", _abi.LAYOUTS)
-    alignment = integer(alignment, "alignment", -INT32 - 1, INT32)
-    if layout == "expert_major_padded" and alignment < 1:   # in the library's words (its C ABI runs 0 as 1; above 1024: its own)
-        raise InvalidArgumentError(f"alignment = {alignment}; must be in 1...1024")
+    if layout == "expert_major_padded":   # in the library's words (its C ABI runs 0 as 1; above 1024 to 2^31 - 1: its own)
+        alignment = integer(alignment, "alignment", -math.inf, math.inf)
+        if not 1 <= alignment <= INT32:
+            raise InvalidArgumentError(f"alignment = {shown(alignment)}; must be in 1...1024")
     element = _arrays.element_type(dtype)
     config = _abi.new(
         _abi.GroupConfig,

@@ -52,6 +52,11 @@ def test_error_classes():
     # The C ABI's 0 = 1 was taken (and ran as 1) where the message above says 1...1024; a negative one said [0, 2^31 - 1].
     (dict(algorithm="ht", layout="expert_major_padded", alignment=0), r"^alignment = 0; must be in 1\.\.\.1024$"),
     (dict(algorithm="ht", layout="expert_major_padded", alignment=-1), r"^alignment = -1; must be in 1\.\.\.1024$"),
+    # Past 32 bits the refusal named the range of the check made before the layout's: [-2^31, 2^31 - 1], for
+    # expert_major_padded (whose bound is 1...1024) and for the other layouts (which said [0, 2^31 - 1] before).
+    (dict(algorithm="ht", layout="expert_major_padded", alignment=2**40), r"^alignment = 1099511627776; must be in 1\.\.\.1024$"),
+    (dict(algorithm="ht", layout="expert_major_padded", alignment=-2**40), r"^alignment = -1099511627776; must be in 1\.\.\.1024$"),
+    (dict(alignment=-2**40), r"^alignment=-1099511627776; must be in \[0, 2147483647\]$"),
     (dict(alignment=4), r"alignment = 4; must be 0 or 1 unless the layout is 'expert_major_padded'"),
     (dict(timeout=-1.0), r"timeout = -1.0"),
 ])
