@@ -423,3 +423,25 @@ def test_a_deep_copy_of_a_model_holding_an_exchange_shares_the_exchange():
         pickle.dumps(ex)
     with pytest.raises(ep.NotCopyableError):
         pickle.dumps(model)
+
+
+def test_a_shallow_copy_of_an_exchange_subclass_is_of_that_subclass():
+    """Exchange's __copy__ (made when pickling was refused, which copy.copy would otherwise have
+    used) built a plain Exchange: a subclass's copy lost its class and the methods it adds or
+    overrides, where copy.copy had kept it before (the default reduction's class)."""
+    import copy
+
+    class Logged(Exchange):
+        calls = 0
+
+        def dispatch(self, *arguments):
+            Logged.calls += 1
+            return super().dispatch(*arguments)
+
+    ex = Logged(exchange("ht", "flat").group)
+    shallow = copy.copy(ex)
+    assert type(shallow) is Logged and shallow.id == ex.id and shallow.group is ex.group
+    x, idx, w, _ = routing(3, R, B, E, K, H)
+    shallow.dispatch(x, idx, w)
+    assert Logged.calls == 1
+    assert copy.deepcopy(ex) is ex

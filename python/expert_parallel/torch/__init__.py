@@ -243,7 +243,8 @@ class Exchange:
     def __copy__(self) -> "Exchange":
         """A shallow copy, as ``copy.copy`` made one without this: another Exchange of the same
         registration (the same id and group), which ends with the last of them."""
-        copied = Exchange.__new__(Exchange)
+        cls = type(self)   # (a subclass's copy is of the subclass, as copy.copy made it without this)
+        copied = cls.__new__(cls)
         copied.__dict__.update(self.__dict__)
         return copied
 
