@@ -65,12 +65,13 @@ class Drain:
 
     def __init__(self, device, every):
         self.every = every if str(device) != "cpu" else 0
+        self.device = device   # (the group's: the current device, never set here, may be another GPU)
         self.waited = 0.0
 
     def __call__(self, i):
         if self.every and i % self.every == 0:
             start = time.perf_counter()
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
             self.waited += time.perf_counter() - start
 
     def note(self, calls):
@@ -130,7 +131,7 @@ def measure(name, ranks, calls, kind, device="cuda:0", stub=False, hidden=None, 
             dispatch.append(t1 - t0)
             combine.append(time.perf_counter() - t2)
     if device != "cpu":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     if not stub:
         group.check()
     med = lambda values: median_us(values, calls)  # noqa: E731
@@ -166,7 +167,7 @@ def measure_exchange(name, ranks, calls, group, x, idx, w, stub, grad, wait):
             combine.append(time.perf_counter() - t1)
             del sent
     if group._device != -1:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(group._device)
     if not stub:
         group.check()
     med = lambda values: median_us(values, calls)  # noqa: E731
