@@ -375,6 +375,14 @@ def test_arguments_of_the_wrong_kind_are_named(ranks):
         on_every_rank(ranks, lambda b: b.low_latency_dispatch(wide[:, ::2], i, 4, E))
     with pytest.raises(ep.InvalidArgumentError, match=r"^topk_idx: not contiguous"):
         b.get_dispatch_layout(torch.zeros(K, 2, dtype=torch.int64).t(), E)
+    # A negative view (its memory holds its values negated) and a shrunk storage: named by DeepEP's
+    # names too (the library named its own per-rank list, xs[0]).
+    with pytest.raises(ep.InvalidArgumentError, match=r"^x: a negative view \(is_neg\(\) is True\)"):
+        on_every_rank(ranks, lambda b: b.low_latency_dispatch(torch._neg_view(x), i, 4, E))
+    shrunk = torch.zeros(2, H, dtype=torch.bfloat16)
+    shrunk.untyped_storage().resize_(8)
+    with pytest.raises(ep.InvalidArgumentError, match=r"^x: storage of 8 bytes; must hold the " + str(4 * H) + " bytes"):
+        on_every_rank(ranks, lambda b: b.low_latency_dispatch(shrunk, i, 4, E))
     # Ids outside [0, E) count nowhere in the layout (the dispatch that follows names them).
     per_rank, _, per_expert, in_rank, _ = b.get_dispatch_layout(torch.tensor([[0, E + 5, 1], [-1, 2, E]]), E)
     assert per_expert.tolist() == [1, 1, 1] + [0] * (E - 3) and per_rank.tolist() == [2, 0, 0, 0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, List, Optional, Sequence, Tuple
 
+from ... import _arrays
 from ...errors import InvalidArgumentError
 
 DTYPES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
@@ -54,10 +55,15 @@ def require_tensor(value: Any, name: str, ndim: int, device: str) -> Any:
 
 
 def require_contiguous(value: Any, name: str) -> Any:
-    """`value` (a tensor) checked to be contiguous, as DeepEP asserts for the rows and the routing
-    (the library would name the per-rank list the adapter passes it, ``xs[0]``)."""
+    """`value` (a tensor) checked to be contiguous, as DeepEP asserts for the rows and the routing,
+    and to hold its values in its memory (no negative view, no storage shrunk since: the
+    library reads it by address), each named here by the caller's name (the library would name
+    the per-rank list the adapter passes it, ``xs[0]``)."""
     if not value.is_contiguous():
         raise InvalidArgumentError(f"{name}: not contiguous (strides {tuple(value.stride())}); pass .contiguous()")
+    error = _arrays.memory_error(value, name)
+    if error is not None:
+        raise error
     return value
 
 
