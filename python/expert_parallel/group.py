@@ -1102,6 +1102,9 @@ class VirtualGroup(GroupBase):
                 gradients = weight_gradients.data_ptr()
         elif self.layout == "expert_major":   # the dispatch's weights, or those given here
             if topk_weights is None:
+                if handle.weight_stacked is None:
+                    return None
+                _kept_weights(handle)   # (where they are now; named where their storage was shrunk: as _combine_stacked)
                 weights = handle.weight_stacked
             elif topk_weights.shape[-2] == b:
                 weights = topk_weights.data_ptr()

@@ -257,6 +257,25 @@ def test_the_dispatchs_weights_shrunk_before_ll_expert_majors_combine_are_refuse
     assert torch.equal(torch.stack(list(g.combine(rows, out.handle))), ref)   # (the step is still live)
 
 
+def test_the_dispatchs_weights_shrunk_before_the_ops_fresh_combine_are_refused():
+    """The torch ops' fresh combine (`VirtualGroup._combine_fresh`) without weights of its own
+    reads the dispatch's again, as combine() does: where they are now, named when shrunk."""
+    g = group(algorithm="ll")
+    x, idx, w = step()
+    weights = w.clone()
+    out = g.dispatch(x, idx, weights)
+    rows = torch.ones((2,) + tuple(g.recv_shape))
+    ref = torch.stack(list(g.combine(rows, out.handle)))
+    weights.untyped_storage().resize_(0)
+    with pytest.raises(ep.InvalidArgumentError, match=storage("topk_weights", 0, w.nbytes)):
+        g._combine_fresh(rows, out.handle, torch.zeros(ref.shape))
+    weights.untyped_storage().resize_(w.nbytes)   # (grown again: elsewhere in memory)
+    weights.copy_(w)
+    combined = torch.zeros(ref.shape)
+    g._combine_fresh(rows, out.handle, combined)
+    assert torch.equal(combined, ref)
+
+
 def test_the_per_slot_weights_received_into_out_and_shrunk_before_combine_are_refused():
     """HT expert-major's combine applies the per-slot weights its dispatch received: into the
     caller's ``out=``, they are read again there by address."""
