@@ -115,12 +115,26 @@ def writable(value):
 
 def dense(value, name):
     """Raises the error naming `value` (a torch tensor) unless it is a dense (strided) tensor: a
-    sparse or nested one has no storage, sizes or strides (torch raises its own RuntimeError)."""
+    sparse or nested one has no storage, sizes or strides (torch raises its own RuntimeError), and
+    a torch.func wrapper has no memory of its own (torch's "Cannot access data pointer")."""
     if value.is_nested:
         raise InvalidArgumentError(f"{name}: a nested tensor; must be a dense (torch.strided) tensor")
     if str(value.layout) != "torch.strided":
         raise InvalidArgumentError(f"{name}: layout {value.layout}; must be a dense (torch.strided) tensor: pass .to_dense()")
+    if _functorch_wrapped(value):
+        raise InvalidArgumentError(
+            f"{name}: a torch.func wrapper (a tensor of grad, vmap, jacrev, ..., or one left over from a finished "
+            "transform), which has no memory of its own; must be a plain tensor: call outside the transform, or "
+            "pass .detach() of one left over")
     return value
+
+
+def _functorch_wrapped(value):
+    """Whether torch tensor `value` is a torch.func (functorch) wrapper, live or dead."""
+    import torch
+
+    test = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return test is not None and test(value)
 
 
 def extent(value):

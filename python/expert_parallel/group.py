@@ -669,11 +669,12 @@ class VirtualGroup(GroupBase):
                 return None
         if type(topk_idx) is not tensor or type(topk_weights) is not tensor:
             return None
-        try:   # every property the call depends on but the addresses, read once (each read costs a torch call)
+        try:   # every property the call depends on, read once (each read costs a torch call)
             seen = (xs.shape, topk_idx.shape, topk_weights.shape, xs.dtype, topk_idx.dtype, topk_weights.dtype,
                     xs.get_device(), topk_idx.get_device(), topk_weights.get_device(),
                     xs.is_contiguous(), topk_idx.is_contiguous(), topk_weights.is_contiguous())
-        except RuntimeError:   # a sparse or nested tensor (no sizes or strides): the general path names it
+            pointers = xs.data_ptr(), topk_idx.data_ptr(), topk_weights.data_ptr()
+        except RuntimeError:   # a sparse or nested tensor (no sizes or strides), a torch.func wrapper (no memory): the general path names it
             return None
         accepted = self._common_seen
         if seen != accepted[0]:   # (one comparison when they are the last call's: a decode loop's)
@@ -683,7 +684,6 @@ class VirtualGroup(GroupBase):
         # A meta tensor (get_device() -1, as the CPU's) has no memory, a negative view or a shrunk
         # storage not the values (_fast.sound): the general path names them, and takes rows off an
         # 8-byte boundary (_off_boundary).
-        pointers = xs.data_ptr(), topk_idx.data_ptr(), topk_weights.data_ptr()
         if not (pointers[0] and pointers[1] and pointers[2]) or pointers[0] & 7:
             return None
         # _fast.sound of the three, in line: no negative view, each storage holding the tensor's bytes.
@@ -928,13 +928,13 @@ class VirtualGroup(GroupBase):
                 return None   # (moved or shrunk since the dispatch: the general path reads them there, or names them)
         try:
             seen = (expert_outputs.shape, expert_outputs.dtype, expert_outputs.get_device(), expert_outputs.is_contiguous())
-        except RuntimeError:   # a sparse or nested tensor (no sizes or strides): the general path names it
+            address = expert_outputs.data_ptr()
+        except RuntimeError:   # a sparse or nested tensor (no sizes or strides), a torch.func wrapper (no memory): the general path names it
             return None
         if seen != self._combine_seen:   # (one comparison when they are the last call's)
             if not (seen[0] == shape and _fast.torch_codes.get(seen[1]) == element and seen[2] == device and seen[3]):
                 return None
             self._combine_seen = seen
-        address = expert_outputs.data_ptr()
         if not address or address & 7 or not _fast.sound(expert_outputs, address):
             return None   # a meta tensor (get_device() -1, as the CPU's), rows off an 8-byte boundary, not the values: the general path
         combined = slot.combined_rows(handle.tokens)

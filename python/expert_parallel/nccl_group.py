@@ -392,7 +392,9 @@ class NCCLGroup(GroupBase):
                     topk_idx.is_contiguous())
             if topk_weights is not None:
                 seen += (topk_weights.shape, topk_weights.dtype, topk_weights.get_device(), topk_weights.is_contiguous())
-        except RuntimeError:   # a sparse or nested tensor (no sizes or strides): the general path names it
+            x_address, idx_address = x.data_ptr(), topk_idx.data_ptr()
+            w_address = 0 if topk_weights is None else topk_weights.data_ptr()
+        except RuntimeError:   # a sparse or nested tensor (no sizes or strides), a torch.func wrapper (no memory): the general path names it
             return None
         accepted = self._common_seen
         if seen != accepted[0]:   # (one comparison when they are the last call's: a decode loop's)
@@ -401,8 +403,6 @@ class NCCLGroup(GroupBase):
                 return None
         _, b, ic = accepted
         x_code = self._common[3]
-        x_address, idx_address = x.data_ptr(), topk_idx.data_ptr()
-        w_address = 0 if topk_weights is None else topk_weights.data_ptr()
         sound = _fast.sound   # (a negative view, a shrunk storage: the general path names it)
         if not (sound(x, x_address) and sound(topk_idx, idx_address) and (topk_weights is None or sound(topk_weights, w_address))):
             return None

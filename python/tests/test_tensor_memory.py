@@ -294,3 +294,78 @@ def test_the_per_slot_weights_received_into_out_and_shrunk_before_combine_are_re
     combined = torch.zeros(2, 3, 8)
     g.combine(received[0], out.handle, out=combined)
     assert torch.equal(combined, torch.stack(list(g.combine(received[0], out.handle)))) and combined.abs().sum() > 0
+
+
+# -- torch.func wrappers (no memory of their own) -------------------------------------------------
+
+
+def leaked(t):
+    """A torch.func wrapper of `t` left over from a finished transform (a dead one): torch's ops
+    read it as `t`, its data_ptr() raises ("Cannot access data pointer")."""
+    kept = []
+    torch.func.grad(lambda u: (kept.append(u), u.sum())[1])(t)
+    assert torch._C._functorch.is_functorch_wrapped_tensor(kept[0])
+    return kept[0]
+
+
+WRAPPER = r"a torch.func wrapper \(a tensor of grad, vmap, jacrev, \.\.\., or one left over from a finished transform\)"
+
+
+@pytest.mark.parametrize("algorithm", ["ll", "ht"])
+def test_a_group_refuses_a_torch_func_wrapper_by_name(algorithm):
+    """The groups' stacked calls raised torch's RuntimeError ("Cannot access data pointer of Tensor
+    that doesn't have storage") for a torch.func wrapper, live (inside grad or vmap) or dead; they
+    now name the argument. A dead one's .detach() is its tensor, which they take."""
+    g = group(algorithm=algorithm)
+    x, idx, w = step()
+    for which, name in ((0, "xs"), (2, "topk_weights")):
+        arguments = list(step())
+        arguments[which] = leaked(arguments[which])
+        with pytest.raises(ep.InvalidArgumentError, match=f"^{name}: " + WRAPPER):
+            g.dispatch(*arguments)
+    with pytest.raises(ep.InvalidArgumentError, match="^xs: " + WRAPPER):
+        torch.func.grad(lambda t: g.dispatch(t, idx, w).tokens[0].sum())(x)
+    out = g.dispatch(leaked(x).detach(), idx, w)
+    rows = torch.stack(out.tokens).clone()
+    with pytest.raises(ep.InvalidArgumentError, match="^expert_outputs: " + WRAPPER):
+        g.combine(leaked(rows), out.handle)
+    target = torch.zeros(2, 3, 8)
+    with pytest.raises(ep.InvalidArgumentError, match="^out: " + WRAPPER):
+        g.combine(rows, out.handle, out=leaked(target))
+    assert not target.any()
+    combined = torch.stack(g.combine(rows, out.handle))
+    assert combined.abs().sum() > 0 and torch.equal(combined, torch.stack(g.combine(leaked(rows).detach(), out.handle)))
+
+
+def test_an_nccl_rank_refuses_a_torch_func_wrapper_by_name(recorded):  # noqa: F811
+    g, calls = recorded(layout="rank_major", dtype="f32")
+    x, idx, w = torch.randn(3, g.hidden), torch.tensor([[0, 1, 2, 3]] * 3, dtype=torch.int32), torch.rand(3, g.top_k)
+    for arguments, name in [((leaked(x), idx, w), "x"), ((x, idx, leaked(w)), "topk_weights")]:
+        calls.clear()
+        with pytest.raises(ep.InvalidArgumentError, match=f"^{name}: " + WRAPPER):
+            g.dispatch(*arguments)
+        assert not calls
+    out = g.dispatch(x, idx, w)
+    rows = out.tokens.clone()
+    with pytest.raises(ep.InvalidArgumentError, match="^expert_outputs: " + WRAPPER):
+        g.combine(leaked(rows), out.handle)
+    with pytest.raises(ep.InvalidArgumentError, match="^out: " + WRAPPER):
+        g.combine(rows, out.handle, out=leaked(torch.zeros(3, g.hidden)))
+
+
+@pytest.mark.parametrize("layout", [("ll", "expert_major"), ("ll", "rank_major"), ("ht", "flat"), ("ht", "expert_major_padded")])
+def test_exchange_takes_a_dead_torch_func_wrapper_with_or_without_grad(layout):
+    """Exchange unwrapped a wrapper left over from a finished transform where autograd records the
+    call (as Function.apply does), but under no_grad passed it to the group, which raised torch's
+    "Cannot access data pointer": both now give what the tensor it wraps gives."""
+    algorithm, arrangement = layout
+    exchange = Exchange(group(algorithm=algorithm, layout=arrangement))
+    x, idx, w = step()
+    want = exchange.dispatch(x, idx, w)
+    rows = want.tokens * 2
+    expected = exchange.combine(rows, want)
+    with torch.no_grad():
+        sent = exchange.dispatch(leaked(x), idx, leaked(w))
+        assert torch.equal(sent.tokens, want.tokens)
+        combined = exchange.combine(leaked(rows), sent)
+    assert expected.abs().sum() > 0 and torch.equal(combined, expected)

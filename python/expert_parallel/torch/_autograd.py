@@ -197,6 +197,15 @@ except AttributeError:  # pragma: no cover (torch 2.11 to 2.13 have both)
     _apply_dispatch, _apply_combine = EagerDispatch.apply, EagerCombine.apply
 
 
+def _any_wrapped(*values: Optional[Tensor]) -> bool:
+    """Whether any of `values` is a functorch wrapper: under no_grad the calls take the tensors as
+    given (no Function.apply to unwrap them), and a dead wrapper (left over from a finished
+    transform; `_eager.direct` ruled live ones out) has no memory of its own. Asked only once a
+    call failed, so the common call pays nothing; the ops read every address before the library
+    is called (and before the step starts), so the call is made again, unwrapped, from the start."""
+    return any(value is not None and _unwrap(value) is not value for value in values)
+
+
 FUNC_TRANSFORMS = ("the torch ops do not run under torch.func transforms (grad, vmap, jacrev, ...: torch.library's autograd "
                    "of a Python op has no functorch rule); use torch.autograd (loss.backward() or torch.autograd.grad)")
 
@@ -214,7 +223,13 @@ def dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group:
         if torch.is_grad_enabled() and (x.requires_grad or (topk_weights is not None and topk_weights.requires_grad)):
             return _apply_dispatch(_unwrap(x), _unwrap(topk_idx), topk_weights if topk_weights is None else _unwrap(topk_weights),
                                    group)
-        return _ops.run_dispatch(x, topk_idx, topk_weights, group, False)
+        try:
+            return _ops.run_dispatch(x, topk_idx, topk_weights, group, False)
+        except RuntimeError:   # (torch's "Cannot access data pointer" of a dead wrapper, read before the step starts)
+            if not _any_wrapped(x, topk_idx, topk_weights):
+                raise
+        return _ops.run_dispatch(_unwrap(x), _unwrap(topk_idx), topk_weights if topk_weights is None else _unwrap(topk_weights),
+                                 group, False)
     _refuse_transforms()
     return _ops.dispatch(x, topk_idx, topk_weights, group)
 
@@ -225,6 +240,12 @@ def combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tensor],
         if torch.is_grad_enabled() and (expert_outputs.requires_grad or (weights is not None and weights.requires_grad)):
             return _apply_combine(_unwrap(expert_outputs), _unwrap(topk_idx), weights if weights is None else _unwrap(weights),
                                   _unwrap(step), group)
-        return _ops.run_combine(expert_outputs, topk_idx, weights, step, group)
+        try:
+            return _ops.run_combine(expert_outputs, topk_idx, weights, step, group)
+        except RuntimeError:   # (as dispatch's: the rows are read before the library is called)
+            if not _any_wrapped(expert_outputs, topk_idx, weights):
+                raise
+        return _ops.run_combine(_unwrap(expert_outputs), _unwrap(topk_idx), weights if weights is None else _unwrap(weights),
+                                step, group)
     _refuse_transforms()
     return _ops.combine(expert_outputs, topk_idx, weights, step, group)
