@@ -70,12 +70,20 @@ def choice(value, name, choices):
     return choices[value]
 
 
+def type_name(value):
+    """The type of `value` as an error names it: a builtin's plain name (``str``), any other's with
+    its module (``numpy.bool``: NumPy's bool scalar is named plain "bool", so a refused
+    ``np.False_`` read "(type bool); must be True or False")."""
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
 def flags(**values):
     """Raises the error naming the first of `values` that is not a bool (``send_only="false"``
     would otherwise read as true)."""
     for name, value in values.items():
         if type(value) is not bool:
-            raise InvalidArgumentError(f"{name}={value!r} (type {type(value).__name__}); must be True or False")
+            raise InvalidArgumentError(f"{name}={value!r} (type {type_name(value)}); must be True or False")
 
 
 def seconds(value, name):
@@ -197,7 +205,7 @@ def tuning(value):
             raise InvalidArgumentError(f"tuning[{key!r}]: not a tuning knob; must be one of {sorted(_TUNING)}")
         if key in _SWITCHES:
             if not isinstance(number, bool):
-                raise InvalidArgumentError(f"tuning[{key!r}]={number!r} (type {type(number).__name__}); must be True or False")
+                raise InvalidArgumentError(f"tuning[{key!r}]={number!r} (type {type_name(number)}); must be True or False")
             setattr(result, _TUNING[key], _SWITCHES[key][number])
             continue
         setattr(result, _TUNING[key], integer(number, f"tuning[{key!r}]", 1, INT32))

@@ -180,3 +180,23 @@ def test_an_overflow_names_max_recv_tokens():
     idx[...] = [0, 1]
     with pytest.raises(ep.ReceiveOverflowError, match=r"would receive 6 rows but max_recv_tokens is 3"):
         g.dispatch(x, idx, w)
+
+
+@pytest.mark.parametrize("call", ["dispatch", "combine"])
+def test_a_numpy_bool_flag_is_named_by_its_numpy_type(call):
+    # type(np.False_).__name__ is "bool": the message read "send_only=np.False_ (type bool); must be
+    # True or False", naming the type the value is refused for not being.
+    g = group()
+    x, idx, w = step()
+    sent = g.dispatch(x, idx, w)
+    with pytest.raises(ep.InvalidArgumentError, match=r"^send_only=np\.False_ \(type numpy\.bool_?\); must be True or False"):
+        if call == "dispatch":
+            g.dispatch(x, idx, w, send_only=np.False_)
+        else:
+            g.combine(sent.received, sent.handle, send_only=np.False_)
+    g.combine(sent.received, sent.handle)
+
+
+def test_a_numpy_bool_tuning_switch_is_named_by_its_numpy_type():
+    with pytest.raises(ep.InvalidArgumentError, match=r"^tuning\['full_grid'\]=np\.True_ \(type numpy\.bool_?\); must be True or False"):
+        ep.VirtualGroup(ranks=2, experts=4, hidden=8, top_k=2, max_tokens=2, dtype="f32", tuning={"full_grid": np.True_})
