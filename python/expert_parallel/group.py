@@ -515,8 +515,8 @@ class VirtualGroup(GroupBase):
                     f"ranks={ranks!r} (type {type(ranks).__name__}); must be an iterable of rank numbers in "
                     f"[0, {self.ranks - 1}] (e.g. [{ranks!r}] for one rank) or None for every rank") from None
         mask = 0
-        for r in chosen:
-            mask |= 1 << _int(r, "ranks[...]", 0, self.ranks - 1)
+        for i, r in enumerate(chosen):
+            mask |= 1 << _int(r, f"ranks[{i}]", 0, self.ranks - 1)
         call("epGroupCleanRanks", self._group, mask)
         if self._mask_known is not None:
             self._mask_known |= mask

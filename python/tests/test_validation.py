@@ -190,8 +190,12 @@ def test_mask_calls_check_the_rank():
     group = small_group()
     with raises(r"^rank=2; must be in \[0, 1\]"):
         group.deactivate(2)
-    with raises(r"ranks\[...\]=5; must be in \[0, 1\]"):
+    with raises(r"ranks\[0\]=5; must be in \[0, 1\]"):
         group.clean([5])
+    # The entry is named by its index in the ranks given (it read "ranks[...]=5" wherever it was).
+    with raises(r"^ranks\[2\]=5; must be in \[0, 1\]"):
+        group.clean([0, 1, 5])
+    assert group.active_ranks == [0, 1]   # (nothing cleaned or masked by the refused call)
 
 
 def test_a_closed_group_refuses_calls():
