@@ -321,9 +321,12 @@ def test_without_zero_fill_experts_that_read_the_counted_rows_get_the_same_resul
         assert torch.equal(a, b), name
     with pytest.raises(ep.InvalidArgumentError, match="zero_fill='no' .*must be a bool"):
         Exchange(unfilled_exchange.group, zero_fill="no")
-    # The fill is the only zeros the dispatch makes (of the receive buffer's shape).
-    zeros, shapes = torch.zeros, []
+    # The fill is the only zeros the dispatch makes (of the receive buffer's shape): torch.zeros, or
+    # new_zeros of the rows (the ops make their outputs so).
+    zeros, new_zeros, shapes = torch.zeros, torch.Tensor.new_zeros, []
     monkeypatch.setattr(torch, "zeros", lambda *a, **k: shapes.append(tuple(a[0] if a else k["size"])) or zeros(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "new_zeros",
+                        lambda self, *a, **k: shapes.append(tuple(a[0] if a else k["size"])) or new_zeros(self, *a, **k))
     for fill, ex in ((True, exchange("ll", "expert_major")), (False, unfilled_exchange)):
         shapes.clear()
         ex.dispatch(x, idx, w)

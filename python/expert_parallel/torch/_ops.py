@@ -87,6 +87,7 @@ def _counts(entry, like: Tensor) -> Tensor:
 
 _INDEX_TYPES = (torch.int32, torch.int64)
 _WEIGHT_TYPES = (torch.float32,)
+_F32 = torch.float32
 
 
 def _require(value: Tensor, name: str, dtypes: tuple, shape: tuple, device: int, note: str = "", shown: tuple = ()) -> None:
@@ -212,22 +213,58 @@ def run_dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], gr
     received topk_idx, received topk_weights, step token, ``[R, L]`` int32 rows per local
     expert); the routing of a layout that receives none is ``[R, 0]``, or None without
     `placeholders` (`_received`)."""
-    entry = _registry.entry(group)
-    _check_dispatch(entry, x, topk_idx, topk_weights)
-    received, idx, weights = _received(entry, x, torch.zeros if entry.fills else torch.empty, placeholders)
-    counts = _counts(entry, x)
-    rows, routing = _rows(x, "x"), _input(topk_idx, "topk_idx")   # (a sparse one fails here, before a step is taken)
+    return dispatch_entry(_registry.entry(group), x, topk_idx, topk_weights, placeholders)
+
+
+def dispatch_entry(entry, x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], placeholders: bool = True
+                   ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor, Tensor]:
+    """`run_dispatch` of registered group `entry`. Its checks are `_check_dispatch`, `_rows` and
+    `_input`, asked first in line (the common call: every argument as the group takes it), and
+    through those functions, which name what is wrong (or copy what needs it), for anything else."""
+    sizes, lead, device = x.shape, entry.lead, entry.device
+    tokens = sizes[-2] if len(sizes) == entry.x_dims else None   # (None: a shape that cannot match)
+    if (x.dtype is entry.element and sizes == lead + (tokens, entry.hidden) and tokens <= entry.max_tokens
+            and topk_idx.dtype in _INDEX_TYPES and topk_idx.shape == lead + (tokens, entry.top_k)
+            and (topk_weights is None or (topk_weights.dtype is _F32 and topk_weights.shape == lead + (tokens, entry.top_k)))
+            and ((x.is_cpu and topk_idx.is_cpu and (topk_weights is None or topk_weights.is_cpu)) if device < 0
+                 else (x.get_device() == device and topk_idx.get_device() == device
+                       and (topk_weights is None or topk_weights.get_device() == device)))):
+        address = x.data_ptr()   # (_rows' and _input's tests in line)
+        rows = x if x.is_contiguous() and address % 8 == 0 and _fast.sound(x, address) else _rows(x, "x")
+        routing = (topk_idx if topk_idx.is_contiguous() and _fast.sound(topk_idx, topk_idx.data_ptr())
+                   else _input(topk_idx, "topk_idx"))   # (a sparse one fails here, before a step is taken)
+    else:
+        _check_dispatch(entry, x, topk_idx, topk_weights)
+        rows, routing = _rows(x, "x"), _input(topk_idx, "topk_idx")
     carried = None if topk_weights is None else _input(topk_weights, "topk_weights")
+    # The outputs (`_received`, `_counts`): made like the rows (new_empty(size=): a quarter cheaper
+    # than torch.empty's arguments), which are of the dtype and on the device checked above.
+    make = rows.new_zeros if entry.fills else rows.new_empty
+    received = make(size=entry.received_shape)
+    if entry.routing_shape is None and not placeholders:
+        idx = weights = None
+    else:
+        shape = entry.received_routing_shape
+        idx, weights = make(size=shape, dtype=torch.int32), make(size=shape, dtype=torch.float32)
+    counts = rows.new_empty(size=entry.counts_shape, dtype=torch.int32)
     handle, token = entry.start()
-    handle.torch_routing = (topk_idx, _step_routing.version(topk_idx))   # what combine compares its routing with
+    try:   # (_step_routing.version in line) what combine compares its routing with
+        handle.torch_routing = (topk_idx, topk_idx._version)
+    except RuntimeError:   # an inference tensor tracks no version
+        handle.torch_routing = (topk_idx, None)
     # The group keeps the weights on the step's handle (combine reads them again): detached
     # aliases, same memory and no graph. The received weights become this op's output, whose
     # autograd node holds the step token, and the registry holds a live step's handle until the
     # token is freed: the tensors themselves would close a cycle, so that a step whose backward
     # pass never runs (an output dropped, non-reentrant checkpointing's first forward, an error
     # mid-step) stayed live for good with the graph behind it (the source weights' too).
-    _dispatch_into(entry, rows, routing, None if carried is None else carried.detach(), handle, "forward",
-                   _outputs(entry, received, idx, None if entry.routing_shape is None else weights.detach(), counts))
+    outputs = ((received, None, None, counts) if entry.routing_shape is None
+               else (received, idx, weights.detach(), counts))   # (`_outputs`)
+    carried = None if carried is None else carried.detach()
+    if entry.one_rank:
+        _dispatch_into(entry, rows, routing, carried, handle, "forward", outputs)
+    else:   # (outputs: ours, made for the group)
+        entry.group._dispatch_fresh(rows, routing, carried, handle, "forward", outputs)
     entry.require_active()   # after the call: its update fixes the step's ranks (a rank masked in it, too)
     return received, idx, weights, token, counts
 
@@ -292,17 +329,37 @@ def run_combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tens
     """The step's forward combine of ``[R, *recv_shape]`` expert outputs: ``[R, B, H]``."""
     entry = _registry.entry(group)
     tokens = topk_idx.shape[-2]
-    g, handle = entry.group, entry.step(step)
+    return combine_entry(entry, expert_outputs, topk_idx, weights, entry.step(step), tokens)
+
+
+def combine_entry(entry, expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tensor], handle, tokens: int) -> Tensor:
+    """`run_combine` of registered group `entry`, the live `handle` its step token names
+    (`_registry.Entry.step`) and the routing's B, `tokens`. Its checks are `_check_combine`,
+    `_input` and `_rows`, asked first in line (the common call: every argument as the group takes
+    it), and through those functions, which name what is wrong (or copy what needs it), for
+    anything else."""
+    g = entry.group
     source = handle.torch_routing
     if topk_idx is not source[0] or (source[1] is not None and topk_idx._version != source[1]):
         _step_routing.check(handle, tokens, topk_idx, _check_step_tokens)   # (raises unless it is the step's routing)
     try:
-        _check_combine(entry, expert_outputs, weights, tokens)
-        if weights is not None:   # (named as _check_combine names them)
-            weights = _input(weights, "topk_weights" if g.layout == "expert_major" else "dispatched.topk_weights")
-        applied = _bind_weights(entry, handle, weights)
+        device, layout = entry.device, g.layout
+        # _check_combine's tests, and _input's of the weights, in line for the layouts that take no
+        # weights and for LL expert-major's (the source topk_weights, which combine applies as given)
+        if (expert_outputs.dtype is entry.element and expert_outputs.shape == entry.received_shape
+                and (expert_outputs.is_cpu if device < 0 else expert_outputs.get_device() == device)
+                and ((layout != "expert_major" and layout != "expert_major_padded") if weights is None
+                     else (layout == "expert_major" and weights.dtype is _F32 and weights.shape == entry.lead + (tokens, entry.top_k)
+                           and (weights.is_cpu if device < 0 else weights.get_device() == device)
+                           and weights.is_contiguous() and _fast.sound(weights, weights.data_ptr())))):
+            applied = weights   # (`_bind_weights`: these layouts bind none to the handle)
+        else:
+            _check_combine(entry, expert_outputs, weights, tokens)
+            if weights is not None:   # (named as _check_combine names them)
+                weights = _input(weights, "topk_weights" if layout == "expert_major" else "dispatched.topk_weights")
+            applied = _bind_weights(entry, handle, weights)
         slot_weights = None
-        if entry.one_rank and g.layout == "expert_major_padded":
+        if entry.one_rank and layout == "expert_major_padded":
             # An NCCL rank's combine applies the per-slot weights where its peers read them, in the
             # buffer slot, which the dispatch op copied out (and cleared): these go back there first,
             # and are cleared again once the combine is done with them (its end waits for the peers'
@@ -311,9 +368,15 @@ def run_combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tens
             if slot.use == handle.slot_use:
                 slot_weights = slot.weights
                 slot_weights.copy_(weights)
-        combined = expert_outputs.new_empty(size=entry.lead + (tokens, g.hidden))
+        combined = expert_outputs.new_empty(size=entry.lead + (tokens, entry.hidden))
+        address = expert_outputs.data_ptr()   # (_rows' test in line)
+        rows = (expert_outputs if expert_outputs.is_contiguous() and address % 8 == 0 and _fast.sound(expert_outputs, address)
+                else _rows(expert_outputs, "expert_outputs"))
         try:
-            _combine_into(entry, _rows(expert_outputs, "expert_outputs"), handle, combined, topk_weights=applied)
+            if entry.one_rank:
+                entry.group.combine(rows, handle, out=combined, topk_weights=applied)   # (`_combine_into`)
+            else:
+                g._combine_fresh(rows, handle, combined, topk_weights=applied)
         finally:
             if slot_weights is not None and entry.zero_fill:
                 slot_weights.zero_()

@@ -62,7 +62,11 @@ class Entry:
         # shapes of the received tokens and routing (None where the layout receives none).
         self.lead: Tuple[int, ...] = () if self.one_rank else (group.ranks,)
         self.device: int = group._device
-        self.elements = (_ELEMENT_TYPES.get(group.dtype),)   # the token dtype, as _ops._require takes it
+        self.element = _ELEMENT_TYPES.get(group.dtype)   # the token dtype
+        self.elements = (self.element,)   # as _ops._require takes it
+        # The group's sizes, and the dimensions of the ops' token arrays (the dispatch's x: [R, B, hidden]).
+        self.hidden, self.top_k, self.max_tokens = group.hidden, group.top_k, group.max_tokens
+        self.x_dims = len(self.lead) + 2
         self.received_shape = self.lead + tuple(group.recv_shape)
         routing = group.recv_routing_shape
         self.routing_shape = None if routing is None else self.lead + tuple(routing)
