@@ -154,8 +154,8 @@ class Exchange:
         """Starts a step with `topk_idx` and sends `x` to the ranks of its experts (every layout
         needs `topk_weights`: combine applies them, or the rows carry them; None is an
         InvalidArgumentError)."""
-        rows, routing, weighting = self._dispatch_inputs
         if not (isinstance(x, Tensor) and isinstance(topk_idx, Tensor) and isinstance(topk_weights, Tensor)):
+            rows, routing, weighting = self._dispatch_inputs
             _tensor(x, "x", rows)
             _tensor(topk_idx, "topk_idx", routing)
             _tensor(topk_weights, "topk_weights", weighting)
@@ -165,6 +165,7 @@ class Exchange:
         try:
             received, idx, weights, step, counts = _autograd.dispatch(x, topk_idx, topk_weights if carried else None, self.id)
         except Exception:
+            rows, routing, weighting = self._dispatch_inputs
             error = _not_dense(("x", x, rows), ("topk_idx", topk_idx, routing), ("topk_weights", topk_weights, weighting))
             if error is None:
                 raise
@@ -184,7 +185,8 @@ class Exchange:
         is taken unseen, as comparing its entries would wait for the device. Not seen either: writes
         that no version counter records (through NumPy, DLPack or a raw pointer, or into an
         inference tensor)."""
-        _tensor(expert_outputs, "expert_outputs", "shaped like dispatched.tokens")
+        if not isinstance(expert_outputs, Tensor):
+            _tensor(expert_outputs, "expert_outputs", "shaped like dispatched.tokens")
         if not isinstance(dispatched, Dispatched):
             raise InvalidArgumentError(f"dispatched: a {type(dispatched).__name__}; must be what this exchange's dispatch returned")
         try:
@@ -216,7 +218,8 @@ class Exchange:
                     else f"a {step.dtype} tensor of shape {list(step.shape)} on {step.device}")
             raise InvalidArgumentError(f"dispatched.step: {what}; must be the step token dispatch returned (a 0-dim "
                                        "torch.int64 tensor on the CPU)")
-        _tensor(routing, "dispatched.routing", "(the topk_idx given to dispatch)")
+        if not isinstance(routing, Tensor):
+            _tensor(routing, "dispatched.routing", "(the topk_idx given to dispatch)")
         # In line; _require names what is wrong. The op reads only the routing's B, so a sparse one
         # would pass it (and fail LL expert-major's backward pass): its layout is checked here.
         # (A nested one has no sizes: RuntimeError, named by combine.)
@@ -229,10 +232,11 @@ class Exchange:
                 raise error
             _ops._require(routing, "dispatched.routing", _ops._INDEX_TYPES, shape, device, ", the topk_idx given to dispatch",
                           lead + (None, group.top_k))
-        if dispatched.weights is not None:
-            _tensor(dispatched.weights, "dispatched.weights", "or None")
-        if dispatched.topk_weights is not None:
-            _tensor(dispatched.topk_weights, "dispatched.topk_weights", "or None")
+        weights, received = dispatched.weights, dispatched.topk_weights
+        if not (weights is None or isinstance(weights, Tensor)):
+            _tensor(weights, "dispatched.weights", "or None")
+        if not (received is None or isinstance(received, Tensor)):
+            _tensor(received, "dispatched.topk_weights", "or None")
 
     def close(self) -> None:
         """Unregisters the group: no new steps, while the live ones' calls (a backward pass after a

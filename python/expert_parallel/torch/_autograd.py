@@ -223,29 +223,33 @@ def dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group:
         if torch.is_grad_enabled() and (x.requires_grad or (topk_weights is not None and topk_weights.requires_grad)):
             return _apply_dispatch(_unwrap(x), _unwrap(topk_idx), topk_weights if topk_weights is None else _unwrap(topk_weights),
                                    group)
+        entry = _registry.entry(group)
         try:
-            return _ops.run_dispatch(x, topk_idx, topk_weights, group, False)
+            return _ops.dispatch_entry(entry, x, topk_idx, topk_weights, False)   # (run_dispatch's)
         except RuntimeError:   # (torch's "Cannot access data pointer" of a dead wrapper, read before the step starts)
             if not _any_wrapped(x, topk_idx, topk_weights):
                 raise
-        return _ops.run_dispatch(_unwrap(x), _unwrap(topk_idx), topk_weights if topk_weights is None else _unwrap(topk_weights),
-                                 group, False)
+        return _ops.dispatch_entry(entry, _unwrap(x), _unwrap(topk_idx), topk_weights if topk_weights is None else _unwrap(topk_weights),
+                                   False)
     _refuse_transforms()
     return _ops.dispatch(x, topk_idx, topk_weights, group)
 
 
 def combine(expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tensor], step: Tensor, group: int) -> Tensor:
-    """The combine op's output for `Exchange.combine`: directly where `_eager` allows it."""
+    """The combine op's output for `Exchange.combine`: directly where `_eager` allows it. (Exchange
+    has checked `step` to be a 0-dim int64 CPU tensor: `run_combine`'s test of it is not asked again.)"""
     if _eager.direct(expert_outputs, topk_idx, weights, step):
         if torch.is_grad_enabled() and (expert_outputs.requires_grad or (weights is not None and weights.requires_grad)):
             return _apply_combine(_unwrap(expert_outputs), _unwrap(topk_idx), weights if weights is None else _unwrap(weights),
                                   _unwrap(step), group)
+        entry = _registry.entry(group)   # (run_combine's, but for the step token's test)
+        handle, tokens = entry.handle_of(step), topk_idx.shape[-2]
         try:
-            return _ops.run_combine(expert_outputs, topk_idx, weights, step, group)
+            return _ops.combine_entry(entry, expert_outputs, topk_idx, weights, handle, tokens)
         except RuntimeError:   # (as dispatch's: the rows are read before the library is called)
             if not _any_wrapped(expert_outputs, topk_idx, weights):
                 raise
-        return _ops.run_combine(_unwrap(expert_outputs), _unwrap(topk_idx), weights if weights is None else _unwrap(weights),
-                                step, group)
+        return _ops.combine_entry(entry, _unwrap(expert_outputs), _unwrap(topk_idx), weights if weights is None else _unwrap(weights),
+                                  handle, tokens)
     _refuse_transforms()
     return _ops.combine(expert_outputs, topk_idx, weights, step, group)

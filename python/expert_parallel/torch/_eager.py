@@ -41,10 +41,8 @@ _profiling = torch.autograd._profiler_enabled
 
 def direct(a: Tensor, b: Optional[Tensor] = None, c: Optional[Tensor] = None, d: Optional[Tensor] = None) -> bool:
     """Whether a call of these tensors (None: not given) may run the implementation directly."""
-    if _compiling():
+    if (_compiling() or type(a) is not Tensor or a.is_meta or (b is not None and (type(b) is not Tensor or b.is_meta))
+            or (c is not None and (type(c) is not Tensor or c.is_meta)) or (d is not None and (type(d) is not Tensor or d.is_meta))):
         return False
-    for value in (a, b, c, d):
-        if value is not None and (type(value) is not Tensor or value.is_meta):
-            return False
     return not (_function_mode() or _dispatch_modes() or _transforms() or _tracing() is not None or _profiling()
                 or _included(_FUNCTIONALIZE))

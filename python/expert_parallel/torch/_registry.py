@@ -97,6 +97,10 @@ class Entry:
         if token.dtype != torch.int64 or token.dim() != 0:   # (int() of several values, or of NaN, raises its own error)
             raise InvalidArgumentError(f"step: a {token.dtype} tensor of shape {list(token.shape)}; must be the step token "
                                        "dispatch returned (a 0-dim torch.int64 tensor)")
+        return self.handle_of(token)
+
+    def handle_of(self, token: torch.Tensor) -> Handle:
+        """`step` of a token known to be a 0-dim int64 tensor (Exchange.combine has checked it)."""
         number = int(token)
         handle = self.live.get(number)
         if handle is None:
