@@ -163,7 +163,7 @@ _register()
 class EagerDispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, topk_idx: Tensor, topk_weights: Optional[Tensor], group: int) -> Tuple[Tensor, ...]:
-        output = _ops.run_dispatch(x, topk_idx, topk_weights, group, False)
+        output = _ops.dispatch_entry(_registry.entry(group), x, topk_idx, topk_weights, False)   # (run_dispatch's)
         _setup_dispatch(ctx, (x, topk_idx, topk_weights, group), output)
         return output
 
@@ -174,7 +174,9 @@ class EagerCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, expert_outputs: Tensor, topk_idx: Tensor, weights: Optional[Tensor], step: Tensor,
                 group: int) -> Tensor:
-        output = _ops.run_combine(expert_outputs, topk_idx, weights, step, group)
+        entry = _registry.entry(group)   # (run_combine's, but for the step token's test: as `combine`)
+        tokens = topk_idx.shape[-2]
+        output = _ops.combine_entry(entry, expert_outputs, topk_idx, weights, entry.handle_of(step), tokens)
         _setup_combine(ctx, (expert_outputs, topk_idx, weights, step, group), output)
         return output
 
