@@ -229,8 +229,8 @@ def dispatch_entry(entry, x: Tensor, topk_idx: Tensor, topk_weights: Optional[Te
             and ((x.is_cpu and topk_idx.is_cpu and (topk_weights is None or topk_weights.is_cpu)) if device < 0
                  else (x.get_device() == device and topk_idx.get_device() == device
                        and (topk_weights is None or topk_weights.get_device() == device)))):
-        address = x.data_ptr()   # (_rows' and _input's tests in line)
-        rows = x if x.is_contiguous() and address % 8 == 0 and _fast.sound(x, address) else _rows(x, "x")
+        # _rows' and _input's tests in line (contiguity first, as theirs: a sparse tensor fails it)
+        rows = x if x.is_contiguous() and x.data_ptr() % 8 == 0 and _fast.sound(x, x.data_ptr()) else _rows(x, "x")
         routing = (topk_idx if topk_idx.is_contiguous() and _fast.sound(topk_idx, topk_idx.data_ptr())
                    else _input(topk_idx, "topk_idx"))   # (a sparse one fails here, before a step is taken)
     else:
@@ -369,9 +369,9 @@ def combine_entry(entry, expert_outputs: Tensor, topk_idx: Tensor, weights: Opti
                 slot_weights = slot.weights
                 slot_weights.copy_(weights)
         combined = expert_outputs.new_empty(size=entry.lead + (tokens, entry.hidden))
-        address = expert_outputs.data_ptr()   # (_rows' test in line)
-        rows = (expert_outputs if expert_outputs.is_contiguous() and address % 8 == 0 and _fast.sound(expert_outputs, address)
-                else _rows(expert_outputs, "expert_outputs"))
+        rows = expert_outputs   # (_rows' test in line, as `dispatch_entry`'s)
+        if not (rows.is_contiguous() and rows.data_ptr() % 8 == 0 and _fast.sound(rows, rows.data_ptr())):
+            rows = _rows(expert_outputs, "expert_outputs")
         try:
             if entry.one_rank:
                 entry.group.combine(rows, handle, out=combined, topk_weights=applied)   # (`_combine_into`)
