@@ -326,7 +326,9 @@ typedef struct {
 /* Creates a group of `config->ranks` ranks on the chosen backend (NULL: host). Control path:
  * allocates; the GPU group opens the device and allocates its workspaces. */
 epResult_t epGroupCreate(const epGroupConfig_t* config, const epBackendConfig_t* backend, epGroup_t* group);
-/* Releases the caller's reference; the group goes when its last handle goes too. NULL is a no-op. */
+/* Releases the caller's reference; the group goes when its last handle goes too. NULL is a no-op.
+ * Later calls naming it fail with epInvalidArgument (an epGroup_t, epHandle_t or epStep_t value is
+ * never given to another object, so a destroyed one is never taken for a later one). */
 epResult_t epGroupDestroy(epGroup_t group);
 epResult_t epGroupGetInfo(epGroup_t group, epGroupInfo_t* info);
 
