@@ -30,7 +30,9 @@ extension GroupConfig {
                     field: "timeoutSeconds", value: "\(c.timeoutSeconds)",
                     requirement: "must be in [1e-9, 86400] seconds (1 ns to a day), or 0 for 10 s")
             }
-            timeout = .nanoseconds(Int64(c.timeoutSeconds * 1e9))
+            // To the nearest nanosecond: truncating made 1.001 s 1000999999 ns (the product is
+            // 1000999999.9999999).
+            timeout = .nanoseconds(Int64((c.timeoutSeconds * 1e9).rounded()))
         }
         self.init(
             algorithm: try ABIEnum.algorithm(c.algorithm, "algorithm"), ranks: Int(c.ranks), experts: Int(c.experts),

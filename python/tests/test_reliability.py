@@ -275,6 +275,17 @@ def test_a_timeout_out_of_bounds_is_echoed_as_given(given):
     assert "0.0 seconds" not in str(caught.value)
 
 
+@pytest.mark.parametrize("given", [0.3, 0.03, 1.001, 1.14])
+def test_a_timeout_in_a_call_names_the_timeout_as_configured(given):
+    # The seconds went to whole nanoseconds by truncation (1.001 s: 1000999999 ns) and back by
+    # multiplying the attoseconds by 1e-18: 0.3 came back as 0.30000000000000004 s.
+    group = make_group(timeout=given)
+    handles = handles_of(group, 2)
+    errors, _ = per_rank(handles[:1], Step().update)   # rank 1 does not come
+    assert isinstance(errors[0], ep.RankTimeoutError), errors[0]
+    assert str(errors[0]).endswith(f"; the group's timeout is {given!r} seconds"), str(errors[0])
+
+
 def test_a_timeout_in_a_call_reports_the_timeout_and_the_peers_also_to_the_late_rank():
     group = make_group(timeout=0.2)
     step = Step()

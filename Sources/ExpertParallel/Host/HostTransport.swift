@@ -139,9 +139,16 @@ final class HostTransport: @unchecked Sendable {
 }
 
 extension Duration {
-    /// The duration in seconds, as a Double.
+    /// The duration in seconds, as a Double: for a whole number of nanoseconds (every timeout),
+    /// the nanoseconds divided by 1e9, one rounding, so that a timeout set as 0.3 s reads 0.3
+    /// (adding the attoseconds times 1e-18 gave 0.30000000000000004).
     package var seconds: Double {
         let (s, atto) = components
-        return Double(s) + Double(atto) * 1e-18
+        let (whole, fraction) = atto.quotientAndRemainder(dividingBy: 1_000_000_000)
+        let (scaled, overflow) = s.multipliedReportingOverflow(by: 1_000_000_000)
+        if fraction == 0, !overflow, case let (ns, false) = scaled.addingReportingOverflow(whole), ns.magnitude < 1 << 53 {
+            return Double(ns) / 1e9
+        }
+        return Double(s) + Double(atto) / 1e18
     }
 }
