@@ -101,8 +101,19 @@ extension StepGroupBackend {
     func dispatchStacked(_ call: StackedDispatch, _ settings: CallSettings, _ stream: UnsafeMutableRawPointer?) throws {
         let handle = try handle(settings), group = try self.group, ranks = try callRanks()
         // A dispatch with the step's routing (no topkIdx) must give the step's token count: named
-        // as `call.tokens` here rather than as rank 0's input shape further on.
-        let known = call.topkIdx == nil ? (try? stepTokens(settings)).flatMap { Set($0).count == 1 ? $0.first : nil } : nil
+        // as `call.tokens` here rather than as rank 0's input shape further on. The ranks read
+        // are those of the step (a masked rank's routing was not read); where they differ in
+        // tokens no stacked call can describe the step, refused as the virtual GPU group does.
+        var known: Int?
+        if call.topkIdx == nil, let tokens = try? stepTokens(settings) {
+            let local = group.localRanks
+            let counts = local.indices.filter { ranks.contains(local[$0]) && $0 < tokens.count }.map { tokens[$0] }
+            if let first = counts.first, let other = counts.first(where: { $0 != first }) {
+                throw EPError.invalidArgument(field: "topkIdx", value: "nil", requirement:
+                    "must be given: the step's ranks have different token counts (\(first), \(other)), which a stacked call cannot send again")
+            }
+            known = counts.first
+        }
         let checked = try CheckedStackedDispatch(call, shapes: CallShapes(validated: group.config), location: location, stepTokens: known)
         let parts = group.localRanks.map { checked.rank($0) }
         let local = group.localRanks
