@@ -450,7 +450,8 @@ epResult_t epGroupCombineAll(epGroup_t group, const epCombineInputs_t* inputs, c
  * recorded on the device since the last check (the check clears it). Host group: epSuccess (its
  * calls report errors). */
 epResult_t epGroupCheckStatus(epGroup_t group);
-/* What `rank` received in the last dispatch (GPU group: checks the status first, so it waits). */
+/* What `rank` received in the last dispatch of the group's own step (a config.step of NULL; a
+ * named step's: epStepGetLayoutInfo) (GPU group: checks the status first, so it waits). */
 epResult_t epGroupGetLayoutInfo(epGroup_t group, int32_t rank, epLayoutInfo_t* info);
 
 /* ---------------------------------------------------------------------------------------- */

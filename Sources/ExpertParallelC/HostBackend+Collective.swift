@@ -52,10 +52,12 @@ extension HostBackend: StepGroupBackend {
         if let step { step.stepTokens = tokens } else { stepTokens = tokens }
     }
 
-    /// What `rank` received in the last collective dispatch (the handle forgets it at an update).
+    /// What `rank` received in the last collective dispatch of the group's own step (the handle
+    /// forgets it at an update; a named step's is `layoutInfo(step:rank:)`).
     func layoutInfo(rank: Int) throws -> LayoutInfo {
         guard let info = lastLayout[rank] else {
-            throw EPError.wrongOrder("rank \(rank) has no layout info: no collective dispatch has completed yet")
+            throw EPError.wrongOrder(
+                "rank \(rank) has no layout info: no dispatch of the group's own step (a config.step of NULL) has completed yet; a named step's is epStepGetLayoutInfo's")
         }
         return info
     }
