@@ -7,6 +7,7 @@ gradient they cannot give refused by name. On GPUs the same calls run in python/
 (torchrun)."""
 
 import ctypes
+import gc
 import itertools
 
 import numpy as np
@@ -231,3 +232,24 @@ def test_a_combine_of_a_step_whose_slot_was_reused_is_refused_and_leaves_the_slo
     exchange.combine(experts(sent[2], "expert_major_padded"), sent[2])   # the slot's own step combines
     assert torch.equal(group._slots[0].weights, expected)
     exchange.close()
+
+
+@pytest.mark.parametrize("bad", ["shrunk", "sparse"])
+def test_a_combine_refused_for_its_expert_outputs_leaves_the_slots_weights_cleared(rank_group, bad):
+    # HT expert-major's combine puts the per-slot weights back into the slot first, and clears them
+    # after (zero_fill), also when the call fails: expert_outputs whose memory the op cannot read
+    # (a storage shrunk since, a sparse tensor) are refused after the weights went back.
+    group = rank_group(layout="expert_major_padded", alignment=4)
+    exchange = Exchange(group)
+    sent = exchange.dispatch(*inputs(6, 8, 32, 3, torch.float32, 1))
+    y = experts(sent, "expert_major_padded")
+    if bad == "shrunk":
+        y.untyped_storage().resize_(8)
+    else:
+        y = y.to_sparse()
+    with pytest.raises(ep.InvalidArgumentError, match="storage of 8 bytes" if bad == "shrunk" else "sparse"):
+        exchange.combine(y, sent)
+    assert not group._slots[0].weights.any()
+    exchange.close()
+    del sent, y   # (the step retires now, while the fixture's stand-ins are in place: the error's traceback held it)
+    gc.collect()

@@ -369,10 +369,10 @@ def combine_entry(entry, expert_outputs: Tensor, topk_idx: Tensor, weights: Opti
                 slot_weights = slot.weights
                 slot_weights.copy_(weights)
         combined = expert_outputs.new_empty(size=entry.lead + (tokens, entry.hidden))
-        rows = expert_outputs   # (_rows' test in line, as `dispatch_entry`'s)
-        if not (rows.is_contiguous() and rows.data_ptr() % 8 == 0 and _fast.sound(rows, rows.data_ptr())):
-            rows = _rows(expert_outputs, "expert_outputs")
-        try:
+        try:   # (the rows too: an NCCL rank's slot weights are cleared again when they are refused)
+            rows = expert_outputs   # (_rows' test in line, as `dispatch_entry`'s)
+            if not (rows.is_contiguous() and rows.data_ptr() % 8 == 0 and _fast.sound(rows, rows.data_ptr())):
+                rows = _rows(expert_outputs, "expert_outputs")
             if entry.one_rank:
                 entry.group.combine(rows, handle, out=combined, topk_weights=applied)   # (`_combine_into`)
             else:
