@@ -351,6 +351,25 @@ def test_the_wrong_routings_gradients_are_not_computed():
     assert w.grad is not None
 
 
+@pytest.mark.parametrize("shrunk", ["passed", "the_steps"])
+def test_a_routing_whose_storage_was_shrunk_is_named_not_compared(shrunk):
+    # The comparison of another CPU routing with the step's read both by torch.equal: a storage shrunk
+    # since (untyped_storage().resize_()) was read past its end (resize_(0): a segmentation fault).
+    exchange = _exchange("rank_major")
+    x, idx, w = step()
+    sent = exchange.dispatch(x, idx, w)
+    copy = idx.clone()
+    if shrunk == "passed":
+        copy.untyped_storage().resize_(4)
+        match = ROUTING + r"storage of 4 bytes; must hold the 48 bytes its elements reach"
+    else:
+        idx.untyped_storage().resize_(4)
+        match = (ROUTING + r"another tensor \(at 0x[0-9a-f]+ on cpu\) than the topk_idx the step of dispatched.step was "
+                 r"dispatched with \(at 0x[0-9a-f]+ on cpu\); that one's storage was shrunk since")
+    with pytest.raises(ep.InvalidArgumentError, match=match):
+        exchange.combine(sent.tokens, sent._replace(routing=copy))
+
+
 @pytest.mark.skipif(__import__("os").environ.get("EP_GPU_TESTS") != "1", reason="needs a GPU: set EP_GPU_TESTS=1")
 @pytest.mark.parametrize("layout", ["expert_major", "flat"])
 def test_on_a_gpu_a_copy_of_the_routing_is_taken_and_a_change_in_place_is_named(layout):

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from .. import _arrays
 from ..errors import InvalidArgumentError
 
 _NAME = "dispatched.routing (the combine op's topk_idx)"
@@ -60,14 +61,22 @@ def check(handle: Any, tokens: int, topk_idx: Tensor, check_tokens: Callable[[An
         return
     on_cpu = topk_idx.is_cpu and source.is_cpu
     if on_cpu and topk_idx.shape == source.shape:
-        if recorded is None or version(source) == recorded:
+        # Their entries are compared by reading them: not past the end of a storage shrunk since the
+        # tensor was made (untyped_storage().resize_()), which torch does not check.
+        error = _arrays.storage_error(topk_idx, _NAME)
+        if error is not None:
+            raise error
+        if _arrays.storage_error(source, _NAME) is not None:
+            why = "; that one's storage was shrunk since (untyped_storage().resize_()), so what the step went by is not known here"
+        elif recorded is None or version(source) == recorded:
             if torch.equal(topk_idx, source):
                 return   # a copy of the step's routing
             where = tuple(int(i) for i in (topk_idx != source).nonzero()[0])
             raise InvalidArgumentError(
                 f"{_NAME}: another tensor than the topk_idx the step of dispatched.step was dispatched with, and another "
                 f"routing (at [{', '.join(map(str, where))}]: expert {int(topk_idx[where])}, not {int(source[where])}); {_ADVICE}")
-        why = "; that one was changed in place since, so what the step went by is not known here"
+        else:
+            why = "; that one was changed in place since, so what the step went by is not known here"
     elif on_cpu:
         why = f" (of shape {list(topk_idx.shape)}, the step's {list(source.shape)})"
     elif topk_idx.shape == source.shape and topk_idx.device == source.device:
