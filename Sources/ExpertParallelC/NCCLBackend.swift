@@ -32,7 +32,7 @@ struct NCCLRankSettings {
         multiprocessors = c.multiprocessors == 0 ? nil : Int(c.multiprocessors)
         tuning = try GPUTuning(c.tuning, "\(name).tuning")
         uniqueID = withUnsafeBytes(of: c.uniqueId.bytes) { Array($0) }
-        timeout = seconds == 0 ? .seconds(60) : .nanoseconds(Int64(seconds * 1e9))
+        timeout = seconds == 0 ? .seconds(60) : .nanoseconds(max(1, Int64((seconds * 1e9).rounded())))   // (to the nearest ns, as timeoutSeconds)
     }
 }
 
