@@ -112,7 +112,9 @@ class VirtualGroup(GroupBase):
     expert-major for LL, flat for HT. ``dtype``: the token element type ("bf16", "f16", "f32",
     "u8"); NumPy has no bf16, so bf16 arrays are uint16 arrays of the raw bits.
     ``max_recv_tokens``: HT receive capacity (None: one that never overflows). ``overflow``:
-    "fail" or "drop" (both backends). ``timeout``: seconds any rank waits for another.
+    "fail" or "drop", what an HT dispatch past that capacity does, on the CPU and the GPU (an LL
+    group's buffers hold every row, so it never overflows and the setting has no effect there).
+    ``timeout``: seconds any rank waits for another (0: the library's default, 10 s).
     ``fp8``: FP8 dispatch (docs/fp8.md; CPU and virtual GPU groups): rows move as e4m3 with a scale per
     block, "float32" (per 128), "ue8m0" (per 128) or "e8m0" (per 32); ``fp8_source="quantize"``
     quantises the ``dtype`` rows given to dispatch, ``"pass_through"`` takes e4m3 rows (torch
