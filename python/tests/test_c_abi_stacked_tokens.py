@@ -14,17 +14,9 @@ import pytest
 
 from expert_parallel import _abi
 from expert_parallel._library import load
+from c_abi_tensors import host_tensor as _tensor
 
 R, E, K, H = 2, 4, 2, 8
-
-
-def _tensor(array, dtype):
-    t = _abi.new(_abi.Tensor, data=array.ctypes.data, dtype=dtype, ndim=array.ndim, device=-1)
-    stride = 1
-    for i in reversed(range(array.ndim)):
-        t.sizes[i], t.strides[i] = array.shape[i], stride
-        stride *= array.shape[i]
-    return t
 
 
 def _stacked(array, dtype):
