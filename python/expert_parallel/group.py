@@ -799,16 +799,13 @@ class VirtualGroup(GroupBase):
         try:
             if (self._open_send_only is None and self._group and (topk_weights is not None or self.recv_routing_shape is None)
                     and (topk_idx is not None or handle.tokens is not None)):
-                # _check_handle(handle, dispatched=False) in line (the group is open: asked above), which names what is wrong
-                if (not isinstance(handle, Handle) or handle.group is not self or handle.released
-                        or (handle._pointer is None and handle.step != self._own_step)):
-                    self._check_handle(handle, dispatched=False)
+                self._check_handle(handle, dispatched=False)
                 b, x = xs.shape[-2], xs.data_ptr()
                 if topk_idx is None and list(handle.tokens) != [b] * self.ranks:
                     raise InvalidArgumentError(f"xs: {[b] * self.ranks} tokens per rank; the handle's routing has {handle.tokens}")
                 if b and not (x & 7 and self._device == -1):
                     # The call, as _dispatch_stacked makes it into a caller's stacked outputs (one C call,
-                    # update included), its bookkeeping (_start_step, _stacked_taken, _caller_taken) in line.
+                    # update included), and its bookkeeping.
                     call = self._caller_dispatch or self._caller_dispatch_made()
                     tokens, idx, weights = out[:3]
                     counts = out[3] if len(out) == 4 else None
@@ -818,27 +815,14 @@ class VirtualGroup(GroupBase):
                                          self._input_element, w, tokens.data_ptr(), self._element,
                                          0 if idx is None else idx.data_ptr(), 0 if weights is None else weights.data_ptr(),
                                          0 if counts is None else counts.data_ptr(), b, _abi.DIRECTIONS[direction], handle._pointer)
-                    if topk_idx is not None:   # _start_step
-                        if handle._pointer is None:   # (_advance_step)
-                            self._own_step += 1
-                            handle.step = self._own_step
-                        else:
-                            handle.step += 1
-                        handle.tokens = handle.slot = None
-                        handle.topk_weights = handle.weight_addresses = handle.weight_stacked = None
+                    if topk_idx is not None:
+                        self._start_step(handle)
                     status = self._fn_dispatch_stacked(self._group_address, call.address,
                                                        None if self._device == -1 else _fast.raw_stream(self._device))
                     if status:
                         check_status(status, _errors.DISPATCH_XS, _errors.DISPATCH_OUT, kind=_arrays.kind(xs))
-                    if topk_idx is not None:   # (_stacked_taken)
-                        handle.tokens = [b] * self.ranks
-                        handle.topk_idx = topk_idx
-                    if direction == "forward" and w:
-                        handle.topk_weights = topk_weights
-                        handle.weight_addresses = None
-                        handle.weight_stacked = w
-                    handle.slot = -1   # (_caller_taken)
-                    handle.received_weights = weights
+                    self._stacked_taken(handle, b, topk_idx, topk_weights, w, direction)
+                    self._caller_taken(handle, weights)
                     return
             self.dispatch(xs, topk_idx, topk_weights, handle=handle, direction=direction, out=out)
         finally:
@@ -1069,10 +1053,7 @@ class VirtualGroup(GroupBase):
         lock.acquire()
         try:
             if self._open_send_only is None and self._group:
-                # _check_handle(handle, dispatched=True) in line (the group is open: asked above), which names what is wrong
-                if (not isinstance(handle, Handle) or handle.group is not self or handle.released
-                        or (handle._pointer is None and handle.step != self._own_step) or handle.slot is None):
-                    self._check_handle(handle, dispatched=True)
+                self._check_handle(handle, dispatched=True)
                 tokens = handle.tokens
                 b, y = tokens[0], expert_outputs.data_ptr()
                 if b and tokens.count(b) == len(tokens) and not (y & 7 and self._device == -1):
