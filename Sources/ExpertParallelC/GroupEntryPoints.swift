@@ -20,12 +20,12 @@ public func cGroupCreate(
             // checks, same words): code that runs on the CPU does not fail later on the GPU. Its
             // device and SM count must be 0 (BackendChoice).
             try BackendChoice.hostFields(device: choice?.device ?? 0, multiprocessors: choice?.multiprocessors ?? 0)
-            _ = try GPUTuning(choice?.tuning ?? epGPUTuning_t(), "backend.tuning").validated(config, "backend.tuning")
+            _ = try GPUTuning(choice?.tuning ?? epGPUTuning_t(), "backend.tuning").validated(config, as: "backend.tuning")
             object = GroupObject(config: config, backend: try HostBackend(try HostGroup(config)))
         case epBackendVirtualGPU:
             let ordinal = choice?.device ?? 0, multiprocessors = choice?.multiprocessors ?? 0
             try BackendChoice.gpuFields(device: ordinal, multiprocessors: multiprocessors)
-            let tuning = try GPUTuning(choice?.tuning ?? epGPUTuning_t(), "backend.tuning").validated(config, "backend.tuning")
+            let tuning = try GPUTuning(choice?.tuning ?? epGPUTuning_t(), "backend.tuning").validated(config, as: "backend.tuning")
             let device = try DeviceCache.shared.device(Int(ordinal))
             let gpu = try VirtualGPUGroup(config, device: device, multiprocessors: multiprocessors == 0 ? nil : Int(multiprocessors),
                                           tuning: tuning)
@@ -88,19 +88,6 @@ public func cGroupCleanRanks(_ group: epGroup_t?, _ mask: UInt64) -> epResult_t 
 }
 
 extension GPUTuning {
-    /// `validated(config)`, a knob out of its bounds named as the C struct carries it (`name`:
-    /// `backend.tuning`, `ncclRank.tuning`), not as the core's `tuning.rowPieces`.
-    func validated(_ config: GroupConfig, _ name: String) throws(EPError) -> GPUTuning {
-        do {
-            return try validated(config)
-        } catch {
-            if case let .invalidArgument(field, value, requirement) = error, field.hasPrefix("tuning.") {
-                throw .invalidArgument(field: name + field.dropFirst("tuning".count), value: value, requirement: requirement)
-            }
-            throw error
-        }
-    }
-
     /// The knobs of an `epGPUTuning_t` (0: the default), each checked to be ≥ 0 here and against
     /// its bounds by `validated`.
     init(_ c: epGPUTuning_t, _ name: String) throws(EPError) {

@@ -26,7 +26,7 @@ public func cGroupCreateNCCL(
         // Every bound is checked before NCCL or the device is asked, on every rank alike.
         let config = try GroupConfig(try epGroupConfig_t.read(config, "config")).validatedForGPU()
         var settings = try NCCLRankSettings(try epNCCLRankConfig_t.read(ncclRank, "ncclRank"), ranks: config.ranks, "ncclRank")
-        settings.tuning = try settings.tuning.validated(config, "ncclRank.tuning")   // before NCCL or the device is opened
+        settings.tuning = try settings.tuning.validated(config, as: "ncclRank.tuning")   // before NCCL or the device is opened
         let backend = try NCCLBackend(config, settings)
         result.pointee = groupRegistry.add(GroupObject(config: try backend.group.config, backend: backend))
     }

@@ -50,11 +50,12 @@ public struct GPUTuning: Sendable, Hashable {
     }
 
     /// Itself, after checking `config` (`validated()`) and then every knob against its bounds for
-    /// it (named errors).
-    public func validated(_ config: GroupConfig) throws(EPError) -> Self {
+    /// it (named errors: `name.rowPieces`, `name` the struct that carries the knobs, such as the C
+    /// ABI's `backend.tuning`).
+    public func validated(_ config: GroupConfig, as name: String = "tuning") throws(EPError) -> Self {
         let config = try config.validated()
         func fail(_ field: String, _ value: Int, _ requirement: String) -> EPError {
-            .invalidArgument(field: "tuning.\(field)", value: "\(value)", requirement: requirement)
+            .invalidArgument(field: "\(name).\(field)", value: "\(value)", requirement: requirement)
         }
         guard (1...8).contains(pipelineDepth) else { throw fail("pipelineDepth", pipelineDepth, "must be in 1...8") }
         guard (1...16).contains(rowsInFlight) else { throw fail("rowsInFlight", rowsInFlight, "must be in 1...16") }
