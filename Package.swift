@@ -63,6 +63,11 @@ let package = Package(
             // ExpertParallel only as the oracle that GPU helper results are compared with.
             dependencies: ["ExpertParallel", "ExpertParallelCUDA", "ExpertParallelKernels", "CExpertParallelShim"]
         ),
+        // ep-bench's command line, parsed in process (its options, bounds and messages).
+        .testTarget(
+            name: "EPBenchTests",
+            dependencies: ["ep-bench", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+        ),
         .testTarget(
             name: "ExpertParallelGPUTests",
             dependencies: ["ExpertParallel", "ExpertParallelGPU", "ExpertParallelCUDA", "ExpertParallelKernels", "ExpertParallelC", "CExpertParallelShim"]

@@ -7,10 +7,10 @@ struct CaseOptions: ParsableArguments {
     @Option(name: .customLong("case"), help: "Case to run (repeatable): \(CaseOptions.names.joined(separator: ", ")). Default: ll-std and ht-cpu on the CPU; ll-std, ll-32, ll-1 and odd on the GPU. custom takes its shape from --tokens, --hidden, --topk, --experts and --ranks (all needed) and its algorithm from --layout (default expert-major, LL).")
     var cases: [String] = []
 
-    @Option(help: "Ranks R, 1...64 (overrides the case's; must divide the experts).")
+    @Option(parsing: .unconditional, help: "Ranks R, 1...64 (overrides the case's; must divide the experts).")
     var ranks: Int?
 
-    @Option(name: .customLong("tokens"), help: "Tokens per rank B, 1...1048576 (overrides the case's). A list (--tokens 16,64,256, or the option repeated) runs every case once per count (the points of --plot).")
+    @Option(name: .customLong("tokens"), parsing: .unconditionalSingleValue, help: "Tokens per rank B, 1...1048576 (overrides the case's). A list (--tokens 16,64,256, or the option repeated) runs every case once per count (the points of --plot).")
     var tokensLists: [SMCounts] = []
 
     /// The token counts given, in the order given, each once (empty: the cases' own).
@@ -23,19 +23,19 @@ struct CaseOptions: ParsableArguments {
     /// The only token count given (nil: none, or several).
     var tokens: Int? { tokenCounts.count == 1 ? tokenCounts[0] : nil }
 
-    @Option(help: "Hidden size H in elements, 1...1048576 (overrides the case's); a row of H elements must be a multiple of 8 bytes.")
+    @Option(parsing: .unconditional, help: "Hidden size H in elements, 1...1048576 (overrides the case's); a row of H elements must be a multiple of 8 bytes.")
     var hidden: Int?
 
-    @Option(name: .customLong("topk"), help: "Experts per token K, 1...32 and at most the experts (overrides the case's).")
+    @Option(name: .customLong("topk"), parsing: .unconditional, help: "Experts per token K, 1...32 and at most the experts (overrides the case's).")
     var topK: Int?
 
-    @Option(help: "Experts E, 1...1048576, a multiple of the ranks (overrides the case's; the GPU takes at most 1024).")
+    @Option(parsing: .unconditional, help: "Experts E, 1...1048576, a multiple of the ranks (overrides the case's; the GPU takes at most 1024).")
     var experts: Int?
 
     @Option(help: "Receive layout, overriding the case's: expert-major or rank-major for LL cases, flat or expert-major-padded for HT cases. A layout of the other algorithm is a usage error; odd runs its variant of the layout's algorithm, and without --case only the default cases of that algorithm run.")
     var layout: LayoutChoice?
 
-    @Option(help: "Rows each expert's zone is padded to with --layout expert-major-padded, 1...1024 (default 1).")
+    @Option(parsing: .unconditional, help: "Rows each expert's zone is padded to with --layout expert-major-padded, 1...1024 (default 1).")
     var alignment: Int?
 
     @Option(help: "Token element type. u8 is dispatch only: its combine rows are skipped, with a note, and its rows are checked as received.")

@@ -14,7 +14,7 @@ struct InfoCommand: ParsableCommand {
     @Option(help: "Architecture to compile for (default: the device's own, else sm_90a).")
     var arch: String?
 
-    @Option(help: "Device ordinal to describe.")
+    @Option(parsing: .unconditional, help: "Device ordinal to describe.")
     var device = 0
 
     @Flag(help: "Compile every kernel even when the disk cache has it.")
