@@ -1,6 +1,5 @@
 import ArgumentParser
 import ExpertParallel
-import Foundation
 
 /// `--layout`: the four receive layouts, two per algorithm (README, "Two algorithms, four layouts").
 enum LayoutChoice: String, ExpressibleByArgument, CaseIterable {
@@ -42,20 +41,6 @@ enum DTypeChoice: String, ExpressibleByArgument, CaseIterable {
         case .f32: .f32
         case .u8: .u8
         }
-    }
-}
-
-/// One `--sms` value: an SM count or a comma-separated list of them (`--sms 16,32,66,132`).
-struct SMCounts: ExpressibleByArgument {
-    var counts: [Int]
-
-    init?(argument: String) {
-        var counts: [Int] = []
-        for piece in argument.split(separator: ",", omittingEmptySubsequences: false) {
-            guard let count = Int(piece.trimmingCharacters(in: .whitespaces)) else { return nil }
-            counts.append(count)
-        }
-        self.counts = counts
     }
 }
 

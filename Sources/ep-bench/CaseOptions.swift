@@ -7,35 +7,35 @@ struct CaseOptions: ParsableArguments {
     @Option(name: .customLong("case"), help: "Case to run (repeatable): \(CaseOptions.names.joined(separator: ", ")). Default: ll-std and ht-cpu on the CPU; ll-std, ll-32, ll-1 and odd on the GPU. custom takes its shape from --tokens, --hidden, --topk, --experts and --ranks (all needed) and its algorithm from --layout (default expert-major, LL).")
     var cases: [String] = []
 
-    @Option(parsing: .unconditional, help: "Ranks R, 1...64 (overrides the case's; must divide the experts).")
+    @Option(parsing: .unconditional, help: "Ranks R, 1...64 (overrides the case's; must divide the experts).", transform: NumberArgument.whole(Bounds.ranks))
     var ranks: Int?
 
-    @Option(name: .customLong("tokens"), parsing: .unconditionalSingleValue, help: "Tokens per rank B, 1...1048576 (overrides the case's). A list (--tokens 16,64,256, or the option repeated) runs every case once per count (the points of --plot).")
-    var tokensLists: [SMCounts] = []
+    @Option(name: .customLong("tokens"), parsing: .unconditionalSingleValue, help: "Tokens per rank B, 1...1048576 (overrides the case's). A list (--tokens 16,64,256, or the option repeated) runs every case once per count (the points of --plot).", transform: NumberArgument.wholeList(Bounds.tokens))
+    var tokensLists: [[Int]] = []
 
     /// The token counts given, in the order given, each once (empty: the cases' own).
     var tokenCounts: [Int] {
         var seen: [Int] = []
-        for count in tokensLists.flatMap(\.counts) where !seen.contains(count) { seen.append(count) }
+        for count in tokensLists.joined() where !seen.contains(count) { seen.append(count) }
         return seen
     }
 
     /// The only token count given (nil: none, or several).
     var tokens: Int? { tokenCounts.count == 1 ? tokenCounts[0] : nil }
 
-    @Option(parsing: .unconditional, help: "Hidden size H in elements, 1...1048576 (overrides the case's); a row of H elements must be a multiple of 8 bytes.")
+    @Option(parsing: .unconditional, help: "Hidden size H in elements, 1...1048576 (overrides the case's); a row of H elements must be a multiple of 8 bytes.", transform: NumberArgument.whole(Bounds.hidden))
     var hidden: Int?
 
-    @Option(name: .customLong("topk"), parsing: .unconditional, help: "Experts per token K, 1...32 and at most the experts (overrides the case's).")
+    @Option(name: .customLong("topk"), parsing: .unconditional, help: "Experts per token K, 1...32 and at most the experts (overrides the case's).", transform: NumberArgument.whole(Bounds.topK))
     var topK: Int?
 
-    @Option(parsing: .unconditional, help: "Experts E, 1...1048576, a multiple of the ranks (overrides the case's; the GPU takes at most 1024).")
+    @Option(parsing: .unconditional, help: "Experts E, 1...1048576, a multiple of the ranks (overrides the case's; the GPU takes at most 1024).", transform: NumberArgument.whole(Bounds.experts))
     var experts: Int?
 
     @Option(help: "Receive layout, overriding the case's: expert-major or rank-major for LL cases, flat or expert-major-padded for HT cases. A layout of the other algorithm is a usage error; odd runs its variant of the layout's algorithm, and without --case only the default cases of that algorithm run.")
     var layout: LayoutChoice?
 
-    @Option(parsing: .unconditional, help: "Rows each expert's zone is padded to with --layout expert-major-padded, 1...1024 (default 1).")
+    @Option(parsing: .unconditional, help: "Rows each expert's zone is padded to with --layout expert-major-padded, 1...1024 (default 1).", transform: NumberArgument.whole(Bounds.alignment))
     var alignment: Int?
 
     @Option(help: "Token element type. u8 is dispatch only: its combine rows are skipped, with a note, and its rows are checked as received.")
@@ -74,7 +74,7 @@ struct CaseOptions: ParsableArguments {
             throw ValidationError("unknown case '\(name)'; known cases: \(Self.names.joined(separator: ", "))")
         }
         try checkRange("--ranks", ranks, Bounds.ranks)
-        for count in tokensLists.flatMap(\.counts) { try checkRange("--tokens", count, Bounds.tokens) }
+        for count in tokensLists.joined() { try checkRange("--tokens", count, Bounds.tokens) }
         try checkRange("--hidden", hidden, Bounds.hidden)
         try checkRange("--topk", topK, Bounds.topK)
         try checkRange("--experts", experts, Bounds.experts)

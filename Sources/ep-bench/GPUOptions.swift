@@ -4,22 +4,22 @@ import ExpertParallelGPU
 /// The GPU's options: the SMs the group may use (a sweep when several are given) and the
 /// kernels' tuning knobs. The CPU backend has no SMs: `--sms` there is a usage error.
 struct GPUOptions: ParsableArguments {
-    @Option(name: .customLong("sms"), parsing: .unconditionalSingleValue, help: "GPU: streaming multiprocessors the group may use, 1...4096 and at most the device's (default: all). A list (--sms 16,32,66,132, or the option repeated) runs every case once per count; with --transport nccl, every rank's group uses that many of its GPU's SMs. A usage error on the CPU backend.")
-    var smsLists: [SMCounts] = []
+    @Option(name: .customLong("sms"), parsing: .unconditionalSingleValue, help: "GPU: streaming multiprocessors the group may use, 1...4096 and at most the device's (default: all). A list (--sms 16,32,66,132, or the option repeated) runs every case once per count; with --transport nccl, every rank's group uses that many of its GPU's SMs. A usage error on the CPU backend.", transform: NumberArgument.wholeList(Bounds.sms))
+    var smsLists: [[Int]] = []
 
-    @Option(parsing: .unconditional, help: "GPU: dispatch pipeline depth, vectors each lane loads before storing (1...8).")
+    @Option(parsing: .unconditional, help: "GPU: dispatch pipeline depth, vectors each lane loads before storing (1...8). (default: 4)", transform: NumberArgument.whole(Bounds.pipelineDepth))
     var pipelineDepth: Int = 4
 
-    @Option(parsing: .unconditional, help: "GPU: combine rows loaded before the first is used (1...16).")
+    @Option(parsing: .unconditional, help: "GPU: combine rows loaded before the first is used (1...16). (default: 8)", transform: NumberArgument.whole(Bounds.rowsInFlight))
     var rowsInFlight: Int = 8
 
-    @Option(parsing: .unconditional, help: "GPU: pieces each token row is cut into, one warp each (default: automatic).")
+    @Option(parsing: .unconditional, help: "GPU: pieces each token row is cut into, one warp each (default: automatic).", transform: NumberArgument.whole(Bounds.rowPieces))
     var rowPieces: Int?
 
-    @Option(name: .customLong("blocks-per-sm"), parsing: .unconditional, help: "GPU: 512-thread blocks per SM in one launch (1 or 2; default 2, 1 for R = 1 except the HT combine).")
+    @Option(name: .customLong("blocks-per-sm"), parsing: .unconditional, help: "GPU: 512-thread blocks per SM in one launch (1 or 2; default 2, 1 for R = 1 except the HT combine).", transform: NumberArgument.whole(Bounds.blocksPerSM))
     var blocksPerSM: Int?
 
-    @Option(parsing: .unconditional, help: "GPU, HT: tokens each update block counts (1...4096; the update runs up to 16 blocks a rank).")
+    @Option(parsing: .unconditional, help: "GPU, HT: tokens each update block counts (1...4096; the update runs up to 16 blocks a rank). (default: 256)", transform: NumberArgument.whole(Bounds.updateChunkTokens))
     var updateChunkTokens: Int = 256
 
     @Flag(help: "GPU: every dispatch and combine launch takes all its blocks, however few the tokens (default: only the blocks the work needs).")
@@ -43,7 +43,7 @@ struct GPUOptions: ParsableArguments {
     /// The SM counts to sweep, in the order given, each once (empty: one run with every SM).
     var smCounts: [Int] {
         var seen: [Int] = []
-        for count in smsLists.flatMap(\.counts) where !seen.contains(count) { seen.append(count) }
+        for count in smsLists.joined() where !seen.contains(count) { seen.append(count) }
         return seen
     }
 
@@ -58,7 +58,7 @@ struct GPUOptions: ParsableArguments {
     }
 
     func validate() throws {
-        for count in smsLists.flatMap(\.counts) { try checkRange("--sms", count, Bounds.sms) }
+        for count in smsLists.joined() { try checkRange("--sms", count, Bounds.sms) }
         try checkRange("--pipeline-depth", pipelineDepth, Bounds.pipelineDepth)
         try checkRange("--rows-in-flight", rowsInFlight, Bounds.rowsInFlight)
         try checkRange("--row-pieces", rowPieces, Bounds.rowPieces)

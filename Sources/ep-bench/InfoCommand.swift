@@ -14,8 +14,8 @@ struct InfoCommand: ParsableCommand {
     @Option(help: "Architecture to compile for (default: the device's own, else sm_90a).")
     var arch: String?
 
-    @Option(parsing: .unconditional, help: "Device ordinal to describe.")
-    var device = 0
+    @Option(parsing: .unconditional, help: "Device ordinal to describe. (default: 0)", transform: NumberArgument.whole(bound: "≥ 0"))
+    var device: Int = 0
 
     @Flag(help: "Compile every kernel even when the disk cache has it.")
     var noCache = false

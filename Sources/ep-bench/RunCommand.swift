@@ -29,16 +29,16 @@ struct RunCommand: ParsableCommand {
     @Option(help: "virtual: R ranks in this process; nccl: one process per GPU over NCCL (spawned, or under mpirun/torchrun).")
     var transport: TransportChoice = .virtual
 
-    @Option(parsing: .unconditional, help: "Measured iterations, 1...100000 (default: 5 on the CPU, 100 on the GPU).")
+    @Option(parsing: .unconditional, help: "Measured iterations, 1...100000 (default: 5 on the CPU, 100 on the GPU).", transform: NumberArgument.whole(Bounds.iterations))
     var iterations: Int?
 
-    @Option(parsing: .unconditional, help: "Warm-up iterations, 0...10000 (the GPU runs at least 5).")
+    @Option(parsing: .unconditional, help: "Warm-up iterations, 0...10000 (the GPU runs at least 5). (default: 1)", transform: NumberArgument.whole(Bounds.warmup))
     var warmup: Int = 1
 
-    @Option(parsing: .unconditional, help: "Routing skew: 0 is uniform; larger values (up to 100) concentrate traffic on low expert ids.")
+    @Option(parsing: .unconditional, help: "Routing skew: 0 is uniform; larger values (up to 100) concentrate traffic on low expert ids. (default: 0.0)", transform: NumberArgument.real(Bounds.skew))
     var skew: Double = 0
 
-    @Option(parsing: .unconditional, help: "Seed of the routing and payload.")
+    @Option(parsing: .unconditional, help: "Seed of the routing and payload. (default: 1)", transform: NumberArgument.unsigned)
     var seed: UInt64 = 1
 
     @Flag(help: "Print a progress line per run on stderr even when stderr is not a terminal (on a terminal it always shows).")
@@ -53,10 +53,10 @@ struct RunCommand: ParsableCommand {
     @Option(help: "NCCL failure drill instead of the cases: never-joins (--drill-rank exits before joining) or dies (it exits after the group is built, before the first step). The others must report the failure within the timeout.")
     var drill: FailureDrill?
 
-    @Option(parsing: .unconditional, help: "NCCL failure drill: the rank that fails.")
+    @Option(parsing: .unconditional, help: "NCCL failure drill: the rank that fails. (default: 1)", transform: NumberArgument.whole(bound: "0..<the ranks"))
     var drillRank: Int = 1
 
-    @Option(parsing: .unconditional, help: "Group timeout in milliseconds, 1...86400000: every cross-rank wait, and NCCL's join and handle exchange.")
+    @Option(parsing: .unconditional, help: "Group timeout in milliseconds, 1...86400000: every cross-rank wait, and NCCL's join and handle exchange. (default: 10000)", transform: NumberArgument.whole(Bounds.timeoutMs))
     var timeoutMs: Int = 10_000
 
     @Option(help: "Write the results as JSON to this path: a list with one entry per case (and SM count), each with its phases, floors, tuning and the run's record (commit, device, versions, seed, options). Checked before the run: an existing file must be writable, a new one needs a writable folder.")
