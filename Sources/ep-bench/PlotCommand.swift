@@ -20,6 +20,26 @@ struct PlotCommand: ParsableCommand {
 
     func validate() throws {
         try RunCommand.checkWritable(out, option: "--out")
+        let inputs = [(json, "--json")] + (baseline.map { [($0, "--baseline")] } ?? [])
+        for (path, option) in inputs {
+            try Self.checkReadable(path, option: option)
+            if sameFile(out, path) {
+                throw ValidationError("--out \(out) is the \(option) input: the plot would overwrite it; give another path")
+            }
+        }
+    }
+
+    /// An input must be a file this process may read (a folder or an empty path is named as such).
+    static func checkReadable(_ path: String, option: String) throws {
+        guard !path.isEmpty else { throw ValidationError("\(option): the path is empty") }
+        var isFolder: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: path, isDirectory: &isFolder) else {
+            throw ValidationError("\(option) \(path): cannot be read (no such file)")
+        }
+        if isFolder.boolValue { throw ValidationError("\(option) \(path) is a folder, not a file") }
+        guard access(path, R_OK) == 0 else {
+            throw ValidationError("\(option) \(path): cannot be read (\(String(cString: strerror(errno))))")
+        }
     }
 
     func run() throws {

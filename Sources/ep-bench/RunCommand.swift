@@ -106,6 +106,9 @@ struct RunCommand: ParsableCommand {
         }
         if let json { try Self.checkWritable(json: json) }
         if let plot { try Self.checkWritable(plot, option: "--plot") }
+        if let json, let plot, sameFile(json, plot) {
+            throw ValidationError("--plot \(plot) is the --json file \(json): the plot would overwrite the results; give them different paths")
+        }
     }
 
     func run() throws {
