@@ -11,7 +11,7 @@ struct InfoCommand: ParsableCommand {
         abstract: "Print the device, driver, NVRTC and NCCL versions, and check that every kernel compiles.",
         discussion: exitStatusText)
 
-    @Option(help: "Architecture to compile for (default: the device's own, else sm_90a).")
+    @Option(parsing: .unconditional, help: "Architecture to compile for, sm_<number> or compute_<number> with a or f after the number or not (default: the device's own, else sm_90a).")
     var arch: String?
 
     @Option(parsing: .unconditional, help: "Device ordinal to describe. (default: 0)", transform: NumberArgument.whole(bound: "≥ 0"))
@@ -22,6 +22,20 @@ struct InfoCommand: ParsableCommand {
 
     func validate() throws {
         guard device >= 0 else { throw ValidationError("--device \(device) is out of range: must be ≥ 0") }
+        if let arch, !Self.isArchName(arch) {
+            throw ValidationError("--arch \(arch) is not an architecture's name: must be sm_<number> or compute_<number>, with a or f after the number or not (sm_90a, sm_100f, compute_90)")
+        }
+    }
+
+    /// `sm_90`, `sm_90a`, `sm_100f`, `compute_90`, ...: what NVRTC's --gpu-architecture takes.
+    /// (Whether this NVRTC knows that number is its own answer: a kernel that does not compile.)
+    static func isArchName(_ text: String) -> Bool {
+        for prefix in ["sm_", "compute_"] where text.hasPrefix(prefix) {
+            var number = text.dropFirst(prefix.count)
+            if number.last == "a" || number.last == "f" { number = number.dropLast() }
+            return !number.isEmpty && number.allSatisfy { $0.isASCII && $0.isNumber }
+        }
+        return false
     }
 
     func run() throws {
