@@ -18,6 +18,8 @@ enum FailureDrill: String, ExpressibleByArgument, CaseIterable {
     case dies
 
     static let prefix = "EPDRILL "
+    /// The case whose step a drill runs, with R = the ranks.
+    static var step: BenchCase { BenchCase.standard.first { $0.name == "ll-std" }! }
     static let failingStatus: Int32 = 3
 
     struct Report: Codable {
@@ -42,7 +44,7 @@ enum FailureDrill: String, ExpressibleByArgument, CaseIterable {
         do {
             let comm = try nccl.initRank(ranks: me.world, id: id, rank: me.rank, timeout: timeout)
             defer { try? nccl.abort(comm) }
-            guard let benchCase = BenchCase.standard.first(where: { $0.name == "ll-std" })?.with(ranks: me.world) else { return }
+            let benchCase = Self.step.with(ranks: me.world)
             var config = benchCase.config()
             config.timeout = timeout
             config = try config.validated()

@@ -68,5 +68,19 @@ extension RunCommand {
 
     var timeout: Duration { .milliseconds(timeoutMs) }
 
+    /// A drill runs its step (`FailureDrill.step`) over `--ranks` NCCL ranks (default 2), one of
+    /// which fails: another must be there to report it (with one rank the verdict had no rank to
+    /// judge, and passed), and the step must be one the GPU groups can build with that many ranks.
+    func checkDrillRanks() throws {
+        let ranks = shape.ranks ?? 2, step = FailureDrill.step
+        guard ranks >= 2 else {
+            throw ValidationError("--ranks \(ranks) is too few for --drill: it needs at least 2 ranks, one that fails and one that reports it")
+        }
+        guard step.experts % ranks == 0 else {
+            throw ValidationError("--ranks \(ranks) does not divide the \(step.experts) experts of case \(step.name), the step of --drill")
+        }
+        try shape.checkForGPU([step.with(ranks: ranks)])
+    }
+
     static let resultPrefix = "EPRESULT "
 }

@@ -95,12 +95,16 @@ struct RunCommand: ParsableCommand {
         }
         try checkRange("--timeout-ms", timeoutMs, Bounds.timeoutMs)
         if !gpu.smCounts.isEmpty, backend == .cpu { throw ValidationError(GPUOptions.cpuRefusal) }
+        if transport == .nccl, backend == .cpu {
+            throw ValidationError("--transport nccl runs one process per GPU: it does not run with --backend cpu (use --backend gpu or auto)")
+        }
         if shape.dtype == .u8, transport == .nccl {
             throw ValidationError("--dtype u8 is dispatch only; --transport nccl times the whole step: use bf16, f16 or f32")
         }
         if drill != nil, transport != .nccl { throw ValidationError("--drill needs --transport nccl") }
         if drill != nil, !gpu.smCounts.isEmpty { throw ValidationError("--sms does not apply to --drill (a drill runs one step, untimed)") }
         if drill != nil, let fp8 = shape.fp8 { throw ValidationError("--fp8 \(fp8.rawValue) does not apply to --drill (a drill runs one plain ll-std step)") }
+        if drill != nil { try checkDrillRanks() }
         if drill != nil, !(0..<(shape.ranks ?? 2)).contains(drillRank) {
             throw ValidationError("--drill-rank \(drillRank) is out of range: must be in 0..<\(shape.ranks ?? 2) (the ranks)")
         }
