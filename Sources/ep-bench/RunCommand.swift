@@ -53,7 +53,7 @@ struct RunCommand: ParsableCommand {
     @Option(help: "NCCL failure drill instead of the cases: never-joins (--drill-rank exits before joining) or dies (it exits after the group is built, before the first step). The others must report the failure within the timeout.")
     var drill: FailureDrill?
 
-    @Option(parsing: .unconditional, help: "NCCL failure drill: the rank that fails. (default: 1)", transform: NumberArgument.whole(bound: "0..<the ranks"))
+    @Option(parsing: .unconditional, help: "NCCL failure drill: the rank that fails. (default: 1)", transform: NumberArgument.whole(bound: "in 0..<the ranks"))
     var drillRank: Int = 1
 
     @Option(parsing: .unconditional, help: "Group timeout in milliseconds, 1...86400000: every cross-rank wait, and NCCL's join and handle exchange. (default: 10000)", transform: NumberArgument.whole(Bounds.timeoutMs))

@@ -36,9 +36,9 @@ struct UnparseableNumberTests {
         (["--timeout-ms", "1s"], "1...86400000"),
         (["--timeout-ms", "9223372036854775808"], "1...86400000"),
         (["--drill-rank", "x"], "0..<"),
-        (["info", "--device", "abc"], "≥ 0"),
-        (["info", "--device", "9223372036854775808"], "≥ 0"),
-        (["info", "--device", ""], "≥ 0"),
+        (["info", "--device", "abc"], "must be a whole number ≥ 0"),
+        (["info", "--device", "9223372036854775808"], "out of range: must be ≥ 0"),
+        (["info", "--device", ""], "must be a whole number ≥ 0"),
     ]
 
     @Test("run and info: option TEXT", arguments: cases)
@@ -60,7 +60,10 @@ struct UnparseableNumberTests {
         (["--tokens", "4,99999999999999999999"], "item 2 of 2 (99999999999999999999) is out of range", "1...1048576"),
         (["--sms", ","], "item 1 of 2 is empty", "1...4096"),
         (["--sms", "16,,32"], "item 2 of 3 is empty", "1...4096"),
-        (["--sms", ""], "item 1 of 1 is empty", "1...4096"),
+        // One item: the message of a single value.
+        (["--sms", ""], "must be a whole number in", "1...4096"),
+        (["--tokens", "abc"], "must be a whole number in", "1...1048576"),
+        (["--tokens", "99999999999999999999"], "out of range: must be in", "1...1048576"),
     ]
 
     @Test("run: --tokens / --sms LIST", arguments: lists)
