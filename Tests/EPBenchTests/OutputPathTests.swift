@@ -23,8 +23,9 @@ struct OutputPathTests {
         _ = try folder.file("old.json", "[]")
         try FileManager.default.createSymbolicLink(atPath: "\(folder.path)/old.svg", withDestinationPath: "\(folder.path)/old.json")
         #expect(refusal(Self.quick + ["--json", "\(folder.path)/old.json", "--plot", "\(folder.path)/old.svg"]) != nil)
-        // Different files are fine.
+        // Different files are fine, and so is a device that keeps nothing.
         #expect(refusal(Self.quick + ["--json", json, "--plot", try folder.file("out.svg")]) == nil)
+        #expect(refusal(Self.quick + ["--json", "/dev/null", "--plot", "/dev/null"]) == nil)
     }
 
     @Test("plot: --out is the --json or --baseline input")
