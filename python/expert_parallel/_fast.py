@@ -3,6 +3,7 @@ device, contiguity) and compared with what the call expects; the descriptors the
 are made once per group and only their address and row count are patched per call. A tensor
 that does not match goes through :func:`_arrays.tensor`, whose error names what is wrong."""
 
+import array
 import ctypes
 import struct
 
@@ -117,6 +118,16 @@ def check(value, name, expected, device, shape, seen=None, index=None, output=Fa
     return descriptor.data or 0, descriptor.dtype, tuple(descriptor.sizes[:descriptor.ndim])
 
 
+# An epTensor_t's per-call fields as 8-byte words of an array of them: data; dtype with ndim
+# (fixed) above it (little-endian); sizes[0]. Descriptors.set_many writes each field of every rank at
+# once, a strided slice of the words.
+_TENSOR_WORDS = ctypes.sizeof(_abi.Tensor) // 8
+_DATA_WORD, _DTYPE_WORD, _ROWS_WORD = (getattr(_abi.Tensor, name).offset // 8 for name in ("data", "dtype", "sizes"))
+if (ctypes.sizeof(_abi.Tensor) % 8 or _abi.Tensor.dtype.offset % 8 or _abi.Tensor.ndim.offset != _abi.Tensor.dtype.offset + 4
+        or _abi.Tensor.data.offset % 8 or _abi.Tensor.sizes.offset % 8):
+    raise AssertionError("epTensor_t: data, dtype with ndim, and sizes no longer fill 8-byte words of their own")
+
+
 class Descriptors:
     """R epTensor_t of one argument, rank r's at index r, with fixed trailing sizes: per call only
     the address, the first size and the type change."""
@@ -142,19 +153,30 @@ class Descriptors:
         # set_all's filled arrays by key, as bytes: a group's buffer slots take turns, so the
         # same few stacked tensors come back, and one memmove restores a whole array.
         self._snapshots = {}
-        self._many = None      # (addresses, rows, dtype) of the last set_many
+        self._many = None      # (addresses, rows, dtypes) of the last set_many
         self.addresses = [0] * ranks   # each rank's address, as set
         self._sizes = [d.sizes for d in self.array]   # each descriptor's sizes, as an array made once
         self._last = [None] * ranks   # (address, rows, dtype) as set() last wrote rank r's, or None
+        self._words = memoryview(self.array).cast("B").cast("Q")   # (the same memory, for set_many)
+        self._ndim_word = (len(tail) + 1) << 32   # (ndim, as the dtype's word holds it)
 
-    def set_many(self, addresses, rows, dtype):
-        """Rank r's tensor at addresses[r] with rows[r] rows; nothing to do when the same as the
-        last call's."""
-        key = (addresses, rows, dtype)
-        if key == self._many:
+    def set_many(self, addresses, rows, dtypes):
+        """Rank r's tensor at addresses[r] with rows[r] rows of type dtypes[r] (each a tuple or
+        list of R); nothing to do when the same as the last call's. Each field of every rank in
+        one write, and only the addresses where the rows and types are the last call's (a decode
+        loop's new tensors each step: the same shapes at new addresses)."""
+        key = (addresses, rows, dtypes)
+        last = self._many
+        if key == last:
             return
-        for r, (address, count) in enumerate(zip(addresses, rows)):
-            self.set(r, address, count, dtype)
+        words = self._words
+        if last is None or rows != last[1] or dtypes != last[2]:
+            words[_ROWS_WORD::_TENSOR_WORDS] = array.array("Q", rows)
+            words[_DTYPE_WORD::_TENSOR_WORDS] = array.array("Q", [dtype | self._ndim_word for dtype in dtypes])
+        words[_DATA_WORD::_TENSOR_WORDS] = array.array("Q", addresses)
+        self.addresses[:] = addresses
+        self._last = [None] * len(self._last)   # (set() writes again: what it recorded was overwritten)
+        self._stacked = None
         self._many = key
 
     def set(self, r, address, rows, dtype):

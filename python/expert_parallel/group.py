@@ -232,6 +232,7 @@ class VirtualGroup(GroupBase):
                                 (self.layout == "expert_major", False, False))   # (and the slot's combine_kind it takes)
         self._combine_seen = None   # the last common combine's expert outputs as it saw them (shape, dtype, device, contiguity)
         self._row_bytes = h * _abi.DTYPE_SIZES[self._element]   # (a combined token's)
+        self._codes_f32 = (_abi.F32,) * r   # (set_many's types of float32 per-rank arguments)
 
     def __repr__(self) -> str:
         return (f"VirtualGroup(ranks={self.ranks}, experts={self.experts}, hidden={self.hidden}, top_k={self.top_k}, "
@@ -427,7 +428,7 @@ class VirtualGroup(GroupBase):
                     handle.weight_addresses = tuple(handle.weight_stacked + i * step for i in range(r))
                 if handle.weight_addresses is None:
                     raise InvalidArgumentError(_NO_COMBINE_WEIGHTS)
-                self._cw.set_many(handle.weight_addresses, tuple(tokens), _abi.F32)
+                self._cw.set_many(handle.weight_addresses, tuple(tokens), self._codes_f32)
                 weights = self._cw
             elif direction == "forward" and self.layout == "expert_major_padded":
                 if handle.slot >= 0:   # the per-slot weights are the slot's: a later dispatch into it rewrote them
