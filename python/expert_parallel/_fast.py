@@ -5,6 +5,7 @@ that does not match goes through :func:`_arrays.tensor`, whose error names what 
 
 import array
 import ctypes
+import operator
 import struct
 
 from . import _abi, _arrays
@@ -87,6 +88,42 @@ def sound(value, address, size=None):
         return False
     storage = value.untyped_storage()
     return address + (value.nbytes if size is None else size) <= storage.data_ptr() + len(storage)
+
+
+def per_rank(lists):
+    """What the common per-rank-list call depends on of each torch tensor of `lists` (sequences of
+    per-rank tensors), each property read once, in one pass: (properties: shape, dtype,
+    get_device(), is_contiguous() of each tensor in turn, flat; addresses; the bytes each
+    tensor's storage holds from its address). None where an entry is not a plain torch.Tensor
+    (a NumPy array, a subclass, anything else), is a negative view, has no memory (address 0: a
+    meta tensor; an empty one), or has no sizes, strides or memory (a sparse or nested tensor, a
+    torch.func wrapper: torch raises): the general path names what is wrong. The caller
+    compares the properties with the call's (shape, dtype, device, contiguity), and each
+    tensor's bytes with what its storage holds (held(): a storage shrunk by
+    ``untyped_storage().resize_()`` may not hold them, _fast.sound)."""
+    tensor = _tensor_type
+    seen, addresses, rooms = [], [], []
+    see, address_of, room_of = seen.extend, addresses.append, rooms.append
+    try:
+        for values in lists:
+            for value in values:
+                if type(value) is not tensor or value.is_neg():
+                    return None
+                see((value.shape, value.dtype, value.get_device(), value.is_contiguous()))
+                address = value.data_ptr()
+                if not address:
+                    return None
+                storage = value.untyped_storage()
+                address_of(address)
+                room_of(storage.data_ptr() + storage.nbytes() - address)
+    except RuntimeError:
+        return None
+    return seen, addresses, rooms
+
+
+def held(sizes, rooms):
+    """Whether each tensor per_rank() read has its `sizes` bytes in its storage (its `rooms`)."""
+    return all(map(operator.le, sizes, rooms))
 
 
 def check(value, name, expected, device, shape, seen=None, index=None, output=False):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import math
 from typing import Any, Iterable, Iterator, List, Optional, Tuple, Union
 
 from . import _abi, _arrays, _config, _fast, _library
@@ -232,7 +233,14 @@ class VirtualGroup(GroupBase):
                                 (self.layout == "expert_major", False, False))   # (and the slot's combine_kind it takes)
         self._combine_seen = None   # the last common combine's expert outputs as it saw them (shape, dtype, device, contiguity)
         self._row_bytes = h * _abi.DTYPE_SIZES[self._element]   # (a combined token's)
-        self._codes_f32 = (_abi.F32,) * r   # (set_many's types of float32 per-rank arguments)
+        # The common calls with per-rank lists (_dispatch_lists, _combine_lists): the last ones'
+        # tensors as they saw them (_fast.per_rank's properties; the dispatch's with what
+        # _list_signature made of them), and each rank's types and row counts that do not change.
+        self._lists_seen = (None,)
+        self._combine_lists_seen = None
+        self._codes_x, self._codes_f32, self._codes_element = (self._input_element,) * r, (_abi.F32,) * r, (self._element,) * r
+        self._recv_rows = (recv[0],) * r
+        self._recv_bytes = (math.prod(recv) * _abi.DTYPE_SIZES[self._element],) * r   # (each rank's expert outputs)
 
     def __repr__(self) -> str:
         return (f"VirtualGroup(ranks={self.ranks}, experts={self.experts}, hidden={self.hidden}, top_k={self.top_k}, "
@@ -274,7 +282,8 @@ class VirtualGroup(GroupBase):
             if send_only is not False and send_only is not True or record_event is not False and record_event is not True:
                 _config.flags(send_only=send_only, record_event=record_event)
             if out is None and scales is None and launch is _SINGLE and direction is _FORWARD:
-                result = self._dispatch_common(xs, topk_idx, topk_weights, handle, stream, wait_event, record_event, send_only)
+                common = self._dispatch_lists if type(xs) is list or type(xs) is tuple else self._dispatch_common
+                result = common(xs, topk_idx, topk_weights, handle, stream, wait_event, record_event, send_only)
                 if result is not None:
                     return result
             self._check_open()
@@ -311,9 +320,7 @@ class VirtualGroup(GroupBase):
             if weighted:
                 self._rows(topk_weights, "topk_weights", {_abi.F32}, k, self._w, tokens)
             if weighted != self._dispatch_weighted:
-                for i in range(r):
-                    self._dispatch_inputs[i].topkWeights = self._w.pointers[i] if weighted else None
-                self._dispatch_weighted = weighted
+                self._weigh_dispatch(weighted)
 
             if out is not None:
                 outputs, out_views = self._caller_outputs(out)
@@ -326,26 +333,8 @@ class VirtualGroup(GroupBase):
             target = handle
             if target is None:
                 target = Handle(self)
-            pointer = target._pointer
-            if topk_idx is not None:
-                config = self._update_config
-                config.launchMode = mode
-                config.step = pointer
-                self._start_step(target)
-                check_status(self._fn_update(self._group, self._update_inputs, config, raw))
-                target.tokens = tokens
-                target.topk_idx = _held(topk_idx)
-            config = self._dispatch_config
-            config.direction, config.launchMode, config.step = direction_value, mode, pointer
-            config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
-            status = self._fn_dispatch(self._group, self._dispatch_inputs, outputs, config, raw)
-            if status:
-                check_status(status, _errors.DISPATCH_XS, _errors.DISPATCH_SLOT if slot is not None else _errors.DISPATCH_OUT,
-                             kind=_arrays.kind(like))
-            if direction == "forward" and weighted:
-                target.topk_weights = _held(topk_weights)   # (combine reads them at these addresses)
-                target.weight_addresses = tuple(self._w.addresses)
-                target.weight_stacked = None
+            self._dispatch_ranks(target, tokens, topk_idx, topk_weights, direction, direction_value, mode, send_only, outputs, raw,
+                                 _errors.DISPATCH_SLOT if slot is not None else _errors.DISPATCH_OUT, _arrays.kind(like))
             if slot is not None:
                 return self._slot_result(slot, target, stream, send_only, record_event)
             target.slot = -1   # the caller's tensors
@@ -388,7 +377,9 @@ class VirtualGroup(GroupBase):
             if send_only:   # its receiving half reads them: keep them alive until complete() has enqueued it
                 self._kept = (_held(expert_outputs), getattr(handle, "topk_weights", None) if topk_weights is None else _held(topk_weights))
             if out is None and weight_gradients is None and topk_weights is None and launch is _SINGLE and direction is _FORWARD:
-                result = self._combine_common(expert_outputs, handle, stream, wait_event, record_event, send_only)
+                common = (self._combine_lists if type(expert_outputs) is list or type(expert_outputs) is tuple
+                          else self._combine_common)
+                result = common(expert_outputs, handle, stream, wait_event, record_event, send_only)
                 if result is not None:
                     return result
             self._check_open()
@@ -439,12 +430,8 @@ class VirtualGroup(GroupBase):
             if backward_ht:
                 routing = self.recv_routing_shape
                 self._rows(weight_gradients, "weight_gradients", {_abi.F32}, routing[1:], self._g, [routing[0]] * r)
-            if (weights is not None, backward_ht) != self._combine_mode:   # point the inputs at their descriptors
-                for i in range(r):
-                    entry = self._combine_inputs[i]
-                    entry.topkWeights = None if weights is None else weights.pointers[i]
-                    entry.weightGradients = self._g.pointers[i] if backward_ht else None
-                self._combine_mode = (weights is not None, backward_ht)
+            if (weights is not None, backward_ht) != self._combine_mode:
+                self._point_combine_inputs(weights is not None, backward_ht)
 
             slot = self._slots[handle.slot] if out is None and handle.slot >= 0 else None
             if slot is not None and slot.kind is type(like):
@@ -463,17 +450,9 @@ class VirtualGroup(GroupBase):
             else:
                 outputs, combined, grads = self._caller_combine_outputs(out, tokens, backward_ht)
 
-            raw = _fast.raw_stream(self._device, stream)
-            if wait_event is not None:
-                _fast.wait(self._device, stream, wait_event)
-            config = self._combine_config
-            config.direction, config.launchMode, config.step = direction_value, mode, handle._pointer
-            config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
-            status = self._fn_combine(self._group, self._combine_inputs, outputs, config, raw)
-            if status:
-                check_status(status, _errors.COMBINE_OUT if out is not None else _errors.COMBINE_SLOT, kind=_arrays.kind(like))
             result: Any = (combined, grads) if backward_ht else combined
-            return self._combine_result(result, send_only, record_event, stream)
+            return self._combine_ranks(handle, outputs, result, direction_value, mode, stream, wait_event, record_event, send_only,
+                                       _errors.COMBINE_OUT if out is not None else _errors.COMBINE_SLOT, _arrays.kind(like))
         finally:
             lock.release()
 
@@ -489,6 +468,214 @@ class VirtualGroup(GroupBase):
         finally:   # (the library's pending call is taken at complete()'s start, whatever follows)
             self._open_send_only = None
         self._release_kept(stream)
+
+    # -- the per-rank path ---------------------------------------------------------------------
+    #
+    # Per-rank arguments (lists of R arrays) take the per-rank calls, epGroupUpdateAll,
+    # epGroupDispatchAll and epGroupCombineAll, which read an epTensor_t per rank and argument
+    # (the Descriptors of _prepare). The common call (R plain torch tensors of each argument, of
+    # the group's types on its device, forward, one launch, into a buffer slot) is taken in line
+    # by _dispatch_lists / _combine_lists, which read each tensor's properties once; anything
+    # else takes the general path in dispatch() / combine(), which names what is wrong.
+
+    def _weigh_dispatch(self, weighted):
+        """Points the dispatch inputs' topkWeights at their descriptors (`weighted`) or at none."""
+        for i in range(self.ranks):
+            self._dispatch_inputs[i].topkWeights = self._w.pointers[i] if weighted else None
+        self._dispatch_weighted = weighted
+
+    def _point_combine_inputs(self, weighted, backward_ht):
+        """Points the combine inputs' topkWeights (`weighted`) and weightGradients (`backward_ht`)
+        at their descriptors, or at none."""
+        for i in range(self.ranks):
+            entry = self._combine_inputs[i]
+            entry.topkWeights = self._cw.pointers[i] if weighted else None
+            entry.weightGradients = self._g.pointers[i] if backward_ht else None
+        self._combine_mode = (weighted, backward_ht)
+
+    def _dispatch_ranks(self, target, tokens, topk_idx, topk_weights, direction, direction_value, mode, send_only, outputs, raw,
+                        output_error, kind):
+        """A dispatch's per-rank calls, its inputs' descriptors written: the update (`topk_idx`
+        given: a new step on `target`, of `tokens` per rank), then the dispatch into `outputs`,
+        and what `target` records of them (a forward dispatch's weights, which combine reads
+        again). `output_error`, `kind`: check_status's words for a refused dispatch."""
+        pointer = target._pointer
+        if topk_idx is not None:
+            config = self._update_config
+            config.launchMode = mode
+            config.step = pointer
+            self._start_step(target)
+            check_status(self._fn_update(self._group, self._update_inputs, config, raw))
+            target.tokens = tokens
+            target.topk_idx = _held(topk_idx)
+        config = self._dispatch_config
+        config.direction, config.launchMode, config.step = direction_value, mode, pointer
+        config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
+        status = self._fn_dispatch(self._group, self._dispatch_inputs, outputs, config, raw)
+        if status:
+            check_status(status, _errors.DISPATCH_XS, output_error, kind=kind)
+        if direction == "forward" and topk_weights is not None:
+            target.topk_weights = _held(topk_weights)   # (combine reads them at these addresses)
+            target.weight_addresses = tuple(self._w.addresses)
+            target.weight_stacked = None
+
+    def _combine_ranks(self, handle, outputs, result, direction_value, mode, stream, wait_event, record_event, send_only,
+                       output_error, kind):
+        """A combine's per-rank call, its inputs' descriptors written, into `outputs` (whose
+        per-rank views are `result`); returns combine()'s result. `output_error`, `kind`:
+        check_status's words for a refused combine."""
+        raw = _fast.raw_stream(self._device, stream)
+        if wait_event is not None:
+            _fast.wait(self._device, stream, wait_event)
+        config = self._combine_config
+        config.direction, config.launchMode, config.step = direction_value, mode, handle._pointer
+        config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
+        status = self._fn_combine(self._group, self._combine_inputs, outputs, config, raw)
+        if status:
+            check_status(status, output_error, kind=kind)
+        return self._combine_result(result, send_only, record_event, stream)
+
+    def _dispatch_lists(self, xs, topk_idx, topk_weights, handle, stream, wait_event, record_event, send_only):
+        """dispatch() of the common call with per-rank lists, in line: R torch tensors each of
+        xs, topk_idx and topk_weights (_list_inputs), forward, one launch, into the next buffer
+        slot (the overlap arguments as dispatch() takes them); as the general path makes it, with
+        each tensor read once. None when the call is anything else: the general path takes it
+        (and names what is wrong)."""
+        common = self._list_inputs(xs, topk_idx, topk_weights)
+        if common is None or not self._group:
+            return None
+        tokens, idx_codes, x_addresses, idx_addresses, w_addresses = common
+        if handle is not None:
+            self._check_handle(handle, dispatched=False)
+        raw = self._stream_of(stream, wait_event)
+        slot = self._slot(self._next_slot, xs[0])   # (installed once the library took the call)
+        self._x.set_many(x_addresses, tokens, self._codes_x)
+        self._idx.set_many(idx_addresses, tokens, idx_codes)
+        self._w.set_many(w_addresses, tokens, self._codes_f32)
+        if not self._dispatch_weighted:
+            self._weigh_dispatch(True)
+        target = handle if handle is not None else Handle(self)
+        self._dispatch_ranks(target, list(tokens), topk_idx, topk_weights, "forward", 0, 0, send_only, slot.dispatch_outputs, raw,
+                             _errors.DISPATCH_SLOT, "torch")
+        return self._slot_result(slot, target, stream, send_only, record_event)
+
+    def _list_inputs(self, xs, topk_idx, topk_weights):
+        """(B per rank, routing's epDataType_t per rank, and the addresses of xs, topk_idx and
+        topk_weights per rank) of the common dispatch's per-rank lists: each a list or tuple of R
+        plain torch tensors, rank r's ``[B_r, hidden]`` of the group's input type, ``[B_r, K]``
+        int32 or int64 and ``[B_r, K]`` float32 (0 < B_r ≤ max_tokens), on the group's device,
+        contiguous, their memory theirs (_fast.per_rank); None for anything else."""
+        r = self.ranks
+        if (type(topk_idx) is not list and type(topk_idx) is not tuple or type(topk_weights) is not list
+                and type(topk_weights) is not tuple or len(xs) != r or len(topk_idx) != r or len(topk_weights) != r):
+            return None
+        read = _fast.per_rank((xs, topk_idx, topk_weights))
+        if read is None:
+            return None
+        seen, addresses, rooms = read
+        accepted = self._lists_seen
+        if seen != accepted[0]:   # (one comparison when they are the last call's: a decode loop's)
+            accepted = self._list_signature(seen)
+            if accepted is None:
+                return None
+        if not _fast.held(accepted[3], rooms):
+            return None
+        return accepted[1], accepted[2], addresses[:r], addresses[r:2 * r], addresses[2 * r:]
+
+    def _list_signature(self, seen):
+        """(seen, B per rank, routing's epDataType_t per rank, each tensor's bytes) when `seen`
+        (_fast.per_rank's reads of xs, topk_idx and topk_weights) is a common per-rank-list
+        dispatch's (_list_inputs); kept as the one the next call compares with. None for anything
+        else."""
+        r, hidden, max_tokens, top_k, element, device = self._common
+        codes = _fast.torch_codes
+        tokens, idx_codes, x_bytes, idx_bytes = [], [], [], []
+        for i in range(r):
+            x_shape, x_type, x_device, x_fine = seen[4 * i:4 * i + 4]
+            idx_shape, idx_type, idx_device, idx_fine = seen[4 * (r + i):4 * (r + i) + 4]
+            w_shape, w_type, w_device, w_fine = seen[4 * (2 * r + i):4 * (2 * r + i) + 4]
+            if len(x_shape) != 2:
+                return None
+            b, ic = x_shape[0], codes.get(idx_type)
+            if not (x_shape[1] == hidden and 0 < b <= max_tokens and codes.get(x_type) == element
+                    and (ic == _abi.I32 or ic == _abi.I64) and codes.get(w_type) == _abi.F32 and idx_shape == (b, top_k)
+                    and w_shape == idx_shape and x_device == device and idx_device == device and w_device == device
+                    and x_fine and idx_fine and w_fine):
+                return None
+            tokens.append(b)
+            idx_codes.append(ic)
+            x_bytes.append(b * hidden * _abi.DTYPE_SIZES[element])
+            idx_bytes.append(b * top_k * _abi.DTYPE_SIZES[ic])
+        sizes = tuple(x_bytes + idx_bytes + [b * top_k * 4 for b in tokens])
+        accepted = self._lists_seen = (seen, tuple(tokens), tuple(idx_codes), sizes)
+        return accepted
+
+    def _combine_lists(self, expert_outputs, handle, stream, wait_event, record_event, send_only):
+        """combine() of the common call with per-rank lists, in line: a list or tuple of R plain
+        torch tensors ``[*recv_shape]`` of the group's type on its device, contiguous, their
+        memory theirs, forward, one launch, into the slot of a live handle (an HT expert-major
+        padded group: never), LL expert-major applying the weights a per-rank-list dispatch gave,
+        where it took them (_kept_list_weights); the overlap arguments as combine() takes them.
+        None when the call is anything else: the general path takes it (and names what is wrong)."""
+        if (not isinstance(handle, Handle) or handle.group is not self or handle.released or not self._group
+                or (handle._pointer is None and handle.step != self._own_step) or len(expert_outputs) != self.ranks):
+            return None
+        index = handle.slot
+        if index is None or index < 0:
+            return None
+        slot = self._slots[index]
+        forward_ll, _, element, _, _ = self._common_combine
+        if slot is None or slot.kind is not _fast.tensor_type or element == -1 or forward_ll and not self._kept_list_weights(handle):
+            return None
+        read = _fast.per_rank((expert_outputs,))
+        if read is None:
+            return None
+        seen, addresses, rooms = read
+        if seen != self._combine_lists_seen and not self._combine_list_signature(seen):
+            return None
+        if not _fast.held(self._recv_bytes, rooms):
+            return None
+        self._y.set_many(addresses, self._recv_rows, self._codes_element)
+        tokens = handle.tokens
+        if forward_ll:
+            self._cw.set_many(handle.weight_addresses, tuple(tokens), self._codes_f32)
+        if (forward_ll, False) != self._combine_mode:
+            self._point_combine_inputs(forward_ll, False)
+        return self._combine_ranks(handle, slot.combine_outputs, slot.combined_rows(tokens), 0, 0, stream, wait_event, record_event,
+                                   send_only, _errors.COMBINE_SLOT, "torch")
+
+    def _combine_list_signature(self, seen):
+        """Whether `seen` (_fast.per_rank's reads of per-rank expert outputs) is a common
+        per-rank-list combine's (_combine_lists), kept as the one the next call compares with."""
+        recv, element, device, codes = tuple(self.recv_shape), self._element, self._device, _fast.torch_codes
+        for i in range(0, len(seen), 4):
+            shape, dtype, where, fine = seen[i:i + 4]
+            if not (shape == recv and codes.get(dtype) == element and where == device and fine):
+                return False
+        self._combine_lists_seen = seen
+        return True
+
+    @staticmethod
+    def _kept_list_weights(handle):
+        """Whether the per-rank topk_weights a per-rank-list dispatch gave (``handle.topk_weights``,
+        a tuple of torch tensors) are still where it took them (``handle.weight_addresses``) and
+        their storages hold them: _kept_weights would find nothing to move, nor to name. (Their
+        bytes as they are now, which its storage_error compares: a contiguous tensor's elements
+        reach its nbytes from its address.)"""
+        kept, recorded = handle.topk_weights, handle.weight_addresses
+        if type(kept) is not tuple or recorded is None:
+            return False
+        tensor = _fast.tensor_type
+        try:
+            for value, address in zip(kept, recorded):
+                if type(value) is not tensor or value.data_ptr() != address or not value.is_contiguous():
+                    return False
+                size, storage = value.nbytes, value.untyped_storage()
+                if not size or address + size > storage.data_ptr() + storage.nbytes():
+                    return False
+        except RuntimeError:
+            return False
+        return True
 
     # -- the active-rank mask ----------------------------------------------------------------
 
