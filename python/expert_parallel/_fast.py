@@ -102,6 +102,9 @@ def per_rank(lists):
     tensor's bytes with what its storage holds (held(): a storage shrunk by
     ``untyped_storage().resize_()`` may not hold them, _fast.sound)."""
     tensor = _tensor_type
+    if tensor is None and lists and len(lists[0]):   # (no torch tensor seen yet: look() learns the type from the first)
+        look(lists[0][0], ())
+        tensor = _tensor_type
     seen, addresses, rooms = [], [], []
     see, address_of, room_of = seen.extend, addresses.append, rooms.append
     try:
