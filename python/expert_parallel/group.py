@@ -334,7 +334,7 @@ class VirtualGroup(GroupBase):
             if target is None:
                 target = Handle(self)
             self._dispatch_ranks(target, tokens, topk_idx, topk_weights, direction, direction_value, mode, send_only, outputs, raw,
-                                 _errors.DISPATCH_SLOT if slot is not None else _errors.DISPATCH_OUT, _arrays.kind(like))
+                                 _errors.DISPATCH_SLOT if slot is not None else _errors.DISPATCH_OUT, like)
             if slot is not None:
                 return self._slot_result(slot, target, stream, send_only, record_event)
             target.slot = -1   # the caller's tensors
@@ -452,7 +452,7 @@ class VirtualGroup(GroupBase):
 
             result: Any = (combined, grads) if backward_ht else combined
             return self._combine_ranks(handle, outputs, result, direction_value, mode, stream, wait_event, record_event, send_only,
-                                       _errors.COMBINE_OUT if out is not None else _errors.COMBINE_SLOT, _arrays.kind(like))
+                                       _errors.COMBINE_OUT if out is not None else _errors.COMBINE_SLOT, like)
         finally:
             lock.release()
 
@@ -494,11 +494,12 @@ class VirtualGroup(GroupBase):
         self._combine_mode = (weighted, backward_ht)
 
     def _dispatch_ranks(self, target, tokens, topk_idx, topk_weights, direction, direction_value, mode, send_only, outputs, raw,
-                        output_error, kind):
+                        output_error, like):
         """A dispatch's per-rank calls, its inputs' descriptors written: the update (`topk_idx`
         given: a new step on `target`, of `tokens` per rank), then the dispatch into `outputs`,
         and what `target` records of them (a forward dispatch's weights, which combine reads
-        again). `output_error`, `kind`: check_status's words for a refused dispatch."""
+        again). `output_error`, `like` (an input, whose kind of array is named): check_status's
+        words for a refused dispatch."""
         pointer = target._pointer
         if topk_idx is not None:
             config = self._update_config
@@ -513,17 +514,17 @@ class VirtualGroup(GroupBase):
         config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
         status = self._fn_dispatch(self._group, self._dispatch_inputs, outputs, config, raw)
         if status:
-            check_status(status, _errors.DISPATCH_XS, output_error, kind=kind)
+            check_status(status, _errors.DISPATCH_XS, output_error, kind=_arrays.kind(like))
         if direction == "forward" and topk_weights is not None:
             target.topk_weights = _held(topk_weights)   # (combine reads them at these addresses)
             target.weight_addresses = tuple(self._w.addresses)
             target.weight_stacked = None
 
     def _combine_ranks(self, handle, outputs, result, direction_value, mode, stream, wait_event, record_event, send_only,
-                       output_error, kind):
+                       output_error, like):
         """A combine's per-rank call, its inputs' descriptors written, into `outputs` (whose
-        per-rank views are `result`); returns combine()'s result. `output_error`, `kind`:
-        check_status's words for a refused combine."""
+        per-rank views are `result`); returns combine()'s result. `output_error`, `like` (an
+        input, whose kind of array is named): check_status's words for a refused combine."""
         raw = _fast.raw_stream(self._device, stream)
         if wait_event is not None:
             _fast.wait(self._device, stream, wait_event)
@@ -532,7 +533,7 @@ class VirtualGroup(GroupBase):
         config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
         status = self._fn_combine(self._group, self._combine_inputs, outputs, config, raw)
         if status:
-            check_status(status, output_error, kind=kind)
+            check_status(status, output_error, kind=_arrays.kind(like))
         return self._combine_result(result, send_only, record_event, stream)
 
     def _dispatch_lists(self, xs, topk_idx, topk_weights, handle, stream, wait_event, record_event, send_only):
@@ -556,7 +557,7 @@ class VirtualGroup(GroupBase):
             self._weigh_dispatch(True)
         target = handle if handle is not None else Handle(self)
         self._dispatch_ranks(target, list(tokens), topk_idx, topk_weights, "forward", 0, 0, send_only, slot.dispatch_outputs, raw,
-                             _errors.DISPATCH_SLOT, "torch")
+                             _errors.DISPATCH_SLOT, xs[0])
         return self._slot_result(slot, target, stream, send_only, record_event)
 
     def _list_inputs(self, xs, topk_idx, topk_weights):
@@ -642,7 +643,7 @@ class VirtualGroup(GroupBase):
         if (forward_ll, False) != self._combine_mode:
             self._point_combine_inputs(forward_ll, False)
         return self._combine_ranks(handle, slot.combine_outputs, slot.combined_rows(tokens), 0, 0, stream, wait_event, record_event,
-                                   send_only, _errors.COMBINE_SLOT, "torch")
+                                   send_only, _errors.COMBINE_SLOT, expert_outputs[0])
 
     def _combine_list_signature(self, seen):
         """Whether `seen` (_fast.per_rank's reads of per-rank expert outputs) is a common
