@@ -282,8 +282,9 @@ class VirtualGroup(GroupBase):
             if send_only is not False and send_only is not True or record_event is not False and record_event is not True:
                 _config.flags(send_only=send_only, record_event=record_event)
             if out is None and scales is None and launch is _SINGLE and direction is _FORWARD:
-                common = self._dispatch_lists if type(xs) is list or type(xs) is tuple else self._dispatch_common
-                result = common(xs, topk_idx, topk_weights, handle, stream, wait_event, record_event, send_only)
+                result = self._dispatch_common(xs, topk_idx, topk_weights, handle, stream, wait_event, record_event, send_only)
+                if result is None and (type(xs) is list or type(xs) is tuple):   # (after the stacked call: that one first)
+                    result = self._dispatch_lists(xs, topk_idx, topk_weights, handle, stream, wait_event, record_event, send_only)
                 if result is not None:
                     return result
             self._check_open()
@@ -377,9 +378,9 @@ class VirtualGroup(GroupBase):
             if send_only:   # its receiving half reads them: keep them alive until complete() has enqueued it
                 self._kept = (_held(expert_outputs), getattr(handle, "topk_weights", None) if topk_weights is None else _held(topk_weights))
             if out is None and weight_gradients is None and topk_weights is None and launch is _SINGLE and direction is _FORWARD:
-                common = (self._combine_lists if type(expert_outputs) is list or type(expert_outputs) is tuple
-                          else self._combine_common)
-                result = common(expert_outputs, handle, stream, wait_event, record_event, send_only)
+                result = self._combine_common(expert_outputs, handle, stream, wait_event, record_event, send_only)
+                if result is None and (type(expert_outputs) is list or type(expert_outputs) is tuple):
+                    result = self._combine_lists(expert_outputs, handle, stream, wait_event, record_event, send_only)
                 if result is not None:
                     return result
             self._check_open()
