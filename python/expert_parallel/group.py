@@ -56,15 +56,27 @@ def _kept_weights(handle):
     combine reads again, are now: a torch tensor's memory may have moved since the dispatch took
     its address (its storage shrunk by ``untyped_storage().resize_()`` and grown again, ``set_()``),
     and the old address would be read freed. Raises the error naming one whose storage no longer
-    holds it (shrunk since), which the library would read past. (An NCCL rank's combine reads and
+    holds it (shrunk since), or which is no longer the dispatch's ``[B, K]`` float32 (``[R, B, K]``
+    stacked; replaced in place by fewer elements, ``.data =`` or ``resize_()``), which the library
+    would read past. (An NCCL rank's combine reads and
     checks them as it does weights given to it.)"""
     kept = handle.topk_weights
     stacked = type(kept) is not tuple
+    tokens, k = handle.tokens, handle.group.top_k
     for i, value in enumerate((kept,) if stacked else kept):
         if _arrays.kind(value) == "torch":
-            error = _arrays.storage_error(value, "topk_weights" if stacked else f"topk_weights[{i}]")
+            name = "topk_weights" if stacked else f"topk_weights[{i}]"
+            error = _arrays.storage_error(value, name)
             if error is not None:
                 raise error
+            # The combine reads the dispatch's [B, K] float32 (stacked: [R, B, K]) at the tensor's
+            # address: one changed in place since (`.data =`, set_(), resize_()) may hold fewer bytes.
+            shape = [len(tokens), tokens[0], k] if stacked else [tokens[i], k]
+            if list(value.shape) != shape or _fast.torch_codes.get(value.dtype) != _abi.F32 or not value.is_contiguous():
+                raise InvalidArgumentError(
+                    f"{name}: {_described(value)} of {_arrays.describe_dtype(value)}"
+                    f"{'' if value.is_contiguous() else ', not contiguous'}; must be the dispatch's {shape} float32, contiguous, "
+                    "which this combine reads again: the tensor was changed in place (.data =, set_(), resize_()) since the dispatch")
     if stacked:
         if _arrays.kind(kept) == "torch" and kept.numel() and kept.data_ptr() != handle.weight_stacked:
             handle.weight_stacked, handle.weight_addresses = kept.data_ptr(), None
@@ -660,17 +672,17 @@ class VirtualGroup(GroupBase):
     @staticmethod
     def _kept_list_weights(handle):
         """Whether the per-rank topk_weights a per-rank-list dispatch gave (``handle.topk_weights``,
-        a tuple of torch tensors) are still where it took them (``handle.weight_addresses``) and
-        their storages hold them: _kept_weights would find nothing to move, nor to name. (Their
+        a tuple of torch tensors) are still where it took them (``handle.weight_addresses``), of
+        the step's ``[B, K]``, and their storages hold them: _kept_weights would find nothing to move, nor to name. (Their
         bytes as they are now, which its storage_error compares: a contiguous tensor's elements
         reach its nbytes from its address.)"""
         kept, recorded = handle.topk_weights, handle.weight_addresses
         if type(kept) is not tuple or recorded is None:
             return False
-        tensor = _fast.tensor_type
+        tensor, k = _fast.tensor_type, handle.group.top_k
         try:
-            for value, address in zip(kept, recorded):
-                if type(value) is not tensor or value.data_ptr() != address or not value.is_contiguous():
+            for value, address, b in zip(kept, recorded, handle.tokens):
+                if type(value) is not tensor or value.data_ptr() != address or value.shape != (b, k) or not value.is_contiguous():
                     return False
                 size, storage = value.nbytes, value.untyped_storage()
                 if not size or address + size > storage.data_ptr() + storage.nbytes():
@@ -1112,9 +1124,10 @@ class VirtualGroup(GroupBase):
         if slot is None or slot.kind is not type(expert_outputs) or (forward_ll and not weights):
             return None
         if forward_ll and type(handle.topk_weights) is _fast.tensor_type:   # (the dispatch's weights, read again where they are now)
-            weights = handle.topk_weights.data_ptr()
-            if weights != handle.weight_stacked or not _fast.sound(handle.topk_weights, weights):
-                return None   # (moved or shrunk since the dispatch: the general path reads them there, or names them)
+            kept = handle.topk_weights
+            weights = kept.data_ptr()
+            if weights != handle.weight_stacked or kept.shape != (self.ranks, handle.tokens[0], self.top_k) or not _fast.sound(kept, weights):
+                return None   # (moved, reshaped or shrunk since the dispatch: the general path reads them there, or names them)
         try:
             seen = (expert_outputs.shape, expert_outputs.dtype, expert_outputs.get_device(), expert_outputs.is_contiguous())
             address = expert_outputs.data_ptr()

@@ -249,3 +249,30 @@ def test_the_in_line_list_path_refuses_a_tensor_on_another_device():
         assert not fast._combine_list_signature(moved), which
     for group in (fast, general):
         group.close()
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_weights_replaced_in_place_by_fewer_are_named_not_read_past(stacked):
+    """LL expert-major's combine reads the dispatch's topk_weights again: replaced in place since by
+    a tensor of fewer elements (``.data =``, at a new address; ``resize_()``, at the same one), the
+    library would read the step's B x K weights past it. Both the in-line and the general path
+    name the tensor, its shape now and the dispatch's."""
+    rng = np.random.default_rng(7)
+    xs, idx, w = inputs(rng)
+    for group in groups()[:2]:
+        for change in ("data", "resize"):
+            weights = torch.stack(w) if stacked else [t.clone() for t in w]
+            out = group.dispatch(torch.stack(xs) if stacked else xs, torch.stack(idx) if stacked else idx, weights)
+            target = weights if stacked else weights[1]
+            smaller = (1, 1, K) if stacked else (1, K)
+            if change == "data":
+                target.data = torch.zeros(smaller)
+            else:
+                target.resize_(smaller)
+            name = r"topk_weights" if stacked else r"topk_weights\[1\]"
+            shape = f"\\[{R}, {B}, {K}\\]" if stacked else f"\\[{B}, {K}\\]"
+            with pytest.raises(ep.InvalidArgumentError, match=rf"^{name}: a Tensor of shape \[{', '.join(map(str, smaller))}\] "
+                               rf"of torch.float32; must be the dispatch's {shape} float32, contiguous, which this combine reads again"):
+                group.combine(out.received if stacked else out.tokens, out.handle)
+        group.check()
+        group.close()
