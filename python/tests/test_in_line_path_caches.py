@@ -185,3 +185,21 @@ def test_the_common_calls_one_write_leaves_set_writing_what_differs():
             (2048, _abi.BF16, 0, 0), (1024, _abi.F32, 0, 0), (0, _abi.F32, 0, 0), (combined, _abi.BF16, 0, 0), (0, _abi.F32, 0, 0)]
         r.set("combinedTokens", 4096, _abi.BF16)
         assert held(r, "combinedTokens") == (4096, _abi.BF16, 0, 0)
+
+
+def test_the_in_line_dispatchs_handle_has_every_field_a_handle_has():
+    """The decode loop's dispatch makes its handle field by field (_results.own_step_result):
+    every field a Handle made the usual way has is set there too (an unset slot reads as an
+    AttributeError)."""
+    from expert_parallel._results import Handle
+
+    rng = np.random.default_rng(3)
+    g = ep.VirtualGroup(ranks=2, experts=4, hidden=8, top_k=2, max_tokens=3, dtype="f32")
+    x = torch.from_numpy(rng.standard_normal((2, 3, 8)).astype(np.float32))
+    idx = torch.from_numpy(np.stack([random_routing(rng, 3, 4, 2) for _ in range(2)]))
+    w = torch.from_numpy(rng.random((2, 3, 2)).astype(np.float32))
+    handle = g.dispatch(x, idx, w).handle
+    fields = [name for name in Handle.__slots__ if name != "__weakref__"]
+    assert [name for name in fields if not hasattr(handle, name)] == []
+    assert [name for name in fields if not hasattr(Handle(g), name)] == []
+    g.close()
