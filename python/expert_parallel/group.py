@@ -672,17 +672,20 @@ class VirtualGroup(GroupBase):
     @staticmethod
     def _kept_list_weights(handle):
         """Whether the per-rank topk_weights a per-rank-list dispatch gave (``handle.topk_weights``,
-        a tuple of torch tensors) are still where it took them (``handle.weight_addresses``), of
-        the step's ``[B, K]``, and their storages hold them: _kept_weights would find nothing to move, nor to name. (Their
+        a tuple of torch tensors) are still where it took them (``handle.weight_addresses``), the
+        step's ``[B, K]`` float32, contiguous, and their storages hold them: _kept_weights would
+        find nothing to move, nor to name (a view of another type at the same address, such as
+        ``.data = w.view(torch.int32)``, it names). (Their
         bytes as they are now, which its storage_error compares: a contiguous tensor's elements
         reach its nbytes from its address.)"""
         kept, recorded = handle.topk_weights, handle.weight_addresses
         if type(kept) is not tuple or recorded is None:
             return False
-        tensor, k = _fast.tensor_type, handle.group.top_k
+        tensor, k, codes = _fast.tensor_type, handle.group.top_k, _fast.torch_codes
         try:
             for value, address, b in zip(kept, recorded, handle.tokens):
-                if type(value) is not tensor or value.data_ptr() != address or value.shape != (b, k) or not value.is_contiguous():
+                if (type(value) is not tensor or value.data_ptr() != address or value.shape != (b, k) or not value.is_contiguous()
+                        or codes.get(value.dtype) != _abi.F32):   # (another type's view at the same address: named there)
                     return False
                 size, storage = value.nbytes, value.untyped_storage()
                 if not size or address + size > storage.data_ptr() + storage.nbytes():
@@ -1126,8 +1129,9 @@ class VirtualGroup(GroupBase):
         if forward_ll and type(handle.topk_weights) is _fast.tensor_type:   # (the dispatch's weights, read again where they are now)
             kept = handle.topk_weights
             weights = kept.data_ptr()
-            if weights != handle.weight_stacked or kept.shape != (self.ranks, handle.tokens[0], self.top_k) or not _fast.sound(kept, weights):
-                return None   # (moved, reshaped or shrunk since the dispatch: the general path reads them there, or names them)
+            if (weights != handle.weight_stacked or kept.shape != (self.ranks, handle.tokens[0], self.top_k)
+                    or _fast.torch_codes.get(kept.dtype) != _abi.F32 or not kept.is_contiguous() or not _fast.sound(kept, weights)):
+                return None   # (moved, reshaped, retyped or shrunk since the dispatch: the general path reads them there, or names them)
         try:
             seen = (expert_outputs.shape, expert_outputs.dtype, expert_outputs.get_device(), expert_outputs.is_contiguous())
             address = expert_outputs.data_ptr()
