@@ -58,7 +58,8 @@ def _kept_weights(handle):
     and the old address would be read freed. Raises the error naming one whose storage no longer
     holds it (shrunk since), or which is no longer the dispatch's ``[B, K]`` float32 (``[R, B, K]``
     stacked; replaced in place by fewer elements, ``.data =`` or ``resize_()``), which the library
-    would read past. (An NCCL rank's combine reads and
+    would read past, or is a negative view (``.data = torch._neg_view(...)``), whose memory the
+    library would read as it is, the values negated. (An NCCL rank's combine reads and
     checks them as it does weights given to it.)"""
     kept = handle.topk_weights
     stacked = type(kept) is not tuple
@@ -69,6 +70,11 @@ def _kept_weights(handle):
             error = _arrays.storage_error(value, name)
             if error is not None:
                 raise error
+            if value.is_neg():   # (`.data =` a negative view: the library would read the memory, the values negated)
+                raise InvalidArgumentError(
+                    f"{name}: a negative view (is_neg() is True); must be False: its memory holds the values negated, which "
+                    "this combine would read as they are: the tensor was changed in place (.data =) since the dispatch; "
+                    "pass the weights to combine (topk_weights=...) instead")
             # The combine reads the dispatch's [B, K] float32 (stacked: [R, B, K]) at the tensor's
             # address: one changed in place since (`.data =`, set_(), resize_()) may hold fewer bytes.
             shape = [len(tokens), tokens[0], k] if stacked else [tokens[i], k]
@@ -673,9 +679,9 @@ class VirtualGroup(GroupBase):
     def _kept_list_weights(handle):
         """Whether the per-rank topk_weights a per-rank-list dispatch gave (``handle.topk_weights``,
         a tuple of torch tensors) are still where it took them (``handle.weight_addresses``), the
-        step's ``[B, K]`` float32, contiguous, and their storages hold them: _kept_weights would
-        find nothing to move, nor to name (a view of another type at the same address, such as
-        ``.data = w.view(torch.int32)``, it names). (Their
+        step's ``[B, K]`` float32, contiguous, not negative views, and their storages hold them:
+        _kept_weights would find nothing to move, nor to name (a view of another type at the same
+        address, such as ``.data = w.view(torch.int32)``, or a negative one, it names). (Their
         bytes as they are now, which its storage_error compares: a contiguous tensor's elements
         reach its nbytes from its address.)"""
         kept, recorded = handle.topk_weights, handle.weight_addresses
@@ -685,7 +691,7 @@ class VirtualGroup(GroupBase):
         try:
             for value, address, b in zip(kept, recorded, handle.tokens):
                 if (type(value) is not tensor or value.data_ptr() != address or value.shape != (b, k) or not value.is_contiguous()
-                        or codes.get(value.dtype) != _abi.F32):   # (another type's view at the same address: named there)
+                        or codes.get(value.dtype) != _abi.F32 or value.is_neg()):   # (another type's view, a negative one: named there)
                     return False
                 size, storage = value.nbytes, value.untyped_storage()
                 if not size or address + size > storage.data_ptr() + storage.nbytes():

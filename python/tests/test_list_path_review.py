@@ -4,7 +4,7 @@ again; the general path (_kept_weights) names them when they are no longer the d
 [B, K] float32, contiguous, with their values in their memory. The in-line combine gates
 (_kept_list_weights for per-rank lists, _combine_common for one stacked array) must give the
 same verdict: whether such a tensor is refused must not depend on the form of the expert
-outputs."""
+outputs, and a tensor whose memory is not its values is never read as if it were."""
 
 import re
 
@@ -40,10 +40,14 @@ def group(general=False):
 CHANGES = {
     "int32 view": lambda t: setattr(t, "data", t.view(torch.int32)),
     "transposed": lambda t: setattr(t, "data", t.transpose(-1, -2)),
+    "negative view, same memory": lambda t: setattr(t, "data", torch._neg_view(t)),
+    "negative view, new memory": lambda t: setattr(t, "data", torch._neg_view(-t.clone())),
 }
 REFUSED = {
     "int32 view": r"of torch\.int32; must be the dispatch's",
     "transposed": r", not contiguous; must be the dispatch's",
+    "negative view, same memory": r"a negative view \(is_neg\(\) is True\)",
+    "negative view, new memory": r"a negative view \(is_neg\(\) is True\)",
 }
 
 
@@ -69,7 +73,8 @@ def verdict(stacked_dispatch, stacked_outputs, change, general):
 def test_kept_weights_changed_in_place_are_refused_whatever_the_form_of_the_expert_outputs(change, stacked_dispatch):
     """The in-line combines took such weights (their address and shape unchanged), while the
     general path, which the same step's combine takes for expert outputs of the other form,
-    refused them (dtype, contiguity)."""
+    refused them (dtype, contiguity) or read them negated (a negative view: its memory holds the
+    values negated, which the library reads as they are)."""
     weights = r"topk_weights" if stacked_dispatch else r"topk_weights\[1\]"
     for stacked_outputs in (False, True):
         for general in (False, True):
