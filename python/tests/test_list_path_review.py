@@ -106,3 +106,117 @@ def test_kept_weights_changed_in_value_are_read_as_they_are_now():
                     g.close()
     for i in (0, 8):   # (a list dispatch's eight combines, then a stacked one's)
         assert all(torch.equal(results[i], r) for r in results[i:i + 8])
+
+
+# -- a differential run, in small ------------------------------------------------------------
+#
+# The review compared the base and this change over random call sequences (each tree in its own
+# process). The same idea within one tree: a group whose in-line paths run, against a twin whose
+# in-line paths are off (the general path's bits and words), each playing the same sequence from
+# the same seed: per-rank lists, tuples and stacked tensors of each B per rank, int32 and int64
+# routing, handles, odd entries, the dispatch's weights changed in place before the combine,
+# masks. Every call's outcome must be the same: result bits, handle fields, error type and words.
+
+LAYOUTS = [("ll", "expert_major"), ("ll", "rank_major"), ("ht", "flat"), ("ht", "expert_major_padded")]
+
+
+def _general_only(g):
+    g._dispatch_lists = g._combine_lists = g._dispatch_common = g._combine_common = lambda *_: None
+    return g
+
+
+def _bits(value):
+    if isinstance(value, torch.Tensor):
+        return (str(value.dtype), tuple(value.shape), value.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    if isinstance(value, (list, tuple)):
+        return [type(value).__name__] + [_bits(v) for v in value]
+    return value if value is None or isinstance(value, (int, str, bool)) else type(value).__name__
+
+
+def _play(seed, general):
+    """The outcomes of one random sequence of calls (a list, one entry per call)."""
+    import random
+
+    rng, data = random.Random(seed), np.random.default_rng(seed)
+    r, (algorithm, layout) = rng.randint(1, 3), rng.choice(LAYOUTS)
+    e, b_max, h = r * rng.randint(1, 2), rng.randint(1, 3), rng.choice([4, 8])
+    k, dtype = rng.randint(1, min(e, 3)), rng.choice([torch.float32, torch.bfloat16, torch.float16])
+    g = ep.VirtualGroup(ranks=r, experts=e, hidden=h, top_k=k, max_tokens=b_max, algorithm=algorithm, layout=layout,
+                        dtype={torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[dtype], buffer_slots=2)
+    if general:
+        _general_only(g)
+    outcomes, live, own, shrunk = [], [], [], []
+
+    def record(call):
+        try:
+            outcomes.append(("ok", call()))
+        except Exception as error:   # (any error: both groups' must be the same)
+            outcomes.append((type(error).__name__, str(error)))
+
+    def form(values):
+        c = rng.random()
+        if (c < 0.15 and all(isinstance(v, torch.Tensor) and not v.is_neg() for v in values)
+                and len({tuple(v.shape) for v in values}) == 1 and all(v.dtype == values[0].dtype for v in values)):
+            return torch.stack(values)
+        return tuple(values) if c < 0.45 else list(values)
+
+    for _ in range(30):
+        c = rng.random()
+        if c < 0.45:
+            tokens = [rng.randint(1, b_max) for _ in range(r)] if rng.random() < 0.5 else [b_max] * r
+            xs = [torch.from_numpy(data.standard_normal((b, h)).astype(np.float32)).to(dtype) for b in tokens]
+            idx = [torch.from_numpy(random_routing(data, b, e, k)).to(rng.choice([torch.int32, torch.int64])) for b in tokens]
+            w = [torch.from_numpy(data.random((b, k)).astype(np.float32)) for b in tokens]
+            if rng.random() < 0.15:   # one odd entry
+                which, rank = rng.choice([xs, idx, w]), rng.randrange(r)
+                which[rank] = rng.choice([lambda t: t.double(), lambda t: t[:, :1], lambda t: torch._neg_view(-t),
+                                          lambda t: None, lambda t: t.t().contiguous().t()])(which[rank])
+            options = {}
+            if rng.random() < 0.2:
+                if not own:
+                    own.append(g.handle())
+                options["handle"] = own[0]
+            given = form(w)
+            record(lambda: live.append((g.dispatch(form(xs), form(idx), given, **options), given)) or
+                   [_bits(live[-1][0].tokens), _bits(live[-1][0].expert_counts), live[-1][0].handle.tokens,
+                    live[-1][0].handle.step, live[-1][0].handle.slot])
+        elif c < 0.85 and live:
+            result, _ = live[-1] if rng.random() < 0.8 else live[rng.randrange(len(live))]
+            ys = [(t.float() * 2).to(dtype) for t in result.tokens]
+            options = {}
+            if rng.random() < 0.1 and layout == "expert_major":
+                options["topk_weights"] = form([torch.from_numpy(data.random((b, k)).astype(np.float32))
+                                                for b in result.handle.tokens])
+            record(lambda: _bits(g.combine(form(ys), result.handle, **options)))
+        elif c < 0.93 and live:   # the last dispatch's weights changed since, in place
+            result, given = live[-1]
+            t = given if isinstance(given, torch.Tensor) else given[rng.randrange(r)]
+            if not isinstance(t, torch.Tensor) or any(t is s for s in shrunk):   # (torch itself reads past a shrunk one)
+                continue
+            change = rng.choice(["mul", "moved", "int32", "neg", "resize", "shrink"])
+            changes = {"mul": lambda: t.mul_(2), "moved": lambda: setattr(t, "data", t.clone() * 3),
+                       "int32": lambda: setattr(t, "data", t.view(torch.int32)),
+                       "neg": lambda: setattr(t, "data", torch._neg_view(t)),
+                       "resize": lambda: t.resize_((max(t.shape[0] - 1, 0),) + tuple(t.shape[1:])),
+                       "shrink": lambda: t.untyped_storage().resize_(0)}
+            record(lambda: (changes[change](), change)[1])
+            if change == "shrink":
+                shrunk.append(t)
+        elif c < 0.97:
+            rank = rng.randrange(r)
+            record(lambda: g.deactivate(rank))
+        else:
+            record(lambda: g.clean())
+    for handle in own:
+        handle.release()
+    g.close()
+    return outcomes
+
+
+@pytest.mark.parametrize("first", range(0, 160, 20))
+def test_random_sequences_give_the_general_paths_outcomes(first):
+    for seed in range(first, first + 20):
+        fast, general = _play(seed, False), _play(seed, True)
+        for i, (got, want) in enumerate(zip(fast, general)):
+            assert got == want, (seed, i, got, want)
+        assert len(fast) == len(general)
