@@ -1137,7 +1137,7 @@ class VirtualGroup(GroupBase):
             weights = kept.data_ptr()
             if (weights != handle.weight_stacked or kept.shape != (self.ranks, handle.tokens[0], self.top_k)
                     or _fast.torch_codes.get(kept.dtype) != _abi.F32 or not kept.is_contiguous() or not _fast.sound(kept, weights)):
-                return None   # (moved, reshaped, retyped or shrunk since the dispatch: the general path reads them there, or names them)
+                return None   # (moved, reshaped, retyped, negated or shrunk since the dispatch: the general path reads them there, or names them)
         try:
             seen = (expert_outputs.shape, expert_outputs.dtype, expert_outputs.get_device(), expert_outputs.is_contiguous())
             address = expert_outputs.data_ptr()
