@@ -295,6 +295,7 @@ typedef struct {
     Buffer recv[MAX_R], recvIdx[MAX_R], recvW[MAX_R], recvScales[MAX_R], eo[MAX_R], y[MAX_R], gradIn[MAX_R], gradOut[MAX_R];
     int recvIdxDtype[MAX_R], recvType[MAX_R], inputType[MAX_R];
     int64_t* counters[MAX_R];          /* layout info arrays: expert, offsets, source, expert×source */
+    double timeoutSeconds;             /* the group's (0: the default 10 s) */
 } State;
 
 static int64_t layout_array_len(const State* s) { return (int64_t)s->L * 2 + s->R + (int64_t)s->L * s->R; }
@@ -609,6 +610,23 @@ static void resync_mask(State* s) {
     }
 }
 
+/* A refused collective call leaves the active ranks as they were, but for one race: a rank whose
+ * own arguments are refused never arrives where the others wait for it, and where the group's
+ * timeout is shorter than its checks take (1e-9 s) their wait may end first, masking it as late;
+ * the call still reports the refusal (the lowest rank's own error). With a timeout of 1 ms or
+ * more, a refusal that changed the active ranks is a defect. */
+static void after_refusal(State* s, const char* name) {
+    uint64_t mask = 0;
+    if (epGroupGetActiveRanks(s->group, &mask) != epSuccess || mask == s->mask) return;
+    if (!(s->timeoutSeconds > 0 && s->timeoutSeconds < 1e-3))
+        FAIL("%s was refused and changed the active ranks %llx -> %llx (timeout %g s)", name, (unsigned long long)s->mask,
+             (unsigned long long)mask, s->timeoutSeconds);
+    TRACE("%s: refused, and a rank waiting for the refused one timed out: active ranks %llx -> %llx", name,
+          (unsigned long long)s->mask, (unsigned long long)mask);
+    mask_changed(s);
+    s->mask = mask;
+}
+
 /* A collective data call. */
 static void collective(Reader* in, State* s, CallKind kind) {
     static const char* names[] = {"epGroupUpdateAll", "epGroupDispatchAll", "epGroupCombineAll"};
@@ -661,7 +679,10 @@ static void collective(Reader* in, State* s, CallKind kind) {
     } else {
         check_call(names[kind], s, list, calls, s->R, rc, copy, s->mask);
         if (rc == epTimeout) resync_mask(s);
-        else model_after(s, &s->groupStep, kind, rc, allRight, names[kind], copy, calls);
+        else {
+            if (rc != epSuccess) after_refusal(s, names[kind]);
+            model_after(s, &s->groupStep, kind, rc, allRight, names[kind], copy, calls);
+        }
     }
     args_free(list);
     free(list);
@@ -824,6 +845,7 @@ static void stacked(Reader* in, State* s, int combine) {
     const char* message = epGetLastErrorMessage();
     TRACE("%s(B %lld, broken %d) -> %s %s", name, (long long)B, mutated, epGetErrorString(rc), message);
     check_stacked(name, rc, message, &ins, &outs);
+    if (!s->groupDestroyed && rc != epSuccess && rc != epTimeout) after_refusal(s, name);
     if (s->groupDestroyed) {
         if (rc != epInvalidArgument) FAIL("%s on a destroyed group -> %s", name, epGetErrorString(rc));
     } else if (rc == epTimeout) {
@@ -1305,6 +1327,7 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     s->Bmax = info.maxTokensPerRank;
     s->capacity = info.receiveCapacity;
     s->overflow = config.overflow;
+    s->timeoutSeconds = config.timeoutSeconds;
     s->alignment = info.alignment < 1 ? 1 : info.alignment;
     s->recvNdim = info.receiveNdim;
     s->routingNdim = info.receiveRoutingNdim;

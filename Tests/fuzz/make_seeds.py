@@ -3,7 +3,9 @@
 after changing the decoder). Each seed is named for what it does: valid steps of every layout,
 per-rank steps, masks and cleans, and bad ones (wrong configs, wrong tensors, calls out of
 order). The encoder below mirrors abi_fuzz.c's decoder byte for byte: a 0 byte always means
-"the right value", so a seed lists only what differs."""
+"the right value", so a seed lists only what differs. Seeds named found-* are inputs the fuzzer
+found (kept as they were; this script leaves them): found-refused-update-tiny-timeout, a refused
+update whose waiting rank timed out (1e-9 s) and masked the refused one (abi_fuzz.c, after_refusal)."""
 
 import os
 import sys
