@@ -691,11 +691,8 @@ class VirtualGroup(GroupBase):
         try:
             for value, address, b in zip(kept, recorded, handle.tokens):
                 if (type(value) is not tensor or value.data_ptr() != address or value.shape != (b, k) or not value.is_contiguous()
-                        or codes.get(value.dtype) != _abi.F32 or value.is_neg()):   # (another type's view, a negative one: named there)
-                    return False
-                size, storage = value.nbytes, value.untyped_storage()
-                if not size or address + size > storage.data_ptr() + storage.nbytes():
-                    return False
+                        or codes.get(value.dtype) != _abi.F32 or not value.nbytes or not _fast.sound(value, address)):
+                    return False   # (another type's view, a negative one, a shrunk storage: named there)
         except RuntimeError:
             return False
         return True
