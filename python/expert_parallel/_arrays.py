@@ -123,10 +123,31 @@ def dense(value, name):
         raise InvalidArgumentError(f"{name}: layout {value.layout}; must be a dense (torch.strided) tensor: pass .to_dense()")
     if _functorch_wrapped(value):
         raise InvalidArgumentError(
-            f"{name}: a torch.func wrapper (a tensor of grad, vmap, jacrev, ..., or one left over from a finished "
+            f"{name}: a torch.func wrapper (a tensor of grad, vmap, jacrev, functionalize, ..., or one left over from a finished "
             "transform), which has no memory of its own; must be a plain tensor: call outside the transform, or "
             "pass .detach() of one left over")
+    tracing = traced(value)
+    if tracing is not None:
+        raise InvalidArgumentError(
+            f"{name}: {tracing}, which has no memory the library could read or write; must be a plain tensor: the group's "
+            "calls run on real tensors, so call them outside the tracing (under torch.compile, call the ops of "
+            "expert_parallel.torch, whose fake implementations trace)")
     return value
+
+
+def traced(value):
+    """What torch tensor `value` is where it is a tracing tensor with no memory of its own (a
+    FakeTensor of torch.compile or FakeTensorMode, a functional tensor of torch.func.functionalize
+    or of torch.compile's tracing), or None."""
+    import torch
+
+    fake = getattr(sys.modules.get("torch._subclasses.fake_tensor"), "FakeTensor", None)
+    if fake is not None and isinstance(value, fake):
+        return "a FakeTensor (torch.compile's tracing, FakeTensorMode)"
+    functional = getattr(torch, "_is_functional_tensor", None)
+    if functional is not None and functional(value):
+        return "a functional tensor (torch.func.functionalize, torch.compile's tracing)"
+    return None
 
 
 def _functorch_wrapped(value):

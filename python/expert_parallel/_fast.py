@@ -54,6 +54,8 @@ def look(value, expected):
         torch_codes = _torch_dtype_codes()   # made once
         if type(value).__name__ == "Tensor":
             _tensor_type = tensor_type = type(value)
+        elif _arrays.traced(value) is not None:   # (a FakeTensor: its data_ptr() is 0, with a warning) _arrays.tensor names it
+            return (0, None, (), -3, False)
     try:
         where = value.get_device()
         if where < 0 and not value.is_cpu:
@@ -84,10 +86,13 @@ def sound(value, address, size=None):
     since may not). False sends a call to its general path, where `_arrays.memory_error` names what
     is wrong (or, for an empty tensor past a storage's end, finds nothing to read). Asked of every
     caller's tensor whose address a call takes: ~0.3 µs."""
-    if value.is_neg():
+    try:
+        if value.is_neg():
+            return False
+        storage = value.untyped_storage()
+        return address + (value.nbytes if size is None else size) <= storage.data_ptr() + len(storage)
+    except RuntimeError:   # no memory to read (a functional tensor's storage: torch raises)
         return False
-    storage = value.untyped_storage()
-    return address + (value.nbytes if size is None else size) <= storage.data_ptr() + len(storage)
 
 
 def per_rank(lists):

@@ -308,7 +308,7 @@ def leaked(t):
     return kept[0]
 
 
-WRAPPER = r"a torch.func wrapper \(a tensor of grad, vmap, jacrev, \.\.\., or one left over from a finished transform\)"
+WRAPPER = r"a torch.func wrapper \(a tensor of grad, vmap, jacrev, functionalize, \.\.\., or one left over from a finished transform\)"
 
 
 @pytest.mark.parametrize("algorithm", ["ll", "ht"])
@@ -369,3 +369,84 @@ def test_exchange_takes_a_dead_torch_func_wrapper_with_or_without_grad(layout):
         assert torch.equal(sent.tokens, want.tokens)
         combined = exchange.combine(leaked(rows), sent)
     assert expected.abs().sum() > 0 and torch.equal(combined, expected)
+
+
+# -- tracing tensors: FakeTensor, functionalize (no memory of their own) -----------------------------
+
+FAKE = r"a FakeTensor \(torch.compile's tracing, FakeTensorMode\), which has no memory the library could read or write; "
+
+
+def fakes(*tensors):
+    """FakeTensors of `tensors` (what torch.compile traces with), and their mode."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    return mode, [mode.from_tensor(t) for t in tensors]
+
+
+@pytest.mark.parametrize("algorithm", ["ll", "ht"])
+def test_a_group_names_a_fake_tensor_instead_of_passing_null(algorithm):
+    """A FakeTensor's data_ptr() is 0 (torch warns that reading it is a bug): the groups' calls
+    passed it on, and the library answered "xs = NULL", or "topk_idx[0].data = NULL" for lists,
+    naming neither the tensor's kind nor what to do. They now name it, with or without the mode
+    active, warn nothing, and call nothing."""
+    import warnings
+
+    g = group(algorithm=algorithm)
+    x, idx, w = step()
+    mode, (fx, fidx, fw) = fakes(x, idx, w)
+    cases = [((fx, idx, w), "xs"), ((x, fidx, w), "topk_idx"), ((x, idx, fw), "topk_weights"),
+             ((list(fx), list(idx), list(w)), r"xs\[0\]"), ((list(x), list(idx), list(fw)), r"topk_weights\[0\]")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # (torch's "Accessing the data pointer of FakeTensor" is a UserWarning)
+        for arguments, name in cases:
+            with pytest.raises(ep.InvalidArgumentError, match=f"^{name}: " + FAKE):
+                g.dispatch(*arguments)
+            with mode, pytest.raises(ep.InvalidArgumentError, match=f"^{name}: " + FAKE):
+                g.dispatch(*arguments)
+        out = g.dispatch(x, idx, w)
+        rows = torch.stack(out.tokens).clone()
+        (frows, ftarget) = fakes(rows, torch.zeros(2, 3, 8))[1]
+        with pytest.raises(ep.InvalidArgumentError, match="^expert_outputs: " + FAKE):
+            g.combine(frows, out.handle)
+        with pytest.raises(ep.InvalidArgumentError, match="^out: " + FAKE):
+            g.combine(rows, out.handle, out=ftarget)
+        combined = torch.stack(g.combine(rows, out.handle))
+    assert combined.abs().sum() > 0
+
+
+def test_an_nccl_rank_names_a_fake_tensor(recorded):  # noqa: F811
+    g, calls = recorded(layout="rank_major", dtype="f32")
+    x, idx, w = torch.randn(3, g.hidden), torch.tensor([[0, 1, 2, 3]] * 3, dtype=torch.int32), torch.rand(3, g.top_k)
+    fx, fidx, fw = fakes(x, idx, w)[1]
+    for arguments, name in [((fx, idx, w), "x"), ((x, fidx, w), "topk_idx"), ((x, idx, fw), "topk_weights")]:
+        calls.clear()
+        with pytest.raises(ep.InvalidArgumentError, match=f"^{name}: " + FAKE):
+            g.dispatch(*arguments)
+        assert not calls
+    out = g.dispatch(x, idx, w)
+    rows = out.tokens.clone()
+    with pytest.raises(ep.InvalidArgumentError, match="^expert_outputs: " + FAKE):
+        g.combine(fakes(rows)[1][0], out.handle)
+
+
+@pytest.mark.parametrize("lists", [False, True])
+def test_a_group_names_a_functionalized_tensor(lists):
+    """Inside torch.func.functionalize the stacked and per-rank calls raised torch's RuntimeError
+    ("Attempted to access the data pointer on an invalid python storage") from the package's
+    storage check; they now name the argument, and give the plain call's rows outside."""
+    g = group()
+    x, idx, w = step()
+    errors = []
+
+    def body(x, idx, w):
+        arguments = (list(x), list(idx), list(w)) if lists else (x, idx, w)
+        try:
+            g.dispatch(*arguments)
+        except ep.InvalidArgumentError as error:
+            errors.append(str(error))
+        return x
+
+    torch.func.functionalize(body)(x, idx, w)
+    assert len(errors) == 1 and re.match(("xs\\[0\\]: " if lists else "xs: ") + WRAPPER, errors[0]), errors
+    assert torch.stack(g.dispatch(x, idx, w).tokens).abs().sum() > 0
