@@ -19,7 +19,7 @@ struct PlotCommand: ParsableCommand {
     var out: String
 
     func validate() throws {
-        try RunCommand.checkWritable(out, option: "--out")
+        try OutputPath.check(out, option: "--out")
         let inputs = [(json, "--json")] + (baseline.map { [($0, "--baseline")] } ?? [])
         for (path, option) in inputs {
             try Self.checkReadable(path, option: option)

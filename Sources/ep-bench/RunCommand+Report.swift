@@ -79,29 +79,4 @@ extension RunCommand {
             updateChunkTokens: gpu.updateChunkTokens, fullGrid: gpu.fullGrid, serialLaunches: gpu.serialLaunches,
             fusedUpdate: gpu.fusedUpdate, sharing: sharing.rawValue, drill: drill?.rawValue, drillRank: drillRank, timeoutMs: timeoutMs, progress: progress, json: json, plot: plot)
     }
-
-    /// `--json PATH` is checked before anything runs, without creating the file: an existing
-    /// PATH must be a writable file; a new one needs an existing, writable folder.
-    static func checkWritable(json path: String) throws { try checkWritable(path, option: "--json") }
-
-    /// The same check for any output file option (`--plot`, `plot --out`), named in its errors.
-    static func checkWritable(_ path: String, option: String) throws {
-        guard !path.isEmpty else { throw ValidationError("\(option): the path is empty") }
-        let files = FileManager.default
-        var isFolder: ObjCBool = false
-        if files.fileExists(atPath: path, isDirectory: &isFolder) {
-            if isFolder.boolValue { throw ValidationError("\(option) \(path) is a folder, not a file") }
-            guard access(path, W_OK) == 0 else {
-                throw ValidationError("\(option) \(path): the file exists and is not writable (\(String(cString: strerror(errno))))")
-            }
-            return
-        }
-        let folder = URL(fileURLWithPath: path).deletingLastPathComponent().path
-        guard files.fileExists(atPath: folder, isDirectory: &isFolder), isFolder.boolValue else {
-            throw ValidationError("\(option) \(path): the folder \(folder) does not exist")
-        }
-        guard access(folder, W_OK | X_OK) == 0 else {
-            throw ValidationError("\(option) \(path): the folder \(folder) is not writable (\(String(cString: strerror(errno))))")
-        }
-    }
 }

@@ -108,8 +108,8 @@ struct RunCommand: ParsableCommand {
         if drill != nil, !(0..<(shape.ranks ?? 2)).contains(drillRank) {
             throw ValidationError("--drill-rank \(drillRank) is out of range: must be in 0..<\(shape.ranks ?? 2) (the ranks)")
         }
-        if let json { try Self.checkWritable(json: json) }
-        if let plot { try Self.checkWritable(plot, option: "--plot") }
+        if let json { try OutputPath.check(json, option: "--json") }
+        if let plot { try OutputPath.check(plot, option: "--plot") }
         if let json, let plot, sameFile(json, plot) {
             throw ValidationError("--plot \(plot) is the --json file \(json): the plot would overwrite the results; give them different paths")
         }

@@ -60,4 +60,62 @@ struct OutputPathTests {
             #expect(refused.status == usageStatus && refused.message.contains(expected), "\(refused)")
         }
     }
+
+    /// Each output option with `path`: run's --json and --plot, and plot's --out.
+    static func commands(_ path: String, input: String) -> [(arguments: [String], option: String)] {
+        [(quick + ["--json", path], "--json"), (quick + ["--plot", path], "--plot"), (["plot", "--json", input, "--out", path], "--out")]
+    }
+
+    /// A path the write at the end could not create or replace was let through: Foundation wrote
+    /// "new/" as the file "new", and a link to nowhere, a loop of links or a name longer than the
+    /// file system takes failed after the whole run (status 1). Each is refused before anything
+    /// runs, naming the option, the path and why (a file as a folder was "does not exist").
+    @Test("an output path that cannot be written")
+    func unwritable() throws {
+        let folder = try TemporaryFolder()
+        let input = try folder.file("engine.json", "[]"), file = try folder.file("file.txt", "kept")
+        let files = FileManager.default
+        try files.createSymbolicLink(atPath: "\(folder.path)/dangling", withDestinationPath: "\(folder.path)/none/out.json")
+        try files.createSymbolicLink(atPath: "\(folder.path)/loop", withDestinationPath: "\(folder.path)/loop")
+        let unwritable: [(path: String, why: String)] = [
+            ("\(folder.path)/new/", "ends in /"),
+            ("\(file)/", "ends in /"),
+            ("\(file)/out.json", "\(file) is not a folder"),
+            ("\(file)/a/out.json", "\(file) is not a folder"),
+            ("\(folder.path)/none/out.json", "the folder \(folder.path)/none does not exist"),
+            (folder.path, "is a folder"),
+            ("\(folder.path)/dangling", "links to \(folder.path)/none/out.json"),
+            ("\(folder.path)/loop", "symbolic links"),
+            ("\(folder.path)/\(String(repeating: "n", count: 300)).json", "too long"),
+        ]
+        for (path, why) in unwritable {
+            for (arguments, option) in Self.commands(path, input: input) {
+                guard let refused = refusal(arguments) else {
+                    Issue.record("accepted: \(arguments)")
+                    continue
+                }
+                #expect(refused.status == usageStatus, "\(refused)")
+                #expect(refused.message.contains("\(option) \(path)") && refused.message.contains(why), "\(refused)")
+            }
+        }
+        #expect(!files.fileExists(atPath: "\(folder.path)/new") && !files.fileExists(atPath: "\(folder.path)/none"))
+        #expect(try String(contentsOfFile: file, encoding: .utf8) == "kept")
+    }
+
+    /// What can be written still is, and the check leaves it as it was: a new file, an existing
+    /// one (not truncated), a link to a new file in an existing folder, /dev/null.
+    @Test("an output path that can be written")
+    func writable() throws {
+        let folder = try TemporaryFolder()
+        let input = try folder.file("engine.json", "[]"), old = try folder.file("old.json", "kept")
+        try FileManager.default.createSymbolicLink(atPath: "\(folder.path)/link", withDestinationPath: "\(folder.path)/target.json")
+        for path in [try folder.file("new.json"), old, "\(folder.path)/link", "/dev/null"] {
+            for (arguments, _) in Self.commands(path, input: input) {
+                #expect(refusal(arguments) == nil, "\(arguments)")
+            }
+        }
+        #expect(try String(contentsOfFile: old, encoding: .utf8) == "kept")
+        #expect(!FileManager.default.fileExists(atPath: "\(folder.path)/new.json"))
+        #expect(!FileManager.default.fileExists(atPath: "\(folder.path)/target.json"))
+    }
 }
