@@ -106,8 +106,7 @@ extension CaseOptions {
     }
 
     /// The tuning's checks for every case (`GPUTuning.validated`), with a knob named as the option
-    /// that sets it. The CPU backend runs no kernels, but refuses what a GPU run of the same
-    /// command would, as the library's CPU groups do.
+    /// that sets it (the CPU backend refuses every knob given: RunCommand+Applicable.swift).
     func checkTuning(_ tuning: GPUTuning, _ cases: [BenchCase]) throws {
         let options = ["tuning.pipelineDepth": "--pipeline-depth", "tuning.rowsInFlight": "--rows-in-flight",
                        "tuning.rowPieces": "--row-pieces", "tuning.updateChunkTokens": "--update-chunk-tokens",

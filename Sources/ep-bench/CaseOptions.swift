@@ -38,8 +38,10 @@ struct CaseOptions: ParsableArguments {
     @Option(parsing: .unconditional, help: "Rows each expert's zone is padded to with --layout expert-major-padded, 1...1024 (default 1).", transform: NumberArgument.whole(Bounds.alignment))
     var alignment: Int?
 
-    @Option(help: "Token element type. u8 is dispatch only: its combine rows are skipped, with a note, and its rows are checked as received.")
-    var dtype: DTypeChoice = .bf16
+    @Option(name: .customLong("dtype"), help: ArgumentHelp("Token element type. u8 is dispatch only: its combine rows are skipped, with a note, and its rows are checked as received. (default: bf16)", valueName: "dtype"))
+    var givenDtype: DTypeChoice?
+    /// The element type (`givenDtype`: nil where --dtype was not given, for the options a drill refuses).
+    var dtype: DTypeChoice { givenDtype ?? .bf16 }
 
     @Option(help: "FP8 dispatch: rows move as e4m3 with a scale per block, float32 (blocks of 128, float32 scales), ue8m0 (blocks of 128, power-of-two exponent bytes) or e8m0 (blocks of 32, MXFP8). The hidden size must be a multiple of the block; --dtype (bf16, f16 or f32) stays the type of the source rows and of combine.")
     var fp8: FP8Choice?
@@ -86,6 +88,19 @@ struct CaseOptions: ParsableArguments {
             let given = layout.map { "--layout \($0.rawValue)" } ?? "no --layout"
             throw ValidationError("--alignment \(alignment) needs --layout expert-major-padded (got \(given))")
         }
+    }
+
+    /// The options given, as the command line writes them (`--case ll-1 --case odd`, `--tokens
+    /// 16,64`), in the order of `--help`, each with its option's name.
+    var given: [(option: String, text: String)] {
+        let values: [(String, String?)] = [
+            ("--case", cases.isEmpty ? nil : cases.joined(separator: " --case ")), ("--ranks", ranks.map(String.init)),
+            ("--tokens", tokenCounts.isEmpty ? nil : tokenCounts.map(String.init).joined(separator: ",")),
+            ("--hidden", hidden.map(String.init)), ("--topk", topK.map(String.init)), ("--experts", experts.map(String.init)),
+            ("--layout", layout?.rawValue), ("--alignment", alignment.map(String.init)), ("--dtype", givenDtype?.rawValue),
+            ("--fp8", fp8?.rawValue), ("--fp8-source", fp8Source?.rawValue),
+        ]
+        return values.compactMap { option, value in value.map { (option, "\(option) \($0)") } }
     }
 
     /// The shape options given, as `--name value`.

@@ -2,16 +2,20 @@ import ArgumentParser
 import ExpertParallelGPU
 
 /// The GPU's options: the SMs the group may use (a sweep when several are given) and the
-/// kernels' tuning knobs. The CPU backend has no SMs: `--sms` there is a usage error.
+/// kernels' tuning knobs. The CPU backend runs no kernels: any of them there is a usage error
+/// (`given`, `RunCommand+Applicable.swift`). Knobs with a default keep what was given apart
+/// (`given...`), so that a default is not taken for an option given.
 struct GPUOptions: ParsableArguments {
     @Option(name: .customLong("sms"), parsing: .unconditionalSingleValue, help: "GPU: streaming multiprocessors the group may use, 1...4096 and at most the device's (default: all). A list (--sms 16,32,66,132, or the option repeated) runs every case once per count; with --transport nccl, every rank's group uses that many of its GPU's SMs. A usage error on the CPU backend.", transform: NumberArgument.wholeList(Bounds.sms))
     var smsLists: [[Int]] = []
 
-    @Option(parsing: .unconditional, help: "GPU: dispatch pipeline depth, vectors each lane loads before storing (1...8). (default: 4)", transform: NumberArgument.whole(Bounds.pipelineDepth))
-    var pipelineDepth: Int = 4
+    @Option(name: .customLong("pipeline-depth"), parsing: .unconditional, help: ArgumentHelp("GPU: dispatch pipeline depth, vectors each lane loads before storing (1...8). (default: 4)", valueName: "pipeline-depth"), transform: NumberArgument.whole(Bounds.pipelineDepth))
+    var givenPipelineDepth: Int?
+    var pipelineDepth: Int { givenPipelineDepth ?? 4 }
 
-    @Option(parsing: .unconditional, help: "GPU: combine rows loaded before the first is used (1...16). (default: 8)", transform: NumberArgument.whole(Bounds.rowsInFlight))
-    var rowsInFlight: Int = 8
+    @Option(name: .customLong("rows-in-flight"), parsing: .unconditional, help: ArgumentHelp("GPU: combine rows loaded before the first is used (1...16). (default: 8)", valueName: "rows-in-flight"), transform: NumberArgument.whole(Bounds.rowsInFlight))
+    var givenRowsInFlight: Int?
+    var rowsInFlight: Int { givenRowsInFlight ?? 8 }
 
     @Option(parsing: .unconditional, help: "GPU: pieces each token row is cut into, one warp each (default: automatic).", transform: NumberArgument.whole(Bounds.rowPieces))
     var rowPieces: Int?
@@ -19,8 +23,9 @@ struct GPUOptions: ParsableArguments {
     @Option(name: .customLong("blocks-per-sm"), parsing: .unconditional, help: "GPU: 512-thread blocks per SM in one launch (1 or 2; default 2, 1 for R = 1 except the HT combine).", transform: NumberArgument.whole(Bounds.blocksPerSM))
     var blocksPerSM: Int?
 
-    @Option(parsing: .unconditional, help: "GPU, HT: tokens each update block counts (1...4096; the update runs up to 16 blocks a rank). (default: 256)", transform: NumberArgument.whole(Bounds.updateChunkTokens))
-    var updateChunkTokens: Int = 256
+    @Option(name: .customLong("update-chunk-tokens"), parsing: .unconditional, help: ArgumentHelp("GPU, HT: tokens each update block counts (1...4096; the update runs up to 16 blocks a rank). (default: 256)", valueName: "update-chunk-tokens"), transform: NumberArgument.whole(Bounds.updateChunkTokens))
+    var givenUpdateChunkTokens: Int?
+    var updateChunkTokens: Int { givenUpdateChunkTokens ?? 256 }
 
     @Flag(help: "GPU: every dispatch and combine launch takes all its blocks, however few the tokens (default: only the blocks the work needs).")
     var fullGrid = false
@@ -66,12 +71,24 @@ struct GPUOptions: ParsableArguments {
         try checkRange("--update-chunk-tokens", updateChunkTokens, Bounds.updateChunkTokens)
     }
 
+    /// The options given, as the command line writes them (`--sms 16,32`, `--full-grid`), in the
+    /// order of `--help`.
+    var given: [String] {
+        let values: [(String, String?)] = [
+            ("--sms", smCounts.isEmpty ? nil : smCounts.map(String.init).joined(separator: ",")),
+            ("--pipeline-depth", givenPipelineDepth.map(String.init)), ("--rows-in-flight", givenRowsInFlight.map(String.init)),
+            ("--row-pieces", rowPieces.map(String.init)), ("--blocks-per-sm", blocksPerSM.map(String.init)),
+            ("--update-chunk-tokens", givenUpdateChunkTokens.map(String.init)),
+        ]
+        return values.compactMap { option, value in value.map { "\(option) \($0)" } }
+            + (fullGrid ? ["--full-grid"] : []) + (serialLaunches ? ["--serial-launches"] : [])
+            + (fusedUpdate.map { [$0 ? "--fused-update" : "--no-fused-update"] } ?? [])
+    }
+
     /// Every count must fit the device (the library would refuse it at the first group).
     func check(device multiprocessors: Int) throws {
         for count in smCounts where count > multiprocessors {
             throw ValidationError("--sms \(count) is out of range: this GPU has \(multiprocessors) SMs (must be in 1...\(multiprocessors))")
         }
     }
-
-    static let cpuRefusal = "--sms applies to the GPU backend only (the CPU backend has no SMs to limit): drop it or run with --backend gpu"
 }

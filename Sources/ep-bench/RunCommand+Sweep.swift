@@ -4,12 +4,12 @@ import ExpertParallelGPU
 import Foundation
 
 extension RunCommand {
-    /// Every case on the host backend. `--sms` is refused here, also when `--backend auto` found
-    /// no GPU: a sweep that cannot happen is a usage error, not a silent single run.
+    /// Every case on the host backend. The GPU's options are refused here when `--backend auto`
+    /// found no GPU, as `validate()` refuses them with `--backend cpu`: an `--sms` sweep or a
+    /// tuning that cannot happen is a usage error, not a silent run without it.
     func runOnCPU() throws {
-        if !gpu.smCounts.isEmpty { throw ValidationError(GPUOptions.cpuRefusal) }
+        if backend != .cpu { try refuseGPUOptions(on: "the CPU backend (--backend auto found no GPU)") }
         let selected = try shape.resolve(defaults: Defaults.cpu)
-        try shape.checkTuning(gpu.tuning, selected)
         let copyBandwidth = HostBenchmark.measureCopyBandwidth()
         print("backend cpu: memcpy bandwidth \(format(copyBandwidth, 1)) GB/s (read + write)")
         let runner = HostBenchmark(iterations: iterations ?? 5, warmup: warmup, seed: seed, skew: skew)
@@ -29,6 +29,7 @@ extension RunCommand {
     /// Every case on one GPU, once per `--sms` count (or once with every SM).
     func runOnGPU(_ device: GPUDevice) throws {
         let selected = try shape.resolve(defaults: Defaults.gpu)
+        try checkAlgorithmOptions(selected)   // --backend auto's cases: known only now
         try shape.checkForGPU(selected)
         try shape.checkTuning(gpu.tuning, selected)
         try gpu.check(device: device.multiprocessors)

@@ -32,14 +32,20 @@ struct RunCommand: ParsableCommand {
     @Option(parsing: .unconditional, help: "Measured iterations, 1...100000 (default: 5 on the CPU, 100 on the GPU).", transform: NumberArgument.whole(Bounds.iterations))
     var iterations: Int?
 
-    @Option(parsing: .unconditional, help: "Warm-up iterations, 0...10000 (the GPU runs at least 5). (default: 1)", transform: NumberArgument.whole(Bounds.warmup))
-    var warmup: Int = 1
+    // Options with a default keep what was given apart (`given...`), so that an option a run
+    // would ignore is refused only when it was given (RunCommand+Applicable.swift).
 
-    @Option(parsing: .unconditional, help: "Routing skew: 0 is uniform; larger values (up to 100) concentrate traffic on low expert ids. (default: 0.0)", transform: NumberArgument.real(Bounds.skew))
-    var skew: Double = 0
+    @Option(name: .customLong("warmup"), parsing: .unconditional, help: ArgumentHelp("Warm-up iterations, 0...10000 (the GPU runs at least 5). (default: 1)", valueName: "warmup"), transform: NumberArgument.whole(Bounds.warmup))
+    var givenWarmup: Int?
+    var warmup: Int { givenWarmup ?? 1 }
 
-    @Option(parsing: .unconditional, help: "Seed of the routing and payload. (default: 1)", transform: NumberArgument.unsigned)
-    var seed: UInt64 = 1
+    @Option(name: .customLong("skew"), parsing: .unconditional, help: ArgumentHelp("Routing skew: 0 is uniform; larger values (up to 100) concentrate traffic on low expert ids. (default: 0.0)", valueName: "skew"), transform: NumberArgument.real(Bounds.skew))
+    var givenSkew: Double?
+    var skew: Double { givenSkew ?? 0 }
+
+    @Option(name: .customLong("seed"), parsing: .unconditional, help: ArgumentHelp("Seed of the routing and payload. (default: 1)", valueName: "seed"), transform: NumberArgument.unsigned)
+    var givenSeed: UInt64?
+    var seed: UInt64 { givenSeed ?? 1 }
 
     @Flag(help: "Print a progress line per run on stderr even when stderr is not a terminal (on a terminal it always shows).")
     var progress = false
@@ -47,17 +53,20 @@ struct RunCommand: ParsableCommand {
     @OptionGroup(title: "GPU")
     var gpu: GPUOptions
 
-    @Option(help: "NCCL: how ranks share buffers: windows (ncclMemAlloc + windows; peers' addresses from NCCL where it can say them, else descriptors passed over a Unix socket) or ipc (cuMemAlloc + CUDA IPC).")
-    var sharing: PeerSharing = .ncclWindows
+    @Option(name: .customLong("sharing"), help: ArgumentHelp("NCCL: how ranks share buffers: windows (ncclMemAlloc + windows; peers' addresses from NCCL where it can say them, else descriptors passed over a Unix socket) or ipc (cuMemAlloc + CUDA IPC). (default: windows)", valueName: "sharing"))
+    var givenSharing: PeerSharing?
+    var sharing: PeerSharing { givenSharing ?? .ncclWindows }
 
     @Option(help: "NCCL failure drill instead of the cases: never-joins (--drill-rank exits before joining) or dies (it exits after the group is built, before the first step). The others must report the failure within the timeout.")
     var drill: FailureDrill?
 
-    @Option(parsing: .unconditional, help: "NCCL failure drill: the rank that fails. (default: 1)", transform: NumberArgument.whole(bound: "in 0..<the ranks"))
-    var drillRank: Int = 1
+    @Option(name: .customLong("drill-rank"), parsing: .unconditional, help: ArgumentHelp("NCCL failure drill: the rank that fails. (default: 1)", valueName: "drill-rank"), transform: NumberArgument.whole(bound: "in 0..<the ranks"))
+    var givenDrillRank: Int?
+    var drillRank: Int { givenDrillRank ?? 1 }
 
-    @Option(parsing: .unconditional, help: "Group timeout in milliseconds, 1...86400000: every cross-rank wait, and NCCL's join and handle exchange. (default: 10000)", transform: NumberArgument.whole(Bounds.timeoutMs))
-    var timeoutMs: Int = 10_000
+    @Option(name: .customLong("timeout-ms"), parsing: .unconditional, help: ArgumentHelp("NCCL: group timeout in milliseconds, 1...86400000: every cross-rank wait, and NCCL's join and handle exchange. (default: 10000)", valueName: "timeout-ms"), transform: NumberArgument.whole(Bounds.timeoutMs))
+    var givenTimeoutMs: Int?
+    var timeoutMs: Int { givenTimeoutMs ?? 10_000 }
 
     @Option(help: "Write the results as JSON to this path: a list with one entry per case (and SM count), each with its phases, floors, tuning and the run's record (commit, device, versions, seed, options). Checked before the run: an existing file must be writable, a new one needs a writable folder.")
     var json: String?
@@ -85,25 +94,20 @@ struct RunCommand: ParsableCommand {
     }
 
     func validate() throws {
-        if drill == nil {
-            _ = try shape.resolve(defaults: transport == .nccl ? Defaults.nccl : backend == .gpu ? Defaults.gpu : Defaults.cpu)
-        }
+        let cases = drill == nil ? try shape.resolve(defaults: transport == .nccl ? Defaults.nccl : backend == .gpu ? Defaults.gpu : Defaults.cpu) : nil
         try checkRange("--iterations", iterations, Bounds.iterations)
         try checkRange("--warmup", warmup, Bounds.warmup)
         guard skew.isFinite, Bounds.skew.contains(skew) else {
             throw ValidationError("--skew \(skew) is out of range: must be in \(Bounds.skew.lowerBound)...\(Bounds.skew.upperBound)")
         }
         try checkRange("--timeout-ms", timeoutMs, Bounds.timeoutMs)
-        if !gpu.smCounts.isEmpty, backend == .cpu { throw ValidationError(GPUOptions.cpuRefusal) }
         if transport == .nccl, backend == .cpu {
             throw ValidationError("--transport nccl runs one process per GPU: it does not run with --backend cpu (use --backend gpu or auto)")
         }
         if shape.dtype == .u8, transport == .nccl {
             throw ValidationError("--dtype u8 is dispatch only; --transport nccl times the whole step: use bf16, f16 or f32")
         }
-        if drill != nil, transport != .nccl { throw ValidationError("--drill needs --transport nccl") }
-        if drill != nil, !gpu.smCounts.isEmpty { throw ValidationError("--sms does not apply to --drill (a drill runs one step, untimed)") }
-        if drill != nil, let fp8 = shape.fp8 { throw ValidationError("--fp8 \(fp8.rawValue) does not apply to --drill (a drill runs one plain ll-std step)") }
+        try checkOptionsApply(cases: backend == .gpu || transport == .nccl ? cases : nil)
         if drill != nil { try checkDrillRanks() }
         if drill != nil, !(0..<(shape.ranks ?? 2)).contains(drillRank) {
             throw ValidationError("--drill-rank \(drillRank) is out of range: must be in 0..<\(shape.ranks ?? 2) (the ranks)")
