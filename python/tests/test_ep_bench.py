@@ -254,8 +254,8 @@ def test_a_custom_shape_runs_with_the_shape_given(tmp_path):
     (["--case", "ht-cpu", "--tokens", "1024", "--hidden", "8", "--experts", "1048576"],
      ["--tokens 1024 × --experts 1048576 × the 8 ranks of case ht-cpu = 8589934592", "more than 4294967296"]),
     (["--dtype", "i32"], ["'i32'", "--dtype", "'bf16', 'f16', 'f32' or 'u8'"]),
-    # Tuning a GPU group would refuse for the case: refused on the CPU backend too, by its option.
-    (["--backend", "cpu", "--case", "custom", *TINY, "--row-pieces", "3000"], ["--row-pieces 3000 (case custom)", "16-byte vectors in a row"]),
+    # A tuning knob on the CPU backend, which runs no kernels: refused by its option and value.
+    (["--backend", "cpu", "--case", "custom", *TINY, "--row-pieces", "3000"], ["--row-pieces 3000", "applies to the GPU backend"]),
     (["--case", "nope"], ["unknown case 'nope'", "custom"]),
 ])
 def test_a_bad_shape_is_a_named_usage_error(args, fragments):
@@ -267,7 +267,7 @@ def test_sms_without_a_gpu_is_a_usage_error(backend):
     # Documented: --sms limits a GPU group; the CPU backend (chosen, or auto without a GPU) refuses it.
     result = bench(*backend, "--case", "custom", *TINY, "--sms", "16,32", "--iterations", "1")
     assert result.returncode == USAGE, result.stderr
-    assert "Error: --sms applies to the GPU backend only" in result.stderr
+    assert "Error: --sms 16,32 applies to the GPU backend" in result.stderr
     assert "backend cpu" not in result.stdout and "case" not in result.stdout
 
 
