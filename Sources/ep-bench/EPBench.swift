@@ -20,11 +20,12 @@ let exitStatusText = """
           from the CPU oracle, a failed NCCL rank or drill, or the --json or
           --plot file could not be written at the end (info: a kernel did not
           compile)
-      64  usage: an unknown option or case, an option value out of range or
-          options that do not fit together (an LL layout with an HT case,
-          --sms without a GPU; the message names the option, the value and
-          the bound or the values allowed), or a --json, --plot or --out path
-          that cannot be written (checked before anything runs); plot: a --json
-          or --baseline file that cannot be read or is not of that format
+      64  usage: an unknown option or case, an option value out of range,
+          options that do not fit together (an LL layout with an HT case) or
+          an option the run would ignore (--sms without a GPU; the message
+          names the option, the value and the bound, the values allowed or
+          what it applies to), or a --json, --plot or --out path that cannot
+          be written (checked before anything runs); plot: a --json or
+          --baseline file that cannot be read or is not of that format
     A Swift runtime trap (a signal) is a bug: please report it.
     """
