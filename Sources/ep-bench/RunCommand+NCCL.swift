@@ -49,9 +49,8 @@ extension RunCommand {
                                    warmup: max(warmup, 5), seed: seed, skew: skew, tuning: tuning, sharing: sharing, timeout: timeout)
         let copyBandwidth = try GPUBenchmark(device: device, iterations: 1, warmup: 0, seed: seed, skew: skew, tuning: tuning)
             .measureCopyBandwidth()
-        // The group is the communicator: every case runs with R = its size, experts unchanged
-        // (a case whose experts it does not divide is left out).
-        let selected = try shape.resolve(defaults: Defaults.nccl).filter { $0.experts % me.world == 0 }.map { $0.with(ranks: me.world) }
+        // The group is the communicator: every case runs with R = its size, experts unchanged.
+        let selected = try casesOfJob(world: me.world, rank: me.rank)
         // Once per --sms count (or once with every SM), as on one GPU.
         let counts: [Int?] = gpu.smCounts.isEmpty ? [nil] : gpu.smCounts
         for benchCase in selected {
@@ -67,6 +66,26 @@ extension RunCommand {
     }
 
     var timeout: Duration { .milliseconds(timeoutMs) }
+
+    /// The cases a job of `world` NCCL ranks runs, each with R = `world`. A case whose experts
+    /// `world` does not divide cannot run: one named with --case is a usage error naming it; a
+    /// default one is left out with a note on stderr (rank 0's), and none left is an error.
+    func casesOfJob(world: Int, rank: Int) throws -> [BenchCase] {
+        let resolved = try shape.resolve(defaults: Defaults.nccl)
+        let left = resolved.filter { $0.experts % world != 0 }
+        if let first = left.first, !shape.cases.isEmpty {
+            throw ValidationError("--case \(first.name): its \(first.experts) experts are not a multiple of this job's \(world) NCCL ranks")
+        }
+        let kept = resolved.filter { $0.experts % world == 0 }
+        if kept.isEmpty {
+            throw ValidationError("none of the cases (\(resolved.map(\.name).joined(separator: ", "))) has experts a multiple of this job's \(world) NCCL ranks: name one that has with --case, or give --experts")
+        }
+        if rank == 0, !left.isEmpty {
+            let names = left.map { "\($0.name) (\($0.experts) experts)" }.joined(separator: ", ")
+            FileHandle.standardError.write(Data("note: left out \(names): not a multiple of this job's \(world) ranks\n".utf8))
+        }
+        return kept.map { $0.with(ranks: world) }
+    }
 
     /// A drill runs its step (`FailureDrill.step`) over `--ranks` NCCL ranks (default 2), one of
     /// which fails: another must be there to report it (with one rank the verdict had no rank to

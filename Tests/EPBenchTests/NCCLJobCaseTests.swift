@@ -1,0 +1,42 @@
+import ArgumentParser
+import Testing
+@testable import ep_bench
+
+/// A rank of an mpirun or torchrun job runs every case with R = the job's size: a case whose
+/// experts that size does not divide cannot run. It was left out without a word, also when named
+/// with --case (a job of 3 ranks given `--case ll-std` printed no row and exited 0).
+@Suite("ep-bench: the cases of an NCCL job")
+struct NCCLJobCaseTests {
+    static func command(_ arguments: [String]) throws -> RunCommand {
+        try parsed(["run", "--transport", "nccl"] + arguments)
+    }
+
+    /// The message of the usage error `casesOfJob(world:rank:)` raises for `arguments`, or nil when it accepts them.
+    static func refusal(_ arguments: [String], world: Int) throws -> String? {
+        do {
+            _ = try command(arguments).casesOfJob(world: world, rank: 0)
+            return nil
+        } catch let error as ValidationError {
+            return error.message
+        }
+    }
+
+    @Test("a case named with --case that the job's size cannot run is a usage error naming it")
+    func namedCase() throws {
+        #expect(try Self.refusal(["--case", "ll-std"], world: 3)
+                == "--case ll-std: its 256 experts are not a multiple of this job's 3 NCCL ranks")
+        #expect(try Self.refusal(["--case", "ll-1", "--case", "odd"], world: 64)
+                == "--case odd: its 96 experts are not a multiple of this job's 64 NCCL ranks")
+        #expect(try Self.refusal(["--case", "ll-1", "--case", "odd"], world: 32) == nil)
+    }
+
+    @Test("default cases: kept with R = the job's size, or, where its size runs none of them, a usage error")
+    func defaultCases() throws {
+        let kept = try Self.command([]).casesOfJob(world: 4, rank: 1)
+        #expect(kept.map(\.name) == ["ll-std", "ll-32", "ll-1", "ht-std"])
+        #expect(kept.allSatisfy { $0.ranks == 4 })
+        let none = try #require(try Self.refusal([], world: 3))
+        #expect(none.hasPrefix("none of the cases (ll-std, ll-32, ll-1, ht-std) has experts a multiple of this job's 3 NCCL ranks"), "\(none)")
+        #expect(try Self.refusal(["--experts", "96"], world: 3) == nil)   // --experts makes them runnable
+    }
+}
