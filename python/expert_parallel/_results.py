@@ -171,8 +171,12 @@ class DispatchResult:
     - ``layout``: a :class:`LayoutInfo` per rank, read on first use (on the GPU this waits): read it
       before the handle's next dispatch with new routing, after which it is refused (InvalidUsageError);
     - ``handle``: pass it to ``combine``; ``event``: a CUDA event recorded after the call (with
-      ``record_event=True``); ``hook``: with ``send_only=True``, call it to enqueue the receiving half.
+      ``record_event=True``); ``hook``: with ``send_only=True``, call it to enqueue the receiving half;
+    - ``expert_outputs`` (:class:`NCCLGroup`): the slot's buffer to write the expert outputs into
+      for a combine that copies nothing (None for a :class:`VirtualGroup`).
     """
+
+    expert_outputs: Any = None
 
     def __init__(self, tokens: Any, topk_idx: Any, topk_weights: Any, handle: Handle, layout: Any = None, *,
                  received: Any = None, expert_counts: Any = None, expert_source_counts: Any = None,

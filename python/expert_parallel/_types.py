@@ -8,8 +8,8 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 #: a NumPy array or a PyTorch tensor
 Array = Any
-#: one array per rank (a list, or any sequence)
-PerRank = Sequence[Array]
+#: one array per rank (a list, or any sequence), or one stacked ``[R, ...]`` array
+PerRank = Union[Array, Sequence[Array]]
 
 Algorithm = Literal["ll", "ht"]
 Layout = Literal["expert_major", "rank_major", "flat", "expert_major_padded"]
