@@ -92,6 +92,25 @@ def deep_ep_calls(x: torch.Tensor, topk_idx: torch.Tensor, weights: torch.Tensor
     return combined[0] if combined else None
 
 
+def deep_ep_low_latency_calls(group: torch.distributed.ProcessGroup, x: torch.Tensor, topk_idx: torch.Tensor,
+                              topk_weights: torch.Tensor) -> torch.Tensor:
+    """The low-latency path as vLLM and SGLang call it."""
+    num_rdma_bytes = Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256)
+    buffer = Buffer(group, 0, num_rdma_bytes, low_latency_mode=True, num_qps_per_rank=32)
+    buffer.clean_low_latency_buffer(128, 7168, 256)
+    recv, recv_count, handle, event, hook = buffer.low_latency_dispatch(
+        x, topk_idx, 128, 256, use_fp8=False, async_finish=False, return_recv_hook=True)
+    if hook is not None:
+        hook()
+    event.current_stream_wait()
+    combined, event, hook = buffer.low_latency_combine(recv, topk_idx, topk_weights, handle, zero_copy=False,
+                                                      async_finish=True, return_recv_hook=False)
+    print(recv_count, Buffer.get_dispatch_config(8), Buffer.get_combine_config(8))
+    buffer.destroy()
+    result: torch.Tensor = combined
+    return result
+
+
 try:
     virtual_group_calls(torch.cuda.Stream(), torch.cuda.Event())
 except ep.ExpertParallelError as error:
