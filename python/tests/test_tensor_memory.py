@@ -337,20 +337,30 @@ def test_a_group_refuses_a_torch_func_wrapper_by_name(algorithm):
     assert combined.abs().sum() > 0 and torch.equal(combined, torch.stack(g.combine(leaked(rows).detach(), out.handle)))
 
 
-def test_an_nccl_rank_refuses_a_torch_func_wrapper_by_name(recorded):  # noqa: F811
+def nccl_rank_names(recorded, made, pattern, arguments):  # noqa: F811
+    """An NCCL rank (over CPU tensors) given `made(t)` in place of each of `arguments` (indices of
+    x, topk_idx, topk_weights) and of the expert outputs: each refused, `pattern` naming it, and
+    nothing called. Returns the group, its expert outputs and the dispatch's handle."""
     g, calls = recorded(layout="rank_major", dtype="f32")
-    x, idx, w = torch.randn(3, g.hidden), torch.tensor([[0, 1, 2, 3]] * 3, dtype=torch.int32), torch.rand(3, g.top_k)
-    for arguments, name in [((leaked(x), idx, w), "x"), ((x, idx, leaked(w)), "topk_weights")]:
+    step = [torch.randn(3, g.hidden), torch.tensor([[0, 1, 2, 3]] * 3, dtype=torch.int32), torch.rand(3, g.top_k)]
+    for which in arguments:
+        given = list(step)
+        given[which] = made(given[which])
         calls.clear()
-        with pytest.raises(ep.InvalidArgumentError, match=f"^{name}: " + WRAPPER):
-            g.dispatch(*arguments)
+        with pytest.raises(ep.InvalidArgumentError, match=f"^{('x', 'topk_idx', 'topk_weights')[which]}: " + pattern):
+            g.dispatch(*given)
         assert not calls
-    out = g.dispatch(x, idx, w)
+    out = g.dispatch(*step)
     rows = out.tokens.clone()
-    with pytest.raises(ep.InvalidArgumentError, match="^expert_outputs: " + WRAPPER):
-        g.combine(leaked(rows), out.handle)
+    with pytest.raises(ep.InvalidArgumentError, match="^expert_outputs: " + pattern):
+        g.combine(made(rows), out.handle)
+    return g, rows, out.handle
+
+
+def test_an_nccl_rank_refuses_a_torch_func_wrapper_by_name(recorded):  # noqa: F811
+    g, rows, handle = nccl_rank_names(recorded, leaked, WRAPPER, (0, 2))
     with pytest.raises(ep.InvalidArgumentError, match="^out: " + WRAPPER):
-        g.combine(rows, out.handle, out=leaked(torch.zeros(3, g.hidden)))
+        g.combine(rows, handle, out=leaked(torch.zeros(3, g.hidden)))
 
 
 @pytest.mark.parametrize("layout", [("ll", "expert_major"), ("ll", "rank_major"), ("ht", "flat"), ("ht", "expert_major_padded")])
@@ -416,18 +426,7 @@ def test_a_group_names_a_fake_tensor_instead_of_passing_null(algorithm):
 
 
 def test_an_nccl_rank_names_a_fake_tensor(recorded):  # noqa: F811
-    g, calls = recorded(layout="rank_major", dtype="f32")
-    x, idx, w = torch.randn(3, g.hidden), torch.tensor([[0, 1, 2, 3]] * 3, dtype=torch.int32), torch.rand(3, g.top_k)
-    fx, fidx, fw = fakes(x, idx, w)[1]
-    for arguments, name in [((fx, idx, w), "x"), ((x, fidx, w), "topk_idx"), ((x, idx, fw), "topk_weights")]:
-        calls.clear()
-        with pytest.raises(ep.InvalidArgumentError, match=f"^{name}: " + FAKE):
-            g.dispatch(*arguments)
-        assert not calls
-    out = g.dispatch(x, idx, w)
-    rows = out.tokens.clone()
-    with pytest.raises(ep.InvalidArgumentError, match="^expert_outputs: " + FAKE):
-        g.combine(fakes(rows)[1][0], out.handle)
+    nccl_rank_names(recorded, lambda t: fakes(t)[1][0], FAKE, (0, 1, 2))
 
 
 @pytest.mark.parametrize("lists", [False, True])
