@@ -53,8 +53,9 @@ extension RunCommand {
     }
 
     /// Under mpirun or torchrun (an id file, not the id ep-bench gives the ranks it spawns) each
-    /// rank prints its results as result lines: no rank writes --json or --plot, and the job, not
-    /// --ranks, sets the ranks.
+    /// rank prints its results as result lines: no rank writes --json or --plot, the job, not
+    /// --ranks, sets the ranks, and a case the job's size cannot run is refused here, before the
+    /// rank opens its GPU and joins the job (`casesOfJob`).
     func checkLaunchedRank(_ me: NCCLRankEnvironment?) throws {
         guard let me, me.idFile != nil else { return }
         let outputs = [json.map { "--json \($0)" }, plot.map { "--plot \($0)" }].compactMap { $0 }
@@ -62,6 +63,7 @@ extension RunCommand {
         if let ranks = shape.ranks, ranks != me.world {
             throw ValidationError("--ranks \(ranks) is not this job's \(me.world) ranks: under mpirun or torchrun the job sets the ranks")
         }
+        if drill == nil { _ = try casesOfJob(world: me.world, rank: me.rank, note: false) }
     }
 
     /// A drill runs one untimed step of ll-std over --ranks ranks, seed 1: what shapes, times,

@@ -69,8 +69,9 @@ extension RunCommand {
 
     /// The cases a job of `world` NCCL ranks runs, each with R = `world`. A case whose experts
     /// `world` does not divide cannot run: one named with --case is a usage error naming it; a
-    /// default one is left out with a note on stderr (rank 0's), and none left is an error.
-    func casesOfJob(world: Int, rank: Int) throws -> [BenchCase] {
+    /// default one is left out with a note on stderr (rank 0's, with `note`), and none left is an
+    /// error. At a rank of an mpirun or torchrun job `validate()` asks first (checkLaunchedRank).
+    func casesOfJob(world: Int, rank: Int, note: Bool = true) throws -> [BenchCase] {
         let resolved = try shape.resolve(defaults: Defaults.nccl)
         let left = resolved.filter { $0.experts % world != 0 }
         if let first = left.first, !shape.cases.isEmpty {
@@ -80,7 +81,7 @@ extension RunCommand {
         if kept.isEmpty {
             throw ValidationError("none of the cases (\(resolved.map(\.name).joined(separator: ", "))) has experts a multiple of this job's \(world) NCCL ranks: name one that has with --case, or give --experts")
         }
-        if rank == 0, !left.isEmpty {
+        if note, rank == 0, !left.isEmpty {
             let names = left.map { "\($0.name) (\($0.experts) experts)" }.joined(separator: ", ")
             FileHandle.standardError.write(Data("note: left out \(names): not a multiple of this job's \(world) ranks\n".utf8))
         }

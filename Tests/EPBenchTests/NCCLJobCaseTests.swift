@@ -1,4 +1,5 @@
 import ArgumentParser
+import ExpertParallelGPU
 import Testing
 @testable import ep_bench
 
@@ -38,5 +39,19 @@ struct NCCLJobCaseTests {
         let none = try #require(try Self.refusal([], world: 3))
         #expect(none.hasPrefix("none of the cases (ll-std, ll-32, ll-1, ht-std) has experts a multiple of this job's 3 NCCL ranks"), "\(none)")
         #expect(try Self.refusal(["--experts", "96"], world: 3) == nil)   // --experts makes them runnable
+    }
+
+    /// The refusal comes from `validate()` (checkLaunchedRank), before the rank opens its GPU, joins
+    /// the job's communicator and measures its copy bandwidth: runNCCL asked only after all that.
+    @Test("refused before the rank joins the job")
+    func refusedBeforeJoining() throws {
+        let job = NCCLRankEnvironment(rank: 1, world: 3, deviceOrdinal: 1, idHex: nil, idFile: "/tmp/ep-bench-unused-id")
+        for arguments in [["--case", "ll-std"], []] {
+            #expect(throws: ValidationError.self, "\(arguments)") { try Self.command(arguments).checkLaunchedRank(job) }
+        }
+        try Self.command(["--experts", "96"]).checkLaunchedRank(job)
+        try Self.command(["--drill", "dies"]).checkLaunchedRank(job)   // a drill runs no cases
+        // The ranks ep-bench spawns are the --ranks their launcher checked.
+        try Self.command(["--case", "ll-std"]).checkLaunchedRank(NCCLRankEnvironment(rank: 1, world: 3, deviceOrdinal: 1, idHex: "00", idFile: nil))
     }
 }
