@@ -144,8 +144,11 @@ def traced(value):
     fake = getattr(sys.modules.get("torch._subclasses.fake_tensor"), "FakeTensor", None)
     if fake is not None and isinstance(value, fake):
         return "a FakeTensor (torch.compile's tracing, FakeTensorMode)"
+    # torch.compile's and torch.export's functionalization wraps its tensors in the Python subclass
+    # FunctionalTensor, for which torch._is_functional_tensor is False (its inner tensor's is True).
+    wrapper = getattr(sys.modules.get("torch._subclasses.functional_tensor"), "FunctionalTensor", None)
     functional = getattr(torch, "_is_functional_tensor", None)
-    if functional is not None and functional(value):
+    if wrapper is not None and isinstance(value, wrapper) or functional is not None and functional(value):
         return "a functional tensor (torch.func.functionalize, torch.compile's tracing)"
     return None
 

@@ -449,3 +449,27 @@ def test_a_group_names_a_functionalized_tensor(lists):
     torch.func.functionalize(body)(x, idx, w)
     assert len(errors) == 1 and re.match(("xs\\[0\\]: " if lists else "xs: ") + WRAPPER, errors[0]), errors
     assert torch.stack(g.dispatch(x, idx, w).tokens).abs().sum() > 0
+
+
+@pytest.mark.parametrize("lists", [False, True])
+def test_a_group_names_a_functional_tensor_of_torch_compile(lists):
+    """torch.compile's and torch.export's functionalization hold their tensors in the Python
+    subclass FunctionalTensor (torch._is_functional_tensor is False for it): a group's call raised
+    torch's RuntimeError ("Cannot access data pointer of Tensor") instead of naming the argument,
+    with or without its mode active."""
+    from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+
+    g = group()
+    x, idx, w = step()
+    mode = FunctionalTensorMode()
+    with mode:
+        fx = FunctionalTensor.to_functional(x)
+        given = list(fx) if lists else fx
+    name = "xs\\[0\\]" if lists else "xs"
+    pattern = f"^{name}: a functional tensor \\(torch.func.functionalize, torch.compile's tracing\\), which has no memory"
+    arguments = (given, list(idx), list(w)) if lists else (given, idx, w)
+    with pytest.raises(ep.InvalidArgumentError, match=pattern):
+        g.dispatch(*arguments)
+    with mode, pytest.raises(ep.InvalidArgumentError, match=pattern):
+        g.dispatch(*arguments)
+    assert torch.stack(g.dispatch(x, idx, w).tokens).abs().sum() > 0
