@@ -42,9 +42,11 @@ def kind(value):
         return _KINDS[cls]
     except KeyError:
         pass
-    if cls.__module__.startswith("torch") and hasattr(cls, "data_ptr"):
+    # A subclass defined elsewhere (a user's torch.Tensor or numpy.ndarray subclass) is its base's kind.
+    bases = {(base.__module__, base.__name__) for base in cls.__mro__}
+    if (cls.__module__.startswith("torch") and hasattr(cls, "data_ptr")) or ("torch", "Tensor") in bases:
         found = "torch"
-    elif cls.__module__ == "numpy" and hasattr(cls, "__array_interface__"):
+    elif (cls.__module__ == "numpy" and hasattr(cls, "__array_interface__")) or ("numpy", "ndarray") in bases:
         found = "numpy"
     else:
         found = None
@@ -132,7 +134,17 @@ def dense(value, name):
             f"{name}: {tracing}, which has no memory the library could read or write; must be a plain tensor: the group's "
             "calls run on real tensors, so call them outside the tracing (under torch.compile, call the ops of "
             "expert_parallel.torch, whose fake implementations trace)")
+    if (type(value) is not torch_tensor_type() and value.device.type != "meta" and value.numel()
+            and not value.data_ptr()):
+        raise InvalidArgumentError(
+            f"{name}: a {type(value).__name__} with no memory of its own (a wrapper tensor subclass: data_ptr() is 0); "
+            "must be a tensor whose storage holds its values: pass a plain tensor")
     return value
+
+
+def torch_tensor_type():
+    """torch.Tensor (torch is imported where a tensor was seen)."""
+    return sys.modules["torch"].Tensor
 
 
 def traced(value):

@@ -13,6 +13,7 @@ addresses, and the library reads and writes the memory there.
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -473,3 +474,55 @@ def test_a_group_names_a_functional_tensor_of_torch_compile(lists):
     with mode, pytest.raises(ep.InvalidArgumentError, match=pattern):
         g.dispatch(*arguments)
     assert torch.stack(g.dispatch(x, idx, w).tokens).abs().sum() > 0
+
+
+# -- subclasses defined outside torch and NumPy ------------------------------------------------------
+
+
+class UserTensor(torch.Tensor):
+    """A user's torch.Tensor subclass (its values in its own storage)."""
+
+
+class UserArray(np.ndarray):
+    """A user's numpy.ndarray subclass."""
+
+
+class WrapperTensor(torch.Tensor):
+    """A wrapper subclass: it holds a tensor and has no storage of its own (data_ptr() is 0)."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        def unwrap(a):
+            return a.inner if isinstance(a, WrapperTensor) else a
+        return func(*[unwrap(a) for a in args], **{k: unwrap(v) for k, v in (kwargs or {}).items()})
+
+
+def test_a_users_tensor_or_array_subclass_is_taken_as_its_base():
+    """A subclass of torch.Tensor or numpy.ndarray defined outside those libraries was refused as
+    "a UserTensor; must be a NumPy array or a PyTorch tensor" (the package looked at the class's
+    module only); it is now taken as what it is, with the same rows as its base's."""
+    x, idx, w = step()
+    want = torch.stack(group().dispatch(x, idx, w).tokens)
+    got = group().dispatch(*(t.as_subclass(UserTensor) for t in (x, idx, w)))
+    assert want.abs().sum() > 0 and torch.equal(torch.stack(got.tokens), want)
+    arrays = group().dispatch(*(t.numpy().view(UserArray) for t in (x, idx, w)))
+    assert np.array_equal(np.stack(arrays.tokens), want.numpy())
+
+
+@pytest.mark.parametrize("lists", [False, True])
+def test_a_wrapper_subclass_without_memory_is_named(lists):
+    """A wrapper subclass (torch.Tensor._make_wrapper_subclass: no storage, data_ptr() 0) is named
+    rather than passed on as a null address."""
+    x, idx, w = step()
+    wrapped = WrapperTensor(x)
+    arguments = ([WrapperTensor(x[0]), WrapperTensor(x[1])], list(idx), list(w)) if lists else (wrapped, idx, w)
+    with pytest.raises(ep.InvalidArgumentError, match=("^xs\\[0\\]: " if lists else "^xs: ")
+                       + "a WrapperTensor with no memory of its own \\(a wrapper tensor subclass: data_ptr\\(\\) is 0\\)"):
+        group().dispatch(*arguments)
