@@ -118,7 +118,8 @@ def writable(value):
 def dense(value, name):
     """Raises the error naming `value` (a torch tensor) unless it is a dense (strided) tensor: a
     sparse or nested one has no storage, sizes or strides (torch raises its own RuntimeError), and
-    a torch.func wrapper has no memory of its own (torch's "Cannot access data pointer")."""
+    a torch.func wrapper has no memory of its own (torch's "Cannot access data pointer"), nor have
+    a tracing tensor (:func:`traced`) or a wrapper subclass (data_ptr() 0)."""
     if value.is_nested:
         raise InvalidArgumentError(f"{name}: a nested tensor; must be a dense (torch.strided) tensor")
     if str(value.layout) != "torch.strided":
