@@ -135,17 +135,12 @@ def dense(value, name):
             f"{name}: {tracing}, which has no memory the library could read or write; must be a plain tensor: the group's "
             "calls run on real tensors, so call them outside the tracing (under torch.compile, call the ops of "
             "expert_parallel.torch, whose fake implementations trace)")
-    if (type(value) is not torch_tensor_type() and value.device.type != "meta" and value.numel()
+    if (type(value) is not sys.modules["torch"].Tensor and value.device.type != "meta" and value.numel()
             and not value.data_ptr()):
         raise InvalidArgumentError(
             f"{name}: a {type(value).__name__} with no memory of its own (a wrapper tensor subclass: data_ptr() is 0); "
             "must be a tensor whose storage holds its values: pass a plain tensor")
     return value
-
-
-def torch_tensor_type():
-    """torch.Tensor (torch is imported where a tensor was seen)."""
-    return sys.modules["torch"].Tensor
 
 
 def traced(value):

@@ -42,6 +42,11 @@ tensor_type = NoTensorYet   # the same for callers that test in line (never matc
 torch_codes = {}      # torch dtype -> epDataType_t, once torch was seen
 
 
+# What look() answers for a torch tensor the in-line paths must not take (no storage, sizes or
+# strides, or no memory of its own): not fine, so that _arrays.tensor names it.
+_UNREADABLE = (0, None, (), -3, False)
+
+
 def look(value, expected):
     """(address, epDataType_t, shape, device ordinal or -1, contiguous and native) of a torch
     tensor or NumPy array, or None when it is neither; `expected`: the accepted types (a uint16
@@ -55,14 +60,14 @@ def look(value, expected):
         if type(value).__name__ == "Tensor":
             _tensor_type = tensor_type = type(value)
         elif _arrays.traced(value) is not None:   # (a FakeTensor: its data_ptr() is 0, with a warning) _arrays.tensor names it
-            return (0, None, (), -3, False)
+            return _UNREADABLE
     try:
         where = value.get_device()
         if where < 0 and not value.is_cpu:
             where = -2   # a meta tensor (or another device's): -1 is the CPU's alone
         return (value.data_ptr(), _torch_codes.get(value.dtype), value.shape, where, value.is_contiguous())
     except RuntimeError:   # a sparse or nested tensor (no storage, sizes or strides): not fine, _arrays.tensor names it
-        return (0, None, (), -3, False)
+        return _UNREADABLE
 
 
 def _look_numpy(value, expected):
