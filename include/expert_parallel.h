@@ -66,7 +66,7 @@ extern "C" {
 #endif
 
 /* The ABI this header describes; epGetAbiVersion reports the library's. */
-#define EP_ABI_VERSION 7
+#define EP_ABI_VERSION 8
 /* Most dimensions an epTensor_t carries. */
 #define EP_MAX_DIMS 4
 
@@ -591,9 +591,10 @@ epResult_t epComplete(epHandle_t handle, void* stream);
  *     dispatch that asks for its layout info (which waits for the device).
  *   - Tensors live on the group's device. Dispatch receives into the group's own buffers of a
  *     buffer slot (the other ranks write them). Given those buffers as outputs (epGroupGetBuffer,
- *     v3) it copies nothing; given other tensors it receives into slot 0 and copies the whole
- *     receive buffer into them on the stream, so rows outside the received zones read as zero
- *     (and topkIdx outputs are int32). Combine reads the slot its step's dispatch used: given that
+ *     v3) it copies nothing; given other tensors it receives into slot 0 and, on the stream,
+ *     fills outputs->tokens with zeros and copies the received zones into it (since v8; before,
+ *     the whole receive buffer), and copies the whole received routing (and FP8 rows and scales),
+ *     so rows outside the received zones read as zero (and topkIdx outputs are int32). Combine reads the slot its step's dispatch used: given that
  *     slot's expert-output buffer it copies nothing; else it copies the rows of the caller's
  *     expertOutputs that the step received (the rows the other ranks read; the rest are neither
  *     read nor copied; all of them where expertOutputs is not 8-byte aligned) and, for HT
@@ -639,6 +640,16 @@ typedef struct {
  * dispatch used. A slot's buffers are rewritten by the next dispatch into that slot, on any
  * rank: use them before your next dispatch into it. Only NCCL-rank groups own such buffers. */
 epResult_t epGroupGetBuffer(epGroup_t group, int32_t slot, epBuffer_t buffer, epTensor_t* tensor);
+
+/* Copies the rows `step`'s dispatch received (NULL: the group's own step), the layout's zones
+ * with their padding (the rows a combine reads), out of the buffer slot that dispatch used into
+ * `tokens` (shaped and typed like the slot's epBufferReceivedTokens; the group's device), on
+ * `stream`; rows outside the zones are not touched (v8). For a caller that keeps the received
+ * rows past the slot's reuse (an autograd graph): the zones are what it costs, not the
+ * worst-case buffer (ll-std at one rank of 1: ~15 MB of 470 MB). NCCL-rank groups only, and not
+ * FP8 ones (epInvalidUsage; FP8: epInvalidArgument); epInvalidUsage while a send-only call waits for
+ * epComplete, or once a later dispatch has used the step's slot. */
+epResult_t epGroupCopyReceived(epGroup_t group, epStep_t step, const epTensor_t* tokens, void* stream);
 
 /* A fresh NCCL unique id (ncclGetUniqueId): rank 0 calls it once per group. */
 epResult_t epGetNCCLUniqueId(epNCCLUniqueId_t* id);

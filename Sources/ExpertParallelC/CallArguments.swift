@@ -99,7 +99,7 @@ struct CallSettings {
 
     /// The step object a config names, checked to be one of `group`'s (a step of another group
     /// holds that group's routing and memory).
-    private static func step(_ pointer: OpaquePointer?, _ group: GroupObject, _ name: String = "config.step") throws(EPError) -> StepObject? {
+    static func step(_ pointer: OpaquePointer?, _ group: GroupObject, _ name: String = "config.step") throws(EPError) -> StepObject? {
         guard let pointer else { return nil }
         let step = try stepRegistry.object(pointer, name)
         guard step.group === group else {

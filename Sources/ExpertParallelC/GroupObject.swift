@@ -41,6 +41,9 @@ protocol GroupBackend: AnyObject {
     var multiprocessors: Int { get }
     /// A group-owned buffer of buffer slot `slot` (NCCL-rank groups only).
     func buffer(slot: Int, _ kind: epBuffer_t) throws -> TensorRef
+    /// Copies the received zones of `step`'s dispatch (nil: the group's own step) out of the
+    /// buffer slot it used into `tokens` (NCCL-rank groups only).
+    func copyReceived(step: (any StepHandle)?, into tokens: TensorRef, _ stream: UnsafeMutableRawPointer?) throws
 }
 
 extension GroupBackend {
@@ -48,6 +51,10 @@ extension GroupBackend {
 
     func buffer(slot: Int, _ kind: epBuffer_t) throws -> TensorRef {
         throw UnsupportedCall(message: "only NCCL-rank groups own receive buffers; the host and virtual GPU groups receive into the caller's tensors")
+    }
+
+    func copyReceived(step: (any StepHandle)?, into tokens: TensorRef, _ stream: UnsafeMutableRawPointer?) throws {
+        throw UnsupportedCall(message: "only NCCL-rank groups receive into buffer slots; the host and virtual GPU groups receive into the caller's tensors (outputs) directly")
     }
 }
 

@@ -39,6 +39,13 @@ extension NCCLBackend: StepGroupBackend {
         return found
     }
 
+    /// The received zones of `step`'s dispatch (nil: the group's own) out of its buffer slot.
+    func copyReceived(step: (any StepHandle)?, into tokens: TensorRef, _ stream: UnsafeMutableRawPointer?) throws {
+        let group = try self.group
+        let handle = try step.map { try self.handle(of: $0) } ?? group.implicitHandle
+        try group.copyReceived(handle, into: tokens, stream: CUDAStream(rawValue: OpaquePointer(stream)))
+    }
+
     /// No collective calls, so no handle for them: the per-rank calls below use the group's own.
     func stepHandle() throws -> GPUStepHandle {
         throw UnsupportedCall(message: "an NCCL-rank group holds one rank per process and has no collective calls; make a handle for this process's rank (epHandleCreate(group, \(rank), ...)) and use epHandleUpdate, epDispatch and epCombine")

@@ -26,4 +26,5 @@ private func checkSignatures() {
     sameType(epCombine, cCombine)
     sameType(epGetNCCLUniqueId, cGetNCCLUniqueId)
     sameType(epGroupCreateNCCL, cGroupCreateNCCL)
+    sameType(epGroupCopyReceived, cGroupCopyReceived)
 }

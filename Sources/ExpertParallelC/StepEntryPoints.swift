@@ -80,3 +80,15 @@ public func cGroupGetBuffer(_ group: epGroup_t?, _ slot: Int32, _ buffer: epBuff
         write(TensorDescriptor.describe(found, location: object.location), to: UnsafeMutableRawPointer(destination))
     }
 }
+
+@_cdecl("epGroupCopyReceived")
+public func cGroupCopyReceived(
+    _ group: epGroup_t?, _ step: epStep_t?, _ tokens: UnsafePointer<epTensor_t>?, _ stream: UnsafeMutableRawPointer?
+) -> epResult_t {
+    entryPoint("epGroupCopyReceived") {
+        let object = try groupRegistry.object(group, "group")
+        let named = try CallSettings.step(step, object, "step")
+        let destination = try TensorDescriptor.tensor(tokens, "tokens")
+        try object.withBackend { try $0.copyReceived(step: named?.handle, into: destination, stream) }
+    }
+}

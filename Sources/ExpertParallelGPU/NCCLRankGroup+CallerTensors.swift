@@ -11,10 +11,12 @@ extension NCCLRankGroup {
         slots.firstIndex { $0.receivedTokens.address == output.tokens.address }
     }
 
-    /// `dispatch` of `handle`'s step (nil: the group's own) into buffer slot `slot`, then copies
-    /// this rank's whole receive buffers of that slot into `output` (shaped and typed like
-    /// `dispatchOutput`: `receiveShape` rows, int32 local ids, float32 weights) and zeroes them
-    /// for the next step, all on `stream`; so rows outside the received zones read as zero.
+    /// `dispatch` of `handle`'s step (nil: the group's own) into buffer slot `slot`, then, on
+    /// `stream`, fills `output.tokens` (shaped and typed like `dispatchOutput`: `receiveShape`
+    /// rows) with zeros and copies the received zones into it (`copyReceived`: not the whole
+    /// worst-case buffer), and copies the slot's whole received routing (int32 local ids, float32
+    /// weights) into `output` and zeroes it for the next step; so rows outside the received
+    /// zones read as zero. FP8 rows and scales are copied whole and zeroed, as the routing is.
     ///
     /// Zeroing is safe here: the dispatch ends once every peer has written its rows here, and a
     /// peer writes this slot again only in a later dispatch into it, which comes after a call of
@@ -34,10 +36,16 @@ extension NCCLRankGroup {
             try TensorCheck.require(output.topkIdx, "output.topkIdx", dtypes: [.i32], shape: routingShape, location: here)
             try TensorCheck.require(output.topkWeights, "output.topkWeights", dtypes: [.f32], shape: routingShape, location: here)
         }
-        try dispatch(handle ?? implicitHandle, [input], slot: slot, counts: output, options: .init(stream))
+        let handle = handle ?? implicitHandle
+        try dispatch(handle, [input], slot: slot, counts: output, options: .init(stream))
         let stream = stream ?? self.stream, buffers = slots[slot]
-        try copy(buffers.receivedTokens, to: output.tokens, stream: stream)
-        try clear(buffers.receivedTokens, stream: stream)
+        if copiesZones(output.tokens) {
+            try clear(output.tokens, stream: stream)
+            try copyZones(handle, from: buffers.receivedTokens, to: output.tokens, stream: stream)
+        } else {
+            try copy(buffers.receivedTokens, to: output.tokens, stream: stream)
+            try clear(buffers.receivedTokens, stream: stream)
+        }
         if let scales = buffers.receivedScales, let outScales = output.scales {
             try copy(scales, to: outScales, stream: stream)
             try clear(scales, stream: stream)
@@ -49,6 +57,27 @@ extension NCCLRankGroup {
             try clear(indices, stream: stream)
             try clear(weights, stream: stream)
         }
+    }
+
+    /// Copies the rows `handle`'s dispatch received (nil: the group's own step's), the layout's
+    /// zones with their padding (the rows a combine reads), out of the buffer slot that dispatch
+    /// used into `tokens` (shaped and typed like the slot's received tokens), on `stream`; rows
+    /// outside the zones are not touched. What a caller that keeps the received rows past the
+    /// slot's reuse (an autograd graph) copies, instead of the whole worst-case buffer (ll-std
+    /// at one rank: ~15 MB of 470 MB). Refused for FP8 groups (their e4m3 rows and scales are
+    /// not element rows) and while a send-only call waits for `complete()`.
+    public func copyReceived(_ handle: GPUStepHandle? = nil, into tokens: TensorRef, stream: CUDAStream? = nil) throws(EPError) {
+        let handle = handle ?? implicitHandle
+        let use = "copy the received rows of"
+        _ = try handle.currentStep()
+        let slot = try slotOfDispatch(handle, for: use)
+        try engine.checkNothingPending()   // (a send-only dispatch's rows are not all here before its complete())
+        try TensorCheck.require(tokens, "tokens", dtypes: [config.receiveElementType], shape: config.receiveShape, location: here)
+        guard config.fp8 == nil else {
+            throw .invalidArgument(
+                field: "group", value: "an FP8 group", requirement: "must dispatch element rows (bf16, f16, f32) to \(use) a step; an FP8 group's e4m3 rows come with scales")
+        }
+        try copyZones(handle, from: slots[slot].receivedTokens, to: tokens, stream: stream ?? self.stream)
     }
 
     /// Copies the rows of the caller's `input.expertOutputs` that the step received (the rows
@@ -98,12 +127,10 @@ extension NCCLRankGroup {
         // The expert outputs: only the rows this step received, which are all the peers read
         // (the buffer is sized for the worst case: at one rank of ll-std 470 MB against 15 MB);
         // a tensor that is not 8-byte aligned (a view at an odd element) is copied whole.
-        let from = address(input.expertOutputs), to = address(buffers.expertOutputs)
-        if from % 8 != 0 {
+        if !copiesZones(input.expertOutputs) {
             copies.append((input.expertOutputs, buffers.expertOutputs))
-        } else if from != to {
-            let vectorBytes = engine.vectorBytes(CollectionOfOne(from), CollectionOfOne(to))
-            try engine.copyReceivedRows(handle, from: { _ in from }, to: { _ in to }, vectorBytes: vectorBytes, options: .init(stream))
+        } else if address(input.expertOutputs) != address(buffers.expertOutputs) {
+            try copyZones(handle, from: input.expertOutputs, to: buffers.expertOutputs, stream: stream)
         }
         for (from, to) in copies where from.address != to.address { try copy(from, to: to, stream: stream) }
         try enqueueCombine(handle, shared, output, slot: slot, direction: direction, options: .init(stream, phase: phase))
@@ -120,6 +147,20 @@ extension NCCLRankGroup {
     /// has none, scales without FP8), as every backend's checks do (`CallShapes.refuseUnused`):
     /// the dispatch checks the slot's own buffers, so the caller's are checked here.
     public func refuseUnused(_ output: DispatchOutput) throws(EPError) { try engine.shapes.refuseUnused(output) }
+
+    /// Whether `copyZones` can copy `tensor`'s element rows: 8-byte aligned (a view at an odd
+    /// element is not) and of the group's element type (an FP8 group's e4m3 rows are not).
+    private func copiesZones(_ tensor: TensorRef) -> Bool {
+        address(tensor) % 8 == 0 && tensor.dtype == config.elementType
+    }
+
+    /// The received zones of `handle`'s dispatched step (padding included) from `source` into
+    /// `destination`, both receive-shaped element rows, on `stream` (`StepEngine.copyReceivedRows`).
+    private func copyZones(_ handle: GPUStepHandle, from source: TensorRef, to destination: TensorRef, stream: CUDAStream) throws(EPError) {
+        let from = address(source), to = address(destination)
+        let vectorBytes = engine.vectorBytes(CollectionOfOne(from), CollectionOfOne(to))
+        try engine.copyReceivedRows(handle, from: { _ in from }, to: { _ in to }, vectorBytes: vectorBytes, options: .init(stream))
+    }
 
     /// Where this rank's tensors live.
     private var here: MemoryLocation { .device(device.ordinal) }

@@ -189,11 +189,12 @@ final class SlotHolders: @unchecked Sendable {
 }
 
 extension NCCLRankGroup {
-    /// The slot `handle`'s dispatch used, checked to still hold that dispatch's rows.
-    func slotOfDispatch(_ handle: GPUStepHandle) throws(EPError) -> Int {
-        guard let slot = handle.bufferSlot else { throw .wrongOrder("combine needs a dispatch of this handle's step first") }
+    /// The slot `handle`'s dispatch used, checked to still hold that dispatch's rows; `use`
+    /// names the call in the errors ("combine", "copy the received rows of").
+    func slotOfDispatch(_ handle: GPUStepHandle, for use: String = "combine") throws(EPError) -> Int {
+        guard let slot = handle.bufferSlot else { throw .wrongOrder("\(use) needs a dispatch of this handle's step first") }
         guard holders.holds(slot, handle) else {
-            throw .wrongOrder("buffer slot \(slot), where this handle's step was dispatched, holds a later dispatch's rows now: combine a step before its slot is used again (bufferSlots = \(bufferSlots))")
+            throw .wrongOrder("buffer slot \(slot), where this handle's step was dispatched, holds a later dispatch's rows now: \(use) a step before its slot is used again (bufferSlots = \(bufferSlots))")
         }
         return slot
     }

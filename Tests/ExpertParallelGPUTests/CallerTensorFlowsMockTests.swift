@@ -58,4 +58,43 @@ struct CallerTensorFlowsMockTests {
             }
         }
     }
+
+    /// `copyReceived` (epGroupCopyReceived) copies out of the slot its step's dispatch used, with
+    /// one launch; a step not dispatched yet, one whose slot a later dispatch took, and a tensor
+    /// of another shape are refused by name, launching nothing.
+    @Test(arguments: NCCLStackedCallMockTests.cases.indices.prefix(3))
+    func copyingTheReceivedRowsOutChecksTheStepAndTheTensor(_ index: Int) throws {
+        let (name, config) = NCCLStackedCallMockTests.cases[index]
+        try NCCLStackedCallMockTests.step(config, tokens: config.maxTokensPerRank - 1) { mock, _, group, a, handle in
+            let r = group.rank, tokens = a.dispatchOutput(r).tokens
+            func refused(_ call: () throws(EPError) -> Void, _ words: String) {
+                let launches = mock.launches
+                do {
+                    try call()
+                    Issue.record("\(name): not refused (\(words))")
+                } catch {
+                    #expect("\(error)".contains(words), "\(name): \(error)")
+                }
+                #expect(mock.launches == launches, "\(name): a refused copy launches nothing")
+            }
+            do {
+                try group.update(handle, topkIdx: [a.part("idx", r)!])
+                refused({ () throws(EPError) in try group.copyReceived(handle, into: tokens) }, "copy the received rows of needs a dispatch")
+                try group.dispatch(handle, [a.dispatchInput(r)], slot: 0)
+                var shrunk = tokens
+                shrunk.shape[shrunk.shape.count - 1] -= 1
+                refused({ () throws(EPError) in try group.copyReceived(handle, into: shrunk) }, "tokens")
+                let launches = mock.launches
+                try group.copyReceived(handle, into: tokens)
+                #expect(mock.launches == launches + 1, "\(name): one launch")
+                let later = try group.makeHandle()
+                defer { later.release() }
+                try group.update(later, topkIdx: [a.part("idx", r)!])
+                try group.dispatch(later, [a.dispatchInput(r)], slot: 0)
+                refused({ () throws(EPError) in try group.copyReceived(handle, into: tokens) }, "holds a later dispatch's rows now: copy the received rows of a step")
+            } catch {
+                Issue.record("\(name), rank \(r): \(error)")
+            }
+        }
+    }
 }

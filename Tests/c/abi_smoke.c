@@ -559,6 +559,9 @@ static void steps(void) {
     epTensor_t buffer;
     buffer.structSize = sizeof buffer;
     CHECK_FAILS(epGroupGetBuffer(group, 0, epBufferReceivedTokens, &buffer), epInvalidUsage, "only NCCL-rank groups");
+    CHECK_FAILS(epGroupCopyReceived(group, NULL, &bad, NULL), epInvalidUsage, "only NCCL-rank groups receive into buffer slots");
+    CHECK_FAILS(epGroupCopyReceived(NULL, NULL, &bad, NULL), epInvalidArgument, "group");
+    CHECK_FAILS(epGroupCopyReceived(group, NULL, NULL, NULL), epInvalidArgument, "tokens");
     /* A step of another group is refused by name, before anything moves. */
     epGroup_t otherGroup = NULL;
     epStep_t foreign = NULL;
@@ -566,6 +569,7 @@ static void steps(void) {
     CHECK_OK(epStepCreate(otherGroup, &foreign));
     epDispatchConfig_t df = {sizeof df, epForward, epLaunchSingle, foreign, epPhaseWhole};
     CHECK_FAILS(epGroupDispatchAll(group, din, dout, &df, NULL), epInvalidArgument, "must be a step made from this group");
+    CHECK_FAILS(epGroupCopyReceived(group, foreign, &bad, NULL), epInvalidArgument, "must be a step made from this group");
     CHECK_OK(epStepDestroy(foreign));
     CHECK_OK(epGroupDestroy(otherGroup));
     /* A destroyed step is refused by name. */

@@ -7,7 +7,7 @@ the C compiler's in tests/test_c_abi.py.
 import ctypes
 from ctypes import POINTER, c_char_p, c_double, c_int32, c_int64, c_size_t, c_uint64, c_void_p
 
-ABI_VERSION = 7
+ABI_VERSION = 8
 MAX_DIMS = 4
 NCCL_UNIQUE_ID_BYTES = 128
 
@@ -319,6 +319,7 @@ PROTOTYPES = {
     "epGroupComplete": [_group, _stream],
     "epComplete": [c_void_p, _stream],
     "epGroupGetBuffer": [_group, c_int32, c_enum, POINTER(Tensor)],
+    "epGroupCopyReceived": [_group, c_void_p, POINTER(Tensor), _stream],
     "epGroupDispatchStacked": [_group, POINTER(StackedDispatch), _stream],
     "epGroupCombineStacked": [_group, POINTER(StackedCombine), _stream],
 }

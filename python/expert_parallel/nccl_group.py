@@ -215,6 +215,9 @@ class NCCLGroup(GroupBase):
         recv = self.recv_shape
         self._fn_update = entry("epHandleUpdate")
         self._fn_dispatch_stacked, self._fn_combine_stacked = entry("epGroupDispatchStacked"), entry("epGroupCombineStacked")
+        self._fn_copy_received = entry("epGroupCopyReceived")
+        self._copy_out = _fast.Descriptors(1, device, self._recv_element, recv[1:])   # (_copy_received's destination)
+        self._copy_out_address = ctypes.addressof(self._copy_out.array[0])
         self._handle_address, self._group_address = self._handle.value, self._group.value
         self._idx = _fast.Descriptors(1, device, _abi.I32, (k,))
         self._input_types, self._element_types = {self._input_element}, {self._element}
@@ -242,6 +245,15 @@ class NCCLGroup(GroupBase):
             self._combine_calls.append(_fast.StackedCall(_abi.StackedCombine, device))
         # Per slot: the combined rows (and weight gradients) of b tokens as views, by (b, backward HT).
         self._combined_views = [{} for _ in self._slots]
+
+    def _copy_received(self, handle, tokens):
+        """Copies the rows `handle`'s dispatch received (the layout's zones, padding included)
+        out of the buffer slot it used into `tokens`, on the current stream (epGroupCopyReceived);
+        rows outside the zones are left as they are. `tokens`: a contiguous torch tensor shaped
+        and typed like the slot's received tokens on the group's device (the torch ops make it)."""
+        out = self._copy_out
+        out.set(0, tokens.data_ptr(), self.recv_shape[0], self._recv_element)
+        check_status(self._fn_copy_received(self._group_address, handle._pointer, self._copy_out_address, self._raw(None)))
 
     def _routing_rows(self, topk_idx):
         """(B, address, epDataType_t) of `topk_idx`, checked: [B, top_k] int32 or int64, B ≤ max_tokens."""

@@ -30,7 +30,7 @@ def settings(**overrides):
 def test_the_library_speaks_this_abi_version():
     version = ctypes.c_int32()
     assert load().epGetAbiVersion(ctypes.byref(version)) == _abi.SUCCESS
-    assert version.value == _abi.ABI_VERSION == 7
+    assert version.value == _abi.ABI_VERSION == 8
 
 
 def test_nccl_error_is_an_expert_parallel_error():

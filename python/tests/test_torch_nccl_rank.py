@@ -42,6 +42,7 @@ class OneRank:
 
     def __init__(self, group, reference):
         self.group, self.reference, self.handles = group, reference, {}
+        self.received_at = {}   # step -> the address of the received rows its last dispatch wrote (its slot's)
 
     def handle(self, step):
         if step not in self.handles:
@@ -58,6 +59,26 @@ class OneRank:
                view(d.expertCounts, (g.local_experts,))[None])
         self.reference.dispatch(x[None], None if idx is None else idx[None], None if w is None else w[None],
                                 handle=self.handle(d.step), direction=("forward", "backward")[d.direction], out=out)
+        self.received_at[d.step] = d.receivedTokens.data
+
+    def copy_received(self, step, tokens):
+        """epGroupCopyReceived: the received zones of `step`'s dispatch (from the reference's layout
+        of it: LL expert-major per local expert, rank-major per source rank, HT the rows in use)
+        copied from the slot that dispatch wrote into `tokens`; nothing else is written."""
+        step = getattr(step, "value", step)   # (the handle's c_void_p, or None: as the dispatch struct's field reads)
+        g, handle = self.group, self.handle(step)
+        source = view(_abi.Stacked(data=self.received_at[step], dtype=tokens.dtype), g.recv_shape)
+        destination = view(tokens, g.recv_shape)
+        layout = self.reference._layout_of(handle)[0]
+        rows_of = source.reshape(-1, g.hidden), destination.reshape(-1, g.hidden)
+        if g.algorithm == "ht":
+            zones = [(0, layout.received_total)]
+        elif g.layout == "rank_major":
+            zones = [(s * g.max_tokens, n) for s, n in enumerate(layout.source_rank_counters)]
+        else:
+            zones = list(zip(layout.expert_offsets, layout.expert_counters))
+        for first, rows in zones:
+            rows_of[1][first:first + rows] = rows_of[0][first:first + rows]
 
     def combine(self, c):
         g, handle = self.group, self.handle(c.step)
@@ -92,6 +113,10 @@ def rank_group(monkeypatch):
         reference = ep.VirtualGroup(**shape, device="cpu")
 
         def entry(name):
+            if name == "epGroupCopyReceived":
+                return lambda _group, step, address, _stream: fake.copy_received(
+                    step, ctypes.cast(address, ctypes.POINTER(_abi.Tensor)).contents) or _abi.SUCCESS
+
             def run(_group, address, _stream):
                 struct = {"epGroupDispatchStacked": _abi.StackedDispatch, "epGroupCombineStacked": _abi.StackedCombine}[name]
                 arguments = ctypes.cast(address, ctypes.POINTER(struct)).contents
@@ -187,6 +212,8 @@ def test_the_ops_over_an_nccl_rank_give_the_virtual_groups_values_and_gradients(
 
 @pytest.mark.parametrize("zero_fill", [True, False])
 def test_an_nccl_ranks_slot_is_copied_out_and_cleared_with_zero_fill(rank_group, zero_fill):
+    # The rows: only the received zones are copied (epGroupCopyReceived), and the slot's rows stay;
+    # the routing: copied whole, and cleared in the slot with zero_fill.
     group = rank_group(layout="flat")
     exchange = Exchange(group, zero_fill=zero_fill)
     x, idx, w = inputs(6, 8, 32, 3, torch.float32, 9)
@@ -194,8 +221,26 @@ def test_an_nccl_ranks_slot_is_copied_out_and_cleared_with_zero_fill(rank_group,
     slot = group._slots[0]
     assert sent.tokens.data_ptr() != slot.tokens.data_ptr() and sent.topk_idx.data_ptr() != slot.idx.data_ptr()
     assert sent.tokens.abs().sum() > 0 and (sent.topk_idx >= 0).any()
-    cleared = [not t.any() for t in (slot.tokens, slot.idx, slot.weights)]
-    assert cleared == [zero_fill] * 3
+    assert slot.tokens.any()
+    cleared = [not t.any() for t in (slot.idx, slot.weights)]
+    assert cleared == [zero_fill] * 2
+    exchange.close()
+
+
+@pytest.mark.parametrize("algorithm, layout", [("ht", "flat"), ("ht", "expert_major_padded"), ("ll", "rank_major")])
+def test_an_nccl_ranks_rows_outside_the_zones_are_zeros_with_zero_fill_whatever_the_slot_holds(rank_group, algorithm, layout):
+    # Only the zones are copied out of the slot: rows past them there (an earlier step's; here
+    # 7s) never reach the received tokens, which read the same as from a zeroed slot.
+    group = rank_group(algorithm=algorithm, layout=layout, alignment=4 if layout == "expert_major_padded" else 1)
+    exchange = Exchange(group, zero_fill=True)
+    step = inputs(5, 8, 32, 3, torch.float32, 4)
+    group._slots[0].tokens.fill_(7.0)
+    over_sevens = exchange.dispatch(*step)          # slot 0
+    group._slots[1].tokens.zero_()
+    over_zeros = exchange.dispatch(*step)           # slot 1
+    assert torch.equal(over_sevens.tokens, over_zeros.tokens)
+    assert over_zeros.tokens.any() and not over_zeros.tokens.all()   # rows inside the zones and outside them
+    assert group._slots[0].tokens.eq(7.0).any()     # the slot's 7s are still there
     exchange.close()
 
 

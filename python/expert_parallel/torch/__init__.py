@@ -111,9 +111,8 @@ class Exchange:
     Over an :class:`~expert_parallel.NCCLGroup` (one rank per process) every tensor is this rank's,
     without the leading ``R``: ``x`` ``[B, H]``, received ``tokens`` ``group.recv_shape``, combine
     ``[B, H]``. Its dispatch receives into a buffer slot its peers write, so the ops copy the rows
-    out (a copy of the whole receive buffer per call; with ``zero_fill`` the slot is cleared after
-    it, so rows outside the received zones are zeros as long as the group's slots are used through
-    exchanges only). LL expert-major is refused (its combine's gradients need other ranks' weights
+    out: the received zones only, into tensors made zeroed with ``zero_fill``, and the routing
+    whole (cleared in the slot after, with ``zero_fill``). LL expert-major is refused (its combine's gradients need other ranks' weights
     and expert outputs), and so is a gradient for LL rank-major's ``topk_weights`` (they are at the
     ranks that received the rows); HT differentiates everything.
 

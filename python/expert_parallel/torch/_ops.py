@@ -173,23 +173,24 @@ def _dispatch_into(entry, x: Tensor, topk_idx: Optional[Tensor], topk_weights: O
                    outputs: Tuple[Optional[Tensor], ...]) -> None:
     """The group's dispatch of `x` for `handle` into `outputs` (`_outputs`' tuple). A
     VirtualGroup writes them (``out=``). An NCCLGroup receives into its buffer slot, which its
-    peers write: the slot's rows, routing and counts are copied into `outputs` on the stream
-    (autograd may keep them past the slot's next dispatch), and with `entry.zero_fill` the slot's
-    receive buffers are cleared after, as the library's dispatch into a caller's tensors does, so
-    that rows outside the next step's zones read zero there too (the buffers start zeroed). The
-    dispatch ends once every peer has written its rows here; a peer writes this slot again only in
-    a later dispatch into it, and the dispatch into the other slot comes between (the groups the
-    package makes have two), whose end waits for this rank's launch of it, which the stream runs
-    after the clear. This rank's combine reads none of the received buffers (the per-slot weights
-    of HT expert-major go back first: `combine`)."""
+    peers write, and the slot's rows, routing and counts are copied into `outputs` on the stream
+    (autograd may keep them past the slot's next dispatch): of the rows only the received zones
+    (epGroupCopyReceived: ll-std at one rank ~15 MB of the 470 MB buffer), into tensors made
+    zeroed with `entry.zero_fill`; the routing whole, and with `entry.zero_fill` the slot's
+    received routing is cleared after, as the library's dispatch into a caller's tensors does, so
+    that its entries outside the next step's zones read -1 / 0 there too (the buffers start
+    zeroed). The dispatch ends once every peer has written its rows here; a peer writes this slot
+    again only in a later dispatch into it, and the dispatch into the other slot comes between
+    (the groups the package makes have two), whose end waits for this rank's launch of it, which
+    the stream runs after the copies and the clear. This rank's combine reads none of the received
+    buffers (the per-slot weights of HT expert-major go back first: `combine`)."""
     g = entry.group
     if not entry.one_rank:
         g._dispatch_fresh(x, topk_idx, topk_weights, handle, direction, outputs)   # (outputs: ours, made for the group)
         return
     result = g.dispatch(x, topk_idx, topk_weights, handle=handle, direction=direction)
-    pairs = [(outputs[0], result.tokens)]
-    if outputs[1] is not None:
-        pairs += [(outputs[1], result.topk_idx), (outputs[2], result.topk_weights)]
+    g._copy_received(result.handle, outputs[0])
+    pairs = [] if outputs[1] is None else [(outputs[1], result.topk_idx), (outputs[2], result.topk_weights)]
     for mine, slot in pairs:
         mine.copy_(slot)
         if entry.zero_fill:

@@ -74,7 +74,7 @@ class Entry:
         # none), the rows per local expert, and whether the received rows start as zeros.
         self.received_routing_shape = self.lead + (0,) if routing is None else self.routing_shape
         self.counts_shape = self.lead + (group.local_experts,)
-        self.fills = zero_fill and not self.one_rank   # (an NCCL rank's are copied from its slot whole: nothing to fill)
+        self.fills = zero_fill   # (an NCCL rank's rows too: only the received zones are copied from its slot)
 
     def start(self) -> Tuple[Handle, torch.Tensor]:
         """A handle for a new step and the step's token; the handle returns to the pool when the
