@@ -646,9 +646,13 @@ epResult_t epGroupGetBuffer(epGroup_t group, int32_t slot, epBuffer_t buffer, ep
  * `tokens` (shaped and typed like the slot's epBufferReceivedTokens; the group's device), on
  * `stream`; rows outside the zones are not touched (v8). For a caller that keeps the received
  * rows past the slot's reuse (an autograd graph): the zones are what it costs, not the
- * worst-case buffer (ll-std at one rank of 1: ~15 MB of 470 MB). NCCL-rank groups only, and not
- * FP8 ones (epInvalidUsage; FP8: epInvalidArgument); epInvalidUsage while a send-only call waits for
- * epComplete, or once a later dispatch has used the step's slot. */
+ * worst-case buffer (ll-std at one rank of 1: ~15 MB of 470 MB). `stream` must run it after the
+ * dispatch (its stream, or an event) and before this rank's next update or dispatch (those let
+ * the peers write the slot again). A step that failed on the device (epGroupCheckStatus names it)
+ * copies nothing: `tokens` is left as it was. NCCL-rank groups only, and not FP8 ones
+ * (epInvalidUsage; FP8: epInvalidArgument); `tokens` 8-byte aligned (epInvalidArgument);
+ * epInvalidUsage while a send-only call waits for epComplete, or once a later dispatch has used
+ * the step's slot. */
 epResult_t epGroupCopyReceived(epGroup_t group, epStep_t step, const epTensor_t* tokens, void* stream);
 
 /* A fresh NCCL unique id (ncclGetUniqueId): rank 0 calls it once per group. */

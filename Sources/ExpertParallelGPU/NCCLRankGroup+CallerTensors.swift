@@ -65,18 +65,23 @@ extension NCCLRankGroup {
     /// outside the zones are not touched. What a caller that keeps the received rows past the
     /// slot's reuse (an autograd graph) copies, instead of the whole worst-case buffer (ll-std
     /// at one rank: ~15 MB of 470 MB). Refused for FP8 groups (their e4m3 rows and scales are
-    /// not element rows) and while a send-only call waits for `complete()`.
+    /// not element rows), for `tokens` not 8-byte aligned (the copy moves 8- or 16-byte vectors)
+    /// and while a send-only call waits for `complete()`. A step that failed on the device (its
+    /// update found invalid routing or an overflow) copies nothing: `tokens` is left as it was.
     public func copyReceived(_ handle: GPUStepHandle? = nil, into tokens: TensorRef, stream: CUDAStream? = nil) throws(EPError) {
         let handle = handle ?? implicitHandle
         let use = "copy the received rows of"
+        guard config.fp8 == nil else {   // (first: an FP8 group's e4m3 `tokens` would pass the checks below only to be refused here)
+            throw .invalidArgument(
+                field: "group", value: "an FP8 group", requirement: "must dispatch element rows (bf16, f16, f32) to \(use) a step; an FP8 group's e4m3 rows come with scales")
+        }
         _ = try handle.currentStep()
         let slot = try slotOfDispatch(handle, for: use)
         try engine.checkNothingPending()   // (a send-only dispatch's rows are not all here before its complete())
         try TensorCheck.require(tokens, "tokens", dtypes: [config.receiveElementType], shape: config.receiveShape, location: here)
-        guard config.fp8 == nil else {
-            throw .invalidArgument(
-                field: "group", value: "an FP8 group", requirement: "must dispatch element rows (bf16, f16, f32) to \(use) a step; an FP8 group's e4m3 rows come with scales")
-        }
+        // The copy kernel loads and stores 8- or 16-byte vectors: a view at an odd element would
+        // fault on the device (a sticky error that ends the context), so it is refused here.
+        try requireAligned(tokens, "tokens", 8)
         try copyZones(handle, from: slots[slot].receivedTokens, to: tokens, stream: stream ?? self.stream)
     }
 

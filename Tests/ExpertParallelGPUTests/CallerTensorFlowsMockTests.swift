@@ -60,8 +60,8 @@ struct CallerTensorFlowsMockTests {
     }
 
     /// `copyReceived` (epGroupCopyReceived) copies out of the slot its step's dispatch used, with
-    /// one launch; a step not dispatched yet, one whose slot a later dispatch took, and a tensor
-    /// of another shape are refused by name, launching nothing.
+    /// one launch; a step not dispatched yet, one whose slot a later dispatch took, a tensor of
+    /// another shape and one not 8-byte aligned are refused by name, launching nothing.
     @Test(arguments: NCCLStackedCallMockTests.cases.indices.prefix(3))
     func copyingTheReceivedRowsOutChecksTheStepAndTheTensor(_ index: Int) throws {
         let (name, config) = NCCLStackedCallMockTests.cases[index]
@@ -84,6 +84,10 @@ struct CallerTensorFlowsMockTests {
                 var shrunk = tokens
                 shrunk.shape[shrunk.shape.count - 1] -= 1
                 refused({ () throws(EPError) in try group.copyReceived(handle, into: shrunk) }, "tokens")
+                // A view at an odd element: the copy's 8-byte vectors would fault on the device.
+                var odd = tokens
+                odd.address = tokens.address?.advanced(by: config.elementType.byteSize)
+                refused({ () throws(EPError) in try group.copyReceived(handle, into: odd) }, "tokens.address")
                 let launches = mock.launches
                 try group.copyReceived(handle, into: tokens)
                 #expect(mock.launches == launches + 1, "\(name): one launch")
@@ -94,6 +98,33 @@ struct CallerTensorFlowsMockTests {
                 refused({ () throws(EPError) in try group.copyReceived(handle, into: tokens) }, "holds a later dispatch's rows now: copy the received rows of a step")
             } catch {
                 Issue.record("\(name), rank \(r): \(error)")
+            }
+        }
+    }
+
+    /// An FP8 group's copy is refused as such (field `group`), before its tensor's checks, with
+    /// the e4m3 receive buffer's own type as well as with an element type, launching nothing.
+    @Test func anFP8GroupsCopyIsRefusedByNameLaunchingNothing() throws {
+        let (name, config) = try #require(NCCLStackedCallMockTests.cases.first { $0.1.fp8 != nil && $0.1.ranks == 1 })
+        try NCCLStackedCallMockTests.step(config, tokens: config.maxTokensPerRank - 1) { mock, device, group, a, handle in
+            do {
+                try group.update(handle, topkIdx: [a.part("idx", group.rank)!])
+                try group.dispatch(handle, [a.dispatchInput(group.rank)], slot: 0)
+                let elements = try DeviceTensor(config.elementType, config.receiveShape, on: device)
+                for tokens in [group.slots[0].receivedTokens, elements.ref] {
+                    let launches = mock.launches
+                    do {
+                        try group.copyReceived(handle, into: tokens)
+                        Issue.record("\(name): an FP8 group's copy is not refused (\(tokens.dtype))")
+                    } catch {
+                        var named = false
+                        if case .invalidArgument(let field, _, _)? = error as? EPError { named = field == "group" }
+                        #expect(named && "\(error)".contains("FP8"), "\(name), \(tokens.dtype): \(error)")
+                    }
+                    #expect(mock.launches == launches, "\(name): a refused copy launches nothing")
+                }
+            } catch {
+                Issue.record("\(name): \(error)")
             }
         }
     }
