@@ -147,7 +147,7 @@ class NCCLGroup(GroupBase):
         """The group's `count` buffer slots, their tensors normal ones also under
         torch.inference_mode (the DeepEP adapter makes a group in the first call of a shape, which
         may run under it): later calls outside it update them in place (the adapter's stage, the
-        torch ops' per-slot weights and cleared rows)."""
+        torch ops' per-slot weights and cleared routing)."""
         import torch
 
         with torch.inference_mode(False):
@@ -250,10 +250,14 @@ class NCCLGroup(GroupBase):
         """Copies the rows `handle`'s dispatch received (the layout's zones, padding included)
         out of the buffer slot it used into `tokens`, on the current stream (epGroupCopyReceived);
         rows outside the zones are left as they are. `tokens`: a contiguous torch tensor shaped
-        and typed like the slot's received tokens on the group's device (the torch ops make it)."""
-        out = self._copy_out
-        out.set(0, tokens.data_ptr(), self.recv_shape[0], self._recv_element)
-        check_status(self._fn_copy_received(self._group_address, handle._pointer, self._copy_out_address, self._raw(None)))
+        and typed like the slot's received tokens on the group's device (the torch ops make it).
+        Under the group's lock, as every call of it: the descriptor is the group's one, which
+        another thread's copy would rewrite between the set and the call (the backward pass runs
+        on autograd's thread)."""
+        with self._lock:
+            out = self._copy_out
+            out.set(0, tokens.data_ptr(), self.recv_shape[0], self._recv_element)
+            check_status(self._fn_copy_received(self._group_address, handle._pointer, self._copy_out_address, self._raw(None)))
 
     def _routing_rows(self, topk_idx):
         """(B, address, epDataType_t) of `topk_idx`, checked: [B, top_k] int32 or int64, B ≤ max_tokens."""

@@ -178,8 +178,8 @@ def _dispatch_into(entry, x: Tensor, topk_idx: Optional[Tensor], topk_weights: O
     (epGroupCopyReceived: ll-std at one rank ~15 MB of the 470 MB buffer), into tensors made
     zeroed with `entry.zero_fill`; the routing whole, and with `entry.zero_fill` the slot's
     received routing is cleared after, as the library's dispatch into a caller's tensors does, so
-    that its entries outside the next step's zones read -1 / 0 there too (the buffers start
-    zeroed). The dispatch ends once every peer has written its rows here; a peer writes this slot
+    that its entries outside the next step's zones read 0 / 0 there too, as in a fresh zeroed
+    output (the buffers start zeroed; -1 is written only inside the zones). The dispatch ends once every peer has written its rows here; a peer writes this slot
     again only in a later dispatch into it, and the dispatch into the other slot comes between
     (the groups the package makes have two), whose end waits for this rank's launch of it, which
     the stream runs after the copies and the clear. This rank's combine reads none of the received
