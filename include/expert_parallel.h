@@ -593,8 +593,10 @@ epResult_t epComplete(epHandle_t handle, void* stream);
  *     buffer slot (the other ranks write them). Given those buffers as outputs (epGroupGetBuffer,
  *     v3) it copies nothing; given other tensors it receives into slot 0 and, on the stream,
  *     fills outputs->tokens with zeros and copies the received zones into it (since v8; before,
- *     the whole receive buffer), and copies the whole received routing (and FP8 rows and scales),
- *     so rows outside the received zones read as zero (and topkIdx outputs are int32). Combine reads the slot its step's dispatch used: given that
+ *     the whole receive buffer; so outputs->tokens must be 8-byte aligned, FP8 rows excepted),
+ *     and copies the whole received routing (and FP8 rows and scales), so rows outside the
+ *     received zones read as zero (and topkIdx outputs are int32). Combine reads the slot its
+ *     step's dispatch used: given that
  *     slot's expert-output buffer it copies nothing; else it copies the rows of the caller's
  *     expertOutputs that the step received (the rows the other ranks read; the rest are neither
  *     read nor copied; all of them where expertOutputs is not 8-byte aligned) and, for HT

@@ -29,6 +29,10 @@ extension NCCLRankGroup {
     ) throws(EPError) {
         try refuseUnused(output)
         try TensorCheck.require(output.tokens, "output.tokens", dtypes: [config.receiveElementType], shape: config.receiveShape, location: here)
+        // Element rows are copied in 8- or 16-byte vectors, and only the received zones: a
+        // whole-buffer copy (which an unaligned tensor would need) would bring the rows earlier
+        // steps left in the slot outside them. (FP8 rows are copied whole, the slot cleared.)
+        if config.fp8 == nil { try requireAligned(output.tokens, "output.tokens", 8) }
         if let fp8 = config.fp8, let scalesShape = config.receiveScalesShape {
             try TensorCheck.require(output.scales, "output.scales", dtypes: [fp8.scaleType], shape: scalesShape, location: here)
         }
@@ -39,7 +43,7 @@ extension NCCLRankGroup {
         let handle = handle ?? implicitHandle
         try dispatch(handle, [input], slot: slot, counts: output, options: .init(stream))
         let stream = stream ?? self.stream, buffers = slots[slot]
-        if copiesZones(output.tokens) {
+        if config.fp8 == nil {
             try clear(output.tokens, stream: stream)
             try copyZones(handle, from: buffers.receivedTokens, to: output.tokens, stream: stream)
         } else {
@@ -70,13 +74,12 @@ extension NCCLRankGroup {
     /// update found invalid routing or an overflow) copies nothing: `tokens` is left as it was.
     public func copyReceived(_ handle: GPUStepHandle? = nil, into tokens: TensorRef, stream: CUDAStream? = nil) throws(EPError) {
         let handle = handle ?? implicitHandle
-        let use = "copy the received rows of"
         guard config.fp8 == nil else {   // (first: an FP8 group's e4m3 `tokens` would pass the checks below only to be refused here)
             throw .invalidArgument(
-                field: "group", value: "an FP8 group", requirement: "must dispatch element rows (bf16, f16, f32) to \(use) a step; an FP8 group's e4m3 rows come with scales")
+                field: "group", value: "an FP8 group", requirement: "must dispatch element rows (bf16, f16, f32) for copyReceived; an FP8 group's e4m3 rows come with scales")
         }
         _ = try handle.currentStep()
-        let slot = try slotOfDispatch(handle, for: use)
+        let slot = try slotOfDispatch(handle, for: "copyReceived")
         try engine.checkNothingPending()   // (a send-only dispatch's rows are not all here before its complete())
         try TensorCheck.require(tokens, "tokens", dtypes: [config.receiveElementType], shape: config.receiveShape, location: here)
         // The copy kernel loads and stores 8- or 16-byte vectors: a view at an odd element would
@@ -154,10 +157,8 @@ extension NCCLRankGroup {
     public func refuseUnused(_ output: DispatchOutput) throws(EPError) { try engine.shapes.refuseUnused(output) }
 
     /// Whether `copyZones` can copy `tensor`'s element rows: 8-byte aligned (a view at an odd
-    /// element is not) and of the group's element type (an FP8 group's e4m3 rows are not).
-    private func copiesZones(_ tensor: TensorRef) -> Bool {
-        address(tensor) % 8 == 0 && tensor.dtype == config.elementType
-    }
+    /// element is not).
+    private func copiesZones(_ tensor: TensorRef) -> Bool { address(tensor) % 8 == 0 }
 
     /// The received zones of `handle`'s dispatched step (padding included) from `source` into
     /// `destination`, both receive-shaped element rows, on `stream` (`StepEngine.copyReceivedRows`).

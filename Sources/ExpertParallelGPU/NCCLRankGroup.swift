@@ -190,7 +190,7 @@ final class SlotHolders: @unchecked Sendable {
 
 extension NCCLRankGroup {
     /// The slot `handle`'s dispatch used, checked to still hold that dispatch's rows; `use`
-    /// names the call in the errors ("combine", "copy the received rows of").
+    /// names the call in the errors ("combine", "copyReceived").
     func slotOfDispatch(_ handle: GPUStepHandle, for use: String = "combine") throws(EPError) -> Int {
         guard let slot = handle.bufferSlot else { throw .wrongOrder("\(use) needs a dispatch of this handle's step first") }
         guard holders.holds(slot, handle) else {

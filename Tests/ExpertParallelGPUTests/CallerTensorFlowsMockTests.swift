@@ -61,7 +61,8 @@ struct CallerTensorFlowsMockTests {
 
     /// `copyReceived` (epGroupCopyReceived) copies out of the slot its step's dispatch used, with
     /// one launch; a step not dispatched yet, one whose slot a later dispatch took, a tensor of
-    /// another shape and one not 8-byte aligned are refused by name, launching nothing.
+    /// another shape and one not 8-byte aligned (also as a dispatch's output) are refused by
+    /// name, launching nothing.
     @Test(arguments: NCCLStackedCallMockTests.cases.indices.prefix(3))
     func copyingTheReceivedRowsOutChecksTheStepAndTheTensor(_ index: Int) throws {
         let (name, config) = NCCLStackedCallMockTests.cases[index]
@@ -79,15 +80,20 @@ struct CallerTensorFlowsMockTests {
             }
             do {
                 try group.update(handle, topkIdx: [a.part("idx", r)!])
-                refused({ () throws(EPError) in try group.copyReceived(handle, into: tokens) }, "copy the received rows of needs a dispatch")
+                refused({ () throws(EPError) in try group.copyReceived(handle, into: tokens) }, "copyReceived needs a dispatch of this handle's step first")
                 try group.dispatch(handle, [a.dispatchInput(r)], slot: 0)
                 var shrunk = tokens
                 shrunk.shape[shrunk.shape.count - 1] -= 1
-                refused({ () throws(EPError) in try group.copyReceived(handle, into: shrunk) }, "tokens")
+                refused({ () throws(EPError) in try group.copyReceived(handle, into: shrunk) }, "tokens.shape")
                 // A view at an odd element: the copy's 8-byte vectors would fault on the device.
                 var odd = tokens
                 odd.address = tokens.address?.advanced(by: config.elementType.byteSize)
                 refused({ () throws(EPError) in try group.copyReceived(handle, into: odd) }, "tokens.address")
+                // A dispatch into such a view of the caller's: refused too (its rows would have to be
+                // copied whole, with what earlier steps left in the slot outside the zones).
+                var oddOutput = a.dispatchOutput(r)
+                oddOutput.tokens = odd
+                refused({ () throws(EPError) in try group.dispatch(a.dispatchInput(r), copyingInto: oddOutput, handle: handle) }, "output.tokens.address")
                 let launches = mock.launches
                 try group.copyReceived(handle, into: tokens)
                 #expect(mock.launches == launches + 1, "\(name): one launch")
@@ -95,7 +101,7 @@ struct CallerTensorFlowsMockTests {
                 defer { later.release() }
                 try group.update(later, topkIdx: [a.part("idx", r)!])
                 try group.dispatch(later, [a.dispatchInput(r)], slot: 0)
-                refused({ () throws(EPError) in try group.copyReceived(handle, into: tokens) }, "holds a later dispatch's rows now: copy the received rows of a step")
+                refused({ () throws(EPError) in try group.copyReceived(handle, into: tokens) }, "holds a later dispatch's rows now: copyReceived a step before its slot is used again")
             } catch {
                 Issue.record("\(name), rank \(r): \(error)")
             }

@@ -211,7 +211,7 @@ def test_the_ops_over_an_nccl_rank_give_the_virtual_groups_values_and_gradients(
 
 
 @pytest.mark.parametrize("zero_fill", [True, False])
-def test_an_nccl_ranks_slot_is_copied_out_and_cleared_with_zero_fill(rank_group, zero_fill):
+def test_an_nccl_ranks_rows_are_copied_out_and_its_routing_cleared_with_zero_fill(rank_group, zero_fill):
     # The rows: only the received zones are copied (epGroupCopyReceived), and the slot's rows stay;
     # the routing: copied whole, and cleared in the slot with zero_fill.
     group = rank_group(layout="flat")

@@ -175,7 +175,7 @@ def _dispatch_into(entry, x: Tensor, topk_idx: Optional[Tensor], topk_weights: O
     VirtualGroup writes them (``out=``). An NCCLGroup receives into its buffer slot, which its
     peers write, and the slot's rows, routing and counts are copied into `outputs` on the stream
     (autograd may keep them past the slot's next dispatch): of the rows only the received zones
-    (epGroupCopyReceived: ll-std at one rank ~15 MB of the 470 MB buffer), into tensors made
+    (epGroupCopyReceived: ht-std at one rank of 8 ~310 MB of the 470 MB buffer), into tensors made
     zeroed with `entry.zero_fill`; the routing whole, and with `entry.zero_fill` the slot's
     received routing is cleared after, as the library's dispatch into a caller's tensors does, so
     that its entries outside the next step's zones read 0 / 0 there too, as in a fresh zeroed
