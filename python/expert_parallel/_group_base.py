@@ -218,6 +218,9 @@ class GroupBase(_NotCopyable):
     # before the call's bookkeeping (a refused call must leave the handles as they were).
     _open_send_only: Optional[str] = None
 
+    # The hook of the send-only call `_open_send_only` names (a stale one must not complete a later call).
+    _open_hook: Optional["_Hook"] = None
+
     def _refuse_open(self):
         raise InvalidUsageError(f"complete() the pending send-only {self._open_send_only} first (its result's hook(), "
                                 "or group.complete())")
@@ -227,7 +230,7 @@ class GroupBase(_NotCopyable):
         (record_event) the event recorded after it."""
         if send_only:
             self._open_send_only = "dispatch"
-            result.hook = lambda: self.complete(stream=stream)
+            result.hook = self._open_hook = _Hook(self, stream, "dispatch")
         if record_event:
             result.event = self._record(stream)
         return result
@@ -239,7 +242,8 @@ class GroupBase(_NotCopyable):
         extras: List[Any] = []
         if send_only:
             self._open_send_only = "combine"
-            extras.append(lambda: self.complete(stream=stream))
+            self._open_hook = _Hook(self, stream, "combine")
+            extras.append(self._open_hook)
         if record_event:
             extras.append(self._record(stream))
         return (result, *extras) if extras else result
@@ -251,3 +255,21 @@ class GroupBase(_NotCopyable):
     def _describe_output(self, value, ep_type, name):
         shape = tuple(int(s) for s in value.shape)
         return _arrays.tensor(value, name, dtypes={ep_type}, device=self._device, shape=shape)
+
+
+class _Hook:
+    """The receiving half of one send-only call (its result's ``hook``): enqueues it with the
+    group's complete() on the call's stream, once. Called again, or after group.complete() took
+    it, or once a later send-only call is open, it is refused: it would complete that later call."""
+
+    __slots__ = ("group", "stream", "kind")
+
+    def __init__(self, group: Any, stream: Any, kind: str) -> None:
+        self.group, self.stream, self.kind = group, stream, kind
+
+    def __call__(self) -> None:
+        group = self.group
+        if group._open_send_only is None or group._open_hook is not self:
+            raise InvalidUsageError(f"hook(): this send-only {self.kind} was completed already (by its hook() or the group's "
+                                    "complete()); a hook runs once")
+        group.complete(stream=self.stream)

@@ -113,6 +113,29 @@ def test_send_only_runs_whole_on_the_cpu_and_its_hook_completes():
             g.complete()   # nothing is pending
 
 
+def test_a_hook_runs_once_and_never_completes_a_later_call():
+    # A second call of a hook (or one after group.complete()) used to reach complete() and, with a
+    # later send-only call open, complete that call instead of naming the mistake.
+    xs, idx, w = routing(8)
+    with group() as g:
+        first = g.dispatch(xs, idx, w, send_only=True)
+        first.hook()
+        with pytest.raises(ep.InvalidUsageError, match="hook\\(\\): this send-only dispatch was completed already"):
+            first.hook()
+        combined, hook = g.combine([t.copy() for t in first.tokens], first.handle, send_only=True)
+        with pytest.raises(ep.InvalidUsageError, match="this send-only dispatch was completed already"):
+            first.hook()   # stale: the combine is the open call, and stays open
+        with pytest.raises(ep.InvalidUsageError, match="complete\\(\\) the pending send-only combine first"):
+            g.dispatch(xs, idx, w)
+        hook()
+        second = g.dispatch(xs, idx, w, send_only=True)
+        g.complete()
+        with pytest.raises(ep.InvalidUsageError, match="this send-only dispatch was completed already"):
+            second.hook()
+        with pytest.raises(ep.InvalidUsageError, match="this send-only combine was completed already"):
+            hook()
+
+
 def test_wrong_arguments_of_the_new_calls_are_named():
     xs, idx, w = routing(7)
     with group() as g:
