@@ -68,6 +68,8 @@ def _received(entry, like: Tensor, make, placeholders: bool = True) -> Tuple[Ten
     if entry.routing_shape is None and not placeholders:
         return received, None, None
     routing = entry.received_routing_shape
+    if entry.one_rank:   # (an NCCL rank's received routing is copied whole from its slot: nothing to fill)
+        make = torch.empty
     return received, make(size=routing, dtype=torch.int32, device=device), make(size=routing, dtype=torch.float32, device=device)
 
 
@@ -246,6 +248,8 @@ def dispatch_entry(entry, x: Tensor, topk_idx: Tensor, topk_weights: Optional[Te
         idx = weights = None
     else:
         shape = entry.received_routing_shape
+        if entry.one_rank:   # (an NCCL rank's received routing is copied whole from its slot: nothing to fill)
+            make = rows.new_empty
         idx, weights = make(size=shape, dtype=torch.int32), make(size=shape, dtype=torch.float32)
     counts = rows.new_empty(size=entry.counts_shape, dtype=torch.int32)
     handle, token = entry.start()
