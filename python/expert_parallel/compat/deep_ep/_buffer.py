@@ -292,6 +292,13 @@ class Buffer:
         if handle.rank != self.rank:
             raise InvalidArgumentError(f"handle: rank {handle.rank}'s; this Buffer is rank {self.rank}: pass the handle "
                                        "its own dispatch returned")
+        if handle.record.last.owner is not self._shared.groups:
+            # Another Buffer's (vLLM and SGLang keep one for each path): its call ran on that
+            # Buffer's group, outside this Buffer's lock, or, that Buffer destroyed, failed with
+            # "the group is closed", naming neither the handle nor the Buffer.
+            what = "dispatch" if kind == "ht" else "low_latency_dispatch"
+            raise InvalidArgumentError(f"handle: from another Buffer's {what}; this Buffer ({self!r}) takes the handles "
+                                       f"its own {what} returned")
 
     def _multiprocessors(self, config: Optional[Config]) -> Optional[int]:
         if config is not None:

@@ -40,8 +40,9 @@ class Dispatched(NamedTuple):
 class Entry:
     """One group, the steps it lends out and the work left by a split (send-only) call."""
 
-    def __init__(self, group: Any, spec: Spec, nccl: bool) -> None:
+    def __init__(self, group: Any, spec: Spec, nccl: bool, owner: Optional["Groups"] = None) -> None:
         self.group, self.spec, self.nccl = group, spec, nccl
+        self.owner = owner   # the Groups that made it: a Buffer takes only handles of its own set's groups
         self.max_tokens: int = group.max_tokens
         self._free: List[Any] = []
         self._stage: Optional[Any] = None
@@ -221,7 +222,7 @@ class Groups:
             self._agree_to_make(spec, capacity, error)
         elif error is not None:
             raise InvalidArgumentError(error)
-        made = Entry(self._make(spec, capacity), spec, self.nccl)
+        made = Entry(self._make(spec, capacity), spec, self.nccl, self)
         self._entries[key] = made   # an older, smaller group stays alive while handles of it do
         self._all.append(made)
         return made
