@@ -373,6 +373,10 @@ def test_arguments_of_the_wrong_kind_are_named(ranks):
     wide = torch.zeros(2, 2 * H, dtype=torch.bfloat16)
     with pytest.raises(ep.InvalidArgumentError, match=r"^x: not contiguous \(strides \(" + str(2 * H) + r", 2\)\)"):
         on_every_rank(ranks, lambda b: b.low_latency_dispatch(wide[:, ::2], i, 4, E))
+    # FP8 (DeepEP's default) with a hidden size off its 128-element scale block: named as the caller
+    # wrote it (it was the group config's "epGroupCreate: ... hidden = 64; ... FP8 scale mode 'float32'").
+    with pytest.raises(ep.InvalidArgumentError, match=r"^x: hidden size 64 with use_fp8=True .*multiple of 128"):
+        on_every_rank(ranks, lambda b: b.low_latency_dispatch(torch.zeros(2, 64, dtype=torch.bfloat16), i, 4, E))
     with pytest.raises(ep.InvalidArgumentError, match=r"^topk_idx: not contiguous"):
         b.get_dispatch_layout(torch.zeros(K, 2, dtype=torch.int64).t(), E)
     # A negative view (its memory holds its values negated) and a shrunk storage: named by DeepEP's

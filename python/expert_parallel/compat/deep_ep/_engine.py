@@ -234,6 +234,9 @@ def ll_dispatch(groups: Groups, payloads: List[Payload]) -> List[Any]:
         payloads, _LL_DISPATCH_AGREES,
         lambda p: (p.max_tokens, p.experts, int(p.topk_idx.shape[1]), int(p.x.shape[1]), p.dtype, p.fp8_flags, p.return_recv_hook))
     fp8 = ll_fp8_mode(*flags)
+    if fp8 is not None and hidden % 128:   # (named as the caller wrote it, not as the group's config)
+        raise InvalidArgumentError(f"x: hidden size {hidden} with use_fp8=True (DeepEP's default); must be a multiple of 128, "
+                                   "the block each FP8 scale covers (pass use_fp8=False for bf16 rows)")
     spec = Spec("ll", experts, hidden, top_k, dtype, fp8, "quantize", None)
     entry = groups.entry(spec, bmax, exact=bmax)
     tokens = [int(p.x.shape[0]) for p in payloads]
