@@ -43,7 +43,7 @@ extension NCCLBackend: StepGroupBackend {
     func copyReceived(step: (any StepHandle)?, into tokens: TensorRef, _ stream: UnsafeMutableRawPointer?) throws {
         let group = try self.group
         let handle = try step.map { try self.handle(of: $0) } ?? group.implicitHandle
-        try group.copyReceived(handle, into: tokens, stream: CUDAStream(rawValue: OpaquePointer(stream)))
+        try group.copyReceived(handle, into: tokens, stream: self.stream(stream))
     }
 
     /// No collective calls, so no handle for them: the per-rank calls below use the group's own.
