@@ -112,9 +112,10 @@ class Exchange:
     without the leading ``R``: ``x`` ``[B, H]``, received ``tokens`` ``group.recv_shape``, combine
     ``[B, H]``. Its dispatch receives into a buffer slot its peers write, so the ops copy the rows
     out: the received zones only, into tensors made zeroed with ``zero_fill``, and the routing
-    whole (cleared in the slot after, with ``zero_fill``). LL expert-major is refused (its combine's gradients need other ranks' weights
-    and expert outputs), and so is a gradient for LL rank-major's ``topk_weights`` (they are at the
-    ranks that received the rows); HT differentiates everything.
+    whole (cleared in the slot after, with ``zero_fill``). LL expert-major is refused (its
+    combine's gradients need other ranks' weights and expert outputs), and so is a gradient for
+    LL rank-major's ``topk_weights`` (they are at the ranks that received the rows); HT
+    differentiates everything.
 
     ``zero_fill`` (default True): the received rows, and the gradient rows of the backward
     dispatch, start as zeros, so rows outside the received zones are zeros, whatever the experts

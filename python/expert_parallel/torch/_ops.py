@@ -55,7 +55,7 @@ def _fake(name: str):
 def _received(entry, like: Tensor, make, placeholders: bool = True) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """The received tokens (of `like`'s dtype), topk_idx and topk_weights of a dispatch on
     `like`'s device, made with `make` (torch.zeros where `entry.fills`, else torch.empty;
-    torch.empty for a fake). Where the layout receives no routing (LL expert-major) they are
+    torch.empty for a fake; the routing with torch.empty unless `entry.fills_routing`). Where the layout receives no routing (LL expert-major) they are
     ``[R, 0]`` placeholders, which the ops' schema returns, or None without `placeholders`
     (Exchange's eager calls and the backward dispatch, which return none: two tensors fewer,
     ~1 µs each). The ops' leading dimensions, ``(R,)`` for a VirtualGroup and none for an
@@ -68,7 +68,7 @@ def _received(entry, like: Tensor, make, placeholders: bool = True) -> Tuple[Ten
     if entry.routing_shape is None and not placeholders:
         return received, None, None
     routing = entry.received_routing_shape
-    if entry.one_rank:   # (an NCCL rank's received routing is copied whole from its slot: nothing to fill)
+    if not entry.fills_routing:
         make = torch.empty
     return received, make(size=routing, dtype=torch.int32, device=device), make(size=routing, dtype=torch.float32, device=device)
 
@@ -181,11 +181,12 @@ def _dispatch_into(entry, x: Tensor, topk_idx: Optional[Tensor], topk_weights: O
     zeroed with `entry.zero_fill`; the routing whole, and with `entry.zero_fill` the slot's
     received routing is cleared after, as the library's dispatch into a caller's tensors does, so
     that its entries outside the next step's zones read 0 / 0 there too, as in a fresh zeroed
-    output (the buffers start zeroed; -1 is written only inside the zones). The dispatch ends once every peer has written its rows here; a peer writes this slot
-    again only in a later dispatch into it, and the dispatch into the other slot comes between
-    (the groups the package makes have two), whose end waits for this rank's launch of it, which
-    the stream runs after the copies and the clear. This rank's combine reads none of the received
-    buffers (the per-slot weights of HT expert-major go back first: `combine`)."""
+    output (the buffers start zeroed; -1 is written only inside the zones). The dispatch ends
+    once every peer has written its rows here; a peer writes this slot again only in a later
+    dispatch into it, and the dispatch into the other slot comes between (the groups the package
+    makes have two), whose end waits for this rank's launch of it, which the stream runs after
+    the copies and the clear. This rank's combine reads none of the received buffers (the
+    per-slot weights of HT expert-major go back first: `combine`)."""
     g = entry.group
     if not entry.one_rank:
         g._dispatch_fresh(x, topk_idx, topk_weights, handle, direction, outputs)   # (outputs: ours, made for the group)
@@ -248,8 +249,7 @@ def dispatch_entry(entry, x: Tensor, topk_idx: Tensor, topk_weights: Optional[Te
         idx = weights = None
     else:
         shape = entry.received_routing_shape
-        if entry.one_rank:   # (an NCCL rank's received routing is copied whole from its slot: nothing to fill)
-            make = rows.new_empty
+        make = make if entry.fills_routing else rows.new_empty
         idx, weights = make(size=shape, dtype=torch.int32), make(size=shape, dtype=torch.float32)
     counts = rows.new_empty(size=entry.counts_shape, dtype=torch.int32)
     handle, token = entry.start()

@@ -75,6 +75,8 @@ class Entry:
         self.received_routing_shape = self.lead + (0,) if routing is None else self.routing_shape
         self.counts_shape = self.lead + (group.local_experts,)
         self.fills = zero_fill   # (an NCCL rank's rows too: only the received zones are copied from its slot)
+        # Whether the received routing starts as zeros: an NCCL rank's is copied whole from its slot.
+        self.fills_routing = zero_fill and not self.one_rank
 
     def start(self) -> Tuple[Handle, torch.Tensor]:
         """A handle for a new step and the step's token; the handle returns to the pool when the
