@@ -20,6 +20,7 @@ enum KernelDefineOverrides {
         ("EP_LL_AHEAD", 0...1),           // LL dispatch: a piece's first vectors load with its row lookups (default 1)
         ("EP_LL_SOLO_UPDATE", 0...1),     // LL update at R = 1: the rank's totals stay in shared memory, no all-gather (default 1)
         ("EP_FP8_IN_FLIGHT", 1...4),      // FP8 quantised in the kernel: chunks of 512 elements a warp loads at once (default 2)
+        ("EP_FP8_AHEAD", 1...4),          // the same, LL: chunks loaded before the row lookups (default: the host's choice, 2 to 4)
         ("EP_DEST_GROUP", 1...8),         // dispatch: destinations whose addresses a lane reads before its stores to them (default 1)
         ("EP_PREFETCH_PIECE", 0...1),     // LL dispatch: the rest of a piece is fetched into L2 with its first units (default 1)
         ("EP_ROW_LOADS", 0...2),          // rows' loads: 0 read-only path (LL's default), 1 L2 only (HT's), 2 through L1
@@ -50,9 +51,5 @@ enum KernelDefineOverrides {
             defines[name] = digits
         }
         return defines
-    }
-
-    static func fromEnvironment(reserved: Set<String>) throws(EPError) -> [String: String] {
-        try parse(Environment.value(variable), reserved: reserved)
     }
 }

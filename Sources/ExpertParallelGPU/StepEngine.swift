@@ -142,6 +142,7 @@ final class StepEngine: @unchecked Sendable {
     func kernels(_ requested: StepKernels.Variant) throws(EPError) -> StepKernels {
         var variant = requested
         if case .virtualRanks = placement { variant.oneDevice = true }
+        variant.fp8ChunksAhead = StepKernels.fp8ChunksAhead(config, tuning, blocks: blocksPerRank)
         if let k = lock.withLock({ kernelCache[variant] }) { return k }
         try device.makeCurrent()
         let k = try StepKernels(device: device, config: config, variant: variant, tuning: tuning)

@@ -1,6 +1,6 @@
 import ExpertParallel
 import ExpertParallelCUDA
-import ExpertParallelGPU
+@testable import ExpertParallelGPU
 import Testing
 
 /// FP8 dispatch on the GPU equals the CPU oracle bit for bit: the e4m3 rows and their scale
@@ -81,6 +81,28 @@ struct FP8OracleTests {
             let group = try VirtualGPUGroup(config, device: device)
             let tokens = [8, 3, 0, 8]
             try stepMatchesTheOracle(group, StepInputs(fp8: config, tokens: tokens, seed: UInt64(hidden)), tokens, "\(mode) H=\(hidden) \(layout) \(source)")
+        }
+    }
+
+    /// Rows of 14 chunks cut into 1, 4 and 5 pieces: the LL dispatch then loads 4, 4 and 3 chunks
+    /// ahead of its row lookups (StepKernels.fp8ChunksAhead; with one piece, the rest in batches
+    /// after them), from bf16 and f16 rows, in both LL layouts, fused with the update and not.
+    @Test(arguments: FP8ScaleMode.allCases)
+    func wholePiecesLoadedAheadMatchTheOracle(mode: FP8ScaleMode) throws {
+        let device = try #require(sharedDevice)
+        for (pieces, layout, element) in [(1, Layout.expertMajor, DataType.bf16), (4, .rankMajor, .f16), (4, .expertMajor, .bf16),
+                                          (5, .expertMajor, .f16)] {
+            var config = Self.config(layout, ranks: 8, mode, .quantize, element, maxTokens: 16)
+            config.hidden = 7168
+            let tuning = GPUTuning(rowPieces: pieces)
+            #expect(StepKernels.fp8ChunksAhead(try config.validated(), tuning, blocks: 1) == (pieces == 5 ? 3 : 4))
+            let group = try VirtualGPUGroup(config, device: device, tuning: tuning)
+            for step in 0..<4 {
+                var random = RandomRouting(seed: UInt64(700 + 10 * pieces + step))
+                let tokens = (0..<8).map { _ in Int(random.next() % 17) }
+                try stepMatchesTheOracle(group, StepInputs(fp8: config, tokens: tokens, seed: random.next()), tokens,
+                                         "\(mode) \(element) \(layout) \(pieces) pieces step \(step)", fused: step % 2 == 1)
+            }
         }
     }
 

@@ -17,7 +17,7 @@ struct KernelDefineOverridesTests {
         #expect(defines == ["EP_COMBINE_SPAN": "2", "EP_SOLO_VECS": "8", "EP_COMBINE_ADAPTIVE": "0"])
     }
 
-    static let names = "the name must be one of the switches that can be tried: EP_COMBINE_SPAN 1...8, EP_COMBINE_ADAPTIVE 0...1, EP_COMBINE_FEW_ROWS 0...8, EP_COMBINE_FEW_SPAN 1...8, EP_SOLO_VECS 1...16, EP_LL_AHEAD 0...1, EP_LL_SOLO_UPDATE 0...1, EP_FP8_IN_FLIGHT 1...4, EP_DEST_GROUP 1...8, EP_PREFETCH_PIECE 0...1, EP_ROW_LOADS 0...2, EP_LL_OWN_ROWS 0...1"
+    static let names = "the name must be one of the switches that can be tried: EP_COMBINE_SPAN 1...8, EP_COMBINE_ADAPTIVE 0...1, EP_COMBINE_FEW_ROWS 0...8, EP_COMBINE_FEW_SPAN 1...8, EP_SOLO_VECS 1...16, EP_LL_AHEAD 0...1, EP_LL_SOLO_UPDATE 0...1, EP_FP8_IN_FLIGHT 1...4, EP_FP8_AHEAD 1...4, EP_DEST_GROUP 1...8, EP_PREFETCH_PIECE 0...1, EP_ROW_LOADS 0...2, EP_LL_OWN_ROWS 0...1"
 
     @Test(arguments: [
         ("EP_COMBINE_SPAN", "EP_COMBINE_SPAN", "entries are NAME=value, separated by commas"),
@@ -82,7 +82,7 @@ struct KernelDefineOverridesTests {
     /// addresses read before the stores (EP_DEST_GROUP) and without the piece's L2 prefetch
     /// (EP_PREFETCH_PIECE=0), from bf16 and f32 rows.
     @Test(.enabled(if: GPUTuningTests.runsNVRTC, "needs NVRTC (EP_REQUIRE_NVRTC=1 to require it)"),
-          arguments: [(DataType.bf16, "EP_LL_AHEAD=0"), (.bf16, "EP_FP8_IN_FLIGHT=1"), (.bf16, "EP_FP8_IN_FLIGHT=4"),
+          arguments: [(DataType.bf16, "EP_LL_AHEAD=0"), (.bf16, "EP_FP8_IN_FLIGHT=1"), (.bf16, "EP_FP8_IN_FLIGHT=4"), (.bf16, "EP_FP8_AHEAD=4"),
                       (.bf16, "EP_DEST_GROUP=4"), (.bf16, "EP_DEST_GROUP=8"), (.bf16, "EP_PREFETCH_PIECE=0"), (.f32, "EP_FP8_IN_FLIGHT=4,EP_LL_AHEAD=0")])
     func fp8SwitchesCompile(dtype: DataType, switches: String) throws {
         try Self.compile(.lowLatency, ranks: 4, layout: .expertMajor, switches: switches,
@@ -96,8 +96,7 @@ struct KernelDefineOverridesTests {
         let config = try GroupConfig(algorithm: algorithm, ranks: ranks, experts: 32, topK: 6, hidden: 1024, elementType: dtype,
                                      maxTokensPerRank: 64, layout: layout, fp8: fp8).validated()
         let variant = StepKernels.Variant(indexBytes: 8, receivedIndexBytes: 4, vectorBytes: 16, oneDevice: true)   // virtual ranks
-        var defines = StepKernels.defines(config, variant, try GPUTuning().validated(config))
-        defines.merge(try KernelDefineOverrides.parse(switches, reserved: Set(defines.keys))) { old, _ in old }
+        let defines = try StepKernels.defines(config, variant, try GPUTuning().validated(config), overrides: switches)
         let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)
         let source = KernelSource.embedded(algorithm == .lowLatency ? "ep_ll" : "ep_ht")
         let image = try compiler.compile(source, arch: .hopper, defines: defines).image

@@ -159,9 +159,12 @@ EP_DEVICE void ep_send_piece(const EpArgs& args, int rank, int t, const EpWarpRo
 // chunks take 32 registers, which spill when held across the lookups (EP_AHEAD_FITS).
 #define EP_AHEAD_FITS (EP_FP8 != 1 || EP_ELEM != 2)
 #if EP_FP8 == 1
-#define EP_AHEAD_UNITS EP_FP8_IN_FLIGHT
+#ifndef EP_FP8_AHEAD
+#define EP_FP8_AHEAD EP_FP8_IN_FLIGHT   // chunks loaded ahead (the host's choice: a whole piece where it is 3-4 chunks)
+#endif
+#define EP_AHEAD_UNITS EP_FP8_AHEAD
 struct EpAhead {
-    EpFp8Batch<EP_FP8_IN_FLIGHT> batch;
+    EpFp8Batch<EP_FP8_AHEAD> batch;
 };
 #else
 #define EP_AHEAD_UNITS (32 * EP_UNROLL)
@@ -186,7 +189,7 @@ EP_DEVICE void ep_load_piece_ahead(const EpArgs& args, int rank, int t, int firs
     const ep_u8* src = x + static_cast<ep_u64>(t) * EP_ROW_BYTES;
     ep_fp8_load_batch(src, first, last, lane, ahead.batch);
 #if EP_PREFETCH_PIECE
-    for (int u = first + EP_FP8_IN_FLIGHT; u < last; ++u) {
+    for (int u = first + EP_FP8_AHEAD; u < last; ++u) {
         const int element = u * EP_FP8_CHUNK + lane * EP_FP8_LANE;
         if (element >= EP_HIDDEN) break;
 #pragma unroll
