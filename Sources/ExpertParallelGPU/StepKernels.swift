@@ -98,8 +98,8 @@ struct StepKernels: Sendable {
     /// to memory instead of two (the rest of a piece comes from L2 after the first chunks' stores).
     /// An H100, FP8 ue8m0 ll-std at 8 virtual ranks (4 pieces of 3–4 chunks), dispatch 30.1 → 28.6 µs
     /// with 4 chunks loaded at once beside 2; at one rank (14 pieces of one chunk) 4 read 8.42 against
-    /// 8.06, so a piece of fewer chunks keeps 2. f32 rows keep 2 (16 registers a chunk a lane; they
-    /// load nothing ahead), and so does HT (its pieces are whole rows of a token each).
+    /// 8.06, so a piece of fewer chunks keeps 2. f32 rows and HT load nothing ahead (EP_AHEAD_FITS;
+    /// the HT dispatch copies whole rows): 2, the kernel's default.
     static func fp8ChunksAhead(_ config: GroupConfig, _ tuning: GPUTuning, blocks: Int) -> Int {
         guard config.algorithm == .lowLatency, config.elementType != .f32, config.fp8?.source == .quantize else { return 2 }
         let pieces = StepArguments.rowPieces(tuning, blocks: blocks, tokens: config.maxTokensPerRank, rowBytes: config.wireRowBytes)
