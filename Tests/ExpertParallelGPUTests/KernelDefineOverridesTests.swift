@@ -43,7 +43,8 @@ struct KernelDefineOverridesTests {
         }
     }
 
-    /// A switch the group set itself (none today: the check keeps a future default from being overridden).
+    /// A switch the group set itself, unless StepKernels.overridable lets a try replace it (EP_FP8_AHEAD:
+    /// FP8ChunksAheadTests).
     @Test func aSwitchTheGroupSetsIsRefused() {
         #expect(throws: EPError.self) { try KernelDefineOverrides.parse("EP_COMBINE_SPAN=2", reserved: ["EP_COMBINE_SPAN"]) }
     }
