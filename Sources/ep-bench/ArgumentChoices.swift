@@ -77,3 +77,29 @@ enum FP8SourceChoice: String, ExpressibleByArgument, CaseIterable {
 
     static func name(of source: FP8Dispatch.Source) -> String { source == .quantize ? "quantize" : "pass-through" }
 }
+
+/// A choice option's value that remembers whether the command line gave it: its default until
+/// it does. Declared with this default (not as an optional with the default written in its help),
+/// ArgumentParser writes the option's help as it writes `--backend`'s, one "(values: …; default: …)",
+/// and a run can still refuse the option where given (`--dtype bf16` with `--drill`).
+struct Defaulted<Choice>: ExpressibleByArgument
+where Choice: ExpressibleByArgument & CaseIterable & RawRepresentable, Choice.RawValue == String {
+    var value: Choice
+    /// The value where the command line gave it; nil where it is the default.
+    var given: Choice?
+
+    init(_ value: Choice) {
+        self.value = value
+        given = nil
+    }
+
+    init?(argument: String) {
+        guard let value = Choice(argument: argument) else { return nil }
+        self.value = value
+        given = value
+    }
+
+    var defaultValueDescription: String { value.rawValue }
+    static var allValueStrings: [String] { Choice.allValueStrings }
+    static var defaultCompletionKind: CompletionKind { Choice.defaultCompletionKind }
+}

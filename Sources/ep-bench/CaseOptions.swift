@@ -38,10 +38,12 @@ struct CaseOptions: ParsableArguments {
     @Option(parsing: .unconditional, help: "Rows each expert's zone is padded to with --layout expert-major-padded, 1...1024 (default 1).", transform: NumberArgument.whole(Bounds.alignment))
     var alignment: Int?
 
-    @Option(name: .customLong("dtype"), help: ArgumentHelp("Token element type. u8 is dispatch only: its combine rows are skipped, with a note, and its rows are checked as received. (default: bf16)", valueName: "dtype"))
-    var givenDtype: DTypeChoice?
-    /// The element type (`givenDtype`: nil where --dtype was not given, for the options a drill refuses).
-    var dtype: DTypeChoice { givenDtype ?? .bf16 }
+    @Option(name: .customLong("dtype"), help: ArgumentHelp("Token element type. u8 is dispatch only: its combine rows are skipped, with a note, and its rows are checked as received.", valueName: "dtype"))
+    var dtypeOption = Defaulted(DTypeChoice.bf16)
+    /// The element type.
+    var dtype: DTypeChoice { dtypeOption.value }
+    /// The element type where --dtype was given (nil where not, for the options a drill refuses).
+    var givenDtype: DTypeChoice? { dtypeOption.given }
 
     @Option(help: "FP8 dispatch: rows move as e4m3 with a scale per block, float32 (blocks of 128, float32 scales), ue8m0 (blocks of 128, power-of-two exponent bytes) or e8m0 (blocks of 32, MXFP8). The hidden size must be a multiple of the block; --dtype (bf16, f16 or f32) stays the type of the source rows and of combine.")
     var fp8: FP8Choice?

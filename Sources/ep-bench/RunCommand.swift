@@ -32,8 +32,8 @@ struct RunCommand: ParsableCommand {
     @Option(parsing: .unconditional, help: "Measured iterations, 1...100000 (default: 5 on the CPU, 100 on the GPU).", transform: NumberArgument.whole(Bounds.iterations))
     var iterations: Int?
 
-    // Options with a default keep what was given apart (`given...`), so that an option a run
-    // would ignore is refused only when it was given (RunCommand+Applicable.swift).
+    // Options with a default keep what was given apart (`given...`; a choice's `Defaulted`), so
+    // that an option a run would ignore is refused only when it was given (RunCommand+Applicable.swift).
 
     @Option(name: .customLong("warmup"), parsing: .unconditional, help: ArgumentHelp("Warm-up iterations, 0...10000 (the GPU runs at least 5). (default: 1)", valueName: "warmup"), transform: NumberArgument.whole(Bounds.warmup))
     var givenWarmup: Int?
@@ -53,9 +53,10 @@ struct RunCommand: ParsableCommand {
     @OptionGroup(title: "GPU")
     var gpu: GPUOptions
 
-    @Option(name: .customLong("sharing"), help: ArgumentHelp("NCCL: how ranks share buffers: windows (ncclMemAlloc + windows; peers' addresses from NCCL where it can say them, else descriptors passed over a Unix socket) or ipc (cuMemAlloc + CUDA IPC). (default: windows)", valueName: "sharing"))
-    var givenSharing: PeerSharing?
-    var sharing: PeerSharing { givenSharing ?? .ncclWindows }
+    @Option(name: .customLong("sharing"), help: ArgumentHelp("NCCL: how ranks share buffers: windows (ncclMemAlloc + windows; peers' addresses from NCCL where it can say them, else descriptors passed over a Unix socket) or ipc (cuMemAlloc + CUDA IPC).", valueName: "sharing"))
+    var sharingOption = Defaulted(PeerSharing.ncclWindows)
+    var sharing: PeerSharing { sharingOption.value }
+    var givenSharing: PeerSharing? { sharingOption.given }
 
     @Option(help: "NCCL failure drill instead of the cases: never-joins (--drill-rank exits before joining) or dies (it exits after the group is built, before the first step). The others must report the failure within the timeout.")
     var drill: FailureDrill?
