@@ -3,37 +3,37 @@ import ExpertParallelGPU
 
 /// The GPU's options: the SMs the group may use (a sweep when several are given) and the
 /// kernels' tuning knobs. The CPU backend runs no kernels: any of them there is a usage error
-/// (`given`, `RunCommand+Applicable.swift`). Knobs with a default keep what was given apart
+/// (`given`, `RunCommand+Applicable.swift`), which each one's help says ("GPU only"). Knobs with a default keep what was given apart
 /// (`given...`), so that a default is not taken for an option given.
 struct GPUOptions: ParsableArguments {
-    @Option(name: .customLong("sms"), parsing: .unconditionalSingleValue, help: "GPU: streaming multiprocessors the group may use, 1...4096 and at most the device's (default: all). A list (--sms 16,32,66,132, or the option repeated) runs every case once per count; with --transport nccl, every rank's group uses that many of its GPU's SMs. A usage error on the CPU backend.", transform: NumberArgument.wholeList(Bounds.sms))
+    @Option(name: .customLong("sms"), parsing: .unconditionalSingleValue, help: "GPU only: streaming multiprocessors the group may use, 1...4096 and at most the device's (default: all). A list (--sms 16,32,66,132, or the option repeated) runs every case once per count; with --transport nccl, every rank's group uses that many of its GPU's SMs.", transform: NumberArgument.wholeList(Bounds.sms))
     var smsLists: [[Int]] = []
 
-    @Option(name: .customLong("pipeline-depth"), parsing: .unconditional, help: ArgumentHelp("GPU: dispatch pipeline depth, vectors each lane loads before storing (1...8). (default: 4)", valueName: "pipeline-depth"), transform: NumberArgument.whole(Bounds.pipelineDepth))
+    @Option(name: .customLong("pipeline-depth"), parsing: .unconditional, help: ArgumentHelp("GPU only: dispatch pipeline depth, vectors each lane loads before storing (1...8). (default: 4)", valueName: "pipeline-depth"), transform: NumberArgument.whole(Bounds.pipelineDepth))
     var givenPipelineDepth: Int?
     var pipelineDepth: Int { givenPipelineDepth ?? 4 }
 
-    @Option(name: .customLong("rows-in-flight"), parsing: .unconditional, help: ArgumentHelp("GPU: combine rows loaded before the first is used (1...16). (default: 8)", valueName: "rows-in-flight"), transform: NumberArgument.whole(Bounds.rowsInFlight))
+    @Option(name: .customLong("rows-in-flight"), parsing: .unconditional, help: ArgumentHelp("GPU only: combine rows loaded before the first is used (1...16). (default: 8)", valueName: "rows-in-flight"), transform: NumberArgument.whole(Bounds.rowsInFlight))
     var givenRowsInFlight: Int?
     var rowsInFlight: Int { givenRowsInFlight ?? 8 }
 
-    @Option(parsing: .unconditional, help: "GPU: pieces each token row is cut into, one warp each (default: automatic).", transform: NumberArgument.whole(Bounds.rowPieces))
+    @Option(parsing: .unconditional, help: "GPU only: pieces each token row is cut into, one warp each (default: automatic).", transform: NumberArgument.whole(Bounds.rowPieces))
     var rowPieces: Int?
 
-    @Option(name: .customLong("blocks-per-sm"), parsing: .unconditional, help: "GPU: 512-thread blocks per SM in one launch (1 or 2; default 2, 1 for R = 1 except the HT combine).", transform: NumberArgument.whole(Bounds.blocksPerSM))
+    @Option(name: .customLong("blocks-per-sm"), parsing: .unconditional, help: "GPU only: 512-thread blocks per SM in one launch (1 or 2; default 2, 1 for R = 1 except the HT combine).", transform: NumberArgument.whole(Bounds.blocksPerSM))
     var blocksPerSM: Int?
 
-    @Option(name: .customLong("update-chunk-tokens"), parsing: .unconditional, help: ArgumentHelp("GPU, HT: tokens each update block counts (1...4096; the update runs up to 16 blocks a rank). (default: 256)", valueName: "update-chunk-tokens"), transform: NumberArgument.whole(Bounds.updateChunkTokens))
+    @Option(name: .customLong("update-chunk-tokens"), parsing: .unconditional, help: ArgumentHelp("GPU only, HT: tokens each update block counts (1...4096; the update runs up to 16 blocks a rank). (default: 256)", valueName: "update-chunk-tokens"), transform: NumberArgument.whole(Bounds.updateChunkTokens))
     var givenUpdateChunkTokens: Int?
     var updateChunkTokens: Int { givenUpdateChunkTokens ?? 256 }
 
-    @Flag(help: "GPU: every dispatch and combine launch takes all its blocks, however few the tokens (default: only the blocks the work needs).")
+    @Flag(help: "GPU only: every dispatch and combine launch takes all its blocks, however few the tokens (default: only the blocks the work needs).")
     var fullGrid = false
 
-    @Flag(help: "GPU: plain launches, none of them a programmatic dependent launch (default: dependent launches where the GPU and driver can).")
+    @Flag(help: "GPU only: plain launches, none of them a programmatic dependent launch (default: dependent launches where the GPU and driver can).")
     var serialLaunches = false
 
-    @Flag(inversion: .prefixedNo, help: "GPU, LL: the update inside the dispatch's launch (the upd+disp row) or not (default: so for virtual ranks and one NCCL rank, not at NCCL ranks with peers).")
+    @Flag(inversion: .prefixedNo, help: "GPU only, LL: the update inside the dispatch's launch (the upd+disp row) or not (default: so for virtual ranks and one NCCL rank, not at NCCL ranks with peers).")
     var fusedUpdate: Bool?
 
     enum Bounds {

@@ -2,7 +2,7 @@ import Testing
 @testable import ep_bench
 
 /// `ep-bench run --help` says what each option takes the way ArgumentParser says it for the
-/// others.
+/// others, and which options a run on the CPU refuses.
 @Suite("ep-bench: run --help")
 struct HelpTextTests {
     static let help = RunCommand.helpMessage(columns: 10_000)
@@ -35,5 +35,16 @@ struct HelpTextTests {
         #expect(refusal(["--sharing", "windows"])?.message.hasPrefix("--sharing windows applies to --transport nccl") == true)
         #expect(refusal(["--drill", "dies", "--transport", "nccl", "--dtype", "bf16"])?.message.hasPrefix("--dtype bf16 applies to") == true)
         #expect(refusal(["--dtype", "f64"])?.message.contains("Please provide one of 'bf16', 'f16', 'f32' or 'u8'") == true)
+    }
+
+    /// The GPU's options said "GPU:" (what they tune), not that the CPU backend refuses them
+    /// (only --sms said so, in its last sentence).
+    @Test("each GPU option's help says it is for the GPU only")
+    func gpuOnly() {
+        let options = ["--sms", "--pipeline-depth", "--rows-in-flight", "--row-pieces", "--blocks-per-sm",
+                       "--update-chunk-tokens", "--full-grid", "--serial-launches", "--fused-update/--no-fused-update"]
+        for option in options {
+            #expect(Self.entry(option).contains("GPU only"), "\(option): \(Self.entry(option))")
+        }
     }
 }
