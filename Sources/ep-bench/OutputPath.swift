@@ -3,10 +3,11 @@ import Foundation
 
 /// The check of an output file option (`run --json`, `run --plot`, `plot --out`) before anything
 /// runs: the file the run writes at its end must be one it can create or replace. Nothing is
-/// created, truncated or changed here: an existing file (links followed) must be writable and no
-/// folder; a new one needs an existing folder this process may write in, and a name the file
-/// system takes. (Root passes the permission checks: what root may not write, such as a file of
-/// /proc, still fails at the end, status 1.)
+/// created, truncated or changed here: an existing file (links followed) must be a regular file
+/// (or /dev/null) that opens for writing and takes a write of 0 bytes; a new one needs an existing
+/// folder this process may write in, and a name the file system takes. (Root passes the
+/// permission check of a folder: a new file that root may not create, such as one in /proc, still
+/// fails at the end, status 1.)
 enum OutputPath {
     /// A usage error naming `option` and `path` unless a write to `path` can succeed.
     static func check(_ path: String, option: String) throws {
@@ -19,11 +20,16 @@ enum OutputPath {
     private static func problem(_ path: String, links: Int = 0) -> String? {
         var info = stat()
         if stat(path, &info) == 0 {
-            if info.st_mode & S_IFMT == S_IFDIR { return " is a folder, not a file" }
-            guard access(path, W_OK) == 0 else {
-                return ": the file exists and is not writable (\(String(cString: strerror(errno))))"
+            let type = info.st_mode & S_IFMT
+            if type == S_IFDIR { return " is a folder, not a file" }
+            if type != S_IFREG {
+                // A FIFO would hold the write until something reads it; a socket or a device fails
+                // it or keeps what it likes. /dev/null, which keeps nothing, is the one taken.
+                var null = stat()
+                if stat("/dev/null", &null) == 0, info.st_dev == null.st_dev, info.st_ino == null.st_ino { return nil }
+                return " is \(kind(type)), not a regular file"
             }
-            return nil
+            return unwritable(path).map { ": the file exists and is not writable (\($0))" }
         }
         let error = errno
         // Foundation would write "out/" as the file "out": a path that names a folder is refused.
@@ -49,6 +55,30 @@ enum OutputPath {
             return ": \(folder) is not a folder"
         default:
             return ": \(String(cString: strerror(error)))"
+        }
+    }
+
+    /// Why the regular file `path` cannot be written (strerror's words), or nil: it is opened for
+    /// writing, neither created nor truncated, and written 0 bytes, which changes nothing in a
+    /// regular file but fails where the file system takes no write (a file of /proc, which opens
+    /// for root). Root passes access(), so the open, not a permission check, answers.
+    private static func unwritable(_ path: String) -> String? {
+        let descriptor = open(path, O_WRONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC)
+        guard descriptor >= 0 else { return String(cString: strerror(errno)) }
+        defer { close(descriptor) }
+        var nothing: UInt8 = 0
+        guard write(descriptor, &nothing, 0) >= 0 else { return String(cString: strerror(errno)) }
+        return nil
+    }
+
+    /// What a file of type `type` (st_mode & S_IFMT) is, as the error names it.
+    private static func kind(_ type: mode_t) -> String {
+        switch type {
+        case S_IFIFO: "a FIFO (named pipe)"
+        case S_IFSOCK: "a socket"
+        case S_IFCHR: "a character device"
+        case S_IFBLK: "a block device"
+        default: "a file of type \(String(type, radix: 8))"
         }
     }
 

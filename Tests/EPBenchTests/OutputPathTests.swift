@@ -102,6 +102,62 @@ struct OutputPathTests {
         #expect(try String(contentsOfFile: file, encoding: .utf8) == "kept")
     }
 
+    /// A path that is there but is no regular file, or a file this process cannot open for
+    /// writing, was let through: a FIFO held the write at the end until something read it (or
+    /// forever), a socket or a device failed it or took it, and root, whom the permission check
+    /// lets write anything, could not write a file of /proc (status 1, after the whole run). Each
+    /// is refused before anything runs, naming the option, the path and what it is; the paths are
+    /// left as they were.
+    @Test("an output path that is no regular file, or that cannot be opened for writing")
+    func notAWritableFile() throws {
+        let folder = try TemporaryFolder()
+        let input = try folder.file("engine.json", "[]"), readOnly = try folder.file("read-only.json", "kept")
+        let fifo = "\(folder.path)/fifo", socketPath = "\(folder.path)/socket"
+        try #require(mkfifo(fifo, 0o600) == 0)
+        try FileManager.default.createSymbolicLink(atPath: "\(folder.path)/to-fifo", withDestinationPath: fifo)
+        let socket = try Self.listeningSocket(socketPath)
+        defer { close(socket) }
+        try #require(chmod(readOnly, 0o444) == 0)
+        var unwritable: [(path: String, why: String)] = [
+            (fifo, "is a FIFO (named pipe), not a regular file"),
+            ("\(folder.path)/to-fifo", "is a FIFO (named pipe), not a regular file"),
+            (socketPath, "is a socket, not a regular file"),
+            ("/dev/full", "is a character device, not a regular file"),
+            ("/proc/version", "the file exists and is not writable"),
+        ]
+        // Root may write a file that is read-only to others, and the write at the end does.
+        if geteuid() != 0 { unwritable.append((readOnly, "the file exists and is not writable")) }
+        for (path, why) in unwritable {
+            for (arguments, option) in Self.commands(path, input: input) {
+                guard let refused = refusal(arguments) else {
+                    Issue.record("accepted: \(arguments)")
+                    continue
+                }
+                #expect(refused.status == usageStatus, "\(refused)")
+                #expect(refused.message.contains("\(option) \(path)") && refused.message.contains(why), "\(refused)")
+            }
+        }
+        var info = stat()
+        #expect(stat(fifo, &info) == 0 && info.st_mode & S_IFMT == S_IFIFO)
+        #expect(try String(contentsOfFile: readOnly, encoding: .utf8) == "kept")
+    }
+
+    /// A Unix socket bound at `path`, listening (its descriptor, for the caller to close).
+    static func listeningSocket(_ path: String) throws -> Int32 {
+        let descriptor = Foundation.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        try #require(descriptor >= 0)
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        try #require(bytes.count < MemoryLayout.size(ofValue: address.sun_path))
+        withUnsafeMutableBytes(of: &address.sun_path) { $0.copyBytes(from: bytes) }
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(descriptor, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        try #require(bound == 0 && listen(descriptor, 1) == 0)
+        return descriptor
+    }
+
     /// What can be written still is, and the check leaves it as it was: a new file, an existing
     /// one (not truncated), a link to a new file in an existing folder, /dev/null.
     @Test("an output path that can be written")
