@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 
 @main
 struct EPBench: ParsableCommand {
@@ -10,6 +11,31 @@ struct EPBench: ParsableCommand {
         subcommands: [RunCommand.self, InfoCommand.self, PlotCommand.self],
         defaultSubcommand: RunCommand.self
     )
+
+    /// ArgumentParser's `main`, but for the errors a subcommand's `run()` throws: ArgumentParser
+    /// prints a `ValidationError` from there with the root's usage ("Usage: ep-bench
+    /// <subcommand>"), as if no subcommand had been named; here it is printed as one from the
+    /// subcommand's `validate()` is, with that subcommand's usage (status 64 either way).
+    static func main() {
+        var command: ParsableCommand
+        do { command = try parseAsRoot() } catch { exit(withError: error) }
+        do { try command.run() } catch { exit(withError: error, ranBy: type(of: command)) }
+    }
+
+    /// Ends the process for `error`, thrown by `command`'s `run()`.
+    static func exit(withError error: Error, ranBy command: ParsableCommand.Type) -> Never {
+        guard let error = error as? ValidationError else { exit(withError: error) }
+        FileHandle.standardError.write(Data((usageErrorText(error.message, command: command) + "\n").utf8))
+        Foundation.exit(ExitCode.validationFailure.rawValue)
+    }
+
+    /// What ArgumentParser prints for a `validate()` error of `command` (a subcommand of this one,
+    /// or this one): the error, the command's usage and where its help is.
+    static func usageErrorText(_ message: String, command: ParsableCommand.Type) -> String {
+        let names = command == EPBench.self ? _commandName : "\(_commandName) \(command._commandName)"
+        let usage = usageString(for: command).replacingOccurrences(of: "\n", with: "\n       ")
+        return "Error: \(message)\nUsage: \(usage)\n  See '\(names) --help' for more information."
+    }
 }
 
 /// What `ep-bench`'s exit status means (its `--help`, and README's ep-bench paragraph).
