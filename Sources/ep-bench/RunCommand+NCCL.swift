@@ -68,11 +68,15 @@ extension RunCommand {
     var timeout: Duration { .milliseconds(timeoutMs) }
 
     /// The cases a job of `world` NCCL ranks runs, each with R = `world`. A case whose experts
-    /// `world` does not divide cannot run: one named with --case is a usage error naming it; a
-    /// default one is left out with a note on stderr (rank 0's, with `note`), and none left is an
-    /// error. At a rank of an mpirun or torchrun job `validate()` asks first (checkLaunchedRank).
+    /// `world` does not divide cannot run: with --experts (every case's) a usage error naming
+    /// --experts; else one named with --case is a usage error naming it; a default one is left out
+    /// with a note on stderr (rank 0's, with `note`), and none left is an error. At a rank of an
+    /// mpirun or torchrun job `validate()` asks first (checkLaunchedRank).
     func casesOfJob(world: Int, rank: Int, note: Bool = true) throws -> [BenchCase] {
         let resolved = try shape.resolve(defaults: Defaults.nccl)
+        if let experts = shape.experts, experts % world != 0 {
+            throw ValidationError("--experts \(experts) is not a multiple of this job's \(world) NCCL ranks")
+        }
         let left = resolved.filter { $0.experts % world != 0 }
         if let first = left.first, !shape.cases.isEmpty {
             throw ValidationError("--case \(first.name): its \(first.experts) experts are not a multiple of this job's \(world) NCCL ranks")

@@ -31,6 +31,20 @@ struct NCCLJobCaseTests {
         #expect(try Self.refusal(["--case", "ll-1", "--case", "odd"], world: 32) == nil)
     }
 
+    /// With --experts every case has that many experts: the value the job's size does not divide
+    /// is --experts's, but the error named --case (or, without --case, asked to give --experts).
+    @Test("--experts that the job's size does not divide is a usage error naming --experts")
+    func experts() throws {
+        let expected = "--experts 256 is not a multiple of this job's 3 NCCL ranks"
+        #expect(try Self.refusal(["--case", "ll-std", "--experts", "256"], world: 3) == expected)
+        #expect(try Self.refusal(["--case", "ll-1", "--case", "ht-std", "--experts", "256"], world: 3) == expected)
+        #expect(try Self.refusal(["--experts", "256"], world: 3) == expected)
+        #expect(try Self.refusal(["--case", "ll-std", "--experts", "96"], world: 3) == nil)
+        let job = NCCLRankEnvironment(rank: 1, world: 3, deviceOrdinal: 1, idHex: nil, idFile: "/tmp/ep-bench-unused-id")
+        #expect(performing: { try Self.command(["--case", "ll-std", "--experts", "256"]).checkLaunchedRank(job) },
+                throws: { ($0 as? ValidationError)?.message == expected })
+    }
+
     @Test("default cases: kept with R = the job's size, or, where its size runs none of them, a usage error")
     func defaultCases() throws {
         let kept = try Self.command([]).casesOfJob(world: 4, rank: 1)
