@@ -61,6 +61,21 @@ struct OutputPathTests {
         }
     }
 
+    /// Every command taking an output path refuses each of `paths` as a usage error naming its
+    /// option, the path and why.
+    static func expectRefused(_ paths: [(path: String, why: String)], input: String) {
+        for (path, why) in paths {
+            for (arguments, option) in commands(path, input: input) {
+                guard let refused = refusal(arguments) else {
+                    Issue.record("accepted: \(arguments)")
+                    continue
+                }
+                #expect(refused.status == usageStatus, "\(refused)")
+                #expect(refused.message.contains("\(option) \(path)") && refused.message.contains(why), "\(refused)")
+            }
+        }
+    }
+
     /// Each output option with `path`: run's --json and --plot, and plot's --out.
     static func commands(_ path: String, input: String) -> [(arguments: [String], option: String)] {
         [(quick + ["--json", path], "--json"), (quick + ["--plot", path], "--plot"), (["plot", "--json", input, "--out", path], "--out")]
@@ -88,16 +103,7 @@ struct OutputPathTests {
             ("\(folder.path)/loop", "symbolic links"),
             ("\(folder.path)/\(String(repeating: "n", count: 300)).json", "too long"),
         ]
-        for (path, why) in unwritable {
-            for (arguments, option) in Self.commands(path, input: input) {
-                guard let refused = refusal(arguments) else {
-                    Issue.record("accepted: \(arguments)")
-                    continue
-                }
-                #expect(refused.status == usageStatus, "\(refused)")
-                #expect(refused.message.contains("\(option) \(path)") && refused.message.contains(why), "\(refused)")
-            }
-        }
+        Self.expectRefused(unwritable, input: input)
         #expect(!files.fileExists(atPath: "\(folder.path)/new") && !files.fileExists(atPath: "\(folder.path)/none"))
         #expect(try String(contentsOfFile: file, encoding: .utf8) == "kept")
     }
@@ -127,16 +133,7 @@ struct OutputPathTests {
         ]
         // Root may write a file that is read-only to others, and the write at the end does.
         if geteuid() != 0 { unwritable.append((readOnly, "the file exists and is not writable")) }
-        for (path, why) in unwritable {
-            for (arguments, option) in Self.commands(path, input: input) {
-                guard let refused = refusal(arguments) else {
-                    Issue.record("accepted: \(arguments)")
-                    continue
-                }
-                #expect(refused.status == usageStatus, "\(refused)")
-                #expect(refused.message.contains("\(option) \(path)") && refused.message.contains(why), "\(refused)")
-            }
-        }
+        Self.expectRefused(unwritable, input: input)
         var info = stat()
         #expect(stat(fifo, &info) == 0 && info.st_mode & S_IFMT == S_IFIFO)
         #expect(try String(contentsOfFile: readOnly, encoding: .utf8) == "kept")
