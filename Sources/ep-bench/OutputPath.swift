@@ -4,8 +4,9 @@ import Foundation
 /// The check of an output file option (`run --json`, `run --plot`, `plot --out`) before anything
 /// runs: the file the run writes at its end must be one it can create or replace. Nothing is
 /// created, truncated or changed here: an existing file (links followed) must be a regular file
-/// (or /dev/null) that opens for writing and takes a write of 0 bytes; a new one needs an existing
-/// folder this process may write in, and a name the file system takes. (Root passes the
+/// that opens for writing and takes a write of 0 bytes, /dev/null, or a pipe or device this
+/// process holds open; a new one needs an existing folder this process may write in, and a name
+/// the file system takes. (Root passes the
 /// permission check of a folder: a new file that root may not create, such as one in /proc, still
 /// fails at the end, status 1.)
 enum OutputPath {
@@ -24,9 +25,13 @@ enum OutputPath {
             if type == S_IFDIR { return " is a folder, not a file" }
             if type != S_IFREG {
                 // A FIFO would hold the write until something reads it; a socket or a device fails
-                // it or keeps what it likes. /dev/null, which keeps nothing, is the one taken.
+                // it or keeps what it likes. /dev/null, which keeps nothing, is taken, and so is
+                // what this process holds open already (its standard output as /dev/stdout, the
+                // pipe of bash's `--json >(jq .)` as /dev/fd/63): the write goes where the caller
+                // pointed it.
                 var null = stat()
                 if stat("/dev/null", &null) == 0, info.st_dev == null.st_dev, info.st_ino == null.st_ino { return nil }
+                if heldOpen(info) { return nil }
                 return " is \(kind(type)), not a regular file"
             }
             return unwritable(path).map { ": the file exists and is not writable (\($0))" }
@@ -69,6 +74,16 @@ enum OutputPath {
         var nothing: UInt8 = 0
         guard write(descriptor, &nothing, 0) >= 0 else { return String(cString: strerror(errno)) }
         return nil
+    }
+
+    /// Whether one of this process's open descriptors is the file `info` describes.
+    private static func heldOpen(_ info: stat) -> Bool {
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd") else { return false }
+        return names.contains { name in
+            var held = stat()
+            guard let descriptor = Int32(name), fstat(descriptor, &held) == 0 else { return false }
+            return held.st_dev == info.st_dev && held.st_ino == info.st_ino
+        }
     }
 
     /// What a file of type `type` (st_mode & S_IFMT) is, as the error names it.

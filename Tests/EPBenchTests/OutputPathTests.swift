@@ -156,13 +156,17 @@ struct OutputPathTests {
     }
 
     /// What can be written still is, and the check leaves it as it was: a new file, an existing
-    /// one (not truncated), a link to a new file in an existing folder, /dev/null.
+    /// one (not truncated), a link to a new file in an existing folder, /dev/null, and a pipe this
+    /// process holds open (as /dev/stdout into `| jq`, or bash's `--json >(jq .)`, /dev/fd/63).
     @Test("an output path that can be written")
     func writable() throws {
         let folder = try TemporaryFolder()
         let input = try folder.file("engine.json", "[]"), old = try folder.file("old.json", "kept")
         try FileManager.default.createSymbolicLink(atPath: "\(folder.path)/link", withDestinationPath: "\(folder.path)/target.json")
-        for path in [try folder.file("new.json"), old, "\(folder.path)/link", "/dev/null"] {
+        var ends: [Int32] = [-1, -1]
+        try #require(pipe(&ends) == 0)
+        defer { close(ends[0]); close(ends[1]) }
+        for path in [try folder.file("new.json"), old, "\(folder.path)/link", "/dev/null", "/dev/fd/\(ends[1])"] {
             for (arguments, _) in Self.commands(path, input: input) {
                 #expect(refusal(arguments) == nil, "\(arguments)")
             }
