@@ -66,7 +66,9 @@ struct StepKernels: Sendable {
             defines["EP_FP8_BLOCK"] = "\(fp8.scales.blockSize)"
             defines["EP_FP8_POW2"] = fp8.scales.isPowerOfTwo ? "1" : "0"
             defines["EP_HOST_SCALE_WORDS"] = "\(config.fp8Format?.scaleWordsPerRow ?? 0)"
-            if fp8.source == .quantize { defines["EP_FP8_AHEAD"] = "\(variant.fp8ChunksAhead)" }
+            if fp8.source == .quantize, config.algorithm == .lowLatency, config.elementType != .f32 {
+                defines["EP_FP8_AHEAD"] = "\(variant.fp8ChunksAhead)"   // (only these load ahead: EP_AHEAD_FITS)
+            }
         }
         switch config.algorithm {
         case .lowLatency:
@@ -93,13 +95,15 @@ struct StepKernels: Sendable {
     }
 
     /// Chunks of 512 elements a lane of the LL dispatch loads ahead of its row lookups when it
-    /// quantises to FP8: a whole piece of a row, as the dispatch cuts rows at the group's token
-    /// count with `blocks` blocks a rank, between 2 and 4. A whole piece then costs one round trip
-    /// to memory instead of two (the rest of a piece comes from L2 after the first chunks' stores).
-    /// An H100, FP8 ue8m0 ll-std at 8 virtual ranks (4 pieces of 3–4 chunks), dispatch 30.1 → 28.6 µs
-    /// with 4 chunks loaded at once beside 2; at one rank (14 pieces of one chunk) 4 read 8.42 against
-    /// 8.06, so a piece of fewer chunks keeps 2. f32 rows and HT load nothing ahead (EP_AHEAD_FITS;
-    /// the HT dispatch copies whole rows): 2, the kernel's default.
+    /// quantises bf16 or f16 rows to FP8: the chunks of a row piece, clamped to 2…4, as the
+    /// dispatch cuts rows with `blocks` blocks a rank at the group's most tokens (`maxTokensPerRank`).
+    /// A whole piece then costs one round trip to memory instead of two (the rest of a piece came
+    /// from L2 after the first chunks' stores). An H100, FP8 ue8m0 ll-std at 8 virtual ranks (4
+    /// pieces of 3–4 chunks): dispatch 30.1 → 28.6 µs with 4 chunks beside 2; with 14 pieces of one
+    /// chunk (ll-std at one rank) 4 chunks at once read 8.42 against 8.06, so such pieces keep 2.
+    /// It is chosen once per group: a step of fewer tokens, cut into more and smaller pieces, runs
+    /// the same kernel (loading only its piece; the registers of the larger batch, unmeasured there).
+    /// f32 rows and HT load nothing ahead (EP_AHEAD_FITS; the HT dispatch copies whole rows): 2.
     static func fp8ChunksAhead(_ config: GroupConfig, _ tuning: GPUTuning, blocks: Int) -> Int {
         guard config.algorithm == .lowLatency, config.elementType != .f32, config.fp8?.source == .quantize else { return 2 }
         let pieces = StepArguments.rowPieces(tuning, blocks: blocks, tokens: config.maxTokensPerRank, rowBytes: config.wireRowBytes)

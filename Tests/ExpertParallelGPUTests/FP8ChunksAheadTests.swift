@@ -13,8 +13,8 @@ struct FP8ChunksAheadTests {
                         fp8: source.map { FP8Dispatch(scales: .ue8m0Block128, source: $0) }).validated()
     }
 
-    /// (config, tuning, blocks a rank, chunks): 132 SMs give 33 blocks a rank at R = 8 (4 pieces of
-    /// 14 chunks), 132 at R = 1 (14 pieces of one chunk).
+    /// 132 SMs give 33 blocks a rank at R = 8 (a row's 14 chunks in 4 pieces), 132 at R = 1 (14
+    /// pieces of one chunk).
     @Test func theChunksAreAWholePieceBetweenTwoAndFour() throws {
         let tuning = GPUTuning()
         #expect(StepKernels.fp8ChunksAhead(try Self.config(), tuning, blocks: 33) == 4)
@@ -33,12 +33,15 @@ struct FP8ChunksAheadTests {
         #expect(StepKernels.fp8ChunksAhead(try Self.config(source: nil), tuning, blocks: 33) == 2)
     }
 
-    @Test func onlyAQuantisingGroupsKernelsTakeTheDefine() throws {
+    @Test func onlyTheKernelsThatLoadAheadTakeTheDefine() throws {
         var variant = StepKernels.Variant(indexBytes: 8, receivedIndexBytes: 4, vectorBytes: 16, oneDevice: true)
         variant.fp8ChunksAhead = 4
         #expect(StepKernels.defines(try Self.config(), variant, GPUTuning())["EP_FP8_AHEAD"] == "4")
         #expect(StepKernels.defines(try Self.config(source: .passThrough), variant, GPUTuning())["EP_FP8_AHEAD"] == nil)
         #expect(StepKernels.defines(try Self.config(source: nil), variant, GPUTuning())["EP_FP8_AHEAD"] == nil)
+        // f32 rows and HT load nothing ahead: the define would only split the kernel cache.
+        #expect(StepKernels.defines(try Self.config(element: .f32), variant, GPUTuning())["EP_FP8_AHEAD"] == nil)
+        #expect(StepKernels.defines(try Self.config(algorithm: .highThroughput), variant, GPUTuning())["EP_FP8_AHEAD"] == nil)
     }
 
     @Test func kernelDefinesMayTryAnotherValueButNotAShapeConstant() throws {
@@ -48,6 +51,7 @@ struct FP8ChunksAheadTests {
         let tried = try StepKernels.defines(config, variant, GPUTuning(), overrides: "EP_FP8_AHEAD=2,EP_DEST_GROUP=2")
         #expect(tried["EP_FP8_AHEAD"] == "2" && tried["EP_DEST_GROUP"] == "2")
         #expect(try StepKernels.defines(config, variant, GPUTuning(), overrides: nil) == StepKernels.defines(config, variant, GPUTuning()))
+        // A name that is no switch stays refused through the same merge.
         #expect(throws: EPError.self) { try StepKernels.defines(config, variant, GPUTuning(), overrides: "EP_R=2") }
     }
 }
