@@ -13,6 +13,9 @@ struct BenchCase: Sendable {
     var elementType: DataType = .bf16
     /// FP8 dispatch (nil: rows move in `elementType`).
     var fp8: FP8Dispatch? = nil
+    /// The group's maxTokensPerRank where `--max-tokens` sets it (nil: `tokens`): a group sized
+    /// for its largest batch, each step dispatching `tokens` (≤ it) per rank.
+    var maxTokens: Int? = nil
 
     static let standard: [BenchCase] = [
         .init(name: "ll-std", algorithm: .lowLatency, tokens: 128, hidden: 7168, topK: 8, experts: 256, ranks: 8, layout: .expertMajor),
@@ -32,7 +35,9 @@ struct BenchCase: Sendable {
         return seen
     }
 
-    func config(maxTokens: Int? = nil) -> GroupConfig {
+    /// The group: sized for `maxTokens` per rank where given (HT's receive capacity too, as
+    /// GroupConfig derives it), else for the `tokens` each step dispatches.
+    func config() -> GroupConfig {
         GroupConfig(
             algorithm: algorithm, ranks: ranks, experts: experts, topK: topK, hidden: hidden,
             elementType: elementType, maxTokensPerRank: maxTokens ?? tokens, layout: layout, fp8: fp8)
@@ -45,7 +50,9 @@ struct BenchCase: Sendable {
         return copy
     }
 
-    var label: String { "\(name) \(algorithm.rawValue) \(layout) \(dtypeName) R=\(ranks) B=\(tokens)" }
+    var label: String {
+        "\(name) \(algorithm.rawValue) \(layout) \(dtypeName) R=\(ranks) B=\(tokens)" + (maxTokens.map { $0 != tokens ? " max=\($0)" : "" } ?? "")
+    }
 
     /// The element type, or the FP8 scale mode (`fp8/ue8m0`; pass-through: `fp8/ue8m0/pass`).
     var dtypeName: String { Self.dtypeName(elementType: elementType.rawValue, fp8: fp8) }

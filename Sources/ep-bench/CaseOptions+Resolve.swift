@@ -9,6 +9,10 @@ extension CaseOptions {
     /// against this host's memory. Every failure is a `ValidationError` naming the option.
     /// With several `--tokens`, each case once per count, in the order given, a case's runs together.
     func resolve(defaults: [String]) throws -> [BenchCase] {
+        if let maxTokens, let largest = tokenCounts.max(), maxTokens < largest {
+            let what = tokenCounts.count == 1 ? "--tokens \(largest)" : "\(largest), the largest of --tokens \(tokenCounts.map(String.init).joined(separator: ","))"
+            throw maxTokensError(largest, what)
+        }
         let perCount = try (tokenCounts.isEmpty ? [nil] : tokenCounts.map { Optional($0) }).map { try resolve(defaults: defaults, tokens: $0) }
         return (0..<perCount[0].count).flatMap { i in perCount.map { $0[i] } }
     }
@@ -34,6 +38,10 @@ extension CaseOptions {
             throw ValidationError(
                 "--layout \(layout.rawValue): none of the default cases (\(defaults.joined(separator: ", "))) is \(layout.algorithm.shortName); name one with --case")
         }
+        // Without --tokens each case steps its own B: M must hold the largest (with, resolve() checked).
+        if let maxTokens, let largest = selected.max(by: { $0.tokens < $1.tokens }), maxTokens < largest.tokens {
+            throw maxTokensError(largest.tokens, "the \(largest.tokens) tokens per rank of case \(largest.name)")
+        }
         for benchCase in selected { try check(benchCase) }
         return selected
     }
@@ -48,6 +56,7 @@ extension CaseOptions {
         if let layout { copy.layout = layout.layout(alignment: alignment ?? 1) }
         copy.elementType = dtype.dataType
         copy.fp8 = fp8Dispatch
+        copy.maxTokens = maxTokens
         return copy
     }
 
@@ -59,7 +68,8 @@ extension CaseOptions {
         let choice = layout ?? .expertMajor
         return BenchCase(
             name: Self.customName, algorithm: choice.algorithm, tokens: tokens, hidden: hidden, topK: topK, experts: experts,
-            ranks: ranks, layout: choice.layout(alignment: alignment ?? 1), elementType: dtype.dataType, fp8: fp8Dispatch)
+            ranks: ranks, layout: choice.layout(alignment: alignment ?? 1), elementType: dtype.dataType, fp8: fp8Dispatch,
+            maxTokens: maxTokens)
     }
 
     /// The relations between the values (named by the options that set them), then the library's
@@ -85,7 +95,7 @@ extension CaseOptions {
         let needed = c.hostBytes, available = Int(clamping: ProcessInfo.processInfo.physicalMemory)
         if needed > available {
             throw ValidationError(
-                "case \(c.name) (\(c.label)) needs about \(needed >> 20) MiB of host memory for its inputs, outputs and routing, more than this machine's \(available >> 20) MiB: lower \(shapeOverrides.map(\.option).joined(separator: ", "))")
+                "case \(c.name) (\(c.label)) needs about \(needed >> 20) MiB of host memory for its inputs, outputs and routing, more than this machine's \(available >> 20) MiB: lower \((shapeOverrides.map(\.option) + (maxTokens == nil ? [] : ["--max-tokens"])).joined(separator: ", "))")
         }
         // The routing's work grows with tokens × experts × ranks, which the memory does not bound.
         let scores = c.tokens * c.experts * c.ranks   // each bounded (Bounds): no overflow
@@ -121,10 +131,17 @@ extension CaseOptions {
         }
     }
 
+    /// `--max-tokens` below the `bound` tokens per rank a step of the run dispatches (`what` says
+    /// whose): the group could not take them.
+    private func maxTokensError(_ bound: Int, _ what: String) -> ValidationError {
+        ValidationError(
+            "--max-tokens \(maxTokens ?? 0) is out of range: must be in \(bound)...\(Bounds.tokens.upperBound) (at least \(what): the group must hold every step's tokens)")
+    }
+
     /// A library error about a configuration, with its field named as the option that sets it.
     private func usageError(_ error: EPError, _ c: BenchCase, on backend: String = "") -> ValidationError {
         guard case let .invalidConfig(field, value, requirement) = error else { return ValidationError("case \(c.name)\(backend): \(error)") }
-        let options = ["ranks": "--ranks", "experts": "--experts", "topK": "--topk", "hidden": "--hidden", "maxTokensPerRank": "--tokens",
+        let options = ["ranks": "--ranks", "experts": "--experts", "topK": "--topk", "hidden": "--hidden", "maxTokensPerRank": maxTokens == nil ? "--tokens" : "--max-tokens",
                        "elementType": "--dtype", "layout": "--layout", "layout.alignment": "--alignment", "fp8": "--fp8"]
         return ValidationError("\(options[field] ?? field) \(value) (case \(c.name)\(backend)): \(requirement)")
     }

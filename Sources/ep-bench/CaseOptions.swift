@@ -23,6 +23,9 @@ struct CaseOptions: ParsableArguments {
     /// The only token count given (nil: none, or several).
     var tokens: Int? { tokenCounts.count == 1 ? tokenCounts[0] : nil }
 
+    @Option(name: .customLong("max-tokens"), parsing: .unconditional, help: "Tokens per rank M the groups are sized for, 1...1048576 and at least every B of the run (the largest --tokens, or each case's): each step still dispatches B tokens per rank, and bytes and floors count those B. Default: B (a group sized for its step).", transform: NumberArgument.whole(Bounds.tokens))
+    var maxTokens: Int?
+
     @Option(parsing: .unconditional, help: "Hidden size H in elements, 1...1048576 (overrides the case's); a row of H elements must be a multiple of 8 bytes.", transform: NumberArgument.whole(Bounds.hidden))
     var hidden: Int?
 
@@ -79,6 +82,7 @@ struct CaseOptions: ParsableArguments {
         }
         try checkRange("--ranks", ranks, Bounds.ranks)
         for count in tokensLists.joined() { try checkRange("--tokens", count, Bounds.tokens) }
+        try checkRange("--max-tokens", maxTokens, Bounds.tokens)
         try checkRange("--hidden", hidden, Bounds.hidden)
         try checkRange("--topk", topK, Bounds.topK)
         try checkRange("--experts", experts, Bounds.experts)
@@ -98,6 +102,7 @@ struct CaseOptions: ParsableArguments {
         let values: [(String, String?)] = [
             ("--case", cases.isEmpty ? nil : cases.joined(separator: " --case ")), ("--ranks", ranks.map(String.init)),
             ("--tokens", tokenCounts.isEmpty ? nil : tokenCounts.map(String.init).joined(separator: ",")),
+            ("--max-tokens", maxTokens.map(String.init)),
             ("--hidden", hidden.map(String.init)), ("--topk", topK.map(String.init)), ("--experts", experts.map(String.init)),
             ("--layout", layout?.rawValue), ("--alignment", alignment.map(String.init)), ("--dtype", givenDtype?.rawValue),
             ("--fp8", fp8?.rawValue), ("--fp8-source", fp8Source?.rawValue),
