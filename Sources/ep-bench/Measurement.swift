@@ -78,7 +78,10 @@ struct Measurement: Codable, Sendable {
     @AlwaysEncoded var fp8: String? = nil
     @AlwaysEncoded var fp8Source: String? = nil
     var ranks: Int
+    /// Tokens per rank B each step dispatches (what the bytes and floors count).
     var tokens: Int
+    /// The group's maxTokensPerRank where `--max-tokens` gave it (absent without: the group's is `tokens`).
+    var maxTokensPerRank: Int? = nil
     var hidden: Int
     var topK: Int
     var experts: Int
@@ -149,6 +152,7 @@ struct Measurement: Codable, Sendable {
         fp8Source = config.fp8.map { FP8SourceChoice.name(of: $0.source) }
         ranks = config.ranks
         tokens = benchCase.tokens
+        maxTokensPerRank = benchCase.maxTokens
         hidden = config.hidden
         topK = config.topK
         experts = config.experts

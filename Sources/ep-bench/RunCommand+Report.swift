@@ -72,7 +72,7 @@ extension RunCommand {
 
     var optionsRecord: OptionsRecord {
         OptionsRecord(
-            cases: shape.cases, backend: backend.rawValue, transport: transport.rawValue, ranks: shape.ranks, tokens: shape.tokens, tokenCounts: shape.tokenCounts,
+            cases: shape.cases, backend: backend.rawValue, transport: transport.rawValue, ranks: shape.ranks, tokens: shape.tokens, tokenCounts: shape.tokenCounts, maxTokens: shape.maxTokens,
             hidden: shape.hidden, topK: shape.topK, experts: shape.experts, layout: shape.layout?.rawValue, alignment: shape.alignment,
             dtype: shape.dtype.rawValue, fp8: shape.fp8?.rawValue, fp8Source: shape.fp8Source?.rawValue, iterations: iterations, warmup: warmup, skew: skew, seed: seed, sms: gpu.smCounts,
             pipelineDepth: gpu.pipelineDepth, rowsInFlight: gpu.rowsInFlight, rowPieces: gpu.rowPieces, blocksPerSM: gpu.blocksPerSM,

@@ -49,6 +49,8 @@ struct OptionsRecord: Codable, Sendable {
     /// The only `--tokens` given (null: none, or several: `tokenCounts` has them all).
     @AlwaysEncoded var tokens: Int?
     var tokenCounts: [Int]
+    /// `--max-tokens`; absent (not null) where not given, so that a run without it writes what it wrote before.
+    var maxTokens: Int? = nil
     @AlwaysEncoded var hidden: Int?
     @AlwaysEncoded var topK: Int?
     @AlwaysEncoded var experts: Int?

@@ -18,7 +18,7 @@ enum Table {
         for m in results {
             let name = m.rank.map { "\(m.name) r\($0)" } ?? m.name
             let sms = m.tuning.map { "\($0.multiprocessors)" } ?? "-"
-            let lead = [name, "\(m.algorithm) \(m.layout)", m.dtypeName, "\(m.ranks)", "\(m.tokens)", sms]
+            let lead = [name, "\(m.algorithm) \(m.layout)", m.dtypeName, "\(m.ranks)", tokens(m), sms]
             let valid = m.validated ? "yes" : "NO"
             rows.append(lead + ["update"] + timings(m.update) + ["", "", "", "", ""])
             rows.append(lead + ["dispatch"] + timings(m.dispatch) + floors(m.dispatch) + [valid, ""])
@@ -38,7 +38,16 @@ enum Table {
             zip(row, widths).map { cell, width in cell.padding(toLength: width, withPad: " ", startingAt: 0) }
                 .joined(separator: "  ").trimmingCharacters(in: .whitespaces)
         }
-        return (table + [legend]).joined(separator: "\n")
+        let sized = results.contains { tokens($0) != "\($0.tokens)" } ? [groupLegend] : []
+        return (table + [legend] + sized).joined(separator: "\n")
+    }
+
+    static let groupLegend = "B (max M): each step dispatches B tokens per rank in groups sized for M (--max-tokens); bytes and floors count the B tokens."
+
+    /// The B column: the step's tokens per rank, and the group's maximum where --max-tokens made it another.
+    static func tokens(_ m: Measurement) -> String {
+        guard let most = m.maxTokensPerRank, most != m.tokens else { return "\(m.tokens)" }
+        return "\(m.tokens) (max \(most))"
     }
 
     private static func timings(_ phase: PhaseStats) -> [String] {
