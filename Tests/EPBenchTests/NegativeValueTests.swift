@@ -9,6 +9,7 @@ struct NegativeValueTests {
     static let cases: [(arguments: [String], bound: String)] = [
         (["--tokens", "-1"], "1...1048576"),
         (["--tokens", "-1,16"], "1...1048576"),
+        (["--max-tokens", "-1"], "1...1048576"),
         (["--ranks", "-1"], "1...64"),
         (["--hidden", "-8"], "1...1048576"),
         (["--topk", "-1"], "1...32"),

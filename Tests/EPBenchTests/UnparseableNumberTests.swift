@@ -9,6 +9,7 @@ struct UnparseableNumberTests {
     static let cases: [(arguments: [String], bound: String)] = [
         (["--tokens", "abc"], "1...1048576"),
         (["--tokens", "9223372036854775808"], "1...1048576"),
+        (["--max-tokens", "1.5"], "1...1048576"),
         (["--ranks", "1.5"], "1...64"),
         (["--ranks", "1e30"], "1...64"),
         (["--hidden", ""], "1...1048576"),
