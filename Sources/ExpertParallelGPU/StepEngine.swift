@@ -39,6 +39,9 @@ final class StepEngine: @unchecked Sendable {
     /// differs from `blocksPerRank` only at R = 1 (its loads want every warp an SM holds; an H200
     /// at R = 1, ht-std: 47.3 µs with 1 per SM, 42.1 with 2); per-rank launches keep theirs.
     let combineBlocksPerRank: Int
+    /// The FP8 chunks the LL dispatch loads ahead of its row lookups (`StepKernels.fp8ChunksAhead`
+    /// for `blocksPerRank`): one value for the group, so every kernel variant is compiled with it.
+    let fp8ChunksAhead: Int
     /// How the kernels reach the other ranks; `staging` holds the staged transport's areas.
     let transport: GPUTransport
     let staging: StepStaging?
@@ -97,6 +100,7 @@ final class StepEngine: @unchecked Sendable {
             blocksPerRankPerLaunch = blocksPerRank
             combineBlocksPerRank = blocksPerRank
         }
+        fp8ChunksAhead = StepKernels.fp8ChunksAhead(config, tuning, blocks: blocksPerRank)
     }
 
     var location: MemoryLocation { .device(device.ordinal) }
@@ -142,7 +146,7 @@ final class StepEngine: @unchecked Sendable {
     func kernels(_ requested: StepKernels.Variant) throws(EPError) -> StepKernels {
         var variant = requested
         if case .virtualRanks = placement { variant.oneDevice = true }
-        variant.fp8ChunksAhead = StepKernels.fp8ChunksAhead(config, tuning, blocks: blocksPerRank)
+        variant.fp8ChunksAhead = fp8ChunksAhead
         if let k = lock.withLock({ kernelCache[variant] }) { return k }
         try device.makeCurrent()
         let k = try StepKernels(device: device, config: config, variant: variant, tuning: tuning)

@@ -66,9 +66,7 @@ struct StepKernels: Sendable {
             defines["EP_FP8_BLOCK"] = "\(fp8.scales.blockSize)"
             defines["EP_FP8_POW2"] = fp8.scales.isPowerOfTwo ? "1" : "0"
             defines["EP_HOST_SCALE_WORDS"] = "\(config.fp8Format?.scaleWordsPerRow ?? 0)"
-            if fp8.source == .quantize, config.algorithm == .lowLatency, config.elementType != .f32 {
-                defines["EP_FP8_AHEAD"] = "\(variant.fp8ChunksAhead)"   // (only these load ahead: EP_AHEAD_FITS)
-            }
+            if loadsFP8Ahead(config) { defines["EP_FP8_AHEAD"] = "\(variant.fp8ChunksAhead)" }
         }
         switch config.algorithm {
         case .lowLatency:
@@ -94,6 +92,13 @@ struct StepKernels: Sendable {
         return defines
     }
 
+    /// Whether `config`'s dispatch loads FP8 chunks ahead of its row lookups, and so reads
+    /// EP_FP8_AHEAD: LL quantising bf16 or f16 rows (EP_AHEAD_FITS in ep_wire.cuh; HT loads nothing
+    /// ahead, nor does an f32 row, whose chunks would spill there).
+    static func loadsFP8Ahead(_ config: GroupConfig) -> Bool {
+        config.algorithm == .lowLatency && config.elementType != .f32 && config.fp8?.source == .quantize
+    }
+
     /// Chunks of 512 elements a lane of the LL dispatch loads ahead of its row lookups when it
     /// quantises bf16 or f16 rows to FP8: the chunks of a row piece, clamped to 2…4, as the
     /// dispatch cuts rows with `blocks` blocks a rank at the group's most tokens (`maxTokensPerRank`).
@@ -105,7 +110,7 @@ struct StepKernels: Sendable {
     /// the same kernel (loading only its piece; the registers of the larger batch, unmeasured there).
     /// f32 rows and HT load nothing ahead (EP_AHEAD_FITS; the HT dispatch copies whole rows): 2.
     static func fp8ChunksAhead(_ config: GroupConfig, _ tuning: GPUTuning, blocks: Int) -> Int {
-        guard config.algorithm == .lowLatency, config.elementType != .f32, config.fp8?.source == .quantize else { return 2 }
+        guard loadsFP8Ahead(config) else { return 2 }
         let pieces = StepArguments.rowPieces(tuning, blocks: blocks, tokens: config.maxTokensPerRank, rowBytes: config.wireRowBytes)
         let chunks = (config.hidden + 511) / 512
         return min(4, max(2, (chunks + pieces - 1) / pieces))

@@ -6,9 +6,8 @@ import Foundation
 /// created, truncated or changed here: an existing file (links followed) must be a regular file
 /// that opens for writing and takes a write of 0 bytes, /dev/null, or a pipe or device this
 /// process holds open; a new one needs an existing folder this process may write in, and a name
-/// the file system takes. (Root passes the
-/// permission check of a folder: a new file that root may not create, such as one in /proc, still
-/// fails at the end, status 1.)
+/// the file system takes. (Root passes the permission check of a folder: a new file that root may
+/// not create, such as one in /proc, still fails at the end, status 1.)
 enum OutputPath {
     /// A usage error naming `option` and `path` unless a write to `path` can succeed.
     static func check(_ path: String, option: String) throws {

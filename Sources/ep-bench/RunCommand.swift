@@ -69,7 +69,7 @@ struct RunCommand: ParsableCommand {
     var givenTimeoutMs: Int?
     var timeoutMs: Int { givenTimeoutMs ?? 10_000 }
 
-    @Option(help: "Write the results as JSON to this path: a list with one entry per case (and SM count), each with its phases, floors, tuning and the run's record (commit, device, versions, seed, options). Checked before the run: an existing path must be a regular file (or /dev/null) this process can write, a new one needs a writable folder.")
+    @Option(help: "Write the results as JSON to this path: a list with one entry per case (and SM count), each with its phases, floors, tuning and the run's record (commit, device, versions, seed, options). Checked before the run: an existing path must be a regular file this process can write, /dev/null, or a pipe or terminal it holds open (/dev/stdout), a new one needs a writable folder.")
     var json: String?
 
     @Option(help: "Write an SVG plot to this path: per-rank GB/s of dispatch and combine against tokens per rank, one point per case (and --tokens or --sms count), with the floor's GB/s dashed (ep-bench plot draws it from a --json file). Checked before the run like --json.")

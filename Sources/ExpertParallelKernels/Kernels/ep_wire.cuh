@@ -160,7 +160,7 @@ EP_DEVICE void ep_send_piece(const EpArgs& args, int rank, int t, const EpWarpRo
 #define EP_AHEAD_FITS (EP_FP8 != 1 || EP_ELEM != 2)
 #if EP_FP8 == 1
 #ifndef EP_FP8_AHEAD
-#define EP_FP8_AHEAD EP_FP8_IN_FLIGHT   // chunks loaded ahead (the host's choice: a whole piece where it is 3-4 chunks)
+#define EP_FP8_AHEAD EP_FP8_IN_FLIGHT   // chunks loaded ahead (the host sets it: a piece's chunks, 2 to 4)
 #endif
 #define EP_AHEAD_UNITS EP_FP8_AHEAD
 struct EpAhead {
