@@ -24,6 +24,7 @@ struct KernelResourceTests {
     }
 
     static let llStandard = GroupConfig(algorithm: .lowLatency, ranks: 8, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 128)
+    static let llOneRank = GroupConfig(algorithm: .lowLatency, ranks: 1, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 128)
     static let htStandard = GroupConfig(algorithm: .highThroughput, ranks: 8, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 4096, layout: .flat)
 
     static let htOneRank = GroupConfig(algorithm: .highThroughput, ranks: 1, experts: 32, topK: 8, hidden: 7168, maxTokensPerRank: 4096, layout: .flat)
@@ -44,8 +45,7 @@ struct KernelResourceTests {
         Case(config: htStandard, kernel: "ep_ht_combine", maximumSpill: 0, virtualRanks: false),
         Case(config: llStandard, kernel: "ep_ll_combine", maximumSpill: 64),
         // One rank: the update without the all-gather, its totals read from shared memory.
-        Case(config: GroupConfig(algorithm: .lowLatency, ranks: 1, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 128),
-             kernel: "ep_ll_update_dispatch", maximumSpill: 0),
+        Case(config: llOneRank, kernel: "ep_ll_update_dispatch", maximumSpill: 0),
         Case(config: htStandard, kernel: "ep_ht_dispatch", maximumSpill: 0),
         Case(config: htExpertMajor, kernel: "ep_ht_dispatch", maximumSpill: 0),
         // Flat: the sum without partial registers (ep_flat_term); R = 1 flat: no general loop.
@@ -72,6 +72,9 @@ struct KernelResourceTests {
         Case(config: fp8(llStandard, .float32Block128, elementType: .f32), kernel: "ep_ll_dispatch", maximumSpill: 0),
         Case(config: fp8(llStandard, .e8m0Block32), kernel: "ep_ll_dispatch", maximumSpill: 0),
         Case(config: fp8(htStandard, .float32Block128), kernel: "ep_ht_dispatch", maximumSpill: 0),
+        // One rank, FP8 (pieces of one chunk: two ahead), plain and fused: issue 15's one-rank row.
+        Case(config: fp8(llOneRank, .ue8m0Block128), kernel: "ep_ll_dispatch", maximumSpill: 0),
+        Case(config: fp8(llOneRank, .ue8m0Block128), kernel: "ep_ll_update_dispatch", maximumSpill: 0),
     ]
 
     static func fp8(_ config: GroupConfig, _ mode: FP8ScaleMode, elementType: DataType? = nil) -> GroupConfig {
