@@ -17,7 +17,7 @@ struct KernelDefineOverridesTests {
         #expect(defines == ["EP_COMBINE_SPAN": "2", "EP_SOLO_VECS": "8", "EP_COMBINE_ADAPTIVE": "0"])
     }
 
-    static let names = "the name must be one of the switches that can be tried: EP_COMBINE_SPAN 1...8, EP_COMBINE_ADAPTIVE 0...1, EP_COMBINE_FEW_ROWS 0...8, EP_COMBINE_FEW_SPAN 1...8, EP_SOLO_VECS 1...16, EP_LL_AHEAD 0...1, EP_LL_SOLO_UPDATE 0...1, EP_FP8_IN_FLIGHT 1...4, EP_FP8_AHEAD 1...4, EP_DEST_GROUP 1...8, EP_PREFETCH_PIECE 0...1, EP_ROW_LOADS 0...2, EP_LL_OWN_ROWS 0...1"
+    static let names = "the name must be one of the switches that can be tried: EP_COMBINE_SPAN 1...8, EP_COMBINE_ADAPTIVE 0...1, EP_COMBINE_FEW_ROWS 0...8, EP_COMBINE_FEW_SPAN 1...8, EP_SOLO_VECS 1...16, EP_LL_AHEAD 0...1, EP_LL_SOLO_UPDATE 0...1, EP_FP8_IN_FLIGHT 1...4, EP_FP8_AHEAD 1...4, EP_DEST_GROUP 1...8, EP_PREFETCH_PIECE 0...1, EP_ROW_LOADS 0...2, EP_LL_OWN_ROWS 0...1, EP_HT_STAGE 0...1"
 
     @Test(arguments: [
         ("EP_COMBINE_SPAN", "EP_COMBINE_SPAN", "entries are NAME=value, separated by commas"),
@@ -58,6 +58,14 @@ struct KernelDefineOverridesTests {
         try Self.compile(.highThroughput, ranks: 4, layout: layout, switches: switches)
     }
 
+    /// The HT update without its shared-memory copies (EP_HT_STAGE=0), in both layouts, with
+    /// the drop policy too (its second all-gather reads a table of its own).
+    @Test(.enabled(if: GPUTuningTests.runsNVRTC, "needs NVRTC (EP_REQUIRE_NVRTC=1 to require it)"),
+          arguments: [Layout.flat, .expertMajorPadded(alignment: 4)], [OverflowPolicy.fail, .drop])
+    func updateStagingSwitchCompiles(layout: Layout, overflow: OverflowPolicy) throws {
+        try Self.compile(.highThroughput, ranks: 4, layout: layout, switches: "EP_HT_STAGE=0", overflow: overflow)
+    }
+
     /// The LL switches compile in both LL layouts: the dispatch without its load ahead
     /// (EP_LL_AHEAD=0), the one-rank update either way (EP_LL_SOLO_UPDATE, R = 1) and the one-rank
     /// fused launch's dispatch blocks waiting for the update's rows (EP_LL_OWN_ROWS=0).
@@ -93,9 +101,9 @@ struct KernelDefineOverridesTests {
     /// Compiles the algorithm's step kernels under NVRTC with `switches` (EP_KERNEL_DEFINES's form)
     /// over a small group's defines.
     static func compile(_ algorithm: Algorithm, ranks: Int, layout: Layout, switches: String, dtype: DataType = .bf16,
-                        fp8: FP8Dispatch? = nil) throws {
+                        fp8: FP8Dispatch? = nil, overflow: OverflowPolicy = .fail) throws {
         let config = try GroupConfig(algorithm: algorithm, ranks: ranks, experts: 32, topK: 6, hidden: 1024, elementType: dtype,
-                                     maxTokensPerRank: 64, layout: layout, fp8: fp8).validated()
+                                     maxTokensPerRank: 64, layout: layout, overflow: overflow, fp8: fp8).validated()
         let variant = StepKernels.Variant(indexBytes: 8, receivedIndexBytes: 4, vectorBytes: 16, oneDevice: true)   // virtual ranks
         let defines = try StepKernels.defines(config, variant, try GPUTuning().validated(config), overrides: switches)
         let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)

@@ -25,6 +25,19 @@
 #define EP_HT_ROWS_AT_ONCE (EP_K >= 16 ? 1 : 16 / EP_K)          // update: token rows a thread reads before it writes
 #define EP_FANOUT (EP_K > EP_R ? EP_K : EP_R)   // rows one token reduces at most
 
+// Update: what the blocks read again from shared memory instead of global (EP_HT_STAGE, default 1),
+// where it fits beside the update's own arrays: a chunk block's routing (validated and masked, for
+// its two in-order passes) and the last block's all-gathered count table (zones, offsets, layout).
+#ifndef EP_HT_STAGE
+#define EP_HT_STAGE 1
+#endif
+#define EP_HT_CHUNK_MAX ((EP_BMAX + EP_HT_CHUNKS - 1) / EP_HT_CHUNKS)   // a chunk's tokens at most
+#define EP_HT_SHARED_BASE (4 * ((EP_HT_UPDATE_WARPS + 4) * (EP_E + EP_R) + 2 * EP_E + 2 * EP_R))   // the update's own, bounded above
+#define EP_HT_TABLE_BYTES (4 * EP_R * (EP_E + EP_R))
+#define EP_HT_STAGE_TABLE (EP_HT_STAGE && EP_HT_SHARED_BASE + EP_HT_TABLE_BYTES <= 46 * 1024)
+#define EP_HT_STAGE_ROUTING \
+    (EP_HT_STAGE && EP_HT_SHARED_BASE + (EP_HT_STAGE_TABLE ? EP_HT_TABLE_BYTES : 0) + 4 * EP_HT_CHUNK_MAX * (EP_K + 1) <= 46 * 1024)
+
 // HT workspace words after the shared ones, and a step's handle (StepWorkspace.swift mirrors both).
 #define WS_KEPT (WS_COUNTS + 2 * EP_R * (EP_E + EP_R))      // [2][R][E + R] kept counts (drop)
 #define WS_WORDS (WS_KEPT + 2 * EP_R * (EP_E + EP_R))
@@ -131,18 +144,20 @@ EP_DEVICE void ep_ht_walk_boundary(const ep_u32* full, ep_u64 gathered, int rank
 
 // The routing of tokens [t0, t0 + 32) ∩ [t0, end): lane c gets column c of each token in
 // `experts` (-1 past the end or for lanes ≥ K), and the destination bits of token t0 + lane.
-EP_DEVICE void ep_ht_load_batch(const int* routing, const ep_u32* destinations, int t0, int end,
+// `routing` and `destinations` start at token `origin` (0: the step's; a chunk's first: staged).
+EP_DEVICE void ep_ht_load_batch(const int* routing, const ep_u32* destinations, int origin, int t0, int end,
                                 int (&experts)[32], ep_u32& bits_of_lane_token) {
     const int lane = threadIdx.x % 32;
 #pragma unroll
-    for (int j = 0; j < 32; ++j) experts[j] = lane < EP_K && t0 + j < end ? routing[(t0 + j) * EP_K + lane] : -1;
-    bits_of_lane_token = t0 + lane < end ? destinations[t0 + lane] : 0u;
+    for (int j = 0; j < 32; ++j) experts[j] = lane < EP_K && t0 + j < end ? routing[(t0 + j - origin) * EP_K + lane] : -1;
+    bits_of_lane_token = t0 + lane < end ? destinations[t0 + lane - origin] : 0u;
 }
 
 // Token t's row of ids, validated (-1 or [0, E), no expert twice: else a status and `bad`), its
-// experts on inactive ranks masked to -1, written to the step's routing with its destination bits.
+// experts on inactive ranks masked to -1, written to the step's routing with its destination bits
+// (and to `staged_row` / `staged_bits` too, unless null).
 EP_DEVICE void ep_ht_take_row(ep_u32* ws, ep_u64 mask, int t, const long long (&ids)[EP_K], int* routing, ep_u32* destinations,
-                              int& bad) {
+                              int& bad, int* staged_row = nullptr, ep_u32* staged_bits = nullptr) {
     int row[EP_K];
 #pragma unroll
     for (int c = 0; c < EP_K; ++c) {
@@ -168,9 +183,11 @@ EP_DEVICE void ep_ht_take_row(ep_u32* ws, ep_u64 mask, int t, const long long (&
     for (int c = 0; c < EP_K; ++c) {
         const int e = row[c] >= 0 && ep_active(mask, row[c] / EP_L) ? row[c] : -1;
         routing[t * EP_K + c] = e;
+        if (staged_row != nullptr) staged_row[c] = e;
         if (e >= 0) bits |= 1u << (e / EP_L);
     }
     destinations[t] = bits;
+    if (staged_bits != nullptr) *staged_bits = bits;
 }
 
 // The prefetched batch becomes the current one (registers: both arrays are indexed by constants).
@@ -251,6 +268,18 @@ EP_DEVICE void ep_ht_count_chunk(const EpArgs& args, int rank, ep_u64 mask, int 
     ep_u32* destinations = hs + H_DEST;
     int* selection_rows = reinterpret_cast<int*>(hs + H_SEL_ROW);
     int* pair_rows = reinterpret_cast<int*>(hs + H_PAIR_ROW);
+#if EP_HT_STAGE_ROUTING
+    // The passes below read the chunk's routing from here, not back from global memory.
+    __shared__ int staged_routing[EP_HT_CHUNK_MAX * EP_K];
+    __shared__ ep_u32 staged_destinations[EP_HT_CHUNK_MAX];
+    const int* walk_routing = staged_routing;
+    const ep_u32* walk_destinations = staged_destinations;
+    const int origin = first;
+#else
+    const int* walk_routing = routing;
+    const ep_u32* walk_destinations = destinations;
+    const int origin = 0;
+#endif
 
     // A thread per token: validate its row (-1 or [0, E), no expert twice), mask the experts of
     // inactive ranks, and note its destination ranks. (When any row is invalid the step is void
@@ -267,7 +296,11 @@ EP_DEVICE void ep_ht_count_chunk(const EpArgs& args, int rank, ep_u64 mask, int 
 #pragma unroll
         for (int u = 0; u < EP_HT_ROWS_AT_ONCE; ++u) {
             const int t = t0 + u * blockDim.x;
+#if EP_HT_STAGE_ROUTING
+            if (t < last) ep_ht_take_row(ws, mask, t, ids[u], routing, destinations, bad, staged_routing + (t - first) * EP_K, staged_destinations + (t - first));
+#else
             if (t < last) ep_ht_take_row(ws, mask, t, ids[u], routing, destinations, bad);
+#endif
         }
     }
     __syncthreads();
@@ -279,9 +312,9 @@ EP_DEVICE void ep_ht_count_chunk(const EpArgs& args, int rank, ep_u64 mask, int 
     const int begin = min(last, first + warp * part), end = min(last, begin + part);
     int experts[32], next_experts[32];
     ep_u32 bits_of_lane_token = 0, next_bits = 0;
-    ep_ht_load_batch(routing, destinations, begin, end, experts, bits_of_lane_token);
+    ep_ht_load_batch(walk_routing, walk_destinations, origin, begin, end, experts, bits_of_lane_token);
     for (int t0 = begin; t0 < end; t0 += 32) {
-        ep_ht_load_batch(routing, destinations, t0 + 32, end, next_experts, next_bits);   // in flight meanwhile
+        ep_ht_load_batch(walk_routing, walk_destinations, origin, t0 + 32, end, next_experts, next_bits);   // in flight meanwhile
 #pragma unroll
         for (int j = 0; j < 32; ++j) {
             if (t0 + j >= end) break;
@@ -303,9 +336,9 @@ EP_DEVICE void ep_ht_count_chunk(const EpArgs& args, int rank, ep_u64 mask, int 
     // index above it (ep_ht_offset_row).
     static_assert(EP_BMAX <= EP_HT_PLACE_MASK && EP_HT_CHUNKS <= 64, "a stored place and its chunk fit an int");
     const int chunk_bits = index << EP_HT_CHUNK_SHIFT;
-    ep_ht_load_batch(routing, destinations, begin, end, experts, bits_of_lane_token);
+    ep_ht_load_batch(walk_routing, walk_destinations, origin, begin, end, experts, bits_of_lane_token);
     for (int t0 = begin; t0 < end; t0 += 32) {
-        ep_ht_load_batch(routing, destinations, t0 + 32, end, next_experts, next_bits);
+        ep_ht_load_batch(walk_routing, walk_destinations, origin, t0 + 32, end, next_experts, next_bits);
 #pragma unroll
         for (int j = 0; j < 32; ++j) {
             if (t0 + j >= end) break;
@@ -318,6 +351,33 @@ EP_DEVICE void ep_ht_count_chunk(const EpArgs& args, int rank, ep_u64 mask, int 
         ep_ht_next_batch(experts, bits_of_lane_token, next_experts, next_bits);
     }
 }
+
+#if EP_HT_STAGE_TABLE
+// The last block's copy of the all-gathered count table `table` in `staged` (shared memory), its
+// loads in flight with thread 0's load of the mask: one round trip for both, and every later read
+// of the table (zones, offsets, layout) a shared one. Returns the mask, one value for the block
+// (as ep_block_mask). Call from every thread, once every rank's counts have arrived.
+EP_DEVICE ep_u64 ep_ht_stage_table(const EpArgs& args, const ep_u32* table, ep_u32* staged) {
+    constexpr int words = EP_R * (EP_E + EP_R), threads = EP_HT_UPDATE_WARPS * 32, per = (words + threads - 1) / threads;
+    __shared__ ep_u64 value;
+    ep_u32 v[per];
+#pragma unroll
+    for (int j = 0; j < per; ++j) {
+        const int i = static_cast<int>(threadIdx.x) + j * threads;
+        v[j] = i < words ? table[i] : 0u;
+    }
+    const ep_u64 mask = threadIdx.x == 0 ? ep_load_mask(args) : 0ull;
+    __syncthreads();   // every thread has read an earlier call's `value`
+#pragma unroll
+    for (int j = 0; j < per; ++j) {
+        const int i = static_cast<int>(threadIdx.x) + j * threads;
+        if (i < words) staged[i] = v[j];
+    }
+    if (threadIdx.x == 0) value = mask;
+    __syncthreads();
+    return value;
+}
+#endif
 
 extern "C" __global__ void __launch_bounds__(EP_HT_UPDATE_WARPS * 32, 1)
 ep_ht_update(const EpArgs args) {
@@ -403,7 +463,13 @@ ep_ht_update(const EpArgs args) {
     if (!ep_counts_arrived(args, ws, hs, mask, seq * 4, bad, seq, full)) return;
 
     // Every rank computes every destination's zones and checks its capacity, so all agree.
+#if EP_HT_STAGE_TABLE
+    __shared__ ep_u32 staged_full[EP_R * (EP_E + EP_R)];
+    const ep_u64 gathered = ep_ht_stage_table(args, full, staged_full) & mask;   // one value: every thread lays out the same zones
+    full = staged_full;
+#else
     const ep_u64 gathered = ep_block_mask(args) & mask;   // one value: every thread lays out the same zones
+#endif
 #if EP_DROP
     // Drop policy: per destination, (source rank, token) pairs are kept in order while the
     // receive buffer still fits them; this rank works out its kept prefix, then the ranks
@@ -532,10 +598,16 @@ ep_ht_update(const EpArgs args) {
         const int l = i / EP_R, s = i % EP_R;
         layout[EP_L + EP_R + i] = ep_active(gathered, s) ? table[s * (EP_E + EP_R) + rank * EP_L + l] : 0u;
     }
+#if !EP_HT_STAGE_TABLE
     __syncthreads();
+#endif
     for (int l = threadIdx.x; l < EP_L; l += blockDim.x) {   // L may exceed the block
         ep_u32 sum = 0;
+#if EP_HT_STAGE_TABLE
+        for (int s = 0; s < EP_R; ++s) sum += ep_active(gathered, s) ? table[s * (EP_E + EP_R) + rank * EP_L + l] : 0u;   // (shared memory)
+#else
         for (int s = 0; s < EP_R; ++s) sum += layout[EP_L + EP_R + l * EP_R + s];
+#endif
         layout[l] = sum;
         layout[EP_L + EP_R + EP_L * EP_R + 2 + l] = EP_EXPERT_MAJOR ? zone_start[rank * EP_L + l] : 0;
     }
