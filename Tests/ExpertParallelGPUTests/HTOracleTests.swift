@@ -93,6 +93,41 @@ struct HTOracleTests {
         #expect(throws: EPError.overflow(rank: 0, required: required, capacity: 5)) { _ = try oracleStep(config, inputs) }
     }
 
+    /// A bad entry in any chunk of any rank's routing voids the step on every rank: the update's
+    /// chunk blocks report it to the rank's last block (whichever chunk arrives last), which tells
+    /// its peers; nothing is written, the status names the entry, and the next good step matches.
+    @Test(arguments: layouts)
+    func invalidRoutingInAnyChunkIsReportedAndWritesNothing(layout: Layout) throws {
+        let device = try #require(sharedDevice)
+        let config = GroupConfig.forLayout(layout, ranks: 2, experts: 8, topK: 2, hidden: 16, elementType: .bf16, maxTokensPerRank: 12)
+        // Chunks of 3 tokens: 4 update blocks per rank.
+        let group = try VirtualGPUGroup(config, device: device, tuning: GPUTuning(updateChunkTokens: 3))
+        let tokens = [12, 11]
+        let inputs = try StepInputs(config: config, tokens: tokens, seed: 31, minusOneRate: 0)
+        let buffers = try GPUStep(config, device, tokens: tokens)
+        // (rank, token, column, id): chunk 0 of rank 1, chunk 3 of rank 0, a middle chunk, a repeat.
+        for (rank, token, column, id) in [(1, 1, 1, Int32(8)), (0, 10, 0, Int32(-2)), (1, 7, 0, Int32(12)), (0, 4, 1, Int32(-1))] {
+            var broken = inputs
+            let repeated = id == -1
+            broken.routing[rank][token * 2 + column] = repeated ? broken.routing[rank][token * 2] : id
+            try buffers.upload(broken)
+            try buffers.poison()
+            try buffers.enqueue(group)
+            let expected = repeated ? "\(EPError.repeatedExpert(token: token, firstColumn: 0, secondColumn: 1, expert: Int(broken.routing[rank][token * 2]), rank: rank))"
+                                    : "topkIdx[rank \(rank)][\(token)][\(column)]"
+            // (A rank whose peer failed may report the peer's rejection first, as in LLOracleTests.)
+            #expect { try group.checkStatus() } throws: { error in "\(error)".contains(expected) || "\(error)".contains("rejected") }
+            for (r, result) in try buffers.results(group, skipStatus: true).enumerated() {
+                #expect(result.received.allSatisfy { $0 == 0xA5 } && result.combined.allSatisfy { $0 == 0xA5 },
+                        "\(layout) rank \(r), bad entry at rank \(rank) token \(token): a bad step writes nothing")
+            }
+        }
+        try buffers.upload(inputs)
+        try buffers.poison()
+        try buffers.enqueue(group)
+        expectMatch(try buffers.results(group), try oracleStep(config, inputs), "\(layout): a good step after bad ones")
+    }
+
     @Test func capturedGraphReplaysWithNewRouting() throws {
         let config = GroupConfig.forLayout(.expertMajorPadded(alignment: 8), ranks: 4, experts: 32, topK: 4, hidden: 256,
                                            elementType: .bf16, maxTokensPerRank: 64)
