@@ -604,7 +604,7 @@ ep_ht_update(const EpArgs args) {
     for (int l = threadIdx.x; l < EP_L; l += blockDim.x) {   // L may exceed the block
         ep_u32 sum = 0;
 #if EP_HT_STAGE_TABLE
-        for (int s = 0; s < EP_R; ++s) sum += ep_active(gathered, s) ? table[s * (EP_E + EP_R) + rank * EP_L + l] : 0u;   // (shared memory)
+        for (int s = 0; s < EP_R; ++s) sum += ep_active(gathered, s) ? table[s * (EP_E + EP_R) + rank * EP_L + l] : 0u;   // (the staged copy; the drop policy: its kept table)
 #else
         for (int s = 0; s < EP_R; ++s) sum += layout[EP_L + EP_R + l * EP_R + s];
 #endif
