@@ -105,11 +105,13 @@ struct HTOracleTests {
         let tokens = [12, 11]
         let inputs = try StepInputs(config: config, tokens: tokens, seed: 31, minusOneRate: 0)
         let buffers = try GPUStep(config, device, tokens: tokens)
-        // (rank, token, column, id): chunk 0 of rank 1, chunk 3 of rank 0, a middle chunk, a repeat.
-        for (rank, token, column, id) in [(1, 1, 1, Int32(8)), (0, 10, 0, Int32(-2)), (1, 7, 0, Int32(12)), (0, 4, 1, Int32(-1))] {
+        // (rank, token, column, id; nil: the token's column-0 expert again): chunk 0 of rank 1,
+        // chunk 3 of rank 0, a middle chunk, a repeat.
+        let entries: [(Int, Int, Int, Int32?)] = [(1, 1, 1, 8), (0, 10, 0, -2), (1, 7, 0, 12), (0, 4, 1, nil)]
+        for (rank, token, column, id) in entries {
             var broken = inputs
-            let repeated = id == -1
-            broken.routing[rank][token * 2 + column] = repeated ? broken.routing[rank][token * 2] : id
+            let repeated = id == nil
+            broken.routing[rank][token * 2 + column] = id ?? broken.routing[rank][token * 2]
             try buffers.upload(broken)
             try buffers.poison()
             try buffers.enqueue(group)
