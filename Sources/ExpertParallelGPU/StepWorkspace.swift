@@ -79,8 +79,8 @@ struct StepWorkspace: Sendable {
         switch algorithm {
         case .lowLatency: Self.commonWords + maxTokens * topK + maxTokens * ranks
         case .highThroughput:
-            // Routing, destinations, selection rows, pair rows, the chunks' counts, arrived, bad.
-            Self.commonWords + maxTokens * topK + maxTokens + maxTokens * topK + maxTokens * ranks + updateBlocks * (experts + ranks) + 2
+            // Routing, destinations, selection rows, pair rows, the chunks' counts, arrived (and bad chunks).
+            Self.commonWords + maxTokens * topK + maxTokens + maxTokens * topK + maxTokens * ranks + updateBlocks * (experts + ranks) + 1
         }
     }
     var layoutWords: Int {

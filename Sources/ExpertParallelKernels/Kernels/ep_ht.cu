@@ -46,9 +46,8 @@
 #define H_SEL_ROW (H_DEST + EP_BMAX)                        // [BMAX][K] slot of each selection (expert-major), less its offset
 #define H_PAIR_ROW (H_SEL_ROW + EP_BMAX * EP_K)             // [BMAX][R] row of each (token, rank) less its offset, or -1
 #define H_CHUNK (H_PAIR_ROW + EP_BMAX * EP_R)               // [CHUNKS][E + R] each chunk's counts, then its offsets (ep_ht_pair_row)
-#define H_ARRIVED (H_CHUNK + EP_HT_CHUNKS * (EP_E + EP_R))  // update: chunk blocks done (reset by the last)
-#define H_BAD (H_ARRIVED + 1)                               // update: 1 when a chunk held an invalid row (reset by the last)
-#define H_LAYOUT (H_BAD + 1)                                // [L], [R], [L][R], total, dropped, [L] offsets
+#define H_ARRIVED (H_CHUNK + EP_HT_CHUNKS * (EP_E + EP_R))  // update: chunk blocks done; upper half: those with a bad row (reset by the last)
+#define H_LAYOUT (H_ARRIVED + 1)                            // [L], [R], [L][R], total, dropped, [L] offsets
 #define H_ORIGIN (H_LAYOUT + EP_L + EP_R + EP_L * EP_R + 2 + EP_L)   // staged: [N] origin of each received row
 EP_CHECK_ALGORITHM_CONTRACT("HT", EP_HT_UPDATE_WARPS, EP_CAPACITY)
 
@@ -412,17 +411,19 @@ ep_ht_update(const EpArgs args) {
         ep_ht_count_chunk(args, rank, chunk_mask, static_cast<int>(blockIdx.x), first, last, counts, bad);
     }
 #if EP_HT_CHUNKS > 1
+    static_assert(EP_HT_CHUNKS < (1 << 16), "arrivals and bad chunks each fit half of H_ARRIVED");
     // Arrive, as a grid barrier does: the barrier orders the block's writes before thread 0's
     // fence and count; the last block's reads come after its fence and the next barrier.
     __syncthreads();
     if (threadIdx.x == 0) {
-        if (bad) atomicOr(hs + H_BAD, 1u);
+        // A block that found a bad row says so in the count's upper half: one atomic, and the
+        // last block learns it from the value it replaces, with no load after.
         __threadfence();
-        const bool last = atomicAdd(hs + H_ARRIVED, 1u) == gridDim.x - 1;
+        const ep_u32 arrived = atomicAdd(hs + H_ARRIVED, bad ? (1u << 16) + 1u : 1u);
+        const bool last = (arrived & 0xffffu) == gridDim.x - 1;
         if (last) {
             __threadfence();   // the other blocks' words are read only after their arrival was seen
-            if (ep_load_flag(hs + H_BAD)) bad = 1;
-            hs[H_BAD] = 0;
+            if (arrived >> 16) bad = 1;
             hs[H_ARRIVED] = 0;   // every block has arrived: ready for the next launch (graph replays)
         }
         last_block = last;
@@ -458,16 +459,25 @@ ep_ht_update(const EpArgs args) {
     ep_publish_row(args, rank, mask, WS_COUNTS + parity * EP_R * (EP_E + EP_R), seq * 4 + (bad ? 1 : 0),
                    [&](int i) { return before[i]; });   // (ends with a barrier: `before` is free after)
 
-    // Wait for every active rank's counts (bounded); a late or bad rank voids the step.
+    // Wait for every active rank's counts (bounded); a late or bad rank voids the step. Every
+    // rank computes every destination's zones and checks its capacity, so all agree.
     const ep_u32* full = ws + WS_COUNTS + parity * EP_R * (EP_E + EP_R);
-    if (!ep_counts_arrived(args, ws, hs, mask, seq * 4, bad, seq, full)) return;
-
-    // Every rank computes every destination's zones and checks its capacity, so all agree.
 #if EP_HT_STAGE_TABLE
+    // The table is copied once the counts have arrived, and the peers' bad-row words are read
+    // from the copy: ep_counts_arrived in its three parts, the copy between the last two.
+    __shared__ int any_bad;
     __shared__ ep_u32 staged_full[EP_R * (EP_E + EP_R)];
+    if (threadIdx.x == 0) any_bad = bad ? -2 : -1;
+    __syncthreads();
+    ep_counts_wait(args, ws, mask, seq * 4, &any_bad);
+    __syncthreads();
     const ep_u64 gathered = ep_ht_stage_table(args, full, staged_full) & mask;   // one value: every thread lays out the same zones
     full = staged_full;
+    ep_counts_check_bad_rows(mask, full, &any_bad);
+    __syncthreads();
+    if (!ep_counts_verdict(ws, hs, seq, any_bad)) return;
 #else
+    if (!ep_counts_arrived(args, ws, hs, mask, seq * 4, bad, seq, full)) return;
     const ep_u64 gathered = ep_block_mask(args) & mask;   // one value: every thread lays out the same zones
 #endif
 #if EP_DROP

@@ -250,21 +250,28 @@ EP_DEVICE bool ep_combine_ready(const EpArgs& args, int rank, ep_u32* ws, ep_u64
 // step's count table at `table` (EP_BAD_ROW; the flag's own low bit may already be the rank's
 // next update's). Any late or bad rank (or `bad` here) voids the step for this rank: H_STEP_OK =
 // 0, the status names the peer, the update's sequence number is taken, and every thread gets
-// false. Call from every thread.
-EP_DEVICE bool ep_counts_arrived(const EpArgs& args, ep_u32* ws, ep_u32* hs, ep_u64 mask, ep_u32 expected, bool bad, ep_u32 seq,
-                                 const ep_u32* table) {
-    __shared__ int any_bad;   // -1 all good, -2 this rank's own routing, else the highest failing peer
-    if (threadIdx.x == 0) any_bad = bad ? -2 : -1;
-    __syncthreads();
+// false. Call from every thread. In three parts for a caller that reads the table elsewhere
+// first (the HT update's copy in shared memory): ep_counts_wait, ep_counts_check_bad_rows and
+// ep_counts_verdict, a barrier after each. `any_bad` (shared): -1 all good, -2 this rank's own
+// routing, else the highest failing peer.
+EP_DEVICE void ep_counts_wait(const EpArgs& args, ep_u32* ws, ep_u64 mask, ep_u32 expected, int* any_bad) {
     if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
         if (!ep_wait(args, ws, WS_COUNT_FLAG + threadIdx.x, expected)) {
             ep_timeout(args, ws, threadIdx.x);
-            atomicMax(&any_bad, static_cast<int>(threadIdx.x));
-        } else if (*reinterpret_cast<const volatile ep_u32*>(table + threadIdx.x * (EP_E + EP_R)) == EP_BAD_ROW) {
-            atomicMax(&any_bad, static_cast<int>(threadIdx.x));
+            atomicMax(any_bad, static_cast<int>(threadIdx.x));
         }
     }
-    __syncthreads();
+}
+
+EP_DEVICE void ep_counts_check_bad_rows(ep_u64 mask, const ep_u32* table, int* any_bad) {
+    if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
+        if (*reinterpret_cast<const volatile ep_u32*>(table + threadIdx.x * (EP_E + EP_R)) == EP_BAD_ROW) {
+            atomicMax(any_bad, static_cast<int>(threadIdx.x));
+        }
+    }
+}
+
+EP_DEVICE bool ep_counts_verdict(ep_u32* ws, ep_u32* hs, ep_u32 seq, int any_bad) {
     if (any_bad == -1) return true;
     if (threadIdx.x == 0) {
         hs[H_STEP_OK] = 0;
@@ -272,6 +279,17 @@ EP_DEVICE bool ep_counts_arrived(const EpArgs& args, ep_u32* ws, ep_u32* hs, ep_
         ws[WS_SEQ] = seq;
     }
     return false;
+}
+
+EP_DEVICE bool ep_counts_arrived(const EpArgs& args, ep_u32* ws, ep_u32* hs, ep_u64 mask, ep_u32 expected, bool bad, ep_u32 seq,
+                                 const ep_u32* table) {
+    __shared__ int any_bad;
+    if (threadIdx.x == 0) any_bad = bad ? -2 : -1;
+    __syncthreads();
+    ep_counts_wait(args, ws, mask, expected, &any_bad);
+    ep_counts_check_bad_rows(mask, table, &any_bad);   // (a timed-out peer's stale row changes nothing: it failed already)
+    __syncthreads();
+    return ep_counts_verdict(ws, hs, seq, any_bad);
 }
 
 // The end of a launch. With `count`, the last block of this rank to finish resets the block
