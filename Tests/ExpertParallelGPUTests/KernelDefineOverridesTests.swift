@@ -17,7 +17,7 @@ struct KernelDefineOverridesTests {
         #expect(defines == ["EP_COMBINE_SPAN": "2", "EP_SOLO_VECS": "8", "EP_COMBINE_ADAPTIVE": "0"])
     }
 
-    static let names = "the name must be one of the switches that can be tried: EP_COMBINE_SPAN 1...8, EP_COMBINE_ADAPTIVE 0...1, EP_COMBINE_FEW_ROWS 0...8, EP_COMBINE_FEW_SPAN 1...8, EP_SOLO_VECS 1...16, EP_LL_AHEAD 0...1, EP_LL_SOLO_UPDATE 0...1, EP_FP8_IN_FLIGHT 1...4, EP_FP8_AHEAD 1...4, EP_DEST_GROUP 1...8, EP_PREFETCH_PIECE 0...1, EP_ROW_LOADS 0...2, EP_LL_OWN_ROWS 0...1, EP_HT_STAGE 0...1, EP_HT_COALESCE 0...1"
+    static let names = "the name must be one of the switches that can be tried: EP_COMBINE_SPAN 1...8, EP_COMBINE_ADAPTIVE 0...1, EP_COMBINE_FEW_ROWS 0...8, EP_COMBINE_FEW_SPAN 1...8, EP_SOLO_VECS 1...16, EP_LL_AHEAD 0...1, EP_LL_SOLO_UPDATE 0...1, EP_FP8_IN_FLIGHT 1...4, EP_FP8_AHEAD 1...4, EP_DEST_GROUP 1...8, EP_PREFETCH_PIECE 0...1, EP_ROW_LOADS 0...2, EP_LL_OWN_ROWS 0...1, EP_HT_STAGE 0...1"
 
     @Test(arguments: [
         ("EP_COMBINE_SPAN", "EP_COMBINE_SPAN", "entries are NAME=value, separated by commas"),
@@ -58,14 +58,12 @@ struct KernelDefineOverridesTests {
         try Self.compile(.highThroughput, ranks: 4, layout: layout, switches: switches)
     }
 
-    /// The HT update without its shared-memory copies (EP_HT_STAGE=0) and with its ids read in
-    /// order (EP_HT_COALESCE=1), in both layouts, with the drop policy too (its second all-gather
-    /// reads a table of its own).
+    /// The HT update without its shared-memory copies (EP_HT_STAGE=0), in both layouts, with
+    /// the drop policy too (its second all-gather reads a table of its own).
     @Test(.enabled(if: GPUTuningTests.runsNVRTC, "needs NVRTC (EP_REQUIRE_NVRTC=1 to require it)"),
           arguments: [Layout.flat, .expertMajorPadded(alignment: 4)], [OverflowPolicy.fail, .drop])
     func updateStagingSwitchCompiles(layout: Layout, overflow: OverflowPolicy) throws {
         try Self.compile(.highThroughput, ranks: 4, layout: layout, switches: "EP_HT_STAGE=0", overflow: overflow)
-        try Self.compile(.highThroughput, ranks: 4, layout: layout, switches: "EP_HT_COALESCE=1", overflow: overflow)
     }
 
     /// The LL switches compile in both LL layouts: the dispatch without its load ahead

@@ -37,14 +37,6 @@
 #define EP_HT_STAGE_TABLE (EP_HT_STAGE && EP_HT_SHARED_BASE + EP_HT_TABLE_BYTES <= 46 * 1024)
 #define EP_HT_STAGE_ROUTING \
     (EP_HT_STAGE && EP_HT_SHARED_BASE + (EP_HT_STAGE_TABLE ? EP_HT_TABLE_BYTES : 0) + 4 * EP_HT_CHUNK_MAX * (EP_K + 1) <= 46 * 1024)
-// Update: with the staged routing, a chunk block reads its ids in order, the whole block at once
-// (each warp's loads one run of consecutive entries, where a thread per token reads K entries K
-// apart), range-checks them into the staged routing and writes the step's routing from there in
-// order too (EP_HT_COALESCE, default 0).
-#ifndef EP_HT_COALESCE
-#define EP_HT_COALESCE 0
-#endif
-#define EP_HT_COALESCE_IDS (EP_HT_COALESCE && EP_HT_STAGE_ROUTING)
 
 // HT workspace words after the shared ones, and a step's handle (StepWorkspace.swift mirrors both).
 #define WS_KEPT (WS_COUNTS + 2 * EP_R * (EP_E + EP_R))      // [2][R][E + R] kept counts (drop)
@@ -161,8 +153,8 @@ EP_DEVICE void ep_ht_load_batch(const int* routing, const ep_u32* destinations, 
 }
 
 // Token t's row of ids, validated (-1 or [0, E), no expert twice: else a status and `bad`), its
-// experts on inactive ranks masked to -1, written to the step's routing (unless null) with its
-// destination bits (and to `staged_row` / `staged_bits` too, unless null).
+// experts on inactive ranks masked to -1, written to the step's routing with its destination bits
+// (and to `staged_row` / `staged_bits` too, unless null).
 EP_DEVICE void ep_ht_take_row(ep_u32* ws, ep_u64 mask, int t, const long long (&ids)[EP_K], int* routing, ep_u32* destinations,
                               int& bad, int* staged_row = nullptr, ep_u32* staged_bits = nullptr) {
     int row[EP_K];
@@ -189,7 +181,7 @@ EP_DEVICE void ep_ht_take_row(ep_u32* ws, ep_u64 mask, int t, const long long (&
 #pragma unroll
     for (int c = 0; c < EP_K; ++c) {
         const int e = row[c] >= 0 && ep_active(mask, row[c] / EP_L) ? row[c] : -1;
-        if (routing != nullptr) routing[t * EP_K + c] = e;
+        routing[t * EP_K + c] = e;
         if (staged_row != nullptr) staged_row[c] = e;
         if (e >= 0) bits |= 1u << (e / EP_L);
     }
@@ -288,42 +280,6 @@ EP_DEVICE void ep_ht_count_chunk(const EpArgs& args, int rank, ep_u64 mask, int 
     const int origin = 0;
 #endif
 
-#if EP_HT_COALESCE_IDS
-    // The chunk's ids in order, EP_HT_AT_ONCE a thread before it writes one: out of range is
-    // reported here (the status names the entry) and kept as -1; then a thread per token checks
-    // its row for repeats, masks it and notes its destinations, from the staged copy; then the
-    // step's routing is written from that copy, in order.
-    const int entries = (last - first) * EP_K;
-    for (int i0 = threadIdx.x; i0 < entries; i0 += EP_HT_AT_ONCE * blockDim.x) {
-        long long id[EP_HT_AT_ONCE];
-#pragma unroll
-        for (int j = 0; j < EP_HT_AT_ONCE; ++j) {
-            const int i = i0 + j * blockDim.x;
-            id[j] = i < entries ? ep_read_index(args, rank, first * EP_K + i) : -1;
-        }
-#pragma unroll
-        for (int j = 0; j < EP_HT_AT_ONCE; ++j) {
-            const int i = i0 + j * blockDim.x;
-            if (i >= entries) break;
-            const long long e = id[j];
-            if (e < -1 || e >= EP_E) {
-                ep_set_status(ws, EP_STATUS_INDEX_RANGE, first + i / EP_K, i % EP_K, static_cast<ep_u32>(e));
-                bad = 1;
-            }
-            staged_routing[i] = e >= 0 && e < EP_E ? static_cast<int>(e) : -1;
-        }
-    }
-    __syncthreads();
-    for (int t = first + static_cast<int>(threadIdx.x); t < last; t += blockDim.x) {
-        int* staged_row = staged_routing + (t - first) * EP_K;
-        long long ids[EP_K];
-#pragma unroll
-        for (int c = 0; c < EP_K; ++c) ids[c] = staged_row[c];
-        ep_ht_take_row(ws, mask, t, ids, nullptr, destinations, bad, staged_row, staged_destinations + (t - first));
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < entries; i += blockDim.x) routing[first * EP_K + i] = staged_routing[i];
-#else
     // A thread per token: validate its row (-1 or [0, E), no expert twice), mask the experts of
     // inactive ranks, and note its destination ranks. (When any row is invalid the step is void
     // and nothing is written, so the routing kept here no longer matters.) A thread reads the ids
@@ -346,7 +302,6 @@ EP_DEVICE void ep_ht_count_chunk(const EpArgs& args, int rank, ep_u64 mask, int 
 #endif
         }
     }
-#endif
     __syncthreads();
 
     // Pass 1: per-warp counts over a contiguous part of the chunk, in token order. The routing of
