@@ -252,9 +252,9 @@ EP_DEVICE bool ep_combine_ready(const EpArgs& args, int rank, ep_u32* ws, ep_u64
 // 0, the status names the peer, the update's sequence number is taken, and every thread gets
 // false. Call from every thread. In three parts for a caller that reads the table elsewhere
 // first (the HT update's copy in shared memory): `any_bad` (shared: -1 all good, -2 this rank's
-// own routing, else the highest failing peer) set before ep_counts_wait; a barrier before
-// ep_counts_check_bad_rows unless the table it reads is global (the waiting thread reads its
-// peer's row); a barrier before ep_counts_verdict.
+// own routing, else the highest failing peer) set, then a barrier, before ep_counts_wait; a
+// barrier before ep_counts_check_bad_rows unless the table it reads is global (the waiting
+// thread reads its peer's row); a barrier before ep_counts_verdict.
 EP_DEVICE void ep_counts_wait(const EpArgs& args, ep_u32* ws, ep_u64 mask, ep_u32 expected, int* any_bad) {
     if (threadIdx.x < EP_R && ep_active(mask, threadIdx.x)) {
         if (!ep_wait(args, ws, WS_COUNT_FLAG + threadIdx.x, expected)) {
