@@ -275,6 +275,8 @@ EP_DEVICE void ep_ht_count_chunk(const EpArgs& args, int rank, ep_u64 mask, int 
     const ep_u32* walk_destinations = staged_destinations;
     const int origin = first;
 #else
+    int* const staged_routing = nullptr;   // (nothing staged: ep_ht_take_row writes the step's routing only)
+    ep_u32* const staged_destinations = nullptr;
     const int* walk_routing = routing;
     const ep_u32* walk_destinations = destinations;
     const int origin = 0;
@@ -295,11 +297,11 @@ EP_DEVICE void ep_ht_count_chunk(const EpArgs& args, int rank, ep_u64 mask, int 
 #pragma unroll
         for (int u = 0; u < EP_HT_ROWS_AT_ONCE; ++u) {
             const int t = t0 + u * blockDim.x;
-#if EP_HT_STAGE_ROUTING
-            if (t < last) ep_ht_take_row(ws, mask, t, ids[u], routing, destinations, bad, staged_routing + (t - first) * EP_K, staged_destinations + (t - first));
-#else
-            if (t < last) ep_ht_take_row(ws, mask, t, ids[u], routing, destinations, bad);
-#endif
+            if (t < last) {
+                ep_ht_take_row(ws, mask, t, ids[u], routing, destinations, bad,
+                               EP_HT_STAGE_ROUTING ? staged_routing + (t - first) * EP_K : nullptr,
+                               EP_HT_STAGE_ROUTING ? staged_destinations + (t - first) : nullptr);
+            }
         }
     }
     __syncthreads();
