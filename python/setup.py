@@ -11,6 +11,10 @@ What this adds to setuptools' build:
   Without one the wheel is pure Python and the package finds the library at run time
   ($EP_LIBRARY, see expert_parallel/_library.py). The library is never built here: build it with
   `scripts/build-library` first.
+- expert_parallel._torch_fast, the common calls' torch tensors read in C++ (_torch_fast.cpp),
+  when torch is importable where the build runs (`pip install --no-build-isolation ./python`, or
+  in place: scripts/build-torch-fast) and EP_TORCH_FAST is not 0. It is built against that torch
+  and tags the wheel for this Python; without it the package takes its Python path.
 """
 
 import os
@@ -63,8 +67,22 @@ def read_version(root=ROOT, here=HERE):
     raise SystemExit(f"{version_file} not found: build from the repository (pip >= 21.3 builds ./python in place)")
 
 
+def torch_extension(environ=os.environ):
+    """(the extension, torch's build_ext) for _torch_fast, or None: EP_TORCH_FAST=0, or no torch
+    here (pip's isolated build environment has none: --no-build-isolation builds it)."""
+    if environ.get("EP_TORCH_FAST") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        return None
+    extension = CppExtension(f"{PACKAGE}._torch_fast", [f"{PACKAGE}/_torch_fast.cpp"], extra_compile_args=["-O2"])
+    return extension, BuildExtension
+
+
 LIBRARY = find_library()
 VERSION = read_version()
+TORCH_EXTENSION = torch_extension()
 
 
 class BuildPy(build_py):
@@ -96,10 +114,12 @@ class LibraryDistribution(Distribution):
     with an extension module would be), its wheel not pure."""
 
     def has_ext_modules(self):
-        return LIBRARY is not None
+        return LIBRARY is not None or TORCH_EXTENSION is not None
 
 
 commands = {"build_py": BuildPy}
+if TORCH_EXTENSION is not None:
+    commands["build_ext"] = TORCH_EXTENSION[1].with_options(use_ninja=False)
 
 if bdist_wheel is not None:
     class PlatformWheel(bdist_wheel):
@@ -108,11 +128,12 @@ if bdist_wheel is not None:
 
         def get_tag(self):
             python, abi, platform = super().get_tag()
-            if LIBRARY is not None:
+            if LIBRARY is not None and TORCH_EXTENSION is None:   # (an extension module: this Python's tags)
                 return "py3", "none", platform
             return python, abi, platform
 
     commands["bdist_wheel"] = PlatformWheel
 
 if __name__ == "__main__":
-    setup(version=VERSION, cmdclass=commands, distclass=LibraryDistribution)
+    setup(version=VERSION, cmdclass=commands, distclass=LibraryDistribution,
+          ext_modules=[] if TORCH_EXTENSION is None else [TORCH_EXTENSION[0]])

@@ -5,7 +5,9 @@ that does not match goes through :func:`_arrays.tensor`, whose error names what 
 
 import array
 import ctypes
+import importlib
 import operator
+import os
 import struct
 
 from . import _abi, _arrays
@@ -40,6 +42,26 @@ class NoTensorYet:
 _tensor_type = None   # torch.Tensor itself, once one was seen: the common case, one type check
 tensor_type = NoTensorYet   # the same for callers that test in line (never matches before torch is seen)
 torch_codes = {}      # torch dtype -> epDataType_t, once torch was seen
+
+
+UNMADE = object()   # a group's torch-fast spec before its first common call (spec_of makes it)
+
+
+def torch_fast_module():
+    """expert_parallel._torch_fast (the common calls' tensors read in C++, _torch_fast.cpp) where
+    it was built against this torch, or None: not built, built for another torch or Python, or
+    EP_TORCH_FAST=0. Then the package's Python path takes every call."""
+    if os.environ.get("EP_TORCH_FAST") == "0":
+        return None
+    try:
+        return importlib.import_module(__package__ + "._torch_fast")
+    except ImportError:   # (not built here, or an undefined symbol of another torch)
+        return None
+
+
+def entry_address(function):
+    """The C address of a ctypes function, or None for anything else (a stand-in of Python's)."""
+    return ctypes.cast(function, ctypes.c_void_p).value if isinstance(function, ctypes._CFuncPtr) else None
 
 
 # What look() answers for a torch tensor the in-line paths must not take (no storage, sizes or

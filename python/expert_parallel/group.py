@@ -250,6 +250,11 @@ class VirtualGroup(GroupBase):
                                 -1 if self.layout == "expert_major_padded" else self._element, device,
                                 (self.layout == "expert_major", False, False))   # (and the slot's combine_kind it takes)
         self._combine_seen = None   # the last common combine's expert outputs as it saw them (shape, dtype, device, contiguity)
+        # The common calls through expert_parallel._torch_fast where it is built (_fast_spec_made):
+        # its spec of this group, made on the first common call after torch is seen (None: the
+        # Python path takes every call), and its two functions.
+        self._fast_spec = _fast.UNMADE
+        self._fast_dispatch = self._fast_combine = None
         self._row_bytes = h * _abi.DTYPE_SIZES[self._element]   # (a combined token's)
         # The common calls with per-rank lists (_dispatch_lists, _combine_lists): the last ones'
         # tensors as they saw them (_fast.per_rank's properties; the dispatch's with what
@@ -812,6 +817,30 @@ class VirtualGroup(GroupBase):
         group's types on its device, forward, one launch, into the next buffer slot (the overlap
         arguments as dispatch() takes them). None when the call is anything else: the general
         path takes it (and names what is wrong)."""
+        spec = self._fast_spec
+        if (spec is not None and type(xs) is _fast.tensor_type and handle is None and stream is None and wait_event is None
+                and record_event is False and send_only is False and self._group):
+            # The decode loop's call with torch tensors, read in C++ (_torch_fast.dispatch: the
+            # checks of _common_inputs; None for anything else, nothing written).
+            if spec is _fast.UNMADE:
+                spec = self._fast_spec_made()
+            index = self._next_slot
+            slot = self._slots[index]
+            if spec is not None and slot is not None and slot.kind is type(xs):
+                call = slot.dispatch_call or self._dispatch_call(slot)
+                device = self._device
+                done = self._fast_dispatch(spec, xs, topk_idx, topk_weights, call.address, None if device == -1 else _fast.raw_stream(device))
+                if done is not None:
+                    call._call = call._fields = None   # (its words are the C++ call's now: a Python call writes them all again)
+                    call._set.clear()
+                    self._own_step += 1   # earlier handles of the group's own step are void from here on
+                    status, b, _, weights = done
+                    if status:
+                        check_status(status, _errors.DISPATCH_XS, _errors.DISPATCH_SLOT, kind="torch")
+                    self._next_slot = (index + 1) % self.buffer_slots
+                    self._slots[index] = slot
+                    slot.use = use = slot.use + 1
+                    return own_step_result(self, slot, self._own_step, use, [b] * self.ranks, topk_idx, topk_weights, weights)
         common = self._common_inputs(xs, topk_idx, topk_weights)
         if common is None or not self._group:
             return None
@@ -867,6 +896,26 @@ class VirtualGroup(GroupBase):
         self._slots[slot.index] = slot   # (a slot made for this call: a refused one left the live step's in place)
         target.received_weights = slot.w_views
         return self._dispatch_result(DispatchResult._of_slot(slot, target), send_only, record_event, stream)
+
+    def _fast_spec_made(self, entries=None):
+        """The group's spec for expert_parallel._torch_fast (_fast.torch_fast_module), made once
+        torch has been seen, or None where that module is not there or the C calls are not the
+        library's (a stand-in's: `entries`, the two C addresses to call instead)."""
+        if _fast.tensor_type is _fast.NoTensorYet:
+            return _fast.UNMADE
+        module = _fast.torch_fast_module()
+        if entries is None:
+            entries = (_fast.entry_address(self._fn_dispatch_stacked), _fast.entry_address(self._fn_combine_stacked))
+        spec = None
+        if module is not None and None not in entries:
+            d, c = _abi.StackedDispatch, _abi.StackedCombine
+            spec = module.spec(_fast.tensor_type, (_abi.BF16, _abi.F16, _abi.F32, _abi.I32, _abi.I64, _abi.U8, _abi.E4M3),
+                               self._common, self._common_combine[2], self._common_combine[1], entries, self._group_address,
+                               (d.topkIdx.offset, d.tokens.offset, d.direction.offset, d.launchMode.offset, d.phase.offset, d.step.offset),
+                               (c.expertOutputs.offset, c.direction.offset, c.launchMode.offset, c.phase.offset, c.step.offset))
+            self._fast_dispatch, self._fast_combine = module.dispatch, module.combine
+        self._fast_spec = spec
+        return spec
 
     def _common_inputs(self, xs, topk_idx, topk_weights):
         """(B, routing's epDataType_t, addresses) of the common dispatch's inputs: three stacked
@@ -1129,6 +1178,22 @@ class VirtualGroup(GroupBase):
         weights = handle.weight_stacked if forward_ll else None
         if slot is None or slot.kind is not type(expert_outputs) or (forward_ll and not weights):
             return None
+        spec = self._fast_spec
+        if (spec is not None and spec is not _fast.UNMADE and stream is None and wait_event is None and record_event is False
+                and send_only is False and slot.combine_kind == kind):
+            # The decode loop's combine, its tensors read in C++ (_torch_fast.combine: the checks
+            # below; None for anything else, nothing written).
+            kept = handle.topk_weights if forward_ll and type(handle.topk_weights) is _fast.tensor_type else None
+            call, step = slot.combine_call, handle._pointer   # (a ctypes c_void_p of a handle of its own; None: the group's step)
+            status = self._fast_combine(spec, expert_outputs, kept, weights, handle.tokens[0], call.address,
+                                        None if device == -1 else _fast.raw_stream(device), _abi.PHASE_WHOLE,
+                                        None if step is None else step.value)
+            if status is not None:
+                call._call = call._fields = None   # (as the dispatch's)
+                call._set.clear()
+                if status:
+                    check_status(status, _errors.COMBINE_SLOT, kind="torch")
+                return slot.combined_rows(handle.tokens)
         if forward_ll and type(handle.topk_weights) is _fast.tensor_type:   # (the dispatch's weights, read again where they are now)
             kept = handle.topk_weights
             weights = kept.data_ptr()
