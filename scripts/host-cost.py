@@ -21,6 +21,11 @@ caching allocator does not pay.
 
     PYTHONPATH=python python3 scripts/host-cost.py --device cpu --stub --hidden 64 --calls 20000
 
+Where expert_parallel._torch_fast is built (scripts/build-torch-fast), the stacked calls are timed
+twice in the same process: through it ("C++ reads": the package's common calls read their torch
+tensors in C++ and make the C call from there, so no C time of their own is shown) and through the
+package's Python path ("Python reads").
+
 `--rotate N` takes the inputs and the expert outputs from N copies in turn, as a framework's new
 tensors each step (their addresses change each call; the default, 1, gives the same tensors).
 
@@ -42,6 +47,7 @@ import time
 import numpy
 import torch
 
+from expert_parallel import _fast
 from expert_parallel.bench import CASES, _Inputs, group_of
 
 
@@ -56,7 +62,8 @@ def timed(fn, samples):
 
 def median_us(values, calls):
     """The median of `values` (seconds) past the first tenth of `calls` (warm-up), in µs; NaN for none."""
-    return statistics.median(values[calls // 10:]) * 1e6 if values else float("nan")
+    kept = values[calls // 10:]
+    return statistics.median(kept) * 1e6 if kept else float("nan")
 
 
 class Drain:
@@ -83,8 +90,10 @@ def stubbed(fn):
     return lambda *arguments: 0   # epSuccess
 
 
-def measure(name, ranks, calls, kind, device="cuda:0", stub=False, hidden=None, tuning=None, rotate=1, grad=False, drain=0):
-    """Times `calls` dispatches and combines of case `name` (kind: "stacked", "lists", "nccl" or "exchange")."""
+def measure(name, ranks, calls, kind, device="cuda:0", stub=False, hidden=None, tuning=None, rotate=1, grad=False, drain=0,
+            fast=False):
+    """Times `calls` dispatches and combines of case `name` (kind: "stacked", "lists", "nccl" or "exchange");
+    `fast`: the stacked calls through expert_parallel._torch_fast (else its Python path)."""
     algorithm, tokens, case_hidden, top_k, experts, _ = CASES[name]
     case = (algorithm, tokens, hidden or case_hidden, top_k, experts, _)
     group = group_of(case, ranks, device, nccl=kind == "nccl", dtype="bf16", tuning=tuning)
@@ -100,6 +109,12 @@ def measure(name, ranks, calls, kind, device="cuda:0", stub=False, hidden=None, 
     one_call = kind != "lists"   # stacked arrays, and an NCCL rank's one part: update and dispatch in one call
     entries = ("_fn_dispatch_stacked", "_fn_combine_stacked") if one_call else ("_fn_update", "_fn_dispatch", "_fn_combine")
     c = {"update": [], "dispatch": [], "combine": []}
+    if stacked:   # the C++ reads call the library (or the module's no-op) themselves: no C time of their own below
+        module = _fast.torch_fast_module()
+        _fast.look(x, ())   # (torch's tensor type, as a first call learns it)
+        addresses = ((module.noop_entry(),) * 2 if stub else
+                     tuple(_fast.entry_address(getattr(group, entry)) for entry in entries)) if fast and module else None
+        group._fast_spec = None if addresses is None else group._fast_spec_made(entries=addresses)
     for entry in entries:
         function = stubbed(getattr(group, entry)) if stub else getattr(group, entry)
         setattr(group, entry, timed(function, c[entry.split("_")[2]]))
@@ -136,6 +151,7 @@ def measure(name, ranks, calls, kind, device="cuda:0", stub=False, hidden=None, 
         group.check()
     med = lambda values: median_us(values, calls)  # noqa: E731
     label = ({"stacked": "stacked", "lists": "per-rank lists", "nccl": "NCCL rank"}[kind] + (", C stubbed" if stub else "")
+             + (", C++ reads" if stacked and group._fast_spec is not None else ", Python reads" if stacked else "")
              + (f", {rotate} copies in turn" if rotate > 1 else "")
              + "".join(f", {key}={value}" for key, value in (tuning or {}).items()))
     inside = (f"C update+dispatch {med(c['dispatch']):.1f}" if one_call
@@ -211,5 +227,6 @@ if __name__ == "__main__":
         kinds = (["exchange"] if args.exchange else
                  ["stacked"] + (["lists"] if args.lists else []) + (["nccl"] if args.nccl and ranks == "1" else []))
         for kind in kinds:
-            measure(name, int(ranks), args.calls, kind, device=args.device, stub=args.stub, hidden=args.hidden, tuning=tuning,
-                    rotate=args.rotate, grad=args.grad, drain=args.drain)
+            for fast in ((True, False) if kind == "stacked" and _fast.torch_fast_module() is not None else (False,)):
+                measure(name, int(ranks), args.calls, kind, device=args.device, stub=args.stub, hidden=args.hidden, tuning=tuning,
+                        rotate=args.rotate, grad=args.grad, drain=args.drain, fast=fast)

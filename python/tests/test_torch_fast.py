@@ -1,0 +1,227 @@
+"""expert_parallel._torch_fast, the common stacked dispatch and combine with their torch tensors
+read in C++: the same results and the same errors as the package's Python path, for every call it
+takes, and nothing written for any call it leaves to that path. CI builds the module
+(scripts/build-torch-fast) and sets EP_REQUIRE_TORCH_FAST=1; the GPU part runs where
+EP_GPU_TESTS=1."""
+
+import os
+
+import numpy as np
+import pytest
+
+import expert_parallel as ep
+from expert_parallel import _fast
+from reference import random_routing
+
+torch = pytest.importorskip("torch")
+
+FAST = _fast.torch_fast_module()
+REQUIRED = os.environ.get("EP_REQUIRE_TORCH_FAST") == "1"
+pytestmark = pytest.mark.skipif(FAST is None and not REQUIRED, reason="expert_parallel._torch_fast not built (scripts/build-torch-fast)")
+GPU = os.environ.get("EP_GPU_TESTS") == "1"
+LAYOUTS = [("ll", "expert_major"), ("ll", "rank_major"), ("ht", "flat"), ("ht", "expert_major_padded")]
+DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+
+
+def test_the_module_is_built_where_ci_requires_it():
+    assert FAST is not None, "EP_REQUIRE_TORCH_FAST=1 but expert_parallel._torch_fast does not import"
+
+
+class Counted:
+    """One of the module's functions, counting the calls it took (a result other than None)."""
+
+    def __init__(self, function):
+        self.function, self.taken = function, 0
+
+    def __call__(self, *arguments):
+        result = self.function(*arguments)
+        self.taken += result is not None
+        return result
+
+
+def pair(ranks, layout, algorithm="ll", dtype="bf16", device="cpu", **options):
+    """Two groups of one config: the first takes the common calls through the module (its
+    functions counted), the second through the package's Python path."""
+    config = dict(ranks=ranks, experts=4 * ranks, hidden=16, top_k=3, max_tokens=5, algorithm=algorithm, layout=layout,
+                  dtype=dtype, device=device, **options)
+    fast, python = ep.VirtualGroup(**config), ep.VirtualGroup(**config)
+    _fast.look(torch.zeros(1), ())   # (torch's tensor type, which a first call would learn)
+    assert fast._fast_spec_made() is not None
+    fast._fast_dispatch, fast._fast_combine = Counted(fast._fast_dispatch), Counted(fast._fast_combine)
+    python._fast_spec = None
+    return fast, python
+
+
+def step_inputs(rng, ranks, b, dtype, idx_dtype, device="cpu"):
+    experts = 4 * ranks
+    x = torch.from_numpy(rng.standard_normal((ranks, b, 16)).astype(np.float32)).to(device=device, dtype=DTYPES[dtype])
+    idx = torch.from_numpy(np.stack([random_routing(rng, b, experts, 3) for _ in range(ranks)])).to(device=device, dtype=idx_dtype)
+    w = torch.from_numpy(rng.random((ranks, b, 3)).astype(np.float32)).to(device)
+    return x, idx, w
+
+
+def bits(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    if isinstance(value, (list, tuple)):
+        return [bits(v) for v in value]
+    return value
+
+
+def outcome(call):
+    try:
+        return ("ok", bits(call()))
+    except Exception as error:   # (any error: both groups' must be the same)
+        return (type(error).__name__, str(error))
+
+
+def run_steps(fast, python, ranks, dtype, idx_dtype, device="cpu", steps=5):
+    rng = np.random.default_rng(ranks * 7 + len(dtype))
+    for step in range(steps):
+        b = [5, 1, 3][step % 3]
+        x, idx, w = step_inputs(rng, ranks, b, dtype, idx_dtype, device)
+        results = []
+        for g in (fast, python):
+            sent = g.dispatch(x, idx, w)
+            ys = (sent.received.float() * 0.5 - 1).to(sent.received.dtype)
+            combined = g.combine(ys, sent.handle)
+            results.append((bits(sent.received), bits(sent.expert_counts), sent.handle.tokens, bits(combined)))
+        assert results[0] == results[1], (step, b)
+
+
+@pytest.mark.parametrize("algorithm,layout", LAYOUTS)
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_common_calls_match_the_python_path(algorithm, layout, ranks):
+    for dtype, idx_dtype in (("bf16", torch.int64), ("f16", torch.int32), ("f32", torch.int64)):
+        fast, python = pair(ranks, layout, algorithm, dtype)
+        run_steps(fast, python, ranks, dtype, idx_dtype)
+        # A slot's first dispatch and combine make its call structs (the Python path); every later common call is the module's.
+        assert fast._fast_dispatch.taken == 5 - fast.buffer_slots
+        # HT expert-major padded combines through the general path (its weights are the slot's).
+        assert fast._fast_combine.taken == (0 if layout == "expert_major_padded" else 5 - fast.buffer_slots)
+        fast.close()
+        python.close()
+
+
+class Sub(torch.Tensor):
+    pass
+
+
+def odd_inputs(x, idx, w):
+    """(name, (xs, topk_idx, topk_weights)) of calls that are not the common one, or not sound."""
+    def shrunk(t):
+        t = t.clone()
+        t.untyped_storage().resize_(0)
+        return t
+
+    def off_boundary(t):   # rows 2 bytes past an 8-byte boundary
+        flat = torch.empty(t.numel() + 1, dtype=t.dtype)
+        flat[1:] = t.reshape(-1)
+        return flat[1:].view(t.shape)
+
+    return [
+        ("x float64", (x.double(), idx, w)),
+        ("x transposed", (x.transpose(1, 2).contiguous().transpose(1, 2), idx, w)),
+        ("x hidden 8", (x[:, :, :8], idx, w)),
+        ("x two-dimensional", (x[0], idx, w)),
+        ("x subclass", (x.as_subclass(Sub), idx, w)),
+        ("x negative view", (torch._neg_view(-x), idx, w)),
+        ("x shrunk storage", (shrunk(x), idx, w)),
+        ("x meta", (torch.empty(x.shape, dtype=x.dtype, device="meta"), idx, w)),
+        ("x off an 8-byte boundary", (off_boundary(x), idx, w)),
+        ("idx float", (x, idx.float(), w)),
+        ("idx int16", (x, idx.to(torch.int16), w)),
+        ("idx other tokens", (x, idx[:, :1], w)),
+        ("w float64", (x, idx, w.double())),
+        ("w top-k 2", (x, idx, w[:, :, :2])),
+        ("w strided", (x, idx, w.transpose(0, 1).contiguous().transpose(0, 1))),
+        ("w a list", (x, idx, list(w))),
+        ("w None", (x, idx, None)),
+        ("x a NumPy array", (x.float().numpy(), idx, w)),
+    ]
+
+
+def test_other_calls_write_nothing_and_fail_or_succeed_as_the_python_path():
+    ranks = 2
+    fast, python = pair(ranks, "expert_major", dtype="bf16")
+    run_steps(fast, python, ranks, "bf16", torch.int64, steps=2)   # (the next slot's call struct made)
+    x, idx, w = step_inputs(np.random.default_rng(5), ranks, 4, "bf16", torch.int64)
+    for name, arguments in odd_inputs(x, idx, w):
+        slot = fast._slots[fast._next_slot]   # (a general call may have made the slot anew)
+        call = slot.dispatch_call or fast._dispatch_call(slot)
+        before = bytes(call._bytes)
+        assert FAST.dispatch(fast._fast_spec, *arguments, call.address, None) is None, name
+        assert bytes(call._bytes) == before, name
+        taken = fast._fast_dispatch.taken
+        assert outcome(lambda: fast.dispatch(*arguments).received) == outcome(lambda: python.dispatch(*arguments).received), name
+        assert fast._fast_dispatch.taken == taken, name
+    fast.close()
+    python.close()
+
+
+def test_combines_it_leaves_to_the_python_path():
+    ranks = 2
+    fast, python = pair(ranks, "expert_major", dtype="f32")
+    run_steps(fast, python, ranks, "f32", torch.int32, steps=2)   # (both slots' call structs made)
+    rng = np.random.default_rng(9)
+    kinds = ["ok", "float64", "transposed", "one rank", "weights moved", "weights scaled", "weights int32 view", "weights shrunk"]
+    for kind in kinds:
+        x, idx, w = step_inputs(rng, ranks, 3, "f32", torch.int32)
+        outcomes = []
+        for g in (fast, python):
+            given = w.clone()
+            sent = g.dispatch(x, idx, given)
+            ys = sent.received * 2
+            if kind == "float64":
+                ys = ys.double()
+            elif kind == "transposed":
+                ys = ys.transpose(-1, -2).contiguous().transpose(-1, -2)
+            elif kind == "one rank":
+                ys = ys[:1]
+            elif kind == "weights moved":
+                given.data = given.clone() * 3
+            elif kind == "weights scaled":
+                given.mul_(2)   # (in place: read again where it is, as the Python path reads it)
+            elif kind == "weights int32 view":
+                given.data = given.view(torch.int32)
+            elif kind == "weights shrunk":
+                given.untyped_storage().resize_(0)
+            taken = fast._fast_combine.taken
+            outcomes.append(outcome(lambda: g.combine(ys, sent.handle)))
+            if g is fast:
+                assert fast._fast_combine.taken == taken + (kind in ("ok", "weights scaled")), kind
+        assert outcomes[0] == outcomes[1], kind
+    fast.close()
+    python.close()
+
+
+def test_handles_of_their_own_and_a_closed_group():
+    fast, python = pair(1, "expert_major")
+    run_steps(fast, python, 1, "bf16", torch.int64, steps=2)   # (both slots' call structs made)
+    x, idx, w = step_inputs(np.random.default_rng(3), 1, 2, "bf16", torch.int64)
+    results = []
+    for g in (fast, python):
+        own = g.handle()
+        sent = g.dispatch(x, idx, w, handle=own)   # a handle of its own: the Python path
+        combined = g.combine(sent.received * 3, sent.handle)   # its combine: the module's, with the handle's step
+        results.append((bits(sent.received), bits(combined)))
+        own.release()
+    assert results[0] == results[1]
+    assert (fast._fast_dispatch.taken, fast._fast_combine.taken) == (0, 1)
+    fast.close()
+    python.close()
+    assert outcome(lambda: fast.dispatch(x, idx, w)) == outcome(lambda: python.dispatch(x, idx, w))
+    assert outcome(lambda: fast.dispatch(x, idx, w))[0] == "InvalidUsageError"
+    assert fast._fast_dispatch.taken == 0
+
+
+@pytest.mark.skipif(not GPU, reason="needs a GPU: set EP_GPU_TESTS=1")
+@pytest.mark.parametrize("algorithm,layout", LAYOUTS)
+def test_gpu_common_calls_match_the_python_path(algorithm, layout):
+    for ranks in (1, 4):
+        fast, python = pair(ranks, layout, algorithm, "bf16", device="cuda:0")
+        run_steps(fast, python, ranks, "bf16", torch.int64, device="cuda:0")
+        assert fast._fast_dispatch.taken == 5 - fast.buffer_slots
+        assert fast._fast_combine.taken == (0 if layout == "expert_major_padded" else 5 - fast.buffer_slots)
+        fast.close()
+        python.close()
