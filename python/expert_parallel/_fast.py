@@ -54,8 +54,9 @@ def torch_fast_module():
     if os.environ.get("EP_TORCH_FAST") == "0":
         return None
     try:
+        importlib.import_module("torch")   # (the module links torch's libraries: torch loads them first)
         return importlib.import_module(__package__ + "._torch_fast")
-    except ImportError:   # (not built here, or an undefined symbol of another torch)
+    except ImportError:   # (no torch, not built here, or an undefined symbol of another torch)
         return None
 
 
