@@ -44,7 +44,9 @@ tensor_type = NoTensorYet   # the same for callers that test in line (never matc
 torch_codes = {}      # torch dtype -> epDataType_t, once torch was seen
 
 
-UNMADE = object()   # a group's torch-fast spec before its first common call (spec_of makes it)
+UNMADE = object()   # a group's _torch_fast spec before its first common call (the group's _fast_spec_made)
+# epDataType_t of bf16, f16, f32, i32, i64, u8 and e4m3, as _torch_fast.spec takes them.
+TORCH_FAST_CODES = (_abi.BF16, _abi.F16, _abi.F32, _abi.I32, _abi.I64, _abi.U8, _abi.E4M3)
 
 
 def torch_fast_module():

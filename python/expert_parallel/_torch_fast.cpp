@@ -154,6 +154,10 @@ PyObject* dispatch(PyObject*, PyObject* const* args, Py_ssize_t count) {
     auto* call = static_cast<uint8_t*>(pointer_of(args[4]));
     void* stream = pointer_of(args[5]);
     if (PyErr_Occurred()) return nullptr;
+    if (spec->dispatch == nullptr || call == nullptr) {
+        PyErr_SetString(PyExc_ValueError, "dispatch: a spec without the C entry, or no call struct");
+        return nullptr;
+    }
     const uint64_t bits = spec->device_bits;
     uint8_t* inputs = call + spec->dispatch_inputs;   // topkIdx, inputTokens, topkWeights: adjacent epStacked_t
     put_stacked(inputs, idx, static_cast<uint64_t>(ic) | bits);
@@ -213,6 +217,10 @@ PyObject* combine(PyObject*, PyObject* const* args, Py_ssize_t count) {
     const long phase = PyLong_AsLong(args[7]);
     void* step = pointer_of(args[8]);
     if (PyErr_Occurred()) return nullptr;
+    if (spec->combine == nullptr || call == nullptr) {
+        PyErr_SetString(PyExc_ValueError, "combine: a spec without the C entry, or no call struct");
+        return nullptr;
+    }
     const uint64_t bits = spec->device_bits;
     uint8_t* inputs = call + spec->combine_inputs;   // expertOutputs, then topkWeights
     put_stacked(inputs, address, static_cast<uint64_t>(spec->combine_element) | bits);
@@ -222,6 +230,85 @@ PyObject* combine(PyObject*, PyObject* const* args, Py_ssize_t count) {
     put<int32_t>(call, spec->combine_phase, static_cast<int32_t>(phase));
     put<void*>(call, spec->combine_step, step);
     return PyLong_FromLong(call_entry(spec->combine, spec->group, call, stream));
+}
+
+// rank_inputs(spec, x, topk_idx, topk_weights, needs_weights) -> (B, topk_idx's type, x's,
+// topk_idx's and topk_weights' addresses (0: None)), or None: an NCCL rank's common dispatch
+// (nccl_group.py, _dispatch_common): x [B, hidden] of the group's input type, topk_idx [B, K] int32
+// or int64, topk_weights [B, K] float32 or (where the layout allows: not `needs_weights`) None, on
+// the group's device, contiguous, sound, 0 < B ≤ max_tokens (an empty step takes the Python path).
+PyObject* rank_inputs(PyObject*, PyObject* const* args, Py_ssize_t count) {
+    if (count != 5) {
+        PyErr_SetString(PyExc_TypeError, "rank_inputs(spec, x, topk_idx, topk_weights, needs_weights)");
+        return nullptr;
+    }
+    const Spec* spec = spec_of(args[0]);
+    if (spec == nullptr) return nullptr;
+    const int needs_weights = PyObject_IsTrue(args[4]);
+    if (needs_weights < 0) return nullptr;
+    uintptr_t x = 0, idx = 0, weights = 0;
+    int64_t b = 0, ic = 0;
+    try {
+        const at::Tensor* xs = tensor_of(*spec, args[1]);
+        const at::Tensor* topk_idx = tensor_of(*spec, args[2]);
+        const at::Tensor* topk_weights = args[3] == Py_None ? nullptr : tensor_of(*spec, args[3]);
+        if (xs == nullptr || topk_idx == nullptr || (args[3] != Py_None && topk_weights == nullptr) || xs->dim() != 2) Py_RETURN_NONE;
+        if (topk_weights == nullptr && needs_weights) Py_RETURN_NONE;
+        b = xs->size(0);
+        ic = code_of(*spec, topk_idx->scalar_type());
+        if (!(shape_is(*xs, {b, spec->hidden}) && b > 0 && b <= spec->max_tokens && code_of(*spec, xs->scalar_type()) == spec->element
+              && (ic == spec->codes[3] || ic == spec->codes[4]) && shape_is(*topk_idx, {b, spec->top_k})
+              && ordinal_of(*xs) == spec->device && ordinal_of(*topk_idx) == spec->device && xs->is_contiguous() && topk_idx->is_contiguous())) {
+            Py_RETURN_NONE;
+        }
+        if (topk_weights != nullptr) {
+            if (!(shape_is(*topk_weights, {b, spec->top_k}) && code_of(*spec, topk_weights->scalar_type()) == spec->codes[2]
+                  && ordinal_of(*topk_weights) == spec->device && topk_weights->is_contiguous())) {
+                Py_RETURN_NONE;
+            }
+            weights = sound_address(*topk_weights);
+            if (weights == 0) Py_RETURN_NONE;
+        }
+        x = sound_address(*xs);
+        idx = sound_address(*topk_idx);
+        if (x == 0 || idx == 0) Py_RETURN_NONE;
+    } catch (...) {
+        Py_RETURN_NONE;
+    }
+    return Py_BuildValue("(LLKKK)", static_cast<long long>(b), static_cast<long long>(ic), static_cast<unsigned long long>(x),
+                         static_cast<unsigned long long>(idx), static_cast<unsigned long long>(weights));
+}
+
+// address(spec, tensor, shape, code) -> the tensor's address, or None: a torch.Tensor (not a
+// subclass) of exactly `shape` (a tuple of ints) and epDataType_t `code`, on the group's device,
+// contiguous and sound (_fast.sound), at a non-null address. The NCCL rank's combine asks it of
+// each tensor it takes.
+PyObject* address(PyObject*, PyObject* const* args, Py_ssize_t count) {
+    if (count != 4 || !PyTuple_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "address(spec, tensor, shape: tuple, code)");
+        return nullptr;
+    }
+    const Spec* spec = spec_of(args[0]);
+    if (spec == nullptr) return nullptr;
+    const Py_ssize_t dims = PyTuple_GET_SIZE(args[2]);
+    const long long code = PyLong_AsLongLong(args[3]);
+    if (PyErr_Occurred()) return nullptr;
+    uintptr_t found = 0;
+    try {
+        const at::Tensor* tensor = tensor_of(*spec, args[1]);
+        if (tensor == nullptr || tensor->dim() != dims) Py_RETURN_NONE;
+        for (Py_ssize_t i = 0; i < dims; ++i) {
+            const long long size = PyLong_AsLongLong(PyTuple_GET_ITEM(args[2], i));
+            if (PyErr_Occurred()) return nullptr;
+            if (tensor->size(i) != size) Py_RETURN_NONE;
+        }
+        if (code_of(*spec, tensor->scalar_type()) != code || ordinal_of(*tensor) != spec->device || !tensor->is_contiguous()) Py_RETURN_NONE;
+        found = sound_address(*tensor);
+        if (found == 0) Py_RETURN_NONE;
+    } catch (...) {
+        Py_RETURN_NONE;
+    }
+    return PyLong_FromUnsignedLongLong(found);
 }
 
 void free_spec(PyObject* capsule) {
@@ -308,6 +395,10 @@ PyMethodDef methods[] = {
      "The common stacked dispatch: (status, B, routing type, weights address), or None."},
     {"combine", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&combine)), METH_FASTCALL,
      "The common stacked combine: status, or None."},
+    {"rank_inputs", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&rank_inputs)), METH_FASTCALL,
+     "An NCCL rank's common dispatch inputs: (B, routing type, addresses), or None."},
+    {"address", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&address)), METH_FASTCALL,
+     "A tensor's address where it is of the shape, type and device asked, contiguous and sound; else None."},
     {"noop_entry", &noop_entry, METH_NOARGS, "The address of a C entry that does nothing."},
     {nullptr, nullptr, 0, nullptr},
 };

@@ -909,7 +909,7 @@ class VirtualGroup(GroupBase):
         spec = None
         if module is not None and None not in entries:
             d, c = _abi.StackedDispatch, _abi.StackedCombine
-            spec = module.spec(_fast.tensor_type, (_abi.BF16, _abi.F16, _abi.F32, _abi.I32, _abi.I64, _abi.U8, _abi.E4M3),
+            spec = module.spec(_fast.tensor_type, _fast.TORCH_FAST_CODES,
                                self._common, self._common_combine[2], self._common_combine[1], entries, self._group_address,
                                (d.topkIdx.offset, d.tokens.offset, d.direction.offset, d.launchMode.offset, d.phase.offset, d.step.offset),
                                (c.expertOutputs.offset, c.direction.offset, c.launchMode.offset, c.phase.offset, c.step.offset))

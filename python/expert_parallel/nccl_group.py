@@ -233,6 +233,10 @@ class NCCLGroup(GroupBase):
         # An empty tensor's address is 0, which a stacked call reads as "not given": a rank with no
         # tokens passes this one instead (a slot buffer's: aligned, on the device; nothing is read).
         self._empty = self._slots[0].tokens_desc.data
+        # expert_parallel._torch_fast's reads of the common calls' tensors where it is built
+        # (_fast_spec_made, on the first common call once torch is seen; None: the Python reads).
+        self._fast_spec = _fast.UNMADE
+        self._fast_inputs = self._fast_address = None
         self._dispatch_calls, self._combine_calls = [], []
         for slot in self._slots:
             dispatch = _fast.StackedCall(_abi.StackedDispatch, device)
@@ -403,6 +407,48 @@ class NCCLGroup(GroupBase):
         if (type(x) is not tensor or type(topk_idx) is not tensor or (topk_weights is not None and type(topk_weights) is not tensor)
                 or not self._group):
             return None
+        spec = self._fast_spec
+        if spec is _fast.UNMADE:
+            spec = self._fast_spec_made()
+        # The reads in C++ where _torch_fast is built (the same checks); None: the Python reads below decide.
+        got = None if spec is None else self._fast_inputs(spec, x, topk_idx, topk_weights, self._common[5])
+        if got is not None:
+            b, ic, x_address, idx_address, w_address = got
+        else:
+            common = self._common_reads(x, topk_idx, topk_weights)
+            if common is None:
+                return None
+            b, ic, x_address, idx_address, w_address = common
+        if handle is not None:
+            self._check_handle(handle, dispatched=False)
+        raw = self._stream_of(stream, wait_event)
+        index = self._next_slot
+        call = self._dispatch_calls[index]
+        # (Scales stay unset: only pass-through groups send them, and their calls are never this one.)
+        empty = self._empty
+        call.dispatch_arguments(x_address or empty, self._common[3], idx_address or empty, ic, 0 if topk_weights is None else w_address or empty, b,
+                                _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, None if handle is None else handle._pointer)
+        return self._send(index, call, handle, topk_idx, topk_idx, b, topk_weights, 0, raw, stream, record_event, send_only)
+
+    def _fast_spec_made(self):
+        """The rank's spec for expert_parallel._torch_fast's reads (rank_inputs, address), made once
+        torch has been seen, or None where that module is not there."""
+        if _fast.tensor_type is _fast.NoTensorYet:
+            return _fast.UNMADE
+        module = _fast.torch_fast_module()
+        spec = None
+        if module is not None:
+            hidden, top_k, max_tokens, x_code, device, _ = self._common
+            # (No C entries: this rank's calls are made from Python, the reads alone in C++.)
+            spec = module.spec(_fast.tensor_type, _fast.TORCH_FAST_CODES, (1, hidden, max_tokens, top_k, x_code, device), -1, (1, 1),
+                               (0, 0), 0, (0,) * 6, (0,) * 5)
+            self._fast_inputs, self._fast_address = module.rank_inputs, module.address
+        self._fast_spec = spec
+        return spec
+
+    def _common_reads(self, x, topk_idx, topk_weights):
+        """(B, routing's epDataType_t, the three addresses (weights 0: None)) of a common
+        dispatch's tensors read from Python, or None: the general path takes the call."""
         try:   # every property the call depends on but the addresses, read once (each read costs a torch call)
             seen = (x.shape, topk_idx.shape, x.dtype, topk_idx.dtype, x.get_device(), topk_idx.get_device(), x.is_contiguous(),
                     topk_idx.is_contiguous())
@@ -418,20 +464,10 @@ class NCCLGroup(GroupBase):
             if accepted is None:
                 return None
         _, b, ic = accepted
-        x_code = self._common[3]
         sound = _fast.sound   # (a negative view, a shrunk storage: the general path names it)
         if not (sound(x, x_address) and sound(topk_idx, idx_address) and (topk_weights is None or sound(topk_weights, w_address))):
             return None
-        if handle is not None:
-            self._check_handle(handle, dispatched=False)
-        raw = self._stream_of(stream, wait_event)
-        index = self._next_slot
-        call = self._dispatch_calls[index]
-        # (Scales stay unset: only pass-through groups send them, and their calls are never this one.)
-        empty = self._empty
-        call.dispatch_arguments(x_address or empty, x_code, idx_address or empty, ic, 0 if topk_weights is None else w_address or empty, b,
-                                _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE, None if handle is None else handle._pointer)
-        return self._send(index, call, handle, topk_idx, topk_idx, b, topk_weights, 0, raw, stream, record_event, send_only)
+        return b, ic, x_address, idx_address, w_address
 
     def _common_signature(self, seen):
         """(seen, B, routing's epDataType_t) when `seen` (_dispatch_common's reads: shapes, dtypes,
@@ -542,6 +578,25 @@ class NCCLGroup(GroupBase):
             return None
         slot = self._slots[handle.slot]
         shape, code, device, layout = self._common_combine
+        address_of = self._fast_address
+        if address_of is not None and slot.use == handle.slot_use:
+            # The reads in C++ (_torch_fast.address: shape, type, device, contiguity, soundness);
+            # where one says None, the Python reads below decide.
+            spec, b = self._fast_spec, handle.tokens
+            address, caller, weights = address_of(spec, expert_outputs, shape, code), None, 0
+            fine = address is not None
+            if fine and out is not None:
+                fine, caller = address_of(spec, out, (b, self.hidden), code) is not None, (out, None)
+            if fine and layout == "expert_major":
+                weights = address_of(spec, handle.topk_weights if topk_weights is None else topk_weights, (b, self.top_k), _abi.F32)
+                fine = weights is not None
+            elif topk_weights is not None:
+                return None
+            elif layout == "expert_major_padded":
+                weights = slot.weights_desc.data or 0
+            if fine:
+                return self._reduce(handle, slot, expert_outputs, address, weights, None, caller, 0, False, stream,
+                                    wait_event, record_event, send_only)
         try:
             if not (slot.use == handle.slot_use and expert_outputs.shape == shape and _fast.torch_codes.get(expert_outputs.dtype) == code
                     and expert_outputs.get_device() == device and expert_outputs.is_contiguous()):

@@ -225,3 +225,59 @@ def test_gpu_common_calls_match_the_python_path(algorithm, layout):
         assert fast._fast_combine.taken == (0 if layout == "expert_major_padded" else 5 - fast.buffer_slots)
         fast.close()
         python.close()
+
+
+@pytest.mark.parametrize("layout", ["expert_major", "rank_major"])
+def test_an_nccl_ranks_reads_hand_the_library_what_the_python_reads_do(monkeypatch, layout):
+    """An NCCLGroup of one rank over CPU tensors (test_nccl_group_calls.cpu_rank_group), its library
+    calls recorded: the C++ reads (rank_inputs, address) and the Python reads give each call the
+    same inputs, and the same errors for calls they leave to the general path."""
+    import ctypes
+
+    from expert_parallel import _abi, nccl_group
+    from test_nccl_group_calls import cpu_rank_group, step
+
+    monkeypatch.setattr(nccl_group, "call", lambda name, *arguments: None)
+    seen = {True: [], False: []}
+
+    def recorder(calls):
+        def entry(name):
+            def run(handle, *addresses):
+                if name == "epGroupDispatchStacked":
+                    d = ctypes.cast(addresses[0], ctypes.POINTER(_abi.StackedDispatch)).contents
+                    calls.append((name, d.tokens, d.topkIdx.data, d.inputTokens.data, d.topkWeights.data, d.topkIdx.dtype, d.phase))
+                elif name == "epGroupCombineStacked":
+                    c = ctypes.cast(addresses[0], ctypes.POINTER(_abi.StackedCombine)).contents
+                    calls.append((name, c.expertOutputs.data, c.topkWeights.data, c.phase))
+                return _abi.SUCCESS
+            return run
+        return entry
+
+    model = ep.VirtualGroup(ranks=4, experts=16, hidden=32, top_k=4, max_tokens=8, dtype="bf16", algorithm="ll", layout=layout,
+                            device="cpu")
+    groups = {fast: cpu_rank_group(model, recorder(seen[fast])) for fast in (True, False)}
+    model.close()
+    _fast.look(torch.zeros(1), ())
+    assert groups[True]._fast_spec_made() is not None
+    inputs, address = Counted(groups[True]._fast_inputs), Counted(groups[True]._fast_address)
+    groups[True]._fast_inputs, groups[True]._fast_address = inputs, address
+    groups[False]._fast_spec = None
+    for n, tokens in enumerate([8, 3, 1, 8]):
+        x, idx, w = step(groups[True], tokens, n)
+        idx = idx.long() if n % 2 else idx
+        y = torch.randn(groups[True].recv_shape).to(torch.bfloat16)
+        for g in groups.values():
+            g.combine(y, g.dispatch(x, idx, w).handle)
+        # The dispatch's inputs as the library got them: the same tensors, types and counts.
+        assert seen[True][-2] == seen[False][-2]
+        # The combine's: the caller's expert outputs (a tensor each group was given), the dispatch's weights.
+        assert seen[True][-1][2:] == seen[False][-1][2:]
+    assert inputs.taken == 4 and address.taken == 4 * (2 if layout == "expert_major" else 1)
+    x, idx, w = step(groups[True], 4, 9)
+    for name, arguments in [("x float32", (x.float(), idx, w)), ("x transposed", (x.t().contiguous().t(), idx, w)),
+                            ("x hidden 16", (x[:, :16], idx, w)), ("x subclass", (x.as_subclass(Sub), idx, w)),
+                            ("x negative view", (torch._neg_view(-x), idx, w)), ("idx float", (x, idx.float(), w)),
+                            ("idx other tokens", (x, idx[:1], w)), ("w float64", (x, idx, w.double())),
+                            ("w top-k 2", (x, idx, w[:, :2])), ("w None", (x, idx, None)), ("no tokens", (x[:0], idx[:0], w[:0])),
+                            ("x stacked", (x.unsqueeze(0), idx, w))]:
+        assert outcome(lambda: groups[True].dispatch(*arguments).tokens) == outcome(lambda: groups[False].dispatch(*arguments).tokens), name
