@@ -73,10 +73,15 @@ def torch_extension(environ=os.environ):
     if environ.get("EP_TORCH_FAST") == "0":
         return None
     try:
+        import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         return None
-    extension = CppExtension(f"{PACKAGE}._torch_fast", [f"{PACKAGE}/_torch_fast.cpp"], extra_compile_args=["-O2"])
+    # optional: without a C++ compiler or Python's headers the package installs without it. The
+    # torch it was built against goes into the module, which the package compares with the torch
+    # it runs with (_fast.torch_fast_module): torch's tensor layout is read inline, not linked.
+    extension = CppExtension(f"{PACKAGE}._torch_fast", [f"{PACKAGE}/_torch_fast.cpp"], optional=True,
+                             extra_compile_args=["-O2", f'-DEP_TORCH_VERSION="{torch.__version__}"'])
     return extension, BuildExtension
 
 

@@ -56,10 +56,12 @@ def torch_fast_module():
     if os.environ.get("EP_TORCH_FAST") == "0":
         return None
     try:
-        importlib.import_module("torch")   # (the module links torch's libraries: torch loads them first)
-        return importlib.import_module(__package__ + "._torch_fast")
+        torch = importlib.import_module("torch")   # (the module links torch's libraries: torch loads them first)
+        module = importlib.import_module(__package__ + "._torch_fast")
     except ImportError:   # (no torch, not built here, or an undefined symbol of another torch)
         return None
+    # It reads torch's tensors through torch's headers, inline: only with the torch it was built against.
+    return module if getattr(module, "torch_version", None) == torch.__version__ else None
 
 
 def entry_address(function):

@@ -407,6 +407,16 @@ PyModuleDef module = {PyModuleDef_HEAD_INIT, "_torch_fast", "The common calls' t
 
 }  // namespace
 
+#ifndef EP_TORCH_VERSION
+#error "build with -DEP_TORCH_VERSION=\"<torch.__version__>\" (python/setup.py does)"
+#endif
+
 PyMODINIT_FUNC PyInit__torch_fast() {
-    return PyModule_Create(&module);
+    PyObject* made = PyModule_Create(&module);
+    // The torch it was built against: the package uses the module only with that torch.
+    if (made != nullptr && PyModule_AddStringConstant(made, "torch_version", EP_TORCH_VERSION) < 0) {
+        Py_DECREF(made);
+        return nullptr;
+    }
+    return made;
 }

@@ -590,9 +590,9 @@ class NCCLGroup(GroupBase):
             if fine and layout == "expert_major":
                 weights = address_of(spec, handle.topk_weights if topk_weights is None else topk_weights, (b, self.top_k), _abi.F32)
                 fine = weights is not None
-            elif topk_weights is not None:
+            elif fine and topk_weights is not None:
                 return None
-            elif layout == "expert_major_padded":
+            elif fine and layout == "expert_major_padded":
                 weights = slot.weights_desc.data or 0
             if fine:
                 return self._reduce(handle, slot, expert_outputs, address, weights, None, caller, 0, False, stream,

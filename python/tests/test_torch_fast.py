@@ -281,3 +281,13 @@ def test_an_nccl_ranks_reads_hand_the_library_what_the_python_reads_do(monkeypat
                             ("w top-k 2", (x, idx, w[:, :2])), ("w None", (x, idx, None)), ("no tokens", (x[:0], idx[:0], w[:0])),
                             ("x stacked", (x.unsqueeze(0), idx, w))]:
         assert outcome(lambda: groups[True].dispatch(*arguments).tokens) == outcome(lambda: groups[False].dispatch(*arguments).tokens), name
+
+
+def test_a_module_built_against_another_torch_is_not_used(monkeypatch):
+    # The module reads torch's tensors through torch's headers, inline: another torch's layout may differ.
+    assert FAST.torch_version == torch.__version__
+    monkeypatch.setattr(FAST, "torch_version", torch.__version__ + ".other")
+    assert _fast.torch_fast_module() is None
+    monkeypatch.setenv("EP_TORCH_FAST", "0")
+    monkeypatch.setattr(FAST, "torch_version", torch.__version__)
+    assert _fast.torch_fast_module() is None
