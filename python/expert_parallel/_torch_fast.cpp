@@ -111,6 +111,15 @@ const Spec* spec_of(PyObject* capsule) {
     return static_cast<const Spec*>(PyCapsule_GetPointer(capsule, kSpec));
 }
 
+// The spec of a call `usage` of `count` arguments (args[0] the capsule), or null with a TypeError.
+const Spec* spec_for(PyObject* const* args, Py_ssize_t count, Py_ssize_t expected, const char* usage) {
+    if (count != expected) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return nullptr;
+    }
+    return spec_of(args[0]);
+}
+
 void* pointer_of(PyObject* value) {   // an int address or None
     return value == Py_None ? nullptr : PyLong_AsVoidPtr(value);
 }
@@ -121,11 +130,7 @@ void* pointer_of(PyObject* value) {   // an int address or None
 // [R, B, K] int32 or int64, [R, B, K] float32, on the group's device, contiguous, 0 < B ≤
 // max_tokens, rows on an 8-byte boundary; forward, one launch, whole phase, the group's own step.
 PyObject* dispatch(PyObject*, PyObject* const* args, Py_ssize_t count) {
-    if (count != 6) {
-        PyErr_SetString(PyExc_TypeError, "dispatch(spec, xs, topk_idx, topk_weights, call, stream)");
-        return nullptr;
-    }
-    const Spec* spec = spec_of(args[0]);
+    const Spec* spec = spec_for(args, count, 6, "dispatch(spec, xs, topk_idx, topk_weights, call, stream)");
     if (spec == nullptr) return nullptr;
     uintptr_t x = 0, idx = 0, weights = 0;
     int64_t b = 0, ic = 0;
@@ -179,11 +184,7 @@ PyObject* dispatch(PyObject*, PyObject* const* args, Py_ssize_t count) {
 // written). `weights`: the dispatch's weights' address as it took them (0: the call's kind set
 // them); `tokens`: the dispatch's B, the weights' second size.
 PyObject* combine(PyObject*, PyObject* const* args, Py_ssize_t count) {
-    if (count != 9) {
-        PyErr_SetString(PyExc_TypeError, "combine(spec, expert_outputs, kept_weights, weights, tokens, call, stream, phase, step)");
-        return nullptr;
-    }
-    const Spec* spec = spec_of(args[0]);
+    const Spec* spec = spec_for(args, count, 9, "combine(spec, expert_outputs, kept_weights, weights, tokens, call, stream, phase, step)");
     if (spec == nullptr) return nullptr;
     const auto weights = reinterpret_cast<uintptr_t>(pointer_of(args[3]));
     const long long tokens = PyLong_AsLongLong(args[4]);
@@ -238,11 +239,7 @@ PyObject* combine(PyObject*, PyObject* const* args, Py_ssize_t count) {
 // or int64, topk_weights [B, K] float32 or (where the layout allows: not `needs_weights`) None, on
 // the group's device, contiguous, sound, 0 < B ≤ max_tokens (an empty step takes the Python path).
 PyObject* rank_inputs(PyObject*, PyObject* const* args, Py_ssize_t count) {
-    if (count != 5) {
-        PyErr_SetString(PyExc_TypeError, "rank_inputs(spec, x, topk_idx, topk_weights, needs_weights)");
-        return nullptr;
-    }
-    const Spec* spec = spec_of(args[0]);
+    const Spec* spec = spec_for(args, count, 5, "rank_inputs(spec, x, topk_idx, topk_weights, needs_weights)");
     if (spec == nullptr) return nullptr;
     const int needs_weights = PyObject_IsTrue(args[4]);
     if (needs_weights < 0) return nullptr;
@@ -284,12 +281,12 @@ PyObject* rank_inputs(PyObject*, PyObject* const* args, Py_ssize_t count) {
 // contiguous and sound (_fast.sound), at a non-null address. The NCCL rank's combine asks it of
 // each tensor it takes.
 PyObject* address(PyObject*, PyObject* const* args, Py_ssize_t count) {
-    if (count != 4 || !PyTuple_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "address(spec, tensor, shape: tuple, code)");
+    const Spec* spec = spec_for(args, count, 4, "address(spec, tensor, shape: tuple, code)");
+    if (spec == nullptr) return nullptr;
+    if (!PyTuple_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "address: shape must be a tuple");
         return nullptr;
     }
-    const Spec* spec = spec_of(args[0]);
-    if (spec == nullptr) return nullptr;
     const Py_ssize_t dims = PyTuple_GET_SIZE(args[2]);
     const long long code = PyLong_AsLongLong(args[3]);
     if (PyErr_Occurred()) return nullptr;

@@ -291,3 +291,14 @@ def test_a_module_built_against_another_torch_is_not_used(monkeypatch):
     monkeypatch.setenv("EP_TORCH_FAST", "0")
     monkeypatch.setattr(FAST, "torch_version", torch.__version__)
     assert _fast.torch_fast_module() is None
+
+
+def test_the_modules_functions_refuse_wrong_arguments_by_name():
+    fast, python = pair(1, "expert_major")
+    spec = fast._fast_spec
+    for function, arguments in ((FAST.dispatch, (spec,)), (FAST.combine, (spec, None)), (FAST.rank_inputs, ()),
+                                (FAST.address, (spec, None, [1], 0)), (FAST.dispatch, (None,) * 6)):
+        with pytest.raises((TypeError, ValueError)):
+            function(*arguments)
+    fast.close()
+    python.close()
