@@ -464,6 +464,8 @@ class NCCLGroup(GroupBase):
             if accepted is None:
                 return None
         _, b, ic = accepted
+        if b and not (x_address and idx_address and (topk_weights is None or w_address)):
+            return None   # (tokens with no memory: a meta tensor, whose get_device() is the CPU's -1)
         sound = _fast.sound   # (a negative view, a shrunk storage: the general path names it)
         if not (sound(x, x_address) and sound(topk_idx, idx_address) and (topk_weights is None or sound(topk_weights, w_address))):
             return None
@@ -606,7 +608,8 @@ class NCCLGroup(GroupBase):
                 if (type(out) is not _fast.tensor_type or out.shape != (b, self.hidden) or _fast.torch_codes.get(out.dtype) != code
                         or out.get_device() != device or not out.is_contiguous()):
                     return None
-                if not _fast.sound(out, out.data_ptr()):   # (a negative view, a shrunk storage: the general path names it)
+                given = out.data_ptr()
+                if not given and b or not _fast.sound(out, given):   # (no memory: meta; a negative view, a shrunk storage: the general path names it)
                     return None
                 caller = (out, None)
             if layout == "expert_major":
@@ -615,7 +618,7 @@ class NCCLGroup(GroupBase):
                         or _fast.torch_codes.get(applied.dtype) != _abi.F32 or applied.get_device() != device or not applied.is_contiguous()):
                     return None
                 weights = applied.data_ptr()
-                if not _fast.sound(applied, weights):
+                if not weights and b or not _fast.sound(applied, weights):
                     return None
                 weights = weights or self._empty
             elif topk_weights is not None:
@@ -623,7 +626,7 @@ class NCCLGroup(GroupBase):
             elif layout == "expert_major_padded":
                 weights = slot.weights_desc.data or 0
             address = expert_outputs.data_ptr()
-            if not _fast.sound(expert_outputs, address):
+            if not address or not _fast.sound(expert_outputs, address):   # (recv_shape is never empty: 0 is no memory)
                 return None
         except RuntimeError:   # a sparse or nested tensor (no sizes or strides): the general path names it
             return None

@@ -279,8 +279,18 @@ def test_an_nccl_ranks_reads_hand_the_library_what_the_python_reads_do(monkeypat
                             ("x negative view", (torch._neg_view(-x), idx, w)), ("idx float", (x, idx.float(), w)),
                             ("idx other tokens", (x, idx[:1], w)), ("w float64", (x, idx, w.double())),
                             ("w top-k 2", (x, idx, w[:, :2])), ("w None", (x, idx, None)), ("no tokens", (x[:0], idx[:0], w[:0])),
-                            ("x stacked", (x.unsqueeze(0), idx, w))]:
+                            ("x stacked", (x.unsqueeze(0), idx, w)), ("x meta", (x.to("meta"), idx, w)),
+                            ("w meta", (x, idx, w.to("meta")))]:
         assert outcome(lambda: groups[True].dispatch(*arguments).tokens) == outcome(lambda: groups[False].dispatch(*arguments).tokens), name
+    # Meta tensors (get_device() -1, as this CPU rank's device) have no memory: named, never passed on as address 0.
+    for name, arguments in [("x meta", (x.to("meta"), idx, w)), ("w meta", (x, idx, w.to("meta")))]:
+        assert outcome(lambda: groups[False].dispatch(*arguments))[0] == "InvalidArgumentError", name
+    y = torch.randn(groups[True].recv_shape).to(torch.bfloat16)
+    for g in groups.values():
+        handle = g.dispatch(x, idx, w).handle
+        assert outcome(lambda: g.combine(y.to("meta"), handle))[0] == "InvalidArgumentError"
+        if layout == "expert_major":
+            assert outcome(lambda: g.combine(y, handle, topk_weights=w.to("meta")))[0] == "InvalidArgumentError"
 
 
 def test_a_module_built_against_another_torch_is_not_used(monkeypatch):
