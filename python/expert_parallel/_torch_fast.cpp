@@ -1,6 +1,7 @@
 // expert_parallel._torch_fast: the common stacked dispatch and combine of a VirtualGroup with
-// torch tensors, read through torch's C++ tensor instead of its Python properties (each of which
-// costs a torch call from Python: ~25 of them a dispatch). Built against the installed torch
+// torch tensors, and the tensor reads of an NCCL rank's common calls (rank_inputs, address), read
+// through torch's C++ tensor instead of its Python properties (each of which costs a torch call
+// from Python: ~25 of them a dispatch). Built against the installed torch
 // (python/setup.py, `pip install --no-build-isolation ./python`, or scripts/build-torch-fast); the
 // package uses it when it imports and falls back to its Python path otherwise (EP_TORCH_FAST=0
 // turns it off). Each function either takes the call whole, with exactly the checks of the
@@ -80,13 +81,8 @@ uintptr_t sound_address(const at::Tensor& tensor) {
     return address;
 }
 
-bool shape_is(const at::Tensor& tensor, std::initializer_list<int64_t> shape) {
-    if (tensor.dim() != static_cast<int64_t>(shape.size())) return false;
-    int64_t i = 0;
-    for (int64_t size : shape) {
-        if (tensor.size(i++) != size) return false;
-    }
-    return true;
+bool shape_is(const at::Tensor& tensor, c10::IntArrayRef shape) {
+    return tensor.sizes().equals(shape);
 }
 
 void put_stacked(uint8_t* at, uint64_t address, uint64_t typed) {
@@ -192,10 +188,7 @@ PyObject* combine(PyObject*, PyObject* const* args, Py_ssize_t count) {
     uintptr_t address = 0;
     try {
         const at::Tensor* outputs = tensor_of(*spec, args[1]);
-        if (outputs == nullptr || outputs->dim() != spec->recv_dims) Py_RETURN_NONE;
-        for (int i = 0; i < spec->recv_dims; ++i) {
-            if (outputs->size(i) != spec->recv_shape[i]) Py_RETURN_NONE;
-        }
+        if (outputs == nullptr || !shape_is(*outputs, c10::IntArrayRef(spec->recv_shape, spec->recv_dims))) Py_RETURN_NONE;
         if (code_of(*spec, outputs->scalar_type()) != spec->combine_element || ordinal_of(*outputs) != spec->device
             || !outputs->is_contiguous()) {
             Py_RETURN_NONE;

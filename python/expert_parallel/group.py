@@ -1181,8 +1181,8 @@ class VirtualGroup(GroupBase):
         spec = self._fast_spec
         if spec is _fast.UNMADE:   # (a loop of handles of its own makes it here: their dispatches never do)
             spec = self._fast_spec_made()
-        if (spec is not None and spec is not _fast.UNMADE and stream is None and wait_event is None and record_event is False
-                and send_only is False and slot.combine_kind == kind):
+        if (spec is not None and stream is None and wait_event is None and record_event is False and send_only is False
+                and slot.combine_kind == kind):
             # The decode loop's combine, its tensors read in C++ (_torch_fast.combine: the checks
             # below; None for anything else, nothing written).
             kept = handle.topk_weights if forward_ll and type(handle.topk_weights) is _fast.tensor_type else None
