@@ -1,0 +1,92 @@
+"""scripts/targets.py: which ep-bench entries each performance target reads, the verdict on an
+H200 and its absence on another card, and its exit status."""
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("targets", ROOT / "scripts" / "targets.py")
+targets = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(targets)
+
+
+def phase(median, graph=None, percent=None):
+    p = {"median": median, "minimum": median, "maximum": median}
+    if graph is not None:
+        p["graphMicroseconds"] = graph
+    if percent is not None:
+        p["percentOfFloor"] = percent
+    return p
+
+
+def entry(name, ranks, device="NVIDIA H200", fp8=None, source=None, skew=0, **phases):
+    e = {"name": name, "ranks": ranks, "backend": "gpu", "device": device, "fp8": fp8, "fp8Source": source,
+         "run": {"options": {"skew": skew}}}
+    e.update(phases)
+    return e
+
+
+def run(tmp_path, *files):
+    paths = []
+    for i, entries in enumerate(files):
+        path = tmp_path / f"{i}.json"
+        path.write_text(json.dumps(entries))
+        paths.append(str(path))
+    out = io.StringIO()
+    status = targets.report(paths, out)
+    return status, {line.split("  ")[0].strip(): line for line in out.getvalue().splitlines()}
+
+
+def test_a_step_under_its_bound_is_met_and_one_over_it_is_not(tmp_path):
+    status, lines = run(tmp_path, [entry("ll-std", 8, step=phase(74.0, 70.0)), entry("ht-4k", 8, step=phase(901.0), update=phase(17.0))])
+    assert "met" in lines["ll-std step, 8 virtual"] and "74.00 [70.00]" in lines["ll-std step, 8 virtual"]
+    assert "NOT MET" in lines["ht-4k step, 8 virtual"]
+    assert "met" in lines["ht-4k update"]
+    assert "not measured" in lines["ht-std step, 8 virtual"]
+    assert status == 1
+
+
+def test_the_verdict_is_the_median_over_runs(tmp_path):
+    runs = [[entry("ll-std", 8, step=phase(v))] for v in (76.0, 74.5, 74.8)]
+    status, lines = run(tmp_path, *runs)
+    assert "met" in lines["ll-std step, 8 virtual"] and "median 74.80" in lines["ll-std step, 8 virtual"]
+    assert status == 0
+
+
+def test_fp8_skew_and_one_rank_entries_feed_only_their_own_targets(tmp_path):
+    status, lines = run(tmp_path, [
+        entry("ll-std", 8, fp8="ue8m0", source="quantize", dispatch=phase(23.5), step=phase(70.0)),
+        entry("ll-std", 1, dispatch=phase(8.0), step=phase(17.0)),
+        entry("ht-std", 8, skew=1, combine=phase(250.0, percent=84.0)),
+        entry("ht-std", 8, combine=phase(720.0, percent=96.0)),
+    ])
+    assert "met" in lines["FP8 ll-std dispatch (quantised), 8 virtual"] and "23.50" in lines["FP8 ll-std dispatch (quantised), 8 virtual"]
+    assert "not measured" in lines["ll-std step, 8 virtual"]   # the FP8 entry is not the bf16 step
+    assert "met" in lines["ll-std step, one rank"]
+    assert "NOT MET" in lines["ht-std combine % of floor, skew 1"] and "84.00" in lines["ht-std combine % of floor, skew 1"]
+    assert "met" in lines["ht-std combine % of floor"] and "96.00" in lines["ht-std combine % of floor"]
+    assert status == 1
+
+
+def test_the_fold_is_the_fused_call_less_the_dispatch(tmp_path):
+    _, lines = run(tmp_path, [entry("ll-std", 8, dispatch=phase(38.5, 34.8), updateDispatch=phase(41.75, 39.0))])
+    line = lines["ll-std update folded (upd+disp - dispatch)"]
+    assert "NOT MET" in line and "median 3.25: 3.25 [4.20]" in line
+
+
+def test_another_card_gets_no_verdict(tmp_path):
+    status, lines = run(tmp_path, [entry("ll-std", 8, device="NVIDIA H100 80GB HBM3", step=phase(99.0)),
+                                   entry("ll-1", 8, device="NVIDIA H100 80GB HBM3", dispatch=phase(5.5))])
+    assert "above" in lines["ll-std step, 8 virtual"] and "NOT MET" not in lines["ll-std step, 8 virtual"]
+    assert "below" in lines["ll-1 dispatch, 8 virtual"]
+    assert any("no verdict" in line for line in lines.values())
+    assert status == 0
+
+
+def test_a_file_that_is_not_a_list_of_results_is_exit_status_2(tmp_path, capsys):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"name": "ll-std"}))
+    assert targets.main([str(path)]) == 2
+    assert "not a list" in capsys.readouterr().err
+    assert targets.main([str(tmp_path / "missing.json")]) == 2

@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""The project's performance targets (one H200, docs/performance.md) against ep-bench results.
+
+    python3 scripts/targets.py RUN.json [RUN.json ...]
+
+Reads every entry of the given `ep-bench run --json` files and prints, per target, each run's
+median (and the graph replay's figure beside it), the median over runs, and whether that meets
+the target. A target no file measured says so. The targets are stated for one H200: figures of
+another card are reported as below or above the bound, not as met or missed. Exit status: 0 no
+target missed, 1 one missed (on an H200), 2 a file that cannot be read.
+`scripts/device-verify targets` runs the cases these need and calls this.
+"""
+import json
+import statistics
+import sys
+
+# (label, case, ranks, fp8 mode, fp8 source, skew, metric, bound, "<=" or ">=")
+# metric: a phase's median µs ("step", "dispatch", "combine", "update"), "fold" (update + dispatch
+# in one launch, less the dispatch alone: what the LL update adds), "combine%" (combine's percent of
+# its floor).
+TARGETS = [
+    ("ll-std step, 8 virtual", "ll-std", 8, None, None, 0, "step", 75, "<="),
+    ("ht-std step, 8 virtual", "ht-std", 8, None, None, 0, "step", 1600, "<="),
+    ("ht-4k step, 8 virtual", "ht-4k", 8, None, None, 0, "step", 900, "<="),
+    ("ll-std step, one rank", "ll-std", 1, None, None, 0, "step", 20, "<="),
+    ("ht-std step, one rank", "ht-std", 1, None, None, 0, "step", 100, "<="),
+    ("ll-1 dispatch, 8 virtual", "ll-1", 8, None, None, 0, "dispatch", 6, "<="),
+    ("ll-1 combine, 8 virtual", "ll-1", 8, None, None, 0, "combine", 6, "<="),
+    ("ll-1 dispatch, one rank", "ll-1", 1, None, None, 0, "dispatch", 5, "<="),
+    ("ll-1 combine, one rank", "ll-1", 1, None, None, 0, "combine", 5, "<="),
+    ("ll-std update folded (upd+disp - dispatch)", "ll-std", 8, None, None, 0, "fold", 3, "<="),
+    ("ht-4k update", "ht-4k", 8, None, None, 0, "update", 35, "<="),
+    ("ht-std combine % of floor", "ht-std", 8, None, None, 0, "combine%", 85, ">="),
+    ("ht-4k combine % of floor", "ht-4k", 8, None, None, 0, "combine%", 85, ">="),
+    ("ht-std combine % of floor, skew 1", "ht-std", 8, None, None, 1, "combine%", 85, ">="),
+    ("ht-4k combine % of floor, skew 1", "ht-4k", 8, None, None, 1, "combine%", 85, ">="),
+    ("FP8 ll-std dispatch (quantised), 8 virtual", "ll-std", 8, "ue8m0", "quantize", 0, "dispatch", 24, "<="),
+    ("FP8 ll-std dispatch (quantised), one rank", "ll-std", 1, "ue8m0", "quantize", 0, "dispatch", 6, "<="),
+    ("FP8 ht-std dispatch (passed through), 8 virtual", "ht-std", 8, "float32", "pass-through", 0, "dispatch", 450, "<="),
+]
+TARGET_DEVICE = "H200"
+
+
+def entries(paths):
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: not a list of ep-bench results")
+        for entry in data:
+            yield entry
+
+
+def skew_of(entry):
+    return float(((entry.get("run") or {}).get("options") or {}).get("skew", 0))
+
+
+def value(entry, metric):
+    """(events µs or percent, graph µs or None) of `metric` in `entry`, or None where it has none."""
+    def phase(name):
+        p = entry.get(name)
+        return p if isinstance(p, dict) and p.get("median") is not None else None
+    if metric == "fold":
+        both, alone = phase("updateDispatch"), phase("dispatch")
+        if both is None or alone is None:
+            return None
+        graph = None
+        if both.get("graphMicroseconds") is not None and alone.get("graphMicroseconds") is not None:
+            graph = both["graphMicroseconds"] - alone["graphMicroseconds"]
+        return both["median"] - alone["median"], graph
+    if metric == "combine%":
+        p = phase("combine")
+        return None if p is None or p.get("percentOfFloor") is None else (p["percentOfFloor"], None)
+    p = phase(metric)
+    return None if p is None else (p["median"], p.get("graphMicroseconds"))
+
+
+def report(paths, out=sys.stdout):
+    all_entries = list(entries(paths))
+    devices = sorted({e.get("device", "?") for e in all_entries})
+    missed = False
+    verdict = bool(devices) and all(TARGET_DEVICE in d for d in devices)
+    print(f"devices: {', '.join(devices) or 'none'}", file=out)
+    if not verdict:
+        print(f"the targets are for one {TARGET_DEVICE}: figures of another card are no verdict on them", file=out)
+    for label, case, ranks, fp8, source, skew, metric, bound, sense in TARGETS:
+        runs = []
+        for e in all_entries:
+            if (e.get("name"), e.get("ranks"), e.get("fp8"), e.get("fp8Source")) != (case, ranks, fp8, source):
+                continue
+            if e.get("backend") != "gpu" or skew_of(e) != skew or e.get("maxTokensPerRank") is not None:
+                continue
+            v = value(e, metric)
+            if v is not None:
+                runs.append(v)
+        if not runs:
+            print(f"{label:50s} {sense} {bound:<6g} not measured", file=out)
+            continue
+        middle = statistics.median(v for v, _ in runs)
+        met = middle <= bound if sense == "<=" else middle >= bound
+        missed |= verdict and not met
+        word = ("met" if met else "NOT MET") if verdict else ("below" if middle < bound else "above")
+        shown = "  ".join(f"{v:.2f}" + (f" [{g:.2f}]" if g is not None else "") for v, g in runs)
+        print(f"{label:50s} {sense} {bound:<6g} {word:7s} median {middle:.2f}: {shown}", file=out)
+    return 1 if missed else 0
+
+
+def main(argv):
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else 2
+    try:
+        return report(argv)
+    except (OSError, ValueError) as error:
+        print(f"targets: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
