@@ -7,7 +7,9 @@ Reads every entry of the given `ep-bench run --json` files and prints, per targe
 median (and the graph replay's figure beside it), the median over runs, and whether that meets
 the target. A target no file measured says so. The targets are stated for one H200: figures of
 another card are reported as below or above the bound, not as met or missed. Exit status: 0 no
-target missed, 1 one missed (on an H200), 2 a file that cannot be read.
+target missed, 1 one missed (on an H200), 2 a file that cannot be read. Only runs of the standard
+cases as they are count (no shape, layout, dtype, SM or tuning option; virtual ranks);
+`EP_KERNEL_DEFINES` is not in the results, so a variant's runs must not be passed.
 `scripts/device-verify targets` runs the cases these need and calls this.
 """
 import json
@@ -51,8 +53,23 @@ def entries(paths):
             yield entry
 
 
-def skew_of(entry):
-    return float(((entry.get("run") or {}).get("options") or {}).get("skew", 0))
+# The options a target's run leaves as they are: the standard case's shape, layout and element
+# type, every SM, the default tuning, virtual ranks (absent keys: a file of an older ep-bench).
+STANDARD = {"tokens": None, "maxTokens": None, "hidden": None, "topK": None, "experts": None, "layout": None,
+            "alignment": None, "dtype": "bf16", "sms": [], "pipelineDepth": 4, "rowsInFlight": 8, "rowPieces": None,
+            "blocksPerSM": None, "updateChunkTokens": 256, "fullGrid": False, "serialLaunches": False,
+            "fusedUpdate": None, "transport": "virtual", "tokenCounts": []}
+
+
+def options_of(entry):
+    return (entry.get("run") or {}).get("options") or {}
+
+
+def standard(entry, skew):
+    options = options_of(entry)
+    if float(options.get("skew", 0)) != skew or entry.get("backend") != "gpu" or entry.get("rank") is not None:
+        return False
+    return all(options.get(key, value) == value for key, value in STANDARD.items())
 
 
 def value(entry, metric):
@@ -88,7 +105,7 @@ def report(paths, out=sys.stdout):
         for e in all_entries:
             if (e.get("name"), e.get("ranks"), e.get("fp8"), e.get("fp8Source")) != (case, ranks, fp8, source):
                 continue
-            if e.get("backend") != "gpu" or skew_of(e) != skew or e.get("maxTokensPerRank") is not None:
+            if not standard(e, skew):
                 continue
             v = value(e, metric)
             if v is not None:

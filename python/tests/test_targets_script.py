@@ -20,9 +20,9 @@ def phase(median, graph=None, percent=None):
     return p
 
 
-def entry(name, ranks, device="NVIDIA H200", fp8=None, source=None, skew=0, **phases):
+def entry(name, ranks, device="NVIDIA H200", fp8=None, source=None, skew=0, options=None, **phases):
     e = {"name": name, "ranks": ranks, "backend": "gpu", "device": device, "fp8": fp8, "fp8Source": source,
-         "run": {"options": {"skew": skew}}}
+         "run": {"options": {"skew": skew, "dtype": "bf16", "sms": [], "pipelineDepth": 4, "layout": None, **(options or {})}}}
     e.update(phases)
     return e
 
@@ -90,3 +90,16 @@ def test_a_file_that_is_not_a_list_of_results_is_exit_status_2(tmp_path, capsys)
     assert targets.main([str(path)]) == 2
     assert "not a list" in capsys.readouterr().err
     assert targets.main([str(tmp_path / "missing.json")]) == 2
+
+
+def test_runs_with_other_options_than_the_standard_cases_are_not_read(tmp_path):
+    status, lines = run(tmp_path, [
+        entry("ll-std", 8, step=phase(70.0), options={"layout": "rank-major"}),
+        entry("ll-std", 8, step=phase(71.0), options={"pipelineDepth": 2}),
+        entry("ll-std", 8, step=phase(72.0), options={"sms": [66]}),
+        entry("ll-std", 8, step=phase(73.0), options={"transport": "nccl"}),
+        entry("ll-std", 8, step=phase(74.5), options={"dtype": "f16"}),
+        entry("ll-std", 8, step=phase(76.0)),
+    ])
+    assert "NOT MET" in lines["ll-std step, 8 virtual"] and "median 76.00: 76.00" in lines["ll-std step, 8 virtual"]
+    assert status == 1
