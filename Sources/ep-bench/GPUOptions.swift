@@ -17,7 +17,7 @@ struct GPUOptions: ParsableArguments {
     var givenRowsInFlight: Int?
     var rowsInFlight: Int { givenRowsInFlight ?? 8 }
 
-    @Option(parsing: .unconditional, help: "GPU only: pieces each token row is cut into, one warp each (default: automatic).", transform: NumberArgument.whole(Bounds.rowPieces))
+    @Option(parsing: .unconditional, help: "GPU only: pieces each token row is cut into, one warp each: 1...4096, at most a row's 16-byte vectors (default: automatic).", transform: NumberArgument.whole(Bounds.rowPieces))
     var rowPieces: Int?
 
     @Option(name: .customLong("blocks-per-sm"), parsing: .unconditional, help: "GPU only: 512-thread blocks per SM in one launch (1 or 2; default 2, 1 for R = 1 except the HT combine).", transform: NumberArgument.whole(Bounds.blocksPerSM))

@@ -61,7 +61,7 @@ struct RunCommand: ParsableCommand {
     @Option(help: "NCCL failure drill instead of the cases: never-joins (--drill-rank exits before joining) or dies (it exits after the group is built, before the first step). The others must report the failure within the timeout.")
     var drill: FailureDrill?
 
-    @Option(name: .customLong("drill-rank"), parsing: .unconditional, help: ArgumentHelp("NCCL failure drill: the rank that fails. (default: 1)", valueName: "drill-rank"), transform: NumberArgument.whole(bound: "in 0..<the ranks"))
+    @Option(name: .customLong("drill-rank"), parsing: .unconditional, help: ArgumentHelp("NCCL failure drill: the rank that fails, 0..<the ranks. (default: 1)", valueName: "drill-rank"), transform: NumberArgument.whole(bound: "in 0..<the ranks"))
     var givenDrillRank: Int?
     var drillRank: Int { givenDrillRank ?? 1 }
 
