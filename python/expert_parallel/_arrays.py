@@ -119,7 +119,7 @@ def dense(value, name):
     """Raises the error naming `value` (a torch tensor) unless it is a dense (strided) tensor: a
     sparse or nested one has no storage, sizes or strides (torch raises its own RuntimeError), and
     a torch.func wrapper has no memory of its own (torch's "Cannot access data pointer"), nor have
-    a tracing tensor (:func:`traced`) or a wrapper subclass (data_ptr() 0)."""
+    a tracing tensor (:func:`traced`), a wrapper subclass or a zero tensor (data_ptr() 0)."""
     if value.is_nested:
         raise InvalidArgumentError(f"{name}: a nested tensor; must be a dense (torch.strided) tensor")
     if str(value.layout) != "torch.strided":
@@ -135,8 +135,12 @@ def dense(value, name):
             f"{name}: {tracing}, which has no memory the library could read or write; must be a plain tensor: the group's "
             "calls run on real tensors, so call them outside the tracing (under torch.compile, call the ops of "
             "expert_parallel.torch, whose fake implementations trace)")
-    if (type(value) is not sys.modules["torch"].Tensor and value.device.type != "meta" and value.numel()
-            and not value.data_ptr()):
+    plain = type(value) is sys.modules["torch"].Tensor
+    if (not plain or value._is_zerotensor()) and value.device.type != "meta" and value.numel() and not value.data_ptr():
+        if plain:   # (a zero tensor: what autograd may hand a backward for a gradient known to be zero)
+            raise InvalidArgumentError(
+                f"{name}: a zero tensor (torch._efficientzerotensor) with no memory of its own (data_ptr() is 0); must be a "
+                "tensor whose storage holds its values: pass torch.zeros of its shape")
         raise InvalidArgumentError(
             f"{name}: a {type(value).__name__} with no memory of its own (a wrapper tensor subclass: data_ptr() is 0); "
             "must be a tensor whose storage holds its values: pass a plain tensor")

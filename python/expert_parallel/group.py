@@ -1176,7 +1176,10 @@ class VirtualGroup(GroupBase):
         slot = self._slots[index]
         forward_ll, shape, element, device, kind = self._common_combine
         weights = handle.weight_stacked if forward_ll else None
-        if slot is None or slot.kind is not type(expert_outputs) or (forward_ll and not weights):
+        # (LL reads the dispatch's weights again below, where they are now; weights that are not
+        # a plain tensor, such as a subclass or a Parameter, the general path reads again)
+        if (slot is None or slot.kind is not type(expert_outputs)
+                or (forward_ll and (not weights or type(handle.topk_weights) is not _fast.tensor_type))):
             return None
         spec = self._fast_spec
         if spec is _fast.UNMADE:   # (a loop of handles of its own makes it here: their dispatches never do)
@@ -1185,7 +1188,7 @@ class VirtualGroup(GroupBase):
                 and slot.combine_kind == kind):
             # The decode loop's combine, its tensors read in C++ (_torch_fast.combine: the checks
             # below; None for anything else, nothing written).
-            kept = handle.topk_weights if forward_ll and type(handle.topk_weights) is _fast.tensor_type else None
+            kept = handle.topk_weights if forward_ll else None
             call, step = slot.combine_call, handle._pointer   # (a ctypes c_void_p of a handle of its own; None: the group's step)
             status = self._fast_combine(spec, expert_outputs, kept, weights, handle.tokens[0], call.address,
                                         None if device == -1 else _fast.raw_stream(device), _abi.PHASE_WHOLE,
@@ -1196,7 +1199,7 @@ class VirtualGroup(GroupBase):
                 if status:
                     check_status(status, _errors.COMBINE_SLOT, kind="torch")
                 return slot.combined_rows(handle.tokens)
-        if forward_ll and type(handle.topk_weights) is _fast.tensor_type:   # (the dispatch's weights, read again where they are now)
+        if forward_ll:   # (the dispatch's weights, read again where they are now)
             kept = handle.topk_weights
             weights = kept.data_ptr()
             if (weights != handle.weight_stacked or kept.shape != (self.ranks, handle.tokens[0], self.top_k)

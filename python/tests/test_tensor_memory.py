@@ -364,6 +364,40 @@ def test_an_nccl_rank_refuses_a_torch_func_wrapper_by_name(recorded):  # noqa: F
         g.combine(rows, handle, out=leaked(torch.zeros(3, g.hidden)))
 
 
+ZERO = r"a zero tensor \(torch._efficientzerotensor\) with no memory of its own \(data_ptr\(\) is 0\); "
+
+
+def zero_tensor(t):
+    """A zero tensor of `t`'s shape and dtype: a plain torch.Tensor with no memory (data_ptr() 0)."""
+    return torch._efficientzerotensor(t.shape, dtype=t.dtype)
+
+
+@pytest.mark.parametrize("algorithm", ["ll", "ht"])
+def test_a_group_names_a_zero_tensor(algorithm):
+    """A zero tensor (data_ptr() 0 for all its elements) went to the library, which answered
+    "xs = NULL"; the groups now name it, stacked or per rank, and call nothing."""
+    g = group(algorithm=algorithm)
+    x, idx, w = step()
+    cases = [((zero_tensor(x), idx, w), "xs"), ((x, zero_tensor(idx), w), "topk_idx"), ((x, idx, zero_tensor(w)), "topk_weights"),
+             (([zero_tensor(x[0]), x[1]], list(idx), list(w)), r"xs\[0\]")]
+    for arguments, name in cases:
+        with pytest.raises(ep.InvalidArgumentError, match=f"^{name}: " + ZERO):
+            g.dispatch(*arguments)
+    out = g.dispatch(x, idx, w)
+    rows = torch.stack(out.tokens).clone()
+    with pytest.raises(ep.InvalidArgumentError, match="^expert_outputs: " + ZERO):
+        g.combine(zero_tensor(rows), out.handle)
+    with pytest.raises(ep.InvalidArgumentError, match="^out: " + ZERO):
+        g.combine(rows, out.handle, out=zero_tensor(torch.zeros(2, 3, 8)))
+    assert torch.stack(g.combine(rows, out.handle)).abs().sum() > 0
+
+
+def test_an_nccl_rank_names_a_zero_tensor(recorded):  # noqa: F811
+    """An NCCL rank passed the slot buffer's address for a zero tensor's 0 (as for an empty
+    tensor's), so the library would have read that buffer as the rank's tokens."""
+    nccl_rank_names(recorded, zero_tensor, ZERO, (0, 1, 2))
+
+
 @pytest.mark.parametrize("layout", [("ll", "expert_major"), ("ll", "rank_major"), ("ht", "flat"), ("ht", "expert_major_padded")])
 def test_exchange_takes_a_dead_torch_func_wrapper_with_or_without_grad(layout):
     """Exchange unwrapped a wrapper left over from a finished transform where autograd records the

@@ -195,6 +195,32 @@ def test_combines_it_leaves_to_the_python_path():
     python.close()
 
 
+@pytest.mark.parametrize("wrap", [lambda t: t.as_subclass(Sub), lambda t: torch.nn.Parameter(t, requires_grad=False)],
+                         ids=["subclass", "Parameter"])
+def test_a_combine_reads_again_dispatch_weights_of_a_tensor_subclass(wrap):
+    """The common combine read the LL dispatch's weights again only where they were a plain
+    tensor: a subclass's or a Parameter's, shrunk or moved since the dispatch, was read where the
+    dispatch took it (freed memory). Both common paths now leave such weights to the general path,
+    which reads them where they are now or names them."""
+    fast, python = pair(2, "expert_major", dtype="f32")
+    run_steps(fast, python, 2, "f32", torch.int32, steps=2)   # (both slots' call structs made)
+    x, idx, w = step_inputs(np.random.default_rng(4), 2, 3, "f32", torch.int32)
+    for g in (fast, python):
+        given = wrap(w.clone())
+        sent = g.dispatch(x, idx, given)
+        given.untyped_storage().resize_(0)
+        with pytest.raises(ep.InvalidArgumentError, match="^topk_weights: storage of 0 bytes"):
+            g.combine(sent.received * 2, sent.handle)
+        given = wrap(w.clone())
+        sent = g.dispatch(x, idx, given)
+        ys = sent.received * 2
+        given.data = given.detach().clone() * 3   # (moved: the combine weighs with what it holds now)
+        moved = bits(g.combine(ys, sent.handle))
+        assert moved == bits(g.combine(ys, g.dispatch(x, idx, w * 3).handle))
+    fast.close()
+    python.close()
+
+
 def test_handles_of_their_own_and_a_closed_group():
     fast, python = pair(1, "expert_major")
     run_steps(fast, python, 1, "bf16", torch.int64, steps=2)   # (both slots' call structs made)
