@@ -268,6 +268,51 @@ def test_a_padded_ue8m0_dispatch_then_its_backward_pass(ranks):
         assert torch.equal(got, combined[r]), r
 
 
+def test_a_cached_dispatch_routes_as_the_dispatch_did_whatever_the_caller_writes_after(ranks):
+    """DeepEP's handle routes a cached dispatch by the layout its dispatch made: a caller that
+    reuses its topk_idx / topk_weights in place after the forward pass changes nothing. Here a
+    cached dispatch into another format (FP8 forward, bf16 backward) started its step from the
+    caller's tensors as they were then, and received other tokens, silently."""
+    xs, idx, ws = ref.make_inputs(23, TOKENS, E, 128, K, torch.float32)
+    codes = [x.div(16).to(torch.float8_e4m3fn) for x in xs]
+    scales = [torch.ones(x.shape[0], 1) for x in xs]
+    back_in = [x.bfloat16() for x in xs]
+    want = ref.ht_dispatch(back_in, idx, ws, E)
+    combined = ref.ht_combine(want, [w["x"] for w in want], TOKENS, torch.bfloat16)
+
+    def flow(b):
+        given_idx, given_w = idx[b.rank].clone(), ws[b.rank].clone()
+        handle = layout_and_dispatch(b, (codes[b.rank], scales[b.rank]), given_idx, given_w)[4]
+        given_idx.copy_((given_idx + 1) % E)   # (reused in place: another routing)
+        given_w.zero_()
+        back = b.dispatch(back_in[b.rank], handle=handle)[0]
+        return back, b.combine(back, handle)[0]
+
+    for r, (back, got) in enumerate(run_ranks(ranks, flow)):
+        assert torch.equal(back, want[r]["x"]), r
+        assert torch.equal(got, combined[r]), r
+
+
+def test_combine_after_a_cached_dispatch_of_side_data(ranks):
+    """A cached dispatch of other rows (side data of another hidden size, or another dtype) between
+    a dispatch and its combine: DeepEP's combine takes the rows as its dispatch moved them; here it
+    took only the latest dispatch's hidden size and dtype."""
+    xs, idx, ws = ref.make_inputs(29, TOKENS, E, H, K, torch.bfloat16)
+    want = ref.ht_dispatch(xs, idx, ws, E)
+    combined = ref.ht_combine(want, [w["x"] for w in want], TOKENS, torch.bfloat16)
+    sides = [torch.arange(b * 8, dtype=torch.float32).reshape(b, 8) for b in TOKENS]
+    want_side = ref.ht_dispatch(sides, idx, ws, E)
+
+    def flow(b):
+        recv_x, _, _, _, handle, _ = layout_and_dispatch(b, xs[b.rank], idx[b.rank], ws[b.rank])
+        side = b.dispatch(sides[b.rank], handle=handle)[0]
+        return side, b.combine(recv_x, handle)[0]
+
+    for r, (side, got) in enumerate(run_ranks(ranks, flow)):
+        assert torch.equal(side, want_side[r]["x"]), r
+        assert torch.equal(got, combined[r]), r
+
+
 def test_events_and_hooks_on_the_cpu(ranks):
     xs, idx, ws = ref.make_inputs(9, TOKENS, E, H, K)
     captured = Buffer.capture()

@@ -138,14 +138,17 @@ def ht_dispatch(groups: Groups, payloads: List[Payload]) -> List[Any]:
         spec = Spec("ht", experts, hidden, top_k, dtype, fp8_mode, source, multiprocessors)
         tokens = [int(p.x.shape[0]) for p in payloads]
         entry = groups.entry(spec, max(tokens))
-        routing = [p.topk_idx for p in payloads]
-        weights = [p.topk_weights if p.topk_weights is not None
+        # Copies: DeepEP's handle routes its cached dispatches and its combine as this dispatch
+        # routed, whatever the caller writes into its topk_idx / topk_weights afterwards (the
+        # steps read the routing again; a cached dispatch into another format starts from it).
+        routing = [p.topk_idx.clone() for p in payloads]
+        weights = [p.topk_weights.clone() if p.topk_weights is not None
                    else torch.zeros((b, top_k), dtype=torch.float32, device=p.x.device) for p, b in zip(payloads, tokens)]
         step = entry.acquire()
         record = Record("ht", entry, step, tokens, routing, weights)
     entry.settle()
     out = entry.dispatch(xs, routing, weights, step, scales, send_only=False)
-    record.last, record.stage = entry, out.stage
+    record.last, record.stages[entry] = entry, out.stage
     layouts = out.layouts()
     received = [info.received_total for info in layouts]
     if cached and record.received is not None and received != record.received:
@@ -176,7 +179,7 @@ def ht_dispatch(groups: Groups, payloads: List[Payload]) -> List[Any]:
 def ht_combine(groups: Groups, payloads: List[Payload]) -> List[Any]:
     torch = torch_module()
     record = _record_of(payloads, "ht")
-    entry: Entry = record.last
+    entry: Entry = record.combining(payloads[0].dtype, int(payloads[0].x.shape[1]))
     step = record.step_in(entry)
     weighted = _agree(payloads, "topk_weights", lambda p: "given" if p.topk_weights is not None else None) is not None
     spec = entry.spec
@@ -192,14 +195,14 @@ def ht_combine(groups: Groups, payloads: List[Payload]) -> List[Any]:
     grads = entry.grad_stage(len(payloads)) if weighted else None
     for i, p in enumerate(payloads):
         n = record.received[i]
-        record.stage[i][:n].copy_(p.x[:n])
+        record.stages[entry][i][:n].copy_(p.x[:n])
         if weighted:
             grads[i][:n].copy_(p.topk_weights[:n])
     device = payloads[0].x.device
     outs = [torch.empty((b, spec.hidden), dtype=payloads[0].x.dtype, device=device) for b in record.tokens]
     grad_outs = [torch.empty((b, spec.top_k), dtype=torch.float32, device=device) for b in record.tokens] if weighted else None
     entry.settle()
-    entry.combine(record.stage, step, outs, grads=None if grads is None else list(grads), grad_outs=grad_outs)
+    entry.combine(record.stages[entry], step, outs, grads=None if grads is None else list(grads), grad_outs=grad_outs)
     results = []
     for i, p in enumerate(payloads):
         combined = outs[i]

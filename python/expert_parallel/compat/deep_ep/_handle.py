@@ -28,7 +28,8 @@ class Record:
         self.last = entry                     # the group of the latest dispatch of this routing
         self.received: Optional[List[int]] = None   # HT: rows received per local rank
         self.rows: Optional[List[int]] = None       # HT: rows the handle has per local rank (num_worst_tokens, else received)
-        self.stage: List[Any] = []            # per local rank: where combine's expert outputs go
+        self.stage: List[Any] = []            # LL, per local rank: where combine's expert outputs go
+        self.stages: Dict[Entry, List[Any]] = {}   # HT: the same, per group this routing was dispatched in
         self.idx_versions: List[int] = []     # LL: each routing tensor's version at the dispatch
 
     def __del__(self) -> None:
@@ -40,6 +41,18 @@ class Record:
     def step_in(self, entry: Entry) -> Any:
         """This routing's step in `entry`'s group, or None when it has none yet."""
         return self.steps.get(entry)
+
+    def combining(self, dtype: str, hidden: int) -> Entry:
+        """HT: the group a combine of `dtype` rows of `hidden` runs in: the latest dispatch's, or
+        else the latest earlier one's that moved such rows (a cached dispatch of side data, or of
+        another format, comes between a dispatch and its combine). The latest dispatch's where
+        none did: the combine then names what that one combines."""
+        if self.last.spec.dtype == dtype and self.last.spec.hidden == hidden:
+            return self.last
+        for entry in reversed(list(self.stages)):
+            if entry.spec.dtype == dtype and entry.spec.hidden == hidden:
+                return entry
+        return self.last
 
 
 class DispatchHandle:
