@@ -5,8 +5,8 @@ from __future__ import annotations
 import ctypes
 from typing import Any, Iterator, List, Optional, Tuple
 
-from . import _abi
-from .errors import InvalidUsageError, NotCopyableError
+from . import _abi, _fast
+from .errors import InvalidArgumentError, InvalidUsageError, NotCopyableError
 
 
 class LayoutInfo:
@@ -97,7 +97,7 @@ class Handle(_NotCopyable):
     """
 
     __slots__ = ("group", "_pointer", "step", "slot", "slot_use", "tokens", "topk_idx", "topk_weights", "received_weights",
-                 "weight_addresses", "weight_stacked", "released", "torch_routing", "__weakref__")   # made per dispatch: kept cheap
+                 "weight_addresses", "weight_stacked", "released", "torch_routing", "routing_at", "__weakref__")   # made per dispatch: kept cheap
 
     _copy_name = "Handle"   # (a handle of its own too)
     _copy_refusal = ("it names one step of its group (a handle of its own frees that step when it is dropped, which a "
@@ -111,6 +111,7 @@ class Handle(_NotCopyable):
         self.slot_use = 0         # which dispatch into that slot wrote the handle's rows
         self.tokens: Any = None   # per rank: B_r
         self.topk_idx: Any = None  # kept alive: the GPU reads the routing again in combine
+        self.routing_at: Any = None  # where topk_idx's memory was when the step took it (routing_at())
         self.topk_weights: Any = None
         self.received_weights: Any = None
         self.weight_addresses: Any = None  # per rank: the device address of its topk_weights
@@ -280,4 +281,42 @@ def own_step_result(group: Any, slot: Any, step: int, use: int, tokens: Any, top
     handle.group, handle._pointer, handle.step, handle.slot, handle.slot_use = group, None, step, slot.index, use
     handle.tokens, handle.topk_idx, handle.topk_weights, handle.received_weights = tokens, topk_idx, topk_weights, slot.w_views
     handle.weight_addresses, handle.weight_stacked, handle.released, handle.torch_routing = None, weight_stacked, False, None
+    handle.routing_at = topk_idx.data_ptr()   # (a stacked torch tensor: the common calls take no other)
     return DispatchResult._of_slot(slot, handle)
+
+
+def routing_at(routing: Any) -> Any:
+    """Where `routing` (a step's topk_idx) has its memory: a torch tensor's data_ptr(), a tuple of
+    each rank's for per-rank ones, None for a NumPy array (whose memory cannot move while the step
+    holds it). The library keeps that address for the step's later calls, which read it again."""
+    if type(routing) is tuple or type(routing) is list:
+        return tuple(routing_at(value) for value in routing)
+    data_ptr = getattr(routing, "data_ptr", None)
+    return None if data_ptr is None or not callable(data_ptr) else data_ptr()
+
+
+def moved(handle: Any) -> bool:
+    """Whether `handle`'s routing is no longer where its step took it (check_routing names it):
+    the common calls' test, one comparison for a stacked tensor."""
+    routing = handle.topk_idx
+    return (routing.data_ptr() if type(routing) is _fast.tensor_type else routing_at(routing)) != handle.routing_at
+
+
+def check_routing(handle: Any) -> None:
+    """Raises the error naming the step's topk_idx (a rank's: ``topk_idx[i]``) whose memory is no
+    longer where the step took it: changed in place since (``.data =``, ``set_()``, its storage
+    resized), so that the call about to read it again would read memory the tensor no longer holds."""
+    at = handle.routing_at
+    if at is None:
+        return
+    now = routing_at(handle.topk_idx)
+    if now == at:
+        return
+    name = "topk_idx"
+    if type(at) is tuple:
+        i = next(i for i, (a, b) in enumerate(zip(now, at)) if a != b)
+        name = f"topk_idx[{i}]"
+    raise InvalidArgumentError(
+        f"{name}: its memory moved since the step's dispatch took it (.data =, set_() or a storage resize_() since); the "
+        "step reads its routing again there: keep the routing tensor unchanged until the step's combine, or dispatch "
+        "the new routing as a new step")

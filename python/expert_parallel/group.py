@@ -14,7 +14,7 @@ from ._config import integer as _int
 from ._group_base import NO_COMBINE_WEIGHTS as _NO_COMBINE_WEIGHTS
 from ._group_base import GroupBase, combine_weights_refused, locked
 from ._library import addresses_entry, call, check_status, load
-from ._results import DispatchResult, Handle, LayoutInfo, _LayoutBuffers, _StackedOutResult, own_step_result
+from ._results import DispatchResult, Handle, LayoutInfo, _LayoutBuffers, _StackedOutResult, check_routing, moved as _moved, own_step_result, routing_at
 from ._slots import Slot
 from ._types import Algorithm, Array, Direction, DType, Launch, Layout, Overflow, PerRank, Seconds
 from .errors import InvalidArgumentError, InvalidUsageError
@@ -318,6 +318,8 @@ class VirtualGroup(GroupBase):
                 self._check_handle(handle, dispatched=False)
             if topk_idx is None and (handle is None or handle.tokens is None):
                 raise InvalidArgumentError("topk_idx: None; pass the step's routing, or a handle whose step has one")
+            if topk_idx is None:
+                check_routing(handle)
             if topk_weights is None and self.recv_routing_shape is not None:
                 raise InvalidArgumentError(f"topk_weights: None; layout {self.layout!r} sends the weights with the tokens")
 
@@ -411,6 +413,7 @@ class VirtualGroup(GroupBase):
             direction_value = 0 if type(direction) is str and direction == "forward" else _option(direction, "direction", _abi.DIRECTIONS)
             mode = 0 if type(launch) is str and launch == "single" else _option(launch, "launch", _abi.LAUNCH_MODES)
             self._check_handle(handle, dispatched=True)
+            check_routing(handle)
             backward_ht = direction == "backward" and self.algorithm == "ht"
             if weight_gradients is not None and not backward_ht:
                 raise InvalidArgumentError("weight_gradients: only the backward pass of HT takes weight gradients")
@@ -533,6 +536,7 @@ class VirtualGroup(GroupBase):
             check_status(self._fn_update(self._group, self._update_inputs, config, raw))
             target.tokens = tokens
             target.topk_idx = _held(topk_idx)
+            target.routing_at = routing_at(target.topk_idx)
         config = self._dispatch_config
         config.direction, config.launchMode, config.step = direction_value, mode, pointer
         config.phase = _abi.PHASE_SEND_ONLY if send_only else _abi.PHASE_WHOLE
@@ -650,7 +654,8 @@ class VirtualGroup(GroupBase):
             return None
         slot = self._slots[index]
         forward_ll, _, element, _, _ = self._common_combine
-        if slot is None or slot.kind is not _fast.tensor_type or element == -1 or forward_ll and not self._kept_list_weights(handle):
+        if (slot is None or slot.kind is not _fast.tensor_type or element == -1 or forward_ll and not self._kept_list_weights(handle)
+                or _moved(handle)):   # (its routing moved since: the general path names it)
             return None
         read = _fast.per_rank((expert_outputs,))
         if read is None:
@@ -881,7 +886,7 @@ class VirtualGroup(GroupBase):
             target = Handle(self)
             target.step = self._own_step
         target.tokens = [b] * ranks
-        target.topk_idx = topk_idx
+        target.topk_idx, target.routing_at = topk_idx, routing_at(topk_idx)
         target.topk_weights = topk_weights
         target.weight_addresses = None
         target.weight_stacked = weights
@@ -1060,6 +1065,8 @@ class VirtualGroup(GroupBase):
                 b, x = xs.shape[-2], xs.data_ptr()
                 if topk_idx is None and list(handle.tokens) != [b] * self.ranks:
                     raise InvalidArgumentError(f"xs: {[b] * self.ranks} tokens per rank; the handle's routing has {handle.tokens}")
+                if topk_idx is None:
+                    check_routing(handle)
                 if b and not (x & 7 and self._device == -1):
                     # The call, as _dispatch_stacked makes it into a caller's stacked outputs (one C call,
                     # update included), and its bookkeeping.
@@ -1090,7 +1097,7 @@ class VirtualGroup(GroupBase):
         routing, and a forward dispatch's weights (address 0: none), which combine reads again."""
         if topk_idx is not None:
             target.tokens = [b] * self.ranks
-            target.topk_idx = topk_idx
+            target.topk_idx, target.routing_at = topk_idx, routing_at(topk_idx)
         if direction == "forward" and weights_address:
             target.topk_weights = topk_weights
             target.weight_addresses = None
@@ -1179,7 +1186,8 @@ class VirtualGroup(GroupBase):
         # (LL reads the dispatch's weights again below, where they are now; weights that are not
         # a plain tensor, such as a subclass or a Parameter, the general path reads again)
         if (slot is None or slot.kind is not type(expert_outputs)
-                or (forward_ll and (not weights or type(handle.topk_weights) is not _fast.tensor_type))):
+                or (forward_ll and (not weights or type(handle.topk_weights) is not _fast.tensor_type))
+                or _moved(handle)):   # (its routing moved since: the general path names it)
             return None
         spec = self._fast_spec
         if spec is _fast.UNMADE:   # (a loop of handles of its own makes it here: their dispatches never do)
@@ -1334,6 +1342,7 @@ class VirtualGroup(GroupBase):
         try:
             if self._open_send_only is None and self._group:
                 self._check_handle(handle, dispatched=True)
+                check_routing(handle)
                 tokens = handle.tokens
                 b, y = tokens[0], expert_outputs.data_ptr()
                 if b and tokens.count(b) == len(tokens) and not (y & 7 and self._device == -1):

@@ -13,7 +13,8 @@ from ._group_base import NO_COMBINE_WEIGHTS, GroupBase, combine_weights_refused,
 from ._library import addresses_entry, call, check_status, load
 from ._types import Algorithm, Array, Device, Direction, DType, Layout, Overflow, Seconds
 from .errors import ExpertParallelError, InvalidArgumentError, InvalidUsageError
-from ._results import DispatchResult, Handle, _LayoutBuffers
+from ._results import DispatchResult, Handle, _LayoutBuffers, check_routing, routing_at
+from ._results import moved as _moved
 
 
 _FORWARD = "forward"
@@ -284,7 +285,7 @@ class NCCLGroup(GroupBase):
         self._start_step(target)
         a = self._update_addresses
         check_status(self._fn_update(self._handle_address, a[0], a[1], self._raw(stream)))
-        target.tokens, target.topk_idx = tokens, topk_idx
+        target.tokens, target.topk_idx, target.routing_at = tokens, topk_idx, routing_at(topk_idx)
 
     def _start_step(self, target):
         """`target`'s bookkeeping as a call that starts a new step on it is made."""
@@ -331,9 +332,11 @@ class NCCLGroup(GroupBase):
                 b, address, code = self._routing_rows(topk_idx)
                 idx, routing = (address or self._empty, code), topk_idx
             elif handle is not None and handle.tokens is not None:
+                check_routing(handle)
                 routing, b = handle.topk_idx, handle.tokens
             elif handle is None and self._pending is not None and self._pending.step == self._own_step:
                 target = self._pending
+                check_routing(target)
                 routing, b = target.topk_idx, target.tokens
             else:
                 raise InvalidUsageError("dispatch: no routing for this step; pass topk_idx or call update first")
@@ -392,6 +395,8 @@ class NCCLGroup(GroupBase):
         target.slot = index
         target.slot_use = slot.use = slot.use + 1
         target.topk_idx = routing
+        if topk_idx is not None:
+            target.routing_at = routing_at(routing)
         if direction_value == 0 and topk_weights is not None:   # (a new step's update cleared the last one's)
             target.topk_weights = topk_weights
         target.received_weights = slot.weights
@@ -529,6 +534,7 @@ class NCCLGroup(GroupBase):
                     return result
             self._check_open()
             self._check_handle(handle, dispatched=True)
+            check_routing(handle)
             direction_value = 0 if direction is _FORWARD else _config.choice(direction, "direction", _abi.DIRECTIONS)
             backward_ht = direction_value == 1 and self.algorithm == "ht"
             if weight_gradients is not None and not backward_ht:
@@ -576,7 +582,8 @@ class NCCLGroup(GroupBase):
         anything else: the general path takes it (and names what is wrong)."""
         if (type(expert_outputs) is not _fast.tensor_type or not isinstance(handle, Handle)
                 or handle.group is not self or handle.released or not self._group or handle.slot is None
-                or (not handle.own and handle.step != self._own_step)):
+                or (not handle.own and handle.step != self._own_step)
+                or _moved(handle)):   # (its routing moved since: the general path names it)
             return None
         slot = self._slots[handle.slot]
         shape, code, device, layout = self._common_combine

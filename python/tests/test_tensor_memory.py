@@ -560,3 +560,68 @@ def test_a_wrapper_subclass_without_memory_is_named(lists):
     with pytest.raises(ep.InvalidArgumentError, match=("^xs\\[0\\]: " if lists else "^xs: ")
                        + "a WrapperTensor with no memory of its own \\(a wrapper tensor subclass: data_ptr\\(\\) is 0\\)"):
         group().dispatch(*arguments)
+
+
+# -- a step's routing moved between the call that takes it and one that reads it again -----------
+
+MOVED = r"its memory moved since the step's dispatch took it \(\.data =, set_\(\) or a storage resize_\(\) since\)"
+
+
+def moved(t, how):
+    """Moves `t`'s memory in place, as a caller reusing its routing tensor might."""
+    if how == "data":
+        t.data = t.data.clone()
+    elif how == "set_":
+        t.set_(t.clone())
+    else:
+        t.untyped_storage().resize_(0)
+
+
+@pytest.mark.parametrize("how", ["data", "set_", "shrink"])
+@pytest.mark.parametrize("algorithm", ["ll", "ht"])
+def test_a_step_refuses_routing_moved_since_its_dispatch(algorithm, how):
+    """The library keeps the address of a step's topk_idx and reads the routing there again (its
+    combine, a dispatch with the step's handle and no topk_idx): a tensor moved in place since
+    (.data =, set_(), its storage resized) was read where it no longer is, freed memory. The calls
+    now name it, stacked or per rank, and call nothing; the step's calls go on once it is back."""
+    g = group(algorithm=algorithm)
+    x, idx, w = step()
+    given = idx.clone()
+    out = g.dispatch(x, given, w)
+    rows = torch.stack(out.tokens).clone()
+    want = torch.stack(g.combine(rows, g.dispatch(x, idx, w).handle))
+    out = g.dispatch(x, given, w)
+    moved(given, how)
+    with pytest.raises(ep.InvalidArgumentError, match="^topk_idx: " + MOVED):
+        g.combine(rows, out.handle)
+    # Per rank, and a dispatch again with a handle of its own and no routing.
+    given = [t.clone() for t in idx]   # (tensors of their own: a shrunk storage is one rank's)
+    with g.handle() as own:
+        out = g.dispatch(list(x), given, list(w), handle=own)
+        moved(given[1], how)
+        with pytest.raises(ep.InvalidArgumentError, match=r"^topk_idx\[1\]: " + MOVED):
+            g.combine(list(rows), own)
+        with pytest.raises(ep.InvalidArgumentError, match=r"^topk_idx\[1\]: " + MOVED):
+            g.dispatch(list(x), None, list(w), handle=own)
+    assert torch.equal(torch.stack(g.combine(rows, g.dispatch(x, idx, w).handle)), want)
+
+
+@pytest.mark.parametrize("then", ["combine", "dispatch again", "dispatch after update"])
+@pytest.mark.parametrize("how", ["data", "set_", "shrink"])
+def test_an_nccl_rank_refuses_routing_moved_since_its_step_took_it(recorded, how, then):  # noqa: F811
+    g, calls = recorded(layout="rank_major", dtype="f32")
+    x, idx, w = torch.randn(3, g.hidden), torch.tensor([[0, 1, 2, 3]] * 3, dtype=torch.int32), torch.rand(3, g.top_k)
+    if then == "dispatch after update":
+        g.update(idx)
+    else:
+        out = g.dispatch(x, idx, w)
+    moved(idx, how)
+    calls.clear()
+    with pytest.raises(ep.InvalidArgumentError, match="^topk_idx: " + MOVED):
+        if then == "combine":
+            g.combine(out.tokens.clone(), out.handle)
+        elif then == "dispatch again":
+            g.dispatch(x, None, w, handle=out.handle)
+        else:
+            g.dispatch(x, None, w)
+    assert not calls
