@@ -185,6 +185,15 @@ class GroupBase(_NotCopyable):
 
     _kept: Any = None   # what a pending send-only combine's receiving half reads (tensors), kept alive for it
 
+    @staticmethod
+    def _kept_memory(value):
+        """`value` (what a send-only call's receiving half reads) with its memory held as it is
+        now, as a flat tuple: a torch tensor with its alias (``.detach()``: the same storage, which
+        a later ``.data =`` or ``set_()`` of the tensor would otherwise free while the library
+        still reads it), a list's or tuple's entries so, anything else as it is."""
+        values = value if type(value) is list or type(value) is tuple else (value,)
+        return tuple(held for v in values for held in ((v, v.detach()) if _arrays.kind(v) == "torch" else (v,)))
+
     def _release_kept(self, stream):
         """Lets go of what the send-only call's receiving half reads, now that complete() has
         enqueued it on `stream`: a CUDA tensor is first marked in use by that stream, so the

@@ -401,7 +401,8 @@ class VirtualGroup(GroupBase):
             if send_only is not False and send_only is not True or record_event is not False and record_event is not True:
                 _config.flags(send_only=send_only, record_event=record_event)
             if send_only:   # its receiving half reads them: keep them alive until complete() has enqueued it
-                self._kept = (_held(expert_outputs), getattr(handle, "topk_weights", None) if topk_weights is None else _held(topk_weights))
+                self._kept = (_held(expert_outputs),
+                              self._kept_memory(getattr(handle, "topk_weights", None) if topk_weights is None else topk_weights))
             if out is None and weight_gradients is None and topk_weights is None and launch is _SINGLE and direction is _FORWARD:
                 result = self._combine_common(expert_outputs, handle, stream, wait_event, record_event, send_only)
                 if result is None and (type(expert_outputs) is list or type(expert_outputs) is tuple):

@@ -625,3 +625,37 @@ def test_an_nccl_rank_refuses_routing_moved_since_its_step_took_it(recorded, how
         else:
             g.dispatch(x, None, w)
     assert not calls
+
+
+@pytest.mark.parametrize("how", ["data", "set_"])
+def test_a_send_only_combine_keeps_the_memory_its_receiving_half_reads(how):
+    """A send-only combine's receiving half (hook()) reads the weights where the call took them;
+    the group kept the tensor object alive, not its memory: weights moved before hook() (.data =,
+    set_()) left it reading their old, freed storage."""
+    g = group()
+    x, idx, w = step()
+    given = w.clone()
+    out = g.dispatch(x, idx, given)
+    rows = torch.stack(out.tokens).clone()
+    want = torch.stack(g.combine(rows, out.handle))
+    out = g.dispatch(x, idx, given)
+    combined, hook = g.combine(rows, out.handle, send_only=True)
+    held = given.untyped_storage()._weak_ref()
+    moved(given, how)
+    assert not torch.UntypedStorage._expired(held)
+    hook()
+    assert torch.equal(torch.stack(list(combined)), want)
+
+
+@pytest.mark.parametrize("how", ["data", "set_"])
+def test_an_nccl_ranks_send_only_combine_keeps_the_weights_memory(recorded, how):  # noqa: F811
+    g, calls = recorded(dtype="f32")
+    x, idx, w = torch.randn(3, g.hidden), torch.tensor([[0, 1, 2, 3]] * 3, dtype=torch.int32), torch.rand(3, g.top_k)
+    out = g.dispatch(x, idx, w)
+    calls.clear()
+    _, hook = g.combine(out.tokens.clone(), out.handle, send_only=True)
+    assert calls[-1][1][0].topkWeights.data == w.data_ptr()
+    held = w.untyped_storage()._weak_ref()
+    moved(w, how)
+    assert not torch.UntypedStorage._expired(held)
+    hook()
