@@ -268,6 +268,14 @@ def test_a_padded_ue8m0_dispatch_then_its_backward_pass(ranks):
         assert torch.equal(got, combined[r]), r
 
 
+def rows_and_combined(ranks, flow, rows, combined):
+    """`flow(buffer)` -> (rows a dispatch received, combined rows) on every rank, each the
+    reference's (`rows[r]["x"]`, `combined[r]`) bit for bit."""
+    for r, (got_rows, got) in enumerate(run_ranks(ranks, flow)):
+        assert torch.equal(got_rows, rows[r]["x"]), r
+        assert torch.equal(got, combined[r]), r
+
+
 def test_a_cached_dispatch_routes_as_the_dispatch_did_whatever_the_caller_writes_after(ranks):
     """DeepEP's handle routes a cached dispatch by the layout its dispatch made: a caller that
     reuses its topk_idx / topk_weights in place after the forward pass changes nothing. Here a
@@ -288,9 +296,7 @@ def test_a_cached_dispatch_routes_as_the_dispatch_did_whatever_the_caller_writes
         back = b.dispatch(back_in[b.rank], handle=handle)[0]
         return back, b.combine(back, handle)[0]
 
-    for r, (back, got) in enumerate(run_ranks(ranks, flow)):
-        assert torch.equal(back, want[r]["x"]), r
-        assert torch.equal(got, combined[r]), r
+    rows_and_combined(ranks, flow, want, combined)
 
 
 def test_combine_after_a_cached_dispatch_of_side_data(ranks):
@@ -308,9 +314,7 @@ def test_combine_after_a_cached_dispatch_of_side_data(ranks):
         side = b.dispatch(sides[b.rank], handle=handle)[0]
         return side, b.combine(recv_x, handle)[0]
 
-    for r, (side, got) in enumerate(run_ranks(ranks, flow)):
-        assert torch.equal(side, want_side[r]["x"]), r
-        assert torch.equal(got, combined[r]), r
+    rows_and_combined(ranks, flow, want_side, combined)
 
 
 def test_events_and_hooks_on_the_cpu(ranks):
