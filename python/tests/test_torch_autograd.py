@@ -411,3 +411,38 @@ def test_torch_func_transforms_are_refused_by_name(transform):
     # HT combine sums a token's row once from each rank its selections reach: 2 per such rank.
     ranks = [[len({int(e) // (E // R) for e in row if e >= 0}) for row in rank] for rank in idx]
     assert torch.equal(x.grad, 2.0 * torch.tensor(ranks, dtype=torch.float32)[..., None].expand_as(x))
+
+
+@pytest.mark.parametrize("algorithm,layout", [("ll", "rank_major"), ("ht", "flat"), ("ll", "expert_major")])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_combine_keeps_no_expert_outputs_its_backward_never_reads(algorithm, layout, compiled):
+    """A combine that sums rows (rank-major, flat; LL expert-major whose weights need no gradient)
+    never reads the expert outputs in its backward, yet the eager op saved them: the largest
+    activation stayed alive until the backward, and reusing its buffer after combine made the
+    backward raise ("modified by an inplace operation"), which the compiled graph did not."""
+    import weakref
+
+    from torch_moe import routing
+
+    torch._dynamo.reset()
+    ex = exchange(algorithm, layout)
+    x, idx, w, _ = routing(1, R, B, E, K, H)
+
+    def f(x):
+        sent = ex.dispatch(x, idx, w)
+        out = sent.tokens * 2
+        return ex.combine(out, sent), out
+
+    fn = torch.compile(f, fullgraph=True, backend="aot_eager") if compiled else f
+    xl = x.clone().requires_grad_()
+    y, out = fn(xl)
+    with torch.no_grad():
+        out.zero_()   # (the experts' output buffer, reused)
+    kept = weakref.ref(out)
+    del out
+    gc.collect()
+    assert kept() is None
+    y.sum().backward()
+    xr = x.clone().requires_grad_()
+    f(xr)[0].sum().backward()
+    assert torch.equal(xl.grad, xr.grad)

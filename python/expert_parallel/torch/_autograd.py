@@ -37,7 +37,11 @@ def _group(ctx: Any):
 def _setup_dispatch(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, ...]) -> None:
     x, topk_idx, topk_weights, group = inputs
     ctx.group, ctx.tokens, ctx.weights_shape = group, x.shape[-2], None if topk_weights is None else topk_weights.shape
-    ctx.save_for_backward(topk_idx, output[3])
+    # The routing only where the backward reads it (LL rank-major gathers the weights' gradients
+    # by it): a tensor saved is held until the backward and may not change in place before it.
+    g = _group(ctx)
+    reads_idx = g.algorithm == "ll" and g.layout == "rank_major" and topk_weights is not None and ctx.needs_input_grad[2]
+    ctx.save_for_backward(topk_idx if reads_idx else None, output[3])
     ctx.token = output[3]
 
 
@@ -92,7 +96,12 @@ def _scaled(rows: Tensor, weights: Tensor) -> Tensor:
 def _setup_combine(ctx: Any, inputs: Tuple[Any, ...], output: Tensor) -> None:
     expert_outputs, topk_idx, weights, step, group = inputs
     ctx.group = group
-    ctx.save_for_backward(expert_outputs, topk_idx, weights, step)
+    # Only what the backward reads: the expert outputs (the largest activation) where the weights'
+    # gradients need them, the routing where LL expert-major finds each row's weight by it.
+    layout = _group(ctx).layout
+    weighted = layout in ("expert_major", "expert_major_padded")
+    ctx.save_for_backward(expert_outputs if weighted and ctx.needs_input_grad[2] else None,
+                          topk_idx if layout == "expert_major" else None, weights if weighted else None, step)
     ctx.token = step
 
 
