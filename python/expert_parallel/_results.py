@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 from typing import Any, Iterator, List, Optional, Tuple
 
-from . import _abi, _fast
+from . import _abi, _arrays, _fast
 from .errors import InvalidArgumentError, InvalidUsageError, NotCopyableError
 
 
@@ -291,8 +291,7 @@ def routing_at(routing: Any) -> Any:
     holds it). The library keeps that address for the step's later calls, which read it again."""
     if type(routing) is tuple or type(routing) is list:
         return tuple(routing_at(value) for value in routing)
-    data_ptr = getattr(routing, "data_ptr", None)
-    return None if data_ptr is None or not callable(data_ptr) else data_ptr()
+    return routing.data_ptr() if _arrays.kind(routing) == "torch" else None
 
 
 def moved(handle: Any) -> bool:

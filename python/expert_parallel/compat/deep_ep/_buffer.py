@@ -446,9 +446,9 @@ class Buffer:
         # This rank's own arguments against its handle, checked here: a wrong one fails this rank by
         # its own name (the peers: PeerFailedError), not the round on every rank.
         record = handle.record
-        b, rows = record.tokens[handle.local], record.rows[handle.local]
-        spec = record.combining(group_dtype(x, "x"), int(x.shape[1])).spec
-        if group_dtype(x, "x") != spec.dtype:
+        b, rows, dtype = record.tokens[handle.local], record.rows[handle.local], group_dtype(x, "x")
+        spec = record.combining(dtype, int(x.shape[1])).spec
+        if dtype != spec.dtype:
             raise InvalidArgumentError(f"x: dtype {x.dtype}; the handle's dispatch combines {spec.dtype}")
         if tuple(x.shape) != (rows, spec.hidden):
             raise InvalidArgumentError(f"x: shape {list(x.shape)}; must be [{rows}, {spec.hidden}], the rows its dispatch returned")
