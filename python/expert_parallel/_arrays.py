@@ -291,6 +291,17 @@ def buffer_error(name, shape, ep_type, cause, hint=None):
         f"allocated{reason}{advice}")
 
 
+def fixed_alias(array):
+    """An alias of `array` (which the caller keeps) whose memory cannot be moved through it: a
+    torch tensor over a storage that cannot be resized (through DLPack, as torch shares memory
+    it does not own), or a NumPy view, which cannot be resized."""
+    if is_torch(array):
+        from torch.utils import dlpack
+
+        return dlpack.from_dlpack(dlpack.to_dlpack(array))
+    return array.view()
+
+
 def _is_out_of_memory(error):
     """Whether a torch allocation's RuntimeError is a failure to find the memory."""
     text = str(error).lower()
@@ -300,15 +311,26 @@ def _is_out_of_memory(error):
 class Allocator:
     """Makes output arrays like a reference input: NumPy arrays, or torch tensors on its device.
 
-    A buffer that cannot be allocated raises :class:`OutOfMemoryError` naming it and its bytes."""
+    A buffer that cannot be allocated raises :class:`OutOfMemoryError` naming it and its bytes.
+
+    ``fixed=True`` makes a buffer the group keeps and whose address the library keeps: a buffer
+    slot's. The caller gets an alias whose memory cannot move (a torch storage that cannot be
+    resized, a NumPy array that does not own its data), and the allocator keeps the memory
+    itself in ``kept``: a result's tensor that a caller resizes, rebinds (``.data =``,
+    ``set_()``) or drops never frees the address the next dispatch writes."""
 
     def __init__(self, like):
         self.like = like
         self.torch = is_torch(like)
+        self.kept: list = []
 
-    def zeros(self, shape, ep_type, like_dtype=None, *, name="output", hint=None):
+    def zeros(self, shape, ep_type, like_dtype=None, *, name="output", hint=None, fixed=False):
         try:
-            return self._zeros(shape, ep_type, like_dtype)
+            array = self._zeros(shape, ep_type, like_dtype)
+            if fixed:
+                self.kept.append(array)
+                array = fixed_alias(array)
+            return array
         except MemoryError as error:
             raise buffer_error(name, shape, ep_type, str(error), hint) from error
         except ValueError as error:  # NumPy: "array is too big", "maximum supported dimension"

@@ -5,6 +5,7 @@ combined rows this rank's calls write, made once."""
 import ctypes
 
 from . import _abi
+from ._arrays import fixed_alias
 from ._library import call
 
 # __cuda_array_interface__ type strings; bf16 (which NumPy does not know) is seen as int16 and viewed.
@@ -58,11 +59,21 @@ class NCCLSlot:
         self.scales, self.scales_desc = buffer(_abi.BUFFER_RECEIVED_SCALES) if group.fp8 else (None, None)
         if group.recv_routing_shape is None:
             self.idx = self.weights = self.idx_desc = self.weights_desc = None
-        l, r = group.local_experts, group.ranks
-        self.counts = torch.zeros((l,), dtype=torch.int32, device=device)
-        self.source_counts = torch.zeros((l, r), dtype=torch.int32, device=device)
-        self.counts_desc = group._describe_output(self.counts, _abi.I32, "expert_counts")
-        self.source_desc = group._describe_output(self.source_counts, _abi.I32, "expert_source_counts")
-        dtypes = {_abi.BF16: torch.bfloat16, _abi.F16: torch.float16, _abi.F32: torch.float32, _abi.U8: torch.uint8}
-        self.combined = torch.zeros((group.max_tokens, group.hidden), dtype=dtypes[group._element], device=device)
-        self.combined_grads = torch.zeros((group.max_tokens, group.top_k), dtype=torch.float32, device=device)
+        own_outputs(self, group, device)
+
+
+def own_outputs(slot, group, device):
+    """Makes `slot`'s outputs that are this rank's own memory, not the group's: the expert counts
+    and the combined rows (and weight gradients) this rank's calls write. The slot keeps them
+    (`_kept`) and hands out aliases that cannot move them (_arrays.fixed_alias): the library
+    writes at these addresses every call, and a result's tensor resized or rebound by the
+    caller must not free them."""
+    import torch
+
+    l, r, b = group.local_experts, group.ranks, group.max_tokens
+    dtypes = {_abi.BF16: torch.bfloat16, _abi.F16: torch.float16, _abi.F32: torch.float32, _abi.U8: torch.uint8}
+    slot._kept = [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype in
+                  (((l,), torch.int32), ((l, r), torch.int32), ((b, group.hidden), dtypes[group._element]), ((b, group.top_k), torch.float32))]
+    slot.counts, slot.source_counts, slot.combined, slot.combined_grads = (fixed_alias(kept) for kept in slot._kept)
+    slot.counts_desc = group._describe_output(slot.counts, _abi.I32, "expert_counts")
+    slot.source_desc = group._describe_output(slot.source_counts, _abi.I32, "expert_source_counts")

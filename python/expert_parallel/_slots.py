@@ -26,17 +26,17 @@ class Slot:
         recv, routing = group.recv_shape, group.recv_routing_shape
         name = f"buffer slot {index}"
         received_element = group._recv_element   # e4m3 for an FP8 group
-        self.received = allocate.zeros((r,) + recv, received_element, element_dtype, name=f"{name} tokens", hint=_SIZE_HINT)
+        self.received = allocate.zeros((r,) + recv, received_element, element_dtype, name=f"{name} tokens", hint=_SIZE_HINT, fixed=True)
         self.scales = None
         if group.recv_scales_shape is not None:
-            self.scales = allocate.zeros((r,) + group.recv_scales_shape, group._scale_type, name=f"{name} scales", hint=_SIZE_HINT)
+            self.scales = allocate.zeros((r,) + group.recv_scales_shape, group._scale_type, name=f"{name} scales", hint=_SIZE_HINT, fixed=True)
         self.received_idx = self.received_w = None
         if routing is not None:
-            self.received_idx = allocate.zeros((r,) + routing, _abi.I32, name=f"{name} topk_idx", hint=_SIZE_HINT)
-            self.received_w = allocate.zeros((r,) + routing, _abi.F32, name=f"{name} topk_weights", hint=_SIZE_HINT)
-        self.counts = allocate.zeros((r, l), _abi.I32, name=f"{name} expert_counts")
-        self.source_counts = allocate.zeros((r, l, r), _abi.I32, name=f"{name} expert_source_counts")
-        self.combined = allocate.zeros((r, b, h), element, element_dtype, name=f"{name} combined tokens")
+            self.received_idx = allocate.zeros((r,) + routing, _abi.I32, name=f"{name} topk_idx", hint=_SIZE_HINT, fixed=True)
+            self.received_w = allocate.zeros((r,) + routing, _abi.F32, name=f"{name} topk_weights", hint=_SIZE_HINT, fixed=True)
+        self.counts = allocate.zeros((r, l), _abi.I32, name=f"{name} expert_counts", fixed=True)
+        self.source_counts = allocate.zeros((r, l, r), _abi.I32, name=f"{name} expert_source_counts", fixed=True)
+        self.combined = allocate.zeros((r, b, h), element, element_dtype, name=f"{name} combined tokens", fixed=True)
         self.weight_grads = None   # backward HT only: made on first use
         self._allocate = allocate
         self._group = group
@@ -45,6 +45,9 @@ class Slot:
         self.views = [self.received[i] for i in range(r)]
         self.idx_views = None if routing is None else [self.received_idx[i] for i in range(r)]
         self.w_views = None if routing is None else [self.received_w[i] for i in range(r)]
+        # The per-slot weights as the group's own combine reads them (handle.received_weights):
+        # views of its own, not those results hand out, which a caller may rebind (.data =).
+        self.w_own = None if routing is None else [self.received_w[i] for i in range(r)]
         self.scale_views = None if self.scales is None else [self.scales[i] for i in range(r)]
         self._targets = None        # the tokens per rank the combine outputs point at
         self._targets_backward = None   # and whether for backward HT (with the weight gradients)
@@ -139,7 +142,7 @@ class Slot:
         if backward_ht:
             if self.weight_grads is None:
                 self.weight_grads = self._allocate.zeros((group.ranks, group.max_tokens, group.top_k), _abi.F32,
-                                                         name=f"buffer slot {self.index} topk_weight_gradients")
+                                                         name=f"buffer slot {self.index} topk_weight_gradients", fixed=True)
             grad_base = _fast.look(self.weight_grads, {_abi.F32})[0]
             grad_pitch = group.max_tokens * group.top_k * 4
             for i, b in enumerate(tokens):

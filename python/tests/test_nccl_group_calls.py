@@ -11,6 +11,7 @@ import pytest
 
 import expert_parallel as ep
 from expert_parallel import _abi, nccl_group
+from expert_parallel._nccl_slots import own_outputs
 
 torch = pytest.importorskip("torch")
 
@@ -35,11 +36,7 @@ class _Slot:
             self.grads_desc = describe(self.weight_grads, _abi.F32, "g")
         self.expert_outputs = torch.zeros(group.recv_shape, dtype=element)
         self.scales = self.scales_desc = None
-        self.counts = torch.zeros((group.local_experts,), dtype=torch.int32)
-        self.source_counts = torch.zeros((group.local_experts, group.ranks), dtype=torch.int32)
-        self.counts_desc, self.source_desc = describe(self.counts, _abi.I32, "c"), describe(self.source_counts, _abi.I32, "s")
-        self.combined = torch.zeros((group.max_tokens, group.hidden), dtype=element)
-        self.combined_grads = torch.zeros((group.max_tokens, group.top_k))
+        own_outputs(self, group, "cpu")   # (NCCLSlot's own: the counts and combined rows)
 
 
 def part(argument):
