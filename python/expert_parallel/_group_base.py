@@ -187,12 +187,18 @@ class GroupBase(_NotCopyable):
 
     @staticmethod
     def _kept_memory(value):
-        """`value` (what a send-only call's receiving half reads) with its memory held as it is
-        now, as a flat tuple: a torch tensor with its alias (``.detach()``: the same storage, which
-        a later ``.data =`` or ``set_()`` of the tensor would otherwise free while the library
-        still reads it), a list's or tuple's entries so, anything else as it is."""
-        values = value if type(value) is list or type(value) is tuple else (value,)
-        return tuple(held for v in values for held in ((v, v.detach()) if _arrays.kind(v) == "torch" else (v,)))
+        """`value` (what a send-only call's receiving half reads or writes) with its memory held as
+        it is now, as a flat tuple: a torch tensor with its alias (``.detach()``: the same storage,
+        which a later ``.data =`` or ``set_()`` of the tensor would otherwise free while the
+        library still reads or writes it), a list's or tuple's entries so (nested: ``out``'s
+        pair of per-rank lists), None left out, anything else as it is. (A storage shrunk by
+        ``untyped_storage().resize_()`` before complete() is freed whatever holds it: the
+        docs ask that a send-only call's tensors keep their storage until complete().)"""
+        if type(value) is list or type(value) is tuple:
+            return tuple(held for v in value for held in GroupBase._kept_memory(v))
+        if value is None:
+            return ()
+        return (value, value.detach()) if _arrays.kind(value) == "torch" else (value,)
 
     def _release_kept(self, stream):
         """Lets go of what the send-only call's receiving half reads, now that complete() has

@@ -279,7 +279,7 @@ def own_step_result(group: Any, slot: Any, step: int, use: int, tokens: Any, top
     DispatchResult._of_slot makes it."""
     handle = _new(Handle)
     handle.group, handle._pointer, handle.step, handle.slot, handle.slot_use = group, None, step, slot.index, use
-    handle.tokens, handle.topk_idx, handle.topk_weights, handle.received_weights = tokens, topk_idx, topk_weights, slot.w_views
+    handle.tokens, handle.topk_idx, handle.topk_weights, handle.received_weights = tokens, topk_idx, topk_weights, slot.w_own
     handle.weight_addresses, handle.weight_stacked, handle.released, handle.torch_routing = None, weight_stacked, False, None
     handle.routing_at = topk_idx.data_ptr()   # (a stacked torch tensor: the common calls take no other)
     return DispatchResult._of_slot(slot, handle)

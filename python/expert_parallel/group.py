@@ -64,9 +64,14 @@ def _kept_weights(handle):
     kept = handle.topk_weights
     stacked = type(kept) is not tuple
     tokens, k = handle.tokens, handle.group.top_k
+    addresses = []
     for i, value in enumerate((kept,) if stacked else kept):
+        seen = _fast.look(value, _F32_TYPES)
+        if seen is None:
+            addresses.append(None)
+            continue
+        name = "topk_weights" if stacked else f"topk_weights[{i}]"
         if _arrays.kind(value) == "torch":
-            name = "topk_weights" if stacked else f"topk_weights[{i}]"
             error = _arrays.storage_error(value, name)
             if error is not None:
                 raise error
@@ -75,19 +80,22 @@ def _kept_weights(handle):
                     f"{name}: a negative view (is_neg() is True); must be False: its memory holds the values negated, which "
                     "this combine would read as they are: the tensor was changed in place (.data =) since the dispatch; "
                     "pass the weights to combine (topk_weights=...) instead")
-            # The combine reads the dispatch's [B, K] float32 (stacked: [R, B, K]) at the tensor's
-            # address: one changed in place since (`.data =`, set_(), resize_()) may hold fewer bytes.
-            shape = [len(tokens), tokens[0], k] if stacked else [tokens[i], k]
-            if list(value.shape) != shape or _fast.torch_codes.get(value.dtype) != _abi.F32 or not value.is_contiguous():
-                raise InvalidArgumentError(
-                    f"{name}: {_described(value)} of {_arrays.describe_dtype(value)}"
-                    f"{'' if value.is_contiguous() else ', not contiguous'}; must be the dispatch's {shape} float32, contiguous, "
-                    "which this combine reads again: the tensor was changed in place (.data =, set_(), resize_()) since the dispatch")
+        # The combine reads the dispatch's [B, K] float32 (stacked: [R, B, K]) at the array's
+        # address: one changed in place since (torch: `.data =`, set_(), resize_(); NumPy:
+        # resize(refcheck=False), which frees the memory the dispatch saw) may hold fewer bytes.
+        shape = [len(tokens), tokens[0], k] if stacked else [tokens[i], k]
+        numpy = _arrays.is_numpy(value)
+        if list(value.shape) != shape or seen[1] != _abi.F32 or not seen[4]:
+            how = "array was changed in place (resize())" if numpy else "tensor was changed in place (.data =, set_(), resize_())"
+            raise InvalidArgumentError(
+                f"{name}: {_described(value)} of {_arrays.describe_dtype(value)}{'' if seen[4] else ', not contiguous'}; "
+                f"must be the dispatch's {shape} float32, contiguous, which this combine reads again: the {how} since the dispatch")
+        addresses.append(seen[0] if (value.size if numpy else value.numel()) else None)
     if stacked:
-        if _arrays.kind(kept) == "torch" and kept.numel() and kept.data_ptr() != handle.weight_stacked:
-            handle.weight_stacked, handle.weight_addresses = kept.data_ptr(), None
-    elif handle.weight_addresses is not None and kept and _arrays.kind(kept[0]) == "torch":
-        handle.weight_addresses = tuple(v.data_ptr() if v.numel() else a for v, a in zip(kept, handle.weight_addresses))
+        if addresses[0] is not None and addresses[0] != handle.weight_stacked:
+            handle.weight_stacked, handle.weight_addresses = addresses[0], None
+    elif handle.weight_addresses is not None:
+        handle.weight_addresses = tuple(a if a is not None else old for a, old in zip(addresses, handle.weight_addresses))
 
 
 def _described(value):
@@ -400,9 +408,8 @@ class VirtualGroup(GroupBase):
                 self._refuse_open()
             if send_only is not False and send_only is not True or record_event is not False and record_event is not True:
                 _config.flags(send_only=send_only, record_event=record_event)
-            if send_only:   # its receiving half reads them: keep them alive until complete() has enqueued it
-                self._kept = (_held(expert_outputs),
-                              self._kept_memory(getattr(handle, "topk_weights", None) if topk_weights is None else topk_weights))
+            if send_only:   # its receiving half reads and writes them: keep their memory until complete() has enqueued it
+                self._kept = self._send_only_kept(expert_outputs, handle, topk_weights, weight_gradients, out)
             if out is None and weight_gradients is None and topk_weights is None and launch is _SINGLE and direction is _FORWARD:
                 result = self._combine_common(expert_outputs, handle, stream, wait_event, record_event, send_only)
                 if result is None and (type(expert_outputs) is list or type(expert_outputs) is tuple):
@@ -474,6 +481,8 @@ class VirtualGroup(GroupBase):
                 fresh: Any = [allocate.zeros((b, self.hidden), self._element, name="combined tokens") for b in tokens]
                 if backward_ht:
                     fresh = (fresh, [allocate.zeros((b, self.top_k), _abi.F32, name="topk_weight_gradients") for b in tokens])
+                if send_only:   # (the receiving half writes them: the caller may drop or rebind them before complete())
+                    self._kept += self._kept_memory(fresh)
                 outputs, combined, grads = self._caller_combine_outputs(fresh, tokens, backward_ht)
             else:
                 outputs, combined, grads = self._caller_combine_outputs(out, tokens, backward_ht)
@@ -483,6 +492,17 @@ class VirtualGroup(GroupBase):
                                        _errors.COMBINE_OUT if out is not None else _errors.COMBINE_SLOT, like)
         finally:
             lock.release()
+
+    def _send_only_kept(self, expert_outputs, handle, topk_weights, weight_gradients, out):
+        """What a send-only combine's receiving half (a kernel enqueued at complete() on the GPU)
+        reads and writes, with its memory (`_kept_memory`): every rank's expert outputs, the
+        weights it applies (given, or LL expert-major's dispatch's; HT expert-major's per-slot
+        weights where the dispatch received them into the caller's arrays: a slot's the group
+        keeps), the weight gradients, and ``out``."""
+        weights = getattr(handle, "topk_weights", None) if topk_weights is None else topk_weights
+        slot = getattr(handle, "slot", None)
+        received = getattr(handle, "received_weights", None) if type(slot) is int and slot < 0 else None
+        return self._kept_memory((expert_outputs, weights, received, weight_gradients, out))
 
     @locked
     def complete(self, *, stream: Any = None) -> None:
@@ -900,7 +920,7 @@ class VirtualGroup(GroupBase):
         target.slot_use = slot.use = slot.use + 1
         self._next_slot = (slot.index + 1) % self.buffer_slots   # (a refused dispatch took no slot)
         self._slots[slot.index] = slot   # (a slot made for this call: a refused one left the live step's in place)
-        target.received_weights = slot.w_views
+        target.received_weights = slot.w_own
         return self._dispatch_result(DispatchResult._of_slot(slot, target), send_only, record_event, stream)
 
     def _fast_spec_made(self, entries=None):
@@ -1511,7 +1531,7 @@ class VirtualGroup(GroupBase):
 
     def _require_slot(self, slot, handle):
         # (The same slot object too: a dispatch of the other kind of array replaces the slot's buffers.)
-        if slot is None or slot.use != handle.slot_use or handle.received_weights is not slot.w_views:
+        if slot is None or slot.use != handle.slot_use or handle.received_weights is not slot.w_own:
             raise InvalidUsageError(
                 f"handle: its rows were in buffer slot {handle.slot}, which a later dispatch has used since; combine a step "
                 f"before {self.buffer_slots} more dispatches (buffer_slots={self.buffer_slots}), or make the group with more slots")
