@@ -129,6 +129,37 @@ def test_wrong_combine_arguments_are_named(case, compiled):
     assert re.search(message, str(caught.value)), str(caught.value)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("wrong", ["routing", "weights"])
+def test_ll_expert_majors_routing_and_weights_of_two_token_counts_are_named(wrong, compiled):
+    """LL expert-major's combine takes the routing and the source weights: one of them of another
+    B. Eager knows the step's B and names the one that differs from it; traced, the step's B is
+    unknown and the fake implementation checked the weights against the routing, naming the
+    weights for a routing of another step (which eager names). It now names both."""
+    torch._dynamo.reset()
+    ex = exchange("ll", "expert_major")
+    x, idx, w, _ = routing(52, R, B, E, K, H)
+
+    def step(x, idx, w):
+        sent = ex.dispatch(x, idx, w)
+        if wrong == "routing":
+            return ex.combine(sent.tokens, sent._replace(routing=sent.routing[:, :-1], weights=w))
+        return ex.combine(sent.tokens, sent._replace(weights=w[:, :-1]))
+
+    fn = torch.compile(step, fullgraph=True, backend="aot_eager") if compiled else step
+    with pytest.raises(Exception) as caught:
+        fn(x, idx, w)
+    routing_named = rf"dispatched.routing \(the combine op's topk_idx\): shape \[{R}, {B - (wrong == 'routing')}, {K}\], "
+    if compiled:
+        assert isinstance(caught.value, torch._dynamo.exc.TorchRuntimeError), repr(caught.value)
+        message = routing_named + rf".*; topk_weights: shape \[{R}, {B - (wrong == 'weights')}, {K}\]"
+    elif wrong == "routing":
+        message = routing_named + rf"{B - 1} tokens per rank; the step of dispatched.step dispatched {B}"
+    else:
+        message = rf"^topk_weights: shape \[{R}, {B - 1}, {K}\]; must be \[{R}, {B}, {K}\]"
+    assert re.search(message, str(caught.value)), str(caught.value)
+
+
 def test_a_dynamic_graph_is_compiled_once_for_every_token_count():
     """The ops' integer arguments are SymInts (as custom_op inferred them): the backward combine's
     `tokens` is B, which under dynamic=True stays symbolic instead of specialising the graph (and

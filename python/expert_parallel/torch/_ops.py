@@ -398,7 +398,16 @@ combine = _op("combine(Tensor expert_outputs, Tensor topk_idx, Tensor? weights, 
 def _(expert_outputs, topk_idx, weights, step, group):
     entry = _registry.entry(group)
     _check_fake_step(step, ("topk_idx", topk_idx))
-    _check_combine(entry, expert_outputs, weights, topk_idx.shape[-2])
+    tokens = topk_idx.shape[-2]
+    if (entry.group.layout == "expert_major" and weights is not None and weights.dim() == topk_idx.dim()
+            and weights.shape[-2] != tokens):
+        # (Traced, the step's B is unknown: the routing sizes the output and the weights' check,
+        # and two steps' fields would be refused as the weights, where eager names the routing.)
+        raise InvalidArgumentError(
+            f"dispatched.routing (the combine op's topk_idx): shape {list(topk_idx.shape)}, {tokens} tokens per rank; "
+            f"topk_weights: shape {list(weights.shape)}, {weights.shape[-2]}: pass the routing and weights of the step's "
+            "dispatch (a Dispatched as its dispatch returned it)")
+    _check_combine(entry, expert_outputs, weights, tokens)
     return expert_outputs.new_empty(entry.lead + (topk_idx.shape[-2], entry.group.hidden))
 
 
