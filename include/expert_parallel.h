@@ -13,7 +13,9 @@
  * Conventions
  *   - Every call returns an epResult_t. On failure, epGetLastErrorMessage() says what was wrong,
  *     naming the field, the value and the bound; it is thread-local and holds the message of this
- *     thread's last call (empty after a call that succeeded). Fields are named as the call's
+ *     thread's last call (empty after a call that succeeded, but for a destroy call's success:
+ *     epGroupDestroy, epHandleDestroy and epStepDestroy leave it as it was, since a garbage
+ *     collector's finalizer may run them between another call's failure and its read). Fields are named as the call's
  *     parameters and structs name them (`inputs.tokens.sizes`, `call.receivedTokens.data`), with
  *     "rank r: " before a collective call's rank's failure, whose arguments are entry r of the
  *     call's arrays (`inputs[1].topkIdx[0][1]`, also in epGroupCheckStatus's routing errors),
@@ -100,8 +102,8 @@ typedef enum {
 
 /* A static, human-readable name and summary of `result` ("epTimeout: ..."). Never NULL. */
 const char* epGetErrorString(epResult_t result);
-/* This thread's last call's error message; "" after a call that succeeded. Valid until this
- * thread's next call into the library. Never NULL. */
+/* This thread's last call's error message; "" after a call that succeeded (a successful destroy
+ * call leaves it as it was). Valid until this thread's next call into the library. Never NULL. */
 const char* epGetLastErrorMessage(void);
 /* The library's ABI version (EP_ABI_VERSION of the header it was built with). */
 epResult_t epGetAbiVersion(int32_t* version);

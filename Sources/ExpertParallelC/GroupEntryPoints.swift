@@ -41,7 +41,7 @@ public func cGroupCreate(
 
 @_cdecl("epGroupDestroy")
 public func cGroupDestroy(_ group: epGroup_t?) -> epResult_t {
-    entryPoint("epGroupDestroy") {
+    entryPoint("epGroupDestroy", clearing: false) {
         try groupRegistry.remove(group, "group")
     }
 }

@@ -17,7 +17,7 @@ public func cHandleCreate(_ group: epGroup_t?, _ rank: Int32, _ handle: UnsafeMu
 
 @_cdecl("epHandleDestroy")
 public func cHandleDestroy(_ handle: epHandle_t?) -> epResult_t {
-    entryPoint("epHandleDestroy") {
+    entryPoint("epHandleDestroy", clearing: false) {
         try handleRegistry.remove(handle, "handle")
     }
 }

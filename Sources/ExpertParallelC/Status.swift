@@ -190,10 +190,13 @@ struct InternalError: StatusError {
 /// is cleared on success and reads "name: what was wrong" on failure. Nothing is thrown across
 /// the ABI: any error that is not a `StatusError` becomes `epInternalError`.
 /// `names`: how the entry point's C structs name the arguments the library's checks name otherwise.
-func entryPoint(_ name: StaticString, naming names: CNames? = nil, _ body: () throws -> Void) -> epResult_t {
+/// `clearing`: false for the destroy calls, whose success leaves the message as it was: a garbage
+/// collector's finalizer runs them at any moment, also between another call's failure and the
+/// caller's read of its message, which it must not erase.
+func entryPoint(_ name: StaticString, naming names: CNames? = nil, clearing: Bool = true, _ body: () throws -> Void) -> epResult_t {
     do {
         try body()
-        LastError.clear()
+        if clearing { LastError.clear() }
         return epSuccess
     } catch let error as StatusError {
         let error = names.map { error.naming($0) } ?? error

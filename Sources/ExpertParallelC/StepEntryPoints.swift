@@ -33,7 +33,7 @@ public func cStepCreate(_ group: epGroup_t?, _ step: UnsafeMutablePointer<epStep
 
 @_cdecl("epStepDestroy")
 public func cStepDestroy(_ step: epStep_t?) -> epResult_t {
-    entryPoint("epStepDestroy") {
+    entryPoint("epStepDestroy", clearing: false) {
         guard let step else { return }
         let object = try stepRegistry.object(step, "step")
         // Released under the group's lock, so that no call of the group is using it meanwhile.

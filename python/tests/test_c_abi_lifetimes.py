@@ -93,3 +93,27 @@ def test_an_object_of_one_kind_is_refused_as_another():
         lib.epHandleDestroy(handle)
         lib.epStepDestroy(step)
         lib.epGroupDestroy(group)
+
+
+def test_a_destroy_calls_success_leaves_another_calls_error_message():
+    """A garbage collector's finalizer (a group or handle collected in a cycle) runs epGroupDestroy
+    or epHandleDestroy at any moment, also between another call's failure and the caller's read of
+    its message: the destroy's success cleared it, and the package raised the status's generic
+    text ("epInvalidArgument: a pointer, struct size, ...") instead of the field, value and bound."""
+    lib = load()
+    group, doomed = _group(lib), _group(lib)
+    handle, step = ctypes.c_void_p(), ctypes.c_void_p()
+    assert lib.epHandleCreate(group, 0, ctypes.byref(handle)) == _abi.SUCCESS
+    assert lib.epStepCreate(group, ctypes.byref(step)) == _abi.SUCCESS
+    try:
+        assert lib.epGroupGetInfo(group, None) == _abi.INVALID_ARGUMENT
+        message = lib.epGetLastErrorMessage().decode()
+        assert message.startswith("epGroupGetInfo: ") and "info" in message, message
+        assert lib.epHandleDestroy(handle) == _abi.SUCCESS
+        assert lib.epStepDestroy(step) == _abi.SUCCESS
+        assert lib.epGroupDestroy(doomed) == _abi.SUCCESS
+        assert lib.epGetLastErrorMessage().decode() == message
+        assert lib.epGroupGetInfo(group, ctypes.byref(_abi.new(_abi.GroupInfo))) == _abi.SUCCESS   # any other call clears it
+        assert lib.epGetLastErrorMessage().decode() == ""
+    finally:
+        lib.epGroupDestroy(group)
