@@ -67,13 +67,19 @@ def own_outputs(slot, group, device):
     and the combined rows (and weight gradients) this rank's calls write. The slot keeps them
     (`_kept`) and hands out aliases that cannot move them (_arrays.fixed_alias): the library
     writes at these addresses every call, and a result's tensor resized or rebound by the
-    caller must not free them."""
+    caller must not free them. Also the package's own tensors over the slot's received routing
+    and counts (`idx_own`, `weights_own`, `counts_own`), which the torch ops read and write:
+    not the objects results hand out, which a caller may rebind (``.data =``, ``set_()``)."""
     import torch
+
+    slot.idx_own = None if slot.idx is None else slot.idx.detach()
+    slot.weights_own = None if slot.weights is None else slot.weights.detach()
 
     l, r, b = group.local_experts, group.ranks, group.max_tokens
     dtypes = {_abi.BF16: torch.bfloat16, _abi.F16: torch.float16, _abi.F32: torch.float32, _abi.U8: torch.uint8}
     slot._kept = [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype in
                   (((l,), torch.int32), ((l, r), torch.int32), ((b, group.hidden), dtypes[group._element]), ((b, group.top_k), torch.float32))]
     slot.counts, slot.source_counts, slot.combined, slot.combined_grads = (fixed_alias(kept) for kept in slot._kept)
+    slot.counts_own = slot._kept[0]
     slot.counts_desc = group._describe_output(slot.counts, _abi.I32, "expert_counts")
     slot.source_desc = group._describe_output(slot.source_counts, _abi.I32, "expert_source_counts")

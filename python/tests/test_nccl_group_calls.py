@@ -11,6 +11,7 @@ import pytest
 
 import expert_parallel as ep
 from expert_parallel import _abi, nccl_group
+from expert_parallel._arrays import fixed_alias
 from expert_parallel._nccl_slots import own_outputs
 
 torch = pytest.importorskip("torch")
@@ -19,22 +20,30 @@ DTYPES = {_abi.BF16: torch.bfloat16, _abi.F32: torch.float32}
 
 
 class _Slot:
-    """A buffer slot as NCCLSlot makes it, over CPU tensors."""
+    """A buffer slot as NCCLSlot makes it, over CPU tensors: the group's buffers (rows, routing)
+    are memory the tensors do not own, as the group's device memory is (kept here, handed out
+    through aliases that cannot move or free it)."""
 
     def __init__(self, group, index):
         element = DTYPES[group._element]
         self.index, self.use = index, 0
         describe = group._describe_output
-        self.tokens = torch.zeros(group.recv_shape, dtype=element)
+        self._group_memory = []
+
+        def buffer(shape, dtype):
+            self._group_memory.append(torch.zeros(shape, dtype=dtype))
+            return fixed_alias(self._group_memory[-1])
+
+        self.tokens = buffer(group.recv_shape, element)
         self.tokens_desc = describe(self.tokens, group._element, "tokens")
         self.idx = self.weights = self.idx_desc = self.weights_desc = self.weight_grads = self.grads_desc = None
         if group.recv_routing_shape is not None:
-            self.idx = torch.zeros(group.recv_routing_shape, dtype=torch.int32)
-            self.weights = torch.zeros(group.recv_routing_shape)
-            self.weight_grads = torch.zeros(group.recv_routing_shape)
+            self.idx = buffer(group.recv_routing_shape, torch.int32)
+            self.weights = buffer(group.recv_routing_shape, torch.float32)
+            self.weight_grads = buffer(group.recv_routing_shape, torch.float32)
             self.idx_desc, self.weights_desc = describe(self.idx, _abi.I32, "idx"), describe(self.weights, _abi.F32, "w")
             self.grads_desc = describe(self.weight_grads, _abi.F32, "g")
-        self.expert_outputs = torch.zeros(group.recv_shape, dtype=element)
+        self.expert_outputs = buffer(group.recv_shape, element)
         self.scales = self.scales_desc = None
         own_outputs(self, group, "cpu")   # (NCCLSlot's own: the counts and combined rows)
 

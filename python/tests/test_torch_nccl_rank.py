@@ -299,3 +299,27 @@ def test_a_combine_refused_for_its_expert_outputs_leaves_the_slots_weights_clear
     exchange.close()
     del sent, y   # (the step retires now, while the fixture's stand-ins are in place: the error's traceback held it)
     gc.collect()
+
+
+@pytest.mark.parametrize("algorithm,layout,weights_grad", CASES)
+def test_the_ops_read_the_slots_own_tensors_not_those_a_direct_dispatch_handed_out(rank_group, algorithm, layout, weights_grad):
+    """The ops copied the received routing and counts out of the slot through the tensors the
+    group's results hand out (and HT padded's combine wrote the per-slot weights back through
+    them): a caller of the group's own dispatch who rebound those (.data =, set_()) made the ops
+    copy from, and write into, the caller's tensors instead of the slot."""
+    settings = settings_of(algorithm, layout, "f32")
+    group = rank_group(**settings)
+    x, idx, w = inputs(4, group.experts, group.hidden, group.top_k, torch.float32, 7)
+    for _ in range(2):   # each slot's handed-out tensors rebound
+        out = group.dispatch(x, idx, w)
+        if out.topk_idx is not None:
+            out.topk_idx.data = torch.full_like(out.topk_idx, 3)
+            out.topk_weights.set_(torch.full_like(out.topk_weights, 9.0))
+        out.expert_counts.data = torch.full_like(out.expert_counts, 5)
+        group.combine(out.tokens.clone(), out.handle)
+    reference = ep.VirtualGroup(ranks=1, device="cpu", **settings)
+    on_rank, on_reference = Exchange(group), Exchange(reference)
+    compare_with_the_reference(on_rank, on_reference, weights_grad)
+    on_rank.close()
+    on_reference.close()
+    reference.close()

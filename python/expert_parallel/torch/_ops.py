@@ -193,13 +193,14 @@ def _dispatch_into(entry, x: Tensor, topk_idx: Optional[Tensor], topk_weights: O
         return
     result = g.dispatch(x, topk_idx, topk_weights, handle=handle, direction=direction)
     g._copy_received(result.handle, outputs[0])
-    pairs = [] if outputs[1] is None else [(outputs[1], result.topk_idx), (outputs[2], result.topk_weights)]
-    for mine, slot in pairs:
-        mine.copy_(slot)
+    slot = g._slots[result.handle.slot]   # (its own tensors: the result's are the caller's to rebind)
+    pairs = [] if outputs[1] is None else [(outputs[1], slot.idx_own), (outputs[2], slot.weights_own)]
+    for mine, received in pairs:
+        mine.copy_(received)
         if entry.zero_fill:
-            slot.zero_()
+            received.zero_()
     if len(outputs) > 3:
-        outputs[3].copy_(result.expert_counts)
+        outputs[3].copy_(slot.counts_own)
 
 
 def _combine_into(entry, rows: Tensor, handle, out, **options) -> None:
@@ -371,7 +372,7 @@ def combine_entry(entry, expert_outputs: Tensor, topk_idx: Tensor, weights: Opti
             # reads). Not into a slot a later dispatch has used since: the combine refuses that step.
             slot = g._slots[handle.slot]
             if slot.use == handle.slot_use:
-                slot_weights = slot.weights
+                slot_weights = slot.weights_own
                 slot_weights.copy_(weights)
         combined = expert_outputs.new_empty(size=entry.lead + (tokens, entry.hidden))
         try:   # (the rows too: an NCCL rank's slot weights are cleared again when they are refused)
