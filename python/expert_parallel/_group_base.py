@@ -196,9 +196,12 @@ class GroupBase(_NotCopyable):
         docs ask that a send-only call's tensors keep their storage until complete().)"""
         if type(value) is list or type(value) is tuple:
             return tuple(held for v in value for held in GroupBase._kept_memory(v))
-        if value is None:
-            return ()
-        return (value, value.detach()) if _arrays.kind(value) == "torch" else (value,)
+        if value is None or _arrays.kind(value) != "torch":
+            return () if value is None else (value,)
+        try:
+            return (value, value.detach())
+        except Exception:   # (a tensor with no memory to hold, which the call names: kept as it is)
+            return (value,)
 
     def _release_kept(self, stream):
         """Lets go of what the send-only call's receiving half reads, now that complete() has

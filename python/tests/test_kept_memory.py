@@ -160,3 +160,20 @@ def test_a_per_rank_padded_combine_applies_the_received_weights_not_a_rebound_re
         out.topk_weights[0].set_(other)
     got = g.combine(rows, out.handle)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_a_send_only_combine_still_names_what_it_cannot_take():
+    """Keeping memory for the receiving half takes `.detach()` aliases of what the call was given
+    before the call checks it: a tensor with no memory of its own (a torch.func wrapper) is still
+    refused by name, and the group takes its next call."""
+    from test_tensor_memory import WRAPPER, leaked
+
+    g = group()
+    x, idx, w = step()
+    out = g.dispatch(x, idx, w)
+    rows = torch.stack(out.tokens).clone()
+    with pytest.raises(ep.InvalidArgumentError, match="^expert_outputs: " + WRAPPER):
+        g.combine(leaked(rows), out.handle, send_only=True)
+    combined, hook = g.combine(rows, out.handle, send_only=True)
+    hook()
+    assert torch.stack(list(combined)).abs().sum() > 0
