@@ -146,9 +146,17 @@ class GroupBase(_NotCopyable):
         call("epStepCreate", self._group, ctypes.byref(pointer))
         return _HeldHandle(self, pointer)
 
-    def _release_step(self, handle):
+    def _release_step(self, handle, wait=True):
         # Also after close(): a live step keeps the library's group (and its device memory) alive.
-        with self._lock:
+        # A finalizer's (wait=False) does not wait for the group's lock: another thread may hold it
+        # (``with group.lock:``) while it waits for this one. The step is no longer reachable, so
+        # no call of the package uses it, and the library releases it under its own group lock.
+        if self._lock.acquire(blocking=wait):
+            try:
+                call("epStepDestroy", handle._pointer)
+            finally:
+                self._lock.release()
+        else:
             call("epStepDestroy", handle._pointer)
 
     def _require_scales(self, scales):

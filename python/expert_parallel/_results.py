@@ -132,6 +132,13 @@ class Handle(_NotCopyable):
             self.released = True
             self.group._release_step(self)
 
+    def _release_finalizing(self) -> None:
+        """release() from a finalizer (garbage collection, a step token's callback): never waits
+        for the group's lock, which another thread may hold while it waits for this one."""
+        if self._pointer is not None and not self.released:
+            self.released = True
+            self.group._release_step(self, wait=False)
+
     def __enter__(self) -> "Handle":
         return self
 
@@ -151,7 +158,7 @@ class _HeldHandle(Handle):
 
     def __del__(self) -> None:
         try:
-            self.release()
+            self._release_finalizing()
         except Exception:
             pass
 

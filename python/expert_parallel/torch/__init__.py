@@ -137,7 +137,7 @@ class Exchange:
         # The finalizer watches a token the exchange's shallow copies share (copy.copy: the same id),
         # so that the registration ends with the last of them, not with the first one dropped.
         self._registration = _Registration()
-        self._unregister = weakref.finalize(self._registration, _registry.unregister, self.id)
+        self._unregister = weakref.finalize(self._registration, _registry.unregister, self.id, False)
         self._unregister.atexit = False
         self.layout: str = group.layout
         entry = _registry.entry(self.id)
@@ -242,7 +242,8 @@ class Exchange:
         """Unregisters the group: no new steps, while the live ones' calls (a backward pass after a
         ``with`` block) still run until they end. The group itself stays open. Dropping the
         Exchange does the same."""
-        self._unregister()
+        if self._unregister.detach() is not None:   # (the finalizer's call, but waiting for the group's lock as any call)
+            _registry.unregister(self.id)
 
     def __copy__(self) -> "Exchange":
         """A shallow copy, as ``copy.copy`` made one without this: another Exchange of the same

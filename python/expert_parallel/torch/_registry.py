@@ -46,6 +46,7 @@ class Entry:
         self.free: List[Handle] = []
         self.live: Dict[int, Handle] = {}
         self._tokens: Dict[int, "weakref.ref[torch.Tensor]"] = {}   # live step number -> its token's weak reference
+        self._retired: List[Handle] = []   # handles of steps retired while another thread held the group's lock
         #: unregistered: no new steps; the live ones run their calls (backward passes) until they end
         self.closed = False
         #: _library.mask_changes when every rank was last found active (0: none masked in this process yet)
@@ -82,6 +83,7 @@ class Entry:
         """A handle for a new step and the step's token; the handle returns to the pool when the
         token is freed."""
         with self.group._lock:
+            self._settle_retired()
             if self.closed:
                 raise InvalidUsageError(f"group: exchange {self.id} is closed (its live steps' backward passes still run); "
                                         "make a new Exchange(group) for new steps")
@@ -144,25 +146,54 @@ class Entry:
         self.mask_seen = changes
 
     def _retire(self, number: int) -> None:
-        with self.group._lock:
-            self._tokens.pop(number, None)
-            handle = self.live.pop(number, None)
-            if handle is None:
-                return
-            handle.torch_routing = None   # (a pooled handle keeps no routing alive)
+        # A weak reference's callback: it runs on whichever thread frees the token (or collects
+        # it), so it never waits for the group's lock, which another thread may hold while it
+        # waits for this one. The step leaves `live` at once (dict operations are atomic); its
+        # handle goes to the pool (or is released) under the lock, now if it is free, else by the
+        # lock's next holder (start, close).
+        self._tokens.pop(number, None)
+        handle = self.live.pop(number, None)
+        if handle is None:
+            return
+        handle.torch_routing = None   # (a pooled handle keeps no routing alive)
+        self._retired.append(handle)
+        lock = self.group._lock
+        if lock.acquire(blocking=False):
+            try:
+                self._settle_retired()
+            finally:
+                lock.release()
+        elif self.closed:   # (no start() comes: its handle is released by its own finalizer, never waiting)
+            self._forget()
+
+    def _settle_retired(self) -> None:
+        """The retired steps' handles back to the pool, or released once the entry is closed (the
+        group's lock held)."""
+        while self._retired:
+            handle = self._retired.pop()
             if not self.closed:
                 self.free.append(handle)
-                return
+                continue
             handle.release()
             self._forget()
 
-    def close(self) -> None:
-        with self.group.lock:
+    def close(self, wait: bool = True) -> None:
+        lock = self.group.lock
+        if not lock.acquire(blocking=wait):
+            # (an Exchange's finalizer on a thread while another holds the lock: no new steps; the
+            # pooled handles' steps are released by their own finalizers once the entry goes)
             self.closed = True
+            self._forget()
+            return
+        try:
+            self.closed = True
+            self._settle_retired()
             for handle in self.free:
                 handle.release()
             self.free.clear()
             self._forget()
+        finally:
+            lock.release()
 
     def _forget(self) -> None:
         """Unregisters a closed entry once its last live step has ended."""
@@ -195,13 +226,13 @@ def register(group: Any, zero_fill: bool = True) -> int:
     return number
 
 
-def unregister(number: int) -> None:
+def unregister(number: int, wait: bool = True) -> None:
     """Closes group `number`: it starts no new steps, its free handles are released now, and live
     steps go on serving their ops (a backward pass after ``with Exchange(group)``) until they end,
     each releasing its handle; the id is forgotten with the last."""
     found = _entries.get(number)
     if found is not None:
-        found.close()
+        found.close(wait)
 
 
 def entry(number: int) -> Entry:
