@@ -151,6 +151,12 @@ class GroupBase(_NotCopyable):
         # A finalizer's (wait=False) does not wait for the group's lock: another thread may hold it
         # (``with group.lock:``) while it waits for this one. The step is no longer reachable, so
         # no call of the package uses it, and the library releases it under its own group lock.
+        # The step of a pending send-only call is released once complete() has enqueued its
+        # receiving half, which reads the step's device words (the library would free them now).
+        kept = self._kept
+        if self._open_send_only is not None and kept is not None and any(value is handle for value in kept):
+            self._deferred_steps = (self._deferred_steps or ()) + (handle,)
+            return
         if self._lock.acquire(blocking=wait):
             try:
                 call("epStepDestroy", handle._pointer)
@@ -211,10 +217,16 @@ class GroupBase(_NotCopyable):
         except Exception:   # (a tensor with no memory to hold, which the call names: kept as it is)
             return (value,)
 
+    _deferred_steps: Any = None   # steps released while the pending send-only call used them (released at complete())
+
     def _release_kept(self, stream):
         """Lets go of what the send-only call's receiving half reads, now that complete() has
         enqueued it on `stream`: a CUDA tensor is first marked in use by that stream, so the
-        allocator reuses its memory only once the stream is past it."""
+        allocator reuses its memory only once the stream is past it; a step released meanwhile
+        is released now (the library waits for the group's work before it frees the step)."""
+        deferred, self._deferred_steps = self._deferred_steps, None
+        for handle in deferred or ():
+            call("epStepDestroy", handle._pointer)
         kept, self._kept = self._kept, None
         if kept is None or self._device == -1:
             return
@@ -257,6 +269,7 @@ class GroupBase(_NotCopyable):
         if send_only:
             self._open_send_only = "dispatch"
             result.hook = self._open_hook = _Hook(self, stream, "dispatch")
+            self._kept = (result.handle,)   # (its step, which the receiving half reads: released no sooner than complete())
         if record_event:
             result.event = self._record(stream)
         return result

@@ -528,7 +528,7 @@ class NCCLGroup(GroupBase):
                 _config.flags(send_only=send_only, record_event=record_event)
             if send_only:   # its receiving half reads the weights and writes out: keep their memory until complete() has enqueued it
                 self._kept = self._kept_memory((expert_outputs, getattr(handle, "topk_weights", None) if topk_weights is None else topk_weights,
-                                                weight_gradients, out))
+                                                weight_gradients, out)) + (handle,)
             if weight_gradients is None and direction is _FORWARD:
                 result = self._combine_common(expert_outputs, handle, topk_weights, out, stream, wait_event, record_event, send_only)
                 if result is not None:

@@ -4,6 +4,9 @@ what a send-only combine's receiving half reads and writes (run at complete() on
 HT expert-major's per-slot weights, which the group's combine must read from its own buffer,
 not through the tensors a result handed out."""
 
+import ctypes
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -177,3 +180,46 @@ def test_a_send_only_combine_still_names_what_it_cannot_take():
     combined, hook = g.combine(rows, out.handle, send_only=True)
     hook()
     assert torch.stack(list(combined)).abs().sum() > 0
+
+
+def step_is_live(pointer):
+    """Whether the library still has the step at `pointer` (a destroyed one is refused by name)."""
+    from expert_parallel import _abi
+    from expert_parallel._library import load
+
+    info = _abi.new(_abi.LayoutInfo)
+    status = load().epStepGetLayoutInfo(pointer, 0, ctypes.byref(info))
+    message = load().epGetLastErrorMessage().decode()
+    assert status == _abi.SUCCESS or "must be a live epStep_t" in message, message
+    return status == _abi.SUCCESS
+
+
+@pytest.mark.parametrize("call", ["dispatch", "combine"])
+@pytest.mark.parametrize("how", ["release", "drop"])
+def test_a_step_released_while_its_send_only_call_is_pending_goes_at_complete(call, how):
+    """The receiving half of a send-only call (run at complete() on the GPU) reads the step's
+    device words: a handle released (or dropped, a with block ended) before complete() freed
+    them under it. The step now goes once complete() has enqueued the receiving half."""
+    g = group()
+    x, idx, w = step()
+    h = g.handle()
+    if call == "dispatch":
+        out = g.dispatch(x, idx, w, handle=h, send_only=True)
+        hook = out.hook
+    else:
+        out = g.dispatch(x, idx, w, handle=h)
+        _, hook = g.combine(torch.stack(out.tokens).clone(), h, send_only=True)
+    pointer = h._pointer
+    if how == "release":
+        h.release()
+        assert h.released
+    del h, out
+    gc.collect()
+    assert step_is_live(pointer)
+    hook()
+    assert not step_is_live(pointer)
+    # A later step is released at once, as ever.
+    later = g.handle()
+    g.dispatch(x, idx, w, handle=later)
+    later.release()
+    assert not step_is_live(later._pointer)
