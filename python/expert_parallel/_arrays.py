@@ -298,7 +298,12 @@ def fixed_alias(array):
     if is_torch(array):
         from torch.utils import dlpack
 
-        return dlpack.from_dlpack(dlpack.to_dlpack(array))
+        try:
+            return dlpack.from_dlpack(dlpack.to_dlpack(array))
+        except (RuntimeError, TypeError, BufferError):   # (a type DLPack does not take: float8 before torch 2.7)
+            import torch
+
+            return dlpack.from_dlpack(dlpack.to_dlpack(array.view(torch.uint8))).view(array.dtype)
     return array.view()
 
 

@@ -80,6 +80,14 @@ class GroupBase(_NotCopyable):
     def close(self) -> None:
         """Releases the group (also done when it is garbage-collected)."""
         group, self._group = getattr(self, "_group", None), None
+        # A send-only call still pending is never completed now (complete() refuses a closed
+        # group): the steps whose release waited for it go now, and later ones at once.
+        deferred, self._deferred_steps = self._deferred_steps, None
+        for handle in deferred or ():
+            call("epStepDestroy", handle._pointer)
+        kept = self._kept
+        if kept is not None:   # (its handles, dropped by the caller, go now: their steps are released at once)
+            self._kept = tuple(value for value in kept if not isinstance(value, Handle))
         if group:
             call("epGroupDestroy", group)
 
@@ -153,17 +161,19 @@ class GroupBase(_NotCopyable):
         # no call of the package uses it, and the library releases it under its own group lock.
         # The step of a pending send-only call is released once complete() has enqueued its
         # receiving half, which reads the step's device words (the library would free them now).
-        kept = self._kept
-        if self._open_send_only is not None and kept is not None and any(value is handle for value in kept):
-            self._deferred_steps = (self._deferred_steps or ()) + (handle,)
-            return
-        if self._lock.acquire(blocking=wait):
-            try:
-                call("epStepDestroy", handle._pointer)
-            finally:
-                self._lock.release()
-        else:
+        # (The test and the deferral under the lock where it is taken: complete() on another thread
+        # takes the deferred steps under it. A finalizer that does not take it has a handle no
+        # pending call keeps, or one of a group nothing else reaches.)
+        held = self._lock.acquire(blocking=wait)
+        try:
+            kept = self._kept
+            if self._group and self._open_send_only is not None and kept is not None and any(value is handle for value in kept):
+                self._deferred_steps = (self._deferred_steps or ()) + (handle,)
+                return
             call("epStepDestroy", handle._pointer)
+        finally:
+            if held:
+                self._lock.release()
 
     def _require_scales(self, scales):
         """FP8 pass-through groups take the scales of their e4m3 rows with them; the others none."""
@@ -269,7 +279,12 @@ class GroupBase(_NotCopyable):
         if send_only:
             self._open_send_only = "dispatch"
             result.hook = self._open_hook = _Hook(self, stream, "dispatch")
-            self._kept = (result.handle,)   # (its step, which the receiving half reads: released no sooner than complete())
+            # (its step, which the receiving half reads: released no sooner than complete(); and the
+            # caller's arrays of a dispatch into out=, which the receiving half writes)
+            handle = result.handle
+            self._kept = ((handle,) if handle.slot is None or handle.slot >= 0 else
+                          self._kept_memory((result.tokens, result.topk_idx, result.topk_weights, result.expert_counts,
+                                             result.received, getattr(result, "scales", None))) + (handle,))
         if record_event:
             result.event = self._record(stream)
         return result

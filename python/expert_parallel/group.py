@@ -490,6 +490,10 @@ class VirtualGroup(GroupBase):
             result: Any = (combined, grads) if backward_ht else combined
             return self._combine_ranks(handle, outputs, result, direction_value, mode, stream, wait_event, record_event, send_only,
                                        _errors.COMBINE_OUT if out is not None else _errors.COMBINE_SLOT, like)
+        except BaseException:
+            if send_only and self._open_send_only is None:   # (refused: nothing pending keeps what it was given)
+                self._kept = None
+            raise
         finally:
             lock.release()
 

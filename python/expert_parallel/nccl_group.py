@@ -572,6 +572,10 @@ class NCCLGroup(GroupBase):
                 caller = self._caller_combine_outputs(out, handle.tokens, backward_ht)
             return self._reduce(handle, slot, expert_outputs, address, weights, weight_gradients, caller, direction_value,
                                 backward_ht, stream, wait_event, record_event, send_only)
+        except BaseException:
+            if send_only and self._open_send_only is None:   # (refused: nothing pending keeps what it was given)
+                self._kept = None
+            raise
         finally:
             lock.release()
 

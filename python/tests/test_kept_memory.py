@@ -165,21 +165,52 @@ def test_a_per_rank_padded_combine_applies_the_received_weights_not_a_rebound_re
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-def test_a_send_only_combine_still_names_what_it_cannot_take():
+def test_a_send_only_combine_names_a_tensor_whose_detach_fails():
     """Keeping memory for the receiving half takes `.detach()` aliases of what the call was given
-    before the call checks it: a tensor with no memory of its own (a torch.func wrapper) is still
-    refused by name, and the group takes its next call."""
-    from test_tensor_memory import WRAPPER, leaked
+    before the call checks it: a dead vmap wrapper's .detach() raises (RuntimeError), where the
+    call names it; it is kept as it is, named, and the group takes its next call."""
+    from test_tensor_memory import WRAPPER
 
     g = group()
     x, idx, w = step()
     out = g.dispatch(x, idx, w)
     rows = torch.stack(out.tokens).clone()
+    leaked = []
+    torch.func.vmap(lambda u: (leaked.append(u), u * 1)[1])(rows.unsqueeze(0))
     with pytest.raises(ep.InvalidArgumentError, match="^expert_outputs: " + WRAPPER):
-        g.combine(leaked(rows), out.handle, send_only=True)
+        g.combine(leaked[0], out.handle, send_only=True)
     combined, hook = g.combine(rows, out.handle, send_only=True)
     hook()
     assert torch.stack(list(combined)).abs().sum() > 0
+
+
+@pytest.mark.parametrize("how", ["data", "set_"])
+def test_a_send_only_dispatch_into_out_keeps_the_memory_its_receiving_half_writes(how):
+    """A send-only dispatch's receiving half (enqueued at complete() on the GPU) writes the
+    received rows into `out=`: only its handle was kept."""
+    g = group()
+    x, idx, w = step()
+    received = torch.zeros((2,) + tuple(g.recv_shape))
+    out = g.dispatch(x, idx, w, out=(received, None, None), send_only=True)
+    alive = alive_after(received, how)
+    out.hook()
+    assert alive
+
+
+@pytest.mark.parametrize("how", ["data", "set_"])
+def test_a_send_only_padded_combine_keeps_per_slot_weights_received_into_out(how):
+    """HT expert-major padded's combine applies the per-slot weights its dispatch received: into
+    the caller's arrays (`out=`), they are the caller's to drop or rebind before complete()."""
+    g = group(algorithm="ht", layout="expert_major_padded", alignment=4)
+    x, idx, w = step()
+    routing = (2,) + tuple(g.recv_routing_shape)
+    received = (torch.zeros((2,) + tuple(g.recv_shape)), torch.zeros(routing, dtype=torch.int32), torch.zeros(routing))
+    out = g.dispatch(x, idx, w, out=received)
+    assert out.handle.slot < 0
+    _, hook = g.combine(torch.stack(out.tokens).clone(), out.handle, send_only=True)
+    alive = alive_after(received[2], how)
+    hook()
+    assert alive
 
 
 def step_is_live(pointer):
@@ -223,3 +254,79 @@ def test_a_step_released_while_its_send_only_call_is_pending_goes_at_complete(ca
     g.dispatch(x, idx, w, handle=later)
     later.release()
     assert not step_is_live(later._pointer)
+
+
+@pytest.mark.parametrize("how", ["release", "drop", "drop the group"])
+def test_a_group_closed_with_a_pending_send_only_call_releases_its_deferred_step(how):
+    """A step whose release waits for complete() (above): the group closed (or dropped) instead,
+    complete() refuses ("the group is closed"); the step must go with the group, not live on
+    (keeping the library's group and its buffers)."""
+    g = group()
+    x, idx, w = step()
+    h = g.handle()
+    out = g.dispatch(x, idx, w, handle=h)
+    _, hook = g.combine(torch.stack(out.tokens).clone(), h, send_only=True)
+    pointer = h._pointer
+    if how != "drop":
+        h.release()
+    del h, out, hook
+    if how == "drop the group":
+        del g
+    else:
+        g.close()
+    gc.collect()
+    assert not step_is_live(pointer)
+
+
+def test_a_refused_send_only_combine_keeps_nothing_alive():
+    """What a send-only combine keeps is taken before its checks: one refused kept its handle
+    (and its tensors) until a later send-only call."""
+    g = group()
+    x, idx, w = step()
+    h = g.handle()
+    out = g.dispatch(x, idx, w, handle=h)
+    rows = torch.stack(out.tokens).clone()
+    with pytest.raises(ep.InvalidArgumentError):
+        g.combine(rows[:, :1], h, send_only=True)   # wrong shape: refused
+    pointer = h._pointer
+    del h, out
+    gc.collect()
+    assert not step_is_live(pointer)
+
+
+def test_a_release_racing_complete_on_another_thread_is_not_lost(monkeypatch):
+    """The release's test of the pending call and its deferral ran outside the group's lock: a
+    release that had seen the pending call while complete() ran on another thread deferred
+    the step after complete() had taken the deferred ones, and it was never released."""
+    import threading
+
+    from expert_parallel import _group_base
+
+    g = group()
+    x, idx, w = step()
+    h = g.handle()
+    out = g.dispatch(x, idx, w, handle=h)
+    _, hook = g.combine(torch.stack(out.tokens).clone(), h, send_only=True)
+    pointer = h._pointer
+    seen, done = threading.Event(), threading.Event()
+    real_any = any
+
+    def slow_any(iterable):   # holds the releasing thread between its test and its deferral
+        result = real_any(iterable)
+        seen.set()
+        done.wait(5)
+        return result
+
+    monkeypatch.setattr(_group_base, "any", slow_any, raising=False)
+    releaser = threading.Thread(target=h.release)
+    releaser.start()
+    assert seen.wait(5)
+    monkeypatch.setattr(_group_base, "any", real_any, raising=False)
+    completer = threading.Thread(target=hook)
+    completer.start()
+    completer.join(0.3)
+    done.set()
+    releaser.join()
+    completer.join()
+    gc.collect()
+    assert not step_is_live(pointer)

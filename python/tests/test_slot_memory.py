@@ -108,3 +108,26 @@ def test_an_nccl_ranks_own_outputs_cannot_be_grown_or_freed(recorded):  # noqa: 
     g.dispatch(x, idx, w)   # into the slot of the rebound counts again
     written = [arguments for name, arguments in calls if name == "epGroupDispatchStacked"][0][0].expertCounts.data
     assert written == address and g._slots[0]._kept[0].data_ptr() == address
+
+
+def test_a_slot_buffer_of_a_type_dlpack_refuses_is_still_fixed(monkeypatch):
+    """torch before 2.7 refuses float8 through DLPack ("float8 types are not supported by
+    dlpack"): an FP8 group's e4m3 slot buffers go through bytes and come back as e4m3, still
+    over memory that cannot grow."""
+    from torch.utils import dlpack
+
+    from expert_parallel._arrays import fixed_alias
+
+    real = dlpack.to_dlpack
+
+    def older(tensor):
+        if tensor.dtype == torch.float8_e4m3fn:
+            raise RuntimeError("float8 types are not supported by dlpack")
+        return real(tensor)
+
+    monkeypatch.setattr(dlpack, "to_dlpack", older)
+    kept = torch.zeros(4, 8, dtype=torch.float8_e4m3fn)
+    alias = fixed_alias(kept)
+    assert alias.dtype == torch.float8_e4m3fn and alias.shape == kept.shape and alias.data_ptr() == kept.data_ptr()
+    with pytest.raises(RuntimeError, match="not resizable"):
+        alias.untyped_storage().resize_(1 << 16)
