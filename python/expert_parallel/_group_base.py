@@ -282,9 +282,12 @@ class GroupBase(_NotCopyable):
             # (its step, which the receiving half reads: released no sooner than complete(); and the
             # caller's arrays of a dispatch into out=, which the receiving half writes)
             handle = result.handle
-            self._kept = ((handle,) if handle.slot is None or handle.slot >= 0 else
-                          self._kept_memory((result.tokens, result.topk_idx, result.topk_weights, result.expert_counts,
-                                             result.received, getattr(result, "scales", None))) + (handle,))
+            if handle.slot is None or handle.slot >= 0:
+                self._kept = (handle,)
+            else:   # (a stacked call's result keeps its stacked arrays: its per-rank lists are made on first read)
+                stacked = result.__dict__.get("_stacked")
+                arrays = (result.tokens, result.topk_idx, result.topk_weights, result.received, result.scales) if stacked is None else stacked
+                self._kept = self._kept_memory((arrays, result.expert_counts)) + (handle,)
         if record_event:
             result.event = self._record(stream)
         return result

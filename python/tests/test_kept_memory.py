@@ -184,15 +184,22 @@ def test_a_send_only_combine_names_a_tensor_whose_detach_fails():
     assert torch.stack(list(combined)).abs().sum() > 0
 
 
+@pytest.mark.parametrize("stacked", [True, False])
 @pytest.mark.parametrize("how", ["data", "set_"])
-def test_a_send_only_dispatch_into_out_keeps_the_memory_its_receiving_half_writes(how):
+def test_a_send_only_dispatch_into_out_keeps_the_memory_its_receiving_half_writes(how, stacked):
     """A send-only dispatch's receiving half (enqueued at complete() on the GPU) writes the
     received rows into `out=`: only its handle was kept."""
     g = group()
     x, idx, w = step()
     received = torch.zeros((2,) + tuple(g.recv_shape))
-    out = g.dispatch(x, idx, w, out=(received, None, None), send_only=True)
-    alive = alive_after(received, how)
+    if stacked:
+        out = g.dispatch(x, idx, w, out=(received, None, None), send_only=True)
+        watched = received
+    else:
+        rows = list(received.clone())
+        out = g.dispatch(list(x), list(idx), list(w), out=(rows, None, None), send_only=True)
+        watched = rows[1]
+    alive = alive_after(watched, how)
     out.hook()
     assert alive
 
