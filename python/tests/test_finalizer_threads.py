@@ -49,17 +49,23 @@ def _garbage(make):
     return was
 
 
+def _collected_while_held(make, lock):
+    """make()'s garbage collected on a worker thread while this thread holds `lock`: True when
+    the collection finished meanwhile (no finalizer waited for the lock)."""
+    was = _garbage(make)
+    try:
+        return _collect_on_another_thread_while_holding(lock)
+    finally:
+        if was:
+            gc.enable()
+
+
 def test_a_handle_collected_on_another_thread_does_not_wait_for_the_group_lock():
     """_HeldHandle.__del__ -> release() -> _release_step takes the group's lock: a collection on
     a worker thread while the caller holds group.lock blocks the worker until the lock is
     released (a deadlock where the holder waits for that worker)."""
     group = ep.VirtualGroup(2, 4, 8, 2, 4)
-    was = _garbage(group.handle)
-    try:
-        assert _collect_on_another_thread_while_holding(group.lock), "the finalizer waited for the group's lock"
-    finally:
-        if was:
-            gc.enable()
+    assert _collected_while_held(group.handle, group.lock), "the finalizer waited for the group's lock"
 
 
 def test_a_step_token_freed_on_another_thread_does_not_wait_for_the_group_lock():
@@ -75,12 +81,7 @@ def test_a_step_token_freed_on_another_thread_does_not_wait_for_the_group_lock()
     from expert_parallel.torch import _registry
 
     entry = _registry.entry(exchange.id)
-    was = _garbage(dispatched)
-    try:
-        assert _collect_on_another_thread_while_holding(group.lock), "the token's callback waited for the group's lock"
-    finally:
-        if was:
-            gc.enable()
+    assert _collected_while_held(dispatched, group.lock), "the token's callback waited for the group's lock"
     # The step left at once; its handle went to the pool by the lock's next holder (the next step).
     assert not entry.live and len(entry._retired) == 1 and not entry.free
     sent = dispatched()
@@ -105,12 +106,7 @@ def test_an_exchange_collected_on_another_thread_does_not_wait_for_the_group_loc
         exchange.combine(sent.tokens, sent)   # (its handle back in the pool: released by its own finalizer)
         return exchange
 
-    was = _garbage(made)
-    try:
-        assert _collect_on_another_thread_while_holding(group.lock), "the exchange's finalizer waited for the group's lock"
-    finally:
-        if was:
-            gc.enable()
+    assert _collected_while_held(made, group.lock), "the exchange's finalizer waited for the group's lock"
     gc.collect()
     assert numbers[0] not in _registry._entries   # (closed and forgotten: no live step)
     again = Exchange(group)

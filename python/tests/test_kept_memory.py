@@ -232,6 +232,15 @@ def step_is_live(pointer):
     return status == _abi.SUCCESS
 
 
+def pending_combine(g):
+    """A send-only combine of a step of its own, pending: (its handle, the hook, the step's pointer)."""
+    x, idx, w = step()
+    h = g.handle()
+    out = g.dispatch(x, idx, w, handle=h)
+    _, hook = g.combine(torch.stack(out.tokens).clone(), h, send_only=True)
+    return h, hook, h._pointer
+
+
 @pytest.mark.parametrize("call", ["dispatch", "combine"])
 @pytest.mark.parametrize("how", ["release", "drop"])
 def test_a_step_released_while_its_send_only_call_is_pending_goes_at_complete(call, how):
@@ -269,14 +278,10 @@ def test_a_group_closed_with_a_pending_send_only_call_releases_its_deferred_step
     complete() refuses ("the group is closed"); the step must go with the group, not live on
     (keeping the library's group and its buffers)."""
     g = group()
-    x, idx, w = step()
-    h = g.handle()
-    out = g.dispatch(x, idx, w, handle=h)
-    _, hook = g.combine(torch.stack(out.tokens).clone(), h, send_only=True)
-    pointer = h._pointer
+    h, hook, pointer = pending_combine(g)
     if how != "drop":
         h.release()
-    del h, out, hook
+    del h, hook
     if how == "drop the group":
         del g
     else:
@@ -310,11 +315,7 @@ def test_a_release_racing_complete_on_another_thread_is_not_lost(monkeypatch):
     from expert_parallel import _group_base
 
     g = group()
-    x, idx, w = step()
-    h = g.handle()
-    out = g.dispatch(x, idx, w, handle=h)
-    _, hook = g.combine(torch.stack(out.tokens).clone(), h, send_only=True)
-    pointer = h._pointer
+    h, hook, pointer = pending_combine(g)
     seen, done = threading.Event(), threading.Event()
     real_any = any
 
