@@ -264,12 +264,25 @@ def ll_dispatch(groups: Groups, payloads: List[Payload]) -> List[Any]:
             recv_x = (recv_x, scales[0])
         stats = p.stats
         if stats is not None:
-            after.append(lambda stats=stats, counts=out.counts[i]: stats.add_(counts))
+            after.append(lambda stats=stats, counts=out.counts[i]: _in_place(stats, lambda: stats.add_(counts)))
         results.append([recv_x, out.counts[i], DispatchHandle(record, p.rank, i)])
     if not hook:
         for work in after:
             work()
     return [result + [(entry, token, record)] for result in results]
+
+
+def _in_place(tensor: Any, work: Callable[[], Any]) -> None:
+    """`work` (an in-place update of `tensor`) in the inference mode `tensor` was made in: what a
+    send-only call leaves for its receiving half runs whenever that comes (the hook, or the next
+    call on the group), in whatever mode the caller is then; torch refuses an in-place update of an
+    inference tensor outside inference mode (DeepEP's kernels write by address in any mode)."""
+    torch = torch_module()
+    if tensor.is_inference() and not torch.is_inference_mode_enabled():
+        with torch.inference_mode():
+            work()
+    else:
+        work()
 
 
 def _ll_scales(words: Any, fp8: str, ue8m0: bool, hidden: int) -> Tuple[Any, Callable[[], None]]:
@@ -289,7 +302,7 @@ def _ll_scales(words: Any, fp8: str, ue8m0: bool, hidden: int) -> Tuple[Any, Cal
     target = torch.empty(rows[:-1] + (columns, rows[-1]), dtype=dtype, device=words.device).transpose(-1, -2)
 
     def fill() -> None:
-        target.copy_(read())
+        _in_place(target, lambda: target.copy_(read()))
 
     return target, fill
 
