@@ -271,14 +271,22 @@ class Buffer:
 
     def _hook(self, split: Tuple[Any, Any, Any]) -> Callable[[], None]:
         """The receive hook of a send-only call: completes it, on the calling thread's current
-        stream, once (whichever rank calls first; a later call on the group may have already)."""
+        stream, once (whichever rank calls first; a later call on the group may have already).
+        Virtual ranks: that rank records an event after it, and every rank's hook makes its own
+        current stream wait for it (a rank's thread may have a stream of its own), as the other
+        calls' ranks wait for the call's `done`; a call completed by a later call needs none
+        (that call's `done` is waited on)."""
         entry, token, record = split
         meeting = self._shared.meeting
+        device, solo = self.device, type(meeting) is Solo
 
         def hook() -> None:
             keep = record   # the call's steps stay with the hook  # noqa: F841
             with meeting.lock:
-                entry.settle(token)
+                if entry.settle(token) and not solo:
+                    token.event = _events.record(device)
+            if not solo:
+                _events.wait(token.event, device)
 
         return hook
 

@@ -37,6 +37,17 @@ class Dispatched(NamedTuple):
     layouts: Callable[[], List[Any]]
 
 
+class SplitToken:
+    """A pending send-only call's token (`Entry.begin_split`); `event`: recorded after its
+    receiving half where a virtual rank's hook completed it, which the other ranks' hooks wait on
+    (the hook ran it on the calling thread's current stream)."""
+
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        self.event: Any = None
+
+
 class Entry:
     """One group, the steps it lends out and the work left by a split (send-only) call."""
 
@@ -79,7 +90,7 @@ class Entry:
 
     def begin_split(self, after: List[Callable[[], None]]) -> object:
         """Marks a send-only call pending; `after` runs once it is completed. Returns its token."""
-        token = object()
+        token = SplitToken()
         self._pending, self._after = token, after
         return token
 
