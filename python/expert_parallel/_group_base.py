@@ -270,6 +270,7 @@ class GroupBase(_NotCopyable):
     _open_hook: Optional["_Hook"] = None
 
     def _refuse_open(self):
+        self._check_open()   # (closed: nothing can complete the pending call now)
         raise InvalidUsageError(f"complete() the pending send-only {self._open_send_only} first (its result's hook(), "
                                 "or group.complete())")
 

@@ -381,7 +381,6 @@ class NCCLGroup(GroupBase):
         stacked dispatch (with `topk_idx`: the step's update too, one call), for `target` (None:
         the group's own step); its result."""
         slot = self._slots[index]
-        self._next_slot = (index + 1) % len(self._slots)
         if target is None:
             target = Handle(self)
         if topk_idx is not None:  # every argument is checked: the step starts
@@ -389,9 +388,11 @@ class NCCLGroup(GroupBase):
         status = self._fn_dispatch_stacked(self._group_address, call.address, raw)
         if status:
             check_status(status, errors.DISPATCH_X, errors.DISPATCH_SLOT, kind="torch")
+        self._next_slot = (index + 1) % len(self._slots)   # (the rotation moves on once the library took the call)
         if topk_idx is not None:
             target.tokens = b
-        self._pending = None
+        if not target.own:   # (the pending update dispatched, or the own step updated again: a dispatch of another step keeps it)
+            self._pending = None
         target.slot = index
         target.slot_use = slot.use = slot.use + 1
         target.topk_idx = routing
@@ -691,8 +692,9 @@ class NCCLGroup(GroupBase):
     def complete(self, *, stream: Any = None) -> None:
         """Enqueues the receiving half of this rank's last ``send_only`` dispatch or combine."""
         self._check_open()
+        raw = self._raw(stream)   # (a stream of the wrong kind: refused before the library takes the pending call)
         try:
-            call("epComplete", self._handle, self._raw(stream))
+            call("epComplete", self._handle, raw)
         finally:   # (the library's pending call is taken at complete()'s start, whatever follows)
             self._open_send_only = None
         self._release_kept(stream)

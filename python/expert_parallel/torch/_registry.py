@@ -139,10 +139,12 @@ class Entry:
         active = self.group.active_ranks
         if len(active) < self.group.ranks:
             masked = [r for r in range(self.group.ranks) if r not in active]
+            remedy = ("group.clean() them, then dispatch again (a step live when the mask changed cannot be combined)"
+                      if hasattr(self.group, "clean") else
+                      "an NCCL rank's group cannot unmask them: close the group on every rank and make a new one")
             raise InactiveRankError(
                 f"group: rank(s) {masked} masked inactive; the torch ops need every rank active (LL's gradients assume "
-                "every rank's rows, and a masked rank's outputs would be left unwritten): group.clean() them, then "
-                "dispatch again (a step live when the mask changed cannot be combined)")
+                f"every rank's rows, and a masked rank's outputs would be left unwritten): {remedy}")
         self.mask_seen = changes
 
     def _retire(self, number: int) -> None:
