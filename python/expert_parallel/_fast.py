@@ -336,10 +336,16 @@ def wait(device, stream, event):
 
 
 def torch_stream(device, stream=None):
-    """The torch.cuda.Stream a call runs on: `stream`, or the current one of `device`."""
+    """The torch.cuda.Stream a call runs on: `stream`, or the current one of `device`; an int
+    CUstream handle (which the calls take, raw_stream) as torch's ExternalStream over it (0: the
+    device's default stream), for the events, waits and record_stream that follow the call."""
     import torch
 
-    return stream if stream is not None else torch.cuda.current_stream(device)
+    if stream is None:
+        return torch.cuda.current_stream(device)
+    if type(stream) is int:
+        return torch.cuda.ExternalStream(stream, device=device) if stream else torch.cuda.default_stream(device)
+    return stream
 
 
 # The common calls' per-call arguments, adjacent epStacked_t written at once (one pack_into, not

@@ -109,3 +109,24 @@ def test_the_masked_rank_error_of_an_nccl_rank_names_no_clean_it_lacks(rank_grou
     assert message is not None
     assert not hasattr(group, "clean")
     assert "clean()" not in message, message
+
+
+def test_an_int_stream_handle_is_taken_as_torch_stream_for_what_follows_the_call(monkeypatch):
+    """stream= takes an int CUstream handle (the calls read it as one), but what follows the call
+    (record_event's event, wait_event, record_stream of a send-only call's tensors, HT backward's
+    copy on the stream) took the int itself as a torch stream: Event.record(int) raised after the
+    library had run the call. It is now torch's ExternalStream over the handle (0: the default
+    stream). (CPU torch has no CUDA streams: stand-ins show what is made.)"""
+    from expert_parallel import _fast
+
+    made = []
+    monkeypatch.setattr(torch.cuda, "ExternalStream", lambda handle, device=None: made.append(("external", handle, device)) or made[-1])
+    monkeypatch.setattr(torch.cuda, "default_stream", lambda device=None: made.append(("default", device)) or made[-1])
+    assert _fast.torch_stream(0, 0x1234) == ("external", 0x1234, 0)
+    assert _fast.torch_stream(1, 0) == ("default", 1)
+
+    class Stream:
+        cuda_stream = 0x99
+
+    given = Stream()
+    assert _fast.torch_stream(0, given) is given
