@@ -13,6 +13,7 @@ cases as they are count (no shape, layout, dtype, SM or tuning option; virtual r
 `scripts/device-verify targets` runs the cases these need and calls this.
 """
 import json
+import re
 import statistics
 import sys
 
@@ -43,13 +44,45 @@ TARGETS = [
 TARGET_DEVICE = "H200"
 
 
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shape_error(entry):
+    """Why `entry` is not an ep-bench result as this script reads one, or None."""
+    if not isinstance(entry, dict):
+        return f"a JSON {type(entry).__name__}, not an object"
+    if not isinstance(entry.get("name"), str) or not isinstance(entry.get("ranks"), int) \
+            or not isinstance(entry.get("device"), str):
+        return "no name, ranks and device as ep-bench writes them"
+    run = entry.get("run")
+    options = run.get("options") if isinstance(run, dict) else None
+    if run is not None and (not isinstance(run, dict) or not isinstance(options or {}, dict)):
+        return "run or run.options is not an object"
+    if options and options.get("skew") is not None and not _number(options["skew"]):
+        return "run.options.skew is not a number"
+    for name in ("step", "dispatch", "combine", "update", "updateDispatch"):
+        p = entry.get(name)
+        if p is not None and (not isinstance(p, dict)
+                              or any(p.get(k) is not None and not _number(p[k])
+                                     for k in ("median", "graphMicroseconds", "percentOfFloor"))):
+            return f"{name} is not a phase of numbers"
+    return None
+
+
 def entries(paths):
     for path in paths:
         with open(path) as f:
-            data = json.load(f)
+            try:
+                data = json.load(f)
+            except ValueError as error:
+                raise ValueError(f"{path}: not JSON ({error})") from None
         if not isinstance(data, list):
             raise ValueError(f"{path}: not a list of ep-bench results")
-        for entry in data:
+        for i, entry in enumerate(data):
+            why = _shape_error(entry)
+            if why is not None:
+                raise ValueError(f"{path}: entry {i} is not an ep-bench result ({why})")
             yield entry
 
 
@@ -96,7 +129,8 @@ def report(paths, out=sys.stdout):
     all_entries = list(entries(paths))
     devices = sorted({e.get("device", "?") for e in all_entries})
     missed = False
-    verdict = bool(devices) and all(TARGET_DEVICE in d for d in devices)
+    # (a word of the name: a GH200, Grace Hopper, is not an H200)
+    verdict = bool(devices) and all(re.search(rf"\b{TARGET_DEVICE}\b", d) for d in devices)
     print(f"devices: {', '.join(devices) or 'none'}", file=out)
     if not verdict:
         print(f"the targets are for one {TARGET_DEVICE}: figures of another card are no verdict on them", file=out)

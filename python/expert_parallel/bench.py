@@ -308,9 +308,24 @@ def _engine_figures(path: Optional[str], nccl: bool = False, rank: int = 0) -> D
             return m["updateDispatch"]["median"]
         return m["dispatch"]["median"] + (m["update"]["median"] if isinstance(m.get("update"), dict) else 0.0)
 
-    return {(m["name"], m["ranks"]): {"engine_dispatch_us": dispatch(m), "engine_combine_us": m["combine"]["median"]}
-            for m in measurements if isinstance(m.get("combine"), dict) and not m.get("fp8")
-            and (m.get("rank") == rank if nccl else m.get("rank") is None)}
+    # Only runs of the package's case as it is: its algorithm (`odd` is LL here, ep-bench runs both
+    # variants under that name), uniform routing, the case's shape and layout; several runs of a
+    # case (device-verify's) give their median.
+    def as_the_package_runs_it(m):
+        if m.get("name") not in CASES:   # (custom: no case of the package's to compare)
+            return True
+        options = (m.get("run") or {}).get("options") or {}
+        return (m.get("algorithm") in (None, CASES[m["name"]][0]) and float(options.get("skew") or 0) == 0
+                and all(options.get(key) is None for key in ("tokens", "maxTokens", "hidden", "topK", "experts", "layout"))
+                and not options.get("tokenCounts"))
+
+    runs: Dict[tuple, List[tuple]] = {}
+    for m in measurements:
+        if (isinstance(m.get("combine"), dict) and not m.get("fp8") and as_the_package_runs_it(m)
+                and (m.get("rank") == rank if nccl else m.get("rank") is None)):
+            runs.setdefault((m["name"], m["ranks"]), []).append((dispatch(m), m["combine"]["median"]))
+    return {key: {"engine_dispatch_us": statistics.median(d for d, _ in figures),
+                  "engine_combine_us": statistics.median(c for _, c in figures)} for key, figures in runs.items()}
 
 
 def run(names: Sequence[str], device: str, ranks: Optional[int], iterations: int, warmup: int, seed: int,
