@@ -107,6 +107,19 @@ static void check_status(const char* name, epResult_t rc, const char* message) {
         FAIL("%s -> %s with a message that does not name the call and what was wrong: \"%s\"", name, epGetErrorString(rc), message);
 }
 
+/* A destroy call (`call`, entry point `name`), its status into `rc`: as check_status, but its
+ * success leaves this thread's last message as it was before the call, not empty (a garbage
+ * collector's finalizer may run one between another call's failure and the read of its message). */
+#define DESTROY_CHECKED(name, rc, call) do {                                                       \
+        char* before_ = strdup(epGetLastErrorMessage());                                           \
+        (rc) = (call);                                                                              \
+        if ((rc) == epSuccess && strcmp(epGetLastErrorMessage(), before_) != 0)                     \
+            FAIL("%s succeeded and changed the last message: \"%s\" -> \"%s\"", (name), before_,     \
+                 epGetLastErrorMessage());                                                          \
+        if ((rc) != epSuccess) check_status((name), (rc), epGetLastErrorMessage());                \
+        free(before_);                                                                              \
+    } while (0)
+
 /* ---------------------------------------------------------------------------------------- */
 /* Tensors and their buffers                                                                */
 
@@ -1459,8 +1472,7 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
             current_op = "epHandleDestroy";
             if (!s->handles[0] || (o & 0x80) == 0) break;
             for (int r = 0; r < s->R; r++) {
-                rc = epHandleDestroy(s->handles[r]);
-                check_status("epHandleDestroy", rc, epGetLastErrorMessage());
+                DESTROY_CHECKED("epHandleDestroy", rc, epHandleDestroy(s->handles[r]));
                 if (rc != epSuccess) FAIL("epHandleDestroy: %s", epGetLastErrorMessage());
             }
             epUpdateInputs_t none = {sizeof none, NULL};
@@ -1476,8 +1488,7 @@ int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         case 15: { /* destroy the group (its handles keep it alive) */
             current_op = "epGroupDestroy";
             if ((o & 0xC0) != 0xC0 || s->groupDestroyed) break;
-            rc = epGroupDestroy(s->group);
-            check_status("epGroupDestroy", rc, epGetLastErrorMessage());
+            DESTROY_CHECKED("epGroupDestroy", rc, epGroupDestroy(s->group));
             if (rc != epSuccess) FAIL("epGroupDestroy: %s", epGetLastErrorMessage());
             s->groupDestroyed = 1;
             break;
