@@ -4,6 +4,8 @@ dispatch and combine must give in each layout, worked out row by row from the do
 (by source rank, then token). Seeds are fixed; each test draws its configurations from its own
 seed sequence."""
 
+import random
+
 import numpy as np
 import torch
 
@@ -13,6 +15,14 @@ LAYOUTS = [("ll", "expert_major"), ("ll", "rank_major"), ("ht", "flat"), ("ht", 
 TDTYPE = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 TOL = {"f32": 1e-5, "bf16": 2e-2, "f16": 5e-3}   # (f16: no documented bound; its rounding is 2^-11)
 SIZE = {"f32": 4, "bf16": 2, "f16": 2}
+
+
+def draw_case(base, seed):
+    """(rng, torch generator, algorithm, layout, dtype) of case `seed` of a test whose seeds start at `base`."""
+    rng = random.Random(base + seed)
+    algorithm, layout = rng.choice(LAYOUTS)
+    dtype = rng.choice(["f32", "bf16", "f16"])
+    return rng, torch.Generator().manual_seed(seed), algorithm, layout, dtype
 
 
 def draw_shape(rng, layout, dtype, max_ranks=8, max_hidden=40, max_local=5, max_tokens=6):

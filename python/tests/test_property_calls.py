@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dense_reference import (
-    LAYOUTS, TDTYPE, draw_shape, draw_inputs, make_group, to_numpy, entry, per_rank,
+    draw_case, LAYOUTS, TDTYPE, draw_shape, draw_inputs, make_group, to_numpy, entry, per_rank,
     expected_dispatch, check_dispatch, expert_outputs, expected_combine, close, CASES)
 import expert_parallel as ep
 
@@ -206,10 +206,7 @@ def test_send_only_and_hook(algorithm, layout):
 
 def test_combine_out_and_weights_given_to_combine():
     for seed in range(60):
-        rng = random.Random(3000 + seed)
-        alg, lay = rng.choice(LAYOUTS)
-        dtype = rng.choice(["f32", "bf16", "f16"])
-        g = torch.Generator().manual_seed(seed)
+        rng, g, alg, lay, dtype = draw_case(3000, seed)
         shape = draw_shape(rng, lay, dtype, max_local=4, max_tokens=6)
         R, B = shape["ranks"], shape["max_tokens"]
         stacked, numpy = rng.random() < 0.5, rng.random() < 0.4
@@ -245,10 +242,7 @@ def test_combine_out_and_weights_given_to_combine():
 
 def test_random_call_sequences():
     for seed in range(40):
-        rng = random.Random(4000 + seed)
-        alg, lay = rng.choice(LAYOUTS)
-        dtype = rng.choice(["f32", "bf16", "f16"])
-        g = torch.Generator().manual_seed(seed)
+        rng, g, alg, lay, dtype = draw_case(4000, seed)
         shape = draw_shape(rng, lay, dtype, max_local=3, max_ranks=4, max_tokens=4)
         R, B = shape["ranks"], shape["max_tokens"]
         slots = rng.randint(1, 3)

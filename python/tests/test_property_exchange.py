@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dense_reference import (
-    LAYOUTS, draw_shape, draw_inputs, make_group, close, dense_moe, group_moe, kept_routing)
+    draw_case, LAYOUTS, draw_shape, draw_inputs, make_group, close, dense_moe, group_moe, kept_routing)
 from expert_parallel.torch import Exchange
 
 
@@ -53,10 +53,7 @@ def test_exchange_autograd_against_dense(algorithm, layout, fast, monkeypatch):
 
 def test_exchange_interleaved_steps_zero_fill_drop_and_partial_grads():
     for seed in range(50):
-        rng = random.Random(5000 + seed)
-        alg, lay = rng.choice(LAYOUTS)
-        dtype = rng.choice(["f32", "bf16", "f16"])
-        g = torch.Generator().manual_seed(seed)
+        rng, g, alg, lay, dtype = draw_case(5000, seed)
         shape = draw_shape(rng, lay, dtype, max_local=4, max_tokens=5)
         R, B = shape["ranks"], shape["max_tokens"]
         extra = {}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dense_reference import (
-    LAYOUTS, TDTYPE, draw_shape, draw_inputs, make_group, to_torch, entry, per_rank,
+    draw_case, LAYOUTS, TDTYPE, draw_shape, draw_inputs, make_group, to_torch, entry, per_rank,
     expected_dispatch, check_dispatch, expert_outputs, expected_combine, close, kept_routing,
     dequantize, mutate)
 from expert_parallel.torch import Exchange
@@ -139,11 +139,8 @@ def test_ht_drop_and_fail_against_the_reference():
 
 def test_fp8_dispatch_rows_dequantise_to_the_source():
     for seed in range(30):
-        rng = random.Random(6000 + seed)
-        alg, lay = rng.choice(LAYOUTS)
-        dtype = rng.choice(["f32", "bf16", "f16"])
+        rng, g, alg, lay, dtype = draw_case(6000, seed)
         mode = rng.choice(["float32", "ue8m0", "e8m0"])
-        g = torch.Generator().manual_seed(seed)
         shape = draw_shape(rng, lay, dtype, max_ranks=4, max_local=3, max_tokens=4)
         shape["hidden"] = (32 if mode == "e8m0" else 128) * rng.randint(1, 3)
         R, B = shape["ranks"], shape["max_tokens"]
@@ -169,10 +166,7 @@ def test_mutated_dispatch_arguments_are_named(fast, monkeypatch):
     monkeypatch.setenv("EP_TORCH_FAST", fast)
     names = ["xs", "topk_idx", "topk_weights"]
     for seed in range(150):
-        rng = random.Random(7000 + seed)
-        alg, lay = rng.choice(LAYOUTS)
-        dtype = rng.choice(["f32", "bf16", "f16"])
-        g = torch.Generator().manual_seed(seed)
+        rng, g, alg, lay, dtype = draw_case(7000, seed)
         shape = draw_shape(rng, lay, dtype, max_local=3, max_ranks=4, max_tokens=4)
         shape["max_tokens"] = max(2, shape["max_tokens"])
         R, B = shape["ranks"], shape["max_tokens"]
