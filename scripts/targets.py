@@ -8,7 +8,8 @@ median (and the graph replay's figure beside it), the median over runs, and whet
 the target. A target no file measured says so. The targets are stated for one H200: figures of
 another card are reported as below or above the bound, not as met or missed. Exit status: 0 no
 target missed, 1 one missed (on an H200), 2 a file that cannot be read. Only runs of the standard
-cases as they are count (no shape, layout, dtype, SM or tuning option; virtual ranks);
+cases as they are count (no shape, layout, dtype, SM or tuning option; virtual ranks), and not
+those ep-bench marked not validated or host-paced (the line says how many were left out);
 `EP_KERNEL_DEFINES` is not in the results, so a variant's runs must not be passed.
 `scripts/device-verify targets` runs the cases these need and calls this.
 """
@@ -135,24 +136,31 @@ def report(paths, out=sys.stdout):
     if not verdict:
         print(f"the targets are for one {TARGET_DEVICE}: figures of another card are no verdict on them", file=out)
     for label, case, ranks, fp8, source, skew, metric, bound, sense in TARGETS:
-        runs = []
+        runs, left_out = [], []
         for e in all_entries:
             if (e.get("name"), e.get("ranks"), e.get("fp8"), e.get("fp8Source")) != (case, ranks, fp8, source):
                 continue
             if not standard(e, skew):
                 continue
             v = value(e, metric)
-            if v is not None:
-                runs.append(v)
+            if v is None:
+                continue
+            # (a run whose results differ from the CPU oracle, or one the host paced, whose figures
+            # are the host's calls and not the GPU's: no verdict of theirs counts)
+            if e.get("validated") is False or e.get("hostPaced") is True:
+                left_out.append("not validated" if e.get("validated") is False else "host-paced")
+                continue
+            runs.append(v)
+        note = f" ({len(left_out)} run(s) left out: {', '.join(sorted(set(left_out)))})" if left_out else ""
         if not runs:
-            print(f"{label:50s} {sense} {bound:<6g} not measured", file=out)
+            print(f"{label:50s} {sense} {bound:<6g} not measured{note}", file=out)
             continue
         middle = statistics.median(v for v, _ in runs)
         met = middle <= bound if sense == "<=" else middle >= bound
         missed |= verdict and not met
         word = ("met" if met else "NOT MET") if verdict else ("below" if middle < bound else "above")
         shown = "  ".join(f"{v:.2f}" + (f" [{g:.2f}]" if g is not None else "") for v, g in runs)
-        print(f"{label:50s} {sense} {bound:<6g} {word:7s} median {middle:.2f}: {shown}", file=out)
+        print(f"{label:50s} {sense} {bound:<6g} {word:7s} median {middle:.2f}: {shown}{note}", file=out)
     return 1 if missed else 0
 
 

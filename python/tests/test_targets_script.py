@@ -103,3 +103,18 @@ def test_runs_with_other_options_than_the_standard_cases_are_not_read(tmp_path):
     ])
     assert "NOT MET" in lines["ll-std step, 8 virtual"] and "median 76.00: 76.00" in lines["ll-std step, 8 virtual"]
     assert status == 1
+
+
+def test_runs_not_validated_or_host_paced_give_no_verdict(tmp_path):
+    """ep-bench marks a run whose results differ from the CPU oracle (validated: false) and one
+    the host paced (hostPaced: true: the figures are the host's calls, not the GPU's): neither
+    counts toward a verdict, and the line says how many were left out and why."""
+    status, lines = run(tmp_path, [
+        entry("ll-std", 8, step=phase(70.0), validated=False),
+        entry("ll-std", 8, step=phase(74.0), hostPaced=True),
+        entry("ht-4k", 8, step=phase(950.0), validated=True, hostPaced=False),
+        entry("ht-4k", 8, step=phase(890.0), validated=False)])
+    assert "not measured (2 run(s) left out: host-paced, not validated)" in lines["ll-std step, 8 virtual"]
+    line = lines["ht-4k step, 8 virtual"]
+    assert "NOT MET" in line and "median 950.00" in line and "(1 run(s) left out: not validated)" in line
+    assert status == 1
