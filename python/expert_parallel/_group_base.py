@@ -82,9 +82,7 @@ class GroupBase(_NotCopyable):
         group, self._group = getattr(self, "_group", None), None
         # A send-only call still pending is never completed now (complete() refuses a closed
         # group): the steps whose release waited for it go now, and later ones at once.
-        deferred, self._deferred_steps = self._deferred_steps, None
-        for handle in deferred or ():
-            call("epStepDestroy", handle._pointer)
+        self._release_deferred_steps()
         kept = self._kept
         if kept is not None:   # (its handles, dropped by the caller, go now: their steps are released at once)
             self._kept = tuple(value for value in kept if not isinstance(value, Handle))
@@ -229,14 +227,31 @@ class GroupBase(_NotCopyable):
 
     _deferred_steps: Any = None   # steps released while the pending send-only call used them (released at complete())
 
+    def _release_deferred_steps(self):
+        """Releases the steps whose release waited for the pending send-only call (complete() has
+        enqueued its receiving half, or the group is closing and nothing will)."""
+        deferred, self._deferred_steps = self._deferred_steps, None
+        for handle in deferred or ():
+            call("epStepDestroy", handle._pointer)
+
+    def _send_only_kept(self, expert_outputs, handle, topk_weights, weight_gradients, out):
+        """What a send-only combine's receiving half (a kernel enqueued at complete() on the GPU)
+        reads and writes, with its memory (`_kept_memory`): every rank's expert outputs, the
+        weights it applies (given, or LL expert-major's dispatch's; HT expert-major's per-slot
+        weights where the dispatch received them into the caller's arrays: a slot's the group
+        keeps), the weight gradients, and ``out``; and the step's handle, whose release waits for
+        complete() (`_release_step`)."""
+        weights = getattr(handle, "topk_weights", None) if topk_weights is None else topk_weights
+        slot = getattr(handle, "slot", None)
+        received = getattr(handle, "received_weights", None) if type(slot) is int and slot < 0 else None
+        return self._kept_memory((expert_outputs, weights, received, weight_gradients, out)) + (handle,)
+
     def _release_kept(self, stream):
         """Lets go of what the send-only call's receiving half reads, now that complete() has
         enqueued it on `stream`: a CUDA tensor is first marked in use by that stream, so the
         allocator reuses its memory only once the stream is past it; a step released meanwhile
         is released now (the library waits for the group's work before it frees the step)."""
-        deferred, self._deferred_steps = self._deferred_steps, None
-        for handle in deferred or ():
-            call("epStepDestroy", handle._pointer)
+        self._release_deferred_steps()
         kept, self._kept = self._kept, None
         if kept is None or self._device == -1:
             return

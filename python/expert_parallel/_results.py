@@ -294,8 +294,9 @@ def own_step_result(group: Any, slot: Any, step: int, use: int, tokens: Any, top
 
 def routing_at(routing: Any) -> Any:
     """Where `routing` (a step's topk_idx) has its memory: a torch tensor's data_ptr(), a tuple of
-    each rank's for per-rank ones, None for a NumPy array (whose memory cannot move while the step
-    holds it). The library keeps that address for the step's later calls, which read it again."""
+    each rank's for per-rank ones, None for a NumPy array (only the CPU backend takes those, and it
+    copies the routing at the update: no later call reads it there). The library keeps a torch
+    tensor's address for the step's later calls, which read it again."""
     if type(routing) is tuple or type(routing) is list:
         return tuple(routing_at(value) for value in routing)
     return routing.data_ptr() if _arrays.kind(routing) == "torch" else None

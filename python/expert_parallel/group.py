@@ -497,18 +497,6 @@ class VirtualGroup(GroupBase):
         finally:
             lock.release()
 
-    def _send_only_kept(self, expert_outputs, handle, topk_weights, weight_gradients, out):
-        """What a send-only combine's receiving half (a kernel enqueued at complete() on the GPU)
-        reads and writes, with its memory (`_kept_memory`): every rank's expert outputs, the
-        weights it applies (given, or LL expert-major's dispatch's; HT expert-major's per-slot
-        weights where the dispatch received them into the caller's arrays: a slot's the group
-        keeps), the weight gradients, and ``out``; and the step's handle, whose release waits for
-        complete() (`_release_step`)."""
-        weights = getattr(handle, "topk_weights", None) if topk_weights is None else topk_weights
-        slot = getattr(handle, "slot", None)
-        received = getattr(handle, "received_weights", None) if type(slot) is int and slot < 0 else None
-        return self._kept_memory((expert_outputs, weights, received, weight_gradients, out)) + (handle,)
-
     @locked
     def complete(self, *, stream: Any = None) -> None:
         """Enqueues the receiving half of the last ``send_only`` dispatch or combine on ``stream``

@@ -528,8 +528,7 @@ class NCCLGroup(GroupBase):
             if send_only is not False and send_only is not True or record_event is not False and record_event is not True:
                 _config.flags(send_only=send_only, record_event=record_event)
             if send_only:   # its receiving half reads the weights and writes out: keep their memory until complete() has enqueued it
-                self._kept = self._kept_memory((expert_outputs, getattr(handle, "topk_weights", None) if topk_weights is None else topk_weights,
-                                                weight_gradients, out)) + (handle,)
+                self._kept = self._send_only_kept(expert_outputs, handle, topk_weights, weight_gradients, out)
             if weight_gradients is None and direction is _FORWARD:
                 result = self._combine_common(expert_outputs, handle, topk_weights, out, stream, wait_event, record_event, send_only)
                 if result is not None:

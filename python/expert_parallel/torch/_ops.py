@@ -409,7 +409,7 @@ def _(expert_outputs, topk_idx, weights, step, group):
             f"topk_weights: shape {list(weights.shape)}, {weights.shape[-2]}: pass the routing and weights of the step's "
             "dispatch (a Dispatched as its dispatch returned it)")
     _check_combine(entry, expert_outputs, weights, tokens)
-    return expert_outputs.new_empty(entry.lead + (topk_idx.shape[-2], entry.group.hidden))
+    return expert_outputs.new_empty(entry.lead + (tokens, entry.group.hidden))
 
 
 def run_backward_dispatch(grad_combined: Tensor, step: Tensor, group: int) -> Tensor:
