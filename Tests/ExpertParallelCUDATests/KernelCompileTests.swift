@@ -34,6 +34,39 @@ struct KernelCompileTests {
         #expect(unrolledOnce.image != unrolledEight.image)
     }
 
+    /// The HT dispatch's bulk copies (ep_wire_bulk.cuh) are compiled only where asked and every
+    /// rank is on one GPU, which the default defines above are not: compile that variant here too.
+    @Test func htDispatchMovesRowsByBulkCopiesWhereEveryRankIsOnOneGPU() throws {
+        let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)
+        func ptx(_ defines: [String: String]) throws -> String {
+            let kernel = try compiler.compile(KernelSource.embedded("ep_ht"), arch: "compute_90a", defines: defines)
+            return String(decoding: kernel.image.dropLast(), as: UTF8.self)
+        }
+        let bulkStore = "cp.async.bulk.global.shared::cta.bulk_group"
+        #expect(try ptx(["EP_ONE_DEVICE": "1", "EP_HT_BULK": "1"]).contains(bulkStore))
+        #expect(try ptx(["EP_ONE_DEVICE": "1", "EP_HT_BULK": "1", "EP_FP8": "2", "EP_FP8_BLOCK": "128"]).contains(bulkStore))
+        #expect(try !ptx(["EP_ONE_DEVICE": "1", "EP_HT_BULK": "0"]).contains(bulkStore))
+        #expect(try !ptx(["EP_ONE_DEVICE": "0", "EP_HT_BULK": "1"]).contains(bulkStore))
+        #expect(try !ptx(["EP_ONE_DEVICE": "1", "EP_HT_BULK": "1", "EP_FP8": "1", "EP_FP8_BLOCK": "128"]).contains(bulkStore))
+        _ = try compiler.compile(KernelSource.embedded("ep_ht"), arch: .hopper, defines: ["EP_ONE_DEVICE": "1", "EP_HT_BULK": "1"])
+    }
+
+    /// The LL dispatch's bulk copies: only where asked (EP_LL_BULK) and where the host says the
+    /// stages fit (EP_LL_BULK_FITS), in the fused launch too.
+    @Test func llDispatchMovesRowsByBulkCopiesOnlyWhereAskedAndTheyFit() throws {
+        let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)
+        func ptx(_ defines: [String: String]) throws -> String {
+            let kernel = try compiler.compile(KernelSource.embedded("ep_ll"), arch: "compute_90a", defines: defines)
+            return String(decoding: kernel.image.dropLast(), as: UTF8.self)
+        }
+        let bulkStore = "cp.async.bulk.global.shared::cta.bulk_group"
+        let fused = ["EP_ONE_DEVICE": "1", "EP_FUSED": "1", "EP_LL_BITMAP": "1", "EP_LL_OWN_FITS": "1"]
+        #expect(try ptx(fused.merging(["EP_LL_BULK": "1", "EP_LL_BULK_FITS": "1"]) { $1 }).contains(bulkStore))
+        #expect(try ptx(["EP_ONE_DEVICE": "1", "EP_RANK_MAJOR": "1", "EP_LL_BULK": "1", "EP_LL_BULK_FITS": "1"]).contains(bulkStore))
+        #expect(try !ptx(fused.merging(["EP_LL_BULK": "1", "EP_LL_BULK_FITS": "0"]) { $1 }).contains(bulkStore))
+        #expect(try !ptx(fused.merging(["EP_LL_BULK_FITS": "1"]) { $1 }).contains(bulkStore))
+    }
+
     @Test func compileErrorNamesTheCallAndCarriesTheLogWithTheFileAndLine() throws {
         let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)
         let broken = KernelSource(name: "ep_broken", body: "extern \"C\" __global__ void k() {\n  undeclared_name = 1;\n}\n")

@@ -656,6 +656,8 @@ EP_DEVICE void ep_ht_write_routing(const EpArgs& args, int rank, int t, int d, i
     if (lane == 0) ep_put_origin(args, d, H_ORIGIN, static_cast<ep_u64>(row), rank, t);
 }
 
+#define EP_HT_BULK_ON (EP_BULK_CAN && EP_HT_BULK)   // ep_wire_bulk.cuh
+
 EP_DEVICE void ep_ht_store_slot(const EpArgs& args, int d, int slot, int local, float weight) {
     ep_put_received(args, d, static_cast<ep_u64>(slot), local, weight);
 }
@@ -707,7 +709,13 @@ ep_ht_dispatch(const EpArgs args) {
     const int slices = static_cast<int>(args.slices);
     const int per_slice = (EP_WIRE_UNITS + slices - 1) / slices;
     const int items = move_data ? tokens * slices : 0;
-    for (int item = global_warp; item < items; item += all_warps) {
+#if EP_HT_BULK_ON
+    __shared__ EpBulkStages<EP_HT_BULK_BYTES> bulk;
+    const int chunks = (per_slice * EP_VEC_BYTES + EP_HT_BULK_BYTES - 1) / EP_HT_BULK_BYTES;
+    const EpBulkStream<EP_HT_BULK_BYTES> stream = {reinterpret_cast<const ep_u8*>(args.rank[rank].x), global_warp, all_warps, items, slices, per_slice, chunks};
+    if (global_warp < items) ep_bulk_begin(bulk, warp, stream, lane);
+#endif
+    for (int item = global_warp, k = 0; item < items; item += all_warps, ++k) {
         const int t = item / slices, piece = item % slices;
         const int first = piece * per_slice, last = min(EP_WIRE_UNITS, first + per_slice);
         ep_u8* target = nullptr;
@@ -745,9 +753,19 @@ ep_ht_dispatch(const EpArgs args) {
         table.address[warp][lane] = reinterpret_cast<ep_u64>(target);
         ep_publish_scales_target(args, table, warp, lane, destination, row);
         __syncwarp();
+#if EP_HT_BULK_ON
+        (void)first; (void)last;
+        ep_bulk_send_item(bulk, warp, stream, k, target, lane);
+        if (piece == 0) ep_send_scales<fanout>(args, rank, t, table, warp, lane);
+#else
+        (void)k;
         ep_send_piece<fanout>(args, rank, t, table, warp, first, last, piece, lane);
+#endif
         __syncwarp();   // every lane is done with this item's table before the next overwrites it
     }
+#if EP_HT_BULK_ON
+    if (global_warp < items) ep_bulk_end();
+#endif
     ep_arrive_and_wait(args, rank, mask, WS_DISP_BLOCKS, WS_DISP_CALLS, WS_DISP_DONE, seq, signal, signal, moving,
                        moving && (args.sync & EP_SYNC_WAIT));
 }

@@ -120,6 +120,25 @@ EP_DEVICE void ep_fp8_send_batch(const EpWarpRows& table, int warp, int u, int l
 }
 #endif
 
+// Passed-through FP8 rows (EP_FP8 == 2): token t's scale words to each destination the warp
+// published in `table.scales` (once per token: with its first piece). Nothing otherwise.
+template <int FANOUT>
+EP_DEVICE void ep_send_scales(const EpArgs& args, int rank, int t, const EpWarpRows& table, int warp, int lane) {
+#if EP_FP8 == 2
+    const ep_u32* from = reinterpret_cast<const ep_u32*>(args.rank[rank].scales) + static_cast<ep_u64>(t) * EP_SCALE_WORDS;
+    for (int w = lane; w < EP_SCALE_WORDS; w += 32) {
+        const ep_u32 value = from[w];
+#pragma unroll
+        for (int c = 0; c < FANOUT; ++c) {
+            ep_u32* dst = reinterpret_cast<ep_u32*>(table.scales[warp][c]);
+            if (dst != nullptr) dst[w] = value;
+        }
+    }
+#else
+    (void)args; (void)rank; (void)t; (void)table; (void)warp; (void)lane;
+#endif
+}
+
 // Sends units [first, last) of token t's row (piece `piece` of it) of rank `rank` to each
 // destination the warp published in `table` (rows in `address`, FP8 scale words in `scales`).
 // Call from every lane.
@@ -136,19 +155,7 @@ EP_DEVICE void ep_send_piece(const EpArgs& args, int rank, int t, const EpWarpRo
     }
 #else
     ep_copy_piece<FANOUT>(x + static_cast<ep_u64>(t) * EP_WIRE_BYTES, table.address[warp], first, last, lane);
-#if EP_FP8 == 2
-    if (piece == 0) {
-        const ep_u32* from = reinterpret_cast<const ep_u32*>(args.rank[rank].scales) + static_cast<ep_u64>(t) * EP_SCALE_WORDS;
-        for (int w = lane; w < EP_SCALE_WORDS; w += 32) {
-            const ep_u32 value = from[w];
-#pragma unroll
-            for (int c = 0; c < FANOUT; ++c) {
-                ep_u32* dst = reinterpret_cast<ep_u32*>(table.scales[warp][c]);
-                if (dst != nullptr) dst[w] = value;
-            }
-        }
-    }
-#endif
+    if (piece == 0) ep_send_scales<FANOUT>(args, rank, t, table, warp, lane);
 #endif
 }
 
