@@ -99,7 +99,7 @@ extension GroupConfig {
             && llBitmapUpdateSharedMemoryBytes + llOwnRowsSharedMemoryBytes + fusedDispatchSharedMemoryBytes <= 48 * 1024
     }
 
-    /// LL: the dispatch's bulk-copy stages (EpBulkStages<EP_LL_BULK_BYTES> in ep_wire_bulk.cuh):
+    /// LL: the dispatch's bulk-copy stages (EpBulkStages<EP_LL_BULK_BYTES> in ep_transport_bulk.cuh):
     /// 16 warps × 2 stages × 512 bytes, their barriers, and the alignment of the stages.
     static let llBulkStageBytes = 16 * 2 * 512 + 16 * 2 * 8 + 128
 

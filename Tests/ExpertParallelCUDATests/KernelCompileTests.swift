@@ -34,7 +34,7 @@ struct KernelCompileTests {
         #expect(unrolledOnce.image != unrolledEight.image)
     }
 
-    /// The HT dispatch's bulk copies (ep_wire_bulk.cuh) are compiled only where asked and every
+    /// The HT dispatch's bulk copies (ep_transport_bulk.cuh) are compiled only where asked and every
     /// rank is on one GPU, which the default defines above are not: compile that variant here too.
     @Test func htDispatchMovesRowsByBulkCopiesWhereEveryRankIsOnOneGPU() throws {
         let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)
@@ -65,6 +65,23 @@ struct KernelCompileTests {
         #expect(try ptx(["EP_ONE_DEVICE": "1", "EP_RANK_MAJOR": "1", "EP_LL_BULK": "1", "EP_LL_BULK_FITS": "1"]).contains(bulkStore))
         #expect(try !ptx(fused.merging(["EP_LL_BULK": "1", "EP_LL_BULK_FITS": "0"]) { $1 }).contains(bulkStore))
         #expect(try !ptx(fused.merging(["EP_LL_BULK_FITS": "1"]) { $1 }).contains(bulkStore))
+    }
+
+    /// FP8 quantised in the kernel, its codes by bulk stores (EP_FP8_BULK): HT, and LL where the
+    /// stages fit.
+    @Test func fp8CodesGoByBulkStoresOnlyWhereAsked() throws {
+        let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)
+        func ptx(_ name: String, _ defines: [String: String]) throws -> String {
+            let fp8 = ["EP_ONE_DEVICE": "1", "EP_FP8": "1", "EP_FP8_BLOCK": "128", "EP_FP8_POW2": "1"]
+            let kernel = try compiler.compile(KernelSource.embedded(name), arch: "compute_90a", defines: fp8.merging(defines) { $1 })
+            return String(decoding: kernel.image.dropLast(), as: UTF8.self)
+        }
+        let bulkStore = "cp.async.bulk.global.shared::cta.bulk_group"
+        #expect(try ptx("ep_ht", ["EP_HT": "1", "EP_FP8_BULK": "1"]).contains(bulkStore))
+        #expect(try !ptx("ep_ht", ["EP_HT": "1"]).contains(bulkStore))
+        #expect(try ptx("ep_ll", ["EP_FP8_BULK": "1", "EP_LL_BULK_FITS": "1", "EP_FUSED": "1", "EP_LL_BITMAP": "1", "EP_LL_OWN_FITS": "1"])
+            .contains(bulkStore))
+        #expect(try !ptx("ep_ll", ["EP_FP8_BULK": "1", "EP_LL_BULK_FITS": "0"]).contains(bulkStore))
     }
 
     @Test func compileErrorNamesTheCallAndCarriesTheLogWithTheFileAndLine() throws {

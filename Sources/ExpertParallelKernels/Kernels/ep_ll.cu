@@ -400,7 +400,7 @@ ep_ll_update(const EpArgs args) {
 #ifndef EP_LL_AHEAD
 #define EP_LL_AHEAD 1
 #endif
-#define EP_LL_BULK_ON (EP_BULK_CAN && EP_LL_BULK && EP_LL_BULK_FITS)   // rows by bulk copies (ep_wire_bulk.cuh)
+#define EP_LL_BULK_ON (EP_BULK_CAN && EP_LL_BULK && EP_LL_BULK_FITS)   // rows by bulk copies (ep_transport_bulk.cuh)
 #define EP_LL_LOADS_AHEAD (EP_LL_AHEAD && EP_AHEAD_FITS && !EP_LL_BULK_ON)   // bulk: the stream's first loads go ahead instead
 
 // Update and dispatch in one launch (EP_LL_OWN): the dispatch blocks find their selections' rows
@@ -527,6 +527,9 @@ EP_DEVICE void ep_ll_dispatch_rank(const EpArgs& args, int rank, EpBlock block) 
     if (stream.first < items) ep_bulk_begin(bulk, warp, stream, lane);
     int k = 0;
 #endif
+#if EP_FP8_BULK_ON
+    ep_fp8_stages_begin(warp, lane);
+#endif
     for (int item = block.index * warps + warp; item < items; item += block.count * warps) {
         const int t = item / slices, piece = item % slices;
         const int first = piece * per_slice, last = min(EP_WIRE_UNITS, first + per_slice);
@@ -600,6 +603,8 @@ EP_DEVICE void ep_ll_dispatch_rank(const EpArgs& args, int rank, EpBlock block) 
     }
 #if EP_LL_BULK_ON
     if (stream.first < items) ep_bulk_end();
+#elif EP_FP8_BULK_ON
+    ep_bulk_end();
 #endif
     ep_arrive_and_wait(args, rank, mask, WS_DISP_BLOCKS, WS_DISP_CALLS, WS_DISP_DONE, seq, signal, signal, moving,
                        moving && (args.sync & EP_SYNC_WAIT), block);
