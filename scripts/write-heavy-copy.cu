@@ -195,21 +195,18 @@ int main(int argc, char** argv) {
   report("warp copy unroll 8", timeit([&] { warp_copy<8><<<2 * sms, 512>>>(src, dd, rr, tokens, R, row_bytes, 1); }, 20));
   report("write only", timeit([&] { write_only<<<2 * sms, 512>>>(dd, rr, tokens, R, row_bytes); }, 20));
   struct Cfg { int warps, stage, blocks; };
-  for (Cfg c : {Cfg{16, 1024, 2}, Cfg{16, 512, 2}, Cfg{8, 1024, 4}, Cfg{4, 4096, 3}, Cfg{4, 8192, 1}, Cfg{8, 4096, 1}, Cfg{2, 8192, 3}, Cfg{4, 2048, 6}, Cfg{8, 2048, 3}, Cfg{16, 2048, 1}}) {
-    size_t sm_bytes = (size_t)c.warps * 2 * c.stage;
-    CK(cudaFuncSetAttribute(tma_copy<2>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm_bytes));
-    for (auto& p : d) CK(cudaMemset(p, 0, (size_t)cap * row_bytes));
-    char name[64]; snprintf(name, 64, "tma w%d stage %d x%d/SM", c.warps, c.stage, c.blocks);
-    report(name, timeit([&] { tma_copy<2><<<c.blocks * sms, c.warps * 32, sm_bytes>>>(src, dd, rr, tokens, R, row_bytes, c.stage); }, 20));
-    check(name);
-  }
-  for (Cfg c : {Cfg{4, 4096, 2}, Cfg{4, 2048, 4}}) {
-    size_t sm_bytes = (size_t)c.warps * 3 * c.stage;
-    CK(cudaFuncSetAttribute(tma_copy<3>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm_bytes));
-    for (auto& p : d) CK(cudaMemset(p, 0, (size_t)cap * row_bytes));
-    char name[64]; snprintf(name, 64, "tma3 w%d stage %d x%d/SM", c.warps, c.stage, c.blocks);
-    report(name, timeit([&] { tma_copy<3><<<c.blocks * sms, c.warps * 32, sm_bytes>>>(src, dd, rr, tokens, R, row_bytes, c.stage); }, 20));
-    check(name);
-  }
+  auto tma = [&](auto kernel, int stages, std::initializer_list<Cfg> cfgs) {
+    for (Cfg c : cfgs) {
+      size_t sm_bytes = (size_t)c.warps * stages * c.stage;
+      CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm_bytes));
+      for (auto& p : d) CK(cudaMemset(p, 0, (size_t)cap * row_bytes));
+      char name[64]; snprintf(name, 64, "tma%d w%d stage %d x%d/SM", stages, c.warps, c.stage, c.blocks);
+      report(name, timeit([&] { kernel<<<c.blocks * sms, c.warps * 32, sm_bytes>>>(src, dd, rr, tokens, R, row_bytes, c.stage); }, 20));
+      check(name);
+    }
+  };
+  tma(tma_copy<2>, 2, {Cfg{16, 1024, 2}, Cfg{16, 512, 2}, Cfg{8, 1024, 4}, Cfg{4, 4096, 3}, Cfg{4, 8192, 1}, Cfg{8, 4096, 1},
+                       Cfg{2, 8192, 3}, Cfg{4, 2048, 6}, Cfg{8, 2048, 3}, Cfg{16, 2048, 1}});
+  tma(tma_copy<3>, 3, {Cfg{4, 4096, 2}, Cfg{4, 2048, 4}});
   return 0;
 }

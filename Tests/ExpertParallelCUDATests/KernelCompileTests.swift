@@ -34,20 +34,25 @@ struct KernelCompileTests {
         #expect(unrolledOnce.image != unrolledEight.image)
     }
 
+    /// The bulk store instruction the bulk-copy dispatch emits (ep_transport_bulk.cuh).
+    static let bulkStore = "cp.async.bulk.global.shared::cta.bulk_group"
+
+    /// The PTX of embedded kernel `name` with `defines`.
+    static func ptx(_ compiler: KernelCompiler, _ name: String, _ defines: [String: String]) throws -> String {
+        let kernel = try compiler.compile(KernelSource.embedded(name), arch: "compute_90a", defines: defines)
+        return String(decoding: kernel.image.dropLast(), as: UTF8.self)
+    }
+
     /// The HT dispatch's bulk copies (ep_transport_bulk.cuh) are compiled only where asked and every
     /// rank is on one GPU, which the default defines above are not: compile that variant here too.
     @Test func htDispatchMovesRowsByBulkCopiesWhereEveryRankIsOnOneGPU() throws {
         let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)
-        func ptx(_ defines: [String: String]) throws -> String {
-            let kernel = try compiler.compile(KernelSource.embedded("ep_ht"), arch: "compute_90a", defines: defines)
-            return String(decoding: kernel.image.dropLast(), as: UTF8.self)
-        }
-        let bulkStore = "cp.async.bulk.global.shared::cta.bulk_group"
-        #expect(try ptx(["EP_ONE_DEVICE": "1", "EP_HT_BULK": "1"]).contains(bulkStore))
-        #expect(try ptx(["EP_ONE_DEVICE": "1", "EP_HT_BULK": "1", "EP_FP8": "2", "EP_FP8_BLOCK": "128"]).contains(bulkStore))
-        #expect(try !ptx(["EP_ONE_DEVICE": "1", "EP_HT_BULK": "0"]).contains(bulkStore))
-        #expect(try !ptx(["EP_ONE_DEVICE": "0", "EP_HT_BULK": "1"]).contains(bulkStore))
-        #expect(try !ptx(["EP_ONE_DEVICE": "1", "EP_HT_BULK": "1", "EP_FP8": "1", "EP_FP8_BLOCK": "128"]).contains(bulkStore))
+        func ptx(_ defines: [String: String]) throws -> String { try Self.ptx(compiler, "ep_ht", defines) }
+        #expect(try ptx(["EP_ONE_DEVICE": "1", "EP_HT_BULK": "1"]).contains(Self.bulkStore))
+        #expect(try ptx(["EP_ONE_DEVICE": "1", "EP_HT_BULK": "1", "EP_FP8": "2", "EP_FP8_BLOCK": "128"]).contains(Self.bulkStore))
+        #expect(try !ptx(["EP_ONE_DEVICE": "1", "EP_HT_BULK": "0"]).contains(Self.bulkStore))
+        #expect(try !ptx(["EP_ONE_DEVICE": "0", "EP_HT_BULK": "1"]).contains(Self.bulkStore))
+        #expect(try !ptx(["EP_ONE_DEVICE": "1", "EP_HT_BULK": "1", "EP_FP8": "1", "EP_FP8_BLOCK": "128"]).contains(Self.bulkStore))
         _ = try compiler.compile(KernelSource.embedded("ep_ht"), arch: .hopper, defines: ["EP_ONE_DEVICE": "1", "EP_HT_BULK": "1"])
     }
 
@@ -55,16 +60,12 @@ struct KernelCompileTests {
     /// stages fit (EP_LL_BULK_FITS), in the fused launch too.
     @Test func llDispatchMovesRowsByBulkCopiesOnlyWhereAskedAndTheyFit() throws {
         let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)
-        func ptx(_ defines: [String: String]) throws -> String {
-            let kernel = try compiler.compile(KernelSource.embedded("ep_ll"), arch: "compute_90a", defines: defines)
-            return String(decoding: kernel.image.dropLast(), as: UTF8.self)
-        }
-        let bulkStore = "cp.async.bulk.global.shared::cta.bulk_group"
+        func ptx(_ defines: [String: String]) throws -> String { try Self.ptx(compiler, "ep_ll", defines) }
         let fused = ["EP_ONE_DEVICE": "1", "EP_FUSED": "1", "EP_LL_BITMAP": "1", "EP_LL_OWN_FITS": "1"]
-        #expect(try ptx(fused.merging(["EP_LL_BULK": "1", "EP_LL_BULK_FITS": "1"]) { $1 }).contains(bulkStore))
-        #expect(try ptx(["EP_ONE_DEVICE": "1", "EP_RANK_MAJOR": "1", "EP_LL_BULK": "1", "EP_LL_BULK_FITS": "1"]).contains(bulkStore))
-        #expect(try !ptx(fused.merging(["EP_LL_BULK": "1", "EP_LL_BULK_FITS": "0"]) { $1 }).contains(bulkStore))
-        #expect(try !ptx(fused.merging(["EP_LL_BULK_FITS": "1"]) { $1 }).contains(bulkStore))
+        #expect(try ptx(fused.merging(["EP_LL_BULK": "1", "EP_LL_BULK_FITS": "1"]) { $1 }).contains(Self.bulkStore))
+        #expect(try ptx(["EP_ONE_DEVICE": "1", "EP_RANK_MAJOR": "1", "EP_LL_BULK": "1", "EP_LL_BULK_FITS": "1"]).contains(Self.bulkStore))
+        #expect(try !ptx(fused.merging(["EP_LL_BULK": "1", "EP_LL_BULK_FITS": "0"]) { $1 }).contains(Self.bulkStore))
+        #expect(try !ptx(fused.merging(["EP_LL_BULK_FITS": "1"]) { $1 }).contains(Self.bulkStore))
     }
 
     /// FP8 quantised in the kernel, its codes by bulk stores (EP_FP8_BULK): HT, and LL where the
@@ -73,15 +74,13 @@ struct KernelCompileTests {
         let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)
         func ptx(_ name: String, _ defines: [String: String]) throws -> String {
             let fp8 = ["EP_ONE_DEVICE": "1", "EP_FP8": "1", "EP_FP8_BLOCK": "128", "EP_FP8_POW2": "1"]
-            let kernel = try compiler.compile(KernelSource.embedded(name), arch: "compute_90a", defines: fp8.merging(defines) { $1 })
-            return String(decoding: kernel.image.dropLast(), as: UTF8.self)
+            return try Self.ptx(compiler, name, fp8.merging(defines) { $1 })
         }
-        let bulkStore = "cp.async.bulk.global.shared::cta.bulk_group"
-        #expect(try ptx("ep_ht", ["EP_HT": "1", "EP_FP8_BULK": "1"]).contains(bulkStore))
-        #expect(try !ptx("ep_ht", ["EP_HT": "1"]).contains(bulkStore))
+        #expect(try ptx("ep_ht", ["EP_HT": "1", "EP_FP8_BULK": "1"]).contains(Self.bulkStore))
+        #expect(try !ptx("ep_ht", ["EP_HT": "1"]).contains(Self.bulkStore))
         #expect(try ptx("ep_ll", ["EP_FP8_BULK": "1", "EP_LL_BULK_FITS": "1", "EP_FUSED": "1", "EP_LL_BITMAP": "1", "EP_LL_OWN_FITS": "1"])
-            .contains(bulkStore))
-        #expect(try !ptx("ep_ll", ["EP_FP8_BULK": "1", "EP_LL_BULK_FITS": "0"]).contains(bulkStore))
+            .contains(Self.bulkStore))
+        #expect(try !ptx("ep_ll", ["EP_FP8_BULK": "1", "EP_LL_BULK_FITS": "0"]).contains(Self.bulkStore))
     }
 
     @Test func compileErrorNamesTheCallAndCarriesTheLogWithTheFileAndLine() throws {
