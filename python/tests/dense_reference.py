@@ -17,6 +17,12 @@ TOL = {"f32": 1e-5, "bf16": 2e-2, "f16": 5e-3}   # (f16: no documented bound; it
 SIZE = {"f32": 4, "bf16": 2, "f16": 2}
 
 
+def seeded(seed):
+    """(rng, torch generator) of a test's case `seed`: the generator's seed drawn from the rng."""
+    rng = random.Random(seed)
+    return rng, torch.Generator().manual_seed(rng.randint(0, 1 << 30))
+
+
 def draw_case(base, seed):
     """(rng, torch generator, algorithm, layout, dtype) of case `seed` of a test whose seeds start at `base`."""
     rng = random.Random(base + seed)

@@ -2,13 +2,11 @@
 backward, every layout and dtype, both entry forms, out= arrays, handles of their own and live
 steps interleaved, send-only calls, random call sequences, top_k 32."""
 
-import random
-
 import pytest
 import torch
 
 from dense_reference import (
-    draw_case, LAYOUTS, TDTYPE, draw_shape, draw_inputs, make_group, to_numpy, entry, per_rank,
+    seeded, draw_case, LAYOUTS, TDTYPE, draw_shape, draw_inputs, make_group, to_numpy, entry, per_rank,
     expected_dispatch, check_dispatch, expert_outputs, expected_combine, close, CASES)
 import expert_parallel as ep
 
@@ -17,8 +15,7 @@ import expert_parallel as ep
 @pytest.mark.parametrize("algorithm,layout,dtype", CASES)
 def test_forward_dispatch_combine_random(algorithm, layout, dtype, fast, monkeypatch):
     monkeypatch.setenv("EP_TORCH_FAST", fast)
-    rng = random.Random(CASES.index((algorithm, layout, dtype)) * 7 + int(fast))
-    g = torch.Generator().manual_seed(rng.randint(0, 1 << 30))
+    rng, g = seeded(CASES.index((algorithm, layout, dtype)) * 7 + int(fast))
     for trial in range(6):
         shape = draw_shape(rng, layout, dtype)
         stacked = trial % 2 == 0
@@ -58,8 +55,7 @@ def test_forward_dispatch_combine_random(algorithm, layout, dtype, fast, monkeyp
 @pytest.mark.parametrize("algorithm,layout", LAYOUTS)
 def test_out_arrays_and_interleaved_handles(algorithm, layout, fast, monkeypatch):
     monkeypatch.setenv("EP_TORCH_FAST", fast)
-    rng = random.Random(11 + LAYOUTS.index((algorithm, layout)))
-    g = torch.Generator().manual_seed(rng.randint(0, 1 << 30))
+    rng, g = seeded(11 + LAYOUTS.index((algorithm, layout)))
     for trial in range(4):
         dtype = rng.choice(["f32", "bf16", "f16"])
         shape = draw_shape(rng, layout, dtype)
@@ -117,8 +113,7 @@ def test_out_arrays_and_interleaved_handles(algorithm, layout, fast, monkeypatch
 
 @pytest.mark.parametrize("algorithm,layout", LAYOUTS)
 def test_backward_dispatch_and_combine(algorithm, layout):
-    rng = random.Random(101 + LAYOUTS.index((algorithm, layout)))
-    g = torch.Generator().manual_seed(rng.randint(0, 1 << 30))
+    rng, g = seeded(101 + LAYOUTS.index((algorithm, layout)))
     for trial in range(5):
         dtype = ["f32", "bf16", "f16", "f32", "bf16"][trial]
         shape = draw_shape(rng, layout, dtype)
@@ -181,8 +176,7 @@ def test_backward_dispatch_and_combine(algorithm, layout):
 
 @pytest.mark.parametrize("algorithm,layout", LAYOUTS)
 def test_send_only_and_hook(algorithm, layout):
-    rng = random.Random(201 + LAYOUTS.index((algorithm, layout)))
-    g = torch.Generator().manual_seed(rng.randint(0, 1 << 30))
+    rng, g = seeded(201 + LAYOUTS.index((algorithm, layout)))
     for trial in range(3):
         dtype = rng.choice(["f32", "bf16"])
         shape = draw_shape(rng, layout, dtype)

@@ -3,13 +3,12 @@ path on and off: live steps interleaved, zero_fill on and off, HT drop, int32 / 
 some inputs requiring grad."""
 
 import gc
-import random
 
 import pytest
 import torch
 
 from dense_reference import (
-    draw_case, LAYOUTS, draw_shape, draw_inputs, make_group, close, dense_moe, group_moe, kept_routing)
+    seeded, draw_case, LAYOUTS, draw_shape, draw_inputs, make_group, close, dense_moe, group_moe, kept_routing)
 from expert_parallel.torch import Exchange
 
 
@@ -17,8 +16,7 @@ from expert_parallel.torch import Exchange
 @pytest.mark.parametrize("algorithm,layout", LAYOUTS)
 def test_exchange_autograd_against_dense(algorithm, layout, fast, monkeypatch):
     monkeypatch.setenv("EP_TORCH_FAST", fast)
-    rng = random.Random(301 + LAYOUTS.index((algorithm, layout)) + 17 * int(fast))
-    g = torch.Generator().manual_seed(rng.randint(0, 1 << 30))
+    rng, g = seeded(301 + LAYOUTS.index((algorithm, layout)) + 17 * int(fast))
     for trial in range(4):
         dtype = ["f32", "bf16", "f16", "f32"][trial]
         shape = draw_shape(rng, layout, dtype)
