@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The project's performance targets (one H200, docs/performance.md) against ep-bench results.
 
-    python3 scripts/targets.py RUN.json [RUN.json ...]
+    python3 scripts/targets.py [--defines NAME=value,...] RUN.json [RUN.json ...]
 
 Reads every entry of the given `ep-bench run --json` files and prints, per target, each run's
 median (and the graph replay's figure beside it), the median over runs, and whether that meets
@@ -9,10 +9,15 @@ the target. A target no file measured says so. The targets are stated for one H2
 another card are reported as below or above the bound, not as met or missed. Exit status: 0 no
 target missed, 1 one missed (on an H200), 2 a file that cannot be read. Only runs of the standard
 cases as they are count (no shape, layout, dtype, SM or tuning option; virtual ranks), and not
-those ep-bench marked not validated or host-paced (the line says how many were left out);
-`EP_KERNEL_DEFINES` is not in the results, so a variant's runs must not be passed.
-`scripts/device-verify targets` runs the cases these need and calls this.
+those ep-bench marked not validated or host-paced (the line says how many were left out). Runs of
+a kernel variant (`EP_KERNEL_DEFINES`, recorded as `run.kernelDefines`) count only where
+`--defines` names that variant (its switches in any order), and then only they: the table is the
+variant's. (Results of an ep-bench older than that record say nothing of a variant: pass none of
+a variant's runs from such a build.) `scripts/device-verify targets` runs the cases these need and
+calls this; `EP_KERNEL_DEFINES=... bash scripts/device-verify targets` runs them as a variant and
+passes `--defines` itself.
 """
+import argparse
 import json
 import re
 import statistics
@@ -62,6 +67,8 @@ def _shape_error(entry):
         return "run or run.options is not an object"
     if options and options.get("skew") is not None and not _number(options["skew"]):
         return "run.options.skew is not a number"
+    if run is not None and run.get("kernelDefines") is not None and not isinstance(run["kernelDefines"], str):
+        return "run.kernelDefines is not a string"
     for name in ("step", "dispatch", "combine", "update", "updateDispatch"):
         p = entry.get(name)
         if p is not None and (not isinstance(p, dict)
@@ -95,6 +102,17 @@ STANDARD = {"tokens": None, "maxTokens": None, "hidden": None, "topK": None, "ex
             "fusedUpdate": None, "transport": "virtual", "tokenCounts": []}
 
 
+def variant(text):
+    """A kernel variant's switches in one order (ep-bench sorts them by name), or None: the default."""
+    if not text:
+        return None
+    return ",".join(sorted(part.strip() for part in text.split(",") if part.strip())) or None
+
+
+def variant_of(entry):
+    return variant((entry.get("run") or {}).get("kernelDefines"))
+
+
 def options_of(entry):
     return (entry.get("run") or {}).get("options") or {}
 
@@ -126,7 +144,8 @@ def value(entry, metric):
     return None if p is None else (p["median"], p.get("graphMicroseconds"))
 
 
-def report(paths, out=sys.stdout):
+def report(paths, out=sys.stdout, defines=None):
+    defines = variant(defines)
     all_entries = list(entries(paths))
     devices = sorted({e.get("device", "?") for e in all_entries})
     missed = False
@@ -135,6 +154,8 @@ def report(paths, out=sys.stdout):
     print(f"devices: {', '.join(devices) or 'none'}", file=out)
     if not verdict:
         print(f"the targets are for one {TARGET_DEVICE}: figures of another card are no verdict on them", file=out)
+    if defines is not None:
+        print(f"kernel variant: {defines} (its runs only)", file=out)
     for label, case, ranks, fp8, source, skew, metric, bound, sense in TARGETS:
         runs, left_out = [], []
         for e in all_entries:
@@ -144,6 +165,9 @@ def report(paths, out=sys.stdout):
                 continue
             v = value(e, metric)
             if v is None:
+                continue
+            if variant_of(e) != defines:
+                left_out.append("the default kernels" if variant_of(e) is None else "another kernel variant")
                 continue
             # (a run whose results differ from the CPU oracle, or one the host paced, whose figures
             # are the host's calls and not the GPU's: no verdict of theirs counts)
@@ -165,11 +189,15 @@ def report(paths, out=sys.stdout):
 
 
 def main(argv):
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        return 0 if argv else 2
+    parser = argparse.ArgumentParser(prog="targets.py", description=__doc__.strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--defines", metavar="NAME=value,...", help="read the runs of this kernel variant only")
+    parser.add_argument("files", nargs="+", metavar="RUN.json")
+    args = parser.parse_args(argv)
+    if args.defines is not None and variant(args.defines) is None:
+        parser.error("--defines takes NAME=value,... (none: the default kernels, the runs without it)")
     try:
-        return report(argv)
+        return report(args.files, defines=args.defines)
     except (OSError, ValueError) as error:
         print(f"targets: {error}", file=sys.stderr)
         return 2

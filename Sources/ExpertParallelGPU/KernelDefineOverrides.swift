@@ -57,3 +57,17 @@ enum KernelDefineOverrides {
         return defines
     }
 }
+
+/// The kernel variant a process compiles its step kernels as, for a benchmark's record.
+public enum KernelVariant {
+    /// `EP_KERNEL_DEFINES` as the step kernels take it: its switches sorted by name
+    /// (`NAME=value,...`), its text as given where it is not valid (every compile then fails with
+    /// the entry and the rule), nil where it is unset or empty (the default kernels).
+    public static var defines: String? { normalized(Environment.value(KernelDefineOverrides.variable)) }
+
+    static func normalized(_ text: String?) -> String? {
+        guard let text, !text.isEmpty else { return nil }
+        guard let defines = try? KernelDefineOverrides.parse(text, reserved: []) else { return text }
+        return defines.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: ",")
+    }
+}

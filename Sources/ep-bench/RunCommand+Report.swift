@@ -1,5 +1,6 @@
 import ArgumentParser
 import ExpertParallelCUDA
+import ExpertParallelGPU
 import Foundation
 
 extension RunCommand {
@@ -45,11 +46,13 @@ extension RunCommand {
         throw ExitCode.failure
     }
 
-    /// The versions of the libraries a GPU run used ("12.8"); nil where a run did not load them.
+    /// The versions of the libraries a GPU run used ("12.8"; nil where a run did not load them),
+    /// and the kernel variant its step kernels were compiled as (nil: the default kernels).
     struct DeviceFacts {
         var driverVersion: String?
         var nvrtcVersion: String?
         var ncclVersion: String?
+        var kernelDefines: String?
 
         init() {}
 
@@ -57,6 +60,7 @@ extension RunCommand {
             driverVersion = (driver.flatMap { try? $0.driverVersion() }).map { "\($0 / 1000).\($0 % 1000 / 10)" }
             nvrtcVersion = (try? NVRTCLibrary.shared()).map { "\($0.version.major).\($0.version.minor)" }
             ncclVersion = (nccl.flatMap { try? $0.version() }).map { "\($0.major).\($0.minor).\($0.patch)" }
+            kernelDefines = KernelVariant.defines
         }
     }
 
@@ -65,7 +69,7 @@ extension RunCommand {
         return RunRecord(
             version: expertParallelVersion, commit: commit.commit, commitModified: commit.modified, commitSource: commit.source,
             backend: backend, transport: transport.rawValue, device: device, driverVersion: facts.driverVersion,
-            nvrtcVersion: facts.nvrtcVersion, ncclVersion: facts.ncclVersion, copyBandwidthGBs: copyBandwidth, seed: seed,
+            nvrtcVersion: facts.nvrtcVersion, ncclVersion: facts.ncclVersion, kernelDefines: facts.kernelDefines, copyBandwidthGBs: copyBandwidth, seed: seed,
             iterations: iterations, warmup: warmup, tuning: gpu.record, options: optionsRecord,
             arguments: Array(CommandLine.arguments.dropFirst()))
     }

@@ -36,7 +36,8 @@ extension RunCommand {
         var runner = GPUBenchmark(device: device, iterations: iterations ?? 100, warmup: max(warmup, 5), seed: seed, skew: skew,
                                   multiprocessors: nil, tuning: gpu.tuning)
         let copyBandwidth = try runner.measureCopyBandwidth()
-        print("backend gpu: \(device.name), \(device.multiprocessors) SMs; device copy bandwidth \(format(copyBandwidth, 1)) GB/s (read + write)")
+        print("backend gpu: \(device.name), \(device.multiprocessors) SMs; device copy bandwidth \(format(copyBandwidth, 1)) GB/s (read + write)"
+              + (KernelVariant.defines.map { "; kernel variant \($0)" } ?? ""))
         let counts: [Int?] = gpu.smCounts.isEmpty ? [nil] : gpu.smCounts
         var progress = Progress(total: selected.count * counts.count, forced: self.progress)
         var results: [Measurement] = []

@@ -14,6 +14,9 @@ struct RunRecord: Codable, Sendable {
     @AlwaysEncoded var driverVersion: String?
     @AlwaysEncoded var nvrtcVersion: String?
     @AlwaysEncoded var ncclVersion: String?
+    /// `EP_KERNEL_DEFINES` as the step kernels took it (switches sorted by name); null: the
+    /// default kernels (or a run without GPU kernels).
+    @AlwaysEncoded var kernelDefines: String?
     @AlwaysEncoded var copyBandwidthGBs: Double?
     var seed: UInt64
     /// Iterations and warm-up as run (the backend's defaults and minimums applied).

@@ -43,6 +43,17 @@ struct KernelDefineOverridesTests {
         }
     }
 
+    /// What a benchmark records of the variant: the switches sorted by name, so the same variant
+    /// reads the same whatever order it was given in; an invalid text as it is (the run fails on it).
+    @Test func theRecordedVariantIsTheSortedSwitches() {
+        #expect(KernelVariant.normalized(nil) == nil)
+        #expect(KernelVariant.normalized("") == nil)
+        #expect(KernelVariant.normalized("EP_LL_BULK=1,EP_HT_BULK=1") == "EP_HT_BULK=1,EP_LL_BULK=1")
+        #expect(KernelVariant.normalized("EP_HT_BULK=1,EP_FP8_BULK=0") == "EP_FP8_BULK=0,EP_HT_BULK=1")
+        #expect(KernelVariant.normalized("EP_HT_BULK=2") == "EP_HT_BULK=2")
+        #expect(KernelVariant.normalized("EP_R=8,EP_HT_BULK=1") == "EP_R=8,EP_HT_BULK=1")
+    }
+
     /// A switch the group set itself, unless StepKernels.overridable lets a try replace it (EP_FP8_AHEAD:
     /// FP8ChunksAheadTests).
     @Test func aSwitchTheGroupSetsIsRefused() {

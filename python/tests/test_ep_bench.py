@@ -293,6 +293,7 @@ def test_the_json_records_the_run(tmp_path):
     assert (run["backend"], run["transport"], run["iterations"], run["warmup"]) == ("cpu", "virtual", 2, 0)
     assert run["device"] == m["device"] and run["device"].startswith("CPU")
     assert run["driverVersion"] is None and run["nvrtcVersion"] is None   # the CPU run loads neither
+    assert run["kernelDefines"] is None   # nor compiles a kernel
     assert run["tuning"] == {"sms": [], "pipelineDepth": 4, "rowsInFlight": 8, "rowPieces": None, "blocksPerSM": None,
                              "updateChunkTokens": 256, "fullGrid": False, "serialLaunches": False, "fusedUpdate": None}
     for key in ["cases", "ranks", "tokens", "hidden", "topK", "experts", "layout", "alignment", "dtype", "iterations",
@@ -302,6 +303,13 @@ def test_the_json_records_the_run(tmp_path):
     assert run["options"]["tokens"] == 4 and run["options"]["layout"] is None
     assert run["arguments"][-2:] == ["--json", str(tmp_path / "out.json")]
     assert "tuning" in m and m["tuning"] is None   # what a GPU group ran with; none on the CPU
+
+
+def test_a_kernel_variant_is_not_recorded_where_no_kernel_ran(tmp_path):
+    # EP_KERNEL_DEFINES changes the GPU's step kernels only: a CPU run is the default's figures.
+    env = dict(os.environ, EP_KERNEL_DEFINES="EP_LL_BULK=1,EP_HT_BULK=1")
+    result, (m,) = run_json(tmp_path, "--case", "custom", *TINY, env=env)
+    assert m["run"]["kernelDefines"] is None and "kernel variant" not in result.stdout
 
 
 def test_ep_commit_names_the_commit(tmp_path):

@@ -5,6 +5,8 @@ import io
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("targets", ROOT / "scripts" / "targets.py")
 targets = importlib.util.module_from_spec(spec)
@@ -27,14 +29,14 @@ def entry(name, ranks, device="NVIDIA H200", fp8=None, source=None, skew=0, opti
     return e
 
 
-def run(tmp_path, *files):
+def run(tmp_path, *files, defines=None):
     paths = []
     for i, entries in enumerate(files):
         path = tmp_path / f"{i}.json"
         path.write_text(json.dumps(entries))
         paths.append(str(path))
     out = io.StringIO()
-    status = targets.report(paths, out)
+    status = targets.report(paths, out, defines=defines)
     return status, {line.split("  ")[0].strip(): line for line in out.getvalue().splitlines()}
 
 
@@ -118,3 +120,31 @@ def test_runs_not_validated_or_host_paced_give_no_verdict(tmp_path):
     line = lines["ht-4k step, 8 virtual"]
     assert "NOT MET" in line and "median 950.00" in line and "(1 run(s) left out: not validated)" in line
     assert status == 1
+
+
+def test_a_kernel_variants_runs_count_only_where_it_is_named(tmp_path):
+    def with_variant(e, defines):
+        e["run"]["kernelDefines"] = defines
+        return e
+    files = [[entry("ll-std", 8, step=phase(77.0))],
+             [with_variant(entry("ll-std", 8, step=phase(74.0)), "EP_FP8_BULK=0,EP_LL_BULK=1")]]
+    status, lines = run(tmp_path, *files)
+    line = lines["ll-std step, 8 virtual"]
+    assert "NOT MET" in line and "median 77.00: 77.00 (1 run(s) left out: another kernel variant)" in line
+    assert status == 1
+    # Its switches in another order name the same variant; the default's runs are then left out.
+    status, lines = run(tmp_path, *files, defines="EP_LL_BULK=1,EP_FP8_BULK=0")
+    line = lines["ll-std step, 8 virtual"]
+    assert "met" in line and "median 74.00: 74.00 (1 run(s) left out: the default kernels)" in line
+    assert lines["kernel variant: EP_FP8_BULK=0,EP_LL_BULK=1 (its runs only)"]
+    assert status == 0
+    assert "not measured" in run(tmp_path, *files, defines="EP_LL_BULK=0")[1]["ll-std step, 8 virtual"]
+
+
+def test_defines_must_name_a_variant(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps([entry("ll-std", 8, step=phase(74.0))]))
+    with pytest.raises(SystemExit) as exit_:
+        targets.main(["--defines", " , ", str(path)])
+    assert exit_.value.code == 2 and "--defines takes NAME=value" in capsys.readouterr().err
+    assert targets.main(["--defines=EP_LL_BULK=1", str(path)]) == 0   # (no run of it: nothing missed)
