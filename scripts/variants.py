@@ -14,24 +14,15 @@ does): figures of different machines or different calls are not compared.
 Exit status: 0, 1 where a run differs from the oracle, 2 a file that cannot be read.
 """
 import argparse
-import json
+import os
 import statistics
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from targets import entries, variant_of  # noqa: E402  (the same reading of results and of a variant)
+
 PHASES = ("update", "dispatch", "updateDispatch", "combine", "step")
 SHOWN = {"updateDispatch": "upd+disp"}
-
-
-def load(paths):
-    for path in paths:
-        with open(path) as f:
-            try:
-                data = json.load(f)
-            except ValueError as error:
-                raise ValueError(f"{path}: not JSON ({error})") from None
-        if not isinstance(data, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in data):
-            raise ValueError(f"{path}: not a list of ep-bench results")
-        yield from data
 
 
 def case_of(entry):
@@ -41,11 +32,6 @@ def case_of(entry):
         dtype = f"fp8/{entry['fp8']}" + ("/pass" if entry.get("fp8Source") == "pass-through" else "")
     # (the layout where it was asked for: each case's own is the default)
     return (entry["name"], entry.get("ranks"), entry.get("tokens"), dtype, float(options.get("skew") or 0), options.get("layout") or "")
-
-
-def variant_of(entry):
-    text = (entry.get("run") or {}).get("kernelDefines")
-    return ",".join(sorted(p.strip() for p in text.split(",") if p.strip())) if text else "default"
 
 
 def figures(entry, phase):
@@ -59,8 +45,8 @@ def figures(entry, phase):
 def report(paths, out=sys.stdout):
     runs = {}         # case -> variant -> phase -> [(median, graph)]
     mismatched = set()
-    for entry in load(paths):
-        case, variant = case_of(entry), variant_of(entry)
+    for entry in entries(paths):
+        case, variant = case_of(entry), variant_of(entry) or "default"
         if entry.get("validated") is False:
             mismatched.add((case, variant))
         phases = runs.setdefault(case, {}).setdefault(variant, {})

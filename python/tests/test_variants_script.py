@@ -12,7 +12,7 @@ spec.loader.exec_module(variants)
 
 
 def result(name, ranks, defines=None, validated=True, fp8=None, source=None, skew=0, **phases):
-    e = {"name": name, "ranks": ranks, "tokens": 128, "dtype": "bf16", "fp8": fp8, "fp8Source": source,
+    e = {"name": name, "ranks": ranks, "device": "NVIDIA H200", "tokens": 128, "dtype": "bf16", "fp8": fp8, "fp8Source": source,
          "layout": "expert-major", "validated": validated,
          "run": {"kernelDefines": defines, "options": {"skew": skew, "layout": None}}}
     e.update({k: {"median": v[0], "graphMicroseconds": v[1]} if isinstance(v, tuple) else {"median": v} for k, v in phases.items()})
