@@ -1,16 +1,11 @@
 """scripts/targets.py: which ep-bench entries each performance target reads, the verdict on an
 H200 and its absence on another card, and its exit status."""
-import importlib.util
-import io
 import json
-from pathlib import Path
 
 import pytest
+from bench_results import report, script
 
-ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("targets", ROOT / "scripts" / "targets.py")
-targets = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(targets)
+targets = script("targets")
 
 
 def phase(median, graph=None, percent=None):
@@ -30,14 +25,8 @@ def entry(name, ranks, device="NVIDIA H200", fp8=None, source=None, skew=0, opti
 
 
 def run(tmp_path, *files, defines=None):
-    paths = []
-    for i, entries in enumerate(files):
-        path = tmp_path / f"{i}.json"
-        path.write_text(json.dumps(entries))
-        paths.append(str(path))
-    out = io.StringIO()
-    status = targets.report(paths, out, defines=defines)
-    return status, {line.split("  ")[0].strip(): line for line in out.getvalue().splitlines()}
+    status, lines = report(tmp_path, targets.report, files, defines=defines)
+    return status, {line.split("  ")[0].strip(): line for line in lines}
 
 
 def test_a_step_under_its_bound_is_met_and_one_over_it_is_not(tmp_path):

@@ -1,14 +1,10 @@
 """scripts/variants.py: a kernel variant's figures beside the default kernels', case by case,
 and a variant whose results differ from the CPU oracle marked and failing the exit status."""
-import importlib.util
-import io
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("variants", ROOT / "scripts" / "variants.py")
-variants = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(variants)
+from bench_results import report, script
+
+variants = script("variants")
 
 
 def result(name, ranks, defines=None, validated=True, fp8=None, source=None, skew=0, **phases):
@@ -20,14 +16,7 @@ def result(name, ranks, defines=None, validated=True, fp8=None, source=None, ske
 
 
 def run(tmp_path, *files):
-    paths = []
-    for i, entries in enumerate(files):
-        path = tmp_path / f"{i}.json"
-        path.write_text(json.dumps(entries))
-        paths.append(str(path))
-    out = io.StringIO()
-    status = variants.report(paths, out)
-    return status, out.getvalue().splitlines()
+    return report(tmp_path, variants.report, files)
 
 
 def rows(lines, *words):
