@@ -25,10 +25,12 @@ struct KernelVariantMatrixTests {
     }
 
     /// The one place that turns a case into the library's -D set: if `StepKernels.defines`
-    /// changes its signature, only this needs updating.
+    /// changes its signature, only this needs updating. With `EP_KERNEL_DEFINES` set, the matrix
+    /// compiles that kernel variant (`EP_KERNEL_DEFINES=EP_HT_BULK=1 swift test --filter KernelVariantMatrix`).
     static func defines(_ c: Case) throws -> [String: String] {
         let config = try c.config.validated()
-        return StepKernels.defines(config, c.variant, try GPUTuning().validated(config))
+        return try StepKernels.defines(config, c.variant, try GPUTuning().validated(config),
+                                       overrides: Environment.value(KernelDefineOverrides.variable))
     }
 
     static let elements: [DataType] = [.bf16, .f16, .f32, .u8]

@@ -74,9 +74,12 @@ EP_DEVICE void ep_fp8_stages_begin(int warp, int lane) {
 }
 
 // Stores this lane's 16 codes of a chunk at byte `at` of it (inside: the lane's elements are in
-// the row) into the warp's next stage, then each lane c < fanout with a destination dst[c] stores
-// the chunk's `bytes` there at byte `offset` of the row. Call from every lane.
-EP_DEVICE void ep_fp8_bulk_store(int warp, int lane, bool inside, int at, const ep_vec& codes, ep_u8* destination, ep_u64 offset, int bytes) {
+// the row) into the warp's next stage, then each lane c < fanout whose slot `destination[c]` (the
+// warp's table of destination rows) is not null stores the chunk's `bytes` there at byte `offset`
+// of the row. The slot is read only after the stage is written: nothing but the codes is held in
+// registers across the waits. Call from every lane.
+EP_DEVICE void ep_fp8_bulk_store(int warp, int lane, bool inside, int at, const ep_vec& codes, const ep_u64* destination,
+                                 int fanout, int offset, int bytes) {
     const int n = ep_fp8_stages.staged[warp];
     ep_u8* stage = ep_fp8_stages.codes[warp][n & 1];
     asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");   // this stage's last stores (two chunks ago) have read it
@@ -85,9 +88,10 @@ EP_DEVICE void ep_fp8_bulk_store(int warp, int lane, bool inside, int at, const 
     if (inside) *reinterpret_cast<ep_vec*>(stage + at) = codes;
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");     // the generic writes, before the engine reads them
     __syncwarp();
-    if (destination != nullptr) {
+    const ep_u64 target = lane < fanout ? destination[lane] : 0ull;
+    if (target != 0ull) {
         asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
-                     :: "l"(destination + offset), "r"(ep_shared_address(stage)), "r"(bytes) : "memory");
+                     :: "l"(target + static_cast<ep_u64>(offset)), "r"(ep_shared_address(stage)), "r"(bytes) : "memory");
     }
     asm volatile("cp.async.bulk.commit_group;" ::: "memory");
 }

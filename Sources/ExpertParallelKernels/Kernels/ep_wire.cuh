@@ -87,20 +87,21 @@ EP_DEVICE void ep_fp8_send_chunk(const EpWarpRows& table, int warp, int chunk, i
     const int word_index = first / EP_FP8_BLOCK;
 #endif
 #if EP_FP8_BULK_ON
-    // The codes by one bulk store a destination (ep_transport_bulk.cuh); the scale words as below.
+    // The scale words as below, first (nothing of them is then held across the stage's waits),
+    // then the codes by one bulk store a destination (ep_transport_bulk.cuh).
+    if (inside && writes_word) {
+#pragma unroll
+        for (int c = 0; c < FANOUT; ++c) {
+            const ep_u64 scales = table.scales[warp][c];
+            if (scales != 0ull) reinterpret_cast<ep_u32*>(scales)[word_index] = word;
+        }
+    }
     ep_vec staged;
 #pragma unroll
     for (int k = 0; k < EP_FP8_LANE / 4; ++k) reinterpret_cast<ep_u32*>(&staged)[k] = codes[k];
-    ep_u8* destination = lane < FANOUT ? reinterpret_cast<ep_u8*>(table.address[warp][lane]) : nullptr;
     const int row_first = chunk * EP_FP8_CHUNK;
-    ep_fp8_bulk_store(warp, lane, inside, lane * EP_FP8_LANE, staged, destination, static_cast<ep_u64>(row_first),
+    ep_fp8_bulk_store(warp, lane, inside, lane * EP_FP8_LANE, staged, table.address[warp], FANOUT, row_first,
                       min(EP_FP8_CHUNK, EP_HIDDEN - row_first));
-    if (!inside || !writes_word) return;
-#pragma unroll
-    for (int c = 0; c < FANOUT; ++c) {
-        const ep_u64 scales = table.scales[warp][c];
-        if (scales != 0ull) reinterpret_cast<ep_u32*>(scales)[word_index] = word;
-    }
     return;
 #endif
     if (!inside) return;
