@@ -20,7 +20,7 @@ struct KernelVariantMatrixTests {
             let c = config
             return "\(c.algorithm.rawValue) \(c.layout) \(c.elementType) R=\(c.ranks) E=\(c.experts) K=\(c.topK) H=\(c.hidden) "
                 + "B=\(c.maxTokensPerRank)\(c.overflow == .drop ? " drop" : "") idx\(variant.indexBytes) ridx\(variant.receivedIndexBytes) "
-                + "vec\(variant.vectorBytes) \(variant.transport)"
+                + "vec\(variant.vectorBytes) \(variant.transport)\(variant.oneDevice ? " virtual" : "")"
         }
     }
 
@@ -164,7 +164,41 @@ struct KernelVariantMatrixTests {
         ]
     }()
 
-    static let cases = pairwise(.lowLatency) + pairwise(.highThroughput) + special + staged + fp8
+    /// Virtual ranks, every rank on this GPU (EP_ONE_DEVICE 1: gpu-scope flags, the fused LL
+    /// launch's blocks finding their own rows, and the bulk-copy paths where EP_KERNEL_DEFINES
+    /// turns them on): both algorithms under every layout, both vector widths, drop, R = 1, and
+    /// FP8 quantised and passed through. The cases above compile the kernels NCCL ranks run.
+    static let virtual: [Case] = {
+        func variant(_ vec: Int, idx: Int = 8) -> StepKernels.Variant {
+            .init(indexBytes: idx, receivedIndexBytes: 4, vectorBytes: vec, oneDevice: true)
+        }
+        func fp8(_ mode: FP8ScaleMode, _ source: FP8Dispatch.Source) -> FP8Dispatch { FP8Dispatch(scales: mode, source: source) }
+        return [
+            Case(config: GroupConfig(algorithm: .lowLatency, ranks: 8, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 128),
+                 variant: variant(16)),
+            Case(config: GroupConfig(algorithm: .lowLatency, ranks: 6, experts: 96, topK: 10, hidden: 2880, elementType: .f16,
+                                     maxTokensPerRank: 77, layout: .rankMajor), variant: variant(8, idx: 4)),
+            Case(config: GroupConfig(algorithm: .lowLatency, ranks: 1, experts: 32, topK: 8, hidden: 7168, maxTokensPerRank: 128),
+                 variant: variant(16)),
+            Case(config: GroupConfig(algorithm: .highThroughput, ranks: 8, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 4096),
+                 variant: variant(16)),
+            Case(config: GroupConfig(algorithm: .highThroughput, ranks: 8, experts: 256, topK: 8, hidden: 7170, elementType: .f32,
+                                     maxTokensPerRank: 4096, maxReceivedTokensPerRank: 8192, layout: .expertMajorPadded(alignment: 128),
+                                     overflow: .drop), variant: variant(8, idx: 4)),
+            Case(config: GroupConfig(algorithm: .highThroughput, ranks: 1, experts: 32, topK: 8, hidden: 4096, maxTokensPerRank: 4096),
+                 variant: variant(16)),
+            Case(config: GroupConfig(algorithm: .lowLatency, ranks: 8, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 128,
+                                     fp8: fp8(.ue8m0Block128, .quantize)), variant: variant(16)),
+            Case(config: GroupConfig(algorithm: .lowLatency, ranks: 8, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 128,
+                                     layout: .rankMajor, fp8: fp8(.e8m0Block32, .passThrough)), variant: variant(16)),
+            Case(config: GroupConfig(algorithm: .highThroughput, ranks: 8, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 4096,
+                                     fp8: fp8(.float32Block128, .passThrough)), variant: variant(16)),
+            Case(config: GroupConfig(algorithm: .highThroughput, ranks: 8, experts: 256, topK: 8, hidden: 7168, maxTokensPerRank: 4096,
+                                     layout: .expertMajorPadded(alignment: 128), fp8: fp8(.ue8m0Block128, .quantize)), variant: variant(16)),
+        ]
+    }()
+
+    static let cases = pairwise(.lowLatency) + pairwise(.highThroughput) + special + staged + fp8 + virtual
 
     @Test(.enabled(if: GPUTuningTests.runsNVRTC, "needs NVRTC (EP_REQUIRE_NVRTC=1 to require it)"), arguments: cases)
     func compiles(_ c: Case) throws {
