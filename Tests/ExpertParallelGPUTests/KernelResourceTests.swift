@@ -94,7 +94,13 @@ struct KernelResourceTests {
         let defines = try StepKernels.defines(config, variant, try GPUTuning().validated(config), overrides: environment["EP_KERNEL_DEFINES"])
         let source = KernelSource.embedded(config.algorithm == .lowLatency ? "ep_ll" : "ep_ht")
         let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)
-        let log = try compiler.compile(source, arch: .hopper, defines: defines, extraOptions: ["--ptxas-options=-v"]).log
+        let compiled = try compiler.compile(source, arch: .hopper, defines: defines, extraOptions: ["--ptxas-options=-v"])
+        let log = compiled.log
+        // EP_SAVE_CUBIN=DIR: each case's CUBIN, for nvdisasm (docs/performance.md, "Trying a kernel variant").
+        if let folder = environment["EP_SAVE_CUBIN"] {
+            let name = c.testDescription.replacingOccurrences(of: " ", with: "_")
+            try Data(compiled.image).write(to: URL(fileURLWithPath: folder).appendingPathComponent("\(name).cubin"))
+        }
         if environment["EP_PRINT_PTXAS"] != nil { print("ptxas report of \(c.testDescription):\n\(log)") }
         let spill = try #require(Self.spillStores(of: c.kernel, in: log), "no resource report for \(c.kernel) (\(noReportHint)) in:\n\(log)")
         #expect(spill <= c.maximumSpill, "\(c.kernel) spills \(spill) bytes (bound \(c.maximumSpill))")
