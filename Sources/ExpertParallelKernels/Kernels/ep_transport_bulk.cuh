@@ -76,7 +76,7 @@ EP_DEVICE void ep_fp8_stages_begin(int warp, int lane) {
 // Stores this lane's 16 codes of a chunk at byte `at` of it (inside: the lane's elements are in
 // the row) into the warp's next stage, then each lane c < fanout whose slot `destination[c]` (the
 // warp's table of destination rows) is not null stores the chunk's `bytes` there at byte `offset`
-// of the row. The slot is read only after the stage is written: nothing but the codes is held in
+// of the row. The slot is read only after the stage is written, so its address is not held in
 // registers across the waits. Call from every lane.
 EP_DEVICE void ep_fp8_bulk_store(int warp, int lane, bool inside, int at, const ep_vec& codes, const ep_u64* destination,
                                  int fanout, int offset, int bytes) {
