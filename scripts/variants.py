@@ -4,11 +4,13 @@
     python3 scripts/variants.py RUN.json [RUN.json ...]
 
 Reads every entry of the given `ep-bench run --json` files and groups them by case (name, ranks,
-tokens per rank, element type and FP8 mode, skew, a layout asked for) and by kernel variant (`EP_KERNEL_DEFINES` as the run
-recorded it: `run.kernelDefines`; none is the default kernels). For each case and phase it prints
-each variant's median over its runs of the per-run median µs (the graph replay's beside it, in
-brackets) and the change against the default's. A variant any of whose runs ep-bench found to
-differ from the CPU oracle is marked MISMATCH on every line of its case: its figures do not count.
+tokens per rank, element type and FP8 mode, skew, a layout asked for) and by kernel variant
+(`EP_KERNEL_DEFINES` as the run recorded it: `run.kernelDefines`; none is the default kernels).
+For each case and phase it prints each variant's median over its runs of the per-run median µs
+(the graph replay's beside it, in brackets) and the change against the default's. A variant any of
+whose runs ep-bench found to differ from the CPU oracle is marked MISMATCH on every line of its
+case: its figures do not count. Runs ep-bench marked host-paced (the host's calls set the pace, not
+the GPU) are left out, and the last line counts them.
 Run the variants alternately, in separate processes, in one call (`bash scripts/device-verify bulk`
 does): figures of different machines or different calls are not compared.
 Exit status: 0, 1 where a run differs from the oracle, 2 a file that cannot be read.
@@ -45,10 +47,14 @@ def figures(entry, phase):
 def report(paths, out=sys.stdout):
     runs = {}         # case -> variant -> phase -> [(median, graph)]
     mismatched = set()
+    host_paced = 0
     for entry in entries(paths):
         case, variant = case_of(entry), variant_of(entry) or "default"
         if entry.get("validated") is False:
             mismatched.add((case, variant))
+        if entry.get("hostPaced") is True:
+            host_paced += 1
+            continue
         phases = runs.setdefault(case, {}).setdefault(variant, {})
         for phase in PHASES:
             f = figures(entry, phase)
@@ -73,6 +79,8 @@ def report(paths, out=sys.stdout):
                 label = name + (f"/{layout}" if layout else "")
                 print(f"{label:8s} {ranks!s:>2s} {tokens!s:>5s} {dtype:15s} {skew:4g} {SHOWN.get(phase, phase):9s} {variant:34s} {shown:>18s} "
                       f"{len(values):4d} {change:>8s}{mark}", file=out)
+    if host_paced:
+        print(f"left out: {host_paced} host-paced run(s)", file=out)
     return 1 if mismatched else 0
 
 

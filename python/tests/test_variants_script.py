@@ -63,3 +63,11 @@ def test_a_file_that_is_not_ep_bench_results_is_exit_status_2(tmp_path, capsys):
     path.write_text(json.dumps({"name": "ll-std"}))
     assert variants.main([str(path)]) == 2 and "not a list of ep-bench results" in capsys.readouterr().err
     assert variants.main([str(tmp_path / "missing.json")]) == 2
+
+
+def test_host_paced_runs_are_left_out_and_counted(tmp_path):
+    paced = result("ll-1", 8, "EP_LL_BULK=1", dispatch=9.0)
+    paced["hostPaced"] = True
+    _, lines = run(tmp_path, [result("ll-1", 8, dispatch=3.0), paced, result("ll-1", 8, "EP_LL_BULK=1", dispatch=2.8)])
+    (bulk,) = rows(lines, "EP_LL_BULK=1")
+    assert bulk[7:9] == ["2.80", "1"] and lines[-1] == "left out: 1 host-paced run(s)"
