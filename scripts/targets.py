@@ -7,7 +7,8 @@ Reads every entry of the given `ep-bench run --json` files and prints, per targe
 median (and the graph replay's figure beside it), the median over runs, and whether that meets
 the target. A target no file measured says so. The targets are stated for one H200: figures of
 another card are reported as below or above the bound, not as met or missed. Exit status: 0 no
-target missed, 1 one missed (on an H200), 2 a file that cannot be read. Only runs of the standard
+target missed, 1 one missed (on an H200), 2 a file that cannot be read (or a --defines that names
+no switch). Only runs of the standard
 cases as they are count (no shape, layout, dtype, SM or tuning option; virtual ranks), and not
 those ep-bench marked not validated or host-paced (the line says how many were left out). Runs of
 a kernel variant (`EP_KERNEL_DEFINES`, recorded as `run.kernelDefines`) count only where
@@ -145,6 +146,8 @@ def value(entry, metric):
 
 
 def report(paths, out=sys.stdout, defines=None):
+    if defines is not None and variant(defines) is None:
+        raise ValueError("--defines takes NAME=value,... (none: the default kernels, the runs without it)")
     defines = variant(defines)
     all_entries = list(entries(paths))
     devices = sorted({e.get("device", "?") for e in all_entries})
@@ -188,19 +191,24 @@ def report(paths, out=sys.stdout, defines=None):
     return 1 if missed else 0
 
 
-def main(argv):
-    parser = argparse.ArgumentParser(prog="targets.py", description=__doc__.strip(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--defines", metavar="NAME=value,...", help="read the runs of this kernel variant only")
+def command(prog, doc, argv, report, options=None):
+    """The command line of a script that reads ep-bench results (its `options`: flag -> argparse's
+    keywords, passed to `report` by name, then the files); exit status 2 where one cannot be read."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag, keywords in (options or {}).items():
+        parser.add_argument(flag, **keywords)
     parser.add_argument("files", nargs="+", metavar="RUN.json")
-    args = parser.parse_args(argv)
-    if args.defines is not None and variant(args.defines) is None:
-        parser.error("--defines takes NAME=value,... (none: the default kernels, the runs without it)")
+    args = vars(parser.parse_args(argv))
     try:
-        return report(args.files, defines=args.defines)
+        return report(args.pop("files"), **args)
     except (OSError, ValueError) as error:
-        print(f"targets: {error}", file=sys.stderr)
+        print(f"{prog.removesuffix('.py')}: {error}", file=sys.stderr)
         return 2
+
+
+def main(argv):
+    return command("targets.py", __doc__, argv, report,
+                   {"--defines": {"metavar": "NAME=value,...", "help": "read the runs of this kernel variant only"}})
 
 
 if __name__ == "__main__":

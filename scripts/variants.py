@@ -15,13 +15,12 @@ Run the variants alternately, in separate processes, in one call (`bash scripts/
 does): figures of different machines or different calls are not compared.
 Exit status: 0, 1 where a run differs from the oracle, 2 a file that cannot be read.
 """
-import argparse
 import os
 import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from targets import entries, variant_of  # noqa: E402  (the same reading of results and of a variant)
+from targets import command, entries, variant_of  # noqa: E402  (the same reading of results and of a variant)
 
 PHASES = ("update", "dispatch", "updateDispatch", "combine", "step")
 SHOWN = {"updateDispatch": "upd+disp"}
@@ -85,15 +84,7 @@ def report(paths, out=sys.stdout):
 
 
 def main(argv):
-    parser = argparse.ArgumentParser(prog="variants.py", description=__doc__.strip(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("files", nargs="+", metavar="RUN.json")
-    args = parser.parse_args(argv)
-    try:
-        return report(args.files)
-    except (OSError, ValueError) as error:
-        print(f"variants: {error}", file=sys.stderr)
-        return 2
+    return command("variants.py", __doc__, argv, report)
 
 
 if __name__ == "__main__":
