@@ -4,19 +4,18 @@
     python3 scripts/targets.py [--defines NAME=value,...] RUN.json [RUN.json ...]
 
 Reads every entry of the given `ep-bench run --json` files and prints, per target, each run's
-median (and the graph replay's figure beside it), the median over runs, and whether that meets
-the target. A target no file measured says so. The targets are stated for one H200: figures of
-another card are reported as below or above the bound, not as met or missed. Exit status: 0 no
-target missed, 1 one missed (on an H200), 2 a file that cannot be read (or a --defines that names
-no switch). Only runs of the standard cases as they are count (no shape, layout, dtype, SM or
-tuning option; virtual ranks), and not
-those ep-bench marked not validated or host-paced (the line says how many were left out). Runs of
-a kernel variant (`EP_KERNEL_DEFINES`, recorded as `run.kernelDefines`) count only where
-`--defines` names that variant (its switches in any order), and then only they: the table is the
-variant's. (Results of an ep-bench older than that record say nothing of a variant: pass none of
-a variant's runs from such a build.) `scripts/device-verify targets` runs the cases these need and
-calls this; `EP_KERNEL_DEFINES=... bash scripts/device-verify targets` runs them as a variant and
-passes `--defines` itself.
+median (and the graph replay's figure beside it), the median over runs, and whether that meets the
+target. A target no file measured says so. The targets are stated for one H200: figures of another
+card are reported as below or above the bound, not as met or missed. Exit status: 0 no target
+missed, 1 one missed (on an H200), 2 a file that cannot be read (or a --defines that names no
+switch). Only runs of the standard cases as they are count (no shape, layout, dtype, SM or tuning
+option; virtual ranks), and not those ep-bench marked not validated or host-paced (the line says
+how many were left out). Runs of a kernel variant (`EP_KERNEL_DEFINES`, recorded as
+`run.kernelDefines`) count only where `--defines` names that variant (its switches in any order),
+and then only they: the table is the variant's. (Results of an ep-bench older than that record say
+nothing of a variant: pass none of a variant's runs from such a build.) `scripts/device-verify
+targets` runs the cases these need and calls this; `EP_KERNEL_DEFINES=... bash
+scripts/device-verify targets` runs them as a variant and passes `--defines` itself.
 """
 import argparse
 import json
