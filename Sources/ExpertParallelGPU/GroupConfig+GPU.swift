@@ -99,23 +99,6 @@ extension GroupConfig {
             && llBitmapUpdateSharedMemoryBytes + llOwnRowsSharedMemoryBytes + fusedDispatchSharedMemoryBytes <= 48 * 1024
     }
 
-    /// LL: the dispatch's bulk-copy stages (EpBulkStages<EP_LL_BULK_BYTES> in ep_transport_bulk.cuh):
-    /// 16 warps × 2 stages × 512 bytes, their barriers, and the alignment of the stages.
-    static let llBulkStageBytes = 16 * 2 * 512 + 16 * 2 * 8 + 128
-
-    /// LL: whether the dispatch's bulk-copy stages fit in 48 KB beside the table and, where the
-    /// update runs in the dispatch's launch, the update's arrays and the own rows (EP_LL_BULK_FITS;
-    /// the stages are used only where `EP_LL_BULK` asks for them).
-    var llBulkStagesFit: Bool {
-        guard algorithm == .lowLatency else { return false }
-        var used = fusedDispatchSharedMemoryBytes + Self.llBulkStageBytes
-        if fusesLLUpdate {
-            used += llUpdateUsesBitmaps ? llBitmapUpdateSharedMemoryBytes : updateSharedMemoryBytes(warps: llUpdateWarps)
-            if llOwnRowsFit { used += llOwnRowsSharedMemoryBytes }
-        }
-        return used <= 48 * 1024
-    }
-
     /// LL's update counting with bitmaps (EP_LL_BITMAP): its static shared memory, from its arrays
     /// (ep_ll.cu): the experts' bits and prefixes (or, later, the layout's scratch), the ranks'
     /// bits and prefixes, routing[Bmax * K], totals[E + R] and three flags.

@@ -27,8 +27,6 @@ enum KernelDefineOverrides {
         ("EP_LL_OWN_ROWS", 0...1),        // LL update + dispatch launch: dispatch blocks find their rows themselves (default 1)
         ("EP_HT_STAGE", 0...1),           // HT update: routing and count table read again from shared memory where they fit (default 1)
         ("EP_HT_BULK", 0...1),            // HT dispatch: rows moved by the bulk-copy engine (TMA) where it can (default 0)
-        ("EP_LL_BULK", 0...1),            // LL dispatch: the same, where its stages fit (default 0)
-        ("EP_FP8_BULK", 0...1),           // FP8 quantised in the kernel: a chunk's codes staged, one bulk store a destination (default 0)
     ]
 
     static var switchList: String { switches.map { "\($0.name) \($0.values.lowerBound)...\($0.values.upperBound)" }.joined(separator: ", ") }

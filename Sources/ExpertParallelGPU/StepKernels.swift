@@ -71,7 +71,6 @@ struct StepKernels: Sendable {
         switch config.algorithm {
         case .lowLatency:
             defines["EP_RANK_MAJOR"] = config.layout == .rankMajor ? "1" : "0"
-            defines["EP_LL_BULK_FITS"] = config.llBulkStagesFit ? "1" : "0"
         case .highThroughput:
             defines["EP_EXPERT_MAJOR"] = config.isExpertMajorHT ? "1" : "0"
             defines["EP_ALIGN"] = "\(config.alignment)"

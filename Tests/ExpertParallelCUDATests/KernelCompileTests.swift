@@ -53,34 +53,9 @@ struct KernelCompileTests {
         #expect(try !ptx(["EP_ONE_DEVICE": "1", "EP_HT_BULK": "0"]).contains(Self.bulkStore))
         #expect(try !ptx(["EP_ONE_DEVICE": "0", "EP_HT_BULK": "1"]).contains(Self.bulkStore))
         #expect(try !ptx(["EP_ONE_DEVICE": "1", "EP_HT_BULK": "1", "EP_FP8": "1", "EP_FP8_BLOCK": "128"]).contains(Self.bulkStore))
+        // (the LL dispatch has no bulk path: its variant measured 8-14 % slower and was removed)
+        #expect(try !Self.ptx(compiler, "ep_ll", ["EP_ONE_DEVICE": "1", "EP_HT_BULK": "1"]).contains(Self.bulkStore))
         _ = try compiler.compile(KernelSource.embedded("ep_ht"), arch: .hopper, defines: ["EP_ONE_DEVICE": "1", "EP_HT_BULK": "1"])
-    }
-
-    /// The LL dispatch's bulk copies: only where asked (EP_LL_BULK) and where the host says the
-    /// stages fit (EP_LL_BULK_FITS), in the fused launch too.
-    @Test func llDispatchMovesRowsByBulkCopiesOnlyWhereAskedAndTheyFit() throws {
-        let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)
-        func ptx(_ defines: [String: String]) throws -> String { try Self.ptx(compiler, "ep_ll", defines) }
-        let fused = ["EP_ONE_DEVICE": "1", "EP_FUSED": "1", "EP_LL_BITMAP": "1", "EP_LL_OWN_FITS": "1"]
-        #expect(try ptx(fused.merging(["EP_LL_BULK": "1", "EP_LL_BULK_FITS": "1"]) { $1 }).contains(Self.bulkStore))
-        #expect(try ptx(["EP_ONE_DEVICE": "1", "EP_RANK_MAJOR": "1", "EP_LL_BULK": "1", "EP_LL_BULK_FITS": "1"]).contains(Self.bulkStore))
-        #expect(try !ptx(fused.merging(["EP_LL_BULK": "1", "EP_LL_BULK_FITS": "0"]) { $1 }).contains(Self.bulkStore))
-        #expect(try !ptx(fused.merging(["EP_LL_BULK_FITS": "1"]) { $1 }).contains(Self.bulkStore))
-    }
-
-    /// FP8 quantised in the kernel, its codes by bulk stores (EP_FP8_BULK): HT, and LL where the
-    /// stages fit.
-    @Test func fp8CodesGoByBulkStoresOnlyWhereAsked() throws {
-        let compiler = KernelCompiler(nvrtc: try NVRTCLibrary.shared(), cache: nil)
-        func ptx(_ name: String, _ defines: [String: String]) throws -> String {
-            let fp8 = ["EP_ONE_DEVICE": "1", "EP_FP8": "1", "EP_FP8_BLOCK": "128", "EP_FP8_POW2": "1"]
-            return try Self.ptx(compiler, name, fp8.merging(defines) { $1 })
-        }
-        #expect(try ptx("ep_ht", ["EP_HT": "1", "EP_FP8_BULK": "1"]).contains(Self.bulkStore))
-        #expect(try !ptx("ep_ht", ["EP_HT": "1"]).contains(Self.bulkStore))
-        #expect(try ptx("ep_ll", ["EP_FP8_BULK": "1", "EP_LL_BULK_FITS": "1", "EP_FUSED": "1", "EP_LL_BITMAP": "1", "EP_LL_OWN_FITS": "1"])
-            .contains(Self.bulkStore))
-        #expect(try !ptx("ep_ll", ["EP_FP8_BULK": "1", "EP_LL_BULK_FITS": "0"]).contains(Self.bulkStore))
     }
 
     @Test func compileErrorNamesTheCallAndCarriesTheLogWithTheFileAndLine() throws {

@@ -715,9 +715,6 @@ ep_ht_dispatch(const EpArgs args) {
     const EpBulkStream<EP_HT_BULK_BYTES> stream = {reinterpret_cast<const ep_u8*>(args.rank[rank].x), global_warp, all_warps, items, slices, per_slice, chunks};
     if (global_warp < items) ep_bulk_begin(bulk, warp, stream, lane);
 #endif
-#if EP_FP8_BULK_ON
-    ep_fp8_stages_begin(warp, lane);
-#endif
     for (int item = global_warp, k = 0; item < items; item += all_warps, ++k) {
         const int t = item / slices, piece = item % slices;
         const int first = piece * per_slice, last = min(EP_WIRE_UNITS, first + per_slice);
@@ -768,8 +765,6 @@ ep_ht_dispatch(const EpArgs args) {
     }
 #if EP_HT_BULK_ON
     if (global_warp < items) ep_bulk_end();
-#elif EP_FP8_BULK_ON
-    ep_bulk_end();
 #endif
     ep_arrive_and_wait(args, rank, mask, WS_DISP_BLOCKS, WS_DISP_CALLS, WS_DISP_DONE, seq, signal, signal, moving,
                        moving && (args.sync & EP_SYNC_WAIT));

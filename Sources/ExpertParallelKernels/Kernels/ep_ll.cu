@@ -400,8 +400,7 @@ ep_ll_update(const EpArgs args) {
 #ifndef EP_LL_AHEAD
 #define EP_LL_AHEAD 1
 #endif
-#define EP_LL_BULK_ON (EP_BULK_CAN && EP_LL_BULK && EP_LL_BULK_FITS)   // rows by bulk copies (ep_transport_bulk.cuh)
-#define EP_LL_LOADS_AHEAD (EP_LL_AHEAD && EP_AHEAD_FITS && !EP_LL_BULK_ON)   // bulk: the stream's first loads go ahead instead
+#define EP_LL_LOADS_AHEAD (EP_LL_AHEAD && EP_AHEAD_FITS)
 
 // Update and dispatch in one launch (EP_LL_OWN): the dispatch blocks find their selections' rows
 // themselves instead of waiting for the update block's ready flag, which comes after the update's
@@ -519,17 +518,6 @@ EP_DEVICE void ep_ll_dispatch_rank(const EpArgs& args, int rank, EpBlock block) 
     __shared__ EpWarpRows table;
 
     const int items = (args.sync & EP_SYNC_NO_DATA) || !moving ? 0 : tokens * slices;
-#if EP_LL_BULK_ON
-    __shared__ EpBulkStages<EP_LL_BULK_BYTES> bulk;
-    const EpBulkStream<EP_LL_BULK_BYTES> stream = {reinterpret_cast<const ep_u8*>(args.rank[rank].x), block.index * warps + warp,
-                                                   block.count * warps, items, slices, per_slice,
-                                                   (per_slice * EP_VEC_BYTES + EP_LL_BULK_BYTES - 1) / EP_LL_BULK_BYTES};
-    if (stream.first < items) ep_bulk_begin(bulk, warp, stream, lane);
-    int k = 0;
-#endif
-#if EP_FP8_BULK_ON
-    ep_fp8_stages_begin(warp, lane);
-#endif
     for (int item = block.index * warps + warp; item < items; item += block.count * warps) {
         const int t = item / slices, piece = item % slices;
         const int first = piece * per_slice, last = min(EP_WIRE_UNITS, first + per_slice);
@@ -590,22 +578,13 @@ EP_DEVICE void ep_ll_dispatch_rank(const EpArgs& args, int rank, EpBlock block) 
         __syncwarp();
         const int fanout = EP_K;
 #endif
-#if EP_LL_BULK_ON
-        (void)first; (void)last;
-        ep_bulk_send_item(bulk, warp, stream, k++, target, lane);
-        if (piece == 0) ep_send_scales<fanout>(args, rank, t, table, warp, lane);
-#elif EP_LL_LOADS_AHEAD
+#if EP_LL_LOADS_AHEAD
         ep_send_piece_ahead<fanout>(args, rank, t, table, warp, first, last, piece, lane, ahead);
 #else
         ep_send_piece<fanout>(args, rank, t, table, warp, first, last, piece, lane);
 #endif
         __syncwarp();   // every lane is done with this item's table before the next overwrites it
     }
-#if EP_LL_BULK_ON
-    if (stream.first < items) ep_bulk_end();
-#elif EP_FP8_BULK_ON
-    ep_bulk_end();
-#endif
     ep_arrive_and_wait(args, rank, mask, WS_DISP_BLOCKS, WS_DISP_CALLS, WS_DISP_DONE, seq, signal, signal, moving,
                        moving && (args.sync & EP_SYNC_WAIT), block);
 }

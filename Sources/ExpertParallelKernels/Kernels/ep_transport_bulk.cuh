@@ -1,50 +1,33 @@
-// Dispatch's row stores by the bulk-copy engine (TMA, sm_90 and up), two ways:
-// - rows moved as they are (EP_HT_BULK, EP_LL_BULK): a warp's row pieces are loaded into shared
-//   memory in chunks of CHUNK bytes (one bulk load each, lane 0), and each lane with a destination
-//   stores the chunk there (one bulk store each). The warp's chunks are one stream across its
-//   items, EP_BULK_STAGES in flight, so the next item's first chunks load while this item's last
-//   ones are stored. The bytes are the ones ep_copy_piece moves; only the engine differs.
-// - FP8 quantised in the kernel (EP_FP8_BULK): the warp writes a chunk's codes to shared memory
-//   and each lane with a destination stores them there in one bulk store, instead of every lane
-//   storing 16 bytes to every destination (ep_fp8_send_chunk in ep_wire.cuh).
+// The HT dispatch's row stores by the bulk-copy engine (TMA, sm_90 and up; EP_HT_BULK): a warp's
+// row pieces are loaded into shared memory in chunks of CHUNK bytes (one bulk load each, lane 0),
+// and each lane with a destination stores the chunk there (one bulk store each). The warp's chunks
+// are one stream across its items, EP_BULK_STAGES in flight, so the next item's first chunks load
+// while this item's last ones are stored. The bytes are the ones ep_copy_piece moves; only the
+// engine differs.
 // The HT dispatch is write-bound (each row is read once and written to about five ranks): on an
 // H100, a probe of ht-4k's traffic moved it at 88 % of the copy floor with 16-byte stores from
-// registers and 90 % with bulk stores (scripts/write-heavy-copy.cu, session 49). Each switch is off
-// until measured on the GPU machine (`bash scripts/device-verify bulk`; docs/performance.md,
-// "Trying a kernel variant").
+// registers and 90 % with bulk stores (scripts/write-heavy-copy.cu, session 49). In the library the
+// switch measured slower on an H100 (session 50: ht-4k dispatch +1.2 %, ht-std +0.8 %, skewed +1.3 %),
+// so it is off; `bash scripts/device-verify bulk` measures it beside the default. The same engine
+// for the LL dispatch (+8 to +14 %) and for FP8 codes quantised in the kernel (+17 to +26 %) measured
+// slower still and was removed (docs/performance.md, "Tried and did not help").
+// Each bulk store is one instruction of uniform operands: a lane-varying destination compiles to a
+// loop over the lanes (R2UR, UBLKCP, BRA.U.ANY), one destination at a time.
 
 #ifndef EP_HT_BULK
 #define EP_HT_BULK 0          // HT dispatch (ep_ht.cu)
 #endif
-#ifndef EP_LL_BULK
-#define EP_LL_BULK 0          // LL dispatch (ep_ll.cu), where its stages fit (EP_LL_BULK_FITS, the host's word)
-#endif
-#ifndef EP_FP8_BULK
-#define EP_FP8_BULK 0         // FP8 quantised in the kernel (HT; LL where EP_LL_BULK_FITS)
-#endif
-#ifndef EP_LL_BULK_FITS
-#define EP_LL_BULK_FITS 0
-#endif
 #define EP_HT_BULK_BYTES 1024  // a chunk: 2 stages × 16 warps × 1 KB beside the warp tables fits 48 KB
-#define EP_LL_BULK_BYTES 512   // beside the fused LL kernel's update arrays
 #define EP_BULK_STAGES 2
 // Every address 16-byte aligned, every rank on this GPU (the stores are plain global writes of
-// this device), and a chip with the engine; rows moved as they are (EP_BULK_CAN) or quantised
-// here (EP_FP8_BULK_ON: HT, or LL where the stages fit beside the fused launch's arrays).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && EP_VEC_BYTES == 16 && EP_TRANSPORT == 0 && EP_ONE_DEVICE
-#define EP_BULK_ENGINE 1
+// this device), a chip with the engine, and rows moved as they are (not quantised here).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && EP_VEC_BYTES == 16 && EP_TRANSPORT == 0 && EP_ONE_DEVICE && EP_FP8 != 1
+#define EP_BULK_CAN 1
 #else
-#define EP_BULK_ENGINE 0
+#define EP_BULK_CAN 0
 #endif
-#if defined(EP_HT) && EP_HT
-#define EP_BULK_HT 1
-#else
-#define EP_BULK_HT 0
-#endif
-#define EP_BULK_CAN (EP_BULK_ENGINE && EP_FP8 != 1)
-#define EP_FP8_BULK_ON (EP_BULK_ENGINE && EP_FP8 == 1 && EP_FP8_BULK && (EP_BULK_HT || EP_LL_BULK_FITS))
 
-#if EP_BULK_ENGINE
+#if EP_BULK_CAN
 EP_DEVICE ep_u32 ep_shared_address(const void* p) { return static_cast<ep_u32>(__cvta_generic_to_shared(p)); }
 
 // Every bulk store of this lane's has landed, and is ordered before its later generic accesses
@@ -53,51 +36,7 @@ EP_DEVICE void ep_bulk_end() {
     asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
     asm volatile("fence.proxy.async.global;" ::: "memory");
 }
-#endif
 
-#if EP_FP8_BULK_ON
-// A warp's two stages of quantised codes (one chunk: EP_FP8_CHUNK_BYTES) and the count of chunks
-// it has staged, whose parity picks the stage (the stage of the chunk before the last is free once
-// this lane's bulk stores of it have read it: at most one group, the last chunk's, still reading).
-#define EP_FP8_CHUNK_BYTES 512   // EP_FP8_CHUNK e4m3 codes (ep_wire.cuh)
-struct EpFp8Stages {
-    alignas(128) ep_u8 codes[EP_WARPS][2][EP_FP8_CHUNK_BYTES];
-    int staged[EP_WARPS];
-};
-__shared__ EpFp8Stages ep_fp8_stages;   // the dispatch kernels' that quantise
-
-// Before a warp's first chunk (every lane; the count's start is any value, but a read of shared
-// memory nothing wrote is a finding of compute-sanitizer's initcheck).
-EP_DEVICE void ep_fp8_stages_begin(int warp, int lane) {
-    if (lane == 0) ep_fp8_stages.staged[warp] = 0;
-    __syncwarp();
-}
-
-// Stores this lane's 16 codes of a chunk at byte `at` of it (inside: the lane's elements are in
-// the row) into the warp's next stage, then each lane c < fanout whose slot `destination[c]` (the
-// warp's table of destination rows) is not null stores the chunk's `bytes` there at byte `offset`
-// of the row. The slot is read only after the stage is written, so its address is not held in
-// registers across the waits. Call from every lane.
-EP_DEVICE void ep_fp8_bulk_store(int warp, int lane, bool inside, int at, const ep_vec& codes, const ep_u64* destination,
-                                 int fanout, int offset, int bytes) {
-    const int n = ep_fp8_stages.staged[warp];
-    ep_u8* stage = ep_fp8_stages.codes[warp][n & 1];
-    asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");   // this stage's last stores (two chunks ago) have read it
-    __syncwarp();   // every lane has read the count and waited
-    if (lane == 0) ep_fp8_stages.staged[warp] = n + 1;   // seen by every lane after the barrier below
-    if (inside) *reinterpret_cast<ep_vec*>(stage + at) = codes;
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");     // the generic writes, before the engine reads them
-    __syncwarp();
-    const ep_u64 target = lane < fanout ? destination[lane] : 0ull;
-    if (target != 0ull) {
-        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
-                     :: "l"(target + static_cast<ep_u64>(offset)), "r"(ep_shared_address(stage)), "r"(bytes) : "memory");
-    }
-    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-}
-#endif
-
-#if EP_BULK_CAN
 template <int CHUNK>
 struct EpBulkStages {
     static_assert(CHUNK % 16 == 0, "bulk chunks are whole 16-byte units");

@@ -12,9 +12,6 @@
 #define EP_FP8_LANE 16                      // elements a lane quantises per chunk: one 16-byte e4m3 vector
 #define EP_FP8_CHUNK (32 * EP_FP8_LANE)     // elements a warp quantises at once (4 blocks of 128, 16 of 32)
 #define EP_WIRE_UNITS ((EP_HIDDEN + EP_FP8_CHUNK - 1) / EP_FP8_CHUNK)
-#if EP_FP8_BULK_ON
-static_assert(EP_FP8_CHUNK == EP_FP8_CHUNK_BYTES, "a stage holds one chunk's codes");
-#endif
 #ifndef EP_FP8_IN_FLIGHT
 #define EP_FP8_IN_FLIGHT 2                  // chunks per lane loaded before the first is converted
 #endif
@@ -85,24 +82,6 @@ EP_DEVICE void ep_fp8_send_chunk(const EpWarpRows& table, int warp, int chunk, i
     const ep_u32 word = __float_as_uint(s.scale);
     const bool writes_word = first % EP_FP8_BLOCK == 0;
     const int word_index = first / EP_FP8_BLOCK;
-#endif
-#if EP_FP8_BULK_ON
-    // The scale words as below, first (nothing of them is then held across the stage's waits),
-    // then the codes by one bulk store a destination (ep_transport_bulk.cuh).
-    if (inside && writes_word) {
-#pragma unroll
-        for (int c = 0; c < FANOUT; ++c) {
-            const ep_u64 scales = table.scales[warp][c];
-            if (scales != 0ull) reinterpret_cast<ep_u32*>(scales)[word_index] = word;
-        }
-    }
-    ep_vec staged;
-#pragma unroll
-    for (int k = 0; k < EP_FP8_LANE / 4; ++k) reinterpret_cast<ep_u32*>(&staged)[k] = codes[k];
-    const int row_first = chunk * EP_FP8_CHUNK;
-    ep_fp8_bulk_store(warp, lane, inside, lane * EP_FP8_LANE, staged, table.address[warp], FANOUT, row_first,
-                      min(EP_FP8_CHUNK, EP_HIDDEN - row_first));
-    return;
 #endif
     if (!inside) return;
     ep_vec out[EP_FP8_LANE / EP_VEC_BYTES];
