@@ -168,8 +168,9 @@ def report(paths, out=sys.stdout, defines=None):
             v = value(e, metric)
             if v is None:
                 continue
-            if variant_of(e) != defines:
-                left_out.append("the default kernels" if variant_of(e) is None else "another kernel variant")
+            kernels = variant_of(e)
+            if kernels != defines:
+                left_out.append("the default kernels" if kernels is None else "another kernel variant")
                 continue
             # (a run whose results differ from the CPU oracle, or one the host paced, whose figures
             # are the host's calls and not the GPU's: no verdict of theirs counts)

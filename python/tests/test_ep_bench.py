@@ -307,7 +307,7 @@ def test_the_json_records_the_run(tmp_path):
 
 def test_a_kernel_variant_is_not_recorded_where_no_kernel_ran(tmp_path):
     # EP_KERNEL_DEFINES changes the GPU's step kernels only: a CPU run is the default's figures.
-    env = dict(os.environ, EP_KERNEL_DEFINES="EP_LL_BULK=1,EP_HT_BULK=1")
+    env = dict(os.environ, EP_KERNEL_DEFINES="EP_LL_AHEAD=0,EP_HT_BULK=1")
     result, (m,) = run_json(tmp_path, "--case", "custom", *TINY, env=env)
     assert m["run"]["kernelDefines"] is None and "kernel variant" not in result.stdout
 

@@ -115,18 +115,18 @@ def test_a_kernel_variants_runs_count_only_where_it_is_named(tmp_path):
         e["run"]["kernelDefines"] = defines
         return e
     files = [[entry("ll-std", 8, step=phase(77.0))],
-             [with_variant(entry("ll-std", 8, step=phase(74.0)), "EP_FP8_BULK=0,EP_LL_BULK=1")]]
+             [with_variant(entry("ll-std", 8, step=phase(74.0)), "EP_FP8_IN_FLIGHT=1,EP_LL_AHEAD=0")]]
     status, lines = run(tmp_path, *files)
     line = lines["ll-std step, 8 virtual"]
     assert "NOT MET" in line and "median 77.00: 77.00 (1 run(s) left out: another kernel variant)" in line
     assert status == 1
     # Its switches in another order name the same variant; the default's runs are then left out.
-    status, lines = run(tmp_path, *files, defines="EP_LL_BULK=1,EP_FP8_BULK=0")
+    status, lines = run(tmp_path, *files, defines="EP_LL_AHEAD=0,EP_FP8_IN_FLIGHT=1")
     line = lines["ll-std step, 8 virtual"]
     assert "met" in line and "median 74.00: 74.00 (1 run(s) left out: the default kernels)" in line
-    assert lines["kernel variant: EP_FP8_BULK=0,EP_LL_BULK=1 (its runs only)"]
+    assert lines["kernel variant: EP_FP8_IN_FLIGHT=1,EP_LL_AHEAD=0 (its runs only)"]
     assert status == 0
-    assert "not measured" in run(tmp_path, *files, defines="EP_LL_BULK=0")[1]["ll-std step, 8 virtual"]
+    assert "not measured" in run(tmp_path, *files, defines="EP_LL_AHEAD=1")[1]["ll-std step, 8 virtual"]
 
 
 def test_defines_must_name_a_variant(tmp_path, capsys):
@@ -134,4 +134,4 @@ def test_defines_must_name_a_variant(tmp_path, capsys):
     path.write_text(json.dumps([entry("ll-std", 8, step=phase(74.0))]))
     assert targets.main(["--defines", " , ", str(path)]) == 2
     assert "targets: --defines takes NAME=value" in capsys.readouterr().err
-    assert targets.main(["--defines=EP_LL_BULK=1", str(path)]) == 0   # (no run of it: nothing missed)
+    assert targets.main(["--defines=EP_LL_AHEAD=0", str(path)]) == 0   # (no run of it: nothing missed)

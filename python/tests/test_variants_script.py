@@ -42,20 +42,20 @@ def test_cases_apart_and_switch_order_alike(tmp_path):
     _, lines = run(tmp_path, [
         result("ll-std", 8, dispatch=40.0), result("ll-std", 1, dispatch=8.0),
         result("ll-std", 8, fp8="ue8m0", source="quantize", dispatch=24.4),
-        result("ll-std", 8, "EP_LL_BULK=1,EP_FP8_BULK=1", fp8="ue8m0", source="quantize", dispatch=23.9),
-        result("ll-std", 8, "EP_FP8_BULK=1,EP_LL_BULK=1", fp8="ue8m0", source="quantize", dispatch=24.1),
+        result("ll-std", 8, "EP_LL_AHEAD=0,EP_FP8_IN_FLIGHT=4", fp8="ue8m0", source="quantize", dispatch=23.9),
+        result("ll-std", 8, "EP_FP8_IN_FLIGHT=4,EP_LL_AHEAD=0", fp8="ue8m0", source="quantize", dispatch=24.1),
         result("ht-std", 8, skew=1, combine=380.0), result("ht-std", 8, combine=700.0)])
     assert len(rows(lines, "dispatch", "default")) == 3
-    (fp8,) = rows(lines, "fp8/ue8m0", "EP_FP8_BULK=1,EP_LL_BULK=1")
+    (fp8,) = rows(lines, "fp8/ue8m0", "EP_FP8_IN_FLIGHT=4,EP_LL_AHEAD=0")
     assert fp8[7:9] == ["24.00", "2"] and fp8[9] == f"{100 * (24.0 - 24.4) / 24.4:+.1f}"
     assert [r[4] for r in rows(lines, "ht-std", "combine")] == ["0", "1"]
 
 
 def test_a_variant_that_differs_from_the_oracle_is_marked_and_fails(tmp_path):
     status, lines = run(tmp_path, [result("ll-1", 8, dispatch=3.0),
-                                   result("ll-1", 8, "EP_LL_BULK=1", validated=False, dispatch=2.0)])
+                                   result("ll-1", 8, "EP_LL_AHEAD=0", validated=False, dispatch=2.0)])
     assert status == 1
-    assert rows(lines, "EP_LL_BULK=1")[0][-1] == "MISMATCH" and "MISMATCH" not in rows(lines, "default")[0]
+    assert rows(lines, "EP_LL_AHEAD=0")[0][-1] == "MISMATCH" and "MISMATCH" not in rows(lines, "default")[0]
 
 
 def test_a_file_that_is_not_ep_bench_results_is_exit_status_2(tmp_path, capsys):
@@ -66,8 +66,8 @@ def test_a_file_that_is_not_ep_bench_results_is_exit_status_2(tmp_path, capsys):
 
 
 def test_host_paced_runs_are_left_out_and_counted(tmp_path):
-    paced = result("ll-1", 8, "EP_LL_BULK=1", dispatch=9.0)
+    paced = result("ll-1", 8, "EP_LL_AHEAD=0", dispatch=9.0)
     paced["hostPaced"] = True
-    _, lines = run(tmp_path, [result("ll-1", 8, dispatch=3.0), paced, result("ll-1", 8, "EP_LL_BULK=1", dispatch=2.8)])
-    (bulk,) = rows(lines, "EP_LL_BULK=1")
-    assert bulk[7:9] == ["2.80", "1"] and lines[-1] == "left out: 1 host-paced run(s)"
+    _, lines = run(tmp_path, [result("ll-1", 8, dispatch=3.0), paced, result("ll-1", 8, "EP_LL_AHEAD=0", dispatch=2.8)])
+    (ahead,) = rows(lines, "EP_LL_AHEAD=0")
+    assert ahead[7:9] == ["2.80", "1"] and lines[-1] == "left out: 1 host-paced run(s)"
